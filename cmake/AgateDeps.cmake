@@ -1,0 +1,10 @@
+# Third-party dependencies, all from Debian packages (scripts/setup installs them).
+find_package(Threads REQUIRED)
+find_package(CapnProto CONFIG REQUIRED)
+find_package(Boost 1.74 REQUIRED COMPONENTS context)
+find_package(PkgConfig REQUIRED)
+pkg_check_modules(LIBURING REQUIRED IMPORTED_TARGET liburing>=2.3)
+find_package(GTest CONFIG REQUIRED)
+find_package(benchmark CONFIG REQUIRED)
+find_package(fmt CONFIG REQUIRED)
+find_package(CLI11 CONFIG REQUIRED)

@@ -1,0 +1,29 @@
+# Project-wide compiler settings. Every target gets them through agate_options, so warnings and
+# sanitizers are decided in exactly one place.
+option(AGATE_WERROR "Treat warnings as errors" OFF)
+set(AGATE_SANITIZE "" CACHE STRING "Sanitizer build: '', 'address' (ASan+UBSan) or 'thread' (TSan)")
+set_property(CACHE AGATE_SANITIZE PROPERTY STRINGS "" address thread)
+
+add_library(agate_options INTERFACE)
+add_library(agate::options ALIAS agate_options)
+target_compile_options(agate_options INTERFACE
+  -Wall -Wextra -Wpedantic -Wshadow -Wnon-virtual-dtor -Wcast-align -Wunused
+  -Woverloaded-virtual -Wnull-dereference -Wimplicit-fallthrough -Wformat=2)
+if(AGATE_WERROR)
+  target_compile_options(agate_options INTERFACE -Werror)
+endif()
+
+if(AGATE_SANITIZE STREQUAL "address")
+  # Fibers tell ASan about every stack switch (runtime/fiber.cpp); AGATE_ASAN enables that.
+  target_compile_options(agate_options INTERFACE
+    -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer)
+  target_compile_definitions(agate_options INTERFACE AGATE_ASAN=1)
+  target_link_options(agate_options INTERFACE -fsanitize=address,undefined)
+elseif(AGATE_SANITIZE STREQUAL "thread")
+  # Fibers tell TSan about every stack switch (runtime/fiber.cpp); AGATE_TSAN enables that.
+  target_compile_options(agate_options INTERFACE -fsanitize=thread -fno-omit-frame-pointer)
+  target_compile_definitions(agate_options INTERFACE AGATE_TSAN=1)
+  target_link_options(agate_options INTERFACE -fsanitize=thread)
+elseif(NOT AGATE_SANITIZE STREQUAL "")
+  message(FATAL_ERROR "AGATE_SANITIZE must be '', 'address' or 'thread', not '${AGATE_SANITIZE}'")
+endif()
