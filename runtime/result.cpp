@@ -7,7 +7,7 @@ namespace agate {
 
 const char* Error::describe(char* buf, size_t size) const noexcept {
   if (size == 0) return buf;
-  if (code == Errc::systemError) {
+  if (code == Errc::SYSTEM_ERROR) {
     char tmp[64];
     const char* s = strerror_r(sysErrno, tmp, sizeof tmp);  // GNU variant: may return tmp or static
     snprintf(buf, size, "%s: %s (errno %d: %s)", errcName(code), detail, sysErrno, s);

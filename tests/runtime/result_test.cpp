@@ -11,7 +11,7 @@ namespace agate {
 namespace {
 
 Result<int> parsePositive(int v) {
-  if (v <= 0) return Error(Errc::invalidArgument, "not positive");
+  if (v <= 0) return Error(Errc::INVALID_ARGUMENT, "not positive");
   return v;
 }
 
@@ -26,13 +26,13 @@ TEST(Result, CarriesAValueOrAnError) {
   EXPECT_EQ(*good, 3);
   auto bad = parsePositive(-1);
   ASSERT_FALSE(bad.ok());
-  EXPECT_EQ(bad.code(), Errc::invalidArgument);
+  EXPECT_EQ(bad.code(), Errc::INVALID_ARGUMENT);
   EXPECT_STREQ(bad.error().detail, "not positive");
 }
 
 TEST(Result, TryPropagatesTheFirstError) {
   EXPECT_TRUE(chain(1).ok());
-  EXPECT_EQ(chain(0).code(), Errc::invalidArgument);
+  EXPECT_EQ(chain(0).code(), Errc::INVALID_ARGUMENT);
 }
 
 TEST(Result, MovesNonCopyableValues) {
@@ -44,8 +44,8 @@ TEST(Result, MovesNonCopyableValues) {
 
 TEST(Error, DescribeNamesTheCodeDetailAndErrno) {
   char buf[128];
-  EXPECT_STREQ(Error(Errc::disconnected).describe(buf, sizeof buf), "disconnected");
-  EXPECT_STREQ(Error(Errc::protocolError, "bad length").describe(buf, sizeof buf),
+  EXPECT_STREQ(Error(Errc::DISCONNECTED).describe(buf, sizeof buf), "disconnected");
+  EXPECT_STREQ(Error(Errc::PROTOCOL_ERROR, "bad length").describe(buf, sizeof buf),
                "protocol error: bad length");
   std::string s = Error::fromErrno(ENOENT, "open").describe(buf, sizeof buf);
   EXPECT_NE(s.find("errno 2"), std::string::npos) << s;

@@ -23,67 +23,67 @@ namespace agate {
 // The closed set of outcomes another party can cause. Stable numeric values: they travel in
 // replies (kernel completions, RPC exceptions), so never renumber, only append.
 enum class Errc : uint16_t {
-  ok = 0,
-  cancelled = 1,          // the operation was cancelled (its promise was dropped, or loop stopped)
-  disconnected = 2,       // the peer detached or died; nothing more will arrive
-  protocolError = 3,      // the peer wrote something malformed; the channel is now unusable
-  messageTooLarge = 4,    // a message does not fit in one frame of this channel
-  wouldBlock = 5,         // non-blocking call found the ring full or empty
-  timedOut = 6,           // a deadline passed
-  attachRefused = 7,      // attach rejected: user-count limit reached or scope mismatch
-  invalidArgument = 8,    // a caller passed a value outside the documented range
-  outOfMemory = 9,        // a pool, arena or quota is exhausted
-  systemError = 10,       // a system call failed; Error::sysErrno says which errno
-  unsupported = 11,       // the machine lacks a feature (io_uring disabled, old kernel, ...)
-  stackOverflow = 12,     // a fiber ran past its stack
-  invalidHandle = 13,     // a handle is stale, forged or out of range
-  permissionDenied = 14,  // the handle lacks a right the operation needs
-  quotaExceeded = 15,     // a space bank (or one of its ancestors) is at its limit
-  notFound = 16,          // a name or id does not exist
-  alreadyExists = 17,     // a name or id is already taken
-  failed = 18,            // an application-level failure reported by a peer
+  OK = 0,
+  CANCELLED = 1,           // the operation was cancelled (its promise was dropped, or loop stopped)
+  DISCONNECTED = 2,        // the peer detached or died; nothing more will arrive
+  PROTOCOL_ERROR = 3,      // the peer wrote something malformed; the channel is now unusable
+  MESSAGE_TOO_LARGE = 4,   // a message does not fit in one frame of this channel
+  WOULD_BLOCK = 5,         // non-blocking call found the ring full or empty
+  TIMED_OUT = 6,           // a deadline passed
+  ATTACH_REFUSED = 7,      // attach rejected: user-count limit reached or scope mismatch
+  INVALID_ARGUMENT = 8,    // a caller passed a value outside the documented range
+  OUT_OF_MEMORY = 9,       // a pool, arena or quota is exhausted
+  SYSTEM_ERROR = 10,       // a system call failed; Error::sysErrno says which errno
+  UNSUPPORTED = 11,        // the machine lacks a feature (io_uring disabled, old kernel, ...)
+  STACK_OVERFLOW = 12,     // a fiber ran past its stack
+  INVALID_HANDLE = 13,     // a handle is stale, forged or out of range
+  PERMISSION_DENIED = 14,  // the handle lacks a right the operation needs
+  QUOTA_EXCEEDED = 15,     // a space bank (or one of its ancestors) is at its limit
+  NOT_FOUND = 16,          // a name or id does not exist
+  ALREADY_EXISTS = 17,     // a name or id is already taken
+  FAILED = 18,             // an application-level failure reported by a peer
 };
 
 // A short, stable, human-readable name for an error code ("disconnected", ...).
 constexpr const char* errcName(Errc c) noexcept {
   switch (c) {
-    case Errc::ok:
+    case Errc::OK:
       return "ok";
-    case Errc::cancelled:
+    case Errc::CANCELLED:
       return "cancelled";
-    case Errc::disconnected:
+    case Errc::DISCONNECTED:
       return "disconnected";
-    case Errc::protocolError:
+    case Errc::PROTOCOL_ERROR:
       return "protocol error";
-    case Errc::messageTooLarge:
+    case Errc::MESSAGE_TOO_LARGE:
       return "message too large";
-    case Errc::wouldBlock:
+    case Errc::WOULD_BLOCK:
       return "would block";
-    case Errc::timedOut:
+    case Errc::TIMED_OUT:
       return "timed out";
-    case Errc::attachRefused:
+    case Errc::ATTACH_REFUSED:
       return "attach refused";
-    case Errc::invalidArgument:
+    case Errc::INVALID_ARGUMENT:
       return "invalid argument";
-    case Errc::outOfMemory:
+    case Errc::OUT_OF_MEMORY:
       return "out of memory";
-    case Errc::systemError:
+    case Errc::SYSTEM_ERROR:
       return "system error";
-    case Errc::unsupported:
+    case Errc::UNSUPPORTED:
       return "unsupported";
-    case Errc::stackOverflow:
+    case Errc::STACK_OVERFLOW:
       return "stack overflow";
-    case Errc::invalidHandle:
+    case Errc::INVALID_HANDLE:
       return "invalid handle";
-    case Errc::permissionDenied:
+    case Errc::PERMISSION_DENIED:
       return "permission denied";
-    case Errc::quotaExceeded:
+    case Errc::QUOTA_EXCEEDED:
       return "quota exceeded";
-    case Errc::notFound:
+    case Errc::NOT_FOUND:
       return "not found";
-    case Errc::alreadyExists:
+    case Errc::ALREADY_EXISTS:
       return "already exists";
-    case Errc::failed:
+    case Errc::FAILED:
       return "failed";
   }
   return "unknown error";
@@ -93,7 +93,7 @@ constexpr const char* errcName(Errc c) noexcept {
 // where it arose. `detail` must point to a string literal (or other storage that outlives every
 // copy): errors are copied freely and never own memory, so producing one never allocates.
 struct [[nodiscard]] Error {
-  Errc code = Errc::ok;
+  Errc code = Errc::OK;
   int32_t sysErrno = 0;
   const char* detail = "";
 
@@ -102,7 +102,7 @@ struct [[nodiscard]] Error {
   constexpr Error(Errc c, int32_t e, const char* d) : code(c), sysErrno(e), detail(d) {}
 
   // A system call failed with errno `e`.
-  static Error fromErrno(int e, const char* d) { return Error(Errc::systemError, e, d); }
+  static Error fromErrno(int e, const char* d) { return Error(Errc::SYSTEM_ERROR, e, d); }
 
   // Writes "<name>: <detail> (errno N)" into buf; returns buf. Never allocates.
   const char* describe(char* buf, size_t size) const noexcept;
@@ -173,7 +173,7 @@ class [[nodiscard]] Result {
     check(!ok_);
     return error_;
   }
-  Errc code() const noexcept { return ok_ ? Errc::ok : error_.code; }
+  Errc code() const noexcept { return ok_ ? Errc::OK : error_.code; }
 
  private:
   static void check(bool c) {
@@ -195,7 +195,7 @@ class [[nodiscard]] Result<void> {
   Result() = default;
   Result(Error e) : error_(e) {}  // NOLINT
   Result(Errc c) : error_(c) {}   // NOLINT
-  bool ok() const noexcept { return error_.code == Errc::ok; }
+  bool ok() const noexcept { return error_.code == Errc::OK; }
   explicit operator bool() const noexcept { return ok(); }
   void value() const {
     if (!ok())
