@@ -106,8 +106,9 @@ Status cachelineRtt(const Scenario& scenario, const RunOptions& o, Report& repor
       SpinWait spin;
       uint64_t v;
       while ((v = line->seq.load(std::memory_order_acquire)) == last + 1) spin.once();
+      if (v != last + 2) return false;  // not B's answer to this ping
       last = v;
-      return v % 2 == 0;
+      return true;
     });
     line->seq.store(LINE_STOP, std::memory_order_release);
     return ok ? 0 : 1;
@@ -165,8 +166,9 @@ Status futexRtt(const Scenario& scenario, const RunOptions& o, Report& report) {
       futexWake(word->seq);
       uint32_t v;
       while ((v = word->seq.load(std::memory_order_acquire)) == ping) futexWait(word->seq, ping);
+      if (v != ping + 1) return false;
       last = v;
-      return v == ping + 1;
+      return true;
     });
     word->seq.store(FUTEX_STOP, std::memory_order_release);
     futexWake(word->seq);
