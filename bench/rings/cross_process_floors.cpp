@@ -376,12 +376,14 @@ Status spscThroughput(const Scenario& scenario, const RunOptions& o, Report& rep
       [ring, &o] { return consume<RECORD>(*ring, o); });
   if (!placement) return placement.error();
 
-  const uint32_t windows = std::min<uint32_t>(ring->windows, MAX_WINDOWS);  // untrusted: clamp
+  // Written by another process: each value is read once and checked before use.
+  const uint32_t windows = std::min<uint32_t>(ring->windows, MAX_WINDOWS);
   std::vector<double> rates;
   for (uint32_t w = 0; w < windows; ++w) {
-    if (ring->windowNs[w] == 0) continue;
-    rates.push_back(static_cast<double>(ring->windowRecords[w]) * NS_PER_S /
-                    static_cast<double>(ring->windowNs[w]));
+    const uint64_t records = ring->windowRecords[w];
+    const uint64_t ns = ring->windowNs[w];
+    if (ns == 0) continue;
+    rates.push_back(static_cast<double>(records) * NS_PER_S / static_cast<double>(ns));
   }
   if (rates.empty()) return Error(Errc::FAILED, "the consumer timed no window");
   std::sort(rates.begin(), rates.end());
