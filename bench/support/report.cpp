@@ -117,7 +117,10 @@ void Report::printTable(FILE* out) const {
              machine_.kernel);
   fmt::print(out, "placement (CPU each party finished on; nothing pinned unless --pin):\n");
   for (const Placement& p : placements_) {
-    fmt::print(out, "  {:<38} cpu {}\n", p.scenario, cpuList(p.cpus));
+    // Two parties on one vCPU take turns through the scheduler: say so beside the figure.
+    const bool shared = p.cpus.size() == 2 && p.cpus[0] >= 0 && p.cpus[0] == p.cpus[1];
+    fmt::print(out, "  {:<38} cpu {}{}\n", p.scenario, cpuList(p.cpus),
+               shared ? "  (same CPU: a spinning pair measured the scheduler; try --pin)" : "");
   }
   for (const Failure& f : failures_) fmt::print(out, "FAILED {}: {}\n", f.scenario, f.error);
 }
