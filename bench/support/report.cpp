@@ -54,6 +54,8 @@ void Report::addPlacement(std::string_view scenario, std::vector<int> cpus) {
   placements_.push_back(Placement{std::string(scenario), std::move(cpus)});
 }
 
+void Report::setPinned(int cpuA, int cpuB) { pinned_ = {cpuA, cpuB}; }
+
 void Report::addFailure(std::string_view scenario, const Error& error) {
   char buf[256];
   failures_.push_back(Failure{std::string(scenario), error.describe(buf, sizeof buf)});
@@ -115,7 +117,9 @@ void Report::printTable(FILE* out) const {
   }
   fmt::print(out, "\nmachine: {} CPUs, {}, kernel {}\n", machine_.cpus, machine_.cpuModel,
              machine_.kernel);
-  fmt::print(out, "placement (CPU each party finished on; nothing pinned unless --pin):\n");
+  fmt::print(out, "placement (CPU each party finished on; {}):\n",
+             pinned_.empty() ? std::string("nothing pinned")
+                             : fmt::format("parties pinned to cpu {}", cpuList(pinned_)));
   for (const Placement& p : placements_) {
     // Two parties on one vCPU take turns through the scheduler: say so beside the figure.
     const bool shared = p.cpus.size() == 2 && p.cpus[0] >= 0 && p.cpus[0] == p.cpus[1];
@@ -166,6 +170,9 @@ std::string Report::toJson() const {
                               quick_ ? "true" : "false");
   j += fmt::format("  \"machine\": {{\"cpus\": {}, \"cpu_model\": {}, \"kernel\": {}}},\n",
                    machine_.cpus, jsonString(machine_.cpuModel), jsonString(machine_.kernel));
+  j += fmt::format("  \"pinned\": {},\n", pinned_.empty()
+                                              ? std::string("null")
+                                              : fmt::format("[{}, {}]", pinned_[0], pinned_[1]));
   j += "  \"figures\": [";
   for (size_t i = 0; i < figures_.size(); ++i) {
     const Figure& f = figures_[i];

@@ -2,15 +2,15 @@
 //
 // JSON shape (stable; tools read it):
 //   {"suite": "rings", "quick": false,
-//    "machine": {"cpus": 2, "cpu_model": "...", "kernel": "..."},
+//    "machine": {"cpus": 2, "cpu_model": "...", "kernel": "..."}, "pinned": null,
 //    "figures": [{"name": "floor_futex_rtt_ns", "value": 21034, "unit": "ns", "samples": 95000,
 //                 "scenario": "floor_futex_rtt_ns"},
 //                {"name": "shared_rtt_polled_ns", ..., "ratio_to": "floor_cacheline_rtt_ns",
 //                 "ratio": 1.4}, ...],
 //    "placements": [{"scenario": "floor_futex_rtt_ns", "cpus": [0, 1]}, ...],
 //    "failures": [{"scenario": "...", "error": "..."}]}
-// "samples", "ratio_to"/"ratio" appear only where they apply. A ratio is this figure's value
-// divided by the named figure's value, both from this same run.
+// "pinned" is [cpuA, cpuB] under --pin. "samples", "ratio_to"/"ratio" appear only where they apply.
+// A ratio is this figure's value divided by the named figure's value, both from this same run.
 #pragma once
 
 #include <cstdio>
@@ -55,6 +55,9 @@ class Report {
   // Records the CPUs the parties of `scenario` finished on (one entry per party).
   void addPlacement(std::string_view scenario, std::vector<int> cpus);
 
+  // Records that cross-process parties were pinned (--pin): A to cpuA, B to cpuB.
+  void setPinned(int cpuA, int cpuB);
+
   // Records that `scenario` failed; its figures are then absent.
   void addFailure(std::string_view scenario, const Error& error);
 
@@ -84,6 +87,7 @@ class Report {
   std::string suite_;
   bool quick_;
   MachineInfo machine_;
+  std::vector<int> pinned_;  // empty: nothing pinned
   std::vector<Figure> figures_;
   std::vector<Placement> placements_;
   std::vector<Failure> failures_;

@@ -60,6 +60,7 @@ int runSuiteMain(std::string_view suite, std::span<const Scenario> scenarios, in
   options.watchdog = std::chrono::seconds(watchdogSeconds);
 
   Report report(std::string(suite), options.quick, MachineInfo::probe());
+  if (pin.size() == 2) report.setPinned(options.cpuA, options.cpuB);
   size_t ran = 0;
   for (const Scenario& s : scenarios) {
     if (!selected(s.name, filters)) continue;

@@ -84,6 +84,7 @@ TEST(Report, JsonCarriesSuiteFiguresRatiosPlacementsAndFailures) {
   r.add(figure("floor_ns", 200));
   r.add(figure("agate_ns", 300, "floor_ns"));
   r.addPlacement("floor_ns", {0, 1});
+  r.setPinned(1, 0);
   r.addFailure("broken_ns", Error(Errc::TIMED_OUT, "watchdog"));
   const std::string j = r.toJson();
   EXPECT_NE(j.find("\"suite\": \"rings\""), std::string::npos) << j;
@@ -94,7 +95,13 @@ TEST(Report, JsonCarriesSuiteFiguresRatiosPlacementsAndFailures) {
   EXPECT_NE(j.find("\"ratio_to\": \"floor_ns\", \"ratio\": 1.5"), std::string::npos) << j;
   EXPECT_NE(j.find("{\"scenario\": \"floor_ns\", \"cpus\": [0, 1]}"), std::string::npos) << j;
   EXPECT_NE(j.find("\"error\": \"timed out: watchdog\""), std::string::npos) << j;
+  EXPECT_NE(j.find("\"pinned\": [1, 0]"), std::string::npos) << j;
   EXPECT_TRUE(r.hasFailures());
+}
+
+TEST(Report, JsonSaysNothingWasPinnedByDefault) {
+  Report r("rings", false, testMachine());
+  EXPECT_NE(r.toJson().find("\"pinned\": null"), std::string::npos) << r.toJson();
 }
 
 TEST(Report, WriteJsonReplacesTheFileWhole) {
