@@ -124,7 +124,7 @@ void Report::printTable(FILE* out) const {
     // Two parties on one vCPU take turns through the scheduler: say so beside the figure.
     const bool shared = p.cpus.size() == 2 && p.cpus[0] >= 0 && p.cpus[0] == p.cpus[1];
     fmt::print(out, "  {:<38} cpu {}{}\n", p.scenario, cpuList(p.cpus),
-               shared ? "  (same CPU: a spinning pair measured the scheduler; try --pin)" : "");
+               shared ? "  (same CPU: a busy-polling pair then measures the scheduler)" : "");
   }
   for (const Failure& f : failures_) fmt::print(out, "FAILED {}: {}\n", f.scenario, f.error);
 }
