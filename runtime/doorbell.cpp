@@ -1,0 +1,71 @@
+#include "agate/runtime/doorbell.h"
+
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <climits>
+
+namespace agate {
+namespace {
+
+std::atomic_ref<uint32_t> ref(uint32_t& w) { return std::atomic_ref<uint32_t>(w); }
+
+long futex(uint32_t* addr, int op, uint32_t val, const timespec* timeout) {
+  return ::syscall(SYS_futex, addr, op, val, timeout, nullptr, 0);
+}
+
+}  // namespace
+
+uint32_t Doorbell::announce() noexcept {
+  ref(word_->sleepers).fetch_add(1, std::memory_order_seq_cst);
+  // The waiter's half of the Dekker pair: the sleepers store above is ordered before the
+  // condition re-check the caller makes next.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  // Acquire: if a ringer's bump is already visible, so is everything it published before it.
+  return ref(word_->seq).load(std::memory_order_acquire);
+}
+
+void Doorbell::cancel() noexcept {
+  // Relaxed: a late decrement can only cause one needless wake, never a lost one.
+  ref(word_->sleepers).fetch_sub(1, std::memory_order_relaxed);
+}
+
+Status Doorbell::wait(uint32_t snapshot, std::chrono::nanoseconds timeout) noexcept {
+  if (timeout <= std::chrono::nanoseconds::zero()) return Error(Errc::TIMED_OUT, "doorbell wait");
+  timespec ts{};
+  const timespec* tsp = nullptr;
+  if (timeout != std::chrono::nanoseconds::max()) {
+    ts.tv_sec = static_cast<time_t>(timeout.count() / 1'000'000'000);
+    ts.tv_nsec = static_cast<long>(timeout.count() % 1'000'000'000);
+    tsp = &ts;
+  }
+  ++parks_;
+  int op = FUTEX_WAIT | (processShared_ ? 0 : FUTEX_PRIVATE_FLAG);
+  if (futex(&word_->seq, op, snapshot, tsp) == 0) return {};
+  switch (errno) {
+    case EAGAIN:  // seq moved between the snapshot and the wait: a ring already happened
+    case EINTR:
+      return {};
+    case ETIMEDOUT:
+      return Error(Errc::TIMED_OUT, "doorbell wait");
+    default:
+      return Error::fromErrno(errno, "FUTEX_WAIT on a doorbell failed");
+  }
+}
+
+void Doorbell::ring() noexcept {
+  // The ringer's half of the Dekker pair: whatever the caller published before this call is
+  // ordered before the sleepers load below.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (ref(word_->sleepers).load(std::memory_order_relaxed) == 0) return;
+  // Release: a waiter whose snapshot reads the new value also sees what was published.
+  ref(word_->seq).fetch_add(1, std::memory_order_release);
+  ++wakes_;
+  futex(&word_->seq, FUTEX_WAKE | (processShared_ ? 0 : FUTEX_PRIVATE_FLAG), INT_MAX, nullptr);
+}
+
+}  // namespace agate

@@ -1,0 +1,102 @@
+// Doorbells: how a ring's consumer (or producer) sleeps without making the busy path pay for it.
+//
+// A doorbell is two 32-bit words in (possibly shared) memory: `seq`, the futex word, bumped on
+// every ring that has a sleeper to wake; and `sleepers`, the number of waiters that have announced
+// they may park. The side that publishes (the ringer) makes a system call only when somebody
+// announced it sleeps, so a producer and a consumer that both stay awake never enter the kernel.
+//
+// Waiter protocol (see waitUntil in channel.cpp for the loop that drives it):
+//   1. announce():   sleepers++ (seq_cst), full fence, snapshot = seq (acquire)
+//   2. re-check the condition (e.g. load the ring's tail with acquire); if it holds: cancel()
+//   3. wait(snapshot, timeout): FUTEX_WAIT on seq expecting `snapshot`
+//   4. cancel():     sleepers--
+// Ringer protocol, after publishing (e.g. storing the ring's tail with release):
+//   ring(): full fence; if sleepers > 0 (relaxed): seq++ (release), FUTEX_WAKE all
+//
+// Why no wakeup is lost (Dekker's argument, store -> full fence -> load on both sides): the waiter
+// stores `sleepers` then loads the condition; the ringer stores the condition then loads
+// `sleepers`, each with a seq_cst fence in between. The fences are totally ordered, so at least
+// one side sees the other's store: either the waiter sees the published data in step 2 and does
+// not sleep, or the ringer sees sleepers > 0 and bumps `seq`. If the bump lands before the
+// snapshot, the acquire load of the snapshot also makes the published data visible to step 2; if
+// it lands after, FUTEX_WAIT finds seq != snapshot and returns at once.
+//
+// Trust: in shared scope the peer can write both words at will. That can only cause spurious
+// wakeups or missed wakeups; waiters therefore always park with a finite timeout slice when
+// the peer is untrusted (the channel's WaitPolicy), and never rely on the words for safety.
+//
+// The futex word is exposed (futexWord()) so an io_uring event loop can wait on it with
+// IORING_OP_FUTEX_WAIT (flags FUTEX2_SIZE_U32, plus FUTEX2_PRIVATE only when !processShared())
+// instead of blocking a thread: announce(), re-check, submit the wait with the snapshot as the
+// expected value, cancel() when it completes.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+
+#include "agate/runtime/result.h"
+
+namespace agate {
+
+// The two words of a doorbell as they lie in memory. 8 bytes, 4-byte aligned; plain integers so
+// the struct can live in a shared mapping, accessed only through std::atomic_ref.
+struct DoorbellWord {
+  uint32_t seq;       // the futex word
+  uint32_t sleepers;  // waiters between announce() and cancel()
+};
+
+// How a blocking call waits: spin (with a pause instruction) for up to `spinIterations` checks,
+// then park on the doorbell's futex. The call gives up with TIMED_OUT after `timeout` overall.
+// `parkSlice` bounds each park, so a waiter re-checks peer liveness (pidfd) and survives a lost
+// wakeup from a hostile peer; it is also what an untrusted doorbell costs in the worst case.
+struct WaitPolicy {
+  uint32_t spinIterations = 4000;
+  std::chrono::nanoseconds timeout = std::chrono::nanoseconds::max();
+  std::chrono::nanoseconds parkSlice = std::chrono::milliseconds(50);
+};
+
+// One process's handle on a DoorbellWord. Does not own the word. Thread-safe: any number of
+// threads may announce/wait/ring concurrently.
+class Doorbell {
+ public:
+  Doorbell() noexcept = default;
+  // `processShared`: the word lives in memory mapped by several processes (no FUTEX_PRIVATE_FLAG).
+  Doorbell(DoorbellWord* word, bool processShared) noexcept
+      : word_(word), processShared_(processShared) {}
+
+  // Step 1 of the waiter protocol; returns the seq snapshot to pass to wait().
+  uint32_t announce() noexcept;
+  // Step 4: withdraws an announce() (whether or not wait() was called).
+  void cancel() noexcept;
+  // Step 3: parks until rung, `timeout` passes, a signal arrives, or seq != snapshot. Returns OK
+  // (woken or seq already moved), TIMED_OUT, or SYSTEM_ERROR for an unexpected futex failure.
+  Status wait(uint32_t snapshot, std::chrono::nanoseconds timeout) noexcept;
+  // Ringer: full fence, then wakes all parked waiters if any announced. No system call otherwise.
+  void ring() noexcept;
+
+  uint32_t* futexWord() const noexcept { return &word_->seq; }
+  bool processShared() const noexcept { return processShared_; }
+  bool bound() const noexcept { return word_ != nullptr; }
+
+  // Number of times this handle actually entered FUTEX_WAIT / issued FUTEX_WAKE (process-local
+  // counters, for tests and statistics; never read from shared memory).
+  uint64_t parkCount() const noexcept { return parks_; }
+  uint64_t wakeCount() const noexcept { return wakes_; }
+
+ private:
+  DoorbellWord* word_ = nullptr;
+  bool processShared_ = false;
+  uint64_t parks_ = 0;  // owned by the one endpoint that holds this handle
+  uint64_t wakes_ = 0;
+};
+
+// A pause hint for spin loops (x86 PAUSE, AArch64 YIELD).
+inline void cpuRelax() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield" ::: "memory");
+#endif
+}
+
+}  // namespace agate
