@@ -222,6 +222,37 @@ TEST(SharedChannelProcesses, ProducerKilledMidFrameLeavesOnlyWholeFramesThenDisc
   EXPECT_LT(std::chrono::steady_clock::now() - start, 5s);
 }
 
+TEST(SharedChannelProcesses, SenderBlockedOnADeadReceiverGetsDisconnected) {
+  ParentWatchdog watchdog;
+  auto channel = Channel::create({ChannelScope::SHARED, 256, 1}).value();
+  Sender tx = channel->attachSender().value();
+  Fd exported = channel->exportFd().value();
+  int fd = exported.get();
+  pid_t child = spawn([fd] {
+    Result<std::unique_ptr<Channel>> ch = Channel::openShared(Fd(fd));
+    if (!ch) return 1;
+    Receiver rx = (*ch)->attachReceiver().value();
+    ::pause();  // attached, never receives; killed here
+    return 1;
+  });
+  exported.reset();
+  ASSERT_TRUE(tx.watchPeer(child).ok());
+  uint64_t filler = 0;
+  while (tx.trySend(std::as_bytes(std::span(&filler, 1))).ok()) ++filler;
+  EXPECT_EQ(filler, 256u / 16);
+  std::thread killer([child] {
+    std::this_thread::sleep_for(100ms);
+    ::kill(child, SIGKILL);
+  });
+  auto start = std::chrono::steady_clock::now();
+  Status s = tx.send(std::as_bytes(std::span(&filler, 1)), 0, WaitPolicy{100, 10s, 20ms});
+  killer.join();
+  EXPECT_EQ(s.code(), Errc::DISCONNECTED);
+  EXPECT_GE(tx.parkCount(), 1u);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 5s);
+  EXPECT_EQ(waitChild(child), 128 + SIGKILL);
+}
+
 // A producer that writes random bytes over the whole mapping (control block and data). The
 // consumer must only ever see in-bounds frames, end with PROTOCOL_ERROR (or DISCONNECTED if the
 // noise happened to set the closed bit while the ring looked empty), and keep working.

@@ -282,6 +282,51 @@ TEST(ChannelBlocking, BusyPathRingsNoDoorbell) {
   EXPECT_EQ(rx.wakeCount(), 0u);
 }
 
+TEST(ChannelProtocol, ForgedTailPoisonsTheReceiverForGood) {
+  auto ch = makeChannel(ChannelScope::SHARED, 1024);
+  Sender tx = ch->attachSender().value();
+  Receiver rx = ch->attachReceiver().value();
+  ASSERT_TRUE(tx.trySend(bytesOf("fine")).ok());
+  ASSERT_TRUE(rx.tryReceive().ok());
+  rx.release();
+  auto* control = reinterpret_cast<RingControl*>(ch->memory().data());
+  control->tail = 12345;  // misaligned and far beyond capacity
+  Result<Frame> f = rx.tryReceive();
+  ASSERT_EQ(f.code(), Errc::PROTOCOL_ERROR);
+  EXPECT_NE(std::strstr(f.error().detail, "tail"), nullptr);
+  control->tail = 16;  // even a sane tail afterwards does not revive the channel
+  EXPECT_EQ(rx.tryReceive().code(), Errc::PROTOCOL_ERROR);
+  EXPECT_EQ(rx.receive().code(), Errc::PROTOCOL_ERROR);
+}
+
+TEST(ChannelProtocol, ForgedHeadPoisonsTheSenderForGood) {
+  auto ch = makeChannel(ChannelScope::SHARED, 64);
+  Sender tx = ch->attachSender().value();
+  Receiver rx = ch->attachReceiver().value();
+  ASSERT_TRUE(tx.trySend(bytesOf("0123456789abcdefghijklm")).ok());
+  ASSERT_TRUE(tx.trySend(bytesOf("0123456789abcdefghijklm")).ok());
+  auto* control = reinterpret_cast<RingControl*>(ch->memory().data());
+  control->head = 1 << 20;  // beyond the published tail
+  EXPECT_EQ(tx.tryReserve(8).code(), Errc::PROTOCOL_ERROR);
+  control->head = 32;
+  EXPECT_EQ(tx.reserve(8).code(), Errc::PROTOCOL_ERROR);
+}
+
+TEST(ChannelDoorbells, EventLoopsCanReachTheFutexWords) {
+  auto local = makeChannel(ChannelScope::LOCAL);
+  Receiver rx = local->attachReceiver().value();
+  Sender tx = local->attachSender().value();
+  ASSERT_NE(rx.dataDoorbell(), nullptr);
+  EXPECT_FALSE(rx.dataDoorbell()->processShared());
+  auto* control = reinterpret_cast<RingControl*>(local->memory().data());
+  EXPECT_EQ(rx.dataDoorbell()->futexWord(), &control->dataBell.seq);
+  EXPECT_EQ(tx.spaceDoorbell()->futexWord(), &control->spaceBell.seq);
+  auto shared = makeChannel(ChannelScope::SHARED);
+  EXPECT_TRUE(shared->attachReceiver().value().dataDoorbell()->processShared());
+  auto priv = makeChannel(ChannelScope::PRIVATE);
+  EXPECT_EQ(priv->attachReceiver().value().dataDoorbell(), nullptr);
+}
+
 // ---- opening a shared channel from a descriptor ----
 
 TEST(ChannelOpenShared, ExportedChannelOpensAndCarriesMessages) {

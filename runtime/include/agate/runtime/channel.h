@@ -131,6 +131,9 @@ class Sender {
   // How often this endpoint parked waiting for space / woke a parked receiver.
   uint64_t parkCount() const noexcept { return spaceBell_.parkCount(); }
   uint64_t wakeCount() const noexcept { return dataBell_.wakeCount(); }
+  // The doorbell rung when space frees up, for an event loop that waits on its futex word itself
+  // (announce, tryReserve, IORING_OP_FUTEX_WAIT with the snapshot, cancel). Null in PRIVATE scope.
+  Doorbell* spaceDoorbell() noexcept { return spaceBell_.bound() ? &spaceBell_ : nullptr; }
 
  private:
   friend class Channel;
@@ -174,6 +177,9 @@ class Receiver {
   // How often this endpoint actually parked on its futex / woke a parked sender.
   uint64_t parkCount() const noexcept { return dataBell_.parkCount(); }
   uint64_t wakeCount() const noexcept { return spaceBell_.wakeCount(); }
+  // The doorbell rung when frames arrive or senders detach, for an event loop that waits on its
+  // futex word itself (announce, tryReceive, IORING_OP_FUTEX_WAIT, cancel). Null in PRIVATE scope.
+  Doorbell* dataDoorbell() noexcept { return dataBell_.bound() ? &dataBell_ : nullptr; }
 
  private:
   friend class Channel;
