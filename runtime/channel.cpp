@@ -1,6 +1,8 @@
 #include "agate/runtime/channel.h"
 
+#include <fcntl.h>
 #include <poll.h>
+#include <sys/eventfd.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -88,28 +90,57 @@ Result<std::unique_ptr<Channel>> Channel::create(const ChannelOptions& options) 
     return Error(Errc::INVALID_ARGUMENT, "a channel needs room for at least one sender");
   if (options.maxSenders > 1 && options.scope != ChannelScope::LOCAL)
     return Error(Errc::INVALID_ARGUMENT, "only LOCAL channels take several senders");
+  if (options.eventfdWakeups && options.scope == ChannelScope::PRIVATE)
+    return Error(Errc::INVALID_ARGUMENT, "a PRIVATE channel has no doorbells to signal");
   size_t bytes = RING_CONTROL_BYTES + cap;
   Result<SharedMemory> memory = options.scope == ChannelScope::SHARED
                                     ? SharedMemory::createShared(bytes, "agate-channel")
                                     : SharedMemory::createAnonymous(bytes);
   if (!memory) return memory.error();
   initRing(memory->data(), cap);
-  return std::unique_ptr<Channel>(new Channel(std::move(*memory), options, cap));
+  auto channel = std::unique_ptr<Channel>(new Channel(std::move(*memory), options, cap));
+  if (options.eventfdWakeups) {
+    channel->dataEvent_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+    channel->spaceEvent_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+    if (!channel->dataEvent_.valid() || !channel->spaceEvent_.valid())
+      return Error::fromErrno(errno, "eventfd for a channel doorbell failed");
+  }
+  return channel;
 }
 
-Result<std::unique_ptr<Channel>> Channel::openShared(Fd memfd) {
+Result<std::unique_ptr<Channel>> Channel::openShared(Fd memfd, Fd dataEvent, Fd spaceEvent) {
   Result<SharedMemory> memory = SharedMemory::openShared(std::move(memfd), 0);
   if (!memory) return memory.error();
   Result<uint64_t> cap = validateRing(memory->data(), memory->size());
   if (!cap) return cap.error();
-  ChannelOptions options{ChannelScope::SHARED, *cap, 1};
-  return std::unique_ptr<Channel>(new Channel(std::move(*memory), options, *cap));
+  ChannelOptions options{ChannelScope::SHARED, *cap, 1, dataEvent.valid()};
+  auto channel = std::unique_ptr<Channel>(new Channel(std::move(*memory), options, *cap));
+  channel->dataEvent_ = std::move(dataEvent);
+  channel->spaceEvent_ = std::move(spaceEvent);
+  return channel;
 }
 
 Result<Fd> Channel::exportFd() const {
   if (options_.scope != ChannelScope::SHARED)
     return Error(Errc::INVALID_ARGUMENT, "only a SHARED channel can be exported");
   return memory_.duplicateFd();
+}
+
+namespace {
+Result<Fd> duplicateEventFd(const Fd& fd, ChannelScope scope) {
+  if (scope != ChannelScope::SHARED || !fd.valid())
+    return Error(Errc::INVALID_ARGUMENT, "only a SHARED channel with eventfdWakeups has eventfds");
+  Fd dup(::fcntl(fd.get(), F_DUPFD_CLOEXEC, 0));
+  if (!dup.valid()) return Error::fromErrno(errno, "dup of a doorbell eventfd failed");
+  return dup;
+}
+}  // namespace
+
+Result<Fd> Channel::exportDataEventFd() const {
+  return duplicateEventFd(dataEvent_, options_.scope);
+}
+Result<Fd> Channel::exportSpaceEventFd() const {
+  return duplicateEventFd(spaceEvent_, options_.scope);
 }
 
 Result<Sender> Channel::attachSender() {
@@ -155,8 +186,8 @@ Sender::Sender(Channel* channel) noexcept : channel_(channel) {
   }
   mode_ = channel->multi_ ? Mode::MULTI : Mode::SINGLE;
   if (mode_ == Mode::SINGLE) single_ = RingProducer<AtomicSync>(v);
-  dataBell_ = Doorbell(&v.control->dataBell, shared);
-  spaceBell_ = Doorbell(&v.control->spaceBell, shared);
+  dataBell_ = Doorbell(&v.control->dataBell, shared, channel->dataEvent_.get());
+  spaceBell_ = Doorbell(&v.control->spaceBell, shared, channel->spaceEvent_.get());
 }
 
 Sender::Sender(Sender&& o) noexcept { *this = std::move(o); }
@@ -312,8 +343,8 @@ Receiver::Receiver(Channel* channel) noexcept : channel_(channel) {
   }
   bool shared = channel->options_.scope == ChannelScope::SHARED;
   atomicRing_ = RingConsumer<AtomicSync>(v);
-  dataBell_ = Doorbell(&v.control->dataBell, shared);
-  spaceBell_ = Doorbell(&v.control->spaceBell, shared);
+  dataBell_ = Doorbell(&v.control->dataBell, shared, channel->dataEvent_.get());
+  spaceBell_ = Doorbell(&v.control->spaceBell, shared, channel->spaceEvent_.get());
 }
 
 Receiver::Receiver(Receiver&& o) noexcept { *this = std::move(o); }

@@ -20,17 +20,21 @@ long futex(uint32_t* addr, int op, uint32_t val, const timespec* timeout) {
 
 }  // namespace
 
-uint32_t Doorbell::announce() noexcept {
+uint32_t Doorbell::announce(bool viaEventfd) noexcept {
   // acq_rel RMW: if a ringer's RMW on `sleepers` precedes ours in its modification order, we
   // synchronise with it and the caller's re-check sees what that ringer published.
-  ref(word_->sleepers).fetch_add(1, std::memory_order_acq_rel);
+  ref(word_->sleepers)
+      .fetch_add(viaEventfd ? DOORBELL_EVENTFD_WAITER : DOORBELL_FUTEX_WAITER,
+                 std::memory_order_acq_rel);
   // Acquire: if a ringer's bump is already visible, so is everything it published before it.
   return ref(word_->seq).load(std::memory_order_acquire);
 }
 
-void Doorbell::cancel() noexcept {
+void Doorbell::cancel(bool viaEventfd) noexcept {
   // Relaxed: a late decrement can only cause one needless wake, never a lost one.
-  ref(word_->sleepers).fetch_sub(1, std::memory_order_relaxed);
+  ref(word_->sleepers)
+      .fetch_sub(viaEventfd ? DOORBELL_EVENTFD_WAITER : DOORBELL_FUTEX_WAITER,
+                 std::memory_order_relaxed);
 }
 
 Status Doorbell::wait(uint32_t snapshot, std::chrono::nanoseconds timeout) noexcept {
@@ -62,11 +66,20 @@ void Doorbell::ring() noexcept {
   // reads ours, so what the caller published before ring() is visible to the waiter's re-check.
   // (The same guarantee as store->seq_cst fence->load, in a form TSan can check; the cost is one
   // locked instruction, like the fence it replaces.)
-  if (ref(word_->sleepers).fetch_add(0, std::memory_order_acq_rel) == 0) return;
-  // Release: a waiter whose snapshot reads the new value also sees what was published.
-  ref(word_->seq).fetch_add(1, std::memory_order_release);
-  ++wakes_;
-  futex(&word_->seq, FUTEX_WAKE | (processShared_ ? 0 : FUTEX_PRIVATE_FLAG), INT_MAX, nullptr);
+  uint32_t sleepers = ref(word_->sleepers).fetch_add(0, std::memory_order_acq_rel);
+  if (sleepers == 0) return;
+  if ((sleepers & (DOORBELL_EVENTFD_WAITER - 1)) != 0) {
+    // Release: a waiter whose snapshot reads the new value also sees what was published.
+    ref(word_->seq).fetch_add(1, std::memory_order_release);
+    ++wakes_;
+    futex(&word_->seq, FUTEX_WAKE | (processShared_ ? 0 : FUTEX_PRIVATE_FLAG), INT_MAX, nullptr);
+  }
+  if (sleepers >= DOORBELL_EVENTFD_WAITER && eventFd_ >= 0) {
+    uint64_t one = 1;
+    ++wakes_;
+    // EAGAIN (counter saturated) still leaves it readable: nothing to handle.
+    [[maybe_unused]] ssize_t n = ::write(eventFd_, &one, sizeof one);
+  }
 }
 
 }  // namespace agate

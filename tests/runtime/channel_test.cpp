@@ -4,6 +4,7 @@
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <poll.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -325,6 +326,49 @@ TEST(ChannelDoorbells, EventLoopsCanReachTheFutexWords) {
   EXPECT_TRUE(shared->attachReceiver().value().dataDoorbell()->processShared());
   auto priv = makeChannel(ChannelScope::PRIVATE);
   EXPECT_EQ(priv->attachReceiver().value().dataDoorbell(), nullptr);
+}
+
+TEST(ChannelDoorbells, EventfdWaiterIsSignalledAndTheBusyPathWritesNoEventfd) {
+  auto ch = Channel::create({ChannelScope::LOCAL, 1024, 1, true}).value();
+  Sender tx = ch->attachSender().value();
+  Receiver rx = ch->attachReceiver().value();
+  Doorbell* bell = rx.dataDoorbell();
+  ASSERT_NE(bell->eventFd(), -1);
+  pollfd p{bell->eventFd(), POLLIN, 0};
+  ASSERT_TRUE(tx.trySend(bytesOf("unannounced")).ok());
+  EXPECT_EQ(::poll(&p, 1, 0), 0) << "nobody announced: no eventfd write";
+  ASSERT_TRUE(rx.tryReceive().ok());
+  rx.release();
+  // An event loop's wait: announce via eventfd, re-check, poll the descriptor.
+  bell->announce(true);
+  EXPECT_EQ(rx.tryReceive().code(), Errc::WOULD_BLOCK);
+  std::thread sender([&] { ASSERT_TRUE(tx.trySend(bytesOf("announced")).ok()); });
+  EXPECT_EQ(::poll(&p, 1, 5000), 1);
+  sender.join();
+  uint64_t count = 0;
+  EXPECT_EQ(::read(bell->eventFd(), &count, sizeof count), 8);
+  EXPECT_EQ(count, 1u);
+  bell->cancel(true);
+  Result<Frame> f = rx.tryReceive();
+  ASSERT_TRUE(f.ok());
+  EXPECT_EQ(text(*f), "announced");
+  EXPECT_EQ(rx.parkCount(), 0u) << "an eventfd waiter never enters FUTEX_WAIT";
+}
+
+TEST(ChannelDoorbells, SharedEventfdsTravelWithTheMemfd) {
+  auto ch = Channel::create({ChannelScope::SHARED, 1024, 1, true}).value();
+  Result<std::unique_ptr<Channel>> peer = Channel::openShared(
+      ch->exportFd().value(), ch->exportDataEventFd().value(), ch->exportSpaceEventFd().value());
+  ASSERT_TRUE(peer.ok());
+  Receiver rx = (*peer)->attachReceiver().value();
+  Sender tx = ch->attachSender().value();
+  rx.dataDoorbell()->announce(true);
+  ASSERT_TRUE(tx.trySend(bytesOf("x")).ok());
+  pollfd p{rx.dataDoorbell()->eventFd(), POLLIN, 0};
+  EXPECT_EQ(::poll(&p, 1, 5000), 1);
+  rx.dataDoorbell()->cancel(true);
+  EXPECT_EQ(makeChannel(ChannelScope::SHARED)->exportDataEventFd().code(), Errc::INVALID_ARGUMENT);
+  EXPECT_EQ(Channel::create({ChannelScope::PRIVATE, 1024, 1, true}).code(), Errc::INVALID_ARGUMENT);
 }
 
 // ---- opening a shared channel from a descriptor ----

@@ -49,6 +49,9 @@ struct ChannelOptions {
   ChannelScope scope = ChannelScope::LOCAL;
   uint64_t capacityBytes = 64 * 1024;  // data area; a power of two in [64, 2^31]
   uint32_t maxSenders = 1;             // > 1 only in LOCAL scope
+  // Create an eventfd per doorbell, for event loops that wait by polling a descriptor rather
+  // than a futex (Doorbell::announce(true)). LOCAL and SHARED scope only.
+  bool eventfdWakeups = false;
 };
 
 class Sender;
@@ -61,7 +64,9 @@ class Channel {
   // Opens a SHARED channel from a memfd another process exported. Refuses (INVALID_ARGUMENT) an
   // unsealed or empty memfd and (PROTOCOL_ERROR) a ring header that does not match: magic,
   // version, control-block size, capacity vs mapping size.
-  static Result<std::unique_ptr<Channel>> openShared(Fd memfd);
+  // `dataEvent`/`spaceEvent`: the creator's eventfds (exportEventFds), when it made them.
+  static Result<std::unique_ptr<Channel>> openShared(Fd memfd, Fd dataEvent = Fd(),
+                                                     Fd spaceEvent = Fd());
 
   Channel(const Channel&) = delete;
   Channel& operator=(const Channel&) = delete;
@@ -69,6 +74,9 @@ class Channel {
 
   // A descriptor for the ring's memfd, to pass to the peer process (SHARED only).
   Result<Fd> exportFd() const;
+  // Duplicates of the data-available and space-available eventfds (SHARED with eventfdWakeups).
+  Result<Fd> exportDataEventFd() const;
+  Result<Fd> exportSpaceEventFd() const;
 
   // ATTACH_REFUSED when the scope's limit is reached (a second receiver; a second sender in
   // PRIVATE or SHARED scope; more than maxSenders in LOCAL) or the side already detached for good.
@@ -91,7 +99,9 @@ class Channel {
   ChannelOptions options_;
   RingView view_;
   std::unique_ptr<RingMultiProducer> multi_;  // LOCAL with maxSenders > 1
-  std::atomic<uint32_t> endpoints_{0};        // attached endpoints of this process
+  Fd dataEvent_;                              // eventfds of the two doorbells, if any
+  Fd spaceEvent_;
+  std::atomic<uint32_t> endpoints_{0};  // attached endpoints of this process
 };
 
 // The sending end. Move-only; detaches when destroyed. One thread at a time.

@@ -26,6 +26,12 @@
 // wakeups or missed wakeups; waiters therefore always park with a finite timeout slice when
 // the peer is untrusted (the channel's WaitPolicy), and never rely on the words for safety.
 //
+// Eventfd wakeups: an event loop that cannot wait on a futex announces with viaEventfd = true
+// (which counts in the upper 16 bits of `sleepers`), re-checks, then polls the doorbell's eventfd.
+// The ringer's one RMW sees both counts; it writes the eventfd (plain write(), never through
+// io_uring) only when an eventfd waiter announced. The eventfd belongs to the channel, which
+// passes it to both sides (for SHARED scope, alongside the memfd).
+//
 // The futex word is exposed (futexWord()) so an io_uring event loop can wait on it with
 // IORING_OP_FUTEX_WAIT (flags FUTEX2_SIZE_U32, plus FUTEX2_PRIVATE only when !processShared())
 // instead of blocking a thread: announce(), re-check, submit the wait with the snapshot as the
@@ -43,8 +49,11 @@ namespace agate {
 // the struct can live in a shared mapping, accessed only through std::atomic_ref.
 struct DoorbellWord {
   uint32_t seq;       // the futex word
-  uint32_t sleepers;  // waiters between announce() and cancel()
+  uint32_t sleepers;  // waiters between announce() and cancel(): futex waiters in the low 16
+                      // bits, eventfd waiters in the high 16 bits
 };
+inline constexpr uint32_t DOORBELL_FUTEX_WAITER = 1;
+inline constexpr uint32_t DOORBELL_EVENTFD_WAITER = 1u << 16;
 
 // How a blocking call waits: spin (with a pause instruction) for up to `spinIterations` checks,
 // then park on the doorbell's futex. The call gives up with TIMED_OUT after `timeout` overall.
@@ -62,13 +71,15 @@ class Doorbell {
  public:
   Doorbell() noexcept = default;
   // `processShared`: the word lives in memory mapped by several processes (no FUTEX_PRIVATE_FLAG).
-  Doorbell(DoorbellWord* word, bool processShared) noexcept
-      : word_(word), processShared_(processShared) {}
+  // `eventFd`: the eventfd to write for eventfd waiters (-1: none; not owned).
+  Doorbell(DoorbellWord* word, bool processShared, int eventFd = -1) noexcept
+      : word_(word), processShared_(processShared), eventFd_(eventFd) {}
 
-  // Step 1 of the waiter protocol; returns the seq snapshot to pass to wait().
-  uint32_t announce() noexcept;
-  // Step 4: withdraws an announce() (whether or not wait() was called).
-  void cancel() noexcept;
+  // Step 1 of the waiter protocol; returns the seq snapshot to pass to wait(). `viaEventfd`: the
+  // caller will wait by polling eventFd() instead of calling wait().
+  uint32_t announce(bool viaEventfd = false) noexcept;
+  // Step 4: withdraws an announce() (whether or not wait() was called); same `viaEventfd`.
+  void cancel(bool viaEventfd = false) noexcept;
   // Step 3: parks until rung, `timeout` passes, a signal arrives, or seq != snapshot. Returns OK
   // (woken or seq already moved), TIMED_OUT, or SYSTEM_ERROR for an unexpected futex failure.
   Status wait(uint32_t snapshot, std::chrono::nanoseconds timeout) noexcept;
@@ -76,6 +87,9 @@ class Doorbell {
   void ring() noexcept;
 
   uint32_t* futexWord() const noexcept { return &word_->seq; }
+  // The eventfd rung for eventfd waiters, or -1. Readable after a ring; the waiter reads it to
+  // reset it (it is created EFD_NONBLOCK).
+  int eventFd() const noexcept { return eventFd_; }
   bool processShared() const noexcept { return processShared_; }
   bool bound() const noexcept { return word_ != nullptr; }
 
@@ -87,6 +101,7 @@ class Doorbell {
  private:
   DoorbellWord* word_ = nullptr;
   bool processShared_ = false;
+  int eventFd_ = -1;
   uint64_t parks_ = 0;  // owned by the one endpoint that holds this handle
   uint64_t wakes_ = 0;
 };
