@@ -60,14 +60,14 @@ void runSenders(uint32_t senders, uint32_t perSender, uint64_t capacity, bool sh
 }
 
 TEST(LocalChannelThreads, EveryMessageOfSeveralSendersArrivesOnceAndInOrder) {
-  runSenders(4, 20000, 4096, false);
+  runSenders(4, 5000, 4096, false);
 }
 
 TEST(LocalChannelThreads, ShortCommitsAndAbandonsInterleaveSafely) {
-  runSenders(3, 10000, 256, true);
+  runSenders(3, 4000, 256, true);
 }
 
-TEST(LocalChannelThreads, SingleSenderLocalChannelUnderLoad) { runSenders(1, 50000, 512, false); }
+TEST(LocalChannelThreads, SingleSenderLocalChannelUnderLoad) { runSenders(1, 20000, 512, false); }
 
 }  // namespace
 }  // namespace agate
