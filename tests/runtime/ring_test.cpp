@@ -257,6 +257,14 @@ TEST_F(HostileProducer, UnknownFrameFlagsAreAProtocolError) {
   expectPoisoned();
 }
 
+TEST(HostileProducerAtAttach, MisalignedHeadPoisonsTheConsumer) {
+  TestRing r;
+  r.control().head = 12;
+  r.control().tail = 12 + 16;
+  RingConsumer<AtomicSync> consumer(r.view);
+  EXPECT_EQ(consumer.tryPeek().code(), Errc::PROTOCOL_ERROR);
+}
+
 // ---- hostile consumer: the producer validates the published head ----
 
 TEST(HostileConsumer, HeadMovedBackwardsPoisonsTheProducer) {

@@ -270,8 +270,13 @@ template <class Sync>
 class RingConsumer {
  public:
   RingConsumer() = default;
+  // In shared scope head may have been written by the peer: a misaligned one poisons at once
+  // (every frame position must stay 8-byte aligned).
   explicit RingConsumer(RingView v) noexcept
-      : v_(v), head_(Sync::loadRelaxed(v.control->head)), cachedTail_(head_) {}
+      : v_(v), head_(Sync::loadRelaxed(v.control->head)), cachedTail_(head_) {
+    if (head_ % FRAME_ALIGN != 0)
+      poison_ = Error(Errc::PROTOCOL_ERROR, "ring head index is misaligned at attach");
+  }
 
   // The next frame, in place. WOULD_BLOCK when none is published; PROTOCOL_ERROR (sticky) when
   // the producer published an impossible tail or a malformed frame. The view stays valid until
