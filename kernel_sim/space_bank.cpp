@@ -50,16 +50,11 @@ void SpaceBank::adoptObject(std::unique_ptr<KernelObject> object, PageCharge&& c
                static_cast<unsigned long>(koid()));
   object->owner_ = this;
   object->ownerIndex_ = objects_.size();
-  object->koid_ = nextKoid();
+  object->koid_ = root_->nextKoid_++;
+  if (object->type() == ObjectType::BANK) static_cast<SpaceBank&>(*object).root_ = root_;
   object->chargedPages_ = charge.pages_ - charge.recordPages_;
   charge.commit();
   objects_.push_back(std::move(object));
-}
-
-Koid SpaceBank::nextKoid() noexcept {
-  SpaceBank* root = this;
-  while (root->parent()) root = root->parent();
-  return root->nextKoid_++;
 }
 
 Status SpaceBank::trySetLimit(uint64_t limit) noexcept {

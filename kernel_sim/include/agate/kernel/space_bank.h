@@ -179,7 +179,6 @@ class SpaceBank final : public KernelObject {
   // `notify`: a real return (counted in returned_, observers told), not a cancelled charge.
   void refundPath(uint64_t own, uint64_t children, bool notify) noexcept;
   void publish() noexcept;
-  Koid nextKoid() noexcept;
 
   uint64_t limit_;
   uint64_t used_ = 0;      // ownPages_ + the used_ of every child bank
@@ -187,6 +186,7 @@ class SpaceBank final : public KernelObject {
   uint64_t records_ = 0;   // object records charged here (objects_.size() + pending)
   uint64_t returned_ = 0;  // pages ever returned here (credit page's `returned`)
   Koid nextKoid_ = 1;      // meaningful in the system bank only: it numbers the whole tree
+  SpaceBank* root_ = this; // the system bank of this tree
   std::vector<std::unique_ptr<KernelObject>> objects_;
   BankCreditPage* creditPage_ = nullptr;  // not owned
   std::vector<BankObserver*> observers_;  // not owned
