@@ -71,8 +71,8 @@ TEST(Kernel, DeathReturnsTheSystemBankAndTheObjectCountToTheirBaseline) {
   for (int i = 0; i < 100; ++i) (void)handleOf(k.tryCopyCap(p.pid, region, Rights::READ, 9));
   // Hand caps to the survivor, in both directions.
   Handle given = handleOf(k.tryTransferCap(p.pid, region, survivor.pid, TransferMode::COPY));
-  Handle fromSurvivor = handleOf(
-      k.tryTransferCap(survivor.pid, survivor.bank, p.pid, TransferMode::COPY));
+  Handle fromSurvivor =
+      handleOf(k.tryTransferCap(survivor.pid, survivor.bank, p.pid, TransferMode::COPY));
   (void)fromSurvivor;
   EXPECT_GT(k.systemBank().used(), baselineUsed);
   k.verifyInvariants();
@@ -92,11 +92,11 @@ TEST(Kernel, DeathKeepsObjectsTheDeadAllocatedFromABankItWasGiven) {
   Proc server = attach(k, 1000);
   // The client pays for the server's per-client state: it hands over a bank for it.
   Handle forServer = handleOf(k.tryCreateBank(client.pid, client.bank, 100));
-  Handle inServer = handleOf(
-      k.tryTransferCap(client.pid, forServer, server.pid, TransferMode::COPY));
+  Handle inServer =
+      handleOf(k.tryTransferCap(client.pid, forServer, server.pid, TransferMode::COPY));
   Handle state = handleOf(k.tryCreateRegion(server.pid, inServer, 3));
-  Handle stateForClient = handleOf(
-      k.tryTransferCap(server.pid, state, client.pid, TransferMode::COPY));
+  Handle stateForClient =
+      handleOf(k.tryTransferCap(server.pid, state, client.pid, TransferMode::COPY));
   const uint64_t clientUsed = usedOf(k, client.pid, client.bank);
 
   ASSERT_TRUE(k.tryKillProcess(server.pid).ok());

@@ -171,8 +171,7 @@ TEST(SpaceBank, RegionSizeOutOfRangeIsInvalidArgumentAndChangesNothing) {
   EXPECT_REFUSED_UNCHANGED(k, k.tryCreateRegion(p.pid, p.bank, 0), Errc::INVALID_ARGUMENT);
   EXPECT_REFUSED_UNCHANGED(k, k.tryCreateRegion(p.pid, p.bank, Region::MAX_PAGES + 1),
                            Errc::INVALID_ARGUMENT);
-  EXPECT_REFUSED_UNCHANGED(k, k.tryCreateRegion(p.pid, p.bank, UINT64_MAX),
-                           Errc::INVALID_ARGUMENT);
+  EXPECT_REFUSED_UNCHANGED(k, k.tryCreateRegion(p.pid, p.bank, UINT64_MAX), Errc::INVALID_ARGUMENT);
 }
 
 TEST(SpaceBank, DestroyingAMiddleBankRefundsExactlyAndInvalidatesEveryCapBelowIt) {
@@ -187,10 +186,9 @@ TEST(SpaceBank, DestroyingAMiddleBankRefundsExactlyAndInvalidatesEveryCapBelowIt
   Handle grandchild = handleOf(k.tryCreateBank(t.p.pid, t.leaf, 50));
   Handle deepRegion = handleOf(k.tryCreateRegion(t.p.pid, grandchild, 3));
   // Caps to objects below mid, held by another process too.
-  Handle heldElsewhere = handleOf(k.tryTransferCap(t.p.pid, deepRegion, other.pid,
-                                                   TransferMode::COPY));
-  Handle leafElsewhere = handleOf(k.tryTransferCap(t.p.pid, t.leaf, other.pid,
-                                                   TransferMode::MOVE));
+  Handle heldElsewhere =
+      handleOf(k.tryTransferCap(t.p.pid, deepRegion, other.pid, TransferMode::COPY));
+  Handle leafElsewhere = handleOf(k.tryTransferCap(t.p.pid, t.leaf, other.pid, TransferMode::MOVE));
   // A region in the root survives.
   Handle rootRegion = handleOf(k.tryCreateRegion(t.p.pid, t.p.bank, 2));
   const uint64_t rootWithRegion = usedOf(k, t.p.pid, t.p.bank);
@@ -201,8 +199,12 @@ TEST(SpaceBank, DestroyingAMiddleBankRefundsExactlyAndInvalidatesEveryCapBelowIt
   ASSERT_TRUE(k.tryDestroyObject(t.p.pid, t.mid).ok());
   // mid's record shared the root's record page with the CSpace's: that page stays.
   EXPECT_EQ(usedOf(k, t.p.pid, t.p.bank), rootWithRegion - midUsed);
-  for (auto [pid, h] : {std::pair{t.p.pid, t.mid}, {t.p.pid, midRegion}, {t.p.pid, leafRegion},
-                        {t.p.pid, grandchild}, {t.p.pid, deepRegion}, {other.pid, heldElsewhere},
+  for (auto [pid, h] : {std::pair{t.p.pid, t.mid},
+                        {t.p.pid, midRegion},
+                        {t.p.pid, leafRegion},
+                        {t.p.pid, grandchild},
+                        {t.p.pid, deepRegion},
+                        {other.pid, heldElsewhere},
                         {other.pid, leafElsewhere}})
     EXPECT_EQ(k.tryInspectCap(pid, h).code(), Errc::INVALID_HANDLE) << h.raw;
   EXPECT_TRUE(k.tryInspectCap(t.p.pid, rootRegion).ok());

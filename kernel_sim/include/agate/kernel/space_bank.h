@@ -181,12 +181,12 @@ class SpaceBank final : public KernelObject {
   void publish() noexcept;
 
   uint64_t limit_;
-  uint64_t used_ = 0;      // ownPages_ + the used_ of every child bank
-  uint64_t ownPages_ = 0;  // record pages + pages of objects allocated here (+ pending charges)
-  uint64_t records_ = 0;   // object records charged here (objects_.size() + pending)
-  uint64_t returned_ = 0;  // pages ever returned here (credit page's `returned`)
-  Koid nextKoid_ = 1;      // meaningful in the system bank only: it numbers the whole tree
-  SpaceBank* root_ = this; // the system bank of this tree
+  uint64_t used_ = 0;       // ownPages_ + the used_ of every child bank
+  uint64_t ownPages_ = 0;   // record pages + pages of objects allocated here (+ pending charges)
+  uint64_t records_ = 0;    // object records charged here (objects_.size() + pending)
+  uint64_t returned_ = 0;   // pages ever returned here (credit page's `returned`)
+  Koid nextKoid_ = 1;       // meaningful in the system bank only: it numbers the whole tree
+  SpaceBank* root_ = this;  // the system bank of this tree
   std::vector<std::unique_ptr<KernelObject>> objects_;
   BankCreditPage* creditPage_ = nullptr;  // not owned
   std::vector<BankObserver*> observers_;  // not owned
