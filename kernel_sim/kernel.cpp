@@ -36,6 +36,7 @@ const Process* Kernel::findProcess(ProcessId pid) const noexcept {
 
 Result<Attached> Kernel::tryAttachProcess(uint64_t bankLimit) {
   // Decode: every charge the attach makes is known up front, so check it all first.
+  if (nextPid_ == UINT32_MAX) return Error(Errc::QUOTA_EXCEEDED, "process ids exhausted");
   auto bankCharge = systemBank_->tryReserveObject(0);
   if (!bankCharge) return bankCharge.error();
   if (bankLimit < PROCESS_OVERHEAD_PAGES)
