@@ -92,7 +92,7 @@ class CSpace final : public KernelObject {
   static constexpr ObjectType TYPE = ObjectType::CSPACE;
   static constexpr uint32_t SLOTS_PER_CHUNK = 32;
   static constexpr uint32_t MAX_SLOTS = 1u << 20;
-  static_assert(sizeof(Slot) * SLOTS_PER_CHUNK <= PAGE_SIZE, "a chunk is charged one page");
+  static_assert(sizeof(Slot) * SLOTS_PER_CHUNK <= PAGE_BYTES, "a chunk is charged one page");
 
   // `maxGeneration` is lowered only by tests, to reach a slot's retirement quickly.
   explicit CSpace(uint32_t maxGeneration = UINT32_MAX) noexcept;

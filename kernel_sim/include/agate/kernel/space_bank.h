@@ -46,9 +46,10 @@
 
 namespace agate::kernel {
 
-inline constexpr uint64_t PAGE_SIZE = 4096;
+// Not PAGE_SIZE: some system headers define that as a macro.
+inline constexpr uint64_t PAGE_BYTES = 4096;
 inline constexpr uint64_t OBJECT_RECORD_BYTES = 256;
-inline constexpr uint64_t RECORDS_PER_PAGE = PAGE_SIZE / OBJECT_RECORD_BYTES;
+inline constexpr uint64_t RECORDS_PER_PAGE = PAGE_BYTES / OBJECT_RECORD_BYTES;
 inline constexpr uint64_t UNLIMITED = UINT64_MAX;
 
 // Pages a bank pays for `records` object records.
