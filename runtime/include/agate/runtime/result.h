@@ -42,6 +42,7 @@ enum class Errc : uint16_t {
   NOT_FOUND = 16,          // a name or id does not exist
   ALREADY_EXISTS = 17,     // a name or id is already taken
   FAILED = 18,             // an application-level failure reported by a peer
+  WRONG_TYPE = 19,         // a valid handle names an object of another type than the call needs
 };
 
 // A short, stable, human-readable name for an error code ("disconnected", ...).
@@ -85,6 +86,8 @@ constexpr const char* errcName(Errc c) noexcept {
       return "already exists";
     case Errc::FAILED:
       return "failed";
+    case Errc::WRONG_TYPE:
+      return "wrong type";
   }
   return "unknown error";
 }

@@ -1,0 +1,165 @@
+// CSpace: a process's table of capabilities, and the handles that name them.
+//
+// A cap is a value: (object, rights, badge). It lives in a slot of a CSpace; user code names it
+// by a Handle = slot index + the slot's generation, packed into 64 bits. Every lookup names the
+// rights and the object type it needs, and answers INVALID_HANDLE (out of range, free slot,
+// generation mismatch: stale or forged), WRONG_TYPE or PERMISSION_DENIED — never another object.
+//
+// Generations: a slot's generation starts at 1 and goes up by one each time the slot is freed,
+// so a handle to a deleted cap never resolves again. A slot whose generation reaches
+// `maxGeneration` is retired instead of reused: it can never hand out a generation twice, so
+// there is no ABA after a wrap (cost: a retired slot's 1/SLOTS_PER_CHUNK page, paid by the
+// CSpace's own bank, after 2^32 - 1 reuses of that one slot).
+//
+// Derivation: every cap made from another (copy/mint, transfer by copy) is its child in a
+// derivation tree that spans all CSpaces; a cap made with a new object is a root. Revoking a cap
+// deletes all its descendants, transitively, wherever they are; the cap itself stays. Deleting a
+// cap hands its children to its parent, so they stay reachable by an ancestor's revoke.
+// Derived caps always name the same object as their parent, so a tree is a subset of one
+// object's caps. Costs: four pointers per slot; copy O(1); delete O(direct children);
+// revoke O(descendants), iterative (no recursion, whatever the depth).
+//
+// Storage: slots come in chunks of SLOTS_PER_CHUNK that never move (the intrusive links point at
+// slots), each charged one page to the CSpace's bank when the CSpace grows. Chunks are kept
+// until the CSpace is destroyed: a CSpace never shrinks, and frees no page while it lives.
+//
+// Threading: single-threaded (see object.h).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "agate/kernel/object.h"
+#include "agate/kernel/rights.h"
+#include "agate/kernel/space_bank.h"
+#include "agate/runtime/result.h"
+
+namespace agate::kernel {
+
+// Names a cap in one CSpace. 0 is never valid (generations start at 1).
+struct Handle {
+  uint64_t raw = 0;
+
+  static constexpr Handle make(uint32_t index, uint32_t generation) noexcept {
+    return Handle{(uint64_t{generation} << 32) | index};
+  }
+  constexpr uint32_t index() const noexcept { return static_cast<uint32_t>(raw); }
+  constexpr uint32_t generation() const noexcept { return static_cast<uint32_t>(raw >> 32); }
+  friend constexpr bool operator==(Handle, Handle) = default;
+};
+
+// What a lookup yields. `object` is borrowed: valid until the next call that can destroy
+// objects or delete caps (i.e. for the rest of the current kernel call).
+struct Cap {
+  KernelObject* object = nullptr;
+  Rights rights = Rights::NONE;
+  uint64_t badge = 0;
+
+  // The object as its concrete type; asserts the type (lookup already checked it).
+  template <class T>
+  T& as() const {
+    AGATE_ASSERT(object != nullptr && object->type() == T::TYPE, "cap names a %s, not a %s",
+                 object ? objectTypeName(object->type()) : "null", objectTypeName(T::TYPE));
+    return static_cast<T&>(*object);
+  }
+};
+
+// One capability slot. Kernel-internal: exposed so the kernel can link derivations across
+// CSpaces; user-facing code goes through handles.
+struct Slot {
+  KernelObject* object = nullptr;  // null: free or retired
+  Rights rights = Rights::NONE;
+  uint32_t generation = 1;  // of the current occupant, or of the next one if free
+  uint64_t badge = 0;
+  CSpace* cspace = nullptr;  // the table this slot belongs to
+  uint32_t index = 0;
+  uint32_t nextFree = 0;  // free list link (index + 1; 0 ends the list)
+  // Caps naming the same object (KernelObject::capsHead_).
+  Slot* objPrev = nullptr;
+  Slot* objNext = nullptr;
+  // Derivation tree.
+  Slot* parent = nullptr;
+  Slot* firstChild = nullptr;
+  Slot* prevSibling = nullptr;
+  Slot* nextSibling = nullptr;
+
+  Handle handle() const noexcept { return Handle::make(index, generation); }
+};
+
+class CSpace final : public KernelObject {
+ public:
+  static constexpr ObjectType TYPE = ObjectType::CSPACE;
+  static constexpr uint32_t SLOTS_PER_CHUNK = 32;
+  static constexpr uint32_t MAX_SLOTS = 1u << 20;
+  static_assert(sizeof(Slot) * SLOTS_PER_CHUNK <= PAGE_BYTES, "a chunk is charged one page");
+
+  // `maxGeneration` is lowered only by tests, to reach a slot's retirement quickly.
+  explicit CSpace(uint32_t maxGeneration = UINT32_MAX) noexcept;
+  ~CSpace() override;
+
+  // The cap named by `handle`, if it has every right in `need` and (unless `type` is ANY) is of
+  // `type`. INVALID_HANDLE, then WRONG_TYPE, then PERMISSION_DENIED, in that order.
+  Result<Cap> lookup(Handle handle, Rights need, ObjectType type = ObjectType::ANY) const noexcept;
+  // The same, answering the slot itself (kernel-internal).
+  Result<Slot*> findSlot(Handle handle, Rights need,
+                         ObjectType type = ObjectType::ANY) const noexcept;
+
+  // Caps held in this CSpace.
+  uint32_t heldCaps() const noexcept { return held_; }
+  uint32_t capacity() const noexcept {
+    return static_cast<uint32_t>(chunks_.size()) * SLOTS_PER_CHUNK;
+  }
+  uint32_t retiredSlots() const noexcept { return retired_; }
+  // Calls fn(const Slot&) for every occupied slot, in slot order.
+  template <class Fn>
+  void forEachCap(Fn&& fn) const {
+    for (uint32_t i = 0; i < used_; ++i) {
+      const Slot& s = slotAt(i);
+      if (s.object) fn(s);
+    }
+  }
+
+  // Reserves room for one more cap: charges a page to this CSpace's bank if no slot is free
+  // (QUOTA_EXCEEDED if the bank cannot pay or MAX_SLOTS is reached). Nothing changes otherwise.
+  Result<PageCharge> tryReserveSlot() noexcept;
+
+  // Puts a cap into a free slot, using `charge` from tryReserveSlot(). `parent` (may be null, may
+  // be in another CSpace) becomes its parent in the derivation tree. Cannot fail.
+  Handle insert(KernelObject& object, Rights rights, uint64_t badge, Slot* parent,
+                PageCharge&& charge);
+  // Moves the cap in `from` (any CSpace) into this one: same object, rights, badge and place in
+  // the derivation tree; `from` is freed. Uses `charge` from tryReserveSlot(). Cannot fail.
+  Handle moveIn(Slot& from, PageCharge&& charge);
+
+  // Deletes the cap in `slot`; its children move to its parent.
+  static void erase(Slot& slot) noexcept;
+  // Deletes every cap derived from `slot`, transitively, in every CSpace; `slot` stays.
+  // Returns how many were deleted.
+  static uint64_t revokeDescendants(Slot& slot) noexcept;
+
+  // The kernel calls this when the CSpace's process dies, just before destroying its bank; a
+  // CSpace torn down otherwise is a bug (its process would be left with a dangling table).
+  void markProcessDead() noexcept { processDead_ = true; }
+
+  // Checks slot, free-list and derivation-tree linkage; aborts on a violation. O(slots).
+  void verifyInvariants() const;
+
+ private:
+  void teardown() noexcept override;
+  Slot& slotAt(uint32_t i) const noexcept {
+    return chunks_[i / SLOTS_PER_CHUNK][i % SLOTS_PER_CHUNK];
+  }
+  Slot& takeFreeSlot(PageCharge&& charge);
+  void releaseSlot(Slot& slot) noexcept;
+
+  uint32_t maxGeneration_;
+  std::vector<std::unique_ptr<Slot[]>> chunks_;  // never move: slots are linked by address
+  uint32_t used_ = 0;      // slots ever handed out: [0, used_) have been occupied
+  uint32_t freeHead_ = 0;  // index + 1 of the first free slot below used_; 0: none
+  uint32_t held_ = 0;
+  uint32_t retired_ = 0;
+  bool processDead_ = false;
+};
+
+}  // namespace agate::kernel

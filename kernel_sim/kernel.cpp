@@ -1,0 +1,257 @@
+#include "agate/kernel/kernel.h"
+
+#include <unordered_map>
+
+namespace agate::kernel {
+namespace {
+
+// What a new process bank pays before the process can do anything: its CSpace's record page
+// (the first record of the bank) and the CSpace's first slot chunk.
+constexpr uint64_t PROCESS_OVERHEAD_PAGES = 2;
+
+}  // namespace
+
+Kernel::Kernel(Options options)
+    : options_(options), systemBank_(SpaceBank::createSystemBank(options.systemPages)) {}
+
+Kernel::~Kernel() {
+  while (!processes_.empty()) {
+    Status s = tryKillProcess(processes_.begin()->first);
+    AGATE_ASSERT(s.ok(), "killing an attached process failed: %s", errcName(s.code()));
+  }
+  AGATE_ASSERT(systemBank_->objectCount() == 0, "system bank still owns %zu objects",
+               systemBank_->objectCount());
+}
+
+Result<CSpace*> Kernel::findCSpace(ProcessId pid) const noexcept {
+  auto it = processes_.find(pid);
+  if (it == processes_.end()) return Error(Errc::NOT_FOUND, "no such process");
+  return &it->second->cspace();
+}
+
+const Process* Kernel::findProcess(ProcessId pid) const noexcept {
+  auto it = processes_.find(pid);
+  return it == processes_.end() ? nullptr : it->second.get();
+}
+
+Result<Attached> Kernel::tryAttachProcess(uint64_t bankLimit) {
+  // Decode: every charge the attach makes is known up front, so check it all first.
+  if (nextPid_ == UINT32_MAX) return Error(Errc::QUOTA_EXCEEDED, "process ids exhausted");
+  auto bankCharge = systemBank_->tryReserveObject(0);
+  if (!bankCharge) return bankCharge.error();
+  if (bankLimit < PROCESS_OVERHEAD_PAGES)
+    return Error(Errc::QUOTA_EXCEEDED, "process bank limit below the CSpace's cost");
+  if (systemBank_->available() < PROCESS_OVERHEAD_PAGES)
+    return Error(Errc::QUOTA_EXCEEDED, "system bank cannot pay for the process's CSpace");
+
+  // Invoke: nothing below can fail.
+  SpaceBank& bank = systemBank_->adopt<SpaceBank>(std::move(*bankCharge), bankLimit);
+  auto cspaceCharge = bank.tryReserveObject(0);
+  AGATE_ASSERT(cspaceCharge.ok() && cspaceCharge->pages() == 1, "process bank record charge");
+  CSpace& cspace = bank.adopt<CSpace>(std::move(*cspaceCharge), options_.maxGeneration);
+  auto slotCharge = cspace.tryReserveSlot();
+  AGATE_ASSERT(slotCharge.ok() && slotCharge->pages() == 1, "process CSpace first chunk");
+  Handle bankHandle = cspace.insert(bank, PROCESS_BANK, 0, nullptr, std::move(*slotCharge));
+
+  const ProcessId pid = nextPid_++;
+  processes_.emplace(pid, std::make_unique<Process>(pid, bank, cspace));
+  return Attached{pid, bankHandle};
+}
+
+Status Kernel::tryKillProcess(ProcessId pid) {
+  auto it = processes_.find(pid);
+  if (it == processes_.end()) return Error(Errc::NOT_FOUND, "no such process");
+  std::unique_ptr<Process> process = std::move(it->second);
+  processes_.erase(it);
+  process->cspace().markProcessDead();
+  systemBank_->destroyObject(process->bank());
+  return {};
+}
+
+Result<Handle> Kernel::tryCopyCap(ProcessId pid, Handle cap, Rights rights, uint64_t badge) {
+  auto cspace = findCSpace(pid);
+  if (!cspace) return cspace.error();
+  auto slot = (*cspace)->findSlot(cap, Rights::NONE);
+  if (!slot) return slot.error();
+  Slot& source = **slot;
+  if (!isValidRights(rights)) return Error(Errc::INVALID_ARGUMENT, "undefined rights bits");
+  if (!hasRights(source.rights, rights))
+    return Error(Errc::PERMISSION_DENIED, "a copy cannot add rights");
+  if (badge != 0 && source.badge != 0 && badge != source.badge)
+    return Error(Errc::PERMISSION_DENIED, "the cap is already badged");
+  auto charge = (*cspace)->tryReserveSlot();
+  if (!charge) return charge.error();
+
+  return (*cspace)->insert(*source.object, rights, badge != 0 ? badge : source.badge, &source,
+                           std::move(*charge));
+}
+
+Status Kernel::tryDeleteCap(ProcessId pid, Handle cap) {
+  auto cspace = findCSpace(pid);
+  if (!cspace) return cspace.error();
+  auto slot = (*cspace)->findSlot(cap, Rights::NONE);
+  if (!slot) return slot.error();
+
+  CSpace::erase(**slot);
+  return {};
+}
+
+Result<uint64_t> Kernel::tryRevokeCap(ProcessId pid, Handle cap) {
+  auto cspace = findCSpace(pid);
+  if (!cspace) return cspace.error();
+  auto slot = (*cspace)->findSlot(cap, Rights::NONE);
+  if (!slot) return slot.error();
+
+  return CSpace::revokeDescendants(**slot);
+}
+
+Result<Handle> Kernel::tryTransferCap(ProcessId pid, Handle cap, ProcessId to, TransferMode mode) {
+  auto cspace = findCSpace(pid);
+  if (!cspace) return cspace.error();
+  auto slot = (*cspace)->findSlot(cap, Rights::GRANT);
+  if (!slot) return slot.error();
+  if (mode != TransferMode::MOVE && mode != TransferMode::COPY)
+    return Error(Errc::INVALID_ARGUMENT, "unknown transfer mode");
+  auto target = findCSpace(to);
+  if (!target) return target.error();
+  auto charge = (*target)->tryReserveSlot();
+  if (!charge) return charge.error();
+
+  Slot& source = **slot;
+  if (mode == TransferMode::MOVE) return (*target)->moveIn(source, std::move(*charge));
+  return (*target)->insert(*source.object, source.rights, source.badge, &source,
+                           std::move(*charge));
+}
+
+Result<CapInfo> Kernel::tryInspectCap(ProcessId pid, Handle cap) const {
+  auto cspace = findCSpace(pid);
+  if (!cspace) return cspace.error();
+  auto c = (*cspace)->lookup(cap, Rights::NONE);
+  if (!c) return c.error();
+  return CapInfo{c->object->koid(), c->object->type(), c->rights, c->badge};
+}
+
+Result<Handle> Kernel::tryCreateBank(ProcessId pid, Handle bank, uint64_t limit) {
+  auto cspace = findCSpace(pid);
+  if (!cspace) return cspace.error();
+  auto c = (*cspace)->lookup(bank, Rights::CREATE_CHILD, ObjectType::BANK);
+  if (!c) return c.error();
+  SpaceBank& parent = c->as<SpaceBank>();
+  // Object first, then the slot: the second reservation sees the first's pages gone, so the
+  // pair is all-or-nothing even where both draw on the same banks.
+  auto objectCharge = parent.tryReserveObject(0);
+  if (!objectCharge) return objectCharge.error();
+  auto slotCharge = (*cspace)->tryReserveSlot();
+  if (!slotCharge) return slotCharge.error();  // objectCharge refunds itself
+
+  SpaceBank& child = parent.adopt<SpaceBank>(std::move(*objectCharge), limit);
+  return (*cspace)->insert(child, CREATOR, 0, nullptr, std::move(*slotCharge));
+}
+
+Result<Handle> Kernel::tryCreateRegion(ProcessId pid, Handle bank, uint64_t pages) {
+  auto cspace = findCSpace(pid);
+  if (!cspace) return cspace.error();
+  auto c = (*cspace)->lookup(bank, Rights::ALLOCATE, ObjectType::BANK);
+  if (!c) return c.error();
+  if (pages == 0 || pages > Region::MAX_PAGES)
+    return Error(Errc::INVALID_ARGUMENT, "region size out of range");
+  SpaceBank& from = c->as<SpaceBank>();
+  auto objectCharge = from.tryReserveObject(pages);
+  if (!objectCharge) return objectCharge.error();
+  auto slotCharge = (*cspace)->tryReserveSlot();
+  if (!slotCharge) return slotCharge.error();  // objectCharge refunds itself
+
+  Region& region = from.adopt<Region>(std::move(*objectCharge), pages);
+  return (*cspace)->insert(region, CREATOR, 0, nullptr, std::move(*slotCharge));
+}
+
+Status Kernel::trySetBankLimit(ProcessId pid, Handle bank, uint64_t limit) {
+  auto b = tryFindBank(pid, bank, Rights::SET_LIMIT);
+  if (!b) return b.error();
+  return (*b)->trySetLimit(limit);
+}
+
+Result<BankCredit> Kernel::tryReadBank(ProcessId pid, Handle bank) const {
+  auto b = tryFindBank(pid, bank, Rights::READ);
+  if (!b) return b.error();
+  return (*b)->credit();
+}
+
+Status Kernel::tryDestroyObject(ProcessId pid, Handle cap) {
+  auto cspace = findCSpace(pid);
+  if (!cspace) return cspace.error();
+  auto c = (*cspace)->lookup(cap, Rights::DESTROY);
+  if (!c) return c.error();
+  KernelObject& object = *c->object;
+  // Unreachable through caps handed out today (no cap names a CSpace; process bank caps lack
+  // DESTROY), and kept so a future cap kind cannot tear a live process's table from under it.
+  if (object.type() == ObjectType::CSPACE || object.owner() == systemBank_.get())
+    return Error(Errc::PERMISSION_DENIED, "only the process's death destroys this");
+
+  object.owner()->destroyObject(object);
+  return {};
+}
+
+Result<SpaceBank*> Kernel::tryFindBank(ProcessId pid, Handle bank, Rights need) const {
+  auto cspace = findCSpace(pid);
+  if (!cspace) return cspace.error();
+  auto c = (*cspace)->lookup(bank, need, ObjectType::BANK);
+  if (!c) return c.error();
+  return &c->as<SpaceBank>();
+}
+
+namespace {
+
+// Calls fn(const SpaceBank&) for every bank, parents before children. No recursion.
+template <class Fn>
+void forEachBank(const SpaceBank& root, Fn&& fn) {
+  std::vector<const SpaceBank*> order{&root};
+  for (size_t i = 0; i < order.size(); ++i) {
+    fn(*order[i]);
+    for (const auto& o : order[i]->objects())
+      if (o->type() == ObjectType::BANK) order.push_back(static_cast<const SpaceBank*>(o.get()));
+  }
+}
+
+}  // namespace
+
+uint64_t Kernel::objectCount() const {
+  uint64_t n = 0;
+  forEachBank(*systemBank_, [&](const SpaceBank& b) { n += b.objectCount(); });
+  return n;
+}
+
+KernelSnapshot Kernel::snapshot() const {
+  KernelSnapshot snap;
+  forEachBank(*systemBank_, [&](const SpaceBank& b) {
+    snap.banks.push_back({b.koid(), b.parent() ? b.parent()->koid() : 0, b.used(), b.limit(),
+                          b.ownPages(), b.objectCount(), b.capCount()});
+    snap.objects += b.objectCount();
+  });
+  std::unordered_map<const CSpace*, ProcessId> pidOf;
+  for (const auto& [pid, p] : processes_) pidOf[&p->cspace()] = pid;
+  for (const auto& [pid, p] : processes_) {
+    KernelSnapshot::Proc proc{pid, p->bank().koid(), p->cspace().capacity(), {}};
+    p->cspace().forEachCap([&](const Slot& s) {
+      KernelSnapshot::Cap cap{s.handle().raw, s.object->koid(), s.rights, s.badge, 0, 0};
+      if (s.parent) {
+        cap.parentHandle = s.parent->handle().raw;
+        cap.parentPid = pidOf.at(s.parent->cspace);
+      }
+      proc.caps.push_back(cap);
+    });
+    snap.processes.push_back(std::move(proc));
+  }
+  return snap;
+}
+
+void Kernel::verifyInvariants() const {
+  forEachBank(*systemBank_, [](const SpaceBank& b) { b.verifyInvariants(); });
+  for (const auto& [pid, p] : processes_) {
+    AGATE_ASSERT(p->bank().parent() == systemBank_.get() && p->cspace().owner() == &p->bank(),
+                 "process %u: bank or CSpace misplaced", pid);
+    p->cspace().verifyInvariants();
+  }
+}
+
+}  // namespace agate::kernel
