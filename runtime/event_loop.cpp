@@ -73,7 +73,9 @@ class IoOpNode final : public PromiseNode<T>, public IoOp {
 // --- LoopCore ----------------------------------------------------------------------------------
 
 LoopCore::LoopCore(EventLoop& loop, const LoopOptions& options) noexcept
-    : loop_(loop), futexPollInterval_(options.futexPollInterval) {}
+    : loop_(loop),
+      futexPollInterval_(options.futexPollInterval),
+      futexBackstop_(options.futexBackstopInterval) {}
 
 LoopCore::~LoopCore() { shutdown(); }
 
@@ -167,6 +169,21 @@ void LoopCore::pollFutexes() noexcept {
   }
 }
 
+void LoopCore::recheckNativeFutexes(TimePoint now) noexcept {
+  if (nativeFutexWaits_ == 0 || now < nextFutexRecheck_) return;
+  nextFutexRecheck_ = now + futexBackstop_;
+  for (IoOp& op : liveOps_) {
+    if (op.kind != IoOp::Kind::OP_FUTEX_WAIT || !op.inFlight || op.completedEarly) continue;
+    if (op.word->load(std::memory_order_acquire) == op.expected) continue;
+    // The word changed but no completion came: resolve now, and cancel the kernel's wait (its
+    // CQE then only frees or releases the op).
+    op.completedEarly = true;
+    --nativeFutexWaits_;
+    backend_->cancel(op);
+    op.complete(0);
+  }
+}
+
 void LoopCore::turn(const PromiseNodeBase* awaited, bool mayBlock) {
   drainRemote();
   runTasks();
@@ -182,6 +199,10 @@ void LoopCore::turn(const PromiseNodeBase* awaited, bool mayBlock) {
     if (!polledFutexes_.empty()) {
       timeout = timeout ? std::min(*timeout, futexPollInterval_) : futexPollInterval_;
     }
+    if (nativeFutexWaits_ > 0) {
+      Duration untilRecheck = std::max(Duration::zero(), nextFutexRecheck_ - now);
+      timeout = timeout ? std::min(*timeout, untilRecheck) : untilRecheck;
+    }
     sleeping_.store(true, std::memory_order_seq_cst);
     if (remoteHead_.load(std::memory_order_seq_cst) != nullptr) timeout = Duration::zero();
   }
@@ -189,8 +210,10 @@ void LoopCore::turn(const PromiseNodeBase* awaited, bool mayBlock) {
   sleeping_.store(false, std::memory_order_relaxed);
 
   drainRemote();
-  fireTimers(std::chrono::steady_clock::now());
+  now = std::chrono::steady_clock::now();
+  fireTimers(now);
   pollFutexes();
+  recheckNativeFutexes(now);
 }
 
 void LoopCore::startIo(IoOp& op) noexcept {
@@ -200,6 +223,9 @@ void LoopCore::startIo(IoOp& op) noexcept {
     return;
   }
   liveOps_.push_back(op);
+  if (op.kind == IoOp::Kind::OP_FUTEX_WAIT && nativeFutexWaits_++ == 0) {
+    nextFutexRecheck_ = std::chrono::steady_clock::now() + futexBackstop_;
+  }
   backend_->start(op);
 }
 
@@ -209,15 +235,24 @@ void LoopCore::dropIo(IoOp& op) noexcept {
     return;
   }
   op.consumerGone = true;
+  if (op.kind == IoOp::Kind::OP_FUTEX_WAIT && !op.completedEarly) {
+    op.completedEarly = true;  // no longer counted as a live wait
+    --nativeFutexWaits_;
+  }
   backend_->cancel(op);
 }
 
 void LoopCore::finish(IoOp& op, int32_t res) noexcept {
+  bool wasInFlight = op.inFlight;
   op.inFlight = false;
+  if (op.kind == IoOp::Kind::OP_FUTEX_WAIT && wasInFlight && !op.completedEarly) {
+    --nativeFutexWaits_;
+  }
   if (op.consumerGone) {
     op.destroy();
     return;
   }
+  if (op.completedEarly) return;  // the consumer already has its result
   op.complete(res);
 }
 

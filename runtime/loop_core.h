@@ -63,7 +63,7 @@ class IoOp {
   bool shared = false;                          // FUTEX_WAIT
   bool inFlight = false;                        // the backend (kernel) still references this op
   bool consumerGone = false;                    // the promise was dropped while in flight
-  bool epollRegistered = false;
+  bool completedEarly = false;  // FUTEX_WAIT resolved by the loop's backstop re-check
 
   using Hook = boost::intrusive::list_member_hook<
       boost::intrusive::link_mode<boost::intrusive::auto_unlink>>;
@@ -140,14 +140,18 @@ class LoopCore {
   void runTasks() noexcept;
   void fireTimers(TimePoint now) noexcept;
   void pollFutexes() noexcept;
+  void recheckNativeFutexes(TimePoint now) noexcept;
 
   EventLoop& loop_;
   Duration futexPollInterval_;
+  Duration futexBackstop_;
   Task::RunQueue runQueue_;
   TimerTree timers_;
   IoOp::List polledFutexes_;  // waits the backend cannot do natively: re-read every turn
   IoOp::List liveOps_;        // every other op the loop allocated and not yet freed
   uint32_t transfers_ = 0;
+  uint32_t nativeFutexWaits_ = 0;  // FUTEX_WAIT ops in the kernel (not completed early)
+  TimePoint nextFutexRecheck_{};
   std::unique_ptr<IoBackend> backend_;
 
   // Cross-thread inbox: a lock-free LIFO stack that the loop empties all at once (so no ABA) and

@@ -5,6 +5,7 @@
 // cancel requests (their completions are ignored) and WAKE_TAG for the read that the loop keeps
 // posted on its wake eventfd.
 #include <sys/eventfd.h>
+#include <sys/prctl.h>
 #include <unistd.h>
 
 #include <liburing.h>
@@ -25,6 +26,22 @@ constexpr uint8_t OP_FUTEX_WAIT = 51;
 constexpr uint32_t FUTEX2_SIZE_U32 = 0x02;
 constexpr uint32_t FUTEX2_PRIVATE = 128;
 constexpr uint64_t FUTEX_BITSET_MATCH_ANY = 0xffffffff;
+
+// Linux >= 6.16 gives a process its own futex hash when it creates its first thread (and may
+// re-size it later). A private futex wait queued through io_uring before such a switch stays in
+// the old hash, where no wake finds it (observed on 6.18). Pinning the process to the global hash
+// while it has no private one makes the switch never happen. Older kernels reject the prctl
+// (EINVAL): they have no private hash, hence nothing to pin. A process that already has a
+// private hash keeps it; the loop's backstop re-check covers a later re-size.
+constexpr int PR_FUTEX_HASH_OPTION = 78;
+constexpr int PR_FUTEX_HASH_SET_SLOTS_ARG = 1;
+constexpr int PR_FUTEX_HASH_GET_SLOTS_ARG = 2;
+
+void pinProcessFutexHash() noexcept {
+  if (prctl(PR_FUTEX_HASH_OPTION, PR_FUTEX_HASH_GET_SLOTS_ARG, 0, 0, 0) == 0) {
+    (void)prctl(PR_FUTEX_HASH_OPTION, PR_FUTEX_HASH_SET_SLOTS_ARG, 0, 0, 0);
+  }
+}
 
 class UringBackend final : public IoBackend {
  public:
@@ -71,6 +88,7 @@ class UringBackend final : public IoBackend {
       nativeFutex_ = io_uring_opcode_supported(probe, OP_FUTEX_WAIT) != 0;
       io_uring_free_probe(probe);
     }
+    if (nativeFutex_) pinProcessFutexHash();
     // Blocking eventfd: io_uring arms an internal poll on it. (An O_NONBLOCK file would make the
     // read complete at once with -EAGAIN.)
     wakeFd_ = eventfd(0, EFD_CLOEXEC);

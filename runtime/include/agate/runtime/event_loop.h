@@ -33,7 +33,10 @@
 //
 // Futex waits (waitFutex): resolve when the word was woken or no longer equals `expected`
 // (at once if it differs already). As with any futex, a waiter re-checks its condition.
-//  * URING with IORING_OP_FUTEX_WAIT (probed at start, kernel >= 6.7): a real kernel wait.
+//  * URING with IORING_OP_FUTEX_WAIT (probed at start, kernel >= 6.7): a real kernel wait. The
+//    loop pins the process to the global futex hash while it has no private one (Linux 6.16+
+//    would otherwise strand io_uring waits queued before the first thread is created), and
+//    re-reads the words every LoopOptions::futexBackstopInterval as a backstop.
 //  * otherwise (EPOLL, or an older kernel): the loop re-reads the word every
 //    LoopOptions::futexPollInterval (1 ms by default) while such waits exist, and sleeps with at
 //    most that timeout. A wake costs up to one interval of latency; no thread spins.
@@ -65,6 +68,9 @@ struct LoopOptions {
   bool sqpoll = false;         // io_uring SQPOLL kernel thread
   uint32_t sqThreadIdleMs = 10;
   Duration futexPollInterval = std::chrono::milliseconds(1);  // polled futex fallback period
+  // Native futex waits: the loop re-reads their words this often anyway (a backstop against a
+  // wake the kernel loses, see uring_backend.cpp).
+  Duration futexBackstopInterval = std::chrono::milliseconds(100);
   // Tests only: behave as if io_uring_queue_init failed with this errno (0: don't).
   int simulateUringInitErrno = 0;
 };
