@@ -138,7 +138,13 @@ class UringBackend final : public IoBackend {
 
   void wait(std::optional<Duration> timeout) noexcept override {
     if (timeout && *timeout <= Duration::zero()) {
-      if (io_uring_sq_ready(&ring_) > 0) io_uring_submit(&ring_);
+      // Busy path: no system call unless there is something to submit, or completions the
+      // kernel could not fit in the CQ ring and holds back until the next io_uring_enter.
+      if (io_uring_sq_ready(&ring_) > 0) {
+        io_uring_submit(&ring_);
+      } else if (io_uring_cq_has_overflow(&ring_)) {
+        io_uring_get_events(&ring_);
+      }
     } else {
       __kernel_timespec ts{};
       if (timeout) {
@@ -183,7 +189,8 @@ class UringBackend final : public IoBackend {
     io_uring_for_each_cqe(&ring_, head, cqe) {
       ++seen;
       uint64_t tag = cqe->user_data;
-      if (tag == CANCEL_TAG) continue;
+      // LIBURING_UDATA_TIMEOUT: liburing's own timeout, on kernels without IORING_FEAT_EXT_ARG.
+      if (tag == CANCEL_TAG || tag == LIBURING_UDATA_TIMEOUT) continue;
       if (tag == WAKE_TAG) {
         if (cqe->res != -ECANCELED) armWakeRead();
         continue;

@@ -209,6 +209,110 @@ TEST_P(EventLoopTest, DroppedReadinessWaitIsCancelledAndTheLoopStaysUsable) {
   ASSERT_TRUE(r.ok());
 }
 
+TEST_P(EventLoopTest, WaitReadyOnAClosedFdFailsWithEbadfAndTheLoopStaysUsable) {
+  EventLoop loop(options());
+  int fds[2];
+  ASSERT_EQ(pipe(fds), 0);
+  close(fds[0]);
+  close(fds[1]);
+  Result<uint32_t> r = runWithin(loop, loop.waitReady(fds[0], POLLIN));
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.code(), Errc::SYSTEM_ERROR);
+  EXPECT_EQ(r.error().sysErrno, EBADF);
+  EXPECT_TRUE(runWithin(loop, loop.sleep(1ms)).ok());
+}
+
+TEST_P(EventLoopTest, WriteToAReadOnlyFdFailsWithEbadfAndLeavesTheFileUnchanged) {
+  EventLoop loop(options());
+  TempFile file;
+  ASSERT_EQ(::pwrite(file.fd(), "keep", 4, 0), 4);
+  char path[64];
+  snprintf(path, sizeof path, "/proc/self/fd/%d", file.fd());
+  int readOnly = open(path, O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(readOnly, 0);
+  Result<size_t> r = runWithin(loop, loop.write(readOnly, bytesOf("lost"), 0));
+  close(readOnly);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().sysErrno, EBADF);
+  char back[5] = {};
+  ASSERT_EQ(::pread(file.fd(), back, 4, 0), 4);
+  EXPECT_STREQ(back, "keep");
+}
+
+TEST_P(EventLoopTest, ReadAtCurrentPositionAdvancesTheFileOffset) {
+  EventLoop loop(options());
+  TempFile file;
+  ASSERT_EQ(::pwrite(file.fd(), "abcdef", 6, 0), 6);
+  ASSERT_EQ(lseek(file.fd(), 0, SEEK_SET), 0);
+  std::byte buf[3];
+  ASSERT_EQ(runWithin(loop, loop.read(file.fd(), buf)).value(), 3u);
+  ASSERT_EQ(runWithin(loop, loop.read(file.fd(), buf)).value(), 3u);
+  EXPECT_EQ(std::memcmp(buf, "def", 3), 0);
+}
+
+TEST_P(EventLoopTest, SleepOfZeroCompletesOnTheNextTurn) {
+  EventLoop loop(options());
+  Promise<void> p = loop.sleep(Duration::zero());
+  EXPECT_FALSE(p.isReady());
+  EXPECT_TRUE(runWithin(loop, std::move(p)).ok());
+}
+
+TEST(EventLoopEpollTest, SecondConcurrentWaitOnOneFdIsRefusedAndTheFirstStillWorks) {
+  EventLoop loop(LoopOptions{.backend = Backend::EPOLL});
+  Pipe pipe;
+  Promise<uint32_t> first = loop.waitReady(pipe.r, POLLIN);
+  Result<uint32_t> second = runWithin(loop, loop.waitReady(pipe.r, POLLIN));
+  ASSERT_FALSE(second.ok());
+  EXPECT_EQ(second.error().sysErrno, EEXIST);
+  ASSERT_EQ(::write(pipe.w, "x", 1), 1);
+  EXPECT_TRUE(runWithin(loop, std::move(first)).ok());
+}
+
+TEST(EventLoopDeathTest, ASecondLoopOnOneThreadIsAPreconditionViolation) {
+  EXPECT_DEATH(
+      {
+        EventLoop a;
+        EventLoop b;
+      },
+      "already has an event loop");
+}
+
+TEST(EventLoopDeathTest, AnOperationPromiseOutlivingItsLoopIsAPreconditionViolation) {
+  EXPECT_DEATH(
+      {
+        Pipe pipe;
+        auto loop = std::make_unique<EventLoop>();
+        Promise<uint32_t> p = loop->waitReady(pipe.r, POLLIN);
+        loop.reset();
+      },
+      "outlive the loop");
+}
+
+TEST(EventLoopDeathTest, AwaitingAPromiseTwiceIsAPreconditionViolation) {
+  EXPECT_DEATH(
+      {
+        EventLoop loop;
+        Promise<int> p = readyPromise<int>(1);
+        (void)p.takeResult();
+        (void)p.takeResult();
+      },
+      "already taken");
+}
+
+TEST(EventLoopBackendTest, SqpollLoopCancelsADroppedPendingReadBeforeItsBufferIsReused) {
+  EventLoop loop(LoopOptions{.backend = Backend::URING, .sqpoll = true, .sqThreadIdleMs = 5});
+  Pipe pipe;
+  std::byte buf[16];
+  std::memset(buf, 0x55, sizeof buf);
+  {
+    Promise<size_t> p = loop.read(pipe.r, buf);
+    loop.runUntilIdle();
+  }
+  ASSERT_EQ(::write(pipe.w, "zz", 2), 2);
+  loop.runUntilIdle();
+  for (std::byte b : buf) ASSERT_EQ(b, std::byte{0x55});
+}
+
 class CountingTask final : public Task {
  public:
   std::atomic<int>* counter = nullptr;
