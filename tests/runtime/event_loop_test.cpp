@@ -476,3 +476,50 @@ TEST(EventLoopBackendTest, SqpollLoopDoesFileIo) {
 
 }  // namespace
 }  // namespace agate
+
+namespace agate {
+namespace {
+
+TEST(CrossThreadPromiseTest, AWorkerThreadFulfilsAPromiseTheLoopAwaits) {
+  EventLoop loop;
+  auto [promise, fulfiller] = loop.newCrossThreadPromise<int>();
+  std::thread worker([f = std::move(fulfiller)]() mutable {
+    std::this_thread::sleep_for(10ms);  // the loop sleeps in the kernel meanwhile
+    f.fulfill(99);
+  });
+  Result<int> r = runWithin(loop, std::move(promise));
+  worker.join();
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r.value(), 99);
+}
+
+TEST(CrossThreadPromiseTest, FulfillerDestroyedOnAnotherThreadResolvesToCancelled) {
+  EventLoop loop;
+  auto [promise, fulfiller] = loop.newCrossThreadPromise<int>();
+  std::thread worker(
+      [f = std::move(fulfiller)]() mutable { CrossThreadFulfiller<int> gone = std::move(f); });
+  Result<int> r = runWithin(loop, std::move(promise));
+  worker.join();
+  EXPECT_EQ(r.code(), Errc::CANCELLED);
+}
+
+TEST(CrossThreadPromiseTest, WorkerSeesCancellationAndItsLateResultIsDiscarded) {
+  EventLoop loop;
+  auto [promise, fulfiller] = loop.newCrossThreadPromise<std::unique_ptr<int>>();
+  std::atomic<bool> dropped{false};
+  std::atomic<bool> sawCancel{false};
+  std::thread worker([&, f = std::move(fulfiller)]() mutable {
+    while (!dropped.load(std::memory_order_acquire)) std::this_thread::yield();
+    sawCancel.store(f.isCancelled(), std::memory_order_relaxed);
+    f.fulfill(
+        std::make_unique<int>(1));  // freed on the loop thread, never delivered (ASan: no leak)
+  });
+  { Promise<std::unique_ptr<int>> gone = std::move(promise); }
+  dropped.store(true, std::memory_order_release);
+  worker.join();
+  loop.runUntilIdle();
+  EXPECT_TRUE(sawCancel.load());
+}
+
+}  // namespace
+}  // namespace agate

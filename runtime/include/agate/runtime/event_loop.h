@@ -75,6 +75,11 @@ struct LoopOptions {
   int simulateUringInitErrno = 0;
 };
 
+template <class T>
+class CrossThreadFulfiller;
+template <class T>
+struct PromiseAndCrossThreadFulfiller;
+
 namespace detail {
 class LoopCore;
 class DetachedFrame;
@@ -123,6 +128,11 @@ class EventLoop {
   // reported on stderr) or until the loop is destroyed, which cancels it.
   template <class T>
   void spawn(Promise<T> promise);
+
+  // A promise of this loop, and a fulfiller that any thread may complete (a worker pool, a
+  // ring's reader thread). See CrossThreadFulfiller.
+  template <class T>
+  PromiseAndCrossThreadFulfiller<T> newCrossThreadPromise();
 
   // --- Timers ----------------------------------------------------------------------------------
   Promise<void> sleep(Duration d);
@@ -236,6 +246,123 @@ DetachedCoroutine runDetached(EventLoop& loop, Promise<T> promise) {
 }
 
 }  // namespace detail
+
+namespace detail {
+
+// The node of a cross-thread promise. Lives in the loop's arena and is freed on the loop thread
+// once both the consumer has dropped its Promise and the fulfiller's delivery has run there.
+template <class T>
+class CrossThreadNode final : public PromiseNode<T> {
+ public:
+  static void* operator new(size_t size) { return FrameArena::allocateFromCurrent(size); }
+  static void operator delete(void* p, size_t size) noexcept {
+    FrameArena::deallocateToCurrent(p, size);
+  }
+  explicit CrossThreadNode(EventLoop& loop) noexcept : loop_(loop), delivery_(*this) {}
+
+  // Fulfilling thread: stores the result and hands the node back to the loop. The node must not
+  // be touched by this thread afterwards.
+  void post(Result<T>&& r) {
+    pending_.emplace(std::move(r));
+    loop_.postFromAnyThread(delivery_);  // release: publishes pending_ to the loop thread
+  }
+  bool isCancelled() const noexcept {
+    // acquire: pairs with the release store in onConsumerDropped; advisory only (the result of a
+    // cancelled promise is dropped on the loop thread whatever this returns).
+    return cancelled_.load(std::memory_order_acquire);
+  }
+
+ private:
+  class Delivery final : public Task {
+   public:
+    explicit Delivery(CrossThreadNode& node) noexcept : node_(node) {}
+
+   private:
+    void run() noexcept override { node_.deliver(); }
+    CrossThreadNode& node_;
+  };
+
+  // Loop thread, after the fulfiller posted.
+  void deliver() noexcept {
+    delivered_ = true;
+    if (consumerGone_) {
+      delete this;
+      return;
+    }
+    this->setResult(std::move(*pending_));
+    pending_.reset();
+    this->wakeWaiter();
+  }
+  // Loop thread.
+  void onConsumerDropped() noexcept override {
+    consumerGone_ = true;
+    cancelled_.store(true, std::memory_order_release);
+    if (delivered_) delete this;
+  }
+
+  EventLoop& loop_;
+  Delivery delivery_;
+  std::optional<Result<T>> pending_;  // written by the fulfilling thread before its post
+  std::atomic<bool> cancelled_{false};
+  bool consumerGone_ = false;  // loop thread only
+  bool delivered_ = false;     // loop thread only
+};
+
+}  // namespace detail
+
+// The producer side of EventLoop::newCrossThreadPromise(). Move-only; may be moved to, used on
+// and destroyed on any thread. fulfill() is one-shot: it hands the result to the loop and leaves
+// the fulfiller empty. Destroyed unfulfilled, it resolves the promise to Errc::CANCELLED. The
+// loop must outlive every cross-thread fulfiller made from it (precondition).
+template <class T>
+class CrossThreadFulfiller {
+ public:
+  explicit CrossThreadFulfiller(detail::CrossThreadNode<T>* node) noexcept : node_(node) {}
+  CrossThreadFulfiller(CrossThreadFulfiller&& other) noexcept
+      : node_(std::exchange(other.node_, nullptr)) {}
+  CrossThreadFulfiller& operator=(CrossThreadFulfiller&& other) noexcept {
+    if (this != &other) {
+      reset();
+      node_ = std::exchange(other.node_, nullptr);
+    }
+    return *this;
+  }
+  CrossThreadFulfiller(const CrossThreadFulfiller&) = delete;
+  CrossThreadFulfiller& operator=(const CrossThreadFulfiller&) = delete;
+  ~CrossThreadFulfiller() { reset(); }
+
+  // Delivers `r` to the promise on its loop (which wakes if it sleeps).
+  void fulfill(Result<T> r) {
+    AGATE_REQUIRE(node_ != nullptr, "a cross-thread fulfiller was fulfilled twice or moved from");
+    std::exchange(node_, nullptr)->post(std::move(r));
+  }
+  // True once the consumer dropped the promise: the work is no longer wanted (advisory: it may
+  // turn true just after a check).
+  bool isCancelled() const noexcept {
+    AGATE_REQUIRE(node_ != nullptr, "use of an empty cross-thread fulfiller");
+    return node_->isCancelled();
+  }
+  bool isPending() const noexcept { return node_ != nullptr; }
+
+ private:
+  void reset() noexcept {
+    if (node_ != nullptr) fulfill(Error(Errc::CANCELLED, "fulfiller destroyed without fulfilling"));
+  }
+  detail::CrossThreadNode<T>* node_;
+};
+
+template <class T>
+struct PromiseAndCrossThreadFulfiller {
+  Promise<T> promise;
+  CrossThreadFulfiller<T> fulfiller;
+};
+
+template <class T>
+PromiseAndCrossThreadFulfiller<T> EventLoop::newCrossThreadPromise() {
+  AGATE_REQUIRE(current() == this, "newCrossThreadPromise() on its loop's thread");
+  auto* node = new detail::CrossThreadNode<T>(*this);
+  return PromiseAndCrossThreadFulfiller<T>{Promise<T>(node), CrossThreadFulfiller<T>(node)};
+}
 
 template <class T>
 void EventLoop::spawn(Promise<T> promise) {
