@@ -185,6 +185,8 @@ void LoopCore::recheckNativeFutexes(TimePoint now) noexcept {
 }
 
 void LoopCore::turn(const PromiseNodeBase* awaited, bool mayBlock) {
+  AGATE_REQUIRE(!inTurn_, "run() or runUntilIdle() called from inside the loop it runs");
+  inTurn_ = true;
   drainRemote();
   runTasks();
   TimePoint now = std::chrono::steady_clock::now();
@@ -214,6 +216,7 @@ void LoopCore::turn(const PromiseNodeBase* awaited, bool mayBlock) {
   fireTimers(now);
   pollFutexes();
   recheckNativeFutexes(now);
+  inTurn_ = false;
 }
 
 void LoopCore::startIo(IoOp& op) noexcept {

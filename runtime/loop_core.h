@@ -150,6 +150,7 @@ class LoopCore {
   IoOp::List polledFutexes_;  // waits the backend cannot do natively: re-read every turn
   IoOp::List liveOps_;        // every other op the loop allocated and not yet freed
   uint32_t transfers_ = 0;
+  bool inTurn_ = false;  // run()/runUntilIdle() must not be called from a Task or coroutine
   uint32_t nativeFutexWaits_ = 0;  // FUTEX_WAIT ops in the kernel (not completed early)
   TimePoint nextFutexRecheck_{};
   std::unique_ptr<IoBackend> backend_;

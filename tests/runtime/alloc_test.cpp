@@ -24,20 +24,26 @@ namespace agate {
 namespace {
 
 // One round trip: a child coroutine suspends on the loop (yield), a fulfiller resumes its
-// awaiter through the run queue, and a zero-length timer goes through the timer tree.
+// awaiter through the run queue; every 100th, a zero-length timer goes through the timer tree
+// and a futex wait through the backend.
 Promise<int> child(EventLoop& loop, int i) {
   co_await loop.yield();
   co_return i;
 }
 
 Promise<int64_t> roundTrips(EventLoop& loop, int n) {
+  std::atomic<uint32_t> word{0};
   int64_t sum = 0;
   for (int i = 0; i < n; ++i) {
     Result<int> r = co_await child(loop, i);
     auto [promise, fulfiller] = newPromiseAndFulfiller<int>();
     fulfiller.fulfill(r.value());
     Result<int> f = co_await promise;
-    if (i % 100 == 0) AGATE_CO_TRY(co_await loop.sleep(Duration::zero()));
+    if (i % 100 == 0) {
+      AGATE_CO_TRY(co_await loop.sleep(Duration::zero()));
+      // A kernel operation node too: a futex wait on a value that already differs.
+      AGATE_CO_TRY(co_await loop.waitFutex(word, 1, /*shared=*/false));
+    }
     sum += f.value();
   }
   co_return sum;

@@ -288,6 +288,17 @@ TEST(EventLoopDeathTest, AnOperationPromiseOutlivingItsLoopIsAPreconditionViolat
       "outlive the loop");
 }
 
+TEST(EventLoopDeathTest, RunningTheLoopFromInsideItselfIsAPreconditionViolation) {
+  EXPECT_DEATH(
+      {
+        EventLoop loop;
+        FunctionTask nested([&loop] { loop.runUntilIdle(); });
+        loop.post(nested);
+        loop.runUntilIdle();
+      },
+      "inside the loop");
+}
+
 TEST(EventLoopDeathTest, AwaitingAPromiseTwiceIsAPreconditionViolation) {
   EXPECT_DEATH(
       {
