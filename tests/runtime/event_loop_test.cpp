@@ -395,6 +395,23 @@ TEST_P(EventLoopTest, FutexWaitIsWokenByAnotherThread) {
   EXPECT_EQ(word.load(), 1u);
 }
 
+TEST_P(EventLoopTest, FutexWaitNoticesAValueChangeThatCameWithoutAWake) {
+  // The backstop re-check (native waits) or the poll (fallback) resolves a wait whose wake the
+  // kernel lost; a store without a wake stands in for that here.
+  LoopOptions o = options();
+  o.futexBackstopInterval = 20ms;
+  EventLoop loop(o);
+  std::atomic<uint32_t> word{0};
+  Promise<void> wait = loop.waitFutex(word, 0, false);
+  std::thread writer([&] {
+    std::this_thread::sleep_for(10ms);
+    word.store(2, std::memory_order_release);
+  });
+  Result<void> r = runWithin(loop, std::move(wait), 5s);
+  writer.join();
+  EXPECT_TRUE(r.ok());
+}
+
 TEST_P(EventLoopTest, FutexWaitOnAMismatchedValueReturnsAtOnce) {
   EventLoop loop(options());
   std::atomic<uint32_t> word{7};
