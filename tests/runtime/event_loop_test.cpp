@@ -360,7 +360,7 @@ TEST_P(EventLoopTest, PostsFromSeveralThreadsAllRunOnTheLoopThread) {
   Result<void> r = runWithin(loop, std::move(promise));
   for (std::thread& t : threads) t.join();
   ASSERT_TRUE(r.ok());
-  EXPECT_EQ(counter.load(), THREADS * PER_THREAD);
+  EXPECT_EQ(counter.load(std::memory_order_relaxed), THREADS * PER_THREAD);
 }
 
 TEST_P(EventLoopTest, PostFromAnotherThreadWakesASleepingLoop) {
@@ -392,7 +392,7 @@ TEST_P(EventLoopTest, FutexWaitIsWokenByAnotherThread) {
   Result<void> r = runWithin(loop, std::move(wait));
   waker.join();
   EXPECT_TRUE(r.ok());
-  EXPECT_EQ(word.load(), 1u);
+  EXPECT_EQ(word.load(std::memory_order_acquire), 1u);
 }
 
 TEST_P(EventLoopTest, FutexWaitNoticesAValueChangeThatCameWithoutAWake) {
@@ -546,7 +546,7 @@ TEST(CrossThreadPromiseTest, WorkerSeesCancellationAndItsLateResultIsDiscarded) 
   dropped.store(true, std::memory_order_release);
   worker.join();
   loop.runUntilIdle();
-  EXPECT_TRUE(sawCancel.load());
+  EXPECT_TRUE(sawCancel.load(std::memory_order_relaxed));
 }
 
 }  // namespace
