@@ -25,7 +25,8 @@ void readSample(test::Sample::Reader s) {
   uint64_t sink = s.getId() + s.getFlag();
   sink += s.getName().size() + s.getPayload().size();
   for (uint32_t v : s.getValues()) sink += v;
-  for (auto p : s.getPoints()) sink += static_cast<uint64_t>(p.getX() + p.getY());
+  for (auto p : s.getPoints())
+    sink += static_cast<uint64_t>(p.getX()) + static_cast<uint64_t>(p.getY());
   for (auto t : s.getTags()) sink += t.size();
   sink += static_cast<uint64_t>(s.getOrigin().getY());
   auto tree = s.getTree();
@@ -45,7 +46,7 @@ void readSample(test::Sample::Reader s) {
 
 }  // namespace
 
-void fuzzCapnpFrame(std::span<const std::byte> input) {
+FuzzOutcome fuzzCapnpFrame(std::span<const std::byte> input) {
   const ReadLimits limits = fuzzLimits();
   const size_t words = (input.size() + WORD_BYTES - 1) / WORD_BYTES;
 
@@ -67,7 +68,7 @@ void fuzzCapnpFrame(std::span<const std::byte> input) {
     AGATE_ASSERT(a.code() == Errc::PROTOCOL_ERROR, "refusal is %s", errcName(a.code()));
     AGATE_ASSERT(std::strcmp(a.error().detail, b.error().detail) == 0, "details differ: %s / %s",
                  a.error().detail, b.error().detail);
-    return;
+    return FuzzOutcome::REFUSED;
   }
 
   // An accepted message: one schema-less pass must not throw (validation covered it) ...
@@ -111,7 +112,7 @@ void fuzzCapnpFrame(std::span<const std::byte> input) {
                    errcName(finished.code()));
     }
   }
-  if (!fits) return;
+  if (!fits) return FuzzOutcome::ACCEPTED;
 
   // What the builder committed decodes, and equals what was copied.
   ReadLimits checkLimits = limits;
@@ -129,6 +130,7 @@ void fuzzCapnpFrame(std::span<const std::byte> input) {
   } catch (const kj::Exception& e) {
     AGATE_ASSERT(false, "comparing validated messages threw: %s", e.getDescription().cStr());
   }
+  return FuzzOutcome::ACCEPTED;
 }
 
 }  // namespace agate::fuzz

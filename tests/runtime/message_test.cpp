@@ -75,14 +75,12 @@ class TestFrame {
 // Wire pointer encodings (Cap'n Proto encoding spec), for hand-made hostile frames.
 constexpr uint64_t structPointer(int32_t offsetWords, uint16_t dataWords, uint16_t pointers) {
   return ((uint64_t{static_cast<uint32_t>(offsetWords)} << 2) & 0xffffffffu) |
-         (uint64_t{dataWords} << 32) |
-         (uint64_t{pointers} << 48);
+         (uint64_t{dataWords} << 32) | (uint64_t{pointers} << 48);
 }
 constexpr uint64_t POINTER_ELEMENTS = 6;  // list element size code for "pointer"
 constexpr uint64_t listPointer(int32_t offsetWords, uint64_t elementSize, uint32_t count) {
   return 1 | ((uint64_t{static_cast<uint32_t>(offsetWords)} << 2) & 0xffffffffu) |
-         (elementSize << 32) |
-         (uint64_t{count} << 35);
+         (elementSize << 32) | (uint64_t{count} << 35);
 }
 constexpr uint64_t farPointer(uint32_t padOffsetWords, uint32_t segmentId, bool doubleFar) {
   return 2 | (uint64_t{doubleFar} << 2) | (uint64_t{padOffsetWords} << 3) |
@@ -479,6 +477,35 @@ TEST_P(HostileFrame, ManyPointersToOneStructBeyondTheTraversalLimitAreRefused) {
   generous.traversalLimitWords = uint64_t{N} * D + WORDS;
   auto reader = makeReader(generous);
   EXPECT_TRUE(reader->tryDecode(frame.bytes(WORDS * WORD_BYTES)).ok());
+}
+
+TEST_P(HostileFrame, LongListOfVoidsBeyondTheTraversalLimitIsRefused) {
+  // Two words claim 2^29 - 1 elements that occupy no space. Getters charge one word per element
+  // of such a list, so validation must too, or a getter would throw after validation passed.
+  TestFrame frame(2);
+  frame.setWord(0, structPointer(0, 0, 1));
+  frame.setWord(1, listPointer(0, /*VOID*/ 0, (1u << 29) - 1));
+  expectRefused(frame.bytes(2 * WORD_BYTES), {}, "traversal");
+}
+
+TEST_P(HostileFrame, CapabilityPointerIsRefused) {
+  TestFrame frame(2);
+  frame.setWord(0, structPointer(0, 0, 1));
+  frame.setWord(1, 3);  // kind 3 with index 0: a capability pointer
+  expectRefused(frame.bytes(2 * WORD_BYTES), {}, "capability");
+}
+
+TEST_P(HostileFrame, FarPointerLandingInsideTheFrameIsValidCapnProto) {
+  // Pins the documented behaviour: a single-far pointer into segment 0 with a sound landing pad
+  // is well-formed Cap'n Proto and is read (FrameBuilder itself never writes one).
+  TestFrame frame(3);
+  frame.setWord(0, farPointer(1, 0, false));  // landing pad at word 1
+  frame.setWord(1, structPointer(0, 1, 0));   // pad -> Point at word 2
+  frame.setWord(2, 7);                        // x = 7, y = 0
+  auto reader = makeReader();
+  auto view = reader->tryDecode(frame.bytes(3 * WORD_BYTES));
+  ASSERT_TRUE(view.ok()) << view.error().detail;
+  EXPECT_EQ(view->getRoot<Point>().getX(), 7);
 }
 
 TEST_P(HostileFrame, SchemaMismatchIsCaughtByTryRead) {
