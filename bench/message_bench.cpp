@@ -99,10 +99,34 @@ void capnpLazyPeer(benchmark::State& state) {
   }
 }
 
+// Agate IN_PLACE, a hostile ~10 KiB frame built to cost the most per word of traversal budget:
+// 1000 pointers to one struct S whose 200 pointers all point at an empty struct. Validation
+// refuses it once the default budget is spent; this is the worst a frame can make it work.
+void refuseAmplifiedFrame(benchmark::State& state) {
+  constexpr uint32_t N = 1000;
+  constexpr uint32_t P = 200;
+  constexpr size_t WORDS = 2 + N + P;
+  auto words = std::make_unique<uint64_t[]>(WORDS);
+  words[0] = uint64_t{1} << 48;                              // root -> struct: 1 pointer
+  words[1] = 1 | (uint64_t{6} << 32) | (uint64_t{N} << 35);  // -> list of N pointers
+  for (uint32_t i = 0; i < N; ++i)                           // each -> S at word 2 + N
+    words[2 + i] = (uint64_t{N - 1 - i} << 2) | (uint64_t{P} << 48);
+  for (uint32_t j = 0; j < P; ++j)                                  // S's pointers -> empty struct
+    words[2 + N + j] = (uint64_t{0xffffffffu} << 2) & 0xffffffffu;  // offset -1: zero-sized
+  FrameReader reader;
+  std::span<const std::byte> frame(reinterpret_cast<const std::byte*>(words.get()),
+                                   WORDS * WORD_BYTES);
+  for (auto _ : state) {
+    auto view = reader.tryDecode(frame);
+    if (view.ok()) std::abort();
+  }
+}
+
 BENCHMARK(memcpyFloor)->Arg(32)->Arg(1024);
 BENCHMARK(decodeInPlace)->Arg(32)->Arg(1024);
 BENCHMARK(decodeCopyIn)->Arg(32)->Arg(1024);
 BENCHMARK(capnpLazyPeer)->Arg(32)->Arg(1024);
+BENCHMARK(refuseAmplifiedFrame);
 
 }  // namespace
 }  // namespace agate

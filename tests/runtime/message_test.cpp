@@ -528,15 +528,19 @@ TEST_P(HostileFrame, SchemaMismatchIsCaughtByTryRead) {
   EXPECT_THROW((void)view->getRoot<Sample>().getName(), kj::Exception);
 }
 
-TEST_P(HostileFrame, FrameLargerThanScratchIsRefused) {
-  if (GetParam() != ReadPolicy::COPY_IN) GTEST_SKIP() << "only COPY_IN has scratch";
+TEST(FrameReaderCopyIn, FrameLargerThanScratchIsRefused) {
   TestFrame frame(256);
   const size_t used = buildSample(frame);
-  auto smallScratch = std::make_unique<capnp::word[]>(used / WORD_BYTES - 1);
-  FrameReader reader(std::span(smallScratch.get(), used / WORD_BYTES - 1));
+  const size_t scratchWords = used / WORD_BYTES - 1;
+  auto smallScratch = std::make_unique<capnp::word[]>(scratchWords);
+  std::memset(static_cast<void*>(smallScratch.get()), 0x5A, scratchWords * WORD_BYTES);
+  FrameReader reader(std::span(smallScratch.get(), scratchWords));
   auto view = reader.tryDecode(frame.bytes(used));
   EXPECT_EQ(view.code(), Errc::PROTOCOL_ERROR);
   EXPECT_NE(std::strstr(view.error().detail, "scratch"), nullptr);
+  // Refused before the copy: the scratch is untouched.
+  const auto* bytes = reinterpret_cast<const unsigned char*>(smallScratch.get());
+  for (size_t i = 0; i < scratchWords * WORD_BYTES; ++i) ASSERT_EQ(bytes[i], 0x5A) << i;
 }
 
 INSTANTIATE_TEST_SUITE_P(BothPolicies, HostileFrame,
@@ -570,6 +574,34 @@ TEST(FrameReaderInPlace, ReadsTheSourceItself) {
   frame.setWord(1, 2);  // the Point's data word
   EXPECT_EQ(view->getRoot<Point>().getX(), 2);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Broken preconditions are bugs in the caller: they abort with a message, never return an error.
+
+TEST(MessagePreconditionsDeathTest, MisalignedInPlaceFrameAborts) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  TestFrame frame(4);
+  FrameReader reader;
+  auto misaligned = std::span(reinterpret_cast<const std::byte*>(frame.words().data()) + 4, 8);
+  EXPECT_DEATH((void)reader.tryDecode(misaligned), "not 8-byte aligned");
+}
+
+TEST(MessagePreconditionsDeathTest, MisalignedBuilderFrameAborts) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  auto storage = std::make_unique<uint64_t[]>(4);
+  auto* bytes = reinterpret_cast<std::byte*>(storage.get()) + 4;
+  std::span<capnp::word> misaligned(reinterpret_cast<capnp::word*>(bytes), 2);
+  EXPECT_DEATH(FrameBuilder builder(misaligned), "not 8-byte aligned");
+}
+
+#ifndef NDEBUG
+TEST(MessagePreconditionsDeathTest, DirtyBuilderFrameAbortsInDebugBuilds) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  TestFrame frame(4);
+  frame.setWord(3, 1);
+  EXPECT_DEATH(FrameBuilder builder(frame.words()), "not zeroed");
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // The hot path allocates nothing
