@@ -27,10 +27,17 @@ struct BenchFrame {
       // root pointer + Tree (1 data word, 1 pointer) + the empty children list's tag word
       builder.initRoot<test::Tree>().initChildren(0);
     } else {
+      // A Sample whose payload fills the frame up to `bytes`: measure the empty one first.
+      size_t base;
+      {
+        auto probe = std::make_unique<capnp::word[]>(FRAME_WORDS);
+        FrameBuilder empty(std::span(probe.get(), FRAME_WORDS));
+        empty.initRoot<test::Sample>().setId(1);
+        base = empty.tryFinish().value();
+      }
       auto s = builder.initRoot<test::Sample>();
       s.setId(1);
-      // Sample's struct is 11 words with the root pointer; the payload fills the rest.
-      s.initPayload(bytes - 12 * WORD_BYTES);
+      s.initPayload(static_cast<unsigned>(bytes - base));
     }
     used = builder.tryFinish().value();
     if (used != bytes) std::abort();

@@ -13,9 +13,12 @@
 //
 // Why validation is eager. Cap'n Proto checks each pointer lazily, when a getter follows it, and
 // reports a malformed pointer by throwing kj::Exception. Agate's business logic never catches, so
-// tryDecode() walks the entire message once (every pointer, bounds, nesting and traversal budget)
-// inside the one try/catch at the decode boundary, and turns any kj::Exception into
-// PROTOCOL_ERROR. A message that passes is structurally sound: getters on it do not throw for
+// tryDecode() walks the entire message once inside the one try/catch at the decode boundary,
+// through Cap'n Proto's own schema-less getters (AnyStruct, AnyList, AnyPointer), so every pointer
+// is checked and charged exactly as a typed getter would check and charge it, and turns any
+// kj::Exception into PROTOCOL_ERROR. (Cap'n Proto's targetSize() is not enough: it counts nesting
+// and zero-sized list elements more leniently than getters do, so a message it accepts can still
+// make a getter throw.) A message that passes is structurally sound: getters on it do not throw for
 // bounds, far pointers, nesting or (for one pass over the message) traversal budget. What a
 // schema-less walk cannot know is whether a pointer has the kind the schema expects (a list where
 // the schema says struct); a getter meeting such a mismatch still throws. MessageView::tryRead()
@@ -117,16 +120,20 @@ enum class ReadPolicy : uint8_t {
 // rather than Cap'n Proto's file-sized defaults (64 MiB traversal, nesting 64):
 //
 //  * maxFrameBytes = 1 MiB. No Agate ring frame is near this; anything larger is a peer's error.
-//  * traversalLimitWords = 128 Ki words (1 MiB). An honestly built message reaches each object
-//    once, so its traversal equals its own size; 1 MiB leaves 16x headroom over a 64 KiB frame
-//    while bounding what a hostile message that points many times at one object can make the
-//    reader visit to ~1 MiB of reads (tens of microseconds, not the ~64 MiB Cap'n Proto allows).
-//    Validation and the caller's reads each get their own budget of this size.
-//  * nestingLimit = 32. Agate's RPC envelope uses a handful of levels; validation recurses once
-//    per level, so this also bounds the stack a hostile message can make the reader use.
+//  * traversalLimitWords = 64 Ki words (512 KiB). One pass over an honestly built message costs
+//    its own size in words plus one, so this is 8x headroom over a 64 KiB frame. It is also the
+//    bound on the CPU a hostile frame can burn before it is refused: a frame built to cost the
+//    most per word of budget (many pointers to one struct whose pointers all point at an empty
+//    struct) costs roughly 30 ns per word, ~2 ms at this default (bench/message_bench,
+//    refuseAmplifiedFrame), against Cap'n Proto's 8 Mi words (~250 ms). Validation and the
+//    caller's reads each get a budget of this size.
+//  * nestingLimit = 32, counted as Cap'n Proto's getters count: one level per struct pointer, per
+//    list pointer and per step into an element of a list of structs (so a recursive struct held
+//    in a list costs two levels per generation). Agate's RPC envelope uses a handful; the limit
+//    also bounds validation's recursion, hence the stack a hostile frame can make it use.
 struct ReadLimits {
   static constexpr size_t DEFAULT_MAX_FRAME_BYTES = size_t{1} << 20;
-  static constexpr uint64_t DEFAULT_TRAVERSAL_LIMIT_WORDS = uint64_t{128} * 1024;
+  static constexpr uint64_t DEFAULT_TRAVERSAL_LIMIT_WORDS = uint64_t{64} * 1024;
   static constexpr int DEFAULT_NESTING_LIMIT = 32;
 
   size_t maxFrameBytes = DEFAULT_MAX_FRAME_BYTES;
