@@ -189,6 +189,19 @@ TEST(FrameBuilder, BuildsInTheFrameAndReportsWholeWordsUsed) {
   EXPECT_TRUE(frame.canaryIntact());
 }
 
+TEST(FrameBuilder, BuildsInAByteSpanViewedAsWords) {
+  // The shape of the join with a ring: reserve bytes, build, commit tryFinish() bytes, decode.
+  alignas(8) std::byte reservation[64] = {};
+  FrameBuilder builder(asFrameWords(reservation));
+  builder.initRoot<Point>().setY(9);
+  auto used = builder.tryFinish();
+  ASSERT_TRUE(used.ok());
+  FrameReader reader;
+  auto view = reader.tryDecode(std::span<const std::byte>(reservation, *used));
+  ASSERT_TRUE(view.ok());
+  EXPECT_EQ(view->getRoot<Point>().getY(), 9);
+}
+
 TEST(FrameBuilder, ExactSizeFrameFits) {
   TestFrame roomy(256);
   const size_t needed = buildSample(roomy);
@@ -592,6 +605,12 @@ TEST(MessagePreconditionsDeathTest, MisalignedBuilderFrameAborts) {
   auto* bytes = reinterpret_cast<std::byte*>(storage.get()) + 4;
   std::span<capnp::word> misaligned(reinterpret_cast<capnp::word*>(bytes), 2);
   EXPECT_DEATH(FrameBuilder builder(misaligned), "not 8-byte aligned");
+}
+
+TEST(MessagePreconditionsDeathTest, PartialWordByteSpanAborts) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  alignas(8) std::byte reservation[12] = {};
+  EXPECT_DEATH((void)asFrameWords(reservation), "not whole aligned words");
 }
 
 #ifndef NDEBUG

@@ -57,6 +57,17 @@ namespace agate {
 // Bytes per Cap'n Proto word; frames are whole words.
 inline constexpr size_t WORD_BYTES = sizeof(capnp::word);
 
+// Views a reserved byte span (e.g. a ring reservation) as the words a FrameBuilder builds in.
+// The span must be 8-byte aligned and a whole number of words (REQUIRE: the reserving side
+// guarantees both; they are not another party's data).
+inline std::span<capnp::word> asFrameWords(std::span<std::byte> bytes) {
+  AGATE_REQUIRE(reinterpret_cast<uintptr_t>(bytes.data()) % alignof(capnp::word) == 0 &&
+                    bytes.size() % WORD_BYTES == 0,
+                "frame at %p of %zu bytes is not whole aligned words",
+                static_cast<void*>(bytes.data()), bytes.size());
+  return {reinterpret_cast<capnp::word*>(bytes.data()), bytes.size() / WORD_BYTES};
+}
+
 // ---------------------------------------------------------------------------------------------
 // Building
 
