@@ -27,3 +27,15 @@ elseif(AGATE_SANITIZE STREQUAL "thread")
 elseif(NOT AGATE_SANITIZE STREQUAL "")
   message(FATAL_ERROR "AGATE_SANITIZE must be '', 'address' or 'thread', not '${AGATE_SANITIZE}'")
 endif()
+
+# libFuzzer targets (tests/fuzz/): clang only. Everything is compiled with coverage
+# instrumentation so the fuzzer sees inside the runtime; pair it with AGATE_SANITIZE=address.
+option(AGATE_FUZZ "Build libFuzzer targets (clang only)" OFF)
+if(AGATE_FUZZ)
+  if(NOT CMAKE_CXX_COMPILER_ID STREQUAL "Clang")
+    message(FATAL_ERROR "AGATE_FUZZ needs clang (e.g. -DCMAKE_CXX_COMPILER=clang++-14), "
+                        "not ${CMAKE_CXX_COMPILER_ID}")
+  endif()
+  target_compile_options(agate_options INTERFACE -fsanitize=fuzzer-no-link)
+  target_link_options(agate_options INTERFACE -fsanitize=fuzzer-no-link)
+endif()
