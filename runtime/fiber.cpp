@@ -2,6 +2,7 @@
 
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <ucontext.h>
 #include <unistd.h>
 
@@ -95,6 +96,19 @@ struct sigaction gPreviousBus;
 std::once_flag gHandlerOnce;
 int gHandlerErrno = 0;  // errno of a failed installation, 0 if it succeeded
 
+#ifdef AGATE_TSAN
+// The kernel's view of a signal action (asm-generic layout, with sa_restorer as on x86-64 and
+// arm64). TSan's interceptor hides its own handler behind sigaction(); the raw system call sees it.
+struct KernelSigaction {
+  void* handler;
+  unsigned long flags;
+  void* restorer;
+  uint64_t mask;
+};
+KernelSigaction gKernelSegv;
+KernelSigaction gKernelBus;
+#endif
+
 // Async-signal-safe formatting: appends to a fixed buffer, never allocates.
 class SignalSafeLine {
  public:
@@ -152,6 +166,17 @@ uintptr_t interruptedStackPointer(const void* ucontext) noexcept {
 // Passes a fault that is not a fiber overflow to whoever handled it before Agate.
 void chainFault(int sig, siginfo_t* info, void* ucontext) noexcept {
   const struct sigaction& previous = sig == SIGSEGV ? gPreviousSegv : gPreviousBus;
+#ifdef AGATE_TSAN
+  // TSan runs this handler inside its signal wrapper, and its deadly-signal handler faults while
+  // unwinding from there ("nested bug"), losing the stack trace. So hand the kernel back the exact
+  // action TSan had installed (bypassing TSan's sigaction interceptor) and return: the faulting
+  // instruction runs again and TSan reports it as if Agate were not there.
+  if (info != nullptr && info->si_code > 0) {
+    syscall(SYS_rt_sigaction, sig, sig == SIGSEGV ? &gKernelSegv : &gKernelBus, nullptr,
+            sizeof(uint64_t));
+    return;
+  }
+#endif
   if ((previous.sa_flags & SA_SIGINFO) != 0 && previous.sa_sigaction != nullptr) {
     previous.sa_sigaction(sig, info, ucontext);
     return;
@@ -252,6 +277,10 @@ struct FiberRuntime {
 
   static Status tryPrepareThread() {
     std::call_once(gHandlerOnce, [] {
+#ifdef AGATE_TSAN
+      syscall(SYS_rt_sigaction, SIGSEGV, nullptr, &gKernelSegv, sizeof(uint64_t));
+      syscall(SYS_rt_sigaction, SIGBUS, nullptr, &gKernelBus, sizeof(uint64_t));
+#endif
       struct sigaction ours {};
       ours.sa_sigaction = &FiberRuntime::onFault;
       ours.sa_flags = SA_SIGINFO | SA_ONSTACK;
@@ -340,6 +369,15 @@ void* Fiber::resume(void* value) noexcept {
   return transfer_;
 }
 
+// Inlined into suspend(): jump_fcontext returns with a jump, not a ret, so every call frame
+// between the switch and the caller costs a mispredicted return.
+__attribute__((always_inline)) inline void Fiber::switchToResumer() noexcept {
+  FiberRuntime::beforeSwitch(&asanFakeStack_, asanResumerBottom_, asanResumerSize_, tsanResumer_);
+  ctx::transfer_t back = ctx::jump_fcontext(resumerContext_, this);
+  resumerContext_ = back.fctx;
+  FiberRuntime::afterSwitch(asanFakeStack_, &asanResumerBottom_, &asanResumerSize_);
+}
+
 Result<void*> Fiber::suspend(void* value) noexcept {
   Fiber* self = tFiberThread.current;
   AGATE_REQUIRE(self != nullptr, "Fiber::suspend() called outside any fiber");
@@ -349,13 +387,6 @@ Result<void*> Fiber::suspend(void* value) noexcept {
   self->switchToResumer();
   if (self->cancelRequested_) return Error(Errc::CANCELLED, "fiber is being unwound");
   return self->transfer_;
-}
-
-void Fiber::switchToResumer() noexcept {
-  FiberRuntime::beforeSwitch(&asanFakeStack_, asanResumerBottom_, asanResumerSize_, tsanResumer_);
-  ctx::transfer_t back = ctx::jump_fcontext(resumerContext_, this);
-  resumerContext_ = back.fctx;
-  FiberRuntime::afterSwitch(asanFakeStack_, &asanResumerBottom_, &asanResumerSize_);
 }
 
 void Fiber::wake() noexcept {

@@ -331,6 +331,36 @@ TEST(Fiber, DestroyingAWokenButNotYetResumedFiberLeavesTheReadyQueue) {
   EXPECT_EQ(ready.runReady(), 0u);
 }
 
+TEST(Fiber, WakingAQueuedFiberAgainQueuesItOnce) {
+  StackPool pool;
+  FiberReadyQueue ready;
+  int resumes = 0;
+  Result<OwnedFiber<void>> fiber = Fiber::tryStart(
+      pool,
+      [&] {
+        while (Fiber::suspend().ok()) ++resumes;
+      },
+      &ready);
+  ASSERT_TRUE(fiber.ok());
+  fiber->resume();
+  (*fiber)->wake();
+  (*fiber)->wake();
+  EXPECT_EQ(ready.runReady(), 1u);
+  EXPECT_EQ(resumes, 1);
+  EXPECT_TRUE(ready.empty());
+}
+
+TEST(Fiber, WakingAFinishedFiberQueuesNothing) {
+  StackPool pool;
+  FiberReadyQueue ready;
+  Result<OwnedFiber<void>> fiber = Fiber::tryStart(
+      pool, [] {}, &ready);
+  ASSERT_TRUE(fiber.ok());
+  fiber->resume();
+  (*fiber)->wake();
+  EXPECT_TRUE(ready.empty());
+}
+
 TEST(Fiber, JoinWaitsForAnotherFiberToFinish) {
   StackPool pool;
   FiberReadyQueue ready;
@@ -434,6 +464,20 @@ TEST(FiberDeathTest, FiberResumingItselfIsAPreconditionViolation) {
         if (fiber.ok()) fiber->resume();
       },
       "resumed while running");
+}
+
+TEST(FiberDeathTest, DestroyingARunningFiberIsAPreconditionViolation) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(
+      {
+        StackPool pool;
+        OwnedFiber<void> self;
+        Result<OwnedFiber<void>> fiber = Fiber::tryStart(pool, [&] { self.reset(); });
+        if (!fiber.ok()) return;
+        self = std::move(*fiber);
+        self.resume();
+      },
+      "destroyed while running");
 }
 
 TEST(FiberDeathTest, ResumingOnAnotherThreadIsRefusedBecauseFibersNeverMigrate) {
