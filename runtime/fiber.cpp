@@ -315,12 +315,17 @@ void FiberWaiter::wake() noexcept {
 
 Fiber* Fiber::current() noexcept { return tFiberThread.current; }
 
+Status Fiber::tryPrepareThread() {
+  if (tFiberThread.prepared) return {};
+  return FiberRuntime::tryPrepareThread();
+}
+
 Result<FiberStack> Fiber::tryAcquireStack(StackPool& pool, size_t frameSize, size_t frameAlign) {
   if (frameSize + frameAlign > pool.stackSize() / 4) {
     return Error(Errc::INVALID_ARGUMENT,
                  "a fiber's callable and result fill more than a quarter of its stack");
   }
-  if (!tFiberThread.prepared) AGATE_TRY(FiberRuntime::tryPrepareThread());
+  AGATE_TRY(tryPrepareThread());
   return pool.tryAcquire();
 }
 

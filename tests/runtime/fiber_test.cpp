@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/mman.h>
 
 #include <atomic>
 #include <cstdlib>
@@ -406,6 +407,21 @@ TEST(Fiber, FibersRunOnASecondThreadWithTheirOwnCurrentFiber) {
   EXPECT_EQ(result, 3);
 }
 
+TEST(Fiber, PreparingAThreadInstallsAnAlternateSignalStackAndTheFaultHandler) {
+  std::thread([] {
+    ASSERT_TRUE(Fiber::tryPrepareThread().ok());
+    ASSERT_TRUE(Fiber::tryPrepareThread().ok());  // idempotent
+    stack_t alt{};
+    ASSERT_EQ(sigaltstack(nullptr, &alt), 0);
+    EXPECT_EQ(alt.ss_flags & SS_DISABLE, 0);
+    EXPECT_GE(alt.ss_size, 16u * 1024);
+    struct sigaction segv {};
+    ASSERT_EQ(sigaction(SIGSEGV, nullptr, &segv), 0);
+    EXPECT_NE(segv.sa_flags & SA_ONSTACK, 0);
+    EXPECT_NE(segv.sa_flags & SA_SIGINFO, 0);
+  }).join();
+}
+
 TEST(Fiber, SwitchingAndStartingFromAWarmPoolAllocateNothing) {
   StackPool pool;
   FiberReadyQueue ready;
@@ -524,6 +540,36 @@ TEST(FiberDeathTest, OverflowingAFiberStackIsReportedClearly) {
         if (fiber.ok()) fiber->resume();
       },
       "agate: fiber stack overflow: fiber [0-9]+ ran past its 64 KiB stack");
+}
+
+// One frame far larger than the 4 KiB guard. Without stack-clash probing (-fstack-clash-protection,
+// set in cmake/AgateOptions.cmake) it would jump over the guard into the mapping below and corrupt
+// it silently; the test puts a writable mapping right there when that address range is free.
+__attribute__((noinline)) int useHugeFrame(int seed) {
+  volatile char frame[48 * 1024];
+  frame[0] = static_cast<char>(seed);
+  frame[sizeof frame - 1] = static_cast<char>(seed);
+  return frame[0] + frame[sizeof frame - 1];
+}
+
+TEST(FiberDeathTest, OverflowByAFrameLargerThanTheGuardIsStillReported) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(
+      {
+        StackPool pool(StackPoolOptions{.stackSize = 32 * 1024});
+        Result<FiberStack> probe = pool.tryAcquire();  // learn where the next fiber's stack is
+        if (!probe.ok()) std::abort();
+        std::byte* guardLow = probe->base - pool.guardSize();
+        pool.release(*probe);
+        constexpr size_t BELOW = 64 * 1024;
+        // Fails (EEXIST) when something is already mapped there, often a library's data: the
+        // same hazard, so the test goes on either way.
+        (void)mmap(guardLow - BELOW, BELOW, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+        Result<OwnedFiber<int>> fiber = Fiber::tryStart(pool, [] { return useHugeFrame(1); });
+        if (fiber.ok()) fiber->resume();
+      },
+      "agate: fiber stack overflow: fiber [0-9]+ ran past its 32 KiB stack");
 }
 
 TEST(FiberDeathTest, OverflowOnASecondThreadIsReportedOnThatThreadsAltStack) {

@@ -156,6 +156,11 @@ class Fiber {
   static Result<OwnedFiber<std::invoke_result_t<std::decay_t<Fn>&>>> tryStart(
       StackPool& pool, Fn&& fn, FiberScheduler* scheduler = nullptr);
 
+  // Sets this thread up for fibers: installs the process's fault handler (once per process) and
+  // this thread's alternate signal stack. tryStart() does it on a thread's first fiber; an event
+  // loop may call it when its thread starts, to fail early. SYSTEM_ERROR if the kernel refuses.
+  static Status tryPrepareThread();
+
   // The fiber running on this thread, or nullptr on the thread's own stack.
   static Fiber* current() noexcept;
   static bool inFiber() noexcept { return current() != nullptr; }
