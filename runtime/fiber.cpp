@@ -266,7 +266,7 @@ struct FiberRuntime {
   // already left its stack downwards (a frame bigger than the guard jumped over it).
   static bool isOverflow(const Fiber& fiber, const siginfo_t* info, const void* ucontext) noexcept {
     const auto base = reinterpret_cast<uintptr_t>(fiber.stack_.base);
-    const uintptr_t guardLow = base - fiber.pool_->guardSize();
+    const uintptr_t guardLow = base - fiber.guardSize_;
     const auto addr = reinterpret_cast<uintptr_t>(info->si_addr);
     if (addr >= guardLow && addr < base) return true;
     // Bound the distance so a stale or unrelated stack pointer is never taken for an overflow.
@@ -333,6 +333,7 @@ Fiber::Fiber(FiberStack stack, StackPool& pool, FiberScheduler* scheduler,
              void* contextTop) noexcept
     : stack_(stack),
       pool_(&pool),
+      guardSize_(pool.guardSize()),
       scheduler_(scheduler),
       ownerThread_(&tFiberThread),
       id_(++tFiberThread.lastId) {

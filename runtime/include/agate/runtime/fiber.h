@@ -14,6 +14,15 @@
 //     queue), which resumes it later from the loop. This is the seam through which a fiber waits
 //     on a Promise: a type that satisfies FiberWaitable (three members) can be waited on.
 //
+// Joining Promise<T> (the seam): the event loop owns a FiberReadyQueue (or implements
+// FiberScheduler by posting its own task) and drains it every turn; fibers of that loop are
+// started with it as their scheduler. A promise node keeps a `FiberWaiter*` beside its coroutine
+// waiter and calls `wake()` on it where it would resume the coroutine (from the loop's run queue,
+// never re-entrantly inside fulfill()). `Result<T> wait(Promise<T>&)` is then a small adapter:
+// isReady() -> node ready, addWaiter(w) -> store &w in the node, removeWaiter(w) -> clear it;
+// after wait() returns OK, take the promise's result. Waiting on a promise from a fiber never
+// allocates: the FiberWaiter lives on the fiber's stack.
+//
 // Ownership: `Fiber::tryStart` returns an OwnedFiber<T>, the one owner of the fiber. Destroying
 // it returns the stack to the pool. A fiber that is suspended when its owner lets go is *unwound*:
 // it is resumed once with its cancellation flag set, every suspend()/wait() in it then returns
@@ -114,7 +123,7 @@ using FiberWaiterList = boost::intrusive::list<
 //   addWaiter(w)       — called only while !isReady(); the waitable calls w.wake() once when it
 //                        becomes ready (on the waiter's thread).
 //   removeWaiter(w)    — the wait was cancelled before w was woken: forget w, never wake it.
-// A Promise joins fibers by providing these three (see the report in the fibers branch).
+// A Promise joins fibers through an adapter providing these three (see the overview).
 template <class W>
 concept FiberWaitable = requires(W& w, FiberWaiter& waiter) {
   { w.isReady() } -> std::convertible_to<bool>;
@@ -219,6 +228,7 @@ class Fiber {
 
   FiberStack stack_;
   StackPool* pool_;
+  size_t guardSize_;  // of pool_'s stacks; copied so the fault handler reads only this block
   FiberScheduler* scheduler_;
   const void* ownerThread_;         // identity of the thread that started the fiber
   void* context_ = nullptr;         // where resume() jumps to: the fiber's saved registers
@@ -267,8 +277,14 @@ class OwnedFiber {
   Fiber* operator->() const noexcept { return fiber_; }
   Fiber* get() const noexcept { return fiber_; }
 
-  void* resume(void* value = nullptr) noexcept { return fiber_->resume(value); }
-  bool done() const noexcept { return fiber_->done(); }
+  void* resume(void* value = nullptr) noexcept {
+    AGATE_REQUIRE(fiber_ != nullptr, "resume() of an empty OwnedFiber");
+    return fiber_->resume(value);
+  }
+  bool done() const noexcept {
+    AGATE_REQUIRE(fiber_ != nullptr, "done() of an empty OwnedFiber");
+    return fiber_->done();
+  }
 
   // Inside another fiber: waits until this one finishes. CANCELLED if the waiting fiber is being
   // unwound.
@@ -375,6 +391,8 @@ Result<OwnedFiber<std::invoke_result_t<std::decay_t<Fn>&>>> Fiber::tryStart(
     StackPool& pool, Fn&& fn, FiberScheduler* scheduler) {
   using Callable = std::decay_t<Fn>;
   using R = std::invoke_result_t<Callable&>;
+  static_assert(!std::is_reference_v<R>,
+                "a fiber's function must return a value, not a reference into its own stack");
   using Frame = detail::FiberFrame<Callable, R>;
   Result<FiberStack> stack = tryAcquireStack(pool, sizeof(Frame), alignof(Frame));
   if (!stack.ok()) return stack.error();
