@@ -318,7 +318,16 @@ Status wait(W& waitable) noexcept {
                 static_cast<unsigned long long>(self->id()));
   if (self->cancelRequested()) return Error(Errc::CANCELLED, "fiber is being unwound");
   FiberWaiter waiter(*self);
+  // The waitable keeps the address of this stack-local waiter on purpose: the waiter outlives its
+  // registration (woken, removed below, or unlinked by its auto-unlink hook when it dies).
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdangling-pointer"
+#endif
   waitable.addWaiter(waiter);
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#pragma GCC diagnostic pop
+#endif
   while (!waiter.woken()) {
     Result<void*> resumed = Fiber::suspend();
     if (!resumed.ok()) {
