@@ -1,0 +1,70 @@
+#include "agate/runtime/frame_arena.h"
+
+#include <new>
+
+#include "agate/runtime/event_loop.h"
+
+namespace agate {
+
+FrameArena::FrameArena(size_t maxCachedPerClass) noexcept : maxCachedPerClass_(maxCachedPerClass) {}
+
+FrameArena::~FrameArena() {
+  for (size_t c = 0; c < NUM_CLASSES; ++c) {
+    while (FreeBlock* b = free_[c]) {
+      free_[c] = b->next;
+      ::operator delete(b, MIN_BLOCK << c);
+    }
+  }
+}
+
+int FrameArena::classOf(size_t size) noexcept {
+  if (size > MAX_BLOCK) return -1;
+  int c = 0;
+  while ((MIN_BLOCK << c) < size) ++c;
+  return c;
+}
+
+void* FrameArena::allocate(size_t size) {
+  int c = classOf(size);
+  if (c < 0) return ::operator new(size);
+  if (FreeBlock* b = free_[c]) {
+    free_[c] = b->next;
+    --cached_[c];
+    return b;
+  }
+  ++heapAllocations_;
+  return ::operator new(MIN_BLOCK << c);
+}
+
+void FrameArena::deallocate(void* p, size_t size) noexcept {
+  int c = classOf(size);
+  if (c < 0) {
+    ::operator delete(p, size);
+    return;
+  }
+  if (cached_[c] >= maxCachedPerClass_) {
+    ::operator delete(p, MIN_BLOCK << c);
+    return;
+  }
+  auto* b = static_cast<FreeBlock*>(p);
+  b->next = free_[c];
+  free_[c] = b;
+  ++cached_[c];
+}
+
+void* FrameArena::allocateFromCurrent(size_t size) {
+  if (EventLoop* loop = EventLoop::current()) return loop->arena().allocate(size);
+  int c = classOf(size);
+  return ::operator new(c < 0 ? size : MIN_BLOCK << c);
+}
+
+void FrameArena::deallocateToCurrent(void* p, size_t size) noexcept {
+  if (EventLoop* loop = EventLoop::current()) {
+    loop->arena().deallocate(p, size);
+    return;
+  }
+  int c = classOf(size);
+  ::operator delete(p, c < 0 ? size : MIN_BLOCK << c);
+}
+
+}  // namespace agate
