@@ -14,14 +14,11 @@
 //     queue), which resumes it later from the loop. This is the seam through which a fiber waits
 //     on a Promise: a type that satisfies FiberWaitable (three members) can be waited on.
 //
-// Joining Promise<T> (the seam): the event loop owns a FiberReadyQueue (or implements
-// FiberScheduler by posting its own task) and drains it every turn; fibers of that loop are
-// started with it as their scheduler. A promise node keeps a `FiberWaiter*` beside its coroutine
-// waiter and calls `wake()` on it where it would resume the coroutine (from the loop's run queue,
-// never re-entrantly inside fulfill()). `Result<T> wait(Promise<T>&)` is then a small adapter:
-// isReady() -> node ready, addWaiter(w) -> store &w in the node, removeWaiter(w) -> clear it;
-// after wait() returns OK, take the promise's result. Waiting on a promise from a fiber never
-// allocates: the FiberWaiter lives on the fiber's stack.
+// Joining Promise<T> (the seam): fiber_promise.h makes a Promise<T> waitable. The event loop's
+// LoopFiberScheduler is the fibers' scheduler (it resumes woken fibers from a loop Task), and
+// `Result<T> wait(Promise<T>&)` adapts the promise to FiberWaitable with a relay coroutine that
+// awaits the promise's readiness and wakes the fiber's waiter. Any other event source joins the
+// same way: provide isReady/addWaiter/removeWaiter and call FiberWaiter::wake() when ready.
 //
 // Ownership: `Fiber::tryStart` returns an OwnedFiber<T>, the one owner of the fiber. Destroying
 // it returns the stack to the pool. A fiber that is suspended when its owner lets go is *unwound*:
