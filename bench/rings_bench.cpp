@@ -18,6 +18,8 @@ int main(int argc, char** argv) {
   const std::span<const Scenario> groups[] = {
       rings::crossProcessFloors(),
       rings::inProcessFloors(),
+      rings::agateRingScenarios(),
+      rings::agateLoopScenarios(),
   };
   std::vector<Scenario> suite;
   for (auto group : groups) suite.insert(suite.end(), group.begin(), group.end());
