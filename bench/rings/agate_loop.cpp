@@ -8,6 +8,7 @@
 #include <string_view>
 
 #include <benchmark/benchmark.h>
+#include <boost/context/fiber.hpp>
 
 #include "agate/runtime/event_loop.h"
 #include "agate/runtime/fiber.h"
@@ -73,10 +74,74 @@ Status fiberSwitch(const Scenario& scenario, const RunOptions& o, Report& report
   return addInProcess(scenario, report, ns, "floor_fcontext_switch_ns");
 }
 
+// Peer: one boost::context::fiber switch one way (its own stack allocator, no sanitizer hooks):
+// what a user would pick instead of agate::Fiber.
+Status boostFiberSwitch(const Scenario& scenario, const RunOptions& o, Report& report) {
+  auto ns = measureInProcess(scenario.name, o, [](benchmark::State& state) {
+    namespace ctx = boost::context;
+    bool stop = false;
+    ctx::fiber f{[&](ctx::fiber&& back) {
+      while (!stop) back = std::move(back).resume();
+      return std::move(back);
+    }};
+    for (auto _ : state) f = std::move(f).resume();
+    stop = true;
+    f = std::move(f).resume();
+  });
+  if (ns) ns = *ns / 2;
+  return addInProcess(scenario, report, ns, "floor_fcontext_switch_ns");
+}
+
+// Floor for the stack pool: mapping a fresh guard-paged, prefaulted stack and unmapping it (what
+// pooling avoids).
+Status mapFreshStack(const Scenario& scenario, const RunOptions& o, Report& report) {
+  return addInProcess(scenario, report,
+                      measureInProcess(scenario.name, o,
+                                       [](benchmark::State& state) {
+                                         for (auto _ : state) {
+                                           StackPool pool(StackPoolOptions{.prefault = true});
+                                           auto stack = pool.tryAcquire();
+                                           if (!stack) {
+                                             state.SkipWithError("tryAcquire failed");
+                                             return;
+                                           }
+                                           benchmark::DoNotOptimize(stack->base);
+                                           pool.release(*stack);
+                                         }
+                                       }),
+                      {});
+}
+
+// Start a Fiber on a warm pool, run it to its end, destroy it (the stack goes back to the pool).
+Status fiberStartWarmPool(const Scenario& scenario, const RunOptions& o, Report& report) {
+  return addInProcess(scenario, report,
+                      measureInProcess(scenario.name, o,
+                                       [](benchmark::State& state) {
+                                         StackPool pool;
+                                         for (auto _ : state) {
+                                           auto fiber = Fiber::tryStart(pool, [] { return 1; });
+                                           if (!fiber) {
+                                             state.SkipWithError("Fiber::tryStart failed");
+                                             return;
+                                           }
+                                           fiber->resume();
+                                           benchmark::DoNotOptimize(fiber->result());
+                                         }
+                                       }),
+                      "floor_map_guard_paged_stack_ns");
+}
+
 constexpr Scenario AGATE_LOOP[] = {
     {"coawait_resume_ns", "ns", "one co_await loop.yield() round trip on the EventLoop",
      coawaitResume},
     {"fiber_switch_ns", "ns", "one Fiber switch one way: (resume + suspend) / 2", fiberSwitch},
+    {"peer_boost_fiber_switch_ns", "ns", "one boost::context::fiber switch one way (the peer)",
+     boostFiberSwitch},
+    {"floor_map_guard_paged_stack_ns", "ns",
+     "map a fresh guard-paged, prefaulted 64 KiB stack and unmap it (what the pool avoids)",
+     mapFreshStack},
+    {"fiber_start_warm_pool_ns", "ns",
+     "start a Fiber on a warm stack pool, run it to its end, destroy it", fiberStartWarmPool},
 };
 
 }  // namespace
