@@ -68,12 +68,14 @@ enum class Waiting : uint8_t {
 
 // What one round-trip message carries.
 enum class Payload : uint8_t {
-  CAPNP,  // a Cap'n Proto test::Sample {id} built in the frame, read back with FrameReader COPY_IN
+  CAPNP,  // a Cap'n Proto test::Tree {value} (24 bytes) built in the frame, read with COPY_IN
   RAW,    // 8 raw bytes: the sequence number
 };
 
-// Bytes reserved for one round-trip message: enough for the Sample root with its id.
-constexpr size_t RTT_RESERVE = 128;
+// Bytes reserved for one round-trip message: the Tree root pointer, its data word and its (null)
+// children pointer, 24 bytes, in one reservation of 32. Small on purpose: a reservation is zeroed
+// whole, and every line of it the peer read last costs a transfer.
+constexpr size_t RTT_RESERVE = 32;
 constexpr size_t SCRATCH_WORDS = RTT_RESERVE / WORD_BYTES;
 
 // One endpoint pair of a round-trip party: sends on one channel, receives on the other.
@@ -98,7 +100,7 @@ class RttParty {
       return true;
     }
     FrameBuilder builder(asFrameWords(*span));
-    builder.initRoot<test::Sample>().setId(value);
+    builder.initRoot<test::Tree>().setValue(value);
     auto used = builder.tryFinish();
     if (!used) {
       sender_.abandon();
@@ -128,7 +130,7 @@ class RttParty {
       if (!view) {
         status = view.error();
       } else {
-        value = view->getRoot<test::Sample>().getId();
+        value = view->getRoot<test::Tree>().getValue();
       }
     }
     receiver_.release();
