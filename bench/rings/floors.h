@@ -16,4 +16,10 @@ std::span<const Scenario> crossProcessFloors();
 // switch.
 std::span<const Scenario> inProcessFloors();
 
+// Agate's SHARED and LOCAL channels, each figure with the ratio to its floor.
+std::span<const Scenario> agateRingScenarios();
+
+// Agate's EventLoop (co_await round trip) and Fiber switch, each with the ratio to its floor.
+std::span<const Scenario> agateLoopScenarios();
+
 }  // namespace agate::bench::rings

@@ -16,7 +16,8 @@
 namespace agate::bench {
 
 // Median over options.repetitions of the nanoseconds one iteration of `body` takes, each
-// repetition running at least options.measureSeconds / options.repetitions.
+// repetition measuring at least options.measureSeconds / (3 * repetitions); with Google
+// Benchmark's iteration estimation before each repetition, a scenario takes about measureSeconds.
 // Errors: FAILED when the benchmark reported an error (state.SkipWithError) or produced no result.
 Result<double> measureInProcess(std::string_view name, const RunOptions& options,
                                 std::function<void(benchmark::State&)> body);

@@ -36,7 +36,7 @@ void Report::add(Figure figure) {
 }
 
 void Report::addLatency(std::string_view scenario, std::string_view name, std::string_view unit,
-                        const LatencySummary& summary) {
+                        const LatencySummary& summary, std::string_view ratioTo) {
   const std::string base(name);
   const std::pair<const char*, uint64_t> parts[] = {
       {"", summary.median}, {"_p99", summary.p99}, {"_p999", summary.p999}};
@@ -46,7 +46,7 @@ void Report::addLatency(std::string_view scenario, std::string_view name, std::s
                .unit = std::string(unit),
                .scenario = std::string(scenario),
                .samples = summary.count,
-               .ratioTo = {}});
+               .ratioTo = ratioTo.empty() ? std::string() : std::string(ratioTo) + suffix});
   }
 }
 

@@ -48,9 +48,11 @@ class Report {
   // Adds one figure. A name already present is a bug in the suite.
   void add(Figure figure);
 
-  // Adds `name` (the median), `name_p99` and `name_p999` from one latency distribution.
+  // Adds `name` (the median), `name_p99` and `name_p999` from one latency distribution. With
+  // `ratioTo` (a floor's median figure), each is compared with the floor's figure of the same
+  // suffix: median to median, p99 to p99, p99.9 to p99.9.
   void addLatency(std::string_view scenario, std::string_view name, std::string_view unit,
-                  const LatencySummary& summary);
+                  const LatencySummary& summary, std::string_view ratioTo = {});
 
   // Records the CPUs the parties of `scenario` finished on (one entry per party).
   void addPlacement(std::string_view scenario, std::vector<int> cpus);

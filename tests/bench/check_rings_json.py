@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Smoke test of the benchmark harness (not a timed test: no thresholds).
 
-Runs the `rings` driver with --quick, then checks the JSON it wrote: the required shape, every
-floor present with a positive finite value and a unit, one figure per listed scenario, a
-placement per scenario and no failures.
-usage: check_rings_json.py DRIVER
+Runs a suite's driver (default `rings`) with --quick, then checks the JSON it wrote: the required
+shape, every required figure present with a positive finite value and a unit, the ratios the
+suite promises (ratio_to naming a figure of the same run, ratio positive), one figure per listed
+scenario, a placement per scenario and no failures.
+usage: check_rings_json.py DRIVER [SUITE]
 """
 import json
 import math
@@ -13,14 +14,50 @@ import subprocess
 import sys
 import tempfile
 
-REQUIRED = [
-    "floor_cacheline_rtt_ns", "floor_cacheline_rtt_ns_p99", "floor_cacheline_rtt_ns_p999",
-    "floor_futex_rtt_ns", "floor_futex_rtt_ns_p99", "floor_futex_rtt_ns_p999",
-    "floor_socketpair_rtt_ns", "floor_socketpair_rtt_ns_p99", "floor_socketpair_rtt_ns_p999",
-    "floor_spsc_32b_msgs_per_s", "floor_spsc_1k_msgs_per_s",
-    "floor_clock_read_ns", "floor_syscall_ns", "floor_coroutine_resume_ns",
-    "floor_fcontext_switch_ns",
-]
+def latency(name):
+    return [name, name + "_p99", name + "_p999"]
+
+
+# Per suite: the figures a run must contain.
+REQUIRED = {
+    "rings": latency("floor_cacheline_rtt_ns") + latency("floor_futex_rtt_ns") +
+    latency("floor_socketpair_rtt_ns") + [
+        "floor_spsc_32b_msgs_per_s", "floor_spsc_1k_msgs_per_s",
+        "floor_clock_read_ns", "floor_syscall_ns", "floor_coroutine_resume_ns",
+        "floor_fcontext_switch_ns",
+    ] + latency("shared_rtt_polled_ns") + latency("shared_rtt_polled_raw_ns") +
+    latency("shared_rtt_parked_ns") + [
+        "shared_oneway_32b_msgs_per_s", "shared_oneway_1k_msgs_per_s",
+        "local_oneway_32b_msgs_per_s", "coawait_resume_ns", "fiber_switch_ns",
+        "peer_boost_fiber_switch_ns", "floor_map_guard_paged_stack_ns",
+        "fiber_start_warm_pool_ns",
+    ],
+    "messages": [
+        "floor_memcpy_32b_ns", "floor_memcpy_1k_ns", "peer_capnp_lazy_32b_ns",
+        "peer_capnp_lazy_1k_ns", "build_32b_ns", "build_1k_ns", "decode_in_place_32b_ns",
+        "decode_in_place_1k_ns", "decode_copy_in_32b_ns", "decode_copy_in_1k_ns",
+        "refuse_amplified_frame_ns",
+    ],
+}
+
+# Per suite: figure -> the figure it must be compared with (ratio_to) in the same run.
+RATIOS = {
+    "rings": {
+        **{a + s: f + s for a, f in [("shared_rtt_polled_ns", "floor_cacheline_rtt_ns"),
+                                      ("shared_rtt_polled_raw_ns", "floor_cacheline_rtt_ns"),
+                                      ("shared_rtt_parked_ns", "floor_futex_rtt_ns")]
+           for s in ("", "_p99", "_p999")},
+        "shared_oneway_32b_msgs_per_s": "floor_spsc_32b_msgs_per_s",
+        "shared_oneway_1k_msgs_per_s": "floor_spsc_1k_msgs_per_s",
+        "local_oneway_32b_msgs_per_s": "floor_spsc_32b_msgs_per_s",
+        "coawait_resume_ns": "floor_coroutine_resume_ns",
+        "fiber_switch_ns": "floor_fcontext_switch_ns",
+    },
+    "messages": {
+        "decode_copy_in_32b_ns": "decode_in_place_32b_ns",
+        "decode_copy_in_1k_ns": "decode_in_place_1k_ns",
+    },
+}
 
 
 def fail(message):
@@ -29,9 +66,12 @@ def fail(message):
 
 
 def main():
-    if len(sys.argv) != 2:
-        fail("usage: check_rings_json.py DRIVER")
+    if len(sys.argv) not in (2, 3):
+        fail("usage: check_rings_json.py DRIVER [SUITE]")
     driver = sys.argv[1]
+    suite = sys.argv[2] if len(sys.argv) == 3 else "rings"
+    if suite not in REQUIRED:
+        fail(f"no checks for suite {suite!r}")
     listed = subprocess.run([driver, "--list"], capture_output=True, text=True, timeout=30)
     if listed.returncode != 0:
         fail(f"--list exited {listed.returncode}: {listed.stderr}")
@@ -40,7 +80,7 @@ def main():
         fail("--list printed no scenario")
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "rings.json")
+        path = os.path.join(tmp, suite + ".json")
         run = subprocess.run([driver, "--quick", "--watchdog", "20", "--json", path],
                              capture_output=True, text=True, timeout=240)
         sys.stdout.write(run.stdout)
@@ -50,8 +90,8 @@ def main():
         with open(path) as f:
             doc = json.load(f)
 
-    if doc.get("suite") != "rings":
-        fail(f"suite is {doc.get('suite')!r}, not 'rings'")
+    if doc.get("suite") != suite:
+        fail(f"suite is {doc.get('suite')!r}, not {suite!r}")
     if doc.get("quick") is not True:
         fail("a --quick run must say so")
     if not isinstance(doc.get("machine", {}).get("cpus"), int) or doc["machine"]["cpus"] < 1:
@@ -72,9 +112,16 @@ def main():
         if not isinstance(fig["unit"], str) or not fig["unit"]:
             fail(f"figure {fig['name']} has no unit")
         by_name[fig["name"]] = fig
-    for name in REQUIRED + scenarios:
+    for name in REQUIRED[suite] + scenarios:
         if name not in by_name:
             fail(f"figure {name} is missing")
+    for name, floor in RATIOS[suite].items():
+        fig = by_name[name]
+        if fig.get("ratio_to") != floor:
+            fail(f"figure {name} is compared with {fig.get('ratio_to')!r}, not {floor!r}")
+        ratio = fig.get("ratio")
+        if not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
+            fail(f"figure {name} has ratio {ratio!r}, not a positive number")
     placed = {p["scenario"] for p in doc.get("placements", [])}
     for name in scenarios:
         if name not in placed:

@@ -60,6 +60,21 @@ TEST(Report, AddLatencyAddsMedianAndBothTails) {
   EXPECT_EQ(r.find("floor_x_ns_p50"), nullptr);
 }
 
+TEST(Report, AddLatencyComparesEachPartWithTheFloorsPartOfTheSameSuffix) {
+  Report r("rings", false, testMachine());
+  LatencySummary floor{.count = 10, .min = 1, .median = 100, .p99 = 200, .p999 = 1000};
+  LatencySummary agate{.count = 10, .min = 1, .median = 150, .p99 = 300, .p999 = 500};
+  r.addLatency("floor_x_ns", "floor_x_ns", "ns", floor);
+  r.addLatency("agate_x_ns", "agate_x_ns", "ns", agate, "floor_x_ns");
+  EXPECT_EQ(r.find("floor_x_ns")->ratioTo, "");
+  EXPECT_EQ(r.find("agate_x_ns")->ratioTo, "floor_x_ns");
+  EXPECT_EQ(r.find("agate_x_ns_p99")->ratioTo, "floor_x_ns_p99");
+  EXPECT_EQ(r.find("agate_x_ns_p999")->ratioTo, "floor_x_ns_p999");
+  EXPECT_DOUBLE_EQ(*r.ratioOf(*r.find("agate_x_ns")), 1.5);
+  EXPECT_DOUBLE_EQ(*r.ratioOf(*r.find("agate_x_ns_p99")), 1.5);
+  EXPECT_DOUBLE_EQ(*r.ratioOf(*r.find("agate_x_ns_p999")), 0.5);
+}
+
 TEST(Report, RatioDividesByTheNamedFigureOfTheSameRun) {
   Report r("rings", false, testMachine());
   r.add(figure("floor_ns", 200));
