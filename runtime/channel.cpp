@@ -360,6 +360,7 @@ Receiver& Receiver::operator=(Receiver&& o) noexcept {
   spaceBell_ = o.spaceBell_;
   peer_ = std::move(o.peer_);
   peerDead_ = o.peerDead_;
+  releasesDeferred_ = std::exchange(o.releasesDeferred_, false);
   return *this;
 }
 
@@ -378,6 +379,7 @@ Result<Frame> Receiver::tryReceive() noexcept {
   }
   Result<Frame> f = atomicRing_.tryPeek();
   if (atomicRing_.takeSkippedPadding()) spaceBell_.ring();
+  if (f.code() == Errc::WOULD_BLOCK) flushReleases();  // empty: this receiver is about to wait
   if (f.code() != Errc::WOULD_BLOCK || !sendersGone()) return f;
   // The senders' last commits happen-before their CLOSED mark (acquired above): look once more.
   f = atomicRing_.tryPeek();
@@ -399,6 +401,23 @@ void Receiver::release() noexcept {
   }
   atomicRing_.release();
   spaceBell_.ring();
+  releasesDeferred_ = false;
+}
+
+void Receiver::releaseDeferred() noexcept {
+  AGATE_REQUIRE(channel_ != nullptr, "releaseDeferred on a detached receiver");
+  if (plain_) {
+    plainRing_.release();  // PRIVATE scope has no doorbells: nothing to defer
+    return;
+  }
+  atomicRing_.release();  // the head is published now; only the wakeup waits
+  releasesDeferred_ = true;
+}
+
+void Receiver::flushReleases() noexcept {
+  if (!releasesDeferred_) return;
+  releasesDeferred_ = false;
+  spaceBell_.ring();
 }
 
 Status Receiver::watchPeer(pid_t pid) noexcept {
@@ -417,7 +436,8 @@ void Receiver::detach() noexcept {
   } else {
     // Release: pairs with the senders' acquire in tryReserve.
     word(receiver).store(ATTACH_CLOSED_BIT, std::memory_order_release);
-    spaceBell_.ring();  // parked senders must see the close
+    releasesDeferred_ = false;
+    spaceBell_.ring();  // parked senders must see the close (and any deferred release)
   }
   channel_->endpoints_.fetch_sub(1, std::memory_order_release);
   channel_ = nullptr;

@@ -8,8 +8,10 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstring>
+#include <functional>
 #include <thread>
 
 namespace agate {
@@ -255,6 +257,55 @@ TEST(ChannelBlocking, ParkedSenderIsWokenByRelease) {
   receiver.join();
   EXPECT_TRUE(s.ok());
   EXPECT_GE(tx.parkCount(), 1u);
+}
+
+// A sender parked on a full ring, and a receiver that frees space with releaseDeferred(): the
+// space is reusable at once, but the sender is only woken by the flush passed in `flush`.
+void expectDeferredReleaseWakesOnlyOnFlush(const std::function<void(Receiver&)>& flush) {
+  auto ch = makeChannel(ChannelScope::LOCAL, 64);
+  Sender tx = ch->attachSender().value();
+  Receiver rx = ch->attachReceiver().value();
+  ASSERT_TRUE(tx.send(bytesOf("0123456789abcdefghijklm")).ok());  // 32 of 64 bytes
+  ASSERT_TRUE(tx.send(bytesOf("0123456789abcdefghijklm")).ok());  // full
+  std::atomic<bool> sent{false};
+  std::thread sender([&] {
+    // One long park slice: only a doorbell ring can end it early.
+    EXPECT_TRUE(tx.send(bytesOf("third"), 0, WaitPolicy{0, 10s, 10s}).ok());
+    sent.store(true, std::memory_order_release);
+  });
+  while (tx.parkCount() == 0) std::this_thread::sleep_for(1ms);  // the sender is parked
+  ASSERT_TRUE(rx.tryReceive().ok());
+  rx.releaseDeferred();
+  std::this_thread::sleep_for(100ms);
+  EXPECT_FALSE(sent.load(std::memory_order_acquire)) << "a deferred release rang the doorbell";
+  EXPECT_EQ(rx.wakeCount(), 0u);
+  flush(rx);
+  sender.join();
+  EXPECT_TRUE(sent.load(std::memory_order_acquire));
+  EXPECT_EQ(rx.wakeCount(), 1u);
+}
+
+TEST(ChannelBlocking, DeferredReleaseWakesAParkedSenderOnlyAtFlush) {
+  expectDeferredReleaseWakesOnlyOnFlush([](Receiver& rx) { rx.flushReleases(); });
+}
+
+TEST(ChannelBlocking, TryReceiveOnAnEmptyRingFlushesDeferredReleases) {
+  expectDeferredReleaseWakesOnlyOnFlush([](Receiver& rx) {
+    ASSERT_TRUE(rx.tryReceive().ok());  // the second frame
+    rx.releaseDeferred();
+    EXPECT_EQ(rx.tryReceive().code(), Errc::WOULD_BLOCK);  // empty: flushes both releases
+  });
+}
+
+TEST(ChannelBlocking, FlushWithNothingDeferredRingsNothing) {
+  auto ch = makeChannel(ChannelScope::LOCAL);
+  Sender tx = ch->attachSender().value();
+  Receiver rx = ch->attachReceiver().value();
+  ASSERT_TRUE(tx.trySend(bytesOf("one")).ok());
+  ASSERT_TRUE(rx.tryReceive().ok());
+  rx.release();
+  rx.flushReleases();
+  EXPECT_EQ(rx.wakeCount(), 0u);
 }
 
 TEST(ChannelBlocking, ParkedReceiverIsWokenByDetach) {

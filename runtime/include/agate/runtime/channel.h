@@ -179,6 +179,13 @@ class Receiver {
   Result<Frame> receive(const WaitPolicy& policy = {}) noexcept;
   // Returns the received frame's space to the senders and wakes one that sleeps.
   void release() noexcept;
+  // Batching: returns the frame's space (the senders can reuse it at once) but does not ring the
+  // space doorbell, saving its locked instruction; flushReleases() rings once for every deferred
+  // release. A sender parked on a full ring sleeps until the flush, so flush before waiting on
+  // anything else. tryReceive() flushes by itself when it finds the ring empty, and so do
+  // receive() before it parks and detach().
+  void releaseDeferred() noexcept;
+  void flushReleases() noexcept;
 
   Status watchPeer(pid_t pid) noexcept;
   void detach() noexcept;
@@ -204,6 +211,7 @@ class Receiver {
   Doorbell spaceBell_;  // rung after release
   Fd peer_;
   bool peerDead_ = false;
+  bool releasesDeferred_ = false;  // releaseDeferred() ran since the last space doorbell ring
 };
 
 }  // namespace agate
