@@ -46,7 +46,7 @@ Status Doorbell::wait(uint32_t snapshot, std::chrono::nanoseconds timeout) noexc
     ts.tv_nsec = static_cast<long>(timeout.count() % 1'000'000'000);
     tsp = &ts;
   }
-  ++parks_;
+  std::atomic_ref<uint64_t>(parks_).fetch_add(1, std::memory_order_relaxed);
   int op = FUTEX_WAIT | (processShared_ ? 0 : FUTEX_PRIVATE_FLAG);
   if (futex(&word_->seq, op, snapshot, tsp) == 0) return {};
   switch (errno) {
@@ -71,12 +71,12 @@ void Doorbell::ring() noexcept {
   if ((sleepers & (DOORBELL_EVENTFD_WAITER - 1)) != 0) {
     // Release: a waiter whose snapshot reads the new value also sees what was published.
     ref(word_->seq).fetch_add(1, std::memory_order_release);
-    ++wakes_;
+    std::atomic_ref<uint64_t>(wakes_).fetch_add(1, std::memory_order_relaxed);
     futex(&word_->seq, FUTEX_WAKE | (processShared_ ? 0 : FUTEX_PRIVATE_FLAG), INT_MAX, nullptr);
   }
   if (sleepers >= DOORBELL_EVENTFD_WAITER && eventFd_ >= 0) {
     uint64_t one = 1;
-    ++wakes_;
+    std::atomic_ref<uint64_t>(wakes_).fetch_add(1, std::memory_order_relaxed);
     // EAGAIN (counter saturated) still leaves it readable: nothing to handle.
     [[maybe_unused]] ssize_t n = ::write(eventFd_, &one, sizeof one);
   }

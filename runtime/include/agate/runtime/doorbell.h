@@ -38,6 +38,7 @@
 // expected value, cancel() when it completes.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 
@@ -94,16 +95,21 @@ class Doorbell {
   bool bound() const noexcept { return word_ != nullptr; }
 
   // Number of times this handle actually entered FUTEX_WAIT / issued FUTEX_WAKE (process-local
-  // counters, for tests and statistics; never read from shared memory).
-  uint64_t parkCount() const noexcept { return parks_; }
-  uint64_t wakeCount() const noexcept { return wakes_; }
+  // counters, for tests and statistics; never read from shared memory). Relaxed atomics: another
+  // thread may read them while the handle parks, and several local producers may share it.
+  uint64_t parkCount() const noexcept {
+    return std::atomic_ref<const uint64_t>(parks_).load(std::memory_order_relaxed);
+  }
+  uint64_t wakeCount() const noexcept {
+    return std::atomic_ref<const uint64_t>(wakes_).load(std::memory_order_relaxed);
+  }
 
  private:
   DoorbellWord* word_ = nullptr;
   bool processShared_ = false;
   int eventFd_ = -1;
-  uint64_t parks_ = 0;  // owned by the one endpoint that holds this handle
-  uint64_t wakes_ = 0;
+  alignas(std::atomic_ref<uint64_t>::required_alignment) uint64_t parks_ = 0;
+  alignas(std::atomic_ref<uint64_t>::required_alignment) uint64_t wakes_ = 0;
 };
 
 // A pause hint for spin loops (x86 PAUSE, AArch64 YIELD).
