@@ -316,6 +316,11 @@ Status Sender::watchPeer(pid_t pid) noexcept {
   return {};
 }
 
+bool Sender::checkPeerExited() noexcept {
+  if (peer_.valid() && !peerDead_ && pidfdExited(peer_)) peerDead_ = true;
+  return peerDead_;
+}
+
 void Sender::detach() noexcept {
   if (channel_ == nullptr) return;
   abandon();
@@ -426,6 +431,11 @@ Status Receiver::watchPeer(pid_t pid) noexcept {
   peer_ = std::move(*fd);
   peerDead_ = false;
   return {};
+}
+
+bool Receiver::checkPeerExited() noexcept {
+  if (peer_.valid() && !peerDead_ && pidfdExited(peer_)) peerDead_ = true;
+  return peerDead_;
 }
 
 void Receiver::detach() noexcept {

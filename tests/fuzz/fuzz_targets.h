@@ -21,6 +21,16 @@ enum class FuzzOutcome { ACCEPTED, REFUSED };
 // into a FrameBuilder and checks the copy decodes and equals the original.
 FuzzOutcome fuzzCapnpFrame(std::span<const std::byte> input);
 
+// Lays `input` out as the producer-writable parts of a ring (control-block indices and attach
+// word, data area) three ways: as one well-framed payload (so decoding is reached), as raw words,
+// and as raw words folded into the ring's index range. Runs the byte-level consumer
+// (Receiver::tryReceive/release) and the typed one (MessageReceiver, IN_PLACE and COPY_IN) until
+// they stop, and checks: they end only with WOULD_BLOCK, PROTOCOL_ERROR (sticky) or DISCONNECTED
+// (a forged senders word), every frame lies inside the data area, no more frames are served than
+// the ring can hold, and both read policies accept the same messages. ACCEPTED when at least one
+// message was accepted.
+FuzzOutcome fuzzRingConsumer(std::span<const std::byte> input);
+
 struct FuzzTarget {
   const char* name;
   FuzzOutcome (*run)(std::span<const std::byte> input);
@@ -28,6 +38,7 @@ struct FuzzTarget {
 
 inline constexpr FuzzTarget FUZZ_TARGETS[] = {
     {"capnp_frame", fuzzCapnpFrame},
+    {"ring_consumer", fuzzRingConsumer},
 };
 
 }  // namespace agate::fuzz

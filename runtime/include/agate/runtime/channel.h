@@ -134,6 +134,12 @@ class Sender {
 
   // Watches the receiver's process: blocking calls return DISCONNECTED once it has exited.
   Status watchPeer(pid_t pid) noexcept;
+  // The watched peer's pidfd (see watchPeer), or -1: an event loop waits for it to turn readable
+  // instead of polling between park slices. Owned by this endpoint.
+  int peerFd() const noexcept { return peer_.get(); }
+  // Polls the watched peer without waiting; once its process has exited, this endpoint reports
+  // DISCONNECTED exactly as after a blocking call noticed the exit. False when none is watched.
+  bool checkPeerExited() noexcept;
   // Abandons any reservation, flushes deferred frames, detaches. Idempotent.
   void detach() noexcept;
 
@@ -188,6 +194,12 @@ class Receiver {
   void flushReleases() noexcept;
 
   Status watchPeer(pid_t pid) noexcept;
+  // The watched peer's pidfd (see watchPeer), or -1: an event loop waits for it to turn readable
+  // instead of polling between park slices. Owned by this endpoint.
+  int peerFd() const noexcept { return peer_.get(); }
+  // Polls the watched peer without waiting; once its process has exited, this endpoint reports
+  // DISCONNECTED exactly as after a blocking call noticed the exit. False when none is watched.
+  bool checkPeerExited() noexcept;
   void detach() noexcept;
 
   bool attached() const noexcept { return channel_ != nullptr; }
