@@ -3,22 +3,9 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
-#include <cstdlib>
-#include <new>
 
 #include "agate/runtime/event_loop.h"
-
-namespace {
-std::atomic<uint64_t> gAllocations{0};
-}
-
-void* operator new(size_t size) {
-  gAllocations.fetch_add(1, std::memory_order_relaxed);
-  if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
-  throw std::bad_alloc();
-}
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete(void* p, size_t) noexcept { std::free(p); }
+#include "support/alloc_counter.h"
 
 namespace agate {
 namespace {
@@ -57,18 +44,18 @@ TEST_P(AllocTest, HundredThousandAwaitRoundTripsAllocateNothingInSteadyState) {
   EventLoop loop(LoopOptions{.backend = GetParam()});
   ASSERT_TRUE(loop.run(roundTrips(loop, 1000)).ok());  // warm-up fills the frame arena
   constexpr int N = 100'000;
-  uint64_t before = gAllocations.load(std::memory_order_relaxed);
+  uint64_t before = testing::allocationCount();
   Result<int64_t> r = loop.run(roundTrips(loop, N));
-  uint64_t after = gAllocations.load(std::memory_order_relaxed);
+  uint64_t after = testing::allocationCount();
   ASSERT_TRUE(r.ok());
   EXPECT_EQ(r.value(), int64_t{N} * (N - 1) / 2);
   EXPECT_EQ(after - before, 0u) << "heap allocations during " << N << " round trips";
 }
 
 TEST(AllocCounterTest, CounterSeesAllocationsOutsideTheArena) {
-  uint64_t before = gAllocations.load(std::memory_order_relaxed);
+  uint64_t before = testing::allocationCount();
   auto* p = new int(5);
-  uint64_t after = gAllocations.load(std::memory_order_relaxed);
+  uint64_t after = testing::allocationCount();
   delete p;
   EXPECT_EQ(after - before, 1u);
 }
