@@ -19,18 +19,15 @@
 #endif
 
 namespace agate {
+namespace detail {
+constinit thread_local FiberThread tFiberThread;  // see fiber.h
+}  // namespace detail
+
 namespace {
 
+using detail::FiberThread;
+using detail::tFiberThread;
 namespace ctx = boost::context::detail;
-
-// Per-thread fiber state. constinit and trivially destructible: the fault handler reads it, so it
-// must never need lazy initialisation (which is not async-signal-safe).
-struct FiberThread {
-  Fiber* current = nullptr;  // the fiber running on this thread; nullptr on the thread's stack
-  uint64_t lastId = 0;       // fiber ids count up per thread
-  bool prepared = false;     // alternate signal stack checked/installed, handler installed
-};
-constinit thread_local FiberThread tFiberThread;
 
 // An alternate signal stack this thread installed, removed when the thread exits. The fault
 // handler must not run on the overflowed fiber stack, so every thread that runs fibers has one.
@@ -347,53 +344,26 @@ Fiber::Fiber(FiberStack stack, StackPool& pool, FiberScheduler* scheduler,
 
 Fiber::~Fiber() = default;
 
-void* Fiber::resume(void* value) noexcept {
-  FiberThread& thread = tFiberThread;
-  AGATE_ASSERT(ownerThread_ == &thread,
-               "fiber %llu resumed on a thread other than the one that started it: fibers never "
-               "migrate (compilers cache thread-local addresses across a switch)",
-               static_cast<unsigned long long>(id_));
-  AGATE_REQUIRE(state_ == State::CREATED || state_ == State::SUSPENDED,
-                "fiber %llu resumed while %s", static_cast<unsigned long long>(id_),
-                state_ == State::RUNNING ? "running" : "finished");
-  if (readyHook.is_linked()) readyHook.unlink();
-  transfer_ = value;
-  Fiber* const previous = thread.current;
-  thread.current = this;
-  state_ = State::RUNNING;
-  void* resumerFakeStack = nullptr;
+#if defined(AGATE_ASAN) || defined(AGATE_TSAN)
+void Fiber::announceResume(void** resumerFakeStack) noexcept {
 #ifdef AGATE_TSAN
   tsanResumer_ = __tsan_get_current_fiber();
 #endif
-  FiberRuntime::beforeSwitch(&resumerFakeStack, stack_.base, stack_.size, tsanFiber_);
-  ctx::transfer_t back = ctx::jump_fcontext(context_, this);
-  FiberRuntime::afterSwitch(resumerFakeStack, nullptr, nullptr);
-  // Still the same thread: fibers never migrate, so `thread` is still this thread's state.
-  thread.current = previous;
-  if (state_ == State::FINISHED) return nullptr;
-  context_ = back.fctx;
-  return transfer_;
+  FiberRuntime::beforeSwitch(resumerFakeStack, stack_.base, stack_.size, tsanFiber_);
 }
 
-// Inlined into suspend(): jump_fcontext returns with a jump, not a ret, so every call frame
-// between the switch and the caller costs a mispredicted return.
-__attribute__((always_inline)) inline void Fiber::switchToResumer() noexcept {
+void Fiber::finishResume(void* resumerFakeStack) noexcept {
+  FiberRuntime::afterSwitch(resumerFakeStack, nullptr, nullptr);
+}
+
+void Fiber::announceSuspend() noexcept {
   FiberRuntime::beforeSwitch(&asanFakeStack_, asanResumerBottom_, asanResumerSize_, tsanResumer_);
-  ctx::transfer_t back = ctx::jump_fcontext(resumerContext_, this);
-  resumerContext_ = back.fctx;
+}
+
+void Fiber::finishSuspend() noexcept {
   FiberRuntime::afterSwitch(asanFakeStack_, &asanResumerBottom_, &asanResumerSize_);
 }
-
-Result<void*> Fiber::suspend(void* value) noexcept {
-  Fiber* self = tFiberThread.current;
-  AGATE_REQUIRE(self != nullptr, "Fiber::suspend() called outside any fiber");
-  if (self->cancelRequested_) return Error(Errc::CANCELLED, "fiber is being unwound");
-  self->transfer_ = value;
-  self->state_ = State::SUSPENDED;
-  self->switchToResumer();
-  if (self->cancelRequested_) return Error(Errc::CANCELLED, "fiber is being unwound");
-  return self->transfer_;
-}
+#endif
 
 void Fiber::wake() noexcept {
   AGATE_ASSERT(ownerThread_ == &tFiberThread,

@@ -4,8 +4,6 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
-#include <cstdlib>
-#include <new>
 
 #include "agate/runtime/event_loop.h"
 #include "support/alloc_counter.h"
