@@ -238,8 +238,7 @@ Result<Handle> Kernel::tryRegisterService(ProcessId pid, Handle registry, std::s
   return (*cspace)->insert(service, CREATOR, 0, nullptr, std::move(*slotCharge));
 }
 
-Result<Koid> Kernel::tryLookupService(ProcessId pid, Handle registry,
-                                      std::string_view name) const {
+Result<Koid> Kernel::tryLookupService(ProcessId pid, Handle registry, std::string_view name) const {
   auto cspace = findCSpace(pid);
   if (!cspace) return cspace.error();
   auto r = (*cspace)->lookup(registry, Rights::READ, ObjectType::REGISTRY);
@@ -278,8 +277,8 @@ Result<Handle> Kernel::tryOpenBushel(ProcessId pid, Handle registry, std::string
   auto slotCharge = (*cspace)->tryReserveSlot();
   if (!slotCharge) return slotCharge.error();  // objectCharge refunds itself
 
-  Bushel& bushel = from.adopt<Bushel>(std::move(*objectCharge), **service, pid,
-                                      std::move(*request), std::move(*reply));
+  Bushel& bushel = from.adopt<Bushel>(std::move(*objectCharge), **service, pid, std::move(*request),
+                                      std::move(*reply));
   bushel.setLifecycleObserver(this);
   KernelEvent opened{KernelEventType::BUSHEL_OPENED, bushel.koid(), bushel.serviceKoid(), pid, {}};
   opened.fds.push_back(std::move(*requestFd));
@@ -338,17 +337,16 @@ void Kernel::objectDestroyed(KernelObject& object) noexcept {
   doomed_.erase(std::remove(doomed_.begin(), doomed_.end(), &object), doomed_.end());
   if (object.type() == ObjectType::BUSHEL) {
     auto& b = static_cast<Bushel&>(object);
-    queueEvent(b.server(), {KernelEventType::BUSHEL_CLOSED, b.koid(), b.serviceKoid(),
-                            b.client(), {}});
-    queueEvent(b.client(), {KernelEventType::BUSHEL_CLOSED, b.koid(), b.serviceKoid(),
-                            b.server(), {}});
+    queueEvent(b.server(),
+               {KernelEventType::BUSHEL_CLOSED, b.koid(), b.serviceKoid(), b.client(), {}});
+    queueEvent(b.client(),
+               {KernelEventType::BUSHEL_CLOSED, b.koid(), b.serviceKoid(), b.server(), {}});
   } else if (object.type() == ObjectType::SERVICE) {
     auto& s = static_cast<Service&>(object);
     // Copy: detaching edits the list. The bushels die in reap(), after the call's own changes.
     const std::vector<Bushel*> bushels = s.bushels();
     for (Bushel* b : bushels) {
-      queueEvent(b->client(),
-                 {KernelEventType::SERVICE_GONE, b->koid(), s.koid(), s.server(), {}});
+      queueEvent(b->client(), {KernelEventType::SERVICE_GONE, b->koid(), s.koid(), s.server(), {}});
       b->detachService();
       if (std::find(doomed_.begin(), doomed_.end(), b) == doomed_.end()) doomed_.push_back(b);
     }

@@ -107,9 +107,9 @@ struct KernelSnapshot {
     std::vector<Cap> caps;  // in slot order
     friend bool operator==(const Proc&, const Proc&) = default;
   };
-  std::vector<Bank> banks;      // every bank, parents before children
-  std::vector<Proc> processes;  // by pid
-  uint64_t objects = 0;         // every object but the system bank
+  std::vector<Bank> banks;            // every bank, parents before children
+  std::vector<Proc> processes;        // by pid
+  uint64_t objects = 0;               // every object but the system bank
   std::vector<std::string> services;  // registered names, sorted
   uint64_t pendingEvents = 0;         // queued for all processes
   friend bool operator==(const KernelSnapshot&, const KernelSnapshot&) = default;
@@ -123,8 +123,8 @@ class Kernel final : private LifecycleObserver {
   static constexpr Rights CREATOR = Rights::ALL;
 
   struct Options {
-    uint64_t systemPages = 1u << 20;      // the system bank's limit
-    uint32_t maxGeneration = UINT32_MAX;  // per slot; lowered by tests only
+    uint64_t systemPages = 1u << 20;       // the system bank's limit
+    uint32_t maxGeneration = UINT32_MAX;   // per slot; lowered by tests only
     uint64_t bushelRingBytes = 16 * 1024;  // data area of each bushel ring (power of two)
   };
 
@@ -183,8 +183,7 @@ class Kernel final : private LifecycleObserver {
   // Opens a bushel from the caller (client) to the service `name` (needs READ on `registry`,
   // ALLOCATE on `bank`, which pays the record and both rings' pages). Returns the client's cap;
   // the server gets BUSHEL_OPENED with its ring descriptors.
-  Result<Handle> tryOpenBushel(ProcessId pid, Handle registry, std::string_view name,
-                               Handle bank);
+  Result<Handle> tryOpenBushel(ProcessId pid, Handle registry, std::string_view name, Handle bank);
   // The client's ring descriptors for a bushel (needs READ): [0] request (the client sends),
   // [1] reply (the client receives). SYSTEM_ERROR if they cannot be duplicated.
   Result<std::vector<Fd>> tryBushelFds(ProcessId pid, Handle bushel) const;

@@ -28,10 +28,10 @@ enum class KernelEventType : uint16_t {
 
 struct KernelEvent {
   KernelEventType type = KernelEventType::BUSHEL_CLOSED;
-  Koid object = 0;        // the bushel
-  Koid service = 0;       // its service
-  ProcessId peer = 0;     // the other side (client for the server, server for the client)
-  std::vector<Fd> fds;    // owned until delivered
+  Koid object = 0;      // the bushel
+  Koid service = 0;     // its service
+  ProcessId peer = 0;   // the other side (client for the server, server for the client)
+  std::vector<Fd> fds;  // owned until delivered
 };
 
 }  // namespace agate::kernel
