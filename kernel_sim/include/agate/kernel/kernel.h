@@ -151,7 +151,7 @@ class Kernel final : private LifecycleObserver {
   // set once). Derived from the source: revoking the source deletes it.
   Result<Handle> tryCopyCap(ProcessId pid, Handle cap, Rights rights, uint64_t badge = 0);
   // Deletes a cap; caps derived from it are handed to its parent. The object stays (it belongs
-  // to its bank).
+  // to its bank), except a bushel whose last cap this was: it is torn down (see the overview).
   Status tryDeleteCap(ProcessId pid, Handle cap);
   // Deletes every cap derived from `cap`, transitively, in every CSpace; returns how many.
   Result<uint64_t> tryRevokeCap(ProcessId pid, Handle cap);
@@ -162,7 +162,8 @@ class Kernel final : private LifecycleObserver {
 
   // A child of `bank` (needs CREATE_CHILD) with `limit` (may exceed what `bank` has left).
   Result<Handle> tryCreateBank(ProcessId pid, Handle bank, uint64_t limit);
-  // A region of `pages` (1..Region::MAX_PAGES) charged to `bank` (needs ALLOCATE).
+  // A region of `pages` (1..Region::MAX_PAGES) charged to `bank` (needs ALLOCATE): a memfd
+  // sealed against grow and shrink. SYSTEM_ERROR if the memfd cannot be made.
   Result<Handle> tryCreateRegion(ProcessId pid, Handle bank, uint64_t pages);
   // Needs SET_LIMIT; INVALID_ARGUMENT if below the bank's used.
   Status trySetBankLimit(ProcessId pid, Handle bank, uint64_t limit);
