@@ -144,6 +144,7 @@ void CSpace::erase(Slot& slot) noexcept {
   --object.capCount_;
 
   slot.cspace->releaseSlot(slot);
+  if (object.capCount_ == 0 && object.lifecycle_) object.lifecycle_->lastCapGone(object);
 }
 
 void CSpace::releaseSlot(Slot& slot) noexcept {

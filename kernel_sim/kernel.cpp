@@ -1,5 +1,6 @@
 #include "agate/kernel/kernel.h"
 
+#include <algorithm>
 #include <unordered_map>
 
 namespace agate::kernel {
@@ -12,7 +13,9 @@ constexpr uint64_t PROCESS_OVERHEAD_PAGES = 2;
 }  // namespace
 
 Kernel::Kernel(Options options)
-    : options_(options), systemBank_(SpaceBank::createSystemBank(options.systemPages)) {}
+    : options_(options),
+      systemBank_(SpaceBank::createSystemBank(options.systemPages)),
+      registry_(std::make_unique<Registry>()) {}
 
 Kernel::~Kernel() {
   while (!processes_.empty()) {
@@ -65,6 +68,8 @@ Status Kernel::tryKillProcess(ProcessId pid) {
   processes_.erase(it);
   process->cspace().markProcessDead();
   systemBank_->destroyObject(process->bank());
+  reap();
+  events_.erase(pid);  // closes the descriptors nobody will deliver
   return {};
 }
 
@@ -93,6 +98,7 @@ Status Kernel::tryDeleteCap(ProcessId pid, Handle cap) {
   if (!slot) return slot.error();
 
   CSpace::erase(**slot);
+  reap();
   return {};
 }
 
@@ -102,7 +108,9 @@ Result<uint64_t> Kernel::tryRevokeCap(ProcessId pid, Handle cap) {
   auto slot = (*cspace)->findSlot(cap, Rights::NONE);
   if (!slot) return slot.error();
 
-  return CSpace::revokeDescendants(**slot);
+  const uint64_t n = CSpace::revokeDescendants(**slot);
+  reap();
+  return n;
 }
 
 Result<Handle> Kernel::tryTransferCap(ProcessId pid, Handle cap, ProcessId to, TransferMode mode) {
@@ -158,10 +166,13 @@ Result<Handle> Kernel::tryCreateRegion(ProcessId pid, Handle bank, uint64_t page
   SpaceBank& from = c->as<SpaceBank>();
   auto objectCharge = from.tryReserveObject(pages);
   if (!objectCharge) return objectCharge.error();
+  // After the quota check (a refused call makes no memfd), before anything changes.
+  auto memfd = Region::tryCreateMemfd(pages);
+  if (!memfd) return memfd.error();
   auto slotCharge = (*cspace)->tryReserveSlot();
   if (!slotCharge) return slotCharge.error();  // objectCharge refunds itself
 
-  Region& region = from.adopt<Region>(std::move(*objectCharge), pages);
+  Region& region = from.adopt<Region>(std::move(*objectCharge), pages, std::move(*memfd));
   return (*cspace)->insert(region, CREATOR, 0, nullptr, std::move(*slotCharge));
 }
 
@@ -187,9 +198,167 @@ Status Kernel::tryDestroyObject(ProcessId pid, Handle cap) {
   // DESTROY), and kept so a future cap kind cannot tear a live process's table from under it.
   if (object.type() == ObjectType::CSPACE || object.owner() == systemBank_.get())
     return Error(Errc::PERMISSION_DENIED, "only the process's death destroys this");
+  if (object.owner() == nullptr)
+    return Error(Errc::PERMISSION_DENIED, "the registry lives as long as the kernel");
 
   object.owner()->destroyObject(object);
+  reap();
   return {};
+}
+
+Result<RegionMapping> Kernel::tryMapRegion(ProcessId pid, Handle region, bool writable) {
+  auto cspace = findCSpace(pid);
+  if (!cspace) return cspace.error();
+  const Rights need = writable ? Rights::READ | Rights::WRITE : Rights::READ;
+  auto c = (*cspace)->lookup(region, need, ObjectType::REGION);
+  if (!c) return c.error();
+
+  return c->as<Region>().tryMap(writable);
+}
+
+Result<Handle> Kernel::tryRegisterService(ProcessId pid, Handle registry, std::string_view name,
+                                          Handle bank) {
+  auto cspace = findCSpace(pid);
+  if (!cspace) return cspace.error();
+  auto r = (*cspace)->lookup(registry, Rights::WRITE, ObjectType::REGISTRY);
+  if (!r) return r.error();
+  auto b = (*cspace)->lookup(bank, Rights::ALLOCATE, ObjectType::BANK);
+  if (!b) return b.error();
+  if (Status s = Registry::checkName(name); !s.ok()) return s.error();
+  if (registry_->tryFind(name).ok()) return Error(Errc::ALREADY_EXISTS, "name is registered");
+  SpaceBank& from = b->as<SpaceBank>();
+  auto objectCharge = from.tryReserveObject(0);
+  if (!objectCharge) return objectCharge.error();
+  auto slotCharge = (*cspace)->tryReserveSlot();
+  if (!slotCharge) return slotCharge.error();  // objectCharge refunds itself
+
+  Service& service =
+      from.adopt<Service>(std::move(*objectCharge), *registry_, std::string(name), pid);
+  service.setLifecycleObserver(this);
+  return (*cspace)->insert(service, CREATOR, 0, nullptr, std::move(*slotCharge));
+}
+
+Result<Koid> Kernel::tryLookupService(ProcessId pid, Handle registry, std::string_view name) const {
+  auto cspace = findCSpace(pid);
+  if (!cspace) return cspace.error();
+  auto r = (*cspace)->lookup(registry, Rights::READ, ObjectType::REGISTRY);
+  if (!r) return r.error();
+  if (Status s = Registry::checkName(name); !s.ok()) return s.error();
+  auto service = registry_->tryFind(name);
+  if (!service) return service.error();
+  return (*service)->koid();
+}
+
+Result<Handle> Kernel::tryOpenBushel(ProcessId pid, Handle registry, std::string_view name,
+                                     Handle bank) {
+  auto cspace = findCSpace(pid);
+  if (!cspace) return cspace.error();
+  auto r = (*cspace)->lookup(registry, Rights::READ, ObjectType::REGISTRY);
+  if (!r) return r.error();
+  auto b = (*cspace)->lookup(bank, Rights::ALLOCATE, ObjectType::BANK);
+  if (!b) return b.error();
+  if (Status s = Registry::checkName(name); !s.ok()) return s.error();
+  auto service = registry_->tryFind(name);
+  if (!service) return service.error();
+  // The rings and the server's descriptors are made before anything is charged; if any of it
+  // fails, they close and nothing changed.
+  ChannelOptions ring{ChannelScope::SHARED, options_.bushelRingBytes, 1, false};
+  auto request = Channel::create(ring);
+  if (!request) return request.error();
+  auto reply = Channel::create(ring);
+  if (!reply) return reply.error();
+  auto requestFd = (*request)->exportFd();
+  if (!requestFd) return requestFd.error();
+  auto replyFd = (*reply)->exportFd();
+  if (!replyFd) return replyFd.error();
+  SpaceBank& from = b->as<SpaceBank>();
+  auto objectCharge = from.tryReserveObject(Bushel::pagesFor(**request, **reply));
+  if (!objectCharge) return objectCharge.error();
+  auto slotCharge = (*cspace)->tryReserveSlot();
+  if (!slotCharge) return slotCharge.error();  // objectCharge refunds itself
+
+  Bushel& bushel = from.adopt<Bushel>(std::move(*objectCharge), **service, pid, std::move(*request),
+                                      std::move(*reply));
+  bushel.setLifecycleObserver(this);
+  KernelEvent opened{KernelEventType::BUSHEL_OPENED, bushel.koid(), bushel.serviceKoid(), pid, {}};
+  opened.fds.push_back(std::move(*requestFd));
+  opened.fds.push_back(std::move(*replyFd));
+  queueEvent(bushel.server(), std::move(opened));
+  return (*cspace)->insert(bushel, CREATOR, 0, nullptr, std::move(*slotCharge));
+}
+
+Result<std::vector<Fd>> Kernel::tryBushelFds(ProcessId pid, Handle bushel) const {
+  auto cspace = findCSpace(pid);
+  if (!cspace) return cspace.error();
+  auto c = (*cspace)->lookup(bushel, Rights::READ, ObjectType::BUSHEL);
+  if (!c) return c.error();
+  const Bushel& b = c->as<Bushel>();
+  auto request = b.request().exportFd();
+  if (!request) return request.error();
+  auto reply = b.reply().exportFd();
+  if (!reply) return reply.error();
+  std::vector<Fd> fds;
+  fds.push_back(std::move(*request));
+  fds.push_back(std::move(*reply));
+  return fds;
+}
+
+Result<Handle> Kernel::tryGrantRegistry(ProcessId pid, Rights rights) {
+  auto cspace = findCSpace(pid);
+  if (!cspace) return cspace.error();
+  if (!isValidRights(rights)) return Error(Errc::INVALID_ARGUMENT, "undefined rights bits");
+  auto charge = (*cspace)->tryReserveSlot();
+  if (!charge) return charge.error();
+
+  return (*cspace)->insert(*registry_, rights, 0, nullptr, std::move(*charge));
+}
+
+std::vector<KernelEvent> Kernel::takeEvents(ProcessId pid) {
+  auto it = events_.find(pid);
+  if (it == events_.end()) return {};
+  std::vector<KernelEvent> out = std::move(it->second);
+  events_.erase(it);
+  return out;
+}
+
+void Kernel::queueEvent(ProcessId pid, KernelEvent event) {
+  if (!processes_.contains(pid)) return;  // dead or never attached: nobody to tell
+  events_[pid].push_back(std::move(event));
+}
+
+void Kernel::lastCapGone(KernelObject& object) noexcept {
+  if (object.type() != ObjectType::BUSHEL) return;  // only bushels die with their last cap
+  if (std::find(doomed_.begin(), doomed_.end(), &object) == doomed_.end())
+    doomed_.push_back(&object);
+}
+
+void Kernel::objectDestroyed(KernelObject& object) noexcept {
+  // Whatever is destroyed is no longer doomed: reap() must never see a freed object.
+  doomed_.erase(std::remove(doomed_.begin(), doomed_.end(), &object), doomed_.end());
+  if (object.type() == ObjectType::BUSHEL) {
+    auto& b = static_cast<Bushel&>(object);
+    queueEvent(b.server(),
+               {KernelEventType::BUSHEL_CLOSED, b.koid(), b.serviceKoid(), b.client(), {}});
+    queueEvent(b.client(),
+               {KernelEventType::BUSHEL_CLOSED, b.koid(), b.serviceKoid(), b.server(), {}});
+  } else if (object.type() == ObjectType::SERVICE) {
+    auto& s = static_cast<Service&>(object);
+    // Copy: detaching edits the list. The bushels die in reap(), after the call's own changes.
+    const std::vector<Bushel*> bushels = s.bushels();
+    for (Bushel* b : bushels) {
+      queueEvent(b->client(), {KernelEventType::SERVICE_GONE, b->koid(), s.koid(), s.server(), {}});
+      b->detachService();
+      if (std::find(doomed_.begin(), doomed_.end(), b) == doomed_.end()) doomed_.push_back(b);
+    }
+  }
+}
+
+void Kernel::reap() noexcept {
+  while (!doomed_.empty()) {
+    KernelObject* object = doomed_.back();
+    doomed_.pop_back();
+    object->owner()->destroyObject(*object);
+  }
 }
 
 Result<SpaceBank*> Kernel::tryFindBank(ProcessId pid, Handle bank, Rights need) const {
@@ -242,6 +411,8 @@ KernelSnapshot Kernel::snapshot() const {
     });
     snap.processes.push_back(std::move(proc));
   }
+  snap.services = registry_->names();
+  for (const auto& [pid, queue] : events_) snap.pendingEvents += queue.size();
   return snap;
 }
 

@@ -98,6 +98,7 @@ void SpaceBank::destroyObject(KernelObject& object) noexcept {
         AGATE_ASSERT(o.type() != ObjectType::BANK, "child bank %lu outlived its destruction",
                      static_cast<unsigned long>(o.koid()));
         o.deleteAllCaps();
+        if (o.lifecycle_) o.lifecycle_->objectDestroyed(o);
         o.teardown();
         b.eraseObject(o);
       }
@@ -110,6 +111,7 @@ void SpaceBank::destroyObject(KernelObject& object) noexcept {
   } else {
     fromOwn = object.chargedPages_;
     object.deleteAllCaps();
+    if (object.lifecycle_) object.lifecycle_->objectDestroyed(object);
     object.teardown();
   }
   const uint64_t before = recordPages(records_);

@@ -4,6 +4,8 @@
 // rules (pages charged, caps derived), not the data structures. After every call: the same
 // result code, the same used/limit in every bank, the same caps with the same derivation
 // parents in every CSpace, the same object count, and the kernel's own invariants.
+#include <dirent.h>
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -373,7 +375,17 @@ class KernelModelTest : public ::testing::Test {
   std::map<std::pair<std::string, Errc>, int> outcomes_;  // (call, result) -> count
 };
 
+// Descriptors this process has open: every region is a real memfd the kernel holds.
+size_t openFdCount() {
+  size_t n = 0;
+  DIR* d = ::opendir("/proc/self/fd");
+  while (::readdir(d)) ++n;
+  ::closedir(d);
+  return n;
+}
+
 TEST_F(KernelModelTest, FiftyThousandRandomCallsAgreeWithTheReferenceModel) {
+  const size_t fdsBefore = openFdCount();
   for (int i = 0; i < PROCESSES; ++i) attachOne();
   const uint64_t baseline = k_.systemBank().used();
   for (int i = 0; i < 50000; ++i) {
@@ -416,6 +428,7 @@ TEST_F(KernelModelTest, FiftyThousandRandomCallsAgreeWithTheReferenceModel) {
   EXPECT_EQ(k_.systemBank().used(), 0u);
   EXPECT_EQ(k_.objectCount(), 0u);
   EXPECT_GT(baseline, 0u);
+  EXPECT_EQ(openFdCount(), fdsBefore) << "every region's memfd was closed";
 }
 
 }  // namespace

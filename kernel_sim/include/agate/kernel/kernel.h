@@ -12,8 +12,20 @@
 //    dies with it. The system bank is the root and holds every page the kernel may hand out.
 //  * CSpace (cspace.h): a process's caps, named by generation-checked handles; derivation tree
 //    for revoke.
-//  * Region (region.h): page-granular memory (here: its record and its charge).
+//  * Region (region.h): page-granular shared memory, a sealed memfd; read-only caps stay
+//    read-only (the write-seal mechanism is explained there).
+//  * Registry, Service (registry.h): the name service.
+//  * Bushel (bushel.h): a client's two SHARED rings to a service.
 //  * Process (process.h): a CSpace plus the bank the process owns.
+//
+// What dies when. Bushels die when the last cap to them is deleted (the Kernel queues them as
+// the cap goes and destroys them once the call's state is final), and with their bank or their
+// service. Banks, regions and services live until destroyed (DESTROY) or until their bank goes;
+// deleting their last cap leaves them charged to their bank (KeyKOS: the bank owner reclaims
+// them by destroying the bank). The registry lives as long as the Kernel.
+//
+// Events (kernel_event.h): BUSHEL_OPENED / BUSHEL_CLOSED / SERVICE_GONE are queued per process;
+// the daemon drains them with takeEvents(pid) after each call.
 //
 // Death: tryKillProcess() destroys the process bank: the CSpace (so every cap the process held,
 // with derived caps handed to their parents), every object allocated from the process bank or
@@ -28,13 +40,18 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <string>
+#include <string_view>
 #include <vector>
 
+#include "agate/kernel/bushel.h"
 #include "agate/kernel/credit_page.h"
 #include "agate/kernel/cspace.h"
+#include "agate/kernel/kernel_event.h"
 #include "agate/kernel/object.h"
 #include "agate/kernel/process.h"
 #include "agate/kernel/region.h"
+#include "agate/kernel/registry.h"
 #include "agate/kernel/rights.h"
 #include "agate/kernel/space_bank.h"
 #include "agate/runtime/result.h"
@@ -90,13 +107,15 @@ struct KernelSnapshot {
     std::vector<Cap> caps;  // in slot order
     friend bool operator==(const Proc&, const Proc&) = default;
   };
-  std::vector<Bank> banks;      // every bank, parents before children
-  std::vector<Proc> processes;  // by pid
-  uint64_t objects = 0;         // every object but the system bank
+  std::vector<Bank> banks;            // every bank, parents before children
+  std::vector<Proc> processes;        // by pid
+  uint64_t objects = 0;               // every object but the system bank
+  std::vector<std::string> services;  // registered names, sorted
+  uint64_t pendingEvents = 0;         // queued for all processes
   friend bool operator==(const KernelSnapshot&, const KernelSnapshot&) = default;
 };
 
-class Kernel {
+class Kernel final : private LifecycleObserver {
  public:
   // Rights of the cap a process gets to its own bank.
   static constexpr Rights PROCESS_BANK = Rights::ALL & ~(Rights::DESTROY | Rights::SET_LIMIT);
@@ -104,8 +123,9 @@ class Kernel {
   static constexpr Rights CREATOR = Rights::ALL;
 
   struct Options {
-    uint64_t systemPages = 1u << 20;      // the system bank's limit
-    uint32_t maxGeneration = UINT32_MAX;  // per slot; lowered by tests only
+    uint64_t systemPages = 1u << 20;       // the system bank's limit
+    uint32_t maxGeneration = UINT32_MAX;   // per slot; lowered by tests only
+    uint64_t bushelRingBytes = 16 * 1024;  // data area of each bushel ring (power of two)
   };
 
   explicit Kernel(Options options);
@@ -131,7 +151,7 @@ class Kernel {
   // set once). Derived from the source: revoking the source deletes it.
   Result<Handle> tryCopyCap(ProcessId pid, Handle cap, Rights rights, uint64_t badge = 0);
   // Deletes a cap; caps derived from it are handed to its parent. The object stays (it belongs
-  // to its bank).
+  // to its bank), except a bushel whose last cap this was: it is torn down (see the overview).
   Status tryDeleteCap(ProcessId pid, Handle cap);
   // Deletes every cap derived from `cap`, transitively, in every CSpace; returns how many.
   Result<uint64_t> tryRevokeCap(ProcessId pid, Handle cap);
@@ -142,17 +162,47 @@ class Kernel {
 
   // A child of `bank` (needs CREATE_CHILD) with `limit` (may exceed what `bank` has left).
   Result<Handle> tryCreateBank(ProcessId pid, Handle bank, uint64_t limit);
-  // A region of `pages` (1..Region::MAX_PAGES) charged to `bank` (needs ALLOCATE).
+  // A region of `pages` (1..Region::MAX_PAGES) charged to `bank` (needs ALLOCATE): a memfd
+  // sealed against grow and shrink. SYSTEM_ERROR if the memfd cannot be made.
   Result<Handle> tryCreateRegion(ProcessId pid, Handle bank, uint64_t pages);
   // Needs SET_LIMIT; INVALID_ARGUMENT if below the bank's used.
   Status trySetBankLimit(ProcessId pid, Handle bank, uint64_t limit);
   // Needs READ.
   Result<BankCredit> tryReadBank(ProcessId pid, Handle bank) const;
+  // A descriptor to map a region (needs READ, and WRITE for `writable`). The first read-only map
+  // write-seals the region for good; a writable map after that is PERMISSION_DENIED (see
+  // region.h for the guarantee and its limits). SYSTEM_ERROR if no descriptor can be made.
+  Result<RegionMapping> tryMapRegion(ProcessId pid, Handle region, bool writable);
+
+  // Registers `name` (Registry::checkName: INVALID_ARGUMENT; taken: ALREADY_EXISTS) for the
+  // caller as server; needs WRITE on `registry` and ALLOCATE on `bank`, which pays for the
+  // Service record. Returns the caller's cap to the Service (DESTROY on it unregisters).
+  Result<Handle> tryRegisterService(ProcessId pid, Handle registry, std::string_view name,
+                                    Handle bank);
+  // The koid of the service registered as `name` (needs READ on `registry`; NOT_FOUND).
+  Result<Koid> tryLookupService(ProcessId pid, Handle registry, std::string_view name) const;
+  // Opens a bushel from the caller (client) to the service `name` (needs READ on `registry`,
+  // ALLOCATE on `bank`, which pays the record and both rings' pages). Returns the client's cap;
+  // the server gets BUSHEL_OPENED with its ring descriptors.
+  Result<Handle> tryOpenBushel(ProcessId pid, Handle registry, std::string_view name, Handle bank);
+  // The client's ring descriptors for a bushel (needs READ): [0] request (the client sends),
+  // [1] reply (the client receives). SYSTEM_ERROR if they cannot be duplicated.
+  Result<std::vector<Fd>> tryBushelFds(ProcessId pid, Handle bushel) const;
+
   // Destroys the object (needs DESTROY): every cap to it goes; a bank takes everything allocated
   // from it and from its descendants along. Pages go back to the object's bank.
   Status tryDestroyObject(ProcessId pid, Handle cap);
 
-  // --- Trusted access for the daemon (credit pages, observers) and the CLI ---
+  // --- Trusted access for the daemon (credit pages, observers, events) and the CLI ---
+
+  // Gives process `pid` a cap to the registry with `rights` (the daemon does it for the
+  // processes it trusts to name services, e.g. init). NOT_FOUND, INVALID_ARGUMENT for undefined
+  // rights, QUOTA_EXCEEDED if the CSpace cannot grow. The registry's koid is 0: it is the
+  // kernel's own object, charged to no bank.
+  Result<Handle> tryGrantRegistry(ProcessId pid, Rights rights);
+  // Takes every event queued for `pid`, oldest first (empty if none or not attached).
+  std::vector<KernelEvent> takeEvents(ProcessId pid);
+  const Registry& registry() const noexcept { return *registry_; }
 
   // The bank a process's handle names, with `need` rights.
   Result<SpaceBank*> tryFindBank(ProcessId pid, Handle bank, Rights need) const;
@@ -167,9 +217,20 @@ class Kernel {
 
  private:
   Result<CSpace*> findCSpace(ProcessId pid) const noexcept;
+  // LifecycleObserver: queue last-cap objects; turn destructions into events.
+  void lastCapGone(KernelObject& object) noexcept override;
+  void objectDestroyed(KernelObject& object) noexcept override;
+  // Destroys every object queued by lastCapGone / a service's death. Run at the end of each
+  // call that can delete caps or destroy objects, once its own changes are done.
+  void reap() noexcept;
+  void queueEvent(ProcessId pid, KernelEvent event);
 
   Options options_;
   std::unique_ptr<SpaceBank> systemBank_;
+  std::unique_ptr<Registry> registry_;  // the kernel's own; outlives every Service
+  std::vector<KernelObject*> doomed_;   // to destroy in reap(); never dangling (see
+                                        // objectDestroyed)
+  std::map<ProcessId, std::vector<KernelEvent>> events_;
   std::map<ProcessId, std::unique_ptr<Process>> processes_;
   ProcessId nextPid_ = 1;
 };

@@ -28,6 +28,9 @@ enum class ObjectType : uint16_t {
   BANK = 1,
   CSPACE = 2,
   REGION = 3,
+  REGISTRY = 4,  // the name service; one per kernel, owned by the system bank
+  SERVICE = 5,   // a registered name, owned by the server's bank
+  BUSHEL = 6,    // a client's connection to a service, owned by the bank the client paid with
 };
 
 constexpr const char* objectTypeName(ObjectType t) noexcept {
@@ -40,6 +43,12 @@ constexpr const char* objectTypeName(ObjectType t) noexcept {
       return "cspace";
     case ObjectType::REGION:
       return "region";
+    case ObjectType::REGISTRY:
+      return "registry";
+    case ObjectType::SERVICE:
+      return "service";
+    case ObjectType::BUSHEL:
+      return "bushel";
   }
   return "unknown";
 }
@@ -51,6 +60,21 @@ using Koid = uint64_t;
 struct Slot;
 class CSpace;
 class SpaceBank;
+
+class KernelObject;
+
+// Told (synchronously, by the CSpace or bank doing it) when the last cap to an object that
+// watches is deleted, and when such an object is destroyed (before its teardown()). The Kernel
+// is the one implementation: it queues last-cap objects and destroys them once the call's state
+// is final (never from inside a CSpace or bank walk). Must not call back in.
+class LifecycleObserver {
+ public:
+  virtual void lastCapGone(KernelObject& object) noexcept = 0;
+  virtual void objectDestroyed(KernelObject& object) noexcept = 0;
+
+ protected:
+  ~LifecycleObserver() = default;
+};
 
 class KernelObject {
  public:
@@ -70,6 +94,9 @@ class KernelObject {
   uint64_t chargedPages() const noexcept { return chargedPages_; }
   // Checks the list of caps to this object; aborts on a violation. O(caps to it).
   void verifyCaps() const;
+  // Watches this object's last cap and destruction (null: nobody). Not owned.
+  void setLifecycleObserver(LifecycleObserver* observer) noexcept { lifecycle_ = observer; }
+  LifecycleObserver* lifecycleObserver() const noexcept { return lifecycle_; }
 
  protected:
   explicit KernelObject(ObjectType type) noexcept : type_(type) {}
@@ -92,6 +119,7 @@ class KernelObject {
   uint64_t chargedPages_ = 0;   // see chargedPages()
   Slot* capsHead_ = nullptr;    // intrusive list through Slot::objNext/objPrev
   uint32_t capCount_ = 0;
+  LifecycleObserver* lifecycle_ = nullptr;  // not owned
 };
 
 }  // namespace agate::kernel

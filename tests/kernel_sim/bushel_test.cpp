@@ -1,0 +1,250 @@
+// Registry, services and bushels: names, duplicates, lookups, and every way a bushel is torn
+// down (last cap, client bank, client death, server death), with the events each side gets and
+// bank usage and the kernel's descriptors back to their baseline.
+#include <dirent.h>
+
+#include <gtest/gtest.h>
+
+#include "kernel_test_util.h"
+
+namespace agate::kernel::test {
+namespace {
+
+size_t openFdCount() {
+  size_t n = 0;
+  DIR* d = ::opendir("/proc/self/fd");
+  while (::readdir(d)) ++n;
+  ::closedir(d);
+  return n;
+}
+
+struct World {
+  Kernel k;
+  Proc server;
+  Proc client;
+  Handle serverRegistry;
+  Handle clientRegistry;
+  World() {
+    server = attach(k, 1000);
+    client = attach(k, 1000);
+    serverRegistry = handleOf(k.tryGrantRegistry(server.pid, Rights::READ | Rights::WRITE));
+    clientRegistry = handleOf(k.tryGrantRegistry(client.pid, Rights::READ));
+  }
+};
+
+TEST(RegistryTest, InvalidNamesAreRefusedAndChangeNothing) {
+  World w;
+  for (std::string_view bad : {"", "-lead", "has space", "slash/name", "ümlaut"})
+    EXPECT_REFUSED_UNCHANGED(
+        w.k, w.k.tryRegisterService(w.server.pid, w.serverRegistry, bad, w.server.bank),
+        Errc::INVALID_ARGUMENT);
+  EXPECT_REFUSED_UNCHANGED(
+      w.k,
+      w.k.tryRegisterService(w.server.pid, w.serverRegistry, std::string(65, 'a'), w.server.bank),
+      Errc::INVALID_ARGUMENT);
+  EXPECT_TRUE(
+      w.k.tryRegisterService(w.server.pid, w.serverRegistry, std::string(64, 'a'), w.server.bank)
+          .ok());
+  EXPECT_TRUE(
+      w.k.tryRegisterService(w.server.pid, w.serverRegistry, "a.b_c-9", w.server.bank).ok());
+}
+
+TEST(RegistryTest, DuplicateNameIsAlreadyExistsAndChangesNothing) {
+  World w;
+  (void)handleOf(w.k.tryRegisterService(w.server.pid, w.serverRegistry, "fs", w.server.bank));
+  EXPECT_REFUSED_UNCHANGED(
+      w.k, w.k.tryRegisterService(w.server.pid, w.serverRegistry, "fs", w.server.bank),
+      Errc::ALREADY_EXISTS);
+}
+
+TEST(RegistryTest, RegisteringNeedsWriteOnTheRegistryAndAllocateOnTheBank) {
+  World w;
+  EXPECT_REFUSED_UNCHANGED(
+      w.k, w.k.tryRegisterService(w.client.pid, w.clientRegistry, "fs", w.client.bank),
+      Errc::PERMISSION_DENIED);
+  Handle readOnlyBank = handleOf(w.k.tryCopyCap(w.server.pid, w.server.bank, Rights::READ));
+  EXPECT_REFUSED_UNCHANGED(
+      w.k, w.k.tryRegisterService(w.server.pid, w.serverRegistry, "fs", readOnlyBank),
+      Errc::PERMISSION_DENIED);
+  EXPECT_REFUSED_UNCHANGED(w.k,
+                           w.k.tryRegisterService(w.server.pid, w.server.bank, "fs", w.server.bank),
+                           Errc::WRONG_TYPE);
+}
+
+TEST(RegistryTest, LookupFindsLiveServicesOnlyAndDeadServiceIsUnregistered) {
+  World w;
+  EXPECT_EQ(w.k.tryLookupService(w.client.pid, w.clientRegistry, "fs").code(), Errc::NOT_FOUND);
+  Handle svc =
+      handleOf(w.k.tryRegisterService(w.server.pid, w.serverRegistry, "fs", w.server.bank));
+  auto koid = w.k.tryLookupService(w.client.pid, w.clientRegistry, "fs");
+  ASSERT_TRUE(koid.ok());
+  EXPECT_EQ(*koid, w.k.tryInspectCap(w.server.pid, svc)->koid);
+  ASSERT_TRUE(w.k.tryKillProcess(w.server.pid).ok());
+  EXPECT_EQ(w.k.tryLookupService(w.client.pid, w.clientRegistry, "fs").code(), Errc::NOT_FOUND);
+  EXPECT_REFUSED_UNCHANGED(
+      w.k, w.k.tryOpenBushel(w.client.pid, w.clientRegistry, "fs", w.client.bank), Errc::NOT_FOUND);
+  EXPECT_TRUE(w.k.registry().names().empty());
+}
+
+TEST(RegistryTest, DestroyingTheServiceCapUnregistersAndTheNameIsFreeAgain) {
+  World w;
+  Handle svc =
+      handleOf(w.k.tryRegisterService(w.server.pid, w.serverRegistry, "fs", w.server.bank));
+  Handle copy = handleOf(w.k.tryCopyCap(w.server.pid, svc, Rights::READ));
+  ASSERT_TRUE(w.k.tryDeleteCap(w.server.pid, copy).ok());
+  ASSERT_TRUE(w.k.tryDeleteCap(w.server.pid, svc).ok());
+  EXPECT_TRUE(w.k.tryLookupService(w.client.pid, w.clientRegistry, "fs").ok())
+      << "a service outlives its last cap: it belongs to its bank";
+  Handle svc2 =
+      handleOf(w.k.tryRegisterService(w.server.pid, w.serverRegistry, "fs2", w.server.bank));
+  ASSERT_TRUE(w.k.tryDestroyObject(w.server.pid, svc2).ok());
+  EXPECT_TRUE(w.k.tryRegisterService(w.server.pid, w.serverRegistry, "fs2", w.server.bank).ok());
+}
+
+TEST(RegistryTest, TheRegistryCannotBeDestroyed) {
+  World w;
+  Handle all = handleOf(w.k.tryGrantRegistry(w.server.pid, Rights::ALL));
+  EXPECT_REFUSED_UNCHANGED(w.k, w.k.tryDestroyObject(w.server.pid, all), Errc::PERMISSION_DENIED);
+  EXPECT_REFUSED_UNCHANGED(w.k, w.k.tryGrantRegistry(w.server.pid + 7, Rights::READ),
+                           Errc::NOT_FOUND);
+}
+
+struct Opened {
+  Handle svc;
+  Handle bushel;
+  Koid koid = 0;
+};
+
+Opened open(World& w, Handle bank) {
+  Opened o;
+  o.svc = handleOf(w.k.tryRegisterService(w.server.pid, w.serverRegistry, "echo", w.server.bank));
+  o.bushel = handleOf(w.k.tryOpenBushel(w.client.pid, w.clientRegistry, "echo", bank));
+  o.koid = w.k.tryInspectCap(w.client.pid, o.bushel)->koid;
+  return o;
+}
+
+TEST(BushelTest, OpeningGivesTheServerItsRingsAndTheClientACap) {
+  World w;
+  const uint64_t used = usedOf(w.k, w.client.pid, w.client.bank);
+  Opened o = open(w, w.client.bank);
+  EXPECT_GT(usedOf(w.k, w.client.pid, w.client.bank), used + 2) << "rings are charged";
+  auto events = w.k.takeEvents(w.server.pid);
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].type, KernelEventType::BUSHEL_OPENED);
+  EXPECT_EQ(events[0].object, o.koid);
+  EXPECT_EQ(events[0].peer, w.client.pid);
+  ASSERT_EQ(events[0].fds.size(), 2u);
+  auto server = Channel::openShared(std::move(events[0].fds[0]));
+  ASSERT_TRUE(server.ok());
+  auto fds = w.k.tryBushelFds(w.client.pid, o.bushel);
+  ASSERT_TRUE(fds.ok());
+  auto client = Channel::openShared(std::move((*fds)[0]));
+  ASSERT_TRUE(client.ok());
+  auto tx = (*client)->attachSender();
+  auto rx = (*server)->attachReceiver();
+  ASSERT_TRUE(tx.ok() && rx.ok());
+  const std::byte msg[3] = {std::byte{1}, std::byte{2}, std::byte{3}};
+  ASSERT_TRUE(tx->trySend(msg).ok());
+  auto frame = rx->tryReceive();
+  ASSERT_TRUE(frame.ok()) << "the request ring is shared between the two sides";
+  EXPECT_TRUE(w.k.takeEvents(w.client.pid).empty());
+}
+
+TEST(BushelTest, OpenErrorsChangeNothing) {
+  World w;
+  (void)handleOf(w.k.tryRegisterService(w.server.pid, w.serverRegistry, "echo", w.server.bank));
+  (void)w.k.takeEvents(w.server.pid);
+  EXPECT_REFUSED_UNCHANGED(w.k,
+                           w.k.tryOpenBushel(w.client.pid, w.clientRegistry, "nope", w.client.bank),
+                           Errc::NOT_FOUND);
+  EXPECT_REFUSED_UNCHANGED(
+      w.k, w.k.tryOpenBushel(w.client.pid, w.clientRegistry, "bad name", w.client.bank),
+      Errc::INVALID_ARGUMENT);
+  Handle noRead = handleOf(w.k.tryGrantRegistry(w.client.pid, Rights::GRANT));
+  EXPECT_REFUSED_UNCHANGED(w.k, w.k.tryOpenBushel(w.client.pid, noRead, "echo", w.client.bank),
+                           Errc::PERMISSION_DENIED);
+  Handle tiny = handleOf(w.k.tryCreateBank(w.client.pid, w.client.bank, 2));
+  EXPECT_REFUSED_UNCHANGED(w.k, w.k.tryOpenBushel(w.client.pid, w.clientRegistry, "echo", tiny),
+                           Errc::QUOTA_EXCEEDED);
+  EXPECT_REFUSED_UNCHANGED(w.k, w.k.tryBushelFds(w.client.pid, tiny), Errc::WRONG_TYPE);
+  EXPECT_TRUE(w.k.takeEvents(w.server.pid).empty());
+}
+
+// Each teardown path: the bushel goes, the server (and a live client) get BUSHEL_CLOSED, the
+// paying bank's usage and the kernel's descriptors are back where they were before the open.
+enum class Teardown { LAST_CAP, CLIENT_BANK, CLIENT_DEATH, SERVER_DEATH };
+
+class BushelTeardownTest : public ::testing::TestWithParam<Teardown> {};
+
+TEST_P(BushelTeardownTest, TellsThePeerAndReturnsPagesAndDescriptors) {
+  World w;
+  Handle bank = handleOf(w.k.tryCreateBank(w.client.pid, w.client.bank, 500));
+  const uint64_t clientUsed = usedOf(w.k, w.client.pid, w.client.bank);
+  const size_t fdsBefore = openFdCount();
+  Opened o = open(w, bank);
+  Handle copy = handleOf(w.k.tryCopyCap(w.client.pid, o.bushel, Rights::READ));
+  (void)w.k.takeEvents(w.server.pid);  // BUSHEL_OPENED (its descriptors close here)
+  const uint64_t usedOpen = usedOf(w.k, w.client.pid, w.client.bank);
+
+  switch (GetParam()) {
+    case Teardown::LAST_CAP:
+      ASSERT_TRUE(w.k.tryDeleteCap(w.client.pid, o.bushel).ok());
+      EXPECT_TRUE(w.k.takeEvents(w.server.pid).empty()) << "a copy still names it";
+      EXPECT_EQ(usedOf(w.k, w.client.pid, w.client.bank), usedOpen);
+      ASSERT_TRUE(w.k.tryDeleteCap(w.client.pid, copy).ok());
+      break;
+    case Teardown::CLIENT_BANK:
+      ASSERT_TRUE(w.k.tryDestroyObject(w.client.pid, bank).ok());
+      break;
+    case Teardown::CLIENT_DEATH:
+      ASSERT_TRUE(w.k.tryKillProcess(w.client.pid).ok());
+      break;
+    case Teardown::SERVER_DEATH:
+      ASSERT_TRUE(w.k.tryKillProcess(w.server.pid).ok());
+      break;
+  }
+  w.k.verifyInvariants();
+  EXPECT_EQ(w.k.objectCount(), w.k.snapshot().objects);
+  if (GetParam() != Teardown::SERVER_DEATH) {
+    auto events = w.k.takeEvents(w.server.pid);
+    ASSERT_EQ(events.size(), 1u);
+    EXPECT_EQ(events[0].type, KernelEventType::BUSHEL_CLOSED);
+    EXPECT_EQ(events[0].object, o.koid);
+    EXPECT_EQ(events[0].peer, w.client.pid);
+  }
+  if (GetParam() != Teardown::CLIENT_DEATH) {
+    auto events = w.k.takeEvents(w.client.pid);
+    const bool serverDied = GetParam() == Teardown::SERVER_DEATH;
+    ASSERT_EQ(events.size(), serverDied ? 2u : 1u);
+    if (serverDied) {
+      EXPECT_EQ(events[0].type, KernelEventType::SERVICE_GONE);
+      EXPECT_EQ(events[0].object, o.koid);
+    }
+    EXPECT_EQ(events.back().type, KernelEventType::BUSHEL_CLOSED);
+    EXPECT_EQ(events.back().object, o.koid);
+    EXPECT_EQ(w.k.tryInspectCap(w.client.pid, copy).code(), Errc::INVALID_HANDLE);
+    if (GetParam() != Teardown::CLIENT_BANK) {
+      // The copy's slot is freed, so the CSpace keeps its chunk: used as before the open.
+      EXPECT_EQ(usedOf(w.k, w.client.pid, w.client.bank), clientUsed);
+    }
+  }
+  EXPECT_EQ(openFdCount(), fdsBefore) << "the kernel closed both rings' descriptors";
+}
+
+INSTANTIATE_TEST_SUITE_P(AllPaths, BushelTeardownTest,
+                         ::testing::Values(Teardown::LAST_CAP, Teardown::CLIENT_BANK,
+                                           Teardown::CLIENT_DEATH, Teardown::SERVER_DEATH));
+
+TEST(BushelTest, EventsForADeadProcessAreDroppedWithTheirDescriptors) {
+  World w;
+  const size_t fdsBefore = openFdCount();
+  (void)open(w, w.client.bank);  // BUSHEL_OPENED with two descriptors queued for the server
+  ASSERT_TRUE(w.k.tryKillProcess(w.server.pid).ok());
+  EXPECT_TRUE(w.k.takeEvents(w.server.pid).empty());
+  EXPECT_EQ(w.k.snapshot().pendingEvents, 2u) << "the client's SERVICE_GONE and BUSHEL_CLOSED";
+  (void)w.k.takeEvents(w.client.pid);
+  EXPECT_EQ(openFdCount(), fdsBefore);
+}
+
+}  // namespace
+}  // namespace agate::kernel::test
