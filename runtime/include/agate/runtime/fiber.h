@@ -418,12 +418,12 @@ Result<OwnedFiber<std::invoke_result_t<std::decay_t<Fn>&>>> Fiber::tryStart(
   using R = std::invoke_result_t<Callable&>;
   static_assert(!std::is_reference_v<R>,
                 "a fiber's function must return a value, not a reference into its own stack");
-  using Frame = detail::FiberFrame<Callable, R>;
-  Result<FiberStack> stack = tryAcquireStack(pool, sizeof(Frame), alignof(Frame));
+  using FrameT = detail::FiberFrame<Callable, R>;
+  Result<FiberStack> stack = tryAcquireStack(pool, sizeof(FrameT), alignof(FrameT));
   if (!stack.ok()) return stack.error();
   auto top = reinterpret_cast<uintptr_t>(stack->top());
-  void* at = reinterpret_cast<void*>((top - sizeof(Frame)) & ~(uintptr_t{alignof(Frame)} - 1));
-  auto* frame = new (at) Frame(*stack, pool, scheduler, std::forward<Fn>(fn));
+  void* at = reinterpret_cast<void*>((top - sizeof(FrameT)) & ~(uintptr_t{alignof(FrameT)} - 1));
+  auto* frame = new (at) FrameT(*stack, pool, scheduler, std::forward<Fn>(fn));
   return OwnedFiber<R>(frame, frame->resultSlot());
 }
 
