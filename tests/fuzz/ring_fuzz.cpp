@@ -49,7 +49,8 @@ Layout framed(std::span<const std::byte> in) {
   const uint64_t at = start % CAPACITY;
   const uint64_t header = length | (uint64_t{0x77} << 32);
   std::memcpy(l.data + at, &header, 8);
-  std::memcpy(l.data + at + FRAME_HEADER_BYTES, in.data(), length);
+  if (length > 0)
+    std::memcpy(l.data + at + FRAME_HEADER_BYTES, in.data(), length);  // data() may be null
   l.tail = start + slot;
   return l;
 }
