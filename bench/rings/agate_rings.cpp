@@ -24,6 +24,7 @@
 #include "rings/floors.h"
 #include "support/latency.h"
 #include "support/process_pair.h"
+#include "support/round_trips.h"
 #include "support/timing.h"
 #include "test_messages.capnp.h"
 
@@ -35,12 +36,6 @@ constexpr size_t CACHE_LINE = 64;
 constexpr double NS_PER_S = 1e9;
 constexpr uint64_t CHANNEL_BYTES = 256 * 1024;  // the same data area as the floor's raw ring
 constexpr int MAX_WINDOWS = 64;
-
-uint64_t secondsToNs(double s) { return static_cast<uint64_t>(s * NS_PER_S); }
-
-size_t sampleCapacity(const RunOptions& o) {
-  return std::clamp<size_t>(static_cast<size_t>(o.measureSeconds * 2e6), 10'000, 4'000'000);
-}
 
 Result<std::unique_ptr<Channel>> makeChannel(ChannelScope scope) {
   return Channel::create(ChannelOptions{.scope = scope, .capacityBytes = CHANNEL_BYTES});
@@ -156,34 +151,19 @@ Status sharedRtt(const Scenario& scenario, const RunOptions& o, Report& report, 
   if (!ping) return ping.error();
   auto pong = makeChannel(ChannelScope::SHARED);
   if (!pong) return pong.error();
-  auto samplesMapping = SharedMapping::tryCreate(SampleBuffer::bytesFor(sampleCapacity(o)));
-  if (!samplesMapping) return samplesMapping.error();
-  SampleBuffer* samples = SampleBuffer::createAt(samplesMapping->data(), sampleCapacity(o));
-
-  auto partyA = [&]() -> int {
+  auto partyA = [&](SampleBuffer& samples) -> int {
     auto sender = (*ping)->attachSender();
     auto receiver = (*pong)->attachReceiver();
     if (!sender || !receiver) return 2;
     auto party =
         std::make_unique<RttParty>(std::move(*sender), std::move(*receiver), waiting, payload);
     uint64_t next = 0;
-    auto roundTrip = [&] {
+    const bool ok = recordRoundTrips(o, samples, [&] {
       uint64_t answer = 0;
       if (!party->send(++next) || !party->receive(answer).ok()) return false;
       return answer == ++next;
-    };
-    const uint64_t warmEnd = nowNs() + secondsToNs(o.warmupSeconds);
-    while (nowNs() < warmEnd) {
-      if (!roundTrip()) return 1;
-    }
-    const uint64_t end = nowNs() + secondsToNs(o.measureSeconds);
-    uint64_t t0 = nowNs();
-    for (;;) {
-      if (!roundTrip()) return 1;
-      const uint64_t t1 = nowNs();
-      if (!samples->tryRecord(t1 - t0) || t1 >= end) return 0;  // destroying `party` detaches
-      t0 = t1;
-    }
+    });
+    return ok ? 0 : 1;  // destroying `party` detaches, which ends B
   };
   auto partyB = [&]() -> int {
     auto receiver = (*ping)->attachReceiver();
@@ -198,13 +178,7 @@ Status sharedRtt(const Scenario& scenario, const RunOptions& o, Report& report, 
       if (!s.ok() || !party->send(v + 1)) return 1;
     }
   };
-  auto placement = runPair(o.pairOptions(), partyA, partyB);
-  if (!placement) return placement.error();
-  const LatencySummary summary = summarize(samples->samples());
-  if (summary.count == 0) return Error(Errc::FAILED, "party A recorded no samples");
-  report.addLatency(scenario.name, scenario.name, scenario.unit, summary, floor);
-  report.addPlacement(scenario.name, {placement->cpuA, placement->cpuB});
-  return {};
+  return runRoundTrips(scenario, o, report, partyA, partyB, floor);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@
 #include "rings/floors.h"
 #include "support/latency.h"
 #include "support/process_pair.h"
+#include "support/round_trips.h"
 #include "support/timing.h"
 
 namespace agate::bench::rings {
@@ -26,62 +27,6 @@ namespace {
 
 constexpr size_t CACHE_LINE = 64;
 constexpr double NS_PER_S = 1e9;
-
-// Samples to preallocate: enough for measureSeconds at one round trip per 500 ns, within bounds.
-size_t sampleCapacity(const RunOptions& o) {
-  return std::clamp<size_t>(static_cast<size_t>(o.measureSeconds * 2e6), 10'000, 4'000'000);
-}
-
-uint64_t secondsToNs(double s) { return static_cast<uint64_t>(s * NS_PER_S); }
-
-// Party A's measuring loop, shared by every round-trip scenario: warms up for warmupSeconds, then
-// times each call of `roundTrip` until measureSeconds have passed or the buffer is full. One clock
-// read per sample: the end of one round trip is the start of the next. Returns false as soon as
-// roundTrip does (the protocol broke).
-template <class RoundTrip>
-bool recordRoundTrips(const RunOptions& o, SampleBuffer& samples, RoundTrip&& roundTrip) {
-  const uint64_t warmEnd = nowNs() + secondsToNs(o.warmupSeconds);
-  while (nowNs() < warmEnd) {
-    if (!roundTrip()) return false;
-  }
-  const uint64_t end = nowNs() + secondsToNs(o.measureSeconds);
-  uint64_t t0 = nowNs();
-  for (;;) {
-    if (!roundTrip()) return false;
-    const uint64_t t1 = nowNs();
-    if (!samples.tryRecord(t1 - t0) || t1 >= end) return true;
-    t0 = t1;
-  }
-}
-
-// A sample buffer in its own shared mapping.
-struct SharedSamples {
-  SharedMapping mapping;
-  SampleBuffer* buffer;
-
-  static Result<SharedSamples> tryCreate(size_t capacity) {
-    auto m = SharedMapping::tryCreate(SampleBuffer::bytesFor(capacity));
-    if (!m) return m.error();
-    SampleBuffer* b = SampleBuffer::createAt(m->data(), capacity);
-    return SharedSamples{std::move(*m), b};
-  }
-};
-
-// Runs a round-trip scenario: A records, then the summary becomes three figures.
-Status runRoundTrips(const Scenario& scenario, const RunOptions& o, Report& report,
-                     const std::function<int(SampleBuffer&)>& partyA, const PartyBody& partyB) {
-  auto samples = SharedSamples::tryCreate(sampleCapacity(o));
-  if (!samples) return samples.error();
-  SampleBuffer& buffer = *samples->buffer;
-  auto placement = runPair(
-      o.pairOptions(), [&] { return partyA(buffer); }, partyB);
-  if (!placement) return placement.error();
-  const LatencySummary summary = summarize(buffer.samples());
-  if (summary.count == 0) return Error(Errc::FAILED, "party A recorded no samples");
-  report.addLatency(scenario.name, scenario.name, scenario.unit, summary);
-  report.addPlacement(scenario.name, {placement->cpuA, placement->cpuB});
-  return {};
-}
 
 // ---------------------------------------------------------------------------------------------
 // Cache-line ping-pong: one 64-byte line, both parties spin on it.
