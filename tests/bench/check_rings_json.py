@@ -38,6 +38,9 @@ REQUIRED = {
         "decode_in_place_1k_ns", "decode_copy_in_32b_ns", "decode_copy_in_1k_ns",
         "refuse_amplified_frame_ns",
     ],
+    "rpc": latency("floor_cacheline_rtt_ns") + latency("floor_futex_rtt_ns") +
+    latency("floor_socketpair_rtt_ns") + latency("peer_capnp_null_call_rtt_ns") +
+    ["peer_capnp_calls_per_s_inflight"] + latency("peer_capnp_chain10_pipelined_ns"),
 }
 
 # Per suite: figure -> the figure it must be compared with (ratio_to) in the same run.
@@ -56,6 +59,12 @@ RATIOS = {
     "messages": {
         "decode_copy_in_32b_ns": "decode_in_place_32b_ns",
         "decode_copy_in_1k_ns": "decode_in_place_1k_ns",
+    },
+    "rpc": {
+        **{a + s: f + s for a, f in [("peer_capnp_null_call_rtt_ns", "floor_socketpair_rtt_ns"),
+                                      ("peer_capnp_chain10_pipelined_ns",
+                                       "peer_capnp_null_call_rtt_ns")]
+           for s in ("", "_p99", "_p999")},
     },
 }
 
