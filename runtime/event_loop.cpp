@@ -314,6 +314,8 @@ EventLoop::~EventLoop() {
 EventLoop* EventLoop::current() noexcept { return tCurrentLoop; }
 
 Backend EventLoop::backend() const noexcept { return core_->backend().kind(); }
+bool EventLoop::hasQueuedTasks() const noexcept { return !core_->idle(); }
+
 bool EventLoop::hasNativeFutexWait() const noexcept {
   return core_->backend().hasNativeFutexWait();
 }

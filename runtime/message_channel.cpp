@@ -88,7 +88,14 @@ Promise<T> awaitAttempt(EventLoop& loop, Doorbell* bell, int peerFd, AsyncWaitPo
                         Attempt attempt, CheckPeer checkPeer) {
   Result<T> r = attempt();
   for (uint32_t i = 0; r.code() == Errc::WOULD_BLOCK && i < policy.spinIterations; ++i) {
-    cpuRelax();
+    // Spin only while the loop has nothing else to run: a queued Task (often the very work that
+    // will produce what we wait for, such as a deferred doorbell flush, or the caller's next
+    // step) runs first, so a long spin budget never stalls the loop's thread.
+    if (loop.hasQueuedTasks()) {
+      co_await loop.yield();
+    } else {
+      cpuRelax();
+    }
     r = attempt();
   }
   if (r.code() != Errc::WOULD_BLOCK || bell == nullptr) co_return r;

@@ -229,6 +229,28 @@ TEST_P(MessageChannelAsyncTest, ParkedReceiveWakesWhenAMessageArrives) {
   EXPECT_EQ(e.dataSleepers(), 0u) << "the announce was withdrawn";
 }
 
+// A sender that runs on the same loop after one yield.
+Promise<void> sendPointAfterYield(EventLoop& loop, MessageSender& tx, int32_t x) {
+  co_await loop.yield();
+  co_return sendPoint(tx, x);
+}
+
+TEST_P(MessageChannelAsyncTest, SpinningReceiveYieldsToQueuedTasksOnItsLoop) {
+  // A spin budget of a billion retries would take seconds if the spin held the loop's thread;
+  // the message comes from a task queued on the same loop, so it only arrives if the spin yields.
+  Watchdog dog("SpinningReceiveYieldsToQueuedTasksOnItsLoop", 20s);
+  Endpoints e(options());
+  EventLoop loop(loopOptions());
+  loop.spawn(sendPointAfterYield(loop, *e.tx, 55));
+  const auto start = std::chrono::steady_clock::now();
+  Result<int32_t> x =
+      loop.run(receivePoint(loop, *e.rx, AsyncWaitPolicy{.spinIterations = 1'000'000'000}));
+  ASSERT_TRUE(x.ok());
+  EXPECT_EQ(*x, 55);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 5s) << "the spin starved the sender";
+  EXPECT_EQ(e.dataSleepers(), 0u) << "it never needed to park";
+}
+
 TEST_P(MessageChannelAsyncTest, ReceiveOfAWaitingMessageCompletesWithoutParking) {
   Endpoints e(options());
   EventLoop loop(loopOptions());

@@ -115,6 +115,10 @@ class EventLoop {
   // unposted elsewhere until it has run.
   void postFromAnyThread(Task& task) noexcept;
 
+  // Whether Tasks are queued to run (posted here or from another thread). A coroutine that
+  // busy-polls on the loop's thread checks it to yield instead of starving them.
+  bool hasQueuedTasks() const noexcept;
+
   // Runs the loop until `promise` completes; returns its result. Not re-entrant.
   template <class T>
   Result<T> run(Promise<T> promise) {
