@@ -146,7 +146,9 @@ void LoopCore::drainRemote() noexcept {
 }
 
 void LoopCore::runTasks() noexcept {
+  // Stops early once run()'s promise is ready: run() returns at once, the rest stays queued.
   for (uint32_t n = 0; n < MAX_TASKS_PER_TURN && !runQueue_.empty(); ++n) {
+    if (awaited_ != nullptr && awaited_->isReady()) return;
     Task& task = runQueue_.front();
     runQueue_.pop_front();
     transfers_ = 0;
@@ -187,6 +189,7 @@ void LoopCore::recheckNativeFutexes(TimePoint now) noexcept {
 void LoopCore::turn(const PromiseNodeBase* awaited, bool mayBlock) {
   AGATE_REQUIRE(!inTurn_, "run() or runUntilIdle() called from inside the loop it runs");
   inTurn_ = true;
+  awaited_ = awaited;
   drainRemote();
   runTasks();
   TimePoint now = std::chrono::steady_clock::now();
@@ -216,6 +219,7 @@ void LoopCore::turn(const PromiseNodeBase* awaited, bool mayBlock) {
   fireTimers(now);
   pollFutexes();
   recheckNativeFutexes(now);
+  awaited_ = nullptr;
   inTurn_ = false;
 }
 
@@ -314,7 +318,7 @@ EventLoop::~EventLoop() {
 EventLoop* EventLoop::current() noexcept { return tCurrentLoop; }
 
 Backend EventLoop::backend() const noexcept { return core_->backend().kind(); }
-bool EventLoop::hasQueuedTasks() const noexcept { return !core_->idle(); }
+bool EventLoop::busyPollShouldYield() const noexcept { return core_->busyPollShouldYield(); }
 
 bool EventLoop::hasNativeFutexWait() const noexcept {
   return core_->backend().hasNativeFutexWait();

@@ -119,6 +119,10 @@ class LoopCore {
   bool idle() const noexcept {
     return runQueue_.empty() && !remoteHead_.load(std::memory_order_acquire);
   }
+  // See EventLoop::busyPollShouldYield. Loop thread only.
+  bool busyPollShouldYield() const noexcept {
+    return !inTurn_ || !idle() || (awaited_ != nullptr && awaited_->isReady());
+  }
   bool consumeTransferBudget() noexcept { return ++transfers_ <= MAX_SYMMETRIC_TRANSFERS; }
 
   void addTimer(TimerNode& t) noexcept { timers_.insert(t); }
@@ -150,6 +154,7 @@ class LoopCore {
   IoOp::List polledFutexes_;  // waits the backend cannot do natively: re-read every turn
   IoOp::List liveOps_;        // every other op the loop allocated and not yet freed
   uint32_t transfers_ = 0;
+  const PromiseNodeBase* awaited_ = nullptr;  // what the current turn's run() waits for, or null
   bool inTurn_ = false;  // run()/runUntilIdle() must not be called from a Task or coroutine
   uint32_t nativeFutexWaits_ = 0;  // FUTEX_WAIT ops in the kernel (not completed early)
   TimePoint nextFutexRecheck_{};

@@ -88,10 +88,11 @@ Promise<T> awaitAttempt(EventLoop& loop, Doorbell* bell, int peerFd, AsyncWaitPo
                         Attempt attempt, CheckPeer checkPeer) {
   Result<T> r = attempt();
   for (uint32_t i = 0; r.code() == Errc::WOULD_BLOCK && i < policy.spinIterations; ++i) {
-    // Spin only while the loop has nothing else to run: a queued Task (often the very work that
-    // will produce what we wait for, such as a deferred doorbell flush, or the caller's next
-    // step) runs first, so a long spin budget never stalls the loop's thread.
-    if (loop.hasQueuedTasks()) {
+    // Spin only while the loop has nothing else to do (event_loop.h): a queued Task (often the
+    // very work that will produce what we wait for, such as a deferred doorbell flush) runs
+    // first, run() returns as soon as its promise is ready, and an eager start returns to its
+    // caller, so a long spin budget never stalls the loop's thread.
+    if (loop.busyPollShouldYield()) {
       co_await loop.yield();
     } else {
       cpuRelax();

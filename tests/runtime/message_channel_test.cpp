@@ -251,6 +251,36 @@ TEST_P(MessageChannelAsyncTest, SpinningReceiveYieldsToQueuedTasksOnItsLoop) {
   EXPECT_EQ(e.dataSleepers(), 0u) << "it never needed to park";
 }
 
+// Receives one message, then starts waiting for the next (spinning) before returning the first.
+Promise<int32_t> receiveThenSpinForTheNext(EventLoop& loop, MessageReceiver& rx,
+                                           Fulfiller<int32_t>& first, AsyncWaitPolicy policy) {
+  int32_t x = 0;
+  {
+    Result<IncomingMessage> in = co_await rx.receiveAsync(loop, policy);
+    if (!in) co_return in.error();
+    x = in->getRoot<test::Point>().getX();
+  }  // the frame goes back before the next receive
+  first.fulfill(x);
+  co_return co_await receivePoint(loop, rx, policy);  // nothing will come: spins, then parks
+}
+
+TEST_P(MessageChannelAsyncTest, RunReturnsWhileAnotherCoroutineSpinsOnTheLoop) {
+  // A pump-like coroutine fulfils what run() waits for and goes straight back to spinning on
+  // an empty ring; run() must get control back at once, not after a billion retries.
+  Watchdog dog("RunReturnsWhileAnotherCoroutineSpinsOnTheLoop", 20s);
+  Endpoints e(options());
+  EventLoop loop(loopOptions());
+  ASSERT_TRUE(sendPoint(*e.tx, 9).ok());
+  auto [first, fulfiller] = newPromiseAndFulfiller<int32_t>();
+  Promise<int32_t> pump = receiveThenSpinForTheNext(
+      loop, *e.rx, fulfiller, AsyncWaitPolicy{.spinIterations = 1'000'000'000});
+  const auto start = std::chrono::steady_clock::now();
+  Result<int32_t> x = loop.run(std::move(first));
+  ASSERT_TRUE(x.ok());
+  EXPECT_EQ(*x, 9);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 5s) << "the spin held run() back";
+}
+
 TEST_P(MessageChannelAsyncTest, ReceiveOfAWaitingMessageCompletesWithoutParking) {
   Endpoints e(options());
   EventLoop loop(loopOptions());

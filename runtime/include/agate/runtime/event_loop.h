@@ -115,11 +115,15 @@ class EventLoop {
   // unposted elsewhere until it has run.
   void postFromAnyThread(Task& task) noexcept;
 
-  // Whether Tasks are queued to run (posted here or from another thread). A coroutine that
-  // busy-polls on the loop's thread checks it to yield instead of starving them.
-  bool hasQueuedTasks() const noexcept;
+  // Whether a coroutine busy-polling on this loop's thread must yield now rather than spin on:
+  // it runs outside a turn (started eagerly: its caller waits to get control back), Tasks are
+  // queued (posted here or from another thread), or the promise run() waits for is ready. Such
+  // a coroutine spins only while this is false, so it never starves other work nor holds back
+  // run() or its own starter.
+  bool busyPollShouldYield() const noexcept;
 
-  // Runs the loop until `promise` completes; returns its result. Not re-entrant.
+  // Runs the loop until `promise` completes; returns its result as soon as it is ready (Tasks
+  // still queued then run at the next turn). Not re-entrant.
   template <class T>
   Result<T> run(Promise<T> promise) {
     AGATE_REQUIRE(promise.isValid(), "run() of a moved-from promise");

@@ -30,9 +30,9 @@
 // IncomingMessage at a time per MessageReceiver (precondition, checked).
 //
 // Awaiting (receiveAsync, startMessageAsync). The coroutine first retries the non-blocking call
-// `spinIterations` times (yielding to the loop's queued Tasks between retries whenever there are
-// any, so spinning never delays other work on the loop), then parks without blocking the loop's
-// thread:
+// `spinIterations` times (yielding to the loop between retries whenever it has other work or the
+// call was started outside a turn: EventLoop::busyPollShouldYield; spinning never delays other
+// work), then parks without blocking the loop's thread:
 //   announce on the doorbell -> re-check -> await the first of
 //     (a) the doorbell: loop.waitFutex(futexWord, snapshot) when the loop has a native futex wait
 //         (io_uring), else the doorbell's eventfd (loop.waitReady) when the channel has one
