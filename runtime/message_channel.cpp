@@ -1,6 +1,7 @@
 #include "agate/runtime/message_channel.h"
 
 #include <poll.h>
+#include <sched.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -8,6 +9,10 @@
 
 namespace agate {
 namespace {
+
+// A spinning waiter gives its CPU away this often: on a machine with fewer CPUs than spinning
+// parties (two vCPUs here), the peer it waits for may be queued behind it on the same CPU.
+constexpr uint32_t SPINS_PER_SCHED_YIELD = 4096;
 
 // Withdraws a doorbell announce when it goes out of scope: on the normal path and when a parked
 // coroutine's frame is destroyed because its promise was dropped.
@@ -94,6 +99,8 @@ Promise<T> awaitAttempt(EventLoop& loop, Doorbell* bell, int peerFd, AsyncWaitPo
     // caller, so a long spin budget never stalls the loop's thread.
     if (loop.busyPollShouldYield()) {
       co_await loop.yield();
+    } else if ((i + 1) % SPINS_PER_SCHED_YIELD == 0) {
+      sched_yield();  // a peer preempted onto this CPU gets to produce what we wait for
     } else {
       cpuRelax();
     }
