@@ -524,7 +524,18 @@ KernelSnapshot Kernel::snapshot() const {
 }
 
 void Kernel::verifyInvariants() const {
-  forEachBank(*systemBank_, [](const SpaceBank& b) { b.verifyInvariants(); });
+  forEachBank(*systemBank_, [](const SpaceBank& b) {
+    b.verifyInvariants();
+    for (const auto& o : b.objects()) {
+      if (o->type() == ObjectType::NOTIFICATION) static_cast<const Notification&>(*o).verifyLinks();
+      if (o->type() == ObjectType::EVENT_BUFFER) {
+        const Notification* n = static_cast<const EventBuffer&>(*o).notification();
+        AGATE_ASSERT(n == nullptr || n->hasBuffer(static_cast<const EventBuffer&>(*o)),
+                     "event buffer %lu: its notification does not list it",
+                     static_cast<unsigned long>(o->koid()));
+      }
+    }
+  });
   for (const auto& [pid, p] : processes_) {
     AGATE_ASSERT(p->bank().parent() == systemBank_.get() && p->cspace().owner() == &p->bank(),
                  "process %u: bank or CSpace misplaced", pid);

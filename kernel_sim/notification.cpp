@@ -88,6 +88,19 @@ void Notification::attachBuffer(EventBuffer& buffer) { buffers_.push_back(&buffe
 
 void Notification::detachBuffer(EventBuffer& buffer) noexcept { std::erase(buffers_, &buffer); }
 
+bool Notification::hasBuffer(const EventBuffer& buffer) const noexcept {
+  return std::find(buffers_.begin(), buffers_.end(), &buffer) != buffers_.end();
+}
+
+void Notification::verifyLinks() const {
+  for (const SpaceBank* bank : watched_)
+    AGATE_ASSERT(bank->hasObserver(*this), "notification %lu watches bank %lu, unobserved",
+                 static_cast<unsigned long>(koid()), static_cast<unsigned long>(bank->koid()));
+  for (const EventBuffer* buffer : buffers_)
+    AGATE_ASSERT(buffer->notification() == this, "notification %lu: buffer %lu points elsewhere",
+                 static_cast<unsigned long>(koid()), static_cast<unsigned long>(buffer->koid()));
+}
+
 void Notification::teardown() noexcept {
   for (SpaceBank* bank : watched_) bank->removeObserver(*this);
   watched_.clear();

@@ -175,6 +175,10 @@ void SpaceBank::adoptCreditMemory(KernelPage page, PageCharge&& charge) noexcept
 
 void SpaceBank::addObserver(BankObserver& observer) { observers_.push_back(&observer); }
 
+bool SpaceBank::hasObserver(const BankObserver& observer) const noexcept {
+  return std::find(observers_.begin(), observers_.end(), &observer) != observers_.end();
+}
+
 void SpaceBank::removeObserver(BankObserver& observer) noexcept {
   std::erase(observers_, &observer);
 }

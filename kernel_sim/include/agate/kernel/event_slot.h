@@ -18,6 +18,11 @@
 // re-check sees a change. One writer per slot: two writers on one slot would corrupt the
 // sequence (a writer that needs that must serialise itself).
 //
+// Waking readers: after a post (or a batch of posts) the writer rings the event buffer's
+// notification (notification.h, event_buffer.h) with the doorbell protocol; the doorbell's RMW
+// on `sleepers` orders the posts before the ring, so a woken reader's re-scan sees them. A reader
+// finds the changed slots by comparing each slot's sequence with the last one it consumed.
+//
 // Untrusted contents: the writer is another process. The reader copies a slot once into an
 // EventRecord and treats the words as opaque data to validate; a writer that never finishes a
 // post (stays odd) makes tryReadEvent return false after a bounded number of tries, never hang.

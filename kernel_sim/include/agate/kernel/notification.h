@@ -98,6 +98,11 @@ class Notification final : public KernelObject, private BankObserver {
   void attachBuffer(EventBuffer& buffer);
   void detachBuffer(EventBuffer& buffer) noexcept;
   size_t bufferCount() const noexcept { return buffers_.size(); }
+  bool hasBuffer(const EventBuffer& buffer) const noexcept;
+
+  // Checks that every watched bank has this as an observer and every attached buffer points
+  // back; aborts on a violation. O(watched banks x their observers + buffers).
+  void verifyLinks() const;
 
  private:
   void teardown() noexcept override;

@@ -173,6 +173,7 @@ class SpaceBank final : public KernelObject {
   void addObserver(BankObserver& observer);
   void removeObserver(BankObserver& observer) noexcept;
   size_t observerCount() const noexcept { return observers_.size(); }
+  bool hasObserver(const BankObserver& observer) const noexcept;
 
   // Checks this bank's accounting and its objects' back links (not the subtree); aborts on a
   // violation. O(objects + caps to them).
