@@ -327,7 +327,7 @@ Result<Handle> Kernel::tryCreateNotification(ProcessId pid, Handle bank, bool wa
   auto c = (*cspace)->lookup(bank, Rights::ALLOCATE, ObjectType::BANK);
   if (!c) return c.error();
   SpaceBank& from = c->as<SpaceBank>();
-  auto objectCharge = from.tryReserveObject(Notification::PAGES);
+  auto objectCharge = from.tryReserveObject(Notification::pagesFor(wantWakeFd));
   if (!objectCharge) return objectCharge.error();
   // After the quota check (a refused call makes nothing), before anything changes.
   auto parts = Notification::tryCreateParts(wantWakeFd);

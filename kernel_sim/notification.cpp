@@ -23,6 +23,9 @@ Result<Notification::Parts> Notification::tryCreateParts(bool wantWakeFd) {
   if (::pipe2(ends, O_CLOEXEC) != 0) return Error::fromErrno(errno, "pipe2 for a wake fd failed");
   parts.wakeRead.reset(ends[0]);
   parts.wakeWrite.reset(ends[1]);
+  // The buffer is charged as WAKE_PIPE_PAGES; a ring is 8 bytes, so one page holds 512 of them.
+  if (::fcntl(ends[1], F_SETPIPE_SZ, static_cast<int>(WAKE_PIPE_PAGES * PAGE_BYTES)) < 0)
+    return Error::fromErrno(errno, "shrinking a wake pipe failed");
   // The kernel's own open file description of the write end: holders share wakeWrite's (and can
   // change its flags), never this one's.
   char path[64];

@@ -61,6 +61,9 @@ TEST(NotificationTest, CreatingChargesItsPageAndGivesASealedSharedDoorbellPage) 
   Handle n = handleOf(k.tryCreateNotification(p.pid, p.bank, false));
   EXPECT_EQ(usedOf(k, p.pid, p.bank), before + Notification::PAGES)
       << "its record fits on the CSpace's record page";
+  (void)handleOf(k.tryCreateNotification(p.pid, p.bank, true));
+  EXPECT_EQ(usedOf(k, p.pid, p.bank), before + 2 * Notification::PAGES + 1)
+      << "a wake pipe costs its buffer's page";
   auto info = k.tryInspectCap(p.pid, n);
   ASSERT_TRUE(info.ok());
   EXPECT_EQ(info->type, ObjectType::NOTIFICATION);
@@ -113,6 +116,8 @@ TEST(NotificationTest, AWakeFdWaiterIsWokenByTheKernelAndByAWriterHoldingTheRing
   ASSERT_TRUE(fds.ok());
   ASSERT_TRUE(fds->wakeFd.valid());
   ASSERT_TRUE(fds->ringFd.valid()) << "the creator's cap has WRITE";
+  EXPECT_EQ(::fcntl(fds->wakeFd.get(), F_GETPIPE_SZ), static_cast<int>(PAGE_BYTES))
+      << "the pipe's buffer is the one page it is charged";
   Mapped m(*fds);
   (void)m.doorbell().announce(/*viaEventfd=*/true);
   EXPECT_FALSE(readable(fds->wakeFd.get()));

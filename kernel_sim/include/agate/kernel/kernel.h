@@ -206,8 +206,8 @@ class Kernel final : private LifecycleObserver {
   Result<Fd> tryMapBankCredit(ProcessId pid, Handle bank);
 
   // A notification charged to `bank` (needs ALLOCATE): one page for its doorbell word plus its
-  // record; `wantWakeFd` adds a wake pipe (notification.h says why not an eventfd). Returns the
-  // creator's cap. SYSTEM_ERROR if the page or pipe cannot be made.
+  // record; `wantWakeFd` adds a wake pipe (notification.h says why not an eventfd) and the page
+  // of its buffer. Returns the creator's cap. SYSTEM_ERROR if the page or pipe cannot be made.
   Result<Handle> tryCreateNotification(ProcessId pid, Handle bank, bool wantWakeFd);
   // Descriptors to wait on a notification (needs READ); with WRITE also its ring end.
   Result<NotificationFds> tryNotificationFds(ProcessId pid, Handle notification) const;

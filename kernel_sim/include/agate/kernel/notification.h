@@ -18,7 +18,8 @@
 // holder, so a hostile holder could clear O_NONBLOCK and saturate the counter, and the kernel's
 // next write() would block the kernel forever. The kernel writes the pipe through its own file
 // description, opened O_NONBLOCK from /proc/self/fd and never handed out: no holder can make
-// it blocking, and a full pipe just answers EAGAIN (it is already readable).
+// it blocking, and a full pipe just answers EAGAIN (it is already readable). The pipe's buffer is
+// kernel memory: it is shrunk to one page (F_SETPIPE_SZ) and that page is charged to the bank.
 //
 // Rights (a cap to a notification):
 //  * READ: Kernel::tryNotificationFds gives the page and `wakeFd` (to wait).
@@ -60,7 +61,12 @@ struct NotificationFds {
 class Notification final : public KernelObject, private BankObserver {
  public:
   static constexpr ObjectType TYPE = ObjectType::NOTIFICATION;
-  static constexpr uint64_t PAGES = 1;
+  static constexpr uint64_t PAGES = 1;            // the doorbell page
+  static constexpr uint64_t WAKE_PIPE_PAGES = 1;  // the wake pipe's buffer, shrunk to one page
+  // Pages a notification is charged besides its record.
+  static constexpr uint64_t pagesFor(bool wantWakeFd) noexcept {
+    return PAGES + (wantWakeFd ? WAKE_PIPE_PAGES : 0);
+  }
   static constexpr size_t MAX_WATCHED_BANKS = 64;
   static constexpr uint64_t WAKE_BYTES = 8;  // what one ring writes to the wake pipe
 
