@@ -303,6 +303,112 @@ Result<std::vector<Fd>> Kernel::tryBushelFds(ProcessId pid, Handle bushel) const
   return fds;
 }
 
+Result<Fd> Kernel::tryMapBankCredit(ProcessId pid, Handle bank) {
+  auto b = tryFindBank(pid, bank, Rights::READ);
+  if (!b) return b.error();
+  SpaceBank& target = **b;
+  if (const KernelPage* page = target.creditMemory()) return page->tryDuplicate();
+  // The page is the bank's own cost: reserved on it, then made, then duplicated; any failure
+  // refunds the reservation and closes what was made.
+  auto charge = target.tryReserve(1);
+  if (!charge) return charge.error();
+  auto page = KernelPage::tryCreate("agate-bank-credit", HolderAccess::READ_ONLY);
+  if (!page) return page.error();
+  auto fd = page->tryDuplicate();
+  if (!fd) return fd.error();
+
+  target.adoptCreditMemory(std::move(*page), std::move(*charge));
+  return std::move(*fd);
+}
+
+Result<Handle> Kernel::tryCreateNotification(ProcessId pid, Handle bank, bool wantWakeFd) {
+  auto cspace = findCSpace(pid);
+  if (!cspace) return cspace.error();
+  auto c = (*cspace)->lookup(bank, Rights::ALLOCATE, ObjectType::BANK);
+  if (!c) return c.error();
+  SpaceBank& from = c->as<SpaceBank>();
+  auto objectCharge = from.tryReserveObject(Notification::pagesFor(wantWakeFd));
+  if (!objectCharge) return objectCharge.error();
+  // After the quota check (a refused call makes nothing), before anything changes.
+  auto parts = Notification::tryCreateParts(wantWakeFd);
+  if (!parts) return parts.error();
+  auto slotCharge = (*cspace)->tryReserveSlot();
+  if (!slotCharge) return slotCharge.error();  // objectCharge refunds itself
+
+  Notification& n = from.adopt<Notification>(std::move(*objectCharge), std::move(*parts));
+  return (*cspace)->insert(n, CREATOR, 0, nullptr, std::move(*slotCharge));
+}
+
+Result<NotificationFds> Kernel::tryNotificationFds(ProcessId pid, Handle notification) const {
+  auto cspace = findCSpace(pid);
+  if (!cspace) return cspace.error();
+  auto c = (*cspace)->lookup(notification, Rights::READ, ObjectType::NOTIFICATION);
+  if (!c) return c.error();
+  return c->as<Notification>().tryDuplicateFds(hasRights(c->rights, Rights::WRITE));
+}
+
+Status Kernel::trySignal(ProcessId pid, Handle notification) {
+  auto cspace = findCSpace(pid);
+  if (!cspace) return cspace.error();
+  auto c = (*cspace)->lookup(notification, Rights::WRITE, ObjectType::NOTIFICATION);
+  if (!c) return c.error();
+  c->as<Notification>().signal();
+  return {};
+}
+
+Status Kernel::tryBindBankNotification(ProcessId pid, Handle bank, Handle notification) {
+  auto cspace = findCSpace(pid);
+  if (!cspace) return cspace.error();
+  auto b = (*cspace)->lookup(bank, Rights::READ, ObjectType::BANK);
+  if (!b) return b.error();
+  auto n = (*cspace)->lookup(notification, Rights::WRITE, ObjectType::NOTIFICATION);
+  if (!n) return n.error();
+  return n->as<Notification>().tryWatchBank(b->as<SpaceBank>());
+}
+
+Status Kernel::tryUnbindBankNotification(ProcessId pid, Handle bank, Handle notification) {
+  auto cspace = findCSpace(pid);
+  if (!cspace) return cspace.error();
+  auto b = (*cspace)->lookup(bank, Rights::READ, ObjectType::BANK);
+  if (!b) return b.error();
+  auto n = (*cspace)->lookup(notification, Rights::WRITE, ObjectType::NOTIFICATION);
+  if (!n) return n.error();
+  return n->as<Notification>().tryUnwatchBank(b->as<SpaceBank>());
+}
+
+Result<Handle> Kernel::tryCreateEventBuffer(ProcessId pid, Handle bank, uint32_t slots,
+                                            Handle notification) {
+  auto cspace = findCSpace(pid);
+  if (!cspace) return cspace.error();
+  auto c = (*cspace)->lookup(bank, Rights::ALLOCATE, ObjectType::BANK);
+  if (!c) return c.error();
+  auto n = (*cspace)->lookup(notification, Rights::WRITE, ObjectType::NOTIFICATION);
+  if (!n) return n.error();
+  if (slots == 0 || slots > EventBuffer::MAX_SLOTS)
+    return Error(Errc::INVALID_ARGUMENT, "event buffer slot count out of range");
+  SpaceBank& from = c->as<SpaceBank>();
+  const uint64_t pages = EventBuffer::pagesFor(slots);
+  auto objectCharge = from.tryReserveObject(pages);
+  if (!objectCharge) return objectCharge.error();
+  auto memfd = SealedMemfd::tryCreate(pages * PAGE_BYTES, "agate-event-buffer");
+  if (!memfd) return memfd.error();
+  auto slotCharge = (*cspace)->tryReserveSlot();
+  if (!slotCharge) return slotCharge.error();  // objectCharge refunds itself
+
+  EventBuffer& buffer = from.adopt<EventBuffer>(std::move(*objectCharge), slots, std::move(*memfd),
+                                                n->as<Notification>());
+  return (*cspace)->insert(buffer, CREATOR, 0, nullptr, std::move(*slotCharge));
+}
+
+Result<EventBufferMapping> Kernel::tryMapEventBuffer(ProcessId pid, Handle buffer, bool writable) {
+  auto cspace = findCSpace(pid);
+  if (!cspace) return cspace.error();
+  const Rights need = writable ? Rights::READ | Rights::WRITE : Rights::READ;
+  auto c = (*cspace)->lookup(buffer, need, ObjectType::EVENT_BUFFER);
+  if (!c) return c.error();
+  return c->as<EventBuffer>().tryMap(writable);
+}
+
 Result<Handle> Kernel::tryGrantRegistry(ProcessId pid, Rights rights) {
   auto cspace = findCSpace(pid);
   if (!cspace) return cspace.error();
@@ -394,7 +500,8 @@ KernelSnapshot Kernel::snapshot() const {
   KernelSnapshot snap;
   forEachBank(*systemBank_, [&](const SpaceBank& b) {
     snap.banks.push_back({b.koid(), b.parent() ? b.parent()->koid() : 0, b.used(), b.limit(),
-                          b.ownPages(), b.objectCount(), b.capCount()});
+                          b.ownPages(), b.objectCount(), b.capCount(),
+                          static_cast<uint32_t>(b.observerCount()), b.creditMemory() != nullptr});
     snap.objects += b.objectCount();
   });
   std::unordered_map<const CSpace*, ProcessId> pidOf;
@@ -417,7 +524,18 @@ KernelSnapshot Kernel::snapshot() const {
 }
 
 void Kernel::verifyInvariants() const {
-  forEachBank(*systemBank_, [](const SpaceBank& b) { b.verifyInvariants(); });
+  forEachBank(*systemBank_, [](const SpaceBank& b) {
+    b.verifyInvariants();
+    for (const auto& o : b.objects()) {
+      if (o->type() == ObjectType::NOTIFICATION) static_cast<const Notification&>(*o).verifyLinks();
+      if (o->type() == ObjectType::EVENT_BUFFER) {
+        const Notification* n = static_cast<const EventBuffer&>(*o).notification();
+        AGATE_ASSERT(n == nullptr || n->hasBuffer(static_cast<const EventBuffer&>(*o)),
+                     "event buffer %lu: its notification does not list it",
+                     static_cast<unsigned long>(o->koid()));
+      }
+    }
+  });
   for (const auto& [pid, p] : processes_) {
     AGATE_ASSERT(p->bank().parent() == systemBank_.get() && p->cspace().owner() == &p->bank(),
                  "process %u: bank or CSpace misplaced", pid);

@@ -1,6 +1,7 @@
 #include "agate/kernel/space_bank.h"
 
 #include <algorithm>
+#include <new>
 
 namespace agate::kernel {
 
@@ -158,7 +159,25 @@ void SpaceBank::setCreditPage(BankCreditPage* page) noexcept {
   publish();
 }
 
+void SpaceBank::adoptCreditMemory(KernelPage page, PageCharge&& charge) noexcept {
+  AGATE_ASSERT(creditMemory_.data() == nullptr && page.data() != nullptr,
+               "bank %lu: credit memory adopted twice", static_cast<unsigned long>(koid()));
+  AGATE_ASSERT(charge.bank_ == this && !charge.record_ && charge.pages_ == 1,
+               "bank %lu: credit memory needs a one-page charge on the bank itself",
+               static_cast<unsigned long>(koid()));
+  charge.commit();
+  creditMemory_ = std::move(page);
+  // A placement of the layout into zeroed shared memory: the atomics' zero state is their initial
+  // state, and only this (single-threaded) kernel writes them.
+  creditPage_ = new (creditMemory_.data()) BankCreditPage;
+  publish();
+}
+
 void SpaceBank::addObserver(BankObserver& observer) { observers_.push_back(&observer); }
+
+bool SpaceBank::hasObserver(const BankObserver& observer) const noexcept {
+  return std::find(observers_.begin(), observers_.end(), &observer) != observers_.end();
+}
 
 void SpaceBank::removeObserver(BankObserver& observer) noexcept {
   std::erase(observers_, &observer);
@@ -174,7 +193,7 @@ void SpaceBank::verifyInvariants() const {
                static_cast<unsigned long>(used_), static_cast<unsigned long>(limit_));
   AGATE_ASSERT(records_ == objects_.size(), "bank %lu: %lu records for %zu objects", k,
                static_cast<unsigned long>(records_), objects_.size());
-  uint64_t own = recordPages(records_);
+  uint64_t own = recordPages(records_) + (creditMemory_.data() ? 1 : 0);
   uint64_t children = 0;
   for (size_t i = 0; i < objects_.size(); ++i) {
     const KernelObject& o = *objects_[i];

@@ -1,7 +1,10 @@
 // Helpers shared by the kernel_sim tests.
 #pragma once
 
+#include <dirent.h>
 #include <gtest/gtest.h>
+
+#include <cstddef>
 
 #include "agate/kernel/kernel.h"
 
@@ -29,6 +32,18 @@ inline uint64_t usedOf(const Kernel& k, ProcessId pid, Handle bank) {
   auto b = k.tryFindBank(pid, bank, Rights::NONE);
   EXPECT_TRUE(b.ok());
   return b.ok() ? (*b)->used() : 0;
+}
+
+// Descriptors this process has open (the kernel's memfds, pipes and mappings' descriptors are
+// real ones in the test process).
+inline size_t countOpenFds() {
+  size_t n = 0;
+  DIR* d = ::opendir("/proc/self/fd");
+  EXPECT_NE(d, nullptr);
+  if (!d) return 0;
+  while (::readdir(d)) ++n;
+  ::closedir(d);
+  return n;
 }
 
 }  // namespace agate::kernel::test

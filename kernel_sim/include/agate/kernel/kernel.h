@@ -16,13 +16,17 @@
 //    read-only (the write-seal mechanism is explained there).
 //  * Registry, Service (registry.h): the name service.
 //  * Bushel (bushel.h): a client's two SHARED rings to a service.
+//  * Notification (notification.h): a doorbell word in a shared page, and a wake descriptor.
+//  * EventBuffer (event_buffer.h, event_slot.h): coalescing seqlocked slots, server-written,
+//    client-read, with a notification.
 //  * Process (process.h): a CSpace plus the bank the process owns.
 //
 // What dies when. Bushels die when the last cap to them is deleted (the Kernel queues them as
 // the cap goes and destroys them once the call's state is final), and with their bank or their
-// service. Banks, regions and services live until destroyed (DESTROY) or until their bank goes;
-// deleting their last cap leaves them charged to their bank (KeyKOS: the bank owner reclaims
-// them by destroying the bank). The registry lives as long as the Kernel.
+// service. Banks, regions, services, notifications and event buffers live until destroyed
+// (DESTROY) or until their bank goes; deleting their last cap leaves them charged to their bank
+// (KeyKOS: the bank owner reclaims them by destroying the bank). The registry lives as long as the
+// Kernel.
 //
 // Events (kernel_event.h): BUSHEL_OPENED / BUSHEL_CLOSED / SERVICE_GONE are queued per process;
 // the daemon drains them with takeEvents(pid) after each call.
@@ -47,7 +51,9 @@
 #include "agate/kernel/bushel.h"
 #include "agate/kernel/credit_page.h"
 #include "agate/kernel/cspace.h"
+#include "agate/kernel/event_buffer.h"
 #include "agate/kernel/kernel_event.h"
+#include "agate/kernel/notification.h"
 #include "agate/kernel/object.h"
 #include "agate/kernel/process.h"
 #include "agate/kernel/region.h"
@@ -89,6 +95,8 @@ struct KernelSnapshot {
     uint64_t ownPages = 0;
     uint64_t objects = 0;
     uint32_t caps = 0;
+    uint32_t observers = 0;     // BankObservers, i.e. notifications watching it
+    bool creditMemory = false;  // its credit page is kernel memory holders may map
     friend bool operator==(const Bank&, const Bank&) = default;
   };
   struct Cap {
@@ -188,6 +196,40 @@ class Kernel final : private LifecycleObserver {
   // The client's ring descriptors for a bushel (needs READ): [0] request (the client sends),
   // [1] reply (the client receives). SYSTEM_ERROR if they cannot be duplicated.
   Result<std::vector<Fd>> tryBushelFds(ProcessId pid, Handle bushel) const;
+
+  // A read-only descriptor of the bank's credit page (needs READ): one page holding a
+  // BankCreditPage (credit_page.h) the kernel republishes at every change of used/limit, and a
+  // last time with `destroyed` set; read it with tryReadCredit, no kernel call. The first call
+  // backs the page with a sealed memfd charged one page to the bank itself (QUOTA_EXCEEDED if the
+  // bank or an ancestor cannot pay); holders can never map it writable (F_SEAL_FUTURE_WRITE,
+  // sealed_memory.h). SYSTEM_ERROR if no memfd or descriptor can be made.
+  Result<Fd> tryMapBankCredit(ProcessId pid, Handle bank);
+
+  // A notification charged to `bank` (needs ALLOCATE): one page for its doorbell word plus its
+  // record; `wantWakeFd` adds a wake pipe (notification.h says why not an eventfd) and the page
+  // of its buffer. Returns the creator's cap. SYSTEM_ERROR if the page or pipe cannot be made.
+  Result<Handle> tryCreateNotification(ProcessId pid, Handle bank, bool wantWakeFd);
+  // Descriptors to wait on a notification (needs READ); with WRITE also its ring end.
+  Result<NotificationFds> tryNotificationFds(ProcessId pid, Handle notification) const;
+  // The kernel rings the notification (needs WRITE).
+  Status trySignal(ProcessId pid, Handle notification);
+  // The kernel rings `notification` (needs WRITE) whenever pages come back to `bank` (needs READ)
+  // or below it, and when the bank is destroyed. ALREADY_EXISTS if bound already; QUOTA_EXCEEDED
+  // past Notification::MAX_WATCHED_BANKS banks per notification.
+  Status tryBindBankNotification(ProcessId pid, Handle bank, Handle notification);
+  // Undoes a bind (the same rights); NOT_FOUND if they are not bound.
+  Status tryUnbindBankNotification(ProcessId pid, Handle bank, Handle notification);
+
+  // An event buffer of `slots` slots (1..EventBuffer::MAX_SLOTS) charged to `bank` (needs
+  // ALLOCATE), whose writers ring `notification` (needs WRITE). Returns the creator's cap
+  // (ALL rights: it maps the writable view, then hands out READ copies). SYSTEM_ERROR if the
+  // memfd cannot be made.
+  Result<Handle> tryCreateEventBuffer(ProcessId pid, Handle bank, uint32_t slots,
+                                      Handle notification);
+  // Descriptors to use an event buffer: `writable` needs READ|WRITE, else READ. Writers first,
+  // as for regions (event_buffer.h); PERMISSION_DENIED for a writable map after the first
+  // read-only one.
+  Result<EventBufferMapping> tryMapEventBuffer(ProcessId pid, Handle buffer, bool writable);
 
   // Destroys the object (needs DESTROY): every cap to it goes; a bank takes everything allocated
   // from it and from its descendants along. Pages go back to the object's bank.

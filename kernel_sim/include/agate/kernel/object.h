@@ -1,5 +1,5 @@
-// KernelObject: the base of every object the kernel holds (banks, CSpaces, regions; later
-// bushels, notifications, event buffers, registry entries).
+// KernelObject: the base of every object the kernel holds (banks, CSpaces, regions, services,
+// bushels, notifications, event buffers).
 //
 // Ownership. Every object but the system bank is owned by exactly one space bank, the one it was
 // allocated from (`owner()`), through a std::unique_ptr held in that bank. Destroying a bank
@@ -28,9 +28,11 @@ enum class ObjectType : uint16_t {
   BANK = 1,
   CSPACE = 2,
   REGION = 3,
-  REGISTRY = 4,  // the name service; one per kernel, owned by the system bank
-  SERVICE = 5,   // a registered name, owned by the server's bank
-  BUSHEL = 6,    // a client's connection to a service, owned by the bank the client paid with
+  REGISTRY = 4,      // the name service; one per kernel, owned by the system bank
+  SERVICE = 5,       // a registered name, owned by the server's bank
+  BUSHEL = 6,        // a client's connection to a service, owned by the bank the client paid with
+  NOTIFICATION = 7,  // a doorbell word (and a wake descriptor), owned by the bank that paid
+  EVENT_BUFFER = 8,  // coalescing event slots plus a notification, owned by the bank that paid
 };
 
 constexpr const char* objectTypeName(ObjectType t) noexcept {
@@ -49,6 +51,10 @@ constexpr const char* objectTypeName(ObjectType t) noexcept {
       return "service";
     case ObjectType::BUSHEL:
       return "bushel";
+    case ObjectType::NOTIFICATION:
+      return "notification";
+    case ObjectType::EVENT_BUFFER:
+      return "event_buffer";
   }
   return "unknown";
 }

@@ -37,6 +37,7 @@
 #include <cstdint>
 
 #include "agate/kernel/object.h"
+#include "agate/kernel/sealed_memory.h"
 #include "agate/runtime/fd.h"
 #include "agate/runtime/result.h"
 
@@ -63,7 +64,7 @@ class Region final : public KernelObject {
   Region(uint64_t pages, Fd memfd) noexcept;
 
   uint64_t pages() const noexcept { return pages_; }
-  bool writeSealed() const noexcept { return writeSealed_; }
+  bool writeSealed() const noexcept { return memfd_.writeSealed(); }
   // The kernel's descriptor (still owned here).
   int memfd() const noexcept { return memfd_.get(); }
 
@@ -75,9 +76,8 @@ class Region final : public KernelObject {
  private:
   void teardown() noexcept override { memfd_.reset(); }
 
-  uint64_t pages_;  // fixed for life: a sealed region never grows nor shrinks
-  Fd memfd_;        // closed on destruction
-  bool writeSealed_ = false;
+  uint64_t pages_;     // fixed for life: a sealed region never grows nor shrinks
+  SealedMemfd memfd_;  // writers first (sealed_memory.h); closed on destruction
 };
 
 }  // namespace agate::kernel

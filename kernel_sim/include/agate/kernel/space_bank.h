@@ -42,6 +42,7 @@
 
 #include "agate/kernel/credit_page.h"
 #include "agate/kernel/object.h"
+#include "agate/kernel/sealed_memory.h"
 #include "agate/runtime/result.h"
 
 namespace agate::kernel {
@@ -161,8 +162,18 @@ class SpaceBank final : public KernelObject {
   // The daemon's page that mirrors this bank's credit (null: none). Not owned; must stay valid
   // until replaced, or until the bank is destroyed (it is written a last time, `destroyed` set).
   void setCreditPage(BankCreditPage* page) noexcept;
+  // Backs the credit page with kernel memory holders map read-only (Kernel::tryMapBankCredit):
+  // `page` (HolderAccess::READ_ONLY) becomes the page published into, paid by `charge` (from
+  // tryReserve(1) on this bank; counted in ownPages() until the bank is destroyed). Once only.
+  void adoptCreditMemory(KernelPage page, PageCharge&& charge) noexcept;
+  // The adopted credit memory, or null.
+  const KernelPage* creditMemory() const noexcept {
+    return creditMemory_.data() ? &creditMemory_ : nullptr;
+  }
   void addObserver(BankObserver& observer);
   void removeObserver(BankObserver& observer) noexcept;
+  size_t observerCount() const noexcept { return observers_.size(); }
+  bool hasObserver(const BankObserver& observer) const noexcept;
 
   // Checks this bank's accounting and its objects' back links (not the subtree); aborts on a
   // violation. O(objects + caps to them).
@@ -189,7 +200,8 @@ class SpaceBank final : public KernelObject {
   Koid nextKoid_ = 1;       // meaningful in the system bank only: it numbers the whole tree
   SpaceBank* root_ = this;  // the system bank of this tree
   std::vector<std::unique_ptr<KernelObject>> objects_;
-  BankCreditPage* creditPage_ = nullptr;  // not owned
+  BankCreditPage* creditPage_ = nullptr;  // not owned (may point into creditMemory_)
+  KernelPage creditMemory_;               // one page charged here once adopted; empty before
   std::vector<BankObserver*> observers_;  // not owned
 };
 

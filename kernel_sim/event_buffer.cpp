@@ -1,0 +1,42 @@
+#include "agate/kernel/event_buffer.h"
+
+namespace agate::kernel {
+
+static_assert(PAGE_BYTES % sizeof(EventSlot) == 0, "slots never straddle a page");
+
+EventBuffer::EventBuffer(uint32_t slots, SealedMemfd memfd, Notification& notification)
+    : KernelObject(TYPE), slots_(slots), memfd_(std::move(memfd)), notification_(&notification) {
+  notification.attachBuffer(*this);
+}
+
+EventBuffer::~EventBuffer() {
+  AGATE_ASSERT(notification_ == nullptr, "event buffer %lu destroyed while linked",
+               static_cast<unsigned long>(koid()));
+}
+
+Result<EventBufferMapping> EventBuffer::tryMap(bool writable) {
+  // The notification's descriptors first: they change nothing, so a failure there leaves the
+  // memfd unsealed as well.
+  EventBufferMapping m;
+  if (notification_) {
+    auto fds = notification_->tryDuplicateFds(/*withRing=*/writable);
+    if (!fds) return fds.error();
+    m.notification = std::move(*fds);
+    m.hasNotification = true;
+  }
+  auto fd = memfd_.tryDuplicate(writable);
+  if (!fd) return fd.error();
+  m.fd = std::move(*fd);
+  m.bytes = memfd_.bytes();
+  m.slots = slots_;
+  m.writable = writable;
+  return m;
+}
+
+void EventBuffer::teardown() noexcept {
+  if (notification_) notification_->detachBuffer(*this);
+  notification_ = nullptr;
+  memfd_.reset();
+}
+
+}  // namespace agate::kernel
