@@ -63,7 +63,9 @@ class KernelProcess {
   // Stops the daemon if the test has not, and checks that it exited cleanly (status 0: no crash,
   // no sanitizer report, nothing leaked at exit under LeakSanitizer).
   ~KernelProcess() {
-    if (pid_ > 0) EXPECT_EQ(stop(), 0) << "agate-kernel did not exit cleanly";
+    if (pid_ > 0) {
+      EXPECT_EQ(stop(), 0) << "agate-kernel did not exit cleanly";
+    }
   }
   KernelProcess(const KernelProcess&) = delete;
   KernelProcess& operator=(const KernelProcess&) = delete;
