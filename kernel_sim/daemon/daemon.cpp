@@ -238,7 +238,7 @@ void KernelDaemon::handleEvents(int timeoutMs) {
           if ((flags & (EPOLLHUP | EPOLLRDHUP | EPOLLERR)) != 0) {
             doom(*s, "hung up");
           } else if ((flags & EPOLLIN) != 0) {
-            doom(*s, "sent a packet on its socket after attach");
+            doom(*s, "sent a packet on its socket after attach", Fault::ABUSE);
           } else if ((flags & EPOLLOUT) != 0 && s->socketFull) {
             s->socketFull = false;  // the outbox is retried on the next pass
             watchSocketWritable(*s, false);
@@ -441,8 +441,10 @@ bool KernelDaemon::serveSession(Session& s) {
     Result<Frame> frame = s.submissions.tryReceive();
     if (!frame) {
       if (frame.code() == Errc::WOULD_BLOCK) break;
-      doom(s, frame.code() == Errc::DISCONNECTED ? "closed its submission ring"
-                                                 : "corrupted its submission ring");
+      if (frame.code() == Errc::DISCONNECTED)
+        doom(s, "closed its submission ring");
+      else
+        doom(s, "corrupted its submission ring", Fault::ABUSE);
       break;
     }
     progress = true;
@@ -532,7 +534,7 @@ bool KernelDaemon::tryCommit(Session& s, std::span<const std::byte> bytes, uint6
                              std::vector<Fd>& fds) {
   Result<std::span<std::byte>> frame = s.completions.tryReserve(bytes.size());
   if (!frame) {
-    if (frame.code() != Errc::WOULD_BLOCK) doom(s, "broke its completion ring");
+    if (frame.code() != Errc::WOULD_BLOCK) doom(s, "broke its completion ring", Fault::ABUSE);
     return false;
   }
   if (!fds.empty()) {
@@ -609,10 +611,14 @@ void KernelDaemon::deliverEvents() {
   }
 }
 
-void KernelDaemon::doom(Session& s, const char* reason) {
+void KernelDaemon::doom(Session& s, const char* reason, Fault fault) {
   if (s.doomed) return;
   s.doomed = true;
   s.doomReason = reason;
+  // Deaths are normal; a process cut off for breaking the protocol is worth a line.
+  if (fault == Fault::ABUSE)
+    std::fprintf(stderr, "agate-kernel: disconnected process %u (%s, pid %d): %s\n", s.pid,
+                 s.name.c_str(), static_cast<int>(s.osPid), reason);
 }
 
 void KernelDaemon::reapDoomed() {
