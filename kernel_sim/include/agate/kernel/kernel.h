@@ -215,6 +215,10 @@ class Kernel final : private LifecycleObserver {
   // Checks every accounting and linkage invariant; a violation is a bug and aborts. O(state).
   void verifyInvariants() const;
 
+  // True while any process has events queued (O(1)): the daemon checks it after each call and
+  // drains takeEvents() only then.
+  bool hasPendingEvents() const noexcept { return !events_.empty(); }
+
  private:
   Result<CSpace*> findCSpace(ProcessId pid) const noexcept;
   // LifecycleObserver: queue last-cap objects; turn destructions into events.

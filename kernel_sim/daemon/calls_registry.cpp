@@ -1,0 +1,81 @@
+// Registry and bushel calls: grant a registry cap, register and look up a service, open a bushel
+// to one and fetch its ring descriptors.
+#include <string>
+#include <string_view>
+
+#include "syscalls.h"
+
+namespace agate::kernel::daemon {
+namespace {
+
+// Copies a service name out of the (private, COPY_IN) frame. Registry::checkName judges the
+// content inside the kernel call; here only the size is bounded so a hostile frame cannot make
+// the daemon copy much.
+constexpr size_t MAX_NAME_BYTES = 256;
+
+bool readName(CallContext& ctx, capnp::Text::Reader text, std::string& out) {
+  if (text.size() > MAX_NAME_BYTES) {
+    ctx.fail(Error(Errc::INVALID_ARGUMENT, "service name too long"));
+    return false;
+  }
+  out.assign(text.cStr(), text.size());
+  return true;
+}
+
+}  // namespace
+
+void grantRegistry(CallContext& ctx, wire::Syscall::GrantRegistry::Reader call) {
+  const Handle registry{call.getRegistry()};
+  const ProcessId to = call.getTo();
+  const auto rights = static_cast<Rights>(call.getRights());
+  // Decode: the caller must hold a registry cap with GRANT and every right it hands on.
+  auto info = ctx.kernel.tryInspectCap(ctx.pid, registry);
+  if (!info) return ctx.fail(info.error());
+  if (info->type != ObjectType::REGISTRY)
+    return ctx.fail(Error(Errc::WRONG_TYPE, "grantRegistry needs a registry cap"));
+  if (!isValidRights(rights)) return ctx.fail(Error(Errc::INVALID_ARGUMENT, "undefined rights"));
+  if (!hasRights(info->rights, rights | Rights::GRANT))
+    return ctx.fail(Error(Errc::PERMISSION_DENIED, "the registry cap lacks GRANT or a right"));
+  auto r = ctx.kernel.tryGrantRegistry(to, rights);
+  if (!r) return ctx.fail(r.error());
+  ctx.reply.setHandle(r->raw);
+}
+
+void registerService(CallContext& ctx, wire::Syscall::RegisterService::Reader call) {
+  const Handle registry{call.getRegistry()};
+  const Handle bank{call.getBank()};
+  std::string name;
+  if (!readName(ctx, call.getName(), name)) return;
+  auto r = ctx.kernel.tryRegisterService(ctx.pid, registry, name, bank);
+  if (!r) return ctx.fail(r.error());
+  ctx.reply.setHandle(r->raw);
+}
+
+void lookupService(CallContext& ctx, wire::Syscall::LookupService::Reader call) {
+  const Handle registry{call.getRegistry()};
+  std::string name;
+  if (!readName(ctx, call.getName(), name)) return;
+  auto r = ctx.kernel.tryLookupService(ctx.pid, registry, name);
+  if (!r) return ctx.fail(r.error());
+  ctx.reply.setKoid(*r);
+}
+
+void openBushel(CallContext& ctx, wire::Syscall::OpenBushel::Reader call) {
+  const Handle registry{call.getRegistry()};
+  const Handle bank{call.getBank()};
+  std::string name;
+  if (!readName(ctx, call.getName(), name)) return;
+  auto r = ctx.kernel.tryOpenBushel(ctx.pid, registry, name, bank);
+  if (!r) return ctx.fail(r.error());
+  ctx.reply.setHandle(r->raw);
+}
+
+void bushelFds(CallContext& ctx, wire::Syscall::BushelFds::Reader call) {
+  const Handle bushel{call.getBushel()};
+  auto r = ctx.kernel.tryBushelFds(ctx.pid, bushel);
+  if (!r) return ctx.fail(r.error());
+  for (Fd& fd : *r) ctx.fds.push_back(std::move(fd));
+  ctx.reply.setDone();
+}
+
+}  // namespace agate::kernel::daemon

@@ -1,0 +1,60 @@
+// The decode boundary's router: one Syscall to one handler (see syscalls.h for the contract).
+#include "syscalls.h"
+
+namespace agate::kernel::daemon {
+
+void CallContext::fail(const Error& e) {
+  auto error = reply.initError();
+  error.setCode(static_cast<uint16_t>(e.code));
+  error.setDetail(e.detail);
+}
+
+void dispatch(CallContext& ctx, wire::Syscall::Reader call) {
+  using W = wire::Syscall;
+  switch (call.which()) {
+    case W::NONE:
+      return ctx.fail(Error(Errc::INVALID_ARGUMENT, "a syscall names no call"));
+    case W::COPY_CAP:
+      return copyCap(ctx, call.getCopyCap());
+    case W::DELETE_CAP:
+      return deleteCap(ctx, call.getDeleteCap());
+    case W::REVOKE_CAP:
+      return revokeCap(ctx, call.getRevokeCap());
+    case W::TRANSFER_CAP:
+      return transferCap(ctx, call.getTransferCap());
+    case W::INSPECT_CAP:
+      return inspectCap(ctx, call.getInspectCap());
+    case W::CREATE_BANK:
+      return createBank(ctx, call.getCreateBank());
+    case W::SET_BANK_LIMIT:
+      return setBankLimit(ctx, call.getSetBankLimit());
+    case W::READ_BANK:
+      return readBank(ctx, call.getReadBank());
+    case W::DESTROY_OBJECT:
+      return destroyObject(ctx, call.getDestroyObject());
+    case W::CREATE_REGION:
+      return createRegion(ctx, call.getCreateRegion());
+    case W::MAP_REGION:
+      return mapRegion(ctx, call.getMapRegion());
+    case W::GRANT_REGISTRY:
+      return grantRegistry(ctx, call.getGrantRegistry());
+    case W::REGISTER_SERVICE:
+      return registerService(ctx, call.getRegisterService());
+    case W::LOOKUP_SERVICE:
+      return lookupService(ctx, call.getLookupService());
+    case W::OPEN_BUSHEL:
+      return openBushel(ctx, call.getOpenBushel());
+    case W::BUSHEL_FDS:
+      return bushelFds(ctx, call.getBushelFds());
+    case W::LIST_PROCESSES:
+      return listProcesses(ctx);
+    case W::LIST_BANKS:
+      return listBanks(ctx);
+    case W::LIST_CAPS:
+      return listCaps(ctx, call.getListCaps());
+  }
+  // A discriminant from a newer schema (or a forged one).
+  ctx.fail(Error(Errc::INVALID_ARGUMENT, "unknown syscall"));
+}
+
+}  // namespace agate::kernel::daemon

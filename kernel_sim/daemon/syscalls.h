@@ -1,0 +1,70 @@
+// The syscall handlers of agate-kernel: one decode function per call, grouped one object type
+// per file (calls_cap.cpp, calls_bank.cpp, calls_region.cpp, calls_registry.cpp for the registry
+// and bushels, calls_introspect.cpp for the CLI's queries). dispatch.cpp routes a decoded
+// Syscall to them.
+//
+// Contract of every handler (decode, then invoke):
+//  1. Read every argument from the Syscall reader into locals. Reading can throw kj::Exception on
+//     a message that does not match the schema (dispatch catches it: PROTOCOL_ERROR); nothing has
+//     changed yet, so that is safe. Text is checked here (length, content).
+//  2. Call exactly one Kernel::try* with those locals. It checks handles, types, rights and
+//     quotas before changing anything and returns a Result.
+//  3. Write the Result into the reply: the result arm, or ctx.fail(error). Descriptors that go
+//     with the reply are moved into ctx.fds. Nothing reads the Syscall after step 2.
+//
+// Threading: the daemon's one thread.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <vector>
+
+#include "agate/kernel/kernel.h"
+#include "agate/runtime/fd.h"
+#include "kernel.capnp.h"
+#include "session.h"
+
+namespace agate::kernel::daemon {
+
+struct CallContext {
+  Kernel& kernel;
+  ProcessId pid;  // the caller
+  const std::map<ProcessId, std::unique_ptr<Session>>& sessions;
+  wire::Completion::Builder reply;
+  std::vector<Fd> fds;  // sent on the socket right before the completion
+
+  // Sets the error arm (code and detail).
+  void fail(const Error& e);
+};
+
+// Cap calls (calls_cap.cpp).
+void copyCap(CallContext& ctx, wire::Syscall::CopyCap::Reader call);
+void deleteCap(CallContext& ctx, wire::Syscall::DeleteCap::Reader call);
+void revokeCap(CallContext& ctx, wire::Syscall::RevokeCap::Reader call);
+void transferCap(CallContext& ctx, wire::Syscall::TransferCap::Reader call);
+void inspectCap(CallContext& ctx, wire::Syscall::InspectCap::Reader call);
+void destroyObject(CallContext& ctx, wire::Syscall::DestroyObject::Reader call);
+// Bank calls (calls_bank.cpp).
+void createBank(CallContext& ctx, wire::Syscall::CreateBank::Reader call);
+void setBankLimit(CallContext& ctx, wire::Syscall::SetBankLimit::Reader call);
+void readBank(CallContext& ctx, wire::Syscall::ReadBank::Reader call);
+// Region calls (calls_region.cpp).
+void createRegion(CallContext& ctx, wire::Syscall::CreateRegion::Reader call);
+void mapRegion(CallContext& ctx, wire::Syscall::MapRegion::Reader call);
+// Registry and bushel calls (calls_registry.cpp).
+void grantRegistry(CallContext& ctx, wire::Syscall::GrantRegistry::Reader call);
+void registerService(CallContext& ctx, wire::Syscall::RegisterService::Reader call);
+void lookupService(CallContext& ctx, wire::Syscall::LookupService::Reader call);
+void openBushel(CallContext& ctx, wire::Syscall::OpenBushel::Reader call);
+void bushelFds(CallContext& ctx, wire::Syscall::BushelFds::Reader call);
+// Introspection (calls_introspect.cpp).
+void listProcesses(CallContext& ctx);
+void listBanks(CallContext& ctx);
+void listCaps(CallContext& ctx, wire::Syscall::ListCaps::Reader call);
+
+// Routes one Syscall (already validated as a Cap'n Proto message) to its handler and fills
+// ctx.reply (callId, result or error). A kj::Exception while reading the call becomes
+// PROTOCOL_ERROR (dispatch.cpp).
+void dispatch(CallContext& ctx, wire::Syscall::Reader call);
+
+}  // namespace agate::kernel::daemon

@@ -1,0 +1,246 @@
+# The wire protocol between a process and agate-kernel. This file is the only definition of it:
+# the daemon (kernel_sim/daemon/) and the client library (caps/) both use the generated code.
+@0xc41b3c5452b06313;
+
+using Cxx = import "/capnp/c++.capnp";
+$Cxx.namespace("agate::wire");
+
+# Protocol overview.
+#
+# 1. Attach. A process connects to HOME/kernel.sock (AF_UNIX, SOCK_SEQPACKET) and sends one
+#    packet holding an AttachRequest (a flat, single-segment Cap'n Proto message). The kernel takes
+#    the caller's OS pid and uid from the socket's peer credentials (SO_PEERCRED), never from the
+#    message, and refuses a uid other than its own. It answers with one packet holding an
+#    AttachReply and, on success, six descriptors in SCM_RIGHTS (see AttachReply). One process
+#    attaches once per connection; a second packet on the socket before or after attach is a
+#    protocol violation and ends the connection.
+#
+# 2. Calls. After attach the socket carries no request. The process writes Syscall frames into its
+#    submission ring (one Cap'n Proto message per ring frame, ring tag 0) and rings the ring's
+#    doorbell; several calls may be written before one doorbell (batching). The kernel answers
+#    each Syscall with exactly one Completion in the completion ring, in submission order for one
+#    process. Call ids: chosen by the caller, any non-zero value; the kernel echoes the id and
+#    never interprets it. A caller may reuse an id once its completion has arrived. Id 0 is
+#    reserved for what the kernel says unasked (events, see Completion) and is refused in a
+#    Syscall (error INVALID_ARGUMENT, callId 0 in the reply).
+#
+# 3. Descriptors. A completion (or event) that hands out descriptors says how many in `fdCount`.
+#    The kernel sends them on the socket, in one packet whose 8-byte payload is the completion's
+#    callId (little-endian) with the descriptors in SCM_RIGHTS, *before* committing the completion
+#    to the ring: a process that reads such a completion finds its descriptors already queued on
+#    the socket, in completion order. A process that stops reading its socket until the socket's
+#    buffer fills is disconnected.
+#
+# 4. Errors. A call the kernel refuses gets Completion.error with the Errc value
+#    (runtime/include/agate/runtime/result.h; stable values) and a detail text for people. Every
+#    refused call leaves the kernel's state unchanged. A submission frame that is not a valid
+#    Syscall message gets an error completion with callId 0 and code PROTOCOL_ERROR (the kernel
+#    cannot know the id); the process stays attached. A corrupt ring (indices, frame headers), a
+#    submission frame above the ring's limits, or a second packet on the socket is abuse: the
+#    kernel disconnects the process, which is death (below).
+#
+# 5. Death. When the socket hangs up or the OS process exits (pidfd), the kernel kills the
+#    process in its model (Kernel::tryKillProcess: every cap it held is deleted, every bank it
+#    owned destroyed with everything allocated from it, its bushels torn down), closes every
+#    descriptor and mapping it held for it, and tells the peers (BUSHEL_CLOSED, SERVICE_GONE
+#    events). Calls still in the dead process's rings are dropped unanswered. When the kernel
+#    dies, its processes see the socket hang up; the caps they held mean nothing afterwards.
+#
+# Handles are the CSpace handles of kernel_sim (32-bit slot | 32-bit generation << 32), valid
+# only in the process that holds them. ProcessIds are the kernel's own (never reused within one
+# kernel run), not OS pids.
+
+const abiVersion :UInt32 = 1;
+
+# The largest process name accepted at attach, in bytes.
+const maxNameBytes :UInt32 = 64;
+
+struct AttachRequest {
+  abiVersion @0 :UInt32;  # must equal abiVersion above, else ATTACH_REFUSED
+  name @1 :Text;          # for people (agate ps); 1..maxNameBytes printable ASCII bytes
+}
+
+# Descriptors that follow a successful reply, in this order:
+#   [0] submission ring memfd    [1] its data eventfd    [2] its space eventfd
+#   [3] completion ring memfd    [4] its data eventfd    [5] its space eventfd
+# (the rings of runtime/channel.h, SHARED scope; open with Channel::openShared).
+struct AttachReply {
+  union {
+    error @0 :KernelError;
+    attached :group {
+      pid @1 :UInt32;           # this process's ProcessId in the kernel
+      bank @2 :UInt64;          # handle: the process bank (Kernel::PROCESS_BANK rights)
+      registry @3 :UInt64;      # handle: the registry (READ | WRITE | GRANT)
+      kernelPid @4 :Int32;      # the daemon's OS pid, for watching its death (pidfd)
+      submissionBytes @5 :UInt64;  # ring capacities, for checking the mappings
+      completionBytes @6 :UInt64;
+    }
+  }
+}
+
+struct KernelError {
+  code @0 :UInt16;  # an agate::Errc value
+  detail @1 :Text;  # for people; never parsed
+}
+
+enum TransferMode {
+  move @0;  # the cap leaves the caller's CSpace (kernel TransferMode::MOVE)
+  copy @1;  # the receiver gets a cap derived from the caller's (TransferMode::COPY)
+}
+
+# One call. Every handle is in the caller's CSpace. Rights are kernel_sim's Rights bits.
+struct Syscall {
+  callId @0 :UInt64;  # chosen by the caller, non-zero; echoed in the Completion
+
+  union {
+    none @1 :Void;  # the zero value: refused (INVALID_ARGUMENT)
+
+    copyCap :group {  # -> handle (the copy, derived from `cap`)
+      cap @2 :UInt64;
+      rights @3 :UInt32;  # a subset of the cap's
+      badge @4 :UInt64;   # 0: keep the cap's
+    }
+    deleteCap :group {  # -> done
+      cap @5 :UInt64;
+    }
+    revokeCap :group {  # -> count (caps deleted)
+      cap @6 :UInt64;
+    }
+    transferCap :group {  # -> handle (in process `to`); needs GRANT
+      cap @7 :UInt64;
+      to @8 :UInt32;  # ProcessId
+      mode @9 :TransferMode;
+    }
+    inspectCap :group {  # -> capInfo
+      cap @10 :UInt64;
+    }
+    createBank :group {  # -> handle (the child bank, all rights); needs CREATE_CHILD
+      bank @11 :UInt64;
+      limit @12 :UInt64;  # pages
+    }
+    setBankLimit :group {  # -> done; needs SET_LIMIT
+      bank @13 :UInt64;
+      limit @14 :UInt64;
+    }
+    readBank :group {  # -> credit; needs READ
+      bank @15 :UInt64;
+    }
+    destroyObject :group {  # -> done; needs DESTROY
+      cap @16 :UInt64;
+    }
+    createRegion :group {  # -> handle; needs ALLOCATE on the bank
+      bank @17 :UInt64;
+      pages @18 :UInt64;
+    }
+    mapRegion :group {  # -> region, with 1 descriptor; needs READ (and WRITE if writable)
+      region @19 :UInt64;
+      writable @20 :Bool;
+    }
+    grantRegistry :group {  # -> handle (a root registry cap in process `to`)
+      registry @21 :UInt64;  # the caller's registry cap: needs GRANT and every right in `rights`
+      to @22 :UInt32;
+      rights @23 :UInt32;
+    }
+    registerService :group {  # -> handle (the Service); needs WRITE on the registry
+      registry @24 :UInt64;
+      name @25 :Text;
+      bank @26 :UInt64;  # pays the Service record; needs ALLOCATE
+    }
+    lookupService :group {  # -> koid; needs READ on the registry
+      registry @27 :UInt64;
+      name @28 :Text;
+    }
+    openBushel :group {  # -> handle (the bushel); the server gets BUSHEL_OPENED
+      registry @29 :UInt64;
+      name @30 :Text;
+      bank @31 :UInt64;  # pays the record and both rings; needs ALLOCATE
+    }
+    bushelFds :group {  # -> done, with 2 descriptors: [0] request ring, [1] reply ring
+      bushel @32 :UInt64;
+    }
+
+    # Introspection (the agate CLI). Any attached process may ask: every attached process runs
+    # as the kernel's own uid. A reply larger than the completion ring's largest frame is
+    # refused with MESSAGE_TOO_LARGE.
+    listProcesses @33 :Void;  # -> processes
+    listBanks @34 :Void;      # -> banks (parents before children)
+    listCaps :group {         # -> caps; NOT_FOUND if `pid` is not attached
+      pid @35 :UInt32;
+    }
+  }
+}
+
+enum EventType {
+  unknown @0;
+  bushelOpened @1;  # to a server; 2 descriptors: [0] request ring (it receives), [1] reply ring
+  bushelClosed @2;  # to the server and the client; the server frees that client's state
+  serviceGone @3;   # to a client; bushelClosed for the same bushel follows
+}
+
+struct ProcessInfo {
+  pid @0 :UInt32;
+  osPid @1 :Int32;
+  uid @2 :UInt32;
+  name @3 :Text;
+  bank @4 :UInt64;   # koid of the process bank
+  caps @5 :UInt32;   # caps in its CSpace
+}
+
+struct BankInfo {
+  koid @0 :UInt64;
+  parent @1 :UInt64;  # 0 for the system bank
+  used @2 :UInt64;    # pages, this bank and its descendants
+  limit @3 :UInt64;
+  ownPages @4 :UInt64;
+  objects @5 :UInt64;
+  caps @6 :UInt32;
+}
+
+struct CapEntry {
+  handle @0 :UInt64;
+  koid @1 :UInt64;
+  type @2 :UInt16;   # kernel_sim ObjectType value
+  rights @3 :UInt32;
+  badge @4 :UInt64;
+  parentHandle @5 :UInt64;  # derivation parent (0: a root) ...
+  parentPid @6 :UInt32;     # ... in this process's CSpace
+}
+
+# The kernel's answer to one Syscall, or an event (callId 0).
+struct Completion {
+  callId @0 :UInt64;  # the Syscall's; 0 for an event or for an unreadable submission frame
+  fdCount @1 :UInt8;  # descriptors already sent on the socket for this completion (see 3.)
+
+  union {
+    error @2 :KernelError;
+    event :group {
+      type @3 :EventType;
+      bushel @4 :UInt64;   # koid
+      service @5 :UInt64;  # koid
+      peer @6 :UInt32;     # ProcessId of the other side
+    }
+    handle @7 :UInt64;
+    done @8 :Void;
+    count @9 :UInt64;
+    capInfo :group {
+      koid @10 :UInt64;
+      type @11 :UInt16;
+      rights @12 :UInt32;
+      badge @13 :UInt64;
+    }
+    credit :group {
+      used @14 :UInt64;
+      limit @15 :UInt64;
+      returned @16 :UInt64;
+      destroyed @17 :Bool;
+    }
+    koid @18 :UInt64;
+    region :group {
+      bytes @19 :UInt64;
+      writable @20 :Bool;
+    }
+    processes @21 :List(ProcessInfo);
+    banks @22 :List(BankInfo);
+    caps @23 :List(CapEntry);
+  }
+}
