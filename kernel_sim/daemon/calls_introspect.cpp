@@ -44,8 +44,7 @@ void listCaps(CallContext& ctx, wire::Syscall::ListCaps::Reader call) {
   const KernelSnapshot snap = ctx.kernel.snapshot();
   auto proc = std::find_if(snap.processes.begin(), snap.processes.end(),
                            [&](const KernelSnapshot::Proc& p) { return p.pid == pid; });
-  if (proc == snap.processes.end())
-    return ctx.fail(Error(Errc::NOT_FOUND, "no such process"));
+  if (proc == snap.processes.end()) return ctx.fail(Error(Errc::NOT_FOUND, "no such process"));
   auto list = ctx.reply.initCaps(static_cast<unsigned>(proc->caps.size()));
   unsigned i = 0;
   for (const KernelSnapshot::Cap& c : proc->caps) {

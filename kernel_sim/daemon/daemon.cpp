@@ -39,6 +39,9 @@ constexpr uint32_t EPOLL_POLL_PASSES = 256;
 constexpr int PARK_BACKSTOP_MS = 1000;
 // The attach packet: an AttachRequest is a few words; anything above this is refused.
 constexpr size_t ATTACH_PACKET_WORDS = 64;
+// Every completion but an introspection answer fits here (an error with its detail text is the
+// largest: a few words of struct and the text).
+constexpr size_t SMALL_REPLY_WORDS = 64;
 constexpr Rights REGISTRY_RIGHTS = Rights::READ | Rights::WRITE | Rights::GRANT;
 
 bool printableName(capnp::Text::Reader name) {
@@ -333,21 +336,21 @@ void KernelDaemon::attach(uint64_t pendingId) {
   kj::Array<capnp::word> words = capnp::messageToFlatArray(message);
   int raw[6];
   for (size_t i = 0; i < fds.size(); ++i) raw[i] = fds[i].get();
-  Status sent = trySendPacket(session->socket.get(),
-                              std::as_bytes(std::span(words.begin(), words.size())),
-                              std::span<const int>(raw, fds.size()));
+  Status sent =
+      trySendPacket(session->socket.get(), std::as_bytes(std::span(words.begin(), words.size())),
+                    std::span<const int>(raw, fds.size()));
   const ProcessId pid = session->pid;
   Session& s = *session;
   sessions_.emplace(pid, std::move(session));
   bool watched = sent.ok();
   watched = watched && tryWatch(s.socket.get(), EPOLLIN | EPOLLRDHUP, key(Key::SOCKET, pid)).ok();
   watched = watched && tryWatch(s.pidfd.get(), EPOLLIN, key(Key::PIDFD, pid)).ok();
-  watched = watched && tryWatch(s.submissions.dataDoorbell()->eventFd(), EPOLLIN,
-                                key(Key::SUBMIT_BELL, pid))
-                           .ok();
-  watched = watched && tryWatch(s.completions.spaceDoorbell()->eventFd(), EPOLLIN,
-                                key(Key::SPACE_BELL, pid))
-                           .ok();
+  watched =
+      watched &&
+      tryWatch(s.submissions.dataDoorbell()->eventFd(), EPOLLIN, key(Key::SUBMIT_BELL, pid)).ok();
+  watched =
+      watched &&
+      tryWatch(s.completions.spaceDoorbell()->eventFd(), EPOLLIN, key(Key::SPACE_BELL, pid)).ok();
   if (!watched) doom(s, "could not be sent its attach reply");
 }
 
@@ -392,9 +395,9 @@ Status KernelDaemon::tryAttach(Fd& socket, const ucred& cred, std::string name,
   session->completions = std::move(*sender);
 
   Result<Fd> exports[6] = {
-      session->submissionRing->exportFd(),          session->submissionRing->exportDataEventFd(),
+      session->submissionRing->exportFd(),           session->submissionRing->exportDataEventFd(),
       session->submissionRing->exportSpaceEventFd(), session->completionRing->exportFd(),
-      session->completionRing->exportDataEventFd(), session->completionRing->exportSpaceEventFd()};
+      session->completionRing->exportDataEventFd(),  session->completionRing->exportSpaceEventFd()};
   for (Result<Fd>& e : exports) {
     if (!e) return undo(e.error());
     replyFds.push_back(std::move(*e));
@@ -444,9 +447,20 @@ void KernelDaemon::serveFrame(Session& s, std::span<const std::byte> frame) {
   size_t bytes = 0;
   uint64_t callId = 0;
   std::vector<Fd> fds;
+  // Only introspection answers grow with the kernel's state; every other completion is built in
+  // the first SMALL_REPLY_WORDS of the scratch (so only those are zeroed and checked).
+  size_t replyWords = SMALL_REPLY_WORDS;
+  if (view) {
+    (void)view->tryRead<wire::Syscall>([&](wire::Syscall::Reader call) {
+      const auto which = call.which();
+      if (which == wire::Syscall::LIST_PROCESSES || which == wire::Syscall::LIST_BANKS ||
+          which == wire::Syscall::LIST_CAPS)
+        replyWords = buildWords_;
+    });
+  }
   {
     std::optional<FrameBuilder> builder;
-    builder.emplace(std::span<capnp::word>(buildScratch_.get(), buildWords_));
+    builder.emplace(std::span<capnp::word>(buildScratch_.get(), replyWords));
     auto reply = builder->initRoot<wire::Completion>();
     CallContext ctx{kernel_, s.pid, sessions_, reply, {}};
     if (!view) {
@@ -470,7 +484,7 @@ void KernelDaemon::serveFrame(Session& s, std::span<const std::byte> frame) {
       // Only introspection answers can outgrow the largest completion frame.
       std::memset(buildScratch_.get(), 0, builder->usedBytes());
       builder.reset();
-      builder.emplace(std::span<capnp::word>(buildScratch_.get(), buildWords_));
+      builder.emplace(std::span<capnp::word>(buildScratch_.get(), SMALL_REPLY_WORDS));
       auto small = builder->initRoot<wire::Completion>();
       small.setCallId(callId);
       CallContext retry{kernel_, s.pid, sessions_, small, {}};
@@ -518,8 +532,7 @@ bool KernelDaemon::tryCommit(Session& s, std::span<const std::byte> bytes, uint6
     Status sent = trySendPacket(s.socket.get(), id, std::span<const int>(raw, fds.size()));
     if (!sent) {
       s.completions.abandon();
-      doom(s, sent.code() == Errc::WOULD_BLOCK ? "stopped reading its socket"
-                                               : "lost its socket");
+      doom(s, sent.code() == Errc::WOULD_BLOCK ? "stopped reading its socket" : "lost its socket");
       return false;
     }
     fds.clear();  // the process holds duplicates now; ours close here
@@ -549,7 +562,7 @@ void KernelDaemon::deliverEvents() {
     std::vector<KernelEvent> events = kernel_.takeEvents(pid);
     for (KernelEvent& e : events) {
       std::optional<FrameBuilder> builder;
-      builder.emplace(std::span<capnp::word>(buildScratch_.get(), buildWords_));
+      builder.emplace(std::span<capnp::word>(buildScratch_.get(), SMALL_REPLY_WORDS));
       auto reply = builder->initRoot<wire::Completion>();
       reply.setCallId(0);
       reply.setFdCount(static_cast<uint8_t>(e.fds.size()));

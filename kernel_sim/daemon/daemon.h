@@ -47,13 +47,13 @@
 namespace agate::kernel::daemon {
 
 struct DaemonOptions {
-  std::string home;                    // directory of kernel.sock, kernel.lock, kernel.pid
-  uint64_t systemPages = 1u << 20;     // the system bank's limit (4 GiB of pages)
-  uint64_t processPages = 1u << 16;    // each process bank's limit (256 MiB)
+  std::string home;                       // directory of kernel.sock, kernel.lock, kernel.pid
+  uint64_t systemPages = 1u << 20;        // the system bank's limit (4 GiB of pages)
+  uint64_t processPages = 1u << 16;       // each process bank's limit (256 MiB)
   uint64_t submissionBytes = 64 * 1024;   // per process, data area of the submission ring
   uint64_t completionBytes = 256 * 1024;  // per process, data area of the completion ring
-  uint32_t pollMicros = 50;            // keep polling the rings this long before parking
-  int readyFd = -1;                    // written one byte (then closed) once listening
+  uint32_t pollMicros = 50;               // keep polling the rings this long before parking
+  int readyFd = -1;                       // written one byte (then closed) once listening
 };
 
 class KernelDaemon {
@@ -83,9 +83,8 @@ class KernelDaemon {
   void acceptConnections();
   void attach(uint64_t pendingId);
   // Builds the session for an accepted, credential-checked connection, or says why not.
-  Status tryAttach(Fd& socket, const ucred& cred, std::string name,
-                   std::unique_ptr<Session>& out, std::vector<Fd>& replyFds,
-                   uint64_t& replyBank, uint64_t& replyRegistry);
+  Status tryAttach(Fd& socket, const ucred& cred, std::string name, std::unique_ptr<Session>& out,
+                   std::vector<Fd>& replyFds, uint64_t& replyBank, uint64_t& replyRegistry);
   void refuse(int socket, const Error& e);
 
   // One pass over every session; true if any frame was served or any completion moved.

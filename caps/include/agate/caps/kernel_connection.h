@@ -1,0 +1,348 @@
+// KernelConnection: a process's link to agate-kernel, and every syscall as a Promise.
+//
+// Overview for a newcomer:
+//
+//   EventLoop loop;
+//   auto conn = KernelConnection::tryAttach(loop, resolveKernelHome(), "my-tool");
+//   Cap<SpaceBank> bank = *loop.run((*conn)->createBank((*conn)->bank(), 64));   // async
+//   Result<Cap<Region>> region = (*conn)->sync().createRegion(bank, 4);          // blocking
+//
+// Attach (tryAttach) connects to HOME/kernel.sock, sends the process name, and receives the
+// process's kernel id, its initial caps (its own bank and a registry cap) and the descriptors of
+// its two rings (schemas/kernel.capnp). The kernel learns the pid and uid from the socket's peer
+// credentials. Attach blocks the calling thread for at most `timeout`.
+//
+// Calls. Each call writes one Syscall frame in place into the submission ring and returns a
+// Promise completed when the kernel's Completion for it arrives. Calls made in one loop turn are
+// batched: the frames are committed deferred and the doorbell rings once, when a flush Task
+// posted by the first of them runs (or at flush()). The kernel answers in order; completions are
+// read by a pump coroutine that runs while the loop runs (loop.run / co_await). A call that finds
+// the submission ring full (or other calls already waiting) queues, FIFO, until a watcher parked
+// on the ring's space doorbell sees room; the ring is only ever reserved and committed in one
+// synchronous step, so no two reservations are outstanding at once. Refusals come back as Errc
+// values (the kernel's error text is kept in lastErrorDetail(): an Error's detail must be static).
+// Dropping a call's promise does not cancel the call in the kernel (it has been submitted); its
+// completion is read and discarded.
+//
+// Call ids: (generation << 32) | (slot + 1) into a table of pending calls that grows when every
+// slot is busy (the steady state reuses slots and allocates nothing). A completion naming a free
+// slot or a stale generation is a kernel protocol error.
+//
+// Descriptors a completion announces (fdCount) are read from the socket when the completion is
+// read: the kernel sends them first (schema, §3). Mapped regions come back as owned mappings
+// (MappedRegion), bushel rings as owned descriptors.
+//
+// Events (BUSHEL_OPENED / BUSHEL_CLOSED / SERVICE_GONE) arrive as completions with call id 0 and
+// queue until nextEvent() takes them.
+//
+// Death. When the kernel exits (its pidfd, watched through the completion ring) or breaks the
+// protocol, every pending call fails with DISCONNECTED (or PROTOCOL_ERROR), and so does every
+// later call. When this process exits, the kernel reclaims everything it held.
+//
+// Threading: one loop's thread. The KernelConnection must outlive every promise it returned
+// (precondition); it is neither copyable nor movable (the pump and the rings point into it).
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "agate/caps/cap.h"
+#include "agate/caps/mapped_region.h"
+#include "agate/kernel/credit_page.h"
+#include "agate/runtime/channel.h"
+#include "agate/runtime/event_loop.h"
+#include "agate/runtime/fd.h"
+#include "agate/runtime/message_channel.h"
+#include "agate/runtime/promise.h"
+#include "agate/runtime/result.h"
+
+namespace agate::caps {
+
+using kernel::BankCredit;
+
+enum class TransferMode : uint8_t { MOVE, COPY };  // see Kernel::tryTransferCap
+
+// What a cap names and allows (inspectCap).
+struct CapInfo {
+  Koid koid = 0;
+  ObjectType type = ObjectType::ANY;
+  Rights rights = Rights::NONE;
+  uint64_t badge = 0;
+};
+
+// A bushel's rings, for its client: [request] the client sends, [reply] the client receives.
+struct BushelRings {
+  Fd request;
+  Fd reply;
+};
+
+// Introspection (the agate CLI).
+struct ProcessInfo {
+  ProcessId pid = 0;
+  int32_t osPid = 0;
+  uint32_t uid = 0;
+  std::string name;
+  Koid bank = 0;
+  uint32_t caps = 0;
+};
+struct BankInfo {
+  Koid koid = 0;
+  Koid parent = 0;  // 0 for the system bank
+  uint64_t used = 0;
+  uint64_t limit = 0;
+  uint64_t ownPages = 0;
+  uint64_t objects = 0;
+  uint32_t caps = 0;
+};
+struct CapEntry {
+  uint64_t handle = 0;
+  Koid koid = 0;
+  ObjectType type = ObjectType::ANY;
+  Rights rights = Rights::NONE;
+  uint64_t badge = 0;
+  uint64_t parentHandle = 0;  // derivation parent (0: a root) in the CSpace of parentPid
+  ProcessId parentPid = 0;
+};
+
+enum class EventType : uint16_t { BUSHEL_OPENED = 1, BUSHEL_CLOSED = 2, SERVICE_GONE = 3 };
+struct KernelEvent {
+  EventType type = EventType::BUSHEL_CLOSED;
+  Koid bushel = 0;
+  Koid service = 0;
+  ProcessId peer = 0;
+  Fd request;  // BUSHEL_OPENED (to a server): the request ring it receives on
+  Fd reply;    // ... and the reply ring it sends on
+};
+
+namespace detail {
+// A decoded completion, as the pump hands it to the call that waits for it.
+struct Reply {
+  uint64_t value = 0;  // handle, count or koid
+  CapInfo capInfo;
+  BankCredit credit;
+  uint64_t bytes = 0;
+  bool writable = false;
+  Fd fds[2];
+  std::vector<ProcessInfo> processes;
+  std::vector<BankInfo> banks;
+  std::vector<CapEntry> caps;
+};
+}  // namespace detail
+
+class SyncKernel;
+
+class KernelConnection {
+ public:
+  // Attaches this process to the kernel serving `home`. DISCONNECTED if none listens there,
+  // ATTACH_REFUSED / INVALID_ARGUMENT / PROTOCOL_ERROR as the kernel answered, TIMED_OUT.
+  static Result<std::unique_ptr<KernelConnection>> tryAttach(
+      EventLoop& loop, const std::string& home, std::string_view name,
+      Duration timeout = std::chrono::seconds(5));
+  ~KernelConnection();
+  KernelConnection(const KernelConnection&) = delete;
+  KernelConnection& operator=(const KernelConnection&) = delete;
+
+  ProcessId pid() const noexcept { return pid_; }
+  Cap<SpaceBank> bank() const noexcept { return bank_; }
+  Cap<Registry> registry() const noexcept { return registry_; }
+  pid_t kernelPid() const noexcept { return kernelPid_; }
+  EventLoop& loop() const noexcept { return loop_; }
+
+  // --- Caps ---
+  // A copy with a subset of the rights (and a badge, if non-zero), derived from `cap`.
+  template <class T>
+  Promise<Cap<T>> copyCap(Cap<T> cap, Rights rights, uint64_t badge = 0) {
+    return castHandle<T>(copyAny(cap, rights, badge));
+  }
+  Promise<void> deleteCap(AnyCap cap);
+  Promise<uint64_t> revokeCap(AnyCap cap);  // how many caps were deleted
+  // The cap's handle in process `to` (meaningful only there: send it to that process).
+  template <class T>
+  Promise<Cap<T>> transferCap(Cap<T> cap, ProcessId to, TransferMode mode) {
+    return castHandle<T>(transferAny(cap, to, mode));
+  }
+  Promise<CapInfo> inspectCap(AnyCap cap);
+  Promise<void> destroy(AnyCap cap);
+
+  // --- Banks (limits and usage in pages) ---
+  Promise<Cap<SpaceBank>> createBank(Cap<SpaceBank> parent, uint64_t limit);
+  Promise<void> setBankLimit(Cap<SpaceBank> bank, uint64_t limit);
+  Promise<BankCredit> readBank(Cap<SpaceBank> bank);
+
+  // --- Regions ---
+  Promise<Cap<Region>> createRegion(Cap<SpaceBank> bank, uint64_t pages);
+  Promise<MappedRegion> mapRegion(Cap<Region> region, bool writable);
+
+  // --- Registry and bushels ---
+  Promise<Cap<Registry>> grantRegistry(Cap<Registry> registry, ProcessId to, Rights rights);
+  Promise<Cap<Service>> registerService(Cap<Registry> registry, std::string_view name,
+                                        Cap<SpaceBank> bank);
+  Promise<Koid> lookupService(Cap<Registry> registry, std::string_view name);
+  Promise<Cap<Bushel>> openBushel(Cap<Registry> registry, std::string_view name,
+                                  Cap<SpaceBank> bank);
+  Promise<BushelRings> bushelRings(Cap<Bushel> bushel);
+
+  // --- Introspection ---
+  Promise<std::vector<ProcessInfo>> listProcesses();
+  Promise<std::vector<BankInfo>> listBanks();  // parents before children
+  Promise<std::vector<CapEntry>> listCaps(ProcessId pid);
+
+  // --- Events ---
+  // The next kernel event (queued ones first). One waiter at a time (precondition).
+  Promise<KernelEvent> nextEvent();
+
+  // Rings the submission doorbell now for calls committed in this turn (normally done by a Task
+  // at the end of the turn).
+  void flush() noexcept;
+  // Blocking wrappers for tools; not for use inside the loop's own coroutines.
+  SyncKernel sync() noexcept;
+
+  // The kernel's text for the last refused call, for people.
+  const std::string& lastErrorDetail() const noexcept { return lastErrorDetail_; }
+  // Completions with call id 0 and an error: frames the kernel could not read (never sent by
+  // this library; tests that write raw frames count them).
+  uint64_t unreadableFrameErrors() const noexcept { return unreadableFrameErrors_; }
+  // Errc::OK while connected; the reason otherwise.
+  Errc state() const noexcept { return dead_.code; }
+  // The submission ring's sender, for tests that write raw frames (malformed ones included).
+  Sender& rawSubmissionSender() noexcept { return tx_->sender(); }
+
+ private:
+  explicit KernelConnection(EventLoop& loop) noexcept;
+
+  struct PendingCall {
+    std::optional<Fulfiller<detail::Reply>> fulfiller;
+    uint32_t expect = 0;  // wire::Completion::Which of the result arm
+    uint32_t generation = 1;
+    bool busy = false;
+  };
+
+  class FlushTask final : public Task {
+   public:
+    explicit FlushTask(KernelConnection& c) noexcept : connection_(c) {}
+
+   private:
+    void run() noexcept override;
+    KernelConnection& connection_;
+  };
+
+  template <class T>
+  static Promise<Cap<T>> castHandle(Promise<uint64_t> p) {
+    Result<uint64_t> r = co_await p;
+    if (!r) co_return r.error();
+    co_return Cap<T>{*r};
+  }
+  Promise<uint64_t> copyAny(AnyCap cap, Rights rights, uint64_t badge);
+  Promise<uint64_t> transferAny(AnyCap cap, ProcessId to, TransferMode mode);
+
+  // Writes one Syscall (filled by `fill`) and awaits its completion with result arm `expect`.
+  template <class Fill>
+  Promise<detail::Reply> submit(uint32_t expect, size_t maxBytes, Fill fill);
+  // Waits (FIFO) until the submission ring may have room; see watchSpace.
+  Promise<void> awaitSpace();
+  // Runs while calls wait for ring space: parks on the ring's space doorbell, then wakes a batch
+  // of waiters and yields so they can reserve before it looks again.
+  Promise<void> watchSpace();
+  bool ringHasRoom() noexcept;
+  uint32_t allocateCall();
+  void freeCall(uint32_t index) noexcept;
+  void scheduleFlush() noexcept;
+  Promise<void> pump();
+  template <class Reader>
+  Status complete(Reader completion);
+  void disconnect(Error e) noexcept;
+
+  EventLoop& loop_;
+  Fd socket_;
+  std::unique_ptr<Channel> submissionRing_;
+  std::unique_ptr<Channel> completionRing_;
+  std::unique_ptr<MessageSender> tx_;
+  std::unique_ptr<MessageReceiver> rx_;
+  ProcessId pid_ = 0;
+  Cap<SpaceBank> bank_;
+  Cap<Registry> registry_;
+  pid_t kernelPid_ = 0;
+  std::vector<PendingCall> calls_;
+  std::vector<uint32_t> freeCalls_;
+  std::deque<Fulfiller<void>> spaceWaiters_;  // calls that found the submission ring full
+  std::optional<Promise<void>> spaceWatch_;   // watchSpace(), while spaceWaiters_ is not empty
+  std::deque<KernelEvent> events_;
+  std::optional<Fulfiller<KernelEvent>> eventWaiter_;
+  Error dead_;  // code OK while connected
+  std::string lastErrorDetail_;
+  uint64_t unreadableFrameErrors_ = 0;
+  FlushTask flushTask_{*this};
+  // Last: destroyed first, so the pump stops before anything it uses goes.
+  std::optional<Promise<void>> pump_;
+};
+
+// Blocking forms of every call: each runs the loop until the call completes. For tools and tests
+// at top level; never from inside a coroutine on the same loop (the loop is not re-entrant).
+class SyncKernel {
+ public:
+  explicit SyncKernel(KernelConnection& c) noexcept : c_(c) {}
+
+  template <class T>
+  Result<Cap<T>> copyCap(Cap<T> cap, Rights rights, uint64_t badge = 0) {
+    return run(c_.copyCap(cap, rights, badge));
+  }
+  Status deleteCap(AnyCap cap) { return run(c_.deleteCap(cap)); }
+  Result<uint64_t> revokeCap(AnyCap cap) { return run(c_.revokeCap(cap)); }
+  template <class T>
+  Result<Cap<T>> transferCap(Cap<T> cap, ProcessId to, TransferMode mode) {
+    return run(c_.transferCap(cap, to, mode));
+  }
+  Result<CapInfo> inspectCap(AnyCap cap) { return run(c_.inspectCap(cap)); }
+  Status destroy(AnyCap cap) { return run(c_.destroy(cap)); }
+  Result<Cap<SpaceBank>> createBank(Cap<SpaceBank> parent, uint64_t limit) {
+    return run(c_.createBank(parent, limit));
+  }
+  Status setBankLimit(Cap<SpaceBank> bank, uint64_t limit) {
+    return run(c_.setBankLimit(bank, limit));
+  }
+  Result<BankCredit> readBank(Cap<SpaceBank> bank) { return run(c_.readBank(bank)); }
+  Result<Cap<Region>> createRegion(Cap<SpaceBank> bank, uint64_t pages) {
+    return run(c_.createRegion(bank, pages));
+  }
+  Result<MappedRegion> mapRegion(Cap<Region> region, bool writable) {
+    return run(c_.mapRegion(region, writable));
+  }
+  Result<Cap<Registry>> grantRegistry(Cap<Registry> registry, ProcessId to, Rights rights) {
+    return run(c_.grantRegistry(registry, to, rights));
+  }
+  Result<Cap<Service>> registerService(Cap<Registry> registry, std::string_view name,
+                                       Cap<SpaceBank> bank) {
+    return run(c_.registerService(registry, name, bank));
+  }
+  Result<Koid> lookupService(Cap<Registry> registry, std::string_view name) {
+    return run(c_.lookupService(registry, name));
+  }
+  Result<Cap<Bushel>> openBushel(Cap<Registry> registry, std::string_view name,
+                                 Cap<SpaceBank> bank) {
+    return run(c_.openBushel(registry, name, bank));
+  }
+  Result<BushelRings> bushelRings(Cap<Bushel> bushel) { return run(c_.bushelRings(bushel)); }
+  Result<std::vector<ProcessInfo>> listProcesses() { return run(c_.listProcesses()); }
+  Result<std::vector<BankInfo>> listBanks() { return run(c_.listBanks()); }
+  Result<std::vector<CapEntry>> listCaps(ProcessId pid) { return run(c_.listCaps(pid)); }
+  Result<KernelEvent> nextEvent() { return run(c_.nextEvent()); }
+
+ private:
+  template <class T>
+  Result<T> run(Promise<T> p) {
+    c_.flush();
+    return c_.loop().run(std::move(p));
+  }
+  KernelConnection& c_;
+};
+
+inline SyncKernel KernelConnection::sync() noexcept { return SyncKernel(*this); }
+
+}  // namespace agate::caps

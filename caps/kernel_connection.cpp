@@ -1,0 +1,664 @@
+#include "agate/caps/kernel_connection.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <capnp/message.h>
+#include <capnp/serialize.h>
+#include <kj/exception.h>
+
+#include <chrono>
+#include <cstring>
+
+#include "agate/kernel/home.h"
+#include "agate/runtime/fd_passing.h"
+#include "agate/runtime/message.h"
+#include "kernel.capnp.h"
+
+namespace agate::caps {
+namespace {
+
+using Which = wire::Completion::Which;
+
+// Room for a Syscall frame without text: the root pointer, the struct (call id, discriminant,
+// the largest group: three words) and slack.
+constexpr size_t SYSCALL_BYTES = 128;
+// A Syscall with a service name: the name's words (with its NUL) on top.
+size_t syscallBytesWithName(std::string_view name) {
+  return SYSCALL_BYTES + ((name.size() + 1 + 7) & ~size_t{7});
+}
+constexpr size_t ATTACH_REPLY_WORDS = 64;
+
+Error kernelError(uint16_t code) {
+  // The kernel's Errc values are ours (one enum, stable values); an unknown one is a failure.
+  if (code == 0 || code > static_cast<uint16_t>(Errc::WRONG_TYPE))
+    return Error(Errc::FAILED, "the kernel refused the call with an unknown error code");
+  return Error(static_cast<Errc>(code), "refused by agate-kernel (see lastErrorDetail())");
+}
+
+Result<Fd> connectTo(const std::string& home) {
+  const std::string path = home + "/" + kernel::KERNEL_SOCKET_NAME;
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.size() >= sizeof(addr.sun_path))
+    return Error(Errc::INVALID_ARGUMENT, "the kernel socket path is too long");
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  Fd sock(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+  if (!sock.valid()) return Error::fromErrno(errno, "socket() failed");
+  if (::connect(sock.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    if (errno == ENOENT || errno == ECONNREFUSED)
+      return Error(Errc::DISCONNECTED, "no agate-kernel listens in this home");
+    return Error::fromErrno(errno, "connect to kernel.sock failed");
+  }
+  return sock;
+}
+
+}  // namespace
+
+KernelConnection::KernelConnection(EventLoop& loop) noexcept : loop_(loop) {}
+
+KernelConnection::~KernelConnection() {
+  pump_.reset();  // stop reading before the rings go
+  disconnect(Error(Errc::CANCELLED, "the connection was closed"));
+}
+
+Result<std::unique_ptr<KernelConnection>> KernelConnection::tryAttach(EventLoop& loop,
+                                                                      const std::string& home,
+                                                                      std::string_view name,
+                                                                      Duration timeout) {
+  if (name.empty() || name.size() > wire::MAX_NAME_BYTES)
+    return Error(Errc::INVALID_ARGUMENT, "a process name is 1..64 bytes");
+  auto sock = connectTo(home);
+  if (!sock) return sock.error();
+
+  {
+    capnp::MallocMessageBuilder message;
+    auto request = message.initRoot<wire::AttachRequest>();
+    request.setAbiVersion(wire::ABI_VERSION);
+    request.setName(capnp::Text::Reader(name.data(), name.size()));
+    kj::Array<capnp::word> words = capnp::messageToFlatArray(message);
+    AGATE_TRY(
+        trySendPacket(sock->get(), std::as_bytes(std::span(words.begin(), words.size())), {}));
+  }
+
+  pollfd pfd{sock->get(), POLLIN, 0};
+  const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(timeout).count();
+  int ready;
+  do {
+    ready = ::poll(&pfd, 1, static_cast<int>(ms));
+  } while (ready < 0 && errno == EINTR);
+  if (ready == 0) return Error(Errc::TIMED_OUT, "the kernel did not answer the attach");
+  if (ready < 0) return Error::fromErrno(errno, "poll on kernel.sock failed");
+
+  capnp::word packet[ATTACH_REPLY_WORDS];
+  Fd fds[6];
+  auto received = tryReceivePacket(sock->get(), std::as_writable_bytes(std::span(packet)), fds);
+  if (!received) return received.error();
+  if (received->bytes % WORD_BYTES != 0)
+    return Error(Errc::PROTOCOL_ERROR, "the attach reply is not whole words");
+
+  std::unique_ptr<KernelConnection> c(new KernelConnection(loop));
+  uint64_t submissionBytes = 0;
+  uint64_t completionBytes = 0;
+  Error refused;
+  try {
+    capnp::FlatArrayMessageReader reader(
+        kj::ArrayPtr<const capnp::word>(packet, received->bytes / WORD_BYTES));
+    auto reply = reader.getRoot<wire::AttachReply>();
+    if (reply.isError()) {
+      refused = kernelError(reply.getError().getCode());
+      c->lastErrorDetail_ = reply.getError().getDetail().cStr();
+    } else {
+      auto a = reply.getAttached();
+      c->pid_ = a.getPid();
+      c->bank_ = Cap<SpaceBank>{a.getBank()};
+      c->registry_ = Cap<Registry>{a.getRegistry()};
+      c->kernelPid_ = a.getKernelPid();
+      submissionBytes = a.getSubmissionBytes();
+      completionBytes = a.getCompletionBytes();
+    }
+  } catch (const kj::Exception&) {
+    return Error(Errc::PROTOCOL_ERROR, "the attach reply is malformed");
+  }
+  if (refused.code != Errc::OK) return refused;
+  if (received->fdCount != 6)
+    return Error(Errc::PROTOCOL_ERROR, "the attach reply carries six descriptors");
+
+  auto submission = Channel::openShared(std::move(fds[0]), std::move(fds[1]), std::move(fds[2]));
+  if (!submission) return submission.error();
+  auto completion = Channel::openShared(std::move(fds[3]), std::move(fds[4]), std::move(fds[5]));
+  if (!completion) return completion.error();
+  if ((*submission)->capacity() != submissionBytes || (*completion)->capacity() != completionBytes)
+    return Error(Errc::PROTOCOL_ERROR, "the rings do not match the attach reply");
+  c->submissionRing_ = std::move(*submission);
+  c->completionRing_ = std::move(*completion);
+  auto sender = c->submissionRing_->attachSender();
+  if (!sender) return sender.error();
+  auto receiver = c->completionRing_->attachReceiver();
+  if (!receiver) return receiver.error();
+  // The kernel's death ends every wait on the completion ring (DISCONNECTED once drained).
+  if (c->kernelPid_ > 0) (void)receiver->watchPeer(c->kernelPid_);
+  c->tx_ = std::make_unique<MessageSender>(std::move(*sender));
+  c->rx_ = std::make_unique<MessageReceiver>(*c->completionRing_, std::move(*receiver));
+  c->socket_ = std::move(*sock);
+  c->calls_.resize(64);
+  for (uint32_t i = 64; i-- > 0;) c->freeCalls_.push_back(i);
+  c->pump_.emplace(c->pump());
+  return c;
+}
+
+// ---- Submitting ----
+
+uint32_t KernelConnection::allocateCall() {
+  if (freeCalls_.empty()) {
+    // Every slot is in flight: grow (only past the deepest pipeline seen so far).
+    const auto old = static_cast<uint32_t>(calls_.size());
+    calls_.resize(old * 2);
+    for (uint32_t i = old * 2; i-- > old;) freeCalls_.push_back(i);
+  }
+  const uint32_t index = freeCalls_.back();
+  freeCalls_.pop_back();
+  calls_[index].busy = true;
+  return index;
+}
+
+void KernelConnection::freeCall(uint32_t index) noexcept {
+  PendingCall& call = calls_[index];
+  call.busy = false;
+  call.fulfiller.reset();
+  // A new generation: a late or forged completion for the old id finds a mismatch.
+  if (++call.generation == 0) call.generation = 1;
+  freeCalls_.push_back(index);
+}
+
+void KernelConnection::FlushTask::run() noexcept { connection_.tx_->sender().flush(); }
+
+void KernelConnection::scheduleFlush() noexcept {
+  if (!flushTask_.isQueued()) loop_.post(flushTask_);
+}
+
+void KernelConnection::flush() noexcept {
+  if (tx_) tx_->sender().flush();
+}
+
+// Room probed for before waking waiters: a batch of ordinary calls.
+constexpr size_t SPACE_PROBE_BYTES = 4096;
+// Waiters woken per sighting of room (each takes about SYSCALL_BYTES).
+constexpr size_t SPACE_WAKE_BATCH = SPACE_PROBE_BYTES / SYSCALL_BYTES;
+// The backstop of a space wait: the kernel process's doorbell wake could be lost or withheld.
+constexpr auto SPACE_PARK_SLICE = std::chrono::milliseconds(10);
+
+bool KernelConnection::ringHasRoom() noexcept {
+  Sender& sender = tx_->sender();
+  Result<std::span<std::byte>> probe = sender.tryReserve(SPACE_PROBE_BYTES);
+  if (!probe) return probe.code() != Errc::WOULD_BLOCK;  // an error: let the waiters see it
+  sender.abandon();
+  return true;
+}
+
+Promise<void> KernelConnection::awaitSpace() {
+  auto [promise, fulfiller] = newPromiseAndFulfiller<void>();
+  spaceWaiters_.push_back(std::move(fulfiller));
+  if (!spaceWatch_ || spaceWatch_->isReady()) {
+    tx_->sender().flush();  // what is committed must reach the kernel for room to come back
+    spaceWatch_.emplace(watchSpace());
+  }
+  return std::move(promise);
+}
+
+Promise<void> KernelConnection::watchSpace() {
+  Doorbell* bell = tx_->sender().spaceDoorbell();
+  const bool viaEventfd = !loop_.hasNativeFutexWait() && bell->eventFd() >= 0;
+  while (!spaceWaiters_.empty()) {
+    if (dead_.code != Errc::OK) co_return {};  // disconnect() failed the waiters
+    bool room;
+    {
+      // Announce, re-check, park (doorbell.h's waiter protocol); the guard withdraws the announce
+      // on every exit, including this coroutine being destroyed while parked.
+      struct Announce {
+        Doorbell* bell;
+        bool viaEventfd;
+        uint32_t snapshot;
+        ~Announce() { bell->cancel(viaEventfd); }
+      } announce{bell, viaEventfd, bell->announce(viaEventfd)};
+      room = ringHasRoom();
+      if (!room) {
+        if (viaEventfd) {
+          (void)co_await loop_.deadline(loop_.waitReady(bell->eventFd(), POLLIN), SPACE_PARK_SLICE);
+          uint64_t count;
+          (void)!::read(bell->eventFd(), &count, sizeof(count));
+        } else {
+          auto* word = reinterpret_cast<const std::atomic<uint32_t>*>(bell->futexWord());
+          (void)co_await loop_.deadline(
+              loop_.waitFutex(*word, announce.snapshot, bell->processShared()), SPACE_PARK_SLICE);
+        }
+        room = ringHasRoom();
+      }
+    }
+    if (!room) continue;
+    for (size_t i = 0; i < SPACE_WAKE_BATCH && !spaceWaiters_.empty(); ++i) {
+      Fulfiller<void> waiter = std::move(spaceWaiters_.front());
+      spaceWaiters_.pop_front();
+      waiter.fulfill({});
+    }
+    co_await loop_.yield();  // the woken calls reserve (and may queue again) before we look
+  }
+  co_return {};
+}
+
+template <class Fill>
+Promise<detail::Reply> KernelConnection::submit(uint32_t expect, size_t maxBytes, Fill fill) {
+  if (dead_.code != Errc::OK) co_return dead_;
+  if (maxBytes > submissionRing_->maxPayload())
+    co_return Error(Errc::MESSAGE_TOO_LARGE, "a syscall larger than a submission frame");
+  Sender& sender = tx_->sender();
+  // FIFO: a new call queues behind calls already waiting for room.
+  bool queued = !spaceWaiters_.empty();
+  Result<std::span<std::byte>> frame = Error(Errc::WOULD_BLOCK);
+  for (;;) {
+    if (!queued) {
+      frame = sender.tryReserve(maxBytes);
+      if (frame.code() != Errc::WOULD_BLOCK) break;
+    }
+    AGATE_CO_TRY(co_await awaitSpace());
+    if (dead_.code != Errc::OK) co_return dead_;
+    queued = false;
+  }
+  if (!frame) {
+    disconnect(frame.error());
+    co_return frame.error();
+  }
+  // Build in the ring, commit deferred (one doorbell per turn), all in this synchronous step.
+  const uint32_t index = allocateCall();
+  const uint64_t callId = (uint64_t{calls_[index].generation} << 32) | (index + 1);
+  Result<size_t> length = Error(Errc::MESSAGE_TOO_LARGE);
+  {
+    FrameBuilder builder(asFrameWords(*frame));
+    auto call = builder.initRoot<wire::Syscall>();
+    call.setCallId(callId);
+    fill(call);
+    length = builder.tryFinish();
+  }
+  if (!length) {
+    sender.abandon();
+    freeCall(index);
+    co_return length.error();
+  }
+  sender.commitDeferred(*length);
+  scheduleFlush();
+  auto [promise, fulfiller] = newPromiseAndFulfiller<detail::Reply>();
+  calls_[index].fulfiller.emplace(std::move(fulfiller));
+  calls_[index].expect = expect;
+  co_return co_await promise;
+}
+
+// ---- Completing ----
+
+Promise<void> KernelConnection::pump() {
+  for (;;) {
+    Result<IncomingMessage> in = co_await rx_->receiveAsync(loop_);
+    if (!in) {
+      disconnect(in.code() == Errc::DISCONNECTED ? Error(Errc::DISCONNECTED, "agate-kernel is gone")
+                                                 : in.error());
+      co_return {};
+    }
+    Status handled;
+    Status read = in->tryRead<wire::Completion>(
+        [&](wire::Completion::Reader completion) { handled = complete(completion); });
+    if (!read) handled = read;
+    if (!handled) {
+      disconnect(handled.error());
+      co_return {};
+    }
+  }
+}
+
+template <class Reader>
+Status KernelConnection::complete(Reader c) {
+  const uint64_t callId = c.getCallId();
+  const uint8_t fdCount = c.getFdCount();
+  Fd fds[MAX_PACKET_FDS];
+  if (fdCount > 0) {
+    // Sent before the completion was committed, so already queued on the socket.
+    uint64_t echoed = 0;
+    auto packet = tryReceivePacket(socket_.get(), std::as_writable_bytes(std::span(&echoed, 1)),
+                                   std::span(fds, fdCount > MAX_PACKET_FDS ? 0 : fdCount));
+    if (!packet || packet->bytes != sizeof(echoed) || echoed != callId ||
+        packet->fdCount != fdCount)
+      return Error(Errc::PROTOCOL_ERROR, "a completion's descriptors did not arrive with it");
+  }
+  const auto which = c.which();
+
+  if (callId == 0) {
+    if (which == Which::ERROR) {
+      ++unreadableFrameErrors_;
+      lastErrorDetail_ = c.getError().getDetail().cStr();
+      return {};
+    }
+    if (which != Which::EVENT) return Error(Errc::PROTOCOL_ERROR, "call id 0 without an event");
+    auto e = c.getEvent();
+    KernelEvent event;
+    switch (e.getType()) {
+      case wire::EventType::BUSHEL_OPENED:
+        event.type = EventType::BUSHEL_OPENED;
+        if (fdCount != 2) return Error(Errc::PROTOCOL_ERROR, "BUSHEL_OPENED without its rings");
+        event.request = std::move(fds[0]);
+        event.reply = std::move(fds[1]);
+        break;
+      case wire::EventType::BUSHEL_CLOSED:
+        event.type = EventType::BUSHEL_CLOSED;
+        break;
+      case wire::EventType::SERVICE_GONE:
+        event.type = EventType::SERVICE_GONE;
+        break;
+      default:
+        return {};  // an event type from a newer kernel: ignored
+    }
+    event.bushel = e.getBushel();
+    event.service = e.getService();
+    event.peer = e.getPeer();
+    if (eventWaiter_) {
+      Fulfiller<KernelEvent> waiter = std::move(*eventWaiter_);
+      eventWaiter_.reset();
+      waiter.fulfill(std::move(event));
+    } else {
+      events_.push_back(std::move(event));
+    }
+    return {};
+  }
+
+  const uint64_t index = (callId & 0xffffffffu) - 1;
+  const auto generation = static_cast<uint32_t>(callId >> 32);
+  if (index >= calls_.size() || !calls_[index].busy || calls_[index].generation != generation)
+    return Error(Errc::PROTOCOL_ERROR, "a completion names no pending call");
+  PendingCall& call = calls_[index];
+  if (!call.fulfiller) {
+    // Submitted but its coroutine has not stored the fulfiller yet: impossible, since the
+    // kernel answers only committed frames and the store follows the commit synchronously.
+    return Error(Errc::PROTOCOL_ERROR, "a completion arrived for an unsubmitted call");
+  }
+  Fulfiller<detail::Reply> fulfiller = std::move(*call.fulfiller);
+  const uint32_t expect = call.expect;
+  freeCall(static_cast<uint32_t>(index));
+
+  if (which == Which::ERROR) {
+    auto error = c.getError();
+    lastErrorDetail_ = error.getDetail().cStr();
+    fulfiller.fulfill(kernelError(error.getCode()));
+    return {};
+  }
+  if (static_cast<uint32_t>(which) != expect)
+    return Error(Errc::PROTOCOL_ERROR, "a completion's result does not match its call");
+  detail::Reply reply;
+  switch (which) {
+    case Which::HANDLE:
+      reply.value = c.getHandle();
+      break;
+    case Which::COUNT:
+      reply.value = c.getCount();
+      break;
+    case Which::KOID:
+      reply.value = c.getKoid();
+      break;
+    case Which::DONE:
+      break;
+    case Which::CAP_INFO: {
+      auto i = c.getCapInfo();
+      reply.capInfo = {i.getKoid(), static_cast<ObjectType>(i.getType()),
+                       static_cast<Rights>(i.getRights()), i.getBadge()};
+      break;
+    }
+    case Which::CREDIT: {
+      auto b = c.getCredit();
+      reply.credit = {b.getUsed(), b.getLimit(), b.getReturned(), b.getDestroyed()};
+      break;
+    }
+    case Which::REGION: {
+      auto r = c.getRegion();
+      reply.bytes = r.getBytes();
+      reply.writable = r.getWritable();
+      break;
+    }
+    case Which::PROCESSES:
+      for (auto p : c.getProcesses())
+        reply.processes.push_back(
+            {p.getPid(), p.getOsPid(), p.getUid(), p.getName().cStr(), p.getBank(), p.getCaps()});
+      break;
+    case Which::BANKS:
+      for (auto b : c.getBanks())
+        reply.banks.push_back({b.getKoid(), b.getParent(), b.getUsed(), b.getLimit(),
+                               b.getOwnPages(), b.getObjects(), b.getCaps()});
+      break;
+    case Which::CAPS:
+      for (auto e : c.getCaps())
+        reply.caps.push_back({e.getHandle(), e.getKoid(), static_cast<ObjectType>(e.getType()),
+                              static_cast<Rights>(e.getRights()), e.getBadge(), e.getParentHandle(),
+                              e.getParentPid()});
+      break;
+    default:
+      return Error(Errc::PROTOCOL_ERROR, "a completion with an unexpected result");
+  }
+  for (size_t i = 0; i < fdCount && i < 2; ++i) reply.fds[i] = std::move(fds[i]);
+  fulfiller.fulfill(std::move(reply));
+  return {};
+}
+
+void KernelConnection::disconnect(Error e) noexcept {
+  if (dead_.code == Errc::OK) dead_ = e;
+  for (uint32_t i = 0; i < calls_.size(); ++i) {
+    if (!calls_[i].busy || !calls_[i].fulfiller) continue;
+    Fulfiller<detail::Reply> fulfiller = std::move(*calls_[i].fulfiller);
+    freeCall(i);
+    fulfiller.fulfill(dead_);
+  }
+  if (eventWaiter_) {
+    Fulfiller<KernelEvent> waiter = std::move(*eventWaiter_);
+    eventWaiter_.reset();
+    waiter.fulfill(dead_);
+  }
+  while (!spaceWaiters_.empty()) {
+    Fulfiller<void> waiter = std::move(spaceWaiters_.front());
+    spaceWaiters_.pop_front();
+    waiter.fulfill(dead_);
+  }
+}
+
+// ---- The calls ----
+
+Promise<uint64_t> KernelConnection::copyAny(AnyCap cap, Rights rights, uint64_t badge) {
+  Result<detail::Reply> r = co_await submit(Which::HANDLE, SYSCALL_BYTES, [&](auto call) {
+    auto g = call.initCopyCap();
+    g.setCap(cap.handle);
+    g.setRights(static_cast<uint32_t>(rights));
+    g.setBadge(badge);
+  });
+  if (!r) co_return r.error();
+  co_return r->value;
+}
+
+Promise<void> KernelConnection::deleteCap(AnyCap cap) {
+  Result<detail::Reply> r = co_await submit(
+      Which::DONE, SYSCALL_BYTES, [&](auto call) { call.initDeleteCap().setCap(cap.handle); });
+  if (!r) co_return r.error();
+  co_return {};
+}
+
+Promise<uint64_t> KernelConnection::revokeCap(AnyCap cap) {
+  Result<detail::Reply> r = co_await submit(
+      Which::COUNT, SYSCALL_BYTES, [&](auto call) { call.initRevokeCap().setCap(cap.handle); });
+  if (!r) co_return r.error();
+  co_return r->value;
+}
+
+Promise<uint64_t> KernelConnection::transferAny(AnyCap cap, ProcessId to, TransferMode mode) {
+  Result<detail::Reply> r = co_await submit(Which::HANDLE, SYSCALL_BYTES, [&](auto call) {
+    auto g = call.initTransferCap();
+    g.setCap(cap.handle);
+    g.setTo(to);
+    g.setMode(mode == TransferMode::MOVE ? wire::TransferMode::MOVE : wire::TransferMode::COPY);
+  });
+  if (!r) co_return r.error();
+  co_return r->value;
+}
+
+Promise<CapInfo> KernelConnection::inspectCap(AnyCap cap) {
+  Result<detail::Reply> r = co_await submit(
+      Which::CAP_INFO, SYSCALL_BYTES, [&](auto call) { call.initInspectCap().setCap(cap.handle); });
+  if (!r) co_return r.error();
+  co_return r->capInfo;
+}
+
+Promise<void> KernelConnection::destroy(AnyCap cap) {
+  Result<detail::Reply> r = co_await submit(
+      Which::DONE, SYSCALL_BYTES, [&](auto call) { call.initDestroyObject().setCap(cap.handle); });
+  if (!r) co_return r.error();
+  co_return {};
+}
+
+Promise<Cap<SpaceBank>> KernelConnection::createBank(Cap<SpaceBank> parent, uint64_t limit) {
+  Result<detail::Reply> r = co_await submit(Which::HANDLE, SYSCALL_BYTES, [&](auto call) {
+    auto g = call.initCreateBank();
+    g.setBank(parent.handle);
+    g.setLimit(limit);
+  });
+  if (!r) co_return r.error();
+  co_return Cap<SpaceBank>{r->value};
+}
+
+Promise<void> KernelConnection::setBankLimit(Cap<SpaceBank> bank, uint64_t limit) {
+  Result<detail::Reply> r = co_await submit(Which::DONE, SYSCALL_BYTES, [&](auto call) {
+    auto g = call.initSetBankLimit();
+    g.setBank(bank.handle);
+    g.setLimit(limit);
+  });
+  if (!r) co_return r.error();
+  co_return {};
+}
+
+Promise<BankCredit> KernelConnection::readBank(Cap<SpaceBank> bank) {
+  Result<detail::Reply> r = co_await submit(
+      Which::CREDIT, SYSCALL_BYTES, [&](auto call) { call.initReadBank().setBank(bank.handle); });
+  if (!r) co_return r.error();
+  co_return r->credit;
+}
+
+Promise<Cap<Region>> KernelConnection::createRegion(Cap<SpaceBank> bank, uint64_t pages) {
+  Result<detail::Reply> r = co_await submit(Which::HANDLE, SYSCALL_BYTES, [&](auto call) {
+    auto g = call.initCreateRegion();
+    g.setBank(bank.handle);
+    g.setPages(pages);
+  });
+  if (!r) co_return r.error();
+  co_return Cap<Region>{r->value};
+}
+
+Promise<MappedRegion> KernelConnection::mapRegion(Cap<Region> region, bool writable) {
+  Result<detail::Reply> r = co_await submit(Which::REGION, SYSCALL_BYTES, [&](auto call) {
+    auto g = call.initMapRegion();
+    g.setRegion(region.handle);
+    g.setWritable(writable);
+  });
+  if (!r) co_return r.error();
+  if (!r->fds[0].valid())
+    co_return Error(Errc::PROTOCOL_ERROR, "a region mapping arrived without its descriptor");
+  co_return MappedRegion::tryMap(std::move(r->fds[0]), r->bytes, r->writable);
+}
+
+Promise<Cap<Registry>> KernelConnection::grantRegistry(Cap<Registry> registry, ProcessId to,
+                                                       Rights rights) {
+  Result<detail::Reply> r = co_await submit(Which::HANDLE, SYSCALL_BYTES, [&](auto call) {
+    auto g = call.initGrantRegistry();
+    g.setRegistry(registry.handle);
+    g.setTo(to);
+    g.setRights(static_cast<uint32_t>(rights));
+  });
+  if (!r) co_return r.error();
+  co_return Cap<Registry>{r->value};
+}
+
+Promise<Cap<Service>> KernelConnection::registerService(Cap<Registry> registry,
+                                                        std::string_view name,
+                                                        Cap<SpaceBank> bank) {
+  Result<detail::Reply> r =
+      co_await submit(Which::HANDLE, syscallBytesWithName(name), [&](auto call) {
+        auto g = call.initRegisterService();
+        g.setRegistry(registry.handle);
+        g.setName(capnp::Text::Reader(name.data(), name.size()));
+        g.setBank(bank.handle);
+      });
+  if (!r) co_return r.error();
+  co_return Cap<Service>{r->value};
+}
+
+Promise<Koid> KernelConnection::lookupService(Cap<Registry> registry, std::string_view name) {
+  Result<detail::Reply> r =
+      co_await submit(Which::KOID, syscallBytesWithName(name), [&](auto call) {
+        auto g = call.initLookupService();
+        g.setRegistry(registry.handle);
+        g.setName(capnp::Text::Reader(name.data(), name.size()));
+      });
+  if (!r) co_return r.error();
+  co_return r->value;
+}
+
+Promise<Cap<Bushel>> KernelConnection::openBushel(Cap<Registry> registry, std::string_view name,
+                                                  Cap<SpaceBank> bank) {
+  Result<detail::Reply> r =
+      co_await submit(Which::HANDLE, syscallBytesWithName(name), [&](auto call) {
+        auto g = call.initOpenBushel();
+        g.setRegistry(registry.handle);
+        g.setName(capnp::Text::Reader(name.data(), name.size()));
+        g.setBank(bank.handle);
+      });
+  if (!r) co_return r.error();
+  co_return Cap<Bushel>{r->value};
+}
+
+Promise<BushelRings> KernelConnection::bushelRings(Cap<Bushel> bushel) {
+  Result<detail::Reply> r = co_await submit(Which::DONE, SYSCALL_BYTES, [&](auto call) {
+    call.initBushelFds().setBushel(bushel.handle);
+  });
+  if (!r) co_return r.error();
+  if (!r->fds[0].valid() || !r->fds[1].valid())
+    co_return Error(Errc::PROTOCOL_ERROR, "a bushel's rings arrived without their descriptors");
+  co_return BushelRings{std::move(r->fds[0]), std::move(r->fds[1])};
+}
+
+Promise<std::vector<ProcessInfo>> KernelConnection::listProcesses() {
+  Result<detail::Reply> r =
+      co_await submit(Which::PROCESSES, SYSCALL_BYTES, [&](auto call) { call.setListProcesses(); });
+  if (!r) co_return r.error();
+  co_return std::move(r->processes);
+}
+
+Promise<std::vector<BankInfo>> KernelConnection::listBanks() {
+  Result<detail::Reply> r =
+      co_await submit(Which::BANKS, SYSCALL_BYTES, [&](auto call) { call.setListBanks(); });
+  if (!r) co_return r.error();
+  co_return std::move(r->banks);
+}
+
+Promise<std::vector<CapEntry>> KernelConnection::listCaps(ProcessId pid) {
+  Result<detail::Reply> r = co_await submit(Which::CAPS, SYSCALL_BYTES,
+                                            [&](auto call) { call.initListCaps().setPid(pid); });
+  if (!r) co_return r.error();
+  co_return std::move(r->caps);
+}
+
+Promise<KernelEvent> KernelConnection::nextEvent() {
+  if (!events_.empty()) {
+    KernelEvent e = std::move(events_.front());
+    events_.pop_front();
+    return readyPromise<KernelEvent>(std::move(e));
+  }
+  if (dead_.code != Errc::OK) return readyPromise<KernelEvent>(dead_);
+  AGATE_REQUIRE(!eventWaiter_, "nextEvent() while another nextEvent() waits");
+  auto [promise, fulfiller] = newPromiseAndFulfiller<KernelEvent>();
+  eventWaiter_.emplace(std::move(fulfiller));
+  return std::move(promise);
+}
+
+}  // namespace agate::caps
