@@ -360,6 +360,7 @@ Status KernelConnection::complete(Reader c) {
     event.bushel = e.getBushel();
     event.service = e.getService();
     event.peer = e.getPeer();
+    if (eventWaiter_ && eventWaiter_->isCancelled()) eventWaiter_.reset();  // its caller left
     if (eventWaiter_) {
       Fulfiller<KernelEvent> waiter = std::move(*eventWaiter_);
       eventWaiter_.reset();
@@ -655,6 +656,7 @@ Promise<KernelEvent> KernelConnection::nextEvent() {
     return readyPromise<KernelEvent>(std::move(e));
   }
   if (dead_.code != Errc::OK) return readyPromise<KernelEvent>(dead_);
+  if (eventWaiter_ && eventWaiter_->isCancelled()) eventWaiter_.reset();  // e.g. a deadline hit
   AGATE_REQUIRE(!eventWaiter_, "nextEvent() while another nextEvent() waits");
   auto [promise, fulfiller] = newPromiseAndFulfiller<KernelEvent>();
   eventWaiter_.emplace(std::move(fulfiller));

@@ -195,7 +195,8 @@ class KernelConnection {
   Promise<std::vector<CapEntry>> listCaps(ProcessId pid);
 
   // --- Events ---
-  // The next kernel event (queued ones first). One waiter at a time (precondition).
+  // The next kernel event (queued ones first). One waiter at a time (precondition); dropping
+  // the promise (e.g. under loop.deadline) loses no event: it stays queued for the next call.
   Promise<KernelEvent> nextEvent();
 
   // Rings the submission doorbell now for calls committed in this turn (normally done by a Task

@@ -1,0 +1,382 @@
+// A hostile process against agate-kernel: frames that are not messages, messages that do not
+// match the schema, unknown calls, seeded random frames, corrupt ring indices, packets on the
+// socket after attach, garbage at attach. The offender gets errors or is disconnected; another
+// process keeps being served, and the kernel's books return to their baseline.
+//
+// The hostile side is a RawClient: it attaches by hand (the schema's handshake) and writes bytes
+// straight into its submission ring, so nothing in agate::caps filters what it sends.
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <capnp/any.h>
+#include <capnp/message.h>
+#include <capnp/schema.h>
+#include <capnp/serialize.h>
+
+#include <chrono>
+#include <cstring>
+#include <optional>
+#include <random>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "../support/watchdog.h"
+#include "agate/caps/kernel_connection.h"
+#include "agate/kernel/home.h"
+#include "agate/runtime/fd_passing.h"
+#include "agate/runtime/message.h"
+#include "kernel.capnp.h"
+#include "kernel_fixture.h"
+
+namespace agate::caps {
+namespace {
+
+using agate::testing::KernelProcess;
+using agate::testing::Watchdog;
+using std::chrono::seconds;
+
+struct Answer {
+  uint64_t callId = 0;
+  wire::Completion::Which which = wire::Completion::DONE;
+  uint16_t error = 0;
+};
+
+class RawClient {
+ public:
+  explicit RawClient(const std::string& home) {
+    const std::string path = home + "/" + kernel::KERNEL_SOCKET_NAME;
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+    sock_.reset(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+    if (::connect(sock_.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) return;
+    capnp::MallocMessageBuilder message;
+    auto request = message.initRoot<wire::AttachRequest>();
+    request.setAbiVersion(wire::ABI_VERSION);
+    request.setName("hostile");
+    auto words = capnp::messageToFlatArray(message);
+    if (!trySendPacket(sock_.get(), std::as_bytes(std::span(words.begin(), words.size())), {}))
+      return;
+    pollfd pfd{sock_.get(), POLLIN, 0};
+    if (::poll(&pfd, 1, 5000) != 1) return;
+    capnp::word packet[64];
+    Fd fds[6];
+    auto r = tryReceivePacket(sock_.get(), std::as_writable_bytes(std::span(packet)), fds);
+    if (!r || r->fdCount != 6) return;
+    capnp::FlatArrayMessageReader reader(kj::arrayPtr(packet, r->bytes / 8));
+    auto reply = reader.getRoot<wire::AttachReply>();
+    if (!reply.isAttached()) return;
+    pid_ = reply.getAttached().getPid();
+    bank_ = reply.getAttached().getBank();
+    dataEvent_ = Fd(::dup(fds[1].get()));
+    auto sub = Channel::openShared(std::move(fds[0]), std::move(fds[1]), std::move(fds[2]));
+    auto comp = Channel::openShared(std::move(fds[3]), std::move(fds[4]), std::move(fds[5]));
+    if (!sub || !comp) return;
+    sub_ = std::move(*sub);
+    comp_ = std::move(*comp);
+    tx_ = std::move(sub_->attachSender()).value();
+    rx_ = std::move(comp_->attachReceiver()).value();
+    scratch_.reset(new capnp::word[comp_->maxPayload() / 8]());
+    reader_.emplace(std::span<capnp::word>(scratch_.get(), comp_->maxPayload() / 8));
+    attached_ = true;
+  }
+
+  bool attached() const { return attached_; }
+  ProcessId pid() const { return pid_; }
+  uint64_t bank() const { return bank_; }
+  int socket() const { return sock_.get(); }
+
+  bool sendBytes(std::span<const std::byte> bytes) { return tx_.send(bytes).ok(); }
+  bool sendMessage(capnp::MessageBuilder& message) {
+    auto segments = message.getSegmentsForOutput();
+    if (segments.size() != 1) return false;
+    return sendBytes(std::as_bytes(std::span(segments[0].begin(), segments[0].size())));
+  }
+  // A well-formed Syscall: readBank of our bank.
+  bool sendReadBank(uint64_t callId) {
+    capnp::MallocMessageBuilder message;
+    auto call = message.initRoot<wire::Syscall>();
+    call.setCallId(callId);
+    call.initReadBank().setBank(bank_);
+    return sendMessage(message);
+  }
+
+  // The next completion (events skipped), or nothing after `timeout` or once disconnected.
+  std::optional<Answer> next(std::chrono::milliseconds timeout = std::chrono::milliseconds(5000)) {
+    for (;;) {
+      WaitPolicy policy;
+      policy.timeout = timeout;
+      auto frame = rx_.receive(policy);
+      if (!frame) {
+        lastError_ = frame.code();
+        return std::nullopt;
+      }
+      auto view = reader_->tryDecode(frame->payload);
+      rx_.release();
+      if (!view) return std::nullopt;
+      auto c = view->getRoot<wire::Completion>();
+      for (int i = 0; i < c.getFdCount(); ++i) {  // descriptors that came with it
+        uint64_t id;
+        Fd fds[8];
+        (void)tryReceivePacket(sock_.get(), std::as_writable_bytes(std::span(&id, 1)), fds);
+        break;
+      }
+      if (c.isEvent()) continue;
+      Answer a{c.getCallId(), c.which(), c.isError() ? c.getError().getCode() : uint16_t{0}};
+      return a;
+    }
+  }
+  Errc lastError() const { return lastError_; }
+
+  // The kernel closed our socket (hung up on us) within `limit`.
+  bool hungUp(std::chrono::milliseconds limit = std::chrono::milliseconds(5000)) {
+    pollfd pfd{sock_.get(), POLLIN, 0};
+    if (::poll(&pfd, 1, static_cast<int>(limit.count())) != 1) return false;
+    char b;
+    return ::recv(sock_.get(), &b, 1, MSG_DONTWAIT) == 0 || (pfd.revents & POLLHUP) != 0;
+  }
+
+  Channel& submissionRing() { return *sub_; }
+  // Wakes a parked kernel without going through the (possibly corrupted) ring.
+  void kick() {
+    const uint64_t one = 1;
+    (void)!::write(dataEvent_.get(), &one, sizeof(one));
+  }
+
+ private:
+  Fd sock_;
+  Fd dataEvent_;
+  bool attached_ = false;
+  ProcessId pid_ = 0;
+  uint64_t bank_ = 0;
+  std::unique_ptr<Channel> sub_;
+  std::unique_ptr<Channel> comp_;
+  Sender tx_;
+  Receiver rx_;
+  std::unique_ptr<capnp::word[]> scratch_;
+  std::optional<FrameReader> reader_;
+  Errc lastError_ = Errc::OK;
+};
+
+// The kernel's books with only `observer` attached: the system bank's usage.
+uint64_t systemUsed(KernelConnection& observer) {
+  auto banks = observer.sync().listBanks();
+  return banks && !banks->empty() ? (*banks)[0].used : UINT64_MAX;
+}
+
+TEST(KernelHostile, FramesThatAreNotMessagesGetProtocolErrorsAndTheCallerStaysServed) {
+  Watchdog dog("not messages", seconds(30));
+  KernelProcess kernel;
+  RawClient raw(kernel.home());
+  ASSERT_TRUE(raw.attached());
+  const std::byte odd[13] = {};
+  ASSERT_TRUE(raw.sendBytes(odd));  // not whole words
+  std::vector<std::byte> ones(64, std::byte{0xff});
+  ASSERT_TRUE(raw.sendBytes(ones));  // a root pointer that is no struct
+  capnp::MallocMessageBuilder listRoot;
+  listRoot.initRoot<capnp::AnyPointer>().initAs<capnp::List<uint64_t>>(4);
+  ASSERT_TRUE(raw.sendMessage(listRoot));  // a valid message whose root is a list
+  for (int i = 0; i < 3; ++i) {
+    auto a = raw.next();
+    ASSERT_TRUE(a.has_value()) << i;
+    EXPECT_EQ(a->callId, 0u);
+    EXPECT_EQ(a->which, wire::Completion::ERROR);
+    EXPECT_EQ(a->error, static_cast<uint16_t>(Errc::PROTOCOL_ERROR));
+  }
+  ASSERT_TRUE(raw.sendReadBank(5));
+  auto a = raw.next();
+  ASSERT_TRUE(a.has_value());
+  EXPECT_EQ(a->callId, 5u);
+  EXPECT_EQ(a->which, wire::Completion::CREDIT);
+}
+
+TEST(KernelHostile, CallIdZeroAndTheNoneCallAreRefusedAsInvalidArguments) {
+  Watchdog dog("call id zero", seconds(30));
+  KernelProcess kernel;
+  RawClient raw(kernel.home());
+  ASSERT_TRUE(raw.attached());
+  ASSERT_TRUE(raw.sendReadBank(0));
+  capnp::MallocMessageBuilder none;
+  none.initRoot<wire::Syscall>().setCallId(9);  // the zero arm: `none`
+  ASSERT_TRUE(raw.sendMessage(none));
+  auto a = raw.next();
+  ASSERT_TRUE(a.has_value());
+  EXPECT_EQ(a->callId, 0u);
+  EXPECT_EQ(a->error, static_cast<uint16_t>(Errc::INVALID_ARGUMENT));
+  a = raw.next();
+  ASSERT_TRUE(a.has_value());
+  EXPECT_EQ(a->callId, 9u);
+  EXPECT_EQ(a->error, static_cast<uint16_t>(Errc::INVALID_ARGUMENT));
+}
+
+TEST(KernelHostile, SchemaMismatchAndUnknownCallsAreRefusedWithTheirCallId) {
+  Watchdog dog("schema mismatch", seconds(30));
+  KernelProcess kernel;
+  RawClient raw(kernel.home());
+  ASSERT_TRUE(raw.attached());
+  {
+    // registerService whose name is a list of words, not text: reading it throws in the kernel.
+    capnp::MallocMessageBuilder message;
+    auto call = message.initRoot<wire::Syscall>();
+    call.setCallId(11);
+    auto reg = call.initRegisterService();
+    reg.setBank(raw.bank());
+    message.getRoot<capnp::AnyStruct>().getPointerSection()[0].initAs<capnp::List<uint64_t>>(3);
+    ASSERT_TRUE(raw.sendMessage(message));
+  }
+  {
+    // A discriminant no schema version defines.
+    capnp::MallocMessageBuilder message;
+    message.initRoot<wire::Syscall>().setCallId(12);
+    const uint32_t offset =
+        capnp::Schema::from<wire::Syscall>().getProto().getStruct().getDiscriminantOffset();
+    auto data = message.getRoot<capnp::AnyStruct>().getDataSection();
+    const uint16_t unknown = 999;
+    std::memcpy(data.begin() + offset * 2, &unknown, sizeof(unknown));
+    ASSERT_TRUE(raw.sendMessage(message));
+  }
+  auto a = raw.next();
+  ASSERT_TRUE(a.has_value());
+  EXPECT_EQ(a->callId, 11u);
+  EXPECT_EQ(a->error, static_cast<uint16_t>(Errc::PROTOCOL_ERROR));
+  a = raw.next();
+  ASSERT_TRUE(a.has_value());
+  EXPECT_EQ(a->callId, 12u);
+  EXPECT_EQ(a->error, static_cast<uint16_t>(Errc::INVALID_ARGUMENT));
+  ASSERT_TRUE(raw.sendReadBank(13));
+  a = raw.next();
+  ASSERT_TRUE(a.has_value());
+  EXPECT_EQ(a->which, wire::Completion::CREDIT);
+}
+
+// Seeded: reproducible, and a different seed per run is one edit away.
+TEST(KernelHostile, RandomFramesNeverStopTheKernelServingAnotherProcess) {
+  Watchdog dog("random frames", seconds(60));
+  KernelProcess kernel;
+  EventLoop loop;
+  auto observer = std::move(KernelConnection::tryAttach(loop, kernel.home(), "observer")).value();
+  const uint64_t baseline = systemUsed(*observer);
+  std::mt19937_64 rng(0xa6a7e);
+  int answered = 0;
+  int disconnected = 0;
+  for (int round = 0; round < 8; ++round) {
+    RawClient raw(kernel.home());
+    ASSERT_TRUE(raw.attached());
+    bool alive = true;
+    for (int i = 0; i < 200 && alive; ++i) {
+      std::vector<std::byte> bytes;
+      if (rng() % 4 == 0) {
+        // A real syscall with some of its bytes flipped.
+        capnp::MallocMessageBuilder message;
+        auto call = message.initRoot<wire::Syscall>();
+        call.setCallId(1 + rng() % 1000);
+        auto open = call.initOpenBushel();
+        open.setName("svc");
+        open.setBank(raw.bank());
+        auto words = capnp::messageToFlatArray(message);
+        auto all = words.asBytes().slice(8, words.asBytes().size());  // drop the segment table
+        bytes.assign(reinterpret_cast<const std::byte*>(all.begin()),
+                     reinterpret_cast<const std::byte*>(all.end()));
+        for (int flips = 1 + rng() % 4; flips > 0; --flips)
+          bytes[rng() % bytes.size()] = static_cast<std::byte>(rng());
+      } else {
+        bytes.resize(1 + rng() % 512);
+        for (std::byte& b : bytes) b = static_cast<std::byte>(rng());
+      }
+      if (!raw.sendBytes(bytes)) break;
+      auto a = raw.next();
+      if (!a) {
+        alive = false;
+        ++disconnected;
+        break;
+      }
+      ++answered;
+    }
+    // The other process is served all along.
+    ASSERT_TRUE(observer->sync().readBank(observer->bank()).ok()) << round;
+  }
+  EXPECT_GT(answered, 0);
+  // Every hostile process is gone; nothing it held is still charged.
+  EXPECT_TRUE(
+      agate::testing::eventually([&] { return observer->sync().listProcesses()->size() == 1; }));
+  EXPECT_EQ(systemUsed(*observer), baseline);
+  (void)disconnected;
+}
+
+TEST(KernelHostile, CorruptRingIndicesDisconnectTheOffenderOnly) {
+  Watchdog dog("corrupt ring", seconds(30));
+  KernelProcess kernel;
+  EventLoop loop;
+  auto observer = std::move(KernelConnection::tryAttach(loop, kernel.home(), "observer")).value();
+  const uint64_t baseline = systemUsed(*observer);
+  const int fds = kernel.openFds();
+  const int maps = kernel.memfdMappings();
+  {
+    RawClient raw(kernel.home());
+    ASSERT_TRUE(raw.attached());
+    ASSERT_TRUE(raw.sendReadBank(1));
+    ASSERT_TRUE(raw.next().has_value());
+    // A published tail beyond anything the ring can hold, and not frame-aligned.
+    auto* control = reinterpret_cast<RingControl*>(raw.submissionRing().memory().data());
+    std::atomic_ref<uint64_t>(control->tail)
+        .store((uint64_t{1} << 40) + 3, std::memory_order_release);
+    raw.kick();
+    EXPECT_TRUE(raw.hungUp());
+  }
+  ASSERT_TRUE(observer->sync().readBank(observer->bank()).ok());
+  EXPECT_TRUE(
+      agate::testing::eventually([&] { return observer->sync().listProcesses()->size() == 1; }));
+  EXPECT_EQ(systemUsed(*observer), baseline);
+  EXPECT_EQ(kernel.openFds(), fds);
+  EXPECT_EQ(kernel.memfdMappings(), maps);
+}
+
+TEST(KernelHostile, APacketOnTheSocketAfterAttachDisconnectsTheSender) {
+  Watchdog dog("socket abuse", seconds(30));
+  KernelProcess kernel;
+  RawClient raw(kernel.home());
+  ASSERT_TRUE(raw.attached());
+  const std::byte junk[8] = {};
+  ASSERT_TRUE(trySendPacket(raw.socket(), junk, {}).ok());
+  EXPECT_TRUE(raw.hungUp());
+}
+
+TEST(KernelHostile, GarbageAtAttachIsRefusedAndAttachesNothing) {
+  Watchdog dog("attach garbage", seconds(30));
+  KernelProcess kernel;
+  EventLoop loop;
+  auto observer = std::move(KernelConnection::tryAttach(loop, kernel.home(), "observer")).value();
+  const std::string path = kernel.home() + "/" + kernel::KERNEL_SOCKET_NAME;
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  for (int kind = 0; kind < 3; ++kind) {
+    Fd sock(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+    ASSERT_EQ(::connect(sock.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+    std::vector<std::byte> bytes(kind == 0 ? 13 : 64, std::byte{0x5a});
+    Fd extra(::eventfd(0, EFD_CLOEXEC));
+    const int extraFd = extra.get();
+    ASSERT_TRUE(
+        trySendPacket(sock.get(), bytes,
+                      kind == 2 ? std::span<const int>(&extraFd, 1) : std::span<const int>())
+            .ok());
+    pollfd pfd{sock.get(), POLLIN, 0};
+    ASSERT_EQ(::poll(&pfd, 1, 5000), 1);
+    capnp::word packet[64];
+    Fd none[1];
+    auto r = tryReceivePacket(sock.get(), std::as_writable_bytes(std::span(packet)), none);
+    ASSERT_TRUE(r.ok()) << kind;
+    capnp::FlatArrayMessageReader reader(kj::arrayPtr(packet, r->bytes / 8));
+    auto reply = reader.getRoot<wire::AttachReply>();
+    ASSERT_TRUE(reply.isError()) << kind;
+    EXPECT_EQ(reply.getError().getCode(), static_cast<uint16_t>(Errc::PROTOCOL_ERROR)) << kind;
+  }
+  EXPECT_EQ(observer->sync().listProcesses()->size(), 1u);
+}
+
+}  // namespace
+}  // namespace agate::caps
