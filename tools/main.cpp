@@ -8,6 +8,8 @@
 //
 // Exit codes (also in --help and tools/README.md): 0 done; 1 failed; 2 no kernel is running (ps,
 // banks, caps); 3 no such process (caps); 64 bad usage.
+#include <limits.h>
+#include <stdlib.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -88,13 +90,21 @@ Status tryAttachOnce(const std::string& home, std::chrono::milliseconds timeout)
   return {};
 }
 
+// `path` made absolute (symlinks resolved); empty if it does not exist.
+std::string absolutePath(const std::string& path) {
+  char buf[PATH_MAX];
+  return ::realpath(path.c_str(), buf) != nullptr ? std::string(buf) : std::string();
+}
+
 int runUp(const UpOptions& o) {
-  const HomePaths home = HomePaths::of(kernel::resolveKernelHome(o.common.home));
+  const std::string given = kernel::resolveKernelHome(o.common.home);
   const auto timeout = seconds(o.timeoutSeconds);
-  if (Status st = tryMakeHome(home.dir); !st) {
-    fail("cannot use home " + home.dir + ": " + describe(st.error()));
+  if (Status st = tryMakeHome(given); !st) {
+    fail("cannot use home " + given + ": " + describe(st.error()));
     return EXIT_FAILED;
   }
+  // Absolute: the daemon runs in "/", and a relative home would name another directory there.
+  const HomePaths home = HomePaths::of(absolutePath(given));
   auto lock = ToolsLock::tryAcquire(home, timeout);
   if (!lock) {
     fail(home.toolsLock + ": " + describe(lock.error()));
@@ -137,6 +147,7 @@ int runUp(const UpOptions& o) {
     fail(kernelPath + " is not an executable file");
     return EXIT_FAILED;
   }
+  kernelPath = absolutePath(kernelPath);  // exists: access() just found it
 
   // The kernel first: every later service attaches to it.
   const std::vector<SystemService> services = systemServices(home.dir, kernelPath);

@@ -50,8 +50,9 @@ struct Ran {
 
 // Runs `agate ARGS...` with `env` (KEY=VALUE strings; nothing inherited), capturing its output.
 // Killed after `limit`.
+// Runs in `cwd` when not empty.
 Ran runAgate(const std::vector<std::string>& args, const std::vector<std::string>& env = {},
-             std::chrono::milliseconds limit = 20s) {
+             std::chrono::milliseconds limit = 20s, const std::string& cwd = {}) {
   Ran r;
   int out[2], err[2];
   if (::pipe2(out, O_CLOEXEC) != 0 || ::pipe2(err, O_CLOEXEC) != 0) {
@@ -74,6 +75,7 @@ Ran runAgate(const std::vector<std::string>& args, const std::vector<std::string
   if (child == 0) {
     ::dup2(out[1], STDOUT_FILENO);
     ::dup2(err[1], STDERR_FILENO);
+    if (!cwd.empty() && ::chdir(cwd.c_str()) != 0) ::_exit(126);
     ::execve(AGATE_CLI_BINARY, argv.data(), envp.data());
     ::_exit(127);
   }
@@ -271,6 +273,32 @@ TEST_F(AgateCliTest, UpWithAKernelRunningSaysSoAndKeepsIt) {
       << again.out;
   EXPECT_EQ(kernelPid(), pid);
   EXPECT_TRUE(alive(pid));
+}
+
+TEST_F(AgateCliTest, ConcurrentUpsStartExactlyOneKernel) {
+  Ran a, b;
+  std::thread other([&] { b = agate({"up"}); });
+  a = agate({"up"});
+  other.join();
+  EXPECT_EQ(a.exitCode, 0) << a.err;
+  EXPECT_EQ(b.exitCode, 0) << b.err;
+  const int started =
+      (a.out.find("started") != std::string::npos) + (b.out.find("started") != std::string::npos);
+  const int already = (a.out.find("already running") != std::string::npos) +
+                      (b.out.find("already running") != std::string::npos);
+  EXPECT_EQ(started, 1) << a.out << b.out;
+  EXPECT_EQ(already, 1) << a.out << b.out;
+  EXPECT_TRUE(alive(kernelPid()));
+}
+
+TEST_F(AgateCliTest, ARelativeHomeNamesTheSameDirectoryForTheDaemon) {
+  Ran up = runAgate({"up", "--home", "home"}, {}, 20s, root_);
+  ASSERT_EQ(up.exitCode, 0) << up.out << up.err;
+  EXPECT_TRUE(exists(path("kernel.sock")));
+  EXPECT_TRUE(alive(kernelPid()));
+  EXPECT_EQ(runAgate({"ps", "--home", "home"}, {}, 20s, root_).exitCode, 0);
+  EXPECT_EQ(runAgate({"down", "--home", "home"}, {}, 20s, root_).exitCode, 0);
+  EXPECT_FALSE(exists(path("kernel.sock")));
 }
 
 TEST_F(AgateCliTest, DownWithNoKernelSaysSoAndSucceeds) {
