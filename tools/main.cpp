@@ -255,10 +255,10 @@ int runDown(const DownOptions& o) {
 // --- ps / banks / caps ---------------------------------------------------------------------------
 
 // A short-lived attachment for one query.
-class Session {
+class KernelQuery {
  public:
   // Attaches; on failure prints the message and sets `exitCode`.
-  static std::optional<Session> tryOpen(const Common& c, int& exitCode) {
+  static std::optional<KernelQuery> tryOpen(const Common& c, int& exitCode) {
     const std::string home = kernel::resolveKernelHome(c.home);
     auto loop = EventLoop::tryCreate();
     if (!loop) {
@@ -277,7 +277,7 @@ class Session {
       }
       return std::nullopt;
     }
-    return Session(std::move(*loop), std::move(*conn));
+    return KernelQuery(std::move(*loop), std::move(*conn));
   }
 
   caps::SyncKernel sync() { return conn_->sync(); }
@@ -285,14 +285,14 @@ class Session {
   const std::string& lastErrorDetail() const { return conn_->lastErrorDetail(); }
 
  private:
-  Session(std::unique_ptr<EventLoop> loop, std::unique_ptr<caps::KernelConnection> conn)
+  KernelQuery(std::unique_ptr<EventLoop> loop, std::unique_ptr<caps::KernelConnection> conn)
       : loop_(std::move(loop)), conn_(std::move(conn)) {}
   // Declared first, destroyed last: the connection's promises belong to the loop.
   std::unique_ptr<EventLoop> loop_;
   std::unique_ptr<caps::KernelConnection> conn_;
 };
 
-int queryFailed(const char* what, const Error& e, const Session& s) {
+int queryFailed(const char* what, const Error& e, const KernelQuery& s) {
   std::string message = std::string("cannot ") + what + ": " + describe(e);
   if (!s.lastErrorDetail().empty()) message += " (" + s.lastErrorDetail() + ")";
   fail(message);
@@ -307,7 +307,7 @@ std::vector<caps::ProcessInfo> othersOf(std::vector<caps::ProcessInfo> all, caps
 
 int runPs(const Common& c) {
   int code = EXIT_OK;
-  auto s = Session::tryOpen(c, code);
+  auto s = KernelQuery::tryOpen(c, code);
   if (!s) return code;
   auto processes = s->sync().listProcesses();
   if (!processes) return queryFailed("list processes", processes.error(), *s);
@@ -318,7 +318,7 @@ int runPs(const Common& c) {
 
 int runBanks(const Common& c) {
   int code = EXIT_OK;
-  auto s = Session::tryOpen(c, code);
+  auto s = KernelQuery::tryOpen(c, code);
   if (!s) return code;
   auto processes = s->sync().listProcesses();
   if (!processes) return queryFailed("list processes", processes.error(), *s);
@@ -336,7 +336,7 @@ int runBanks(const Common& c) {
 
 int runCaps(const Common& c, caps::ProcessId pid) {
   int code = EXIT_OK;
-  auto s = Session::tryOpen(c, code);
+  auto s = KernelQuery::tryOpen(c, code);
   if (!s) return code;
   auto entries = s->sync().listCaps(pid);
   if (!entries) {

@@ -157,11 +157,17 @@ Result<StartOutcome> startDaemon(const SystemService& service, std::chrono::mill
   if (::read(pidRead.get(), &daemon, sizeof(daemon)) != sizeof(daemon) || daemon <= 0)
     return Error(Errc::SYSTEM_ERROR, "the daemon could not be forked");
   outcome.pid = daemon;
+  // Pins the daemon for the kill below. It is not our child (the middle process exited), so its
+  // pid could be reused once it dies; if it already died, its ready pipe reads EOF and the
+  // pidfd is never used.
+  Fd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, daemon, 0)));
 
   const auto end = Clock::now() + timeout;
   if (!waitReadable(readyRead.get(), end)) {
-    // Alive but not ready in time: a daemon nobody waits for any more must not linger.
-    ::kill(daemon, SIGKILL);
+    // Alive but not ready in time: a daemon nobody waits for any more must not linger. Wait
+    // (briefly) for the kill to land, so the caller sees the home free when this returns.
+    if (pidfd.valid() && ::syscall(SYS_pidfd_send_signal, pidfd.get(), SIGKILL, nullptr, 0) == 0)
+      (void)waitReadable(pidfd.get(), Clock::now() + std::chrono::seconds(5));
     return outcome;
   }
   char byte = 0;

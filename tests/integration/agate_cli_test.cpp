@@ -321,6 +321,9 @@ TEST_F(AgateCliTest, UpReplacesTheStalePidfileAndSocketOfAKilledKernel) {
   ASSERT_TRUE(waitGone(dead));
   ASSERT_TRUE(exists(path("kernel.pid")));
   ASSERT_TRUE(exists(path("kernel.sock")));
+  Ran ps = agate({"ps"});  // a socket nobody listens on: not running
+  EXPECT_EQ(ps.exitCode, EXIT_NOT_RUNNING) << ps.err;
+  EXPECT_NE(ps.err.find("no kernel is running"), std::string::npos) << ps.err;
 
   Ran up = agate({"up"});
   ASSERT_EQ(up.exitCode, 0) << up.out << up.err;
