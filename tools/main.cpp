@@ -90,6 +90,12 @@ Status tryAttachOnce(const std::string& home, std::chrono::milliseconds timeout)
   return {};
 }
 
+int alreadyRunning(const KernelStatus& status, const HomePaths& home) {
+  std::printf("agate-kernel is already running (pid %s, home %s)\n",
+              status.pid ? std::to_string(status.pid).c_str() : "unknown", home.dir.c_str());
+  return EXIT_OK;
+}
+
 // `path` made absolute (symlinks resolved); empty if it does not exist.
 std::string absolutePath(const std::string& path) {
   char buf[PATH_MAX];
@@ -116,9 +122,7 @@ int runUp(const UpOptions& o) {
     return EXIT_FAILED;
   }
   if (status->running) {
-    std::printf("agate-kernel is already running (pid %s, home %s)\n",
-                status->pid ? std::to_string(status->pid).c_str() : "unknown", home.dir.c_str());
-    return EXIT_OK;
+    return alreadyRunning(*status, home);
   }
   if (status->stalePidfile || status->staleSocket) {
     if (Status st = removeStaleFiles(home); !st) {
@@ -160,6 +164,11 @@ int runUp(const UpOptions& o) {
       return EXIT_FAILED;
     }
     if (!outcome->ready) {
+      // A kernel started by hand at the same moment wins the home's lock and ours exits: that
+      // is a running kernel, which is what `up` was asked for.
+      if (auto now = probeKernel(home); i == 0 && outcome->exited && now && now->running) {
+        return alreadyRunning(*now, home);
+      }
       if (outcome->exited)
         fail(service.name + " exited during start-up");
       else

@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/file.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -299,6 +300,21 @@ TEST_F(AgateCliTest, ARelativeHomeNamesTheSameDirectoryForTheDaemon) {
   EXPECT_EQ(runAgate({"ps", "--home", "home"}, {}, 20s, root_).exitCode, 0);
   EXPECT_EQ(runAgate({"down", "--home", "home"}, {}, 20s, root_).exitCode, 0);
   EXPECT_FALSE(exists(path("kernel.sock")));
+}
+
+TEST_F(AgateCliTest, UpWithTheHomeLockHeldElsewhereStartsNothing) {
+  ASSERT_EQ(::mkdir(home_.c_str(), 0700), 0);
+  const int lock = ::open(path("kernel.lock").c_str(), O_CREAT | O_RDWR | O_CLOEXEC, 0600);
+  ASSERT_GE(lock, 0);
+  ASSERT_EQ(::flock(lock, LOCK_EX | LOCK_NB), 0);  // as a kernel started by hand would
+  Ran up = agate({"up"});
+  EXPECT_EQ(up.exitCode, 0) << up.err;
+  EXPECT_NE(up.out.find("already running (pid unknown"), std::string::npos) << up.out;
+  EXPECT_FALSE(exists(path("kernel.pid")));
+  EXPECT_FALSE(exists(path("kernel.log")));  // no daemon was started
+  Ran down = agate({"down"});
+  EXPECT_EQ(down.exitCode, 1);  // it will not stop what it cannot identify
+  ::close(lock);
 }
 
 TEST_F(AgateCliTest, DownWithNoKernelSaysSoAndSucceeds) {
