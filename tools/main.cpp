@@ -362,7 +362,8 @@ int runCaps(const Common& c, caps::ProcessId pid) {
 void addCommon(CLI::App& cmd, Common& c, bool json) {
   cmd.add_option("--home", c.home,
                  "kernel home directory (default: $AGATE_HOME, $XDG_RUNTIME_DIR/agate, "
-                 "/tmp/agate-$UID)");
+                 "/tmp/agate-$UID)")
+      ->type_name("DIR");
   if (json) cmd.add_flag("--json", c.json, "print JSON for tools instead of a table");
 }
 
@@ -374,16 +375,23 @@ int run(int argc, char** argv) {
   UpOptions up;
   CLI::App* upCmd = app.add_subcommand("up", "start agate-kernel in the background");
   addCommon(*upCmd, up.common, false);
-  upCmd->add_option("--timeout", up.timeoutSeconds, "seconds to wait for it to be ready")
-      ->check(CLI::PositiveNumber);
-  upCmd->add_option("--kernel", up.kernel,
-                    "agate-kernel executable (default: $AGATE_KERNEL, else beside agate)");
+  upCmd
+      ->add_option("--timeout", up.timeoutSeconds,
+                   "seconds to wait for it to be ready (default 10)")
+      ->check(CLI::PositiveNumber)
+      ->type_name("SECONDS");
+  upCmd
+      ->add_option("--kernel", up.kernel,
+                   "agate-kernel executable (default: $AGATE_KERNEL, else beside agate)")
+      ->type_name("PATH");
 
   DownOptions down;
   CLI::App* downCmd = app.add_subcommand("down", "stop the running agate-kernel");
   addCommon(*downCmd, down.common, false);
-  downCmd->add_option("--timeout", down.timeoutSeconds, "seconds to wait for it to exit")
-      ->check(CLI::PositiveNumber);
+  downCmd
+      ->add_option("--timeout", down.timeoutSeconds, "seconds to wait for it to exit (default 10)")
+      ->check(CLI::PositiveNumber)
+      ->type_name("SECONDS");
   downCmd->add_flag("--force", down.force, "SIGKILL it if it has not exited by the timeout");
 
   Common ps;
