@@ -16,6 +16,7 @@
 #include <deque>
 
 #include "agate/runtime/fd.h"
+#include "agate/tools/kernel_home.h"
 
 namespace agate::tools {
 namespace {
@@ -77,7 +78,7 @@ std::vector<SystemService> systemServices(const std::string& home,
       .name = "agate-kernel",
       .executable = kernelExecutable,
       .args = {"--home", home, "--ready-fd", "{ready-fd}"},
-      .log = home + "/kernel.log",
+      .log = home + "/" + KERNEL_LOG_NAME,
   });
   return services;
 }

@@ -40,8 +40,8 @@ struct SystemService {
 std::vector<SystemService> systemServices(const std::string& home,
                                           const std::string& kernelExecutable);
 
-// The agate-kernel next to this executable (/proc/self/exe's directory): how the build tree and
-// an install lay them out.
+// The executable `name` in this executable's directory (of /proc/self/exe): agate and
+// agate-kernel sit side by side in the build tree. NOT_FOUND if there is none.
 Result<std::string> findSiblingExecutable(const char* name);
 
 // A daemon that started, or why it did not.
