@@ -391,15 +391,17 @@ TEST_F(AgateCliTest, UpReportsAKernelThatExitsDuringStartUpWithItsLog) {
 }
 
 TEST_F(AgateCliTest, UpKillsAKernelThatIsNotReadyInTime) {
-  const std::string pidOut = root_ + "/hung.pid";
-  const std::string hung =
-      script("agate-kernel", ("echo $$ > " + pidOut + "\nexec sleep 30").c_str());
+  const std::string hung = script("agate-kernel", "exec sleep 30");
   Ran up = agate({"up", "--kernel", hung, "--timeout", "0.5"});
   EXPECT_EQ(up.exitCode, 1);
   EXPECT_NE(up.err.find("was not ready within"), std::string::npos) << up.err;
-  const pid_t pid = pidInFile(pidOut);
-  ASSERT_GT(pid, 0);
+  // "killed it (pid N)": the daemon's pid, which must be gone.
+  const size_t at = up.err.find("(pid ");
+  ASSERT_NE(at, std::string::npos) << up.err;
+  const pid_t pid = static_cast<pid_t>(std::atoi(up.err.c_str() + at + 5));
+  ASSERT_GT(pid, 0) << up.err;
   EXPECT_TRUE(waitGone(pid));
+  EXPECT_FALSE(exists(path("kernel.pid")));
 }
 
 TEST_F(AgateCliTest, UpRefusesAKernelPathThatIsNotExecutable) {
