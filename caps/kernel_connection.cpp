@@ -65,10 +65,9 @@ KernelConnection::~KernelConnection() {
   disconnect(Error(Errc::CANCELLED, "the connection was closed"));
 }
 
-Result<std::unique_ptr<KernelConnection>> KernelConnection::tryAttach(EventLoop& loop,
-                                                                      const std::string& home,
-                                                                      std::string_view name,
-                                                                      Duration timeout) {
+Result<std::unique_ptr<KernelConnection>> KernelConnection::tryAttach(
+    EventLoop& loop, const std::string& home, std::string_view name, Duration timeout,
+    AsyncWaitPolicy completionWait) {
   if (name.empty() || name.size() > wire::MAX_NAME_BYTES)
     return Error(Errc::INVALID_ARGUMENT, "a process name is 1..64 bytes");
   auto sock = connectTo(home);
@@ -144,6 +143,7 @@ Result<std::unique_ptr<KernelConnection>> KernelConnection::tryAttach(EventLoop&
   c->tx_ = std::make_unique<MessageSender>(std::move(*sender));
   c->rx_ = std::make_unique<MessageReceiver>(*c->completionRing_, std::move(*receiver));
   c->socket_ = std::move(*sock);
+  c->completionWait_ = completionWait;
   c->calls_.resize(64);
   for (uint32_t i = 64; i-- > 0;) c->freeCalls_.push_back(i);
   c->pump_.emplace(c->pump());
@@ -175,6 +175,14 @@ void KernelConnection::freeCall(uint32_t index) noexcept {
 }
 
 void KernelConnection::FlushTask::run() noexcept { connection_.tx_->sender().flush(); }
+
+void KernelConnection::RestartPumpTask::run() noexcept {
+  KernelConnection& c = connection_;
+  if (!c.pumpIdle_ || c.dead_.code != Errc::OK) return;
+  // Dropping the parked receive withdraws its announce and takes no frame (message_channel.h).
+  c.pump_.reset();
+  c.pump_.emplace(c.pump());
+}
 
 void KernelConnection::scheduleFlush() noexcept {
   if (!flushTask_.isQueued()) loop_.post(flushTask_);
@@ -289,6 +297,9 @@ Promise<detail::Reply> KernelConnection::submit(uint32_t expect, size_t maxBytes
   }
   sender.commitDeferred(*length);
   scheduleFlush();
+  ++inFlight_;
+  if (pumpIdle_ && completionWait_.spinIterations > 0 && !restartPumpTask_.isQueued())
+    loop_.post(restartPumpTask_);
   auto [promise, fulfiller] = newPromiseAndFulfiller<detail::Reply>();
   calls_[index].fulfiller.emplace(std::move(fulfiller));
   calls_[index].expect = expect;
@@ -299,7 +310,11 @@ Promise<detail::Reply> KernelConnection::submit(uint32_t expect, size_t maxBytes
 
 Promise<void> KernelConnection::pump() {
   for (;;) {
-    Result<IncomingMessage> in = co_await rx_->receiveAsync(loop_);
+    AsyncWaitPolicy wait = completionWait_;
+    pumpIdle_ = inFlight_ == 0;
+    if (pumpIdle_) wait.spinIterations = 0;
+    Result<IncomingMessage> in = co_await rx_->receiveAsync(loop_, wait);
+    pumpIdle_ = false;
     if (!in) {
       disconnect(in.code() == Errc::DISCONNECTED ? Error(Errc::DISCONNECTED, "agate-kernel is gone")
                                                  : in.error());
@@ -384,6 +399,7 @@ Status KernelConnection::complete(Reader c) {
   Fulfiller<detail::Reply> fulfiller = std::move(*call.fulfiller);
   const uint32_t expect = call.expect;
   freeCall(static_cast<uint32_t>(index));
+  --inFlight_;
 
   if (which == Which::ERROR) {
     auto error = c.getError();
@@ -453,6 +469,7 @@ void KernelConnection::disconnect(Error e) noexcept {
     if (!calls_[i].busy || !calls_[i].fulfiller) continue;
     Fulfiller<detail::Reply> fulfiller = std::move(*calls_[i].fulfiller);
     freeCall(i);
+    --inFlight_;
     fulfiller.fulfill(dead_);
   }
   if (eventWaiter_) {

@@ -28,8 +28,9 @@ $Cxx.namespace("agate::wire");
 #    The kernel sends them on the socket, in one packet whose 8-byte payload is the completion's
 #    callId (little-endian) with the descriptors in SCM_RIGHTS, *before* committing the completion
 #    to the ring: a process that reads such a completion finds its descriptors already queued on
-#    the socket, in completion order. A process that stops reading its socket until the socket's
-#    buffer fills is disconnected.
+#    the socket, in completion order. While the socket's buffer is full (the process has not read
+#    earlier descriptors), the kernel holds that completion and everything after it for the
+#    process, and takes no new call from it, until the socket drains.
 #
 # 4. Errors. A call the kernel refuses gets Completion.error with the Errc value
 #    (runtime/include/agate/runtime/result.h; stable values) and a detail text for people. Every

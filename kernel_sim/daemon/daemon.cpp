@@ -169,6 +169,14 @@ void KernelDaemon::unwatch(int fd) {
   if (fd >= 0) (void)::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, fd, nullptr);
 }
 
+void KernelDaemon::watchSocketWritable(Session& s, bool writable) {
+  epoll_event ev{};
+  ev.events = EPOLLIN | EPOLLRDHUP | (writable ? uint32_t{EPOLLOUT} : 0u);
+  ev.data.u64 = key(Key::SOCKET, s.pid);
+  if (::epoll_ctl(epoll_.get(), EPOLL_CTL_MOD, s.socket.get(), &ev) != 0)
+    doom(s, "lost its socket's epoll registration");
+}
+
 Status KernelDaemon::run() {
   using Clock = std::chrono::steady_clock;
   const auto pollFor = std::chrono::microseconds(options_.pollMicros);
@@ -227,9 +235,14 @@ void KernelDaemon::handleEvents(int timeoutMs) {
         if (Session* s = session()) {
           // After attach the socket carries nothing towards the kernel: a packet is abuse, and
           // end of stream is a hang-up. Either way the process is gone for the kernel.
-          doom(*s, (flags & (EPOLLHUP | EPOLLRDHUP | EPOLLERR)) != 0
-                       ? "hung up"
-                       : "sent a packet on its socket after attach");
+          if ((flags & (EPOLLHUP | EPOLLRDHUP | EPOLLERR)) != 0) {
+            doom(*s, "hung up");
+          } else if ((flags & EPOLLIN) != 0) {
+            doom(*s, "sent a packet on its socket after attach");
+          } else if ((flags & EPOLLOUT) != 0 && s->socketFull) {
+            s->socketFull = false;  // the outbox is retried on the next pass
+            watchSocketWritable(*s, false);
+          }
         }
         break;
       case Key::PIDFD:
@@ -532,7 +545,13 @@ bool KernelDaemon::tryCommit(Session& s, std::span<const std::byte> bytes, uint6
     Status sent = trySendPacket(s.socket.get(), id, std::span<const int>(raw, fds.size()));
     if (!sent) {
       s.completions.abandon();
-      doom(s, sent.code() == Errc::WOULD_BLOCK ? "stopped reading its socket" : "lost its socket");
+      if (sent.code() == Errc::WOULD_BLOCK) {
+        // The process has not read earlier descriptors yet: wait for room, keep the order.
+        s.socketFull = true;
+        watchSocketWritable(s, true);
+      } else {
+        doom(s, "lost its socket");
+      }
       return false;
     }
     fds.clear();  // the process holds duplicates now; ours close here
@@ -545,6 +564,7 @@ bool KernelDaemon::tryCommit(Session& s, std::span<const std::byte> bytes, uint6
 
 bool KernelDaemon::flushOutbox(Session& s) {
   bool progress = false;
+  if (s.socketFull) return false;  // epoll says when the socket takes descriptors again
   while (!s.outbox.empty() && !s.doomed) {
     PendingCompletion& p = s.outbox.front();
     const std::span<const std::byte> data(reinterpret_cast<const std::byte*>(p.words.data()),
@@ -627,7 +647,7 @@ bool KernelDaemon::parkAnnounce() {
     if (s->doomed) continue;
     s->submissions.dataDoorbell()->announce(/*viaEventfd=*/true);
     s->submitAnnounced = true;
-    if (!s->outbox.empty()) {
+    if (!s->outbox.empty() && !s->socketFull) {
       s->completions.spaceDoorbell()->announce(/*viaEventfd=*/true);
       s->spaceAnnounced = true;
     }

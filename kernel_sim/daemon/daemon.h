@@ -78,6 +78,8 @@ class KernelDaemon {
   static uint64_t key(Key kind, uint64_t id) { return (id << 8) | static_cast<uint8_t>(kind); }
   Status tryWatch(int fd, uint32_t events, uint64_t key);
   void unwatch(int fd);
+  // Adds or removes EPOLLOUT on a session's socket (while its send buffer is full).
+  void watchSocketWritable(Session& s, bool writable);
 
   void handleEvents(int timeoutMs);
   void acceptConnections();

@@ -9,7 +9,8 @@
 //
 // Backpressure: while the outbox is not empty the daemon takes no new submission from this
 // process, so the outbox holds at most one call's completion plus the events other processes'
-// calls produced for it (bounded by the bushels its banks paid for).
+// calls produced for it (bounded by the bushels its banks paid for). The outbox fills when the
+// completion ring is full or when the socket cannot take a completion's descriptors yet.
 //
 // Threading: the daemon's one thread.
 #pragma once
@@ -52,6 +53,9 @@ struct Session {
   std::deque<PendingCompletion> outbox;
   bool needsFlush = false;  // completions committed deferred since the last flush
   bool doomed = false;      // to be killed at the end of the current pass
+  // The socket's send buffer was full: descriptors wait with their completions in the outbox
+  // until epoll reports the socket writable (EPOLLOUT is watched only meanwhile).
+  bool socketFull = false;
   const char* doomReason = "";
   // Doorbells announced by the current park (withdrawn after it).
   bool submitAnnounced = false;

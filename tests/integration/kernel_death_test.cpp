@@ -2,6 +2,7 @@
 // hang-up, pidfd), reclaims everything the process held, and tells the server its bushels are
 // gone. After every death: the system bank's usage, the kernel's open descriptors and its memfd
 // mappings are back to their baseline. Seeded, so a failing trial can be replayed.
+#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -39,7 +40,8 @@ Promise<void> burst(KernelConnection& c, int n) {
   co_return {};
 }
 
-[[noreturn]] void churn(const std::string& home, uint64_t seed) {
+// `ready` gets one byte once the victim is attached and holds a bushel to the server.
+[[noreturn]] void churn(const std::string& home, uint64_t seed, int ready) {
   EventLoop loop;
   auto attached = KernelConnection::tryAttach(loop, home, "victim");
   if (!attached) ::_exit(2);
@@ -49,6 +51,11 @@ Promise<void> burst(KernelConnection& c, int n) {
   std::vector<Cap<SpaceBank>> banks{c.bank()};
   std::vector<MappedRegion> mappings;
   std::vector<BushelRings> rings;
+  if (auto b = s.openBushel(c.registry(), SERVICE, c.bank())) {
+    if (auto r = s.bushelRings(*b)) rings.push_back(std::move(*r));
+  }
+  const char byte = 'a';
+  if (::write(ready, &byte, 1) != 1) ::_exit(3);
   for (;;) {
     Cap<SpaceBank> bank = banks[rng() % banks.size()];
     switch (rng() % 6) {
@@ -161,9 +168,20 @@ TEST(KernelDeath, KillNineAtRandomPointsLeaksNothing) {
   std::mt19937_64 rng(20261123);
   for (int trial = 0; trial < TRIALS; ++trial) {
     const uint64_t seed = rng();
+    int attached[2];
+    ASSERT_EQ(::pipe2(attached, O_CLOEXEC), 0);
     const pid_t victim = ::fork();
-    if (victim == 0) churn(kernel.home(), seed);
-    // From before its attach to deep in its churn.
+    if (victim == 0) churn(kernel.home(), seed, attached[1]);
+    ::close(attached[1]);
+    // Even trials: at any time from the fork (often before the attach completes). Odd trials:
+    // once the victim is attached with a bushel open, somewhere in its churn.
+    if (trial % 2 == 1) {
+      pollfd pfd{attached[0], POLLIN, 0};
+      char byte = 0;
+      ASSERT_TRUE(::poll(&pfd, 1, 10000) == 1 && ::read(attached[0], &byte, 1) == 1)
+          << "trial " << trial << ": the victim did not attach";
+    }
+    ::close(attached[0]);
     std::this_thread::sleep_for(std::chrono::microseconds(rng() % 8000));
     ASSERT_EQ(::kill(victim, SIGKILL), 0);
     int status = 0;

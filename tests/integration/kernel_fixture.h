@@ -60,7 +60,13 @@ class KernelProcess {
     ::close(ready[0]);
     if (!up) ADD_FAILURE() << "agate-kernel did not start";
   }
-  ~KernelProcess() { stop(); }
+  // Stops the daemon if the test has not, and checks that it exited cleanly (status 0: no crash,
+  // no sanitizer report, nothing leaked at exit under LeakSanitizer).
+  ~KernelProcess() {
+    if (pid_ > 0) {
+      EXPECT_EQ(stop(), 0) << "agate-kernel did not exit cleanly";
+    }
+  }
   KernelProcess(const KernelProcess&) = delete;
   KernelProcess& operator=(const KernelProcess&) = delete;
 

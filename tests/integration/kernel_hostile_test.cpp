@@ -20,6 +20,7 @@
 #include <cstring>
 #include <optional>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -43,6 +44,8 @@ struct Answer {
   uint64_t callId = 0;
   wire::Completion::Which which = wire::Completion::DONE;
   uint16_t error = 0;
+  uint64_t handle = 0;      // the HANDLE arm
+  bool fdsArrived = false;  // the completion's descriptors were on the socket
 };
 
 class RawClient {
@@ -119,14 +122,16 @@ class RawClient {
       rx_.release();
       if (!view) return std::nullopt;
       auto c = view->getRoot<wire::Completion>();
-      for (int i = 0; i < c.getFdCount(); ++i) {  // descriptors that came with it
-        uint64_t id;
+      bool fdsArrived = false;
+      if (c.getFdCount() > 0) {  // the descriptors that came with it, already queued
+        uint64_t id = 0;
         Fd fds[8];
-        (void)tryReceivePacket(sock_.get(), std::as_writable_bytes(std::span(&id, 1)), fds);
-        break;
+        auto p = tryReceivePacket(sock_.get(), std::as_writable_bytes(std::span(&id, 1)), fds);
+        fdsArrived = p.ok() && p->fdCount == c.getFdCount() && id == c.getCallId();
       }
       if (c.isEvent()) continue;
-      Answer a{c.getCallId(), c.which(), c.isError() ? c.getError().getCode() : uint16_t{0}};
+      Answer a{c.getCallId(), c.which(), c.isError() ? c.getError().getCode() : uint16_t{0},
+               c.isHandle() ? c.getHandle() : 0, fdsArrived};
       return a;
     }
   }
@@ -333,6 +338,47 @@ TEST(KernelHostile, CorruptRingIndicesDisconnectTheOffenderOnly) {
   EXPECT_EQ(systemUsed(*observer), baseline);
   EXPECT_EQ(kernel.openFds(), fds);
   EXPECT_EQ(kernel.memfdMappings(), maps);
+}
+
+// Hundreds of completions with descriptors, none read for a while: the socket's buffer fills,
+// the kernel holds the rest back (backpressure, not abuse), and every one arrives, in order.
+TEST(KernelHostile, UnreadDescriptorsHoldCompletionsBackWithoutDisconnecting) {
+  Watchdog dog("unread descriptors", seconds(60));
+  KernelProcess kernel;
+  RawClient raw(kernel.home());
+  ASSERT_TRUE(raw.attached());
+  {
+    capnp::MallocMessageBuilder message;
+    auto call = message.initRoot<wire::Syscall>();
+    call.setCallId(1);
+    auto create = call.initCreateRegion();
+    create.setBank(raw.bank());
+    create.setPages(1);
+    ASSERT_TRUE(raw.sendMessage(message));
+  }
+  auto created = raw.next();
+  ASSERT_TRUE(created.has_value());
+  ASSERT_EQ(created->which, wire::Completion::HANDLE);
+  constexpr int N = 600;
+  for (int i = 0; i < N; ++i) {
+    capnp::MallocMessageBuilder message;
+    auto call = message.initRoot<wire::Syscall>();
+    call.setCallId(100 + i);
+    auto map = call.initMapRegion();
+    map.setRegion(created->handle);
+    map.setWritable(false);
+    ASSERT_TRUE(raw.sendMessage(message));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the socket fills meanwhile
+  for (int i = 0; i < N; ++i) {
+    auto a = raw.next();
+    ASSERT_TRUE(a.has_value()) << i << " lost: " << errcName(raw.lastError());
+    EXPECT_EQ(a->callId, 100u + i);
+    EXPECT_EQ(a->which, wire::Completion::REGION);
+    EXPECT_TRUE(a->fdsArrived) << i;
+  }
+  ASSERT_TRUE(raw.sendReadBank(2));
+  EXPECT_TRUE(raw.next().has_value());
 }
 
 TEST(KernelHostile, APacketOnTheSocketAfterAttachDisconnectsTheSender) {

@@ -142,9 +142,12 @@ class KernelConnection {
  public:
   // Attaches this process to the kernel serving `home`. DISCONNECTED if none listens there,
   // ATTACH_REFUSED / INVALID_ARGUMENT / PROTOCOL_ERROR as the kernel answered, TIMED_OUT.
+  // `completionWait`: how the pump waits for completions while calls are in flight (spin, then
+  // park on the ring's doorbell); a latency-bound caller spins longer, a quiet one parks at once.
+  // With nothing in flight the pump parks at once (events need no spinning).
   static Result<std::unique_ptr<KernelConnection>> tryAttach(
       EventLoop& loop, const std::string& home, std::string_view name,
-      Duration timeout = std::chrono::seconds(5));
+      Duration timeout = std::chrono::seconds(5), AsyncWaitPolicy completionWait = {});
   ~KernelConnection();
   KernelConnection(const KernelConnection&) = delete;
   KernelConnection& operator=(const KernelConnection&) = delete;
@@ -233,6 +236,17 @@ class KernelConnection {
     void run() noexcept override;
     KernelConnection& connection_;
   };
+  // Restarts a pump that parked while no call was in flight, so that it spins (completionWait_)
+  // for the calls just made. Posted, never run inside a call: the spin happens in the loop's
+  // turn, after the flush.
+  class RestartPumpTask final : public Task {
+   public:
+    explicit RestartPumpTask(KernelConnection& c) noexcept : connection_(c) {}
+
+   private:
+    void run() noexcept override;
+    KernelConnection& connection_;
+  };
 
   template <class T>
   static Promise<Cap<T>> castHandle(Promise<uint64_t> p) {
@@ -270,6 +284,7 @@ class KernelConnection {
   Cap<SpaceBank> bank_;
   Cap<Registry> registry_;
   pid_t kernelPid_ = 0;
+  AsyncWaitPolicy completionWait_;
   std::vector<PendingCall> calls_;
   std::vector<uint32_t> freeCalls_;
   std::deque<Fulfiller<void>> spaceWaiters_;  // calls that found the submission ring full
@@ -279,7 +294,10 @@ class KernelConnection {
   Error dead_;  // code OK while connected
   std::string lastErrorDetail_;
   uint64_t unreadableFrameErrors_ = 0;
+  uint32_t inFlight_ = 0;  // calls submitted and not completed
+  bool pumpIdle_ = false;  // the pump parked without spinning: nothing was in flight
   FlushTask flushTask_{*this};
+  RestartPumpTask restartPumpTask_{*this};
   // Last: destroyed first, so the pump stops before anything it uses goes.
   std::optional<Promise<void>> pump_;
 };
