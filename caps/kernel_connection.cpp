@@ -219,6 +219,7 @@ Promise<void> KernelConnection::awaitSpace() {
 
 Promise<void> KernelConnection::watchSpace() {
   Doorbell* bell = tx_->sender().spaceDoorbell();
+  AGATE_ASSERT(bell != nullptr, "a SHARED submission ring has a space doorbell");
   const bool viaEventfd = !loop_.hasNativeFutexWait() && bell->eventFd() >= 0;
   while (!spaceWaiters_.empty()) {
     if (dead_.code != Errc::OK) co_return {};  // disconnect() failed the waiters

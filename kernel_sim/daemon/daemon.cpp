@@ -238,7 +238,7 @@ void KernelDaemon::handleEvents(int timeoutMs) {
           if ((flags & (EPOLLHUP | EPOLLRDHUP | EPOLLERR)) != 0) {
             doom(*s, "hung up");
           } else if ((flags & EPOLLIN) != 0) {
-            doom(*s, "sent a packet on its socket after attach");
+            doom(*s, "sent a packet on its socket after attach", Fault::ABUSE);
           } else if ((flags & EPOLLOUT) != 0 && s->socketFull) {
             s->socketFull = false;  // the outbox is retried on the next pass
             watchSocketWritable(*s, false);
@@ -249,10 +249,10 @@ void KernelDaemon::handleEvents(int timeoutMs) {
         if (Session* s = session()) doom(*s, "exited");
         break;
       case Key::SUBMIT_BELL:
-        if (Session* s = session()) drainEventFd(s->submissions.dataDoorbell()->eventFd());
+        if (Session* s = session()) drainEventFd(s->submitBell->eventFd());
         break;
       case Key::SPACE_BELL:
-        if (Session* s = session()) drainEventFd(s->completions.spaceDoorbell()->eventFd());
+        if (Session* s = session()) drainEventFd(s->spaceBell->eventFd());
         break;
     }
   }
@@ -358,12 +358,8 @@ void KernelDaemon::attach(uint64_t pendingId) {
   bool watched = sent.ok();
   watched = watched && tryWatch(s.socket.get(), EPOLLIN | EPOLLRDHUP, key(Key::SOCKET, pid)).ok();
   watched = watched && tryWatch(s.pidfd.get(), EPOLLIN, key(Key::PIDFD, pid)).ok();
-  watched =
-      watched &&
-      tryWatch(s.submissions.dataDoorbell()->eventFd(), EPOLLIN, key(Key::SUBMIT_BELL, pid)).ok();
-  watched =
-      watched &&
-      tryWatch(s.completions.spaceDoorbell()->eventFd(), EPOLLIN, key(Key::SPACE_BELL, pid)).ok();
+  watched = watched && tryWatch(s.submitBell->eventFd(), EPOLLIN, key(Key::SUBMIT_BELL, pid)).ok();
+  watched = watched && tryWatch(s.spaceBell->eventFd(), EPOLLIN, key(Key::SPACE_BELL, pid)).ok();
   if (!watched) doom(s, "could not be sent its attach reply");
 }
 
@@ -406,6 +402,12 @@ Status KernelDaemon::tryAttach(Fd& socket, const ucred& cred, std::string name,
   if (!sender) return undo(sender.error());
   session->submissions = std::move(*receiver);
   session->completions = std::move(*sender);
+  // SHARED channels with eventfd wakeups always have both doorbells and their eventfds.
+  session->submitBell = session->submissions.dataDoorbell();
+  session->spaceBell = session->completions.spaceDoorbell();
+  AGATE_ASSERT(session->submitBell != nullptr && session->spaceBell != nullptr &&
+                   session->submitBell->eventFd() >= 0 && session->spaceBell->eventFd() >= 0,
+               "a process's rings lack their eventfd doorbells");
 
   Result<Fd> exports[6] = {
       session->submissionRing->exportFd(),           session->submissionRing->exportDataEventFd(),
@@ -441,8 +443,10 @@ bool KernelDaemon::serveSession(Session& s) {
     Result<Frame> frame = s.submissions.tryReceive();
     if (!frame) {
       if (frame.code() == Errc::WOULD_BLOCK) break;
-      doom(s, frame.code() == Errc::DISCONNECTED ? "closed its submission ring"
-                                                 : "corrupted its submission ring");
+      if (frame.code() == Errc::DISCONNECTED)
+        doom(s, "closed its submission ring");
+      else
+        doom(s, "corrupted its submission ring", Fault::ABUSE);
       break;
     }
     progress = true;
@@ -532,7 +536,7 @@ bool KernelDaemon::tryCommit(Session& s, std::span<const std::byte> bytes, uint6
                              std::vector<Fd>& fds) {
   Result<std::span<std::byte>> frame = s.completions.tryReserve(bytes.size());
   if (!frame) {
-    if (frame.code() != Errc::WOULD_BLOCK) doom(s, "broke its completion ring");
+    if (frame.code() != Errc::WOULD_BLOCK) doom(s, "broke its completion ring", Fault::ABUSE);
     return false;
   }
   if (!fds.empty()) {
@@ -609,10 +613,14 @@ void KernelDaemon::deliverEvents() {
   }
 }
 
-void KernelDaemon::doom(Session& s, const char* reason) {
+void KernelDaemon::doom(Session& s, const char* reason, Fault fault) {
   if (s.doomed) return;
   s.doomed = true;
   s.doomReason = reason;
+  // Deaths are normal; a process cut off for breaking the protocol is worth a line.
+  if (fault == Fault::ABUSE)
+    std::fprintf(stderr, "agate-kernel: disconnected process %u (%s, pid %d): %s\n", s.pid,
+                 s.name.c_str(), static_cast<int>(s.osPid), reason);
 }
 
 void KernelDaemon::reapDoomed() {
@@ -628,8 +636,8 @@ void KernelDaemon::kill(ProcessId pid) {
   Session& s = *it->second;
   unwatch(s.socket.get());
   unwatch(s.pidfd.get());
-  if (Doorbell* d = s.submissions.dataDoorbell()) unwatch(d->eventFd());
-  if (Doorbell* d = s.completions.spaceDoorbell()) unwatch(d->eventFd());
+  unwatch(s.submitBell->eventFd());
+  unwatch(s.spaceBell->eventFd());
   (void)kernel_.tryKillProcess(pid);
   sessions_.erase(it);  // closes the socket, the pidfd, both rings and the outbox's descriptors
   if (kernel_.hasPendingEvents()) {
@@ -645,10 +653,10 @@ void KernelDaemon::kill(ProcessId pid) {
 bool KernelDaemon::parkAnnounce() {
   for (auto& [pid, s] : sessions_) {
     if (s->doomed) continue;
-    s->submissions.dataDoorbell()->announce(/*viaEventfd=*/true);
+    s->submitBell->announce(/*viaEventfd=*/true);
     s->submitAnnounced = true;
     if (!s->outbox.empty() && !s->socketFull) {
-      s->completions.spaceDoorbell()->announce(/*viaEventfd=*/true);
+      s->spaceBell->announce(/*viaEventfd=*/true);
       s->spaceAnnounced = true;
     }
   }
@@ -660,8 +668,8 @@ bool KernelDaemon::parkAnnounce() {
 
 void KernelDaemon::parkCancel() {
   for (auto& [pid, s] : sessions_) {
-    if (std::exchange(s->submitAnnounced, false)) s->submissions.dataDoorbell()->cancel(true);
-    if (std::exchange(s->spaceAnnounced, false)) s->completions.spaceDoorbell()->cancel(true);
+    if (std::exchange(s->submitAnnounced, false)) s->submitBell->cancel(true);
+    if (std::exchange(s->spaceAnnounced, false)) s->spaceBell->cancel(true);
   }
 }
 

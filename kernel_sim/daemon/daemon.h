@@ -99,7 +99,9 @@ class KernelDaemon {
   bool tryCommit(Session& s, std::span<const std::byte> bytes, uint64_t callId,
                  std::vector<Fd>& fds);
   void deliverEvents();
-  void doom(Session& s, const char* reason);
+  // Marks `s` for killing at the end of the pass (never inside one).
+  enum class Fault : uint8_t { DEATH, ABUSE };
+  void doom(Session& s, const char* reason, Fault fault = Fault::DEATH);
   void reapDoomed();
   void kill(ProcessId pid);
 

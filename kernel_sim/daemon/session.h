@@ -50,6 +50,10 @@ struct Session {
   std::unique_ptr<Channel> completionRing;
   Receiver submissions;  // declared after their channels: detached before the channels go
   Sender completions;
+  // Their doorbells (never null once attached; owned by the endpoints): the daemon parks on the
+  // submission ring's data doorbell and, while the outbox waits, the completion ring's space one.
+  Doorbell* submitBell = nullptr;
+  Doorbell* spaceBell = nullptr;
   std::deque<PendingCompletion> outbox;
   bool needsFlush = false;  // completions committed deferred since the last flush
   bool doomed = false;      // to be killed at the end of the current pass
