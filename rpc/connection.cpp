@@ -822,9 +822,12 @@ Promise<void> RpcConnection::readLoop() {
       Result<IncomingMessage> in = co_await rx_.receiveAsync(loop_, options_.wait);
       if (!isOpen()) co_return {};
       if (!in) {
-        fail(in.code() == Errc::PROTOCOL_ERROR
-                 ? in.error()
-                 : Error(Errc::DISCONNECTED, "the peer disconnected"));
+        if (in.code() == Errc::PROTOCOL_ERROR) {
+          sendAbort(in.error());  // a malformed frame or ring: tell the peer why
+          fail(in.error());
+        } else {
+          fail(Error(Errc::DISCONNECTED, "the peer disconnected"));
+        }
         co_return {};
       }
       ++stats_.messagesReceived;
