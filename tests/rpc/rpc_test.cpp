@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <thread>
 
 #include "rpc_harness.h"
 #include "support/watchdog.h"
@@ -379,6 +380,49 @@ TEST_F(RpcTest, ClientGoingAwayDropsItsStateOnTheServer) {
   EXPECT_EQ(log_.cancelled, 1);
   EXPECT_EQ(log_.destroyed, 1) << "the child the client held was destroyed";
   EXPECT_EQ(pair.server().answerCount(), 0u);
+}
+
+// The two sides on two threads, each with its own loop: the rings are the only thing shared.
+TEST_F(RpcTest, ConnectionsOnTwoThreadsServeCallsAndPipelines) {
+  ChannelOptions co;
+  co.scope = ChannelScope::LOCAL;
+  std::unique_ptr<Channel> c2s = std::move(Channel::create(co).value());
+  std::unique_ptr<Channel> s2c = std::move(Channel::create(co).value());
+  Receiver serverIn = std::move(c2s->attachReceiver().value());
+  Sender serverOut = std::move(s2c->attachSender().value());
+  int serverEnd = -1;
+  std::thread server([&] {
+    EventLoop loop;
+    Log log;
+    Node root(0, log);
+    MessageSender tx(std::move(serverOut));
+    MessageReceiver rx(*c2s, std::move(serverIn), rpcReceiverOptions());
+    RpcOptions options;
+    options.bootstrap = &root;
+    RpcConnection conn(tx, rx, loop, options);
+    Status st = loop.run(conn.onDisconnect());
+    serverEnd = static_cast<int>(st.code());
+  });
+  {
+    MessageSender tx(c2s->attachSender().value());
+    MessageReceiver rx(*s2c, s2c->attachReceiver().value(), rpcReceiverOptions());
+    RpcConnection conn(tx, rx, loop_);
+    RemoteCap root = conn.bootstrap();
+    for (uint64_t i = 0; i < 200; ++i) ASSERT_EQ(loop_.run(echo(root, i)).value(), i);
+    RemoteCap cap = root;
+    std::optional<RemotePromise> last;
+    for (int i = 0; i < 10; ++i) {
+      RemotePromise p = cap.newCall(NODE_INTERFACE_ID, NEXT, 16).send();
+      cap = p.pipeline({0});
+      if (i == 9) last.emplace(std::move(p));
+    }
+    Result<Response> r =
+        loop_.run([](RemotePromise& p) -> Promise<Response> { co_return co_await p; }(*last));
+    ASSERT_TRUE(r.ok()) << errcName(r.code());
+    EXPECT_EQ(r->results().getAs<CapAndValue>().getValue(), 10u);
+  }  // the client's connection closes; the server thread sees DISCONNECTED
+  server.join();
+  EXPECT_EQ(serverEnd, static_cast<int>(Errc::DISCONNECTED));
 }
 
 TEST_F(RpcTest, CallsOnANullCapabilityFailWithoutAConnection) {

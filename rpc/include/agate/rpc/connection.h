@@ -12,7 +12,7 @@
 //   RemoteCap next = value.pipeline({0});                  // results pointer field 0, a cap
 //   RemotePromise r2 = next.newCall(VALUE_ID, 0).send();   // goes out at once (pipelined)
 //   Result<Response> got = co_await r2;                    // ~one round trip for both
-//   uint64_t v = got->results().getAs<Value::ReadResults>().getValue();
+//   uint64_t v = got->results().getAs<Value>().getValue();
 //
 //   // Server: implement dispatch(); params are read in place, results built in place.
 //   Promise<void> dispatch(uint64_t iface, uint16_t method, CallContext& ctx) override { ... }
@@ -45,7 +45,7 @@
 //    dropped before its RpcConnection (precondition, checked).
 //
 // Errors: a server's error (an Error returned by its dispatch) reaches the caller as the same
-// Errc; its detail text is copied into the caller's connection (see RpcConnection::errorText
+// Errc; its detail text is copied into the caller's connection (see REMOTE_REASON_SLOTS
 // below for how long it stays). Peer death or detach fails every pending promise with
 // DISCONNECTED; malformed or hostile input aborts the connection with PROTOCOL_ERROR (and tells
 // the peer with an Abort message). Calls on a dead connection fail at once with its error.
