@@ -10,6 +10,8 @@
 //                            all sent before the first Return, then the last awaited
 //  chain10_awaited_ns        the same ten, each awaited before the next is sent
 //  allocations_per_call      heap allocations per awaited call in steady state (one process)
+#include <sched.h>
+
 #include <algorithm>
 #include <memory>
 #include <vector>
@@ -318,6 +320,7 @@ Status allocationsPerCall(const Scenario& scenario, const RunOptions& o, Report&
                     .scenario = std::string(scenario.name),
                     .samples = calls,
                     .ratioTo = {}});
+  report.addPlacement(scenario.name, {::sched_getcpu()});
   return {};
 }
 
