@@ -140,8 +140,8 @@ struct RpcConnection::Answer {
   bool finishReceived = false;
   bool inWorklist = false;
   CallContext context;
-  std::optional<Promise<void>> driver;  // RUNNING: drive() over the object's dispatch
-  uint32_t pinnedExport = internal::NONE;         // the export being called, pinned while RUNNING
+  std::optional<Promise<void>> driver;     // RUNNING: drive() over the object's dispatch
+  uint32_t pinnedExport = internal::NONE;  // the export being called, pinned while RUNNING
   std::array<uint32_t, MAX_CAPS_PER_MESSAGE> paramPins{};  // exports passed back in params
   uint32_t paramPinCount = 0;
 
