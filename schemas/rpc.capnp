@@ -146,8 +146,10 @@ struct Finish {
   questionId @0 :UInt32;
   # Sent by the caller once it no longer needs the answer: its promise and every capability
   # pipelined on it are gone. Before the Return it cancels the call (the callee drops the
-  # running dispatch, then sends Return.canceled). Must name a live answer of the receiver
-  # (else PROTOCOL_ERROR). The callee frees the answer once it has also sent the Return.
+  # running dispatch, then sends Return.canceled), unless calls pipelined on the answer are
+  # queued there: they still need its results, so it runs on. Must name a live answer of the
+  # receiver (else PROTOCOL_ERROR). The callee frees the answer once it has also sent the
+  # Return and no queued call waits on it.
 }
 
 struct Release {
