@@ -1,30 +1,23 @@
 // Driver of suite `rpc`: `bench/run rpc [--json FILE] [--quick] ...` (see bench/README.md).
 //
-// The floors come first (the round trips of suite `rings`, re-measured in this run), then the
-// peer, Cap'n Proto's own RPC (rpc/peer_capnp.cpp).
-#include <algorithm>
+// The floors first (floor_cacheline_rtt_ns, floor_futex_rtt_ns, from suite `rings`), then
+// Agate's RPC figures with their ratios to them (rpc/agate_rpc.cpp), then the peer, Cap'n Proto
+// 0.9.2 EzRpc over a Unix socket (rpc/peer_capnp.cpp), all in the same run.
 #include <span>
 #include <string_view>
 #include <vector>
 
 #include "rings/floors.h"
-#include "rpc/rpc_suite.h"
+#include "rpc/rpc.h"
 #include "support/scenario.h"
 
 namespace agate::bench::rpc {
 
-std::span<const Scenario> rttFloors() {
-  static const std::vector<Scenario> floors = [] {
-    constexpr std::string_view WANTED[] = {"floor_cacheline_rtt_ns", "floor_futex_rtt_ns",
-                                           "floor_socketpair_rtt_ns"};
-    std::vector<Scenario> picked;
-    for (const Scenario& s : rings::crossProcessFloors()) {
-      if (std::find(std::begin(WANTED), std::end(WANTED), s.name) != std::end(WANTED)) {
-        picked.push_back(s);
-      }
-    }
-    return picked;
-  }();
+std::vector<Scenario> rpcFloors() {
+  std::vector<Scenario> floors;
+  for (const Scenario& s : rings::crossProcessFloors()) {
+    if (s.name == "floor_cacheline_rtt_ns" || s.name == "floor_futex_rtt_ns") floors.push_back(s);
+  }
   return floors;
 }
 
@@ -33,8 +26,10 @@ std::span<const Scenario> rttFloors() {
 int main(int argc, char** argv) {
   using agate::bench::Scenario;
   namespace rpc = agate::bench::rpc;
+  const std::vector<Scenario> floors = rpc::rpcFloors();
   const std::span<const Scenario> groups[] = {
-      rpc::rttFloors(),
+      floors,
+      rpc::agateRpcScenarios(),
       rpc::peerCapnpScenarios(),
   };
   std::vector<Scenario> suite;

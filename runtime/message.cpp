@@ -142,7 +142,7 @@ Status FrameReader::tryValidate(kj::ArrayPtr<const capnp::word> segment) {
     if (kind == capnp::PointerType::NULL_) return {};
     if (kind != capnp::PointerType::STRUCT)
       return Error(Errc::PROTOCOL_ERROR, "message root is not a struct pointer");
-    if (!walkStruct(root.getAs<capnp::AnyStruct>()))
+    if (!walkStruct(root.getAs<capnp::AnyStruct>(), limits_.allowCapabilityPointers))
       return Error(Errc::PROTOCOL_ERROR, "message holds a capability pointer; frames carry none");
   } catch (const kj::Exception& e) {
     return Error(Errc::PROTOCOL_ERROR, describeMalformed(e));
@@ -156,41 +156,42 @@ Status FrameReader::tryValidate(kj::ArrayPtr<const capnp::word> segment) {
 // zero-sized elements, which Cap'n Proto's targetSize() skips), and the same nesting steps (a
 // struct-list element counts one level, which targetSize() also skips). Recursion depth is bounded
 // by the nesting limit: Cap'n Proto throws before a getter goes deeper.
-bool FrameReader::walkStruct(capnp::AnyStruct::Reader s) {
+bool FrameReader::walkStruct(capnp::AnyStruct::Reader s, bool allowCaps) {
   for (capnp::AnyPointer::Reader p : s.getPointerSection()) {
-    if (!walkPointer(p)) return false;
+    if (!walkPointer(p, allowCaps)) return false;
   }
   return true;
 }
 
-bool FrameReader::walkPointer(capnp::AnyPointer::Reader p) {
+bool FrameReader::walkPointer(capnp::AnyPointer::Reader p, bool allowCaps) {
   switch (p.getPointerType()) {
     case capnp::PointerType::NULL_:
       return true;
     case capnp::PointerType::STRUCT:
-      return walkStruct(p.getAs<capnp::AnyStruct>());
+      return walkStruct(p.getAs<capnp::AnyStruct>(), allowCaps);
     case capnp::PointerType::LIST:
-      return walkList(p.getAs<capnp::AnyList>());
+      return walkList(p.getAs<capnp::AnyList>(), allowCaps);
     case capnp::PointerType::CAPABILITY:
-      // Frames carry no capability table (Agate passes capabilities by export id in the
-      // message's own fields), so a capability pointer is an attack or a bug.
-      return false;
+      // A capability pointer is only an index into a cap table that the message carries
+      // beside its content (Agate's RPC envelope does). Without one (allowCapabilityPointers
+      // off, the default) it is an attack or a bug. Either way nothing is dereferenced.
+      return allowCaps;
   }
   return false;
 }
 
-bool FrameReader::walkList(capnp::AnyList::Reader list) {
+bool FrameReader::walkList(capnp::AnyList::Reader list, bool allowCaps) {
   if (list.size() == 0) return true;
   auto structs = list.as<capnp::List<capnp::AnyStruct>>();
   switch (list.getElementSize()) {
     case capnp::ElementSize::INLINE_COMPOSITE:
       for (capnp::AnyStruct::Reader element : structs) {
-        if (!walkStruct(element)) return false;
+        if (!walkStruct(element, allowCaps)) return false;
       }
       return true;
     case capnp::ElementSize::POINTER:
       for (capnp::AnyPointer::Reader element : list.as<capnp::List<capnp::AnyPointer>>()) {
-        if (!walkPointer(element)) return false;
+        if (!walkPointer(element, allowCaps)) return false;
       }
       return true;
     default:

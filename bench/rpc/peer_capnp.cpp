@@ -1,220 +1,182 @@
-// Suite `rpc`'s peer: Cap'n Proto 0.9.2 RPC as a user would deploy it on one machine, an
-// EzRpcServer and an EzRpcClient talking over a Unix socket, each in its own process. Party B
-// serves PeerBench (peer_capnp.capnp); party A calls it and times. Nothing here is Agate code:
-// these figures are what Agate's rpc figures are compared with.
-#include <sys/types.h>
+// The peer in suite `rpc`: Cap'n Proto 0.9.2's own RPC (EzRpcServer / EzRpcClient) over a Unix
+// socket between two forked processes, the same operations as Agate's side:
+//   peer_capnp_null_call_rtt_ns          an empty call and its return, awaited one at a time
+//   peer_capnp_calls_per_s_inflight      64 empty calls in flight, one client
+//   peer_capnp_chain10_pipelined_ns      ten dependent calls through pipelined capabilities
+// Cap'n Proto reports failures by throwing kj::Exception; a party catches it at its top and
+// exits non-zero, which fails the scenario.
+#include <capnp/ez-rpc.h>
+#include <kj/async-io.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
-#include <cstdio>
-#include <new>
 #include <string>
-#include <thread>
 #include <vector>
 
-#include <capnp/ez-rpc.h>
-#include <kj/async.h>
-#include <kj/exception.h>
-
-#include "peer_capnp.capnp.h"
-#include "rpc/rpc_suite.h"
-#include "support/round_trips.h"
+#include "bench_rpc.capnp.h"
+#include "rpc/rpc.h"
+#include "support/latency.h"
+#include "support/process_pair.h"
 #include "support/timing.h"
 
 namespace agate::bench::rpc {
 
 namespace {
 
-constexpr int CHAIN_LENGTH = 10;
-constexpr int IN_FLIGHT = 64;  // calls outstanding at once in the throughput scenario
-constexpr int MAX_WINDOWS = 64;
-constexpr auto SERVER_START_TIMEOUT = std::chrono::seconds(10);
+constexpr double NS_PER_S = 1e9;
+constexpr uint32_t IN_FLIGHT = 64;
 
-class PeerBenchImpl final : public PeerBench::Server {
- public:
-  explicit PeerBenchImpl(kj::Own<kj::PromiseFulfiller<void>> stopped) : stopped_(kj::mv(stopped)) {}
+uint64_t secondsToNs(double s) { return static_cast<uint64_t>(s * NS_PER_S); }
 
+// Cap'n Proto's generated Server has a non-virtual destructor in an accessible base; its objects
+// are owned through kj::Own<Hop::Server>, which destroys them through the most derived type.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wnon-virtual-dtor"
+class HopImpl final : public Hop::Server {
+ protected:
   kj::Promise<void> null(NullContext) override { return kj::READY_NOW; }
-
-  kj::Promise<void> step(StepContext context) override {
-    auto results = context.getResults();
-    results.setValue(context.getParams().getValue() + 1);
-    results.setNext(thisCap());
+  kj::Promise<void> next(NextContext context) override {
+    context.getResults().setHop(thisCap());
     return kj::READY_NOW;
   }
+};
+#pragma GCC diagnostic pop
 
-  kj::Promise<void> stop(StopContext) override {
-    stopped_->fulfill();
-    return kj::READY_NOW;
-  }
-
- private:
-  kj::Own<kj::PromiseFulfiller<void>> stopped_;
+// Shared between the parties: the server says when it listens, the client when it is done.
+struct Control {
+  std::atomic<uint32_t> listening{0};
+  std::atomic<uint32_t> done{0};
 };
 
-// What the parties share, mapped before fork.
-struct alignas(64) PeerControl {
-  std::atomic<uint32_t> serverReady{0};  // B -> A: listening. Release/acquire.
-  uint32_t windows = 0;                  // written by A only, read by the driver after exit
-  double windowRates[MAX_WINDOWS] = {};
-};
+std::string socketPath() { return "/tmp/agate-rpc-bench-" + std::to_string(::getpid()) + ".sock"; }
 
-// A socket path private to this run of the driver.
-std::string socketAddress() {
-  return "unix:/tmp/agate-bench-rpc-peer-" + std::to_string(::getpid()) + ".sock";
-}
-
-// Party B: serves until A calls stop().
-int serve(const std::string& address, PeerControl& control) {
+int serve(const std::string& path, Control* control) {
   try {
-    auto stopped = kj::newPromiseAndFulfiller<void>();
-    capnp::EzRpcServer server(kj::heap<PeerBenchImpl>(kj::mv(stopped.fulfiller)), address);
-    auto& waitScope = server.getWaitScope();
-    server.getPort().wait(waitScope);  // bound and listening
-    control.serverReady.store(1, std::memory_order_release);
-    stopped.promise.wait(waitScope);
+    ::unlink(path.c_str());
+    capnp::EzRpcServer server(kj::heap<HopImpl>(), kj::str("unix:", path.c_str()));
+    auto& ws = server.getWaitScope();
+    server.getPort().wait(ws);  // bound and listening
+    control->listening.store(1, std::memory_order_release);
+    auto& timer = server.getIoProvider().getTimer();
+    while (control->done.load(std::memory_order_acquire) == 0)
+      timer.afterDelay(5 * kj::MILLISECONDS).wait(ws);
+    ::unlink(path.c_str());
     return 0;
   } catch (const kj::Exception& e) {
-    std::fprintf(stderr, "rpc peer server: %s\n", e.getDescription().cStr());
+    fprintf(stderr, "peer server: %s\n", e.getDescription().cStr());
     return 1;
   }
 }
 
-bool waitForServer(const PeerControl& control) {
-  const auto deadline = std::chrono::steady_clock::now() + SERVER_START_TIMEOUT;
-  while (control.serverReady.load(std::memory_order_acquire) == 0) {
-    if (std::chrono::steady_clock::now() > deadline) return false;
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-  return true;
-}
-
-// Party A's frame: connects, runs `body` with the main capability, then stops the server (a
-// failed stop only means the server went first).
 template <class Body>
-int asClient(const std::string& address, const PeerControl& control, Body&& body) {
-  if (!waitForServer(control)) return 3;
+int client(const std::string& path, Control* control, Body body) {
+  SpinWait spin;
+  while (control->listening.load(std::memory_order_acquire) == 0) spin.once();
+  int rc = 1;
   try {
-    capnp::EzRpcClient client(address);
-    auto& waitScope = client.getWaitScope();
-    PeerBench::Client cap = client.getMain<PeerBench>();
-    const int rc = body(cap, waitScope);
-    try {
-      cap.stopRequest().send().wait(waitScope);
-    } catch (const kj::Exception&) {  // the server may exit before its return is written
-    }
-    return rc;
+    capnp::EzRpcClient client(kj::str("unix:", path.c_str()));
+    Hop::Client hop = client.getMain<Hop>();
+    rc = body(hop, client.getWaitScope());
   } catch (const kj::Exception& e) {
-    std::fprintf(stderr, "rpc peer client: %s\n", e.getDescription().cStr());
-    return 1;
+    fprintf(stderr, "peer client: %s\n", e.getDescription().cStr());
   }
+  control->done.store(1, std::memory_order_release);
+  return rc;
 }
 
-// ---- scenarios ----
-
-// An empty call and its return, one at a time, client and server in two processes.
-Status nullCallRtt(const Scenario& scenario, const RunOptions& o, Report& report) {
-  auto control = SharedMapping::tryCreate(sizeof(PeerControl));
-  if (!control) return control.error();
-  auto* c = new (control->data()) PeerControl{};
-  const std::string address = socketAddress();
-  Status s = runRoundTrips(
-      scenario, o, report,
-      [&](SampleBuffer& samples) {
-        return asClient(address, *c, [&](PeerBench::Client& cap, kj::WaitScope& ws) {
-          return recordRoundTrips(o, samples,
-                                  [&] {
-                                    cap.nullRequest().send().wait(ws);
-                                    return true;
-                                  })
-                     ? 0
-                     : 1;
-        });
-      },
-      [&] { return serve(address, *c); }, "floor_socketpair_rtt_ns");
-  ::unlink(address.c_str() + 5);
-  return s;
-}
-
-// Ten dependent calls, each made on the capability the previous one returns, all sent before
-// any return arrives (promise pipelining); timed until the last one's result is read.
-Status chain10Pipelined(const Scenario& scenario, const RunOptions& o, Report& report) {
-  auto control = SharedMapping::tryCreate(sizeof(PeerControl));
-  if (!control) return control.error();
-  auto* c = new (control->data()) PeerControl{};
-  const std::string address = socketAddress();
-  Status s = runRoundTrips(
-      scenario, o, report,
-      [&](SampleBuffer& samples) {
-        return asClient(address, *c, [&](PeerBench::Client& cap, kj::WaitScope& ws) {
-          std::vector<capnp::RemotePromise<PeerBench::StepResults>> chain;
-          chain.reserve(CHAIN_LENGTH);
-          return recordRoundTrips(o, samples,
-                                  [&] {
-                                    chain.clear();
-                                    PeerBench::Client target = cap;
-                                    for (uint64_t i = 0; i < CHAIN_LENGTH; ++i) {
-                                      auto request = target.stepRequest();
-                                      request.setValue(i);
-                                      chain.push_back(request.send());
-                                      target = chain.back().getNext();
-                                    }
-                                    return chain.back().wait(ws).getValue() == CHAIN_LENGTH;
-                                  })
-                     ? 0
-                     : 1;
-        });
-      },
-      [&] { return serve(address, *c); }, "peer_capnp_null_call_rtt_ns");
-  ::unlink(address.c_str() + 5);
-  return s;
-}
-
-// Calls per second with IN_FLIGHT empty calls outstanding: each batch sends IN_FLIGHT calls, then
-// waits for all of them. The median over `repetitions` windows.
-Status callsInFlight(const Scenario& scenario, const RunOptions& o, Report& report) {
-  auto mapping = SharedMapping::tryCreate(sizeof(PeerControl));
+template <class Op>
+Status latency(const Scenario& scenario, const RunOptions& o, Report& report, Op op) {
+  const size_t capacity =
+      std::clamp<size_t>(static_cast<size_t>(o.measureSeconds * 1e5), 10'000, 1'000'000);
+  auto mapping = SharedMapping::tryCreate(SampleBuffer::bytesFor(capacity) + sizeof(Control));
   if (!mapping) return mapping.error();
-  auto* control = new (mapping->data()) PeerControl{};
-  PeerControl& c = *control;
-  const std::string address = socketAddress();
+  auto* control = new (mapping->data()) Control();
+  SampleBuffer* samples =
+      SampleBuffer::createAt(static_cast<char*>(mapping->data()) + sizeof(Control), capacity);
+  const std::string path = socketPath();
   auto partyA = [&]() -> int {
-    return asClient(address, c, [&](PeerBench::Client& cap, kj::WaitScope& ws) {
-      std::vector<kj::Promise<capnp::Response<PeerBench::NullResults>>> batch;
-      batch.reserve(IN_FLIGHT);
-      auto runBatch = [&] {
-        for (int i = 0; i < IN_FLIGHT; ++i) batch.push_back(cap.nullRequest().send());
-        for (auto& p : batch) p.wait(ws);
-        batch.clear();
+    return client(path, control, [&](Hop::Client& hop, kj::WaitScope& ws) {
+      const uint64_t warmEnd = nowNs() + secondsToNs(o.warmupSeconds);
+      while (nowNs() < warmEnd) op(hop, ws);
+      const uint64_t end = nowNs() + secondsToNs(o.measureSeconds);
+      for (;;) {
+        const uint64_t t0 = nowNs();
+        op(hop, ws);
+        const uint64_t t1 = nowNs();
+        if (!samples->tryRecord(t1 - t0) || t1 >= end) return 0;
+      }
+    });
+  };
+  auto partyB = [&]() -> int { return serve(path, control); };
+  auto placement = runPair(o.pairOptions(), partyA, partyB);
+  if (!placement) return placement.error();
+  const LatencySummary summary = summarize(samples->samples());
+  if (summary.count == 0) return Error(Errc::FAILED, "the client recorded no samples");
+  report.addLatency(scenario.name, scenario.name, scenario.unit, summary);
+  report.addPlacement(scenario.name, {placement->cpuA, placement->cpuB});
+  return {};
+}
+
+Status nullRtt(const Scenario& s, const RunOptions& o, Report& r) {
+  return latency(s, o, r,
+                 [](Hop::Client& hop, kj::WaitScope& ws) { hop.nullRequest().send().wait(ws); });
+}
+
+Status chain10(const Scenario& s, const RunOptions& o, Report& r) {
+  return latency(s, o, r, [](Hop::Client& hop, kj::WaitScope& ws) {
+    auto p = hop.nextRequest().send();
+    for (int i = 1; i < 10; ++i) p = p.getHop().nextRequest().send();
+    p.wait(ws);
+  });
+}
+
+Status callsInFlight(const Scenario& scenario, const RunOptions& o, Report& report) {
+  constexpr int WINDOWS = 16;
+  struct Shared {
+    Control control;
+    uint64_t calls[WINDOWS];
+    uint64_t ns[WINDOWS];
+  };
+  auto mapping = SharedMapping::tryCreate(sizeof(Shared));
+  if (!mapping) return mapping.error();
+  auto* shared = new (mapping->data()) Shared();
+  const int count = o.quick ? 2 : std::max(3, o.repetitions);
+  const std::string path = socketPath();
+  auto partyA = [&]() -> int {
+    return client(path, &shared->control, [&](Hop::Client& hop, kj::WaitScope& ws) {
+      auto batch = [&] {
+        kj::Vector<kj::Promise<void>> all(IN_FLIGHT);
+        for (uint32_t i = 0; i < IN_FLIGHT; ++i) all.add(hop.nullRequest().send().ignoreResult());
+        kj::joinPromises(all.releaseAsArray()).wait(ws);
       };
       const uint64_t warmEnd = nowNs() + secondsToNs(o.warmupSeconds);
-      while (nowNs() < warmEnd) runBatch();
-      const int windows = std::clamp(o.repetitions, 1, MAX_WINDOWS);
-      const uint64_t windowNs = secondsToNs(o.measureSeconds) / static_cast<uint64_t>(windows);
-      for (int w = 0; w < windows; ++w) {
+      while (nowNs() < warmEnd) batch();
+      const uint64_t perWindow = secondsToNs(o.measureSeconds / count);
+      for (int w = 0; w < count; ++w) {
         uint64_t calls = 0;
         const uint64_t t0 = nowNs();
         uint64_t t1 = t0;
-        while (t1 - t0 < windowNs) {
-          runBatch();
+        while (t1 - t0 < perWindow) {
+          batch();
           calls += IN_FLIGHT;
           t1 = nowNs();
         }
-        c.windowRates[w] = static_cast<double>(calls) * 1e9 / static_cast<double>(t1 - t0);
+        shared->calls[w] = calls;
+        shared->ns[w] = t1 - t0;
       }
-      c.windows = static_cast<uint32_t>(windows);
       return 0;
     });
   };
-  auto placement = runPair(o.pairOptions(), partyA, [&] { return serve(address, c); });
-  ::unlink(address.c_str() + 5);  // the path after "unix:"; the server leaves it behind
+  auto partyB = [&]() -> int { return serve(path, &shared->control); };
+  auto placement = runPair(o.pairOptions(), partyA, partyB);
   if (!placement) return placement.error();
-  std::vector<double> rates(
-      control->windowRates,
-      control->windowRates + std::min<uint32_t>(control->windows, MAX_WINDOWS));
-  if (rates.empty()) return Error(Errc::FAILED, "the client measured no window");
+  std::vector<double> rates;
+  for (int w = 0; w < count; ++w)
+    if (shared->ns[w] != 0)
+      rates.push_back(static_cast<double>(shared->calls[w]) * NS_PER_S /
+                      static_cast<double>(shared->ns[w]));
+  if (rates.empty()) return Error(Errc::FAILED, "no window was timed");
   std::sort(rates.begin(), rates.end());
   report.add(Figure{.name = std::string(scenario.name),
                     .value = rates[(rates.size() - 1) / 2],
@@ -226,23 +188,18 @@ Status callsInFlight(const Scenario& scenario, const RunOptions& o, Report& repo
   return {};
 }
 
-constexpr Scenario PEER_CAPNP[] = {
+constexpr Scenario PEER[] = {
     {"peer_capnp_null_call_rtt_ns", "ns",
-     "Cap'n Proto EzRpc over a Unix socket: an empty call and its return, client and server in "
-     "two processes",
-     nullCallRtt},
+     "Cap'n Proto EzRpc over a Unix socket: empty call and its return, two processes", nullRtt},
     {"peer_capnp_calls_per_s_inflight", "calls/s",
-     "Cap'n Proto EzRpc: empty calls per second with 64 outstanding (batches of 64 sent, then "
-     "awaited)",
+     "Cap'n Proto EzRpc: empty calls completed per second with 64 in flight, one client",
      callsInFlight},
     {"peer_capnp_chain10_pipelined_ns", "ns",
-     "Cap'n Proto EzRpc: ten dependent calls, each on the capability the previous returns, all "
-     "pipelined; until the last result is read",
-     chain10Pipelined},
+     "Cap'n Proto EzRpc: ten dependent calls through pipelined capabilities", chain10},
 };
 
 }  // namespace
 
-std::span<const Scenario> peerCapnpScenarios() { return PEER_CAPNP; }
+std::span<const Scenario> peerCapnpScenarios() { return PEER; }
 
 }  // namespace agate::bench::rpc

@@ -508,6 +508,27 @@ TEST_P(HostileFrame, CapabilityPointerIsRefused) {
   expectRefused(frame.bytes(2 * WORD_BYTES), {}, "capability");
 }
 
+TEST_P(HostileFrame, CapabilityPointerIsAcceptedOnlyWhenTheLimitsAllowIt) {
+  TestFrame frame(2);
+  frame.setWord(0, structPointer(0, 0, 1));
+  frame.setWord(1, (uint64_t{7} << 32) | 3);  // a capability pointer with index 7
+  ReadLimits allow;
+  allow.allowCapabilityPointers = true;
+  auto reader = makeReader(allow);
+  auto view = reader->tryDecode(frame.bytes(2 * WORD_BYTES));
+  ASSERT_TRUE(view.ok()) << view.error().detail;
+  // The reader never follows it: the pointer reads as a capability, its word unchanged.
+  auto root = view->getRoot<capnp::AnyStruct>();
+  EXPECT_EQ(root.getPointerSection()[0].getPointerType(), capnp::PointerType::CAPABILITY);
+  // A capability inside a list of pointers is allowed (and refused by default) the same way.
+  TestFrame list(3);
+  list.setWord(0, structPointer(0, 0, 1));
+  list.setWord(1, listPointer(0, POINTER_ELEMENTS, 1));
+  list.setWord(2, 3);
+  EXPECT_TRUE(makeReader(allow)->tryDecode(list.bytes(3 * WORD_BYTES)).ok());
+  expectRefused(list.bytes(3 * WORD_BYTES), {}, "capability");
+}
+
 TEST_P(HostileFrame, FarPointerLandingInsideTheFrameIsValidCapnProto) {
   // Pins the documented behaviour: a single-far pointer into segment 0 with a sound landing pad
   // is well-formed Cap'n Proto and is read (FrameBuilder itself never writes one).
@@ -572,6 +593,25 @@ TEST(FrameReaderCopyIn, ReadsStayStableWhenTheSourceIsOverwrittenAfterDecode) {
   // The hostile producer rewrites the whole frame after publishing it.
   std::memset(static_cast<void*>(frame.words().data()), 0xA5, used);
   expectSample(view->getRoot<Sample>());
+}
+
+TEST(MessageView, BytesAreTheValidatedFrameForInPlaceAndTheCopyForCopyIn) {
+  TestFrame frame(8);
+  FrameBuilder builder(frame.words());
+  builder.initRoot<Point>().setX(5);
+  auto used = builder.tryFinish();
+  ASSERT_TRUE(used.ok());
+  FrameReader inPlace;
+  auto a = inPlace.tryDecode(frame.bytes(*used));
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(a->bytes().data(), frame.bytes(*used).data());
+  EXPECT_EQ(a->bytes().size(), *used);
+  auto scratch = std::make_unique<capnp::word[]>(8);
+  FrameReader copyIn(std::span(scratch.get(), 8));
+  auto b = copyIn.tryDecode(frame.bytes(*used));
+  ASSERT_TRUE(b.ok());
+  EXPECT_EQ(static_cast<const void*>(b->bytes().data()), static_cast<const void*>(scratch.get()));
+  EXPECT_EQ(std::memcmp(b->bytes().data(), frame.bytes(*used).data(), *used), 0);
 }
 
 TEST(FrameReaderInPlace, ReadsTheSourceItself) {

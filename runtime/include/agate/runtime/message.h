@@ -150,6 +150,10 @@ struct ReadLimits {
   size_t maxFrameBytes = DEFAULT_MAX_FRAME_BYTES;
   uint64_t traversalLimitWords = DEFAULT_TRAVERSAL_LIMIT_WORDS;
   int nestingLimit = DEFAULT_NESTING_LIMIT;
+  // Accept capability pointers (an index into a cap table the envelope carries; never followed
+  // by the reader). Off by default: a plain frame has no cap table, so one is malformed. Agate's
+  // RPC envelope (rpc/) turns it on and checks every index against the message's cap table.
+  bool allowCapabilityPointers = false;
 };
 
 class FrameReader;
@@ -181,6 +185,12 @@ class MessageView {
 
   // The validated message's size: the frame's length in bytes.
   size_t sizeInBytes() const noexcept { return sizeBytes_; }
+  // The validated frame's bytes, as read (the private copy under COPY_IN, the frame itself under
+  // IN_PLACE): for keeping a message beyond the view by copying it (it is position-independent).
+  std::span<const std::byte> bytes() const {
+    kj::ArrayPtr<const capnp::word> segment = message_->getSegment(0);
+    return {reinterpret_cast<const std::byte*>(segment.begin()), sizeBytes_};
+  }
 
  private:
   friend class FrameReader;
@@ -235,10 +245,11 @@ class FrameReader {
   };
 
   Status tryValidate(kj::ArrayPtr<const capnp::word> segment);
-  // Follow every pointer once; false on a capability pointer; kj::Exception on anything malformed.
-  static bool walkStruct(capnp::AnyStruct::Reader s);
-  static bool walkPointer(capnp::AnyPointer::Reader p);
-  static bool walkList(capnp::AnyList::Reader list);
+  // Follow every pointer once; false on a capability pointer unless allowed; kj::Exception on
+  // anything malformed.
+  static bool walkStruct(capnp::AnyStruct::Reader s, bool allowCaps);
+  static bool walkPointer(capnp::AnyPointer::Reader p, bool allowCaps);
+  static bool walkList(capnp::AnyList::Reader list, bool allowCaps);
   capnp::ReaderOptions readerOptions() const;
 
   ReadPolicy policy_;

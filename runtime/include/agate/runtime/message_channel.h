@@ -202,6 +202,7 @@ class MessageReceiver {
   Promise<IncomingMessage> receiveAsync(EventLoop& loop, AsyncWaitPolicy policy = {});
 
   ReadPolicy policy() const noexcept { return reader_->policy(); }
+  const ReadLimits& limits() const noexcept { return reader_->limits(); }
   // The sticky error, once a frame or the ring was malformed.
   bool poisoned() const noexcept { return poison_.code != Errc::OK; }
   Receiver& receiver() noexcept { return receiver_; }

@@ -1,0 +1,46 @@
+#include "agate/rpc/cap_pointer.h"
+
+#include <cstring>
+
+namespace agate::rpc {
+namespace {
+
+// A Cap'n Proto pointer word: bits 0-1 the kind (3 = OTHER), bits 2-31 zero for a capability,
+// bits 32-63 the cap-table index. Little-endian, as every Agate machine is.
+constexpr uint64_t KIND_MASK = 0xffff'ffffull;
+constexpr uint64_t CAPABILITY_KIND = 3;
+
+}  // namespace
+
+Result<uint32_t> readCapPointer(capnp::AnyStruct::Reader s, uint16_t pointerIndex) {
+  const kj::ArrayPtr<const kj::byte> data = s.getDataSection();
+  const uint32_t pointers = s.getPointerSection().size();
+  if (pointerIndex >= pointers)
+    return Error(Errc::INVALID_ARGUMENT, "struct has no such pointer field");
+  // The pointer section starts right after the data section, which is whole words in any struct
+  // that has pointers (Cap'n Proto's layout).
+  if (data.size() % sizeof(uint64_t) != 0)
+    return Error(Errc::WRONG_TYPE, "struct's data section is not whole words");
+  uint64_t word = 0;
+  std::memcpy(&word, data.end() + size_t{pointerIndex} * sizeof word, sizeof word);
+  if (word == 0) return Error(Errc::INVALID_ARGUMENT, "capability field is null");
+  if ((word & KIND_MASK) != CAPABILITY_KIND)
+    return Error(Errc::WRONG_TYPE, "field holds a struct or list, not a capability");
+  return static_cast<uint32_t>(word >> 32);
+}
+
+void writeCapPointer(capnp::AnyStruct::Builder s, uint16_t pointerIndex, uint32_t capIndex) {
+  kj::ArrayPtr<kj::byte> data = s.getDataSection();
+  const uint32_t pointers = s.getPointerSection().size();
+  AGATE_REQUIRE(pointerIndex < pointers, "pointer field %u of a struct with %u pointers",
+                pointerIndex, pointers);
+  AGATE_REQUIRE(data.size() % sizeof(uint64_t) == 0, "data section of %zu bytes", data.size());
+  kj::byte* at = data.begin() + data.size() + size_t{pointerIndex} * sizeof(uint64_t);
+  uint64_t old = 0;
+  std::memcpy(&old, at, sizeof old);
+  AGATE_REQUIRE(old == 0, "capability written over a non-null pointer field %u", pointerIndex);
+  const uint64_t word = (uint64_t{capIndex} << 32) | CAPABILITY_KIND;
+  std::memcpy(at, &word, sizeof word);
+}
+
+}  // namespace agate::rpc

@@ -1,0 +1,366 @@
+// RpcConnection: life cycle, exports and imports, questions. See connection.h and rpc/README.md.
+#include "connection_internal.h"
+
+namespace agate::rpc {
+
+using namespace internal;
+
+MessageReceiverOptions rpcReceiverOptions(MessageReceiverOptions base) {
+  base.limits.allowCapabilityPointers = true;
+  return base;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Construction and teardown
+
+RpcConnection::RpcConnection(MessageSender& tx, MessageReceiver& rx, EventLoop& loop,
+                             RpcOptions options)
+    : tx_(tx),
+      rx_(rx),
+      loop_(loop),
+      options_(options),
+      replayReader_(rx.limits()),
+      teardownTask_(*this),
+      worklistTask_(*this) {
+  AGATE_REQUIRE(rx.limits().allowCapabilityPointers,
+                "an RPC connection's MessageReceiver must be built with rpcReceiverOptions()");
+  AGATE_REQUIRE(options_.maxMessageBytes >= 1024, "maxMessageBytes %zu is below 1 KiB",
+                options_.maxMessageBytes);
+  questions_.emplace_back();  // question id 0 is never used: 0 means "no question"
+  questions_[0].inUse = true;
+  questionFree_ = NONE;
+  exports_.emplace_back();  // export 0: the bootstrap object, never released
+  exports_[0].object = options_.bootstrap;
+  exports_[0].inUse = true;
+  exportsLive_ = 1;
+  exportFree_ = NONE;
+  reader_.emplace(readLoop());
+}
+
+RpcConnection::~RpcConnection() {
+  fail(Error(Errc::DISCONNECTED, "the connection was closed"));
+  teardown();
+  AGATE_REQUIRE(handles_ == 0,
+                "%llu RemoteCap/Request/RemotePromise/Response handles outlive their connection",
+                static_cast<unsigned long long>(handles_));
+  // Spill buffers are owned by spillStore_; nothing else to free.
+}
+
+void RpcConnection::close(Error reason) { fail(reason); }
+
+Promise<void> RpcConnection::onDisconnect() {
+  if (!isOpen()) return readyPromise<void>(failure_);
+  AGATE_REQUIRE(!disconnected_.has_value(), "onDisconnect() awaited twice");
+  auto [promise, fulfiller] = newPromiseAndFulfiller<void>();
+  disconnected_.emplace(std::move(fulfiller));
+  return std::move(promise);
+}
+
+// Marks the connection dead and fails the callers' promises at once; destroying coroutines
+// (reader, pump, running calls) waits for teardown(), posted to the loop, because fail() may be
+// running inside one of them.
+void RpcConnection::fail(Error reason) {
+  if (!isOpen()) return;
+  failure_ = reason;
+  for (Question& q : questions_) {
+    if (!q.inUse || q.returned) continue;
+    q.returned = true;
+    q.finishSent = true;  // nothing more is sent on a dead connection
+    if (q.fulfiller) {
+      q.fulfiller->fulfill(reason);
+      q.fulfiller.reset();
+    }
+  }
+  while (queueHead_ != nullptr) {
+    detail::SpillBuffer* b = queueHead_;
+    queueHead_ = b->next;
+    giveSpill(b);
+  }
+  queueTail_ = nullptr;
+  if (pumpRunning_ && !inPump_) {
+    pump_.reset();  // parked waiting for space: no reservation taken, so dropping is safe
+    pumpRunning_ = false;
+  }
+  if (!ringOpen_ && !pumpRunning_) {
+    tx_.sender().detach();
+  } else {
+    detachPending_ = true;
+  }
+  if (!teardownTask_.isQueued()) loop_.post(teardownTask_);
+  if (disconnected_) {
+    disconnected_->fulfill(reason);
+    disconnected_.reset();
+  }
+}
+
+void RpcConnection::teardown() {
+  if (!inReader_) reader_.reset();
+  if (!inPump_) pump_.reset();
+  if (detachPending_ && !ringOpen_ && !pumpRunning_) {
+    tx_.sender().detach();
+    detachPending_ = false;
+  }
+  worklist_.clear();
+  for (std::unique_ptr<Answer>& a : answers_) {
+    if (a && a->state != Answer::State::FREE) freeAnswer(*a);
+  }
+  // Destroy owned exports. An object's destructor may drop RemoteCaps (back into importUnref,
+  // which sends nothing now), so move them out of the table first.
+  std::vector<std::unique_ptr<ServerObject>> doomed;
+  for (size_t i = 1; i < exports_.size(); ++i) {
+    Export& e = exports_[i];
+    if (!e.inUse) continue;
+    if (e.owned) doomed.push_back(std::move(e.owned));
+    e = Export{};
+    e.nextFree = exportFree_;
+    exportFree_ = static_cast<uint32_t>(i);
+    --exportsLive_;
+  }
+  if (exports_[0].inUse) {
+    exports_[0].inUse = false;  // a dead connection serves nobody
+    --exportsLive_;
+  }
+  exportByObject_.clear();
+  doomed.clear();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exports and imports
+
+Result<uint32_t> RpcConnection::exportObject(ServerObject* object,
+                                             std::unique_ptr<ServerObject> owned) {
+  AGATE_REQUIRE(object != nullptr, "exporting a null object");
+  if (!owned) {
+    auto it = exportByObject_.find(object);
+    if (it != exportByObject_.end()) return it->second;
+  }
+  uint32_t id = exportFree_;
+  if (id != NONE) {
+    exportFree_ = exports_[id].nextFree;
+  } else {
+    id = static_cast<uint32_t>(exports_.size());
+    exports_.emplace_back();
+  }
+  Export& e = exports_[id];
+  e = Export{};
+  e.object = object;
+  e.owned = std::move(owned);
+  e.inUse = true;
+  ++exportsLive_;
+  exportByObject_.emplace(object, id);
+  return id;
+}
+
+void RpcConnection::exportUnpin(uint32_t id) noexcept {
+  if (id == NONE || id >= exports_.size() || !exports_[id].inUse) return;
+  AGATE_ASSERT(exports_[id].pins > 0, "export %u unpinned more than pinned", id);
+  --exports_[id].pins;
+  maybeFreeExport(id);
+}
+
+void RpcConnection::maybeFreeExport(uint32_t id) noexcept {
+  Export& e = exports_[id];
+  if (id == 0 || !e.inUse || e.remoteRefs != 0 || e.pins != 0) return;
+  std::unique_ptr<ServerObject> doomed = std::move(e.owned);
+  exportByObject_.erase(e.object);
+  e = Export{};
+  e.nextFree = exportFree_;
+  exportFree_ = id;
+  --exportsLive_;
+  doomed.reset();  // may re-enter (its RemoteCaps release imports); the table is consistent
+}
+
+void RpcConnection::importRef(uint32_t id) noexcept {
+  if (id >= imports_.size()) imports_.resize(id + 1);
+  if (imports_[id].localRefs++ == 0) ++importsLive_;
+}
+
+void RpcConnection::importUnref(uint32_t id) noexcept {
+  Import& imp = imports_[id];
+  AGATE_ASSERT(imp.localRefs > 0, "import %u released more than referenced", id);
+  if (--imp.localRefs != 0) return;
+  --importsLive_;
+  const uint32_t count = std::exchange(imp.remoteRefs, 0);
+  if (count != 0 && isOpen()) sendRelease(id, count);
+}
+
+Result<ReceivedCap> RpcConnection::receivedCap(capnp::List<wire::CapDescriptor>::Reader caps,
+                                               uint32_t index) {
+  // The list was validated when its message was decoded (ids in range, exports live).
+  if (index >= caps.size()) return Error(Errc::INVALID_ARGUMENT, "cap index outside the table");
+  wire::CapDescriptor::Reader d = caps[index];
+  ReceivedCap cap;
+  switch (d.which()) {
+    case wire::CapDescriptor::SENDER_HOSTED:
+      cap.remote.conn_ = this;
+      cap.remote.kind_ = RemoteCap::Kind::IMPORT;
+      cap.remote.id_ = d.getSenderHosted();
+      cap.remote.addRef();
+      return cap;
+    case wire::CapDescriptor::RECEIVER_HOSTED: {
+      const uint32_t id = d.getReceiverHosted();
+      if (!isOpen() || id >= exports_.size() || !exports_[id].inUse)
+        return Error(Errc::DISCONNECTED, "the connection ended");
+      cap.local = exports_[id].object;
+      return cap;
+    }
+    default:
+      return Error(Errc::INVALID_ARGUMENT, "null capability");
+  }
+}
+
+void RpcConnection::releaseResponse(detail::ResponseSlot* slot) noexcept {
+  for (wire::CapDescriptor::Reader d : slot->caps) {
+    if (d.which() == wire::CapDescriptor::SENDER_HOSTED) importUnref(d.getSenderHosted());
+  }
+  --handles_;
+  slot->inPlace.reset();
+  if (slot->copy != nullptr) giveSpill(std::exchange(slot->copy, nullptr));
+  if (heldSlot_ == slot) heldSlot_ = nullptr;
+  slot->nextFree = responseFree_;
+  responseFree_ = slot;
+}
+
+// Moves a live Response's message out of the inbound frame into a private copy, so the reader
+// can take the next message.
+void RpcConnection::relocate(detail::ResponseSlot* slot) {
+  std::span<const std::byte> bytes = slot->inPlace->view().bytes();
+  slot->copy = takeSpill(bytes.size());
+  std::memcpy(slot->copy->words.get(), bytes.data(), bytes.size());
+  slot->copy->usedBytes = slot->copy->dirtyBytes = bytes.size();
+  Result<MessageView> view = slot->reader.tryDecode(slot->copy->bytes());
+  AGATE_ASSERT(view.ok(), "a copy of a validated Return no longer decodes");
+  wire::Payload::Reader results = view->getRoot<wire::Message>().getReturn().getResults();
+  slot->payload = capnp::AnyStruct::Reader(results);
+  slot->caps = results.getCapTable();
+  slot->inPlace.reset();  // releases the frame
+}
+
+Result<uint32_t> RpcConnection::addCapFor(detail::CapTable& table, const RemoteCap& cap) {
+  if (cap.kind_ == RemoteCap::Kind::NONE) return table.tryAdd(detail::CapEntry{});
+  if (cap.conn_ != this)
+    return Error(Errc::INVALID_ARGUMENT,
+                 "a capability of another connection (three-party handoff is not supported)");
+  if (cap.kind_ != RemoteCap::Kind::IMPORT)
+    return Error(Errc::INVALID_ARGUMENT, "a pipelined or broken capability cannot be passed");
+  detail::CapEntry e;
+  e.kind = detail::CapEntry::Kind::RECEIVER_HOSTED;
+  e.id = cap.id_;
+  return table.tryAdd(std::move(e));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client side: questions
+
+RemoteCap RpcConnection::bootstrap() {
+  RemoteCap cap;
+  cap.conn_ = this;
+  if (!isOpen()) {
+    cap.kind_ = RemoteCap::Kind::BROKEN;
+    cap.broken_ = failure_;
+  } else {
+    cap.kind_ = RemoteCap::Kind::IMPORT;
+    cap.id_ = 0;
+  }
+  cap.addRef();
+  return cap;
+}
+
+Request RpcConnection::newCall(const RemoteCap& target, uint64_t interfaceId, uint16_t methodId,
+                               size_t sizeHint) {
+  Request request(this, Error{});
+  if (target.kind_ == RemoteCap::Kind::BROKEN) {
+    request.error_ = target.broken_;
+  } else if (!isOpen()) {
+    request.error_ = failure_;
+  } else {
+    Result<detail::OutSlot> slot = startOut(sizeHint + ENVELOPE_BYTES);
+    if (!slot) {
+      request.error_ = slot.error();
+    } else {
+      request.slot_ = std::move(*slot);
+      wire::Call::Builder call = request.slot_.builder().initRoot<wire::Message>().initCall();
+      call.setInterfaceId(interfaceId);
+      call.setMethodId(methodId);
+      wire::MessageTarget::Builder t = call.initTarget();
+      if (target.kind_ == RemoteCap::Kind::IMPORT) {
+        t.setImportedCap(target.id_);
+      } else {
+        wire::PromisedAnswer::Builder pa = t.initPromisedAnswer();
+        pa.setQuestionId(target.id_);
+        capnp::List<uint16_t>::Builder path = pa.initTransform(target.pathLength_);
+        for (uint32_t i = 0; i < target.pathLength_; ++i) path.set(i, target.path_[i]);
+      }
+      request.call_ = call;
+      return request;
+    }
+  }
+  // Refused: params go to a scrap message so the caller's building code still runs.
+  request.scrap_ = std::make_unique<capnp::MallocMessageBuilder>(256);
+  return request;
+}
+
+RemotePromise RpcConnection::sendRequest(Request& request) {
+  if (request.error_.code == Errc::OK && !isOpen()) request.error_ = failure_;
+  if (request.error_.code != Errc::OK) {
+    abandonOut(request.slot_);
+    return RemotePromise(nullptr, 0, readyPromise<Response>(request.error_), request.error_);
+  }
+  uint32_t qid = questionFree_;
+  if (qid != NONE) {
+    questionFree_ = questions_[qid].nextFree;
+  } else {
+    qid = static_cast<uint32_t>(questions_.size());
+    questions_.emplace_back();
+  }
+  request.call_.setQuestionId(qid);
+  Status written = {};
+  if (request.caps_.size() > 0) {
+    written =
+        writeCapTable(request.call_.getParams().initCapTable(request.caps_.size()), request.caps_);
+  }
+  Status sent = written ? finishOut(request.slot_) : written;
+  if (!sent) {
+    if (request.slot_.active()) abandonOut(request.slot_);
+    for (uint32_t i = 0; i < request.caps_.size(); ++i) {  // roll the exports back
+      const detail::CapEntry& e = request.caps_.entries()[i];
+      if (e.kind != detail::CapEntry::Kind::SENDER_HOSTED || e.id == 0 || e.id >= exports_.size() ||
+          !exports_[e.id].inUse || exports_[e.id].remoteRefs == 0)
+        continue;
+      --exports_[e.id].remoteRefs;
+      maybeFreeExport(e.id);
+    }
+    questions_[qid].nextFree = questionFree_;
+    questionFree_ = qid;
+    return RemotePromise(nullptr, 0, readyPromise<Response>(sent.error()), sent.error());
+  }
+  ++stats_.callsSent;
+  Question& q = questions_[qid];
+  q = Question{};
+  q.inUse = true;
+  q.refs = 1;
+  ++questionsLive_;
+  auto [promise, fulfiller] = newPromiseAndFulfiller<Response>();
+  q.fulfiller.emplace(std::move(fulfiller));
+  ++handles_;
+  return RemotePromise(this, qid, std::move(promise), Error{});
+}
+
+void RpcConnection::questionRef(uint32_t id) noexcept { ++questions_[id].refs; }
+
+void RpcConnection::questionUnref(uint32_t id) noexcept {
+  Question& q = questions_[id];
+  AGATE_ASSERT(q.inUse && q.refs > 0, "question %u released more than referenced", id);
+  if (--q.refs != 0) return;
+  if (!q.finishSent) {
+    q.finishSent = true;
+    sendFinish(id);
+  }
+  if (!q.returned) return;  // freed when the Return arrives
+  q = Question{};
+  q.nextFree = questionFree_;
+  questionFree_ = id;
+  --questionsLive_;
+}
+
+}  // namespace agate::rpc

@@ -1,0 +1,578 @@
+// RpcConnection: asynchronous capability RPC with promise pipelining over a pair of message
+// channels (a bushel's request and reply rings, or any MessageSender / MessageReceiver pair).
+//
+//   // Both sides: one connection per (outbound, inbound) channel pair, on the thread's loop.
+//   RpcConnection conn(tx, rx, loop, {.bootstrap = &myServer});
+//
+//   // Client: calls are built in place in the outbound ring frame.
+//   RemoteCap calc = conn.bootstrap();
+//   Request req = calc.newCall(CALC_ID, /*methodId=*/0, /*sizeHint=*/64);
+//   req.initParams<Calc::EvalParams>().setExpr(...);
+//   RemotePromise value = req.send();                      // the Call is on the wire now
+//   RemoteCap next = value.pipeline({0});                  // results pointer field 0, a cap
+//   RemotePromise r2 = next.newCall(VALUE_ID, 0).send();   // goes out at once (pipelined)
+//   Result<Response> got = co_await r2;                    // ~one round trip for both
+//   uint64_t v = got->results().getAs<Value>().getValue();
+//
+//   // Server: implement dispatch(); params are read in place, results built in place.
+//   Promise<void> dispatch(uint64_t iface, uint16_t method, CallContext& ctx) override { ... }
+//
+// Protocol: schemas/rpc.capnp (Call, Return, Finish, Release, Abort; who allocates each id and
+// when it is reused is written beside the fields). The connection is symmetric: each side has a
+// question table (calls it made), an answer table (calls it serves), an export table (objects it
+// hosts) and an import table (objects the peer hosts). Export 0 is the `bootstrap` object.
+//
+// Ordering (E-order): calls made through one RemoteCap are delivered to the target object in
+// the order they were sent, including calls pipelined on a promised answer (queued by the callee
+// until the answer returns, then delivered in order ahead of anything that arrives later).
+//
+// Lifetimes and cancellation:
+//  * A Request holds its ring frame until send() (or its destruction, which abandons it). Build
+//    and send without suspending: while an in-place frame is open, other messages of this
+//    connection are built in spill buffers and queued behind it.
+//  * RemotePromise: the caller's handle on a question. Dropping it (and every RemoteCap pipelined
+//    on it) sends Finish; before the Return arrived that cancels the call: the callee drops its
+//    dispatch promise, which destroys the server's coroutine.
+//  * Response: the results, read IN PLACE in the inbound frame. The connection lets the caller
+//    run first; a Response still alive when the connection reads on is moved once into a pooled
+//    private buffer (so holding one never stalls the connection). Readers obtained from it are
+//    valid until the holder next suspends; the Response itself stays valid (see Response).
+//  * CallContext::params() is valid during the synchronous part of dispatch() only (until the
+//    coroutine first suspends or returns); copy what is needed later. The inbound frame is then
+//    released so the connection keeps reading.
+//  * RemoteCap: a counted reference to an import (or to a pipelined answer). The last reference
+//    to an import sends Release. Every RemoteCap, Request, RemotePromise and Response must be
+//    dropped before its RpcConnection (precondition, checked).
+//
+// Errors: a server's error (an Error returned by its dispatch) reaches the caller as the same
+// Errc; its detail text is copied into the caller's connection (see REMOTE_REASON_SLOTS
+// below for how long it stays). Peer death or detach fails every pending promise with
+// DISCONNECTED; malformed or hostile input aborts the connection with PROTOCOL_ERROR (and tells
+// the peer with an Abort message). Calls on a dead connection fail at once with its error.
+//
+// Memory: the tables are dense vectors with free lists, grown on demand and then reused; promise
+// nodes and coroutine frames come from the loop's arena; messages are built in ring frames, or
+// under backpressure in pooled spill buffers. A steady-state call allocates nothing.
+//
+// Threading: a connection and every handle on it belong to the thread of its EventLoop.
+#pragma once
+
+#include <capnp/any.h>
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <initializer_list>
+#include <memory>
+#include <optional>
+#include <span>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "agate/rpc/cap_pointer.h"
+#include "agate/runtime/event_loop.h"
+#include "agate/runtime/message.h"
+#include "agate/runtime/message_channel.h"
+#include "agate/runtime/promise.h"
+#include "agate/runtime/result.h"
+#include "rpc.capnp.h"
+
+namespace agate::rpc {
+
+class RpcConnection;
+class CallContext;
+class RemoteCap;
+
+// Protocol bounds (also in rpc.capnp). A peer exceeding them is aborted with PROTOCOL_ERROR.
+inline constexpr uint32_t MAX_CAPS_PER_MESSAGE = 16;
+inline constexpr uint32_t MAX_PIPELINE_PATH = 8;
+
+// An object that serves calls. Exported into a connection (bootstrap, or by passing it in a cap
+// table); the connection calls dispatch() on its loop thread for each call delivered to it.
+class ServerObject {
+ public:
+  virtual ~ServerObject() = default;
+  // Serves one call. Return an Error (co_return Errc::...) to fail it; the caller receives the
+  // same Errc and the detail text. Dropping of the returned promise means the call was
+  // cancelled (the caller sent Finish, or the connection died).
+  virtual Promise<void> dispatch(uint64_t interfaceId, uint16_t methodId, CallContext& context) = 0;
+};
+
+namespace detail {
+
+struct SpillBuffer;
+struct ResponseSlot;
+
+// Where an outbound message is being built: in a ring frame reserved through the MessageSender,
+// or in a pooled spill buffer when the ring is full or another frame is open.
+class OutSlot {
+ public:
+  OutSlot() = default;
+  OutSlot(OutSlot&& o) noexcept : ring_(std::move(o.ring_)), spill_(std::exchange(o.spill_, {})) {
+    o.ring_.reset();
+  }
+  OutSlot& operator=(OutSlot&& o) noexcept;  // precondition: this slot is not active
+  OutSlot(const OutSlot&) = delete;
+  bool active() const noexcept { return ring_.has_value() || spill_ != nullptr; }
+  capnp::MessageBuilder& builder();
+
+ private:
+  friend class agate::rpc::RpcConnection;
+  std::optional<OutgoingMessage> ring_;
+  SpillBuffer* spill_ = nullptr;
+};
+
+// One entry of an outbound cap table before it is written.
+struct CapEntry {
+  enum class Kind : uint8_t { NONE, SENDER_HOSTED, RECEIVER_HOSTED };
+  Kind kind = Kind::NONE;
+  uint32_t id = 0;                      // RECEIVER_HOSTED: the peer's export id
+  ServerObject* object = nullptr;       // SENDER_HOSTED
+  std::unique_ptr<ServerObject> owned;  // SENDER_HOSTED, when the connection takes ownership
+};
+
+// An outbound cap table being collected while content is built.
+class CapTable {
+ public:
+  uint32_t size() const noexcept { return count_; }
+  CapEntry* entries() noexcept { return entries_.data(); }
+  Result<uint32_t> tryAdd(CapEntry entry);
+  void clear() noexcept;
+
+ private:
+  std::array<CapEntry, MAX_CAPS_PER_MESSAGE> entries_;
+  uint32_t count_ = 0;
+};
+
+}  // namespace detail
+
+// A reference to a capability hosted by the peer: an import, or a capability promised inside the
+// results of a call still in flight (pipelined). Copyable (each copy is a counted reference).
+// A default-constructed or broken RemoteCap makes calls that fail at once.
+class RemoteCap {
+ public:
+  RemoteCap() = default;
+  RemoteCap(const RemoteCap& o);
+  RemoteCap(RemoteCap&& o) noexcept;
+  RemoteCap& operator=(RemoteCap o) noexcept;
+  ~RemoteCap() { reset(); }
+
+  // Starts a call whose params are built in place in an outbound frame of about
+  // `sizeHint` bytes of params (the envelope is added). Never fails: a call on a broken or dead
+  // reference gives a Request whose send() returns the error.
+  class Request newCall(uint64_t interfaceId, uint16_t methodId, size_t sizeHint = 256) const;
+
+  bool isNull() const noexcept { return kind_ == Kind::NONE; }
+  bool isPipelined() const noexcept { return kind_ == Kind::PIPELINE; }
+  // The error a broken reference fails with (OK when it is not broken).
+  Error brokenError() const noexcept { return broken_; }
+  RpcConnection* connection() const noexcept { return conn_; }
+
+  // Two references to the same import or the same promised answer and path.
+  bool sameAs(const RemoteCap& o) const noexcept;
+
+ private:
+  friend class RpcConnection;
+  friend class RemotePromise;
+  enum class Kind : uint8_t { NONE, IMPORT, PIPELINE, BROKEN };
+  void reset() noexcept;
+  void addRef() const noexcept;
+
+  RpcConnection* conn_ = nullptr;  // not owned; outlives every RemoteCap (checked)
+  Kind kind_ = Kind::NONE;
+  uint8_t pathLength_ = 0;
+  uint32_t id_ = 0;  // IMPORT: import id; PIPELINE: question id
+  std::array<uint16_t, MAX_PIPELINE_PATH> path_{};
+  Error broken_{};
+};
+
+// A capability received in params or results: an object this side hosts (passed back to it),
+// or a reference to one the peer hosts.
+struct ReceivedCap {
+  ServerObject* local = nullptr;  // not owned; set when the peer passed back one of our exports
+  RemoteCap remote;               // set when the peer hosts it
+  bool isNull() const noexcept { return local == nullptr && remote.isNull(); }
+};
+
+// The results of a call, read in place in the inbound frame. Move-only.
+//
+// Where the bytes are: the Return is handed over in place, and the connection yields one loop
+// turn before reading its next message. A Response dropped by then (the usual `co_await`, read,
+// done) never costs a copy. One still alive is moved once into a pooled private buffer so the
+// connection can go on reading (holding a Response never stalls the connection). Hence:
+// Readers obtained from results() are valid until the holding coroutine next suspends; the
+// Response itself stays valid, and results() gives fresh readers after a suspension.
+class Response {
+ public:
+  Response(Response&& o) noexcept;
+  Response& operator=(Response&&) = delete;
+  Response(const Response&) = delete;
+  ~Response();
+
+  // The results struct (typed: results().getAs<T>(); a schema mismatch throws inside Cap'n
+  // Proto, so read untrusted shapes with tryRead).
+  capnp::AnyPointer::Reader results() const;
+  template <class T, class Fn>
+  Status tryRead(Fn&& fn) const {
+    try {
+      std::forward<Fn>(fn)(results().getAs<T>());
+    } catch (const kj::Exception&) {
+      return Error(Errc::PROTOCOL_ERROR, "results do not match the schema they were read with");
+    }
+    return {};
+  }
+  // Capability `capIndex` of the results' cap table; capAt reads the index from a capability
+  // pointer field. INVALID_ARGUMENT for an index outside the table or a null entry.
+  Result<ReceivedCap> getCap(uint32_t capIndex) const;
+  Result<ReceivedCap> capAt(capnp::AnyStruct::Reader s, uint16_t pointerIndex) const;
+
+ private:
+  friend class RpcConnection;
+  Response(RpcConnection* conn, detail::ResponseSlot* slot) noexcept : conn_(conn), slot_(slot) {}
+  RpcConnection* conn_;         // null once moved from
+  detail::ResponseSlot* slot_;  // owned by the connection's pool; returned when dropped
+};
+
+// The caller's handle on a call in flight. Move-only. co_await it for the Response; pipeline()
+// for capabilities inside the results before they exist. Dropping it (and every pipelined
+// RemoteCap) sends Finish, which cancels the call if it has not returned.
+class [[nodiscard]] RemotePromise {
+ public:
+  RemotePromise(RemotePromise&& o) noexcept;
+  RemotePromise& operator=(RemotePromise&&) = delete;
+  RemotePromise(const RemotePromise&) = delete;
+  ~RemotePromise();
+
+  // A reference to the capability at pointer-field path `path` of the results (empty: the
+  // results root is the capability). Calls on it go out at once, targeted at the promised
+  // answer; if the call fails, or the path leads to no capability, they fail with that error.
+  RemoteCap pipeline(std::span<const uint16_t> path) const;
+  RemoteCap pipeline(std::initializer_list<uint16_t> path) const {
+    return pipeline(std::span<const uint16_t>(path.begin(), path.size()));
+  }
+
+  bool isReady() const noexcept { return promise_.isReady(); }
+  auto operator co_await() & noexcept { return promise_.operator co_await(); }
+  auto operator co_await() && noexcept { return promise_.operator co_await(); }
+
+  // The question id (tests and diagnostics). 0 with no question (a call refused at send()).
+  uint32_t questionId() const noexcept { return questionId_; }
+
+ private:
+  friend class RpcConnection;
+  friend class Request;
+  RemotePromise(RpcConnection* conn, uint32_t questionId, Promise<Response> promise,
+                Error error) noexcept
+      : conn_(conn), questionId_(questionId), promise_(std::move(promise)), error_(error) {}
+  RpcConnection* conn_;  // null when the call never got a question (or moved from)
+  uint32_t questionId_;
+  Promise<Response> promise_;
+  Error error_;  // why the call never got a question
+};
+
+// A call being built. Move-only; dropping it unsent abandons its frame.
+class [[nodiscard]] Request {
+ public:
+  Request(Request&& o) noexcept;
+  Request& operator=(Request&&) = delete;
+  Request(const Request&) = delete;
+  ~Request();
+
+  // The params content, built in place (params().initAs<T>()).
+  capnp::AnyPointer::Builder params();
+  template <class T>
+  typename T::Builder initParams() {
+    return params().initAs<T>();
+  }
+  // Adds a capability to the params' cap table; write its index into the content with
+  // writeCapPointer. INVALID_ARGUMENT for a RemoteCap of another connection or a pipelined one
+  // (three-party handoff and promise passing are not done yet), OUT_OF_MEMORY past
+  // MAX_CAPS_PER_MESSAGE.
+  Result<uint32_t> addCap(const RemoteCap& cap);
+  Result<uint32_t> addCap(ServerObject& object);                  // stays owned by the caller
+  Result<uint32_t> addCap(std::unique_ptr<ServerObject> object);  // owned by the connection
+
+  // Sends the call. Errors (a dead connection, MESSAGE_TOO_LARGE, a broken target) come back as
+  // an already failed RemotePromise.
+  RemotePromise send();
+
+ private:
+  friend class RemoteCap;
+  friend class RpcConnection;
+  Request(RpcConnection* conn, Error error) noexcept;
+
+  RpcConnection* conn_;
+  Error error_;  // a call refused before anything was built
+  detail::OutSlot slot_;
+  wire::Call::Builder call_{nullptr};
+  detail::CapTable caps_;
+  // Where params go when the call was refused before a frame existed (off the hot path).
+  std::unique_ptr<capnp::MallocMessageBuilder> scrap_;
+};
+
+// What a ServerObject's dispatch gets for one call. Lives in the connection's answer table
+// until the call is finished; valid for the whole dispatch (params() only for its synchronous
+// part, see the overview).
+class CallContext {
+ public:
+  CallContext() = default;
+  CallContext(const CallContext&) = delete;
+  CallContext& operator=(const CallContext&) = delete;
+
+  // The params, in place. Precondition: still in dispatch's synchronous part.
+  capnp::AnyPointer::Reader params() const;
+  template <class T, class Fn>
+  Status tryReadParams(Fn&& fn) const {
+    try {
+      std::forward<Fn>(fn)(params().getAs<T>());
+    } catch (const kj::Exception&) {
+      return Error(Errc::PROTOCOL_ERROR, "params do not match the schema they were read with");
+    }
+    return {};
+  }
+  // Capability `capIndex` of the params' cap table (valid for the whole call); capAt reads the
+  // index from a capability pointer field of the params (synchronous part only).
+  Result<ReceivedCap> getCap(uint32_t capIndex) const;
+  Result<ReceivedCap> capAt(capnp::AnyStruct::Reader s, uint16_t pointerIndex) const;
+
+  // Starts the results, in place in an outbound frame of about `sizeHint` bytes of content. The
+  // Return goes out when dispatch's promise completes. Building results and then suspending is
+  // allowed but keeps the frame open (other messages spill meanwhile). DISCONNECTED on a dead
+  // connection. Calling it twice returns the same builder.
+  Result<capnp::AnyPointer::Builder> initResults(size_t sizeHint = 256);
+  template <class T>
+  Result<typename T::Builder> initResultsAs(size_t sizeHint = 256) {
+    Result<capnp::AnyPointer::Builder> r = initResults(sizeHint);
+    if (!r) return r.error();
+    return r->initAs<T>();
+  }
+  // Adds a capability to the results' cap table (see Request::addCap). Precondition:
+  // initResults() succeeded.
+  Result<uint32_t> addResultCap(ServerObject& object);
+  Result<uint32_t> addResultCap(std::unique_ptr<ServerObject> object);
+  Result<uint32_t> addResultCap(const RemoteCap& cap);
+
+  RpcConnection& connection() const noexcept { return *conn_; }
+
+ private:
+  friend class RpcConnection;
+  RpcConnection* conn_ = nullptr;
+  uint32_t answerId_ = 0;
+  bool paramsValid_ = false;
+  capnp::AnyPointer::Reader params_;
+  capnp::AnyStruct::Reader paramsPayload_;
+  std::array<ReceivedCap, MAX_CAPS_PER_MESSAGE> paramCaps_;
+  uint32_t paramCapCount_ = 0;
+  detail::OutSlot results_;
+  wire::Return::Builder return_{nullptr};
+  capnp::AnyPointer::Builder content_{nullptr};
+  detail::CapTable resultCaps_;
+};
+
+struct RpcOptions {
+  // Export 0: the object the peer reaches with bootstrap(). Not owned; outlives the connection.
+  ServerObject* bootstrap = nullptr;
+  // Bounds on ids the PEER chooses (our answer table, our import table); beyond them the peer
+  // is aborted with PROTOCOL_ERROR. They bound the per-peer state a hostile peer can make us
+  // hold.
+  uint32_t maxAnswers = 4096;
+  uint32_t maxImports = 65536;
+  // The largest message this side builds (clamped frame reservations; spill buffer size).
+  size_t maxMessageBytes = 16 * 1024;
+  // How the inbound reader and the outbound pump wait.
+  AsyncWaitPolicy wait = {};
+};
+
+// Message counters (tests assert protocol behaviour with them; benchmarks report them).
+struct RpcStats {
+  uint64_t messagesSent = 0;
+  uint64_t messagesReceived = 0;
+  uint64_t callsSent = 0;
+  uint64_t callsReceived = 0;
+  uint64_t returnsSent = 0;
+  uint64_t returnsReceived = 0;
+  uint64_t finishesSent = 0;
+  uint64_t finishesReceived = 0;
+  uint64_t releasesSent = 0;
+  uint64_t releasesReceived = 0;
+  uint64_t pipelinedCallsQueued = 0;  // calls the callee held until their promised answer
+  uint64_t spilledMessages = 0;       // messages built outside the ring (backpressure)
+};
+
+class RpcConnection {
+ public:
+  // Starts reading `rx` at once. `tx`, `rx` and `loop` must outlive the connection. `rx` must
+  // accept capability pointers (rpcReceiverOptions(); precondition, checked). To notice a peer
+  // *process* dying, watch its pid on both endpoints (Sender/Receiver::watchPeer).
+  RpcConnection(MessageSender& tx, MessageReceiver& rx, EventLoop& loop, RpcOptions options = {});
+  // Fails everything pending with DISCONNECTED, cancels running calls, destroys owned exports
+  // and detaches `tx`. Every handle on the connection must be gone (checked).
+  ~RpcConnection();
+  RpcConnection(const RpcConnection&) = delete;
+  RpcConnection& operator=(const RpcConnection&) = delete;
+
+  // The peer's export 0. Broken (calls fail DISCONNECTED) on a dead connection.
+  RemoteCap bootstrap();
+
+  // Resolves when the connection ends, with the reason (DISCONNECTED when the peer went away or
+  // sent Abort, PROTOCOL_ERROR when it sent something hostile). One waiter.
+  Promise<void> onDisconnect();
+  bool isOpen() const noexcept { return failure_.code == Errc::OK; }
+  Error failure() const noexcept { return failure_; }
+  // Closes the connection locally (as the destructor does, without the handle checks).
+  void close(Error reason);
+
+  const RpcStats& stats() const noexcept { return stats_; }
+  // Live entries of each table (tests check nothing leaks).
+  uint32_t questionCount() const noexcept { return questionsLive_; }
+  uint32_t answerCount() const noexcept { return answersLive_; }
+  uint32_t exportCount() const noexcept { return exportsLive_; }
+  uint32_t importCount() const noexcept { return importsLive_; }
+
+  // Remote error text: Error::detail of an error that came from the peer points into this ring
+  // of REMOTE_REASON_SLOTS slots of REMOTE_REASON_BYTES each, owned by the connection. It stays
+  // readable until the connection is destroyed, and holds its text until that many newer remote
+  // errors arrived; copy it to keep it longer.
+  static constexpr size_t REMOTE_REASON_SLOTS = 64;
+  static constexpr size_t REMOTE_REASON_BYTES = 128;
+
+ private:
+  friend class RemoteCap;
+  friend class RemotePromise;
+  friend class Response;
+  friend class Request;
+  friend class CallContext;
+  struct Question;
+  struct Answer;
+  struct Export;
+  struct Import;
+  struct Decoded;
+
+  // --- outbound ---
+  Result<detail::OutSlot> startOut(size_t bytes);
+  Status finishOut(detail::OutSlot& slot);
+  void abandonOut(detail::OutSlot& slot) noexcept;
+  void flushQueue();
+  Promise<void> pumpWhileFull();
+  detail::SpillBuffer* takeSpill(size_t bytes);
+  void giveSpill(detail::SpillBuffer* buffer) noexcept;
+  void sendFinish(uint32_t questionId);
+  void sendRelease(uint32_t importId, uint32_t count);
+  void sendAbort(const Error& reason);
+  void writeException(wire::Exception::Builder b, const Error& e);
+  Status writeCapTable(capnp::List<wire::CapDescriptor>::Builder out, detail::CapTable& caps);
+
+  // --- client side ---
+  Request newCall(const RemoteCap& target, uint64_t interfaceId, uint16_t methodId,
+                  size_t sizeHint);
+  RemotePromise sendRequest(Request& request);
+  void questionRef(uint32_t id) noexcept;
+  void questionUnref(uint32_t id) noexcept;
+  void importRef(uint32_t id) noexcept;
+  void importUnref(uint32_t id) noexcept;
+  Result<ReceivedCap> receivedCap(capnp::List<wire::CapDescriptor>::Reader caps, uint32_t index);
+  void releaseResponse(detail::ResponseSlot* slot) noexcept;
+  void relocate(detail::ResponseSlot* slot);
+  Result<uint32_t> addCapFor(detail::CapTable& table, const RemoteCap& cap);
+
+  // --- inbound ---
+  Promise<void> readLoop();
+  Status handleMessage(IncomingMessage& message);
+  Status decode(wire::Message::Reader m, Decoded& d);
+  Status decodeCapTable(capnp::List<wire::CapDescriptor>::Reader caps, Decoded& d);
+  Status handleCall(IncomingMessage& message, wire::Message::Reader m, const Decoded& d);
+  Status handleReturn(IncomingMessage& message, const Decoded& d);
+  Status handleFinish(uint32_t answerId);
+  Status handleRelease(uint32_t exportId, uint32_t count);
+  const char* copyRemoteReason(capnp::Text::Reader reason);
+  Error remoteError(wire::Exception::Reader e);
+
+  // --- server side ---
+  Answer& answerAt(uint32_t id);
+  void deliver(Answer& answer, uint32_t exportId, wire::Call::Reader call,
+               capnp::AnyStruct::Reader payload);
+  void deliverQueued(Answer& answer);
+  Result<uint32_t> resolvePipeline(Answer& target, std::span<const uint16_t> path);
+  Promise<void> drive(uint32_t answerId, Promise<void> dispatch);
+  void completeAnswer(uint32_t answerId, Status status);
+  void failAnswer(Answer& answer, const Error& error);
+  void settleQueue(Answer& answer);
+  void runWorklist();
+  void finishAnswerIfDone(Answer& answer);
+  void unlinkFromTarget(Answer& answer);
+  void freeAnswer(Answer& answer);
+  Result<uint32_t> exportObject(ServerObject* object, std::unique_ptr<ServerObject> owned);
+  void exportUnpin(uint32_t id) noexcept;
+  void maybeFreeExport(uint32_t id) noexcept;
+  Result<capnp::AnyPointer::Builder> initResults(CallContext& context, size_t sizeHint);
+
+  void fail(Error reason);
+  void teardown();
+  void afterRingClosed();
+
+  // Runs a member function of the connection from the loop (teardown, the worklist).
+  template <void (RpcConnection::*F)()>
+  class MemberTask final : public Task {
+   public:
+    explicit MemberTask(RpcConnection& c) noexcept : c_(c) {}
+
+   private:
+    void run() noexcept override { (c_.*F)(); }
+    RpcConnection& c_;
+  };
+
+  MessageSender& tx_;
+  MessageReceiver& rx_;
+  EventLoop& loop_;
+  RpcOptions options_;
+  RpcStats stats_;
+  Error failure_{};
+  bool inReader_ = false;
+  bool ringOpen_ = false;     // an OutSlot holds a ring reservation
+  bool pumpRunning_ = false;  // pumpWhileFull() waits for ring space
+  bool detachPending_ = false;
+  bool workRunning_ = false;
+  bool inPump_ = false;
+
+  std::vector<Question> questions_;
+  uint32_t questionFree_;
+  uint32_t questionsLive_ = 0;
+  std::vector<std::unique_ptr<Answer>> answers_;  // by the peer's question id
+  uint32_t answersLive_ = 0;
+  std::vector<Export> exports_;
+  uint32_t exportFree_;
+  uint32_t exportsLive_ = 0;
+  std::unordered_map<ServerObject*, uint32_t> exportByObject_;
+  std::vector<Import> imports_;  // by the peer's export id
+  uint32_t importsLive_ = 0;
+  uint64_t handles_ = 0;  // live RemoteCap/Request/RemotePromise/Response on this connection
+
+  // Outbound queue of spilled messages (FIFO) and the spill pool (free lists by size class).
+  detail::SpillBuffer* queueHead_ = nullptr;
+  detail::SpillBuffer* queueTail_ = nullptr;
+  std::vector<std::unique_ptr<detail::SpillBuffer>> spillStore_;
+  std::array<detail::SpillBuffer*, 16> spillFree_{};
+  std::optional<Promise<void>> pump_;
+
+  // Answers whose queued pipelined calls can now be settled (run iteratively, not recursively).
+  std::vector<uint32_t> worklist_;
+
+  // Responses: pooled slots, and the one that may still hold the inbound frame.
+  std::vector<std::unique_ptr<detail::ResponseSlot>> responseStore_;
+  detail::ResponseSlot* responseFree_ = nullptr;
+  detail::ResponseSlot* heldSlot_ = nullptr;
+  std::optional<Fulfiller<void>> disconnected_;
+  std::array<std::array<char, REMOTE_REASON_BYTES>, REMOTE_REASON_SLOTS> reasons_{};
+  uint32_t nextReason_ = 0;
+  // Decodes this side's private copies (queued calls, results kept for pipelining).
+  FrameReader replayReader_;
+  MemberTask<&RpcConnection::teardown> teardownTask_;
+  MemberTask<&RpcConnection::runWorklist> worklistTask_;
+  std::optional<Promise<void>> reader_;  // last: started by the constructor, dropped first
+};
+
+// The MessageReceiverOptions an RPC connection's receiver needs (capability pointers allowed).
+MessageReceiverOptions rpcReceiverOptions(MessageReceiverOptions base = {});
+
+}  // namespace agate::rpc

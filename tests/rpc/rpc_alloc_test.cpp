@@ -1,0 +1,74 @@
+// Steady-state calls allocate nothing: after a warm-up (tables, spill and response pools, the
+// loop's frame arena reach their working size), awaited calls and calls in flight make no heap
+// allocation at all. Links the counting operator new (support/alloc_counter.h).
+#include <gtest/gtest.h>
+
+#include <vector>
+
+#include "rpc_harness.h"
+#include "support/alloc_counter.h"
+#include "support/watchdog.h"
+
+namespace agate::rpc::test {
+namespace {
+
+using agate::testing::allocationCount;
+using agate::testing::Watchdog;
+
+Promise<void> awaitedCalls(RemoteCap& cap, int n) {
+  for (int i = 0; i < n; ++i) {
+    Request req = cap.newCall(NODE_INTERFACE_ID, ECHO, 16);
+    req.initParams<Value>().setValue(static_cast<uint64_t>(i));
+    Result<Response> r = co_await req.send();
+    AGATE_CO_TRY(r);
+    AGATE_ASSERT(r->results().getAs<Value>().getValue() == static_cast<uint64_t>(i), "echo");
+  }
+  co_return {};
+}
+
+Promise<void> callsInFlight(RemoteCap& cap, int rounds, std::vector<RemotePromise>& slots) {
+  for (int round = 0; round < rounds; ++round) {
+    for (size_t i = 0; i < slots.capacity(); ++i) {
+      Request req = cap.newCall(NODE_INTERFACE_ID, ECHO, 16);
+      req.initParams<Value>().setValue(i);
+      slots.push_back(req.send());
+    }
+    for (RemotePromise& p : slots) {
+      Result<Response> r = co_await p;
+      AGATE_CO_TRY(r);
+    }
+    slots.clear();
+  }
+  co_return {};
+}
+
+class RpcAllocTest : public ::testing::Test {
+ protected:
+  Watchdog watchdog_{"rpc_alloc_test", std::chrono::seconds(60)};
+  EventLoop loop_;
+  Log log_;
+  Node root_{0, log_};
+};
+
+TEST_F(RpcAllocTest, AwaitedCallAllocatesNothingInSteadyState) {
+  LocalPair pair(loop_, &root_);
+  RemoteCap cap = pair.client().bootstrap();
+  ASSERT_TRUE(loop_.run(awaitedCalls(cap, 500)).ok());
+  const uint64_t before = allocationCount();
+  ASSERT_TRUE(loop_.run(awaitedCalls(cap, 2000)).ok());
+  EXPECT_EQ(allocationCount() - before, 0u) << "allocations per 2000 calls";
+}
+
+TEST_F(RpcAllocTest, CallsInFlightAllocateNothingInSteadyState) {
+  LocalPair pair(loop_, &root_);
+  RemoteCap cap = pair.client().bootstrap();
+  std::vector<RemotePromise> slots;
+  slots.reserve(32);
+  ASSERT_TRUE(loop_.run(callsInFlight(cap, 50, slots)).ok());
+  const uint64_t before = allocationCount();
+  ASSERT_TRUE(loop_.run(callsInFlight(cap, 100, slots)).ok());
+  EXPECT_EQ(allocationCount() - before, 0u) << "allocations per 3200 calls";
+}
+
+}  // namespace
+}  // namespace agate::rpc::test

@@ -1,0 +1,327 @@
+// A hostile peer speaking raw rpc.capnp messages at an RpcConnection: forged export ids, forged
+// and reused question ids, double Finish and Return, over-Release, cap tables naming nothing,
+// unknown message kinds and malformed frames all abort the connection with PROTOCOL_ERROR (and
+// an Abort message to the peer), never UB. Per-call failures leave the connection and its
+// tables as they were.
+#include <gtest/gtest.h>
+
+#include <functional>
+
+#include "rpc_harness.h"
+#include "support/watchdog.h"
+
+namespace agate::rpc::test {
+namespace {
+
+using agate::testing::Watchdog;
+
+class RpcHostileTest : public ::testing::Test {
+ protected:
+  RpcHostileTest() {
+    ChannelOptions co;
+    co.scope = ChannelScope::LOCAL;
+    toVictim_ = std::move(Channel::create(co).value());
+    fromVictim_ = std::move(Channel::create(co).value());
+    attackerTx_ = std::make_unique<MessageSender>(toVictim_->attachSender().value());
+    victimRx_ = std::make_unique<MessageReceiver>(*toVictim_, toVictim_->attachReceiver().value(),
+                                                  rpcReceiverOptions());
+    victimTx_ = std::make_unique<MessageSender>(fromVictim_->attachSender().value());
+    attackerRx_ = std::make_unique<MessageReceiver>(
+        *fromVictim_, fromVictim_->attachReceiver().value(), rpcReceiverOptions());
+    RpcOptions options;
+    options.bootstrap = &root_;
+    options.maxAnswers = 64;
+    options.maxImports = 64;
+    victim_ = std::make_unique<RpcConnection>(*victimTx_, *victimRx_, loop_, options);
+  }
+  ~RpcHostileTest() override { victim_.reset(); }
+
+  void send(const std::function<void(wire::Message::Builder)>& fill) {
+    Result<OutgoingMessage> m = attackerTx_->tryStartMessage(1024);
+    ASSERT_TRUE(m.ok());
+    fill(m->initRoot<wire::Message>());
+    ASSERT_TRUE(m->send().ok());
+  }
+  void call(uint32_t questionId, uint32_t exportId, uint16_t method) {
+    send([&](wire::Message::Builder m) {
+      wire::Call::Builder c = m.initCall();
+      c.setQuestionId(questionId);
+      c.getTarget().setImportedCap(exportId);
+      c.setInterfaceId(NODE_INTERFACE_ID);
+      c.setMethodId(method);
+      c.initParams().getContent().initAs<Value>().setValue(1);
+    });
+  }
+  void pipelinedCall(uint32_t questionId, uint32_t onQuestion, uint16_t method,
+                     std::initializer_list<uint16_t> path) {
+    send([&](wire::Message::Builder m) {
+      wire::Call::Builder c = m.initCall();
+      c.setQuestionId(questionId);
+      wire::PromisedAnswer::Builder pa = c.getTarget().initPromisedAnswer();
+      pa.setQuestionId(onQuestion);
+      auto t = pa.initTransform(static_cast<unsigned>(path.size()));
+      unsigned i = 0;
+      for (uint16_t step : path) t.set(i++, step);
+      c.setInterfaceId(NODE_INTERFACE_ID);
+      c.setMethodId(method);
+      c.initParams().getContent().initAs<Value>().setValue(1);
+    });
+  }
+  void finish(uint32_t questionId) {
+    send([&](wire::Message::Builder m) { m.initFinish().setQuestionId(questionId); });
+  }
+
+  // The next message the victim sent, with `check` run on it.
+  void expectFromVictim(const std::function<void(wire::Message::Reader)>& check) {
+    Result<IncomingMessage> in = loop_.run(attackerRx_->receiveAsync(loop_));
+    ASSERT_TRUE(in.ok()) << errcName(in.code());
+    check(in->getRoot<wire::Message>());
+  }
+  // The victim aborted: PROTOCOL_ERROR locally, an Abort saying so on the wire, and everything it
+  // had pending failed or cancelled.
+  void expectAborted() {
+    ASSERT_TRUE(runUntil(loop_, [&] { return !victim_->isOpen(); }));
+    EXPECT_EQ(victim_->failure().code, Errc::PROTOCOL_ERROR);
+    bool sawAbort = false;
+    for (;;) {
+      Result<IncomingMessage> in = attackerRx_->tryReceive();
+      if (!in) break;
+      wire::Message::Reader m = in->getRoot<wire::Message>();
+      if (m.which() == wire::Message::ABORT) {
+        sawAbort = true;
+        EXPECT_EQ(m.getAbort().getErrc(), static_cast<uint16_t>(Errc::PROTOCOL_ERROR));
+      }
+    }
+    EXPECT_TRUE(sawAbort);
+    ASSERT_TRUE(runUntil(loop_, [&] { return victim_->answerCount() == 0; }));
+    EXPECT_EQ(log_.hanging, 0) << "running calls were cancelled";
+  }
+
+  Watchdog watchdog_{"rpc_hostile_test", std::chrono::seconds(60)};
+  EventLoop loop_;
+  Log log_;
+  Node root_{0, log_};
+  std::unique_ptr<Channel> toVictim_, fromVictim_;
+  std::unique_ptr<MessageSender> attackerTx_, victimTx_;
+  std::unique_ptr<MessageReceiver> victimRx_, attackerRx_;
+  std::unique_ptr<RpcConnection> victim_;
+};
+
+TEST_F(RpcHostileTest, WellFormedCallIsServed) {
+  call(1, 0, ECHO);
+  expectFromVictim([](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::RETURN);
+    EXPECT_EQ(m.getReturn().getAnswerId(), 1u);
+    EXPECT_EQ(m.getReturn().getResults().getContent().getAs<Value>().getValue(), 1u);
+  });
+  EXPECT_TRUE(victim_->isOpen());
+}
+
+TEST_F(RpcHostileTest, CallOnAForgedExportIdAborts) {
+  call(1, 0, HANG);
+  ASSERT_TRUE(runUntil(loop_, [&] { return log_.hanging == 1; }));
+  call(2, 77, ECHO);
+  expectAborted();
+  EXPECT_EQ(log_.cancelled, 1);
+}
+
+TEST_F(RpcHostileTest, QuestionIdReusedBeforeFinishAborts) {
+  call(1, 0, HANG);
+  ASSERT_TRUE(runUntil(loop_, [&] { return log_.hanging == 1; }));
+  call(1, 0, ECHO);
+  expectAborted();
+}
+
+TEST_F(RpcHostileTest, QuestionIdReusedAfterReturnAndFinishIsServed) {
+  // The callee frees an answer once it has sent the Return and seen Finish; the id is then free.
+  call(1, 0, ECHO);
+  expectFromVictim([](wire::Message::Reader m) { EXPECT_EQ(m.which(), wire::Message::RETURN); });
+  finish(1);
+  call(1, 0, ECHO);
+  expectFromVictim([](wire::Message::Reader m) { EXPECT_EQ(m.which(), wire::Message::RETURN); });
+  EXPECT_TRUE(victim_->isOpen());
+}
+
+TEST_F(RpcHostileTest, QuestionIdBeyondTheAnswerTableBoundAborts) {
+  call(64, 0, ECHO);
+  expectAborted();
+}
+
+TEST_F(RpcHostileTest, FinishForAnUnknownAnswerAborts) {
+  finish(5);
+  expectAborted();
+}
+
+TEST_F(RpcHostileTest, SecondFinishForOneAnswerAborts) {
+  call(1, 0, HANG);
+  ASSERT_TRUE(runUntil(loop_, [&] { return log_.hanging == 1; }));
+  finish(1);
+  ASSERT_TRUE(runUntil(loop_, [&] { return log_.cancelled == 1; }));
+  // The answer was cancelled and freed: a second Finish names nothing.
+  finish(1);
+  expectAborted();
+}
+
+TEST_F(RpcHostileTest, ReturnForAQuestionNeverAskedAborts) {
+  send([](wire::Message::Builder m) {
+    wire::Return::Builder r = m.initReturn();
+    r.setAnswerId(3);
+    r.initResults();
+  });
+  expectAborted();
+}
+
+TEST_F(RpcHostileTest, ReleaseOfTheBootstrapOrOfUnheldReferencesAborts) {
+  send([](wire::Message::Builder m) {
+    wire::Release::Builder r = m.initRelease();
+    r.setId(0);
+    r.setReferenceCount(1);
+  });
+  expectAborted();
+}
+
+TEST_F(RpcHostileTest, ReleaseOfMoreReferencesThanGivenAborts) {
+  call(1, 0, NEXT);  // exports one child with one reference
+  uint32_t child = 0;
+  expectFromVictim([&](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::RETURN);
+    auto caps = m.getReturn().getResults().getCapTable();
+    ASSERT_EQ(caps.size(), 1u);
+    child = caps[0].getSenderHosted();
+  });
+  ASSERT_NE(child, 0u);
+  send([&](wire::Message::Builder m) {
+    wire::Release::Builder r = m.initRelease();
+    r.setId(child);
+    r.setReferenceCount(2);
+  });
+  expectAborted();
+  EXPECT_EQ(log_.destroyed, 1) << "the dead connection dropped the child";
+}
+
+TEST_F(RpcHostileTest, CapTableNamingAMissingExportAborts) {
+  send([](wire::Message::Builder m) {
+    wire::Call::Builder c = m.initCall();
+    c.setQuestionId(1);
+    c.getTarget().setImportedCap(0);
+    c.setInterfaceId(NODE_INTERFACE_ID);
+    c.setMethodId(IDENTIFY);
+    wire::Payload::Builder p = c.initParams();
+    writeCapPointer(p.getContent().initAs<CapParam>(), 0, 0);
+    p.initCapTable(1)[0].setReceiverHosted(9);
+  });
+  expectAborted();
+}
+
+TEST_F(RpcHostileTest, CapTableLongerThanAllowedAborts) {
+  send([](wire::Message::Builder m) {
+    wire::Call::Builder c = m.initCall();
+    c.setQuestionId(1);
+    c.getTarget().setImportedCap(0);
+    c.initParams().initCapTable(MAX_CAPS_PER_MESSAGE + 1);
+  });
+  expectAborted();
+}
+
+TEST_F(RpcHostileTest, SenderHostedIdBeyondTheImportBoundAborts) {
+  send([](wire::Message::Builder m) {
+    wire::Call::Builder c = m.initCall();
+    c.setQuestionId(1);
+    c.getTarget().setImportedCap(0);
+    c.initParams().initCapTable(1)[0].setSenderHosted(1000);
+  });
+  expectAborted();
+}
+
+TEST_F(RpcHostileTest, CapIndexOutsideTheTableIsACallErrorNotACrash) {
+  // A capability pointer whose index has no cap-table entry: the server's capAt fails the call.
+  send([](wire::Message::Builder m) {
+    wire::Call::Builder c = m.initCall();
+    c.setQuestionId(1);
+    c.getTarget().setImportedCap(0);
+    c.setInterfaceId(NODE_INTERFACE_ID);
+    c.setMethodId(IDENTIFY);
+    writeCapPointer(c.initParams().getContent().initAs<CapParam>(), 0, 12345);
+  });
+  expectFromVictim([](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::RETURN);
+    ASSERT_EQ(m.getReturn().which(), wire::Return::EXCEPTION);
+    EXPECT_EQ(m.getReturn().getException().getErrc(),
+              static_cast<uint16_t>(Errc::INVALID_ARGUMENT));
+  });
+  EXPECT_TRUE(victim_->isOpen());
+}
+
+TEST_F(RpcHostileTest, PipelineOnAnAnswerThatDoesNotExistAborts) {
+  pipelinedCall(2, 1, ECHO, {0});
+  expectAborted();
+}
+
+TEST_F(RpcHostileTest, PipelinePathLongerThanAllowedAborts) {
+  call(1, 0, NEXT_LATER);
+  pipelinedCall(2, 1, ECHO, {0, 0, 0, 0, 0, 0, 0, 0, 0});
+  expectAborted();
+}
+
+TEST_F(RpcHostileTest, PipelinePathThatLeadsNowhereFailsOnlyThatCall) {
+  call(1, 0, NEXT);
+  pipelinedCall(2, 1, ECHO, {1, 3});  // results field 1 is a UInt64, not a struct
+  int returns = 0;
+  for (int i = 0; i < 2; ++i) {
+    expectFromVictim([&](wire::Message::Reader m) {
+      ASSERT_EQ(m.which(), wire::Message::RETURN);
+      ++returns;
+      if (m.getReturn().getAnswerId() == 2) {
+        ASSERT_EQ(m.getReturn().which(), wire::Return::EXCEPTION);
+        EXPECT_EQ(m.getReturn().getException().getErrc(), static_cast<uint16_t>(Errc::FAILED));
+      }
+    });
+  }
+  EXPECT_EQ(returns, 2);
+  EXPECT_TRUE(victim_->isOpen());
+  EXPECT_EQ(victim_->exportCount(), 2u) << "the child exported by call 1 is untouched";
+}
+
+TEST_F(RpcHostileTest, ResolveAndDisembargoAbort) {
+  send([](wire::Message::Builder m) { m.initResolve().setPromiseId(1); });
+  expectAborted();
+}
+
+TEST_F(RpcHostileTest, MalformedFrameAborts) {
+  call(1, 0, HANG);
+  ASSERT_TRUE(runUntil(loop_, [&] { return log_.hanging == 1; }));
+  // A root pointer far out of the frame.
+  const uint64_t garbage[2] = {0x0000'0001'7fff'fff0ull, 0};
+  ASSERT_TRUE(attackerTx_->sender().trySend(std::as_bytes(std::span(garbage))).ok());
+  expectAborted();
+  EXPECT_EQ(log_.cancelled, 1);
+}
+
+TEST_F(RpcHostileTest, AbortFromThePeerFailsOurCallsWithItsReason) {
+  // The victim has a call out to the attacker (through a capability the attacker passed in).
+  send([](wire::Message::Builder m) {
+    wire::Call::Builder c = m.initCall();
+    c.setQuestionId(1);
+    c.getTarget().setImportedCap(0);
+    c.setInterfaceId(NODE_INTERFACE_ID);
+    c.setMethodId(CALL_BACK);
+    wire::Payload::Builder p = c.initParams();
+    writeCapPointer(p.getContent().initAs<CapParam>(), 0, 0);
+    p.initCapTable(1)[0].setSenderHosted(5);
+  });
+  expectFromVictim([](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::CALL);
+    EXPECT_EQ(m.getCall().getTarget().getImportedCap(), 5u);
+  });
+  send([](wire::Message::Builder m) {
+    wire::Exception::Builder e = m.initAbort();
+    e.setErrc(static_cast<uint16_t>(Errc::FAILED));
+    e.setReason("going away");
+  });
+  ASSERT_TRUE(runUntil(loop_, [&] { return !victim_->isOpen(); }));
+  EXPECT_EQ(victim_->failure().code, Errc::DISCONNECTED);
+  EXPECT_STREQ(victim_->failure().detail, "going away");
+}
+
+}  // namespace
+}  // namespace agate::rpc::test
