@@ -1,0 +1,26 @@
+# Runs capnpc-agate on SCHEMA (cmake -P) and passes only if it exits non-zero, prints the reason
+# expected for that schema, and writes no header.
+file(REMOVE_RECURSE "${OUT}")
+file(MAKE_DIRECTORY "${OUT}")
+get_filename_component(dir "${SCHEMA}" DIRECTORY)
+get_filename_component(stem "${SCHEMA}" NAME_WE)
+execute_process(COMMAND "${CAPNP}" compile "-o${PLUGIN}:${OUT}" --src-prefix "${dir}" "${SCHEMA}"
+                RESULT_VARIABLE rc ERROR_VARIABLE err OUTPUT_VARIABLE out)
+if(rc EQUAL 0)
+  message(FATAL_ERROR "capnpc-agate accepted ${SCHEMA}; it must refuse it")
+endif()
+set(expected_by_stem_generic_interface "generic interfaces are not supported")
+set(expected_by_stem_generic_method "is generic, which Agate stubs do not support")
+set(expected_by_stem_method_clash "is declared by both")
+set(expected_by_stem_reserved_method "collides with a member the stubs generate")
+set(expected "${expected_by_stem_${stem}}")
+string(FIND "${err}" "capnpc-agate: " at_prefix)
+string(FIND "${err}" "${expected}" at)
+if(at_prefix EQUAL -1 OR at EQUAL -1)
+  message(FATAL_ERROR "capnpc-agate failed on ${SCHEMA} without the expected reason "
+                      "'${expected}'; it said:\n${err}")
+endif()
+if(EXISTS "${OUT}/${stem}.agate.h")
+  message(FATAL_ERROR "capnpc-agate wrote ${OUT}/${stem}.agate.h for a refused schema")
+endif()
+message(STATUS "refused as expected: ${err}")
