@@ -31,6 +31,14 @@ FuzzOutcome fuzzCapnpFrame(std::span<const std::byte> input);
 // message was accepted.
 FuzzOutcome fuzzRingConsumer(std::span<const std::byte> input);
 
+// Feeds `input` as a sequence of frames (repeated [u8 words][words * 8 bytes]) from a hostile
+// peer into an RpcConnection serving a test object, lets the peer detach, and checks that the
+// connection ends with DISCONNECTED or PROTOCOL_ERROR, leaves no call running and leaks no
+// object. ACCEPTED when no frame made it abort. Its inputs have their own shape, so it is driven
+// by rpc_fuzz_test (seeded with valid RPC conversations) rather than the shared FUZZ_TARGETS
+// list below, and by libFuzzer as fuzz_rpc_connection.
+FuzzOutcome fuzzRpcConnection(std::span<const std::byte> input);
+
 struct FuzzTarget {
   const char* name;
   FuzzOutcome (*run)(std::span<const std::byte> input);

@@ -30,13 +30,14 @@ struct Log {
   std::vector<uint64_t> order;
   std::vector<ServerObject*> identified;
   int cancelled = 0;
+  int created = 0;
   int destroyed = 0;
   int hanging = 0;
 };
 
 class Node final : public ServerObject {
  public:
-  Node(uint64_t value, Log& log) : value_(value), log_(log) {}
+  Node(uint64_t value, Log& log) : value_(value), log_(log) { ++log_.created; }
   ~Node() override { ++log_.destroyed; }
   uint64_t value() const { return value_; }
 
@@ -111,9 +112,16 @@ class Node final : public ServerObject {
     log_.order.push_back(v);
     co_return {};
   }
+  // Reads the capability in CapParam.cap; params from a peer are untrusted, so the typed read
+  // runs inside tryReadParams (a list where the struct should be fails the call, not the process).
+  static Result<ReceivedCap> capParam(CallContext& ctx) {
+    Result<ReceivedCap> cap = Error(Errc::INVALID_ARGUMENT, "no params");
+    Status read = ctx.tryReadParams<CapParam>([&](CapParam::Reader p) { cap = ctx.capAt(p, 0); });
+    if (!read) return read.error();
+    return cap;
+  }
   Promise<void> identify(CallContext& ctx) {
-    capnp::AnyStruct::Reader p = ctx.params().getAs<capnp::AnyStruct>();
-    Result<ReceivedCap> cap = ctx.capAt(p, 0);
+    Result<ReceivedCap> cap = capParam(ctx);
     AGATE_CO_TRY(cap);
     if (cap->local != nullptr) log_.identified.push_back(cap->local);
     Result<Value::Builder> out = ctx.initResultsAs<Value>(16);
@@ -122,8 +130,7 @@ class Node final : public ServerObject {
     co_return {};
   }
   Promise<void> callBack(CallContext& ctx) {
-    capnp::AnyStruct::Reader p = ctx.params().getAs<capnp::AnyStruct>();
-    Result<ReceivedCap> cap = ctx.capAt(p, 0);
+    Result<ReceivedCap> cap = capParam(ctx);
     AGATE_CO_TRY(cap);
     RemoteCap target = cap->remote;  // params are gone after the first suspension
     uint64_t got = 0;

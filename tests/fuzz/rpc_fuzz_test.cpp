@@ -1,0 +1,180 @@
+// fuzzRpcConnection (fuzz_targets.h) driven by a seeded random generator: valid RPC conversations
+// (calls, pipelined calls, Finish, Release, caps passed both ways) encoded as frame sequences,
+// then mutated: bit flips, small integers written over words (ids are where the interesting
+// failures are), frames dropped, duplicated and swapped, lengths changed. Fixed seed and count,
+// so every CI build (plain, ASan+UBSan, TSan) replays the same inputs.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <functional>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "fuzz_targets.h"
+#include "rpc_harness.h"
+
+namespace agate::fuzz {
+namespace {
+
+using Frame = std::vector<uint64_t>;
+using Conversation = std::vector<Frame>;
+using Bytes = std::vector<std::byte>;
+using rpc::test::NODE_INTERFACE_ID;
+
+Frame build(const std::function<void(rpc::wire::Message::Builder)>& fill) {
+  auto words = std::make_unique<capnp::word[]>(128);
+  std::memset(words.get(), 0, 128 * sizeof(capnp::word));
+  Frame f;
+  {
+    FrameBuilder b(std::span(words.get(), 128));
+    fill(b.initRoot<rpc::wire::Message>());
+    Result<size_t> used = b.tryFinish();
+    AGATE_ASSERT(used.ok(), "seed frame too large");
+    f.resize(*used / 8);
+    std::memcpy(f.data(), words.get(), *used);
+  }
+  return f;
+}
+
+Frame call(uint32_t q, uint32_t exportId, uint16_t method, uint64_t value = 1) {
+  return build([&](rpc::wire::Message::Builder m) {
+    auto c = m.initCall();
+    c.setQuestionId(q);
+    c.getTarget().setImportedCap(exportId);
+    c.setInterfaceId(NODE_INTERFACE_ID);
+    c.setMethodId(method);
+    c.initParams().getContent().initAs<rpc::test::Value>().setValue(value);
+  });
+}
+
+Frame pipelined(uint32_t q, uint32_t on, uint16_t method) {
+  return build([&](rpc::wire::Message::Builder m) {
+    auto c = m.initCall();
+    c.setQuestionId(q);
+    auto pa = c.getTarget().initPromisedAnswer();
+    pa.setQuestionId(on);
+    pa.initTransform(1).set(0, 0);
+    c.setInterfaceId(NODE_INTERFACE_ID);
+    c.setMethodId(method);
+    c.initParams().getContent().initAs<rpc::test::Value>().setValue(2);
+  });
+}
+
+Frame withCap(uint32_t q, uint16_t method, bool senderHosted, uint32_t id) {
+  return build([&](rpc::wire::Message::Builder m) {
+    auto c = m.initCall();
+    c.setQuestionId(q);
+    c.getTarget().setImportedCap(0);
+    c.setInterfaceId(NODE_INTERFACE_ID);
+    c.setMethodId(method);
+    auto p = c.initParams();
+    rpc::writeCapPointer(p.getContent().initAs<rpc::test::CapParam>(), 0, 0);
+    auto d = p.initCapTable(1)[0];
+    if (senderHosted) {
+      d.setSenderHosted(id);
+    } else {
+      d.setReceiverHosted(id);
+    }
+  });
+}
+
+Frame finish(uint32_t q) {
+  return build([&](rpc::wire::Message::Builder m) { m.initFinish().setQuestionId(q); });
+}
+
+Frame release(uint32_t id, uint32_t n) {
+  return build([&](rpc::wire::Message::Builder m) {
+    auto r = m.initRelease();
+    r.setId(id);
+    r.setReferenceCount(n);
+  });
+}
+
+std::vector<Conversation> seeds() {
+  using namespace rpc::test;
+  return {
+      {call(1, 0, ECHO), finish(1)},
+      {call(1, 0, NEXT_LATER), pipelined(2, 1, ECHO), pipelined(3, 1, NEXT), pipelined(4, 3, ECHO),
+       finish(1), finish(2), finish(3), finish(4)},
+      {call(1, 0, NEXT), finish(1), release(1, 1), call(1, 0, ECHO)},
+      {call(1, 0, HANG), finish(1), call(2, 0, FAIL), pipelined(3, 2, ECHO), finish(3)},
+      {call(1, 0, NEXT), withCap(2, IDENTIFY, false, 1), finish(2), release(1, 1)},
+      {withCap(1, CALL_BACK, true, 3), withCap(2, IDENTIFY, true, 4), finish(2)},
+      {call(1, 0, FAIL_LATER), pipelined(2, 1, NEXT), pipelined(3, 2, ECHO), finish(1)},
+  };
+}
+
+Bytes encode(const Conversation& c) {
+  Bytes out;
+  for (const Frame& f : c) {
+    out.push_back(std::byte(static_cast<uint8_t>(f.size())));
+    const auto* p = reinterpret_cast<const std::byte*>(f.data());
+    out.insert(out.end(), p, p + f.size() * 8);
+  }
+  return out;
+}
+
+Conversation mutate(Conversation c, std::mt19937_64& rng) {
+  auto pick = [&](size_t n) { return static_cast<size_t>(rng() % n); };
+  const int edits = 1 + static_cast<int>(pick(3));
+  for (int e = 0; e < edits && !c.empty(); ++e) {
+    Frame& f = c[pick(c.size())];
+    switch (pick(7)) {
+      case 0:  // flip a bit
+        if (!f.empty()) f[pick(f.size())] ^= uint64_t{1} << pick(64);
+        break;
+      case 1:  // a small integer over the low or high half of a word (ids, counts, indices)
+        if (!f.empty()) {
+          uint64_t& w = f[pick(f.size())];
+          const uint64_t v = pick(10);
+          w = pick(2) == 0 ? (w & ~0xffff'ffffull) | v : (w & 0xffff'ffffull) | (v << 32);
+        }
+        break;
+      case 2:  // drop a frame
+        c.erase(c.begin() + static_cast<std::ptrdiff_t>(pick(c.size())));
+        break;
+      case 3:  // duplicate a frame
+        c.insert(c.begin() + static_cast<std::ptrdiff_t>(pick(c.size())), f);
+        break;
+      case 4:  // swap two frames
+        std::swap(c[pick(c.size())], c[pick(c.size())]);
+        break;
+      case 5:  // truncate a frame
+        if (!f.empty()) f.resize(pick(f.size()));
+        break;
+      default:  // a random word
+        if (!f.empty()) f[pick(f.size())] = rng();
+        break;
+    }
+  }
+  return c;
+}
+
+TEST(RpcFuzzTest, SeedConversationsAreAccepted) {
+  for (const Conversation& c : seeds()) {
+    Bytes b = encode(c);
+    EXPECT_EQ(fuzzRpcConnection(b), FuzzOutcome::ACCEPTED);
+  }
+}
+
+TEST(RpcFuzzTest, MutatedConversationsNeverBreakTheConnectionsInvariants) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  constexpr int INPUTS = 1'500;
+#else
+  constexpr int INPUTS = 4'000;
+#endif
+  std::mt19937_64 rng(0x5eed'4a6a'7e00'0004ull);
+  const std::vector<Conversation> base = seeds();
+  int accepted = 0;
+  for (int i = 0; i < INPUTS; ++i) {
+    Bytes input = encode(mutate(base[static_cast<size_t>(rng() % base.size())], rng));
+    if (fuzzRpcConnection(input) == FuzzOutcome::ACCEPTED) ++accepted;
+  }
+  std::printf("rpc_connection: %d of %d inputs accepted\n", accepted, INPUTS);
+  EXPECT_GT(accepted, INPUTS / 20);
+  EXPECT_LT(accepted, INPUTS - INPUTS / 20);
+}
+
+}  // namespace
+}  // namespace agate::fuzz
