@@ -184,7 +184,8 @@ struct ResultValue<Result<T>> {
 // Runs the loop until a typed call completes; its typed response or error.
 template <class P>
 auto await(EventLoop& loop, P promise) {
-  using T = typename ResultValue<decltype(std::declval<typename P::Awaiter&>().await_resume())>::Type;
+  using T =
+      typename ResultValue<decltype(std::declval<typename P::Awaiter&>().await_resume())>::Type;
   auto run = [](P p) -> Promise<T> {
     auto r = co_await p;
     AGATE_CO_TRY(r);
@@ -368,9 +369,8 @@ TEST_F(StubsTest, BuildFunctionErrorAbandonsTheCallAndSendsNothing) {
   const uint64_t sentBefore = pair.client().stats().callsSent;
   // The engine cannot pass a pipelined reference in a cap table yet: the setter says so, the
   // build function returns its error, and the call never leaves.
-  auto refused = adder.inspect([&](auto params, auto& request) {
-    return setOther(request, params, spawned.getChild());
-  });
+  auto refused = adder.inspect(
+      [&](auto params, auto& request) { return setOther(request, params, spawned.getChild()); });
   EXPECT_EQ(pair.client().stats().callsSent, sentBefore);
   EXPECT_EQ(refused.untyped(), nullptr);
   auto r = await(loop_, std::move(refused));

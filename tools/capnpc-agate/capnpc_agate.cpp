@@ -1,7 +1,8 @@
 // capnpc-agate: a Cap'n Proto compiler plugin that turns the interfaces of a .capnp file into
 // Agate typed RPC stubs.
 //
-//   capnp compile -oc++ -o/path/to/capnpc-agate calc.capnp   # writes calc.capnp.h/.c++, calc.agate.h
+//   capnp compile -oc++ -o/path/to/capnpc-agate calc.capnp   # writes calc.capnp.h/.c++,
+//   calc.agate.h
 //
 // For `calc.capnp` it writes `calc.agate.h`, which includes capnpc-c++'s `calc.capnp.h` (the
 // param and result structs) and declares, in namespace `<the file's $Cxx.namespace>::stubs`, one
@@ -184,8 +185,9 @@ class Generator {
   void checkInterface(uint64_t id) {
     schema::Node::Reader node = nodes_.at(id);
     if (node.getIsGeneric()) {
-      refuse(id, "generic interfaces are not supported by Agate stubs (declare it without type "
-                 "parameters)");
+      refuse(id,
+             "generic interfaces are not supported by Agate stubs (declare it without type "
+             "parameters)");
       return;
     }
     for (schema::Superclass::Reader super : node.getInterface().getSuperclasses()) {
@@ -203,8 +205,9 @@ class Generator {
           if (method.getImplicitParameters().size() != 0)
             refuse(id, "method '" + name + "' is generic, which Agate stubs do not support");
           if (isBranded(method.getParamBrand()) || isBranded(method.getResultBrand()))
-            refuse(id, "method '" + name + "' uses a generic param or result struct, which "
-                       "Agate stubs do not support");
+            refuse(id, "method '" + name +
+                           "' uses a generic param or result struct, which "
+                           "Agate stubs do not support");
           if (isReservedMethodName(name))
             refuse(id, "method '" + name + "' collides with a member the stubs generate");
         }
@@ -463,7 +466,9 @@ class Generator {
 
   // Phase 3: member definitions (all classes are complete here).
   void emitDefinitions(std::ostringstream& out, uint64_t id) {
-    const std::string q = stubType(id);
+    // Declarators are relative to the stubs namespace being emitted: a fully qualified one
+    // (`::a::B`) right after a qualified return type would parse as one nested name.
+    const std::string q = local_[id];
     schema::Node::Reader node = nodes_.at(id);
     for (schema::Method::Reader m : node.getInterface().getMethods()) {
       std::string cap = capitalize(m.getName());
@@ -485,9 +490,8 @@ class Generator {
       std::string t = stubType(owner) + "::" + capitalize(name);
       out << "inline " << t << "Request " << q << "::Client::" << name
           << "Request(size_t sizeHint) const {\n"
-          << "  return " << t << "Request(cap_.newCall(" << stubType(owner)
-          << "::INTERFACE_ID, " << stubType(owner) << "::METHOD_" << upperSnake(name)
-          << ", sizeHint));\n}\n"
+          << "  return " << t << "Request(cap_.newCall(" << stubType(owner) << "::INTERFACE_ID, "
+          << stubType(owner) << "::METHOD_" << upperSnake(name) << ", sizeHint));\n}\n"
           << "inline " << t << "Promise " << q << "::Client::" << name << "() const {\n"
           << "  return " << name << "Request().send();\n}\n"
           << "template <class Build>\n"
@@ -542,13 +546,13 @@ class Generator {
           << "template <class Sink>\n"
           << "inline ::agate::Status set" << name << "(Sink& sink, " << s
           << "::Builder s, ::agate::rpc::typed::CapArg<" << iface << "> cap) {\n"
-          << "  return ::agate::rpc::typed::setCap<" << iface << ">(sink, s, " << f.pointerIndex
-          << ", std::move(cap)" << tag << ");\n}\n"
+          << "  return ::agate::rpc::typed::setCap<" << iface << ">(sink, std::move(s), "
+          << f.pointerIndex << ", std::move(cap)" << tag << ");\n}\n"
           << "template <class Source>\n"
           << "inline ::agate::Result<::agate::rpc::typed::Received<" << iface << ">> get" << name
           << "(const Source& source, " << s << "::Reader s) {\n"
-          << "  return ::agate::rpc::typed::getCap<" << iface << ">(source, s, " << f.pointerIndex
-          << tag << ");\n}\n";
+          << "  return ::agate::rpc::typed::getCap<" << iface << ">(source, std::move(s), "
+          << f.pointerIndex << tag << ");\n}\n";
     }
     if (!ns.empty()) out << "\n}  // namespace " << ns.substr(2) << "\n";
   }
@@ -578,7 +582,8 @@ int main() {
     capnp::StreamFdMessageReader message(STDIN_FILENO, options);
     Generator generator(message.getRoot<schema::CodeGeneratorRequest>());
     if (generator.run()) return 0;
-    for (const std::string& e : generator.errors()) std::fprintf(stderr, "capnpc-agate: %s\n", e.c_str());
+    for (const std::string& e : generator.errors())
+      std::fprintf(stderr, "capnpc-agate: %s\n", e.c_str());
     return 1;
   } catch (const kj::Exception& e) {
     std::fprintf(stderr, "capnpc-agate: cannot read the compiler's request: %s\n",
