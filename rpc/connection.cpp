@@ -99,7 +99,7 @@ struct SpillBuffer {
 
 // Where a Response's message lives: the inbound frame (in place) or a private copy.
 struct ResponseSlot {
-  ResponseSlot() : reader(rpcReceiverOptions().limits) {}
+  explicit ResponseSlot(const ReadLimits& limits) : reader(limits) {}
   std::optional<IncomingMessage> inPlace;
   SpillBuffer* copy = nullptr;
   FrameReader reader;  // decodes `copy`
@@ -227,7 +227,7 @@ RpcConnection::RpcConnection(MessageSender& tx, MessageReceiver& rx, EventLoop& 
       rx_(rx),
       loop_(loop),
       options_(options),
-      replayReader_(rpcReceiverOptions().limits),
+      replayReader_(rx.limits()),
       teardownTask_(*this),
       worklistTask_(*this) {
   AGATE_REQUIRE(rx.limits().allowCapabilityPointers,
@@ -1042,7 +1042,7 @@ Status RpcConnection::handleReturn(IncomingMessage& message, wire::Return::Reade
       if (slot != nullptr) {
         responseFree_ = slot->nextFree;
       } else {
-        responseStore_.push_back(std::make_unique<detail::ResponseSlot>());
+        responseStore_.push_back(std::make_unique<detail::ResponseSlot>(rx_.limits()));
         slot = responseStore_.back().get();
       }
       slot->payload = d.payload;
@@ -1121,7 +1121,9 @@ Status RpcConnection::handleCall(IncomingMessage& message, wire::Message::Reader
     return {};
   }
   Answer& target = *answers_[d.targetId];
-  if (target.state == Answer::State::RETURNED) {
+  // A returned answer whose queue is not settled yet (it returned inside a running call and the
+  // worklist has not run): the new call goes behind the queued ones, keeping E-order.
+  if (target.state == Answer::State::RETURNED && target.queueHead == nullptr) {
     Result<uint32_t> exportId = resolvePipeline(target, {d.path.data(), d.pathLength});
     if (!exportId) {
       failAnswer(a, exportId.error());
@@ -1199,31 +1201,41 @@ void RpcConnection::completeAnswer(uint32_t answerId, Status status) {
     }
     if (n > 0) {
       // Calls pipelined on this answer resolve their paths against a private copy of the
-      // results; the exports they name stay pinned until the answer is freed.
+      // results (frames are position-independent, so a copy of the words reads the same).
       auto& frame = static_cast<FrameBuilder&>(ctx.results_.builder());
       Result<size_t> used = frame.tryFinish();
       if (used) {
         a.results = takeSpill(*used);
         std::memcpy(a.results->words.get(), frame.frame().data(), *used);
         a.results->usedBytes = a.results->dirtyBytes = *used;
-        for (uint32_t i = 0; i < n; ++i) {
-          const detail::CapEntry& e = ctx.resultCaps_.entries()[i];
-          a.resultKinds[i] = e.kind;
-          a.resultIds[i] = e.id;
-          if (e.kind == detail::CapEntry::Kind::SENDER_HOSTED) ++exports_[e.id].pins;
-        }
-        a.resultCount = n;
       }
     }
     Status sent = finishOut(ctx.results_);
     if (sent) {
       ++stats_.returnsSent;
-    } else if (isOpen()) {
-      // Results too large for a frame: the caller gets that error instead.
+      // The exports the results name stay pinned while the answer lives (pipelined calls).
+      for (uint32_t i = 0; a.results != nullptr && i < n; ++i) {
+        const detail::CapEntry& e = ctx.resultCaps_.entries()[i];
+        a.resultKinds[i] = e.kind;
+        a.resultIds[i] = e.id;
+        if (e.kind == detail::CapEntry::Kind::SENDER_HOSTED) ++exports_[e.id].pins;
+      }
+      if (a.results != nullptr) a.resultCount = n;
+    } else {
+      // Nothing went out: take back the references the cap table gave, and fail the call
+      // (results too large for a frame), or stop (the connection died).
+      if (a.results != nullptr) giveSpill(std::exchange(a.results, nullptr));
+      for (uint32_t i = 0; i < n; ++i) {
+        const detail::CapEntry& e = ctx.resultCaps_.entries()[i];
+        if (e.kind != detail::CapEntry::Kind::SENDER_HOSTED || !exports_[e.id].inUse) continue;
+        --exports_[e.id].remoteRefs;
+        maybeFreeExport(e.id);
+      }
       ctx.resultCaps_.clear();
-      a.state = Answer::State::RUNNING;
-      failAnswer(a, sent.error());
-      return;
+      if (isOpen()) {
+        failAnswer(a, sent.error());
+        return;
+      }
     }
   }
   ctx.resultCaps_.clear();

@@ -33,9 +33,10 @@
 //  * RemotePromise: the caller's handle on a question. Dropping it (and every RemoteCap pipelined
 //    on it) sends Finish; before the Return arrived that cancels the call: the callee drops its
 //    dispatch promise, which destroys the server's coroutine.
-//  * Response: the results, read IN PLACE in the inbound frame. While a Response lives the
-//    connection reads no further inbound message (the frame is the ring's head), so drop it (or
-//    copy what you keep) before awaiting another reply on the same connection.
+//  * Response: the results, read IN PLACE in the inbound frame. The connection lets the caller
+//    run first; a Response still alive when the connection reads on is moved once into a pooled
+//    private buffer (so holding one never stalls the connection). Readers obtained from it are
+//    valid until the holder next suspends; the Response itself stays valid (see Response).
 //  * CallContext::params() is valid during the synchronous part of dispatch() only (until the
 //    coroutine first suspends or returns); copy what is needed later. The inbound frame is then
 //    released so the connection keeps reading.
