@@ -28,6 +28,13 @@ interface Adder extends(Counter) {
   describe @7 () -> (text :Text);
 }
 
+# A diamond: NamedAdder reaches Counter through both Adder and Named.
+interface Named extends(Counter) {
+  name @0 () -> (name :Text);
+}
+
+interface NamedAdder extends(Adder, Named) {}
+
 interface Listener {
   notify @0 (value :Int64) -> (reply :Int64);
 }

@@ -166,6 +166,40 @@ class MalformedDescriber final : public ServerObject {
   }
 };
 
+// Reaches Counter through Adder and through Named: one Counter::Server (virtual bases).
+class NamedAdderImpl final : public st::NamedAdder::Server {
+ public:
+  Promise<void> get(GetContext ctx) override {
+    auto results = ctx.initResults();
+    if (!results) return readyPromise<void>(results.error());
+    results->setValue(total_);
+    return readyPromise<void>(Status{});
+  }
+  Promise<void> add(AddContext ctx) override {
+    total_ += ctx.params().getAmount();
+    auto results = ctx.initResults();
+    if (!results) return readyPromise<void>(results.error());
+    results->setValue(total_);
+    return readyPromise<void>(Status{});
+  }
+  Promise<void> name(NameContext ctx) override {
+    auto results = ctx.initResults();
+    if (!results) return readyPromise<void>(results.error());
+    results->setName("diamond");
+    return readyPromise<void>(Status{});
+  }
+
+ private:
+  int64_t total_ = 0;
+};
+
+// Ids come from the schema: the interface's type id, the method's ordinal.
+static_assert(st::Adder::INTERFACE_ID == capnp::typeId<agate::rpc::stubtest::Adder>());
+static_assert(st::Outer::Inner::INTERFACE_ID ==
+              capnp::typeId<agate::rpc::stubtest::Outer::Inner>());
+static_assert(st::Adder::METHOD_ADD == 0 && st::Adder::METHOD_DESCRIBE == 7);
+static_assert(std::is_same_v<st::Adder::SpawnResults, agate::rpc::stubtest::Adder::SpawnResults>);
+
 class StubsTest : public ::testing::Test {
  protected:
   Watchdog watchdog_{"stubs_test", std::chrono::seconds(50)};
@@ -224,6 +258,22 @@ TEST_F(StubsTest, InheritedMethodIsCalledThroughTheDerivedAndTheBaseClient) {
   auto viaBase = await(loop_, counter.get());
   ASSERT_TRUE(viaBase.ok());
   EXPECT_EQ(viaBase->results().getValue(), 4);
+}
+
+TEST_F(StubsTest, DiamondInheritanceServesEveryAncestorsMethodsThroughOneObject) {
+  NamedAdderImpl impl;
+  LocalPair pair(loop_, &impl);
+  st::NamedAdder::Client both(pair.client().bootstrap());
+  ASSERT_TRUE(await(loop_, both.add([](auto p) { p.setAmount(9); })).ok());  // Adder's
+  auto got = await(loop_, both.get());                                       // Counter's
+  ASSERT_TRUE(got.ok()) << errcName(got.code());
+  EXPECT_EQ(got->results().getValue(), 9);
+  auto named = await(loop_, both.name());  // Named's
+  ASSERT_TRUE(named.ok()) << errcName(named.code());
+  EXPECT_STREQ(named->results().getName().cStr(), "diamond");
+  // Methods the object does not override still answer UNSUPPORTED through the diamond.
+  st::Adder::Client asAdder = both;
+  EXPECT_EQ(await(loop_, asAdder.describe()).code(), Errc::UNSUPPORTED);
 }
 
 TEST_F(StubsTest, CallOnAPipelinedCapabilityGoesOutBeforeTheAnswerAndIsQueuedThere) {

@@ -507,8 +507,8 @@ class Generator {
           << std::string(m.getName()) << " is not implemented by this object\");\n}\n";
     }
     out << "inline ::agate::Promise<void> " << q
-        << "::Server::dispatchInterface(uint16_t methodId, ::agate::rpc::CallContext& context) "
-           "{\n  switch (methodId) {\n";
+        << "::Server::dispatchInterface(uint16_t methodId,\n"
+        << "    [[maybe_unused]] ::agate::rpc::CallContext& context) {\n  switch (methodId) {\n";
     for (schema::Method::Reader m : node.getInterface().getMethods()) {
       std::string cap = capitalize(m.getName());
       out << "    case METHOD_" << upperSnake(m.getName()) << ":\n"
