@@ -9,6 +9,7 @@
 
 #include "rpc/rpc_harness.h"
 #include "rpc_test.capnp.h"
+#include "stubs_import.agate.h"
 #include "stubs_test.agate.h"
 #include "support/watchdog.h"
 
@@ -200,6 +201,35 @@ static_assert(st::Outer::Inner::INTERFACE_ID ==
 static_assert(st::Adder::METHOD_ADD == 0 && st::Adder::METHOD_DESCRIBE == 7);
 static_assert(std::is_same_v<st::Adder::SpawnResults, agate::rpc::stubtest::Adder::SpawnResults>);
 
+// An interface of another file (stubs_import.capnp) extending, taking and returning this file's.
+class TwiceImpl final : public agate::rpc::stubimport::stubs::Twice::Server {
+ public:
+  explicit TwiceImpl(Log& log) : log_(log) {}
+  Promise<void> get(GetContext ctx) override {
+    auto results = ctx.initResults();
+    AGATE_CO_TRY(results);
+    results->setValue(-1);
+    co_return {};
+  }
+  Promise<void> twice(TwiceContext ctx) override {
+    auto listener = getListener(ctx, ctx.params());
+    AGATE_CO_TRY(listener);
+    const int64_t value = ctx.params().getValue();
+    int64_t sum = 0;
+    for (int i = 0; i < 2; ++i) {
+      auto r = co_await listener->remote.notify([&](auto p) { p.setValue(value); });
+      AGATE_CO_TRY(r);
+      sum += r->results().getReply();
+    }
+    auto results = ctx.initResults();
+    AGATE_CO_TRY(results);
+    co_return setAdder(ctx, *results, std::make_unique<AdderImpl>(sum, log_));
+  }
+
+ private:
+  Log& log_;
+};
+
 class StubsTest : public ::testing::Test {
  protected:
   Watchdog watchdog_{"stubs_test", std::chrono::seconds(50)};
@@ -274,6 +304,25 @@ TEST_F(StubsTest, DiamondInheritanceServesEveryAncestorsMethodsThroughOneObject)
   // Methods the object does not override still answer UNSUPPORTED through the diamond.
   st::Adder::Client asAdder = both;
   EXPECT_EQ(await(loop_, asAdder.describe()).code(), Errc::UNSUPPORTED);
+}
+
+TEST_F(StubsTest, InterfaceOfAnotherFileExtendsTakesAndReturnsThisFilesInterfaces) {
+  TwiceImpl impl(log_);
+  ListenerImpl listener(log_);
+  LocalPair pair(loop_, &impl);
+  agate::rpc::stubimport::stubs::Twice::Client twice(pair.client().bootstrap());
+  auto base = await(loop_, twice.get());  // Counter.get, declared in stubs_test.capnp
+  ASSERT_TRUE(base.ok()) << errcName(base.code());
+  EXPECT_EQ(base->results().getValue(), -1);
+  auto made = twice.twice([&](auto params, auto& request) {
+    params.setValue(5);
+    return setListener(request, params, listener);
+  });
+  auto added = await(loop_, made.getAdder().add([](auto p) { p.setAmount(1); }));
+  ASSERT_TRUE(added.ok()) << errcName(added.code());
+  EXPECT_EQ(added->results().getValue(), 21);  // 10 + 10 from the listener, then + 1
+  EXPECT_EQ(log_.notified, 2);
+  EXPECT_TRUE(await(loop_, std::move(made)).ok());
 }
 
 TEST_F(StubsTest, CallOnAPipelinedCapabilityGoesOutBeforeTheAnswerAndIsQueuedThere) {

@@ -49,9 +49,48 @@ namespace schema = capnp::schema;
 constexpr uint64_t CXX_NAMESPACE_ANNOTATION = 0xb9c6f99ebf805f2cull;  // $Cxx.namespace
 constexpr uint64_t CXX_NAME_ANNOTATION = 0xf264a779fef191ceull;       // $Cxx.name
 
-// Names the generated members take; interface methods may not use them.
+// Names the generated members take, and C++ keywords; interface methods may not use them.
 bool isReservedMethodName(const std::string& name) {
-  for (const char* reserved : {"dispatch", "dispatchInterface", "cap", "isNull", "untyped"})
+  for (const char* reserved : {"dispatch",  "dispatchInterface",
+                               "cap",       "isNull",
+                               "untyped",   "alignas",
+                               "alignof",   "and",
+                               "asm",       "auto",
+                               "bool",      "break",
+                               "case",      "catch",
+                               "char",      "class",
+                               "concept",   "const",
+                               "consteval", "constexpr",
+                               "constinit", "continue",
+                               "co_await",  "co_return",
+                               "co_yield",  "decltype",
+                               "default",   "delete",
+                               "do",        "double",
+                               "else",      "enum",
+                               "explicit",  "export",
+                               "extern",    "false",
+                               "float",     "for",
+                               "friend",    "goto",
+                               "if",        "inline",
+                               "int",       "long",
+                               "mutable",   "namespace",
+                               "new",       "noexcept",
+                               "not",       "nullptr",
+                               "operator",  "or",
+                               "private",   "protected",
+                               "public",    "register",
+                               "requires",  "return",
+                               "short",     "signed",
+                               "sizeof",    "static",
+                               "switch",    "template",
+                               "this",      "throw",
+                               "true",      "try",
+                               "typedef",   "typeid",
+                               "typename",  "union",
+                               "unsigned",  "using",
+                               "virtual",   "void",
+                               "volatile",  "while",
+                               "xor"})
     if (name == reserved) return true;
   return false;
 }
@@ -209,13 +248,21 @@ class Generator {
                            "' uses a generic param or result struct, which "
                            "Agate stubs do not support");
           if (isReservedMethodName(name))
-            refuse(id, "method '" + name + "' collides with a member the stubs generate");
+            refuse(id, "method '" + name +
+                           "' collides with a C++ keyword or a member the stubs generate");
         }
         auto [it, fresh] = seen.emplace(name, owner);
         if (!fresh && it->second != owner)
           refuse(id, "method '" + name + "' is declared by both " + displayName(it->second) +
                          " and " + displayName(owner) + "; a client could not tell them apart");
       }
+    }
+    // The client offers fooRequest() beside foo(): a method named like another's request form
+    // would collide with it.
+    for (const auto& [name, owner] : seen) {
+      if (seen.count(name + "Request") != 0)
+        refuse(id, "methods '" + name + "' and '" + name +
+                       "Request' collide: the client names the request form of '" + name + "' so");
     }
   }
 
