@@ -300,7 +300,7 @@ class [[nodiscard]] Request {
  private:
   friend class RemoteCap;
   friend class RpcConnection;
-  Request(RpcConnection* conn, const RemoteCap& target, Error error) noexcept;
+  Request(RpcConnection* conn, Error error) noexcept;
 
   RpcConnection* conn_;
   Error error_;  // a call refused before anything was built
@@ -482,7 +482,7 @@ class RpcConnection {
   Status decode(wire::Message::Reader m, Decoded& d);
   Status decodeCapTable(capnp::List<wire::CapDescriptor>::Reader caps, Decoded& d);
   Status handleCall(IncomingMessage& message, wire::Message::Reader m, const Decoded& d);
-  Status handleReturn(IncomingMessage& message, wire::Return::Reader r, const Decoded& d);
+  Status handleReturn(IncomingMessage& message, const Decoded& d);
   Status handleFinish(uint32_t answerId);
   Status handleRelease(uint32_t exportId, uint32_t count);
   const char* copyRemoteReason(capnp::Text::Reader reason);

@@ -1,0 +1,348 @@
+// Agate's figures in suite `rpc`: two forked processes joined by a bushel-shaped pair of SHARED
+// channels (requests client->server, replies server->client), an RpcConnection on each side's
+// EventLoop. Every figure is the client's view; the server serves until the client detaches.
+//
+//  null_call_rtt_polled_ns   an empty call and its Return, the readers spinning between messages
+//                            (AsyncWaitPolicy with a spin budget longer than a round trip)
+//  null_call_rtt_parked_ns   the same with both readers parking on the doorbell futex at once
+//  calls_per_s_inflight      64 calls in flight at a time, one client, polled
+//  chain10_pipelined_ns      ten dependent calls (each on the capability the previous returns),
+//                            all sent before the first Return, then the last awaited
+//  chain10_awaited_ns        the same ten, each awaited before the next is sent
+//  allocations_per_call      heap allocations per awaited call in steady state (one process)
+#include <algorithm>
+#include <memory>
+#include <vector>
+
+#include "agate/rpc/connection.h"
+#include "agate/runtime/channel.h"
+#include "rpc/rpc.h"
+#include "support/alloc_counter.h"
+#include "support/latency.h"
+#include "support/process_pair.h"
+#include "support/timing.h"
+
+namespace agate::bench::rpc {
+
+namespace {
+
+using agate::rpc::CallContext;
+using agate::rpc::RemoteCap;
+using agate::rpc::RemotePromise;
+using agate::rpc::Request;
+using agate::rpc::Response;
+using agate::rpc::RpcConnection;
+using agate::rpc::RpcOptions;
+using agate::rpc::ServerObject;
+
+constexpr double NS_PER_S = 1e9;
+constexpr uint64_t HOP_INTERFACE_ID = 0xb11805459d4e75d6ull;  // the schema's id, for Agate's side
+constexpr uint16_t NULL_METHOD = 0;
+constexpr uint16_t NEXT_METHOD = 1;
+constexpr uint32_t IN_FLIGHT = 64;
+
+uint64_t secondsToNs(double s) { return static_cast<uint64_t>(s * NS_PER_S); }
+
+size_t sampleCapacity(const RunOptions& o) {
+  return std::clamp<size_t>(static_cast<size_t>(o.measureSeconds * 1e6), 10'000, 2'000'000);
+}
+
+// The benchmark's server object: `null` returns empty results; `next` returns a capability to
+// itself (borrowed, so a chain allocates no objects).
+class Hop final : public ServerObject {
+ public:
+  Promise<void> dispatch(uint64_t, uint16_t methodId, CallContext& ctx) override {
+    if (methodId == NEXT_METHOD) {
+      auto results = ctx.initResults(32);
+      if (!results) return readyPromise<void>(results.error());
+      auto index = ctx.addResultCap(*this);
+      if (!index) return readyPromise<void>(index.error());
+      auto s = results->initAsAnyStruct(0, 1);
+      agate::rpc::writeCapPointer(s, 0, *index);
+    }
+    return readyPromise<void>(Status{});
+  }
+};
+
+// Polled: spin long enough to cover a round trip on two CPUs (tens of microseconds), but not so
+// long that a pair sharing one CPU starves its peer for long (the runtime's spin does not yield);
+// past the budget it parks. Parked: park at once on every wait.
+AsyncWaitPolicy policyFor(bool polled) {
+  AsyncWaitPolicy p;
+  p.spinIterations = polled ? 4'000 : 0;
+  return p;
+}
+
+// The shared channels of one run, created before fork.
+struct Bushel {
+  std::unique_ptr<Channel> requests, replies;
+};
+
+Result<Bushel> makeBushel() {
+  ChannelOptions co;
+  co.scope = ChannelScope::SHARED;
+  co.capacityBytes = 256 * 1024;
+  auto requests = Channel::create(co);
+  if (!requests) return requests.error();
+  auto replies = Channel::create(co);
+  if (!replies) return replies.error();
+  return Bushel{std::move(*requests), std::move(*replies)};
+}
+
+// Party B: serves a Hop until the client detaches.
+int serve(Bushel& b, bool polled) {
+  auto rxEnd = b.requests->attachReceiver();
+  auto txEnd = b.replies->attachSender();
+  if (!rxEnd || !txEnd) return 2;
+  EventLoop loop;
+  MessageSender tx(std::move(*txEnd));
+  MessageReceiver rx(*b.requests, std::move(*rxEnd), agate::rpc::rpcReceiverOptions());
+  Hop hop;
+  RpcOptions options;
+  options.bootstrap = &hop;
+  options.wait = policyFor(polled);
+  RpcConnection conn(tx, rx, loop, options);
+  Status st = loop.run(conn.onDisconnect());
+  return st.code() == Errc::DISCONNECTED ? 0 : 3;
+}
+
+// Party A's frame: a client connection; `body` runs the measurement on it.
+template <class Body>
+int client(Bushel& b, bool polled, Body body) {
+  auto txEnd = b.requests->attachSender();
+  auto rxEnd = b.replies->attachReceiver();
+  if (!rxEnd || !txEnd) return 2;
+  EventLoop loop;
+  MessageSender tx(std::move(*txEnd));
+  MessageReceiver rx(*b.replies, std::move(*rxEnd), agate::rpc::rpcReceiverOptions());
+  RpcOptions options;
+  options.wait = policyFor(polled);
+  RpcConnection conn(tx, rx, loop, options);
+  RemoteCap root = conn.bootstrap();
+  Result<int> r = loop.run(body(loop, root));
+  return r.ok() ? *r : 1;
+}
+
+Promise<void> nullCall(RemoteCap& cap) {
+  Result<Response> r = co_await cap.newCall(HOP_INTERFACE_ID, NULL_METHOD, 0).send();
+  AGATE_CO_TRY(r);
+  co_return {};
+}
+
+Promise<void> chain(RemoteCap& root, bool pipelined) {
+  RemoteCap cap = root;
+  std::optional<RemotePromise> last;
+  for (int i = 0; i < 10; ++i) {
+    RemotePromise p = cap.newCall(HOP_INTERFACE_ID, NEXT_METHOD, 0).send();
+    if (!pipelined) {
+      Result<Response> r = co_await p;
+      AGATE_CO_TRY(r);
+      auto next = r->getCap(0);
+      AGATE_CO_TRY(next);
+      cap = next->remote;
+      continue;
+    }
+    cap = p.pipeline({0});
+    if (i == 9) last.emplace(std::move(p));
+  }
+  if (last) {
+    Result<Response> r = co_await *last;
+    AGATE_CO_TRY(r);
+  }
+  co_return {};
+}
+
+// Times `op` once per sample after a warm-up; the samples go to `samples` (shared memory).
+template <class Op>
+Promise<int> timeEach(const RunOptions& o, SampleBuffer* samples, Op op) {
+  const uint64_t warmEnd = nowNs() + secondsToNs(o.warmupSeconds);
+  while (nowNs() < warmEnd) {
+    Status s = co_await op();
+    if (!s) co_return 1;
+  }
+  const uint64_t end = nowNs() + secondsToNs(o.measureSeconds);
+  for (;;) {
+    const uint64_t t0 = nowNs();
+    Status s = co_await op();
+    if (!s) co_return 1;
+    const uint64_t t1 = nowNs();
+    if (!samples->tryRecord(t1 - t0) || t1 >= end) co_return 0;
+  }
+}
+
+Status latencyScenario(const Scenario& scenario, const RunOptions& o, Report& report, bool polled,
+                       std::string_view ratioTo, Promise<void> (*op)(RemoteCap&, const void*),
+                       const void* arg) {
+  auto bushel = makeBushel();
+  if (!bushel) return bushel.error();
+  auto mapping = SharedMapping::tryCreate(SampleBuffer::bytesFor(sampleCapacity(o)));
+  if (!mapping) return mapping.error();
+  SampleBuffer* samples = SampleBuffer::createAt(mapping->data(), sampleCapacity(o));
+  auto partyA = [&]() -> int {
+    return client(*bushel, polled, [&](EventLoop&, RemoteCap& root) -> Promise<int> {
+      co_return co_await timeEach(o, samples, [&] { return op(root, arg); });
+    });
+  };
+  auto partyB = [&]() -> int { return serve(*bushel, polled); };
+  auto placement = runPair(o.pairOptions(), partyA, partyB);
+  if (!placement) return placement.error();
+  const LatencySummary summary = summarize(samples->samples());
+  if (summary.count == 0) return Error(Errc::FAILED, "the client recorded no samples");
+  report.addLatency(scenario.name, scenario.name, scenario.unit, summary, ratioTo);
+  report.addPlacement(scenario.name, {placement->cpuA, placement->cpuB});
+  return {};
+}
+
+Promise<void> nullOp(RemoteCap& cap, const void*) { return nullCall(cap); }
+Promise<void> chainOp(RemoteCap& cap, const void* pipelined) {
+  return chain(cap, *static_cast<const bool*>(pipelined));
+}
+
+Status nullPolled(const Scenario& s, const RunOptions& o, Report& r) {
+  return latencyScenario(s, o, r, true, "floor_cacheline_rtt_ns", nullOp, nullptr);
+}
+Status nullParked(const Scenario& s, const RunOptions& o, Report& r) {
+  return latencyScenario(s, o, r, false, "floor_futex_rtt_ns", nullOp, nullptr);
+}
+constexpr bool PIPELINED = true;
+constexpr bool AWAITED = false;
+Status chainPipelined(const Scenario& s, const RunOptions& o, Report& r) {
+  return latencyScenario(s, o, r, true, "null_call_rtt_polled_ns", chainOp, &PIPELINED);
+}
+Status chainAwaited(const Scenario& s, const RunOptions& o, Report& r) {
+  return latencyScenario(s, o, r, true, "null_call_rtt_polled_ns", chainOp, &AWAITED);
+}
+
+// Windows of IN_FLIGHT calls: send them all, await them all; calls/s per window, lower median.
+Status callsInFlight(const Scenario& scenario, const RunOptions& o, Report& report) {
+  auto bushel = makeBushel();
+  if (!bushel) return bushel.error();
+  constexpr int WINDOWS = 16;
+  struct Windows {
+    uint64_t calls[WINDOWS];
+    uint64_t ns[WINDOWS];
+  };
+  auto mapping = SharedMapping::tryCreate(sizeof(Windows));
+  if (!mapping) return mapping.error();
+  auto* windows = static_cast<Windows*>(mapping->data());
+  const int count = o.quick ? 2 : std::max(3, o.repetitions);
+  auto partyA = [&]() -> int {
+    return client(*bushel, true, [&](EventLoop&, RemoteCap& root) -> Promise<int> {
+      std::vector<RemotePromise> slots;
+      slots.reserve(IN_FLIGHT);
+      auto batch = [&]() -> Promise<void> {
+        for (uint32_t i = 0; i < IN_FLIGHT; ++i)
+          slots.push_back(root.newCall(HOP_INTERFACE_ID, NULL_METHOD, 0).send());
+        for (RemotePromise& p : slots) {
+          Result<Response> r = co_await p;
+          AGATE_CO_TRY(r);
+        }
+        slots.clear();
+        co_return {};
+      };
+      const uint64_t warmEnd = nowNs() + secondsToNs(o.warmupSeconds);
+      while (nowNs() < warmEnd)
+        if (!(co_await batch())) co_return 1;
+      const uint64_t perWindow = secondsToNs(o.measureSeconds / count);
+      for (int w = 0; w < count; ++w) {
+        uint64_t calls = 0;
+        const uint64_t t0 = nowNs();
+        uint64_t t1 = t0;
+        while (t1 - t0 < perWindow) {
+          if (!(co_await batch())) co_return 1;
+          calls += IN_FLIGHT;
+          t1 = nowNs();
+        }
+        windows->calls[w] = calls;
+        windows->ns[w] = t1 - t0;
+      }
+      co_return 0;
+    });
+  };
+  auto partyB = [&]() -> int { return serve(*bushel, true); };
+  auto placement = runPair(o.pairOptions(), partyA, partyB);
+  if (!placement) return placement.error();
+  std::vector<double> rates;
+  for (int w = 0; w < count; ++w)
+    if (windows->ns[w] != 0)
+      rates.push_back(static_cast<double>(windows->calls[w]) * NS_PER_S /
+                      static_cast<double>(windows->ns[w]));
+  if (rates.empty()) return Error(Errc::FAILED, "no window was timed");
+  std::sort(rates.begin(), rates.end());
+  report.add(Figure{.name = std::string(scenario.name),
+                    .value = rates[(rates.size() - 1) / 2],
+                    .unit = std::string(scenario.unit),
+                    .scenario = std::string(scenario.name),
+                    .samples = rates.size(),
+                    .ratioTo = {}});
+  report.addPlacement(scenario.name, {placement->cpuA, placement->cpuB});
+  return {};
+}
+
+// One process, LOCAL channels, one loop: global operator new calls per awaited null call after a
+// warm-up (the counting operator new is linked into this driver).
+Status allocationsPerCall(const Scenario& scenario, const RunOptions& o, Report& report) {
+  ChannelOptions co;
+  co.scope = ChannelScope::LOCAL;
+  auto c2s = Channel::create(co);
+  auto s2c = Channel::create(co);
+  if (!c2s || !s2c) return Error(Errc::FAILED, "channel");
+  EventLoop loop;
+  MessageSender clientTx((*c2s)->attachSender().value());
+  MessageReceiver serverRx(**c2s, (*c2s)->attachReceiver().value(),
+                           agate::rpc::rpcReceiverOptions());
+  MessageSender serverTx((*s2c)->attachSender().value());
+  MessageReceiver clientRx(**s2c, (*s2c)->attachReceiver().value(),
+                           agate::rpc::rpcReceiverOptions());
+  Hop hop;
+  RpcOptions so;
+  so.bootstrap = &hop;
+  uint64_t calls = o.quick ? 2'000 : 100'000;
+  uint64_t allocations = 0;
+  {
+    RpcConnection server(serverTx, serverRx, loop, so);
+    RpcConnection clientConn(clientTx, clientRx, loop);
+    RemoteCap root = clientConn.bootstrap();
+    auto run = [&](uint64_t n) -> Promise<void> {
+      for (uint64_t i = 0; i < n; ++i) AGATE_CO_TRY(co_await nullCall(root));
+      co_return {};
+    };
+    AGATE_TRY(loop.run(run(1'000)));
+    const uint64_t before = agate::testing::allocationCount();
+    AGATE_TRY(loop.run(run(calls)));
+    allocations = agate::testing::allocationCount() - before;
+  }
+  report.add(Figure{.name = std::string(scenario.name),
+                    .value = static_cast<double>(allocations) / static_cast<double>(calls),
+                    .unit = std::string(scenario.unit),
+                    .scenario = std::string(scenario.name),
+                    .samples = calls,
+                    .ratioTo = {}});
+  return {};
+}
+
+constexpr Scenario AGATE_RPC[] = {
+    {"null_call_rtt_polled_ns", "ns",
+     "empty call and its Return between two processes over SHARED rings, readers spinning",
+     nullPolled},
+    {"null_call_rtt_parked_ns", "ns",
+     "empty call and its Return between two processes, both readers parking on the futex",
+     nullParked},
+    {"calls_per_s_inflight", "calls/s",
+     "empty calls completed per second with 64 in flight, one client, two processes",
+     callsInFlight},
+    {"chain10_pipelined_ns", "ns",
+     "ten dependent calls, each on the capability the previous returns, pipelined (one trip)",
+     chainPipelined},
+    {"chain10_awaited_ns", "ns", "the same ten dependent calls, each awaited before the next",
+     chainAwaited},
+    {"allocations_per_call", "allocs",
+     "global operator new calls per awaited empty call in steady state (one process)",
+     allocationsPerCall},
+};
+
+}  // namespace
+
+std::span<const Scenario> agateRpcScenarios() { return AGATE_RPC; }
+
+}  // namespace agate::bench::rpc

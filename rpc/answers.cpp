@@ -1,0 +1,353 @@
+// RpcConnection's server side: calls delivered to exported objects, their Returns, calls
+// pipelined on answers (queued, settled in order by an iterative worklist), Finish and Release.
+#include "connection_internal.h"
+
+namespace agate::rpc {
+
+using namespace internal;
+
+// ---------------------------------------------------------------------------------------------
+// Server side: answers
+
+RpcConnection::Answer& RpcConnection::answerAt(uint32_t id) {
+  if (id >= answers_.size()) answers_.resize(id + 1);
+  if (!answers_[id]) answers_[id] = std::make_unique<Answer>(id);
+  return *answers_[id];
+}
+
+Status RpcConnection::handleCall(IncomingMessage& message, wire::Message::Reader m,
+                                 const Decoded& d) {
+  ++stats_.callsReceived;
+  Answer& a = answerAt(d.id);
+  a.state = Answer::State::QUEUED;
+  a.finishReceived = false;
+  a.error = Error{};
+  ++answersLive_;
+  CallContext& ctx = a.context;
+  ctx.conn_ = this;
+  ctx.answerId_ = d.id;
+  ctx.paramCapCount_ = d.capCount;
+  for (uint32_t i = 0; i < d.capCount; ++i) {
+    ReceivedCap& cap = ctx.paramCaps_[i];
+    cap = ReceivedCap{};
+    switch (d.capKinds[i]) {
+      case detail::CapEntry::Kind::SENDER_HOSTED:
+        cap.remote.conn_ = this;
+        cap.remote.kind_ = RemoteCap::Kind::IMPORT;
+        cap.remote.id_ = d.capIds[i];
+        cap.remote.addRef();
+        ++imports_[d.capIds[i]].remoteRefs;
+        break;
+      case detail::CapEntry::Kind::RECEIVER_HOSTED:
+        cap.local = exports_[d.capIds[i]].object;
+        ++exports_[d.capIds[i]].pins;  // the peer cannot release it under the running call
+        a.paramPins[a.paramPinCount++] = d.capIds[i];
+        break;
+      case detail::CapEntry::Kind::NONE:
+        break;
+    }
+  }
+  wire::Call::Reader call = m.getCall();
+  if (!d.targetIsAnswer) {
+    deliver(a, d.targetId, call, d.payload);
+    return {};
+  }
+  Answer& target = *answers_[d.targetId];
+  // A returned answer whose queue is not settled yet (it returned inside a running call and the
+  // worklist has not run): the new call goes behind the queued ones, keeping E-order.
+  if (target.state == Answer::State::RETURNED && target.queueHead == nullptr) {
+    Result<uint32_t> exportId = resolvePipeline(target, {d.path.data(), d.pathLength});
+    if (!exportId) {
+      failAnswer(a, exportId.error());
+      return {};
+    }
+    deliver(a, *exportId, call, d.payload);
+    return {};
+  }
+  // The promised answer has not returned: keep a private copy of the call, queued in order.
+  std::span<const std::byte> bytes = message.view().bytes();
+  detail::SpillBuffer* copy = takeSpill(bytes.size());
+  std::memcpy(copy->words.get(), bytes.data(), bytes.size());
+  copy->usedBytes = copy->dirtyBytes = bytes.size();
+  a.queuedCall = copy;
+  a.waitingOn = &target;
+  a.nextInQueue = nullptr;
+  if (target.queueTail != nullptr) {
+    target.queueTail->nextInQueue = &a;
+  } else {
+    target.queueHead = &a;
+  }
+  target.queueTail = &a;
+  ++stats_.pipelinedCallsQueued;
+  return {};
+}
+
+// Calls `exportId`'s dispatch with the answer's context; the Return goes out when it completes.
+void RpcConnection::deliver(Answer& a, uint32_t exportId, wire::Call::Reader call,
+                            capnp::AnyStruct::Reader payload) {
+  Export& e = exports_[exportId];
+  if (e.object == nullptr) {
+    failAnswer(a, Error(Errc::NOT_FOUND, "this side has no bootstrap object"));
+    return;
+  }
+  ++e.pins;
+  a.pinnedExport = exportId;
+  a.state = Answer::State::RUNNING;
+  CallContext& ctx = a.context;
+  ctx.params_ = contentOf(payload);
+  ctx.paramsPayload_ = payload;
+  ctx.paramsValid_ = true;
+  Promise<void> dispatch = e.object->dispatch(call.getInterfaceId(), call.getMethodId(), ctx);
+  ctx.paramsValid_ = false;
+  a.driver.emplace(drive(a.id, std::move(dispatch)));
+}
+
+Promise<void> RpcConnection::drive(uint32_t answerId, Promise<void> dispatch) {
+  Status status = co_await dispatch;
+  completeAnswer(answerId, status);
+  co_return {};
+}
+
+void RpcConnection::completeAnswer(uint32_t answerId, Status status) {
+  Answer& a = *answers_[answerId];
+  AGATE_ASSERT(a.state == Answer::State::RUNNING, "answer %u completed twice", answerId);
+  CallContext& ctx = a.context;
+  if (!status) {
+    if (ctx.results_.active()) abandonOut(ctx.results_);
+    ctx.resultCaps_.clear();
+    failAnswer(a, status.error());
+    return;
+  }
+  if (!ctx.results_.active()) (void)initResults(ctx, 0);
+  if (ctx.results_.active()) {
+    const uint32_t n = ctx.resultCaps_.size();
+    Status written = {};
+    if (n > 0) {
+      written = writeCapTable(ctx.return_.getResults().initCapTable(n), ctx.resultCaps_);
+    }
+    if (!written) {
+      abandonOut(ctx.results_);
+      ctx.resultCaps_.clear();
+      failAnswer(a, written.error());
+      return;
+    }
+    if (n > 0) {
+      // Calls pipelined on this answer resolve their paths against a private copy of the
+      // results (frames are position-independent, so a copy of the words reads the same).
+      auto& frame = static_cast<FrameBuilder&>(ctx.results_.builder());
+      Result<size_t> used = frame.tryFinish();
+      if (used) {
+        a.results = takeSpill(*used);
+        std::memcpy(a.results->words.get(), frame.frame().data(), *used);
+        a.results->usedBytes = a.results->dirtyBytes = *used;
+      }
+    }
+    Status sent = finishOut(ctx.results_);
+    if (sent) {
+      ++stats_.returnsSent;
+      // The exports the results name stay pinned while the answer lives (pipelined calls).
+      for (uint32_t i = 0; a.results != nullptr && i < n; ++i) {
+        const detail::CapEntry& e = ctx.resultCaps_.entries()[i];
+        a.resultKinds[i] = e.kind;
+        a.resultIds[i] = e.id;
+        if (e.kind == detail::CapEntry::Kind::SENDER_HOSTED) ++exports_[e.id].pins;
+      }
+      if (a.results != nullptr) a.resultCount = n;
+    } else {
+      // Nothing went out: take back the references the cap table gave, and fail the call
+      // (results too large for a frame), or stop (the connection died).
+      if (a.results != nullptr) giveSpill(std::exchange(a.results, nullptr));
+      for (uint32_t i = 0; i < n; ++i) {
+        const detail::CapEntry& e = ctx.resultCaps_.entries()[i];
+        if (e.kind != detail::CapEntry::Kind::SENDER_HOSTED || !exports_[e.id].inUse) continue;
+        --exports_[e.id].remoteRefs;
+        maybeFreeExport(e.id);
+      }
+      ctx.resultCaps_.clear();
+      if (isOpen()) {
+        failAnswer(a, sent.error());
+        return;
+      }
+    }
+  }
+  ctx.resultCaps_.clear();
+  a.state = Answer::State::RETURNED;
+  exportUnpin(std::exchange(a.pinnedExport, NONE));
+  settleQueue(a);
+}
+
+// Sends a Return with `error` for an answer that has not returned, and lets calls pipelined on
+// it fail the same way.
+void RpcConnection::failAnswer(Answer& a, const Error& error) {
+  a.error = error;
+  unlinkFromTarget(a);
+  if (a.queuedCall != nullptr) giveSpill(std::exchange(a.queuedCall, nullptr));
+  Result<detail::OutSlot> slot = startOut(EXCEPTION_BYTES);
+  if (slot) {
+    wire::Return::Builder ret = slot->builder().initRoot<wire::Message>().initReturn();
+    ret.setAnswerId(a.id);
+    if (error.code == Errc::CANCELLED) {
+      ret.setCanceled();
+    } else {
+      writeException(ret.initException(), error);
+    }
+    if (finishOut(*slot)) ++stats_.returnsSent;
+  }
+  a.state = Answer::State::RETURNED;
+  exportUnpin(std::exchange(a.pinnedExport, NONE));
+  settleQueue(a);
+}
+
+void RpcConnection::settleQueue(Answer& a) {
+  if (a.inWorklist) return;
+  a.inWorklist = true;
+  worklist_.push_back(a.id);
+  if (!workRunning_ && !inReader_ && !worklistTask_.isQueued()) loop_.post(worklistTask_);
+}
+
+// Settles answers that returned: delivers (or fails) the calls queued on them, in order, then
+// frees those the caller has finished. Iterative, so a long pipeline cannot grow the stack.
+void RpcConnection::runWorklist() {
+  if (workRunning_) return;
+  workRunning_ = true;
+  for (size_t i = 0; i < worklist_.size() && isOpen(); ++i) {
+    Answer& a = *answers_[worklist_[i]];
+    a.inWorklist = false;
+    while (Answer* q = a.queueHead) {
+      a.queueHead = q->nextInQueue;
+      if (a.queueHead == nullptr) a.queueTail = nullptr;
+      q->nextInQueue = nullptr;
+      q->waitingOn = nullptr;
+      deliverQueued(*q);
+      if (!isOpen()) break;
+    }
+    finishAnswerIfDone(a);
+  }
+  worklist_.clear();
+  workRunning_ = false;
+}
+
+void RpcConnection::deliverQueued(Answer& q) {
+  AGATE_ASSERT(q.state == Answer::State::QUEUED && q.queuedCall != nullptr,
+               "answer %u delivered from a queue twice", q.id);
+  detail::SpillBuffer* copy = std::exchange(q.queuedCall, nullptr);
+  Result<MessageView> view = replayReader_.tryDecode(copy->bytes());
+  AGATE_ASSERT(view.ok(), "a private copy of a validated call no longer decodes");
+  // The copy passed the same checks when it arrived; only the target is looked up again.
+  wire::Call::Reader call = view->getRoot<wire::Message>().getCall();
+  wire::PromisedAnswer::Reader pa = call.getTarget().getPromisedAnswer();
+  std::array<uint16_t, MAX_PIPELINE_PATH> path{};
+  capnp::List<uint16_t>::Reader transform = pa.getTransform();
+  for (uint32_t i = 0; i < transform.size(); ++i) path[i] = transform[i];
+  Answer& target = *answers_[pa.getQuestionId()];
+  Result<uint32_t> exportId = resolvePipeline(target, {path.data(), transform.size()});
+  if (!exportId) {
+    giveSpill(copy);
+    failAnswer(q, exportId.error());
+    return;
+  }
+  // resolvePipeline used replayReader_; decode the call again for its params.
+  view = replayReader_.tryDecode(copy->bytes());
+  call = view->getRoot<wire::Message>().getCall();
+  deliver(q, *exportId, call, capnp::AnyStruct::Reader(call.getParams()));
+  giveSpill(copy);  // params were readable during dispatch's synchronous part only
+}
+
+Result<uint32_t> RpcConnection::resolvePipeline(Answer& target, std::span<const uint16_t> path) {
+  if (target.error.code != Errc::OK) return target.error;
+  if (target.results == nullptr)
+    return Error(Errc::FAILED, "pipelined call: the results hold no capability");
+  Result<MessageView> view = replayReader_.tryDecode(target.results->bytes());
+  AGATE_ASSERT(view.ok(), "a private copy of our own results does not decode");
+  wire::Payload::Reader results = view->getRoot<wire::Message>().getReturn().getResults();
+  Result<uint32_t> index = capIndexAtPath(capnp::AnyStruct::Reader(results), path);
+  if (!index) return index.error();
+  if (*index >= target.resultCount)
+    return Error(Errc::FAILED, "pipelined call: capability index outside the results' table");
+  if (target.resultKinds[*index] != detail::CapEntry::Kind::SENDER_HOSTED)
+    return Error(Errc::UNSUPPORTED, "pipelined call on a capability this side does not host");
+  return target.resultIds[*index];
+}
+
+void RpcConnection::finishAnswerIfDone(Answer& a) {
+  if (a.state == Answer::State::RETURNED && a.finishReceived && a.queueHead == nullptr &&
+      !a.inWorklist)
+    freeAnswer(a);
+}
+
+void RpcConnection::unlinkFromTarget(Answer& a) {
+  if (a.waitingOn == nullptr) return;
+  Answer& t = *a.waitingOn;
+  Answer* prev = nullptr;
+  for (Answer* it = t.queueHead; it != nullptr; prev = it, it = it->nextInQueue) {
+    if (it != &a) continue;
+    (prev != nullptr ? prev->nextInQueue : t.queueHead) = a.nextInQueue;
+    if (t.queueTail == &a) t.queueTail = prev;
+    break;
+  }
+  a.waitingOn = nullptr;
+  a.nextInQueue = nullptr;
+}
+
+void RpcConnection::freeAnswer(Answer& a) {
+  unlinkFromTarget(a);
+  a.driver.reset();  // cancels a running dispatch
+  CallContext& ctx = a.context;
+  if (ctx.results_.active()) abandonOut(ctx.results_);
+  ctx.resultCaps_.clear();
+  for (uint32_t i = 0; i < ctx.paramCapCount_; ++i) ctx.paramCaps_[i] = ReceivedCap{};
+  ctx.paramCapCount_ = 0;
+  ctx.paramsValid_ = false;
+  if (a.queuedCall != nullptr) giveSpill(std::exchange(a.queuedCall, nullptr));
+  if (a.results != nullptr) giveSpill(std::exchange(a.results, nullptr));
+  exportUnpin(std::exchange(a.pinnedExport, NONE));
+  for (uint32_t i = 0; i < a.paramPinCount; ++i) exportUnpin(a.paramPins[i]);
+  a.paramPinCount = 0;
+  for (uint32_t i = 0; i < a.resultCount; ++i) {
+    if (a.resultKinds[i] == detail::CapEntry::Kind::SENDER_HOSTED) exportUnpin(a.resultIds[i]);
+  }
+  a.resultCount = 0;
+  a.queueHead = a.queueTail = nullptr;
+  a.state = Answer::State::FREE;
+  a.finishReceived = false;
+  a.inWorklist = false;
+  a.error = Error{};
+  --answersLive_;
+}
+
+Status RpcConnection::handleFinish(uint32_t answerId) {
+  ++stats_.finishesReceived;
+  Answer& a = *answers_[answerId];
+  a.finishReceived = true;
+  // Calls pipelined on the answer still need its results: it keeps running for them.
+  if (a.queueHead == nullptr && a.state != Answer::State::RETURNED) {
+    if (a.state == Answer::State::RUNNING) {
+      a.driver.reset();  // the server sees the cancellation: its coroutine is destroyed
+      if (a.context.results_.active()) abandonOut(a.context.results_);
+      a.context.resultCaps_.clear();
+    }
+    failAnswer(a, Error(Errc::CANCELLED, "the caller cancelled the call"));
+  }
+  finishAnswerIfDone(a);
+  return {};
+}
+
+Status RpcConnection::handleRelease(uint32_t exportId, uint32_t count) {
+  ++stats_.releasesReceived;
+  exports_[exportId].remoteRefs -= count;
+  maybeFreeExport(exportId);
+  return {};
+}
+
+Result<capnp::AnyPointer::Builder> RpcConnection::initResults(CallContext& ctx, size_t sizeHint) {
+  if (ctx.results_.active()) return ctx.content_;
+  Result<detail::OutSlot> slot = startOut(sizeHint + ENVELOPE_BYTES);
+  if (!slot) return slot.error();
+  ctx.results_ = std::move(*slot);
+  ctx.return_ = ctx.results_.builder().initRoot<wire::Message>().initReturn();
+  ctx.return_.setAnswerId(ctx.answerId_);
+  ctx.content_ = ctx.return_.initResults().getContent();
+  return ctx.content_;
+}
+
+}  // namespace agate::rpc

@@ -1,0 +1,199 @@
+// Private to rpc/: the connection's table entries, pooled buffers and protocol constants, shared
+// by its source files (connection.cpp: life cycle, exports, imports, questions; outbound.cpp:
+// frames, spill queue, pump; inbound.cpp: read, decode, Return; answers.cpp: calls served and
+// pipelining; handles.cpp: RemoteCap, Request, RemotePromise, Response, CallContext).
+#pragma once
+
+#include <algorithm>
+#include <cstring>
+#include <optional>
+
+#include "agate/rpc/connection.h"
+
+namespace agate::rpc {
+
+namespace internal {
+
+inline constexpr uint32_t NONE = 0xffff'ffffu;
+
+// Envelope bytes around params or results content: the Message and Call/Return structs, the
+// target with its path and a full cap table. Generous; frames commit only what they use.
+inline constexpr size_t ENVELOPE_BYTES = 64 * 8 + MAX_CAPS_PER_MESSAGE * 16;
+inline constexpr size_t CONTROL_BYTES = 64;  // Finish, Release
+inline constexpr size_t EXCEPTION_BYTES =
+    64 * 8;  // a Return or Abort with an exception and its reason
+inline constexpr size_t MAX_REASON_ON_WIRE = 120;  // reason text bytes written into an Exception
+
+// Spill buffers come in size classes of 2^(k + MIN_CLASS_SHIFT) bytes.
+inline constexpr size_t MIN_CLASS_SHIFT = 7;
+
+inline size_t roundToWords(size_t bytes) {
+  return (bytes + WORD_BYTES - 1) / WORD_BYTES * WORD_BYTES;
+}
+
+inline uint32_t sizeClassFor(size_t bytes) {
+  uint32_t k = 0;
+  while ((size_t{1} << (k + MIN_CLASS_SHIFT)) < bytes) ++k;
+  return k;
+}
+
+// The Errc a remote exception names; values this side does not know read as FAILED.
+inline Errc errcFromWire(uint16_t value) {
+  if (value == 0 || value > static_cast<uint16_t>(Errc::WRONG_TYPE)) return Errc::FAILED;
+  return static_cast<Errc>(value);
+}
+
+inline wire::Exception::Type typeFor(Errc c) {
+  switch (c) {
+    case Errc::DISCONNECTED:
+      return wire::Exception::Type::DISCONNECTED;
+    case Errc::OUT_OF_MEMORY:
+    case Errc::QUOTA_EXCEEDED:
+    case Errc::WOULD_BLOCK:
+      return wire::Exception::Type::OVERLOADED;
+    case Errc::UNSUPPORTED:
+      return wire::Exception::Type::UNIMPLEMENTED;
+    default:
+      return wire::Exception::Type::FAILED;
+  }
+}
+
+// The cap-table index at pointer-field `path` of a payload's content (see PromisedAnswer).
+// Reads a private copy made by this side, inside a try (the copy is trusted, the path is not).
+inline Result<uint32_t> capIndexAtPath(capnp::AnyStruct::Reader payload,
+                                       std::span<const uint16_t> path) {
+  try {
+    capnp::AnyStruct::Reader s = payload;
+    uint16_t field = 0;  // Payload.content
+    for (uint16_t step : path) {
+      capnp::List<capnp::AnyPointer>::Reader pointers = s.getPointerSection();
+      if (field >= pointers.size() || !pointers[field].isStruct())
+        return Error(Errc::FAILED, "pipeline path does not lead through structs");
+      s = pointers[field].getAs<capnp::AnyStruct>();
+      field = step;
+    }
+    Result<uint32_t> index = readCapPointer(s, field);
+    if (!index) return Error(Errc::FAILED, "pipeline path does not end at a capability");
+    return index;
+  } catch (const kj::Exception&) {
+    return Error(Errc::FAILED, "pipeline path does not match the results");
+  }
+}
+
+// Payload.content of a payload struct; a null pointer when the struct has no pointer section
+// (an empty or older-schema payload: reads as empty content).
+inline capnp::AnyPointer::Reader contentOf(capnp::AnyStruct::Reader payload) {
+  capnp::List<capnp::AnyPointer>::Reader pointers = payload.getPointerSection();
+  if (pointers.size() == 0) return capnp::AnyPointer::Reader();
+  return pointers[0];
+}
+
+}  // namespace internal
+
+namespace detail {
+
+// A pooled buffer for a message built outside the ring (or a private copy of one). Allocated
+// once per pool miss and reused; its memory is zero outside [0, dirtyBytes).
+struct SpillBuffer {
+  std::unique_ptr<capnp::word[]> words;
+  uint32_t sizeClass = 0;
+  std::optional<FrameBuilder> builder;
+  size_t usedBytes = 0;   // the message's length once finished
+  size_t dirtyBytes = 0;  // prefix to zero again before reuse
+  SpillBuffer* next = nullptr;
+  std::span<const std::byte> bytes() const {
+    return {reinterpret_cast<const std::byte*>(words.get()), usedBytes};
+  }
+};
+
+// Where a Response's message lives: the inbound frame (in place) or a private copy.
+struct ResponseSlot {
+  explicit ResponseSlot(const ReadLimits& limits) : reader(limits) {}
+  std::optional<IncomingMessage> inPlace;
+  SpillBuffer* copy = nullptr;
+  FrameReader reader;  // decodes `copy`
+  capnp::AnyStruct::Reader payload;
+  capnp::List<wire::CapDescriptor>::Reader caps;
+  ResponseSlot* nextFree = nullptr;
+};
+
+}  // namespace detail
+
+// ---------------------------------------------------------------------------------------------
+// Table entries
+
+struct RpcConnection::Question {
+  std::optional<Fulfiller<Response>> fulfiller;  // until the Return (or the connection's end)
+  uint32_t refs = 0;  // the RemotePromise and every RemoteCap pipelined on it
+  uint32_t nextFree = internal::NONE;
+  bool inUse = false;
+  bool returned = false;    // Return received (or the connection ended)
+  bool finishSent = false;  // Finish sent (or never to be sent: the connection ended)
+};
+
+struct RpcConnection::Answer {
+  enum class State : uint8_t { FREE, QUEUED, RUNNING, RETURNED };
+  explicit Answer(uint32_t answerId) : id(answerId) {}
+
+  const uint32_t id;
+  State state = State::FREE;
+  bool finishReceived = false;
+  bool inWorklist = false;
+  CallContext context;
+  std::optional<Promise<void>> driver;  // RUNNING: drive() over the object's dispatch
+  uint32_t pinnedExport = internal::NONE;         // the export being called, pinned while RUNNING
+  std::array<uint32_t, MAX_CAPS_PER_MESSAGE> paramPins{};  // exports passed back in params
+  uint32_t paramPinCount = 0;
+
+  // QUEUED: a private copy of the Call and the answer it waits on, with the path.
+  detail::SpillBuffer* queuedCall = nullptr;
+  Answer* waitingOn = nullptr;
+  Answer* nextInQueue = nullptr;
+  // Calls pipelined on this answer that wait for it to return, in arrival order.
+  Answer* queueHead = nullptr;
+  Answer* queueTail = nullptr;
+
+  // RETURNED: the outcome, for calls pipelined on it. A private copy of the Return when its
+  // results carried capabilities, and what each cap-table entry named (pinned exports).
+  Error error{};
+  detail::SpillBuffer* results = nullptr;
+  std::array<detail::CapEntry::Kind, MAX_CAPS_PER_MESSAGE> resultKinds{};
+  std::array<uint32_t, MAX_CAPS_PER_MESSAGE> resultIds{};
+  uint32_t resultCount = 0;
+};
+
+struct RpcConnection::Export {
+  ServerObject* object = nullptr;
+  std::unique_ptr<ServerObject> owned;
+  uint32_t remoteRefs = 0;  // references the peer holds (cap-table entries minus Releases)
+  uint32_t pins = 0;        // running calls on it, answers whose results name it
+  uint32_t nextFree = internal::NONE;
+  bool inUse = false;
+};
+
+struct RpcConnection::Import {
+  uint32_t remoteRefs = 0;  // times the peer sent this id since our last Release
+  uint32_t localRefs = 0;   // RemoteCaps and Responses holding it
+};
+
+// Everything handleMessage needs, read once inside the decode boundary.
+struct RpcConnection::Decoded {
+  wire::Message::Which which{};
+  uint32_t id = 0;     // call: question id; return: answer id; finish; release: export id
+  uint32_t count = 0;  // release
+  bool targetIsAnswer = false;
+  uint32_t targetId = 0;
+  std::array<uint16_t, MAX_PIPELINE_PATH> path{};
+  uint32_t pathLength = 0;
+  uint64_t interfaceId = 0;
+  uint16_t methodId = 0;
+  wire::Return::Which returnKind{};
+  capnp::AnyStruct::Reader payload;
+  capnp::List<wire::CapDescriptor>::Reader caps;
+  std::array<detail::CapEntry::Kind, MAX_CAPS_PER_MESSAGE> capKinds{};
+  std::array<uint32_t, MAX_CAPS_PER_MESSAGE> capIds{};
+  uint32_t capCount = 0;
+  wire::Exception::Reader exception;
+};
+
+}  // namespace agate::rpc

@@ -1,0 +1,231 @@
+// The handles users hold: RemoteCap, Request, RemotePromise, Response and CallContext.
+#include "connection_internal.h"
+
+namespace agate::rpc {
+
+using namespace internal;
+
+// ---------------------------------------------------------------------------------------------
+// Handles
+
+RemoteCap::RemoteCap(const RemoteCap& o)
+    : conn_(o.conn_),
+      kind_(o.kind_),
+      pathLength_(o.pathLength_),
+      id_(o.id_),
+      path_(o.path_),
+      broken_(o.broken_) {
+  addRef();
+}
+
+RemoteCap::RemoteCap(RemoteCap&& o) noexcept
+    : conn_(std::exchange(o.conn_, nullptr)),
+      kind_(std::exchange(o.kind_, Kind::NONE)),
+      pathLength_(o.pathLength_),
+      id_(o.id_),
+      path_(o.path_),
+      broken_(o.broken_) {}
+
+RemoteCap& RemoteCap::operator=(RemoteCap o) noexcept {
+  reset();
+  conn_ = std::exchange(o.conn_, nullptr);
+  kind_ = std::exchange(o.kind_, Kind::NONE);
+  pathLength_ = o.pathLength_;
+  id_ = o.id_;
+  path_ = o.path_;
+  broken_ = o.broken_;
+  return *this;
+}
+
+void RemoteCap::addRef() const noexcept {
+  if (conn_ == nullptr) return;
+  ++conn_->handles_;
+  if (kind_ == Kind::IMPORT) conn_->importRef(id_);
+  if (kind_ == Kind::PIPELINE) conn_->questionRef(id_);
+}
+
+void RemoteCap::reset() noexcept {
+  RpcConnection* conn = std::exchange(conn_, nullptr);
+  if (conn == nullptr) return;
+  if (kind_ == Kind::IMPORT) conn->importUnref(id_);
+  if (kind_ == Kind::PIPELINE) conn->questionUnref(id_);
+  kind_ = Kind::NONE;
+  --conn->handles_;
+}
+
+bool RemoteCap::sameAs(const RemoteCap& o) const noexcept {
+  if (conn_ != o.conn_ || kind_ != o.kind_ || id_ != o.id_) return false;
+  if (kind_ != Kind::PIPELINE) return true;
+  return pathLength_ == o.pathLength_ &&
+         std::equal(path_.begin(), path_.begin() + pathLength_, o.path_.begin());
+}
+
+Request RemoteCap::newCall(uint64_t interfaceId, uint16_t methodId, size_t sizeHint) const {
+  if (conn_ == nullptr) {
+    Request r(nullptr,
+              kind_ == Kind::BROKEN ? broken_ : Error(Errc::INVALID_ARGUMENT, "null capability"));
+    r.scrap_ = std::make_unique<capnp::MallocMessageBuilder>(256);
+    return r;
+  }
+  return conn_->newCall(*this, interfaceId, methodId, sizeHint);
+}
+
+Request::Request(RpcConnection* conn, Error error) noexcept : conn_(conn), error_(error) {
+  if (conn_ != nullptr) ++conn_->handles_;
+}
+
+Request::Request(Request&& o) noexcept
+    : conn_(std::exchange(o.conn_, nullptr)),
+      error_(o.error_),
+      slot_(std::move(o.slot_)),
+      call_(o.call_),
+      caps_(std::move(o.caps_)),
+      scrap_(std::move(o.scrap_)) {}
+
+Request::~Request() {
+  if (conn_ == nullptr) return;
+  if (slot_.active()) conn_->abandonOut(slot_);
+  --conn_->handles_;
+}
+
+capnp::AnyPointer::Builder Request::params() {
+  if (scrap_) return scrap_->getRoot<capnp::AnyPointer>();
+  AGATE_REQUIRE(slot_.active(), "params() of a request already sent");
+  return call_.getParams().getContent();
+}
+
+Result<uint32_t> Request::addCap(const RemoteCap& cap) {
+  if (conn_ == nullptr || scrap_) return error_;
+  return conn_->addCapFor(caps_, cap);
+}
+
+Result<uint32_t> Request::addCap(ServerObject& object) {
+  if (conn_ == nullptr || scrap_) return error_;
+  detail::CapEntry e;
+  e.kind = detail::CapEntry::Kind::SENDER_HOSTED;
+  e.object = &object;
+  return caps_.tryAdd(std::move(e));
+}
+
+Result<uint32_t> Request::addCap(std::unique_ptr<ServerObject> object) {
+  if (conn_ == nullptr || scrap_) return error_;
+  detail::CapEntry e;
+  e.kind = detail::CapEntry::Kind::SENDER_HOSTED;
+  e.object = object.get();
+  e.owned = std::move(object);
+  return caps_.tryAdd(std::move(e));
+}
+
+RemotePromise Request::send() {
+  if (conn_ == nullptr) {
+    return RemotePromise(nullptr, 0, readyPromise<Response>(error_), error_);
+  }
+  AGATE_REQUIRE(slot_.active() || error_.code != Errc::OK, "send() of a request already sent");
+  RemotePromise p = conn_->sendRequest(*this);
+  caps_.clear();
+  return p;
+}
+
+RemotePromise::RemotePromise(RemotePromise&& o) noexcept
+    : conn_(std::exchange(o.conn_, nullptr)),
+      questionId_(o.questionId_),
+      promise_(std::move(o.promise_)),
+      error_(o.error_) {}
+
+RemotePromise::~RemotePromise() {
+  // Drop the promise first: a Response still inside it releases its frame before Finish.
+  { Promise<Response> dropped = std::move(promise_); }
+  if (RpcConnection* conn = std::exchange(conn_, nullptr)) {
+    conn->questionUnref(questionId_);
+    --conn->handles_;
+  }
+}
+
+RemoteCap RemotePromise::pipeline(std::span<const uint16_t> path) const {
+  AGATE_REQUIRE(path.size() <= MAX_PIPELINE_PATH, "pipeline path of %zu steps (at most %u)",
+                path.size(), MAX_PIPELINE_PATH);
+  RemoteCap cap;
+  if (conn_ == nullptr) {
+    cap.kind_ = RemoteCap::Kind::BROKEN;
+    cap.broken_ = error_.code != Errc::OK ? error_ : Error(Errc::INVALID_ARGUMENT, "no call");
+    return cap;
+  }
+  cap.conn_ = conn_;
+  cap.kind_ = RemoteCap::Kind::PIPELINE;
+  cap.id_ = questionId_;
+  cap.pathLength_ = static_cast<uint8_t>(path.size());
+  std::copy(path.begin(), path.end(), cap.path_.begin());
+  cap.addRef();
+  return cap;
+}
+
+Response::Response(Response&& o) noexcept
+    : conn_(std::exchange(o.conn_, nullptr)), slot_(o.slot_) {}
+
+Response::~Response() {
+  if (RpcConnection* conn = std::exchange(conn_, nullptr)) conn->releaseResponse(slot_);
+}
+
+capnp::AnyPointer::Reader Response::results() const {
+  AGATE_REQUIRE(conn_ != nullptr, "use of a moved-from Response");
+  return contentOf(slot_->payload);
+}
+
+Result<ReceivedCap> Response::getCap(uint32_t capIndex) const {
+  AGATE_REQUIRE(conn_ != nullptr, "use of a moved-from Response");
+  return conn_->receivedCap(slot_->caps, capIndex);
+}
+
+Result<ReceivedCap> Response::capAt(capnp::AnyStruct::Reader s, uint16_t pointerIndex) const {
+  Result<uint32_t> index = readCapPointer(s, pointerIndex);
+  if (!index) return index.error();
+  return getCap(*index);
+}
+
+capnp::AnyPointer::Reader CallContext::params() const {
+  AGATE_REQUIRE(paramsValid_,
+                "params() after dispatch's synchronous part (copy what you need before "
+                "suspending)");
+  return params_;
+}
+
+Result<ReceivedCap> CallContext::getCap(uint32_t capIndex) const {
+  if (capIndex >= paramCapCount_ || paramCaps_[capIndex].isNull())
+    return Error(Errc::INVALID_ARGUMENT, "no capability at that index of the params");
+  return paramCaps_[capIndex];
+}
+
+Result<ReceivedCap> CallContext::capAt(capnp::AnyStruct::Reader s, uint16_t pointerIndex) const {
+  Result<uint32_t> index = readCapPointer(s, pointerIndex);
+  if (!index) return index.error();
+  return getCap(*index);
+}
+
+Result<capnp::AnyPointer::Builder> CallContext::initResults(size_t sizeHint) {
+  AGATE_REQUIRE(conn_ != nullptr, "initResults() outside a call");
+  return conn_->initResults(*this, sizeHint);
+}
+
+Result<uint32_t> CallContext::addResultCap(ServerObject& object) {
+  AGATE_REQUIRE(results_.active(), "addResultCap() before initResults()");
+  detail::CapEntry e;
+  e.kind = detail::CapEntry::Kind::SENDER_HOSTED;
+  e.object = &object;
+  return resultCaps_.tryAdd(std::move(e));
+}
+
+Result<uint32_t> CallContext::addResultCap(std::unique_ptr<ServerObject> object) {
+  AGATE_REQUIRE(results_.active(), "addResultCap() before initResults()");
+  detail::CapEntry e;
+  e.kind = detail::CapEntry::Kind::SENDER_HOSTED;
+  e.object = object.get();
+  e.owned = std::move(object);
+  return resultCaps_.tryAdd(std::move(e));
+}
+
+Result<uint32_t> CallContext::addResultCap(const RemoteCap& cap) {
+  AGATE_REQUIRE(results_.active(), "addResultCap() before initResults()");
+  return conn_->addCapFor(resultCaps_, cap);
+}
+
+}  // namespace agate::rpc

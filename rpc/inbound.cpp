@@ -1,0 +1,268 @@
+// RpcConnection's inbound side: the reader, decode (every check, no state change), then invoke;
+// Returns and the remote error text.
+#include "connection_internal.h"
+
+namespace agate::rpc {
+
+using namespace internal;
+
+// ---------------------------------------------------------------------------------------------
+// Inbound: read, decode, invoke
+
+Promise<void> RpcConnection::readLoop() {
+  while (isOpen()) {
+    {
+      Result<IncomingMessage> in = co_await rx_.receiveAsync(loop_, options_.wait);
+      if (!isOpen()) co_return {};
+      if (!in) {
+        if (in.code() == Errc::PROTOCOL_ERROR) {
+          sendAbort(in.error());  // a malformed frame or ring: tell the peer why
+          fail(in.error());
+        } else {
+          fail(Error(Errc::DISCONNECTED, "the peer disconnected"));
+        }
+        co_return {};
+      }
+      ++stats_.messagesReceived;
+      inReader_ = true;
+      Status handled = handleMessage(*in);
+      if (handled) runWorklist();
+      inReader_ = false;
+      if (!handled) {
+        if (isOpen()) {
+          sendAbort(handled.error());
+          fail(handled.error());
+        }
+        co_return {};
+      }
+    }  // the frame is released here unless a Response took it
+    if (heldSlot_ != nullptr) {
+      // Let the caller read its Response in place first; copy it out only if it keeps it.
+      co_await loop_.yield();
+      if (heldSlot_ != nullptr) {
+        relocate(std::exchange(heldSlot_, nullptr));
+      }
+    }
+  }
+  co_return {};
+}
+
+Status RpcConnection::decodeCapTable(capnp::List<wire::CapDescriptor>::Reader caps, Decoded& d) {
+  if (caps.size() > MAX_CAPS_PER_MESSAGE)
+    return Error(Errc::PROTOCOL_ERROR, "cap table longer than a message may carry");
+  d.caps = caps;
+  d.capCount = caps.size();
+  for (uint32_t i = 0; i < d.capCount; ++i) {
+    wire::CapDescriptor::Reader c = caps[i];
+    switch (c.which()) {
+      case wire::CapDescriptor::NONE:
+        d.capKinds[i] = detail::CapEntry::Kind::NONE;
+        break;
+      case wire::CapDescriptor::SENDER_HOSTED:
+        d.capKinds[i] = detail::CapEntry::Kind::SENDER_HOSTED;
+        d.capIds[i] = c.getSenderHosted();
+        if (d.capIds[i] >= options_.maxImports)
+          return Error(Errc::PROTOCOL_ERROR, "export id beyond the import table's bound");
+        break;
+      case wire::CapDescriptor::RECEIVER_HOSTED:
+        d.capKinds[i] = detail::CapEntry::Kind::RECEIVER_HOSTED;
+        d.capIds[i] = c.getReceiverHosted();
+        if (d.capIds[i] >= exports_.size() || !exports_[d.capIds[i]].inUse)
+          return Error(Errc::PROTOCOL_ERROR, "cap table names an export that does not exist");
+        break;
+      default:
+        return Error(Errc::PROTOCOL_ERROR, "unknown cap descriptor");
+    }
+  }
+  return {};
+}
+
+// Reads every field handleMessage uses and checks it against the tables. No state changes.
+Status RpcConnection::decode(wire::Message::Reader m, Decoded& d) {
+  d.which = m.which();
+  switch (d.which) {
+    case wire::Message::CALL: {
+      wire::Call::Reader call = m.getCall();
+      d.id = call.getQuestionId();
+      if (d.id >= options_.maxAnswers)
+        return Error(Errc::PROTOCOL_ERROR, "question id beyond the answer table's bound");
+      if (d.id < answers_.size() && answers_[d.id] && answers_[d.id]->state != Answer::State::FREE)
+        return Error(Errc::PROTOCOL_ERROR, "question id reused before Finish and Return");
+      d.interfaceId = call.getInterfaceId();
+      d.methodId = call.getMethodId();
+      wire::MessageTarget::Reader target = call.getTarget();
+      switch (target.which()) {
+        case wire::MessageTarget::IMPORTED_CAP:
+          d.targetIsAnswer = false;
+          d.targetId = target.getImportedCap();
+          if (d.targetId >= exports_.size() || !exports_[d.targetId].inUse)
+            return Error(Errc::PROTOCOL_ERROR, "call on an export id that does not exist");
+          break;
+        case wire::MessageTarget::PROMISED_ANSWER: {
+          wire::PromisedAnswer::Reader pa = target.getPromisedAnswer();
+          d.targetIsAnswer = true;
+          d.targetId = pa.getQuestionId();
+          if (d.targetId >= answers_.size() || !answers_[d.targetId] ||
+              answers_[d.targetId]->state == Answer::State::FREE ||
+              answers_[d.targetId]->finishReceived || d.targetId == d.id)
+            return Error(Errc::PROTOCOL_ERROR, "call on a promised answer that does not exist");
+          capnp::List<uint16_t>::Reader path = pa.getTransform();
+          if (path.size() > MAX_PIPELINE_PATH)
+            return Error(Errc::PROTOCOL_ERROR, "pipeline path longer than allowed");
+          d.pathLength = path.size();
+          for (uint32_t i = 0; i < d.pathLength; ++i) d.path[i] = path[i];
+          break;
+        }
+        default:
+          return Error(Errc::PROTOCOL_ERROR, "unknown call target");
+      }
+      wire::Payload::Reader params = call.getParams();
+      d.payload = capnp::AnyStruct::Reader(params);
+      return decodeCapTable(params.getCapTable(), d);
+    }
+    case wire::Message::RETURN: {
+      wire::Return::Reader r = m.getReturn();
+      d.id = r.getAnswerId();
+      if (d.id == 0 || d.id >= questions_.size() || !questions_[d.id].inUse ||
+          questions_[d.id].returned)
+        return Error(Errc::PROTOCOL_ERROR, "return for a question that is not awaiting one");
+      d.returnKind = r.which();
+      switch (d.returnKind) {
+        case wire::Return::RESULTS: {
+          wire::Payload::Reader results = r.getResults();
+          d.payload = capnp::AnyStruct::Reader(results);
+          return decodeCapTable(results.getCapTable(), d);
+        }
+        case wire::Return::EXCEPTION:
+          d.exception = r.getException();
+          (void)d.exception.getReason();  // read inside the boundary: a malformed Text throws
+          return {};
+        case wire::Return::CANCELED:
+          return {};
+        default:
+          return Error(Errc::PROTOCOL_ERROR, "unknown return kind");
+      }
+    }
+    case wire::Message::FINISH:
+      d.id = m.getFinish().getQuestionId();
+      if (d.id >= answers_.size() || !answers_[d.id] ||
+          answers_[d.id]->state == Answer::State::FREE || answers_[d.id]->finishReceived)
+        return Error(Errc::PROTOCOL_ERROR, "finish for an answer that does not exist");
+      return {};
+    case wire::Message::RELEASE: {
+      wire::Release::Reader r = m.getRelease();
+      d.id = r.getId();
+      d.count = r.getReferenceCount();
+      if (d.id == 0 || d.id >= exports_.size() || !exports_[d.id].inUse)
+        return Error(Errc::PROTOCOL_ERROR, "release of an export that does not exist");
+      if (d.count == 0 || d.count > exports_[d.id].remoteRefs)
+        return Error(Errc::PROTOCOL_ERROR, "release of more references than were given");
+      return {};
+    }
+    case wire::Message::ABORT:
+      d.exception = m.getAbort();
+      (void)d.exception.getReason();
+      return {};
+    case wire::Message::RESOLVE:
+    case wire::Message::DISEMBARGO:
+      return Error(Errc::PROTOCOL_ERROR, "resolve/disembargo are not used by this version");
+  }
+  return Error(Errc::PROTOCOL_ERROR, "unknown message kind");
+}
+
+Status RpcConnection::handleMessage(IncomingMessage& message) {
+  Decoded d;
+  Status decoded = {};
+  wire::Message::Reader root;
+  Status read = message.tryRead<wire::Message>([&](wire::Message::Reader m) {
+    root = m;
+    decoded = decode(m, d);
+  });
+  if (!read) return read;
+  if (!decoded) return decoded;
+  switch (d.which) {
+    case wire::Message::CALL:
+      return handleCall(message, root, d);
+    case wire::Message::RETURN:
+      return handleReturn(message, d);
+    case wire::Message::FINISH:
+      return handleFinish(d.id);
+    case wire::Message::RELEASE:
+      return handleRelease(d.id, d.count);
+    case wire::Message::ABORT: {
+      // The peer closes: our calls fail DISCONNECTED, or PROTOCOL_ERROR when it says we sent
+      // something malformed, with its reason.
+      Error reason = remoteError(d.exception);
+      if (reason.code != Errc::PROTOCOL_ERROR) reason.code = Errc::DISCONNECTED;
+      fail(reason);
+      return {};
+    }
+    default:
+      return Error(Errc::PROTOCOL_ERROR, "unexpected message kind");
+  }
+}
+
+const char* RpcConnection::copyRemoteReason(capnp::Text::Reader reason) {
+  std::array<char, REMOTE_REASON_BYTES>& slot = reasons_[nextReason_];
+  nextReason_ = (nextReason_ + 1) % REMOTE_REASON_SLOTS;
+  const size_t n = std::min(reason.size(), REMOTE_REASON_BYTES - 1);
+  std::memcpy(slot.data(), reason.begin(), n);
+  slot[n] = '\0';
+  return slot.data();
+}
+
+Error RpcConnection::remoteError(wire::Exception::Reader e) {
+  return Error(errcFromWire(e.getErrc()), copyRemoteReason(e.getReason()));
+}
+
+Status RpcConnection::handleReturn(IncomingMessage& message, const Decoded& d) {
+  ++stats_.returnsReceived;
+  Question& q = questions_[d.id];
+  q.returned = true;
+  const bool wanted = q.fulfiller.has_value() && !q.fulfiller->isCancelled();
+  switch (d.returnKind) {
+    case wire::Return::RESULTS: {
+      // Every senderHosted entry is one more reference the peer gave us; the Response holds one
+      // local reference per entry until it is dropped.
+      for (uint32_t i = 0; i < d.capCount; ++i) {
+        if (d.capKinds[i] != detail::CapEntry::Kind::SENDER_HOSTED) continue;
+        importRef(d.capIds[i]);
+        ++imports_[d.capIds[i]].remoteRefs;
+      }
+      detail::ResponseSlot* slot = responseFree_;
+      if (slot != nullptr) {
+        responseFree_ = slot->nextFree;
+      } else {
+        responseStore_.push_back(std::make_unique<detail::ResponseSlot>(rx_.limits()));
+        slot = responseStore_.back().get();
+      }
+      slot->payload = d.payload;
+      slot->caps = d.caps;
+      ++handles_;
+      Response response(this, slot);
+      if (wanted) {
+        slot->inPlace.emplace(std::move(message));
+        heldSlot_ = slot;
+        q.fulfiller->fulfill(std::move(response));
+      }
+      // Not wanted: the Response is dropped at the end of this scope, releasing its caps.
+      break;
+    }
+    case wire::Return::EXCEPTION:
+      if (wanted) q.fulfiller->fulfill(remoteError(d.exception));
+      break;
+    default:
+      if (wanted) q.fulfiller->fulfill(Error(Errc::CANCELLED, "the call was cancelled"));
+      break;
+  }
+  q.fulfiller.reset();
+  if (q.refs == 0) {  // Finish already sent: the question id is free again
+    q = Question{};
+    q.nextFree = questionFree_;
+    questionFree_ = d.id;
+    --questionsLive_;
+  }
+  return {};
+}
+
+}  // namespace agate::rpc

@@ -1,0 +1,281 @@
+// RpcConnection's outbound side: messages built in ring frames or pooled spill buffers, the
+// in-order queue and the pump that drains it while the ring is full.
+#include "connection_internal.h"
+
+namespace agate::rpc {
+
+using namespace internal;
+
+namespace detail {
+
+capnp::MessageBuilder& OutSlot::builder() {
+  AGATE_REQUIRE(active(), "use of a message that was sent, abandoned or refused");
+  if (ring_) return ring_->builder();
+  return *spill_->builder;
+}
+
+OutSlot& OutSlot::operator=(OutSlot&& o) noexcept {
+  AGATE_REQUIRE(!active(), "an open outbound message overwritten");
+  if (o.ring_) ring_.emplace(std::move(*o.ring_));
+  o.ring_.reset();
+  spill_ = std::exchange(o.spill_, nullptr);
+  return *this;
+}
+
+Result<uint32_t> CapTable::tryAdd(CapEntry entry) {
+  if (count_ == MAX_CAPS_PER_MESSAGE)
+    return Error(Errc::OUT_OF_MEMORY, "more capabilities than one message carries");
+  entries_[count_] = std::move(entry);
+  return count_++;
+}
+
+void CapTable::clear() noexcept {
+  for (uint32_t i = 0; i < count_; ++i) entries_[i] = CapEntry{};
+  count_ = 0;
+}
+
+}  // namespace detail
+
+// ---------------------------------------------------------------------------------------------
+// Outbound: ring frames, spill buffers, the queue and the pump
+
+detail::SpillBuffer* RpcConnection::takeSpill(size_t bytes) {
+  const uint32_t k = sizeClassFor(bytes);
+  AGATE_REQUIRE(k < spillFree_.size(), "spill of %zu bytes", bytes);
+  if (detail::SpillBuffer* b = spillFree_[k]) {
+    spillFree_[k] = b->next;
+    b->next = nullptr;
+    return b;
+  }
+  auto b = std::make_unique<detail::SpillBuffer>();
+  const size_t words = (size_t{1} << (k + MIN_CLASS_SHIFT)) / WORD_BYTES;
+  b->words = std::make_unique<capnp::word[]>(words);  // value-initialised: zero
+  b->sizeClass = k;
+  spillStore_.push_back(std::move(b));
+  return spillStore_.back().get();
+}
+
+void RpcConnection::giveSpill(detail::SpillBuffer* b) noexcept {
+  b->builder.reset();
+  std::memset(b->words.get(), 0, b->dirtyBytes);
+  b->dirtyBytes = 0;
+  b->usedBytes = 0;
+  b->next = spillFree_[b->sizeClass];
+  spillFree_[b->sizeClass] = b;
+}
+
+Result<detail::OutSlot> RpcConnection::startOut(size_t bytes) {
+  if (!isOpen()) return failure_;
+  bytes = std::min(roundToWords(bytes), roundToWords(options_.maxMessageBytes));
+  detail::OutSlot slot;
+  if (!ringOpen_ && !pumpRunning_ && queueHead_ == nullptr) {
+    Result<OutgoingMessage> m = tx_.tryStartMessage(bytes);
+    if (m) {
+      slot.ring_.emplace(std::move(*m));
+      ringOpen_ = true;
+      return slot;
+    }
+    if (m.code() != Errc::WOULD_BLOCK) {
+      if (m.code() != Errc::MESSAGE_TOO_LARGE) fail(m.error());
+      return m.error();
+    }
+  }
+  detail::SpillBuffer* b = takeSpill(bytes);
+  b->builder.emplace(std::span<capnp::word>(b->words.get(), bytes / WORD_BYTES));
+  slot.spill_ = b;
+  ++stats_.spilledMessages;
+  return slot;
+}
+
+// The ring reservation was just given up or sent: detach if the connection died meanwhile,
+// else send what queued up behind it.
+void RpcConnection::afterRingClosed() {
+  if (detachPending_ && !ringOpen_ && !pumpRunning_) {
+    tx_.sender().detach();
+    detachPending_ = false;
+    return;
+  }
+  flushQueue();
+}
+
+void RpcConnection::abandonOut(detail::OutSlot& slot) noexcept {
+  if (slot.ring_) {
+    slot.ring_->abandon();
+    slot.ring_.reset();
+    ringOpen_ = false;
+    afterRingClosed();
+    return;
+  }
+  if (detail::SpillBuffer* b = std::exchange(slot.spill_, nullptr)) {
+    b->dirtyBytes = b->builder->overflowed() ? size_t{1} << (b->sizeClass + MIN_CLASS_SHIFT)
+                                             : b->builder->usedBytes();
+    giveSpill(b);
+  }
+}
+
+Status RpcConnection::finishOut(detail::OutSlot& slot) {
+  if (!isOpen()) {
+    abandonOut(slot);
+    return failure_;
+  }
+  detail::SpillBuffer* b = nullptr;
+  if (slot.ring_) {
+    if (queueHead_ == nullptr) {
+      Status sent = slot.ring_->send();
+      slot.ring_.reset();
+      ringOpen_ = false;
+      if (sent) ++stats_.messagesSent;
+      return sent;
+    }
+    // Messages were queued while this frame was open; they were sent first, so this one goes
+    // behind them: copy it out (frames are position-independent) and give the frame back.
+    auto& frame = static_cast<FrameBuilder&>(slot.ring_->builder());
+    Result<size_t> used = frame.tryFinish();
+    if (!used) {
+      abandonOut(slot);
+      return used.error();
+    }
+    b = takeSpill(*used);
+    std::memcpy(b->words.get(), frame.frame().data(), *used);
+    b->usedBytes = b->dirtyBytes = *used;
+    slot.ring_->abandon();
+    slot.ring_.reset();
+    ringOpen_ = false;
+    ++stats_.spilledMessages;
+  } else {
+    b = std::exchange(slot.spill_, nullptr);
+    Result<size_t> used = b->builder->tryFinish();
+    if (!used) {
+      b->dirtyBytes = size_t{1} << (b->sizeClass + MIN_CLASS_SHIFT);
+      giveSpill(b);
+      return used.error();
+    }
+    b->builder.reset();
+    b->usedBytes = b->dirtyBytes = *used;
+  }
+  if (queueTail_ != nullptr) {
+    queueTail_->next = b;
+  } else {
+    queueHead_ = b;
+  }
+  queueTail_ = b;
+  afterRingClosed();
+  return {};
+}
+
+void RpcConnection::flushQueue() {
+  if (pumpRunning_ || ringOpen_ || !isOpen()) return;
+  while (queueHead_ != nullptr) {
+    detail::SpillBuffer* b = queueHead_;
+    Result<std::span<std::byte>> frame = tx_.sender().tryReserve(b->usedBytes);
+    if (frame.code() == Errc::WOULD_BLOCK) {
+      pumpRunning_ = true;
+      pump_.emplace(pumpWhileFull());
+      return;
+    }
+    if (!frame) {
+      fail(frame.error());
+      return;
+    }
+    std::memcpy(frame->data(), b->words.get(), b->usedBytes);
+    tx_.sender().commit(b->usedBytes);
+    ++stats_.messagesSent;
+    queueHead_ = b->next;
+    if (queueHead_ == nullptr) queueTail_ = nullptr;
+    giveSpill(b);
+  }
+}
+
+// Sends the queue while the ring is full: awaits space for the head message (the reservation
+// the await returns is given back and taken again synchronously, as flushQueue does).
+Promise<void> RpcConnection::pumpWhileFull() {
+  while (isOpen() && queueHead_ != nullptr) {
+    detail::SpillBuffer* b = queueHead_;
+    Result<std::span<std::byte>> frame = tx_.sender().tryReserve(b->usedBytes);
+    if (frame.code() == Errc::WOULD_BLOCK) {
+      Result<OutgoingMessage> space =
+          co_await tx_.startMessageAsync(loop_, b->usedBytes, options_.wait);
+      inPump_ = true;
+      if (space) space->abandon();
+      if (!space && isOpen()) fail(space.error());
+      inPump_ = false;
+      continue;
+    }
+    if (!frame) {
+      inPump_ = true;
+      fail(frame.error());
+      inPump_ = false;
+      break;
+    }
+    std::memcpy(frame->data(), b->words.get(), b->usedBytes);
+    tx_.sender().commit(b->usedBytes);
+    ++stats_.messagesSent;
+    queueHead_ = b->next;
+    if (queueHead_ == nullptr) queueTail_ = nullptr;
+    giveSpill(b);
+  }
+  pumpRunning_ = false;
+  if (detachPending_) {
+    tx_.sender().detach();
+    detachPending_ = false;
+  }
+  co_return {};
+}
+
+void RpcConnection::writeException(wire::Exception::Builder b, const Error& e) {
+  b.setErrc(static_cast<uint16_t>(e.code));
+  b.setType(typeFor(e.code));
+  const char* text = e.detail != nullptr && e.detail[0] != '\0' ? e.detail : errcName(e.code);
+  b.setReason(capnp::Text::Reader(text, strnlen(text, MAX_REASON_ON_WIRE)));
+}
+
+void RpcConnection::sendFinish(uint32_t questionId) {
+  Result<detail::OutSlot> slot = startOut(CONTROL_BYTES);
+  if (!slot) return;  // the connection is dead: nothing to finish
+  slot->builder().initRoot<wire::Message>().initFinish().setQuestionId(questionId);
+  if (finishOut(*slot)) ++stats_.finishesSent;
+}
+
+void RpcConnection::sendRelease(uint32_t importId, uint32_t count) {
+  Result<detail::OutSlot> slot = startOut(CONTROL_BYTES);
+  if (!slot) return;
+  wire::Release::Builder r = slot->builder().initRoot<wire::Message>().initRelease();
+  r.setId(importId);
+  r.setReferenceCount(count);
+  if (finishOut(*slot)) ++stats_.releasesSent;
+}
+
+void RpcConnection::sendAbort(const Error& reason) {
+  Result<detail::OutSlot> slot = startOut(EXCEPTION_BYTES);
+  if (!slot) return;
+  writeException(slot->builder().initRoot<wire::Message>().initAbort(), reason);
+  (void)finishOut(*slot);
+}
+
+// Writes an outbound cap table, exporting objects as needed (one more remote reference each).
+// Each SENDER_HOSTED entry's id is filled in, so a failed send can be rolled back.
+Status RpcConnection::writeCapTable(capnp::List<wire::CapDescriptor>::Builder out,
+                                    detail::CapTable& caps) {
+  for (uint32_t i = 0; i < caps.size(); ++i) {
+    detail::CapEntry& e = caps.entries()[i];
+    switch (e.kind) {
+      case detail::CapEntry::Kind::NONE:
+        out[i].setNone();
+        break;
+      case detail::CapEntry::Kind::RECEIVER_HOSTED:
+        out[i].setReceiverHosted(e.id);
+        break;
+      case detail::CapEntry::Kind::SENDER_HOSTED: {
+        Result<uint32_t> id = exportObject(e.object, std::move(e.owned));
+        if (!id) return id.error();
+        e.id = *id;
+        ++exports_[e.id].remoteRefs;
+        out[i].setSenderHosted(e.id);
+        break;
+      }
+    }
+  }
+  return {};
+}
+
+}  // namespace agate::rpc
