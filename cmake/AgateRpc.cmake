@@ -1,0 +1,62 @@
+# agate_generate_rpc(SRCS HDRS file.capnp ...): Cap'n Proto C++ code plus Agate typed RPC stubs.
+#
+# Like capnp_generate_cpp(), and honouring the same CAPNPC_SRC_PREFIX, CAPNPC_OUTPUT_DIR,
+# CAPNPC_IMPORT_DIRS and CAPNPC_FLAGS variables, but one `capnp compile` runs both capnpc-c++ and
+# capnpc-agate, so for each file.capnp it yields file.capnp.c++ (in SRCS) and file.capnp.h plus
+# file.agate.h (in HDRS), all in the output directory. The command depends on the capnpc-agate
+# target: editing the plugin regenerates every stub.
+#
+# Targets compiling the stubs link agate::rpc, and CapnProto::capnp-rpc when the schema declares
+# interfaces (capnpc-c++'s code for interfaces references it).
+function(agate_generate_rpc SOURCES HEADERS)
+  if(NOT ARGN)
+    message(SEND_ERROR "agate_generate_rpc() called without any schema file.")
+  endif()
+  # Set by find_package(CapnProto) (cmake/AgateDeps.cmake).
+  set(capnp_tool "${CAPNP_EXECUTABLE}")
+  set(capnpc_cxx "${CAPNPC_CXX_EXECUTABLE}")
+  set(capnp_include "${CAPNP_INCLUDE_DIRECTORY}")
+
+  if(DEFINED CAPNPC_SRC_PREFIX)
+    get_filename_component(src_prefix "${CAPNPC_SRC_PREFIX}" ABSOLUTE)
+  else()
+    set(src_prefix "${CMAKE_CURRENT_SOURCE_DIR}")
+  endif()
+  if(DEFINED CAPNPC_OUTPUT_DIR)
+    set(output_dir "${CAPNPC_OUTPUT_DIR}")
+  else()
+    set(output_dir "${CMAKE_CURRENT_BINARY_DIR}")
+  endif()
+  set(include_path -I "${src_prefix}" -I "${capnp_include}")
+  foreach(directory ${CAPNPC_IMPORT_DIRS})
+    get_filename_component(absolute "${directory}" ABSOLUTE)
+    list(APPEND include_path -I "${absolute}")
+  endforeach()
+
+  set(srcs)
+  set(hdrs)
+  foreach(schema_file ${ARGN})
+    get_filename_component(file_path "${schema_file}" ABSOLUTE)
+    file(RELATIVE_PATH relative "${src_prefix}" "${file_path}")
+    if(relative MATCHES "^\\.\\./")
+      message(SEND_ERROR "agate_generate_rpc: '${file_path}' is outside the source prefix "
+                         "'${src_prefix}'.")
+    endif()
+    string(REGEX REPLACE "\\.capnp$" "" stem "${relative}")
+    set(base "${output_dir}/${relative}")
+    add_custom_command(
+      OUTPUT "${base}.c++" "${base}.h" "${output_dir}/${stem}.agate.h"
+      COMMAND "${capnp_tool}" compile
+              -o "${capnpc_cxx}:${output_dir}"
+              -o "$<TARGET_FILE:capnpc-agate>:${output_dir}"
+              --src-prefix "${src_prefix}" ${include_path} ${CAPNPC_FLAGS} "${file_path}"
+      DEPENDS "${schema_file}" capnpc-agate $<TARGET_FILE:capnpc-agate>
+      COMMENT "Compiling Cap'n Proto schema ${schema_file} with Agate stubs"
+      VERBATIM)
+    list(APPEND srcs "${base}.c++")
+    list(APPEND hdrs "${base}.h" "${output_dir}/${stem}.agate.h")
+  endforeach()
+  set_source_files_properties(${srcs} ${hdrs} PROPERTIES GENERATED TRUE)
+  set(${SOURCES} ${srcs} PARENT_SCOPE)
+  set(${HEADERS} ${hdrs} PARENT_SCOPE)
+endfunction()
