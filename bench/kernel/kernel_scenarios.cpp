@@ -8,6 +8,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/wait.h>
@@ -119,6 +120,7 @@ Status syscallRtt(const Scenario& scenario, const RunOptions& o, Report& report,
   }
   const LatencySummary summary = summarize(samples->samples());
   report.addLatency(scenario.name, scenario.name, scenario.unit, summary, floor);
+  report.addPlacement(scenario.name, {::sched_getcpu()});  // the client (this process)
   return {};
 }
 
@@ -168,6 +170,7 @@ Status throughput(const Scenario& scenario, const RunOptions& o, Report& report,
                     std::string(scenario.name),
                     total,
                     {}});
+  report.addPlacement(scenario.name, {::sched_getcpu()});  // the client (this process)
   return {};
 }
 
@@ -295,6 +298,7 @@ Status reclaim(const Scenario& scenario, const RunOptions& o, Report& report) {
                     std::string(scenario.name),
                     ms.size(),
                     {}});
+  report.addPlacement(scenario.name, {::sched_getcpu()});  // the observer (this process)
   return {};
 }
 

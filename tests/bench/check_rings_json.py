@@ -38,6 +38,11 @@ REQUIRED = {
         "decode_in_place_1k_ns", "decode_copy_in_32b_ns", "decode_copy_in_1k_ns",
         "refuse_amplified_frame_ns",
     ],
+    "kernel": latency("floor_cacheline_rtt_ns") + latency("floor_futex_rtt_ns") +
+    latency("syscall_rtt_polled_ns") + latency("syscall_rtt_parked_ns") + [
+        "syscall_batched_ops_per_s", "cap_copy_delete_ops_per_s", "bank_alloc_free_ops_per_s",
+        "reclaim_10k_caps_ms",
+    ],
     "rpc": latency("floor_cacheline_rtt_ns") + latency("floor_futex_rtt_ns") +
     latency("null_call_rtt_polled_ns") + latency("null_call_rtt_parked_ns") +
     ["calls_per_s_inflight"] + latency("chain10_pipelined_ns") + latency("chain10_awaited_ns") +
@@ -64,6 +69,11 @@ RATIOS = {
     "messages": {
         "decode_copy_in_32b_ns": "decode_in_place_32b_ns",
         "decode_copy_in_1k_ns": "decode_in_place_1k_ns",
+    },
+    "kernel": {
+        **{a + s: f + s for a, f in [("syscall_rtt_polled_ns", "floor_cacheline_rtt_ns"),
+                                      ("syscall_rtt_parked_ns", "floor_futex_rtt_ns")]
+           for s in ("", "_p99", "_p999")},
     },
     "rpc": {
         **{a + s: f + s for a, f in [("null_call_rtt_polled_ns", "floor_cacheline_rtt_ns"),
