@@ -21,6 +21,7 @@
 
 #include "agate/caps/kernel_connection.h"
 #include "support/latency.h"
+#include "support/round_trips.h"  // secondsToNs
 #include "support/timing.h"
 
 namespace agate::bench::kernel {
@@ -32,8 +33,6 @@ using caps::Rights;
 using caps::SpaceBank;
 
 constexpr int BATCH = 128;  // calls in flight per round of the throughput scenarios
-
-uint64_t secondsToNs(double s) { return static_cast<uint64_t>(s * 1e9); }
 
 // One agate-kernel on a temporary home; SIGTERM on destruction.
 class Daemon {

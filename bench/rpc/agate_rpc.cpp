@@ -22,6 +22,7 @@
 #include "support/alloc_counter.h"
 #include "support/latency.h"
 #include "support/process_pair.h"
+#include "support/round_trips.h"  // secondsToNs
 #include "support/timing.h"
 
 namespace agate::bench::rpc {
@@ -43,9 +44,8 @@ constexpr uint16_t NULL_METHOD = 0;
 constexpr uint16_t NEXT_METHOD = 1;
 constexpr uint32_t IN_FLIGHT = 64;
 
-uint64_t secondsToNs(double s) { return static_cast<uint64_t>(s * NS_PER_S); }
-
-size_t sampleCapacity(const RunOptions& o) {
+// Fewer than support/round_trips.h allows: a call takes microseconds, not a cache line's 500 ns.
+size_t rpcSampleCapacity(const RunOptions& o) {
   return std::clamp<size_t>(static_cast<size_t>(o.measureSeconds * 1e6), 10'000, 2'000'000);
 }
 
@@ -177,9 +177,9 @@ Status latencyScenario(const Scenario& scenario, const RunOptions& o, Report& re
                        const void* arg) {
   auto bushel = makeBushel();
   if (!bushel) return bushel.error();
-  auto mapping = SharedMapping::tryCreate(SampleBuffer::bytesFor(sampleCapacity(o)));
+  auto mapping = SharedMapping::tryCreate(SampleBuffer::bytesFor(rpcSampleCapacity(o)));
   if (!mapping) return mapping.error();
-  SampleBuffer* samples = SampleBuffer::createAt(mapping->data(), sampleCapacity(o));
+  SampleBuffer* samples = SampleBuffer::createAt(mapping->data(), rpcSampleCapacity(o));
   auto partyA = [&]() -> int {
     return client(*bushel, polled, [&](EventLoop&, RemoteCap& root) -> Promise<int> {
       co_return co_await timeEach(o, samples, [&] { return op(root, arg); });

@@ -18,6 +18,7 @@
 #include "rpc/rpc.h"
 #include "support/latency.h"
 #include "support/process_pair.h"
+#include "support/round_trips.h"  // secondsToNs
 #include "support/timing.h"
 
 namespace agate::bench::rpc {
@@ -26,8 +27,6 @@ namespace {
 
 constexpr double NS_PER_S = 1e9;
 constexpr uint32_t IN_FLIGHT = 64;
-
-uint64_t secondsToNs(double s) { return static_cast<uint64_t>(s * NS_PER_S); }
 
 // Cap'n Proto's generated Server has a non-virtual destructor in an accessible base; its objects
 // are owned through kj::Own<Hop::Server>, which destroys them through the most derived type.
