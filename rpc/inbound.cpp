@@ -10,7 +10,13 @@ using namespace internal;
 // Inbound: read, decode, invoke
 
 Promise<void> RpcConnection::readLoop() {
+  uint32_t turnBudget = options_.messagesPerTurn;
   while (isOpen()) {
+    if (options_.messagesPerTurn != 0 && turnBudget-- == 0) {
+      turnBudget = options_.messagesPerTurn - 1;
+      co_await loop_.yield();  // the other connections' readers run first (FIFO run queue)
+      if (!isOpen()) co_return {};
+    }
     {
       Result<IncomingMessage> in = co_await rx_.receiveAsync(loop_, options_.wait);
       if (!isOpen()) co_return {};

@@ -382,6 +382,10 @@ struct RpcOptions {
   size_t maxMessageBytes = 16 * 1024;
   // How the inbound reader and the outbound pump wait.
   AsyncWaitPolicy wait = {};
+  // Fairness among connections on one loop: after this many messages read in a row, the reader
+  // yields (goes to the back of the loop's run queue) before it reads on, so a peer that keeps
+  // its ring full cannot hold the loop. 0: no budget (a lone connection reads until empty).
+  uint32_t messagesPerTurn = 0;
 };
 
 // Message counters (tests assert protocol behaviour with them; benchmarks report them).
