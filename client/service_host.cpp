@@ -120,13 +120,18 @@ Promise<void> ServiceHost::run() {
   Status why = co_await stopped;
   pump_.reset();
   stopped_.reset();
+  Status unregistered;
+  if (why) {
+    // Unregister first, so that a client seeing its connection end finds the name gone: the
+    // kernel closes every bushel and tells the clients. Clients are served meanwhile.
+    unregistered = co_await kernel_.destroy(service_);
+    service_ = {};
+  }
   while (!clients_.empty()) {
     clients_.pop_back();
     ++dropped_;
   }
   if (!why) co_return why.error();  // the kernel went: nothing to unregister from
-  Status unregistered = co_await kernel_.destroy(service_);
-  service_ = {};
   co_return unregistered;
 }
 

@@ -14,7 +14,10 @@ Promise<void> RpcConnection::readLoop() {
   while (isOpen()) {
     if (options_.messagesPerTurn != 0 && turnBudget-- == 0) {
       turnBudget = options_.messagesPerTurn - 1;
-      co_await loop_.yield();  // the other connections' readers run first (FIFO run queue)
+      // Wait for the loop's next turn (a zero timer), not just the back of the run queue: the
+      // loop polls for I/O between turns, so readers whose doorbells rang meanwhile (parked
+      // peers) are queued ahead of this one.
+      (void)co_await loop_.sleep(Duration::zero());
       if (!isOpen()) co_return {};
     }
     {
