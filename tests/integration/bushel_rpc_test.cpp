@@ -534,6 +534,39 @@ TEST_F(BushelRpcTest, StoppingTheServerUnregistersItAndItsClientsSeeDisconnected
   EXPECT_EQ(reap(server), 0);
 }
 
+TEST_F(BushelRpcTest, AClientThatBreaksTheProtocolIsDroppedAndTheOthersCarryOn) {
+  const pid_t server = startServer(kernel_.home());
+  Watchdog dog("hostile client", 60s, server);
+  runSession(kernel_.home(), [&](Session& s) -> Promise<void> {
+    AGATE_CO_TRY(co_await s.waitForService("store"));
+    Result<Store::Client> store = co_await s.open<Store>("store");
+    CO_CHECK(store.ok());
+    // A second bushel, written by hand: a frame that is not a Cap'n Proto message.
+    Result<Cap<caps::Bushel>> raw =
+        co_await s.kernel().openBushel(s.kernel().registry(), "store", s.bank());
+    CO_CHECK(raw.ok());
+    Result<caps::BushelRings> rings = co_await s.kernel().bushelRings(*raw);
+    CO_CHECK(rings.ok());
+    auto request = Channel::openShared(std::move(rings->request));
+    CO_CHECK(request.ok());
+    auto sender = (*request)->attachSender();
+    CO_CHECK(sender.ok());
+    Result<StatsView> st =
+        co_await statsWhen(s.loop(), *store, [](auto v) { return v.clients == 2; });
+    CO_CHECK(st.ok() && st->clients == 2);
+    const std::byte garbage[24] = {std::byte{0xff}, std::byte{0xff}, std::byte{0xff},
+                                   std::byte{0x7f}};
+    CO_CHECK(sender->trySend(garbage).ok());
+    st = co_await statsWhen(s.loop(), *store, [](auto v) { return v.clients == 1; });
+    CO_CHECK(st.ok() && st->clients == 1 && st->dropped == 1);
+    CO_CHECK((co_await store->ping()).ok());
+    AGATE_CO_TRY(co_await s.kernel().deleteCap(*raw));
+    co_return {};
+  });
+  ::kill(server, SIGTERM);
+  EXPECT_EQ(reap(server), 0);
+}
+
 TEST_F(BushelRpcTest, AClientFloodingTheServerDoesNotStarveAnotherClient) {
   const pid_t server = startServer(kernel_.home());
   const pid_t flooder = startClient(kernel_.home(), [&](Session& s) -> Promise<void> {
