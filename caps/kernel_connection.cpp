@@ -636,6 +636,18 @@ Promise<Cap<Bushel>> KernelConnection::openBushel(Cap<Registry> registry, std::s
   co_return Cap<Bushel>{r->value};
 }
 
+Promise<uint64_t> KernelConnection::growBushelState(Cap<Service> service, Koid bushel,
+                                                    uint64_t pages) {
+  Result<detail::Reply> r = co_await submit(Which::COUNT, SYSCALL_BYTES, [&](auto call) {
+    auto g = call.initGrowBushelState();
+    g.setService(service.handle);
+    g.setBushel(bushel);
+    g.setPages(pages);
+  });
+  if (!r) co_return r.error();
+  co_return r->value;
+}
+
 Promise<BushelRings> KernelConnection::bushelRings(Cap<Bushel> bushel) {
   Result<detail::Reply> r = co_await submit(Which::DONE, SYSCALL_BYTES, [&](auto call) {
     call.initBushelFds().setBushel(bushel.handle);

@@ -303,6 +303,27 @@ Result<std::vector<Fd>> Kernel::tryBushelFds(ProcessId pid, Handle bushel) const
   return fds;
 }
 
+Result<uint64_t> Kernel::tryGrowBushelState(ProcessId pid, Handle service, Koid bushel,
+                                            uint64_t pages) {
+  auto cspace = findCSpace(pid);
+  if (!cspace) return cspace.error();
+  auto s = (*cspace)->lookup(service, Rights::WRITE, ObjectType::SERVICE);
+  if (!s) return s.error();
+  if (pages == 0 || pages > Bushel::MAX_STATE_GROWTH)
+    return Error(Errc::INVALID_ARGUMENT, "bushel state growth out of range");
+  const auto& bushels = s->as<Service>().bushels();
+  auto it = std::find_if(bushels.begin(), bushels.end(),
+                         [&](const Bushel* b) { return b->koid() == bushel; });
+  if (it == bushels.end()) return Error(Errc::NOT_FOUND, "no such bushel of this service");
+  Bushel& b = **it;
+  SpaceBank& payer = *b.owner();  // the bank the client paid the bushel with
+  auto charge = payer.tryReserve(pages);
+  if (!charge) return charge.error();
+  payer.chargeObject(b, std::move(*charge));
+  b.addStatePages(pages);
+  return b.statePages();
+}
+
 Result<Fd> Kernel::tryMapBankCredit(ProcessId pid, Handle bank) {
   auto b = tryFindBank(pid, bank, Rights::READ);
   if (!b) return b.error();

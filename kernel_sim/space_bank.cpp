@@ -58,6 +58,14 @@ void SpaceBank::adoptObject(std::unique_ptr<KernelObject> object, PageCharge&& c
   objects_.push_back(std::move(object));
 }
 
+void SpaceBank::chargeObject(KernelObject& object, PageCharge&& charge) noexcept {
+  AGATE_ASSERT(object.owner_ == this && charge.bank_ == this && !charge.record_,
+               "charging object %lu of bank %lu with a charge that is not a page reservation on it",
+               static_cast<unsigned long>(object.koid()), static_cast<unsigned long>(koid()));
+  object.chargedPages_ += charge.pages_;
+  charge.commit();
+}
+
 Status SpaceBank::trySetLimit(uint64_t limit) noexcept {
   if (limit < used_) return Error(Errc::INVALID_ARGUMENT, "limit below the pages in use");
   limit_ = limit;

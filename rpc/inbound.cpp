@@ -10,7 +10,16 @@ using namespace internal;
 // Inbound: read, decode, invoke
 
 Promise<void> RpcConnection::readLoop() {
+  uint32_t turnBudget = options_.messagesPerTurn;
   while (isOpen()) {
+    if (options_.messagesPerTurn != 0 && turnBudget-- == 0) {
+      turnBudget = options_.messagesPerTurn - 1;
+      // Wait for the loop's next turn (a zero timer), not just the back of the run queue: the
+      // loop polls for I/O between turns, so readers whose doorbells rang meanwhile (parked
+      // peers) are queued ahead of this one.
+      (void)co_await loop_.sleep(Duration::zero());
+      if (!isOpen()) co_return {};
+    }
     {
       Result<IncomingMessage> in = co_await rx_.receiveAsync(loop_, options_.wait);
       if (!isOpen()) co_return {};

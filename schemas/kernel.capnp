@@ -168,6 +168,16 @@ struct Syscall {
     listCaps :group {         # -> caps; NOT_FOUND if `pid` is not attached
       pid @35 :UInt32;
     }
+
+    # Per-client server state (client/): the server of a bushel grows the bushel's state
+    # allowance, charged to the bank that paid for the bushel (the client's), so the memory a
+    # client makes a server hold is paid by that client. Refunded when the bushel dies.
+    growBushelState :group {  # -> count (the bushel's state pages after the call)
+      service @36 :UInt64;    # the caller's Service cap (needs WRITE); the bushel must be its
+      bushel @37 :UInt64;     # koid, as in the bushelOpened event; NOT_FOUND if not the service's
+      pages @38 :UInt64;      # 1..1024 at a time (Bushel::MAX_STATE_GROWTH); QUOTA_EXCEEDED if the bank
+                              # (or an ancestor) cannot pay, nothing changed
+    }
   }
 }
 

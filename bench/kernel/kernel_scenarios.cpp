@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "agate/caps/kernel_connection.h"
+#include "support/kernel_daemon.h"
 #include "support/latency.h"
 #include "support/round_trips.h"  // secondsToNs
 #include "support/timing.h"
@@ -32,53 +33,9 @@ using caps::KernelConnection;
 using caps::Rights;
 using caps::SpaceBank;
 
+using agate::bench::Daemon;
+
 constexpr int BATCH = 128;  // calls in flight per round of the throughput scenarios
-
-// One agate-kernel on a temporary home; SIGTERM on destruction.
-class Daemon {
- public:
-  static Result<std::unique_ptr<Daemon>> tryStart(uint32_t pollMicros) {
-    auto d = std::unique_ptr<Daemon>(new Daemon());
-    char tmpl[] = "/tmp/agate-bench-XXXXXX";
-    if (::mkdtemp(tmpl) == nullptr) return Error::fromErrno(errno, "mkdtemp failed");
-    d->dir_ = tmpl;
-    d->home_ = d->dir_ + "/home";
-    int ready[2];
-    if (::pipe2(ready, O_CLOEXEC) != 0) return Error::fromErrno(errno, "pipe failed");
-    const std::string poll = "--poll-us=" + std::to_string(pollMicros);
-    const std::string readyArg = "--ready-fd=" + std::to_string(ready[1]);
-    d->pid_ = ::fork();
-    if (d->pid_ == 0) {
-      ::fcntl(ready[1], F_SETFD, 0);
-      const char* argv[] = {AGATE_KERNEL_BINARY, "--home",         d->home_.c_str(),
-                            poll.c_str(),        readyArg.c_str(), nullptr};
-      ::execv(AGATE_KERNEL_BINARY, const_cast<char**>(argv));
-      ::_exit(127);
-    }
-    ::close(ready[1]);
-    pollfd pfd{ready[0], POLLIN, 0};
-    char byte = 0;
-    const bool up = ::poll(&pfd, 1, 10000) == 1 && ::read(ready[0], &byte, 1) == 1;
-    ::close(ready[0]);
-    if (!up) return Error(Errc::FAILED, "agate-kernel did not start");
-    return d;
-  }
-  ~Daemon() {
-    if (pid_ > 0) {
-      ::kill(pid_, SIGTERM);
-      ::waitpid(pid_, nullptr, 0);
-    }
-    ::rmdir(home_.c_str());
-    ::rmdir(dir_.c_str());
-  }
-  const std::string& home() const { return home_; }
-
- private:
-  Daemon() = default;
-  std::string dir_;
-  std::string home_;
-  pid_t pid_ = 0;
-};
 
 // Polled: the daemon never parks (--poll-us huge) and the client spins on its completion ring.
 // Parked: the daemon sleeps as soon as it is idle and the client parks at once.
@@ -93,7 +50,7 @@ uint32_t daemonPoll(Waiting w) { return w == Waiting::POLLED ? 100'000'000 : 0; 
 
 Status syscallRtt(const Scenario& scenario, const RunOptions& o, Report& report, Waiting w,
                   std::string_view floor) {
-  auto daemon = Daemon::tryStart(daemonPoll(w));
+  auto daemon = Daemon::tryStart(AGATE_KERNEL_BINARY, daemonPoll(w));
   if (!daemon) return daemon.error();
   EventLoop loop;
   auto conn = KernelConnection::tryAttach(loop, (*daemon)->home(), "bench", std::chrono::seconds(5),
@@ -134,7 +91,7 @@ Status rttParked(const Scenario& s, const RunOptions& o, Report& r) {
 // it made. The figure is the median over o.repetitions windows of operations per second.
 template <class Round>
 Status throughput(const Scenario& scenario, const RunOptions& o, Report& report, Round round) {
-  auto daemon = Daemon::tryStart(daemonPoll(Waiting::POLLED));
+  auto daemon = Daemon::tryStart(AGATE_KERNEL_BINARY, daemonPoll(Waiting::POLLED));
   if (!daemon) return daemon.error();
   EventLoop loop;
   auto conn = KernelConnection::tryAttach(loop, (*daemon)->home(), "bench", std::chrono::seconds(5),
@@ -251,7 +208,7 @@ constexpr int RECLAIM_CAPS = 10'000;
 }
 
 Status reclaim(const Scenario& scenario, const RunOptions& o, Report& report) {
-  auto daemon = Daemon::tryStart(daemonPoll(Waiting::PARKED));
+  auto daemon = Daemon::tryStart(AGATE_KERNEL_BINARY, daemonPoll(Waiting::PARKED));
   if (!daemon) return daemon.error();
   std::vector<double> ms;
   const int reps = o.quick ? 1 : o.repetitions;

@@ -10,16 +10,29 @@
 //                            all sent before the first Return, then the last awaited
 //  chain10_awaited_ns        the same ten, each awaited before the next is sent
 //  allocations_per_call      heap allocations per awaited call in steady state (one process)
+//  null_call_rtt_parked_64clients_ns
+//                            null_call_rtt_parked_ns over bushels a real agate-kernel opened
+//                            (client/: Session, ServiceHost), with 63 more clients connected to
+//                            the same server the whole time (a third process holds their
+//                            bushels), every reader parking at once: what many idle clients cost
+//                            the one that calls
+#include <poll.h>
 #include <sched.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <memory>
 #include <vector>
 
+#include "agate/client/service_host.h"
+#include "agate/client/session.h"
 #include "agate/rpc/connection.h"
 #include "agate/runtime/channel.h"
 #include "rpc/rpc.h"
 #include "support/alloc_counter.h"
+#include "support/kernel_daemon.h"
 #include "support/latency.h"
 #include "support/process_pair.h"
 #include "support/round_trips.h"  // secondsToNs
@@ -324,6 +337,111 @@ Status allocationsPerCall(const Scenario& scenario, const RunOptions& o, Report&
   return {};
 }
 
+// --- Many clients over kernel bushels ---
+
+constexpr int IDLE_CLIENTS = 63;
+constexpr const char* HOP_SERVICE = "bench-hop";
+
+agate::client::SessionOptions parkedSession() {
+  agate::client::SessionOptions s;
+  s.rpc.wait = policyFor(false);
+  return s;
+}
+
+// The third process: opens IDLE_CLIENTS bushels to the service, says so on `ready`, and keeps
+// them open (every reader parked) until killed.
+[[noreturn]] void holdIdleClients(const std::string& home, int ready) {
+  EventLoop loop;
+  auto kernel = caps::KernelConnection::tryAttach(loop, home, "bench-idle");
+  if (!kernel) ::_exit(2);
+  agate::client::Session session(**kernel, parkedSession());
+  auto open = [&]() -> Promise<void> {
+    AGATE_CO_TRY(co_await session.waitForService(HOP_SERVICE, std::chrono::seconds(10)));
+    for (int i = 0; i < IDLE_CLIENTS; ++i) {
+      auto opened = co_await session.openBushel(HOP_SERVICE);
+      if (!opened) co_return opened.error();
+    }
+    co_return {};
+  };
+  if (!loop.run(open())) ::_exit(3);
+  const char byte = 1;
+  if (::write(ready, &byte, 1) != 1) ::_exit(4);
+  (void)loop.run(loop.sleep(std::chrono::hours(1)));
+  ::_exit(0);
+}
+
+// The server: one Hop per client, every reader parking at once; ends once a client went (the
+// measuring one exits first).
+int serveHops(const std::string& home) {
+  EventLoop loop;
+  auto kernel = caps::KernelConnection::tryAttach(loop, home, "bench-hop");
+  if (!kernel) return 2;
+  agate::client::ServiceOptions options;
+  options.rpc.wait = policyFor(false);
+  auto served = [&]() -> Promise<void> {
+    auto host = co_await agate::client::ServiceHost::create(
+        **kernel, HOP_SERVICE, [](agate::client::ServedClient&) { return std::make_unique<Hop>(); },
+        options);
+    if (!host) co_return host.error();
+    auto watch = [&]() -> Promise<void> {
+      while ((*host)->clientsDropped() == 0)
+        (void)co_await loop.sleep(std::chrono::milliseconds(5));
+      (*host)->stop();
+      co_return {};
+    };
+    Promise<void> watching = watch();
+    co_return co_await (*host)->run();
+  };
+  return loop.run(served()) ? 0 : 3;
+}
+
+Status nullParked64Clients(const Scenario& scenario, const RunOptions& o, Report& report) {
+  auto daemon = Daemon::tryStart(AGATE_KERNEL_BINARY, /*pollMicros=*/0);
+  if (!daemon) return daemon.error();
+  const std::string home = (*daemon)->home();
+  auto mapping = SharedMapping::tryCreate(SampleBuffer::bytesFor(rpcSampleCapacity(o)));
+  if (!mapping) return mapping.error();
+  SampleBuffer* samples = SampleBuffer::createAt(mapping->data(), rpcSampleCapacity(o));
+  int ready[2];
+  if (::pipe(ready) != 0) return Error::fromErrno(errno, "pipe");
+  const pid_t holder = ::fork();  // no EventLoop exists in this process here
+  if (holder < 0) return Error::fromErrno(errno, "fork");
+  if (holder == 0) {
+    ::close(ready[0]);
+    holdIdleClients(home, ready[1]);
+  }
+  ::close(ready[1]);
+
+  auto partyA = [&]() -> int {
+    pollfd pfd{ready[0], POLLIN, 0};  // the idle clients are connected
+    char byte = 0;
+    if (::poll(&pfd, 1, 20'000) != 1 || ::read(ready[0], &byte, 1) != 1) return 5;
+    EventLoop loop;
+    auto kernel = caps::KernelConnection::tryAttach(loop, home, "bench-active");
+    if (!kernel) return 2;
+    agate::client::Session session(**kernel, parkedSession());
+    auto measure = [&]() -> Promise<int> {
+      auto opened = co_await session.openBushel(HOP_SERVICE);
+      if (!opened) co_return 3;
+      RemoteCap root = opened->connection->bootstrap();
+      co_return co_await timeEach(o, samples, [&] { return nullCall(root); });
+    };
+    Result<int> r = loop.run(measure());
+    return r.ok() ? *r : 1;
+  };
+  auto partyB = [&]() -> int { return serveHops(home); };
+  auto placement = runPair(o.pairOptions(), partyA, partyB);
+  ::close(ready[0]);
+  ::kill(holder, SIGKILL);
+  ::waitpid(holder, nullptr, 0);
+  if (!placement) return placement.error();
+  const LatencySummary summary = summarize(samples->samples());
+  if (summary.count == 0) return Error(Errc::FAILED, "the client recorded no samples");
+  report.addLatency(scenario.name, scenario.name, scenario.unit, summary, "floor_futex_rtt_ns");
+  report.addPlacement(scenario.name, {placement->cpuA, placement->cpuB});
+  return {};
+}
+
 constexpr Scenario AGATE_RPC[] = {
     {"null_call_rtt_polled_ns", "ns",
      "empty call and its Return between two processes over SHARED rings, readers spinning",
@@ -342,6 +460,9 @@ constexpr Scenario AGATE_RPC[] = {
     {"allocations_per_call", "allocs",
      "global operator new calls per awaited empty call in steady state (one process)",
      allocationsPerCall},
+    {"null_call_rtt_parked_64clients_ns", "ns",
+     "null_call_rtt_parked_ns over kernel-opened bushels, 63 other clients connected and parked",
+     nullParked64Clients},
 };
 
 }  // namespace

@@ -1,5 +1,5 @@
 // Registry and bushel calls: grant a registry cap, register and look up a service, open a bushel
-// to one and fetch its ring descriptors.
+// to one and fetch its ring descriptors; the server grows a bushel's client-paid state.
 #include <string>
 #include <string_view>
 
@@ -76,6 +76,15 @@ void bushelFds(CallContext& ctx, wire::Syscall::BushelFds::Reader call) {
   if (!r) return ctx.fail(r.error());
   for (Fd& fd : *r) ctx.fds.push_back(std::move(fd));
   ctx.reply.setDone();
+}
+
+void growBushelState(CallContext& ctx, wire::Syscall::GrowBushelState::Reader call) {
+  const Handle service{call.getService()};
+  const Koid bushel = call.getBushel();
+  const uint64_t pages = call.getPages();
+  auto r = ctx.kernel.tryGrowBushelState(ctx.pid, service, bushel, pages);
+  if (!r) return ctx.fail(r.error());
+  ctx.reply.setCount(*r);
 }
 
 }  // namespace agate::kernel::daemon

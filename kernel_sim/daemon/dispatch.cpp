@@ -52,6 +52,8 @@ void dispatch(CallContext& ctx, wire::Syscall::Reader call) {
       return listBanks(ctx);
     case W::LIST_CAPS:
       return listCaps(ctx, call.getListCaps());
+    case W::GROW_BUSHEL_STATE:
+      return growBushelState(ctx, call.getGrowBushelState());
   }
   // A discriminant from a newer schema (or a forged one).
   ctx.fail(Error(Errc::INVALID_ARGUMENT, "unknown syscall"));

@@ -57,6 +57,7 @@ void registerService(CallContext& ctx, wire::Syscall::RegisterService::Reader ca
 void lookupService(CallContext& ctx, wire::Syscall::LookupService::Reader call);
 void openBushel(CallContext& ctx, wire::Syscall::OpenBushel::Reader call);
 void bushelFds(CallContext& ctx, wire::Syscall::BushelFds::Reader call);
+void growBushelState(CallContext& ctx, wire::Syscall::GrowBushelState::Reader call);
 // Introspection (calls_introspect.cpp).
 void listProcesses(CallContext& ctx);
 void listBanks(CallContext& ctx);

@@ -246,5 +246,67 @@ TEST(BushelTest, EventsForADeadProcessAreDroppedWithTheirDescriptors) {
   EXPECT_EQ(openFdCount(), fdsBefore);
 }
 
+// --- Client-paid server state (tryGrowBushelState) ---
+
+TEST(BushelStateTest, GrowingChargesTheBankThatPaidForTheBushelAndDyingRefundsIt) {
+  World w;
+  Handle bank = handleOf(w.k.tryCreateBank(w.client.pid, w.client.bank, 500));
+  const uint64_t before = usedOf(w.k, w.client.pid, bank);
+  Opened o = open(w, bank);
+  const uint64_t opened = usedOf(w.k, w.client.pid, bank);
+  const uint64_t serverUsed = usedOf(w.k, w.server.pid, w.server.bank);
+  auto grown = w.k.tryGrowBushelState(w.server.pid, o.svc, o.koid, 4);
+  ASSERT_TRUE(grown.ok()) << errcName(grown.code());
+  EXPECT_EQ(*grown, 4u);
+  grown = w.k.tryGrowBushelState(w.server.pid, o.svc, o.koid, 3);
+  ASSERT_TRUE(grown.ok());
+  EXPECT_EQ(*grown, 7u) << "the bushel's state pages after the call";
+  EXPECT_EQ(usedOf(w.k, w.client.pid, bank), opened + 7) << "the client's bank pays";
+  EXPECT_EQ(usedOf(w.k, w.server.pid, w.server.bank), serverUsed) << "the server pays nothing";
+  w.k.verifyInvariants();
+  ASSERT_TRUE(w.k.tryDeleteCap(w.client.pid, o.bushel).ok());
+  EXPECT_EQ(usedOf(w.k, w.client.pid, bank), before) << "state pages die with the bushel";
+  w.k.verifyInvariants();
+}
+
+TEST(BushelStateTest, GrowthBeyondTheClientsQuotaIsRefusedAndChangesNothing) {
+  World w;
+  Handle bank = handleOf(w.k.tryCreateBank(w.client.pid, w.client.bank, 20));
+  Opened o = open(w, bank);
+  const uint64_t room = 20 - usedOf(w.k, w.client.pid, bank);
+  ASSERT_GT(room, 0u);
+  EXPECT_REFUSED_UNCHANGED(w.k, w.k.tryGrowBushelState(w.server.pid, o.svc, o.koid, room + 1),
+                           Errc::QUOTA_EXCEEDED);
+  auto grown = w.k.tryGrowBushelState(w.server.pid, o.svc, o.koid, room);
+  ASSERT_TRUE(grown.ok());
+  EXPECT_EQ(*grown, room);
+  EXPECT_REFUSED_UNCHANGED(w.k, w.k.tryGrowBushelState(w.server.pid, o.svc, o.koid, 1),
+                           Errc::QUOTA_EXCEEDED);
+}
+
+TEST(BushelStateTest, OnlyTheServiceHolderWithWriteMayGrowItsOwnBushelsByABoundedAmount) {
+  World w;
+  Opened o = open(w, w.client.bank);
+  Handle readOnly = handleOf(w.k.tryCopyCap(w.server.pid, o.svc, Rights::READ));
+  EXPECT_REFUSED_UNCHANGED(w.k, w.k.tryGrowBushelState(w.server.pid, readOnly, o.koid, 1),
+                           Errc::PERMISSION_DENIED);
+  EXPECT_REFUSED_UNCHANGED(w.k, w.k.tryGrowBushelState(w.server.pid, w.server.bank, o.koid, 1),
+                           Errc::WRONG_TYPE);
+  // The client holds no Service cap: its own bushel cap is not one.
+  EXPECT_REFUSED_UNCHANGED(w.k, w.k.tryGrowBushelState(w.client.pid, o.bushel, o.koid, 1),
+                           Errc::WRONG_TYPE);
+  EXPECT_REFUSED_UNCHANGED(w.k, w.k.tryGrowBushelState(w.server.pid, o.svc, o.koid + 1000, 1),
+                           Errc::NOT_FOUND);
+  Handle other =
+      handleOf(w.k.tryRegisterService(w.server.pid, w.serverRegistry, "other", w.server.bank));
+  EXPECT_REFUSED_UNCHANGED(w.k, w.k.tryGrowBushelState(w.server.pid, other, o.koid, 1),
+                           Errc::NOT_FOUND);  // a bushel of another service
+  EXPECT_REFUSED_UNCHANGED(w.k, w.k.tryGrowBushelState(w.server.pid, o.svc, o.koid, 0),
+                           Errc::INVALID_ARGUMENT);
+  EXPECT_REFUSED_UNCHANGED(
+      w.k, w.k.tryGrowBushelState(w.server.pid, o.svc, o.koid, Bushel::MAX_STATE_GROWTH + 1),
+      Errc::INVALID_ARGUMENT);
+}
+
 }  // namespace
 }  // namespace agate::kernel::test

@@ -191,6 +191,9 @@ class KernelConnection {
   Promise<Cap<Bushel>> openBushel(Cap<Registry> registry, std::string_view name,
                                   Cap<SpaceBank> bank);
   Promise<BushelRings> bushelRings(Cap<Bushel> bushel);
+  // A server grows the client-paid state allowance of its bushel `bushel` (the koid of a
+  // BUSHEL_OPENED event) by `pages`; returns the bushel's state pages (Kernel::tryGrowBushelState).
+  Promise<uint64_t> growBushelState(Cap<Service> service, Koid bushel, uint64_t pages);
 
   // --- Introspection ---
   Promise<std::vector<ProcessInfo>> listProcesses();
@@ -348,6 +351,9 @@ class SyncKernel {
     return run(c_.openBushel(registry, name, bank));
   }
   Result<BushelRings> bushelRings(Cap<Bushel> bushel) { return run(c_.bushelRings(bushel)); }
+  Result<uint64_t> growBushelState(Cap<Service> service, Koid bushel, uint64_t pages) {
+    return run(c_.growBushelState(service, bushel, pages));
+  }
   Result<std::vector<ProcessInfo>> listProcesses() { return run(c_.listProcesses()); }
   Result<std::vector<BankInfo>> listBanks() { return run(c_.listBanks()); }
   Result<std::vector<CapEntry>> listCaps(ProcessId pid) { return run(c_.listCaps(pid)); }

@@ -7,6 +7,12 @@
 // ring descriptors: the client through Kernel::tryBushelFds on its cap, the server in the
 // BUSHEL_OPENED event (kernel_event.h). The client gets the cap; the server gets none.
 //
+// Server state. A server keeps per-client state (the objects it makes for that client); the
+// client pays for it. The bushel carries a state allowance in pages (statePages), grown by the
+// server through Kernel::tryGrowBushelState and charged to the bank that paid for the bushel, on
+// the bushel itself (its chargedPages), so the pages come back when the bushel dies. The kernel
+// only accounts: the server keeps its state within the allowance (client/: ClientQuota).
+//
 // Lifetime: a bushel dies when the last cap to it is deleted (the client's, and any copies it
 // made), when its bank is destroyed (e.g. the client died and paid from its own bank), or when
 // its service goes. The Kernel then tells the server (BUSHEL_CLOSED, so it frees the client's
@@ -29,6 +35,8 @@ class Service;
 class Bushel final : public KernelObject {
  public:
   static constexpr ObjectType TYPE = ObjectType::BUSHEL;
+  // The most state pages one tryGrowBushelState call may add.
+  static constexpr uint64_t MAX_STATE_GROWTH = 1024;
 
   // Links itself into `service`'s bushels.
   Bushel(Service& service, ProcessId client, std::unique_ptr<Channel> request,
@@ -48,6 +56,11 @@ class Bushel final : public KernelObject {
   // The service is going: unlink from it.
   void detachService() noexcept;
 
+  // Pages of server state the client has paid for (see the overview); part of chargedPages().
+  uint64_t statePages() const noexcept { return statePages_; }
+  // Records `pages` more, already charged to owner() (SpaceBank::chargeObject).
+  void addStatePages(uint64_t pages) noexcept { statePages_ += pages; }
+
  private:
   void teardown() noexcept override;  // unlinks, closes and unmaps the rings
 
@@ -57,6 +70,7 @@ class Bushel final : public KernelObject {
   ProcessId server_;
   std::unique_ptr<Channel> request_;
   std::unique_ptr<Channel> reply_;
+  uint64_t statePages_ = 0;
 };
 
 }  // namespace agate::kernel

@@ -196,6 +196,12 @@ class Kernel final : private LifecycleObserver {
   // The client's ring descriptors for a bushel (needs READ): [0] request (the client sends),
   // [1] reply (the client receives). SYSTEM_ERROR if they cannot be duplicated.
   Result<std::vector<Fd>> tryBushelFds(ProcessId pid, Handle bushel) const;
+  // The server of service `service` (needs WRITE) grows the state allowance of its bushel
+  // `bushel` (a koid: the server holds no cap to it) by `pages` (1..Bushel::MAX_STATE_GROWTH,
+  // else INVALID_ARGUMENT), charged to the bank that paid for the bushel (QUOTA_EXCEEDED if it or
+  // an ancestor cannot pay; nothing changed). NOT_FOUND if the bushel is not the service's.
+  // Returns the bushel's state pages after the call.
+  Result<uint64_t> tryGrowBushelState(ProcessId pid, Handle service, Koid bushel, uint64_t pages);
 
   // A read-only descriptor of the bank's credit page (needs READ): one page holding a
   // BankCreditPage (credit_page.h) the kernel republishes at every change of used/limit, and a

@@ -152,6 +152,10 @@ class SpaceBank final : public KernelObject {
     return ref;
   }
 
+  // Adds `charge` (from tryReserve() on this bank) to `object`, which this bank owns: its
+  // chargedPages() grow and are refunded when it is destroyed. Cannot fail.
+  void chargeObject(KernelObject& object, PageCharge&& charge) noexcept;
+
   // Changes the limit; INVALID_ARGUMENT (nothing changed) if it is below `used`.
   Status trySetLimit(uint64_t limit) noexcept;
 

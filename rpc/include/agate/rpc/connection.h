@@ -382,6 +382,11 @@ struct RpcOptions {
   size_t maxMessageBytes = 16 * 1024;
   // How the inbound reader and the outbound pump wait.
   AsyncWaitPolicy wait = {};
+  // Fairness among connections on one loop: after this many messages read in a row, the reader
+  // waits for the loop's next turn (after the loop polled for I/O, so every reader woken
+  // meanwhile runs first) before it reads on: a peer that keeps its ring full cannot hold the
+  // loop. 0: no budget (a lone connection reads until its ring is empty).
+  uint32_t messagesPerTurn = 0;
 };
 
 // Message counters (tests assert protocol behaviour with them; benchmarks report them).

@@ -1,0 +1,61 @@
+// Program entry points: a client's main and a server's main in one line each.
+//
+//   Promise<void> session(client::Session& s) { ... co_await s.open<Calculator>("calculator") ... }
+//   int main(int argc, char** argv) { return agate::run(argc, argv, session); }
+//
+//   int main(int argc, char** argv) { return agate::serve<CalculatorImpl>(argc, argv,
+//   "calculator"); }
+//
+// Both understand `--home DIR` (else kernel::resolveKernelHome(): $AGATE_HOME, ...), make the
+// thread's EventLoop, attach to the kernel under the program's name, and print an error and
+// return 1 when anything fails. Other arguments are left to the program (ProgramArgs).
+//
+// run: one Session; returns 0 when `body` succeeded.
+// serve<T>: registers `name` and serves it until SIGTERM or SIGINT (then unregisters: the
+// clients' pending calls fail DISCONNECTED) or until the kernel goes; one T per client, made
+// with T(ServedClient&) when T has that constructor, else T(). Prints one line once registered
+// ("NAME: serving") so that scripts can wait for it. Returns 0 after a signal, 1 otherwise.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <vector>
+
+#include "agate/client/service_host.h"
+#include "agate/client/session.h"
+
+namespace agate::client {
+
+// The command line minus what run/serve consumed.
+struct ProgramArgs {
+  std::string program;            // argv[0]'s last component
+  std::string home;               // resolved kernel home
+  std::vector<std::string> rest;  // every other argument, in order
+};
+ProgramArgs parseProgramArgs(int argc, char** argv);
+
+int runSession(int argc, char** argv, std::function<Promise<void>(Session&)> body);
+int runSession(int argc, char** argv,
+               std::function<Promise<void>(Session&, const ProgramArgs&)> body);
+int serveService(int argc, char** argv, std::string_view name, ClientFactory factory,
+                 ServiceOptions options = {});
+
+template <class T>
+int serve(int argc, char** argv, std::string_view name, ServiceOptions options = {}) {
+  static_assert(std::is_base_of_v<rpc::ServerObject, T>, "serve<T>: T must be a server object");
+  return serveService(
+      argc, argv, name,
+      [](ServedClient& client) -> std::unique_ptr<rpc::ServerObject> {
+        if constexpr (std::is_constructible_v<T, ServedClient&>) {
+          return std::make_unique<T>(client);
+        } else {
+          return std::make_unique<T>();
+        }
+      },
+      options);
+}
+
+}  // namespace agate::client

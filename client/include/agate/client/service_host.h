@@ -1,0 +1,252 @@
+// ServiceHost: a server process's side of bushels — register a name, serve each client over its
+// own bushel, drop that client's state when it goes, and charge the state to the client.
+//
+// Overview for a newcomer:
+//
+//   class CalculatorImpl final : public calc::stubs::Calculator::Server {
+//    public:
+//     explicit CalculatorImpl(client::ServedClient& client);   // one per client
+//     ...
+//   };
+//   int main(int argc, char** argv) { return agate::serve<CalculatorImpl>(argc, argv,
+//   "calculator"); }
+//
+// or by hand, on a loop and a KernelConnection:
+//
+//   auto host = co_await ServiceHost::create(kernel, "calculator",
+//       [](ServedClient& c) { return std::make_unique<CalculatorImpl>(c); });
+//   co_await (*host)->run();     // until stop(), or the kernel goes
+//
+// Clients. The kernel tells the server of each bushel a client opens (BUSHEL_OPENED, with the
+// two ring descriptors). The host then makes a ServedClient: a per-client bootstrap object from
+// the factory, a ClientQuota, and a BushelLink (one RpcConnection over the bushel's rings, with
+// that object as export 0). Per-client objects are the natural home of per-client state: they
+// die with the client.
+//
+// Many clients. Nothing scans: every connection's reader parks on its own inbound ring doorbell
+// (one io_uring futex wait each; a parked client costs no CPU), and a doorbell the client rings
+// completes exactly that wait, which queues that reader on the loop's FIFO run queue. That run
+// queue is the ready set. Fairness: each reader handles at most ServiceOptions::messagesPerTurn
+// messages, then yields to the back of the queue (RpcOptions::messagesPerTurn), so the ready
+// clients are served round robin and one that keeps its ring full cannot starve the others.
+//
+// Paying for state. Pages of server state are charged to the bank that paid for the bushel (the
+// client's): ClientQuota::charge(bytes) takes bytes from the bushel's state allowance and, when
+// it runs out, asks the kernel for `stateGrowthPages` more (growBushelState, charged to that
+// bank). When the bank cannot pay, the charge fails with QUOTA_EXCEEDED: that client's call
+// fails, nothing else does. The allowance comes back to the client's bank when the bushel dies.
+// The kernel only accounts (the Genode "session quota" model): the server keeps a client's
+// state within what that client paid, so a flooding client exhausts its own bank, not the
+// server's memory. The connection's own tables are bounded per client by RpcOptions
+// (maxAnswers, maxImports).
+//
+// Dropping a client: on BUSHEL_CLOSED (the client hung up or died: the kernel notices a death at
+// once), or when its connection fails (it detached, or broke the protocol), the host closes the
+// connection (cancelling its running calls), destroys its bootstrap object and then the
+// connection; every object the connection owned goes with it, and each StateCharge is refunded.
+//
+// stop() ends run(): every client is dropped and the service is unregistered (DESTROY on the
+// Service cap: the kernel tells the clients, whose pending calls fail DISCONNECTED).
+//
+// Threading: the kernel connection's loop thread. The host takes the kernel connection's event
+// stream (nextEvent: one waiter) while it runs.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "agate/caps/kernel_connection.h"
+#include "agate/client/bushel_link.h"
+#include "agate/rpc/connection.h"
+#include "agate/runtime/promise.h"
+#include "agate/runtime/result.h"
+#include "agate/runtime/task.h"
+
+namespace agate::client {
+
+class ClientQuota;
+
+// Bytes of one client's server state, charged to its quota. Move-only; refunds on destruction.
+// Keep it inside the object it pays for. Must not outlive its quota (the ServedClient): objects
+// the connection owns, and the client's bootstrap object, are destroyed before it.
+class [[nodiscard]] StateCharge {
+ public:
+  StateCharge() = default;
+  StateCharge(StateCharge&& o) noexcept
+      : quota_(std::exchange(o.quota_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
+  StateCharge& operator=(StateCharge&& o) noexcept;
+  StateCharge(const StateCharge&) = delete;
+  StateCharge& operator=(const StateCharge&) = delete;
+  ~StateCharge() { reset(); }
+
+  uint64_t bytes() const noexcept { return bytes_; }
+  void reset() noexcept;
+
+ private:
+  friend class ClientQuota;
+  StateCharge(ClientQuota* quota, uint64_t bytes) noexcept : quota_(quota), bytes_(bytes) {}
+  ClientQuota* quota_ = nullptr;  // not owned
+  uint64_t bytes_ = 0;
+};
+
+// The server state one client pays for: an allowance in pages, granted by the kernel from the
+// bank that paid for the bushel, and the bytes charged against it.
+class ClientQuota {
+ public:
+  ClientQuota(caps::KernelConnection& kernel, caps::Cap<caps::Service> service, caps::Koid bushel,
+              uint64_t growthPages) noexcept
+      : kernel_(kernel), service_(service), bushel_(bushel), growthPages_(growthPages) {}
+  ~ClientQuota();  // asserts every charge came back
+  ClientQuota(const ClientQuota&) = delete;
+  ClientQuota& operator=(const ClientQuota&) = delete;
+
+  // `bytes` of state for this client. Ready at once while the allowance covers it; otherwise
+  // one kernel call grows the allowance by max(growthPages, what is missing) first.
+  // QUOTA_EXCEEDED when the client's bank (or an ancestor) cannot pay; INVALID_ARGUMENT for 0
+  // bytes; DISCONNECTED if the kernel connection died. Nothing is charged on failure.
+  Promise<StateCharge> charge(uint64_t bytes);
+
+  uint64_t usedBytes() const noexcept { return used_; }
+  uint64_t allowanceBytes() const noexcept;
+  uint64_t allowancePages() const noexcept { return pages_; }
+
+ private:
+  friend class StateCharge;
+  void refund(uint64_t bytes) noexcept;
+
+  caps::KernelConnection& kernel_;
+  caps::Cap<caps::Service> service_;
+  caps::Koid bushel_;
+  uint64_t growthPages_;
+  uint64_t pages_ = 0;  // granted by the kernel (the bushel's statePages)
+  uint64_t used_ = 0;   // bytes charged, <= pages_ * page size
+};
+
+class ServedClient;
+
+// Makes one client's bootstrap object. Runs before the client's connection exists: keep the
+// ServedClient (for quota(), bushel(), peer()), use connection() only from calls.
+using ClientFactory = std::function<std::unique_ptr<rpc::ServerObject>(ServedClient&)>;
+
+struct ServiceOptions {
+  // Pays for the Service record. Invalid (default): the process bank.
+  caps::Cap<caps::SpaceBank> bank = {};
+  // Per client; `bootstrap` is ignored (the factory's object is), and messagesPerTurn is set
+  // from the field below.
+  rpc::RpcOptions rpc = defaultRpcOptions();
+  // Fairness budget: messages one client's connection handles before the others get a turn.
+  uint32_t messagesPerTurn = 16;
+  // Pages asked of a client's bank each time its state outgrows its allowance.
+  uint64_t stateGrowthPages = 4;
+
+  // Bounds the per-client tables. The wait policy stays RpcOptions' (spin briefly after a
+  // message, then park): an idle client's reader is parked and costs nothing, and spinning
+  // yields whenever other clients' work is queued.
+  static rpc::RpcOptions defaultRpcOptions() {
+    rpc::RpcOptions o;
+    o.maxAnswers = 1024;
+    o.maxImports = 4096;
+    return o;
+  }
+};
+
+// One client of a service: its bushel, its quota, its bootstrap object and its connection.
+class ServedClient {
+ public:
+  ServedClient(caps::KernelConnection& kernel, caps::Cap<caps::Service> service, caps::Koid bushel,
+               caps::ProcessId peer, uint64_t growthPages) noexcept
+      : bushel_(bushel), peer_(peer), quota_(kernel, service, bushel, growthPages) {}
+  ~ServedClient();
+  ServedClient(const ServedClient&) = delete;
+  ServedClient& operator=(const ServedClient&) = delete;
+
+  caps::Koid bushel() const noexcept { return bushel_; }
+  caps::ProcessId peer() const noexcept { return peer_; }  // the client's kernel process id
+  ClientQuota& quota() noexcept { return quota_; }
+  // Precondition: the connection exists (not inside the factory).
+  rpc::RpcConnection& connection() noexcept { return link_->connection(); }
+  bool connected() const noexcept { return link_ && link_->connection().isOpen(); }
+
+ private:
+  friend class ServiceHost;
+
+  caps::Koid bushel_;
+  caps::ProcessId peer_;
+  // Destroyed in reverse: the link (and what the connection owns) first, then the bootstrap
+  // object, then the quota their charges go back to. drop() closes the connection before the
+  // bootstrap object goes (it may hold references into the connection).
+  ClientQuota quota_;
+  std::unique_ptr<rpc::ServerObject> bootstrap_;
+  std::unique_ptr<BushelLink> link_;
+  std::optional<Promise<void>> watcher_;  // onDisconnect: tells the host to drop this client
+};
+
+class ServiceHost {
+ public:
+  // Registers `name` (the kernel's registerService errors: ALREADY_EXISTS, INVALID_ARGUMENT,
+  // QUOTA_EXCEEDED, ...). The host serves once run() runs.
+  static Promise<std::unique_ptr<ServiceHost>> create(caps::KernelConnection& kernel,
+                                                      std::string name, ClientFactory factory,
+                                                      ServiceOptions options = {});
+  // Drops every client (the service stays registered unless run() ended through stop()).
+  ~ServiceHost();
+  ServiceHost(const ServiceHost&) = delete;
+  ServiceHost& operator=(const ServiceHost&) = delete;
+
+  // Serves until stop() (then unregisters and completes OK) or until the kernel connection dies
+  // (DISCONNECTED). One run at a time.
+  Promise<void> run();
+  // Ends run() at the loop's next turn. Idempotent.
+  void stop() noexcept;
+
+  const std::string& name() const noexcept { return name_; }
+  caps::Cap<caps::Service> service() const noexcept { return service_; }
+  size_t clientCount() const noexcept { return clients_.size(); }
+  // The client on bushel `koid`, or null.
+  ServedClient* findClient(caps::Koid koid) noexcept;
+  uint64_t clientsOpened() const noexcept { return opened_; }
+  uint64_t clientsDropped() const noexcept { return dropped_; }
+  // BUSHEL_OPENED events whose rings could not be opened (the client is not served).
+  uint64_t clientsRefused() const noexcept { return refused_; }
+
+ private:
+  ServiceHost(caps::KernelConnection& kernel, std::string name, ClientFactory factory,
+              ServiceOptions options, caps::Cap<caps::Service> service, caps::Koid serviceKoid);
+
+  class ReapTask final : public Task {
+   public:
+    explicit ReapTask(ServiceHost& h) noexcept : host_(h) {}
+
+   private:
+    void run() noexcept override { host_.reap(); }
+    ServiceHost& host_;
+  };
+
+  Promise<void> pumpEvents();
+  void accept(caps::KernelEvent& event);
+  Promise<void> watch(ServedClient& client);
+  void drop(caps::Koid koid) noexcept;
+  void reap() noexcept;
+
+  caps::KernelConnection& kernel_;
+  std::string name_;
+  ClientFactory factory_;
+  ServiceOptions options_;
+  caps::Cap<caps::Service> service_;
+  caps::Koid serviceKoid_;
+  std::vector<std::unique_ptr<ServedClient>> clients_;
+  uint64_t opened_ = 0;
+  uint64_t dropped_ = 0;
+  uint64_t refused_ = 0;
+  std::optional<Fulfiller<void>> stopped_;  // while run() runs
+  ReapTask reapTask_{*this};
+  std::optional<Promise<void>> pump_;  // last: dropped first
+};
+
+}  // namespace agate::client

@@ -1,0 +1,130 @@
+// Session: a client program's typed RPC to services, over bushels the kernel opens.
+//
+// Overview for a newcomer:
+//
+//   EventLoop loop;
+//   auto kernel = caps::KernelConnection::tryAttach(loop, kernel::resolveKernelHome(), "me");
+//   client::Session s(**kernel);
+//
+//   Promise<void> work(client::Session& s) {
+//     Result<Calculator::Client> calc = co_await s.open<Calculator>("calculator");
+//     auto sum = calc->evaluate(...).getValue().read();    // pipelined: one round trip
+//     ...
+//   }
+//
+// (or `return agate::run(argc, argv, work);` from <agate/agate.h>, which does the attaching.)
+//
+// open<I>(name, bank) opens a bushel to the service registered as `name` (openBushel), paid from
+// `bank` (default: bank(), the process bank unless setBank chose another) — the ring pages and
+// every page of server state the client causes (ServiceHost's ClientQuota) are charged there.
+// It fetches the bushel's rings, opens a BushelLink (an RpcConnection over them) and returns the
+// server's bootstrap object as the typed client I::Client. Three kernel calls; the last two go
+// out together in one doorbell.
+//
+// Disconnection. The session takes over the kernel connection's event stream (nextEvent: one
+// waiter): when the kernel says a bushel of ours closed or its service went (the server
+// unregistered, or died: the kernel notices at once), the connection is closed and every pending
+// and later call on it fails with DISCONNECTED. The same happens to every bushel when the kernel
+// connection itself dies. close(koid) hangs up one bushel: the connection closes and the bushel
+// cap is deleted, so the server drops this client's state; its link is kept (closed) until the
+// session goes, so handles still held stay safe to drop.
+//
+// Lifetimes: every handle (typed client, promise, response) on a session's bushels must be
+// dropped before the Session (RpcConnection's contract, checked). The KernelConnection outlives
+// the session.
+//
+// Threading: the kernel connection's loop thread.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "agate/caps/kernel_connection.h"
+#include "agate/client/bushel_link.h"
+#include "agate/rpc/connection.h"
+#include "agate/runtime/promise.h"
+#include "agate/runtime/result.h"
+
+namespace agate::client {
+
+struct SessionOptions {
+  // Per bushel. `bootstrap` is what servers reach when they call the client's bootstrap (none
+  // by default; objects passed in calls need none).
+  rpc::RpcOptions rpc = {};
+};
+
+// A bushel the session opened.
+struct OpenedBushel {
+  caps::Cap<caps::Bushel> cap;
+  caps::Koid koid = 0;
+  rpc::RpcConnection* connection = nullptr;  // owned by the session
+};
+
+class Session {
+ public:
+  explicit Session(caps::KernelConnection& kernel, SessionOptions options = {});
+  // Closes every connection (handles must be gone). Bushel caps are left to the process's exit
+  // or to close(): deleting them needs the loop.
+  ~Session();
+  Session(const Session&) = delete;
+  Session& operator=(const Session&) = delete;
+
+  caps::KernelConnection& kernel() const noexcept { return kernel_; }
+  EventLoop& loop() const noexcept { return kernel_.loop(); }
+  // The bank open() pays from when given none.
+  caps::Cap<caps::SpaceBank> bank() const noexcept { return bank_; }
+  void setBank(caps::Cap<caps::SpaceBank> bank) noexcept { bank_ = bank; }
+
+  // The service `name`'s bootstrap object as an I (a generated interface stub, e.g.
+  // calc::stubs::Calculator). Errors: the kernel's for openBushel (NOT_FOUND: no such service;
+  // QUOTA_EXCEEDED: the bank cannot pay the rings; ...), DISCONNECTED if the kernel went.
+  template <class I>
+  Promise<typename I::Client> open(std::string name, caps::Cap<caps::SpaceBank> bank = {}) {
+    Result<OpenedBushel> opened = co_await openBushel(std::move(name), bank);
+    if (!opened) co_return opened.error();
+    co_return typename I::Client(opened->connection->bootstrap());
+  }
+  // The untyped form: the bushel and its connection (bootstrap() for the server's object).
+  Promise<OpenedBushel> openBushel(std::string name, caps::Cap<caps::SpaceBank> bank = {});
+
+  // Waits until a service named `name` is registered (polling lookupService every `interval`),
+  // for a client started alongside its server. TIMED_OUT after `timeout`.
+  Promise<void> waitForService(std::string name, Duration timeout = std::chrono::seconds(5),
+                               Duration interval = std::chrono::milliseconds(5));
+
+  // Hangs up bushel `koid`: closes its connection (pending calls fail DISCONNECTED) and deletes
+  // its cap, so the kernel closes it and the server drops this client's state. NOT_FOUND if the
+  // session did not open it; closing twice is a no-op.
+  Promise<void> close(caps::Koid koid);
+
+  // Bushels opened and not yet closed (by close() or by the kernel).
+  size_t openCount() const noexcept;
+
+ private:
+  struct Entry {
+    caps::Cap<caps::Bushel> cap;
+    caps::Koid koid = 0;
+    std::unique_ptr<BushelLink> link;
+    bool closed = false;  // connection closed; cap deleted (or the kernel closed the bushel)
+  };
+
+  Promise<void> pumpEvents();
+  Entry* find(caps::Koid koid) noexcept;
+  void closeLocally(Entry& entry, const Error& reason) noexcept;
+
+  caps::KernelConnection& kernel_;
+  SessionOptions options_;
+  caps::Cap<caps::SpaceBank> bank_;
+  std::vector<std::unique_ptr<Entry>> entries_;
+  // Koids of bushels the kernel closed before open() knew their koid (an event can overtake
+  // the inspectCap completion's continuation); consulted once, when open() registers the koid.
+  std::vector<caps::Koid> closedEarly_;
+  Error kernelGone_{};  // set when the event stream ended (the kernel connection died)
+  std::optional<Promise<void>> pump_;  // last: dropped first
+};
+
+}  // namespace agate::client

@@ -1,0 +1,111 @@
+#include "agate/client/main.h"
+
+#include <fmt/core.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/signalfd.h>
+#include <unistd.h>
+
+#include <optional>
+#include <utility>
+
+#include "agate/kernel/home.h"
+#include "agate/runtime/fd.h"
+
+namespace agate::client {
+namespace {
+
+int report(const ProgramArgs& args, const char* what, const Error& e,
+           const caps::KernelConnection* kernel = nullptr) {
+  char buf[256];
+  fmt::print(stderr, "{}: {}: {}", args.program, what, e.describe(buf, sizeof buf));
+  if (kernel != nullptr && !kernel->lastErrorDetail().empty() && e.code != Errc::DISCONNECTED)
+    fmt::print(stderr, " ({})", kernel->lastErrorDetail());
+  fmt::print(stderr, "\n");
+  return 1;
+}
+
+// Ends the host's run() at the first SIGTERM or SIGINT (read from a signalfd on the loop).
+Promise<void> stopOnSignal(EventLoop& loop, int fd, ServiceHost& host) {
+  Result<uint32_t> ready = co_await loop.waitReady(fd, POLLIN);
+  if (!ready) co_return ready.error();
+  host.stop();
+  co_return {};
+}
+
+Promise<void> serveUntilStopped(caps::KernelConnection& kernel, std::string name,
+                                ClientFactory factory, ServiceOptions options, int signalFd) {
+  Result<std::unique_ptr<ServiceHost>> host =
+      co_await ServiceHost::create(kernel, name, std::move(factory), options);
+  if (!host) co_return host.error();
+  fmt::print("{}: serving\n", name);
+  std::fflush(stdout);
+  Promise<void> signals = stopOnSignal(kernel.loop(), signalFd, **host);
+  co_return co_await (*host)->run();
+}
+
+}  // namespace
+
+ProgramArgs parseProgramArgs(int argc, char** argv) {
+  ProgramArgs out;
+  const std::string_view argv0 = argc > 0 ? argv[0] : "agate";
+  const size_t slash = argv0.rfind('/');
+  out.program = std::string(slash == std::string_view::npos ? argv0 : argv0.substr(slash + 1));
+  std::string home;
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view a = argv[i];
+    if (a == "--home" && i + 1 < argc) {
+      home = argv[++i];
+    } else if (a.starts_with("--home=")) {
+      home = std::string(a.substr(7));
+    } else {
+      out.rest.emplace_back(a);
+    }
+  }
+  out.home = kernel::resolveKernelHome(home);
+  return out;
+}
+
+int runSession(int argc, char** argv,
+               std::function<Promise<void>(Session&, const ProgramArgs&)> body) {
+  const ProgramArgs args = parseProgramArgs(argc, argv);
+  EventLoop loop;
+  auto kernel = caps::KernelConnection::tryAttach(loop, args.home, args.program);
+  if (!kernel) return report(args, "attach to the kernel", kernel.error());
+  Status done;
+  {
+    Session session(**kernel);
+    done = loop.run(body(session, args));
+  }
+  if (!done) return report(args, "session", done.error(), kernel->get());
+  return 0;
+}
+
+int runSession(int argc, char** argv, std::function<Promise<void>(Session&)> body) {
+  return runSession(argc, argv,
+                    [&](Session& s, const ProgramArgs&) -> Promise<void> { return body(s); });
+}
+
+int serveService(int argc, char** argv, std::string_view name, ClientFactory factory,
+                 ServiceOptions options) {
+  const ProgramArgs args = parseProgramArgs(argc, argv);
+  // SIGTERM and SIGINT arrive on a signalfd the loop waits on (blocked for normal delivery).
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  if (::sigprocmask(SIG_BLOCK, &signals, nullptr) != 0)
+    return report(args, "block SIGTERM/SIGINT", Error::fromErrno(errno, "sigprocmask"));
+  Fd signalFd(::signalfd(-1, &signals, SFD_CLOEXEC | SFD_NONBLOCK));
+  if (!signalFd.valid()) return report(args, "signalfd", Error::fromErrno(errno, "signalfd"));
+
+  EventLoop loop;
+  auto kernel = caps::KernelConnection::tryAttach(loop, args.home, args.program);
+  if (!kernel) return report(args, "attach to the kernel", kernel.error());
+  Status served = loop.run(
+      serveUntilStopped(**kernel, std::string(name), std::move(factory), options, signalFd.get()));
+  if (!served) return report(args, "serve", served.error(), kernel->get());
+  return 0;
+}
+
+}  // namespace agate::client

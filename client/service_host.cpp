@@ -1,0 +1,205 @@
+#include "agate/client/service_host.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "agate/kernel/bushel.h"
+#include "agate/kernel/space_bank.h"
+
+namespace agate::client {
+
+using caps::EventType;
+using caps::KernelEvent;
+
+// --- StateCharge, ClientQuota ---
+
+StateCharge& StateCharge::operator=(StateCharge&& o) noexcept {
+  if (this != &o) {
+    reset();
+    quota_ = std::exchange(o.quota_, nullptr);
+    bytes_ = std::exchange(o.bytes_, 0);
+  }
+  return *this;
+}
+
+void StateCharge::reset() noexcept {
+  if (ClientQuota* q = std::exchange(quota_, nullptr)) q->refund(std::exchange(bytes_, 0));
+}
+
+ClientQuota::~ClientQuota() {
+  AGATE_ASSERT(used_ == 0, "client quota of bushel %lu destroyed with %lu bytes still charged",
+               static_cast<unsigned long>(bushel_), static_cast<unsigned long>(used_));
+}
+
+uint64_t ClientQuota::allowanceBytes() const noexcept { return pages_ * kernel::PAGE_BYTES; }
+
+void ClientQuota::refund(uint64_t bytes) noexcept {
+  AGATE_ASSERT(bytes <= used_, "refunding %lu bytes of %lu charged",
+               static_cast<unsigned long>(bytes), static_cast<unsigned long>(used_));
+  used_ -= bytes;
+}
+
+Promise<StateCharge> ClientQuota::charge(uint64_t bytes) {
+  if (bytes == 0) co_return Error(Errc::INVALID_ARGUMENT, "a state charge of 0 bytes");
+  // Loop: another charge may take what a growth granted while this one waited for the kernel.
+  while (used_ + bytes > allowanceBytes()) {
+    const uint64_t missing =
+        (used_ + bytes - allowanceBytes() + kernel::PAGE_BYTES - 1) / kernel::PAGE_BYTES;
+    const uint64_t ask = std::max(growthPages_, missing);
+    if (ask > kernel::Bushel::MAX_STATE_GROWTH)
+      co_return Error(Errc::INVALID_ARGUMENT, "a state charge larger than one growth may be");
+    Result<uint64_t> granted = co_await kernel_.growBushelState(service_, bushel_, ask);
+    if (!granted) {
+      if (granted.code() == Errc::QUOTA_EXCEEDED)
+        co_return Error(Errc::QUOTA_EXCEEDED, "the client's bank cannot pay for more server state");
+      co_return granted.error();
+    }
+    pages_ = std::max(pages_, *granted);
+  }
+  used_ += bytes;
+  co_return StateCharge(this, bytes);
+}
+
+// --- ServedClient ---
+
+ServedClient::~ServedClient() {
+  watcher_.reset();
+  // Close first: running calls are cancelled and nothing dispatches to the bootstrap object any
+  // more; it may hold references into the connection, so it goes before the connection does.
+  if (link_ && link_->connection().isOpen())
+    link_->connection().close(Error(Errc::DISCONNECTED, "the server dropped the client"));
+  bootstrap_.reset();
+  link_.reset();  // the objects the connection owns go here, refunding their charges
+}
+
+// --- ServiceHost ---
+
+ServiceHost::ServiceHost(caps::KernelConnection& kernel, std::string name, ClientFactory factory,
+                         ServiceOptions options, caps::Cap<caps::Service> service,
+                         caps::Koid serviceKoid)
+    : kernel_(kernel),
+      name_(std::move(name)),
+      factory_(std::move(factory)),
+      options_(options),
+      service_(service),
+      serviceKoid_(serviceKoid) {
+  options_.rpc.messagesPerTurn = options_.messagesPerTurn;
+}
+
+ServiceHost::~ServiceHost() {
+  pump_.reset();
+  clients_.clear();
+}
+
+Promise<std::unique_ptr<ServiceHost>> ServiceHost::create(caps::KernelConnection& kernel,
+                                                          std::string name, ClientFactory factory,
+                                                          ServiceOptions options) {
+  AGATE_REQUIRE(factory != nullptr, "ServiceHost::create without a client factory");
+  const caps::Cap<caps::SpaceBank> bank = options.bank.valid() ? options.bank : kernel.bank();
+  Result<caps::Cap<caps::Service>> service =
+      co_await kernel.registerService(kernel.registry(), name, bank);
+  if (!service) co_return service.error();
+  Result<caps::CapInfo> info = co_await kernel.inspectCap(*service);
+  if (!info) co_return info.error();
+  co_return std::unique_ptr<ServiceHost>(
+      new ServiceHost(kernel, std::move(name), std::move(factory), options, *service, info->koid));
+}
+
+ServedClient* ServiceHost::findClient(caps::Koid koid) noexcept {
+  for (auto& c : clients_)
+    if (c->bushel() == koid) return c.get();
+  return nullptr;
+}
+
+Promise<void> ServiceHost::run() {
+  AGATE_REQUIRE(!stopped_.has_value(), "ServiceHost::run() while it runs");
+  AGATE_REQUIRE(service_.valid(), "ServiceHost::run() after the service was unregistered");
+  auto [stopped, fulfiller] = newPromiseAndFulfiller<void>();
+  stopped_.emplace(std::move(fulfiller));
+  pump_.emplace(pumpEvents());
+  Status why = co_await stopped;
+  pump_.reset();
+  stopped_.reset();
+  Status unregistered;
+  if (why) {
+    // Unregister first, so that a client seeing its connection end finds the name gone: the
+    // kernel closes every bushel and tells the clients. Clients are served meanwhile.
+    unregistered = co_await kernel_.destroy(service_);
+    service_ = {};
+  }
+  while (!clients_.empty()) {
+    clients_.pop_back();
+    ++dropped_;
+  }
+  if (!why) co_return why.error();  // the kernel went: nothing to unregister from
+  co_return unregistered;
+}
+
+void ServiceHost::stop() noexcept {
+  if (stopped_ && !stopped_->isFulfilled()) stopped_->fulfill(Status{});
+}
+
+Promise<void> ServiceHost::pumpEvents() {
+  for (;;) {
+    Result<KernelEvent> event = co_await kernel_.nextEvent();
+    if (!event) {
+      if (stopped_ && !stopped_->isFulfilled())
+        stopped_->fulfill(Error(Errc::DISCONNECTED, "the kernel connection is gone"));
+      co_return {};
+    }
+    switch (event->type) {
+      case EventType::BUSHEL_OPENED:
+        if (event->service == serviceKoid_) accept(*event);
+        break;  // another service's (a second host on this connection is not supported)
+      case EventType::BUSHEL_CLOSED:
+        drop(event->bushel);
+        break;
+      case EventType::SERVICE_GONE:
+        break;  // to clients only
+    }
+  }
+}
+
+void ServiceHost::accept(KernelEvent& event) {
+  auto client = std::make_unique<ServedClient>(kernel_, service_, event.bushel, event.peer,
+                                               options_.stateGrowthPages);
+  client->bootstrap_ = factory_(*client);
+  rpc::RpcOptions rpcOptions = options_.rpc;
+  rpcOptions.bootstrap = client->bootstrap_.get();  // null: the client's calls to it fail
+  auto link = BushelLink::tryOpen(kernel_.loop(), BushelLink::Side::SERVER,
+                                  std::move(event.request), std::move(event.reply), rpcOptions);
+  if (!link) {
+    // Rings the kernel made but this process cannot open: nothing can be served on them. The
+    // client's calls find no reader; the bushel closes when the client hangs up or dies.
+    ++refused_;
+    return;
+  }
+  client->link_ = std::move(*link);
+  ServedClient& c = *clients_.emplace_back(std::move(client));
+  c.watcher_.emplace(watch(c));
+  ++opened_;
+}
+
+Promise<void> ServiceHost::watch(ServedClient& client) {
+  (void)co_await client.connection().onDisconnect();
+  // The client detached or broke the protocol: drop it, from a Task (not from inside this
+  // coroutine, which the drop destroys).
+  if (!reapTask_.isQueued()) kernel_.loop().post(reapTask_);
+  co_return {};
+}
+
+void ServiceHost::drop(caps::Koid koid) noexcept {
+  auto it = std::find_if(clients_.begin(), clients_.end(),
+                         [&](const auto& c) { return c->bushel() == koid; });
+  if (it == clients_.end()) return;  // dropped already (its connection failed first)
+  clients_.erase(it);
+  ++dropped_;
+}
+
+void ServiceHost::reap() noexcept {
+  const size_t before = clients_.size();
+  std::erase_if(clients_, [](const auto& c) { return !c->connected(); });
+  dropped_ += before - clients_.size();
+}
+
+}  // namespace agate::client

@@ -1,0 +1,82 @@
+// RpcOptions::messagesPerTurn: a connection's reader yields to the others after its budget, so
+// connections sharing a loop are served round robin and a peer with a full ring cannot starve
+// another. Two connection pairs on one loop over LOCAL channels; calls are queued before the
+// loop runs, so the order the server handles them in is deterministic.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "rpc_harness.h"
+#include "support/watchdog.h"
+
+namespace agate::rpc::test {
+namespace {
+
+using agate::testing::Watchdog;
+
+constexpr uint64_t FLOOD_BASE = 1000;  // RECORD values of the flooding client
+
+// Sends `count` RECORD calls with values base, base + 1, ... without waiting.
+void sendRecords(RpcConnection& client, uint64_t base, int count,
+                 std::vector<RemotePromise>& pending) {
+  RemoteCap node = client.bootstrap();
+  for (int i = 0; i < count; ++i) {
+    Request req = node.newCall(NODE_INTERFACE_ID, RECORD, 16);
+    req.initParams<Value>().setValue(base + static_cast<uint64_t>(i));
+    pending.push_back(req.send());
+  }
+}
+
+// Where the last of the quiet client's calls (values < FLOOD_BASE) landed in the server's order.
+size_t lastQuietPosition(const Log& log) {
+  size_t last = 0;
+  for (size_t i = 0; i < log.order.size(); ++i)
+    if (log.order[i] < FLOOD_BASE) last = i;
+  return last;
+}
+
+struct Served {
+  size_t total = 0;
+  size_t lastQuiet = 0;
+};
+
+Served serveFloodAndQuiet(uint32_t messagesPerTurn) {
+  EventLoop loop;
+  Log log;
+  Node flooded(0, log), quiet(0, log);
+  RpcOptions options;
+  options.messagesPerTurn = messagesPerTurn;
+  LocalPair flood(loop, &flooded, nullptr, options, 256 * 1024);
+  LocalPair calm(loop, &quiet, nullptr, options, 256 * 1024);
+  std::vector<RemotePromise> pending;
+  sendRecords(flood.client(), FLOOD_BASE, 400, pending);
+  sendRecords(calm.client(), 1, 5, pending);
+  EXPECT_TRUE(runUntil(loop, [&] { return log.order.size() == 405; }));
+  EXPECT_TRUE(runUntil(loop, [&] {
+    return std::all_of(pending.begin(), pending.end(), [](auto& p) { return p.isReady(); });
+  }));
+  pending.clear();  // handles go before their connections
+  return Served{log.order.size(), lastQuietPosition(log)};
+}
+
+TEST(RpcFairnessTest, AReaderYieldsAfterItsBudgetSoAFullRingCannotStarveAnotherConnection) {
+  Watchdog watchdog{"rpc_fairness_test", std::chrono::seconds(30)};
+  const Served s = serveFloodAndQuiet(4);
+  ASSERT_EQ(s.total, 405u);
+  // Round robin with 4 messages a turn: the quiet client's 5 calls are done within the first
+  // few turns, not after the flood's 400.
+  EXPECT_LT(s.lastQuiet, 20u) << "the quiet client's last call was handled at " << s.lastQuiet;
+}
+
+TEST(RpcFairnessTest, WithoutABudgetAReaderDrainsItsRingBeforeOthersRun) {
+  // The contrast that shows the budget is what makes the order above (and that the test above
+  // can fail): with no budget the flood's whole ring goes first.
+  Watchdog watchdog{"rpc_fairness_test", std::chrono::seconds(30)};
+  const Served s = serveFloodAndQuiet(0);
+  ASSERT_EQ(s.total, 405u);
+  EXPECT_GE(s.lastQuiet, 400u);
+}
+
+}  // namespace
+}  // namespace agate::rpc::test
