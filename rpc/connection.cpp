@@ -82,7 +82,6 @@ void RpcConnection::fail(Error reason) {
   for (size_t i = 0; i < questions_.size(); ++i) {
     if (questions_[i].vine) questions_[i].vine.reset();
   }
-  connecting_.reset();
   leaveNetwork();
   while (queueHead_ != nullptr) {
     detail::SpillBuffer* b = queueHead_;
@@ -107,7 +106,10 @@ void RpcConnection::fail(Error reason) {
 }
 
 void RpcConnection::teardown() {
-  if (!inReader_) reader_.reset();
+  if (!inReader_) {
+    reader_.reset();  // first: it may be waiting on connecting_
+    connecting_.reset();
+  }
   if (!inPump_) pump_.reset();
   if (detachPending_ && !ringOpen_ && !pumpRunning_) {
     tx_.sender().detach();
