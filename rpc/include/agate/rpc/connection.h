@@ -22,6 +22,10 @@
 // question table (calls it made), an answer table (calls it serves), an export table (objects it
 // hosts) and an import table (objects the peer hosts). Export 0 is the `bootstrap` object.
 //
+// Three-party handoff: with a VatNetwork in RpcOptions (vat_network.h), a RemoteCap of another
+// connection passed in a cap table is handed off, so the receiver calls its host directly;
+// without one it is proxied through this vat (rpc/README.md, "Three-party handoff").
+//
 // Ordering (E-order): calls made through one RemoteCap are delivered to the target object in
 // the order they were sent, including calls pipelined on a promised answer (queued by the callee
 // until the answer returns, then delivered in order ahead of anything that arrives later).
