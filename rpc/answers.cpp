@@ -328,8 +328,9 @@ Status RpcConnection::handleFinish(uint32_t answerId) {
   ++stats_.finishesReceived;
   Answer& a = *answers_[answerId];
   a.finishReceived = true;
-  // Calls pipelined on the answer still need its results: it keeps running for them.
-  if (a.queueHead == nullptr && a.state != Answer::State::RETURNED) {
+  // Calls pipelined on the answer still need its results: it keeps running for them. A
+  // provision is reclaimed all the same (its results hold no capability for them anyway).
+  if ((a.queueHead == nullptr || a.providing) && a.state != Answer::State::RETURNED) {
     if (a.state == Answer::State::RUNNING) {
       a.driver.reset();  // the server sees the cancellation: its coroutine is destroyed
       if (a.context.results_.active()) abandonOut(a.context.results_);

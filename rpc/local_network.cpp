@@ -30,10 +30,10 @@ LocalNetwork::LocalNetwork(EventLoop& loop, RpcOptions options, uint64_t ringByt
     : loop_(loop), options_(options), ringBytes_(ringBytes) {}
 
 LocalNetwork::~LocalNetwork() {
-  pending_.clear();  // their connections (readers) are closed below
   for (auto& [key, link] : links_) {
     for (auto& c : link->conn) c->close(Error(Errc::DISCONNECTED, "the local network closed"));
   }
+  pending_.clear();      // readers waiting on these are on closed connections: they just stop
   loop_.runUntilIdle();  // teardowns: owned exports (vines, proxies) drop their references
   for (auto& [key, link] : links_) {
     link->conn[0].reset();

@@ -557,6 +557,32 @@ TEST_F(HandoffTest, ForgedReplayedAndMisdirectedAcceptsGetClearErrorsAndChangeNo
   ASSERT_TRUE(loop_.run(awaitValue(std::move(third))).ok());
 }
 
+TEST_F(HandoffTest, TheIntroducersFinishReclaimsAProvisionEvenWithCallsPipelinedOnIt) {
+  openNetwork();
+  RawVat d(loop_, net_->vat(A), D, nullptr);
+  d.send([](wire::Message::Builder m) {
+    wire::Provide::Builder p = m.initProvide();
+    p.setQuestionId(1);
+    p.initTarget().setImportedCap(0);
+    p.setRecipient(B);
+    p.setProvisionId(5);
+  });
+  d.send([](wire::Message::Builder m) {
+    wire::Call::Builder c = m.initCall();
+    c.setQuestionId(2);
+    c.getTarget().initPromisedAnswer().setQuestionId(1);
+    c.setInterfaceId(NODE_INTERFACE_ID);
+    c.setMethodId(ECHO);
+  });
+  ASSERT_TRUE(runUntil(loop_, [&] { return net_->vat(A).provisionCount() == 1; }));
+  d.send([](wire::Message::Builder m) { m.initFinish().setQuestionId(1); });
+  EXPECT_EQ(d.nextReturn(1), Errc::CANCELLED);
+  EXPECT_EQ(d.nextReturn(2), Errc::CANCELLED) << "the pipelined call fails with its target";
+  EXPECT_EQ(net_->vat(A).provisionCount(), 0u);
+  EXPECT_TRUE(d.victim().isOpen());
+  EXPECT_TRUE(aLog_.order.empty());
+}
+
 TEST_F(HandoffTest, HostileHandoffMessagesAbortWithProtocolError) {
   openNetwork();
   RemoteCap a = boot(C, A);
