@@ -339,7 +339,7 @@ Status RpcConnection::handleProvide(const Decoded& d) {
     Answer& accept = *w.conn->answers_[w.answerId];
     accept.waitingForProvide = false;
     if (w.key.provisionId == d.provisionId) {
-      w.conn->tryAccept(accept);
+      w.conn->acceptOrWait(accept);
     } else {
       w.conn->failAnswer(accept, Error(Errc::NOT_FOUND, "no such provision (never provided)"));
     }
@@ -358,13 +358,13 @@ Status RpcConnection::handleAccept(const Decoded& d) {
   a.context.answerId_ = d.id;
   a.context.paramCapCount_ = 0;
   a.provision = {d.vat, d.provisionId};
-  tryAccept(a);
+  acceptOrWait(a);
   return {};
 }
 
 // Matches an Accept against the vat's provisions: takes the provision, waits for it, or fails
 // the Accept (leaving any provision as it was).
-void RpcConnection::tryAccept(Answer& a) {
+void RpcConnection::acceptOrWait(Answer& a) {
   detail::HandoffTable& table = options_.network->handoffs();
   auto found = table.provisions.find(a.provision);
   if (found == table.provisions.end()) {

@@ -510,7 +510,7 @@ class RpcConnection {
   RemoteCap acceptThirdParty(const Decoded& d, uint32_t index);
   Status handleProvide(const Decoded& d);
   Status handleAccept(const Decoded& d);
-  void tryAccept(Answer& accept);
+  void acceptOrWait(Answer& accept);
   void completeAccept(Answer& accept, ServerObject* object, std::shared_ptr<ServerObject> owner);
   void completeProvide(uint32_t answerId);
   void dropProvision(Answer& answer) noexcept;
