@@ -43,6 +43,9 @@ Status RpcConnection::handleCall(IncomingMessage& message, wire::Message::Reader
         ++exports_[d.capIds[i]].pins;  // the peer cannot release it under the running call
         a.paramPins[a.paramPinCount++] = d.capIds[i];
         break;
+      case detail::CapEntry::Kind::THIRD_PARTY:
+        cap.remote = acceptThirdParty(d, i);
+        break;
       case detail::CapEntry::Kind::NONE:
         break;
     }
@@ -150,7 +153,7 @@ void RpcConnection::completeAnswer(uint32_t answerId, Status status) {
         const detail::CapEntry& e = ctx.resultCaps_.entries()[i];
         a.resultKinds[i] = e.kind;
         a.resultIds[i] = e.id;
-        if (e.kind == detail::CapEntry::Kind::SENDER_HOSTED) ++exports_[e.id].pins;
+        if (isExported(e.kind)) ++exports_[e.id].pins;
       }
       if (a.results != nullptr) a.resultCount = n;
     } else {
@@ -159,7 +162,7 @@ void RpcConnection::completeAnswer(uint32_t answerId, Status status) {
       if (a.results != nullptr) giveSpill(std::exchange(a.results, nullptr));
       for (uint32_t i = 0; i < n; ++i) {
         const detail::CapEntry& e = ctx.resultCaps_.entries()[i];
-        if (e.kind != detail::CapEntry::Kind::SENDER_HOSTED || !exports_[e.id].inUse) continue;
+        if (!isExported(e.kind) || e.id == 0 || !exports_[e.id].inUse) continue;
         --exports_[e.id].remoteRefs;
         maybeFreeExport(e.id);
       }
@@ -181,6 +184,8 @@ void RpcConnection::completeAnswer(uint32_t answerId, Status status) {
 void RpcConnection::failAnswer(Answer& a, const Error& error) {
   a.error = error;
   unlinkFromTarget(a);
+  dropProvision(a);
+  stopWaiting(a);
   if (a.queuedCall != nullptr) giveSpill(std::exchange(a.queuedCall, nullptr));
   Result<detail::OutSlot> slot = startOut(EXCEPTION_BYTES);
   if (slot) {
@@ -264,7 +269,9 @@ Result<uint32_t> RpcConnection::resolvePipeline(Answer& target, std::span<const 
   if (!index) return index.error();
   if (*index >= target.resultCount)
     return Error(Errc::FAILED, "pipelined call: capability index outside the results' table");
-  if (target.resultKinds[*index] != detail::CapEntry::Kind::SENDER_HOSTED)
+  // A handed-off capability resolves to its vine, which forwards the call to the host: the
+  // caller's pipelined reference keeps its route (through this vat) for its whole life.
+  if (!isExported(target.resultKinds[*index]))
     return Error(Errc::UNSUPPORTED, "pipelined call on a capability this side does not host");
   return target.resultIds[*index];
 }
@@ -300,11 +307,13 @@ void RpcConnection::freeAnswer(Answer& a) {
   ctx.paramsValid_ = false;
   if (a.queuedCall != nullptr) giveSpill(std::exchange(a.queuedCall, nullptr));
   if (a.results != nullptr) giveSpill(std::exchange(a.results, nullptr));
+  dropProvision(a);
+  stopWaiting(a);
   exportUnpin(std::exchange(a.pinnedExport, NONE));
   for (uint32_t i = 0; i < a.paramPinCount; ++i) exportUnpin(a.paramPins[i]);
   a.paramPinCount = 0;
   for (uint32_t i = 0; i < a.resultCount; ++i) {
-    if (a.resultKinds[i] == detail::CapEntry::Kind::SENDER_HOSTED) exportUnpin(a.resultIds[i]);
+    if (isExported(a.resultKinds[i])) exportUnpin(a.resultIds[i]);
   }
   a.resultCount = 0;
   a.queueHead = a.queueTail = nullptr;
@@ -319,8 +328,9 @@ Status RpcConnection::handleFinish(uint32_t answerId) {
   ++stats_.finishesReceived;
   Answer& a = *answers_[answerId];
   a.finishReceived = true;
-  // Calls pipelined on the answer still need its results: it keeps running for them.
-  if (a.queueHead == nullptr && a.state != Answer::State::RETURNED) {
+  // Calls pipelined on the answer still need its results: it keeps running for them. A
+  // provision is reclaimed all the same (its results hold no capability for them anyway).
+  if ((a.queueHead == nullptr || a.providing) && a.state != Answer::State::RETURNED) {
     if (a.state == Answer::State::RUNNING) {
       a.driver.reset();  // the server sees the cancellation: its coroutine is destroyed
       if (a.context.results_.active()) abandonOut(a.context.results_);

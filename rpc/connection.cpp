@@ -34,6 +34,12 @@ RpcConnection::RpcConnection(MessageSender& tx, MessageReceiver& rx, EventLoop& 
   exports_[0].inUse = true;
   exportsLive_ = 1;
   exportFree_ = NONE;
+  AGATE_REQUIRE((options_.network == nullptr) == (options_.peerVat == NO_VAT),
+                "RpcOptions::network and RpcOptions::peerVat go together");
+  if (options_.network != nullptr) {
+    AGATE_REQUIRE(options_.peerVat != options_.network->vatId(), "a connection to its own vat");
+    options_.network->handoffs().connections[options_.peerVat] = this;
+  }
   reader_.emplace(readLoop());
 }
 
@@ -71,6 +77,12 @@ void RpcConnection::fail(Error reason) {
       q.fulfiller.reset();
     }
   }
+  // Vines of Accepts that will never return: their introducers may reclaim the provisions.
+  // (Dropping one may re-enter another connection; not this one's question table.)
+  for (size_t i = 0; i < questions_.size(); ++i) {
+    if (questions_[i].vine) questions_[i].vine.reset();
+  }
+  leaveNetwork();
   while (queueHead_ != nullptr) {
     detail::SpillBuffer* b = queueHead_;
     queueHead_ = b->next;
@@ -94,7 +106,10 @@ void RpcConnection::fail(Error reason) {
 }
 
 void RpcConnection::teardown() {
-  if (!inReader_) reader_.reset();
+  if (!inReader_) {
+    reader_.reset();  // first: it may be waiting on connecting_
+    connecting_.reset();
+  }
   if (!inPump_) pump_.reset();
   if (detachPending_ && !ringOpen_ && !pumpRunning_) {
     tx_.sender().detach();
@@ -107,10 +122,12 @@ void RpcConnection::teardown() {
   // Destroy owned exports. An object's destructor may drop RemoteCaps (back into importUnref,
   // which sends nothing now), so move them out of the table first.
   std::vector<std::unique_ptr<ServerObject>> doomed;
+  std::vector<std::shared_ptr<ServerObject>> doomedShared;
   for (size_t i = 1; i < exports_.size(); ++i) {
     Export& e = exports_[i];
     if (!e.inUse) continue;
     if (e.owned) doomed.push_back(std::move(e.owned));
+    if (e.shared) doomedShared.push_back(std::move(e.shared));
     e = Export{};
     e.nextFree = exportFree_;
     exportFree_ = static_cast<uint32_t>(i);
@@ -122,13 +139,15 @@ void RpcConnection::teardown() {
   }
   exportByObject_.clear();
   doomed.clear();
+  doomedShared.clear();
 }
 
 // ---------------------------------------------------------------------------------------------
 // Exports and imports
 
 Result<uint32_t> RpcConnection::exportObject(ServerObject* object,
-                                             std::unique_ptr<ServerObject> owned) {
+                                             std::unique_ptr<ServerObject> owned,
+                                             std::shared_ptr<ServerObject> shared) {
   AGATE_REQUIRE(object != nullptr, "exporting a null object");
   if (!owned) {
     auto it = exportByObject_.find(object);
@@ -145,6 +164,7 @@ Result<uint32_t> RpcConnection::exportObject(ServerObject* object,
   e = Export{};
   e.object = object;
   e.owned = std::move(owned);
+  e.shared = std::move(shared);
   e.inUse = true;
   ++exportsLive_;
   exportByObject_.emplace(object, id);
@@ -162,12 +182,14 @@ void RpcConnection::maybeFreeExport(uint32_t id) noexcept {
   Export& e = exports_[id];
   if (id == 0 || !e.inUse || e.remoteRefs != 0 || e.pins != 0) return;
   std::unique_ptr<ServerObject> doomed = std::move(e.owned);
+  std::shared_ptr<ServerObject> doomedShared = std::move(e.shared);
   exportByObject_.erase(e.object);
   e = Export{};
   e.nextFree = exportFree_;
   exportFree_ = id;
   --exportsLive_;
   doomed.reset();  // may re-enter (its RemoteCaps release imports); the table is consistent
+  doomedShared.reset();
 }
 
 void RpcConnection::importRef(uint32_t id) noexcept {
@@ -185,7 +207,7 @@ void RpcConnection::importUnref(uint32_t id) noexcept {
 }
 
 Result<ReceivedCap> RpcConnection::receivedCap(capnp::List<wire::CapDescriptor>::Reader caps,
-                                               uint32_t index) {
+                                               uint32_t index, const RemoteCap* handedOff) {
   // The list was validated when its message was decoded (ids in range, exports live).
   if (index >= caps.size()) return Error(Errc::INVALID_ARGUMENT, "cap index outside the table");
   wire::CapDescriptor::Reader d = caps[index];
@@ -204,6 +226,9 @@ Result<ReceivedCap> RpcConnection::receivedCap(capnp::List<wire::CapDescriptor>:
       cap.local = exports_[id].object;
       return cap;
     }
+    case wire::CapDescriptor::THIRD_PARTY_HOSTED:
+      cap.remote = handedOff[index];  // on the host's connection, or broken
+      return cap;
     default:
       return Error(Errc::INVALID_ARGUMENT, "null capability");
   }
@@ -212,6 +237,9 @@ Result<ReceivedCap> RpcConnection::receivedCap(capnp::List<wire::CapDescriptor>:
 void RpcConnection::releaseResponse(detail::ResponseSlot* slot) noexcept {
   for (wire::CapDescriptor::Reader d : slot->caps) {
     if (d.which() == wire::CapDescriptor::SENDER_HOSTED) importUnref(d.getSenderHosted());
+  }
+  for (uint32_t i = 0; i < slot->caps.size() && i < MAX_CAPS_PER_MESSAGE; ++i) {
+    slot->handedOff[i] = RemoteCap();  // may be on another connection: Finish goes there
   }
   --handles_;
   slot->inPlace.reset();
@@ -238,9 +266,7 @@ void RpcConnection::relocate(detail::ResponseSlot* slot) {
 
 Result<uint32_t> RpcConnection::addCapFor(detail::CapTable& table, const RemoteCap& cap) {
   if (cap.kind_ == RemoteCap::Kind::NONE) return table.tryAdd(detail::CapEntry{});
-  if (cap.conn_ != this)
-    return Error(Errc::INVALID_ARGUMENT,
-                 "a capability of another connection (three-party handoff is not supported)");
+  if (cap.conn_ != nullptr && cap.conn_ != this) return addForeignCap(table, cap);
   if (cap.kind_ != RemoteCap::Kind::IMPORT)
     return Error(Errc::INVALID_ARGUMENT, "a pipelined or broken capability cannot be passed");
   detail::CapEntry e;
@@ -306,13 +332,7 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
     abandonOut(request.slot_);
     return RemotePromise(nullptr, 0, readyPromise<Response>(request.error_), request.error_);
   }
-  uint32_t qid = questionFree_;
-  if (qid != NONE) {
-    questionFree_ = questions_[qid].nextFree;
-  } else {
-    qid = static_cast<uint32_t>(questions_.size());
-    questions_.emplace_back();
-  }
+  const uint32_t qid = takeQuestionId();
   request.call_.setQuestionId(qid);
   Status written = {};
   if (request.caps_.size() > 0) {
@@ -324,22 +344,21 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
     if (request.slot_.active()) abandonOut(request.slot_);
     for (uint32_t i = 0; i < request.caps_.size(); ++i) {  // roll the exports back
       const detail::CapEntry& e = request.caps_.entries()[i];
-      if (e.kind != detail::CapEntry::Kind::SENDER_HOSTED || e.id == 0 || e.id >= exports_.size() ||
-          !exports_[e.id].inUse || exports_[e.id].remoteRefs == 0)
+      const bool exported = e.kind == detail::CapEntry::Kind::SENDER_HOSTED ||
+                            e.kind == detail::CapEntry::Kind::THIRD_PARTY;
+      if (!exported || e.id == 0 || e.id >= exports_.size() || !exports_[e.id].inUse ||
+          exports_[e.id].remoteRefs == 0)
         continue;
       --exports_[e.id].remoteRefs;
       maybeFreeExport(e.id);
     }
-    questions_[qid].nextFree = questionFree_;
-    questionFree_ = qid;
+    giveQuestionId(qid);
     return RemotePromise(nullptr, 0, readyPromise<Response>(sent.error()), sent.error());
   }
   ++stats_.callsSent;
+  openQuestion(qid);
   Question& q = questions_[qid];
-  q = Question{};
-  q.inUse = true;
   q.refs = 1;
-  ++questionsLive_;
   auto [promise, fulfiller] = newPromiseAndFulfiller<Response>();
   q.fulfiller.emplace(std::move(fulfiller));
   ++handles_;

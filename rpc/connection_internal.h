@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstring>
 #include <optional>
+#include <unordered_map>
 
 #include "agate/rpc/connection.h"
 
@@ -23,6 +24,7 @@ inline constexpr size_t CONTROL_BYTES = 64;  // Finish, Release
 inline constexpr size_t EXCEPTION_BYTES =
     64 * 8;  // a Return or Abort with an exception and its reason
 inline constexpr size_t MAX_REASON_ON_WIRE = 120;  // reason text bytes written into an Exception
+inline constexpr size_t HANDOFF_BYTES = 256;       // a Provide or an Accept
 
 // Spill buffers come in size classes of 2^(k + MIN_CLASS_SHIFT) bytes.
 inline constexpr size_t MIN_CLASS_SHIFT = 7;
@@ -56,6 +58,11 @@ inline wire::Exception::Type typeFor(Errc c) {
     default:
       return wire::Exception::Type::FAILED;
   }
+}
+
+// Cap-table kinds that name an export of the writer (an object, or a handoff's vine).
+inline bool isExported(detail::CapEntry::Kind k) {
+  return k == detail::CapEntry::Kind::SENDER_HOSTED || k == detail::CapEntry::Kind::THIRD_PARTY;
 }
 
 // The cap-table index at pointer-field `path` of a payload's content (see PromisedAnswer).
@@ -114,7 +121,51 @@ struct ResponseSlot {
   FrameReader reader;  // decodes `copy`
   capnp::AnyStruct::Reader payload;
   capnp::List<wire::CapDescriptor>::Reader caps;
+  // thirdPartyHosted entries: the capability on the host's connection (pipelined on the Accept).
+  std::array<RemoteCap, MAX_CAPS_PER_MESSAGE> handedOff;
   ResponseSlot* nextFree = nullptr;
+};
+
+// A vat's handoff state, shared by its connections (VatNetwork::handoffs()). Threading: the
+// network's loop thread.
+class HandoffTable {
+ public:
+  // Accepts that may wait at once for their Provide (over all introducers): bounds what peers
+  // can make this vat hold for provisions that never come.
+  static constexpr size_t MAX_WAITING_ACCEPTS = 256;
+
+  struct Key {
+    VatId introducer;
+    uint64_t provisionId;
+    bool operator==(const Key&) const = default;
+  };
+  struct KeyHash {
+    size_t operator()(const Key& k) const noexcept {
+      return std::hash<uint64_t>()(k.introducer * 0x9e3779b97f4a7c15ull ^ k.provisionId);
+    }
+  };
+  // An object kept for a recipient: the Provide's answer on the introducer's connection holds
+  // a pin on the export until the provision is accepted or reclaimed.
+  struct Provision {
+    RpcConnection* provider = nullptr;  // the introducer's connection to this vat
+    uint32_t answerId = 0;              // the Provide's answer there
+    VatId recipient = NO_VAT;
+  };
+  struct Waiting {
+    Key key;
+    RpcConnection* conn = nullptr;  // the recipient's connection to this vat
+    uint32_t answerId = 0;          // the Accept's answer there
+  };
+
+  uint64_t nextProvisionId() noexcept { return ++lastProvisionId_; }
+
+  std::unordered_map<Key, Provision, KeyHash> provisions;
+  std::unordered_map<VatId, uint64_t> highestProvision;   // by introducer: the last Provide's id
+  std::unordered_map<VatId, RpcConnection*> connections;  // open connections by peer vat
+  std::vector<Waiting> waiting;                           // Accepts before their Provide
+
+ private:
+  uint64_t lastProvisionId_ = 0;
 };
 
 }  // namespace detail
@@ -129,6 +180,8 @@ struct RpcConnection::Question {
   bool inUse = false;
   bool returned = false;    // Return received (or the connection ended)
   bool finishSent = false;  // Finish sent (or never to be sent: the connection ended)
+  // An Accept: the vine (an import on the introducer's connection) kept until the Return.
+  std::optional<RemoteCap> vine;
 };
 
 struct RpcConnection::Answer {
@@ -160,11 +213,19 @@ struct RpcConnection::Answer {
   std::array<detail::CapEntry::Kind, MAX_CAPS_PER_MESSAGE> resultKinds{};
   std::array<uint32_t, MAX_CAPS_PER_MESSAGE> resultIds{};
   uint32_t resultCount = 0;
+
+  // A Provide (from the introducer): the provision's key in the vat's HandoffTable while it is
+  // there (pinnedExport pins the provided export meanwhile).
+  bool providing = false;
+  // An Accept waiting for its Provide (an entry of HandoffTable::waiting).
+  bool waitingForProvide = false;
+  detail::HandoffTable::Key provision{};
 };
 
 struct RpcConnection::Export {
   ServerObject* object = nullptr;
   std::unique_ptr<ServerObject> owned;
+  std::shared_ptr<ServerObject> shared;  // instead of `owned` once the object was handed off
   uint32_t remoteRefs = 0;  // references the peer holds (cap-table entries minus Releases)
   uint32_t pins = 0;        // running calls on it, answers whose results name it
   uint32_t nextFree = internal::NONE;
@@ -194,6 +255,16 @@ struct RpcConnection::Decoded {
   std::array<uint32_t, MAX_CAPS_PER_MESSAGE> capIds{};
   uint32_t capCount = 0;
   wire::Exception::Reader exception;
+  // thirdPartyHosted entries (capIds holds the vine) and, once resolveHosts ran, the host's
+  // connection or why there is none.
+  std::array<VatId, MAX_CAPS_PER_MESSAGE> capVats{};
+  std::array<uint64_t, MAX_CAPS_PER_MESSAGE> capProvisions{};
+  std::array<RpcConnection*, MAX_CAPS_PER_MESSAGE> capHosts{};
+  std::array<Error, MAX_CAPS_PER_MESSAGE> capHostErrors{};
+  uint32_t thirdPartyCount = 0;
+  // provide: recipient; accept: introducer.
+  VatId vat = NO_VAT;
+  uint64_t provisionId = 0;
 };
 
 }  // namespace agate::rpc

@@ -173,7 +173,12 @@ capnp::AnyPointer::Reader Response::results() const {
 
 Result<ReceivedCap> Response::getCap(uint32_t capIndex) const {
   AGATE_REQUIRE(conn_ != nullptr, "use of a moved-from Response");
-  return conn_->receivedCap(slot_->caps, capIndex);
+  return conn_->receivedCap(slot_->caps, capIndex, slot_->handedOff.data());
+}
+
+uint32_t Response::capCount() const {
+  AGATE_REQUIRE(conn_ != nullptr, "use of a moved-from Response");
+  return slot_->caps.size();
 }
 
 Result<ReceivedCap> Response::capAt(capnp::AnyStruct::Reader s, uint16_t pointerIndex) const {

@@ -33,10 +33,21 @@ Promise<void> RpcConnection::readLoop() {
         co_return {};
       }
       ++stats_.messagesReceived;
-      inReader_ = true;
-      Status handled = handleMessage(*in);
-      if (handled) runWorklist();
-      inReader_ = false;
+      Status handled = {};
+      for (;;) {
+        inReader_ = true;
+        handled = handleMessage(*in);
+        if (handled) runWorklist();
+        inReader_ = false;
+        if (handled.code() != Errc::WOULD_BLOCK || !connecting_) break;
+        // A handoff names a vat this one has no connection to yet: read nothing more until it
+        // is made (the frame stays in place), then handle the same message again.
+        Result<RpcConnection*> made = co_await *connecting_;
+        connecting_.reset();
+        if (!isOpen()) co_return {};
+        connected_.emplace_back(connectingVat_, made);
+      }
+      connected_.clear();
       if (!handled) {
         if (isOpen()) {
           sendAbort(handled.error());
@@ -79,6 +90,21 @@ Status RpcConnection::decodeCapTable(capnp::List<wire::CapDescriptor>::Reader ca
         if (d.capIds[i] >= exports_.size() || !exports_[d.capIds[i]].inUse)
           return Error(Errc::PROTOCOL_ERROR, "cap table names an export that does not exist");
         break;
+      case wire::CapDescriptor::THIRD_PARTY_HOSTED: {
+        wire::ThirdPartyCapDescriptor::Reader t = c.getThirdPartyHosted();
+        d.capKinds[i] = detail::CapEntry::Kind::THIRD_PARTY;
+        d.capIds[i] = t.getVineId();
+        d.capVats[i] = t.getVatId();
+        d.capProvisions[i] = t.getProvisionId();
+        if (d.capIds[i] >= options_.maxImports)
+          return Error(Errc::PROTOCOL_ERROR, "vine id beyond the import table's bound");
+        if (d.capVats[i] == NO_VAT || d.capVats[i] == options_.peerVat ||
+            (options_.network != nullptr && d.capVats[i] == options_.network->vatId()))
+          return Error(Errc::PROTOCOL_ERROR,
+                       "third-party capability hosted by no vat, the sender or the receiver");
+        ++d.thirdPartyCount;
+        break;
+      }
       default:
         return Error(Errc::PROTOCOL_ERROR, "unknown cap descriptor");
     }
@@ -175,6 +201,58 @@ Status RpcConnection::decode(wire::Message::Reader m, Decoded& d) {
     case wire::Message::RESOLVE:
     case wire::Message::DISEMBARGO:
       return Error(Errc::PROTOCOL_ERROR, "resolve/disembargo are not used by this version");
+    case wire::Message::PROVIDE: {
+      if (options_.network == nullptr)
+        return Error(Errc::PROTOCOL_ERROR, "provide on a connection without a vat network");
+      wire::Provide::Reader pr = m.getProvide();
+      d.id = pr.getQuestionId();
+      if (d.id >= options_.maxAnswers)
+        return Error(Errc::PROTOCOL_ERROR, "question id beyond the answer table's bound");
+      if (d.id < answers_.size() && answers_[d.id] && answers_[d.id]->state != Answer::State::FREE)
+        return Error(Errc::PROTOCOL_ERROR, "question id reused before Finish and Return");
+      d.vat = pr.getRecipient();
+      d.provisionId = pr.getProvisionId();
+      if (d.vat == NO_VAT || d.vat == options_.peerVat || d.vat == options_.network->vatId())
+        return Error(Errc::PROTOCOL_ERROR, "provide for no vat, the introducer or the provider");
+      const detail::HandoffTable& table = options_.network->handoffs();
+      auto highest = table.highestProvision.find(options_.peerVat);
+      if (highest != table.highestProvision.end() && d.provisionId <= highest->second)
+        return Error(Errc::PROTOCOL_ERROR, "provision id not above the last one (a replay)");
+      wire::MessageTarget::Reader target = pr.getTarget();
+      switch (target.which()) {
+        case wire::MessageTarget::IMPORTED_CAP:
+          d.targetIsAnswer = false;
+          d.targetId = target.getImportedCap();
+          if (d.targetId >= exports_.size() || !exports_[d.targetId].inUse)
+            return Error(Errc::PROTOCOL_ERROR, "provide of an export id that does not exist");
+          return {};
+        case wire::MessageTarget::PROMISED_ANSWER:
+          d.targetIsAnswer = true;
+          d.targetId = target.getPromisedAnswer().getQuestionId();
+          if (d.targetId >= answers_.size() || !answers_[d.targetId] ||
+              answers_[d.targetId]->state == Answer::State::FREE ||
+              answers_[d.targetId]->finishReceived || d.targetId == d.id)
+            return Error(Errc::PROTOCOL_ERROR, "provide of a promised answer that does not exist");
+          return {};
+        default:
+          return Error(Errc::PROTOCOL_ERROR, "unknown provide target");
+      }
+    }
+    case wire::Message::ACCEPT: {
+      if (options_.network == nullptr)
+        return Error(Errc::PROTOCOL_ERROR, "accept on a connection without a vat network");
+      wire::Accept::Reader ac = m.getAccept();
+      d.id = ac.getQuestionId();
+      if (d.id >= options_.maxAnswers)
+        return Error(Errc::PROTOCOL_ERROR, "question id beyond the answer table's bound");
+      if (d.id < answers_.size() && answers_[d.id] && answers_[d.id]->state != Answer::State::FREE)
+        return Error(Errc::PROTOCOL_ERROR, "question id reused before Finish and Return");
+      d.vat = ac.getIntroducer();
+      d.provisionId = ac.getProvisionId();
+      if (d.vat == NO_VAT || d.vat == options_.peerVat || d.vat == options_.network->vatId())
+        return Error(Errc::PROTOCOL_ERROR, "accept naming no introducer, itself or the provider");
+      return {};
+    }
   }
   return Error(Errc::PROTOCOL_ERROR, "unknown message kind");
 }
@@ -189,11 +267,16 @@ Status RpcConnection::handleMessage(IncomingMessage& message) {
   });
   if (!read) return read;
   if (!decoded) return decoded;
+  if (d.thirdPartyCount > 0) AGATE_TRY(resolveHosts(d));  // WOULD_BLOCK: the reader waits
   switch (d.which) {
     case wire::Message::CALL:
       return handleCall(message, root, d);
     case wire::Message::RETURN:
       return handleReturn(message, d);
+    case wire::Message::PROVIDE:
+      return handleProvide(d);
+    case wire::Message::ACCEPT:
+      return handleAccept(d);
     case wire::Message::FINISH:
       return handleFinish(d.id);
     case wire::Message::RELEASE:
@@ -245,6 +328,10 @@ Status RpcConnection::handleReturn(IncomingMessage& message, const Decoded& d) {
         responseStore_.push_back(std::make_unique<detail::ResponseSlot>(rx_.limits()));
         slot = responseStore_.back().get();
       }
+      for (uint32_t i = 0; d.thirdPartyCount > 0 && i < d.capCount; ++i) {
+        if (d.capKinds[i] == detail::CapEntry::Kind::THIRD_PARTY)
+          slot->handedOff[i] = acceptThirdParty(d, i);
+      }
       slot->payload = d.payload;
       slot->caps = d.caps;
       ++handles_;
@@ -265,6 +352,7 @@ Status RpcConnection::handleReturn(IncomingMessage& message, const Decoded& d) {
       break;
   }
   q.fulfiller.reset();
+  q.vine.reset();     // an Accept returned: the introducer may reclaim its side of the handoff
   if (q.refs == 0) {  // Finish already sent: the question id is free again
     q = Question{};
     q.nextFree = questionFree_;

@@ -266,11 +266,23 @@ Status RpcConnection::writeCapTable(capnp::List<wire::CapDescriptor>::Builder ou
         out[i].setReceiverHosted(e.id);
         break;
       case detail::CapEntry::Kind::SENDER_HOSTED: {
-        Result<uint32_t> id = exportObject(e.object, std::move(e.owned));
+        Result<uint32_t> id = exportObject(e.object, std::move(e.owned), std::move(e.shared));
         if (!id) return id.error();
         e.id = *id;
         ++exports_[e.id].remoteRefs;
         out[i].setSenderHosted(e.id);
+        break;
+      }
+      case detail::CapEntry::Kind::THIRD_PARTY: {
+        // The vine is exported like any object of ours; the receiver holds one reference.
+        Result<uint32_t> id = exportObject(e.object, std::move(e.owned));
+        if (!id) return id.error();
+        e.id = *id;
+        ++exports_[e.id].remoteRefs;
+        wire::ThirdPartyCapDescriptor::Builder t = out[i].initThirdPartyHosted();
+        t.setVatId(e.vat);
+        t.setProvisionId(e.provisionId);
+        t.setVineId(e.id);
         break;
       }
     }

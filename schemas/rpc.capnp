@@ -52,9 +52,112 @@ struct Message {
 
     resolve @5 :Resolve;
     disembargo @6 :Disembargo;
-    # Reserved for promise capabilities and embargoes (three-party handoff, route changes). This
-    # version never sends them and aborts with PROTOCOL_ERROR when it receives one.
+    # Reserved for promise capabilities that resolve later. This version never sends them and
+    # aborts with PROTOCOL_ERROR when it receives one (see "Three-party handoff" below for why
+    # the handoff needs no embargo).
+
+    provide @7 :Provide;
+    accept @8 :Accept;
+    # Three-party handoff (see the section below). Only between vats that have a VatNetwork
+    # (both connections know the peer's vat id); otherwise PROTOCOL_ERROR.
   }
+}
+
+# Three-party handoff
+#
+# Vat C (the introducer) holds an import from vat A (the provider) and passes it to vat B (the
+# recipient) in a Call's params or a Return's results. B must end up calling A directly:
+#
+#   1. C -> A   Provide {questionId q, target = importedCap(e), recipient = B, provisionId p}
+#               A records the provision (C, p) -> its export e, for B only.
+#   2. C -> B   the cap-table entry thirdPartyHosted {vatId = A, provisionId = p, vineId = v}:
+#               v is an export of C (the vine) that keeps the provision alive.
+#   3. B -> A   (on B's own connection to A, made through the VatNetwork if needed)
+#               Accept {questionId a, introducer = C, provisionId = p}. B's calls on the cap go
+#               out at once, pipelined on a: promisedAnswer(a, [0]).
+#   4. A        matches (C, p), checks that the Accept came from B, and returns the Accept with
+#               AcceptResults {cap = senderHosted(e')}, e' an export of A on B's connection; it
+#               then returns the Provide (empty results). B's pipelined calls are delivered.
+#   5. B -> C   Release of the vine once the Accept returned (or failed); C then sends Finish
+#               for the Provide.
+#
+# Order (E-order, no embargo needed): C's calls on the cap precede its Provide on the C->A ring;
+# A dispatches calls on an export in arrival order, so they are all delivered before A reads the
+# Provide. A never returns an Accept before the matching Provide has arrived (an early Accept
+# waits, see Accept), and B's calls are queued on the Accept's answer until it returns. So every
+# call C made before passing the cap is delivered before any call B makes on it. The route of a
+# reference never changes afterwards: B never calls through the vine (its calls on the handed-off
+# cap always go to A), and a reference that B got pipelined on an answer of C stays a reference
+# through C (C forwards), so no Disembargo is ever needed.
+#
+# Failure: every way a provision can end is one of its three ids ending, so nothing leaks:
+#   * B accepts: A frees the provision and returns the Provide.
+#   * B never accepts (drops the cap unused, fails, dies): the vine's last reference goes
+#     (Release, or C-B's death), C sends Finish for the Provide; A frees the provision and
+#     returns Provide.canceled.
+#   * C dies: A frees every provision C made; an Accept naming one gets DISCONNECTED.
+#   * A dies: C's Provide and B's Accept fail DISCONNECTED; B's pipelined calls with them.
+#   * B dies before its Accept returns: A frees the Accept's answer (and a waiting Accept).
+
+struct ThirdPartyCapDescriptor {
+  vatId @0 :UInt64;
+  # The provider: the vat that hosts the object. Never the sender (it would use senderHosted),
+  # never the receiver (receiverHosted) and never 0, else PROTOCOL_ERROR.
+
+  provisionId @1 :UInt64;
+  # Chosen by the sender (the introducer) from its vat-wide counter; strictly increasing over
+  # all the Provides it sends to any one provider, never reused. Names, with the introducer's
+  # vat id, the provision at the provider.
+
+  vineId @2 :UInt32;
+  # An export id of the sender (one reference, released as for senderHosted). While the receiver
+  # holds it the introducer keeps the provision; its release reclaims an unaccepted provision.
+  # The vine forwards calls to the object, but the recipient never calls it.
+}
+
+struct Provide {
+  questionId @0 :UInt32;
+  # The introducer's question id on its connection to the provider (the same id space as
+  # Call.questionId, the same rules). The provider returns empty results once the recipient
+  # accepted, or an exception when it cannot keep the provision. Finish before the Return
+  # reclaims the provision (Return.canceled follows).
+
+  target @1 :MessageTarget;
+  # The provided object: importedCap of a live export of the provider (else PROTOCOL_ERROR). A
+  # promisedAnswer target is refused with an UNSUPPORTED exception.
+
+  recipient @2 :UInt64;
+  # The only vat whose Accept may take the provision. Not 0, not the provider, not the
+  # introducer (else PROTOCOL_ERROR).
+
+  provisionId @3 :UInt64;
+  # See ThirdPartyCapDescriptor.provisionId. Must be greater than every provision id this
+  # introducer sent to this provider before (a replayed or reordered Provide is a
+  # PROTOCOL_ERROR).
+}
+
+struct Accept {
+  questionId @0 :UInt32;
+  # The recipient's question id on its connection to the provider (Call.questionId's rules).
+  # Returns AcceptResults; calls may be pipelined on it with the path [0]. An Accept that
+  # arrives before its Provide waits for it (bounded: at most a few hundred per provider) until
+  # the Provide arrives, a Provide with a higher id from the same introducer shows it never
+  # will (NOT_FOUND), the introducer disconnects (DISCONNECTED), or the recipient sends Finish.
+
+  introducer @1 :UInt64;
+  # The vat that sent the Provide (the one the recipient got the cap from).
+
+  provisionId @2 :UInt64;
+  # From the ThirdPartyCapDescriptor. Errors (the Accept's answer gets an exception; the
+  # provision, if any, is left as it was): no such provision and the introducer connected with
+  # a later one seen: NOT_FOUND (never provided, already accepted, or reclaimed); the
+  # introducer is not connected to the provider: DISCONNECTED; the provision names another
+  # recipient: PERMISSION_DENIED.
+}
+
+struct AcceptResults {
+  cap @0 :AnyPointer;
+  # A capability pointer: index 0 of the Return's cap table, senderHosted by the provider.
 }
 
 struct Call {
@@ -122,6 +225,11 @@ struct CapDescriptor {
     receiverHosted @2 :UInt32;
     # A capability the sender imported from the receiver, passed back to it: an export id of
     # the RECEIVER, which must be live there (else PROTOCOL_ERROR). Adds no reference.
+    thirdPartyHosted @3 :ThirdPartyCapDescriptor;
+    # A capability the sender imported from a third vat, handed off so that the receiver talks
+    # to that vat directly (see "Three-party handoff"). Sent only when both of the sender's
+    # connections have a VatNetwork. A receiver without one gets a broken capability (its calls
+    # fail UNSUPPORTED) and releases the vine.
   }
 }
 

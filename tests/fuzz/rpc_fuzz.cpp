@@ -5,8 +5,10 @@
 // The frames are written into the connection's inbound LOCAL ring, the peer then detaches, and the
 // connection runs until it ends. Checks: it ends with DISCONNECTED (every frame was acceptable)
 // or PROTOCOL_ERROR (it aborted), within the deadline; after it is destroyed no call is left
-// running and every object it created is destroyed (nothing leaks, nothing is freed twice; ASan
-// and UBSan see every access).
+// running, every object it created is destroyed and its vat keeps no provision and no waiting
+// Accept (nothing leaks, nothing is freed twice; ASan and UBSan see every access). The victim is
+// vat 1 of a VatNetwork that reaches no other vat, its peer vat 2 (so Provide, Accept and
+// thirdPartyHosted entries are decoded and acted on).
 #include <cstring>
 #include <memory>
 
@@ -22,6 +24,15 @@ namespace {
 
 constexpr size_t MAX_FRAMES = 24;
 constexpr size_t MAX_TOTAL_WORDS = 4096;
+
+// Vat 1, alone: every connect() fails at once (third-party caps arrive broken).
+class LoneVat final : public rpc::VatNetwork {
+ public:
+  rpc::VatId vatId() const noexcept override { return 1; }
+  Promise<rpc::RpcConnection*> connect(rpc::VatId) override {
+    return readyPromise<rpc::RpcConnection*>(Error(Errc::NOT_FOUND, "no other vat"));
+  }
+};
 
 EventLoop& fuzzLoop() {
   // One loop per thread for all inputs (creating an io_uring per input would dominate).
@@ -44,7 +55,10 @@ FuzzOutcome fuzzRpcConnection(std::span<const std::byte> input) {
   MessageSender victimTx(fromVictim->attachSender().value());
   Log log;
   Node root(0, log);
+  LoneVat vat;
   rpc::RpcOptions options;
+  options.network = &vat;
+  options.peerVat = 2;
   options.bootstrap = &root;
   options.maxAnswers = 64;
   options.maxImports = 64;
@@ -73,6 +87,9 @@ FuzzOutcome fuzzRpcConnection(std::span<const std::byte> input) {
   AGATE_ASSERT(log.hanging == 0, "%d calls still running after the connection died", log.hanging);
   AGATE_ASSERT(log.destroyed == log.created - 1, "%d objects created, %d destroyed",
                log.created - 1, log.destroyed);
+  AGATE_ASSERT(vat.provisionCount() == 0 && vat.waitingAcceptCount() == 0,
+               "%zu provisions and %zu accepts left after the connection died",
+               vat.provisionCount(), vat.waitingAcceptCount());
   return ended.code() == Errc::DISCONNECTED ? FuzzOutcome::ACCEPTED : FuzzOutcome::REFUSED;
 }
 

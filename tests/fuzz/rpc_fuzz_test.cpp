@@ -79,6 +79,41 @@ Frame withCap(uint32_t q, uint16_t method, bool senderHosted, uint32_t id) {
   });
 }
 
+Frame provide(uint32_t q, uint32_t exportId, uint64_t recipient, uint64_t provisionId) {
+  return build([&](rpc::wire::Message::Builder m) {
+    auto p = m.initProvide();
+    p.setQuestionId(q);
+    p.initTarget().setImportedCap(exportId);
+    p.setRecipient(recipient);
+    p.setProvisionId(provisionId);
+  });
+}
+
+Frame accept(uint32_t q, uint64_t introducer, uint64_t provisionId) {
+  return build([&](rpc::wire::Message::Builder m) {
+    auto a = m.initAccept();
+    a.setQuestionId(q);
+    a.setIntroducer(introducer);
+    a.setProvisionId(provisionId);
+  });
+}
+
+Frame withThirdPartyCap(uint32_t q, uint16_t method, uint64_t host, uint32_t vine) {
+  return build([&](rpc::wire::Message::Builder m) {
+    auto c = m.initCall();
+    c.setQuestionId(q);
+    c.getTarget().setImportedCap(0);
+    c.setInterfaceId(NODE_INTERFACE_ID);
+    c.setMethodId(method);
+    auto p = c.initParams();
+    rpc::writeCapPointer(p.getContent().initAs<rpc::test::CapParam>(), 0, 0);
+    auto t = p.initCapTable(1)[0].initThirdPartyHosted();
+    t.setVatId(host);
+    t.setProvisionId(7);
+    t.setVineId(vine);
+  });
+}
+
 Frame finish(uint32_t q) {
   return build([&](rpc::wire::Message::Builder m) { m.initFinish().setQuestionId(q); });
 }
@@ -102,6 +137,11 @@ std::vector<Conversation> seeds() {
       {call(1, 0, NEXT), withCap(2, IDENTIFY, false, 1), finish(2), release(1, 1)},
       {withCap(1, CALL_BACK, true, 3), withCap(2, IDENTIFY, true, 4), finish(2)},
       {call(1, 0, FAIL_LATER), pipelined(2, 1, NEXT), pipelined(3, 2, ECHO), finish(1)},
+      // Three-party handoff (the victim is vat 1, its peer vat 2).
+      {call(1, 0, NEXT), provide(2, 1, 3, 1), provide(3, 0, 4, 2), finish(2), finish(1),
+       release(1, 1)},
+      {accept(1, 3, 5), finish(1), provide(2, 0, 3, 9), accept(3, 4, 1)},
+      {withThirdPartyCap(1, CALL_BACK, 3, 4), withThirdPartyCap(2, IDENTIFY, 5, 6), finish(2)},
   };
 }
 

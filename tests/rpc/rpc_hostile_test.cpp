@@ -323,5 +323,60 @@ TEST_F(RpcHostileTest, AbortFromThePeerFailsOurCallsWithItsReason) {
   EXPECT_STREQ(victim_->failure().detail, "going away");
 }
 
+TEST_F(RpcHostileTest, ProvideOrAcceptOnAConnectionWithoutANetworkAborts) {
+  send([](wire::Message::Builder m) {
+    wire::Provide::Builder p = m.initProvide();
+    p.setQuestionId(1);
+    p.initTarget().setImportedCap(0);
+    p.setRecipient(5);
+    p.setProvisionId(1);
+  });
+  expectAborted();
+}
+
+TEST_F(RpcHostileTest, AcceptOnAConnectionWithoutANetworkAborts) {
+  send([](wire::Message::Builder m) {
+    wire::Accept::Builder a = m.initAccept();
+    a.setQuestionId(1);
+    a.setIntroducer(5);
+    a.setProvisionId(1);
+  });
+  expectAborted();
+}
+
+TEST_F(RpcHostileTest, AThirdPartyCapabilityWithoutANetworkArrivesBrokenAndItsVineIsReleased) {
+  send([](wire::Message::Builder m) {
+    wire::Call::Builder c = m.initCall();
+    c.setQuestionId(1);
+    c.getTarget().setImportedCap(0);
+    c.setInterfaceId(NODE_INTERFACE_ID);
+    c.setMethodId(CALL_BACK);  // calls ECHO on the cap: fails with the broken cap's error
+    wire::Payload::Builder p = c.initParams();
+    writeCapPointer(p.getContent().initAs<CapParam>(), 0, 0);
+    wire::ThirdPartyCapDescriptor::Builder t = p.initCapTable(1)[0].initThirdPartyHosted();
+    t.setVatId(5);
+    t.setProvisionId(1);
+    t.setVineId(3);
+  });
+  bool released = false, returned = false;
+  for (int i = 0; i < 2; ++i) {
+    expectFromVictim([&](wire::Message::Reader m) {
+      if (m.which() == wire::Message::RELEASE) {
+        EXPECT_EQ(m.getRelease().getId(), 3u);
+        EXPECT_EQ(m.getRelease().getReferenceCount(), 1u);
+        released = true;
+      } else {
+        ASSERT_EQ(m.which(), wire::Message::RETURN);
+        EXPECT_EQ(m.getReturn().getException().getErrc(), static_cast<uint16_t>(Errc::UNSUPPORTED));
+        returned = true;
+      }
+    });
+  }
+  EXPECT_TRUE(released);
+  EXPECT_TRUE(returned);
+  EXPECT_TRUE(victim_->isOpen());
+  EXPECT_EQ(victim_->importCount(), 0u);
+}
+
 }  // namespace
 }  // namespace agate::rpc::test

@@ -22,6 +22,10 @@
 // question table (calls it made), an answer table (calls it serves), an export table (objects it
 // hosts) and an import table (objects the peer hosts). Export 0 is the `bootstrap` object.
 //
+// Three-party handoff: with a VatNetwork in RpcOptions (vat_network.h), a RemoteCap of another
+// connection passed in a cap table is handed off, so the receiver calls its host directly;
+// without one it is proxied through this vat (rpc/README.md, "Three-party handoff").
+//
 // Ordering (E-order): calls made through one RemoteCap are delivered to the target object in
 // the order they were sent, including calls pipelined on a promised answer (queued by the callee
 // until the answer returns, then delivered in order ahead of anything that arrives later).
@@ -71,6 +75,7 @@
 #include <vector>
 
 #include "agate/rpc/cap_pointer.h"
+#include "agate/rpc/vat_network.h"
 #include "agate/runtime/event_loop.h"
 #include "agate/runtime/message.h"
 #include "agate/runtime/message_channel.h"
@@ -125,11 +130,14 @@ class OutSlot {
 
 // One entry of an outbound cap table before it is written.
 struct CapEntry {
-  enum class Kind : uint8_t { NONE, SENDER_HOSTED, RECEIVER_HOSTED };
+  enum class Kind : uint8_t { NONE, SENDER_HOSTED, RECEIVER_HOSTED, THIRD_PARTY };
   Kind kind = Kind::NONE;
-  uint32_t id = 0;                      // RECEIVER_HOSTED: the peer's export id
-  ServerObject* object = nullptr;       // SENDER_HOSTED
-  std::unique_ptr<ServerObject> owned;  // SENDER_HOSTED, when the connection takes ownership
+  uint32_t id = 0;                       // RECEIVER_HOSTED: the peer's export id
+  ServerObject* object = nullptr;        // SENDER_HOSTED; THIRD_PARTY: the vine
+  std::unique_ptr<ServerObject> owned;   // SENDER_HOSTED, when the connection takes ownership
+  std::shared_ptr<ServerObject> shared;  // SENDER_HOSTED, owned jointly (a handed-off object)
+  VatId vat = NO_VAT;                    // THIRD_PARTY: the provider
+  uint64_t provisionId = 0;              // THIRD_PARTY
 };
 
 // An outbound cap table being collected while content is built.
@@ -226,6 +234,8 @@ class Response {
   // pointer field. INVALID_ARGUMENT for an index outside the table or a null entry.
   Result<ReceivedCap> getCap(uint32_t capIndex) const;
   Result<ReceivedCap> capAt(capnp::AnyStruct::Reader s, uint16_t pointerIndex) const;
+  // Entries in the results' cap table.
+  uint32_t capCount() const;
 
  private:
   friend class RpcConnection;
@@ -286,8 +296,11 @@ class [[nodiscard]] Request {
     return params().initAs<T>();
   }
   // Adds a capability to the params' cap table; write its index into the content with
-  // writeCapPointer. INVALID_ARGUMENT for a RemoteCap of another connection or a pipelined one
-  // (three-party handoff and promise passing are not done yet), OUT_OF_MEMORY past
+  // writeCapPointer. A RemoteCap of another connection is handed off to the receiver (it will
+  // call the host directly) when both connections have a VatNetwork, else passed as a proxy
+  // through this vat (a forwarding export); one still pipelined on another connection is always
+  // proxied. INVALID_ARGUMENT for a pipelined RemoteCap of this connection (promise passing is
+  // not done) or a broken one; the host connection's error when it is dead; OUT_OF_MEMORY past
   // MAX_CAPS_PER_MESSAGE.
   Result<uint32_t> addCap(const RemoteCap& cap);
   Result<uint32_t> addCap(ServerObject& object);                  // stays owned by the caller
@@ -335,6 +348,8 @@ class CallContext {
   // index from a capability pointer field of the params (synchronous part only).
   Result<ReceivedCap> getCap(uint32_t capIndex) const;
   Result<ReceivedCap> capAt(capnp::AnyStruct::Reader s, uint16_t pointerIndex) const;
+  // Entries in the params' cap table.
+  uint32_t capCount() const noexcept { return paramCapCount_; }
 
   // Starts the results, in place in an outbound frame of about `sizeHint` bytes of content. The
   // Return goes out when dispatch's promise completes. Building results and then suspending is
@@ -387,6 +402,10 @@ struct RpcOptions {
   // meanwhile runs first) before it reads on: a peer that keeps its ring full cannot hold the
   // loop. 0: no budget (a lone connection reads until its ring is empty).
   uint32_t messagesPerTurn = 0;
+  // Three-party handoff (vat_network.h): this vat's network (not owned; outlives the
+  // connection) and the vat id of the peer, as the network authenticated it. Both or neither.
+  VatNetwork* network = nullptr;
+  VatId peerVat = NO_VAT;
 };
 
 // Message counters (tests assert protocol behaviour with them; benchmarks report them).
@@ -403,6 +422,11 @@ struct RpcStats {
   uint64_t releasesReceived = 0;
   uint64_t pipelinedCallsQueued = 0;  // calls the callee held until their promised answer
   uint64_t spilledMessages = 0;       // messages built outside the ring (backpressure)
+  uint64_t providesSent = 0;          // handoffs this vat introduced on this connection
+  uint64_t providesReceived = 0;
+  uint64_t acceptsSent = 0;  // handoffs this vat took over this connection
+  uint64_t acceptsReceived = 0;
+  uint64_t acceptsWaited = 0;  // Accepts that arrived before their Provide
 };
 
 class RpcConnection {
@@ -429,6 +453,7 @@ class RpcConnection {
   void close(Error reason);
 
   const RpcStats& stats() const noexcept { return stats_; }
+  VatId peerVat() const noexcept { return options_.peerVat; }
   // Live entries of each table (tests check nothing leaks).
   uint32_t questionCount() const noexcept { return questionsLive_; }
   uint32_t answerCount() const noexcept { return answersLive_; }
@@ -476,10 +501,30 @@ class RpcConnection {
   void questionUnref(uint32_t id) noexcept;
   void importRef(uint32_t id) noexcept;
   void importUnref(uint32_t id) noexcept;
-  Result<ReceivedCap> receivedCap(capnp::List<wire::CapDescriptor>::Reader caps, uint32_t index);
+  Result<ReceivedCap> receivedCap(capnp::List<wire::CapDescriptor>::Reader caps, uint32_t index,
+                                  const RemoteCap* handedOff);
   void releaseResponse(detail::ResponseSlot* slot) noexcept;
   void relocate(detail::ResponseSlot* slot);
   Result<uint32_t> addCapFor(detail::CapTable& table, const RemoteCap& cap);
+
+  // --- three-party handoff (handoff.cpp) ---
+  Result<uint32_t> addForeignCap(detail::CapTable& table, const RemoteCap& cap);
+  Result<RemoteCap> sendProvide(uint32_t importId, VatId recipient, uint64_t provisionId);
+  RemoteCap sendAccept(VatId introducer, uint64_t provisionId, RemoteCap vine);
+  Status resolveHosts(Decoded& d);
+  RemoteCap acceptThirdParty(const Decoded& d, uint32_t index);
+  Status handleProvide(const Decoded& d);
+  Status handleAccept(const Decoded& d);
+  void acceptOrWait(Answer& accept);
+  void completeAccept(Answer& accept, ServerObject* object, std::shared_ptr<ServerObject> owner);
+  void completeProvide(uint32_t answerId);
+  void dropProvision(Answer& answer) noexcept;
+  void stopWaiting(Answer& answer) noexcept;
+  std::shared_ptr<ServerObject> shareExport(uint32_t exportId);
+  void leaveNetwork();
+  uint32_t takeQuestionId();
+  void giveQuestionId(uint32_t id) noexcept;
+  void openQuestion(uint32_t id);
 
   // --- inbound ---
   Promise<void> readLoop();
@@ -507,7 +552,8 @@ class RpcConnection {
   void finishAnswerIfDone(Answer& answer);
   void unlinkFromTarget(Answer& answer);
   void freeAnswer(Answer& answer);
-  Result<uint32_t> exportObject(ServerObject* object, std::unique_ptr<ServerObject> owned);
+  Result<uint32_t> exportObject(ServerObject* object, std::unique_ptr<ServerObject> owned,
+                                std::shared_ptr<ServerObject> shared = nullptr);
   void exportUnpin(uint32_t id) noexcept;
   void maybeFreeExport(uint32_t id) noexcept;
   Result<capnp::AnyPointer::Builder> initResults(CallContext& context, size_t sizeHint);
@@ -562,6 +608,12 @@ class RpcConnection {
 
   // Answers whose queued pipelined calls can now be settled (run iteratively, not recursively).
   std::vector<uint32_t> worklist_;
+
+  // A handoff's host connection being made (the reader waits for it), and the outcomes of
+  // those made for the message being handled (consulted when it is handled again).
+  std::optional<Promise<RpcConnection*>> connecting_;
+  VatId connectingVat_ = NO_VAT;
+  std::vector<std::pair<VatId, Result<RpcConnection*>>> connected_;
 
   // Responses: pooled slots, and the one that may still hold the inbound frame.
   std::vector<std::unique_ptr<detail::ResponseSlot>> responseStore_;

@@ -1,0 +1,476 @@
+// RpcConnection's three-party handoff: the introducer's Provide and vine, the recipient's
+// Accept, the provider's provisions and the Accepts that wait for their Provide; and Forwarder,
+// the export that stands for a capability of another connection. Protocol and its order and
+// failure rules: schemas/rpc.capnp, "Three-party handoff".
+#include "connection_internal.h"
+
+namespace agate::rpc {
+
+using namespace internal;
+
+VatNetwork::VatNetwork() : handoffs_(std::make_unique<detail::HandoffTable>()) {}
+VatNetwork::~VatNetwork() = default;
+size_t VatNetwork::provisionCount() const noexcept { return handoffs_->provisions.size(); }
+size_t VatNetwork::waitingAcceptCount() const noexcept { return handoffs_->waiting.size(); }
+
+namespace {
+
+bool holdsCapability(capnp::AnyPointer::Reader p);
+
+bool structHoldsCapability(capnp::AnyStruct::Reader s) {
+  for (capnp::AnyPointer::Reader p : s.getPointerSection()) {
+    if (holdsCapability(p)) return true;
+  }
+  return false;
+}
+
+// Whether content holds a capability pointer anywhere. Runs on content a FrameReader validated,
+// inside the caller's try: Cap'n Proto's nesting and traversal limits bound the walk.
+bool holdsCapability(capnp::AnyPointer::Reader p) {
+  switch (p.getPointerType()) {
+    case capnp::PointerType::NULL_:
+      return false;
+    case capnp::PointerType::CAPABILITY:
+      return true;
+    case capnp::PointerType::STRUCT:
+      return structHoldsCapability(p.getAs<capnp::AnyStruct>());
+    case capnp::PointerType::LIST: {
+      capnp::AnyList::Reader list = p.getAs<capnp::AnyList>();
+      if (list.getElementSize() == capnp::ElementSize::INLINE_COMPOSITE) {
+        for (capnp::AnyStruct::Reader s : list.as<capnp::List<capnp::AnyStruct>>()) {
+          if (structHoldsCapability(s)) return true;
+        }
+      } else if (list.getElementSize() == capnp::ElementSize::POINTER) {
+        for (capnp::AnyPointer::Reader e : list.as<capnp::List<capnp::AnyPointer>>()) {
+          if (holdsCapability(e)) return true;
+        }
+      }
+      return false;
+    }
+  }
+  return true;  // unknown kinds are not copied
+}
+
+// Stands for a capability of another connection (`target`) in this vat's export table: every
+// call delivered to it is sent on to the target, and its results come back as this call's
+// results. Content is copied; a call or results carrying capabilities fail with UNSUPPORTED
+// (copying capability pointers needs their cap tables translated, not done yet).
+//
+// Two uses: a proxy, when a capability of another connection is passed to a peer that cannot
+// take a handoff (or one still pipelined there); and a handoff's vine, when it also holds the
+// Provide's question (`provision`): dropping the vine (the recipient released it, or its
+// connection died) sends Finish for the Provide, which reclaims an unaccepted provision. Calls
+// pipelined on an answer whose results hand the target off also arrive here (their reference
+// keeps its route through this vat).
+//
+// Ownership: owned by the export table of the connection it is exported on. Its RemoteCaps are
+// on the host's connection (see VatNetwork on closing connections before destroying them).
+class Forwarder final : public ServerObject {
+ public:
+  Forwarder(RemoteCap target, RemoteCap provision)
+      : target_(std::move(target)), provision_(std::move(provision)) {}
+
+  Promise<void> dispatch(uint64_t interfaceId, uint16_t methodId, CallContext& ctx) override {
+    if (ctx.capCount() > 0)
+      return readyPromise<void>(
+          Error(Errc::UNSUPPORTED, "forwarding a call that carries capabilities"));
+    capnp::AnyPointer::Reader params = ctx.params();
+    size_t bytes = 0;
+    try {
+      if (holdsCapability(params))
+        return readyPromise<void>(
+            Error(Errc::UNSUPPORTED, "forwarding a call that carries capabilities"));
+      bytes = params.targetSize().wordCount * WORD_BYTES;
+    } catch (const kj::Exception&) {
+      return readyPromise<void>(Error(Errc::PROTOCOL_ERROR, "params do not decode"));
+    }
+    Request request = target_.newCall(interfaceId, methodId, bytes + WORD_BYTES);
+    try {
+      request.params().set(params);
+    } catch (const kj::Exception&) {
+      return readyPromise<void>(Error(Errc::PROTOCOL_ERROR, "params do not decode"));
+    }
+    return relay(request.send(), ctx);
+  }
+
+ private:
+  static Promise<void> relay(RemotePromise sent, CallContext& ctx) {
+    Result<Response> response = co_await sent;
+    AGATE_CO_TRY(response);
+    if (response->capCount() > 0)
+      co_return Error(Errc::UNSUPPORTED, "forwarding results that carry capabilities");
+    capnp::AnyPointer::Reader results = response->results();
+    size_t bytes = 0;
+    try {
+      if (holdsCapability(results))
+        co_return Error(Errc::UNSUPPORTED, "forwarding results that carry capabilities");
+      bytes = results.targetSize().wordCount * WORD_BYTES;
+    } catch (const kj::Exception&) {
+      co_return Error(Errc::PROTOCOL_ERROR, "forwarded results do not decode");
+    }
+    Result<capnp::AnyPointer::Builder> out = ctx.initResults(bytes + WORD_BYTES);
+    AGATE_CO_TRY(out);
+    try {
+      out->set(results);
+    } catch (const kj::Exception&) {
+      co_return Error(Errc::PROTOCOL_ERROR, "forwarded results do not decode");
+    }
+    co_return {};
+  }
+
+  RemoteCap target_;
+  RemoteCap provision_;  // a handoff's vine: the Provide's question on the host's connection
+};
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Introducer: a capability of another connection written into a cap table
+
+Result<uint32_t> RpcConnection::addForeignCap(detail::CapTable& table, const RemoteCap& cap) {
+  RpcConnection& host = *cap.conn_;
+  if (table.size() == MAX_CAPS_PER_MESSAGE)
+    return Error(Errc::OUT_OF_MEMORY, "more capabilities than one message carries");
+  if (cap.kind_ != RemoteCap::Kind::IMPORT && cap.kind_ != RemoteCap::Kind::PIPELINE)
+    return Error(Errc::INVALID_ARGUMENT, "a broken capability cannot be passed");
+  if (!host.isOpen()) return host.failure_;
+  detail::CapEntry e;
+  // A handoff needs the import itself (a promised answer is not an object A can provide yet),
+  // one network on both connections, and a recipient that is not the host.
+  const bool handoff = cap.kind_ == RemoteCap::Kind::IMPORT && options_.network != nullptr &&
+                       host.options_.network == options_.network &&
+                       host.options_.peerVat != options_.peerVat;
+  if (!handoff) {
+    auto proxy = std::make_unique<Forwarder>(cap, RemoteCap());
+    e.kind = detail::CapEntry::Kind::SENDER_HOSTED;
+    e.object = proxy.get();
+    e.owned = std::move(proxy);
+    return table.tryAdd(std::move(e));
+  }
+  const uint64_t provisionId = options_.network->handoffs().nextProvisionId();
+  Result<RemoteCap> provision = host.sendProvide(cap.id_, options_.peerVat, provisionId);
+  if (!provision) return provision.error();
+  auto vine = std::make_unique<Forwarder>(cap, std::move(*provision));
+  e.kind = detail::CapEntry::Kind::THIRD_PARTY;
+  e.vat = host.options_.peerVat;
+  e.provisionId = provisionId;
+  e.object = vine.get();
+  e.owned = std::move(vine);
+  return table.tryAdd(std::move(e));  // fits: checked above (dropping `e` would Finish)
+}
+
+uint32_t RpcConnection::takeQuestionId() {
+  uint32_t qid = questionFree_;
+  if (qid != NONE) {
+    questionFree_ = questions_[qid].nextFree;
+  } else {
+    qid = static_cast<uint32_t>(questions_.size());
+    questions_.emplace_back();
+  }
+  return qid;
+}
+
+void RpcConnection::giveQuestionId(uint32_t id) noexcept {
+  questions_[id].nextFree = questionFree_;
+  questionFree_ = id;
+}
+
+void RpcConnection::openQuestion(uint32_t id) {
+  Question& q = questions_[id];
+  q = Question{};
+  q.inUse = true;
+  ++questionsLive_;
+}
+
+// Sends Provide for our import `importId` (the host's export). The returned reference holds the
+// Provide's question: dropping it sends Finish.
+Result<RemoteCap> RpcConnection::sendProvide(uint32_t importId, VatId recipient,
+                                             uint64_t provisionId) {
+  Result<detail::OutSlot> slot = startOut(HANDOFF_BYTES);
+  if (!slot) return slot.error();
+  const uint32_t qid = takeQuestionId();
+  wire::Provide::Builder p = slot->builder().initRoot<wire::Message>().initProvide();
+  p.setQuestionId(qid);
+  p.initTarget().setImportedCap(importId);
+  p.setRecipient(recipient);
+  p.setProvisionId(provisionId);
+  Status sent = finishOut(*slot);
+  if (!sent) {
+    giveQuestionId(qid);
+    return sent.error();
+  }
+  ++stats_.providesSent;
+  openQuestion(qid);
+  RemoteCap ref;
+  ref.conn_ = this;
+  ref.kind_ = RemoteCap::Kind::PIPELINE;
+  ref.id_ = qid;
+  ref.addRef();
+  return ref;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Recipient: thirdPartyHosted entries
+
+// The host connection of every thirdPartyHosted entry, or why there is none. WOULD_BLOCK when a
+// connection is still being made: the reader awaits connecting_ and handles the message again.
+Status RpcConnection::resolveHosts(Decoded& d) {
+  for (uint32_t i = 0; i < d.capCount; ++i) {
+    if (d.capKinds[i] != detail::CapEntry::Kind::THIRD_PARTY) continue;
+    d.capHosts[i] = nullptr;
+    if (options_.network == nullptr) {
+      d.capHostErrors[i] =
+          Error(Errc::UNSUPPORTED, "this vat takes no third-party capabilities (no VatNetwork)");
+      continue;
+    }
+    const VatId vat = d.capVats[i];
+    Result<RpcConnection*> host = Error(Errc::NOT_FOUND, "no connection to the host vat");
+    auto made = std::find_if(connected_.begin(), connected_.end(),
+                             [&](const auto& c) { return c.first == vat; });
+    if (made != connected_.end()) {
+      host = made->second;
+    } else {
+      Promise<RpcConnection*> connecting = options_.network->connect(vat);
+      if (!connecting.isReady()) {
+        connecting_.emplace(std::move(connecting));
+        connectingVat_ = vat;
+        return Error(Errc::WOULD_BLOCK, "connecting to a handed-off capability's host");
+      }
+      host = connecting.takeResult();
+    }
+    if (!host) {
+      d.capHostErrors[i] = host.error();
+    } else if (*host == nullptr || (*host)->options_.network != options_.network ||
+               (*host)->options_.peerVat != vat) {
+      d.capHostErrors[i] = Error(Errc::NOT_FOUND, "the network gave no connection to that vat");
+    } else if (!(*host)->isOpen()) {
+      d.capHostErrors[i] = (*host)->failure_;
+    } else {
+      d.capHosts[i] = *host;
+    }
+  }
+  return {};
+}
+
+// Takes the vine (one reference, held until the Accept returns) and sends Accept to the host.
+// The returned reference is pipelined on the Accept (or broken, with why).
+RemoteCap RpcConnection::acceptThirdParty(const Decoded& d, uint32_t index) {
+  RemoteCap vine;
+  vine.conn_ = this;
+  vine.kind_ = RemoteCap::Kind::IMPORT;
+  vine.id_ = d.capIds[index];
+  vine.addRef();
+  ++imports_[d.capIds[index]].remoteRefs;
+  RpcConnection* host = d.capHosts[index];
+  if (host == nullptr || !host->isOpen()) {
+    RemoteCap broken;
+    broken.kind_ = RemoteCap::Kind::BROKEN;
+    broken.broken_ = host != nullptr ? host->failure_ : d.capHostErrors[index];
+    return broken;  // the vine goes now: the introducer reclaims the provision
+  }
+  return host->sendAccept(options_.peerVat, d.capProvisions[index], std::move(vine));
+}
+
+RemoteCap RpcConnection::sendAccept(VatId introducer, uint64_t provisionId, RemoteCap vine) {
+  RemoteCap cap;
+  Result<detail::OutSlot> slot = startOut(HANDOFF_BYTES);
+  if (!slot) {
+    cap.kind_ = RemoteCap::Kind::BROKEN;
+    cap.broken_ = slot.error();
+    return cap;
+  }
+  const uint32_t qid = takeQuestionId();
+  wire::Accept::Builder a = slot->builder().initRoot<wire::Message>().initAccept();
+  a.setQuestionId(qid);
+  a.setIntroducer(introducer);
+  a.setProvisionId(provisionId);
+  Status sent = finishOut(*slot);
+  if (!sent) {
+    giveQuestionId(qid);
+    cap.kind_ = RemoteCap::Kind::BROKEN;
+    cap.broken_ = sent.error();
+    return cap;
+  }
+  ++stats_.acceptsSent;
+  openQuestion(qid);
+  questions_[qid].vine.emplace(std::move(vine));
+  cap.conn_ = this;
+  cap.kind_ = RemoteCap::Kind::PIPELINE;
+  cap.id_ = qid;
+  cap.pathLength_ = 1;
+  cap.path_[0] = 0;  // AcceptResults.cap
+  cap.addRef();
+  return cap;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Provider: provisions and Accepts
+
+Status RpcConnection::handleProvide(const Decoded& d) {
+  ++stats_.providesReceived;
+  detail::HandoffTable& table = options_.network->handoffs();
+  table.highestProvision[options_.peerVat] = d.provisionId;
+  Answer& a = answerAt(d.id);
+  a.state = Answer::State::QUEUED;
+  a.finishReceived = false;
+  a.error = Error{};
+  ++answersLive_;
+  a.context.conn_ = this;
+  a.context.answerId_ = d.id;
+  a.context.paramCapCount_ = 0;
+  if (d.targetIsAnswer) {
+    failAnswer(a, Error(Errc::UNSUPPORTED, "provide of a promised answer"));
+  } else {
+    ++exports_[d.targetId].pins;  // until accepted or reclaimed
+    a.pinnedExport = d.targetId;
+    a.providing = true;
+    a.provision = {options_.peerVat, d.provisionId};
+    table.provisions[a.provision] = {this, d.id, d.vat};
+  }
+  // Accepts that arrived first: the one for this provision goes on; those for lower ids never
+  // will (this introducer's Provides arrive in increasing order).
+  std::vector<detail::HandoffTable::Waiting> ready;
+  std::erase_if(table.waiting, [&](const detail::HandoffTable::Waiting& w) {
+    if (w.key.introducer != options_.peerVat || w.key.provisionId > d.provisionId) return false;
+    ready.push_back(w);
+    return true;
+  });
+  for (const detail::HandoffTable::Waiting& w : ready) {
+    Answer& accept = *w.conn->answers_[w.answerId];
+    accept.waitingForProvide = false;
+    if (w.key.provisionId == d.provisionId) {
+      w.conn->acceptOrWait(accept);
+    } else {
+      w.conn->failAnswer(accept, Error(Errc::NOT_FOUND, "no such provision (never provided)"));
+    }
+  }
+  return {};
+}
+
+Status RpcConnection::handleAccept(const Decoded& d) {
+  ++stats_.acceptsReceived;
+  Answer& a = answerAt(d.id);
+  a.state = Answer::State::QUEUED;
+  a.finishReceived = false;
+  a.error = Error{};
+  ++answersLive_;
+  a.context.conn_ = this;
+  a.context.answerId_ = d.id;
+  a.context.paramCapCount_ = 0;
+  a.provision = {d.vat, d.provisionId};
+  acceptOrWait(a);
+  return {};
+}
+
+// Matches an Accept against the vat's provisions: takes the provision, waits for it, or fails
+// the Accept (leaving any provision as it was).
+void RpcConnection::acceptOrWait(Answer& a) {
+  detail::HandoffTable& table = options_.network->handoffs();
+  auto found = table.provisions.find(a.provision);
+  if (found == table.provisions.end()) {
+    if (!table.connections.contains(a.provision.introducer)) {
+      failAnswer(a, Error(Errc::DISCONNECTED,
+                          "the introducer is not connected to this vat (its provisions are gone)"));
+      return;
+    }
+    auto highest = table.highestProvision.find(a.provision.introducer);
+    if (highest != table.highestProvision.end() && a.provision.provisionId <= highest->second) {
+      failAnswer(a, Error(Errc::NOT_FOUND,
+                          "no such provision (never provided, already accepted, or reclaimed)"));
+      return;
+    }
+    if (table.waiting.size() >= detail::HandoffTable::MAX_WAITING_ACCEPTS) {
+      failAnswer(a, Error(Errc::OUT_OF_MEMORY, "too many accepts waiting for their provide"));
+      return;
+    }
+    a.waitingForProvide = true;
+    table.waiting.push_back({a.provision, this, a.id});
+    ++stats_.acceptsWaited;
+    return;
+  }
+  const detail::HandoffTable::Provision p = found->second;
+  if (p.recipient != options_.peerVat) {
+    failAnswer(a, Error(Errc::PERMISSION_DENIED, "the provision is for another vat"));
+    return;
+  }
+  RpcConnection& provider = *p.provider;
+  const uint32_t exportId = provider.answers_[p.answerId]->pinnedExport;
+  ServerObject* object = provider.exports_[exportId].object;
+  std::shared_ptr<ServerObject> owner = provider.shareExport(exportId);
+  provider.completeProvide(p.answerId);  // frees the provision; may free the provider's export
+  completeAccept(a, object, std::move(owner));
+}
+
+std::shared_ptr<ServerObject> RpcConnection::shareExport(uint32_t exportId) {
+  Export& e = exports_[exportId];
+  if (e.owned) e.shared = std::shared_ptr<ServerObject>(std::move(e.owned));
+  return e.shared;  // null for an object the user owns
+}
+
+void RpcConnection::completeProvide(uint32_t answerId) {
+  Answer& a = *answers_[answerId];
+  dropProvision(a);
+  a.state = Answer::State::RUNNING;
+  completeAnswer(answerId, {});  // empty results; unpins the provided export
+}
+
+void RpcConnection::completeAccept(Answer& a, ServerObject* object,
+                                   std::shared_ptr<ServerObject> owner) {
+  a.state = Answer::State::RUNNING;
+  Result<capnp::AnyPointer::Builder> content = initResults(a.context, 2 * WORD_BYTES);
+  if (!content) {
+    failAnswer(a, content.error());
+    return;
+  }
+  detail::CapEntry e;
+  e.kind = detail::CapEntry::Kind::SENDER_HOSTED;
+  e.object = object;
+  e.shared = std::move(owner);
+  Result<uint32_t> index = a.context.resultCaps_.tryAdd(std::move(e));
+  AGATE_ASSERT(index.ok(), "a fresh results cap table is full");
+  writeCapPointer(content->initAs<wire::AcceptResults>(), 0, *index);
+  completeAnswer(a.id, {});
+}
+
+void RpcConnection::dropProvision(Answer& a) noexcept {
+  if (!a.providing) return;
+  a.providing = false;
+  options_.network->handoffs().provisions.erase(a.provision);
+}
+
+void RpcConnection::stopWaiting(Answer& a) noexcept {
+  if (!a.waitingForProvide) return;
+  a.waitingForProvide = false;
+  std::erase_if(options_.network->handoffs().waiting, [&](const detail::HandoffTable::Waiting& w) {
+    return w.conn == this && w.answerId == a.id;
+  });
+}
+
+// The connection died: it is no longer an introducer this vat knows, its provisions are gone
+// (a later Accept for them gets DISCONNECTED), and Accepts waiting for its Provides fail.
+void RpcConnection::leaveNetwork() {
+  if (options_.network == nullptr) return;
+  detail::HandoffTable& table = options_.network->handoffs();
+  auto self = table.connections.find(options_.peerVat);
+  if (self != table.connections.end() && self->second == this) table.connections.erase(self);
+  for (std::unique_ptr<Answer>& a : answers_) {
+    if (!a) continue;
+    dropProvision(*a);
+    stopWaiting(*a);  // ours, as a recipient: teardown frees the answers
+  }
+  std::vector<detail::HandoffTable::Waiting> orphans;
+  std::erase_if(table.waiting, [&](const detail::HandoffTable::Waiting& w) {
+    if (w.key.introducer != options_.peerVat) return false;
+    orphans.push_back(w);
+    return true;
+  });
+  for (const detail::HandoffTable::Waiting& w : orphans) {
+    Answer& accept = *w.conn->answers_[w.answerId];
+    accept.waitingForProvide = false;
+    w.conn->failAnswer(
+        accept,
+        Error(Errc::DISCONNECTED, "the introducer disconnected before providing the capability"));
+  }
+}
+
+}  // namespace agate::rpc

@@ -1,0 +1,646 @@
+// Three-party handoff over a LocalNetwork (one loop, LOCAL channel pairs): vat C passes a
+// capability hosted by vat A to vat B, in a call or a return; B ends up calling A directly, in
+// E-order with the calls C made before; provisions end with every way a handoff can end (accept,
+// unsent call, recipient, introducer or provider death) and nothing leaks; forged, replayed and
+// misdirected Accepts get clear errors and change nothing. Also: a server that forwards a
+// capability of another connection keeps pipelining working through it.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <functional>
+#include <optional>
+
+#include "agate/rpc/local_network.h"
+#include "rpc_harness.h"
+#include "support/watchdog.h"
+
+namespace agate::rpc::test {
+namespace {
+
+using agate::testing::Watchdog;
+
+constexpr VatId A = 1, B = 2, C = 3, D = 4, E = 5;
+
+enum HandoffMethod : uint16_t {
+  TAKE = 20,           // CapAndValue{cap, n}: keep the cap, send n RECORD calls on it at once
+  GET_PIPELINED = 21,  // -> CapAndValue: A's NEXT_LATER child, still pipelined (not awaited)
+  GET_AWAITED = 22,    // -> CapAndValue: A's NEXT child, after A returned it
+};
+
+// Vat B's object: takes a capability and calls it at once, values FIRST_RECORD + i.
+class Recipient final : public ServerObject {
+ public:
+  static constexpr uint64_t FIRST_RECORD = 1000;
+
+  Promise<void> dispatch(uint64_t, uint16_t methodId, CallContext& ctx) override {
+    if (methodId != TAKE) return readyPromise<void>(Error(Errc::UNSUPPORTED, "no such method"));
+    Result<ReceivedCap> cap = Error(Errc::INVALID_ARGUMENT, "no params");
+    uint64_t n = 0;
+    Status read = ctx.tryReadParams<CapAndValue>([&](CapAndValue::Reader p) {
+      cap = ctx.capAt(p, 0);
+      n = p.getValue();
+    });
+    if (!read) return readyPromise<void>(read.error());
+    if (!cap) return readyPromise<void>(cap.error());
+    held = cap->remote;
+    for (uint64_t i = 0; i < n; ++i) {
+      Request r = held.newCall(NODE_INTERFACE_ID, RECORD, 16);
+      r.initParams<Value>().setValue(FIRST_RECORD + i);
+      sent.push_back(r.send());
+    }
+    return readyPromise<void>(Status{});
+  }
+  void clear() {
+    sent.clear();
+    held = RemoteCap();
+  }
+
+  RemoteCap held;
+  std::vector<RemotePromise> sent;
+};
+
+// Vat B's object that hands out A's objects: pipelined (a forwarding proxy) or after A returned
+// (a handoff when the caller has a network, else a proxy).
+class Relay final : public ServerObject {
+ public:
+  Promise<void> dispatch(uint64_t, uint16_t methodId, CallContext& ctx) override {
+    switch (methodId) {
+      case GET_PIPELINED:
+        return readyPromise<void>(getPipelined(ctx));
+      case GET_AWAITED:
+        return getAwaited(ctx);
+      default:
+        return readyPromise<void>(Error(Errc::UNSUPPORTED, "no such method"));
+    }
+  }
+  RemoteCap toA;
+
+ private:
+  Status getPipelined(CallContext& ctx) {
+    RemotePromise child = toA.newCall(NODE_INTERFACE_ID, NEXT_LATER, 16).send();
+    Result<CapAndValue::Builder> out = ctx.initResultsAs<CapAndValue>(32);
+    AGATE_TRY(out);
+    Result<uint32_t> index = ctx.addResultCap(child.pipeline({0}));
+    AGATE_TRY(index);
+    writeCapPointer(*out, 0, *index);
+    return {};
+  }
+  Promise<void> getAwaited(CallContext& ctx) {
+    Result<Response> child = co_await toA.newCall(NODE_INTERFACE_ID, NEXT, 16).send();
+    AGATE_CO_TRY(child);
+    Result<ReceivedCap> cap = child->getCap(0);
+    AGATE_CO_TRY(cap);
+    RemoteCap aChild = cap->remote;
+    Result<CapAndValue::Builder> out = ctx.initResultsAs<CapAndValue>(32);
+    AGATE_CO_TRY(out);
+    Result<uint32_t> index = ctx.addResultCap(aChild);
+    AGATE_CO_TRY(index);
+    writeCapPointer(*out, 0, *index);
+    out->setValue(7);
+    co_return {};
+  }
+};
+
+Promise<uint64_t> awaitValue(RemotePromise p) {
+  Result<Response> r = co_await p;
+  AGATE_CO_TRY(r);
+  uint64_t v = 0;
+  AGATE_CO_TRY(r->tryRead<Value>([&](Value::Reader x) { v = x.getValue(); }));
+  co_return v;
+}
+
+Promise<uint64_t> echo(RemoteCap cap, uint64_t v) {
+  Request req = cap.newCall(NODE_INTERFACE_ID, ECHO, 16);
+  req.initParams<Value>().setValue(v);
+  co_return co_await awaitValue(req.send());
+}
+
+RemotePromise record(const RemoteCap& cap, uint64_t v) {
+  Request r = cap.newCall(NODE_INTERFACE_ID, RECORD, 16);
+  r.initParams<Value>().setValue(v);
+  return r.send();
+}
+
+// A TAKE call passing `cap` to `to`, asking for `n` calls on it.
+RemotePromise take(const RemoteCap& to, const RemoteCap& cap, uint64_t n) {
+  Request r = to.newCall(NODE_INTERFACE_ID, TAKE, 64);
+  CapAndValue::Builder p = r.initParams<CapAndValue>();
+  Result<uint32_t> index = r.addCap(cap);
+  AGATE_ASSERT(index.ok(), "addCap: %s", errcName(index.code()));
+  writeCapPointer(p, 0, *index);
+  p.setValue(n);
+  return r.send();
+}
+
+class HandoffTest : public ::testing::Test {
+ protected:
+  ~HandoffTest() override { closeNetwork(); }
+
+  void openNetwork(uint64_t ringBytes = 64 * 1024) {
+    closeNetwork();
+    net_.emplace(loop_, RpcOptions{}, ringBytes);
+    net_->addVat(A, &aRoot_);
+    net_->addVat(B, &recipient_);
+    net_->addVat(C, nullptr);
+    net_->addVat(D, &relay_);
+    net_->addVat(E, &recipientE_);
+  }
+  void closeNetwork() {
+    recipient_.clear();
+    recipientE_.clear();
+    relay_.toA = RemoteCap();
+    net_.reset();
+  }
+  RpcConnection& conn(VatId from, VatId to) { return *net_->connection(from, to).value(); }
+  RemoteCap boot(VatId from, VatId to) { return conn(from, to).bootstrap(); }
+  // A child Node of A (value 1), owned by A's connection to C.
+  RemoteCap childOfA() {
+    Result<Response> r = loop_.run([](RemoteCap a) -> Promise<Response> {
+      co_return co_await a.newCall(NODE_INTERFACE_ID, NEXT, 16).send();
+    }(boot(C, A)));
+    AGATE_ASSERT(r.ok(), "NEXT: %s", errcName(r.code()));
+    return r->getCap(0).value().remote;
+  }
+  // Every promise of `sent` failed with `code`; returns the first error.
+  Error expectAllFail(std::vector<RemotePromise>& sent, Errc code) {
+    Error first{};
+    for (RemotePromise& p : sent) {
+      Result<uint64_t> r = loop_.run(awaitValue(std::move(p)));
+      EXPECT_EQ(r.code(), code) << errcName(r.code());
+      if (first.code == Errc::OK) first = r.error();
+    }
+    sent.clear();
+    return first;
+  }
+
+  Watchdog watchdog_{"rpc_handoff_test", std::chrono::seconds(60)};
+  EventLoop loop_;
+  Log aLog_;
+  Node aRoot_{0, aLog_};
+  Recipient recipient_, recipientE_;
+  Relay relay_;
+  std::optional<LocalNetwork> net_;
+};
+
+TEST_F(HandoffTest, CallsBeforeAndAfterAHandoffReachTheObjectInEOrder) {
+  // A roomy ring, and one so small that C's calls and its Provide spill and trickle out.
+  for (uint64_t ring : {uint64_t{64 * 1024}, uint64_t{4096}}) {
+    SCOPED_TRACE(ring);
+    aLog_.order.clear();
+    openNetwork(ring);
+    {
+      RemoteCap a = boot(C, A);
+      RemoteCap b = boot(C, B);
+      std::vector<RemotePromise> mine;
+      for (uint64_t i = 0; i < 100; ++i) mine.push_back(record(a, i));  // in flight
+      RemotePromise taken = take(b, a, 100);
+      ASSERT_TRUE(runUntil(loop_, [&] { return aLog_.order.size() == 200; })) << aLog_.order.size();
+      for (uint64_t i = 0; i < 200; ++i) {
+        ASSERT_EQ(aLog_.order[i], i < 100 ? i : Recipient::FIRST_RECORD + i - 100) << "at " << i;
+      }
+      // B calls A directly; nothing went through C.
+      EXPECT_EQ(recipient_.held.connection(), &conn(B, A));
+      EXPECT_EQ(conn(C, A).stats().providesSent, 1u);
+      EXPECT_EQ(conn(A, B).stats().acceptsReceived, 1u);
+      EXPECT_EQ(conn(A, B).stats().callsReceived, 100u);
+      EXPECT_EQ(conn(C, B).stats().callsReceived, 0u) << "no call was forwarded by the vine";
+      for (RemotePromise& p : mine) ASSERT_TRUE(loop_.run(awaitValue(std::move(p))).ok());
+      for (RemotePromise& p : recipient_.sent)
+        ASSERT_TRUE(loop_.run(awaitValue(std::move(p))).ok());
+      recipient_.sent.clear();
+      ASSERT_TRUE(loop_.run(awaitValue(std::move(taken))).ok());
+    }
+    // The Accept returned, so B released the vine and C finished the Provide: nothing is left.
+    recipient_.clear();
+    ASSERT_TRUE(runUntil(loop_,
+                         [&] {
+                           return net_->vat(A).provisionCount() == 0 &&
+                                  conn(A, C).answerCount() == 0 && conn(A, B).answerCount() == 0 &&
+                                  conn(C, B).exportCount() == 1 &&
+                                  conn(C, A).questionCount() == 0 &&
+                                  conn(B, A).questionCount() == 0 && conn(B, C).importCount() == 0;
+                         }))
+        << "provisions " << net_->vat(A).provisionCount() << ", A-C answers "
+        << conn(A, C).answerCount() << ", C-B exports " << conn(C, B).exportCount();
+  }
+}
+
+TEST_F(HandoffTest, AnAcceptThatArrivesBeforeItsProvideWaitsForIt) {
+  openNetwork();
+  RemoteCap a = boot(C, A);
+  RemoteCap b = boot(C, B);
+  for (uint64_t i = 0; i < 10; ++i) (void)record(a, i);
+  // An open frame on C->A holds everything C sends there after it (the Provide included) in
+  // C's spill queue, while B's Accept reaches A at once.
+  std::optional<Request> open = a.newCall(NODE_INTERFACE_ID, RECORD, 16);
+  RemotePromise taken = take(b, a, 20);
+  ASSERT_TRUE(runUntil(loop_, [&] { return conn(A, B).stats().acceptsWaited == 1; }));
+  ASSERT_TRUE(runUntil(loop_, [&] { return conn(A, B).stats().callsReceived == 20; }));
+  EXPECT_EQ(net_->vat(A).waitingAcceptCount(), 1u);
+  EXPECT_EQ(aLog_.order.size(), 10u) << "B's calls wait on the Accept, the Accept on the Provide";
+  open->initParams<Value>().setValue(999);
+  RemotePromise last = open->send();
+  open.reset();
+  ASSERT_TRUE(runUntil(loop_, [&] { return aLog_.order.size() == 31; }));
+  EXPECT_EQ(net_->vat(A).waitingAcceptCount(), 0u);
+  // C's calls before the handoff first; B's in order; C's later call anywhere after its own.
+  std::vector<uint64_t> fromB;
+  for (size_t i = 0; i < aLog_.order.size(); ++i) {
+    if (i < 10) {
+      EXPECT_EQ(aLog_.order[i], i);
+    }
+    if (aLog_.order[i] >= Recipient::FIRST_RECORD) fromB.push_back(aLog_.order[i]);
+  }
+  ASSERT_EQ(fromB.size(), 20u);
+  for (uint64_t i = 0; i < 20; ++i) EXPECT_EQ(fromB[i], Recipient::FIRST_RECORD + i);
+}
+
+TEST_F(HandoffTest, AHandedOffObjectOutlivesTheIntroducersReference) {
+  openNetwork();
+  RemoteCap child = childOfA();  // owned by A's connection to C
+  RemoteCap b = boot(C, B);
+  RemotePromise taken = take(b, child, 1);
+  ASSERT_TRUE(runUntil(loop_, [&] { return aLog_.order.size() == 1; }));
+  child = RemoteCap();  // C lets go; A's connection to C releases its export
+  ASSERT_TRUE(runUntil(loop_, [&] { return conn(A, C).exportCount() == 1; }));
+  EXPECT_EQ(aLog_.destroyed, 0) << "B still holds the child";
+  Result<uint64_t> v = loop_.run(echo(recipient_.held, 5));
+  ASSERT_TRUE(v.ok()) << errcName(v.code());
+  EXPECT_EQ(*v, 6u);
+  ASSERT_TRUE(loop_.run(awaitValue(std::move(taken))).ok());  // C finishes TAKE: B drops params
+  recipient_.clear();
+  ASSERT_TRUE(runUntil(loop_, [&] { return aLog_.destroyed == 1; }))
+      << "the last reference gone, the child is destroyed";
+  EXPECT_EQ(conn(A, B).exportCount(), 1u);
+}
+
+TEST_F(HandoffTest, AHandoffInAReturnLetsTheCallerCallTheHostDirectly) {
+  openNetwork();
+  relay_.toA = boot(D, A);
+  RemoteCap relay = boot(C, D);
+  RemotePromise got = relay.newCall(NODE_INTERFACE_ID, GET_AWAITED, 16).send();
+  RemoteCap viaRelay = got.pipeline({0});  // pipelined on D's answer: forwarded by D's vine
+  Result<uint64_t> forwarded = loop_.run(echo(viaRelay, 10));
+  ASSERT_TRUE(forwarded.ok()) << errcName(forwarded.code());
+  EXPECT_EQ(*forwarded, 11u);
+  Result<Response> r =
+      loop_.run([](RemotePromise& p) -> Promise<Response> { co_return co_await p; }(got));
+  ASSERT_TRUE(r.ok()) << errcName(r.code());
+  RemoteCap direct = r->getCap(0).value().remote;
+  EXPECT_EQ(direct.connection(), &conn(C, A)) << "C made a connection to A and took the cap";
+  const uint64_t callsAtA = conn(A, C).stats().callsReceived;
+  Result<uint64_t> v = loop_.run(echo(direct, 20));
+  ASSERT_TRUE(v.ok()) << errcName(v.code());
+  EXPECT_EQ(*v, 21u);
+  EXPECT_EQ(conn(A, C).stats().callsReceived, callsAtA + 1);
+}
+
+TEST_F(HandoffTest, AServerForwardingAPipelinedCapabilityKeepsPipeliningThroughIt) {
+  openNetwork();
+  relay_.toA = boot(D, A);
+  RemoteCap relay = boot(C, D);
+  // C asks D for A's child and calls it before anything came back: D returns A's still
+  // pipelined child (a forwarding export), and forwards C's call to A's promised answer.
+  RemotePromise got = relay.newCall(NODE_INTERFACE_ID, GET_PIPELINED, 16).send();
+  RemoteCap child = got.pipeline({0});
+  Request req = child.newCall(NODE_INTERFACE_ID, ECHO, 16);
+  req.initParams<Value>().setValue(41);
+  RemotePromise echoed = req.send();
+  EXPECT_EQ(conn(C, D).stats().messagesReceived, 0u) << "both calls went out at once";
+  Result<uint64_t> v = loop_.run(awaitValue(std::move(echoed)));
+  ASSERT_TRUE(v.ok()) << errcName(v.code());
+  EXPECT_EQ(*v, 42u);
+  EXPECT_EQ(conn(A, D).stats().pipelinedCallsQueued, 1u) << "D pipelined its call on A's answer";
+}
+
+TEST_F(HandoffTest, AServerForwardingAcrossConnectionsWithoutANetworkProxiesTheCapability) {
+  // No VatNetwork at all: two plain pairs, C <-> D and D <-> A.
+  Relay relay;
+  LocalPair da(loop_, &aRoot_);
+  LocalPair cd(loop_, &relay);
+  relay.toA = da.client().bootstrap();
+  {
+    RemoteCap r = cd.client().bootstrap();
+    for (HandoffMethod m : {GET_PIPELINED, GET_AWAITED}) {
+      RemotePromise got = r.newCall(NODE_INTERFACE_ID, m, 16).send();
+      Result<uint64_t> v = loop_.run(echo(got.pipeline({0}), 1));
+      ASSERT_TRUE(v.ok()) << errcName(v.code());
+      EXPECT_EQ(*v, 2u);
+    }
+    EXPECT_EQ(cd.server().stats().providesSent, 0u);
+  }
+  relay.toA = RemoteCap();
+  cd.server().close(Error(Errc::DISCONNECTED, "test ends"));  // its proxies hold caps on `da`
+  loop_.runUntilIdle();
+}
+
+TEST_F(HandoffTest, AForwardedCallCarryingCapabilitiesFailsUnsupported) {
+  openNetwork();
+  relay_.toA = boot(D, A);
+  RemoteCap relay = boot(C, D);
+  RemotePromise got = relay.newCall(NODE_INTERFACE_ID, GET_PIPELINED, 16).send();
+  RemoteCap child = got.pipeline({0});
+  Log cLog;
+  Node mine(5, cLog);
+  Request req = child.newCall(NODE_INTERFACE_ID, IDENTIFY, 32);
+  CapParam::Builder p = req.initParams<CapParam>();
+  writeCapPointer(p, 0, req.addCap(mine).value());
+  Result<uint64_t> v = loop_.run(awaitValue(req.send()));
+  EXPECT_EQ(v.code(), Errc::UNSUPPORTED);
+  EXPECT_TRUE(conn(C, D).isOpen());
+}
+
+TEST_F(HandoffTest, AnUnsentCallReclaimsItsProvision) {
+  openNetwork();
+  RemoteCap child = childOfA();
+  RemoteCap b = boot(C, B);
+  {
+    Request r = b.newCall(NODE_INTERFACE_ID, TAKE, 64);
+    ASSERT_TRUE(r.addCap(child).ok());
+    ASSERT_TRUE(runUntil(loop_, [&] { return net_->vat(A).provisionCount() == 1; }));
+  }  // dropped unsent: the vine goes, C finishes the Provide
+  ASSERT_TRUE(runUntil(loop_, [&] {
+    return net_->vat(A).provisionCount() == 0 && conn(A, C).answerCount() == 0 &&
+           conn(C, A).questionCount() == 0;
+  }));
+  child = RemoteCap();
+  ASSERT_TRUE(runUntil(loop_, [&] { return aLog_.destroyed == 1; })) << "nothing pins the child";
+}
+
+TEST_F(HandoffTest, AProvisionIsReclaimedWhenTheRecipientDiesBeforeAccepting) {
+  openNetwork();
+  RemoteCap child = childOfA();
+  RemoteCap b = boot(C, B);
+  net_->holdConnects();  // B cannot reach A yet
+  RemotePromise taken = take(b, child, 3);
+  ASSERT_TRUE(runUntil(
+      loop_, [&] { return net_->pendingConnects() == 1 && net_->vat(A).provisionCount() == 1; }));
+  net_->killVat(B);
+  net_->releaseConnects();
+  EXPECT_EQ(loop_.run(awaitValue(std::move(taken))).code(), Errc::DISCONNECTED);
+  ASSERT_TRUE(runUntil(
+      loop_, [&] { return net_->vat(A).provisionCount() == 0 && conn(A, C).answerCount() == 0; }));
+  EXPECT_TRUE(conn(A, C).isOpen());
+  child = RemoteCap();
+  ASSERT_TRUE(runUntil(loop_, [&] { return aLog_.destroyed == 1; }));
+  EXPECT_TRUE(aLog_.order.empty());
+}
+
+TEST_F(HandoffTest, TheIntroducerDyingBeforeTheAcceptFailsTheRecipientsCallsDisconnected) {
+  openNetwork();
+  RemoteCap a = boot(C, A);
+  RemoteCap b = boot(C, B);
+  net_->holdConnects();
+  RemotePromise taken = take(b, a, 3);
+  ASSERT_TRUE(runUntil(
+      loop_, [&] { return net_->pendingConnects() == 1 && net_->vat(A).provisionCount() == 1; }));
+  a = RemoteCap();
+  b = RemoteCap();
+  { RemotePromise dropped = std::move(taken); }
+  net_->killVat(C);
+  ASSERT_TRUE(runUntil(loop_, [&] { return net_->vat(A).provisionCount() == 0; }))
+      << "A reclaimed the dead introducer's provision";
+  net_->releaseConnects();  // B, still reading C's last message, now accepts
+  ASSERT_TRUE(runUntil(loop_, [&] { return recipient_.sent.size() == 3; }));
+  Error e = expectAllFail(recipient_.sent, Errc::DISCONNECTED);
+  ASSERT_NE(e.detail, nullptr);
+  EXPECT_NE(std::strstr(e.detail, "introducer"), nullptr) << e.detail;
+  EXPECT_TRUE(conn(A, B).isOpen()) << "a failed Accept is not a broken connection";
+  recipient_.clear();
+  ASSERT_TRUE(runUntil(loop_, [&] { return conn(A, B).answerCount() == 0; }));
+  EXPECT_TRUE(aLog_.order.empty());
+}
+
+TEST_F(HandoffTest, TheProviderDyingFailsTheRecipientsCallsDisconnected) {
+  openNetwork();
+  {
+    // Before B reaches A: B's connect fails, the cap is broken.
+    RemoteCap a = boot(C, A);
+    RemoteCap b = boot(C, B);
+    net_->holdConnects();
+    RemotePromise taken = take(b, a, 2);
+    ASSERT_TRUE(runUntil(loop_, [&] { return net_->pendingConnects() == 1; }));
+    net_->killVat(A);
+    net_->releaseConnects();
+    ASSERT_TRUE(loop_.run(awaitValue(std::move(taken))).ok());
+    Error e = expectAllFail(recipient_.sent, Errc::DISCONNECTED);
+    EXPECT_STREQ(e.detail, "the vat is gone");
+    recipient_.clear();
+  }
+  // After B took it: B's later calls fail at once.
+  closeNetwork();
+  openNetwork();
+  RemoteCap a = boot(C, A);
+  RemoteCap b = boot(C, B);
+  ASSERT_TRUE(loop_.run(awaitValue(take(b, a, 1))).ok());
+  ASSERT_TRUE(runUntil(loop_, [&] { return aLog_.order.size() == 1; }));
+  RpcConnection& toA = conn(B, A);
+  net_->killVat(A);
+  ASSERT_TRUE(runUntil(loop_, [&] { return !toA.isOpen(); }));
+  EXPECT_EQ(loop_.run(echo(recipient_.held, 1)).code(), Errc::DISCONNECTED);
+  EXPECT_TRUE(conn(B, C).isOpen());
+}
+
+// A hostile vat, speaking raw rpc.capnp to A over a connection A knows as `peer`'s.
+class RawVat {
+ public:
+  RawVat(EventLoop& loop, VatNetwork& victimNet, VatId peer, ServerObject* bootstrap)
+      : loop_(loop) {
+    ChannelOptions co;
+    co.scope = ChannelScope::LOCAL;
+    toVictim_ = std::move(Channel::create(co).value());
+    fromVictim_ = std::move(Channel::create(co).value());
+    tx_ = std::make_unique<MessageSender>(toVictim_->attachSender().value());
+    victimRx_ = std::make_unique<MessageReceiver>(*toVictim_, toVictim_->attachReceiver().value(),
+                                                  rpcReceiverOptions());
+    victimTx_ = std::make_unique<MessageSender>(fromVictim_->attachSender().value());
+    rx_ = std::make_unique<MessageReceiver>(*fromVictim_, fromVictim_->attachReceiver().value(),
+                                            rpcReceiverOptions());
+    RpcOptions o;
+    o.bootstrap = bootstrap;
+    o.network = &victimNet;
+    o.peerVat = peer;
+    victim_ = std::make_unique<RpcConnection>(*victimTx_, *victimRx_, loop, o);
+  }
+  ~RawVat() {
+    victim_->close(Error(Errc::DISCONNECTED, "test ends"));
+    loop_.runUntilIdle();
+  }
+  void send(const std::function<void(wire::Message::Builder)>& fill) {
+    Result<OutgoingMessage> m = tx_->tryStartMessage(1024);
+    ASSERT_TRUE(m.ok());
+    fill(m->initRoot<wire::Message>());
+    ASSERT_TRUE(m->send().ok());
+  }
+  void accept(uint32_t q, VatId introducer, uint64_t provisionId) {
+    send([&](wire::Message::Builder m) {
+      wire::Accept::Builder a = m.initAccept();
+      a.setQuestionId(q);
+      a.setIntroducer(introducer);
+      a.setProvisionId(provisionId);
+    });
+  }
+  // The errc of the victim's next Return (for question `q`); OK for results, CANCELLED for
+  // Return.canceled.
+  Errc nextReturn(uint32_t q) {
+    Result<IncomingMessage> in = loop_.run(rx_->receiveAsync(loop_));
+    if (!in) return in.code();
+    wire::Message::Reader m = in->getRoot<wire::Message>();
+    EXPECT_EQ(m.which(), wire::Message::RETURN);
+    if (m.which() != wire::Message::RETURN) return Errc::PROTOCOL_ERROR;
+    EXPECT_EQ(m.getReturn().getAnswerId(), q);
+    switch (m.getReturn().which()) {
+      case wire::Return::RESULTS:
+        return Errc::OK;
+      case wire::Return::CANCELED:
+        return Errc::CANCELLED;
+      default:
+        return static_cast<Errc>(m.getReturn().getException().getErrc());
+    }
+  }
+  bool abortedWithProtocolError() {
+    if (!runUntil(loop_, [&] { return !victim_->isOpen(); })) return false;
+    return victim_->failure().code == Errc::PROTOCOL_ERROR;
+  }
+  RpcConnection& victim() { return *victim_; }
+
+ private:
+  EventLoop& loop_;
+  std::unique_ptr<Channel> toVictim_, fromVictim_;
+  std::unique_ptr<MessageSender> tx_, victimTx_;
+  std::unique_ptr<MessageReceiver> victimRx_, rx_;
+  std::unique_ptr<RpcConnection> victim_;
+};
+
+TEST_F(HandoffTest, ForgedReplayedAndMisdirectedAcceptsGetClearErrorsAndChangeNothing) {
+  openNetwork();
+  RemoteCap a = boot(C, A);
+  // Provision 1: C -> B, accepted.
+  ASSERT_TRUE(loop_.run(awaitValue(take(boot(C, B), a, 1))).ok());
+  ASSERT_TRUE(runUntil(loop_, [&] { return aLog_.order.size() == 1; }));
+  RawVat d(loop_, net_->vat(A), D, nullptr);
+  d.accept(1, C, 1);  // replayed
+  EXPECT_EQ(d.nextReturn(1), Errc::NOT_FOUND);
+  d.accept(2, C, 0);  // forged, below C's last provision
+  EXPECT_EQ(d.nextReturn(2), Errc::NOT_FOUND);
+  d.accept(3, 77, 1);  // an introducer A does not know
+  EXPECT_EQ(d.nextReturn(3), Errc::DISCONNECTED);
+  // Provision 2: C -> E, which cannot reach A yet; D tries to take it first.
+  net_->holdConnects();
+  RemotePromise toE = take(boot(C, E), a, 1);
+  ASSERT_TRUE(runUntil(loop_, [&] { return net_->vat(A).provisionCount() == 1; }));
+  d.accept(4, C, 2);
+  EXPECT_EQ(d.nextReturn(4), Errc::PERMISSION_DENIED);
+  EXPECT_EQ(net_->vat(A).provisionCount(), 1u) << "the provision stays for E";
+  net_->releaseConnects();
+  ASSERT_TRUE(loop_.run(awaitValue(std::move(toE))).ok());
+  ASSERT_TRUE(runUntil(loop_, [&] { return aLog_.order.size() == 2; }));
+  EXPECT_EQ(aLog_.order[1], Recipient::FIRST_RECORD);
+  EXPECT_EQ(net_->vat(A).provisionCount(), 0u);
+  // A forged id above C's last waits for a Provide; D's Finish ends the wait.
+  d.accept(5, C, 1000);
+  ASSERT_TRUE(runUntil(loop_, [&] { return net_->vat(A).waitingAcceptCount() == 1; }));
+  d.send([](wire::Message::Builder m) { m.initFinish().setQuestionId(5); });
+  EXPECT_EQ(d.nextReturn(5), Errc::CANCELLED);
+  EXPECT_EQ(net_->vat(A).waitingAcceptCount(), 0u);
+  // D waits for (C, 3); C spends id 3 on a handoff to another provider (B's object to E) and
+  // id 4 on one from A: A's Provide 4 shows that 3 will never come, so D gets NOT_FOUND.
+  d.accept(6, C, 3);
+  ASSERT_TRUE(runUntil(loop_, [&] { return net_->vat(A).waitingAcceptCount() == 1; }));
+  ASSERT_TRUE(loop_.run(awaitValue(take(boot(C, E), boot(C, B), 0))).ok());
+  EXPECT_EQ(net_->vat(B).provisionCount() + conn(B, E).stats().acceptsReceived, 1u);
+  EXPECT_EQ(net_->vat(A).waitingAcceptCount(), 1u);
+  RemotePromise third = take(boot(C, B), a, 0);
+  EXPECT_EQ(d.nextReturn(6), Errc::NOT_FOUND);
+  EXPECT_EQ(net_->vat(A).waitingAcceptCount(), 0u);
+  EXPECT_TRUE(d.victim().isOpen()) << "failed Accepts do not break the connection";
+  ASSERT_TRUE(loop_.run(awaitValue(std::move(third))).ok());
+}
+
+TEST_F(HandoffTest, TheIntroducersFinishReclaimsAProvisionEvenWithCallsPipelinedOnIt) {
+  openNetwork();
+  RawVat d(loop_, net_->vat(A), D, nullptr);
+  d.send([](wire::Message::Builder m) {
+    wire::Provide::Builder p = m.initProvide();
+    p.setQuestionId(1);
+    p.initTarget().setImportedCap(0);
+    p.setRecipient(B);
+    p.setProvisionId(5);
+  });
+  d.send([](wire::Message::Builder m) {
+    wire::Call::Builder c = m.initCall();
+    c.setQuestionId(2);
+    c.getTarget().initPromisedAnswer().setQuestionId(1);
+    c.setInterfaceId(NODE_INTERFACE_ID);
+    c.setMethodId(ECHO);
+  });
+  ASSERT_TRUE(runUntil(loop_, [&] { return net_->vat(A).provisionCount() == 1; }));
+  d.send([](wire::Message::Builder m) { m.initFinish().setQuestionId(1); });
+  EXPECT_EQ(d.nextReturn(1), Errc::CANCELLED);
+  EXPECT_EQ(d.nextReturn(2), Errc::CANCELLED) << "the pipelined call fails with its target";
+  EXPECT_EQ(net_->vat(A).provisionCount(), 0u);
+  EXPECT_TRUE(d.victim().isOpen());
+  EXPECT_TRUE(aLog_.order.empty());
+}
+
+TEST_F(HandoffTest, HostileHandoffMessagesAbortWithProtocolError) {
+  openNetwork();
+  RemoteCap a = boot(C, A);
+  (void)loop_.run(echo(a, 0));  // A's connection to C exists and has provision ids from 0
+  struct Case {
+    const char* what;
+    std::function<void(wire::Message::Builder)> fill;
+  };
+  auto provide = [](uint32_t q, uint32_t exportId, VatId recipient, uint64_t id) {
+    return [=](wire::Message::Builder m) {
+      wire::Provide::Builder p = m.initProvide();
+      p.setQuestionId(q);
+      p.initTarget().setImportedCap(exportId);
+      p.setRecipient(recipient);
+      p.setProvisionId(id);
+    };
+  };
+  auto thirdParty = [](VatId host) {
+    return [=](wire::Message::Builder m) {
+      wire::Call::Builder c = m.initCall();
+      c.setQuestionId(1);
+      c.getTarget().setImportedCap(0);
+      c.setInterfaceId(NODE_INTERFACE_ID);
+      c.setMethodId(IDENTIFY);
+      wire::Payload::Builder p = c.initParams();
+      writeCapPointer(p.getContent().initAs<CapParam>(), 0, 0);
+      wire::ThirdPartyCapDescriptor::Builder t = p.initCapTable(1)[0].initThirdPartyHosted();
+      t.setVatId(host);
+      t.setProvisionId(1);
+      t.setVineId(1);
+    };
+  };
+  const Case cases[] = {
+      {"provide of an export that does not exist", provide(1, 9, B, 5)},
+      {"provide for no recipient", provide(1, 0, NO_VAT, 5)},
+      {"provide for the introducer itself", provide(1, 0, D, 5)},
+      {"provide for the provider itself", provide(1, 0, A, 5)},
+      {"third-party cap hosted by its sender", thirdParty(D)},
+      {"third-party cap hosted by its receiver", thirdParty(A)},
+      {"third-party cap hosted by no vat", thirdParty(NO_VAT)},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.what);
+    RawVat d(loop_, net_->vat(A), D, &aRoot_);
+    d.send(c.fill);
+    EXPECT_TRUE(d.abortedWithProtocolError());
+    EXPECT_EQ(net_->vat(A).provisionCount(), 0u);
+  }
+  {
+    SCOPED_TRACE("provision ids must increase");
+    RawVat d(loop_, net_->vat(A), D, &aRoot_);
+    d.send(provide(1, 0, B, 5));
+    ASSERT_TRUE(runUntil(loop_, [&] { return net_->vat(A).provisionCount() == 1; }));
+    d.send(provide(2, 0, B, 5));
+    EXPECT_TRUE(d.abortedWithProtocolError());
+    EXPECT_EQ(net_->vat(A).provisionCount(), 0u) << "the dead introducer's provision is gone";
+  }
+}
+
+}  // namespace
+}  // namespace agate::rpc::test
