@@ -260,6 +260,9 @@ TEST(KernelObjects, BankNotificationBindingRefusesBadCapsAndChangesNothing) {
   EXPECT_EQ(s.bindBankNotification(bank, noWrite).code(), Errc::PERMISSION_DENIED);
   EXPECT_EQ(s.bindBankNotification(bank, staleN).code(), Errc::INVALID_HANDLE);
   EXPECT_EQ(s.unbindBankNotification(bank, noWrite).code(), Errc::PERMISSION_DENIED);
+  EXPECT_EQ(s.unbindBankNotification(noRead, n).code(), Errc::PERMISSION_DENIED);
+  EXPECT_EQ(s.unbindBankNotification(bank, staleN).code(), Errc::INVALID_HANDLE);
+  EXPECT_EQ(s.unbindBankNotification(bank, capAs<Notification>(bank)).code(), Errc::WRONG_TYPE);
   EXPECT_EQ(s.unbindBankNotification(c.conn->bank(), n).code(), Errc::NOT_FOUND);
   EXPECT_EQ(observe(c), before);
 
