@@ -493,13 +493,13 @@ void KernelDaemon::serveFrame(Session& s, std::span<const std::byte> frame) {
   // the first SMALL_REPLY_WORDS of the scratch (so only those are zeroed and checked).
   size_t replyWords = SMALL_REPLY_WORDS;
   if (view) {
-    (void)view->tryRead<wire::Syscall>([&](wire::Syscall::Reader call) {
-      const auto which = call.which();
-      if (which == wire::Syscall::LIST_PROCESSES || which == wire::Syscall::LIST_BANKS ||
-          which == wire::Syscall::LIST_CAPS || which == wire::Syscall::LIST_PROCESSES_PAGE ||
-          which == wire::Syscall::LIST_BANKS_PAGE || which == wire::Syscall::LIST_CAPS_PAGE)
-        replyWords = buildWords_;
-    });
+    // The root and its discriminant are covered by validation (message.h): no throw, no second
+    // pass through the decode boundary.
+    const auto which = view->getRoot<wire::Syscall>().which();
+    if (which == wire::Syscall::LIST_PROCESSES || which == wire::Syscall::LIST_BANKS ||
+        which == wire::Syscall::LIST_CAPS || which == wire::Syscall::LIST_PROCESSES_PAGE ||
+        which == wire::Syscall::LIST_BANKS_PAGE || which == wire::Syscall::LIST_CAPS_PAGE)
+      replyWords = buildWords_;
   }
   {
     std::optional<FrameBuilder> builder;
@@ -642,6 +642,7 @@ void KernelDaemon::deliverEvents() {
 void KernelDaemon::doom(Session& s, const char* reason, Fault fault) {
   if (s.doomed) return;
   s.doomed = true;
+  ++doomedCount_;
   s.doomReason = reason;
   // Deaths are normal; a process cut off for breaking the protocol is worth a line.
   if (fault == Fault::ABUSE)
@@ -650,9 +651,12 @@ void KernelDaemon::doom(Session& s, const char* reason, Fault fault) {
 }
 
 void KernelDaemon::reapDoomed() {
+  // Called after every pass: with nothing doomed (the steady state) it must not walk the sessions.
+  if (doomedCount_ == 0) return;
   std::vector<ProcessId> doomed;
   for (auto& [pid, s] : sessions_)
     if (s->doomed) doomed.push_back(pid);
+  doomedCount_ = 0;
   for (ProcessId pid : doomed) kill(pid);
 }
 
@@ -688,7 +692,7 @@ bool KernelDaemon::parkAnnounce() {
   }
   // A frame published before our announce rang nobody: look once more before sleeping.
   bool found = servePass();
-  for (auto& [pid, s] : sessions_) found |= s->doomed;
+  found |= doomedCount_ != 0;
   return found;
 }
 

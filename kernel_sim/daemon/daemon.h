@@ -133,6 +133,7 @@ class KernelDaemon {
   std::map<uint64_t, Pending> pending_;
   uint64_t nextPending_ = 1;
   bool stop_ = false;
+  uint32_t doomedCount_ = 0;  // sessions marked by doom() and not yet reaped
   // Decoding: one COPY_IN reader for every submission ring (served one frame at a time).
   std::unique_ptr<capnp::word[]> decodeScratch_;
   std::unique_ptr<FrameReader> reader_;
