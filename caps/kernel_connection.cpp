@@ -32,6 +32,24 @@ size_t syscallBytesWithName(std::string_view name) {
 }
 constexpr size_t ATTACH_REPLY_WORDS = 64;
 
+detail::NotificationReply readNotificationInfo(wire::NotificationInfo::Reader n) {
+  return {true, n.getBytes(), n.getWake(), n.getRing()};
+}
+
+// The descriptors of a notification, from `fds` starting at `first`, in the wire order (page,
+// wake, ring), checked against what the completion said; PROTOCOL_ERROR if they do not match.
+Result<MappedNotification> takeNotification(detail::Reply& r, size_t first) {
+  const detail::NotificationReply& n = r.notification;
+  const size_t count = 1 + (n.wake ? 1 : 0) + (n.ring ? 1 : 0);
+  if (!n.present || r.fdCount != first + count)
+    return Error(Errc::PROTOCOL_ERROR, "a notification's descriptors do not match its reply");
+  size_t i = first;
+  Fd page = std::move(r.fds[i++]);
+  Fd wake = n.wake ? std::move(r.fds[i++]) : Fd();
+  Fd ring = n.ring ? std::move(r.fds[i++]) : Fd();
+  return MappedNotification::tryMap(std::move(page), n.bytes, std::move(wake), std::move(ring));
+}
+
 Error kernelError(uint16_t code) {
   // The kernel's Errc values are ours (one enum, stable values); an unknown one is a failure.
   if (code == 0 || code > static_cast<uint16_t>(Errc::WRONG_TYPE))
@@ -441,25 +459,43 @@ Status KernelConnection::complete(Reader c) {
       break;
     }
     case Which::PROCESSES:
+      reply.nextCursor = c.getNextCursor();
       for (auto p : c.getProcesses())
         reply.processes.push_back(
             {p.getPid(), p.getOsPid(), p.getUid(), p.getName().cStr(), p.getBank(), p.getCaps()});
       break;
     case Which::BANKS:
+      reply.nextCursor = c.getNextCursor();
       for (auto b : c.getBanks())
         reply.banks.push_back({b.getKoid(), b.getParent(), b.getUsed(), b.getLimit(),
                                b.getOwnPages(), b.getObjects(), b.getCaps()});
       break;
     case Which::CAPS:
+      reply.nextCursor = c.getNextCursor();
       for (auto e : c.getCaps())
         reply.caps.push_back({e.getHandle(), e.getKoid(), static_cast<ObjectType>(e.getType()),
                               static_cast<Rights>(e.getRights()), e.getBadge(), e.getParentHandle(),
                               e.getParentPid()});
       break;
+    case Which::NOTIFICATION:
+      reply.notification = readNotificationInfo(c.getNotification());
+      break;
+    case Which::EVENT_BUFFER: {
+      auto b = c.getEventBuffer();
+      reply.bytes = b.getBytes();
+      reply.slots = b.getSlots();
+      reply.writable = b.getWritable();
+      if (b.hasNotification()) reply.notification = readNotificationInfo(b.getNotification());
+      break;
+    }
+    case Which::CREDIT_PAGE:
+      reply.bytes = c.getCreditPage();
+      break;
     default:
       return Error(Errc::PROTOCOL_ERROR, "a completion with an unexpected result");
   }
-  for (size_t i = 0; i < fdCount && i < 2; ++i) reply.fds[i] = std::move(fds[i]);
+  reply.fdCount = fdCount;
+  for (size_t i = 0; i < fdCount && i < MAX_PACKET_FDS; ++i) reply.fds[i] = std::move(fds[i]);
   fulfiller.fulfill(std::move(reply));
   return {};
 }
@@ -586,6 +622,98 @@ Promise<MappedRegion> KernelConnection::mapRegion(Cap<Region> region, bool writa
   co_return MappedRegion::tryMap(std::move(r->fds[0]), r->bytes, r->writable);
 }
 
+Promise<MappedCreditPage> KernelConnection::mapBankCredit(Cap<SpaceBank> bank) {
+  Result<detail::Reply> r = co_await submit(Which::CREDIT_PAGE, SYSCALL_BYTES, [&](auto call) {
+    call.initMapBankCredit().setBank(bank.handle);
+  });
+  if (!r) co_return r.error();
+  if (r->fdCount != 1)
+    co_return Error(Errc::PROTOCOL_ERROR, "a credit page arrived without its descriptor");
+  co_return MappedCreditPage::tryMap(std::move(r->fds[0]), r->bytes);
+}
+
+Promise<void> KernelConnection::bindBankNotification(Cap<SpaceBank> bank,
+                                                     Cap<Notification> notification) {
+  Result<detail::Reply> r = co_await submit(Which::DONE, SYSCALL_BYTES, [&](auto call) {
+    auto g = call.initBindBankNotification();
+    g.setBank(bank.handle);
+    g.setNotification(notification.handle);
+  });
+  if (!r) co_return r.error();
+  co_return {};
+}
+
+Promise<void> KernelConnection::unbindBankNotification(Cap<SpaceBank> bank,
+                                                       Cap<Notification> notification) {
+  Result<detail::Reply> r = co_await submit(Which::DONE, SYSCALL_BYTES, [&](auto call) {
+    auto g = call.initUnbindBankNotification();
+    g.setBank(bank.handle);
+    g.setNotification(notification.handle);
+  });
+  if (!r) co_return r.error();
+  co_return {};
+}
+
+Promise<Cap<Notification>> KernelConnection::createNotification(Cap<SpaceBank> bank, bool wakeFd) {
+  Result<detail::Reply> r = co_await submit(Which::HANDLE, SYSCALL_BYTES, [&](auto call) {
+    auto g = call.initCreateNotification();
+    g.setBank(bank.handle);
+    g.setWakeFd(wakeFd);
+  });
+  if (!r) co_return r.error();
+  co_return Cap<Notification>{r->value};
+}
+
+Promise<MappedNotification> KernelConnection::mapNotification(Cap<Notification> notification) {
+  Result<detail::Reply> r = co_await submit(Which::NOTIFICATION, SYSCALL_BYTES, [&](auto call) {
+    call.initNotificationFds().setNotification(notification.handle);
+  });
+  if (!r) co_return r.error();
+  co_return takeNotification(*r, 0);
+}
+
+Promise<void> KernelConnection::signal(Cap<Notification> notification) {
+  Result<detail::Reply> r = co_await submit(Which::DONE, SYSCALL_BYTES, [&](auto call) {
+    call.initSignal().setNotification(notification.handle);
+  });
+  if (!r) co_return r.error();
+  co_return {};
+}
+
+Promise<Cap<EventBuffer>> KernelConnection::createEventBuffer(Cap<SpaceBank> bank, uint32_t slots,
+                                                              Cap<Notification> notification) {
+  Result<detail::Reply> r = co_await submit(Which::HANDLE, SYSCALL_BYTES, [&](auto call) {
+    auto g = call.initCreateEventBuffer();
+    g.setBank(bank.handle);
+    g.setSlots(slots);
+    g.setNotification(notification.handle);
+  });
+  if (!r) co_return r.error();
+  co_return Cap<EventBuffer>{r->value};
+}
+
+Promise<MappedEventBuffer> KernelConnection::mapEventBuffer(Cap<EventBuffer> buffer,
+                                                            bool writable) {
+  Result<detail::Reply> r = co_await submit(Which::EVENT_BUFFER, SYSCALL_BYTES, [&](auto call) {
+    auto g = call.initMapEventBuffer();
+    g.setBuffer(buffer.handle);
+    g.setWritable(writable);
+  });
+  if (!r) co_return r.error();
+  if (r->fdCount < 1)
+    co_return Error(Errc::PROTOCOL_ERROR, "an event buffer arrived without its descriptor");
+  std::optional<MappedNotification> notification;
+  if (r->notification.present) {
+    auto n = takeNotification(*r, 1);
+    if (!n) co_return n.error();
+    notification.emplace(std::move(*n));
+  } else if (r->fdCount != 1) {
+    co_return Error(Errc::PROTOCOL_ERROR, "an event buffer's descriptors do not match its reply");
+  }
+  co_return MappedEventBuffer::tryMap(std::move(r->fds[0]), r->bytes, r->slots, r->writable,
+                                      std::move(notification));
+}
+
 Promise<Cap<Registry>> KernelConnection::grantRegistry(Cap<Registry> registry, ProcessId to,
                                                        Rights rights) {
   Result<detail::Reply> r = co_await submit(Which::HANDLE, SYSCALL_BYTES, [&](auto call) {
@@ -658,25 +786,65 @@ Promise<BushelRings> KernelConnection::bushelRings(Cap<Bushel> bushel) {
   co_return BushelRings{std::move(r->fds[0]), std::move(r->fds[1])};
 }
 
+template <class T, class Fetch>
+Promise<std::vector<T>> KernelConnection::collectPages(Fetch fetch) {
+  std::vector<T> all;
+  uint64_t cursor = 0;
+  for (;;) {
+    Result<Page<T>> page = co_await fetch(cursor);
+    if (!page) co_return page.error();
+    all.insert(all.end(), std::make_move_iterator(page->entries.begin()),
+               std::make_move_iterator(page->entries.end()));
+    if (page->nextCursor == 0) co_return all;
+    // Keys only grow: a cursor that does not would make this loop forever.
+    if (page->nextCursor <= cursor)
+      co_return Error(Errc::PROTOCOL_ERROR, "an introspection page's cursor went backwards");
+    cursor = page->nextCursor;
+  }
+}
+
 Promise<std::vector<ProcessInfo>> KernelConnection::listProcesses() {
-  Result<detail::Reply> r =
-      co_await submit(Which::PROCESSES, SYSCALL_BYTES, [&](auto call) { call.setListProcesses(); });
-  if (!r) co_return r.error();
-  co_return std::move(r->processes);
+  return collectPages<ProcessInfo>([this](uint64_t cursor) { return listProcessesPage(cursor); });
 }
 
 Promise<std::vector<BankInfo>> KernelConnection::listBanks() {
-  Result<detail::Reply> r =
-      co_await submit(Which::BANKS, SYSCALL_BYTES, [&](auto call) { call.setListBanks(); });
-  if (!r) co_return r.error();
-  co_return std::move(r->banks);
+  return collectPages<BankInfo>([this](uint64_t cursor) { return listBanksPage(cursor); });
 }
 
 Promise<std::vector<CapEntry>> KernelConnection::listCaps(ProcessId pid) {
-  Result<detail::Reply> r = co_await submit(Which::CAPS, SYSCALL_BYTES,
-                                            [&](auto call) { call.initListCaps().setPid(pid); });
+  return collectPages<CapEntry>([this, pid](uint64_t cursor) { return listCapsPage(pid, cursor); });
+}
+
+Promise<Page<ProcessInfo>> KernelConnection::listProcessesPage(uint64_t cursor, uint32_t limit) {
+  Result<detail::Reply> r = co_await submit(Which::PROCESSES, SYSCALL_BYTES, [&](auto call) {
+    auto g = call.initListProcessesPage();
+    g.setCursor(cursor);
+    g.setLimit(limit);
+  });
   if (!r) co_return r.error();
-  co_return std::move(r->caps);
+  co_return Page<ProcessInfo>{std::move(r->processes), r->nextCursor};
+}
+
+Promise<Page<BankInfo>> KernelConnection::listBanksPage(uint64_t cursor, uint32_t limit) {
+  Result<detail::Reply> r = co_await submit(Which::BANKS, SYSCALL_BYTES, [&](auto call) {
+    auto g = call.initListBanksPage();
+    g.setCursor(cursor);
+    g.setLimit(limit);
+  });
+  if (!r) co_return r.error();
+  co_return Page<BankInfo>{std::move(r->banks), r->nextCursor};
+}
+
+Promise<Page<CapEntry>> KernelConnection::listCapsPage(ProcessId pid, uint64_t cursor,
+                                                       uint32_t limit) {
+  Result<detail::Reply> r = co_await submit(Which::CAPS, SYSCALL_BYTES, [&](auto call) {
+    auto g = call.initListCapsPage();
+    g.setPid(pid);
+    g.setCursor(cursor);
+    g.setLimit(limit);
+  });
+  if (!r) co_return r.error();
+  co_return Page<CapEntry>{std::move(r->caps), r->nextCursor};
 }
 
 Promise<KernelEvent> KernelConnection::nextEvent() {

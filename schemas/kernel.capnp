@@ -51,7 +51,8 @@ $Cxx.namespace("agate::wire");
 # only in the process that holds them. ProcessIds are the kernel's own (never reused within one
 # kernel run), not OS pids.
 
-const abiVersion :UInt32 = 1;
+# Version 2 added the notification, event buffer and credit page calls, and paged introspection.
+const abiVersion :UInt32 = 2;
 
 # The largest process name accepted at attach, in bytes.
 const maxNameBytes :UInt32 = 64;
@@ -161,24 +162,86 @@ struct Syscall {
     }
 
     # Introspection (the agate CLI). Any attached process may ask: every attached process runs
-    # as the kernel's own uid. A reply larger than the completion ring's largest frame is
-    # refused with MESSAGE_TOO_LARGE.
+    # as the kernel's own uid. Since ABI 2 each of these answers the first page of its paged
+    # form below (listProcessesPage, ...) with the largest limit, and sets nextCursor.
     listProcesses @33 :Void;  # -> processes
     listBanks @34 :Void;      # -> banks (parents before children)
     listCaps :group {         # -> caps; NOT_FOUND if `pid` is not attached
       pid @35 :UInt32;
     }
 
+    # Notifications, event buffers and bank credit pages (ABI 2). Descriptor orders are given at
+    # the Completion arms NotificationInfo / eventBuffer / creditPage.
+    createNotification :group {  # -> handle; needs ALLOCATE on the bank
+      bank @36 :UInt64;          # pays the doorbell page, the record and (wakeFd) the pipe page
+      wakeFd @37 :Bool;          # also a wake descriptor, for event loops that poll descriptors
+    }
+    notificationFds :group {     # -> notification, with 1..3 descriptors; needs READ
+      notification @38 :UInt64;  # WRITE adds the ring end of the wake descriptor
+    }
+    signal :group {              # -> done; needs WRITE. The kernel rings the notification.
+      notification @39 :UInt64;
+    }
+    bindBankNotification :group {  # -> done; READ on the bank, WRITE on the notification
+      bank @40 :UInt64;            # rung when pages come back to it (or below), and at destroy
+      notification @41 :UInt64;
+    }
+    unbindBankNotification :group {  # -> done; the same rights; NOT_FOUND if not bound
+      bank @42 :UInt64;
+      notification @43 :UInt64;
+    }
+    createEventBuffer :group {   # -> handle; ALLOCATE on the bank, WRITE on the notification
+      bank @44 :UInt64;
+      slots @45 :UInt32;         # 1..65536 slots of 64 bytes
+      notification @46 :UInt64;  # rung by the buffer's writers
+    }
+    mapEventBuffer :group {      # -> eventBuffer, with descriptors; READ (and WRITE if writable)
+      buffer @47 :UInt64;
+      writable @48 :Bool;        # the server's view; refused after the first read-only map
+    }
+    mapBankCredit :group {       # -> creditPage, with 1 descriptor; needs READ on the bank
+      bank @49 :UInt64;
+    }
+
+    # Paged introspection (ABI 2). A page holds the entries whose key is >= `cursor`, in key
+    # order, at most `limit` of them (0, or more than fit: as many as fit in one completion
+    # frame), and Completion.nextCursor is the cursor of the next page (0: this was the last).
+    # A cursor is a key, not a position: between pages entries may come and go; none is listed
+    # twice, and every entry that exists for the whole listing is listed.
+    listProcessesPage :group {  # -> processes; key: the ProcessId
+      cursor @50 :UInt64;
+      limit @51 :UInt32;
+    }
+    listBanksPage :group {      # -> banks; key: the koid (so parents come before children)
+      cursor @52 :UInt64;
+      limit @53 :UInt32;
+    }
+    listCapsPage :group {       # -> caps; key: the slot (the handle's low 32 bits); NOT_FOUND
+      pid @54 :UInt32;          # if `pid` is not attached
+      cursor @55 :UInt64;
+      limit @56 :UInt32;
+    }
+
     # Per-client server state (client/): the server of a bushel grows the bushel's state
     # allowance, charged to the bank that paid for the bushel (the client's), so the memory a
     # client makes a server hold is paid by that client. Refunded when the bushel dies.
     growBushelState :group {  # -> count (the bushel's state pages after the call)
-      service @36 :UInt64;    # the caller's Service cap (needs WRITE); the bushel must be its
-      bushel @37 :UInt64;     # koid, as in the bushelOpened event; NOT_FOUND if not the service's
-      pages @38 :UInt64;      # 1..1024 at a time (Bushel::MAX_STATE_GROWTH); QUOTA_EXCEEDED if the bank
+      service @57 :UInt64;    # the caller's Service cap (needs WRITE); the bushel must be its
+      bushel @58 :UInt64;     # koid, as in the bushelOpened event; NOT_FOUND if not the service's
+      pages @59 :UInt64;      # 1..1024 at a time (Bushel::MAX_STATE_GROWTH); QUOTA_EXCEEDED if the bank
                               # (or an ancestor) cannot pay, nothing changed
     }
   }
+}
+
+# A notification's descriptors as sent after a completion: [page], then [wake] if `wake`, then
+# [ring] if `ring`. The page holds a DoorbellWord (runtime/doorbell.h) at offset 0; map it
+# MAP_SHARED read-write. The wake descriptor is the read end of a pipe the kernel writes 8 bytes
+# to per ring (drain it with 8-byte reads, as an eventfd; why a pipe: kernel_sim/README.md).
+struct NotificationInfo {
+  bytes @0 :UInt64;  # of the page
+  wake @1 :Bool;     # a wake descriptor follows the page
+  ring @2 :Bool;     # its write end follows (the caller holds WRITE)
 }
 
 enum EventType {
@@ -253,5 +316,17 @@ struct Completion {
     processes @21 :List(ProcessInfo);
     banks @22 :List(BankInfo);
     caps @23 :List(CapEntry);
+
+    # ABI 2 (notifications, event buffers, credit pages).
+    notification @24 :NotificationInfo;  # notificationFds
+    eventBuffer :group {  # mapEventBuffer: [0] the slots' memfd, then the notification's (below)
+      bytes @25 :UInt64;     # whole pages; map PROT_READ unless writable
+      slots @26 :UInt32;     # EventSlots at offset 0 (trust this, never the shared bytes)
+      writable @27 :Bool;
+      notification @28 :NotificationInfo;  # null: the notification was destroyed, no more fds
+    }
+    creditPage @29 :UInt64;  # mapBankCredit: the page's bytes; 1 descriptor, mappable read-only
   }
+
+  nextCursor @30 :UInt64;  # processes / banks / caps answers: the next page's cursor, 0 if last
 }

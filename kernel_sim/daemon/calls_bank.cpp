@@ -1,4 +1,5 @@
-// Space bank calls: create a child, change a limit, read the credit.
+// Space bank calls: create a child, change a limit, read the credit, map the credit page (read
+// only, see credit_page.h), and bind a notification rung when pages come back.
 #include "syscalls.h"
 
 namespace agate::kernel::daemon {
@@ -28,6 +29,30 @@ void readBank(CallContext& ctx, wire::Syscall::ReadBank::Reader call) {
   credit.setLimit(r->limit);
   credit.setReturned(r->returned);
   credit.setDestroyed(r->destroyed);
+}
+
+void mapBankCredit(CallContext& ctx, wire::Syscall::MapBankCredit::Reader call) {
+  const Handle bank{call.getBank()};
+  auto r = ctx.kernel.tryMapBankCredit(ctx.pid, bank);
+  if (!r) return ctx.fail(r.error());
+  ctx.reply.setCreditPage(sizeof(BankCreditPage));
+  ctx.fds.push_back(std::move(*r));
+}
+
+void bindBankNotification(CallContext& ctx, wire::Syscall::BindBankNotification::Reader call) {
+  const Handle bank{call.getBank()};
+  const Handle notification{call.getNotification()};
+  auto r = ctx.kernel.tryBindBankNotification(ctx.pid, bank, notification);
+  if (!r) return ctx.fail(r.error());
+  ctx.reply.setDone();
+}
+
+void unbindBankNotification(CallContext& ctx, wire::Syscall::UnbindBankNotification::Reader call) {
+  const Handle bank{call.getBank()};
+  const Handle notification{call.getNotification()};
+  auto r = ctx.kernel.tryUnbindBankNotification(ctx.pid, bank, notification);
+  if (!r) return ctx.fail(r.error());
+  ctx.reply.setDone();
 }
 
 }  // namespace agate::kernel::daemon

@@ -16,6 +16,7 @@
 #include <capnp/serialize.h>
 #include <kj/exception.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -187,6 +188,7 @@ Status KernelDaemon::run() {
     reapDoomed();
     if (++passes % EPOLL_POLL_PASSES == 0) {
       handleEvents(0);
+      expirePending();
       reapDoomed();
     }
     if (progress) {
@@ -199,8 +201,9 @@ Status KernelDaemon::run() {
     }
     // Park: announce, look once more, sleep only if that found nothing.
     const bool found = parkAnnounce();
-    if (!found) handleEvents(PARK_BACKSTOP_MS);
+    if (!found) handleEvents(parkTimeoutMs());
     parkCancel();
+    expirePending();
     reapDoomed();
     lastWork = Clock::now();
   }
@@ -264,7 +267,9 @@ void KernelDaemon::acceptConnections() {
     if (!sock.valid()) return;  // EAGAIN, or a transient failure: the next EPOLLIN retries
     const uint64_t id = nextPending_++;
     if (!tryWatch(sock.get(), EPOLLIN | EPOLLRDHUP, key(Key::PENDING, id))) continue;
-    pending_.emplace(id, std::move(sock));
+    const auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.attachTimeoutMs);
+    pending_.emplace(id, Pending{std::move(sock), deadline});
   }
 }
 
@@ -277,10 +282,30 @@ void KernelDaemon::refuse(int socket, const Error& e) {
   (void)trySendPacket(socket, std::as_bytes(std::span(words.begin(), words.size())), {});
 }
 
+void KernelDaemon::expirePending() {
+  if (pending_.empty()) return;
+  const auto now = std::chrono::steady_clock::now();
+  while (!pending_.empty() && pending_.begin()->second.deadline <= now) {
+    Fd sock = std::move(pending_.begin()->second.socket);
+    pending_.erase(pending_.begin());
+    unwatch(sock.get());
+    refuse(sock.get(), Error(Errc::TIMED_OUT, "attach did not complete in time"));
+  }  // each socket closes here
+}
+
+int KernelDaemon::parkTimeoutMs() const {
+  if (pending_.empty()) return PARK_BACKSTOP_MS;
+  const auto left = pending_.begin()->second.deadline - std::chrono::steady_clock::now();
+  // Rounded up, so the wake finds the deadline passed rather than a millisecond short of it.
+  const auto ms = std::chrono::ceil<std::chrono::milliseconds>(left).count();
+  return static_cast<int>(std::clamp<long long>(ms, 0, PARK_BACKSTOP_MS));
+}
+
 void KernelDaemon::attach(uint64_t pendingId) {
   auto it = pending_.find(pendingId);
   if (it == pending_.end()) return;
-  Fd sock = std::move(it->second);
+  Fd sock = std::move(it->second.socket);
+  const auto deadline = it->second.deadline;
   pending_.erase(it);
   unwatch(sock.get());
 
@@ -290,7 +315,7 @@ void KernelDaemon::attach(uint64_t pendingId) {
   if (!received) {
     if (received.code() == Errc::WOULD_BLOCK) {  // spurious wakeup: keep waiting for it
       if (tryWatch(sock.get(), EPOLLIN | EPOLLRDHUP, key(Key::PENDING, pendingId)))
-        pending_.emplace(pendingId, std::move(sock));
+        pending_.emplace(pendingId, Pending{std::move(sock), deadline});
       return;
     }
     if (received.code() == Errc::PROTOCOL_ERROR) refuse(sock.get(), received.error());
@@ -468,18 +493,19 @@ void KernelDaemon::serveFrame(Session& s, std::span<const std::byte> frame) {
   // the first SMALL_REPLY_WORDS of the scratch (so only those are zeroed and checked).
   size_t replyWords = SMALL_REPLY_WORDS;
   if (view) {
-    (void)view->tryRead<wire::Syscall>([&](wire::Syscall::Reader call) {
-      const auto which = call.which();
-      if (which == wire::Syscall::LIST_PROCESSES || which == wire::Syscall::LIST_BANKS ||
-          which == wire::Syscall::LIST_CAPS)
-        replyWords = buildWords_;
-    });
+    // The root and its discriminant are covered by validation (message.h): no throw, no second
+    // pass through the decode boundary.
+    const auto which = view->getRoot<wire::Syscall>().which();
+    if (which == wire::Syscall::LIST_PROCESSES || which == wire::Syscall::LIST_BANKS ||
+        which == wire::Syscall::LIST_CAPS || which == wire::Syscall::LIST_PROCESSES_PAGE ||
+        which == wire::Syscall::LIST_BANKS_PAGE || which == wire::Syscall::LIST_CAPS_PAGE)
+      replyWords = buildWords_;
   }
   {
     std::optional<FrameBuilder> builder;
     builder.emplace(std::span<capnp::word>(buildScratch_.get(), replyWords));
     auto reply = builder->initRoot<wire::Completion>();
-    CallContext ctx{kernel_, s.pid, sessions_, reply, {}};
+    CallContext ctx{kernel_, s.pid, sessions_, reply, replyWords, {}};
     if (!view) {
       ctx.fail(Error(Errc::PROTOCOL_ERROR, "a submission frame is not a valid message"));
     } else {
@@ -504,7 +530,7 @@ void KernelDaemon::serveFrame(Session& s, std::span<const std::byte> frame) {
       builder.emplace(std::span<capnp::word>(buildScratch_.get(), SMALL_REPLY_WORDS));
       auto small = builder->initRoot<wire::Completion>();
       small.setCallId(callId);
-      CallContext retry{kernel_, s.pid, sessions_, small, {}};
+      CallContext retry{kernel_, s.pid, sessions_, small, SMALL_REPLY_WORDS, {}};
       retry.fail(Error(Errc::MESSAGE_TOO_LARGE, "the answer exceeds a completion frame"));
       ctx.fds.clear();
       finished = builder->tryFinish();
@@ -616,6 +642,7 @@ void KernelDaemon::deliverEvents() {
 void KernelDaemon::doom(Session& s, const char* reason, Fault fault) {
   if (s.doomed) return;
   s.doomed = true;
+  ++doomedCount_;
   s.doomReason = reason;
   // Deaths are normal; a process cut off for breaking the protocol is worth a line.
   if (fault == Fault::ABUSE)
@@ -624,9 +651,12 @@ void KernelDaemon::doom(Session& s, const char* reason, Fault fault) {
 }
 
 void KernelDaemon::reapDoomed() {
+  // Called after every pass: with nothing doomed (the steady state) it must not walk the sessions.
+  if (doomedCount_ == 0) return;
   std::vector<ProcessId> doomed;
   for (auto& [pid, s] : sessions_)
     if (s->doomed) doomed.push_back(pid);
+  doomedCount_ = 0;
   for (ProcessId pid : doomed) kill(pid);
 }
 
@@ -662,7 +692,7 @@ bool KernelDaemon::parkAnnounce() {
   }
   // A frame published before our announce rang nobody: look once more before sleeping.
   bool found = servePass();
-  for (auto& [pid, s] : sessions_) found |= s->doomed;
+  found |= doomedCount_ != 0;
   return found;
 }
 

@@ -34,6 +34,7 @@
 #include <sys/socket.h>
 #include <sys/types.h>
 
+#include <chrono>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -53,7 +54,10 @@ struct DaemonOptions {
   uint64_t submissionBytes = 64 * 1024;   // per process, data area of the submission ring
   uint64_t completionBytes = 256 * 1024;  // per process, data area of the completion ring
   uint32_t pollMicros = 50;               // keep polling the rings this long before parking
-  int readyFd = -1;                       // written one byte (then closed) once listening
+  // A connection that has not completed attach this long after it was accepted is refused
+  // (TIMED_OUT) and closed, so a silent peer cannot hold a descriptor and an epoll entry.
+  uint32_t attachTimeoutMs = 3000;
+  int readyFd = -1;  // written one byte (then closed) once listening
 };
 
 class KernelDaemon {
@@ -88,6 +92,10 @@ class KernelDaemon {
   Status tryAttach(Fd& socket, const ucred& cred, std::string name, std::unique_ptr<Session>& out,
                    std::vector<Fd>& replyFds, uint64_t& replyBank, uint64_t& replyRegistry);
   void refuse(int socket, const Error& e);
+  // Refuses and closes every pending connection past its attach deadline.
+  void expirePending();
+  // How long the park may sleep: the backstop, or less to meet the first attach deadline.
+  int parkTimeoutMs() const;
 
   // One pass over every session; true if any frame was served or any completion moved.
   bool servePass();
@@ -116,9 +124,16 @@ class KernelDaemon {
   Fd signals_;
   std::string socketPath_;
   std::map<ProcessId, std::unique_ptr<Session>> sessions_;
-  std::map<uint64_t, Fd> pending_;  // accepted, not yet attached
+  // Accepted, not yet attached, by connection number. Numbers grow with acceptance time and the
+  // timeout is one constant, so the first entry always has the earliest deadline.
+  struct Pending {
+    Fd socket;
+    std::chrono::steady_clock::time_point deadline;
+  };
+  std::map<uint64_t, Pending> pending_;
   uint64_t nextPending_ = 1;
   bool stop_ = false;
+  uint32_t doomedCount_ = 0;  // sessions marked by doom() and not yet reaped
   // Decoding: one COPY_IN reader for every submission ring (served one frame at a time).
   std::unique_ptr<capnp::word[]> decodeScratch_;
   std::unique_ptr<FrameReader> reader_;

@@ -52,6 +52,28 @@ void dispatch(CallContext& ctx, wire::Syscall::Reader call) {
       return listBanks(ctx);
     case W::LIST_CAPS:
       return listCaps(ctx, call.getListCaps());
+    case W::CREATE_NOTIFICATION:
+      return createNotification(ctx, call.getCreateNotification());
+    case W::NOTIFICATION_FDS:
+      return notificationFds(ctx, call.getNotificationFds());
+    case W::SIGNAL:
+      return signalNotification(ctx, call.getSignal());
+    case W::BIND_BANK_NOTIFICATION:
+      return bindBankNotification(ctx, call.getBindBankNotification());
+    case W::UNBIND_BANK_NOTIFICATION:
+      return unbindBankNotification(ctx, call.getUnbindBankNotification());
+    case W::CREATE_EVENT_BUFFER:
+      return createEventBuffer(ctx, call.getCreateEventBuffer());
+    case W::MAP_EVENT_BUFFER:
+      return mapEventBuffer(ctx, call.getMapEventBuffer());
+    case W::MAP_BANK_CREDIT:
+      return mapBankCredit(ctx, call.getMapBankCredit());
+    case W::LIST_PROCESSES_PAGE:
+      return listProcessesPage(ctx, call.getListProcessesPage());
+    case W::LIST_BANKS_PAGE:
+      return listBanksPage(ctx, call.getListBanksPage());
+    case W::LIST_CAPS_PAGE:
+      return listCapsPage(ctx, call.getListCapsPage());
     case W::GROW_BUSHEL_STATE:
       return growBushelState(ctx, call.getGrowBushelState());
   }

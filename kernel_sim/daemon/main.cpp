@@ -1,7 +1,8 @@
 // agate-kernel: the capability kernel daemon. See daemon.h for what it does and
 // schemas/kernel.capnp for the protocol its processes speak.
 //
-//   agate-kernel [--home DIR] [--process-pages N] [--system-pages N] [--poll-us N] [--ready-fd FD]
+//   agate-kernel [--home DIR] [--process-pages N] [--system-pages N] [--poll-us N]
+//                [--attach-timeout-ms N] [--ready-fd FD]
 #include <cstdio>
 #include <string>
 
@@ -23,6 +24,9 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   app.add_option("--poll-us", options.pollMicros,
                  "microseconds to keep polling the rings after the last call before sleeping");
+  app.add_option("--attach-timeout-ms", options.attachTimeoutMs,
+                 "milliseconds a new connection has to complete attach before it is closed")
+      ->check(CLI::PositiveNumber);
   app.add_option("--ready-fd", options.readyFd,
                  "descriptor to write one byte to (then close) once the socket listens");
   CLI11_PARSE(app, argc, argv);

@@ -1,6 +1,7 @@
 // The syscall handlers of agate-kernel: one decode function per call, grouped one object type
-// per file (calls_cap.cpp, calls_bank.cpp, calls_region.cpp, calls_registry.cpp for the registry
-// and bushels, calls_introspect.cpp for the CLI's queries). dispatch.cpp routes a decoded
+// per file (calls_cap.cpp, calls_bank.cpp, calls_region.cpp, calls_notification.cpp,
+// calls_event_buffer.cpp, calls_registry.cpp for the registry and bushels, calls_introspect.cpp for
+// the CLI's queries). dispatch.cpp routes a decoded
 // Syscall to them.
 //
 // Contract of every handler (decode, then invoke):
@@ -31,6 +32,7 @@ struct CallContext {
   ProcessId pid;  // the caller
   const std::map<ProcessId, std::unique_ptr<Session>>& sessions;
   wire::Completion::Builder reply;
+  size_t replyWords;    // the reply frame's capacity (introspection pages are sized to it)
   std::vector<Fd> fds;  // sent on the socket right before the completion
 
   // Sets the error arm (code and detail).
@@ -48,9 +50,23 @@ void destroyObject(CallContext& ctx, wire::Syscall::DestroyObject::Reader call);
 void createBank(CallContext& ctx, wire::Syscall::CreateBank::Reader call);
 void setBankLimit(CallContext& ctx, wire::Syscall::SetBankLimit::Reader call);
 void readBank(CallContext& ctx, wire::Syscall::ReadBank::Reader call);
+void mapBankCredit(CallContext& ctx, wire::Syscall::MapBankCredit::Reader call);
+void bindBankNotification(CallContext& ctx, wire::Syscall::BindBankNotification::Reader call);
+void unbindBankNotification(CallContext& ctx, wire::Syscall::UnbindBankNotification::Reader call);
 // Region calls (calls_region.cpp).
 void createRegion(CallContext& ctx, wire::Syscall::CreateRegion::Reader call);
 void mapRegion(CallContext& ctx, wire::Syscall::MapRegion::Reader call);
+// Notification calls (calls_notification.cpp).
+void createNotification(CallContext& ctx, wire::Syscall::CreateNotification::Reader call);
+void notificationFds(CallContext& ctx, wire::Syscall::NotificationFds::Reader call);
+void signalNotification(CallContext& ctx, wire::Syscall::Signal::Reader call);
+// Moves a notification's descriptors into ctx.fds in the wire order (page, wake, ring) and
+// describes them in `out` (shared with mapEventBuffer).
+void putNotificationFds(CallContext& ctx, NotificationFds& fds,
+                        wire::NotificationInfo::Builder out);
+// Event buffer calls (calls_event_buffer.cpp).
+void createEventBuffer(CallContext& ctx, wire::Syscall::CreateEventBuffer::Reader call);
+void mapEventBuffer(CallContext& ctx, wire::Syscall::MapEventBuffer::Reader call);
 // Registry and bushel calls (calls_registry.cpp).
 void grantRegistry(CallContext& ctx, wire::Syscall::GrantRegistry::Reader call);
 void registerService(CallContext& ctx, wire::Syscall::RegisterService::Reader call);
@@ -62,6 +78,9 @@ void growBushelState(CallContext& ctx, wire::Syscall::GrowBushelState::Reader ca
 void listProcesses(CallContext& ctx);
 void listBanks(CallContext& ctx);
 void listCaps(CallContext& ctx, wire::Syscall::ListCaps::Reader call);
+void listProcessesPage(CallContext& ctx, wire::Syscall::ListProcessesPage::Reader call);
+void listBanksPage(CallContext& ctx, wire::Syscall::ListBanksPage::Reader call);
+void listCapsPage(CallContext& ctx, wire::Syscall::ListCapsPage::Reader call);
 
 // Routes one Syscall (already validated as a Cap'n Proto message) to its handler and fills
 // ctx.reply (callId, result or error). A kj::Exception while reading the call becomes

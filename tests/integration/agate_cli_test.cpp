@@ -24,6 +24,7 @@
 #include <cstring>
 #include <fstream>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -450,9 +451,9 @@ struct ClientReport {
 constexpr uint64_t CHILD_LIMIT = 37;
 constexpr uint64_t REGION_PAGES = 3;
 
-// In the child: attach as "cli-test-client", build a child bank with a region in it, report, and
-// stay attached until the test closes `hold`.
-[[noreturn]] void clientMain(const std::string& home, int report, int hold) {
+// In the child: attach as "cli-test-client", build a child bank with a region in it and
+// `copies` READ copies of the region cap, report, and stay attached until the test closes `hold`.
+[[noreturn]] void clientMain(const std::string& home, int report, int hold, int copies) {
   EventLoop loop;
   auto c = caps::KernelConnection::tryAttach(loop, home, "cli-test-client");
   if (!c) ::_exit(10);
@@ -461,6 +462,8 @@ constexpr uint64_t REGION_PAGES = 3;
   if (!bank) ::_exit(11);
   auto region = k.createRegion(*bank, REGION_PAGES);
   if (!region) ::_exit(12);
+  for (int i = 0; i < copies; ++i)
+    if (!k.copyCap(*region, caps::Rights::READ)) ::_exit(15);
   auto bankInfo = k.inspectCap(*bank);
   auto regionInfo = k.inspectCap(*region);
   auto credit = k.readBank(*bank);
@@ -491,7 +494,7 @@ class AgateCliClientTest : public AgateCliTest {
     ASSERT_GE(client_, 0);
     if (client_ == 0) {
       ::close(hold[1]);
-      clientMain(home_, report[1], hold[0]);
+      clientMain(home_, report[1], hold[0], copies_);
     }
     watchdog_->alsoKill(client_);
     ::close(report[1]);
@@ -515,7 +518,16 @@ class AgateCliClientTest : public AgateCliTest {
 
   pid_t client_ = 0;
   int hold_ = -1;
+  int copies_ = 0;  // extra region caps the client makes (set before SetUp)
   ClientReport report_;
+};
+
+// A client with more caps than one completion frame holds (about 2700 entries of 48 bytes in
+// a 128 KiB frame): the CLI must fetch every page.
+class AgateCliManyCapsTest : public AgateCliClientTest {
+ protected:
+  static constexpr int COPIES = 3000;
+  AgateCliManyCapsTest() { copies_ = COPIES; }
 };
 
 Json parseJson(const std::string& text) {
@@ -626,6 +638,23 @@ TEST_F(AgateCliClientTest, CapsShowsTheClientsCSpace) {
   EXPECT_NE(table.out.find("region"), std::string::npos) << table.out;
   EXPECT_NE(table.out.find("registry"), std::string::npos) << table.out;
   EXPECT_NE(table.out.find(" " + std::to_string(report_.region)), std::string::npos) << table.out;
+}
+
+TEST_F(AgateCliManyCapsTest, CapsListsEveryCapAcrossPages) {
+  Ran json = agate({"caps", std::to_string(report_.pid), "--json"});
+  ASSERT_EQ(json.exitCode, 0) << json.err;
+  Json j = parseJson(json.out);
+  size_t regionCaps = 0;
+  std::set<uint64_t> slots;
+  for (const Json& c : j["caps"]) {
+    if (c["object"] == report_.region) ++regionCaps;
+    slots.insert(c["slot"].get<uint64_t>());
+  }
+  EXPECT_EQ(regionCaps, size_t{COPIES} + 1);  // the copies and the original
+  EXPECT_EQ(slots.size(), j["caps"].size()) << "no cap listed twice";
+  Ran table = agate({"caps", std::to_string(report_.pid)});
+  ASSERT_EQ(table.exitCode, 0) << table.err;
+  EXPECT_GT(std::count(table.out.begin(), table.out.end(), '\n'), COPIES);
 }
 
 TEST_F(AgateCliClientTest, CapsOfAProcessThatIsNotAttachedExitsWithThree) {

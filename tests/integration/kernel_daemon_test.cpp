@@ -1,16 +1,25 @@
 // agate-kernel through its real socket and rings, driven by agate::caps: attach, bank tree
 // accounting, refusals that change nothing, revoke, batched calls beyond a ring's worth, and the
 // kernel's own death.
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
+
+#include <capnp/serialize.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
+#include <thread>
 #include <vector>
 
 #include <gtest/gtest.h>
 
 #include "../support/watchdog.h"
 #include "agate/caps/kernel_connection.h"
+#include "agate/kernel/home.h"
+#include "kernel.capnp.h"
 #include "kernel_fixture.h"
 
 namespace agate::caps {
@@ -18,6 +27,7 @@ namespace {
 
 using agate::testing::KernelProcess;
 using agate::testing::Watchdog;
+using std::chrono::milliseconds;
 using std::chrono::seconds;
 
 struct Client {
@@ -221,9 +231,70 @@ TEST(KernelDaemon, BatchedCallsBeyondTheRingsCapacityAllComplete) {
   ASSERT_TRUE(procs.ok());
   ASSERT_EQ(procs->size(), 1u);
   EXPECT_EQ((*procs)[0].caps, uint32_t{N} + 2);  // the copies, the bank, the registry
-  // 3002 caps do not fit in one completion frame: refused, and the connection carries on.
-  EXPECT_EQ(c.sync().listCaps(c.conn->pid()).code(), Errc::MESSAGE_TOO_LARGE);
-  EXPECT_TRUE(c.sync().readBank(c.conn->bank()).ok());
+  // 3002 caps do not fit in one completion frame: listCaps fetches them page by page.
+  auto first = c.sync().listCapsPage(c.conn->pid(), 0);
+  ASSERT_TRUE(first.ok());
+  EXPECT_LT(first->entries.size(), size_t{N} + 2);
+  EXPECT_NE(first->nextCursor, 0u);
+  auto caps = c.sync().listCaps(c.conn->pid());
+  ASSERT_TRUE(caps.ok());
+  ASSERT_EQ(caps->size(), size_t{N} + 2);
+  std::vector<uint64_t> handles;
+  for (const CapEntry& e : *caps) handles.push_back(e.handle);
+  EXPECT_TRUE(std::is_sorted(handles.begin(), handles.end(), [](uint64_t a, uint64_t b) {
+    return (a & 0xffffffffu) < (b & 0xffffffffu);
+  }));
+  EXPECT_EQ(std::unique(handles.begin(), handles.end()), handles.end());
+}
+
+TEST(KernelDaemon, IntrospectionPagesFollowTheCursorToTheEnd) {
+  Watchdog dog("pages", seconds(60));
+  KernelProcess kernel;
+  Client a(kernel, "first");  // one loop (one per thread) for the three connections
+  ASSERT_TRUE(a.conn);
+  auto b = KernelConnection::tryAttach(a.loop, kernel.home(), "second");
+  auto c = KernelConnection::tryAttach(a.loop, kernel.home(), "third");
+  ASSERT_TRUE(b.ok() && c.ok());
+  auto s = a.sync();
+  for (int i = 0; i < 10; ++i) ASSERT_TRUE(s.createBank(a.conn->bank(), 4).ok());
+
+  // Processes one per page: three pages, in pid order, then the end.
+  std::vector<ProcessId> pids;
+  uint64_t cursor = 0;
+  int pages = 0;
+  do {
+    auto p = s.listProcessesPage(cursor, 1);
+    ASSERT_TRUE(p.ok());
+    ASSERT_LE(p->entries.size(), 1u);
+    for (const ProcessInfo& info : p->entries) pids.push_back(info.pid);
+    cursor = p->nextCursor;
+    ++pages;
+  } while (cursor != 0 && pages < 10);
+  EXPECT_EQ(pids, (std::vector<ProcessId>{a.conn->pid(), (*b)->pid(), (*c)->pid()}));
+
+  // Banks three per page equal the whole list, parents before children.
+  const auto all = get(s.listBanks());
+  std::vector<BankInfo> paged;
+  cursor = 0;
+  do {
+    auto p = s.listBanksPage(cursor, 3);
+    ASSERT_TRUE(p.ok());
+    ASSERT_LE(p->entries.size(), 3u);
+    paged.insert(paged.end(), p->entries.begin(), p->entries.end());
+    cursor = p->nextCursor;
+  } while (cursor != 0);
+  ASSERT_EQ(paged.size(), all.size());
+  for (size_t i = 0; i < all.size(); ++i) {
+    EXPECT_EQ(paged[i].koid, all[i].koid);
+    for (size_t j = 0; j < i; ++j) EXPECT_NE(paged[j].parent, paged[i].koid) << "child first";
+  }
+
+  // A cursor past the end: an empty last page. An unknown process: NOT_FOUND.
+  auto past = s.listCapsPage(a.conn->pid(), 1u << 30, 5);
+  ASSERT_TRUE(past.ok());
+  EXPECT_TRUE(past->entries.empty());
+  EXPECT_EQ(past->nextCursor, 0u);
+  EXPECT_EQ(s.listCapsPage(9999, 0).code(), Errc::NOT_FOUND);
 }
 
 TEST(KernelDaemon, CallsFailDisconnectedOnceTheKernelDies) {
@@ -237,6 +308,73 @@ TEST(KernelDaemon, CallsFailDisconnectedOnceTheKernelDies) {
   EXPECT_EQ(c.sync().readBank(c.conn->bank()).code(), Errc::DISCONNECTED);
   EXPECT_EQ(c.sync().createBank(c.conn->bank(), 1).code(), Errc::DISCONNECTED);
   EXPECT_EQ(c.conn->state(), Errc::DISCONNECTED);
+}
+
+// A raw connection to kernel.sock that sends nothing.
+int connectSilently(const std::string& home) {
+  const std::string path = home + "/" + kernel::KERNEL_SOCKET_NAME;
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  const int sock = ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+  if (sock < 0) return -1;
+  if (::connect(sock, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    ::close(sock);
+    return -1;
+  }
+  return sock;
+}
+
+TEST(KernelDaemon, AConnectionThatNeverAttachesIsDroppedAfterTheTimeoutWhileOthersAreServed) {
+  Watchdog dog("attach timeout", seconds(30));
+  KernelProcess kernel("--attach-timeout-ms=300");
+  Client c(kernel);
+  ASSERT_TRUE(c.conn);
+  ASSERT_TRUE(c.sync().readBank(c.conn->bank()).ok());
+  const int baseline = kernel.openFds();
+
+  const auto start = std::chrono::steady_clock::now();
+  const int silent = connectSilently(kernel.home());
+  ASSERT_GE(silent, 0);
+  // Accepted: the daemon holds one more descriptor for it, and serves everyone else meanwhile.
+  ASSERT_TRUE(agate::testing::eventually([&] { return kernel.openFds() == baseline + 1; }));
+  for (int i = 0; i < 20; ++i) ASSERT_TRUE(c.sync().readBank(c.conn->bank()).ok());
+
+  // Then it is refused with TIMED_OUT and hung up on, no sooner than the timeout.
+  pollfd pfd{silent, POLLIN, 0};
+  ASSERT_EQ(::poll(&pfd, 1, 10000), 1);
+  EXPECT_GE(std::chrono::steady_clock::now() - start, milliseconds(250));
+  capnp::word packet[64];
+  const ssize_t n = ::recv(silent, packet, sizeof(packet), 0);
+  ASSERT_GT(n, 0);
+  ASSERT_EQ(n % 8, 0);
+  capnp::FlatArrayMessageReader reader(kj::ArrayPtr<const capnp::word>(packet, n / 8));
+  auto reply = reader.getRoot<wire::AttachReply>();
+  ASSERT_TRUE(reply.isError());
+  EXPECT_EQ(reply.getError().getCode(), static_cast<uint16_t>(Errc::TIMED_OUT));
+  EXPECT_EQ(::recv(silent, packet, sizeof(packet), 0), 0);  // end of stream
+  ::close(silent);
+  // Its descriptor is reclaimed; the attached client is untouched.
+  EXPECT_TRUE(agate::testing::eventually([&] { return kernel.openFds() == baseline; }));
+  EXPECT_TRUE(c.sync().readBank(c.conn->bank()).ok());
+  EXPECT_EQ(get(c.sync().listProcesses()).size(), 1u);
+}
+
+TEST(KernelDaemon, AnAttachWithinTheTimeoutSucceedsAfterOthersTimedOut) {
+  Watchdog dog("attach after timeout", seconds(30));
+  KernelProcess kernel("--attach-timeout-ms=100");
+  std::vector<int> silent;
+  for (int i = 0; i < 8; ++i) silent.push_back(connectSilently(kernel.home()));
+  std::this_thread::sleep_for(milliseconds(300));
+  Client c(kernel);  // a fresh connection gets its own full timeout
+  ASSERT_TRUE(c.conn);
+  EXPECT_TRUE(c.sync().readBank(c.conn->bank()).ok());
+  for (int fd : silent) {
+    ASSERT_GE(fd, 0);
+    pollfd pfd{fd, POLLIN, 0};
+    EXPECT_EQ(::poll(&pfd, 1, 5000), 1);
+    ::close(fd);
+  }
 }
 
 TEST(KernelDaemon, SecondDaemonOnTheSameHomeRefusesToStart) {

@@ -1,7 +1,12 @@
-// kill -9 of a client at random points, over and over: each time the kernel notices (socket
-// hang-up, pidfd), reclaims everything the process held, and tells the server its bushels are
-// gone. After every death: the system bank's usage, the kernel's open descriptors and its memfd
-// mappings are back to their baseline. Seeded, so a failing trial can be replayed.
+// kill -9 at random points, over and over, of a client (the kernel reclaims everything it held
+// and tells the server its bushels are gone) and of a server (its service is unregistered, every
+// client gets SERVICE_GONE and BUSHEL_CLOSED, and everything the bushels and the server held is
+// reclaimed). After every death: the system bank's usage, the object count, the kernel's open
+// descriptors and its memfd mappings are back to their baseline. Seeded, so a failing trial can
+// be replayed.
+//
+// Trial counts: CLIENT_TRIALS + SERVER_TRIALS (>= 100) in CI; AGATE_DEATH_TRIALS=N runs N of
+// each instead (scripts/soak does, with thousands).
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -9,8 +14,10 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -28,8 +35,17 @@ using agate::testing::Watchdog;
 using std::chrono::milliseconds;
 using std::chrono::seconds;
 
-constexpr int TRIALS = 120;
+constexpr int CLIENT_TRIALS = 120;
+constexpr int SERVER_TRIALS = 80;
 constexpr const char* SERVICE = "victim-svc";
+
+// `ciCount`, or AGATE_DEATH_TRIALS when set (the soak run).
+int trials(int ciCount) {
+  const char* soak = std::getenv("AGATE_DEATH_TRIALS");
+  if (soak == nullptr) return ciCount;
+  const int n = std::atoi(soak);
+  return n > 0 ? n : ciCount;
+}
 
 // A client that never stops: banks, regions (mapped and written), copies, bushels to the
 // server, destroys, and batches of calls left in flight. It dies by SIGKILL only.
@@ -121,10 +137,12 @@ struct Books {
   uint64_t objects = 0;
   int kernelFds = 0;
   int kernelMaps = 0;
+  bool serviceRegistered = false;
 };
 
 // Attaches an observer (this process holds no loop in between: children are forked from it),
-// waits until only the observer and the server are attached, and reads the books.
+// waits until only the observer and the one long-lived process (the server, or the client) are
+// attached, and reads the books.
 bool readBooks(const KernelProcess& kernel, Books& out) {
   EventLoop loop;
   auto c = KernelConnection::tryAttach(loop, kernel.home(), "observer");
@@ -135,6 +153,9 @@ bool readBooks(const KernelProcess& kernel, Books& out) {
         return procs && procs->size() == 2;
       },
       milliseconds(10000));
+  auto service = (*c)->sync().lookupService((*c)->registry(), SERVICE);
+  if (!service && service.code() != Errc::NOT_FOUND) return false;
+  out.serviceRegistered = service.ok();
   if (!settled) return false;
   auto banks = (*c)->sync().listBanks();
   if (!banks || banks->empty()) return false;
@@ -146,7 +167,7 @@ bool readBooks(const KernelProcess& kernel, Books& out) {
   return true;
 }
 
-TEST(KernelDeath, KillNineAtRandomPointsLeaksNothing) {
+TEST(KernelDeath, KillNineOfAClientAtRandomPointsLeaksNothing) {
   KernelProcess kernel;
   int control[2];
   int report[2];
@@ -159,14 +180,15 @@ TEST(KernelDeath, KillNineAtRandomPointsLeaksNothing) {
   }
   ::close(control[0]);
   ::close(report[1]);
-  Watchdog dog("kill -9 trials", seconds(150), server);
+  const int count = trials(CLIENT_TRIALS);
+  Watchdog dog("kill -9 client trials", seconds(60 + count), server);
   char ready = 0;
   ASSERT_EQ(::read(report[0], &ready, 1), 1);
 
   Books baseline;
   ASSERT_TRUE(readBooks(kernel, baseline));
   std::mt19937_64 rng(20261123);
-  for (int trial = 0; trial < TRIALS; ++trial) {
+  for (int trial = 0; trial < count; ++trial) {
     const uint64_t seed = rng();
     int attached[2];
     ASSERT_EQ(::pipe2(attached, O_CLOEXEC), 0);
@@ -204,6 +226,190 @@ TEST(KernelDeath, KillNineAtRandomPointsLeaksNothing) {
   EXPECT_EQ(WEXITSTATUS(status), 0);
   EXPECT_EQ(counts[0], counts[1]) << "every bushel opened to the server was closed";
   EXPECT_GT(counts[0], 0u) << "the victims opened bushels";
+}
+
+// --- Servers ---------------------------------------------------------------------------------
+
+// A server that never stops: registers SERVICE, takes the bushels clients open to it (holding
+// their ring descriptors), and allocates banks, regions, notifications and event buffers. `ready`
+// gets one byte once the first bushel from a client has arrived. It dies by SIGKILL only.
+[[noreturn]] void serveUntilKilled(const std::string& home, uint64_t seed, int ready) {
+  EventLoop loop;
+  auto attached = KernelConnection::tryAttach(loop, home, "victim-server");
+  if (!attached) ::_exit(2);
+  KernelConnection& c = **attached;
+  auto s = c.sync();
+  // The previous server's name must have been unregistered at its death.
+  if (!s.registerService(c.registry(), SERVICE, c.bank())) ::_exit(3);
+  std::mt19937_64 rng(seed);
+  std::vector<KernelEvent> bushels;
+  std::vector<Cap<SpaceBank>> banks{c.bank()};
+  std::vector<MappedRegion> mappings;
+  std::vector<MappedNotification> notifications;
+  bool told = false;
+  for (;;) {
+    auto e = loop.run(loop.deadline(c.nextEvent(), milliseconds(1)));
+    if (e.ok() && e->type == EventType::BUSHEL_OPENED) {
+      bushels.push_back(std::move(*e));
+      if (!told) {
+        const char byte = 'b';
+        if (::write(ready, &byte, 1) != 1) ::_exit(4);
+        told = true;
+      }
+    }
+    Cap<SpaceBank> bank = banks[rng() % banks.size()];
+    switch (rng() % 5) {
+      case 0:
+        if (auto b = s.createBank(bank, 64)) banks.push_back(*b);
+        break;
+      case 1:
+        if (auto r = s.createRegion(bank, 1 + rng() % 4)) {
+          if (auto m = s.mapRegion(*r, true)) mappings.push_back(std::move(*m));
+        }
+        break;
+      case 2:
+        if (auto n = s.createNotification(bank, rng() % 2 == 0)) {
+          if (auto m = s.mapNotification(*n)) notifications.push_back(std::move(*m));
+          if (auto b = s.createEventBuffer(bank, 1 + rng() % 128, *n))
+            (void)s.mapEventBuffer(*b, true);
+        }
+        break;
+      case 3:
+        (void)s.mapBankCredit(bank);
+        break;
+      case 4:
+        if (banks.size() > 1) {
+          const size_t i = 1 + rng() % (banks.size() - 1);
+          (void)s.destroy(banks[i]);
+          banks.erase(banks.begin() + static_cast<long>(i));
+        }
+        break;
+    }
+  }
+}
+
+// The long-lived client: keeps up to 3 bushels open to whichever server is registered, and
+// counts what the kernel tells it. When `control` closes it reports {opened, gone, closed}.
+int openUntilTold(const std::string& home, int control, int report) {
+  EventLoop loop;
+  auto attached = KernelConnection::tryAttach(loop, home, "client");
+  if (!attached) return 1;
+  KernelConnection& c = **attached;
+  auto s = c.sync();
+  const char ready = 'r';
+  if (::write(report, &ready, 1) != 1) return 2;
+  uint64_t counts[3] = {0, 0, 0};  // opened, serviceGone, bushelClosed
+  int live = 0;
+  for (;;) {
+    for (;;) {
+      auto e = loop.run(loop.deadline(c.nextEvent(), milliseconds(1)));
+      if (!e) {
+        if (e.code() != Errc::TIMED_OUT) return 3;
+        break;
+      }
+      if (e->type == EventType::SERVICE_GONE) ++counts[1];
+      if (e->type == EventType::BUSHEL_CLOSED) {
+        ++counts[2];
+        --live;
+      }
+    }
+    if (live < 3) {
+      auto b = s.openBushel(c.registry(), SERVICE, c.bank());
+      if (b.ok()) {
+        ++counts[0];
+        ++live;
+      } else if (b.code() != Errc::NOT_FOUND) {
+        return 4;
+      }
+    }
+    pollfd pfd{control, POLLIN, 0};
+    if (::poll(&pfd, 1, 0) == 1) break;  // end of file: stop
+  }
+  // The last server's events may still be on their way: take them before reporting.
+  while (live > 0) {
+    auto e = loop.run(loop.deadline(c.nextEvent(), milliseconds(2000)));
+    if (!e) return 6;
+    if (e->type == EventType::SERVICE_GONE) ++counts[1];
+    if (e->type == EventType::BUSHEL_CLOSED) {
+      ++counts[2];
+      --live;
+    }
+  }
+  // The last server's events may still be on their way: take them before reporting.
+  while (live > 0) {
+    auto e = loop.run(loop.deadline(c.nextEvent(), milliseconds(2000)));
+    if (!e) return 6;
+    if (e->type == EventType::SERVICE_GONE) ++counts[1];
+    if (e->type == EventType::BUSHEL_CLOSED) {
+      ++counts[2];
+      --live;
+    }
+  }
+  return ::write(report, counts, sizeof(counts)) == sizeof(counts) ? 0 : 5;
+}
+
+TEST(KernelDeath, KillNineOfAServerWithOpenBushelsLeaksNothingAndTellsItsClients) {
+  KernelProcess kernel;
+  int control[2];
+  int report[2];
+  ASSERT_EQ(::pipe2(control, O_CLOEXEC), 0);
+  ASSERT_EQ(::pipe2(report, O_CLOEXEC), 0);
+  const pid_t client = ::fork();
+  if (client == 0) {
+    ::close(control[1]);
+    ::_exit(openUntilTold(kernel.home(), control[0], report[1]));
+  }
+  ::close(control[0]);
+  ::close(report[1]);
+  const int count = trials(SERVER_TRIALS);
+  Watchdog dog("kill -9 server trials", seconds(60 + 2 * count), client);
+  char ready = 0;
+  ASSERT_EQ(::read(report[0], &ready, 1), 1);
+
+  Books baseline;
+  ASSERT_TRUE(readBooks(kernel, baseline));
+  ASSERT_FALSE(baseline.serviceRegistered);
+  std::mt19937_64 rng(20261124);
+  for (int trial = 0; trial < count; ++trial) {
+    const uint64_t seed = rng();
+    int hasBushel[2];
+    ASSERT_EQ(::pipe2(hasBushel, O_CLOEXEC), 0);
+    const pid_t victim = ::fork();
+    if (victim == 0) serveUntilKilled(kernel.home(), seed, hasBushel[1]);
+    ::close(hasBushel[1]);
+    // Most trials: once a client's bushel has reached the server, somewhere in its churn. Every
+    // fourth: at any time from the fork (before, during or after it registers).
+    if (trial % 4 != 0) {
+      pollfd pfd{hasBushel[0], POLLIN, 0};
+      char byte = 0;
+      ASSERT_TRUE(::poll(&pfd, 1, 10000) == 1 && ::read(hasBushel[0], &byte, 1) == 1)
+          << "trial " << trial << " seed " << seed << ": no bushel reached the server";
+    }
+    ::close(hasBushel[0]);
+    std::this_thread::sleep_for(std::chrono::microseconds(rng() % 8000));
+    ASSERT_EQ(::kill(victim, SIGKILL), 0);
+    int status = 0;
+    ASSERT_EQ(::waitpid(victim, &status, 0), victim);
+    ASSERT_TRUE(WIFSIGNALED(status)) << "trial " << trial << " seed " << seed << ": the server "
+                                     << "exited on its own with " << WEXITSTATUS(status);
+    Books now;
+    ASSERT_TRUE(readBooks(kernel, now)) << "trial " << trial << " seed " << seed;
+    ASSERT_FALSE(now.serviceRegistered) << "trial " << trial << " seed " << seed;
+    ASSERT_EQ(now.systemUsed, baseline.systemUsed) << "trial " << trial << " seed " << seed;
+    ASSERT_EQ(now.objects, baseline.objects) << "trial " << trial << " seed " << seed;
+    ASSERT_EQ(now.kernelFds, baseline.kernelFds) << "trial " << trial << " seed " << seed;
+    ASSERT_EQ(now.kernelMaps, baseline.kernelMaps) << "trial " << trial << " seed " << seed;
+  }
+
+  ::close(control[1]);  // the client stops and reports
+  uint64_t counts[3] = {0, 0, 0};
+  ASSERT_EQ(::read(report[0], counts, sizeof(counts)), static_cast<ssize_t>(sizeof(counts)));
+  int status = 0;
+  ASSERT_EQ(::waitpid(client, &status, 0), client);
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+  EXPECT_GT(counts[0], 0u) << "the client opened bushels";
+  EXPECT_EQ(counts[1], counts[0]) << "SERVICE_GONE for every bushel whose server died";
+  EXPECT_EQ(counts[2], counts[0]) << "BUSHEL_CLOSED for every bushel the client opened";
 }
 
 }  // namespace

@@ -43,6 +43,12 @@ struct Registry {
 struct Service {
   static constexpr ObjectType TYPE = ObjectType::SERVICE;
 };
+struct Notification {
+  static constexpr ObjectType TYPE = ObjectType::NOTIFICATION;
+};
+struct EventBuffer {
+  static constexpr ObjectType TYPE = ObjectType::EVENT_BUFFER;
+};
 struct AnyObject {
   static constexpr ObjectType TYPE = ObjectType::ANY;
 };

@@ -54,11 +54,15 @@
 #include <vector>
 
 #include "agate/caps/cap.h"
+#include "agate/caps/mapped_credit_page.h"
+#include "agate/caps/mapped_event_buffer.h"
+#include "agate/caps/mapped_notification.h"
 #include "agate/caps/mapped_region.h"
 #include "agate/kernel/credit_page.h"
 #include "agate/runtime/channel.h"
 #include "agate/runtime/event_loop.h"
 #include "agate/runtime/fd.h"
+#include "agate/runtime/fd_passing.h"
 #include "agate/runtime/message_channel.h"
 #include "agate/runtime/promise.h"
 #include "agate/runtime/result.h"
@@ -111,6 +115,14 @@ struct CapEntry {
   ProcessId parentPid = 0;
 };
 
+// One page of an introspection answer: the entries whose key is >= the cursor asked for, and the
+// cursor of the next page (0: this was the last). See schemas/kernel.capnp (listProcessesPage).
+template <class T>
+struct Page {
+  std::vector<T> entries;
+  uint64_t nextCursor = 0;
+};
+
 enum class EventType : uint16_t { BUSHEL_OPENED = 1, BUSHEL_CLOSED = 2, SERVICE_GONE = 3 };
 struct KernelEvent {
   EventType type = EventType::BUSHEL_CLOSED;
@@ -122,6 +134,13 @@ struct KernelEvent {
 };
 
 namespace detail {
+// A notification's part of a completion (wire NotificationInfo).
+struct NotificationReply {
+  bool present = false;
+  uint64_t bytes = 0;
+  bool wake = false;
+  bool ring = false;
+};
 // A decoded completion, as the pump hands it to the call that waits for it.
 struct Reply {
   uint64_t value = 0;  // handle, count or koid
@@ -129,10 +148,14 @@ struct Reply {
   BankCredit credit;
   uint64_t bytes = 0;
   bool writable = false;
-  Fd fds[2];
+  uint32_t slots = 0;
+  NotificationReply notification;
+  uint8_t fdCount = 0;
+  Fd fds[MAX_PACKET_FDS];
   std::vector<ProcessInfo> processes;
   std::vector<BankInfo> banks;
   std::vector<CapEntry> caps;
+  uint64_t nextCursor = 0;
 };
 }  // namespace detail
 
@@ -183,6 +206,33 @@ class KernelConnection {
   Promise<Cap<Region>> createRegion(Cap<SpaceBank> bank, uint64_t pages);
   Promise<MappedRegion> mapRegion(Cap<Region> region, bool writable);
 
+  // --- Bank credit pages and refund notifications ---
+  // The bank's credit page, mapped read-only (needs READ; the first map charges one page to the
+  // bank). Read it with MappedCreditPage::tryRead, no kernel call.
+  Promise<MappedCreditPage> mapBankCredit(Cap<SpaceBank> bank);
+  // The kernel rings `notification` (needs WRITE) whenever pages come back to `bank` (needs READ)
+  // or below it, and when it is destroyed. ALREADY_EXISTS if bound; QUOTA_EXCEEDED past 64 banks.
+  Promise<void> bindBankNotification(Cap<SpaceBank> bank, Cap<Notification> notification);
+  Promise<void> unbindBankNotification(Cap<SpaceBank> bank, Cap<Notification> notification);
+
+  // --- Notifications ---
+  // Charged to `bank` (needs ALLOCATE): its doorbell page, its record, and with `wakeFd` a wake
+  // pipe for loops that wait on descriptors.
+  Promise<Cap<Notification>> createNotification(Cap<SpaceBank> bank, bool wakeFd);
+  // The doorbell page mapped, with the wake descriptor (READ) and its ring end (WRITE).
+  Promise<MappedNotification> mapNotification(Cap<Notification> notification);
+  // The kernel rings it (needs WRITE).
+  Promise<void> signal(Cap<Notification> notification);
+
+  // --- Event buffers ---
+  // `slots` 64-byte slots (1..65536) charged to `bank` (needs ALLOCATE), rung through
+  // `notification` (needs WRITE). The creator's cap has every right.
+  Promise<Cap<EventBuffer>> createEventBuffer(Cap<SpaceBank> bank, uint32_t slots,
+                                              Cap<Notification> notification);
+  // The writer's view (`writable`, needs READ|WRITE; before any reader maps) or a reader's
+  // read-only view (READ), each with the notification (the writer gets its ring end).
+  Promise<MappedEventBuffer> mapEventBuffer(Cap<EventBuffer> buffer, bool writable);
+
   // --- Registry and bushels ---
   Promise<Cap<Registry>> grantRegistry(Cap<Registry> registry, ProcessId to, Rights rights);
   Promise<Cap<Service>> registerService(Cap<Registry> registry, std::string_view name,
@@ -196,9 +246,15 @@ class KernelConnection {
   Promise<uint64_t> growBushelState(Cap<Service> service, Koid bushel, uint64_t pages);
 
   // --- Introspection ---
+  // Everything, fetched page by page (as many entries per page as fit in a completion frame).
+  // Entries that come and go while the pages are fetched may or may not be listed; none twice.
   Promise<std::vector<ProcessInfo>> listProcesses();
-  Promise<std::vector<BankInfo>> listBanks();  // parents before children
+  Promise<std::vector<BankInfo>> listBanks();  // parents before children (koid order)
   Promise<std::vector<CapEntry>> listCaps(ProcessId pid);
+  // One page from `cursor` (0: the start), at most `limit` entries (0: as many as fit).
+  Promise<Page<ProcessInfo>> listProcessesPage(uint64_t cursor, uint32_t limit = 0);
+  Promise<Page<BankInfo>> listBanksPage(uint64_t cursor, uint32_t limit = 0);
+  Promise<Page<CapEntry>> listCapsPage(ProcessId pid, uint64_t cursor, uint32_t limit = 0);
 
   // --- Events ---
   // The next kernel event (queued ones first). One waiter at a time (precondition); dropping
@@ -259,6 +315,9 @@ class KernelConnection {
   }
   Promise<uint64_t> copyAny(AnyCap cap, Rights rights, uint64_t badge);
   Promise<uint64_t> transferAny(AnyCap cap, ProcessId to, TransferMode mode);
+  // Fetches every page of one listing; `fetch(cursor)` asks for one page.
+  template <class T, class Fetch>
+  static Promise<std::vector<T>> collectPages(Fetch fetch);
 
   // Writes one Syscall (filled by `fill`) and awaits its completion with result arm `expect`.
   template <class Fill>
@@ -336,6 +395,29 @@ class SyncKernel {
   Result<MappedRegion> mapRegion(Cap<Region> region, bool writable) {
     return run(c_.mapRegion(region, writable));
   }
+  Result<MappedCreditPage> mapBankCredit(Cap<SpaceBank> bank) {
+    return run(c_.mapBankCredit(bank));
+  }
+  Status bindBankNotification(Cap<SpaceBank> bank, Cap<Notification> notification) {
+    return run(c_.bindBankNotification(bank, notification));
+  }
+  Status unbindBankNotification(Cap<SpaceBank> bank, Cap<Notification> notification) {
+    return run(c_.unbindBankNotification(bank, notification));
+  }
+  Result<Cap<Notification>> createNotification(Cap<SpaceBank> bank, bool wakeFd) {
+    return run(c_.createNotification(bank, wakeFd));
+  }
+  Result<MappedNotification> mapNotification(Cap<Notification> notification) {
+    return run(c_.mapNotification(notification));
+  }
+  Status signal(Cap<Notification> notification) { return run(c_.signal(notification)); }
+  Result<Cap<EventBuffer>> createEventBuffer(Cap<SpaceBank> bank, uint32_t slots,
+                                             Cap<Notification> notification) {
+    return run(c_.createEventBuffer(bank, slots, notification));
+  }
+  Result<MappedEventBuffer> mapEventBuffer(Cap<EventBuffer> buffer, bool writable) {
+    return run(c_.mapEventBuffer(buffer, writable));
+  }
   Result<Cap<Registry>> grantRegistry(Cap<Registry> registry, ProcessId to, Rights rights) {
     return run(c_.grantRegistry(registry, to, rights));
   }
@@ -357,6 +439,15 @@ class SyncKernel {
   Result<std::vector<ProcessInfo>> listProcesses() { return run(c_.listProcesses()); }
   Result<std::vector<BankInfo>> listBanks() { return run(c_.listBanks()); }
   Result<std::vector<CapEntry>> listCaps(ProcessId pid) { return run(c_.listCaps(pid)); }
+  Result<Page<ProcessInfo>> listProcessesPage(uint64_t cursor, uint32_t limit = 0) {
+    return run(c_.listProcessesPage(cursor, limit));
+  }
+  Result<Page<BankInfo>> listBanksPage(uint64_t cursor, uint32_t limit = 0) {
+    return run(c_.listBanksPage(cursor, limit));
+  }
+  Result<Page<CapEntry>> listCapsPage(ProcessId pid, uint64_t cursor, uint32_t limit = 0) {
+    return run(c_.listCapsPage(pid, cursor, limit));
+  }
   Result<KernelEvent> nextEvent() { return run(c_.nextEvent()); }
 
  private:
