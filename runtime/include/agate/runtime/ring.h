@@ -44,7 +44,9 @@
 // headroom to do so (a frame is reserved only if its end + 8 is within capacity of head). The lap
 // stamp is the cross-check: a non-zero header whose stamp is not that of the consumer's own head
 // (a stale header of an older lap, or a forgery) poisons the consumer, it is never taken for a new
-// frame. Stale data is therefore refused or never seen; it cannot be served.
+// frame. The terminator is the guarantee (an honest producer never leaves stale bytes where the
+// consumer looks); the stamp, seven bits of lap, catches a producer that broke it with a header
+// left from up to 127 laps before.
 //
 // `tail` still records the producer's committed index, stored (release) whenever frames are
 // published: a producer that attaches later resumes there, the LOCAL multi-producer ring uses it
