@@ -415,13 +415,16 @@ void Receiver::releaseDeferred() noexcept {
     plainRing_.release();  // PRIVATE scope has no doorbells: nothing to defer
     return;
   }
-  atomicRing_.release();  // the head is published now; only the wakeup waits
+  // Head is published every capacity/4 bytes, or at the flush: a sender polling for space pulls
+  // head's line once per batch rather than once per frame.
+  atomicRing_.releaseLazily();
   releasesDeferred_ = true;
 }
 
 void Receiver::flushReleases() noexcept {
   if (!releasesDeferred_) return;
   releasesDeferred_ = false;
+  atomicRing_.publishHead();  // before the ring: a woken sender's re-check must see the space
   spaceBell_.ring();
 }
 
@@ -445,6 +448,7 @@ void Receiver::detach() noexcept {
     receiver = ATTACH_CLOSED_BIT;
   } else {
     // Release: pairs with the senders' acquire in tryReserve.
+    atomicRing_.publishHead();
     word(receiver).store(ATTACH_CLOSED_BIT, std::memory_order_release);
     releasesDeferred_ = false;
     spaceBell_.ring();  // parked senders must see the close (and any deferred release)

@@ -15,6 +15,9 @@ void initRing(std::byte* memory, uint64_t capacity) {
   std::memset(memory, 0, RING_CONTROL_BYTES);
   auto* control = reinterpret_cast<RingControl*>(memory);
   control->header = RingHeader{RING_MAGIC, RING_VERSION, RING_CONTROL_BYTES, capacity};
+  // The consumer starts by polling the word at index 0: it must read "nothing published yet".
+  // Every later header position is cleared by the producer (the terminator) before it is reached.
+  std::memset(memory + RING_CONTROL_BYTES, 0, FRAME_HEADER_BYTES);
 }
 
 Result<uint64_t> validateRing(const std::byte* memory, size_t mappingSize) {
@@ -37,17 +40,6 @@ Result<uint64_t> validateRing(const std::byte* memory, size_t mappingSize) {
 
 namespace ring_detail {
 
-RingSlot planSlot(const RingView& v, uint64_t at, uint64_t bytes) {
-  RingSlot s;
-  s.start = at;
-  s.requested = bytes;
-  s.slotPayload = alignFrame(bytes);
-  uint64_t need = FRAME_HEADER_BYTES + s.slotPayload;
-  uint64_t toEnd = v.capacity - (at & v.mask());
-  s.pad = need <= toEnd ? 0 : toEnd;  // toEnd >= 8: indices are multiples of 8
-  return s;
-}
-
 Error tooLarge() {
   return Error(Errc::MESSAGE_TOO_LARGE,
                "message exceeds the largest frame of this ring (capacity/2 - 8 bytes)");
@@ -69,7 +61,7 @@ Result<RingSlot> RingMultiProducer::tryClaim(size_t bytes) noexcept {
     AGATE_ASSERT(head % FRAME_ALIGN == 0, "misaligned head %llu in a local ring",
                  static_cast<unsigned long long>(head));
     RingSlot slot = ring_detail::planSlot(v_, claim, bytes);
-    if (slot.end() - head > v_.capacity) return Error(Errc::WOULD_BLOCK, "ring is full");
+    if (!slot.fits(head, v_.capacity)) return Error(Errc::WOULD_BLOCK, "ring is full");
     // acq_rel on success orders our claim after the head we checked; on failure `claim` is
     // reloaded and the plan redone.
     if (claim_.compare_exchange_weak(claim, slot.end(), std::memory_order_acq_rel,
@@ -80,39 +72,34 @@ Result<RingSlot> RingMultiProducer::tryClaim(size_t bytes) noexcept {
   }
 }
 
-void RingMultiProducer::publishInOrder(const RingSlot& slot) noexcept {
+void RingMultiProducer::publishInOrder(const RingSlot& slot, uint64_t first) noexcept {
   std::atomic_ref<uint64_t> tail(v_.control->tail);
-  // Earlier claims publish first. Acquire is not needed for our data, but keeps the chain of
-  // releases intact for the consumer (each publisher's store follows its predecessor's).
+  // Earlier claims publish first. Acquire: the previous slot's terminator, which lies where our
+  // first header goes, happens-before our store there; and the chain of releases stays intact for
+  // the consumer.
   for (uint32_t spins = 0; tail.load(std::memory_order_acquire) != slot.start; ++spins) {
     if (spins < 256)
       cpuRelax();
     else
       sched_yield();  // the earlier claimer may be descheduled; on 2 CPUs spinning would starve it
   }
-  // Release: this slot's bytes happen-before the consumer's acquire of the new tail.
+  // Release: this slot's payload, other headers and terminator happen-before the consumer's
+  // acquire load of its first header.
+  std::atomic_ref<uint64_t>(v_.wordAt(slot.start)).store(first, std::memory_order_release);
+  // Release: the next claimer's acquire of the ticket orders its first header after our store.
   tail.store(slot.end(), std::memory_order_release);
 }
 
+// The rest of a slot lies inside the claim (or is its terminator, which the next claimer
+// overwrites only after our ticket), so it is written before our turn comes.
 void RingMultiProducer::commit(const RingSlot& slot, size_t length, uint16_t tag) noexcept {
   AGATE_REQUIRE(length <= slot.requested, "commit of %zu bytes exceeds the %llu reserved", length,
                 static_cast<unsigned long long>(slot.requested));
-  ring_detail::writeSlot<AtomicSync>(v_, slot, length, tag);
-  publishInOrder(slot);
+  publishInOrder(slot, ring_detail::writeSlot<AtomicSync>(v_, slot, length, tag));
 }
 
 void RingMultiProducer::abandon(const RingSlot& slot) noexcept {
-  // Leading pad (if any) ends at the wrap; the frame part never crosses it: two pad frames.
-  if (slot.pad != 0) writePadding(slot.start, slot.pad);
-  writePadding(slot.start + slot.pad, FRAME_HEADER_BYTES + slot.slotPayload);
-  publishInOrder(slot);
-}
-
-void RingMultiProducer::writePadding(uint64_t at, uint64_t bytes) noexcept {
-  std::atomic_ref<uint64_t>(*reinterpret_cast<uint64_t*>(v_.data + (at & v_.mask())))
-      .store(
-          encodeFrameHeader(static_cast<uint32_t>(bytes - FRAME_HEADER_BYTES), 0, FRAME_FLAG_PAD),
-          std::memory_order_relaxed);
+  publishInOrder(slot, ring_detail::writeAbandonedSlot<AtomicSync>(v_, slot));
 }
 
 }  // namespace agate

@@ -192,8 +192,9 @@ struct alignas(CACHE_LINE) ThroughputResult {
   uint64_t windowNs[MAX_WINDOWS] = {};
 };
 
-// Frames published per flush: commitDeferred for each, flush() (one release store of the tail
-// and one doorbell check) every BATCH frames or when the ring is full.
+// Frames published per flush: commitDeferred for each, flush() (one release store of the run's
+// first frame header, which publishes the run, and one doorbell check) every BATCH frames or when
+// the ring is full.
 constexpr uint32_t BATCH = 16;
 
 // Producer: stamps each RECORD-byte payload with its index, as fast as the ring takes them.

@@ -1,5 +1,6 @@
 // The ring consumer on memory a hostile producer laid out: see fuzz_targets.h.
 #include <atomic>
+#include <bit>
 #include <cstring>
 #include <memory>
 
@@ -11,14 +12,17 @@ namespace agate::fuzz {
 namespace {
 
 constexpr uint64_t CAPACITY = 512;  // small, so inputs cover the wrap and the whole data area
-// Each served frame advances the consumer by at least one 8-byte header, and a published tail is
-// at most CAPACITY ahead of head: a consumer that serves more is following a cycle.
+constexpr uint32_t LAP_SHIFT = std::countr_zero(CAPACITY);
+// Each served frame advances the consumer by at least one 8-byte header, and a header is taken
+// only with the stamp of the consumer's lap, which nothing rewrites here: once the consumer is a
+// whole lap on, every stamp it meets is stale. A consumer that serves more follows a cycle.
 constexpr int MAX_FRAMES = CAPACITY / FRAME_HEADER_BYTES + 1;
 
 // The producer-writable parts of a ring: the control block's index and attach words and the data
 // area. The header line (magic, capacity) is checked once when a SHARED ring is opened and is not
 // re-read by the consumer; the receiver's own attach word and the doorbells are left alone (a
-// forged doorbell only costs wakeups, see doorbell.h).
+// forged doorbell only costs wakeups, see doorbell.h). The consumer ignores `tail` (it polls the
+// frame headers), so a forged tail must change nothing: it is forged anyway.
 struct Layout {
   uint64_t tail = 0;
   uint64_t head = 0;
@@ -40,14 +44,16 @@ Layout framed(std::span<const std::byte> in) {
   const uint64_t slot = FRAME_HEADER_BYTES + alignFrame(length);
   uint64_t start = (in.size() * 40) % CAPACITY;  // a multiple of 8
   l.head = start;
-  if (start + slot > CAPACITY) {  // pad to the end, then the frame at 0
+  if (start + slot > CAPACITY) {  // pad to the end, then the frame at 0 (of the next lap)
     const uint64_t pad = CAPACITY - start;
-    const uint64_t padHeader = (pad - FRAME_HEADER_BYTES) | (uint64_t{FRAME_FLAG_PAD} << 48);
+    const uint64_t padHeader = encodeFrameHeader(static_cast<uint32_t>(pad - FRAME_HEADER_BYTES), 0,
+                                                 FRAME_FLAG_PAD, frameStamp(start, LAP_SHIFT));
     std::memcpy(l.data + start, &padHeader, 8);
     start = CAPACITY;
   }
   const uint64_t at = start % CAPACITY;
-  const uint64_t header = length | (uint64_t{0x77} << 32);
+  const uint64_t header =
+      encodeFrameHeader(static_cast<uint32_t>(length), 0x77, 0, frameStamp(start, LAP_SHIFT));
   std::memcpy(l.data + at, &header, 8);
   if (length > 0)
     std::memcpy(l.data + at + FRAME_HEADER_BYTES, in.data(), length);  // data() may be null
@@ -56,20 +62,28 @@ Layout framed(std::span<const std::byte> in) {
 }
 
 // The input as raw ring memory: words 0-2 are tail, head and the senders word, the rest fills
-// the data area (repeated). Run twice: with those words as given, and folded into the ring's
-// range so the frame-header checks are reached.
+// the data area (repeated). Run twice: with those words as given, and folded into range: head
+// aligned, and three words in four stamped with the lap the consumer would expect there (the
+// words before head's position belong to the next lap), so the checks after the stamp's are
+// reached; the fourth keeps its input stamp, usually a stale or forged one.
 Layout raw(std::span<const std::byte> in, bool fold) {
   Layout l;
   l.tail = wordAt(in, 0);
   l.head = wordAt(in, 1);
   l.senders = static_cast<uint32_t>(wordAt(in, 2));
-  if (fold) {
-    l.head = l.head % (4 * CAPACITY);
-    l.tail = l.head + (l.tail % (CAPACITY + 16));
-    l.senders = 1 | (l.senders & ATTACH_CLOSED_BIT);
-  }
   std::span<const std::byte> body = in.size() > 24 ? in.subspan(24) : in;
   for (size_t i = 0; i < CAPACITY && !body.empty(); ++i) l.data[i] = body[i % body.size()];
+  if (fold) {
+    l.head = (l.head % (4 * CAPACITY)) & ~uint64_t{FRAME_ALIGN - 1};
+    l.tail = l.head + (l.tail % (CAPACITY + 16));
+    l.senders = 1 | (l.senders & ATTACH_CLOSED_BIT);
+    const uint64_t headLap = l.head & ~(CAPACITY - 1);
+    for (uint64_t at = 0; at < CAPACITY; at += FRAME_HEADER_BYTES) {
+      if ((at / FRAME_HEADER_BYTES) % 4 == 3) continue;
+      const uint64_t index = headLap + at + (at < l.head % CAPACITY ? CAPACITY : 0);
+      l.data[at + FRAME_HEADER_BYTES - 1] = std::byte{frameStamp(index, LAP_SHIFT)};
+    }
+  }
   return l;
 }
 

@@ -312,7 +312,7 @@ TEST(KernelHostile, RandomFramesNeverStopTheKernelServingAnotherProcess) {
   (void)disconnected;
 }
 
-TEST(KernelHostile, CorruptRingIndicesDisconnectTheOffenderOnly) {
+TEST(KernelHostile, CorruptFrameHeaderDisconnectsTheOffenderOnly) {
   Watchdog dog("corrupt ring", seconds(30));
   KernelProcess kernel;
   EventLoop loop;
@@ -325,10 +325,13 @@ TEST(KernelHostile, CorruptRingIndicesDisconnectTheOffenderOnly) {
     ASSERT_TRUE(raw.attached());
     ASSERT_TRUE(raw.sendReadBank(1));
     ASSERT_TRUE(raw.next().has_value());
-    // A published tail beyond anything the ring can hold, and not frame-aligned.
-    auto* control = reinterpret_cast<RingControl*>(raw.submissionRing().memory().data());
-    std::atomic_ref<uint64_t>(control->tail)
-        .store((uint64_t{1} << 40) + 3, std::memory_order_release);
+    // Garbage where the kernel polls for the next frame header: not committed, no valid lap.
+    Channel& ring = raw.submissionRing();
+    auto* control = reinterpret_cast<RingControl*>(ring.memory().data());
+    const uint64_t head = std::atomic_ref<uint64_t>(control->head).load(std::memory_order_acquire);
+    auto* next = reinterpret_cast<uint64_t*>(ring.memory().data() + RING_CONTROL_BYTES +
+                                             (head & (ring.capacity() - 1)));
+    std::atomic_ref<uint64_t>(*next).store(0x0123'4567'89ab'cdefull, std::memory_order_release);
     raw.kick();
     EXPECT_TRUE(raw.hungUp());
   }

@@ -239,7 +239,7 @@ TEST(SharedChannelProcesses, SenderBlockedOnADeadReceiverGetsDisconnected) {
   ASSERT_TRUE(tx.watchPeer(child).ok());
   uint64_t filler = 0;
   while (tx.trySend(std::as_bytes(std::span(&filler, 1))).ok()) ++filler;
-  EXPECT_EQ(filler, 256u / 16);
+  EXPECT_EQ(filler, (256u - 8) / 16);  // the last 8 bytes are the terminator
   std::thread killer([child] {
     std::this_thread::sleep_for(100ms);
     ::kill(child, SIGKILL);
@@ -307,7 +307,7 @@ TEST(SharedChannelProcesses, HostileProducerCannotCrashTheConsumer) {
     EXPECT_EQ(waitChild(child), 0);
     (void)checksum;
   }
-  EXPECT_GE(protocolErrors, 1) << "random noise over the indices must be detected";
+  EXPECT_GE(protocolErrors, 1) << "random noise over the frame headers must be detected";
 
   // The consumer process is unharmed: a fresh, healthy channel works.
   SharedSetup healthy(4096);

@@ -122,8 +122,8 @@ TEST_P(EveryScope, FullChannelRefusesAndKeepsContents) {
   Receiver rx = ch->attachReceiver().value();
   int sent = 0;
   while (tx.trySend(bytesOf("0123456789abcdefghijklm"), static_cast<uint16_t>(sent)).ok()) ++sent;
-  EXPECT_EQ(sent, 8);
-  EXPECT_EQ(tx.tryReserve(1).code(), Errc::WOULD_BLOCK);
+  EXPECT_EQ(sent, 7) << "(capacity - 8) / 32 frames: the last 8 bytes are the terminator";
+  EXPECT_EQ(tx.tryReserve(24).code(), Errc::WOULD_BLOCK);
   for (int i = 0; i < sent; ++i) {
     Result<Frame> f = rx.tryReceive();
     ASSERT_TRUE(f.ok());
@@ -211,7 +211,7 @@ TEST(ChannelBlocking, PrivateBlockingCallsReturnAtOnce) {
   Receiver rx = ch->attachReceiver().value();
   EXPECT_EQ(rx.receive().code(), Errc::WOULD_BLOCK);
   ASSERT_TRUE(tx.send(bytesOf("0123456789abcdefghijklm")).ok());
-  ASSERT_TRUE(tx.send(bytesOf("0123456789abcdefghijklm")).ok());
+  ASSERT_TRUE(tx.send(bytesOf("0123456789abcde")).ok());
   EXPECT_EQ(tx.reserve(24).code(), Errc::WOULD_BLOCK);
 }
 
@@ -247,7 +247,7 @@ TEST(ChannelBlocking, ParkedSenderIsWokenByRelease) {
   Sender tx = ch->attachSender().value();
   Receiver rx = ch->attachReceiver().value();
   ASSERT_TRUE(tx.send(bytesOf("0123456789abcdefghijklm")).ok());  // 32 of 64 bytes
-  ASSERT_TRUE(tx.send(bytesOf("0123456789abcdefghijklm")).ok());  // full
+  ASSERT_TRUE(tx.send(bytesOf("0123456789abcde")).ok());  // 24 more and the terminator: full
   std::thread receiver([&] {
     std::this_thread::sleep_for(50ms);
     ASSERT_TRUE(rx.tryReceive().ok());
@@ -260,13 +260,14 @@ TEST(ChannelBlocking, ParkedSenderIsWokenByRelease) {
 }
 
 // A sender parked on a full ring, and a receiver that frees space with releaseDeferred(): the
-// space is reusable at once, but the sender is only woken by the flush passed in `flush`.
+// sender is only woken by the flush passed in `flush`.
 void expectDeferredReleaseWakesOnlyOnFlush(const std::function<void(Receiver&)>& flush) {
   auto ch = makeChannel(ChannelScope::LOCAL, 64);
   Sender tx = ch->attachSender().value();
   Receiver rx = ch->attachReceiver().value();
   ASSERT_TRUE(tx.send(bytesOf("0123456789abcdefghijklm")).ok());  // 32 of 64 bytes
-  ASSERT_TRUE(tx.send(bytesOf("0123456789abcdefghijklm")).ok());  // full
+  ASSERT_TRUE(tx.send(bytesOf("0123456789abcde")).ok());  // 24 more and the terminator: full
+  ASSERT_EQ(tx.tryReserve(0).code(), Errc::WOULD_BLOCK);
   std::atomic<bool> sent{false};
   std::thread sender([&] {
     // One long park slice: only a doorbell ring can end it early.
@@ -334,7 +335,7 @@ TEST(ChannelBlocking, BusyPathRingsNoDoorbell) {
   EXPECT_EQ(rx.wakeCount(), 0u);
 }
 
-TEST(ChannelProtocol, ForgedTailPoisonsTheReceiverForGood) {
+TEST(ChannelProtocol, ForgedFrameHeaderPoisonsTheReceiverForGood) {
   auto ch = makeChannel(ChannelScope::SHARED, 1024);
   Sender tx = ch->attachSender().value();
   Receiver rx = ch->attachReceiver().value();
@@ -342,11 +343,18 @@ TEST(ChannelProtocol, ForgedTailPoisonsTheReceiverForGood) {
   ASSERT_TRUE(rx.tryReceive().ok());
   rx.release();
   auto* control = reinterpret_cast<RingControl*>(ch->memory().data());
-  control->tail = 12345;  // misaligned and far beyond capacity
+  control->tail = 12345;  // a forged tail changes nothing: the receiver polls frame headers
+  EXPECT_EQ(rx.tryReceive().code(), Errc::WOULD_BLOCK);
+  // The next header position (16) gets a frame longer than the ring.
+  auto* next = reinterpret_cast<uint64_t*>(ch->memory().data() + RING_CONTROL_BYTES + 16);
+  std::atomic_ref<uint64_t>(*next).store(encodeFrameHeader(4096, 0, 0, frameStamp(16, 10)),
+                                         std::memory_order_release);
   Result<Frame> f = rx.tryReceive();
   ASSERT_EQ(f.code(), Errc::PROTOCOL_ERROR);
-  EXPECT_NE(std::strstr(f.error().detail, "tail"), nullptr);
-  control->tail = 16;  // even a sane tail afterwards does not revive the channel
+  EXPECT_NE(std::strstr(f.error().detail, "half the ring"), nullptr);
+  // Even a sane frame afterwards does not revive the channel.
+  std::atomic_ref<uint64_t>(*next).store(encodeFrameHeader(0, 0, 0, frameStamp(16, 10)),
+                                         std::memory_order_release);
   EXPECT_EQ(rx.tryReceive().code(), Errc::PROTOCOL_ERROR);
   EXPECT_EQ(rx.receive().code(), Errc::PROTOCOL_ERROR);
 }
@@ -356,7 +364,7 @@ TEST(ChannelProtocol, ForgedHeadPoisonsTheSenderForGood) {
   Sender tx = ch->attachSender().value();
   Receiver rx = ch->attachReceiver().value();
   ASSERT_TRUE(tx.trySend(bytesOf("0123456789abcdefghijklm")).ok());
-  ASSERT_TRUE(tx.trySend(bytesOf("0123456789abcdefghijklm")).ok());
+  ASSERT_TRUE(tx.trySend(bytesOf("0123456789abcde")).ok());
   auto* control = reinterpret_cast<RingControl*>(ch->memory().data());
   control->head = 1 << 20;  // beyond the published tail
   EXPECT_EQ(tx.tryReserve(8).code(), Errc::PROTOCOL_ERROR);

@@ -34,6 +34,8 @@ bool matches(std::span<const std::byte> s, uint32_t seed) {
   return true;
 }
 
+// Frames of every size, some published one by one and some in deferred runs, lap after lap;
+// the consumer releases some frames at once and some lazily.
 template <class Sync>
 void runManyLaps() {
   TestRing r;
@@ -49,12 +51,13 @@ void runManyLaps() {
       ASSERT_EQ(buf->size(), size);
       ASSERT_EQ(reinterpret_cast<uintptr_t>(buf->data()) % 8, 0u);
       fill(*buf, sent);
-      producer.commit(size, static_cast<uint16_t>(sent), true);
+      producer.commit(size, static_cast<uint16_t>(sent), round % 5 < 2);
       ++sent;
       if (sent % 3 != 0) continue;  // let the ring fill up now and then
     } else {
       ASSERT_EQ(buf.code(), Errc::WOULD_BLOCK);
     }
+    producer.publish();
     for (;;) {
       Result<Frame> f = consumer.tryPeek();
       if (f.code() == Errc::WOULD_BLOCK) break;
@@ -63,9 +66,14 @@ void runManyLaps() {
       ASSERT_EQ(f->payload.size(), (received * 7) % (maxPayload + 1));
       ASSERT_TRUE(matches(f->payload, received));
       ++received;
-      consumer.release();
+      if (received % 4 == 0)
+        consumer.release();
+      else
+        consumer.releaseLazily();
     }
+    consumer.publishHead();
   }
+  producer.publish();
   while (consumer.tryPeek().ok()) {
     ++received;
     consumer.release();
@@ -90,7 +98,10 @@ TEST(Ring, FullRingRefusesReserveAndKeepsContents) {
     fill(*buf, frames);
     producer.commit(24, 1, true);
   }
-  EXPECT_EQ(frames, static_cast<int>(CAP / 32));
+  // A ring holds capacity - 8 bytes of frames: the last 8 are the terminator behind the newest.
+  EXPECT_EQ(frames, static_cast<int>((CAP - 8) / 32));
+  ASSERT_TRUE(producer.tryReserve(16).ok()) << "24 bytes are left before the terminator";
+  producer.commit(16, 1, true);
   auto before = r.snapshot();
   EXPECT_EQ(producer.tryReserve(0).code(), Errc::WOULD_BLOCK);
   EXPECT_EQ(producer.tryReserve(24).code(), Errc::WOULD_BLOCK);
@@ -160,6 +171,92 @@ TEST(Ring, ShortCommitShrinksTheFrame) {
   EXPECT_EQ(f->payload.size(), 5u);
 }
 
+TEST(Ring, PayloadOfAnEarlierLapIsNeverTakenForAHeader) {
+  TestRing r;
+  RingProducer<AtomicSync> producer(r.view);
+  RingConsumer<AtomicSync> consumer(r.view);
+  // Lap 0: a payload whose every word is a well-formed header for lap 1 at its own position.
+  Result<std::span<std::byte>> buf = producer.tryReserve(120);
+  ASSERT_TRUE(buf.ok());
+  for (uint64_t at = 8; at < 128; at += 8) {
+    uint64_t forged = encodeFrameHeader(8, 0xbeef, 0, r.view.stampAt(CAP + at));
+    std::memcpy(buf->data() + at - 8, &forged, 8);
+  }
+  producer.commit(120, 1, true);
+  ASSERT_TRUE(consumer.tryPeek().ok());
+  consumer.release();
+  for (size_t size : {size_t{112}, size_t{0}}) {  // frames at 128 and 248: lap 0 ends at 256
+    ASSERT_TRUE(producer.tryReserve(size).ok());
+    producer.commit(size, 2, true);
+    ASSERT_TRUE(consumer.tryPeek().ok());
+    consumer.release();
+  }
+  // Lap 1: a frame at 0..16; the consumer's next header position, 16, held a forged header.
+  ASSERT_TRUE(producer.tryReserve(8).ok());
+  producer.commit(8, 3, true);
+  Result<Frame> f = consumer.tryPeek();
+  ASSERT_TRUE(f.ok());
+  EXPECT_EQ(f->tag, 3);
+  consumer.release();
+  EXPECT_EQ(consumer.tryPeek().code(), Errc::WOULD_BLOCK) << "the terminator cleared the forgery";
+  EXPECT_EQ(r.headerAt(16), 0u);
+  EXPECT_TRUE(consumer.status().ok());
+}
+
+TEST(Ring, DeferredRunAcrossTheWrapAppearsWholeAtPublish) {
+  TestRing r;
+  RingProducer<AtomicSync> producer(r.view);
+  RingConsumer<AtomicSync> consumer(r.view);
+  for (size_t size : {size_t{112}, size_t{64}}) {  // 0..120, 120..192
+    ASSERT_TRUE(producer.tryReserve(size).ok());
+    producer.commit(size, 0, true);
+    ASSERT_TRUE(consumer.tryPeek().ok());
+    consumer.release();
+  }
+  // 192..232; a pad 232..256 and 0..40 of lap 1; 40..80.
+  for (uint16_t tag = 1; tag <= 3; ++tag) {
+    ASSERT_TRUE(producer.tryReserve(32).ok());
+    producer.commit(32, tag, false);
+  }
+  EXPECT_EQ(consumer.tryPeek().code(), Errc::WOULD_BLOCK);
+  EXPECT_EQ(r.headerAt(192), 0u) << "the run's first header is held back until publish()";
+  EXPECT_TRUE(producer.publish());
+  EXPECT_FALSE(producer.publish()) << "nothing new";
+  for (uint16_t tag = 1; tag <= 3; ++tag) {
+    Result<Frame> f = consumer.tryPeek();
+    ASSERT_TRUE(f.ok());
+    EXPECT_EQ(f->tag, tag);
+    consumer.release();
+  }
+  EXPECT_TRUE(consumer.takeSkippedPadding());
+  EXPECT_EQ(consumer.tryPeek().code(), Errc::WOULD_BLOCK);
+  EXPECT_EQ(r.control().tail, CAP + 80);
+}
+
+TEST(Ring, LazyReleasePublishesHeadEveryQuarterRingOrWhenAsked) {
+  TestRing r;
+  RingProducer<AtomicSync> producer(r.view);
+  RingConsumer<AtomicSync> consumer(r.view);
+  for (int i = 0; i < 7; ++i) {
+    ASSERT_TRUE(producer.tryReserve(8).ok());
+    producer.commit(8, 0, true);
+  }
+  for (uint64_t i = 1; i <= 4; ++i) {  // 16-byte frames: the fourth reaches CAP/4 = 64
+    ASSERT_TRUE(consumer.tryPeek().ok());
+    consumer.releaseLazily();
+    EXPECT_EQ(r.control().head, i < 4 ? 0u : 64u) << i;
+  }
+  ASSERT_TRUE(consumer.tryPeek().ok());
+  consumer.releaseLazily();
+  EXPECT_EQ(r.control().head, 64u);
+  EXPECT_TRUE(consumer.publishHead());
+  EXPECT_EQ(r.control().head, 80u);
+  EXPECT_FALSE(consumer.publishHead()) << "nothing new";
+  ASSERT_TRUE(consumer.tryPeek().ok());
+  consumer.release();
+  EXPECT_EQ(r.control().head, 96u) << "release() publishes at once";
+}
+
 // ---- hostile producer: each violation poisons the consumer and leaves the ring unchanged ----
 
 class HostileProducer : public ::testing::Test {
@@ -188,39 +285,59 @@ class HostileProducer : public ::testing::Test {
   RingConsumer<AtomicSync> consumer;
 };
 
-TEST_F(HostileProducer, TailBeyondCapacityIsAProtocolError) {
-  r.control().tail = 24 + CAP + 8;
+// A header for byte index `at` with the stamp an honest producer would give it.
+uint64_t headerFor(const TestRing& r, uint64_t at, uint32_t length, uint16_t tag, uint8_t flags) {
+  return encodeFrameHeader(length, tag, flags, r.view.stampAt(at));
+}
+
+TEST_F(HostileProducer, ForgedTailIsIgnoredByTheConsumer) {
+  r.control().tail = 12345;  // misaligned and far beyond capacity: the consumer never reads it
+  EXPECT_EQ(consumer.tryPeek().code(), Errc::WOULD_BLOCK);
+  r.headerAt(24) = headerFor(r, 24, 8, 4, 0);
+  Result<Frame> f = consumer.tryPeek();
+  ASSERT_TRUE(f.ok());
+  EXPECT_EQ(f->tag, 4);
+  EXPECT_TRUE(consumer.status().ok());
+}
+
+TEST_F(HostileProducer, HeaderWithoutTheCommittedBitIsAProtocolError) {
+  r.headerAt(24) = encodeFrameHeader(8, 0, 0, 0);
   expectPoisoned();
 }
 
-TEST_F(HostileProducer, MisalignedTailIsAProtocolError) {
-  r.headerAt(24) = encodeFrameHeader(0, 0, 0);
-  r.control().tail = 24 + 12;
+TEST_F(HostileProducer, HeaderOfTheNextLapIsAProtocolError) {
+  r.headerAt(24) = headerFor(r, 24 + CAP, 8, 0, 0);
   expectPoisoned();
 }
 
-TEST_F(HostileProducer, TailMovedBackwardsIsAProtocolError) {
-  r.control().tail = 16;
-  expectPoisoned();
+TEST_F(HostileProducer, HeaderLeftFromThePreviousLapIsAProtocolErrorNotAFrame) {
+  // What a producer that forgot its terminator would leave: the consumer (lap 1, position 0)
+  // finds the honest lap-0 header of the frame it already consumed.
+  r.control().head = CAP;
+  consumer = RingConsumer<AtomicSync>(r.view);
+  ASSERT_NE(r.headerAt(0), 0u);
+  auto before = r.snapshot();
+  Result<Frame> f = consumer.tryPeek();
+  ASSERT_EQ(f.code(), Errc::PROTOCOL_ERROR);
+  EXPECT_NE(std::strstr(f.error().detail, "lap"), nullptr);
+  EXPECT_EQ(consumer.tryPeek().code(), Errc::PROTOCOL_ERROR);
+  EXPECT_EQ(r.snapshot(), before);
 }
 
-TEST_F(HostileProducer, HeaderLengthPastPublishedTailIsAProtocolError) {
-  r.headerAt(24) = encodeFrameHeader(64, 0, 0);
-  r.control().tail = 24 + 16;
+TEST_F(HostileProducer, FrameLargerThanHalfTheRingIsAProtocolError) {
+  r.headerAt(24) = headerFor(r, 24, CAP / 2, 0, 0);  // 24 + 136 still ends before the wrap
   expectPoisoned();
 }
 
 TEST_F(HostileProducer, HugeHeaderLengthIsAProtocolError) {
-  r.headerAt(24) = encodeFrameHeader(0xffff'ffffu, 0, 0);
-  r.control().tail = 24 + 16;
+  r.headerAt(24) = headerFor(r, 24, 0xffff'ffffu, 0, 0);
   expectPoisoned();
 }
 
 TEST_F(HostileProducer, FrameCrossingTheWrapIsAProtocolError) {
   r.control().head = 200;  // a fresh consumer starting at 200 (rebuilt below)
   consumer = RingConsumer<AtomicSync>(r.view);
-  r.headerAt(200) = encodeFrameHeader(64, 0, 0);  // 200 + 8 + 64 > 256
-  r.control().tail = 200 + 80;
+  r.headerAt(200) = headerFor(r, 200, 64, 0, 0);  // 200 + 8 + 64 > 256
   auto before = r.snapshot();
   EXPECT_EQ(consumer.tryPeek().code(), Errc::PROTOCOL_ERROR);
   EXPECT_EQ(consumer.tryPeek().code(), Errc::PROTOCOL_ERROR);
@@ -228,33 +345,41 @@ TEST_F(HostileProducer, FrameCrossingTheWrapIsAProtocolError) {
 }
 
 TEST_F(HostileProducer, PadRunningPastTheWrapIsAProtocolError) {
-  r.headerAt(24) = encodeFrameHeader(CAP, 0, FRAME_FLAG_PAD);
-  r.control().tail = 24 + 64;
-  expectPoisoned();
+  r.control().head = 200;
+  consumer = RingConsumer<AtomicSync>(r.view);
+  r.headerAt(200) = headerFor(r, 200, 64, 0, FRAME_FLAG_PAD);
+  auto before = r.snapshot();
+  EXPECT_EQ(consumer.tryPeek().code(), Errc::PROTOCOL_ERROR);
+  EXPECT_EQ(consumer.tryPeek().code(), Errc::PROTOCOL_ERROR);
+  EXPECT_EQ(r.snapshot(), before);
 }
 
-TEST_F(HostileProducer, PadRunningPastPublishedTailIsAProtocolError) {
-  r.headerAt(24) = encodeFrameHeader(96, 0, FRAME_FLAG_PAD);
-  r.control().tail = 24 + 32;
-  expectPoisoned();
-}
-
-TEST_F(HostileProducer, PadWithATagOrUnalignedLengthIsAProtocolError) {
-  r.headerAt(24) = encodeFrameHeader(8, 5, FRAME_FLAG_PAD);
-  r.control().tail = 24 + 16;
+TEST_F(HostileProducer, PadWithATagIsAProtocolError) {
+  r.headerAt(24) = headerFor(r, 24, 8, 5, FRAME_FLAG_PAD);
   expectPoisoned();
 }
 
 TEST_F(HostileProducer, PadWithUnalignedLengthIsAProtocolError) {
-  r.headerAt(24) = encodeFrameHeader(12, 0, FRAME_FLAG_PAD);
-  r.control().tail = 24 + 24;
+  r.headerAt(24) = headerFor(r, 24, 12, 0, FRAME_FLAG_PAD);
   expectPoisoned();
 }
 
 TEST_F(HostileProducer, UnknownFrameFlagsAreAProtocolError) {
-  r.headerAt(24) = encodeFrameHeader(0, 0, 0x40);
-  r.control().tail = 24 + 8;
+  r.headerAt(24) = headerFor(r, 24, 0, 0, 0x40);
   expectPoisoned();
+}
+
+TEST(HostileProducerFlood, PaddingIsSkippedAtMostARingsWorthPerCall) {
+  TestRing r;
+  // A ring full of 8-byte pads of lap 0, as a producer racing ahead of the consumer could write.
+  for (uint64_t at = 0; at < CAP; at += 8)
+    r.headerAt(at) = encodeFrameHeader(0, 0, FRAME_FLAG_PAD, r.view.stampAt(at));
+  RingConsumer<AtomicSync> consumer(r.view);
+  EXPECT_EQ(consumer.tryPeek().code(), Errc::WOULD_BLOCK) << "returns after a ring's worth";
+  EXPECT_TRUE(consumer.takeSkippedPadding());
+  EXPECT_EQ(r.control().head, CAP) << "the padding is handed back";
+  // Back at position 0, now in lap 1: the lap-0 pad there is stale.
+  EXPECT_EQ(consumer.tryPeek().code(), Errc::PROTOCOL_ERROR);
 }
 
 TEST(HostileProducerAtAttach, MisalignedHeadPoisonsTheConsumer) {
@@ -271,7 +396,7 @@ TEST(HostileConsumer, HeadMovedBackwardsPoisonsTheProducer) {
   TestRing r;
   RingProducer<AtomicSync> producer(r.view);
   RingConsumer<AtomicSync> consumer(r.view);
-  for (int i = 0; i < 8; ++i) {  // 8 frames of 32 bytes: full
+  for (int i = 0; i < 7; ++i) {  // 7 frames of 32 bytes and the terminator: full
     ASSERT_TRUE(producer.tryReserve(24).ok());
     producer.commit(24, 0, true);
   }
@@ -290,11 +415,11 @@ TEST(HostileConsumer, HeadMovedBackwardsPoisonsTheProducer) {
 TEST(HostileConsumer, HeadBeyondPublishedTailPoisonsTheProducer) {
   TestRing r;
   RingProducer<AtomicSync> producer(r.view);
-  for (int i = 0; i < 8; ++i) {
+  for (int i = 0; i < 7; ++i) {
     ASSERT_TRUE(producer.tryReserve(24).ok());
     producer.commit(24, 0, true);
   }
-  r.control().head = CAP + 64;  // past tail (= CAP)
+  r.control().head = CAP + 64;  // past tail (= 224)
   EXPECT_EQ(producer.tryReserve(24).code(), Errc::PROTOCOL_ERROR);
   r.control().head = 8;
   EXPECT_EQ(producer.tryReserve(24).code(), Errc::PROTOCOL_ERROR) << "the error must stick";
@@ -303,7 +428,7 @@ TEST(HostileConsumer, HeadBeyondPublishedTailPoisonsTheProducer) {
 TEST(HostileConsumer, MisalignedHeadPoisonsTheProducer) {
   TestRing r;
   RingProducer<AtomicSync> producer(r.view);
-  for (int i = 0; i < 8; ++i) {
+  for (int i = 0; i < 7; ++i) {
     ASSERT_TRUE(producer.tryReserve(24).ok());
     producer.commit(24, 0, true);
   }
@@ -333,7 +458,9 @@ TEST(RingHeader, WrongMagicVersionOrSizeIsRefused) {
   r.control().header.magic ^= 1;
   EXPECT_EQ(validateRing(r.memory, sizeof r.memory).code(), Errc::PROTOCOL_ERROR);
   r.control().header.magic ^= 1;
-  r.control().header.version = 2;
+  r.control().header.version = 1;  // tail-published frames: a peer of the old format
+  EXPECT_EQ(validateRing(r.memory, sizeof r.memory).code(), Errc::PROTOCOL_ERROR);
+  r.control().header.version = RING_VERSION + 1;
   EXPECT_EQ(validateRing(r.memory, sizeof r.memory).code(), Errc::PROTOCOL_ERROR);
   r.control().header.version = RING_VERSION;
   EXPECT_EQ(validateRing(r.memory, sizeof r.memory - 64).code(), Errc::PROTOCOL_ERROR);

@@ -185,11 +185,13 @@ class Receiver {
   Result<Frame> receive(const WaitPolicy& policy = {}) noexcept;
   // Returns the received frame's space to the senders and wakes one that sleeps.
   void release() noexcept;
-  // Batching: returns the frame's space (the senders can reuse it at once) but does not ring the
-  // space doorbell, saving its locked instruction; flushReleases() rings once for every deferred
-  // release. A sender parked on a full ring sleeps until the flush, so flush before waiting on
-  // anything else. tryReceive() flushes by itself when it finds the ring empty, and so do
-  // receive() before it parks and detach().
+  // Batching: returns the frame's space without ringing the space doorbell (saving its locked
+  // instruction) and publishes the ring's head only every capacity/4 bytes (so a sender checking
+  // for space pulls that cache line once per batch, not per frame); flushReleases() publishes and
+  // rings once for every deferred release. Senders may not see the space, and a sender parked on
+  // a full ring sleeps, until the flush, so flush before waiting on anything else. tryReceive()
+  // flushes by itself when it finds the ring empty, and so do receive() before it parks and
+  // detach().
   void releaseDeferred() noexcept;
   void flushReleases() noexcept;
 

@@ -7,10 +7,10 @@
 //
 // Waiter protocol (see waitUntil in channel.cpp for the loop that drives it):
 //   1. announce():   sleepers += 1 (acq_rel RMW), snapshot = seq (acquire)
-//   2. re-check the condition (e.g. load the ring's tail with acquire); if it holds: cancel()
+//   2. re-check the condition (e.g. load the frame header at head, acquire); if it holds: cancel()
 //   3. wait(snapshot, timeout): FUTEX_WAIT on seq expecting `snapshot`
 //   4. cancel():     sleepers -= 1
-// Ringer protocol, after publishing (e.g. storing the ring's tail with release):
+// Ringer protocol, after publishing (e.g. storing a frame header with release):
 //   ring(): if (sleepers += 0) > 0 (acq_rel RMW): seq += 1 (release), FUTEX_WAKE all
 //
 // Why no wakeup is lost (Dekker's store -> full barrier -> load, on both sides): both sides do a
