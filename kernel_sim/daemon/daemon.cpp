@@ -562,7 +562,12 @@ bool KernelDaemon::tryCommit(Session& s, std::span<const std::byte> bytes, uint6
                              std::vector<Fd>& fds) {
   Result<std::span<std::byte>> frame = s.completions.tryReserve(bytes.size());
   if (!frame) {
-    if (frame.code() != Errc::WOULD_BLOCK) doom(s, "broke its completion ring", Fault::ABUSE);
+    // A receiver that detached (a process on its way out) is a death, not abuse; any other
+    // refusal means the process corrupted the ring's shared state.
+    if (frame.code() == Errc::DISCONNECTED)
+      doom(s, "detached its completion ring", Fault::DEATH);
+    else if (frame.code() != Errc::WOULD_BLOCK)
+      doom(s, "broke its completion ring", Fault::ABUSE);
     return false;
   }
   if (!fds.empty()) {

@@ -117,7 +117,11 @@ Ran runAgate(const std::vector<std::string>& args, const std::vector<std::string
 
 std::string readFile(const std::string& path) {
   std::ifstream f(path);
-  return std::string(std::istreambuf_iterator<char>(f), {});
+  std::string content;
+  char chunk[4096];
+  while (f.read(chunk, sizeof chunk) || f.gcount() > 0)
+    content.append(chunk, static_cast<size_t>(f.gcount()));
+  return content;
 }
 
 bool exists(const std::string& path) {

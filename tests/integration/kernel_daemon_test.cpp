@@ -20,36 +20,18 @@
 #include "agate/caps/kernel_connection.h"
 #include "agate/kernel/home.h"
 #include "kernel.capnp.h"
+#include "kernel_client.h"
 #include "kernel_fixture.h"
 
 namespace agate::caps {
 namespace {
 
+using agate::testing::get;
 using agate::testing::KernelProcess;
+using Client = agate::testing::KernelClient;
 using agate::testing::Watchdog;
 using std::chrono::milliseconds;
 using std::chrono::seconds;
-
-struct Client {
-  explicit Client(const KernelProcess& kernel, const char* name = "test") {
-    auto c = KernelConnection::tryAttach(loop, kernel.home(), name);
-    EXPECT_TRUE(c.ok()) << errcName(c.code());
-    if (c) conn = std::move(*c);
-  }
-  SyncKernel sync() { return conn->sync(); }
-  EventLoop loop;
-  std::unique_ptr<KernelConnection> conn;
-};
-
-// The value of a call that must succeed (a default value, and a test failure, if it did not).
-template <class T>
-T get(Result<T> r) {
-  if (!r.ok()) {
-    ADD_FAILURE() << "call failed: " << errcName(r.code());
-    return T{};
-  }
-  return std::move(r).value();
-}
 
 BankInfo findBank(const std::vector<BankInfo>& banks, Koid koid) {
   auto it =

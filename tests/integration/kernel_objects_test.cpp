@@ -15,35 +15,18 @@
 
 #include "../support/watchdog.h"
 #include "agate/caps/kernel_connection.h"
+#include "kernel_client.h"
 #include "kernel_fixture.h"
 
 namespace agate::caps {
 namespace {
 
+using agate::testing::get;
 using agate::testing::KernelProcess;
+using Client = agate::testing::KernelClient;
 using agate::testing::Watchdog;
 using std::chrono::milliseconds;
 using std::chrono::seconds;
-
-struct Client {
-  explicit Client(const KernelProcess& kernel, const char* name = "objects") {
-    auto c = KernelConnection::tryAttach(loop, kernel.home(), name);
-    EXPECT_TRUE(c.ok()) << errcName(c.code());
-    if (c) conn = std::move(*c);
-  }
-  SyncKernel sync() { return conn->sync(); }
-  EventLoop loop;
-  std::unique_ptr<KernelConnection> conn;
-};
-
-template <class T>
-T get(Result<T> r) {
-  if (!r.ok()) {
-    ADD_FAILURE() << "call failed: " << errcName(r.code());
-    return T{};
-  }
-  return std::move(r).value();
-}
 
 // Everything a refused call must leave as it was, as the process can observe it: every bank's
 // usage and object count, and the caller's caps with their rights.
@@ -367,15 +350,17 @@ TEST(KernelObjects, EventBufferWriterPostsAndAReadOnlyReaderSeesItAfterTheRing) 
   MappedEventBuffer writer = get(s.mapEventBuffer(buffer, /*writable=*/true));
   ASSERT_EQ(writer.slots(), 100u);
   ASSERT_TRUE(writer.writable());
-  ASSERT_NE(writer.notification(), nullptr);
-  EXPECT_TRUE(writer.notification()->canRingWakeFd());
+  const MappedNotification* writerBell = writer.notification();
+  ASSERT_NE(writerBell, nullptr);
+  EXPECT_TRUE(writerBell->canRingWakeFd());
 
   Cap<EventBuffer> readCap = get(s.copyCap(buffer, Rights::READ));
   MappedEventBuffer reader = get(s.mapEventBuffer(readCap, /*writable=*/false));
   ASSERT_EQ(reader.slots(), 100u);
   EXPECT_FALSE(reader.writable());
-  ASSERT_NE(reader.notification(), nullptr);
-  EXPECT_FALSE(reader.notification()->canRingWakeFd());
+  const MappedNotification* readerBell = reader.notification();
+  ASSERT_NE(readerBell, nullptr);
+  EXPECT_FALSE(readerBell->canRingWakeFd());
 
   // The reader waits on the wake descriptor for slot 42 to move; the writer posts and rings.
   bool seen = false;

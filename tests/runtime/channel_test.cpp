@@ -376,13 +376,19 @@ TEST(ChannelDoorbells, EventLoopsCanReachTheFutexWords) {
   auto local = makeChannel(ChannelScope::LOCAL);
   Receiver rx = local->attachReceiver().value();
   Sender tx = local->attachSender().value();
-  ASSERT_NE(rx.dataDoorbell(), nullptr);
-  EXPECT_FALSE(rx.dataDoorbell()->processShared());
+  Doorbell* data = rx.dataDoorbell();
+  Doorbell* space = tx.spaceDoorbell();
+  ASSERT_NE(data, nullptr);
+  ASSERT_NE(space, nullptr);
+  EXPECT_FALSE(data->processShared());
   auto* control = reinterpret_cast<RingControl*>(local->memory().data());
-  EXPECT_EQ(rx.dataDoorbell()->futexWord(), &control->dataBell.seq);
-  EXPECT_EQ(tx.spaceDoorbell()->futexWord(), &control->spaceBell.seq);
+  EXPECT_EQ(data->futexWord(), &control->dataBell.seq);
+  EXPECT_EQ(space->futexWord(), &control->spaceBell.seq);
   auto shared = makeChannel(ChannelScope::SHARED);
-  EXPECT_TRUE(shared->attachReceiver().value().dataDoorbell()->processShared());
+  Receiver sharedRx = shared->attachReceiver().value();
+  Doorbell* sharedBell = sharedRx.dataDoorbell();
+  ASSERT_NE(sharedBell, nullptr);
+  EXPECT_TRUE(sharedBell->processShared());
   auto priv = makeChannel(ChannelScope::PRIVATE);
   EXPECT_EQ(priv->attachReceiver().value().dataDoorbell(), nullptr);
 }
@@ -392,6 +398,7 @@ TEST(ChannelDoorbells, EventfdWaiterIsSignalledAndTheBusyPathWritesNoEventfd) {
   Sender tx = ch->attachSender().value();
   Receiver rx = ch->attachReceiver().value();
   Doorbell* bell = rx.dataDoorbell();
+  ASSERT_NE(bell, nullptr);
   ASSERT_NE(bell->eventFd(), -1);
   pollfd p{bell->eventFd(), POLLIN, 0};
   ASSERT_TRUE(tx.trySend(bytesOf("unannounced")).ok());

@@ -9,26 +9,13 @@
 #include <string>
 #include <thread>
 
-// Counts every global operator new in this test binary, to prove the hot paths allocate nothing.
-namespace {
-std::atomic<size_t> gNewCalls{0};
-}  // namespace
-
-void* operator new(size_t size) {
-  gNewCalls.fetch_add(1, std::memory_order_relaxed);  // a counter only; orders nothing
-  if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
-  throw std::bad_alloc();
-}
-void* operator new[](size_t size) { return operator new(size); }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, size_t) noexcept { std::free(p); }
-void operator delete[](void* p, size_t) noexcept { std::free(p); }
+#include "../support/alloc_counter.h"
 
 namespace agate {
 namespace {
 
-size_t newCalls() { return gNewCalls.load(std::memory_order_relaxed); }
+// Global heap allocations so far (tests/support/alloc_counter.cpp replaces operator new).
+uint64_t newCalls() { return testing::allocationCount(); }
 
 // A minimal FiberWaitable: a one-shot event, standing in for a promise.
 class TestEvent {
@@ -598,7 +585,7 @@ __attribute__((no_sanitize("undefined"), noinline)) void writeThroughNull() {
   EXPECT_EXIT(                           \
       stmt, [](int status) { return status != 0; }, "SEGV on unknown address")
 #else
-#define AGATE_EXPECT_ORDINARY_SEGV(stmt) EXPECT_EXIT(stmt, testing::KilledBySignal(SIGSEGV), "")
+#define AGATE_EXPECT_ORDINARY_SEGV(stmt) EXPECT_EXIT(stmt, ::testing::KilledBySignal(SIGSEGV), "")
 #endif
 
 TEST(FiberDeathTest, NullDereferenceOutsideFibersStillCrashesAsAnOrdinarySegfault) {

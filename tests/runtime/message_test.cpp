@@ -13,24 +13,7 @@
 
 #include "test_messages.capnp.h"
 
-// Counts every operator new in this binary while a test has counting switched on. Replacing the
-// global operator is the only hook that sees allocations made inside Cap'n Proto and KJ.
-namespace {
-std::atomic<bool> countingAllocations{false};
-std::atomic<uint64_t> allocationCount{0};
-}  // namespace
-
-void* operator new(size_t size) {
-  if (countingAllocations.load(std::memory_order_relaxed))
-    allocationCount.fetch_add(1, std::memory_order_relaxed);
-  if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
-  throw std::bad_alloc();
-}
-void* operator new[](size_t size) { return operator new(size); }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, size_t) noexcept { std::free(p); }
-void operator delete[](void* p, size_t) noexcept { std::free(p); }
+#include "../support/alloc_counter.h"
 
 namespace agate {
 namespace {
@@ -689,25 +672,23 @@ TEST(MessageHotPath, BuildFinishDecodeAndReadAllocateNothingInSteadyState) {
   };
   oneMessage(0);  // warm-up: first-use initialisation inside KJ is not per message
 
-  allocationCount.store(0, std::memory_order_relaxed);
-  countingAllocations.store(true, std::memory_order_relaxed);
+  // The count sees allocations inside Cap'n Proto and KJ too (alloc_counter.cpp replaces the
+  // global operator new).
+  const uint64_t before = testing::allocationCount();
   for (uint64_t i = 1; i <= 100; ++i) oneMessage(i);
-  countingAllocations.store(false, std::memory_order_relaxed);
-  EXPECT_EQ(allocationCount.load(std::memory_order_relaxed), 0u);
+  EXPECT_EQ(testing::allocationCount() - before, 0u);
 }
 
 TEST(MessageHotPath, CountingHookSeesAnOverflowAllocation) {
   // Shows the hook above can fail: the overflow path does allocate.
   TestFrame frame(2);
-  allocationCount.store(0, std::memory_order_relaxed);
-  countingAllocations.store(true, std::memory_order_relaxed);
+  const uint64_t before = testing::allocationCount();
   {
     FrameBuilder builder(frame.words());
     fillSample(builder.initRoot<Sample>());
     EXPECT_EQ(builder.tryFinish().code(), Errc::MESSAGE_TOO_LARGE);
   }
-  countingAllocations.store(false, std::memory_order_relaxed);
-  EXPECT_GT(allocationCount.load(std::memory_order_relaxed), 0u);
+  EXPECT_GT(testing::allocationCount() - before, 0u);
 }
 
 }  // namespace
