@@ -167,6 +167,45 @@ bool readBooks(const KernelProcess& kernel, Books& out) {
   return true;
 }
 
+// One kill -9 trial: forks a victim that runs `body(fd)` (it writes a byte to `fd` once it
+// reached the point `waitForSignal` waits for, and never returns), waits for that byte if asked,
+// lets the victim run up to 8 ms more, kills it with SIGKILL and reaps it. Fails if the victim
+// exited on its own. Call under ASSERT_NO_FATAL_FAILURE.
+template <class Body>
+void killNineAtRandomPoint(std::mt19937_64& rng, bool waitForSignal, const std::string& trial,
+                           Body body) {
+  int reached[2];
+  ASSERT_EQ(::pipe2(reached, O_CLOEXEC), 0);
+  const pid_t victim = ::fork();
+  if (victim == 0) {
+    body(reached[1]);
+    ::_exit(99);  // not reached: body ends by SIGKILL only
+  }
+  ::close(reached[1]);
+  if (waitForSignal) {
+    pollfd pfd{reached[0], POLLIN, 0};
+    char byte = 0;
+    ASSERT_TRUE(::poll(&pfd, 1, 10000) == 1 && ::read(reached[0], &byte, 1) == 1)
+        << trial << ": the victim did not reach its point";
+  }
+  ::close(reached[0]);
+  std::this_thread::sleep_for(std::chrono::microseconds(rng() % 8000));
+  ASSERT_EQ(::kill(victim, SIGKILL), 0);
+  int status = 0;
+  ASSERT_EQ(::waitpid(victim, &status, 0), victim);
+  ASSERT_TRUE(WIFSIGNALED(status))
+      << trial << ": the victim exited on its own with " << WEXITSTATUS(status);
+}
+
+// The books a death must leave as they were: the system bank's usage, the kernel's objects, its
+// open descriptors and its memfd mappings.
+void expectBooksBack(const Books& now, const Books& baseline, const std::string& trial) {
+  ASSERT_EQ(now.systemUsed, baseline.systemUsed) << trial;
+  ASSERT_EQ(now.objects, baseline.objects) << trial;
+  ASSERT_EQ(now.kernelFds, baseline.kernelFds) << trial;
+  ASSERT_EQ(now.kernelMaps, baseline.kernelMaps) << trial;
+}
+
 TEST(KernelDeath, KillNineOfAClientAtRandomPointsLeaksNothing) {
   KernelProcess kernel;
   int control[2];
@@ -190,32 +229,14 @@ TEST(KernelDeath, KillNineOfAClientAtRandomPointsLeaksNothing) {
   std::mt19937_64 rng(20261123);
   for (int trial = 0; trial < count; ++trial) {
     const uint64_t seed = rng();
-    int attached[2];
-    ASSERT_EQ(::pipe2(attached, O_CLOEXEC), 0);
-    const pid_t victim = ::fork();
-    if (victim == 0) churn(kernel.home(), seed, attached[1]);
-    ::close(attached[1]);
+    const std::string name = "trial " + std::to_string(trial) + " seed " + std::to_string(seed);
     // Even trials: at any time from the fork (often before the attach completes). Odd trials:
     // once the victim is attached with a bushel open, somewhere in its churn.
-    if (trial % 2 == 1) {
-      pollfd pfd{attached[0], POLLIN, 0};
-      char byte = 0;
-      ASSERT_TRUE(::poll(&pfd, 1, 10000) == 1 && ::read(attached[0], &byte, 1) == 1)
-          << "trial " << trial << ": the victim did not attach";
-    }
-    ::close(attached[0]);
-    std::this_thread::sleep_for(std::chrono::microseconds(rng() % 8000));
-    ASSERT_EQ(::kill(victim, SIGKILL), 0);
-    int status = 0;
-    ASSERT_EQ(::waitpid(victim, &status, 0), victim);
-    ASSERT_TRUE(WIFSIGNALED(status)) << "trial " << trial << " seed " << seed << ": the victim "
-                                     << "exited on its own with " << WEXITSTATUS(status);
+    ASSERT_NO_FATAL_FAILURE(killNineAtRandomPoint(
+        rng, trial % 2 == 1, name, [&](int attached) { churn(kernel.home(), seed, attached); }));
     Books now;
-    ASSERT_TRUE(readBooks(kernel, now)) << "trial " << trial << " seed " << seed;
-    ASSERT_EQ(now.systemUsed, baseline.systemUsed) << "trial " << trial << " seed " << seed;
-    ASSERT_EQ(now.objects, baseline.objects) << "trial " << trial << " seed " << seed;
-    ASSERT_EQ(now.kernelFds, baseline.kernelFds) << "trial " << trial << " seed " << seed;
-    ASSERT_EQ(now.kernelMaps, baseline.kernelMaps) << "trial " << trial << " seed " << seed;
+    ASSERT_TRUE(readBooks(kernel, now)) << name;
+    ASSERT_NO_FATAL_FAILURE(expectBooksBack(now, baseline, name));
   }
 
   ::close(control[1]);  // the server stops and reports
@@ -372,33 +393,16 @@ TEST(KernelDeath, KillNineOfAServerWithOpenBushelsLeaksNothingAndTellsItsClients
   std::mt19937_64 rng(20261124);
   for (int trial = 0; trial < count; ++trial) {
     const uint64_t seed = rng();
-    int hasBushel[2];
-    ASSERT_EQ(::pipe2(hasBushel, O_CLOEXEC), 0);
-    const pid_t victim = ::fork();
-    if (victim == 0) serveUntilKilled(kernel.home(), seed, hasBushel[1]);
-    ::close(hasBushel[1]);
+    const std::string name = "trial " + std::to_string(trial) + " seed " + std::to_string(seed);
     // Most trials: once a client's bushel has reached the server, somewhere in its churn. Every
     // fourth: at any time from the fork (before, during or after it registers).
-    if (trial % 4 != 0) {
-      pollfd pfd{hasBushel[0], POLLIN, 0};
-      char byte = 0;
-      ASSERT_TRUE(::poll(&pfd, 1, 10000) == 1 && ::read(hasBushel[0], &byte, 1) == 1)
-          << "trial " << trial << " seed " << seed << ": no bushel reached the server";
-    }
-    ::close(hasBushel[0]);
-    std::this_thread::sleep_for(std::chrono::microseconds(rng() % 8000));
-    ASSERT_EQ(::kill(victim, SIGKILL), 0);
-    int status = 0;
-    ASSERT_EQ(::waitpid(victim, &status, 0), victim);
-    ASSERT_TRUE(WIFSIGNALED(status)) << "trial " << trial << " seed " << seed << ": the server "
-                                     << "exited on its own with " << WEXITSTATUS(status);
+    ASSERT_NO_FATAL_FAILURE(killNineAtRandomPoint(rng, trial % 4 != 0, name, [&](int hasBushel) {
+      serveUntilKilled(kernel.home(), seed, hasBushel);
+    }));
     Books now;
-    ASSERT_TRUE(readBooks(kernel, now)) << "trial " << trial << " seed " << seed;
-    ASSERT_FALSE(now.serviceRegistered) << "trial " << trial << " seed " << seed;
-    ASSERT_EQ(now.systemUsed, baseline.systemUsed) << "trial " << trial << " seed " << seed;
-    ASSERT_EQ(now.objects, baseline.objects) << "trial " << trial << " seed " << seed;
-    ASSERT_EQ(now.kernelFds, baseline.kernelFds) << "trial " << trial << " seed " << seed;
-    ASSERT_EQ(now.kernelMaps, baseline.kernelMaps) << "trial " << trial << " seed " << seed;
+    ASSERT_TRUE(readBooks(kernel, now)) << name;
+    ASSERT_FALSE(now.serviceRegistered) << name;
+    ASSERT_NO_FATAL_FAILURE(expectBooksBack(now, baseline, name));
   }
 
   ::close(control[1]);  // the client stops and reports
