@@ -96,6 +96,24 @@ int alreadyRunning(const KernelStatus& status, const HomePaths& home) {
   return EXIT_OK;
 }
 
+// Takes the tools lock into `lock` (so that up and down never race each other; held as long as
+// `lock` lives) and reads what the home holds. On failure says why and returns nothing.
+std::optional<KernelStatus> lockAndProbe(const HomePaths& home, std::chrono::milliseconds timeout,
+                                         std::optional<ToolsLock>& lock) {
+  auto acquired = ToolsLock::tryAcquire(home, timeout);
+  if (!acquired) {
+    fail(home.toolsLock + ": " + describe(acquired.error()));
+    return std::nullopt;
+  }
+  lock.emplace(std::move(*acquired));
+  auto status = probeKernel(home);
+  if (!status) {
+    fail("cannot inspect home " + home.dir + ": " + describe(status.error()));
+    return std::nullopt;
+  }
+  return *status;
+}
+
 // `path` made absolute (symlinks resolved); empty if it does not exist.
 std::string absolutePath(const std::string& path) {
   char buf[PATH_MAX];
@@ -111,16 +129,9 @@ int runUp(const UpOptions& o) {
   }
   // Absolute: the daemon runs in "/", and a relative home would name another directory there.
   const HomePaths home = HomePaths::of(absolutePath(given));
-  auto lock = ToolsLock::tryAcquire(home, timeout);
-  if (!lock) {
-    fail(home.toolsLock + ": " + describe(lock.error()));
-    return EXIT_FAILED;
-  }
-  auto status = probeKernel(home);
-  if (!status) {
-    fail("cannot inspect home " + home.dir + ": " + describe(status.error()));
-    return EXIT_FAILED;
-  }
+  std::optional<ToolsLock> lock;
+  const std::optional<KernelStatus> status = lockAndProbe(home, timeout, lock);
+  if (!status) return EXIT_FAILED;
   if (status->running) {
     return alreadyRunning(*status, home);
   }
@@ -211,16 +222,9 @@ int runDown(const DownOptions& o) {
     std::printf("agate-kernel is not running (home %s does not exist)\n", home.dir.c_str());
     return EXIT_OK;
   }
-  auto lock = ToolsLock::tryAcquire(home, timeout);
-  if (!lock) {
-    fail(home.toolsLock + ": " + describe(lock.error()));
-    return EXIT_FAILED;
-  }
-  auto status = probeKernel(home);
-  if (!status) {
-    fail("cannot inspect home " + home.dir + ": " + describe(status.error()));
-    return EXIT_FAILED;
-  }
+  std::optional<ToolsLock> lock;
+  const std::optional<KernelStatus> status = lockAndProbe(home, timeout, lock);
+  if (!status) return EXIT_FAILED;
   if (!status->running) {
     if (status->stalePidfile || status->staleSocket) {
       if (Status st = removeStaleFiles(home); !st) {
