@@ -1,6 +1,8 @@
 // A real agate-kernel for integration tests: started on a fresh temporary home, stopped (SIGTERM,
 // then SIGKILL) when the fixture goes, plus the probes the leak checks need (the daemon's open
-// descriptors and memfd mappings, read from /proc).
+// descriptors and memfd mappings, read from /proc). The daemon's stderr goes to a log file beside
+// its home (log()), so tests can check what it reported; the log is copied to the test's stderr
+// when the daemon does not exit cleanly (a sanitizer report, a crash).
 //
 // Fork discipline: a process may create an EventLoop only if it has none, and a forked child
 // inherits its parent's "current loop". Tests therefore fork their client children while the
@@ -38,6 +40,7 @@ class KernelProcess {
       return;
     }
     home_ = std::string(dir) + "/home";
+    logPath_ = std::string(dir) + "/kernel.log";
     int ready[2];
     if (::pipe2(ready, O_CLOEXEC) != 0) {
       ADD_FAILURE() << "pipe failed";
@@ -48,6 +51,8 @@ class KernelProcess {
       char readyArg[32];
       std::snprintf(readyArg, sizeof(readyArg), "--ready-fd=%d", ready[1]);
       ::fcntl(ready[1], F_SETFD, 0);  // inherited across exec
+      const int logFd = ::open(logPath_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+      if (logFd < 0 || ::dup2(logFd, STDERR_FILENO) < 0) ::_exit(126);
       const char* argv[] = {
           AGATE_KERNEL_BINARY, "--home", home_.c_str(), readyArg, extraArg, nullptr};
       ::execv(AGATE_KERNEL_BINARY, const_cast<char**>(argv));
@@ -64,7 +69,8 @@ class KernelProcess {
   // no sanitizer report, nothing leaked at exit under LeakSanitizer).
   ~KernelProcess() {
     if (pid_ > 0) {
-      EXPECT_EQ(stop(), 0) << "agate-kernel did not exit cleanly";
+      const int status = stop();
+      EXPECT_EQ(status, 0) << "agate-kernel did not exit cleanly; its log:\n" << log();
     }
   }
   KernelProcess(const KernelProcess&) = delete;
@@ -91,6 +97,13 @@ class KernelProcess {
   }
 
   const std::string& home() const { return home_; }
+  // Everything the daemon wrote to stderr so far.
+  std::string log() const {
+    std::ifstream in(logPath_);
+    std::string text, line;
+    while (std::getline(in, line)) text += line + '\n';
+    return text;
+  }
   pid_t pid() const { return pid_; }
 
   // The daemon's open descriptors.
@@ -115,6 +128,7 @@ class KernelProcess {
 
  private:
   std::string home_;
+  std::string logPath_;
   pid_t pid_ = 0;
   int status_ = -1;
 };

@@ -146,6 +146,9 @@ class RawClient {
   }
 
   Channel& submissionRing() { return *sub_; }
+  Channel& completionRing() { return *comp_; }
+  // Hangs up the completion ring as a process on its way out does (its receiver detaches).
+  void detachCompletions() { rx_.detach(); }
   // Wakes a parked kernel without going through the (possibly corrupted) ring.
   void kick() {
     const uint64_t one = 1;
@@ -334,6 +337,8 @@ TEST(KernelHostile, CorruptFrameHeaderDisconnectsTheOffenderOnly) {
     std::atomic_ref<uint64_t>(*next).store(0x0123'4567'89ab'cdefull, std::memory_order_release);
     raw.kick();
     EXPECT_TRUE(raw.hungUp());
+    EXPECT_NE(kernel.log().find("corrupted its submission ring"), std::string::npos)
+        << kernel.log();
   }
   ASSERT_TRUE(observer->sync().readBank(observer->bank()).ok());
   EXPECT_TRUE(
@@ -341,6 +346,61 @@ TEST(KernelHostile, CorruptFrameHeaderDisconnectsTheOffenderOnly) {
   EXPECT_EQ(systemUsed(*observer), baseline);
   EXPECT_EQ(kernel.openFds(), fds);
   EXPECT_EQ(kernel.memfdMappings(), maps);
+}
+
+// A receiver that detaches its completion ring is a process on its way out: the kernel hangs up
+// on it as on any death, without reporting it as abuse, and its books return to baseline.
+TEST(KernelHostile, DetachingTheCompletionRingIsADeathNotAbuse) {
+  Watchdog dog("detached completions", seconds(30));
+  KernelProcess kernel;
+  EventLoop loop;
+  auto observer = std::move(KernelConnection::tryAttach(loop, kernel.home(), "observer")).value();
+  const uint64_t baseline = systemUsed(*observer);
+  const int fds = kernel.openFds();
+  {
+    RawClient raw(kernel.home());
+    ASSERT_TRUE(raw.attached());
+    ASSERT_TRUE(raw.sendReadBank(1));
+    ASSERT_TRUE(raw.next().has_value());
+    raw.detachCompletions();
+    ASSERT_TRUE(raw.sendReadBank(2));  // its completion finds the receiver gone
+    EXPECT_TRUE(raw.hungUp());
+  }
+  EXPECT_TRUE(
+      agate::testing::eventually([&] { return observer->sync().listProcesses()->size() == 1; }));
+  EXPECT_EQ(systemUsed(*observer), baseline);
+  EXPECT_EQ(kernel.openFds(), fds);
+  EXPECT_EQ(kernel.log().find("disconnected process"), std::string::npos) << kernel.log();
+}
+
+// A head index the kernel cannot trust (misaligned, here) is noticed when the ring fills and the
+// kernel reads it: the process broke its completion ring, is disconnected and reported; another
+// process keeps being served.
+TEST(KernelHostile, ACorruptCompletionHeadDisconnectsTheOffenderAndIsReported) {
+  Watchdog dog("corrupt completion head", seconds(60));
+  KernelProcess kernel;
+  EventLoop loop;
+  auto observer = std::move(KernelConnection::tryAttach(loop, kernel.home(), "observer")).value();
+  const uint64_t baseline = systemUsed(*observer);
+  {
+    RawClient raw(kernel.home());
+    ASSERT_TRUE(raw.attached());
+    auto* control = reinterpret_cast<RingControl*>(raw.completionRing().memory().data());
+    std::atomic_ref<uint64_t>(control->head).store(3, std::memory_order_release);
+    // Completions are never read: the ring fills, and the kernel reads the head to find room.
+    const uint64_t calls = raw.completionRing().capacity() / 16;
+    for (uint64_t i = 1; i <= calls && !raw.hungUp(std::chrono::milliseconds(0)); ++i)
+      ASSERT_TRUE(raw.sendReadBank(i) || raw.hungUp()) << i;
+    EXPECT_TRUE(raw.hungUp());
+    const std::string log = kernel.log();
+    EXPECT_NE(log.find("disconnected process " + std::to_string(raw.pid())), std::string::npos)
+        << log;
+    EXPECT_NE(log.find("broke its completion ring"), std::string::npos) << log;
+  }
+  ASSERT_TRUE(observer->sync().readBank(observer->bank()).ok());
+  EXPECT_TRUE(
+      agate::testing::eventually([&] { return observer->sync().listProcesses()->size() == 1; }));
+  EXPECT_EQ(systemUsed(*observer), baseline);
 }
 
 // Hundreds of completions with descriptors, none read for a while: the socket's buffer fills,
