@@ -53,7 +53,9 @@ bool MappedEventBuffer::tryRead(uint32_t slot, EventRecord& out) const noexcept 
 
 uint64_t MappedEventBuffer::peekSequence(uint32_t slot) const noexcept {
   AGATE_REQUIRE(slot < slots_, "peek of slot %u of %u", slot, slots_);
-  // Relaxed: a hint only; a reader acts on what tryRead (acquire, seqlock-checked) returns.
+  // Relaxed: a hint only; a reader acts on what tryRead (acquire, seqlock-checked) returns. A
+  // reader woken by a ring still sees the posts it announced: its announce RMW on the doorbell
+  // word reads the ringer's RMW, which the writer made after its posts (event_slot.h).
   return data_[slot].sequence.load(std::memory_order_relaxed);
 }
 

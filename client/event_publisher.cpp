@@ -15,13 +15,20 @@ using caps::Rights;
 
 namespace {
 
-// Destroys what create() made before a later step failed. Best effort: the objects are the
-// server's and go with its process in any case.
-Promise<void> undo(caps::KernelConnection& kernel, caps::AnyCap buffer, caps::AnyCap notification) {
-  if (buffer.valid()) (void)co_await kernel.destroy(buffer);
-  if (notification.valid()) (void)co_await kernel.destroy(notification);
-  co_return {};
-}
+// Destroys what create() made unless it got as far as a publisher: on a failed step, and when
+// create() is itself destroyed while it waits (the client hung up mid-call and its running calls
+// were cancelled). The calls are not awaited (a destructor cannot); each is written to the
+// submission ring as it is made. Destroying the buffer also deletes the client's copy.
+struct Undo {
+  caps::KernelConnection& kernel;
+  caps::AnyCap buffer = {};
+  caps::AnyCap notification = {};
+  ~Undo() {
+    if (buffer.valid()) (void)kernel.destroy(buffer);
+    if (notification.valid()) (void)kernel.destroy(notification);
+  }
+  void release() noexcept { buffer = notification = {}; }
+};
 
 }  // namespace
 
@@ -68,15 +75,15 @@ Promise<std::unique_ptr<EventPublisher>> EventPublisher::create(ServedClient& cl
   if (cost > CHUNK) chargeRest = co_await client.quota().charge(cost - CHUNK);
   if (!chargeRest) co_return chargeRest.error();
 
+  Undo undo{kernel};
   Result<Cap<caps::Notification>> notification =
       co_await kernel.createNotification(bank, options.wakeFd);
   if (!notification) co_return notification.error();
+  undo.notification = *notification;
   Result<Cap<caps::EventBuffer>> buffer =
       co_await kernel.createEventBuffer(bank, slots, *notification);
-  if (!buffer) {
-    (void)co_await undo(kernel, {}, *notification);
-    co_return buffer.error();
-  }
+  if (!buffer) co_return buffer.error();
+  undo.buffer = *buffer;
   // Writers first: once the client maps it read-only, no writable map is possible.
   Promise<caps::MappedEventBuffer> mapping = kernel.mapEventBuffer(*buffer, /*writable=*/true);
   Promise<caps::CapInfo> inspected = kernel.inspectCap(*buffer);
@@ -90,14 +97,14 @@ Promise<std::unique_ptr<EventPublisher>> EventPublisher::create(ServedClient& cl
     Result<Cap<caps::EventBuffer>> handle =
         co_await kernel.transferCap(*copy, client.peer(), caps::TransferMode::MOVE);
     if (handle) {
+      undo.release();
       co_return std::unique_ptr<EventPublisher>(
           new EventPublisher(kernel, std::move(*mapped), *buffer, *notification, info->koid,
                              *handle, std::move(*charge), std::move(*chargeRest)));
     }
     failed = handle.error();
   }
-  (void)co_await undo(kernel, *buffer, *notification);  // deletes the copy too
-  co_return failed;
+  co_return failed;  // `undo` destroys both (and with the buffer, the copy)
 }
 
 void EventPublisher::describe(events::EventStream::Builder out) const {

@@ -52,8 +52,8 @@ EventStream& EventStream::operator=(EventStream&& o) noexcept {
   scanner_ = std::move(o.scanner_);
   updates_ = std::move(o.updates_);
   stuck_ = std::move(o.stuck_);
-  ended_ = o.ended_;
-  batches_ = o.batches_;
+  ended_ = std::exchange(o.ended_, Error{});
+  batches_ = std::exchange(o.batches_, 0);
   return *this;
 }
 

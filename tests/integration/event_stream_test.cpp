@@ -224,9 +224,7 @@ void runSession(const std::string& home, Body body, Duration limit = 30s) {
 
 // Subscribes through `ticker` and opens the stream.
 Promise<EventStream> subscribe(Session& s, const Ticker::Client& ticker, uint32_t slots) {
-  auto sub = co_await ticker.subscribe([&](auto p) { p.setSlots(slots); });
-  if (!sub) co_return sub.error();
-  co_return co_await EventStream::open(s, *ticker.cap().connection(), sub->results().getEvents());
+  return EventStream::subscribe(s, ticker, ticker.subscribe([&](auto p) { p.setSlots(slots); }));
 }
 
 Promise<void> post(const Ticker::Client& ticker, uint32_t slot, uint64_t first, uint32_t times) {
@@ -301,6 +299,11 @@ TEST_F(EventStreamTest, ASubscriberReadsCoalescedBatchesInSlotOrderPaidFromItsOw
     Result<EventStream> stream = co_await subscribe(s, ticker, 64);
     CO_CHECK(stream.ok());
     CO_CHECK(stream->slots() == 64);
+    // The stream's cap: read-only, in this process, the buffer the server claimed.
+    Result<caps::CapInfo> info = co_await s.kernel().inspectCap(stream->cap());
+    CO_CHECK(info.ok() && info->koid == stream->koid());
+    CO_CHECK(info->type == caps::ObjectType::EVENT_BUFFER);
+    CO_CHECK(info->rights == (caps::Rights::READ | caps::Rights::GRANT));
     // The client's bank paid (through the bushel) at least the stream's pages.
     const uint64_t cost = EventPublisher::costBytes(64, true) / kernel::PAGE_BYTES;
     CO_CHECK((co_await usedOf(s.kernel(), *bank)).value() >= before + cost);
@@ -345,6 +348,12 @@ TEST_F(EventStreamTest, ASubscriberReadsCoalescedBatchesInSlotOrderPaidFromItsOw
     CO_CHECK(more->updates[0].slot == 40 && more->updates[0].coalesced == 10);
     CO_CHECK(more->updates[0].sequence > seen[1].sequence);
     CO_CHECK(more->updates[0].words[0] == 2009);
+
+    // Dropping the stream deletes its cap (the kernel answers in order: the delete went first).
+    const Cap<caps::EventBuffer> cap = stream->cap();
+    *stream = EventStream();
+    CO_CHECK(!stream->valid());
+    CO_CHECK((co_await s.kernel().inspectCap(cap)).code() == Errc::INVALID_HANDLE);
     co_return {};
   });
   ::kill(server, SIGTERM);

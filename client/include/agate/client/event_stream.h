@@ -4,10 +4,9 @@
 //
 // Overview for a newcomer:
 //
-//   auto sub = co_await ticker->subscribe();                       // events :Events.EventStream
-//   if (!sub) co_return sub.error();
-//   Result<EventStream> stream = co_await EventStream::open(
-//       s, *ticker->cap().connection(), sub->results().getEvents());
+//   // ticker.capnp: subscribe @0 () -> (events :Events.EventStream);   (agate_events.capnp)
+//   Result<EventStream> stream = co_await EventStream::subscribe(s, *ticker, ticker->subscribe());
+//   // (or, for another field name: EventStream::open(s, connection, results.getFoo()))
 //   for (;;) {
 //     Result<EventBatch> batch = co_await stream->next();          // DISCONNECTED at the end
 //     if (!batch) break;
@@ -58,6 +57,7 @@
 #include <cstdint>
 #include <cstring>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "agate/caps/kernel_connection.h"
@@ -65,6 +65,7 @@
 #include "agate/client/event_publisher.h"
 #include "agate/client/session.h"
 #include "agate/rpc/connection.h"
+#include "agate/rpc/typed.h"
 #include "agate/runtime/promise.h"
 #include "agate/runtime/result.h"
 #include "agate_events.capnp.h"
@@ -119,7 +120,7 @@ class EventStream {
   static constexpr Duration PARK_SLICE = caps::MappedNotification::PARK_SLICE;
 
   EventStream() = default;
-  EventStream(EventStream&&) noexcept = default;
+  EventStream(EventStream&& o) noexcept { *this = std::move(o); }
   EventStream& operator=(EventStream&& o) noexcept;
   EventStream(const EventStream&) = delete;
   EventStream& operator=(const EventStream&) = delete;
@@ -131,6 +132,19 @@ class EventStream {
   // passed straight from a response).
   static Promise<EventStream> open(Session& session, rpc::RpcConnection& from,
                                    events::EventStream::Reader handle);
+  // The common case in one step: awaits `call` (a method of `target` whose results carry the
+  // handle in a field named `events`) and opens the stream it returns. Errors: the call's, then
+  // open()'s.
+  //   auto stream = co_await EventStream::subscribe(s, *ticker, ticker->subscribe());
+  template <class Client, class R>
+  static Promise<EventStream> subscribe(Session& session, const Client& target,
+                                        rpc::typed::TypedPromise<R> call) {
+    rpc::RpcConnection* from = target.cap().connection();
+    auto response = co_await call;
+    if (!response) co_return response.error();
+    if (from == nullptr) co_return Error(Errc::INVALID_ARGUMENT, "subscribe on a null client");
+    co_return co_await open(session, *from, response->results().getEvents());
+  }
 
   // The next batch (see above); TIMED_OUT after `timeout` with nothing changed, DISCONNECTED at
   // the end, PROTOCOL_ERROR if the server broke the slots' protocol (the stream ends).
@@ -142,6 +156,8 @@ class EventStream {
   bool valid() const noexcept { return kernel_ != nullptr; }
   uint32_t slots() const noexcept { return buffer_.slots(); }
   caps::Koid koid() const noexcept { return koid_; }
+  // The stream's cap in this process (READ, maybe GRANT); deleted with the stream.
+  caps::Cap<caps::EventBuffer> cap() const noexcept { return cap_; }
   // Batches and updates delivered so far.
   uint64_t batches() const noexcept { return batches_; }
 
