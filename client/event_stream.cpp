@@ -54,6 +54,7 @@ EventStream& EventStream::operator=(EventStream&& o) noexcept {
   stuck_ = std::move(o.stuck_);
   ended_ = std::exchange(o.ended_, Error{});
   batches_ = std::exchange(o.batches_, 0);
+  parkSlice_ = o.parkSlice_;
   return *this;
 }
 
@@ -148,7 +149,7 @@ Promise<EventBatch> EventStream::next(Duration timeout) {
   // collect() runs under the waiter protocol (announce, check, park), so a ring between a scan
   // and the park is never lost; each park lasts at most PARK_SLICE.
   Result<bool> ready = co_await notification.waitAsync(
-      kernel_->loop(), [this] { return collect(); }, timeout);
+      kernel_->loop(), [this] { return collect(); }, timeout, caps::WaitVia::AUTO, parkSlice_);
   if (!ready) co_return ready.error();
   if (!*ready) co_return Error(Errc::TIMED_OUT, "no event before the timeout");
   co_return deliver();

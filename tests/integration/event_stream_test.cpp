@@ -334,16 +334,27 @@ TEST_F(EventStreamTest, ASubscriberReadsCoalescedBatchesInSlotOrderPaidFromItsOw
     CO_CHECK(seen[2].slot == 63 && seen[2].coalesced == 2 && seen[2].words[0] == 6001);
     for (const auto& u : seen) CO_CHECK(wellFormed(u));
     // One ring per server turn, not per post: at most one per post call (fewer when the
-    // server's reader handled two calls in one turn).
+    // server's reader handled several calls in one turn; the ring goes out when the turn ends).
     Result<StatsView> st = co_await statsOf(ticker);
+    for (int i = 0; i < 1000 && st.ok() && st->rings == 0; ++i) {
+      (void)co_await s.loop().sleep(1ms);
+      st = co_await statsOf(ticker);
+    }
     CO_CHECK(st.ok());
     EXPECT_EQ(st->posts, 1003u);
     EXPECT_GE(st->rings, 1u);
     EXPECT_LE(st->rings, 3u);
 
-    // Sequences only go up: the next burst into slot 40 continues its count.
+    // Sequences only go up: the next burst into slot 40 continues its count. The reader is
+    // parked first, with a park slice far longer than the wait: only the ring can wake it.
+    stream->setParkSlice(10s);
+    Promise<EventBatch> parked = stream->next(20s);
+    (void)co_await s.loop().sleep(20ms);
+    CO_CHECK(!parked.isReady());
+    const auto posted = std::chrono::steady_clock::now();
     AGATE_CO_TRY(co_await post(ticker, 40, 2000, 10));
-    Result<EventBatch> more = co_await stream->next(5s);
+    Result<EventBatch> more = co_await parked;
+    CO_CHECK(std::chrono::steady_clock::now() - posted < 5s);
     CO_CHECK(more.ok() && more->updates.size() == 1);
     CO_CHECK(more->updates[0].slot == 40 && more->updates[0].coalesced == 10);
     CO_CHECK(more->updates[0].sequence > seen[1].sequence);

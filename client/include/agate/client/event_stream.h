@@ -158,8 +158,11 @@ class EventStream {
   caps::Koid koid() const noexcept { return koid_; }
   // The stream's cap in this process (READ, maybe GRANT); deleted with the stream.
   caps::Cap<caps::EventBuffer> cap() const noexcept { return cap_; }
-  // Batches and updates delivered so far.
+  // Batches delivered so far.
   uint64_t batches() const noexcept { return batches_; }
+  // The longest one park of next() lasts (default PARK_SLICE): a ring wakes it at once; the
+  // slice bounds how late the end of the connection (or a swallowed wakeup) is noticed.
+  void setParkSlice(Duration slice) noexcept { parkSlice_ = slice; }
 
  private:
   // Scans into the batch buffers; true if there is something to return (a change, a newly
@@ -178,6 +181,7 @@ class EventStream {
   std::vector<uint32_t> stuck_;
   Error ended_{};  // DISCONNECTED or PROTOCOL_ERROR once the stream ended
   uint64_t batches_ = 0;
+  Duration parkSlice_ = PARK_SLICE;
 };
 
 }  // namespace agate::client
