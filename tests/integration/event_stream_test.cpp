@@ -485,6 +485,28 @@ TEST_F(EventStreamTest, KillingTheServerEndsAPendingNextDisconnectedPromptly) {
   EXPECT_EQ(reap(server), 128 + SIGKILL);
 }
 
+TEST_F(EventStreamTest, KillingTheKernelEndsAPendingNextDisconnectedPromptly) {
+  const pid_t server = startServer(kernel_.home());
+  Watchdog dog("kernel kill -9", 60s, server);
+  runSession(kernel_.home(), [&](Session& s) -> Promise<void> {
+    AGATE_CO_TRY(co_await s.waitForService("ticker"));
+    Result<Ticker::Client> ticker = co_await s.open<Ticker>("ticker");
+    CO_CHECK(ticker.ok());
+    Result<EventStream> stream = co_await subscribe(s, *ticker, 8);
+    CO_CHECK(stream.ok());
+    Promise<EventBatch> pending = stream->next();
+    (void)co_await s.loop().sleep(10ms);
+    CO_CHECK(!pending.isReady());
+    const auto killed = std::chrono::steady_clock::now();
+    CO_CHECK(::kill(kernel_.pid(), SIGKILL) == 0);
+    CO_CHECK((co_await pending).code() == Errc::DISCONNECTED);
+    CO_CHECK(std::chrono::steady_clock::now() - killed < 2s);
+    co_return {};
+  });
+  (void)kernel_.stop();  // reaps the killed daemon (its status says killed, as intended)
+  EXPECT_NE(reap(server), 0) << "the server's kernel went: it stops with an error";
+}
+
 TEST_F(EventStreamTest, ClosingTheBushelEndsTheStreamAfterWhatWasPostedBeforeTheEnd) {
   const pid_t server = startServer(kernel_.home());
   Watchdog dog("bushel close", 60s, server);
