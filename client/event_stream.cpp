@@ -110,6 +110,9 @@ Promise<EventStream> EventStream::open(Session& session, rpc::RpcConnection& fro
   s.cap_ = cap;
   s.koid_ = info->koid;
   s.scanner_ = EventScanner(mapped->slots());
+  // A batch holds at most every slot once: next() never allocates after this.
+  s.updates_.reserve(mapped->slots());
+  s.stuck_.reserve(mapped->slots());
   s.buffer_ = std::move(*mapped);
   co_return std::move(s);
 }

@@ -30,6 +30,7 @@
 #include "agate/kernel/space_bank.h"
 #include "event_stream_test.agate.h"
 #include "kernel_fixture.h"
+#include "support/alloc_counter.h"
 #include "support/watchdog.h"
 
 namespace agate::client {
@@ -344,6 +345,13 @@ TEST_F(EventStreamTest, ASubscriberReadsCoalescedBatchesInSlotOrderPaidFromItsOw
     EXPECT_EQ(st->posts, 1003u);
     EXPECT_GE(st->rings, 1u);
     EXPECT_LE(st->rings, 3u);
+
+    // Reading a batch allocates nothing (the post is in the slots before its reply comes).
+    AGATE_CO_TRY(co_await post(ticker, 9, 1, 5));
+    const uint64_t allocations = agate::testing::allocationCount();
+    Result<EventBatch> quiet = co_await stream->next(5s);
+    EXPECT_EQ(agate::testing::allocationCount(), allocations);
+    CO_CHECK(quiet.ok() && quiet->updates.size() == 1 && quiet->updates[0].coalesced == 5);
 
     // Sequences only go up: the next burst into slot 40 continues its count. The reader is
     // parked first, with a park slice far longer than the wait: only the ring can wake it.

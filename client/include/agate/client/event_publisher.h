@@ -61,9 +61,11 @@ namespace agate::client {
 // One slot's value: 56 bytes, copied as they are (the reader treats them as opaque).
 using EventPayload = std::array<uint64_t, caps::EVENT_SLOT_WORDS>;
 
-// A value that fits a slot (post<T>, EventUpdate::as<T>): trivially copyable, at most 56 bytes.
+// A value that fits a slot (post<T>, EventUpdate::as<T>): trivially copyable, default
+// constructible, at most 56 bytes.
 template <class T>
-concept SlotValue = std::is_trivially_copyable_v<T> && sizeof(T) <= sizeof(EventPayload);
+concept SlotValue = std::is_trivially_copyable_v<T> && std::is_default_constructible_v<T> &&
+                    sizeof(T) <= sizeof(EventPayload);
 
 struct PublisherOptions {
   // Allocates the buffer and its notification. Invalid (default): the server's process bank.
@@ -96,7 +98,7 @@ class EventPublisher {
   template <SlotValue T>
   void post(uint32_t slot, const T& value) noexcept {
     EventPayload words{};
-    std::memcpy(words.data(), &value, sizeof(T));
+    std::memcpy(words.data(), static_cast<const void*>(&value), sizeof(T));
     post(slot, words);
   }
   // Rings now for the posts made since the last ring (no-op if none).

@@ -29,8 +29,8 @@
 // every changed slot once, in slot order, with its newest value and how many posts it covers
 // (a slot posted 1000 times between two batches shows up once, coalesced = 1000). The first
 // batch holds every slot posted before the stream was opened. A batch's spans point into the
-// stream and stay valid until the next call to next(); the stream allocates only while its
-// batch buffers grow to their largest size.
+// stream and stay valid until the next call to next(). next() allocates nothing: the batch
+// buffers are sized for every slot at open, coroutine frames come from the loop's arena.
 //
 // Untrusted contents. A slot is copied once under its seqlock (tryReadEvent) and its words are
 // opaque data; the slot count is the kernel's. A slot whose writer is stuck mid-post (its
@@ -82,8 +82,8 @@ struct EventUpdate {
   // The payload as a T (bytes copied; any bit pattern must be a valid T: the server wrote it).
   template <SlotValue T>
   T as() const noexcept {
-    T value;
-    std::memcpy(&value, words.data(), sizeof(T));
+    T value{};
+    std::memcpy(static_cast<void*>(&value), words.data(), sizeof(T));  // trivially copyable
     return value;
   }
 };
