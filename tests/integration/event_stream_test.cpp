@@ -305,6 +305,9 @@ TEST_F(EventStreamTest, ASubscriberReadsCoalescedBatchesInSlotOrderPaidFromItsOw
     CO_CHECK(info.ok() && info->koid == stream->koid());
     CO_CHECK(info->type == caps::ObjectType::EVENT_BUFFER);
     CO_CHECK(info->rights == (caps::Rights::READ | caps::Rights::GRANT));
+    // The client cannot write the server's slots: no writable map through its cap.
+    CO_CHECK((co_await s.kernel().mapEventBuffer(stream->cap(), true)).code() ==
+             Errc::PERMISSION_DENIED);
     // The client's bank paid (through the bushel) at least the stream's pages.
     const uint64_t cost = EventPublisher::costBytes(64, true) / kernel::PAGE_BYTES;
     CO_CHECK((co_await usedOf(s.kernel(), *bank)).value() >= before + cost);
