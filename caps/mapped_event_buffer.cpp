@@ -51,6 +51,14 @@ bool MappedEventBuffer::tryRead(uint32_t slot, EventRecord& out) const noexcept 
   return kernel::tryReadEvent(data_[slot], out);
 }
 
+uint64_t MappedEventBuffer::peekSequence(uint32_t slot) const noexcept {
+  AGATE_REQUIRE(slot < slots_, "peek of slot %u of %u", slot, slots_);
+  // Relaxed: a hint only; a reader acts on what tryRead (acquire, seqlock-checked) returns. A
+  // reader woken by a ring still sees the posts it announced: its announce RMW on the doorbell
+  // word reads the ringer's RMW, which the writer made after its posts (event_slot.h).
+  return data_[slot].sequence.load(std::memory_order_relaxed);
+}
+
 void MappedEventBuffer::reset() noexcept {
   if (data_ != nullptr) ::munmap(data_, size_);
   data_ = nullptr;

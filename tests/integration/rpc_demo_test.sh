@@ -4,12 +4,14 @@
 # (the evaluate -> read chain in one round trip) and check every reply; SIGTERM ends each server
 # cleanly (it unregisters); nothing of the clients or servers stays attached; `agate down`.
 # Watchdog: every step runs under `timeout`; the servers and the kernel are stopped on any exit.
-# usage: rpc_demo_test.sh AGATE CALCULATOR_SERVER CALCULATOR ECHO
+# The ticker example's client reads an event stream of coalesced quotes from its server.
+# usage: rpc_demo_test.sh AGATE CALCULATOR_SERVER CALCULATOR ECHO TICKER
 set -euo pipefail
 agate=$1
 calcServer=$2
 calc=$3
 echo=$4
+ticker=$5
 home=$(mktemp -d /tmp/agate-rpc-demo-test-XXXXXX)
 pids=()
 cleanup() {
@@ -44,6 +46,8 @@ start_server calculator "$calcServer"
 calcPid=${pids[-1]}
 start_server echo "$echo" serve
 echoPid=${pids[-1]}
+start_server ticker "$ticker" serve
+tickerPid=${pids[-1]}
 
 out=$(timeout 60 "$calc" --home "$home" 50)
 echo "$out"
@@ -53,6 +57,9 @@ grep -q 'pipelined: 2 calls in 1 round trip' <<<"$out"
 out=$(timeout 60 "$echo" --home "$home" 200)
 echo "$out"
 grep -q '200 typed echo calls over a bushel to "echo", all replies matched' <<<"$out"
+out=$(timeout 60 "$ticker" --home "$home" 30)
+echo "$out"
+grep -q 'agate-ticker: 30 batches, .* every quote matched' <<<"$out"
 
 # The clients are gone: only the two servers are attached, and each still serves.
 procs=$(timeout 30 "$agate" ps --home "$home" --json)
@@ -62,6 +69,7 @@ if grep -q '"agate-calculator"' <<<"$procs"; then
 fi
 stop_server "$calcPid"
 stop_server "$echoPid"
+stop_server "$tickerPid"
 pids=()
 procs=$(timeout 30 "$agate" ps --home "$home" --json)
 if grep -q '"agate-' <<<"$procs"; then

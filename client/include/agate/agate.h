@@ -10,12 +10,15 @@
 //   int main(int argc, char** argv) { return agate::serve<CalculatorImpl>(argc, argv,
 //   "calculator"); }
 //
-// The pieces live in client/ (Agate::client): session.h, service_host.h, main.h.
+// The pieces live in client/ (Agate::client): session.h, service_host.h, main.h, and for event
+// streams event_publisher.h and event_stream.h.
 #pragma once
 
 #include <functional>
 #include <utility>
 
+#include "agate/client/event_publisher.h"
+#include "agate/client/event_stream.h"
 #include "agate/client/main.h"
 #include "agate/client/service_host.h"
 #include "agate/client/session.h"
@@ -28,6 +31,10 @@
 namespace agate {
 
 using client::ClientQuota;
+using client::EventBatch;
+using client::EventPublisher;
+using client::EventStream;
+using client::EventUpdate;
 using client::serve;
 using client::ServedClient;
 using client::ServiceOptions;

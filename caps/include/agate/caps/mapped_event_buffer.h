@@ -51,6 +51,9 @@ class MappedEventBuffer {
   // Reader: a consistent copy of slot `slot` (precondition: slot < slots()), or false if every
   // try overlapped a post (a writer stuck mid-post).
   bool tryRead(uint32_t slot, EventRecord& out) const noexcept;
+  // Reader: slot `slot`'s sequence as it is now (precondition: slot < slots()), a hint of
+  // whether it changed; only tryRead gives a consistent value.
+  uint64_t peekSequence(uint32_t slot) const noexcept;
 
  private:
   void reset() noexcept;

@@ -115,6 +115,7 @@ class ClientQuota {
   uint64_t usedBytes() const noexcept { return used_; }
   uint64_t allowanceBytes() const noexcept;
   uint64_t allowancePages() const noexcept { return pages_; }
+  caps::KernelConnection& kernel() const noexcept { return kernel_; }
 
  private:
   friend class StateCharge;
@@ -169,6 +170,7 @@ class ServedClient {
   caps::Koid bushel() const noexcept { return bushel_; }
   caps::ProcessId peer() const noexcept { return peer_; }  // the client's kernel process id
   ClientQuota& quota() noexcept { return quota_; }
+  caps::KernelConnection& kernel() const noexcept { return quota_.kernel(); }
   // Precondition: the connection exists (not inside the factory).
   rpc::RpcConnection& connection() noexcept { return link_->connection(); }
   bool connected() const noexcept { return link_ && link_->connection().isOpen(); }

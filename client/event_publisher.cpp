@@ -1,0 +1,135 @@
+#include "agate/client/event_publisher.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "agate/kernel/bushel.h"
+#include "agate/kernel/event_buffer.h"
+#include "agate/kernel/notification.h"
+#include "agate/kernel/space_bank.h"
+
+namespace agate::client {
+
+using caps::Cap;
+using caps::Rights;
+
+namespace {
+
+// Destroys what create() made unless it got as far as a publisher: on a failed step, and when
+// create() is itself destroyed while it waits (the client hung up mid-call and its running calls
+// were cancelled). The calls are not awaited (a destructor cannot); each is written to the
+// submission ring as it is made. Destroying the buffer also deletes the client's copy.
+struct Undo {
+  caps::KernelConnection& kernel;
+  caps::AnyCap buffer = {};
+  caps::AnyCap notification = {};
+  ~Undo() {
+    if (buffer.valid()) (void)kernel.destroy(buffer);
+    if (notification.valid()) (void)kernel.destroy(notification);
+  }
+  void release() noexcept { buffer = notification = {}; }
+};
+
+}  // namespace
+
+uint64_t EventPublisher::costBytes(uint32_t slots, bool wakeFd) noexcept {
+  const uint64_t pages =
+      kernel::EventBuffer::pagesFor(slots) + kernel::Notification::pagesFor(wakeFd);
+  return pages * kernel::PAGE_BYTES + 2 * kernel::OBJECT_RECORD_BYTES;  // and the two records
+}
+
+EventPublisher::EventPublisher(caps::KernelConnection& kernel, caps::MappedEventBuffer buffer,
+                               Cap<caps::EventBuffer> cap, Cap<caps::Notification> notification,
+                               caps::Koid koid, Cap<caps::EventBuffer> clientHandle,
+                               StateCharge charge, StateCharge chargeRest) noexcept
+    : kernel_(kernel),
+      buffer_(std::move(buffer)),
+      cap_(cap),
+      notification_(notification),
+      koid_(koid),
+      clientHandle_(clientHandle),
+      charge_(std::move(charge)),
+      chargeRest_(std::move(chargeRest)) {}
+
+EventPublisher::~EventPublisher() {
+  // Not awaited: each call is written to the submission ring as it is made (the promise only
+  // waits for the answer, which is read and dropped). Destroying the buffer deletes every cap to
+  // it, the client's included; the client's mapping stays valid. The charge refunds itself.
+  (void)kernel_.destroy(cap_);
+  (void)kernel_.destroy(notification_);
+}
+
+Promise<std::unique_ptr<EventPublisher>> EventPublisher::create(ServedClient& client,
+                                                                uint32_t slots,
+                                                                PublisherOptions options) {
+  if (slots == 0 || slots > kernel::EventBuffer::MAX_SLOTS)
+    co_return Error(Errc::INVALID_ARGUMENT, "an event stream has 1 to 65536 slots");
+  caps::KernelConnection& kernel = client.kernel();
+  const Cap<caps::SpaceBank> bank = options.bank.valid() ? options.bank : kernel.bank();
+  // The client pays first: nothing is made for a client that cannot.
+  const uint64_t cost = costBytes(slots, options.wakeFd);
+  constexpr uint64_t CHUNK = kernel::Bushel::MAX_STATE_GROWTH / 2 * kernel::PAGE_BYTES;
+  Result<StateCharge> charge = co_await client.quota().charge(std::min(cost, CHUNK));
+  if (!charge) co_return charge.error();
+  Result<StateCharge> chargeRest = StateCharge();
+  if (cost > CHUNK) chargeRest = co_await client.quota().charge(cost - CHUNK);
+  if (!chargeRest) co_return chargeRest.error();
+
+  Undo undo{kernel};
+  Result<Cap<caps::Notification>> notification =
+      co_await kernel.createNotification(bank, options.wakeFd);
+  if (!notification) co_return notification.error();
+  undo.notification = *notification;
+  Result<Cap<caps::EventBuffer>> buffer =
+      co_await kernel.createEventBuffer(bank, slots, *notification);
+  if (!buffer) co_return buffer.error();
+  undo.buffer = *buffer;
+  // Writers first: once the client maps it read-only, no writable map is possible.
+  Promise<caps::MappedEventBuffer> mapping = kernel.mapEventBuffer(*buffer, /*writable=*/true);
+  Promise<caps::CapInfo> inspected = kernel.inspectCap(*buffer);
+  Promise<Cap<caps::EventBuffer>> readOnly = kernel.copyCap(*buffer, Rights::READ | Rights::GRANT);
+  Result<caps::MappedEventBuffer> mapped = co_await mapping;
+  Result<caps::CapInfo> info = co_await inspected;
+  Result<Cap<caps::EventBuffer>> copy = co_await readOnly;
+  Error failed = !mapped ? mapped.error() : !info ? info.error() : !copy ? copy.error() : Error{};
+  if (failed.code == Errc::OK) {
+    // MOVE: the copy leaves this CSpace; the client's handle is its only cap with READ only.
+    Result<Cap<caps::EventBuffer>> handle =
+        co_await kernel.transferCap(*copy, client.peer(), caps::TransferMode::MOVE);
+    if (handle) {
+      undo.release();
+      co_return std::unique_ptr<EventPublisher>(
+          new EventPublisher(kernel, std::move(*mapped), *buffer, *notification, info->koid,
+                             *handle, std::move(*charge), std::move(*chargeRest)));
+    }
+    failed = handle.error();
+  }
+  co_return failed;  // `undo` destroys both (and with the buffer, the copy)
+}
+
+void EventPublisher::describe(events::EventStream::Builder out) const {
+  out.setHandle(clientHandle_.handle);
+  out.setKoid(koid_);
+  out.setSlots(buffer_.slots());
+}
+
+void EventPublisher::post(uint32_t slot, const EventPayload& words) noexcept {
+  AGATE_REQUIRE(slot < buffer_.slots(), "post to slot %u of an event stream of %u", slot,
+                buffer_.slots());
+  buffer_.post(slot, words);
+  ++posts_;
+  if (!dirty_) {
+    dirty_ = true;
+    if (!flushTask_.isQueued()) kernel_.loop().post(flushTask_);
+  }
+}
+
+void EventPublisher::flush() noexcept {
+  if (!dirty_) return;
+  dirty_ = false;
+  // The doorbell's RMW orders the slot stores before the ring (event_slot.h).
+  if (caps::MappedNotification* n = buffer_.notification()) n->ring();
+  ++rings_;
+}
+
+}  // namespace agate::client

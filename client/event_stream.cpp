@@ -1,0 +1,161 @@
+#include "agate/client/event_stream.h"
+
+#include <utility>
+
+namespace agate::client {
+
+using caps::Cap;
+using caps::Rights;
+
+// --- EventScanner ---
+
+Status EventScanner::scan(const caps::MappedEventBuffer& buffer, std::vector<EventUpdate>& updates,
+                          std::vector<uint32_t>& stuck) {
+  AGATE_REQUIRE(buffer.slots() == seen_.size(), "scanner of %zu slots over a buffer of %u",
+                seen_.size(), buffer.slots());
+  for (uint32_t slot = 0; slot < seen_.size(); ++slot) {
+    const uint64_t peeked = buffer.peekSequence(slot);
+    if (peeked == seen_[slot] || peeked == stuckAt_[slot]) continue;  // unchanged, or known stuck
+    caps::EventRecord record;
+    if (!buffer.tryRead(slot, record)) {
+      // Every try overlapped a post: a writer stuck mid-post (or a very slow one). Report it
+      // once per odd value; the slot is read again when its sequence moves.
+      const uint64_t now = buffer.peekSequence(slot);
+      stuckAt_[slot] = (now & 1) ? now : (peeked | 1);
+      stuck.push_back(slot);
+      continue;
+    }
+    stuckAt_[slot] = 0;
+    if (record.sequence == seen_[slot]) continue;  // back where it was: nothing new to report
+    if (record.sequence < seen_[slot])
+      return Error(Errc::PROTOCOL_ERROR, "an event slot's sequence went backwards");
+    EventUpdate& u = updates.emplace_back();
+    u.slot = slot;
+    u.sequence = record.sequence;
+    u.coalesced = kernel::postsOf(record.sequence) - kernel::postsOf(seen_[slot]);
+    u.words = record.words;
+    seen_[slot] = record.sequence;
+  }
+  return {};
+}
+
+// --- EventStream ---
+
+EventStream& EventStream::operator=(EventStream&& o) noexcept {
+  if (this == &o) return *this;
+  release();
+  kernel_ = std::exchange(o.kernel_, nullptr);
+  from_ = std::exchange(o.from_, nullptr);
+  cap_ = std::exchange(o.cap_, {});
+  koid_ = std::exchange(o.koid_, 0);
+  buffer_ = std::move(o.buffer_);
+  scanner_ = std::move(o.scanner_);
+  updates_ = std::move(o.updates_);
+  stuck_ = std::move(o.stuck_);
+  ended_ = std::exchange(o.ended_, Error{});
+  batches_ = std::exchange(o.batches_, 0);
+  parkSlice_ = o.parkSlice_;
+  return *this;
+}
+
+EventStream::~EventStream() { release(); }
+
+void EventStream::release() noexcept {
+  if (kernel_ != nullptr && cap_.valid()) {
+    // Not awaited: the call is written to the submission ring now; its answer is dropped.
+    (void)kernel_->deleteCap(cap_);
+  }
+  kernel_ = nullptr;
+  cap_ = {};
+  buffer_ = caps::MappedEventBuffer();
+}
+
+Promise<EventStream> EventStream::open(Session& session, rpc::RpcConnection& from,
+                                       events::EventStream::Reader handle) {
+  // Copied before the first suspension: the reader points into a response's frame.
+  const Cap<caps::EventBuffer> cap{handle.getHandle()};
+  const caps::Koid claimedKoid = handle.getKoid();
+  const uint32_t claimedSlots = handle.getSlots();
+  if (!from.isOpen()) co_return Error(Errc::DISCONNECTED, "the stream's connection is closed");
+  if (!cap.valid()) co_return Error(Errc::PROTOCOL_ERROR, "the server sent a null stream handle");
+  caps::KernelConnection& kernel = session.kernel();
+
+  // Decode: what the kernel says the handle is, against what the server claimed.
+  Result<caps::CapInfo> info = co_await kernel.inspectCap(cap);
+  if (!info) {
+    if (info.code() == Errc::INVALID_HANDLE || info.code() == Errc::WRONG_TYPE)
+      co_return Error(Errc::PROTOCOL_ERROR, "the stream handle names no cap of this process");
+    co_return info.error();
+  }
+  if (info->type != caps::ObjectType::EVENT_BUFFER)
+    co_return Error(Errc::PROTOCOL_ERROR, "the stream handle is not an event buffer");
+  if (!kernel::hasRights(info->rights, Rights::READ) ||
+      (info->rights & ~(Rights::READ | Rights::GRANT)) != Rights::NONE)
+    co_return Error(Errc::PROTOCOL_ERROR, "the stream handle is not read-only");
+  if (info->koid != claimedKoid)
+    co_return Error(Errc::PROTOCOL_ERROR, "the stream handle names another event buffer");
+
+  // Invoke: map it read-only (the kernel seals it against writable maps from now on).
+  Result<caps::MappedEventBuffer> mapped = co_await kernel.mapEventBuffer(cap, /*writable=*/false);
+  if (!mapped) co_return mapped.error();
+  if (mapped->slots() != claimedSlots)
+    co_return Error(Errc::PROTOCOL_ERROR, "the stream's slot count is not the kernel's");
+  if (mapped->notification() == nullptr)
+    co_return Error(Errc::PROTOCOL_ERROR, "the stream's event buffer has no notification");
+  if (!from.isOpen()) co_return Error(Errc::DISCONNECTED, "the stream's connection closed");
+
+  EventStream s;
+  s.kernel_ = &kernel;
+  s.from_ = &from;
+  s.cap_ = cap;
+  s.koid_ = info->koid;
+  s.scanner_ = EventScanner(mapped->slots());
+  // A batch holds at most every slot once: next() never allocates after this.
+  s.updates_.reserve(mapped->slots());
+  s.stuck_.reserve(mapped->slots());
+  s.buffer_ = std::move(*mapped);
+  co_return std::move(s);
+}
+
+bool EventStream::collect() noexcept {
+  if (ended_.code != Errc::OK) return true;
+  Status scanned = scanner_.scan(buffer_, updates_, stuck_);
+  if (!scanned) {
+    ended_ = scanned.error();
+    return true;
+  }
+  if (!updates_.empty() || !stuck_.empty()) return true;
+  // Checked after the scan: what was posted before the end is delivered first.
+  if (!from_->isOpen()) ended_ = Error(Errc::DISCONNECTED, "the event stream's server is gone");
+  return ended_.code != Errc::OK;
+}
+
+Result<EventBatch> EventStream::deliver() noexcept {
+  if (updates_.empty() && stuck_.empty() && ended_.code != Errc::OK) return ended_;
+  if (!updates_.empty() || !stuck_.empty()) ++batches_;
+  return EventBatch{updates_, stuck_};
+}
+
+Result<EventBatch> EventStream::tryNext() {
+  AGATE_REQUIRE(valid(), "tryNext() on an empty EventStream");
+  updates_.clear();
+  stuck_.clear();
+  (void)collect();
+  return deliver();
+}
+
+Promise<EventBatch> EventStream::next(Duration timeout) {
+  AGATE_REQUIRE(valid(), "next() on an empty EventStream");
+  updates_.clear();
+  stuck_.clear();
+  caps::MappedNotification& notification = *buffer_.notification();
+  // collect() runs under the waiter protocol (announce, check, park), so a ring between a scan
+  // and the park is never lost; each park lasts at most PARK_SLICE.
+  Result<bool> ready = co_await notification.waitAsync(
+      kernel_->loop(), [this] { return collect(); }, timeout, caps::WaitVia::AUTO, parkSlice_);
+  if (!ready) co_return ready.error();
+  if (!*ready) co_return Error(Errc::TIMED_OUT, "no event before the timeout");
+  co_return deliver();
+}
+
+}  // namespace agate::client

@@ -1,0 +1,607 @@
+// Event streams over kernel event buffers between real processes (client/: EventPublisher on the
+// server, EventStream on the client): a client subscribes and reads coalesced batches; the
+// stream is paid from the client's bank; hostile handles are refused with nothing mapped; the
+// stream ends DISCONNECTED when the server dies or the bushel closes; a killed subscriber's
+// publisher is reclaimed with its pages.
+//
+// Processes: the kernel (KernelProcess), the server (a forked child serving "ticker" through
+// client::serveService), clients in the test process and in forked children. Watchdogs: the
+// Watchdog per test, alarm() in every child, ctest's TIMEOUT.
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "agate/client/event_publisher.h"
+#include "agate/client/event_stream.h"
+#include "agate/client/main.h"
+#include "agate/client/service_host.h"
+#include "agate/client/session.h"
+#include "agate/kernel/space_bank.h"
+#include "event_stream_test.agate.h"
+#include "kernel_fixture.h"
+#include "support/alloc_counter.h"
+#include "support/watchdog.h"
+
+namespace agate::client {
+namespace {
+
+using namespace std::chrono_literals;
+using agate::testing::KernelProcess;
+using agate::testing::Watchdog;
+using caps::Cap;
+using caps::KernelConnection;
+using caps::SpaceBank;
+using Ticker = streamtest::stubs::Ticker;
+using Hostile = streamtest::Ticker::Hostile;
+
+constexpr uint64_t CHECK_WORD = 0x5eed5eed5eed5eedull;
+
+// What the ticker posts: the value, its slot, and words derived from both (a torn or misplaced
+// read shows).
+EventPayload payloadOf(uint32_t slot, uint64_t value) {
+  EventPayload p{};
+  p[0] = value;
+  p[1] = slot;
+  for (size_t i = 2; i < p.size(); ++i) p[i] = value ^ (CHECK_WORD + i);
+  return p;
+}
+bool wellFormed(const EventUpdate& u) { return u.words == payloadOf(u.slot, u.words[0]); }
+
+// ---------------------------------------------------------------------------------------------
+// The server (runs in a forked child)
+
+struct Shared {
+  uint32_t publishers = 0;
+};
+
+// A publisher counted in Shared while it lives.
+struct Counted {
+  Counted(std::unique_ptr<EventPublisher> p, Shared& s) : publisher(std::move(p)), shared(s) {
+    ++shared.publishers;
+  }
+  ~Counted() { --shared.publishers; }
+  std::unique_ptr<EventPublisher> publisher;
+  Shared& shared;
+};
+
+class TickerImpl final : public Ticker::Server {
+ public:
+  TickerImpl(ServedClient& client, Shared& shared) : client_(client), shared_(shared) {}
+
+  Promise<void> subscribe(SubscribeContext context) override {
+    const uint32_t slots = context.params().getSlots();
+    auto publisher = co_await EventPublisher::create(client_, slots);
+    if (!publisher) co_return publisher.error();
+    auto results = context.initResults();
+    if (!results) co_return results.error();
+    (*publisher)->describe(results->initEvents());
+    publishers_.push_back(std::make_unique<Counted>(std::move(*publisher), shared_));
+    co_return {};
+  }
+  Promise<void> post(PostContext context) override {
+    const auto p = context.params();
+    if (publishers_.empty()) return readyPromise<void>(Error(Errc::NOT_FOUND, "no subscription"));
+    EventPublisher& pub = *publishers_.back()->publisher;
+    if (p.getSlot() >= pub.slots())
+      return readyPromise<void>(Error(Errc::INVALID_ARGUMENT, "no such slot"));
+    for (uint64_t i = 0; i < p.getTimes(); ++i)
+      pub.post(p.getSlot(), payloadOf(p.getSlot(), p.getFirst() + i));
+    return readyPromise<void>(Status{});
+  }
+  Promise<void> stats(StatsContext context) override {
+    auto results = context.initResults();
+    if (!results) return readyPromise<void>(results.error());
+    results->setPublishers(shared_.publishers);
+    if (!publishers_.empty()) {
+      results->setPosts(publishers_.back()->publisher->posts());
+      results->setRings(publishers_.back()->publisher->rings());
+    }
+    return readyPromise<void>(Status{});
+  }
+  Promise<void> hostile(HostileContext context) override {
+    const Hostile kind = context.params().getKind();
+    caps::KernelConnection& k = client_.kernel();
+    uint64_t handle = 0x7777777700000123ull;
+    uint64_t koid = 1;
+    uint32_t slots = 16;
+    switch (kind) {
+      case Hostile::NOT_AN_EVENT_BUFFER: {
+        auto region = co_await k.createRegion(k.bank(), 1);
+        if (!region) co_return region.error();
+        auto info = co_await k.inspectCap(*region);
+        auto copy = co_await k.copyCap(*region, caps::Rights::READ | caps::Rights::GRANT);
+        if (!info || !copy) co_return Error(Errc::FAILED, "region");
+        auto moved = co_await k.transferCap(*copy, client_.peer(), caps::TransferMode::MOVE);
+        if (!moved) co_return moved.error();
+        handle = moved->handle;
+        koid = info->koid;
+        break;
+      }
+      case Hostile::WRITABLE: {
+        auto n = co_await k.createNotification(k.bank(), false);
+        if (!n) co_return n.error();
+        auto buffer = co_await k.createEventBuffer(k.bank(), slots, *n);
+        if (!buffer) co_return buffer.error();
+        auto info = co_await k.inspectCap(*buffer);
+        auto given = co_await k.transferCap(*buffer, client_.peer(), caps::TransferMode::COPY);
+        if (!info || !given) co_return Error(Errc::FAILED, "writable");
+        handle = given->handle;
+        koid = info->koid;
+        break;
+      }
+      case Hostile::WRONG_KOID:
+      case Hostile::WRONG_SLOTS: {
+        auto publisher = co_await EventPublisher::create(client_, slots);
+        if (!publisher) co_return publisher.error();
+        auto results = context.initResults();
+        if (!results) co_return results.error();
+        auto events = results->initEvents();
+        (*publisher)->describe(events);
+        if (kind == Hostile::WRONG_KOID) events.setKoid(events.getKoid() + 1);
+        if (kind == Hostile::WRONG_SLOTS) events.setSlots(events.getSlots() + 1);
+        publishers_.push_back(std::make_unique<Counted>(std::move(*publisher), shared_));
+        co_return {};
+      }
+      case Hostile::NO_SUCH_HANDLE:
+        break;
+    }
+    auto results = context.initResults();
+    if (!results) co_return results.error();
+    auto events = results->initEvents();
+    events.setHandle(handle);
+    events.setKoid(koid);
+    events.setSlots(slots);
+    co_return {};
+  }
+
+ private:
+  ServedClient& client_;
+  Shared& shared_;
+  std::vector<std::unique_ptr<Counted>> publishers_;
+};
+
+// Forks the server: it registers "ticker" and serves until SIGTERM, dying with the test.
+pid_t startServer(const std::string& home) {
+  const pid_t parent = ::getpid();
+  const pid_t pid = ::fork();
+  if (pid != 0) return pid;
+  ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (::getppid() != parent) ::_exit(1);
+  ::alarm(60);
+  Shared shared;
+  std::string homeArg = home;
+  char name[] = "ticker-server";
+  char homeFlag[] = "--home";
+  char* argv[] = {name, homeFlag, homeArg.data(), nullptr};
+  const int rc = serveService(3, argv, "ticker", [&](ServedClient& client) {
+    return std::make_unique<TickerImpl>(client, shared);
+  });
+  ::_exit(rc);
+}
+
+int reap(pid_t pid) {
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+std::string describe(const Error& e) {
+  char buf[256];
+  return e.describe(buf, sizeof buf);
+}
+
+template <class Body>
+void runSession(const std::string& home, Body body, Duration limit = 30s) {
+  EventLoop loop;
+  auto kernel = KernelConnection::tryAttach(loop, home, "ticker-test");
+  ASSERT_TRUE(kernel.ok()) << describe(kernel.error());
+  Status done;
+  {
+    Session s(**kernel);
+    done = loop.run(loop.deadline(body(s), limit));
+  }
+  EXPECT_TRUE(done.ok()) << describe(done.error()) << " (" << (*kernel)->lastErrorDetail() << ")";
+}
+
+#define CO_CHECK(cond)                               \
+  do {                                               \
+    if (!(cond)) {                                   \
+      ADD_FAILURE() << "check failed: " #cond;       \
+      co_return Error(Errc::FAILED, "check failed"); \
+    }                                                \
+  } while (0)
+
+// Subscribes through `ticker` and opens the stream.
+Promise<EventStream> subscribe(Session& s, const Ticker::Client& ticker, uint32_t slots) {
+  return EventStream::subscribe(s, ticker, ticker.subscribe([&](auto p) { p.setSlots(slots); }));
+}
+
+Promise<void> post(const Ticker::Client& ticker, uint32_t slot, uint64_t first, uint32_t times) {
+  auto r = co_await ticker.post([&](auto p) {
+    p.setSlot(slot);
+    p.setFirst(first);
+    p.setTimes(times);
+  });
+  if (!r) co_return r.error();
+  co_return {};
+}
+
+struct StatsView {
+  uint32_t publishers = 0;
+  uint64_t posts = 0;
+  uint64_t rings = 0;
+};
+Promise<StatsView> statsOf(const Ticker::Client& ticker) {
+  auto r = co_await ticker.stats();
+  if (!r) co_return r.error();
+  co_return StatsView{r->results().getPublishers(), r->results().getPosts(),
+                      r->results().getRings()};
+}
+
+Promise<uint64_t> usedOf(KernelConnection& k, Cap<SpaceBank> bank) {
+  auto credit = co_await k.readBank(bank);
+  if (!credit) co_return credit.error();
+  co_return credit->used;
+}
+
+// The used pages of process `name`'s bank.
+Promise<uint64_t> processBankUsed(KernelConnection& k, const char* name) {
+  auto procs = co_await k.listProcesses();
+  if (!procs) co_return procs.error();
+  caps::Koid bank = 0;
+  for (const auto& p : *procs)
+    if (p.name == name) bank = p.bank;
+  auto banks = co_await k.listBanks();
+  if (!banks) co_return banks.error();
+  for (const auto& b : *banks)
+    if (b.koid == bank) co_return b.used;
+  co_return Error(Errc::NOT_FOUND, "no such process bank");
+}
+
+// Shared mappings of this process (an event buffer mapped shows here).
+size_t sharedMappings() {
+  std::ifstream maps("/proc/self/maps");
+  size_t n = 0;
+  for (std::string line; std::getline(maps, line);)
+    if (line.find("memfd:") != std::string::npos) ++n;
+  return n;
+}
+
+class EventStreamTest : public ::testing::Test {
+ protected:
+  KernelProcess kernel_;
+};
+
+// ---------------------------------------------------------------------------------------------
+
+TEST_F(EventStreamTest, ASubscriberReadsCoalescedBatchesInSlotOrderPaidFromItsOwnBank) {
+  const pid_t server = startServer(kernel_.home());
+  Watchdog dog("subscribe and coalesce", 60s, server);
+  runSession(kernel_.home(), [&](Session& s) -> Promise<void> {
+    AGATE_CO_TRY(co_await s.waitForService("ticker"));
+    Result<Cap<SpaceBank>> bank = co_await s.kernel().createBank(s.bank(), 1000);
+    CO_CHECK(bank.ok());
+    Result<OpenedBushel> opened = co_await s.openBushel("ticker", *bank);
+    CO_CHECK(opened.ok());
+    Ticker::Client ticker(opened->connection->bootstrap());
+    const uint64_t before = (co_await usedOf(s.kernel(), *bank)).value();
+    Result<EventStream> stream = co_await subscribe(s, ticker, 64);
+    CO_CHECK(stream.ok());
+    CO_CHECK(stream->slots() == 64);
+    // The stream's cap: read-only, in this process, the buffer the server claimed.
+    Result<caps::CapInfo> info = co_await s.kernel().inspectCap(stream->cap());
+    CO_CHECK(info.ok() && info->koid == stream->koid());
+    CO_CHECK(info->type == caps::ObjectType::EVENT_BUFFER);
+    CO_CHECK(info->rights == (caps::Rights::READ | caps::Rights::GRANT));
+    // The client cannot write the server's slots: no writable map through its cap.
+    CO_CHECK((co_await s.kernel().mapEventBuffer(stream->cap(), true)).code() ==
+             Errc::PERMISSION_DENIED);
+    // The client's bank paid (through the bushel) at least the stream's pages.
+    const uint64_t cost = EventPublisher::costBytes(64, true) / kernel::PAGE_BYTES;
+    CO_CHECK((co_await usedOf(s.kernel(), *bank)).value() >= before + cost);
+
+    // Nothing posted: next() waits (parked) until its timeout.
+    Result<EventBatch> idle = co_await stream->next(30ms);
+    CO_CHECK(idle.code() == Errc::TIMED_OUT);
+
+    // A burst of 1000 posts into one slot, and one post into two others, in one server turn
+    // each: every changed slot shows once, in slot order, with the newest value and its count.
+    AGATE_CO_TRY(co_await post(ticker, 40, 1, 1000));
+    AGATE_CO_TRY(co_await post(ticker, 7, 5000, 1));
+    AGATE_CO_TRY(co_await post(ticker, 63, 6000, 2));
+    std::vector<EventUpdate> seen;
+    while (seen.size() < 3) {
+      Result<EventBatch> batch = co_await stream->next(5s);
+      CO_CHECK(batch.ok());
+      CO_CHECK(batch->stuck.empty());
+      for (size_t i = 1; i < batch->updates.size(); ++i)
+        CO_CHECK(batch->updates[i - 1].slot < batch->updates[i].slot);
+      seen.insert(seen.end(), batch->updates.begin(), batch->updates.end());
+    }
+    CO_CHECK(seen.size() == 3);
+    std::sort(seen.begin(), seen.end(), [](auto& a, auto& b) { return a.slot < b.slot; });
+    CO_CHECK(seen[0].slot == 7 && seen[0].coalesced == 1 && seen[0].words[0] == 5000);
+    CO_CHECK(seen[1].slot == 40 && seen[1].coalesced == 1000 && seen[1].words[0] == 1000);
+    CO_CHECK(kernel::postsOf(seen[1].sequence) == 1000);
+    CO_CHECK(seen[2].slot == 63 && seen[2].coalesced == 2 && seen[2].words[0] == 6001);
+    for (const auto& u : seen) CO_CHECK(wellFormed(u));
+    // One ring per server turn, not per post: at most one per post call (fewer when the
+    // server's reader handled several calls in one turn; the ring goes out when the turn ends).
+    Result<StatsView> st = co_await statsOf(ticker);
+    for (int i = 0; i < 1000 && st.ok() && st->rings == 0; ++i) {
+      (void)co_await s.loop().sleep(1ms);
+      st = co_await statsOf(ticker);
+    }
+    CO_CHECK(st.ok());
+    EXPECT_EQ(st->posts, 1003u);
+    EXPECT_GE(st->rings, 1u);
+    EXPECT_LE(st->rings, 3u);
+
+    // Reading a batch allocates nothing (the post is in the slots before its reply comes).
+    AGATE_CO_TRY(co_await post(ticker, 9, 1, 5));
+    const uint64_t allocations = agate::testing::allocationCount();
+    Result<EventBatch> quiet = co_await stream->next(5s);
+    EXPECT_EQ(agate::testing::allocationCount(), allocations);
+    CO_CHECK(quiet.ok() && quiet->updates.size() == 1 && quiet->updates[0].coalesced == 5);
+
+    // Sequences only go up: the next burst into slot 40 continues its count. The reader is
+    // parked first, with a park slice far longer than the wait: only the ring can wake it.
+    stream->setParkSlice(10s);
+    Promise<EventBatch> parked = stream->next(20s);
+    (void)co_await s.loop().sleep(20ms);
+    CO_CHECK(!parked.isReady());
+    const auto posted = std::chrono::steady_clock::now();
+    AGATE_CO_TRY(co_await post(ticker, 40, 2000, 10));
+    Result<EventBatch> more = co_await parked;
+    CO_CHECK(std::chrono::steady_clock::now() - posted < 5s);
+    CO_CHECK(more.ok() && more->updates.size() == 1);
+    CO_CHECK(more->updates[0].slot == 40 && more->updates[0].coalesced == 10);
+    CO_CHECK(more->updates[0].sequence > seen[1].sequence);
+    CO_CHECK(more->updates[0].words[0] == 2009);
+
+    // Dropping the stream deletes its cap (the kernel answers in order: the delete went first).
+    const Cap<caps::EventBuffer> cap = stream->cap();
+    *stream = EventStream();
+    CO_CHECK(!stream->valid());
+    CO_CHECK((co_await s.kernel().inspectCap(cap)).code() == Errc::INVALID_HANDLE);
+    co_return {};
+  });
+  ::kill(server, SIGTERM);
+  EXPECT_EQ(reap(server), 0);
+}
+
+TEST_F(EventStreamTest, ADroppedPendingNextLosesNothingAndTheNextCallGetsThePosts) {
+  const pid_t server = startServer(kernel_.home());
+  Watchdog dog("cancel", 60s, server);
+  runSession(kernel_.home(), [&](Session& s) -> Promise<void> {
+    AGATE_CO_TRY(co_await s.waitForService("ticker"));
+    Result<Ticker::Client> ticker = co_await s.open<Ticker>("ticker");
+    CO_CHECK(ticker.ok());
+    Result<EventStream> stream = co_await subscribe(s, *ticker, 4);
+    CO_CHECK(stream.ok());
+    {
+      Promise<EventBatch> pending = stream->next();
+      (void)co_await s.loop().sleep(10ms);
+      CO_CHECK(!pending.isReady());
+    }  // dropped while parked
+    Result<EventBatch> cut = co_await s.loop().deadline(stream->next(), 20ms);
+    CO_CHECK(cut.code() == Errc::TIMED_OUT);
+    AGATE_CO_TRY(co_await post(*ticker, 2, 77, 3));
+    Result<EventBatch> batch = co_await stream->next(5s);
+    CO_CHECK(batch.ok() && batch->updates.size() == 1);
+    CO_CHECK(batch->updates[0].slot == 2 && batch->updates[0].coalesced == 3);
+    CO_CHECK(batch->updates[0].words[0] == 79);
+    // tryNext: nothing new, without waiting.
+    Result<EventBatch> none = stream->tryNext();
+    CO_CHECK(none.ok() && none->updates.empty());
+    co_return {};
+  });
+  ::kill(server, SIGTERM);
+  EXPECT_EQ(reap(server), 0);
+}
+
+TEST_F(EventStreamTest, HostileHandlesAreRefusedWithProtocolErrorAndNothingIsMapped) {
+  const pid_t server = startServer(kernel_.home());
+  Watchdog dog("hostile handles", 60s, server);
+  runSession(kernel_.home(), [&](Session& s) -> Promise<void> {
+    AGATE_CO_TRY(co_await s.waitForService("ticker"));
+    Result<Ticker::Client> ticker = co_await s.open<Ticker>("ticker");
+    CO_CHECK(ticker.ok());
+    for (Hostile kind : {Hostile::NOT_AN_EVENT_BUFFER, Hostile::WRITABLE, Hostile::WRONG_KOID,
+                         Hostile::NO_SUCH_HANDLE, Hostile::WRONG_SLOTS}) {
+      auto sent = co_await ticker->hostile([&](auto p) { p.setKind(kind); });
+      CO_CHECK(sent.ok());
+      // Snapshot after the server's transfer: what open() does is all that may change.
+      auto capsBefore = co_await s.kernel().listCaps(s.kernel().pid());
+      CO_CHECK(capsBefore.ok());
+      const size_t mapsBefore = sharedMappings();
+      Result<EventStream> stream =
+          co_await EventStream::open(s, *ticker->cap().connection(), sent->results().getEvents());
+      CO_CHECK(stream.code() == Errc::PROTOCOL_ERROR);
+      auto capsAfter = co_await s.kernel().listCaps(s.kernel().pid());
+      CO_CHECK(capsAfter.ok() && capsAfter->size() == capsBefore->size());
+      // (WRONG_SLOTS is refused after the map: the mapping is undone before open() returns.)
+      CO_CHECK(sharedMappings() == mapsBefore);
+    }
+    // An honest subscription still works on the same connection.
+    Result<EventStream> stream = co_await subscribe(s, *ticker, 4);
+    CO_CHECK(stream.ok());
+    AGATE_CO_TRY(co_await post(*ticker, 0, 1, 1));
+    Result<EventBatch> batch = co_await stream->next(5s);
+    CO_CHECK(batch.ok() && batch->updates.size() == 1 && wellFormed(batch->updates[0]));
+    co_return {};
+  });
+  ::kill(server, SIGTERM);
+  EXPECT_EQ(reap(server), 0);
+}
+
+TEST_F(EventStreamTest, ASubscriptionTheClientsBankCannotPayIsRefusedAndTheServerMakesNothing) {
+  const pid_t server = startServer(kernel_.home());
+  Watchdog dog("quota", 60s, server);
+  runSession(kernel_.home(), [&](Session& s) -> Promise<void> {
+    AGATE_CO_TRY(co_await s.waitForService("ticker"));
+    Result<Cap<SpaceBank>> bank = co_await s.kernel().createBank(s.bank(), 1000);
+    CO_CHECK(bank.ok());
+    Result<OpenedBushel> opened = co_await s.openBushel("ticker", *bank);
+    CO_CHECK(opened.ok());
+    Ticker::Client ticker(opened->connection->bootstrap());
+    const uint64_t rings = (co_await usedOf(s.kernel(), *bank)).value();
+    AGATE_CO_TRY(co_await s.kernel().setBankLimit(*bank, rings + 4));
+    const uint64_t serverBefore = (co_await processBankUsed(s.kernel(), "ticker-server")).value();
+    // 4096 slots are 64 pages: more than the client's bank has left.
+    Result<EventStream> refused = co_await subscribe(s, ticker, 4096);
+    CO_CHECK(refused.code() == Errc::QUOTA_EXCEEDED);
+    CO_CHECK((co_await processBankUsed(s.kernel(), "ticker-server")).value() == serverBefore);
+    Result<StatsView> st = co_await statsOf(ticker);
+    CO_CHECK(st.ok() && st->publishers == 0);
+    co_return {};
+  });
+  ::kill(server, SIGTERM);
+  EXPECT_EQ(reap(server), 0);
+}
+
+TEST_F(EventStreamTest, KillingTheServerEndsAPendingNextDisconnectedPromptly) {
+  const pid_t server = startServer(kernel_.home());
+  Watchdog dog("server kill -9", 60s, server);
+  runSession(kernel_.home(), [&](Session& s) -> Promise<void> {
+    AGATE_CO_TRY(co_await s.waitForService("ticker"));
+    Result<Ticker::Client> ticker = co_await s.open<Ticker>("ticker");
+    CO_CHECK(ticker.ok());
+    Result<EventStream> stream = co_await subscribe(s, *ticker, 8);
+    CO_CHECK(stream.ok());
+    Promise<EventBatch> pending = stream->next();
+    (void)co_await s.loop().sleep(10ms);
+    CO_CHECK(!pending.isReady());
+    const auto killed = std::chrono::steady_clock::now();
+    CO_CHECK(::kill(server, SIGKILL) == 0);
+    Result<EventBatch> ended = co_await pending;
+    CO_CHECK(ended.code() == Errc::DISCONNECTED);
+    CO_CHECK(std::chrono::steady_clock::now() - killed < 2s);
+    CO_CHECK((co_await stream->next()).code() == Errc::DISCONNECTED);  // and stays ended
+    CO_CHECK(stream->tryNext().code() == Errc::DISCONNECTED);
+    co_return {};
+  });
+  EXPECT_EQ(reap(server), 128 + SIGKILL);
+}
+
+TEST_F(EventStreamTest, KillingTheKernelEndsAPendingNextDisconnectedPromptly) {
+  const pid_t server = startServer(kernel_.home());
+  Watchdog dog("kernel kill -9", 60s, server);
+  runSession(kernel_.home(), [&](Session& s) -> Promise<void> {
+    AGATE_CO_TRY(co_await s.waitForService("ticker"));
+    Result<Ticker::Client> ticker = co_await s.open<Ticker>("ticker");
+    CO_CHECK(ticker.ok());
+    Result<EventStream> stream = co_await subscribe(s, *ticker, 8);
+    CO_CHECK(stream.ok());
+    Promise<EventBatch> pending = stream->next();
+    (void)co_await s.loop().sleep(10ms);
+    CO_CHECK(!pending.isReady());
+    const auto killed = std::chrono::steady_clock::now();
+    CO_CHECK(::kill(kernel_.pid(), SIGKILL) == 0);
+    CO_CHECK((co_await pending).code() == Errc::DISCONNECTED);
+    CO_CHECK(std::chrono::steady_clock::now() - killed < 2s);
+    co_return {};
+  });
+  (void)kernel_.stop();  // reaps the killed daemon (its status says killed, as intended)
+  EXPECT_NE(reap(server), 0) << "the server's kernel went: it stops with an error";
+}
+
+TEST_F(EventStreamTest, ClosingTheBushelEndsTheStreamAfterWhatWasPostedBeforeTheEnd) {
+  const pid_t server = startServer(kernel_.home());
+  Watchdog dog("bushel close", 60s, server);
+  runSession(kernel_.home(), [&](Session& s) -> Promise<void> {
+    AGATE_CO_TRY(co_await s.waitForService("ticker"));
+    Result<OpenedBushel> opened = co_await s.openBushel("ticker");
+    CO_CHECK(opened.ok());
+    Ticker::Client ticker(opened->connection->bootstrap());
+    Result<EventStream> stream = co_await subscribe(s, ticker, 8);
+    CO_CHECK(stream.ok());
+    AGATE_CO_TRY(co_await post(ticker, 5, 50, 1));
+    ticker = Ticker::Client();
+    AGATE_CO_TRY(co_await s.close(opened->koid));
+    Result<EventBatch> last = co_await stream->next(5s);
+    CO_CHECK(last.ok() && last->updates.size() == 1 && last->updates[0].words[0] == 50);
+    CO_CHECK((co_await stream->next(5s)).code() == Errc::DISCONNECTED);
+    co_return {};
+  });
+  ::kill(server, SIGTERM);
+  EXPECT_EQ(reap(server), 0);
+}
+
+TEST_F(EventStreamTest, KillingASubscriberReclaimsItsPublisherAndTheServersPagesReturn) {
+  const pid_t server = startServer(kernel_.home());
+  int go[2];
+  int ready[2];
+  ASSERT_EQ(::pipe(go), 0);
+  ASSERT_EQ(::pipe(ready), 0);
+  const pid_t parent = ::getpid();
+  const pid_t victim = ::fork();
+  if (victim == 0) {
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (::getppid() != parent) ::_exit(1);
+    ::alarm(60);
+    char byte = 0;
+    if (::read(go[0], &byte, 1) != 1) ::_exit(4);
+    EventLoop loop;
+    auto kernel = KernelConnection::tryAttach(loop, kernel_.home(), "ticker-victim");
+    if (!kernel) ::_exit(2);
+    Session s(**kernel);
+    Status done = loop.run([&]() -> Promise<void> {
+      Result<Ticker::Client> ticker = co_await s.open<Ticker>("ticker");
+      if (!ticker) co_return ticker.error();
+      Result<EventStream> stream = co_await subscribe(s, *ticker, 256);
+      if (!stream) co_return stream.error();
+      auto pending = stream->next();
+      const char one = 1;
+      if (::write(ready[1], &one, 1) != 1) co_return Error(Errc::SYSTEM_ERROR, "pipe");
+      (void)co_await s.loop().sleep(std::chrono::hours(1));  // until killed
+      co_return {};
+    }());
+    ::_exit(done ? 0 : 3);
+  }
+  Watchdog dog("subscriber kill -9", 60s, server);
+  runSession(kernel_.home(), [&](Session& s) -> Promise<void> {
+    AGATE_CO_TRY(co_await s.waitForService("ticker"));
+    Result<Ticker::Client> ticker = co_await s.open<Ticker>("ticker");
+    CO_CHECK(ticker.ok());
+    const uint64_t baseline = (co_await processBankUsed(s.kernel(), "ticker-server")).value();
+    const char one = 1;
+    CO_CHECK(::write(go[1], &one, 1) == 1);
+    char byte = 0;
+    CO_CHECK(::read(ready[0], &byte, 1) == 1);  // the victim subscribed and waits on its stream
+    Result<StatsView> st = co_await statsOf(*ticker);
+    CO_CHECK(st.ok() && st->publishers == 1);
+    const uint64_t subscribed = (co_await processBankUsed(s.kernel(), "ticker-server")).value();
+    CO_CHECK(subscribed >= baseline + EventPublisher::costBytes(256, true) / kernel::PAGE_BYTES);
+
+    CO_CHECK(::kill(victim, SIGKILL) == 0);
+    uint64_t used = subscribed;
+    for (int i = 0; i < 1000 && (st->publishers != 0 || used != baseline); ++i) {
+      (void)co_await s.loop().sleep(5ms);
+      st = co_await statsOf(*ticker);
+      CO_CHECK(st.ok());
+      used = (co_await processBankUsed(s.kernel(), "ticker-server")).value();
+    }
+    CO_CHECK(st->publishers == 0);
+    CO_CHECK(used == baseline);
+    co_return {};
+  });
+  EXPECT_EQ(reap(victim), 128 + SIGKILL);
+  ::kill(server, SIGTERM);
+  EXPECT_EQ(reap(server), 0);
+}
+
+}  // namespace
+}  // namespace agate::client
