@@ -124,6 +124,10 @@ class Forwarder final : public ServerObject {
 
 }  // namespace
 
+std::unique_ptr<ServerObject> internal::makeForwarder(RemoteCap target) {
+  return std::make_unique<Forwarder>(std::move(target), RemoteCap());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Introducer: a capability of another connection written into a cap table
 
