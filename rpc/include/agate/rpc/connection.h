@@ -105,6 +105,10 @@ class ServerObject {
   virtual Promise<void> dispatch(uint64_t interfaceId, uint16_t methodId, CallContext& context) = 0;
 };
 
+namespace internal {
+class Forwarder;
+}
+
 namespace detail {
 
 struct SpillBuffer;
@@ -531,6 +535,7 @@ class RpcConnection {
   friend class CallContext;
   friend class CapPromise;
   friend class detail::PromiseNode;
+  friend class internal::Forwarder;
   struct Question;
   struct Answer;
   struct Export;
@@ -565,6 +570,10 @@ class RpcConnection {
   void relocate(detail::ResponseSlot* slot);
   Result<uint32_t> addCapFor(detail::CapTable& table, const RemoteCap& cap);
   Result<uint32_t> addPromiseFor(detail::CapTable& table, const CapPromise& promise);
+  Result<uint32_t> addReceivedFor(detail::CapTable& table, RpcConnection& origin,
+                                  const ReceivedCap& cap);
+  static Status forwardParamCaps(const CallContext& from, Request& to);
+  static Status forwardResultCaps(const Response& from, CallContext& to);
 
   // --- three-party handoff (handoff.cpp) ---
   Result<uint32_t> addForeignCap(detail::CapTable& table, const RemoteCap& cap);
