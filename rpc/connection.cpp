@@ -206,7 +206,7 @@ void RpcConnection::importUnref(uint32_t id) noexcept {
   const uint32_t resolvedTo = std::exchange(imp.resolvedTo, NONE);
   imp.broken = Error{};
   if (count != 0 && isOpen()) sendRelease(id, count);
-  if (resolvedTo != NONE) importUnref(resolvedTo);  // depth bounded by MAX_RESOLVE_DEPTH
+  if (resolvedTo != NONE) importUnref(resolvedTo);  // a plain import: no further recursion
 }
 
 Result<ReceivedCap> RpcConnection::receivedCap(capnp::List<wire::CapDescriptor>::Reader caps,

@@ -26,8 +26,6 @@ inline constexpr size_t EXCEPTION_BYTES =
 inline constexpr size_t MAX_REASON_ON_WIRE = 120;  // reason text bytes written into an Exception
 inline constexpr size_t HANDOFF_BYTES = 256;       // a Provide or an Accept
 inline constexpr size_t RESOLVE_BYTES = 64 * 8;    // a Resolve with a cap or an exception
-// Longest chain of promise imports, each resolved to the next, that a peer may build (Resolve).
-inline constexpr uint32_t MAX_RESOLVE_DEPTH = 16;
 
 // Spill buffers come in size classes of 2^(k + MIN_CLASS_SHIFT) bytes.
 inline constexpr size_t MIN_CLASS_SHIFT = 7;
@@ -282,7 +280,7 @@ struct RpcConnection::Import {
   // may cross it; cleared by the Resolve or by the id coming again as senderHosted).
   bool promise = false;
   // After a Resolve, while we hold references: calls go to this import instead (one local
-  // reference held on it), or fail with `broken`.
+  // reference held on it; a plain import, never itself resolved), or fail with `broken`.
   uint32_t resolvedTo = internal::NONE;
   Error broken{};
 };

@@ -83,18 +83,21 @@ Status RpcConnection::decodeCapTable(capnp::List<wire::CapDescriptor>::Reader ca
         d.capIds[i] = c.getSenderHosted();
         if (d.capIds[i] >= options_.maxImports)
           return Error(Errc::PROTOCOL_ERROR, "export id beyond the import table's bound");
+        // The sender resolves a promise (Resolve) before it sends it as a plain capability.
+        if (d.capIds[i] < imports_.size() && imports_[d.capIds[i]].localRefs > 0 &&
+            imports_[d.capIds[i]].promise)
+          return Error(Errc::PROTOCOL_ERROR, "a pending promise sent again as a capability");
         break;
       case wire::CapDescriptor::SENDER_PROMISE:
         d.capKinds[i] = detail::CapEntry::Kind::SENDER_PROMISE;
         d.capIds[i] = c.getSenderPromise();
         if (d.capIds[i] >= options_.maxImports)
           return Error(Errc::PROTOCOL_ERROR, "export id beyond the import table's bound");
-        // The sender sends a settled promise as senderHosted, so one we hold resolved is not
-        // sent again as a promise.
+        // An export is a promise from its first reference until its Resolve: one we hold as a
+        // plain (or resolved) import cannot turn into a promise.
         if (d.capIds[i] < imports_.size() && imports_[d.capIds[i]].localRefs > 0 &&
-            (imports_[d.capIds[i]].resolvedTo != NONE ||
-             imports_[d.capIds[i]].broken.code != Errc::OK))
-          return Error(Errc::PROTOCOL_ERROR, "a resolved promise sent again as a promise");
+            !imports_[d.capIds[i]].promise)
+          return Error(Errc::PROTOCOL_ERROR, "a capability we hold sent again as a promise");
         break;
       case wire::CapDescriptor::RECEIVER_HOSTED:
         d.capKinds[i] = detail::CapEntry::Kind::RECEIVER_HOSTED;

@@ -196,18 +196,12 @@ void RpcConnection::noteImported(uint32_t importId, detail::CapEntry::Kind kind)
   imports_[importId].promise = kind == detail::CapEntry::Kind::SENDER_PROMISE;
 }
 
-// Where calls on import `importId` go: the end of its resolutions (bounded by
-// MAX_RESOLVE_DEPTH, checked when each Resolve was decoded), or `broken` is set.
+// Where calls on import `importId` go: its resolution (never itself resolved: a resolution is
+// a plain import, see decodeResolve), or `broken` is set.
 uint32_t RpcConnection::resolvedImport(uint32_t importId, Error& broken) const noexcept {
-  for (;;) {
-    const Import& imp = imports_[importId];
-    if (imp.broken.code != Errc::OK) {
-      broken = imp.broken;
-      return importId;
-    }
-    if (imp.resolvedTo == NONE) return importId;
-    importId = imp.resolvedTo;
-  }
+  const Import& imp = imports_[importId];
+  if (imp.broken.code != Errc::OK) broken = imp.broken;
+  return imp.resolvedTo != NONE ? imp.resolvedTo : importId;
 }
 
 Status RpcConnection::decodeResolve(wire::Resolve::Reader r, Decoded& d) {
@@ -219,25 +213,16 @@ Status RpcConnection::decodeResolve(wire::Resolve::Reader r, Decoded& d) {
       wire::CapDescriptor::Reader c = r.getCap();
       switch (c.which()) {
         case wire::CapDescriptor::SENDER_HOSTED:
-        case wire::CapDescriptor::SENDER_PROMISE: {
-          const bool promise = c.which() == wire::CapDescriptor::SENDER_PROMISE;
-          d.resolveKind = promise ? detail::CapEntry::Kind::SENDER_PROMISE
-                                  : detail::CapEntry::Kind::SENDER_HOSTED;
-          d.resolveId = promise ? c.getSenderPromise() : c.getSenderHosted();
+          d.resolveKind = detail::CapEntry::Kind::SENDER_HOSTED;
+          d.resolveId = c.getSenderHosted();
           if (d.resolveId >= options_.maxImports)
             return Error(Errc::PROTOCOL_ERROR, "export id beyond the import table's bound");
-          // The chain from the resolution must neither come back to the promise nor grow past
-          // the bound (so every chain stays at most MAX_RESOLVE_DEPTH long).
-          uint32_t at = d.resolveId;
-          uint32_t hops = 0;
-          while (at != d.id && at < imports_.size() && imports_[at].resolvedTo != NONE) {
-            at = imports_[at].resolvedTo;
-            if (++hops >= MAX_RESOLVE_DEPTH)
-              return Error(Errc::PROTOCOL_ERROR, "promise resolution chain too long");
-          }
-          if (at == d.id) return Error(Errc::PROTOCOL_ERROR, "promise resolved to itself");
+          // Not a promise we hold (this one included): so a resolution is never a promise and
+          // every chain is one step (no loops, no long walks).
+          if (d.resolveId < imports_.size() && imports_[d.resolveId].localRefs > 0 &&
+              imports_[d.resolveId].promise)
+            return Error(Errc::PROTOCOL_ERROR, "promise resolved to a promise");
           return {};
-        }
         case wire::CapDescriptor::RECEIVER_HOSTED:
           d.resolveKind = detail::CapEntry::Kind::RECEIVER_HOSTED;
           d.resolveId = c.getReceiverHosted();
@@ -245,7 +230,8 @@ Status RpcConnection::decodeResolve(wire::Resolve::Reader r, Decoded& d) {
             return Error(Errc::PROTOCOL_ERROR, "resolve to an export that does not exist");
           return {};
         default:
-          return Error(Errc::PROTOCOL_ERROR, "resolve to no capability or a third party's");
+          return Error(Errc::PROTOCOL_ERROR,
+                       "resolve to no capability, a promise or a third party's capability");
       }
     }
     case wire::Resolve::EXCEPTION:

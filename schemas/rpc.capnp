@@ -268,10 +268,15 @@ struct CapDescriptor {
 # resolves to a capability of a third vat is proxied through the sender (senderHosted of a
 # forwarding export). So Disembargo is never sent.
 #
+# A resolution is never itself a promise (the sender resolves to an object, a forwarding export
+# or a capability of the receiver), and a capability the receiver holds never turns into a
+# promise or back: so a reference is redirected at most once, and no chain or loop can form.
+#
 # Hostile input (PROTOCOL_ERROR, checked before anything changes): a Resolve for an id the
-# receiver never got as senderPromise, or already resolved; a Resolve naming the promise itself
-# or a chain of promises leading back to it or longer than 16; a cap that is none or names a
-# dead export; any Disembargo.
+# receiver never got as senderPromise, or already resolved; a Resolve to a promise the receiver
+# holds (the promise itself included), to none, to a promise, to a third party, or to a dead
+# export of the receiver; senderPromise for an id the receiver holds as a plain or resolved
+# import, or senderHosted for one it holds as a pending promise; any Disembargo.
 
 struct Return {
   answerId @0 :UInt32;
@@ -337,9 +342,9 @@ struct Resolve {
 
   union {
     cap @1 :CapDescriptor;
-    # What the promise resolved to: senderHosted (one more reference, as in a cap table),
-    # senderPromise (another promise, not p or one resolving back to p), or receiverHosted (a
-    # live export of the receiver). Not none and not thirdPartyHosted.
+    # What the promise resolved to: senderHosted (one more reference, as in a cap table; not a
+    # promise the receiver holds) or receiverHosted (a live export of the receiver). Not none,
+    # senderPromise or thirdPartyHosted.
 
     exception @2 :Exception;
     # The promise broke: calls on it fail with this error.
