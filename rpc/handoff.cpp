@@ -76,8 +76,10 @@ Status copyField(capnp::AnyStruct::Reader from, capnp::AnyStruct::Builder to, ui
       if (list.getElementSize() != capnp::ElementSize::INLINE_COMPOSITE)
         return Error(Errc::UNSUPPORTED, "forwarding a list of capabilities");
       capnp::List<capnp::AnyStruct>::Reader elements = list.as<capnp::List<capnp::AnyStruct>>();
-      const uint16_t dataWords = elements.size() == 0 ? 0 : static_cast<uint16_t>(
-          elements[0].getDataSection().size() / WORD_BYTES);
+      const uint16_t dataWords =
+          elements.size() == 0
+              ? 0
+              : static_cast<uint16_t>(elements[0].getDataSection().size() / WORD_BYTES);
       const uint16_t pointers =
           elements.size() == 0 ? 0 : static_cast<uint16_t>(elements[0].getPointerSection().size());
       capnp::List<capnp::AnyStruct>::Builder copy =
@@ -177,7 +179,6 @@ class internal::Forwarder final : public ServerObject {
   RemoteCap target_;
   RemoteCap provision_;  // a handoff's vine: the Provide's question on the host's connection
 };
-
 
 std::unique_ptr<ServerObject> internal::makeForwarder(RemoteCap target) {
   return std::make_unique<Forwarder>(std::move(target), RemoteCap());

@@ -190,7 +190,7 @@ TEST_F(RpcPromiseTest, PromiseResolvedToACapabilityTheReceiverHostsKeepsOrderWit
   recordCalls(*promise, 0, 100);
   ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().stats().promiseCallsQueued == 100; }));
   promiser_.promises[0].resolve(promiser_.kept);  // the client's own object
-  recordCalls(*promise, 100, 50);  // in flight while the Resolve travels
+  recordCalls(*promise, 100, 50);                 // in flight while the Resolve travels
   ASSERT_TRUE(runUntil(loop_, [&] { return pair.client().stats().resolvesReceived == 1; }));
   recordCalls(*promise, 150, 50);  // after: still in order behind the earlier ones
   EXPECT_EQ(awaitCalls(), std::vector<Errc>(200, Errc::OK));

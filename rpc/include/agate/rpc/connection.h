@@ -17,10 +17,14 @@
 //   // Server: implement dispatch(); params are read in place, results built in place.
 //   Promise<void> dispatch(uint64_t iface, uint16_t method, CallContext& ctx) override { ... }
 //
-// Protocol: schemas/rpc.capnp (Call, Return, Finish, Release, Abort; who allocates each id and
-// when it is reused is written beside the fields). The connection is symmetric: each side has a
-// question table (calls it made), an answer table (calls it serves), an export table (objects it
-// hosts) and an import table (objects the peer hosts). Export 0 is the `bootstrap` object.
+// Protocol: schemas/rpc.capnp (Call, Return, Finish, Release, Resolve, Abort; who allocates each
+// id and when it is reused is written beside the fields).
+//
+// Promise capabilities: a CapPromise (below) passes a capability before it exists; the peer's
+// calls on it wait at this side and are delivered, in order, when it is settled. The connection is
+// symmetric: each side has a question table (calls it made), an answer table (calls it serves), an
+// export table (objects it hosts) and an import table (objects the peer hosts). Export 0 is the
+// `bootstrap` object.
 //
 // Three-party handoff: with a VatNetwork in RpcOptions (vat_network.h), a RemoteCap of another
 // connection passed in a cap table is handed off, so the receiver calls its host directly;
