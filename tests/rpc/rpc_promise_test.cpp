@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <numeric>
+#include <optional>
 #include <vector>
 
 #include "rpc_harness.h"
@@ -231,6 +232,47 @@ TEST_F(RpcPromiseTest, DroppingAnUnsettledPromiseBreaksItWithFailed) {
   ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().stats().promiseCallsQueued == 3; }));
   promiser_.promises.clear();
   EXPECT_EQ(awaitCalls(), std::vector<Errc>(3, Errc::FAILED));
+}
+
+TEST_F(RpcPromiseTest, CallCancelledWhileQueuedOnAPromiseIsNeverDelivered) {
+  LocalPair pair(loop_, &promiser_);
+  RemoteCap boot = pair.client().bootstrap();
+  Result<RemoteCap> promise = loop_.run(capFrom(boot, PROMISE));
+  ASSERT_TRUE(promise.ok());
+  recordCalls(*promise, 0, 1);
+  std::optional<RemotePromise> cancelled(record(*promise, 1));
+  recordCalls(*promise, 2, 1);
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().stats().promiseCallsQueued == 3; }));
+  cancelled.reset();  // Finish for call 1: the server cancels it in the queue
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().answerCount() == 2; }));
+  promiser_.promises[0].resolve(std::make_unique<Node>(0, log_));
+  EXPECT_EQ(awaitCalls(), std::vector<Errc>(2, Errc::OK));
+  EXPECT_EQ(log_.order, (std::vector<uint64_t>{0, 2}));
+}
+
+TEST_F(RpcPromiseTest, PromisePassedInParamsQueuesTheCalleesCallsAtTheCaller) {
+  LocalPair pair(loop_, &promiser_);
+  RemoteCap boot = pair.client().bootstrap();
+  {
+    CapPromise later = pair.client().newCapPromise();
+    {
+      Request keep = boot.newCall(NODE_INTERFACE_ID, KEEP, 16);
+      Result<uint32_t> index = keep.addCap(later);
+      ASSERT_TRUE(index.ok());
+      writeCapPointer(keep.initParams<CapParam>(), 0, *index);
+      ASSERT_TRUE(loop_.run(awaitValueless(keep.send())).ok());
+    }
+    recordCalls(promiser_.kept, 0, 5);  // the server calls the client's promise
+    ASSERT_TRUE(runUntil(loop_, [&] { return pair.client().stats().promiseCallsQueued == 5; }));
+    later.resolve(std::make_unique<Node>(0, log_));
+    recordCalls(promiser_.kept, 5, 5);
+    EXPECT_EQ(awaitCalls(), std::vector<Errc>(10, Errc::OK));
+    EXPECT_EQ(log_.order, upTo(10));
+    EXPECT_EQ(pair.server().stats().resolvesReceived, 1u);
+  }
+  promiser_.kept = RemoteCap();
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.client().exportCount() == 1; }));
+  EXPECT_EQ(log_.created, log_.destroyed);
 }
 
 TEST_F(RpcPromiseTest, PromiseSettledBeforeItsMessageIsSentGoesAsItsResolution) {
