@@ -32,11 +32,13 @@ Status RpcConnection::handleCall(IncomingMessage& message, wire::Message::Reader
     cap = ReceivedCap{};
     switch (d.capKinds[i]) {
       case detail::CapEntry::Kind::SENDER_HOSTED:
+      case detail::CapEntry::Kind::SENDER_PROMISE:
         cap.remote.conn_ = this;
         cap.remote.kind_ = RemoteCap::Kind::IMPORT;
         cap.remote.id_ = d.capIds[i];
         cap.remote.addRef();
         ++imports_[d.capIds[i]].remoteRefs;
+        noteImported(d.capIds[i], d.capKinds[i]);
         break;
       case detail::CapEntry::Kind::RECEIVER_HOSTED:
         cap.local = exports_[d.capIds[i]].object;
@@ -52,6 +54,10 @@ Status RpcConnection::handleCall(IncomingMessage& message, wire::Message::Reader
   }
   wire::Call::Reader call = m.getCall();
   if (!d.targetIsAnswer) {
+    if (isPendingPromise(d.targetId)) {
+      queueOnExport(a, d.targetId, copyCall(message));
+      return {};
+    }
     deliver(a, d.targetId, call, d.payload);
     return {};
   }
@@ -64,15 +70,15 @@ Status RpcConnection::handleCall(IncomingMessage& message, wire::Message::Reader
       failAnswer(a, exportId.error());
       return {};
     }
+    if (isPendingPromise(*exportId)) {
+      queueOnExport(a, *exportId, copyCall(message));
+      return {};
+    }
     deliver(a, *exportId, call, d.payload);
     return {};
   }
   // The promised answer has not returned: keep a private copy of the call, queued in order.
-  std::span<const std::byte> bytes = message.view().bytes();
-  detail::SpillBuffer* copy = takeSpill(bytes.size());
-  std::memcpy(copy->words.get(), bytes.data(), bytes.size());
-  copy->usedBytes = copy->dirtyBytes = bytes.size();
-  a.queuedCall = copy;
+  a.queuedCall = copyCall(message);
   a.waitingOn = &target;
   a.nextInQueue = nullptr;
   if (target.queueTail != nullptr) {
@@ -83,6 +89,15 @@ Status RpcConnection::handleCall(IncomingMessage& message, wire::Message::Reader
   target.queueTail = &a;
   ++stats_.pipelinedCallsQueued;
   return {};
+}
+
+// A private copy of an inbound Call, for queueing it.
+detail::SpillBuffer* RpcConnection::copyCall(IncomingMessage& message) {
+  std::span<const std::byte> bytes = message.view().bytes();
+  detail::SpillBuffer* copy = takeSpill(bytes.size());
+  std::memcpy(copy->words.get(), bytes.data(), bytes.size());
+  copy->usedBytes = copy->dirtyBytes = bytes.size();
+  return copy;
 }
 
 // Calls `exportId`'s dispatch with the answer's context; the Return goes out when it completes.
@@ -251,6 +266,10 @@ void RpcConnection::deliverQueued(Answer& q) {
     failAnswer(q, exportId.error());
     return;
   }
+  if (isPendingPromise(*exportId)) {  // the answer named a promise: wait on it in turn
+    queueOnExport(q, *exportId, copy);
+    return;
+  }
   // resolvePipeline used replayReader_; decode the call again for its params.
   view = replayReader_.tryDecode(copy->bytes());
   call = view->getRoot<wire::Message>().getCall();
@@ -283,6 +302,20 @@ void RpcConnection::finishAnswerIfDone(Answer& a) {
 }
 
 void RpcConnection::unlinkFromTarget(Answer& a) {
+  if (a.waitingOnExport != NONE) {
+    const uint32_t id = std::exchange(a.waitingOnExport, NONE);
+    Export& e = exports_[id];
+    Answer* prev = nullptr;
+    for (Answer* it = e.queueHead; it != nullptr; prev = it, it = it->nextInQueue) {
+      if (it != &a) continue;
+      (prev != nullptr ? prev->nextInQueue : e.queueHead) = a.nextInQueue;
+      if (e.queueTail == &a) e.queueTail = prev;
+      break;
+    }
+    a.nextInQueue = nullptr;
+    exportUnpin(id);
+    return;
+  }
   if (a.waitingOn == nullptr) return;
   Answer& t = *a.waitingOn;
   Answer* prev = nullptr;

@@ -203,7 +203,10 @@ void RpcConnection::importUnref(uint32_t id) noexcept {
   if (--imp.localRefs != 0) return;
   --importsLive_;
   const uint32_t count = std::exchange(imp.remoteRefs, 0);
+  const uint32_t resolvedTo = std::exchange(imp.resolvedTo, NONE);
+  imp.broken = Error{};
   if (count != 0 && isOpen()) sendRelease(id, count);
+  if (resolvedTo != NONE) importUnref(resolvedTo);  // a plain import: no further recursion
 }
 
 Result<ReceivedCap> RpcConnection::receivedCap(capnp::List<wire::CapDescriptor>::Reader caps,
@@ -214,9 +217,11 @@ Result<ReceivedCap> RpcConnection::receivedCap(capnp::List<wire::CapDescriptor>:
   ReceivedCap cap;
   switch (d.which()) {
     case wire::CapDescriptor::SENDER_HOSTED:
+    case wire::CapDescriptor::SENDER_PROMISE:
       cap.remote.conn_ = this;
       cap.remote.kind_ = RemoteCap::Kind::IMPORT;
-      cap.remote.id_ = d.getSenderHosted();
+      cap.remote.id_ = d.which() == wire::CapDescriptor::SENDER_HOSTED ? d.getSenderHosted()
+                                                                       : d.getSenderPromise();
       cap.remote.addRef();
       return cap;
     case wire::CapDescriptor::RECEIVER_HOSTED: {
@@ -237,6 +242,7 @@ Result<ReceivedCap> RpcConnection::receivedCap(capnp::List<wire::CapDescriptor>:
 void RpcConnection::releaseResponse(detail::ResponseSlot* slot) noexcept {
   for (wire::CapDescriptor::Reader d : slot->caps) {
     if (d.which() == wire::CapDescriptor::SENDER_HOSTED) importUnref(d.getSenderHosted());
+    if (d.which() == wire::CapDescriptor::SENDER_PROMISE) importUnref(d.getSenderPromise());
   }
   for (uint32_t i = 0; i < slot->caps.size() && i < MAX_CAPS_PER_MESSAGE; ++i) {
     slot->handedOff[i] = RemoteCap();  // may be on another connection: Finish goes there
@@ -295,8 +301,14 @@ RemoteCap RpcConnection::bootstrap() {
 Request RpcConnection::newCall(const RemoteCap& target, uint64_t interfaceId, uint16_t methodId,
                                size_t sizeHint) {
   Request request(this, Error{});
+  // An import that was a promise goes where it resolved (or fails as it broke).
+  Error broken{};
+  const uint32_t importId =
+      target.kind_ == RemoteCap::Kind::IMPORT ? resolvedImport(target.id_, broken) : target.id_;
   if (target.kind_ == RemoteCap::Kind::BROKEN) {
     request.error_ = target.broken_;
+  } else if (broken.code != Errc::OK) {
+    request.error_ = broken;
   } else if (!isOpen()) {
     request.error_ = failure_;
   } else {
@@ -310,7 +322,7 @@ Request RpcConnection::newCall(const RemoteCap& target, uint64_t interfaceId, ui
       call.setMethodId(methodId);
       wire::MessageTarget::Builder t = call.initTarget();
       if (target.kind_ == RemoteCap::Kind::IMPORT) {
-        t.setImportedCap(target.id_);
+        t.setImportedCap(importId);
       } else {
         wire::PromisedAnswer::Builder pa = t.initPromisedAnswer();
         pa.setQuestionId(target.id_);
@@ -344,9 +356,7 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
     if (request.slot_.active()) abandonOut(request.slot_);
     for (uint32_t i = 0; i < request.caps_.size(); ++i) {  // roll the exports back
       const detail::CapEntry& e = request.caps_.entries()[i];
-      const bool exported = e.kind == detail::CapEntry::Kind::SENDER_HOSTED ||
-                            e.kind == detail::CapEntry::Kind::THIRD_PARTY;
-      if (!exported || e.id == 0 || e.id >= exports_.size() || !exports_[e.id].inUse ||
+      if (!isExported(e.kind) || e.id == 0 || e.id >= exports_.size() || !exports_[e.id].inUse ||
           exports_[e.id].remoteRefs == 0)
         continue;
       --exports_[e.id].remoteRefs;

@@ -25,6 +25,7 @@ inline constexpr size_t EXCEPTION_BYTES =
     64 * 8;  // a Return or Abort with an exception and its reason
 inline constexpr size_t MAX_REASON_ON_WIRE = 120;  // reason text bytes written into an Exception
 inline constexpr size_t HANDOFF_BYTES = 256;       // a Provide or an Accept
+inline constexpr size_t RESOLVE_BYTES = 64 * 8;    // a Resolve with a cap or an exception
 
 // Spill buffers come in size classes of 2^(k + MIN_CLASS_SHIFT) bytes.
 inline constexpr size_t MIN_CLASS_SHIFT = 7;
@@ -62,8 +63,18 @@ inline wire::Exception::Type typeFor(Errc c) {
 
 // Cap-table kinds that name an export of the writer (an object, or a handoff's vine).
 inline bool isExported(detail::CapEntry::Kind k) {
-  return k == detail::CapEntry::Kind::SENDER_HOSTED || k == detail::CapEntry::Kind::THIRD_PARTY;
+  return k == detail::CapEntry::Kind::SENDER_HOSTED || k == detail::CapEntry::Kind::THIRD_PARTY ||
+         k == detail::CapEntry::Kind::SENDER_PROMISE;
 }
+
+// Cap-table kinds that give the reader an import (one more reference to release).
+inline bool isImported(detail::CapEntry::Kind k) {
+  return k == detail::CapEntry::Kind::SENDER_HOSTED || k == detail::CapEntry::Kind::SENDER_PROMISE;
+}
+
+// A ServerObject that forwards every call to `target` (a capability of any connection), copying
+// params and results with their capabilities (handoff.cpp).
+std::unique_ptr<ServerObject> makeForwarder(RemoteCap target);
 
 // The cap-table index at pointer-field `path` of a payload's content (see PromisedAnswer).
 // Reads a private copy made by this side, inside a try (the copy is trusted, the path is not).
@@ -124,6 +135,30 @@ struct ResponseSlot {
   // thirdPartyHosted entries: the capability on the host's connection (pipelined on the Accept).
   std::array<RemoteCap, MAX_CAPS_PER_MESSAGE> handedOff;
   ResponseSlot* nextFree = nullptr;
+};
+
+// The object behind a CapPromise, exported as senderPromise (promises.cpp). Owned jointly by the
+// CapPromise handle and the exports of it. Until it settles the connection queues the calls
+// that reach it (they never reach dispatch); afterwards dispatch() hands each call to the
+// resolution synchronously (so calls keep their arrival order) or fails it.
+class PromiseNode final : public ServerObject {
+ public:
+  enum class State : uint8_t { PENDING, RESOLVED, BROKEN };
+  explicit PromiseNode(RpcConnection& conn) noexcept : conn_(&conn) {}
+  Promise<void> dispatch(uint64_t interfaceId, uint16_t methodId, CallContext& context) override;
+  bool pending() const noexcept { return state_ == State::PENDING; }
+
+ private:
+  friend class agate::rpc::RpcConnection;
+  friend class agate::rpc::CapPromise;
+  RpcConnection* conn_;  // not owned; outlives the node's handle (checked)
+  State state_ = State::PENDING;
+  Error error_{};                        // BROKEN
+  ServerObject* target_ = nullptr;       // RESOLVED: who gets the calls (maybe a forwarder)
+  std::shared_ptr<ServerObject> owner_;  // RESOLVED: the target when the promise owns it
+  // RESOLVED to an import of conn_ itself: announced as receiverHosted(importId_).
+  bool toReceiver_ = false;
+  uint32_t importId_ = 0;
 };
 
 // A vat's handoff state, shared by its connections (VatNetwork::handoffs()). Threading: the
@@ -195,6 +230,8 @@ struct RpcConnection::Answer {
   CallContext context;
   std::optional<Promise<void>> driver;     // RUNNING: drive() over the object's dispatch
   uint32_t pinnedExport = internal::NONE;  // the export being called, pinned while RUNNING
+  // QUEUED on a pending promise export (pinned meanwhile) instead of an answer.
+  uint32_t waitingOnExport = internal::NONE;
   std::array<uint32_t, MAX_CAPS_PER_MESSAGE> paramPins{};  // exports passed back in params
   uint32_t paramPinCount = 0;
 
@@ -230,11 +267,22 @@ struct RpcConnection::Export {
   uint32_t pins = 0;        // running calls on it, answers whose results name it
   uint32_t nextFree = internal::NONE;
   bool inUse = false;
+  bool promise = false;  // `object` is a PromiseNode (sent as senderPromise)
+  // Calls that reached the promise before it settled, in arrival order.
+  Answer* queueHead = nullptr;
+  Answer* queueTail = nullptr;
 };
 
 struct RpcConnection::Import {
   uint32_t remoteRefs = 0;  // times the peer sent this id since our last Release
   uint32_t localRefs = 0;   // RemoteCaps and Responses holding it
+  // Received as senderPromise and no Resolve for it yet (kept across our Release: a Resolve
+  // may cross it; cleared by the Resolve or by the id coming again as senderHosted).
+  bool promise = false;
+  // After a Resolve, while we hold references: calls go to this import instead (one local
+  // reference held on it; a plain import, never itself resolved), or fail with `broken`.
+  uint32_t resolvedTo = internal::NONE;
+  Error broken{};
 };
 
 // Everything handleMessage needs, read once inside the decode boundary.
@@ -265,6 +313,10 @@ struct RpcConnection::Decoded {
   // provide: recipient; accept: introducer.
   VatId vat = NO_VAT;
   uint64_t provisionId = 0;
+  // resolve: the promise (id), and its resolution: a cap (resolveKind, resolveId) or exception.
+  bool resolveBroken = false;
+  detail::CapEntry::Kind resolveKind{};
+  uint32_t resolveId = 0;
 };
 
 }  // namespace agate::rpc

@@ -116,6 +116,11 @@ Result<uint32_t> Request::addCap(std::unique_ptr<ServerObject> object) {
   return caps_.tryAdd(std::move(e));
 }
 
+Result<uint32_t> Request::addCap(const CapPromise& promise) {
+  if (conn_ == nullptr || scrap_) return error_;
+  return conn_->addPromiseFor(caps_, promise);
+}
+
 RemotePromise Request::send() {
   if (conn_ == nullptr) {
     return RemotePromise(nullptr, 0, readyPromise<Response>(error_), error_);
@@ -231,6 +236,11 @@ Result<uint32_t> CallContext::addResultCap(std::unique_ptr<ServerObject> object)
 Result<uint32_t> CallContext::addResultCap(const RemoteCap& cap) {
   AGATE_REQUIRE(results_.active(), "addResultCap() before initResults()");
   return conn_->addCapFor(resultCaps_, cap);
+}
+
+Result<uint32_t> CallContext::addResultCap(const CapPromise& promise) {
+  AGATE_REQUIRE(results_.active(), "addResultCap() before initResults()");
+  return conn_->addPromiseFor(resultCaps_, promise);
 }
 
 }  // namespace agate::rpc

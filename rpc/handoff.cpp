@@ -51,45 +51,116 @@ bool holdsCapability(capnp::AnyPointer::Reader p) {
   return true;  // unknown kinds are not copied
 }
 
+Status copyStructWithCaps(capnp::AnyStruct::Reader s, capnp::AnyPointer::Builder out);
+
+// Copies pointer field `i` of `from` into the same field of `to`, capability pointers included.
+Status copyField(capnp::AnyStruct::Reader from, capnp::AnyStruct::Builder to, uint16_t i) {
+  capnp::AnyPointer::Reader p = from.getPointerSection()[i];
+  switch (p.getPointerType()) {
+    case capnp::PointerType::NULL_:
+      return {};
+    case capnp::PointerType::CAPABILITY: {
+      Result<uint32_t> index = readCapPointer(from, i);
+      if (!index) return index.error();
+      writeCapPointer(to, i, *index);
+      return {};
+    }
+    case capnp::PointerType::STRUCT:
+      return copyStructWithCaps(p.getAs<capnp::AnyStruct>(), to.getPointerSection()[i]);
+    case capnp::PointerType::LIST: {
+      if (!holdsCapability(p)) {
+        to.getPointerSection()[i].set(p);
+        return {};
+      }
+      capnp::AnyList::Reader list = p.getAs<capnp::AnyList>();
+      if (list.getElementSize() != capnp::ElementSize::INLINE_COMPOSITE)
+        return Error(Errc::UNSUPPORTED, "forwarding a list of capabilities");
+      capnp::List<capnp::AnyStruct>::Reader elements = list.as<capnp::List<capnp::AnyStruct>>();
+      const uint16_t dataWords =
+          elements.size() == 0
+              ? 0
+              : static_cast<uint16_t>(elements[0].getDataSection().size() / WORD_BYTES);
+      const uint16_t pointers =
+          elements.size() == 0 ? 0 : static_cast<uint16_t>(elements[0].getPointerSection().size());
+      capnp::List<capnp::AnyStruct>::Builder copy =
+          to.getPointerSection()[i].initAsListOfAnyStruct(dataWords, pointers, elements.size());
+      for (uint32_t e = 0; e < elements.size(); ++e) {
+        kj::ArrayPtr<const kj::byte> data = elements[e].getDataSection();
+        std::memcpy(copy[e].getDataSection().begin(), data.begin(), data.size());
+        for (uint16_t f = 0; f < pointers; ++f) AGATE_TRY(copyField(elements[e], copy[e], f));
+      }
+      return {};
+    }
+  }
+  return Error(Errc::UNSUPPORTED, "forwarding an unknown pointer kind");
+}
+
+Status copyStructWithCaps(capnp::AnyStruct::Reader s, capnp::AnyPointer::Builder out) {
+  kj::ArrayPtr<const kj::byte> data = s.getDataSection();
+  const uint16_t pointers = static_cast<uint16_t>(s.getPointerSection().size());
+  capnp::AnyStruct::Builder copy = out.initAsAnyStruct(
+      static_cast<uint16_t>((data.size() + WORD_BYTES - 1) / WORD_BYTES), pointers);
+  std::memcpy(copy.getDataSection().begin(), data.begin(), data.size());
+  for (uint16_t i = 0; i < pointers; ++i) AGATE_TRY(copyField(s, copy, i));
+  return {};
+}
+
+// Copies params or results content into `out` with their capability pointers (indices kept: the
+// cap table is translated entry by entry in the same order). Runs on content a FrameReader
+// validated; Cap'n Proto's reading limits bound the walk and throw past them.
+Status copyContent(capnp::AnyPointer::Reader in, capnp::AnyPointer::Builder out) {
+  try {
+    if (!holdsCapability(in)) {
+      out.set(in);
+      return {};
+    }
+    if (in.getPointerType() != capnp::PointerType::STRUCT)
+      return Error(Errc::UNSUPPORTED, "forwarding content whose root is not a struct");
+    return copyStructWithCaps(in.getAs<capnp::AnyStruct>(), out);
+  } catch (const kj::Exception&) {
+    return Error(Errc::PROTOCOL_ERROR, "forwarded content does not decode");
+  }
+}
+
+size_t contentBytes(capnp::AnyPointer::Reader content) {
+  try {
+    return content.targetSize().wordCount * WORD_BYTES;
+  } catch (const kj::Exception&) {
+    return 0;  // copyContent reports it
+  }
+}
+
+}  // namespace
+
 // Stands for a capability of another connection (`target`) in this vat's export table: every
 // call delivered to it is sent on to the target, and its results come back as this call's
-// results. Content is copied; a call or results carrying capabilities fail with UNSUPPORTED
-// (copying capability pointers needs their cap tables translated, not done yet).
+// results. Content is copied with its capabilities: each cap-table entry is passed on as the
+// forwarding connection would pass it (a capability of the target's connection goes back as
+// receiverHosted, one of a third connection is handed off or proxied in turn, an object this
+// vat hosts is exported with shared ownership), so indices in the content stay valid. A call
+// is sent on synchronously, from dispatch, so calls keep their arrival order (E-order).
 //
 // Two uses: a proxy, when a capability of another connection is passed to a peer that cannot
-// take a handoff (or one still pipelined there); and a handoff's vine, when it also holds the
-// Provide's question (`provision`): dropping the vine (the recipient released it, or its
-// connection died) sends Finish for the Provide, which reclaims an unaccepted provision. Calls
-// pipelined on an answer whose results hand the target off also arrive here (their reference
-// keeps its route through this vat).
+// take a handoff (or one still pipelined there), or when a promise resolves to one; and a
+// handoff's vine, when it also holds the Provide's question (`provision`): dropping the vine
+// (the recipient released it, or its connection died) sends Finish for the Provide, which
+// reclaims an unaccepted provision. Calls pipelined on an answer whose results hand the target
+// off also arrive here (their reference keeps its route through this vat).
 //
 // Ownership: owned by the export table of the connection it is exported on. Its RemoteCaps are
 // on the host's connection (see VatNetwork on closing connections before destroying them).
-class Forwarder final : public ServerObject {
+class internal::Forwarder final : public ServerObject {
  public:
   Forwarder(RemoteCap target, RemoteCap provision)
       : target_(std::move(target)), provision_(std::move(provision)) {}
 
   Promise<void> dispatch(uint64_t interfaceId, uint16_t methodId, CallContext& ctx) override {
-    if (ctx.capCount() > 0)
-      return readyPromise<void>(
-          Error(Errc::UNSUPPORTED, "forwarding a call that carries capabilities"));
     capnp::AnyPointer::Reader params = ctx.params();
-    size_t bytes = 0;
-    try {
-      if (holdsCapability(params))
-        return readyPromise<void>(
-            Error(Errc::UNSUPPORTED, "forwarding a call that carries capabilities"));
-      bytes = params.targetSize().wordCount * WORD_BYTES;
-    } catch (const kj::Exception&) {
-      return readyPromise<void>(Error(Errc::PROTOCOL_ERROR, "params do not decode"));
-    }
-    Request request = target_.newCall(interfaceId, methodId, bytes + WORD_BYTES);
-    try {
-      request.params().set(params);
-    } catch (const kj::Exception&) {
-      return readyPromise<void>(Error(Errc::PROTOCOL_ERROR, "params do not decode"));
-    }
+    Request request = target_.newCall(interfaceId, methodId, contentBytes(params) + WORD_BYTES);
+    Status caps = RpcConnection::forwardParamCaps(ctx, request);
+    if (!caps) return readyPromise<void>(caps.error());
+    Status copied = copyContent(params, request.params());
+    if (!copied) return readyPromise<void>(copied.error());
     return relay(request.send(), ctx);
   }
 
@@ -97,24 +168,11 @@ class Forwarder final : public ServerObject {
   static Promise<void> relay(RemotePromise sent, CallContext& ctx) {
     Result<Response> response = co_await sent;
     AGATE_CO_TRY(response);
-    if (response->capCount() > 0)
-      co_return Error(Errc::UNSUPPORTED, "forwarding results that carry capabilities");
     capnp::AnyPointer::Reader results = response->results();
-    size_t bytes = 0;
-    try {
-      if (holdsCapability(results))
-        co_return Error(Errc::UNSUPPORTED, "forwarding results that carry capabilities");
-      bytes = results.targetSize().wordCount * WORD_BYTES;
-    } catch (const kj::Exception&) {
-      co_return Error(Errc::PROTOCOL_ERROR, "forwarded results do not decode");
-    }
-    Result<capnp::AnyPointer::Builder> out = ctx.initResults(bytes + WORD_BYTES);
+    Result<capnp::AnyPointer::Builder> out = ctx.initResults(contentBytes(results) + WORD_BYTES);
     AGATE_CO_TRY(out);
-    try {
-      out->set(results);
-    } catch (const kj::Exception&) {
-      co_return Error(Errc::PROTOCOL_ERROR, "forwarded results do not decode");
-    }
+    AGATE_CO_TRY(RpcConnection::forwardResultCaps(*response, ctx));
+    AGATE_CO_TRY(copyContent(results, *out));
     co_return {};
   }
 
@@ -122,7 +180,44 @@ class Forwarder final : public ServerObject {
   RemoteCap provision_;  // a handoff's vine: the Provide's question on the host's connection
 };
 
-}  // namespace
+std::unique_ptr<ServerObject> internal::makeForwarder(RemoteCap target) {
+  return std::make_unique<Forwarder>(std::move(target), RemoteCap());
+}
+
+// The capabilities of a call being forwarded, added to the request that sends it on in the same
+// order (so the content's indices stay valid).
+Status RpcConnection::forwardParamCaps(const CallContext& from, Request& to) {
+  if (to.conn_ == nullptr || to.scrap_) return {};  // refused: send() reports why
+  for (uint32_t i = 0; i < from.paramCapCount_; ++i) {
+    Result<uint32_t> index = to.conn_->addReceivedFor(to.caps_, *from.conn_, from.paramCaps_[i]);
+    if (!index) return index.error();
+  }
+  return {};
+}
+
+Status RpcConnection::forwardResultCaps(const Response& from, CallContext& to) {
+  for (uint32_t i = 0; i < from.capCount(); ++i) {
+    Result<ReceivedCap> cap = from.getCap(i);  // a null entry stays null
+    Result<uint32_t> index =
+        to.conn_->addReceivedFor(to.resultCaps_, *from.conn_, cap ? *cap : ReceivedCap{});
+    if (!index) return index.error();
+  }
+  return {};
+}
+
+// A received capability passed on in `table`: a capability of a connection as addCapFor passes
+// it; an object this vat hosts (exported on `origin`) is exported again with its ownership
+// shared, so neither connection's release can destroy it under the other.
+Result<uint32_t> RpcConnection::addReceivedFor(detail::CapTable& table, RpcConnection& origin,
+                                               const ReceivedCap& cap) {
+  if (cap.local == nullptr) return addCapFor(table, cap.remote);
+  detail::CapEntry e;
+  e.kind = detail::CapEntry::Kind::SENDER_HOSTED;
+  e.object = cap.local;
+  auto exported = origin.exportByObject_.find(cap.local);
+  if (exported != origin.exportByObject_.end()) e.shared = origin.shareExport(exported->second);
+  return table.tryAdd(std::move(e));
+}
 
 // ---------------------------------------------------------------------------------------------
 // Introducer: a capability of another connection written into a cap table

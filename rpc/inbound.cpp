@@ -83,6 +83,21 @@ Status RpcConnection::decodeCapTable(capnp::List<wire::CapDescriptor>::Reader ca
         d.capIds[i] = c.getSenderHosted();
         if (d.capIds[i] >= options_.maxImports)
           return Error(Errc::PROTOCOL_ERROR, "export id beyond the import table's bound");
+        // The sender resolves a promise (Resolve) before it sends it as a plain capability.
+        if (d.capIds[i] < imports_.size() && imports_[d.capIds[i]].localRefs > 0 &&
+            imports_[d.capIds[i]].promise)
+          return Error(Errc::PROTOCOL_ERROR, "a pending promise sent again as a capability");
+        break;
+      case wire::CapDescriptor::SENDER_PROMISE:
+        d.capKinds[i] = detail::CapEntry::Kind::SENDER_PROMISE;
+        d.capIds[i] = c.getSenderPromise();
+        if (d.capIds[i] >= options_.maxImports)
+          return Error(Errc::PROTOCOL_ERROR, "export id beyond the import table's bound");
+        // An export is a promise from its first reference until its Resolve: one we hold as a
+        // plain (or resolved) import cannot turn into a promise.
+        if (d.capIds[i] < imports_.size() && imports_[d.capIds[i]].localRefs > 0 &&
+            !imports_[d.capIds[i]].promise)
+          return Error(Errc::PROTOCOL_ERROR, "a capability we hold sent again as a promise");
         break;
       case wire::CapDescriptor::RECEIVER_HOSTED:
         d.capKinds[i] = detail::CapEntry::Kind::RECEIVER_HOSTED;
@@ -199,8 +214,9 @@ Status RpcConnection::decode(wire::Message::Reader m, Decoded& d) {
       (void)d.exception.getReason();
       return {};
     case wire::Message::RESOLVE:
+      return decodeResolve(m.getResolve(), d);
     case wire::Message::DISEMBARGO:
-      return Error(Errc::PROTOCOL_ERROR, "resolve/disembargo are not used by this version");
+      return Error(Errc::PROTOCOL_ERROR, "disembargo is not used by this version");
     case wire::Message::PROVIDE: {
       if (options_.network == nullptr)
         return Error(Errc::PROTOCOL_ERROR, "provide on a connection without a vat network");
@@ -281,6 +297,8 @@ Status RpcConnection::handleMessage(IncomingMessage& message) {
       return handleFinish(d.id);
     case wire::Message::RELEASE:
       return handleRelease(d.id, d.count);
+    case wire::Message::RESOLVE:
+      return handleResolve(d);
     case wire::Message::ABORT: {
       // The peer closes: our calls fail DISCONNECTED, or PROTOCOL_ERROR when it says we sent
       // something malformed, with its reason.
@@ -317,9 +335,10 @@ Status RpcConnection::handleReturn(IncomingMessage& message, const Decoded& d) {
       // Every senderHosted entry is one more reference the peer gave us; the Response holds one
       // local reference per entry until it is dropped.
       for (uint32_t i = 0; i < d.capCount; ++i) {
-        if (d.capKinds[i] != detail::CapEntry::Kind::SENDER_HOSTED) continue;
+        if (!isImported(d.capKinds[i])) continue;
         importRef(d.capIds[i]);
         ++imports_[d.capIds[i]].remoteRefs;
+        noteImported(d.capIds[i], d.capKinds[i]);
       }
       detail::ResponseSlot* slot = responseFree_;
       if (slot != nullptr) {

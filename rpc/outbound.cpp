@@ -273,6 +273,21 @@ Status RpcConnection::writeCapTable(capnp::List<wire::CapDescriptor>::Builder ou
         out[i].setSenderHosted(e.id);
         break;
       }
+      case detail::CapEntry::Kind::SENDER_PROMISE: {
+        // A settled promise goes as a plain export: its object forwards to the resolution.
+        auto* node = static_cast<detail::PromiseNode*>(e.object);
+        Result<uint32_t> id = exportObject(e.object, nullptr, std::move(e.shared));
+        if (!id) return id.error();
+        e.id = *id;
+        ++exports_[e.id].remoteRefs;
+        if (node->pending()) {
+          exports_[e.id].promise = true;
+          out[i].setSenderPromise(e.id);
+        } else {
+          out[i].setSenderHosted(e.id);
+        }
+        break;
+      }
       case detail::CapEntry::Kind::THIRD_PARTY: {
         // The vine is exported like any object of ours; the receiver holds one reference.
         Result<uint32_t> id = exportObject(e.object, std::move(e.owned));

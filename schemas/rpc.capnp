@@ -51,10 +51,12 @@ struct Message {
     release @4 :Release;
 
     resolve @5 :Resolve;
+    # A promise capability (CapDescriptor.senderPromise) the sender exported has resolved. See
+    # "Promise capabilities" below.
+
     disembargo @6 :Disembargo;
-    # Reserved for promise capabilities that resolve later. This version never sends them and
-    # aborts with PROTOCOL_ERROR when it receives one (see "Three-party handoff" below for why
-    # the handoff needs no embargo).
+    # Never sent by this version (no reference ever changes route, see "Promise capabilities"
+    # and "Three-party handoff"); receiving one aborts with PROTOCOL_ERROR.
 
     provide @7 :Provide;
     accept @8 :Accept;
@@ -230,8 +232,51 @@ struct CapDescriptor {
     # to that vat directly (see "Three-party handoff"). Sent only when both of the sender's
     # connections have a VatNetwork. A receiver without one gets a broken capability (its calls
     # fail UNSUPPORTED) and releases the vine.
+
+    senderPromise @4 :UInt32;
+    # As senderHosted (an export id of the sender, one more reference, released the same way),
+    # but the export is a promise: a capability the sender does not know yet. Calls on it go to
+    # the sender, which queues them until it resolves; the sender then sends one Resolve for it
+    # (see "Promise capabilities"). Reusing the id later as senderHosted ends its promise state.
   }
 }
+
+# Promise capabilities
+#
+# A vat may pass a capability it does not have yet (CapPromise: resolved later to an object, a
+# capability of any connection, or an error). It goes out as senderPromise(p), an export of the
+# sender. The receiver imports p like any export: it calls importedCap(p), and the sender
+# queues those calls, in arrival order, until the promise resolves. On resolution the sender:
+#
+#   1. delivers every queued call to the resolution (or fails each with the error), in order;
+#   2. sends Resolve {promiseId = p, cap | exception} if the receiver still holds references;
+#   3. from then on delivers calls that arrive on p to the resolution at once, on arrival.
+#
+# The receiver then sends new calls on its references to p to the resolution's id (senderHosted
+# q: importedCap(q)), or fails them with the exception.
+#
+# Order (E-order) without an embargo: every call the receiver made on p before it read the
+# Resolve precedes, on the receiver->sender ring, every call it makes on q afterwards. The
+# sender delivers calls on p on arrival (step 3; the queued ones went in step 1, before the
+# Resolve was even written), and calls on q on arrival, so both reach the object in the order
+# the receiver made them. An embargo (Disembargo) is needed only where the receiver's later
+# calls would take a different path than its earlier ones: a promise resolving to a capability
+# the receiver hosts (it would call its own object directly while earlier calls still travel
+# through the sender) or a handed-off one. This version never shortens such a route: a promise
+# that resolves to a capability the receiver hosts is announced as receiverHosted, but the
+# receiver goes on calling p and the sender forwards those calls back (in order); one that
+# resolves to a capability of a third vat is proxied through the sender (senderHosted of a
+# forwarding export). So Disembargo is never sent.
+#
+# A resolution is never itself a promise (the sender resolves to an object, a forwarding export
+# or a capability of the receiver), and a capability the receiver holds never turns into a
+# promise or back: so a reference is redirected at most once, and no chain or loop can form.
+#
+# Hostile input (PROTOCOL_ERROR, checked before anything changes): a Resolve for an id the
+# receiver never got as senderPromise, or already resolved; a Resolve to a promise the receiver
+# holds (the promise itself included), to none, to a promise, to a third party, or to a dead
+# export of the receiver; senderPromise for an id the receiver holds as a plain or resolved
+# import, or senderHosted for one it holds as a pending promise; any Disembargo.
 
 struct Return {
   answerId @0 :UInt32;
@@ -289,13 +334,26 @@ struct Exception {
 
 struct Resolve {
   promiseId @0 :UInt32;
+  # An export id of the sender that it sent as senderPromise (an import of the receiver, which
+  # must have received it as senderPromise and not yet a Resolve for it, else PROTOCOL_ERROR).
+  # Sent at most once per promise, and only while the receiver held references when the sender
+  # resolved it: a receiver that released them meanwhile (its Release crossing the Resolve)
+  # drops the resolution's reference at once.
+
   union {
     cap @1 :CapDescriptor;
+    # What the promise resolved to: senderHosted (one more reference, as in a cap table; not a
+    # promise the receiver holds) or receiverHosted (a live export of the receiver). Not none,
+    # senderPromise or thirdPartyHosted.
+
     exception @2 :Exception;
+    # The promise broke: calls on it fail with this error.
   }
 }
 
 struct Disembargo {
   target @0 :MessageTarget;
   embargoId @1 :UInt32;
+  # Reserved (see "Promise capabilities"): never sent by this version, PROTOCOL_ERROR when
+  # received.
 }

@@ -79,6 +79,44 @@ Frame withCap(uint32_t q, uint16_t method, bool senderHosted, uint32_t id) {
   });
 }
 
+// A call whose params carry promise `id` (senderPromise).
+Frame withPromise(uint32_t q, uint16_t method, uint32_t id) {
+  return build([&](rpc::wire::Message::Builder m) {
+    auto c = m.initCall();
+    c.setQuestionId(q);
+    c.getTarget().setImportedCap(0);
+    c.setInterfaceId(NODE_INTERFACE_ID);
+    c.setMethodId(method);
+    auto p = c.initParams();
+    rpc::writeCapPointer(p.getContent().initAs<rpc::test::CapParam>(), 0, 0);
+    p.initCapTable(1)[0].setSenderPromise(id);
+  });
+}
+
+// Resolve of promise `id`: to our export `to` (senderHosted), to the victim's export `to`
+// (receiverHosted), or broken.
+enum class Resolution { SENDER_HOSTED, RECEIVER_HOSTED, BROKEN };
+Frame resolve(uint32_t id, Resolution kind, uint32_t to = 0) {
+  return build([&](rpc::wire::Message::Builder m) {
+    auto r = m.initResolve();
+    r.setPromiseId(id);
+    switch (kind) {
+      case Resolution::SENDER_HOSTED:
+        r.initCap().setSenderHosted(to);
+        break;
+      case Resolution::RECEIVER_HOSTED:
+        r.initCap().setReceiverHosted(to);
+        break;
+      case Resolution::BROKEN: {
+        auto e = r.initException();
+        e.setReason("broken");
+        e.setErrc(static_cast<uint16_t>(Errc::FAILED));
+        break;
+      }
+    }
+  });
+}
+
 Frame provide(uint32_t q, uint32_t exportId, uint64_t recipient, uint64_t provisionId) {
   return build([&](rpc::wire::Message::Builder m) {
     auto p = m.initProvide();
@@ -142,6 +180,15 @@ std::vector<Conversation> seeds() {
        release(1, 1)},
       {accept(1, 3, 5), finish(1), provide(2, 0, 3, 9), accept(3, 4, 1)},
       {withThirdPartyCap(1, CALL_BACK, 3, 4), withThirdPartyCap(2, IDENTIFY, 5, 6), finish(2)},
+      // Promise capabilities: held while a call hangs, resolved (the victim's calls on it then go
+      // to the resolution), broken, resolved to the victim's own export, or resolved after the
+      // victim released it (the Resolve crossing its Release).
+      {withPromise(1, HANG, 3), resolve(3, Resolution::SENDER_HOSTED, 5),
+       withCap(2, CALL_BACK, true, 3), finish(1)},
+      {withPromise(1, HANG, 3), withPromise(2, CALL_BACK, 3), resolve(3, Resolution::BROKEN),
+       finish(2), finish(1)},
+      {withPromise(1, HANG, 4), resolve(4, Resolution::RECEIVER_HOSTED, 0), finish(1)},
+      {withPromise(1, ECHO, 3), finish(1), resolve(3, Resolution::SENDER_HOSTED, 6)},
   };
 }
 

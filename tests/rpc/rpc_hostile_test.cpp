@@ -282,9 +282,212 @@ TEST_F(RpcHostileTest, PipelinePathThatLeadsNowhereFailsOnlyThatCall) {
   EXPECT_EQ(victim_->exportCount(), 2u) << "the child exported by call 1 is untouched";
 }
 
-TEST_F(RpcHostileTest, ResolveAndDisembargoAbort) {
+TEST_F(RpcHostileTest, ResolveForAnIdNeverImportedAborts) {
   send([](wire::Message::Builder m) { m.initResolve().setPromiseId(1); });
   expectAborted();
+}
+
+TEST_F(RpcHostileTest, DisembargoAborts) {
+  send([](wire::Message::Builder m) {
+    wire::Disembargo::Builder d = m.initDisembargo();
+    d.getTarget().setImportedCap(0);
+    d.setEmbargoId(1);
+  });
+  expectAborted();
+}
+
+// Promise capabilities: the victim holds what a HANG call's params gave it (senderPromise for
+// ids in `promises`, senderHosted for `plain`) for as long as the call runs.
+class RpcHostilePromiseTest : public RpcHostileTest {
+ protected:
+  void hangHolding(uint32_t questionId, std::initializer_list<uint32_t> promises,
+                   std::initializer_list<uint32_t> plain = {}) {
+    send([&](wire::Message::Builder m) {
+      wire::Call::Builder c = m.initCall();
+      c.setQuestionId(questionId);
+      c.getTarget().setImportedCap(0);
+      c.setInterfaceId(NODE_INTERFACE_ID);
+      c.setMethodId(HANG);
+      wire::Payload::Builder params = c.initParams();
+      params.getContent().initAs<Value>().setValue(1);
+      auto caps = params.initCapTable(static_cast<unsigned>(promises.size() + plain.size()));
+      unsigned i = 0;
+      for (uint32_t id : promises) caps[i++].setSenderPromise(id);
+      for (uint32_t id : plain) caps[i++].setSenderHosted(id);
+    });
+    ASSERT_TRUE(runUntil(loop_, [&] { return log_.hanging == hangingBefore_ + 1; }));
+    ++hangingBefore_;
+  }
+  void resolveTo(uint32_t promiseId, const std::function<void(wire::CapDescriptor::Builder)>& cap) {
+    send([&](wire::Message::Builder m) {
+      wire::Resolve::Builder r = m.initResolve();
+      r.setPromiseId(promiseId);
+      cap(r.initCap());
+    });
+  }
+  void breakPromise(uint32_t promiseId) {
+    send([&](wire::Message::Builder m) {
+      wire::Resolve::Builder r = m.initResolve();
+      r.setPromiseId(promiseId);
+      wire::Exception::Builder e = r.initException();
+      e.setReason("broken");
+      e.setErrc(static_cast<uint16_t>(Errc::PERMISSION_DENIED));
+    });
+  }
+  // The victim read everything sent so far and is still open: a call after it is served.
+  void expectStillOpen(uint32_t questionId) {
+    call(questionId, 0, ECHO);
+    expectFromVictim([&](wire::Message::Reader m) {
+      ASSERT_EQ(m.which(), wire::Message::RETURN);
+      EXPECT_EQ(m.getReturn().getAnswerId(), questionId);
+    });
+    EXPECT_TRUE(victim_->isOpen());
+  }
+  int hangingBefore_ = 0;
+};
+
+TEST_F(RpcHostilePromiseTest, ResolveForAPlainImportAborts) {
+  hangHolding(1, {}, {3});
+  breakPromise(3);
+  expectAborted();
+}
+
+TEST_F(RpcHostilePromiseTest, SecondResolveForOnePromiseAborts) {
+  hangHolding(1, {3});
+  breakPromise(3);
+  expectStillOpen(2);
+  EXPECT_EQ(victim_->stats().resolvesReceived, 1u);
+  breakPromise(3);
+  expectAborted();
+}
+
+TEST_F(RpcHostilePromiseTest, PromiseResolvedToItselfAborts) {
+  hangHolding(1, {3});
+  resolveTo(3, [](wire::CapDescriptor::Builder c) { c.setSenderHosted(3); });
+  expectAborted();
+  EXPECT_EQ(victim_->stats().resolvesReceived, 0u);
+}
+
+TEST_F(RpcHostilePromiseTest, PromiseResolvedToAnotherHeldPromiseAborts) {
+  hangHolding(1, {3, 4});
+  resolveTo(3, [](wire::CapDescriptor::Builder c) { c.setSenderHosted(4); });
+  expectAborted();
+}
+
+TEST_F(RpcHostilePromiseTest, ResolveToAPromiseDescriptorAborts) {
+  hangHolding(1, {3});
+  resolveTo(3, [](wire::CapDescriptor::Builder c) { c.setSenderPromise(5); });
+  expectAborted();
+}
+
+TEST_F(RpcHostilePromiseTest, ResolveToNoCapabilityAborts) {
+  hangHolding(1, {3});
+  resolveTo(3, [](wire::CapDescriptor::Builder c) { c.setNone(); });
+  expectAborted();
+}
+
+TEST_F(RpcHostilePromiseTest, ResolveToADeadExportOfTheReceiverAborts) {
+  hangHolding(1, {3});
+  resolveTo(3, [](wire::CapDescriptor::Builder c) { c.setReceiverHosted(9); });
+  expectAborted();
+}
+
+TEST_F(RpcHostilePromiseTest, ResolveBeyondTheImportBoundAborts) {
+  hangHolding(1, {3});
+  resolveTo(3, [](wire::CapDescriptor::Builder c) { c.setSenderHosted(64); });
+  expectAborted();
+}
+
+TEST_F(RpcHostilePromiseTest, HeldPlainCapabilitySentAgainAsAPromiseAborts) {
+  hangHolding(1, {}, {3});
+  send([&](wire::Message::Builder m) {
+    wire::Call::Builder c = m.initCall();
+    c.setQuestionId(2);
+    c.getTarget().setImportedCap(0);
+    c.setInterfaceId(NODE_INTERFACE_ID);
+    c.setMethodId(ECHO);
+    wire::Payload::Builder params = c.initParams();
+    params.getContent().initAs<Value>().setValue(1);
+    params.initCapTable(1)[0].setSenderPromise(3);
+  });
+  expectAborted();
+  EXPECT_EQ(victim_->stats().callsReceived, 1u) << "the second call was never served";
+}
+
+TEST_F(RpcHostilePromiseTest, HeldPendingPromiseSentAgainAsPlainAborts) {
+  hangHolding(1, {3});
+  send([&](wire::Message::Builder m) {
+    wire::Call::Builder c = m.initCall();
+    c.setQuestionId(2);
+    c.getTarget().setImportedCap(0);
+    c.setInterfaceId(NODE_INTERFACE_ID);
+    c.setMethodId(ECHO);
+    wire::Payload::Builder params = c.initParams();
+    params.getContent().initAs<Value>().setValue(1);
+    params.initCapTable(1)[0].setSenderHosted(3);
+  });
+  expectAborted();
+}
+
+TEST_F(RpcHostilePromiseTest, ResolveCrossingTheReceiversReleaseGivesTheResolutionBack) {
+  // An ECHO call's params give promise 3; the victim releases it when the answer is freed.
+  send([&](wire::Message::Builder m) {
+    wire::Call::Builder c = m.initCall();
+    c.setQuestionId(1);
+    c.getTarget().setImportedCap(0);
+    c.setInterfaceId(NODE_INTERFACE_ID);
+    c.setMethodId(ECHO);
+    wire::Payload::Builder params = c.initParams();
+    params.getContent().initAs<Value>().setValue(1);
+    params.initCapTable(1)[0].setSenderPromise(3);
+  });
+  expectFromVictim([](wire::Message::Reader m) { EXPECT_EQ(m.which(), wire::Message::RETURN); });
+  finish(1);
+  expectFromVictim([](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::RELEASE);
+    EXPECT_EQ(m.getRelease().getId(), 3u);
+  });
+  // Our Resolve was already on its way: accepted, and the resolution released at once.
+  resolveTo(3, [](wire::CapDescriptor::Builder c) { c.setSenderHosted(5); });
+  expectFromVictim([](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::RELEASE);
+    EXPECT_EQ(m.getRelease().getId(), 5u);
+    EXPECT_EQ(m.getRelease().getReferenceCount(), 1u);
+  });
+  EXPECT_TRUE(victim_->isOpen());
+  EXPECT_EQ(victim_->importCount(), 0u);
+  // It is no promise any more: a second Resolve is hostile.
+  breakPromise(3);
+  expectAborted();
+}
+
+TEST_F(RpcHostilePromiseTest, VictimsCallsOnAResolvedPromiseTargetItsResolution) {
+  hangHolding(1, {3});
+  resolveTo(3, [](wire::CapDescriptor::Builder c) { c.setSenderHosted(5); });
+  // CALL_BACK calls ECHO(5) on the capability in its params: the (resolved) promise 3.
+  send([&](wire::Message::Builder m) {
+    wire::Call::Builder c = m.initCall();
+    c.setQuestionId(2);
+    c.getTarget().setImportedCap(0);
+    c.setInterfaceId(NODE_INTERFACE_ID);
+    c.setMethodId(CALL_BACK);
+    wire::Payload::Builder params = c.initParams();
+    writeCapPointer(params.getContent().initAs<CapParam>(), 0, 0);
+    params.initCapTable(1)[0].setSenderHosted(3);
+  });
+  expectFromVictim([](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::CALL);
+    ASSERT_EQ(m.getCall().getTarget().which(), wire::MessageTarget::IMPORTED_CAP);
+    EXPECT_EQ(m.getCall().getTarget().getImportedCap(), 5u);
+  });
+}
+
+TEST_F(RpcHostilePromiseTest, ResolvedPromiseHoldsItsResolutionWhileHeld) {
+  hangHolding(1, {3});
+  resolveTo(3, [](wire::CapDescriptor::Builder c) { c.setSenderHosted(5); });
+  expectStillOpen(2);
+  EXPECT_EQ(victim_->stats().resolvesReceived, 1u);
+  EXPECT_EQ(victim_->importCount(), 2u) << "the promise and its resolution";
 }
 
 TEST_F(RpcHostileTest, MalformedFrameAborts) {

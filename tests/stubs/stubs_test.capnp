@@ -26,6 +26,8 @@ interface Adder extends(Counter) {
   notifyHeld @6 (holder :Holder) -> (reply :Int64);
   # A text result (the tests send a malformed one from an untyped server).
   describe @7 () -> (text :Text);
+  # A child returned as a promise capability, resolved when the test says so.
+  spawnLater @8 () -> (child :Adder);
 }
 
 # A diamond: NamedAdder reaches Counter through both Adder and Named.

@@ -113,6 +113,16 @@ class AdderImpl final : public st::Adder::Server {
     results->setText("adder");
     co_return {};
   }
+  Promise<void> spawnLater(SpawnLaterContext ctx) override {
+    ++log_.calls;
+    auto results = ctx.initResults();
+    AGATE_CO_TRY(results);
+    later.push_back(ctx.newCapPromise());
+    AGATE_CO_TRY(setChild(ctx, *results, later.back()));
+    co_return {};
+  }
+
+  std::vector<CapPromise> later;  // spawnLater's children, settled by the test
 
  private:
   int64_t value_;
@@ -344,6 +354,44 @@ TEST_F(StubsTest, CallOnAPipelinedCapabilityGoesOutBeforeTheAnswerAndIsQueuedThe
   ASSERT_TRUE(spawnResult.ok());
   EXPECT_EQ(spawnResult->results().getStart(), 10);
   EXPECT_EQ(log_.adders, 2);  // the root and the child the connection owns
+}
+
+TEST_F(StubsTest, ServerReturnsAPromisedCapabilityAndCallsOnItWaitUntilItResolves) {
+  LocalPair pair(loop_, &root_);
+  st::Adder::Client adder(pair.client().bootstrap());
+  auto spawned = adder.spawnLater();
+  auto queued = spawned.getChild().add([](auto p) { p.setAmount(1); });  // pipelined, then queued
+  auto got = await(loop_, std::move(spawned));
+  ASSERT_TRUE(got.ok()) << errcName(got.code());
+  auto child = getChild(*got, got->results());
+  ASSERT_TRUE(child.ok());
+  auto direct = child->remote.add([](auto p) { p.setAmount(2); });  // on the promise itself
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().stats().promiseCallsQueued == 2; }));
+  EXPECT_FALSE(queued.isReady());
+  ASSERT_EQ(root_.later.size(), 1u);
+  root_.later[0].resolve(std::make_unique<AdderImpl>(10, log_));
+  auto first = await(loop_, std::move(queued));
+  auto second = await(loop_, std::move(direct));
+  ASSERT_TRUE(first.ok() && second.ok());
+  EXPECT_EQ(first->results().getValue(), 11);
+  EXPECT_EQ(second->results().getValue(), 13) << "delivered in the order sent";
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.client().stats().resolvesReceived == 1; }));
+  auto after = await(loop_, child->remote.add([](auto p) { p.setAmount(3); }));
+  ASSERT_TRUE(after.ok());
+  EXPECT_EQ(after->results().getValue(), 16);
+  root_.later.clear();
+}
+
+TEST_F(StubsTest, PromisedCapabilityDroppedUnsettledFailsItsCalls) {
+  LocalPair pair(loop_, &root_);
+  st::Adder::Client adder(pair.client().bootstrap());
+  auto spawned = adder.spawnLater();
+  auto queued = spawned.getChild().add([](auto p) { p.setAmount(1); });
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().stats().promiseCallsQueued == 1; }));
+  root_.later.clear();
+  auto r = await(loop_, std::move(queued));
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.code(), Errc::FAILED);
 }
 
 TEST_F(StubsTest, ErrorOfACallPropagatesToCallsPipelinedOnItsResults) {

@@ -17,10 +17,14 @@
 //   // Server: implement dispatch(); params are read in place, results built in place.
 //   Promise<void> dispatch(uint64_t iface, uint16_t method, CallContext& ctx) override { ... }
 //
-// Protocol: schemas/rpc.capnp (Call, Return, Finish, Release, Abort; who allocates each id and
-// when it is reused is written beside the fields). The connection is symmetric: each side has a
-// question table (calls it made), an answer table (calls it serves), an export table (objects it
-// hosts) and an import table (objects the peer hosts). Export 0 is the `bootstrap` object.
+// Protocol: schemas/rpc.capnp (Call, Return, Finish, Release, Resolve, Abort; who allocates each
+// id and when it is reused is written beside the fields).
+//
+// Promise capabilities: a CapPromise (below) passes a capability before it exists; the peer's
+// calls on it wait at this side and are delivered, in order, when it is settled. The connection is
+// symmetric: each side has a question table (calls it made), an answer table (calls it serves), an
+// export table (objects it hosts) and an import table (objects the peer hosts). Export 0 is the
+// `bootstrap` object.
 //
 // Three-party handoff: with a VatNetwork in RpcOptions (vat_network.h), a RemoteCap of another
 // connection passed in a cap table is handed off, so the receiver calls its host directly;
@@ -88,6 +92,7 @@ namespace agate::rpc {
 class RpcConnection;
 class CallContext;
 class RemoteCap;
+class CapPromise;
 
 // Protocol bounds (also in rpc.capnp). A peer exceeding them is aborted with PROTOCOL_ERROR.
 inline constexpr uint32_t MAX_CAPS_PER_MESSAGE = 16;
@@ -104,10 +109,15 @@ class ServerObject {
   virtual Promise<void> dispatch(uint64_t interfaceId, uint16_t methodId, CallContext& context) = 0;
 };
 
+namespace internal {
+class Forwarder;
+}
+
 namespace detail {
 
 struct SpillBuffer;
 struct ResponseSlot;
+class PromiseNode;
 
 // Where an outbound message is being built: in a ring frame reserved through the MessageSender,
 // or in a pooled spill buffer when the ring is full or another frame is open.
@@ -130,12 +140,13 @@ class OutSlot {
 
 // One entry of an outbound cap table before it is written.
 struct CapEntry {
-  enum class Kind : uint8_t { NONE, SENDER_HOSTED, RECEIVER_HOSTED, THIRD_PARTY };
+  enum class Kind : uint8_t { NONE, SENDER_HOSTED, RECEIVER_HOSTED, THIRD_PARTY, SENDER_PROMISE };
   Kind kind = Kind::NONE;
   uint32_t id = 0;                       // RECEIVER_HOSTED: the peer's export id
   ServerObject* object = nullptr;        // SENDER_HOSTED; THIRD_PARTY: the vine
   std::unique_ptr<ServerObject> owned;   // SENDER_HOSTED, when the connection takes ownership
-  std::shared_ptr<ServerObject> shared;  // SENDER_HOSTED, owned jointly (a handed-off object)
+  std::shared_ptr<ServerObject> shared;  // SENDER_HOSTED, owned jointly (a handed-off object);
+                                         // SENDER_PROMISE: the promise (object is the same)
   VatId vat = NO_VAT;                    // THIRD_PARTY: the provider
   uint64_t provisionId = 0;              // THIRD_PARTY
 };
@@ -183,6 +194,7 @@ class RemoteCap {
  private:
   friend class RpcConnection;
   friend class RemotePromise;
+  friend class CapPromise;
   enum class Kind : uint8_t { NONE, IMPORT, PIPELINE, BROKEN };
   void reset() noexcept;
   void addRef() const noexcept;
@@ -305,6 +317,9 @@ class [[nodiscard]] Request {
   Result<uint32_t> addCap(const RemoteCap& cap);
   Result<uint32_t> addCap(ServerObject& object);                  // stays owned by the caller
   Result<uint32_t> addCap(std::unique_ptr<ServerObject> object);  // owned by the connection
+  // A promise capability (see CapPromise). INVALID_ARGUMENT when it is empty or of another
+  // connection.
+  Result<uint32_t> addCap(const CapPromise& promise);
 
   // Sends the call. Errors (a dead connection, MESSAGE_TOO_LARGE, a broken target) come back as
   // an already failed RemotePromise.
@@ -367,6 +382,7 @@ class CallContext {
   Result<uint32_t> addResultCap(ServerObject& object);
   Result<uint32_t> addResultCap(std::unique_ptr<ServerObject> object);
   Result<uint32_t> addResultCap(const RemoteCap& cap);
+  Result<uint32_t> addResultCap(const CapPromise& promise);
 
   RpcConnection& connection() const noexcept { return *conn_; }
 
@@ -383,6 +399,48 @@ class CallContext {
   wire::Return::Builder return_{nullptr};
   capnp::AnyPointer::Builder content_{nullptr};
   detail::CapTable resultCaps_;
+};
+
+// A capability this vat passes before it exists (a promise capability, CapDescriptor.senderPromise
+// in schemas/rpc.capnp). Made by RpcConnection::newCapPromise(); add it to any number of cap
+// tables of that connection (Request::addCap, CallContext::addResultCap), then settle it once
+// with resolve() or reject(). The peer may call it at once: its calls are queued, in arrival
+// order, and delivered to the resolution when it comes (or fail with the rejection), ahead of
+// every later call; the peer is then told (Resolve) and sends new calls to the resolution.
+//
+//   CapPromise later = ctx.connection().newCapPromise();
+//   writeCapPointer(results, 0, *ctx.addResultCap(later));  // returned before it exists
+//   ...
+//   later.resolve(std::make_unique<Counter>());             // queued calls are delivered now
+//
+// Move-only. Settling consumes it (it is empty afterwards); dropping it unsettled rejects it with
+// FAILED. A handle on its connection: drop it before the connection (checked). Resolving to a
+// RemoteCap of any connection forwards calls to it (a proxy through this vat, never a handoff,
+// so no reference changes route and no embargo is needed: see rpc.capnp "Promise
+// capabilities").
+class CapPromise {
+ public:
+  CapPromise() = default;
+  CapPromise(CapPromise&& o) noexcept : node_(std::move(o.node_)) {}
+  CapPromise& operator=(CapPromise&& o) noexcept;
+  CapPromise(const CapPromise&) = delete;
+  ~CapPromise();
+
+  bool isEmpty() const noexcept { return node_ == nullptr; }
+
+  // Settles the promise. Calls queued on it are delivered (or failed) before these return.
+  // Precondition: not empty.
+  void resolve(ServerObject& object);                  // stays owned by the caller
+  void resolve(std::unique_ptr<ServerObject> object);  // owned by the promise's exports
+  void resolve(const RemoteCap& cap);                  // a broken cap rejects with its error
+  void reject(Error error);                            // error.detail must be static text
+
+ private:
+  friend class RpcConnection;
+  friend class Request;
+  friend class CallContext;
+  void settle();
+  std::shared_ptr<detail::PromiseNode> node_;
 };
 
 struct RpcOptions {
@@ -427,6 +485,9 @@ struct RpcStats {
   uint64_t acceptsSent = 0;  // handoffs this vat took over this connection
   uint64_t acceptsReceived = 0;
   uint64_t acceptsWaited = 0;  // Accepts that arrived before their Provide
+  uint64_t resolvesSent = 0;   // promise capabilities this side exported and settled
+  uint64_t resolvesReceived = 0;
+  uint64_t promiseCallsQueued = 0;  // calls held by this side until their promise settled
 };
 
 class RpcConnection {
@@ -443,6 +504,9 @@ class RpcConnection {
 
   // The peer's export 0. Broken (calls fail DISCONNECTED) on a dead connection.
   RemoteCap bootstrap();
+
+  // A new promise capability on this connection (see CapPromise).
+  CapPromise newCapPromise();
 
   // Resolves when the connection ends, with the reason (DISCONNECTED when the peer went away or
   // sent Abort, PROTOCOL_ERROR when it sent something hostile). One waiter.
@@ -473,6 +537,9 @@ class RpcConnection {
   friend class Response;
   friend class Request;
   friend class CallContext;
+  friend class CapPromise;
+  friend class detail::PromiseNode;
+  friend class internal::Forwarder;
   struct Question;
   struct Answer;
   struct Export;
@@ -506,6 +573,11 @@ class RpcConnection {
   void releaseResponse(detail::ResponseSlot* slot) noexcept;
   void relocate(detail::ResponseSlot* slot);
   Result<uint32_t> addCapFor(detail::CapTable& table, const RemoteCap& cap);
+  Result<uint32_t> addPromiseFor(detail::CapTable& table, const CapPromise& promise);
+  Result<uint32_t> addReceivedFor(detail::CapTable& table, RpcConnection& origin,
+                                  const ReceivedCap& cap);
+  static Status forwardParamCaps(const CallContext& from, Request& to);
+  static Status forwardResultCaps(const Response& from, CallContext& to);
 
   // --- three-party handoff (handoff.cpp) ---
   Result<uint32_t> addForeignCap(detail::CapTable& table, const RemoteCap& cap);
@@ -526,6 +598,17 @@ class RpcConnection {
   void giveQuestionId(uint32_t id) noexcept;
   void openQuestion(uint32_t id);
 
+  // --- promise capabilities (promises.cpp) ---
+  void settlePromise(detail::PromiseNode& node);
+  void sendResolve(uint32_t exportId, detail::PromiseNode& node);
+  bool isPendingPromise(uint32_t exportId) const noexcept;
+  void queueOnExport(Answer& answer, uint32_t exportId, detail::SpillBuffer* copy);
+  void deliverOnExport(Answer& answer, uint32_t exportId);
+  Status decodeResolve(wire::Resolve::Reader r, Decoded& d);
+  Status handleResolve(const Decoded& d);
+  uint32_t resolvedImport(uint32_t importId, Error& broken) const noexcept;
+  void noteImported(uint32_t importId, detail::CapEntry::Kind kind) noexcept;
+
   // --- inbound ---
   Promise<void> readLoop();
   Status handleMessage(IncomingMessage& message);
@@ -543,6 +626,7 @@ class RpcConnection {
   void deliver(Answer& answer, uint32_t exportId, wire::Call::Reader call,
                capnp::AnyStruct::Reader payload);
   void deliverQueued(Answer& answer);
+  detail::SpillBuffer* copyCall(IncomingMessage& message);
   Result<uint32_t> resolvePipeline(Answer& target, std::span<const uint16_t> path);
   Promise<void> drive(uint32_t answerId, Promise<void> dispatch);
   void completeAnswer(uint32_t answerId, Status status);

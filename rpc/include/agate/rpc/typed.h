@@ -131,8 +131,9 @@ constexpr size_t defaultSizeHint() {
 // Capabilities in typed content
 
 // A capability of interface I (a generated stub struct) going out in params or results: a
-// reference to the peer's object, an object of ours the caller keeps owning, or an object of ours
-// the connection takes over.
+// reference to the peer's object, an object of ours the caller keeps owning, an object of ours
+// the connection takes over, or a promise of one (CapPromise, settled later; untyped: resolve it
+// with an I::Server or an I::Client's cap()).
 template <class I>
 class CapArg {
  public:
@@ -143,17 +144,20 @@ class CapArg {
   template <class S>
   requires std::derived_from<S, typename I::Server> CapArg(std::unique_ptr<S> object)  // NOLINT
       : value_(std::unique_ptr<ServerObject>(std::move(object))) {}
+  CapArg(const CapPromise& promise) : value_(&promise) {}  // NOLINT: implicit
 
   // Adds the capability to `sink`'s cap table (a TypedRequest, or a TypedContext's results).
   template <class Sink>
   Result<uint32_t> addTo(Sink& sink) && {
     if (auto* remote = std::get_if<const RemoteCap*>(&value_)) return sink.addCap(**remote);
     if (auto* object = std::get_if<ServerObject*>(&value_)) return sink.addCap(**object);
+    if (auto* promise = std::get_if<const CapPromise*>(&value_)) return sink.addCap(**promise);
     return sink.addCap(std::move(std::get<std::unique_ptr<ServerObject>>(value_)));
   }
 
  private:
-  std::variant<const RemoteCap*, ServerObject*, std::unique_ptr<ServerObject>> value_;
+  std::variant<const RemoteCap*, ServerObject*, std::unique_ptr<ServerObject>, const CapPromise*>
+      value_;
 };
 
 // A capability of interface I received in params or results. Exactly one side is set: `local`
@@ -310,6 +314,7 @@ class [[nodiscard]] TypedRequest {
   Result<uint32_t> addCap(std::unique_ptr<ServerObject> object) {
     return request_.addCap(std::move(object));
   }
+  Result<uint32_t> addCap(const CapPromise& promise) { return request_.addCap(promise); }
   Request& untyped() noexcept { return request_; }
 
   PromiseT send() { return PromiseT(request_.send()); }
@@ -369,6 +374,10 @@ class TypedContext {
   Result<uint32_t> addCap(std::unique_ptr<ServerObject> object) {
     return context_->addResultCap(std::move(object));
   }
+  Result<uint32_t> addCap(const CapPromise& promise) { return context_->addResultCap(promise); }
+  // A promise capability on the caller's connection, to return (setFoo(ctx, results, promise))
+  // before the object exists; settle it later (see CapPromise).
+  CapPromise newCapPromise() const { return context_->connection().newCapPromise(); }
   CallContext& untyped() const noexcept { return *context_; }
 
  private:

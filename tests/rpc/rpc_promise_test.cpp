@@ -1,0 +1,456 @@
+// Promise capabilities (CapPromise, senderPromise, Resolve) over LOCAL channels on one loop:
+// calls on a promise before and after it resolves keep their order, whatever it resolves to (an
+// object of the sender, a capability the receiver hosts, one of a third connection) or breaks
+// with; connection death with promises unsettled; and capabilities carried through forwarding
+// exports in params and results, with release and death of either end.
+#include <gtest/gtest.h>
+
+#include <numeric>
+#include <optional>
+#include <vector>
+
+#include "rpc_harness.h"
+#include "support/watchdog.h"
+
+namespace agate::rpc::test {
+namespace {
+
+using agate::testing::Watchdog;
+
+enum PromiserMethod : uint16_t {
+  PROMISE = 20,  // -> CapParam: a new CapPromise, kept in `promises`
+  KEEP = 21,     // CapParam -> (): keeps the capability in `kept`
+  GIVE = 22,     // -> CapParam: the capability kept by KEEP (or `given`)
+};
+
+// A server that hands out promises the test settles, and keeps capabilities it is given.
+class Promiser final : public ServerObject {
+ public:
+  Promise<void> dispatch(uint64_t interfaceId, uint16_t methodId, CallContext& ctx) override {
+    if (interfaceId != NODE_INTERFACE_ID) return readyPromise<void>(Errc::UNSUPPORTED);
+    switch (methodId) {
+      case PROMISE: {
+        Result<CapParam::Builder> out = ctx.initResultsAs<CapParam>(16);
+        if (!out) return readyPromise<void>(out.error());
+        promises.push_back(ctx.connection().newCapPromise());
+        Result<uint32_t> index = ctx.addResultCap(promises.back());
+        if (!index) return readyPromise<void>(index.error());
+        writeCapPointer(*out, 0, *index);
+        return readyPromise<void>(Status{});
+      }
+      case KEEP: {
+        Status read = ctx.tryReadParams<CapParam>([&](CapParam::Reader p) {
+          Result<ReceivedCap> cap = ctx.capAt(p, 0);
+          if (cap) kept = cap->remote;
+        });
+        return readyPromise<void>(read);
+      }
+      case GIVE: {
+        Result<CapParam::Builder> out = ctx.initResultsAs<CapParam>(16);
+        if (!out) return readyPromise<void>(out.error());
+        Result<uint32_t> index = ctx.addResultCap(given.isNull() ? kept : given);
+        if (!index) return readyPromise<void>(index.error());
+        writeCapPointer(*out, 0, *index);
+        return readyPromise<void>(Status{});
+      }
+      default:
+        return readyPromise<void>(Error(Errc::UNSUPPORTED, "no such method"));
+    }
+  }
+
+  std::vector<CapPromise> promises;
+  RemoteCap kept;
+  RemoteCap given;
+};
+
+Promise<RemoteCap> capFrom(RemoteCap cap, uint16_t method) {
+  Result<Response> r = co_await cap.newCall(NODE_INTERFACE_ID, method, 16).send();
+  AGATE_CO_TRY(r);
+  Result<ReceivedCap> got = Error(Errc::INVALID_ARGUMENT, "no cap");
+  AGATE_CO_TRY(r->tryRead<CapParam>([&](CapParam::Reader p) { got = r->capAt(p, 0); }));
+  AGATE_CO_TRY(got);
+  co_return got->remote;
+}
+
+RemotePromise record(const RemoteCap& cap, uint64_t v) {
+  Request req = cap.newCall(NODE_INTERFACE_ID, RECORD, 16);
+  req.initParams<Value>().setValue(v);
+  return req.send();
+}
+
+Promise<void> awaitValueless(RemotePromise p) {
+  Result<Response> r = co_await p;
+  AGATE_CO_TRY(r);
+  co_return {};
+}
+
+Promise<void> awaitAll(std::vector<RemotePromise>& calls, std::vector<Errc>& outcomes) {
+  for (RemotePromise& p : calls) {
+    Result<Response> r = co_await p;
+    outcomes.push_back(r ? Errc::OK : r.code());
+  }
+  co_return {};
+}
+
+std::vector<uint64_t> upTo(uint64_t n) {
+  std::vector<uint64_t> v(n);
+  std::iota(v.begin(), v.end(), 0);
+  return v;
+}
+
+class RpcPromiseTest : public ::testing::Test {
+ protected:
+  // Sends `n` RECORD calls numbered from `first` on `cap`.
+  void recordCalls(const RemoteCap& cap, uint64_t first, uint64_t n) {
+    for (uint64_t i = first; i < first + n; ++i) calls_.push_back(record(cap, i));
+  }
+  std::vector<Errc> awaitCalls() {
+    std::vector<Errc> outcomes;
+    EXPECT_TRUE(loop_.run(awaitAll(calls_, outcomes)).ok());
+    calls_.clear();
+    return outcomes;
+  }
+
+  Watchdog watchdog_{"rpc_promise_test", std::chrono::seconds(60)};
+  EventLoop loop_;
+  Log log_;
+  Promiser promiser_;
+  std::vector<RemotePromise> calls_;
+};
+
+TEST_F(RpcPromiseTest, CallsOnAPromiseBeforeAndAfterItResolvesKeepTheirOrder) {
+  {
+    LocalPair pair(loop_, &promiser_);
+    RemoteCap boot = pair.client().bootstrap();
+    Result<RemoteCap> promise = loop_.run(capFrom(boot, PROMISE));
+    ASSERT_TRUE(promise.ok()) << errcName(promise.code());
+    recordCalls(*promise, 0, 100);
+    ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().stats().promiseCallsQueued == 100; }));
+    EXPECT_TRUE(log_.order.empty()) << "calls wait for the promise";
+
+    promiser_.promises[0].resolve(std::make_unique<Node>(0, log_));
+    EXPECT_EQ(log_.order, upTo(100)) << "queued calls are delivered when it resolves";
+    EXPECT_TRUE(promiser_.promises[0].isEmpty());
+    recordCalls(*promise, 100, 50);  // sent before the client read the Resolve: through p
+    ASSERT_TRUE(runUntil(loop_, [&] { return pair.client().stats().resolvesReceived == 1; }));
+    const uint64_t callsBefore = pair.server().stats().callsReceived;
+    recordCalls(*promise, 150, 50);  // to the resolution's own export
+    std::vector<Errc> outcomes = awaitCalls();
+    EXPECT_EQ(outcomes, std::vector<Errc>(200, Errc::OK));
+    EXPECT_EQ(log_.order, upTo(200));
+    EXPECT_EQ(pair.server().stats().resolvesSent, 1u);
+    EXPECT_EQ(pair.server().stats().callsReceived - callsBefore, 50u);
+    EXPECT_EQ(pair.client().importCount(), 3u) << "bootstrap, the promise and its resolution";
+
+    *promise = RemoteCap();  // drops the promise's reference and, with it, its resolution
+    boot = RemoteCap();
+    ASSERT_TRUE(runUntil(loop_, [&] {
+      return pair.server().exportCount() == 1 && pair.server().answerCount() == 0;
+    }));
+    EXPECT_EQ(pair.client().importCount(), 0u);
+    EXPECT_EQ(pair.client().questionCount(), 0u);
+    EXPECT_EQ(log_.created, log_.destroyed) << "the resolution is freed with its exports";
+  }
+  EXPECT_EQ(log_.created, 1);
+}
+
+TEST_F(RpcPromiseTest, CallsPipelinedOnAnAnswerThatReturnsAPromiseWaitForThePromise) {
+  LocalPair pair(loop_, &promiser_);
+  RemoteCap boot = pair.client().bootstrap();
+  {
+    RemotePromise answer = boot.newCall(NODE_INTERFACE_ID, PROMISE, 16).send();
+    RemoteCap pipelined = answer.pipeline({0});
+    recordCalls(pipelined, 0, 10);
+    ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().stats().promiseCallsQueued == 10; }));
+    promiser_.promises[0].resolve(std::make_unique<Node>(0, log_));
+    recordCalls(pipelined, 10, 10);
+    EXPECT_EQ(awaitCalls(), std::vector<Errc>(20, Errc::OK));
+  }
+  EXPECT_EQ(log_.order, upTo(20));
+  boot = RemoteCap();
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().exportCount() == 1; }));
+  EXPECT_EQ(log_.created, log_.destroyed);
+}
+
+TEST_F(RpcPromiseTest, PromiseResolvedToACapabilityTheReceiverHostsKeepsOrderWithCallsInFlight) {
+  Log clientLog;
+  Node clientNode(0, clientLog);
+  LocalPair pair(loop_, &promiser_, &clientNode);
+  RemoteCap boot = pair.client().bootstrap();
+  {
+    Request keep = boot.newCall(NODE_INTERFACE_ID, KEEP, 16);
+    CapParam::Builder params = keep.initParams<CapParam>();
+    Result<uint32_t> index = keep.addCap(clientNode);
+    ASSERT_TRUE(index.ok());
+    writeCapPointer(params, 0, *index);
+    ASSERT_TRUE(loop_.run(awaitValueless(keep.send())).ok());
+  }
+  ASSERT_FALSE(promiser_.kept.isNull());
+  Result<RemoteCap> promise = loop_.run(capFrom(boot, PROMISE));
+  ASSERT_TRUE(promise.ok());
+  recordCalls(*promise, 0, 100);
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().stats().promiseCallsQueued == 100; }));
+  promiser_.promises[0].resolve(promiser_.kept);  // the client's own object
+  recordCalls(*promise, 100, 50);                 // in flight while the Resolve travels
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.client().stats().resolvesReceived == 1; }));
+  recordCalls(*promise, 150, 50);  // after: still in order behind the earlier ones
+  EXPECT_EQ(awaitCalls(), std::vector<Errc>(200, Errc::OK));
+  EXPECT_EQ(clientLog.order, upTo(200));
+  EXPECT_EQ(pair.client().stats().resolvesReceived, 1u);
+  promiser_.kept = RemoteCap();
+  *promise = RemoteCap();
+  boot = RemoteCap();
+  ASSERT_TRUE(runUntil(loop_, [&] {
+    return pair.server().exportCount() == 1 && pair.client().exportCount() == 1 &&
+           pair.server().importCount() == 0 && pair.client().importCount() == 0;
+  }));
+}
+
+TEST_F(RpcPromiseTest, RejectedPromiseFailsQueuedAndLaterCallsWithItsError) {
+  LocalPair pair(loop_, &promiser_);
+  RemoteCap boot = pair.client().bootstrap();
+  Result<RemoteCap> promise = loop_.run(capFrom(boot, PROMISE));
+  ASSERT_TRUE(promise.ok());
+  recordCalls(*promise, 0, 10);
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().stats().promiseCallsQueued == 10; }));
+  promiser_.promises[0].reject(Error(Errc::PERMISSION_DENIED, "sealed"));
+  EXPECT_EQ(awaitCalls(), std::vector<Errc>(10, Errc::PERMISSION_DENIED));
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.client().stats().resolvesReceived == 1; }));
+  const uint64_t sent = pair.client().stats().callsSent;
+  recordCalls(*promise, 10, 1);
+  EXPECT_EQ(awaitCalls(), std::vector<Errc>(1, Errc::PERMISSION_DENIED));
+  EXPECT_EQ(pair.client().stats().callsSent, sent) << "a broken promise fails without a Call";
+  EXPECT_TRUE(log_.order.empty());
+}
+
+TEST_F(RpcPromiseTest, DroppingAnUnsettledPromiseBreaksItWithFailed) {
+  LocalPair pair(loop_, &promiser_);
+  RemoteCap boot = pair.client().bootstrap();
+  Result<RemoteCap> promise = loop_.run(capFrom(boot, PROMISE));
+  ASSERT_TRUE(promise.ok());
+  recordCalls(*promise, 0, 3);
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().stats().promiseCallsQueued == 3; }));
+  promiser_.promises.clear();
+  EXPECT_EQ(awaitCalls(), std::vector<Errc>(3, Errc::FAILED));
+}
+
+TEST_F(RpcPromiseTest, CallCancelledWhileQueuedOnAPromiseIsNeverDelivered) {
+  LocalPair pair(loop_, &promiser_);
+  RemoteCap boot = pair.client().bootstrap();
+  Result<RemoteCap> promise = loop_.run(capFrom(boot, PROMISE));
+  ASSERT_TRUE(promise.ok());
+  recordCalls(*promise, 0, 1);
+  std::optional<RemotePromise> cancelled(record(*promise, 1));
+  recordCalls(*promise, 2, 1);
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().stats().promiseCallsQueued == 3; }));
+  cancelled.reset();  // Finish for call 1: the server cancels it in the queue
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().answerCount() == 2; }));
+  promiser_.promises[0].resolve(std::make_unique<Node>(0, log_));
+  EXPECT_EQ(awaitCalls(), std::vector<Errc>(2, Errc::OK));
+  EXPECT_EQ(log_.order, (std::vector<uint64_t>{0, 2}));
+}
+
+TEST_F(RpcPromiseTest, PromisePassedInParamsQueuesTheCalleesCallsAtTheCaller) {
+  LocalPair pair(loop_, &promiser_);
+  RemoteCap boot = pair.client().bootstrap();
+  {
+    CapPromise later = pair.client().newCapPromise();
+    {
+      Request keep = boot.newCall(NODE_INTERFACE_ID, KEEP, 16);
+      Result<uint32_t> index = keep.addCap(later);
+      ASSERT_TRUE(index.ok());
+      writeCapPointer(keep.initParams<CapParam>(), 0, *index);
+      ASSERT_TRUE(loop_.run(awaitValueless(keep.send())).ok());
+    }
+    recordCalls(promiser_.kept, 0, 5);  // the server calls the client's promise
+    ASSERT_TRUE(runUntil(loop_, [&] { return pair.client().stats().promiseCallsQueued == 5; }));
+    later.resolve(std::make_unique<Node>(0, log_));
+    recordCalls(promiser_.kept, 5, 5);
+    EXPECT_EQ(awaitCalls(), std::vector<Errc>(10, Errc::OK));
+    EXPECT_EQ(log_.order, upTo(10));
+    EXPECT_EQ(pair.server().stats().resolvesReceived, 1u);
+  }
+  promiser_.kept = RemoteCap();
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.client().exportCount() == 1; }));
+  EXPECT_EQ(log_.created, log_.destroyed);
+}
+
+TEST_F(RpcPromiseTest, PromiseSettledBeforeItsMessageIsSentGoesAsItsResolution) {
+  LocalPair pair(loop_, &promiser_);
+  CapPromise early = pair.server().newCapPromise();
+  early.resolve(std::make_unique<Node>(0, log_));
+  EXPECT_TRUE(early.isEmpty());
+  CapPromise other = pair.client().newCapPromise();
+  {
+    Request s = pair.client().bootstrap().newCall(NODE_INTERFACE_ID, KEEP, 16);
+    EXPECT_EQ(s.addCap(early).code(), Errc::INVALID_ARGUMENT) << "a settled CapPromise is spent";
+    CapPromise foreign = pair.server().newCapPromise();
+    EXPECT_EQ(s.addCap(foreign).code(), Errc::INVALID_ARGUMENT) << "of another connection";
+    // Added while pending, settled before send(): written as a plain export of the resolution.
+    Result<uint32_t> index = s.addCap(other);
+    ASSERT_TRUE(index.ok());
+    other.resolve(std::make_unique<Node>(0, log_));
+    writeCapPointer(s.initParams<CapParam>(), 0, *index);
+    EXPECT_TRUE(loop_.run(awaitValueless(s.send())).ok());
+  }
+  EXPECT_EQ(pair.server().stats().resolvesReceived, 0u);
+  EXPECT_EQ(pair.client().stats().resolvesSent, 0u);
+  recordCalls(promiser_.kept, 42, 1);  // the server calls the resolution, through the export
+  EXPECT_EQ(awaitCalls(), std::vector<Errc>(1, Errc::OK));
+  EXPECT_EQ(log_.order, std::vector<uint64_t>{42});
+  promiser_.kept = RemoteCap();
+}
+
+TEST_F(RpcPromiseTest, ConnectionDeathWithPromisesUnsettledFailsCallsDisconnectedAndLeaksNothing) {
+  {
+    LocalPair pair(loop_, &promiser_);
+    RemoteCap boot = pair.client().bootstrap();
+    Result<RemoteCap> a = loop_.run(capFrom(boot, PROMISE));
+    Result<RemoteCap> b = loop_.run(capFrom(boot, PROMISE));
+    ASSERT_TRUE(a.ok() && b.ok());
+    recordCalls(*a, 0, 5);
+    recordCalls(*b, 5, 5);
+    ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().stats().promiseCallsQueued == 10; }));
+    pair.server().close(Error(Errc::DISCONNECTED, "server going away"));
+    EXPECT_EQ(awaitCalls(), std::vector<Errc>(10, Errc::DISCONNECTED));
+    ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().answerCount() == 0; }));
+    EXPECT_EQ(pair.server().exportCount(), 0u);
+    // Settling after the death delivers nothing and sends nothing.
+    promiser_.promises[0].resolve(std::make_unique<Node>(0, log_));
+    promiser_.promises.clear();
+    EXPECT_TRUE(log_.order.empty());
+    EXPECT_EQ(pair.server().stats().resolvesSent, 0u);
+    recordCalls(*a, 10, 1);
+    EXPECT_EQ(awaitCalls(), std::vector<Errc>(1, Errc::DISCONNECTED));
+  }
+  EXPECT_EQ(log_.created, log_.destroyed);
+}
+
+TEST_F(RpcPromiseTest, PromiseResolvedToACapabilityOfAnotherConnectionForwardsInOrder) {
+  Log farLog;
+  Node far(0, farLog);
+  LocalPair toFar(loop_, &far);
+  {
+    LocalPair pair(loop_, &promiser_);
+    RemoteCap boot = pair.client().bootstrap();
+    Result<RemoteCap> promise = loop_.run(capFrom(boot, PROMISE));
+    ASSERT_TRUE(promise.ok());
+    recordCalls(*promise, 0, 50);
+    ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().stats().promiseCallsQueued == 50; }));
+    promiser_.promises[0].resolve(toFar.client().bootstrap());
+    recordCalls(*promise, 50, 25);
+    ASSERT_TRUE(runUntil(loop_, [&] { return pair.client().stats().resolvesReceived == 1; }));
+    recordCalls(*promise, 75, 25);
+    EXPECT_EQ(awaitCalls(), std::vector<Errc>(100, Errc::OK));
+    EXPECT_EQ(farLog.order, upTo(100));
+    *promise = RemoteCap();
+    boot = RemoteCap();
+    ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().exportCount() == 1; }));
+    EXPECT_EQ(toFar.client().importCount(), 0u) << "the proxy's import is released with it";
+  }
+}
+
+// --- forwarding exports carry capabilities ---------------------------------------------------
+
+// Vat V (the middle) holds A's bootstrap on its connection to A and hands it to client C in
+// results: without a VatNetwork it goes as a proxy (a forwarding export of V).
+class ForwardingTest : public RpcPromiseTest {
+ protected:
+  ForwardingTest() {
+    toA_ = std::make_unique<LocalPair>(loop_, &a_);
+    promiser_.given = toA_->client().bootstrap();
+    toC_ = std::make_unique<LocalPair>(loop_, &promiser_, &c_);
+  }
+  ~ForwardingTest() override {
+    toC_.reset();
+    promiser_.given = RemoteCap();
+    toA_.reset();
+  }
+  RemoteCap proxy() {
+    Result<RemoteCap> cap = loop_.run(capFrom(toC_->client().bootstrap(), GIVE));
+    EXPECT_TRUE(cap.ok());
+    return cap ? *cap : RemoteCap();
+  }
+
+  Log aLog_, cLog_;
+  Node a_{0, aLog_};
+  Node c_{7, cLog_};
+  std::unique_ptr<LocalPair> toA_;  // V (client) -> A (server)
+  std::unique_ptr<LocalPair> toC_;  // C (client) -> V (server)
+};
+
+Promise<uint64_t> callBackThrough(RemoteCap target, ServerObject& mine) {
+  Request req = target.newCall(NODE_INTERFACE_ID, CALL_BACK, 16);
+  CapParam::Builder params = req.initParams<CapParam>();
+  Result<uint32_t> index = req.addCap(mine);
+  AGATE_CO_TRY(index);
+  writeCapPointer(params, 0, *index);
+  Result<Response> r = co_await req.send();
+  AGATE_CO_TRY(r);
+  co_return r->results().getAs<Value>().getValue();
+}
+
+TEST_F(ForwardingTest, CapabilityInParamsIsCarriedThroughAProxy) {
+  RemoteCap p = proxy();
+  Result<uint64_t> v = loop_.run(callBackThrough(p, c_));
+  ASSERT_TRUE(v.ok()) << errcName(v.code()) << " " << (v.error().detail ? v.error().detail : "");
+  EXPECT_EQ(*v, 5u + 7u + 100u) << "A called C's node back through two proxies of V";
+  p = RemoteCap();
+  ASSERT_TRUE(runUntil(loop_, [&] {
+    return toC_->server().exportCount() == 1 && toA_->server().importCount() == 0 &&
+           toA_->client().exportCount() == 1 && toC_->client().exportCount() == 1;
+  })) << "V's proxies and their imports are released";
+}
+
+Promise<uint64_t> echoOnNext(RemoteCap target) {
+  Result<Response> r = co_await target.newCall(NODE_INTERFACE_ID, NEXT, 16).send();
+  AGATE_CO_TRY(r);
+  Result<ReceivedCap> next = Error(Errc::INVALID_ARGUMENT, "no cap");
+  AGATE_CO_TRY(r->tryRead<CapAndValue>([&](CapAndValue::Reader x) { next = r->capAt(x, 0); }));
+  AGATE_CO_TRY(next);
+  RemoteCap child = next->remote;
+  Request req = child.newCall(NODE_INTERFACE_ID, ECHO, 16);
+  req.initParams<Value>().setValue(10);
+  Result<Response> e = co_await req.send();
+  AGATE_CO_TRY(e);
+  co_return e->results().getAs<Value>().getValue();
+}
+
+TEST_F(ForwardingTest, CapabilityInResultsIsCarriedThroughAProxyAndReleasedWithIt) {
+  RemoteCap p = proxy();
+  Result<uint64_t> v = loop_.run(echoOnNext(p));
+  ASSERT_TRUE(v.ok()) << errcName(v.code());
+  EXPECT_EQ(*v, 11u) << "A's child node (value 1) answered through V's proxy";
+  p = RemoteCap();
+  ASSERT_TRUE(runUntil(loop_, [&] {
+    return toC_->server().exportCount() == 1 && toA_->server().exportCount() == 1;
+  }));
+  EXPECT_EQ(aLog_.created, 2);
+  EXPECT_EQ(aLog_.destroyed, 1) << "A's child is freed once C and V let go";
+}
+
+TEST_F(ForwardingTest, UpstreamDeathBreaksTheProxyWithDisconnected) {
+  RemoteCap p = proxy();
+  Result<uint64_t> v = loop_.run(echoOnNext(p));
+  ASSERT_TRUE(v.ok());
+  toA_->server().close(Error(Errc::DISCONNECTED, "A went away"));
+  ASSERT_TRUE(runUntil(loop_, [&] { return !toA_->client().isOpen(); }));
+  recordCalls(p, 0, 2);
+  EXPECT_EQ(awaitCalls(), std::vector<Errc>(2, Errc::DISCONNECTED));
+  p = RemoteCap();
+  ASSERT_TRUE(runUntil(loop_, [&] { return toC_->server().exportCount() == 1; }));
+}
+
+TEST_F(ForwardingTest, DownstreamDeathReleasesTheProxysImports) {
+  RemoteCap p = proxy();
+  Result<uint64_t> v = loop_.run(callBackThrough(p, c_));
+  ASSERT_TRUE(v.ok());
+  p = RemoteCap();
+  toC_->server().close(Error(Errc::DISCONNECTED, "C went away"));
+  ASSERT_TRUE(runUntil(loop_, [&] { return toA_->server().importCount() == 0; }));
+  EXPECT_EQ(toA_->client().exportCount(), 1u);
+  EXPECT_EQ(toA_->client().importCount(), 1u) << "only V's own reference to A's bootstrap";
+}
+
+}  // namespace
+}  // namespace agate::rpc::test
