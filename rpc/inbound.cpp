@@ -21,8 +21,13 @@ Promise<void> RpcConnection::readLoop() {
       if (!isOpen()) co_return {};
     }
     {
-      Result<IncomingMessage> in = co_await rx_.receiveAsync(loop_, options_.wait);
-      if (!isOpen()) co_return {};
+      // A message already in the ring is taken synchronously: only an empty ring costs the
+      // awaiting (spin, then park) coroutine and its frames.
+      Result<IncomingMessage> in = rx_.tryReceive();
+      if (in.code() == Errc::WOULD_BLOCK) {
+        in = co_await rx_.receiveAsync(loop_, options_.wait);
+        if (!isOpen()) co_return {};
+      }
       if (!in) {
         if (in.code() == Errc::PROTOCOL_ERROR) {
           sendAbort(in.error());  // a malformed frame or ring: tell the peer why
