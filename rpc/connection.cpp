@@ -7,6 +7,9 @@ using namespace internal;
 
 MessageReceiverOptions rpcReceiverOptions(MessageReceiverOptions base) {
   base.limits.allowCapabilityPointers = true;
+  // The reader takes messages until the ring is empty (which publishes the releases) and flushes
+  // before it waits on anything else (readLoop).
+  base.deferReleases = true;
   return base;
 }
 

@@ -629,7 +629,8 @@ class RpcConnection {
   std::optional<Promise<void>> reader_;  // last: started by the constructor, dropped first
 };
 
-// The MessageReceiverOptions an RPC connection's receiver needs (capability pointers allowed).
+// The MessageReceiverOptions an RPC connection's receiver needs (capability pointers allowed),
+// with deferred frame releases (the connection's reader flushes them before every wait).
 MessageReceiverOptions rpcReceiverOptions(MessageReceiverOptions base = {});
 
 }  // namespace agate::rpc
