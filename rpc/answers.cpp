@@ -117,6 +117,11 @@ void RpcConnection::deliver(Answer& a, uint32_t exportId, wire::Call::Reader cal
   ctx.paramsValid_ = true;
   Promise<void> dispatch = e.object->dispatch(call.getInterfaceId(), call.getMethodId(), ctx);
   ctx.paramsValid_ = false;
+  if (dispatch.isReady()) {
+    // Served synchronously (the common case): the Return goes out now, with no driver coroutine.
+    completeAnswer(a.id, dispatch.takeResult());
+    return;
+  }
   a.driver.emplace(drive(a.id, std::move(dispatch)));
 }
 

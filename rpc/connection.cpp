@@ -7,6 +7,9 @@ using namespace internal;
 
 MessageReceiverOptions rpcReceiverOptions(MessageReceiverOptions base) {
   base.limits.allowCapabilityPointers = true;
+  // The reader takes messages until the ring is empty (which publishes the releases) and flushes
+  // before it waits on anything else (readLoop).
+  base.deferReleases = true;
   return base;
 }
 
@@ -21,7 +24,8 @@ RpcConnection::RpcConnection(MessageSender& tx, MessageReceiver& rx, EventLoop& 
       options_(options),
       replayReader_(rx.limits()),
       teardownTask_(*this),
-      worklistTask_(*this) {
+      worklistTask_(*this),
+      finishTask_(*this) {
   AGATE_REQUIRE(rx.limits().allowCapabilityPointers,
                 "an RPC connection's MessageReceiver must be built with rpcReceiverOptions()");
   AGATE_REQUIRE(options_.maxMessageBytes >= 1024, "maxMessageBytes %zu is below 1 KiB",
@@ -76,6 +80,10 @@ void RpcConnection::fail(Error reason) {
       q.fulfiller->fulfill(reason);
       q.fulfiller.reset();
     }
+  }
+  // Queued Finishes will not go out: their questions are free now.
+  for (uint32_t i = 0, n = std::exchange(queuedFinishCount_, 0); i < n; ++i) {
+    freeQuestion(queuedFinishes_[i]);
   }
   // Vines of Accepts that will never return: their introducers may reclaim the provisions.
   // (Dropping one may re-enter another connection; not this one's question table.)
@@ -381,15 +389,50 @@ void RpcConnection::questionUnref(uint32_t id) noexcept {
   Question& q = questions_[id];
   AGATE_ASSERT(q.inUse && q.refs > 0, "question %u released more than referenced", id);
   if (--q.refs != 0) return;
-  if (!q.finishSent) {
-    q.finishSent = true;
-    sendFinish(id);
+  if (q.finishSent) {
+    if (q.returned) freeQuestion(id);  // the connection ended: nothing to send
+    return;
   }
-  if (!q.returned) return;  // freed when the Return arrives
+  q.finishSent = true;
+  if (q.returned) {
+    queueFinish(id);  // freed once the Finish is out
+    return;
+  }
+  sendFinish(id);  // cancels the call: at once
+  // Freed when the Return arrives.
+}
+
+void RpcConnection::freeQuestion(uint32_t id) noexcept {
+  Question& q = questions_[id];
   q = Question{};
   q.nextFree = questionFree_;
   questionFree_ = id;
   --questionsLive_;
+}
+
+// A Finish after the Return only lets the peer free its answer, so it need not go first: it is
+// sent from finishTask_, which runs after the current task, so whatever that task sends next
+// (typically the caller's next Call) reaches the peer ahead of it and is served without waiting
+// behind it. Finishes of one task go out together, in the order they were queued.
+void RpcConnection::queueFinish(uint32_t id) {
+  if (!isOpen()) {
+    freeQuestion(id);
+    return;
+  }
+  if (queuedFinishCount_ == MAX_QUEUED_FINISHES) flushFinishes();
+  queuedFinishes_[queuedFinishCount_++] = id;
+  if (!finishTask_.isQueued()) loop_.post(finishTask_);
+}
+
+void RpcConnection::flushFinishes() {
+  // Taken out first: sending may fail the connection, which frees queued questions itself.
+  std::array<uint32_t, MAX_QUEUED_FINISHES> ids;
+  const uint32_t n = std::exchange(queuedFinishCount_, 0);
+  std::copy_n(queuedFinishes_.begin(), n, ids.begin());
+  for (uint32_t i = 0; i < n; ++i) {
+    sendFinish(ids[i]);  // nothing is sent on a dead connection
+    freeQuestion(ids[i]);
+  }
 }
 
 }  // namespace agate::rpc

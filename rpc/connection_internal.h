@@ -285,30 +285,33 @@ struct RpcConnection::Import {
   Error broken{};
 };
 
-// Everything handleMessage needs, read once inside the decode boundary.
+// Everything handleMessage needs, read once inside the decode boundary. Built on the stack for
+// every inbound message, so the per-entry arrays are left uninitialised: decode writes entry i
+// before anything reads it (i < capCount, i < pathLength; resolveHosts sets capHosts[i] and,
+// when it is null, capHostErrors[i]).
 struct RpcConnection::Decoded {
   wire::Message::Which which{};
   uint32_t id = 0;     // call: question id; return: answer id; finish; release: export id
   uint32_t count = 0;  // release
   bool targetIsAnswer = false;
   uint32_t targetId = 0;
-  std::array<uint16_t, MAX_PIPELINE_PATH> path{};
+  std::array<uint16_t, MAX_PIPELINE_PATH> path;
   uint32_t pathLength = 0;
   uint64_t interfaceId = 0;
   uint16_t methodId = 0;
   wire::Return::Which returnKind{};
   capnp::AnyStruct::Reader payload;
   capnp::List<wire::CapDescriptor>::Reader caps;
-  std::array<detail::CapEntry::Kind, MAX_CAPS_PER_MESSAGE> capKinds{};
-  std::array<uint32_t, MAX_CAPS_PER_MESSAGE> capIds{};
+  std::array<detail::CapEntry::Kind, MAX_CAPS_PER_MESSAGE> capKinds;
+  std::array<uint32_t, MAX_CAPS_PER_MESSAGE> capIds;
   uint32_t capCount = 0;
   wire::Exception::Reader exception;
   // thirdPartyHosted entries (capIds holds the vine) and, once resolveHosts ran, the host's
   // connection or why there is none.
-  std::array<VatId, MAX_CAPS_PER_MESSAGE> capVats{};
-  std::array<uint64_t, MAX_CAPS_PER_MESSAGE> capProvisions{};
-  std::array<RpcConnection*, MAX_CAPS_PER_MESSAGE> capHosts{};
-  std::array<Error, MAX_CAPS_PER_MESSAGE> capHostErrors{};
+  std::array<VatId, MAX_CAPS_PER_MESSAGE> capVats;
+  std::array<uint64_t, MAX_CAPS_PER_MESSAGE> capProvisions;
+  std::array<RpcConnection*, MAX_CAPS_PER_MESSAGE> capHosts;
+  std::array<Error, MAX_CAPS_PER_MESSAGE> capHostErrors;
   uint32_t thirdPartyCount = 0;
   // provide: recipient; accept: introducer.
   VatId vat = NO_VAT;

@@ -14,6 +14,7 @@ Promise<void> RpcConnection::readLoop() {
   while (isOpen()) {
     if (options_.messagesPerTurn != 0 && turnBudget-- == 0) {
       turnBudget = options_.messagesPerTurn - 1;
+      rx_.receiver().flushReleases();  // the peer sees the space taken so far while we wait
       // Wait for the loop's next turn (a zero timer), not just the back of the run queue: the
       // loop polls for I/O between turns, so readers whose doorbells rang meanwhile (parked
       // peers) are queued ahead of this one.
@@ -21,8 +22,13 @@ Promise<void> RpcConnection::readLoop() {
       if (!isOpen()) co_return {};
     }
     {
-      Result<IncomingMessage> in = co_await rx_.receiveAsync(loop_, options_.wait);
-      if (!isOpen()) co_return {};
+      // A message already in the ring is taken synchronously: only an empty ring costs the
+      // awaiting (spin, then park) coroutine and its frames.
+      Result<IncomingMessage> in = rx_.tryReceive();
+      if (in.code() == Errc::WOULD_BLOCK) {
+        in = co_await rx_.receiveAsync(loop_, options_.wait);
+        if (!isOpen()) co_return {};
+      }
       if (!in) {
         if (in.code() == Errc::PROTOCOL_ERROR) {
           sendAbort(in.error());  // a malformed frame or ring: tell the peer why
@@ -42,6 +48,7 @@ Promise<void> RpcConnection::readLoop() {
         if (handled.code() != Errc::WOULD_BLOCK || !connecting_) break;
         // A handoff names a vat this one has no connection to yet: read nothing more until it
         // is made (the frame stays in place), then handle the same message again.
+        rx_.receiver().flushReleases();
         Result<RpcConnection*> made = co_await *connecting_;
         connecting_.reset();
         if (!isOpen()) co_return {};

@@ -224,7 +224,7 @@ void IncomingMessage::reset() noexcept {
 
 MessageReceiver::MessageReceiver(const Channel& channel, Receiver receiver,
                                  MessageReceiverOptions options)
-    : receiver_(std::move(receiver)) {
+    : receiver_(std::move(receiver)), deferReleases_(options.deferReleases) {
   ReadPolicy policy = options.policy.value_or(
       channel.scope() == ChannelScope::SHARED ? ReadPolicy::COPY_IN : ReadPolicy::IN_PLACE);
   if (policy == ReadPolicy::IN_PLACE) {
@@ -248,11 +248,12 @@ Result<IncomingMessage> MessageReceiver::decode(Result<Frame> frame) {
   Result<MessageView> view = reader_->tryDecode(frame->payload);
   // COPY_IN: the message now lives in the scratch (or was refused); the frame goes back at once.
   const bool inPlace = reader_->policy() == ReadPolicy::IN_PLACE;
-  if (!inPlace || !view) receiver_.release();
   if (!view) {
+    receiver_.release();
     poison_ = view.error();
     return poison_;
   }
+  if (!inPlace) releaseFrame();
   outstanding_ = true;
   holdsFrame_ = inPlace;
   return IncomingMessage(this, *view, frame->tag);
@@ -283,7 +284,15 @@ Promise<IncomingMessage> MessageReceiver::receiveAsync(EventLoop& loop, AsyncWai
 
 void MessageReceiver::finishMessage() noexcept {
   outstanding_ = false;
-  if (std::exchange(holdsFrame_, false)) receiver_.release();
+  if (std::exchange(holdsFrame_, false)) releaseFrame();
+}
+
+void MessageReceiver::releaseFrame() noexcept {
+  if (deferReleases_) {
+    receiver_.releaseDeferred();  // published by the next receive that finds the ring empty
+  } else {
+    receiver_.release();
+  }
 }
 
 }  // namespace agate

@@ -108,6 +108,43 @@ TEST(MessageChannelTest, SharedChannelCopiesInAndReleasesTheFrameAtOnce) {
   EXPECT_EQ(in->getRoot<test::Point>().getX(), 9);
 }
 
+TEST(MessageChannelTest, DeferredReleasesPublishTheHeadOnceTheRingIsFoundEmpty) {
+  for (ChannelScope scope : {ChannelScope::SHARED, ChannelScope::LOCAL}) {
+    Endpoints e(scoped(scope), MessageReceiverOptions{.deferReleases = true});
+    for (int32_t x = 0; x < 3; ++x) ASSERT_TRUE(sendPoint(*e.tx, x).ok());
+    const uint64_t sent = e.tail();
+    for (int32_t x = 0; x < 3; ++x) {
+      Result<IncomingMessage> in = e.rx->tryReceive();
+      ASSERT_TRUE(in.ok());
+      EXPECT_EQ(in->getRoot<test::Point>().getX(), x);
+    }
+    EXPECT_EQ(e.head(), 0u) << "three frames taken, none handed back yet";
+    EXPECT_EQ(e.rx->tryReceive().code(), Errc::WOULD_BLOCK);
+    EXPECT_EQ(e.head(), sent) << "an empty ring publishes every deferred release at once";
+  }
+}
+
+TEST(MessageChannelTest, DeferredReleasesStillPublishEveryQuarterOfTheRing) {
+  Endpoints e(scoped(ChannelScope::SHARED, 4096), MessageReceiverOptions{.deferReleases = true});
+  // 24-byte frames: the 43rd one taken passes capacity/4 (1024 bytes) unpublished.
+  int32_t sent = 0;
+  while (sendPoint(*e.tx, sent).ok()) ++sent;
+  ASSERT_GT(sent, 60);
+  for (int32_t x = 0; x < 42; ++x) ASSERT_TRUE(e.rx->tryReceive().ok());
+  EXPECT_EQ(e.head(), 0u);
+  ASSERT_TRUE(e.rx->tryReceive().ok());
+  EXPECT_EQ(e.head(), 43u * 24u) << "a sender waiting for space is not held off for long";
+  EXPECT_TRUE(sendPoint(*e.tx, sent).ok()) << "the space published is usable";
+}
+
+TEST(MessageChannelTest, AMalformedFrameIsReleasedAtOnceEvenWithDeferredReleases) {
+  Endpoints e(scoped(ChannelScope::SHARED), MessageReceiverOptions{.deferReleases = true});
+  const uint64_t garbage[2] = {0xfffffffffffffff0ull, 0x1234};  // root: a list, out of bounds
+  ASSERT_TRUE(e.tx->sender().trySend(std::as_bytes(std::span(garbage))).ok());
+  EXPECT_EQ(e.rx->tryReceive().code(), Errc::PROTOCOL_ERROR);
+  EXPECT_EQ(e.head(), e.tail());
+}
+
 TEST(MessageChannelTest, ReadPolicyCanBeOverriddenForATrustedPeer) {
   Endpoints e(scoped(ChannelScope::SHARED), MessageReceiverOptions{.policy = ReadPolicy::IN_PLACE});
   EXPECT_EQ(e.rx->policy(), ReadPolicy::IN_PLACE);

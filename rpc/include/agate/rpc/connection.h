@@ -555,6 +555,9 @@ class RpcConnection {
   detail::SpillBuffer* takeSpill(size_t bytes);
   void giveSpill(detail::SpillBuffer* buffer) noexcept;
   void sendFinish(uint32_t questionId);
+  void queueFinish(uint32_t questionId);
+  void flushFinishes();
+  void freeQuestion(uint32_t questionId) noexcept;
   void sendRelease(uint32_t importId, uint32_t count);
   void sendAbort(const Error& reason);
   void writeException(wire::Exception::Builder b, const Error& e);
@@ -690,6 +693,12 @@ class RpcConnection {
   std::array<detail::SpillBuffer*, 16> spillFree_{};
   std::optional<Promise<void>> pump_;
 
+  // Finish for questions whose Return arrived: sent by finishTask_, behind what the current task
+  // sends (queueFinish). The questions stay in use (their ids unused) until it goes out.
+  static constexpr uint32_t MAX_QUEUED_FINISHES = 64;
+  std::array<uint32_t, MAX_QUEUED_FINISHES> queuedFinishes_{};
+  uint32_t queuedFinishCount_ = 0;
+
   // Answers whose queued pipelined calls can now be settled (run iteratively, not recursively).
   std::vector<uint32_t> worklist_;
 
@@ -710,10 +719,12 @@ class RpcConnection {
   FrameReader replayReader_;
   MemberTask<&RpcConnection::teardown> teardownTask_;
   MemberTask<&RpcConnection::runWorklist> worklistTask_;
+  MemberTask<&RpcConnection::flushFinishes> finishTask_;
   std::optional<Promise<void>> reader_;  // last: started by the constructor, dropped first
 };
 
-// The MessageReceiverOptions an RPC connection's receiver needs (capability pointers allowed).
+// The MessageReceiverOptions an RPC connection's receiver needs (capability pointers allowed),
+// with deferred frame releases (the connection's reader flushes them before every wait).
 MessageReceiverOptions rpcReceiverOptions(MessageReceiverOptions base = {});
 
 }  // namespace agate::rpc

@@ -1,0 +1,140 @@
+// The per-message path of RpcConnection: a burst of calls already in the ring is served in one
+// pass of the reader with its frames handed back together; a Finish that follows its Return goes
+// out behind the caller's next message (so the callee serves that message first); queued
+// Finishes are bounded, all sent, and dropped with a connection that ends.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <functional>
+#include <vector>
+
+#include "agate/runtime/ring.h"
+#include "rpc_harness.h"
+#include "support/watchdog.h"
+
+namespace agate::rpc::test {
+namespace {
+
+using agate::testing::Watchdog;
+
+constexpr uint64_t ANY_INTERFACE = 1;
+
+// Serves every call with empty results, recording for each what `probe` returned when it ran.
+class Recorder final : public ServerObject {
+ public:
+  std::function<uint64_t(CallContext&)> probe;
+  std::vector<uint64_t> seen;
+
+  Promise<void> dispatch(uint64_t, uint16_t, CallContext& ctx) override {
+    seen.push_back(probe(ctx));
+    return readyPromise<void>(Status{});
+  }
+};
+
+Promise<void> nullCall(RemoteCap cap) {
+  Result<Response> r = co_await cap.newCall(ANY_INTERFACE, 0, 0).send();
+  AGATE_CO_TRY(r);
+  co_return {};
+}
+
+Promise<void> awaitAll(std::vector<RemotePromise>& pending) {
+  for (RemotePromise& p : pending) AGATE_CO_TRY(co_await p);
+  co_return {};
+}
+
+class RpcHotPathTest : public ::testing::Test {
+ protected:
+  Watchdog watchdog_{"rpc_hot_path_test", std::chrono::seconds(60)};
+  EventLoop loop_;
+};
+
+TEST_F(RpcHotPathTest, ABurstOfCallsIsServedInOnePassAndItsFramesHandedBackTogether) {
+  ChannelOptions co;
+  co.scope = ChannelScope::LOCAL;
+  co.capacityBytes = 64 * 1024;
+  std::unique_ptr<Channel> c2s = std::move(Channel::create(co).value());
+  std::unique_ptr<Channel> s2c = std::move(Channel::create(co).value());
+  MessageSender clientTx(c2s->attachSender().value());
+  MessageReceiver serverRx(*c2s, c2s->attachReceiver().value(), rpcReceiverOptions());
+  MessageSender serverTx(s2c->attachSender().value());
+  MessageReceiver clientRx(*s2c, s2c->attachReceiver().value(), rpcReceiverOptions());
+  auto* requests = reinterpret_cast<RingControl*>(c2s->memory().data());
+  Recorder server;
+  server.probe = [&](CallContext&) {
+    return std::atomic_ref<uint64_t>(requests->head).load(std::memory_order_acquire);
+  };
+  {
+    RpcConnection serverConn(serverTx, serverRx, loop_, {.bootstrap = &server});
+    RpcConnection client(clientTx, clientRx, loop_);
+    RemoteCap cap = client.bootstrap();
+    std::vector<RemotePromise> pending;
+    for (int i = 0; i < 8; ++i) pending.push_back(cap.newCall(ANY_INTERFACE, 0, 0).send());
+    const uint64_t burstEnd = std::atomic_ref<uint64_t>(requests->tail).load();
+    ASSERT_TRUE(runUntil(loop_, [&] { return server.seen.size() == 8; }));
+    // Every call was dispatched while the ring's head still stood before the burst: the reader
+    // took them one after another, handing the frames back only once it found the ring empty.
+    EXPECT_EQ(server.seen, std::vector<uint64_t>(8, 0));
+    EXPECT_EQ(std::atomic_ref<uint64_t>(requests->head).load(), burstEnd);
+    EXPECT_TRUE(loop_.run(awaitAll(pending)).ok());
+    pending.clear();
+  }
+}
+
+TEST_F(RpcHotPathTest, AFinishAfterItsReturnGoesOutBehindTheCallersNextCall) {
+  Recorder server;
+  server.probe = [](CallContext& ctx) { return ctx.connection().stats().finishesReceived; };
+  LocalPair pair(loop_, &server);
+  RemoteCap cap = pair.client().bootstrap();
+  uint64_t finishesSentBetween = ~uint64_t{0};
+  auto twoCalls = [&]() -> Promise<void> {
+    AGATE_CO_TRY(co_await nullCall(cap));  // its promise is gone: the Finish is queued
+    finishesSentBetween = pair.client().stats().finishesSent;
+    AGATE_CO_TRY(co_await nullCall(cap));
+    co_return {};
+  };
+  ASSERT_TRUE(loop_.run(twoCalls()).ok());
+  EXPECT_EQ(finishesSentBetween, 0u);
+  ASSERT_TRUE(runUntil(loop_, [&] {
+    return pair.server().answerCount() == 0 && pair.client().questionCount() == 0;
+  }));
+  EXPECT_EQ(server.seen, (std::vector<uint64_t>{0, 0}))
+      << "the second call reached the server ahead of the first call's Finish";
+  EXPECT_EQ(pair.client().stats().finishesSent, 2u);
+  EXPECT_EQ(pair.server().stats().finishesReceived, 2u);
+}
+
+TEST_F(RpcHotPathTest, MoreFinishesThanTheQueueHoldsAllGoOutAndFreeTheirIds) {
+  Recorder server;
+  server.probe = [](CallContext&) { return 0; };
+  LocalPair pair(loop_, &server, nullptr, {}, 256 * 1024);
+  RemoteCap cap = pair.client().bootstrap();
+  std::vector<RemotePromise> pending;
+  for (int i = 0; i < 150; ++i) pending.push_back(cap.newCall(ANY_INTERFACE, 0, 0).send());
+  ASSERT_TRUE(loop_.run(awaitAll(pending)).ok());
+  ASSERT_TRUE(runUntil(loop_, [&] { return server.seen.size() == 150; }));
+  pending.clear();  // 150 returned questions finished in one step: the queue overflows twice
+  ASSERT_TRUE(runUntil(loop_, [&] {
+    return pair.server().answerCount() == 0 && pair.client().questionCount() == 0;
+  }));
+  EXPECT_EQ(pair.client().stats().finishesSent, 150u);
+  EXPECT_EQ(pair.server().stats().finishesReceived, 150u);
+  EXPECT_TRUE(pair.server().isOpen());
+  EXPECT_TRUE(loop_.run(nullCall(cap)).ok()) << "ids freed by the Finishes are usable again";
+}
+
+TEST_F(RpcHotPathTest, FinishesQueuedWhenTheConnectionEndsAreDroppedAndTheirIdsFreed) {
+  Recorder server;
+  server.probe = [](CallContext&) { return 0; };
+  LocalPair pair(loop_, &server);
+  RemoteCap cap = pair.client().bootstrap();
+  // run() returns as soon as the call is done: the Finish task is still queued.
+  ASSERT_TRUE(loop_.run(nullCall(cap)).ok());
+  EXPECT_EQ(pair.client().questionCount(), 1u) << "the question lives until its Finish is out";
+  pair.client().close(Error(Errc::DISCONNECTED, "closed by the test"));
+  EXPECT_EQ(pair.client().questionCount(), 0u);
+  loop_.runUntilIdle();
+  EXPECT_EQ(pair.client().stats().finishesSent, 0u);
+}
+
+}  // namespace
+}  // namespace agate::rpc::test
