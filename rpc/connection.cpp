@@ -38,6 +38,7 @@ RpcConnection::RpcConnection(MessageSender& tx, MessageReceiver& rx, EventLoop& 
   exports_[0].inUse = true;
   exportsLive_ = 1;
   exportFree_ = NONE;
+  spareExportNodes_.reserve(MAX_SPARE_EXPORT_NODES);
   AGATE_REQUIRE((options_.network == nullptr) == (options_.peerVat == NO_VAT),
                 "RpcOptions::network and RpcOptions::peerVat go together");
   if (options_.network != nullptr) {
@@ -175,7 +176,15 @@ Result<uint32_t> RpcConnection::exportObject(ServerObject* object,
   e.shared = std::move(shared);
   e.inUse = true;
   ++exportsLive_;
-  exportByObject_.emplace(object, id);
+  if (spareExportNodes_.empty()) {
+    exportByObject_.emplace(object, id);
+  } else {
+    ExportIndex::node_type node = std::move(spareExportNodes_.back());
+    spareExportNodes_.pop_back();
+    node.key() = object;
+    node.mapped() = id;
+    exportByObject_.insert(std::move(node));
+  }
   return id;
 }
 
@@ -191,7 +200,10 @@ void RpcConnection::maybeFreeExport(uint32_t id) noexcept {
   if (id == 0 || !e.inUse || e.remoteRefs != 0 || e.pins != 0) return;
   std::unique_ptr<ServerObject> doomed = std::move(e.owned);
   std::shared_ptr<ServerObject> doomedShared = std::move(e.shared);
-  exportByObject_.erase(e.object);
+  if (ExportIndex::node_type node = exportByObject_.extract(e.object);
+      node && spareExportNodes_.size() < MAX_SPARE_EXPORT_NODES) {
+    spareExportNodes_.push_back(std::move(node));  // capacity reserved: no allocation
+  }
   e = Export{};
   e.nextFree = exportFree_;
   exportFree_ = id;

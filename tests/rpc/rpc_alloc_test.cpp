@@ -3,6 +3,7 @@
 // allocation at all. Links the counting operator new (support/alloc_counter.h).
 #include <gtest/gtest.h>
 
+#include <optional>
 #include <vector>
 
 #include "rpc_harness.h"
@@ -42,6 +43,31 @@ Promise<void> callsInFlight(RemoteCap& cap, int rounds, std::vector<RemotePromis
   co_return {};
 }
 
+// Chains of ten calls, each pipelined on the capability the previous one returns (the server's
+// own object, borrowed): the export is released after every chain and made again by the next.
+Promise<void> pipelinedChains(RemoteCap& root, int chains) {
+  for (int c = 0; c < chains; ++c) {
+    {
+      RemoteCap cap = root;
+      std::optional<RemotePromise> last;
+      for (int i = 0; i < 10; ++i) {
+        RemotePromise p = cap.newCall(NODE_INTERFACE_ID, SELF, 0).send();
+        cap = p.pipeline({0});
+        if (i == 9) last.emplace(std::move(p));
+      }
+      Result<Response> r = co_await *last;
+      AGATE_CO_TRY(r);
+      AGATE_ASSERT(r->results().getAs<CapAndValue>().getValue() == 0, "chain %d", c);
+    }
+    // The chain's references are dropped: a call behind their Release makes sure the server
+    // freed the export before the next chain makes it again.
+    Request req = root.newCall(NODE_INTERFACE_ID, ECHO, 16);
+    req.initParams<Value>().setValue(1);
+    AGATE_CO_TRY(co_await req.send());
+  }
+  co_return {};
+}
+
 class RpcAllocTest : public ::testing::Test {
  protected:
   Watchdog watchdog_{"rpc_alloc_test", std::chrono::seconds(60)};
@@ -68,6 +94,15 @@ TEST_F(RpcAllocTest, CallsInFlightAllocateNothingInSteadyState) {
   const uint64_t before = allocationCount();
   ASSERT_TRUE(loop_.run(callsInFlight(cap, 100, slots)).ok());
   EXPECT_EQ(allocationCount() - before, 0u) << "allocations per 3200 calls";
+}
+
+TEST_F(RpcAllocTest, PipelinedChainsOnAReleasedAndReexportedObjectAllocateNothingInSteadyState) {
+  LocalPair pair(loop_, &root_);
+  RemoteCap cap = pair.client().bootstrap();
+  ASSERT_TRUE(loop_.run(pipelinedChains(cap, 50)).ok());
+  const uint64_t before = allocationCount();
+  ASSERT_TRUE(loop_.run(pipelinedChains(cap, 200)).ok());
+  EXPECT_EQ(allocationCount() - before, 0u) << "allocations per 200 chains of ten calls";
 }
 
 }  // namespace

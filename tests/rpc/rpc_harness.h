@@ -24,6 +24,7 @@ enum Method : uint16_t {
   NEXT_LATER = 6,  // as NEXT after a trip through the loop (so pipelined calls queue)
   FAIL_LATER = 7,  // as FAIL after a trip through the loop
   CALL_BACK = 8,   // CapParam -> Value: calls ECHO(5) on the given (caller-hosted) cap, +100
+  SELF = 9,        // -> CapAndValue: this node, borrowed (a chain creates no objects)
 };
 
 struct Log {
@@ -62,6 +63,8 @@ class Node final : public ServerObject {
         return failLater();
       case CALL_BACK:
         return callBack(ctx);
+      case SELF:
+        return readyPromise<void>(self(ctx));
       default:
         return readyPromise<void>(Error(Errc::UNSUPPORTED, "no such method"));
     }
@@ -83,6 +86,15 @@ class Node final : public ServerObject {
     AGATE_TRY(index);
     writeCapPointer(*out, 0, *index);
     out->setValue(value_ + 1);
+    return {};
+  }
+  Status self(CallContext& ctx) {
+    Result<CapAndValue::Builder> out = ctx.initResultsAs<CapAndValue>(32);
+    AGATE_TRY(out);
+    Result<uint32_t> index = ctx.addResultCap(*this);
+    AGATE_TRY(index);
+    writeCapPointer(*out, 0, *index);
+    out->setValue(value_);
     return {};
   }
   Promise<void> nextLater(CallContext& ctx) {

@@ -681,7 +681,13 @@ class RpcConnection {
   std::vector<Export> exports_;
   uint32_t exportFree_;
   uint32_t exportsLive_ = 0;
-  std::unordered_map<ServerObject*, uint32_t> exportByObject_;
+  using ExportIndex = std::unordered_map<ServerObject*, uint32_t>;
+  ExportIndex exportByObject_;
+  // Nodes of entries erased from exportByObject_, reused by the next export: an object that is
+  // released and exported again (a chain of calls returning the same object) allocates nothing.
+  // At most MAX_SPARE_EXPORT_NODES; reserved at construction.
+  static constexpr size_t MAX_SPARE_EXPORT_NODES = 64;
+  std::vector<ExportIndex::node_type> spareExportNodes_;
   std::vector<Import> imports_;  // by the peer's export id
   uint32_t importsLive_ = 0;
   uint64_t handles_ = 0;  // live RemoteCap/Request/RemotePromise/Response on this connection
