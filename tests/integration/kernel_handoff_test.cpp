@@ -576,5 +576,84 @@ TEST_F(KernelHandoffTest, AVatIdThatNamesNoIntroducedProcessIsAClearErrorAndOpen
   });
 }
 
+// The event router: this process registers "local" and is a client of A's "bank" on one kernel
+// connection. A client X of "local" dies: only the server side hears it. A dies: only the
+// client side does.
+TEST_F(KernelHandoffTest, OneConnectionServesAndIsAClientAndEachDeathReachesOnlyItsSide) {
+  const pid_t a = startServer(kernel_.home(), Role::BANK);
+  const pid_t parent = ::getpid();
+  const pid_t x = ::fork();
+  if (x == 0) {
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (::getppid() != parent) ::_exit(1);
+    ::alarm(30);
+    EventLoop loop;
+    auto kernel = KernelConnection::tryAttach(loop, kernel_.home(), "local-client");
+    if (!kernel) ::_exit(2);
+    Session s(**kernel);
+    Status done = loop.run([&]() -> Promise<void> {
+      AGATE_CO_TRY(co_await s.waitForService("local"));
+      Result<Counter::Client> counter = co_await s.open<Counter>("local");
+      if (!counter) co_return counter.error();
+      auto added = co_await counter->add([](auto p) { p.setN(1); });
+      if (!added) co_return added.error();
+      (void)co_await loop.sleep(std::chrono::hours(1));  // until killed
+      co_return {};
+    }());
+    ::_exit(done ? 0 : 3);
+  }
+  Watchdog dog("client and server on one connection", 60s, a);
+  EventLoop loop;
+  auto kernel = KernelConnection::tryAttach(loop, kernel_.home(), "both");
+  ASSERT_TRUE(kernel.ok());
+  KernelEvents events(**kernel);
+  Status done;
+  {
+    Session s(events);
+    auto host = loop.run(ServiceHost::create(
+        events, "local", [](ServedClient&) { return std::make_unique<CounterImpl>(); }));
+    ASSERT_TRUE(host.ok()) << describe(host.error());
+    ServiceHost& h = **host;
+    done = loop.run(loop.deadline(
+        [&]() -> Promise<void> {
+          Promise<void> serving = h.run();
+          AGATE_CO_TRY(co_await s.waitForService("bank"));
+          Result<Bank::Client> bank = co_await s.open<Bank>("bank");
+          Result<Counter::Client> self = co_await s.open<Counter>("local");  // its own service
+          CO_CHECK(bank.ok() && self.ok());
+          CO_CHECK((co_await bank->open()).ok());
+          CO_CHECK((co_await self->add([](auto p) { p.setN(1); })).ok());
+          for (int i = 0; i < 5000 && h.clientCount() < 2; ++i) (void)co_await loop.sleep(1ms);
+          CO_CHECK(h.clientCount() == 2);  // X and this process
+
+          ::kill(x, SIGKILL);  // a client of "local": the server side drops it ...
+          for (int i = 0; i < 5000 && h.clientsDropped() < 1; ++i) (void)co_await loop.sleep(1ms);
+          CO_CHECK(h.clientsDropped() == 1 && h.clientCount() == 1);
+          CO_CHECK((co_await bank->open()).ok());  // ... and the client side never hears of it
+          CO_CHECK(s.openCount() == 2);
+
+          ::kill(a, SIGKILL);  // the server of "bank": the client side fails DISCONNECTED ...
+          rpc::RpcConnection* toA = bank->cap().connection();
+          for (int i = 0; i < 5000 && toA->isOpen(); ++i) (void)co_await loop.sleep(1ms);
+          auto late = co_await bank->open();
+          CO_CHECK(late.code() == Errc::DISCONNECTED);
+          CO_CHECK(s.openCount() == 1);
+          // ... and the server side serves on.
+          auto still = co_await self->add([](auto p) { p.setN(1); });
+          CO_CHECK(still.ok() && still->results().getTotal() == 2);
+          CO_CHECK(h.clientCount() == 1 && h.clientsDropped() == 1);
+          *bank = Bank::Client();
+          *self = Counter::Client();
+          h.stop();
+          co_return co_await serving;
+        }(),
+        30s));
+  }
+  EXPECT_TRUE(done.ok()) << describe(done.error());
+  EXPECT_EQ(events.unroutedEvents(), 0u);
+  reap(x);
+  reap(a);
+}
+
 }  // namespace
 }  // namespace agate::client
