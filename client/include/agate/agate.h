@@ -16,6 +16,8 @@
 #include <functional>
 #include <utility>
 
+#include "agate/client/kernel_events.h"
+#include "agate/client/kernel_vats.h"
 #include "agate/client/main.h"
 #include "agate/client/service_host.h"
 #include "agate/client/session.h"
@@ -28,6 +30,8 @@
 namespace agate {
 
 using client::ClientQuota;
+using client::KernelEvents;
+using client::KernelVats;
 using client::serve;
 using client::ServedClient;
 using client::ServiceOptions;
