@@ -154,6 +154,9 @@ struct ServiceOptions {
   uint64_t stateGrowthPages = 4;
   // The vat the clients' connections belong to (three-party handoff), or none. Not owned.
   KernelVats* network = nullptr;
+  // serveService only: run a KernelVats of its own as `network` (clients may hand the service
+  // capabilities of other services, which it then calls directly).
+  bool handoff = false;
 
   // Bounds the per-client tables. The wait policy stays RpcOptions' (spin briefly after a
   // message, then park): an idle client's reader is parked and costs nothing, and spinning
