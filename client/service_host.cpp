@@ -189,6 +189,8 @@ void ServiceHost::accept(KernelEvent& event) {
   client->bootstrap_ = factory_(*client);
   rpc::RpcOptions rpcOptions = options_.rpc;
   rpcOptions.bootstrap = client->bootstrap_.get();  // null: the client's calls to it fail
+  rpcOptions.network = nullptr;
+  rpcOptions.peerVat = rpc::NO_VAT;
   // The client's identity comes from the kernel (never from the client): the peer vat a
   // provider checks an Accept against. A process's bushel to its own service joins no vat.
   const bool joinsVat = options_.network != nullptr && event.peer != kernel_.pid();

@@ -66,6 +66,8 @@ Promise<OpenedBushel> Session::openBushel(std::string name, caps::Cap<caps::Spac
   Error failed = !i ? i.error() : !r ? r.error() : Error{};
   if (failed.code == Errc::OK) {
     rpc::RpcOptions rpcOptions = options_.rpc;
+    rpcOptions.network = nullptr;
+    rpcOptions.peerVat = rpc::NO_VAT;
     // A vat never connects to itself (a bushel to one's own service carries no handoffs).
     const bool joinsVat = options_.network != nullptr && r->server != kernel_.pid();
     if (joinsVat) {

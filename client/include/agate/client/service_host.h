@@ -145,8 +145,9 @@ using ClientFactory = std::function<std::unique_ptr<rpc::ServerObject>(ServedCli
 struct ServiceOptions {
   // Pays for the Service record. Invalid (default): the process bank.
   caps::Cap<caps::SpaceBank> bank = {};
-  // Per client; `bootstrap` is ignored (the factory's object is), and messagesPerTurn is set
-  // from the field below.
+  // Per client; `bootstrap`, `network` and `peerVat` are ignored (the factory's object, the
+  // field `network` below and the kernel's word are), and messagesPerTurn is set from the field
+  // below.
   rpc::RpcOptions rpc = defaultRpcOptions();
   // Fairness budget: messages one client's connection handles before the others get a turn.
   uint32_t messagesPerTurn = 16;

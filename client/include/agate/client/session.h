@@ -31,9 +31,11 @@
 // Handoff. With SessionOptions::network (a KernelVats), each connection names the network and
 // the server's kernel ProcessId as its peer vat, and the session lends the network its bushel
 // caps to introduce other vats with: a capability of one service passed to another is handed
-// off, and the receiver calls its host directly (kernel_vats.h). close(koid) hangs up one bushel:
-// the connection closes and the bushel cap is deleted, so the server drops this client's state; its
-// link is kept (closed) until the session goes, so handles still held stay safe to drop.
+// off, and the receiver calls its host directly (kernel_vats.h).
+//
+// close(koid) hangs up one bushel: the connection closes and the bushel cap is deleted, so the
+// server drops this client's state; its link is kept (closed) until the session goes, so handles
+// still held stay safe to drop.
 //
 // Lifetimes: every handle (typed client, promise, response) on a session's bushels must be
 // dropped before the Session (RpcConnection's contract, checked). The KernelConnection (and a
@@ -62,7 +64,8 @@ class KernelVats;
 
 struct SessionOptions {
   // Per bushel. `bootstrap` is what servers reach when they call the client's bootstrap (none
-  // by default; objects passed in calls need none). `network` and `peerVat` are set below.
+  // by default; objects passed in calls need none). Its `network` and `peerVat` are ignored:
+  // the session sets them per bushel from `network` below and the kernel's word.
   rpc::RpcOptions rpc = {};
   // The vat this session's connections belong to (three-party handoff), or none. Not owned.
   KernelVats* network = nullptr;
