@@ -388,12 +388,16 @@ Status KernelConnection::complete(Reader c) {
       case wire::EventType::SERVICE_GONE:
         event.type = EventType::SERVICE_GONE;
         break;
+      case wire::EventType::INTRODUCED:
+        event.type = EventType::INTRODUCED;
+        break;
       default:
         return {};  // an event type from a newer kernel: ignored
     }
     event.bushel = e.getBushel();
     event.service = e.getService();
     event.peer = e.getPeer();
+    event.cap = e.getCap();
     if (eventWaiter_ && eventWaiter_->isCancelled()) eventWaiter_.reset();  // its caller left
     if (eventWaiter_) {
       Fulfiller<KernelEvent> waiter = std::move(*eventWaiter_);
@@ -440,6 +444,7 @@ Status KernelConnection::complete(Reader c) {
       reply.value = c.getKoid();
       break;
     case Which::DONE:
+      reply.value = c.getServer();  // bushelFds: the bushel's server; 0 for any other call
       break;
     case Which::CAP_INFO: {
       auto i = c.getCapInfo();
@@ -783,7 +788,28 @@ Promise<BushelRings> KernelConnection::bushelRings(Cap<Bushel> bushel) {
   if (!r) co_return r.error();
   if (!r->fds[0].valid() || !r->fds[1].valid())
     co_return Error(Errc::PROTOCOL_ERROR, "a bushel's rings arrived without their descriptors");
-  co_return BushelRings{std::move(r->fds[0]), std::move(r->fds[1])};
+  co_return BushelRings{std::move(r->fds[0]), std::move(r->fds[1]),
+                        static_cast<ProcessId>(r->value)};
+}
+
+Promise<Cap<Service>> KernelConnection::introduce(Cap<Bushel> bushel, ProcessId to) {
+  Result<detail::Reply> r = co_await submit(Which::HANDLE, SYSCALL_BYTES, [&](auto call) {
+    auto g = call.initIntroduce();
+    g.setBushel(bushel.handle);
+    g.setTo(to);
+  });
+  if (!r) co_return r.error();
+  co_return Cap<Service>{r->value};
+}
+
+Promise<Cap<Bushel>> KernelConnection::openBushelVia(Cap<Service> service, Cap<SpaceBank> bank) {
+  Result<detail::Reply> r = co_await submit(Which::HANDLE, SYSCALL_BYTES, [&](auto call) {
+    auto g = call.initOpenBushelVia();
+    g.setService(service.handle);
+    g.setBank(bank.handle);
+  });
+  if (!r) co_return r.error();
+  co_return Cap<Bushel>{r->value};
 }
 
 template <class T, class Fetch>

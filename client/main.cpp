@@ -9,6 +9,8 @@
 #include <optional>
 #include <utility>
 
+#include "agate/client/kernel_events.h"
+#include "agate/client/kernel_vats.h"
 #include "agate/kernel/home.h"
 #include "agate/runtime/fd.h"
 
@@ -35,13 +37,22 @@ Promise<void> stopOnSignal(EventLoop& loop, int fd, ServiceHost& host) {
 
 Promise<void> serveUntilStopped(caps::KernelConnection& kernel, std::string name,
                                 ClientFactory factory, ServiceOptions options, int signalFd) {
+  KernelEvents events(kernel);
+  std::optional<KernelVats> vats;
+  if (options.handoff && options.network == nullptr) options.network = &vats.emplace(events);
   Result<std::unique_ptr<ServiceHost>> host =
-      co_await ServiceHost::create(kernel, name, std::move(factory), options);
+      co_await ServiceHost::create(events, name, std::move(factory), options);
   if (!host) co_return host.error();
   fmt::print("{}: serving\n", name);
   std::fflush(stdout);
-  Promise<void> signals = stopOnSignal(kernel.loop(), signalFd, **host);
-  co_return co_await (*host)->run();
+  Status served;
+  {
+    Promise<void> signals = stopOnSignal(kernel.loop(), signalFd, **host);
+    served = co_await (*host)->run();
+  }
+  if (vats) vats->close();  // every connection of the vat, before any of them goes
+  host->reset();
+  co_return served;
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <utility>
 
+#include "agate/client/kernel_vats.h"
 #include "agate/kernel/bushel.h"
 #include "agate/kernel/space_bank.h"
 
@@ -64,6 +65,7 @@ Promise<StateCharge> ClientQuota::charge(uint64_t bytes) {
 
 ServedClient::~ServedClient() {
   watcher_.reset();
+  if (network_ != nullptr && link_) network_->removeConnection(link_->connection());
   // Close first: running calls are cancelled and nothing dispatches to the bootstrap object any
   // more; it may hold references into the connection, so it goes before the connection does.
   if (link_ && link_->connection().isOpen())
@@ -74,35 +76,55 @@ ServedClient::~ServedClient() {
 
 // --- ServiceHost ---
 
-ServiceHost::ServiceHost(caps::KernelConnection& kernel, std::string name, ClientFactory factory,
-                         ServiceOptions options, caps::Cap<caps::Service> service,
-                         caps::Koid serviceKoid)
-    : kernel_(kernel),
+ServiceHost::ServiceHost(std::unique_ptr<KernelEvents> ownEvents, KernelEvents& events,
+                         std::string name, ClientFactory factory, ServiceOptions options,
+                         caps::Cap<caps::Service> service, caps::Koid serviceKoid)
+    : ownEvents_(std::move(ownEvents)),
+      events_(events),
+      kernel_(events.kernel()),
       name_(std::move(name)),
       factory_(std::move(factory)),
       options_(options),
       service_(service),
       serviceKoid_(serviceKoid) {
   options_.rpc.messagesPerTurn = options_.messagesPerTurn;
+  events_.attach(*this);
 }
 
 ServiceHost::~ServiceHost() {
-  pump_.reset();
+  events_.detach(*this);
   clients_.clear();
 }
 
 Promise<std::unique_ptr<ServiceHost>> ServiceHost::create(caps::KernelConnection& kernel,
                                                           std::string name, ClientFactory factory,
                                                           ServiceOptions options) {
+  auto own = std::make_unique<KernelEvents>(kernel);
+  KernelEvents& events = *own;
+  return make(std::move(own), events, std::move(name), std::move(factory), options);
+}
+
+Promise<std::unique_ptr<ServiceHost>> ServiceHost::create(KernelEvents& events, std::string name,
+                                                          ClientFactory factory,
+                                                          ServiceOptions options) {
+  return make(nullptr, events, std::move(name), std::move(factory), options);
+}
+
+Promise<std::unique_ptr<ServiceHost>> ServiceHost::make(std::unique_ptr<KernelEvents> ownEvents,
+                                                        KernelEvents& events, std::string name,
+                                                        ClientFactory factory,
+                                                        ServiceOptions options) {
   AGATE_REQUIRE(factory != nullptr, "ServiceHost::create without a client factory");
+  caps::KernelConnection& kernel = events.kernel();
   const caps::Cap<caps::SpaceBank> bank = options.bank.valid() ? options.bank : kernel.bank();
   Result<caps::Cap<caps::Service>> service =
       co_await kernel.registerService(kernel.registry(), name, bank);
   if (!service) co_return service.error();
   Result<caps::CapInfo> info = co_await kernel.inspectCap(*service);
   if (!info) co_return info.error();
-  co_return std::unique_ptr<ServiceHost>(
-      new ServiceHost(kernel, std::move(name), std::move(factory), options, *service, info->koid));
+  co_return std::unique_ptr<ServiceHost>(new ServiceHost(std::move(ownEvents), events,
+                                                         std::move(name), std::move(factory),
+                                                         options, *service, info->koid));
 }
 
 ServedClient* ServiceHost::findClient(caps::Koid koid) noexcept {
@@ -116,9 +138,15 @@ Promise<void> ServiceHost::run() {
   AGATE_REQUIRE(service_.valid(), "ServiceHost::run() after the service was unregistered");
   auto [stopped, fulfiller] = newPromiseAndFulfiller<void>();
   stopped_.emplace(std::move(fulfiller));
-  pump_.emplace(pumpEvents());
+  if (events_.gone().code != Errc::OK) {
+    stopped_->fulfill(events_.gone());
+  } else {
+    // Clients that came before run() are accepted here (the router kept them).
+    Status listening = events_.listenService(serviceKoid_, *this);
+    if (!listening) stopped_->fulfill(listening.error());
+  }
   Status why = co_await stopped;
-  pump_.reset();
+  events_.unlistenService(serviceKoid_);
   stopped_.reset();
   Status unregistered;
   if (why) {
@@ -139,25 +167,20 @@ void ServiceHost::stop() noexcept {
   if (stopped_ && !stopped_->isFulfilled()) stopped_->fulfill(Status{});
 }
 
-Promise<void> ServiceHost::pumpEvents() {
-  for (;;) {
-    Result<KernelEvent> event = co_await kernel_.nextEvent();
-    if (!event) {
-      if (stopped_ && !stopped_->isFulfilled())
-        stopped_->fulfill(Error(Errc::DISCONNECTED, "the kernel connection is gone"));
-      co_return {};
-    }
-    switch (event->type) {
-      case EventType::BUSHEL_OPENED:
-        if (event->service == serviceKoid_) accept(*event);
-        break;  // another service's (a second host on this connection is not supported)
-      case EventType::BUSHEL_CLOSED:
-        drop(event->bushel);
-        break;
-      case EventType::SERVICE_GONE:
-        break;  // to clients only
-    }
+void ServiceHost::kernelEvent(KernelEvent& event) noexcept {
+  // The router sends this service's BUSHEL_OPENED and BUSHEL_CLOSED only.
+  if (event.service != serviceKoid_) return;
+  if (event.type == EventType::BUSHEL_OPENED) {
+    accept(event);
+  } else if (event.type == EventType::BUSHEL_CLOSED) {
+    drop(event.bushel);
   }
+}
+
+void ServiceHost::kernelGone(const Error& why) noexcept {
+  (void)why;
+  if (stopped_ && !stopped_->isFulfilled())
+    stopped_->fulfill(Error(Errc::DISCONNECTED, "the kernel connection is gone"));
 }
 
 void ServiceHost::accept(KernelEvent& event) {
@@ -166,6 +189,15 @@ void ServiceHost::accept(KernelEvent& event) {
   client->bootstrap_ = factory_(*client);
   rpc::RpcOptions rpcOptions = options_.rpc;
   rpcOptions.bootstrap = client->bootstrap_.get();  // null: the client's calls to it fail
+  rpcOptions.network = nullptr;
+  rpcOptions.peerVat = rpc::NO_VAT;
+  // The client's identity comes from the kernel (never from the client): the peer vat a
+  // provider checks an Accept against. A process's bushel to its own service joins no vat.
+  const bool joinsVat = options_.network != nullptr && event.peer != kernel_.pid();
+  if (joinsVat) {
+    rpcOptions.network = options_.network;
+    rpcOptions.peerVat = event.peer;
+  }
   auto link = BushelLink::tryOpen(kernel_.loop(), BushelLink::Side::SERVER,
                                   std::move(event.request), std::move(event.reply), rpcOptions);
   if (!link) {
@@ -175,6 +207,10 @@ void ServiceHost::accept(KernelEvent& event) {
     return;
   }
   client->link_ = std::move(*link);
+  if (joinsVat) {
+    client->network_ = options_.network;
+    options_.network->addConnection(event.peer, client->link_->connection());
+  }
   ServedClient& c = *clients_.emplace_back(std::move(client));
   c.watcher_.emplace(watch(c));
   ++opened_;

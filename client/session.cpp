@@ -3,18 +3,34 @@
 #include <algorithm>
 #include <utility>
 
+#include "agate/client/kernel_vats.h"
+
 namespace agate::client {
 
 using caps::EventType;
 using caps::KernelEvent;
 
 Session::Session(caps::KernelConnection& kernel, SessionOptions options)
-    : kernel_(kernel), options_(options), bank_(kernel.bank()) {
-  pump_.emplace(pumpEvents());
+    : ownEvents_(std::make_unique<KernelEvents>(kernel)),
+      events_(*ownEvents_),
+      kernel_(kernel),
+      options_(options),
+      bank_(kernel.bank()) {
+  events_.attach(*this);
+}
+
+Session::Session(KernelEvents& events, SessionOptions options)
+    : events_(events), kernel_(events.kernel()), options_(options), bank_(kernel_.bank()) {
+  events_.attach(*this);
 }
 
 Session::~Session() {
-  pump_.reset();  // stop taking events before the links go
+  events_.detach(*this);  // no event reaches the entries from here on
+  for (auto& e : entries_) {
+    if (options_.network == nullptr || !e->link) continue;
+    options_.network->removeConnection(e->link->connection());
+    options_.network->removeClientBushel(e->cap);
+  }
   entries_.clear();
 }
 
@@ -31,6 +47,9 @@ size_t Session::openCount() const noexcept {
 
 void Session::closeLocally(Entry& entry, const Error& reason) noexcept {
   entry.closed = true;
+  events_.releaseBushel(entry.koid);
+  // No introductions from a bushel that is gone (the kernel would refuse them anyway).
+  if (options_.network != nullptr) options_.network->removeClientBushel(entry.cap);
   if (entry.link && entry.link->connection().isOpen()) entry.link->connection().close(reason);
 }
 
@@ -46,22 +65,33 @@ Promise<OpenedBushel> Session::openBushel(std::string name, caps::Cap<caps::Spac
   Result<caps::BushelRings> r = co_await rings;
   Error failed = !i ? i.error() : !r ? r.error() : Error{};
   if (failed.code == Errc::OK) {
+    rpc::RpcOptions rpcOptions = options_.rpc;
+    rpcOptions.network = nullptr;
+    rpcOptions.peerVat = rpc::NO_VAT;
+    // A vat never connects to itself (a bushel to one's own service carries no handoffs).
+    const bool joinsVat = options_.network != nullptr && r->server != kernel_.pid();
+    if (joinsVat) {
+      rpcOptions.network = options_.network;
+      rpcOptions.peerVat = r->server;
+    }
     auto link = BushelLink::tryOpen(kernel_.loop(), BushelLink::Side::CLIENT, std::move(r->request),
-                                    std::move(r->reply), options_.rpc);
+                                    std::move(r->reply), rpcOptions);
     if (link) {
       auto entry = std::make_unique<Entry>();
       entry->cap = *cap;
       entry->koid = i->koid;
+      entry->server = r->server;
       entry->link = std::move(*link);
       Entry& e = *entries_.emplace_back(std::move(entry));
-      if (auto early = std::find(closedEarly_.begin(), closedEarly_.end(), e.koid);
-          early != closedEarly_.end()) {
-        closedEarly_.erase(early);
-        closeLocally(e, Error(Errc::DISCONNECTED, "the bushel closed while it was being opened"));
-      } else if (kernelGone_.code != Errc::OK) {
-        closeLocally(e, kernelGone_);
+      if (options_.network != nullptr) {
+        options_.network->addConnection(e.server, e.link->connection());
+        if (joinsVat) options_.network->addClientBushel(e.server, e.cap);
       }
-      co_return OpenedBushel{e.cap, e.koid, &e.link->connection()};
+      // DISCONNECTED: the kernel closed it already (its event overtook this coroutine) or the
+      // kernel connection is gone.
+      if (Status claimed = events_.claimBushel(e.koid, *this); !claimed)
+        closeLocally(e, claimed.error());
+      co_return OpenedBushel{e.cap, e.koid, &e.link->connection(), e.server};
     }
     failed = link.error();
   }
@@ -95,26 +125,20 @@ Promise<void> Session::close(caps::Koid koid) {
   co_return {};
 }
 
-Promise<void> Session::pumpEvents() {
-  for (;;) {
-    Result<KernelEvent> event = co_await kernel_.nextEvent();
-    if (!event) {
-      // The kernel connection died: so did every bushel.
-      kernelGone_ = Error(Errc::DISCONNECTED, "the kernel connection is gone");
-      for (auto& e : entries_) closeLocally(*e, kernelGone_);
-      co_return {};
-    }
-    if (event->type != EventType::BUSHEL_CLOSED && event->type != EventType::SERVICE_GONE)
-      continue;  // BUSHEL_OPENED goes to servers; a client never gets one
-    const char* why = event->type == EventType::SERVICE_GONE ? "the service went away"
-                                                             : "the kernel closed the bushel";
-    if (Entry* e = find(event->bushel)) {
-      if (!e->closed) closeLocally(*e, Error(Errc::DISCONNECTED, why));
-    } else if (std::find(closedEarly_.begin(), closedEarly_.end(), event->bushel) ==
-               closedEarly_.end()) {
-      closedEarly_.push_back(event->bushel);
-    }
-  }
+void Session::kernelEvent(KernelEvent& event) noexcept {
+  // The router sends only this session's bushels' BUSHEL_CLOSED and SERVICE_GONE.
+  if (event.type != EventType::BUSHEL_CLOSED && event.type != EventType::SERVICE_GONE) return;
+  const char* why = event.type == EventType::SERVICE_GONE ? "the service went away"
+                                                          : "the kernel closed the bushel";
+  if (Entry* e = find(event.bushel); e != nullptr && !e->closed)
+    closeLocally(*e, Error(Errc::DISCONNECTED, why));
+}
+
+void Session::kernelGone(const Error& why) noexcept {
+  (void)why;
+  kernelGone_ = Error(Errc::DISCONNECTED, "the kernel connection is gone");
+  for (auto& e : entries_)
+    if (!e->closed) closeLocally(*e, kernelGone_);
 }
 
 }  // namespace agate::client

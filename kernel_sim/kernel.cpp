@@ -260,6 +260,21 @@ Result<Handle> Kernel::tryOpenBushel(ProcessId pid, Handle registry, std::string
   if (Status s = Registry::checkName(name); !s.ok()) return s.error();
   auto service = registry_->tryFind(name);
   if (!service) return service.error();
+  return openBushelTo(pid, **cspace, **service, b->as<SpaceBank>());
+}
+
+Result<Handle> Kernel::tryOpenBushelVia(ProcessId pid, Handle service, Handle bank) {
+  auto cspace = findCSpace(pid);
+  if (!cspace) return cspace.error();
+  auto s = (*cspace)->lookup(service, Rights::READ, ObjectType::SERVICE);
+  if (!s) return s.error();
+  auto b = (*cspace)->lookup(bank, Rights::ALLOCATE, ObjectType::BANK);
+  if (!b) return b.error();
+  return openBushelTo(pid, **cspace, s->as<Service>(), b->as<SpaceBank>());
+}
+
+Result<Handle> Kernel::openBushelTo(ProcessId pid, CSpace& cspace, Service& service,
+                                    SpaceBank& from) {
   // The rings and the server's descriptors are made before anything is charged; if any of it
   // fails, they close and nothing changed.
   ChannelOptions ring{ChannelScope::SHARED, options_.bushelRingBytes, 1, false};
@@ -271,20 +286,20 @@ Result<Handle> Kernel::tryOpenBushel(ProcessId pid, Handle registry, std::string
   if (!requestFd) return requestFd.error();
   auto replyFd = (*reply)->exportFd();
   if (!replyFd) return replyFd.error();
-  SpaceBank& from = b->as<SpaceBank>();
   auto objectCharge = from.tryReserveObject(Bushel::pagesFor(**request, **reply));
   if (!objectCharge) return objectCharge.error();
-  auto slotCharge = (*cspace)->tryReserveSlot();
+  auto slotCharge = cspace.tryReserveSlot();
   if (!slotCharge) return slotCharge.error();  // objectCharge refunds itself
 
-  Bushel& bushel = from.adopt<Bushel>(std::move(*objectCharge), **service, pid, std::move(*request),
+  Bushel& bushel = from.adopt<Bushel>(std::move(*objectCharge), service, pid, std::move(*request),
                                       std::move(*reply));
   bushel.setLifecycleObserver(this);
-  KernelEvent opened{KernelEventType::BUSHEL_OPENED, bushel.koid(), bushel.serviceKoid(), pid, {}};
+  KernelEvent opened{
+      KernelEventType::BUSHEL_OPENED, bushel.koid(), bushel.serviceKoid(), pid, 0, {}};
   opened.fds.push_back(std::move(*requestFd));
   opened.fds.push_back(std::move(*replyFd));
   queueEvent(bushel.server(), std::move(opened));
-  return (*cspace)->insert(bushel, CREATOR, 0, nullptr, std::move(*slotCharge));
+  return cspace.insert(bushel, CREATOR, 0, nullptr, std::move(*slotCharge));
 }
 
 Result<std::vector<Fd>> Kernel::tryBushelFds(ProcessId pid, Handle bushel) const {
@@ -301,6 +316,43 @@ Result<std::vector<Fd>> Kernel::tryBushelFds(ProcessId pid, Handle bushel) const
   fds.push_back(std::move(*request));
   fds.push_back(std::move(*reply));
   return fds;
+}
+
+Result<ProcessId> Kernel::tryBushelServer(ProcessId pid, Handle bushel) const {
+  auto cspace = findCSpace(pid);
+  if (!cspace) return cspace.error();
+  auto c = (*cspace)->lookup(bushel, Rights::READ, ObjectType::BUSHEL);
+  if (!c) return c.error();
+  return c->as<Bushel>().server();
+}
+
+Result<Handle> Kernel::tryIntroduce(ProcessId pid, Handle bushel, ProcessId to) {
+  auto cspace = findCSpace(pid);
+  if (!cspace) return cspace.error();
+  auto c = (*cspace)->lookup(bushel, Rights::GRANT, ObjectType::BUSHEL);
+  if (!c) return c.error();
+  Service* service = c->as<Bushel>().service();
+  if (service == nullptr) return Error(Errc::DISCONNECTED, "the bushel's service has gone");
+  auto target = findCSpace(to);
+  if (!target) return target.error();
+  if (to == service->server())
+    return Error(Errc::INVALID_ARGUMENT, "introducing a service's server to its own service");
+  // One introduction per (recipient, service): an existing one comes back unchanged. The
+  // server's registration cap (a root in its CSpace) becomes the new cap's parent.
+  const Process* server = findProcess(service->server());  // null once the server died
+  Slot* registration = nullptr;
+  for (Slot* s = service->firstCap(); s != nullptr; s = s->objNext) {
+    if (s->cspace == *target && s->rights == Rights::READ) return s->handle();
+    if (registration == nullptr && server != nullptr && s->parent == nullptr &&
+        s->cspace == &server->cspace())
+      registration = s;
+  }
+  auto charge = (*target)->tryReserveSlot();
+  if (!charge) return charge.error();
+
+  const Handle h = (*target)->insert(*service, Rights::READ, 0, registration, std::move(*charge));
+  queueEvent(to, {KernelEventType::INTRODUCED, 0, service->koid(), service->server(), h.raw, {}});
+  return h;
 }
 
 Result<uint64_t> Kernel::tryGrowBushelState(ProcessId pid, Handle service, Koid bushel,
@@ -465,15 +517,16 @@ void Kernel::objectDestroyed(KernelObject& object) noexcept {
   if (object.type() == ObjectType::BUSHEL) {
     auto& b = static_cast<Bushel&>(object);
     queueEvent(b.server(),
-               {KernelEventType::BUSHEL_CLOSED, b.koid(), b.serviceKoid(), b.client(), {}});
+               {KernelEventType::BUSHEL_CLOSED, b.koid(), b.serviceKoid(), b.client(), 0, {}});
     queueEvent(b.client(),
-               {KernelEventType::BUSHEL_CLOSED, b.koid(), b.serviceKoid(), b.server(), {}});
+               {KernelEventType::BUSHEL_CLOSED, b.koid(), b.serviceKoid(), b.server(), 0, {}});
   } else if (object.type() == ObjectType::SERVICE) {
     auto& s = static_cast<Service&>(object);
     // Copy: detaching edits the list. The bushels die in reap(), after the call's own changes.
     const std::vector<Bushel*> bushels = s.bushels();
     for (Bushel* b : bushels) {
-      queueEvent(b->client(), {KernelEventType::SERVICE_GONE, b->koid(), s.koid(), s.server(), {}});
+      queueEvent(b->client(),
+                 {KernelEventType::SERVICE_GONE, b->koid(), s.koid(), s.server(), 0, {}});
       b->detachService();
       if (std::find(doomed_.begin(), doomed_.end(), b) == doomed_.end()) doomed_.push_back(b);
     }

@@ -234,7 +234,8 @@ Result<uint32_t> RpcConnection::addForeignCap(detail::CapTable& table, const Rem
   // one network on both connections, and a recipient that is not the host.
   const bool handoff = cap.kind_ == RemoteCap::Kind::IMPORT && options_.network != nullptr &&
                        host.options_.network == options_.network &&
-                       host.options_.peerVat != options_.peerVat;
+                       host.options_.peerVat != options_.peerVat &&
+                       options_.network->introduce(host.options_.peerVat, options_.peerVat);
   if (!handoff) {
     auto proxy = std::make_unique<Forwarder>(cap, RemoteCap());
     e.kind = detail::CapEntry::Kind::SENDER_HOSTED;

@@ -51,8 +51,9 @@ $Cxx.namespace("agate::wire");
 # only in the process that holds them. ProcessIds are the kernel's own (never reused within one
 # kernel run), not OS pids.
 
-# Version 2 added the notification, event buffer and credit page calls, and paged introspection.
-const abiVersion :UInt32 = 2;
+# Version 2 added the notification, event buffer and credit page calls, and paged introspection;
+# version 3 introductions (introduce, openBushelVia, the introduced event, bushelFds' server).
+const abiVersion :UInt32 = 3;
 
 # The largest process name accepted at attach, in bytes.
 const maxNameBytes :UInt32 = 64;
@@ -231,6 +232,20 @@ struct Syscall {
       pages @59 :UInt64;      # 1..1024 at a time (Bushel::MAX_STATE_GROWTH); QUOTA_EXCEEDED if the bank
                               # (or an ancestor) cannot pay, nothing changed
     }
+
+    # Three-party introductions (client/: KernelVats). A client of a service may let another
+    # process reach that service: the kernel mints a connect-only cap for it, so authority to
+    # open a bushel flows as a capability, never as a name. The recipient learns of it from an
+    # `introduced` event (the kernel vouches for the service's server in `peer`).
+    introduce :group {  # -> handle (in process `to`: a Service cap with READ only); needs GRANT
+      bushel @60 :UInt64;  # the caller's bushel cap: its service is the one introduced
+      to @61 :UInt32;      # ProcessId; NOT_FOUND if not attached. Idempotent: while `to` holds
+                           # an introduction to that service, its handle again and no event
+    }
+    openBushelVia :group {  # -> handle (the bushel), as openBushel, to the service a cap names
+      service @62 :UInt64;  # a Service cap with READ (an introduction, or the server's own)
+      bank @63 :UInt64;     # pays the record and both rings; needs ALLOCATE
+    }
   }
 }
 
@@ -249,6 +264,8 @@ enum EventType {
   bushelOpened @1;  # to a server; 2 descriptors: [0] request ring (it receives), [1] reply ring
   bushelClosed @2;  # to the server and the client; the server frees that client's state
   serviceGone @3;   # to a client; bushelClosed for the same bushel follows
+  introduced @4;    # to an introduce's recipient: `cap` (a handle in its CSpace) names service
+                    # `service`, served by process `peer`; `bushel` is 0
 }
 
 struct ProcessInfo {
@@ -292,6 +309,7 @@ struct Completion {
       bushel @4 :UInt64;   # koid
       service @5 :UInt64;  # koid
       peer @6 :UInt32;     # ProcessId of the other side
+      cap @32 :UInt64;     # introduced: the connect-only Service cap (a handle of the receiver)
     }
     handle @7 :UInt64;
     done @8 :Void;
@@ -329,4 +347,5 @@ struct Completion {
   }
 
   nextCursor @30 :UInt64;  # processes / banks / caps answers: the next page's cursor, 0 if last
+  server @31 :UInt32;      # bushelFds: the ProcessId of the bushel's server (vouched for)
 }

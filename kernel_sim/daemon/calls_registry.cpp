@@ -1,5 +1,6 @@
 // Registry and bushel calls: grant a registry cap, register and look up a service, open a bushel
-// to one and fetch its ring descriptors; the server grows a bushel's client-paid state.
+// to one and fetch its ring descriptors; the server grows a bushel's client-paid state; a client
+// introduces another process to a service, which opens a bushel through that introduction.
 #include <string>
 #include <string_view>
 
@@ -72,9 +73,13 @@ void openBushel(CallContext& ctx, wire::Syscall::OpenBushel::Reader call) {
 
 void bushelFds(CallContext& ctx, wire::Syscall::BushelFds::Reader call) {
   const Handle bushel{call.getBushel()};
+  // Two reads of one bushel, neither changes state: the server, then the descriptors.
+  auto server = ctx.kernel.tryBushelServer(ctx.pid, bushel);
+  if (!server) return ctx.fail(server.error());
   auto r = ctx.kernel.tryBushelFds(ctx.pid, bushel);
   if (!r) return ctx.fail(r.error());
   for (Fd& fd : *r) ctx.fds.push_back(std::move(fd));
+  ctx.reply.setServer(*server);
   ctx.reply.setDone();
 }
 
@@ -85,6 +90,22 @@ void growBushelState(CallContext& ctx, wire::Syscall::GrowBushelState::Reader ca
   auto r = ctx.kernel.tryGrowBushelState(ctx.pid, service, bushel, pages);
   if (!r) return ctx.fail(r.error());
   ctx.reply.setCount(*r);
+}
+
+void introduce(CallContext& ctx, wire::Syscall::Introduce::Reader call) {
+  const Handle bushel{call.getBushel()};
+  const ProcessId to = call.getTo();
+  auto r = ctx.kernel.tryIntroduce(ctx.pid, bushel, to);
+  if (!r) return ctx.fail(r.error());
+  ctx.reply.setHandle(r->raw);
+}
+
+void openBushelVia(CallContext& ctx, wire::Syscall::OpenBushelVia::Reader call) {
+  const Handle service{call.getService()};
+  const Handle bank{call.getBank()};
+  auto r = ctx.kernel.tryOpenBushelVia(ctx.pid, service, bank);
+  if (!r) return ctx.fail(r.error());
+  ctx.reply.setHandle(r->raw);
 }
 
 }  // namespace agate::kernel::daemon

@@ -632,10 +632,14 @@ void KernelDaemon::deliverEvents() {
         case KernelEventType::SERVICE_GONE:
           event.setType(wire::EventType::SERVICE_GONE);
           break;
+        case KernelEventType::INTRODUCED:
+          event.setType(wire::EventType::INTRODUCED);
+          break;
       }
       event.setBushel(e.object);
       event.setService(e.service);
       event.setPeer(e.peer);
+      event.setCap(e.cap);
       Result<size_t> bytes = builder->tryFinish();
       AGATE_ASSERT(bytes.ok(), "an event fits any completion frame");
       deliver(*s, *bytes, 0, e.fds);

@@ -76,6 +76,10 @@ void dispatch(CallContext& ctx, wire::Syscall::Reader call) {
       return listCapsPage(ctx, call.getListCapsPage());
     case W::GROW_BUSHEL_STATE:
       return growBushelState(ctx, call.getGrowBushelState());
+    case W::INTRODUCE:
+      return introduce(ctx, call.getIntroduce());
+    case W::OPEN_BUSHEL_VIA:
+      return openBushelVia(ctx, call.getOpenBushelVia());
   }
   // A discriminant from a newer schema (or a forged one).
   ctx.fail(Error(Errc::INVALID_ARGUMENT, "unknown syscall"));

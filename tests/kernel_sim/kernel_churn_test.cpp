@@ -1,8 +1,9 @@
 // A seeded randomized test over every object type and call: banks, regions, the registry,
-// services, bushels, notifications (with bank bindings), event buffers and credit pages, cap
-// copies, deletes, revokes, transfers, destroys, kernel events and deaths, from 4 processes with
-// handles that are often stale, forged or of the wrong type. Unlike kernel_model_test.cpp it
-// keeps no reference model; it checks the rules that hold whatever the calls were:
+// services, bushels (and introductions), notifications (with bank bindings), event buffers and
+// credit pages, cap copies, deletes, revokes, transfers, destroys, kernel events and deaths, from 4
+// processes with handles that are often stale, forged or of the wrong type. Unlike
+// kernel_model_test.cpp it keeps no reference model; it checks the rules that hold whatever the
+// calls were:
 //  * every result is OK or one of the errors the call documents, never SYSTEM_ERROR;
 //  * a refused call changes no observable state (full KernelSnapshot before and after);
 //  * the kernel's invariants hold;
@@ -110,7 +111,7 @@ class KernelChurnTest : public ::testing::Test {
     const Handle bank = pickOf(pid, ObjectType::BANK);
     const Handle notification = pickOf(pid, ObjectType::NOTIFICATION);
     const Handle registry = pickOf(pid, ObjectType::REGISTRY);
-    switch (pick(22)) {
+    switch (pick(24)) {
       case 0:
         return call("bank", checkUnchanged,
                     [&] { return keepHandle(pid, k_.tryCreateBank(pid, bank, pick(60))); });
@@ -192,6 +193,14 @@ class KernelChurnTest : public ::testing::Test {
       case 20:
         (void)k_.takeEvents(pid);  // the daemon delivers (and closes) what is queued
         return;
+      case 21:
+        return call("introduce", checkUnchanged, [&] {
+          return keepHandle(other, k_.tryIntroduce(pid, pickOf(pid, ObjectType::BUSHEL), other));
+        });
+      case 22:
+        return call("open-via", checkUnchanged, [&] {
+          return keepHandle(pid, k_.tryOpenBushelVia(pid, pickOf(pid, ObjectType::SERVICE), bank));
+        });
       default:
         if (pick(8) != 0) return;
         if (procs_.count(pid)) {
@@ -236,6 +245,8 @@ TEST_F(KernelChurnTest, RandomCallsOnEveryObjectTypeKeepTheRulesAndDeathsReclaim
   const int quotaRefusals = outcomes_[{"evbuffer", Errc::QUOTA_EXCEEDED}] +
                             outcomes_[{"notification", Errc::QUOTA_EXCEEDED}];
   EXPECT_GT(quotaRefusals, 5);
+  EXPECT_GT((outcomes_[{"introduce", Errc::OK}]), 0);
+  EXPECT_GT((outcomes_[{"open-via", Errc::OK}]), 0);
   EXPECT_GT((outcomes_[{"bind", Errc::ALREADY_EXISTS}]), 0);
 
   std::vector<ProcessId> pids;

@@ -19,6 +19,8 @@
 
 #include "agate/client/event_publisher.h"
 #include "agate/client/event_stream.h"
+#include "agate/client/kernel_events.h"
+#include "agate/client/kernel_vats.h"
 #include "agate/client/main.h"
 #include "agate/client/service_host.h"
 #include "agate/client/session.h"
@@ -35,6 +37,8 @@ using client::EventBatch;
 using client::EventPublisher;
 using client::EventStream;
 using client::EventUpdate;
+using client::KernelEvents;
+using client::KernelVats;
 using client::serve;
 using client::ServedClient;
 using client::ServiceOptions;

@@ -85,6 +85,7 @@ struct CapInfo {
 struct BushelRings {
   Fd request;
   Fd reply;
+  ProcessId server = 0;  // the bushel's server, as the kernel knows it (its RPC peer's identity)
 };
 
 // Introspection (the agate CLI).
@@ -123,14 +124,20 @@ struct Page {
   uint64_t nextCursor = 0;
 };
 
-enum class EventType : uint16_t { BUSHEL_OPENED = 1, BUSHEL_CLOSED = 2, SERVICE_GONE = 3 };
+enum class EventType : uint16_t {
+  BUSHEL_OPENED = 1,
+  BUSHEL_CLOSED = 2,
+  SERVICE_GONE = 3,
+  INTRODUCED = 4,  // `cap`: a connect-only cap to `service`, served by `peer` (introduce())
+};
 struct KernelEvent {
   EventType type = EventType::BUSHEL_CLOSED;
   Koid bushel = 0;
   Koid service = 0;
   ProcessId peer = 0;
-  Fd request;  // BUSHEL_OPENED (to a server): the request ring it receives on
-  Fd reply;    // ... and the reply ring it sends on
+  uint64_t cap = 0;  // INTRODUCED: the handle of a Cap<Service> in this process
+  Fd request;        // BUSHEL_OPENED (to a server): the request ring it receives on
+  Fd reply;          // ... and the reply ring it sends on
 };
 
 namespace detail {
@@ -241,6 +248,13 @@ class KernelConnection {
   Promise<Cap<Bushel>> openBushel(Cap<Registry> registry, std::string_view name,
                                   Cap<SpaceBank> bank);
   Promise<BushelRings> bushelRings(Cap<Bushel> bushel);
+  // Gives process `to` a connect-only cap to the service of `bushel` (needs GRANT on it); `to`
+  // gets an INTRODUCED event naming it. Returns the cap's handle in `to` (meaningful there only).
+  // Kernel::tryIntroduce has the rules (idempotent, revocable by the service's server).
+  Promise<Cap<Service>> introduce(Cap<Bushel> bushel, ProcessId to);
+  // Opens a bushel to the service `service` names (needs READ; an introduction's cap), paid
+  // from `bank`, as openBushel does by name.
+  Promise<Cap<Bushel>> openBushelVia(Cap<Service> service, Cap<SpaceBank> bank);
   // A server grows the client-paid state allowance of its bushel `bushel` (the koid of a
   // BUSHEL_OPENED event) by `pages`; returns the bushel's state pages (Kernel::tryGrowBushelState).
   Promise<uint64_t> growBushelState(Cap<Service> service, Koid bushel, uint64_t pages);
@@ -427,6 +441,12 @@ class SyncKernel {
   }
   Result<Koid> lookupService(Cap<Registry> registry, std::string_view name) {
     return run(c_.lookupService(registry, name));
+  }
+  Result<Cap<Service>> introduce(Cap<Bushel> bushel, ProcessId to) {
+    return run(c_.introduce(bushel, to));
+  }
+  Result<Cap<Bushel>> openBushelVia(Cap<Service> service, Cap<SpaceBank> bank) {
+    return run(c_.openBushelVia(service, bank));
   }
   Result<Cap<Bushel>> openBushel(Cap<Registry> registry, std::string_view name,
                                  Cap<SpaceBank> bank) {

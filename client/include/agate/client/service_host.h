@@ -48,8 +48,14 @@
 // stop() ends run(): every client is dropped and the service is unregistered (DESTROY on the
 // Service cap: the kernel tells the clients, whose pending calls fail DISCONNECTED).
 //
-// Threading: the kernel connection's loop thread. The host takes the kernel connection's event
-// stream (nextEvent: one waiter) while it runs.
+// Events. The host hears of its clients through a KernelEvents router: its own (create(kernel,
+// ...): the host is then the connection's only event consumer) or one shared with a Session,
+// other hosts and a KernelVats (create(events, ...)), so one process can serve and be a client
+// on one kernel connection. Clients that open bushels before run() are kept by the router and
+// served once it runs. With ServiceOptions::network (a KernelVats), each client's connection
+// names the client's kernel ProcessId as its peer vat: capabilities can be handed off through it.
+//
+// Threading: the kernel connection's loop thread.
 #pragma once
 
 #include <cstddef>
@@ -63,6 +69,7 @@
 
 #include "agate/caps/kernel_connection.h"
 #include "agate/client/bushel_link.h"
+#include "agate/client/kernel_events.h"
 #include "agate/rpc/connection.h"
 #include "agate/runtime/promise.h"
 #include "agate/runtime/result.h"
@@ -130,6 +137,7 @@ class ClientQuota {
 };
 
 class ServedClient;
+class KernelVats;
 
 // Makes one client's bootstrap object. Runs before the client's connection exists: keep the
 // ServedClient (for quota(), bushel(), peer()), use connection() only from calls.
@@ -138,13 +146,19 @@ using ClientFactory = std::function<std::unique_ptr<rpc::ServerObject>(ServedCli
 struct ServiceOptions {
   // Pays for the Service record. Invalid (default): the process bank.
   caps::Cap<caps::SpaceBank> bank = {};
-  // Per client; `bootstrap` is ignored (the factory's object is), and messagesPerTurn is set
-  // from the field below.
+  // Per client; `bootstrap`, `network` and `peerVat` are ignored (the factory's object, the
+  // field `network` below and the kernel's word are), and messagesPerTurn is set from the field
+  // below.
   rpc::RpcOptions rpc = defaultRpcOptions();
   // Fairness budget: messages one client's connection handles before the others get a turn.
   uint32_t messagesPerTurn = 16;
   // Pages asked of a client's bank each time its state outgrows its allowance.
   uint64_t stateGrowthPages = 4;
+  // The vat the clients' connections belong to (three-party handoff), or none. Not owned.
+  KernelVats* network = nullptr;
+  // serveService only: run a KernelVats of its own as `network` (clients may hand the service
+  // capabilities of other services, which it then calls directly).
+  bool handoff = false;
 
   // Bounds the per-client tables. The wait policy stays RpcOptions' (spin briefly after a
   // message, then park): an idle client's reader is parked and costs nothing, and spinning
@@ -185,16 +199,21 @@ class ServedClient {
   // bootstrap object goes (it may hold references into the connection).
   ClientQuota quota_;
   std::unique_ptr<rpc::ServerObject> bootstrap_;
+  KernelVats* network_ = nullptr;  // the link's connection is registered there
   std::unique_ptr<BushelLink> link_;
   std::optional<Promise<void>> watcher_;  // onDisconnect: tells the host to drop this client
 };
 
-class ServiceHost {
+class ServiceHost final : private KernelEventListener {
  public:
   // Registers `name` (the kernel's registerService errors: ALREADY_EXISTS, INVALID_ARGUMENT,
-  // QUOTA_EXCEEDED, ...). The host serves once run() runs.
+  // QUOTA_EXCEEDED, ...). The host serves once run() runs. This form makes a router of its own.
   static Promise<std::unique_ptr<ServiceHost>> create(caps::KernelConnection& kernel,
                                                       std::string name, ClientFactory factory,
+                                                      ServiceOptions options = {});
+  // The same on a router shared with other listeners (a Session, other hosts, a KernelVats).
+  static Promise<std::unique_ptr<ServiceHost>> create(KernelEvents& events, std::string name,
+                                                      ClientFactory factory,
                                                       ServiceOptions options = {});
   // Drops every client (the service stays registered unless run() ended through stop()).
   ~ServiceHost();
@@ -218,8 +237,12 @@ class ServiceHost {
   uint64_t clientsRefused() const noexcept { return refused_; }
 
  private:
-  ServiceHost(caps::KernelConnection& kernel, std::string name, ClientFactory factory,
-              ServiceOptions options, caps::Cap<caps::Service> service, caps::Koid serviceKoid);
+  ServiceHost(std::unique_ptr<KernelEvents> ownEvents, KernelEvents& events, std::string name,
+              ClientFactory factory, ServiceOptions options, caps::Cap<caps::Service> service,
+              caps::Koid serviceKoid);
+  static Promise<std::unique_ptr<ServiceHost>> make(std::unique_ptr<KernelEvents> ownEvents,
+                                                    KernelEvents& events, std::string name,
+                                                    ClientFactory factory, ServiceOptions options);
 
   class ReapTask final : public Task {
    public:
@@ -230,12 +253,15 @@ class ServiceHost {
     ServiceHost& host_;
   };
 
-  Promise<void> pumpEvents();
+  void kernelEvent(caps::KernelEvent& event) noexcept override;
+  void kernelGone(const Error& why) noexcept override;
   void accept(caps::KernelEvent& event);
   Promise<void> watch(ServedClient& client);
   void drop(caps::Koid koid) noexcept;
   void reap() noexcept;
 
+  std::unique_ptr<KernelEvents> ownEvents_;  // create(kernel, ...) only; first: destroyed last
+  KernelEvents& events_;
   caps::KernelConnection& kernel_;
   std::string name_;
   ClientFactory factory_;
@@ -248,7 +274,6 @@ class ServiceHost {
   uint64_t refused_ = 0;
   std::optional<Fulfiller<void>> stopped_;  // while run() runs
   ReapTask reapTask_{*this};
-  std::optional<Promise<void>> pump_;  // last: dropped first
 };
 
 }  // namespace agate::client

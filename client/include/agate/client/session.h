@@ -21,17 +21,25 @@
 // server's bootstrap object as the typed client I::Client. Three kernel calls; the last two go
 // out together in one doorbell.
 //
-// Disconnection. The session takes over the kernel connection's event stream (nextEvent: one
-// waiter): when the kernel says a bushel of ours closed or its service went (the server
-// unregistered, or died: the kernel notices at once), the connection is closed and every pending
-// and later call on it fails with DISCONNECTED. The same happens to every bushel when the kernel
-// connection itself dies. close(koid) hangs up one bushel: the connection closes and the bushel
-// cap is deleted, so the server drops this client's state; its link is kept (closed) until the
-// session goes, so handles still held stay safe to drop.
+// Disconnection. The session hears of its bushels through a KernelEvents router (its own, made
+// by `Session(kernel)`, or one shared with ServiceHosts and a KernelVats on the same kernel
+// connection, `Session(events)`): when the kernel says a bushel of ours closed or its service
+// went (the server unregistered, or died: the kernel notices at once), the connection is closed
+// and every pending and later call on it fails with DISCONNECTED. The same happens to every
+// bushel when the kernel connection itself dies.
+//
+// Handoff. With SessionOptions::network (a KernelVats), each connection names the network and
+// the server's kernel ProcessId as its peer vat, and the session lends the network its bushel
+// caps to introduce other vats with: a capability of one service passed to another is handed
+// off, and the receiver calls its host directly (kernel_vats.h).
+//
+// close(koid) hangs up one bushel: the connection closes and the bushel cap is deleted, so the
+// server drops this client's state; its link is kept (closed) until the session goes, so handles
+// still held stay safe to drop.
 //
 // Lifetimes: every handle (typed client, promise, response) on a session's bushels must be
-// dropped before the Session (RpcConnection's contract, checked). The KernelConnection outlives
-// the session.
+// dropped before the Session (RpcConnection's contract, checked). The KernelConnection (and a
+// shared router, and the network) outlive the session; with a network, close() it first.
 //
 // Threading: the kernel connection's loop thread.
 #pragma once
@@ -45,16 +53,22 @@
 
 #include "agate/caps/kernel_connection.h"
 #include "agate/client/bushel_link.h"
+#include "agate/client/kernel_events.h"
 #include "agate/rpc/connection.h"
 #include "agate/runtime/promise.h"
 #include "agate/runtime/result.h"
 
 namespace agate::client {
 
+class KernelVats;
+
 struct SessionOptions {
   // Per bushel. `bootstrap` is what servers reach when they call the client's bootstrap (none
-  // by default; objects passed in calls need none).
+  // by default; objects passed in calls need none). Its `network` and `peerVat` are ignored:
+  // the session sets them per bushel from `network` below and the kernel's word.
   rpc::RpcOptions rpc = {};
+  // The vat this session's connections belong to (three-party handoff), or none. Not owned.
+  KernelVats* network = nullptr;
 };
 
 // A bushel the session opened.
@@ -62,11 +76,15 @@ struct OpenedBushel {
   caps::Cap<caps::Bushel> cap;
   caps::Koid koid = 0;
   rpc::RpcConnection* connection = nullptr;  // owned by the session
+  caps::ProcessId server = 0;                // the service's server, as the kernel says
 };
 
-class Session {
+class Session final : private KernelEventListener {
  public:
+  // With a router of its own: the session is this kernel connection's only event consumer.
   explicit Session(caps::KernelConnection& kernel, SessionOptions options = {});
+  // On a router shared with other listeners (ServiceHosts, a KernelVats).
+  explicit Session(KernelEvents& events, SessionOptions options = {});
   // Closes every connection (handles must be gone). Bushel caps are left to the process's exit
   // or to close(): deleting them needs the loop.
   ~Session();
@@ -108,23 +126,23 @@ class Session {
   struct Entry {
     caps::Cap<caps::Bushel> cap;
     caps::Koid koid = 0;
+    caps::ProcessId server = 0;
     std::unique_ptr<BushelLink> link;
     bool closed = false;  // connection closed; cap deleted (or the kernel closed the bushel)
   };
 
-  Promise<void> pumpEvents();
+  void kernelEvent(caps::KernelEvent& event) noexcept override;
+  void kernelGone(const Error& why) noexcept override;
   Entry* find(caps::Koid koid) noexcept;
   void closeLocally(Entry& entry, const Error& reason) noexcept;
 
+  std::unique_ptr<KernelEvents> ownEvents_;  // Session(kernel) only; first: destroyed last
+  KernelEvents& events_;
   caps::KernelConnection& kernel_;
   SessionOptions options_;
   caps::Cap<caps::SpaceBank> bank_;
   std::vector<std::unique_ptr<Entry>> entries_;
-  // Koids of bushels the kernel closed before open() knew their koid (an event can overtake
-  // the inspectCap completion's continuation); consulted once, when open() registers the koid.
-  std::vector<caps::Koid> closedEarly_;
-  Error kernelGone_{};  // set when the event stream ended (the kernel connection died)
-  std::optional<Promise<void>> pump_;  // last: dropped first
+  Error kernelGone_{};  // set when the kernel connection died
 };
 
 }  // namespace agate::client

@@ -196,6 +196,22 @@ class Kernel final : private LifecycleObserver {
   // The client's ring descriptors for a bushel (needs READ): [0] request (the client sends),
   // [1] reply (the client receives). SYSTEM_ERROR if they cannot be duplicated.
   Result<std::vector<Fd>> tryBushelFds(ProcessId pid, Handle bushel) const;
+  // The server of the caller's bushel (needs READ), for the client's RPC peer identity.
+  Result<ProcessId> tryBushelServer(ProcessId pid, Handle bushel) const;
+  // Three-party introduction: process `to` gets a connect-only cap (READ, no GRANT: it cannot
+  // pass it on) to the service of the caller's bushel `bushel` (needs GRANT on it), and an
+  // INTRODUCED event naming the cap and the service's server. The cap is derived from the
+  // server's registration cap (when the server still holds it), so the server's revoke on its
+  // Service cap withdraws every introduction; the service's end deletes them all. Idempotent:
+  // while `to` holds a READ-only cap to the service, that handle comes back and nothing is
+  // queued, so an introducer cannot flood `to`'s CSpace or event queue. `to`'s bank pays the
+  // slot (as for a transfer). Errors: INVALID_HANDLE / WRONG_TYPE / PERMISSION_DENIED for the
+  // bushel, NOT_FOUND for `to`, INVALID_ARGUMENT when `to` is the service's server,
+  // DISCONNECTED when the service has gone, QUOTA_EXCEEDED for `to`'s slot.
+  Result<Handle> tryIntroduce(ProcessId pid, Handle bushel, ProcessId to);
+  // As tryOpenBushel, to the service `service` names (needs READ on that Service cap) instead
+  // of a name.
+  Result<Handle> tryOpenBushelVia(ProcessId pid, Handle service, Handle bank);
   // The server of service `service` (needs WRITE) grows the state allowance of its bushel
   // `bushel` (a koid: the server holds no cap to it) by `pages` (1..Bushel::MAX_STATE_GROWTH,
   // else INVALID_ARGUMENT), charged to the bank that paid for the bushel (QUOTA_EXCEEDED if it or
@@ -276,6 +292,8 @@ class Kernel final : private LifecycleObserver {
   // call that can delete caps or destroy objects, once its own changes are done.
   void reap() noexcept;
   void queueEvent(ProcessId pid, KernelEvent event);
+  // tryOpenBushel and tryOpenBushelVia once their caps are checked.
+  Result<Handle> openBushelTo(ProcessId pid, CSpace& cspace, Service& service, SpaceBank& from);
 
   Options options_;
   std::unique_ptr<SpaceBank> systemBank_;

@@ -24,6 +24,9 @@ enum class KernelEventType : uint16_t {
   // To a client: service `service`, to which it had bushel `object`, is gone (server died or
   // unregistered). BUSHEL_CLOSED for that bushel follows.
   SERVICE_GONE = 3,
+  // To the recipient of an introduction (Kernel::tryIntroduce): `cap` (a handle in its CSpace)
+  // is a connect-only cap to service `service`, whose server is `peer`. `object` is 0.
+  INTRODUCED = 4,
 };
 
 struct KernelEvent {
@@ -31,6 +34,7 @@ struct KernelEvent {
   Koid object = 0;      // the bushel
   Koid service = 0;     // its service
   ProcessId peer = 0;   // the other side (client for the server, server for the client)
+  uint64_t cap = 0;     // INTRODUCED: the handle (Handle::raw) of the recipient's new cap
   std::vector<Fd> fds;  // owned until delivered
 };
 

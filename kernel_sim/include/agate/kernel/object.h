@@ -95,6 +95,9 @@ class KernelObject {
   SpaceBank* owner() const noexcept { return owner_; }
   // Number of caps, in all CSpaces, that name this object.
   uint32_t capCount() const noexcept { return capCount_; }
+  // The first of the caps naming this object (Slot::objNext leads to the others), or null.
+  const Slot* firstCap() const noexcept { return capsHead_; }
+  Slot* firstCap() noexcept { return capsHead_; }
   // Pages charged to owner() for this object besides its record (a region's pages, a CSpace's
   // slot chunks). Refunded when the object is destroyed.
   uint64_t chargedPages() const noexcept { return chargedPages_; }

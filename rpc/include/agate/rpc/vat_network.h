@@ -59,6 +59,17 @@ class VatNetwork {
   // further message: that keeps the order of everything its peer sent.
   virtual Promise<RpcConnection*> connect(VatId vat) = 0;
 
+  // Called when this vat is about to hand a capability hosted by `provider` to `recipient`
+  // (before the Provide goes out): the network gives `recipient` what it needs to reach
+  // `provider` (a kernel network: an introduction through the kernel). False: it cannot, and
+  // the capability is passed as a proxy through this vat instead. Default: true (the recipient
+  // can reach every vat, as in LocalNetwork).
+  virtual bool introduce(VatId provider, VatId recipient) noexcept {
+    (void)provider;
+    (void)recipient;
+    return true;
+  }
+
   // Provisions this vat keeps for recipients, and Accepts waiting for their Provide (tests and
   // diagnostics: both drain when handoffs complete, are reclaimed, or their vats die).
   size_t provisionCount() const noexcept;
