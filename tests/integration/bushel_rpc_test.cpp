@@ -28,6 +28,7 @@
 #include "agate/client/session.h"
 #include "bushel_rpc_test.agate.h"
 #include "kernel_fixture.h"
+#include "session_harness.h"
 #include "support/watchdog.h"
 
 namespace agate::client {
@@ -39,6 +40,9 @@ using agate::testing::Watchdog;
 using caps::Cap;
 using caps::KernelConnection;
 using caps::SpaceBank;
+using test::describe;
+using test::reap;
+using test::runSession;
 using Store = busheltest::stubs::Store;
 using Item = busheltest::stubs::Item;
 
@@ -173,41 +177,6 @@ pid_t startClient(const std::string& home, Body body) {
   }
   ::_exit(done ? 0 : 3);
 }
-
-int reap(pid_t pid) {
-  int status = 0;
-  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-  }
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-}
-
-std::string describe(const Error& e) {
-  char buf[256];
-  return e.describe(buf, sizeof buf);
-}
-
-// Runs `body` on a Session in this process, with a deadline.
-template <class Body>
-void runSession(const std::string& home, Body body, Duration limit = 30s) {
-  EventLoop loop;
-  auto kernel = KernelConnection::tryAttach(loop, home, "bushel-test");
-  ASSERT_TRUE(kernel.ok()) << describe(kernel.error());
-  Status done;
-  {
-    Session s(**kernel);
-    done = loop.run(loop.deadline(body(s), limit));
-  }
-  EXPECT_TRUE(done.ok()) << describe(done.error()) << " (" << (*kernel)->lastErrorDetail() << ")";
-}
-
-// co_return an error (with the line) unless `cond`.
-#define CO_CHECK(cond)                               \
-  do {                                               \
-    if (!(cond)) {                                   \
-      ADD_FAILURE() << "check failed: " #cond;       \
-      co_return Error(Errc::FAILED, "check failed"); \
-    }                                                \
-  } while (0)
 
 template <class T>
 Promise<T> awaitTyped(T value) {

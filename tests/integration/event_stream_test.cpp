@@ -30,6 +30,7 @@
 #include "agate/kernel/space_bank.h"
 #include "event_stream_test.agate.h"
 #include "kernel_fixture.h"
+#include "session_harness.h"
 #include "support/alloc_counter.h"
 #include "support/watchdog.h"
 
@@ -42,6 +43,9 @@ using agate::testing::Watchdog;
 using caps::Cap;
 using caps::KernelConnection;
 using caps::SpaceBank;
+using test::describe;
+using test::reap;
+using test::runSession;
 using Ticker = streamtest::stubs::Ticker;
 using Hostile = streamtest::Ticker::Hostile;
 
@@ -189,39 +193,6 @@ pid_t startServer(const std::string& home) {
   });
   ::_exit(rc);
 }
-
-int reap(pid_t pid) {
-  int status = 0;
-  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-  }
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-}
-
-std::string describe(const Error& e) {
-  char buf[256];
-  return e.describe(buf, sizeof buf);
-}
-
-template <class Body>
-void runSession(const std::string& home, Body body, Duration limit = 30s) {
-  EventLoop loop;
-  auto kernel = KernelConnection::tryAttach(loop, home, "ticker-test");
-  ASSERT_TRUE(kernel.ok()) << describe(kernel.error());
-  Status done;
-  {
-    Session s(**kernel);
-    done = loop.run(loop.deadline(body(s), limit));
-  }
-  EXPECT_TRUE(done.ok()) << describe(done.error()) << " (" << (*kernel)->lastErrorDetail() << ")";
-}
-
-#define CO_CHECK(cond)                               \
-  do {                                               \
-    if (!(cond)) {                                   \
-      ADD_FAILURE() << "check failed: " #cond;       \
-      co_return Error(Errc::FAILED, "check failed"); \
-    }                                                \
-  } while (0)
 
 // Subscribes through `ticker` and opens the stream.
 Promise<EventStream> subscribe(Session& s, const Ticker::Client& ticker, uint32_t slots) {

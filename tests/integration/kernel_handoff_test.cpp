@@ -28,6 +28,7 @@
 #include "agate/client/session.h"
 #include "kernel_fixture.h"
 #include "kernel_handoff_test.agate.h"
+#include "session_harness.h"
 #include "support/watchdog.h"
 
 namespace agate::client {
@@ -37,29 +38,11 @@ using namespace std::chrono_literals;
 using agate::testing::KernelProcess;
 using agate::testing::Watchdog;
 using caps::KernelConnection;
+using test::describe;
+using test::reap;
 using Counter = kvattest::stubs::Counter;
 using Bank = kvattest::stubs::Bank;
 using Auditor = kvattest::stubs::Auditor;
-
-std::string describe(const Error& e) {
-  char buf[256];
-  return e.describe(buf, sizeof buf);
-}
-
-int reap(pid_t pid) {
-  int status = 0;
-  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-  }
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-}
-
-#define CO_CHECK(cond)                               \
-  do {                                               \
-    if (!(cond)) {                                   \
-      ADD_FAILURE() << "check failed: " #cond;       \
-      co_return Error(Errc::FAILED, "check failed"); \
-    }                                                \
-  } while (0)
 
 // ---------------------------------------------------------------------------------------------
 // Server processes
