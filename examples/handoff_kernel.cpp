@@ -19,6 +19,7 @@
 
 #include "agate/agate.h"
 #include "handoff.agate.h"
+#include "handoff_objects.h"
 
 namespace {
 
@@ -35,53 +36,8 @@ using agate::client::ServiceOptions;
 using agate::client::Session;
 using agate::client::SessionOptions;
 using namespace handoff::stubs;
-
-class CounterImpl final : public Counter::Server {
- public:
-  Promise<void> add(AddContext context) override {
-    total_ += context.params().getN();
-    auto results = context.initResults();
-    if (!results) return agate::readyPromise<void>(results.error());
-    results->setTotal(total_);
-    return agate::readyPromise<void>(Status{});
-  }
-
- private:
-  int64_t total_ = 0;
-};
-
-class BankImpl final : public Bank::Server {
- public:
-  Promise<void> open(OpenContext context) override {
-    auto results = context.initResults();
-    if (!results) return agate::readyPromise<void>(results.error());
-    return agate::readyPromise<void>(
-        handoff::setCounter(context, *results, std::make_unique<CounterImpl>()));
-  }
-};
-
-class AuditorImpl final : public Auditor::Server {
- public:
-  Promise<void> audit(AuditContext context) override {
-    auto counter = handoff::getCounter(context, context.params());
-    if (!counter) return agate::readyPromise<void>(counter.error());
-    return run(std::move(counter->remote), context.params().getTimes(), context);
-  }
-
- private:
-  static Promise<void> run(Counter::Client counter, uint32_t times, AuditContext context) {
-    int64_t total = 0;
-    for (uint32_t i = 0; i < times; ++i) {
-      auto added = co_await counter.add([](auto params) { params.setN(1); });
-      if (!added) co_return added.error();
-      total = added->results().getTotal();
-    }
-    auto results = context.initResults();
-    if (!results) co_return results.error();
-    results->setTotal(total);
-    co_return {};
-  }
-};
+using handoff_example::AuditorImpl;
+using handoff_example::BankImpl;
 
 struct Outcome {
   int64_t audited = 0;
