@@ -8,28 +8,9 @@
 set -euo pipefail
 agate=$1
 example=$2
-home=$(mktemp -d /tmp/agate-handoff-kernel-test-XXXXXX)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-  timeout 30 "$agate" down --home "$home" --force >/dev/null 2>&1 || true
-  rm -rf "$home"
-}
-trap cleanup EXIT
-
-# Starts a server in the background and waits for its "NAME: serving" line.
-start_server() {
-  local name=$1
-  shift
-  timeout 90 "$@" --home "$home" >"$home/$name.out" 2>&1 &
-  pids+=($!)
-  for _ in $(seq 1 500); do
-    grep -q "^$name: serving" "$home/$name.out" 2>/dev/null && return 0
-    sleep 0.02
-  done
-  echo "handoff_kernel_test: $name did not start: $(cat "$home/$name.out")" >&2
-  return 1
-}
+test_name=handoff_kernel_test
+# shellcheck source=servers_lib.sh
+source "$(dirname "$0")/servers_lib.sh"
 
 timeout 30 "$agate" up --home "$home"
 start_server handoff-bank "$example" bank
@@ -42,9 +23,8 @@ echo "$out"
 grep -q "B's last total 110 (C's two adds came first), final total 110" <<<"$out"
 grep -q '1 Provide from C to A, 1 introduction of B to A, calls through C 0' <<<"$out"
 
-kill -TERM "$bankPid" "$auditorPid"
-wait "$bankPid"
-wait "$auditorPid"
+stop_server "$bankPid"
+stop_server "$auditorPid"
 pids=()
 timeout 30 "$agate" down --home "$home"
 echo "handoff_kernel_test: ok"

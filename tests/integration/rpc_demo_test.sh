@@ -12,34 +12,9 @@ calcServer=$2
 calc=$3
 echo=$4
 ticker=$5
-home=$(mktemp -d /tmp/agate-rpc-demo-test-XXXXXX)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-  timeout 30 "$agate" down --home "$home" --force >/dev/null 2>&1 || true
-  rm -rf "$home"
-}
-trap cleanup EXIT
-
-# Starts a server in the background and waits for its "NAME: serving" line.
-start_server() {
-  local name=$1
-  shift
-  timeout 120 "$@" --home "$home" >"$home/$name.out" 2>&1 &
-  pids+=($!)
-  for _ in $(seq 1 500); do
-    grep -q "^$name: serving" "$home/$name.out" 2>/dev/null && return 0
-    sleep 0.02
-  done
-  echo "rpc_demo_test: $name did not start: $(cat "$home/$name.out")" >&2
-  return 1
-}
-# SIGTERM, then the exit status must be 0 (it unregistered and exited cleanly).
-stop_server() {
-  local pid=$1
-  kill -TERM "$pid"
-  wait "$pid"
-}
+test_name=rpc_demo_test
+# shellcheck source=servers_lib.sh
+source "$(dirname "$0")/servers_lib.sh"
 
 timeout 30 "$agate" up --home "$home"
 start_server calculator "$calcServer"
