@@ -26,6 +26,9 @@
 #include "agate/client/kernel_vats.h"
 #include "agate/client/service_host.h"
 #include "agate/client/session.h"
+#include "agate/rpc/cap_pointer.h"
+#include "agate/runtime/channel.h"
+#include "agate/runtime/message_channel.h"
 #include "kernel_fixture.h"
 #include "kernel_handoff_test.agate.h"
 #include "session_harness.h"
@@ -557,6 +560,146 @@ TEST_F(KernelHandoffTest, AVatIdThatNamesNoIntroducedProcessIsAClearErrorAndOpen
     CO_CHECK(after.ok() && after->used == credit->used);
     co_return {};
   });
+}
+
+// A client of B that speaks the wire protocol itself over a kernel-opened bushel, so that it can
+// send what no RpcConnection would: third-party capabilities it was never given.
+struct RawClient {
+  std::unique_ptr<Channel> requests, replies;
+  std::unique_ptr<MessageSender> tx;
+  std::unique_ptr<MessageReceiver> rx;
+
+  static Result<std::unique_ptr<RawClient>> open(caps::BushelRings rings) {
+    auto raw = std::make_unique<RawClient>();
+    auto requests = Channel::openShared(std::move(rings.request));
+    if (!requests) return requests.error();
+    auto replies = Channel::openShared(std::move(rings.reply));
+    if (!replies) return replies.error();
+    raw->requests = std::move(*requests);
+    raw->replies = std::move(*replies);
+    auto sender = raw->requests->attachSender();
+    if (!sender) return sender.error();
+    auto receiver = raw->replies->attachReceiver();
+    if (!receiver) return receiver.error();
+    raw->tx = std::make_unique<MessageSender>(std::move(*sender));
+    raw->rx = std::make_unique<MessageReceiver>(*raw->replies, std::move(*receiver),
+                                                rpc::rpcReceiverOptions());
+    return raw;
+  }
+
+  // Auditor.audit(counter, times = 1) on B's bootstrap object, as question `q`, where `counter`
+  // is a third-party capability: hosted by `vat`, under a provision id nobody provided.
+  Status auditForged(uint32_t q, rpc::VatId vat) {
+    Result<OutgoingMessage> m = tx->tryStartMessage(1024);
+    if (!m) return m.error();
+    auto call = m->initRoot<rpc::wire::Message>().initCall();
+    call.setQuestionId(q);
+    call.getTarget().setImportedCap(0);
+    call.setInterfaceId(capnp::typeId<kvattest::Auditor>());
+    call.setMethodId(0);  // audit
+    rpc::wire::Payload::Builder p = call.initParams();
+    auto params = p.getContent().initAs<kvattest::Auditor::AuditParams>();
+    params.setTimes(1);
+    rpc::writeCapPointer(params, 0, 0);
+    rpc::wire::ThirdPartyCapDescriptor::Builder t = p.initCapTable(1)[0].initThirdPartyHosted();
+    t.setVatId(vat);
+    t.setProvisionId(7);
+    t.setVineId(0);
+    return m->send();
+  }
+
+  // B's answer to question `q` (OK for results, else the exception's errc), skipping what else
+  // B sends meanwhile (the vine's Release); an Abort is PROTOCOL_ERROR or its own errc.
+  struct Outcome {
+    Errc errc;
+  };
+  Promise<Outcome> returnOf(EventLoop& loop, uint32_t q) {
+    for (;;) {
+      Result<IncomingMessage> in = co_await rx->receiveAsync(loop);
+      if (!in) co_return in.error();
+      rpc::wire::Message::Reader m = in->getRoot<rpc::wire::Message>();
+      if (m.which() == rpc::wire::Message::ABORT)
+        co_return Outcome{static_cast<Errc>(m.getAbort().getErrc())};
+      if (m.which() != rpc::wire::Message::RETURN || m.getReturn().getAnswerId() != q) continue;
+      if (m.getReturn().which() == rpc::wire::Return::RESULTS) co_return Outcome{Errc::OK};
+      co_return Outcome{static_cast<Errc>(m.getReturn().getException().getErrc())};
+    }
+  }
+};
+
+// A forged third-party capability names a provider and a provision the sender never set up. B
+// must not be led to open anything or hold anything: the forger's own call fails, B's other
+// clients carry on, and a capability claimed to be hosted by B itself is a protocol violation
+// that disconnects the forger.
+TEST_F(KernelHandoffTest, ForgedThirdPartyCapabilitiesFailOnlyTheForgersCallAndOpenNothing) {
+  const pid_t a = startServer(kernel_.home(), Role::BANK);
+  const pid_t b = startServer(kernel_.home(), Role::AUDITOR);
+  Watchdog dog("forged third-party capabilities", 90s, a);
+  C c(kernel_.home());
+  c.run(
+      [&](C& self) -> Promise<void> {
+        Session& s = *self.session;
+        KernelConnection& k = *self.kernel;
+        AGATE_CO_TRY(co_await s.waitForService("bank"));
+        AGATE_CO_TRY(co_await s.waitForService("auditor"));
+        Result<OpenedBushel> toA = co_await s.openBushel("bank");
+        Result<OpenedBushel> toB = co_await s.openBushel("auditor");
+        CO_CHECK(toA.ok() && toB.ok());
+        Bank::Client bank(toA->connection->bootstrap());
+        Auditor::Client auditor(toB->connection->bootstrap());
+        Result<VatsView> before = co_await vatsOf(auditor);
+        CO_CHECK(before.ok());
+
+        auto rawBushel = [&]() -> Promise<std::unique_ptr<RawClient>> {
+          Result<caps::Cap<caps::Bushel>> cap =
+              co_await k.openBushel(k.registry(), "auditor", k.bank());
+          AGATE_CO_TRY(cap);
+          Result<caps::BushelRings> rings = co_await k.bushelRings(*cap);
+          AGATE_CO_TRY(rings);
+          co_return RawClient::open(std::move(*rings));
+        };
+        Result<std::unique_ptr<RawClient>> raw = co_await rawBushel();
+        CO_CHECK(raw.ok());
+
+        // Hosted by A, a live process, but nobody introduced B to it: B waits out its
+        // introduction timeout, opens nothing, and only this call fails.
+        CO_CHECK((*raw)->auditForged(1, toA->server).ok());
+        auto first = co_await (*raw)->returnOf(self.loop, 1);
+        CO_CHECK(first.ok() && first->errc == Errc::NOT_FOUND);
+        // Hosted by no process at all: refused at once, the same way.
+        CO_CHECK((*raw)->auditForged(2, uint64_t{1} << 40).ok());
+        auto second = co_await (*raw)->returnOf(self.loop, 2);
+        CO_CHECK(second.ok() && second->errc == Errc::NOT_FOUND);
+
+        Result<VatsView> after = co_await vatsOf(auditor);
+        CO_CHECK(after.ok());
+        CO_CHECK(after->owned == before->owned && after->owned == 0);
+        CO_CHECK(after->introductions == before->introductions);
+        CO_CHECK(after->bankUsed == before->bankUsed);
+        CO_CHECK(after->clients == before->clients + 1);  // the raw client is still served
+        Result<Seen> seen = co_await seenAt(bank, toB->server);
+        CO_CHECK(seen.ok() && seen->bushels == 0 && seen->accepts == 0);
+
+        // Hosted by its receiver, B: a protocol violation. B aborts the forger's connection and
+        // drops it; its other client (this session) carries on.
+        CO_CHECK((*raw)->auditForged(3, toB->server).ok());
+        auto third = co_await (*raw)->returnOf(self.loop, 3);
+        CO_CHECK(third.ok() && third->errc == Errc::PROTOCOL_ERROR);
+        Result<VatsView> last = Error(Errc::FAILED, "not asked");
+        for (int i = 0; i < 2000; ++i) {
+          last = co_await vatsOf(auditor);
+          CO_CHECK(last.ok());
+          if (last->clients == before->clients) break;
+          (void)co_await s.loop().sleep(1ms);
+        }
+        CO_CHECK(last->clients == before->clients && last->owned == 0);
+        co_return {};
+      },
+      60s);
+  ::kill(a, SIGKILL);
+  ::kill(b, SIGKILL);
+  reap(a);
+  reap(b);
 }
 
 // The event router: this process registers "local" and is a client of A's "bank" on one kernel
