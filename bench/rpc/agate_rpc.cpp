@@ -9,6 +9,8 @@
 //  chain10_pipelined_ns      ten dependent calls (each on the capability the previous returns),
 //                            all sent before the first Return, then the last awaited
 //  chain10_awaited_ns        the same ten, each awaited before the next is sent
+//  null_call_one_thread_ns   an awaited empty call with client and server on one thread: what the
+//                            software costs per call, with no cache line crossing between cores
 //  allocations_per_call      heap allocations per awaited call in steady state (one process)
 //  null_call_rtt_parked_64clients_ns
 //                            null_call_rtt_parked_ns over bushels a real agate-kernel opened
@@ -24,6 +26,7 @@
 
 #include <algorithm>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "agate/client/service_host.h"
@@ -294,45 +297,96 @@ Status callsInFlight(const Scenario& scenario, const RunOptions& o, Report& repo
   return {};
 }
 
-// One process, LOCAL channels, one loop: global operator new calls per awaited null call after a
-// warm-up (the counting operator new is linked into this driver).
-Status allocationsPerCall(const Scenario& scenario, const RunOptions& o, Report& report) {
-  ChannelOptions co;
-  co.scope = ChannelScope::LOCAL;
-  auto c2s = Channel::create(co);
-  auto s2c = Channel::create(co);
-  if (!c2s || !s2c) return Error(Errc::FAILED, "channel");
+// One process, one loop: a client connection and a server connection joined by LOCAL channels
+// whose readers copy frames in as SHARED ones do (COPY_IN), so a call takes the cross-process
+// software path with no cache line crossing between cores.
+struct OneThread {
   EventLoop loop;
-  MessageSender clientTx((*c2s)->attachSender().value());
-  MessageReceiver serverRx(**c2s, (*c2s)->attachReceiver().value(),
-                           agate::rpc::rpcReceiverOptions());
-  MessageSender serverTx((*s2c)->attachSender().value());
-  MessageReceiver clientRx(**s2c, (*s2c)->attachReceiver().value(),
-                           agate::rpc::rpcReceiverOptions());
+  std::unique_ptr<Channel> c2s, s2c;
+  std::optional<MessageSender> clientTx, serverTx;
+  std::optional<MessageReceiver> serverRx, clientRx;
   Hop hop;
-  RpcOptions so;
-  so.bootstrap = &hop;
-  uint64_t calls = o.quick ? 2'000 : 100'000;
-  uint64_t allocations = 0;
-  {
-    RpcConnection server(serverTx, serverRx, loop, so);
-    RpcConnection clientConn(clientTx, clientRx, loop);
-    RemoteCap root = clientConn.bootstrap();
-    auto run = [&](uint64_t n) -> Promise<void> {
-      for (uint64_t i = 0; i < n; ++i) AGATE_CO_TRY(co_await nullCall(root));
-      co_return {};
-    };
-    AGATE_TRY(loop.run(run(1'000)));
-    const uint64_t before = agate::testing::allocationCount();
-    AGATE_TRY(loop.run(run(calls)));
-    allocations = agate::testing::allocationCount() - before;
+  std::optional<RpcConnection> server, client;
+  RemoteCap root;
+
+  Status open() {
+    ChannelOptions co;
+    co.scope = ChannelScope::LOCAL;
+    auto a = Channel::create(co);
+    if (!a) return a.error();
+    auto b = Channel::create(co);
+    if (!b) return b.error();
+    c2s = std::move(*a);
+    s2c = std::move(*b);
+    MessageReceiverOptions ro = agate::rpc::rpcReceiverOptions();
+    ro.policy = ReadPolicy::COPY_IN;
+    clientTx.emplace(c2s->attachSender().value());
+    serverRx.emplace(*c2s, c2s->attachReceiver().value(), ro);
+    serverTx.emplace(s2c->attachSender().value());
+    clientRx.emplace(*s2c, s2c->attachReceiver().value(), ro);
+    RpcOptions so;
+    so.bootstrap = &hop;
+    server.emplace(*serverTx, *serverRx, loop, so);
+    client.emplace(*clientTx, *clientRx, loop);
+    root = client->bootstrap();
+    return {};
   }
+  ~OneThread() {
+    root = RemoteCap();
+    client.reset();
+    server.reset();
+  }
+  Promise<void> calls(uint64_t n) {
+    for (uint64_t i = 0; i < n; ++i) AGATE_CO_TRY(co_await nullCall(root));
+    co_return {};
+  }
+};
+
+// Global operator new calls per awaited null call after a warm-up (the counting operator new is
+// linked into this driver).
+Status allocationsPerCall(const Scenario& scenario, const RunOptions& o, Report& report) {
+  OneThread t;
+  AGATE_TRY(t.open());
+  const uint64_t calls = o.quick ? 2'000 : 100'000;
+  AGATE_TRY(t.loop.run(t.calls(1'000)));
+  const uint64_t before = agate::testing::allocationCount();
+  AGATE_TRY(t.loop.run(t.calls(calls)));
+  const uint64_t allocations = agate::testing::allocationCount() - before;
   report.add(Figure{.name = std::string(scenario.name),
                     .value = static_cast<double>(allocations) / static_cast<double>(calls),
                     .unit = std::string(scenario.unit),
                     .scenario = std::string(scenario.name),
                     .samples = calls,
                     .ratioTo = {}});
+  report.addPlacement(scenario.name, {::sched_getcpu()});
+  return {};
+}
+
+// The software cost of a call: both ends on one thread, so nothing crosses between cores and
+// no one waits; each sample is one awaited null call (client and server work, three messages:
+// Call, Return, Finish).
+Status nullOneThread(const Scenario& scenario, const RunOptions& o, Report& report) {
+  OneThread t;
+  AGATE_TRY(t.open());
+  std::vector<uint64_t> samples;
+  samples.reserve(rpcSampleCapacity(o));
+  auto measure = [&]() -> Promise<void> {
+    const uint64_t warmEnd = nowNs() + secondsToNs(o.warmupSeconds);
+    while (nowNs() < warmEnd) AGATE_CO_TRY(co_await nullCall(t.root));
+    const uint64_t end = nowNs() + secondsToNs(o.measureSeconds);
+    while (samples.size() < samples.capacity()) {
+      const uint64_t t0 = nowNs();
+      AGATE_CO_TRY(co_await nullCall(t.root));
+      const uint64_t t1 = nowNs();
+      samples.push_back(t1 - t0);
+      if (t1 >= end) break;
+    }
+    co_return {};
+  };
+  AGATE_TRY(t.loop.run(measure()));
+  const LatencySummary summary = summarize(samples);
+  if (summary.count == 0) return Error(Errc::FAILED, "no call was timed");
+  report.addLatency(scenario.name, scenario.name, scenario.unit, summary, "floor_cacheline_rtt_ns");
   report.addPlacement(scenario.name, {::sched_getcpu()});
   return {};
 }
@@ -457,6 +511,9 @@ constexpr Scenario AGATE_RPC[] = {
      chainPipelined},
     {"chain10_awaited_ns", "ns", "the same ten dependent calls, each awaited before the next",
      chainAwaited},
+    {"null_call_one_thread_ns", "ns",
+     "empty call and its Return with both ends on one thread (COPY_IN): software cost, no transfer",
+     nullOneThread},
     {"allocations_per_call", "allocs",
      "global operator new calls per awaited empty call in steady state (one process)",
      allocationsPerCall},
