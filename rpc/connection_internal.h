@@ -165,10 +165,6 @@ class PromiseNode final : public ServerObject {
 // network's loop thread.
 class HandoffTable {
  public:
-  // Accepts that may wait at once for their Provide (over all introducers): bounds what peers
-  // can make this vat hold for provisions that never come.
-  static constexpr size_t MAX_WAITING_ACCEPTS = 256;
-
   struct Key {
     VatId introducer;
     uint64_t provisionId;

@@ -2,6 +2,8 @@
 // Accept, the provider's provisions and the Accepts that wait for their Provide; and Forwarder,
 // the export that stands for a capability of another connection. Protocol and its order and
 // failure rules: schemas/rpc.capnp, "Three-party handoff".
+#include <algorithm>
+
 #include "connection_internal.h"
 
 namespace agate::rpc {
@@ -475,8 +477,12 @@ void RpcConnection::acceptOrWait(Answer& a) {
                           "no such provision (never provided, already accepted, or reclaimed)"));
       return;
     }
-    if (table.waiting.size() >= detail::HandoffTable::MAX_WAITING_ACCEPTS) {
-      failAnswer(a, Error(Errc::OUT_OF_MEMORY, "too many accepts waiting for their provide"));
+    const auto waitingHere =
+        std::count_if(table.waiting.begin(), table.waiting.end(),
+                      [&](const detail::HandoffTable::Waiting& w) { return w.conn == this; });
+    if (static_cast<size_t>(waitingHere) >= VatNetwork::MAX_WAITING_ACCEPTS_PER_PEER) {
+      failAnswer(a, Error(Errc::OUT_OF_MEMORY,
+                          "too many of this peer's accepts are waiting for their provides"));
       return;
     }
     a.waitingForProvide = true;
