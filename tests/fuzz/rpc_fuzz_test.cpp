@@ -263,5 +263,32 @@ TEST(RpcFuzzTest, MutatedConversationsNeverBreakTheConnectionsInvariants) {
   EXPECT_LT(accepted, INPUTS - INPUTS / 20);
 }
 
+TEST(RpcFuzzTest, RawWordWalkTakesEveryRpcFrameAndNeverMoreThanTheGetterWalk) {
+  // RPC frames (every seed frame, then mutants) under the RPC receiver's limits: the raw-word
+  // walk in FrameReader validates all the valid ones itself, and accepts no mutant that the walk
+  // through Cap'n Proto's getters refuses.
+  const ReadLimits limits = rpc::rpcReceiverOptions().limits;
+  auto check = [&](const Frame& f) {
+    const kj::ArrayPtr<const capnp::word> segment(reinterpret_cast<const capnp::word*>(f.data()),
+                                                  f.size());
+    const bool fast = FrameReader::fastAccepts(segment, limits);
+    const bool generic = FrameReader::validateWithGetters(segment, limits).ok();
+    EXPECT_TRUE(!fast || generic);
+    return fast;
+  };
+  const std::vector<Conversation> base = seeds();
+  for (const Conversation& c : base) {
+    for (const Frame& f : c) EXPECT_TRUE(check(f));
+  }
+  std::mt19937_64 rng(0x5eed'fa57'0002ull);
+  int fast = 0;
+  constexpr int INPUTS = 20'000;
+  for (int i = 0; i < INPUTS; ++i) {
+    for (const Frame& f : mutate(base[static_cast<size_t>(rng() % base.size())], rng))
+      fast += check(f);
+  }
+  EXPECT_GT(fast, INPUTS);  // most frames of most mutated conversations are still well formed
+}
+
 }  // namespace
 }  // namespace agate::fuzz
