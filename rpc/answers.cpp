@@ -141,8 +141,17 @@ void RpcConnection::completeAnswer(uint32_t answerId, Status status) {
     failAnswer(a, status.error());
     return;
   }
-  if (!ctx.results_.active()) (void)initResults(ctx, 0);
-  if (ctx.results_.active()) {
+  if (!ctx.results_.active()) {
+    // No results were built (so no capabilities either): the fixed words of an empty Return.
+    const std::array<uint64_t, EMPTY_RETURN_WORDS> words = emptyReturnWords(a.id);
+    Status sent = sendWords(words);
+    if (sent) {
+      ++stats_.returnsSent;
+    } else if (isOpen()) {
+      failAnswer(a, sent.error());
+      return;
+    }
+  } else {
     const uint32_t n = ctx.resultCaps_.size();
     Status written = {};
     if (n > 0) {

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cstring>
 #include <functional>
 #include <vector>
 
@@ -120,6 +121,101 @@ TEST_F(RpcHotPathTest, MoreFinishesThanTheQueueHoldsAllGoOutAndFreeTheirIds) {
   EXPECT_EQ(pair.server().stats().finishesReceived, 150u);
   EXPECT_TRUE(pair.server().isOpen());
   EXPECT_TRUE(loop_.run(nullCall(cap)).ok()) << "ids freed by the Finishes are usable again";
+}
+
+// The words of a message built by Cap'n Proto's own builder.
+std::vector<uint64_t> builtWords(const std::function<void(wire::Message::Builder)>& fill) {
+  std::vector<capnp::word> frame(64, capnp::word{});
+  FrameBuilder b(std::span(frame.data(), frame.size()));
+  fill(b.initRoot<wire::Message>());
+  const size_t used = b.tryFinish().value();
+  std::vector<uint64_t> out(used / WORD_BYTES);
+  std::memcpy(out.data(), frame.data(), used);
+  return out;
+}
+
+TEST_F(RpcHotPathTest, FinishAndReleaseAreWrittenWordForWordAsCapnProtosBuilderWritesThem) {
+  // The client's peer is the test: it reads the Call, returns a capability (senderHosted 5),
+  // then reads the Release and the Finish the client writes directly into the ring.
+  ChannelOptions co;
+  co.scope = ChannelScope::LOCAL;
+  co.capacityBytes = 64 * 1024;
+  std::unique_ptr<Channel> c2s = std::move(Channel::create(co).value());
+  std::unique_ptr<Channel> s2c = std::move(Channel::create(co).value());
+  MessageSender clientTx(c2s->attachSender().value());
+  MessageReceiver clientRx(*s2c, s2c->attachReceiver().value(), rpcReceiverOptions());
+  Receiver peerRx = c2s->attachReceiver().value();
+  Sender peerTx = s2c->attachSender().value();
+  auto nextFrame = [&]() -> std::vector<uint64_t> {
+    Result<Frame> f = peerRx.tryReceive();
+    if (!f) return {};
+    std::vector<uint64_t> out(f->payload.size() / WORD_BYTES);
+    std::memcpy(out.data(), f->payload.data(), f->payload.size());
+    peerRx.release();
+    return out;
+  };
+  RpcConnection client(clientTx, clientRx, loop_);
+  {
+    RemoteCap cap = client.bootstrap();
+    std::vector<RemotePromise> call;
+    call.push_back(cap.newCall(ANY_INTERFACE, 0, 0).send());
+    ASSERT_FALSE(nextFrame().empty());  // the Call, question 1
+    const std::vector<uint64_t> ret = builtWords([](wire::Message::Builder m) {
+      wire::Return::Builder r = m.initReturn();
+      r.setAnswerId(1);
+      r.initResults().initCapTable(1)[0].setSenderHosted(5);
+    });
+    ASSERT_TRUE(peerTx.trySend(std::as_bytes(std::span(ret))).ok());
+    ASSERT_TRUE(loop_.run(awaitAll(call)).ok());  // its Response (import 5) is dropped: Release
+  }                                               // the promise goes: the Finish is queued
+  ASSERT_TRUE(runUntil(loop_, [&] { return client.stats().finishesSent == 1; }));
+  EXPECT_EQ(nextFrame(), builtWords([](wire::Message::Builder m) {
+              wire::Release::Builder r = m.initRelease();
+              r.setId(5);
+              r.setReferenceCount(1);
+            }));
+  EXPECT_EQ(nextFrame(),
+            builtWords([](wire::Message::Builder m) { m.initFinish().setQuestionId(1); }));
+  EXPECT_EQ(client.stats().releasesSent, 1u);
+  EXPECT_TRUE(client.isOpen());
+}
+
+TEST_F(RpcHotPathTest, AnEmptyReturnIsWrittenWordForWordAsCapnProtosBuilderWritesIt) {
+  // The server's peer is the test: it sends a Call to a server that builds no results, and
+  // reads the Return the server writes directly into the ring.
+  ChannelOptions co;
+  co.scope = ChannelScope::LOCAL;
+  co.capacityBytes = 64 * 1024;
+  std::unique_ptr<Channel> c2s = std::move(Channel::create(co).value());
+  std::unique_ptr<Channel> s2c = std::move(Channel::create(co).value());
+  MessageReceiver serverRx(*c2s, c2s->attachReceiver().value(), rpcReceiverOptions());
+  MessageSender serverTx(s2c->attachSender().value());
+  Sender peerTx = c2s->attachSender().value();
+  Receiver peerRx = s2c->attachReceiver().value();
+  Recorder server;
+  server.probe = [](CallContext&) { return 0; };
+  RpcConnection conn(serverTx, serverRx, loop_, {.bootstrap = &server});
+  const std::vector<uint64_t> call = builtWords([](wire::Message::Builder m) {
+    wire::Call::Builder c = m.initCall();
+    c.setQuestionId(7);
+    c.initTarget().setImportedCap(0);
+    c.setInterfaceId(ANY_INTERFACE);
+    c.initParams();
+  });
+  ASSERT_TRUE(peerTx.trySend(std::as_bytes(std::span(call))).ok());
+  ASSERT_TRUE(runUntil(loop_, [&] { return conn.stats().returnsSent == 1; }));
+  Result<Frame> f = peerRx.tryReceive();
+  ASSERT_TRUE(f.ok());
+  std::vector<uint64_t> ret(f->payload.size() / WORD_BYTES);
+  std::memcpy(ret.data(), f->payload.data(), f->payload.size());
+  peerRx.release();
+  EXPECT_EQ(ret, builtWords([](wire::Message::Builder m) {
+              wire::Return::Builder r = m.initReturn();
+              r.setAnswerId(7);
+              r.initResults();
+            }));
+  EXPECT_EQ(server.seen.size(), 1u);
+  EXPECT_TRUE(conn.isOpen());
 }
 
 TEST_F(RpcHotPathTest, FinishesQueuedWhenTheConnectionEndsAreDroppedAndTheirIdsFreed) {

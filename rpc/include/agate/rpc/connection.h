@@ -554,6 +554,7 @@ class RpcConnection {
   Promise<void> pumpWhileFull();
   detail::SpillBuffer* takeSpill(size_t bytes);
   void giveSpill(detail::SpillBuffer* buffer) noexcept;
+  Status sendWords(std::span<const uint64_t> words);
   void sendFinish(uint32_t questionId);
   void queueFinish(uint32_t questionId);
   void flushFinishes();
