@@ -332,6 +332,16 @@ class [[nodiscard]] Request {
 
   RpcConnection* conn_;
   Error error_;  // a call refused before anything was built
+  // The Call is built only when params() or a capability needs it: a call with neither is
+  // written by send() as a handful of words, with no MessageBuilder. Until then, what it is.
+  bool unbuilt_ = false;
+  bool toAnswer_ = false;  // target: promisedAnswer(targetId_, path_) or importedCap(targetId_)
+  uint8_t pathLength_ = 0;
+  uint16_t methodId_ = 0;
+  uint32_t targetId_ = 0;
+  uint64_t interfaceId_ = 0;
+  size_t sizeHint_ = 0;
+  std::array<uint16_t, MAX_PIPELINE_PATH> path_{};
   detail::OutSlot slot_;
   wire::Call::Builder call_{nullptr};
   detail::CapTable caps_;
@@ -555,6 +565,7 @@ class RpcConnection {
   detail::SpillBuffer* takeSpill(size_t bytes);
   void giveSpill(detail::SpillBuffer* buffer) noexcept;
   Status sendWords(std::span<const uint64_t> words);
+  void buildCall(Request& request);
   void sendFinish(uint32_t questionId);
   void queueFinish(uint32_t questionId);
   void flushFinishes();
