@@ -628,8 +628,14 @@ class RpcConnection {
   Promise<void> readLoop();
   Status handleMessage(IncomingMessage& message);
   Status decode(wire::Message::Reader m, Decoded& d);
+  bool decodeCommon(std::span<const std::byte> frame, Decoded& d, Status& verdict);
+  Status checkNewQuestion(uint32_t questionId) const;
+  Status checkCallTarget(const Decoded& d) const;
+  Status checkReturnId(uint32_t answerId) const;
+  Status checkFinishId(uint32_t answerId) const;
+  Status checkRelease(uint32_t exportId, uint32_t count) const;
   Status decodeCapTable(capnp::List<wire::CapDescriptor>::Reader caps, Decoded& d);
-  Status handleCall(IncomingMessage& message, wire::Message::Reader m, const Decoded& d);
+  Status handleCall(IncomingMessage& message, const Decoded& d);
   Status handleReturn(IncomingMessage& message, const Decoded& d);
   Status handleFinish(uint32_t answerId);
   Status handleRelease(uint32_t exportId, uint32_t count);
@@ -638,7 +644,7 @@ class RpcConnection {
 
   // --- server side ---
   Answer& answerAt(uint32_t id);
-  void deliver(Answer& answer, uint32_t exportId, wire::Call::Reader call,
+  void deliver(Answer& answer, uint32_t exportId, uint64_t interfaceId, uint16_t methodId,
                capnp::AnyStruct::Reader payload);
   void deliverQueued(Answer& answer);
   detail::SpillBuffer* copyCall(IncomingMessage& message);
