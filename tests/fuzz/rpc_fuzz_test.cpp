@@ -381,7 +381,13 @@ TEST(RpcFuzzTest, WordLevelDecoderTakesTheCommonFramesAndAgreesWithCapnpOnEveryF
   std::mt19937_64 rng(0x5eed'fa57'0003ull);
   const std::vector<Frame> base = commonFrames();
   int taken = 0;
+#if defined(__SANITIZE_THREAD__)
+  constexpr int INPUTS = 2'000;  // every refused frame throws, which TSan makes ~100x slower
+#elif defined(__SANITIZE_ADDRESS__)
+  constexpr int INPUTS = 10'000;
+#else
   constexpr int INPUTS = 50'000;
+#endif
   for (int i = 0; i < INPUTS; ++i) {
     Conversation one = mutate({base[static_cast<size_t>(rng() % base.size())]}, rng);
     for (const Frame& f : one) taken += agreesWithCapnp(f);
@@ -471,7 +477,13 @@ TEST(RpcFuzzTest, RawWordWalkTakesEveryRpcFrameAndNeverMoreThanTheGetterWalk) {
   }
   std::mt19937_64 rng(0x5eed'fa57'0002ull);
   int fast = 0;
+#if defined(__SANITIZE_THREAD__)
+  constexpr int INPUTS = 1'000;  // every refused frame throws, which TSan makes ~100x slower
+#elif defined(__SANITIZE_ADDRESS__)
+  constexpr int INPUTS = 5'000;
+#else
   constexpr int INPUTS = 20'000;
+#endif
   for (int i = 0; i < INPUTS; ++i) {
     for (const Frame& f : mutate(base[static_cast<size_t>(rng() % base.size())], rng))
       fast += check(f);

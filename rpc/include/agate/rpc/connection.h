@@ -35,9 +35,10 @@
 // until the answer returns, then delivered in order ahead of anything that arrives later).
 //
 // Lifetimes and cancellation:
-//  * A Request holds its ring frame until send() (or its destruction, which abandons it). Build
-//    and send without suspending: while an in-place frame is open, other messages of this
-//    connection are built in spill buffers and queued behind it.
+//  * A Request takes its ring frame at its first params() (a call without params or capabilities
+//    never takes one: send() writes its few words directly) and holds it until send() (or its
+//    destruction, which abandons it). Build and send without suspending: while an in-place frame
+//    is open, other messages of this connection are built in spill buffers and queued behind it.
 //  * RemotePromise: the caller's handle on a question. Dropping it (and every RemoteCap pipelined
 //    on it) sends Finish; before the Return arrived that cancels the call: the callee drops its
 //    dispatch promise, which destroys the server's coroutine.
@@ -293,7 +294,7 @@ class [[nodiscard]] RemotePromise {
   Error error_;  // why the call never got a question
 };
 
-// A call being built. Move-only; dropping it unsent abandons its frame.
+// A call being built. Move-only; dropping it unsent abandons its frame (if params() took one).
 class [[nodiscard]] Request {
  public:
   Request(Request&& o) noexcept;
@@ -301,7 +302,8 @@ class [[nodiscard]] Request {
   Request(const Request&) = delete;
   ~Request();
 
-  // The params content, built in place (params().initAs<T>()).
+  // The params content, built in place (params().initAs<T>()). The first call starts the Call
+  // in a ring frame (or a spill buffer).
   capnp::AnyPointer::Builder params();
   template <class T>
   typename T::Builder initParams() {
