@@ -143,8 +143,10 @@ FuzzOutcome fuzzFrameValidators(std::span<const std::byte> input) {
                                          words * WORD_BYTES);
 
   uint64_t shape = 0;  // limits taken from the input's last bytes
-  std::memcpy(&shape, input.data() + input.size() - std::min<size_t>(input.size(), 8),
-              std::min<size_t>(input.size(), 8));
+  if (!input.empty()) {
+    std::memcpy(&shape, input.data() + input.size() - std::min<size_t>(input.size(), 8),
+                std::min<size_t>(input.size(), 8));
+  }
   ReadLimits limits[4] = {fuzzLimits(), fuzzLimits(), fuzzLimits(), fuzzLimits()};
   limits[1].allowCapabilityPointers = true;
   limits[2].allowCapabilityPointers = true;
