@@ -15,8 +15,7 @@ RpcConnection::Answer& RpcConnection::answerAt(uint32_t id) {
   return *answers_[id];
 }
 
-Status RpcConnection::handleCall(IncomingMessage& message, wire::Message::Reader m,
-                                 const Decoded& d) {
+Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
   ++stats_.callsReceived;
   Answer& a = answerAt(d.id);
   a.state = Answer::State::QUEUED;
@@ -52,13 +51,12 @@ Status RpcConnection::handleCall(IncomingMessage& message, wire::Message::Reader
         break;
     }
   }
-  wire::Call::Reader call = m.getCall();
   if (!d.targetIsAnswer) {
     if (isPendingPromise(d.targetId)) {
       queueOnExport(a, d.targetId, copyCall(message));
       return {};
     }
-    deliver(a, d.targetId, call, d.payload);
+    deliver(a, d.targetId, d.interfaceId, d.methodId, d.payload);
     return {};
   }
   Answer& target = *answers_[d.targetId];
@@ -74,7 +72,7 @@ Status RpcConnection::handleCall(IncomingMessage& message, wire::Message::Reader
       queueOnExport(a, *exportId, copyCall(message));
       return {};
     }
-    deliver(a, *exportId, call, d.payload);
+    deliver(a, *exportId, d.interfaceId, d.methodId, d.payload);
     return {};
   }
   // The promised answer has not returned: keep a private copy of the call, queued in order.
@@ -101,7 +99,7 @@ detail::SpillBuffer* RpcConnection::copyCall(IncomingMessage& message) {
 }
 
 // Calls `exportId`'s dispatch with the answer's context; the Return goes out when it completes.
-void RpcConnection::deliver(Answer& a, uint32_t exportId, wire::Call::Reader call,
+void RpcConnection::deliver(Answer& a, uint32_t exportId, uint64_t interfaceId, uint16_t methodId,
                             capnp::AnyStruct::Reader payload) {
   Export& e = exports_[exportId];
   if (e.object == nullptr) {
@@ -115,7 +113,7 @@ void RpcConnection::deliver(Answer& a, uint32_t exportId, wire::Call::Reader cal
   ctx.params_ = contentOf(payload);
   ctx.paramsPayload_ = payload;
   ctx.paramsValid_ = true;
-  Promise<void> dispatch = e.object->dispatch(call.getInterfaceId(), call.getMethodId(), ctx);
+  Promise<void> dispatch = e.object->dispatch(interfaceId, methodId, ctx);
   ctx.paramsValid_ = false;
   if (dispatch.isReady()) {
     // Served synchronously (the common case): the Return goes out now, with no driver coroutine.
@@ -141,8 +139,17 @@ void RpcConnection::completeAnswer(uint32_t answerId, Status status) {
     failAnswer(a, status.error());
     return;
   }
-  if (!ctx.results_.active()) (void)initResults(ctx, 0);
-  if (ctx.results_.active()) {
+  if (!ctx.results_.active()) {
+    // No results were built (so no capabilities either): the fixed words of an empty Return.
+    const std::array<uint64_t, EMPTY_RETURN_WORDS> words = emptyReturnWords(a.id);
+    Status sent = sendWords(words);
+    if (sent) {
+      ++stats_.returnsSent;
+    } else if (isOpen()) {
+      failAnswer(a, sent.error());
+      return;
+    }
+  } else {
     const uint32_t n = ctx.resultCaps_.size();
     Status written = {};
     if (n > 0) {
@@ -278,7 +285,8 @@ void RpcConnection::deliverQueued(Answer& q) {
   // resolvePipeline used replayReader_; decode the call again for its params.
   view = replayReader_.tryDecode(copy->bytes());
   call = view->getRoot<wire::Message>().getCall();
-  deliver(q, *exportId, call, capnp::AnyStruct::Reader(call.getParams()));
+  deliver(q, *exportId, call.getInterfaceId(), call.getMethodId(),
+          capnp::AnyStruct::Reader(call.getParams()));
   giveSpill(copy);  // params were readable during dispatch's synchronous part only
 }
 

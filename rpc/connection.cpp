@@ -332,46 +332,74 @@ Request RpcConnection::newCall(const RemoteCap& target, uint64_t interfaceId, ui
   } else if (!isOpen()) {
     request.error_ = failure_;
   } else {
-    Result<detail::OutSlot> slot = startOut(sizeHint + ENVELOPE_BYTES);
-    if (!slot) {
-      request.error_ = slot.error();
-    } else {
-      request.slot_ = std::move(*slot);
-      wire::Call::Builder call = request.slot_.builder().initRoot<wire::Message>().initCall();
-      call.setInterfaceId(interfaceId);
-      call.setMethodId(methodId);
-      wire::MessageTarget::Builder t = call.initTarget();
-      if (target.kind_ == RemoteCap::Kind::IMPORT) {
-        t.setImportedCap(importId);
-      } else {
-        wire::PromisedAnswer::Builder pa = t.initPromisedAnswer();
-        pa.setQuestionId(target.id_);
-        capnp::List<uint16_t>::Builder path = pa.initTransform(target.pathLength_);
-        for (uint32_t i = 0; i < target.pathLength_; ++i) path.set(i, target.path_[i]);
-      }
-      request.call_ = call;
-      return request;
-    }
+    // Built when first needed (buildCall), or written as words by send().
+    request.unbuilt_ = true;
+    request.toAnswer_ = target.kind_ != RemoteCap::Kind::IMPORT;
+    request.targetId_ = request.toAnswer_ ? target.id_ : importId;
+    request.pathLength_ = request.toAnswer_ ? target.pathLength_ : 0;
+    request.path_ = target.path_;
+    request.interfaceId_ = interfaceId;
+    request.methodId_ = methodId;
+    request.sizeHint_ = sizeHint;
+    return request;
   }
   // Refused: params go to a scrap message so the caller's building code still runs.
   request.scrap_ = std::make_unique<capnp::MallocMessageBuilder>(256);
   return request;
 }
 
+// Starts the Call of an unbuilt request in a frame (or, refused, params go to a scrap message).
+void RpcConnection::buildCall(Request& request) {
+  request.unbuilt_ = false;
+  Result<detail::OutSlot> slot = startOut(request.sizeHint_ + ENVELOPE_BYTES);
+  if (!slot) {
+    request.error_ = slot.error();
+    request.scrap_ = std::make_unique<capnp::MallocMessageBuilder>(256);
+    return;
+  }
+  request.slot_ = std::move(*slot);
+  wire::Call::Builder call = request.slot_.builder().initRoot<wire::Message>().initCall();
+  call.setInterfaceId(request.interfaceId_);
+  call.setMethodId(request.methodId_);
+  wire::MessageTarget::Builder t = call.initTarget();
+  if (!request.toAnswer_) {
+    t.setImportedCap(request.targetId_);
+  } else {
+    wire::PromisedAnswer::Builder pa = t.initPromisedAnswer();
+    pa.setQuestionId(request.targetId_);
+    capnp::List<uint16_t>::Builder path = pa.initTransform(request.pathLength_);
+    for (uint32_t i = 0; i < request.pathLength_; ++i) path.set(i, request.path_[i]);
+  }
+  request.call_ = call;
+}
+
 RemotePromise RpcConnection::sendRequest(Request& request) {
   if (request.error_.code == Errc::OK && !isOpen()) request.error_ = failure_;
+  if (request.error_.code == Errc::OK && request.unbuilt_ && request.caps_.size() > 0)
+    buildCall(request);  // the cap table goes in a built message
   if (request.error_.code != Errc::OK) {
+    request.unbuilt_ = false;
     abandonOut(request.slot_);
     return RemotePromise(nullptr, 0, readyPromise<Response>(request.error_), request.error_);
   }
   const uint32_t qid = takeQuestionId();
-  request.call_.setQuestionId(qid);
-  Status written = {};
-  if (request.caps_.size() > 0) {
-    written =
-        writeCapTable(request.call_.getParams().initCapTable(request.caps_.size()), request.caps_);
+  Status sent = {};
+  if (request.unbuilt_) {
+    request.unbuilt_ = false;
+    std::array<uint64_t, MAX_EMPTY_CALL_WORDS> words;
+    const size_t n =
+        emptyCallWords(words, qid, request.interfaceId_, request.methodId_, request.toAnswer_,
+                       request.targetId_, std::span(request.path_.data(), request.pathLength_));
+    sent = sendWords(std::span(words.data(), n));
+  } else {
+    request.call_.setQuestionId(qid);
+    Status written = {};
+    if (request.caps_.size() > 0) {
+      written = writeCapTable(request.call_.getParams().initCapTable(request.caps_.size()),
+                              request.caps_);
+    }
+    sent = written ? finishOut(request.slot_) : written;
   }
-  Status sent = written ? finishOut(request.slot_) : written;
   if (!sent) {
     if (request.slot_.active()) abandonOut(request.slot_);
     for (uint32_t i = 0; i < request.caps_.size(); ++i) {  // roll the exports back

@@ -27,6 +27,88 @@ inline constexpr size_t MAX_REASON_ON_WIRE = 120;  // reason text bytes written 
 inline constexpr size_t HANDOFF_BYTES = 256;       // a Provide or an Accept
 inline constexpr size_t RESOLVE_BYTES = 64 * 8;    // a Resolve with a cap or an exception
 
+// Finish and Release are one-word structs (Finish {questionId}, Release {id, referenceCount}),
+// so the whole message is four words, written directly rather than through a MessageBuilder
+// (setting one up costs more than the message): the root pointer, the Message struct (its union
+// discriminant in the first 16 bits, then its one pointer) and the body struct. The layout is
+// exactly what Cap'n Proto's builder writes for the same message (rpc_hot_path_test compares
+// the bytes).
+inline constexpr size_t CONTROL_WORDS = 4;
+inline constexpr uint64_t structPointerWord(uint32_t offsetWords, uint16_t dataWords,
+                                            uint16_t pointers) {
+  return uint64_t{offsetWords} << 2 | uint64_t{dataWords} << 32 | uint64_t{pointers} << 48;
+}
+inline std::array<uint64_t, CONTROL_WORDS> controlWords(wire::Message::Which which, uint64_t body) {
+  static_assert(wire::Message::_capnpPrivate::dataWordSize == 1 &&
+                wire::Message::_capnpPrivate::pointerCount == 1);
+  static_assert(wire::Finish::_capnpPrivate::dataWordSize == 1 &&
+                wire::Finish::_capnpPrivate::pointerCount == 0);
+  static_assert(wire::Release::_capnpPrivate::dataWordSize == 1 &&
+                wire::Release::_capnpPrivate::pointerCount == 0);
+  return {structPointerWord(0, 1, 1),  // word 0: the root, the Message at word 1
+          static_cast<uint64_t>(which), structPointerWord(0, 1, 0),  // word 2: the body at word 3
+          body};
+}
+
+// A Return with empty results and no capabilities (a call whose server never asked for
+// results), written the same way: the root, the Message, its pointer to the Return, the Return's
+// data word (answerId, then its union's discriminant in bits 32..47) and pointer, and the Payload
+// with its two pointers null. Word for word what the builder writes (rpc_hot_path_test).
+inline constexpr size_t EMPTY_RETURN_WORDS = 7;
+inline std::array<uint64_t, EMPTY_RETURN_WORDS> emptyReturnWords(uint32_t answerId) {
+  static_assert(wire::Return::_capnpPrivate::dataWordSize == 1 &&
+                wire::Return::_capnpPrivate::pointerCount == 1);
+  static_assert(wire::Payload::_capnpPrivate::dataWordSize == 0 &&
+                wire::Payload::_capnpPrivate::pointerCount == 2);
+  return {structPointerWord(0, 1, 1),  // word 0: the root, the Message at word 1
+          static_cast<uint64_t>(wire::Message::RETURN),
+          structPointerWord(0, 1, 1),  // word 2: the Return at word 3
+          answerId | uint64_t{wire::Return::RESULTS} << 32,
+          structPointerWord(0, 0, 2),  // word 4: the Payload at word 5
+          0,
+          0};
+}
+
+// A Call with no params and no capabilities (neither params() nor addCap used, so the Call was
+// never built; see Request), written the same way, in the builder's order: the root, the
+// Message and its pointer, the Call (questionId and methodId, interfaceId, pointers to the
+// target and to the params, which stays null), the MessageTarget (importedCap, or the
+// discriminant of promisedAnswer and its pointer), then the PromisedAnswer and its transform
+// list of 16-bit pointer-field indices. Word for word what the builder writes
+// (rpc_hot_path_test). Returns the number of words.
+inline constexpr size_t MAX_EMPTY_CALL_WORDS = 11 + (MAX_PIPELINE_PATH + 3) / 4;
+inline size_t emptyCallWords(std::array<uint64_t, MAX_EMPTY_CALL_WORDS>& w, uint32_t questionId,
+                             uint64_t interfaceId, uint16_t methodId, bool toAnswer,
+                             uint32_t targetId, std::span<const uint16_t> path) {
+  static_assert(wire::Call::_capnpPrivate::dataWordSize == 2 &&
+                wire::Call::_capnpPrivate::pointerCount == 2);
+  static_assert(wire::MessageTarget::_capnpPrivate::dataWordSize == 1 &&
+                wire::MessageTarget::_capnpPrivate::pointerCount == 1);
+  static_assert(wire::PromisedAnswer::_capnpPrivate::dataWordSize == 1 &&
+                wire::PromisedAnswer::_capnpPrivate::pointerCount == 1);
+  constexpr uint64_t LIST = 1, TWO_BYTES = 3;  // a list pointer; its element size code
+  w[0] = structPointerWord(0, 1, 1);           // the Message at word 1
+  w[1] = static_cast<uint64_t>(wire::Message::CALL);
+  w[2] = structPointerWord(0, 2, 2);  // the Call at word 3
+  w[3] = questionId | uint64_t{methodId} << 32;
+  w[4] = interfaceId;
+  w[5] = structPointerWord(1, 1, 1);  // the MessageTarget at word 7
+  w[6] = 0;                           // params: none
+  if (!toAnswer) {
+    w[7] = targetId | uint64_t{wire::MessageTarget::IMPORTED_CAP} << 32;
+    w[8] = 0;
+    return 9;
+  }
+  w[7] = uint64_t{wire::MessageTarget::PROMISED_ANSWER} << 32;
+  w[8] = structPointerWord(0, 1, 1);  // the PromisedAnswer at word 9
+  w[9] = targetId;
+  w[10] = LIST | TWO_BYTES << 32 | uint64_t{path.size()} << 35;  // the transform at word 11
+  const size_t pathWords = (path.size() + 3) / 4;
+  for (size_t i = 0; i < pathWords; ++i) w[11 + i] = 0;
+  for (size_t i = 0; i < path.size(); ++i) w[11 + i / 4] |= uint64_t{path[i]} << (16 * (i % 4));
+  return 11 + pathWords;
+}
+
 // Spill buffers come in size classes of 2^(k + MIN_CLASS_SHIFT) bytes.
 inline constexpr size_t MIN_CLASS_SHIFT = 7;
 

@@ -77,6 +77,14 @@ Request::Request(RpcConnection* conn, Error error) noexcept : conn_(conn), error
 Request::Request(Request&& o) noexcept
     : conn_(std::exchange(o.conn_, nullptr)),
       error_(o.error_),
+      unbuilt_(std::exchange(o.unbuilt_, false)),
+      toAnswer_(o.toAnswer_),
+      pathLength_(o.pathLength_),
+      methodId_(o.methodId_),
+      targetId_(o.targetId_),
+      interfaceId_(o.interfaceId_),
+      sizeHint_(o.sizeHint_),
+      path_(o.path_),
       slot_(std::move(o.slot_)),
       call_(o.call_),
       caps_(std::move(o.caps_)),
@@ -89,6 +97,7 @@ Request::~Request() {
 }
 
 capnp::AnyPointer::Builder Request::params() {
+  if (unbuilt_) conn_->buildCall(*this);
   if (scrap_) return scrap_->getRoot<capnp::AnyPointer>();
   AGATE_REQUIRE(slot_.active(), "params() of a request already sent");
   return call_.getParams().getContent();
@@ -125,7 +134,8 @@ RemotePromise Request::send() {
   if (conn_ == nullptr) {
     return RemotePromise(nullptr, 0, readyPromise<Response>(error_), error_);
   }
-  AGATE_REQUIRE(slot_.active() || error_.code != Errc::OK, "send() of a request already sent");
+  AGATE_REQUIRE(unbuilt_ || slot_.active() || error_.code != Errc::OK,
+                "send() of a request already sent");
   RemotePromise p = conn_->sendRequest(*this);
   caps_.clear();
   return p;

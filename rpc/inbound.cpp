@@ -1,6 +1,7 @@
 // RpcConnection's inbound side: the reader, decode (every check, no state change), then invoke;
 // Returns and the remote error text.
 #include "connection_internal.h"
+#include "fast_decode.h"
 
 namespace agate::rpc {
 
@@ -134,6 +135,86 @@ Status RpcConnection::decodeCapTable(capnp::List<wire::CapDescriptor>::Reader ca
   return {};
 }
 
+// The table checks of the common messages, shared by decode() and decodeCommon().
+Status RpcConnection::checkNewQuestion(uint32_t id) const {
+  if (id >= options_.maxAnswers)
+    return Error(Errc::PROTOCOL_ERROR, "question id beyond the answer table's bound");
+  if (id < answers_.size() && answers_[id] && answers_[id]->state != Answer::State::FREE)
+    return Error(Errc::PROTOCOL_ERROR, "question id reused before Finish and Return");
+  return {};
+}
+
+Status RpcConnection::checkCallTarget(const Decoded& d) const {
+  if (!d.targetIsAnswer) {
+    if (d.targetId >= exports_.size() || !exports_[d.targetId].inUse)
+      return Error(Errc::PROTOCOL_ERROR, "call on an export id that does not exist");
+    return {};
+  }
+  if (d.targetId >= answers_.size() || !answers_[d.targetId] ||
+      answers_[d.targetId]->state == Answer::State::FREE || answers_[d.targetId]->finishReceived ||
+      d.targetId == d.id)
+    return Error(Errc::PROTOCOL_ERROR, "call on a promised answer that does not exist");
+  return {};
+}
+
+Status RpcConnection::checkReturnId(uint32_t id) const {
+  if (id == 0 || id >= questions_.size() || !questions_[id].inUse || questions_[id].returned)
+    return Error(Errc::PROTOCOL_ERROR, "return for a question that is not awaiting one");
+  return {};
+}
+
+Status RpcConnection::checkFinishId(uint32_t id) const {
+  if (id >= answers_.size() || !answers_[id] || answers_[id]->state == Answer::State::FREE ||
+      answers_[id]->finishReceived)
+    return Error(Errc::PROTOCOL_ERROR, "finish for an answer that does not exist");
+  return {};
+}
+
+Status RpcConnection::checkRelease(uint32_t id, uint32_t count) const {
+  if (id == 0 || id >= exports_.size() || !exports_[id].inUse)
+    return Error(Errc::PROTOCOL_ERROR, "release of an export that does not exist");
+  if (count == 0 || count > exports_[id].remoteRefs)
+    return Error(Errc::PROTOCOL_ERROR, "release of more references than were given");
+  return {};
+}
+
+// A Call, Return, Finish or Release of a common shape (fast_decode.h), read from the frame's
+// words with no Cap'n Proto reader: the same fields as decode() and the same checks, in the same
+// order; params or results are empty (default readers, no capability). False when the frame has
+// another shape: decode() reads it. `verdict`: the checks' outcome.
+bool RpcConnection::decodeCommon(std::span<const std::byte> frame, Decoded& d, Status& verdict) {
+  CommonFrame f;
+  if (!parseCommonFrame(frame, f)) return false;
+  d.which = f.which;
+  d.id = f.id;
+  switch (f.which) {
+    case wire::Message::CALL:
+      verdict = checkNewQuestion(d.id);
+      if (!verdict) return true;
+      d.interfaceId = f.interfaceId;
+      d.methodId = f.methodId;
+      d.targetIsAnswer = f.targetIsAnswer;
+      d.targetId = f.targetId;
+      d.pathLength = f.pathLength;
+      std::copy_n(f.path.begin(), f.pathLength, d.path.begin());
+      verdict = checkCallTarget(d);
+      return true;
+    case wire::Message::RETURN:
+      verdict = checkReturnId(d.id);
+      d.returnKind = f.returnKind;
+      return true;
+    case wire::Message::FINISH:
+      verdict = checkFinishId(d.id);
+      return true;
+    case wire::Message::RELEASE:
+      d.count = f.count;
+      verdict = checkRelease(d.id, d.count);
+      return true;
+    default:
+      return false;  // parseCommonFrame takes no other kind
+  }
+}
+
 // Reads every field handleMessage uses and checks it against the tables. No state changes.
 Status RpcConnection::decode(wire::Message::Reader m, Decoded& d) {
   d.which = m.which();
@@ -141,10 +222,7 @@ Status RpcConnection::decode(wire::Message::Reader m, Decoded& d) {
     case wire::Message::CALL: {
       wire::Call::Reader call = m.getCall();
       d.id = call.getQuestionId();
-      if (d.id >= options_.maxAnswers)
-        return Error(Errc::PROTOCOL_ERROR, "question id beyond the answer table's bound");
-      if (d.id < answers_.size() && answers_[d.id] && answers_[d.id]->state != Answer::State::FREE)
-        return Error(Errc::PROTOCOL_ERROR, "question id reused before Finish and Return");
+      AGATE_TRY(checkNewQuestion(d.id));
       d.interfaceId = call.getInterfaceId();
       d.methodId = call.getMethodId();
       wire::MessageTarget::Reader target = call.getTarget();
@@ -152,17 +230,13 @@ Status RpcConnection::decode(wire::Message::Reader m, Decoded& d) {
         case wire::MessageTarget::IMPORTED_CAP:
           d.targetIsAnswer = false;
           d.targetId = target.getImportedCap();
-          if (d.targetId >= exports_.size() || !exports_[d.targetId].inUse)
-            return Error(Errc::PROTOCOL_ERROR, "call on an export id that does not exist");
+          AGATE_TRY(checkCallTarget(d));
           break;
         case wire::MessageTarget::PROMISED_ANSWER: {
           wire::PromisedAnswer::Reader pa = target.getPromisedAnswer();
           d.targetIsAnswer = true;
           d.targetId = pa.getQuestionId();
-          if (d.targetId >= answers_.size() || !answers_[d.targetId] ||
-              answers_[d.targetId]->state == Answer::State::FREE ||
-              answers_[d.targetId]->finishReceived || d.targetId == d.id)
-            return Error(Errc::PROTOCOL_ERROR, "call on a promised answer that does not exist");
+          AGATE_TRY(checkCallTarget(d));
           capnp::List<uint16_t>::Reader path = pa.getTransform();
           if (path.size() > MAX_PIPELINE_PATH)
             return Error(Errc::PROTOCOL_ERROR, "pipeline path longer than allowed");
@@ -180,9 +254,7 @@ Status RpcConnection::decode(wire::Message::Reader m, Decoded& d) {
     case wire::Message::RETURN: {
       wire::Return::Reader r = m.getReturn();
       d.id = r.getAnswerId();
-      if (d.id == 0 || d.id >= questions_.size() || !questions_[d.id].inUse ||
-          questions_[d.id].returned)
-        return Error(Errc::PROTOCOL_ERROR, "return for a question that is not awaiting one");
+      AGATE_TRY(checkReturnId(d.id));
       d.returnKind = r.which();
       switch (d.returnKind) {
         case wire::Return::RESULTS: {
@@ -202,19 +274,12 @@ Status RpcConnection::decode(wire::Message::Reader m, Decoded& d) {
     }
     case wire::Message::FINISH:
       d.id = m.getFinish().getQuestionId();
-      if (d.id >= answers_.size() || !answers_[d.id] ||
-          answers_[d.id]->state == Answer::State::FREE || answers_[d.id]->finishReceived)
-        return Error(Errc::PROTOCOL_ERROR, "finish for an answer that does not exist");
-      return {};
+      return checkFinishId(d.id);
     case wire::Message::RELEASE: {
       wire::Release::Reader r = m.getRelease();
       d.id = r.getId();
       d.count = r.getReferenceCount();
-      if (d.id == 0 || d.id >= exports_.size() || !exports_[d.id].inUse)
-        return Error(Errc::PROTOCOL_ERROR, "release of an export that does not exist");
-      if (d.count == 0 || d.count > exports_[d.id].remoteRefs)
-        return Error(Errc::PROTOCOL_ERROR, "release of more references than were given");
-      return {};
+      return checkRelease(d.id, d.count);
     }
     case wire::Message::ABORT:
       d.exception = m.getAbort();
@@ -283,17 +348,16 @@ Status RpcConnection::decode(wire::Message::Reader m, Decoded& d) {
 Status RpcConnection::handleMessage(IncomingMessage& message) {
   Decoded d;
   Status decoded = {};
-  wire::Message::Reader root;
-  Status read = message.tryRead<wire::Message>([&](wire::Message::Reader m) {
-    root = m;
-    decoded = decode(m, d);
-  });
-  if (!read) return read;
+  if (!decodeCommon(message.view().bytes(), d, decoded)) {
+    Status read =
+        message.tryRead<wire::Message>([&](wire::Message::Reader m) { decoded = decode(m, d); });
+    if (!read) return read;
+  }
   if (!decoded) return decoded;
   if (d.thirdPartyCount > 0) AGATE_TRY(resolveHosts(d));  // WOULD_BLOCK: the reader waits
   switch (d.which) {
     case wire::Message::CALL:
-      return handleCall(message, root, d);
+      return handleCall(message, d);
     case wire::Message::RETURN:
       return handleReturn(message, d);
     case wire::Message::PROVIDE:

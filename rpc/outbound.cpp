@@ -229,20 +229,50 @@ void RpcConnection::writeException(wire::Exception::Builder b, const Error& e) {
   b.setReason(capnp::Text::Reader(text, strnlen(text, MAX_REASON_ON_WIRE)));
 }
 
+// Sends a message given as its words (a Finish or a Release, laid out by controlWords), with no
+// MessageBuilder: straight into the ring when nothing is open or queued, else behind the queue,
+// as finishOut would.
+Status RpcConnection::sendWords(std::span<const uint64_t> words) {
+  if (!isOpen()) return failure_;
+  const size_t bytes = words.size_bytes();
+  if (bytes > roundToWords(options_.maxMessageBytes))
+    return Error(Errc::MESSAGE_TOO_LARGE, "message larger than RpcOptions::maxMessageBytes");
+  if (!ringOpen_ && !pumpRunning_ && queueHead_ == nullptr) {
+    Result<std::span<std::byte>> frame = tx_.sender().tryReserve(bytes);
+    if (frame) {
+      std::memcpy(frame->data(), words.data(), bytes);
+      tx_.sender().commit(bytes);
+      ++stats_.messagesSent;
+      return {};
+    }
+    if (frame.code() != Errc::WOULD_BLOCK) {
+      if (frame.code() != Errc::MESSAGE_TOO_LARGE) fail(frame.error());
+      return frame.error();
+    }
+  }
+  detail::SpillBuffer* b = takeSpill(bytes);
+  std::memcpy(static_cast<void*>(b->words.get()), words.data(), bytes);
+  b->usedBytes = b->dirtyBytes = bytes;
+  ++stats_.spilledMessages;
+  if (queueTail_ != nullptr) {
+    queueTail_->next = b;
+  } else {
+    queueHead_ = b;
+  }
+  queueTail_ = b;
+  afterRingClosed();
+  return {};
+}
+
 void RpcConnection::sendFinish(uint32_t questionId) {
-  Result<detail::OutSlot> slot = startOut(CONTROL_BYTES);
-  if (!slot) return;  // the connection is dead: nothing to finish
-  slot->builder().initRoot<wire::Message>().initFinish().setQuestionId(questionId);
-  if (finishOut(*slot)) ++stats_.finishesSent;
+  const std::array<uint64_t, CONTROL_WORDS> words = controlWords(wire::Message::FINISH, questionId);
+  if (sendWords(words)) ++stats_.finishesSent;  // on a dead connection nothing is sent
 }
 
 void RpcConnection::sendRelease(uint32_t importId, uint32_t count) {
-  Result<detail::OutSlot> slot = startOut(CONTROL_BYTES);
-  if (!slot) return;
-  wire::Release::Builder r = slot->builder().initRoot<wire::Message>().initRelease();
-  r.setId(importId);
-  r.setReferenceCount(count);
-  if (finishOut(*slot)) ++stats_.releasesSent;
+  const std::array<uint64_t, CONTROL_WORDS> words =
+      controlWords(wire::Message::RELEASE, importId | uint64_t{count} << 32);
+  if (sendWords(words)) ++stats_.releasesSent;
 }
 
 void RpcConnection::sendAbort(const Error& reason) {

@@ -135,7 +135,8 @@ void RpcConnection::deliverOnExport(Answer& a, uint32_t exportId) {
   Result<MessageView> view = reader.tryDecode(copy->bytes());
   AGATE_ASSERT(view.ok(), "a private copy of a validated call no longer decodes");
   wire::Call::Reader call = view->getRoot<wire::Message>().getCall();
-  deliver(a, exportId, call, capnp::AnyStruct::Reader(call.getParams()));
+  deliver(a, exportId, call.getInterfaceId(), call.getMethodId(),
+          capnp::AnyStruct::Reader(call.getParams()));
   giveSpill(copy);  // params were readable during dispatch's synchronous part only
 }
 

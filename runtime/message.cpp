@@ -3,6 +3,7 @@
 #include <kj/string.h>
 
 #include <algorithm>
+#include <bit>
 #include <cstring>
 
 namespace agate {
@@ -21,6 +22,131 @@ const char* describeMalformed(const kj::Exception& e) {
   if (mentions("out-of-bounds")) return "message holds a pointer outside the frame";
   return "message is malformed";
 }
+
+// The raw-word walk behind FrameReader::fastAccepts. It visits exactly the pointers the getter
+// walk visits (every pointer of every struct, list element and struct element reachable from the
+// root, shared targets once per pointer to them), in the same order, and declines (returns
+// false) at the first thing it does not prove harmless. Proof obligations, against what Cap'n
+// Proto's getters check on the same path:
+//  * bounds: every object a pointer designates lies inside the segment (the getters require the
+//    same, or read a zero-sized object at the segment's end, which is declined here);
+//  * traversal: it charges two words for the root pointer and, per pointer followed, the
+//    object's words plus one (plus the tag of a struct list); the getters charge the root word
+//    twice and each object's words, so they never charge more than this walk, which declines
+//    past the limit;
+//  * nesting: a reader holding `remaining` levels may follow a pointer when remaining > 0 and
+//    hands remaining - 1 to what it reaches (one more for an element of a list of structs, and
+//    the getter walk steps into element 0 of a list of primitives as a struct); this walk
+//    requires remaining > 1 at each such step, one level of margin;
+//  * kinds: struct, list (bytes to words, pointers, structs with a non-zero size), and a
+//    capability pointer (exactly Cap'n Proto's encoding) only where allowed. Far pointers, lists
+//    of bits or voids with elements, other pointer kinds and a list-of-structs tag that is not a
+//    struct tag or whose elements overrun the list are declined.
+class FastWalk {
+ public:
+  FastWalk(kj::ArrayPtr<const capnp::word> segment, const ReadLimits& limits) noexcept
+      : words_(segment.begin()),
+        size_(segment.size()),
+        budget_(limits.traversalLimitWords),
+        allowCaps_(limits.allowCapabilityPointers) {}
+
+  bool root(int nestingLimit) noexcept {
+    // Cap'n Proto charges the root pointer's word twice (the message's and the pointer's check).
+    if (size_ == 0 || !charge(2)) return false;
+    const uint64_t p = load(0);
+    if (p == 0) return true;  // a null root reads as the default struct
+    if ((p & KIND_MASK) != STRUCT) return false;
+    return pointer(0, p, nestingLimit);
+  }
+
+ private:
+  static constexpr uint64_t KIND_MASK = 3;
+  static constexpr uint64_t STRUCT = 0, LIST = 1, OTHER = 3;
+  static constexpr uint64_t CAPABILITY_LOW_WORD = 3;  // kind OTHER, the rest of the low word 0
+  // List element sizes (Cap'n Proto's ElementSize).
+  static constexpr uint64_t VOID = 0, BIT = 1, BYTE = 2, EIGHT_BYTES = 5, POINTER = 6;
+
+  uint64_t load(size_t index) const noexcept {
+    uint64_t v;
+    std::memcpy(&v, words_ + index, sizeof v);
+    return v;
+  }
+  bool charge(uint64_t words) noexcept {
+    if (words > budget_) return false;
+    budget_ -= words;
+    return true;
+  }
+  // Where the object of `words` words that pointer `p` at word `at` designates begins, if it
+  // lies inside the segment: the target is at + 1 + the signed 30-bit offset in bits 2..31.
+  bool locate(size_t at, uint64_t p, uint64_t words, size_t& target) const noexcept {
+    const int64_t offset = static_cast<int32_t>(static_cast<uint32_t>(p)) >> 2;
+    const int64_t t = static_cast<int64_t>(at) + 1 + offset;
+    if (t < 0 || static_cast<uint64_t>(t) > size_ || words > size_ - static_cast<uint64_t>(t))
+      return false;
+    target = static_cast<size_t>(t);
+    return true;
+  }
+  // The pointer section of a struct at `target`, read by a reader holding `remaining` levels.
+  bool pointers(size_t first, uint64_t count, int remaining) noexcept {
+    for (uint64_t i = 0; i < count; ++i) {
+      const uint64_t p = load(first + i);
+      if (p != 0 && !pointer(first + i, p, remaining)) return false;
+    }
+    return true;
+  }
+  bool pointer(size_t at, uint64_t p, int remaining) noexcept {
+    if ((p & 0xffff'ffffu) == CAPABILITY_LOW_WORD) return allowCaps_;
+    if (remaining <= 1) return false;
+    switch (p & KIND_MASK) {
+      case STRUCT: {
+        const uint64_t data = (p >> 32) & 0xffff;
+        const uint64_t count = p >> 48;
+        size_t target = 0;
+        if (!locate(at, p, data + count, target) || !charge(data + count + 1)) return false;
+        return pointers(target + data, count, remaining - 1);
+      }
+      case LIST: {
+        const uint64_t elementSize = (p >> 32) & 7;
+        const uint64_t count = p >> 35;  // elements, or words for a list of structs
+        size_t target = 0;
+        if (elementSize == VOID || elementSize == BIT) {
+          return count == 0 && locate(at, p, 0, target) && charge(1);
+        }
+        if (elementSize <= EIGHT_BYTES) {
+          const uint64_t bytes = count << (elementSize - BYTE);
+          const uint64_t words = (bytes + WORD_BYTES - 1) / WORD_BYTES;
+          if (!locate(at, p, words, target) || !charge(words + 1)) return false;
+          return count == 0 || remaining - 1 > 1;  // the walk reads element 0 as a struct
+        }
+        if (elementSize == POINTER) {
+          if (!locate(at, p, count, target) || !charge(count + 1)) return false;
+          return pointers(target, count, remaining - 1);
+        }
+        // A list of structs: a tag word shaped as a struct pointer whose offset field is the
+        // element count, then the elements.
+        if (!locate(at, p, count + 1, target) || !charge(count + 2)) return false;
+        const uint64_t tag = load(target);
+        if ((tag & KIND_MASK) != STRUCT) return false;
+        const uint64_t elements = (tag & 0xffff'ffffu) >> 2;
+        const uint64_t data = (tag >> 32) & 0xffff;
+        const uint64_t perElement = data + (tag >> 48);
+        if (elements == 0) return true;
+        if (perElement == 0 || elements * perElement > count || remaining - 1 <= 1) return false;
+        for (uint64_t e = 0; e < elements; ++e) {
+          if (!pointers(target + 1 + e * perElement + data, tag >> 48, remaining - 2)) return false;
+        }
+        return true;
+      }
+      default:  // FAR, or OTHER that is not a capability
+        return false;
+    }
+  }
+
+  const capnp::word* words_;
+  size_t size_;
+  uint64_t budget_;
+  bool allowCaps_;
+};
 
 }  // namespace
 
@@ -92,10 +218,10 @@ FrameReader::FrameReader(std::span<capnp::word> scratch, ReadLimits limits)
 
 FrameReader::~FrameReader() = default;
 
-capnp::ReaderOptions FrameReader::readerOptions() const {
+capnp::ReaderOptions FrameReader::readerOptions(const ReadLimits& limits) {
   capnp::ReaderOptions options;
-  options.traversalLimitInWords = limits_.traversalLimitWords;
-  options.nestingLimit = limits_.nestingLimit;
+  options.traversalLimitInWords = limits.traversalLimitWords;
+  options.nestingLimit = limits.nestingLimit;
   return options;
 }
 
@@ -125,16 +251,17 @@ Result<MessageView> FrameReader::tryDecode(std::span<const std::byte> frame) {
   }
   kj::ArrayPtr<const capnp::word> segment(words, bytes / WORD_BYTES);
 
-  AGATE_TRY(tryValidate(segment));
+  if (!fastAccepts(segment, limits_)) AGATE_TRY(validateWithGetters(segment, limits_));
   // A fresh reader, so the caller's reads get a whole traversal budget of their own.
-  message_.emplace(segment, readerOptions());
+  message_.emplace(segment, readerOptions(limits_));
   return MessageView(&*message_, bytes);
 }
 
-Status FrameReader::tryValidate(kj::ArrayPtr<const capnp::word> segment) {
+Status FrameReader::validateWithGetters(kj::ArrayPtr<const capnp::word> segment,
+                                        const ReadLimits& limits) {
   // The reader for validation lives on the stack and is discarded with its spent budget.
   try {
-    SegmentReader validator(segment, readerOptions());
+    SegmentReader validator(segment, readerOptions(limits));
     capnp::AnyPointer::Reader root = validator.getRoot<capnp::AnyPointer>();
     // Every Cap'n Proto message's root is a struct (null reads as the default struct). Checked here
     // so getRoot<T>() cannot meet a list or capability where it expects the root struct.
@@ -142,12 +269,18 @@ Status FrameReader::tryValidate(kj::ArrayPtr<const capnp::word> segment) {
     if (kind == capnp::PointerType::NULL_) return {};
     if (kind != capnp::PointerType::STRUCT)
       return Error(Errc::PROTOCOL_ERROR, "message root is not a struct pointer");
-    if (!walkStruct(root.getAs<capnp::AnyStruct>(), limits_.allowCapabilityPointers))
+    if (!walkStruct(root.getAs<capnp::AnyStruct>(), limits.allowCapabilityPointers))
       return Error(Errc::PROTOCOL_ERROR, "message holds a capability pointer; frames carry none");
   } catch (const kj::Exception& e) {
     return Error(Errc::PROTOCOL_ERROR, describeMalformed(e));
   }
   return {};
+}
+
+bool FrameReader::fastAccepts(kj::ArrayPtr<const capnp::word> segment,
+                              const ReadLimits& limits) noexcept {
+  static_assert(std::endian::native == std::endian::little, "raw words are read little-endian");
+  return FastWalk(segment, limits).root(limits.nestingLimit);
 }
 
 // The walk goes through Cap'n Proto's own getters (AnyStruct, AnyList, AnyPointer), the same code

@@ -21,6 +21,14 @@ enum class FuzzOutcome { ACCEPTED, REFUSED };
 // into a FrameBuilder and checks the copy decodes and equals the original.
 FuzzOutcome fuzzCapnpFrame(std::span<const std::byte> input);
 
+// Differential test of FrameReader's two validations: `input` (cut to whole words) under several
+// ReadLimits (the defaults with and without capability pointers, and a traversal budget and a
+// nesting limit taken from the input, so limits' edges are met). Checks that the raw-word walk
+// (fastAccepts) never accepts a segment the getter walk (validateWithGetters) refuses, and that
+// tryDecode accepts exactly what the getter walk accepts. ACCEPTED when the getter walk accepts
+// under the first limits.
+FuzzOutcome fuzzFrameValidators(std::span<const std::byte> input);
+
 // Lays `input` out as the producer-writable parts of a ring (control-block indices and attach
 // word, data area) three ways: as one well-framed payload (so decoding is reached), as raw words,
 // and as raw words folded into the ring's index range. Runs the byte-level consumer
@@ -46,6 +54,7 @@ struct FuzzTarget {
 
 inline constexpr FuzzTarget FUZZ_TARGETS[] = {
     {"capnp_frame", fuzzCapnpFrame},
+    {"frame_validators", fuzzFrameValidators},
     {"ring_consumer", fuzzRingConsumer},
 };
 

@@ -133,4 +133,44 @@ FuzzOutcome fuzzCapnpFrame(std::span<const std::byte> input) {
   return FuzzOutcome::ACCEPTED;
 }
 
+FuzzOutcome fuzzFrameValidators(std::span<const std::byte> input) {
+  const size_t words = input.size() / WORD_BYTES;
+  // An exactly sized, aligned copy, so a read one word past the segment is an ASan report.
+  auto frame = std::make_unique<capnp::word[]>(words == 0 ? 1 : words);
+  if (words > 0) std::memcpy(frame.get(), input.data(), words * WORD_BYTES);
+  const kj::ArrayPtr<const capnp::word> segment(frame.get(), words);
+  const std::span<const std::byte> bytes(reinterpret_cast<const std::byte*>(frame.get()),
+                                         words * WORD_BYTES);
+
+  uint64_t shape = 0;  // limits taken from the input's last bytes
+  if (!input.empty()) {
+    std::memcpy(&shape, input.data() + input.size() - std::min<size_t>(input.size(), 8),
+                std::min<size_t>(input.size(), 8));
+  }
+  ReadLimits limits[4] = {fuzzLimits(), fuzzLimits(), fuzzLimits(), fuzzLimits()};
+  limits[1].allowCapabilityPointers = true;
+  limits[2].allowCapabilityPointers = true;
+  limits[2].traversalLimitWords = shape % (4 * words + 8);
+  limits[3].nestingLimit = static_cast<int>(shape % 12);
+  limits[3].allowCapabilityPointers = (shape & 0x100) != 0;
+
+  bool accepted = false;
+  auto scratch = std::make_unique<capnp::word[]>(words == 0 ? 1 : words);
+  for (size_t i = 0; i < std::size(limits); ++i) {
+    const bool fast = FrameReader::fastAccepts(segment, limits[i]);
+    const Status generic = FrameReader::validateWithGetters(segment, limits[i]);
+    AGATE_ASSERT(!fast || generic.ok(),
+                 "the raw-word walk accepted a segment the getter walk refuses (limits %zu: %s)", i,
+                 generic.ok() ? "" : generic.error().detail);
+    if (words > 0 && i == 0) {  // the whole decode once (refusals throw: costly under TSan)
+      FrameReader copyIn(std::span(scratch.get(), words), limits[i]);
+      const bool decoded = copyIn.tryDecode(bytes).ok();
+      AGATE_ASSERT(decoded == generic.ok(), "tryDecode and the getter walk disagree (limits %zu)",
+                   i);
+    }
+    if (i == 0) accepted = generic.ok();
+  }
+  return accepted ? FuzzOutcome::ACCEPTED : FuzzOutcome::REFUSED;
+}
+
 }  // namespace agate::fuzz

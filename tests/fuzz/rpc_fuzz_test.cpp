@@ -8,9 +8,11 @@
 #include <cstdio>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <random>
 #include <vector>
 
+#include "fast_decode.h"
 #include "fuzz_targets.h"
 #include "rpc_harness.h"
 
@@ -261,6 +263,232 @@ TEST(RpcFuzzTest, MutatedConversationsNeverBreakTheConnectionsInvariants) {
   std::printf("rpc_connection: %d of %d inputs accepted\n", accepted, INPUTS);
   EXPECT_GT(accepted, INPUTS / 20);
   EXPECT_LT(accepted, INPUTS - INPUTS / 20);
+}
+
+// Frames of the shapes the word-level decoder takes (rpc/fast_decode.h): calls without params
+// (or with an empty Payload) on an import or a promised answer, empty and canceled Returns.
+std::vector<Frame> commonFrames() {
+  auto emptyCall = [](uint32_t q, std::optional<uint32_t> on, std::vector<uint16_t> path,
+                      bool emptyParams) {
+    return build([&](rpc::wire::Message::Builder m) {
+      auto c = m.initCall();
+      c.setQuestionId(q);
+      c.setInterfaceId(NODE_INTERFACE_ID);
+      c.setMethodId(static_cast<uint16_t>(q * 3));
+      if (!on) {
+        c.initTarget().setImportedCap(q % 3);
+      } else {
+        auto pa = c.initTarget().initPromisedAnswer();
+        pa.setQuestionId(*on);
+        auto t = pa.initTransform(static_cast<uint32_t>(path.size()));
+        for (size_t i = 0; i < path.size(); ++i) t.set(static_cast<uint32_t>(i), path[i]);
+      }
+      if (emptyParams) c.initParams();
+    });
+  };
+  return {
+      emptyCall(1, std::nullopt, {}, false),
+      emptyCall(2, std::nullopt, {}, true),
+      emptyCall(3, 1u, {}, false),
+      emptyCall(4, 1u, {0}, false),
+      emptyCall(5, 2u, {1, 2, 3, 4, 5, 6, 7, 65535}, true),
+      build([](rpc::wire::Message::Builder m) {
+        auto r = m.initReturn();
+        r.setAnswerId(3);
+        r.initResults();
+      }),
+      build([](rpc::wire::Message::Builder m) { m.initReturn().setAnswerId(4); }),
+      build([](rpc::wire::Message::Builder m) {
+        auto r = m.initReturn();
+        r.setAnswerId(5);
+        r.setCanceled();
+      }),
+      finish(6),
+      release(7, 8),
+  };
+}
+
+// The word-level decoder runs on frames that passed validation (MessageReceiver). For such a
+// frame, reads it with Cap'n Proto as RpcConnection::decode does and checks that the word-level
+// decoder, if it takes the frame, read the same fields, and that the params or results are
+// empty (no content, no cap table). True when the word-level decoder took a valid frame. A frame
+// validation refuses is given to the decoder too (it must stay inside the words: ASan sees an
+// exactly sized vector), and counts as not taken.
+bool agreesWithCapnp(const Frame& frame) {
+  const std::span<const std::byte> bytes(reinterpret_cast<const std::byte*>(frame.data()),
+                                         frame.size() * 8);
+  rpc::internal::CommonFrame fast;
+  const bool taken = rpc::internal::parseCommonFrame(bytes, fast);
+  FrameReader reader(rpc::rpcReceiverOptions().limits);
+  Result<MessageView> view = reader.tryDecode(bytes);
+  if (!view || !taken) return false;
+  auto emptyPayload = [](rpc::wire::Payload::Reader p) {
+    return !p.hasContent() && p.getCapTable().size() == 0;
+  };
+  Status read = view->tryRead<rpc::wire::Message>([&](rpc::wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), fast.which);
+    switch (m.which()) {
+      case rpc::wire::Message::CALL: {
+        auto c = m.getCall();
+        EXPECT_EQ(c.getQuestionId(), fast.id);
+        EXPECT_EQ(c.getInterfaceId(), fast.interfaceId);
+        EXPECT_EQ(c.getMethodId(), fast.methodId);
+        EXPECT_TRUE(emptyPayload(c.getParams()));
+        auto t = c.getTarget();
+        ASSERT_EQ(t.isPromisedAnswer(), fast.targetIsAnswer);
+        if (!fast.targetIsAnswer) {
+          EXPECT_EQ(t.getImportedCap(), fast.targetId);
+          break;
+        }
+        auto pa = t.getPromisedAnswer();
+        EXPECT_EQ(pa.getQuestionId(), fast.targetId);
+        auto path = pa.getTransform();
+        ASSERT_EQ(path.size(), fast.pathLength);
+        for (uint32_t i = 0; i < path.size(); ++i) EXPECT_EQ(path[i], fast.path[i]);
+        break;
+      }
+      case rpc::wire::Message::RETURN: {
+        auto r = m.getReturn();
+        EXPECT_EQ(r.getAnswerId(), fast.id);
+        ASSERT_EQ(r.which(), fast.returnKind);
+        if (r.isResults()) {
+          EXPECT_TRUE(emptyPayload(r.getResults()));
+        }
+        break;
+      }
+      case rpc::wire::Message::FINISH:
+        EXPECT_EQ(m.getFinish().getQuestionId(), fast.id);
+        break;
+      case rpc::wire::Message::RELEASE:
+        EXPECT_EQ(m.getRelease().getId(), fast.id);
+        EXPECT_EQ(m.getRelease().getReferenceCount(), fast.count);
+        break;
+      default:
+        ADD_FAILURE() << "the word-level decoder took a message of kind " << m.which();
+    }
+  });
+  EXPECT_TRUE(read.ok()) << "Cap'n Proto's readers refused a frame the word-level decoder took";
+  return true;
+}
+
+TEST(RpcFuzzTest, WordLevelDecoderTakesTheCommonFramesAndAgreesWithCapnpOnEveryFrameItTakes) {
+  for (const Frame& f : commonFrames()) EXPECT_TRUE(agreesWithCapnp(f));
+  // Every other seed frame has params, results, capabilities or another kind: declined.
+  for (const Conversation& c : seeds()) {
+    for (const Frame& f : c) (void)agreesWithCapnp(f);
+  }
+  EXPECT_FALSE(agreesWithCapnp(call(1, 0, 0)));  // params with content
+  std::mt19937_64 rng(0x5eed'fa57'0003ull);
+  const std::vector<Frame> base = commonFrames();
+  int taken = 0;
+#if defined(__SANITIZE_THREAD__)
+  constexpr int INPUTS = 2'000;  // every refused frame throws, which TSan makes ~100x slower
+#elif defined(__SANITIZE_ADDRESS__)
+  constexpr int INPUTS = 10'000;
+#else
+  constexpr int INPUTS = 50'000;
+#endif
+  for (int i = 0; i < INPUTS; ++i) {
+    Conversation one = mutate({base[static_cast<size_t>(rng() % base.size())]}, rng);
+    for (const Frame& f : one) taken += agreesWithCapnp(f);
+    // Random words of random length, and a random word over a random frame.
+    Frame noise(1 + rng() % 16);
+    for (uint64_t& w : noise) w = rng();
+    taken += agreesWithCapnp(noise);
+  }
+  std::printf("word-level decoder: took %d of the mutated and random frames\n", taken);
+  EXPECT_GT(taken, INPUTS / 10);
+}
+
+TEST(RpcFuzzTest, WordLevelDecoderDeclinesEveryOtherShape) {
+  auto takes = [](const Frame& f) {
+    rpc::internal::CommonFrame out;
+    return rpc::internal::parseCommonFrame(
+        std::span(reinterpret_cast<const std::byte*>(f.data()), f.size() * 8), out);
+  };
+  const std::vector<Frame> common = commonFrames();
+  const Frame importCall = common[0];   // words: root, Message(2), Call(4), MessageTarget(2)
+  const Frame answerCall = common[4];   // ... PromisedAnswer at 9..10, transform at 11
+  const Frame emptyReturn = common[5];  // root, Message(2), Return(2), Payload(2)
+  ASSERT_TRUE(takes(importCall) && takes(answerCall) && takes(emptyReturn));
+  auto with = [](Frame f, size_t word, uint64_t value) {
+    f[word] = value;
+    return f;
+  };
+  const uint64_t ROOT = importCall[0];
+  struct Case {
+    const char* what;
+    Frame frame;
+  };
+  const std::vector<Case> cases = {
+      {"no words", {}},
+      {"a truncated frame", Frame(importCall.begin(), importCall.begin() + 8)},
+      {"a far root", with(importCall, 0, 2 | (1u << 3))},
+      {"a null root", with(importCall, 0, 0)},
+      {"a Message without data", with(importCall, 0, ROOT & ~(uint64_t{0xffff} << 32))},
+      {"a root past the end", with(importCall, 0, ROOT | (uint64_t{100} << 2))},
+      {"an abort", build([](rpc::wire::Message::Builder m) { m.initAbort().setReason("x"); })},
+      {"a resolve", resolve(3, Resolution::BROKEN)},
+      {"a provide", provide(2, 1, 3, 1)},
+      {"a Call with one data word",
+       with(importCall, 2, (importCall[2] & ~(uint64_t{0xffff} << 32)) | (uint64_t{1} << 32))},
+      {"a null target", with(importCall, 5, 0)},
+      {"a target that is a list", with(importCall, 5, 1 | (uint64_t{1} << 2) | (3ull << 32))},
+      {"a target of an unknown kind", with(importCall, 7, importCall[7] | (uint64_t{2} << 32))},
+      {"a transform of 32-bit elements",
+       with(answerCall, 10, (answerCall[10] & ~(7ull << 32)) | (4ull << 32))},
+      {"a transform past the end", with(answerCall, 10, answerCall[10] | (uint64_t{40} << 2))},
+      {"params with content", call(1, 0, 0)},
+      {"params with a cap table", withCap(1, 0, true, 1)},
+      {"a Return with an exception", build([](rpc::wire::Message::Builder m) {
+         m.initReturn().initException().setReason("no");
+       })},
+      {"a Return of an unknown kind", with(emptyReturn, 3, emptyReturn[3] | (uint64_t{7} << 32))},
+      {"a Finish that is a list", with(finish(1), 2, 1 | (1ull << 32))},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.what);
+    EXPECT_FALSE(takes(c.frame));
+  }
+  Frame longPath = answerCall;  // a transform longer than MAX_PIPELINE_PATH: decode says why
+  longPath[10] =
+      (longPath[10] & ((uint64_t{1} << 35) - 1)) | (uint64_t{rpc::MAX_PIPELINE_PATH + 1} << 35);
+  longPath.push_back(0);
+  longPath.push_back(0);
+  EXPECT_FALSE(takes(longPath));
+}
+
+TEST(RpcFuzzTest, RawWordWalkTakesEveryRpcFrameAndNeverMoreThanTheGetterWalk) {
+  // RPC frames (every seed frame, then mutants) under the RPC receiver's limits: the raw-word
+  // walk in FrameReader validates all the valid ones itself, and accepts no mutant that the walk
+  // through Cap'n Proto's getters refuses.
+  const ReadLimits limits = rpc::rpcReceiverOptions().limits;
+  auto check = [&](const Frame& f) {
+    const kj::ArrayPtr<const capnp::word> segment(reinterpret_cast<const capnp::word*>(f.data()),
+                                                  f.size());
+    const bool fast = FrameReader::fastAccepts(segment, limits);
+    const bool generic = FrameReader::validateWithGetters(segment, limits).ok();
+    EXPECT_TRUE(!fast || generic);
+    return fast;
+  };
+  const std::vector<Conversation> base = seeds();
+  for (const Conversation& c : base) {
+    for (const Frame& f : c) EXPECT_TRUE(check(f));
+  }
+  std::mt19937_64 rng(0x5eed'fa57'0002ull);
+  int fast = 0;
+#if defined(__SANITIZE_THREAD__)
+  constexpr int INPUTS = 1'000;  // every refused frame throws, which TSan makes ~100x slower
+#elif defined(__SANITIZE_ADDRESS__)
+  constexpr int INPUTS = 5'000;
+#else
+  constexpr int INPUTS = 20'000;
+#endif
+  for (int i = 0; i < INPUTS; ++i) {
+    for (const Frame& f : mutate(base[static_cast<size_t>(rng() % base.size())], rng))
+      fast += check(f);
+  }
+  EXPECT_GT(fast, INPUTS);  // most frames of most mutated conversations are still well formed
 }
 
 }  // namespace

@@ -230,15 +230,16 @@ TEST_F(HandoffTest, AnAcceptThatArrivesBeforeItsProvideWaitsForIt) {
   RemoteCap a = boot(C, A);
   RemoteCap b = boot(C, B);
   for (uint64_t i = 0; i < 10; ++i) (void)record(a, i);
-  // An open frame on C->A holds everything C sends there after it (the Provide included) in
-  // C's spill queue, while B's Accept reaches A at once.
+  // An open frame on C->A (a Call whose params are being built) holds everything C sends there
+  // after it (the Provide included) in C's spill queue, while B's Accept reaches A at once.
   std::optional<Request> open = a.newCall(NODE_INTERFACE_ID, RECORD, 16);
+  Value::Builder value = open->initParams<Value>();
   RemotePromise taken = take(b, a, 20);
   ASSERT_TRUE(runUntil(loop_, [&] { return conn(A, B).stats().acceptsWaited == 1; }));
   ASSERT_TRUE(runUntil(loop_, [&] { return conn(A, B).stats().callsReceived == 20; }));
   EXPECT_EQ(net_->vat(A).waitingAcceptCount(), 1u);
   EXPECT_EQ(aLog_.order.size(), 10u) << "B's calls wait on the Accept, the Accept on the Provide";
-  open->initParams<Value>().setValue(999);
+  value.setValue(999);
   RemotePromise last = open->send();
   open.reset();
   ASSERT_TRUE(runUntil(loop_, [&] { return aLog_.order.size() == 31; }));

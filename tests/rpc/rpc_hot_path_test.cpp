@@ -5,7 +5,9 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cstring>
 #include <functional>
+#include <optional>
 #include <vector>
 
 #include "agate/runtime/ring.h"
@@ -120,6 +122,181 @@ TEST_F(RpcHotPathTest, MoreFinishesThanTheQueueHoldsAllGoOutAndFreeTheirIds) {
   EXPECT_EQ(pair.server().stats().finishesReceived, 150u);
   EXPECT_TRUE(pair.server().isOpen());
   EXPECT_TRUE(loop_.run(nullCall(cap)).ok()) << "ids freed by the Finishes are usable again";
+}
+
+// The words of a message built by Cap'n Proto's own builder.
+std::vector<uint64_t> builtWords(const std::function<void(wire::Message::Builder)>& fill) {
+  std::vector<capnp::word> frame(64, capnp::word{});
+  FrameBuilder b(std::span(frame.data(), frame.size()));
+  fill(b.initRoot<wire::Message>());
+  const size_t used = b.tryFinish().value();
+  std::vector<uint64_t> out(used / WORD_BYTES);
+  std::memcpy(out.data(), frame.data(), used);
+  return out;
+}
+
+TEST_F(RpcHotPathTest, FinishAndReleaseAreWrittenWordForWordAsCapnProtosBuilderWritesThem) {
+  // The client's peer is the test: it reads the Call, returns a capability (senderHosted 5),
+  // then reads the Release and the Finish the client writes directly into the ring.
+  ChannelOptions co;
+  co.scope = ChannelScope::LOCAL;
+  co.capacityBytes = 64 * 1024;
+  std::unique_ptr<Channel> c2s = std::move(Channel::create(co).value());
+  std::unique_ptr<Channel> s2c = std::move(Channel::create(co).value());
+  MessageSender clientTx(c2s->attachSender().value());
+  MessageReceiver clientRx(*s2c, s2c->attachReceiver().value(), rpcReceiverOptions());
+  Receiver peerRx = c2s->attachReceiver().value();
+  Sender peerTx = s2c->attachSender().value();
+  auto nextFrame = [&]() -> std::vector<uint64_t> {
+    Result<Frame> f = peerRx.tryReceive();
+    if (!f) return {};
+    std::vector<uint64_t> out(f->payload.size() / WORD_BYTES);
+    std::memcpy(out.data(), f->payload.data(), f->payload.size());
+    peerRx.release();
+    return out;
+  };
+  RpcConnection client(clientTx, clientRx, loop_);
+  {
+    RemoteCap cap = client.bootstrap();
+    std::vector<RemotePromise> call;
+    call.push_back(cap.newCall(ANY_INTERFACE, 0, 0).send());
+    ASSERT_FALSE(nextFrame().empty());  // the Call, question 1
+    const std::vector<uint64_t> ret = builtWords([](wire::Message::Builder m) {
+      wire::Return::Builder r = m.initReturn();
+      r.setAnswerId(1);
+      r.initResults().initCapTable(1)[0].setSenderHosted(5);
+    });
+    ASSERT_TRUE(peerTx.trySend(std::as_bytes(std::span(ret))).ok());
+    ASSERT_TRUE(loop_.run(awaitAll(call)).ok());  // its Response (import 5) is dropped: Release
+  }                                               // the promise goes: the Finish is queued
+  ASSERT_TRUE(runUntil(loop_, [&] { return client.stats().finishesSent == 1; }));
+  EXPECT_EQ(nextFrame(), builtWords([](wire::Message::Builder m) {
+              wire::Release::Builder r = m.initRelease();
+              r.setId(5);
+              r.setReferenceCount(1);
+            }));
+  EXPECT_EQ(nextFrame(),
+            builtWords([](wire::Message::Builder m) { m.initFinish().setQuestionId(1); }));
+  EXPECT_EQ(client.stats().releasesSent, 1u);
+  EXPECT_TRUE(client.isOpen());
+}
+
+TEST_F(RpcHotPathTest, CallsWithoutParamsAreWrittenWordForWordAsCapnProtosBuilderWritesThem) {
+  // The client's peer is the test: it reads the Calls the client writes without a builder (on
+  // the bootstrap, and pipelined with paths of 0, 1 and 5 steps) and compares each with the
+  // same Call built by Cap'n Proto; a call with params goes through the builder.
+  ChannelOptions co;
+  co.scope = ChannelScope::LOCAL;
+  co.capacityBytes = 64 * 1024;
+  std::unique_ptr<Channel> c2s = std::move(Channel::create(co).value());
+  std::unique_ptr<Channel> s2c = std::move(Channel::create(co).value());
+  MessageSender clientTx(c2s->attachSender().value());
+  MessageReceiver clientRx(*s2c, s2c->attachReceiver().value(), rpcReceiverOptions());
+  Receiver peerRx = c2s->attachReceiver().value();
+  RpcConnection client(clientTx, clientRx, loop_);
+  auto nextFrame = [&]() -> std::vector<uint64_t> {
+    Result<Frame> f = peerRx.tryReceive();
+    if (!f) return {};
+    std::vector<uint64_t> out(f->payload.size() / WORD_BYTES);
+    std::memcpy(out.data(), f->payload.data(), f->payload.size());
+    peerRx.release();
+    return out;
+  };
+  auto expected = [](uint32_t q, uint16_t method, std::optional<uint32_t> onAnswer,
+                     std::vector<uint16_t> path) {
+    return builtWords([&](wire::Message::Builder m) {
+      wire::Call::Builder c = m.initCall();
+      c.setInterfaceId(0x1234'5678'9abc'def0ull);
+      c.setMethodId(method);
+      wire::MessageTarget::Builder t = c.initTarget();
+      if (!onAnswer) {
+        t.setImportedCap(0);
+      } else {
+        wire::PromisedAnswer::Builder pa = t.initPromisedAnswer();
+        pa.setQuestionId(*onAnswer);
+        auto transform = pa.initTransform(static_cast<uint32_t>(path.size()));
+        for (size_t i = 0; i < path.size(); ++i) transform.set(static_cast<uint32_t>(i), path[i]);
+      }
+      c.setQuestionId(q);
+    });
+  };
+  constexpr uint64_t IFACE = 0x1234'5678'9abc'def0ull;
+  RemoteCap cap = client.bootstrap();
+  RemotePromise first = cap.newCall(IFACE, 3, 0).send();
+  EXPECT_EQ(nextFrame(), expected(1, 3, std::nullopt, {}));
+  RemotePromise onEmpty = first.pipeline({}).newCall(IFACE, 4, 0).send();
+  EXPECT_EQ(nextFrame(), expected(2, 4, 1u, {}));
+  RemotePromise onOne = first.pipeline({2}).newCall(IFACE, 5, 0).send();
+  EXPECT_EQ(nextFrame(), expected(3, 5, 1u, {2}));
+  RemotePromise onFive = first.pipeline({1, 0, 7, 65535, 3}).newCall(IFACE, 65535, 0).send();
+  EXPECT_EQ(nextFrame(), expected(4, 65535, 1u, {1, 0, 7, 65535, 3}));
+  Request withParams = cap.newCall(IFACE, 6, 0);
+  withParams.params().initAsAnyStruct(1, 0);
+  RemotePromise built = withParams.send();
+  const std::vector<uint64_t> builtFrame = nextFrame();
+  EXPECT_GT(builtFrame.size(), expected(5, 6, std::nullopt, {}).size());
+  EXPECT_EQ(client.stats().callsSent, 5u);
+  EXPECT_TRUE(client.isOpen());
+}
+
+TEST_F(RpcHotPathTest, ACallIsBuiltOnlyWhenItsParamsOrCapabilitiesNeedIt) {
+  Recorder server;
+  server.probe = [](CallContext& ctx) { return ctx.capCount(); };
+  LocalPair pair(loop_, &server);
+  RemoteCap cap = pair.client().bootstrap();
+  {
+    // Dropped unsent before anything was built: nothing was reserved, nothing goes out.
+    Request dropped = cap.newCall(ANY_INTERFACE, 0, 0);
+  }
+  EXPECT_EQ(pair.client().stats().messagesSent, 0u);
+  // A capability and no params: the Call is built at send() (its cap table needs the builder).
+  Request withCap = cap.newCall(ANY_INTERFACE, 0, 0);
+  Recorder other;
+  ASSERT_TRUE(withCap.addCap(other).ok());
+  std::vector<RemotePromise> pending;
+  pending.push_back(withCap.send());
+  ASSERT_TRUE(loop_.run(awaitAll(pending)).ok());
+  pending.clear();
+  EXPECT_EQ(server.seen, std::vector<uint64_t>{1});
+  EXPECT_EQ(pair.client().stats().spilledMessages, 0u) << "built in its ring frame";
+}
+
+TEST_F(RpcHotPathTest, AnEmptyReturnIsWrittenWordForWordAsCapnProtosBuilderWritesIt) {
+  // The server's peer is the test: it sends a Call to a server that builds no results, and
+  // reads the Return the server writes directly into the ring.
+  ChannelOptions co;
+  co.scope = ChannelScope::LOCAL;
+  co.capacityBytes = 64 * 1024;
+  std::unique_ptr<Channel> c2s = std::move(Channel::create(co).value());
+  std::unique_ptr<Channel> s2c = std::move(Channel::create(co).value());
+  MessageReceiver serverRx(*c2s, c2s->attachReceiver().value(), rpcReceiverOptions());
+  MessageSender serverTx(s2c->attachSender().value());
+  Sender peerTx = c2s->attachSender().value();
+  Receiver peerRx = s2c->attachReceiver().value();
+  Recorder server;
+  server.probe = [](CallContext&) { return 0; };
+  RpcConnection conn(serverTx, serverRx, loop_, {.bootstrap = &server});
+  const std::vector<uint64_t> call = builtWords([](wire::Message::Builder m) {
+    wire::Call::Builder c = m.initCall();
+    c.setQuestionId(7);
+    c.initTarget().setImportedCap(0);
+    c.setInterfaceId(ANY_INTERFACE);
+    c.initParams();
+  });
+  ASSERT_TRUE(peerTx.trySend(std::as_bytes(std::span(call))).ok());
+  ASSERT_TRUE(runUntil(loop_, [&] { return conn.stats().returnsSent == 1; }));
+  Result<Frame> f = peerRx.tryReceive();
+  ASSERT_TRUE(f.ok());
+  std::vector<uint64_t> ret(f->payload.size() / WORD_BYTES);
+  std::memcpy(ret.data(), f->payload.data(), f->payload.size());
+  peerRx.release();
+  EXPECT_EQ(ret, builtWords([](wire::Message::Builder m) {
+              wire::Return::Builder r = m.initReturn();
+              r.setAnswerId(7);
+              r.initResults();
+            }));
+  EXPECT_EQ(server.seen.size(), 1u);
+  EXPECT_TRUE(conn.isOpen());
 }
 
 TEST_F(RpcHotPathTest, FinishesQueuedWhenTheConnectionEndsAreDroppedAndTheirIdsFreed) {

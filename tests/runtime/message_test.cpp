@@ -545,6 +545,119 @@ TEST_P(HostileFrame, SchemaMismatchIsCaughtByTryRead) {
   EXPECT_THROW((void)view->getRoot<Sample>().getName(), kj::Exception);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The raw-word walk (FrameReader::fastAccepts): it accepts common frames without the getter walk,
+// and declines everything it does not prove the getter walk accepts, which then decides. Each
+// decline below is a frame the getter walk refuses, or accepts only at a limit's edge.
+
+kj::ArrayPtr<const capnp::word> segmentOf(TestFrame& frame, size_t bytes) {
+  return {frame.words().data(), bytes / WORD_BYTES};
+}
+
+TEST(FastWalk, AcceptsWellFormedFramesTheGetterWalkAccepts) {
+  TestFrame sample(256);
+  const size_t sampleBytes = buildSample(sample);
+  EXPECT_TRUE(FrameReader::fastAccepts(segmentOf(sample, sampleBytes), {}));
+  EXPECT_TRUE(FrameReader::validateWithGetters(segmentOf(sample, sampleBytes), {}).ok());
+
+  TestFrame tree(1024);
+  ReadLimits limits;
+  limits.nestingLimit = 16;
+  // One generation less than the limit admits: inside the walk's margin.
+  const size_t treeBytes = buildTreeChain(tree, deepestTreeChain(limits.nestingLimit) - 1);
+  EXPECT_TRUE(FrameReader::fastAccepts(segmentOf(tree, treeBytes), limits));
+
+  TestFrame empty(1);  // a null root reads as the default struct
+  EXPECT_TRUE(FrameReader::fastAccepts(segmentOf(empty, WORD_BYTES), {}));
+
+  TestFrame caps(3);  // capability pointers, when the limits allow them
+  caps.setWord(0, structPointer(0, 0, 2));
+  caps.setWord(1, (uint64_t{7} << 32) | 3);
+  caps.setWord(2, 3);
+  ReadLimits allow;
+  allow.allowCapabilityPointers = true;
+  EXPECT_TRUE(FrameReader::fastAccepts(segmentOf(caps, 3 * WORD_BYTES), allow));
+  EXPECT_FALSE(FrameReader::fastAccepts(segmentOf(caps, 3 * WORD_BYTES), {}));
+}
+
+TEST(FastWalk, DeclinesOutOfBoundsFarUnknownAndUnsupportedPointers) {
+  struct Case {
+    const char* what;
+    std::vector<uint64_t> words;
+  };
+  const std::vector<Case> cases = {
+      {"empty segment", {}},
+      {"root past the end", {structPointer(100, 1, 0), 0}},
+      {"root before the start", {structPointer(-5, 1, 0), 0}},
+      {"zero-sized struct past the end", {structPointer(0, 0, 1), structPointer(5, 0, 0)}},
+      {"root is a list", {listPointer(0, POINTER_ELEMENTS, 1), 0}},
+      {"list past the end", {structPointer(0, 0, 1), listPointer(0, POINTER_ELEMENTS, 1000)}},
+      {"far pointer", {farPointer(1, 0, false), structPointer(0, 1, 0), 7}},
+      {"double-far pointer", {farPointer(0, 7, true), 0}},
+      {"other pointer that is not a capability", {structPointer(0, 0, 1), 3 | (1u << 2)}},
+      {"list of bits", {structPointer(0, 0, 1), listPointer(0, /*BIT*/ 1, 3), 0}},
+      {"list of voids", {structPointer(0, 0, 1), listPointer(0, /*VOID*/ 0, 3)}},
+      {"struct list whose tag is a list pointer",
+       {structPointer(0, 0, 1), listPointer(0, 7, 1), listPointer(0, 2, 1), 0}},
+      {"struct list of zero-sized elements",
+       {structPointer(0, 0, 1), listPointer(0, 7, 0), structPointer(5, 0, 0)}},
+      {"struct list whose elements overrun it",
+       {structPointer(0, 0, 1), listPointer(0, 7, 1), structPointer(2, 1, 0), 0}},
+      {"cycle", {structPointer(0, 0, 1), structPointer(-1, 0, 1)}},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.what);
+    TestFrame frame(c.words.size() + 1);
+    for (size_t i = 0; i < c.words.size(); ++i) frame.setWord(i, c.words[i]);
+    const size_t bytes = c.words.size() * WORD_BYTES;
+    EXPECT_FALSE(FrameReader::fastAccepts(segmentOf(frame, bytes), {}));
+  }
+}
+
+TEST(FastWalk, DeclinesAtTheEdgeOfTheLimitsAndTheGetterWalkDecides) {
+  // Nesting exactly at the limit (an odd limit: a chain of d Trees nests 2d - 1 levels): the
+  // getter walk accepts, the raw walk keeps a level of margin.
+  TestFrame tree(1024);
+  ReadLimits nesting;
+  nesting.nestingLimit = 15;
+  const size_t treeBytes = buildTreeChain(tree, deepestTreeChain(nesting.nestingLimit));
+  EXPECT_FALSE(FrameReader::fastAccepts(segmentOf(tree, treeBytes), nesting));
+  EXPECT_TRUE(FrameReader::validateWithGetters(segmentOf(tree, treeBytes), nesting).ok());
+  FrameReader reader(nesting);
+  EXPECT_TRUE(reader.tryDecode(tree.bytes(treeBytes)).ok());
+
+  // A traversal budget of exactly one pass: the getter walk fits it, the raw walk over-counts.
+  TestFrame sample(256);
+  const size_t sampleBytes = buildSample(sample);
+  ReadLimits budget;
+  budget.traversalLimitWords = sampleBytes / WORD_BYTES + 1;
+  EXPECT_FALSE(FrameReader::fastAccepts(segmentOf(sample, sampleBytes), budget));
+  EXPECT_TRUE(FrameReader::validateWithGetters(segmentOf(sample, sampleBytes), budget).ok());
+
+  // Many pointers to one struct: the charges add up per pointer, as the getters' do.
+  constexpr uint32_t N = 100;
+  constexpr uint16_t D = 50;
+  constexpr size_t WORDS = 2 + N + D;
+  TestFrame shared(WORDS);
+  shared.setWord(0, structPointer(0, 0, 1));
+  shared.setWord(1, listPointer(0, POINTER_ELEMENTS, N));
+  for (uint32_t i = 0; i < N; ++i)
+    shared.setWord(2 + i, structPointer(static_cast<int32_t>(N - 1 - i), D, 0));
+  ReadLimits tight;
+  tight.traversalLimitWords = uint64_t{N} * D;  // below N * D plus the list: refused by both
+  EXPECT_FALSE(FrameReader::fastAccepts(segmentOf(shared, WORDS * WORD_BYTES), tight));
+  EXPECT_FALSE(FrameReader::validateWithGetters(segmentOf(shared, WORDS * WORD_BYTES), tight).ok());
+  ReadLimits roomy;
+  roomy.traversalLimitWords = uint64_t{N} * (D + 1) + 2 * WORDS;
+  EXPECT_TRUE(FrameReader::fastAccepts(segmentOf(shared, WORDS * WORD_BYTES), roomy));
+
+  // A null root under a budget below the two words Cap'n Proto charges for it.
+  TestFrame empty(1);
+  ReadLimits one;
+  one.traversalLimitWords = 1;
+  EXPECT_FALSE(FrameReader::fastAccepts(segmentOf(empty, WORD_BYTES), one));
+}
+
 TEST(FrameReaderCopyIn, FrameLargerThanScratchIsRefused) {
   TestFrame frame(256);
   const size_t used = buildSample(frame);

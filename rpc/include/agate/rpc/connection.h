@@ -35,9 +35,10 @@
 // until the answer returns, then delivered in order ahead of anything that arrives later).
 //
 // Lifetimes and cancellation:
-//  * A Request holds its ring frame until send() (or its destruction, which abandons it). Build
-//    and send without suspending: while an in-place frame is open, other messages of this
-//    connection are built in spill buffers and queued behind it.
+//  * A Request takes its ring frame at its first params() (a call without params or capabilities
+//    never takes one: send() writes its few words directly) and holds it until send() (or its
+//    destruction, which abandons it). Build and send without suspending: while an in-place frame
+//    is open, other messages of this connection are built in spill buffers and queued behind it.
 //  * RemotePromise: the caller's handle on a question. Dropping it (and every RemoteCap pipelined
 //    on it) sends Finish; before the Return arrived that cancels the call: the callee drops its
 //    dispatch promise, which destroys the server's coroutine.
@@ -293,7 +294,7 @@ class [[nodiscard]] RemotePromise {
   Error error_;  // why the call never got a question
 };
 
-// A call being built. Move-only; dropping it unsent abandons its frame.
+// A call being built. Move-only; dropping it unsent abandons its frame (if params() took one).
 class [[nodiscard]] Request {
  public:
   Request(Request&& o) noexcept;
@@ -301,7 +302,8 @@ class [[nodiscard]] Request {
   Request(const Request&) = delete;
   ~Request();
 
-  // The params content, built in place (params().initAs<T>()).
+  // The params content, built in place (params().initAs<T>()). The first call starts the Call
+  // in a ring frame (or a spill buffer).
   capnp::AnyPointer::Builder params();
   template <class T>
   typename T::Builder initParams() {
@@ -332,6 +334,16 @@ class [[nodiscard]] Request {
 
   RpcConnection* conn_;
   Error error_;  // a call refused before anything was built
+  // The Call is built only when params() or a capability needs it: a call with neither is
+  // written by send() as a handful of words, with no MessageBuilder. Until then, what it is.
+  bool unbuilt_ = false;
+  bool toAnswer_ = false;  // target: promisedAnswer(targetId_, path_) or importedCap(targetId_)
+  uint8_t pathLength_ = 0;
+  uint16_t methodId_ = 0;
+  uint32_t targetId_ = 0;
+  uint64_t interfaceId_ = 0;
+  size_t sizeHint_ = 0;
+  std::array<uint16_t, MAX_PIPELINE_PATH> path_{};
   detail::OutSlot slot_;
   wire::Call::Builder call_{nullptr};
   detail::CapTable caps_;
@@ -554,6 +566,8 @@ class RpcConnection {
   Promise<void> pumpWhileFull();
   detail::SpillBuffer* takeSpill(size_t bytes);
   void giveSpill(detail::SpillBuffer* buffer) noexcept;
+  Status sendWords(std::span<const uint64_t> words);
+  void buildCall(Request& request);
   void sendFinish(uint32_t questionId);
   void queueFinish(uint32_t questionId);
   void flushFinishes();
@@ -616,8 +630,14 @@ class RpcConnection {
   Promise<void> readLoop();
   Status handleMessage(IncomingMessage& message);
   Status decode(wire::Message::Reader m, Decoded& d);
+  bool decodeCommon(std::span<const std::byte> frame, Decoded& d, Status& verdict);
+  Status checkNewQuestion(uint32_t questionId) const;
+  Status checkCallTarget(const Decoded& d) const;
+  Status checkReturnId(uint32_t answerId) const;
+  Status checkFinishId(uint32_t answerId) const;
+  Status checkRelease(uint32_t exportId, uint32_t count) const;
   Status decodeCapTable(capnp::List<wire::CapDescriptor>::Reader caps, Decoded& d);
-  Status handleCall(IncomingMessage& message, wire::Message::Reader m, const Decoded& d);
+  Status handleCall(IncomingMessage& message, const Decoded& d);
   Status handleReturn(IncomingMessage& message, const Decoded& d);
   Status handleFinish(uint32_t answerId);
   Status handleRelease(uint32_t exportId, uint32_t count);
@@ -626,7 +646,7 @@ class RpcConnection {
 
   // --- server side ---
   Answer& answerAt(uint32_t id);
-  void deliver(Answer& answer, uint32_t exportId, wire::Call::Reader call,
+  void deliver(Answer& answer, uint32_t exportId, uint64_t interfaceId, uint16_t methodId,
                capnp::AnyStruct::Reader payload);
   void deliverQueued(Answer& answer);
   detail::SpillBuffer* copyCall(IncomingMessage& message);

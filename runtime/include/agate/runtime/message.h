@@ -23,7 +23,11 @@
 // schema-less walk cannot know is whether a pointer has the kind the schema expects (a list where
 // the schema says struct); a getter meeting such a mismatch still throws. MessageView::tryRead()
 // runs typed reading code inside the decode boundary for callers that read untrusted messages
-// against a schema, and is what servers should use.
+// against a schema, and is what servers should use. The getter walk costs more than the rest of
+// decoding a small message, so tryDecode() first runs a walk over the raw words
+// (FrameReader::fastAccepts) that accepts only what it proves the getter walk accepts, with
+// margins on the limits, and declines anything else (far pointers, unusual lists, limits' edges),
+// which the getter walk then decides: the accepted set is exactly the getter walk's.
 //
 // Why COPY_IN exists. Cap'n Proto's reader loads a wire pointer, bounds-checks it, and later loads
 // it again to follow it. If the frame lives in shared memory that a hostile producer can still
@@ -230,6 +234,21 @@ class FrameReader {
   ReadPolicy policy() const noexcept { return policy_; }
   const ReadLimits& limits() const noexcept { return limits_; }
 
+  // The two validations tryDecode() runs, exposed for the differential test (tests/fuzz/):
+  //  * fastAccepts: a walk over the raw words (no Cap'n Proto reader objects, no exceptions)
+  //    that returns true only for a segment the getter walk provably accepts: every pointer
+  //    lands inside the segment, the words it charges (an over-estimate of Cap'n Proto's
+  //    charges) fit the traversal limit, and it nests at least one level less deep than the
+  //    limit. Anything else (far pointers, lists of bits or voids, zero-sized struct elements,
+  //    out-of-bounds or unknown pointers, capability pointers where not allowed) it declines,
+  //    and tryDecode() then runs the getter walk, which decides. So it only makes the common
+  //    frame cheaper; it never accepts more.
+  //  * validateWithGetters: the walk through Cap'n Proto's getters (see tryDecode()).
+  static bool fastAccepts(kj::ArrayPtr<const capnp::word> segment,
+                          const ReadLimits& limits) noexcept;
+  static Status validateWithGetters(kj::ArrayPtr<const capnp::word> segment,
+                                    const ReadLimits& limits);
+
  private:
   // A MessageReader over exactly one segment, living inside the FrameReader.
   class SegmentReader final : public capnp::MessageReader {
@@ -244,13 +263,12 @@ class FrameReader {
     kj::ArrayPtr<const capnp::word> segment_;
   };
 
-  Status tryValidate(kj::ArrayPtr<const capnp::word> segment);
   // Follow every pointer once; false on a capability pointer unless allowed; kj::Exception on
   // anything malformed.
   static bool walkStruct(capnp::AnyStruct::Reader s, bool allowCaps);
   static bool walkPointer(capnp::AnyPointer::Reader p, bool allowCaps);
   static bool walkList(capnp::AnyList::Reader list, bool allowCaps);
-  capnp::ReaderOptions readerOptions() const;
+  static capnp::ReaderOptions readerOptions(const ReadLimits& limits);
 
   ReadPolicy policy_;
   ReadLimits limits_;

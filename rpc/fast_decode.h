@@ -1,0 +1,202 @@
+// Private to rpc/: the word-level decoder of the common RPC frames, tried before the Cap'n Proto
+// readers (inbound.cpp, RpcConnection::handleMessage).
+//
+// A null call is three small messages (Call, Return, Finish), and reading each through Cap'n
+// Proto's readers (getRoot, one getter per struct, a reader object per step) cost more than the
+// rest of handling it. parseCommonFrame reads the fields RpcConnection::decode needs straight
+// from the frame's words, in one pass, for these shapes only:
+//
+//   Call     target importedCap, or promisedAnswer with a transform of at most
+//            MAX_PIPELINE_PATH steps (a List(UInt16), or null); params null or a Payload whose
+//            pointers are all null (no content, no cap table)
+//   Return   results null or such an empty Payload, or canceled
+//   Finish, Release
+//
+// Every struct it steps into must be a plain struct pointer (no far pointer) whose object lies
+// inside the frame and has at least the data words and pointers the schema gives it (so every
+// field read is inside the object, as Cap'n Proto would read it). Anything else (another kind,
+// a union member or list shape not above, params or results with content or capabilities, an
+// exception, a smaller struct, any pointer it does not expect) makes it decline: it returns
+// false and the caller reads the frame with Cap'n Proto as before, which then decides. It runs
+// on frames FrameReader already validated (the pointers it does not follow were checked there),
+// yet checks every word it reads against the frame's end itself, so it never reads outside the
+// frame whatever the bytes. It reads only, and makes no check against the connection's tables:
+// decode's table checks (the same functions) run on what it returns.
+//
+// Equivalence: for a frame it accepts, the fields are what Cap'n Proto's getters return for the
+// same frame, and params or results read as empty (null content, no capability) either way
+// (tests/fuzz/rpc_fuzz_test checks both on seed and mutated frames).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <span>
+
+#include "agate/rpc/connection.h"
+
+namespace agate::rpc::internal {
+
+struct CommonFrame {
+  wire::Message::Which which{};
+  uint32_t id = 0;     // call: question id; return: answer id; finish: question id; release: id
+  uint32_t count = 0;  // release: referenceCount
+  bool targetIsAnswer = false;
+  uint32_t targetId = 0;
+  std::array<uint16_t, MAX_PIPELINE_PATH> path{};
+  uint32_t pathLength = 0;
+  uint64_t interfaceId = 0;
+  uint16_t methodId = 0;
+  wire::Return::Which returnKind{};
+};
+
+class CommonFrameParser {
+ public:
+  explicit CommonFrameParser(std::span<const std::byte> frame) noexcept
+      : bytes_(frame.data()), words_(frame.size() / sizeof(uint64_t)) {}
+
+  bool parse(CommonFrame& f) const noexcept {
+    Object message;
+    if (words_ == 0 || !structAt(0, 1, 1, message)) return false;
+    f.which = static_cast<wire::Message::Which>(word(message.data) & 0xffff);
+    switch (f.which) {
+      case wire::Message::CALL:
+        return call(message.pointers, f);
+      case wire::Message::RETURN:
+        return ret(message.pointers, f);
+      case wire::Message::FINISH: {
+        Object finish;
+        if (!structAt(message.pointers, 1, 0, finish)) return false;
+        f.id = static_cast<uint32_t>(word(finish.data));
+        return true;
+      }
+      case wire::Message::RELEASE: {
+        Object release;
+        if (!structAt(message.pointers, 1, 0, release)) return false;
+        f.id = static_cast<uint32_t>(word(release.data));
+        f.count = static_cast<uint32_t>(word(release.data) >> 32);
+        return true;
+      }
+      default:
+        return false;
+    }
+  }
+
+ private:
+  struct Object {
+    size_t data = 0;      // index of the first data word
+    size_t pointers = 0;  // index of the first pointer
+    uint64_t pointerCount = 0;
+  };
+
+  uint64_t word(size_t index) const noexcept {
+    uint64_t v;
+    std::memcpy(&v, bytes_ + index * sizeof v, sizeof v);
+    return v;
+  }
+
+  // The struct that the pointer at word `at` designates, if it is a plain struct pointer to an
+  // object inside the frame with at least `minData` data words and `minPointers` pointers.
+  bool structAt(size_t at, uint16_t minData, uint16_t minPointers, Object& o) const noexcept {
+    if (at >= words_) return false;
+    const uint64_t p = word(at);
+    if (p == 0 || (p & 3) != 0) return false;
+    const uint64_t data = (p >> 32) & 0xffff;
+    const uint64_t pointers = p >> 48;
+    if (data < minData || pointers < minPointers) return false;
+    const int64_t target =
+        static_cast<int64_t>(at) + 1 + (static_cast<int32_t>(static_cast<uint32_t>(p)) >> 2);
+    if (target < 0 || static_cast<uint64_t>(target) > words_ ||
+        data + pointers > words_ - static_cast<uint64_t>(target))
+      return false;
+    o.data = static_cast<size_t>(target);
+    o.pointers = o.data + data;
+    o.pointerCount = pointers;
+    return true;
+  }
+
+  // Params or results that read as empty: a null pointer, or a Payload with no pointer set.
+  bool emptyPayload(size_t at) const noexcept {
+    if (at >= words_) return false;
+    if (word(at) == 0) return true;
+    Object payload;
+    if (!structAt(at, 0, 0, payload)) return false;
+    for (uint64_t i = 0; i < payload.pointerCount; ++i) {
+      if (word(payload.pointers + i) != 0) return false;
+    }
+    return true;
+  }
+
+  bool call(size_t at, CommonFrame& f) const noexcept {
+    Object c;
+    if (!structAt(at, 2, 2, c)) return false;
+    f.id = static_cast<uint32_t>(word(c.data));
+    f.methodId = static_cast<uint16_t>(word(c.data) >> 32);
+    f.interfaceId = word(c.data + 1);
+    if (!emptyPayload(c.pointers + 1)) return false;
+    Object target;
+    if (!structAt(c.pointers, 1, 1, target)) return false;
+    switch (static_cast<uint16_t>(word(target.data) >> 32)) {
+      case wire::MessageTarget::IMPORTED_CAP:
+        f.targetIsAnswer = false;
+        f.targetId = static_cast<uint32_t>(word(target.data));
+        return true;
+      case wire::MessageTarget::PROMISED_ANSWER: {
+        Object pa;
+        if (!structAt(target.pointers, 1, 1, pa)) return false;
+        f.targetIsAnswer = true;
+        f.targetId = static_cast<uint32_t>(word(pa.data));
+        return transform(pa.pointers, f);
+      }
+      default:
+        return false;
+    }
+  }
+
+  // PromisedAnswer.transform: null (no steps) or a list of 16-bit elements inside the frame.
+  bool transform(size_t at, CommonFrame& f) const noexcept {
+    const uint64_t p = word(at);
+    f.pathLength = 0;
+    if (p == 0) return true;
+    constexpr uint64_t LIST = 1, TWO_BYTES = 3;
+    if ((p & 3) != LIST || ((p >> 32) & 7) != TWO_BYTES) return false;
+    const uint64_t count = p >> 35;
+    if (count > MAX_PIPELINE_PATH) return false;  // decode refuses it; let it say why
+    const int64_t target =
+        static_cast<int64_t>(at) + 1 + (static_cast<int32_t>(static_cast<uint32_t>(p)) >> 2);
+    const uint64_t listWords = (count + 3) / 4;
+    if (target < 0 || static_cast<uint64_t>(target) > words_ ||
+        listWords > words_ - static_cast<uint64_t>(target))
+      return false;
+    for (uint64_t i = 0; i < count; ++i) {
+      f.path[i] =
+          static_cast<uint16_t>(word(static_cast<size_t>(target) + i / 4) >> (16 * (i % 4)));
+    }
+    f.pathLength = static_cast<uint32_t>(count);
+    return true;
+  }
+
+  bool ret(size_t at, CommonFrame& f) const noexcept {
+    Object r;
+    if (!structAt(at, 1, 1, r)) return false;
+    f.id = static_cast<uint32_t>(word(r.data));
+    f.returnKind = static_cast<wire::Return::Which>(static_cast<uint16_t>(word(r.data) >> 32));
+    switch (f.returnKind) {
+      case wire::Return::RESULTS:
+        return emptyPayload(r.pointers);
+      case wire::Return::CANCELED:
+        return true;
+      default:
+        return false;
+    }
+  }
+
+  const std::byte* bytes_;
+  size_t words_;
+};
+
+// Reads `frame` as one of the common shapes above; false: read it with Cap'n Proto instead.
+inline bool parseCommonFrame(std::span<const std::byte> frame, CommonFrame& f) noexcept {
+  return CommonFrameParser(frame).parse(f);
+}
+
+}  // namespace agate::rpc::internal
