@@ -218,6 +218,14 @@ class Kernel final : private LifecycleObserver {
   // an ancestor cannot pay; nothing changed). NOT_FOUND if the bushel is not the service's.
   // Returns the bushel's state pages after the call.
   Result<uint64_t> tryGrowBushelState(ProcessId pid, Handle service, Koid bushel, uint64_t pages);
+  // The server of service `service` (needs WRITE) closes its bushel `bushel` (a koid), e.g. a
+  // client that broke the protocol: the bushel is destroyed exactly as when its client deletes
+  // its last cap (the client's caps to it go, the kernel closes and unmaps its rings, both sides
+  // get BUSHEL_CLOSED, the rings and state pages are refunded to the bank that paid). The
+  // processes' own mappings stay, so the server must also mark its rings closed for the client
+  // to stop waiting (client/: ServiceHost). NOT_FOUND if the bushel is not (or no longer) the
+  // service's, so a second close is NOT_FOUND and changes nothing.
+  Status tryCloseBushel(ProcessId pid, Handle service, Koid bushel);
 
   // A read-only descriptor of the bank's credit page (needs READ): one page holding a
   // BankCreditPage (credit_page.h) the kernel republishes at every change of used/limit, and a
