@@ -22,11 +22,11 @@
 //  * Process (process.h): a CSpace plus the bank the process owns.
 //
 // What dies when. Bushels die when the last cap to them is deleted (the Kernel queues them as
-// the cap goes and destroys them once the call's state is final), and with their bank or their
-// service. Banks, regions, services, notifications and event buffers live until destroyed
-// (DESTROY) or until their bank goes; deleting their last cap leaves them charged to their bank
-// (KeyKOS: the bank owner reclaims them by destroying the bank). The registry lives as long as the
-// Kernel.
+// the cap goes and destroys them once the call's state is final), with their bank or their
+// service, and when their server closes them (tryCloseBushel). Banks, regions, services,
+// notifications and event buffers live until destroyed (DESTROY) or until their bank goes; deleting
+// their last cap leaves them charged to their bank (KeyKOS: the bank owner reclaims them by
+// destroying the bank). The registry lives as long as the Kernel.
 //
 // Events (kernel_event.h): BUSHEL_OPENED / BUSHEL_CLOSED / SERVICE_GONE are queued per process;
 // the daemon drains them with takeEvents(pid) after each call.
