@@ -151,11 +151,12 @@ bool EventStream::collect() noexcept {
 }
 
 Promise<void> EventStream::checkEnd() {
-  checkOwed_ = false;
   lastCheck_ = std::chrono::steady_clock::now();
   ++endChecks_;
   Result<caps::CapInfo> info = co_await kernel_->inspectCap(cap_);
-  if (info) co_return {};  // still there: a ring with nothing new
+  // Owed until answered: a next() dropped while it waits leaves the check to the next call.
+  checkOwed_ = false;
+  if (info) co_return {};  // still there: the word moved for another buffer, or was forged
   if (info.code() == Errc::INVALID_HANDLE || info.code() == Errc::WRONG_TYPE) {
     // Only the buffer's destruction (or this process) deletes the cap: the publisher closed it.
     ended_ = Error(Errc::DISCONNECTED, "the publisher closed the event stream");
