@@ -162,7 +162,8 @@ class EventStream {
   // the end, PROTOCOL_ERROR if the server broke the slots' protocol (the stream ends).
   // One call at a time.
   Promise<EventBatch> next(Duration timeout = std::chrono::hours(24 * 365));
-  // The changes there are now, without waiting (empty spans when none); errors as for next().
+  // The changes there are now, without waiting (empty spans when none); errors as for next(),
+  // except that the publisher's end, which takes a kernel call to confirm, is left to next().
   Result<EventBatch> tryNext();
 
   bool valid() const noexcept { return kernel_ != nullptr; }
