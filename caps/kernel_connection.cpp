@@ -781,6 +781,16 @@ Promise<uint64_t> KernelConnection::growBushelState(Cap<Service> service, Koid b
   co_return r->value;
 }
 
+Promise<void> KernelConnection::closeBushel(Cap<Service> service, Koid bushel) {
+  Result<detail::Reply> r = co_await submit(Which::DONE, SYSCALL_BYTES, [&](auto call) {
+    auto g = call.initCloseBushel();
+    g.setService(service.handle);
+    g.setBushel(bushel);
+  });
+  if (!r) co_return r.error();
+  co_return {};
+}
+
 Promise<BushelRings> KernelConnection::bushelRings(Cap<Bushel> bushel) {
   Result<detail::Reply> r = co_await submit(Which::DONE, SYSCALL_BYTES, [&](auto call) {
     call.initBushelFds().setBushel(bushel.handle);

@@ -6,8 +6,11 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdio>
 #include <utility>
+
+#include "agate/kernel/event_slot.h"
 
 namespace agate::caps {
 namespace {
@@ -59,6 +62,15 @@ MappedNotification& MappedNotification::operator=(MappedNotification&& o) noexce
   doorbell_ = word_ != nullptr ? Doorbell(word_, true, ring_.get()) : Doorbell();
   o.doorbell_ = Doorbell();
   return *this;
+}
+
+uint32_t MappedNotification::ends() const noexcept {
+  AGATE_REQUIRE(mapped(), "ends on an unmapped notification");
+  if (size_ < kernel::NOTIFICATION_ENDS_OFFSET + sizeof(uint32_t)) return 0;
+  // The mapping is writable (the doorbell protocol needs it), so the word is a plain uint32_t
+  // in shared memory read atomically.
+  auto* word = reinterpret_cast<uint32_t*>(data_ + kernel::NOTIFICATION_ENDS_OFFSET);
+  return std::atomic_ref<uint32_t>(*word).load(std::memory_order_acquire);
 }
 
 void MappedNotification::ring() noexcept {

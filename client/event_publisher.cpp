@@ -52,11 +52,28 @@ EventPublisher::EventPublisher(caps::KernelConnection& kernel, caps::MappedEvent
       chargeRest_(std::move(chargeRest)) {}
 
 EventPublisher::~EventPublisher() {
+  if (closed_) return;
   // Not awaited: each call is written to the submission ring as it is made (the promise only
   // waits for the answer, which is read and dropped). Destroying the buffer deletes every cap to
-  // it, the client's included; the client's mapping stays valid. The charge refunds itself.
+  // it, the client's included, and the kernel rings its notification: the client's stream ends
+  // (see the overview). The buffer first, while the notification it rings still exists. The
+  // client's mapping stays valid. The charge refunds itself.
+  flush();
   (void)kernel_.destroy(cap_);
   (void)kernel_.destroy(notification_);
+}
+
+Promise<void> EventPublisher::close() {
+  if (closed_) co_return {};
+  closed_ = true;
+  flush();  // the last posts' ring (the kernel rings once more at the destroy)
+  // Both go out in this turn, in this order; then both answers are awaited.
+  Promise<void> buffer = kernel_.destroy(cap_);
+  Promise<void> notification = kernel_.destroy(notification_);
+  Status b = co_await buffer;
+  Status n = co_await notification;
+  if (!b) co_return b.error();
+  co_return n;
 }
 
 Promise<std::unique_ptr<EventPublisher>> EventPublisher::create(ServedClient& client,
@@ -116,6 +133,7 @@ void EventPublisher::describe(events::EventStream::Builder out) const {
 void EventPublisher::post(uint32_t slot, const EventPayload& words) noexcept {
   AGATE_REQUIRE(slot < buffer_.slots(), "post to slot %u of an event stream of %u", slot,
                 buffer_.slots());
+  if (closed_) return;  // nobody reads it any more
   buffer_.post(slot, words);
   ++posts_;
   if (!dirty_) {

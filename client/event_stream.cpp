@@ -1,5 +1,6 @@
 #include "agate/client/event_stream.h"
 
+#include <algorithm>
 #include <utility>
 
 namespace agate::client {
@@ -55,6 +56,11 @@ EventStream& EventStream::operator=(EventStream&& o) noexcept {
   ended_ = std::exchange(o.ended_, Error{});
   batches_ = std::exchange(o.batches_, 0);
   parkSlice_ = o.parkSlice_;
+  ends_ = std::exchange(o.ends_, 0);
+  checkOwed_ = std::exchange(o.checkOwed_, false);
+  checkEnd_ = std::exchange(o.checkEnd_, false);
+  lastCheck_ = o.lastCheck_;
+  endChecks_ = std::exchange(o.endChecks_, 0);
   return *this;
 }
 
@@ -114,11 +120,17 @@ Promise<EventStream> EventStream::open(Session& session, rpc::RpcConnection& fro
   s.updates_.reserve(mapped->slots());
   s.stuck_.reserve(mapped->slots());
   s.buffer_ = std::move(*mapped);
+  s.ends_ = s.buffer_.notification()->ends();
   co_return std::move(s);
 }
 
 bool EventStream::collect() noexcept {
   if (ended_.code != Errc::OK) return true;
+  // Before the scan: what was posted before an end is in this scan or an earlier one.
+  if (const uint32_t ends = buffer_.notification()->ends(); ends != ends_) {
+    ends_ = ends;
+    checkOwed_ = true;
+  }
   Status scanned = scanner_.scan(buffer_, updates_, stuck_);
   if (!scanned) {
     ended_ = scanned.error();
@@ -127,7 +139,31 @@ bool EventStream::collect() noexcept {
   if (!updates_.empty() || !stuck_.empty()) return true;
   // Checked after the scan: what was posted before the end is delivered first.
   if (!from_->isOpen()) ended_ = Error(Errc::DISCONNECTED, "the event stream's server is gone");
-  return ended_.code != Errc::OK;
+  if (ended_.code != Errc::OK) return true;
+  // The ends word moved and nothing is new: the publisher may have closed the stream (see the
+  // header). The kernel is asked at most once per park slice; a check put off is made when a
+  // slice ends.
+  if (checkOwed_ && std::chrono::steady_clock::now() - lastCheck_ >= parkSlice_) {
+    checkEnd_ = true;
+    return true;
+  }
+  return false;
+}
+
+Promise<void> EventStream::checkEnd() {
+  lastCheck_ = std::chrono::steady_clock::now();
+  ++endChecks_;
+  Result<caps::CapInfo> info = co_await kernel_->inspectCap(cap_);
+  // Owed until answered: a next() dropped while it waits leaves the check to the next call.
+  checkOwed_ = false;
+  if (info) co_return {};  // still there: the word moved for another buffer, or was forged
+  if (info.code() == Errc::INVALID_HANDLE || info.code() == Errc::WRONG_TYPE) {
+    // Only the buffer's destruction (or this process) deletes the cap: the publisher closed it.
+    ended_ = Error(Errc::DISCONNECTED, "the publisher closed the event stream");
+  } else {
+    ended_ = Error(Errc::DISCONNECTED, "the kernel connection is gone");
+  }
+  co_return {};
 }
 
 Result<EventBatch> EventStream::deliver() noexcept {
@@ -141,6 +177,7 @@ Result<EventBatch> EventStream::tryNext() {
   updates_.clear();
   stuck_.clear();
   (void)collect();
+  checkEnd_ = false;  // no kernel call without waiting: next() makes it
   return deliver();
 }
 
@@ -149,13 +186,20 @@ Promise<EventBatch> EventStream::next(Duration timeout) {
   updates_.clear();
   stuck_.clear();
   caps::MappedNotification& notification = *buffer_.notification();
-  // collect() runs under the waiter protocol (announce, check, park), so a ring between a scan
-  // and the park is never lost; each park lasts at most PARK_SLICE.
-  Result<bool> ready = co_await notification.waitAsync(
-      kernel_->loop(), [this] { return collect(); }, timeout, caps::WaitVia::AUTO, parkSlice_);
-  if (!ready) co_return ready.error();
-  if (!*ready) co_return Error(Errc::TIMED_OUT, "no event before the timeout");
-  co_return deliver();
+  const auto end = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    // collect() runs under the waiter protocol (announce, check, park), so a ring between a
+    // scan and the park is never lost; each park lasts at most PARK_SLICE.
+    checkEnd_ = false;
+    const Duration left = std::max<Duration>(end - std::chrono::steady_clock::now(), {});
+    Result<bool> ready = co_await notification.waitAsync(
+        kernel_->loop(), [this] { return collect(); }, left, caps::WaitVia::AUTO, parkSlice_);
+    if (!ready) co_return ready.error();
+    if (!*ready) co_return Error(Errc::TIMED_OUT, "no event before the timeout");
+    if (!checkEnd_) co_return deliver();
+    (void)co_await checkEnd();
+    if (ended_.code != Errc::OK) co_return deliver();
+  }
 }
 
 }  // namespace agate::client

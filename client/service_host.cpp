@@ -74,6 +74,11 @@ ServedClient::~ServedClient() {
   link_.reset();  // the objects the connection owns go here, refunding their charges
 }
 
+void ServedClient::disconnect(Error reason) noexcept {
+  // The host's watcher sees the connection end and drops the client, then closes its bushel.
+  if (connected()) link_->connection().close(reason);
+}
+
 // --- ServiceHost ---
 
 ServiceHost::ServiceHost(std::unique_ptr<KernelEvents> ownEvents, KernelEvents& events,
@@ -93,6 +98,7 @@ ServiceHost::ServiceHost(std::unique_ptr<KernelEvents> ownEvents, KernelEvents& 
 
 ServiceHost::~ServiceHost() {
   events_.detach(*this);
+  closer_.reset();  // pending closes are cancelled: the process is going, or the service is
   clients_.clear();
 }
 
@@ -201,9 +207,10 @@ void ServiceHost::accept(KernelEvent& event) {
   auto link = BushelLink::tryOpen(kernel_.loop(), BushelLink::Side::SERVER,
                                   std::move(event.request), std::move(event.reply), rpcOptions);
   if (!link) {
-    // Rings the kernel made but this process cannot open: nothing can be served on them. The
-    // client's calls find no reader; the bushel closes when the client hangs up or dies.
+    // Rings the kernel made but this process cannot open: nothing can be served on them, so
+    // the bushel is closed and the client told (its calls would find no reader).
     ++refused_;
+    closeBushel(event.bushel);
     return;
   }
   client->link_ = std::move(*link);
@@ -227,15 +234,44 @@ Promise<void> ServiceHost::watch(ServedClient& client) {
 void ServiceHost::drop(caps::Koid koid) noexcept {
   auto it = std::find_if(clients_.begin(), clients_.end(),
                          [&](const auto& c) { return c->bushel() == koid; });
+  // The kernel closed it: nothing left to close (if a close is queued, it would be NOT_FOUND).
+  std::erase(closing_, koid);
   if (it == clients_.end()) return;  // dropped already (its connection failed first)
   clients_.erase(it);
   ++dropped_;
 }
 
 void ServiceHost::reap() noexcept {
-  const size_t before = clients_.size();
+  // A client whose connection failed (it detached, broke the protocol, or was disconnected) is
+  // dropped here, and its bushel closed in the kernel (see the overview).
+  std::vector<caps::Koid> failed;
+  for (const auto& c : clients_)
+    if (!c->connected()) failed.push_back(c->bushel());
   std::erase_if(clients_, [](const auto& c) { return !c->connected(); });
-  dropped_ += before - clients_.size();
+  dropped_ += failed.size();
+  for (caps::Koid koid : failed) closeBushel(koid);
+}
+
+void ServiceHost::closeBushel(caps::Koid koid) {
+  if (!service_.valid()) return;  // unregistered: the kernel closed every bushel already
+  closing_.push_back(koid);
+  if (closerRunning_) return;
+  closer_.reset();  // a finished closer, never the running one
+  closer_.emplace(closeQueued());
+}
+
+Promise<void> ServiceHost::closeQueued() {
+  closerRunning_ = true;
+  while (!closing_.empty() && service_.valid()) {
+    const caps::Koid koid = closing_.front();
+    closing_.pop_front();
+    Status closed = co_await kernel_.closeBushel(service_, koid);
+    // NOT_FOUND: the client hung up or died first; anything else: the kernel connection is gone
+    // (and with this process's service, every bushel of it).
+    if (closed) ++closed_;
+  }
+  closerRunning_ = false;
+  co_return {};
 }
 
 }  // namespace agate::client

@@ -34,7 +34,13 @@ Result<EventBufferMapping> EventBuffer::tryMap(bool writable) {
 }
 
 void EventBuffer::teardown() noexcept {
-  if (notification_) notification_->detachBuffer(*this);
+  // The end is news too: readers see the notification's ends word move and wake, find their cap
+  // to the buffer gone (the bank deleted every cap before this) and end their stream (client/:
+  // EventStream).
+  if (notification_) {
+    notification_->bufferEnded();
+    notification_->detachBuffer(*this);
+  }
   notification_ = nullptr;
   memfd_.reset();
 }

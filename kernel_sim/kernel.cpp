@@ -376,6 +376,23 @@ Result<uint64_t> Kernel::tryGrowBushelState(ProcessId pid, Handle service, Koid 
   return b.statePages();
 }
 
+Status Kernel::tryCloseBushel(ProcessId pid, Handle service, Koid bushel) {
+  auto cspace = findCSpace(pid);
+  if (!cspace) return cspace.error();
+  auto s = (*cspace)->lookup(service, Rights::WRITE, ObjectType::SERVICE);
+  if (!s) return s.error();
+  const auto& bushels = s->as<Service>().bushels();
+  auto it = std::find_if(bushels.begin(), bushels.end(),
+                         [&](const Bushel* b) { return b->koid() == bushel; });
+  if (it == bushels.end())
+    return Error(Errc::NOT_FOUND, "no such bushel of this service (or already closed)");
+  Bushel& b = **it;
+  // As a last cap going: the bank that paid destroys it (caps, rings, state pages, events).
+  b.owner()->destroyObject(b);
+  reap();
+  return {};
+}
+
 Result<Fd> Kernel::tryMapBankCredit(ProcessId pid, Handle bank) {
   auto b = tryFindBank(pid, bank, Rights::READ);
   if (!b) return b.error();

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <new>
@@ -51,6 +52,21 @@ Notification::~Notification() {
 void Notification::signal() noexcept {
   ++signals_;
   doorbell_.ring();
+}
+
+void Notification::bufferEnded() noexcept {
+  // Release: a reader that sees the new count also sees the caps deleted before (it asks the
+  // kernel anyway; the order only keeps the hint honest). The ring's RMW orders it for waiters.
+  std::atomic_ref<uint32_t>(*endsWord()).fetch_add(1, std::memory_order_release);
+  signal();
+}
+
+uint32_t Notification::ends() const noexcept {
+  return std::atomic_ref<uint32_t>(*endsWord()).load(std::memory_order_acquire);
+}
+
+uint32_t* Notification::endsWord() const noexcept {
+  return std::launder(reinterpret_cast<uint32_t*>(parts_.page.data() + NOTIFICATION_ENDS_OFFSET));
 }
 
 Result<NotificationFds> Notification::tryDuplicateFds(bool withRing) const {

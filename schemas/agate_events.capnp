@@ -18,7 +18,9 @@ $Cxx.namespace("agate::events");
 # and refuses the stream (PROTOCOL_ERROR) when one does not hold. The handle is meaningful only
 # in the receiving process's CSpace; the receiver deletes that cap when it drops the stream. A
 # server's death or the bushel's close ends the stream (the receiver learns it from its
-# connection), not anything written in the buffer.
+# connection), and so does the publisher destroying the buffer (the kernel deletes the
+# receiver's cap, which the receiver asks the kernel about), never anything written in the
+# buffer.
 struct EventStream {
   handle @0 :UInt64;  # the cap, in the receiver's CSpace: type EventBuffer, READ (and GRANT) only
   koid @1 :UInt64;    # the event buffer's kernel object id, as inspectCap reports it

@@ -52,8 +52,9 @@ $Cxx.namespace("agate::wire");
 # kernel run), not OS pids.
 
 # Version 2 added the notification, event buffer and credit page calls, and paged introspection;
-# version 3 introductions (introduce, openBushelVia, the introduced event, bushelFds' server).
-const abiVersion :UInt32 = 3;
+# version 3 introductions (introduce, openBushelVia, the introduced event, bushelFds' server);
+# version 4 closeBushel.
+const abiVersion :UInt32 = 4;
 
 # The largest process name accepted at attach, in bytes.
 const maxNameBytes :UInt32 = 64;
@@ -245,6 +246,16 @@ struct Syscall {
     openBushelVia :group {  # -> handle (the bushel), as openBushel, to the service a cap names
       service @62 :UInt64;  # a Service cap with READ (an introduction, or the server's own)
       bank @63 :UInt64;     # pays the record and both rings; needs ALLOCATE
+    }
+
+    # A server disconnects a client (ABI 4): the server of a bushel closes it, exactly as the
+    # client's last cap going would (both sides get bushelClosed, the kernel's rings and the
+    # state pages go back to the bank that paid). The server holds no cap to the bushel, so it
+    # names it as growBushelState does.
+    closeBushel :group {  # -> done
+      service @64 :UInt64;  # the caller's Service cap (needs WRITE); the bushel must be its
+      bushel @65 :UInt64;   # koid, as in the bushelOpened event; NOT_FOUND if not the service's
+                            # (or already closed: a second close is NOT_FOUND, nothing changed)
     }
   }
 }

@@ -92,6 +92,14 @@ void growBushelState(CallContext& ctx, wire::Syscall::GrowBushelState::Reader ca
   ctx.reply.setCount(*r);
 }
 
+void closeBushel(CallContext& ctx, wire::Syscall::CloseBushel::Reader call) {
+  const Handle service{call.getService()};
+  const Koid bushel = call.getBushel();
+  auto r = ctx.kernel.tryCloseBushel(ctx.pid, service, bushel);
+  if (!r) return ctx.fail(r.error());
+  ctx.reply.setDone();
+}
+
 void introduce(CallContext& ctx, wire::Syscall::Introduce::Reader call) {
   const Handle bushel{call.getBushel()};
   const ProcessId to = call.getTo();

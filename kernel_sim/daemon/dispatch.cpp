@@ -80,6 +80,8 @@ void dispatch(CallContext& ctx, wire::Syscall::Reader call) {
       return introduce(ctx, call.getIntroduce());
     case W::OPEN_BUSHEL_VIA:
       return openBushelVia(ctx, call.getOpenBushelVia());
+    case W::CLOSE_BUSHEL:
+      return closeBushel(ctx, call.getCloseBushel());
   }
   // A discriminant from a newer schema (or a forged one).
   ctx.fail(Error(Errc::INVALID_ARGUMENT, "unknown syscall"));

@@ -74,6 +74,7 @@ void lookupService(CallContext& ctx, wire::Syscall::LookupService::Reader call);
 void openBushel(CallContext& ctx, wire::Syscall::OpenBushel::Reader call);
 void bushelFds(CallContext& ctx, wire::Syscall::BushelFds::Reader call);
 void growBushelState(CallContext& ctx, wire::Syscall::GrowBushelState::Reader call);
+void closeBushel(CallContext& ctx, wire::Syscall::CloseBushel::Reader call);
 void introduce(CallContext& ctx, wire::Syscall::Introduce::Reader call);
 void openBushelVia(CallContext& ctx, wire::Syscall::OpenBushelVia::Reader call);
 // Introspection (calls_introspect.cpp).

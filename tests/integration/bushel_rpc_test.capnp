@@ -16,6 +16,9 @@ interface Store {
   # The caller's quota, and the whole server's state.
   stats @3 () -> (clients :UInt32, mine :UInt64, allowancePages :UInt64, totalHeld :UInt64,
                   hanging :UInt32, dropped :UInt64);
+  # Breaks the store's rules: the server disconnects the caller (ServedClient::disconnect), which
+  # closes its bushel in the kernel. Never answered.
+  misbehave @4 () -> ();
 }
 
 interface Item {

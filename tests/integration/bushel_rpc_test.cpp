@@ -119,6 +119,10 @@ class StoreImpl final : public Store::Server {
     co_await EventLoop::current()->sleep(std::chrono::hours(1));
     co_return {};
   }
+  Promise<void> misbehave(MisbehaveContext) override {
+    client_.disconnect(Error(Errc::PROTOCOL_ERROR, "the client broke the store's rules"));
+    return readyPromise<void>(Status{});
+  }
   Promise<void> stats(StatsContext context) override {
     auto results = context.initResults();
     if (!results) return readyPromise<void>(results.error());
@@ -511,9 +515,12 @@ TEST_F(BushelRpcTest, AClientThatBreaksTheProtocolIsDroppedAndTheOthersCarryOn) 
     Result<Store::Client> store = co_await s.open<Store>("store");
     CO_CHECK(store.ok());
     // A second bushel, written by hand: a frame that is not a Cap'n Proto message.
+    Result<Cap<SpaceBank>> bank = co_await s.kernel().createBank(s.bank(), 1000);
+    CO_CHECK(bank.ok());
     Result<Cap<caps::Bushel>> raw =
-        co_await s.kernel().openBushel(s.kernel().registry(), "store", s.bank());
+        co_await s.kernel().openBushel(s.kernel().registry(), "store", *bank);
     CO_CHECK(raw.ok());
+    CO_CHECK((co_await usedOf(s.kernel(), *bank)).value() > 2);  // the record and both rings
     Result<caps::BushelRings> rings = co_await s.kernel().bushelRings(*raw);
     CO_CHECK(rings.ok());
     auto request = Channel::openShared(std::move(rings->request));
@@ -529,7 +536,71 @@ TEST_F(BushelRpcTest, AClientThatBreaksTheProtocolIsDroppedAndTheOthersCarryOn) 
     st = co_await statsWhen(s.loop(), *store, [](auto v) { return v.clients == 1; });
     CO_CHECK(st.ok() && st->clients == 1 && st->dropped == 1);
     CO_CHECK((co_await store->ping()).ok());
-    AGATE_CO_TRY(co_await s.kernel().deleteCap(*raw));
+    // The server closed the bushel in the kernel: the hostile client's cap is gone, its bank has
+    // its pages back, and the ring it wrote has no reader any more.
+    for (int i = 0; i < 500 && (co_await s.kernel().inspectCap(*raw)).ok(); ++i)
+      (void)co_await s.loop().sleep(2ms);
+    CO_CHECK((co_await s.kernel().inspectCap(*raw)).code() == Errc::INVALID_HANDLE);
+    CO_CHECK((co_await usedOf(s.kernel(), *bank)).value() == 0);
+    CO_CHECK(sender->trySend(garbage).code() == Errc::DISCONNECTED);
+    CO_CHECK((co_await s.kernel().deleteCap(*raw)).code() == Errc::INVALID_HANDLE);
+    CO_CHECK((co_await store->ping()).ok());
+    co_return {};
+  });
+  ::kill(server, SIGTERM);
+  EXPECT_EQ(reap(server), 0);
+}
+
+TEST_F(BushelRpcTest, AServerDisconnectsAMisbehavingClientWhoseCallsFailAndWhosePagesComeBack) {
+  const pid_t server = startServer(kernel_.home());
+  Watchdog dog("server disconnects a client", 60s, server);
+  runSession(kernel_.home(), [&](Session& s) -> Promise<void> {
+    AGATE_CO_TRY(co_await s.waitForService("store"));
+    // Two clients of the store: `bad` paid from a bank of its own, `good` from the process bank.
+    Result<Cap<SpaceBank>> bank = co_await s.kernel().createBank(s.bank(), 1000);
+    CO_CHECK(bank.ok());
+    Result<OpenedBushel> opened = co_await s.openBushel("store", *bank);
+    CO_CHECK(opened.ok());
+    Store::Client bad(opened->connection->bootstrap());
+    Result<Store::Client> good = co_await s.open<Store>("store");
+    CO_CHECK(good.ok());
+    const uint64_t rings = (co_await usedOf(s.kernel(), *bank)).value();
+    auto held = co_await bad.hold([](auto p) { p.setBytes(20000); });  // state pages, paid
+    CO_CHECK(held.ok());
+    CO_CHECK((co_await usedOf(s.kernel(), *bank)).value() >= rings + 5);
+    Item::Client item = getItem(*held, held->results())->remote;
+    auto hung = bad.hang();
+    Result<StatsView> st = co_await statsWhen(
+        s.loop(), *good, [](auto v) { return v.hanging == 1 && v.clients == 2; });
+    CO_CHECK(st.ok() && st->hanging == 1 && st->clients == 2);
+
+    const auto asked = std::chrono::steady_clock::now();
+    auto misbehaved = bad.misbehave();
+    CO_CHECK((co_await hung).code() == Errc::DISCONNECTED);
+    CO_CHECK((co_await misbehaved).code() == Errc::DISCONNECTED);
+    CO_CHECK(std::chrono::steady_clock::now() - asked < 2s);
+    CO_CHECK((co_await bad.ping()).code() == Errc::DISCONNECTED);
+    CO_CHECK((co_await item.measure()).code() == Errc::DISCONNECTED);
+
+    // The kernel closed the bushel: the cap is gone, the session heard BUSHEL_CLOSED, and the
+    // rings and state pages are back in the bank, without the client doing anything.
+    for (int i = 0; i < 500 && (co_await usedOf(s.kernel(), *bank)).value() != 0; ++i)
+      (void)co_await s.loop().sleep(2ms);
+    CO_CHECK((co_await usedOf(s.kernel(), *bank)).value() == 0);
+    CO_CHECK((co_await s.kernel().inspectCap(opened->cap)).code() == Errc::INVALID_HANDLE);
+    CO_CHECK(s.openCount() == 1);
+    CO_CHECK((co_await s.close(opened->koid)).ok());  // closing it again changes nothing
+
+    // The other client carries on, and the server dropped the first one's state.
+    CO_CHECK((co_await good->ping()).ok());
+    st = co_await statsWhen(s.loop(), *good, [](auto v) { return v.clients == 1; });
+    CO_CHECK(st.ok() && st->clients == 1 && st->dropped == 1 && st->hanging == 0 &&
+             st->totalHeld == 0);
+    // The disconnected client may come back: a new bushel is a new client.
+    Result<OpenedBushel> again = co_await s.openBushel("store", *bank);
+    CO_CHECK(again.ok());
+    Store::Client back(again->connection->bootstrap());
+    CO_CHECK((co_await back.ping()).ok());
     co_return {};
   });
   ::kill(server, SIGTERM);

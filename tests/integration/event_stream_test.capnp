@@ -17,6 +17,27 @@ interface Ticker {
   # Publishers alive (all clients), and the caller's latest publisher's posts and rings.
   stats @3 () -> (publishers :UInt32, posts :UInt64, rings :UInt64);
 
+  # Ends the caller's latest stream while the connection lives: destroys its publisher (drop) or
+  # closes it and keeps it (close).
+  unsubscribe @4 (how :End) -> ();
+  # A stream made by hand, as a hostile publisher would: a read-only handle to a real event
+  # buffer whose notification the server keeps rights to. It becomes the one `abuse` acts on.
+  rawStream @5 (slots :UInt32) -> (events :Events.EventStream);
+  # Acts on the raw stream for `ms` milliseconds without posting: rings its notification through
+  # the kernel and its own ring end (storm), or bumps the page's ends word and rings (fakeEnd);
+  # or destroys the notification and then the buffer (wrongOrder).
+  abuse @6 (how :Abuse, ms :UInt32) -> ();
+
+  enum End {
+    drop @0;
+    close @1;
+  }
+  enum Abuse {
+    storm @0;
+    wrongOrder @1;
+    fakeEnd @2;
+  }
+
   enum Hostile {
     notAnEventBuffer @0;  # a read-only region
     writable @1;          # the event buffer with every right

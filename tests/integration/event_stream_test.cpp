@@ -1,7 +1,9 @@
 // Event streams over kernel event buffers between real processes (client/: EventPublisher on the
 // server, EventStream on the client): a client subscribes and reads coalesced batches; the
 // stream is paid from the client's bank; hostile handles are refused with nothing mapped; the
-// stream ends DISCONNECTED when the server dies or the bushel closes; a killed subscriber's
+// stream ends DISCONNECTED when the server dies, the bushel closes, or the publisher is dropped
+// or closed while the connection lives; a hostile publisher (ring storms, objects destroyed out
+// of order) neither ends a stream falsely nor makes the client spin; a killed subscriber's
 // publisher is reclaimed with its pages.
 //
 // Processes: the kernel (KernelProcess), the server (a forked child serving "ticker" through
@@ -13,10 +15,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -48,6 +52,8 @@ using test::reap;
 using test::runSession;
 using Ticker = streamtest::stubs::Ticker;
 using Hostile = streamtest::Ticker::Hostile;
+using End = streamtest::Ticker::End;
+using Abuse = streamtest::Ticker::Abuse;
 
 constexpr uint64_t CHECK_WORD = 0x5eed5eed5eed5eedull;
 
@@ -113,6 +119,64 @@ class TickerImpl final : public Ticker::Server {
     }
     return readyPromise<void>(Status{});
   }
+  Promise<void> unsubscribe(UnsubscribeContext context) override {
+    if (publishers_.empty()) co_return Error(Errc::NOT_FOUND, "no subscription");
+    if (context.params().getHow() == End::DROP) {
+      publishers_.pop_back();
+      co_return {};
+    }
+    co_return co_await publishers_.back()->publisher->close();
+  }
+  Promise<void> rawStream(RawStreamContext context) override {
+    const uint32_t slots = context.params().getSlots();
+    caps::KernelConnection& k = client_.kernel();
+    auto n = co_await k.createNotification(k.bank(), true);
+    if (!n) co_return n.error();
+    auto buffer = co_await k.createEventBuffer(k.bank(), slots, *n);
+    if (!buffer) co_return buffer.error();
+    auto mapped = co_await k.mapEventBuffer(*buffer, /*writable=*/true);
+    auto info = co_await k.inspectCap(*buffer);
+    auto copy = co_await k.copyCap(*buffer, caps::Rights::READ | caps::Rights::GRANT);
+    if (!mapped || !info || !copy) co_return Error(Errc::FAILED, "raw stream");
+    auto moved = co_await k.transferCap(*copy, client_.peer(), caps::TransferMode::MOVE);
+    if (!moved) co_return moved.error();
+    raw_ = Raw{*n, *buffer, std::move(*mapped)};
+    auto results = context.initResults();
+    if (!results) co_return results.error();
+    auto events = results->initEvents();
+    events.setHandle(moved->handle);
+    events.setKoid(info->koid);
+    events.setSlots(slots);
+    co_return {};
+  }
+  Promise<void> abuse(AbuseContext context) override {
+    if (!raw_) co_return Error(Errc::NOT_FOUND, "no raw stream");
+    caps::KernelConnection& k = client_.kernel();
+    if (context.params().getHow() == Abuse::WRONG_ORDER) {
+      AGATE_CO_TRY(co_await k.destroy(raw_->notification));
+      AGATE_CO_TRY(co_await k.destroy(raw_->buffer));
+      co_return {};
+    }
+    const auto end =
+        std::chrono::steady_clock::now() + std::chrono::milliseconds(context.params().getMs());
+    caps::MappedNotification& n = *raw_->mapped.notification();
+    if (context.params().getHow() == Abuse::FAKE_END) {
+      // Any holder of the page may write the ends word: the client must not take it for an end.
+      auto* page = reinterpret_cast<std::byte*>(const_cast<DoorbellWord*>(&n.word()));
+      auto* ends = reinterpret_cast<uint32_t*>(page + kernel::NOTIFICATION_ENDS_OFFSET);
+      while (std::chrono::steady_clock::now() < end) {
+        std::atomic_ref<uint32_t>(*ends).fetch_add(1, std::memory_order_release);
+        n.ring();
+        (void)co_await EventLoop::current()->sleep(1ms);
+      }
+      co_return {};
+    }
+    while (std::chrono::steady_clock::now() < end) {
+      AGATE_CO_TRY(co_await k.signal(raw_->notification));  // the kernel rings: a real wakeup
+      n.ring();                                             // and the holder's own ring
+    }
+    co_return {};
+  }
   Promise<void> hostile(HostileContext context) override {
     const Hostile kind = context.params().getKind();
     caps::KernelConnection& k = client_.kernel();
@@ -170,9 +234,15 @@ class TickerImpl final : public Ticker::Server {
   }
 
  private:
+  struct Raw {
+    Cap<caps::Notification> notification;
+    Cap<caps::EventBuffer> buffer;
+    caps::MappedEventBuffer mapped;
+  };
   ServedClient& client_;
   Shared& shared_;
   std::vector<std::unique_ptr<Counted>> publishers_;
+  std::optional<Raw> raw_;
 };
 
 // Forks the server: it registers "ticker" and serves until SIGTERM, dying with the test.
@@ -504,6 +574,141 @@ TEST_F(EventStreamTest, ClosingTheBushelEndsTheStreamAfterWhatWasPostedBeforeThe
     AGATE_CO_TRY(co_await s.close(opened->koid));
     Result<EventBatch> last = co_await stream->next(5s);
     CO_CHECK(last.ok() && last->updates.size() == 1 && last->updates[0].words[0] == 50);
+    CO_CHECK((co_await stream->next(5s)).code() == Errc::DISCONNECTED);
+    co_return {};
+  });
+  ::kill(server, SIGTERM);
+  EXPECT_EQ(reap(server), 0);
+}
+
+// The publisher goes while the connection lives (dropped, or closed and kept): the pending
+// next() gets what was posted before, then DISCONNECTED, promptly, and the connection carries on.
+class EventStreamEndTest : public EventStreamTest, public ::testing::WithParamInterface<End> {};
+
+TEST_P(EventStreamEndTest, ThePublishersEndEndsAPendingNextAfterTheLastBatch) {
+  const pid_t server = startServer(kernel_.home());
+  Watchdog dog("publisher end", 60s, server);
+  runSession(kernel_.home(), [&](Session& s) -> Promise<void> {
+    AGATE_CO_TRY(co_await s.waitForService("ticker"));
+    Result<Ticker::Client> ticker = co_await s.open<Ticker>("ticker");
+    CO_CHECK(ticker.ok());
+    Result<EventStream> stream = co_await subscribe(s, *ticker, 8);
+    CO_CHECK(stream.ok());
+    AGATE_CO_TRY(co_await post(*ticker, 2, 20, 1));
+    Result<EventBatch> first = co_await stream->next(5s);
+    CO_CHECK(first.ok() && first->updates.size() == 1 && first->updates[0].words[0] == 20);
+    // Parked, then posts and the end in one call of the server.
+    Promise<EventBatch> pending = stream->next();
+    (void)co_await s.loop().sleep(10ms);
+    CO_CHECK(!pending.isReady());
+    AGATE_CO_TRY(co_await post(*ticker, 6, 60, 3));
+    auto ended = ticker->unsubscribe([&](auto p) { p.setHow(GetParam()); });
+    const auto asked = std::chrono::steady_clock::now();
+    // The posts come first (in one batch, unless a park's slice ended mid-post), then the end.
+    Result<EventBatch> r = co_await pending;
+    CO_CHECK(r.ok() && r->updates.size() == 1);
+    uint64_t newest = 0;
+    int batches = 0;
+    for (; r.ok() && batches < 4; ++batches, r = co_await stream->next(5s)) {
+      for (const EventUpdate& u : r->updates) {
+        CO_CHECK(u.slot == 6 && wellFormed(u));
+        newest = u.words[0];
+      }
+    }
+    CO_CHECK(newest == 62);
+    CO_CHECK(r.code() == Errc::DISCONNECTED);
+    CO_CHECK(std::string(r.error().detail) == "the publisher closed the event stream");
+    CO_CHECK(std::chrono::steady_clock::now() - asked < 1s);
+    CO_CHECK((co_await ended).ok());
+    CO_CHECK((co_await stream->next(5s)).code() == Errc::DISCONNECTED);  // and stays ended
+    CO_CHECK(stream->tryNext().code() == Errc::DISCONNECTED);
+    CO_CHECK(stream->endChecks() <= 3);
+    // The connection carries on, and a new stream works.
+    Result<StatsView> st = co_await statsOf(*ticker);
+    CO_CHECK(st.ok() && st->publishers == (GetParam() == End::DROP ? 0u : 1u));
+    Result<EventStream> again = co_await subscribe(s, *ticker, 4);
+    CO_CHECK(again.ok());
+    AGATE_CO_TRY(co_await post(*ticker, 1, 10, 1));
+    Result<EventBatch> fresh = co_await again->next(5s);
+    CO_CHECK(fresh.ok() && fresh->updates.size() == 1 && fresh->updates[0].words[0] == 10);
+    co_return {};
+  });
+  ::kill(server, SIGTERM);
+  EXPECT_EQ(reap(server), 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(DropAndClose, EventStreamEndTest,
+                         ::testing::Values(End::DROP, End::CLOSE));
+
+TEST_F(EventStreamTest, AnEndWithNothingPendingIsSeenByTheNextCall) {
+  const pid_t server = startServer(kernel_.home());
+  Watchdog dog("publisher end, not parked", 60s, server);
+  runSession(kernel_.home(), [&](Session& s) -> Promise<void> {
+    AGATE_CO_TRY(co_await s.waitForService("ticker"));
+    Result<Ticker::Client> ticker = co_await s.open<Ticker>("ticker");
+    CO_CHECK(ticker.ok());
+    Result<EventStream> stream = co_await subscribe(s, *ticker, 8);
+    CO_CHECK(stream.ok());
+    AGATE_CO_TRY(co_await post(*ticker, 0, 7, 1));
+    AGATE_CO_TRY(co_await ticker->unsubscribe([](auto p) { p.setHow(End::CLOSE); }));
+    // Nobody was parked when the kernel rang: the posts come, then the end, within a slice.
+    Result<EventBatch> last = co_await stream->next(5s);
+    CO_CHECK(last.ok() && last->updates.size() == 1 && last->updates[0].words[0] == 7);
+    const auto asked = std::chrono::steady_clock::now();
+    CO_CHECK((co_await stream->next(5s)).code() == Errc::DISCONNECTED);
+    CO_CHECK(std::chrono::steady_clock::now() - asked < 1s);
+    co_return {};
+  });
+  ::kill(server, SIGTERM);
+  EXPECT_EQ(reap(server), 0);
+}
+
+TEST_F(EventStreamTest, AHostilePublisherNeitherEndsAStreamFalselyNorMakesTheClientSpin) {
+  const pid_t server = startServer(kernel_.home());
+  Watchdog dog("hostile publisher", 60s, server);
+  runSession(kernel_.home(), [&](Session& s) -> Promise<void> {
+    AGATE_CO_TRY(co_await s.waitForService("ticker"));
+    Result<OpenedBushel> opened = co_await s.openBushel("ticker");
+    CO_CHECK(opened.ok());
+    Ticker::Client ticker(opened->connection->bootstrap());
+    auto raw = co_await ticker.rawStream([](auto p) { p.setSlots(4); });
+    if (!raw) ADD_FAILURE() << describe(raw.error());
+    CO_CHECK(raw.ok());
+    Result<EventStream> stream =
+        co_await EventStream::open(s, *opened->connection, raw->results().getEvents());
+    CO_CHECK(stream.ok());
+    // A storm of rings with nothing posted: next() stays pending until its timeout, and a ring
+    // costs no kernel call.
+    auto storm = ticker.abuse([](auto p) {
+      p.setHow(Abuse::STORM);
+      p.setMs(400);
+    });
+    CO_CHECK((co_await stream->next(300ms)).code() == Errc::TIMED_OUT);
+    CO_CHECK((co_await storm).ok());
+    CO_CHECK(stream->endChecks() == 0);
+    // The ends word forged, again and again: the stream asks the kernel at most about once per
+    // park slice, and the kernel says the stream lives.
+    auto forged = ticker.abuse([](auto p) {
+      p.setHow(Abuse::FAKE_END);
+      p.setMs(400);
+    });
+    const auto started = std::chrono::steady_clock::now();
+    Result<EventBatch> quiet = co_await stream->next(300ms);
+    const auto waited = std::chrono::steady_clock::now() - started;
+    CO_CHECK(quiet.code() == Errc::TIMED_OUT);
+    CO_CHECK((co_await forged).ok());
+    const auto slices = waited / EventStream::PARK_SLICE;
+    CO_CHECK(stream->endChecks() >= 1);
+    CO_CHECK(stream->endChecks() <= static_cast<uint64_t>(slices) + 2);
+    CO_CHECK(stream->tryNext().ok());  // still open, nothing new
+    // The notification first, then the buffer: nothing is left to ring. The stream stays open
+    // (as silent as a live publisher that stops posting), never ends falsely, and ends with the
+    // connection.
+    AGATE_CO_TRY(co_await ticker.abuse([](auto p) { p.setHow(Abuse::WRONG_ORDER); }));
+    Result<EventBatch> silent = co_await stream->next(200ms);
+    CO_CHECK(silent.code() == Errc::TIMED_OUT || silent.code() == Errc::DISCONNECTED);
+    ticker = Ticker::Client();
+    AGATE_CO_TRY(co_await s.close(opened->koid));
     CO_CHECK((co_await stream->next(5s)).code() == Errc::DISCONNECTED);
     co_return {};
   });

@@ -172,7 +172,7 @@ TEST(BushelTest, OpenErrorsChangeNothing) {
 
 // Each teardown path: the bushel goes, the server (and a live client) get BUSHEL_CLOSED, the
 // paying bank's usage and the kernel's descriptors are back where they were before the open.
-enum class Teardown { LAST_CAP, CLIENT_BANK, CLIENT_DEATH, SERVER_DEATH };
+enum class Teardown { LAST_CAP, CLIENT_BANK, CLIENT_DEATH, SERVER_DEATH, SERVER_CLOSE };
 
 class BushelTeardownTest : public ::testing::TestWithParam<Teardown> {};
 
@@ -201,6 +201,11 @@ TEST_P(BushelTeardownTest, TellsThePeerAndReturnsPagesAndDescriptors) {
       break;
     case Teardown::SERVER_DEATH:
       ASSERT_TRUE(w.k.tryKillProcess(w.server.pid).ok());
+      break;
+    case Teardown::SERVER_CLOSE:
+      ASSERT_TRUE(w.k.tryCloseBushel(w.server.pid, o.svc, o.koid).ok());
+      EXPECT_EQ(w.k.tryInspectCap(w.client.pid, o.bushel).code(), Errc::INVALID_HANDLE)
+          << "the client's cap goes with the bushel";
       break;
   }
   w.k.verifyInvariants();
@@ -233,7 +238,8 @@ TEST_P(BushelTeardownTest, TellsThePeerAndReturnsPagesAndDescriptors) {
 
 INSTANTIATE_TEST_SUITE_P(AllPaths, BushelTeardownTest,
                          ::testing::Values(Teardown::LAST_CAP, Teardown::CLIENT_BANK,
-                                           Teardown::CLIENT_DEATH, Teardown::SERVER_DEATH));
+                                           Teardown::CLIENT_DEATH, Teardown::SERVER_DEATH,
+                                           Teardown::SERVER_CLOSE));
 
 TEST(BushelTest, EventsForADeadProcessAreDroppedWithTheirDescriptors) {
   World w;
@@ -306,6 +312,87 @@ TEST(BushelStateTest, OnlyTheServiceHolderWithWriteMayGrowItsOwnBushelsByABounde
   EXPECT_REFUSED_UNCHANGED(
       w.k, w.k.tryGrowBushelState(w.server.pid, o.svc, o.koid, Bushel::MAX_STATE_GROWTH + 1),
       Errc::INVALID_ARGUMENT);
+}
+
+// --- A server closes a client's bushel (tryCloseBushel) ---
+
+TEST(BushelCloseTest, ClosingRefundsTheRingsAndTheStatePagesToTheBankThatPaid) {
+  World w;
+  Handle bank = handleOf(w.k.tryCreateBank(w.client.pid, w.client.bank, 500));
+  const uint64_t before = usedOf(w.k, w.client.pid, bank);
+  const uint64_t objects = w.k.objectCount();
+  Opened o = open(w, bank);
+  ASSERT_TRUE(w.k.tryGrowBushelState(w.server.pid, o.svc, o.koid, 9).ok());
+  ASSERT_GT(usedOf(w.k, w.client.pid, bank), before + 9);
+  (void)w.k.takeEvents(w.server.pid);
+  const uint64_t serverUsed = usedOf(w.k, w.server.pid, w.server.bank);
+  ASSERT_TRUE(w.k.tryCloseBushel(w.server.pid, o.svc, o.koid).ok());
+  EXPECT_EQ(usedOf(w.k, w.client.pid, bank), before) << "rings, record and state pages";
+  EXPECT_EQ(usedOf(w.k, w.server.pid, w.server.bank), serverUsed);
+  EXPECT_EQ(w.k.objectCount(), objects + 1) << "only the service is left";
+  w.k.verifyInvariants();
+  // The service carries on: the same client may open a new bushel.
+  Handle again = handleOf(w.k.tryOpenBushel(w.client.pid, w.clientRegistry, "echo", bank));
+  EXPECT_TRUE(w.k.tryBushelFds(w.client.pid, again).ok());
+}
+
+TEST(BushelCloseTest, ASecondCloseIsNotFoundAndChangesNothing) {
+  World w;
+  Opened o = open(w, w.client.bank);
+  ASSERT_TRUE(w.k.tryCloseBushel(w.server.pid, o.svc, o.koid).ok());
+  (void)w.k.takeEvents(w.server.pid);
+  (void)w.k.takeEvents(w.client.pid);
+  EXPECT_REFUSED_UNCHANGED(w.k, w.k.tryCloseBushel(w.server.pid, o.svc, o.koid), Errc::NOT_FOUND);
+  EXPECT_TRUE(w.k.takeEvents(w.server.pid).empty()) << "no second BUSHEL_CLOSED";
+  EXPECT_TRUE(w.k.takeEvents(w.client.pid).empty());
+}
+
+TEST(BushelCloseTest, AClientsOwnCloseFirstMakesTheServersCloseNotFound) {
+  World w;
+  Opened o = open(w, w.client.bank);
+  ASSERT_TRUE(w.k.tryDeleteCap(w.client.pid, o.bushel).ok());
+  EXPECT_REFUSED_UNCHANGED(w.k, w.k.tryCloseBushel(w.server.pid, o.svc, o.koid), Errc::NOT_FOUND);
+}
+
+TEST(BushelCloseTest, OnlyTheServiceHolderWithWriteMayCloseItsOwnBushels) {
+  World w;
+  Opened o = open(w, w.client.bank);
+  (void)w.k.takeEvents(w.server.pid);
+  Handle readOnly = handleOf(w.k.tryCopyCap(w.server.pid, o.svc, Rights::READ));
+  EXPECT_REFUSED_UNCHANGED(w.k, w.k.tryCloseBushel(w.server.pid, readOnly, o.koid),
+                           Errc::PERMISSION_DENIED);
+  EXPECT_REFUSED_UNCHANGED(w.k, w.k.tryCloseBushel(w.server.pid, w.server.bank, o.koid),
+                           Errc::WRONG_TYPE);
+  // The client holds no Service cap (its bushel cap is not one): it closes by deleting its cap.
+  EXPECT_REFUSED_UNCHANGED(w.k, w.k.tryCloseBushel(w.client.pid, o.bushel, o.koid),
+                           Errc::WRONG_TYPE);
+  EXPECT_REFUSED_UNCHANGED(w.k, w.k.tryCloseBushel(w.server.pid, Handle{}, o.koid),
+                           Errc::INVALID_HANDLE);
+  EXPECT_REFUSED_UNCHANGED(w.k, w.k.tryCloseBushel(w.server.pid, o.svc, o.koid + 1000),
+                           Errc::NOT_FOUND);
+  EXPECT_REFUSED_UNCHANGED(w.k, w.k.tryCloseBushel(w.server.pid, o.svc, 0), Errc::NOT_FOUND);
+  // A koid that names a live object of another kind is no bushel of the service either.
+  EXPECT_REFUSED_UNCHANGED(
+      w.k, w.k.tryCloseBushel(w.server.pid, o.svc, w.k.tryInspectCap(w.server.pid, o.svc)->koid),
+      Errc::NOT_FOUND);
+  Handle other =
+      handleOf(w.k.tryRegisterService(w.server.pid, w.serverRegistry, "other", w.server.bank));
+  EXPECT_REFUSED_UNCHANGED(w.k, w.k.tryCloseBushel(w.server.pid, other, o.koid),
+                           Errc::NOT_FOUND);  // a bushel of another service
+  EXPECT_REFUSED_UNCHANGED(w.k, w.k.tryCloseBushel(w.server.pid + 9, o.svc, o.koid),
+                           Errc::NOT_FOUND);  // no such process
+  EXPECT_TRUE(w.k.takeEvents(w.server.pid).empty());
+  EXPECT_TRUE(w.k.takeEvents(w.client.pid).empty());
+  EXPECT_TRUE(w.k.tryBushelFds(w.client.pid, o.bushel).ok()) << "the bushel is still open";
+}
+
+TEST(BushelCloseTest, AnIntroducedProcessCannotCloseTheServicesBushels) {
+  World w;
+  Opened o = open(w, w.client.bank);
+  Proc third = attach(w.k, 1000);
+  Handle intro = handleOf(w.k.tryIntroduce(w.client.pid, o.bushel, third.pid));
+  EXPECT_REFUSED_UNCHANGED(w.k, w.k.tryCloseBushel(third.pid, intro, o.koid),
+                           Errc::PERMISSION_DENIED);  // READ only: connect, nothing else
 }
 
 }  // namespace

@@ -216,6 +216,42 @@ TEST(EventBufferTest, AWriterThatSealsTheSealsGetsReadersRefused) {
                            Errc::PERMISSION_DENIED);
 }
 
+uint32_t endsIn(const View& bell) {
+  auto* word =
+      reinterpret_cast<uint32_t*>(static_cast<std::byte*>(bell.base) + NOTIFICATION_ENDS_OFFSET);
+  return std::atomic_ref<uint32_t>(*word).load(std::memory_order_acquire);
+}
+
+TEST(EventBufferTest, DestroyingTheBufferDeletesTheReadersCapCountsTheEndAndWakesTheReader) {
+  Kernel k;
+  Pair s = makePair(k, 2);
+  auto r = k.tryMapEventBuffer(s.client.pid, s.clientBuffer, false);
+  ASSERT_TRUE(r.ok());
+  View readerBell(r->notification.page.get(), r->notification.bytes, PROT_READ | PROT_WRITE);
+  ASSERT_NE(readerBell.base, nullptr);
+  Doorbell waiter(static_cast<DoorbellWord*>(readerBell.base), true);
+  EXPECT_EQ(endsIn(readerBell), 0u);
+  // Another buffer on the same notification: each end counts once.
+  Handle other = handleOf(k.tryCreateEventBuffer(s.server.pid, s.server.bank, 1, s.notification));
+
+  (void)waiter.announce(/*viaEventfd=*/true);
+  ASSERT_TRUE(k.tryDestroyObject(s.server.pid, s.buffer).ok());
+  EXPECT_EQ(k.tryInspectCap(s.client.pid, s.clientBuffer).code(), Errc::INVALID_HANDLE)
+      << "the end is the kernel's: the reader's cap is gone";
+  EXPECT_EQ(endsIn(readerBell), 1u);
+  pollfd pfd{r->notification.wakeFd.get(), POLLIN, 0};
+  EXPECT_EQ(::poll(&pfd, 1, 5000), 1) << "the kernel rang: the reader wakes";
+  waiter.cancel(true);
+  ASSERT_TRUE(k.tryDestroyObject(s.server.pid, other).ok());
+  EXPECT_EQ(endsIn(readerBell), 2u);
+  // A notification destroyed first has nothing to count in: the buffer just goes.
+  Handle third = handleOf(k.tryCreateEventBuffer(s.server.pid, s.server.bank, 1, s.notification));
+  ASSERT_TRUE(k.tryDestroyObject(s.server.pid, s.notification).ok());
+  ASSERT_TRUE(k.tryDestroyObject(s.server.pid, third).ok());
+  EXPECT_EQ(endsIn(readerBell), 2u);
+  k.verifyInvariants();
+}
+
 TEST(EventBufferTest, DestroyingTheNotificationFirstLeavesTheBufferWorkingWithoutOne) {
   Kernel k;
   Pair s = makePair(k, 1);

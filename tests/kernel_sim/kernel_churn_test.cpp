@@ -111,7 +111,7 @@ class KernelChurnTest : public ::testing::Test {
     const Handle bank = pickOf(pid, ObjectType::BANK);
     const Handle notification = pickOf(pid, ObjectType::NOTIFICATION);
     const Handle registry = pickOf(pid, ObjectType::REGISTRY);
-    switch (pick(24)) {
+    switch (pick(25)) {
       case 0:
         return call("bank", checkUnchanged,
                     [&] { return keepHandle(pid, k_.tryCreateBank(pid, bank, pick(60))); });
@@ -138,7 +138,9 @@ class KernelChurnTest : public ::testing::Test {
         });
       case 6:
         return call("open", checkUnchanged, [&] {
-          return keepHandle(pid, k_.tryOpenBushel(pid, registry, anyName(), bank));
+          auto r = k_.tryOpenBushel(pid, registry, anyName(), bank);
+          if (r) bushels_.push_back(k_.tryInspectCap(pid, *r)->koid);
+          return keepHandle(pid, std::move(r));
         });
       case 7:
         return call("fds", checkUnchanged, [&] {
@@ -201,6 +203,13 @@ class KernelChurnTest : public ::testing::Test {
         return call("open-via", checkUnchanged, [&] {
           return keepHandle(pid, k_.tryOpenBushelVia(pid, pickOf(pid, ObjectType::SERVICE), bank));
         });
+      case 23:
+        // A bushel opened at some point (often closed since, or another service's), or any koid.
+        return call("close-bushel", checkUnchanged, [&] {
+          const Koid koid =
+              bushels_.empty() || pick(5) == 0 ? rng_() % 4096 : bushels_[pick(bushels_.size())];
+          return k_.tryCloseBushel(pid, pickOf(pid, ObjectType::SERVICE), koid).code();
+        });
       default:
         if (pick(8) != 0) return;
         if (procs_.count(pid)) {
@@ -222,6 +231,7 @@ class KernelChurnTest : public ::testing::Test {
   std::mt19937_64 rng_{0xc0ffee};
   int deaths_ = 0;
   std::map<std::pair<std::string, Errc>, int> outcomes_;
+  std::vector<Koid> bushels_;  // every bushel opened by name, for close-bushel
 };
 
 TEST_F(KernelChurnTest, RandomCallsOnEveryObjectTypeKeepTheRulesAndDeathsReclaimEverything) {
@@ -247,6 +257,7 @@ TEST_F(KernelChurnTest, RandomCallsOnEveryObjectTypeKeepTheRulesAndDeathsReclaim
   EXPECT_GT(quotaRefusals, 5);
   EXPECT_GT((outcomes_[{"introduce", Errc::OK}]), 0);
   EXPECT_GT((outcomes_[{"open-via", Errc::OK}]), 0);
+  EXPECT_GT((outcomes_[{"close-bushel", Errc::OK}]), 0);
   EXPECT_GT((outcomes_[{"bind", Errc::ALREADY_EXISTS}]), 0);
 
   std::vector<ProcessId> pids;

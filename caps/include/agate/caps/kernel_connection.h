@@ -258,6 +258,10 @@ class KernelConnection {
   // A server grows the client-paid state allowance of its bushel `bushel` (the koid of a
   // BUSHEL_OPENED event) by `pages`; returns the bushel's state pages (Kernel::tryGrowBushelState).
   Promise<uint64_t> growBushelState(Cap<Service> service, Koid bushel, uint64_t pages);
+  // A server closes its bushel `bushel` (a koid, as above): the client is disconnected, both
+  // sides get BUSHEL_CLOSED, the rings and state pages go back to the client's bank. NOT_FOUND
+  // if the bushel is not (or no longer) the service's (Kernel::tryCloseBushel).
+  Promise<void> closeBushel(Cap<Service> service, Koid bushel);
 
   // --- Introspection ---
   // Everything, fetched page by page (as many entries per page as fit in a completion frame).
@@ -455,6 +459,9 @@ class SyncKernel {
   Result<BushelRings> bushelRings(Cap<Bushel> bushel) { return run(c_.bushelRings(bushel)); }
   Result<uint64_t> growBushelState(Cap<Service> service, Koid bushel, uint64_t pages) {
     return run(c_.growBushelState(service, bushel, pages));
+  }
+  Status closeBushel(Cap<Service> service, Koid bushel) {
+    return run(c_.closeBushel(service, bushel));
   }
   Result<std::vector<ProcessInfo>> listProcesses() { return run(c_.listProcesses()); }
   Result<std::vector<BankInfo>> listBanks() { return run(c_.listBanks()); }

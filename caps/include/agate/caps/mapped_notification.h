@@ -71,6 +71,10 @@ class MappedNotification {
   // notification has a wake pipe); futex waiters are reached by any holder.
   bool canRingWakeFd() const noexcept { return ring_.valid(); }
 
+  // The page's ends word (NOTIFICATION_ENDS_OFFSET, kernel/event_slot.h): how many event buffers
+  // of this notification the kernel destroyed, as far as the page says (any holder may write it:
+  // a hint). Precondition: mapped().
+  uint32_t ends() const noexcept;
   // Rings the doorbell: wakes futex waiters and, with the ring end, wake-descriptor waiters. No
   // system call unless someone announced. Precondition: mapped().
   void ring() noexcept;

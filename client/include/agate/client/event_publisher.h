@@ -39,6 +39,18 @@
 // and refunds the charge. Keep the publisher in the client's object: the host destroys that
 // when the client hangs up or dies, so nothing outlives the client.
 //
+// The end of a stream. Destroying the publisher, or close(), ends the client's stream: the
+// client's pending next() returns one last batch of what was posted before, then DISCONNECTED
+// ("the publisher closed the event stream"). Where the mark lives: not in the shared bytes (the
+// slots are the publisher's to write, the notification page any holder's, so nothing written
+// there could be told from a forgery or a hostile server's lie in either direction), but in the
+// kernel: destroying the buffer deletes every cap to it, the client's included, and the kernel
+// then rings the notification (kernel_sim: event_buffer.h). A woken client that finds no change
+// asks the kernel whether its cap still resolves (EventStream), so the end is the kernel's word
+// and the publisher's only part in it is destroying what it owns. The buffer goes first, the
+// notification second, so the kernel's ring still reaches the client; if the publishing process
+// dies, its bank takes both and the connection ends as well.
+//
 // Threading: the kernel connection's loop thread. Not movable (a Task of its own may be queued).
 #pragma once
 
@@ -103,6 +115,13 @@ class EventPublisher {
   }
   // Rings now for the posts made since the last ring (no-op if none).
   void flush() noexcept;
+  // Ends the stream now (see the overview): destroys the buffer, then its notification, and
+  // resolves once the kernel has done both (the client's cap is gone). Posts made before are
+  // the client's last batch; later posts are ignored. Errors: the kernel's (DISCONNECTED if the
+  // connection went, which ended the stream anyway). Idempotent: a second close resolves at once.
+  // The charge stays until the publisher is destroyed (the client paid for the stream's life).
+  Promise<void> close();
+  bool closed() const noexcept { return closed_; }
 
   uint64_t posts() const noexcept { return posts_; }
   uint64_t rings() const noexcept { return rings_; }
@@ -134,7 +153,8 @@ class EventPublisher {
   StateCharge chargeRest_;
   uint64_t posts_ = 0;
   uint64_t rings_ = 0;
-  bool dirty_ = false;  // posts since the last ring
+  bool dirty_ = false;   // posts since the last ring
+  bool closed_ = false;  // close() destroyed the kernel objects (the destructor does not again)
   FlushTask flushTask_{*this};
 };
 

@@ -38,13 +38,25 @@
 // moves: it never wedges the others. A sequence that goes backwards (only a hostile or broken
 // server can do that) ends the stream with PROTOCOL_ERROR.
 //
-// The end. The stream lives on its bushel: when the connection it came from closes (the server
-// died, unregistered or dropped the client, the bushel was closed, or the kernel connection
-// went: Session closes the connection on each), the pending next() — after one last batch of
-// what was posted before the end, if any — and every later one return DISCONNECTED. The stream
-// looks at the connection each time it wakes; a park lasts at most `PARK_SLICE`, so the end is
-// seen within that. Cancel-safe: dropping a pending next() loses nothing (slots are consumed
-// only when next() completes), and the next call starts over.
+// The end. The stream ends in two ways, and then the pending next() — after one last batch of
+// what was posted before the end, if any — and every later one return DISCONNECTED:
+//  * its connection closes (the server died, unregistered or dropped the client, the bushel was
+//    closed, or the kernel connection went: Session closes the connection on each). The stream
+//    looks at the connection each time it wakes; a park lasts at most `PARK_SLICE`, so the end
+//    is seen within that.
+//  * the publisher closes it (EventPublisher::close, or the publisher destroyed) while the
+//    connection lives: "the publisher closed the event stream". The mark is the kernel's, not
+//    the shared memory's (EventPublisher says why): destroying the buffer deletes this
+//    process's cap to it; the kernel then bumps the notification page's ends word
+//    (kernel/event_slot.h) and rings. The word is only a hint (any holder of the page can
+//    write it), so when it has moved and a scan finds nothing new, the stream asks the kernel
+//    (inspectCap) whether its cap still resolves: INVALID_HANDLE is the end. At most one such
+//    call per park slice: a hostile writer of the word costs this process one kernel call per
+//    slice, never a busy loop or a false end; plain rings cost no call at all. A publisher that
+//    destroys the notification first leaves nothing to bump: the stream is then as silent as a
+//    live publisher that stops posting, and ends with the connection.
+// Cancel-safe: dropping a pending next() loses nothing (slots are consumed only when next()
+// completes), and the next call starts over.
 //
 // Lifetimes: the KernelConnection and the RpcConnection outlive the stream (drop streams before
 // their Session). Destroying the stream unmaps the buffer and deletes its cap (one kernel call,
@@ -150,7 +162,8 @@ class EventStream {
   // the end, PROTOCOL_ERROR if the server broke the slots' protocol (the stream ends).
   // One call at a time.
   Promise<EventBatch> next(Duration timeout = std::chrono::hours(24 * 365));
-  // The changes there are now, without waiting (empty spans when none); errors as for next().
+  // The changes there are now, without waiting (empty spans when none); errors as for next(),
+  // except that the publisher's end, which takes a kernel call to confirm, is left to next().
   Result<EventBatch> tryNext();
 
   bool valid() const noexcept { return kernel_ != nullptr; }
@@ -160,14 +173,20 @@ class EventStream {
   caps::Cap<caps::EventBuffer> cap() const noexcept { return cap_; }
   // Batches delivered so far.
   uint64_t batches() const noexcept { return batches_; }
+  // Kernel calls made to learn whether the publisher closed the stream (see the end, above).
+  uint64_t endChecks() const noexcept { return endChecks_; }
   // The longest one park of next() lasts (default PARK_SLICE): a ring wakes it at once; the
   // slice bounds how late the end of the connection (or a swallowed wakeup) is noticed.
   void setParkSlice(Duration slice) noexcept { parkSlice_ = slice; }
 
  private:
   // Scans into the batch buffers; true if there is something to return (a change, a newly
-  // stuck slot, or the end).
+  // stuck slot, or the end), or if the kernel should be asked whether the stream ended
+  // (checkEnd_: the ends word moved and nothing is new, at most once per park slice).
   bool collect() noexcept;
+  // Asks the kernel whether this process's cap to the buffer still resolves; ends the stream
+  // if it does not (the publisher destroyed the buffer) or if the kernel connection is gone.
+  Promise<void> checkEnd();
   Result<EventBatch> deliver() noexcept;
   void release() noexcept;
 
@@ -182,6 +201,11 @@ class EventStream {
   Error ended_{};  // DISCONNECTED or PROTOCOL_ERROR once the stream ended
   uint64_t batches_ = 0;
   Duration parkSlice_ = PARK_SLICE;
+  uint32_t ends_ = 0;       // the notification's ends word when last looked at
+  bool checkOwed_ = false;  // the ends word moved since the last check of the cap
+  bool checkEnd_ = false;   // collect() asks next() to check the cap now
+  std::chrono::steady_clock::time_point lastCheck_{};
+  uint64_t endChecks_ = 0;
 };
 
 }  // namespace agate::client

@@ -45,6 +45,17 @@
 // connection (cancelling its running calls), destroys its bootstrap object and then the
 // connection; every object the connection owned goes with it, and each StateCharge is refunded.
 //
+// Disconnecting a client. When the host drops a client whose connection failed (or whose rings
+// it could not open), it also closes the client's bushel in the kernel (closeBushel): a client
+// that broke the protocol would otherwise keep its bushel, its rings and the state pages its
+// bank paid for, and a hostile one would never be told. The kernel then tears the bushel down
+// as if the client had hung up: the client gets BUSHEL_CLOSED (a Session fails every pending and
+// later call on it DISCONNECTED), its cap to the bushel goes, and the rings' and state's pages
+// return to its bank. Server code disconnects a client it judges misbehaving the same way with
+// ServedClient::disconnect(reason), also from inside one of that client's calls. The closes run
+// one at a time on a coroutine the host owns; a close that finds the bushel gone (the client
+// hung up first: NOT_FOUND) or the kernel gone is not an error.
+//
 // stop() ends run(): every client is dropped and the service is unregistered (DESTROY on the
 // Service cap: the kernel tells the clients, whose pending calls fail DISCONNECTED).
 //
@@ -60,6 +71,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -188,6 +200,11 @@ class ServedClient {
   // Precondition: the connection exists (not inside the factory).
   rpc::RpcConnection& connection() noexcept { return link_->connection(); }
   bool connected() const noexcept { return link_ && link_->connection().isOpen(); }
+  // Disconnects this client (see the overview): its connection closes with `reason` (its calls
+  // in flight are cancelled, its pending questions fail), and at the loop's next turns the host
+  // drops its state and closes its bushel in the kernel. Callable from one of the client's own
+  // calls (that call is cancelled). Idempotent; nothing once the connection is closed.
+  void disconnect(Error reason) noexcept;
 
  private:
   friend class ServiceHost;
@@ -235,6 +252,8 @@ class ServiceHost final : private KernelEventListener {
   uint64_t clientsDropped() const noexcept { return dropped_; }
   // BUSHEL_OPENED events whose rings could not be opened (the client is not served).
   uint64_t clientsRefused() const noexcept { return refused_; }
+  // Bushels this host closed in the kernel (clients it disconnected, see the overview).
+  uint64_t bushelsClosed() const noexcept { return closed_; }
 
  private:
   ServiceHost(std::unique_ptr<KernelEvents> ownEvents, KernelEvents& events, std::string name,
@@ -259,6 +278,9 @@ class ServiceHost final : private KernelEventListener {
   Promise<void> watch(ServedClient& client);
   void drop(caps::Koid koid) noexcept;
   void reap() noexcept;
+  // Queues the kernel close of bushel `koid` and starts the closer if it is idle.
+  void closeBushel(caps::Koid koid);
+  Promise<void> closeQueued();
 
   std::unique_ptr<KernelEvents> ownEvents_;  // create(kernel, ...) only; first: destroyed last
   KernelEvents& events_;
@@ -272,8 +294,12 @@ class ServiceHost final : private KernelEventListener {
   uint64_t opened_ = 0;
   uint64_t dropped_ = 0;
   uint64_t refused_ = 0;
+  uint64_t closed_ = 0;
   std::optional<Fulfiller<void>> stopped_;  // while run() runs
   ReapTask reapTask_{*this};
+  std::deque<caps::Koid> closing_;       // bushels to close in the kernel, oldest first
+  bool closerRunning_ = false;           // closeQueued() is working through closing_
+  std::optional<Promise<void>> closer_;  // closeQueued(), kept so the host can cancel it
 };
 
 }  // namespace agate::client

@@ -14,10 +14,11 @@
 // only accounts: the server keeps its state within the allowance (client/: ClientQuota).
 //
 // Lifetime: a bushel dies when the last cap to it is deleted (the client's, and any copies it
-// made), when its bank is destroyed (e.g. the client died and paid from its own bank), or when
-// its service goes. The Kernel then tells the server (BUSHEL_CLOSED, so it frees the client's
-// state) and the client if it is still attached. Mappings the two processes made stay valid
-// until they unmap: the kernel closes only its own descriptors and mappings.
+// made), when its bank is destroyed (e.g. the client died and paid from its own bank), when
+// its service goes, or when its server closes it (Kernel::tryCloseBushel: a server disconnecting
+// a client that misbehaved). The Kernel then tells the server (BUSHEL_CLOSED, so it frees the
+// client's state) and the client if it is still attached. Mappings the two processes made stay
+// valid until they unmap: the kernel closes only its own descriptors and mappings.
 //
 // Threading: single-threaded, as the whole object model.
 #pragma once

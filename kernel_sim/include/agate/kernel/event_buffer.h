@@ -23,6 +23,12 @@
 // live in another bank. If it is destroyed first, the buffer carries on without one (mappings
 // then come with no notification descriptors).
 //
+// The end. Destroying the buffer deletes every cap to it (the readers' included); then the kernel
+// counts the end in its notification's page (NOTIFICATION_ENDS_OFFSET, event_slot.h) and rings
+// it, so that readers, parked or not, look, and learn the end from the kernel (their cap no
+// longer resolves) rather than from anything in the shared bytes, which the writer controls.
+// Mappings stay valid until their holders unmap.
+//
 // Threading: single-threaded, as the whole object model.
 #pragma once
 

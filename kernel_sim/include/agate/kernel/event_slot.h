@@ -38,6 +38,13 @@ namespace agate::kernel {
 
 inline constexpr size_t EVENT_SLOT_WORDS = 7;
 
+// The end of an event buffer, as a hint in its notification's page: the 32-bit word at this
+// offset (after the DoorbellWord) counts the event buffers bound to that notification that the
+// kernel has destroyed (release increment, then a ring). Every holder of the page can write it,
+// so it is only a reason to ask: a reader that sees it move asks the kernel whether its cap to
+// its buffer still resolves before it believes the stream ended (client/: EventStream).
+inline constexpr size_t NOTIFICATION_ENDS_OFFSET = 8;
+
 struct alignas(64) EventSlot {
   std::atomic<uint64_t> sequence{0};  // seqlock: odd while a post is being written
   std::array<std::atomic<uint64_t>, EVENT_SLOT_WORDS> words{};

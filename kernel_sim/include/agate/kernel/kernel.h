@@ -22,11 +22,11 @@
 //  * Process (process.h): a CSpace plus the bank the process owns.
 //
 // What dies when. Bushels die when the last cap to them is deleted (the Kernel queues them as
-// the cap goes and destroys them once the call's state is final), and with their bank or their
-// service. Banks, regions, services, notifications and event buffers live until destroyed
-// (DESTROY) or until their bank goes; deleting their last cap leaves them charged to their bank
-// (KeyKOS: the bank owner reclaims them by destroying the bank). The registry lives as long as the
-// Kernel.
+// the cap goes and destroys them once the call's state is final), with their bank or their
+// service, and when their server closes them (tryCloseBushel). Banks, regions, services,
+// notifications and event buffers live until destroyed (DESTROY) or until their bank goes; deleting
+// their last cap leaves them charged to their bank (KeyKOS: the bank owner reclaims them by
+// destroying the bank). The registry lives as long as the Kernel.
 //
 // Events (kernel_event.h): BUSHEL_OPENED / BUSHEL_CLOSED / SERVICE_GONE are queued per process;
 // the daemon drains them with takeEvents(pid) after each call.
@@ -218,6 +218,14 @@ class Kernel final : private LifecycleObserver {
   // an ancestor cannot pay; nothing changed). NOT_FOUND if the bushel is not the service's.
   // Returns the bushel's state pages after the call.
   Result<uint64_t> tryGrowBushelState(ProcessId pid, Handle service, Koid bushel, uint64_t pages);
+  // The server of service `service` (needs WRITE) closes its bushel `bushel` (a koid), e.g. a
+  // client that broke the protocol: the bushel is destroyed exactly as when its client deletes
+  // its last cap (the client's caps to it go, the kernel closes and unmaps its rings, both sides
+  // get BUSHEL_CLOSED, the rings and state pages are refunded to the bank that paid). The
+  // processes' own mappings stay, so the server must also mark its rings closed for the client
+  // to stop waiting (client/: ServiceHost). NOT_FOUND if the bushel is not (or no longer) the
+  // service's, so a second close is NOT_FOUND and changes nothing.
+  Status tryCloseBushel(ProcessId pid, Handle service, Koid bushel);
 
   // A read-only descriptor of the bank's credit page (needs READ): one page holding a
   // BankCreditPage (credit_page.h) the kernel republishes at every change of used/limit, and a

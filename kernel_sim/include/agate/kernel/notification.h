@@ -87,6 +87,11 @@ class Notification final : public KernelObject, private BankObserver {
   // Rings the doorbell: wakes futex waiters and, if any eventfd-style waiter announced, writes
   // the wake pipe (never blocks). Counts in signals().
   void signal() noexcept;
+  // An event buffer bound to it is being destroyed: counts it in the page's ends word
+  // (NOTIFICATION_ENDS_OFFSET, event_slot.h), then signals, so its readers wake and look.
+  void bufferEnded() noexcept;
+  // The ends word as the kernel's mapping holds it (any holder may have written it).
+  uint32_t ends() const noexcept;
   // Times the kernel rang it (trySignal, bank returns); for tests and the CLI.
   uint64_t signals() const noexcept { return signals_; }
   const DoorbellWord& word() const noexcept { return *word_; }
@@ -114,6 +119,7 @@ class Notification final : public KernelObject, private BankObserver {
   void teardown() noexcept override;
   void pagesReturned(SpaceBank& bank, uint64_t pages) noexcept override;
   void bankDestroyed(SpaceBank& bank) noexcept override;
+  uint32_t* endsWord() const noexcept;  // in the kernel's mapping of the page
 
   Parts parts_;
   DoorbellWord* word_;  // in parts_.page, the kernel's mapping
