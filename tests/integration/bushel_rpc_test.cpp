@@ -639,18 +639,22 @@ TEST_F(BushelRpcTest, AClientFloodingTheServerDoesNotStarveAnotherClient) {
       (void)co_await s.loop().sleep(5ms);
     }
     last = (co_await store->ping())->results().getServed();
-    uint64_t worst = 0;
+    std::vector<uint64_t> gaps;  // the flooder's calls served between two of ours
     for (int i = 0; i < 200; ++i) {
       auto r = co_await store->ping();
       CO_CHECK(r.ok());
       const uint64_t served = r->results().getServed();
-      worst = std::max(worst, served - last - 1);  // the flooder's calls served in between
+      gaps.push_back(served - last - 1);
       last = served;
     }
     // Round robin with 16 messages a turn: between two of our calls (our round trip, the
-    // wake-ups included), some of the flooder's turns, never its backlog. Measured here: about
-    // 150 to 230 with the budget, about 1000 (two windows of 512) without it.
-    EXPECT_LT(worst, 400u) << "the flooder's calls served between two of ours";
+    // wake-ups included), some of the flooder's turns, never its backlog. The median, not the
+    // worst: a moment in which this process is not scheduled at all (a loaded machine) lets the
+    // server serve the flooder meanwhile, as it should. How a reader's budget orders the calls
+    // it serves is checked exactly, on one loop, by tests/rpc/rpc_fairness_test.cpp; this test
+    // checks the end to end outcome between processes.
+    std::sort(gaps.begin(), gaps.end());
+    EXPECT_LT(gaps[gaps.size() / 2], 400u) << "the median of the flooder's calls between ours";
     co_return {};
   });
   ::kill(flooder, SIGKILL);
