@@ -234,12 +234,13 @@ Result<uint32_t> RpcConnection::addForeignCap(detail::CapTable& table, const Rem
   detail::CapEntry e;
   // A handoff needs one network on both connections, a recipient that is not the host, and the
   // import itself. A promised answer is not an object A can provide yet: it goes as a promise
-  // that is handed off once the answer returns (schemas/rpc.capnp, "Embargoes").
-  const bool reachable =
-      canHandOff(host) && options_.network->introduce(host.options_.peerVat, options_.peerVat);
-  if (reachable && cap.kind_ == RemoteCap::Kind::PIPELINE && !host.questions_[cap.id_].returned)
+  // that is handed off once the answer returns (schemas/rpc.capnp, "Embargoes"; the network is
+  // asked to introduce the recipient then).
+  if (canHandOff(host) && cap.kind_ == RemoteCap::Kind::PIPELINE &&
+      !host.questions_[cap.id_].returned)
     return addPipelinedFor(table, cap);
-  const bool handoff = reachable && cap.kind_ == RemoteCap::Kind::IMPORT;
+  const bool handoff = cap.kind_ == RemoteCap::Kind::IMPORT && canHandOff(host) &&
+                       options_.network->introduce(host.options_.peerVat, options_.peerVat);
   if (!handoff) {
     auto proxy = std::make_unique<Forwarder>(cap, RemoteCap());
     e.kind = detail::CapEntry::Kind::SENDER_HOSTED;
@@ -709,11 +710,12 @@ Status RpcConnection::handleDisembargo(const Decoded& d) {
 
 // Introducer: Resolve {exportId, thirdPartyHosted} for a promise resolved to a plain import of
 // another connection (node.handOff_), after the Provide to its host; the node keeps the
-// Provide's question for the Disembargo. False when the Provide cannot go out (the promise is
-// then resolved to a proxy as usual).
+// Provide's question for the Disembargo. False when the network cannot introduce the peer to the
+// host or the Provide cannot go out (the promise is then resolved to a proxy as usual).
 bool RpcConnection::sendHandOffResolve(uint32_t exportId, detail::PromiseNode& node) {
   RpcConnection& host = *node.handOff_.conn_;
-  if (!host.isOpen()) return false;
+  if (!host.isOpen() || !options_.network->introduce(host.options_.peerVat, options_.peerVat))
+    return false;
   const uint64_t provisionId = options_.network->handoffs().nextProvisionId();
   Result<RemoteCap> provision = host.sendProvide(node.handOff_.id_, options_.peerVat, provisionId);
   if (!provision) return false;

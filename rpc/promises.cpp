@@ -70,13 +70,12 @@ void CapPromise::resolve(const RemoteCap& cap) {
   RpcConnection* host = cap.conn_;
   // A capability of another connection that can be handed off to the peer: announced as
   // thirdPartyHosted once known (an import), or once the call it comes from returns (pipelined),
-  // with an embargo (schemas/rpc.capnp, "Embargoes").
+  // with an embargo (schemas/rpc.capnp, "Embargoes"), if the network introduces the peer then.
   const bool foreign = host != &conn && host->isOpen() && conn.canHandOff(*host);
   const bool plainImport = cap.kind_ == RemoteCap::Kind::IMPORT && host->isPlainImport(cap.id_);
   const bool pipelined =
       cap.kind_ == RemoteCap::Kind::PIPELINE && !host->questions_[cap.id_].returned;
-  if (foreign && (plainImport || pipelined) &&
-      conn.options_.network->introduce(host->options_.peerVat, conn.options_.peerVat)) {
+  if (foreign && (plainImport || pipelined)) {
     if (pipelined) {
       node_->forward_ = makeForwarder(cap);
       node_->awaiting_ = cap;

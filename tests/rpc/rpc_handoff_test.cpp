@@ -839,6 +839,24 @@ TEST_F(HandoffTest, AnEmbargoHoldsDirectCallsBehindThoseTheIntroducerStillForwar
   }));
 }
 
+TEST_F(HandoffTest, APassedPipelinedCapabilityStaysAProxyWhenTheNetworkCannotIntroduce) {
+  openNetwork();
+  net_->refuseIntroductions(true);
+  RemoteCap a = boot(C, A);
+  RemotePromise child = a.newCall(NODE_INTERFACE_ID, NEXT_LATER, 16).send();
+  RemotePromise taken = take(boot(C, B), child.pipeline({0}), 100);
+  callWhileTheRouteChanges(loop_, recipient_, 100, 200);
+  ASSERT_TRUE(runUntil(loop_, [&] { return aLog_.order.size() == 200; })) << aLog_.order.size();
+  expectInOrder(aLog_.order, 200);
+  EXPECT_EQ(conn(C, B).stats().resolvesSent, 1u) << "resolved to a proxy (senderHosted)";
+  EXPECT_EQ(conn(C, A).stats().providesSent, 0u);
+  EXPECT_EQ(conn(B, C).stats().disembargoesSent, 0u);
+  EXPECT_EQ(net_->pairCount(), 2u) << "B never connected to A: every call went through C";
+  for (RemotePromise& p : recipient_.sent) ASSERT_TRUE(loop_.run(awaitValue(std::move(p))).ok());
+  recipient_.sent.clear();
+  ASSERT_TRUE(loop_.run(awaitValue(std::move(taken))).ok());
+}
+
 TEST_F(HandoffTest, CallsOnAPromiseResolvedToAnotherVatsCapabilityKeepEOrderAcrossTheHandoff) {
   for (bool pipelined : {false, true}) {
     SCOPED_TRACE(pipelined ? "resolved to a pipelined capability" : "resolved to an import");
