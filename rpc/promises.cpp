@@ -369,7 +369,8 @@ Status RpcConnection::decodeResolve(wire::Resolve::Reader r, Decoded& d) {
           d.thirdPartyCount = 1;
           if (d.capIds[0] >= options_.maxImports)
             return Error(Errc::PROTOCOL_ERROR, "vine id beyond the import table's bound");
-          if (d.capIds[0] < imports_.size() && imports_[d.capIds[0]].promise)
+          if (d.capIds[0] < imports_.size() && imports_[d.capIds[0]].localRefs > 0 &&
+              imports_[d.capIds[0]].promise)
             return Error(Errc::PROTOCOL_ERROR,
                          "promise resolved to a third party through a promise");
           if (d.capVats[0] == NO_VAT || d.capVats[0] == options_.peerVat ||
@@ -411,6 +412,7 @@ Status RpcConnection::handleResolve(const Decoded& d) {
     // New calls go to the host, pipelined on an embargoed Accept; the Disembargo goes behind
     // every call made on the promise so far (schemas/rpc.capnp, "Embargoes").
     RemoteCap cap = acceptThirdParty(d, 0, /*embargo=*/true);
+    noteImported(d.capIds[0], detail::CapEntry::Kind::SENDER_HOSTED);  // the vine: a plain import
     if (cap.kind_ == RemoteCap::Kind::BROKEN) {
       imports_[d.id].broken = cap.broken_;
     } else {

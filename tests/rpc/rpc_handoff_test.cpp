@@ -1004,6 +1004,44 @@ TEST_F(HandoffTest, TheIntroducerDyingBeforeTheRecipientTakesTheResolutionFreesE
   EXPECT_EQ(net_->vat(F).waitingAcceptCount(), 0u);
 }
 
+TEST_F(HandoffTest, TheHostDyingBreaksTheRecipientsPromisedReferenceAndNothingElse) {
+  for (bool beforeTheResolve : {true, false}) {
+    SCOPED_TRACE(beforeTheResolve ? "before the answer returned" : "while B connects to it");
+    openNetwork();
+    {
+      RemotePromise gated = boot(C, F).newCall(NODE_INTERFACE_ID, 0, 16).send();
+      RemotePromise taken = take(boot(C, B), gated.pipeline({0}), 2);
+      ASSERT_TRUE(loop_.run(awaitValue(std::move(taken))).ok());
+      if (!beforeTheResolve) {
+        net_->holdConnects();
+        gate_.open();
+        ASSERT_TRUE(runUntil(loop_, [&] { return net_->pendingConnects() == 1; }));
+      }
+      net_->killVat(F);
+      net_->releaseConnects();
+      EXPECT_EQ(loop_.run(awaitValue(std::move(gated))).code(),
+                beforeTheResolve ? Errc::DISCONNECTED : Errc::OK);
+    }
+    ASSERT_TRUE(runUntil(loop_, [&] { return conn(B, C).stats().resolvesReceived == 1; }));
+    loop_.runUntilIdle();
+    // B's calls made before went through C to F: failed with F, or served before it died.
+    for (RemotePromise& p : recipient_.sent) {
+      EXPECT_EQ(loop_.run(awaitValue(std::move(p))).code(),
+                beforeTheResolve ? Errc::DISCONNECTED : Errc::OK);
+    }
+    recipient_.sent.clear();
+    EXPECT_EQ(loop_.run(echo(recipient_.held, 1)).code(), Errc::DISCONNECTED);
+    EXPECT_EQ(conn(B, C).stats().disembargoesSent, beforeTheResolve ? 0u : 1u);
+    recipient_.clear();
+    ASSERT_TRUE(runUntil(loop_, [&] {
+      return conn(C, B).exportCount() == 1 && conn(C, B).answerCount() == 0 &&
+             conn(B, C).importCount() == 0;
+    }));
+    EXPECT_TRUE(conn(C, B).isOpen());
+    EXPECT_EQ(gate_.log.destroyed, gate_.log.created);
+  }
+}
+
 TEST_F(HandoffTest, AResolveCrossingTheRecipientsReleaseGivesTheVineBackAtOnce) {
   openNetwork();
   RawVat c(loop_, net_->vat(B), C, &aRoot_);  // B's connection to a raw introducer C
