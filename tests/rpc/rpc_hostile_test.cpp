@@ -390,6 +390,26 @@ TEST_F(RpcHostilePromiseTest, ResolveToAThirdPartyWithoutANetworkBreaksThePromis
   EXPECT_EQ(victim_->stats().disembargoesSent, 1u);
 }
 
+TEST_F(RpcHostilePromiseTest, AVineMayReuseAnIdOnceHeldAsAPromise) {
+  hangHolding(1, {4});
+  finish(1);  // the victim drops promise 4 (its promise mark stays for a crossing Resolve)
+  expectFromVictim([](wire::Message::Reader m) { EXPECT_EQ(m.which(), wire::Message::RETURN); });
+  expectFromVictim([](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::RELEASE);
+    EXPECT_EQ(m.getRelease().getId(), 4u);
+  });
+  hangingBefore_ = log_.hanging;  // the first call was cancelled
+  hangHolding(2, {3});
+  resolveTo(3, [](wire::CapDescriptor::Builder c) { setThirdParty(c, 7, 4); });
+  expectFromVictim([](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::RELEASE);
+    EXPECT_EQ(m.getRelease().getId(), 4u);
+  });
+  expectFromVictim(
+      [](wire::Message::Reader m) { EXPECT_EQ(m.which(), wire::Message::DISEMBARGO); });
+  expectStillOpen(5);
+}
+
 TEST_F(RpcHostilePromiseTest, ResolveToAThirdPartyHostedByNoVatAborts) {
   hangHolding(1, {3});
   resolveTo(3, [](wire::CapDescriptor::Builder c) { setThirdParty(c, 0, 5); });
