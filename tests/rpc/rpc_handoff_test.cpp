@@ -101,11 +101,14 @@ class Relay final : public ServerObject {
   }
 };
 
-// Vat F's object: every call waits until open(), then returns CapAndValue with a new Node(1).
+// Vat F's object: every call waits until open() (once opened, calls no longer wait), then returns
+// CapAndValue with a new Node(1).
 class Gate final : public ServerObject {
  public:
   Promise<void> dispatch(uint64_t, uint16_t, CallContext& ctx) override { return wait(ctx); }
+  void reset() noexcept { opened_ = false; }
   void open() {
+    opened_ = true;
     std::vector<Fulfiller<void>> waiting = std::move(waiting_);
     waiting_.clear();
     for (Fulfiller<void>& f : waiting) f.fulfill(Status{});
@@ -114,9 +117,11 @@ class Gate final : public ServerObject {
 
  private:
   Promise<void> wait(CallContext& ctx) {
-    auto [opened, fulfiller] = newPromiseAndFulfiller<void>();
-    waiting_.push_back(std::move(fulfiller));
-    AGATE_CO_TRY(co_await opened);
+    if (!opened_) {
+      auto [opened, fulfiller] = newPromiseAndFulfiller<void>();
+      waiting_.push_back(std::move(fulfiller));
+      AGATE_CO_TRY(co_await opened);
+    }
     Result<CapAndValue::Builder> out = ctx.initResultsAs<CapAndValue>(32);
     AGATE_CO_TRY(out);
     Result<uint32_t> index = ctx.addResultCap(std::make_unique<Node>(1, log));
@@ -125,6 +130,7 @@ class Gate final : public ServerObject {
     co_return {};
   }
   std::vector<Fulfiller<void>> waiting_;
+  bool opened_ = false;
 };
 
 Promise<uint64_t> awaitValue(RemotePromise p) {
@@ -173,6 +179,7 @@ class HandoffTest : public ::testing::Test {
     net_->addVat(F, &gate_);
   }
   void closeNetwork() {
+    gate_.reset();
     recipient_.clear();
     recipientE_.clear();
     relay_.toA = RemoteCap();
@@ -1076,6 +1083,48 @@ TEST_F(HandoffTest, AResolveCrossingTheRecipientsReleaseGivesTheVineBackAtOnce) 
   EXPECT_EQ(c.victim().stats().disembargoesSent, 0u);
   EXPECT_EQ(c.victim().stats().acceptsSent, 0u);
   EXPECT_TRUE(c.victim().isOpen());
+}
+
+// The introducer's side, with a raw recipient: C takes one Disembargo {accept} per Resolve it
+// sent; a second one is hostile, and aborts only the recipient's connection.
+TEST_F(HandoffTest, ASecondDisembargoFromTheRecipientAbortsOnlyItsConnection) {
+  openNetwork();
+  constexpr VatId RAW = 77;
+  RawVat b(loop_, net_->vat(C), RAW, nullptr);  // C's connection to a raw recipient
+  RemotePromise gated = boot(C, F).newCall(NODE_INTERFACE_ID, 0, 16).send();
+  RemotePromise taken = take(b.victim().bootstrap(), gated.pipeline({0}), 0);
+  uint32_t promise = 0;
+  b.expectNext([&](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::CALL);
+    auto caps = m.getCall().getParams().getCapTable();
+    ASSERT_EQ(caps.size(), 1u);
+    ASSERT_EQ(caps[0].which(), wire::CapDescriptor::SENDER_PROMISE);
+    promise = caps[0].getSenderPromise();
+  });
+  gate_.open();
+  b.expectNext([&](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::RESOLVE);
+    EXPECT_EQ(m.getResolve().getPromiseId(), promise);
+    ASSERT_EQ(m.getResolve().getCap().which(), wire::CapDescriptor::THIRD_PARTY_HOSTED);
+    EXPECT_EQ(m.getResolve().getCap().getThirdPartyHosted().getVatId(), F);
+  });
+  EXPECT_EQ(net_->vat(F).provisionCount(), 1u);
+  auto disembargo = [&](wire::Message::Builder m) {
+    wire::Disembargo::Builder d = m.initDisembargo();
+    d.initTarget().setImportedCap(promise);
+    d.initContext().setAccept();
+  };
+  b.send(disembargo);
+  ASSERT_TRUE(runUntil(loop_, [&] { return conn(F, C).stats().disembargoesReceived == 1; }));
+  EXPECT_TRUE(b.victim().isOpen());
+  b.send(disembargo);
+  EXPECT_TRUE(b.abortedWithProtocolError());
+  ASSERT_TRUE(runUntil(loop_, [&] { return net_->vat(F).provisionCount() == 0; }))
+      << "the recipient's death reclaims the provision";
+  EXPECT_TRUE(conn(C, F).isOpen());
+  EXPECT_EQ(loop_.run(awaitValue(std::move(taken))).code(), Errc::PROTOCOL_ERROR);
+  ASSERT_TRUE(
+      loop_.run([](RemotePromise& p) -> Promise<Response> { co_return co_await p; }(gated)).ok());
 }
 
 // The provider's side, driven by raw vats: D introduces (Provide, then Disembargo), E accepts.
