@@ -355,6 +355,8 @@ void RpcConnection::freeAnswer(Answer& a) {
   if (a.results != nullptr) giveSpill(std::exchange(a.results, nullptr));
   dropProvision(a);
   stopWaiting(a);
+  a.embargo = a.isProvide = a.disembargoed = false;
+  a.providedExport = NONE;
   exportUnpin(std::exchange(a.pinnedExport, NONE));
   for (uint32_t i = 0; i < a.paramPinCount; ++i) exportUnpin(a.paramPins[i]);
   a.paramPinCount = 0;

@@ -82,6 +82,7 @@ void RpcConnection::fail(Error reason) {
       q.fulfiller.reset();
     }
   }
+  failWatchers(reason);  // promises passed on that waited for our questions break
   // Queued Finishes will not go out: their questions are free now.
   for (uint32_t i = 0, n = std::exchange(queuedFinishCount_, 0); i < n; ++i) {
     freeQuestion(queuedFinishes_[i]);
@@ -224,6 +225,7 @@ void RpcConnection::importUnref(uint32_t id) noexcept {
   --importsLive_;
   const uint32_t count = std::exchange(imp.remoteRefs, 0);
   const uint32_t resolvedTo = std::exchange(imp.resolvedTo, NONE);
+  std::unique_ptr<RemoteCap> elsewhere = std::move(imp.elsewhere);  // dropped last
   imp.broken = Error{};
   if (count != 0 && isOpen()) sendRelease(id, count);
   if (resolvedTo != NONE) importUnref(resolvedTo);  // a plain import: no further recursion
@@ -320,6 +322,10 @@ RemoteCap RpcConnection::bootstrap() {
 
 Request RpcConnection::newCall(const RemoteCap& target, uint64_t interfaceId, uint16_t methodId,
                                size_t sizeHint) {
+  // A promise resolved to a third party's capability: calls go to its host (even once this
+  // connection is dead).
+  if (target.kind_ == RemoteCap::Kind::IMPORT && imports_[target.id_].elsewhere)
+    return imports_[target.id_].elsewhere->newCall(interfaceId, methodId, sizeHint);
   Request request(this, Error{});
   // An import that was a promise goes where it resolved (or fails as it broke).
   Error broken{};

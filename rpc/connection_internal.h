@@ -26,6 +26,7 @@ inline constexpr size_t EXCEPTION_BYTES =
 inline constexpr size_t MAX_REASON_ON_WIRE = 120;  // reason text bytes written into an Exception
 inline constexpr size_t HANDOFF_BYTES = 256;       // a Provide or an Accept
 inline constexpr size_t RESOLVE_BYTES = 64 * 8;    // a Resolve with a cap or an exception
+inline constexpr size_t DISEMBARGO_BYTES = 128;
 
 // Finish and Release are one-word structs (Finish {questionId}, Release {id, referenceCount}),
 // so the whole message is four words, written directly rather than through a MessageBuilder
@@ -241,6 +242,17 @@ class PromiseNode final : public ServerObject {
   // RESOLVED to an import of conn_ itself: announced as receiverHosted(importId_).
   bool toReceiver_ = false;
   uint32_t importId_ = 0;
+  // PENDING on a call in flight on another connection (a pipelined capability, `awaiting_`):
+  // calls are not queued but sent on at once through `forward_`, in arrival order; the answer's
+  // Return settles the node (RpcConnection::settleWatchers). Null otherwise.
+  std::unique_ptr<ServerObject> forward_;
+  RemoteCap awaiting_;
+  // RESOLVED to a plain import of another connection that may be handed off to conn_'s peer
+  // (the Resolve goes as thirdPartyHosted, see schemas/rpc.capnp "Embargoes").
+  RemoteCap handOff_;
+  // After that Resolve went out: the Provide's question, held until the peer's Disembargo
+  // {accept} is answered with Disembargo {provide} (or the node goes).
+  RemoteCap provide_;
 };
 
 // A vat's handoff state, shared by its connections (VatNetwork::handoffs()). Threading: the
@@ -263,11 +275,15 @@ class HandoffTable {
     RpcConnection* provider = nullptr;  // the introducer's connection to this vat
     uint32_t answerId = 0;              // the Provide's answer there
     VatId recipient = NO_VAT;
+    bool disembargoed = false;  // the introducer's Disembargo {provide} arrived
   };
   struct Waiting {
     Key key;
     RpcConnection* conn = nullptr;  // the recipient's connection to this vat
     uint32_t answerId = 0;          // the Accept's answer there
+    // An embargoed Accept that matched its provision and waits for the introducer's
+    // Disembargo (else: an Accept waiting for its Provide).
+    bool embargoed = false;
   };
 
   uint64_t nextProvisionId() noexcept { return ++lastProvisionId_; }
@@ -332,9 +348,13 @@ struct RpcConnection::Answer {
   // A Provide (from the introducer): the provision's key in the vat's HandoffTable while it is
   // there (pinnedExport pins the provided export meanwhile).
   bool providing = false;
-  // An Accept waiting for its Provide (an entry of HandoffTable::waiting).
+  // An Accept waiting for its Provide or its embargo (an entry of HandoffTable::waiting).
   bool waitingForProvide = false;
   detail::HandoffTable::Key provision{};
+  bool embargo = false;                      // an Accept with Accept.embargo set
+  bool isProvide = false;                    // a Provide (answered later by a Disembargo {provide})
+  bool disembargoed = false;                 // a Provide whose Disembargo arrived
+  uint32_t providedExport = internal::NONE;  // a Provide: its target
 };
 
 struct RpcConnection::Export {
@@ -361,6 +381,9 @@ struct RpcConnection::Import {
   // reference held on it; a plain import, never itself resolved), or fail with `broken`.
   uint32_t resolvedTo = internal::NONE;
   Error broken{};
+  // After a Resolve to a third party's capability: calls go to this reference on the host's
+  // connection instead (pipelined on the Accept), even once this connection is dead.
+  std::unique_ptr<RemoteCap> elsewhere;
 };
 
 // Everything handleMessage needs, read once inside the decode boundary. Built on the stack for
@@ -398,6 +421,10 @@ struct RpcConnection::Decoded {
   bool resolveBroken = false;
   detail::CapEntry::Kind resolveKind{};
   uint32_t resolveId = 0;
+  // accept: Accept.embargo. disembargo: its context (accept, or provide with the question id in
+  // id) and target (targetId).
+  bool embargo = false;
+  bool disembargoProvide = false;
 };
 
 }  // namespace agate::rpc

@@ -232,11 +232,14 @@ Result<uint32_t> RpcConnection::addForeignCap(detail::CapTable& table, const Rem
     return Error(Errc::INVALID_ARGUMENT, "a broken capability cannot be passed");
   if (!host.isOpen()) return host.failure_;
   detail::CapEntry e;
-  // A handoff needs the import itself (a promised answer is not an object A can provide yet),
-  // one network on both connections, and a recipient that is not the host.
-  const bool handoff = cap.kind_ == RemoteCap::Kind::IMPORT && options_.network != nullptr &&
-                       host.options_.network == options_.network &&
-                       host.options_.peerVat != options_.peerVat &&
+  // A handoff needs one network on both connections, a recipient that is not the host, and the
+  // import itself. A promised answer is not an object A can provide yet: it goes as a promise
+  // that is handed off once the answer returns (schemas/rpc.capnp, "Embargoes"; the network is
+  // asked to introduce the recipient then).
+  if (canHandOff(host) && cap.kind_ == RemoteCap::Kind::PIPELINE &&
+      !host.questions_[cap.id_].returned)
+    return addPipelinedFor(table, cap);
+  const bool handoff = cap.kind_ == RemoteCap::Kind::IMPORT && canHandOff(host) &&
                        options_.network->introduce(host.options_.peerVat, options_.peerVat);
   if (!handoff) {
     auto proxy = std::make_unique<Forwarder>(cap, RemoteCap());
@@ -255,6 +258,13 @@ Result<uint32_t> RpcConnection::addForeignCap(detail::CapTable& table, const Rem
   e.object = vine.get();
   e.owned = std::move(vine);
   return table.tryAdd(std::move(e));  // fits: checked above (dropping `e` would Finish)
+}
+
+// Whether a capability of `host` can be handed off to this connection's peer (one network, and
+// the peer is not the host). The network's introduce() is asked separately.
+bool RpcConnection::canHandOff(const RpcConnection& host) const noexcept {
+  return options_.network != nullptr && host.options_.network == options_.network &&
+         host.options_.peerVat != options_.peerVat;
 }
 
 uint32_t RpcConnection::takeQuestionId() {
@@ -352,7 +362,7 @@ Status RpcConnection::resolveHosts(Decoded& d) {
 
 // Takes the vine (one reference, held until the Accept returns) and sends Accept to the host.
 // The returned reference is pipelined on the Accept (or broken, with why).
-RemoteCap RpcConnection::acceptThirdParty(const Decoded& d, uint32_t index) {
+RemoteCap RpcConnection::acceptThirdParty(const Decoded& d, uint32_t index, bool embargo) {
   RemoteCap vine;
   vine.conn_ = this;
   vine.kind_ = RemoteCap::Kind::IMPORT;
@@ -366,10 +376,11 @@ RemoteCap RpcConnection::acceptThirdParty(const Decoded& d, uint32_t index) {
     broken.broken_ = host != nullptr ? host->failure_ : d.capHostErrors[index];
     return broken;  // the vine goes now: the introducer reclaims the provision
   }
-  return host->sendAccept(options_.peerVat, d.capProvisions[index], std::move(vine));
+  return host->sendAccept(options_.peerVat, d.capProvisions[index], std::move(vine), embargo);
 }
 
-RemoteCap RpcConnection::sendAccept(VatId introducer, uint64_t provisionId, RemoteCap vine) {
+RemoteCap RpcConnection::sendAccept(VatId introducer, uint64_t provisionId, RemoteCap vine,
+                                    bool embargo) {
   RemoteCap cap;
   Result<detail::OutSlot> slot = startOut(HANDOFF_BYTES);
   if (!slot) {
@@ -382,6 +393,7 @@ RemoteCap RpcConnection::sendAccept(VatId introducer, uint64_t provisionId, Remo
   a.setQuestionId(qid);
   a.setIntroducer(introducer);
   a.setProvisionId(provisionId);
+  a.setEmbargo(embargo);
   Status sent = finishOut(*slot);
   if (!sent) {
     giveQuestionId(qid);
@@ -416,11 +428,13 @@ Status RpcConnection::handleProvide(const Decoded& d) {
   a.context.conn_ = this;
   a.context.answerId_ = d.id;
   a.context.paramCapCount_ = 0;
+  a.isProvide = true;  // a Disembargo {provide} may name it until the introducer's Finish
   if (d.targetIsAnswer) {
     failAnswer(a, Error(Errc::UNSUPPORTED, "provide of a promised answer"));
   } else {
     ++exports_[d.targetId].pins;  // until accepted or reclaimed
     a.pinnedExport = d.targetId;
+    a.providedExport = d.targetId;
     a.providing = true;
     a.provision = {options_.peerVat, d.provisionId};
     table.provisions[a.provision] = {this, d.id, d.vat};
@@ -429,7 +443,8 @@ Status RpcConnection::handleProvide(const Decoded& d) {
   // will (this introducer's Provides arrive in increasing order).
   std::vector<detail::HandoffTable::Waiting> ready;
   std::erase_if(table.waiting, [&](const detail::HandoffTable::Waiting& w) {
-    if (w.key.introducer != options_.peerVat || w.key.provisionId > d.provisionId) return false;
+    if (w.embargoed || w.key.introducer != options_.peerVat || w.key.provisionId > d.provisionId)
+      return false;
     ready.push_back(w);
     return true;
   });
@@ -456,9 +471,20 @@ Status RpcConnection::handleAccept(const Decoded& d) {
   a.context.answerId_ = d.id;
   a.context.paramCapCount_ = 0;
   a.provision = {d.vat, d.provisionId};
+  a.embargo = d.embargo;
   acceptOrWait(a);
   return {};
 }
+
+namespace {
+
+size_t waitingOf(const detail::HandoffTable& table, const RpcConnection* conn) {
+  return static_cast<size_t>(
+      std::count_if(table.waiting.begin(), table.waiting.end(),
+                    [&](const detail::HandoffTable::Waiting& w) { return w.conn == conn; }));
+}
+
+}  // namespace
 
 // Matches an Accept against the vat's provisions: takes the provision, waits for it, or fails
 // the Accept (leaving any provision as it was).
@@ -477,10 +503,7 @@ void RpcConnection::acceptOrWait(Answer& a) {
                           "no such provision (never provided, already accepted, or reclaimed)"));
       return;
     }
-    const auto waitingHere =
-        std::count_if(table.waiting.begin(), table.waiting.end(),
-                      [&](const detail::HandoffTable::Waiting& w) { return w.conn == this; });
-    if (static_cast<size_t>(waitingHere) >= VatNetwork::MAX_WAITING_ACCEPTS_PER_PEER) {
+    if (waitingOf(table, this) >= VatNetwork::MAX_WAITING_ACCEPTS_PER_PEER) {
       failAnswer(a, Error(Errc::OUT_OF_MEMORY,
                           "too many of this peer's accepts are waiting for their provides"));
       return;
@@ -495,11 +518,37 @@ void RpcConnection::acceptOrWait(Answer& a) {
     failAnswer(a, Error(Errc::PERMISSION_DENIED, "the provision is for another vat"));
     return;
   }
-  RpcConnection& provider = *p.provider;
-  const uint32_t exportId = provider.answers_[p.answerId]->pinnedExport;
+  if (a.embargo && !p.disembargoed) {
+    // Calls the introducer forwards on the promise may still be on its ring: wait for its
+    // Disembargo (schemas/rpc.capnp, "Embargoes"). One embargoed Accept per provision.
+    const bool taken = std::any_of(table.waiting.begin(), table.waiting.end(),
+                                   [&](const detail::HandoffTable::Waiting& w) {
+                                     return w.embargoed && w.key == a.provision;
+                                   });
+    if (taken) {
+      failAnswer(a, Error(Errc::NOT_FOUND, "no such provision (another Accept is taking it)"));
+      return;
+    }
+    if (waitingOf(table, this) >= VatNetwork::MAX_WAITING_ACCEPTS_PER_PEER) {
+      failAnswer(a, Error(Errc::OUT_OF_MEMORY,
+                          "too many of this peer's accepts are waiting for their provides"));
+      return;
+    }
+    a.waitingForProvide = true;
+    table.waiting.push_back({a.provision, this, a.id, true});
+    ++stats_.acceptsEmbargoed;
+    return;
+  }
+  takeProvision(a, *p.provider, p.answerId);
+}
+
+// Takes provision `provideAnswer` of `provider` (the introducer's connection) for Accept `a`:
+// the Accept returns the object, then the Provide returns.
+void RpcConnection::takeProvision(Answer& a, RpcConnection& provider, uint32_t provideAnswer) {
+  const uint32_t exportId = provider.answers_[provideAnswer]->pinnedExport;
   ServerObject* object = provider.exports_[exportId].object;
   std::shared_ptr<ServerObject> owner = provider.shareExport(exportId);
-  provider.completeProvide(p.answerId);  // frees the provision; may free the provider's export
+  provider.completeProvide(provideAnswer);  // frees the provision; may free the provider's export
   completeAccept(a, object, std::move(owner));
 }
 
@@ -537,7 +586,21 @@ void RpcConnection::completeAccept(Answer& a, ServerObject* object,
 void RpcConnection::dropProvision(Answer& a) noexcept {
   if (!a.providing) return;
   a.providing = false;
-  options_.network->handoffs().provisions.erase(a.provision);
+  detail::HandoffTable& table = options_.network->handoffs();
+  table.provisions.erase(a.provision);
+  // An embargoed Accept that matched it will not get it now.
+  std::vector<detail::HandoffTable::Waiting> orphans;
+  std::erase_if(table.waiting, [&](const detail::HandoffTable::Waiting& w) {
+    if (!w.embargoed || !(w.key == a.provision)) return false;
+    orphans.push_back(w);
+    return true;
+  });
+  for (const detail::HandoffTable::Waiting& w : orphans) {
+    Answer& accept = *w.conn->answers_[w.answerId];
+    accept.waitingForProvide = false;
+    w.conn->failAnswer(
+        accept, Error(Errc::NOT_FOUND, "the provision was reclaimed before its embargo ended"));
+  }
 }
 
 void RpcConnection::stopWaiting(Answer& a) noexcept {
@@ -556,9 +619,7 @@ void RpcConnection::leaveNetwork() {
   auto self = table.connections.find(options_.peerVat);
   if (self != table.connections.end() && self->second == this) table.connections.erase(self);
   for (std::unique_ptr<Answer>& a : answers_) {
-    if (!a) continue;
-    dropProvision(*a);
-    stopWaiting(*a);  // ours, as a recipient: teardown frees the answers
+    if (a) stopWaiting(*a);  // ours, as a recipient: teardown frees the answers
   }
   std::vector<detail::HandoffTable::Waiting> orphans;
   std::erase_if(table.waiting, [&](const detail::HandoffTable::Waiting& w) {
@@ -573,6 +634,127 @@ void RpcConnection::leaveNetwork() {
         accept,
         Error(Errc::DISCONNECTED, "the introducer disconnected before providing the capability"));
   }
+  for (std::unique_ptr<Answer>& a : answers_) {
+    if (a) dropProvision(*a);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embargoes (schemas/rpc.capnp, "Embargoes")
+
+Status RpcConnection::decodeDisembargo(wire::Disembargo::Reader m, Decoded& d) {
+  wire::MessageTarget::Reader target = m.getTarget();
+  if (target.which() != wire::MessageTarget::IMPORTED_CAP)
+    return Error(Errc::PROTOCOL_ERROR, "disembargo of a promised answer");
+  d.targetId = target.getImportedCap();
+  wire::Disembargo::Context::Reader context = m.getContext();
+  switch (context.which()) {
+    case wire::Disembargo::Context::ACCEPT: {
+      if (d.targetId >= exports_.size() || !exports_[d.targetId].inUse ||
+          !exports_[d.targetId].promise)
+        return Error(Errc::PROTOCOL_ERROR, "disembargo of an id that is not a promise of ours");
+      const auto* node = static_cast<const detail::PromiseNode*>(exports_[d.targetId].object);
+      if (node->provide_.isNull())
+        return Error(Errc::PROTOCOL_ERROR, "disembargo of a promise with no embargo pending");
+      d.disembargoProvide = false;
+      return {};
+    }
+    case wire::Disembargo::Context::PROVIDE: {
+      if (options_.network == nullptr)
+        return Error(Errc::PROTOCOL_ERROR, "disembargo on a connection without a vat network");
+      d.id = context.getProvide();
+      if (d.id >= answers_.size() || !answers_[d.id] ||
+          answers_[d.id]->state == Answer::State::FREE || answers_[d.id]->finishReceived ||
+          !answers_[d.id]->isProvide || answers_[d.id]->disembargoed)
+        return Error(Errc::PROTOCOL_ERROR, "disembargo of no live provide (or a second one)");
+      if (answers_[d.id]->providedExport != d.targetId)
+        return Error(Errc::PROTOCOL_ERROR, "disembargo target is not the provided export");
+      d.disembargoProvide = true;
+      return {};
+    }
+    default:
+      return Error(Errc::PROTOCOL_ERROR, "loopback disembargo is not used by this version");
+  }
+}
+
+Status RpcConnection::handleDisembargo(const Decoded& d) {
+  ++stats_.disembargoesReceived;
+  if (!d.disembargoProvide) {
+    // Introducer: every call the recipient made on the promise before went out to the
+    // provider on arrival, so the provider's Disembargo goes behind them.
+    auto* node = static_cast<detail::PromiseNode*>(exports_[d.targetId].object);
+    RemoteCap provide = std::move(node->provide_);
+    RpcConnection& host = *provide.conn_;
+    if (host.isOpen() && node->handOff_.conn_ == &host)
+      host.sendDisembargo(node->handOff_.id_, provide.id_);
+    return {};  // dropping `provide` queues the Provide's Finish behind the Disembargo
+  }
+  // Provider: the introducer forwarded everything; an embargoed Accept may complete.
+  Answer& provide = *answers_[d.id];
+  provide.disembargoed = true;
+  if (!provide.providing) return {};  // taken by an Accept without embargo, or refused
+  detail::HandoffTable& table = options_.network->handoffs();
+  table.provisions[provide.provision].disembargoed = true;
+  auto parked = std::find_if(table.waiting.begin(), table.waiting.end(),
+                             [&](const detail::HandoffTable::Waiting& w) {
+                               return w.embargoed && w.key == provide.provision;
+                             });
+  if (parked == table.waiting.end()) return {};  // the Accept comes later and goes through
+  const detail::HandoffTable::Waiting w = *parked;
+  table.waiting.erase(parked);
+  Answer& accept = *w.conn->answers_[w.answerId];
+  accept.waitingForProvide = false;
+  w.conn->takeProvision(accept, *this, d.id);
+  return {};
+}
+
+// Introducer: Resolve {exportId, thirdPartyHosted} for a promise resolved to a plain import of
+// another connection (node.handOff_), after the Provide to its host; the node keeps the
+// Provide's question for the Disembargo. False when the network cannot introduce the peer to the
+// host or the Provide cannot go out (the promise is then resolved to a proxy as usual).
+bool RpcConnection::sendHandOffResolve(uint32_t exportId, detail::PromiseNode& node) {
+  RpcConnection& host = *node.handOff_.conn_;
+  if (!host.isOpen() || !options_.network->introduce(host.options_.peerVat, options_.peerVat))
+    return false;
+  const uint64_t provisionId = options_.network->handoffs().nextProvisionId();
+  Result<RemoteCap> provision = host.sendProvide(node.handOff_.id_, options_.peerVat, provisionId);
+  if (!provision) return false;
+  Result<detail::OutSlot> slot = startOut(RESOLVE_BYTES);
+  if (!slot) return true;  // this connection died; dropping the question reclaims the provision
+  node.provide_ = *provision;
+  auto vine = std::make_unique<Forwarder>(node.handOff_, std::move(*provision));
+  ServerObject* object = vine.get();
+  Result<uint32_t> vineId = exportObject(object, std::move(vine));
+  AGATE_ASSERT(vineId.ok(), "exporting a new object failed");
+  ++exports_[*vineId].remoteRefs;
+  wire::Resolve::Builder r = slot->builder().initRoot<wire::Message>().initResolve();
+  r.setPromiseId(exportId);
+  wire::ThirdPartyCapDescriptor::Builder t = r.initCap().initThirdPartyHosted();
+  t.setVatId(host.options_.peerVat);
+  t.setProvisionId(provisionId);
+  t.setVineId(*vineId);
+  if (!finishOut(*slot)) {
+    node.provide_ = RemoteCap();
+    --exports_[*vineId].remoteRefs;
+    maybeFreeExport(*vineId);  // drops the vine: its Finish reclaims the provision
+    return true;
+  }
+  ++stats_.resolvesSent;
+  return true;
+}
+
+// Disembargo {importedCap(exportId), accept} (provideQuestion NONE), or {.., provide}.
+void RpcConnection::sendDisembargo(uint32_t exportId, uint32_t provideQuestion) {
+  Result<detail::OutSlot> slot = startOut(DISEMBARGO_BYTES);
+  if (!slot) return;  // the connection died (its failure is recorded)
+  wire::Disembargo::Builder m = slot->builder().initRoot<wire::Message>().initDisembargo();
+  m.initTarget().setImportedCap(exportId);
+  if (provideQuestion == NONE) {
+    m.initContext().setAccept();
+  } else {
+    m.initContext().setProvide(provideQuestion);
+  }
+  if (finishOut(*slot)) ++stats_.disembargoesSent;
 }
 
 }  // namespace agate::rpc

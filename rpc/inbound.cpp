@@ -288,7 +288,7 @@ Status RpcConnection::decode(wire::Message::Reader m, Decoded& d) {
     case wire::Message::RESOLVE:
       return decodeResolve(m.getResolve(), d);
     case wire::Message::DISEMBARGO:
-      return Error(Errc::PROTOCOL_ERROR, "disembargo is not used by this version");
+      return decodeDisembargo(m.getDisembargo(), d);
     case wire::Message::PROVIDE: {
       if (options_.network == nullptr)
         return Error(Errc::PROTOCOL_ERROR, "provide on a connection without a vat network");
@@ -337,6 +337,7 @@ Status RpcConnection::decode(wire::Message::Reader m, Decoded& d) {
         return Error(Errc::PROTOCOL_ERROR, "question id reused before Finish and Return");
       d.vat = ac.getIntroducer();
       d.provisionId = ac.getProvisionId();
+      d.embargo = ac.getEmbargo();
       if (d.vat == NO_VAT || d.vat == options_.peerVat || d.vat == options_.network->vatId())
         return Error(Errc::PROTOCOL_ERROR, "accept naming no introducer, itself or the provider");
       return {};
@@ -370,6 +371,8 @@ Status RpcConnection::handleMessage(IncomingMessage& message) {
       return handleRelease(d.id, d.count);
     case wire::Message::RESOLVE:
       return handleResolve(d);
+    case wire::Message::DISEMBARGO:
+      return handleDisembargo(d);
     case wire::Message::ABORT: {
       // The peer closes: our calls fail DISCONNECTED, or PROTOCOL_ERROR when it says we sent
       // something malformed, with its reason.
@@ -400,6 +403,7 @@ Status RpcConnection::handleReturn(IncomingMessage& message, const Decoded& d) {
   ++stats_.returnsReceived;
   Question& q = questions_[d.id];
   q.returned = true;
+  if (!watchers_.empty()) takeWatchers(d);  // promises passed on that wait for this question
   const bool wanted = q.fulfiller.has_value() && !q.fulfiller->isCancelled();
   switch (d.returnKind) {
     case wire::Return::RESULTS: {
@@ -449,6 +453,7 @@ Status RpcConnection::handleReturn(IncomingMessage& message, const Decoded& d) {
     questionFree_ = d.id;
     --questionsLive_;
   }
+  if (!settling_.empty()) settleWatched();
   return {};
 }
 

@@ -9,6 +9,7 @@ class LocalNetwork::Vat final : public VatNetwork {
       : net_(net), id_(id), bootstrap_(bootstrap) {}
   VatId vatId() const noexcept override { return id_; }
   Promise<RpcConnection*> connect(VatId vat) override { return net_.connectFrom(id_, vat); }
+  bool introduce(VatId, VatId) noexcept override { return !net_.refuseIntroductions_; }
   ServerObject* bootstrap() const noexcept { return bootstrap_; }
   bool dead = false;
 

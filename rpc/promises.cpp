@@ -1,6 +1,7 @@
 // RpcConnection's promise capabilities: CapPromise and the PromiseNode exported as
-// senderPromise, calls queued on a pending promise, and Resolve sent and received. Protocol and
-// why no embargo is needed: schemas/rpc.capnp, "Promise capabilities".
+// senderPromise, calls queued on a pending promise (or sent on at once while it waits for a
+// pipelined answer of another connection), and Resolve sent and received. Protocol:
+// schemas/rpc.capnp, "Promise capabilities"; a resolution handed off: "Embargoes".
 #include "connection_internal.h"
 
 namespace agate::rpc {
@@ -18,6 +19,8 @@ Promise<void> detail::PromiseNode::dispatch(uint64_t interfaceId, uint16_t metho
     case State::BROKEN:
       return readyPromise<void>(error_);
     case State::PENDING:
+      // Waiting for a call of another connection: sent on at once, pipelined (keeps order).
+      if (forward_) return forward_->dispatch(interfaceId, methodId, context);
       break;
   }
   return readyPromise<void>(Error(Errc::FAILED, "a call reached a pending promise unqueued"));
@@ -63,10 +66,29 @@ void CapPromise::resolve(const RemoteCap& cap) {
   if (cap.kind_ == RemoteCap::Kind::BROKEN) return reject(cap.broken_);
   if (cap.kind_ == RemoteCap::Kind::NONE)
     return reject(Error(Errc::INVALID_ARGUMENT, "the promise resolved to a null capability"));
+  RpcConnection& conn = *node_->conn_;
+  RpcConnection* host = cap.conn_;
+  // A capability of another connection that can be handed off to the peer: announced as
+  // thirdPartyHosted once known (an import), or once the call it comes from returns (pipelined),
+  // with an embargo (schemas/rpc.capnp, "Embargoes"), if the network introduces the peer then.
+  const bool foreign = host != &conn && host->isOpen() && conn.canHandOff(*host);
+  const bool plainImport = cap.kind_ == RemoteCap::Kind::IMPORT && host->isPlainImport(cap.id_);
+  const bool pipelined =
+      cap.kind_ == RemoteCap::Kind::PIPELINE && !host->questions_[cap.id_].returned;
+  if (foreign && (plainImport || pipelined)) {
+    if (pipelined) {
+      node_->forward_ = makeForwarder(cap);
+      node_->awaiting_ = cap;
+      host->watchAnswer(node_);
+      settle();  // still pending: queued calls go on through forward_, no Resolve yet
+      return;
+    }
+    node_->handOff_ = cap;
+  }
   node_->state_ = detail::PromiseNode::State::RESOLVED;
   node_->owner_ = std::shared_ptr<ServerObject>(makeForwarder(cap));
   node_->target_ = node_->owner_.get();
-  if (cap.conn_ == node_->conn_ && cap.kind_ == RemoteCap::Kind::IMPORT) {
+  if (host == &conn && cap.kind_ == RemoteCap::Kind::IMPORT) {
     node_->toReceiver_ = true;
     node_->importId_ = cap.id_;
   }
@@ -103,11 +125,114 @@ Result<uint32_t> RpcConnection::addPromiseFor(detail::CapTable& table, const Cap
   return table.tryAdd(std::move(e));
 }
 
+// A capability pipelined on a question of another connection, passed to a peer it can be handed
+// off to: a promise whose calls are sent on at once, settled when the question returns.
+Result<uint32_t> RpcConnection::addPipelinedFor(detail::CapTable& table, const RemoteCap& cap) {
+  auto node = std::make_shared<detail::PromiseNode>(*this);
+  node->forward_ = makeForwarder(cap);
+  node->awaiting_ = cap;
+  cap.conn_->watchAnswer(node);
+  detail::CapEntry e;
+  e.kind = detail::CapEntry::Kind::SENDER_PROMISE;
+  e.object = node.get();
+  e.shared = std::move(node);
+  return table.tryAdd(std::move(e));
+}
+
 bool RpcConnection::isPendingPromise(uint32_t exportId) const noexcept {
   const Export& e = exports_[exportId];
   if (!e.promise) return false;
   // Calls still queued keep later ones behind them (E-order) even once it has settled.
-  return e.queueHead != nullptr || static_cast<const detail::PromiseNode*>(e.object)->pending();
+  const auto* node = static_cast<const detail::PromiseNode*>(e.object);
+  return e.queueHead != nullptr || (node->pending() && node->forward_ == nullptr);
+}
+
+bool RpcConnection::isPlainImport(uint32_t importId) const noexcept {
+  const Import& imp = imports_[importId];
+  return !imp.promise && imp.resolvedTo == NONE && !imp.elsewhere && imp.broken.code == Errc::OK;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Promises waiting for one of this connection's questions (PromiseNode::awaiting_)
+
+void RpcConnection::watchAnswer(const std::shared_ptr<detail::PromiseNode>& node) {
+  watchers_.emplace_back(node->awaiting_.id_, node);
+}
+
+// Question d.id returned: what each node waiting on it resolves to. A plain import at the node's
+// path may be handed off; any other capability keeps the route the calls took (the node's
+// forwarder, pipelined on the answer); an error breaks the node. Runs before the Return's
+// Response exists (the import is referenced before anything can release it); the nodes are
+// settled by settleWatched() once the Return is handled.
+void RpcConnection::takeWatchers(const Decoded& d) {
+  std::erase_if(watchers_, [&](std::pair<uint32_t, std::weak_ptr<detail::PromiseNode>>& w) {
+    if (w.first != d.id) return false;
+    std::shared_ptr<detail::PromiseNode> node = w.second.lock();
+    if (node == nullptr || !node->pending()) return true;
+    Result<RemoteCap> resolution = RemoteCap();
+    if (d.returnKind == wire::Return::RESULTS) {
+      const RemoteCap& p = node->awaiting_;
+      Result<uint32_t> index = capIndexAtPath(d.payload, {p.path_.data(), p.pathLength_});
+      if (!index) {
+        resolution = index.error();
+      } else if (*index >= d.capCount) {
+        resolution = Error(Errc::FAILED, "pipelined call: capability index outside the results");
+      } else if (d.capKinds[*index] == detail::CapEntry::Kind::SENDER_HOSTED) {
+        RemoteCap cap;  // senderHosted is never a promise we hold (decodeCapTable)
+        cap.conn_ = this;
+        cap.kind_ = RemoteCap::Kind::IMPORT;
+        cap.id_ = d.capIds[*index];
+        cap.addRef();
+        resolution = std::move(cap);
+      }
+    } else if (d.returnKind == wire::Return::EXCEPTION) {
+      resolution = remoteError(d.exception);
+    } else {
+      resolution = Error(Errc::CANCELLED, "the call the capability came from was cancelled");
+    }
+    settling_.emplace_back(std::move(node), std::move(resolution));
+    return true;
+  });
+}
+
+void RpcConnection::settleWatched() {
+  std::vector<std::pair<std::shared_ptr<detail::PromiseNode>, Result<RemoteCap>>> ready;
+  ready.swap(settling_);
+  for (auto& [node, resolution] : ready) settleAwaited(*node, std::move(resolution));
+}
+
+// The connection died: nodes waiting on its questions break with its error.
+void RpcConnection::failWatchers(const Error& error) {
+  std::vector<std::shared_ptr<detail::PromiseNode>> nodes;
+  for (auto& [id, weak] : watchers_) {
+    if (std::shared_ptr<detail::PromiseNode> node = weak.lock()) nodes.push_back(std::move(node));
+  }
+  watchers_.clear();
+  for (std::shared_ptr<detail::PromiseNode>& node : nodes) settleAwaited(*node, error);
+}
+
+// Settles a node that waited on a pipelined capability: to an import (handed off when it can
+// be), to the capability it forwarded to (a null resolution: the route stays), or broken.
+void RpcConnection::settleAwaited(detail::PromiseNode& node, Result<RemoteCap> resolution) {
+  if (!node.pending()) return;
+  // Dropped after settling: the calls already sent on through them are on their way.
+  std::unique_ptr<ServerObject> forward = std::move(node.forward_);
+  RemoteCap awaited = std::move(node.awaiting_);
+  if (!resolution) {
+    node.state_ = detail::PromiseNode::State::BROKEN;
+    node.error_ = resolution.error();
+  } else if (resolution->isNull()) {
+    node.state_ = detail::PromiseNode::State::RESOLVED;
+    node.owner_ = std::shared_ptr<ServerObject>(std::move(forward));
+    node.target_ = node.owner_.get();
+  } else {
+    RpcConnection& conn = *node.conn_;
+    node.state_ = detail::PromiseNode::State::RESOLVED;
+    node.owner_ = std::shared_ptr<ServerObject>(makeForwarder(*resolution));
+    node.target_ = node.owner_.get();
+    if (conn.canHandOff(*resolution->conn_)) node.handOff_ = std::move(*resolution);
+  }
+  node.conn_->settlePromise(node);
 }
 
 // Queues a call (its private copy) on a promise export until the promise settles. The export
@@ -156,11 +281,13 @@ void RpcConnection::settlePromise(detail::PromiseNode& node) {
     deliverOnExport(*q, id);
     if (!isOpen()) break;
   }
-  if (isOpen() && exports_[id].inUse && exports_[id].remoteRefs > 0) sendResolve(id, node);
+  if (isOpen() && exports_[id].inUse && exports_[id].remoteRefs > 0 && !node.pending())
+    sendResolve(id, node);
   exportUnpin(id);
 }
 
 void RpcConnection::sendResolve(uint32_t exportId, detail::PromiseNode& node) {
+  if (!node.handOff_.isNull() && sendHandOffResolve(exportId, node)) return;
   Result<detail::OutSlot> slot = startOut(RESOLVE_BYTES);
   if (!slot) return;  // the connection died (its failure is recorded)
   wire::Resolve::Builder r = slot->builder().initRoot<wire::Message>().initResolve();
@@ -230,9 +357,31 @@ Status RpcConnection::decodeResolve(wire::Resolve::Reader r, Decoded& d) {
           if (d.resolveId >= exports_.size() || !exports_[d.resolveId].inUse)
             return Error(Errc::PROTOCOL_ERROR, "resolve to an export that does not exist");
           return {};
+        case wire::CapDescriptor::THIRD_PARTY_HOSTED: {
+          // Handed off (see "Embargoes"): checked as a cap-table entry; resolveHosts finds the
+          // host's connection.
+          wire::ThirdPartyCapDescriptor::Reader t = c.getThirdPartyHosted();
+          d.resolveKind = detail::CapEntry::Kind::THIRD_PARTY;
+          d.capCount = 1;
+          d.capKinds[0] = detail::CapEntry::Kind::THIRD_PARTY;
+          d.capIds[0] = t.getVineId();
+          d.capVats[0] = t.getVatId();
+          d.capProvisions[0] = t.getProvisionId();
+          d.thirdPartyCount = 1;
+          if (d.capIds[0] >= options_.maxImports)
+            return Error(Errc::PROTOCOL_ERROR, "vine id beyond the import table's bound");
+          if (d.capIds[0] < imports_.size() && imports_[d.capIds[0]].localRefs > 0 &&
+              imports_[d.capIds[0]].promise)
+            return Error(Errc::PROTOCOL_ERROR,
+                         "promise resolved to a third party through a promise");
+          if (d.capVats[0] == NO_VAT || d.capVats[0] == options_.peerVat ||
+              (options_.network != nullptr && d.capVats[0] == options_.network->vatId()))
+            return Error(Errc::PROTOCOL_ERROR,
+                         "third-party capability hosted by no vat, the sender or the receiver");
+          return {};
+        }
         default:
-          return Error(Errc::PROTOCOL_ERROR,
-                       "resolve to no capability, a promise or a third party's capability");
+          return Error(Errc::PROTOCOL_ERROR, "resolve to no capability or a promise");
       }
     }
     case wire::Resolve::EXCEPTION:
@@ -251,6 +400,26 @@ Status RpcConnection::handleResolve(const Decoded& d) {
   const bool held = imports_[d.id].localRefs > 0;
   if (d.resolveBroken) {
     if (held) imports_[d.id].broken = remoteError(d.exception);
+    return {};
+  }
+  if (d.resolveKind == detail::CapEntry::Kind::THIRD_PARTY) {
+    if (!held) {  // released meanwhile: give the vine back, the introducer reclaims
+      importRef(d.capIds[0]);
+      ++imports_[d.capIds[0]].remoteRefs;
+      noteImported(d.capIds[0], detail::CapEntry::Kind::SENDER_HOSTED);
+      importUnref(d.capIds[0]);
+      return {};
+    }
+    // New calls go to the host, pipelined on an embargoed Accept; the Disembargo goes behind
+    // every call made on the promise so far (schemas/rpc.capnp, "Embargoes").
+    RemoteCap cap = acceptThirdParty(d, 0, /*embargo=*/true);
+    noteImported(d.capIds[0], detail::CapEntry::Kind::SENDER_HOSTED);  // the vine: a plain import
+    if (cap.kind_ == RemoteCap::Kind::BROKEN) {
+      imports_[d.id].broken = cap.broken_;
+    } else {
+      imports_[d.id].elsewhere = std::make_unique<RemoteCap>(std::move(cap));
+    }
+    sendDisembargo(d.id, NONE);
     return {};
   }
   // A capability we host: our calls keep going through the promise and the sender forwards

@@ -55,8 +55,8 @@ struct Message {
     # "Promise capabilities" below.
 
     disembargo @6 :Disembargo;
-    # Never sent by this version (no reference ever changes route, see "Promise capabilities"
-    # and "Three-party handoff"); receiving one aborts with PROTOCOL_ERROR.
+    # Lifts a three-party embargo when a promise resolves to a handed-off capability (see
+    # "Embargoes" below). Only the contexts `accept` and `provide` are used.
 
     provide @7 :Provide;
     accept @8 :Accept;
@@ -87,10 +87,11 @@ struct Message {
 # A dispatches calls on an export in arrival order, so they are all delivered before A reads the
 # Provide. A never returns an Accept before the matching Provide has arrived (an early Accept
 # waits, see Accept), and B's calls are queued on the Accept's answer until it returns. So every
-# call C made before passing the cap is delivered before any call B makes on it. The route of a
-# reference never changes afterwards: B never calls through the vine (its calls on the handed-off
-# cap always go to A), and a reference that B got pipelined on an answer of C stays a reference
-# through C (C forwards), so no Disembargo is ever needed.
+# call C made before passing the cap is delivered before any call B makes on it. B never calls
+# through the vine (its calls on the handed-off cap always go to A), and a reference that B got
+# pipelined on an answer of C stays a reference through C (C forwards). The one route that
+# changes is a promise's, when it resolves to a handed-off capability: see "Embargoes" (after
+# Disembargo).
 #
 # Failure: every way a provision can end is one of its three ids ending, so nothing leaks:
 #   * B accepts: A frees the provision and returns the Provide.
@@ -155,6 +156,14 @@ struct Accept {
   # a later one seen: NOT_FOUND (never provided, already accepted, or reclaimed); the
   # introducer is not connected to the provider: DISCONNECTED; the provision names another
   # recipient: PERMISSION_DENIED.
+
+  embargo @3 :Bool;
+  # The recipient took the capability from a Resolve of a promise (see "Embargoes"): the provider
+  # completes the Accept only once the introducer's Disembargo {provide} for the provision has
+  # arrived too. Meanwhile the Accept waits (counted with the Accepts that wait for their Provide:
+  # past the recipient's bound it fails OUT_OF_MEMORY); if the provision is reclaimed first it
+  # fails NOT_FOUND, if the introducer disconnects DISCONNECTED. A second Accept for a provision
+  # an embargoed Accept is waiting on gets NOT_FOUND.
 }
 
 struct AcceptResults {
@@ -231,7 +240,8 @@ struct CapDescriptor {
     # A capability the sender imported from a third vat, handed off so that the receiver talks
     # to that vat directly (see "Three-party handoff"). Sent only when both of the sender's
     # connections have a VatNetwork. A receiver without one gets a broken capability (its calls
-    # fail UNSUPPORTED) and releases the vine.
+    # fail UNSUPPORTED) and releases the vine. Also the resolution of a promise (Resolve.cap,
+    # see "Embargoes").
 
     senderPromise @4 :UInt32;
     # As senderHosted (an export id of the sender, one more reference, released the same way),
@@ -262,11 +272,12 @@ struct CapDescriptor {
 # the receiver made them. An embargo (Disembargo) is needed only where the receiver's later
 # calls would take a different path than its earlier ones: a promise resolving to a capability
 # the receiver hosts (it would call its own object directly while earlier calls still travel
-# through the sender) or a handed-off one. This version never shortens such a route: a promise
+# through the sender) or a handed-off one. This version never shortens the first: a promise
 # that resolves to a capability the receiver hosts is announced as receiverHosted, but the
-# receiver goes on calling p and the sender forwards those calls back (in order); one that
-# resolves to a capability of a third vat is proxied through the sender (senderHosted of a
-# forwarding export). So Disembargo is never sent.
+# receiver goes on calling p and the sender forwards those calls back (in order). One that
+# resolves to a capability of a third vat is handed off when the sender can introduce the
+# receiver to that vat (Resolve {thirdPartyHosted}, with the embargo described under
+# "Embargoes"), else proxied through the sender (senderHosted of a forwarding export).
 #
 # A resolution is never itself a promise (the sender resolves to an object, a forwarding export
 # or a capability of the receiver), and a capability the receiver holds never turns into a
@@ -274,9 +285,9 @@ struct CapDescriptor {
 #
 # Hostile input (PROTOCOL_ERROR, checked before anything changes): a Resolve for an id the
 # receiver never got as senderPromise, or already resolved; a Resolve to a promise the receiver
-# holds (the promise itself included), to none, to a promise, to a third party, or to a dead
-# export of the receiver; senderPromise for an id the receiver holds as a plain or resolved
-# import, or senderHosted for one it holds as a pending promise; any Disembargo.
+# holds (the promise itself included), to none, to a promise, or to a dead export of the
+# receiver; senderPromise for an id the receiver holds as a plain or resolved import, or
+# senderHosted for one it holds as a pending promise; the third-party forms under "Embargoes".
 
 struct Return {
   answerId @0 :UInt32;
@@ -343,8 +354,9 @@ struct Resolve {
   union {
     cap @1 :CapDescriptor;
     # What the promise resolved to: senderHosted (one more reference, as in a cap table; not a
-    # promise the receiver holds) or receiverHosted (a live export of the receiver). Not none,
-    # senderPromise or thirdPartyHosted.
+    # promise the receiver holds) or receiverHosted (a live export of the receiver), or
+    # thirdPartyHosted (handed off, with an embargo: see "Embargoes"; the vine not a promise the
+    # receiver holds). Not none or senderPromise.
 
     exception @2 :Exception;
     # The promise broke: calls on it fail with this error.
@@ -353,7 +365,69 @@ struct Resolve {
 
 struct Disembargo {
   target @0 :MessageTarget;
-  embargoId @1 :UInt32;
-  # Reserved (see "Promise capabilities"): never sent by this version, PROTOCOL_ERROR when
-  # received.
+  # accept: importedCap(p), the promise (an export of the receiver it sent as senderPromise and
+  # resolved to thirdPartyHosted, whose embargo is not lifted yet). provide: importedCap(e), the
+  # export the Provide named. Anything else is a PROTOCOL_ERROR.
+
+  context :union {
+    senderLoopback @1 :UInt32;
+    receiverLoopback @2 :UInt32;
+    # Cap'n Proto's two-party embargoes (a promise resolving to the receiver's own object). Not
+    # used: this version never shortens such a route (see "Promise capabilities"), so either is
+    # a PROTOCOL_ERROR.
+
+    accept @3 :Void;
+    # From the recipient to the introducer: every call the recipient made on the promise before
+    # the Resolve is ahead of this message. The introducer forwards those calls on arrival, so by
+    # now they all went out to the provider; it answers with Disembargo{provide} to the provider.
+    # Sent at most once per Resolve to thirdPartyHosted, and only by a recipient that held the
+    # promise when it read the Resolve.
+
+    provide @4 :UInt32;
+    # From the introducer to the provider: the question id of the Provide (a live answer of the
+    # provider, no Finish yet, no Disembargo for it yet). Every call the introducer forwarded on
+    # the promise is ahead of this message; the provider may now complete the embargoed Accept
+    # (if the provision was already taken by an Accept without embargo, it is ignored).
+  }
 }
+
+# Embargoes (three-party)
+#
+# Vat C passes to vat B a capability it will only know later: a call's pipelined result on its
+# connection to vat A (C's question q to A), or a CapPromise it resolves to a capability of
+# another connection. It exports it to B as senderPromise(p). B's calls on p go to C, which
+# sends them on at once, in arrival order (pipelined on q: they queue at A on q's answer).
+#
+#   1. q returns (or the CapPromise is resolved) with an import of C's connection to A, export e
+#      of A, and B still holds p: C -> A Provide {q', importedCap(e), recipient B, provision n},
+#      then C -> B Resolve {p, thirdPartyHosted {A, n, vine}}. From now on C sends calls that
+#      arrive on p to e (on the same C->A ring, so behind the earlier ones).
+#   2. B, on the Resolve (connecting to A first if needed, as for a cap-table entry): B -> A
+#      Accept {a, C, n, embargo = true}; new calls on p go out pipelined on a (directly to A);
+#      then B -> C Disembargo {importedCap(p), accept}, behind every call it made on p.
+#   3. C, on that Disembargo (every earlier call on p already went out to A): C -> A Disembargo
+#      {importedCap(e), provide = q'}.
+#   4. A completes the embargoed Accept (returns it, then the Provide; B's calls queued on a are
+#      delivered) only once it has both the Provide and its Disembargo, in either order.
+#
+# Order (E-order): every call B made on p before the Resolve reaches A on the C->A ring ahead of
+# C's Disembargo; B's later calls wait at A on the Accept until that Disembargo is read. So A
+# delivers B's calls in the order B made them. Afterwards B calls A directly: its reference no
+# longer depends on C (C may die).
+#
+# Resolved otherwise (a capability hosted by C or by B, another promise, a third party, a vat C
+# cannot introduce B to, no network), C resolves p as before (senderHosted of a forwarder, or
+# receiverHosted) or breaks it (exception); nothing is embargoed.
+#
+# Ends: B drops p before the Resolve (its Release reaches C: nothing is provided) or as it
+# crosses (B releases the vine at once: C finishes the Provide, A reclaims the provision); C
+# dies (A's provisions by C go, an embargoed Accept fails DISCONNECTED); B dies (A drops the
+# Accept; C's exports to B go, its Finish reclaims the provision); A dies (the Accept and B's
+# calls fail DISCONNECTED). An embargoed Accept waiting at A counts against the recipient's
+# bound on waiting Accepts (VatNetwork::MAX_WAITING_ACCEPTS_PER_PEER; more: OUT_OF_MEMORY).
+#
+# Hostile input (PROTOCOL_ERROR, checked before anything changes): a Disembargo with a loopback
+# context; `accept` for an id that is not a promise of the receiver resolved to a third party
+# with its embargo pending (a second one included); `provide` for an answer that is not a live
+# Provide or already got its Disembargo, or whose target is not the provided export; a Resolve
+# to thirdPartyHosted hosted by no vat, the sender or the receiver, or whose vine is a promise.

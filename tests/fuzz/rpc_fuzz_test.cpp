@@ -129,12 +129,34 @@ Frame provide(uint32_t q, uint32_t exportId, uint64_t recipient, uint64_t provis
   });
 }
 
-Frame accept(uint32_t q, uint64_t introducer, uint64_t provisionId) {
+Frame accept(uint32_t q, uint64_t introducer, uint64_t provisionId, bool embargo = false) {
   return build([&](rpc::wire::Message::Builder m) {
     auto a = m.initAccept();
     a.setQuestionId(q);
     a.setIntroducer(introducer);
     a.setProvisionId(provisionId);
+    a.setEmbargo(embargo);
+  });
+}
+
+// Disembargo {importedCap(exportId), provide = q}.
+Frame disembargoProvide(uint32_t exportId, uint32_t q) {
+  return build([&](rpc::wire::Message::Builder m) {
+    auto d = m.initDisembargo();
+    d.initTarget().setImportedCap(exportId);
+    d.initContext().setProvide(q);
+  });
+}
+
+// Resolve of promise `id` to a capability of vat `host`, handed off with vine `vine`.
+Frame resolveThirdParty(uint32_t id, uint64_t host, uint32_t vine) {
+  return build([&](rpc::wire::Message::Builder m) {
+    auto r = m.initResolve();
+    r.setPromiseId(id);
+    auto t = r.initCap().initThirdPartyHosted();
+    t.setVatId(host);
+    t.setProvisionId(1);
+    t.setVineId(vine);
   });
 }
 
@@ -191,6 +213,13 @@ std::vector<Conversation> seeds() {
        finish(2), finish(1)},
       {withPromise(1, HANG, 4), resolve(4, Resolution::RECEIVER_HOSTED, 0), finish(1)},
       {withPromise(1, ECHO, 3), finish(1), resolve(3, Resolution::SENDER_HOSTED, 6)},
+      // Embargoes: a provision disembargoed by its introducer, an embargoed Accept, a promise
+      // resolved to a third party's capability (held: Accept and Disembargo; released: the
+      // vine goes back).
+      {provide(1, 0, 3, 1), disembargoProvide(0, 1), finish(1)},
+      {accept(1, 3, 5, true), finish(1), provide(2, 0, 3, 2), disembargoProvide(0, 2)},
+      {withPromise(1, HANG, 3), resolveThirdParty(3, 3, 5), finish(1)},
+      {withPromise(1, ECHO, 3), finish(1), resolveThirdParty(3, 4, 6)},
   };
 }
 

@@ -343,6 +343,66 @@ TEST_F(KernelHandoffTest, AHandedOffCounterIsCalledByTheRecipientDirectlyAfterTh
   reap(b);
 }
 
+// C passes A's counter to B while it is still pipelined on C's open() call: B gets a promise,
+// whose calls go through C until the counter is known, then (Resolve to a third party, an
+// embargoed Accept, Disembargo B -> C -> A) directly to A on B's own bushel.
+TEST_F(KernelHandoffTest, APipelinedCounterPassedOnShortensToTheHostAfterAnEmbargo) {
+  const pid_t a = startServer(kernel_.home(), Role::BANK);
+  const pid_t b = startServer(kernel_.home(), Role::AUDITOR);
+  Watchdog dog("handoff-embargo", 60s, a);
+  C c(kernel_.home());
+  c.run([&](C& self) -> Promise<void> {
+    Session& s = *self.session;
+    AGATE_CO_TRY(co_await s.waitForService("bank"));
+    AGATE_CO_TRY(co_await s.waitForService("auditor"));
+    Result<OpenedBushel> toA = co_await s.openBushel("bank");
+    Result<OpenedBushel> toB = co_await s.openBushel("auditor");
+    CO_CHECK(toA.ok() && toB.ok());
+    Bank::Client bank(toA->connection->bootstrap());
+    Auditor::Client auditor(toB->connection->bootstrap());
+    const caps::ProcessId pidB = toB->server;
+
+    auto opening = bank.open();  // not awaited: the counter is pipelined
+    Counter::Client pipelined = opening.getCounter();
+    auto kept = co_await auditor.keep([&](auto params, auto& request) -> Status {
+      return setCounter(request, params, pipelined);
+    });
+    CO_CHECK(kept.ok());
+    int64_t total = 0;
+    auto poke = [&]() -> Promise<bool> {
+      auto r = co_await auditor.poke();
+      co_return r.ok() && r->results().getTotal() == ++total;
+    };
+    for (int i = 0; i < 10; ++i) CO_CHECK(co_await poke());
+    // The route changes: A sees B's Accept on B's own bushel.
+    Result<Seen> seen = Error(Errc::NOT_FOUND);
+    for (int i = 0; i < 2000; ++i) {
+      seen = co_await seenAt(bank, pidB);
+      if (!seen || seen->accepts == 1) break;
+      (void)co_await s.loop().sleep(1ms);
+    }
+    CO_CHECK(seen.ok() && seen->accepts == 1 && seen->bushels == 1);
+    CO_CHECK(toB->connection->stats().disembargoesReceived == 1);
+    CO_CHECK(toA->connection->stats().disembargoesSent == 1);
+    CO_CHECK(toA->connection->stats().providesSent == 1);
+    // From now on B's calls go to A directly: C forwards none of them.
+    const uint64_t forwarded = toB->connection->stats().callsReceived;
+    for (int i = 0; i < 10; ++i) CO_CHECK(co_await poke());
+    CO_CHECK(toB->connection->stats().callsReceived == forwarded);
+    Result<Seen> after = co_await seenAt(bank, pidB);
+    CO_CHECK(after.ok() && after->calls >= seen->calls + 10 && after->provisions == 0);
+    // B still holds the promise: its export on the bushel to B holds C's references on the
+    // bushel to A, so that bushel is hung up (and torn down) first.
+    AGATE_CO_TRY(co_await s.close(toB->koid));
+    (void)co_await s.loop().sleep(1ms);
+    co_return {};
+  });
+  ::kill(a, SIGKILL);
+  ::kill(b, SIGKILL);
+  reap(a);
+  reap(b);
+}
+
 TEST_F(KernelHandoffTest, TheProvidersDeathFailsTheRecipientsCallsAndReachesOnlyItsClientSide) {
   const pid_t a = startServer(kernel_.home(), Role::BANK);
   const pid_t b = startServer(kernel_.home(), Role::AUDITOR);

@@ -19,7 +19,7 @@ namespace {
 
 using agate::testing::Watchdog;
 
-constexpr VatId A = 1, B = 2, C = 3, D = 4, E = 5;
+constexpr VatId A = 1, B = 2, C = 3, D = 4, E = 5, F = 6;
 
 enum HandoffMethod : uint16_t {
   TAKE = 20,           // CapAndValue{cap, n}: keep the cap, send n RECORD calls on it at once
@@ -101,6 +101,38 @@ class Relay final : public ServerObject {
   }
 };
 
+// Vat F's object: every call waits until open() (once opened, calls no longer wait), then returns
+// CapAndValue with a new Node(1).
+class Gate final : public ServerObject {
+ public:
+  Promise<void> dispatch(uint64_t, uint16_t, CallContext& ctx) override { return wait(ctx); }
+  void reset() noexcept { opened_ = false; }
+  void open() {
+    opened_ = true;
+    std::vector<Fulfiller<void>> waiting = std::move(waiting_);
+    waiting_.clear();
+    for (Fulfiller<void>& f : waiting) f.fulfill(Status{});
+  }
+  Log log;
+
+ private:
+  Promise<void> wait(CallContext& ctx) {
+    if (!opened_) {
+      auto [opened, fulfiller] = newPromiseAndFulfiller<void>();
+      waiting_.push_back(std::move(fulfiller));
+      AGATE_CO_TRY(co_await opened);
+    }
+    Result<CapAndValue::Builder> out = ctx.initResultsAs<CapAndValue>(32);
+    AGATE_CO_TRY(out);
+    Result<uint32_t> index = ctx.addResultCap(std::make_unique<Node>(1, log));
+    AGATE_CO_TRY(index);
+    writeCapPointer(*out, 0, *index);
+    co_return {};
+  }
+  std::vector<Fulfiller<void>> waiting_;
+  bool opened_ = false;
+};
+
 Promise<uint64_t> awaitValue(RemotePromise p) {
   Result<Response> r = co_await p;
   AGATE_CO_TRY(r);
@@ -136,16 +168,18 @@ class HandoffTest : public ::testing::Test {
  protected:
   ~HandoffTest() override { closeNetwork(); }
 
-  void openNetwork(uint64_t ringBytes = 64 * 1024) {
+  void openNetwork(uint64_t ringBytes = 64 * 1024, uint32_t messagesPerTurn = 0) {
     closeNetwork();
-    net_.emplace(loop_, RpcOptions{}, ringBytes);
+    net_.emplace(loop_, RpcOptions{.messagesPerTurn = messagesPerTurn}, ringBytes);
     net_->addVat(A, &aRoot_);
     net_->addVat(B, &recipient_);
     net_->addVat(C, nullptr);
     net_->addVat(D, &relay_);
     net_->addVat(E, &recipientE_);
+    net_->addVat(F, &gate_);
   }
   void closeNetwork() {
+    gate_.reset();
     recipient_.clear();
     recipientE_.clear();
     relay_.toA = RemoteCap();
@@ -179,6 +213,7 @@ class HandoffTest : public ::testing::Test {
   Node aRoot_{0, aLog_};
   Recipient recipient_, recipientE_;
   Relay relay_;
+  Gate gate_;
   std::optional<LocalNetwork> net_;
 };
 
@@ -474,13 +509,52 @@ class RawVat {
     fill(m->initRoot<wire::Message>());
     ASSERT_TRUE(m->send().ok());
   }
-  void accept(uint32_t q, VatId introducer, uint64_t provisionId) {
+  void accept(uint32_t q, VatId introducer, uint64_t provisionId, bool embargo = false) {
     send([&](wire::Message::Builder m) {
       wire::Accept::Builder a = m.initAccept();
       a.setQuestionId(q);
       a.setIntroducer(introducer);
       a.setProvisionId(provisionId);
+      a.setEmbargo(embargo);
     });
+  }
+  void provide(uint32_t q, uint32_t exportId, VatId recipient, uint64_t provisionId) {
+    send([&](wire::Message::Builder m) {
+      wire::Provide::Builder p = m.initProvide();
+      p.setQuestionId(q);
+      p.initTarget().setImportedCap(exportId);
+      p.setRecipient(recipient);
+      p.setProvisionId(provisionId);
+    });
+  }
+  // Disembargo {importedCap(exportId), provide = q}.
+  void disembargoProvide(uint32_t exportId, uint32_t q) {
+    send([&](wire::Message::Builder m) {
+      wire::Disembargo::Builder d = m.initDisembargo();
+      d.initTarget().setImportedCap(exportId);
+      d.initContext().setProvide(q);
+    });
+  }
+  // A RECORD call of `value` pipelined on question `on`, path [0] (an Accept's capability).
+  void recordOn(uint32_t q, uint32_t on, uint64_t value) {
+    send([&](wire::Message::Builder m) {
+      wire::Call::Builder c = m.initCall();
+      c.setQuestionId(q);
+      c.getTarget().initPromisedAnswer().setQuestionId(on);
+      c.getTarget().getPromisedAnswer().initTransform(1).set(0, 0);
+      c.setInterfaceId(NODE_INTERFACE_ID);
+      c.setMethodId(RECORD);
+      c.initParams().getContent().initAs<Value>().setValue(value);
+    });
+  }
+  void finish(uint32_t q) {
+    send([&](wire::Message::Builder m) { m.initFinish().setQuestionId(q); });
+  }
+  // The next message the victim sent.
+  void expectNext(const std::function<void(wire::Message::Reader)>& check) {
+    Result<IncomingMessage> in = loop_.run(rx_->receiveAsync(loop_));
+    ASSERT_TRUE(in.ok()) << errcName(in.code());
+    check(in->getRoot<wire::Message>());
   }
   // The errc of the victim's next Return (for question `q`); OK for results, CANCELLED for
   // Return.canceled.
@@ -670,6 +744,585 @@ TEST_F(HandoffTest, HostileHandoffMessagesAbortWithProtocolError) {
     EXPECT_TRUE(d.abortedWithProtocolError());
     EXPECT_EQ(net_->vat(A).provisionCount(), 0u) << "the dead introducer's provision is gone";
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embargoes: a promise passed on (a pipelined capability, or a CapPromise) whose resolution is
+// handed off, so that the recipient's reference shortens to the host (rpc.capnp, "Embargoes").
+
+// B (Recipient) calls the capability C passed as soon as it has it (100 calls), then the test
+// makes 100 more calls on B's reference, one per loop turn, while the answer, the Resolve and
+// the embargo are in flight: A must see all 200 in the order B made them.
+void callWhileTheRouteChanges(EventLoop& loop, Recipient& recipient, uint64_t from, uint64_t to) {
+  for (uint64_t i = from; i < to;) {
+    if (!recipient.held.isNull()) {
+      recipient.sent.push_back(record(recipient.held, Recipient::FIRST_RECORD + i));
+      ++i;
+    }
+    (void)loop.run(loop.sleep(Duration::zero()));
+  }
+}
+
+void expectInOrder(const std::vector<uint64_t>& order, size_t n) {
+  ASSERT_EQ(order.size(), n);
+  for (uint64_t i = 0; i < n; ++i) ASSERT_EQ(order[i], Recipient::FIRST_RECORD + i) << "at " << i;
+}
+
+TEST_F(HandoffTest, CallsOnAPassedPipelinedCapabilityKeepEOrderWhenItsRouteShortensToTheHost) {
+  for (uint64_t ring : {uint64_t{64 * 1024}, uint64_t{4096}}) {
+    SCOPED_TRACE(ring);
+    aLog_.order.clear();
+    openNetwork(ring);
+    {
+      RemoteCap a = boot(C, A);
+      RemotePromise child = a.newCall(NODE_INTERFACE_ID, NEXT_LATER, 16).send();
+      RemotePromise taken = take(boot(C, B), child.pipeline({0}), 100);
+      callWhileTheRouteChanges(loop_, recipient_, 100, 200);
+      ASSERT_TRUE(runUntil(loop_, [&] { return aLog_.order.size() == 200; })) << aLog_.order.size();
+      expectInOrder(aLog_.order, 200);
+      for (RemotePromise& p : recipient_.sent)
+        ASSERT_TRUE(loop_.run(awaitValue(std::move(p))).ok());
+      recipient_.sent.clear();
+      // The route changed under B's reference, with an embargo: Accept{embargo} to A,
+      // Disembargo B -> C -> A.
+      EXPECT_EQ(conn(B, C).stats().resolvesReceived, 1u);
+      EXPECT_EQ(conn(B, A).stats().acceptsSent, 1u);
+      EXPECT_EQ(conn(B, C).stats().disembargoesSent, 1u);
+      EXPECT_EQ(conn(C, A).stats().disembargoesSent, 1u);
+      EXPECT_EQ(conn(A, C).stats().disembargoesReceived, 1u);
+      EXPECT_GT(conn(A, B).stats().callsReceived, 0u) << "later calls went to A directly";
+      // Now every call goes to A directly.
+      const uint64_t atC = conn(C, B).stats().callsReceived;
+      const uint64_t atA = conn(A, B).stats().callsReceived;
+      Result<uint64_t> v = loop_.run(echo(recipient_.held, 5));
+      ASSERT_TRUE(v.ok()) << errcName(v.code());
+      EXPECT_EQ(*v, 6u);
+      EXPECT_EQ(conn(C, B).stats().callsReceived, atC);
+      EXPECT_EQ(conn(A, B).stats().callsReceived, atA + 1);
+      EXPECT_EQ(net_->vat(A).provisionCount(), 0u);
+      EXPECT_EQ(net_->vat(A).waitingAcceptCount(), 0u);
+      ASSERT_TRUE(loop_.run(awaitValue(std::move(taken))).ok());
+      recipient_.clear();
+    }
+    ASSERT_TRUE(runUntil(loop_, [&] { return aLog_.destroyed == aLog_.created - 1; }))
+        << "the child goes with the last reference";
+    ASSERT_TRUE(runUntil(loop_, [&] {
+      return conn(A, B).answerCount() == 0 && conn(A, C).answerCount() == 0 &&
+             conn(C, B).exportCount() == 1 && conn(C, A).questionCount() == 0;
+    }));
+  }
+}
+
+// The race the embargo exists for: C still has B's earlier calls to forward (readers take one
+// message per turn, so A reads C's ring slowly) when B's direct calls reach A. Without the
+// embargo A would deliver B's direct calls as soon as it has the Provide and the Accept.
+TEST_F(HandoffTest, AnEmbargoHoldsDirectCallsBehindThoseTheIntroducerStillForwards) {
+  openNetwork(64 * 1024, /*messagesPerTurn=*/1);
+  {
+    net_->holdConnects();  // B has no connection to A yet: it reads the Resolve, then waits
+    RemotePromise child = boot(C, A).newCall(NODE_INTERFACE_ID, NEXT_LATER, 16).send();
+    RemotePromise taken = take(boot(C, B), child.pipeline({0}), 100);
+    ASSERT_TRUE(runUntil(loop_, [&] { return net_->pendingConnects() == 1; }));
+    EXPECT_EQ(conn(C, A).stats().providesSent, 1u);
+    for (uint64_t i = 100; i < 200; ++i) {  // still through C: B has not taken the Resolve
+      recipient_.sent.push_back(record(recipient_.held, Recipient::FIRST_RECORD + i));
+    }
+    net_->releaseConnects();
+    while (conn(B, A).stats().acceptsSent == 0) (void)loop_.run(loop_.sleep(Duration::zero()));
+    EXPECT_LT(aLog_.order.size(), 200u) << "C has not forwarded everything yet";
+    for (uint64_t i = 200; i < 300; ++i) {  // directly to A, pipelined on the embargoed Accept
+      recipient_.sent.push_back(record(recipient_.held, Recipient::FIRST_RECORD + i));
+    }
+    ASSERT_TRUE(runUntil(loop_, [&] { return aLog_.order.size() == 300; })) << aLog_.order.size();
+    expectInOrder(aLog_.order, 300);
+    EXPECT_EQ(conn(A, B).stats().acceptsEmbargoed, 1u) << "the Accept waited for C's Disembargo";
+    EXPECT_EQ(conn(A, B).stats().callsReceived, 100u);
+    for (RemotePromise& p : recipient_.sent) ASSERT_TRUE(loop_.run(awaitValue(std::move(p))).ok());
+    recipient_.clear();
+    ASSERT_TRUE(loop_.run(awaitValue(std::move(taken))).ok());
+  }
+  ASSERT_TRUE(runUntil(loop_, [&] {
+    return net_->vat(A).provisionCount() == 0 && conn(A, B).answerCount() == 0 &&
+           conn(A, C).answerCount() == 0 && aLog_.destroyed == aLog_.created - 1;
+  }));
+}
+
+TEST_F(HandoffTest, APassedPipelinedCapabilityStaysAProxyWhenTheNetworkCannotIntroduce) {
+  openNetwork();
+  net_->refuseIntroductions(true);
+  RemoteCap a = boot(C, A);
+  RemotePromise child = a.newCall(NODE_INTERFACE_ID, NEXT_LATER, 16).send();
+  RemotePromise taken = take(boot(C, B), child.pipeline({0}), 100);
+  callWhileTheRouteChanges(loop_, recipient_, 100, 200);
+  ASSERT_TRUE(runUntil(loop_, [&] { return aLog_.order.size() == 200; })) << aLog_.order.size();
+  expectInOrder(aLog_.order, 200);
+  EXPECT_EQ(conn(C, B).stats().resolvesSent, 1u) << "resolved to a proxy (senderHosted)";
+  EXPECT_EQ(conn(C, A).stats().providesSent, 0u);
+  EXPECT_EQ(conn(B, C).stats().disembargoesSent, 0u);
+  EXPECT_EQ(net_->pairCount(), 2u) << "B never connected to A: every call went through C";
+  for (RemotePromise& p : recipient_.sent) ASSERT_TRUE(loop_.run(awaitValue(std::move(p))).ok());
+  recipient_.sent.clear();
+  ASSERT_TRUE(loop_.run(awaitValue(std::move(taken))).ok());
+}
+
+TEST_F(HandoffTest, CallsOnAPromiseResolvedToAnotherVatsCapabilityKeepEOrderAcrossTheHandoff) {
+  for (bool pipelined : {false, true}) {
+    SCOPED_TRACE(pipelined ? "resolved to a pipelined capability" : "resolved to an import");
+    aLog_.order.clear();
+    openNetwork();
+    {
+      RemoteCap a = boot(C, A);
+      CapPromise later = conn(C, B).newCapPromise();
+      Request r = boot(C, B).newCall(NODE_INTERFACE_ID, TAKE, 64);
+      CapAndValue::Builder p = r.initParams<CapAndValue>();
+      writeCapPointer(p, 0, r.addCap(later).value());
+      p.setValue(100);
+      RemotePromise taken = r.send();
+      ASSERT_TRUE(runUntil(loop_, [&] { return conn(C, B).stats().promiseCallsQueued == 100; }));
+      std::optional<RemotePromise> child;
+      if (pipelined) {
+        child.emplace(a.newCall(NODE_INTERFACE_ID, NEXT_LATER, 16).send());
+        later.resolve(child->pipeline({0}));
+      } else {
+        later.resolve(childOfA());
+      }
+      callWhileTheRouteChanges(loop_, recipient_, 100, 200);
+      ASSERT_TRUE(runUntil(loop_, [&] { return aLog_.order.size() == 200; })) << aLog_.order.size();
+      expectInOrder(aLog_.order, 200);
+      EXPECT_EQ(conn(C, A).stats().providesSent, 1u);
+      EXPECT_EQ(conn(B, C).stats().disembargoesSent, 1u);
+      EXPECT_EQ(conn(C, A).stats().disembargoesSent, 1u);
+      const uint64_t atC = conn(C, B).stats().callsReceived;
+      ASSERT_TRUE(loop_.run(echo(recipient_.held, 5)).ok());
+      EXPECT_EQ(conn(C, B).stats().callsReceived, atC) << "B calls A directly";
+      ASSERT_TRUE(loop_.run(awaitValue(std::move(taken))).ok());
+      recipient_.clear();
+    }
+    ASSERT_TRUE(runUntil(loop_, [&] {
+      return net_->vat(A).provisionCount() == 0 && conn(A, B).answerCount() == 0 &&
+             conn(C, B).exportCount() == 1 && conn(C, A).questionCount() == 0;
+    }));
+  }
+}
+
+TEST_F(HandoffTest, AShortenedReferenceSurvivesTheIntroducersDeath) {
+  openNetwork();
+  {
+    RemoteCap a = boot(C, A);
+    RemotePromise child = a.newCall(NODE_INTERFACE_ID, NEXT_LATER, 16).send();
+    RemotePromise taken = take(boot(C, B), child.pipeline({0}), 1);
+    ASSERT_TRUE(loop_.run(awaitValue(std::move(taken))).ok());
+    // The Accept returned: the route is B -> A now.
+    ASSERT_TRUE(runUntil(loop_, [&] {
+      return conn(A, C).stats().disembargoesReceived == 1 &&
+             conn(B, A).stats().returnsReceived == 1;
+    }));
+  }
+  net_->killVat(C);
+  loop_.runUntilIdle();
+  EXPECT_EQ(net_->connection(B, C).code(), Errc::DISCONNECTED);
+  Result<uint64_t> v = loop_.run(echo(recipient_.held, 5));
+  ASSERT_TRUE(v.ok()) << errcName(v.code());
+  EXPECT_EQ(*v, 6u);
+  ASSERT_EQ(aLog_.order.size(), 1u);
+  EXPECT_EQ(aLog_.order[0], Recipient::FIRST_RECORD);
+}
+
+TEST_F(HandoffTest, TheIntroducerDyingBeforeThePromiseResolvesFailsTheRecipientsCalls) {
+  openNetwork();
+  {
+    RemoteCap a = boot(C, A);
+    RemotePromise hanging = a.newCall(NODE_INTERFACE_ID, HANG, 16).send();
+    RemotePromise taken = take(boot(C, B), hanging.pipeline({0}), 3);
+    ASSERT_TRUE(runUntil(loop_, [&] { return recipient_.sent.size() == 3; }));
+    ASSERT_TRUE(runUntil(loop_, [&] { return conn(A, C).stats().pipelinedCallsQueued == 3; }));
+    net_->killVat(C);
+  }
+  (void)expectAllFail(recipient_.sent, Errc::DISCONNECTED);
+  EXPECT_EQ(loop_.run(echo(recipient_.held, 1)).code(), Errc::DISCONNECTED);
+  recipient_.clear();
+  ASSERT_TRUE(runUntil(loop_, [&] { return aLog_.hanging == 0; }));
+  EXPECT_EQ(net_->vat(A).provisionCount(), 0u);
+  EXPECT_EQ(net_->vat(A).waitingAcceptCount(), 0u);
+  EXPECT_TRUE(aLog_.order.empty());
+}
+
+TEST_F(HandoffTest, APromiseThatBreaksBreaksTheRecipientsReference) {
+  openNetwork();
+  RemoteCap a = boot(C, A);
+  RemotePromise failing = a.newCall(NODE_INTERFACE_ID, FAIL_LATER, 16).send();
+  RemotePromise taken = take(boot(C, B), failing.pipeline({0}), 2);
+  ASSERT_TRUE(loop_.run(awaitValue(std::move(taken))).ok());
+  ASSERT_TRUE(runUntil(loop_, [&] { return conn(B, C).stats().resolvesReceived == 1; }));
+  Error e = expectAllFail(recipient_.sent, Errc::FAILED);
+  EXPECT_STREQ(e.detail, "boom later");
+  Result<uint64_t> later = loop_.run(echo(recipient_.held, 1));
+  EXPECT_EQ(later.code(), Errc::FAILED);
+  EXPECT_EQ(conn(C, A).stats().providesSent, 0u);
+  EXPECT_EQ(conn(B, C).stats().disembargoesSent, 0u);
+}
+
+TEST_F(HandoffTest, APromisedCapabilityDroppedByTheRecipientIsNeverProvided) {
+  openNetwork();
+  RemotePromise gated = boot(C, F).newCall(NODE_INTERFACE_ID, 0, 16).send();
+  {
+    // Dropped unsent: the promise export never existed.
+    Request r = boot(C, B).newCall(NODE_INTERFACE_ID, TAKE, 64);
+    ASSERT_TRUE(r.addCap(gated.pipeline({0})).ok());
+  }
+  ASSERT_TRUE(loop_.run(awaitValue(take(boot(C, B), gated.pipeline({0}), 2))).ok());
+  ASSERT_TRUE(runUntil(loop_, [&] { return conn(F, C).stats().pipelinedCallsQueued == 2; }));
+  recipient_.clear();  // B drops the promise (and its calls) before it resolves
+  ASSERT_TRUE(runUntil(loop_, [&] { return conn(C, B).exportCount() == 1; }));
+  gate_.open();
+  Result<Response> r =
+      loop_.run([](RemotePromise& p) -> Promise<Response> { co_return co_await p; }(gated));
+  ASSERT_TRUE(r.ok()) << errcName(r.code());
+  loop_.runUntilIdle();
+  EXPECT_EQ(conn(C, F).stats().providesSent, 0u);
+  EXPECT_EQ(conn(C, B).stats().resolvesSent, 0u);
+  EXPECT_EQ(net_->vat(F).provisionCount(), 0u);
+  EXPECT_EQ(conn(C, F).questionCount(), 1u) << "only the test's own question is left";
+}
+
+TEST_F(HandoffTest, TheIntroducerDyingBeforeTheRecipientTakesTheResolutionFreesEverything) {
+  openNetwork();
+  {
+    RemotePromise gated = boot(C, F).newCall(NODE_INTERFACE_ID, 0, 16).send();
+    RemotePromise taken = take(boot(C, B), gated.pipeline({0}), 2);
+    ASSERT_TRUE(loop_.run(awaitValue(std::move(taken))).ok());
+    net_->holdConnects();  // B cannot reach F yet: the Resolve waits in B's reader
+    gate_.open();
+    ASSERT_TRUE(runUntil(
+        loop_, [&] { return net_->pendingConnects() == 1 && net_->vat(F).provisionCount() == 1; }));
+  }
+  net_->killVat(C);
+  ASSERT_TRUE(runUntil(loop_, [&] { return net_->vat(F).provisionCount() == 0; }));
+  net_->releaseConnects();
+  loop_.runUntilIdle();
+  // B's calls made through C were delivered (or failed with C); later ones fail DISCONNECTED.
+  for (RemotePromise& p : recipient_.sent) {
+    Result<uint64_t> v = loop_.run(awaitValue(std::move(p)));
+    EXPECT_TRUE(v.ok() || v.code() == Errc::DISCONNECTED) << errcName(v.code());
+  }
+  recipient_.sent.clear();
+  EXPECT_EQ(loop_.run(echo(recipient_.held, 1)).code(), Errc::DISCONNECTED);
+  recipient_.clear();
+  ASSERT_TRUE(runUntil(loop_, [&] { return gate_.log.destroyed == gate_.log.created; }));
+  EXPECT_EQ(net_->vat(F).waitingAcceptCount(), 0u);
+}
+
+TEST_F(HandoffTest, TheHostDyingBreaksTheRecipientsPromisedReferenceAndNothingElse) {
+  for (bool beforeTheResolve : {true, false}) {
+    SCOPED_TRACE(beforeTheResolve ? "before the answer returned" : "while B connects to it");
+    openNetwork();
+    {
+      RemotePromise gated = boot(C, F).newCall(NODE_INTERFACE_ID, 0, 16).send();
+      RemotePromise taken = take(boot(C, B), gated.pipeline({0}), 2);
+      ASSERT_TRUE(loop_.run(awaitValue(std::move(taken))).ok());
+      if (!beforeTheResolve) {
+        net_->holdConnects();
+        gate_.open();
+        ASSERT_TRUE(runUntil(loop_, [&] { return net_->pendingConnects() == 1; }));
+      }
+      net_->killVat(F);
+      net_->releaseConnects();
+      EXPECT_EQ(loop_.run(awaitValue(std::move(gated))).code(),
+                beforeTheResolve ? Errc::DISCONNECTED : Errc::OK);
+    }
+    ASSERT_TRUE(runUntil(loop_, [&] { return conn(B, C).stats().resolvesReceived == 1; }));
+    loop_.runUntilIdle();
+    // B's calls made before went through C to F: failed with F, or served before it died.
+    for (RemotePromise& p : recipient_.sent) {
+      EXPECT_EQ(loop_.run(awaitValue(std::move(p))).code(),
+                beforeTheResolve ? Errc::DISCONNECTED : Errc::OK);
+    }
+    recipient_.sent.clear();
+    EXPECT_EQ(loop_.run(echo(recipient_.held, 1)).code(), Errc::DISCONNECTED);
+    EXPECT_EQ(conn(B, C).stats().disembargoesSent, beforeTheResolve ? 0u : 1u);
+    recipient_.clear();
+    ASSERT_TRUE(runUntil(loop_, [&] {
+      return conn(C, B).exportCount() == 1 && conn(C, B).answerCount() == 0 &&
+             conn(B, C).importCount() == 0;
+    }));
+    EXPECT_TRUE(conn(C, B).isOpen());
+    EXPECT_EQ(gate_.log.destroyed, gate_.log.created);
+  }
+}
+
+TEST_F(HandoffTest, AResolveCrossingTheRecipientsReleaseGivesTheVineBackAtOnce) {
+  openNetwork();
+  RawVat c(loop_, net_->vat(B), C, &aRoot_);  // B's connection to a raw introducer C
+  c.send([](wire::Message::Builder m) {
+    wire::Call::Builder call = m.initCall();
+    call.setQuestionId(1);
+    call.getTarget().setImportedCap(0);
+    call.setInterfaceId(NODE_INTERFACE_ID);
+    call.setMethodId(HANG);
+    call.initParams().initCapTable(1)[0].setSenderPromise(3);
+  });
+  ASSERT_TRUE(runUntil(loop_, [&] { return aLog_.hanging == 1; }));
+  c.finish(1);  // B drops the call and the promise with it: Release(3)
+  EXPECT_EQ(c.nextReturn(1), Errc::CANCELLED);
+  c.expectNext([](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::RELEASE);
+    EXPECT_EQ(m.getRelease().getId(), 3u);
+  });
+  c.send([](wire::Message::Builder m) {  // crossing it
+    wire::Resolve::Builder r = m.initResolve();
+    r.setPromiseId(3);
+    wire::ThirdPartyCapDescriptor::Builder t = r.initCap().initThirdPartyHosted();
+    t.setVatId(A);
+    t.setProvisionId(1);
+    t.setVineId(4);
+  });
+  c.expectNext([](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::RELEASE);
+    EXPECT_EQ(m.getRelease().getId(), 4u);
+    EXPECT_EQ(m.getRelease().getReferenceCount(), 1u);
+  });
+  EXPECT_EQ(c.victim().stats().disembargoesSent, 0u);
+  EXPECT_EQ(c.victim().stats().acceptsSent, 0u);
+  EXPECT_TRUE(c.victim().isOpen());
+}
+
+// The introducer's side, with a raw recipient: C takes one Disembargo {accept} per Resolve it
+// sent; a second one is hostile, and aborts only the recipient's connection.
+TEST_F(HandoffTest, ASecondDisembargoFromTheRecipientAbortsOnlyItsConnection) {
+  openNetwork();
+  constexpr VatId RAW = 77;
+  RawVat b(loop_, net_->vat(C), RAW, nullptr);  // C's connection to a raw recipient
+  RemotePromise gated = boot(C, F).newCall(NODE_INTERFACE_ID, 0, 16).send();
+  RemotePromise taken = take(b.victim().bootstrap(), gated.pipeline({0}), 0);
+  uint32_t promise = 0;
+  b.expectNext([&](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::CALL);
+    auto caps = m.getCall().getParams().getCapTable();
+    ASSERT_EQ(caps.size(), 1u);
+    ASSERT_EQ(caps[0].which(), wire::CapDescriptor::SENDER_PROMISE);
+    promise = caps[0].getSenderPromise();
+  });
+  gate_.open();
+  b.expectNext([&](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::RESOLVE);
+    EXPECT_EQ(m.getResolve().getPromiseId(), promise);
+    ASSERT_EQ(m.getResolve().getCap().which(), wire::CapDescriptor::THIRD_PARTY_HOSTED);
+    EXPECT_EQ(m.getResolve().getCap().getThirdPartyHosted().getVatId(), F);
+  });
+  EXPECT_EQ(net_->vat(F).provisionCount(), 1u);
+  auto disembargo = [&](wire::Message::Builder m) {
+    wire::Disembargo::Builder d = m.initDisembargo();
+    d.initTarget().setImportedCap(promise);
+    d.initContext().setAccept();
+  };
+  b.send(disembargo);
+  ASSERT_TRUE(runUntil(loop_, [&] { return conn(F, C).stats().disembargoesReceived == 1; }));
+  EXPECT_TRUE(b.victim().isOpen());
+  b.send(disembargo);
+  EXPECT_TRUE(b.abortedWithProtocolError());
+  ASSERT_TRUE(runUntil(loop_, [&] { return net_->vat(F).provisionCount() == 0; }))
+      << "the recipient's death reclaims the provision";
+  EXPECT_TRUE(conn(C, F).isOpen());
+  EXPECT_EQ(loop_.run(awaitValue(std::move(taken))).code(), Errc::PROTOCOL_ERROR);
+  ASSERT_TRUE(
+      loop_.run([](RemotePromise& p) -> Promise<Response> { co_return co_await p; }(gated)).ok());
+}
+
+// The provider's side, driven by raw vats: D introduces (Provide, then Disembargo), E accepts.
+class EmbargoTest : public HandoffTest {
+ protected:
+  void SetUp() override {
+    openNetwork();
+    d_.emplace(loop_, net_->vat(A), D, &aRoot_);
+    e_.emplace(loop_, net_->vat(A), E, nullptr);
+  }
+  void TearDown() override {
+    e_.reset();
+    d_.reset();
+  }
+  std::optional<RawVat> d_, e_;
+};
+
+TEST_F(EmbargoTest, AnEmbargoedAcceptWaitsForTheIntroducersDisembargo) {
+  d_->provide(1, 0, E, 5);
+  e_->accept(1, D, 5, /*embargo=*/true);
+  e_->recordOn(2, 1, 7);  // queued on the Accept
+  ASSERT_TRUE(runUntil(loop_, [&] { return e_->victim().stats().acceptsEmbargoed == 1; }));
+  loop_.runUntilIdle();
+  EXPECT_EQ(net_->vat(A).waitingAcceptCount(), 1u);
+  EXPECT_EQ(net_->vat(A).provisionCount(), 1u);
+  EXPECT_TRUE(aLog_.order.empty()) << "the embargo holds the recipient's call";
+  d_->send([](wire::Message::Builder m) {  // the introducer's forwarded call goes first
+    wire::Call::Builder c = m.initCall();
+    c.setQuestionId(2);
+    c.getTarget().setImportedCap(0);
+    c.setInterfaceId(NODE_INTERFACE_ID);
+    c.setMethodId(RECORD);
+    c.initParams().getContent().initAs<Value>().setValue(6);
+  });
+  d_->disembargoProvide(0, 1);
+  EXPECT_EQ(e_->nextReturn(1), Errc::OK);
+  EXPECT_EQ(e_->nextReturn(2), Errc::OK);
+  EXPECT_EQ(d_->nextReturn(2), Errc::OK);
+  EXPECT_EQ(d_->nextReturn(1), Errc::OK) << "the Provide returns once accepted";
+  EXPECT_EQ(aLog_.order, (std::vector<uint64_t>{6, 7}));
+  EXPECT_EQ(net_->vat(A).waitingAcceptCount(), 0u);
+  EXPECT_EQ(net_->vat(A).provisionCount(), 0u);
+}
+
+TEST_F(EmbargoTest, ADisembargoBeforeTheAcceptLetsItCompleteAtOnce) {
+  d_->provide(1, 0, E, 5);
+  d_->disembargoProvide(0, 1);
+  ASSERT_TRUE(runUntil(loop_, [&] { return d_->victim().stats().disembargoesReceived == 1; }));
+  e_->accept(1, D, 5, /*embargo=*/true);
+  EXPECT_EQ(e_->nextReturn(1), Errc::OK);
+  EXPECT_EQ(d_->nextReturn(1), Errc::OK);
+  EXPECT_EQ(e_->victim().stats().acceptsEmbargoed, 0u);
+}
+
+TEST_F(EmbargoTest, AnAcceptWithoutEmbargoIsNotHeldAndALaterDisembargoIsIgnored) {
+  d_->provide(1, 0, E, 5);
+  e_->accept(1, D, 5);
+  EXPECT_EQ(e_->nextReturn(1), Errc::OK);
+  EXPECT_EQ(d_->nextReturn(1), Errc::OK);
+  d_->disembargoProvide(0, 1);  // the Provide's answer lives until its Finish
+  ASSERT_TRUE(runUntil(loop_, [&] { return d_->victim().stats().disembargoesReceived == 1; }));
+  EXPECT_TRUE(d_->victim().isOpen());
+}
+
+TEST_F(EmbargoTest, TheIntroducersFinishFailsAWaitingEmbargoedAcceptNotFound) {
+  d_->provide(1, 0, E, 5);
+  e_->accept(1, D, 5, true);
+  ASSERT_TRUE(runUntil(loop_, [&] { return net_->vat(A).waitingAcceptCount() == 1; }));
+  d_->finish(1);
+  EXPECT_EQ(d_->nextReturn(1), Errc::CANCELLED);
+  EXPECT_EQ(e_->nextReturn(1), Errc::NOT_FOUND);
+  EXPECT_EQ(net_->vat(A).waitingAcceptCount(), 0u);
+  EXPECT_EQ(net_->vat(A).provisionCount(), 0u);
+  EXPECT_TRUE(e_->victim().isOpen());
+}
+
+TEST_F(EmbargoTest, TheIntroducersDeathFailsAWaitingEmbargoedAcceptDisconnected) {
+  d_->provide(1, 0, E, 5);
+  e_->accept(1, D, 5, true);
+  ASSERT_TRUE(runUntil(loop_, [&] { return net_->vat(A).waitingAcceptCount() == 1; }));
+  d_.reset();
+  EXPECT_EQ(e_->nextReturn(1), Errc::DISCONNECTED);
+  EXPECT_EQ(net_->vat(A).waitingAcceptCount(), 0u);
+  EXPECT_EQ(net_->vat(A).provisionCount(), 0u);
+}
+
+TEST_F(EmbargoTest, TheRecipientsFinishOrDeathFreesAWaitingEmbargoedAccept) {
+  d_->provide(1, 0, E, 5);
+  e_->accept(1, D, 5, true);
+  ASSERT_TRUE(runUntil(loop_, [&] { return net_->vat(A).waitingAcceptCount() == 1; }));
+  e_->finish(1);
+  EXPECT_EQ(e_->nextReturn(1), Errc::CANCELLED);
+  EXPECT_EQ(net_->vat(A).waitingAcceptCount(), 0u);
+  EXPECT_EQ(net_->vat(A).provisionCount(), 1u) << "the provision stays for the introducer";
+  d_->disembargoProvide(0, 1);
+  ASSERT_TRUE(runUntil(loop_, [&] { return d_->victim().stats().disembargoesReceived == 1; }));
+  e_->accept(2, D, 5, true);  // the provision was disembargoed: taken at once
+  EXPECT_EQ(e_->nextReturn(2), Errc::OK);
+  d_->provide(2, 0, E, 6);
+  e_->accept(3, D, 6, true);
+  ASSERT_TRUE(runUntil(loop_, [&] { return net_->vat(A).waitingAcceptCount() == 1; }));
+  e_.reset();
+  EXPECT_EQ(net_->vat(A).waitingAcceptCount(), 0u);
+  EXPECT_EQ(net_->vat(A).provisionCount(), 1u);
+  d_->finish(2);
+  ASSERT_TRUE(runUntil(loop_, [&] { return net_->vat(A).provisionCount() == 0; }));
+}
+
+TEST_F(EmbargoTest, OneEmbargoedAcceptPerProvisionAndTheirWaitIsBoundedPerRecipient) {
+  d_->provide(1, 0, E, 1);
+  e_->accept(1, D, 1, true);
+  e_->accept(2, D, 1, true);
+  EXPECT_EQ(e_->nextReturn(2), Errc::NOT_FOUND);
+  constexpr uint32_t LIMIT = VatNetwork::MAX_WAITING_ACCEPTS_PER_PEER;
+  for (uint32_t i = 2; i <= LIMIT + 1; ++i) {
+    d_->provide(i, 0, E, i);
+    e_->accept(i + 1, D, i, true);
+  }
+  EXPECT_EQ(e_->nextReturn(LIMIT + 2), Errc::OUT_OF_MEMORY);
+  EXPECT_EQ(net_->vat(A).waitingAcceptCount(), LIMIT);
+  EXPECT_EQ(net_->vat(A).provisionCount(), LIMIT + 1) << "the refused Accept left its provision";
+  EXPECT_TRUE(e_->victim().isOpen());
+}
+
+TEST_F(EmbargoTest, HostileDisembargoesAbortWithProtocolError) {
+  struct Case {
+    const char* what;
+    std::function<void(RawVat&)> fill;
+  };
+  auto disembargo = [](uint32_t exportId, uint32_t q) {
+    return [=](RawVat& v) { v.disembargoProvide(exportId, q); };
+  };
+  const Case cases[] = {
+      {"provide of no answer", disembargo(0, 9)},
+      {"provide naming a call",
+       [](RawVat& v) {
+         v.send([](wire::Message::Builder m) {
+           wire::Call::Builder c = m.initCall();
+           c.setQuestionId(1);
+           c.getTarget().setImportedCap(0);
+           c.setInterfaceId(NODE_INTERFACE_ID);
+           c.setMethodId(HANG);
+         });
+         v.disembargoProvide(0, 1);
+       }},
+      {"provide of another export",
+       [](RawVat& v) {
+         v.provide(1, 0, E, 5);
+         v.disembargoProvide(3, 1);
+       }},
+      {"second disembargo",
+       [](RawVat& v) {
+         v.provide(1, 0, E, 5);
+         v.disembargoProvide(0, 1);
+         v.disembargoProvide(0, 1);
+       }},
+      {"provide after its finish",
+       [](RawVat& v) {
+         v.provide(1, 0, E, 5);
+         v.finish(1);
+         v.disembargoProvide(0, 1);
+       }},
+      {"accept of an export that is no promise",
+       [](RawVat& v) {
+         v.send([](wire::Message::Builder m) {
+           wire::Disembargo::Builder d = m.initDisembargo();
+           d.initTarget().setImportedCap(0);
+           d.initContext().setAccept();
+         });
+       }},
+      {"a promised answer target",
+       [](RawVat& v) {
+         v.provide(1, 0, E, 5);
+         v.send([](wire::Message::Builder m) {
+           wire::Disembargo::Builder d = m.initDisembargo();
+           d.initTarget().initPromisedAnswer().setQuestionId(1);
+           d.initContext().setProvide(1);
+         });
+       }},
+      {"receiver loopback",
+       [](RawVat& v) {
+         v.send([](wire::Message::Builder m) {
+           wire::Disembargo::Builder d = m.initDisembargo();
+           d.initTarget().setImportedCap(0);
+           d.initContext().setReceiverLoopback(1);
+         });
+       }},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.what);
+    RawVat v(loop_, net_->vat(A), C, &aRoot_);
+    c.fill(v);
+    EXPECT_TRUE(v.abortedWithProtocolError());
+    EXPECT_EQ(net_->vat(A).provisionCount(), 0u);
+  }
+  loop_.runUntilIdle();
+  EXPECT_EQ(aLog_.hanging, 0);
 }
 
 }  // namespace

@@ -287,11 +287,29 @@ TEST_F(RpcHostileTest, ResolveForAnIdNeverImportedAborts) {
   expectAborted();
 }
 
-TEST_F(RpcHostileTest, DisembargoAborts) {
+TEST_F(RpcHostileTest, LoopbackDisembargoAborts) {
   send([](wire::Message::Builder m) {
     wire::Disembargo::Builder d = m.initDisembargo();
     d.getTarget().setImportedCap(0);
-    d.setEmbargoId(1);
+    d.initContext().setSenderLoopback(1);
+  });
+  expectAborted();
+}
+
+TEST_F(RpcHostileTest, DisembargoOfAnExportThatIsNoPromiseAborts) {
+  send([](wire::Message::Builder m) {
+    wire::Disembargo::Builder d = m.initDisembargo();
+    d.getTarget().setImportedCap(0);
+    d.initContext().setAccept();
+  });
+  expectAborted();
+}
+
+TEST_F(RpcHostileTest, DisembargoOfAProvideWithoutAVatNetworkAborts) {
+  send([](wire::Message::Builder m) {
+    wire::Disembargo::Builder d = m.initDisembargo();
+    d.getTarget().setImportedCap(0);
+    d.initContext().setProvide(1);
   });
   expectAborted();
 }
@@ -345,6 +363,70 @@ class RpcHostilePromiseTest : public RpcHostileTest {
   }
   int hangingBefore_ = 0;
 };
+
+// Resolve {thirdPartyHosted}: the victim has no VatNetwork, so a well-formed one breaks the
+// promise (UNSUPPORTED), gives the vine back and lifts its side of the embargo; malformed ones
+// abort.
+void setThirdParty(wire::CapDescriptor::Builder c, uint64_t vat, uint32_t vine) {
+  wire::ThirdPartyCapDescriptor::Builder t = c.initThirdPartyHosted();
+  t.setVatId(vat);
+  t.setProvisionId(1);
+  t.setVineId(vine);
+}
+
+TEST_F(RpcHostilePromiseTest, ResolveToAThirdPartyWithoutANetworkBreaksThePromise) {
+  hangHolding(1, {3});
+  resolveTo(3, [](wire::CapDescriptor::Builder c) { setThirdParty(c, 7, 5); });
+  expectFromVictim([](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::RELEASE);
+    EXPECT_EQ(m.getRelease().getId(), 5u);
+  });
+  expectFromVictim([](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::DISEMBARGO);
+    EXPECT_EQ(m.getDisembargo().getTarget().getImportedCap(), 3u);
+    EXPECT_EQ(m.getDisembargo().getContext().which(), wire::Disembargo::Context::ACCEPT);
+  });
+  expectStillOpen(2);
+  EXPECT_EQ(victim_->stats().disembargoesSent, 1u);
+}
+
+TEST_F(RpcHostilePromiseTest, AVineMayReuseAnIdOnceHeldAsAPromise) {
+  hangHolding(1, {4});
+  finish(1);  // the victim drops promise 4 (its promise mark stays for a crossing Resolve)
+  expectFromVictim([](wire::Message::Reader m) { EXPECT_EQ(m.which(), wire::Message::RETURN); });
+  expectFromVictim([](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::RELEASE);
+    EXPECT_EQ(m.getRelease().getId(), 4u);
+  });
+  hangingBefore_ = log_.hanging;  // the first call was cancelled
+  hangHolding(2, {3});
+  resolveTo(3, [](wire::CapDescriptor::Builder c) { setThirdParty(c, 7, 4); });
+  expectFromVictim([](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::RELEASE);
+    EXPECT_EQ(m.getRelease().getId(), 4u);
+  });
+  expectFromVictim(
+      [](wire::Message::Reader m) { EXPECT_EQ(m.which(), wire::Message::DISEMBARGO); });
+  expectStillOpen(5);
+}
+
+TEST_F(RpcHostilePromiseTest, ResolveToAThirdPartyHostedByNoVatAborts) {
+  hangHolding(1, {3});
+  resolveTo(3, [](wire::CapDescriptor::Builder c) { setThirdParty(c, 0, 5); });
+  expectAborted();
+}
+
+TEST_F(RpcHostilePromiseTest, ResolveToAThirdPartyWhoseVineIsAHeldPromiseAborts) {
+  hangHolding(1, {3, 4});
+  resolveTo(3, [](wire::CapDescriptor::Builder c) { setThirdParty(c, 7, 4); });
+  expectAborted();
+}
+
+TEST_F(RpcHostilePromiseTest, ResolveToAThirdPartyWithAVineBeyondTheImportBoundAborts) {
+  hangHolding(1, {3});
+  resolveTo(3, [](wire::CapDescriptor::Builder c) { setThirdParty(c, 7, 64); });
+  expectAborted();
+}
 
 TEST_F(RpcHostilePromiseTest, ResolveForAPlainImportAborts) {
   hangHolding(1, {}, {3});

@@ -312,9 +312,10 @@ class [[nodiscard]] Request {
   // Adds a capability to the params' cap table; write its index into the content with
   // writeCapPointer. A RemoteCap of another connection is handed off to the receiver (it will
   // call the host directly) when both connections have a VatNetwork, else passed as a proxy
-  // through this vat (a forwarding export); one still pipelined on another connection is always
-  // proxied. INVALID_ARGUMENT for a pipelined RemoteCap of this connection (promise passing is
-  // not done) or a broken one; the host connection's error when it is dead; OUT_OF_MEMORY past
+  // through this vat (a forwarding export); one still pipelined on another connection goes as a
+  // promise handed off once its answer returns (rpc/README.md, "Embargoes"), or as a proxy.
+  // INVALID_ARGUMENT for a pipelined RemoteCap of this connection (promise passing is not done) or
+  // a broken one; the host connection's error when it is dead; OUT_OF_MEMORY past
   // MAX_CAPS_PER_MESSAGE.
   Result<uint32_t> addCap(const RemoteCap& cap);
   Result<uint32_t> addCap(ServerObject& object);                  // stays owned by the caller
@@ -427,8 +428,9 @@ class CallContext {
 //
 // Move-only. Settling consumes it (it is empty afterwards); dropping it unsettled rejects it with
 // FAILED. A handle on its connection: drop it before the connection (checked). Resolving to a
-// RemoteCap of any connection forwards calls to it (a proxy through this vat, never a handoff,
-// so no reference changes route and no embargo is needed: see rpc.capnp "Promise
+// RemoteCap of any connection forwards calls to it; one of another connection that can be
+// handed off to the peer is (the peer's reference then goes to its host, with an embargo that
+// keeps E-order: rpc.capnp "Embargoes"; else a proxy through this vat: rpc.capnp "Promise
 // capabilities").
 class CapPromise {
  public:
@@ -500,6 +502,9 @@ struct RpcStats {
   uint64_t resolvesSent = 0;   // promise capabilities this side exported and settled
   uint64_t resolvesReceived = 0;
   uint64_t promiseCallsQueued = 0;  // calls held by this side until their promise settled
+  uint64_t disembargoesSent = 0;    // three-party embargoes (schemas/rpc.capnp, "Embargoes")
+  uint64_t disembargoesReceived = 0;
+  uint64_t acceptsEmbargoed = 0;  // embargoed Accepts that waited for the introducer's Disembargo
 };
 
 class RpcConnection {
@@ -599,9 +604,15 @@ class RpcConnection {
   // --- three-party handoff (handoff.cpp) ---
   Result<uint32_t> addForeignCap(detail::CapTable& table, const RemoteCap& cap);
   Result<RemoteCap> sendProvide(uint32_t importId, VatId recipient, uint64_t provisionId);
-  RemoteCap sendAccept(VatId introducer, uint64_t provisionId, RemoteCap vine);
+  RemoteCap sendAccept(VatId introducer, uint64_t provisionId, RemoteCap vine,
+                       bool embargo = false);
   Status resolveHosts(Decoded& d);
-  RemoteCap acceptThirdParty(const Decoded& d, uint32_t index);
+  RemoteCap acceptThirdParty(const Decoded& d, uint32_t index, bool embargo = false);
+  void takeProvision(Answer& accept, RpcConnection& provider, uint32_t provideAnswer);
+  bool canHandOff(const RpcConnection& host) const noexcept;
+  Status decodeDisembargo(wire::Disembargo::Reader m, Decoded& d);
+  Status handleDisembargo(const Decoded& d);
+  void sendDisembargo(uint32_t exportId, uint32_t provideQuestion);
   Status handleProvide(const Decoded& d);
   Status handleAccept(const Decoded& d);
   void acceptOrWait(Answer& accept);
@@ -625,6 +636,14 @@ class RpcConnection {
   Status handleResolve(const Decoded& d);
   uint32_t resolvedImport(uint32_t importId, Error& broken) const noexcept;
   void noteImported(uint32_t importId, detail::CapEntry::Kind kind) noexcept;
+  Result<uint32_t> addPipelinedFor(detail::CapTable& table, const RemoteCap& cap);
+  void watchAnswer(const std::shared_ptr<detail::PromiseNode>& node);
+  void takeWatchers(const Decoded& d);
+  void failWatchers(const Error& error);
+  static void settleAwaited(detail::PromiseNode& node, Result<RemoteCap> resolution);
+  void settleWatched();
+  bool isPlainImport(uint32_t importId) const noexcept;
+  bool sendHandOffResolve(uint32_t exportId, detail::PromiseNode& node);
 
   // --- inbound ---
   Promise<void> readLoop();
@@ -733,6 +752,12 @@ class RpcConnection {
   std::optional<Promise<RpcConnection*>> connecting_;
   VatId connectingVat_ = NO_VAT;
   std::vector<std::pair<VatId, Result<RpcConnection*>>> connected_;
+  // Promise capabilities (of other connections) waiting for one of our questions to return:
+  // (question id, node); see PromiseNode::awaiting_.
+  std::vector<std::pair<uint32_t, std::weak_ptr<detail::PromiseNode>>> watchers_;
+  // Those whose question just returned, with what it returned: settled once the Return is
+  // handled (settling drops their references on the question).
+  std::vector<std::pair<std::shared_ptr<detail::PromiseNode>, Result<RemoteCap>>> settling_;
 
   // Responses: pooled slots, and the one that may still hold the inbound frame.
   std::vector<std::unique_ptr<detail::ResponseSlot>> responseStore_;

@@ -57,6 +57,10 @@ class LocalNetwork {
   void releaseConnects();
   size_t pendingConnects() const noexcept { return pending_.size(); }
 
+  // While set, every vat's VatNetwork::introduce() answers false (as a network that cannot
+  // introduce two vats): capabilities of a third vat are then passed as proxies.
+  void refuseIntroductions(bool refuse) noexcept { refuseIntroductions_ = refuse; }
+
   // Closes every connection of vat `id` as if its process died: its peers see DISCONNECTED,
   // and later connects to or from it fail DISCONNECTED. Its objects are not destroyed.
   void killVat(VatId id);
@@ -77,6 +81,7 @@ class LocalNetwork {
   RpcOptions options_;
   uint64_t ringBytes_;
   bool held_ = false;
+  bool refuseIntroductions_ = false;
   std::vector<Pending> pending_;
   std::map<VatId, std::unique_ptr<Vat>> vats_;
   std::map<std::pair<VatId, VatId>, std::unique_ptr<Link>> links_;  // key: (lower, higher) id

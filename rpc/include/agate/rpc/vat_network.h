@@ -9,7 +9,8 @@
 // C->B hands the capability off: A is asked to keep it for B (Provide), B is told where it lives
 // (a thirdPartyHosted cap-table entry), B connects to A through its own network if it has no
 // connection yet and takes it (Accept). B then calls A directly; E-order holds across the
-// handoff (schemas/rpc.capnp, "Three-party handoff", explains why no embargo is needed).
+// handoff (schemas/rpc.capnp, "Three-party handoff"; "Embargoes" for a promise that resolves
+// to a handed-off capability, where the recipient's route changes).
 //
 //   class KernelVats final : public rpc::VatNetwork {           // an implementation
 //     VatId vatId() const noexcept override { return self_; }
