@@ -486,6 +486,19 @@ size_t waitingOf(const detail::HandoffTable& table, const RpcConnection* conn) {
 
 }  // namespace
 
+// Parks Accept `a` in the vat's table until its Provide (or, `embargoed`, its Disembargo)
+// arrives, within this peer's bound; past it, fails the Accept. True if it waits.
+bool RpcConnection::waitOnProvision(Answer& a, detail::HandoffTable& table, bool embargoed) {
+  if (waitingOf(table, this) >= VatNetwork::MAX_WAITING_ACCEPTS_PER_PEER) {
+    failAnswer(a, Error(Errc::OUT_OF_MEMORY,
+                        "too many of this peer's accepts are waiting for their provides"));
+    return false;
+  }
+  a.waitingForProvide = true;
+  table.waiting.push_back({a.provision, this, a.id, embargoed});
+  return true;
+}
+
 // Matches an Accept against the vat's provisions: takes the provision, waits for it, or fails
 // the Accept (leaving any provision as it was).
 void RpcConnection::acceptOrWait(Answer& a) {
@@ -503,14 +516,7 @@ void RpcConnection::acceptOrWait(Answer& a) {
                           "no such provision (never provided, already accepted, or reclaimed)"));
       return;
     }
-    if (waitingOf(table, this) >= VatNetwork::MAX_WAITING_ACCEPTS_PER_PEER) {
-      failAnswer(a, Error(Errc::OUT_OF_MEMORY,
-                          "too many of this peer's accepts are waiting for their provides"));
-      return;
-    }
-    a.waitingForProvide = true;
-    table.waiting.push_back({a.provision, this, a.id});
-    ++stats_.acceptsWaited;
+    if (waitOnProvision(a, table, false)) ++stats_.acceptsWaited;
     return;
   }
   const detail::HandoffTable::Provision p = found->second;
@@ -529,14 +535,7 @@ void RpcConnection::acceptOrWait(Answer& a) {
       failAnswer(a, Error(Errc::NOT_FOUND, "no such provision (another Accept is taking it)"));
       return;
     }
-    if (waitingOf(table, this) >= VatNetwork::MAX_WAITING_ACCEPTS_PER_PEER) {
-      failAnswer(a, Error(Errc::OUT_OF_MEMORY,
-                          "too many of this peer's accepts are waiting for their provides"));
-      return;
-    }
-    a.waitingForProvide = true;
-    table.waiting.push_back({a.provision, this, a.id, true});
-    ++stats_.acceptsEmbargoed;
+    if (waitOnProvision(a, table, true)) ++stats_.acceptsEmbargoed;
     return;
   }
   takeProvision(a, *p.provider, p.answerId);

@@ -98,6 +98,17 @@ void RpcConnection::afterRingClosed() {
   flushQueue();
 }
 
+// Appends a finished message to the in-order queue, behind what is already waiting there.
+void RpcConnection::enqueue(detail::SpillBuffer* b) {
+  if (queueTail_ != nullptr) {
+    queueTail_->next = b;
+  } else {
+    queueHead_ = b;
+  }
+  queueTail_ = b;
+  afterRingClosed();
+}
+
 void RpcConnection::abandonOut(detail::OutSlot& slot) noexcept {
   if (slot.ring_) {
     slot.ring_->abandon();
@@ -153,13 +164,7 @@ Status RpcConnection::finishOut(detail::OutSlot& slot) {
     b->builder.reset();
     b->usedBytes = b->dirtyBytes = *used;
   }
-  if (queueTail_ != nullptr) {
-    queueTail_->next = b;
-  } else {
-    queueHead_ = b;
-  }
-  queueTail_ = b;
-  afterRingClosed();
+  enqueue(b);
   return {};
 }
 
@@ -254,13 +259,7 @@ Status RpcConnection::sendWords(std::span<const uint64_t> words) {
   std::memcpy(static_cast<void*>(b->words.get()), words.data(), bytes);
   b->usedBytes = b->dirtyBytes = bytes;
   ++stats_.spilledMessages;
-  if (queueTail_ != nullptr) {
-    queueTail_->next = b;
-  } else {
-    queueHead_ = b;
-  }
-  queueTail_ = b;
-  afterRingClosed();
+  enqueue(b);
   return {};
 }
 

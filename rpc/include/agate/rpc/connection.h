@@ -616,6 +616,7 @@ class RpcConnection {
   Status handleProvide(const Decoded& d);
   Status handleAccept(const Decoded& d);
   void acceptOrWait(Answer& accept);
+  bool waitOnProvision(Answer& accept, detail::HandoffTable& table, bool embargoed);
   void completeAccept(Answer& accept, ServerObject* object, std::shared_ptr<ServerObject> owner);
   void completeProvide(uint32_t answerId);
   void dropProvision(Answer& answer) noexcept;
@@ -687,6 +688,7 @@ class RpcConnection {
   void fail(Error reason);
   void teardown();
   void afterRingClosed();
+  void enqueue(detail::SpillBuffer* message);
 
   // Runs a member function of the connection from the loop (teardown, the worklist).
   template <void (RpcConnection::*F)()>
