@@ -1,9 +1,14 @@
 // One attached process for a test: its own EventLoop and KernelConnection to a KernelProcess
-// (kernel_fixture.h), and `get`, which unwraps the value of a call that must succeed.
+// (kernel_fixture.h); `get`, which unwraps the value of a call that must succeed; `observe`, the
+// kernel state a refused call must leave unchanged; `quiet`, no event within a short wait.
 #pragma once
 
+#include <chrono>
+#include <initializer_list>
 #include <memory>
+#include <tuple>
 #include <utility>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -31,6 +36,32 @@ T get(Result<T> r) {
     return T{};
   }
   return std::move(r).value();
+}
+
+// The kernel state a refused call must leave unchanged: every bank's use and object count, and
+// the CSpaces of some processes.
+struct Observed {
+  std::vector<std::tuple<caps::Koid, uint64_t, uint64_t>> banks;
+  std::vector<std::tuple<uint64_t, caps::Koid, uint32_t>> caps;
+  friend bool operator==(const Observed&, const Observed&) = default;
+};
+
+// Observed through `observer`'s introspection calls, with the caps of `processes`.
+inline Observed observe(caps::KernelConnection& observer,
+                        std::initializer_list<caps::KernelConnection*> processes) {
+  Observed o;
+  for (const caps::BankInfo& bank : get(observer.sync().listBanks()))
+    o.banks.emplace_back(bank.koid, bank.used, bank.objects);
+  for (caps::KernelConnection* k : processes)
+    for (const caps::CapEntry& e : get(observer.sync().listCaps(k->pid())))
+      o.caps.emplace_back(e.handle, e.koid, static_cast<uint32_t>(e.rights));
+  return o;
+}
+
+// True when `k` has no event within a short wait (run on `loop`, k's loop).
+inline bool quiet(EventLoop& loop, caps::KernelConnection& k) {
+  return loop.run(loop.deadline(k.nextEvent(), std::chrono::milliseconds(50))).code() ==
+         Errc::TIMED_OUT;
 }
 
 }  // namespace agate::testing

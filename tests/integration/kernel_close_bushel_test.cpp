@@ -13,6 +13,7 @@
 
 #include "../support/watchdog.h"
 #include "agate/caps/kernel_connection.h"
+#include "kernel_client.h"
 #include "kernel_fixture.h"
 
 namespace agate::caps {
@@ -20,20 +21,10 @@ namespace {
 
 using agate::testing::KernelProcess;
 using agate::testing::Watchdog;
-using std::chrono::milliseconds;
 using std::chrono::seconds;
 
-template <class T>
-T get(Result<T> r) {
-  EXPECT_TRUE(r.ok()) << errcName(r.code());
-  return r.ok() ? std::move(r).value() : T{};
-}
-
-struct Observed {
-  std::vector<std::tuple<Koid, uint64_t, uint64_t>> banks;
-  std::vector<std::tuple<uint64_t, Koid, uint32_t>> caps;
-  friend bool operator==(const Observed&, const Observed&) = default;
-};
+using agate::testing::get;
+using agate::testing::Observed;
 
 // A server with the service "store" and a client with one bushel to it, paid from a bank of
 // its own.
@@ -56,19 +47,9 @@ struct Pair {
     koid = opened.bushel;
   }
   uint64_t used() { return get(client->sync().readBank(bank)).used; }
-  Observed observe() {
-    Observed o;
-    for (const BankInfo& b : get(server->sync().listBanks()))
-      o.banks.emplace_back(b.koid, b.used, b.objects);
-    for (KernelConnection* k : {server.get(), client.get()})
-      for (const CapEntry& e : get(server->sync().listCaps(k->pid())))
-        o.caps.emplace_back(e.handle, e.koid, static_cast<uint32_t>(e.rights));
-    return o;
-  }
+  Observed observe() { return agate::testing::observe(*server, {server.get(), client.get()}); }
   // True when `k` has no event within a short wait.
-  bool quiet(KernelConnection& k) {
-    return loop.run(loop.deadline(k.nextEvent(), milliseconds(50))).code() == Errc::TIMED_OUT;
-  }
+  bool quiet(KernelConnection& k) { return agate::testing::quiet(loop, k); }
 };
 
 TEST(KernelCloseBushel, TheServerClosesItAndTheClientIsToldAndPaidBack) {

@@ -11,6 +11,7 @@
 
 #include "../support/watchdog.h"
 #include "agate/caps/kernel_connection.h"
+#include "kernel_client.h"
 #include "kernel_fixture.h"
 
 namespace agate::caps {
@@ -18,20 +19,10 @@ namespace {
 
 using agate::testing::KernelProcess;
 using agate::testing::Watchdog;
-using std::chrono::milliseconds;
 using std::chrono::seconds;
 
-template <class T>
-T get(Result<T> r) {
-  EXPECT_TRUE(r.ok()) << errcName(r.code());
-  return r.ok() ? std::move(r).value() : T{};
-}
-
-struct Observed {
-  std::vector<std::tuple<Koid, uint64_t, uint64_t>> banks;
-  std::vector<std::tuple<uint64_t, Koid, uint32_t>> caps;
-  friend bool operator==(const Observed&, const Observed&) = default;
-};
+using agate::testing::get;
+using agate::testing::Observed;
 
 struct Three {
   KernelProcess kernel;
@@ -47,19 +38,9 @@ struct Three {
     bushel = get(c->sync().openBushel(c->registry(), "bank", c->bank()));
     EXPECT_EQ(get(a->sync().nextEvent()).type, EventType::BUSHEL_OPENED);
   }
-  Observed observe() {
-    Observed o;
-    for (const BankInfo& bank : get(a->sync().listBanks()))
-      o.banks.emplace_back(bank.koid, bank.used, bank.objects);
-    for (KernelConnection* k : {a.get(), b.get(), c.get()})
-      for (const CapEntry& e : get(a->sync().listCaps(k->pid())))
-        o.caps.emplace_back(e.handle, e.koid, static_cast<uint32_t>(e.rights));
-    return o;
-  }
+  Observed observe() { return agate::testing::observe(*a, {a.get(), b.get(), c.get()}); }
   // True when `k` has no event within a short wait.
-  bool quiet(KernelConnection& k) {
-    return loop.run(loop.deadline(k.nextEvent(), milliseconds(50))).code() == Errc::TIMED_OUT;
-  }
+  bool quiet(KernelConnection& k) { return agate::testing::quiet(loop, k); }
 };
 
 TEST(KernelIntroduce, TheRecipientGetsAConnectOnlyCapAndAnEventAndOpensThroughIt) {
