@@ -24,9 +24,12 @@ KernelVats::~KernelVats() {
   events_.detach(*this);
   close();
   tasks_.clear();  // kernel calls in flight are dropped (their results no longer matter)
-  // The owned connections go after every connection of the vat was closed (handoffs in flight
-  // held references across them; closing dropped those). Their bushels are deleted with the
-  // process or by the kernel's own teardown: deleting caps needs the loop.
+  // The owned connections go after every one of them was shut down (handoffs in flight and
+  // promises passed on hold references across them; shutting down drops those). Their bushels
+  // are deleted with the process or by the kernel's own teardown: deleting caps needs the loop.
+  for (auto& o : owned_)
+    if (o->link)
+      o->link->connection().shutdown(Error(Errc::DISCONNECTED, "the vat network closed"));
   owned_.clear();
 }
 

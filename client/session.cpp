@@ -31,6 +31,11 @@ Session::~Session() {
     options_.network->removeConnection(e->link->connection());
     options_.network->removeClientBushel(e->cap);
   }
+  // Every connection is shut down before any is destroyed: one's exports (a proxy, a promise
+  // passed on) may hold references on another.
+  const Error closing(Errc::DISCONNECTED, "the session closed");
+  for (auto& e : entries_)
+    if (e->link) e->link->connection().shutdown(closing);
   entries_.clear();
 }
 

@@ -59,6 +59,11 @@ RpcConnection::~RpcConnection() {
 
 void RpcConnection::close(Error reason) { fail(reason); }
 
+void RpcConnection::shutdown(Error reason) {
+  fail(reason);
+  teardown();
+}
+
 Promise<void> RpcConnection::onDisconnect() {
   if (!isOpen()) return readyPromise<void>(failure_);
   AGATE_REQUIRE(!disconnected_.has_value(), "onDisconnect() awaited twice");

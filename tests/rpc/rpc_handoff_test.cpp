@@ -370,6 +370,31 @@ TEST_F(HandoffTest, AServerForwardingAcrossConnectionsWithoutANetworkProxiesTheC
   loop_.runUntilIdle();
 }
 
+// shutdown() tears a connection down at once, not from the loop: the proxies it exported drop
+// their references on the other connection before the call returns, so an owner can shut down
+// several connections that hold references on each other and then destroy them in any order.
+TEST_F(HandoffTest, ShutdownDropsAConnectionsProxiesAndTheirReferencesAtOnce) {
+  Relay relay;
+  LocalPair da(loop_, &aRoot_);
+  LocalPair cd(loop_, &relay);
+  relay.toA = da.client().bootstrap();
+  RemoteCap r = cd.client().bootstrap();
+  RemotePromise got = r.newCall(NODE_INTERFACE_ID, GET_AWAITED, 16).send();
+  RemoteCap proxied = got.pipeline({0});
+  Result<uint64_t> v = loop_.run(echo(proxied, 1));
+  ASSERT_TRUE(v.ok()) << errcName(v.code());
+  const uint32_t imports = da.client().importCount();  // the bootstrap, and the proxy's child
+  ASSERT_EQ(imports, 2u);
+  cd.server().shutdown(Error(Errc::DISCONNECTED, "the relay shuts down"));
+  EXPECT_FALSE(cd.server().isOpen());
+  EXPECT_EQ(cd.server().failure().code, Errc::DISCONNECTED);
+  EXPECT_EQ(cd.server().exportCount(), 0u);
+  EXPECT_EQ(da.client().importCount(), imports - 1) << "the proxy let go of A's child already";
+  Result<uint64_t> after = loop_.run(echo(proxied, 1));
+  EXPECT_EQ(after.code(), Errc::DISCONNECTED) << "the relay's client sees it gone";
+  relay.toA = RemoteCap();
+}
+
 TEST_F(HandoffTest, AForwardedCallCarriesItsCapabilitiesOnToTheHost) {
   openNetwork();
   relay_.toA = boot(D, A);

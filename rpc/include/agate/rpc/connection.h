@@ -532,6 +532,13 @@ class RpcConnection {
   Error failure() const noexcept { return failure_; }
   // Closes the connection locally (as the destructor does, without the handle checks).
   void close(Error reason);
+  // close(), and the teardown the destructor does, now rather than from the loop: running calls
+  // are cancelled and every export is dropped, so the capabilities this connection's objects
+  // held on other connections (proxies, promises passed on, vines) are released at once. For
+  // an owner about to destroy several connections that may hold references on each other
+  // (client::Session): shut them all down, then destroy them. Not from inside one of this
+  // connection's own calls.
+  void shutdown(Error reason);
 
   const RpcStats& stats() const noexcept { return stats_; }
   VatId peerVat() const noexcept { return options_.peerVat; }
