@@ -64,14 +64,24 @@ Promise<StateCharge> ClientQuota::charge(uint64_t bytes) {
 // --- ServedClient ---
 
 ServedClient::~ServedClient() {
+  shutDown();
+  link_.reset();
+}
+
+void ServedClient::shutDown() noexcept {
   watcher_.reset();
   if (network_ != nullptr && link_) network_->removeConnection(link_->connection());
-  // Close first: running calls are cancelled and nothing dispatches to the bootstrap object any
-  // more; it may hold references into the connection, so it goes before the connection does.
-  if (link_ && link_->connection().isOpen())
-    link_->connection().close(Error(Errc::DISCONNECTED, "the server dropped the client"));
+  // Shut down first: running calls are cancelled, nothing dispatches to the bootstrap object any
+  // more, and the objects the connection owns go (refunding their charges), with the references
+  // they held elsewhere. The bootstrap object may hold references into the connection, so it
+  // goes before the connection does.
+  if (link_)
+    link_->connection().shutdown(Error(Errc::DISCONNECTED, "the server dropped the client"));
   bootstrap_.reset();
-  link_.reset();  // the objects the connection owns go here, refunding their charges
+}
+
+bool ServedClient::referenced() const noexcept {
+  return link_ && link_->connection().handleCount() != 0;
 }
 
 void ServedClient::disconnect(Error reason) noexcept {
@@ -99,7 +109,26 @@ ServiceHost::ServiceHost(std::unique_ptr<KernelEvents> ownEvents, KernelEvents& 
 ServiceHost::~ServiceHost() {
   events_.detach(*this);
   closer_.reset();  // pending closes are cancelled: the process is going, or the service is
-  clients_.clear();
+  while (!clients_.empty()) {
+    retire(std::move(clients_.back()));
+    clients_.pop_back();
+  }
+  sweepRetired();
+  // Still referenced from another connection that outlives this host (a Session holding a
+  // capability of one of its clients, proxied): left to the process, so those references stay
+  // valid (they fail DISCONNECTED) rather than dangle.
+  for (auto& c : retired_) (void)c.release();
+}
+
+// A dropped client goes at once, or, while another connection still refers to its connection
+// (a capability of the client this server passed on: a proxy holds it), once nothing does.
+void ServiceHost::retire(std::unique_ptr<ServedClient> client) noexcept {
+  client->shutDown();
+  if (client->referenced()) retired_.push_back(std::move(client));
+}
+
+void ServiceHost::sweepRetired() noexcept {
+  std::erase_if(retired_, [](const auto& c) { return !c->referenced(); });
 }
 
 Promise<std::unique_ptr<ServiceHost>> ServiceHost::create(caps::KernelConnection& kernel,
@@ -162,9 +191,11 @@ Promise<void> ServiceHost::run() {
     service_ = {};
   }
   while (!clients_.empty()) {
+    retire(std::move(clients_.back()));
     clients_.pop_back();
     ++dropped_;
   }
+  sweepRetired();
   if (!why) co_return why.error();  // the kernel went: nothing to unregister from
   co_return unregistered;
 }
@@ -237,17 +268,24 @@ void ServiceHost::drop(caps::Koid koid) noexcept {
   // The kernel closed it: nothing left to close (if a close is queued, it would be NOT_FOUND).
   std::erase(closing_, koid);
   if (it == clients_.end()) return;  // dropped already (its connection failed first)
+  std::unique_ptr<ServedClient> client = std::move(*it);
   clients_.erase(it);
   ++dropped_;
+  retire(std::move(client));
+  sweepRetired();
 }
 
 void ServiceHost::reap() noexcept {
   // A client whose connection failed (it detached, broke the protocol, or was disconnected) is
   // dropped here, and its bushel closed in the kernel (see the overview).
   std::vector<caps::Koid> failed;
-  for (const auto& c : clients_)
-    if (!c->connected()) failed.push_back(c->bushel());
-  std::erase_if(clients_, [](const auto& c) { return !c->connected(); });
+  for (auto& c : clients_) {
+    if (c->connected()) continue;
+    failed.push_back(c->bushel());
+    retire(std::move(c));
+  }
+  std::erase(clients_, nullptr);
+  sweepRetired();
   dropped_ += failed.size();
   for (caps::Koid koid : failed) closeBushel(koid);
 }

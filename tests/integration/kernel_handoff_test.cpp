@@ -839,5 +839,116 @@ TEST_F(KernelHandoffTest, OneConnectionServesAndIsAClientAndEachDeathReachesOnly
   reap(a);
 }
 
+// "relay": an Auditor whose keep() passes the client's counter on to another auditor (`next`),
+// through this server: the relay is not a client of its client, so the counter goes as a proxy.
+class RelayImpl final : public Auditor::Server {
+ public:
+  explicit RelayImpl(Auditor::Client& next) : next_(next) {}
+  Promise<void> keep(KeepContext context) override {
+    auto counter = getCounter(context, context.params());
+    if (!counter) co_return counter.error();
+    Counter::Client passed = std::move(counter->remote);
+    auto kept = co_await next_.keep(
+        [&](auto params, auto& request) -> Status { return setCounter(request, params, passed); });
+    if (!kept) co_return kept.error();
+    co_return {};
+  }
+
+ private:
+  Auditor::Client& next_;
+};
+
+// A server passes a capability of one of its clients on to another server (a proxy through
+// itself, held by its connection to that server), then the client dies: the server drops the
+// client and serves on, the connection stays until the proxy lets go of it, and the other
+// server's calls on the capability fail DISCONNECTED.
+TEST_F(KernelHandoffTest, AClientWhoseCapabilityWasPassedOnDiesAndItsServerServesOn) {
+  const pid_t b = startServer(kernel_.home(), Role::AUDITOR);
+  const pid_t parent = ::getpid();
+  const pid_t x = ::fork();
+  if (x == 0) {
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (::getppid() != parent) ::_exit(1);
+    ::alarm(30);
+    EventLoop loop;
+    auto kernel = KernelConnection::tryAttach(loop, kernel_.home(), "relay-client");
+    if (!kernel) ::_exit(2);
+    Session s(**kernel);
+    Status done = loop.run([&]() -> Promise<void> {
+      AGATE_CO_TRY(co_await s.waitForService("relay"));
+      Result<Auditor::Client> relay = co_await s.open<Auditor>("relay");
+      if (!relay) co_return relay.error();
+      auto kept = co_await relay->keep([](auto params, auto& request) -> Status {
+        return setCounter(request, params, std::make_unique<CounterImpl>());
+      });
+      if (!kept) co_return kept.error();
+      (void)co_await loop.sleep(std::chrono::hours(1));  // until killed
+      co_return {};
+    }());
+    ::_exit(done ? 0 : 3);
+  }
+  Watchdog dog("a passed-on client dies", 60s, b);
+  EventLoop loop;
+  auto kernel = KernelConnection::tryAttach(loop, kernel_.home(), "relay");
+  ASSERT_TRUE(kernel.ok());
+  KernelEvents events(**kernel);
+  Status done;
+  {
+    Session s(events);
+    Auditor::Client next;
+    auto host = loop.run(ServiceHost::create(
+        events, "relay", [&](ServedClient&) { return std::make_unique<RelayImpl>(next); }));
+    ASSERT_TRUE(host.ok()) << describe(host.error());
+    ServiceHost& h = **host;
+    done = loop.run(loop.deadline(
+        [&]() -> Promise<void> {
+          // B first: the relay forwards to it from its first call on (X waits until the
+          // relay is served: the router keeps it until run()).
+          AGATE_CO_TRY(co_await s.waitForService("auditor"));
+          Result<Auditor::Client> auditor = co_await s.open<Auditor>("auditor");
+          CO_CHECK(auditor.ok());
+          next = *auditor;
+          Promise<void> serving = h.run();
+          // X's counter reaches B through this process: B's pokes add to it.
+          Result<int64_t> total = Error(Errc::NOT_FOUND, "not kept yet");
+          for (int i = 0; i < 5000; ++i) {
+            auto poked = co_await next.poke();
+            if (poked) {
+              total = poked->results().getTotal();
+              break;
+            }
+            (void)co_await loop.sleep(1ms);
+          }
+          CO_CHECK(total.ok() && *total == 1);
+          CO_CHECK(h.clientCount() == 1);
+
+          ::kill(x, SIGKILL);  // the relay drops X, whose counter B still holds through it
+          for (int i = 0; i < 5000 && h.clientsDropped() < 1; ++i) (void)co_await loop.sleep(1ms);
+          CO_CHECK(h.clientsDropped() == 1 && h.clientCount() == 0);
+          auto late = co_await next.poke();
+          CO_CHECK(late.code() == Errc::DISCONNECTED);
+          // The relay serves on: B's connection to it, and new clients.
+          Result<Auditor::Client> self = co_await s.open<Auditor>("relay");
+          CO_CHECK(self.ok());
+          auto again = co_await self->keep([](auto params, auto& request) -> Status {
+            return setCounter(request, params, std::make_unique<CounterImpl>());
+          });
+          CO_CHECK(again.ok());
+          auto poked = co_await next.poke();
+          CO_CHECK(poked.ok() && poked->results().getTotal() == 1);
+          next = Auditor::Client();
+          *auditor = Auditor::Client();
+          *self = Auditor::Client();
+          h.stop();
+          co_return co_await serving;
+        }(),
+        30s));
+  }
+  EXPECT_TRUE(done.ok()) << describe(done.error());
+  reap(x);
+  ::kill(b, SIGKILL);
+  reap(b);
+}
+
 }  // namespace
 }  // namespace agate::client

@@ -41,9 +41,13 @@
 // (maxAnswers, maxImports).
 //
 // Dropping a client: on BUSHEL_CLOSED (the client hung up or died: the kernel notices a death at
-// once), or when its connection fails (it detached, or broke the protocol), the host closes the
-// connection (cancelling its running calls), destroys its bootstrap object and then the
-// connection; every object the connection owned goes with it, and each StateCharge is refunded.
+// once), or when its connection fails (it detached, or broke the protocol), the host shuts the
+// connection down (cancelling its running calls; every object the connection owned goes, and
+// each StateCharge is refunded), destroys its bootstrap object and then the connection. If the
+// server passed a capability of that client on to another connection (a proxy through this
+// server, held by a server it is a client of), that connection still refers to the dead one:
+// it is kept, closed, until the proxy lets go (calls through it fail DISCONNECTED), then
+// destroyed; one still referred to when the host is destroyed is left to the process.
 //
 // Disconnecting a client. When the host drops a client whose connection failed (or whose rings
 // it could not open), it also closes the client's bushel in the kernel (closeBushel): a client
@@ -208,12 +212,18 @@ class ServedClient {
 
  private:
   friend class ServiceHost;
+  // Shuts the connection down (its calls cancelled, the objects it owns destroyed), then drops
+  // the bootstrap object (it may hold references into the connection). The destructor does it.
+  void shutDown() noexcept;
+  // Something outside still holds a handle on the (shut down) connection: a capability of this
+  // client that the server passed on, proxied, on another connection.
+  bool referenced() const noexcept;
 
   caps::Koid bushel_;
   caps::ProcessId peer_;
   // Destroyed in reverse: the link (and what the connection owns) first, then the bootstrap
-  // object, then the quota their charges go back to. drop() closes the connection before the
-  // bootstrap object goes (it may hold references into the connection).
+  // object, then the quota their charges go back to. shutDown() runs first, so the objects
+  // the connection owns and the bootstrap object go before the connection does.
   ClientQuota quota_;
   std::unique_ptr<rpc::ServerObject> bootstrap_;
   KernelVats* network_ = nullptr;  // the link's connection is registered there
@@ -278,6 +288,8 @@ class ServiceHost final : private KernelEventListener {
   Promise<void> watch(ServedClient& client);
   void drop(caps::Koid koid) noexcept;
   void reap() noexcept;
+  void retire(std::unique_ptr<ServedClient> client) noexcept;
+  void sweepRetired() noexcept;
   // Queues the kernel close of bushel `koid` and starts the closer if it is idle.
   void closeBushel(caps::Koid koid);
   Promise<void> closeQueued();
@@ -291,6 +303,10 @@ class ServiceHost final : private KernelEventListener {
   caps::Cap<caps::Service> service_;
   caps::Koid serviceKoid_;
   std::vector<std::unique_ptr<ServedClient>> clients_;
+  // Dropped clients whose connection is shut down but still referenced from elsewhere (a
+  // capability of the client that this server passed on, proxied, on another connection):
+  // destroyed once nothing refers to them (retire()).
+  std::vector<std::unique_ptr<ServedClient>> retired_;
   uint64_t opened_ = 0;
   uint64_t dropped_ = 0;
   uint64_t refused_ = 0;

@@ -547,6 +547,9 @@ class RpcConnection {
   uint32_t answerCount() const noexcept { return answersLive_; }
   uint32_t exportCount() const noexcept { return exportsLive_; }
   uint32_t importCount() const noexcept { return importsLive_; }
+  // RemoteCap/Request/RemotePromise/Response handles on this connection still alive anywhere
+  // (the destructor requires none): an owner keeps a closed connection until this is 0.
+  uint64_t handleCount() const noexcept { return handles_; }
 
   // Remote error text: Error::detail of an error that came from the peer points into this ring
   // of REMOTE_REASON_SLOTS slots of REMOTE_REASON_BYTES each, owned by the connection. It stays
