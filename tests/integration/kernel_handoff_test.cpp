@@ -894,12 +894,16 @@ TEST_F(KernelHandoffTest, AClientWhoseCapabilityWasPassedOnDiesAndItsServerServe
   KernelEvents events(**kernel);
   Status done;
   {
+    // The host goes after the session: the session's connection to B holds the proxy of X's
+    // counter, and a host keeps a dropped client's connection while something refers to it.
+    std::unique_ptr<ServiceHost> relayHost;
     Session s(events);
     Auditor::Client next;
     auto host = loop.run(ServiceHost::create(
         events, "relay", [&](ServedClient&) { return std::make_unique<RelayImpl>(next); }));
     ASSERT_TRUE(host.ok()) << describe(host.error());
-    ServiceHost& h = **host;
+    relayHost = std::move(*host);
+    ServiceHost& h = *relayHost;
     done = loop.run(loop.deadline(
         [&]() -> Promise<void> {
           // B first: the relay forwards to it from its first call on (X waits until the
