@@ -16,6 +16,19 @@ KernelEvents::KernelEvents(caps::KernelConnection& kernel) : kernel_(kernel) {
 KernelEvents::~KernelEvents() {
   pump_.reset();
   AGATE_ASSERT(listeners_.empty(), "%zu listeners outlive their KernelEvents", listeners_.size());
+  sweepKept();
+  for (Kept& k : kept_) {
+    // Referred to from something that outlives even the router: left to the process.
+    new std::shared_ptr<void>(std::move(k.held));  // NOLINT: deliberately never freed
+  }
+}
+
+void KernelEvents::keepUntil(std::shared_ptr<void> held, std::function<bool()> released) {
+  kept_.push_back(Kept{std::move(held), std::move(released)});
+}
+
+void KernelEvents::sweepKept() noexcept {
+  std::erase_if(kept_, [](const Kept& k) { return k.released(); });
 }
 
 void KernelEvents::attach(KernelEventListener& listener) {
@@ -86,6 +99,7 @@ void KernelEvents::remember(Koid bushel) noexcept {
 }
 
 void KernelEvents::route(KernelEvent& event) noexcept {
+  if (!kept_.empty()) sweepKept();
   switch (event.type) {
     case EventType::BUSHEL_OPENED:
       if (auto s = services_.find(event.service); s != services_.end()) {

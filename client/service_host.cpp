@@ -114,10 +114,15 @@ ServiceHost::~ServiceHost() {
     clients_.pop_back();
   }
   sweepRetired();
-  // Still referenced from another connection that outlives this host (a Session holding a
-  // capability of one of its clients, proxied): left to the process, so those references stay
-  // valid (they fail DISCONNECTED) rather than dangle.
-  for (auto& c : retired_) (void)c.release();
+  // Still referred to from another connection that outlives this host (a Session's, holding a
+  // capability of one of its clients, proxied): the router keeps it until that goes (a host
+  // with a router of its own: the router goes next, and leaves it to the process).
+  for (auto& c : retired_) {
+    ServedClient* client = c.get();
+    events_.keepUntil(std::shared_ptr<ServedClient>(std::move(c)),
+                      [client] { return !client->referenced(); });
+  }
+  retired_.clear();
 }
 
 // A dropped client goes at once, or, while another connection still refers to its connection

@@ -894,16 +894,12 @@ TEST_F(KernelHandoffTest, AClientWhoseCapabilityWasPassedOnDiesAndItsServerServe
   KernelEvents events(**kernel);
   Status done;
   {
-    // The host goes after the session: the session's connection to B holds the proxy of X's
-    // counter, and a host keeps a dropped client's connection while something refers to it.
-    std::unique_ptr<ServiceHost> relayHost;
     Session s(events);
     Auditor::Client next;
     auto host = loop.run(ServiceHost::create(
         events, "relay", [&](ServedClient&) { return std::make_unique<RelayImpl>(next); }));
     ASSERT_TRUE(host.ok()) << describe(host.error());
-    relayHost = std::move(*host);
-    ServiceHost& h = *relayHost;
+    ServiceHost& h = **host;
     done = loop.run(loop.deadline(
         [&]() -> Promise<void> {
           // B first: the relay forwards to it from its first call on (X waits until the
@@ -948,6 +944,9 @@ TEST_F(KernelHandoffTest, AClientWhoseCapabilityWasPassedOnDiesAndItsServerServe
         }(),
         30s));
   }
+  // The host went first, while the session's connection to B still held the proxy of X's
+  // counter: the router keeps X's connection until it goes with the router, unreferenced now.
+  EXPECT_EQ(events.keptCount(), 1u);
   EXPECT_TRUE(done.ok()) << describe(done.error());
   reap(x);
   ::kill(b, SIGKILL);

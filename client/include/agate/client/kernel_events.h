@@ -38,7 +38,9 @@
 
 #include <cstddef>
 #include <deque>
+#include <functional>
 #include <map>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -97,7 +99,21 @@ class KernelEvents {
   // Events no listener took (diagnostics and tests).
   uint64_t unroutedEvents() const noexcept { return unrouted_; }
 
+  // Keeps `held` until `released()` answers true, asked at each event routed and when the router
+  // goes (after every Session and host on it): a ServiceHost that goes while a dropped client's
+  // connection is still referred to from a Session's connection parks it here. Still not
+  // released when the router goes: left to the process (a reference to it may outlive even the
+  // router).
+  void keepUntil(std::shared_ptr<void> held, std::function<bool()> released);
+  size_t keptCount() const noexcept { return kept_.size(); }
+
  private:
+  struct Kept {
+    std::shared_ptr<void> held;
+    std::function<bool()> released;
+  };
+  void sweepKept() noexcept;
+  std::vector<Kept> kept_;
   Promise<void> pump();
   void route(caps::KernelEvent& event) noexcept;
   void remember(caps::Koid bushel) noexcept;

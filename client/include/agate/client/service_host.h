@@ -47,8 +47,8 @@
 // server passed a capability of that client on to another connection (a proxy through this
 // server, held by a server it is a client of), that connection still refers to the dead one:
 // it is kept, closed, until the proxy lets go (calls through it fail DISCONNECTED), then
-// destroyed; one still referred to when the host is destroyed is left to the process (a leak
-// at exit), so destroy a Session that may hold such capabilities before the host.
+// destroyed; one still referred to when the host is destroyed is handed to the router
+// (KernelEvents::keepUntil), which keeps it until the reference goes or the router does.
 //
 // Disconnecting a client. When the host drops a client whose connection failed (or whose rings
 // it could not open), it also closes the client's bushel in the kernel (closeBushel): a client
