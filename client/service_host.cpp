@@ -70,7 +70,9 @@ ServedClient::~ServedClient() {
 
 void ServedClient::shutDown() noexcept {
   watcher_.reset();
+  // Once only: a retired client may be destroyed later, by the router, when the network is gone.
   if (network_ != nullptr && link_) network_->removeConnection(link_->connection());
+  network_ = nullptr;
   // Shut down first: running calls are cancelled, nothing dispatches to the bootstrap object any
   // more, and the objects the connection owns go (refunding their charges), with the references
   // they held elsewhere. The bootstrap object may hold references into the connection, so it
