@@ -43,6 +43,7 @@ using caps::SpaceBank;
 using test::describe;
 using test::reap;
 using test::runSession;
+using test::startClient;
 using Store = busheltest::stubs::Store;
 using Item = busheltest::stubs::Item;
 
@@ -160,26 +161,6 @@ pid_t startServer(const std::string& home, uint32_t messagesPerTurn = 16) {
       3, argv, "store",
       [&](ServedClient& client) { return std::make_unique<StoreImpl>(client, shared); }, options);
   ::_exit(rc);
-}
-
-// Forks a client process that runs `body` on a Session of its own; exits 0 when it succeeded.
-template <class Body>
-pid_t startClient(const std::string& home, Body body) {
-  const pid_t parent = ::getpid();
-  const pid_t pid = ::fork();
-  if (pid != 0) return pid;
-  ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-  if (::getppid() != parent) ::_exit(1);
-  ::alarm(60);
-  EventLoop loop;
-  auto kernel = KernelConnection::tryAttach(loop, home, "bushel-client");
-  if (!kernel) ::_exit(2);
-  Status done;
-  {
-    Session s(**kernel);
-    done = loop.run(body(s));
-  }
-  ::_exit(done ? 0 : 3);
 }
 
 template <class T>

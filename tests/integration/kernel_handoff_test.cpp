@@ -43,6 +43,7 @@ using agate::testing::Watchdog;
 using caps::KernelConnection;
 using test::describe;
 using test::reap;
+using test::startClient;
 using Counter = kvattest::stubs::Counter;
 using Bank = kvattest::stubs::Bank;
 using Auditor = kvattest::stubs::Auditor;
@@ -765,27 +766,18 @@ TEST_F(KernelHandoffTest, ForgedThirdPartyCapabilitiesFailOnlyTheForgersCallAndO
 // client side does.
 TEST_F(KernelHandoffTest, OneConnectionServesAndIsAClientAndEachDeathReachesOnlyItsSide) {
   const pid_t a = startServer(kernel_.home(), Role::BANK);
-  const pid_t parent = ::getpid();
-  const pid_t x = ::fork();
-  if (x == 0) {
-    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-    if (::getppid() != parent) ::_exit(1);
-    ::alarm(30);
-    EventLoop loop;
-    auto kernel = KernelConnection::tryAttach(loop, kernel_.home(), "local-client");
-    if (!kernel) ::_exit(2);
-    Session s(**kernel);
-    Status done = loop.run([&]() -> Promise<void> {
-      AGATE_CO_TRY(co_await s.waitForService("local"));
-      Result<Counter::Client> counter = co_await s.open<Counter>("local");
-      if (!counter) co_return counter.error();
-      auto added = co_await counter->add([](auto p) { p.setN(1); });
-      if (!added) co_return added.error();
-      (void)co_await loop.sleep(std::chrono::hours(1));  // until killed
-      co_return {};
-    }());
-    ::_exit(done ? 0 : 3);
-  }
+  const pid_t x = startClient(
+      kernel_.home(),
+      [](Session& s) -> Promise<void> {
+        AGATE_CO_TRY(co_await s.waitForService("local"));
+        Result<Counter::Client> counter = co_await s.open<Counter>("local");
+        if (!counter) co_return counter.error();
+        auto added = co_await counter->add([](auto p) { p.setN(1); });
+        if (!added) co_return added.error();
+        (void)co_await s.loop().sleep(std::chrono::hours(1));  // until killed
+        co_return {};
+      },
+      "local-client");
   Watchdog dog("client and server on one connection", 60s, a);
   EventLoop loop;
   auto kernel = KernelConnection::tryAttach(loop, kernel_.home(), "both");
@@ -864,29 +856,20 @@ class RelayImpl final : public Auditor::Server {
 // server's calls on the capability fail DISCONNECTED.
 TEST_F(KernelHandoffTest, AClientWhoseCapabilityWasPassedOnDiesAndItsServerServesOn) {
   const pid_t b = startServer(kernel_.home(), Role::AUDITOR);
-  const pid_t parent = ::getpid();
-  const pid_t x = ::fork();
-  if (x == 0) {
-    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-    if (::getppid() != parent) ::_exit(1);
-    ::alarm(30);
-    EventLoop loop;
-    auto kernel = KernelConnection::tryAttach(loop, kernel_.home(), "relay-client");
-    if (!kernel) ::_exit(2);
-    Session s(**kernel);
-    Status done = loop.run([&]() -> Promise<void> {
-      AGATE_CO_TRY(co_await s.waitForService("relay"));
-      Result<Auditor::Client> relay = co_await s.open<Auditor>("relay");
-      if (!relay) co_return relay.error();
-      auto kept = co_await relay->keep([](auto params, auto& request) -> Status {
-        return setCounter(request, params, std::make_unique<CounterImpl>());
-      });
-      if (!kept) co_return kept.error();
-      (void)co_await loop.sleep(std::chrono::hours(1));  // until killed
-      co_return {};
-    }());
-    ::_exit(done ? 0 : 3);
-  }
+  const pid_t x = startClient(
+      kernel_.home(),
+      [](Session& s) -> Promise<void> {
+        AGATE_CO_TRY(co_await s.waitForService("relay"));
+        Result<Auditor::Client> relay = co_await s.open<Auditor>("relay");
+        if (!relay) co_return relay.error();
+        auto kept = co_await relay->keep([](auto params, auto& request) -> Status {
+          return setCounter(request, params, std::make_unique<CounterImpl>());
+        });
+        if (!kept) co_return kept.error();
+        (void)co_await s.loop().sleep(std::chrono::hours(1));  // until killed
+        co_return {};
+      },
+      "relay-client");
   Watchdog dog("a passed-on client dies", 60s, b);
   EventLoop loop;
   auto kernel = KernelConnection::tryAttach(loop, kernel_.home(), "relay");

@@ -1,9 +1,14 @@
 // What the integration tests of client/ share: a Session run in the test process under a
-// deadline, reaping forked children, error text for failure messages, and CO_CHECK (a failed
-// check inside a coroutine: the test fails and the coroutine returns an error).
+// deadline, a forked client process with a Session of its own, reaping forked children, error text
+// for failure messages, and CO_CHECK (a failed check inside a coroutine: the test fails and the
+// coroutine returns an error).
 #pragma once
 
+#include <sys/prctl.h>
 #include <sys/wait.h>
+#include <unistd.h>
+
+#include <csignal>
 
 #include <cerrno>
 #include <chrono>
@@ -28,6 +33,28 @@ inline int reap(pid_t pid) {
 inline std::string describe(const Error& e) {
   char buf[256];
   return e.describe(buf, sizeof buf);
+}
+
+// Forks a client process, attached as `name`, that runs `body(session)` on a Session of its own
+// and exits 0 when it succeeded (3 when it failed). It dies with the test (PR_SET_PDEATHSIG) or
+// after 60 s (alarm), whichever comes first.
+template <class Body>
+pid_t startClient(const std::string& home, Body body, const char* name = "test-client") {
+  const pid_t parent = ::getpid();
+  const pid_t pid = ::fork();
+  if (pid != 0) return pid;
+  ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (::getppid() != parent) ::_exit(1);
+  ::alarm(60);
+  EventLoop loop;
+  auto kernel = caps::KernelConnection::tryAttach(loop, home, name);
+  if (!kernel) ::_exit(2);
+  Status done;
+  {
+    Session s(**kernel);
+    done = loop.run(body(s));
+  }
+  ::_exit(done ? 0 : 3);
 }
 
 // Attaches this process as `name`, runs `body(session)` on a Session with a deadline of `limit`,
