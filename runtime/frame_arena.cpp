@@ -32,8 +32,20 @@ void* FrameArena::allocate(size_t size) {
     --cached_[c];
     return b;
   }
+  const size_t bytes = MIN_BLOCK << c;
+  void* block = ::operator new(bytes);
   ++heapAllocations_;
-  return ::operator new(MIN_BLOCK << c);
+  // Spares for the next new peak (see the header). Best effort: a refused spare just means the
+  // next allocation goes to the heap again.
+  for (size_t i = 1; i < REFILL_BLOCKS && cached_[c] < maxCachedPerClass_; ++i) {
+    auto* spare = static_cast<FreeBlock*>(::operator new(bytes, std::nothrow));
+    if (spare == nullptr) break;
+    ++heapAllocations_;
+    spare->next = free_[c];
+    free_[c] = spare;
+    ++cached_[c];
+  }
+  return block;
 }
 
 void FrameArena::deallocate(void* p, size_t size) noexcept {

@@ -13,7 +13,12 @@
 // made on a thread with no current loop, go to the heap directly.
 //
 // Steady state: once a program's working set of frames has been allocated once, allocate and
-// free are a free-list pop and push, with no heap traffic.
+// free are a free-list pop and push, with no heap traffic. A class whose free list runs dry is
+// refilled with REFILL_BLOCKS blocks at once, not one: the number of live blocks wanders above
+// its usual peak now and then (a loop operation whose promise completed lives on until the
+// kernel's completion for its cancellation arrives, and a loaded machine delivers those later),
+// and the spares absorb such a wander instead of costing a heap allocation each time it sets a
+// new peak.
 //
 // Threading: an arena is used only by its loop's thread.
 #pragma once
@@ -29,6 +34,9 @@ class FrameArena {
   static constexpr size_t MIN_BLOCK = 64;
   static constexpr size_t NUM_CLASSES = 9;  // 64 B .. 16 KiB
   static constexpr size_t MAX_BLOCK = MIN_BLOCK << (NUM_CLASSES - 1);
+  // Blocks taken from the heap when a class's free list is empty: one to return, the rest kept
+  // (within maxCachedPerClass).
+  static constexpr size_t REFILL_BLOCKS = 4;
 
   // `maxCachedPerClass` bounds how many free blocks one class keeps; the excess goes back to the
   // heap, so a burst does not pin memory forever.
@@ -48,6 +56,11 @@ class FrameArena {
 
   // Blocks this arena obtained from the heap so far (for tests and statistics).
   uint64_t heapAllocations() const noexcept { return heapAllocations_; }
+  // Free blocks the arena keeps in the class that serves `size` (0 above MAX_BLOCK).
+  size_t cachedBlocks(size_t size) const noexcept {
+    const int c = classOf(size);
+    return c < 0 ? 0 : cached_[static_cast<size_t>(c)];
+  }
 
  private:
   struct FreeBlock {
