@@ -416,8 +416,15 @@ void Receiver::releaseDeferred() noexcept {
     return;
   }
   // Head is published every capacity/4 bytes, or at the flush: a sender polling for space pulls
-  // head's line once per batch rather than once per frame.
-  atomicRing_.releaseLazily();
+  // head's line once per batch rather than once per frame. Each quarter published is rung too,
+  // so a sender parked on a full ring refills it while this receiver drains the rest, instead of
+  // waking only once the ring is empty (a flooded ring would otherwise run dry once a lap, and
+  // the sender's wake-up latency with it).
+  if (atomicRing_.releaseLazily()) {
+    spaceBell_.ring();
+    releasesDeferred_ = false;  // everything released so far is published
+    return;
+  }
   releasesDeferred_ = true;
 }
 

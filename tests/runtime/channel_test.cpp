@@ -259,15 +259,27 @@ TEST(ChannelBlocking, ParkedSenderIsWokenByRelease) {
   EXPECT_GE(tx.parkCount(), 1u);
 }
 
-// A sender parked on a full ring, and a receiver that frees space with releaseDeferred(): the
-// sender is only woken by the flush passed in `flush`.
-void expectDeferredReleaseWakesOnlyOnFlush(const std::function<void(Receiver&)>& flush) {
-  auto ch = makeChannel(ChannelScope::LOCAL, 64);
+// A sender parked on a full ring of 16-byte frames, and a receiver that frees space with
+// releaseDeferred(): the sender is only woken by the flush passed in `flush` (less than a
+// quarter of the ring is released before it).
+constexpr size_t SMALL_RING = 256;  // a quarter is four 16-byte frames
+
+// Fills `tx`'s ring with frames of 8 payload bytes (16 with the header); returns how many.
+int fillWithSmallFrames(Sender& tx) {
+  int n = 0;
+  while (tx.trySend(bytesOf("8 bytes.")).ok()) ++n;
+  return n;
+}
+
+// `wakesAfterFlush`: the FUTEX_WAKEs the receiver issued in all, or 0 for "at least one" (a flush
+// that releases more than a quarter may ring again before the woken sender withdrew).
+void expectDeferredReleaseWakesOnlyOnFlush(const std::function<void(Receiver&)>& flush,
+                                           uint64_t wakesAfterFlush = 1) {
+  auto ch = makeChannel(ChannelScope::LOCAL, SMALL_RING);
   Sender tx = ch->attachSender().value();
   Receiver rx = ch->attachReceiver().value();
-  ASSERT_TRUE(tx.send(bytesOf("0123456789abcdefghijklm")).ok());  // 32 of 64 bytes
-  ASSERT_TRUE(tx.send(bytesOf("0123456789abcde")).ok());  // 24 more and the terminator: full
-  ASSERT_EQ(tx.tryReserve(0).code(), Errc::WOULD_BLOCK);
+  ASSERT_GE(fillWithSmallFrames(tx), 8);
+  ASSERT_EQ(tx.tryReserve(8).code(), Errc::WOULD_BLOCK);
   std::atomic<bool> sent{false};
   std::thread sender([&] {
     // One long park slice: only a doorbell ring can end it early.
@@ -283,7 +295,11 @@ void expectDeferredReleaseWakesOnlyOnFlush(const std::function<void(Receiver&)>&
   flush(rx);
   sender.join();
   EXPECT_TRUE(sent.load(std::memory_order_acquire));
-  EXPECT_EQ(rx.wakeCount(), 1u);
+  if (wakesAfterFlush != 0) {
+    EXPECT_EQ(rx.wakeCount(), wakesAfterFlush);
+  } else {
+    EXPECT_GE(rx.wakeCount(), 1u);
+  }
 }
 
 TEST(ChannelBlocking, DeferredReleaseWakesAParkedSenderOnlyAtFlush) {
@@ -291,11 +307,49 @@ TEST(ChannelBlocking, DeferredReleaseWakesAParkedSenderOnlyAtFlush) {
 }
 
 TEST(ChannelBlocking, TryReceiveOnAnEmptyRingFlushesDeferredReleases) {
-  expectDeferredReleaseWakesOnlyOnFlush([](Receiver& rx) {
-    ASSERT_TRUE(rx.tryReceive().ok());  // the second frame
-    rx.releaseDeferred();
-    EXPECT_EQ(rx.tryReceive().code(), Errc::WOULD_BLOCK);  // empty: flushes both releases
+  expectDeferredReleaseWakesOnlyOnFlush(
+      [](Receiver& rx) {
+        // Drains the ring: quarters publish as they fill, the empty ring flushes the rest.
+        while (rx.tryReceive().ok()) rx.releaseDeferred();
+        EXPECT_EQ(rx.tryReceive().code(), Errc::WOULD_BLOCK);
+      },
+      0);
+}
+
+// Deferred releases that add up to a quarter of the ring publish head and ring the space
+// doorbell at once: a sender parked on a flooded ring refills it while the receiver drains the
+// rest, rather than once the ring is empty.
+TEST(ChannelBlocking, DeferredReleasesOfAQuarterRingWakeAParkedSenderWithoutAFlush) {
+  auto ch = makeChannel(ChannelScope::LOCAL, SMALL_RING);
+  Sender tx = ch->attachSender().value();
+  Receiver rx = ch->attachReceiver().value();
+  const int frames = fillWithSmallFrames(tx);
+  ASSERT_GE(frames, 8);
+  std::atomic<bool> sent{false};
+  std::thread sender([&] {
+    EXPECT_TRUE(tx.send(bytesOf("third"), 0, WaitPolicy{0, 10s, 10s}).ok());
+    sent.store(true, std::memory_order_release);
   });
+  while (tx.parkCount() == 0) std::this_thread::sleep_for(1ms);
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(rx.tryReceive().ok());
+    rx.releaseDeferred();
+  }
+  EXPECT_EQ(rx.wakeCount(), 0u) << "three frames are less than a quarter";
+  ASSERT_TRUE(rx.tryReceive().ok());
+  rx.releaseDeferred();  // the fourth makes a quarter: published and rung
+  sender.join();
+  EXPECT_TRUE(sent.load(std::memory_order_acquire));
+  EXPECT_EQ(rx.wakeCount(), 1u);
+  // Nothing is left deferred: a flush now rings nothing more.
+  rx.flushReleases();
+  EXPECT_EQ(rx.wakeCount(), 1u);
+  int received = 4;
+  while (rx.tryReceive().ok()) {
+    rx.release();
+    ++received;
+  }
+  EXPECT_EQ(received, frames + 1) << "every frame, and the parked sender's, arrived once";
 }
 
 TEST(ChannelBlocking, FlushWithNothingDeferredRingsNothing) {

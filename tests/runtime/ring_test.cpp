@@ -243,11 +243,11 @@ TEST(Ring, LazyReleasePublishesHeadEveryQuarterRingOrWhenAsked) {
   }
   for (uint64_t i = 1; i <= 4; ++i) {  // 16-byte frames: the fourth reaches CAP/4 = 64
     ASSERT_TRUE(consumer.tryPeek().ok());
-    consumer.releaseLazily();
+    EXPECT_EQ(consumer.releaseLazily(), i == 4) << "says when it published, " << i;
     EXPECT_EQ(r.control().head, i < 4 ? 0u : 64u) << i;
   }
   ASSERT_TRUE(consumer.tryPeek().ok());
-  consumer.releaseLazily();
+  EXPECT_FALSE(consumer.releaseLazily());
   EXPECT_EQ(r.control().head, 64u);
   EXPECT_TRUE(consumer.publishHead());
   EXPECT_EQ(r.control().head, 80u);

@@ -370,8 +370,9 @@ class RingConsumer {
   void release() noexcept;
   // Hands it back privately; head is published once capacity/4 bytes are unpublished, at the
   // next release(), publishHead() or skipped padding. Saves the producer pulling head's line
-  // for every frame; a caller that then waits must publishHead() first.
-  void releaseLazily() noexcept;
+  // for every frame; a caller that then waits must publishHead() first. Returns whether it
+  // published (the caller then rings the producers' space doorbell).
+  bool releaseLazily() noexcept;
   // Publishes head if it moved since last published. Returns whether it did.
   bool publishHead() noexcept;
 
@@ -541,11 +542,11 @@ void RingConsumer<Sync>::release() noexcept {
 }
 
 template <class Sync>
-void RingConsumer<Sync>::releaseLazily() noexcept {
+bool RingConsumer<Sync>::releaseLazily() noexcept {
   AGATE_REQUIRE(pending_ != 0, "release without a peeked frame");
   head_ += pending_;
   pending_ = 0;
-  if (head_ - publishedHead_ >= v_.capacity / 4) publishHead();
+  return head_ - publishedHead_ >= v_.capacity / 4 && publishHead();
 }
 
 template <class Sync>
