@@ -9,7 +9,7 @@ interface Store {
   # Keeps `bytes` of state for the caller, charged to its bushel, until the Item is released.
   hold @0 (bytes :UInt32) -> (item :Item);
   # `served`: calls to ping the server has handled, all clients together, this one included.
-  # `work`: microseconds the server busies itself with the call first (a slow service).
+  # `work`: microseconds the server blocks in the call first (a slow service).
   ping @1 (work :UInt32) -> (served :UInt64);
   # Never returns; counted in `hanging` until cancelled.
   hang @2 () -> ();
