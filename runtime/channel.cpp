@@ -203,6 +203,7 @@ Sender& Sender::operator=(Sender&& o) noexcept {
   claimed_ = std::exchange(o.claimed_, false);
   dataBell_ = o.dataBell_;
   spaceBell_ = o.spaceBell_;
+  ringPending_ = std::exchange(o.ringPending_, false);
   peer_ = std::move(o.peer_);
   peerDead_ = o.peerDead_;
   return *this;
@@ -235,7 +236,29 @@ Result<std::span<std::byte>> Sender::reserve(size_t bytes, const WaitPolicy& pol
 }
 
 void Sender::ringData() noexcept {
+  ringPending_ = false;
   if (mode_ != Mode::PLAIN) dataBell_.ring();
+}
+
+void Sender::commitWithoutRing(size_t length, uint16_t tag) noexcept {
+  commitDeferred(length, tag);
+  switch (mode_) {
+    case Mode::PLAIN:
+      plain_.publish();  // no doorbells: nothing is ever pending
+      return;
+    case Mode::SINGLE:
+      if (single_.publish()) ringPending_ = true;
+      return;
+    case Mode::MULTI:
+      ringPending_ = true;  // commitDeferred published it, in claim order
+      return;
+  }
+}
+
+bool Sender::ringPending() noexcept {
+  if (!ringPending_ || channel_ == nullptr) return false;
+  ringData();
+  return true;
 }
 
 void Sender::commit(size_t length, uint16_t tag) noexcept {
@@ -267,7 +290,7 @@ void Sender::flush() noexcept {
       plain_.publish();
       return;
     case Mode::SINGLE:
-      if (single_.publish()) ringData();
+      if (single_.publish() || ringPending_) ringData();
       return;
     case Mode::MULTI:
       ringData();

@@ -145,6 +145,11 @@ Status OutgoingMessage::send(uint16_t tag) {
   return std::exchange(owner_, nullptr)->sendBuilt(tag);
 }
 
+Status OutgoingMessage::sendWithoutRing(uint16_t tag) {
+  AGATE_REQUIRE(owner_ != nullptr, "send() of an OutgoingMessage already sent or abandoned");
+  return std::exchange(owner_, nullptr)->sendBuilt(tag, false);
+}
+
 void OutgoingMessage::abandon() noexcept {
   if (MessageSender* owner = std::exchange(owner_, nullptr)) owner->abandonBuilt();
 }
@@ -188,14 +193,18 @@ Promise<OutgoingMessage> MessageSender::startMessageAsync(EventLoop& loop, size_
   co_return startIn(std::move(frame));
 }
 
-Status MessageSender::sendBuilt(uint16_t tag) {
+Status MessageSender::sendBuilt(uint16_t tag, bool ring) {
   Result<size_t> used = builder_->tryFinish();
   builder_.reset();
   if (!used) {
     sender_.abandon();  // the ring zeroes a frame again when it next reserves it
     return used.error();
   }
-  sender_.commit(*used, tag);
+  if (ring) {
+    sender_.commit(*used, tag);
+  } else {
+    sender_.commitWithoutRing(*used, tag);
+  }
   return {};
 }
 

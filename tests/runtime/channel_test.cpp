@@ -151,6 +151,28 @@ TEST_P(EveryScope, DeferredCommitsBecomeVisibleOnFlush) {
   }
 }
 
+// commitWithoutRing publishes at once: a polling receiver takes the frames before any ring.
+// Only scopes with doorbells have a ring to owe.
+TEST_P(EveryScope, CommitsWithoutRingAreVisibleAtOnceAndOweOneRing) {
+  auto ch = makeChannel(GetParam());
+  Sender tx = ch->attachSender().value();
+  Receiver rx = ch->attachReceiver().value();
+  const bool bells = GetParam() != ChannelScope::PRIVATE;
+  for (uint16_t i = 0; i < 3; ++i) {
+    ASSERT_TRUE(tx.tryReserve(8).ok());
+    tx.commitWithoutRing(8, i);
+    Result<Frame> f = rx.tryReceive();
+    ASSERT_TRUE(f.ok()) << i;
+    EXPECT_EQ(f->tag, i);
+    rx.release();
+  }
+  EXPECT_EQ(tx.ringIsPending(), bells);
+  EXPECT_EQ(tx.ringPending(), bells);
+  EXPECT_FALSE(tx.ringIsPending());
+  EXPECT_FALSE(tx.ringPending()) << "one ring for all three";
+  EXPECT_EQ(tx.wakeCount(), 0u) << "nobody was parked: no FUTEX_WAKE";
+}
+
 TEST_P(EveryScope, AbandonedReservationIsNeverDelivered) {
   auto ch = makeChannel(GetParam());
   Sender tx = ch->attachSender().value();
@@ -240,6 +262,63 @@ TEST(ChannelBlocking, ParkedReceiverIsWokenBySend) {
   EXPECT_EQ(text(*f), "wake up");
   EXPECT_GE(rx.parkCount(), 1u);
   EXPECT_EQ(tx.wakeCount(), 1u);
+}
+
+// A receiver parked on the doorbell sees a commitWithoutRing() only at the ring it is owed.
+TEST(ChannelBlocking, AParkedReceiverWakesAtThePendingRingNotAtTheCommit) {
+  auto ch = makeChannel(ChannelScope::LOCAL);
+  Sender tx = ch->attachSender().value();
+  Receiver rx = ch->attachReceiver().value();
+  std::atomic<bool> got{false};
+  std::thread receiver([&] {
+    Result<Frame> f = rx.receive(WaitPolicy{0, 10s, 10s});  // one long park slice
+    EXPECT_TRUE(f.ok());
+    if (f) {
+      EXPECT_EQ(text(*f), "later");
+    }
+    got.store(true, std::memory_order_release);
+  });
+  while (rx.parkCount() == 0) std::this_thread::sleep_for(1ms);  // the receiver is parked
+  Result<std::span<std::byte>> frame = tx.tryReserve(5);
+  ASSERT_TRUE(frame.ok());
+  std::memcpy(frame->data(), "later", 5);
+  tx.commitWithoutRing(5);
+  std::this_thread::sleep_for(100ms);
+  EXPECT_FALSE(got.load(std::memory_order_acquire)) << "the commit rang the doorbell";
+  EXPECT_TRUE(tx.ringPending());
+  receiver.join();
+  EXPECT_TRUE(got.load(std::memory_order_acquire));
+  EXPECT_EQ(tx.wakeCount(), 1u);
+}
+
+// commit(), flush() and detach() ring what commitWithoutRing() left pending.
+TEST(ChannelBlocking, CommitFlushAndDetachRingWhatWasPending) {
+  auto ch = makeChannel(ChannelScope::LOCAL);
+  Sender tx = ch->attachSender().value();
+  Receiver rx = ch->attachReceiver().value();
+  ASSERT_TRUE(tx.tryReserve(8).ok());
+  tx.commitWithoutRing(8);
+  ASSERT_TRUE(tx.tryReserve(8).ok());
+  tx.commit(8);
+  EXPECT_FALSE(tx.ringIsPending()) << "commit() rang for both";
+  ASSERT_TRUE(tx.tryReserve(8).ok());
+  tx.commitWithoutRing(8);
+  tx.flush();
+  EXPECT_FALSE(tx.ringIsPending()) << "flush() rang";
+  ASSERT_TRUE(tx.tryReserve(8).ok());
+  tx.commitWithoutRing(8);
+  Sender moved = std::move(tx);
+  EXPECT_TRUE(moved.ringIsPending()) << "the debt moves with the endpoint";
+  EXPECT_FALSE(tx.ringIsPending());
+  moved.detach();
+  EXPECT_FALSE(moved.ringIsPending());
+  EXPECT_FALSE(moved.ringPending()) << "a detached sender rings nothing";
+  int frames = 0;
+  while (rx.tryReceive().ok()) {
+    rx.release();
+    ++frames;
+  }
+  EXPECT_EQ(frames, 4);
 }
 
 TEST(ChannelBlocking, ParkedSenderIsWokenByRelease) {

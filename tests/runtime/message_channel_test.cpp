@@ -83,6 +83,33 @@ TEST(MessageChannelTest, SendCommitsOnlyTheWordsTheMessageUsed) {
   EXPECT_EQ(in->sizeInBytes(), 16u);
 }
 
+TEST(MessageChannelTest, SendWithoutRingPublishesAtOnceAndLeavesTheRingToTheSender) {
+  Endpoints e(scoped(ChannelScope::SHARED));
+  Result<OutgoingMessage> msg = e.tx->tryStartMessage(64);
+  ASSERT_TRUE(msg.ok());
+  msg->initRoot<test::Point>().setX(9);
+  ASSERT_TRUE(msg->sendWithoutRing(3).ok());
+  EXPECT_FALSE(msg->pending());
+  EXPECT_TRUE(e.tx->sender().ringIsPending());
+  Result<IncomingMessage> in = e.rx->tryReceive();
+  ASSERT_TRUE(in.ok()) << "published before any ring";
+  EXPECT_EQ(in->tag(), 3);
+  EXPECT_EQ(in->getRoot<test::Point>().getX(), 9);
+  EXPECT_TRUE(e.tx->sender().ringPending());
+  EXPECT_FALSE(e.tx->sender().ringIsPending());
+}
+
+TEST(MessageChannelTest, SendWithoutRingOfAMessageTooLargeForItsFramePublishesNothing) {
+  Endpoints e(scoped(ChannelScope::SHARED));
+  Result<OutgoingMessage> msg = e.tx->tryStartMessage(16);
+  ASSERT_TRUE(msg.ok());
+  msg->initRoot<test::Sample>().setName("far more than sixteen bytes of text");
+  EXPECT_EQ(msg->sendWithoutRing().code(), Errc::MESSAGE_TOO_LARGE);
+  EXPECT_FALSE(e.tx->sender().ringIsPending());
+  EXPECT_EQ(e.tail(), 0u);
+  EXPECT_EQ(e.rx->tryReceive().code(), Errc::WOULD_BLOCK);
+}
+
 TEST(MessageChannelTest, InPlaceMessageHoldsItsFrameUntilDropped) {
   Endpoints e(scoped(ChannelScope::LOCAL));
   ASSERT_TRUE(sendPoint(*e.tx, 5).ok());

@@ -124,6 +124,15 @@ class Sender {
   // Batching: completes the frame but lets flush() publish and ring once for several frames.
   void commitDeferred(size_t length, uint16_t tag = 0) noexcept;
   void flush() noexcept;
+  // Batching that keeps latency: publishes the frame at once (a polling receiver sees it now),
+  // but leaves the doorbell, the one locked instruction of a send, to ringPending(), which rings
+  // once for every frame committed so far. The caller must call ringPending() before it waits
+  // for anything (a parked receiver sees nothing until then); an event loop posts it as a task.
+  void commitWithoutRing(size_t length, uint16_t tag = 0) noexcept;
+  // Rings the data doorbell if a commitWithoutRing() published since the last ring; returns
+  // whether it rang. commit(), flush() and detach() ring too, and clear what was pending.
+  bool ringPending() noexcept;
+  bool ringIsPending() const noexcept { return ringPending_; }
   // Gives the reservation back; nothing is published.
   void abandon() noexcept;
 
@@ -163,9 +172,10 @@ class Sender {
   RingProducer<AtomicSync> single_;
   RingSlot slot_;  // MULTI: the outstanding claim
   bool claimed_ = false;
-  Doorbell dataBell_;   // rung after publishing
-  Doorbell spaceBell_;  // parked on while full
-  Fd peer_;             // pidfd of the receiver's process, if watched
+  Doorbell dataBell_;         // rung after publishing
+  Doorbell spaceBell_;        // parked on while full
+  bool ringPending_ = false;  // published by commitWithoutRing(), not rung yet
+  Fd peer_;                   // pidfd of the receiver's process, if watched
   bool peerDead_ = false;
 };
 

@@ -102,6 +102,9 @@ class OutgoingMessage {
   // outgrew the frame: nothing is published and the reservation is given back. Either way the
   // handle is spent afterwards.
   Status send(uint16_t tag = 0);
+  // As send(), but publishes without ringing: see Sender::commitWithoutRing (the caller rings
+  // with the sender's ringPending() before it waits).
+  Status sendWithoutRing(uint16_t tag = 0);
   // Gives the reservation back unpublished. Idempotent.
   void abandon() noexcept;
   bool pending() const noexcept { return owner_ != nullptr; }
@@ -136,7 +139,7 @@ class MessageSender {
  private:
   friend class OutgoingMessage;
   Result<OutgoingMessage> startIn(Result<std::span<std::byte>> frame);
-  Status sendBuilt(uint16_t tag);
+  Status sendBuilt(uint16_t tag, bool ring = true);
   void abandonBuilt() noexcept;
 
   Sender sender_;
