@@ -25,7 +25,8 @@ RpcConnection::RpcConnection(MessageSender& tx, MessageReceiver& rx, EventLoop& 
       replayReader_(rx.limits()),
       teardownTask_(*this),
       worklistTask_(*this),
-      finishTask_(*this) {
+      finishTask_(*this),
+      ringTask_(*this) {
   AGATE_REQUIRE(rx.limits().allowCapabilityPointers,
                 "an RPC connection's MessageReceiver must be built with rpcReceiverOptions()");
   AGATE_REQUIRE(options_.maxMessageBytes >= 1024, "maxMessageBytes %zu is below 1 KiB",
@@ -51,6 +52,7 @@ RpcConnection::RpcConnection(MessageSender& tx, MessageReceiver& rx, EventLoop& 
 RpcConnection::~RpcConnection() {
   fail(Error(Errc::DISCONNECTED, "the connection was closed"));
   teardown();
+  ringPeer();  // ringTask_ unlinks itself with the connection: ring what it still owed
   AGATE_REQUIRE(handles_ == 0,
                 "%llu RemoteCap/Request/RemotePromise/Response handles outlive their connection",
                 static_cast<unsigned long long>(handles_));

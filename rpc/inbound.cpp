@@ -16,6 +16,7 @@ Promise<void> RpcConnection::readLoop() {
     if (options_.messagesPerTurn != 0 && turnBudget-- == 0) {
       turnBudget = options_.messagesPerTurn - 1;
       rx_.receiver().flushReleases();  // the peer sees the space taken so far while we wait
+      ringPeer();  // and what this turn sent, before other readers' turns
       // Wait for the loop's next turn (a zero timer), not just the back of the run queue: the
       // loop polls for I/O between turns, so readers whose doorbells rang meanwhile (parked
       // peers) are queued ahead of this one.
@@ -27,6 +28,7 @@ Promise<void> RpcConnection::readLoop() {
       // awaiting (spin, then park) coroutine and its frames.
       Result<IncomingMessage> in = rx_.tryReceive();
       if (in.code() == Errc::WOULD_BLOCK) {
+        ringPeer();  // the end of this reader's turn: the peer hears of what it sent now
         in = co_await rx_.receiveAsync(loop_, options_.wait);
         if (!isOpen()) co_return {};
       }

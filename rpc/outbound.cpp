@@ -132,10 +132,13 @@ Status RpcConnection::finishOut(detail::OutSlot& slot) {
   detail::SpillBuffer* b = nullptr;
   if (slot.ring_) {
     if (queueHead_ == nullptr) {
-      Status sent = slot.ring_->send();
+      Status sent = slot.ring_->sendWithoutRing();
       slot.ring_.reset();
       ringOpen_ = false;
-      if (sent) ++stats_.messagesSent;
+      if (sent) {
+        ++stats_.messagesSent;
+        published();
+      }
       return sent;
     }
     // Messages were queued while this frame was open; they were sent first, so this one goes
@@ -183,7 +186,7 @@ void RpcConnection::flushQueue() {
       return;
     }
     std::memcpy(frame->data(), b->words.get(), b->usedBytes);
-    tx_.sender().commit(b->usedBytes);
+    commitOut(b->usedBytes);
     ++stats_.messagesSent;
     queueHead_ = b->next;
     if (queueHead_ == nullptr) queueTail_ = nullptr;
@@ -213,7 +216,7 @@ Promise<void> RpcConnection::pumpWhileFull() {
       break;
     }
     std::memcpy(frame->data(), b->words.get(), b->usedBytes);
-    tx_.sender().commit(b->usedBytes);
+    commitOut(b->usedBytes);
     ++stats_.messagesSent;
     queueHead_ = b->next;
     if (queueHead_ == nullptr) queueTail_ = nullptr;
@@ -246,7 +249,7 @@ Status RpcConnection::sendWords(std::span<const uint64_t> words) {
     Result<std::span<std::byte>> frame = tx_.sender().tryReserve(bytes);
     if (frame) {
       std::memcpy(frame->data(), words.data(), bytes);
-      tx_.sender().commit(bytes);
+      commitOut(bytes);
       ++stats_.messagesSent;
       return {};
     }
@@ -261,6 +264,19 @@ Status RpcConnection::sendWords(std::span<const uint64_t> words) {
   ++stats_.spilledMessages;
   enqueue(b);
   return {};
+}
+
+void RpcConnection::commitOut(size_t bytes) {
+  tx_.sender().commitWithoutRing(bytes);
+  published();
+}
+
+void RpcConnection::published() {
+  if (!ringTask_.isQueued()) loop_.post(ringTask_);
+}
+
+void RpcConnection::ringPeer() {
+  if (tx_.sender().ringPending()) ++stats_.doorbellRings;
 }
 
 void RpcConnection::sendFinish(uint32_t questionId) {

@@ -1,5 +1,6 @@
 // The per-message path of RpcConnection: a burst of calls already in the ring is served in one
-// pass of the reader with its frames handed back together; a Finish that follows its Return goes
+// pass of the reader with its frames handed back together and its Returns announced by one
+// doorbell ring; a Finish that follows its Return goes
 // out behind the caller's next message (so the callee serves that message first); queued
 // Finishes are bounded, all sent, and dropped with a connection that ends.
 #include <gtest/gtest.h>
@@ -70,15 +71,23 @@ TEST_F(RpcHotPathTest, ABurstOfCallsIsServedInOnePassAndItsFramesHandedBackToget
     RpcConnection client(clientTx, clientRx, loop_);
     RemoteCap cap = client.bootstrap();
     std::vector<RemotePromise> pending;
+    const uint64_t ringsBefore = client.stats().doorbellRings;
     for (int i = 0; i < 8; ++i) pending.push_back(cap.newCall(ANY_INTERFACE, 0, 0).send());
     const uint64_t burstEnd = std::atomic_ref<uint64_t>(requests->tail).load();
+    // Published at once (a polling reader could take them now), rung later, once.
+    EXPECT_GT(burstEnd, 0u);
+    EXPECT_TRUE(clientTx.sender().ringIsPending());
+    EXPECT_EQ(client.stats().doorbellRings, ringsBefore);
     ASSERT_TRUE(runUntil(loop_, [&] { return server.seen.size() == 8; }));
     // Every call was dispatched while the ring's head still stood before the burst: the reader
     // took them one after another, handing the frames back only once it found the ring empty.
     EXPECT_EQ(server.seen, std::vector<uint64_t>(8, 0));
     EXPECT_EQ(std::atomic_ref<uint64_t>(requests->head).load(), burstEnd);
+    EXPECT_EQ(client.stats().doorbellRings, ringsBefore + 1) << "one ring for the eight calls";
     EXPECT_TRUE(loop_.run(awaitAll(pending)).ok());
     pending.clear();
+    EXPECT_EQ(serverConn.stats().doorbellRings, 1u)
+        << "the eight Returns of one reader pass, one ring";
   }
 }
 

@@ -383,7 +383,15 @@ TEST_F(RpcTest, ClientGoingAwayDropsItsStateOnTheServer) {
 }
 
 // The two sides on two threads, each with its own loop: the rings are the only thing shared.
-TEST_F(RpcTest, ConnectionsOnTwoThreadsServeCallsAndPipelines) {
+// `parkAtOnce`: both readers park on their doorbell without spinning, with a park slice far
+// longer than the watchdog, so every message must be announced by a doorbell ring (the rings
+// of a burst are batched: RpcConnection::ringPeer); a lost one hangs the test.
+void twoThreads(EventLoop& loop_, bool parkAtOnce) {
+  AsyncWaitPolicy wait;
+  if (parkAtOnce) {
+    wait.spinIterations = 0;
+    wait.parkSlice = std::chrono::hours(1);
+  }
   ChannelOptions co;
   co.scope = ChannelScope::LOCAL;
   std::unique_ptr<Channel> c2s = std::move(Channel::create(co).value());
@@ -399,6 +407,7 @@ TEST_F(RpcTest, ConnectionsOnTwoThreadsServeCallsAndPipelines) {
     MessageReceiver rx(*c2s, std::move(serverIn), rpcReceiverOptions());
     RpcOptions options;
     options.bootstrap = &root;
+    options.wait = wait;
     RpcConnection conn(tx, rx, loop, options);
     Status st = loop.run(conn.onDisconnect());
     serverEnd = static_cast<int>(st.code());
@@ -406,9 +415,17 @@ TEST_F(RpcTest, ConnectionsOnTwoThreadsServeCallsAndPipelines) {
   {
     MessageSender tx(c2s->attachSender().value());
     MessageReceiver rx(*s2c, s2c->attachReceiver().value(), rpcReceiverOptions());
-    RpcConnection conn(tx, rx, loop_);
+    RpcConnection conn(tx, rx, loop_, RpcOptions{.wait = wait});
     RemoteCap root = conn.bootstrap();
     for (uint64_t i = 0; i < 200; ++i) ASSERT_EQ(loop_.run(echo(root, i)).value(), i);
+    if (parkAtOnce) {
+      // A call made while both sides are surely parked (no reader's turn is running to ring for
+      // it): only the connection's ring task announces it.
+      for (uint64_t i = 0; i < 3; ++i) {
+        (void)loop_.run(loop_.sleep(std::chrono::milliseconds(20)));
+        ASSERT_EQ(loop_.run(echo(root, i)).value(), i);
+      }
+    }
     RemoteCap cap = root;
     std::optional<RemotePromise> last;
     for (int i = 0; i < 10; ++i) {
@@ -420,10 +437,16 @@ TEST_F(RpcTest, ConnectionsOnTwoThreadsServeCallsAndPipelines) {
         loop_.run([](RemotePromise& p) -> Promise<Response> { co_return co_await p; }(*last));
     ASSERT_TRUE(r.ok()) << errcName(r.code());
     EXPECT_EQ(r->results().getAs<CapAndValue>().getValue(), 10u);
+    // The ten calls went out in one stretch: one ring announced them all.
+    EXPECT_LT(conn.stats().doorbellRings, conn.stats().messagesSent);
   }  // the client's connection closes; the server thread sees DISCONNECTED
   server.join();
   EXPECT_EQ(serverEnd, static_cast<int>(Errc::DISCONNECTED));
 }
+
+TEST_F(RpcTest, ConnectionsOnTwoThreadsServeCallsAndPipelines) { twoThreads(loop_, false); }
+
+TEST_F(RpcTest, ConnectionsOnTwoThreadsThatOnlyParkHearOfEveryMessage) { twoThreads(loop_, true); }
 
 TEST_F(RpcTest, CallsOnANullCapabilityFailWithoutAConnection) {
   RemoteCap none;

@@ -494,6 +494,7 @@ struct RpcStats {
   uint64_t releasesReceived = 0;
   uint64_t pipelinedCallsQueued = 0;  // calls the callee held until their promised answer
   uint64_t spilledMessages = 0;       // messages built outside the ring (backpressure)
+  uint64_t doorbellRings = 0;         // rings of the peer's doorbell: one per burst of messages
   uint64_t providesSent = 0;          // handoffs this vat introduced on this connection
   uint64_t providesReceived = 0;
   uint64_t acceptsSent = 0;  // handoffs this vat took over this connection
@@ -586,6 +587,13 @@ class RpcConnection {
   void sendFinish(uint32_t questionId);
   void queueFinish(uint32_t questionId);
   void flushFinishes();
+  // Every message is published at once but its doorbell is rung by ringTask_, once for all the
+  // messages the current task sends (Sender::commitWithoutRing): a burst of calls or returns
+  // pays one locked ring. The task runs before the loop's thread can wait; the reader also rings
+  // at the end of each of its turns, so a parked peer never waits behind other readers' turns.
+  void commitOut(size_t bytes);
+  void published();
+  void ringPeer();
   void freeQuestion(uint32_t questionId) noexcept;
   void sendRelease(uint32_t importId, uint32_t count);
   void sendAbort(const Error& reason);
@@ -783,6 +791,7 @@ class RpcConnection {
   MemberTask<&RpcConnection::teardown> teardownTask_;
   MemberTask<&RpcConnection::runWorklist> worklistTask_;
   MemberTask<&RpcConnection::flushFinishes> finishTask_;
+  MemberTask<&RpcConnection::ringPeer> ringTask_;
   std::optional<Promise<void>> reader_;  // last: started by the constructor, dropped first
 };
 
