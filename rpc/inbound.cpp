@@ -16,7 +16,7 @@ Promise<void> RpcConnection::readLoop() {
     if (options_.messagesPerTurn != 0 && turnBudget-- == 0) {
       turnBudget = options_.messagesPerTurn - 1;
       rx_.receiver().flushReleases();  // the peer sees the space taken so far while we wait
-      ringPeer();  // and what this turn sent, before other readers' turns
+      ringPeer();                      // and what this turn sent, before other readers' turns
       // Wait for the loop's next turn (a zero timer), not just the back of the run queue: the
       // loop polls for I/O between turns, so readers whose doorbells rang meanwhile (parked
       // peers) are queued ahead of this one.
