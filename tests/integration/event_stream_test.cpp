@@ -732,7 +732,7 @@ TEST_F(EventStreamTest, AHostilePublisherNeitherEndsAStreamFalselyNorMakesTheCli
     const uint64_t pollChecks = stream->endChecks() - checksBefore;
     CO_CHECK(pollChecks >= 1);
     CO_CHECK(pollChecks <= static_cast<uint64_t>(polled / EventStream::PARK_SLICE) + 2);
-    CO_CHECK(polls > 5 * pollChecks);
+    CO_CHECK(polls > 2 * pollChecks);  // not a call per poll
 
     // The stream ends with its connection.
     ticker = Ticker::Client();
