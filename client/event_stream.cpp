@@ -59,6 +59,8 @@ EventStream& EventStream::operator=(EventStream&& o) noexcept {
   ends_ = std::exchange(o.ends_, 0);
   checkOwed_ = std::exchange(o.checkOwed_, false);
   checkEnd_ = std::exchange(o.checkEnd_, false);
+  probe_ = std::exchange(o.probe_, std::nullopt);
+  probedEnds_ = std::exchange(o.probedEnds_, 0);
   lastCheck_ = o.lastCheck_;
   endChecks_ = std::exchange(o.endChecks_, 0);
   return *this;
@@ -67,6 +69,7 @@ EventStream& EventStream::operator=(EventStream&& o) noexcept {
 EventStream::~EventStream() { release(); }
 
 void EventStream::release() noexcept {
+  probe_.reset();  // a check in flight: its answer is read and dropped by the connection
   if (kernel_ != nullptr && cap_.valid()) {
     // Not awaited: the call is written to the submission ring now; its answer is dropped.
     (void)kernel_->deleteCap(cap_);
@@ -150,20 +153,36 @@ bool EventStream::collect() noexcept {
   return false;
 }
 
-Promise<void> EventStream::checkEnd() {
+void EventStream::startCheck() {
+  if (probe_) return;  // one in flight (sent by tryNext): its answer serves
   lastCheck_ = std::chrono::steady_clock::now();
   ++endChecks_;
-  Result<caps::CapInfo> info = co_await kernel_->inspectCap(cap_);
-  // Owed until answered: a next() dropped while it waits leaves the check to the next call.
-  checkOwed_ = false;
-  if (info) co_return {};  // still there: the word moved for another buffer, or was forged
+  probedEnds_ = ends_;
+  probe_.emplace(kernel_->inspectCap(cap_));
+}
+
+void EventStream::settleCheck(Result<caps::CapInfo> info) noexcept {
+  // A move of the ends word seen after the check was sent is owed a check of its own: the
+  // kernel may have answered before the end that move announces.
+  if (ends_ == probedEnds_) checkOwed_ = false;
+  if (info) return;  // still there: the word moved for another buffer, or was forged
   if (info.code() == Errc::INVALID_HANDLE || info.code() == Errc::WRONG_TYPE) {
     // Only the buffer's destruction (or this process) deletes the cap: the publisher closed it.
-    ended_ = Error(Errc::DISCONNECTED, "the publisher closed the event stream");
+    // What it posted before is in the slots (the kernel counted the end after the posts): one
+    // last scan delivers it before the end.
+    Status scanned = scanner_.scan(buffer_, updates_, stuck_);
+    ended_ = scanned ? Error(Errc::DISCONNECTED, "the publisher closed the event stream")
+                     : scanned.error();
   } else {
     ended_ = Error(Errc::DISCONNECTED, "the kernel connection is gone");
   }
-  co_return {};
+}
+
+void EventStream::takeAnsweredCheck() noexcept {
+  if (!probe_ || !probe_->isReady()) return;
+  Result<caps::CapInfo> info = probe_->takeResult();
+  probe_.reset();
+  settleCheck(std::move(info));
 }
 
 Result<EventBatch> EventStream::deliver() noexcept {
@@ -176,8 +195,11 @@ Result<EventBatch> EventStream::tryNext() {
   AGATE_REQUIRE(valid(), "tryNext() on an empty EventStream");
   updates_.clear();
   stuck_.clear();
+  if (ended_.code == Errc::OK) takeAnsweredCheck();
   (void)collect();
-  checkEnd_ = false;  // no kernel call without waiting: next() makes it
+  // The kernel's answer is not waited for: the check is sent now, and a later call (once the
+  // loop has read the answer) takes it.
+  if (std::exchange(checkEnd_, false)) startCheck();
   return deliver();
 }
 
@@ -185,6 +207,7 @@ Promise<EventBatch> EventStream::next(Duration timeout) {
   AGATE_REQUIRE(valid(), "next() on an empty EventStream");
   updates_.clear();
   stuck_.clear();
+  if (ended_.code == Errc::OK) takeAnsweredCheck();
   caps::MappedNotification& notification = *buffer_.notification();
   const auto end = std::chrono::steady_clock::now() + timeout;
   for (;;) {
@@ -197,7 +220,13 @@ Promise<EventBatch> EventStream::next(Duration timeout) {
     if (!ready) co_return ready.error();
     if (!*ready) co_return Error(Errc::TIMED_OUT, "no event before the timeout");
     if (!checkEnd_) co_return deliver();
-    (void)co_await checkEnd();
+    startCheck();
+    // Awaited from this frame, not through the member: a next() dropped while it waits drops
+    // the check with it (the check stays owed; a later call makes it after its interval).
+    Promise<caps::CapInfo> probe = std::move(*probe_);
+    probe_.reset();
+    Result<caps::CapInfo> info = co_await probe;
+    settleCheck(std::move(info));
     if (ended_.code != Errc::OK) co_return deliver();
   }
 }

@@ -5,7 +5,11 @@ namespace agate::kernel {
 static_assert(PAGE_BYTES % sizeof(EventSlot) == 0, "slots never straddle a page");
 
 EventBuffer::EventBuffer(uint32_t slots, SealedMemfd memfd, Notification& notification)
-    : KernelObject(TYPE), slots_(slots), memfd_(std::move(memfd)), notification_(&notification) {
+    : KernelObject(TYPE),
+      slots_(slots),
+      memfd_(std::move(memfd)),
+      notification_(&notification),
+      bell_(notification.bell()) {
   notification.attachBuffer(*this);
 }
 
@@ -36,12 +40,15 @@ Result<EventBufferMapping> EventBuffer::tryMap(bool writable) {
 void EventBuffer::teardown() noexcept {
   // The end is news too: readers see the notification's ends word move and wake, find their cap
   // to the buffer gone (the bank deleted every cap before this) and end their stream (client/:
-  // EventStream).
+  // EventStream). A notification destroyed first left its bell here for this.
   if (notification_) {
     notification_->bufferEnded();
     notification_->detachBuffer(*this);
+  } else if (bell_) {
+    bell_->countEnd();
   }
   notification_ = nullptr;
+  bell_.reset();
   memfd_.reset();
 }
 

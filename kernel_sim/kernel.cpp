@@ -620,9 +620,14 @@ void Kernel::verifyInvariants() const {
     for (const auto& o : b.objects()) {
       if (o->type() == ObjectType::NOTIFICATION) static_cast<const Notification&>(*o).verifyLinks();
       if (o->type() == ObjectType::EVENT_BUFFER) {
-        const Notification* n = static_cast<const EventBuffer&>(*o).notification();
-        AGATE_ASSERT(n == nullptr || n->hasBuffer(static_cast<const EventBuffer&>(*o)),
+        const auto& buffer = static_cast<const EventBuffer&>(*o);
+        const Notification* n = buffer.notification();
+        AGATE_ASSERT(n == nullptr || n->hasBuffer(buffer),
                      "event buffer %lu: its notification does not list it",
+                     static_cast<unsigned long>(o->koid()));
+        // Its end is counted in its notification's bell, kept if the notification went first.
+        AGATE_ASSERT(buffer.bell() != nullptr && (n == nullptr || n->bell() == buffer.bell()),
+                     "event buffer %lu: no bell, or not its notification's",
                      static_cast<unsigned long>(o->koid()));
       }
     }

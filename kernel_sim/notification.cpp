@@ -15,15 +15,38 @@ namespace agate::kernel {
 
 static_assert(sizeof(DoorbellWord) <= KernelPage::BYTES);
 
+NotificationBell::NotificationBell(KernelPage page, Fd wakeRead, Fd kernelWrite) noexcept
+    : page_(std::move(page)),
+      wakeRead_(std::move(wakeRead)),
+      kernelWrite_(std::move(kernelWrite)),
+      // The page is zero-filled by the memfd: a DoorbellWord of {0, 0} is its initial state.
+      word_(std::launder(reinterpret_cast<DoorbellWord*>(page_.data()))),
+      doorbell_(word_, /*processShared=*/true, kernelWrite_.get()) {}
+
+void NotificationBell::countEnd() noexcept {
+  // Release: a reader that sees the new count also sees the caps deleted before (it asks the
+  // kernel anyway; the order only keeps the hint honest). The ring's RMW orders it for waiters.
+  std::atomic_ref<uint32_t>(*endsWord()).fetch_add(1, std::memory_order_release);
+  ring();
+}
+
+uint32_t NotificationBell::ends() const noexcept {
+  return std::atomic_ref<uint32_t>(*endsWord()).load(std::memory_order_acquire);
+}
+
+uint32_t* NotificationBell::endsWord() const noexcept {
+  return std::launder(reinterpret_cast<uint32_t*>(page_.data() + NOTIFICATION_ENDS_OFFSET));
+}
+
 Result<Notification::Parts> Notification::tryCreateParts(bool wantWakeFd) {
   auto page = KernelPage::tryCreate("agate-notification", HolderAccess::READ_WRITE);
   if (!page) return page.error();
-  Parts parts{std::move(*page), Fd(), Fd(), Fd()};
-  if (!wantWakeFd) return parts;
+  if (!wantWakeFd)
+    return Parts{std::make_shared<NotificationBell>(std::move(*page), Fd(), Fd()), Fd()};
   int ends[2];
   if (::pipe2(ends, O_CLOEXEC) != 0) return Error::fromErrno(errno, "pipe2 for a wake fd failed");
-  parts.wakeRead.reset(ends[0]);
-  parts.wakeWrite.reset(ends[1]);
+  Fd wakeRead(ends[0]);
+  Fd wakeWrite(ends[1]);
   // The buffer is charged as WAKE_PIPE_PAGES; a ring is 8 bytes, so one page holds 512 of them.
   if (::fcntl(ends[1], F_SETPIPE_SZ, static_cast<int>(WAKE_PIPE_PAGES * PAGE_BYTES)) < 0)
     return Error::fromErrno(errno, "shrinking a wake pipe failed");
@@ -31,18 +54,15 @@ Result<Notification::Parts> Notification::tryCreateParts(bool wantWakeFd) {
   // change its flags), never this one's.
   char path[64];
   std::snprintf(path, sizeof path, "/proc/self/fd/%d", ends[1]);
-  parts.kernelWrite.reset(::open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC));
-  if (!parts.kernelWrite.valid())
+  Fd kernelWrite(::open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC));
+  if (!kernelWrite.valid())
     return Error::fromErrno(errno, "opening the kernel's end of a wake pipe failed");
-  return parts;
+  return Parts{std::make_shared<NotificationBell>(std::move(*page), std::move(wakeRead),
+                                                  std::move(kernelWrite)),
+               std::move(wakeWrite)};
 }
 
-Notification::Notification(Parts parts) noexcept
-    : KernelObject(TYPE),
-      parts_(std::move(parts)),
-      // The page is zero-filled by the memfd: a DoorbellWord of {0, 0} is its initial state.
-      word_(std::launder(reinterpret_cast<DoorbellWord*>(parts_.page.data()))),
-      doorbell_(word_, /*processShared=*/true, parts_.kernelWrite.get()) {}
+Notification::Notification(Parts parts) noexcept : KernelObject(TYPE), parts_(std::move(parts)) {}
 
 Notification::~Notification() {
   AGATE_ASSERT(watched_.empty() && buffers_.empty(), "notification %lu destroyed while linked",
@@ -51,32 +71,24 @@ Notification::~Notification() {
 
 void Notification::signal() noexcept {
   ++signals_;
-  doorbell_.ring();
+  parts_.bell->ring();
 }
 
 void Notification::bufferEnded() noexcept {
-  // Release: a reader that sees the new count also sees the caps deleted before (it asks the
-  // kernel anyway; the order only keeps the hint honest). The ring's RMW orders it for waiters.
-  std::atomic_ref<uint32_t>(*endsWord()).fetch_add(1, std::memory_order_release);
-  signal();
+  ++signals_;
+  parts_.bell->countEnd();
 }
 
-uint32_t Notification::ends() const noexcept {
-  return std::atomic_ref<uint32_t>(*endsWord()).load(std::memory_order_acquire);
-}
-
-uint32_t* Notification::endsWord() const noexcept {
-  return std::launder(reinterpret_cast<uint32_t*>(parts_.page.data() + NOTIFICATION_ENDS_OFFSET));
-}
+uint32_t Notification::ends() const noexcept { return parts_.bell->ends(); }
 
 Result<NotificationFds> Notification::tryDuplicateFds(bool withRing) const {
   NotificationFds fds;
-  auto page = parts_.page.tryDuplicate();
+  auto page = parts_.bell->page().tryDuplicate();
   if (!page) return page.error();
   fds.page = std::move(*page);
   fds.bytes = KernelPage::BYTES;
   if (!hasWakeFd()) return fds;
-  fds.wakeFd.reset(::fcntl(parts_.wakeRead.get(), F_DUPFD_CLOEXEC, 0));
+  fds.wakeFd.reset(::fcntl(parts_.bell->wakeRead().get(), F_DUPFD_CLOEXEC, 0));
   if (!fds.wakeFd.valid()) return Error::fromErrno(errno, "duplicating a wake fd failed");
   if (!withRing) return fds;
   fds.ringFd.reset(::fcntl(parts_.wakeWrite.get(), F_DUPFD_CLOEXEC, 0));
@@ -125,7 +137,9 @@ void Notification::teardown() noexcept {
   watched_.clear();
   for (EventBuffer* buffer : buffers_) buffer->notificationGone();
   buffers_.clear();
-  parts_ = Parts{};  // unmaps the page, closes the descriptors
+  // Closes the write end handed to WRITE holders; the bell (the page, the pipe's read end and
+  // the kernel's ringer) goes with the last of the buffers that shared it, or now if none did.
+  parts_ = Parts{};
 }
 
 void Notification::pagesReturned(SpaceBank& /*bank*/, uint64_t /*pages*/) noexcept { signal(); }

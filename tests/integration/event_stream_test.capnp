@@ -25,7 +25,9 @@ interface Ticker {
   rawStream @5 (slots :UInt32) -> (events :Events.EventStream);
   # Acts on the raw stream for `ms` milliseconds without posting: rings its notification through
   # the kernel and its own ring end (storm), or bumps the page's ends word and rings (fakeEnd);
-  # or destroys the notification and then the buffer (wrongOrder).
+  # or destroys the notification and then the buffer (wrongOrder); or destroys only the
+  # notification (dropNotification); or posts `ms` into slot 0 without ringing and destroys the
+  # buffer (dropBuffer).
   abuse @6 (how :Abuse, ms :UInt32) -> ();
 
   enum End {
@@ -36,6 +38,8 @@ interface Ticker {
     storm @0;
     wrongOrder @1;
     fakeEnd @2;
+    dropNotification @3;
+    dropBuffer @4;
   }
 
   enum Hostile {

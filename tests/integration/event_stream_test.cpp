@@ -2,9 +2,10 @@
 // server, EventStream on the client): a client subscribes and reads coalesced batches; the
 // stream is paid from the client's bank; hostile handles are refused with nothing mapped; the
 // stream ends DISCONNECTED when the server dies, the bushel closes, or the publisher is dropped
-// or closed while the connection lives; a hostile publisher (ring storms, objects destroyed out
-// of order) neither ends a stream falsely nor makes the client spin; a killed subscriber's
-// publisher is reclaimed with its pages.
+// or closed while the connection lives, for next() and tryNext() alike, whichever of its
+// objects the publisher destroys first; a hostile publisher (ring storms, a forged ends word)
+// neither ends a stream falsely nor makes the client spin or call the kernel on every poll; a
+// killed subscriber's publisher is reclaimed with its pages.
 //
 // Processes: the kernel (KernelProcess), the server (a forked child serving "ticker" through
 // client::serveService), clients in the test process and in forked children. Watchdogs: the
@@ -152,10 +153,18 @@ class TickerImpl final : public Ticker::Server {
   Promise<void> abuse(AbuseContext context) override {
     if (!raw_) co_return Error(Errc::NOT_FOUND, "no raw stream");
     caps::KernelConnection& k = client_.kernel();
-    if (context.params().getHow() == Abuse::WRONG_ORDER) {
-      AGATE_CO_TRY(co_await k.destroy(raw_->notification));
-      AGATE_CO_TRY(co_await k.destroy(raw_->buffer));
-      co_return {};
+    switch (context.params().getHow()) {
+      case Abuse::WRONG_ORDER:
+        AGATE_CO_TRY(co_await k.destroy(raw_->notification));
+        AGATE_CO_TRY(co_await k.destroy(raw_->buffer));
+        co_return {};
+      case Abuse::DROP_NOTIFICATION:
+        co_return co_await k.destroy(raw_->notification);
+      case Abuse::DROP_BUFFER:
+        raw_->mapped.post(0, payloadOf(0, context.params().getMs()));
+        co_return co_await k.destroy(raw_->buffer);
+      default:
+        break;
     }
     const auto end =
         std::chrono::steady_clock::now() + std::chrono::milliseconds(context.params().getMs());
@@ -701,15 +710,181 @@ TEST_F(EventStreamTest, AHostilePublisherNeitherEndsAStreamFalselyNorMakesTheCli
     CO_CHECK(stream->endChecks() >= 1);
     CO_CHECK(stream->endChecks() <= static_cast<uint64_t>(slices) + 2);
     CO_CHECK(stream->tryNext().ok());  // still open, nothing new
-    // The notification first, then the buffer: nothing is left to ring. The stream stays open
-    // (as silent as a live publisher that stops posting), never ends falsely, and ends with the
-    // connection.
-    AGATE_CO_TRY(co_await ticker.abuse([](auto p) { p.setHow(Abuse::WRONG_ORDER); }));
-    Result<EventBatch> silent = co_await stream->next(200ms);
-    CO_CHECK(silent.code() == Errc::TIMED_OUT || silent.code() == Errc::DISCONNECTED);
+
+    // tryNext() polled through another forgery: never an end, and at most about one kernel
+    // call per park slice however often it is called.
+    const uint64_t checksBefore = stream->endChecks();
+    auto forgedAgain = ticker.abuse([](auto p) {
+      p.setHow(Abuse::FAKE_END);
+      p.setMs(400);
+    });
+    const auto polling = std::chrono::steady_clock::now();
+    uint64_t polls = 0;
+    while (std::chrono::steady_clock::now() - polling < 300ms) {
+      Result<EventBatch> polled = stream->tryNext();
+      CO_CHECK(polled.ok() && polled->updates.empty() && polled->stuck.empty());
+      ++polls;
+      (void)co_await s.loop().sleep(1ms);  // the loop runs: the kernel's answers are read
+    }
+    const auto polled = std::chrono::steady_clock::now() - polling;
+    CO_CHECK((co_await forgedAgain).ok());
+    CO_CHECK(stream->tryNext().ok());
+    const uint64_t pollChecks = stream->endChecks() - checksBefore;
+    CO_CHECK(pollChecks >= 1);
+    CO_CHECK(pollChecks <= static_cast<uint64_t>(polled / EventStream::PARK_SLICE) + 2);
+    CO_CHECK(polls > 2 * pollChecks);  // not a call per poll
+
+    // The stream ends with its connection.
     ticker = Ticker::Client();
     AGATE_CO_TRY(co_await s.close(opened->koid));
     CO_CHECK((co_await stream->next(5s)).code() == Errc::DISCONNECTED);
+    co_return {};
+  });
+  ::kill(server, SIGTERM);
+  EXPECT_EQ(reap(server), 0);
+}
+
+// A raw stream (rawStream) on `ticker`, opened.
+Promise<EventStream> openRaw(Session& s, Ticker::Client& ticker, rpc::RpcConnection& connection) {
+  auto raw = co_await ticker.rawStream([](auto p) { p.setSlots(4); });
+  if (!raw) co_return raw.error();
+  co_return co_await EventStream::open(s, connection, raw->results().getEvents());
+}
+
+Promise<void> abuse(Ticker::Client& ticker, Abuse how, uint32_t ms = 0) {
+  auto r = co_await ticker.abuse([&](auto p) {
+    p.setHow(how);
+    p.setMs(ms);
+  });
+  if (!r) co_return r.error();
+  co_return {};
+}
+
+// Polls tryNext() (letting the loop run between calls) until it fails: that error goes to
+// `end`, every update seen before it to `seen`. TIMED_OUT if there is no end within 5 s.
+Promise<void> pollToEnd(Session& s, EventStream& stream, std::vector<EventUpdate>& seen,
+                        Error& end) {
+  const auto deadline = std::chrono::steady_clock::now() + 5s;
+  while (std::chrono::steady_clock::now() < deadline) {
+    Result<EventBatch> r = stream.tryNext();
+    if (!r) {
+      end = r.error();
+      co_return {};
+    }
+    seen.insert(seen.end(), r->updates.begin(), r->updates.end());
+    (void)co_await s.loop().sleep(1ms);
+  }
+  co_return Error(Errc::TIMED_OUT, "tryNext() saw no end within 5 s");
+}
+
+TEST_F(EventStreamTest, TryNextSeesThePublishersEndAfterTheLastPosts) {
+  const pid_t server = startServer(kernel_.home());
+  Watchdog dog("publisher end, polled", 60s, server);
+  runSession(kernel_.home(), [&](Session& s) -> Promise<void> {
+    AGATE_CO_TRY(co_await s.waitForService("ticker"));
+    Result<Ticker::Client> ticker = co_await s.open<Ticker>("ticker");
+    CO_CHECK(ticker.ok());
+    for (End how : {End::CLOSE, End::DROP}) {
+      Result<EventStream> stream = co_await subscribe(s, *ticker, 8);
+      CO_CHECK(stream.ok());
+      AGATE_CO_TRY(co_await post(*ticker, 3, 30, 4));
+      AGATE_CO_TRY(co_await ticker->unsubscribe([&](auto p) { p.setHow(how); }));
+      const auto ended = std::chrono::steady_clock::now();
+      std::vector<EventUpdate> seen;
+      Error end;
+      AGATE_CO_TRY(co_await pollToEnd(s, *stream, seen, end));
+      CO_CHECK(end.code == Errc::DISCONNECTED);
+      CO_CHECK(std::string(end.detail) == "the publisher closed the event stream");
+      CO_CHECK(std::chrono::steady_clock::now() - ended < 1s);
+      // The posts came first, whole, then the end.
+      CO_CHECK(!seen.empty() && seen.back().slot == 3 && seen.back().words[0] == 33);
+      for (const EventUpdate& u : seen) CO_CHECK(u.slot == 3 && wellFormed(u));
+      CO_CHECK(stream->endChecks() <= 3);
+      // And it stays ended, for both calls, with no further kernel call.
+      const uint64_t checks = stream->endChecks();
+      CO_CHECK(stream->tryNext().code() == Errc::DISCONNECTED);
+      CO_CHECK((co_await stream->next(5s)).code() == Errc::DISCONNECTED);
+      CO_CHECK(stream->endChecks() == checks);
+    }
+    co_return {};
+  });
+  ::kill(server, SIGTERM);
+  EXPECT_EQ(reap(server), 0);
+}
+
+// A publisher that destroys its notification before its event buffer: the stream does not end
+// while the buffer lives, and ends promptly, after the last posts, when it goes.
+TEST_F(EventStreamTest, ThePublishersEndReachesTheStreamWhicheverObjectGoesFirst) {
+  const pid_t server = startServer(kernel_.home());
+  Watchdog dog("publisher end, either order", 60s, server);
+  runSession(kernel_.home(), [&](Session& s) -> Promise<void> {
+    AGATE_CO_TRY(co_await s.waitForService("ticker"));
+    Result<OpenedBushel> opened = co_await s.openBushel("ticker");
+    CO_CHECK(opened.ok());
+    Ticker::Client ticker(opened->connection->bootstrap());
+    rpc::RpcConnection& connection = *opened->connection;
+
+    // Both in one call, the notification first, while next() is parked.
+    {
+      Result<EventStream> stream = co_await openRaw(s, ticker, connection);
+      CO_CHECK(stream.ok());
+      Promise<EventBatch> pending = stream->next(5s);
+      (void)co_await s.loop().sleep(10ms);
+      CO_CHECK(!pending.isReady());
+      const auto asked = std::chrono::steady_clock::now();
+      AGATE_CO_TRY(co_await abuse(ticker, Abuse::WRONG_ORDER));
+      Result<EventBatch> r = co_await pending;
+      CO_CHECK(r.code() == Errc::DISCONNECTED);
+      CO_CHECK(std::string(r.error().detail) == "the publisher closed the event stream");
+      CO_CHECK(std::chrono::steady_clock::now() - asked < 1s);
+    }
+    // The notification alone first: no end while the buffer lives, for next() or tryNext();
+    // then the buffer, with a post before it: the post, then the end.
+    {
+      Result<EventStream> stream = co_await openRaw(s, ticker, connection);
+      CO_CHECK(stream.ok());
+      AGATE_CO_TRY(co_await abuse(ticker, Abuse::DROP_NOTIFICATION));
+      CO_CHECK((co_await stream->next(200ms)).code() == Errc::TIMED_OUT);
+      Result<EventBatch> none = stream->tryNext();
+      CO_CHECK(none.ok() && none->updates.empty());
+      Promise<EventBatch> pending = stream->next(5s);
+      (void)co_await s.loop().sleep(10ms);
+      CO_CHECK(!pending.isReady());
+      const auto asked = std::chrono::steady_clock::now();
+      AGATE_CO_TRY(co_await abuse(ticker, Abuse::DROP_BUFFER, 99));
+      Result<EventBatch> last = co_await pending;
+      CO_CHECK(last.ok() && last->updates.size() == 1);
+      CO_CHECK(last->updates[0].slot == 0 && last->updates[0].words[0] == 99);
+      CO_CHECK(wellFormed(last->updates[0]));
+      Result<EventBatch> end = co_await stream->next(5s);
+      CO_CHECK(end.code() == Errc::DISCONNECTED);
+      CO_CHECK(std::string(end.error().detail) == "the publisher closed the event stream");
+      CO_CHECK(std::chrono::steady_clock::now() - asked < 1s);
+      CO_CHECK(stream->endChecks() <= 3);
+    }
+    // The same order, seen by tryNext().
+    {
+      Result<EventStream> stream = co_await openRaw(s, ticker, connection);
+      CO_CHECK(stream.ok());
+      AGATE_CO_TRY(co_await abuse(ticker, Abuse::DROP_NOTIFICATION));
+      Result<EventBatch> none = stream->tryNext();
+      CO_CHECK(none.ok() && none->updates.empty());
+      AGATE_CO_TRY(co_await abuse(ticker, Abuse::DROP_BUFFER, 7));
+      const auto asked = std::chrono::steady_clock::now();
+      std::vector<EventUpdate> seen;
+      Error end;
+      AGATE_CO_TRY(co_await pollToEnd(s, *stream, seen, end));
+      CO_CHECK(end.code == Errc::DISCONNECTED);
+      CO_CHECK(std::string(end.detail) == "the publisher closed the event stream");
+      CO_CHECK(std::chrono::steady_clock::now() - asked < 1s);
+      CO_CHECK(seen.size() == 1 && seen[0].slot == 0 && seen[0].words[0] == 7);
+    }
+    // The connection carries on.
+    Result<EventStream> fresh = co_await subscribe(s, ticker, 2);
+    CO_CHECK(fresh.ok());
+    AGATE_CO_TRY(co_await post(ticker, 1, 5, 1));
+    Result<EventBatch> batch = co_await fresh->next(5s);
+    CO_CHECK(batch.ok() && batch->updates.size() == 1 && batch->updates[0].words[0] == 5);
     co_return {};
   });
   ::kill(server, SIGTERM);

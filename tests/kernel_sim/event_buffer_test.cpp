@@ -244,11 +244,108 @@ TEST(EventBufferTest, DestroyingTheBufferDeletesTheReadersCapCountsTheEndAndWake
   waiter.cancel(true);
   ASSERT_TRUE(k.tryDestroyObject(s.server.pid, other).ok());
   EXPECT_EQ(endsIn(readerBell), 2u);
-  // A notification destroyed first has nothing to count in: the buffer just goes.
-  Handle third = handleOf(k.tryCreateEventBuffer(s.server.pid, s.server.bank, 1, s.notification));
+  k.verifyInvariants();
+}
+
+// How a publisher's objects go: the buffer first (EventPublisher), the notification first (a
+// hostile or careless one), or both with the publisher's process (its bank, in its own order).
+enum class Teardown { BUFFER_FIRST, NOTIFICATION_FIRST, PUBLISHER_DIES };
+
+class EventBufferEndTest : public ::testing::TestWithParam<Teardown> {};
+
+TEST_P(EventBufferEndTest, EitherOrderCountsTheEndOnceAndWakesTheReaderAndFreesEverything) {
+  Kernel k;
+  const size_t fds = countOpenFds();
+  const uint64_t system = k.systemBank().used();
+  {
+    Pair s = makePair(k, 2);
+    auto r = k.tryMapEventBuffer(s.client.pid, s.clientBuffer, false);
+    ASSERT_TRUE(r.ok());
+    View readerBell(r->notification.page.get(), r->notification.bytes, PROT_READ | PROT_WRITE);
+    ASSERT_NE(readerBell.base, nullptr);
+    Doorbell waiter(static_cast<DoorbellWord*>(readerBell.base), true);
+    pollfd pfd{r->notification.wakeFd.get(), POLLIN, 0};
+    (void)waiter.announce(/*viaEventfd=*/true);
+
+    if (GetParam() == Teardown::NOTIFICATION_FIRST) {
+      const size_t withBoth = countOpenFds();
+      ASSERT_TRUE(k.tryDestroyObject(s.server.pid, s.notification).ok());
+      // Not an end: the buffer lives, without a notification, and its reader's cap resolves.
+      EXPECT_EQ(endsIn(readerBell), 0u);
+      EXPECT_TRUE(k.tryInspectCap(s.client.pid, s.clientBuffer).ok());
+      EXPECT_EQ(::poll(&pfd, 1, 0), 0) << "nothing to wake the reader for";
+      auto again = k.tryMapEventBuffer(s.client.pid, s.clientBuffer, false);
+      ASSERT_TRUE(again.ok());
+      EXPECT_FALSE(again->hasNotification);
+      // Only the write end handed to WRITE holders is closed; the bell (the page, the pipe's
+      // read end and the kernel's write end) stays with the buffer.
+      EXPECT_EQ(countOpenFds(), withBoth - 1 + 1) << "(+1: the new map's memfd descriptor)";
+      k.verifyInvariants();
+    }
+    if (GetParam() == Teardown::PUBLISHER_DIES) {
+      ASSERT_TRUE(k.tryKillProcess(s.server.pid).ok());
+    } else if (GetParam() == Teardown::NOTIFICATION_FIRST) {
+      ASSERT_TRUE(k.tryDestroyObject(s.server.pid, s.buffer).ok());
+    } else {
+      ASSERT_TRUE(k.tryDestroyObject(s.server.pid, s.buffer).ok());
+      EXPECT_EQ(endsIn(readerBell), 1u);
+      ASSERT_TRUE(k.tryDestroyObject(s.server.pid, s.notification).ok());
+    }
+    // The end, counted once, from the kernel: the reader's cap is gone and the reader wakes.
+    EXPECT_EQ(k.tryInspectCap(s.client.pid, s.clientBuffer).code(), Errc::INVALID_HANDLE);
+    EXPECT_EQ(endsIn(readerBell), 1u);
+    EXPECT_EQ(::poll(&pfd, 1, 5000), 1) << "the kernel rang: the reader wakes";
+    waiter.cancel(true);
+    k.verifyInvariants();
+    if (GetParam() != Teardown::PUBLISHER_DIES) {
+      ASSERT_TRUE(k.tryKillProcess(s.server.pid).ok());
+    }
+    ASSERT_TRUE(k.tryKillProcess(s.client.pid).ok());
+  }
+  // Every descriptor the kernel kept (the bell included) is closed, every page back.
+  EXPECT_EQ(countOpenFds(), fds);
+  EXPECT_EQ(k.systemBank().used(), system);
+  EXPECT_EQ(k.objectCount(), 0u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Orders, EventBufferEndTest,
+                         ::testing::Values(Teardown::BUFFER_FIRST, Teardown::NOTIFICATION_FIRST,
+                                           Teardown::PUBLISHER_DIES));
+
+TEST(EventBufferTest, ABellKeptByABufferRingsAFutexWaiterWithoutAWakePipe) {
+  Kernel k;
+  Pair s = makePair(k, 1, /*wakeFd=*/false);
+  auto r = k.tryMapEventBuffer(s.client.pid, s.clientBuffer, false);
+  ASSERT_TRUE(r.ok());
+  EXPECT_FALSE(r->notification.wakeFd.valid());
+  View readerBell(r->notification.page.get(), r->notification.bytes, PROT_READ | PROT_WRITE);
+  ASSERT_NE(readerBell.base, nullptr);
   ASSERT_TRUE(k.tryDestroyObject(s.server.pid, s.notification).ok());
-  ASSERT_TRUE(k.tryDestroyObject(s.server.pid, third).ok());
-  EXPECT_EQ(endsIn(readerBell), 2u);
+  // A reader parked on the futex word (its own mapping of the page) is woken by the buffer's end.
+  std::atomic<bool> woke{false};
+  std::thread reader([&] {
+    Doorbell waiter(static_cast<DoorbellWord*>(readerBell.base), true);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (std::chrono::steady_clock::now() < deadline) {
+      const uint32_t snapshot = waiter.announce();
+      const bool ended = endsIn(readerBell) != 0;
+      if (!ended) (void)waiter.wait(snapshot, std::chrono::seconds(10));
+      waiter.cancel();
+      if (ended) {
+        woke = true;
+        return;
+      }
+    }
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_FALSE(woke);
+  ASSERT_TRUE(k.tryDestroyObject(s.server.pid, s.buffer).ok());
+  const auto destroyed = std::chrono::steady_clock::now();
+  reader.join();
+  EXPECT_TRUE(woke);
+  EXPECT_LT(std::chrono::steady_clock::now() - destroyed, std::chrono::seconds(5))
+      << "woken by the ring, not by its park's timeout";
+  EXPECT_EQ(endsIn(readerBell), 1u);
   k.verifyInvariants();
 }
 

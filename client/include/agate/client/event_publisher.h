@@ -48,8 +48,9 @@
 // then rings the notification (kernel_sim: event_buffer.h). A woken client that finds no change
 // asks the kernel whether its cap still resolves (EventStream), so the end is the kernel's word
 // and the publisher's only part in it is destroying what it owns. The buffer goes first, the
-// notification second, so the kernel's ring still reaches the client; if the publishing process
-// dies, its bank takes both and the connection ends as well.
+// notification second (the kernel would ring the client in the other order too: a buffer keeps
+// its notification's bell); if the publishing process dies, its bank takes both and the
+// connection ends as well.
 //
 // Threading: the kernel connection's loop thread. Not movable (a Task of its own may be queued).
 #pragma once

@@ -52,9 +52,15 @@
 //    write it), so when it has moved and a scan finds nothing new, the stream asks the kernel
 //    (inspectCap) whether its cap still resolves: INVALID_HANDLE is the end. At most one such
 //    call per park slice: a hostile writer of the word costs this process one kernel call per
-//    slice, never a busy loop or a false end; plain rings cost no call at all. A publisher that
-//    destroys the notification first leaves nothing to bump: the stream is then as silent as a
-//    live publisher that stops posting, and ends with the connection.
+//    slice, never a busy loop or a false end; plain rings cost no call at all. The order in
+//    which the publisher destroys its objects does not matter: a buffer whose notification went
+//    first still counts its end in the page (the kernel keeps the notification's bell for it,
+//    kernel_sim: notification.h), so the stream ends as promptly either way.
+// tryNext() reports both ends the same way, without waiting: when the ends word moved and
+// nothing is new, it sends the kernel check (the same one, within the same bound: one call per
+// park slice, and never a second while one is in flight) and returns what there is; a call
+// made once the loop has read the answer returns the last posts, then DISCONNECTED. A caller
+// that polls must therefore let the loop run between calls (it does anyway, to hear anything).
 // Cancel-safe: dropping a pending next() loses nothing (slots are consumed only when next()
 // completes), and the next call starts over.
 //
@@ -68,6 +74,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <span>
 #include <utility>
 #include <vector>
@@ -162,8 +169,9 @@ class EventStream {
   // the end, PROTOCOL_ERROR if the server broke the slots' protocol (the stream ends).
   // One call at a time.
   Promise<EventBatch> next(Duration timeout = std::chrono::hours(24 * 365));
-  // The changes there are now, without waiting (empty spans when none); errors as for next(),
-  // except that the publisher's end, which takes a kernel call to confirm, is left to next().
+  // The changes there are now, without waiting (empty spans when none); errors and the end as
+  // for next(). The publisher's end takes a kernel check to confirm: tryNext() sends it and a
+  // later call, once the loop has run and the kernel answered, returns the end (see above).
   Result<EventBatch> tryNext();
 
   bool valid() const noexcept { return kernel_ != nullptr; }
@@ -184,9 +192,14 @@ class EventStream {
   // stuck slot, or the end), or if the kernel should be asked whether the stream ended
   // (checkEnd_: the ends word moved and nothing is new, at most once per park slice).
   bool collect() noexcept;
-  // Asks the kernel whether this process's cap to the buffer still resolves; ends the stream
-  // if it does not (the publisher destroyed the buffer) or if the kernel connection is gone.
-  Promise<void> checkEnd();
+  // Sends the kernel the question whether this process's cap to the buffer still resolves
+  // (probe_), unless one is in flight already.
+  void startCheck();
+  // Takes the kernel's answer: ends the stream if the cap no longer resolves (the publisher
+  // destroyed the buffer; one last scan first) or if the kernel connection is gone.
+  void settleCheck(Result<caps::CapInfo> info) noexcept;
+  // Settles a check tryNext() sent if the kernel has answered it.
+  void takeAnsweredCheck() noexcept;
   Result<EventBatch> deliver() noexcept;
   void release() noexcept;
 
@@ -203,7 +216,11 @@ class EventStream {
   Duration parkSlice_ = PARK_SLICE;
   uint32_t ends_ = 0;       // the notification's ends word when last looked at
   bool checkOwed_ = false;  // the ends word moved since the last check of the cap
-  bool checkEnd_ = false;   // collect() asks next() to check the cap now
+  bool checkEnd_ = false;   // collect() asks next() or tryNext() to check the cap now
+  // The check in flight, sent by tryNext() (next() awaits its own from its frame), and the ends
+  // word when it was sent: a move seen after that is owed another check.
+  std::optional<Promise<caps::CapInfo>> probe_;
+  uint32_t probedEnds_ = 0;
   std::chrono::steady_clock::time_point lastCheck_{};
   uint64_t endChecks_ = 0;
 };

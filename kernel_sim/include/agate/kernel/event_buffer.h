@@ -21,18 +21,22 @@
 //
 // The notification is named at creation (WRITE on it: the buffer's writers will ring it) and may
 // live in another bank. If it is destroyed first, the buffer carries on without one (mappings
-// then come with no notification descriptors).
+// then come with no notification descriptors), but keeps the notification's bell
+// (NotificationBell: its page and the kernel's ringer) for its own end.
 //
 // The end. Destroying the buffer deletes every cap to it (the readers' included); then the kernel
 // counts the end in its notification's page (NOTIFICATION_ENDS_OFFSET, event_slot.h) and rings
 // it, so that readers, parked or not, look, and learn the end from the kernel (their cap no
 // longer resolves) rather than from anything in the shared bytes, which the writer controls.
-// Mappings stay valid until their holders unmap.
+// It does so whichever of the two a publisher destroys first: a buffer whose notification went
+// before it counts its end through the bell it kept, in the page its readers still map. Mappings
+// stay valid until their holders unmap.
 //
 // Threading: single-threaded, as the whole object model.
 #pragma once
 
 #include <cstdint>
+#include <memory>
 
 #include "agate/kernel/event_slot.h"
 #include "agate/kernel/notification.h"
@@ -78,15 +82,18 @@ class EventBuffer final : public KernelObject {
   // made. Every failure leaves the buffer (and its seals) as they were.
   Result<EventBufferMapping> tryMap(bool writable);
 
-  // Called by the notification as it is destroyed.
+  // Called by the notification as it is destroyed (the buffer keeps its bell).
   void notificationGone() noexcept { notification_ = nullptr; }
+  // The bell the buffer's end is counted in: its notification's, kept after that one went.
+  const std::shared_ptr<NotificationBell>& bell() const noexcept { return bell_; }
 
  private:
   void teardown() noexcept override;
 
   uint32_t slots_;
   SealedMemfd memfd_;
-  Notification* notification_;  // not owned; linked both ways (see notificationGone)
+  Notification* notification_;              // not owned; linked both ways (see notificationGone)
+  std::shared_ptr<NotificationBell> bell_;  // shared with the notification; null after teardown
 };
 
 }  // namespace agate::kernel

@@ -30,12 +30,14 @@
 // Sources. A notification may watch up to MAX_WATCHED_BANKS banks (it is a BankObserver: rung
 // when pages come back to a watched bank or below it, and when the bank is destroyed) and be the
 // doorbell of any number of event buffers. Destroying it unwatches the banks and detaches the
-// buffers; a destroyed bank drops out of its list.
+// buffers, which keep its bell (NotificationBell) to count their own end with; a destroyed bank
+// drops out of its list.
 //
 // Threading: single-threaded, as the whole object model.
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "agate/kernel/object.h"
@@ -48,6 +50,50 @@
 namespace agate::kernel {
 
 class EventBuffer;
+
+// The doorbell page of a notification and the kernel's ringer: all it takes to count an event
+// buffer's end in the page and ring. The notification and every event buffer bound to it share
+// it, so that a buffer destroyed after its notification still counts its end where its readers
+// look and wakes them (event_buffer.h, "The end"): the order in which a publisher destroys the
+// two never leaves a reader without its end.
+//
+// The bell holds a read end of the wake pipe as well as the kernel's write end: a write to a pipe
+// nobody can read fails with EPIPE (and SIGPIPE), so while the kernel may ring it, it keeps it
+// readable, as the notification itself did.
+//
+// Cost. A notification destroyed while buffers are bound to it gives its pages back to its bank
+// at once, but the bell (the page, mapped, and the kernel's two ends of the wake pipe: three
+// descriptors) stays until the last of those buffers goes. That is one page per such
+// notification, uncharged, and only while a buffer that is itself charged lives: a process
+// cannot hold more of them than it holds buffers.
+class NotificationBell {
+ public:
+  // `wakeRead`: the wake pipe's read end (duplicated for READ holders); `kernelWrite`: the
+  // kernel's own O_NONBLOCK description of its write end. Both invalid for a notification
+  // without a wake descriptor.
+  NotificationBell(KernelPage page, Fd wakeRead, Fd kernelWrite) noexcept;
+  NotificationBell(const NotificationBell&) = delete;
+  NotificationBell& operator=(const NotificationBell&) = delete;
+
+  // Rings the doorbell (futex waiters, and the wake pipe if an eventfd-style waiter announced).
+  void ring() noexcept { doorbell_.ring(); }
+  // Counts one ended buffer in the page's ends word (NOTIFICATION_ENDS_OFFSET), then rings.
+  void countEnd() noexcept;
+  // The ends word as the kernel's mapping holds it (any holder may have written it).
+  uint32_t ends() const noexcept;
+  const DoorbellWord& word() const noexcept { return *word_; }
+  const KernelPage& page() const noexcept { return page_; }
+  const Fd& wakeRead() const noexcept { return wakeRead_; }
+
+ private:
+  uint32_t* endsWord() const noexcept;  // in the kernel's mapping of the page
+
+  KernelPage page_;
+  Fd wakeRead_;
+  Fd kernelWrite_;
+  DoorbellWord* word_;  // in page_, the kernel's mapping
+  Doorbell doorbell_;   // process-shared futex, and the wake pipe through kernelWrite_
+};
 
 // What a holder needs to wait on (and, with WRITE, ring) a notification. Owned by the caller;
 // the daemon passes them with SCM_RIGHTS.
@@ -72,10 +118,8 @@ class Notification final : public KernelObject, private BankObserver {
 
   // The resources, made before anything is charged so a failure changes nothing.
   struct Parts {
-    KernelPage page;
-    Fd wakeRead;     // handed to READ holders
-    Fd wakeWrite;    // handed to WRITE holders (shared file description)
-    Fd kernelWrite;  // the kernel's own O_NONBLOCK description of the write end
+    std::shared_ptr<NotificationBell> bell;  // the page, the pipe's read end, the ringer
+    Fd wakeWrite;                            // handed to WRITE holders (shared file description)
   };
   // SYSTEM_ERROR if the page or the pipe cannot be made (nothing is left behind).
   static Result<Parts> tryCreateParts(bool wantWakeFd);
@@ -83,7 +127,9 @@ class Notification final : public KernelObject, private BankObserver {
   explicit Notification(Parts parts) noexcept;
   ~Notification() override;
 
-  bool hasWakeFd() const noexcept { return parts_.wakeRead.valid(); }
+  bool hasWakeFd() const noexcept { return parts_.bell && parts_.bell->wakeRead().valid(); }
+  // The page and ringer, shared with the event buffers bound to it (see NotificationBell).
+  const std::shared_ptr<NotificationBell>& bell() const noexcept { return parts_.bell; }
   // Rings the doorbell: wakes futex waiters and, if any eventfd-style waiter announced, writes
   // the wake pipe (never blocks). Counts in signals().
   void signal() noexcept;
@@ -94,7 +140,7 @@ class Notification final : public KernelObject, private BankObserver {
   uint32_t ends() const noexcept;
   // Times the kernel rang it (trySignal, bank returns); for tests and the CLI.
   uint64_t signals() const noexcept { return signals_; }
-  const DoorbellWord& word() const noexcept { return *word_; }
+  const DoorbellWord& word() const noexcept { return parts_.bell->word(); }
 
   // New descriptors; `withRing` adds the ring end. SYSTEM_ERROR if one cannot be made.
   Result<NotificationFds> tryDuplicateFds(bool withRing) const;
@@ -119,13 +165,10 @@ class Notification final : public KernelObject, private BankObserver {
   void teardown() noexcept override;
   void pagesReturned(SpaceBank& bank, uint64_t pages) noexcept override;
   void bankDestroyed(SpaceBank& bank) noexcept override;
-  uint32_t* endsWord() const noexcept;  // in the kernel's mapping of the page
 
+  // The bell rings the wake pipe through the kernel's own description of its write end, so its
+  // write() of WAKE_BYTES never blocks (EAGAIN means the pipe is full, hence readable).
   Parts parts_;
-  DoorbellWord* word_;  // in parts_.page, the kernel's mapping
-  // The kernel's ringer: process-shared futex, and the wake pipe through kernelWrite (so its
-  // write() of WAKE_BYTES never blocks; EAGAIN means the pipe is full, hence readable).
-  Doorbell doorbell_;
   std::vector<SpaceBank*> watched_;    // not owned; each has us as an observer
   std::vector<EventBuffer*> buffers_;  // not owned; each points back at us
   uint64_t signals_ = 0;
