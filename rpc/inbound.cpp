@@ -12,7 +12,14 @@ using namespace internal;
 
 Promise<void> RpcConnection::readLoop() {
   uint32_t turnBudget = options_.messagesPerTurn;
+  uint32_t sinceRing = 0;
   while (isOpen()) {
+    // A reader that never finds its ring empty (and has no budget) still announces what it
+    // sends every RING_EVERY_MESSAGES: the before-wait ring task only runs once it lets go.
+    if (++sinceRing == RING_EVERY_MESSAGES) {
+      sinceRing = 0;
+      ringPeer();
+    }
     if (options_.messagesPerTurn != 0 && turnBudget-- == 0) {
       turnBudget = options_.messagesPerTurn - 1;
       rx_.receiver().flushReleases();  // the peer sees the space taken so far while we wait

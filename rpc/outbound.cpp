@@ -177,6 +177,7 @@ void RpcConnection::flushQueue() {
     detail::SpillBuffer* b = queueHead_;
     Result<std::span<std::byte>> frame = tx_.sender().tryReserve(b->usedBytes);
     if (frame.code() == Errc::WOULD_BLOCK) {
+      ringPeer();  // a full ring is always announced: the peer must drain it for us to go on
       pumpRunning_ = true;
       pump_.emplace(pumpWhileFull());
       return;
@@ -201,6 +202,7 @@ Promise<void> RpcConnection::pumpWhileFull() {
     detail::SpillBuffer* b = queueHead_;
     Result<std::span<std::byte>> frame = tx_.sender().tryReserve(b->usedBytes);
     if (frame.code() == Errc::WOULD_BLOCK) {
+      ringPeer();
       Result<OutgoingMessage> space =
           co_await tx_.startMessageAsync(loop_, b->usedBytes, options_.wait);
       inPump_ = true;
@@ -272,7 +274,12 @@ void RpcConnection::commitOut(size_t bytes) {
 }
 
 void RpcConnection::published() {
-  if (!ringTask_.isQueued()) loop_.post(ringTask_);
+  if (!tx_.sender().ringIsPending()) return;  // a PRIVATE ring has no doorbell to owe
+  if (!loop_.inTurn()) {
+    ringPeer();  // sent from outside the loop: no turn will follow to ring for it
+    return;
+  }
+  if (!ringTask_.isQueued()) loop_.postBeforeWait(ringTask_);
 }
 
 void RpcConnection::ringPeer() {

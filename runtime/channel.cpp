@@ -232,6 +232,9 @@ Result<std::span<std::byte>> Sender::tryReserve(size_t bytes) noexcept {
 
 Result<std::span<std::byte>> Sender::reserve(size_t bytes, const WaitPolicy& policy) noexcept {
   if (mode_ == Mode::PLAIN) return tryReserve(bytes);  // nothing else could make room
+  Result<std::span<std::byte>> frame = tryReserve(bytes);
+  if (frame.code() != Errc::WOULD_BLOCK) return frame;
+  ringPending();  // the receiver must hear of what fills the ring before we wait for it to drain
   return waitUntil(spaceBell_, policy, peer_, peerDead_, [&] { return tryReserve(bytes); });
 }
 

@@ -102,6 +102,7 @@ void LoopCore::shutdown() noexcept {
   // the backend (synchronous cancel of reads and writes).
   while (!detached_.empty()) detached_.front().handle.destroy();
   runQueue_.clear();
+  flushQueue_.clear();
   // Destroying the backend cancels what is still in the kernel and finishes every op it held.
   backend_.reset();
   while (!polledFutexes_.empty()) {
@@ -156,6 +157,14 @@ void LoopCore::runTasks() noexcept {
   }
 }
 
+void LoopCore::runFlushes() noexcept {
+  while (!flushQueue_.empty()) {
+    Task& task = flushQueue_.front();
+    flushQueue_.pop_front();
+    task.run();
+  }
+}
+
 void LoopCore::fireTimers(TimePoint now) noexcept {
   while (!timers_.empty() && timers_.begin()->when() <= now) timers_.begin()->fire();
 }
@@ -192,6 +201,7 @@ void LoopCore::turn(const PromiseNodeBase* awaited, bool mayBlock) {
   awaited_ = awaited;
   drainRemote();
   runTasks();
+  runFlushes();  // before the wait below, and before run() returns if its promise is ready
   TimePoint now = std::chrono::steady_clock::now();
   fireTimers(now);
   pollFutexes();
@@ -219,6 +229,7 @@ void LoopCore::turn(const PromiseNodeBase* awaited, bool mayBlock) {
   fireTimers(now);
   pollFutexes();
   recheckNativeFutexes(now);
+  runFlushes();  // completions and timers resume nothing synchronously today; cheap insurance
   awaited_ = nullptr;
   inTurn_ = false;
 }
@@ -330,6 +341,18 @@ void EventLoop::post(Task& task) noexcept {
 }
 
 void EventLoop::postFromAnyThread(Task& task) noexcept { core_->postFromAnyThread(task); }
+
+void EventLoop::postBeforeWait(Task& task) noexcept {
+  AGATE_REQUIRE(!task.isQueued(), "postBeforeWait() of a Task that is already queued");
+  core_->postBeforeWait(task);
+}
+
+bool EventLoop::inTurn() const noexcept { return core_->inTurn(); }
+
+void EventLoop::runBeforeWaitTasks() noexcept {
+  AGATE_REQUIRE(tCurrentLoop == this, "a loop runs only on the thread that created it");
+  if (!core_->inTurn()) core_->runFlushes();  // inside a turn, the turn runs them
+}
 
 void EventLoop::turn(const detail::PromiseNodeBase* awaited) {
   AGATE_REQUIRE(tCurrentLoop == this, "a loop runs only on the thread that created it");

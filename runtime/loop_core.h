@@ -112,6 +112,10 @@ class LoopCore {
   static LoopCore& of(EventLoop& loop) noexcept { return *loop.core_; }
   Status init(const LoopOptions& options);
   void post(Task& task) noexcept { runQueue_.push_back(task); }
+  void postBeforeWait(Task& task) noexcept { flushQueue_.push_back(task); }
+  // Runs every task postBeforeWait() queued (and any they queue) now.
+  void runFlushes() noexcept;
+  bool inTurn() const noexcept { return inTurn_; }
   void postFromAnyThread(Task& task) noexcept;
   // One turn of the loop (see event_loop.h). Never blocks when `mayBlock` is false, Tasks are
   // queued, or `awaited` is ready.
@@ -150,6 +154,7 @@ class LoopCore {
   Duration futexPollInterval_;
   Duration futexBackstop_;
   Task::RunQueue runQueue_;
+  Task::RunQueue flushQueue_;  // postBeforeWait(): run after each turn's tasks, before any wait
   TimerTree timers_;
   IoOp::List polledFutexes_;  // waits the backend cannot do natively: re-read every turn
   IoOp::List liveOps_;        // every other op the loop allocated and not yet freed

@@ -184,6 +184,9 @@ Promise<OutgoingMessage> MessageSender::startMessageAsync(EventLoop& loop, size_
                                                           AsyncWaitPolicy policy) {
   AGATE_REQUIRE(!builder_.has_value(), "a second message started before the first was sent");
   const size_t bytes = frameBytesFor(maxBytes);
+  // A ring still owed (commitWithoutRing) is rung first: the receiver must hear of what fills
+  // the ring before this waits for it to drain.
+  sender_.ringPending();
   // The reservation is taken in the same step that completes the promise, so a dropped promise
   // never holds one.
   Result<std::span<std::byte>> frame = co_await awaitAttempt<std::span<std::byte>>(
@@ -298,7 +301,7 @@ void MessageReceiver::finishMessage() noexcept {
 
 void MessageReceiver::releaseFrame() noexcept {
   if (deferReleases_) {
-    receiver_.releaseDeferred();  // published by the next receive that finds the ring empty
+    receiver_.releaseDeferred();  // published every quarter ring, and when found empty
   } else {
     receiver_.release();
   }

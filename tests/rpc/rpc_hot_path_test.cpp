@@ -72,12 +72,24 @@ TEST_F(RpcHotPathTest, ABurstOfCallsIsServedInOnePassAndItsFramesHandedBackToget
     RemoteCap cap = client.bootstrap();
     std::vector<RemotePromise> pending;
     const uint64_t ringsBefore = client.stats().doorbellRings;
-    for (int i = 0; i < 8; ++i) pending.push_back(cap.newCall(ANY_INTERFACE, 0, 0).send());
-    const uint64_t burstEnd = std::atomic_ref<uint64_t>(requests->tail).load();
-    // Published at once (a polling reader could take them now), rung later, once.
-    EXPECT_GT(burstEnd, 0u);
-    EXPECT_TRUE(clientTx.sender().ringIsPending());
-    EXPECT_EQ(client.stats().doorbellRings, ringsBefore);
+    uint64_t burstEnd = 0;
+    // The burst is sent from a task of the loop (as any coroutine sends): each call is
+    // published at once (a polling reader could take it now), and rung once, before the loop
+    // waits or run() returns.
+    ASSERT_TRUE(loop_
+                    .run([&]() -> Promise<void> {
+                      co_await loop_.yield();  // coroutines start eagerly: enter the loop
+                      for (int i = 0; i < 8; ++i)
+                        pending.push_back(cap.newCall(ANY_INTERFACE, 0, 0).send());
+                      burstEnd = std::atomic_ref<uint64_t>(requests->tail).load();
+                      EXPECT_GT(burstEnd, 0u);
+                      EXPECT_TRUE(clientTx.sender().ringIsPending());
+                      EXPECT_EQ(client.stats().doorbellRings, ringsBefore);
+                      co_return {};
+                    }())
+                    .ok());
+    EXPECT_FALSE(clientTx.sender().ringIsPending()) << "rung before run() returned";
+    EXPECT_EQ(client.stats().doorbellRings, ringsBefore + 1);
     ASSERT_TRUE(runUntil(loop_, [&] { return server.seen.size() == 8; }));
     // Every call was dispatched while the ring's head still stood before the burst: the reader
     // took them one after another, handing the frames back only once it found the ring empty.
@@ -89,6 +101,24 @@ TEST_F(RpcHotPathTest, ABurstOfCallsIsServedInOnePassAndItsFramesHandedBackToget
     EXPECT_EQ(serverConn.stats().doorbellRings, 1u)
         << "the eight Returns of one reader pass, one ring";
   }
+}
+
+// A message sent while the loop is not running (no turn will follow to ring for it) is rung at
+// once: the peer may be parked, and this thread may go on to wait for anything.
+TEST_F(RpcHotPathTest, ACallSentOutsideTheLoopIsRungAtOnce) {
+  Recorder server;
+  server.probe = [](CallContext&) { return uint64_t{0}; };
+  LocalPair pair(loop_, &server);
+  RemoteCap cap = pair.client().bootstrap();
+  const uint64_t before = pair.client().stats().doorbellRings;
+  RemotePromise p = cap.newCall(ANY_INTERFACE, 0, 0).send();
+  EXPECT_EQ(pair.client().stats().doorbellRings, before + 1);
+  RemotePromise q = cap.newCall(ANY_INTERFACE, 0, 0).send();
+  EXPECT_EQ(pair.client().stats().doorbellRings, before + 2);
+  std::vector<RemotePromise> pending;
+  pending.push_back(std::move(p));
+  pending.push_back(std::move(q));
+  EXPECT_TRUE(loop_.run(awaitAll(pending)).ok());
 }
 
 TEST_F(RpcHotPathTest, AFinishAfterItsReturnGoesOutBehindTheCallersNextCall) {

@@ -3,6 +3,7 @@
 // calls from server to client, and a peer that goes away.
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cstring>
 #include <thread>
 
@@ -447,6 +448,73 @@ void twoThreads(EventLoop& loop_, bool parkAtOnce) {
 TEST_F(RpcTest, ConnectionsOnTwoThreadsServeCallsAndPipelines) { twoThreads(loop_, false); }
 
 TEST_F(RpcTest, ConnectionsOnTwoThreadsThatOnlyParkHearOfEveryMessage) { twoThreads(loop_, true); }
+
+// Counts the calls it serves, readable from another thread.
+class CountingServer final : public ServerObject {
+ public:
+  std::atomic<int> calls{0};
+  Promise<void> dispatch(uint64_t, uint16_t, CallContext&) override {
+    calls.fetch_add(1, std::memory_order_release);
+    return readyPromise<void>(Status{});
+  }
+};
+
+// A call sent by a coroutine whose run() ends right after it (the loop's thread then waits
+// outside the loop), and one sent outside any run(): the peer, parked with a park slice far
+// longer than the watchdog, must hear of both while this thread is away from its loop.
+TEST_F(RpcTest, ACallSentJustBeforeTheThreadLeavesItsLoopReachesAParkedPeer) {
+  AsyncWaitPolicy wait{.spinIterations = 0, .parkSlice = std::chrono::hours(1)};
+  ChannelOptions co;
+  co.scope = ChannelScope::LOCAL;
+  std::unique_ptr<Channel> c2s = std::move(Channel::create(co).value());
+  std::unique_ptr<Channel> s2c = std::move(Channel::create(co).value());
+  Receiver serverIn = std::move(c2s->attachReceiver().value());
+  Sender serverOut = std::move(s2c->attachSender().value());
+  CountingServer counter;
+  std::atomic<bool> serverParked{false};
+  std::thread server([&] {
+    EventLoop loop;
+    MessageSender tx(std::move(serverOut));
+    MessageReceiver rx(*c2s, std::move(serverIn), rpcReceiverOptions());
+    RpcConnection conn(tx, rx, loop, RpcOptions{.bootstrap = &counter, .wait = wait});
+    serverParked.store(true, std::memory_order_release);
+    (void)loop.run(conn.onDisconnect());
+  });
+  auto waitForCalls = [&](int n) {
+    const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (counter.calls.load(std::memory_order_acquire) < n &&
+           std::chrono::steady_clock::now() < end)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    return counter.calls.load(std::memory_order_acquire) >= n;
+  };
+  {
+    MessageSender tx(c2s->attachSender().value());
+    MessageReceiver rx(*s2c, s2c->attachReceiver().value(), rpcReceiverOptions());
+    RpcConnection conn(tx, rx, loop_, RpcOptions{.wait = wait});
+    RemoteCap root = conn.bootstrap();
+    while (!serverParked.load(std::memory_order_acquire)) std::this_thread::yield();
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // the server's reader parks
+    std::optional<RemotePromise> first;
+    ASSERT_TRUE(loop_
+                    .run([&]() -> Promise<void> {
+                      co_await loop_.yield();  // inside a turn of the loop
+                      first.emplace(root.newCall(NODE_INTERFACE_ID, ECHO, 0).send());
+                      co_return {};
+                    }())
+                    .ok());
+    EXPECT_TRUE(waitForCalls(1)) << "the call sent at the end of run() was never announced";
+    RemotePromise second = root.newCall(NODE_INTERFACE_ID, ECHO, 0).send();  // outside run()
+    EXPECT_TRUE(waitForCalls(2)) << "the call sent outside the loop was never announced";
+    EXPECT_TRUE(
+        loop_.run([](RemotePromise& p) -> Promise<Response> { co_return co_await p; }(*first))
+            .ok());
+    EXPECT_TRUE(
+        loop_.run([](RemotePromise& p) -> Promise<Response> { co_return co_await p; }(second))
+            .ok());
+    first.reset();
+  }  // the client's connection closes; the server thread sees DISCONNECTED
+  server.join();
+}
 
 TEST_F(RpcTest, CallsOnANullCapabilityFailWithoutAConnection) {
   RemoteCap none;

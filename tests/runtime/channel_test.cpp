@@ -291,6 +291,38 @@ TEST(ChannelBlocking, AParkedReceiverWakesAtThePendingRingNotAtTheCommit) {
   EXPECT_EQ(tx.wakeCount(), 1u);
 }
 
+// A sender that filled the ring with commitWithoutRing() and then blocks for space rings what it
+// owes first: else the parked receiver never drains the ring and both sleep.
+TEST(ChannelBlocking, ABlockingSendOnARingFilledWithoutRingsRingsFirst) {
+  auto ch = makeChannel(ChannelScope::LOCAL, 256);
+  Sender tx = ch->attachSender().value();
+  Receiver rx = ch->attachReceiver().value();
+  std::atomic<int> received{0};
+  std::thread receiver([&] {
+    for (;;) {
+      Result<Frame> f = rx.receive(WaitPolicy{0, 10s, 10s});  // one long park slice
+      if (!f) break;
+      rx.release();
+      received.fetch_add(1, std::memory_order_relaxed);
+    }
+  });
+  while (rx.parkCount() == 0) std::this_thread::sleep_for(1ms);  // the receiver is parked
+  int sent = 0;
+  for (;;) {
+    Result<std::span<std::byte>> frame = tx.tryReserve(8);
+    if (!frame) break;
+    tx.commitWithoutRing(8);
+    ++sent;
+  }
+  ASSERT_TRUE(tx.ringIsPending());
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_TRUE(tx.send(bytesOf("8 bytes."), 0, WaitPolicy{0, 10s, 10s}).ok());
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 5s) << "woken by the space, not a slice";
+  tx.detach();
+  receiver.join();
+  EXPECT_EQ(received.load(), sent + 1);
+}
+
 // commit(), flush() and detach() ring what commitWithoutRing() left pending.
 TEST(ChannelBlocking, CommitFlushAndDetachRingWhatWasPending) {
   auto ch = makeChannel(ChannelScope::LOCAL);

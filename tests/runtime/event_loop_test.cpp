@@ -9,6 +9,8 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -446,6 +448,94 @@ TEST_P(EventLoopTest, YieldRunsBehindTasksAlreadyQueued) {
   Promise<void> p = co(loop, order);
   ASSERT_TRUE(runWithin(loop, std::move(p)).ok());
   EXPECT_EQ(order, (std::vector<int>{1, 2}));
+}
+
+// postBeforeWait: after the turn's tasks, before the loop waits and before run() returns.
+TEST_P(EventLoopTest, BeforeWaitTasksRunAfterTheTurnsTasksAndBeforeRunReturns) {
+  EventLoop loop(options());
+  std::vector<int> order;
+  FunctionTask flush([&] { order.push_back(loop.inTurn() ? 9 : -9); });
+  FunctionTask later([&] { order.push_back(2); });
+  auto co = [&]() -> Promise<void> {
+    co_await loop.yield();
+    order.push_back(1);
+    loop.postBeforeWait(flush);
+    loop.post(later);  // a plain task posted after it still runs first
+    co_return {};
+  };
+  EXPECT_FALSE(loop.inTurn());
+  ASSERT_TRUE(runWithin(loop, co()).ok());
+  EXPECT_FALSE(flush.isQueued());
+  // run() returned once its promise was ready: `later` may still wait for the next turn, but the
+  // before-wait task has run, inside the turn.
+  ASSERT_FALSE(order.empty());
+  EXPECT_EQ(order.front(), 1);
+  EXPECT_NE(std::find(order.begin(), order.end(), 9), order.end());
+  loop.runUntilIdle();
+  EXPECT_EQ(std::count(order.begin(), order.end(), 2), 1);
+  EXPECT_EQ(std::count(order.begin(), order.end(), 9), 1) << "once per post";
+}
+
+TEST_P(EventLoopTest, BeforeWaitTasksRunBeforeTheLoopBlocks) {
+  EventLoop loop(options());
+  std::chrono::steady_clock::time_point posted{}, flushedAt{};
+  FunctionTask flush([&] { flushedAt = std::chrono::steady_clock::now(); });
+  auto co = [&]() -> Promise<void> {
+    co_await loop.yield();
+    loop.postBeforeWait(flush);
+    posted = std::chrono::steady_clock::now();
+    (void)co_await loop.sleep(200ms);  // the loop blocks in its wait here
+    co_return {};
+  };
+  ASSERT_TRUE(runWithin(loop, co()).ok());
+  ASSERT_NE(flushedAt, std::chrono::steady_clock::time_point{});
+  EXPECT_LT(flushedAt - posted, 100ms) << "it ran before the 200 ms wait, not after";
+}
+
+TEST_P(EventLoopTest, ABeforeWaitTaskPostedByOneRunsInTheSameFlush) {
+  EventLoop loop(options());
+  int second = 0;
+  FunctionTask b([&] { ++second; });
+  FunctionTask a([&] { loop.postBeforeWait(b); });
+  auto co = [&]() -> Promise<void> {
+    co_await loop.yield();
+    loop.postBeforeWait(a);
+    co_return {};
+  };
+  ASSERT_TRUE(runWithin(loop, co()).ok());
+  EXPECT_EQ(second, 1);
+}
+
+TEST_P(EventLoopTest, RunOfAReadyPromiseRunsPendingBeforeWaitTasks) {
+  EventLoop loop(options());
+  int flushed = 0;
+  FunctionTask flush([&] { ++flushed; });
+  loop.postBeforeWait(flush);  // outside any turn
+  EXPECT_TRUE(loop.run(readyPromise<void>(Status{})).ok());
+  EXPECT_EQ(flushed, 1) << "the thread leaves the loop: what it owed runs first";
+}
+
+TEST_P(EventLoopTest, ABeforeWaitTaskStillQueuedWhenTheLoopGoesNeverRuns) {
+  int ran = 0;
+  FunctionTask flush([&] { ++ran; });
+  {
+    EventLoop loop(options());
+    loop.postBeforeWait(flush);
+    EXPECT_TRUE(flush.isQueued());
+  }
+  EXPECT_FALSE(flush.isQueued());
+  EXPECT_EQ(ran, 0);
+}
+
+TEST(EventLoopDeathTest, PostingAQueuedTaskBeforeWaitIsAPreconditionViolation) {
+  EXPECT_DEATH(
+      {
+        EventLoop loop;
+        FunctionTask t([] {});
+        loop.post(t);
+        loop.postBeforeWait(t);
+      },
+      "already queued");
 }
 
 TEST(EventLoopBackendTest, AutoFallsBackToEpollWithOneLogLineWhenUringInitFails) {

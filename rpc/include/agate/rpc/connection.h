@@ -8,7 +8,7 @@
 //   RemoteCap calc = conn.bootstrap();
 //   Request req = calc.newCall(CALC_ID, /*methodId=*/0, /*sizeHint=*/64);
 //   req.initParams<Calc::EvalParams>().setExpr(...);
-//   RemotePromise value = req.send();                      // the Call is on the wire now
+//   RemotePromise value = req.send();                      // the Call is in the ring now
 //   RemoteCap next = value.pipeline({0});                  // results pointer field 0, a cap
 //   RemotePromise r2 = next.newCall(VALUE_ID, 0).send();   // goes out at once (pipelined)
 //   Result<Response> got = co_await r2;                    // ~one round trip for both
@@ -588,9 +588,13 @@ class RpcConnection {
   void queueFinish(uint32_t questionId);
   void flushFinishes();
   // Every message is published at once but its doorbell is rung by ringTask_, once for all the
-  // messages the current task sends (Sender::commitWithoutRing): a burst of calls or returns
-  // pays one locked ring. The task runs before the loop's thread can wait; the reader also rings
-  // at the end of each of its turns, so a parked peer never waits behind other readers' turns.
+  // messages a turn of the loop sends (Sender::commitWithoutRing): a burst of calls or returns
+  // pays one locked ring. ringTask_ is posted with EventLoop::postBeforeWait, so it runs before
+  // the loop's thread can wait for anything or leave run(); a message sent outside any turn is
+  // rung at once. The reader also rings at the end of each of its turns (so a parked peer never
+  // waits behind other readers' turns) and every RING_EVERY_MESSAGES messages it handles, and a
+  // full outbound ring is announced before the pump waits for space.
+  static constexpr uint32_t RING_EVERY_MESSAGES = 16;
   void commitOut(size_t bytes);
   void published();
   void ringPeer();

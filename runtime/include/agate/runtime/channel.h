@@ -130,7 +130,8 @@ class Sender {
   // for anything (a parked receiver sees nothing until then); an event loop posts it as a task.
   void commitWithoutRing(size_t length, uint16_t tag = 0) noexcept;
   // Rings the data doorbell if a commitWithoutRing() published since the last ring; returns
-  // whether it rang. commit(), flush() and detach() ring too, and clear what was pending.
+  // whether it rang. commit(), flush() and detach() ring too, and clear what was pending, and so
+  // do reserve() and MessageSender::startMessage/startMessageAsync before they wait for space.
   bool ringPending() noexcept;
   bool ringIsPending() const noexcept { return ringPending_; }
   // Gives the reservation back; nothing is published.
@@ -197,11 +198,11 @@ class Receiver {
   void release() noexcept;
   // Batching: returns the frame's space without ringing the space doorbell (saving its locked
   // instruction) and publishes the ring's head only every capacity/4 bytes (so a sender checking
-  // for space pulls that cache line once per batch, not per frame); flushReleases() publishes and
-  // rings once for every deferred release. Senders may not see the space, and a sender parked on
-  // a full ring sleeps, until the flush, so flush before waiting on anything else. tryReceive()
-  // flushes by itself when it finds the ring empty, and so do receive() before it parks and
-  // detach().
+  // for space pulls that cache line once per batch, not per frame), ringing the space doorbell
+  // then (a sender parked on a full ring refills it while the rest drains); flushReleases()
+  // publishes and rings for the rest. Senders may not see the space of the last partial quarter
+  // until the flush, so flush before waiting on anything else. tryReceive() flushes by itself
+  // when it finds the ring empty, and so do receive() before it parks and detach().
   void releaseDeferred() noexcept;
   void flushReleases() noexcept;
 

@@ -114,6 +114,15 @@ class EventLoop {
   // an eventfd, only when the loop announced it is about to sleep). `task` must stay alive and
   // unposted elsewhere until it has run.
   void postFromAnyThread(Task& task) noexcept;
+  // Queues `task` to run before this loop's thread can wait for anything: after the tasks of
+  // the current turn (all of them, or those before run()'s promise turned ready), before the
+  // turn waits for I/O and before run() returns. Loop thread only; once per post. For work that
+  // batches what a turn's tasks did and must happen before anyone waits for its effect, such as
+  // one doorbell ring for every message a turn sent (Sender::commitWithoutRing).
+  void postBeforeWait(Task& task) noexcept;
+  // True while this loop runs a turn (inside run() or runUntilIdle(), on its thread): code that
+  // postBeforeWait()s from outside a turn should do its work at once instead.
+  bool inTurn() const noexcept;
 
   // Whether a coroutine busy-polling on this loop's thread must yield now rather than spin on:
   // it runs outside a turn (started eagerly: its caller waits to get control back), Tasks are
@@ -127,6 +136,7 @@ class EventLoop {
   template <class T>
   Result<T> run(Promise<T> promise) {
     AGATE_REQUIRE(promise.isValid(), "run() of a moved-from promise");
+    if (promise.isReady()) runBeforeWaitTasks();  // no turn runs them: the thread leaves now
     while (!promise.isReady()) turn(promise.node());
     return promise.takeResult();
   }
@@ -177,6 +187,7 @@ class EventLoop {
   // One turn; blocks for completions only if no Task is queued and `awaited` (if any) is not
   // ready yet.
   void turn(const detail::PromiseNodeBase* awaited);
+  void runBeforeWaitTasks() noexcept;
   template <class T>
   static Promise<T> deadlineImpl(Promise<T> promise, Promise<void> timer);
 
