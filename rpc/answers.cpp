@@ -9,10 +9,16 @@ using namespace internal;
 // ---------------------------------------------------------------------------------------------
 // Server side: answers
 
+// The (free) entry for a new answer `id`: a Call, Provide or Accept naming it.
 RpcConnection::Answer& RpcConnection::answerAt(uint32_t id) {
   if (id >= answers_.size()) answers_.resize(id + 1);
   if (!answers_[id]) answers_[id] = std::make_unique<Answer>(id);
-  return *answers_[id];
+  Answer& a = *answers_[id];
+  // A Finish crossing the id's last (noFinishNeeded) Return would have arrived before this
+  // message: the caller reuses an id only after reading that Return.
+  a.finishMayCross = false;
+  a.driver.reset();  // finished: kept since the answer was freed from inside it
+  return a;
 }
 
 Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
@@ -20,6 +26,7 @@ Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
   Answer& a = answerAt(d.id);
   a.state = Answer::State::QUEUED;
   a.finishReceived = false;
+  a.noPipelining = d.noPipelining;
   a.error = Error{};
   ++answersLive_;
   CallContext& ctx = a.context;
@@ -141,10 +148,14 @@ void RpcConnection::completeAnswer(uint32_t answerId, Status status) {
   }
   if (!ctx.results_.active()) {
     // No results were built (so no capabilities either): the fixed words of an empty Return.
-    const std::array<uint64_t, EMPTY_RETURN_WORDS> words = emptyReturnWords(a.id);
+    const std::array<uint64_t, EMPTY_RETURN_WORDS> words = emptyReturnWords(a.id, a.noPipelining);
     Status sent = sendWords(words);
     if (sent) {
       ++stats_.returnsSent;
+      if (a.noPipelining) {
+        releaseAtReturn(a);
+        return;
+      }
     } else if (isOpen()) {
       failAnswer(a, sent.error());
       return;
@@ -161,6 +172,8 @@ void RpcConnection::completeAnswer(uint32_t answerId, Status status) {
       failAnswer(a, written.error());
       return;
     }
+    const bool noFinishNeeded = a.noPipelining && n == 0;
+    if (noFinishNeeded) ctx.return_.setNoFinishNeeded(true);
     if (n > 0) {
       // Calls pipelined on this answer resolve their paths against a private copy of the
       // results (frames are position-independent, so a copy of the words reads the same).
@@ -173,6 +186,11 @@ void RpcConnection::completeAnswer(uint32_t answerId, Status status) {
       }
     }
     Status sent = finishOut(ctx.results_);
+    if (sent && noFinishNeeded) {
+      ++stats_.returnsSent;
+      releaseAtReturn(a);
+      return;
+    }
     if (sent) {
       ++stats_.returnsSent;
       // The exports the results name stay pinned while the answer lives (pipelined calls).
@@ -215,15 +233,22 @@ void RpcConnection::failAnswer(Answer& a, const Error& error) {
   stopWaiting(a);
   if (a.queuedCall != nullptr) giveSpill(std::exchange(a.queuedCall, nullptr));
   Result<detail::OutSlot> slot = startOut(EXCEPTION_BYTES);
+  bool sent = false;
   if (slot) {
     wire::Return::Builder ret = slot->builder().initRoot<wire::Message>().initReturn();
     ret.setAnswerId(a.id);
+    if (a.noPipelining) ret.setNoFinishNeeded(true);  // an exception carries no capability
     if (error.code == Errc::CANCELLED) {
       ret.setCanceled();
     } else {
       writeException(ret.initException(), error);
     }
-    if (finishOut(*slot)) ++stats_.returnsSent;
+    sent = finishOut(*slot).ok();
+    if (sent) ++stats_.returnsSent;
+  }
+  if (sent && a.noPipelining) {
+    releaseAtReturn(a);
+    return;
   }
   a.state = Answer::State::RETURNED;
   exportUnpin(std::exchange(a.pinnedExport, NONE));
@@ -308,6 +333,23 @@ Result<uint32_t> RpcConnection::resolvePipeline(Answer& target, std::span<const 
   return target.resultIds[*index];
 }
 
+// The answer of a call sent with noPromisePipelining, whose Return (with noFinishNeeded) was just
+// written: freed now, before anything more is read, since the caller frees its question on
+// reading that Return and may reuse the id at once. No call can be queued on it (pipelining on
+// it is a PROTOCOL_ERROR). One Finish may still come: the caller dropped its promise as the
+// Return crossed it (see Finish in schemas/rpc.capnp).
+void RpcConnection::releaseAtReturn(Answer& a) {
+  ++stats_.returnsNoFinishNeeded;
+  const bool finishMayCross = !a.finishReceived;
+  a.state = Answer::State::RETURNED;
+  // May run inside drive(): the finished driver stays until the id is used again (answerAt).
+  std::optional<Promise<void>> driver = std::move(a.driver);
+  a.driver.reset();
+  freeAnswer(a);
+  a.driver = std::move(driver);
+  a.finishMayCross = finishMayCross;
+}
+
 void RpcConnection::finishAnswerIfDone(Answer& a) {
   if (a.state == Answer::State::RETURNED && a.finishReceived && a.queueHead == nullptr &&
       !a.inWorklist)
@@ -367,6 +409,7 @@ void RpcConnection::freeAnswer(Answer& a) {
   a.queueHead = a.queueTail = nullptr;
   a.state = Answer::State::FREE;
   a.finishReceived = false;
+  a.noPipelining = false;
   a.inWorklist = false;
   a.error = Error{};
   --answersLive_;
@@ -375,6 +418,12 @@ void RpcConnection::freeAnswer(Answer& a) {
 Status RpcConnection::handleFinish(uint32_t answerId) {
   ++stats_.finishesReceived;
   Answer& a = *answers_[answerId];
+  if (a.state == Answer::State::FREE) {
+    // Crossed the answer's noFinishNeeded Return (checkFinishId let only that one through).
+    a.finishMayCross = false;
+    ++stats_.finishesIgnored;
+    return {};
+  }
   a.finishReceived = true;
   // Calls pipelined on the answer still need its results: it keeps running for them. A
   // provision is reclaimed all the same (its results hold no capability for them anyway).

@@ -134,7 +134,9 @@ void RpcConnection::teardown() {
   }
   worklist_.clear();
   for (std::unique_ptr<Answer>& a : answers_) {
-    if (a && a->state != Answer::State::FREE) freeAnswer(*a);
+    if (!a) continue;
+    if (a->state != Answer::State::FREE) freeAnswer(*a);
+    a->driver.reset();  // a finished one, kept by an answer freed at its Return
   }
   // Destroy owned exports. An object's destructor may drop RemoteCaps (back into importUnref,
   // which sends nothing now), so move them out of the table first.
@@ -400,12 +402,13 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
   if (request.unbuilt_) {
     request.unbuilt_ = false;
     std::array<uint64_t, MAX_EMPTY_CALL_WORDS> words;
-    const size_t n =
-        emptyCallWords(words, qid, request.interfaceId_, request.methodId_, request.toAnswer_,
-                       request.targetId_, std::span(request.path_.data(), request.pathLength_));
+    const size_t n = emptyCallWords(words, qid, request.interfaceId_, request.methodId_,
+                                    request.noPipelining_, request.toAnswer_, request.targetId_,
+                                    std::span(request.path_.data(), request.pathLength_));
     sent = sendWords(std::span(words.data(), n));
   } else {
     request.call_.setQuestionId(qid);
+    if (request.noPipelining_) request.call_.setNoPromisePipelining(true);
     Status written = {};
     if (request.caps_.size() > 0) {
       written = writeCapTable(request.call_.getParams().initCapTable(request.caps_.size()),
@@ -430,10 +433,14 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
   openQuestion(qid);
   Question& q = questions_[qid];
   q.refs = 1;
+  q.noPipelining = request.noPipelining_;
   auto [promise, fulfiller] = newPromiseAndFulfiller<Response>();
   q.fulfiller.emplace(std::move(fulfiller));
   ++handles_;
-  return RemotePromise(this, qid, std::move(promise), Error{});
+  RemotePromise sentPromise(this, qid, std::move(promise), Error{});
+  sentPromise.generation_ = q.generation;
+  sentPromise.noPipelining_ = q.noPipelining;
+  return sentPromise;
 }
 
 void RpcConnection::questionRef(uint32_t id) noexcept { ++questions_[id].refs; }
@@ -457,7 +464,9 @@ void RpcConnection::questionUnref(uint32_t id) noexcept {
 
 void RpcConnection::freeQuestion(uint32_t id) noexcept {
   Question& q = questions_[id];
+  const uint32_t generation = q.generation;
   q = Question{};
+  q.generation = generation + 1;
   q.nextFree = questionFree_;
   questionFree_ = id;
   --questionsLive_;

@@ -53,10 +53,14 @@ inline std::array<uint64_t, CONTROL_WORDS> controlWords(wire::Message::Which whi
 
 // A Return with empty results and no capabilities (a call whose server never asked for
 // results), written the same way: the root, the Message, its pointer to the Return, the Return's
-// data word (answerId, then its union's discriminant in bits 32..47) and pointer, and the Payload
-// with its two pointers null. Word for word what the builder writes (rpc_hot_path_test).
+// data word (answerId, then its union's discriminant in bits 32..47, noFinishNeeded in bit 48)
+// and pointer, and the Payload with its two pointers null. Word for word what the builder writes
+// (rpc_hot_path_test).
 inline constexpr size_t EMPTY_RETURN_WORDS = 7;
-inline std::array<uint64_t, EMPTY_RETURN_WORDS> emptyReturnWords(uint32_t answerId) {
+inline constexpr uint32_t NO_FINISH_NEEDED_BIT = 48;  // Return.noFinishNeeded in the data word
+inline constexpr uint32_t NO_PIPELINING_BIT = 48;     // Call.noPromisePipelining in data word 0
+inline std::array<uint64_t, EMPTY_RETURN_WORDS> emptyReturnWords(uint32_t answerId,
+                                                                 bool noFinishNeeded) {
   static_assert(wire::Return::_capnpPrivate::dataWordSize == 1 &&
                 wire::Return::_capnpPrivate::pointerCount == 1);
   static_assert(wire::Payload::_capnpPrivate::dataWordSize == 0 &&
@@ -64,7 +68,8 @@ inline std::array<uint64_t, EMPTY_RETURN_WORDS> emptyReturnWords(uint32_t answer
   return {structPointerWord(0, 1, 1),  // word 0: the root, the Message at word 1
           static_cast<uint64_t>(wire::Message::RETURN),
           structPointerWord(0, 1, 1),  // word 2: the Return at word 3
-          answerId | uint64_t{wire::Return::RESULTS} << 32,
+          answerId | uint64_t{wire::Return::RESULTS} << 32 |
+              uint64_t{noFinishNeeded} << NO_FINISH_NEEDED_BIT,
           structPointerWord(0, 0, 2),  // word 4: the Payload at word 5
           0,
           0};
@@ -72,15 +77,16 @@ inline std::array<uint64_t, EMPTY_RETURN_WORDS> emptyReturnWords(uint32_t answer
 
 // A Call with no params and no capabilities (neither params() nor addCap used, so the Call was
 // never built; see Request), written the same way, in the builder's order: the root, the
-// Message and its pointer, the Call (questionId and methodId, interfaceId, pointers to the
+// Message and its pointer, the Call (questionId, methodId and noPromisePipelining in bit 48,
+// interfaceId, pointers to the
 // target and to the params, which stays null), the MessageTarget (importedCap, or the
 // discriminant of promisedAnswer and its pointer), then the PromisedAnswer and its transform
 // list of 16-bit pointer-field indices. Word for word what the builder writes
 // (rpc_hot_path_test). Returns the number of words.
 inline constexpr size_t MAX_EMPTY_CALL_WORDS = 11 + (MAX_PIPELINE_PATH + 3) / 4;
 inline size_t emptyCallWords(std::array<uint64_t, MAX_EMPTY_CALL_WORDS>& w, uint32_t questionId,
-                             uint64_t interfaceId, uint16_t methodId, bool toAnswer,
-                             uint32_t targetId, std::span<const uint16_t> path) {
+                             uint64_t interfaceId, uint16_t methodId, bool noPipelining,
+                             bool toAnswer, uint32_t targetId, std::span<const uint16_t> path) {
   static_assert(wire::Call::_capnpPrivate::dataWordSize == 2 &&
                 wire::Call::_capnpPrivate::pointerCount == 2);
   static_assert(wire::MessageTarget::_capnpPrivate::dataWordSize == 1 &&
@@ -91,7 +97,7 @@ inline size_t emptyCallWords(std::array<uint64_t, MAX_EMPTY_CALL_WORDS>& w, uint
   w[0] = structPointerWord(0, 1, 1);           // the Message at word 1
   w[1] = static_cast<uint64_t>(wire::Message::CALL);
   w[2] = structPointerWord(0, 2, 2);  // the Call at word 3
-  w[3] = questionId | uint64_t{methodId} << 32;
+  w[3] = questionId | uint64_t{methodId} << 32 | uint64_t{noPipelining} << NO_PIPELINING_BIT;
   w[4] = interfaceId;
   w[5] = structPointerWord(1, 1, 1);  // the MessageTarget at word 7
   w[6] = 0;                           // params: none
@@ -307,8 +313,12 @@ struct RpcConnection::Question {
   uint32_t refs = 0;  // the RemotePromise and every RemoteCap pipelined on it
   uint32_t nextFree = internal::NONE;
   bool inUse = false;
-  bool returned = false;    // Return received (or the connection ended)
-  bool finishSent = false;  // Finish sent (or never to be sent: the connection ended)
+  bool returned = false;      // Return received (or the connection ended)
+  bool finishSent = false;    // Finish sent (or never to be sent: the connection ended)
+  bool noPipelining = false;  // sent with Call.noPromisePipelining
+  // Bumped each time the entry is freed: a RemotePromise whose question was freed under it (at
+  // a Return with noFinishNeeded) sees another generation and leaves the entry alone.
+  uint32_t generation = 0;
   // An Accept: the vine (an import on the introducer's connection) kept until the Return.
   std::optional<RemoteCap> vine;
 };
@@ -321,8 +331,17 @@ struct RpcConnection::Answer {
   State state = State::FREE;
   bool finishReceived = false;
   bool inWorklist = false;
+  bool noPipelining = false;  // the Call had noPromisePipelining: freed at its Return
+  // FREE after a Return with noFinishNeeded that no Finish preceded: one Finish may still be on
+  // its way (the caller dropped its promise as the Return crossed) and is ignored. Cleared by
+  // that Finish or by the next Call with this id (which the caller sends only after the Return,
+  // so behind any such Finish).
+  bool finishMayCross = false;
   CallContext context;
-  std::optional<Promise<void>> driver;     // RUNNING: drive() over the object's dispatch
+  // RUNNING: drive() over the object's dispatch. An answer freed at its Return (noFinishNeeded)
+  // from inside drive() keeps the finished driver until the id is used again (destroying it
+  // there would destroy the running coroutine).
+  std::optional<Promise<void>> driver;
   uint32_t pinnedExport = internal::NONE;  // the export being called, pinned while RUNNING
   // QUEUED on a pending promise export (pinned meanwhile) instead of an answer.
   uint32_t waitingOnExport = internal::NONE;
@@ -400,7 +419,9 @@ struct RpcConnection::Decoded {
   uint32_t pathLength = 0;
   uint64_t interfaceId = 0;
   uint16_t methodId = 0;
+  bool noPipelining = false;  // call: Call.noPromisePipelining
   wire::Return::Which returnKind{};
+  bool noFinishNeeded = false;  // return: Return.noFinishNeeded
   capnp::AnyStruct::Reader payload;
   capnp::List<wire::CapDescriptor>::Reader caps;
   std::array<detail::CapEntry::Kind, MAX_CAPS_PER_MESSAGE> capKinds;

@@ -1,10 +1,11 @@
 // Private to rpc/: the word-level decoder of the common RPC frames, tried before the Cap'n Proto
 // readers (inbound.cpp, RpcConnection::handleMessage).
 //
-// A null call is three small messages (Call, Return, Finish), and reading each through Cap'n
-// Proto's readers (getRoot, one getter per struct, a reader object per step) cost more than the
-// rest of handling it. parseCommonFrame reads the fields RpcConnection::decode needs straight
-// from the frame's words, in one pass, for these shapes only:
+// A null call is two or three small messages (Call, Return, and Finish unless the Return had
+// noFinishNeeded), and reading each through Cap'n Proto's readers (getRoot, one getter per
+// struct, a reader object per step) cost more than the rest of handling it. parseCommonFrame reads
+// the fields RpcConnection::decode needs straight from the frame's words, in one pass, for these
+// shapes only:
 //
 //   Call     target importedCap, or promisedAnswer with a transform of at most
 //            MAX_PIPELINE_PATH steps (a List(UInt16), or null); params null or a Payload whose
@@ -46,7 +47,9 @@ struct CommonFrame {
   uint32_t pathLength = 0;
   uint64_t interfaceId = 0;
   uint16_t methodId = 0;
+  bool noPipelining = false;  // call: noPromisePipelining
   wire::Return::Which returnKind{};
+  bool noFinishNeeded = false;  // return
 };
 
 class CommonFrameParser {
@@ -131,6 +134,7 @@ class CommonFrameParser {
     if (!structAt(at, 2, 2, c)) return false;
     f.id = static_cast<uint32_t>(word(c.data));
     f.methodId = static_cast<uint16_t>(word(c.data) >> 32);
+    f.noPipelining = ((word(c.data) >> 48) & 1) != 0;  // Call.noPromisePipelining: bit 48
     f.interfaceId = word(c.data + 1);
     if (!emptyPayload(c.pointers + 1)) return false;
     Object target;
@@ -180,6 +184,7 @@ class CommonFrameParser {
     if (!structAt(at, 1, 1, r)) return false;
     f.id = static_cast<uint32_t>(word(r.data));
     f.returnKind = static_cast<wire::Return::Which>(static_cast<uint16_t>(word(r.data) >> 32));
+    f.noFinishNeeded = ((word(r.data) >> 48) & 1) != 0;  // Return.noFinishNeeded: bit 48
     switch (f.returnKind) {
       case wire::Return::RESULTS:
         return emptyPayload(r.pointers);

@@ -78,6 +78,7 @@ Request::Request(Request&& o) noexcept
     : conn_(std::exchange(o.conn_, nullptr)),
       error_(o.error_),
       unbuilt_(std::exchange(o.unbuilt_, false)),
+      noPipelining_(o.noPipelining_),
       toAnswer_(o.toAnswer_),
       pathLength_(o.pathLength_),
       methodId_(o.methodId_),
@@ -144,6 +145,8 @@ RemotePromise Request::send() {
 RemotePromise::RemotePromise(RemotePromise&& o) noexcept
     : conn_(std::exchange(o.conn_, nullptr)),
       questionId_(o.questionId_),
+      generation_(o.generation_),
+      noPipelining_(o.noPipelining_),
       promise_(std::move(o.promise_)),
       error_(o.error_) {}
 
@@ -151,7 +154,8 @@ RemotePromise::~RemotePromise() {
   // Drop the promise first: a Response still inside it releases its frame before Finish.
   { Promise<Response> dropped = std::move(promise_); }
   if (RpcConnection* conn = std::exchange(conn_, nullptr)) {
-    conn->questionUnref(questionId_);
+    // A question freed at its Return (noFinishNeeded) is no longer this promise's reference.
+    if (conn->questions_[questionId_].generation == generation_) conn->questionUnref(questionId_);
     --conn->handles_;
   }
 }
@@ -163,6 +167,12 @@ RemoteCap RemotePromise::pipeline(std::span<const uint16_t> path) const {
   if (conn_ == nullptr) {
     cap.kind_ = RemoteCap::Kind::BROKEN;
     cap.broken_ = error_.code != Errc::OK ? error_ : Error(Errc::INVALID_ARGUMENT, "no call");
+    return cap;
+  }
+  if (noPipelining_) {  // the callee was promised nothing would target its answer
+    cap.kind_ = RemoteCap::Kind::BROKEN;
+    cap.broken_ =
+        Error(Errc::INVALID_ARGUMENT, "pipeline() on a call sent without promise pipelining");
     return cap;
   }
   cap.conn_ = conn_;

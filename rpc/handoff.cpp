@@ -285,7 +285,9 @@ void RpcConnection::giveQuestionId(uint32_t id) noexcept {
 
 void RpcConnection::openQuestion(uint32_t id) {
   Question& q = questions_[id];
+  const uint32_t generation = q.generation;
   q = Question{};
+  q.generation = generation;
   q.inUse = true;
   ++questionsLive_;
 }

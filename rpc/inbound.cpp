@@ -163,6 +163,9 @@ Status RpcConnection::checkCallTarget(const Decoded& d) const {
       answers_[d.targetId]->state == Answer::State::FREE || answers_[d.targetId]->finishReceived ||
       d.targetId == d.id)
     return Error(Errc::PROTOCOL_ERROR, "call on a promised answer that does not exist");
+  if (answers_[d.targetId]->noPipelining)
+    return Error(Errc::PROTOCOL_ERROR,
+                 "call pipelined on an answer sent without promise pipelining");
   return {};
 }
 
@@ -172,9 +175,23 @@ Status RpcConnection::checkReturnId(uint32_t id) const {
   return {};
 }
 
+// Return.noFinishNeeded only for a call sent with noPromisePipelining and results with no
+// capability (capCount: the results' cap table; 0 for an exception or canceled).
+Status RpcConnection::checkNoFinishNeeded(const Decoded& d) const {
+  if (!d.noFinishNeeded) return {};
+  if (!questions_[d.id].noPipelining)
+    return Error(Errc::PROTOCOL_ERROR,
+                 "return without Finish for a call sent with promise pipelining");
+  if (d.capCount > 0)
+    return Error(Errc::PROTOCOL_ERROR, "return without Finish carrying capabilities");
+  return {};
+}
+
 Status RpcConnection::checkFinishId(uint32_t id) const {
-  if (id >= answers_.size() || !answers_[id] || answers_[id]->state == Answer::State::FREE ||
-      answers_[id]->finishReceived)
+  if (id >= answers_.size() || !answers_[id] || answers_[id]->finishReceived)
+    return Error(Errc::PROTOCOL_ERROR, "finish for an answer that does not exist");
+  // A freed answer takes only the one Finish that may cross its noFinishNeeded Return.
+  if (answers_[id]->state == Answer::State::FREE && !answers_[id]->finishMayCross)
     return Error(Errc::PROTOCOL_ERROR, "finish for an answer that does not exist");
   return {};
 }
@@ -202,6 +219,7 @@ bool RpcConnection::decodeCommon(std::span<const std::byte> frame, Decoded& d, S
       if (!verdict) return true;
       d.interfaceId = f.interfaceId;
       d.methodId = f.methodId;
+      d.noPipelining = f.noPipelining;
       d.targetIsAnswer = f.targetIsAnswer;
       d.targetId = f.targetId;
       d.pathLength = f.pathLength;
@@ -210,7 +228,10 @@ bool RpcConnection::decodeCommon(std::span<const std::byte> frame, Decoded& d, S
       return true;
     case wire::Message::RETURN:
       verdict = checkReturnId(d.id);
+      if (!verdict) return true;
       d.returnKind = f.returnKind;
+      d.noFinishNeeded = f.noFinishNeeded;
+      verdict = checkNoFinishNeeded(d);
       return true;
     case wire::Message::FINISH:
       verdict = checkFinishId(d.id);
@@ -234,6 +255,7 @@ Status RpcConnection::decode(wire::Message::Reader m, Decoded& d) {
       AGATE_TRY(checkNewQuestion(d.id));
       d.interfaceId = call.getInterfaceId();
       d.methodId = call.getMethodId();
+      d.noPipelining = call.getNoPromisePipelining();
       wire::MessageTarget::Reader target = call.getTarget();
       switch (target.which()) {
         case wire::MessageTarget::IMPORTED_CAP:
@@ -265,18 +287,20 @@ Status RpcConnection::decode(wire::Message::Reader m, Decoded& d) {
       d.id = r.getAnswerId();
       AGATE_TRY(checkReturnId(d.id));
       d.returnKind = r.which();
+      d.noFinishNeeded = r.getNoFinishNeeded();
       switch (d.returnKind) {
         case wire::Return::RESULTS: {
           wire::Payload::Reader results = r.getResults();
           d.payload = capnp::AnyStruct::Reader(results);
-          return decodeCapTable(results.getCapTable(), d);
+          AGATE_TRY(decodeCapTable(results.getCapTable(), d));
+          return checkNoFinishNeeded(d);
         }
         case wire::Return::EXCEPTION:
           d.exception = r.getException();
           (void)d.exception.getReason();  // read inside the boundary: a malformed Text throws
-          return {};
+          return checkNoFinishNeeded(d);
         case wire::Return::CANCELED:
-          return {};
+          return checkNoFinishNeeded(d);
         default:
           return Error(Errc::PROTOCOL_ERROR, "unknown return kind");
       }
@@ -330,6 +354,9 @@ Status RpcConnection::decode(wire::Message::Reader m, Decoded& d) {
               answers_[d.targetId]->state == Answer::State::FREE ||
               answers_[d.targetId]->finishReceived || d.targetId == d.id)
             return Error(Errc::PROTOCOL_ERROR, "provide of a promised answer that does not exist");
+          if (answers_[d.targetId]->noPipelining)
+            return Error(Errc::PROTOCOL_ERROR,
+                         "provide on an answer sent without promise pipelining");
           return {};
         default:
           return Error(Errc::PROTOCOL_ERROR, "unknown provide target");
@@ -412,7 +439,8 @@ Status RpcConnection::handleReturn(IncomingMessage& message, const Decoded& d) {
   ++stats_.returnsReceived;
   Question& q = questions_[d.id];
   q.returned = true;
-  if (!watchers_.empty()) takeWatchers(d);  // promises passed on that wait for this question
+  if (d.noFinishNeeded) q.finishSent = true;  // none will be: the callee freed its answer
+  if (!watchers_.empty()) takeWatchers(d);    // promises passed on that wait for this question
   const bool wanted = q.fulfiller.has_value() && !q.fulfiller->isCancelled();
   switch (d.returnKind) {
     case wire::Return::RESULTS: {
@@ -455,13 +483,11 @@ Status RpcConnection::handleReturn(IncomingMessage& message, const Decoded& d) {
       break;
   }
   q.fulfiller.reset();
-  q.vine.reset();     // an Accept returned: the introducer may reclaim its side of the handoff
-  if (q.refs == 0) {  // Finish already sent: the question id is free again
-    q = Question{};
-    q.nextFree = questionFree_;
-    questionFree_ = d.id;
-    --questionsLive_;
-  }
+  q.vine.reset();  // an Accept returned: the introducer may reclaim its side of the handoff
+  // Free again once Finish was sent too; with noFinishNeeded at once, with no Finish (a
+  // RemotePromise still held sees the question's generation change and leaves it alone; a
+  // Finish already sent, crossing this Return, is ignored by the callee).
+  if (q.refs == 0 || d.noFinishNeeded) freeQuestion(d.id);
   if (!settling_.empty()) settleWatched();
   return {};
 }

@@ -11,8 +11,10 @@
 #   question id  allocated by the CALLER when it sends a Call; names the same entry in the
 #                callee's answer table. Reusable by the caller only once BOTH the callee's Return
 #                for it has arrived AND the caller has sent Finish for it (so neither side can
-#                confuse an old and a new use). A Call naming a question id whose answer is still
-#                in use (no Finish yet, or Finish sent but Return not yet) is a protocol error.
+#                confuse an old and a new use), or once a Return with noFinishNeeded arrived (a
+#                Call sent with noPromisePipelining: no Finish follows; see Return). A Call
+#                naming a question id whose answer is still in use (no Finish yet, or Finish sent
+#                but Return not yet) is a protocol error.
 #   answer id    the callee's name for the caller's question id: the same number.
 #   export id    allocated by the side that HOSTS an object, when it first puts a capability to
 #                it in a message's cap table (senderHosted). Export id 0 is the bootstrap object,
@@ -174,7 +176,8 @@ struct AcceptResults {
 struct Call {
   questionId @0 :UInt32;
   # Allocated by the caller from its question table (see the header): the callee must not hold
-  # an answer with this id. Freed by the caller after Return received AND Finish sent.
+  # an answer with this id. Freed by the caller after Return received AND Finish sent, or at a
+  # Return with noFinishNeeded (then no Finish is sent).
 
   target @1 :MessageTarget;
   # The object to call: one of the callee's exports, or a capability inside the results of one
@@ -186,6 +189,13 @@ struct Call {
 
   params @4 :Payload;
   # The method's parameters, built in place in the caller's ring frame.
+
+  noPromisePipelining @5 :Bool;
+  # The caller promises never to pipeline on this call's results: no Call or Provide will
+  # target promisedAnswer(questionId) (one that does is a PROTOCOL_ERROR). Set by typed stubs for
+  # methods whose results can hold no capability, and by Request::noPipelining(). It lets the
+  # callee end the question with its Return alone (Return.noFinishNeeded): two messages per
+  # call instead of three.
 }
 
 struct MessageTarget {
@@ -196,7 +206,8 @@ struct MessageTarget {
 
     promisedAnswer @1 :PromisedAnswer;
     # A capability inside an answer of the receiver (a question of the sender). The answer must
-    # be live (no Finish received for it), or the connection aborts with PROTOCOL_ERROR. While
+    # be live (no Finish received for it) and its Call not sent with noPromisePipelining, or the
+    # connection aborts with PROTOCOL_ERROR. While
     # the answer has not returned, calls on it are queued in arrival order and delivered when it
     # returns; if it returned an exception, each gets that exception.
   }
@@ -304,6 +315,18 @@ struct Return {
     canceled @3 :Void;
     # The caller sent Finish before the call completed; the callee cancelled it.
   }
+
+  noFinishNeeded @4 :Bool;
+  # Set by the callee exactly when the Call had noPromisePipelining and this Return carries no
+  # capability (results with an empty cap table, an exception, or canceled). The callee freed
+  # its answer as it wrote this Return; the caller frees its question on reading it and sends no
+  # Finish. If the caller had already sent Finish (it dropped its promise while the Return was
+  # in flight), that Finish reaches the callee after the answer is gone and is ignored (see
+  # Finish). Id lifetime: the question id is free at the caller once this Return is read, and
+  # at the callee once it is written; a Call reusing the id can only follow the Return, and
+  # any crossing Finish precedes that Call on the caller->callee ring. Set on a Return whose
+  # Call did not have noPromisePipelining, or with a non-empty cap table: PROTOCOL_ERROR at the
+  # caller, before anything changes.
 }
 
 struct Finish {
@@ -312,8 +335,12 @@ struct Finish {
   # pipelined on it are gone. Before the Return it cancels the call (the callee drops the
   # running dispatch, then sends Return.canceled), unless calls pipelined on the answer are
   # queued there: they still need its results, so it runs on. Must name a live answer of the
-  # receiver (else PROTOCOL_ERROR). The callee frees the answer once it has also sent the
-  # Return and no queued call waits on it.
+  # receiver (else PROTOCOL_ERROR), with one exception: the one Finish that may cross a
+  # Return.noFinishNeeded. For an answer id whose last Return went out with noFinishNeeded
+  # before any Finish for it arrived, and that no Call has reused since, one Finish is ignored
+  # silently (the caller dropped its promise while the Return was in flight). A second one, or
+  # one for an id never answered so, is a PROTOCOL_ERROR. The callee frees the answer once it
+  # has also sent the Return and no queued call waits on it (at once, with noFinishNeeded).
 }
 
 struct Release {

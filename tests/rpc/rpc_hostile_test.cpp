@@ -15,6 +15,12 @@ namespace {
 
 using agate::testing::Watchdog;
 
+Promise<void> awaitCall(RemotePromise p) {
+  Result<Response> r = co_await p;
+  AGATE_CO_TRY(r);
+  co_return {};
+}
+
 class RpcHostileTest : public ::testing::Test {
  protected:
   RpcHostileTest() {
@@ -280,6 +286,201 @@ TEST_F(RpcHostileTest, PipelinePathThatLeadsNowhereFailsOnlyThatCall) {
   EXPECT_EQ(returns, 2);
   EXPECT_TRUE(victim_->isOpen());
   EXPECT_EQ(victim_->exportCount(), 2u) << "the child exported by call 1 is untouched";
+}
+
+// --- Calls without promise pipelining (Call.noPromisePipelining, Return.noFinishNeeded) ---
+
+TEST_F(RpcHostileTest, ACallWithoutPipeliningIsAnsweredWithNoFinishNeededAndFreedAtOnce) {
+  send([](wire::Message::Builder m) {
+    wire::Call::Builder c = m.initCall();
+    c.setQuestionId(1);
+    c.getTarget().setImportedCap(0);
+    c.setInterfaceId(NODE_INTERFACE_ID);
+    c.setMethodId(ECHO);
+    c.setNoPromisePipelining(true);
+    c.initParams().getContent().initAs<Value>().setValue(4);
+  });
+  expectFromVictim([](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::RETURN);
+    EXPECT_EQ(m.getReturn().getAnswerId(), 1u);
+    EXPECT_TRUE(m.getReturn().getNoFinishNeeded());
+    EXPECT_EQ(m.getReturn().getResults().getContent().getAs<Value>().getValue(), 4u);
+  });
+  EXPECT_EQ(victim_->answerCount(), 0u) << "freed with its Return, no Finish awaited";
+  // The id is free: the caller may reuse it at once, with no Finish.
+  call(1, 0, ECHO);
+  expectFromVictim([](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::RETURN);
+    EXPECT_FALSE(m.getReturn().getNoFinishNeeded()) << "a call sent with pipelining";
+  });
+  EXPECT_EQ(victim_->answerCount(), 1u) << "waits for its Finish";
+  EXPECT_TRUE(victim_->isOpen());
+}
+
+TEST_F(RpcHostileTest, ACallWithoutPipeliningWhoseResultsHoldACapabilityStillNeedsFinish) {
+  send([](wire::Message::Builder m) {
+    wire::Call::Builder c = m.initCall();
+    c.setQuestionId(1);
+    c.getTarget().setImportedCap(0);
+    c.setInterfaceId(NODE_INTERFACE_ID);
+    c.setMethodId(NEXT);
+    c.setNoPromisePipelining(true);
+  });
+  expectFromVictim([](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::RETURN);
+    EXPECT_FALSE(m.getReturn().getNoFinishNeeded()) << "the results carry a capability";
+    EXPECT_EQ(m.getReturn().getResults().getCapTable().size(), 1u);
+  });
+  EXPECT_EQ(victim_->answerCount(), 1u);
+  finish(1);
+  ASSERT_TRUE(runUntil(loop_, [&] { return victim_->answerCount() == 0; }));
+  EXPECT_EQ(victim_->stats().finishesIgnored, 0u);
+  EXPECT_TRUE(victim_->isOpen());
+}
+
+TEST_F(RpcHostileTest, OneFinishCrossingAReturnWithNoFinishNeededIsIgnoredASecondAborts) {
+  send([](wire::Message::Builder m) {
+    wire::Call::Builder c = m.initCall();
+    c.setQuestionId(3);
+    c.getTarget().setImportedCap(0);
+    c.setInterfaceId(NODE_INTERFACE_ID);
+    c.setMethodId(FAIL);  // an exception carries no capability: noFinishNeeded too
+    c.setNoPromisePipelining(true);
+  });
+  expectFromVictim([](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::RETURN);
+    EXPECT_EQ(m.getReturn().which(), wire::Return::EXCEPTION);
+    EXPECT_TRUE(m.getReturn().getNoFinishNeeded());
+  });
+  finish(3);  // the caller dropped its promise before it read the Return
+  ASSERT_TRUE(runUntil(loop_, [&] { return victim_->stats().finishesIgnored == 1; }));
+  EXPECT_TRUE(victim_->isOpen());
+  EXPECT_EQ(victim_->answerCount(), 0u);
+  finish(3);  // but only one may cross
+  expectAborted();
+}
+
+TEST_F(RpcHostileTest, AFinishAfterTheIdWasReusedNamesTheNewCall) {
+  send([](wire::Message::Builder m) {
+    wire::Call::Builder c = m.initCall();
+    c.setQuestionId(1);
+    c.getTarget().setImportedCap(0);
+    c.setInterfaceId(NODE_INTERFACE_ID);
+    c.setMethodId(FAIL);
+    c.setNoPromisePipelining(true);
+  });
+  expectFromVictim([](wire::Message::Reader m) { EXPECT_TRUE(m.getReturn().getNoFinishNeeded()); });
+  call(1, 0, HANG);  // the id again: a Finish that crossed would have come before this
+  ASSERT_TRUE(runUntil(loop_, [&] { return log_.hanging == 1; }));
+  finish(1);  // cancels the new call, is not swallowed as a crossing one
+  ASSERT_TRUE(runUntil(loop_, [&] { return log_.cancelled == 1; }));
+  EXPECT_EQ(victim_->stats().finishesIgnored, 0u);
+  ASSERT_TRUE(runUntil(loop_, [&] { return victim_->answerCount() == 0; }));
+  EXPECT_TRUE(victim_->isOpen());
+}
+
+TEST_F(RpcHostileTest, CallPipelinedOnAnAnswerSentWithoutPipeliningAborts) {
+  send([](wire::Message::Builder m) {
+    wire::Call::Builder c = m.initCall();
+    c.setQuestionId(1);
+    c.getTarget().setImportedCap(0);
+    c.setInterfaceId(NODE_INTERFACE_ID);
+    c.setMethodId(HANG);
+    c.setNoPromisePipelining(true);
+  });
+  ASSERT_TRUE(runUntil(loop_, [&] { return log_.hanging == 1; }));
+  pipelinedCall(2, 1, ECHO, {0});
+  expectAborted();
+  EXPECT_EQ(log_.cancelled, 1);
+}
+
+// The victim is the caller here: its calls go to the attacker's bootstrap (import 0), and the
+// attacker answers them with forged Returns.
+TEST_F(RpcHostileTest, CallsCarryNoPromisePipeliningOnTheWireAsTheCallerAskedIt) {
+  RemoteCap peer = victim_->bootstrap();
+  RemotePromise plain = peer.newCall(NODE_INTERFACE_ID, ECHO, 0).send();
+  RemotePromise bare = peer.newCall(NODE_INTERFACE_ID, ECHO, 0).noPipelining().send();
+  Request withParams = peer.newCall(NODE_INTERFACE_ID, ECHO, 16);
+  withParams.initParams<Value>().setValue(9);
+  RemotePromise built = withParams.noPipelining().send();
+  for (bool expected : {false, true, true}) {
+    expectFromVictim([&](wire::Message::Reader m) {
+      ASSERT_EQ(m.which(), wire::Message::CALL);
+      EXPECT_EQ(m.getCall().getNoPromisePipelining(), expected);
+    });
+  }
+  EXPECT_TRUE(plain.canPipeline());
+  EXPECT_FALSE(bare.canPipeline());
+  EXPECT_FALSE(built.canPipeline());
+}
+
+TEST_F(RpcHostileTest, ReturnWithNoFinishNeededForACallSentWithPipeliningAborts) {
+  RemoteCap peer = victim_->bootstrap();
+  RemotePromise p = peer.newCall(NODE_INTERFACE_ID, ECHO, 0).send();
+  expectFromVictim([](wire::Message::Reader m) { ASSERT_EQ(m.which(), wire::Message::CALL); });
+  send([](wire::Message::Builder m) {
+    wire::Return::Builder r = m.initReturn();
+    r.setAnswerId(1);
+    r.setNoFinishNeeded(true);
+    r.initResults();  // the shape the word-level decoder reads
+  });
+  EXPECT_EQ(loop_.run(awaitCall(std::move(p))).code(), Errc::PROTOCOL_ERROR);
+  expectAborted();
+  EXPECT_EQ(victim_->stats().finishesSent, 0u);
+}
+
+TEST_F(RpcHostileTest, ReturnWithNoFinishNeededAndAnExceptionForACallWithPipeliningAborts) {
+  RemoteCap peer = victim_->bootstrap();
+  RemotePromise p = peer.newCall(NODE_INTERFACE_ID, ECHO, 0).send();
+  expectFromVictim([](wire::Message::Reader m) { ASSERT_EQ(m.which(), wire::Message::CALL); });
+  send([](wire::Message::Builder m) {
+    wire::Return::Builder r = m.initReturn();
+    r.setAnswerId(1);
+    r.setNoFinishNeeded(true);
+    r.initException().setReason("x");  // read by Cap'n Proto's readers
+  });
+  EXPECT_EQ(loop_.run(awaitCall(std::move(p))).code(), Errc::PROTOCOL_ERROR);
+  expectAborted();
+}
+
+TEST_F(RpcHostileTest, ReturnWithNoFinishNeededCarryingACapabilityAbortsAndImportsNothing) {
+  RemoteCap peer = victim_->bootstrap();
+  RemotePromise p = peer.newCall(NODE_INTERFACE_ID, ECHO, 0).noPipelining().send();
+  expectFromVictim([](wire::Message::Reader m) { ASSERT_EQ(m.which(), wire::Message::CALL); });
+  const uint32_t imports = victim_->importCount();  // the attacker's bootstrap
+  send([](wire::Message::Builder m) {
+    wire::Return::Builder r = m.initReturn();
+    r.setAnswerId(1);
+    r.setNoFinishNeeded(true);
+    wire::Payload::Builder results = r.initResults();
+    writeCapPointer(results.getContent().initAs<CapParam>(), 0, 0);
+    results.initCapTable(1)[0].setSenderHosted(5);
+  });
+  EXPECT_EQ(loop_.run(awaitCall(std::move(p))).code(), Errc::PROTOCOL_ERROR);
+  expectAborted();
+  EXPECT_EQ(victim_->importCount(), imports) << "nothing of the refused Return was taken";
+}
+
+TEST_F(RpcHostileTest, APlainReturnForACallWithoutPipeliningIsFinishedAsUsual) {
+  // The callee may ignore the caller's promise (an older one, or results with capabilities):
+  // then the question ends as before, with Finish.
+  RemoteCap peer = victim_->bootstrap();
+  {
+    RemotePromise p = peer.newCall(NODE_INTERFACE_ID, ECHO, 0).noPipelining().send();
+    expectFromVictim([](wire::Message::Reader m) { ASSERT_EQ(m.which(), wire::Message::CALL); });
+    send([](wire::Message::Builder m) {
+      wire::Return::Builder r = m.initReturn();
+      r.setAnswerId(1);
+      r.initResults();
+    });
+    EXPECT_TRUE(loop_.run(awaitCall(std::move(p))).ok());
+  }
+  expectFromVictim([](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::FINISH);
+    EXPECT_EQ(m.getFinish().getQuestionId(), 1u);
+  });
+  EXPECT_EQ(victim_->questionCount(), 0u);
+  EXPECT_TRUE(victim_->isOpen());
 }
 
 TEST_F(RpcHostileTest, ResolveForAnIdNeverImportedAborts) {

@@ -58,3 +58,62 @@ interface Outer {
   }
   inner @0 () -> (inner :Inner);
 }
+
+# Results of every shape, for the plugin's choice of Call.noPromisePipelining: a method whose
+# results can hold no capability is sent without pipelining (its Return needs no Finish), one
+# whose results can hold one, anywhere, keeps it.
+interface Shapes {
+  # No capability can be reached:
+  empty @0 () -> ();
+  plain @1 () -> (a :Int64, t :Text, d :Data, l :List(Int32), p :Plain);
+  recursive @2 () -> (tree :Tree);
+  nestedLists @3 () -> (l :List(List(Plain)));
+  plainUnion @4 () -> (c :Choice);
+  # One can:
+  direct @5 () -> (listener :Listener);
+  inStruct @6 () -> (w :Wrapper);
+  inList @7 () -> (l :List(Listener));
+  inStructList @8 () -> (l :List(Holder));
+  inGroup @9 () -> (g :Grouped);
+  recursiveWithCap @10 () -> (tree :CapTree);
+  anyPointer @11 () -> (p :AnyPointer);
+  anyStruct @12 () -> (s :AnyStruct);
+  anyList @13 () -> (l :AnyList);
+  capability @14 () -> (c :Capability);
+  inUnion @15 () -> (h :Holder);
+}
+
+struct Plain {
+  x @0 :Int32;
+  name @1 :Text;
+}
+
+struct Tree {
+  value @0 :Int32;
+  children @1 :List(Tree);
+}
+
+struct Choice {
+  union {
+    number @0 :Int64;
+    text @1 :Text;
+    plain @2 :Plain;
+  }
+}
+
+struct Wrapper {
+  inner @0 :Plain;
+  deeper @1 :Holder;
+}
+
+struct Grouped {
+  g :group {
+    x @0 :Int32;
+    listener @1 :Listener;
+  }
+}
+
+struct CapTree {
+  children @0 :List(CapTree);
+  leaf @1 :Listener;
+}

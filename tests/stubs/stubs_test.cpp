@@ -572,6 +572,62 @@ TEST_F(StubsTest, NestedInterfaceWithANamedParamStructIsPipelined) {
   EXPECT_NE(st::Outer::Inner::INTERFACE_ID, st::Outer::INTERFACE_ID);
 }
 
+TEST_F(StubsTest, MethodsWhoseResultsCanHoldNoCapabilityAreSentWithoutPipelining) {
+  LocalPair pair(loop_, &root_);
+  st::Shapes::Client shapes(pair.client().bootstrap());
+  // Sent (the server, an Adder, answers UNSUPPORTED) and dropped: only how each went out counts.
+  auto pipelines = [](auto promise) { return promise.untyped()->canPipeline(); };
+  EXPECT_FALSE(pipelines(shapes.empty()));
+  EXPECT_FALSE(pipelines(shapes.plain()));
+  EXPECT_FALSE(pipelines(shapes.recursive()));
+  EXPECT_FALSE(pipelines(shapes.nestedLists()));
+  EXPECT_FALSE(pipelines(shapes.plainUnion()));
+  EXPECT_TRUE(pipelines(shapes.direct()));
+  EXPECT_TRUE(pipelines(shapes.inStruct()));
+  EXPECT_TRUE(pipelines(shapes.inList()));
+  EXPECT_TRUE(pipelines(shapes.inStructList()));
+  EXPECT_TRUE(pipelines(shapes.inGroup()));
+  EXPECT_TRUE(pipelines(shapes.recursiveWithCap()));
+  EXPECT_TRUE(pipelines(shapes.anyPointer()));
+  EXPECT_TRUE(pipelines(shapes.anyStruct()));
+  EXPECT_TRUE(pipelines(shapes.anyList()));
+  EXPECT_TRUE(pipelines(shapes.capability()));
+  EXPECT_TRUE(pipelines(shapes.inUnion()));
+  // The built form (params() first) and the inherited methods choose the same way.
+  st::Adder::Client adder(pair.client().bootstrap());
+  EXPECT_FALSE(pipelines(adder.add([](auto p) { p.setAmount(1); })));
+  EXPECT_FALSE(pipelines(adder.addRequest().send()));
+  EXPECT_FALSE(pipelines(adder.get()));
+  EXPECT_TRUE(pipelines(adder.spawn([](auto p) { p.setStart(1); })));
+  ASSERT_TRUE(runUntil(loop_, [&] {
+    return pair.server().answerCount() == 0 && pair.client().questionCount() == 0;
+  }));
+  EXPECT_TRUE(pair.client().isOpen());
+}
+
+TEST_F(StubsTest, ATypedCallWithoutCapabilityResultsEndsWithItsReturnAlone) {
+  LocalPair pair(loop_, &root_);
+  st::Adder::Client adder(pair.client().bootstrap());
+  for (int64_t i = 1; i <= 3; ++i) {
+    auto r = await(loop_, adder.add([](auto p) { p.setAmount(1); }));
+    ASSERT_TRUE(r.ok()) << errcName(r.code());
+    EXPECT_EQ(r->results().getValue(), i);
+    EXPECT_EQ(pair.server().answerCount(), 0u);
+    EXPECT_EQ(pair.client().questionCount(), 0u);
+  }
+  auto failed = await(loop_, adder.fail([](auto p) { p.setReason("x"); }));
+  EXPECT_EQ(failed.code(), Errc::FAILED);
+  loop_.runUntilIdle();
+  EXPECT_EQ(pair.client().stats().finishesSent, 0u);
+  EXPECT_EQ(pair.server().stats().returnsNoFinishNeeded, 4u);
+  // A capability result keeps Finish (and pipelining).
+  auto spawned = await(loop_, adder.spawn([](auto p) { p.setStart(2); }));
+  ASSERT_TRUE(spawned.ok());
+  { auto dropped = std::move(*spawned); }
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().answerCount() == 0; }));
+  EXPECT_EQ(pair.client().stats().finishesSent, 1u);
+}
+
 TEST_F(StubsTest, DroppedConnectionFailsTypedCallsWithDisconnected) {
   auto pair = std::make_unique<LocalPair>(loop_, &root_);
   st::Adder::Client adder(pair->client().bootstrap());

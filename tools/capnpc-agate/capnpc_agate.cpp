@@ -12,7 +12,10 @@
 //     (awaitable, with a pipelined getter per capability field of the results), FooResponse and
 //     FooContext;
 //   * Client: wraps an rpc::RemoteCap; foo(build), foo(), fooRequest() for every method of the
-//     interface and of those it extends, and conversions to the clients of its superclasses;
+//     interface and of those it extends, and conversions to the clients of its superclasses.
+//     A method whose results can hold no capability (no interface or AnyPointer field, list or
+//     struct holding one, transitively through structs, groups and unions) is called with
+//     Request::noPipelining(): there is nothing to pipeline on, and its Return needs no Finish;
 //   * Server: a ServerObject with one virtual method per method (default: UNSUPPORTED) and a
 //     generated dispatch() switching on (interface id, method id), superclasses included.
 // And, in the file's own namespace (so argument-dependent lookup finds them), a setFoo(sink,
@@ -429,6 +432,39 @@ class Generator {
     return methods;
   }
 
+  // Whether a value of `type` can hold a capability: an interface, any AnyPointer (it may be
+  // one, or a struct or list holding one), a list of such, or a struct (groups and union
+  // members included) with such a field. A struct met again while it is being looked at adds
+  // nothing (recursive types), and an unknown one counts as holding one.
+  bool canHoldCaps(schema::Type::Reader type) {
+    switch (type.which()) {
+      case schema::Type::INTERFACE:
+      case schema::Type::ANY_POINTER:
+        return true;
+      case schema::Type::LIST:
+        return canHoldCaps(type.getList().getElementType());
+      case schema::Type::STRUCT:
+        return structCanHoldCaps(type.getStruct().getTypeId());
+      default:
+        return false;
+    }
+  }
+  bool structCanHoldCaps(uint64_t id) {
+    auto known = holdsCaps_.find(id);
+    if (known != holdsCaps_.end()) return known->second;
+    auto it = nodes_.find(id);
+    if (it == nodes_.end() || !it->second.isStruct()) return true;
+    holdsCaps_[id] = false;  // while looking: a recursive reference adds nothing
+    bool holds = false;
+    for (schema::Field::Reader field : it->second.getStruct().getFields()) {
+      holds = field.isGroup() ? structCanHoldCaps(field.getGroup().getTypeId())
+                              : canHoldCaps(field.getSlot().getType());
+      if (holds) break;
+    }
+    holdsCaps_[id] = holds;
+    return holds;
+  }
+
   std::vector<CapField> resultCapFields(uint64_t structId) {
     std::vector<CapField> fields;
     schema::Node::Reader node = nodes_.at(structId);
@@ -537,8 +573,14 @@ class Generator {
       std::string t = stubType(owner) + "::" + capitalize(name);
       out << "inline " << t << "Request " << q << "::Client::" << name
           << "Request(size_t sizeHint) const {\n"
-          << "  return " << t << "Request(cap_.newCall(" << stubType(owner) << "::INTERFACE_ID, "
-          << stubType(owner) << "::METHOD_" << upperSnake(name) << ", sizeHint));\n}\n"
+          << "  ::agate::rpc::Request request = cap_.newCall(" << stubType(owner)
+          << "::INTERFACE_ID, " << stubType(owner) << "::METHOD_" << upperSnake(name)
+          << ", sizeHint);\n";
+      // Results that can hold no capability leave nothing to pipeline on: the call goes with
+      // noPromisePipelining, and its Return needs no Finish.
+      if (!structCanHoldCaps(m.getResultStructType()))
+        out << "  request.noPipelining();  // the results can hold no capability\n";
+      out << "  return " << t << "Request(std::move(request));\n}\n"
           << "inline " << t << "Promise " << q << "::Client::" << name << "() const {\n"
           << "  return " << name << "Request().send();\n}\n"
           << "template <class Build>\n"
@@ -615,6 +657,7 @@ class Generator {
   std::map<uint64_t, std::string> local_;   // node id -> C++ name relative to its namespace
   std::map<uint64_t, uint64_t> parent_;     // node id -> the scope it is declared in
   std::map<uint64_t, uint64_t> file_;       // node id -> its file
+  std::map<uint64_t, bool> holdsCaps_;      // struct id -> structCanHoldCaps
   std::vector<uint64_t> order_;             // named nodes in declaration order
   std::vector<std::string> errors_;
 };

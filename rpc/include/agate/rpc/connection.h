@@ -41,7 +41,10 @@
 //    is open, other messages of this connection are built in spill buffers and queued behind it.
 //  * RemotePromise: the caller's handle on a question. Dropping it (and every RemoteCap pipelined
 //    on it) sends Finish; before the Return arrived that cancels the call: the callee drops its
-//    dispatch promise, which destroys the server's coroutine.
+//    dispatch promise, which destroys the server's coroutine. A call sent with
+//    Request::noPipelining() whose Return carries no capability needs no Finish: the question
+//    is freed at the Return (the callee's answer as it sent it), and dropping the promise
+//    afterwards sends nothing.
 //  * Response: the results, read IN PLACE in the inbound frame. The connection lets the caller
 //    run first; a Response still alive when the connection reads on is moved once into a pooled
 //    private buffer (so holding one never stalls the connection). Readers obtained from it are
@@ -270,10 +273,14 @@ class [[nodiscard]] RemotePromise {
   // A reference to the capability at pointer-field path `path` of the results (empty: the
   // results root is the capability). Calls on it go out at once, targeted at the promised
   // answer; if the call fails, or the path leads to no capability, they fail with that error.
+  // A call sent with Request::noPipelining() gives a broken reference instead (its calls fail
+  // INVALID_ARGUMENT, "sent without promise pipelining"), and nothing is sent.
   RemoteCap pipeline(std::span<const uint16_t> path) const;
   RemoteCap pipeline(std::initializer_list<uint16_t> path) const {
     return pipeline(std::span<const uint16_t>(path.begin(), path.size()));
   }
+  // False for a call sent with Request::noPipelining() (or never sent).
+  bool canPipeline() const noexcept { return conn_ != nullptr && !noPipelining_; }
 
   bool isReady() const noexcept { return promise_.isReady(); }
   auto operator co_await() & noexcept { return promise_.operator co_await(); }
@@ -290,6 +297,10 @@ class [[nodiscard]] RemotePromise {
       : conn_(conn), questionId_(questionId), promise_(std::move(promise)), error_(error) {}
   RpcConnection* conn_;  // null when the call never got a question (or moved from)
   uint32_t questionId_;
+  // The question's generation when sent: a question freed at its Return (noFinishNeeded) is
+  // not this promise's any more, and dropping the promise leaves it alone.
+  uint32_t generation_ = 0;
+  bool noPipelining_ = false;
   Promise<Response> promise_;
   Error error_;  // why the call never got a question
 };
@@ -324,6 +335,16 @@ class [[nodiscard]] Request {
   // connection.
   Result<uint32_t> addCap(const CapPromise& promise);
 
+  // Promises that nothing will be pipelined on this call's results (Call.noPromisePipelining):
+  // the RemotePromise's pipeline() gives broken references. The callee then ends the call with
+  // its Return alone, with no Finish (two messages instead of three) when the results carry no
+  // capability. Typed stubs set it for every method whose results can hold none. Dropping the
+  // RemotePromise before the Return still cancels the call (Finish). Any time before send().
+  Request& noPipelining() noexcept {
+    noPipelining_ = true;
+    return *this;
+  }
+
   // Sends the call. Errors (a dead connection, MESSAGE_TOO_LARGE, a broken target) come back as
   // an already failed RemotePromise.
   RemotePromise send();
@@ -338,6 +359,7 @@ class [[nodiscard]] Request {
   // The Call is built only when params() or a capability needs it: a call with neither is
   // written by send() as a handful of words, with no MessageBuilder. Until then, what it is.
   bool unbuilt_ = false;
+  bool noPipelining_ = false;
   bool toAnswer_ = false;  // target: promisedAnswer(targetId_, path_) or importedCap(targetId_)
   uint8_t pathLength_ = 0;
   uint16_t methodId_ = 0;
@@ -490,6 +512,8 @@ struct RpcStats {
   uint64_t returnsReceived = 0;
   uint64_t finishesSent = 0;
   uint64_t finishesReceived = 0;
+  uint64_t returnsNoFinishNeeded = 0;  // Returns sent with noFinishNeeded (callee side)
+  uint64_t finishesIgnored = 0;  // Finishes that crossed a noFinishNeeded Return (callee side)
   uint64_t releasesSent = 0;
   uint64_t releasesReceived = 0;
   uint64_t pipelinedCallsQueued = 0;  // calls the callee held until their promised answer
@@ -676,6 +700,7 @@ class RpcConnection {
   Status checkNewQuestion(uint32_t questionId) const;
   Status checkCallTarget(const Decoded& d) const;
   Status checkReturnId(uint32_t answerId) const;
+  Status checkNoFinishNeeded(const Decoded& d) const;
   Status checkFinishId(uint32_t answerId) const;
   Status checkRelease(uint32_t exportId, uint32_t count) const;
   Status decodeCapTable(capnp::List<wire::CapDescriptor>::Reader caps, Decoded& d);
@@ -699,6 +724,7 @@ class RpcConnection {
   void settleQueue(Answer& answer);
   void runWorklist();
   void finishAnswerIfDone(Answer& answer);
+  void releaseAtReturn(Answer& answer);
   void unlinkFromTarget(Answer& answer);
   void freeAnswer(Answer& answer);
   Result<uint32_t> exportObject(ServerObject* object, std::unique_ptr<ServerObject> owned,
