@@ -12,6 +12,7 @@
 
 #include "agate/runtime/message.h"
 #include "fuzz_targets.h"
+#include "rpc.capnp.h"
 #include "test_messages.capnp.h"
 
 namespace agate::fuzz {
@@ -59,6 +60,30 @@ std::vector<Bytes> validSeeds() {
   seeds.push_back(buildSeed([](FrameBuilder& b) {
     auto node = b.initRoot<test::Tree>();
     for (int i = 0; i < 10; ++i) node = node.initChildren(1)[0];  // 21 of the 24 levels allowed
+  }));
+  // RPC frames with the bits that end a call at its Return (schemas/rpc.capnp): a Call with
+  // noPromisePipelining, a pipelined one, and a Return with noFinishNeeded and content.
+  seeds.push_back(buildSeed([](FrameBuilder& b) {
+    auto c = b.initRoot<rpc::wire::Message>().initCall();
+    c.setQuestionId(3);
+    c.initTarget().setImportedCap(0);
+    c.setInterfaceId(0x1234);
+    c.setNoPromisePipelining(true);
+    c.initParams().getContent().initAs<test::Point>().setX(5);
+  }));
+  seeds.push_back(buildSeed([](FrameBuilder& b) {
+    auto c = b.initRoot<rpc::wire::Message>().initCall();
+    c.setQuestionId(4);
+    auto pa = c.initTarget().initPromisedAnswer();
+    pa.setQuestionId(2);
+    pa.initTransform(2).set(1, 3);
+    c.setNoPromisePipelining(true);
+  }));
+  seeds.push_back(buildSeed([](FrameBuilder& b) {
+    auto r = b.initRoot<rpc::wire::Message>().initReturn();
+    r.setAnswerId(3);
+    r.setNoFinishNeeded(true);
+    r.initResults().getContent().initAs<test::Point>().setY(-1);
   }));
   return seeds;
 }

@@ -50,6 +50,19 @@ Frame call(uint32_t q, uint32_t exportId, uint16_t method, uint64_t value = 1) {
   });
 }
 
+// A call sent without promise pipelining: its Return frees the answer (noFinishNeeded).
+Frame callBare(uint32_t q, uint32_t exportId, uint16_t method, uint64_t value = 1) {
+  return build([&](rpc::wire::Message::Builder m) {
+    auto c = m.initCall();
+    c.setQuestionId(q);
+    c.getTarget().setImportedCap(exportId);
+    c.setInterfaceId(NODE_INTERFACE_ID);
+    c.setMethodId(method);
+    c.setNoPromisePipelining(true);
+    c.initParams().getContent().initAs<rpc::test::Value>().setValue(value);
+  });
+}
+
 Frame pipelined(uint32_t q, uint32_t on, uint16_t method) {
   return build([&](rpc::wire::Message::Builder m) {
     auto c = m.initCall();
@@ -220,6 +233,13 @@ std::vector<Conversation> seeds() {
       {accept(1, 3, 5, true), finish(1), provide(2, 0, 3, 2), disembargoProvide(0, 2)},
       {withPromise(1, HANG, 3), resolveThirdParty(3, 3, 5), finish(1)},
       {withPromise(1, ECHO, 3), finish(1), resolveThirdParty(3, 4, 6)},
+      // Calls without promise pipelining: a Finish crossing the Return (ignored), the id reused
+      // at once, a cancelled one, one whose results hold a capability (finished as before).
+      {callBare(1, 0, ECHO), finish(1), callBare(1, 0, RECORD), callBare(1, 0, FAIL)},
+      {callBare(1, 0, HANG), finish(1), callBare(1, 0, FAIL), finish(1), callBare(2, 0, NEXT),
+       finish(2), release(1, 1)},
+      {call(1, 0, NEXT_LATER), callBare(2, 0, ECHO), pipelined(3, 1, ECHO), finish(2), finish(1),
+       finish(3)},
   };
 }
 
@@ -298,10 +318,11 @@ TEST(RpcFuzzTest, MutatedConversationsNeverBreakTheConnectionsInvariants) {
 // (or with an empty Payload) on an import or a promised answer, empty and canceled Returns.
 std::vector<Frame> commonFrames() {
   auto emptyCall = [](uint32_t q, std::optional<uint32_t> on, std::vector<uint16_t> path,
-                      bool emptyParams) {
+                      bool emptyParams, bool noPipelining = false) {
     return build([&](rpc::wire::Message::Builder m) {
       auto c = m.initCall();
       c.setQuestionId(q);
+      c.setNoPromisePipelining(noPipelining);
       c.setInterfaceId(NODE_INTERFACE_ID);
       c.setMethodId(static_cast<uint16_t>(q * 3));
       if (!on) {
@@ -334,6 +355,22 @@ std::vector<Frame> commonFrames() {
       }),
       finish(6),
       release(7, 8),
+      // With the flags that end a call at its Return (Call.noPromisePipelining,
+      // Return.noFinishNeeded).
+      emptyCall(8, std::nullopt, {}, false, true),
+      emptyCall(9, 3u, {1, 4}, true, true),
+      build([](rpc::wire::Message::Builder m) {
+        auto r = m.initReturn();
+        r.setAnswerId(8);
+        r.setNoFinishNeeded(true);
+        r.initResults();
+      }),
+      build([](rpc::wire::Message::Builder m) {
+        auto r = m.initReturn();
+        r.setAnswerId(9);
+        r.setNoFinishNeeded(true);
+        r.setCanceled();
+      }),
   };
 }
 
@@ -362,6 +399,7 @@ bool agreesWithCapnp(const Frame& frame) {
         EXPECT_EQ(c.getQuestionId(), fast.id);
         EXPECT_EQ(c.getInterfaceId(), fast.interfaceId);
         EXPECT_EQ(c.getMethodId(), fast.methodId);
+        EXPECT_EQ(c.getNoPromisePipelining(), fast.noPipelining);
         EXPECT_TRUE(emptyPayload(c.getParams()));
         auto t = c.getTarget();
         ASSERT_EQ(t.isPromisedAnswer(), fast.targetIsAnswer);
@@ -379,6 +417,7 @@ bool agreesWithCapnp(const Frame& frame) {
       case rpc::wire::Message::RETURN: {
         auto r = m.getReturn();
         EXPECT_EQ(r.getAnswerId(), fast.id);
+        EXPECT_EQ(r.getNoFinishNeeded(), fast.noFinishNeeded);
         ASSERT_EQ(r.which(), fast.returnKind);
         if (r.isResults()) {
           EXPECT_TRUE(emptyPayload(r.getResults()));

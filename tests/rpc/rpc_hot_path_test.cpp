@@ -2,7 +2,9 @@
 // pass of the reader with its frames handed back together and its Returns announced by one
 // doorbell ring; a Finish that follows its Return goes
 // out behind the caller's next message (so the callee serves that message first); queued
-// Finishes are bounded, all sent, and dropped with a connection that ends.
+// Finishes are bounded, all sent, and dropped with a connection that ends. The frames written as
+// words (Finish, Release, Call without params, empty Return, with and without the bits that end
+// a call at its Return) are compared word for word with Cap'n Proto's builder.
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -242,11 +244,12 @@ TEST_F(RpcHotPathTest, CallsWithoutParamsAreWrittenWordForWordAsCapnProtosBuilde
     return out;
   };
   auto expected = [](uint32_t q, uint16_t method, std::optional<uint32_t> onAnswer,
-                     std::vector<uint16_t> path) {
+                     std::vector<uint16_t> path, bool noPipelining = false) {
     return builtWords([&](wire::Message::Builder m) {
       wire::Call::Builder c = m.initCall();
       c.setInterfaceId(0x1234'5678'9abc'def0ull);
       c.setMethodId(method);
+      if (noPipelining) c.setNoPromisePipelining(true);
       wire::MessageTarget::Builder t = c.initTarget();
       if (!onAnswer) {
         t.setImportedCap(0);
@@ -269,12 +272,17 @@ TEST_F(RpcHotPathTest, CallsWithoutParamsAreWrittenWordForWordAsCapnProtosBuilde
   EXPECT_EQ(nextFrame(), expected(3, 5, 1u, {2}));
   RemotePromise onFive = first.pipeline({1, 0, 7, 65535, 3}).newCall(IFACE, 65535, 0).send();
   EXPECT_EQ(nextFrame(), expected(4, 65535, 1u, {1, 0, 7, 65535, 3}));
+  // Sent without promise pipelining: the same words with Call.noPromisePipelining set.
+  RemotePromise bare = cap.newCall(IFACE, 7, 0).noPipelining().send();
+  EXPECT_EQ(nextFrame(), expected(5, 7, std::nullopt, {}, true));
+  RemotePromise onOneBare = first.pipeline({2, 9}).newCall(IFACE, 8, 0).noPipelining().send();
+  EXPECT_EQ(nextFrame(), expected(6, 8, 1u, {2, 9}, true));
   Request withParams = cap.newCall(IFACE, 6, 0);
   withParams.params().initAsAnyStruct(1, 0);
   RemotePromise built = withParams.send();
   const std::vector<uint64_t> builtFrame = nextFrame();
-  EXPECT_GT(builtFrame.size(), expected(5, 6, std::nullopt, {}).size());
-  EXPECT_EQ(client.stats().callsSent, 5u);
+  EXPECT_GT(builtFrame.size(), expected(7, 6, std::nullopt, {}).size());
+  EXPECT_EQ(client.stats().callsSent, 7u);
   EXPECT_TRUE(client.isOpen());
 }
 
@@ -334,7 +342,31 @@ TEST_F(RpcHotPathTest, AnEmptyReturnIsWrittenWordForWordAsCapnProtosBuilderWrite
               r.setAnswerId(7);
               r.initResults();
             }));
-  EXPECT_EQ(server.seen.size(), 1u);
+  EXPECT_EQ(conn.answerCount(), 1u) << "waits for its Finish";
+  // A Call sent without promise pipelining: the Return says no Finish is needed, and the
+  // answer is gone as it is written.
+  const std::vector<uint64_t> bareCall = builtWords([](wire::Message::Builder m) {
+    wire::Call::Builder c = m.initCall();
+    c.setQuestionId(8);
+    c.initTarget().setImportedCap(0);
+    c.setInterfaceId(ANY_INTERFACE);
+    c.setNoPromisePipelining(true);
+  });
+  ASSERT_TRUE(peerTx.trySend(std::as_bytes(std::span(bareCall))).ok());
+  ASSERT_TRUE(runUntil(loop_, [&] { return conn.stats().returnsSent == 2; }));
+  EXPECT_EQ(conn.answerCount(), 1u) << "only answer 7";
+  f = peerRx.tryReceive();
+  ASSERT_TRUE(f.ok());
+  ret.assign(f->payload.size() / WORD_BYTES, 0);
+  std::memcpy(ret.data(), f->payload.data(), f->payload.size());
+  peerRx.release();
+  EXPECT_EQ(ret, builtWords([](wire::Message::Builder m) {
+              wire::Return::Builder r = m.initReturn();
+              r.setAnswerId(8);
+              r.setNoFinishNeeded(true);
+              r.initResults();
+            }));
+  EXPECT_EQ(server.seen.size(), 2u);
   EXPECT_TRUE(conn.isOpen());
 }
 
