@@ -462,11 +462,14 @@ void RpcConnection::questionUnref(uint32_t id) noexcept {
   // Freed when the Return arrives.
 }
 
+// Back to the state openQuestion expects (field by field: cheaper than assigning a fresh one).
 void RpcConnection::freeQuestion(uint32_t id) noexcept {
   Question& q = questions_[id];
-  const uint32_t generation = q.generation;
-  q = Question{};
-  q.generation = generation + 1;
+  q.fulfiller.reset();
+  q.vine.reset();
+  q.refs = 0;
+  q.inUse = q.returned = q.finishSent = q.noPipelining = false;
+  ++q.generation;
   q.nextFree = questionFree_;
   questionFree_ = id;
   --questionsLive_;

@@ -285,9 +285,10 @@ void RpcConnection::giveQuestionId(uint32_t id) noexcept {
 
 void RpcConnection::openQuestion(uint32_t id) {
   Question& q = questions_[id];
-  const uint32_t generation = q.generation;
-  q = Question{};
-  q.generation = generation;
+  // A free entry: new, or reset by freeQuestion (its fulfiller and vine are gone).
+  AGATE_ASSERT(!q.inUse && !q.fulfiller && !q.vine, "question %u opened while in use", id);
+  q.refs = 0;
+  q.returned = q.finishSent = q.noPipelining = false;
   q.inUse = true;
   ++questionsLive_;
 }

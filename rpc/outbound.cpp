@@ -25,13 +25,15 @@ OutSlot& OutSlot::operator=(OutSlot&& o) noexcept {
 Result<uint32_t> CapTable::tryAdd(CapEntry entry) {
   if (count_ == MAX_CAPS_PER_MESSAGE)
     return Error(Errc::OUT_OF_MEMORY, "more capabilities than one message carries");
-  entries_[count_] = std::move(entry);
+  new (slot(count_)) CapEntry(std::move(entry));
   return count_++;
 }
 
 void CapTable::clear() noexcept {
-  for (uint32_t i = 0; i < count_; ++i) entries_[i] = CapEntry{};
-  count_ = 0;
+  // Taken out first: destroying an entry may drop an object (or a RemoteCap) whose destructor
+  // reaches this table again.
+  const uint32_t n = std::exchange(count_, 0);
+  for (uint32_t i = 0; i < n; ++i) entries()[i].~CapEntry();
 }
 
 }  // namespace detail

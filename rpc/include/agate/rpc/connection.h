@@ -76,6 +76,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <memory>
+#include <new>
 #include <optional>
 #include <span>
 #include <unordered_map>
@@ -155,16 +156,27 @@ struct CapEntry {
   uint64_t provisionId = 0;              // THIRD_PARTY
 };
 
-// An outbound cap table being collected while content is built.
+// An outbound cap table being collected while content is built. Every Request holds one, and
+// most calls carry no capability: only the entries in use are constructed (entries [0, size())
+// live in raw storage), so making, moving and dropping an empty table costs nothing.
 class CapTable {
  public:
+  CapTable() noexcept {}  // NOLINT: the storage stays uninitialised on purpose
+  CapTable(CapTable&& o) noexcept : count_(o.count_) {
+    for (uint32_t i = 0; i < count_; ++i) new (slot(i)) CapEntry(std::move(o.entries()[i]));
+    o.clear();
+  }
+  CapTable& operator=(CapTable&&) = delete;
+  ~CapTable() { clear(); }
+
   uint32_t size() const noexcept { return count_; }
-  CapEntry* entries() noexcept { return entries_.data(); }
+  CapEntry* entries() noexcept { return std::launder(reinterpret_cast<CapEntry*>(storage_)); }
   Result<uint32_t> tryAdd(CapEntry entry);
   void clear() noexcept;
 
  private:
-  std::array<CapEntry, MAX_CAPS_PER_MESSAGE> entries_;
+  void* slot(uint32_t i) noexcept { return storage_ + i * sizeof(CapEntry); }
+  alignas(CapEntry) std::byte storage_[MAX_CAPS_PER_MESSAGE * sizeof(CapEntry)];
   uint32_t count_ = 0;
 };
 
