@@ -299,6 +299,7 @@ void RpcConnection::relocate(detail::ResponseSlot* slot) {
   slot->payload = capnp::AnyStruct::Reader(results);
   slot->caps = results.getCapTable();
   slot->inPlace.reset();  // releases the frame
+  ++stats_.responsesCopied;
 }
 
 Result<uint32_t> RpcConnection::addCapFor(detail::CapTable& table, const RemoteCap& cap) {

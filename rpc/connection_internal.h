@@ -408,7 +408,7 @@ struct RpcConnection::Import {
 // Everything handleMessage needs, read once inside the decode boundary. Built on the stack for
 // every inbound message, so the per-entry arrays are left uninitialised: decode writes entry i
 // before anything reads it (i < capCount, i < pathLength; resolveHosts sets capHosts[i] and,
-// when it is null, capHostErrors[i]).
+// when it is null, capHostErrors[i], which only it constructs: errors are not trivial).
 struct RpcConnection::Decoded {
   wire::Message::Which which{};
   uint32_t id = 0;     // call: question id; return: answer id; finish; release: export id
@@ -433,7 +433,7 @@ struct RpcConnection::Decoded {
   std::array<VatId, MAX_CAPS_PER_MESSAGE> capVats;
   std::array<uint64_t, MAX_CAPS_PER_MESSAGE> capProvisions;
   std::array<RpcConnection*, MAX_CAPS_PER_MESSAGE> capHosts;
-  std::array<Error, MAX_CAPS_PER_MESSAGE> capHostErrors;
+  std::optional<std::array<Error, MAX_CAPS_PER_MESSAGE>> capHostErrors;
   uint32_t thirdPartyCount = 0;
   // provide: recipient; accept: introducer.
   VatId vat = NO_VAT;

@@ -326,11 +326,12 @@ Result<RemoteCap> RpcConnection::sendProvide(uint32_t importId, VatId recipient,
 // The host connection of every thirdPartyHosted entry, or why there is none. WOULD_BLOCK when a
 // connection is still being made: the reader awaits connecting_ and handles the message again.
 Status RpcConnection::resolveHosts(Decoded& d) {
+  if (!d.capHostErrors) d.capHostErrors.emplace();
   for (uint32_t i = 0; i < d.capCount; ++i) {
     if (d.capKinds[i] != detail::CapEntry::Kind::THIRD_PARTY) continue;
     d.capHosts[i] = nullptr;
     if (options_.network == nullptr) {
-      d.capHostErrors[i] =
+      (*d.capHostErrors)[i] =
           Error(Errc::UNSUPPORTED, "this vat takes no third-party capabilities (no VatNetwork)");
       continue;
     }
@@ -350,12 +351,12 @@ Status RpcConnection::resolveHosts(Decoded& d) {
       host = connecting.takeResult();
     }
     if (!host) {
-      d.capHostErrors[i] = host.error();
+      (*d.capHostErrors)[i] = host.error();
     } else if (*host == nullptr || (*host)->options_.network != options_.network ||
                (*host)->options_.peerVat != vat) {
-      d.capHostErrors[i] = Error(Errc::NOT_FOUND, "the network gave no connection to that vat");
+      (*d.capHostErrors)[i] = Error(Errc::NOT_FOUND, "the network gave no connection to that vat");
     } else if (!(*host)->isOpen()) {
-      d.capHostErrors[i] = (*host)->failure_;
+      (*d.capHostErrors)[i] = (*host)->failure_;
     } else {
       d.capHosts[i] = *host;
     }
@@ -376,7 +377,7 @@ RemoteCap RpcConnection::acceptThirdParty(const Decoded& d, uint32_t index, bool
   if (host == nullptr || !host->isOpen()) {
     RemoteCap broken;
     broken.kind_ = RemoteCap::Kind::BROKEN;
-    broken.broken_ = host != nullptr ? host->failure_ : d.capHostErrors[index];
+    broken.broken_ = host != nullptr ? host->failure_ : (*d.capHostErrors)[index];
     return broken;  // the vine goes now: the introducer reclaims the provision
   }
   return host->sendAccept(options_.peerVat, d.capProvisions[index], std::move(vine), embargo);

@@ -463,13 +463,18 @@ Status RpcConnection::handleReturn(IncomingMessage& message, const Decoded& d) {
         if (d.capKinds[i] == detail::CapEntry::Kind::THIRD_PARTY)
           slot->handedOff[i] = acceptThirdParty(d, i);
       }
-      slot->payload = d.payload;
+      // Empty results (no content, no capability: a null call's) need nothing of the frame:
+      // the Response reads as empty without it, so the reader need not wait for the caller.
+      const bool empty = d.capCount == 0 && contentOf(d.payload).isNull();
+      slot->payload = empty ? capnp::AnyStruct::Reader() : d.payload;
       slot->caps = d.caps;
       ++handles_;
       Response response(this, slot);
       if (wanted) {
-        slot->inPlace.emplace(std::move(message));
-        heldSlot_ = slot;
+        if (!empty) {
+          slot->inPlace.emplace(std::move(message));
+          heldSlot_ = slot;
+        }
         q.fulfiller->fulfill(std::move(response));
       }
       // Not wanted: the Response is dropped at the end of this scope, releasing its caps.

@@ -165,6 +165,33 @@ TEST_F(RpcHotPathTest, MoreFinishesThanTheQueueHoldsAllGoOutAndFreeTheirIds) {
   EXPECT_TRUE(loop_.run(nullCall(cap)).ok()) << "ids freed by the Finishes are usable again";
 }
 
+// A Response holds its inbound frame until the reader reads on, then is copied out if still held;
+// empty results keep nothing of the frame, so holding one costs no copy.
+TEST_F(RpcHotPathTest, AHeldResponseIsCopiedOutOnceUnlessItsResultsAreEmpty) {
+  Log log;
+  Node root(0, log);
+  LocalPair pair(loop_, &root);
+  RemoteCap cap = pair.client().bootstrap();
+  auto holdThenCall = [&](uint16_t method) -> Promise<uint32_t> {
+    Request req = cap.newCall(NODE_INTERFACE_ID, method, 16);
+    req.initParams<Value>().setValue(3);
+    Result<Response> held = co_await req.send();
+    AGATE_CO_TRY(held);
+    for (int i = 0; i < 3; ++i) {  // the reader reads on while `held` lives
+      Request next = cap.newCall(NODE_INTERFACE_ID, RECORD, 16);
+      next.initParams<Value>().setValue(1);
+      AGATE_CO_TRY(co_await next.send());
+    }
+    uint64_t v = 0;
+    AGATE_CO_TRY(held->tryRead<Value>([&](Value::Reader r) { v = r.getValue(); }));
+    co_return static_cast<uint32_t>(v + held->capCount());
+  };
+  EXPECT_EQ(loop_.run(holdThenCall(RECORD)).value(), 0u) << "empty: reads as empty";
+  EXPECT_EQ(pair.client().stats().responsesCopied, 0u);
+  EXPECT_EQ(loop_.run(holdThenCall(ECHO)).value(), 3u) << "copied out, still readable";
+  EXPECT_EQ(pair.client().stats().responsesCopied, 1u);
+}
+
 // The words of a message built by Cap'n Proto's own builder.
 std::vector<uint64_t> builtWords(const std::function<void(wire::Message::Builder)>& fill) {
   std::vector<capnp::word> frame(64, capnp::word{});

@@ -236,7 +236,8 @@ struct ReceivedCap {
 // Where the bytes are: the Return is handed over in place, and the connection yields one loop
 // turn before reading its next message. A Response dropped by then (the usual `co_await`, read,
 // done) never costs a copy. One still alive is moved once into a pooled private buffer so the
-// connection can go on reading (holding a Response never stalls the connection). Hence:
+// connection can go on reading (holding a Response never stalls the connection). Empty results
+// (no content, no capability) keep nothing of the frame: no yield, no copy. Hence:
 // Readers obtained from results() are valid until the holding coroutine next suspends; the
 // Response itself stays valid, and results() gives fresh readers after a suspension.
 class Response {
@@ -531,6 +532,7 @@ struct RpcStats {
   uint64_t pipelinedCallsQueued = 0;  // calls the callee held until their promised answer
   uint64_t spilledMessages = 0;       // messages built outside the ring (backpressure)
   uint64_t doorbellRings = 0;         // rings of the peer's doorbell: one per burst of messages
+  uint64_t responsesCopied = 0;       // Responses still held when the reader read on (see Response)
   uint64_t providesSent = 0;          // handoffs this vat introduced on this connection
   uint64_t providesReceived = 0;
   uint64_t acceptsSent = 0;  // handoffs this vat took over this connection
