@@ -73,8 +73,11 @@ Promise<void> RpcConnection::readLoop() {
         co_return {};
       }
     }  // the frame is released here unless a Response took it
-    if (heldSlot_ != nullptr) {
-      // Let the caller read its Response in place first; copy it out only if it keeps it.
+    if (heldSlot_ != nullptr || std::exchange(resumedCaller_, false)) {
+      // Let the caller read its Response in place first; copy it out only if it keeps it. Even
+      // when the Response holds no frame, the caller goes first: it usually sends its next call
+      // at once, and reading on would find the ring empty and hand its frames back (a write to
+      // a line the peer reads) before that call is out.
       co_await loop_.yield();
       if (heldSlot_ != nullptr) {
         relocate(std::exchange(heldSlot_, nullptr));
@@ -475,6 +478,7 @@ Status RpcConnection::handleReturn(IncomingMessage& message, const Decoded& d) {
           slot->inPlace.emplace(std::move(message));
           heldSlot_ = slot;
         }
+        resumedCaller_ = true;
         q.fulfiller->fulfill(std::move(response));
       }
       // Not wanted: the Response is dropped at the end of this scope, releasing its caps.

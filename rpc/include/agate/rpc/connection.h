@@ -827,6 +827,7 @@ class RpcConnection {
   std::vector<std::unique_ptr<detail::ResponseSlot>> responseStore_;
   detail::ResponseSlot* responseFree_ = nullptr;
   detail::ResponseSlot* heldSlot_ = nullptr;
+  bool resumedCaller_ = false;  // a Return just woke its caller: the reader yields to it first
   std::optional<Fulfiller<void>> disconnected_;
   std::array<std::array<char, REMOTE_REASON_BYTES>, REMOTE_REASON_SLOTS> reasons_{};
   uint32_t nextReason_ = 0;
