@@ -32,7 +32,9 @@
 #
 # Hostile input: a message that does not decode, names an id that is not live in the direction
 # it must be, reuses a question id before Finish and Return, releases more references than it
-# holds, or carries a cap index outside its cap table aborts the connection with PROTOCOL_ERROR.
+# holds, carries a cap index outside its cap table, pipelines on a call sent with
+# noPromisePipelining, or sets Return.noFinishNeeded where it may not be set aborts the
+# connection with PROTOCOL_ERROR.
 # A pipelined call whose path does not lead to a capability in a returned answer gets a per-call
 # exception instead (as in Cap'n Proto: the caller could not know the results' shape).
 
