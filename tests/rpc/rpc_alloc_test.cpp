@@ -16,10 +16,11 @@ namespace {
 using agate::testing::allocationCount;
 using agate::testing::Watchdog;
 
-Promise<void> awaitedCalls(RemoteCap& cap, int n) {
+Promise<void> awaitedCalls(RemoteCap& cap, int n, bool noPipelining = false) {
   for (int i = 0; i < n; ++i) {
     Request req = cap.newCall(NODE_INTERFACE_ID, ECHO, 16);
     req.initParams<Value>().setValue(static_cast<uint64_t>(i));
+    if (noPipelining) req.noPipelining();
     Result<Response> r = co_await req.send();
     AGATE_CO_TRY(r);
     AGATE_ASSERT(r->results().getAs<Value>().getValue() == static_cast<uint64_t>(i), "echo");
@@ -27,11 +28,13 @@ Promise<void> awaitedCalls(RemoteCap& cap, int n) {
   co_return {};
 }
 
-Promise<void> callsInFlight(RemoteCap& cap, int rounds, std::vector<RemotePromise>& slots) {
+Promise<void> callsInFlight(RemoteCap& cap, int rounds, std::vector<RemotePromise>& slots,
+                            bool noPipelining = false) {
   for (int round = 0; round < rounds; ++round) {
     for (size_t i = 0; i < slots.capacity(); ++i) {
       Request req = cap.newCall(NODE_INTERFACE_ID, ECHO, 16);
       req.initParams<Value>().setValue(i);
+      if (noPipelining) req.noPipelining();
       slots.push_back(req.send());
     }
     for (RemotePromise& p : slots) {
@@ -94,6 +97,21 @@ TEST_F(RpcAllocTest, CallsInFlightAllocateNothingInSteadyState) {
   const uint64_t before = allocationCount();
   ASSERT_TRUE(loop_.run(callsInFlight(cap, 100, slots)).ok());
   EXPECT_EQ(allocationCount() - before, 0u) << "allocations per 3200 calls";
+}
+
+// Sent without promise pipelining: no Finish, entries freed at the Return, ids reused at once.
+TEST_F(RpcAllocTest, CallsWithoutPipeliningAllocateNothingInSteadyState) {
+  LocalPair pair(loop_, &root_);
+  RemoteCap cap = pair.client().bootstrap();
+  std::vector<RemotePromise> slots;
+  slots.reserve(32);
+  ASSERT_TRUE(loop_.run(awaitedCalls(cap, 500, true)).ok());
+  ASSERT_TRUE(loop_.run(callsInFlight(cap, 50, slots, true)).ok());
+  const uint64_t before = allocationCount();
+  ASSERT_TRUE(loop_.run(awaitedCalls(cap, 2000, true)).ok());
+  ASSERT_TRUE(loop_.run(callsInFlight(cap, 100, slots, true)).ok());
+  EXPECT_EQ(allocationCount() - before, 0u) << "allocations per 5200 calls";
+  EXPECT_EQ(pair.client().stats().finishesSent, 0u);
 }
 
 TEST_F(RpcAllocTest, PipelinedChainsOnAReleasedAndReexportedObjectAllocateNothingInSteadyState) {
