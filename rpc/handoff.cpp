@@ -163,7 +163,10 @@ class internal::Forwarder final : public ServerObject {
     if (!caps) return readyPromise<void>(caps.error());
     Status copied = copyContent(params, request.params());
     if (!copied) return readyPromise<void>(copied.error());
-    return relay(request.send(), ctx);
+    // Only relay() awaits the forwarded call: nothing is ever pipelined on it (calls pipelined
+    // on this call's results queue at our own answer), so it goes without pipelining, and
+    // ends at its Return unless the results carry a capability.
+    return relay(request.noPipelining().send(), ctx);
   }
 
  private:

@@ -233,6 +233,35 @@ TEST_F(RpcNoFinishTest, ManyCallsInFlightAreAllAnsweredAndFreedWithoutFinish) {
   for (uint64_t i = 0; i < 150; ++i) EXPECT_EQ(log_.order[i], i) << "E-order";
 }
 
+TEST_F(RpcNoFinishTest, ACallForwardedThroughAProxyGoesOnWithoutPipelining) {
+  // X holds A's bootstrap and passes it to C (no VatNetwork: X exports a forwarding proxy); C
+  // calls it back (CALL_BACK: ECHO(5) on the cap, plus 100), through X, to A.
+  Log farLog;
+  Node far(0, farLog);
+  LocalPair xa(loop_, &far);    // X is the client, A the server
+  LocalPair xc(loop_, &root_);  // X is the client, C the server
+  RemoteCap a = xa.client().bootstrap();
+  RemoteCap c = xc.client().bootstrap();
+  for (int i = 0; i < 3; ++i) {
+    Request req = c.newCall(NODE_INTERFACE_ID, CALL_BACK, 16);
+    CapParam::Builder params = req.initParams<CapParam>();
+    Result<uint32_t> index = req.addCap(a);
+    ASSERT_TRUE(index.ok());
+    writeCapPointer(params, 0, *index);
+    RemotePromise p = req.send();
+    EXPECT_EQ(loop_.run(valueOf(p)).value(), 105u);
+  }
+  ASSERT_TRUE(runUntil(loop_, [&] { return xa.server().answerCount() == 0; }));
+  EXPECT_EQ(xa.server().stats().callsReceived, 3u);
+  EXPECT_EQ(xa.server().stats().returnsNoFinishNeeded, 3u) << "the forwarded ECHOs";
+  EXPECT_EQ(xa.client().stats().finishesSent, 0u);
+  EXPECT_EQ(xa.client().questionCount(), 0u);
+  a = RemoteCap();
+  c = RemoteCap();
+  xc.client().close(Error(Errc::DISCONNECTED, "test ends"));  // its proxies hold caps on `xa`
+  loop_.runUntilIdle();
+}
+
 TEST_F(RpcNoFinishTest, PeerDeathFailsPendingCallsWithoutPipeliningDisconnected) {
   auto pair = std::make_unique<LocalPair>(loop_, &root_);
   RemoteCap cap = pair->client().bootstrap();
