@@ -202,20 +202,26 @@ void LoopCore::turn(const PromiseNodeBase* awaited, bool mayBlock) {
   drainRemote();
   runTasks();
   runFlushes();  // before the wait below, and before run() returns if its promise is ready
-  TimePoint now = std::chrono::steady_clock::now();
-  fireTimers(now);
+  // The clock is read only while something is timed (a timer, a native futex wait to recheck):
+  // a busy loop with neither pays nothing for it.
+  std::optional<TimePoint> clock;
+  auto now = [&] {
+    if (!clock) clock = std::chrono::steady_clock::now();
+    return *clock;
+  };
+  if (!timers_.empty()) fireTimers(now());
   pollFutexes();
 
   std::optional<Duration> timeout;
   if (!mayBlock || !runQueue_.empty() || (awaited != nullptr && awaited->isReady())) {
     timeout = Duration::zero();
   } else {
-    if (!timers_.empty()) timeout = std::max(Duration::zero(), timers_.begin()->when() - now);
+    if (!timers_.empty()) timeout = std::max(Duration::zero(), timers_.begin()->when() - now());
     if (!polledFutexes_.empty()) {
       timeout = timeout ? std::min(*timeout, futexPollInterval_) : futexPollInterval_;
     }
     if (nativeFutexWaits_ > 0) {
-      Duration untilRecheck = std::max(Duration::zero(), nextFutexRecheck_ - now);
+      Duration untilRecheck = std::max(Duration::zero(), nextFutexRecheck_ - now());
       timeout = timeout ? std::min(*timeout, untilRecheck) : untilRecheck;
     }
     sleeping_.store(true, std::memory_order_seq_cst);
@@ -225,10 +231,10 @@ void LoopCore::turn(const PromiseNodeBase* awaited, bool mayBlock) {
   sleeping_.store(false, std::memory_order_relaxed);
 
   drainRemote();
-  now = std::chrono::steady_clock::now();
-  fireTimers(now);
+  clock.reset();  // the wait took time
+  if (!timers_.empty()) fireTimers(now());
   pollFutexes();
-  recheckNativeFutexes(now);
+  if (nativeFutexWaits_ > 0) recheckNativeFutexes(now());
   runFlushes();  // completions and timers resume nothing synchronously today; cheap insurance
   awaited_ = nullptr;
   inTurn_ = false;
