@@ -279,6 +279,25 @@ TEST_F(RpcTest, CapabilityPassedBackArrivesAsTheServersOwnObject) {
   EXPECT_EQ(pair.client().importCount(), 1u) << "only the bootstrap reference remains";
 }
 
+// Dropping the last reference to an import sends its Release at once, even outside the loop.
+TEST_F(RpcTest, AReferenceLetGoOfOutsideTheLoopIsReleasedAtOnce) {
+  Node root(0, log_);
+  LocalPair pair(loop_, &root);
+  RemoteCap bootstrap = pair.client().bootstrap();
+  Result<RemoteCap> child = loop_.run([&]() -> Promise<RemoteCap> {
+    Result<Response> r = co_await bootstrap.newCall(NODE_INTERFACE_ID, NEXT, 16).send();
+    AGATE_CO_TRY(r);
+    Result<ReceivedCap> cap = r->getCap(0);
+    AGATE_CO_TRY(cap);
+    co_return cap->remote;
+  }());
+  ASSERT_TRUE(child.ok());
+  const uint64_t before = pair.client().stats().releasesSent;
+  child = Error(Errc::CANCELLED);  // drops the only reference, outside any turn
+  EXPECT_EQ(pair.client().stats().releasesSent, before + 1);
+  ASSERT_TRUE(runUntil(loop_, [&] { return log_.destroyed == 1; }));
+}
+
 TEST_F(RpcTest, ServerCallsAnObjectTheClientPassedIn) {
   Log clientLog;
   Node clientObject(1000, clientLog);
