@@ -39,28 +39,23 @@ Frame build(const std::function<void(rpc::wire::Message::Builder)>& fill) {
   return f;
 }
 
-Frame call(uint32_t q, uint32_t exportId, uint16_t method, uint64_t value = 1) {
+// A Call on an export; `pipelining` false sets noPromisePipelining (its Return then frees the
+// answer: noFinishNeeded).
+Frame call(uint32_t q, uint32_t exportId, uint16_t method, uint64_t value = 1,
+           bool pipelining = true) {
   return build([&](rpc::wire::Message::Builder m) {
     auto c = m.initCall();
     c.setQuestionId(q);
     c.getTarget().setImportedCap(exportId);
     c.setInterfaceId(NODE_INTERFACE_ID);
     c.setMethodId(method);
+    c.setNoPromisePipelining(!pipelining);
     c.initParams().getContent().initAs<rpc::test::Value>().setValue(value);
   });
 }
 
-// A call sent without promise pipelining: its Return frees the answer (noFinishNeeded).
 Frame callBare(uint32_t q, uint32_t exportId, uint16_t method, uint64_t value = 1) {
-  return build([&](rpc::wire::Message::Builder m) {
-    auto c = m.initCall();
-    c.setQuestionId(q);
-    c.getTarget().setImportedCap(exportId);
-    c.setInterfaceId(NODE_INTERFACE_ID);
-    c.setMethodId(method);
-    c.setNoPromisePipelining(true);
-    c.initParams().getContent().initAs<rpc::test::Value>().setValue(value);
-  });
+  return call(q, exportId, method, value, false);
 }
 
 Frame pipelined(uint32_t q, uint32_t on, uint16_t method) {

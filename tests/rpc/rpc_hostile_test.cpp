@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <functional>
+#include <optional>
 
 #include "rpc_harness.h"
 #include "support/watchdog.h"
@@ -56,6 +57,19 @@ class RpcHostileTest : public ::testing::Test {
       c.setInterfaceId(NODE_INTERFACE_ID);
       c.setMethodId(method);
       c.initParams().getContent().initAs<Value>().setValue(1);
+    });
+  }
+  // A Call sent with noPromisePipelining, with a Value param when `value` is given.
+  void callWithoutPipelining(uint32_t questionId, uint32_t exportId, uint16_t method,
+                             std::optional<uint64_t> value = std::nullopt) {
+    send([&](wire::Message::Builder m) {
+      wire::Call::Builder c = m.initCall();
+      c.setQuestionId(questionId);
+      c.getTarget().setImportedCap(exportId);
+      c.setInterfaceId(NODE_INTERFACE_ID);
+      c.setMethodId(method);
+      c.setNoPromisePipelining(true);
+      if (value) c.initParams().getContent().initAs<Value>().setValue(*value);
     });
   }
   void pipelinedCall(uint32_t questionId, uint32_t onQuestion, uint16_t method,
@@ -291,15 +305,7 @@ TEST_F(RpcHostileTest, PipelinePathThatLeadsNowhereFailsOnlyThatCall) {
 // --- Calls without promise pipelining (Call.noPromisePipelining, Return.noFinishNeeded) ---
 
 TEST_F(RpcHostileTest, ACallWithoutPipeliningIsAnsweredWithNoFinishNeededAndFreedAtOnce) {
-  send([](wire::Message::Builder m) {
-    wire::Call::Builder c = m.initCall();
-    c.setQuestionId(1);
-    c.getTarget().setImportedCap(0);
-    c.setInterfaceId(NODE_INTERFACE_ID);
-    c.setMethodId(ECHO);
-    c.setNoPromisePipelining(true);
-    c.initParams().getContent().initAs<Value>().setValue(4);
-  });
+  callWithoutPipelining(1, 0, ECHO, 4);
   expectFromVictim([](wire::Message::Reader m) {
     ASSERT_EQ(m.which(), wire::Message::RETURN);
     EXPECT_EQ(m.getReturn().getAnswerId(), 1u);
@@ -318,14 +324,7 @@ TEST_F(RpcHostileTest, ACallWithoutPipeliningIsAnsweredWithNoFinishNeededAndFree
 }
 
 TEST_F(RpcHostileTest, ACallWithoutPipeliningWhoseResultsHoldACapabilityStillNeedsFinish) {
-  send([](wire::Message::Builder m) {
-    wire::Call::Builder c = m.initCall();
-    c.setQuestionId(1);
-    c.getTarget().setImportedCap(0);
-    c.setInterfaceId(NODE_INTERFACE_ID);
-    c.setMethodId(NEXT);
-    c.setNoPromisePipelining(true);
-  });
+  callWithoutPipelining(1, 0, NEXT);
   expectFromVictim([](wire::Message::Reader m) {
     ASSERT_EQ(m.which(), wire::Message::RETURN);
     EXPECT_FALSE(m.getReturn().getNoFinishNeeded()) << "the results carry a capability";
@@ -339,14 +338,7 @@ TEST_F(RpcHostileTest, ACallWithoutPipeliningWhoseResultsHoldACapabilityStillNee
 }
 
 TEST_F(RpcHostileTest, OneFinishCrossingAReturnWithNoFinishNeededIsIgnoredASecondAborts) {
-  send([](wire::Message::Builder m) {
-    wire::Call::Builder c = m.initCall();
-    c.setQuestionId(3);
-    c.getTarget().setImportedCap(0);
-    c.setInterfaceId(NODE_INTERFACE_ID);
-    c.setMethodId(FAIL);  // an exception carries no capability: noFinishNeeded too
-    c.setNoPromisePipelining(true);
-  });
+  callWithoutPipelining(3, 0, FAIL);  // an exception carries no capability: noFinishNeeded too
   expectFromVictim([](wire::Message::Reader m) {
     ASSERT_EQ(m.which(), wire::Message::RETURN);
     EXPECT_EQ(m.getReturn().which(), wire::Return::EXCEPTION);
@@ -361,14 +353,7 @@ TEST_F(RpcHostileTest, OneFinishCrossingAReturnWithNoFinishNeededIsIgnoredASecon
 }
 
 TEST_F(RpcHostileTest, AFinishAfterTheIdWasReusedNamesTheNewCall) {
-  send([](wire::Message::Builder m) {
-    wire::Call::Builder c = m.initCall();
-    c.setQuestionId(1);
-    c.getTarget().setImportedCap(0);
-    c.setInterfaceId(NODE_INTERFACE_ID);
-    c.setMethodId(FAIL);
-    c.setNoPromisePipelining(true);
-  });
+  callWithoutPipelining(1, 0, FAIL);
   expectFromVictim([](wire::Message::Reader m) { EXPECT_TRUE(m.getReturn().getNoFinishNeeded()); });
   call(1, 0, HANG);  // the id again: a Finish that crossed would have come before this
   ASSERT_TRUE(runUntil(loop_, [&] { return log_.hanging == 1; }));
@@ -380,14 +365,7 @@ TEST_F(RpcHostileTest, AFinishAfterTheIdWasReusedNamesTheNewCall) {
 }
 
 TEST_F(RpcHostileTest, CallPipelinedOnAnAnswerSentWithoutPipeliningAborts) {
-  send([](wire::Message::Builder m) {
-    wire::Call::Builder c = m.initCall();
-    c.setQuestionId(1);
-    c.getTarget().setImportedCap(0);
-    c.setInterfaceId(NODE_INTERFACE_ID);
-    c.setMethodId(HANG);
-    c.setNoPromisePipelining(true);
-  });
+  callWithoutPipelining(1, 0, HANG);
   ASSERT_TRUE(runUntil(loop_, [&] { return log_.hanging == 1; }));
   pipelinedCall(2, 1, ECHO, {0});
   expectAborted();
