@@ -323,6 +323,67 @@ TEST(ChannelBlocking, ABlockingSendOnARingFilledWithoutRingsRingsFirst) {
   EXPECT_EQ(received.load(), sent + 1);
 }
 
+// LOCAL with several senders (the multi-producer ring): each sender owes its own ring, and a
+// receiver parked on the doorbell hears of the frames once the senders ring.
+TEST(ChannelBlocking, SeveralSendersWithoutRingEachRingWhatTheyPublished) {
+  auto ch = makeChannel(ChannelScope::LOCAL, 4096, 2);
+  Sender a = ch->attachSender().value();
+  Sender b = ch->attachSender().value();
+  Receiver rx = ch->attachReceiver().value();
+  std::atomic<int> received{0};
+  std::thread receiver([&] {
+    while (received.load(std::memory_order_relaxed) < 2) {
+      Result<Frame> f = rx.receive(WaitPolicy{0, 10s, 10s});  // one long park slice
+      if (!f) break;
+      rx.release();
+      received.fetch_add(1, std::memory_order_relaxed);
+    }
+  });
+  while (rx.parkCount() == 0) std::this_thread::sleep_for(1ms);  // the receiver is parked
+  // (Commits publish in claim order, a later claim's commit waiting for the earlier ones, so
+  // one thread commits each claim before the next.)
+  ASSERT_TRUE(a.tryReserve(8).ok());
+  a.commitWithoutRing(8, 1);
+  ASSERT_TRUE(b.tryReserve(8).ok());
+  b.commitWithoutRing(8, 2);
+  EXPECT_TRUE(a.ringIsPending());
+  EXPECT_TRUE(b.ringIsPending());
+  std::this_thread::sleep_for(50ms);
+  EXPECT_EQ(received.load(), 0) << "no ring yet: the parked receiver sleeps on";
+  EXPECT_TRUE(b.ringPending());
+  EXPECT_TRUE(a.ringPending());
+  receiver.join();
+  EXPECT_EQ(received.load(), 2);
+}
+
+// Moving a Sender onto one that owes a ring rings the old debt (the destination detaches
+// first) and carries the source's.
+TEST(ChannelBlocking, MovingOntoASenderThatOwesARingRingsItsParkedReceiver) {
+  auto first = makeChannel(ChannelScope::LOCAL);
+  auto second = makeChannel(ChannelScope::LOCAL);
+  Sender tx = first->attachSender().value();
+  Receiver rx = first->attachReceiver().value();
+  std::atomic<bool> got{false};
+  std::thread receiver([&] {
+    Result<Frame> f = rx.receive(WaitPolicy{0, 10s, 10s});
+    EXPECT_TRUE(f.ok());
+    got.store(true, std::memory_order_release);
+  });
+  while (rx.parkCount() == 0) std::this_thread::sleep_for(1ms);
+  ASSERT_TRUE(tx.tryReserve(8).ok());
+  tx.commitWithoutRing(8);
+  Sender other = second->attachSender().value();
+  ASSERT_TRUE(other.tryReserve(8).ok());
+  other.commitWithoutRing(8);
+  const auto start = std::chrono::steady_clock::now();
+  tx = std::move(other);  // tx detaches from `first`, ringing what it owed there
+  receiver.join();
+  EXPECT_TRUE(got.load(std::memory_order_acquire));
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 5s) << "woken by the ring, not a slice";
+  EXPECT_TRUE(tx.ringIsPending()) << "the debt on `second` moved with the endpoint";
+  EXPECT_FALSE(other.ringIsPending());
+}
+
 // commit(), flush() and detach() ring what commitWithoutRing() left pending.
 TEST(ChannelBlocking, CommitFlushAndDetachRingWhatWasPending) {
   auto ch = makeChannel(ChannelScope::LOCAL);
