@@ -131,8 +131,14 @@ void RpcConnection::deliver(Answer& a, uint32_t exportId, uint64_t interfaceId, 
 }
 
 Promise<void> RpcConnection::drive(uint32_t answerId, Promise<void> dispatch) {
-  Status status = co_await dispatch;
-  completeAnswer(answerId, status);
+  std::optional<Status> status;
+  {
+    Promise<void> running = std::move(dispatch);
+    status.emplace(co_await running);
+  }  // the server's coroutine and what it holds (parameters included) go before the Return: a
+     // driver kept after it (an answer freed at its Return stays with its finished driver until
+     // the id is used again) then holds nothing but itself
+  completeAnswer(answerId, *status);
   co_return {};
 }
 

@@ -318,7 +318,7 @@ struct RpcConnection::Question {
   bool noPipelining = false;  // sent with Call.noPromisePipelining
   // Bumped each time the entry is freed: a RemotePromise whose question was freed under it (at
   // a Return with noFinishNeeded) sees another generation and leaves the entry alone.
-  uint32_t generation = 0;
+  uint64_t generation = 0;  // 64 bits: never wraps in practice
   // An Accept: the vine (an import on the introducer's connection) kept until the Return.
   std::optional<RemoteCap> vine;
 };

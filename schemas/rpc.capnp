@@ -339,10 +339,11 @@ struct Finish {
   # queued there: they still need its results, so it runs on. Must name a live answer of the
   # receiver (else PROTOCOL_ERROR), with one exception: the one Finish that may cross a
   # Return.noFinishNeeded. For an answer id whose last Return went out with noFinishNeeded
-  # before any Finish for it arrived, and that no Call has reused since, one Finish is ignored
-  # silently (the caller dropped its promise while the Return was in flight). A second one, or
-  # one for an id never answered so, is a PROTOCOL_ERROR. The callee frees the answer once it
-  # has also sent the Return and no queued call waits on it (at once, with noFinishNeeded).
+  # before any Finish for it arrived, and that no Call, Provide or Accept has reused since, one
+  # Finish is ignored silently (the caller dropped its promise while the Return was in flight).
+  # A second one, or one for an id never answered so, is a PROTOCOL_ERROR. The callee frees the
+  # answer once it has also sent the Return and no queued call waits on it (at once, with
+  # noFinishNeeded).
 }
 
 struct Release {

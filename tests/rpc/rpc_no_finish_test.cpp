@@ -262,6 +262,63 @@ TEST_F(RpcNoFinishTest, ACallForwardedThroughAProxyGoesOnWithoutPipelining) {
   loop_.runUntilIdle();
 }
 
+// Hands out a capability of another connection (X's import of A): X exports a proxy for it.
+class Handout final : public ServerObject {
+ public:
+  explicit Handout(RemoteCap target) : target_(std::move(target)) {}
+  void drop() { target_ = RemoteCap(); }
+  Promise<void> dispatch(uint64_t, uint16_t, CallContext& ctx) override {
+    Result<CapAndValue::Builder> out = ctx.initResultsAs<CapAndValue>(32);
+    if (!out) return readyPromise<void>(out.error());
+    Result<uint32_t> index = ctx.addResultCap(target_);
+    if (!index) return readyPromise<void>(index.error());
+    writeCapPointer(*out, 0, *index);
+    return readyPromise<void>(Status{});
+  }
+
+ private:
+  RemoteCap target_;
+};
+
+// C calls, without pipelining, X's proxy for A's object: X relays to A and answers C with
+// noFinishNeeded, freeing the answer at once. Whatever the relay held on X's connection to A
+// (the forwarded call's promise) is let go of with the Return, not when C next reuses the id:
+// X may then close its connection to A while its connection to C lives on.
+TEST_F(RpcNoFinishTest, ARelayAnsweredWithoutFinishLetsGoOfTheForwardedCallAtItsReturn) {
+  Log farLog;
+  Node far(0, farLog);
+  auto xa = std::make_unique<LocalPair>(loop_, &far);  // X is the client, A the server
+  Handout handout(xa->client().bootstrap());
+  LocalPair cx(loop_, &handout);  // C is the client, X the server
+  Result<RemoteCap> proxy = loop_.run([&]() -> Promise<RemoteCap> {
+    Result<Response> r = co_await cx.client().bootstrap().newCall(NODE_INTERFACE_ID, 0, 0).send();
+    AGATE_CO_TRY(r);
+    Result<ReceivedCap> cap = r->getCap(0);
+    AGATE_CO_TRY(cap);
+    co_return cap->remote;
+  }());
+  ASSERT_TRUE(proxy.ok()) << errcName(proxy.code());
+  for (uint64_t i = 0; i < 3; ++i) {
+    Request req = proxy->newCall(NODE_INTERFACE_ID, ECHO, 16);
+    req.noPipelining();
+    req.initParams<Value>().setValue(i);
+    RemotePromise p = req.send();
+    EXPECT_EQ(loop_.run(valueOf(p)).value(), i);
+  }
+  EXPECT_EQ(cx.server().stats().returnsNoFinishNeeded, 3u) << "X answered C without Finish";
+  ASSERT_TRUE(runUntil(loop_, [&] { return xa->server().answerCount() == 0; }));
+  EXPECT_EQ(xa->client().handleCount(), 2u)
+      << "the Handout's and the proxy's references to A; no relay holds a forwarded call";
+  // C lets go of the proxy; X drops its own reference; X closes its connection to A while C's
+  // connection lives (ids freed at those Returns are never reused).
+  proxy = Error(Errc::CANCELLED);
+  handout.drop();
+  ASSERT_TRUE(runUntil(loop_, [&] { return xa->client().handleCount() == 0; }));
+  xa.reset();
+  EXPECT_TRUE(cx.client().isOpen());
+  EXPECT_TRUE(cx.server().isOpen());
+}
+
 TEST_F(RpcNoFinishTest, PeerDeathFailsPendingCallsWithoutPipeliningDisconnected) {
   auto pair = std::make_unique<LocalPair>(loop_, &root_);
   RemoteCap cap = pair->client().bootstrap();

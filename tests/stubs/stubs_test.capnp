@@ -81,6 +81,29 @@ interface Shapes {
   anyList @13 () -> (l :AnyList);
   capability @14 () -> (c :Capability);
   inUnion @15 () -> (h :Holder);
+  # Mutually recursive structs: asked about the one with the capability first, then the one
+  # that only reaches it through the other, then a pair that reaches none.
+  mutualWithCap @16 () -> (n :MutualNode);
+  mutualThroughOther @17 () -> (c :MutualChild);
+  mutualPlain @18 () -> (a :PlainA);
+}
+
+struct MutualNode {
+  child @0 :MutualChild;
+  cap @1 :Listener;
+}
+
+struct MutualChild {
+  parent @0 :MutualNode;
+}
+
+struct PlainA {
+  b @0 :PlainB;
+}
+
+struct PlainB {
+  a @0 :PlainA;
+  x @1 :Int32;
 }
 
 struct Plain {

@@ -597,6 +597,10 @@ TEST_F(StubsTest, MethodsWhoseResultsCanHoldNoCapabilityAreSentWithoutPipelining
   EXPECT_EQ(1, pipelines(shapes.anyList()));
   EXPECT_EQ(1, pipelines(shapes.capability()));
   EXPECT_EQ(1, pipelines(shapes.inUnion()));
+  EXPECT_EQ(1, pipelines(shapes.mutualWithCap()));
+  EXPECT_EQ(1, pipelines(shapes.mutualThroughOther()))
+      << "reaches the capability through a struct that was still being searched";
+  EXPECT_EQ(0, pipelines(shapes.mutualPlain()));
   // The built form (params() first) and the inherited methods choose the same way.
   st::Adder::Client adder(pair.client().bootstrap());
   EXPECT_EQ(0, pipelines(adder.add([](auto p) { p.setAmount(1); })));

@@ -432,37 +432,46 @@ class Generator {
     return methods;
   }
 
-  // Whether a value of `type` can hold a capability: an interface, any AnyPointer (it may be
-  // one, or a struct or list holding one), a list of such, or a struct (groups and union
-  // members included) with such a field. A struct met again while it is being looked at adds
-  // nothing (recursive types), and an unknown one counts as holding one.
-  bool canHoldCaps(schema::Type::Reader type) {
+  // Whether a value of struct `id` can hold a capability: whether a search through its fields
+  // (groups and union members included, into structs and lists of any depth) reaches an
+  // interface or any AnyPointer (it may be one, or a struct or list holding one). An unknown
+  // struct counts as holding one. Each struct is searched once per question, so recursive and
+  // mutually recursive types end; only the answer for the struct asked about is remembered (a
+  // "no" found for a struct met inside another search may depend on a struct still being
+  // searched, so it is not final).
+  bool structCanHoldCaps(uint64_t id) {
+    auto known = holdsCaps_.find(id);
+    if (known != holdsCaps_.end()) return known->second;
+    std::set<uint64_t> seen;
+    const bool holds = reachesCaps(id, seen);
+    holdsCaps_[id] = holds;
+    return holds;
+  }
+  bool reachesCaps(uint64_t id, std::set<uint64_t>& seen) {
+    auto known = holdsCaps_.find(id);
+    if (known != holdsCaps_.end()) return known->second;  // a final answer
+    if (!seen.insert(id).second) return false;            // already being searched
+    auto it = nodes_.find(id);
+    if (it == nodes_.end() || !it->second.isStruct()) return true;
+    for (schema::Field::Reader field : it->second.getStruct().getFields()) {
+      const bool holds = field.isGroup() ? reachesCaps(field.getGroup().getTypeId(), seen)
+                                         : typeReachesCaps(field.getSlot().getType(), seen);
+      if (holds) return true;
+    }
+    return false;
+  }
+  bool typeReachesCaps(schema::Type::Reader type, std::set<uint64_t>& seen) {
     switch (type.which()) {
       case schema::Type::INTERFACE:
       case schema::Type::ANY_POINTER:
         return true;
       case schema::Type::LIST:
-        return canHoldCaps(type.getList().getElementType());
+        return typeReachesCaps(type.getList().getElementType(), seen);
       case schema::Type::STRUCT:
-        return structCanHoldCaps(type.getStruct().getTypeId());
+        return reachesCaps(type.getStruct().getTypeId(), seen);
       default:
         return false;
     }
-  }
-  bool structCanHoldCaps(uint64_t id) {
-    auto known = holdsCaps_.find(id);
-    if (known != holdsCaps_.end()) return known->second;
-    auto it = nodes_.find(id);
-    if (it == nodes_.end() || !it->second.isStruct()) return true;
-    holdsCaps_[id] = false;  // while looking: a recursive reference adds nothing
-    bool holds = false;
-    for (schema::Field::Reader field : it->second.getStruct().getFields()) {
-      holds = field.isGroup() ? structCanHoldCaps(field.getGroup().getTypeId())
-                              : canHoldCaps(field.getSlot().getType());
-      if (holds) break;
-    }
-    holdsCaps_[id] = holds;
-    return holds;
   }
 
   std::vector<CapField> resultCapFields(uint64_t structId) {

@@ -312,7 +312,7 @@ class [[nodiscard]] RemotePromise {
   uint32_t questionId_;
   // The question's generation when sent: a question freed at its Return (noFinishNeeded) is
   // not this promise's any more, and dropping the promise leaves it alone.
-  uint32_t generation_ = 0;
+  uint64_t generation_ = 0;
   bool noPipelining_ = false;
   Promise<Response> promise_;
   Error error_;  // why the call never got a question
