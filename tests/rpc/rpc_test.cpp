@@ -402,6 +402,21 @@ TEST_F(RpcTest, ClientGoingAwayDropsItsStateOnTheServer) {
   EXPECT_EQ(pair.server().answerCount(), 0u);
 }
 
+// The rings of a connection whose two sides run on two threads: the server's ends are taken
+// here, to be moved into the server thread; the client attaches its own.
+struct CrossThreadRings {
+  std::unique_ptr<Channel> c2s = makeLocal();
+  std::unique_ptr<Channel> s2c = makeLocal();
+  Receiver serverIn = std::move(c2s->attachReceiver().value());
+  Sender serverOut = std::move(s2c->attachSender().value());
+
+  static std::unique_ptr<Channel> makeLocal() {
+    ChannelOptions co;
+    co.scope = ChannelScope::LOCAL;
+    return std::move(Channel::create(co).value());
+  }
+};
+
 // The two sides on two threads, each with its own loop: the rings are the only thing shared.
 // `parkAtOnce`: both readers park on their doorbell without spinning, with a park slice far
 // longer than the watchdog, so every message must be announced by a doorbell ring (the rings
@@ -412,19 +427,14 @@ void twoThreads(EventLoop& loop_, bool parkAtOnce) {
     wait.spinIterations = 0;
     wait.parkSlice = std::chrono::hours(1);
   }
-  ChannelOptions co;
-  co.scope = ChannelScope::LOCAL;
-  std::unique_ptr<Channel> c2s = std::move(Channel::create(co).value());
-  std::unique_ptr<Channel> s2c = std::move(Channel::create(co).value());
-  Receiver serverIn = std::move(c2s->attachReceiver().value());
-  Sender serverOut = std::move(s2c->attachSender().value());
+  CrossThreadRings rings;
   int serverEnd = -1;
   std::thread server([&] {
     EventLoop loop;
     Log log;
     Node root(0, log);
-    MessageSender tx(std::move(serverOut));
-    MessageReceiver rx(*c2s, std::move(serverIn), rpcReceiverOptions());
+    MessageSender tx(std::move(rings.serverOut));
+    MessageReceiver rx(*rings.c2s, std::move(rings.serverIn), rpcReceiverOptions());
     RpcOptions options;
     options.bootstrap = &root;
     options.wait = wait;
@@ -433,8 +443,8 @@ void twoThreads(EventLoop& loop_, bool parkAtOnce) {
     serverEnd = static_cast<int>(st.code());
   });
   {
-    MessageSender tx(c2s->attachSender().value());
-    MessageReceiver rx(*s2c, s2c->attachReceiver().value(), rpcReceiverOptions());
+    MessageSender tx(rings.c2s->attachSender().value());
+    MessageReceiver rx(*rings.s2c, rings.s2c->attachReceiver().value(), rpcReceiverOptions());
     RpcConnection conn(tx, rx, loop_, RpcOptions{.wait = wait});
     RemoteCap root = conn.bootstrap();
     for (uint64_t i = 0; i < 200; ++i) ASSERT_EQ(loop_.run(echo(root, i)).value(), i);
@@ -483,18 +493,13 @@ class CountingServer final : public ServerObject {
 // longer than the watchdog, must hear of both while this thread is away from its loop.
 TEST_F(RpcTest, ACallSentJustBeforeTheThreadLeavesItsLoopReachesAParkedPeer) {
   AsyncWaitPolicy wait{.spinIterations = 0, .parkSlice = std::chrono::hours(1)};
-  ChannelOptions co;
-  co.scope = ChannelScope::LOCAL;
-  std::unique_ptr<Channel> c2s = std::move(Channel::create(co).value());
-  std::unique_ptr<Channel> s2c = std::move(Channel::create(co).value());
-  Receiver serverIn = std::move(c2s->attachReceiver().value());
-  Sender serverOut = std::move(s2c->attachSender().value());
+  CrossThreadRings rings;
   CountingServer counter;
   std::atomic<bool> serverParked{false};
   std::thread server([&] {
     EventLoop loop;
-    MessageSender tx(std::move(serverOut));
-    MessageReceiver rx(*c2s, std::move(serverIn), rpcReceiverOptions());
+    MessageSender tx(std::move(rings.serverOut));
+    MessageReceiver rx(*rings.c2s, std::move(rings.serverIn), rpcReceiverOptions());
     RpcConnection conn(tx, rx, loop, RpcOptions{.bootstrap = &counter, .wait = wait});
     serverParked.store(true, std::memory_order_release);
     (void)loop.run(conn.onDisconnect());
@@ -507,8 +512,8 @@ TEST_F(RpcTest, ACallSentJustBeforeTheThreadLeavesItsLoopReachesAParkedPeer) {
     return counter.calls.load(std::memory_order_acquire) >= n;
   };
   {
-    MessageSender tx(c2s->attachSender().value());
-    MessageReceiver rx(*s2c, s2c->attachReceiver().value(), rpcReceiverOptions());
+    MessageSender tx(rings.c2s->attachSender().value());
+    MessageReceiver rx(*rings.s2c, rings.s2c->attachReceiver().value(), rpcReceiverOptions());
     RpcConnection conn(tx, rx, loop_, RpcOptions{.wait = wait});
     RemoteCap root = conn.bootstrap();
     while (!serverParked.load(std::memory_order_acquire)) std::this_thread::yield();
