@@ -1,5 +1,5 @@
 // One agate-kernel for a benchmark: started from `binary` on a fresh temporary home, stopped
-// (SIGTERM) on destruction. Used by the suites that measure through a real daemon (kernel, rpc).
+// (SIGTERM) on destruction, its temporary directory removed. Used by the suites that measure through a real daemon (kernel, rpc).
 // Start it while the process holds no EventLoop (it forks).
 #pragma once
 
@@ -12,6 +12,7 @@
 
 #include <cerrno>
 #include <cstdint>
+#include <filesystem>
 #include <memory>
 #include <string>
 
@@ -53,8 +54,8 @@ class Daemon {
       ::kill(pid_, SIGTERM);
       ::waitpid(pid_, nullptr, 0);
     }
-    ::rmdir(home_.c_str());
-    ::rmdir(dir_.c_str());
+    std::error_code ignored;  // the whole directory: the home keeps kernel.lock after a clean exit
+    std::filesystem::remove_all(dir_, ignored);
   }
   Daemon(const Daemon&) = delete;
   Daemon& operator=(const Daemon&) = delete;

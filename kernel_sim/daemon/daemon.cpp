@@ -67,6 +67,10 @@ KernelDaemon::~KernelDaemon() {
   // Sessions first (they unwatch nothing: the epoll descriptor closes with us), then the socket.
   sessions_.clear();
   if (listen_.valid()) ::unlink(socketPath_.c_str());
+  // The pidfile is ours while we hold kernel.lock (still held here): a clean exit leaves no
+  // stale pid behind. kernel.lock itself stays: unlinking a held lock file would let a daemon
+  // that opened it just before lock the unlinked file while a third one locks a fresh one.
+  if (!pidPath_.empty()) ::unlink(pidPath_.c_str());
 }
 
 Result<std::unique_ptr<KernelDaemon>> KernelDaemon::tryCreate(const DaemonOptions& options) {
@@ -121,6 +125,7 @@ Status KernelDaemon::trySetUp() {
   if (FILE* f = std::fopen(pidPath.c_str(), "we")) {
     std::fprintf(f, "%d\n", static_cast<int>(::getpid()));
     std::fclose(f);
+    pidPath_ = pidPath;
   }
 
   sigset_t mask;

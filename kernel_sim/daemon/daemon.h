@@ -63,7 +63,8 @@ struct DaemonOptions {
 class KernelDaemon {
  public:
   // Creates HOME (0700) if needed, takes HOME/kernel.lock (ALREADY_EXISTS if another daemon
-  // holds it), binds HOME/kernel.sock (a stale one is replaced), writes HOME/kernel.pid.
+  // holds it), binds HOME/kernel.sock (a stale one is replaced), writes HOME/kernel.pid; the destructor
+  // removes kernel.sock and kernel.pid again.
   static Result<std::unique_ptr<KernelDaemon>> tryCreate(const DaemonOptions& options);
   ~KernelDaemon();
   KernelDaemon(const KernelDaemon&) = delete;
@@ -123,6 +124,7 @@ class KernelDaemon {
   Fd epoll_;
   Fd signals_;
   std::string socketPath_;
+  std::string pidPath_;  // set once HOME/kernel.pid is written; removed by the destructor
   std::map<ProcessId, std::unique_ptr<Session>> sessions_;
   // Accepted, not yet attached, by connection number. Numbers grow with acceptance time and the
   // timeout is one constant, so the first entry always has the earliest deadline.

@@ -359,6 +359,18 @@ TEST(KernelDaemon, AnAttachWithinTheTimeoutSucceedsAfterOthersTimedOut) {
   }
 }
 
+TEST(KernelDaemon, ACleanExitRemovesItsPidfileAndSocketAndKeepsTheLockFile) {
+  KernelProcess kernel;
+  const std::string home = kernel.home();
+  auto exists = [&](const char* name) { return ::access((home + "/" + name).c_str(), F_OK) == 0; };
+  ASSERT_TRUE(exists("kernel.pid"));
+  ASSERT_TRUE(exists("kernel.sock"));
+  ASSERT_EQ(kernel.stop(), 0);  // SIGTERM
+  EXPECT_FALSE(exists("kernel.pid")) << "a clean exit leaves no stale pid";
+  EXPECT_FALSE(exists("kernel.sock"));
+  EXPECT_TRUE(exists("kernel.lock")) << "the lock file outlives the daemon (see ~KernelDaemon)";
+}
+
 TEST(KernelDaemon, SecondDaemonOnTheSameHomeRefusesToStart) {
   KernelProcess kernel;
   const std::string cmd =

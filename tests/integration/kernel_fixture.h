@@ -2,7 +2,8 @@
 // then SIGKILL) when the fixture goes, plus the probes the leak checks need (the daemon's open
 // descriptors and memfd mappings, read from /proc). The daemon's stderr goes to a log file beside
 // its home (log()), so tests can check what it reported; the log is copied to the test's stderr
-// when the daemon does not exit cleanly (a sanitizer report, a crash).
+// when the daemon does not exit cleanly (a sanitizer report, a crash). The temporary directory
+// (home and log) is removed when the fixture goes.
 //
 // Fork discipline: a process may create an EventLoop only if it has none, and a forked child
 // inherits its parent's "current loop". Tests therefore fork their client children while the
@@ -20,6 +21,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <string>
 #include <thread>
@@ -39,8 +41,9 @@ class KernelProcess {
       ADD_FAILURE() << "mkdtemp failed";
       return;
     }
-    home_ = std::string(dir) + "/home";
-    logPath_ = std::string(dir) + "/kernel.log";
+    dir_ = dir;
+    home_ = dir_ + "/home";
+    logPath_ = dir_ + "/kernel.log";
     int ready[2];
     if (::pipe2(ready, O_CLOEXEC) != 0) {
       ADD_FAILURE() << "pipe failed";
@@ -72,6 +75,9 @@ class KernelProcess {
       const int status = stop();
       EXPECT_EQ(status, 0) << "agate-kernel did not exit cleanly; its log:\n" << log();
     }
+    // The home and the log go with the fixture (the log was shown above if it mattered).
+    std::error_code ignored;
+    if (!dir_.empty()) std::filesystem::remove_all(dir_, ignored);
   }
   KernelProcess(const KernelProcess&) = delete;
   KernelProcess& operator=(const KernelProcess&) = delete;
@@ -127,6 +133,7 @@ class KernelProcess {
   }
 
  private:
+  std::string dir_;  // the temporary directory holding home_ and logPath_
   std::string home_;
   std::string logPath_;
   pid_t pid_ = 0;
