@@ -1,6 +1,6 @@
 // One agate-kernel for a benchmark: started from `binary` on a fresh temporary home, stopped
-// (SIGTERM) on destruction, its temporary directory removed. Used by the suites that measure through a real daemon (kernel, rpc).
-// Start it while the process holds no EventLoop (it forks).
+// (SIGTERM) on destruction, its temporary directory removed. Used by the suites that measure
+// through a real daemon (kernel, rpc). Start it while the process holds no EventLoop (it forks).
 #pragma once
 
 #include <fcntl.h>

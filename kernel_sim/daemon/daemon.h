@@ -63,8 +63,8 @@ struct DaemonOptions {
 class KernelDaemon {
  public:
   // Creates HOME (0700) if needed, takes HOME/kernel.lock (ALREADY_EXISTS if another daemon
-  // holds it), binds HOME/kernel.sock (a stale one is replaced), writes HOME/kernel.pid; the destructor
-  // removes kernel.sock and kernel.pid again.
+  // holds it), binds HOME/kernel.sock (a stale one is replaced), writes HOME/kernel.pid; the
+  // destructor removes kernel.sock and kernel.pid again.
   static Result<std::unique_ptr<KernelDaemon>> tryCreate(const DaemonOptions& options);
   ~KernelDaemon();
   KernelDaemon(const KernelDaemon&) = delete;

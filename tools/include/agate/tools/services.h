@@ -3,8 +3,8 @@
 //
 // A SystemService names an executable, its arguments, where it logs and how it says it is ready.
 // systemServices() lists them in start order (today only agate-kernel; Agate's own servers are
-// to be appended as they are built); `agate down` stops them in reverse. Supervision (restart on crash) will hang off the
-// same list.
+// to be appended as they are built); `agate down` stops them in reverse. Supervision (restart on
+// crash) will hang off the same list.
 //
 // Daemonizing (startDaemon): fork, setsid in the child, fork again so the daemon is not a session
 // leader and can never acquire a controlling terminal, and let the middle process exit at once so
