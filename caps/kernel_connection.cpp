@@ -54,7 +54,7 @@ Error kernelError(uint16_t code) {
   // The kernel's Errc values are ours (one enum, stable values); an unknown one is a failure.
   if (code == 0 || code > static_cast<uint16_t>(Errc::WRONG_TYPE))
     return Error(Errc::FAILED, "the kernel refused the call with an unknown error code");
-  return Error(static_cast<Errc>(code), "refused by agate-kernel (see lastErrorDetail())");
+  return Error(static_cast<Errc>(code), "refused by agate-kernel");
 }
 
 Result<Fd> connectTo(const std::string& home) {

@@ -17,14 +17,24 @@
 namespace agate::client {
 namespace {
 
-int report(const ProgramArgs& args, const char* what, const Error& e,
-           const caps::KernelConnection* kernel = nullptr) {
+// One line on stderr: "PROGRAM: WHAT: error (the kernel's detail)[; hint]". Returns 1.
+int report(const ProgramArgs& args, std::string_view what, const Error& e,
+           const caps::KernelConnection* kernel = nullptr, std::string_view hint = {}) {
   char buf[256];
   fmt::print(stderr, "{}: {}: {}", args.program, what, e.describe(buf, sizeof buf));
   if (kernel != nullptr && !kernel->lastErrorDetail().empty() && e.code != Errc::DISCONNECTED)
     fmt::print(stderr, " ({})", kernel->lastErrorDetail());
+  if (!hint.empty()) fmt::print(stderr, "; {}", hint);
   fmt::print(stderr, "\n");
   return 1;
+}
+
+// A failed attach names the home, and how to start a kernel there when none runs.
+int reportAttach(const ProgramArgs& args, const Error& e) {
+  const std::string what = fmt::format("attach to the kernel in {}", args.home);
+  if (e.code != Errc::DISCONNECTED) return report(args, what, e);
+  return report(args, what, e, nullptr,
+                fmt::format("start one with `agate up --home {}`", args.home));
 }
 
 // Ends the host's run() at the first SIGTERM or SIGINT (read from a signalfd on the loop).
@@ -65,10 +75,18 @@ ProgramArgs parseProgramArgs(int argc, char** argv) {
   std::string home;
   for (int i = 1; i < argc; ++i) {
     const std::string_view a = argv[i];
-    if (a == "--home" && i + 1 < argc) {
+    if (a == "--home") {
+      if (i + 1 == argc) {
+        out.mistake = "--home needs a directory";
+        break;
+      }
       home = argv[++i];
     } else if (a.starts_with("--home=")) {
       home = std::string(a.substr(7));
+    } else if (a == "--help" || a == "-h") {
+      out.help = true;
+    } else if (a.starts_with("--")) {
+      if (out.mistake.empty()) out.mistake = fmt::format("unknown option {}", a);
     } else {
       out.rest.emplace_back(a);
     }
@@ -77,18 +95,44 @@ ProgramArgs parseProgramArgs(int argc, char** argv) {
   return out;
 }
 
+int answerProgramArgs(const ProgramArgs& args, std::string_view usage) {
+  constexpr std::string_view HOME_HELP =
+      "  --home DIR   the kernel's home (default: $AGATE_HOME, else $XDG_RUNTIME_DIR/agate, else "
+      "/tmp/agate-$UID)\n";
+  if (args.help) {
+    fmt::print("usage: {} {}\n{}", args.program, usage, HOME_HELP);
+    return 0;
+  }
+  if (!args.mistake.empty()) {
+    fmt::print(stderr, "{}: {}\nusage: {} {}\n{}", args.program, args.mistake, args.program, usage,
+               HOME_HELP);
+    return 64;
+  }
+  return -1;
+}
+
 int runSession(int argc, char** argv,
                std::function<Promise<void>(Session&, const ProgramArgs&)> body) {
   const ProgramArgs args = parseProgramArgs(argc, argv);
+  if (int answered = answerProgramArgs(args, "[--home DIR] [ARGUMENTS...]"); answered >= 0)
+    return answered;
   EventLoop loop;
   auto kernel = caps::KernelConnection::tryAttach(loop, args.home, args.program);
-  if (!kernel) return report(args, "attach to the kernel", kernel.error());
+  if (!kernel) return reportAttach(args, kernel.error());
   Status done;
+  std::string service;
   {
     Session session(**kernel);
     done = loop.run(body(session, args));
+    service = session.lastServiceName();
   }
-  if (!done) return report(args, "session", done.error(), kernel->get());
+  if (!done) {
+    std::string hint;
+    if (!service.empty() && (done.code() == Errc::NOT_FOUND || done.code() == Errc::TIMED_OUT))
+      hint = fmt::format("no service \"{}\" is registered in {}: is its server running?", service,
+                         args.home);
+    return report(args, "session", done.error(), kernel->get(), hint);
+  }
   return 0;
 }
 
@@ -100,6 +144,12 @@ int runSession(int argc, char** argv, std::function<Promise<void>(Session&)> bod
 int serveService(int argc, char** argv, std::string_view name, ClientFactory factory,
                  ServiceOptions options) {
   const ProgramArgs args = parseProgramArgs(argc, argv);
+  if (int answered = answerProgramArgs(args); answered >= 0) return answered;
+  if (!args.rest.empty()) {
+    fmt::print(stderr, "{}: unexpected argument {} (a server takes only --home)\n", args.program,
+               args.rest.front());
+    return 64;
+  }
   // SIGTERM and SIGINT arrive on a signalfd the loop waits on (blocked for normal delivery).
   sigset_t signals;
   sigemptyset(&signals);
@@ -112,10 +162,16 @@ int serveService(int argc, char** argv, std::string_view name, ClientFactory fac
 
   EventLoop loop;
   auto kernel = caps::KernelConnection::tryAttach(loop, args.home, args.program);
-  if (!kernel) return report(args, "attach to the kernel", kernel.error());
+  if (!kernel) return reportAttach(args, kernel.error());
   Status served = loop.run(
       serveUntilStopped(**kernel, std::string(name), std::move(factory), options, signalFd.get()));
-  if (!served) return report(args, "serve", served.error(), kernel->get());
+  if (!served) {
+    std::string hint;
+    if (served.code() == Errc::ALREADY_EXISTS)
+      hint = fmt::format("another process serves \"{}\" in {} (see `agate ps --home {}`)", name,
+                         args.home, args.home);
+    return report(args, fmt::format("serve \"{}\"", name), served.error(), kernel->get(), hint);
+  }
   return 0;
 }
 

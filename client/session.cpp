@@ -60,6 +60,7 @@ void Session::closeLocally(Entry& entry, const Error& reason) noexcept {
 
 Promise<OpenedBushel> Session::openBushel(std::string name, caps::Cap<caps::SpaceBank> bank) {
   if (kernelGone_.code != Errc::OK) co_return kernelGone_;
+  lastServiceName_ = name;
   if (!bank.valid()) bank = bank_;
   Result<caps::Cap<caps::Bushel>> cap = co_await kernel_.openBushel(kernel_.registry(), name, bank);
   if (!cap) co_return cap.error();
@@ -106,6 +107,7 @@ Promise<OpenedBushel> Session::openBushel(std::string name, caps::Cap<caps::Spac
 }
 
 Promise<void> Session::waitForService(std::string name, Duration timeout, Duration interval) {
+  lastServiceName_ = name;
   const auto end = std::chrono::steady_clock::now() + timeout;
   for (;;) {
     Result<caps::Koid> found = co_await kernel_.lookupService(kernel_.registry(), name);

@@ -16,6 +16,8 @@
 #include <cstdlib>
 #include <memory>
 #include <string>
+#include <string_view>
+#include <vector>
 
 #include "agate/agate.h"
 #include "handoff.agate.h"
@@ -83,7 +85,11 @@ int runClient(const agate::client::ProgramArgs& args) {
   EventLoop loop;
   auto kernel = agate::caps::KernelConnection::tryAttach(loop, args.home, args.program);
   if (!kernel) {
-    fmt::print(stderr, "{}: attach: {}\n", args.program, agate::errcName(kernel.code()));
+    fmt::print(stderr, "{}: attach to the kernel in {}: {}{}\n", args.program, args.home,
+               agate::errcName(kernel.code()),
+               kernel.code() == Errc::DISCONNECTED
+                   ? fmt::format("; start one with `agate up --home {}`", args.home)
+                   : std::string());
     return 1;
   }
   Result<Outcome> outcome = Error(Errc::FAILED, "not run");
@@ -122,12 +128,21 @@ int runClient(const agate::client::ProgramArgs& args) {
 
 int main(int argc, char** argv) {
   const agate::client::ProgramArgs args = agate::client::parseProgramArgs(argc, argv);
+  constexpr std::string_view USAGE = "bank|auditor|client [TIMES] [--home DIR]";
+  if (int answered = agate::client::answerProgramArgs(args, USAGE); answered >= 0) return answered;
   const std::string mode = args.rest.empty() ? "" : args.rest[0];
+  // A server's command line without its mode word: serve() takes only --home.
+  std::vector<char*> serverArgv;
+  for (int i = 0; i < argc; ++i)
+    if (i == 0 || argv[i] != mode) serverArgv.push_back(argv[i]);
+  const int serverArgc = static_cast<int>(serverArgv.size());
   ServiceOptions serve;
   serve.handoff = true;  // a vat of its own: it can take handed-off capabilities
-  if (mode == "bank") return agate::serve<BankImpl>(argc, argv, "handoff-bank", serve);
-  if (mode == "auditor") return agate::serve<AuditorImpl>(argc, argv, "handoff-auditor", serve);
+  if (mode == "bank")
+    return agate::serve<BankImpl>(serverArgc, serverArgv.data(), "handoff-bank", serve);
+  if (mode == "auditor")
+    return agate::serve<AuditorImpl>(serverArgc, serverArgv.data(), "handoff-auditor", serve);
   if (mode == "client") return runClient(args);
-  fmt::print(stderr, "usage: {} bank|auditor|client [TIMES] [--home DIR]\n", args.program);
-  return 2;
+  fmt::print(stderr, "usage: {} {}\n", args.program, USAGE);
+  return 64;
 }

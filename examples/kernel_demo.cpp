@@ -37,6 +37,16 @@ int fail(const char* who, const char* step, agate::Errc code, const KernelConnec
   return 1;
 }
 
+// An attach that failed: which home, and how to start a kernel there when none runs.
+int failAttach(const char* who, const std::string& home, agate::Errc code) {
+  std::fprintf(stderr, "%s: attach to the kernel in %s failed: %s", who, home.c_str(),
+               agate::errcName(code));
+  if (code == agate::Errc::DISCONNECTED)
+    std::fprintf(stderr, "; start one with `agate up --home %s`", home.c_str());
+  std::fprintf(stderr, "\n");
+  return 1;
+}
+
 bool writeAll(int fd, const void* data, size_t n) {
   return ::write(fd, data, n) == static_cast<ssize_t>(n);
 }
@@ -48,7 +58,7 @@ bool readAll(int fd, void* data, size_t n) {
 int reader(const std::string& home, int toWriter, int fromWriter) {
   EventLoop loop;
   auto conn = KernelConnection::tryAttach(loop, home, "demo-reader");
-  if (!conn) return fail("reader", "attach", conn.code(), nullptr);
+  if (!conn) return failAttach("reader", home, conn.code());
   KernelConnection& c = **conn;
   const agate::caps::ProcessId me = c.pid();
   if (!writeAll(toWriter, &me, sizeof(me))) return 1;
@@ -75,7 +85,7 @@ int reader(const std::string& home, int toWriter, int fromWriter) {
 int writer(const std::string& home, pid_t readerOs, int fromReader, int toReader) {
   EventLoop loop;
   auto conn = KernelConnection::tryAttach(loop, home, "demo-writer");
-  if (!conn) return fail("writer", "attach", conn.code(), nullptr);
+  if (!conn) return failAttach("writer", home, conn.code());
   KernelConnection& c = **conn;
   auto s = c.sync();
 

@@ -6,9 +6,11 @@
 //   int main(int argc, char** argv) { return agate::serve<CalculatorImpl>(argc, argv,
 //   "calculator"); }
 //
-// Both understand `--home DIR` (else kernel::resolveKernelHome(): $AGATE_HOME, ...), make the
-// thread's EventLoop, attach to the kernel under the program's name, and print an error and
-// return 1 when anything fails. Other arguments are left to the program (ProgramArgs).
+// Both understand `--home DIR` (else kernel::resolveKernelHome(): $AGATE_HOME, ...) and --help,
+// refuse an unknown --option (exit 64), make the thread's EventLoop, attach to the kernel under
+// the program's name, and print an error and return 1 when anything fails (naming the home, and
+// the service a client waited for). Other arguments are left to the program (ProgramArgs); a
+// server takes none.
 //
 // run: one Session; returns 0 when `body` succeeded.
 // serve<T>: registers `name` and serves it until SIGTERM or SIGINT (then unregisters: the
@@ -34,8 +36,16 @@ struct ProgramArgs {
   std::string program;            // argv[0]'s last component
   std::string home;               // resolved kernel home
   std::vector<std::string> rest;  // every other argument, in order
+  bool help = false;              // --help or -h was given
+  std::string mistake;            // what is wrong with the command line ("" when nothing)
 };
+// Takes --home DIR (or --home=DIR) and --help/-h; any other argument starting with "--" is a
+// mistake (a typo must not be taken for a positional argument), as is --home without a value.
 ProgramArgs parseProgramArgs(int argc, char** argv);
+// For a program that parses with parseProgramArgs itself: prints the usage line (help: on
+// stdout, returns 0) or the mistake and the usage line (stderr, returns 64), or returns -1 when
+// the program should go on. `usage`: what follows the program's name, e.g. "[--home DIR] [N]".
+int answerProgramArgs(const ProgramArgs& args, std::string_view usage = "[--home DIR]");
 
 int runSession(int argc, char** argv, std::function<Promise<void>(Session&)> body);
 int runSession(int argc, char** argv,

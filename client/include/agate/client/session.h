@@ -122,6 +122,10 @@ class Session final : private KernelEventListener {
   // Bushels opened and not yet closed (by close() or by the kernel).
   size_t openCount() const noexcept;
 
+  // The service name the last openBushel/open/waitForService asked for ("" before any): lets a
+  // program's error report say which service was missing.
+  const std::string& lastServiceName() const noexcept { return lastServiceName_; }
+
  private:
   struct Entry {
     caps::Cap<caps::Bushel> cap;
@@ -142,6 +146,7 @@ class Session final : private KernelEventListener {
   SessionOptions options_;
   caps::Cap<caps::SpaceBank> bank_;
   std::vector<std::unique_ptr<Entry>> entries_;
+  std::string lastServiceName_;
   Error kernelGone_{};  // set when the kernel connection died
 };
 
