@@ -349,6 +349,10 @@ Status RpcConnection::decode(wire::Message::Reader m, Decoded& d) {
           d.targetId = target.getImportedCap();
           if (d.targetId >= exports_.size() || !exports_[d.targetId].inUse)
             return Error(Errc::PROTOCOL_ERROR, "provide of an export id that does not exist");
+          // Export 0 stays in use on a connection without a bootstrap object: nothing to keep.
+          if (exports_[d.targetId].object == nullptr)
+            return Error(Errc::PROTOCOL_ERROR,
+                         "provide of a bootstrap object this side does not have");
           return {};
         case wire::MessageTarget::PROMISED_ANSWER:
           d.targetIsAnswer = true;

@@ -688,7 +688,7 @@ TEST_F(HandoffTest, WaitingAcceptsAreBoundedPerRecipientSoOneCannotCrowdOutAnoth
 
 TEST_F(HandoffTest, TheIntroducersFinishReclaimsAProvisionEvenWithCallsPipelinedOnIt) {
   openNetwork();
-  RawVat d(loop_, net_->vat(A), D, nullptr);
+  RawVat d(loop_, net_->vat(A), D, &aRoot_);
   d.send([](wire::Message::Builder m) {
     wire::Provide::Builder p = m.initProvide();
     p.setQuestionId(1);
@@ -709,6 +709,22 @@ TEST_F(HandoffTest, TheIntroducersFinishReclaimsAProvisionEvenWithCallsPipelined
   EXPECT_EQ(d.nextReturn(2), Errc::CANCELLED) << "the pipelined call fails with its target";
   EXPECT_EQ(net_->vat(A).provisionCount(), 0u);
   EXPECT_TRUE(d.victim().isOpen());
+  EXPECT_TRUE(aLog_.order.empty());
+}
+
+// Export 0 is in use even on a connection without a bootstrap object; a Provide of it would give
+// an Accept nothing to return. It is refused when it arrives, and a recipient's Accept of that
+// provision then waits (and ends with its own Finish) instead of reaching a missing object.
+TEST_F(HandoffTest, AProvideOfABootstrapObjectTheProviderDoesNotHaveAbortsTheIntroducer) {
+  openNetwork();
+  RawVat d(loop_, net_->vat(A), D, nullptr);
+  d.provide(1, 0, B, 5);
+  EXPECT_TRUE(d.abortedWithProtocolError());
+  EXPECT_EQ(net_->vat(A).provisionCount(), 0u);
+  RawVat b(loop_, net_->vat(A), B, &aRoot_);
+  b.accept(1, D, 5);
+  EXPECT_EQ(b.nextReturn(1), Errc::DISCONNECTED) << "the introducer is gone";
+  EXPECT_TRUE(b.victim().isOpen());
   EXPECT_TRUE(aLog_.order.empty());
 }
 
