@@ -332,6 +332,16 @@ uint32_t RpcConnection::resolvedImport(uint32_t importId, Error& broken) const n
   return imp.resolvedTo != NONE ? imp.resolvedTo : importId;
 }
 
+// Whether import `id` is held and is a promise, pending or already resolved (to an import, a
+// third party's capability or an error). A resolution may name neither: every chain stays one
+// step, so no walk along a chain (calls, importUnref's recursion) can be made long by a peer.
+bool RpcConnection::heldPromiseOrResolved(uint32_t id) const noexcept {
+  if (id >= imports_.size() || imports_[id].localRefs == 0) return false;
+  const Import& imp = imports_[id];
+  return imp.promise || imp.resolvedTo != NONE || imp.elsewhere != nullptr ||
+         imp.broken.code != Errc::OK;
+}
+
 Status RpcConnection::decodeResolve(wire::Resolve::Reader r, Decoded& d) {
   d.id = r.getPromiseId();
   if (d.id >= imports_.size() || !imports_[d.id].promise)
@@ -347,8 +357,7 @@ Status RpcConnection::decodeResolve(wire::Resolve::Reader r, Decoded& d) {
             return Error(Errc::PROTOCOL_ERROR, "export id beyond the import table's bound");
           // Not a promise we hold (this one included): so a resolution is never a promise and
           // every chain is one step (no loops, no long walks).
-          if (d.resolveId < imports_.size() && imports_[d.resolveId].localRefs > 0 &&
-              imports_[d.resolveId].promise)
+          if (heldPromiseOrResolved(d.resolveId))
             return Error(Errc::PROTOCOL_ERROR, "promise resolved to a promise");
           return {};
         case wire::CapDescriptor::RECEIVER_HOSTED:
@@ -370,8 +379,7 @@ Status RpcConnection::decodeResolve(wire::Resolve::Reader r, Decoded& d) {
           d.thirdPartyCount = 1;
           if (d.capIds[0] >= options_.maxImports)
             return Error(Errc::PROTOCOL_ERROR, "vine id beyond the import table's bound");
-          if (d.capIds[0] < imports_.size() && imports_[d.capIds[0]].localRefs > 0 &&
-              imports_[d.capIds[0]].promise)
+          if (heldPromiseOrResolved(d.capIds[0]))
             return Error(Errc::PROTOCOL_ERROR,
                          "promise resolved to a third party through a promise");
           if (d.capVats[0] == NO_VAT || d.capVats[0] == options_.peerVat ||

@@ -637,6 +637,36 @@ TEST_F(RpcHostilePromiseTest, PromiseResolvedToAnotherHeldPromiseAborts) {
   expectAborted();
 }
 
+// A promise that has resolved stays a promise for this rule: a chain P2 -> P1 -> ... would make
+// every walk along it (calls, releases) as long as the peer likes.
+TEST_F(RpcHostilePromiseTest, PromiseResolvedToAnAlreadyResolvedPromiseAborts) {
+  hangHolding(1, {3, 4, 6});
+  resolveTo(4, [](wire::CapDescriptor::Builder c) { c.setSenderHosted(5); });
+  expectStillOpen(2);
+  breakPromise(6);
+  expectStillOpen(7);
+  EXPECT_EQ(victim_->stats().resolvesReceived, 2u);
+  resolveTo(3, [](wire::CapDescriptor::Builder c) { c.setSenderHosted(4); });
+  expectAborted();
+  EXPECT_EQ(victim_->stats().resolvesReceived, 2u) << "refused before anything changed";
+}
+
+TEST_F(RpcHostilePromiseTest, PromiseResolvedToABrokenPromiseAborts) {
+  hangHolding(1, {3, 6});
+  breakPromise(6);
+  expectStillOpen(2);
+  resolveTo(3, [](wire::CapDescriptor::Builder c) { c.setSenderHosted(6); });
+  expectAborted();
+}
+
+TEST_F(RpcHostilePromiseTest, ResolveToAThirdPartyWhoseVineIsAResolvedPromiseAborts) {
+  hangHolding(1, {3, 4});
+  resolveTo(4, [](wire::CapDescriptor::Builder c) { c.setSenderHosted(5); });
+  expectStillOpen(2);
+  resolveTo(3, [](wire::CapDescriptor::Builder c) { setThirdParty(c, 7, 4); });
+  expectAborted();
+}
+
 TEST_F(RpcHostilePromiseTest, ResolveToAPromiseDescriptorAborts) {
   hangHolding(1, {3});
   resolveTo(3, [](wire::CapDescriptor::Builder c) { c.setSenderPromise(5); });

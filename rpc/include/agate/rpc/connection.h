@@ -694,6 +694,7 @@ class RpcConnection {
   void queueOnExport(Answer& answer, uint32_t exportId, detail::SpillBuffer* copy);
   void deliverOnExport(Answer& answer, uint32_t exportId);
   Status decodeResolve(wire::Resolve::Reader r, Decoded& d);
+  bool heldPromiseOrResolved(uint32_t importId) const noexcept;
   Status handleResolve(const Decoded& d);
   uint32_t resolvedImport(uint32_t importId, Error& broken) const noexcept;
   void noteImported(uint32_t importId, detail::CapEntry::Kind kind) noexcept;
