@@ -174,6 +174,7 @@ void RpcConnection::completeAnswer(uint32_t answerId, Status status) {
     }
     if (!written) {
       abandonOut(ctx.results_);
+      rollBackExports(ctx.resultCaps_);
       ctx.resultCaps_.clear();
       failAnswer(a, written.error());
       return;

@@ -419,14 +419,7 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
   }
   if (!sent) {
     if (request.slot_.active()) abandonOut(request.slot_);
-    for (uint32_t i = 0; i < request.caps_.size(); ++i) {  // roll the exports back
-      const detail::CapEntry& e = request.caps_.entries()[i];
-      if (!isExported(e.kind) || e.id == 0 || e.id >= exports_.size() || !exports_[e.id].inUse ||
-          exports_[e.id].remoteRefs == 0)
-        continue;
-      --exports_[e.id].remoteRefs;
-      maybeFreeExport(e.id);
-    }
+    rollBackExports(request.caps_);
     giveQuestionId(qid);
     return RemotePromise(nullptr, 0, readyPromise<Response>(sent.error()), sent.error());
   }

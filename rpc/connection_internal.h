@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstring>
 #include <optional>
+#include <typeinfo>
 #include <unordered_map>
 
 #include "agate/rpc/connection.h"

@@ -242,7 +242,11 @@ Result<uint32_t> RpcConnection::addForeignCap(detail::CapTable& table, const Rem
   if (canHandOff(host) && cap.kind_ == RemoteCap::Kind::PIPELINE &&
       !host.questions_[cap.id_].returned)
     return addPipelinedFor(table, cap);
-  const bool handoff = cap.kind_ == RemoteCap::Kind::IMPORT && canHandOff(host) &&
+  // Only a plain import: a promise import (pending, or resolved to something else) is proxied,
+  // so the recipient's calls reach the host's promise export, which queues them until it
+  // settles, and follow its resolution from there.
+  const bool handoff = cap.kind_ == RemoteCap::Kind::IMPORT && host.isPlainImport(cap.id_) &&
+                       canHandOff(host) &&
                        options_.network->introduce(host.options_.peerVat, options_.peerVat);
   if (!handoff) {
     auto proxy = std::make_unique<Forwarder>(cap, RemoteCap());

@@ -306,12 +306,35 @@ void RpcConnection::sendAbort(const Error& reason) {
   (void)finishOut(*slot);
 }
 
+// Takes back the remote references writeCapTable added for a message that was not sent (the
+// entries it reached have their export id filled in).
+void RpcConnection::rollBackExports(detail::CapTable& caps) noexcept {
+  for (uint32_t i = 0; i < caps.size(); ++i) {
+    const detail::CapEntry& e = caps.entries()[i];
+    if (!isExported(e.kind) || e.id == 0 || e.id >= exports_.size() || !exports_[e.id].inUse ||
+        exports_[e.id].remoteRefs == 0)
+      continue;
+    --exports_[e.id].remoteRefs;
+    maybeFreeExport(e.id);
+  }
+}
+
 // Writes an outbound cap table, exporting objects as needed (one more remote reference each).
 // Each SENDER_HOSTED entry's id is filled in, so a failed send can be rolled back.
 Status RpcConnection::writeCapTable(capnp::List<wire::CapDescriptor>::Builder out,
                                     detail::CapTable& caps) {
   for (uint32_t i = 0; i < caps.size(); ++i) {
     detail::CapEntry& e = caps.entries()[i];
+    // A promise of ours passed back to us and passed on as an object (ReceivedCap::local) is
+    // still a promise while pending: its calls must queue at its export, not reach the node.
+    if (e.kind == detail::CapEntry::Kind::SENDER_HOSTED && e.object != nullptr &&
+        typeid(*e.object) == typeid(detail::PromiseNode) &&
+        static_cast<detail::PromiseNode*>(e.object)->pending()) {
+      if (static_cast<detail::PromiseNode*>(e.object)->conn_ != this)
+        return Error(Errc::INVALID_ARGUMENT,
+                     "a pending promise of another connection cannot be passed on");
+      e.kind = detail::CapEntry::Kind::SENDER_PROMISE;
+    }
     switch (e.kind) {
       case detail::CapEntry::Kind::NONE:
         out[i].setNone();

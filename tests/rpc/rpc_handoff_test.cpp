@@ -946,6 +946,35 @@ TEST_F(HandoffTest, CallsOnAPromiseResolvedToAnotherVatsCapabilityKeepEOrderAcro
   }
 }
 
+// A promise import is not handed off (its host would give the recipient the promise's node as a
+// plain object, whose calls fail while it is pending): B passes C's promise on to E through a
+// proxy, E's calls queue at C's promise export, and reach the resolution once C settles it.
+TEST_F(HandoffTest, APromiseImportPassedOnIsProxiedAndItsCallsWaitForTheResolution) {
+  openNetwork();
+  CapPromise later = conn(C, B).newCapPromise();
+  {
+    Request r = boot(C, B).newCall(NODE_INTERFACE_ID, TAKE, 64);
+    CapAndValue::Builder p = r.initParams<CapAndValue>();
+    writeCapPointer(p, 0, r.addCap(later).value());
+    p.setValue(0);
+    ASSERT_TRUE(loop_.run(awaitValue(r.send())).ok());
+  }
+  ASSERT_FALSE(recipient_.held.isNull());
+  RemotePromise passed = take(boot(B, E), recipient_.held, 3);
+  ASSERT_TRUE(runUntil(loop_, [&] { return conn(C, B).stats().promiseCallsQueued == 3; }));
+  EXPECT_EQ(conn(B, C).stats().providesSent, 0u) << "no handoff of a promise";
+  Log cLog;
+  later.resolve(std::make_unique<Node>(0, cLog));
+  for (RemotePromise& p : recipientE_.sent) {
+    Result<uint64_t> r = loop_.run(awaitValue(std::move(p)));
+    EXPECT_TRUE(r.ok()) << errcName(r.code());
+  }
+  recipientE_.sent.clear();
+  EXPECT_EQ(cLog.order, (std::vector<uint64_t>{Recipient::FIRST_RECORD, Recipient::FIRST_RECORD + 1,
+                                               Recipient::FIRST_RECORD + 2}));
+  ASSERT_TRUE(loop_.run(awaitValue(std::move(passed))).ok());
+}
+
 TEST_F(HandoffTest, AShortenedReferenceSurvivesTheIntroducersDeath) {
   openNetwork();
   {

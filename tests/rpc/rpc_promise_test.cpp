@@ -275,6 +275,112 @@ TEST_F(RpcPromiseTest, PromisePassedInParamsQueuesTheCalleesCallsAtTheCaller) {
   EXPECT_EQ(log_.created, log_.destroyed);
 }
 
+// The client's own promise, passed back to it by the server (GIVE): an object of the client's,
+// ReceivedCap::local, which is the promise's node.
+Promise<ServerObject*> ownPromiseBack(RemoteCap boot) {
+  Result<Response> r = co_await boot.newCall(NODE_INTERFACE_ID, GIVE, 16).send();
+  AGATE_CO_TRY(r);
+  Result<ReceivedCap> got = r->getCap(0);
+  AGATE_CO_TRY(got);
+  if (got->local == nullptr) co_return Error(Errc::FAILED, "not passed back as our own object");
+  co_return got->local;
+}
+
+// A pending promise that comes back as an object (ReceivedCap::local) and is passed on again is
+// still a promise: the peer queues its calls at us until it settles (it used to be written
+// senderHosted while pending, which the peer refuses as PROTOCOL_ERROR).
+TEST_F(RpcPromiseTest, APendingPromisePassedBackAndPassedOnAgainStaysAPromise) {
+  LocalPair pair(loop_, &promiser_);
+  RemoteCap boot = pair.client().bootstrap();
+  CapPromise later = pair.client().newCapPromise();
+  auto keep = [&](auto&& cap) {
+    Request k = boot.newCall(NODE_INTERFACE_ID, KEEP, 16);
+    Result<uint32_t> index = k.addCap(cap);
+    ASSERT_TRUE(index.ok());
+    writeCapPointer(k.initParams<CapParam>(), 0, *index);
+    ASSERT_TRUE(loop_.run(awaitValueless(k.send())).ok());
+  };
+  keep(later);
+  Result<ServerObject*> back = loop_.run(ownPromiseBack(boot));
+  ASSERT_TRUE(back.ok()) << errcName(back.code());
+  keep(**back);  // passed on again, as an object, while the server still holds it
+  ASSERT_TRUE(pair.server().isOpen());
+  ASSERT_TRUE(pair.client().isOpen());
+  recordCalls(promiser_.kept, 0, 3);
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.client().stats().promiseCallsQueued == 3; }));
+  later.resolve(std::make_unique<Node>(0, log_));
+  EXPECT_EQ(awaitCalls(), std::vector<Errc>(3, Errc::OK));
+  EXPECT_EQ(log_.order, upTo(3));
+  promiser_.kept = RemoteCap();
+}
+
+// On another connection that promise cannot queue calls (its export lives on the first): passing
+// it there while pending fails the call INVALID_ARGUMENT, exports nothing, and both connections
+// carry on. Once settled, it goes as the object it forwards to.
+TEST_F(RpcPromiseTest, APendingPromiseOfAnotherConnectionCannotBePassedOn) {
+  LocalPair pair(loop_, &promiser_);
+  Promiser other;
+  LocalPair pair2(loop_, &other);
+  RemoteCap boot = pair.client().bootstrap();
+  CapPromise later = pair.client().newCapPromise();
+  {
+    Request k = boot.newCall(NODE_INTERFACE_ID, KEEP, 16);
+    Result<uint32_t> index = k.addCap(later);
+    ASSERT_TRUE(index.ok());
+    writeCapPointer(k.initParams<CapParam>(), 0, *index);
+    ASSERT_TRUE(loop_.run(awaitValueless(k.send())).ok());
+  }
+  Result<ServerObject*> back = loop_.run(ownPromiseBack(boot));
+  ASSERT_TRUE(back.ok()) << errcName(back.code());
+  const size_t exportsBefore = pair2.client().exportCount();
+  auto keepOnOther = [&] {
+    Request k = pair2.client().bootstrap().newCall(NODE_INTERFACE_ID, KEEP, 16);
+    Result<uint32_t> index = k.addCap(**back);
+    EXPECT_TRUE(index.ok());
+    writeCapPointer(k.initParams<CapParam>(), 0, *index);
+    return loop_.run(awaitValueless(k.send()));
+  };
+  EXPECT_EQ(keepOnOther().code(), Errc::INVALID_ARGUMENT);
+  EXPECT_EQ(pair2.client().exportCount(), exportsBefore) << "nothing stays exported";
+  EXPECT_TRUE(other.kept.isNull());
+  EXPECT_TRUE(pair2.client().isOpen());
+  EXPECT_TRUE(pair.client().isOpen());
+  later.resolve(std::make_unique<Node>(0, log_));
+  ASSERT_TRUE(keepOnOther().ok());
+  recordCalls(other.kept, 7, 1);
+  EXPECT_EQ(awaitCalls(), std::vector<Errc>(1, Errc::OK));
+  EXPECT_EQ(log_.order, std::vector<uint64_t>{7});
+  other.kept = RemoteCap();
+  promiser_.kept = RemoteCap();
+}
+
+// Resolving a promise to a pending promise (here itself, passed back) is refused: the promise
+// breaks with INVALID_ARGUMENT, and calls queued on it fail with that, instead of looping.
+TEST_F(RpcPromiseTest, APromiseResolvedToItselfBreaksWithInvalidArgument) {
+  LocalPair pair(loop_, &promiser_);
+  RemoteCap boot = pair.client().bootstrap();
+  CapPromise later = pair.client().newCapPromise();
+  {
+    Request k = boot.newCall(NODE_INTERFACE_ID, KEEP, 16);
+    Result<uint32_t> index = k.addCap(later);
+    ASSERT_TRUE(index.ok());
+    writeCapPointer(k.initParams<CapParam>(), 0, *index);
+    ASSERT_TRUE(loop_.run(awaitValueless(k.send())).ok());
+  }
+  Result<ServerObject*> back = loop_.run(ownPromiseBack(boot));
+  ASSERT_TRUE(back.ok()) << errcName(back.code());
+  recordCalls(promiser_.kept, 0, 2);
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.client().stats().promiseCallsQueued == 2; }));
+  later.resolve(**back);
+  EXPECT_TRUE(later.isEmpty());
+  EXPECT_EQ(awaitCalls(), std::vector<Errc>(2, Errc::INVALID_ARGUMENT));
+  recordCalls(promiser_.kept, 2, 1);
+  EXPECT_EQ(awaitCalls(), std::vector<Errc>(1, Errc::INVALID_ARGUMENT));
+  EXPECT_TRUE(pair.client().isOpen());
+  EXPECT_TRUE(log_.order.empty());
+  promiser_.kept = RemoteCap();
+}
+
 TEST_F(RpcPromiseTest, PromiseSettledBeforeItsMessageIsSentGoesAsItsResolution) {
   LocalPair pair(loop_, &promiser_);
   CapPromise early = pair.server().newCapPromise();

@@ -695,6 +695,7 @@ class RpcConnection {
   void deliverOnExport(Answer& answer, uint32_t exportId);
   Status decodeResolve(wire::Resolve::Reader r, Decoded& d);
   bool heldPromiseOrResolved(uint32_t importId) const noexcept;
+  void rollBackExports(detail::CapTable& caps) noexcept;
   Status handleResolve(const Decoded& d);
   uint32_t resolvedImport(uint32_t importId, Error& broken) const noexcept;
   void noteImported(uint32_t importId, detail::CapEntry::Kind kind) noexcept;
