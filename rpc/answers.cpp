@@ -54,12 +54,24 @@ Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
       case detail::CapEntry::Kind::THIRD_PARTY:
         cap.remote = acceptThirdParty(d, i);
         break;
+      case detail::CapEntry::Kind::RECEIVER_ANSWER: {
+        // Filled in at delivery (resolveParamAnswers), once that answer has returned.
+        Answer& q = *answers_[d.capIds[i]];
+        ++q.paramRefs;
+        a.paramAnswers[a.paramAnswerCount++] = q.id;
+        if (q.state != Answer::State::RETURNED) {
+          ++a.paramWaits;
+          q.paramWaiters.push_back(a.id);
+        }
+        break;
+      }
       case detail::CapEntry::Kind::NONE:
         break;
     }
   }
+  if (a.paramWaits > 0) ++stats_.callsAwaitingParamAnswers;
   if (!d.targetIsAnswer) {
-    if (isPendingPromise(d.targetId)) {
+    if (mustQueueOnExport(a, d.targetId)) {
       queueOnExport(a, d.targetId, copyCall(message));
       return {};
     }
@@ -75,7 +87,7 @@ Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
       failAnswer(a, exportId.error());
       return {};
     }
-    if (isPendingPromise(*exportId)) {
+    if (mustQueueOnExport(a, *exportId)) {
       queueOnExport(a, *exportId, copyCall(message));
       return {};
     }
@@ -108,6 +120,7 @@ detail::SpillBuffer* RpcConnection::copyCall(IncomingMessage& message) {
 // Calls `exportId`'s dispatch with the answer's context; the Return goes out when it completes.
 void RpcConnection::deliver(Answer& a, uint32_t exportId, uint64_t interfaceId, uint16_t methodId,
                             capnp::AnyStruct::Reader payload) {
+  if (a.paramAnswerCount > 0) resolveParamAnswers(a, payload);
   Export& e = exports_[exportId];
   if (e.object == nullptr) {
     failAnswer(a, Error(Errc::NOT_FOUND, "this side has no bootstrap object"));
@@ -228,6 +241,7 @@ void RpcConnection::completeAnswer(uint32_t answerId, Status status) {
   ctx.resultCaps_.clear();
   a.state = Answer::State::RETURNED;
   exportUnpin(std::exchange(a.pinnedExport, NONE));
+  wakeParamWaiters(a);
   settleQueue(a);
 }
 
@@ -236,6 +250,7 @@ void RpcConnection::completeAnswer(uint32_t answerId, Status status) {
 void RpcConnection::failAnswer(Answer& a, const Error& error) {
   a.error = error;
   unlinkFromTarget(a);
+  dropParamAnswers(a);
   dropProvision(a);
   stopWaiting(a);
   if (a.queuedCall != nullptr) giveSpill(std::exchange(a.queuedCall, nullptr));
@@ -259,6 +274,7 @@ void RpcConnection::failAnswer(Answer& a, const Error& error) {
   }
   a.state = Answer::State::RETURNED;
   exportUnpin(std::exchange(a.pinnedExport, NONE));
+  wakeParamWaiters(a);
   settleQueue(a);
 }
 
@@ -274,20 +290,30 @@ void RpcConnection::settleQueue(Answer& a) {
 void RpcConnection::runWorklist() {
   if (workRunning_) return;
   workRunning_ = true;
-  for (size_t i = 0; i < worklist_.size() && isOpen(); ++i) {
-    Answer& a = *answers_[worklist_[i]];
-    a.inWorklist = false;
-    while (Answer* q = a.queueHead) {
-      a.queueHead = q->nextInQueue;
-      if (a.queueHead == nullptr) a.queueTail = nullptr;
-      q->nextInQueue = nullptr;
-      q->waitingOn = nullptr;
-      deliverQueued(*q);
-      if (!isOpen()) break;
+  for (;;) {
+    for (size_t i = 0; i < worklist_.size() && isOpen(); ++i) {
+      Answer& a = *answers_[worklist_[i]];
+      a.inWorklist = false;
+      while (Answer* q = a.queueHead) {
+        a.queueHead = q->nextInQueue;
+        if (a.queueHead == nullptr) a.queueTail = nullptr;
+        q->nextInQueue = nullptr;
+        q->waitingOn = nullptr;
+        deliverQueued(*q);
+        if (!isOpen()) break;
+      }
+      finishAnswerIfDone(a);
     }
-    finishAnswerIfDone(a);
+    worklist_.clear();
+    if (exportsToDrain_.empty() || !isOpen()) break;
+    std::vector<uint32_t> drains;
+    drains.swap(exportsToDrain_);
+    for (uint32_t id : drains) {
+      if (isOpen()) drainExport(id);
+    }
+    if (worklist_.empty() && exportsToDrain_.empty()) break;
   }
-  worklist_.clear();
+  exportsToDrain_.clear();
   workRunning_ = false;
 }
 
@@ -310,7 +336,7 @@ void RpcConnection::deliverQueued(Answer& q) {
     failAnswer(q, exportId.error());
     return;
   }
-  if (isPendingPromise(*exportId)) {  // the answer named a promise: wait on it in turn
+  if (mustQueueOnExport(q, *exportId)) {  // a promise, calls queued there, or params to wait for
     queueOnExport(q, *exportId, copy);
     return;
   }
@@ -323,10 +349,15 @@ void RpcConnection::deliverQueued(Answer& q) {
 }
 
 Result<uint32_t> RpcConnection::resolvePipeline(Answer& target, std::span<const uint16_t> path) {
+  return resolvePipeline(target, path, replayReader_);
+}
+
+Result<uint32_t> RpcConnection::resolvePipeline(Answer& target, std::span<const uint16_t> path,
+                                                FrameReader& reader) {
   if (target.error.code != Errc::OK) return target.error;
   if (target.results == nullptr)
     return Error(Errc::FAILED, "pipelined call: the results hold no capability");
-  Result<MessageView> view = replayReader_.tryDecode(target.results->bytes());
+  Result<MessageView> view = reader.tryDecode(target.results->bytes());
   AGATE_ASSERT(view.ok(), "a private copy of our own results does not decode");
   wire::Payload::Reader results = view->getRoot<wire::Message>().getReturn().getResults();
   Result<uint32_t> index = capIndexAtPath(capnp::AnyStruct::Reader(results), path);
@@ -359,7 +390,7 @@ void RpcConnection::releaseAtReturn(Answer& a) {
 
 void RpcConnection::finishAnswerIfDone(Answer& a) {
   if (a.state == Answer::State::RETURNED && a.finishReceived && a.queueHead == nullptr &&
-      !a.inWorklist)
+      !a.inWorklist && a.paramRefs == 0)
     freeAnswer(a);
 }
 
@@ -375,6 +406,8 @@ void RpcConnection::unlinkFromTarget(Answer& a) {
       break;
     }
     a.nextInQueue = nullptr;
+    // The calls behind it may go on now (unless the export is a promise still pending).
+    if (e.queueHead != nullptr) settleExport(id);
     exportUnpin(id);
     return;
   }
@@ -393,6 +426,9 @@ void RpcConnection::unlinkFromTarget(Answer& a) {
 
 void RpcConnection::freeAnswer(Answer& a) {
   unlinkFromTarget(a);
+  dropParamAnswers(a);
+  a.paramRefs = 0;  // only when the connection ends can calls still name it: they go too
+  a.paramWaiters.clear();
   a.driver.reset();  // cancels a running dispatch
   CallContext& ctx = a.context;
   if (ctx.results_.active()) abandonOut(ctx.results_);
@@ -422,6 +458,104 @@ void RpcConnection::freeAnswer(Answer& a) {
   --answersLive_;
 }
 
+// ---------------------------------------------------------------------------------------------
+// receiverAnswer: a capability pipelined on one of our answers, passed back in a call's params
+
+// Whether call `a`, addressed to `exportId`, waits in the export's queue: the export is a
+// pending promise, calls already wait there (E-order), or `a`'s params name answers that have
+// not returned.
+bool RpcConnection::mustQueueOnExport(const Answer& a, uint32_t exportId) const noexcept {
+  return a.paramWaits > 0 || isPendingPromise(exportId);
+}
+
+// Fills the params' receiverAnswer entries from their (returned) answers, as receiverHosted
+// would be: our own object, pinned while the call runs, or a broken capability with the
+// answer's error (UNSUPPORTED for a capability this side does not host). Then lets go of the
+// answers. The descriptors are read from `payload` before each answer's results, with a reader
+// of its own, so `payload` stays valid for dispatch.
+void RpcConnection::resolveParamAnswers(Answer& a, capnp::AnyStruct::Reader payload) {
+  AGATE_ASSERT(a.paramWaits == 0, "answer %u delivered before its params' answers returned", a.id);
+  capnp::List<wire::CapDescriptor>::Reader caps = payload.as<wire::Payload>().getCapTable();
+  FrameReader reader(rx_.limits());
+  for (uint32_t i = 0; i < caps.size() && i < a.context.paramCapCount_; ++i) {
+    if (caps[i].which() != wire::CapDescriptor::RECEIVER_ANSWER) continue;
+    wire::PromisedAnswer::Reader pa = caps[i].getReceiverAnswer();
+    capnp::List<uint16_t>::Reader transform = pa.getTransform();
+    std::array<uint16_t, MAX_PIPELINE_PATH> path{};
+    for (uint32_t s = 0; s < transform.size(); ++s) path[s] = transform[s];
+    Answer& q = *answers_[pa.getQuestionId()];
+    ReceivedCap& cap = a.context.paramCaps_[i];
+    cap = ReceivedCap{};
+    Result<uint32_t> exportId = resolvePipeline(q, {path.data(), transform.size()}, reader);
+    if (!exportId) {
+      cap.remote.kind_ = RemoteCap::Kind::BROKEN;
+      cap.remote.broken_ = exportId.error();
+      continue;
+    }
+    cap.local = exports_[*exportId].object;
+    ++exports_[*exportId].pins;  // the peer cannot release it under the running call
+    a.paramPins[a.paramPinCount++] = *exportId;
+  }
+  dropParamAnswers(a);
+}
+
+// Lets go of the answers `a`'s params named (delivered, failed or freed): each may now go.
+void RpcConnection::dropParamAnswers(Answer& a) noexcept {
+  const uint32_t n = std::exchange(a.paramAnswerCount, 0);
+  const bool waiting = std::exchange(a.paramWaits, 0) > 0;
+  for (uint32_t k = 0; k < n; ++k) {
+    const uint32_t id = a.paramAnswers[k];
+    if (id >= answers_.size() || !answers_[id]) continue;
+    Answer& q = *answers_[id];
+    if (waiting) {
+      auto it = std::find(q.paramWaiters.begin(), q.paramWaiters.end(), a.id);
+      if (it != q.paramWaiters.end()) q.paramWaiters.erase(it);
+    }
+    if (q.paramRefs == 0) continue;  // freed with the connection already
+    if (--q.paramRefs == 0 && q.state == Answer::State::RETURNED) settleQueue(q);
+  }
+}
+
+// `answer` returned: the calls whose params waited for it may go on, once nothing else holds
+// them (their export's queue is drained in the worklist).
+void RpcConnection::wakeParamWaiters(Answer& answer) {
+  std::vector<uint32_t> waiters;
+  waiters.swap(answer.paramWaiters);
+  for (uint32_t id : waiters) {
+    Answer& x = *answers_[id];
+    if (x.paramWaits == 0) continue;
+    if (--x.paramWaits == 0 && x.waitingOnExport != NONE) settleExport(x.waitingOnExport);
+  }
+}
+
+void RpcConnection::settleExport(uint32_t exportId) {
+  exportsToDrain_.push_back(exportId);
+  if (!workRunning_ && !inReader_ && !worklistTask_.isQueued()) loop_.post(worklistTask_);
+}
+
+// Delivers the calls queued on export `exportId`, in order, up to the first that must still
+// wait (its params' answers, or the export is a promise still pending).
+void RpcConnection::drainExport(uint32_t exportId) {
+  if (exportId >= exports_.size() || !exports_[exportId].inUse) return;
+  ++exports_[exportId].pins;  // the export outlives the deliveries (exports_ may grow meanwhile)
+  while (Answer* q = exports_[exportId].queueHead) {
+    if (q->paramWaits > 0) break;
+    const Export& e = exports_[exportId];
+    if (e.promise) {
+      const auto* node = static_cast<const detail::PromiseNode*>(e.object);
+      if (node->pending() && node->forward_ == nullptr) break;
+    }
+    exports_[exportId].queueHead = q->nextInQueue;
+    if (exports_[exportId].queueHead == nullptr) exports_[exportId].queueTail = nullptr;
+    q->nextInQueue = nullptr;
+    q->waitingOnExport = NONE;
+    exportUnpin(exportId);  // the queued call's pin; deliver() pins it again while it runs
+    deliverOnExport(*q, exportId);
+    if (!isOpen()) break;
+  }
+  exportUnpin(exportId);
+}
+
 Status RpcConnection::handleFinish(uint32_t answerId) {
   ++stats_.finishesReceived;
   Answer& a = *answers_[answerId];
@@ -432,9 +566,11 @@ Status RpcConnection::handleFinish(uint32_t answerId) {
     return {};
   }
   a.finishReceived = true;
-  // Calls pipelined on the answer still need its results: it keeps running for them. A
-  // provision is reclaimed all the same (its results hold no capability for them anyway).
-  if ((a.queueHead == nullptr || a.providing) && a.state != Answer::State::RETURNED) {
+  // Calls pipelined on the answer, or passed its capability back (receiverAnswer), still need
+  // its results: it keeps running for them. A provision is reclaimed all the same (its results
+  // hold no capability for them anyway).
+  if (((a.queueHead == nullptr && a.paramRefs == 0) || a.providing) &&
+      a.state != Answer::State::RETURNED) {
     if (a.state == Answer::State::RUNNING) {
       a.driver.reset();  // the server sees the cancellation: its coroutine is destroyed
       if (a.context.results_.active()) abandonOut(a.context.results_);

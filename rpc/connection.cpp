@@ -302,11 +302,25 @@ void RpcConnection::relocate(detail::ResponseSlot* slot) {
   ++stats_.responsesCopied;
 }
 
-Result<uint32_t> RpcConnection::addCapFor(detail::CapTable& table, const RemoteCap& cap) {
+Result<uint32_t> RpcConnection::addCapFor(detail::CapTable& table, const RemoteCap& cap,
+                                          bool inParams) {
   if (cap.kind_ == RemoteCap::Kind::NONE) return table.tryAdd(detail::CapEntry{});
   if (cap.conn_ != nullptr && cap.conn_ != this) return addForeignCap(table, cap);
+  if (cap.kind_ == RemoteCap::Kind::PIPELINE && inParams) {
+    // Passed back to the peer that will answer it: receiverAnswer (schemas/rpc.capnp).
+    if (table.size() == MAX_CAPS_PER_MESSAGE)
+      return Error(Errc::OUT_OF_MEMORY, "more capabilities than one message carries");
+    detail::CapEntry e;
+    e.kind = detail::CapEntry::Kind::RECEIVER_ANSWER;
+    e.pipelined = std::make_unique<RemoteCap>(cap);
+    return table.tryAdd(std::move(e));
+  }
+  if (cap.kind_ == RemoteCap::Kind::PIPELINE)
+    return Error(Errc::INVALID_ARGUMENT,
+                 "a capability pipelined on a call to this peer can be passed back only in a "
+                 "call's params");
   if (cap.kind_ != RemoteCap::Kind::IMPORT)
-    return Error(Errc::INVALID_ARGUMENT, "a pipelined or broken capability cannot be passed");
+    return Error(Errc::INVALID_ARGUMENT, "a broken capability cannot be passed");
   detail::CapEntry e;
   e.kind = detail::CapEntry::Kind::RECEIVER_HOSTED;
   e.id = cap.id_;

@@ -19,8 +19,9 @@ namespace internal {
 inline constexpr uint32_t NONE = 0xffff'ffffu;
 
 // Envelope bytes around params or results content: the Message and Call/Return structs, the
-// target with its path and a full cap table. Generous; frames commit only what they use.
-inline constexpr size_t ENVELOPE_BYTES = 64 * 8 + MAX_CAPS_PER_MESSAGE * 16;
+// target with its path and a full cap table (each entry up to 16 bytes, and 32 more for a
+// receiverAnswer's PromisedAnswer and its path). Generous; frames commit only what they use.
+inline constexpr size_t ENVELOPE_BYTES = 64 * 8 + MAX_CAPS_PER_MESSAGE * (16 + 32);
 inline constexpr size_t CONTROL_BYTES = 64;  // Finish, Release
 inline constexpr size_t EXCEPTION_BYTES =
     64 * 8;  // a Return or Abort with an exception and its reason
@@ -348,6 +349,15 @@ struct RpcConnection::Answer {
   uint32_t waitingOnExport = internal::NONE;
   std::array<uint32_t, MAX_CAPS_PER_MESSAGE> paramPins{};  // exports passed back in params
   uint32_t paramPinCount = 0;
+  // Answers its params name by receiverAnswer, each holding one paramRefs until this call is
+  // delivered (or ends), and how many of them have not returned yet: it waits for those.
+  std::array<uint32_t, MAX_CAPS_PER_MESSAGE> paramAnswers{};
+  uint32_t paramAnswerCount = 0;
+  uint32_t paramWaits = 0;
+  // This answer, named by receiverAnswer in calls not delivered yet: it stays for them (even
+  // past its Finish, which then does not cancel it); those that wait for its Return.
+  uint32_t paramRefs = 0;
+  std::vector<uint32_t> paramWaiters;
 
   // QUEUED: a private copy of the Call and the answer it waits on, with the path.
   detail::SpillBuffer* queuedCall = nullptr;

@@ -106,7 +106,7 @@ capnp::AnyPointer::Builder Request::params() {
 
 Result<uint32_t> Request::addCap(const RemoteCap& cap) {
   if (conn_ == nullptr || scrap_) return error_;
-  return conn_->addCapFor(caps_, cap);
+  return conn_->addCapFor(caps_, cap, /*inParams=*/true);
 }
 
 Result<uint32_t> Request::addCap(ServerObject& object) {

@@ -140,6 +140,23 @@ Status RpcConnection::decodeCapTable(capnp::List<wire::CapDescriptor>::Reader ca
         ++d.thirdPartyCount;
         break;
       }
+      case wire::CapDescriptor::RECEIVER_ANSWER: {
+        if (d.which != wire::Message::CALL)
+          return Error(Errc::PROTOCOL_ERROR, "receiverAnswer outside a call's params");
+        wire::PromisedAnswer::Reader pa = c.getReceiverAnswer();
+        const uint32_t q = pa.getQuestionId();
+        if (q >= answers_.size() || !answers_[q] || answers_[q]->state == Answer::State::FREE ||
+            answers_[q]->finishReceived)
+          return Error(Errc::PROTOCOL_ERROR, "receiverAnswer names an answer that does not exist");
+        if (answers_[q]->noPipelining)
+          return Error(Errc::PROTOCOL_ERROR,
+                       "receiverAnswer names an answer sent without promise pipelining");
+        if (pa.getTransform().size() > MAX_PIPELINE_PATH)
+          return Error(Errc::PROTOCOL_ERROR, "receiverAnswer path longer than allowed");
+        d.capKinds[i] = detail::CapEntry::Kind::RECEIVER_ANSWER;
+        d.capIds[i] = q;
+        break;
+      }
       default:
         return Error(Errc::PROTOCOL_ERROR, "unknown cap descriptor");
     }

@@ -342,6 +342,13 @@ Status RpcConnection::writeCapTable(capnp::List<wire::CapDescriptor>::Builder ou
       case detail::CapEntry::Kind::RECEIVER_HOSTED:
         out[i].setReceiverHosted(e.id);
         break;
+      case detail::CapEntry::Kind::RECEIVER_ANSWER: {
+        wire::PromisedAnswer::Builder pa = out[i].initReceiverAnswer();
+        pa.setQuestionId(e.pipelined->id_);
+        capnp::List<uint16_t>::Builder t = pa.initTransform(e.pipelined->pathLength_);
+        for (uint32_t s = 0; s < e.pipelined->pathLength_; ++s) t.set(s, e.pipelined->path_[s]);
+        break;
+      }
       case detail::CapEntry::Kind::SENDER_HOSTED: {
         Result<uint32_t> id = exportObject(e.object, std::move(e.owned), std::move(e.shared));
         if (!id) return id.error();

@@ -144,12 +144,15 @@ Result<uint32_t> RpcConnection::addPipelinedFor(detail::CapTable& table, const R
   return table.tryAdd(std::move(e));
 }
 
+// Whether calls to `exportId` must queue there: it is a promise still pending (and not sending
+// its calls on), or calls already wait there (E-order: a settled promise's queue still being
+// delivered, or a call waiting for the answers its params name, see mustQueueOnExport).
 bool RpcConnection::isPendingPromise(uint32_t exportId) const noexcept {
   const Export& e = exports_[exportId];
+  if (e.queueHead != nullptr) return true;
   if (!e.promise) return false;
-  // Calls still queued keep later ones behind them (E-order) even once it has settled.
   const auto* node = static_cast<const detail::PromiseNode*>(e.object);
-  return e.queueHead != nullptr || (node->pending() && node->forward_ == nullptr);
+  return node->pending() && node->forward_ == nullptr;
 }
 
 bool RpcConnection::isPlainImport(uint32_t importId) const noexcept {
@@ -254,7 +257,11 @@ void RpcConnection::queueOnExport(Answer& a, uint32_t exportId, detail::SpillBuf
     e.queueHead = &a;
   }
   e.queueTail = &a;
-  ++stats_.promiseCallsQueued;
+  if (e.promise) {
+    ++stats_.promiseCallsQueued;
+  } else if (a.paramWaits == 0) {
+    ++stats_.callsQueuedBehind;
+  }
 }
 
 void RpcConnection::deliverOnExport(Answer& a, uint32_t exportId) {
@@ -277,15 +284,7 @@ void RpcConnection::settlePromise(detail::PromiseNode& node) {
   if (found == exportByObject_.end() || !isOpen()) return;  // never sent, or nobody to tell
   const uint32_t id = found->second;
   ++exports_[id].pins;  // the export outlives the deliveries (exports_ may grow meanwhile)
-  while (Answer* q = exports_[id].queueHead) {
-    exports_[id].queueHead = q->nextInQueue;
-    if (exports_[id].queueHead == nullptr) exports_[id].queueTail = nullptr;
-    q->nextInQueue = nullptr;
-    q->waitingOnExport = NONE;
-    exportUnpin(id);  // the queued call's pin; deliver() pins it again while it runs
-    deliverOnExport(*q, id);
-    if (!isOpen()) break;
-  }
+  drainExport(id);      // up to a call still waiting for the answers its params name
   if (isOpen() && exports_[id].inUse && exports_[id].remoteRefs > 0 && !node.pending())
     sendResolve(id, node);
   exportUnpin(id);

@@ -261,6 +261,20 @@ struct CapDescriptor {
     # but the export is a promise: a capability the sender does not know yet. Calls on it go to
     # the sender, which queues them until it resolves; the sender then sends one Resolve for it
     # (see "Promise capabilities"). Reusing the id later as senderHosted ends its promise state.
+
+    receiverAnswer @5 :PromisedAnswer;
+    # A capability pipelined on one of the sender's own questions to the receiver, passed back to
+    # it: the capability at `transform` in the results of the receiver's answer `questionId`. Only
+    # in a Call's params (elsewhere PROTOCOL_ERROR). The answer must be live at the receiver: not
+    # freed, no Finish received, not a call sent with noPromisePipelining, and the path at most 8
+    # steps (else PROTOCOL_ERROR). The sender keeps the question (sends no Finish for it) until
+    # this Call is sent, so the Call precedes that Finish on the ring. Adds no reference.
+    #
+    # The receiver delivers the Call once that answer has returned, with the capability it names
+    # (the receiver's own object, as for receiverHosted; a broken capability with the answer's
+    # error; UNSUPPORTED for a capability the receiver does not host itself), and keeps E-order
+    # on the Call's target: later calls to the same export wait behind it. The answer stays
+    # until every such Call was delivered, even past its Finish.
   }
 }
 

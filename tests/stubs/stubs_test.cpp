@@ -472,6 +472,24 @@ TEST_F(StubsTest, CapabilityPassedBackArrivesAsTheServersOwnObject) {
   EXPECT_EQ(inspected->results().getValue(), 33);
 }
 
+// Cap'n Proto's calculator pattern: a capability pipelined on a call's results, passed back to
+// the same server in the next call, without waiting for the first: both calls leave at once,
+// and the server sees its own object.
+TEST_F(StubsTest, APipelinedCapabilityPassedBackArrivesAsTheServersOwnObject) {
+  LocalPair pair(loop_, &root_);
+  st::Adder::Client adder(pair.client().bootstrap());
+  auto spawned = adder.spawn([](auto p) { p.setStart(33); });
+  auto inspected = adder.inspect(
+      [&](auto params, auto& request) { return setOther(request, params, spawned.getChild()); });
+  EXPECT_EQ(pair.client().stats().callsSent, 2u) << "sent before the first answer";
+  EXPECT_EQ(pair.client().stats().returnsReceived, 0u);
+  auto r = await(loop_, std::move(inspected));
+  ASSERT_TRUE(r.ok()) << errcName(r.code());
+  EXPECT_TRUE(r->results().getMine());
+  EXPECT_EQ(r->results().getValue(), 33);
+  EXPECT_TRUE(await(loop_, std::move(spawned)).ok());
+}
+
 TEST_F(StubsTest, CapabilityHostedByTheCallerIsCalledBackByTheServer) {
   LocalPair pair(loop_, &root_);
   ListenerImpl listener(log_);
@@ -514,10 +532,12 @@ TEST_F(StubsTest, BuildFunctionErrorAbandonsTheCallAndSendsNothing) {
   st::Adder::Client adder(pair.client().bootstrap());
   auto spawned = adder.spawn([](auto p) { p.setStart(1); });
   const uint64_t sentBefore = pair.client().stats().callsSent;
-  // The engine cannot pass a pipelined reference in a cap table yet: the setter says so, the
-  // build function returns its error, and the call never leaves.
-  auto refused = adder.inspect(
-      [&](auto params, auto& request) { return setOther(request, params, spawned.getChild()); });
+  // The build function sets a capability (a pipelined one, which holds its question), then
+  // returns an error: the call never leaves, and what it held goes with it.
+  auto refused = adder.inspect([&](auto params, auto& request) -> Status {
+    AGATE_TRY(setOther(request, params, spawned.getChild()));
+    return Error(Errc::INVALID_ARGUMENT, "the build function refuses");
+  });
   EXPECT_EQ(pair.client().stats().callsSent, sentBefore);
   EXPECT_EQ(refused.untyped(), nullptr);
   auto r = await(loop_, std::move(refused));

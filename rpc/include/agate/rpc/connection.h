@@ -145,7 +145,14 @@ class OutSlot {
 
 // One entry of an outbound cap table before it is written.
 struct CapEntry {
-  enum class Kind : uint8_t { NONE, SENDER_HOSTED, RECEIVER_HOSTED, THIRD_PARTY, SENDER_PROMISE };
+  enum class Kind : uint8_t {
+    NONE,
+    SENDER_HOSTED,
+    RECEIVER_HOSTED,
+    THIRD_PARTY,
+    SENDER_PROMISE,
+    RECEIVER_ANSWER
+  };
   Kind kind = Kind::NONE;
   uint32_t id = 0;                       // RECEIVER_HOSTED: the peer's export id
   ServerObject* object = nullptr;        // SENDER_HOSTED; THIRD_PARTY: the vine
@@ -154,6 +161,9 @@ struct CapEntry {
                                          // SENDER_PROMISE: the promise (object is the same)
   VatId vat = NO_VAT;                    // THIRD_PARTY: the provider
   uint64_t provisionId = 0;              // THIRD_PARTY
+  // RECEIVER_ANSWER: the pipelined capability passed back (its question and path), held so that
+  // no Finish for the question goes out before the message that names it.
+  std::unique_ptr<RemoteCap> pipelined;
 };
 
 // An outbound cap table being collected while content is built. Every Request holds one, and
@@ -541,7 +551,12 @@ struct RpcStats {
   uint64_t resolvesSent = 0;   // promise capabilities this side exported and settled
   uint64_t resolvesReceived = 0;
   uint64_t promiseCallsQueued = 0;  // calls held by this side until their promise settled
-  uint64_t disembargoesSent = 0;    // three-party embargoes (schemas/rpc.capnp, "Embargoes")
+  // Calls whose params passed back a capability pipelined on one of this side's answers
+  // (receiverAnswer) that had not returned yet: held until it has (callee side).
+  uint64_t callsAwaitingParamAnswers = 0;
+  // Calls held behind such a call on the same export, to keep E-order (callee side).
+  uint64_t callsQueuedBehind = 0;
+  uint64_t disembargoesSent = 0;  // three-party embargoes (schemas/rpc.capnp, "Embargoes")
   uint64_t disembargoesReceived = 0;
   uint64_t acceptsEmbargoed = 0;  // embargoed Accepts that waited for the introducer's Disembargo
 };
@@ -654,7 +669,9 @@ class RpcConnection {
                                   const RemoteCap* handedOff);
   void releaseResponse(detail::ResponseSlot* slot) noexcept;
   void relocate(detail::ResponseSlot* slot);
-  Result<uint32_t> addCapFor(detail::CapTable& table, const RemoteCap& cap);
+  // `inParams`: the table is a Call's (a capability pipelined on a question of this connection
+  // goes back as receiverAnswer only there).
+  Result<uint32_t> addCapFor(detail::CapTable& table, const RemoteCap& cap, bool inParams = false);
   Result<uint32_t> addPromiseFor(detail::CapTable& table, const CapPromise& promise);
   Result<uint32_t> addReceivedFor(detail::CapTable& table, RpcConnection& origin,
                                   const ReceivedCap& cap);
@@ -696,6 +713,13 @@ class RpcConnection {
   Status decodeResolve(wire::Resolve::Reader r, Decoded& d);
   bool heldPromiseOrResolved(uint32_t importId) const noexcept;
   void rollBackExports(detail::CapTable& caps) noexcept;
+  // receiverAnswer in a call's params (answers.cpp).
+  bool mustQueueOnExport(const Answer& a, uint32_t exportId) const noexcept;
+  void resolveParamAnswers(Answer& a, capnp::AnyStruct::Reader payload);
+  void dropParamAnswers(Answer& a) noexcept;
+  void wakeParamWaiters(Answer& answer);
+  void settleExport(uint32_t exportId);
+  void drainExport(uint32_t exportId);
   Status handleResolve(const Decoded& d);
   uint32_t resolvedImport(uint32_t importId, Error& broken) const noexcept;
   void noteImported(uint32_t importId, detail::CapEntry::Kind kind) noexcept;
@@ -734,6 +758,8 @@ class RpcConnection {
   void deliverQueued(Answer& answer);
   detail::SpillBuffer* copyCall(IncomingMessage& message);
   Result<uint32_t> resolvePipeline(Answer& target, std::span<const uint16_t> path);
+  Result<uint32_t> resolvePipeline(Answer& target, std::span<const uint16_t> path,
+                                   FrameReader& reader);
   Promise<void> drive(uint32_t answerId, Promise<void> dispatch);
   void completeAnswer(uint32_t answerId, Status status);
   void failAnswer(Answer& answer, const Error& error);
@@ -812,6 +838,7 @@ class RpcConnection {
 
   // Answers whose queued pipelined calls can now be settled (run iteratively, not recursively).
   std::vector<uint32_t> worklist_;
+  std::vector<uint32_t> exportsToDrain_;  // exports whose queued calls may go on (drainExport)
 
   // A handoff's host connection being made (the reader waits for it), and the outcomes of
   // those made for the message being handled (consulted when it is handled again).

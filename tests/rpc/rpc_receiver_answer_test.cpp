@@ -1,0 +1,297 @@
+// A capability pipelined on a call's results, passed back to the same peer in a later call's
+// params before the first call returned (CapDescriptor.receiverAnswer, schemas/rpc.capnp): both
+// calls leave at once; the callee delivers the second once the first has returned, with its own
+// object, and keeps E-order on the second call's target; the first answer's error becomes a
+// broken capability; a Finish of the first answer does not cancel it while a call still needs
+// it; cancelling the waiting call lets the calls behind it go; the callee's tables end empty.
+// Hostile forms are in rpc_hostile_test.cpp.
+#include <gtest/gtest.h>
+
+#include <optional>
+#include <vector>
+
+#include "rpc_harness.h"
+#include "support/watchdog.h"
+
+namespace agate::rpc::test {
+namespace {
+
+using agate::testing::Watchdog;
+
+enum GateMethod : uint16_t {
+  GATED_CHILD = 40,      // -> CapAndValue: a new Node(7), once open() (or fails once fail())
+  USE = 41,              // CapParam -> Value: 1 for our own Node (logged), else calls ECHO on it
+  MARK = 42,             // Value -> (): logs the value
+  BACK_IN_RESULTS = 43,  // tries to return a capability pipelined on a call to the caller
+};
+
+// The server: hands out children only when the test opens the gate, and logs, in one sequence,
+// what USE saw and what MARK was given, so that the test sees the order of delivery.
+class GateServer final : public ServerObject {
+ public:
+  static constexpr uint64_t USED_OWN = 1000;
+
+  explicit GateServer(Log& log) : log_(log) {}
+
+  Promise<void> dispatch(uint64_t interfaceId, uint16_t methodId, CallContext& ctx) override {
+    if (interfaceId != NODE_INTERFACE_ID) return readyPromise<void>(Errc::UNSUPPORTED);
+    switch (methodId) {
+      case GATED_CHILD:
+        return gatedChild(ctx);
+      case USE:
+        return use(ctx);
+      case MARK: {
+        uint64_t v = 0;
+        Status read = ctx.tryReadParams<Value>([&](Value::Reader p) { v = p.getValue(); });
+        if (read) events.push_back(v);
+        return readyPromise<void>(read);
+      }
+      case BACK_IN_RESULTS:
+        return readyPromise<void>(backInResults(ctx));
+      default:
+        return readyPromise<void>(Error(Errc::UNSUPPORTED, "no such method"));
+    }
+  }
+  void open() { settle(Status{}); }
+  void fail() { settle(Error(Errc::FAILED, "the gate broke")); }
+
+  std::vector<uint64_t> events;
+  std::vector<ServerObject*> seen;
+
+ private:
+  void settle(Status outcome) {
+    std::vector<Fulfiller<void>> waiting = std::move(waiting_);
+    waiting_.clear();
+    for (Fulfiller<void>& f : waiting) f.fulfill(outcome);
+  }
+  Promise<void> gatedChild(CallContext& ctx) {
+    auto [opened, fulfiller] = newPromiseAndFulfiller<void>();
+    waiting_.push_back(std::move(fulfiller));
+    AGATE_CO_TRY(co_await opened);
+    Result<CapAndValue::Builder> out = ctx.initResultsAs<CapAndValue>(32);
+    AGATE_CO_TRY(out);
+    Result<uint32_t> index = ctx.addResultCap(std::make_unique<Node>(7, log_));
+    AGATE_CO_TRY(index);
+    writeCapPointer(*out, 0, *index);
+    co_return {};
+  }
+  Promise<void> use(CallContext& ctx) {
+    Result<ReceivedCap> cap = Error(Errc::INVALID_ARGUMENT, "no params");
+    AGATE_CO_TRY(ctx.tryReadParams<CapParam>([&](CapParam::Reader p) { cap = ctx.capAt(p, 0); }));
+    AGATE_CO_TRY(cap);
+    if (cap->local != nullptr) {
+      seen.push_back(cap->local);
+      events.push_back(USED_OWN);
+      Result<Value::Builder> out = ctx.initResultsAs<Value>(16);
+      AGATE_CO_TRY(out);
+      out->setValue(1);
+      co_return {};
+    }
+    RemoteCap remote = cap->remote;
+    Request r = remote.newCall(NODE_INTERFACE_ID, ECHO, 16);
+    r.initParams<Value>().setValue(0);
+    Result<Response> echoed = co_await r.send();
+    AGATE_CO_TRY(echoed);
+    Result<Value::Builder> out = ctx.initResultsAs<Value>(16);
+    AGATE_CO_TRY(out);
+    out->setValue(2);
+    co_return {};
+  }
+
+  Status backInResults(CallContext& ctx) {
+    RemotePromise p = ctx.connection().bootstrap().newCall(NODE_INTERFACE_ID, NEXT, 16).send();
+    Result<CapAndValue::Builder> out = ctx.initResultsAs<CapAndValue>(32);
+    AGATE_TRY(out);
+    Result<uint32_t> index = ctx.addResultCap(p.pipeline({0}));
+    AGATE_TRY(index);
+    writeCapPointer(*out, 0, *index);
+    return {};
+  }
+
+  Log& log_;
+  std::vector<Fulfiller<void>> waiting_;
+};
+
+RemotePromise use(const RemoteCap& target, const RemoteCap& cap) {
+  Request r = target.newCall(NODE_INTERFACE_ID, USE, 64);
+  Result<uint32_t> index = r.addCap(cap);
+  AGATE_ASSERT(index.ok(), "addCap: %s", errcName(index.code()));
+  writeCapPointer(r.initParams<CapParam>(), 0, *index);
+  return r.send();
+}
+
+RemotePromise mark(const RemoteCap& target, uint64_t v) {
+  Request r = target.newCall(NODE_INTERFACE_ID, MARK, 16);
+  r.initParams<Value>().setValue(v);
+  return r.send();
+}
+
+Promise<uint64_t> valueOf(RemotePromise p) {
+  Result<Response> r = co_await p;
+  AGATE_CO_TRY(r);
+  uint64_t v = 0;
+  AGATE_CO_TRY(r->tryRead<Value>([&](Value::Reader x) { v = x.getValue(); }));
+  co_return v;
+}
+
+Promise<void> done(RemotePromise p) {
+  Result<Response> r = co_await p;
+  AGATE_CO_TRY(r);
+  co_return {};
+}
+
+class ReceiverAnswerTest : public ::testing::Test {
+ protected:
+  // Runs the loop until the server holds `n` calls that wait (for their params' answers, or
+  // behind such a call).
+  bool serverHolds(LocalPair& pair, uint64_t waiting, uint64_t behind) {
+    return runUntil(loop_, [&] {
+      return pair.server().stats().callsAwaitingParamAnswers == waiting &&
+             pair.server().stats().callsQueuedBehind == behind;
+    });
+  }
+
+  Watchdog watchdog_{"rpc_receiver_answer_test", std::chrono::seconds(60)};
+  EventLoop loop_;
+  Log log_;
+  GateServer server_{log_};
+};
+
+TEST_F(ReceiverAnswerTest, APassedBackCapabilityWaitsForItsAnswerAndArrivesAsTheServersObject) {
+  LocalPair pair(loop_, &server_);
+  RemoteCap root = pair.client().bootstrap();
+  RemotePromise child = root.newCall(NODE_INTERFACE_ID, GATED_CHILD, 16).send();
+  RemotePromise used = use(root, child.pipeline({0}));
+  EXPECT_EQ(pair.client().stats().callsSent, 2u) << "both calls left before any answer";
+  ASSERT_TRUE(serverHolds(pair, 1, 0));
+  EXPECT_TRUE(server_.events.empty()) << "USE waits for the child";
+  server_.open();
+  Result<uint64_t> v = loop_.run(valueOf(std::move(used)));
+  ASSERT_TRUE(v.ok()) << errcName(v.code());
+  EXPECT_EQ(*v, 1u) << "the server's own object, not a reference through the client";
+  ASSERT_EQ(server_.seen.size(), 1u);
+  EXPECT_EQ(static_cast<Node*>(server_.seen[0])->value(), 7u);
+  EXPECT_TRUE(loop_.run(done(std::move(child))).ok());
+  EXPECT_TRUE(pair.server().isOpen());
+}
+
+TEST_F(ReceiverAnswerTest, AnAnswerThatAlreadyReturnedIsUsedAtOnce) {
+  LocalPair pair(loop_, &server_);
+  RemoteCap root = pair.client().bootstrap();
+  RemotePromise child = root.newCall(NODE_INTERFACE_ID, GATED_CHILD, 16).send();
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().stats().callsReceived == 1; }));
+  server_.open();
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().stats().returnsSent == 1; }));
+  Result<uint64_t> v = loop_.run(valueOf(use(root, child.pipeline({0}))));
+  ASSERT_TRUE(v.ok()) << errcName(v.code());
+  EXPECT_EQ(*v, 1u);
+  EXPECT_EQ(pair.server().stats().callsAwaitingParamAnswers, 0u);
+}
+
+// E-order on the waiting call's target: calls made after it on the same reference are delivered
+// after it, although they need nothing.
+TEST_F(ReceiverAnswerTest, LaterCallsOnTheSameReferenceWaitBehindIt) {
+  LocalPair pair(loop_, &server_);
+  RemoteCap root = pair.client().bootstrap();
+  RemotePromise child = root.newCall(NODE_INTERFACE_ID, GATED_CHILD, 16).send();
+  RemotePromise used = use(root, child.pipeline({0}));
+  RemotePromise m1 = mark(root, 1);
+  RemotePromise m2 = mark(root, 2);
+  ASSERT_TRUE(serverHolds(pair, 1, 2));
+  EXPECT_TRUE(server_.events.empty());
+  server_.open();
+  ASSERT_TRUE(loop_.run(done(std::move(m2))).ok());
+  EXPECT_EQ(server_.events, (std::vector<uint64_t>{GateServer::USED_OWN, 1, 2}));
+  ASSERT_TRUE(loop_.run(done(std::move(used))).ok());
+  ASSERT_TRUE(loop_.run(done(std::move(m1))).ok());
+  // The queue is gone: a new call is served at once.
+  ASSERT_TRUE(loop_.run(done(mark(root, 3))).ok());
+  EXPECT_EQ(server_.events.back(), 3u);
+  EXPECT_TRUE(loop_.run(done(std::move(child))).ok());
+}
+
+TEST_F(ReceiverAnswerTest, TheAnswersErrorArrivesAsABrokenCapability) {
+  LocalPair pair(loop_, &server_);
+  RemoteCap root = pair.client().bootstrap();
+  RemotePromise child = root.newCall(NODE_INTERFACE_ID, GATED_CHILD, 16).send();
+  RemotePromise used = use(root, child.pipeline({0}));
+  RemotePromise m = mark(root, 1);
+  ASSERT_TRUE(serverHolds(pair, 1, 1));
+  server_.fail();
+  Result<uint64_t> v = loop_.run(valueOf(std::move(used)));
+  ASSERT_FALSE(v.ok());
+  EXPECT_EQ(v.code(), Errc::FAILED) << "the call made on the broken capability failed with it";
+  EXPECT_TRUE(loop_.run(done(std::move(m))).ok());
+  EXPECT_EQ(server_.events, std::vector<uint64_t>{1});
+  EXPECT_EQ(loop_.run(done(std::move(child))).code(), Errc::FAILED);
+  EXPECT_TRUE(pair.server().isOpen());
+}
+
+// The caller drops the first call's promise (Finish goes out before its Return): the answer runs
+// on and stays until the call that names it was delivered, then goes.
+TEST_F(ReceiverAnswerTest, AFinishedAnswerStaysForTheCallThatNamesIt) {
+  LocalPair pair(loop_, &server_);
+  RemoteCap root = pair.client().bootstrap();
+  const size_t answersBefore = pair.server().answerCount();
+  std::optional<RemotePromise> child(root.newCall(NODE_INTERFACE_ID, GATED_CHILD, 16).send());
+  RemotePromise used = use(root, child->pipeline({0}));
+  child.reset();  // the pipelined capability went with the USE call: Finish now
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().stats().finishesReceived == 1; }));
+  ASSERT_TRUE(serverHolds(pair, 1, 0));
+  server_.open();
+  Result<uint64_t> v = loop_.run(valueOf(std::move(used)));
+  ASSERT_TRUE(v.ok()) << errcName(v.code());
+  EXPECT_EQ(*v, 1u);
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().answerCount() == answersBefore; }));
+  EXPECT_EQ(log_.created, log_.destroyed) << "the child went with the answer";
+}
+
+// Cancelling the waiting call lets the calls behind it go at once, and its answer is let go.
+TEST_F(ReceiverAnswerTest, CancellingTheWaitingCallReleasesTheCallsBehindIt) {
+  LocalPair pair(loop_, &server_);
+  RemoteCap root = pair.client().bootstrap();
+  RemotePromise child = root.newCall(NODE_INTERFACE_ID, GATED_CHILD, 16).send();
+  std::optional<RemotePromise> used(use(root, child.pipeline({0})));
+  RemotePromise m = mark(root, 1);
+  ASSERT_TRUE(serverHolds(pair, 1, 1));
+  used.reset();  // Finish: the USE call is cancelled while it waits
+  ASSERT_TRUE(loop_.run(done(std::move(m))).ok());
+  EXPECT_EQ(server_.events, std::vector<uint64_t>{1}) << "served before the gate opened";
+  server_.open();
+  ASSERT_TRUE(loop_.run(done(std::move(child))).ok());
+  EXPECT_TRUE(server_.seen.empty()) << "USE never ran";
+}
+
+// The client goes while calls wait: the server frees them and the answer they named.
+TEST_F(ReceiverAnswerTest, TheCallersDeathFreesTheWaitingCallsAndTheirAnswer) {
+  LocalPair pair(loop_, &server_);
+  {
+    RemoteCap root = pair.client().bootstrap();
+    RemotePromise child = root.newCall(NODE_INTERFACE_ID, GATED_CHILD, 16).send();
+    RemotePromise used = use(root, child.pipeline({0}));
+    RemotePromise m = mark(root, 1);
+    ASSERT_TRUE(serverHolds(pair, 1, 1));
+  }
+  pair.destroyClient();
+  ASSERT_TRUE(runUntil(loop_, [&] { return !pair.server().isOpen(); }));
+  EXPECT_EQ(pair.server().answerCount(), 0u);
+  server_.open();  // the gated call was cancelled with the connection: nothing to resume
+  loop_.runUntilIdle();
+  EXPECT_TRUE(server_.events.empty());
+  EXPECT_EQ(log_.created, log_.destroyed);
+}
+
+// In a call's results a capability pipelined on the peer's own question cannot go back (only a
+// call's params carry receiverAnswer): addResultCap says so, and the call fails with it.
+TEST_F(ReceiverAnswerTest, APipelinedCapabilityOfTheSameConnectionCannotGoInResults) {
+  Node clientRoot(0, log_);
+  LocalPair pair(loop_, &server_, &clientRoot);
+  RemoteCap root = pair.client().bootstrap();
+  Status r = loop_.run(done(root.newCall(NODE_INTERFACE_ID, BACK_IN_RESULTS, 16).send()));
+  EXPECT_EQ(r.code(), Errc::INVALID_ARGUMENT);
+  EXPECT_TRUE(pair.server().isOpen());
+  EXPECT_TRUE(pair.client().isOpen());
+}
+
+}  // namespace
+}  // namespace agate::rpc::test
