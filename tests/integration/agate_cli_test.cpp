@@ -1,10 +1,10 @@
 // The agate command line end to end: `agate up`/`down` daemonize and stop a real agate-kernel on
 // a temporary home; `agate ps`/`banks`/`caps` show what a real client process built.
 //
-// Every test runs the agate executable as a child (its stdout, stderr and exit code are what a
-// user sees). A daemon started by `agate up` is re-parented away from the test, so the fixture's
-// watchdog and teardown find it through the home's pidfile and kill it: no test leaves a kernel
-// behind, even when it fails or hangs.
+// Every test runs the agate executable (or, for its own options, agate-kernel) as a child (its
+// stdout, stderr and exit code are what a user sees). A daemon started by `agate up` is re-parented
+// away from the test, so the fixture's watchdog and teardown find it through the home's pidfile and
+// kill it: no test leaves a kernel behind, even when it fails or hangs.
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
