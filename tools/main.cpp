@@ -1,10 +1,14 @@
 // agate: start, stop and look into an Agate system.
 //
 //   agate up [--home DIR] [--timeout S] [--kernel PATH]   start agate-kernel in the background
+//            [--system-pages N] [--process-pages N]     (passed on to agate-kernel)
 //   agate down [--home DIR] [--timeout S] [--force]       stop it
 //   agate ps [--home DIR] [--json]                        attached processes
 //   agate banks [--home DIR] [--json]                     the space bank tree
 //   agate caps PID [--home DIR] [--json]                  one process's capabilities
+//
+// --home and --json may also come before the command (`agate --home D ps`). Usage errors print
+// one "agate: ..." line and where to read more, and exit 64.
 //
 // Exit codes (also in --help and tools/README.md): 0 done; 1 failed; 2 no kernel is running (ps,
 // banks, caps); 3 no such process (caps); 64 bad usage.
@@ -12,11 +16,14 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 
@@ -61,6 +68,40 @@ std::chrono::milliseconds seconds(double s) {
   return std::chrono::milliseconds(static_cast<int64_t>(s * 1000));
 }
 
+// The longest --timeout: a day is far more than any start or stop needs, and keeps the
+// milliseconds well inside int64_t.
+constexpr double MAX_TIMEOUT_SECONDS = 24 * 3600;
+
+// --timeout: a finite number of seconds in (0, MAX_TIMEOUT_SECONDS]. A check of the text, so
+// "abc" gets the same message as 0 (CLI11 runs checks before converting).
+CLI::Validator positiveSeconds() {
+  return CLI::Validator(
+      [](std::string& input) -> std::string {
+        char* end = nullptr;
+        const double value = std::strtod(input.c_str(), &end);
+        if (input.empty() || end != input.c_str() + input.size() || !(value > 0) ||
+            value > MAX_TIMEOUT_SECONDS)
+          return "must be a positive number of seconds (at most " +
+                 std::to_string(static_cast<int>(MAX_TIMEOUT_SECONDS)) + "), not '" + input + "'";
+        return {};
+      },
+      "", "SECONDS");
+}
+
+// --system-pages, --process-pages: a positive integer, as agate-kernel takes it.
+CLI::Validator positivePages() {
+  return CLI::Validator(
+      [](std::string& input) -> std::string {
+        uint64_t value = 0;
+        const char* last = input.c_str() + input.size();
+        const auto [end, ec] = std::from_chars(input.c_str(), last, value);
+        if (ec != std::errc() || end != last || value == 0)
+          return "must be a positive whole number of pages, not '" + input + "'";
+        return {};
+      },
+      "", "PAGES");
+}
+
 struct Common {
   std::string home;  // as given; resolved with resolveKernelHome
   bool json = false;
@@ -72,6 +113,18 @@ struct UpOptions {
   Common common;
   double timeoutSeconds = 10;
   std::string kernel;  // --kernel, else $AGATE_KERNEL, else beside this executable
+  // Passed on to agate-kernel as its options of the same names; 0: not given (its default).
+  uint64_t systemPages = 0;
+  uint64_t processPages = 0;
+
+  std::vector<std::string> kernelOptions() const {
+    std::vector<std::string> options;
+    if (systemPages != 0)
+      options.insert(options.end(), {"--system-pages", std::to_string(systemPages)});
+    if (processPages != 0)
+      options.insert(options.end(), {"--process-pages", std::to_string(processPages)});
+    return options;
+  }
 };
 
 void printLogTail(const std::string& log, off_t offset) {
@@ -90,9 +143,15 @@ Status tryAttachOnce(const std::string& home, std::chrono::milliseconds timeout)
   return {};
 }
 
-int alreadyRunning(const KernelStatus& status, const HomePaths& home) {
+// `kernelOptions`: what this `up` would have passed on; a running kernel keeps its own settings.
+int alreadyRunning(const KernelStatus& status, const HomePaths& home,
+                   const std::vector<std::string>& kernelOptions) {
   std::printf("agate-kernel is already running (pid %s, home %s)\n",
               status.pid ? std::to_string(status.pid).c_str() : "unknown", home.dir.c_str());
+  if (!kernelOptions.empty())
+    std::printf(
+        "its options are unchanged: --system-pages and --process-pages apply to a kernel that "
+        "`agate up` starts (`agate down` first)\n");
   return EXIT_OK;
 }
 
@@ -133,7 +192,7 @@ int runUp(const UpOptions& o) {
   const std::optional<KernelStatus> status = lockAndProbe(home, timeout, lock);
   if (!status) return EXIT_FAILED;
   if (status->running) {
-    return alreadyRunning(*status, home);
+    return alreadyRunning(*status, home, o.kernelOptions());
   }
   if (status->stalePidfile || status->staleSocket) {
     if (Status st = removeStaleFiles(home); !st) {
@@ -165,7 +224,8 @@ int runUp(const UpOptions& o) {
   kernelPath = absolutePath(kernelPath);  // exists: access() just found it
 
   // The kernel first: every later service attaches to it.
-  const std::vector<SystemService> services = systemServices(home.dir, kernelPath);
+  const std::vector<SystemService> services =
+      systemServices(home.dir, kernelPath, o.kernelOptions());
   for (size_t i = 0; i < services.size(); ++i) {
     const SystemService& service = services[i];
     const auto start = std::chrono::steady_clock::now();
@@ -178,7 +238,7 @@ int runUp(const UpOptions& o) {
       // A kernel started by hand at the same moment wins the home's lock and ours exits: that
       // is a running kernel, which is what `up` was asked for.
       if (auto now = probeKernel(home); i == 0 && outcome->exited && now && now->running) {
-        return alreadyRunning(*now, home);
+        return alreadyRunning(*now, home, o.kernelOptions());
       }
       if (outcome->exited)
         fail(service.name + " exited during start-up");
@@ -363,55 +423,125 @@ int runCaps(const Common& c, caps::ProcessId pid) {
   return EXIT_OK;
 }
 
-void addCommon(CLI::App& cmd, Common& c, bool json) {
-  cmd.add_option("--home", c.home,
-                 "kernel home directory (default: $AGATE_HOME, $XDG_RUNTIME_DIR/agate, "
-                 "/tmp/agate-$UID)")
-      ->type_name("DIR");
-  if (json) cmd.add_flag("--json", c.json, "print JSON for tools instead of a table");
+constexpr const char* HOME_HELP =
+    "kernel home directory (default: $AGATE_HOME, $XDG_RUNTIME_DIR/agate, /tmp/agate-$UID)";
+constexpr const char* JSON_HELP = "print JSON for tools instead of a table";
+
+// --home (and --json for the queries) on a command; returns the --home option.
+CLI::Option* addCommon(CLI::App& cmd, Common& c, bool json) {
+  CLI::Option* home = cmd.add_option("--home", c.home, HOME_HELP)->type_name("DIR");
+  if (json) cmd.add_flag("--json", c.json, JSON_HELP);
+  return home;
+}
+
+// Prints a usage error the way every agate message looks, with where to read more; returns 64.
+int usageError(const std::string& message, const std::string& more) {
+  fail(message);
+  std::fprintf(stderr, "%s\n", more.c_str());
+  return EXIT_USAGE;
+}
+
+std::string quoted(const std::vector<std::string>& args) {
+  std::string out;
+  for (const std::string& a : args) out += (out.empty() ? "'" : ", '") + a + "'";
+  return out;
+}
+
+// A CLI11 parse error as an agate message. CLI11's own text ("A subcommand is required", "The
+// following arguments were not expected") is replaced where it does not name what was wrong.
+int parseFailed(CLI::App& app, const CLI::ParseError& e) {
+  if (e.get_exit_code() == 0) return app.exit(e);  // --help: the help text, exit 0
+  // The command that was selected, if any: its --help lists the options that apply.
+  const std::vector<CLI::App*> selected = app.get_subcommands();
+  if (selected.empty()) {
+    std::string commands;
+    for (const CLI::App* cmd : app.get_subcommands([](const CLI::App*) { return true; }))
+      commands += (commands.empty() ? "" : ", ") + cmd->get_name();
+    const std::string more = "commands: " + commands + " (`agate --help` says more)";
+    if (dynamic_cast<const CLI::RequiredError*>(&e) != nullptr) {
+      // require_subcommand: nothing, or something that is no command, was given.
+      const std::vector<std::string> left = app.remaining();
+      if (left.empty()) return usageError("no command given", more);
+      const std::string& first = left.front();
+      return usageError(
+          (first.starts_with("-") ? "unknown option '" : "unknown command '") + first + "'", more);
+    }
+    return usageError(e.what(), more);
+  }
+  const std::string name = selected.front()->get_name();
+  const std::string more = "`agate " + name + " --help` lists its options";
+  if (dynamic_cast<const CLI::ExtrasError*>(&e) != nullptr) {
+    const std::vector<std::string> left = app.remaining(/*recurse=*/true);
+    const bool options = std::all_of(left.begin(), left.end(),
+                                     [](const std::string& a) { return a.starts_with("-"); });
+    return usageError(std::string(options ? "unknown option" : "unexpected argument") +
+                          (left.size() > 1 ? "s " : " ") + quoted(left) + " for `agate " + name +
+                          "`",
+                      more);
+  }
+  return usageError(e.what(), more);
 }
 
 int run(int argc, char** argv) {
   CLI::App app{"agate: start, stop and look into an Agate system"};
   app.footer(EXIT_CODES_FOOTER);
   app.require_subcommand(1);
+  // Also accepted before the command (`agate --home D ps`); merged into the command's below.
+  Common before;
+  CLI::Option* homeBefore =
+      app.add_option("--home", before.home, std::string(HOME_HELP) + "; also after the command")
+          ->type_name("DIR");
+  app.add_flag("--json", before.json,
+               std::string(JSON_HELP) + " (ps, banks, caps); also after the command");
 
   UpOptions up;
   CLI::App* upCmd = app.add_subcommand("up", "start agate-kernel in the background");
-  addCommon(*upCmd, up.common, false);
+  CLI::Option* upHome = addCommon(*upCmd, up.common, false);
   upCmd
       ->add_option("--timeout", up.timeoutSeconds,
                    "seconds to wait for it to be ready (default 10)")
-      ->check(CLI::PositiveNumber)
+      ->check(positiveSeconds())
       ->type_name("SECONDS");
   upCmd
       ->add_option("--kernel", up.kernel,
                    "agate-kernel executable (default: $AGATE_KERNEL, else beside agate)")
       ->type_name("PATH");
+  upCmd
+      ->add_option("--system-pages", up.systemPages,
+                   "agate-kernel --system-pages: pages the kernel may hand out in all "
+                   "(default: agate-kernel's)")
+      ->check(positivePages())
+      ->type_name("N");
+  upCmd
+      ->add_option("--process-pages", up.processPages,
+                   "agate-kernel --process-pages: each process bank's limit, in pages "
+                   "(default: agate-kernel's)")
+      ->check(positivePages())
+      ->type_name("N");
 
   DownOptions down;
   CLI::App* downCmd = app.add_subcommand("down", "stop the running agate-kernel");
-  addCommon(*downCmd, down.common, false);
+  CLI::Option* downHome = addCommon(*downCmd, down.common, false);
   downCmd
       ->add_option("--timeout", down.timeoutSeconds, "seconds to wait for it to exit (default 10)")
-      ->check(CLI::PositiveNumber)
+      ->check(positiveSeconds())
       ->type_name("SECONDS");
   downCmd->add_flag("--force", down.force, "SIGKILL it if it has not exited by the timeout");
 
   Common ps;
   CLI::App* psCmd = app.add_subcommand("ps", "list the processes attached to the kernel");
-  addCommon(*psCmd, ps, true);
+  CLI::Option* psHome = addCommon(*psCmd, ps, true);
 
   Common banks;
   CLI::App* banksCmd = app.add_subcommand("banks", "show the space bank tree with used/limit");
-  addCommon(*banksCmd, banks, true);
+  CLI::Option* banksHome = addCommon(*banksCmd, banks, true);
 
   Common capsCommon;
   uint32_t capsPid = 0;
   CLI::App* capsCmd = app.add_subcommand("caps", "list one process's capabilities");
   capsCmd->add_option("PID", capsPid, "the process's kernel pid (the PID column of `agate ps`)")
       ->required();
-  addCommon(*capsCmd, capsCommon, true);
+  CLI::Option* capsHome = addCommon(*capsCmd, capsCommon, true);
 
   for (CLI::App* cmd : {upCmd, downCmd, psCmd, banksCmd, capsCmd}) cmd->footer(EXIT_CODES_FOOTER);
 
@@ -419,8 +549,33 @@ int run(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    const int code = app.exit(e);
-    return code == 0 ? EXIT_OK : EXIT_USAGE;
+    return parseFailed(app, e);
+  }
+
+  struct Chosen {
+    CLI::App* cmd;
+    Common& common;
+    CLI::Option* home;
+    bool json;  // takes --json
+  };
+  const Chosen chosen[] = {{upCmd, up.common, upHome, false},
+                           {downCmd, down.common, downHome, false},
+                           {psCmd, ps, psHome, true},
+                           {banksCmd, banks, banksHome, true},
+                           {capsCmd, capsCommon, capsHome, true}};
+  for (const Chosen& c : chosen) {
+    if (!c.cmd->parsed()) continue;
+    const std::string more = "`agate " + c.cmd->get_name() + " --help` lists its options";
+    if (homeBefore->count() > 0) {
+      if (c.home->count() > 0 && c.common.home != before.home)
+        return usageError(
+            "--home given twice, as '" + before.home + "' and '" + c.common.home + "'", more);
+      c.common.home = before.home;
+    }
+    if (before.json) {
+      if (!c.json) return usageError("--json applies to ps, banks and caps only", more);
+      c.common.json = true;
+    }
   }
   if (upCmd->parsed()) return runUp(up);
   if (downCmd->parsed()) return runDown(down);

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <ctime>
 #include <deque>
+#include <utility>
 
 #include "agate/runtime/fd.h"
 #include "agate/tools/kernel_home.h"
@@ -72,12 +73,15 @@ bool waitReadable(int fd, Clock::time_point end) {
 }  // namespace
 
 std::vector<SystemService> systemServices(const std::string& home,
-                                          const std::string& kernelExecutable) {
+                                          const std::string& kernelExecutable,
+                                          const std::vector<std::string>& kernelOptions) {
   std::vector<SystemService> services;
+  std::vector<std::string> kernelArgs{"--home", home, "--ready-fd", "{ready-fd}"};
+  kernelArgs.insert(kernelArgs.end(), kernelOptions.begin(), kernelOptions.end());
   services.push_back(SystemService{
       .name = "agate-kernel",
       .executable = kernelExecutable,
-      .args = {"--home", home, "--ready-fd", "{ready-fd}"},
+      .args = std::move(kernelArgs),
       .log = home + "/" + KERNEL_LOG_NAME,
   });
   return services;

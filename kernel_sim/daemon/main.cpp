@@ -3,6 +3,11 @@
 //
 //   agate-kernel [--home DIR] [--process-pages N] [--system-pages N] [--poll-us N]
 //                [--attach-timeout-ms N] [--ready-fd FD]
+//
+// `--help` shows each option's default. A usage error prints one "agate-kernel: ..." line and
+// exits 64 (sysexits.h EX_USAGE, as `agate` does); a failure to start or to serve exits 1.
+#include <charconv>
+#include <cstdint>
 #include <cstdio>
 #include <string>
 
@@ -11,25 +16,69 @@
 #include "agate/kernel/home.h"
 #include "daemon.h"
 
+namespace {
+
+constexpr int EXIT_USAGE = 64;  // sysexits.h EX_USAGE
+
+// A positive integer; a check of the text, so "abc" and "0" get the same message.
+CLI::Validator positiveInteger() {
+  return CLI::Validator(
+      [](std::string& input) -> std::string {
+        uint64_t value = 0;
+        const char* last = input.c_str() + input.size();
+        const auto [end, ec] = std::from_chars(input.c_str(), last, value);
+        if (ec != std::errc() || end != last || value == 0)
+          return "must be a positive whole number, not '" + input + "'";
+        return {};
+      },
+      "", "N");
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   agate::kernel::daemon::DaemonOptions options;
   std::string home;
   CLI::App app{"agate-kernel: the Agate capability kernel daemon"};
+  app.option_defaults()->always_capture_default();
   app.add_option("--home", home,
                  "directory of kernel.sock (default: $AGATE_HOME, $XDG_RUNTIME_DIR/agate, "
-                 "/tmp/agate-$UID)");
+                 "/tmp/agate-$UID)")
+      ->type_name("DIR");
   app.add_option("--system-pages", options.systemPages, "pages the kernel may hand out in all")
-      ->check(CLI::PositiveNumber);
+      ->check(positiveInteger())
+      ->type_name("N");
   app.add_option("--process-pages", options.processPages, "each process bank's limit, in pages")
-      ->check(CLI::PositiveNumber);
+      ->check(positiveInteger())
+      ->type_name("N");
   app.add_option("--poll-us", options.pollMicros,
-                 "microseconds to keep polling the rings after the last call before sleeping");
+                 "microseconds to keep polling the rings after the last call before sleeping")
+      ->type_name("N");
   app.add_option("--attach-timeout-ms", options.attachTimeoutMs,
                  "milliseconds a new connection has to complete attach before it is closed")
-      ->check(CLI::PositiveNumber);
+      ->check(positiveInteger())
+      ->type_name("N");
   app.add_option("--ready-fd", options.readyFd,
-                 "descriptor to write one byte to (then close) once the socket listens");
-  CLI11_PARSE(app, argc, argv);
+                 "descriptor to write one byte to (then close) once the socket listens; -1: none")
+      ->type_name("FD");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    if (e.get_exit_code() == 0) return app.exit(e);  // --help
+    std::string message = e.what();
+    if (dynamic_cast<const CLI::ExtrasError*>(&e) != nullptr) {
+      // CLI11's "The following argument was not expected" does not say it is an unknown option.
+      message.clear();
+      for (const std::string& arg : app.remaining())
+        message +=
+            (message.empty() ? "" : ", ") +
+            std::string(arg.starts_with("-") ? "unknown option '" : "unexpected argument '") + arg +
+            "'";
+    }
+    std::fprintf(stderr, "agate-kernel: %s\n`agate-kernel --help` lists its options\n",
+                 message.c_str());
+    return EXIT_USAGE;
+  }
   options.home = agate::kernel::resolveKernelHome(home);
 
   auto daemon = agate::kernel::daemon::KernelDaemon::tryCreate(options);

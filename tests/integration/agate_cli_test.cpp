@@ -1,10 +1,10 @@
 // The agate command line end to end: `agate up`/`down` daemonize and stop a real agate-kernel on
 // a temporary home; `agate ps`/`banks`/`caps` show what a real client process built.
 //
-// Every test runs the agate executable as a child (its stdout, stderr and exit code are what a
-// user sees). A daemon started by `agate up` is re-parented away from the test, so the fixture's
-// watchdog and teardown find it through the home's pidfile and kill it: no test leaves a kernel
-// behind, even when it fails or hangs.
+// Every test runs the agate executable (or, for its own options, agate-kernel) as a child (its
+// stdout, stderr and exit code are what a user sees). A daemon started by `agate up` is re-parented
+// away from the test, so the fixture's watchdog and teardown find it through the home's pidfile and
+// kill it: no test leaves a kernel behind, even when it fails or hangs.
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -50,11 +50,12 @@ struct Ran {
   std::string err;
 };
 
-// Runs `agate ARGS...` with `env` (KEY=VALUE strings; nothing inherited), capturing its output.
+// Runs `BINARY ARGS...` with `env` (KEY=VALUE strings; nothing inherited), capturing its output.
 // Killed after `limit`.
 // Runs in `cwd` when not empty.
-Ran runAgate(const std::vector<std::string>& args, const std::vector<std::string>& env = {},
-             std::chrono::milliseconds limit = 20s, const std::string& cwd = {}) {
+Ran runProgram(const char* binary, const std::vector<std::string>& args,
+               const std::vector<std::string>& env, std::chrono::milliseconds limit,
+               const std::string& cwd) {
   Ran r;
   int out[2], err[2];
   if (::pipe2(out, O_CLOEXEC) != 0 || ::pipe2(err, O_CLOEXEC) != 0) {
@@ -62,7 +63,7 @@ Ran runAgate(const std::vector<std::string>& args, const std::vector<std::string
     return r;
   }
   // Built before fork: the child only makes async-signal-safe calls.
-  std::vector<std::string> argStore{AGATE_CLI_BINARY};
+  std::vector<std::string> argStore{binary};
   argStore.insert(argStore.end(), args.begin(), args.end());
   std::vector<char*> argv;
   for (std::string& a : argStore) argv.push_back(a.data());
@@ -78,7 +79,7 @@ Ran runAgate(const std::vector<std::string>& args, const std::vector<std::string
     ::dup2(out[1], STDOUT_FILENO);
     ::dup2(err[1], STDERR_FILENO);
     if (!cwd.empty() && ::chdir(cwd.c_str()) != 0) ::_exit(126);
-    ::execve(AGATE_CLI_BINARY, argv.data(), envp.data());
+    ::execve(binary, argv.data(), envp.data());
     ::_exit(127);
   }
   ::close(out[1]);
@@ -90,7 +91,8 @@ Ran runAgate(const std::vector<std::string>& args, const std::vector<std::string
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
         end - std::chrono::steady_clock::now());
     if (left.count() <= 0 || ::poll(fds, 2, static_cast<int>(left.count())) <= 0) {
-      ADD_FAILURE() << "agate " << args[0] << " still running after " << limit.count() << " ms";
+      ADD_FAILURE() << binary << " " << (args.empty() ? "" : args[0]) << " still running after "
+                    << limit.count() << " ms";
       ::kill(child, SIGKILL);
       break;
     }
@@ -115,6 +117,11 @@ Ran runAgate(const std::vector<std::string>& args, const std::vector<std::string
   return r;
 }
 
+Ran runAgate(const std::vector<std::string>& args, const std::vector<std::string>& env = {},
+             std::chrono::milliseconds limit = 20s, const std::string& cwd = {}) {
+  return runProgram(AGATE_CLI_BINARY, args, env, limit, cwd);
+}
+
 std::string readFile(const std::string& path) {
   std::ifstream f(path);
   std::string content;
@@ -122,6 +129,12 @@ std::string readFile(const std::string& path) {
   while (f.read(chunk, sizeof chunk) || f.gcount() > 0)
     content.append(chunk, static_cast<size_t>(f.gcount()));
   return content;
+}
+
+Json parseJson(const std::string& text) {
+  Json j = Json::parse(text, nullptr, /*allow_exceptions=*/false);
+  EXPECT_FALSE(j.is_discarded()) << "not JSON: " << text;
+  return j;
 }
 
 bool exists(const std::string& path) {
@@ -430,13 +443,140 @@ TEST_F(AgateCliTest, QueriesWithoutAKernelFailWithExitCodeTwoAndOneLine) {
 }
 
 TEST_F(AgateCliTest, BadUsageExitsWith64AndHelpDocumentsExitCodes) {
-  EXPECT_EQ(runAgate({"frobnicate"}).exitCode, EXIT_USAGE);
-  EXPECT_EQ(runAgate({"caps"}).exitCode, EXIT_USAGE);  // PID missing
-  EXPECT_EQ(runAgate({"caps", "x"}).exitCode, EXIT_USAGE);
+  // Every usage error is one "agate: ..." line and a pointer to more, on stderr only.
+  for (std::vector<std::string> args : {std::vector<std::string>{"frobnicate"},
+                                        {"caps"} /* PID missing */,
+                                        {"caps", "x"},
+                                        {"up", "--home"} /* its value missing */,
+                                        {"ps", "extra"}}) {
+    Ran r = runAgate(args);
+    EXPECT_EQ(r.exitCode, EXIT_USAGE) << args[0] << ": " << r.err;
+    EXPECT_TRUE(r.err.starts_with("agate: ")) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 2) << r.err;
+    EXPECT_NE(r.err.find("--help"), std::string::npos) << r.err;
+    EXPECT_TRUE(r.out.empty()) << r.out;
+  }
   Ran help = runAgate({"--help"});
   EXPECT_EQ(help.exitCode, 0);
   EXPECT_NE(help.out.find("Exit codes"), std::string::npos) << help.out;
   EXPECT_NE(help.out.find("no kernel is running"), std::string::npos) << help.out;
+}
+
+TEST_F(AgateCliTest, AnUnknownCommandOrOptionIsNamedWithTheListOfCommands) {
+  struct Case {
+    std::vector<std::string> args;
+    std::string message;
+  };
+  for (const Case& c : {Case{{"foo"}, "agate: unknown command 'foo'\n"},
+                        Case{{"--bogus"}, "agate: unknown option '--bogus'\n"},
+                        Case{{"--bogus", "foo"}, "agate: unknown option '--bogus'\n"},
+                        Case{{}, "agate: no command given\n"}}) {
+    Ran r = runAgate(c.args);
+    EXPECT_EQ(r.exitCode, EXIT_USAGE) << r.err;
+    EXPECT_TRUE(r.err.starts_with(c.message)) << r.err;
+    EXPECT_NE(r.err.find("commands: up, down, ps, banks, caps"), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find("agate --help"), std::string::npos) << r.err;
+  }
+  // After a command: the option is named with that command, and its help is pointed to.
+  Ran r = agate({"ps", "--bogus"});
+  EXPECT_EQ(r.exitCode, EXIT_USAGE) << r.err;  // not 2: nothing was attempted
+  EXPECT_TRUE(r.err.starts_with("agate: unknown option '--bogus' for `agate ps`\n")) << r.err;
+  EXPECT_NE(r.err.find("`agate ps --help`"), std::string::npos) << r.err;
+}
+
+TEST_F(AgateCliTest, ATimeoutThatIsNotAPositiveNumberOfSecondsIsRefusedPlainly) {
+  for (const char* command : {"up", "down"}) {
+    for (const char* bad : {"0", "abc", "-1", "nan", "inf", "1e300", "86401", "5s", ""}) {
+      Ran r = agate({command, "--timeout", bad});
+      EXPECT_EQ(r.exitCode, EXIT_USAGE) << command << " --timeout '" << bad << "': " << r.err;
+      EXPECT_TRUE(r.err.starts_with("agate: --timeout: must be a positive number of seconds"))
+          << r.err;
+      EXPECT_LT(r.err.size(), 200u) << r.err;  // no bound printed as a 300-digit number
+      EXPECT_FALSE(exists(home_)) << "a refused `" << command << "` touched the home";
+    }
+  }
+  Ran up = agate({"up", "--timeout", "86400"});  // the largest accepted
+  EXPECT_EQ(up.exitCode, 0) << up.err;
+  EXPECT_EQ(agate({"down", "--timeout", "0.5"}).exitCode, 0);
+}
+
+TEST_F(AgateCliTest, HomeMayComeBeforeTheCommand) {
+  Ran up = runAgate({"--home", home_, "up"});
+  ASSERT_EQ(up.exitCode, 0) << up.out << up.err;
+  const pid_t pid = kernelPid();
+  EXPECT_TRUE(alive(pid));
+  Ran ps = runAgate({"--home", home_, "--json", "ps"});
+  EXPECT_EQ(ps.exitCode, 0) << ps.err;
+  EXPECT_TRUE(parseJson(ps.out)["processes"].is_array()) << ps.out;
+  // The same home on both sides is the same home; two different ones are refused.
+  EXPECT_EQ(runAgate({"--home", home_, "banks", "--home", home_}).exitCode, 0);
+  Ran twice = runAgate({"--home", root_ + "/other", "ps", "--home", home_});
+  EXPECT_EQ(twice.exitCode, EXIT_USAGE);
+  EXPECT_TRUE(twice.err.starts_with("agate: --home given twice")) << twice.err;
+  Ran json = runAgate({"--json", "down", "--home", home_});
+  EXPECT_EQ(json.exitCode, EXIT_USAGE);
+  EXPECT_TRUE(json.err.starts_with("agate: --json applies to ps, banks and caps only")) << json.err;
+  EXPECT_TRUE(alive(pid)) << "a refused down stopped the kernel";
+  EXPECT_FALSE(exists(root_ + "/other"));
+  Ran down = runAgate({"--home", home_, "down"});
+  EXPECT_EQ(down.exitCode, 0) << down.err;
+  EXPECT_TRUE(waitGone(pid));
+}
+
+TEST_F(AgateCliTest, UpRefusesPageCountsThatAreNotPositiveIntegers) {
+  for (const char* option : {"--system-pages", "--process-pages"}) {
+    for (const char* bad : {"0", "-5", "abc", "1.5", "99999999999999999999999"}) {
+      Ran r = agate({"up", option, bad});
+      EXPECT_EQ(r.exitCode, EXIT_USAGE) << option << " " << bad << ": " << r.err;
+      EXPECT_TRUE(r.err.starts_with(std::string("agate: ") + option +
+                                    ": must be a positive whole number of pages"))
+          << r.err;
+      EXPECT_FALSE(exists(home_));
+    }
+  }
+}
+
+// --- agate-kernel's own command line -------------------------------------------------------------
+
+Ran runKernel(const std::vector<std::string>& args) {
+  return runProgram(AGATE_KERNEL_BINARY, args, {}, 20s, {});
+}
+
+TEST_F(AgateCliTest, KernelUsageErrorsExitWith64AndOneMessage) {
+  for (std::vector<std::string> args : {std::vector<std::string>{"--bogus"},
+                                        {"--process-pages", "0"},
+                                        {"--system-pages", "abc"},
+                                        {"--attach-timeout-ms", "-1"},
+                                        {"extra"}}) {
+    args.insert(args.end(), {"--home", home_});
+    Ran r = runKernel(args);
+    EXPECT_EQ(r.exitCode, EXIT_USAGE) << args[0] << ": " << r.err;
+    EXPECT_TRUE(r.err.starts_with("agate-kernel: ")) << r.err;
+    EXPECT_NE(r.err.find("agate-kernel --help"), std::string::npos) << r.err;
+    EXPECT_LT(r.err.size(), 200u) << r.err;
+    EXPECT_FALSE(exists(home_)) << args[0] << ": a refused kernel created its home";
+  }
+  EXPECT_TRUE(runKernel({"--bogus", "--home", home_})
+                  .err.starts_with("agate-kernel: unknown option '--bogus'\n"));
+  EXPECT_TRUE(
+      runKernel({"--process-pages", "0", "--home", home_})
+          .err.starts_with("agate-kernel: --process-pages: must be a positive whole number"));
+}
+
+TEST_F(AgateCliTest, KernelHelpShowsEachOptionsDefault) {
+  Ran help = runKernel({"--help"});
+  ASSERT_EQ(help.exitCode, 0) << help.err;
+  auto lineOf = [&](const std::string& option) {
+    const size_t at = help.out.find(option + " ");
+    if (at == std::string::npos) return std::string();
+    return help.out.substr(at, help.out.find('\n', at) - at);
+  };
+  // DaemonOptions' defaults (kernel_sim/daemon/daemon.h).
+  EXPECT_NE(lineOf("--system-pages").find("N=1048576"), std::string::npos) << help.out;
+  EXPECT_NE(lineOf("--process-pages").find("N=65536"), std::string::npos) << help.out;
+  EXPECT_NE(lineOf("--poll-us").find("N=50"), std::string::npos) << help.out;
+  EXPECT_NE(lineOf("--attach-timeout-ms").find("N=3000"), std::string::npos) << help.out;
+  EXPECT_NE(lineOf("--ready-fd").find("FD=-1"), std::string::npos) << help.out;
 }
 
 // --- ps / banks / caps against a real client -----------------------------------------------------
@@ -489,7 +629,8 @@ constexpr uint64_t REGION_PAGES = 3;
 class AgateCliClientTest : public AgateCliTest {
  protected:
   void SetUp() override {
-    ASSERT_EQ(agate({"up"}).exitCode, 0);
+    Ran up = agate(upArgs_);
+    ASSERT_EQ(up.exitCode, 0) << up.out << up.err;
     int report[2], hold[2];
     ASSERT_EQ(::pipe2(report, O_CLOEXEC), 0);
     ASSERT_EQ(::pipe2(hold, O_CLOEXEC), 0);
@@ -522,8 +663,20 @@ class AgateCliClientTest : public AgateCliTest {
 
   pid_t client_ = 0;
   int hold_ = -1;
-  int copies_ = 0;  // extra region caps the client makes (set before SetUp)
+  int copies_ = 0;                         // extra region caps the client makes (set before SetUp)
+  std::vector<std::string> upArgs_{"up"};  // how the kernel is started (set before SetUp)
   ClientReport report_;
+};
+
+// A kernel started with page limits other than agate-kernel's defaults.
+class AgateCliPageLimitsTest : public AgateCliClientTest {
+ protected:
+  static constexpr uint64_t SYSTEM_PAGES = 5000;
+  static constexpr uint64_t PROCESS_PAGES = 300;
+  AgateCliPageLimitsTest() {
+    upArgs_ = {"up", "--system-pages", std::to_string(SYSTEM_PAGES), "--process-pages",
+               std::to_string(PROCESS_PAGES)};
+  }
 };
 
 // A client with more caps than one completion frame holds (about 2700 entries of 48 bytes in
@@ -533,12 +686,6 @@ class AgateCliManyCapsTest : public AgateCliClientTest {
   static constexpr int COPIES = 3000;
   AgateCliManyCapsTest() { copies_ = COPIES; }
 };
-
-Json parseJson(const std::string& text) {
-  Json j = Json::parse(text, nullptr, /*allow_exceptions=*/false);
-  EXPECT_FALSE(j.is_discarded()) << "not JSON: " << text;
-  return j;
-}
 
 TEST_F(AgateCliClientTest, PsListsTheAttachedClient) {
   Ran table = agate({"ps"});
@@ -610,6 +757,30 @@ TEST_F(AgateCliClientTest, BanksShowsTheClientsChildBankWithItsUsedAndLimit) {
   EXPECT_NE(childLine.find(" " + std::to_string(CHILD_LIMIT) + " "), std::string::npos)
       << childLine;
   EXPECT_NE(parentLine.find("cli-test-client"), std::string::npos) << parentLine;
+}
+
+TEST_F(AgateCliPageLimitsTest, UpPassesPageLimitsToTheKernel) {
+  Ran json = agate({"banks", "--json"});
+  ASSERT_EQ(json.exitCode, 0) << json.err;
+  Json j = parseJson(json.out);
+  const Json* system = nullptr;
+  const Json* process = nullptr;
+  for (const Json& b : j["banks"]) {
+    if (b["parent"] == 0) system = &b;
+    if (b["koid"] == report_.processBank) process = &b;
+  }
+  ASSERT_NE(system, nullptr) << json.out;
+  ASSERT_NE(process, nullptr) << json.out;
+  EXPECT_EQ((*system)["limit_pages"], SYSTEM_PAGES);
+  EXPECT_EQ((*process)["limit_pages"], PROCESS_PAGES);
+
+  // A running kernel keeps its limits, and `up` says so.
+  Ran again = agate({"up", "--process-pages", "400"});
+  EXPECT_EQ(again.exitCode, 0) << again.err;
+  EXPECT_NE(again.out.find("already running"), std::string::npos) << again.out;
+  EXPECT_NE(again.out.find("options are unchanged"), std::string::npos) << again.out;
+  Ran plain = agate({"up"});
+  EXPECT_EQ(plain.out.find("options are unchanged"), std::string::npos) << plain.out;
 }
 
 TEST_F(AgateCliClientTest, CapsShowsTheClientsCSpace) {

@@ -37,8 +37,11 @@ struct SystemService {
 };
 
 // What `agate up` starts, in order, for a home served by the kernel at `kernelExecutable`.
+// `kernelOptions` are appended to the kernel's arguments (`agate up --process-pages N` gives
+// {"--process-pages", "N"}).
 std::vector<SystemService> systemServices(const std::string& home,
-                                          const std::string& kernelExecutable);
+                                          const std::string& kernelExecutable,
+                                          const std::vector<std::string>& kernelOptions);
 
 // The executable `name` in this executable's directory (of /proc/self/exe): agate and
 // agate-kernel sit side by side in the build tree. NOT_FOUND if there is none.
