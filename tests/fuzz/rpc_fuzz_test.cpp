@@ -184,6 +184,22 @@ Frame withThirdPartyCap(uint32_t q, uint16_t method, uint64_t host, uint32_t vin
   });
 }
 
+// A call whose params pass back a capability pipelined on answer `on` (receiverAnswer).
+Frame withReceiverAnswer(uint32_t q, uint16_t method, uint32_t on) {
+  return build([&](rpc::wire::Message::Builder m) {
+    auto c = m.initCall();
+    c.setQuestionId(q);
+    c.getTarget().setImportedCap(0);
+    c.setInterfaceId(NODE_INTERFACE_ID);
+    c.setMethodId(method);
+    auto p = c.initParams();
+    rpc::writeCapPointer(p.getContent().initAs<rpc::test::CapParam>(), 0, 0);
+    auto pa = p.initCapTable(1)[0].initReceiverAnswer();
+    pa.setQuestionId(on);
+    pa.initTransform(1).set(0, 0);
+  });
+}
+
 Frame finish(uint32_t q) {
   return build([&](rpc::wire::Message::Builder m) { m.initFinish().setQuestionId(q); });
 }
@@ -235,6 +251,13 @@ std::vector<Conversation> seeds() {
        finish(2), release(1, 1)},
       {call(1, 0, NEXT_LATER), callBare(2, 0, ECHO), pipelined(3, 1, ECHO), finish(2), finish(1),
        finish(3)},
+      // A capability pipelined on an answer passed back: waiting for it (a call queued behind),
+      // already returned, failed, and the answer finished while the call waits.
+      {call(1, 0, NEXT_LATER), withReceiverAnswer(2, IDENTIFY, 1), call(3, 0, ECHO), finish(1),
+       finish(2), finish(3)},
+      {call(1, 0, NEXT), withReceiverAnswer(2, CALL_BACK, 1), finish(2), finish(1), release(1, 1)},
+      {call(1, 0, FAIL_LATER), withReceiverAnswer(2, IDENTIFY, 1), finish(2), finish(1)},
+      {call(1, 0, HANG), withReceiverAnswer(2, IDENTIFY, 1), finish(2), finish(1)},
   };
 }
 

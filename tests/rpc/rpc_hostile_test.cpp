@@ -129,6 +129,99 @@ class RpcHostileTest : public ::testing::Test {
   std::unique_ptr<RpcConnection> victim_;
 };
 
+// receiverAnswer (a capability pipelined on the attacker's own question, passed back): an
+// IDENTIFY call whose param names answer `answerId` at `path`.
+void identifyWithReceiverAnswer(wire::Message::Builder m, uint32_t questionId, uint32_t answerId,
+                                unsigned pathLength) {
+  wire::Call::Builder c = m.initCall();
+  c.setQuestionId(questionId);
+  c.getTarget().setImportedCap(0);
+  c.setInterfaceId(NODE_INTERFACE_ID);
+  c.setMethodId(IDENTIFY);
+  wire::Payload::Builder params = c.initParams();
+  writeCapPointer(params.getContent().initAs<CapParam>(), 0, 0);
+  wire::PromisedAnswer::Builder pa = params.initCapTable(1)[0].initReceiverAnswer();
+  pa.setQuestionId(answerId);
+  auto t = pa.initTransform(pathLength);
+  for (unsigned i = 0; i < pathLength; ++i) t.set(i, 0);
+}
+
+TEST_F(RpcHostileTest, AReceiverAnswerNamingNoLiveAnswerAborts) {
+  send([](wire::Message::Builder m) { identifyWithReceiverAnswer(m, 2, 9, 1); });
+  expectAborted();
+  EXPECT_TRUE(log_.identified.empty());
+}
+
+TEST_F(RpcHostileTest, AReceiverAnswerNamingAFinishedAnswerAborts) {
+  call(1, 0, NEXT);
+  expectFromVictim([](wire::Message::Reader m) { ASSERT_EQ(m.which(), wire::Message::RETURN); });
+  finish(1);
+  send([](wire::Message::Builder m) { identifyWithReceiverAnswer(m, 2, 1, 1); });
+  expectAborted();
+  EXPECT_TRUE(log_.identified.empty());
+}
+
+TEST_F(RpcHostileTest, AReceiverAnswerNamingAnAnswerWithoutPipeliningAborts) {
+  callWithoutPipelining(3, 0, HANG);  // a running answer, so that it is still live
+  call(1, 0, HANG);
+  ASSERT_TRUE(runUntil(loop_, [&] { return log_.hanging == 2; }));
+  send([](wire::Message::Builder m) { identifyWithReceiverAnswer(m, 2, 3, 0); });
+  expectAborted();
+}
+
+TEST_F(RpcHostileTest, AReceiverAnswerWithAPathLongerThanAllowedAborts) {
+  call(1, 0, NEXT);
+  expectFromVictim([](wire::Message::Reader m) { ASSERT_EQ(m.which(), wire::Message::RETURN); });
+  send(
+      [](wire::Message::Builder m) { identifyWithReceiverAnswer(m, 2, 1, MAX_PIPELINE_PATH + 1); });
+  expectAborted();
+  EXPECT_TRUE(log_.identified.empty());
+}
+
+TEST_F(RpcHostileTest, AReceiverAnswerOutsideACallsParamsAborts) {
+  // A Return's cap table may not name the receiver's answers: the victim asks, the attacker
+  // answers with one.
+  RemoteCap attackerRoot = victim_->bootstrap();
+  RemotePromise asked = attackerRoot.newCall(NODE_INTERFACE_ID, NEXT, 16).send();
+  uint32_t questionId = 0;
+  expectFromVictim([&](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::CALL);
+    questionId = m.getCall().getQuestionId();
+  });
+  call(1, 0, NEXT);  // an answer of the victim for the descriptor to name
+  expectFromVictim([](wire::Message::Reader m) { ASSERT_EQ(m.which(), wire::Message::RETURN); });
+  send([&](wire::Message::Builder m) {
+    wire::Return::Builder r = m.initReturn();
+    r.setAnswerId(questionId);
+    wire::Payload::Builder results = r.initResults();
+    writeCapPointer(results.getContent().initAs<CapParam>(), 0, 0);
+    results.initCapTable(1)[0].initReceiverAnswer().setQuestionId(1);
+  });
+  expectAborted();
+  EXPECT_EQ(loop_
+                .run([](RemotePromise p) -> Promise<void> {
+                  Result<Response> r = co_await p;
+                  AGATE_CO_TRY(r);
+                  co_return {};
+                }(std::move(asked)))
+                .code(),
+            Errc::PROTOCOL_ERROR);
+}
+
+// The well-formed case, raw: answer 1 (NEXT) returned, then IDENTIFY passes its child back.
+TEST_F(RpcHostileTest, AWellFormedReceiverAnswerIsTheVictimsOwnObject) {
+  call(1, 0, NEXT);
+  expectFromVictim([](wire::Message::Reader m) { ASSERT_EQ(m.which(), wire::Message::RETURN); });
+  send([](wire::Message::Builder m) { identifyWithReceiverAnswer(m, 2, 1, 1); });
+  expectFromVictim([](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::RETURN);
+    EXPECT_EQ(m.getReturn().getAnswerId(), 2u);
+    EXPECT_EQ(m.getReturn().getResults().getContent().getAs<Value>().getValue(), 1u);
+  });
+  EXPECT_EQ(log_.identified.size(), 1u);
+  EXPECT_TRUE(victim_->isOpen());
+}
+
 TEST_F(RpcHostileTest, WellFormedCallIsServed) {
   call(1, 0, ECHO);
   expectFromVictim([](wire::Message::Reader m) {
