@@ -7,7 +7,11 @@
 // s.open<Calculator>("calculator") opens a bushel to the service, paid from this process's bank,
 // and returns the server's bootstrap object as a typed client. Then:
 //   1. evaluates a literal and reads it through the pipelined Value: one round trip;
-//   2. fetches the `add` and `multiply` operators and evaluates an expression calling them;
+//   2. as Cap'n Proto's own calculator client does: fetches `add` and `multiply`, evaluates
+//      4 * 6, then (4 * 6) + 3 and (4 * 6) + 5 on that product, and reads both, all in one
+//      round trip: the operators and the product's Value go back to the server still pipelined
+//      (CapDescriptor.receiverAnswer), and the server finds its own objects in them;
+//   2b. fetches `add` and `multiply` (awaited) and evaluates an expression calling `add`;
 //   3. passes a function of its own (pow) inside an expression: the server calls back into the
 //      client while it evaluates;
 //   4. defines f(x, y) = x * 100 + y on the server and calls it;
@@ -140,7 +144,45 @@ Promise<void> session(agate::Session& s, const agate::client::ProgramArgs& args,
   if (!literal) co_return literal.error();
   AGATE_CO_TRY(expect(*literal, 123, "evaluate(123).value.read()"));
 
-  // 2. Operators the server hosts, passed back inside an expression.
+  // 2. Everything pipelined: seven calls, one round trip.
+  {
+    const uint64_t returnsBefore = connection.stats().returnsReceived;
+    const uint64_t callsBefore = connection.stats().callsSent;
+    auto addOp =
+        calculator.getOperator([](auto params) { params.setOp(calc::Calculator::Operator::ADD); });
+    auto multiplyOp = calculator.getOperator(
+        [](auto params) { params.setOp(calc::Calculator::Operator::MULTIPLY); });
+    auto product = calculator.evaluate([&](auto params, auto& request) {
+      return buildCall(request, params.initExpression(), multiplyOp.getFunc(), 4, 6);
+    });
+    auto plus = [&](double addend) {
+      return calculator.evaluate([&, addend](auto params, auto& request) -> Status {
+        auto call = params.initExpression().initCall();
+        AGATE_TRY(setFunction(request, call, addOp.getFunc()));
+        auto operands = call.initParams(2);
+        AGATE_TRY(setPreviousResult(request, operands[0], product.getValue()));
+        operands[1].setLiteral(addend);
+        return {};
+      });
+    };
+    auto plus3 = plus(3);
+    auto plus5 = plus(5);
+    auto read3 = plus3.getValue().read();
+    auto read5 = plus5.getValue().read();
+    const uint64_t sent = connection.stats().callsSent - callsBefore;
+    if (sent != 7 || connection.stats().returnsReceived != returnsBefore)
+      co_return Error(Errc::FAILED, "a pipelined call waited for an answer");
+    auto r3 = co_await read3;
+    if (!r3) co_return r3.error();
+    AGATE_CO_TRY(expect(r3->results().getValue(), 27, "(4 * 6) + 3"));
+    auto r5 = co_await read5;
+    if (!r5) co_return r5.error();
+    AGATE_CO_TRY(expect(r5->results().getValue(), 29, "(4 * 6) + 5"));
+    fmt::print("  {} calls in 1 round trip: operators and a Value passed back still pipelined\n",
+               sent);
+  }
+
+  // 2b. Operators the server hosts, fetched first, passed back inside an expression.
   Result<Calculator::Function::Client> add =
       co_await fetchOperator(calculator, calc::Calculator::Operator::ADD);
   if (!add) co_return add.error();
