@@ -24,6 +24,7 @@ RpcConnection::Answer& RpcConnection::answerAt(uint32_t id) {
 Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
   ++stats_.callsReceived;
   Answer& a = answerAt(d.id);
+  a.arrival = ++callsArrived_;
   a.state = Answer::State::QUEUED;
   a.finishReceived = false;
   a.noPipelining = d.noPipelining;
@@ -55,14 +56,23 @@ Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
         cap.remote = acceptThirdParty(d, i);
         break;
       case detail::CapEntry::Kind::RECEIVER_ANSWER: {
-        // Filled in at delivery (resolveParamAnswers), once that answer has returned.
+        // Validated at decode. Resolved now if that answer returned, else when it does.
         Answer& q = *answers_[d.capIds[i]];
-        ++q.paramRefs;
-        a.paramAnswers[a.paramAnswerCount++] = q.id;
-        if (q.state != Answer::State::RETURNED) {
-          ++a.paramWaits;
-          q.paramWaiters.push_back(a.id);
+        capnp::List<uint16_t>::Reader transform = d.caps[i].getReceiverAnswer().getTransform();
+        Answer::ParamAnswer entry;
+        entry.answerId = q.id;
+        entry.slot = static_cast<uint8_t>(i);
+        entry.pathLength = static_cast<uint8_t>(transform.size());
+        for (uint32_t s = 0; s < transform.size(); ++s) entry.path[s] = transform[s];
+        if (q.state == Answer::State::RETURNED) {
+          resolveParamAnswer(a, i, {entry.path.data(), entry.pathLength}, q);
+          break;
         }
+        entry.pending = true;
+        entry.waiter = static_cast<uint32_t>(q.paramWaiters.size());
+        q.paramWaiters.emplace_back(a.id, static_cast<uint32_t>(a.paramAnswers.size()));
+        a.paramAnswers.push_back(entry);
+        ++a.paramWaits;
         break;
       }
       case detail::CapEntry::Kind::NONE:
@@ -120,7 +130,6 @@ detail::SpillBuffer* RpcConnection::copyCall(IncomingMessage& message) {
 // Calls `exportId`'s dispatch with the answer's context; the Return goes out when it completes.
 void RpcConnection::deliver(Answer& a, uint32_t exportId, uint64_t interfaceId, uint16_t methodId,
                             capnp::AnyStruct::Reader payload) {
-  if (a.paramAnswerCount > 0) resolveParamAnswers(a, payload);
   Export& e = exports_[exportId];
   if (e.object == nullptr) {
     failAnswer(a, Error(Errc::NOT_FOUND, "this side has no bootstrap object"));
@@ -305,15 +314,21 @@ void RpcConnection::runWorklist() {
       finishAnswerIfDone(a);
     }
     worklist_.clear();
-    if (exportsToDrain_.empty() || !isOpen()) break;
+    if ((exportsToDrain_.empty() && answersToCancel_.empty()) || !isOpen()) break;
+    std::vector<uint32_t> cancels;
+    cancels.swap(answersToCancel_);
+    for (uint32_t id : cancels) {
+      if (isOpen()) cancelIfUnwanted(*answers_[id]);
+    }
     std::vector<uint32_t> drains;
     drains.swap(exportsToDrain_);
     for (uint32_t id : drains) {
       if (isOpen()) drainExport(id);
     }
-    if (worklist_.empty() && exportsToDrain_.empty()) break;
+    if (worklist_.empty() && exportsToDrain_.empty() && answersToCancel_.empty()) break;
   }
   exportsToDrain_.clear();
+  answersToCancel_.clear();
   workRunning_ = false;
 }
 
@@ -390,7 +405,7 @@ void RpcConnection::releaseAtReturn(Answer& a) {
 
 void RpcConnection::finishAnswerIfDone(Answer& a) {
   if (a.state == Answer::State::RETURNED && a.finishReceived && a.queueHead == nullptr &&
-      !a.inWorklist && a.paramRefs == 0)
+      !a.inWorklist)
     freeAnswer(a);
 }
 
@@ -427,9 +442,8 @@ void RpcConnection::unlinkFromTarget(Answer& a) {
 void RpcConnection::freeAnswer(Answer& a) {
   unlinkFromTarget(a);
   dropParamAnswers(a);
-  a.paramRefs = 0;  // only when the connection ends can calls still name it: they go too
-  a.paramWaiters.clear();
-  a.driver.reset();  // cancels a running dispatch
+  a.paramWaiters.clear();  // only when the connection ends: the calls waiting go too
+  a.driver.reset();        // cancels a running dispatch
   CallContext& ctx = a.context;
   if (ctx.results_.active()) abandonOut(ctx.results_);
   ctx.resultCaps_.clear();
@@ -465,66 +479,77 @@ void RpcConnection::freeAnswer(Answer& a) {
 // pending promise, calls already wait there (E-order), or `a`'s params name answers that have
 // not returned.
 bool RpcConnection::mustQueueOnExport(const Answer& a, uint32_t exportId) const noexcept {
-  return a.paramWaits > 0 || isPendingPromise(exportId);
+  if (a.paramWaits > 0) return true;
+  const Export& e = exports_[exportId];
+  if (e.promise) {
+    const auto* node = static_cast<const detail::PromiseNode*>(e.object);
+    if (node->pending() && node->forward_ == nullptr) return true;
+  }
+  // Calls wait there: a newer call goes behind them (E-order). An older one, coming out of an
+  // answer's queue, was made before them (on another reference) and does not wait for them: it
+  // may be the very answer they wait for.
+  return e.queueHead != nullptr && e.queueHead->arrival < a.arrival;
 }
 
-// Fills the params' receiverAnswer entries from their (returned) answers, as receiverHosted
-// would be: our own object, pinned while the call runs, or a broken capability with the
-// answer's error (UNSUPPORTED for a capability this side does not host). Then lets go of the
-// answers. The descriptors are read from `payload` before each answer's results, with a reader
-// of its own, so `payload` stays valid for dispatch.
-void RpcConnection::resolveParamAnswers(Answer& a, capnp::AnyStruct::Reader payload) {
-  AGATE_ASSERT(a.paramWaits == 0, "answer %u delivered before its params' answers returned", a.id);
-  capnp::List<wire::CapDescriptor>::Reader caps = payload.as<wire::Payload>().getCapTable();
+// Resolves one receiverAnswer entry of call `a` against answer `q`, which has returned: into
+// the call's param slot as receiverHosted would be, our own object (pinned while the call runs),
+// or a broken capability with the answer's error (UNSUPPORTED for a capability this side does
+// not host). Reads q's results with a reader of its own: the call's params may be open in
+// replayReader_.
+void RpcConnection::resolveParamAnswer(Answer& a, uint32_t slot, std::span<const uint16_t> path,
+                                       Answer& q) {
+  ReceivedCap& cap = a.context.paramCaps_[slot];
+  cap = ReceivedCap{};
   FrameReader reader(rx_.limits());
-  for (uint32_t i = 0; i < caps.size() && i < a.context.paramCapCount_; ++i) {
-    if (caps[i].which() != wire::CapDescriptor::RECEIVER_ANSWER) continue;
-    wire::PromisedAnswer::Reader pa = caps[i].getReceiverAnswer();
-    capnp::List<uint16_t>::Reader transform = pa.getTransform();
-    std::array<uint16_t, MAX_PIPELINE_PATH> path{};
-    for (uint32_t s = 0; s < transform.size(); ++s) path[s] = transform[s];
-    Answer& q = *answers_[pa.getQuestionId()];
-    ReceivedCap& cap = a.context.paramCaps_[i];
-    cap = ReceivedCap{};
-    Result<uint32_t> exportId = resolvePipeline(q, {path.data(), transform.size()}, reader);
-    if (!exportId) {
-      cap.remote.kind_ = RemoteCap::Kind::BROKEN;
-      cap.remote.broken_ = exportId.error();
-      continue;
-    }
-    cap.local = exports_[*exportId].object;
-    ++exports_[*exportId].pins;  // the peer cannot release it under the running call
-    a.paramPins[a.paramPinCount++] = *exportId;
+  Result<uint32_t> exportId = resolvePipeline(q, path, reader);
+  if (!exportId) {
+    cap.remote.kind_ = RemoteCap::Kind::BROKEN;
+    cap.remote.broken_ = exportId.error();
+    return;
   }
-  dropParamAnswers(a);
+  cap.local = exports_[*exportId].object;
+  ++exports_[*exportId].pins;  // the peer cannot release it under the call (freeAnswer unpins)
+  a.paramPins[a.paramPinCount++] = *exportId;
 }
 
-// Lets go of the answers `a`'s params named (delivered, failed or freed): each may now go.
-void RpcConnection::dropParamAnswers(Answer& a) noexcept {
-  const uint32_t n = std::exchange(a.paramAnswerCount, 0);
-  const bool waiting = std::exchange(a.paramWaits, 0) > 0;
-  for (uint32_t k = 0; k < n; ++k) {
-    const uint32_t id = a.paramAnswers[k];
-    if (id >= answers_.size() || !answers_[id]) continue;
-    Answer& q = *answers_[id];
-    if (waiting) {
-      auto it = std::find(q.paramWaiters.begin(), q.paramWaiters.end(), a.id);
-      if (it != q.paramWaiters.end()) q.paramWaiters.erase(it);
+// Call `a` ends without waiting any more (delivered, failed, freed): its pending entries leave
+// their answers' waiter lists (in O(1) each: the last waiter takes the freed place). An answer
+// whose Finish came while only such calls kept it is cancelled now, as the Finish would have.
+void RpcConnection::dropParamAnswers(Answer& a) {
+  for (const Answer::ParamAnswer& entry : a.paramAnswers) {
+    if (!entry.pending || entry.answerId >= answers_.size() || !answers_[entry.answerId]) continue;
+    Answer& q = *answers_[entry.answerId];
+    if (entry.waiter >= q.paramWaiters.size()) continue;  // freed with the connection
+    const auto moved = q.paramWaiters.back();
+    q.paramWaiters[entry.waiter] = moved;
+    answers_[moved.first]->paramAnswers[moved.second].waiter = entry.waiter;
+    q.paramWaiters.pop_back();
+    // Cancelled from the worklist, not here: one call ending may end a chain of them.
+    if (q.paramWaiters.empty() && q.finishReceived && isOpen()) {
+      answersToCancel_.push_back(q.id);
+      if (!workRunning_ && !inReader_ && !worklistTask_.isQueued()) loop_.post(worklistTask_);
     }
-    if (q.paramRefs == 0) continue;  // freed with the connection already
-    if (--q.paramRefs == 0 && q.state == Answer::State::RETURNED) settleQueue(q);
   }
+  a.paramAnswers.clear();
+  a.paramWaits = 0;
 }
 
-// `answer` returned: the calls whose params waited for it may go on, once nothing else holds
-// them (their export's queue is drained in the worklist).
+// `answer` returned: the entries waiting for it are resolved now (so nothing keeps the answer
+// past its Finish, and the caller may reuse its id), and a call with nothing left to wait for
+// may go on (its export's queue is drained in the worklist).
 void RpcConnection::wakeParamWaiters(Answer& answer) {
-  std::vector<uint32_t> waiters;
+  if (answer.paramWaiters.empty()) return;
+  std::vector<std::pair<uint32_t, uint32_t>> waiters;
   waiters.swap(answer.paramWaiters);
-  for (uint32_t id : waiters) {
+  for (const auto& [id, index] : waiters) {
     Answer& x = *answers_[id];
-    if (x.paramWaits == 0) continue;
-    if (--x.paramWaits == 0 && x.waitingOnExport != NONE) settleExport(x.waitingOnExport);
+    Answer::ParamAnswer& entry = x.paramAnswers[index];
+    entry.pending = false;
+    resolveParamAnswer(x, entry.slot, {entry.path.data(), entry.pathLength}, answer);
+    if (--x.paramWaits == 0) {
+      x.paramAnswers.clear();
+      if (x.waitingOnExport != NONE) settleExport(x.waitingOnExport);
+    }
   }
 }
 
@@ -553,6 +578,12 @@ void RpcConnection::drainExport(uint32_t exportId) {
     deliverOnExport(*q, exportId);
     if (!isOpen()) break;
   }
+  Export& e = exports_[exportId];
+  if (e.queueHead == nullptr && std::exchange(e.resolveAfterQueue, false) && isOpen() && e.inUse &&
+      e.remoteRefs > 0) {
+    auto& node = *static_cast<detail::PromiseNode*>(e.object);
+    if (!node.pending()) sendResolve(exportId, node);
+  }
   exportUnpin(exportId);
 }
 
@@ -566,20 +597,25 @@ Status RpcConnection::handleFinish(uint32_t answerId) {
     return {};
   }
   a.finishReceived = true;
-  // Calls pipelined on the answer, or passed its capability back (receiverAnswer), still need
-  // its results: it keeps running for them. A provision is reclaimed all the same (its results
-  // hold no capability for them anyway).
-  if (((a.queueHead == nullptr && a.paramRefs == 0) || a.providing) &&
-      a.state != Answer::State::RETURNED) {
-    if (a.state == Answer::State::RUNNING) {
-      a.driver.reset();  // the server sees the cancellation: its coroutine is destroyed
-      if (a.context.results_.active()) abandonOut(a.context.results_);
-      a.context.resultCaps_.clear();
-    }
-    failAnswer(a, Error(Errc::CANCELLED, "the caller cancelled the call"));
-  }
+  cancelIfUnwanted(a);
   finishAnswerIfDone(a);
   return {};
+}
+
+// Answer `a` got its Finish before returning: it is cancelled unless something still needs its
+// results, calls pipelined on it (queued) or calls whose params name it (receiverAnswer) and
+// wait for it. A provision is reclaimed all the same (its results hold no capability for them
+// anyway).
+void RpcConnection::cancelIfUnwanted(Answer& a) {
+  if (!a.finishReceived || a.state == Answer::State::FREE || a.state == Answer::State::RETURNED)
+    return;
+  if (!((a.queueHead == nullptr && a.paramWaiters.empty()) || a.providing)) return;
+  if (a.state == Answer::State::RUNNING) {
+    a.driver.reset();  // the server sees the cancellation: its coroutine is destroyed
+    if (a.context.results_.active()) abandonOut(a.context.results_);
+    a.context.resultCaps_.clear();
+  }
+  failAnswer(a, Error(Errc::CANCELLED, "the caller cancelled the call"));
 }
 
 Status RpcConnection::handleRelease(uint32_t exportId, uint32_t count) {

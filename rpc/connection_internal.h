@@ -349,15 +349,25 @@ struct RpcConnection::Answer {
   uint32_t waitingOnExport = internal::NONE;
   std::array<uint32_t, MAX_CAPS_PER_MESSAGE> paramPins{};  // exports passed back in params
   uint32_t paramPinCount = 0;
-  // Answers its params name by receiverAnswer, each holding one paramRefs until this call is
-  // delivered (or ends), and how many of them have not returned yet: it waits for those.
-  std::array<uint32_t, MAX_CAPS_PER_MESSAGE> paramAnswers{};
-  uint32_t paramAnswerCount = 0;
+  // The params' receiverAnswer entries whose answer had not returned when this call arrived:
+  // the cap slot and path, resolved into context.paramCaps_ as soon as that answer returns.
+  // `waiter`: the entry's place in that answer's paramWaiters. paramWaits counts the pending
+  // ones; the call is not delivered before it is 0.
+  struct ParamAnswer {
+    uint32_t answerId = 0;
+    uint32_t waiter = 0;
+    uint8_t slot = 0;
+    uint8_t pathLength = 0;
+    bool pending = false;
+    std::array<uint16_t, MAX_PIPELINE_PATH> path{};
+  };
+  std::vector<ParamAnswer> paramAnswers;
   uint32_t paramWaits = 0;
-  // This answer, named by receiverAnswer in calls not delivered yet: it stays for them (even
-  // past its Finish, which then does not cancel it); those that wait for its Return.
-  uint32_t paramRefs = 0;
-  std::vector<uint32_t> paramWaiters;
+  // The pending entries of other calls that name this answer: {call's answer id, entry index}.
+  // While there are any, a Finish does not cancel this answer.
+  std::vector<std::pair<uint32_t, uint32_t>> paramWaiters;
+  // Arrival order of calls (a connection-wide count): an export's queue is kept in this order.
+  uint64_t arrival = 0;
 
   // QUEUED: a private copy of the Call and the answer it waits on, with the path.
   detail::SpillBuffer* queuedCall = nullptr;
@@ -396,7 +406,12 @@ struct RpcConnection::Export {
   uint32_t nextFree = internal::NONE;
   bool inUse = false;
   bool promise = false;  // `object` is a PromiseNode (sent as senderPromise)
-  // Calls that reached the promise before it settled, in arrival order.
+  // The promise settled while calls still waited in its queue (for answers their params name):
+  // its Resolve goes out once the queue is empty, so no call made on the resolution overtakes
+  // them (drainExport).
+  bool resolveAfterQueue = false;
+  // Calls that must wait here, in arrival order: they reached a promise before it settled, or
+  // wait for answers their params name (receiverAnswer), or arrived behind such calls.
   Answer* queueHead = nullptr;
   Answer* queueTail = nullptr;
 };

@@ -144,17 +144,6 @@ Result<uint32_t> RpcConnection::addPipelinedFor(detail::CapTable& table, const R
   return table.tryAdd(std::move(e));
 }
 
-// Whether calls to `exportId` must queue there: it is a promise still pending (and not sending
-// its calls on), or calls already wait there (E-order: a settled promise's queue still being
-// delivered, or a call waiting for the answers its params name, see mustQueueOnExport).
-bool RpcConnection::isPendingPromise(uint32_t exportId) const noexcept {
-  const Export& e = exports_[exportId];
-  if (e.queueHead != nullptr) return true;
-  if (!e.promise) return false;
-  const auto* node = static_cast<const detail::PromiseNode*>(e.object);
-  return node->pending() && node->forward_ == nullptr;
-}
-
 bool RpcConnection::isPlainImport(uint32_t importId) const noexcept {
   const Import& imp = imports_[importId];
   return !imp.promise && imp.resolvedTo == NONE && !imp.elsewhere && imp.broken.code == Errc::OK;
@@ -243,20 +232,26 @@ void RpcConnection::settleAwaited(detail::PromiseNode& node, Result<RemoteCap> r
   node.conn_->settlePromise(node);
 }
 
-// Queues a call (its private copy) on a promise export until the promise settles. The export
-// stays pinned while the call waits.
+// Queues a call (its private copy) on an export (mustQueueOnExport says when), in arrival
+// order, until drainExport delivers it. The export stays pinned while the call waits.
 void RpcConnection::queueOnExport(Answer& a, uint32_t exportId, detail::SpillBuffer* copy) {
   Export& e = exports_[exportId];
   ++e.pins;
   a.queuedCall = copy;
   a.waitingOnExport = exportId;
   a.nextInQueue = nullptr;
-  if (e.queueTail != nullptr) {
-    e.queueTail->nextInQueue = &a;
+  if (e.queueTail == nullptr) {
+    e.queueHead = e.queueTail = &a;
+  } else if (e.queueTail->arrival < a.arrival) {
+    e.queueTail->nextInQueue = &a;  // the usual case: the newest call
+    e.queueTail = &a;
   } else {
-    e.queueHead = &a;
+    // A call that came out of an answer's queue, older than some waiting here: in arrival order.
+    Answer** link = &e.queueHead;
+    while ((*link)->arrival < a.arrival) link = &(*link)->nextInQueue;
+    a.nextInQueue = *link;
+    *link = &a;
   }
-  e.queueTail = &a;
   if (e.promise) {
     ++stats_.promiseCallsQueued;
   } else if (a.paramWaits == 0) {
@@ -285,8 +280,13 @@ void RpcConnection::settlePromise(detail::PromiseNode& node) {
   const uint32_t id = found->second;
   ++exports_[id].pins;  // the export outlives the deliveries (exports_ may grow meanwhile)
   drainExport(id);      // up to a call still waiting for the answers its params name
-  if (isOpen() && exports_[id].inUse && exports_[id].remoteRefs > 0 && !node.pending())
-    sendResolve(id, node);
+  if (isOpen() && exports_[id].inUse && exports_[id].remoteRefs > 0 && !node.pending()) {
+    if (exports_[id].queueHead != nullptr) {
+      exports_[id].resolveAfterQueue = true;  // sent by drainExport once they are delivered
+    } else {
+      sendResolve(id, node);
+    }
+  }
   exportUnpin(id);
 }
 

@@ -270,11 +270,13 @@ struct CapDescriptor {
     # steps (else PROTOCOL_ERROR). The sender keeps the question (sends no Finish for it) until
     # this Call is sent, so the Call precedes that Finish on the ring. Adds no reference.
     #
-    # The receiver delivers the Call once that answer has returned, with the capability it names
-    # (the receiver's own object, as for receiverHosted; a broken capability with the answer's
-    # error; UNSUPPORTED for a capability the receiver does not host itself), and keeps E-order
-    # on the Call's target: later calls to the same export wait behind it. The answer stays
-    # until every such Call was delivered, even past its Finish.
+    # The receiver resolves the entry as soon as that answer has returned (the receiver's own
+    # object, as for receiverHosted; a broken capability with the answer's error; UNSUPPORTED
+    # for a capability the receiver does not host itself), and delivers the Call once all its
+    # entries are resolved, keeping E-order on the Call's target: later calls to the same
+    # export wait behind it (calls older than it, pipelined on another answer, do not). Until
+    # the answer returns, a Finish for it does not cancel it while such a Call waits; it is
+    # cancelled once none does. Its id lifetime is unchanged: Return and Finish free it.
   }
 }
 

@@ -963,14 +963,13 @@ TEST_F(HandoffTest, APromiseImportPassedOnIsProxiedAndItsCallsWaitForTheResoluti
   RemotePromise passed = take(boot(B, E), recipient_.held, 3);
   ASSERT_TRUE(runUntil(loop_, [&] { return conn(C, B).stats().promiseCallsQueued == 3; }));
   EXPECT_EQ(conn(B, C).stats().providesSent, 0u) << "no handoff of a promise";
-  Log cLog;
-  later.resolve(std::make_unique<Node>(0, cLog));
+  later.resolve(std::make_unique<Node>(0, aLog_));  // aLog_: it outlives the network
   for (RemotePromise& p : recipientE_.sent) {
     Result<uint64_t> r = loop_.run(awaitValue(std::move(p)));
     EXPECT_TRUE(r.ok()) << errcName(r.code());
   }
   recipientE_.sent.clear();
-  EXPECT_EQ(cLog.order, (std::vector<uint64_t>{Recipient::FIRST_RECORD, Recipient::FIRST_RECORD + 1,
+  EXPECT_EQ(aLog_.order, (std::vector<uint64_t>{Recipient::FIRST_RECORD, Recipient::FIRST_RECORD + 1,
                                                Recipient::FIRST_RECORD + 2}));
   ASSERT_TRUE(loop_.run(awaitValue(std::move(passed))).ok());
 }

@@ -23,6 +23,10 @@ enum GateMethod : uint16_t {
   USE = 41,              // CapParam -> Value: 1 for our own Node (logged), else calls ECHO on it
   MARK = 42,             // Value -> (): logs the value
   BACK_IN_RESULTS = 43,  // tries to return a capability pipelined on a call to the caller
+  CHILD = 44,            // -> CapAndValue: a new Node(8), at once
+  GATED_SELF = 45,       // -> CapAndValue: this server itself, once open()
+  PROMISE = 46,          // -> CapAndValue: a CapPromise the test settles (`promises`)
+  SELF_NOW = 47,         // -> CapAndValue: this server itself, at once
 };
 
 // The server: hands out children only when the test opens the gate, and logs, in one sequence,
@@ -48,6 +52,16 @@ class GateServer final : public ServerObject {
       }
       case BACK_IN_RESULTS:
         return readyPromise<void>(backInResults(ctx));
+      case CHILD:
+        return readyPromise<void>(returnCap(ctx, std::make_unique<Node>(8, log_)));
+      case GATED_SELF:
+        return gatedSelf(ctx);
+      case SELF_NOW:
+        return readyPromise<void>(returnCap(ctx, static_cast<ServerObject&>(*this)));
+      case PROMISE: {
+        promises.push_back(ctx.connection().newCapPromise());
+        return readyPromise<void>(returnCap(ctx, promises.back()));
+      }
       default:
         return readyPromise<void>(Error(Errc::UNSUPPORTED, "no such method"));
     }
@@ -57,6 +71,7 @@ class GateServer final : public ServerObject {
 
   std::vector<uint64_t> events;
   std::vector<ServerObject*> seen;
+  std::vector<CapPromise> promises;
 
  private:
   void settle(Status outcome) {
@@ -98,6 +113,21 @@ class GateServer final : public ServerObject {
     co_return {};
   }
 
+  template <class Cap>
+  static Status returnCap(CallContext& ctx, Cap&& cap) {
+    Result<CapAndValue::Builder> out = ctx.initResultsAs<CapAndValue>(32);
+    AGATE_TRY(out);
+    Result<uint32_t> index = ctx.addResultCap(std::forward<Cap>(cap));
+    AGATE_TRY(index);
+    writeCapPointer(*out, 0, *index);
+    return {};
+  }
+  Promise<void> gatedSelf(CallContext& ctx) {
+    auto [opened, fulfiller] = newPromiseAndFulfiller<void>();
+    waiting_.push_back(std::move(fulfiller));
+    AGATE_CO_TRY(co_await opened);
+    co_return returnCap(ctx, static_cast<ServerObject&>(*this));
+  }
   Status backInResults(CallContext& ctx) {
     RemotePromise p = ctx.connection().bootstrap().newCall(NODE_INTERFACE_ID, NEXT, 16).send();
     Result<CapAndValue::Builder> out = ctx.initResultsAs<CapAndValue>(32);
@@ -276,6 +306,128 @@ TEST_F(ReceiverAnswerTest, TheCallersDeathFreesTheWaitingCallsAndTheirAnswer) {
   ASSERT_TRUE(runUntil(loop_, [&] { return !pair.server().isOpen(); }));
   EXPECT_EQ(pair.server().answerCount(), 0u);
   server_.open();  // the gated call was cancelled with the connection: nothing to resume
+  loop_.runUntilIdle();
+  EXPECT_TRUE(server_.events.empty());
+  EXPECT_EQ(log_.created, log_.destroyed);
+}
+
+// The named answer returns at once while the call that names it still waits (behind an earlier
+// waiting call): the entry is resolved then, so the caller's Finish frees the answer and the
+// caller may reuse its id at once (the callee once kept the answer and took the reuse for a
+// PROTOCOL_ERROR).
+TEST_F(ReceiverAnswerTest, AnAnswerNamedByAWaitingCallIsFreedAtItsFinishAndItsIdReused) {
+  LocalPair pair(loop_, &server_);
+  RemoteCap root = pair.client().bootstrap();
+  Result<RemoteCap> other = loop_.run([](RemoteCap r) -> Promise<RemoteCap> {
+    Result<Response> made = co_await r.newCall(NODE_INTERFACE_ID, CHILD, 16).send();
+    AGATE_CO_TRY(made);
+    Result<ReceivedCap> cap = made->getCap(0);
+    AGATE_CO_TRY(cap);
+    co_return cap->remote;
+  }(root));
+  ASSERT_TRUE(other.ok()) << errcName(other.code());
+  const uint64_t finishesBefore = pair.server().stats().finishesReceived;
+  RemotePromise gated = root.newCall(NODE_INTERFACE_ID, GATED_CHILD, 16).send();
+  RemotePromise first = use(root, gated.pipeline({0}));  // waits for the gate
+  // Another object's answer, returned at once, named by a call that waits behind `first`.
+  std::optional<RemotePromise> quick(other->newCall(NODE_INTERFACE_ID, NEXT, 16).send());
+  RemotePromise second = use(root, quick->pipeline({0}));
+  ASSERT_TRUE(serverHolds(pair, 1, 1));
+  ASSERT_TRUE(loop_.run(done(std::move(*quick))).ok());
+  quick.reset();
+  // Its Finish went out: the question's id is the next one the client hands out.
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.client().questionCount() == 3; }));
+  ASSERT_TRUE(runUntil(
+      loop_, [&] { return pair.server().stats().finishesReceived >= finishesBefore + 1; }));
+  const uint64_t callsBefore = pair.server().stats().callsReceived;
+  RemotePromise reusing = mark(root, 9);  // takes the freed id
+  ASSERT_TRUE(
+      runUntil(loop_, [&] { return pair.server().stats().callsReceived == callsBefore + 1; }));
+  EXPECT_TRUE(pair.server().isOpen()) << "the id was free at the callee too";
+  server_.open();
+  EXPECT_EQ(loop_.run(valueOf(std::move(first))).value(), 1u);
+  EXPECT_EQ(loop_.run(valueOf(std::move(second))).value(), 1u);
+  ASSERT_TRUE(loop_.run(done(std::move(reusing))).ok());
+  EXPECT_EQ(server_.events, (std::vector<uint64_t>{GateServer::USED_OWN, GateServer::USED_OWN, 9}));
+  EXPECT_TRUE(loop_.run(done(std::move(gated))).ok());
+}
+
+// A call pipelined on an answer (P, on T) and a later call on the object T returns (X, naming
+// P's answer): when T returns, P is older than X and does not wait behind it, so neither waits
+// for the other.
+TEST_F(ReceiverAnswerTest, AnOlderPipelinedCallDoesNotWaitBehindTheCallThatNamesIt) {
+  LocalPair pair(loop_, &server_);
+  RemoteCap root = pair.client().bootstrap();
+  // The server as a capability it returned (one export, whichever call returns it again).
+  Result<RemoteCap> selfRef = loop_.run([](RemoteCap r) -> Promise<RemoteCap> {
+    Result<Response> made = co_await r.newCall(NODE_INTERFACE_ID, SELF_NOW, 16).send();
+    AGATE_CO_TRY(made);
+    Result<ReceivedCap> cap = made->getCap(0);
+    AGATE_CO_TRY(cap);
+    co_return cap->remote;
+  }(root));
+  ASSERT_TRUE(selfRef.ok()) << errcName(selfRef.code());
+  RemotePromise self = root.newCall(NODE_INTERFACE_ID, GATED_SELF, 16).send();            // T
+  RemotePromise child = self.pipeline({0}).newCall(NODE_INTERFACE_ID, CHILD, 16).send();  // P
+  RemotePromise used = use(*selfRef, child.pipeline({0}));  // X: on T's object, names P
+  ASSERT_TRUE(serverHolds(pair, 1, 0));
+  server_.open();
+  Result<uint64_t> v = loop_.run(valueOf(std::move(used)));
+  ASSERT_TRUE(v.ok()) << errcName(v.code());
+  EXPECT_EQ(*v, 1u);
+  EXPECT_TRUE(loop_.run(done(std::move(child))).ok());
+  EXPECT_TRUE(loop_.run(done(std::move(self))).ok());
+}
+
+// A promise export settles while a call on it still waits for an answer its params name: the
+// Resolve waits until that call (and those behind it) were delivered, so a call the peer makes
+// on the resolution cannot overtake them.
+TEST_F(ReceiverAnswerTest, APromisesResolveWaitsForTheCallsStillQueuedOnIt) {
+  LocalPair pair(loop_, &server_);
+  RemoteCap root = pair.client().bootstrap();
+  Result<RemoteCap> got = loop_.run([](RemoteCap r) -> Promise<RemoteCap> {
+    Result<Response> promised = co_await r.newCall(NODE_INTERFACE_ID, PROMISE, 16).send();
+    AGATE_CO_TRY(promised);
+    Result<ReceivedCap> cap = promised->getCap(0);
+    AGATE_CO_TRY(cap);
+    co_return cap->remote;
+  }(root));
+  ASSERT_TRUE(got.ok()) << errcName(got.code());
+  RemoteCap promise = *got;
+  RemotePromise gated = root.newCall(NODE_INTERFACE_ID, GATED_CHILD, 16).send();
+  RemotePromise x = use(promise, gated.pipeline({0}));
+  RemotePromise y = mark(promise, 1);
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().stats().promiseCallsQueued == 2; }));
+  server_.promises.back().resolve(static_cast<ServerObject&>(server_));
+  loop_.runUntilIdle();
+  EXPECT_EQ(pair.server().stats().resolvesSent, 0u) << "X and Y still wait";
+  RemotePromise z = mark(promise, 2);  // still on the promise: queued behind X and Y
+  server_.open();
+  ASSERT_TRUE(loop_.run(done(std::move(z))).ok());
+  EXPECT_EQ(server_.events, (std::vector<uint64_t>{GateServer::USED_OWN, 1, 2}));
+  EXPECT_TRUE(loop_.run(done(std::move(x))).ok());
+  EXPECT_TRUE(loop_.run(done(std::move(y))).ok());
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.client().stats().resolvesReceived == 1; }));
+  ASSERT_TRUE(loop_.run(done(mark(promise, 3))).ok());  // now straight to the resolution
+  EXPECT_EQ(server_.events.back(), 3u);
+  EXPECT_TRUE(loop_.run(done(std::move(gated))).ok());
+}
+
+// The named answer got its Finish while a call waited for it; once that call is cancelled too,
+// nothing needs the answer: it is cancelled as its Finish asked.
+TEST_F(ReceiverAnswerTest, AFinishedAnswerIsCancelledOnceNoWaitingCallNamesIt) {
+  LocalPair pair(loop_, &server_);
+  RemoteCap root = pair.client().bootstrap();
+  const size_t answersBefore = pair.server().answerCount();
+  std::optional<RemotePromise> gated(root.newCall(NODE_INTERFACE_ID, GATED_CHILD, 16).send());
+  std::optional<RemotePromise> used(use(root, gated->pipeline({0})));
+  ASSERT_TRUE(serverHolds(pair, 1, 0));
+  gated.reset();
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().stats().finishesReceived == 1; }));
+  EXPECT_EQ(pair.server().answerCount(), answersBefore + 2) << "kept for the waiting call";
+  used.reset();
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().answerCount() == answersBefore; }));
+  server_.open();  // nothing is left to resume
   loop_.runUntilIdle();
   EXPECT_TRUE(server_.events.empty());
   EXPECT_EQ(log_.created, log_.destroyed);

@@ -707,7 +707,6 @@ class RpcConnection {
   // --- promise capabilities (promises.cpp) ---
   void settlePromise(detail::PromiseNode& node);
   void sendResolve(uint32_t exportId, detail::PromiseNode& node);
-  bool isPendingPromise(uint32_t exportId) const noexcept;
   void queueOnExport(Answer& answer, uint32_t exportId, detail::SpillBuffer* copy);
   void deliverOnExport(Answer& answer, uint32_t exportId);
   Status decodeResolve(wire::Resolve::Reader r, Decoded& d);
@@ -715,8 +714,9 @@ class RpcConnection {
   void rollBackExports(detail::CapTable& caps) noexcept;
   // receiverAnswer in a call's params (answers.cpp).
   bool mustQueueOnExport(const Answer& a, uint32_t exportId) const noexcept;
-  void resolveParamAnswers(Answer& a, capnp::AnyStruct::Reader payload);
-  void dropParamAnswers(Answer& a) noexcept;
+  void resolveParamAnswer(Answer& a, uint32_t slot, std::span<const uint16_t> path, Answer& answer);
+  void dropParamAnswers(Answer& a);
+  void cancelIfUnwanted(Answer& a);
   void wakeParamWaiters(Answer& answer);
   void settleExport(uint32_t exportId);
   void drainExport(uint32_t exportId);
@@ -838,7 +838,9 @@ class RpcConnection {
 
   // Answers whose queued pipelined calls can now be settled (run iteratively, not recursively).
   std::vector<uint32_t> worklist_;
-  std::vector<uint32_t> exportsToDrain_;  // exports whose queued calls may go on (drainExport)
+  std::vector<uint32_t> exportsToDrain_;   // exports whose queued calls may go on (drainExport)
+  std::vector<uint32_t> answersToCancel_;  // finished answers nothing needs any more
+  uint64_t callsArrived_ = 0;              // Answer::arrival
 
   // A handoff's host connection being made (the reader waits for it), and the outcomes of
   // those made for the message being handled (consulted when it is handled again).
