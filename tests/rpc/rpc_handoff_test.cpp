@@ -969,8 +969,9 @@ TEST_F(HandoffTest, APromiseImportPassedOnIsProxiedAndItsCallsWaitForTheResoluti
     EXPECT_TRUE(r.ok()) << errcName(r.code());
   }
   recipientE_.sent.clear();
-  EXPECT_EQ(aLog_.order, (std::vector<uint64_t>{Recipient::FIRST_RECORD, Recipient::FIRST_RECORD + 1,
-                                               Recipient::FIRST_RECORD + 2}));
+  EXPECT_EQ(aLog_.order,
+            (std::vector<uint64_t>{Recipient::FIRST_RECORD, Recipient::FIRST_RECORD + 1,
+                                   Recipient::FIRST_RECORD + 2}));
   ASSERT_TRUE(loop_.run(awaitValue(std::move(passed))).ok());
 }
 
