@@ -421,8 +421,9 @@ void RpcConnection::unlinkFromTarget(Answer& a) {
       break;
     }
     a.nextInQueue = nullptr;
-    // The calls behind it may go on now (unless the export is a promise still pending).
-    if (e.queueHead != nullptr) settleExport(id);
+    // The calls behind it may go on now (unless the export is a promise still pending), or, the
+    // queue being empty, the settled promise's Resolve that waited for it goes out.
+    if (e.queueHead != nullptr || e.resolveAfterQueue) settleExport(id);
     exportUnpin(id);
     return;
   }
@@ -437,6 +438,12 @@ void RpcConnection::unlinkFromTarget(Answer& a) {
   }
   a.waitingOn = nullptr;
   a.nextInQueue = nullptr;
+  // A finished answer kept only for the calls pipelined on it is cancelled once none is left.
+  if (t.queueHead == nullptr && t.paramWaiters.empty() && t.finishReceived && isOpen() &&
+      t.state != Answer::State::RETURNED) {
+    answersToCancel_.push_back(t.id);
+    if (!workRunning_ && !inReader_ && !worklistTask_.isQueued()) loop_.post(worklistTask_);
+  }
 }
 
 void RpcConnection::freeAnswer(Answer& a) {

@@ -413,6 +413,54 @@ TEST_F(ReceiverAnswerTest, APromisesResolveWaitsForTheCallsStillQueuedOnIt) {
   EXPECT_TRUE(loop_.run(done(std::move(gated))).ok());
 }
 
+// The same, but the call waiting on the settled promise is cancelled instead of delivered: the
+// Resolve goes out then (the queue it waited for is empty).
+TEST_F(ReceiverAnswerTest, APromisesResolveGoesOutWhenTheLastCallWaitingOnItIsCancelled) {
+  LocalPair pair(loop_, &server_);
+  RemoteCap root = pair.client().bootstrap();
+  Result<RemoteCap> got = loop_.run([](RemoteCap r) -> Promise<RemoteCap> {
+    Result<Response> promised = co_await r.newCall(NODE_INTERFACE_ID, PROMISE, 16).send();
+    AGATE_CO_TRY(promised);
+    Result<ReceivedCap> cap = promised->getCap(0);
+    AGATE_CO_TRY(cap);
+    co_return cap->remote;
+  }(root));
+  ASSERT_TRUE(got.ok()) << errcName(got.code());
+  RemoteCap promise = *got;
+  RemotePromise gated = root.newCall(NODE_INTERFACE_ID, GATED_CHILD, 16).send();
+  std::optional<RemotePromise> x(use(promise, gated.pipeline({0})));
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().stats().promiseCallsQueued == 1; }));
+  server_.promises.back().resolve(static_cast<ServerObject&>(server_));
+  loop_.runUntilIdle();
+  EXPECT_EQ(pair.server().stats().resolvesSent, 0u);
+  x.reset();  // Finish: X is cancelled while it waits
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.client().stats().resolvesReceived == 1; }));
+  ASSERT_TRUE(loop_.run(done(mark(promise, 4))).ok());
+  EXPECT_EQ(server_.events, std::vector<uint64_t>{4});
+  server_.open();
+  EXPECT_TRUE(loop_.run(done(std::move(gated))).ok());
+}
+
+// An answer finished while calls pipelined on it wait is kept for them; once they are all
+// cancelled too, nothing needs it: it is cancelled as its Finish asked.
+TEST_F(ReceiverAnswerTest, AFinishedAnswerKeptForPipelinedCallsIsCancelledWithThem) {
+  LocalPair pair(loop_, &server_);
+  RemoteCap root = pair.client().bootstrap();
+  const size_t answersBefore = pair.server().answerCount();
+  std::optional<RemotePromise> gated(root.newCall(NODE_INTERFACE_ID, GATED_CHILD, 16).send());
+  std::optional<RemotePromise> echoed(
+      gated->pipeline({0}).newCall(NODE_INTERFACE_ID, ECHO, 16).send());
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().stats().pipelinedCallsQueued == 1; }));
+  gated.reset();
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().stats().finishesReceived == 1; }));
+  EXPECT_EQ(pair.server().answerCount(), answersBefore + 2) << "kept for the pipelined call";
+  echoed.reset();
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().answerCount() == answersBefore; }));
+  server_.open();
+  loop_.runUntilIdle();
+  EXPECT_EQ(log_.created, log_.destroyed);
+}
+
 // The named answer got its Finish while a call waited for it; once that call is cancelled too,
 // nothing needs the answer: it is cancelled as its Finish asked.
 TEST_F(ReceiverAnswerTest, AFinishedAnswerIsCancelledOnceNoWaitingCallNamesIt) {
