@@ -549,7 +549,8 @@ void KernelDaemon::serveFrame(Session& s, std::span<const std::byte> frame) {
   if (kernel_.hasPendingEvents()) deliverEvents();
 }
 
-void KernelDaemon::deliver(Session& s, size_t bytes, uint64_t callId, std::vector<Fd>& fds) {
+void KernelDaemon::deliver(Session& s, size_t bytes, uint64_t callId, std::vector<Fd>& fds,
+                           Koid openedBushel) {
   if (s.doomed) return;  // the caller's vector closes the descriptors
   const std::span<const std::byte> data(reinterpret_cast<const std::byte*>(buildScratch_.get()),
                                         bytes);
@@ -560,7 +561,22 @@ void KernelDaemon::deliver(Session& s, size_t bytes, uint64_t callId, std::vecto
   pending.bytes = bytes;
   pending.callId = callId;
   pending.fds = std::move(fds);
+  pending.openedBushel = openedBushel;
   s.outbox.push_back(std::move(pending));
+}
+
+// A bushel that died while its BUSHEL_OPENED still waits in the server's outbox (the server is
+// not reading): the event goes, with its ring descriptors, and so does the BUSHEL_CLOSED that
+// would follow it. Without this, a client opening and closing bushels in a loop would grow a
+// stalled server's outbox (and the daemon's open descriptors) without bound, at no cost to
+// itself. Returns whether it withdrew one.
+bool KernelDaemon::withdrawOpened(Session& s, Koid bushel) {
+  for (auto it = s.outbox.begin(); it != s.outbox.end(); ++it) {
+    if (it->openedBushel != bushel) continue;
+    s.outbox.erase(it);  // closes the descriptors
+    return true;
+  }
+  return false;
 }
 
 bool KernelDaemon::tryCommit(Session& s, std::span<const std::byte> bytes, uint64_t callId,
@@ -621,6 +637,9 @@ void KernelDaemon::deliverEvents() {
     if (!kernel_.hasPendingEvents()) return;
     std::vector<KernelEvent> events = kernel_.takeEvents(pid);
     for (KernelEvent& e : events) {
+      if (e.type == KernelEventType::BUSHEL_CLOSED && !s->outbox.empty() &&
+          withdrawOpened(*s, e.object))
+        continue;
       std::optional<FrameBuilder> builder;
       builder.emplace(std::span<capnp::word>(buildScratch_.get(), SMALL_REPLY_WORDS));
       auto reply = builder->initRoot<wire::Completion>();
@@ -647,7 +666,7 @@ void KernelDaemon::deliverEvents() {
       event.setCap(e.cap);
       Result<size_t> bytes = builder->tryFinish();
       AGATE_ASSERT(bytes.ok(), "an event fits any completion frame");
-      deliver(*s, *bytes, 0, e.fds);
+      deliver(*s, *bytes, 0, e.fds, e.type == KernelEventType::BUSHEL_OPENED ? e.object : 0);
       std::memset(buildScratch_.get(), 0, builder->usedBytes());
     }
   }

@@ -103,7 +103,9 @@ class KernelDaemon {
   bool serveSession(Session& s);
   void serveFrame(Session& s, std::span<const std::byte> frame);
   // Puts a completion built in scratch_ (bytes) into s's ring, or its outbox.
-  void deliver(Session& s, size_t bytes, uint64_t callId, std::vector<Fd>& fds);
+  void deliver(Session& s, size_t bytes, uint64_t callId, std::vector<Fd>& fds,
+               Koid openedBushel = 0);
+  bool withdrawOpened(Session& s, Koid bushel);
   bool flushOutbox(Session& s);
   bool tryCommit(Session& s, std::span<const std::byte> bytes, uint64_t callId,
                  std::vector<Fd>& fds);

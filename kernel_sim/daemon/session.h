@@ -9,8 +9,11 @@
 //
 // Backpressure: while the outbox is not empty the daemon takes no new submission from this
 // process, so the outbox holds at most one call's completion plus the events other processes'
-// calls produced for it (bounded by the bushels its banks paid for). The outbox fills when the
-// completion ring is full or when the socket cannot take a completion's descriptors yet.
+// calls produced for it. Those are bounded by the bushels open at once (paid for by their
+// clients' banks), not by bushels ever opened: a bushel that dies before its BUSHEL_OPENED was
+// delivered withdraws that event (and its descriptors) instead of queueing BUSHEL_CLOSED. The
+// outbox fills when the completion ring is full or when the socket cannot take a completion's
+// descriptors yet.
 //
 // Threading: the daemon's one thread.
 #pragma once
@@ -37,6 +40,9 @@ struct PendingCompletion {
   size_t bytes = 0;
   uint64_t callId = 0;
   std::vector<Fd> fds;
+  // A BUSHEL_OPENED event (the bushel's koid), so that the bushel's death before delivery can
+  // withdraw it together with its ring descriptors (KernelDaemon::deliverEvents).
+  Koid openedBushel = 0;
 };
 
 struct Session {

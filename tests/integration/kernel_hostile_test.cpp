@@ -444,6 +444,54 @@ TEST(KernelHostile, UnreadDescriptorsHoldCompletionsBackWithoutDisconnecting) {
   EXPECT_TRUE(raw.next().has_value());
 }
 
+// A server that stops reading its completions while a client opens and closes bushels to it in a
+// loop (each costs the client nothing once closed): the BUSHEL_OPENED events the server has not
+// taken are withdrawn with their ring descriptors when their bushel dies, so the daemon's open
+// descriptors stay flat instead of growing with every bushel ever opened.
+TEST(KernelHostile, AStalledServerDoesNotMakeTheKernelKeepDeadBushelsDescriptors) {
+  Watchdog dog("stalled server", seconds(90));
+  KernelProcess kernel;
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  const pid_t server = ::fork();
+  if (server == 0) {
+    ::close(ready[0]);
+    EventLoop loop;
+    auto conn = KernelConnection::tryAttach(loop, kernel.home(), "stalled-server");
+    if (!conn) ::_exit(2);
+    auto service = (*conn)->sync().registerService((*conn)->registry(), "stalled", (*conn)->bank());
+    if (!service) ::_exit(3);
+    const char one = 1;
+    if (::write(ready[1], &one, 1) != 1) ::_exit(4);
+    ::pause();  // never reads a completion again
+    ::_exit(0);
+  }
+  ::close(ready[1]);
+  char byte = 0;
+  ASSERT_EQ(::read(ready[0], &byte, 1), 1);
+  ::close(ready[0]);
+  {
+    EventLoop loop;
+    auto client = std::move(KernelConnection::tryAttach(loop, kernel.home(), "looper")).value();
+    auto s = client->sync();
+    // Enough rounds to fill the server's completion ring and socket first.
+    for (int i = 0; i < 400; ++i) {
+      auto bushel = s.openBushel(client->registry(), "stalled", client->bank());
+      ASSERT_TRUE(bushel.ok()) << i << ": " << errcName(bushel.code());
+      ASSERT_TRUE(s.deleteCap(*bushel).ok());
+    }
+    const int fdsBefore = kernel.openFds();
+    for (int i = 0; i < 2000; ++i) {
+      auto bushel = s.openBushel(client->registry(), "stalled", client->bank());
+      ASSERT_TRUE(bushel.ok()) << i << ": " << errcName(bushel.code());
+      ASSERT_TRUE(s.deleteCap(*bushel).ok());
+    }
+    EXPECT_LT(kernel.openFds() - fdsBefore, 16) << "descriptors of dead bushels were kept";
+  }
+  ::kill(server, SIGKILL);
+  ::waitpid(server, nullptr, 0);
+}
+
 TEST(KernelHostile, APacketOnTheSocketAfterAttachDisconnectsTheSender) {
   Watchdog dog("socket abuse", seconds(30));
   KernelProcess kernel;
