@@ -42,6 +42,10 @@ void ClientQuota::refund(uint64_t bytes) noexcept {
 
 Promise<StateCharge> ClientQuota::charge(uint64_t bytes) {
   if (bytes == 0) co_return Error(Errc::INVALID_ARGUMENT, "a state charge of 0 bytes");
+  // Sizes often come from the client (count x size): one larger than a growth may be can never be
+  // paid, and refusing it first keeps used_ + bytes from wrapping.
+  if (bytes > kernel::Bushel::MAX_STATE_GROWTH * kernel::PAGE_BYTES)
+    co_return Error(Errc::INVALID_ARGUMENT, "a state charge larger than one growth may be");
   // Loop: another charge may take what a growth granted while this one waited for the kernel.
   while (used_ + bytes > allowanceBytes()) {
     const uint64_t missing =

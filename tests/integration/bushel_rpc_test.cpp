@@ -27,6 +27,8 @@
 #include "agate/client/main.h"
 #include "agate/client/service_host.h"
 #include "agate/client/session.h"
+#include "agate/kernel/bushel.h"
+#include "agate/kernel/space_bank.h"
 #include "bushel_rpc_test.agate.h"
 #include "kernel_fixture.h"
 #include "session_harness.h"
@@ -209,6 +211,23 @@ class BushelRpcTest : public ::testing::Test {
 };
 
 // ---------------------------------------------------------------------------------------------
+
+// A state charge larger than one growth may be (sizes often come from the client: count x size)
+// is refused before anything else, so `used + bytes` cannot wrap and no kernel call goes out.
+TEST(ClientQuotaTest, AChargeLargerThanOneGrowthIsRefusedAtOnce) {
+  Watchdog dog("huge charge", 30s);
+  KernelProcess kernel;
+  EventLoop loop;
+  auto conn = std::move(KernelConnection::tryAttach(loop, kernel.home(), "quota")).value();
+  ClientQuota quota(*conn, Cap<caps::Service>{}, 0, 1);
+  for (uint64_t bytes : {kernel::Bushel::MAX_STATE_GROWTH * kernel::PAGE_BYTES + 1, ~uint64_t{0}}) {
+    Result<StateCharge> charge = loop.run(quota.charge(bytes));
+    ASSERT_FALSE(charge.ok());
+    EXPECT_EQ(charge.code(), Errc::INVALID_ARGUMENT);
+    EXPECT_STREQ(charge.error().detail, "a state charge larger than one growth may be");
+    EXPECT_EQ(quota.usedBytes(), 0u);
+  }
+}
 
 TEST_F(BushelRpcTest, ATypedClientOpensAServiceByNameAndAPipelinedChainTakesOneRoundTrip) {
   const pid_t server = startServer(kernel_.home());
