@@ -182,17 +182,36 @@ Promise<RpcConnection*> KernelVats::connect(VatId vat) {
   return open(vat);
 }
 
+// Waits for the kernel's introduction to `vat`, then for a connection to it. The kernel work of
+// opening one (establish) runs as a task of this network, not of the connect: a connect that is
+// dropped midway (its caller's connection ended) cannot strand the opening, which other
+// connects wait for, nor orphan the bushel it opens.
 Promise<RpcConnection*> KernelVats::open(VatId vat) {
   EventLoop& loop = events_.kernel().loop();
   const auto end = std::chrono::steady_clock::now() + options_.introductionTimeout;
+  bool started = false;  // an opening this connect waited for
   for (;;) {
     if (closed_) co_return Error(Errc::DISCONNECTED, "the vat network closed");
     if (RpcConnection* c = findOpen(vat)) co_return c;
-    auto intro = introduced_.find(vat);
     const bool opening = std::any_of(owned_.begin(), owned_.end(),
                                      [&](const auto& o) { return o->peer == vat && !o->link; });
-    if (intro != introduced_.end() && !opening) break;
-    // Wait for the kernel's introduction (or for another connect's open to finish).
+    if (opening) {
+      started = true;
+      prune();
+      AGATE_CO_TRY(co_await waitForIntroduction(vat));  // woken when the opening ends
+      continue;
+    }
+    if (started) {  // the opening this connect waited for ended, without an open connection
+      if (auto failed = openFailures_.find(vat); failed != openFailures_.end())
+        co_return failed->second;
+      co_return Error(Errc::DISCONNECTED, "the connection to that vat closed as it opened");
+    }
+    if (auto intro = introduced_.find(vat); intro != introduced_.end()) {
+      openFailures_.erase(vat);
+      tasks_.push_back(establish(vat, intro->second));  // runs up to its first kernel call
+      continue;
+    }
+    // Wait for the kernel's introduction.
     const auto now = std::chrono::steady_clock::now();
     if (now >= end)
       co_return Error(Errc::NOT_FOUND, "no introduction to that vat arrived from the kernel");
@@ -200,23 +219,38 @@ Promise<RpcConnection*> KernelVats::open(VatId vat) {
     Status woken = co_await loop.deadline(waitForIntroduction(vat), end - now);
     if (!woken && woken.code() != Errc::TIMED_OUT) co_return woken.error();
   }
+}
 
-  // Opening: a placeholder entry (no link yet) makes concurrent connects to `vat` wait.
-  const Introduction intro = introduced_.at(vat);
+// Opens a bushel to `vat` through its introduction and links it; a placeholder entry (no link
+// yet) makes connects to `vat` wait meanwhile. Every end wakes them: linked, failed (the reason
+// kept in openFailures_), or dropped with the network (close()).
+Promise<void> KernelVats::establish(VatId vat, Introduction intro) {
+  EventLoop& loop = events_.kernel().loop();
   owned_.push_back(std::make_unique<Owned>());
   Owned* entry = owned_.back().get();
   entry->peer = vat;
-  auto abandon = [&](const Error& why, bool forgetIntroduction) -> Error {
-    std::erase_if(owned_, [&](const auto& o) { return o.get() == entry; });
+  struct Ending {
+    KernelVats& vats;
+    Owned* entry;
+    VatId vat;
+    bool linked = false;
+    ~Ending() {
+      if (!linked) std::erase_if(vats.owned_, [&](const auto& o) { return o.get() == entry; });
+      vats.wake(vat);
+    }
+  } ending{*this, entry, vat};
+  auto fail = [&](const Error& why, bool forgetIntroduction) {
+    openFailures_[vat] = why;
     if (forgetIntroduction) introduced_.erase(vat);
-    wake(vat);
-    return why;
   };
 
   caps::KernelConnection& kernel = events_.kernel();
   Result<caps::Cap<caps::Bushel>> bushel = co_await kernel.openBushelVia(intro.cap, options_.bank);
   // INVALID_HANDLE: the introduction was revoked or its service went (the kernel deleted it).
-  if (!bushel) co_return abandon(bushel.error(), bushel.code() == Errc::INVALID_HANDLE);
+  if (!bushel) {
+    fail(bushel.error(), bushel.code() == Errc::INVALID_HANDLE);
+    co_return {};
+  }
   Promise<caps::CapInfo> infoCall = kernel.inspectCap(*bushel);
   Promise<caps::BushelRings> ringsCall = kernel.bushelRings(*bushel);
   Result<caps::CapInfo> info = co_await infoCall;
@@ -244,14 +278,15 @@ Promise<RpcConnection*> KernelVats::open(VatId vat) {
     entry->cap = *bushel;
     entry->koid = info->koid;
     entry->link = std::move(link);
+    ending.linked = true;
     if (Status claimed = events_.claimBushel(entry->koid, *this); !claimed)
       entry->link->connection().close(claimed.error());
-    wake(vat);
-    co_return &entry->link->connection();
+    co_return {};
   }
   link.reset();
+  fail(failed, false);
   (void)co_await kernel.deleteCap(*bushel);  // its pages go back to our bank
-  co_return abandon(failed, false);
+  co_return {};
 }
 
 }  // namespace agate::client

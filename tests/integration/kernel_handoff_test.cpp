@@ -269,6 +269,41 @@ class KernelHandoffTest : public ::testing::Test {
 
 // ---------------------------------------------------------------------------------------------
 
+// A connect dropped while its bushel to the introduced vat opens (its caller's connection ended
+// mid-handoff): the opening belongs to the network and finishes, so the next connect gets that
+// connection at once, instead of waiting for a stranded opening and failing NOT_FOUND, and no
+// second bushel is opened.
+TEST(KernelVatsTest, AConnectDroppedWhileItOpensLeavesTheOpeningToFinish) {
+  Watchdog dog("dropped connect", 60s);
+  KernelProcess kernel;
+  EventLoop loop;
+  auto a = std::move(KernelConnection::tryAttach(loop, kernel.home(), "a")).value();
+  auto b = std::move(KernelConnection::tryAttach(loop, kernel.home(), "b")).value();
+  auto c = std::move(KernelConnection::tryAttach(loop, kernel.home(), "c")).value();
+  ASSERT_TRUE(a->sync().registerService(a->registry(), "bank", a->bank()).ok());
+  auto bushel = c->sync().openBushel(c->registry(), "bank", c->bank());
+  ASSERT_TRUE(bushel.ok());
+  {
+    KernelEvents events(*b);
+    KernelVats vats(events, KernelVatsOptions{});
+    ASSERT_TRUE(c->sync().introduce(*bushel, b->pid()).ok());
+    for (int i = 0; i < 500 && vats.knownIntroductions() == 0; ++i)
+      (void)loop.run(loop.sleep(10ms));
+    ASSERT_EQ(vats.knownIntroductions(), 1u);
+    {
+      Promise<rpc::RpcConnection*> dropped = vats.connect(a->pid());
+      EXPECT_FALSE(dropped.isReady()) << "it waits for the kernel";
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    Result<rpc::RpcConnection*> conn = loop.run(vats.connect(a->pid()));
+    ASSERT_TRUE(conn.ok()) << errcName(conn.code());
+    EXPECT_TRUE((*conn)->isOpen());
+    EXPECT_LT(std::chrono::steady_clock::now() - t0, 2s) << "it waited for a stranded opening";
+    EXPECT_EQ(vats.ownedConnections(), 1u) << "one bushel, the first opening's";
+    vats.close();
+  }
+}
+
 TEST_F(KernelHandoffTest, AHandedOffCounterIsCalledByTheRecipientDirectlyAfterTheIntroducersCalls) {
   const pid_t a = startServer(kernel_.home(), Role::BANK);
   const pid_t b = startServer(kernel_.home(), Role::AUDITOR);

@@ -123,6 +123,7 @@ class KernelVats final : public rpc::VatNetwork, private KernelEventListener {
 
   rpc::RpcConnection* findOpen(rpc::VatId vat) const noexcept;
   Promise<rpc::RpcConnection*> open(rpc::VatId vat);
+  Promise<void> establish(rpc::VatId vat, Introduction intro);
   Promise<void> waitForIntroduction(rpc::VatId vat);
   Promise<void> sendIntroduction(caps::Cap<caps::Bushel> bushel, rpc::VatId recipient);
   Promise<void> takeIntroduction(caps::Koid service, caps::ProcessId server, uint64_t handle);
@@ -137,6 +138,8 @@ class KernelVats final : public rpc::VatNetwork, private KernelEventListener {
   std::map<rpc::VatId, Introduction> introduced_;                // server -> connect-only cap
   std::vector<std::unique_ptr<Owned>> owned_;
   std::vector<Waiter> waiters_;
+  // Why the last establish() to a vat failed, for the connects that waited for it.
+  std::map<rpc::VatId, Error> openFailures_;
   uint64_t introductionsSent_ = 0;
   uint64_t introductionsFailed_ = 0;
   uint64_t introductionsReceived_ = 0;
