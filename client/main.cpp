@@ -3,6 +3,7 @@
 #include <fmt/core.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <unistd.h>
 
@@ -35,6 +36,18 @@ int reportAttach(const ProgramArgs& args, const Error& e) {
   if (e.code != Errc::DISCONNECTED) return report(args, what, e);
   return report(args, what, e, nullptr,
                 fmt::format("start one with `agate up --home {}`", args.home));
+}
+
+// Every bushel a program serves or opens holds descriptors (its two rings; an event stream up to
+// four more) for as long as it lives, and a descriptor-passing packet that finds the table full
+// is cut short: take every descriptor the hard limit allows, as agate-kernel does, so that the
+// usual soft limit of 1024 is not what bounds the clients a server takes.
+void raiseDescriptorLimit() noexcept {
+  rlimit nofile{};
+  if (::getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < nofile.rlim_max) {
+    nofile.rlim_cur = nofile.rlim_max;
+    (void)::setrlimit(RLIMIT_NOFILE, &nofile);
+  }
 }
 
 // Ends the host's run() at the first SIGTERM or SIGINT (read from a signalfd on the loop).
@@ -116,6 +129,7 @@ int runSession(int argc, char** argv,
   const ProgramArgs args = parseProgramArgs(argc, argv);
   if (int answered = answerProgramArgs(args, "[--home DIR] [ARGUMENTS...]"); answered >= 0)
     return answered;
+  raiseDescriptorLimit();
   EventLoop loop;
   auto kernel = caps::KernelConnection::tryAttach(loop, args.home, args.program);
   if (!kernel) return reportAttach(args, kernel.error());
@@ -145,6 +159,7 @@ int serveService(int argc, char** argv, std::string_view name, ClientFactory fac
                  ServiceOptions options) {
   const ProgramArgs args = parseProgramArgs(argc, argv);
   if (int answered = answerProgramArgs(args); answered >= 0) return answered;
+  raiseDescriptorLimit();
   if (!args.rest.empty()) {
     fmt::print(stderr, "{}: unexpected argument {} (a server takes only --home)\n", args.program,
                args.rest.front());

@@ -11,6 +11,7 @@
 // Watchdog per test (started after the forks), alarm() in every child, ctest's TIMEOUT.
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -211,6 +212,31 @@ class BushelRpcTest : public ::testing::Test {
 };
 
 // ---------------------------------------------------------------------------------------------
+
+// agate::run (and agate::serve) take every descriptor the hard limit allows before attaching: a
+// server holds two per client, and the usual soft limit of 1024 must not be what bounds them.
+TEST(ProgramMainTest, RunRaisesTheDescriptorLimitToItsHardLimit) {
+  Watchdog dog("descriptor limit", 30s);
+  KernelProcess kernel;
+  rlimit before{};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &before), 0);
+  ASSERT_GE(before.rlim_max, rlim_t{64});
+  rlimit lowered = before;
+  lowered.rlim_cur = 64;
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &lowered), 0);
+  std::string program = "limits", homeFlag = "--home", home = kernel.home();
+  char* argv[] = {program.data(), homeFlag.data(), home.data(), nullptr};
+  rlim_t seen = 0;
+  const int rc = agate::client::runSession(3, argv, [&](Session&) -> Promise<void> {
+    rlimit now{};
+    ::getrlimit(RLIMIT_NOFILE, &now);
+    seen = now.rlim_cur;
+    co_return {};
+  });
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &before), 0);
+  EXPECT_EQ(rc, 0);
+  EXPECT_EQ(seen, before.rlim_max);
+}
 
 // A state charge larger than one growth may be (sizes often come from the client: count x size)
 // is refused before anything else, so `used + bytes` cannot wrap and no kernel call goes out.

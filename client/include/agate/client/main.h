@@ -10,7 +10,8 @@
 // refuse an unknown --option (exit 64), make the thread's EventLoop, attach to the kernel under
 // the program's name, and print an error and return 1 when anything fails (naming the home, and
 // the service a client waited for). Other arguments are left to the program (ProgramArgs); a
-// server takes none.
+// server takes none. Both raise the descriptor limit to its hard limit (each bushel holds
+// descriptors for as long as it lives).
 //
 // run: one Session; returns 0 when `body` succeeded.
 // serve<T>: registers `name` and serves it until SIGTERM or SIGINT (then unregisters: the
