@@ -28,6 +28,7 @@
 #include <CLI/CLI.hpp>
 
 #include "agate/caps/kernel_connection.h"
+#include "agate/kernel/cli_checks.h"
 #include "agate/kernel/home.h"
 #include "agate/runtime/event_loop.h"
 #include "agate/tools/kernel_home.h"
@@ -88,19 +89,6 @@ CLI::Validator positiveSeconds() {
       "", "SECONDS");
 }
 
-// --system-pages, --process-pages: a positive integer, as agate-kernel takes it.
-CLI::Validator positivePages() {
-  return CLI::Validator(
-      [](std::string& input) -> std::string {
-        uint64_t value = 0;
-        const char* last = input.c_str() + input.size();
-        const auto [end, ec] = std::from_chars(input.c_str(), last, value);
-        if (ec != std::errc() || end != last || value == 0)
-          return "must be a positive whole number of pages, not '" + input + "'";
-        return {};
-      },
-      "", "PAGES");
-}
 
 struct Common {
   std::string home;  // as given; resolved with resolveKernelHome
@@ -510,13 +498,13 @@ int run(int argc, char** argv) {
       ->add_option("--system-pages", up.systemPages,
                    "agate-kernel --system-pages: pages the kernel may hand out in all "
                    "(default: agate-kernel's)")
-      ->check(positivePages())
+      ->check(kernel::positiveWholeNumber(" of pages", "PAGES"))
       ->type_name("N");
   upCmd
       ->add_option("--process-pages", up.processPages,
                    "agate-kernel --process-pages: each process bank's limit, in pages "
                    "(default: agate-kernel's)")
-      ->check(positivePages())
+      ->check(kernel::positiveWholeNumber(" of pages", "PAGES"))
       ->type_name("N");
 
   DownOptions down;

@@ -13,6 +13,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include "agate/kernel/cli_checks.h"
 #include "agate/kernel/home.h"
 #include "daemon.h"
 
@@ -20,19 +21,6 @@ namespace {
 
 constexpr int EXIT_USAGE = 64;  // sysexits.h EX_USAGE
 
-// A positive integer; a check of the text, so "abc" and "0" get the same message.
-CLI::Validator positiveInteger() {
-  return CLI::Validator(
-      [](std::string& input) -> std::string {
-        uint64_t value = 0;
-        const char* last = input.c_str() + input.size();
-        const auto [end, ec] = std::from_chars(input.c_str(), last, value);
-        if (ec != std::errc() || end != last || value == 0)
-          return "must be a positive whole number, not '" + input + "'";
-        return {};
-      },
-      "", "N");
-}
 
 }  // namespace
 
@@ -46,17 +34,17 @@ int main(int argc, char** argv) {
                  "/tmp/agate-$UID)")
       ->type_name("DIR");
   app.add_option("--system-pages", options.systemPages, "pages the kernel may hand out in all")
-      ->check(positiveInteger())
+      ->check(agate::kernel::positiveWholeNumber("", "N"))
       ->type_name("N");
   app.add_option("--process-pages", options.processPages, "each process bank's limit, in pages")
-      ->check(positiveInteger())
+      ->check(agate::kernel::positiveWholeNumber("", "N"))
       ->type_name("N");
   app.add_option("--poll-us", options.pollMicros,
                  "microseconds to keep polling the rings after the last call before sleeping")
       ->type_name("N");
   app.add_option("--attach-timeout-ms", options.attachTimeoutMs,
                  "milliseconds a new connection has to complete attach before it is closed")
-      ->check(positiveInteger())
+      ->check(agate::kernel::positiveWholeNumber("", "N"))
       ->type_name("N");
   app.add_option("--ready-fd", options.readyFd,
                  "descriptor to write one byte to (then close) once the socket listens; -1: none")

@@ -104,6 +104,16 @@ class RpcPromiseTest : public ::testing::Test {
   void recordCalls(const RemoteCap& cap, uint64_t first, uint64_t n) {
     for (uint64_t i = first; i < first + n; ++i) calls_.push_back(record(cap, i));
   }
+  // Sends KEEP with `cap` (a CapPromise, a RemoteCap or one of our objects) to `target` and
+  // waits for it.
+  template <class Cap>
+  Status keep(const RemoteCap& target, Cap& cap) {
+    Request k = target.newCall(NODE_INTERFACE_ID, KEEP, 16);
+    Result<uint32_t> index = k.addCap(cap);
+    if (!index) return index.error();
+    writeCapPointer(k.initParams<CapParam>(), 0, *index);
+    return loop_.run(awaitValueless(k.send()));
+  }
   std::vector<Errc> awaitCalls() {
     std::vector<Errc> outcomes;
     EXPECT_TRUE(loop_.run(awaitAll(calls_, outcomes)).ok());
@@ -293,17 +303,10 @@ TEST_F(RpcPromiseTest, APendingPromisePassedBackAndPassedOnAgainStaysAPromise) {
   LocalPair pair(loop_, &promiser_);
   RemoteCap boot = pair.client().bootstrap();
   CapPromise later = pair.client().newCapPromise();
-  auto keep = [&](auto&& cap) {
-    Request k = boot.newCall(NODE_INTERFACE_ID, KEEP, 16);
-    Result<uint32_t> index = k.addCap(cap);
-    ASSERT_TRUE(index.ok());
-    writeCapPointer(k.initParams<CapParam>(), 0, *index);
-    ASSERT_TRUE(loop_.run(awaitValueless(k.send())).ok());
-  };
-  keep(later);
+  ASSERT_TRUE(keep(boot, later).ok());
   Result<ServerObject*> back = loop_.run(ownPromiseBack(boot));
   ASSERT_TRUE(back.ok()) << errcName(back.code());
-  keep(**back);  // passed on again, as an object, while the server still holds it
+  ASSERT_TRUE(keep(boot, **back).ok());  // passed on again, as an object, while the server holds it
   ASSERT_TRUE(pair.server().isOpen());
   ASSERT_TRUE(pair.client().isOpen());
   recordCalls(promiser_.kept, 0, 3);
@@ -323,23 +326,12 @@ TEST_F(RpcPromiseTest, APendingPromiseOfAnotherConnectionCannotBePassedOn) {
   LocalPair pair2(loop_, &other);
   RemoteCap boot = pair.client().bootstrap();
   CapPromise later = pair.client().newCapPromise();
-  {
-    Request k = boot.newCall(NODE_INTERFACE_ID, KEEP, 16);
-    Result<uint32_t> index = k.addCap(later);
-    ASSERT_TRUE(index.ok());
-    writeCapPointer(k.initParams<CapParam>(), 0, *index);
-    ASSERT_TRUE(loop_.run(awaitValueless(k.send())).ok());
-  }
+  ASSERT_TRUE(keep(boot, later).ok());
   Result<ServerObject*> back = loop_.run(ownPromiseBack(boot));
   ASSERT_TRUE(back.ok()) << errcName(back.code());
   const size_t exportsBefore = pair2.client().exportCount();
-  auto keepOnOther = [&] {
-    Request k = pair2.client().bootstrap().newCall(NODE_INTERFACE_ID, KEEP, 16);
-    Result<uint32_t> index = k.addCap(**back);
-    EXPECT_TRUE(index.ok());
-    writeCapPointer(k.initParams<CapParam>(), 0, *index);
-    return loop_.run(awaitValueless(k.send()));
-  };
+  RemoteCap otherBoot = pair2.client().bootstrap();
+  auto keepOnOther = [&] { return keep(otherBoot, **back); };
   EXPECT_EQ(keepOnOther().code(), Errc::INVALID_ARGUMENT);
   EXPECT_EQ(pair2.client().exportCount(), exportsBefore) << "nothing stays exported";
   EXPECT_TRUE(other.kept.isNull());
@@ -360,13 +352,7 @@ TEST_F(RpcPromiseTest, APromiseResolvedToItselfBreaksWithInvalidArgument) {
   LocalPair pair(loop_, &promiser_);
   RemoteCap boot = pair.client().bootstrap();
   CapPromise later = pair.client().newCapPromise();
-  {
-    Request k = boot.newCall(NODE_INTERFACE_ID, KEEP, 16);
-    Result<uint32_t> index = k.addCap(later);
-    ASSERT_TRUE(index.ok());
-    writeCapPointer(k.initParams<CapParam>(), 0, *index);
-    ASSERT_TRUE(loop_.run(awaitValueless(k.send())).ok());
-  }
+  ASSERT_TRUE(keep(boot, later).ok());
   Result<ServerObject*> back = loop_.run(ownPromiseBack(boot));
   ASSERT_TRUE(back.ok()) << errcName(back.code());
   recordCalls(promiser_.kept, 0, 2);

@@ -164,6 +164,15 @@ Promise<uint64_t> valueOf(RemotePromise p) {
   co_return v;
 }
 
+// The capability `method` on `target` returns (awaited): an import of the server's export.
+Promise<RemoteCap> capFrom(RemoteCap target, uint16_t method) {
+  Result<Response> r = co_await target.newCall(NODE_INTERFACE_ID, method, 16).send();
+  AGATE_CO_TRY(r);
+  Result<ReceivedCap> cap = r->getCap(0);
+  AGATE_CO_TRY(cap);
+  co_return cap->remote;
+}
+
 Promise<void> done(RemotePromise p) {
   Result<Response> r = co_await p;
   AGATE_CO_TRY(r);
@@ -318,13 +327,7 @@ TEST_F(ReceiverAnswerTest, TheCallersDeathFreesTheWaitingCallsAndTheirAnswer) {
 TEST_F(ReceiverAnswerTest, AnAnswerNamedByAWaitingCallIsFreedAtItsFinishAndItsIdReused) {
   LocalPair pair(loop_, &server_);
   RemoteCap root = pair.client().bootstrap();
-  Result<RemoteCap> other = loop_.run([](RemoteCap r) -> Promise<RemoteCap> {
-    Result<Response> made = co_await r.newCall(NODE_INTERFACE_ID, CHILD, 16).send();
-    AGATE_CO_TRY(made);
-    Result<ReceivedCap> cap = made->getCap(0);
-    AGATE_CO_TRY(cap);
-    co_return cap->remote;
-  }(root));
+  Result<RemoteCap> other = loop_.run(capFrom(root, CHILD));
   ASSERT_TRUE(other.ok()) << errcName(other.code());
   const uint64_t finishesBefore = pair.server().stats().finishesReceived;
   RemotePromise gated = root.newCall(NODE_INTERFACE_ID, GATED_CHILD, 16).send();
@@ -359,13 +362,7 @@ TEST_F(ReceiverAnswerTest, AnOlderPipelinedCallDoesNotWaitBehindTheCallThatNames
   LocalPair pair(loop_, &server_);
   RemoteCap root = pair.client().bootstrap();
   // The server as a capability it returned (one export, whichever call returns it again).
-  Result<RemoteCap> selfRef = loop_.run([](RemoteCap r) -> Promise<RemoteCap> {
-    Result<Response> made = co_await r.newCall(NODE_INTERFACE_ID, SELF_NOW, 16).send();
-    AGATE_CO_TRY(made);
-    Result<ReceivedCap> cap = made->getCap(0);
-    AGATE_CO_TRY(cap);
-    co_return cap->remote;
-  }(root));
+  Result<RemoteCap> selfRef = loop_.run(capFrom(root, SELF_NOW));
   ASSERT_TRUE(selfRef.ok()) << errcName(selfRef.code());
   RemotePromise self = root.newCall(NODE_INTERFACE_ID, GATED_SELF, 16).send();            // T
   RemotePromise child = self.pipeline({0}).newCall(NODE_INTERFACE_ID, CHILD, 16).send();  // P
@@ -385,13 +382,7 @@ TEST_F(ReceiverAnswerTest, AnOlderPipelinedCallDoesNotWaitBehindTheCallThatNames
 TEST_F(ReceiverAnswerTest, APromisesResolveWaitsForTheCallsStillQueuedOnIt) {
   LocalPair pair(loop_, &server_);
   RemoteCap root = pair.client().bootstrap();
-  Result<RemoteCap> got = loop_.run([](RemoteCap r) -> Promise<RemoteCap> {
-    Result<Response> promised = co_await r.newCall(NODE_INTERFACE_ID, PROMISE, 16).send();
-    AGATE_CO_TRY(promised);
-    Result<ReceivedCap> cap = promised->getCap(0);
-    AGATE_CO_TRY(cap);
-    co_return cap->remote;
-  }(root));
+  Result<RemoteCap> got = loop_.run(capFrom(root, PROMISE));
   ASSERT_TRUE(got.ok()) << errcName(got.code());
   RemoteCap promise = *got;
   RemotePromise gated = root.newCall(NODE_INTERFACE_ID, GATED_CHILD, 16).send();
@@ -418,13 +409,7 @@ TEST_F(ReceiverAnswerTest, APromisesResolveWaitsForTheCallsStillQueuedOnIt) {
 TEST_F(ReceiverAnswerTest, APromisesResolveGoesOutWhenTheLastCallWaitingOnItIsCancelled) {
   LocalPair pair(loop_, &server_);
   RemoteCap root = pair.client().bootstrap();
-  Result<RemoteCap> got = loop_.run([](RemoteCap r) -> Promise<RemoteCap> {
-    Result<Response> promised = co_await r.newCall(NODE_INTERFACE_ID, PROMISE, 16).send();
-    AGATE_CO_TRY(promised);
-    Result<ReceivedCap> cap = promised->getCap(0);
-    AGATE_CO_TRY(cap);
-    co_return cap->remote;
-  }(root));
+  Result<RemoteCap> got = loop_.run(capFrom(root, PROMISE));
   ASSERT_TRUE(got.ok()) << errcName(got.code());
   RemoteCap promise = *got;
   RemotePromise gated = root.newCall(NODE_INTERFACE_ID, GATED_CHILD, 16).send();
