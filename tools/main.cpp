@@ -89,7 +89,6 @@ CLI::Validator positiveSeconds() {
       "", "SECONDS");
 }
 
-
 struct Common {
   std::string home;  // as given; resolved with resolveKernelHome
   bool json = false;

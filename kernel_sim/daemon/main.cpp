@@ -21,7 +21,6 @@ namespace {
 
 constexpr int EXIT_USAGE = 64;  // sysexits.h EX_USAGE
 
-
 }  // namespace
 
 int main(int argc, char** argv) {
