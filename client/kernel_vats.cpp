@@ -76,6 +76,27 @@ RpcConnection* KernelVats::findOpen(VatId vat) const noexcept {
 void KernelVats::prune() noexcept {
   tasks_.remove_if([](const Promise<void>& p) { return p.isReady(); });
   std::erase_if(waiters_, [](const Waiter& w) { return w.fulfiller.isCancelled(); });
+  sweepClosed();
+}
+
+// Connections this vat opened that closed and that nothing refers to any more go now: their
+// rings are unmapped, their descriptors closed, and their bushels deleted (back to the bank).
+// Kept until then, they would pile up with every hand-off a provider hangs up on.
+void KernelVats::sweepClosed() noexcept {
+  for (auto it = owned_.begin(); it != owned_.end();) {
+    Owned& o = **it;
+    if (!o.link || o.link->connection().isOpen() || o.link->connection().handleCount() != 0) {
+      ++it;
+      continue;
+    }
+    const caps::Cap<caps::Bushel> cap = o.cap;
+    std::unique_ptr<Owned> gone = std::move(*it);
+    it = owned_.erase(it);
+    gone->link->connection().shutdown(Error(Errc::DISCONNECTED, "the connection closed"));
+    gone.reset();
+    if (!closed_ && events_.gone().code == Errc::OK)
+      tasks_.push_back(events_.kernel().deleteCap(cap));
+  }
 }
 
 // --- The introducer ---
@@ -119,6 +140,7 @@ void KernelVats::kernelEvent(KernelEvent& event) noexcept {
                                             : "the kernel closed the bushel"));
         events_.releaseBushel(o->koid);
       }
+      sweepClosed();
       // A service that went took its introductions with it (the kernel deleted the caps). A
       // bushel that merely closed leaves the introduction usable for the next open.
       if (event.type == EventType::SERVICE_GONE)

@@ -273,6 +273,43 @@ class KernelHandoffTest : public ::testing::Test {
 // mid-handoff): the opening belongs to the network and finishes, so the next connect gets that
 // connection at once, instead of waiting for a stranded opening and failing NOT_FOUND, and no
 // second bushel is opened.
+// The provider hangs up on a connection this vat opened for a hand-off (closeBushel): once
+// nothing refers to it, it goes with its rings, and its bushel is deleted, its pages back in the
+// bank that paid for it, instead of piling up with every such hang-up.
+TEST(KernelVatsTest, AClosedHandOffConnectionGoesWithItsRingsAndItsBushel) {
+  Watchdog dog("closed hand-off connection", 60s);
+  KernelProcess kernel;
+  EventLoop loop;
+  auto a = std::move(KernelConnection::tryAttach(loop, kernel.home(), "a")).value();
+  auto b = std::move(KernelConnection::tryAttach(loop, kernel.home(), "b")).value();
+  auto c = std::move(KernelConnection::tryAttach(loop, kernel.home(), "c")).value();
+  auto service = a->sync().registerService(a->registry(), "bank", a->bank());
+  ASSERT_TRUE(service.ok());
+  auto bushel = c->sync().openBushel(c->registry(), "bank", c->bank());
+  ASSERT_TRUE(bushel.ok());
+  ASSERT_EQ(a->sync().nextEvent()->type, caps::EventType::BUSHEL_OPENED);  // c's
+  {
+    KernelEvents events(*b);
+    KernelVats vats(events, KernelVatsOptions{});
+    const uint64_t bankBefore = b->sync().readBank(b->bank())->used;
+    ASSERT_TRUE(c->sync().introduce(*bushel, b->pid()).ok());
+    Result<rpc::RpcConnection*> conn = loop.run(vats.connect(a->pid()));
+    ASSERT_TRUE(conn.ok()) << errcName(conn.code());
+    EXPECT_EQ(vats.ownedConnections(), 1u);
+    EXPECT_GT(b->sync().readBank(b->bank())->used, bankBefore) << "b paid for its bushel";
+    auto opened = a->sync().nextEvent();  // b's bushel, as the provider saw it open
+    ASSERT_TRUE(opened.ok());
+    ASSERT_EQ(opened->type, caps::EventType::BUSHEL_OPENED);
+    ASSERT_TRUE(a->sync().closeBushel(*service, opened->bushel).ok());
+    for (int i = 0; i < 500 && vats.ownedConnections() != 0; ++i) (void)loop.run(loop.sleep(10ms));
+    EXPECT_EQ(vats.ownedConnections(), 0u) << "the closed connection was kept";
+    for (int i = 0; i < 500 && b->sync().readBank(b->bank())->used != bankBefore; ++i)
+      (void)loop.run(loop.sleep(10ms));
+    EXPECT_EQ(b->sync().readBank(b->bank())->used, bankBefore) << "the bushel was not deleted";
+    vats.close();
+  }
+}
+
 TEST(KernelVatsTest, AConnectDroppedWhileItOpensLeavesTheOpeningToFinish) {
   Watchdog dog("dropped connect", 60s);
   KernelProcess kernel;

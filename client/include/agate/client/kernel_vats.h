@@ -129,6 +129,7 @@ class KernelVats final : public rpc::VatNetwork, private KernelEventListener {
   Promise<void> takeIntroduction(caps::Koid service, caps::ProcessId server, uint64_t handle);
   void wake(rpc::VatId vat) noexcept;
   void prune() noexcept;
+  void sweepClosed() noexcept;
 
   KernelEvents& events_;
   KernelVatsOptions options_;
