@@ -291,7 +291,23 @@ void RpcConnection::settleQueue(Answer& a) {
   if (a.inWorklist) return;
   a.inWorklist = true;
   worklist_.push_back(a.id);
+  scheduleWorklist();
+}
+
+// The worklist runs after the reader's message (runWorklist at its end), or from a posted task.
+void RpcConnection::scheduleWorklist() {
   if (!workRunning_ && !inReader_ && !worklistTask_.isQueued()) loop_.post(worklistTask_);
+}
+
+// Answer `a` had its Finish and may have lost the last thing that kept it running (calls
+// pipelined on it, calls waiting for it in their params): cancelIfUnwanted decides, from the
+// worklist, so that one call ending never cancels a chain of answers recursively.
+void RpcConnection::cancelLaterIfUnwanted(Answer& a) {
+  if (!a.finishReceived || !isOpen() || a.state == Answer::State::RETURNED ||
+      a.queueHead != nullptr || !a.paramWaiters.empty())
+    return;
+  answersToCancel_.push_back(a.id);
+  scheduleWorklist();
 }
 
 // Settles answers that returned: delivers (or fails) the calls queued on them, in order, then
@@ -438,12 +454,7 @@ void RpcConnection::unlinkFromTarget(Answer& a) {
   }
   a.waitingOn = nullptr;
   a.nextInQueue = nullptr;
-  // A finished answer kept only for the calls pipelined on it is cancelled once none is left.
-  if (t.queueHead == nullptr && t.paramWaiters.empty() && t.finishReceived && isOpen() &&
-      t.state != Answer::State::RETURNED) {
-    answersToCancel_.push_back(t.id);
-    if (!workRunning_ && !inReader_ && !worklistTask_.isQueued()) loop_.post(worklistTask_);
-  }
+  cancelLaterIfUnwanted(t);  // it may have been kept only for the calls pipelined on it
 }
 
 void RpcConnection::freeAnswer(Answer& a) {
@@ -485,13 +496,18 @@ void RpcConnection::freeAnswer(Answer& a) {
 // Whether call `a`, addressed to `exportId`, waits in the export's queue: the export is a
 // pending promise, calls already wait there (E-order), or `a`'s params name answers that have
 // not returned.
+// A promise export still pending, and not sending its calls on (PromiseNode::forward_): calls
+// to it wait in its queue until it settles.
+bool RpcConnection::promiseHoldsCalls(const Export& e) noexcept {
+  if (!e.promise) return false;
+  const auto* node = static_cast<const detail::PromiseNode*>(e.object);
+  return node->pending() && node->forward_ == nullptr;
+}
+
 bool RpcConnection::mustQueueOnExport(const Answer& a, uint32_t exportId) const noexcept {
   if (a.paramWaits > 0) return true;
   const Export& e = exports_[exportId];
-  if (e.promise) {
-    const auto* node = static_cast<const detail::PromiseNode*>(e.object);
-    if (node->pending() && node->forward_ == nullptr) return true;
-  }
+  if (promiseHoldsCalls(e)) return true;
   // Calls wait there: a newer call goes behind them (E-order). An older one, coming out of an
   // answer's queue, was made before them (on another reference) and does not wait for them: it
   // may be the very answer they wait for.
@@ -531,11 +547,7 @@ void RpcConnection::dropParamAnswers(Answer& a) {
     q.paramWaiters[entry.waiter] = moved;
     answers_[moved.first]->paramAnswers[moved.second].waiter = entry.waiter;
     q.paramWaiters.pop_back();
-    // Cancelled from the worklist, not here: one call ending may end a chain of them.
-    if (q.paramWaiters.empty() && q.finishReceived && isOpen()) {
-      answersToCancel_.push_back(q.id);
-      if (!workRunning_ && !inReader_ && !worklistTask_.isQueued()) loop_.post(worklistTask_);
-    }
+    cancelLaterIfUnwanted(q);
   }
   a.paramAnswers.clear();
   a.paramWaits = 0;
@@ -562,7 +574,7 @@ void RpcConnection::wakeParamWaiters(Answer& answer) {
 
 void RpcConnection::settleExport(uint32_t exportId) {
   exportsToDrain_.push_back(exportId);
-  if (!workRunning_ && !inReader_ && !worklistTask_.isQueued()) loop_.post(worklistTask_);
+  scheduleWorklist();
 }
 
 // Delivers the calls queued on export `exportId`, in order, up to the first that must still
@@ -571,12 +583,7 @@ void RpcConnection::drainExport(uint32_t exportId) {
   if (exportId >= exports_.size() || !exports_[exportId].inUse) return;
   ++exports_[exportId].pins;  // the export outlives the deliveries (exports_ may grow meanwhile)
   while (Answer* q = exports_[exportId].queueHead) {
-    if (q->paramWaits > 0) break;
-    const Export& e = exports_[exportId];
-    if (e.promise) {
-      const auto* node = static_cast<const detail::PromiseNode*>(e.object);
-      if (node->pending() && node->forward_ == nullptr) break;
-    }
+    if (q->paramWaits > 0 || promiseHoldsCalls(exports_[exportId])) break;
     exports_[exportId].queueHead = q->nextInQueue;
     if (exports_[exportId].queueHead == nullptr) exports_[exportId].queueTail = nullptr;
     q->nextInQueue = nullptr;

@@ -238,6 +238,12 @@ class PromiseNode final : public ServerObject {
   explicit PromiseNode(RpcConnection& conn) noexcept : conn_(&conn) {}
   Promise<void> dispatch(uint64_t interfaceId, uint16_t methodId, CallContext& context) override;
   bool pending() const noexcept { return state_ == State::PENDING; }
+  // `object` as a promise still pending (one passed back to us: ReceivedCap::local), or null.
+  static PromiseNode* pendingOne(ServerObject& object) noexcept {
+    if (typeid(object) != typeid(PromiseNode)) return nullptr;
+    auto& node = static_cast<PromiseNode&>(object);
+    return node.pending() ? &node : nullptr;
+  }
 
  private:
   friend class agate::rpc::RpcConnection;

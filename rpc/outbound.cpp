@@ -327,10 +327,12 @@ Status RpcConnection::writeCapTable(capnp::List<wire::CapDescriptor>::Builder ou
     detail::CapEntry& e = caps.entries()[i];
     // A promise of ours passed back to us and passed on as an object (ReceivedCap::local) is
     // still a promise while pending: its calls must queue at its export, not reach the node.
-    if (e.kind == detail::CapEntry::Kind::SENDER_HOSTED && e.object != nullptr &&
-        typeid(*e.object) == typeid(detail::PromiseNode) &&
-        static_cast<detail::PromiseNode*>(e.object)->pending()) {
-      if (static_cast<detail::PromiseNode*>(e.object)->conn_ != this)
+    detail::PromiseNode* pendingNode =
+        e.kind == detail::CapEntry::Kind::SENDER_HOSTED && e.object != nullptr
+            ? detail::PromiseNode::pendingOne(*e.object)
+            : nullptr;
+    if (pendingNode != nullptr) {
+      if (pendingNode->conn_ != this)
         return Error(Errc::INVALID_ARGUMENT,
                      "a pending promise of another connection cannot be passed on");
       e.kind = detail::CapEntry::Kind::SENDER_PROMISE;

@@ -49,8 +49,7 @@ void CapPromise::resolve(ServerObject& object) {
   AGATE_REQUIRE(node_ != nullptr, "resolve() of an empty CapPromise");
   // A promise passed back (ReceivedCap::local) may be this one, or another still pending:
   // calls would loop, or reach a node that cannot take them. A resolution is never a promise.
-  if (typeid(object) == typeid(detail::PromiseNode) &&
-      static_cast<detail::PromiseNode&>(object).pending())
+  if (detail::PromiseNode::pendingOne(object) != nullptr)
     return reject(Error(Errc::INVALID_ARGUMENT, "a promise resolved to a pending promise"));
   node_->state_ = detail::PromiseNode::State::RESOLVED;
   node_->target_ = &object;

@@ -714,6 +714,9 @@ class RpcConnection {
   void rollBackExports(detail::CapTable& caps) noexcept;
   // receiverAnswer in a call's params (answers.cpp).
   bool mustQueueOnExport(const Answer& a, uint32_t exportId) const noexcept;
+  static bool promiseHoldsCalls(const Export& e) noexcept;
+  void scheduleWorklist();
+  void cancelLaterIfUnwanted(Answer& a);
   void resolveParamAnswer(Answer& a, uint32_t slot, std::span<const uint16_t> path, Answer& answer);
   void dropParamAnswers(Answer& a);
   void cancelIfUnwanted(Answer& a);
