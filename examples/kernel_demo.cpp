@@ -37,13 +37,14 @@ int fail(const char* who, const char* step, agate::Errc code, const KernelConnec
   return 1;
 }
 
-// An attach that failed: which home, and how to start a kernel there when none runs.
+// An attach that failed: which home, and how to start a kernel there when none runs. One write,
+// so that the two demo processes' lines do not interleave.
 int failAttach(const char* who, const std::string& home, agate::Errc code) {
-  std::fprintf(stderr, "%s: attach to the kernel in %s failed: %s", who, home.c_str(),
-               agate::errcName(code));
-  if (code == agate::Errc::DISCONNECTED)
-    std::fprintf(stderr, "; start one with `agate up --home %s`", home.c_str());
-  std::fprintf(stderr, "\n");
+  std::string line =
+      std::string(who) + ": attach to the kernel in " + home + " failed: " + agate::errcName(code);
+  if (code == agate::Errc::DISCONNECTED) line += "; start one with `agate up --home " + home + "`";
+  line += "\n";
+  std::fputs(line.c_str(), stderr);
   return 1;
 }
 

@@ -71,7 +71,9 @@ Frame pipelined(uint32_t q, uint32_t on, uint16_t method) {
   });
 }
 
-Frame withCap(uint32_t q, uint16_t method, bool senderHosted, uint32_t id) {
+// A call on the bootstrap whose params carry one capability, described by `describe`.
+template <class Describe>
+Frame withOneCap(uint32_t q, uint16_t method, Describe describe) {
   return build([&](rpc::wire::Message::Builder m) {
     auto c = m.initCall();
     c.setQuestionId(q);
@@ -80,7 +82,12 @@ Frame withCap(uint32_t q, uint16_t method, bool senderHosted, uint32_t id) {
     c.setMethodId(method);
     auto p = c.initParams();
     rpc::writeCapPointer(p.getContent().initAs<rpc::test::CapParam>(), 0, 0);
-    auto d = p.initCapTable(1)[0];
+    describe(p.initCapTable(1)[0]);
+  });
+}
+
+Frame withCap(uint32_t q, uint16_t method, bool senderHosted, uint32_t id) {
+  return withOneCap(q, method, [&](rpc::wire::CapDescriptor::Builder d) {
     if (senderHosted) {
       d.setSenderHosted(id);
     } else {
@@ -91,15 +98,25 @@ Frame withCap(uint32_t q, uint16_t method, bool senderHosted, uint32_t id) {
 
 // A call whose params carry promise `id` (senderPromise).
 Frame withPromise(uint32_t q, uint16_t method, uint32_t id) {
-  return build([&](rpc::wire::Message::Builder m) {
-    auto c = m.initCall();
-    c.setQuestionId(q);
-    c.getTarget().setImportedCap(0);
-    c.setInterfaceId(NODE_INTERFACE_ID);
-    c.setMethodId(method);
-    auto p = c.initParams();
-    rpc::writeCapPointer(p.getContent().initAs<rpc::test::CapParam>(), 0, 0);
-    p.initCapTable(1)[0].setSenderPromise(id);
+  return withOneCap(q, method,
+                    [&](rpc::wire::CapDescriptor::Builder d) { d.setSenderPromise(id); });
+}
+
+Frame withThirdPartyCap(uint32_t q, uint16_t method, uint64_t host, uint32_t vine) {
+  return withOneCap(q, method, [&](rpc::wire::CapDescriptor::Builder d) {
+    auto t = d.initThirdPartyHosted();
+    t.setVatId(host);
+    t.setProvisionId(7);
+    t.setVineId(vine);
+  });
+}
+
+// A call whose params pass back a capability pipelined on answer `on` (receiverAnswer).
+Frame withReceiverAnswer(uint32_t q, uint16_t method, uint32_t on) {
+  return withOneCap(q, method, [&](rpc::wire::CapDescriptor::Builder d) {
+    auto pa = d.initReceiverAnswer();
+    pa.setQuestionId(on);
+    pa.initTransform(1).set(0, 0);
   });
 }
 
@@ -165,38 +182,6 @@ Frame resolveThirdParty(uint32_t id, uint64_t host, uint32_t vine) {
     t.setVatId(host);
     t.setProvisionId(1);
     t.setVineId(vine);
-  });
-}
-
-Frame withThirdPartyCap(uint32_t q, uint16_t method, uint64_t host, uint32_t vine) {
-  return build([&](rpc::wire::Message::Builder m) {
-    auto c = m.initCall();
-    c.setQuestionId(q);
-    c.getTarget().setImportedCap(0);
-    c.setInterfaceId(NODE_INTERFACE_ID);
-    c.setMethodId(method);
-    auto p = c.initParams();
-    rpc::writeCapPointer(p.getContent().initAs<rpc::test::CapParam>(), 0, 0);
-    auto t = p.initCapTable(1)[0].initThirdPartyHosted();
-    t.setVatId(host);
-    t.setProvisionId(7);
-    t.setVineId(vine);
-  });
-}
-
-// A call whose params pass back a capability pipelined on answer `on` (receiverAnswer).
-Frame withReceiverAnswer(uint32_t q, uint16_t method, uint32_t on) {
-  return build([&](rpc::wire::Message::Builder m) {
-    auto c = m.initCall();
-    c.setQuestionId(q);
-    c.getTarget().setImportedCap(0);
-    c.setInterfaceId(NODE_INTERFACE_ID);
-    c.setMethodId(method);
-    auto p = c.initParams();
-    rpc::writeCapPointer(p.getContent().initAs<rpc::test::CapParam>(), 0, 0);
-    auto pa = p.initCapTable(1)[0].initReceiverAnswer();
-    pa.setQuestionId(on);
-    pa.initTransform(1).set(0, 0);
   });
 }
 

@@ -12,6 +12,22 @@ test_name=handoff_kernel_test
 # shellcheck source=servers_lib.sh
 source "$(dirname "$0")/servers_lib.sh"
 
+# No kernel in the home yet: the error names the home and how to start one, and exits 1; a
+# command line without a mode is refused with the usage line (64).
+status=0
+err=$(timeout 60 "$example" client --home "$home" 2>&1 >/dev/null) || status=$?
+if [ "$status" -ne 1 ] ||
+  ! grep -qF "attach to the kernel in $home: disconnected; start one with \`agate up --home $home\`" <<<"$err"; then
+  echo "$test_name: without a kernel it exited $status and said: $err" >&2
+  exit 1
+fi
+status=0
+err=$(timeout 60 "$example" --home "$home" 2>&1 >/dev/null) || status=$?
+if [ "$status" -ne 64 ] || ! grep -qF "usage: agate-handoff-kernel bank|auditor|client" <<<"$err"; then
+  echo "$test_name: without a mode it exited $status and said: $err" >&2
+  exit 1
+fi
+
 timeout 30 "$agate" up --home "$home"
 start_server handoff-bank "$example" bank
 bankPid=${pids[-1]}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # README line 1's kernel part, end to end: `agate up` on a fresh home, agate-kernel-demo (a bank
 # tree and a region shared READ-only with a second process), the bank tree back at its baseline
-# afterwards, `agate down`. Watchdog: every step runs under `timeout`; the kernel is stopped on
+# afterwards, `agate down`. Before the kernel is up, the demo's error names the home. Watchdog: every step runs under `timeout`; the kernel is stopped on
 # any exit.
 # usage: kernel_demo_test.sh AGATE AGATE_KERNEL_DEMO
 set -euo pipefail
@@ -13,6 +13,15 @@ cleanup() {
   rm -rf "$home"
 }
 trap cleanup EXIT
+
+# No kernel in the home yet: the demo says which home and how to start one, and exits 1.
+status=0
+err=$(timeout 60 "$demo" --home "$home" 2>&1 >/dev/null) || status=$?
+if [ "$status" -ne 1 ] ||
+  ! grep -qF "writer: attach to the kernel in $home failed: disconnected; start one with \`agate up --home $home\`" <<<"$err"; then
+  echo "kernel_demo_test: without a kernel it exited $status and said: $err" >&2
+  exit 1
+fi
 
 timeout 30 "$agate" up --home "$home"
 out=$(timeout 60 "$demo" --home "$home")
