@@ -310,6 +310,40 @@ TEST(KernelVatsTest, AClosedHandOffConnectionGoesWithItsRingsAndItsBushel) {
   }
 }
 
+// The opening fails (the bank that pays for this vat's bushels cannot): every connect waiting
+// for it gets the kernel's reason at once, nothing is left half open, and a later connect tries
+// again.
+TEST(KernelVatsTest, AFailedOpeningGivesItsReasonToTheConnectsThatWaited) {
+  Watchdog dog("failed opening", 60s);
+  KernelProcess kernel;
+  EventLoop loop;
+  auto a = std::move(KernelConnection::tryAttach(loop, kernel.home(), "a")).value();
+  auto b = std::move(KernelConnection::tryAttach(loop, kernel.home(), "b")).value();
+  auto c = std::move(KernelConnection::tryAttach(loop, kernel.home(), "c")).value();
+  ASSERT_TRUE(a->sync().registerService(a->registry(), "bank", a->bank()).ok());
+  auto bushel = c->sync().openBushel(c->registry(), "bank", c->bank());
+  ASSERT_TRUE(bushel.ok());
+  auto poor = b->sync().createBank(b->bank(), 1);  // one page: no bushel's rings fit
+  ASSERT_TRUE(poor.ok());
+  {
+    KernelEvents events(*b);
+    KernelVats vats(events, KernelVatsOptions{.bank = *poor});
+    ASSERT_TRUE(c->sync().introduce(*bushel, b->pid()).ok());
+    for (int i = 0; i < 500 && vats.knownIntroductions() == 0; ++i)
+      (void)loop.run(loop.sleep(10ms));
+    ASSERT_EQ(vats.knownIntroductions(), 1u);
+    Promise<rpc::RpcConnection*> first = vats.connect(a->pid());
+    Promise<rpc::RpcConnection*> second = vats.connect(a->pid());  // waits for the same opening
+    const auto t0 = std::chrono::steady_clock::now();
+    EXPECT_EQ(loop.run(std::move(first)).code(), Errc::QUOTA_EXCEEDED);
+    EXPECT_EQ(loop.run(std::move(second)).code(), Errc::QUOTA_EXCEEDED);
+    EXPECT_LT(std::chrono::steady_clock::now() - t0, 2s) << "they waited out the timeout";
+    EXPECT_EQ(vats.ownedConnections(), 0u);
+    EXPECT_EQ(loop.run(vats.connect(a->pid())).code(), Errc::QUOTA_EXCEEDED) << "tried again";
+    vats.close();
+  }
+}
+
 TEST(KernelVatsTest, AConnectDroppedWhileItOpensLeavesTheOpeningToFinish) {
   Watchdog dog("dropped connect", 60s);
   KernelProcess kernel;
