@@ -9,6 +9,9 @@
 //  chain10_pipelined_ns      ten dependent calls (each on the capability the previous returns),
 //                            all sent before the first Return, then the last awaited
 //  chain10_awaited_ns        the same ten, each awaited before the next is sent
+//  chain10_pipelined_parked_ns, chain10_awaited_parked_ns
+//                            the two chains with both readers parking, as null_call_rtt_parked_ns:
+//                            where a trip costs wake-ups, which pipelining is there to save
 //  null_call_one_thread_ns   an awaited empty call with client and server on one thread: what the
 //                            software costs per call, with no cache line crossing between cores
 //  allocations_per_call      heap allocations per awaited call in steady state (one process)
@@ -235,6 +238,12 @@ Status chainPipelined(const Scenario& s, const RunOptions& o, Report& r) {
 }
 Status chainAwaited(const Scenario& s, const RunOptions& o, Report& r) {
   return latencyScenario(s, o, r, true, "null_call_rtt_polled_ns", chainOp, &AWAITED);
+}
+Status chainPipelinedParked(const Scenario& s, const RunOptions& o, Report& r) {
+  return latencyScenario(s, o, r, false, "null_call_rtt_parked_ns", chainOp, &PIPELINED);
+}
+Status chainAwaitedParked(const Scenario& s, const RunOptions& o, Report& r) {
+  return latencyScenario(s, o, r, false, "null_call_rtt_parked_ns", chainOp, &AWAITED);
 }
 
 // Windows of IN_FLIGHT calls: send them all, await them all; calls/s per window, lower median.
@@ -517,6 +526,12 @@ constexpr Scenario AGATE_RPC[] = {
      chainPipelined},
     {"chain10_awaited_ns", "ns", "the same ten dependent calls, each awaited before the next",
      chainAwaited},
+    {"chain10_pipelined_parked_ns", "ns",
+     "chain10_pipelined_ns with both readers parking on the futex: a trip costs two wake-ups",
+     chainPipelinedParked},
+    {"chain10_awaited_parked_ns", "ns",
+     "chain10_awaited_ns with both readers parking: ten trips, each two wake-ups",
+     chainAwaitedParked},
     {"null_call_one_thread_ns", "ns",
      "empty call and its Return with both ends on one thread (COPY_IN): software cost, no transfer",
      nullOneThread},

@@ -46,6 +46,7 @@ REQUIRED = {
     "rpc": latency("floor_cacheline_rtt_ns") + latency("floor_futex_rtt_ns") +
     latency("null_call_rtt_polled_ns") + latency("null_call_rtt_parked_ns") +
     ["calls_per_s_inflight"] + latency("chain10_pipelined_ns") + latency("chain10_awaited_ns") +
+    latency("chain10_pipelined_parked_ns") + latency("chain10_awaited_parked_ns") +
     latency("null_call_one_thread_ns") + ["allocations_per_call"] + latency("peer_capnp_null_call_rtt_ns") +
     ["peer_capnp_calls_per_s_inflight"] + latency("peer_capnp_chain10_pipelined_ns"),
 }
@@ -80,6 +81,8 @@ RATIOS = {
                                       ("null_call_rtt_parked_ns", "floor_futex_rtt_ns"),
                                       ("chain10_pipelined_ns", "null_call_rtt_polled_ns"),
                                       ("chain10_awaited_ns", "null_call_rtt_polled_ns"),
+                                      ("chain10_pipelined_parked_ns", "null_call_rtt_parked_ns"),
+                                      ("chain10_awaited_parked_ns", "null_call_rtt_parked_ns"),
                                       ("null_call_one_thread_ns", "floor_cacheline_rtt_ns")]
            for s in ("", "_p99", "_p999")},
     },
