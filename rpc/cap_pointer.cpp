@@ -43,4 +43,28 @@ void writeCapPointer(capnp::AnyStruct::Builder s, uint16_t pointerIndex, uint32_
   std::memcpy(at, &word, sizeof word);
 }
 
+// A list of pointers reads as a list of structs of no data and one pointer (Cap'n Proto's rule
+// for upgrading a list of pointers to a list of structs): its element is then a struct's field 0.
+Result<uint32_t> readCapPointer(capnp::AnyList::Reader list, uint32_t element) {
+  if (list.getElementSize() != capnp::ElementSize::POINTER)
+    return Error(Errc::WRONG_TYPE, "list elements are not pointers");
+  if (element >= list.size()) return Error(Errc::INVALID_ARGUMENT, "no such list element");
+  Result<uint32_t> index = readCapPointer(list.as<capnp::List<capnp::AnyStruct>>()[element], 0);
+  if (index.code() == Errc::INVALID_ARGUMENT)
+    return Error(Errc::INVALID_ARGUMENT, "capability list element is null");
+  if (index.code() == Errc::WRONG_TYPE)
+    return Error(Errc::WRONG_TYPE, "list element holds a struct or list, not a capability");
+  return index;
+}
+
+void writeCapPointer(capnp::AnyList::Builder list, uint32_t element, uint32_t capIndex) {
+  AGATE_REQUIRE(list.getElementSize() == capnp::ElementSize::POINTER,
+                "capability written into a list whose elements are not pointers");
+  AGATE_REQUIRE(element < list.size(), "element %u of a list of %u", element, list.size());
+  capnp::AnyStruct::Builder s = list.as<capnp::List<capnp::AnyStruct>>()[element];
+  AGATE_REQUIRE(s.getPointerSection()[0].isNull(),
+                "capability written over a non-null list element %u", element);
+  writeCapPointer(s, 0, capIndex);
+}
+
 }  // namespace agate::rpc

@@ -212,6 +212,12 @@ Result<ReceivedCap> Response::capAt(capnp::AnyStruct::Reader s, uint16_t pointer
   return getCap(*index);
 }
 
+Result<ReceivedCap> Response::capAt(capnp::AnyList::Reader list, uint32_t element) const {
+  Result<uint32_t> index = readCapPointer(list, element);
+  if (!index) return index.error();
+  return getCap(*index);
+}
+
 capnp::AnyPointer::Reader CallContext::params() const {
   AGATE_REQUIRE(paramsValid_,
                 "params() after dispatch's synchronous part (copy what you need before "
@@ -227,6 +233,12 @@ Result<ReceivedCap> CallContext::getCap(uint32_t capIndex) const {
 
 Result<ReceivedCap> CallContext::capAt(capnp::AnyStruct::Reader s, uint16_t pointerIndex) const {
   Result<uint32_t> index = readCapPointer(s, pointerIndex);
+  if (!index) return index.error();
+  return getCap(*index);
+}
+
+Result<ReceivedCap> CallContext::capAt(capnp::AnyList::Reader list, uint32_t element) const {
+  Result<uint32_t> index = readCapPointer(list, element);
   if (!index) return index.error();
   return getCap(*index);
 }

@@ -54,47 +54,74 @@ bool holdsCapability(capnp::AnyPointer::Reader p) {
 }
 
 Status copyStructWithCaps(capnp::AnyStruct::Reader s, capnp::AnyPointer::Builder out);
+Status copyListWithCaps(capnp::AnyList::Reader list, capnp::AnyPointer::Builder out);
+
+// Copies `p` (not a capability) into `out`, capability pointers inside it included.
+Status copyPointer(capnp::AnyPointer::Reader p, capnp::AnyPointer::Builder out) {
+  switch (p.getPointerType()) {
+    case capnp::PointerType::NULL_:
+      return {};
+    case capnp::PointerType::STRUCT:
+      return copyStructWithCaps(p.getAs<capnp::AnyStruct>(), out);
+    case capnp::PointerType::LIST:
+      if (!holdsCapability(p)) {
+        out.set(p);
+        return {};
+      }
+      return copyListWithCaps(p.getAs<capnp::AnyList>(), out);
+    case capnp::PointerType::CAPABILITY:
+      break;  // the caller copies the index
+  }
+  return Error(Errc::UNSUPPORTED, "forwarding an unknown pointer kind");
+}
 
 // Copies pointer field `i` of `from` into the same field of `to`, capability pointers included.
 Status copyField(capnp::AnyStruct::Reader from, capnp::AnyStruct::Builder to, uint16_t i) {
   capnp::AnyPointer::Reader p = from.getPointerSection()[i];
-  switch (p.getPointerType()) {
-    case capnp::PointerType::NULL_:
-      return {};
-    case capnp::PointerType::CAPABILITY: {
-      Result<uint32_t> index = readCapPointer(from, i);
+  if (p.getPointerType() != capnp::PointerType::CAPABILITY)
+    return copyPointer(p, to.getPointerSection()[i]);
+  Result<uint32_t> index = readCapPointer(from, i);
+  if (!index) return index.error();
+  writeCapPointer(to, i, *index);
+  return {};
+}
+
+// A list that holds a capability somewhere: a list of structs (each copied field by field) or of
+// pointers (capabilities, or structs and lists that hold them). Other element kinds hold no
+// pointer, so never get here.
+Status copyListWithCaps(capnp::AnyList::Reader list, capnp::AnyPointer::Builder out) {
+  if (list.getElementSize() == capnp::ElementSize::POINTER) {
+    capnp::List<capnp::AnyPointer>::Reader elements = list.as<capnp::List<capnp::AnyPointer>>();
+    capnp::AnyList::Builder copy = out.initAsAnyList(capnp::ElementSize::POINTER, elements.size());
+    capnp::List<capnp::AnyPointer>::Builder copied = copy.as<capnp::List<capnp::AnyPointer>>();
+    for (uint32_t e = 0; e < elements.size(); ++e) {
+      if (elements[e].getPointerType() != capnp::PointerType::CAPABILITY) {
+        AGATE_TRY(copyPointer(elements[e], copied[e]));
+        continue;
+      }
+      Result<uint32_t> index = readCapPointer(list, e);
       if (!index) return index.error();
-      writeCapPointer(to, i, *index);
-      return {};
+      writeCapPointer(copy, e, *index);
     }
-    case capnp::PointerType::STRUCT:
-      return copyStructWithCaps(p.getAs<capnp::AnyStruct>(), to.getPointerSection()[i]);
-    case capnp::PointerType::LIST: {
-      if (!holdsCapability(p)) {
-        to.getPointerSection()[i].set(p);
-        return {};
-      }
-      capnp::AnyList::Reader list = p.getAs<capnp::AnyList>();
-      if (list.getElementSize() != capnp::ElementSize::INLINE_COMPOSITE)
-        return Error(Errc::UNSUPPORTED, "forwarding a list of capabilities");
-      capnp::List<capnp::AnyStruct>::Reader elements = list.as<capnp::List<capnp::AnyStruct>>();
-      const uint16_t dataWords =
-          elements.size() == 0
-              ? 0
-              : static_cast<uint16_t>(elements[0].getDataSection().size() / WORD_BYTES);
-      const uint16_t pointers =
-          elements.size() == 0 ? 0 : static_cast<uint16_t>(elements[0].getPointerSection().size());
-      capnp::List<capnp::AnyStruct>::Builder copy =
-          to.getPointerSection()[i].initAsListOfAnyStruct(dataWords, pointers, elements.size());
-      for (uint32_t e = 0; e < elements.size(); ++e) {
-        kj::ArrayPtr<const kj::byte> data = elements[e].getDataSection();
-        std::memcpy(copy[e].getDataSection().begin(), data.begin(), data.size());
-        for (uint16_t f = 0; f < pointers; ++f) AGATE_TRY(copyField(elements[e], copy[e], f));
-      }
-      return {};
-    }
+    return {};
   }
-  return Error(Errc::UNSUPPORTED, "forwarding an unknown pointer kind");
+  if (list.getElementSize() != capnp::ElementSize::INLINE_COMPOSITE)
+    return Error(Errc::UNSUPPORTED, "forwarding an unknown list kind");
+  capnp::List<capnp::AnyStruct>::Reader elements = list.as<capnp::List<capnp::AnyStruct>>();
+  const uint16_t dataWords =
+      elements.size() == 0
+          ? 0
+          : static_cast<uint16_t>(elements[0].getDataSection().size() / WORD_BYTES);
+  const uint16_t pointers =
+      elements.size() == 0 ? 0 : static_cast<uint16_t>(elements[0].getPointerSection().size());
+  capnp::List<capnp::AnyStruct>::Builder copy =
+      out.initAsListOfAnyStruct(dataWords, pointers, elements.size());
+  for (uint32_t e = 0; e < elements.size(); ++e) {
+    kj::ArrayPtr<const kj::byte> data = elements[e].getDataSection();
+    std::memcpy(copy[e].getDataSection().begin(), data.begin(), data.size());
+    for (uint16_t f = 0; f < pointers; ++f) AGATE_TRY(copyField(elements[e], copy[e], f));
+  }
+  return {};
 }
 
 Status copyStructWithCaps(capnp::AnyStruct::Reader s, capnp::AnyPointer::Builder out) {
@@ -116,9 +143,9 @@ Status copyContent(capnp::AnyPointer::Reader in, capnp::AnyPointer::Builder out)
       out.set(in);
       return {};
     }
-    if (in.getPointerType() != capnp::PointerType::STRUCT)
-      return Error(Errc::UNSUPPORTED, "forwarding content whose root is not a struct");
-    return copyStructWithCaps(in.getAs<capnp::AnyStruct>(), out);
+    if (in.getPointerType() == capnp::PointerType::CAPABILITY)
+      return Error(Errc::UNSUPPORTED, "forwarding content whose root is a capability");
+    return copyPointer(in, out);
   } catch (const kj::Exception&) {
     return Error(Errc::PROTOCOL_ERROR, "forwarded content does not decode");
   }

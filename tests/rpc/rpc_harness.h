@@ -25,6 +25,9 @@ enum Method : uint16_t {
   FAIL_LATER = 7,  // as FAIL after a trip through the loop
   CALL_BACK = 8,   // CapParam -> Value: calls ECHO(5) on the given (caller-hosted) cap, +100
   SELF = 9,        // -> CapAndValue: this node, borrowed (a chain creates no objects)
+  CALL_BACK_ALL = 10,  // a struct whose pointer 0 is a list of capabilities, or of structs whose
+                       // pointer 0 is one, and so on -> Value: ECHO(5) on every capability found,
+                       // depth first, in order; the sum of the replies
 };
 
 struct Log {
@@ -65,6 +68,8 @@ class Node final : public ServerObject {
         return callBack(ctx);
       case SELF:
         return readyPromise<void>(self(ctx));
+      case CALL_BACK_ALL:
+        return callBackAll(ctx);
       default:
         return readyPromise<void>(Error(Errc::UNSUPPORTED, "no such method"));
     }
@@ -156,6 +161,47 @@ class Node final : public ServerObject {
     Result<Value::Builder> out = ctx.initResultsAs<Value>(16);
     AGATE_CO_TRY(out);
     out->setValue(got + 100);
+    co_return {};
+  }
+
+  // The capabilities CALL_BACK_ALL finds under pointer 0 of `s`.
+  static Status collectCaps(CallContext& ctx, capnp::AnyStruct::Reader s,
+                            std::vector<RemoteCap>& out) {
+    if (s.getPointerSection().size() == 0) return Error(Errc::INVALID_ARGUMENT, "no pointer");
+    capnp::AnyPointer::Reader p = s.getPointerSection()[0];
+    if (p.getPointerType() != capnp::PointerType::LIST)
+      return Error(Errc::INVALID_ARGUMENT, "pointer 0 is not a list");
+    capnp::AnyList::Reader list = p.getAs<capnp::AnyList>();
+    if (list.getElementSize() == capnp::ElementSize::INLINE_COMPOSITE) {
+      for (capnp::AnyStruct::Reader e : list.as<capnp::List<capnp::AnyStruct>>())
+        AGATE_TRY(collectCaps(ctx, e, out));
+      return {};
+    }
+    for (uint32_t i = 0; i < list.size(); ++i) {
+      Result<ReceivedCap> cap = ctx.capAt(list, i);
+      AGATE_TRY(cap);
+      out.push_back(cap->remote);
+    }
+    return {};
+  }
+  Promise<void> callBackAll(CallContext& ctx) {
+    std::vector<RemoteCap> caps;
+    try {
+      AGATE_CO_TRY(collectCaps(ctx, ctx.params().getAs<capnp::AnyStruct>(), caps));
+    } catch (const kj::Exception&) {
+      co_return Error(Errc::PROTOCOL_ERROR, "params do not decode");
+    }
+    uint64_t sum = 0;
+    for (RemoteCap& target : caps) {
+      Request req = target.newCall(NODE_INTERFACE_ID, ECHO, 16);
+      req.initParams<Value>().setValue(5);
+      Result<Response> r = co_await req.send();
+      AGATE_CO_TRY(r);
+      sum += r->results().getAs<Value>().getValue();
+    }
+    Result<Value::Builder> out = ctx.initResultsAs<Value>(16);
+    AGATE_CO_TRY(out);
+    out->setValue(sum);
     co_return {};
   }
 

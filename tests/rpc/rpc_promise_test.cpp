@@ -494,6 +494,53 @@ TEST_F(ForwardingTest, CapabilityInParamsIsCarriedThroughAProxy) {
   })) << "V's proxies and their imports are released";
 }
 
+// CALL_BACK_ALL through `target` with params {list of [c, d]} (nested: {list of structs, each
+// {list of one cap}}): the host calls each capability back, through the proxies.
+Promise<uint64_t> callBackAllThrough(RemoteCap target, ServerObject& c, ServerObject& d,
+                                     bool nested) {
+  Request req = target.newCall(NODE_INTERFACE_ID, CALL_BACK_ALL, 256);
+  capnp::AnyStruct::Builder params = req.params().initAsAnyStruct(0, 1);
+  ServerObject* objects[] = {&c, &d};
+  if (nested) {
+    capnp::List<capnp::AnyStruct>::Builder holders =
+        params.getPointerSection()[0].initAsListOfAnyStruct(0, 1, 2);
+    for (uint32_t i = 0; i < 2; ++i) {
+      capnp::AnyList::Builder one =
+          holders[i].getPointerSection()[0].initAsAnyList(capnp::ElementSize::POINTER, 1);
+      Result<uint32_t> index = req.addCap(*objects[i]);
+      AGATE_CO_TRY(index);
+      writeCapPointer(one, 0, *index);
+    }
+  } else {
+    capnp::AnyList::Builder list =
+        params.getPointerSection()[0].initAsAnyList(capnp::ElementSize::POINTER, 2);
+    for (uint32_t i = 0; i < 2; ++i) {
+      Result<uint32_t> index = req.addCap(*objects[i]);
+      AGATE_CO_TRY(index);
+      writeCapPointer(list, i, *index);
+    }
+  }
+  Result<Response> r = co_await req.send();
+  AGATE_CO_TRY(r);
+  co_return r->results().getAs<Value>().getValue();
+}
+
+TEST_F(ForwardingTest, ListsOfCapabilitiesInParamsAreCarriedThroughAProxy) {
+  Node d(20, cLog_);
+  for (bool nested : {false, true}) {
+    SCOPED_TRACE(nested ? "a list of structs holding lists of capabilities" : "a flat list");
+    RemoteCap p = proxy();
+    Result<uint64_t> v = loop_.run(callBackAllThrough(p, c_, d, nested));
+    ASSERT_TRUE(v.ok()) << errcName(v.code()) << " " << (v.error().detail ? v.error().detail : "");
+    EXPECT_EQ(*v, (5u + 7u) + (5u + 20u)) << "A called both of C's nodes back through V";
+    p = RemoteCap();
+    ASSERT_TRUE(runUntil(loop_, [&] {
+      return toC_->server().exportCount() == 1 && toA_->server().importCount() == 0 &&
+             toC_->client().exportCount() == 1;
+    })) << "V's proxies and their imports are released";
+  }
+}
+
 Promise<uint64_t> echoOnNext(RemoteCap target) {
   Result<Response> r = co_await target.newCall(NODE_INTERFACE_ID, NEXT, 16).send();
   AGATE_CO_TRY(r);

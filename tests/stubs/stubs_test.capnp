@@ -28,6 +28,12 @@ interface Adder extends(Counter) {
   describe @7 () -> (text :Text);
   # A child returned as a promise capability, resolved when the test says so.
   spawnLater @8 () -> (child :Adder);
+  # Calls `notify(value)` on every listener of the list, in order, and returns the replies' sum.
+  notifyAll @9 (listeners :List(Listener), value :Int64) -> (sum :Int64);
+  # A new Adder per start value: a list of capabilities in the results.
+  spawnMany @10 (starts :List(Int64)) -> (children :List(Adder));
+  # notify(value) on the listeners of the holder's `many` member.
+  notifyHeldMany @11 (holder :Holder, value :Int64) -> (sum :Int64);
 }
 
 # A diamond: NamedAdder reaches Counter through both Adder and Named.
@@ -45,6 +51,7 @@ struct Holder {
   union {
     nothing @0 :Void;
     listener @1 :Listener;
+    many @2 :List(Listener);
   }
 }
 

@@ -28,6 +28,17 @@ struct Log {
   int notified = 0;
 };
 
+// notify(value) on each listener in turn; the sum of the replies, or the first error.
+Promise<int64_t> notifyEach(std::vector<st::Listener::Client>& listeners, int64_t value) {
+  int64_t sum = 0;
+  for (st::Listener::Client& l : listeners) {
+    auto r = co_await l.notify([&](auto p) { p.setValue(value); });
+    AGATE_CO_TRY(r);
+    sum += r->results().getReply();
+  }
+  co_return sum;
+}
+
 class AdderImpl final : public st::Adder::Server {
  public:
   AdderImpl(int64_t value, Log& log) : value_(value), log_(log) { ++log_.adders; }
@@ -119,6 +130,49 @@ class AdderImpl final : public st::Adder::Server {
     AGATE_CO_TRY(results);
     later.push_back(ctx.newCapPromise());
     AGATE_CO_TRY(setChild(ctx, *results, later.back()));
+    co_return {};
+  }
+
+  Promise<void> notifyAll(NotifyAllContext ctx) override {
+    ++log_.calls;
+    std::vector<st::Listener::Client> listeners;
+    for (uint32_t i = 0; i < ctx.params().getListeners().size(); ++i) {
+      auto listener = getListeners(ctx, ctx.params(), i);
+      AGATE_CO_TRY(listener);
+      listeners.push_back(std::move(listener->remote));
+    }
+    Result<int64_t> sum = co_await notifyEach(listeners, ctx.params().getValue());
+    AGATE_CO_TRY(sum);
+    auto results = ctx.initResults();
+    AGATE_CO_TRY(results);
+    results->setSum(*sum);
+    co_return {};
+  }
+  Promise<void> spawnMany(SpawnManyContext ctx) override {
+    ++log_.calls;
+    auto results = ctx.initResults();
+    AGATE_CO_TRY(results);
+    capnp::List<int64_t>::Reader starts = ctx.params().getStarts();
+    results->initChildren(starts.size());
+    for (uint32_t i = 0; i < starts.size(); ++i)
+      AGATE_CO_TRY(setChildren(ctx, *results, i, std::make_unique<AdderImpl>(starts[i], log_)));
+    co_return {};
+  }
+  Promise<void> notifyHeldMany(NotifyHeldManyContext ctx) override {
+    ++log_.calls;
+    Holder::Reader holder = ctx.params().getHolder();
+    std::vector<st::Listener::Client> listeners;
+    const uint32_t count = holder.isMany() ? holder.getMany().size() : 1;
+    for (uint32_t i = 0; i < count; ++i) {
+      auto listener = getMany(ctx, holder, i);  // INVALID_ARGUMENT when `many` is not the member
+      AGATE_CO_TRY(listener);
+      listeners.push_back(std::move(listener->remote));
+    }
+    Result<int64_t> sum = co_await notifyEach(listeners, ctx.params().getValue());
+    AGATE_CO_TRY(sum);
+    auto results = ctx.initResults();
+    AGATE_CO_TRY(results);
+    results->setSum(*sum);
     co_return {};
   }
 
@@ -525,6 +579,103 @@ TEST_F(StubsTest, ReadingAnInactiveUnionMemberIsRefused) {
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.code(), Errc::INVALID_ARGUMENT);
   EXPECT_EQ(log_.notified, 0);
+}
+
+TEST_F(StubsTest, ListOfCapabilitiesInParamsReachesTheServerInOrder) {
+  LocalPair pair(loop_, &root_);
+  ListenerImpl first(log_), second(log_);
+  st::Adder::Client adder(pair.client().bootstrap());
+  auto r = await(loop_, adder.notifyAll([&](auto params, auto& request) -> Status {
+    params.setValue(5);
+    params.initListeners(3);
+    AGATE_TRY(setListeners(request, params, 0, first));
+    AGATE_TRY(setListeners(request, params, 1, second));
+    return setListeners(request, params, 2, std::make_unique<ListenerImpl>(log_));
+  }));
+  ASSERT_TRUE(r.ok()) << errcName(r.code());
+  EXPECT_EQ(r->results().getSum(), 30);
+  EXPECT_EQ(log_.notified, 3);
+}
+
+TEST_F(StubsTest, ListOfCapabilitiesInResultsIsReadBackElementByElement) {
+  LocalPair pair(loop_, &root_);
+  st::Adder::Client adder(pair.client().bootstrap());
+  auto r = await(loop_, adder.spawnMany([](auto params) {
+    auto starts = params.initStarts(3);
+    for (uint32_t i = 0; i < 3; ++i) starts.set(i, 10 * (i + 1));
+  }));
+  ASSERT_TRUE(r.ok()) << errcName(r.code());
+  EXPECT_EQ(log_.adders, 4) << "the root and three children";
+  for (uint32_t i = 0; i < 3; ++i) {
+    auto child = getChildren(*r, r->results(), i);
+    ASSERT_TRUE(child.ok()) << errcName(child.code());
+    auto value = await(loop_, child->remote.get());
+    ASSERT_TRUE(value.ok());
+    EXPECT_EQ(value->results().getValue(), 10 * (i + 1));
+  }
+  auto past = getChildren(*r, r->results(), 3);
+  EXPECT_EQ(past.code(), Errc::INVALID_ARGUMENT);
+}
+
+TEST_F(StubsTest, ANullElementOfAListOfCapabilitiesFailsTheCallAtTheServer) {
+  LocalPair pair(loop_, &root_);
+  ListenerImpl listener(log_);
+  st::Adder::Client adder(pair.client().bootstrap());
+  auto r = await(loop_, adder.notifyAll([&](auto params, auto& request) -> Status {
+    params.initListeners(2);
+    return setListeners(request, params, 0, listener);  // element 1 stays null
+  }));
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.code(), Errc::INVALID_ARGUMENT);
+  EXPECT_EQ(log_.notified, 0) << "refused before any listener was called";
+}
+
+TEST_F(StubsTest, SettingAnElementPastTheEndOrTwiceIsRefusedAndAddsNothing) {
+  LocalPair pair(loop_, &root_);
+  ListenerImpl listener(log_);
+  st::Adder::Client adder(pair.client().bootstrap());
+  auto r = await(loop_, adder.notifyAll([&](auto params, auto& request) -> Status {
+    params.setValue(1);
+    EXPECT_EQ(setListeners(request, params, 0, listener).code(), Errc::INVALID_ARGUMENT)
+        << "the list was not sized yet";
+    params.initListeners(1);
+    EXPECT_EQ(setListeners(request, params, 1, listener).code(), Errc::INVALID_ARGUMENT);
+    AGATE_TRY(setListeners(request, params, 0, listener));
+    EXPECT_EQ(setListeners(request, params, 0, listener).code(), Errc::INVALID_ARGUMENT);
+    EXPECT_EQ(readCapPointer(params.asReader().getListeners(), 0).value(), 0u)
+        << "the refused ones added no cap-table entry before it";
+    return {};
+  }));
+  ASSERT_TRUE(r.ok()) << errcName(r.code());
+  EXPECT_EQ(r->results().getSum(), 2);
+  EXPECT_EQ(log_.notified, 1);
+}
+
+TEST_F(StubsTest, AListOfCapabilitiesInAUnionIsReadOnlyWhileItsMemberIsActive) {
+  LocalPair pair(loop_, &root_);
+  ListenerImpl listener(log_);
+  st::Adder::Client adder(pair.client().bootstrap());
+  auto many = await(loop_, adder.notifyHeldMany([&](auto params, auto& request) -> Status {
+    params.setValue(4);
+    Holder::Builder holder = params.initHolder();
+    holder.initMany(2);
+    AGATE_TRY(setMany(request, holder, 0, listener));
+    return setMany(request, holder, 1, listener);
+  }));
+  ASSERT_TRUE(many.ok()) << errcName(many.code());
+  EXPECT_EQ(many->results().getSum(), 16);
+
+  auto other = await(loop_, adder.notifyHeldMany([&](auto params, auto& request) -> Status {
+    Holder::Builder holder = params.initHolder();
+    AGATE_TRY(setListener(request, holder, listener));
+    EXPECT_EQ(setMany(request, holder, 0, listener).code(), Errc::INVALID_ARGUMENT)
+        << "`listener` is the active member";
+    EXPECT_EQ(holder.which(), Holder::LISTENER) << "unchanged";
+    return {};
+  }));
+  ASSERT_FALSE(other.ok());
+  EXPECT_EQ(other.code(), Errc::INVALID_ARGUMENT) << "the server's getMany refuses it";
+  EXPECT_EQ(log_.notified, 2);
 }
 
 TEST_F(StubsTest, BuildFunctionErrorAbandonsTheCallAndSendsNothing) {

@@ -132,6 +132,7 @@ struct CapField {
   uint64_t structId;
   std::string fieldName;
   uint64_t interfaceId;
+  bool isList;  // List(I): accessors take the element's index
   uint16_t pointerIndex;
   bool inUnion;
   uint32_t discriminantOffset;
@@ -348,8 +349,13 @@ class Generator {
       schema::Node::Reader node = nodes_.at(id);
       if (file_[id] != fileId || !node.isStruct()) continue;
       for (schema::Field::Reader field : node.getStruct().getFields()) {
-        if (!field.isSlot() || !field.getSlot().getType().isInterface()) continue;
-        auto type = field.getSlot().getType().getInterface();
+        if (!field.isSlot()) continue;
+        schema::Type::Reader fieldType = field.getSlot().getType();
+        const bool isList =
+            fieldType.isList() && fieldType.getList().getElementType().isInterface();
+        if (isList) fieldType = fieldType.getList().getElementType();
+        if (!fieldType.isInterface()) continue;
+        auto type = fieldType.getInterface();
         if (node.getIsGeneric() || isBranded(type.getBrand()) ||
             nodes_.at(type.getTypeId()).getIsGeneric()) {
           refuse(id, "field '" + std::string(field.getName()) +
@@ -358,7 +364,7 @@ class Generator {
           continue;
         }
         const bool inUnion = field.getDiscriminantValue() != schema::Field::NO_DISCRIMINANT;
-        fields.push_back(CapField{id, field.getName(), type.getTypeId(),
+        fields.push_back(CapField{id, field.getName(), type.getTypeId(), isList,
                                   static_cast<uint16_t>(field.getSlot().getOffset()), inUnion,
                                   node.getStruct().getDiscriminantOffset(),
                                   field.getDiscriminantValue()});
@@ -480,7 +486,7 @@ class Generator {
     for (schema::Field::Reader field : node.getStruct().getFields()) {
       if (!field.isSlot() || !field.getSlot().getType().isInterface()) continue;
       fields.push_back(CapField{structId, field.getName(),
-                                field.getSlot().getType().getInterface().getTypeId(),
+                                field.getSlot().getType().getInterface().getTypeId(), false,
                                 static_cast<uint16_t>(field.getSlot().getOffset()), false, 0, 0});
     }
     return fields;
@@ -640,17 +646,24 @@ class Generator {
                                         std::to_string(f.discriminantOffset) + ", " +
                                         std::to_string(f.discriminantValue) + "}"
                                   : "";
-      out << "// " << displayName(f.structId) << "." << f.fieldName << "\n"
+      // A List(I) field's accessors take the element's index after the struct; the list is
+      // sized with the struct's own init.
+      const std::string list = f.isList ? "List" : "";
+      const std::string element = f.isList ? ", uint32_t element" : "";
+      const std::string elementArg = f.isList ? ", element" : "";
+      out << "// " << displayName(f.structId) << "." << f.fieldName
+          << (f.isList ? " (a list of capabilities)" : "") << "\n"
           << "template <class Sink>\n"
-          << "inline ::agate::Status set" << name << "(Sink& sink, " << s
-          << "::Builder s, ::agate::rpc::typed::CapArg<" << iface << "> cap) {\n"
-          << "  return ::agate::rpc::typed::setCap<" << iface << ">(sink, std::move(s), "
-          << f.pointerIndex << ", std::move(cap)" << tag << ");\n}\n"
+          << "inline ::agate::Status set" << name << "(Sink& sink, " << s << "::Builder s"
+          << element << ", ::agate::rpc::typed::CapArg<" << iface << "> cap) {\n"
+          << "  return ::agate::rpc::typed::set" << list << "Cap<" << iface
+          << ">(sink, std::move(s), " << f.pointerIndex << elementArg << ", std::move(cap)" << tag
+          << ");\n}\n"
           << "template <class Source>\n"
           << "inline ::agate::Result<::agate::rpc::typed::Received<" << iface << ">> get" << name
-          << "(const Source& source, " << s << "::Reader s) {\n"
-          << "  return ::agate::rpc::typed::getCap<" << iface << ">(source, std::move(s), "
-          << f.pointerIndex << tag << ");\n}\n";
+          << "(const Source& source, " << s << "::Reader s" << element << ") {\n"
+          << "  return ::agate::rpc::typed::get" << list << "Cap<" << iface
+          << ">(source, std::move(s), " << f.pointerIndex << elementArg << tag << ");\n}\n";
     }
     if (!ns.empty()) out << "\n}  // namespace " << ns.substr(2) << "\n";
   }

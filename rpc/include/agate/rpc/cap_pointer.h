@@ -29,16 +29,36 @@ Result<uint32_t> readCapPointer(capnp::AnyStruct::Reader s, uint16_t pointerInde
 // must exist and be null (precondition: the builder's own schema says so).
 void writeCapPointer(capnp::AnyStruct::Builder s, uint16_t pointerIndex, uint32_t capIndex);
 
+// The same for element `element` of a list of capabilities (List(Foo) of an interface Foo, or
+// List(Capability)): WRONG_TYPE when the list's elements are not pointers or the element holds a
+// struct or list, INVALID_ARGUMENT past the list's end or for a null element. The writer requires
+// a list of pointers, an element inside it and a null one. A generated List<Foo>::Reader or
+// ::Builder converts to the AnyList it takes.
+Result<uint32_t> readCapPointer(capnp::AnyList::Reader list, uint32_t element);
+void writeCapPointer(capnp::AnyList::Builder list, uint32_t element, uint32_t capIndex);
+
 // The same for generated struct builders and readers (Foo::Builder, Foo::Reader).
 template <class B>
-requires requires { typename B::Builds; }
-void writeCapPointer(B s, uint16_t pointerIndex, uint32_t capIndex) {
+requires(capnp::kind<typename B::Builds>() ==
+         capnp::Kind::STRUCT) void writeCapPointer(B s, uint16_t pointerIndex, uint32_t capIndex) {
   writeCapPointer(capnp::AnyStruct::Builder(std::move(s)), pointerIndex, capIndex);
 }
 template <class R>
-requires requires { typename R::Reads; }
-Result<uint32_t> readCapPointer(R s, uint16_t pointerIndex) {
+requires(capnp::kind<typename R::Reads>() ==
+         capnp::Kind::STRUCT) Result<uint32_t> readCapPointer(R s, uint16_t pointerIndex) {
   return readCapPointer(capnp::AnyStruct::Reader(std::move(s)), pointerIndex);
+}
+
+// And for generated list builders and readers (capnp::List<Foo>::Builder, ::Reader).
+template <class B>
+requires(capnp::kind<typename B::Builds>() ==
+         capnp::Kind::LIST) void writeCapPointer(B list, uint32_t element, uint32_t capIndex) {
+  writeCapPointer(capnp::AnyList::Builder(std::move(list)), element, capIndex);
+}
+template <class R>
+requires(capnp::kind<typename R::Reads>() ==
+         capnp::Kind::LIST) Result<uint32_t> readCapPointer(R list, uint32_t element) {
+  return readCapPointer(capnp::AnyList::Reader(std::move(list)), element);
 }
 
 }  // namespace agate::rpc

@@ -270,9 +270,11 @@ class Response {
     return {};
   }
   // Capability `capIndex` of the results' cap table; capAt reads the index from a capability
-  // pointer field. INVALID_ARGUMENT for an index outside the table or a null entry.
+  // pointer field or an element of a list of capabilities (cap_pointer.h says what is refused).
+  // INVALID_ARGUMENT for an index outside the table or a null entry.
   Result<ReceivedCap> getCap(uint32_t capIndex) const;
   Result<ReceivedCap> capAt(capnp::AnyStruct::Reader s, uint16_t pointerIndex) const;
+  Result<ReceivedCap> capAt(capnp::AnyList::Reader list, uint32_t element) const;
   // Entries in the results' cap table.
   uint32_t capCount() const;
 
@@ -418,9 +420,11 @@ class CallContext {
     return {};
   }
   // Capability `capIndex` of the params' cap table (valid for the whole call); capAt reads the
-  // index from a capability pointer field of the params (synchronous part only).
+  // index from a capability pointer field, or an element of a list of capabilities, of the params
+  // (synchronous part only).
   Result<ReceivedCap> getCap(uint32_t capIndex) const;
   Result<ReceivedCap> capAt(capnp::AnyStruct::Reader s, uint16_t pointerIndex) const;
+  Result<ReceivedCap> capAt(capnp::AnyList::Reader list, uint32_t element) const;
   // Entries in the params' cap table.
   uint32_t capCount() const noexcept { return paramCapCount_; }
 

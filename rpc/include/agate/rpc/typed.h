@@ -196,22 +196,11 @@ Status setCap(Sink& sink, capnp::AnyStruct::Builder s, uint16_t pointerIndex, Ca
   return {};
 }
 
-// Reads capability field `pointerIndex` of `s` through `source`'s cap table (a TypedResponse, or
-// a TypedContext's params). INVALID_ARGUMENT for a null field, an index outside the table, or a
-// union member that is not the active one; WRONG_TYPE when the field holds no capability or the
-// peer passed back an object of ours that does not implement I.
-template <class I, class Source>
-Result<Received<I>> getCap(const Source& source, capnp::AnyStruct::Reader s, uint16_t pointerIndex,
-                           std::optional<UnionTag> tag = std::nullopt) {
-  if (tag) {
-    kj::ArrayPtr<const capnp::byte> data = s.getDataSection();
-    const size_t at = size_t{tag->offset} * 2;
-    const uint16_t active =
-        at + 2 <= data.size() ? static_cast<uint16_t>(data[at] | (data[at + 1] << 8)) : 0;
-    if (active != tag->value)
-      return Error(Errc::INVALID_ARGUMENT, "another member of the union is set");
-  }
-  Result<ReceivedCap> cap = source.capAt(s, pointerIndex);
+namespace detail {
+
+// A received capability as the interface's types: the object passed back, or the peer's.
+template <class I>
+Result<Received<I>> asReceived(Result<ReceivedCap> cap) {
   if (!cap) return cap.error();
   Received<I> out;
   if (cap->local != nullptr) {
@@ -222,6 +211,71 @@ Result<Received<I>> getCap(const Source& source, capnp::AnyStruct::Reader s, uin
   }
   out.remote = typename I::Client(std::move(cap->remote));
   return out;
+}
+
+// Whether the union member `tag` names is the active one of `s`.
+inline bool unionMemberActive(capnp::AnyStruct::Reader s, UnionTag tag) {
+  kj::ArrayPtr<const capnp::byte> data = s.getDataSection();
+  const size_t at = size_t{tag.offset} * 2;
+  const uint16_t active =
+      at + 2 <= data.size() ? static_cast<uint16_t>(data[at] | (data[at + 1] << 8)) : 0;
+  return active == tag.value;
+}
+
+}  // namespace detail
+
+// Reads capability field `pointerIndex` of `s` through `source`'s cap table (a TypedResponse, or
+// a TypedContext's params). INVALID_ARGUMENT for a null field, an index outside the table, or a
+// union member that is not the active one; WRONG_TYPE when the field holds no capability or the
+// peer passed back an object of ours that does not implement I.
+template <class I, class Source>
+Result<Received<I>> getCap(const Source& source, capnp::AnyStruct::Reader s, uint16_t pointerIndex,
+                           std::optional<UnionTag> tag = std::nullopt) {
+  if (tag && !detail::unionMemberActive(s, *tag))
+    return Error(Errc::INVALID_ARGUMENT, "another member of the union is set");
+  return detail::asReceived<I>(source.capAt(s, pointerIndex));
+}
+
+// A list of capabilities: field `pointerIndex` of `s`, of type List(I). The sender sizes it with
+// the struct's generated init (`s.initFoos(n)`), then writes each element with setListCap, which
+// adds the capability to `sink`'s cap table. INVALID_ARGUMENT for an element past the list's end
+// (or a list not sized yet), an element already set, a union member that is not the active one
+// or a reference the engine cannot pass; OUT_OF_MEMORY past the per-message cap limit. The list
+// and the cap table are unchanged on an error.
+template <class I, class Sink>
+Status setListCap(Sink& sink, capnp::AnyStruct::Builder s, uint16_t pointerIndex, uint32_t element,
+                  CapArg<I> cap, std::optional<UnionTag> tag = std::nullopt) {
+  if (tag && !detail::unionMemberActive(s.asReader(), *tag))
+    return Error(Errc::INVALID_ARGUMENT, "another member of the union is set");
+  capnp::AnyPointer::Builder field = s.getPointerSection()[pointerIndex];
+  if (field.isNull() || !field.isList())
+    return Error(Errc::INVALID_ARGUMENT, "the list of capabilities is not sized (init it first)");
+  capnp::AnyList::Builder list = field.getAs<capnp::AnyList>();
+  if (list.getElementSize() != capnp::ElementSize::POINTER)
+    return Error(Errc::WRONG_TYPE, "not a list of capabilities");
+  if (element >= list.size()) return Error(Errc::INVALID_ARGUMENT, "no such list element");
+  if (!list.as<capnp::List<capnp::AnyPointer>>()[element].isNull())
+    return Error(Errc::INVALID_ARGUMENT, "list element already set");
+  Result<uint32_t> index = std::move(cap).addTo(sink);
+  if (!index) return index.error();
+  writeCapPointer(list, element, *index);
+  return {};
+}
+
+// Reads element `element` of the list of capabilities in field `pointerIndex` of `s`, through
+// `source`'s cap table. As getCap, and INVALID_ARGUMENT past the list's end.
+template <class I, class Source>
+Result<Received<I>> getListCap(const Source& source, capnp::AnyStruct::Reader s,
+                               uint16_t pointerIndex, uint32_t element,
+                               std::optional<UnionTag> tag = std::nullopt) {
+  if (tag && !detail::unionMemberActive(s, *tag))
+    return Error(Errc::INVALID_ARGUMENT, "another member of the union is set");
+  if (pointerIndex >= s.getPointerSection().size())
+    return Error(Errc::INVALID_ARGUMENT, "struct has no such pointer field");
+  capnp::AnyPointer::Reader field = s.getPointerSection()[pointerIndex];
+  if (field.isNull()) return Error(Errc::INVALID_ARGUMENT, "no such list element");
+  if (!field.isList()) return Error(Errc::WRONG_TYPE, "field holds no list");
+  return detail::asReceived<I>(source.capAt(field.getAs<capnp::AnyList>(), element));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -237,6 +291,9 @@ class TypedResponse {
   typename R::Reader results() const { return response_.results().getAs<R>(); }
   Result<ReceivedCap> capAt(capnp::AnyStruct::Reader s, uint16_t pointerIndex) const {
     return response_.capAt(s, pointerIndex);
+  }
+  Result<ReceivedCap> capAt(capnp::AnyList::Reader list, uint32_t element) const {
+    return response_.capAt(list, element);
   }
   const Response& untyped() const noexcept { return response_; }
 
@@ -361,6 +418,9 @@ class TypedContext {
   typename P::Reader params() const { return context_->params().getAs<P>(); }
   Result<ReceivedCap> capAt(capnp::AnyStruct::Reader s, uint16_t pointerIndex) const {
     return context_->capAt(s, pointerIndex);
+  }
+  Result<ReceivedCap> capAt(capnp::AnyList::Reader list, uint32_t element) const {
+    return context_->capAt(list, element);
   }
 
   // Starts the results in place (see CallContext::initResults). Calling it again returns the same
