@@ -617,7 +617,7 @@ TEST_F(StubsTest, ListOfCapabilitiesInResultsIsReadBackElementByElement) {
   EXPECT_EQ(past.code(), Errc::INVALID_ARGUMENT);
 }
 
-TEST_F(StubsTest, ANullElementOfAListOfCapabilitiesFailsTheCallAtTheServer) {
+TEST_F(StubsTest, ANullOrForgedElementOfAListOfCapabilitiesFailsTheCallAtTheServer) {
   LocalPair pair(loop_, &root_);
   ListenerImpl listener(log_);
   st::Adder::Client adder(pair.client().bootstrap());
@@ -628,6 +628,19 @@ TEST_F(StubsTest, ANullElementOfAListOfCapabilitiesFailsTheCallAtTheServer) {
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.code(), Errc::INVALID_ARGUMENT);
   EXPECT_EQ(log_.notified, 0) << "refused before any listener was called";
+
+  // An element naming an index past the cap table (a forged pointer word) is refused the same way.
+  auto forged = await(loop_, adder.notifyAll([&](auto params) {
+    params.initListeners(1);
+    capnp::AnyPointer::Builder field =
+        capnp::AnyStruct::Builder(std::move(params)).getPointerSection()[0];
+    writeCapPointer(field.getAs<capnp::AnyList>(), 0, 99);
+  }));
+  ASSERT_FALSE(forged.ok());
+  EXPECT_EQ(forged.code(), Errc::INVALID_ARGUMENT);
+  EXPECT_EQ(log_.notified, 0);
+  auto after = await(loop_, adder.get());
+  EXPECT_TRUE(after.ok()) << "the connection carries on";
 }
 
 TEST_F(StubsTest, SettingAnElementPastTheEndOrTwiceIsRefusedAndAddsNothing) {

@@ -32,8 +32,9 @@ void writeCapPointer(capnp::AnyStruct::Builder s, uint16_t pointerIndex, uint32_
 // The same for element `element` of a list of capabilities (List(Foo) of an interface Foo, or
 // List(Capability)): WRONG_TYPE when the list's elements are not pointers or the element holds a
 // struct or list, INVALID_ARGUMENT past the list's end or for a null element. The writer requires
-// a list of pointers, an element inside it and a null one. A generated List<Foo>::Reader or
-// ::Builder converts to the AnyList it takes.
+// a list of pointers, an element inside it and a null one. A generated List<Foo>::Reader converts
+// to the AnyList it takes; Cap'n Proto 0.9.2's List<Foo>::Builder of an interface does not (take
+// the field from the struct's pointer section as an AnyList instead, as typed.h does).
 Result<uint32_t> readCapPointer(capnp::AnyList::Reader list, uint32_t element);
 void writeCapPointer(capnp::AnyList::Builder list, uint32_t element, uint32_t capIndex);
 
