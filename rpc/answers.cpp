@@ -142,7 +142,9 @@ void RpcConnection::deliver(Answer& a, uint32_t exportId, uint64_t interfaceId, 
   ctx.params_ = contentOf(payload);
   ctx.paramsPayload_ = payload;
   ctx.paramsValid_ = true;
+  ++dispatching_;
   Promise<void> dispatch = e.object->dispatch(interfaceId, methodId, ctx);
+  --dispatching_;
   ctx.paramsValid_ = false;
   if (dispatch.isReady()) {
     // Served synchronously (the common case): the Return goes out now, with no driver coroutine.
@@ -177,7 +179,7 @@ void RpcConnection::completeAnswer(uint32_t answerId, Status status) {
   if (!ctx.results_.active()) {
     // No results were built (so no capabilities either): the fixed words of an empty Return.
     const std::array<uint64_t, EMPTY_RETURN_WORDS> words = emptyReturnWords(a.id, a.noPipelining);
-    Status sent = sendWords(words);
+    Status sent = sendWords(words, OutKind::REPLY);
     if (sent) {
       ++stats_.returnsSent;
       if (a.noPipelining) {

@@ -31,6 +31,15 @@ RpcConnection::RpcConnection(MessageSender& tx, MessageReceiver& rx, EventLoop& 
                 "an RPC connection's MessageReceiver must be built with rpcReceiverOptions()");
   AGATE_REQUIRE(options_.maxMessageBytes >= 1024, "maxMessageBytes %zu is below 1 KiB",
                 options_.maxMessageBytes);
+  // Whatever is kept beyond its frame (a message waiting for ring space, a pipelined call queued
+  // at its answer, a held Response) is copied into a spill buffer: the largest class bounds both
+  // what this side builds and what it accepts.
+  AGATE_REQUIRE(options_.maxMessageBytes <= MAX_SPILL_BYTES,
+                "maxMessageBytes %zu is above the largest spill buffer (%zu)",
+                options_.maxMessageBytes, MAX_SPILL_BYTES);
+  AGATE_REQUIRE(rx.limits().maxFrameBytes <= MAX_SPILL_BYTES,
+                "the receiver accepts frames of %zu bytes, above the largest spill buffer (%zu)",
+                rx.limits().maxFrameBytes, MAX_SPILL_BYTES);
   questions_.emplace_back();  // question id 0 is never used: 0 means "no question"
   questions_[0].inUse = true;
   questionFree_ = NONE;
@@ -62,8 +71,8 @@ RpcConnection::~RpcConnection() {
 void RpcConnection::close(Error reason) { fail(reason); }
 
 void RpcConnection::shutdown(Error reason) {
-  fail(reason);
-  teardown();
+  fail(reason);  // posts the teardown
+  if (dispatching_ == 0) teardown();  // else the running method and its object go after it
 }
 
 Promise<void> RpcConnection::onDisconnect() {
@@ -106,6 +115,7 @@ void RpcConnection::fail(Error reason) {
     giveSpill(b);
   }
   queueTail_ = nullptr;
+  queuedBytes_ = 0;
   if (pumpRunning_ && !inPump_) {
     pump_.reset();  // parked waiting for space: no reservation taken, so dropping is safe
     pumpRunning_ = false;
@@ -381,7 +391,7 @@ Request RpcConnection::newCall(const RemoteCap& target, uint64_t interfaceId, ui
 // Starts the Call of an unbuilt request in a frame (or, refused, params go to a scrap message).
 void RpcConnection::buildCall(Request& request) {
   request.unbuilt_ = false;
-  Result<detail::OutSlot> slot = startOut(request.sizeHint_ + ENVELOPE_BYTES);
+  Result<detail::OutSlot> slot = startOut(request.sizeHint_ + ENVELOPE_BYTES, OutKind::CALL);
   if (!slot) {
     request.error_ = slot.error();
     request.scrap_ = std::make_unique<capnp::MallocMessageBuilder>(256);
@@ -420,7 +430,7 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
     const size_t n = emptyCallWords(words, qid, request.interfaceId_, request.methodId_,
                                     request.noPipelining_, request.toAnswer_, request.targetId_,
                                     std::span(request.path_.data(), request.pathLength_));
-    sent = sendWords(std::span(words.data(), n));
+    sent = sendWords(std::span(words.data(), n), OutKind::CALL);
   } else {
     request.call_.setQuestionId(qid);
     if (request.noPipelining_) request.call_.setNoPromisePipelining(true);

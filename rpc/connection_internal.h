@@ -118,8 +118,10 @@ inline size_t emptyCallWords(std::array<uint64_t, MAX_EMPTY_CALL_WORDS>& w, uint
   return 11 + pathWords;
 }
 
-// Spill buffers come in size classes of 2^(k + MIN_CLASS_SHIFT) bytes.
+// Spill buffers come in size classes of 2^(k + MIN_CLASS_SHIFT) bytes, SPILL_CLASSES of them.
 inline constexpr size_t MIN_CLASS_SHIFT = 7;
+inline constexpr size_t SPILL_CLASSES = 16;
+inline constexpr size_t MAX_SPILL_BYTES = size_t{1} << (SPILL_CLASSES - 1 + MIN_CLASS_SHIFT);
 
 inline size_t roundToWords(size_t bytes) {
   return (bytes + WORD_BYTES - 1) / WORD_BYTES * WORD_BYTES;

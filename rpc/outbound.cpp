@@ -66,7 +66,18 @@ void RpcConnection::giveSpill(detail::SpillBuffer* b) noexcept {
   spillFree_[b->sizeClass] = b;
 }
 
-Result<detail::OutSlot> RpcConnection::startOut(size_t bytes) {
+Status RpcConnection::admitToQueue(OutKind kind, size_t bytes) {
+  if (kind == OutKind::CONTROL || queuedBytes_ + bytes <= options_.maxQueuedBytes) return {};
+  if (kind == OutKind::CALL)
+    return Error(Errc::OUT_OF_MEMORY,
+                 "the peer is not reading: RpcOptions::maxQueuedBytes of messages wait for it");
+  Error e(Errc::OUT_OF_MEMORY,
+          "the peer does not read what it asks for: RpcOptions::maxQueuedBytes of replies wait");
+  fail(e);
+  return e;
+}
+
+Result<detail::OutSlot> RpcConnection::startOut(size_t bytes, OutKind kind) {
   if (!isOpen()) return failure_;
   bytes = std::min(roundToWords(bytes), roundToWords(options_.maxMessageBytes));
   detail::OutSlot slot;
@@ -82,6 +93,7 @@ Result<detail::OutSlot> RpcConnection::startOut(size_t bytes) {
       return m.error();
     }
   }
+  AGATE_TRY(admitToQueue(kind, bytes));
   detail::SpillBuffer* b = takeSpill(bytes);
   b->builder.emplace(std::span<capnp::word>(b->words.get(), bytes / WORD_BYTES));
   slot.spill_ = b;
@@ -102,6 +114,7 @@ void RpcConnection::afterRingClosed() {
 
 // Appends a finished message to the in-order queue, behind what is already waiting there.
 void RpcConnection::enqueue(detail::SpillBuffer* b) {
+  queuedBytes_ += b->usedBytes;
   if (queueTail_ != nullptr) {
     queueTail_->next = b;
   } else {
@@ -193,6 +206,7 @@ void RpcConnection::flushQueue() {
     ++stats_.messagesSent;
     queueHead_ = b->next;
     if (queueHead_ == nullptr) queueTail_ = nullptr;
+    queuedBytes_ -= b->usedBytes;
     giveSpill(b);
   }
 }
@@ -224,6 +238,7 @@ Promise<void> RpcConnection::pumpWhileFull() {
     ++stats_.messagesSent;
     queueHead_ = b->next;
     if (queueHead_ == nullptr) queueTail_ = nullptr;
+    queuedBytes_ -= b->usedBytes;
     giveSpill(b);
   }
   pumpRunning_ = false;
@@ -244,7 +259,7 @@ void RpcConnection::writeException(wire::Exception::Builder b, const Error& e) {
 // Sends a message given as its words (a Finish or a Release, laid out by controlWords), with no
 // MessageBuilder: straight into the ring when nothing is open or queued, else behind the queue,
 // as finishOut would.
-Status RpcConnection::sendWords(std::span<const uint64_t> words) {
+Status RpcConnection::sendWords(std::span<const uint64_t> words, OutKind kind) {
   if (!isOpen()) return failure_;
   const size_t bytes = words.size_bytes();
   if (bytes > roundToWords(options_.maxMessageBytes))
@@ -262,6 +277,7 @@ Status RpcConnection::sendWords(std::span<const uint64_t> words) {
       return frame.error();
     }
   }
+  AGATE_TRY(admitToQueue(kind, bytes));
   detail::SpillBuffer* b = takeSpill(bytes);
   std::memcpy(static_cast<void*>(b->words.get()), words.data(), bytes);
   b->usedBytes = b->dirtyBytes = bytes;
@@ -290,17 +306,17 @@ void RpcConnection::ringPeer() {
 
 void RpcConnection::sendFinish(uint32_t questionId) {
   const std::array<uint64_t, CONTROL_WORDS> words = controlWords(wire::Message::FINISH, questionId);
-  if (sendWords(words)) ++stats_.finishesSent;  // on a dead connection nothing is sent
+  if (sendWords(words, OutKind::CONTROL)) ++stats_.finishesSent;  // on a dead connection nothing is sent
 }
 
 void RpcConnection::sendRelease(uint32_t importId, uint32_t count) {
   const std::array<uint64_t, CONTROL_WORDS> words =
       controlWords(wire::Message::RELEASE, importId | uint64_t{count} << 32);
-  if (sendWords(words)) ++stats_.releasesSent;
+  if (sendWords(words, OutKind::CONTROL)) ++stats_.releasesSent;
 }
 
 void RpcConnection::sendAbort(const Error& reason) {
-  Result<detail::OutSlot> slot = startOut(EXCEPTION_BYTES);
+  Result<detail::OutSlot> slot = startOut(EXCEPTION_BYTES, OutKind::CONTROL);
   if (!slot) return;
   writeException(slot->builder().initRoot<wire::Message>().initAbort(), reason);
   (void)finishOut(*slot);

@@ -252,8 +252,11 @@ Result<MessageView> FrameReader::tryDecode(std::span<const std::byte> frame) {
   kj::ArrayPtr<const capnp::word> segment(words, bytes / WORD_BYTES);
 
   if (!fastAccepts(segment, limits_)) AGATE_TRY(validateWithGetters(segment, limits_));
-  // A fresh reader, so the caller's reads get a whole traversal budget of their own.
-  message_.emplace(segment, readerOptions(limits_));
+  // A fresh reader, so the caller's reads get a traversal budget of their own: validation showed
+  // one pass fits traversalLimitWords, and the caller may make READ_PASSES of them.
+  capnp::ReaderOptions options = readerOptions(limits_);
+  options.traversalLimitInWords = limits_.traversalLimitWords * ReadLimits::READ_PASSES;
+  message_.emplace(segment, options);
   return MessageView(&*message_, bytes);
 }
 

@@ -338,6 +338,29 @@ TEST_P(RoundTrip, CallersReadsGetABudgetOfTheirOwnAfterValidation) {
   EXPECT_EQ(tighter->tryDecode(frame.bytes(used)).code(), Errc::PROTOCOL_ERROR);
 }
 
+TEST_P(RoundTrip, CallersReaderAllowsSeveralPassesButIsBounded) {
+  // A typed RPC layer checks content against its schema (a pass), then the handler reads it (a
+  // pass or part of one): the caller's budget covers READ_PASSES passes, and stops the next.
+  TestFrame frame(256);
+  const size_t used = buildSample(frame);
+  ReadLimits limits;
+  limits.traversalLimitWords = used / WORD_BYTES + 1;  // exactly one pass
+  auto reader = makeReader(limits);
+  auto view = reader->tryDecode(frame.bytes(used));
+  ASSERT_TRUE(view.ok()) << view.error().detail;
+  capnp::AnyPointer::Reader root = view->getRoot<capnp::AnyPointer>();
+  // getRoot charged the root pointer once; each targetSize() walks the whole message.
+  for (uint64_t pass = 1; pass < ReadLimits::READ_PASSES; ++pass)
+    EXPECT_NO_THROW((void)root.targetSize()) << "pass " << pass;
+  EXPECT_THROW(
+      {
+        (void)root.targetSize();
+        (void)root.targetSize();
+      },
+      kj::Exception)
+      << "the budget is bounded";
+}
+
 INSTANTIATE_TEST_SUITE_P(BothPolicies, RoundTrip,
                          ::testing::Values(ReadPolicy::IN_PLACE, ReadPolicy::COPY_IN), policyName);
 

@@ -514,7 +514,14 @@ struct RpcOptions {
   // hold.
   uint32_t maxAnswers = 4096;
   uint32_t maxImports = 65536;
-  // The largest message this side builds (clamped frame reservations; spill buffer size).
+  // How many bytes of finished messages may wait for ring space (a peer that stops reading
+  // fills the ring, then this queue). Past it this side's own calls are refused with
+  // OUT_OF_MEMORY, and a reply the peer's calls ask for ends the connection (OUT_OF_MEMORY):
+  // a peer that never reads cannot make this side hold its replies without end.
+  size_t maxQueuedBytes = size_t{4} << 20;
+  // The largest message this side builds (clamped frame reservations; spill buffer size). At
+  // most 4 MiB, the largest spill buffer, which also bounds the MessageReceiver's maxFrameBytes
+  // (both REQUIRE-checked when the connection is made).
   size_t maxMessageBytes = 16 * 1024;
   // How the inbound reader and the outbound pump wait.
   AsyncWaitPolicy wait = {};
@@ -594,8 +601,10 @@ class RpcConnection {
   // are cancelled and every export is dropped, so the capabilities this connection's objects
   // held on other connections (proxies, promises passed on, vines) are released at once. For
   // an owner about to destroy several connections that may hold references on each other
-  // (client::Session): shut them all down, then destroy them. Not from inside one of this
-  // connection's own calls.
+  // (client::Session): shut them all down, then destroy them. From the synchronous part of one
+  // of this connection's own calls (a method that shuts its connection down) it acts as close():
+  // the teardown follows from the loop, once the method has returned. Not from a call's later
+  // part (after it suspended): its own coroutine and object would go while they run.
   void shutdown(Error reason);
 
   const RpcStats& stats() const noexcept { return stats_; }
@@ -632,14 +641,20 @@ class RpcConnection {
   struct Decoded;
 
   // --- outbound ---
-  Result<detail::OutSlot> startOut(size_t bytes);
+  // What a message that may have to wait in the queue is, for its bound (maxQueuedBytes): this
+  // side's own Call is refused (OUT_OF_MEMORY, the caller may try later); a message the peer's
+  // actions call for (a Return, a Resolve, ...) ends the connection, since the peer does not read
+  // what it asks for; Finish and Release are bounded by this side's own tables and always go.
+  enum class OutKind : uint8_t { CALL, REPLY, CONTROL };
+  Status admitToQueue(OutKind kind, size_t bytes);
+  Result<detail::OutSlot> startOut(size_t bytes, OutKind kind = OutKind::REPLY);
   Status finishOut(detail::OutSlot& slot);
   void abandonOut(detail::OutSlot& slot) noexcept;
   void flushQueue();
   Promise<void> pumpWhileFull();
   detail::SpillBuffer* takeSpill(size_t bytes);
   void giveSpill(detail::SpillBuffer* buffer) noexcept;
-  Status sendWords(std::span<const uint64_t> words);
+  Status sendWords(std::span<const uint64_t> words, OutKind kind);
   void buildCall(Request& request);
   void sendFinish(uint32_t questionId);
   void queueFinish(uint32_t questionId);
@@ -810,6 +825,7 @@ class RpcConnection {
   bool detachPending_ = false;
   bool workRunning_ = false;
   bool inPump_ = false;
+  uint32_t dispatching_ = 0;  // synchronous dispatch() calls on the stack (shutdown defers then)
 
   std::vector<Question> questions_;
   uint32_t questionFree_;
@@ -833,8 +849,9 @@ class RpcConnection {
   // Outbound queue of spilled messages (FIFO) and the spill pool (free lists by size class).
   detail::SpillBuffer* queueHead_ = nullptr;
   detail::SpillBuffer* queueTail_ = nullptr;
+  size_t queuedBytes_ = 0;  // of the messages in the queue
   std::vector<std::unique_ptr<detail::SpillBuffer>> spillStore_;
-  std::array<detail::SpillBuffer*, 16> spillFree_{};
+  std::array<detail::SpillBuffer*, 16> spillFree_{};  // SPILL_CLASSES (connection_internal.h)
   std::optional<Promise<void>> pump_;
 
   // Finish for questions whose Return arrived: sent by finishTask_, behind what the current task

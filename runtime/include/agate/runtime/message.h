@@ -140,13 +140,17 @@ enum class ReadPolicy : uint8_t {
 //    bound on the CPU a hostile frame can burn before it is refused: a frame built to cost the
 //    most per word of budget (many pointers to one struct whose pointers all point at an empty
 //    struct) costs roughly 30 ns per word, ~2 ms at this default (bench/message_bench,
-//    refuseAmplifiedFrame), against Cap'n Proto's 8 Mi words (~250 ms). Validation and the
-//    caller's reads each get a budget of this size.
+//    refuseAmplifiedFrame), against Cap'n Proto's 8 Mi words (~250 ms). Validation gets a budget
+//    of this size, and so proves that one pass over the message fits it; the caller's reader then
+//    gets READ_PASSES times as much, so the message can be traversed that many times in all (an
+//    RPC engine decodes the envelope, a typed layer checks the content against the schema, then
+//    the handler reads it) and a hostile frame can cost at most that many passes.
 //  * nestingLimit = 32, counted as Cap'n Proto's getters count: one level per struct pointer, per
 //    list pointer and per step into an element of a list of structs (so a recursive struct held
 //    in a list costs two levels per generation). Agate's RPC envelope uses a handful; the limit
 //    also bounds validation's recursion, hence the stack a hostile frame can make it use.
 struct ReadLimits {
+  static constexpr uint64_t READ_PASSES = 4;
   static constexpr size_t DEFAULT_MAX_FRAME_BYTES = size_t{1} << 20;
   static constexpr uint64_t DEFAULT_TRAVERSAL_LIMIT_WORDS = uint64_t{64} * 1024;
   static constexpr int DEFAULT_NESTING_LIMIT = 32;
@@ -168,7 +172,8 @@ class FrameReader;
 class MessageView {
  public:
   // The typed root. Does not throw for anything validation covers (bounds, far pointers, nesting,
-  // and the traversal budget for one pass over the message); see tryRead() for schema mismatches.
+  // and the traversal budget for ReadLimits::READ_PASSES passes over the message); see tryRead()
+  // for schema mismatches.
   template <class T>
   typename T::Reader getRoot() const {
     return message_->getRoot<T>();

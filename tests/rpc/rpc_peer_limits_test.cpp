@@ -1,0 +1,238 @@
+// What a peer cannot make an RpcConnection do, and the limits a connection checks for itself:
+//  * a peer that sends calls and never reads its replies cannot grow this side's outbound queue
+//    without end (RpcOptions::maxQueuedBytes): its connection ends OUT_OF_MEMORY, while this
+//    side's own calls past the bound are refused and the connection carries on;
+//  * content that passed the typed layer's schema check can still be read by the method (the
+//    reader's traversal budget covers several passes, ReadLimits::READ_PASSES);
+//  * a method that shuts its own connection down from its synchronous part is safe;
+//  * a connection whose receiver accepts frames larger than its spill buffers, or that would
+//    build messages larger than them, is refused when it is made, not when such a frame comes.
+#include <gtest/gtest.h>
+
+#include <capnp/schema.capnp.h>
+
+#include <functional>
+
+#include "agate/rpc/typed.h"
+#include "rpc_harness.h"
+#include "support/watchdog.h"
+
+namespace agate::rpc::test {
+namespace {
+
+using agate::testing::Watchdog;
+
+// How the call ended (awaited on `loop`).
+Errc outcome(EventLoop& loop, RemotePromise& p) {
+  Errc code = Errc::OK;
+  (void)loop.run([&]() -> Promise<void> {
+    Result<Response> r = co_await p;
+    code = r.code();
+    co_return {};
+  }());
+  return code;
+}
+
+// A connection ("the victim") whose peer is driven frame by frame by the test.
+class Rig {
+ public:
+  explicit Rig(size_t maxQueuedBytes) {
+    ChannelOptions co;
+    co.scope = ChannelScope::LOCAL;
+    toVictim_ = std::move(Channel::create(co).value());
+    fromVictim_ = std::move(Channel::create(co).value());
+    peerTx_ = std::make_unique<MessageSender>(toVictim_->attachSender().value());
+    victimRx_ = std::make_unique<MessageReceiver>(*toVictim_, toVictim_->attachReceiver().value(),
+                                                  rpcReceiverOptions());
+    victimTx_ = std::make_unique<MessageSender>(fromVictim_->attachSender().value());
+    peerRx_ = std::make_unique<MessageReceiver>(*fromVictim_, fromVictim_->attachReceiver().value(),
+                                                rpcReceiverOptions());
+    RpcOptions options;
+    options.bootstrap = &root_;
+    options.maxQueuedBytes = maxQueuedBytes;
+    victim_ = std::make_unique<RpcConnection>(*victimTx_, *victimRx_, loop_, options);
+  }
+  ~Rig() { victim_.reset(); }
+
+  bool trySend(const std::function<void(wire::Message::Builder)>& fill) {
+    Result<OutgoingMessage> m = peerTx_->tryStartMessage(1024);
+    if (!m.ok()) return false;
+    fill(m->initRoot<wire::Message>());
+    return m->send().ok();
+  }
+  // Calls the victim's bootstrap without pipelining, as often as its ring takes them (the peer
+  // never reads a reply); returns how many went.
+  int flood(uint16_t method, int calls) {
+    int sent = 0;
+    int blockedTurns = 0;
+    while (sent < calls && victim_->isOpen() && blockedTurns < 200) {
+      const bool ok = trySend([&](wire::Message::Builder m) {
+        wire::Call::Builder c = m.initCall();
+        c.setQuestionId(1);  // freed at each Return (noFinishNeeded): reusable at once
+        c.getTarget().setImportedCap(0);
+        c.setInterfaceId(NODE_INTERFACE_ID);
+        c.setMethodId(method);
+        c.setNoPromisePipelining(true);
+        c.initParams().getContent().initAs<Value>().setValue(1);
+      });
+      if (ok) {
+        ++sent;
+        blockedTurns = 0;
+      } else {
+        ++blockedTurns;
+      }
+      (void)loop_.run(loop_.sleep(ok ? Duration::zero() : Duration(std::chrono::microseconds(50))));
+    }
+    return sent;
+  }
+
+  EventLoop loop_;
+  Log log_;
+  Node root_{0, log_};
+  std::unique_ptr<Channel> toVictim_, fromVictim_;
+  std::unique_ptr<MessageSender> peerTx_, victimTx_;
+  std::unique_ptr<MessageReceiver> victimRx_, peerRx_;
+  std::unique_ptr<RpcConnection> victim_;
+};
+
+TEST(RpcPeerLimits, APeerThatNeverReadsItsRepliesIsDisconnectedNotHeldWithoutBound) {
+  Watchdog watchdog{"rpc_peer_limits_test", std::chrono::seconds(60)};
+  for (uint16_t method : {ECHO, FAIL, RECORD}) {  // results, an exception, an empty Return
+    SCOPED_TRACE(::testing::Message() << "method " << method);
+    Rig rig(64 * 1024);
+    (void)rig.flood(method, 100'000);
+    ASSERT_FALSE(rig.victim_->isOpen()) << "read " << rig.victim_->stats().callsReceived;
+    EXPECT_EQ(rig.victim_->failure().code, Errc::OUT_OF_MEMORY);
+    EXPECT_LT(rig.victim_->stats().callsReceived, 100'000u);
+  }
+}
+
+TEST(RpcPeerLimits, APeerThatReadsItsRepliesIsServedWithoutEnd) {
+  Watchdog watchdog{"rpc_peer_limits_test", std::chrono::seconds(60)};
+  Rig rig(16 * 1024);
+  for (int i = 0; i < 5'000; ++i) {
+    ASSERT_EQ(rig.flood(ECHO, 1), 1);
+    Result<IncomingMessage> in = rig.loop_.run(rig.peerRx_->receiveAsync(rig.loop_));
+    ASSERT_TRUE(in.ok()) << errcName(in.code());
+  }
+  EXPECT_TRUE(rig.victim_->isOpen()) << "far more replies than the bound, each one read";
+}
+
+// The victim's own calls while the peer reads nothing: refused once the queue is full, without
+// ending the connection; once the peer reads again, calls go as before.
+TEST(RpcPeerLimits, OwnCallsPastTheQueueBoundAreRefusedAndTheConnectionCarriesOn) {
+  Watchdog watchdog{"rpc_peer_limits_test", std::chrono::seconds(60)};
+  Rig rig(16 * 1024);
+  auto& victim_ = rig.victim_;
+  auto& loop_ = rig.loop_;
+  auto& peerRx_ = rig.peerRx_;
+  RemoteCap peer = victim_->bootstrap();
+  std::vector<RemotePromise> sent;
+  Errc refused = Errc::OK;
+  for (int i = 0; i < 100'000 && refused == Errc::OK; ++i) {
+    Request req = peer.newCall(NODE_INTERFACE_ID, ECHO, 64);
+    req.initParams<Value>().setValue(static_cast<uint64_t>(i));
+    sent.push_back(req.noPipelining().send());
+    if (sent.back().questionId() == 0) refused = outcome(loop_, sent.back());
+  }
+  EXPECT_EQ(refused, Errc::OUT_OF_MEMORY);
+  EXPECT_TRUE(victim_->isOpen());
+  const size_t accepted = sent.size() - 1;
+  // The peer reads every Call that was accepted (answering none), so the queue drains.
+  size_t read = 0;
+  while (read < accepted) {
+    Result<IncomingMessage> in = loop_.run(peerRx_->receiveAsync(loop_));
+    ASSERT_TRUE(in.ok()) << errcName(in.code());
+    ASSERT_EQ(in->getRoot<wire::Message>().which(), wire::Message::CALL);
+    ++read;
+  }
+  Request again = peer.newCall(NODE_INTERFACE_ID, ECHO, 64);
+  again.initParams<Value>().setValue(1);
+  RemotePromise later = again.noPipelining().send();
+  EXPECT_NE(later.questionId(), 0u) << "accepted again once the peer read";
+  EXPECT_TRUE(victim_->isOpen());
+  sent.clear();
+}
+
+// Checks the params as the typed layer does (one pass over them), then reads them as a method
+// would: a list of voids costs one word per element at each reading, a few bytes on the wire.
+class ReadsTwice final : public ServerObject {
+ public:
+  bool threw = false;
+  size_t length = 0;
+  Promise<void> dispatch(uint64_t, uint16_t, CallContext& ctx) override {
+    Status shape = typed::checkAgainstSchema<capnp::schema::Node>(ctx.params());
+    if (!shape) return readyPromise<void>(shape.error());
+    try {
+      length = ctx.params().getAs<capnp::schema::Node>().getNestedNodes().size();
+    } catch (const kj::Exception&) {
+      threw = true;  // a generated method has no try: std::terminate
+    }
+    return readyPromise<void>(Status{});
+  }
+};
+
+TEST(RpcReadBudget, ParamsThatPassTheSchemaCheckCanBeReadByTheMethod) {
+  Watchdog watchdog{"rpc_peer_limits_test", std::chrono::seconds(60)};
+  EventLoop loop;
+  ReadsTwice server;
+  LocalPair pair(loop, &server);
+  RemoteCap root = pair.client().bootstrap();
+  Request req = root.newCall(NODE_INTERFACE_ID, 0, 64);
+  (void)req.params().initAs<capnp::schema::Node>();
+  capnp::AnyStruct::Builder node = req.params().getAs<capnp::AnyStruct>();
+  node.getPointerSection()[1].initAs<capnp::List<capnp::Void>>(40000);  // Node.nestedNodes
+  RemotePromise p = req.send();
+  ASSERT_TRUE(runUntil(loop, [&] { return pair.server().stats().callsReceived == 1; }));
+  EXPECT_FALSE(server.threw) << "the method's read of checked params ran out of budget";
+  EXPECT_EQ(server.length, 40000u);
+}
+
+// A method that shuts its own connection down (an "exit" method).
+class ShutsDown final : public ServerObject {
+ public:
+  RpcConnection* conn = nullptr;
+  bool returned = false;
+  Promise<void> dispatch(uint64_t, uint16_t, CallContext&) override {
+    conn->shutdown(Error(Errc::DISCONNECTED, "exit"));
+    returned = true;  // this object and this call are still here
+    return readyPromise<void>(Status{});
+  }
+};
+
+TEST(RpcShutdown, AMethodThatShutsItsOwnConnectionDownIsSafe) {
+  Watchdog watchdog{"rpc_peer_limits_test", std::chrono::seconds(60)};
+  EventLoop loop;
+  ShutsDown server;
+  LocalPair pair(loop, &server);
+  server.conn = &pair.server();
+  RemoteCap root = pair.client().bootstrap();
+  RemotePromise p = root.newCall(NODE_INTERFACE_ID, 0, 16).send();
+  ASSERT_TRUE(runUntil(loop, [&] { return !pair.server().isOpen(); }));
+  EXPECT_TRUE(server.returned);
+  EXPECT_EQ(pair.server().failure().code, Errc::DISCONNECTED);
+  EXPECT_EQ(outcome(loop, p), Errc::DISCONNECTED) << "the caller hears the connection ended";
+  EXPECT_EQ(pair.server().exportCount(), 0u) << "the teardown ran after the method returned";
+}
+
+TEST(RpcLimitsDeathTest, ALimitAboveTheLargestSpillBufferIsRefusedWhenTheConnectionIsMade) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EventLoop loop;
+  ChannelOptions co;
+  co.scope = ChannelScope::LOCAL;
+  auto in = std::move(Channel::create(co).value());
+  auto out = std::move(Channel::create(co).value());
+  MessageSender tx(out->attachSender().value());
+  MessageReceiverOptions big;
+  big.limits.maxFrameBytes = 8u << 20;
+  MessageReceiver bigRx(*in, in->attachReceiver().value(), rpcReceiverOptions(big));
+  EXPECT_DEATH(RpcConnection(tx, bigRx, loop, RpcOptions{}), "above the largest spill buffer");
+  auto other = std::move(Channel::create(co).value());
+  MessageReceiver rx(*other, other->attachReceiver().value(), rpcReceiverOptions());
+  RpcOptions huge;
+  huge.maxMessageBytes = 8u << 20;
+  EXPECT_DEATH(RpcConnection(tx, rx, loop, huge), "above the largest spill buffer");
+}
+
+}  // namespace
+}  // namespace agate::rpc::test
