@@ -112,6 +112,7 @@ void SpaceBank::destroyObject(KernelObject& object) noexcept {
         b.eraseObject(o);
       }
       b.deleteAllCaps();
+      if (b.lifecycle_) b.lifecycle_->objectDestroyed(b);
       if (b.creditPage_) publishCredit(*b.creditPage_, {b.used_, b.limit_, b.returned_, true});
       for (BankObserver* obs : b.observers_) obs->bankDestroyed(b);
       b.observers_.clear();

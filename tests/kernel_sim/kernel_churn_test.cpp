@@ -204,11 +204,21 @@ class KernelChurnTest : public ::testing::Test {
           return keepHandle(pid, k_.tryOpenBushelVia(pid, pickOf(pid, ObjectType::SERVICE), bank));
         });
       case 23:
-        // A bushel opened at some point (often closed since, or another service's), or any koid.
+        // A bushel opened at some point (often closed since, or another service's), any koid,
+        // or one the picked service has open now (servers die often, taking their services).
         return call("close-bushel", checkUnchanged, [&] {
-          const Koid koid =
+          const Handle service = pickOf(pid, ObjectType::SERVICE);
+          Koid koid =
               bushels_.empty() || pick(5) == 0 ? rng_() % 4096 : bushels_[pick(bushels_.size())];
-          return k_.tryCloseBushel(pid, pickOf(pid, ObjectType::SERVICE), koid).code();
+          const Process* proc = k_.findProcess(pid);
+          if (proc != nullptr && pick(2) == 0) {
+            auto cap = proc->cspace().lookup(service, Rights::NONE, ObjectType::SERVICE);
+            if (cap && !cap->as<Service>().bushels().empty()) {
+              const auto& open = cap->as<Service>().bushels();
+              koid = open[pick(open.size())]->koid();
+            }
+          }
+          return k_.tryCloseBushel(pid, service, koid).code();
         });
       default:
         if (pick(8) != 0) return;

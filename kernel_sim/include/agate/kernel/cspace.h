@@ -19,6 +19,16 @@
 // object's caps. Costs: four pointers per slot; copy O(1); delete O(direct children);
 // revoke O(descendants), iterative (no recursion, whatever the depth).
 //
+// Received caps. A cap another process put here (a transfer to this process, an introduction,
+// a registry grant) takes a slot this CSpace's bank pays for, at the pusher's choice. So each
+// CSpace bounds how many such caps it holds at once (`receiveLimit`, set at attach from
+// Kernel::Options and then by the process itself): a push past it is refused QUOTA_EXCEEDED
+// and nothing changes. A received cap stops counting when it is deleted or moved to another
+// process (moving it within the CSpace keeps it counted); a copy the process makes of it is its
+// own. The slot of a deleted cap is reused, so a process that deletes what it did not want is
+// back where it was (its chunks stay, see below), and what a pusher can make it pay is bounded
+// by ceil(receiveLimit / SLOTS_PER_CHUNK) pages.
+//
 // Storage: slots come in chunks of SLOTS_PER_CHUNK that never move (the intrusive links point at
 // slots), each charged one page to the CSpace's bank when the CSpace grows. Chunks are kept
 // until the CSpace is destroyed: a CSpace never shrinks, and frees no page while it lives.
@@ -26,6 +36,7 @@
 // Threading: single-threaded (see object.h).
 #pragma once
 
+#include <bit>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -75,6 +86,7 @@ struct Slot {
   CSpace* cspace = nullptr;  // the table this slot belongs to
   uint32_t index = 0;
   uint32_t nextFree = 0;  // free list link (index + 1; 0 ends the list)
+  bool received = false;  // pushed in by another process: counts against its receive limit
   // Caps naming the same object (KernelObject::capsHead_).
   Slot* objPrev = nullptr;
   Slot* objNext = nullptr;
@@ -111,6 +123,17 @@ class CSpace final : public KernelObject {
     return static_cast<uint32_t>(chunks_.size()) * SLOTS_PER_CHUNK;
   }
   uint32_t retiredSlots() const noexcept { return retired_; }
+  // Caps held here that other processes pushed in, and the most this CSpace accepts.
+  uint32_t receivedCaps() const noexcept { return received_; }
+  uint32_t receiveLimit() const noexcept { return receiveLimit_; }
+  // Any value, also below receivedCaps(): that only refuses further pushes (nothing is deleted).
+  void setReceiveLimit(uint32_t limit) noexcept { receiveLimit_ = limit; }
+  // OK if one more pushed cap is within the receive limit, else QUOTA_EXCEEDED. Changes nothing.
+  Status tryAdmitReceived() const noexcept;
+  // The occupied slot with the lowest index >= `from`, or null. O(1) for a CSpace of any size up
+  // to MAX_SLOTS: a bit per slot, a bit per chunk, a bit per 64 chunks (at most 8 words), so a
+  // listing page costs its entries, however many slots are free in between.
+  const Slot* nextCap(uint64_t from) const noexcept;
   // Calls fn(const Slot&) for every occupied slot, in slot order.
   template <class Fn>
   void forEachCap(Fn&& fn) const {
@@ -125,12 +148,14 @@ class CSpace final : public KernelObject {
   Result<PageCharge> tryReserveSlot() noexcept;
 
   // Puts a cap into a free slot, using `charge` from tryReserveSlot(). `parent` (may be null, may
-  // be in another CSpace) becomes its parent in the derivation tree. Cannot fail.
+  // be in another CSpace) becomes its parent in the derivation tree. `received`: another
+  // process pushed it (the caller checked tryAdmitReceived()). Cannot fail.
   Handle insert(KernelObject& object, Rights rights, uint64_t badge, Slot* parent,
-                PageCharge&& charge);
+                PageCharge&& charge, bool received = false);
   // Moves the cap in `from` (any CSpace) into this one: same object, rights, badge and place in
-  // the derivation tree; `from` is freed. Uses `charge` from tryReserveSlot(). Cannot fail.
-  Handle moveIn(Slot& from, PageCharge&& charge);
+  // the derivation tree; `from` is freed. Uses `charge` from tryReserveSlot(). `received`: from
+  // another process (checked as for insert); otherwise the cap keeps `from`'s status. Cannot fail.
+  Handle moveIn(Slot& from, PageCharge&& charge, bool received);
 
   // Deletes the cap in `slot`; its children move to its parent.
   static void erase(Slot& slot) noexcept;
@@ -152,6 +177,7 @@ class CSpace final : public KernelObject {
   }
   Slot& takeFreeSlot(PageCharge&& charge);
   void releaseSlot(Slot& slot) noexcept;
+  void markOccupied(uint32_t index, bool occupied) noexcept;
 
   uint32_t maxGeneration_;
   std::vector<std::unique_ptr<Slot[]>> chunks_;  // never move: slots are linked by address
@@ -159,6 +185,13 @@ class CSpace final : public KernelObject {
   uint32_t freeHead_ = 0;  // index + 1 of the first free slot below used_; 0: none
   uint32_t held_ = 0;
   uint32_t retired_ = 0;
+  uint32_t received_ = 0;
+  uint32_t receiveLimit_ = UINT32_MAX;
+  // Occupancy for nextCap: a mask per chunk, a bit per chunk with any cap, a bit per word of
+  // those with any bit set.
+  std::vector<uint32_t> occupied_;
+  std::vector<uint64_t> nonEmpty_;
+  std::vector<uint64_t> nonEmptyTop_;
   bool processDead_ = false;
 };
 
