@@ -55,6 +55,7 @@ Result<Attached> Kernel::tryAttachProcess(uint64_t bankLimit) {
   auto cspaceCharge = bank.tryReserveObject(0);
   AGATE_ASSERT(cspaceCharge.ok() && cspaceCharge->pages() == 1, "process bank record charge");
   CSpace& cspace = bank.adopt<CSpace>(std::move(*cspaceCharge), options_.maxGeneration);
+  cspace.setLifecycleObserver(this);  // asks for trim() when its top chunks empty
   auto slotCharge = cspace.tryReserveSlot();
   AGATE_ASSERT(slotCharge.ok() && slotCharge->pages() == 1, "process CSpace first chunk");
   Handle bankHandle = cspace.insert(bank, PROCESS_BANK, 0, nullptr, std::move(*slotCharge));
@@ -143,7 +144,11 @@ Result<Handle> Kernel::tryTransferCap(ProcessId pid, Handle cap, ProcessId to, T
   if (!charge) return charge.error();
 
   Slot& source = **slot;
-  if (mode == TransferMode::MOVE) return (*target)->moveIn(source, std::move(*charge), pushed);
+  if (mode == TransferMode::MOVE) {
+    const Handle moved = (*target)->moveIn(source, std::move(*charge), pushed);
+    reap();  // the source's table may give chunks back
+    return moved;
+  }
   return (*target)->insert(*source.object, source.rights, source.badge, &source, std::move(*charge),
                            pushed);
 }
@@ -589,6 +594,8 @@ void Kernel::objectDestroyed(KernelObject& object) noexcept {
   doomed_.erase(std::remove(doomed_.begin(), doomed_.end(), &object), doomed_.end());
   if (object.type() == ObjectType::BANK) {
     banks_.erase(object.koid());
+  } else if (object.type() == ObjectType::CSPACE) {
+    std::erase(trimmable_, static_cast<CSpace*>(&object));
   } else if (object.type() == ObjectType::BUSHEL) {
     auto& b = static_cast<Bushel&>(object);
     queueEvent(b.server(),
@@ -613,11 +620,20 @@ void Kernel::objectDestroyed(KernelObject& object) noexcept {
   }
 }
 
+void Kernel::trimWanted(CSpace& cspace) noexcept { trimmable_.push_back(&cspace); }
+
 void Kernel::reap() noexcept {
   while (!doomed_.empty()) {
     KernelObject* object = doomed_.back();
     doomed_.pop_back();
     object->owner()->destroyObject(*object);
+  }
+  // Last: the tables whose top chunks emptied give them back (a CSpace that died meanwhile
+  // left the list in objectDestroyed).
+  while (!trimmable_.empty()) {
+    CSpace* cspace = trimmable_.back();
+    trimmable_.pop_back();
+    cspace->trim();
   }
 }
 

@@ -313,6 +313,23 @@ TEST(KernelDaemon, PushesPastTheReceiversLimitAreRefusedToTheSenderAndChangeNoth
   EXPECT_TRUE(s.transferCap(*region, b.pid(), TransferMode::COPY).ok());
 }
 
+TEST(KernelDaemon, TheKernelsReceiveCapsOptionIsEachNewProcesssLimit) {
+  Watchdog dog("--receive-caps", seconds(30));
+  KernelProcess kernel("--receive-caps=2");
+  Client a(kernel, "pusher");
+  ASSERT_TRUE(a.conn);
+  auto bConn = KernelConnection::tryAttach(a.loop, kernel.home(), "receiver");
+  ASSERT_TRUE(bConn.ok());
+  auto s = a.sync();
+  for (int i = 0; i < 2; ++i)
+    EXPECT_TRUE(s.transferCap(a.conn->bank(), (*bConn)->pid(), TransferMode::COPY).ok());
+  EXPECT_EQ(s.transferCap(a.conn->bank(), (*bConn)->pid(), TransferMode::COPY).code(),
+            Errc::QUOTA_EXCEEDED);
+  // The receiver raises its own limit.
+  EXPECT_EQ(get((*bConn)->sync().setReceiveLimit(3)), 2u);
+  EXPECT_TRUE(s.transferCap(a.conn->bank(), (*bConn)->pid(), TransferMode::COPY).ok());
+}
+
 TEST(KernelDaemon, CallsFailDisconnectedOnceTheKernelDies) {
   Watchdog dog("kernel death", seconds(30));
   KernelProcess kernel;

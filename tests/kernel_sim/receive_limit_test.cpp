@@ -2,8 +2,11 @@
 // introductions, passed registry caps) take slots its own bank pays for, so each CSpace bounds
 // how many it holds at once. A push past the bound is refused to the pusher with QUOTA_EXCEEDED
 // and changes nothing (the recipient's bank included); deleting or moving on a pushed cap makes
-// room again; the process's own caps never count; the process sets its own bound.
+// room again (and deleting them all gives the pages back); the process's own caps never count;
+// the process sets its own bound.
 #include <gtest/gtest.h>
+
+#include <vector>
 
 #include "kernel_test_util.h"
 
@@ -65,6 +68,15 @@ TEST(ReceiveLimit, AFloodCostsTheVictimAtMostTheChunksItsLimitSpans) {
   EXPECT_LE(
       usedOf(k, victim.pid, victim.bank) - before,
       (Kernel::DEFAULT_RECEIVE_LIMIT + CSpace::SLOTS_PER_CHUNK - 1) / CSpace::SLOTS_PER_CHUNK);
+  k.verifyInvariants();
+  // The victim deletes what it did not want and has its pages back.
+  std::vector<Handle> pushed;
+  k.findProcess(victim.pid)->cspace().forEachCap([&](const Slot& s) {
+    if (s.received) pushed.push_back(s.handle());
+  });
+  ASSERT_EQ(pushed.size(), Kernel::DEFAULT_RECEIVE_LIMIT);
+  for (Handle h : pushed) ASSERT_TRUE(k.tryDeleteCap(victim.pid, h).ok());
+  EXPECT_EQ(usedOf(k, victim.pid, victim.bank), before);
   k.verifyInvariants();
 }
 

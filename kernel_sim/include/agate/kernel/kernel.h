@@ -347,8 +347,10 @@ class Kernel final : private LifecycleObserver {
   // LifecycleObserver: queue last-cap objects; turn destructions into events.
   void lastCapGone(KernelObject& object) noexcept override;
   void objectDestroyed(KernelObject& object) noexcept override;
-  // Destroys every object queued by lastCapGone / a service's death. Run at the end of each
-  // call that can delete caps or destroy objects, once its own changes are done.
+  void trimWanted(CSpace& cspace) noexcept override;
+  // Destroys every object queued by lastCapGone / a service's death, then trims the CSpaces
+  // that asked (trimWanted). Run at the end of each call that can delete caps or destroy
+  // objects, once its own changes are done.
   void reap() noexcept;
   void queueEvent(ProcessId pid, KernelEvent event);
   // tryOpenBushel and tryOpenBushelVia once their caps are checked.
@@ -359,6 +361,7 @@ class Kernel final : private LifecycleObserver {
   std::unique_ptr<Registry> registry_;  // the kernel's own; outlives every Service
   std::vector<KernelObject*> doomed_;   // to destroy in reap(); never dangling (see
                                         // objectDestroyed)
+  std::vector<CSpace*> trimmable_;      // to trim in reap(); never dangling, as doomed_
   std::map<ProcessId, std::vector<KernelEvent>> events_;
   std::map<ProcessId, std::unique_ptr<Process>> processes_;
   // Every live service under its server, so a server's death ends its services in O(its own),
