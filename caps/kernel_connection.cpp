@@ -564,6 +564,13 @@ Promise<uint64_t> KernelConnection::transferAny(AnyCap cap, ProcessId to, Transf
   co_return r->value;
 }
 
+Promise<uint64_t> KernelConnection::setReceiveLimit(uint32_t limit) {
+  Result<detail::Reply> r = co_await submit(
+      Which::COUNT, SYSCALL_BYTES, [&](auto call) { call.initSetReceiveLimit().setLimit(limit); });
+  if (!r) co_return r.error();
+  co_return r->value;
+}
+
 Promise<CapInfo> KernelConnection::inspectCap(AnyCap cap) {
   Result<detail::Reply> r = co_await submit(
       Which::CAP_INFO, SYSCALL_BYTES, [&](auto call) { call.initInspectCap().setCap(cap.handle); });

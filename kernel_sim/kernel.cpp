@@ -15,7 +15,9 @@ constexpr uint64_t PROCESS_OVERHEAD_PAGES = 2;
 Kernel::Kernel(Options options)
     : options_(options),
       systemBank_(SpaceBank::createSystemBank(options.systemPages)),
-      registry_(std::make_unique<Registry>()) {}
+      registry_(std::make_unique<Registry>()) {
+  banks_.emplace(systemBank_->koid(), systemBank_.get());
+}
 
 Kernel::~Kernel() {
   while (!processes_.empty()) {
@@ -49,15 +51,19 @@ Result<Attached> Kernel::tryAttachProcess(uint64_t bankLimit) {
 
   // Invoke: nothing below can fail.
   SpaceBank& bank = systemBank_->adopt<SpaceBank>(std::move(*bankCharge), bankLimit);
+  trackBank(bank);
   auto cspaceCharge = bank.tryReserveObject(0);
   AGATE_ASSERT(cspaceCharge.ok() && cspaceCharge->pages() == 1, "process bank record charge");
   CSpace& cspace = bank.adopt<CSpace>(std::move(*cspaceCharge), options_.maxGeneration);
+  cspace.setLifecycleObserver(this);  // asks for trim() when its top chunks empty
   auto slotCharge = cspace.tryReserveSlot();
   AGATE_ASSERT(slotCharge.ok() && slotCharge->pages() == 1, "process CSpace first chunk");
   Handle bankHandle = cspace.insert(bank, PROCESS_BANK, 0, nullptr, std::move(*slotCharge));
+  cspace.setReceiveLimit(options_.receiveLimit);
 
   const ProcessId pid = nextPid_++;
   processes_.emplace(pid, std::make_unique<Process>(pid, bank, cspace));
+  pidOf_.emplace(&cspace, pid);
   return Attached{pid, bankHandle};
 }
 
@@ -66,7 +72,15 @@ Status Kernel::tryKillProcess(ProcessId pid) {
   if (it == processes_.end()) return Error(Errc::NOT_FOUND, "no such process");
   std::unique_ptr<Process> process = std::move(it->second);
   processes_.erase(it);
+  // Its services go first, whichever bank paid for them: a service outliving its server would
+  // keep its name taken and its clients waiting on a peer that will never answer. Each
+  // destruction erases its entry (objectDestroyed).
+  for (auto s = servedBy_.find(pid); s != servedBy_.end(); s = servedBy_.find(pid)) {
+    Service& service = *s->second;
+    service.owner()->destroyObject(service);
+  }
   process->cspace().markProcessDead();
+  pidOf_.erase(&process->cspace());
   systemBank_->destroyObject(process->bank());
   reap();
   events_.erase(pid);  // closes the descriptors nobody will deliver
@@ -122,13 +136,21 @@ Result<Handle> Kernel::tryTransferCap(ProcessId pid, Handle cap, ProcessId to, T
     return Error(Errc::INVALID_ARGUMENT, "unknown transfer mode");
   auto target = findCSpace(to);
   if (!target) return target.error();
+  const bool pushed = to != pid;
+  if (pushed) {
+    if (Status s = (*target)->tryAdmitReceived(); !s.ok()) return s.error();
+  }
   auto charge = (*target)->tryReserveSlot();
   if (!charge) return charge.error();
 
   Slot& source = **slot;
-  if (mode == TransferMode::MOVE) return (*target)->moveIn(source, std::move(*charge));
-  return (*target)->insert(*source.object, source.rights, source.badge, &source,
-                           std::move(*charge));
+  if (mode == TransferMode::MOVE) {
+    const Handle moved = (*target)->moveIn(source, std::move(*charge), pushed);
+    reap();  // the source's table may give chunks back
+    return moved;
+  }
+  return (*target)->insert(*source.object, source.rights, source.badge, &source, std::move(*charge),
+                           pushed);
 }
 
 Result<CapInfo> Kernel::tryInspectCap(ProcessId pid, Handle cap) const {
@@ -153,6 +175,7 @@ Result<Handle> Kernel::tryCreateBank(ProcessId pid, Handle bank, uint64_t limit)
   if (!slotCharge) return slotCharge.error();  // objectCharge refunds itself
 
   SpaceBank& child = parent.adopt<SpaceBank>(std::move(*objectCharge), limit);
+  trackBank(child);
   return (*cspace)->insert(child, CREATOR, 0, nullptr, std::move(*slotCharge));
 }
 
@@ -235,6 +258,7 @@ Result<Handle> Kernel::tryRegisterService(ProcessId pid, Handle registry, std::s
   Service& service =
       from.adopt<Service>(std::move(*objectCharge), *registry_, std::string(name), pid);
   service.setLifecycleObserver(this);
+  servedBy_.emplace(pid, &service);
   return (*cspace)->insert(service, CREATOR, 0, nullptr, std::move(*slotCharge));
 }
 
@@ -347,10 +371,15 @@ Result<Handle> Kernel::tryIntroduce(ProcessId pid, Handle bushel, ProcessId to) 
         s->cspace == &server->cspace())
       registration = s;
   }
+  const bool pushed = to != pid;
+  if (pushed) {
+    if (Status st = (*target)->tryAdmitReceived(); !st.ok()) return st.error();
+  }
   auto charge = (*target)->tryReserveSlot();
   if (!charge) return charge.error();
 
-  const Handle h = (*target)->insert(*service, Rights::READ, 0, registration, std::move(*charge));
+  const Handle h =
+      (*target)->insert(*service, Rights::READ, 0, registration, std::move(*charge), pushed);
   queueEvent(to, {KernelEventType::INTRODUCED, 0, service->koid(), service->server(), h.raw, {}});
   return h;
 }
@@ -509,6 +538,38 @@ Result<Handle> Kernel::tryGrantRegistry(ProcessId pid, Rights rights) {
   return (*cspace)->insert(*registry_, rights, 0, nullptr, std::move(*charge));
 }
 
+Result<Handle> Kernel::tryPassRegistry(ProcessId pid, Handle registry, ProcessId to,
+                                       Rights rights) {
+  auto cspace = findCSpace(pid);
+  if (!cspace) return cspace.error();
+  auto r = (*cspace)->lookup(registry, Rights::NONE);
+  if (!r) return r.error();
+  if (r->object->type() != ObjectType::REGISTRY)
+    return Error(Errc::WRONG_TYPE, "passing the registry needs a registry cap");
+  if (!isValidRights(rights)) return Error(Errc::INVALID_ARGUMENT, "undefined rights bits");
+  if (!hasRights(r->rights, rights | Rights::GRANT))
+    return Error(Errc::PERMISSION_DENIED, "the registry cap lacks GRANT or a right");
+  auto target = findCSpace(to);
+  if (!target) return target.error();
+  const bool pushed = to != pid;
+  if (pushed) {
+    if (Status s = (*target)->tryAdmitReceived(); !s.ok()) return s.error();
+  }
+  auto charge = (*target)->tryReserveSlot();
+  if (!charge) return charge.error();
+
+  return (*target)->insert(*registry_, rights, 0, nullptr, std::move(*charge), pushed);
+}
+
+Result<uint32_t> Kernel::trySetReceiveLimit(ProcessId pid, uint32_t limit) {
+  auto cspace = findCSpace(pid);
+  if (!cspace) return cspace.error();
+  if (limit > CSpace::MAX_SLOTS)
+    return Error(Errc::INVALID_ARGUMENT, "receive limit above a CSpace's MAX_SLOTS");
+  (*cspace)->setReceiveLimit(limit);
+  return (*cspace)->receivedCaps();
+}
+
 std::vector<KernelEvent> Kernel::takeEvents(ProcessId pid) {
   auto it = events_.find(pid);
   if (it == events_.end()) return {};
@@ -531,7 +592,11 @@ void Kernel::lastCapGone(KernelObject& object) noexcept {
 void Kernel::objectDestroyed(KernelObject& object) noexcept {
   // Whatever is destroyed is no longer doomed: reap() must never see a freed object.
   doomed_.erase(std::remove(doomed_.begin(), doomed_.end(), &object), doomed_.end());
-  if (object.type() == ObjectType::BUSHEL) {
+  if (object.type() == ObjectType::BANK) {
+    banks_.erase(object.koid());
+  } else if (object.type() == ObjectType::CSPACE) {
+    std::erase(trimmable_, static_cast<CSpace*>(&object));
+  } else if (object.type() == ObjectType::BUSHEL) {
     auto& b = static_cast<Bushel&>(object);
     queueEvent(b.server(),
                {KernelEventType::BUSHEL_CLOSED, b.koid(), b.serviceKoid(), b.client(), 0, {}});
@@ -539,6 +604,11 @@ void Kernel::objectDestroyed(KernelObject& object) noexcept {
                {KernelEventType::BUSHEL_CLOSED, b.koid(), b.serviceKoid(), b.server(), 0, {}});
   } else if (object.type() == ObjectType::SERVICE) {
     auto& s = static_cast<Service&>(object);
+    auto [first, last] = servedBy_.equal_range(s.server());
+    auto mine = std::find_if(first, last, [&](const auto& e) { return e.second == &s; });
+    AGATE_ASSERT(mine != last, "service %lu is not listed under its server",
+                 static_cast<unsigned long>(s.koid()));
+    servedBy_.erase(mine);
     // Copy: detaching edits the list. The bushels die in reap(), after the call's own changes.
     const std::vector<Bushel*> bushels = s.bushels();
     for (Bushel* b : bushels) {
@@ -550,12 +620,26 @@ void Kernel::objectDestroyed(KernelObject& object) noexcept {
   }
 }
 
+void Kernel::trimWanted(CSpace& cspace) noexcept { trimmable_.push_back(&cspace); }
+
 void Kernel::reap() noexcept {
   while (!doomed_.empty()) {
     KernelObject* object = doomed_.back();
     doomed_.pop_back();
     object->owner()->destroyObject(*object);
   }
+  // Last: the tables whose top chunks emptied give them back (a CSpace that died meanwhile
+  // left the list in objectDestroyed).
+  while (!trimmable_.empty()) {
+    CSpace* cspace = trimmable_.back();
+    trimmable_.pop_back();
+    cspace->trim();
+  }
+}
+
+void Kernel::trackBank(SpaceBank& bank) {
+  bank.setLifecycleObserver(this);
+  banks_.emplace(bank.koid(), &bank);
 }
 
 Result<SpaceBank*> Kernel::tryFindBank(ProcessId pid, Handle bank, Rights need) const {
@@ -579,6 +663,29 @@ void forEachBank(const SpaceBank& root, Fn&& fn) {
   }
 }
 
+KernelSnapshot::Bank bankEntry(const SpaceBank& b) {
+  return {b.koid(),
+          b.parent() ? b.parent()->koid() : 0,
+          b.used(),
+          b.limit(),
+          b.ownPages(),
+          b.objectCount(),
+          b.capCount(),
+          static_cast<uint32_t>(b.observerCount()),
+          b.creditMemory() != nullptr};
+}
+
+// The entries of an ordered map from `from` on, at most `limit` (0 taken as 1), made by `make`.
+template <class T, class Map, class Make>
+Listing<T> listFrom(const Map& map, typename Map::key_type from, uint32_t limit, Make&& make) {
+  Listing<T> out;
+  const size_t most = std::max<uint32_t>(limit, 1);
+  auto it = map.lower_bound(from);
+  for (; it != map.end() && out.entries.size() < most; ++it) out.entries.push_back(make(*it));
+  out.more = it != map.end();
+  return out;
+}
+
 }  // namespace
 
 uint64_t Kernel::objectCount() const {
@@ -587,18 +694,55 @@ uint64_t Kernel::objectCount() const {
   return n;
 }
 
+Listing<ProcessSummary> Kernel::listProcesses(uint64_t fromPid, uint32_t limit) const {
+  if (fromPid > UINT32_MAX) return {};
+  return listFrom<ProcessSummary>(
+      processes_, static_cast<ProcessId>(fromPid), limit, [](const auto& e) {
+        const Process& p = *e.second;
+        return ProcessSummary{p.id(), p.bank().koid(), p.cspace().heldCaps()};
+      });
+}
+
+Listing<KernelSnapshot::Bank> Kernel::listBanks(uint64_t fromKoid, uint32_t limit) const {
+  return listFrom<KernelSnapshot::Bank>(banks_, fromKoid, limit,
+                                        [](const auto& e) { return bankEntry(*e.second); });
+}
+
+Result<Listing<CapSummary>> Kernel::listCaps(ProcessId pid, uint64_t fromSlot,
+                                             uint32_t limit) const {
+  const Process* p = findProcess(pid);
+  if (p == nullptr) return Error(Errc::NOT_FOUND, "no such process");
+  const CSpace& cspace = p->cspace();
+  const size_t most = std::max<uint32_t>(limit, 1);
+  Listing<CapSummary> out;
+  const Slot* s = cspace.nextCap(fromSlot);
+  for (; s != nullptr && out.entries.size() < most; s = cspace.nextCap(uint64_t{s->index} + 1)) {
+    KernelSnapshot::Cap cap{s->handle().raw, s->object->koid(), s->rights, s->badge, 0, 0};
+    if (s->parent) {
+      cap.parentHandle = s->parent->handle().raw;
+      cap.parentPid = pidOf_.at(s->parent->cspace);
+    }
+    out.entries.push_back({cap, s->object->type()});
+  }
+  out.more = s != nullptr;
+  return out;
+}
+
 KernelSnapshot Kernel::snapshot() const {
   KernelSnapshot snap;
   forEachBank(*systemBank_, [&](const SpaceBank& b) {
-    snap.banks.push_back({b.koid(), b.parent() ? b.parent()->koid() : 0, b.used(), b.limit(),
-                          b.ownPages(), b.objectCount(), b.capCount(),
-                          static_cast<uint32_t>(b.observerCount()), b.creditMemory() != nullptr});
+    snap.banks.push_back(bankEntry(b));
     snap.objects += b.objectCount();
   });
   std::unordered_map<const CSpace*, ProcessId> pidOf;
   for (const auto& [pid, p] : processes_) pidOf[&p->cspace()] = pid;
   for (const auto& [pid, p] : processes_) {
-    KernelSnapshot::Proc proc{pid, p->bank().koid(), p->cspace().capacity(), {}};
+    KernelSnapshot::Proc proc{pid,
+                              p->bank().koid(),
+                              p->cspace().capacity(),
+                              p->cspace().receivedCaps(),
+                              p->cspace().receiveLimit(),
+                              {}};
     p->cspace().forEachCap([&](const Slot& s) {
       KernelSnapshot::Cap cap{s.handle().raw, s.object->koid(), s.rights, s.badge, 0, 0};
       if (s.parent) {

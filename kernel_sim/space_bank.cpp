@@ -66,6 +66,15 @@ void SpaceBank::chargeObject(KernelObject& object, PageCharge&& charge) noexcept
   charge.commit();
 }
 
+void SpaceBank::refundObjectPages(KernelObject& object, uint64_t pages) noexcept {
+  AGATE_ASSERT(object.owner_ == this && object.chargedPages_ >= pages,
+               "refunding %lu pages of object %lu, which bank %lu does not owe",
+               static_cast<unsigned long>(pages), static_cast<unsigned long>(object.koid()),
+               static_cast<unsigned long>(koid()));
+  object.chargedPages_ -= pages;
+  refundPath(pages, 0, /*notify=*/true);
+}
+
 Status SpaceBank::trySetLimit(uint64_t limit) noexcept {
   if (limit < used_) return Error(Errc::INVALID_ARGUMENT, "limit below the pages in use");
   limit_ = limit;
@@ -112,6 +121,7 @@ void SpaceBank::destroyObject(KernelObject& object) noexcept {
         b.eraseObject(o);
       }
       b.deleteAllCaps();
+      if (b.lifecycle_) b.lifecycle_->objectDestroyed(b);
       if (b.creditPage_) publishCredit(*b.creditPage_, {b.used_, b.limit_, b.returned_, true});
       for (BankObserver* obs : b.observers_) obs->bankDestroyed(b);
       b.observers_.clear();

@@ -53,8 +53,8 @@ $Cxx.namespace("agate::wire");
 
 # Version 2 added the notification, event buffer and credit page calls, and paged introspection;
 # version 3 introductions (introduce, openBushelVia, the introduced event, bushelFds' server);
-# version 4 closeBushel.
-const abiVersion :UInt32 = 4;
+# version 4 closeBushel; version 5 setReceiveLimit (and the receive limit on pushes).
+const abiVersion :UInt32 = 5;
 
 # The largest process name accepted at attach, in bytes.
 const maxNameBytes :UInt32 = 64;
@@ -110,7 +110,8 @@ struct Syscall {
     revokeCap :group {  # -> count (caps deleted)
       cap @6 :UInt64;
     }
-    transferCap :group {  # -> handle (in process `to`); needs GRANT
+    transferCap :group {  # -> handle (in process `to`); needs GRANT; QUOTA_EXCEEDED past the
+                          # receive limit of another process `to` (setReceiveLimit)
       cap @7 :UInt64;
       to @8 :UInt32;  # ProcessId
       mode @9 :TransferMode;
@@ -140,7 +141,8 @@ struct Syscall {
       region @19 :UInt64;
       writable @20 :Bool;
     }
-    grantRegistry :group {  # -> handle (a root registry cap in process `to`)
+    grantRegistry :group {  # -> handle (a root registry cap in process `to`; counts against
+                            # `to`'s receive limit when `to` is another process)
       registry @21 :UInt64;  # the caller's registry cap: needs GRANT and every right in `rights`
       to @22 :UInt32;
       rights @23 :UInt32;
@@ -256,6 +258,16 @@ struct Syscall {
       service @64 :UInt64;  # the caller's Service cap (needs WRITE); the bushel must be its
       bushel @65 :UInt64;   # koid, as in the bushelOpened event; NOT_FOUND if not the service's
                             # (or already closed: a second close is NOT_FOUND, nothing changed)
+    }
+
+    # The caller's receive limit (ABI 5): how many caps other processes may have pushed into
+    # its CSpace at once (transferCap to it, introduce, grantRegistry), since it pays for their
+    # slots. A push past it is refused QUOTA_EXCEEDED to the pusher, nothing changed. A cap
+    # stops counting once the caller deletes it or moves it to another process. Starts at the
+    # kernel's default (kernel_sim Kernel::DEFAULT_RECEIVE_LIMIT); 0 refuses every push.
+    setReceiveLimit :group {  # -> count (pushed caps the caller holds now)
+      limit @66 :UInt32;      # 0..2^20 (a CSpace's most slots), else INVALID_ARGUMENT; may be
+                              # below the count: only new pushes are refused
     }
   }
 }

@@ -1,4 +1,5 @@
-// Cap calls: copy (mint), delete, revoke, transfer, inspect, destroy the named object.
+// Cap calls: copy (mint), delete, revoke, transfer, inspect, destroy the named object; the
+// caller's receive limit on caps other processes push to it.
 #include "syscalls.h"
 
 namespace agate::kernel::daemon {
@@ -50,6 +51,13 @@ void transferCap(CallContext& ctx, wire::Syscall::TransferCap::Reader call) {
   auto r = ctx.kernel.tryTransferCap(ctx.pid, cap, to, mode);
   if (!r) return ctx.fail(r.error());
   ctx.reply.setHandle(r->raw);
+}
+
+void setReceiveLimit(CallContext& ctx, wire::Syscall::SetReceiveLimit::Reader call) {
+  const uint32_t limit = call.getLimit();
+  auto r = ctx.kernel.trySetReceiveLimit(ctx.pid, limit);
+  if (!r) return ctx.fail(r.error());
+  ctx.reply.setCount(*r);
 }
 
 void inspectCap(CallContext& ctx, wire::Syscall::InspectCap::Reader call) {

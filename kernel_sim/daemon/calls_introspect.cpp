@@ -2,15 +2,13 @@
 // in pages (schemas/kernel.capnp: a cursor is a key, the answer holds the entries from it on, at
 // most a limit, and says where the next page starts).
 //
-// Read-only; each page is built from one KernelSnapshot: O(kernel state) per page, so listing
-// everything costs O(state x pages). Not a hot path: the CLI asks once per command.
+// Read-only; each page is one Kernel::list* call, O(log n + page) (kernel.h): a process holding
+// a million caps makes its own listing long, not anyone's page slow.
 //
 // Page size. At most the caller's limit, and never more than surely fits in the reply frame
 // (ctx.replyWords): each entry is bounded by its struct's size plus its list slot and, for
 // processes, the longest name. The bound is conservative, so a page never overflows.
 #include <algorithm>
-#include <span>
-#include <vector>
 
 #include "syscalls.h"
 
@@ -35,31 +33,24 @@ uint32_t pageLimit(const CallContext& ctx, uint32_t asked, size_t entryWords) {
   return asked;
 }
 
-// The entries of `all` (sorted by key) from `cursor` on, at most `limit`; sets nextCursor.
+// The next page's cursor: one past the last entry's key, 0 if none follows.
 template <class T, class Key>
-std::span<const T> page(CallContext& ctx, const std::vector<T>& all, uint64_t cursor,
-                        uint32_t limit, Key key) {
-  auto first = std::lower_bound(all.begin(), all.end(), cursor,
-                                [&](const T& e, uint64_t c) { return key(e) < c; });
-  const size_t available = static_cast<size_t>(all.end() - first);
-  const size_t n = std::min<size_t>(available, limit);
-  const std::span<const T> out(all.data() + (first - all.begin()), n);
-  ctx.reply.setNextCursor(n < available ? key(out.back()) + 1 : 0);
-  return out;
+void setNextCursor(CallContext& ctx, const Listing<T>& listing, Key key) {
+  ctx.reply.setNextCursor(listing.more && !listing.entries.empty() ? key(listing.entries.back()) + 1
+                                                                   : 0);
 }
 
 void answerProcesses(CallContext& ctx, uint64_t cursor, uint32_t asked) {
   const uint32_t limit = pageLimit(ctx, asked, structWords<wire::ProcessInfo>() + NAME_WORDS);
-  const KernelSnapshot snap = ctx.kernel.snapshot();  // processes in pid order
-  const auto entries = page(ctx, snap.processes, cursor, limit,
-                            [](const KernelSnapshot::Proc& p) { return uint64_t{p.pid}; });
-  auto list = ctx.reply.initProcesses(static_cast<unsigned>(entries.size()));
+  const Listing<ProcessSummary> page = ctx.kernel.listProcesses(cursor, limit);
+  setNextCursor(ctx, page, [](const ProcessSummary& p) { return uint64_t{p.pid}; });
+  auto list = ctx.reply.initProcesses(static_cast<unsigned>(page.entries.size()));
   unsigned i = 0;
-  for (const KernelSnapshot::Proc& p : entries) {
+  for (const ProcessSummary& p : page.entries) {
     auto out = list[i++];
     out.setPid(p.pid);
     out.setBank(p.bank);
-    out.setCaps(static_cast<uint32_t>(p.caps.size()));
+    out.setCaps(p.caps);
     auto it = ctx.sessions.find(p.pid);
     if (it == ctx.sessions.end()) continue;  // attached but not yet announced: no OS identity
     out.setOsPid(it->second->osPid);
@@ -70,16 +61,12 @@ void answerProcesses(CallContext& ctx, uint64_t cursor, uint32_t asked) {
 
 void answerBanks(CallContext& ctx, uint64_t cursor, uint32_t asked) {
   const uint32_t limit = pageLimit(ctx, asked, structWords<wire::BankInfo>());
-  KernelSnapshot snap = ctx.kernel.snapshot();
   // Koid order: a child bank is always made after its parent, so parents still come first.
-  std::sort(
-      snap.banks.begin(), snap.banks.end(),
-      [](const KernelSnapshot::Bank& a, const KernelSnapshot::Bank& b) { return a.koid < b.koid; });
-  const auto entries =
-      page(ctx, snap.banks, cursor, limit, [](const KernelSnapshot::Bank& b) { return b.koid; });
-  auto list = ctx.reply.initBanks(static_cast<unsigned>(entries.size()));
+  const Listing<KernelSnapshot::Bank> page = ctx.kernel.listBanks(cursor, limit);
+  setNextCursor(ctx, page, [](const KernelSnapshot::Bank& b) { return b.koid; });
+  auto list = ctx.reply.initBanks(static_cast<unsigned>(page.entries.size()));
   unsigned i = 0;
-  for (const KernelSnapshot::Bank& b : entries) {
+  for (const KernelSnapshot::Bank& b : page.entries) {
     auto out = list[i++];
     out.setKoid(b.koid);
     out.setParent(b.parent);
@@ -93,25 +80,21 @@ void answerBanks(CallContext& ctx, uint64_t cursor, uint32_t asked) {
 
 void answerCaps(CallContext& ctx, ProcessId pid, uint64_t cursor, uint32_t asked) {
   const uint32_t limit = pageLimit(ctx, asked, structWords<wire::CapEntry>());
-  const KernelSnapshot snap = ctx.kernel.snapshot();
-  auto proc = std::find_if(snap.processes.begin(), snap.processes.end(),
-                           [&](const KernelSnapshot::Proc& p) { return p.pid == pid; });
-  if (proc == snap.processes.end()) return ctx.fail(Error(Errc::NOT_FOUND, "no such process"));
+  auto page = ctx.kernel.listCaps(pid, cursor, limit);
+  if (!page) return ctx.fail(page.error());
   // Caps are in slot order; the slot is the handle's low half.
-  const auto entries = page(ctx, proc->caps, cursor, limit,
-                            [](const KernelSnapshot::Cap& c) { return c.handle & 0xffffffffu; });
-  auto list = ctx.reply.initCaps(static_cast<unsigned>(entries.size()));
+  setNextCursor(ctx, *page, [](const CapSummary& c) { return c.cap.handle & 0xffffffffu; });
+  auto list = ctx.reply.initCaps(static_cast<unsigned>(page->entries.size()));
   unsigned i = 0;
-  for (const KernelSnapshot::Cap& c : entries) {
+  for (const CapSummary& c : page->entries) {
     auto out = list[i++];
-    out.setHandle(c.handle);
-    out.setKoid(c.koid);
-    auto info = ctx.kernel.tryInspectCap(pid, Handle{c.handle});
-    out.setType(info ? static_cast<uint16_t>(info->type) : 0);
-    out.setRights(static_cast<uint32_t>(c.rights));
-    out.setBadge(c.badge);
-    out.setParentHandle(c.parentHandle);
-    out.setParentPid(c.parentPid);
+    out.setHandle(c.cap.handle);
+    out.setKoid(c.cap.koid);
+    out.setType(static_cast<uint16_t>(c.type));
+    out.setRights(static_cast<uint32_t>(c.cap.rights));
+    out.setBadge(c.cap.badge);
+    out.setParentHandle(c.cap.parentHandle);
+    out.setParentPid(c.cap.parentPid);
   }
 }
 

@@ -29,15 +29,7 @@ void grantRegistry(CallContext& ctx, wire::Syscall::GrantRegistry::Reader call) 
   const Handle registry{call.getRegistry()};
   const ProcessId to = call.getTo();
   const auto rights = static_cast<Rights>(call.getRights());
-  // Decode: the caller must hold a registry cap with GRANT and every right it hands on.
-  auto info = ctx.kernel.tryInspectCap(ctx.pid, registry);
-  if (!info) return ctx.fail(info.error());
-  if (info->type != ObjectType::REGISTRY)
-    return ctx.fail(Error(Errc::WRONG_TYPE, "grantRegistry needs a registry cap"));
-  if (!isValidRights(rights)) return ctx.fail(Error(Errc::INVALID_ARGUMENT, "undefined rights"));
-  if (!hasRights(info->rights, rights | Rights::GRANT))
-    return ctx.fail(Error(Errc::PERMISSION_DENIED, "the registry cap lacks GRANT or a right"));
-  auto r = ctx.kernel.tryGrantRegistry(to, rights);
+  auto r = ctx.kernel.tryPassRegistry(ctx.pid, registry, to, rights);
   if (!r) return ctx.fail(r.error());
   ctx.reply.setHandle(r->raw);
 }

@@ -61,7 +61,9 @@ void drainEventFd(int fd) {
 }  // namespace
 
 KernelDaemon::KernelDaemon(const DaemonOptions& options)
-    : options_(options), kernel_(Kernel::Options{.systemPages = options.systemPages}) {}
+    : options_(options),
+      kernel_(Kernel::Options{.systemPages = options.systemPages,
+                              .receiveLimit = options.receiveCaps}) {}
 
 KernelDaemon::~KernelDaemon() {
   // Sessions first (they unwatch nothing: the epoll descriptor closes with us), then the socket.

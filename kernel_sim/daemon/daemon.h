@@ -48,9 +48,12 @@
 namespace agate::kernel::daemon {
 
 struct DaemonOptions {
-  std::string home;                       // directory of kernel.sock, kernel.lock, kernel.pid
-  uint64_t systemPages = 1u << 20;        // the system bank's limit (4 GiB of pages)
-  uint64_t processPages = 1u << 16;       // each process bank's limit (256 MiB)
+  std::string home;                  // directory of kernel.sock, kernel.lock, kernel.pid
+  uint64_t systemPages = 1u << 20;   // the system bank's limit (4 GiB of pages)
+  uint64_t processPages = 1u << 16;  // each process bank's limit (256 MiB)
+  // Each new process's receive limit (kernel_sim cspace.h): caps others may push into it at
+  // once; the process changes its own with setReceiveLimit.
+  uint32_t receiveCaps = Kernel::DEFAULT_RECEIVE_LIMIT;
   uint64_t submissionBytes = 64 * 1024;   // per process, data area of the submission ring
   uint64_t completionBytes = 256 * 1024;  // per process, data area of the completion ring
   uint32_t pollMicros = 50;               // keep polling the rings this long before parking

@@ -82,6 +82,8 @@ void dispatch(CallContext& ctx, wire::Syscall::Reader call) {
       return openBushelVia(ctx, call.getOpenBushelVia());
     case W::CLOSE_BUSHEL:
       return closeBushel(ctx, call.getCloseBushel());
+    case W::SET_RECEIVE_LIMIT:
+      return setReceiveLimit(ctx, call.getSetReceiveLimit());
   }
   // A discriminant from a newer schema (or a forged one).
   ctx.fail(Error(Errc::INVALID_ARGUMENT, "unknown syscall"));

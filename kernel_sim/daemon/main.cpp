@@ -1,8 +1,8 @@
 // agate-kernel: the capability kernel daemon. See daemon.h for what it does and
 // schemas/kernel.capnp for the protocol its processes speak.
 //
-//   agate-kernel [--home DIR] [--process-pages N] [--system-pages N] [--poll-us N]
-//                [--attach-timeout-ms N] [--ready-fd FD]
+//   agate-kernel [--home DIR] [--process-pages N] [--system-pages N] [--receive-caps N]
+//                [--poll-us N] [--attach-timeout-ms N] [--ready-fd FD]
 //
 // `--help` shows each option's default. A usage error prints one "agate-kernel: ..." line and
 // exits 64 (sysexits.h EX_USAGE, as `agate` does); a failure to start or to serve exits 1.
@@ -37,6 +37,10 @@ int main(int argc, char** argv) {
       ->type_name("N");
   app.add_option("--process-pages", options.processPages, "each process bank's limit, in pages")
       ->check(agate::kernel::positiveWholeNumber("", "N"))
+      ->type_name("N");
+  app.add_option("--receive-caps", options.receiveCaps,
+                 "caps other processes may push into a new process at once (it may change it)")
+      ->check(agate::kernel::wholeNumberUpTo(agate::kernel::CSpace::MAX_SLOTS, "", "N"))
       ->type_name("N");
   app.add_option("--poll-us", options.pollMicros,
                  "microseconds to keep polling the rings after the last call before sleeping")

@@ -44,6 +44,7 @@ void copyCap(CallContext& ctx, wire::Syscall::CopyCap::Reader call);
 void deleteCap(CallContext& ctx, wire::Syscall::DeleteCap::Reader call);
 void revokeCap(CallContext& ctx, wire::Syscall::RevokeCap::Reader call);
 void transferCap(CallContext& ctx, wire::Syscall::TransferCap::Reader call);
+void setReceiveLimit(CallContext& ctx, wire::Syscall::SetReceiveLimit::Reader call);
 void inspectCap(CallContext& ctx, wire::Syscall::InspectCap::Reader call);
 void destroyObject(CallContext& ctx, wire::Syscall::DestroyObject::Reader call);
 // Bank calls (calls_bank.cpp).

@@ -547,6 +547,8 @@ TEST_F(AgateCliTest, KernelUsageErrorsExitWith64AndOneMessage) {
                                         {"--process-pages", "0"},
                                         {"--system-pages", "abc"},
                                         {"--attach-timeout-ms", "-1"},
+                                        {"--receive-caps", "-1"},
+                                        {"--receive-caps", "1048577"},
                                         {"extra"}}) {
     args.insert(args.end(), {"--home", home_});
     Ran r = runKernel(args);
@@ -561,6 +563,9 @@ TEST_F(AgateCliTest, KernelUsageErrorsExitWith64AndOneMessage) {
   EXPECT_TRUE(
       runKernel({"--process-pages", "0", "--home", home_})
           .err.starts_with("agate-kernel: --process-pages: must be a positive whole number"));
+  EXPECT_TRUE(runKernel({"--receive-caps", "x", "--home", home_})
+                  .err.starts_with("agate-kernel: --receive-caps: must be a whole number from 0 "
+                                   "to 1048576, not 'x'"));
 }
 
 TEST_F(AgateCliTest, KernelHelpShowsEachOptionsDefault) {
@@ -574,6 +579,7 @@ TEST_F(AgateCliTest, KernelHelpShowsEachOptionsDefault) {
   // DaemonOptions' defaults (kernel_sim/daemon/daemon.h).
   EXPECT_NE(lineOf("--system-pages").find("N=1048576"), std::string::npos) << help.out;
   EXPECT_NE(lineOf("--process-pages").find("N=65536"), std::string::npos) << help.out;
+  EXPECT_NE(lineOf("--receive-caps").find("N=1024"), std::string::npos) << help.out;
   EXPECT_NE(lineOf("--poll-us").find("N=50"), std::string::npos) << help.out;
   EXPECT_NE(lineOf("--attach-timeout-ms").find("N=3000"), std::string::npos) << help.out;
   EXPECT_NE(lineOf("--ready-fd").find("FD=-1"), std::string::npos) << help.out;

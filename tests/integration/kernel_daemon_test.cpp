@@ -279,6 +279,57 @@ TEST(KernelDaemon, IntrospectionPagesFollowTheCursorToTheEnd) {
   EXPECT_EQ(s.listCapsPage(9999, 0).code(), Errc::NOT_FOUND);
 }
 
+TEST(KernelDaemon, PushesPastTheReceiversLimitAreRefusedToTheSenderAndChangeNothing) {
+  Watchdog dog("receive limit", seconds(30));
+  KernelProcess kernel;
+  Client a(kernel, "pusher");  // one loop for both connections
+  ASSERT_TRUE(a.conn);
+  auto bConn = KernelConnection::tryAttach(a.loop, kernel.home(), "receiver");
+  ASSERT_TRUE(bConn.ok());
+  KernelConnection& b = **bConn;
+  auto s = a.sync();
+  auto r = b.sync();
+  EXPECT_EQ(get(r.setReceiveLimit(3)), 0u);
+  auto region = s.createRegion(a.conn->bank(), 1);
+  ASSERT_TRUE(region.ok());
+  std::vector<Cap<Region>> received;
+  for (int i = 0; i < 3; ++i)
+    received.push_back(get(s.transferCap(*region, b.pid(), TransferMode::COPY)));
+  const agate::testing::Observed before = agate::testing::observe(*a.conn, {a.conn.get(), &b});
+  EXPECT_EQ(s.transferCap(*region, b.pid(), TransferMode::COPY).code(), Errc::QUOTA_EXCEEDED);
+  EXPECT_NE(a.conn->lastErrorDetail().find("receive"), std::string::npos)
+      << a.conn->lastErrorDetail();
+  EXPECT_EQ(s.transferCap(*region, b.pid(), TransferMode::MOVE).code(), Errc::QUOTA_EXCEEDED);
+  EXPECT_EQ(s.grantRegistry(a.conn->registry(), b.pid(), Rights::READ).code(),
+            Errc::QUOTA_EXCEEDED);
+  EXPECT_EQ(r.setReceiveLimit((1u << 20) + 1).code(), Errc::INVALID_ARGUMENT);
+  EXPECT_TRUE(agate::testing::observe(*a.conn, {a.conn.get(), &b}) == before);
+  // The receiver deletes one: room for one more. Its own caps never count.
+  ASSERT_TRUE(r.deleteCap(received[0]).ok());
+  EXPECT_TRUE(s.grantRegistry(a.conn->registry(), b.pid(), Rights::READ).ok());
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE(r.copyCap(b.bank(), Rights::READ).ok());
+  EXPECT_EQ(s.transferCap(*region, b.pid(), TransferMode::COPY).code(), Errc::QUOTA_EXCEEDED);
+  EXPECT_EQ(get(r.setReceiveLimit(4)), 3u) << "the answer counts the pushed caps it holds";
+  EXPECT_TRUE(s.transferCap(*region, b.pid(), TransferMode::COPY).ok());
+}
+
+TEST(KernelDaemon, TheKernelsReceiveCapsOptionIsEachNewProcesssLimit) {
+  Watchdog dog("--receive-caps", seconds(30));
+  KernelProcess kernel("--receive-caps=2");
+  Client a(kernel, "pusher");
+  ASSERT_TRUE(a.conn);
+  auto bConn = KernelConnection::tryAttach(a.loop, kernel.home(), "receiver");
+  ASSERT_TRUE(bConn.ok());
+  auto s = a.sync();
+  for (int i = 0; i < 2; ++i)
+    EXPECT_TRUE(s.transferCap(a.conn->bank(), (*bConn)->pid(), TransferMode::COPY).ok());
+  EXPECT_EQ(s.transferCap(a.conn->bank(), (*bConn)->pid(), TransferMode::COPY).code(),
+            Errc::QUOTA_EXCEEDED);
+  // The receiver raises its own limit.
+  EXPECT_EQ(get((*bConn)->sync().setReceiveLimit(3)), 2u);
+  EXPECT_TRUE(s.transferCap(a.conn->bank(), (*bConn)->pid(), TransferMode::COPY).ok());
+}
+
 TEST(KernelDaemon, CallsFailDisconnectedOnceTheKernelDies) {
   Watchdog dog("kernel death", seconds(30));
   KernelProcess kernel;

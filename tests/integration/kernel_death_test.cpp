@@ -3,7 +3,8 @@
 // client gets SERVICE_GONE and BUSHEL_CLOSED, and everything the bushels and the server held is
 // reclaimed). After every death: the system bank's usage, the object count, the kernel's open
 // descriptors and its memfd mappings are back to their baseline. Seeded, so a failing trial can
-// be replayed.
+// be replayed. And once, a server whose service another process's bank paid for: its death
+// unregisters the service all the same, and the record goes back to that bank.
 //
 // Trial counts: CLIENT_TRIALS + SERVER_TRIALS (>= 100) in CI; AGATE_DEATH_TRIALS=N runs N of
 // each instead (scripts/soak does, with thousands).
@@ -414,6 +415,80 @@ TEST(KernelDeath, KillNineOfAServerWithOpenBushelsLeaksNothingAndTellsItsClients
   EXPECT_GT(counts[0], 0u) << "the client opened bushels";
   EXPECT_EQ(counts[1], counts[0]) << "SERVICE_GONE for every bushel whose server died";
   EXPECT_EQ(counts[2], counts[0]) << "BUSHEL_CLOSED for every bushel the client opened";
+}
+
+// A server whose service another process pays for: reports its ProcessId on `out`, reads the
+// handle of the bank it was given from `in`, registers SERVICE paid from it, reports one byte,
+// and serves (drains its events) until it is killed.
+[[noreturn]] void serveFromALentBank(const std::string& home, int in, int out) {
+  EventLoop loop;
+  auto c = KernelConnection::tryAttach(loop, home, "lent-server");
+  if (!c) ::_exit(1);
+  const uint64_t pid = (*c)->pid();
+  if (::write(out, &pid, sizeof(pid)) != sizeof(pid)) ::_exit(2);
+  uint64_t bank = 0;
+  if (::read(in, &bank, sizeof(bank)) != sizeof(bank)) ::_exit(3);
+  if (!(*c)->sync().registerService((*c)->registry(), SERVICE, Cap<SpaceBank>{bank})) ::_exit(4);
+  const char ready = 'r';
+  if (::write(out, &ready, 1) != 1) ::_exit(5);
+  for (;;) (void)loop.run(loop.deadline((*c)->nextEvent(), milliseconds(100)));
+}
+
+TEST(KernelDeath, KillNineOfAServerWhoseServiceAnotherProcessPaysForUnregistersItAtOnce) {
+  KernelProcess kernel;
+  int toServer[2];
+  int fromServer[2];
+  ASSERT_EQ(::pipe2(toServer, O_CLOEXEC), 0);
+  ASSERT_EQ(::pipe2(fromServer, O_CLOEXEC), 0);
+  const pid_t server = ::fork();
+  if (server == 0) serveFromALentBank(kernel.home(), toServer[0], fromServer[1]);
+  ::close(toServer[0]);
+  ::close(fromServer[1]);
+  Watchdog dog("a lent-bank server's death", seconds(30), server);
+  uint64_t serverPid = 0;
+  ASSERT_EQ(::read(fromServer[0], &serverPid, sizeof(serverPid)),
+            static_cast<ssize_t>(sizeof(serverPid)));
+
+  // The payer makes its loop only now: the server is forked already (kernel_fixture.h).
+  EventLoop loop;
+  auto c = KernelConnection::tryAttach(loop, kernel.home(), "payer");
+  ASSERT_TRUE(c.ok());
+  auto s = (*c)->sync();
+  auto lent = s.createBank((*c)->bank(), 50);
+  ASSERT_TRUE(lent.ok());
+  const uint64_t lentUsed = s.readBank(*lent)->used;
+  auto inServer = s.transferCap(*lent, static_cast<ProcessId>(serverPid), TransferMode::COPY);
+  ASSERT_TRUE(inServer.ok());
+  ASSERT_EQ(::write(toServer[1], &inServer->handle, sizeof(uint64_t)),
+            static_cast<ssize_t>(sizeof(uint64_t)));
+  char ready = 0;
+  ASSERT_EQ(::read(fromServer[0], &ready, 1), 1) << "the server did not register";
+  ASSERT_TRUE(s.lookupService((*c)->registry(), SERVICE).ok());
+  EXPECT_GT(s.readBank(*lent)->used, lentUsed) << "the lent bank pays for the registration";
+  auto bushel = s.openBushel((*c)->registry(), SERVICE, (*c)->bank());
+  ASSERT_TRUE(bushel.ok());
+
+  ASSERT_EQ(::kill(server, SIGKILL), 0);
+  int status = 0;
+  ASSERT_EQ(::waitpid(server, &status, 0), server);
+  ASSERT_TRUE(WIFSIGNALED(status)) << "the server exited on its own: " << WEXITSTATUS(status);
+  // The payer hears of it as of any server's death; by then the name is free.
+  auto gone = loop.run(loop.deadline((*c)->nextEvent(), seconds(10)));
+  ASSERT_TRUE(gone.ok()) << errcName(gone.code());
+  EXPECT_EQ(gone->type, EventType::SERVICE_GONE);
+  EXPECT_EQ(gone->peer, static_cast<ProcessId>(serverPid));
+  auto closed = loop.run(loop.deadline((*c)->nextEvent(), seconds(10)));
+  ASSERT_TRUE(closed.ok()) << errcName(closed.code());
+  EXPECT_EQ(closed->type, EventType::BUSHEL_CLOSED);
+  EXPECT_EQ(s.lookupService((*c)->registry(), SERVICE).code(), Errc::NOT_FOUND);
+  EXPECT_EQ(s.openBushel((*c)->registry(), SERVICE, (*c)->bank()).code(), Errc::NOT_FOUND);
+  EXPECT_EQ(s.inspectCap(*bushel).code(), Errc::INVALID_HANDLE);
+  // The service's record went back to the bank that paid, which the payer still holds; the
+  // name can be taken again at once.
+  EXPECT_EQ(s.readBank(*lent)->used, lentUsed);
+  EXPECT_TRUE(s.registerService((*c)->registry(), SERVICE, *lent).ok());
+  ::close(toServer[1]);
+  ::close(fromServer[0]);
 }
 
 }  // namespace

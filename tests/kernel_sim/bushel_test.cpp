@@ -86,6 +86,57 @@ TEST(RegistryTest, LookupFindsLiveServicesOnlyAndDeadServiceIsUnregistered) {
   EXPECT_TRUE(w.k.registry().names().empty());
 }
 
+TEST(RegistryTest, AServersDeathEndsItsServicesEvenWhenAnotherProcesssBankPaidForThem) {
+  World w;
+  // The client pays for the server's registrations: a bank of its own, given to the server.
+  Handle forServer = handleOf(w.k.tryCreateBank(w.client.pid, w.client.bank, 100));
+  Handle given =
+      handleOf(w.k.tryTransferCap(w.client.pid, forServer, w.server.pid, TransferMode::COPY));
+  const uint64_t clientUsed = usedOf(w.k, w.client.pid, w.client.bank);
+  const uint64_t objects = w.k.objectCount();
+  (void)handleOf(w.k.tryRegisterService(w.server.pid, w.serverRegistry, "fs", given));
+  (void)handleOf(w.k.tryRegisterService(w.server.pid, w.serverRegistry, "fs2", given));
+  (void)handleOf(w.k.tryRegisterService(w.server.pid, w.serverRegistry, "own", w.server.bank));
+  // Another server's service, paid from the same bank, is not the dead server's to take along.
+  Proc other = attach(w.k, 1000);
+  Handle otherRegistry = handleOf(w.k.tryGrantRegistry(other.pid, Rights::WRITE));
+  Handle toOther =
+      handleOf(w.k.tryTransferCap(w.client.pid, forServer, other.pid, TransferMode::COPY));
+  (void)handleOf(w.k.tryRegisterService(other.pid, otherRegistry, "other", toOther));
+  Handle bushel = handleOf(w.k.tryOpenBushel(w.client.pid, w.clientRegistry, "fs", w.client.bank));
+  const Koid bushelKoid = w.k.tryInspectCap(w.client.pid, bushel)->koid;
+  (void)w.k.takeEvents(w.server.pid);
+  EXPECT_GT(usedOf(w.k, w.client.pid, w.client.bank), clientUsed);
+
+  ASSERT_TRUE(w.k.tryKillProcess(w.server.pid).ok());
+  EXPECT_EQ(w.k.tryLookupService(w.client.pid, w.clientRegistry, "fs").code(), Errc::NOT_FOUND);
+  EXPECT_EQ(w.k.tryLookupService(w.client.pid, w.clientRegistry, "fs2").code(), Errc::NOT_FOUND);
+  EXPECT_EQ(w.k.tryLookupService(w.client.pid, w.clientRegistry, "own").code(), Errc::NOT_FOUND);
+  EXPECT_TRUE(w.k.tryLookupService(w.client.pid, w.clientRegistry, "other").ok());
+  EXPECT_REFUSED_UNCHANGED(
+      w.k, w.k.tryOpenBushel(w.client.pid, w.clientRegistry, "fs", w.client.bank), Errc::NOT_FOUND);
+  // The client hears of it as for any server's death, and its bushel is gone.
+  auto events = w.k.takeEvents(w.client.pid);
+  ASSERT_EQ(events.size(), 2u);
+  EXPECT_EQ(events[0].type, KernelEventType::SERVICE_GONE);
+  EXPECT_EQ(events[0].object, bushelKoid);
+  EXPECT_EQ(events[1].type, KernelEventType::BUSHEL_CLOSED);
+  EXPECT_EQ(w.k.tryInspectCap(w.client.pid, bushel).code(), Errc::INVALID_HANDLE);
+  // The records go back to the bank that paid, which stays with the other server's service.
+  auto paying = w.k.tryFindBank(w.client.pid, forServer, Rights::NONE);
+  ASSERT_TRUE(paying.ok());
+  EXPECT_EQ((*paying)->objectCount(), 1u) << "only the other server's service is left";
+  EXPECT_EQ(usedOf(w.k, w.client.pid, w.client.bank), clientUsed + 1)
+      << "every record of the dead server's services refunded; the other's one record page";
+  EXPECT_EQ(w.k.registry().names(), std::vector<std::string>{"other"});
+  EXPECT_EQ(w.k.objectCount(), objects + 1)
+      << "the server's bank and CSpace went, the other's came, with its service";
+  // The name is free for a new server at once.
+  (void)handleOf(w.k.tryRegisterService(other.pid, otherRegistry, "fs", toOther));
+  EXPECT_TRUE(w.k.tryLookupService(w.client.pid, w.clientRegistry, "fs").ok());
+  w.k.verifyInvariants();
+}
+
 TEST(RegistryTest, DestroyingTheServiceCapUnregistersAndTheNameIsFreeAgain) {
   World w;
   Handle svc =

@@ -14,6 +14,7 @@ namespace {
 using test::attach;
 using test::handleOf;
 using test::Proc;
+using test::usedOf;
 
 TEST(CSpace, LookupReturnsTheCapWithItsRightsAndBadge) {
   Kernel k;
@@ -264,6 +265,116 @@ TEST(CSpace, GrowingPastAChunkChargesOnePageToTheCSpacesBank) {
   EXPECT_EQ(cs.capacity(), 2 * CSpace::SLOTS_PER_CHUNK);
   EXPECT_EQ(bank.used(), used + 1);
   EXPECT_EQ(cs.chargedPages(), 2u);
+  k.verifyInvariants();
+}
+
+TEST(CSpace, ANewCapTakesTheLowestFreeSlot) {
+  Kernel k;
+  Proc p = attach(k);
+  std::vector<Handle> caps;
+  for (int i = 0; i < 10; ++i) caps.push_back(handleOf(k.tryCopyCap(p.pid, p.bank, Rights::READ)));
+  ASSERT_TRUE(k.tryDeleteCap(p.pid, caps[7]).ok());
+  ASSERT_TRUE(k.tryDeleteCap(p.pid, caps[2]).ok());
+  ASSERT_TRUE(k.tryDeleteCap(p.pid, caps[5]).ok());
+  EXPECT_EQ(handleOf(k.tryCopyCap(p.pid, p.bank, Rights::READ)).index(), caps[2].index());
+  EXPECT_EQ(handleOf(k.tryCopyCap(p.pid, p.bank, Rights::READ)).index(), caps[5].index());
+  EXPECT_EQ(handleOf(k.tryCopyCap(p.pid, p.bank, Rights::READ)).index(), caps[7].index());
+  EXPECT_EQ(handleOf(k.tryCopyCap(p.pid, p.bank, Rights::READ)).index(), 11u);
+  k.verifyInvariants();
+}
+
+TEST(CSpace, DeletingTheCapsOfTheTopChunksGivesTheirPagesBack) {
+  Kernel k;
+  Proc p = attach(k, 100);
+  const CSpace& cs = k.findProcess(p.pid)->cspace();
+  const SpaceBank& bank = k.findProcess(p.pid)->bank();
+  const uint64_t baseline = bank.used();
+  const uint64_t returned = bank.returnedPages();
+  std::vector<Handle> caps;  // slots 1..95: three chunks
+  for (uint32_t i = 1; i < 3 * CSpace::SLOTS_PER_CHUNK; ++i)
+    caps.push_back(handleOf(k.tryCopyCap(p.pid, p.bank, Rights::READ)));
+  ASSERT_EQ(cs.capacity(), 3 * CSpace::SLOTS_PER_CHUNK);
+  ASSERT_EQ(bank.used(), baseline + 2);
+  // Emptying the middle chunk gives nothing back: the top one still holds caps.
+  for (uint32_t i = 32; i < 64; ++i) ASSERT_TRUE(k.tryDeleteCap(p.pid, caps[i - 1]).ok());
+  EXPECT_EQ(cs.capacity(), 3 * CSpace::SLOTS_PER_CHUNK);
+  EXPECT_EQ(bank.used(), baseline + 2);
+  // Emptying the top one gives back both, at the end of the call that did it.
+  for (uint32_t i = 64; i < 95; ++i) ASSERT_TRUE(k.tryDeleteCap(p.pid, caps[i - 1]).ok());
+  EXPECT_EQ(cs.capacity(), 3 * CSpace::SLOTS_PER_CHUNK);
+  ASSERT_TRUE(k.tryDeleteCap(p.pid, caps[94]).ok());
+  EXPECT_EQ(cs.capacity(), CSpace::SLOTS_PER_CHUNK);
+  EXPECT_EQ(cs.chargedPages(), 1u);
+  EXPECT_EQ(bank.used(), baseline);
+  EXPECT_EQ(bank.returnedPages(), returned + 2) << "a return, as any refund";
+  k.verifyInvariants();
+  // Handles into the chunks given back never resolve, not even once the table regrows.
+  for (uint32_t i = 32; i < 3 * CSpace::SLOTS_PER_CHUNK; ++i)
+    EXPECT_EQ(k.tryInspectCap(p.pid, caps[i - 1]).code(), Errc::INVALID_HANDLE);
+  std::vector<Handle> regrown;
+  for (uint32_t i = 32; i < 3 * CSpace::SLOTS_PER_CHUNK; ++i)
+    regrown.push_back(handleOf(k.tryCopyCap(p.pid, p.bank, Rights::ALLOCATE)));
+  EXPECT_EQ(bank.used(), baseline + 2);
+  for (uint32_t i = 32; i < 3 * CSpace::SLOTS_PER_CHUNK; ++i) {
+    EXPECT_EQ(regrown[i - 32].index(), caps[i - 1].index());
+    EXPECT_GT(regrown[i - 32].generation(), caps[i - 1].generation());
+    EXPECT_EQ(k.tryInspectCap(p.pid, caps[i - 1]).code(), Errc::INVALID_HANDLE);
+  }
+  // The first chunk is the process's own fixed cost: it stays, whatever it holds.
+  for (Handle h : regrown) ASSERT_TRUE(k.tryDeleteCap(p.pid, h).ok());
+  for (uint32_t i = 1; i < 32; ++i) ASSERT_TRUE(k.tryDeleteCap(p.pid, caps[i - 1]).ok());
+  EXPECT_EQ(cs.capacity(), CSpace::SLOTS_PER_CHUNK);
+  EXPECT_EQ(bank.used(), baseline);
+  k.verifyInvariants();
+}
+
+TEST(CSpace, AnotherProcesssRevokeOrMoveAlsoGivesTheEmptiedChunksBack) {
+  Kernel k;
+  Proc owner = attach(k), holder = attach(k);
+  Handle region = handleOf(k.tryCreateRegion(owner.pid, owner.bank, 1));
+  const uint64_t holderUsed = usedOf(k, holder.pid, holder.bank);
+  std::vector<Handle> given;
+  for (int i = 0; i < 40; ++i)
+    given.push_back(handleOf(k.tryTransferCap(owner.pid, region, holder.pid, TransferMode::COPY)));
+  EXPECT_EQ(usedOf(k, holder.pid, holder.bank), holderUsed + 1);
+  ASSERT_TRUE(k.tryRevokeCap(owner.pid, region).ok());
+  EXPECT_EQ(usedOf(k, holder.pid, holder.bank), holderUsed) << "the owner's revoke emptied it";
+  // Moving caps out of the top chunk gives it back too.
+  Handle grant = handleOf(k.tryCopyCap(holder.pid, holder.bank, Rights::READ | Rights::GRANT));
+  std::vector<Handle> mine;
+  for (int i = 0; i < 40; ++i)
+    mine.push_back(handleOf(k.tryCopyCap(holder.pid, grant, Rights::GRANT)));
+  EXPECT_EQ(usedOf(k, holder.pid, holder.bank), holderUsed + 1);
+  for (Handle h : mine)
+    ASSERT_TRUE(k.tryTransferCap(holder.pid, h, owner.pid, TransferMode::MOVE).ok());
+  EXPECT_EQ(usedOf(k, holder.pid, holder.bank), holderUsed);
+  k.verifyInvariants();
+}
+
+TEST(CSpace, AGivenBackChunkKeepsItsGenerationsAndOneWithARetiredSlotStays) {
+  Kernel k(Kernel::Options{.systemPages = 1000, .maxGeneration = 2});
+  Proc p = attach(k);
+  const CSpace& cs = k.findProcess(p.pid)->cspace();
+  for (uint32_t i = 1; i < CSpace::SLOTS_PER_CHUNK; ++i)
+    (void)handleOf(k.tryCopyCap(p.pid, p.bank, Rights::READ));
+  Handle top = handleOf(k.tryCopyCap(p.pid, p.bank, Rights::READ));
+  ASSERT_EQ(top.index(), CSpace::SLOTS_PER_CHUNK);
+  ASSERT_EQ(top.generation(), 1u);
+  ASSERT_TRUE(k.tryDeleteCap(p.pid, top).ok());
+  EXPECT_EQ(cs.capacity(), CSpace::SLOTS_PER_CHUNK) << "its only cap gone, the chunk went back";
+  // Grown again, the chunk starts at the generation it left with: the old handle stays stale.
+  Handle again = handleOf(k.tryCopyCap(p.pid, p.bank, Rights::READ));
+  ASSERT_EQ(again.index(), top.index());
+  EXPECT_EQ(again.generation(), 2u);
+  EXPECT_EQ(k.tryInspectCap(p.pid, top).code(), Errc::INVALID_HANDLE);
+  // Its last generation used, the slot retires, and its chunk can never go back: grown again,
+  // it would hand out generation 2 a second time.
+  ASSERT_TRUE(k.tryDeleteCap(p.pid, again).ok());
+  EXPECT_EQ(cs.retiredSlots(), 1u);
+  EXPECT_EQ(cs.capacity(), 2 * CSpace::SLOTS_PER_CHUNK);
+  EXPECT_EQ(k.tryInspectCap(p.pid, again).code(), Errc::INVALID_HANDLE);
+  Handle next = handleOf(k.tryCopyCap(p.pid, p.bank, Rights::READ));
+  EXPECT_EQ(next.index(), CSpace::SLOTS_PER_CHUNK + 1) << "past the retired slot";
   k.verifyInvariants();
 }
 

@@ -1,9 +1,9 @@
 // A seeded randomized test over every object type and call: banks, regions, the registry,
 // services, bushels (and introductions), notifications (with bank bindings), event buffers and
-// credit pages, cap copies, deletes, revokes, transfers, destroys, kernel events and deaths, from 4
-// processes with handles that are often stale, forged or of the wrong type. Unlike
-// kernel_model_test.cpp it keeps no reference model; it checks the rules that hold whatever the
-// calls were:
+// credit pages, cap copies, deletes, revokes, transfers, receive limits, passed registry caps,
+// destroys, kernel events and deaths, from 4 processes with handles that are often stale, forged
+// or of the wrong type. Unlike kernel_model_test.cpp it keeps no reference model; it checks the
+// rules that hold whatever the calls were:
 //  * every result is OK or one of the errors the call documents, never SYSTEM_ERROR;
 //  * a refused call changes no observable state (full KernelSnapshot before and after);
 //  * the kernel's invariants hold;
@@ -111,7 +111,7 @@ class KernelChurnTest : public ::testing::Test {
     const Handle bank = pickOf(pid, ObjectType::BANK);
     const Handle notification = pickOf(pid, ObjectType::NOTIFICATION);
     const Handle registry = pickOf(pid, ObjectType::REGISTRY);
-    switch (pick(25)) {
+    switch (pick(27)) {
       case 0:
         return call("bank", checkUnchanged,
                     [&] { return keepHandle(pid, k_.tryCreateBank(pid, bank, pick(60))); });
@@ -204,11 +204,36 @@ class KernelChurnTest : public ::testing::Test {
           return keepHandle(pid, k_.tryOpenBushelVia(pid, pickOf(pid, ObjectType::SERVICE), bank));
         });
       case 23:
-        // A bushel opened at some point (often closed since, or another service's), or any koid.
+        // A bushel opened at some point (often closed since, or another service's), any koid,
+        // or one the picked service has open now (servers die often, taking their services).
         return call("close-bushel", checkUnchanged, [&] {
-          const Koid koid =
+          const Handle service = pickOf(pid, ObjectType::SERVICE);
+          Koid koid =
               bushels_.empty() || pick(5) == 0 ? rng_() % 4096 : bushels_[pick(bushels_.size())];
-          return k_.tryCloseBushel(pid, pickOf(pid, ObjectType::SERVICE), koid).code();
+          const Process* proc = k_.findProcess(pid);
+          if (proc != nullptr && pick(2) == 0) {
+            auto cap = proc->cspace().lookup(service, Rights::NONE, ObjectType::SERVICE);
+            if (cap && !cap->as<Service>().bushels().empty()) {
+              const auto& open = cap->as<Service>().bushels();
+              koid = open[pick(open.size())]->koid();
+            }
+          }
+          return k_.tryCloseBushel(pid, service, koid).code();
+        });
+      case 24:
+        // Mostly generous limits (transfers and introductions must still succeed often), some
+        // tight, some out of range.
+        return call("receive-limit", checkUnchanged, [&] {
+          const uint32_t limit = pick(10) == 0  ? CSpace::MAX_SLOTS + 1 + pick(3)
+                                 : pick(3) == 0 ? static_cast<uint32_t>(pick(4))
+                                                : static_cast<uint32_t>(16 + pick(200));
+          return k_.trySetReceiveLimit(pid, limit).code();
+        });
+      case 25:
+        return call("pass-registry", checkUnchanged, [&] {
+          auto r = k_.tryPassRegistry(pid, registry, other, anyRights());
+          if (r) keep(other, *r);
+          return r.code();
         });
       default:
         if (pick(8) != 0) return;
@@ -258,6 +283,14 @@ TEST_F(KernelChurnTest, RandomCallsOnEveryObjectTypeKeepTheRulesAndDeathsReclaim
   EXPECT_GT((outcomes_[{"introduce", Errc::OK}]), 0);
   EXPECT_GT((outcomes_[{"open-via", Errc::OK}]), 0);
   EXPECT_GT((outcomes_[{"close-bushel", Errc::OK}]), 0);
+  EXPECT_GT((outcomes_[{"receive-limit", Errc::OK}]), 0);
+  EXPECT_GT((outcomes_[{"receive-limit", Errc::INVALID_ARGUMENT}]), 0);
+  EXPECT_GT((outcomes_[{"pass-registry", Errc::OK}]), 0);
+  EXPECT_GT((outcomes_[{"transfer", Errc::QUOTA_EXCEEDED}]) +
+                (outcomes_[{"pass-registry", Errc::QUOTA_EXCEEDED}]) +
+                (outcomes_[{"introduce", Errc::QUOTA_EXCEEDED}]),
+            0)
+      << "a push past a receive limit";
   EXPECT_GT((outcomes_[{"bind", Errc::ALREADY_EXISTS}]), 0);
 
   std::vector<ProcessId> pids;

@@ -3,7 +3,8 @@
 // deaths and new attaches), each compared with a small reference model that knows only the
 // rules (pages charged, caps derived), not the data structures. After every call: the same
 // result code, the same used/limit in every bank, the same caps with the same derivation
-// parents in every CSpace, the same object count, and the kernel's own invariants.
+// parents in every CSpace, the same count of pushed caps under each receive limit, the same
+// object count, and the kernel's own invariants.
 #include <dirent.h>
 
 #include <gtest/gtest.h>
@@ -25,6 +26,8 @@ namespace agate::kernel {
 namespace {
 
 constexpr uint64_t SYSTEM_PAGES = 2000;
+// Low, so that pushes past a process's receive limit happen often.
+constexpr uint32_t RECEIVE_LIMIT = 3;
 constexpr uint64_t PROCESS_PAGES = 600;  // 4 x 600 > 2000: the system bank binds too
 constexpr int PROCESSES = 4;
 
@@ -48,7 +51,6 @@ struct MProc {
   Koid bank;
   Koid cspace;
   uint32_t held = 0;
-  uint32_t maxHeld = 0;  // slots ever in use: the CSpace never shrinks
 };
 
 class Model {
@@ -98,28 +100,37 @@ class Model {
     }
     if (slotFor) {
       const MProc& p = procs_.at(*slotFor);
-      const bool needsChunk = p.held == p.maxHeld && p.maxHeld % CSpace::SLOTS_PER_CHUNK == 0;
+      const bool needsChunk =
+          p.held == objects_.at(p.cspace).pages * CSpace::SLOTS_PER_CHUNK;  // no slot free
       if (needsChunk && available(u, objects_, p.bank) < 1) return Errc::QUOTA_EXCEEDED;
     }
     return Errc::OK;
   }
 
   // --- caps ---
-  void addCap(ProcessId pid, Handle h, MCap cap) {
+  void addCap(ProcessId pid, Handle h, MCap cap, bool received = false) {
     caps_[{pid, h.raw}] = cap;
+    if (received) received_.insert({pid, h.raw});
     MProc& p = procs_.at(pid);
     ++p.held;
-    if (p.held > p.maxHeld) {
-      p.maxHeld = p.held;
+  }
+  // A CSpace's chunks after a call: a new cap takes the lowest free slot, and the chunks above
+  // the highest cap are given back (all but the first), so its chunks are exactly those up to
+  // its highest cap. Run after every call (the kernel trims at the end of each).
+  void settleChunks() {
+    std::map<ProcessId, uint64_t> top;  // highest slot index + 1
+    for (const auto& [key, cap] : caps_)
+      top[key.first] = std::max(top[key.first], (key.second & 0xffffffffu) + 1);
+    for (auto& [pid, p] : procs_)
       objects_.at(p.cspace).pages =
-          (p.maxHeld + CSpace::SLOTS_PER_CHUNK - 1) / CSpace::SLOTS_PER_CHUNK;
-    }
+          std::max<uint64_t>(1, (top[pid] + CSpace::SLOTS_PER_CHUNK - 1) / CSpace::SLOTS_PER_CHUNK);
   }
   void eraseCap(const CapKey& key) {
     auto parent = caps_.at(key).parent;
     for (auto& [k, c] : caps_)
       if (c.parent == key) c.parent = parent;
     caps_.erase(key);
+    received_.erase(key);
     --procs_.at(key.first).held;
     stale_[key.first].push_back(Handle{key.second});
   }
@@ -133,6 +144,7 @@ class Model {
     doomed.erase(root);
     for (const CapKey& k : doomed) {
       caps_.erase(k);
+      received_.erase(k);
       --procs_.at(k.first).held;
       stale_[k.first].push_back(Handle{k.second});
     }
@@ -151,6 +163,7 @@ class Model {
       if (dead.count(it->second.koid)) {
         --procs_.at(it->first.first).held;
         stale_[it->first.first].push_back(Handle{it->first.second});
+        received_.erase(it->first);
         it = caps_.erase(it);
       } else {
         ++it;
@@ -162,6 +175,12 @@ class Model {
   Koid systemKoid_;
   std::map<Koid, MObject> objects_;
   std::map<CapKey, MCap> caps_;
+  std::set<CapKey> received_;  // caps another process pushed in (the receive limit counts them)
+  uint32_t receivedBy(ProcessId pid) const {
+    uint32_t n = 0;
+    for (const CapKey& k : received_) n += k.first == pid;
+    return n;
+  }
   std::map<ProcessId, MProc> procs_;
   std::map<ProcessId, std::vector<Handle>> stale_;
 };
@@ -175,8 +194,8 @@ class KernelModelTest : public ::testing::Test {
     ASSERT_TRUE(a.ok());
     const Process& p = *k_.findProcess(a->pid);
     m_.objects_[p.bank().koid()] = {ObjectType::BANK, m_.systemKoid_, 0, PROCESS_PAGES};
-    m_.objects_[p.cspace().koid()] = {ObjectType::CSPACE, p.bank().koid(), 0, 0};
-    m_.procs_[a->pid] = {p.bank().koid(), p.cspace().koid(), 0, 0};
+    m_.objects_[p.cspace().koid()] = {ObjectType::CSPACE, p.bank().koid(), 1, 0};  // a chunk
+    m_.procs_[a->pid] = {p.bank().koid(), p.cspace().koid(), 0};
     m_.addCap(a->pid, a->bank, {p.bank().koid(), Kernel::PROCESS_BANK, 0, std::nullopt});
   }
 
@@ -256,6 +275,8 @@ class KernelModelTest : public ::testing::Test {
       const auto mode = rng_() % 2 ? TransferMode::MOVE : TransferMode::COPY;
       Errc want = decode(pid, h, Rights::GRANT, ObjectType::ANY);
       if (want == Errc::OK && !m_.procs_.count(to)) want = Errc::NOT_FOUND;
+      if (want == Errc::OK && to != pid && m_.receivedBy(to) >= RECEIVE_LIMIT)
+        want = Errc::QUOTA_EXCEEDED;
       if (want == Errc::OK) want = m_.predictCharges(std::nullopt, 0, to);
       auto r = k_.tryTransferCap(pid, h, to, mode);
       tally("transfer", want);
@@ -264,11 +285,13 @@ class KernelModelTest : public ::testing::Test {
       MCap copy = *c;
       const CapKey from{pid, h.raw};
       const CapKey dst{to, r->raw};
+      // Pushed by another process, or (moved within one table) as the source was.
+      const bool received = to != pid || (mode == TransferMode::MOVE && m_.received_.count(from));
       if (mode == TransferMode::COPY) {
         copy.parent = from;
-        m_.addCap(to, *r, copy);
+        m_.addCap(to, *r, copy, received);
       } else {
-        m_.addCap(to, *r, copy);
+        m_.addCap(to, *r, copy, received);
         for (auto& [k, other] : m_.caps_)
           if (other.parent == from) other.parent = dst;
         m_.eraseCap(from);
@@ -351,6 +374,8 @@ class KernelModelTest : public ::testing::Test {
     ASSERT_EQ(snap.objects + 1, m_.objects_.size()) << "the model lists the system bank";
     size_t caps = 0;
     for (const auto& p : snap.processes) {
+      ASSERT_EQ(p.received, m_.receivedBy(p.pid)) << "pid " << p.pid;
+      ASSERT_EQ(p.receiveLimit, RECEIVE_LIMIT);
       for (const auto& c : p.caps) {
         auto it = m_.caps_.find({p.pid, c.handle});
         ASSERT_NE(it, m_.caps_.end()) << "kernel has a cap the model lacks";
@@ -368,7 +393,7 @@ class KernelModelTest : public ::testing::Test {
     k_.verifyInvariants();
   }
 
-  Kernel k_{Kernel::Options{.systemPages = SYSTEM_PAGES}};
+  Kernel k_{Kernel::Options{.systemPages = SYSTEM_PAGES, .receiveLimit = RECEIVE_LIMIT}};
   Model m_;
   std::mt19937_64 rng_{0xa9a7e};
   int deaths_ = 0;
@@ -390,6 +415,7 @@ TEST_F(KernelModelTest, FiftyThousandRandomCallsAgreeWithTheReferenceModel) {
   const uint64_t baseline = k_.systemBank().used();
   for (int i = 0; i < 50000; ++i) {
     ASSERT_NO_FATAL_FAILURE(step()) << "step " << i;
+    m_.settleChunks();
     // Every step early on (where a bug shows first), then every 4th to stay fast.
     if (i < 5000 || i % 4 == 0) {
       ASSERT_NO_FATAL_FAILURE(compare()) << "after step " << i;
@@ -409,6 +435,7 @@ TEST_F(KernelModelTest, FiftyThousandRandomCallsAgreeWithTheReferenceModel) {
                                                  {"transfer", Errc::OK},
                                                  {"transfer", Errc::PERMISSION_DENIED},
                                                  {"transfer", Errc::NOT_FOUND},
+                                                 {"transfer", Errc::QUOTA_EXCEEDED},
                                                  {"region", Errc::OK},
                                                  {"region", Errc::QUOTA_EXCEEDED},
                                                  {"region", Errc::WRONG_TYPE},

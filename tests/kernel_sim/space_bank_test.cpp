@@ -224,10 +224,10 @@ TEST(SpaceBank, DestroyingADeepChainOfBanksNeedsNoRecursion) {
   const uint64_t objects = k.objectCount();
   ASSERT_TRUE(k.tryDestroyObject(p.pid, top).ok());
   EXPECT_EQ(k.objectCount(), objects - 5001);
-  // The record page stays (the CSpace's record is on it), and so do the slot chunks for the
-  // 5002 caps the CSpace once held: a CSpace never shrinks.
-  const uint64_t chunks = (5002 + CSpace::SLOTS_PER_CHUNK - 1) / CSpace::SLOTS_PER_CHUNK;
-  EXPECT_EQ(usedOf(k, p.pid, p.bank), 1 + chunks);
+  // The record page stays (the CSpace's record is on it); of the slot chunks for the 5002 caps
+  // the CSpace held, it gives back all but its first once only the bank's cap is left.
+  EXPECT_EQ(k.findProcess(p.pid)->cspace().capacity(), CSpace::SLOTS_PER_CHUNK);
+  EXPECT_EQ(usedOf(k, p.pid, p.bank), 1u + 1);
   k.verifyInvariants();
 }
 

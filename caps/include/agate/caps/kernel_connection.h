@@ -201,6 +201,10 @@ class KernelConnection {
   Promise<Cap<T>> transferCap(Cap<T> cap, ProcessId to, TransferMode mode) {
     return castHandle<T>(transferAny(cap, to, mode));
   }
+  // How many caps other processes may have pushed into this process's CSpace at once (its bank
+  // pays their slots): a transfer, introduction or registry grant past it is refused to the
+  // sender (QUOTA_EXCEEDED). 0 refuses them all. Returns how many pushed caps it holds now.
+  Promise<uint64_t> setReceiveLimit(uint32_t limit);
   Promise<CapInfo> inspectCap(AnyCap cap);
   Promise<void> destroy(AnyCap cap);
 
@@ -398,6 +402,7 @@ class SyncKernel {
   Result<Cap<T>> transferCap(Cap<T> cap, ProcessId to, TransferMode mode) {
     return run(c_.transferCap(cap, to, mode));
   }
+  Result<uint64_t> setReceiveLimit(uint32_t limit) { return run(c_.setReceiveLimit(limit)); }
   Result<CapInfo> inspectCap(AnyCap cap) { return run(c_.inspectCap(cap)); }
   Status destroy(AnyCap cap) { return run(c_.destroy(cap)); }
   Result<Cap<SpaceBank>> createBank(Cap<SpaceBank> parent, uint64_t limit) {

@@ -27,4 +27,20 @@ inline CLI::Validator positiveWholeNumber(std::string what, std::string typeName
       "", std::move(typeName));
 }
 
+// A whole number from 0 to `most`: anything else gets "must be a whole number from 0 to
+// <most><what>, not '...'".
+inline CLI::Validator wholeNumberUpTo(uint64_t most, std::string what, std::string typeName) {
+  return CLI::Validator(
+      [most, what = std::move(what)](std::string& input) -> std::string {
+        uint64_t value = 0;
+        const char* last = input.c_str() + input.size();
+        const auto [end, ec] = std::from_chars(input.c_str(), last, value);
+        if (ec != std::errc() || end != last || value > most)
+          return "must be a whole number from 0 to " + std::to_string(most) + what + ", not '" +
+                 input + "'";
+        return {};
+      },
+      "", std::move(typeName));
+}
+
 }  // namespace agate::kernel

@@ -31,10 +31,12 @@
 // Events (kernel_event.h): BUSHEL_OPENED / BUSHEL_CLOSED / SERVICE_GONE are queued per process;
 // the daemon drains them with takeEvents(pid) after each call.
 //
-// Death: tryKillProcess() destroys the process bank: the CSpace (so every cap the process held,
-// with derived caps handed to their parents), every object allocated from the process bank or
-// its descendants (so every cap to them, in every other process), and refunds it all to the
-// system bank. Objects the process allocated from banks it was given by others survive: they
+// Death: tryKillProcess() first destroys every service the process serves, whichever bank paid
+// for it (its name is free at once, its clients get SERVICE_GONE and BUSHEL_CLOSED, its pages go
+// back to that bank), then the process bank: the CSpace (so every cap the process held, with
+// derived caps handed to their parents), every object allocated from the process bank or its
+// descendants (so every cap to them, in every other process), and refunds it all to the system
+// bank. Other objects the process allocated from banks it was given by others survive: they
 // belong to those banks (KeyKOS semantics).
 //
 // Threading: one thread. Observers (space_bank.h) are called synchronously and must not call
@@ -112,7 +114,9 @@ struct KernelSnapshot {
     ProcessId pid = 0;
     Koid bank = 0;
     uint32_t capacity = 0;
-    std::vector<Cap> caps;  // in slot order
+    uint32_t received = 0;      // caps other processes pushed in, held now (cspace.h) ...
+    uint32_t receiveLimit = 0;  // ... and the most it accepts
+    std::vector<Cap> caps;      // in slot order
     friend bool operator==(const Proc&, const Proc&) = default;
   };
   std::vector<Bank> banks;            // every bank, parents before children
@@ -123,17 +127,41 @@ struct KernelSnapshot {
   friend bool operator==(const KernelSnapshot&, const KernelSnapshot&) = default;
 };
 
+// One page of an introspection listing (Kernel::listProcesses and the like): the entries whose
+// key is at least the cursor, in key order, at most the limit, and whether any entry follows.
+template <class T>
+struct Listing {
+  std::vector<T> entries;
+  bool more = false;
+};
+
+struct ProcessSummary {
+  ProcessId pid = 0;
+  Koid bank = 0;      // the process bank
+  uint32_t caps = 0;  // held in its CSpace
+};
+
+struct CapSummary {
+  KernelSnapshot::Cap cap;
+  ObjectType type = ObjectType::ANY;
+};
+
 class Kernel final : private LifecycleObserver {
  public:
   // Rights of the cap a process gets to its own bank.
   static constexpr Rights PROCESS_BANK = Rights::ALL & ~(Rights::DESTROY | Rights::SET_LIMIT);
   // Rights of the cap to an object the caller just created.
   static constexpr Rights CREATOR = Rights::ALL;
+  // Caps others may push into a new process before it says otherwise: 32 chunk pages at most.
+  static constexpr uint32_t DEFAULT_RECEIVE_LIMIT = 1024;
 
   struct Options {
     uint64_t systemPages = 1u << 20;       // the system bank's limit
     uint32_t maxGeneration = UINT32_MAX;   // per slot; lowered by tests only
     uint64_t bushelRingBytes = 16 * 1024;  // data area of each bushel ring (power of two)
+    // Each new process's receive limit: how many caps other processes may have pushed into its
+    // CSpace at once (cspace.h); the process changes it with trySetReceiveLimit.
+    uint32_t receiveLimit = DEFAULT_RECEIVE_LIMIT;
   };
 
   explicit Kernel(Options options);
@@ -149,7 +177,8 @@ class Kernel final : private LifecycleObserver {
   // from it, and a cap to the bank. QUOTA_EXCEEDED if the system bank (or bankLimit) cannot pay
   // for the bank record, the CSpace record and its first slot chunk.
   Result<Attached> tryAttachProcess(uint64_t bankLimit);
-  // Death (any cause): see the overview. NOT_FOUND if `pid` is not attached.
+  // Death (any cause): see the overview (its services end, then its bank). NOT_FOUND if `pid`
+  // is not attached.
   Status tryKillProcess(ProcessId pid);
 
   // --- Syscalls: `pid` is the caller; handles are in its CSpace ---
@@ -164,8 +193,14 @@ class Kernel final : private LifecycleObserver {
   // Deletes every cap derived from `cap`, transitively, in every CSpace; returns how many.
   Result<uint64_t> tryRevokeCap(ProcessId pid, Handle cap);
   // Moves or copies a cap into process `to`'s CSpace (needs GRANT; NOT_FOUND if `to` is not
-  // attached; QUOTA_EXCEEDED if `to`'s CSpace cannot grow). Returns the handle in `to`.
+  // attached; QUOTA_EXCEEDED if `to`'s CSpace cannot grow or, for another process, already
+  // holds as many pushed caps as its receive limit allows). Returns the handle in `to`.
   Result<Handle> tryTransferCap(ProcessId pid, Handle cap, ProcessId to, TransferMode mode);
+  // Sets how many caps other processes may have pushed into the caller's CSpace at once
+  // (transfers, introductions, passed registry caps; cspace.h "Received caps"). Any value up to
+  // CSpace::MAX_SLOTS (INVALID_ARGUMENT above), also below what it holds now: that refuses new
+  // pushes and deletes nothing. Returns how many pushed caps the caller holds now.
+  Result<uint32_t> trySetReceiveLimit(ProcessId pid, uint32_t limit);
   Result<CapInfo> tryInspectCap(ProcessId pid, Handle cap) const;
 
   // A child of `bank` (needs CREATE_CHILD) with `limit` (may exceed what `bank` has left).
@@ -207,7 +242,8 @@ class Kernel final : private LifecycleObserver {
   // queued, so an introducer cannot flood `to`'s CSpace or event queue. `to`'s bank pays the
   // slot (as for a transfer). Errors: INVALID_HANDLE / WRONG_TYPE / PERMISSION_DENIED for the
   // bushel, NOT_FOUND for `to`, INVALID_ARGUMENT when `to` is the service's server,
-  // DISCONNECTED when the service has gone, QUOTA_EXCEEDED for `to`'s slot.
+  // DISCONNECTED when the service has gone, QUOTA_EXCEEDED for `to`'s slot or its receive
+  // limit (a new introduction counts as a pushed cap).
   Result<Handle> tryIntroduce(ProcessId pid, Handle bushel, ProcessId to);
   // As tryOpenBushel, to the service `service` names (needs READ on that Service cap) instead
   // of a name.
@@ -272,6 +308,12 @@ class Kernel final : private LifecycleObserver {
   // rights, QUOTA_EXCEEDED if the CSpace cannot grow. The registry's koid is 0: it is the
   // kernel's own object, charged to no bank.
   Result<Handle> tryGrantRegistry(ProcessId pid, Rights rights);
+  // The grantRegistry syscall: process `pid` passes a registry cap with `rights` to process `to`
+  // (itself included). Needs a registry cap (WRONG_TYPE) holding GRANT and every right passed
+  // (PERMISSION_DENIED); INVALID_ARGUMENT for undefined rights, NOT_FOUND for `to`,
+  // QUOTA_EXCEEDED if `to`'s CSpace cannot grow or is at its receive limit (for another
+  // process, the new cap counts as pushed). The new cap is a root, as tryGrantRegistry's.
+  Result<Handle> tryPassRegistry(ProcessId pid, Handle registry, ProcessId to, Rights rights);
   // Takes every event queued for `pid`, oldest first (empty if none or not attached).
   std::vector<KernelEvent> takeEvents(ProcessId pid);
   const Registry& registry() const noexcept { return *registry_; }
@@ -284,6 +326,13 @@ class Kernel final : private LifecycleObserver {
   // Objects in the whole tree, the system bank excluded. O(objects).
   uint64_t objectCount() const;
   KernelSnapshot snapshot() const;
+  // Paged introspection for the CLI. Each page costs O(log n + limit), whatever the kernel holds
+  // (a snapshot costs all of it): processes by pid, banks by koid (parents before children: a
+  // bank is always made after its parent), one process's caps by slot index (NOT_FOUND if `pid`
+  // is not attached). `limit` 0 is treated as 1.
+  Listing<ProcessSummary> listProcesses(uint64_t fromPid, uint32_t limit) const;
+  Listing<KernelSnapshot::Bank> listBanks(uint64_t fromKoid, uint32_t limit) const;
+  Result<Listing<CapSummary>> listCaps(ProcessId pid, uint64_t fromSlot, uint32_t limit) const;
   // Checks every accounting and linkage invariant; a violation is a bug and aborts. O(state).
   void verifyInvariants() const;
 
@@ -293,11 +342,15 @@ class Kernel final : private LifecycleObserver {
 
  private:
   Result<CSpace*> findCSpace(ProcessId pid) const noexcept;
+  // Indexes a new bank for listBanks and watches for its destruction.
+  void trackBank(SpaceBank& bank);
   // LifecycleObserver: queue last-cap objects; turn destructions into events.
   void lastCapGone(KernelObject& object) noexcept override;
   void objectDestroyed(KernelObject& object) noexcept override;
-  // Destroys every object queued by lastCapGone / a service's death. Run at the end of each
-  // call that can delete caps or destroy objects, once its own changes are done.
+  void trimWanted(CSpace& cspace) noexcept override;
+  // Destroys every object queued by lastCapGone / a service's death, then trims the CSpaces
+  // that asked (trimWanted). Run at the end of each call that can delete caps or destroy
+  // objects, once its own changes are done.
   void reap() noexcept;
   void queueEvent(ProcessId pid, KernelEvent event);
   // tryOpenBushel and tryOpenBushelVia once their caps are checked.
@@ -308,8 +361,16 @@ class Kernel final : private LifecycleObserver {
   std::unique_ptr<Registry> registry_;  // the kernel's own; outlives every Service
   std::vector<KernelObject*> doomed_;   // to destroy in reap(); never dangling (see
                                         // objectDestroyed)
+  std::vector<CSpace*> trimmable_;      // to trim in reap(); never dangling, as doomed_
   std::map<ProcessId, std::vector<KernelEvent>> events_;
   std::map<ProcessId, std::unique_ptr<Process>> processes_;
+  // Every live service under its server, so a server's death ends its services in O(its own),
+  // whichever bank paid for them. Entries go in objectDestroyed.
+  std::multimap<ProcessId, Service*> servedBy_;
+  // Indexes for the paged listings: every bank by koid (entries go in objectDestroyed), and the
+  // process each CSpace belongs to (a cap's derivation parent names its process by it).
+  std::map<Koid, const SpaceBank*> banks_;
+  std::map<const CSpace*, ProcessId> pidOf_;
   ProcessId nextPid_ = 1;
 };
 

@@ -70,13 +70,16 @@ class SpaceBank;
 class KernelObject;
 
 // Told (synchronously, by the CSpace or bank doing it) when the last cap to an object that
-// watches is deleted, and when such an object is destroyed (before its teardown()). The Kernel
+// watches is deleted, when such an object is destroyed (before its teardown()), and when a
+// watching CSpace could give chunks back. The Kernel
 // is the one implementation: it queues last-cap objects and destroys them once the call's state
 // is final (never from inside a CSpace or bank walk). Must not call back in.
 class LifecycleObserver {
  public:
   virtual void lastCapGone(KernelObject& object) noexcept = 0;
   virtual void objectDestroyed(KernelObject& object) noexcept = 0;
+  // A CSpace's last chunk holds no cap any more: call its trim() once the call's state is final.
+  virtual void trimWanted(CSpace& cspace) noexcept = 0;
 
  protected:
   ~LifecycleObserver() = default;

@@ -6,8 +6,10 @@
 //
 // Lifetimes. The Registry is the kernel's own object: one per Kernel, charged to no bank, alive
 // as long as the Kernel. A Service lives until it is destroyed (DESTROY on its cap: this is
-// "unregister") or its bank is destroyed — which the server's death does when the service was
-// paid from the server's own bank. Deleting the last cap to a Service does NOT unregister it.
+// "unregister"), its bank is destroyed, or its server dies: the Kernel destroys a dead server's
+// services whichever bank paid for them (the pages go back to that bank), so a name never
+// outlives the process that answers it. Deleting the last cap to a Service does NOT unregister
+// it.
 // When a Service goes, its name is free again and every bushel to it is torn down (the Kernel
 // does that after the call; the clients get SERVICE_GONE then BUSHEL_CLOSED).
 //

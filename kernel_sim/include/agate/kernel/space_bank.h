@@ -156,6 +156,10 @@ class SpaceBank final : public KernelObject {
   // chargedPages() grow and are refunded when it is destroyed. Cannot fail.
   void chargeObject(KernelObject& object, PageCharge&& charge) noexcept;
 
+  // Takes `pages` of `object`'s chargedPages() back (a CSpace giving chunks back): refunded to
+  // this bank and its ancestors as a return (observers are told). Cannot fail.
+  void refundObjectPages(KernelObject& object, uint64_t pages) noexcept;
+
   // Changes the limit; INVALID_ARGUMENT (nothing changed) if it is below `used`.
   Status trySetLimit(uint64_t limit) noexcept;
 
