@@ -71,7 +71,7 @@ RpcConnection::~RpcConnection() {
 void RpcConnection::close(Error reason) { fail(reason); }
 
 void RpcConnection::shutdown(Error reason) {
-  fail(reason);  // posts the teardown
+  fail(reason);                       // posts the teardown
   if (dispatching_ == 0) teardown();  // else the running method and its object go after it
 }
 

@@ -306,7 +306,8 @@ void RpcConnection::ringPeer() {
 
 void RpcConnection::sendFinish(uint32_t questionId) {
   const std::array<uint64_t, CONTROL_WORDS> words = controlWords(wire::Message::FINISH, questionId);
-  if (sendWords(words, OutKind::CONTROL)) ++stats_.finishesSent;  // on a dead connection nothing is sent
+  if (sendWords(words, OutKind::CONTROL))
+    ++stats_.finishesSent;  // on a dead connection nothing is sent
 }
 
 void RpcConnection::sendRelease(uint32_t importId, uint32_t count) {
