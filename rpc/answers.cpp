@@ -205,18 +205,23 @@ void RpcConnection::completeAnswer(uint32_t answerId, Status status) {
     }
     const bool noFinishNeeded = a.noPipelining && n == 0;
     if (noFinishNeeded) ctx.return_.setNoFinishNeeded(true);
-    if (n > 0) {
-      // Calls pipelined on this answer resolve their paths against a private copy of the
-      // results (frames are position-independent, so a copy of the words reads the same).
-      auto& frame = static_cast<FrameBuilder&>(ctx.results_.builder());
-      Result<size_t> used = frame.tryFinish();
-      if (used) {
-        a.results = takeSpill(*used);
-        std::memcpy(a.results->words.get(), frame.frame().data(), *used);
-        a.results->usedBytes = a.results->dirtyBytes = *used;
-      }
+    Status sent = {};
+    detail::SpillBuffer* built = ctx.results_.spill_;  // results are built in private memory
+    Result<size_t> used = n > 0 ? built->builder->tryFinish() : Result<size_t>(size_t{0});
+    if (n > 0 && used) {
+      // Calls pipelined on this answer resolve their paths against the results: the buffer
+      // they were built in stays with the answer, and the Return goes out as a copy of its words
+      // (frames are position-independent).
+      built->builder.reset();
+      built->usedBytes = built->dirtyBytes = *used;
+      ctx.results_.spill_ = nullptr;
+      a.results = built;
+      sent = sendWords(std::span(reinterpret_cast<const uint64_t*>(built->words.get()),
+                                 *used / WORD_BYTES),
+                       OutKind::REPLY);
+    } else {
+      sent = finishOut(ctx.results_);
     }
-    Status sent = finishOut(ctx.results_);
     if (sent && noFinishNeeded) {
       ++stats_.returnsSent;
       releaseAtReturn(a);
@@ -643,7 +648,11 @@ Status RpcConnection::handleRelease(uint32_t exportId, uint32_t count) {
 
 Result<capnp::AnyPointer::Builder> RpcConnection::initResults(CallContext& ctx, size_t sizeHint) {
   if (ctx.results_.active()) return ctx.content_;
-  Result<detail::OutSlot> slot = startOut(sizeHint + ENVELOPE_BYTES);
+  // Built in private memory, not in a ring frame: a method may suspend after initResults(), and
+  // a ring frame held open meanwhile would hold back every other message to the peer (a call
+  // back to the caller included, a deadlock). Copying the finished words into the ring costs
+  // less than building across the cache lines the peer is polling.
+  Result<detail::OutSlot> slot = startOut(sizeHint + ENVELOPE_BYTES, OutKind::PRIVATE_REPLY);
   if (!slot) return slot.error();
   ctx.results_ = std::move(*slot);
   ctx.return_ = ctx.results_.builder().initRoot<wire::Message>().initReturn();

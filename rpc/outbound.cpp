@@ -81,7 +81,7 @@ Result<detail::OutSlot> RpcConnection::startOut(size_t bytes, OutKind kind) {
   if (!isOpen()) return failure_;
   bytes = std::min(roundToWords(bytes), roundToWords(options_.maxMessageBytes));
   detail::OutSlot slot;
-  if (!ringOpen_ && !pumpRunning_ && queueHead_ == nullptr) {
+  if (kind != OutKind::PRIVATE_REPLY && !ringOpen_ && !pumpRunning_ && queueHead_ == nullptr) {
     Result<OutgoingMessage> m = tx_.tryStartMessage(bytes);
     if (m) {
       slot.ring_.emplace(std::move(*m));
@@ -97,7 +97,7 @@ Result<detail::OutSlot> RpcConnection::startOut(size_t bytes, OutKind kind) {
   detail::SpillBuffer* b = takeSpill(bytes);
   b->builder.emplace(std::span<capnp::word>(b->words.get(), bytes / WORD_BYTES));
   slot.spill_ = b;
-  ++stats_.spilledMessages;
+  if (kind != OutKind::PRIVATE_REPLY) ++stats_.spilledMessages;
   return slot;
 }
 

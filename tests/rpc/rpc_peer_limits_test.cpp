@@ -5,6 +5,8 @@
 //  * content that passed the typed layer's schema check can still be read by the method (the
 //    reader's traversal budget covers several passes, ReadLimits::READ_PASSES);
 //  * a method that shuts its own connection down from its synchronous part is safe;
+//  * a method that starts its results and then awaits a call back to its caller does not hold
+//    the connection's other messages back (results are built in private memory);
 //  * a connection whose receiver accepts frames larger than its spill buffers, or that would
 //    build messages larger than them, is refused when it is made, not when such a frame comes.
 #include <gtest/gtest.h>
@@ -213,6 +215,55 @@ TEST(RpcShutdown, AMethodThatShutsItsOwnConnectionDownIsSafe) {
   EXPECT_EQ(pair.server().failure().code, Errc::DISCONNECTED);
   EXPECT_EQ(outcome(loop, p), Errc::DISCONNECTED) << "the caller hears the connection ended";
   EXPECT_EQ(pair.server().exportCount(), 0u) << "the teardown ran after the method returned";
+}
+
+// Starts its results, then calls its caller back over the same connection before filling them.
+class ResultsThenCallBack final : public ServerObject {
+ public:
+  Promise<void> dispatch(uint64_t, uint16_t, CallContext& ctx) override {
+    Result<ReceivedCap> cap = ctx.getCap(0);
+    if (!cap) return readyPromise<void>(cap.error());
+    return run(ctx, cap->remote);
+  }
+
+ private:
+  static Promise<void> run(CallContext& ctx, RemoteCap target) {
+    Result<Value::Builder> out = ctx.initResultsAs<Value>(16);
+    AGATE_CO_TRY(out);
+    Request req = target.newCall(NODE_INTERFACE_ID, ECHO, 16);
+    req.initParams<Value>().setValue(5);
+    Result<Response> r = co_await req.send();
+    AGATE_CO_TRY(r);
+    out->setValue(r->results().getAs<Value>().getValue() + 100);
+    co_return {};
+  }
+};
+
+TEST(RpcResults, ResultsStartedBeforeACallBackToTheCallerDoNotHoldItBack) {
+  Watchdog watchdog{"rpc_peer_limits_test", std::chrono::seconds(60)};
+  EventLoop loop;
+  Log log;
+  ResultsThenCallBack server;
+  LocalPair pair(loop, &server);
+  Node callback(1, log);
+  RemoteCap root = pair.client().bootstrap();
+  Request req = root.newCall(NODE_INTERFACE_ID, 0, 16);
+  ASSERT_TRUE(req.addCap(callback).ok());
+  RemotePromise p = req.send();
+  bool done = false;
+  uint64_t value = 0;
+  loop.spawn([&]() -> Promise<void> {
+    Result<Response> r = co_await p;
+    if (r) value = r->results().getAs<Value>().getValue();
+    done = true;
+    co_return {};
+  }());
+  EXPECT_TRUE(runUntil(
+      loop, [&] { return done; }, std::chrono::milliseconds(3000)))
+      << "the call back to the caller waited behind the results";
+  EXPECT_EQ(value, 106u) << "ECHO(5) on a node of value 1, plus 100";
+  pair.client().close(Error(Errc::DISCONNECTED, "end"));
+  (void)loop.run(loop.sleep(std::chrono::milliseconds(1)));
 }
 
 TEST(RpcLimitsDeathTest, ALimitAboveTheLargestSpillBufferIsRefusedWhenTheConnectionIsMade) {

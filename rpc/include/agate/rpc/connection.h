@@ -428,10 +428,11 @@ class CallContext {
   // Entries in the params' cap table.
   uint32_t capCount() const noexcept { return paramCapCount_; }
 
-  // Starts the results, in place in an outbound frame of about `sizeHint` bytes of content. The
-  // Return goes out when dispatch's promise completes. Building results and then suspending is
-  // allowed but keeps the frame open (other messages spill meanwhile). DISCONNECTED on a dead
-  // connection. Calling it twice returns the same builder.
+  // Starts the results, in a private buffer of about `sizeHint` bytes of content, copied into the
+  // ring when dispatch's promise completes and the Return goes out. Building results and then
+  // suspending is allowed (the connection sends other messages meanwhile). DISCONNECTED on a
+  // dead connection; OUT_OF_MEMORY when the peer stopped reading (RpcOptions::maxQueuedBytes).
+  // Calling it twice returns the same builder.
   Result<capnp::AnyPointer::Builder> initResults(size_t sizeHint = 256);
   template <class T>
   Result<typename T::Builder> initResultsAs(size_t sizeHint = 256) {
@@ -645,7 +646,8 @@ class RpcConnection {
   // side's own Call is refused (OUT_OF_MEMORY, the caller may try later); a message the peer's
   // actions call for (a Return, a Resolve, ...) ends the connection, since the peer does not read
   // what it asks for; Finish and Release are bounded by this side's own tables and always go.
-  enum class OutKind : uint8_t { CALL, REPLY, CONTROL };
+  // PRIVATE_REPLY: a REPLY built in a spill buffer even when the ring has room (results).
+  enum class OutKind : uint8_t { CALL, REPLY, PRIVATE_REPLY, CONTROL };
   Status admitToQueue(OutKind kind, size_t bytes);
   Result<detail::OutSlot> startOut(size_t bytes, OutKind kind = OutKind::REPLY);
   Status finishOut(detail::OutSlot& slot);
