@@ -216,9 +216,9 @@ void RpcConnection::completeAnswer(uint32_t answerId, Status status) {
       built->usedBytes = built->dirtyBytes = *used;
       ctx.results_.spill_ = nullptr;
       a.results = built;
-      sent = sendWords(std::span(reinterpret_cast<const uint64_t*>(built->words.get()),
-                                 *used / WORD_BYTES),
-                       OutKind::REPLY);
+      sent = sendWords(
+          std::span(reinterpret_cast<const uint64_t*>(built->words.get()), *used / WORD_BYTES),
+          OutKind::REPLY);
     } else {
       sent = finishOut(ctx.results_);
     }
