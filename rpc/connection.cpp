@@ -312,7 +312,7 @@ Result<uint32_t> RpcConnection::addCapFor(detail::CapTable& table, const RemoteC
       return Error(Errc::OUT_OF_MEMORY, "more capabilities than one message carries");
     detail::CapEntry e;
     e.kind = detail::CapEntry::Kind::RECEIVER_ANSWER;
-    e.pipelined = std::make_unique<RemoteCap>(cap);
+    e.held = cap;
     return table.tryAdd(std::move(e));
   }
   if (cap.kind_ == RemoteCap::Kind::PIPELINE)
@@ -321,9 +321,13 @@ Result<uint32_t> RpcConnection::addCapFor(detail::CapTable& table, const RemoteC
                  "call's params");
   if (cap.kind_ != RemoteCap::Kind::IMPORT)
     return Error(Errc::INVALID_ARGUMENT, "a broken capability cannot be passed");
+  // Passed back to its host: receiverHosted. The entry holds a reference to the import until
+  // the message is sent (or abandoned), so the caller may drop its own at once: any Release
+  // goes out behind the message that names the export.
   detail::CapEntry e;
   e.kind = detail::CapEntry::Kind::RECEIVER_HOSTED;
   e.id = cap.id_;
+  e.held = cap;
   return table.tryAdd(std::move(e));
 }
 

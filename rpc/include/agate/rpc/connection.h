@@ -143,53 +143,6 @@ class OutSlot {
   SpillBuffer* spill_ = nullptr;
 };
 
-// One entry of an outbound cap table before it is written.
-struct CapEntry {
-  enum class Kind : uint8_t {
-    NONE,
-    SENDER_HOSTED,
-    RECEIVER_HOSTED,
-    THIRD_PARTY,
-    SENDER_PROMISE,
-    RECEIVER_ANSWER
-  };
-  Kind kind = Kind::NONE;
-  uint32_t id = 0;                       // RECEIVER_HOSTED: the peer's export id
-  ServerObject* object = nullptr;        // SENDER_HOSTED; THIRD_PARTY: the vine
-  std::unique_ptr<ServerObject> owned;   // SENDER_HOSTED, when the connection takes ownership
-  std::shared_ptr<ServerObject> shared;  // SENDER_HOSTED, owned jointly (a handed-off object);
-                                         // SENDER_PROMISE: the promise (object is the same)
-  VatId vat = NO_VAT;                    // THIRD_PARTY: the provider
-  uint64_t provisionId = 0;              // THIRD_PARTY
-  // RECEIVER_ANSWER: the pipelined capability passed back (its question and path), held so that
-  // no Finish for the question goes out before the message that names it.
-  std::unique_ptr<RemoteCap> pipelined;
-};
-
-// An outbound cap table being collected while content is built. Every Request holds one, and
-// most calls carry no capability: only the entries in use are constructed (entries [0, size())
-// live in raw storage), so making, moving and dropping an empty table costs nothing.
-class CapTable {
- public:
-  CapTable() noexcept {}  // NOLINT: the storage stays uninitialised on purpose
-  CapTable(CapTable&& o) noexcept : count_(o.count_) {
-    for (uint32_t i = 0; i < count_; ++i) new (slot(i)) CapEntry(std::move(o.entries()[i]));
-    o.clear();
-  }
-  CapTable& operator=(CapTable&&) = delete;
-  ~CapTable() { clear(); }
-
-  uint32_t size() const noexcept { return count_; }
-  CapEntry* entries() noexcept { return std::launder(reinterpret_cast<CapEntry*>(storage_)); }
-  Result<uint32_t> tryAdd(CapEntry entry);
-  void clear() noexcept;
-
- private:
-  void* slot(uint32_t i) noexcept { return storage_ + i * sizeof(CapEntry); }
-  alignas(CapEntry) std::byte storage_[MAX_CAPS_PER_MESSAGE * sizeof(CapEntry)];
-  uint32_t count_ = 0;
-};
-
 }  // namespace detail
 
 // A reference to a capability hosted by the peer: an import, or a capability promised inside the
@@ -240,6 +193,59 @@ struct ReceivedCap {
   RemoteCap remote;               // set when the peer hosts it
   bool isNull() const noexcept { return local == nullptr && remote.isNull(); }
 };
+
+namespace detail {
+
+// One entry of an outbound cap table before it is written.
+struct CapEntry {
+  enum class Kind : uint8_t {
+    NONE,
+    SENDER_HOSTED,
+    RECEIVER_HOSTED,
+    THIRD_PARTY,
+    SENDER_PROMISE,
+    RECEIVER_ANSWER
+  };
+  Kind kind = Kind::NONE;
+  uint32_t id = 0;                       // RECEIVER_HOSTED: the peer's export id
+  ServerObject* object = nullptr;        // SENDER_HOSTED; THIRD_PARTY: the vine
+  std::unique_ptr<ServerObject> owned;   // SENDER_HOSTED, when the connection takes ownership
+  std::shared_ptr<ServerObject> shared;  // SENDER_HOSTED, owned jointly (a handed-off object);
+                                         // SENDER_PROMISE: the promise (object is the same)
+  VatId vat = NO_VAT;                    // THIRD_PARTY: the provider
+  uint64_t provisionId = 0;              // THIRD_PARTY
+  // RECEIVER_HOSTED: the import passed back; RECEIVER_ANSWER: the pipelined capability passed
+  // back (its question and path). A counted reference held until the message is sent or
+  // abandoned, so that no Release (Finish) for the import (question) goes out before the
+  // message that names it, however soon the caller drops its own reference.
+  RemoteCap held;
+};
+
+// An outbound cap table being collected while content is built. Every Request holds one, and
+// most calls carry no capability: only the entries in use are constructed (entries [0, size())
+// live in raw storage), so making, moving and dropping an empty table costs nothing.
+class CapTable {
+ public:
+  CapTable() noexcept {}  // NOLINT: the storage stays uninitialised on purpose
+  CapTable(CapTable&& o) noexcept : count_(o.count_) {
+    for (uint32_t i = 0; i < count_; ++i) new (slot(i)) CapEntry(std::move(o.entries()[i]));
+    o.clear();
+  }
+  CapTable& operator=(CapTable&&) = delete;
+  ~CapTable() { clear(); }
+
+  uint32_t size() const noexcept { return count_; }
+  CapEntry* entries() noexcept { return std::launder(reinterpret_cast<CapEntry*>(storage_)); }
+  Result<uint32_t> tryAdd(CapEntry entry);
+  void clear() noexcept;
+
+ private:
+  void* slot(uint32_t i) noexcept { return storage_ + i * sizeof(CapEntry); }
+  alignas(CapEntry) std::byte storage_[MAX_CAPS_PER_MESSAGE * sizeof(CapEntry)];
+  uint32_t count_ = 0;
+};
+
+}  // namespace detail
 
 // The results of a call, read in place in the inbound frame. Move-only.
 //
