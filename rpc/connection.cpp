@@ -375,6 +375,15 @@ Request RpcConnection::newCall(const RemoteCap& target, uint64_t interfaceId, ui
     request.interfaceId_ = interfaceId;
     request.methodId_ = methodId;
     request.sizeHint_ = sizeHint;
+    // The request holds its target until the Call is out (or the request is dropped): the
+    // caller may drop its last reference first, and the Release or Finish that follows must
+    // not overtake the Call.
+    if (request.toAnswer_) {
+      questionRef(request.targetId_);
+    } else {
+      importRef(request.targetId_);
+    }
+    request.holdsTarget_ = true;
     return request;
   }
   // Refused: params go to a scrap message so the caller's building code still runs.
@@ -414,6 +423,7 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
   if (request.error_.code != Errc::OK) {
     request.unbuilt_ = false;
     abandonOut(request.slot_);
+    releaseTarget(request);
     return RemotePromise(nullptr, 0, readyPromise<Response>(request.error_), request.error_);
   }
   const uint32_t qid = takeQuestionId();
@@ -439,6 +449,7 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
     if (request.slot_.active()) abandonOut(request.slot_);
     rollBackExports(request.caps_);
     giveQuestionId(qid);
+    releaseTarget(request);
     return RemotePromise(nullptr, 0, readyPromise<Response>(sent.error()), sent.error());
   }
   ++stats_.callsSent;
@@ -452,7 +463,19 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
   RemotePromise sentPromise(this, qid, std::move(promise), Error{});
   sentPromise.generation_ = q.generation;
   sentPromise.noPipelining_ = q.noPipelining;
+  // Last: the Call is out, and the question is set up should what this sends fail the
+  // connection.
+  releaseTarget(request);
   return sentPromise;
+}
+
+void RpcConnection::releaseTarget(Request& request) noexcept {
+  if (!std::exchange(request.holdsTarget_, false)) return;
+  if (request.toAnswer_) {
+    questionUnref(request.targetId_);
+  } else {
+    importUnref(request.targetId_);
+  }
 }
 
 void RpcConnection::questionRef(uint32_t id) noexcept { ++questions_[id].refs; }

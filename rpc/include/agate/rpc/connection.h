@@ -53,8 +53,11 @@
 //    coroutine first suspends or returns); copy what is needed later. The inbound frame is then
 //    released so the connection keeps reading.
 //  * RemoteCap: a counted reference to an import (or to a pipelined answer). The last reference
-//    to an import sends Release. Every RemoteCap, Request, RemotePromise and Response must be
-//    dropped before its RpcConnection (precondition, checked).
+//    to an import sends Release. A Request holds one on its target, and a cap-table entry on a
+//    capability passed back to the peer, until the message is sent (or dropped), so a caller may
+//    drop its own at any time: the Release (or Finish) follows the message that names the id.
+//    Every RemoteCap, Request, RemotePromise and Response must be dropped before its
+//    RpcConnection (precondition, checked).
 //
 // Errors: a server's error (an Error returned by its dispatch) reaches the caller as the same
 // Errc; its detail text is copied into the caller's connection (see REMOTE_REASON_SLOTS
@@ -390,6 +393,9 @@ class [[nodiscard]] Request {
   // The Call is built only when params() or a capability needs it: a call with neither is
   // written by send() as a handful of words, with no MessageBuilder. Until then, what it is.
   bool unbuilt_ = false;
+  // A reference to the target (its question, or its import) is held until the Call is sent or
+  // the request dropped, so no Finish or Release for it goes out ahead of the Call.
+  bool holdsTarget_ = false;
   bool noPipelining_ = false;
   bool toAnswer_ = false;  // target: promisedAnswer(targetId_, path_) or importedCap(targetId_)
   uint8_t pathLength_ = 0;
@@ -671,6 +677,7 @@ class RpcConnection {
   Request newCall(const RemoteCap& target, uint64_t interfaceId, uint16_t methodId,
                   size_t sizeHint);
   RemotePromise sendRequest(Request& request);
+  void releaseTarget(Request& request) noexcept;
   void questionRef(uint32_t id) noexcept;
   void questionUnref(uint32_t id) noexcept;
   void importRef(uint32_t id) noexcept;
