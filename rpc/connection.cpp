@@ -274,6 +274,7 @@ void RpcConnection::releaseResponse(detail::ResponseSlot* slot) noexcept {
   for (wire::CapDescriptor::Reader d : slot->caps) {
     if (d.which() == wire::CapDescriptor::SENDER_HOSTED) importUnref(d.getSenderHosted());
     if (d.which() == wire::CapDescriptor::SENDER_PROMISE) importUnref(d.getSenderPromise());
+    if (d.which() == wire::CapDescriptor::RECEIVER_HOSTED) exportUnpin(d.getReceiverHosted());
   }
   for (uint32_t i = 0; i < slot->caps.size() && i < MAX_CAPS_PER_MESSAGE; ++i) {
     slot->handedOff[i] = RemoteCap();  // may be on another connection: Finish goes there

@@ -280,7 +280,9 @@ class Response {
   }
   // Capability `capIndex` of the results' cap table; capAt reads the index from a capability
   // pointer field or an element of a list of capabilities (cap_pointer.h says what is refused).
-  // INVALID_ARGUMENT for an index outside the table or a null entry.
+  // INVALID_ARGUMENT for an index outside the table or a null entry. An object of this side
+  // passed back (ReceivedCap::local) stays alive while the Response does, whatever the peer
+  // releases meanwhile.
   Result<ReceivedCap> getCap(uint32_t capIndex) const;
   Result<ReceivedCap> capAt(capnp::AnyStruct::Reader s, uint16_t pointerIndex) const;
   Result<ReceivedCap> capAt(capnp::AnyList::Reader list, uint32_t element) const;
