@@ -274,7 +274,10 @@ void RpcConnection::releaseResponse(detail::ResponseSlot* slot) noexcept {
   for (wire::CapDescriptor::Reader d : slot->caps) {
     if (d.which() == wire::CapDescriptor::SENDER_HOSTED) importUnref(d.getSenderHosted());
     if (d.which() == wire::CapDescriptor::SENDER_PROMISE) importUnref(d.getSenderPromise());
-    if (d.which() == wire::CapDescriptor::RECEIVER_HOSTED) exportUnpin(d.getReceiverHosted());
+    // Pinned at the Return. A dead connection's exports are gone (teardown frees them pinned or
+    // not): nothing to unpin.
+    if (d.which() == wire::CapDescriptor::RECEIVER_HOSTED && isOpen())
+      exportUnpin(d.getReceiverHosted());
   }
   for (uint32_t i = 0; i < slot->caps.size() && i < MAX_CAPS_PER_MESSAGE; ++i) {
     slot->handedOff[i] = RemoteCap();  // may be on another connection: Finish goes there

@@ -361,5 +361,42 @@ TEST_F(RpcCapLifetimeRawTest, AReceiverHostedResultSurvivesAReleaseThatFollowsTh
   EXPECT_TRUE(conn_->isOpen()) << conn_->failure().detail;
 }
 
+// A Response naming one of our objects, held across the connection's end: getCap then says
+// DISCONNECTED (the connection destroyed its exports), and dropping it afterwards is harmless.
+TEST_F(RpcCapLifetimeRawTest, AReceiverHostedResultHeldAcrossTheConnectionsEndReadsDisconnected) {
+  RemoteCap peerRoot = conn_->bootstrap();
+  Request req = peerRoot.newCall(NODE_INTERFACE_ID, ECHO, 16);
+  ASSERT_TRUE(req.addCap(std::make_unique<Node>(7, log_)).ok());
+  RemotePromise p = req.send();
+  uint32_t questionId = 0, exportId = 0;
+  expectFromConn([&](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::CALL);
+    questionId = m.getCall().getQuestionId();
+    exportId = m.getCall().getParams().getCapTable()[0].getSenderHosted();
+  });
+  send([&](wire::Message::Builder m) {
+    wire::Return::Builder r = m.initReturn();
+    r.setAnswerId(questionId);
+    wire::Payload::Builder results = r.initResults();
+    writeCapPointer(results.getContent().initAs<CapParam>(), 0, 0);
+    results.initCapTable(1)[0].setReceiverHosted(exportId);
+  });
+  std::optional<Response> held;
+  Status awaited = loop_.run([&]() -> Promise<void> {
+    Result<Response> r = co_await p;
+    AGATE_CO_TRY(r);
+    held.emplace(std::move(*r));
+    co_return {};
+  }());
+  ASSERT_TRUE(awaited.ok()) << errcName(awaited.code());
+  conn_->close(Error(Errc::DISCONNECTED, "closed"));
+  (void)loop_.run(loop_.sleep(std::chrono::milliseconds(1)));  // teardown runs
+  EXPECT_EQ(log_.destroyed, 1) << "the connection's exports go with it, pinned or not";
+  Result<ReceivedCap> cap = held->getCap(0);
+  EXPECT_EQ(cap.code(), Errc::DISCONNECTED);
+  held.reset();
+  EXPECT_EQ(log_.destroyed, 1);
+}
+
 }  // namespace
 }  // namespace agate::rpc::test
