@@ -284,6 +284,10 @@ void RpcConnection::releaseResponse(detail::ResponseSlot* slot) noexcept {
   for (wire::CapDescriptor::Reader d : slot->caps) {
     if (d.which() == wire::CapDescriptor::SENDER_HOSTED) importUnref(d.getSenderHosted());
     if (d.which() == wire::CapDescriptor::SENDER_PROMISE) importUnref(d.getSenderPromise());
+    // Pinned at the Return. A dead connection's exports are gone (teardown frees them pinned or
+    // not): nothing to unpin.
+    if (d.which() == wire::CapDescriptor::RECEIVER_HOSTED && isOpen())
+      exportUnpin(d.getReceiverHosted());
   }
   for (uint32_t i = 0; i < slot->caps.size() && i < MAX_CAPS_PER_MESSAGE; ++i) {
     slot->handedOff[i] = RemoteCap();  // may be on another connection: Finish goes there
@@ -322,7 +326,7 @@ Result<uint32_t> RpcConnection::addCapFor(detail::CapTable& table, const RemoteC
       return Error(Errc::OUT_OF_MEMORY, "more capabilities than one message carries");
     detail::CapEntry e;
     e.kind = detail::CapEntry::Kind::RECEIVER_ANSWER;
-    e.pipelined = std::make_unique<RemoteCap>(cap);
+    e.held = cap;
     return table.tryAdd(std::move(e));
   }
   if (cap.kind_ == RemoteCap::Kind::PIPELINE)
@@ -331,9 +335,13 @@ Result<uint32_t> RpcConnection::addCapFor(detail::CapTable& table, const RemoteC
                  "call's params");
   if (cap.kind_ != RemoteCap::Kind::IMPORT)
     return Error(Errc::INVALID_ARGUMENT, "a broken capability cannot be passed");
+  // Passed back to its host: receiverHosted. The entry holds a reference to the import until
+  // the message is sent (or abandoned), so the caller may drop its own at once: any Release
+  // goes out behind the message that names the export.
   detail::CapEntry e;
   e.kind = detail::CapEntry::Kind::RECEIVER_HOSTED;
   e.id = cap.id_;
+  e.held = cap;
   return table.tryAdd(std::move(e));
 }
 
@@ -381,6 +389,15 @@ Request RpcConnection::newCall(const RemoteCap& target, uint64_t interfaceId, ui
     request.interfaceId_ = interfaceId;
     request.methodId_ = methodId;
     request.sizeHint_ = sizeHint;
+    // The request holds its target until the Call is out (or the request is dropped): the
+    // caller may drop its last reference first, and the Release or Finish that follows must
+    // not overtake the Call.
+    if (request.toAnswer_) {
+      questionRef(request.targetId_);
+    } else {
+      importRef(request.targetId_);
+    }
+    request.holdsTarget_ = true;
     return request;
   }
   // Refused: params go to a scrap message so the caller's building code still runs.
@@ -420,6 +437,7 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
   if (request.error_.code != Errc::OK) {
     request.unbuilt_ = false;
     abandonOut(request.slot_);
+    releaseTarget(request);
     return RemotePromise(nullptr, 0, readyPromise<Response>(request.error_), request.error_);
   }
   const uint32_t qid = takeQuestionId();
@@ -445,6 +463,7 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
     if (request.slot_.active()) abandonOut(request.slot_);
     rollBackExports(request.caps_);
     giveQuestionId(qid);
+    releaseTarget(request);
     return RemotePromise(nullptr, 0, readyPromise<Response>(sent.error()), sent.error());
   }
   ++stats_.callsSent;
@@ -458,7 +477,19 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
   RemotePromise sentPromise(this, qid, std::move(promise), Error{});
   sentPromise.generation_ = q.generation;
   sentPromise.noPipelining_ = q.noPipelining;
+  // Last: the Call is out, and the question is set up should what this sends fail the
+  // connection.
+  releaseTarget(request);
   return sentPromise;
+}
+
+void RpcConnection::releaseTarget(Request& request) noexcept {
+  if (!std::exchange(request.holdsTarget_, false)) return;
+  if (request.toAnswer_) {
+    questionUnref(request.targetId_);
+  } else {
+    importUnref(request.targetId_);
+  }
 }
 
 void RpcConnection::questionRef(uint32_t id) noexcept { ++questions_[id].refs; }

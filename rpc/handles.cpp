@@ -78,6 +78,7 @@ Request::Request(Request&& o) noexcept
     : conn_(std::exchange(o.conn_, nullptr)),
       error_(o.error_),
       unbuilt_(std::exchange(o.unbuilt_, false)),
+      holdsTarget_(std::exchange(o.holdsTarget_, false)),
       noPipelining_(o.noPipelining_),
       toAnswer_(o.toAnswer_),
       pathLength_(o.pathLength_),
@@ -94,6 +95,7 @@ Request::Request(Request&& o) noexcept
 Request::~Request() {
   if (conn_ == nullptr) return;
   if (slot_.active()) conn_->abandonOut(slot_);
+  conn_->releaseTarget(*this);  // unsent: its target may go now
   --conn_->handles_;
 }
 

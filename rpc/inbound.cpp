@@ -469,8 +469,15 @@ Status RpcConnection::handleReturn(IncomingMessage& message, const Decoded& d) {
   switch (d.returnKind) {
     case wire::Return::RESULTS: {
       // Every senderHosted entry is one more reference the peer gave us; the Response holds one
-      // local reference per entry until it is dropped.
+      // local reference per entry until it is dropped. Every receiverHosted entry (one of our
+      // exports, passed back) is pinned now, until the Response is dropped: the peer may
+      // release its own reference right behind the Return, and the Response must still name
+      // the object the peer meant (not a freed export, nor another object under a reused id).
       for (uint32_t i = 0; i < d.capCount; ++i) {
+        if (d.capKinds[i] == detail::CapEntry::Kind::RECEIVER_HOSTED) {
+          ++exports_[d.capIds[i]].pins;  // live: checked at decode
+          continue;
+        }
         if (!isImported(d.capKinds[i])) continue;
         importRef(d.capIds[i]);
         ++imports_[d.capIds[i]].remoteRefs;

@@ -363,9 +363,9 @@ Status RpcConnection::writeCapTable(capnp::List<wire::CapDescriptor>::Builder ou
         break;
       case detail::CapEntry::Kind::RECEIVER_ANSWER: {
         wire::PromisedAnswer::Builder pa = out[i].initReceiverAnswer();
-        pa.setQuestionId(e.pipelined->id_);
-        capnp::List<uint16_t>::Builder t = pa.initTransform(e.pipelined->pathLength_);
-        for (uint32_t s = 0; s < e.pipelined->pathLength_; ++s) t.set(s, e.pipelined->path_[s]);
+        pa.setQuestionId(e.held.id_);
+        capnp::List<uint16_t>::Builder t = pa.initTransform(e.held.pathLength_);
+        for (uint32_t s = 0; s < e.held.pathLength_; ++s) t.set(s, e.held.path_[s]);
         break;
       }
       case detail::CapEntry::Kind::SENDER_HOSTED: {

@@ -53,8 +53,11 @@
 //    coroutine first suspends or returns); copy what is needed later. The inbound frame is then
 //    released so the connection keeps reading.
 //  * RemoteCap: a counted reference to an import (or to a pipelined answer). The last reference
-//    to an import sends Release. Every RemoteCap, Request, RemotePromise and Response must be
-//    dropped before its RpcConnection (precondition, checked).
+//    to an import sends Release. A Request holds one on its target, and a cap-table entry on a
+//    capability passed back to the peer, until the message is sent (or dropped), so a caller may
+//    drop its own at any time: the Release (or Finish) follows the message that names the id.
+//    Every RemoteCap, Request, RemotePromise and Response must be dropped before its
+//    RpcConnection (precondition, checked).
 //
 // Errors: a server's error (an Error returned by its dispatch) reaches the caller as the same
 // Errc; its detail text is copied into the caller's connection (see REMOTE_REASON_SLOTS
@@ -143,53 +146,6 @@ class OutSlot {
   SpillBuffer* spill_ = nullptr;
 };
 
-// One entry of an outbound cap table before it is written.
-struct CapEntry {
-  enum class Kind : uint8_t {
-    NONE,
-    SENDER_HOSTED,
-    RECEIVER_HOSTED,
-    THIRD_PARTY,
-    SENDER_PROMISE,
-    RECEIVER_ANSWER
-  };
-  Kind kind = Kind::NONE;
-  uint32_t id = 0;                       // RECEIVER_HOSTED: the peer's export id
-  ServerObject* object = nullptr;        // SENDER_HOSTED; THIRD_PARTY: the vine
-  std::unique_ptr<ServerObject> owned;   // SENDER_HOSTED, when the connection takes ownership
-  std::shared_ptr<ServerObject> shared;  // SENDER_HOSTED, owned jointly (a handed-off object);
-                                         // SENDER_PROMISE: the promise (object is the same)
-  VatId vat = NO_VAT;                    // THIRD_PARTY: the provider
-  uint64_t provisionId = 0;              // THIRD_PARTY
-  // RECEIVER_ANSWER: the pipelined capability passed back (its question and path), held so that
-  // no Finish for the question goes out before the message that names it.
-  std::unique_ptr<RemoteCap> pipelined;
-};
-
-// An outbound cap table being collected while content is built. Every Request holds one, and
-// most calls carry no capability: only the entries in use are constructed (entries [0, size())
-// live in raw storage), so making, moving and dropping an empty table costs nothing.
-class CapTable {
- public:
-  CapTable() noexcept {}  // NOLINT: the storage stays uninitialised on purpose
-  CapTable(CapTable&& o) noexcept : count_(o.count_) {
-    for (uint32_t i = 0; i < count_; ++i) new (slot(i)) CapEntry(std::move(o.entries()[i]));
-    o.clear();
-  }
-  CapTable& operator=(CapTable&&) = delete;
-  ~CapTable() { clear(); }
-
-  uint32_t size() const noexcept { return count_; }
-  CapEntry* entries() noexcept { return std::launder(reinterpret_cast<CapEntry*>(storage_)); }
-  Result<uint32_t> tryAdd(CapEntry entry);
-  void clear() noexcept;
-
- private:
-  void* slot(uint32_t i) noexcept { return storage_ + i * sizeof(CapEntry); }
-  alignas(CapEntry) std::byte storage_[MAX_CAPS_PER_MESSAGE * sizeof(CapEntry)];
-  uint32_t count_ = 0;
-};
-
 }  // namespace detail
 
 // A reference to a capability hosted by the peer: an import, or a capability promised inside the
@@ -241,6 +197,59 @@ struct ReceivedCap {
   bool isNull() const noexcept { return local == nullptr && remote.isNull(); }
 };
 
+namespace detail {
+
+// One entry of an outbound cap table before it is written.
+struct CapEntry {
+  enum class Kind : uint8_t {
+    NONE,
+    SENDER_HOSTED,
+    RECEIVER_HOSTED,
+    THIRD_PARTY,
+    SENDER_PROMISE,
+    RECEIVER_ANSWER
+  };
+  Kind kind = Kind::NONE;
+  uint32_t id = 0;                       // RECEIVER_HOSTED: the peer's export id
+  ServerObject* object = nullptr;        // SENDER_HOSTED; THIRD_PARTY: the vine
+  std::unique_ptr<ServerObject> owned;   // SENDER_HOSTED, when the connection takes ownership
+  std::shared_ptr<ServerObject> shared;  // SENDER_HOSTED, owned jointly (a handed-off object);
+                                         // SENDER_PROMISE: the promise (object is the same)
+  VatId vat = NO_VAT;                    // THIRD_PARTY: the provider
+  uint64_t provisionId = 0;              // THIRD_PARTY
+  // RECEIVER_HOSTED: the import passed back; RECEIVER_ANSWER: the pipelined capability passed
+  // back (its question and path). A counted reference held until the message is sent or
+  // abandoned, so that no Release (Finish) for the import (question) goes out before the
+  // message that names it, however soon the caller drops its own reference.
+  RemoteCap held;
+};
+
+// An outbound cap table being collected while content is built. Every Request holds one, and
+// most calls carry no capability: only the entries in use are constructed (entries [0, size())
+// live in raw storage), so making, moving and dropping an empty table costs nothing.
+class CapTable {
+ public:
+  CapTable() noexcept {}  // NOLINT: the storage stays uninitialised on purpose
+  CapTable(CapTable&& o) noexcept : count_(o.count_) {
+    for (uint32_t i = 0; i < count_; ++i) new (slot(i)) CapEntry(std::move(o.entries()[i]));
+    o.clear();
+  }
+  CapTable& operator=(CapTable&&) = delete;
+  ~CapTable() { clear(); }
+
+  uint32_t size() const noexcept { return count_; }
+  CapEntry* entries() noexcept { return std::launder(reinterpret_cast<CapEntry*>(storage_)); }
+  Result<uint32_t> tryAdd(CapEntry entry);
+  void clear() noexcept;
+
+ private:
+  void* slot(uint32_t i) noexcept { return storage_ + i * sizeof(CapEntry); }
+  alignas(CapEntry) std::byte storage_[MAX_CAPS_PER_MESSAGE * sizeof(CapEntry)];
+  uint32_t count_ = 0;
+};
+
+}  // namespace detail
+
 // The results of a call, read in place in the inbound frame. Move-only.
 //
 // Where the bytes are: the Return is handed over in place, and the connection yields one loop
@@ -271,7 +280,9 @@ class Response {
   }
   // Capability `capIndex` of the results' cap table; capAt reads the index from a capability
   // pointer field or an element of a list of capabilities (cap_pointer.h says what is refused).
-  // INVALID_ARGUMENT for an index outside the table or a null entry.
+  // INVALID_ARGUMENT for an index outside the table or a null entry. An object of this side
+  // passed back (ReceivedCap::local) stays alive while the Response does, whatever the peer
+  // releases meanwhile.
   Result<ReceivedCap> getCap(uint32_t capIndex) const;
   Result<ReceivedCap> capAt(capnp::AnyStruct::Reader s, uint16_t pointerIndex) const;
   Result<ReceivedCap> capAt(capnp::AnyList::Reader list, uint32_t element) const;
@@ -384,6 +395,9 @@ class [[nodiscard]] Request {
   // The Call is built only when params() or a capability needs it: a call with neither is
   // written by send() as a handful of words, with no MessageBuilder. Until then, what it is.
   bool unbuilt_ = false;
+  // A reference to the target (its question, or its import) is held until the Call is sent or
+  // the request dropped, so no Finish or Release for it goes out ahead of the Call.
+  bool holdsTarget_ = false;
   bool noPipelining_ = false;
   bool toAnswer_ = false;  // target: promisedAnswer(targetId_, path_) or importedCap(targetId_)
   uint8_t pathLength_ = 0;
@@ -682,6 +696,7 @@ class RpcConnection {
   Request newCall(const RemoteCap& target, uint64_t interfaceId, uint16_t methodId,
                   size_t sizeHint);
   RemotePromise sendRequest(Request& request);
+  void releaseTarget(Request& request) noexcept;
   void questionRef(uint32_t id) noexcept;
   void questionUnref(uint32_t id) noexcept;
   void importRef(uint32_t id) noexcept;
