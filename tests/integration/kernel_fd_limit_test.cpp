@@ -37,6 +37,16 @@ using agate::testing::KernelProcess;
 using agate::testing::Watchdog;
 using std::chrono::seconds;
 
+// Under ASan+UBSan, the vptr check probes memory through a pipe (two descriptors) and reports
+// a false "invalid vptr" when it cannot make one: a table filled for a test keeps two slots free
+// there, so only packets of three descriptors or more can be cut short (a notification's map, an
+// attach); the two-descriptor events are checked in the other builds.
+#ifdef AGATE_ASAN
+constexpr int MIN_SPARE = 2;
+#else
+constexpr int MIN_SPARE = 0;
+#endif
+
 // This process's open descriptors.
 int openFds() {
   DIR* d = ::opendir("/proc/self/fd");
@@ -122,7 +132,7 @@ TEST(KernelFdLimit, AReplysDescriptorsDroppedForAFullTableFailOnlyThatCall) {
   Cap<Notification> notification = get(s.createNotification(c.conn->bank(), /*wakeFd=*/true));
   const int before = openFds();
 
-  for (int spare : {0, 1, 2}) {
+  for (int spare = MIN_SPARE; spare <= 2; ++spare) {
     SCOPED_TRACE(spare);
     {
       FullTable full(spare);
@@ -155,6 +165,7 @@ TEST(KernelFdLimit, AReplysDescriptorsDroppedForAFullTableFailOnlyThatCall) {
 }
 
 TEST(KernelFdLimit, AnEventsDescriptorsDroppedForAFullTableComeWithTheReasonAndTheNextArrive) {
+  if (MIN_SPARE > 1) GTEST_SKIP() << "the sanitizer needs two free descriptors (see MIN_SPARE)";
   Watchdog dog("a full descriptor table drops one event's rings", seconds(30));
   KernelProcess kernel;
   EventLoop loop;
@@ -191,6 +202,7 @@ TEST(KernelFdLimit, AnEventsDescriptorsDroppedForAFullTableComeWithTheReasonAndT
 }
 
 TEST(KernelFdLimit, AServiceHostClosesTheBushelWhoseRingsNeverArrivedAndServesTheNext) {
+  if (MIN_SPARE > 0) GTEST_SKIP() << "the sanitizer needs two free descriptors (see MIN_SPARE)";
   Watchdog dog("a host refuses a client whose rings were dropped", seconds(30));
   KernelProcess kernel;
   EventLoop loop;
@@ -236,6 +248,29 @@ TEST(KernelFdLimit, AServiceHostClosesTheBushelWhoseRingsNeverArrivedAndServesTh
   EXPECT_EQ(openFds(), before + 0) << "only the served client's rings were kept, then closed";
 }
 
+TEST(KernelFdLimit, AnAttachWhoseRingsCannotBeTakenFailsAndLeavesNothingInTheKernel) {
+  Watchdog dog("an attach with a full descriptor table", seconds(30));
+  KernelProcess kernel;
+  Client observer(kernel, "observer");
+  ASSERT_TRUE(observer.conn);
+  const size_t processes = get(observer.sync().listProcesses()).size();
+  const int before = openFds();
+  {
+    FullTable full(3);  // room for the socket and two of the six ring descriptors
+    auto attached = KernelConnection::tryAttach(observer.loop, kernel.home(), "starved");
+    ASSERT_EQ(attached.code(), Errc::OUT_OF_MEMORY);
+    EXPECT_EQ(attached.error().sysErrno, EMFILE);
+    EXPECT_EQ(full.freeSlots(), 3);
+  }
+  EXPECT_EQ(openFds(), before);
+  // The kernel saw the socket close and detached the process it had attached.
+  EXPECT_TRUE(agate::testing::eventually(
+      [&] { return get(observer.sync().listProcesses()).size() == processes; }));
+  // Room again: an attach works.
+  auto attached = KernelConnection::tryAttach(observer.loop, kernel.home(), "fed");
+  EXPECT_TRUE(attached.ok());
+}
+
 // The runtime's part, on a socket pair: FAIL reports OUT_OF_MEMORY/EMFILE, REPORT returns the
 // payload with fdsDropped; both close what arrived. A peer sending more than a packet carries
 // is still PROTOCOL_ERROR.
@@ -250,7 +285,7 @@ TEST(KernelFdLimit, APacketCutShortByAFullTableIsToldApartFromAPeerSendingTooMan
 
   for (DroppedFds mode : {DroppedFds::FAIL, DroppedFds::REPORT}) {
     ASSERT_TRUE(trySendPacket(a.get(), bytes, three).ok());
-    FullTable full(1);
+    FullTable full(2);  // two of the three arrive
     uint64_t got = 0;
     Fd fds[3];
     auto r = tryReceivePacket(b.get(), std::as_writable_bytes(std::span(&got, 1)), fds, mode);
@@ -265,7 +300,7 @@ TEST(KernelFdLimit, APacketCutShortByAFullTableIsToldApartFromAPeerSendingTooMan
       EXPECT_EQ(got, word);
     }
     for (const Fd& fd : fds) EXPECT_FALSE(fd.valid());
-    EXPECT_EQ(full.freeSlots(), 1);
+    EXPECT_EQ(full.freeSlots(), 2);
   }
   // Nine descriptors, more than any packet carries: the peer's fault, not the table's.
   // (trySendPacket refuses more than MAX_PACKET_FDS: sent by hand.)
