@@ -168,6 +168,24 @@ Result<std::unique_ptr<KernelConnection>> KernelConnection::tryAttach(
   return c;
 }
 
+// ---- Created objects ----
+
+CreatedObjects::CreatedObjects(KernelConnection& kernel)
+    : kernel_(kernel), record_(std::make_shared<Record>()) {}
+
+CreatedObjects::~CreatedObjects() {
+  if (kept_) return;
+  // Calls still in flight find the record abandoned and destroy what they made (complete()).
+  record_->abandoned = true;
+  for (size_t i = record_->made.size(); i-- > 0;) kernel_.destroyDetached(record_->made[i]);
+  record_->made.clear();
+}
+
+void CreatedObjects::keep() noexcept {
+  kept_ = true;
+  record_->made.clear();
+}
+
 // ---- Submitting ----
 
 uint32_t KernelConnection::allocateCall() {
@@ -186,6 +204,8 @@ uint32_t KernelConnection::allocateCall() {
 void KernelConnection::freeCall(uint32_t index) noexcept {
   PendingCall& call = calls_[index];
   call.busy = false;
+  call.detached = false;
+  call.made.reset();
   call.fulfiller.reset();
   // A new generation: a late or forged completion for the old id finds a mismatch.
   if (++call.generation == 0) call.generation = 1;
@@ -227,12 +247,15 @@ bool KernelConnection::ringHasRoom() noexcept {
 
 Promise<void> KernelConnection::awaitSpace() {
   auto [promise, fulfiller] = newPromiseAndFulfiller<void>();
-  spaceWaiters_.push_back(std::move(fulfiller));
-  if (!spaceWatch_ || spaceWatch_->isReady()) {
-    tx_->sender().flush();  // what is committed must reach the kernel for room to come back
-    spaceWatch_.emplace(watchSpace());
-  }
+  spaceWaiters_.push_back(QueuedCall{std::move(fulfiller), DetachedCall::DESTROY, AnyCap{}});
+  watchSpaceIfIdle();
   return std::move(promise);
+}
+
+void KernelConnection::watchSpaceIfIdle() {
+  if (spaceWatch_ && !spaceWatch_->isReady()) return;
+  tx_->sender().flush();  // what is committed must reach the kernel for room to come back
+  spaceWatch_.emplace(watchSpace());
 }
 
 Promise<void> KernelConnection::watchSpace() {
@@ -266,10 +289,24 @@ Promise<void> KernelConnection::watchSpace() {
       }
     }
     if (!room) continue;
-    for (size_t i = 0; i < SPACE_WAKE_BATCH && !spaceWaiters_.empty(); ++i) {
-      Fulfiller<void> waiter = std::move(spaceWaiters_.front());
+    size_t woken = 0;
+    while (woken < SPACE_WAKE_BATCH && !spaceWaiters_.empty()) {
+      QueuedCall& next = spaceWaiters_.front();
+      if (next.waiter) {
+        Fulfiller<void> waiter = std::move(*next.waiter);
+        spaceWaiters_.pop_front();
+        waiter.fulfill({});
+        ++woken;
+        continue;
+      }
+      // A detached call, written here in its turn: after the calls woken before it reserved.
+      if (woken > 0) break;
+      const DetachedCall detached = next.detached;
+      const AnyCap cap = next.cap;
+      Result<uint32_t> written = tryWriteDetached(detached, cap);
+      if (dead_.code != Errc::OK) co_return {};  // the ring broke: disconnect() emptied the queue
+      if (written.code() == Errc::WOULD_BLOCK) break;  // full again: park
       spaceWaiters_.pop_front();
-      waiter.fulfill({});
     }
     co_await loop_.yield();  // the woken calls reserve (and may queue again) before we look
   }
@@ -277,26 +314,12 @@ Promise<void> KernelConnection::watchSpace() {
 }
 
 template <class Fill>
-Promise<detail::Reply> KernelConnection::submit(uint32_t expect, size_t maxBytes, Fill fill) {
-  if (dead_.code != Errc::OK) co_return dead_;
-  if (maxBytes > submissionRing_->maxPayload())
-    co_return Error(Errc::MESSAGE_TOO_LARGE, "a syscall larger than a submission frame");
+Result<uint32_t> KernelConnection::tryWrite(uint32_t expect, size_t maxBytes, Fill fill) {
   Sender& sender = tx_->sender();
-  // FIFO: a new call queues behind calls already waiting for room.
-  bool queued = !spaceWaiters_.empty();
-  Result<std::span<std::byte>> frame = Error(Errc::WOULD_BLOCK);
-  for (;;) {
-    if (!queued) {
-      frame = sender.tryReserve(maxBytes);
-      if (frame.code() != Errc::WOULD_BLOCK) break;
-    }
-    AGATE_CO_TRY(co_await awaitSpace());
-    if (dead_.code != Errc::OK) co_return dead_;
-    queued = false;
-  }
+  Result<std::span<std::byte>> frame = sender.tryReserve(maxBytes);
   if (!frame) {
-    disconnect(frame.error());
-    co_return frame.error();
+    if (frame.code() != Errc::WOULD_BLOCK) disconnect(frame.error());
+    return frame.error();
   }
   // Build in the ring, commit deferred (one doorbell per turn), all in this synchronous step.
   const uint32_t index = allocateCall();
@@ -312,17 +335,70 @@ Promise<detail::Reply> KernelConnection::submit(uint32_t expect, size_t maxBytes
   if (!length) {
     sender.abandon();
     freeCall(index);
-    co_return length.error();
+    return length.error();
   }
   sender.commitDeferred(*length);
   scheduleFlush();
   ++inFlight_;
+  ++submitted_;
+  calls_[index].expect = expect;
   if (pumpIdle_ && completionWait_.spinIterations > 0 && !restartPumpTask_.isQueued())
     loop_.post(restartPumpTask_);
+  return index;
+}
+
+template <class Fill>
+Promise<detail::Reply> KernelConnection::submit(uint32_t expect, size_t maxBytes, Fill fill,
+                                                CreatedObjects* into) {
+  if (dead_.code != Errc::OK) co_return dead_;
+  if (maxBytes > submissionRing_->maxPayload())
+    co_return Error(Errc::MESSAGE_TOO_LARGE, "a syscall larger than a submission frame");
+  // FIFO: a new call queues behind calls already waiting for room.
+  bool queued = !spaceWaiters_.empty();
+  Result<uint32_t> index = Error(Errc::WOULD_BLOCK);
+  for (;;) {
+    if (!queued) {
+      index = tryWrite(expect, maxBytes, fill);
+      if (index.code() != Errc::WOULD_BLOCK) break;
+    }
+    AGATE_CO_TRY(co_await awaitSpace());
+    if (dead_.code != Errc::OK) co_return dead_;
+    queued = false;
+  }
+  if (!index) co_return index.error();
+  // Still in the step that wrote the call: nothing can have answered it yet.
   auto [promise, fulfiller] = newPromiseAndFulfiller<detail::Reply>();
-  calls_[index].fulfiller.emplace(std::move(fulfiller));
-  calls_[index].expect = expect;
+  calls_[*index].fulfiller.emplace(std::move(fulfiller));
+  if (into != nullptr) calls_[*index].made = into->record_;
   co_return co_await promise;
+}
+
+Result<uint32_t> KernelConnection::tryWriteDetached(DetachedCall detached, AnyCap cap) {
+  Result<uint32_t> index = tryWrite(Which::DONE, SYSCALL_BYTES, [&](auto call) {
+    if (detached == DetachedCall::DESTROY) {
+      call.initDestroyObject().setCap(cap.handle);
+    } else {
+      call.initDeleteCap().setCap(cap.handle);
+    }
+  });
+  if (index) calls_[*index].detached = true;
+  return index;
+}
+
+void KernelConnection::callDetached(DetachedCall detached, AnyCap cap) noexcept {
+  if (dead_.code != Errc::OK || !cap.valid()) return;  // the kernel reclaims it with the process
+  if (spaceWaiters_.empty() && tryWriteDetached(detached, cap).code() != Errc::WOULD_BLOCK)
+    return;  // written (or the ring broke, and the connection with it)
+  spaceWaiters_.push_back(QueuedCall{std::nullopt, detached, cap});
+  watchSpaceIfIdle();
+}
+
+void KernelConnection::destroyDetached(AnyCap cap) noexcept {
+  callDetached(DetachedCall::DESTROY, cap);
+}
+
+void KernelConnection::deleteCapDetached(AnyCap cap) noexcept {
+  callDetached(DetachedCall::DELETE_CAP, cap);
 }
 
 // ---- Completing ----
@@ -355,14 +431,23 @@ Status KernelConnection::complete(Reader c) {
   const uint64_t callId = c.getCallId();
   const uint8_t fdCount = c.getFdCount();
   Fd fds[MAX_PACKET_FDS];
+  // OK, or why this completion's descriptors are missing (this process's table was full).
+  Error fdsError;
   if (fdCount > 0) {
     // Sent before the completion was committed, so already queued on the socket.
     uint64_t echoed = 0;
     auto packet = tryReceivePacket(socket_.get(), std::as_writable_bytes(std::span(&echoed, 1)),
-                                   std::span(fds, fdCount > MAX_PACKET_FDS ? 0 : fdCount));
+                                   std::span(fds, fdCount > MAX_PACKET_FDS ? 0 : fdCount),
+                                   DroppedFds::REPORT);
     if (!packet || packet->bytes != sizeof(echoed) || echoed != callId ||
-        packet->fdCount != fdCount)
+        (!packet->fdsDropped && packet->fdCount != fdCount))
       return Error(Errc::PROTOCOL_ERROR, "a completion's descriptors did not arrive with it");
+    // The packet was read whole, so the socket stays in step with the ring: only what the
+    // descriptors were for fails (the ones that arrived were closed).
+    if (packet->fdsDropped)
+      fdsError = Error(Errc::OUT_OF_MEMORY, EMFILE,
+                       "the process's descriptor table is full (RLIMIT_NOFILE): the descriptors "
+                       "of a kernel reply were dropped");
   }
   const auto which = c.which();
 
@@ -381,6 +466,7 @@ Status KernelConnection::complete(Reader c) {
         if (fdCount != 2) return Error(Errc::PROTOCOL_ERROR, "BUSHEL_OPENED without its rings");
         event.request = std::move(fds[0]);
         event.reply = std::move(fds[1]);
+        event.error = fdsError;
         break;
       case wire::EventType::BUSHEL_CLOSED:
         event.type = EventType::BUSHEL_CLOSED;
@@ -414,12 +500,13 @@ Status KernelConnection::complete(Reader c) {
   if (index >= calls_.size() || !calls_[index].busy || calls_[index].generation != generation)
     return Error(Errc::PROTOCOL_ERROR, "a completion names no pending call");
   PendingCall& call = calls_[index];
-  if (!call.fulfiller) {
+  if (!call.fulfiller && !call.detached) {
     // Submitted but its coroutine has not stored the fulfiller yet: impossible, since the
     // kernel answers only committed frames and the store follows the commit synchronously.
     return Error(Errc::PROTOCOL_ERROR, "a completion arrived for an unsubmitted call");
   }
-  Fulfiller<detail::Reply> fulfiller = std::move(*call.fulfiller);
+  std::optional<Fulfiller<detail::Reply>> fulfiller = std::move(call.fulfiller);
+  const std::shared_ptr<CreatedObjects::Record> made = std::move(call.made);
   const uint32_t expect = call.expect;
   freeCall(static_cast<uint32_t>(index));
   --inFlight_;
@@ -427,7 +514,11 @@ Status KernelConnection::complete(Reader c) {
   if (which == Which::ERROR) {
     auto error = c.getError();
     lastErrorDetail_ = error.getDetail().cStr();
-    fulfiller.fulfill(kernelError(error.getCode()));
+    if (fulfiller) {
+      fulfiller->fulfill(kernelError(error.getCode()));
+    } else {
+      ++detachedRefused_;
+    }
     return {};
   }
   if (static_cast<uint32_t>(which) != expect)
@@ -499,30 +590,45 @@ Status KernelConnection::complete(Reader c) {
     default:
       return Error(Errc::PROTOCOL_ERROR, "a completion with an unexpected result");
   }
+  // Recorded now, while no caller can have lost it: a create whose caller went is undone here.
+  if (made && which == Which::HANDLE && reply.value != 0) {
+    if (made->abandoned) {
+      destroyDetached(AnyCap{reply.value});
+    } else {
+      made->made.push_back(AnyCap{reply.value});
+    }
+  }
+  if (!fulfiller) return {};  // detached: nobody to tell
+  if (fdsError.code != Errc::OK) {
+    fulfiller->fulfill(fdsError);
+    return {};
+  }
   reply.fdCount = fdCount;
   for (size_t i = 0; i < fdCount && i < MAX_PACKET_FDS; ++i) reply.fds[i] = std::move(fds[i]);
-  fulfiller.fulfill(std::move(reply));
+  fulfiller->fulfill(std::move(reply));
   return {};
 }
 
 void KernelConnection::disconnect(Error e) noexcept {
   if (dead_.code == Errc::OK) dead_ = e;
   for (uint32_t i = 0; i < calls_.size(); ++i) {
-    if (!calls_[i].busy || !calls_[i].fulfiller) continue;
-    Fulfiller<detail::Reply> fulfiller = std::move(*calls_[i].fulfiller);
+    if (!calls_[i].busy) continue;
+    std::optional<Fulfiller<detail::Reply>> fulfiller = std::move(calls_[i].fulfiller);
     freeCall(i);
     --inFlight_;
-    fulfiller.fulfill(dead_);
+    if (fulfiller) fulfiller->fulfill(dead_);
   }
   if (eventWaiter_) {
     Fulfiller<KernelEvent> waiter = std::move(*eventWaiter_);
     eventWaiter_.reset();
     waiter.fulfill(dead_);
   }
+  // Detached calls queued for room are dropped: the kernel is gone, or this process is closing
+  // its connection (the kernel reclaims what it held when the process exits).
   while (!spaceWaiters_.empty()) {
-    Fulfiller<void> waiter = std::move(spaceWaiters_.front());
+    std::optional<Fulfiller<void>> waiter = std::move(spaceWaiters_.front().waiter);
     spaceWaiters_.pop_front();
-    waiter.fulfill(dead_);
+    if (waiter) waiter->fulfill(dead_);
   }
 }
 
@@ -666,12 +772,16 @@ Promise<void> KernelConnection::unbindBankNotification(Cap<SpaceBank> bank,
   co_return {};
 }
 
-Promise<Cap<Notification>> KernelConnection::createNotification(Cap<SpaceBank> bank, bool wakeFd) {
-  Result<detail::Reply> r = co_await submit(Which::HANDLE, SYSCALL_BYTES, [&](auto call) {
-    auto g = call.initCreateNotification();
-    g.setBank(bank.handle);
-    g.setWakeFd(wakeFd);
-  });
+Promise<Cap<Notification>> KernelConnection::createNotification(Cap<SpaceBank> bank, bool wakeFd,
+                                                                CreatedObjects* into) {
+  Result<detail::Reply> r = co_await submit(
+      Which::HANDLE, SYSCALL_BYTES,
+      [&](auto call) {
+        auto g = call.initCreateNotification();
+        g.setBank(bank.handle);
+        g.setWakeFd(wakeFd);
+      },
+      into);
   if (!r) co_return r.error();
   co_return Cap<Notification>{r->value};
 }
@@ -693,13 +803,17 @@ Promise<void> KernelConnection::signal(Cap<Notification> notification) {
 }
 
 Promise<Cap<EventBuffer>> KernelConnection::createEventBuffer(Cap<SpaceBank> bank, uint32_t slots,
-                                                              Cap<Notification> notification) {
-  Result<detail::Reply> r = co_await submit(Which::HANDLE, SYSCALL_BYTES, [&](auto call) {
-    auto g = call.initCreateEventBuffer();
-    g.setBank(bank.handle);
-    g.setSlots(slots);
-    g.setNotification(notification.handle);
-  });
+                                                              Cap<Notification> notification,
+                                                              CreatedObjects* into) {
+  Result<detail::Reply> r = co_await submit(
+      Which::HANDLE, SYSCALL_BYTES,
+      [&](auto call) {
+        auto g = call.initCreateEventBuffer();
+        g.setBank(bank.handle);
+        g.setSlots(slots);
+        g.setNotification(notification.handle);
+      },
+      into);
   if (!r) co_return r.error();
   co_return Cap<EventBuffer>{r->value};
 }

@@ -13,25 +13,6 @@ namespace agate::client {
 using caps::Cap;
 using caps::Rights;
 
-namespace {
-
-// Destroys what create() made unless it got as far as a publisher: on a failed step, and when
-// create() is itself destroyed while it waits (the client hung up mid-call and its running calls
-// were cancelled). The calls are not awaited (a destructor cannot); each is written to the
-// submission ring as it is made. Destroying the buffer also deletes the client's copy.
-struct Undo {
-  caps::KernelConnection& kernel;
-  caps::AnyCap buffer = {};
-  caps::AnyCap notification = {};
-  ~Undo() {
-    if (buffer.valid()) (void)kernel.destroy(buffer);
-    if (notification.valid()) (void)kernel.destroy(notification);
-  }
-  void release() noexcept { buffer = notification = {}; }
-};
-
-}  // namespace
-
 uint64_t EventPublisher::costBytes(uint32_t slots, bool wakeFd) noexcept {
   const uint64_t pages =
       kernel::EventBuffer::pagesFor(slots) + kernel::Notification::pagesFor(wakeFd);
@@ -53,14 +34,14 @@ EventPublisher::EventPublisher(caps::KernelConnection& kernel, caps::MappedEvent
 
 EventPublisher::~EventPublisher() {
   if (closed_) return;
-  // Not awaited: each call is written to the submission ring as it is made (the promise only
-  // waits for the answer, which is read and dropped). Destroying the buffer deletes every cap to
-  // it, the client's included, and the kernel rings its notification: the client's stream ends
-  // (see the overview). The buffer first, while the notification it rings still exists. The
-  // client's mapping stays valid. The charge refunds itself.
+  // Detached: a destructor cannot await, and each destroy is written now or queued until the
+  // submission ring has room, never lost (its answer is read and dropped). Destroying the buffer
+  // deletes every cap to it, the client's included, and the kernel rings its notification: the
+  // client's stream ends (see the overview). The buffer first, while the notification it rings
+  // still exists. The client's mapping stays valid. The charge refunds itself.
   flush();
-  (void)kernel_.destroy(cap_);
-  (void)kernel_.destroy(notification_);
+  kernel_.destroyDetached(cap_);
+  kernel_.destroyDetached(notification_);
 }
 
 Promise<void> EventPublisher::close() {
@@ -92,15 +73,17 @@ Promise<std::unique_ptr<EventPublisher>> EventPublisher::create(ServedClient& cl
   if (cost > CHUNK) chargeRest = co_await client.quota().charge(cost - CHUNK);
   if (!chargeRest) co_return chargeRest.error();
 
-  Undo undo{kernel};
+  // Destroys what this makes unless it gets as far as a publisher: on a failed step, and when
+  // create() is itself destroyed while it waits (the client hung up mid-call and its running
+  // calls were cancelled), a create still in flight included. The buffer goes first, and with it
+  // the copy and the client's handle.
+  caps::CreatedObjects made(kernel);
   Result<Cap<caps::Notification>> notification =
-      co_await kernel.createNotification(bank, options.wakeFd);
+      co_await kernel.createNotification(bank, options.wakeFd, &made);
   if (!notification) co_return notification.error();
-  undo.notification = *notification;
   Result<Cap<caps::EventBuffer>> buffer =
-      co_await kernel.createEventBuffer(bank, slots, *notification);
+      co_await kernel.createEventBuffer(bank, slots, *notification, &made);
   if (!buffer) co_return buffer.error();
-  undo.buffer = *buffer;
   // Writers first: once the client maps it read-only, no writable map is possible.
   Promise<caps::MappedEventBuffer> mapping = kernel.mapEventBuffer(*buffer, /*writable=*/true);
   Promise<caps::CapInfo> inspected = kernel.inspectCap(*buffer);
@@ -114,14 +97,17 @@ Promise<std::unique_ptr<EventPublisher>> EventPublisher::create(ServedClient& cl
     Result<Cap<caps::EventBuffer>> handle =
         co_await kernel.transferCap(*copy, client.peer(), caps::TransferMode::MOVE);
     if (handle) {
-      undo.release();
-      co_return std::unique_ptr<EventPublisher>(
+      // From here the publisher owns both: dropped anywhere on its way to the caller, its
+      // destructor destroys them.
+      std::unique_ptr<EventPublisher> publisher(
           new EventPublisher(kernel, std::move(*mapped), *buffer, *notification, info->koid,
                              *handle, std::move(*charge), std::move(*chargeRest)));
+      made.keep();
+      co_return publisher;
     }
     failed = handle.error();
   }
-  co_return failed;  // `undo` destroys both (and with the buffer, the copy)
+  co_return failed;  // `made` destroys both (and with the buffer, the copy)
 }
 
 void EventPublisher::describe(events::EventStream::Builder out) const {

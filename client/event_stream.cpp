@@ -71,8 +71,9 @@ EventStream::~EventStream() { release(); }
 void EventStream::release() noexcept {
   probe_.reset();  // a check in flight: its answer is read and dropped by the connection
   if (kernel_ != nullptr && cap_.valid()) {
-    // Not awaited: the call is written to the submission ring now; its answer is dropped.
-    (void)kernel_->deleteCap(cap_);
+    // Detached: written now, or queued until the submission ring has room (never lost); its
+    // answer is dropped.
+    kernel_->deleteCapDetached(cap_);
   }
   kernel_ = nullptr;
   cap_ = {};

@@ -40,8 +40,9 @@ int reportAttach(const ProgramArgs& args, const Error& e) {
 
 // Every bushel a program serves or opens holds descriptors (its two rings; an event stream up to
 // four more) for as long as it lives, and a descriptor-passing packet that finds the table full
-// is cut short: take every descriptor the hard limit allows, as agate-kernel does, so that the
-// usual soft limit of 1024 is not what bounds the clients a server takes.
+// is cut short (its call fails, its client is refused): take every descriptor the hard limit
+// allows, as agate-kernel does, so that the usual soft limit of 1024 is not what bounds the
+// clients a server takes.
 void raiseDescriptorLimit() noexcept {
   rlimit nofile{};
   if (::getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < nofile.rlim_max) {

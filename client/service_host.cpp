@@ -232,6 +232,13 @@ void ServiceHost::kernelGone(const Error& why) noexcept {
 }
 
 void ServiceHost::accept(KernelEvent& event) {
+  if (event.error.code != Errc::OK) {
+    // The rings never reached this process (its descriptor table was full): the client cannot
+    // be served, so its bushel is closed and it is told, as for rings that cannot be opened.
+    ++refused_;
+    closeBushel(event.bushel);
+    return;
+  }
   auto client = std::make_unique<ServedClient>(kernel_, service_, event.bushel, event.peer,
                                                options_.stateGrowthPages);
   client->bootstrap_ = factory_(*client);

@@ -37,8 +37,8 @@ Status trySendPacket(int socket, std::span<const std::byte> payload, std::span<c
   }
 }
 
-Result<ReceivedPacket> tryReceivePacket(int socket, std::span<std::byte> payload,
-                                        std::span<Fd> fds) {
+Result<ReceivedPacket> tryReceivePacket(int socket, std::span<std::byte> payload, std::span<Fd> fds,
+                                        DroppedFds dropped) {
   iovec iov{payload.data(), payload.size()};
   alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * MAX_PACKET_FDS)] = {};
   msghdr msg{};
@@ -67,10 +67,20 @@ Result<ReceivedPacket> tryReceivePacket(int socket, std::span<std::byte> payload
       taken[count++].reset(fd);
     }
   }
-  if ((msg.msg_flags & MSG_CTRUNC) != 0)
-    return Error(Errc::PROTOCOL_ERROR, "a packet carried more descriptors than Agate sends");
   if ((msg.msg_flags & MSG_TRUNC) != 0)
     return Error(Errc::PROTOCOL_ERROR, "a packet was larger than the receiver's buffer");
+  if ((msg.msg_flags & MSG_CTRUNC) != 0) {
+    // A full control buffer: the peer sent more than any Agate packet carries. Room left in it:
+    // the socket layer stopped installing descriptors because this process's table is full.
+    if (count == MAX_PACKET_FDS)
+      return Error(Errc::PROTOCOL_ERROR, "a packet carried more descriptors than Agate sends");
+    if (dropped == DroppedFds::FAIL)
+      return Error(Errc::OUT_OF_MEMORY, EMFILE,
+                   "the process's descriptor table is full (RLIMIT_NOFILE): a packet's "
+                   "descriptors were dropped");
+    // `taken` closes those that arrived.
+    return ReceivedPacket{static_cast<size_t>(n), 0, true};
+  }
   if (n == 0 && count == 0 && !payload.empty())
     return Error(Errc::DISCONNECTED, "the socket's peer closed it");
   if (count > fds.size())

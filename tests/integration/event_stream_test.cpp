@@ -954,5 +954,40 @@ TEST_F(EventStreamTest, KillingASubscriberReclaimsItsPublisherAndTheServersPages
   EXPECT_EQ(reap(server), 0);
 }
 
+// The stream's deleteCap is a detached call: dropped while the kernel connection's submission
+// ring is full (the kernel stopped, calls written until one queues), it waits its turn and the
+// client's cap still goes.
+TEST_F(EventStreamTest, AStreamDroppedWhileTheSubmissionRingIsFullStillDeletesItsCap) {
+  const pid_t server = startServer(kernel_.home());
+  Watchdog dog("stream dropped behind a full ring", 60s, server);
+  runSession(kernel_.home(), [&](Session& s) -> Promise<void> {
+    AGATE_CO_TRY(co_await s.waitForService("ticker"));
+    Result<Ticker::Client> ticker = co_await s.open<Ticker>("ticker");
+    CO_CHECK(ticker.ok());
+    KernelConnection& k = s.kernel();
+    Result<std::vector<caps::CapEntry>> before = co_await k.listCaps(k.pid());
+    CO_CHECK(before.ok());
+    Result<EventStream> stream = co_await subscribe(s, *ticker, 4);
+    CO_CHECK(stream.ok());
+    Result<std::vector<caps::CapEntry>> subscribed = co_await k.listCaps(k.pid());
+    CO_CHECK(subscribed.ok() && subscribed->size() == before->size() + 1);
+
+    CO_CHECK(::kill(kernel_.pid(), SIGSTOP) == 0);
+    std::vector<Promise<caps::CapInfo>> calls;
+    while (k.callsQueued() == 0) calls.push_back(k.inspectCap(k.bank()));
+    stream = Error(Errc::CANCELLED);  // the stream goes: its deleteCap queues behind the calls
+    CO_CHECK(k.callsQueued() == 2);
+    CO_CHECK(::kill(kernel_.pid(), SIGCONT) == 0);
+    for (Promise<caps::CapInfo>& p : calls) CO_CHECK((co_await p).ok());
+
+    Result<std::vector<caps::CapEntry>> after = co_await k.listCaps(k.pid());
+    CO_CHECK(after.ok() && after->size() == before->size());
+    CO_CHECK(k.detachedCallsRefused() == 0);
+    co_return {};
+  });
+  ::kill(server, SIGTERM);
+  EXPECT_EQ(reap(server), 0);
+}
+
 }  // namespace
 }  // namespace agate::client

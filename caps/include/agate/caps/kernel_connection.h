@@ -30,10 +30,22 @@
 //
 // Descriptors a completion announces (fdCount) are read from the socket when the completion is
 // read: the kernel sends them first (schema, §3). Mapped regions come back as owned mappings
-// (MappedRegion), bushel rings as owned descriptors.
+// (MappedRegion), bushel rings as owned descriptors. A packet cut short because this process's
+// descriptor table is full (RLIMIT_NOFILE) fails only what it was for: its call with
+// OUT_OF_MEMORY (errno EMFILE, "the process's descriptor table is full"), its event delivered
+// without the descriptors and with that error (KernelEvent::error); the descriptors that did
+// arrive are closed and the connection carries on. The kernel has done the call; repeating it
+// once descriptors are free gets them again (a map, bushelRings).
 //
 // Events (BUSHEL_OPENED / BUSHEL_CLOSED / SERVICE_GONE) arrive as completions with call id 0 and
 // queue until nextEvent() takes them.
+//
+// Calls nobody awaits. A destructor cannot await, yet what it destroys must go: destroyDetached
+// and deleteCapDetached write their call at once, or, while the submission ring is full (or
+// calls already wait for room), queue it FIFO with the waiting calls and write it when its turn
+// comes. Never lost while the connection lives; the answer is read and dropped (refusals are
+// counted). A cancelled create: CreatedObjects (below) records each cap a create call returns
+// when its completion is read, so objects whose caller went mid-call are destroyed too.
 //
 // Death. When the kernel exits (its pidfd, watched through the completion ring) or breaks the
 // protocol, every pending call fails with DISCONNECTED (or PROTOCOL_ERROR), and so does every
@@ -138,6 +150,41 @@ struct KernelEvent {
   uint64_t cap = 0;  // INTRODUCED: the handle of a Cap<Service> in this process
   Fd request;        // BUSHEL_OPENED (to a server): the request ring it receives on
   Fd reply;          // ... and the reply ring it sends on
+  // OK, or why the descriptors the event carries are missing: OUT_OF_MEMORY (errno EMFILE) when
+  // this process's descriptor table was full as they came (the kernel's side is done: a server
+  // closes such a bushel, since it cannot serve it).
+  Error error;
+};
+
+class KernelConnection;
+
+// The objects a sequence of create calls makes for one result, destroyed unless the sequence gets
+// as far as keep(): on an error, and when the caller is cancelled mid-call (its coroutine frame,
+// which holds this, is destroyed). A create call given the scope records the cap it returns as
+// its completion is read, before any caller could lose it, so one still in flight when the scope
+// goes is destroyed when it completes. The destroys are detached (never lost), the latest made
+// first. Lives on the connection's loop thread; the connection outlives it (precondition).
+class CreatedObjects {
+ public:
+  explicit CreatedObjects(KernelConnection& kernel);
+  ~CreatedObjects();
+  CreatedObjects(const CreatedObjects&) = delete;
+  CreatedObjects& operator=(const CreatedObjects&) = delete;
+
+  // The caller owns what was made, and what calls made with the scope later make.
+  void keep() noexcept;
+  // Caps recorded so far (completed create calls), oldest first.
+  size_t size() const noexcept { return record_->made.size(); }
+
+ private:
+  friend class KernelConnection;
+  struct Record {
+    std::vector<AnyCap> made;
+    bool abandoned = false;  // the scope went: later completions destroy what they made
+  };
+  KernelConnection& kernel_;
+  std::shared_ptr<Record> record_;
+  bool kept_ = false;
 };
 
 namespace detail {
@@ -171,7 +218,8 @@ class SyncKernel;
 class KernelConnection {
  public:
   // Attaches this process to the kernel serving `home`. DISCONNECTED if none listens there,
-  // ATTACH_REFUSED / INVALID_ARGUMENT / PROTOCOL_ERROR as the kernel answered, TIMED_OUT.
+  // ATTACH_REFUSED / INVALID_ARGUMENT / PROTOCOL_ERROR as the kernel answered, TIMED_OUT,
+  // OUT_OF_MEMORY (errno EMFILE) when the descriptor table cannot take the rings.
   // `completionWait`: how the pump waits for completions while calls are in flight (spin, then
   // park on the ring's doorbell); a latency-bound caller spins longer, a quiet one parks at once.
   // With nothing in flight the pump parks at once (events need no spinning).
@@ -207,6 +255,10 @@ class KernelConnection {
   Promise<uint64_t> setReceiveLimit(uint32_t limit);
   Promise<CapInfo> inspectCap(AnyCap cap);
   Promise<void> destroy(AnyCap cap);
+  // destroy / deleteCap with no caller to tell: written now or queued until the submission ring
+  // has room, never lost while the connection lives (see the overview). Nothing once it died.
+  void destroyDetached(AnyCap cap) noexcept;
+  void deleteCapDetached(AnyCap cap) noexcept;
 
   // --- Banks (limits and usage in pages) ---
   Promise<Cap<SpaceBank>> createBank(Cap<SpaceBank> parent, uint64_t limit);
@@ -228,8 +280,9 @@ class KernelConnection {
 
   // --- Notifications ---
   // Charged to `bank` (needs ALLOCATE): its doorbell page, its record, and with `wakeFd` a wake
-  // pipe for loops that wait on descriptors.
-  Promise<Cap<Notification>> createNotification(Cap<SpaceBank> bank, bool wakeFd);
+  // pipe for loops that wait on descriptors. `into`: recorded there (see CreatedObjects).
+  Promise<Cap<Notification>> createNotification(Cap<SpaceBank> bank, bool wakeFd,
+                                                CreatedObjects* into = nullptr);
   // The doorbell page mapped, with the wake descriptor (READ) and its ring end (WRITE).
   Promise<MappedNotification> mapNotification(Cap<Notification> notification);
   // The kernel rings it (needs WRITE).
@@ -237,9 +290,10 @@ class KernelConnection {
 
   // --- Event buffers ---
   // `slots` 64-byte slots (1..65536) charged to `bank` (needs ALLOCATE), rung through
-  // `notification` (needs WRITE). The creator's cap has every right.
+  // `notification` (needs WRITE). The creator's cap has every right. `into`: as above.
   Promise<Cap<EventBuffer>> createEventBuffer(Cap<SpaceBank> bank, uint32_t slots,
-                                              Cap<Notification> notification);
+                                              Cap<Notification> notification,
+                                              CreatedObjects* into = nullptr);
   // The writer's view (`writable`, needs READ|WRITE; before any reader maps) or a reader's
   // read-only view (READ), each with the notification (the writer gets its ring end).
   Promise<MappedEventBuffer> mapEventBuffer(Cap<EventBuffer> buffer, bool writable);
@@ -296,6 +350,12 @@ class KernelConnection {
   uint64_t unreadableFrameErrors() const noexcept { return unreadableFrameErrors_; }
   // Errc::OK while connected; the reason otherwise.
   Errc state() const noexcept { return dead_.code; }
+  // Calls written to the submission ring so far (detached ones included), calls waiting for
+  // room in it (detached ones included), and detached calls the kernel refused: for tests and
+  // diagnostics.
+  uint64_t callsSubmitted() const noexcept { return submitted_; }
+  size_t callsQueued() const noexcept { return spaceWaiters_.size(); }
+  uint64_t detachedCallsRefused() const noexcept { return detachedRefused_; }
   // The submission ring's sender, for tests that write raw frames (malformed ones included).
   Sender& rawSubmissionSender() noexcept { return tx_->sender(); }
 
@@ -303,10 +363,20 @@ class KernelConnection {
   explicit KernelConnection(EventLoop& loop) noexcept;
 
   struct PendingCall {
-    std::optional<Fulfiller<detail::Reply>> fulfiller;
-    uint32_t expect = 0;  // wire::Completion::Which of the result arm
+    std::optional<Fulfiller<detail::Reply>> fulfiller;  // none for a detached call
+    std::shared_ptr<CreatedObjects::Record> made;       // records the handle it returns
+    uint32_t expect = 0;                                // wire::Completion::Which of the result arm
     uint32_t generation = 1;
     bool busy = false;
+    bool detached = false;  // nobody awaits it: its answer is dropped
+  };
+  enum class DetachedCall : uint8_t { DESTROY, DELETE_CAP };
+  // One entry of the FIFO of calls waiting for room in the submission ring: a call's coroutine
+  // (woken to reserve), or a detached call (written by the watcher itself).
+  struct QueuedCall {
+    std::optional<Fulfiller<void>> waiter;
+    DetachedCall detached = DetachedCall::DESTROY;
+    AnyCap cap;
   };
 
   class FlushTask final : public Task {
@@ -342,8 +412,19 @@ class KernelConnection {
   static Promise<std::vector<T>> collectPages(Fetch fetch);
 
   // Writes one Syscall (filled by `fill`) and awaits its completion with result arm `expect`.
+  // `into`: the handle it returns is recorded there (CreatedObjects).
   template <class Fill>
-  Promise<detail::Reply> submit(uint32_t expect, size_t maxBytes, Fill fill);
+  Promise<detail::Reply> submit(uint32_t expect, size_t maxBytes, Fill fill,
+                                CreatedObjects* into = nullptr);
+  // Reserves, builds and commits one Syscall in one synchronous step: the call's slot, or
+  // WOULD_BLOCK (the ring is full: nothing written), MESSAGE_TOO_LARGE, or the ring's error (the
+  // connection is then disconnected).
+  template <class Fill>
+  Result<uint32_t> tryWrite(uint32_t expect, size_t maxBytes, Fill fill);
+  Result<uint32_t> tryWriteDetached(DetachedCall call, AnyCap cap);
+  void callDetached(DetachedCall call, AnyCap cap) noexcept;
+  // Starts watchSpace unless it runs.
+  void watchSpaceIfIdle();
   // Waits (FIFO) until the submission ring may have room; see watchSpace.
   Promise<void> awaitSpace();
   // Runs while calls wait for ring space: parks on the ring's space doorbell, then wakes a batch
@@ -371,14 +452,16 @@ class KernelConnection {
   AsyncWaitPolicy completionWait_;
   std::vector<PendingCall> calls_;
   std::vector<uint32_t> freeCalls_;
-  std::deque<Fulfiller<void>> spaceWaiters_;  // calls that found the submission ring full
-  std::optional<Promise<void>> spaceWatch_;   // watchSpace(), while spaceWaiters_ is not empty
+  std::deque<QueuedCall> spaceWaiters_;      // calls that found the submission ring full
+  std::optional<Promise<void>> spaceWatch_;  // watchSpace(), while spaceWaiters_ is not empty
   std::deque<KernelEvent> events_;
   std::optional<Fulfiller<KernelEvent>> eventWaiter_;
   Error dead_;  // code OK while connected
   std::string lastErrorDetail_;
   uint64_t unreadableFrameErrors_ = 0;
   uint32_t inFlight_ = 0;  // calls submitted and not completed
+  uint64_t submitted_ = 0;
+  uint64_t detachedRefused_ = 0;
   bool pumpIdle_ = false;  // the pump parked without spinning: nothing was in flight
   FlushTask flushTask_{*this};
   RestartPumpTask restartPumpTask_{*this};

@@ -16,7 +16,8 @@
 //   ...
 //   publisher_->post(3, Quote{price, volume});          // slot 3 := the newest quote
 //
-// What create() does, in order (each step undone if a later one fails): charges the client's
+// What create() does, in order (each step undone if a later one fails or create() is cancelled
+// mid-call, a create still in flight included: caps::CreatedObjects): charges the client's
 // quota (ClientQuota, so the client's bank pays, through its bushel, for every page the stream
 // costs: QUOTA_EXCEEDED and nothing made when it cannot), creates a Notification (with a wake
 // pipe, for readers whose loop waits on descriptors) and an EventBuffer of `slots` slots,

@@ -261,7 +261,8 @@ class ServiceHost final : private KernelEventListener {
   ServedClient* findClient(caps::Koid koid) noexcept;
   uint64_t clientsOpened() const noexcept { return opened_; }
   uint64_t clientsDropped() const noexcept { return dropped_; }
-  // BUSHEL_OPENED events whose rings could not be opened (the client is not served).
+  // BUSHEL_OPENED events whose rings could not be opened, or never arrived because this
+  // process's descriptor table was full (the client is not served: its bushel is closed).
   uint64_t clientsRefused() const noexcept { return refused_; }
   // Bushels this host closed in the kernel (clients it disconnected, see the overview).
   uint64_t bushelsClosed() const noexcept { return closed_; }

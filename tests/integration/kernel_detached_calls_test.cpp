@@ -1,0 +1,244 @@
+// Kernel calls nobody awaits, and creates whose caller went, through a real agate-kernel:
+//
+//  * a detached destroy / deleteCap (what destructors use) written while the submission ring is
+//    full waits in the FIFO of calls waiting for room and is written in its turn, never lost;
+//  * an EventPublisher destroyed while the ring is full still destroys its buffer and its
+//    notification (the server's bank gets its pages back);
+//  * an EventPublisher::create cancelled at each of its kernel steps (the client hung up at that
+//    instant) leaves nothing behind, a create still in flight included (CreatedObjects).
+//
+// The ring is filled for real: the kernel is stopped (SIGSTOP) while calls are written, so none
+// is read, until a call queues; then it is let go (SIGCONT). Two connections of one process stand
+// for the server and its client (the kernel treats each attach as its own process).
+#include <signal.h>
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "../support/watchdog.h"
+#include "agate/caps/kernel_connection.h"
+#include "agate/client/event_publisher.h"
+#include "agate/client/service_host.h"
+#include "kernel_client.h"
+#include "kernel_fixture.h"
+
+namespace agate::caps {
+namespace {
+
+using agate::testing::get;
+using agate::testing::KernelProcess;
+using agate::testing::Observed;
+using agate::testing::Watchdog;
+using client::EventPublisher;
+using std::chrono::seconds;
+
+// Runs the loop's turns until `done` holds.
+Promise<void> until(EventLoop& loop, std::function<bool()> done) {
+  while (!done()) co_await loop.yield();
+  co_return {};
+}
+
+// Stops the kernel (nothing it is sent is read) until released or gone.
+class StoppedKernel {
+ public:
+  explicit StoppedKernel(const KernelProcess& kernel) : pid_(kernel.pid()) {
+    EXPECT_EQ(::kill(pid_, SIGSTOP), 0);
+  }
+  ~StoppedKernel() { release(); }
+  void release() {
+    if (pid_ > 0) {
+      EXPECT_EQ(::kill(std::exchange(pid_, 0), SIGCONT), 0);
+    }
+  }
+
+ private:
+  pid_t pid_;
+};
+
+// Writes calls (inspectCap of `cap`) until one finds the ring full and queues; their promises.
+std::vector<Promise<CapInfo>> fillRing(KernelConnection& k, AnyCap cap) {
+  std::vector<Promise<CapInfo>> calls;
+  while (k.callsQueued() == 0) calls.push_back(k.inspectCap(cap));
+  return calls;
+}
+
+// Runs the loop until every call in `calls` is answered (each must succeed).
+void finish(EventLoop& loop, std::vector<Promise<CapInfo>>& calls) {
+  for (Promise<CapInfo>& p : calls) EXPECT_TRUE(loop.run(std::move(p)).ok());
+  calls.clear();
+}
+
+// Two round trips: any call written while the first's answers were read (a detached destroy of
+// something a create made) is answered before the second's.
+void settle(KernelConnection& k) {
+  for (int i = 0; i < 2; ++i) EXPECT_TRUE(k.sync().readBank(k.bank()).ok());
+}
+
+TEST(KernelDetachedCalls, ADetachedCallQueuedBehindAFullRingIsWrittenInItsTurn) {
+  Watchdog dog("detached calls behind a full ring", seconds(30));
+  KernelProcess kernel;
+  agate::testing::KernelClient c(kernel);
+  ASSERT_TRUE(c.conn);
+  KernelConnection& k = *c.conn;
+  const uint64_t used = get(k.sync().readBank(k.bank())).used;
+  Cap<Region> region = get(k.sync().createRegion(k.bank(), 4));
+  Cap<Region> copy = get(k.sync().copyCap(region, Rights::READ));
+  Cap<Region> other = get(k.sync().createRegion(k.bank(), 4));
+
+  StoppedKernel stopped(kernel);
+  std::vector<Promise<CapInfo>> calls = fillRing(k, k.bank());
+  // FIFO: a call queued before the detached ones sees the objects, one queued after does not.
+  Promise<CapInfo> before = k.inspectCap(region);
+  k.deleteCapDetached(copy);
+  k.destroyDetached(region);
+  Promise<CapInfo> after = k.inspectCap(region);
+  EXPECT_EQ(k.callsQueued(), 5u);  // the call that found it full, `before`, two detached, `after`
+  stopped.release();
+
+  finish(c.loop, calls);
+  EXPECT_EQ(get(c.loop.run(std::move(before))).type, ObjectType::REGION);
+  EXPECT_EQ(c.loop.run(std::move(after)).code(), Errc::INVALID_HANDLE);
+  EXPECT_EQ(k.sync().inspectCap(copy).code(), Errc::INVALID_HANDLE);
+  EXPECT_EQ(k.callsQueued(), 0u);
+  EXPECT_EQ(k.detachedCallsRefused(), 0u);
+  EXPECT_EQ(k.state(), Errc::OK);
+
+  // A detached call the kernel refuses (a stale handle) is counted, nothing else happens.
+  k.destroyDetached(region);
+  settle(k);
+  EXPECT_EQ(k.detachedCallsRefused(), 1u);
+  EXPECT_EQ(get(k.sync().inspectCap(other)).type, ObjectType::REGION);
+  k.destroyDetached(other);
+  settle(k);
+  EXPECT_EQ(get(k.sync().readBank(k.bank())).used, used) << "every page came back";
+}
+
+TEST(KernelDetachedCalls, DetachedCallsQueuedWhenTheKernelDiesAreDroppedAndLaterOnesToo) {
+  Watchdog dog("detached calls and the kernel's death", seconds(30));
+  KernelProcess kernel;
+  agate::testing::KernelClient c(kernel);
+  ASSERT_TRUE(c.conn);
+  KernelConnection& k = *c.conn;
+  Cap<Region> region = get(k.sync().createRegion(k.bank(), 1));
+  std::vector<Promise<CapInfo>> calls;
+  {
+    StoppedKernel stopped(kernel);
+    calls = fillRing(k, k.bank());
+    k.destroyDetached(region);
+    EXPECT_EQ(k.callsQueued(), 2u);
+    ::kill(kernel.pid(), SIGKILL);
+  }
+  for (Promise<CapInfo>& p : calls) EXPECT_EQ(c.loop.run(std::move(p)).code(), Errc::DISCONNECTED);
+  EXPECT_EQ(k.callsQueued(), 0u);
+  const uint64_t submitted = k.callsSubmitted();
+  k.destroyDetached(region);  // nothing to write to
+  EXPECT_EQ(k.callsQueued(), 0u);
+  EXPECT_EQ(k.callsSubmitted(), submitted);
+  (void)kernel.stop();
+}
+
+// A server ("server") with a ServiceHost whose one client ("client") opened a bushel paid from a
+// bank of its own; `served` is that client as the host sees it.
+struct Served {
+  KernelProcess kernel;
+  EventLoop loop;
+  std::unique_ptr<KernelConnection> server, client;
+  std::unique_ptr<client::ServiceHost> host;
+  std::optional<Promise<void>> serving;
+  client::ServedClient* served = nullptr;
+  Cap<SpaceBank> bank;
+
+  Served() {
+    server = std::move(KernelConnection::tryAttach(loop, kernel.home(), "server")).value();
+    client = std::move(KernelConnection::tryAttach(loop, kernel.home(), "client")).value();
+    host = std::move(loop.run(client::ServiceHost::create(*server, "ticker",
+                                                          [this](client::ServedClient& c) {
+                                                            served = &c;
+                                                            return nullptr;
+                                                          })))
+               .value();
+    serving.emplace(host->run());
+    bank = get(client->sync().createBank(client->bank(), 1000));
+    (void)get(client->sync().openBushel(client->registry(), "ticker", bank));
+    EXPECT_TRUE(loop.run(until(loop, [this] { return served != nullptr; })).ok());
+  }
+  ~Served() {
+    host->stop();
+    EXPECT_TRUE(loop.run(std::move(*serving)).ok());
+  }
+  // Every bank's use and object count, and both processes' caps.
+  Observed observe() { return agate::testing::observe(*server, {server.get(), client.get()}); }
+  // One stream made and dropped: the client's state allowance then covers another (the growth
+  // stays with the bushel), so the next create makes no growth call and a baseline taken now is
+  // what a stream that went leaves.
+  void warmUp() {
+    std::unique_ptr<EventPublisher> warm = get(loop.run(EventPublisher::create(*served, 64)));
+    EXPECT_TRUE(warm);
+    warm.reset();
+    settle(*server);
+  }
+};
+
+TEST(KernelDetachedCalls, APublisherDestroyedWhileTheRingIsFullStillDestroysItsObjects) {
+  Watchdog dog("a publisher's destructor behind a full ring", seconds(30));
+  Served s;
+  ASSERT_NE(s.served, nullptr);
+  s.warmUp();
+  const Observed baseline = s.observe();
+  std::unique_ptr<EventPublisher> publisher =
+      get(s.loop.run(EventPublisher::create(*s.served, 64)));
+  ASSERT_TRUE(publisher);
+  settle(*s.server);
+  EXPECT_FALSE(s.observe() == baseline);
+
+  StoppedKernel stopped(s.kernel);
+  std::vector<Promise<CapInfo>> calls = fillRing(*s.server, s.server->bank());
+  publisher.reset();  // its two destroys queue behind the full ring
+  EXPECT_EQ(s.server->callsQueued(), 3u);
+  stopped.release();
+  finish(s.loop, calls);
+  settle(*s.server);
+  EXPECT_TRUE(s.observe() == baseline) << "the buffer, its notification and the client's cap went";
+  EXPECT_EQ(s.server->detachedCallsRefused(), 0u);
+}
+
+// create()'s kernel calls on the server's connection, in order: createNotification,
+// createEventBuffer, then mapEventBuffer + inspectCap + copyCap in one turn, then transferCap.
+// Cancelled once each step's calls are written (and not answered): a create in flight included.
+TEST(KernelDetachedCalls, ACreateCancelledAtEachKernelStepLeavesNothingBehind) {
+  Watchdog dog("create cancelled at each step", seconds(60));
+  Served s;
+  ASSERT_NE(s.served, nullptr);
+  s.warmUp();
+
+  for (uint64_t step : {1u, 2u, 5u, 6u}) {
+    SCOPED_TRACE(step);
+    const Observed baseline = s.observe();
+    const uint64_t start = s.server->callsSubmitted();
+    {
+      Promise<std::unique_ptr<EventPublisher>> creating = EventPublisher::create(*s.served, 16);
+      ASSERT_TRUE(
+          s.loop.run(until(s.loop, [&] { return s.server->callsSubmitted() - start >= step; }))
+              .ok());
+      ASSERT_EQ(s.server->callsSubmitted() - start, step);
+      ASSERT_FALSE(creating.isReady());
+    }  // dropped: the client hung up
+    settle(*s.server);
+    EXPECT_TRUE(s.observe() == baseline) << "objects of a cancelled create were left behind";
+    EXPECT_EQ(s.served->quota().usedBytes(), 0u) << "the charge came back";
+  }
+  // And one that runs to its end still works.
+  std::unique_ptr<EventPublisher> publisher =
+      get(s.loop.run(EventPublisher::create(*s.served, 16)));
+  EXPECT_TRUE(publisher);
+  EXPECT_EQ(s.server->detachedCallsRefused(), 0u);
+}
+
+}  // namespace
+}  // namespace agate::caps
