@@ -2,6 +2,7 @@
 //
 //   agate up [--home DIR] [--timeout S] [--kernel PATH]   start agate-kernel in the background
 //            [--system-pages N] [--process-pages N]     (passed on to agate-kernel)
+//            [--receive-caps N]
 //   agate down [--home DIR] [--timeout S] [--force]       stop it
 //   agate ps [--home DIR] [--json]                        attached processes
 //   agate banks [--home DIR] [--json]                     the space bank tree
@@ -29,6 +30,7 @@
 
 #include "agate/caps/kernel_connection.h"
 #include "agate/kernel/cli_checks.h"
+#include "agate/kernel/cspace.h"
 #include "agate/kernel/home.h"
 #include "agate/runtime/event_loop.h"
 #include "agate/tools/kernel_home.h"
@@ -103,6 +105,7 @@ struct UpOptions {
   // Passed on to agate-kernel as its options of the same names; 0: not given (its default).
   uint64_t systemPages = 0;
   uint64_t processPages = 0;
+  std::optional<uint64_t> receiveCaps;  // 0 is a limit too
 
   std::vector<std::string> kernelOptions() const {
     std::vector<std::string> options;
@@ -110,6 +113,8 @@ struct UpOptions {
       options.insert(options.end(), {"--system-pages", std::to_string(systemPages)});
     if (processPages != 0)
       options.insert(options.end(), {"--process-pages", std::to_string(processPages)});
+    if (receiveCaps)
+      options.insert(options.end(), {"--receive-caps", std::to_string(*receiveCaps)});
     return options;
   }
 };
@@ -137,8 +142,8 @@ int alreadyRunning(const KernelStatus& status, const HomePaths& home,
               status.pid ? std::to_string(status.pid).c_str() : "unknown", home.dir.c_str());
   if (!kernelOptions.empty())
     std::printf(
-        "its options are unchanged: --system-pages and --process-pages apply to a kernel that "
-        "`agate up` starts (`agate down` first)\n");
+        "its options are unchanged: --system-pages, --process-pages and --receive-caps apply to "
+        "a kernel that `agate up` starts (`agate down` first)\n");
   return EXIT_OK;
 }
 
@@ -504,6 +509,12 @@ int run(int argc, char** argv) {
                    "agate-kernel --process-pages: each process bank's limit, in pages "
                    "(default: agate-kernel's)")
       ->check(kernel::positiveWholeNumber(" of pages", "PAGES"))
+      ->type_name("N");
+  upCmd
+      ->add_option("--receive-caps", up.receiveCaps,
+                   "agate-kernel --receive-caps: caps other processes may push into a new "
+                   "process at once (default: agate-kernel's)")
+      ->check(kernel::wholeNumberUpTo(kernel::CSpace::MAX_SLOTS, " of caps", "N"))
       ->type_name("N");
 
   DownOptions down;

@@ -17,12 +17,14 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <mutex>
 #include <set>
 #include <string>
@@ -523,6 +525,17 @@ TEST_F(AgateCliTest, HomeMayComeBeforeTheCommand) {
   EXPECT_TRUE(waitGone(pid));
 }
 
+TEST_F(AgateCliTest, UpRefusesReceiveLimitsOutsideTheKernelsRange) {
+  for (const char* bad : {"-1", "abc", "1.5", "1048577", "99999999999999999999999"}) {
+    Ran r = agate({"up", "--receive-caps", bad});
+    EXPECT_EQ(r.exitCode, EXIT_USAGE) << bad << ": " << r.err;
+    EXPECT_TRUE(r.err.starts_with(
+        "agate: --receive-caps: must be a whole number from 0 to 1048576 of caps"))
+        << r.err;
+    EXPECT_FALSE(exists(home_));
+  }
+}
+
 TEST_F(AgateCliTest, UpRefusesPageCountsThatAreNotPositiveIntegers) {
   for (const char* option : {"--system-pages", "--process-pages"}) {
     for (const char* bad : {"0", "-5", "abc", "1.5", "99999999999999999999999"}) {
@@ -679,9 +692,15 @@ class AgateCliPageLimitsTest : public AgateCliClientTest {
  protected:
   static constexpr uint64_t SYSTEM_PAGES = 5000;
   static constexpr uint64_t PROCESS_PAGES = 300;
+  static constexpr uint64_t RECEIVE_CAPS = 7;
   AgateCliPageLimitsTest() {
-    upArgs_ = {"up", "--system-pages", std::to_string(SYSTEM_PAGES), "--process-pages",
-               std::to_string(PROCESS_PAGES)};
+    upArgs_ = {"up",
+               "--system-pages",
+               std::to_string(SYSTEM_PAGES),
+               "--process-pages",
+               std::to_string(PROCESS_PAGES),
+               "--receive-caps",
+               std::to_string(RECEIVE_CAPS)};
   }
 };
 
@@ -765,7 +784,18 @@ TEST_F(AgateCliClientTest, BanksShowsTheClientsChildBankWithItsUsedAndLimit) {
   EXPECT_NE(parentLine.find("cli-test-client"), std::string::npos) << parentLine;
 }
 
-TEST_F(AgateCliPageLimitsTest, UpPassesPageLimitsToTheKernel) {
+// A process's command line, its arguments joined by single spaces (and one after the last).
+std::string commandLineOf(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/cmdline");
+  std::string line((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::replace(line.begin(), line.end(), '\0', ' ');
+  return line;
+}
+
+TEST_F(AgateCliPageLimitsTest, UpPassesItsLimitsToTheKernel) {
+  const std::string kernelLine = commandLineOf(kernelPid());
+  EXPECT_NE(kernelLine.find(" --receive-caps 7 "), std::string::npos) << kernelLine;
+
   Ran json = agate({"banks", "--json"});
   ASSERT_EQ(json.exitCode, 0) << json.err;
   Json j = parseJson(json.out);
