@@ -252,12 +252,14 @@ TEST(RpcResults, ResultsStartedBeforeACallBackToTheCallerDoNotHoldItBack) {
   RemotePromise p = req.send();
   bool done = false;
   uint64_t value = 0;
-  loop.spawn([&]() -> Promise<void> {
+  // Named, so the coroutine's captures outlive spawn().
+  auto awaitResult = [&]() -> Promise<void> {
     Result<Response> r = co_await p;
     if (r) value = r->results().getAs<Value>().getValue();
     done = true;
     co_return {};
-  }());
+  };
+  loop.spawn(awaitResult());
   EXPECT_TRUE(runUntil(
       loop, [&] { return done; }, std::chrono::milliseconds(3000)))
       << "the call back to the caller waited behind the results";
