@@ -205,22 +205,28 @@ void RpcConnection::completeAnswer(uint32_t answerId, Status status) {
     }
     const bool noFinishNeeded = a.noPipelining && n == 0;
     if (noFinishNeeded) ctx.return_.setNoFinishNeeded(true);
+    // The results were built in a private buffer (initResults): the Return goes out as a copy
+    // of its words, queued behind the bound like any reply if the ring is full. With
+    // capabilities, calls pipelined on this answer resolve their paths against the results, so
+    // the buffer stays with the answer (frames are position-independent).
     Status sent = {};
-    detail::SpillBuffer* built = ctx.results_.spill_;  // results are built in private memory
-    Result<size_t> used = n > 0 ? built->builder->tryFinish() : Result<size_t>(size_t{0});
-    if (n > 0 && used) {
-      // Calls pipelined on this answer resolve their paths against the results: the buffer
-      // they were built in stays with the answer, and the Return goes out as a copy of its words
-      // (frames are position-independent).
+    detail::SpillBuffer* built = ctx.results_.spill_;
+    AGATE_ASSERT(built != nullptr, "results built outside a private buffer");
+    Result<size_t> used = built->builder->tryFinish();
+    if (used) {
       built->builder.reset();
       built->usedBytes = built->dirtyBytes = *used;
       ctx.results_.spill_ = nullptr;
-      a.results = built;
       sent = sendWords(
           std::span(reinterpret_cast<const uint64_t*>(built->words.get()), *used / WORD_BYTES),
           OutKind::REPLY);
+      if (n > 0) {
+        a.results = built;
+      } else {
+        giveSpill(built);
+      }
     } else {
-      sent = finishOut(ctx.results_);
+      sent = finishOut(ctx.results_);  // says why (too large) and gives the buffer back
     }
     if (sent && noFinishNeeded) {
       ++stats_.returnsSent;

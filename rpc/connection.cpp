@@ -37,6 +37,9 @@ RpcConnection::RpcConnection(MessageSender& tx, MessageReceiver& rx, EventLoop& 
   AGATE_REQUIRE(options_.maxMessageBytes <= MAX_SPILL_BYTES,
                 "maxMessageBytes %zu is above the largest spill buffer (%zu)",
                 options_.maxMessageBytes, MAX_SPILL_BYTES);
+  AGATE_REQUIRE(options_.maxQueuedBytes >= options_.maxMessageBytes,
+                "maxQueuedBytes %zu is below maxMessageBytes %zu: one message must fit the queue",
+                options_.maxQueuedBytes, options_.maxMessageBytes);
   AGATE_REQUIRE(rx.limits().maxFrameBytes <= MAX_SPILL_BYTES,
                 "the receiver accepts frames of %zu bytes, above the largest spill buffer (%zu)",
                 rx.limits().maxFrameBytes, MAX_SPILL_BYTES);
@@ -59,6 +62,8 @@ RpcConnection::RpcConnection(MessageSender& tx, MessageReceiver& rx, EventLoop& 
 }
 
 RpcConnection::~RpcConnection() {
+  AGATE_REQUIRE(dispatching_ == 0,
+                "a connection destroyed from inside one of its own calls (shutdown() it there)");
   fail(Error(Errc::DISCONNECTED, "the connection was closed"));
   teardown();
   ringPeer();  // ringTask_ unlinks itself with the connection: ring what it still owed

@@ -331,7 +331,7 @@ void RpcConnection::openQuestion(uint32_t id) {
 // Provide's question: dropping it sends Finish.
 Result<RemoteCap> RpcConnection::sendProvide(uint32_t importId, VatId recipient,
                                              uint64_t provisionId) {
-  Result<detail::OutSlot> slot = startOut(HANDOFF_BYTES);
+  Result<detail::OutSlot> slot = startOut(HANDOFF_BYTES, OutKind::CALL);
   if (!slot) return slot.error();
   const uint32_t qid = takeQuestionId();
   wire::Provide::Builder p = slot->builder().initRoot<wire::Message>().initProvide();
@@ -420,7 +420,7 @@ RemoteCap RpcConnection::acceptThirdParty(const Decoded& d, uint32_t index, bool
 RemoteCap RpcConnection::sendAccept(VatId introducer, uint64_t provisionId, RemoteCap vine,
                                     bool embargo) {
   RemoteCap cap;
-  Result<detail::OutSlot> slot = startOut(HANDOFF_BYTES);
+  Result<detail::OutSlot> slot = startOut(HANDOFF_BYTES, OutKind::CALL);
   if (!slot) {
     cap.kind_ = RemoteCap::Kind::BROKEN;
     cap.broken_ = slot.error();

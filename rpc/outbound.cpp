@@ -93,7 +93,9 @@ Result<detail::OutSlot> RpcConnection::startOut(size_t bytes, OutKind kind) {
       return m.error();
     }
   }
-  AGATE_TRY(admitToQueue(kind, bytes));
+  // A private reply is not in the queue while it is built; it is admitted when it is sent
+  // (completeAnswer), by the bytes it then holds.
+  if (kind != OutKind::PRIVATE_REPLY) AGATE_TRY(admitToQueue(kind, bytes));
   detail::SpillBuffer* b = takeSpill(bytes);
   b->builder.emplace(std::span<capnp::word>(b->words.get(), bytes / WORD_BYTES));
   slot.spill_ = b;

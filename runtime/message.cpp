@@ -255,7 +255,9 @@ Result<MessageView> FrameReader::tryDecode(std::span<const std::byte> frame) {
   // A fresh reader, so the caller's reads get a traversal budget of their own: validation showed
   // one pass fits traversalLimitWords, and the caller may make READ_PASSES of them.
   capnp::ReaderOptions options = readerOptions(limits_);
-  options.traversalLimitInWords = limits_.traversalLimitWords * ReadLimits::READ_PASSES;
+  options.traversalLimitInWords = limits_.traversalLimitWords > UINT64_MAX / ReadLimits::READ_PASSES
+                                      ? UINT64_MAX
+                                      : limits_.traversalLimitWords * ReadLimits::READ_PASSES;
   message_.emplace(segment, options);
   return MessageView(&*message_, bytes);
 }

@@ -38,7 +38,7 @@ Errc outcome(EventLoop& loop, RemotePromise& p) {
 // A connection ("the victim") whose peer is driven frame by frame by the test.
 class Rig {
  public:
-  explicit Rig(size_t maxQueuedBytes) {
+  explicit Rig(size_t maxQueuedBytes, ServerObject* bootstrap = nullptr) {
     ChannelOptions co;
     co.scope = ChannelScope::LOCAL;
     toVictim_ = std::move(Channel::create(co).value());
@@ -50,7 +50,7 @@ class Rig {
     peerRx_ = std::make_unique<MessageReceiver>(*fromVictim_, fromVictim_->attachReceiver().value(),
                                                 rpcReceiverOptions());
     RpcOptions options;
-    options.bootstrap = &root_;
+    options.bootstrap = bootstrap != nullptr ? bootstrap : &root_;
     options.maxQueuedBytes = maxQueuedBytes;
     victim_ = std::make_unique<RpcConnection>(*victimTx_, *victimRx_, loop_, options);
   }
@@ -64,13 +64,15 @@ class Rig {
   }
   // Calls the victim's bootstrap without pipelining, as often as its ring takes them (the peer
   // never reads a reply); returns how many went.
-  int flood(uint16_t method, int calls) {
+  // `distinctIds`: a question id per call (for calls still running when the next is sent).
+  int flood(uint16_t method, int calls, bool distinctIds = false) {
     int sent = 0;
     int blockedTurns = 0;
     while (sent < calls && victim_->isOpen() && blockedTurns < 200) {
       const bool ok = trySend([&](wire::Message::Builder m) {
         wire::Call::Builder c = m.initCall();
-        c.setQuestionId(1);  // freed at each Return (noFinishNeeded): reusable at once
+        // Else 1: freed at each Return (noFinishNeeded), reusable at once.
+        c.setQuestionId(distinctIds ? static_cast<uint32_t>(sent) + 1 : 1);
         c.getTarget().setImportedCap(0);
         c.setInterfaceId(NODE_INTERFACE_ID);
         c.setMethodId(method);
@@ -107,6 +109,36 @@ TEST(RpcPeerLimits, APeerThatNeverReadsItsRepliesIsDisconnectedNotHeldWithoutBou
     EXPECT_EQ(rig.victim_->failure().code, Errc::OUT_OF_MEMORY);
     EXPECT_LT(rig.victim_->stats().callsReceived, 100'000u);
   }
+}
+
+// Starts 4000 bytes of results, and finishes them a while later.
+class SlowResults final : public ServerObject {
+ public:
+  Promise<void> dispatch(uint64_t, uint16_t, CallContext& ctx) override { return run(ctx); }
+
+ private:
+  static Promise<void> run(CallContext& ctx) {
+    Result<capnp::AnyPointer::Builder> out = ctx.initResults(4200);
+    AGATE_CO_TRY(out);
+    out->initAs<capnp::Data>(4000);
+    co_await EventLoop::current()->sleep(std::chrono::milliseconds(100));
+    co_return {};
+  }
+};
+
+TEST(RpcPeerLimits, RepliesOfMethodsThatSuspendedAreBoundedWhenTheyGoOut) {
+  // Results are built in private memory while the method runs: the bound applies when they go
+  // out, so many suspended methods cannot queue their replies past it either.
+  Watchdog watchdog{"rpc_peer_limits_test", std::chrono::seconds(60)};
+  SlowResults slow;
+  Rig rig(16 * 1024, &slow);
+  // The flood stops early if the victim already hung up (its first methods finish meanwhile).
+  const int sent = rig.flood(ECHO, 300, /*distinctIds=*/true);
+  ASSERT_GT(sent, 20) << "more replies than the ring and the bound hold";
+  ASSERT_TRUE(runUntil(rig.loop_, [&] { return !rig.victim_->isOpen(); }))
+      << rig.victim_->stats().returnsSent << " Returns sent";
+  EXPECT_EQ(rig.victim_->failure().code, Errc::OUT_OF_MEMORY);
+  EXPECT_LT(rig.victim_->stats().returnsSent, static_cast<uint64_t>(sent));
 }
 
 TEST(RpcPeerLimits, APeerThatReadsItsRepliesIsServedWithoutEnd) {
@@ -285,6 +317,9 @@ TEST(RpcLimitsDeathTest, ALimitAboveTheLargestSpillBufferIsRefusedWhenTheConnect
   RpcOptions huge;
   huge.maxMessageBytes = 8u << 20;
   EXPECT_DEATH(RpcConnection(tx, rx, loop, huge), "above the largest spill buffer");
+  RpcOptions small;
+  small.maxQueuedBytes = small.maxMessageBytes - 8;
+  EXPECT_DEATH(RpcConnection(tx, rx, loop, small), "one message must fit the queue");
 }
 
 }  // namespace

@@ -5,6 +5,9 @@
 
 #include <chrono>
 #include <memory>
+#include <stdexcept>
+
+#include <kj/debug.h>
 
 #include "agate/runtime/event_loop.h"
 
@@ -56,6 +59,48 @@ TEST(PromiseTest, ErrorPropagatesThroughNestedCoroutinesUnchanged) {
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.code(), Errc::PROTOCOL_ERROR);
   EXPECT_STREQ(r.error().detail, "leaf failed");
+}
+
+// What Cap'n Proto throws when content another process sent cannot be read.
+Promise<int> readsMalformedContent(EventLoop& loop, bool& unwound) {
+  struct Guard {
+    bool& unwound;
+    ~Guard() { unwound = true; }
+  } guard{unwound};
+  co_await loop.yield();
+  KJ_FAIL_REQUIRE("Message did not contain a struct where one was expected");
+  co_return 1;
+}
+
+Promise<int> readsPastItsBudget(EventLoop& loop, bool& unwound) {
+  Result<int> inner = co_await readsMalformedContent(loop, unwound);
+  AGATE_CO_TRY(inner);
+  co_return *inner + 1;
+}
+
+TEST(PromiseTest, AReadRefusedByCapnProtoEndsTheCoroutineWithProtocolError) {
+  EventLoop loop;
+  bool unwound = false;
+  Result<int> r = runWithin(loop, readsPastItsBudget(loop, unwound));
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.code(), Errc::PROTOCOL_ERROR) << "propagated as an error value, not a crash";
+  EXPECT_TRUE(unwound) << "the coroutine's locals were destroyed";
+}
+
+Promise<int> throwsSomethingElse(EventLoop& loop) {
+  co_await loop.yield();
+  throw std::runtime_error("a bug");
+  co_return 1;
+}
+
+TEST(PromiseDeathTest, AnyOtherExceptionEscapingACoroutineIsABug) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(
+      {
+        EventLoop loop;
+        (void)loop.run(throwsSomethingElse(loop));
+      },
+      "");
 }
 
 Promise<void> setFlag(bool& flag) {

@@ -643,6 +643,31 @@ TEST_F(StubsTest, ANullOrForgedElementOfAListOfCapabilitiesFailsTheCallAtTheServ
   EXPECT_TRUE(after.ok()) << "the connection carries on";
 }
 
+TEST_F(StubsTest, AListOfCapabilitiesLongerThanACapTableIsRefusedBeforeTheMethod) {
+  // Only a forged list is longer than a message's cap table (each element of an honest one has an
+  // entry of its own); read element by element it would cost its length squared.
+  LocalPair pair(loop_, &root_);
+  ListenerImpl listener(log_);
+  st::Adder::Client adder(pair.client().bootstrap());
+  auto r =
+      await(loop_, adder.notifyAll(
+                       [&](auto params, auto& request) -> Status {
+                         params.setValue(1);
+                         params.initListeners(1000);
+                         AGATE_TRY(setListeners(request, params, 0, listener));
+                         capnp::AnyPointer::Builder field =
+                             capnp::AnyStruct::Builder(std::move(params)).getPointerSection()[0];
+                         capnp::AnyList::Builder list = field.getAs<capnp::AnyList>();
+                         for (uint32_t i = 1; i < 1000; ++i) writeCapPointer(list, i, 0);
+                         return {};
+                       },
+                       12000));
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.code(), Errc::PROTOCOL_ERROR);
+  EXPECT_EQ(log_.notified, 0) << "the method never ran";
+  EXPECT_TRUE(await(loop_, adder.get()).ok()) << "the server carries on";
+}
+
 TEST_F(StubsTest, SettingAnElementPastTheEndOrTwiceIsRefusedAndAddsNothing) {
   LocalPair pair(loop_, &root_);
   ListenerImpl listener(log_);

@@ -36,6 +36,7 @@
 #include <capnp/any.h>
 #include <capnp/dynamic.h>
 #include <capnp/schema.h>
+#include <kj/debug.h>
 #include <kj/exception.h>
 
 #include <algorithm>
@@ -75,8 +76,15 @@ inline void walkList(capnp::DynamicList::Reader list) {
     case capnp::schema::Type::DATA:
       for (capnp::DynamicValue::Reader e : list) (void)e;  // reading checks the kind
       return;
+    case capnp::schema::Type::INTERFACE:
+      // Each element of an honest list names its own cap-table entry (setListCap), so no list of
+      // capabilities is longer than a message's cap table; a longer one only serves to make
+      // element-by-element reads (each re-reading the list) cost its length squared.
+      KJ_REQUIRE(list.size() <= MAX_CAPS_PER_MESSAGE,
+                 "a list of capabilities longer than a message's cap table");
+      return;
     default:
-      return;  // primitives live in the list body; interfaces and AnyPointer are not walked
+      return;  // primitives live in the list body; AnyPointer is not walked
   }
 }
 

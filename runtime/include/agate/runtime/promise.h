@@ -44,6 +44,8 @@
 #include <type_traits>
 #include <utility>
 
+#include <kj/exception.h>
+
 #include "agate/runtime/frame_arena.h"
 #include "agate/runtime/result.h"
 #include "agate/runtime/task.h"
@@ -157,8 +159,22 @@ class CoroutinePromise final : public PromiseNode<T> {
   FinalAwaiter final_suspend() noexcept { return {}; }
 
   void return_value(Result<T> r) { this->setResult(std::move(r)); }
-  // Agate reports errors as values; an exception escaping a coroutine is a bug.
-  void unhandled_exception() noexcept { std::terminate(); }
+  // Agate reports errors as values. The one exception a coroutine may meet is Cap'n Proto
+  // refusing to read content another process sent (kj::Exception: it does not match the schema
+  // it is read with, or reading it again spent the reader's traversal budget): the coroutine
+  // then ends with PROTOCOL_ERROR, its locals already destroyed by the unwinding. Any other
+  // exception escaping a coroutine is a bug.
+  void unhandled_exception() noexcept {
+    try {
+      throw;
+    } catch (const kj::Exception&) {
+      this->setResult(Error(Errc::PROTOCOL_ERROR,
+                            "content could not be read (it does not match its schema, or was "
+                            "read past its traversal budget)"));
+    } catch (...) {
+      std::terminate();
+    }
+  }
 
  private:
   // Destroying the frame runs the destructors of everything the coroutine holds, which drops the
