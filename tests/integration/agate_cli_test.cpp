@@ -786,8 +786,14 @@ TEST_F(AgateCliClientTest, BanksShowsTheClientsChildBankWithItsUsedAndLimit) {
 
 // A process's command line, its arguments joined by single spaces (and one after the last).
 std::string commandLineOf(pid_t pid) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/cmdline");
-  std::string line((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::string path = "/proc/" + std::to_string(pid) + "/cmdline";
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return {};
+  std::string line;
+  char buffer[4096];
+  ssize_t n = 0;
+  while ((n = ::read(fd, buffer, sizeof buffer)) > 0) line.append(buffer, static_cast<size_t>(n));
+  ::close(fd);
   std::replace(line.begin(), line.end(), '\0', ' ');
   return line;
 }
