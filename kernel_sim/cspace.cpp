@@ -61,13 +61,9 @@ Result<Cap> CSpace::lookup(Handle handle, Rights need, ObjectType type) const no
   return Cap{(*s)->object, (*s)->rights, (*s)->badge};
 }
 
-Status CSpace::tryAdmitReceived() const noexcept {
-  if (received_ >= receiveLimit_)
+Result<PageCharge> CSpace::tryReserveSlot(bool received) noexcept {
+  if (received && received_ >= receiveLimit_)
     return Error(Errc::QUOTA_EXCEEDED, "the receiver holds as many pushed caps as it accepts");
-  return {};
-}
-
-Result<PageCharge> CSpace::tryReserveSlot() noexcept {
   if (free_ != 0) return PageCharge();
   if (capacity() >= MAX_SLOTS) return Error(Errc::QUOTA_EXCEEDED, "CSpace is at MAX_SLOTS");
   AGATE_ASSERT(owner() != nullptr, "CSpace %lu has no bank", static_cast<unsigned long>(koid()));

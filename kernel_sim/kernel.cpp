@@ -137,10 +137,7 @@ Result<Handle> Kernel::tryTransferCap(ProcessId pid, Handle cap, ProcessId to, T
   auto target = findCSpace(to);
   if (!target) return target.error();
   const bool pushed = to != pid;
-  if (pushed) {
-    if (Status s = (*target)->tryAdmitReceived(); !s.ok()) return s.error();
-  }
-  auto charge = (*target)->tryReserveSlot();
+  auto charge = (*target)->tryReserveSlot(pushed);
   if (!charge) return charge.error();
 
   Slot& source = **slot;
@@ -372,10 +369,7 @@ Result<Handle> Kernel::tryIntroduce(ProcessId pid, Handle bushel, ProcessId to) 
       registration = s;
   }
   const bool pushed = to != pid;
-  if (pushed) {
-    if (Status st = (*target)->tryAdmitReceived(); !st.ok()) return st.error();
-  }
-  auto charge = (*target)->tryReserveSlot();
+  auto charge = (*target)->tryReserveSlot(pushed);
   if (!charge) return charge.error();
 
   const Handle h =
@@ -552,10 +546,7 @@ Result<Handle> Kernel::tryPassRegistry(ProcessId pid, Handle registry, ProcessId
   auto target = findCSpace(to);
   if (!target) return target.error();
   const bool pushed = to != pid;
-  if (pushed) {
-    if (Status s = (*target)->tryAdmitReceived(); !s.ok()) return s.error();
-  }
-  auto charge = (*target)->tryReserveSlot();
+  auto charge = (*target)->tryReserveSlot(pushed);
   if (!charge) return charge.error();
 
   return (*target)->insert(*registry_, rights, 0, nullptr, std::move(*charge), pushed);

@@ -150,8 +150,6 @@ class CSpace final : public KernelObject {
   uint32_t receiveLimit() const noexcept { return receiveLimit_; }
   // Any value, also below receivedCaps(): that only refuses further pushes (nothing is deleted).
   void setReceiveLimit(uint32_t limit) noexcept { receiveLimit_ = limit; }
-  // OK if one more pushed cap is within the receive limit, else QUOTA_EXCEEDED. Changes nothing.
-  Status tryAdmitReceived() const noexcept;
   // The occupied slot with the lowest index >= `from`, or null. O(1) for a CSpace of any size up
   // to MAX_SLOTS: a bit per slot, a bit per chunk, a bit per 64 chunks (at most 8 words), so a
   // listing page costs its entries, however many slots are free in between.
@@ -168,12 +166,14 @@ class CSpace final : public KernelObject {
   uint64_t trim() noexcept;
 
   // Reserves room for one more cap: charges a page to this CSpace's bank if no slot is free
-  // (QUOTA_EXCEEDED if the bank cannot pay or MAX_SLOTS is reached). Nothing changes otherwise.
-  Result<PageCharge> tryReserveSlot() noexcept;
+  // (QUOTA_EXCEEDED if the bank cannot pay or MAX_SLOTS is reached). `received`: another process
+  // pushes it, so it must also fit the receive limit (QUOTA_EXCEEDED past it). Nothing changes
+  // on an error.
+  Result<PageCharge> tryReserveSlot(bool received = false) noexcept;
 
   // Puts a cap into a free slot, using `charge` from tryReserveSlot(). `parent` (may be null, may
   // be in another CSpace) becomes its parent in the derivation tree. `received`: another
-  // process pushed it (the caller checked tryAdmitReceived()). Cannot fail.
+  // process pushed it (reserved with tryReserveSlot(true)). Cannot fail.
   Handle insert(KernelObject& object, Rights rights, uint64_t badge, Slot* parent,
                 PageCharge&& charge, bool received = false);
   // Moves the cap in `from` (any CSpace) into this one: same object, rights, badge and place in
