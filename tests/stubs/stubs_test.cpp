@@ -4,6 +4,8 @@
 // nested interfaces, and every error the typed layer reports.
 #include <gtest/gtest.h>
 
+#include <capnp/message.h>
+
 #include <cstring>
 #include <memory>
 
@@ -666,6 +668,48 @@ TEST_F(StubsTest, AListOfCapabilitiesLongerThanACapTableIsRefusedBeforeTheMethod
   EXPECT_EQ(r.code(), Errc::PROTOCOL_ERROR);
   EXPECT_EQ(log_.notified, 0) << "the method never ran";
   EXPECT_TRUE(await(loop_, adder.get()).ok()) << "the server carries on";
+}
+
+// A cap table that counts what is added to it, and a source whose table holds nothing: for the
+// list accessors' refusals of fields that hold no list of capabilities.
+struct CountingSink {
+  int added = 0;
+  Result<uint32_t> addCap(const RemoteCap&) { return static_cast<uint32_t>(added++); }
+  Result<uint32_t> addCap(ServerObject&) { return static_cast<uint32_t>(added++); }
+  Result<uint32_t> addCap(std::unique_ptr<ServerObject>) { return static_cast<uint32_t>(added++); }
+  Result<uint32_t> addCap(const CapPromise&) { return static_cast<uint32_t>(added++); }
+};
+struct EmptySource {
+  Result<ReceivedCap> capAt(capnp::AnyList::Reader list, uint32_t element) const {
+    Result<uint32_t> index = readCapPointer(list, element);  // as Response::capAt reads it
+    if (!index) return index.error();
+    return Error(Errc::INVALID_ARGUMENT, "no capability at that index");
+  }
+};
+
+TEST_F(StubsTest, ListAccessorsRefuseFieldsThatHoldNoListOfCapabilities) {
+  ListenerImpl listener(log_);
+  capnp::MallocMessageBuilder message;
+  // Pointer 0: a struct; pointer 1: a list of numbers; pointer 2: null.
+  capnp::AnyStruct::Builder s = message.initRoot<capnp::AnyPointer>().initAsAnyStruct(0, 3);
+  s.getPointerSection()[0].initAsAnyStruct(1, 0);
+  s.getPointerSection()[1].initAs<capnp::List<uint64_t>>(2);
+  CountingSink sink;
+  EXPECT_EQ(typed::setListCap<st::Listener>(sink, s, 0, 0, listener).code(),
+            Errc::INVALID_ARGUMENT);
+  EXPECT_EQ(typed::setListCap<st::Listener>(sink, s, 1, 0, listener).code(), Errc::WRONG_TYPE);
+  EXPECT_EQ(typed::setListCap<st::Listener>(sink, s, 2, 0, listener).code(),
+            Errc::INVALID_ARGUMENT);
+  EXPECT_EQ(sink.added, 0) << "nothing was added to the cap table";
+  EXPECT_TRUE(s.asReader().getPointerSection()[2].isNull()) << "the null field stays null";
+
+  EmptySource source;
+  capnp::AnyStruct::Reader r = s.asReader();
+  EXPECT_EQ(typed::getListCap<st::Listener>(source, r, 0, 0).code(), Errc::WRONG_TYPE);
+  EXPECT_EQ(typed::getListCap<st::Listener>(source, r, 1, 0).code(), Errc::WRONG_TYPE);
+  EXPECT_EQ(typed::getListCap<st::Listener>(source, r, 2, 0).code(), Errc::INVALID_ARGUMENT);
+  EXPECT_EQ(typed::getListCap<st::Listener>(source, r, 3, 0).code(), Errc::INVALID_ARGUMENT)
+      << "the struct has three pointers";
 }
 
 TEST_F(StubsTest, SettingAnElementPastTheEndOrTwiceIsRefusedAndAddsNothing) {
