@@ -82,7 +82,9 @@ Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
   if (a.paramWaits > 0) ++stats_.callsAwaitingParamAnswers;
   if (!d.targetIsAnswer) {
     if (mustQueueOnExport(a, d.targetId)) {
-      queueOnExport(a, d.targetId, copyCall(message));
+      Result<detail::SpillBuffer*> copy = copyCall(message);
+      if (!copy) return copy.error();
+      queueOnExport(a, d.targetId, *copy);
       return {};
     }
     deliver(a, d.targetId, d.interfaceId, d.methodId, d.payload);
@@ -98,14 +100,18 @@ Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
       return {};
     }
     if (mustQueueOnExport(a, *exportId)) {
-      queueOnExport(a, *exportId, copyCall(message));
+      Result<detail::SpillBuffer*> copy = copyCall(message);
+      if (!copy) return copy.error();
+      queueOnExport(a, *exportId, *copy);
       return {};
     }
     deliver(a, *exportId, d.interfaceId, d.methodId, d.payload);
     return {};
   }
   // The promised answer has not returned: keep a private copy of the call, queued in order.
-  a.queuedCall = copyCall(message);
+  Result<detail::SpillBuffer*> copy = copyCall(message);
+  if (!copy) return copy.error();
+  a.queuedCall = *copy;
   a.waitingOn = &target;
   a.nextInQueue = nullptr;
   if (target.queueTail != nullptr) {
@@ -118,9 +124,12 @@ Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
   return {};
 }
 
-// A private copy of an inbound Call, for queueing it.
-detail::SpillBuffer* RpcConnection::copyCall(IncomingMessage& message) {
-  std::span<const std::byte> bytes = message.view().bytes();
+// A private copy of an inbound Call, for queueing it. A call read from its words only
+// (decodeCommon) is validated first: the copy is read again with Cap'n Proto's readers when it is
+// delivered. PROTOCOL_ERROR (the connection ends) for a malformed one.
+Result<detail::SpillBuffer*> RpcConnection::copyCall(IncomingMessage& message) {
+  AGATE_TRY(message.validate());
+  std::span<const std::byte> bytes = message.bytes();
   detail::SpillBuffer* copy = takeSpill(bytes.size());
   std::memcpy(copy->words.get(), bytes.data(), bytes.size());
   copy->usedBytes = copy->dirtyBytes = bytes.size();

@@ -10,6 +10,10 @@ MessageReceiverOptions rpcReceiverOptions(MessageReceiverOptions base) {
   // The reader takes messages until the ring is empty (which publishes the releases) and flushes
   // before it waits on anything else (readLoop).
   base.deferReleases = true;
+  // Call, Return, Finish and Release of the common shapes are read from the frame's words
+  // (fast_decode.h), every read checked against the frame's end; only other messages, and a call
+  // kept to be delivered later, are validated (handleMessage, copyCall).
+  base.validateOnDemand = true;
   return base;
 }
 

@@ -18,11 +18,15 @@
 // field read is inside the object, as Cap'n Proto would read it). Anything else (another kind,
 // a union member or list shape not above, params or results with content or capabilities, an
 // exception, a smaller struct, any pointer it does not expect) makes it decline: it returns
-// false and the caller reads the frame with Cap'n Proto as before, which then decides. It runs
-// on frames FrameReader already validated (the pointers it does not follow were checked there),
-// yet checks every word it reads against the frame's end itself, so it never reads outside the
-// frame whatever the bytes. It reads only, and makes no check against the connection's tables:
-// decode's table checks (the same functions) run on what it returns.
+// false and the caller validates the frame and reads it with Cap'n Proto, which then decides.
+// It runs on frames nothing validated yet (the connection's receiver validates on demand,
+// MessageReceiverOptions::validateOnDemand: private copies of the ring's frames, so no word
+// changes while it reads), and checks every word it reads against the frame's end, so it never
+// reads outside the frame whatever the bytes. What it does not read (pointers it does not
+// follow, fields of a later schema) is never read by anyone, so it needs no validation; a call
+// kept to be delivered later is validated before it is copied (RpcConnection::copyCall). It
+// reads only, and makes no check against the connection's tables: decode's table checks (the
+// same functions) run on what it returns.
 //
 // Equivalence: for a frame it accepts, the fields are what Cap'n Proto's getters return for the
 // same frame, and params or results read as empty (null content, no capability) either way

@@ -409,7 +409,10 @@ Status RpcConnection::decode(wire::Message::Reader m, Decoded& d) {
 Status RpcConnection::handleMessage(IncomingMessage& message) {
   Decoded d;
   Status decoded = {};
-  if (!decodeCommon(message.view().bytes(), d, decoded)) {
+  // The common shapes are read from the words (each read checked against the frame's end), so
+  // only the others pay for validation (MessageReceiverOptions::validateOnDemand).
+  if (!decodeCommon(message.bytes(), d, decoded)) {
+    AGATE_TRY(message.validate());
     Status read =
         message.tryRead<wire::Message>([&](wire::Message::Reader m) { decoded = decode(m, d); });
     if (!read) return read;

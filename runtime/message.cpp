@@ -226,6 +226,12 @@ capnp::ReaderOptions FrameReader::readerOptions(const ReadLimits& limits) {
 }
 
 Result<MessageView> FrameReader::tryDecode(std::span<const std::byte> frame) {
+  Result<std::span<const std::byte>> taken = take(frame);
+  if (!taken) return taken.error();
+  return validate(*taken);
+}
+
+Result<std::span<const std::byte>> FrameReader::take(std::span<const std::byte> frame) {
   message_.reset();  // the previous view ends here, whatever this frame turns out to be
 
   // The length is the one value of the frame the caller read before us; it is a local here.
@@ -236,21 +242,23 @@ Result<MessageView> FrameReader::tryDecode(std::span<const std::byte> frame) {
   if (bytes > limits_.maxFrameBytes)
     return Error(Errc::PROTOCOL_ERROR, "frame is larger than ReadLimits::maxFrameBytes");
 
-  const capnp::word* words;
   if (policy_ == ReadPolicy::COPY_IN) {
     if (bytes > scratch_.size_bytes())
       return Error(Errc::PROTOCOL_ERROR, "frame is larger than the reader's scratch buffer");
     // The one read of shared memory: from here on only the private copy is looked at.
     std::memcpy(scratch_.data(), frame.data(), bytes);
-    words = scratch_.data();
-  } else {
-    AGATE_REQUIRE(reinterpret_cast<uintptr_t>(frame.data()) % alignof(capnp::word) == 0,
-                  "IN_PLACE frame at %p is not 8-byte aligned",
-                  static_cast<const void*>(frame.data()));
-    words = reinterpret_cast<const capnp::word*>(frame.data());
+    return std::span<const std::byte>(reinterpret_cast<const std::byte*>(scratch_.data()), bytes);
   }
-  kj::ArrayPtr<const capnp::word> segment(words, bytes / WORD_BYTES);
+  AGATE_REQUIRE(reinterpret_cast<uintptr_t>(frame.data()) % alignof(capnp::word) == 0,
+                "IN_PLACE frame at %p is not 8-byte aligned",
+                static_cast<const void*>(frame.data()));
+  return frame;
+}
 
+Result<MessageView> FrameReader::validate(std::span<const std::byte> taken) {
+  const size_t bytes = taken.size();
+  kj::ArrayPtr<const capnp::word> segment(reinterpret_cast<const capnp::word*>(taken.data()),
+                                          bytes / WORD_BYTES);
   if (!fastAccepts(segment, limits_)) AGATE_TRY(validateWithGetters(segment, limits_));
   // A fresh reader, so the caller's reads get a traversal budget of their own: validation showed
   // one pass fits traversalLimitWords, and the caller may make READ_PASSES of them.

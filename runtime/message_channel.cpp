@@ -223,9 +223,16 @@ IncomingMessage& IncomingMessage::operator=(IncomingMessage&& o) noexcept {
     reset();
     owner_ = std::exchange(o.owner_, nullptr);
     view_ = o.view_;
+    bytes_ = o.bytes_;
     tag_ = o.tag_;
   }
   return *this;
+}
+
+Status IncomingMessage::validate() {
+  if (view_) return {};
+  AGATE_REQUIRE(owner_ != nullptr, "validate() on a dropped IncomingMessage");
+  return owner_->validate(*this);
 }
 
 void IncomingMessage::reset() noexcept {
@@ -236,7 +243,9 @@ void IncomingMessage::reset() noexcept {
 
 MessageReceiver::MessageReceiver(const Channel& channel, Receiver receiver,
                                  MessageReceiverOptions options)
-    : receiver_(std::move(receiver)), deferReleases_(options.deferReleases) {
+    : receiver_(std::move(receiver)),
+      deferReleases_(options.deferReleases),
+      validateOnDemand_(options.validateOnDemand) {
   ReadPolicy policy = options.policy.value_or(
       channel.scope() == ChannelScope::SHARED ? ReadPolicy::COPY_IN : ReadPolicy::IN_PLACE);
   if (policy == ReadPolicy::IN_PLACE) {
@@ -257,18 +266,38 @@ Result<IncomingMessage> MessageReceiver::decode(Result<Frame> frame) {
     if (frame.code() == Errc::PROTOCOL_ERROR) poison_ = frame.error();
     return frame.error();
   }
-  Result<MessageView> view = reader_->tryDecode(frame->payload);
-  // COPY_IN: the message now lives in the scratch (or was refused); the frame goes back at once.
-  const bool inPlace = reader_->policy() == ReadPolicy::IN_PLACE;
-  if (!view) {
+  Result<std::span<const std::byte>> taken = reader_->take(frame->payload);
+  std::optional<MessageView> view;
+  if (taken && !validateOnDemand_) {
+    Result<MessageView> validated = reader_->validate(*taken);
+    if (validated) {
+      view = *validated;
+    } else {
+      taken = validated.error();
+    }
+  }
+  if (!taken) {
     receiver_.release();
-    poison_ = view.error();
+    poison_ = taken.error();
     return poison_;
   }
+  // COPY_IN: the message now lives in the scratch; the frame goes back at once.
+  const bool inPlace = reader_->policy() == ReadPolicy::IN_PLACE;
   if (!inPlace) releaseFrame();
   outstanding_ = true;
   holdsFrame_ = inPlace;
-  return IncomingMessage(this, *view, frame->tag);
+  return IncomingMessage(this, view, *taken, frame->tag);
+}
+
+Status MessageReceiver::validate(IncomingMessage& message) {
+  if (poisoned()) return poison_;
+  Result<MessageView> view = reader_->validate(message.bytes_);
+  if (!view) {
+    poison_ = view.error();
+    return poison_;
+  }
+  message.view_ = *view;
+  return {};
 }
 
 Result<IncomingMessage> MessageReceiver::tryReceive() {

@@ -782,6 +782,7 @@ struct RawClient {
     for (;;) {
       Result<IncomingMessage> in = co_await rx->receiveAsync(loop);
       if (!in) co_return in.error();
+      if (Status valid = in->validate(); !valid) co_return valid.error();
       rpc::wire::Message::Reader m = in->getRoot<rpc::wire::Message>();
       if (m.which() == rpc::wire::Message::ABORT)
         co_return Outcome{static_cast<Errc>(m.getAbort().getErrc())};

@@ -280,6 +280,7 @@ class RpcCapLifetimeRawTest : public ::testing::Test {
   void expectFromConn(const std::function<void(wire::Message::Reader)>& check) {
     Result<IncomingMessage> in = loop_.run(peerRx_->receiveAsync(loop_));
     ASSERT_TRUE(in.ok()) << errcName(in.code());
+    ASSERT_TRUE(in->validate().ok());  // rpcReceiverOptions() validate on demand
     check(in->getRoot<wire::Message>());
   }
 

@@ -579,6 +579,7 @@ class RawVat {
   void expectNext(const std::function<void(wire::Message::Reader)>& check) {
     Result<IncomingMessage> in = loop_.run(rx_->receiveAsync(loop_));
     ASSERT_TRUE(in.ok()) << errcName(in.code());
+    ASSERT_TRUE(in->validate().ok());  // rpcReceiverOptions() validate on demand
     check(in->getRoot<wire::Message>());
   }
   // The errc of the victim's next Return (for question `q`); OK for results, CANCELLED for
@@ -586,6 +587,7 @@ class RawVat {
   Errc nextReturn(uint32_t q) {
     Result<IncomingMessage> in = loop_.run(rx_->receiveAsync(loop_));
     if (!in) return in.code();
+    if (Status valid = in->validate(); !valid) return valid.code();
     wire::Message::Reader m = in->getRoot<wire::Message>();
     EXPECT_EQ(m.which(), wire::Message::RETURN);
     if (m.which() != wire::Message::RETURN) return Errc::PROTOCOL_ERROR;

@@ -5,8 +5,10 @@
 // tables as they were.
 #include <gtest/gtest.h>
 
+#include <array>
 #include <functional>
 #include <optional>
+#include <span>
 
 #include "rpc_harness.h"
 #include "support/watchdog.h"
@@ -95,6 +97,7 @@ class RpcHostileTest : public ::testing::Test {
   void expectFromVictim(const std::function<void(wire::Message::Reader)>& check) {
     Result<IncomingMessage> in = loop_.run(attackerRx_->receiveAsync(loop_));
     ASSERT_TRUE(in.ok()) << errcName(in.code());
+    ASSERT_TRUE(in->validate().ok());  // rpcReceiverOptions() validate on demand
     check(in->getRoot<wire::Message>());
   }
   // The victim aborted: PROTOCOL_ERROR locally, an Abort saying so on the wire, and everything it
@@ -108,6 +111,7 @@ class RpcHostileTest : public ::testing::Test {
     for (;;) {
       Result<IncomingMessage> in = attackerRx_->tryReceive();
       if (!in) break;
+      ASSERT_TRUE(in->validate().ok());  // rpcReceiverOptions() validate on demand
       wire::Message::Reader m = in->getRoot<wire::Message>();
       if (m.which() == wire::Message::ABORT) {
         sawAbort = true;
@@ -884,6 +888,63 @@ TEST_F(RpcHostileTest, MalformedFrameAborts) {
   ASSERT_TRUE(attackerTx_->sender().trySend(std::as_bytes(std::span(garbage))).ok());
   expectAborted();
   EXPECT_EQ(log_.cancelled, 1);
+}
+
+// A Call of the common shape (no params), written word by word, whose struct has a third
+// pointer (a field of some later schema) that points far outside the frame. The connection reads
+// such a Call from its words without validating it (fast_decode.h): what it never reads is never
+// checked. Pipelined (`onQuestion`) or on the export `exportId`.
+std::array<uint64_t, 12> callWithAnUnreadWildPointer(uint32_t questionId, uint16_t method,
+                                                     std::optional<uint32_t> onQuestion,
+                                                     uint32_t exportId = 0) {
+  auto structPointer = [](uint64_t offset, uint64_t data, uint64_t pointers) {
+    return (offset << 2) | (data << 32) | (pointers << 48);
+  };
+  std::array<uint64_t, 12> w{};
+  w[0] = structPointer(0, 1, 1);  // root: the Message at word 1
+  w[1] = static_cast<uint64_t>(wire::Message::CALL);
+  w[2] = structPointer(0, 2, 3);  // the Call at word 3: two data words, three pointers
+  w[3] = questionId | (uint64_t{method} << 32);
+  w[4] = NODE_INTERFACE_ID;
+  w[5] = structPointer(2, 1, 1);    // target: the MessageTarget at word 8
+  w[6] = 0;                         // params: none
+  w[7] = 0x0000'0001'7fff'fff0ull;  // the third pointer: far outside the frame
+  if (onQuestion) {
+    w[8] = uint64_t{wire::MessageTarget::PROMISED_ANSWER} << 32;
+    w[9] = structPointer(0, 1, 1);  // the PromisedAnswer at word 10
+    w[10] = *onQuestion;
+    w[11] = 0;  // no transform
+  } else {
+    w[8] = exportId | (uint64_t{wire::MessageTarget::IMPORTED_CAP} << 32);
+  }
+  return w;
+}
+
+TEST_F(RpcHostileTest, APartOfACallThatIsNeverReadIsNeverChecked) {
+  const auto words = callWithAnUnreadWildPointer(1, ECHO, std::nullopt);
+  ASSERT_FALSE(FrameReader::fastAccepts(
+      kj::arrayPtr(reinterpret_cast<const capnp::word*>(words.data()), words.size()),
+      rpcReceiverOptions().limits))
+      << "the frame is malformed as a whole";
+  ASSERT_TRUE(attackerTx_->sender().trySend(std::as_bytes(std::span(words))).ok());
+  expectFromVictim([](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::RETURN);
+    EXPECT_EQ(m.getReturn().getAnswerId(), 1u);
+    EXPECT_EQ(m.getReturn().getResults().getContent().getAs<Value>().getValue(), 0u);
+  });
+  EXPECT_TRUE(victim_->isOpen());
+}
+
+TEST_F(RpcHostileTest, APipelinedCallKeptForLaterIsValidatedAndAMalformedOneAborts) {
+  call(1, 0, HANG);
+  ASSERT_TRUE(runUntil(loop_, [&] { return log_.hanging == 1; }));
+  // On the running answer 1, so the victim keeps a copy to deliver later, and reads it then with
+  // Cap'n Proto's readers: it is validated first, and refused.
+  const auto words = callWithAnUnreadWildPointer(2, ECHO, 1u);
+  ASSERT_TRUE(attackerTx_->sender().trySend(std::as_bytes(std::span(words))).ok());
+  expectAborted();
+  EXPECT_EQ(log_.cancelled, 1);
+  EXPECT_EQ(victim_->stats().pipelinedCallsQueued, 0u);
 }
 
 TEST_F(RpcHostileTest, AbortFromThePeerFailsOurCallsWithItsReason) {

@@ -177,6 +177,7 @@ TEST(RpcPeerLimits, OwnCallsPastTheQueueBoundAreRefusedAndTheConnectionCarriesOn
   while (read < accepted) {
     Result<IncomingMessage> in = loop_.run(peerRx_->receiveAsync(loop_));
     ASSERT_TRUE(in.ok()) << errcName(in.code());
+    ASSERT_TRUE(in->validate().ok());  // rpcReceiverOptions() validate on demand
     ASSERT_EQ(in->getRoot<wire::Message>().which(), wire::Message::CALL);
     ++read;
   }

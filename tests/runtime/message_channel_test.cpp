@@ -236,6 +236,74 @@ TEST(MessageChannelTest, MalformedFrameIsAProtocolErrorThatSticks) {
   EXPECT_EQ(loop.run(e.rx->receiveAsync(loop)).code(), Errc::PROTOCOL_ERROR);
 }
 
+TEST(MessageChannelTest, MessagesArriveValidatedUnlessValidatedOnDemand) {
+  Endpoints plain(scoped(ChannelScope::SHARED));
+  ASSERT_TRUE(sendPoint(*plain.tx, 3).ok());
+  Result<IncomingMessage> in = plain.rx->tryReceive();
+  ASSERT_TRUE(in.ok());
+  EXPECT_TRUE(in->validated());
+  EXPECT_TRUE(in->validate().ok()) << "validating again is a no-op";
+  EXPECT_EQ(in->getRoot<test::Point>().getX(), 3);
+}
+
+TEST(MessageChannelTest, OnDemandAMessageIsHandedOverAsItsPrivateCopyAndValidatedWhenAsked) {
+  Endpoints e(scoped(ChannelScope::SHARED), MessageReceiverOptions{.validateOnDemand = true});
+  ASSERT_TRUE(sendPoint(*e.tx, 9).ok());
+  Result<IncomingMessage> in = e.rx->tryReceive();
+  ASSERT_TRUE(in.ok());
+  EXPECT_FALSE(in->validated());
+  EXPECT_EQ(e.head(), e.tail()) << "COPY_IN gives the frame back before anything is read";
+  // The bytes are the receiver's private copy: the ring's frame may be overwritten meanwhile.
+  const std::span<const std::byte> bytes = in->bytes();
+  const std::byte* frame = e.channel->memory().data() + RING_CONTROL_BYTES;
+  EXPECT_TRUE(bytes.data() < frame || bytes.data() >= frame + e.channel->memory().size());
+  std::memset(e.channel->memory().data() + RING_CONTROL_BYTES, 0xff, 64);
+  EXPECT_EQ(in->sizeInBytes(), bytes.size());
+  ASSERT_TRUE(in->validate().ok());
+  EXPECT_TRUE(in->validated());
+  EXPECT_EQ(in->getRoot<test::Point>().getX(), 9);
+  EXPECT_EQ(in->view().bytes().data(), bytes.data()) << "the view reads the same copy";
+}
+
+TEST(MessageChannelTest, OnDemandAMalformedFrameIsRefusedWhenValidatedAndTheErrorSticks) {
+  for (ChannelScope scope : {ChannelScope::SHARED, ChannelScope::LOCAL}) {
+    Endpoints e(scoped(scope), MessageReceiverOptions{.validateOnDemand = true});
+    const uint64_t garbage[2] = {0xfffffffffffffff0ull, 0x1234};  // root: a list, out of bounds
+    ASSERT_TRUE(e.tx->sender().trySend(std::as_bytes(std::span(garbage))).ok());
+    const uint64_t garbageEnd = e.tail();
+    ASSERT_TRUE(sendPoint(*e.tx, 1).ok());
+    {
+      Result<IncomingMessage> in = e.rx->tryReceive();
+      ASSERT_TRUE(in.ok()) << "handed over unread";
+      EXPECT_EQ(in->bytes().size(), sizeof garbage);
+      EXPECT_EQ(std::memcmp(in->bytes().data(), garbage, sizeof garbage), 0);
+      EXPECT_EQ(in->validate().code(), Errc::PROTOCOL_ERROR);
+      EXPECT_FALSE(in->validated());
+      EXPECT_EQ(in->validate().code(), Errc::PROTOCOL_ERROR) << "and again";
+      EXPECT_TRUE(e.rx->poisoned());
+    }
+    EXPECT_EQ(e.rx->tryReceive().code(), Errc::PROTOCOL_ERROR) << "the valid frame is not served";
+    EXPECT_EQ(e.head(), garbageEnd) << "the refused frame went back to the sender";
+  }
+}
+
+TEST(MessageChannelTest, OnDemandLengthChecksStillRefuseAFrameAtOnce) {
+  Endpoints e(scoped(ChannelScope::SHARED), MessageReceiverOptions{.validateOnDemand = true});
+  const std::byte odd[12] = {};  // not a whole number of words
+  ASSERT_TRUE(e.tx->sender().trySend(std::span(odd)).ok());
+  EXPECT_EQ(e.rx->tryReceive().code(), Errc::PROTOCOL_ERROR);
+  EXPECT_TRUE(e.rx->poisoned());
+  EXPECT_EQ(e.head(), e.tail());
+}
+
+TEST(MessageChannelDeathTest, ReadingAMessageBeforeItIsValidatedIsABug) {
+  Endpoints e(scoped(ChannelScope::SHARED), MessageReceiverOptions{.validateOnDemand = true});
+  ASSERT_TRUE(sendPoint(*e.tx, 9).ok());
+  Result<IncomingMessage> in = e.rx->tryReceive();
+  ASSERT_TRUE(in.ok());
+  EXPECT_DEATH((void)in->getRoot<test::Point>(), "read before validate");
+}
+
 TEST(MessageChannelTest, ReceiveReportsEmptyTimeoutAndDisconnect) {
   Endpoints e(scoped(ChannelScope::LOCAL));
   EXPECT_EQ(e.rx->tryReceive().code(), Errc::WOULD_BLOCK);

@@ -795,7 +795,7 @@ class RpcConnection {
   void deliver(Answer& answer, uint32_t exportId, uint64_t interfaceId, uint16_t methodId,
                capnp::AnyStruct::Reader payload);
   void deliverQueued(Answer& answer);
-  detail::SpillBuffer* copyCall(IncomingMessage& message);
+  Result<detail::SpillBuffer*> copyCall(IncomingMessage& message);
   Result<uint32_t> resolvePipeline(Answer& target, std::span<const uint16_t> path);
   Result<uint32_t> resolvePipeline(Answer& target, std::span<const uint16_t> path,
                                    FrameReader& reader);

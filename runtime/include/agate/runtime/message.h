@@ -27,7 +27,10 @@
 // decoding a small message, so tryDecode() first runs a walk over the raw words
 // (FrameReader::fastAccepts) that accepts only what it proves the getter walk accepts, with
 // margins on the limits, and declines anything else (far pointers, unusual lists, limits' edges),
-// which the getter walk then decides: the accepted set is exactly the getter walk's.
+// which the getter walk then decides: the accepted set is exactly the getter walk's. A consumer
+// that reads its common messages from the raw words itself, checking every read, may take a frame
+// without validating it (take(), then validate() only when it wants Cap'n Proto's readers;
+// MessageReceiverOptions::validateOnDemand): what is never read needs no validation.
 //
 // Why COPY_IN exists. Cap'n Proto's reader loads a wire pointer, bounds-checks it, and later loads
 // it again to follow it. If the frame lives in shared memory that a hostile producer can still
@@ -235,6 +238,17 @@ class FrameReader {
   // is inside the frame is valid Cap'n Proto and is accepted; FrameBuilder never writes one. On
   // failure the previous view is invalidated and no view is given.
   Result<MessageView> tryDecode(std::span<const std::byte> frame);
+
+  // tryDecode() in two steps, for a caller that reads its common messages from the words itself
+  // and needs Cap'n Proto's readers only for the rest (MessageReceiverOptions::validateOnDemand):
+  //  * take: the length checks and, with COPY_IN, the one copy out of shared memory; returns the
+  //    bytes to read (the private copy, or the frame itself under IN_PLACE), NOT validated. A
+  //    caller reading them must check every read against their end and read each word once.
+  //  * validate: the validation of those bytes and the view tryDecode() would have given. Only
+  //    on the bytes the last take() returned.
+  // take() ends the previous view, as tryDecode() does.
+  Result<std::span<const std::byte>> take(std::span<const std::byte> frame);
+  Result<MessageView> validate(std::span<const std::byte> taken);
 
   ReadPolicy policy() const noexcept { return policy_; }
   const ReadLimits& limits() const noexcept { return limits_; }

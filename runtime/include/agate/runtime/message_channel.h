@@ -146,12 +146,14 @@ class MessageSender {
   std::optional<FrameBuilder> builder_;  // engaged while an OutgoingMessage is pending
 };
 
-// A received, validated message. Move-only handle; readers obtained from it are valid while it
-// lives. Dropping it releases the frame (IN_PLACE) and lets its MessageReceiver receive again.
+// A received message. Move-only handle; readers obtained from it are valid while it lives.
+// Dropping it releases the frame (IN_PLACE) and lets its MessageReceiver receive again. It is
+// validated on arrival, unless its receiver validates on demand
+// (MessageReceiverOptions::validateOnDemand): then validate() must succeed before any reader.
 class IncomingMessage {
  public:
   IncomingMessage(IncomingMessage&& o) noexcept
-      : owner_(std::exchange(o.owner_, nullptr)), view_(o.view_), tag_(o.tag_) {}
+      : owner_(std::exchange(o.owner_, nullptr)), view_(o.view_), bytes_(o.bytes_), tag_(o.tag_) {}
   IncomingMessage& operator=(IncomingMessage&& o) noexcept;
   IncomingMessage(const IncomingMessage&) = delete;
   IncomingMessage& operator=(const IncomingMessage&) = delete;
@@ -159,26 +161,41 @@ class IncomingMessage {
 
   template <class T>
   typename T::Reader getRoot() const {
-    return view_.getRoot<T>();
+    return view().getRoot<T>();
   }
   // Reads against a schema inside the decode boundary (MessageView::tryRead): a message whose
   // pointers do not match the schema gives PROTOCOL_ERROR rather than an exception.
   template <class T, class Fn>
   Status tryRead(Fn&& fn) const {
-    return view_.tryRead<T>(std::forward<Fn>(fn));
+    return view().tryRead<T>(std::forward<Fn>(fn));
   }
   uint16_t tag() const noexcept { return tag_; }
-  size_t sizeInBytes() const noexcept { return view_.sizeInBytes(); }
-  const MessageView& view() const noexcept { return view_; }
+  size_t sizeInBytes() const noexcept { return bytes_.size(); }
+  // The validated message (REQUIRE: validated).
+  const MessageView& view() const noexcept {
+    AGATE_REQUIRE(view_.has_value(), "an IncomingMessage read before validate()");
+    return *view_;
+  }
+
+  // The frame's bytes as read (the private copy under COPY_IN, the frame itself under
+  // IN_PLACE), validated or not: for a reader of the words that checks every read against their
+  // end and reads each word once (see FrameReader::take).
+  std::span<const std::byte> bytes() const noexcept { return bytes_; }
+  bool validated() const noexcept { return view_.has_value(); }
+  // Validates the message (once; later calls return at once). PROTOCOL_ERROR for a malformed
+  // one, as the receive would have given without validateOnDemand, and the receiver is poisoned.
+  Status validate();
 
  private:
   friend class MessageReceiver;
-  IncomingMessage(MessageReceiver* owner, MessageView view, uint16_t tag) noexcept
-      : owner_(owner), view_(view), tag_(tag) {}
+  IncomingMessage(MessageReceiver* owner, std::optional<MessageView> view,
+                  std::span<const std::byte> bytes, uint16_t tag) noexcept
+      : owner_(owner), view_(view), bytes_(bytes), tag_(tag) {}
   void reset() noexcept;
 
   MessageReceiver* owner_;  // not owned; null once dropped or moved from
-  MessageView view_;
+  std::optional<MessageView> view_;
+  std::span<const std::byte> bytes_;
   uint16_t tag_;
 };
 
@@ -193,6 +210,13 @@ struct MessageReceiverOptions {
   // holds messages calls receiver().flushReleases() first, or senders may see it fuller than it
   // is meanwhile. A frame refused as malformed is always released at once.
   bool deferReleases = false;
+  // Hand each message over before validating it: IncomingMessage::bytes() holds it (the private
+  // copy under COPY_IN) and IncomingMessage::validate() validates it when the holder wants Cap'n
+  // Proto's readers. For a holder that reads its common messages from the words itself, checking
+  // every read against their end (Agate's RPC engine, rpc/fast_decode.h): the part of a message
+  // it never reads costs no validation. Under IN_PLACE the bytes are the ring frame: only for
+  // memory no other party can write meanwhile, as IN_PLACE itself.
+  bool validateOnDemand = false;
 };
 
 // The receiving end of a channel, for typed messages. Not movable (the Cap'n Proto reader lives
@@ -221,6 +245,7 @@ class MessageReceiver {
  private:
   friend class IncomingMessage;
   Result<IncomingMessage> decode(Result<Frame> frame);
+  Status validate(IncomingMessage& message);
   void finishMessage() noexcept;
   void releaseFrame() noexcept;  // release() or releaseDeferred(), as the options say
 
@@ -228,9 +253,10 @@ class MessageReceiver {
   std::unique_ptr<capnp::word[]> scratch_;  // COPY_IN only; sized to the channel's maxPayload
   std::optional<FrameReader> reader_;
   Error poison_;
-  bool outstanding_ = false;    // an IncomingMessage is alive
-  bool holdsFrame_ = false;     // IN_PLACE: the ring frame is still held for it
-  bool deferReleases_ = false;  // MessageReceiverOptions::deferReleases
+  bool outstanding_ = false;       // an IncomingMessage is alive
+  bool holdsFrame_ = false;        // IN_PLACE: the ring frame is still held for it
+  bool deferReleases_ = false;     // MessageReceiverOptions::deferReleases
+  bool validateOnDemand_ = false;  // MessageReceiverOptions::validateOnDemand
 };
 
 }  // namespace agate
