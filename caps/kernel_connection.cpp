@@ -10,6 +10,7 @@
 #include <capnp/serialize.h>
 #include <kj/exception.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 
@@ -245,9 +246,16 @@ bool KernelConnection::ringHasRoom() noexcept {
   return true;
 }
 
-Promise<void> KernelConnection::awaitSpace() {
+Promise<void> KernelConnection::awaitSpace(bool again) {
   auto [promise, fulfiller] = newPromiseAndFulfiller<void>();
-  spaceWaiters_.push_back(QueuedCall{std::move(fulfiller), DetachedCall::DESTROY, AnyCap{}});
+  QueuedCall entry{std::move(fulfiller), DetachedCall::DESTROY, AnyCap{}};
+  if (again) {
+    // Behind the calls of its batch that went back before it, ahead of everything else.
+    const size_t at = std::min<size_t>(requeuedAhead_++, spaceWaiters_.size());
+    spaceWaiters_.insert(spaceWaiters_.begin() + static_cast<std::ptrdiff_t>(at), std::move(entry));
+  } else {
+    spaceWaiters_.push_back(std::move(entry));
+  }
   watchSpaceIfIdle();
   return std::move(promise);
 }
@@ -295,6 +303,7 @@ Promise<void> KernelConnection::watchSpace() {
       if (next.waiter) {
         Fulfiller<void> waiter = std::move(*next.waiter);
         spaceWaiters_.pop_front();
+        ++wokenToWrite_;
         waiter.fulfill({});
         ++woken;
         continue;
@@ -309,6 +318,8 @@ Promise<void> KernelConnection::watchSpace() {
       spaceWaiters_.pop_front();
     }
     co_await loop_.yield();  // the woken calls reserve (and may queue again) before we look
+    wokenToWrite_ = 0;
+    requeuedAhead_ = 0;
   }
   co_return {};
 }
@@ -349,22 +360,39 @@ Result<uint32_t> KernelConnection::tryWrite(uint32_t expect, size_t maxBytes, Fi
 
 template <class Fill>
 Promise<detail::Reply> KernelConnection::submit(uint32_t expect, size_t maxBytes, Fill fill,
-                                                CreatedObjects* into) {
+                                                CreatedObjects* into,
+                                                std::optional<IfDropped> ifDropped) {
   if (dead_.code != Errc::OK) co_return dead_;
   if (maxBytes > submissionRing_->maxPayload())
     co_return Error(Errc::MESSAGE_TOO_LARGE, "a syscall larger than a submission frame");
-  // FIFO: a new call queues behind calls already waiting for room.
-  bool queued = !spaceWaiters_.empty();
+  // Armed while the call waits for room: this coroutine destroyed then (its caller went) leaves
+  // `ifDropped` to go detached. Disarmed once the call is written or can never be.
+  struct DropGuard {
+    KernelConnection* connection;
+    std::optional<IfDropped> call;
+    ~DropGuard() {
+      if (call) connection->callDetached(call->call, call->cap);
+    }
+  } guard{this, ifDropped};
+  // FIFO: a new call queues behind calls already waiting for room, or woken and still to write.
+  bool queued = mustQueue();
+  bool woken = false;
   Result<uint32_t> index = Error(Errc::WOULD_BLOCK);
   for (;;) {
     if (!queued) {
       index = tryWrite(expect, maxBytes, fill);
+      if (woken && wokenToWrite_ > 0) --wokenToWrite_;  // 0: its batch is over already
       if (index.code() != Errc::WOULD_BLOCK) break;
     }
-    AGATE_CO_TRY(co_await awaitSpace());
-    if (dead_.code != Errc::OK) co_return dead_;
+    Status room = co_await awaitSpace(/*again=*/woken);
+    woken = true;
+    if (!room || dead_.code != Errc::OK) {
+      guard.call.reset();
+      co_return !room ? room.error() : dead_;
+    }
     queued = false;
   }
+  guard.call.reset();
   if (!index) co_return index.error();
   // Still in the step that wrote the call: nothing can have answered it yet.
   auto [promise, fulfiller] = newPromiseAndFulfiller<detail::Reply>();
@@ -387,7 +415,7 @@ Result<uint32_t> KernelConnection::tryWriteDetached(DetachedCall detached, AnyCa
 
 void KernelConnection::callDetached(DetachedCall detached, AnyCap cap) noexcept {
   if (dead_.code != Errc::OK || !cap.valid()) return;  // the kernel reclaims it with the process
-  if (spaceWaiters_.empty() && tryWriteDetached(detached, cap).code() != Errc::WOULD_BLOCK)
+  if (!mustQueue() && tryWriteDetached(detached, cap).code() != Errc::WOULD_BLOCK)
     return;  // written (or the ring broke, and the connection with it)
   spaceWaiters_.push_back(QueuedCall{std::nullopt, detached, cap});
   watchSpaceIfIdle();
@@ -647,7 +675,8 @@ Promise<uint64_t> KernelConnection::copyAny(AnyCap cap, Rights rights, uint64_t 
 
 Promise<void> KernelConnection::deleteCap(AnyCap cap) {
   Result<detail::Reply> r = co_await submit(
-      Which::DONE, SYSCALL_BYTES, [&](auto call) { call.initDeleteCap().setCap(cap.handle); });
+      Which::DONE, SYSCALL_BYTES, [&](auto call) { call.initDeleteCap().setCap(cap.handle); },
+      nullptr, IfDropped{DetachedCall::DELETE_CAP, cap});
   if (!r) co_return r.error();
   co_return {};
 }
@@ -686,7 +715,8 @@ Promise<CapInfo> KernelConnection::inspectCap(AnyCap cap) {
 
 Promise<void> KernelConnection::destroy(AnyCap cap) {
   Result<detail::Reply> r = co_await submit(
-      Which::DONE, SYSCALL_BYTES, [&](auto call) { call.initDestroyObject().setCap(cap.handle); });
+      Which::DONE, SYSCALL_BYTES, [&](auto call) { call.initDestroyObject().setCap(cap.handle); },
+      nullptr, IfDropped{DetachedCall::DESTROY, cap});
   if (!r) co_return r.error();
   co_return {};
 }

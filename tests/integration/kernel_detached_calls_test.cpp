@@ -3,7 +3,10 @@
 //  * a detached destroy / deleteCap (what destructors use) written while the submission ring is
 //    full waits in the FIFO of calls waiting for room and is written in its turn, never lost;
 //  * an EventPublisher destroyed while the ring is full still destroys its buffer and its
-//    notification (the server's bank gets its pages back);
+//    notification (the server's bank gets its pages back), and so does one whose close() was
+//    cancelled while its destroys waited for room: a destroy or deleteCap dropped before it was
+//    written goes detached, in its caller's stead;
+//  * a detached call never overtakes calls woken to write before it;
 //  * an EventPublisher::create cancelled at each of its kernel steps (the client hung up at that
 //    instant) leaves nothing behind, a create still in flight included (CreatedObjects).
 //
@@ -206,6 +209,109 @@ TEST(KernelDetachedCalls, APublisherDestroyedWhileTheRingIsFullStillDestroysItsO
   settle(*s.server);
   EXPECT_TRUE(s.observe() == baseline) << "the buffer, its notification and the client's cap went";
   EXPECT_EQ(s.server->detachedCallsRefused(), 0u);
+}
+
+TEST(KernelDetachedCalls,
+     APublisherWhoseCloseIsCancelledWhileTheRingIsFullStillDestroysItsObjects) {
+  Watchdog dog("a cancelled close behind a full ring", seconds(30));
+  Served s;
+  ASSERT_NE(s.served, nullptr);
+  s.warmUp();
+  const Observed baseline = s.observe();
+  std::unique_ptr<EventPublisher> publisher =
+      get(s.loop.run(EventPublisher::create(*s.served, 64)));
+  ASSERT_TRUE(publisher);
+  settle(*s.server);
+
+  StoppedKernel stopped(s.kernel);
+  std::vector<Promise<CapInfo>> calls = fillRing(*s.server, s.server->bank());
+  {
+    Promise<void> closing = publisher->close();  // its two destroys queue behind the full ring
+    EXPECT_EQ(s.server->callsQueued(), 3u);
+  }  // and the caller goes (a method cancelled because its client hung up)
+  EXPECT_TRUE(publisher->closed());
+  publisher.reset();
+  stopped.release();
+  finish(s.loop, calls);
+  settle(*s.server);
+  EXPECT_TRUE(s.observe() == baseline) << "the buffer, its notification and the client's cap went";
+  EXPECT_EQ(s.server->detachedCallsRefused(), 0u) << "each destroy went once";
+}
+
+TEST(KernelDetachedCalls, ADestroyOrDeleteCapDroppedWhileItWaitsForRoomStillGoesInItsTurn) {
+  Watchdog dog("dropped destroys behind a full ring", seconds(30));
+  KernelProcess kernel;
+  agate::testing::KernelClient c(kernel);
+  ASSERT_TRUE(c.conn);
+  KernelConnection& k = *c.conn;
+  const uint64_t used = get(k.sync().readBank(k.bank())).used;
+  Cap<Region> region = get(k.sync().createRegion(k.bank(), 4));
+  Cap<Region> copy = get(k.sync().copyCap(region, Rights::READ));
+
+  StoppedKernel stopped(kernel);
+  std::vector<Promise<CapInfo>> calls = fillRing(k, k.bank());
+  Promise<CapInfo> before = k.inspectCap(region);
+  { Promise<void> dropped = k.deleteCap(copy); }
+  { Promise<void> dropped = k.destroy(region); }
+  Promise<CapInfo> after = k.inspectCap(copy);
+  EXPECT_EQ(k.callsQueued(), 7u) << "the dropped calls left their turn (2) and queued detached (2)";
+  stopped.release();
+
+  finish(c.loop, calls);
+  EXPECT_EQ(get(c.loop.run(std::move(before))).type, ObjectType::REGION);
+  EXPECT_EQ(c.loop.run(std::move(after)).code(), Errc::INVALID_HANDLE);
+  settle(k);
+  EXPECT_EQ(k.callsQueued(), 0u);
+  EXPECT_EQ(k.detachedCallsRefused(), 0u);
+  EXPECT_EQ(get(k.sync().readBank(k.bank())).used, used) << "every page came back";
+
+  // Any other call dropped before it was written is simply not made.
+  Cap<Region> kept = get(k.sync().createRegion(k.bank(), 1));
+  {
+    StoppedKernel again(kernel);
+    calls = fillRing(k, k.bank());
+    const uint64_t submitted = k.callsSubmitted();
+    { Promise<uint64_t> dropped = k.revokeCap(kept); }
+    again.release();
+    finish(c.loop, calls);
+    settle(k);
+    EXPECT_EQ(k.callsSubmitted(), submitted + 1 + 2) << "the call that queued, then settle's two";
+  }
+  EXPECT_EQ(get(k.sync().inspectCap(kept)).type, ObjectType::REGION);
+}
+
+TEST(KernelDetachedCalls, ADetachedCallNeverOvertakesACallWokenToWriteBeforeIt) {
+  Watchdog dog("a detached call behind a woken call", seconds(30));
+  KernelProcess kernel;
+  agate::testing::KernelClient c(kernel);
+  ASSERT_TRUE(c.conn);
+  KernelConnection& k = *c.conn;
+  Cap<Region> region = get(k.sync().createRegion(k.bank(), 1));
+
+  StoppedKernel stopped(kernel);
+  std::vector<Promise<CapInfo>> calls = fillRing(k, k.bank());
+  Promise<CapInfo> first = k.inspectCap(region);
+  const uint64_t written = k.callsSubmitted();
+  stopped.release();
+  // The instant room came back and the waiting calls were woken, before they write: a destructor
+  // running then destroys the region.
+  bool wokenUnwritten = false;
+  ASSERT_TRUE(c.loop
+                  .run(until(c.loop,
+                             [&] {
+                               if (k.callsQueued() != 0) return false;
+                               wokenUnwritten = k.callsSubmitted() == written;
+                               k.destroyDetached(region);
+                               return true;
+                             }))
+                  .ok());
+  ASSERT_TRUE(wokenUnwritten) << "the test needs the woken calls not to have written yet";
+  finish(c.loop, calls);
+  EXPECT_EQ(get(c.loop.run(std::move(first))).type, ObjectType::REGION)
+      << "the call woken before the destroy was written before it";
+  settle(k);
+  EXPECT_EQ(k.sync().inspectCap(region).code(), Errc::INVALID_HANDLE);
+  EXPECT_EQ(k.detachedCallsRefused(), 0u);
 }
 
 // create()'s kernel calls on the server's connection, in order: createNotification,

@@ -44,8 +44,11 @@
 // and deleteCapDetached write their call at once, or, while the submission ring is full (or
 // calls already wait for room), queue it FIFO with the waiting calls and write it when its turn
 // comes. Never lost while the connection lives; the answer is read and dropped (refusals are
-// counted). A cancelled create: CreatedObjects (below) records each cap a create call returns
-// when its completion is read, so objects whose caller went mid-call are destroyed too.
+// counted). A destroy() or deleteCap() whose caller goes while it still waits for room (a
+// cancelled close) is not lost either: it stays queued as a detached call. A call woken to write
+// in its turn keeps it: no later call, detached or not, is written before it. A cancelled create:
+// CreatedObjects (below) records each cap a create call returns when its completion is read, so
+// objects whose caller went mid-call are destroyed too.
 //
 // Death. When the kernel exits (its pidfd, watched through the completion ring) or breaks the
 // protocol, every pending call fails with DISCONNECTED (or PROTOCOL_ERROR), and so does every
@@ -411,11 +414,22 @@ class KernelConnection {
   template <class T, class Fetch>
   static Promise<std::vector<T>> collectPages(Fetch fetch);
 
+  // What a destroy or deleteCap dropped while it waits for room becomes: the same call, detached.
+  struct IfDropped {
+    DetachedCall call;
+    AnyCap cap;
+  };
   // Writes one Syscall (filled by `fill`) and awaits its completion with result arm `expect`.
-  // `into`: the handle it returns is recorded there (CreatedObjects).
+  // `into`: the handle it returns is recorded there (CreatedObjects). `ifDropped`: a call that
+  // must go even if its caller goes first (a destroy: a cancelled close() must not leave its
+  // objects alive): dropped before it was written, it is queued detached (callDetached).
   template <class Fill>
   Promise<detail::Reply> submit(uint32_t expect, size_t maxBytes, Fill fill,
-                                CreatedObjects* into = nullptr);
+                                CreatedObjects* into = nullptr,
+                                std::optional<IfDropped> ifDropped = std::nullopt);
+  // Whether a new call must queue behind others: calls wait for room, or calls woken to write
+  // have not written yet (so a new call, detached or not, never overtakes them).
+  bool mustQueue() const noexcept { return !spaceWaiters_.empty() || wokenToWrite_ > 0; }
   // Reserves, builds and commits one Syscall in one synchronous step: the call's slot, or
   // WOULD_BLOCK (the ring is full: nothing written), MESSAGE_TOO_LARGE, or the ring's error (the
   // connection is then disconnected).
@@ -425,8 +439,10 @@ class KernelConnection {
   void callDetached(DetachedCall call, AnyCap cap) noexcept;
   // Starts watchSpace unless it runs.
   void watchSpaceIfIdle();
-  // Waits (FIFO) until the submission ring may have room; see watchSpace.
-  Promise<void> awaitSpace();
+  // Waits (FIFO) until the submission ring may have room; see watchSpace. `again`: a call woken
+  // in its turn that found the ring full once more keeps its turn, ahead of the calls that
+  // queued behind it.
+  Promise<void> awaitSpace(bool again = false);
   // Runs while calls wait for ring space: parks on the ring's space doorbell, then wakes a batch
   // of waiters and yields so they can reserve before it looks again.
   Promise<void> watchSpace();
@@ -454,6 +470,10 @@ class KernelConnection {
   std::vector<uint32_t> freeCalls_;
   std::deque<QueuedCall> spaceWaiters_;      // calls that found the submission ring full
   std::optional<Promise<void>> spaceWatch_;  // watchSpace(), while spaceWaiters_ is not empty
+  // Calls watchSpace woke in its current batch (until it looks again), and how many of them went
+  // back to the queue's front (they keep their order there).
+  uint32_t wokenToWrite_ = 0;
+  uint32_t requeuedAhead_ = 0;
   std::deque<KernelEvent> events_;
   std::optional<Fulfiller<KernelEvent>> eventWaiter_;
   Error dead_;  // code OK while connected
