@@ -67,7 +67,9 @@
 //
 // Memory: the tables are dense vectors with free lists, grown on demand and then reused; promise
 // nodes and coroutine frames come from the loop's arena; messages are built in ring frames, or
-// under backpressure in pooled spill buffers. A steady-state call allocates nothing.
+// under backpressure in pooled spill buffers; cap tables keep a few entries inline and take pooled
+// blocks past them (RpcOptions::maxCapsPerMessage bounds them). A steady-state call allocates
+// nothing.
 //
 // Threading: a connection and every handle on it belong to the thread of its EventLoop.
 #pragma once

@@ -209,8 +209,9 @@ struct UnionTag {
 
 // Writes `cap` into capability field `pointerIndex` of `s` (replacing what was there), adding it
 // to `sink`'s cap table; a union member also gets its discriminant set. OUT_OF_MEMORY past the
-// per-message cap limit, INVALID_ARGUMENT for a reference the engine cannot pass (see
-// Request::addCap); `s` is unchanged then.
+// connection's bound on a message's capabilities (RpcOptions::maxCapsPerMessage),
+// INVALID_ARGUMENT for a reference the engine cannot pass (see Request::addCap); `s` and the cap
+// table are unchanged then.
 template <class I, class Sink>
 Status setCap(Sink& sink, capnp::AnyStruct::Builder s, uint16_t pointerIndex, CapArg<I> cap,
               std::optional<UnionTag> tag = std::nullopt) {
