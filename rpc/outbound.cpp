@@ -22,6 +22,10 @@ OutSlot& OutSlot::operator=(OutSlot&& o) noexcept {
   return *this;
 }
 
+// The largest table of either kind fits the largest spill buffer.
+static_assert(size_t{CAPS_PER_MESSAGE_LIMIT} * sizeof(CapEntry) <= MAX_SPILL_BYTES);
+static_assert(size_t{CAPS_PER_MESSAGE_LIMIT} * sizeof(ReceivedCap) <= MAX_SPILL_BYTES);
+
 TableBlock takeTableBlock(RpcConnection& pool, size_t bytes) {
   AGATE_REQUIRE(bytes <= MAX_SPILL_BYTES, "a table of %zu bytes", bytes);
   SpillBuffer* b = pool.takeSpill(bytes);
@@ -326,7 +330,7 @@ Result<uint32_t> RpcConnection::addEntry(detail::CapTable& table, detail::CapEnt
   if (tableFull(table))
     return Error(Errc::OUT_OF_MEMORY,
                  "more capabilities than one message carries (RpcOptions::maxCapsPerMessage)");
-  table.reserve(*this, table.size() + 1);
+  table.reserve(*this, table.size() + 1, options_.maxCapsPerMessage);
   table.emplaceBack(std::move(entry));
   return table.size() - 1;
 }

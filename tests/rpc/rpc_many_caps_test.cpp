@@ -305,6 +305,40 @@ TEST_F(RpcManyCapsTest, APeerSendingPastThisSidesBoundIsAborted) {
   EXPECT_EQ(server.importCount(), 0u);
 }
 
+// Records how many capabilities each call's params carried.
+class Counter final : public ServerObject {
+ public:
+  Promise<void> dispatch(uint64_t, uint16_t, CallContext& ctx) override {
+    seen = ctx.capCount();
+    return readyPromise<void>(Status{});
+  }
+  uint32_t seen = 0;
+};
+
+TEST_F(RpcManyCapsTest, ATableAtTheProtocolsLimitIsBuiltSentAndTaken) {
+  // The largest bound a connection may have: the table grows through the pool's blocks to the
+  // end, and the message (a quarter MiB of cap table) goes out and is read.
+  RpcOptions options;
+  options.maxCapsPerMessage = CAPS_PER_MESSAGE_LIMIT;
+  options.maxMessageBytes = 400 * 1024;  // within the ring's largest frame
+  Counter counter;
+  LocalPair pair(loop_, &counter, nullptr, options, 1024 * 1024);
+  RemoteCap root = pair.client().bootstrap();
+  Request req = root.newCall(NODE_INTERFACE_ID, 0, 64);
+  for (uint32_t i = 0; i < CAPS_PER_MESSAGE_LIMIT; ++i) {
+    Result<uint32_t> index = req.addCap(RemoteCap());  // a null entry
+    ASSERT_TRUE(index.ok()) << i;
+  }
+  EXPECT_EQ(req.addCap(RemoteCap()).code(), Errc::OUT_OF_MEMORY);
+  Result<Response> r = loop_.run([](RemotePromise p) -> Promise<Response> {
+    Result<Response> got = co_await p;
+    AGATE_CO_TRY(got);
+    co_return std::move(*got);
+  }(req.send()));
+  ASSERT_TRUE(r.ok()) << errcName(r.code()) << " " << (r.error().detail ? r.error().detail : "");
+  EXPECT_EQ(counter.seen, CAPS_PER_MESSAGE_LIMIT);
+}
+
 TEST(RpcManyCapsDeathTest, ABoundOutsideTheProtocolsLimitIsRefusedWhenTheConnectionIsMade) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   EventLoop loop;

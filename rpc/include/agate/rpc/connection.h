@@ -277,11 +277,12 @@ class SmallTable {
   T& operator[](uint32_t i) noexcept { return data()[i]; }
   const T& operator[](uint32_t i) const noexcept { return data()[i]; }
 
-  // Room for `n` entries: past INLINE, a block of `pool` (the table's connection) at least twice
-  // the current room, the entries moved into it and the old block given back.
-  void reserve(RpcConnection& pool, uint32_t n) {
+  // Room for `n` entries: past INLINE, a block of `pool` (the table's connection) of twice the
+  // current room (but no more than `most`, and at least `n`), the entries moved into it and the
+  // old block given back.
+  void reserve(RpcConnection& pool, uint32_t n, uint32_t most = 0) {
     if (n <= capacity_) return;
-    const uint32_t want = std::max(n, capacity_ * 2);
+    const uint32_t want = std::max(n, std::min(capacity_ * 2, most));
     TableBlock b = takeTableBlock(pool, size_t{want} * sizeof(T));
     T* to = static_cast<T*>(b.data);
     T* from = data();
