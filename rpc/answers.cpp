@@ -33,10 +33,9 @@ Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
   CallContext& ctx = a.context;
   ctx.conn_ = this;
   ctx.answerId_ = d.id;
-  ctx.paramCapCount_ = d.capCount;
+  ctx.paramCaps_.reserve(*this, d.capCount);  // past the inline entries: a pooled block
   for (uint32_t i = 0; i < d.capCount; ++i) {
-    ReceivedCap& cap = ctx.paramCaps_[i];
-    cap = ReceivedCap{};
+    ReceivedCap& cap = ctx.paramCaps_.emplaceBack();
     switch (d.capKinds[i]) {
       case detail::CapEntry::Kind::SENDER_HOSTED:
       case detail::CapEntry::Kind::SENDER_PROMISE:
@@ -50,7 +49,7 @@ Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
       case detail::CapEntry::Kind::RECEIVER_HOSTED:
         cap.local = exports_[d.capIds[i]].object;
         ++exports_[d.capIds[i]].pins;  // the peer cannot release it under the running call
-        a.paramPins[a.paramPinCount++] = d.capIds[i];
+        a.paramPins.push_back(d.capIds[i]);
         break;
       case detail::CapEntry::Kind::THIRD_PARTY:
         cap.remote = acceptThirdParty(d, i);
@@ -61,7 +60,7 @@ Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
         capnp::List<uint16_t>::Reader transform = d.caps[i].getReceiverAnswer().getTransform();
         Answer::ParamAnswer entry;
         entry.answerId = q.id;
-        entry.slot = static_cast<uint8_t>(i);
+        entry.slot = i;
         entry.pathLength = static_cast<uint8_t>(transform.size());
         for (uint32_t s = 0; s < transform.size(); ++s) entry.path[s] = transform[s];
         if (q.state == Answer::State::RETURNED) {
@@ -202,7 +201,14 @@ void RpcConnection::completeAnswer(uint32_t answerId, Status status) {
   } else {
     const uint32_t n = ctx.resultCaps_.size();
     Status written = {};
-    if (n > 0) {
+    if (n > ENVELOPE_CAPS) {
+      written = roomForCapTable(ctx.results_, ctx.resultCaps_, OutKind::PRIVATE_REPLY);
+      if (written) {
+        ctx.return_ = ctx.results_.builder().getRoot<wire::Message>().getReturn();
+        ctx.content_ = ctx.return_.getResults().getContent();
+      }
+    }
+    if (written && n > 0) {
       written = writeCapTable(ctx.return_.getResults().initCapTable(n), ctx.resultCaps_);
     }
     if (!written) {
@@ -246,18 +252,16 @@ void RpcConnection::completeAnswer(uint32_t answerId, Status status) {
       ++stats_.returnsSent;
       // The exports the results name stay pinned while the answer lives (pipelined calls).
       for (uint32_t i = 0; a.results != nullptr && i < n; ++i) {
-        const detail::CapEntry& e = ctx.resultCaps_.entries()[i];
-        a.resultKinds[i] = e.kind;
-        a.resultIds[i] = e.id;
+        const detail::CapEntry& e = ctx.resultCaps_[i];
+        a.resultCaps.push_back({e.kind, e.id});
         if (isExported(e.kind)) ++exports_[e.id].pins;
       }
-      if (a.results != nullptr) a.resultCount = n;
     } else {
       // Nothing went out: take back the references the cap table gave, and fail the call
       // (results too large for a frame), or stop (the connection died).
       if (a.results != nullptr) giveSpill(std::exchange(a.results, nullptr));
       for (uint32_t i = 0; i < n; ++i) {
-        const detail::CapEntry& e = ctx.resultCaps_.entries()[i];
+        const detail::CapEntry& e = ctx.resultCaps_[i];
         if (!isExported(e.kind) || e.id == 0 || !exports_[e.id].inUse) continue;
         --exports_[e.id].remoteRefs;
         maybeFreeExport(e.id);
@@ -415,13 +419,13 @@ Result<uint32_t> RpcConnection::resolvePipeline(Answer& target, std::span<const 
   wire::Payload::Reader results = view->getRoot<wire::Message>().getReturn().getResults();
   Result<uint32_t> index = capIndexAtPath(capnp::AnyStruct::Reader(results), path);
   if (!index) return index.error();
-  if (*index >= target.resultCount)
+  if (*index >= target.resultCaps.size())
     return Error(Errc::FAILED, "pipelined call: capability index outside the results' table");
   // A handed-off capability resolves to its vine, which forwards the call to the host: the
   // caller's pipelined reference keeps its route (through this vat) for its whole life.
-  if (!isExported(target.resultKinds[*index]))
+  if (!isExported(target.resultCaps[*index].kind))
     return Error(Errc::UNSUPPORTED, "pipelined call on a capability this side does not host");
-  return target.resultIds[*index];
+  return target.resultCaps[*index].id;
 }
 
 // The answer of a call sent with noPromisePipelining, whose Return (with noFinishNeeded) was just
@@ -487,8 +491,7 @@ void RpcConnection::freeAnswer(Answer& a) {
   CallContext& ctx = a.context;
   if (ctx.results_.active()) abandonOut(ctx.results_);
   ctx.resultCaps_.clear();
-  for (uint32_t i = 0; i < ctx.paramCapCount_; ++i) ctx.paramCaps_[i] = ReceivedCap{};
-  ctx.paramCapCount_ = 0;
+  ctx.paramCaps_.clear();
   ctx.paramsValid_ = false;
   if (a.queuedCall != nullptr) giveSpill(std::exchange(a.queuedCall, nullptr));
   if (a.results != nullptr) giveSpill(std::exchange(a.results, nullptr));
@@ -497,12 +500,18 @@ void RpcConnection::freeAnswer(Answer& a) {
   a.embargo = a.isProvide = a.disembargoed = false;
   a.providedExport = NONE;
   exportUnpin(std::exchange(a.pinnedExport, NONE));
-  for (uint32_t i = 0; i < a.paramPinCount; ++i) exportUnpin(a.paramPins[i]);
-  a.paramPinCount = 0;
-  for (uint32_t i = 0; i < a.resultCount; ++i) {
-    if (isExported(a.resultKinds[i])) exportUnpin(a.resultIds[i]);
+  // Taken out first (unpinning may free an export, whose object's destructor may reach this
+  // connection), then put back empty with their capacity.
+  std::vector<uint32_t> pins = std::move(a.paramPins);
+  std::vector<Answer::ResultCap> results = std::move(a.resultCaps);
+  for (uint32_t id : pins) exportUnpin(id);
+  for (const Answer::ResultCap& r : results) {
+    if (isExported(r.kind)) exportUnpin(r.id);
   }
-  a.resultCount = 0;
+  pins.clear();
+  results.clear();
+  a.paramPins = std::move(pins);
+  a.resultCaps = std::move(results);
   a.queueHead = a.queueTail = nullptr;
   a.state = Answer::State::FREE;
   a.finishReceived = false;
@@ -554,7 +563,7 @@ void RpcConnection::resolveParamAnswer(Answer& a, uint32_t slot, std::span<const
   }
   cap.local = exports_[*exportId].object;
   ++exports_[*exportId].pins;  // the peer cannot release it under the call (freeAnswer unpins)
-  a.paramPins[a.paramPinCount++] = *exportId;
+  a.paramPins.push_back(*exportId);
 }
 
 // Call `a` ends without waiting any more (delivered, failed, freed): its pending entries leave

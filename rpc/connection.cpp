@@ -44,6 +44,9 @@ RpcConnection::RpcConnection(MessageSender& tx, MessageReceiver& rx, EventLoop& 
   AGATE_REQUIRE(options_.maxQueuedBytes >= options_.maxMessageBytes,
                 "maxQueuedBytes %zu is below maxMessageBytes %zu: one message must fit the queue",
                 options_.maxQueuedBytes, options_.maxMessageBytes);
+  AGATE_REQUIRE(
+      options_.maxCapsPerMessage >= 1 && options_.maxCapsPerMessage <= CAPS_PER_MESSAGE_LIMIT,
+      "maxCapsPerMessage %u is outside 1..%u", options_.maxCapsPerMessage, CAPS_PER_MESSAGE_LIMIT);
   AGATE_REQUIRE(rx.limits().maxFrameBytes <= MAX_SPILL_BYTES,
                 "the receiver accepts frames of %zu bytes, above the largest spill buffer (%zu)",
                 rx.limits().maxFrameBytes, MAX_SPILL_BYTES);
@@ -260,7 +263,8 @@ void RpcConnection::importUnref(uint32_t id) noexcept {
 }
 
 Result<ReceivedCap> RpcConnection::receivedCap(capnp::List<wire::CapDescriptor>::Reader caps,
-                                               uint32_t index, const RemoteCap* handedOff) {
+                                               uint32_t index,
+                                               std::span<const RemoteCap> handedOff) {
   // The list was validated when its message was decoded (ids in range, exports live).
   if (index >= caps.size()) return Error(Errc::INVALID_ARGUMENT, "cap index outside the table");
   wire::CapDescriptor::Reader d = caps[index];
@@ -282,7 +286,8 @@ Result<ReceivedCap> RpcConnection::receivedCap(capnp::List<wire::CapDescriptor>:
       return cap;
     }
     case wire::CapDescriptor::THIRD_PARTY_HOSTED:
-      cap.remote = handedOff[index];  // on the host's connection, or broken
+      if (index < handedOff.size())
+        cap.remote = handedOff[index];  // on the host's connection, or broken
       return cap;
     default:
       return Error(Errc::INVALID_ARGUMENT, "null capability");
@@ -298,9 +303,10 @@ void RpcConnection::releaseResponse(detail::ResponseSlot* slot) noexcept {
     if (d.which() == wire::CapDescriptor::RECEIVER_HOSTED && isOpen())
       exportUnpin(d.getReceiverHosted());
   }
-  for (uint32_t i = 0; i < slot->caps.size() && i < MAX_CAPS_PER_MESSAGE; ++i) {
-    slot->handedOff[i] = RemoteCap();  // may be on another connection: Finish goes there
+  for (RemoteCap& cap : slot->handedOff) {
+    cap = RemoteCap();  // may be on another connection: Finish goes there
   }
+  slot->handedOff.clear();  // keeps its capacity: the slot is pooled
   --handles_;
   slot->inPlace.reset();
   if (slot->copy != nullptr) giveSpill(std::exchange(slot->copy, nullptr));
@@ -327,16 +333,14 @@ void RpcConnection::relocate(detail::ResponseSlot* slot) {
 
 Result<uint32_t> RpcConnection::addCapFor(detail::CapTable& table, const RemoteCap& cap,
                                           bool inParams) {
-  if (cap.kind_ == RemoteCap::Kind::NONE) return table.tryAdd(detail::CapEntry{});
+  if (cap.kind_ == RemoteCap::Kind::NONE) return addEntry(table, detail::CapEntry{});
   if (cap.conn_ != nullptr && cap.conn_ != this) return addForeignCap(table, cap);
   if (cap.kind_ == RemoteCap::Kind::PIPELINE && inParams) {
     // Passed back to the peer that will answer it: receiverAnswer (schemas/rpc.capnp).
-    if (table.size() == MAX_CAPS_PER_MESSAGE)
-      return Error(Errc::OUT_OF_MEMORY, "more capabilities than one message carries");
     detail::CapEntry e;
     e.kind = detail::CapEntry::Kind::RECEIVER_ANSWER;
     e.held = cap;
-    return table.tryAdd(std::move(e));
+    return addEntry(table, std::move(e));
   }
   if (cap.kind_ == RemoteCap::Kind::PIPELINE)
     return Error(Errc::INVALID_ARGUMENT,
@@ -351,7 +355,7 @@ Result<uint32_t> RpcConnection::addCapFor(detail::CapTable& table, const RemoteC
   e.kind = detail::CapEntry::Kind::RECEIVER_HOSTED;
   e.id = cap.id_;
   e.held = cap;
-  return table.tryAdd(std::move(e));
+  return addEntry(table, std::move(e));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -417,7 +421,11 @@ Request RpcConnection::newCall(const RemoteCap& target, uint64_t interfaceId, ui
 // Starts the Call of an unbuilt request in a frame (or, refused, params go to a scrap message).
 void RpcConnection::buildCall(Request& request) {
   request.unbuilt_ = false;
-  Result<detail::OutSlot> slot = startOut(request.sizeHint_ + ENVELOPE_BYTES, OutKind::CALL);
+  // Capabilities added before the params (a forwarded call's) get their room now.
+  const size_t moreCaps =
+      request.caps_.size() > ENVELOPE_CAPS ? request.caps_.size() - ENVELOPE_CAPS : 0;
+  Result<detail::OutSlot> slot =
+      startOut(request.sizeHint_ + ENVELOPE_BYTES + moreCaps * CAP_ENTRY_BYTES, OutKind::CALL);
   if (!slot) {
     request.error_ = slot.error();
     request.scrap_ = std::make_unique<capnp::MallocMessageBuilder>(256);
@@ -462,7 +470,11 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
     request.call_.setQuestionId(qid);
     if (request.noPipelining_) request.call_.setNoPromisePipelining(true);
     Status written = {};
-    if (request.caps_.size() > 0) {
+    if (request.caps_.size() > ENVELOPE_CAPS) {
+      written = roomForCapTable(request.slot_, request.caps_, OutKind::CALL);
+      if (written) request.call_ = request.slot_.builder().getRoot<wire::Message>().getCall();
+    }
+    if (written && request.caps_.size() > 0) {
       written = writeCapTable(request.call_.getParams().initCapTable(request.caps_.size()),
                               request.caps_);
     }

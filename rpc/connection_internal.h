@@ -19,9 +19,14 @@ namespace internal {
 inline constexpr uint32_t NONE = 0xffff'ffffu;
 
 // Envelope bytes around params or results content: the Message and Call/Return structs, the
-// target with its path and a full cap table (each entry up to 16 bytes, and 32 more for a
-// receiverAnswer's PromisedAnswer and its path). Generous; frames commit only what they use.
-inline constexpr size_t ENVELOPE_BYTES = 64 * 8 + MAX_CAPS_PER_MESSAGE * (16 + 32);
+// target with its path and a cap table of up to ENVELOPE_CAPS entries (each up to 16 bytes, and
+// 32 more for a receiverAnswer's PromisedAnswer and its path). Generous; frames commit only what
+// they use. A larger table gets its room when it is written (RpcConnection::roomForCapTable: the
+// message moves to a spill buffer of the size it needs), so the frame every call reserves stays
+// this size whatever RpcOptions::maxCapsPerMessage allows.
+inline constexpr uint32_t ENVELOPE_CAPS = 16;
+inline constexpr size_t CAP_ENTRY_BYTES = 16 + 32;  // at most, per entry
+inline constexpr size_t ENVELOPE_BYTES = 64 * 8 + ENVELOPE_CAPS * CAP_ENTRY_BYTES;
 inline constexpr size_t CONTROL_BYTES = 64;  // Finish, Release
 inline constexpr size_t EXCEPTION_BYTES =
     64 * 8;  // a Return or Abort with an exception and its reason
@@ -117,6 +122,30 @@ inline size_t emptyCallWords(std::array<uint64_t, MAX_EMPTY_CALL_WORDS>& w, uint
   for (size_t i = 0; i < path.size(); ++i) w[11 + i / 4] |= uint64_t{path[i]} << (16 * (i % 4));
   return 11 + pathWords;
 }
+
+// The bytes a cap table takes in its message: the list's tag, its entries and what they point
+// to (a receiverAnswer's PromisedAnswer and path, a thirdPartyHosted descriptor). Exact but for
+// the path, counted at its longest.
+inline size_t capTableBytes(const detail::CapTable& caps) {
+  using Entry = wire::CapDescriptor::_capnpPrivate;
+  using Answer = wire::PromisedAnswer::_capnpPrivate;
+  using Third = wire::ThirdPartyCapDescriptor::_capnpPrivate;
+  size_t words = 1 + size_t{caps.size()} * (Entry::dataWordSize + Entry::pointerCount);
+  for (uint32_t i = 0; i < caps.size(); ++i) {
+    if (caps[i].kind == detail::CapEntry::Kind::RECEIVER_ANSWER)
+      words += Answer::dataWordSize + Answer::pointerCount + (MAX_PIPELINE_PATH + 3) / 4;
+    if (caps[i].kind == detail::CapEntry::Kind::THIRD_PARTY)
+      words += Third::dataWordSize + Third::pointerCount;
+  }
+  return words * WORD_BYTES;
+}
+static_assert(wire::CapDescriptor::_capnpPrivate::dataWordSize +
+                      wire::CapDescriptor::_capnpPrivate::pointerCount +
+                      wire::PromisedAnswer::_capnpPrivate::dataWordSize +
+                      wire::PromisedAnswer::_capnpPrivate::pointerCount +
+                      (MAX_PIPELINE_PATH + 3) / 4 <=
+                  CAP_ENTRY_BYTES / WORD_BYTES,
+              "CAP_ENTRY_BYTES covers an entry");
 
 // Spill buffers come in size classes of 2^(k + MIN_CLASS_SHIFT) bytes, SPILL_CLASSES of them.
 inline constexpr size_t MIN_CLASS_SHIFT = 7;
@@ -225,8 +254,10 @@ struct ResponseSlot {
   FrameReader reader;  // decodes `copy`
   capnp::AnyStruct::Reader payload;
   capnp::List<wire::CapDescriptor>::Reader caps;
-  // thirdPartyHosted entries: the capability on the host's connection (pipelined on the Accept).
-  std::array<RemoteCap, MAX_CAPS_PER_MESSAGE> handedOff;
+  // thirdPartyHosted entries: the capability on the host's connection (pipelined on the Accept),
+  // by cap-table index. Sized only for results that carry one; the slot is pooled, so it grows
+  // once to the largest such table and is reused.
+  std::vector<RemoteCap> handedOff;
   ResponseSlot* nextFree = nullptr;
 };
 
@@ -355,8 +386,9 @@ struct RpcConnection::Answer {
   uint32_t pinnedExport = internal::NONE;  // the export being called, pinned while RUNNING
   // QUEUED on a pending promise export (pinned meanwhile) instead of an answer.
   uint32_t waitingOnExport = internal::NONE;
-  std::array<uint32_t, MAX_CAPS_PER_MESSAGE> paramPins{};  // exports passed back in params
-  uint32_t paramPinCount = 0;
+  // Exports passed back in params, pinned while the call runs. Like the vectors below, kept with
+  // its capacity when the answer is freed: the entry is reused for the next call with its id.
+  std::vector<uint32_t> paramPins;
   // The params' receiverAnswer entries whose answer had not returned when this call arrived:
   // the cap slot and path, resolved into context.paramCaps_ as soon as that answer returns.
   // `waiter`: the entry's place in that answer's paramWaiters. paramWaits counts the pending
@@ -364,7 +396,7 @@ struct RpcConnection::Answer {
   struct ParamAnswer {
     uint32_t answerId = 0;
     uint32_t waiter = 0;
-    uint8_t slot = 0;
+    uint32_t slot = 0;
     uint8_t pathLength = 0;
     bool pending = false;
     std::array<uint16_t, MAX_PIPELINE_PATH> path{};
@@ -389,9 +421,11 @@ struct RpcConnection::Answer {
   // results carried capabilities, and what each cap-table entry named (pinned exports).
   Error error{};
   detail::SpillBuffer* results = nullptr;
-  std::array<detail::CapEntry::Kind, MAX_CAPS_PER_MESSAGE> resultKinds{};
-  std::array<uint32_t, MAX_CAPS_PER_MESSAGE> resultIds{};
-  uint32_t resultCount = 0;
+  struct ResultCap {
+    detail::CapEntry::Kind kind{};
+    uint32_t id = 0;
+  };
+  std::vector<ResultCap> resultCaps;
 
   // A Provide (from the introducer): the provision's key in the vat's HandoffTable while it is
   // there (pinnedExport pins the provided export meanwhile).
@@ -440,9 +474,10 @@ struct RpcConnection::Import {
 };
 
 // Everything handleMessage needs, read once inside the decode boundary. Built on the stack for
-// every inbound message, so the per-entry arrays are left uninitialised: decode writes entry i
-// before anything reads it (i < capCount, i < pathLength; resolveHosts sets capHosts[i] and,
-// when it is null, capHostErrors[i], which only it constructs: errors are not trivial).
+// every inbound message; the per-entry arrays point into the connection's detail::CapScratch
+// (RpcConnection::scratchFor sets them), and decode writes entry i before anything reads it
+// (i < capCount, i < pathLength; resolveHosts sets capHosts[i] and, when it is null,
+// capHostErrors[i]).
 struct RpcConnection::Decoded {
   wire::Message::Which which{};
   uint32_t id = 0;     // call: question id; return: answer id; finish; release: export id
@@ -458,16 +493,16 @@ struct RpcConnection::Decoded {
   bool noFinishNeeded = false;  // return: Return.noFinishNeeded
   capnp::AnyStruct::Reader payload;
   capnp::List<wire::CapDescriptor>::Reader caps;
-  std::array<detail::CapEntry::Kind, MAX_CAPS_PER_MESSAGE> capKinds;
-  std::array<uint32_t, MAX_CAPS_PER_MESSAGE> capIds;
+  detail::CapEntry::Kind* capKinds = nullptr;
+  uint32_t* capIds = nullptr;
   uint32_t capCount = 0;
   wire::Exception::Reader exception;
   // thirdPartyHosted entries (capIds holds the vine) and, once resolveHosts ran, the host's
   // connection or why there is none.
-  std::array<VatId, MAX_CAPS_PER_MESSAGE> capVats;
-  std::array<uint64_t, MAX_CAPS_PER_MESSAGE> capProvisions;
-  std::array<RpcConnection*, MAX_CAPS_PER_MESSAGE> capHosts;
-  std::optional<std::array<Error, MAX_CAPS_PER_MESSAGE>> capHostErrors;
+  VatId* capVats = nullptr;
+  uint64_t* capProvisions = nullptr;
+  RpcConnection** capHosts = nullptr;
+  Error* capHostErrors = nullptr;
   uint32_t thirdPartyCount = 0;
   // provide: recipient; accept: introducer.
   VatId vat = NO_VAT;

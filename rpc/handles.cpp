@@ -116,7 +116,7 @@ Result<uint32_t> Request::addCap(ServerObject& object) {
   detail::CapEntry e;
   e.kind = detail::CapEntry::Kind::SENDER_HOSTED;
   e.object = &object;
-  return caps_.tryAdd(std::move(e));
+  return conn_->addEntry(caps_, std::move(e));
 }
 
 Result<uint32_t> Request::addCap(std::unique_ptr<ServerObject> object) {
@@ -125,7 +125,7 @@ Result<uint32_t> Request::addCap(std::unique_ptr<ServerObject> object) {
   e.kind = detail::CapEntry::Kind::SENDER_HOSTED;
   e.object = object.get();
   e.owned = std::move(object);
-  return caps_.tryAdd(std::move(e));
+  return conn_->addEntry(caps_, std::move(e));
 }
 
 Result<uint32_t> Request::addCap(const CapPromise& promise) {
@@ -200,7 +200,7 @@ capnp::AnyPointer::Reader Response::results() const {
 
 Result<ReceivedCap> Response::getCap(uint32_t capIndex) const {
   AGATE_REQUIRE(conn_ != nullptr, "use of a moved-from Response");
-  return conn_->receivedCap(slot_->caps, capIndex, slot_->handedOff.data());
+  return conn_->receivedCap(slot_->caps, capIndex, slot_->handedOff);
 }
 
 uint32_t Response::capCount() const {
@@ -228,7 +228,7 @@ capnp::AnyPointer::Reader CallContext::params() const {
 }
 
 Result<ReceivedCap> CallContext::getCap(uint32_t capIndex) const {
-  if (capIndex >= paramCapCount_ || paramCaps_[capIndex].isNull())
+  if (capIndex >= paramCaps_.size() || paramCaps_[capIndex].isNull())
     return Error(Errc::INVALID_ARGUMENT, "no capability at that index of the params");
   return paramCaps_[capIndex];
 }
@@ -255,7 +255,7 @@ Result<uint32_t> CallContext::addResultCap(ServerObject& object) {
   detail::CapEntry e;
   e.kind = detail::CapEntry::Kind::SENDER_HOSTED;
   e.object = &object;
-  return resultCaps_.tryAdd(std::move(e));
+  return conn_->addEntry(resultCaps_, std::move(e));
 }
 
 Result<uint32_t> CallContext::addResultCap(std::unique_ptr<ServerObject> object) {
@@ -264,7 +264,7 @@ Result<uint32_t> CallContext::addResultCap(std::unique_ptr<ServerObject> object)
   e.kind = detail::CapEntry::Kind::SENDER_HOSTED;
   e.object = object.get();
   e.owned = std::move(object);
-  return resultCaps_.tryAdd(std::move(e));
+  return conn_->addEntry(resultCaps_, std::move(e));
 }
 
 Result<uint32_t> CallContext::addResultCap(const RemoteCap& cap) {

@@ -220,7 +220,7 @@ std::unique_ptr<ServerObject> internal::makeForwarder(RemoteCap target) {
 // order (so the content's indices stay valid).
 Status RpcConnection::forwardParamCaps(const CallContext& from, Request& to) {
   if (to.conn_ == nullptr || to.scrap_) return {};  // refused: send() reports why
-  for (uint32_t i = 0; i < from.paramCapCount_; ++i) {
+  for (uint32_t i = 0; i < from.paramCaps_.size(); ++i) {
     Result<uint32_t> index = to.conn_->addReceivedFor(to.caps_, *from.conn_, from.paramCaps_[i]);
     if (!index) return index.error();
   }
@@ -248,7 +248,7 @@ Result<uint32_t> RpcConnection::addReceivedFor(detail::CapTable& table, RpcConne
   e.object = cap.local;
   auto exported = origin.exportByObject_.find(cap.local);
   if (exported != origin.exportByObject_.end()) e.shared = origin.shareExport(exported->second);
-  return table.tryAdd(std::move(e));
+  return addEntry(table, std::move(e));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -256,8 +256,9 @@ Result<uint32_t> RpcConnection::addReceivedFor(detail::CapTable& table, RpcConne
 
 Result<uint32_t> RpcConnection::addForeignCap(detail::CapTable& table, const RemoteCap& cap) {
   RpcConnection& host = *cap.conn_;
-  if (table.size() == MAX_CAPS_PER_MESSAGE)
-    return Error(Errc::OUT_OF_MEMORY, "more capabilities than one message carries");
+  if (tableFull(table))  // checked first: a refused entry would send a Provide and a Finish
+    return Error(Errc::OUT_OF_MEMORY,
+                 "more capabilities than one message carries (RpcOptions::maxCapsPerMessage)");
   if (cap.kind_ != RemoteCap::Kind::IMPORT && cap.kind_ != RemoteCap::Kind::PIPELINE)
     return Error(Errc::INVALID_ARGUMENT, "a broken capability cannot be passed");
   if (!host.isOpen()) return host.failure_;
@@ -280,7 +281,7 @@ Result<uint32_t> RpcConnection::addForeignCap(detail::CapTable& table, const Rem
     e.kind = detail::CapEntry::Kind::SENDER_HOSTED;
     e.object = proxy.get();
     e.owned = std::move(proxy);
-    return table.tryAdd(std::move(e));
+    return addEntry(table, std::move(e));
   }
   const uint64_t provisionId = options_.network->handoffs().nextProvisionId();
   Result<RemoteCap> provision = host.sendProvide(cap.id_, options_.peerVat, provisionId);
@@ -291,7 +292,7 @@ Result<uint32_t> RpcConnection::addForeignCap(detail::CapTable& table, const Rem
   e.provisionId = provisionId;
   e.object = vine.get();
   e.owned = std::move(vine);
-  return table.tryAdd(std::move(e));  // fits: checked above (dropping `e` would Finish)
+  return addEntry(table, std::move(e));  // fits: checked above (dropping `e` would Finish)
 }
 
 // Whether a capability of `host` can be handed off to this connection's peer (one network, and
@@ -360,12 +361,11 @@ Result<RemoteCap> RpcConnection::sendProvide(uint32_t importId, VatId recipient,
 // The host connection of every thirdPartyHosted entry, or why there is none. WOULD_BLOCK when a
 // connection is still being made: the reader awaits connecting_ and handles the message again.
 Status RpcConnection::resolveHosts(Decoded& d) {
-  if (!d.capHostErrors) d.capHostErrors.emplace();
   for (uint32_t i = 0; i < d.capCount; ++i) {
     if (d.capKinds[i] != detail::CapEntry::Kind::THIRD_PARTY) continue;
     d.capHosts[i] = nullptr;
     if (options_.network == nullptr) {
-      (*d.capHostErrors)[i] =
+      d.capHostErrors[i] =
           Error(Errc::UNSUPPORTED, "this vat takes no third-party capabilities (no VatNetwork)");
       continue;
     }
@@ -385,12 +385,12 @@ Status RpcConnection::resolveHosts(Decoded& d) {
       host = connecting.takeResult();
     }
     if (!host) {
-      (*d.capHostErrors)[i] = host.error();
+      d.capHostErrors[i] = host.error();
     } else if (*host == nullptr || (*host)->options_.network != options_.network ||
                (*host)->options_.peerVat != vat) {
-      (*d.capHostErrors)[i] = Error(Errc::NOT_FOUND, "the network gave no connection to that vat");
+      d.capHostErrors[i] = Error(Errc::NOT_FOUND, "the network gave no connection to that vat");
     } else if (!(*host)->isOpen()) {
-      (*d.capHostErrors)[i] = (*host)->failure_;
+      d.capHostErrors[i] = (*host)->failure_;
     } else {
       d.capHosts[i] = *host;
     }
@@ -411,7 +411,7 @@ RemoteCap RpcConnection::acceptThirdParty(const Decoded& d, uint32_t index, bool
   if (host == nullptr || !host->isOpen()) {
     RemoteCap broken;
     broken.kind_ = RemoteCap::Kind::BROKEN;
-    broken.broken_ = host != nullptr ? host->failure_ : (*d.capHostErrors)[index];
+    broken.broken_ = host != nullptr ? host->failure_ : d.capHostErrors[index];
     return broken;  // the vine goes now: the introducer reclaims the provision
   }
   return host->sendAccept(options_.peerVat, d.capProvisions[index], std::move(vine), embargo);
@@ -465,8 +465,8 @@ Status RpcConnection::handleProvide(const Decoded& d) {
   ++answersLive_;
   a.context.conn_ = this;
   a.context.answerId_ = d.id;
-  a.context.paramCapCount_ = 0;
-  a.isProvide = true;  // a Disembargo {provide} may name it until the introducer's Finish
+  a.context.paramCaps_.clear();  // empty: freed with the answer
+  a.isProvide = true;            // a Disembargo {provide} may name it until the introducer's Finish
   if (d.targetIsAnswer) {
     failAnswer(a, Error(Errc::UNSUPPORTED, "provide of a promised answer"));
   } else {
@@ -507,7 +507,7 @@ Status RpcConnection::handleAccept(const Decoded& d) {
   ++answersLive_;
   a.context.conn_ = this;
   a.context.answerId_ = d.id;
-  a.context.paramCapCount_ = 0;
+  a.context.paramCaps_.clear();  // empty: freed with the answer
   a.provision = {d.vat, d.provisionId};
   a.embargo = d.embargo;
   acceptOrWait(a);
@@ -614,7 +614,7 @@ void RpcConnection::completeAccept(Answer& a, ServerObject* object,
   e.kind = detail::CapEntry::Kind::SENDER_HOSTED;
   e.object = object;
   e.shared = std::move(owner);
-  Result<uint32_t> index = a.context.resultCaps_.tryAdd(std::move(e));
+  Result<uint32_t> index = addEntry(a.context.resultCaps_, std::move(e));
   AGATE_ASSERT(index.ok(), "a fresh results cap table is full");
   writeCapPointer(content->initAs<wire::AcceptResults>(), 0, *index);
   completeAnswer(a.id, {});

@@ -88,8 +88,10 @@ Promise<void> RpcConnection::readLoop() {
 }
 
 Status RpcConnection::decodeCapTable(capnp::List<wire::CapDescriptor>::Reader caps, Decoded& d) {
-  if (caps.size() > MAX_CAPS_PER_MESSAGE)
-    return Error(Errc::PROTOCOL_ERROR, "cap table longer than a message may carry");
+  if (caps.size() > options_.maxCapsPerMessage)
+    return Error(Errc::PROTOCOL_ERROR,
+                 "cap table longer than a message may carry (RpcOptions::maxCapsPerMessage)");
+  scratchFor(d, caps.size());
   d.caps = caps;
   d.capCount = caps.size();
   for (uint32_t i = 0; i < d.capCount; ++i) {
@@ -162,6 +164,24 @@ Status RpcConnection::decodeCapTable(capnp::List<wire::CapDescriptor>::Reader ca
     }
   }
   return {};
+}
+
+void RpcConnection::scratchFor(Decoded& d, uint32_t n) {
+  detail::CapScratch& s = capScratch_;
+  if (s.kinds.size() < n) {  // grows to the largest table seen, at most the bound
+    s.kinds.resize(n);
+    s.ids.resize(n);
+    s.vats.resize(n);
+    s.provisions.resize(n);
+    s.hosts.resize(n);
+    s.hostErrors.resize(n);
+  }
+  d.capKinds = s.kinds.data();
+  d.capIds = s.ids.data();
+  d.capVats = s.vats.data();
+  d.capProvisions = s.provisions.data();
+  d.capHosts = s.hosts.data();
+  d.capHostErrors = s.hostErrors.data();
 }
 
 // The table checks of the common messages, shared by decode() and decodeCommon().
@@ -493,6 +513,7 @@ Status RpcConnection::handleReturn(IncomingMessage& message, const Decoded& d) {
         responseStore_.push_back(std::make_unique<detail::ResponseSlot>(rx_.limits()));
         slot = responseStore_.back().get();
       }
+      if (d.thirdPartyCount > 0) slot->handedOff.resize(d.capCount);
       for (uint32_t i = 0; d.thirdPartyCount > 0 && i < d.capCount; ++i) {
         if (d.capKinds[i] == detail::CapEntry::Kind::THIRD_PARTY)
           slot->handedOff[i] = acceptThirdParty(d, i);

@@ -22,18 +22,19 @@ OutSlot& OutSlot::operator=(OutSlot&& o) noexcept {
   return *this;
 }
 
-Result<uint32_t> CapTable::tryAdd(CapEntry entry) {
-  if (count_ == MAX_CAPS_PER_MESSAGE)
-    return Error(Errc::OUT_OF_MEMORY, "more capabilities than one message carries");
-  new (slot(count_)) CapEntry(std::move(entry));
-  return count_++;
+// The largest table of either kind fits the largest spill buffer.
+static_assert(size_t{CAPS_PER_MESSAGE_LIMIT} * sizeof(CapEntry) <= MAX_SPILL_BYTES);
+static_assert(size_t{CAPS_PER_MESSAGE_LIMIT} * sizeof(ReceivedCap) <= MAX_SPILL_BYTES);
+
+TableBlock takeTableBlock(RpcConnection& pool, size_t bytes) {
+  AGATE_REQUIRE(bytes <= MAX_SPILL_BYTES, "a table of %zu bytes", bytes);
+  SpillBuffer* b = pool.takeSpill(bytes);
+  return {b, b->words.get(), size_t{1} << (b->sizeClass + MIN_CLASS_SHIFT)};
 }
 
-void CapTable::clear() noexcept {
-  // Taken out first: destroying an entry may drop an object (or a RemoteCap) whose destructor
-  // reaches this table again.
-  const uint32_t n = std::exchange(count_, 0);
-  for (uint32_t i = 0; i < n; ++i) entries()[i].~CapEntry();
+void giveTableBlock(RpcConnection& pool, SpillBuffer* buffer, size_t dirtyBytes) noexcept {
+  buffer->dirtyBytes = dirtyBytes;  // zeroed again for whoever takes it next
+  pool.giveSpill(buffer);
 }
 
 }  // namespace detail
@@ -325,11 +326,43 @@ void RpcConnection::sendAbort(const Error& reason) {
   (void)finishOut(*slot);
 }
 
+Result<uint32_t> RpcConnection::addEntry(detail::CapTable& table, detail::CapEntry entry) {
+  if (tableFull(table))
+    return Error(Errc::OUT_OF_MEMORY,
+                 "more capabilities than one message carries (RpcOptions::maxCapsPerMessage)");
+  table.reserve(*this, table.size() + 1, options_.maxCapsPerMessage);
+  table.emplaceBack(std::move(entry));
+  return table.size() - 1;
+}
+
+Status RpcConnection::roomForCapTable(detail::OutSlot& slot, const detail::CapTable& caps,
+                                      OutKind kind) {
+  FrameBuilder& from =
+      slot.ring_ ? static_cast<FrameBuilder&>(slot.ring_->builder()) : *slot.spill_->builder;
+  if (from.overflowed()) return {};  // the content alone outgrew it: refused when finished
+  const size_t used = from.usedBytes();
+  const size_t bytes = roundToWords(used + capTableBytes(caps));
+  if (bytes <= from.frame().size_bytes()) return {};
+  if (bytes > roundToWords(options_.maxMessageBytes))
+    return Error(Errc::MESSAGE_TOO_LARGE,
+                 "message with its cap table larger than RpcOptions::maxMessageBytes");
+  if (kind == OutKind::CALL) AGATE_TRY(admitToQueue(kind, bytes));
+  // Frames are position-independent: the words written so far are the message, and a builder
+  // resumed over a copy of them carries on where this one stopped.
+  detail::SpillBuffer* b = takeSpill(bytes);
+  std::memcpy(static_cast<void*>(b->words.get()), from.frame().data(), used);
+  b->builder.emplace(std::span<capnp::word>(b->words.get(), bytes / WORD_BYTES), used / WORD_BYTES);
+  abandonOut(slot);
+  slot.spill_ = b;
+  if (kind != OutKind::PRIVATE_REPLY) ++stats_.spilledMessages;
+  return {};
+}
+
 // Takes back the remote references writeCapTable added for a message that was not sent (the
 // entries it reached have their export id filled in).
 void RpcConnection::rollBackExports(detail::CapTable& caps) noexcept {
   for (uint32_t i = 0; i < caps.size(); ++i) {
-    const detail::CapEntry& e = caps.entries()[i];
+    const detail::CapEntry& e = caps[i];
     if (!isExported(e.kind) || e.id == 0 || e.id >= exports_.size() || !exports_[e.id].inUse ||
         exports_[e.id].remoteRefs == 0)
       continue;
@@ -343,7 +376,7 @@ void RpcConnection::rollBackExports(detail::CapTable& caps) noexcept {
 Status RpcConnection::writeCapTable(capnp::List<wire::CapDescriptor>::Builder out,
                                     detail::CapTable& caps) {
   for (uint32_t i = 0; i < caps.size(); ++i) {
-    detail::CapEntry& e = caps.entries()[i];
+    detail::CapEntry& e = caps[i];
     // A promise of ours passed back to us and passed on as an object (ReceivedCap::local) is
     // still a promise while pending: its calls must queue at its export, not reach the node.
     detail::PromiseNode* pendingNode =

@@ -126,7 +126,7 @@ Result<uint32_t> RpcConnection::addPromiseFor(detail::CapTable& table, const Cap
   e.kind = detail::CapEntry::Kind::SENDER_PROMISE;
   e.object = promise.node_.get();
   e.shared = promise.node_;
-  return table.tryAdd(std::move(e));
+  return addEntry(table, std::move(e));
 }
 
 // A capability pipelined on a question of another connection, passed to a peer it can be handed
@@ -140,7 +140,7 @@ Result<uint32_t> RpcConnection::addPipelinedFor(detail::CapTable& table, const R
   e.kind = detail::CapEntry::Kind::SENDER_PROMISE;
   e.object = node.get();
   e.shared = std::move(node);
-  return table.tryAdd(std::move(e));
+  return addEntry(table, std::move(e));
 }
 
 bool RpcConnection::isPlainImport(uint32_t importId) const noexcept {
@@ -374,6 +374,7 @@ Status RpcConnection::decodeResolve(wire::Resolve::Reader r, Decoded& d) {
           // host's connection.
           wire::ThirdPartyCapDescriptor::Reader t = c.getThirdPartyHosted();
           d.resolveKind = detail::CapEntry::Kind::THIRD_PARTY;
+          scratchFor(d, 1);
           d.capCount = 1;
           d.capKinds[0] = detail::CapEntry::Kind::THIRD_PARTY;
           d.capIds[0] = t.getVineId();

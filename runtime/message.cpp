@@ -165,6 +165,35 @@ FrameBuilder::FrameBuilder(std::span<capnp::word> frame) : frame_(frame) {
 #endif
 }
 
+namespace {
+
+// The one segment a resumed FrameBuilder starts with (Cap'n Proto reads the array only while
+// the builder is constructed).
+struct ResumedSegment {
+  capnp::MessageBuilder::SegmentInit init;
+  kj::ArrayPtr<capnp::MessageBuilder::SegmentInit> array() { return kj::arrayPtr(&init, 1); }
+};
+
+}  // namespace
+
+FrameBuilder::FrameBuilder(std::span<capnp::word> frame, size_t wordsUsed)
+    : capnp::MessageBuilder(
+          ResumedSegment{{kj::arrayPtr(frame.data(), frame.size()), wordsUsed}}.array()),
+      frame_(frame),
+      frameHandedOut_(true) {
+  AGATE_REQUIRE(reinterpret_cast<uintptr_t>(frame.data()) % alignof(capnp::word) == 0,
+                "frame at %p is not 8-byte aligned", static_cast<void*>(frame.data()));
+  AGATE_REQUIRE(wordsUsed >= 1 && wordsUsed <= frame.size(),
+                "resuming %zu words of a frame of %zu words", wordsUsed, frame.size());
+#ifndef NDEBUG
+  const auto* bytes = reinterpret_cast<const unsigned char*>(frame.data() + wordsUsed);
+  const size_t rest = (frame.size() - wordsUsed) * sizeof(capnp::word);
+  AGATE_REQUIRE(std::all_of(bytes, bytes + rest, [](unsigned char b) { return b == 0; }),
+                "frame of %zu bytes is not zeroed past its first %zu words", frame.size_bytes(),
+                wordsUsed);
+#endif
+}
+
 FrameBuilder::~FrameBuilder() noexcept(false) = default;
 
 kj::ArrayPtr<capnp::word> FrameBuilder::allocateSegment(unsigned minimumSize) {

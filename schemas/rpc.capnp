@@ -32,7 +32,8 @@
 #
 # Hostile input: a message that does not decode, names an id that is not live in the direction
 # it must be, reuses a question id before Finish and Return, releases more references than it
-# holds, carries a cap index outside its cap table, pipelines on a call sent with
+# holds, carries a cap table longer than the receiver's bound (Payload.capTable), carries a cap
+# index outside its cap table, pipelines on a call sent with
 # noPromisePipelining, or sets Return.noFinishNeeded where it may not be set aborts the
 # connection with PROTOCOL_ERROR.
 # A pipelined call whose path does not lead to a capability in a returned answer gets a per-call
@@ -232,9 +233,10 @@ struct Payload {
   # whose index selects an entry of `capTable`.
 
   capTable @1 :List(CapDescriptor);
-  # The capabilities the content refers to, at most 16. Each senderHosted entry adds one
-  # reference to that export (the receiver releases it with Release, counting each time it
-  # received the id).
+  # The capabilities the content refers to: at most the receiving connection's bound
+  # (RpcOptions::maxCapsPerMessage, 256 by default, never above 16384); a longer table aborts
+  # the connection with PROTOCOL_ERROR. Each senderHosted entry adds one reference to that export
+  # (the receiver releases it with Release, counting each time it received the id).
 }
 
 struct CapDescriptor {

@@ -3,6 +3,7 @@
 // allocation at all. Links the counting operator new (support/alloc_counter.h).
 #include <gtest/gtest.h>
 
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -121,6 +122,63 @@ TEST_F(RpcAllocTest, PipelinedChainsOnAReleasedAndReexportedObjectAllocateNothin
   const uint64_t before = allocationCount();
   ASSERT_TRUE(loop_.run(pipelinedChains(cap, 200)).ok());
   EXPECT_EQ(allocationCount() - before, 0u) << "allocations per 200 chains of ten calls";
+}
+
+// Answers any call with a result of `count` references to itself, after checking that the
+// params carried `count` capabilities.
+class Many final : public ServerObject {
+ public:
+  explicit Many(uint32_t count) : count_(count) {}
+  Promise<void> dispatch(uint64_t, uint16_t, CallContext& ctx) override {
+    if (ctx.capCount() != count_) return readyPromise<void>(Error(Errc::FAILED, "params"));
+    Result<capnp::AnyPointer::Builder> out = ctx.initResults(8 * count_ + 64);
+    if (!out) return readyPromise<void>(out.error());
+    capnp::AnyList::Builder list = out->initAsAnyStruct(0, 1).getPointerSection()[0].initAsAnyList(
+        capnp::ElementSize::POINTER, count_);
+    for (uint32_t i = 0; i < count_; ++i) {
+      Result<uint32_t> index = ctx.addResultCap(*this);
+      if (!index) return readyPromise<void>(index.error());
+      writeCapPointer(list, i, *index);
+    }
+    return readyPromise<void>(Status{});
+  }
+
+ private:
+  uint32_t count_;
+};
+
+Promise<void> manyCapCalls(RemoteCap& cap, std::vector<std::unique_ptr<Node>>& objects, int n) {
+  for (int c = 0; c < n; ++c) {
+    Request req = cap.newCall(NODE_INTERFACE_ID, 0, 8 * objects.size() + 64);
+    capnp::AnyList::Builder list =
+        req.params().initAsAnyStruct(0, 1).getPointerSection()[0].initAsAnyList(
+            capnp::ElementSize::POINTER, static_cast<uint32_t>(objects.size()));
+    for (uint32_t i = 0; i < objects.size(); ++i) {
+      Result<uint32_t> index = req.addCap(*objects[i]);
+      AGATE_CO_TRY(index);
+      writeCapPointer(list, i, *index);
+    }
+    Result<Response> r = co_await req.send();
+    AGATE_CO_TRY(r);
+    AGATE_ASSERT(r->capCount() == objects.size(), "call %d", c);
+  }
+  co_return {};
+}
+
+TEST_F(RpcAllocTest, CallsWithManyCapabilitiesEachWayAllocateNothingInSteadyState) {
+  // A hundred capabilities in the params (the client's objects) and a hundred in the results: cap
+  // tables in pooled blocks, messages moved to larger buffers, the decoder's scratch, all reused.
+  constexpr uint32_t N = 100;
+  Many many(N);
+  LocalPair pair(loop_, &many);
+  std::vector<std::unique_ptr<Node>> objects;
+  for (uint32_t i = 0; i < N; ++i) objects.push_back(std::make_unique<Node>(i, log_));
+  RemoteCap cap = pair.client().bootstrap();
+  ASSERT_TRUE(loop_.run(manyCapCalls(cap, objects, 50)).ok());
+  const uint64_t before = allocationCount();
+  ASSERT_TRUE(loop_.run(manyCapCalls(cap, objects, 200)).ok());
+  EXPECT_EQ(allocationCount() - before, 0u)
+      << "allocations per 200 calls of 100 + 100 capabilities";
 }
 
 }  // namespace

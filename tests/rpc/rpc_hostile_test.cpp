@@ -45,8 +45,8 @@ class RpcHostileTest : public ::testing::Test {
   }
   ~RpcHostileTest() override { victim_.reset(); }
 
-  void send(const std::function<void(wire::Message::Builder)>& fill) {
-    Result<OutgoingMessage> m = attackerTx_->tryStartMessage(1024);
+  void send(const std::function<void(wire::Message::Builder)>& fill, size_t bytes = 1024) {
+    Result<OutgoingMessage> m = attackerTx_->tryStartMessage(bytes);
     ASSERT_TRUE(m.ok());
     fill(m->initRoot<wire::Message>());
     ASSERT_TRUE(m->send().ok());
@@ -332,14 +332,34 @@ TEST_F(RpcHostileTest, CapTableNamingAMissingExportAborts) {
   expectAborted();
 }
 
-TEST_F(RpcHostileTest, CapTableLongerThanAllowedAborts) {
-  send([](wire::Message::Builder m) {
-    wire::Call::Builder c = m.initCall();
-    c.setQuestionId(1);
-    c.getTarget().setImportedCap(0);
-    c.initParams().initCapTable(MAX_CAPS_PER_MESSAGE + 1);
-  });
+// A Call to IDENTIFY whose cap table has `entries` entries, all none.
+void identifyWithNullCaps(wire::Message::Builder m, uint32_t questionId, uint32_t entries) {
+  wire::Call::Builder c = m.initCall();
+  c.setQuestionId(questionId);
+  c.getTarget().setImportedCap(0);
+  c.setInterfaceId(NODE_INTERFACE_ID);
+  c.setMethodId(IDENTIFY);
+  c.initParams().initCapTable(entries);
+}
+
+TEST_F(RpcHostileTest, CapTableLongerThanTheConnectionsBoundAborts) {
+  const uint32_t bound = victim_->maxCapsPerMessage();
+  ASSERT_EQ(bound, RpcOptions{}.maxCapsPerMessage);
+  send([&](wire::Message::Builder m) { identifyWithNullCaps(m, 1, bound + 1); }, 16 * bound + 1024);
   expectAborted();
+  EXPECT_EQ(victim_->importCount(), 0u);
+}
+
+TEST_F(RpcHostileTest, CapTableAtTheConnectionsBoundIsTaken) {
+  // The bound itself is allowed: the call is served (IDENTIFY with no capability in its params
+  // fails it, not the connection) and the connection carries on.
+  const uint32_t bound = victim_->maxCapsPerMessage();
+  send([&](wire::Message::Builder m) { identifyWithNullCaps(m, 1, bound); }, 16 * bound + 1024);
+  expectFromVictim([](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::RETURN);
+    EXPECT_EQ(m.getReturn().getAnswerId(), 1u);
+  });
+  EXPECT_TRUE(victim_->isOpen());
 }
 
 TEST_F(RpcHostileTest, SenderHostedIdBeyondTheImportBoundAborts) {

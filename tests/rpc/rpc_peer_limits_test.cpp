@@ -196,7 +196,8 @@ class ReadsTwice final : public ServerObject {
   bool threw = false;
   size_t length = 0;
   Promise<void> dispatch(uint64_t, uint16_t, CallContext& ctx) override {
-    Status shape = typed::checkAgainstSchema<capnp::schema::Node>(ctx.params());
+    Status shape = typed::checkAgainstSchema<capnp::schema::Node>(
+        ctx.params(), ctx.capCount(), ctx.connection().maxCapsPerMessage());
     if (!shape) return readyPromise<void>(shape.error());
     try {
       length = ctx.params().getAs<capnp::schema::Node>().getNestedNodes().size();

@@ -541,6 +541,44 @@ TEST_F(ForwardingTest, ListsOfCapabilitiesInParamsAreCarriedThroughAProxy) {
   }
 }
 
+// CALL_BACK_ALL through `target` with params {list of `objects`}.
+Promise<uint64_t> callBackListThrough(RemoteCap target, const std::vector<ServerObject*>& objects) {
+  Request req = target.newCall(NODE_INTERFACE_ID, CALL_BACK_ALL, 8 * objects.size() + 64);
+  capnp::AnyList::Builder list =
+      req.params().initAsAnyStruct(0, 1).getPointerSection()[0].initAsAnyList(
+          capnp::ElementSize::POINTER, static_cast<uint32_t>(objects.size()));
+  for (uint32_t i = 0; i < objects.size(); ++i) {
+    Result<uint32_t> index = req.addCap(*objects[i]);
+    AGATE_CO_TRY(index);
+    writeCapPointer(list, i, *index);
+  }
+  Result<Response> r = co_await req.send();
+  AGATE_CO_TRY(r);
+  co_return r->results().getAs<Value>().getValue();
+}
+
+TEST_F(ForwardingTest, AListOfFortyCapabilitiesIsCarriedThroughAProxy) {
+  // V copies the call with its forty capabilities onto its connection to A (each one a proxy of
+  // C's object), past the entries a call keeps inline and the room its frame reserves for them.
+  std::vector<std::unique_ptr<Node>> nodes;
+  std::vector<ServerObject*> objects;
+  uint64_t expected = 0;
+  for (uint32_t i = 0; i < 40; ++i) {
+    nodes.push_back(std::make_unique<Node>(i, cLog_));
+    objects.push_back(nodes.back().get());
+    expected += 5 + i;
+  }
+  RemoteCap p = proxy();
+  Result<uint64_t> v = loop_.run(callBackListThrough(p, objects));
+  ASSERT_TRUE(v.ok()) << errcName(v.code()) << " " << (v.error().detail ? v.error().detail : "");
+  EXPECT_EQ(*v, expected) << "A called each of C's forty nodes back through V";
+  p = RemoteCap();
+  ASSERT_TRUE(runUntil(loop_, [&] {
+    return toC_->server().exportCount() == 1 && toA_->server().importCount() == 0 &&
+           toC_->client().exportCount() == 1 && toA_->client().exportCount() == 1;
+  })) << "V's proxies and their imports are released";
+}
+
 Promise<uint64_t> echoOnNext(RemoteCap target) {
   Result<Response> r = co_await target.newCall(NODE_INTERFACE_ID, NEXT, 16).send();
   AGATE_CO_TRY(r);

@@ -185,6 +185,50 @@ TEST(FrameBuilder, BuildsInAByteSpanViewedAsWords) {
   EXPECT_EQ(view->getRoot<Point>().getY(), 9);
 }
 
+TEST(FrameBuilder, ResumedOverACopyInALargerFrameGoesOnBuildingAfterTheWordsWritten) {
+  // A message started in a small frame moves to a larger one (frames are position-independent)
+  // and gets more content there: the first builder's words stay as they were, what follows lands
+  // after them, and the whole decodes as one message.
+  TestFrame small(16);
+  FrameBuilder first(small.words());
+  Sample::Builder root = first.initRoot<Sample>();
+  root.setId(7);
+  root.initOrigin().setX(3);
+  const size_t used = first.usedBytes();
+  ASSERT_FALSE(first.overflowed());
+
+  TestFrame large(256);
+  std::memcpy(static_cast<void*>(large.words().data()), small.words().data(), used);
+  FrameBuilder resumed(large.words(), used / WORD_BYTES);
+  EXPECT_EQ(resumed.usedBytes(), used);
+  Sample::Builder again = resumed.getRoot<Sample>();
+  EXPECT_EQ(again.getId(), 7u);
+  EXPECT_EQ(again.getOrigin().getX(), 3);
+  auto values = again.initValues(40);  // more than the small frame had room for
+  for (uint32_t i = 0; i < 40; ++i) values.set(i, i * i);
+  auto finished = resumed.tryFinish();
+  ASSERT_TRUE(finished.ok());
+  EXPECT_GT(*finished, used);
+  EXPECT_FALSE(resumed.overflowed());
+  EXPECT_TRUE(large.canaryIntact());
+
+  FrameReader reader;
+  auto view = reader.tryDecode(std::span<const std::byte>(
+      reinterpret_cast<const std::byte*>(large.words().data()), *finished));
+  ASSERT_TRUE(view.ok()) << errcName(view.code());
+  Sample::Reader read = view->getRoot<Sample>();
+  EXPECT_EQ(read.getId(), 7u);
+  EXPECT_EQ(read.getOrigin().getX(), 3);
+  ASSERT_EQ(read.getValues().size(), 40u);
+  EXPECT_EQ(read.getValues()[39], 39u * 39u);
+}
+
+TEST(FrameBuilderDeathTest, ResumingMoreWordsThanTheFrameHoldsIsRefused) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  TestFrame frame(4);
+  EXPECT_DEATH(FrameBuilder(frame.words(), 5), "resuming 5 words of a frame of 4 words");
+}
+
 TEST(FrameBuilder, ExactSizeFrameFits) {
   TestFrame roomy(256);
   const size_t needed = buildSample(roomy);

@@ -619,6 +619,96 @@ TEST_F(StubsTest, ListOfCapabilitiesInResultsIsReadBackElementByElement) {
   EXPECT_EQ(past.code(), Errc::INVALID_ARGUMENT);
 }
 
+TEST_F(StubsTest, FortyCapabilitiesInAListOfParamsAndOfResultsGoThroughTheStubs) {
+  // More than a call keeps inline and than its frame reserves room for: the tables move to pooled
+  // storage and the messages to larger buffers, and the typed check takes the honest lists.
+  constexpr uint32_t N = 40;
+  LocalPair pair(loop_, &root_);
+  std::vector<std::unique_ptr<ListenerImpl>> listeners;
+  for (uint32_t i = 0; i < N; ++i) listeners.push_back(std::make_unique<ListenerImpl>(log_));
+  st::Adder::Client adder(pair.client().bootstrap());
+  auto r = await(loop_, adder.notifyAll(
+                            [&](auto params, auto& request) -> Status {
+                              params.setValue(5);
+                              params.initListeners(N);
+                              for (uint32_t i = 0; i < N; ++i)
+                                AGATE_TRY(setListeners(request, params, i, *listeners[i]));
+                              return {};
+                            },
+                            1024));
+  ASSERT_TRUE(r.ok()) << errcName(r.code());
+  EXPECT_EQ(r->results().getSum(), 10 * static_cast<int64_t>(N));
+  EXPECT_EQ(log_.notified, static_cast<int>(N));
+
+  {
+    auto spawned = await(loop_, adder.spawnMany([&](auto params) {
+      auto starts = params.initStarts(N);
+      for (uint32_t i = 0; i < N; ++i) starts.set(i, 10 * (i + 1));
+    }));
+    ASSERT_TRUE(spawned.ok()) << errcName(spawned.code());
+    EXPECT_EQ(log_.adders, static_cast<int>(N) + 1) << "the root and forty children";
+    for (uint32_t i = 0; i < N; ++i) {
+      auto child = getChildren(*spawned, spawned->results(), i);
+      ASSERT_TRUE(child.ok()) << i << " " << errcName(child.code());
+      auto value = await(loop_, child->remote.get());
+      ASSERT_TRUE(value.ok()) << i;
+      EXPECT_EQ(value->results().getValue(), 10 * (static_cast<int64_t>(i) + 1));
+    }
+  }
+  ASSERT_TRUE(runUntil(loop_, [&] { return log_.adders == 1; })) << "the children are released";
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().importCount() == 0; }))
+      << "the listeners are released";
+}
+
+TEST_F(StubsTest, AListRepeatingOneCapabilityIsRefusedBeforeTheMethod) {
+  // Two elements naming the one entry of the cap table: shorter than the connection's bound, but
+  // an honest list has an entry per element, so it is forged.
+  LocalPair pair(loop_, &root_);
+  ListenerImpl listener(log_);
+  st::Adder::Client adder(pair.client().bootstrap());
+  auto r = await(loop_, adder.notifyAll([&](auto params, auto& request) -> Status {
+    params.setValue(1);
+    params.initListeners(2);
+    AGATE_TRY(setListeners(request, params, 0, listener));
+    capnp::AnyPointer::Builder field =
+        capnp::AnyStruct::Builder(std::move(params)).getPointerSection()[0];
+    writeCapPointer(field.getAs<capnp::AnyList>(), 1, 0);
+    return {};
+  }));
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.code(), Errc::PROTOCOL_ERROR);
+  EXPECT_EQ(log_.calls, 0) << "the method never ran";
+  EXPECT_EQ(log_.notified, 0);
+  EXPECT_TRUE(await(loop_, adder.get()).ok()) << "the server carries on";
+}
+
+TEST_F(StubsTest, ListsOfCapabilitiesLongerInAllThanTheConnectionsBoundAreRefused) {
+  // Null elements need no entry, but all the lists together stay within the bound on a message's
+  // capabilities (so reading every element one by one costs at most its square).
+  RpcOptions options;
+  options.maxCapsPerMessage = 8;
+  LocalPair pair(loop_, &root_, nullptr, options);
+  ListenerImpl listener(log_);
+  st::Adder::Client adder(pair.client().bootstrap());
+  for (uint32_t length : {8u, 9u}) {
+    SCOPED_TRACE(length);
+    log_.calls = 0;
+    auto r = await(loop_, adder.notifyAll([&](auto params, auto& request) -> Status {
+      params.initListeners(length);
+      return setListeners(request, params, 0, listener);  // the rest stay null
+    }));
+    ASSERT_FALSE(r.ok());
+    if (length == 8) {
+      EXPECT_EQ(r.code(), Errc::INVALID_ARGUMENT) << "within the bound: the method meets the null";
+      EXPECT_EQ(log_.calls, 1);
+    } else {
+      EXPECT_EQ(r.code(), Errc::PROTOCOL_ERROR);
+      EXPECT_EQ(log_.calls, 0) << "the method never ran";
+    }
+  }
+  EXPECT_TRUE(await(loop_, adder.get()).ok()) << "the server carries on";
+}
+
 TEST_F(StubsTest, ANullOrForgedElementOfAListOfCapabilitiesFailsTheCallAtTheServer) {
   LocalPair pair(loop_, &root_);
   ListenerImpl listener(log_);
@@ -631,12 +721,15 @@ TEST_F(StubsTest, ANullOrForgedElementOfAListOfCapabilitiesFailsTheCallAtTheServ
   EXPECT_EQ(r.code(), Errc::INVALID_ARGUMENT);
   EXPECT_EQ(log_.notified, 0) << "refused before any listener was called";
 
-  // An element naming an index past the cap table (a forged pointer word) is refused the same way.
-  auto forged = await(loop_, adder.notifyAll([&](auto params) {
+  // An element naming an index past the cap table (a forged pointer word) is refused the same way
+  // (the table holds an entry, so the list passes the check before the method).
+  auto forged = await(loop_, adder.notifyAll([&](auto params, auto& request) -> Status {
     params.initListeners(1);
+    AGATE_TRY(request.addCap(listener));
     capnp::AnyPointer::Builder field =
         capnp::AnyStruct::Builder(std::move(params)).getPointerSection()[0];
     writeCapPointer(field.getAs<capnp::AnyList>(), 0, 99);
+    return {};
   }));
   ASSERT_FALSE(forged.ok());
   EXPECT_EQ(forged.code(), Errc::INVALID_ARGUMENT);

@@ -67,13 +67,16 @@
 //
 // Memory: the tables are dense vectors with free lists, grown on demand and then reused; promise
 // nodes and coroutine frames come from the loop's arena; messages are built in ring frames, or
-// under backpressure in pooled spill buffers. A steady-state call allocates nothing.
+// under backpressure in pooled spill buffers; cap tables keep a few entries inline and take pooled
+// blocks past them (RpcOptions::maxCapsPerMessage bounds them). A steady-state call allocates
+// nothing.
 //
 // Threading: a connection and every handle on it belong to the thread of its EventLoop.
 #pragma once
 
 #include <capnp/any.h>
 
+#include <algorithm>
 #include <array>
 #include <cstddef>
 #include <cstdint>
@@ -103,7 +106,9 @@ class RemoteCap;
 class CapPromise;
 
 // Protocol bounds (also in rpc.capnp). A peer exceeding them is aborted with PROTOCOL_ERROR.
-inline constexpr uint32_t MAX_CAPS_PER_MESSAGE = 16;
+// Capabilities per message: each connection's RpcOptions::maxCapsPerMessage (256 by default), at
+// most CAPS_PER_MESSAGE_LIMIT.
+inline constexpr uint32_t CAPS_PER_MESSAGE_LIMIT = 16384;
 inline constexpr uint32_t MAX_PIPELINE_PATH = 8;
 
 // An object that serves calls. Exported into a connection (bootstrap, or by passing it in a cap
@@ -224,29 +229,127 @@ struct CapEntry {
   RemoteCap held;
 };
 
-// An outbound cap table being collected while content is built. Every Request holds one, and
-// most calls carry no capability: only the entries in use are constructed (entries [0, size())
-// live in raw storage), so making, moving and dropping an empty table costs nothing.
-class CapTable {
+// Raw storage for a table that outgrew the entries it keeps inline: a buffer of its
+// connection's spill pool (outbound.cpp), so a steady state of large tables allocates nothing.
+struct TableBlock {
+  SpillBuffer* buffer = nullptr;
+  void* data = nullptr;
+  size_t bytes = 0;
+};
+TableBlock takeTableBlock(RpcConnection& pool, size_t bytes);
+// `dirtyBytes`: the prefix of the block that entries were ever constructed in.
+void giveTableBlock(RpcConnection& pool, SpillBuffer* buffer, size_t dirtyBytes) noexcept;
+
+// A table of T (a cap table being built, the capabilities of a call's params) that keeps its
+// first INLINE entries inside the object and moves to a pooled block of its connection when it
+// grows past them; clear() gives the block back. Only the entries in use are constructed
+// (entries [0, size()) live in raw storage), so making, moving and dropping an empty table costs
+// nothing, and a message with few capabilities never leaves the inline entries.
+template <class T, uint32_t INLINE>
+class SmallTable {
  public:
-  CapTable() noexcept {}  // NOLINT: the storage stays uninitialised on purpose
-  CapTable(CapTable&& o) noexcept : count_(o.count_) {
-    for (uint32_t i = 0; i < count_; ++i) new (slot(i)) CapEntry(std::move(o.entries()[i]));
+  SmallTable() noexcept {}  // NOLINT: the storage stays uninitialised on purpose
+  SmallTable(SmallTable&& o) noexcept
+      : count_(o.count_),
+        capacity_(o.capacity_),
+        highWater_(o.highWater_),
+        heap_(std::exchange(o.heap_, nullptr)),
+        block_(std::exchange(o.block_, nullptr)),
+        pool_(o.pool_) {
+    if (block_ != nullptr) {  // the block changes hands; the entries stay where they are
+      o.count_ = o.highWater_ = 0;
+      o.capacity_ = INLINE;
+      return;
+    }
+    for (uint32_t i = 0; i < count_; ++i) new (inlineSlot(i)) T(std::move(o.data()[i]));
     o.clear();
   }
-  CapTable& operator=(CapTable&&) = delete;
-  ~CapTable() { clear(); }
+  SmallTable& operator=(SmallTable&&) = delete;
+  ~SmallTable() { clear(); }
 
   uint32_t size() const noexcept { return count_; }
-  CapEntry* entries() noexcept { return std::launder(reinterpret_cast<CapEntry*>(storage_)); }
-  Result<uint32_t> tryAdd(CapEntry entry);
-  void clear() noexcept;
+  T* data() noexcept {
+    return heap_ != nullptr ? heap_ : std::launder(reinterpret_cast<T*>(inline_));
+  }
+  const T* data() const noexcept {
+    return heap_ != nullptr ? heap_ : std::launder(reinterpret_cast<const T*>(inline_));
+  }
+  T& operator[](uint32_t i) noexcept { return data()[i]; }
+  const T& operator[](uint32_t i) const noexcept { return data()[i]; }
+
+  // Room for `n` entries: past INLINE, a block of `pool` (the table's connection) of twice the
+  // current room (but no more than `most`, and at least `n`), the entries moved into it and the
+  // old block given back.
+  void reserve(RpcConnection& pool, uint32_t n, uint32_t most = 0) {
+    if (n <= capacity_) return;
+    const uint32_t want = std::max(n, std::min(capacity_ * 2, most));
+    TableBlock b = takeTableBlock(pool, size_t{want} * sizeof(T));
+    T* to = static_cast<T*>(b.data);
+    T* from = data();
+    for (uint32_t i = 0; i < count_; ++i) {
+      new (to + i) T(std::move(from[i]));
+      from[i].~T();
+    }
+    if (block_ != nullptr) giveTableBlock(*pool_, block_, size_t{highWater_} * sizeof(T));
+    heap_ = to;
+    block_ = b.buffer;
+    pool_ = &pool;
+    capacity_ = static_cast<uint32_t>(b.bytes / sizeof(T));
+    highWater_ = count_;
+  }
+  // Appends an entry. Precondition: size() < the room reserved.
+  template <class... A>
+  T& emplaceBack(A&&... args) {
+    T* e = new (data() + count_) T(std::forward<A>(args)...);
+    if (++count_ > highWater_) highWater_ = count_;
+    return *e;
+  }
+  // Destroys the entries and gives the block back. The entries and the block are taken out
+  // first: destroying an entry may drop an object (or a RemoteCap) whose destructor reaches this
+  // table again.
+  void clear() noexcept {
+    const uint32_t n = std::exchange(count_, 0);
+    T* entries = data();
+    heap_ = nullptr;
+    SpillBuffer* block = std::exchange(block_, nullptr);
+    const uint32_t dirty = std::exchange(highWater_, 0);
+    capacity_ = INLINE;
+    for (uint32_t i = 0; i < n; ++i) entries[i].~T();
+    if (block != nullptr) giveTableBlock(*pool_, block, size_t{dirty} * sizeof(T));
+  }
 
  private:
-  void* slot(uint32_t i) noexcept { return storage_ + i * sizeof(CapEntry); }
-  alignas(CapEntry) std::byte storage_[MAX_CAPS_PER_MESSAGE * sizeof(CapEntry)];
+  void* inlineSlot(uint32_t i) noexcept { return inline_ + i * sizeof(T); }
+  alignas(T) std::byte inline_[INLINE * sizeof(T)];
   uint32_t count_ = 0;
+  uint32_t capacity_ = INLINE;
+  uint32_t highWater_ = 0;  // entries ever constructed in the block (its part to zero again)
+  T* heap_ = nullptr;       // the block's entries, when the table has one
+  SpillBuffer* block_ = nullptr;
+  RpcConnection* pool_ = nullptr;  // whose block it is
 };
+
+// What decode() reads of each cap-table entry of the message being handled (rpc/
+// connection_internal.h, RpcConnection::Decoded): a connection's scratch, grown to the largest
+// table seen (at most RpcOptions::maxCapsPerMessage) and reused, so that handling a message
+// allocates nothing. Only the connection's reader uses it, one message at a time.
+struct CapScratch {
+  std::vector<CapEntry::Kind> kinds;
+  std::vector<uint32_t> ids;
+  std::vector<VatId> vats;
+  std::vector<uint64_t> provisions;
+  std::vector<RpcConnection*> hosts;
+  std::vector<Error> hostErrors;
+};
+
+// Cap-table entries kept inline by every Request and CallContext: a call with up to this many
+// capabilities never touches the pool.
+inline constexpr uint32_t INLINE_CAPS = 4;
+
+// An outbound cap table being collected while content is built. Every Request holds one, and
+// most calls carry no capability. Added to through RpcConnection::addEntry, which checks the
+// connection's bound (RpcOptions::maxCapsPerMessage) and grows it from the connection's pool.
+using CapTable = SmallTable<CapEntry, INLINE_CAPS>;
 
 }  // namespace detail
 
@@ -288,6 +391,8 @@ class Response {
   Result<ReceivedCap> capAt(capnp::AnyList::Reader list, uint32_t element) const;
   // Entries in the results' cap table.
   uint32_t capCount() const;
+  // The connection the results came on (null once moved from).
+  RpcConnection* connection() const noexcept { return conn_; }
 
  private:
   friend class RpcConnection;
@@ -362,8 +467,8 @@ class [[nodiscard]] Request {
   // through this vat (a forwarding export); one still pipelined on another connection goes as a
   // promise handed off once its answer returns (rpc/README.md, "Embargoes"), or as a proxy.
   // INVALID_ARGUMENT for a pipelined RemoteCap of this connection (promise passing is not done) or
-  // a broken one; the host connection's error when it is dead; OUT_OF_MEMORY past
-  // MAX_CAPS_PER_MESSAGE.
+  // a broken one; the host connection's error when it is dead; OUT_OF_MEMORY past the
+  // connection's RpcOptions::maxCapsPerMessage. The cap table is unchanged on an error.
   Result<uint32_t> addCap(const RemoteCap& cap);
   Result<uint32_t> addCap(ServerObject& object);                  // stays owned by the caller
   Result<uint32_t> addCap(std::unique_ptr<ServerObject> object);  // owned by the connection
@@ -440,7 +545,7 @@ class CallContext {
   Result<ReceivedCap> capAt(capnp::AnyStruct::Reader s, uint16_t pointerIndex) const;
   Result<ReceivedCap> capAt(capnp::AnyList::Reader list, uint32_t element) const;
   // Entries in the params' cap table.
-  uint32_t capCount() const noexcept { return paramCapCount_; }
+  uint32_t capCount() const noexcept { return paramCaps_.size(); }
 
   // Starts the results, in a private buffer of about `sizeHint` bytes of content, copied into the
   // ring when dispatch's promise completes and the Return goes out. Building results and then
@@ -470,8 +575,7 @@ class CallContext {
   bool paramsValid_ = false;
   capnp::AnyPointer::Reader params_;
   capnp::AnyStruct::Reader paramsPayload_;
-  std::array<ReceivedCap, MAX_CAPS_PER_MESSAGE> paramCaps_;
-  uint32_t paramCapCount_ = 0;
+  detail::SmallTable<ReceivedCap, detail::INLINE_CAPS> paramCaps_;
   detail::OutSlot results_;
   wire::Return::Builder return_{nullptr};
   capnp::AnyPointer::Builder content_{nullptr};
@@ -538,6 +642,13 @@ struct RpcOptions {
   // most 4 MiB, the largest spill buffer, which also bounds the MessageReceiver's maxFrameBytes
   // (both REQUIRE-checked when the connection is made).
   size_t maxMessageBytes = 16 * 1024;
+  // Capabilities in one message's cap table, either way: a peer sending more is aborted with
+  // PROTOCOL_ERROR, and this side's own addCap past it fails with OUT_OF_MEMORY. 1 to
+  // CAPS_PER_MESSAGE_LIMIT (REQUIRE-checked when the connection is made). Tables of up to
+  // detail::INLINE_CAPS entries live inside the Request or the call; larger ones in buffers of
+  // the connection's pool, reused (rpc/README.md, "Capabilities in messages"). A typed list of
+  // capabilities is bounded by it too (docs/typed_stubs.md).
+  uint32_t maxCapsPerMessage = 256;
   // How the inbound reader and the outbound pump wait.
   AsyncWaitPolicy wait = {};
   // Fairness among connections on one loop: after this many messages read in a row, the reader
@@ -624,6 +735,8 @@ class RpcConnection {
 
   const RpcStats& stats() const noexcept { return stats_; }
   VatId peerVat() const noexcept { return options_.peerVat; }
+  // RpcOptions::maxCapsPerMessage: the bound on each message's cap table, both ways.
+  uint32_t maxCapsPerMessage() const noexcept { return options_.maxCapsPerMessage; }
   // Live entries of each table (tests check nothing leaks).
   uint32_t questionCount() const noexcept { return questionsLive_; }
   uint32_t answerCount() const noexcept { return answersLive_; }
@@ -649,6 +762,8 @@ class RpcConnection {
   friend class CapPromise;
   friend class detail::PromiseNode;
   friend class internal::Forwarder;
+  friend detail::TableBlock detail::takeTableBlock(RpcConnection&, size_t);
+  friend void detail::giveTableBlock(RpcConnection&, detail::SpillBuffer*, size_t) noexcept;
   struct Question;
   struct Answer;
   struct Export;
@@ -691,6 +806,17 @@ class RpcConnection {
   void sendAbort(const Error& reason);
   void writeException(wire::Exception::Builder b, const Error& e);
   Status writeCapTable(capnp::List<wire::CapDescriptor>::Builder out, detail::CapTable& caps);
+  // Adds an entry to a cap table of this connection: OUT_OF_MEMORY (the table unchanged, the
+  // entry dropped) when it holds RpcOptions::maxCapsPerMessage already. tableFull() says so
+  // beforehand, for entries whose dropping would have effects (a Provide sent, a Finish).
+  Result<uint32_t> addEntry(detail::CapTable& table, detail::CapEntry entry);
+  bool tableFull(const detail::CapTable& table) const noexcept {
+    return table.size() >= options_.maxCapsPerMessage;
+  }
+  // Makes room for a cap table of `caps` entries in a message being built: when the slot's
+  // buffer lacks it, the message moves into a pooled spill buffer of the size it needs (its
+  // builders must be taken again from the slot). MESSAGE_TOO_LARGE past maxMessageBytes.
+  Status roomForCapTable(detail::OutSlot& slot, const detail::CapTable& caps, OutKind kind);
 
   // --- client side ---
   Request newCall(const RemoteCap& target, uint64_t interfaceId, uint16_t methodId,
@@ -702,7 +828,7 @@ class RpcConnection {
   void importRef(uint32_t id) noexcept;
   void importUnref(uint32_t id) noexcept;
   Result<ReceivedCap> receivedCap(capnp::List<wire::CapDescriptor>::Reader caps, uint32_t index,
-                                  const RemoteCap* handedOff);
+                                  std::span<const RemoteCap> handedOff);
   void releaseResponse(detail::ResponseSlot* slot) noexcept;
   void relocate(detail::ResponseSlot* slot);
   // `inParams`: the table is a Call's (a capability pipelined on a question of this connection
@@ -783,6 +909,8 @@ class RpcConnection {
   Status checkFinishId(uint32_t answerId) const;
   Status checkRelease(uint32_t exportId, uint32_t count) const;
   Status decodeCapTable(capnp::List<wire::CapDescriptor>::Reader caps, Decoded& d);
+  // Points d's per-entry arrays at capScratch_, grown to `n` entries first if need be.
+  void scratchFor(Decoded& d, uint32_t n);
   Status handleCall(IncomingMessage& message, const Decoded& d);
   Status handleReturn(IncomingMessage& message, const Decoded& d);
   Status handleFinish(uint32_t answerId);
@@ -903,6 +1031,7 @@ class RpcConnection {
   std::optional<Fulfiller<void>> disconnected_;
   std::array<std::array<char, REMOTE_REASON_BYTES>, REMOTE_REASON_SLOTS> reasons_{};
   uint32_t nextReason_ = 0;
+  detail::CapScratch capScratch_;  // Decoded's per-entry arrays
   // Decodes this side's private copies (queued calls, results kept for pipelining).
   FrameReader replayReader_;
   MemberTask<&RpcConnection::teardown> teardownTask_;

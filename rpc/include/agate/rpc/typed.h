@@ -61,40 +61,59 @@ namespace agate::rpc::typed {
 
 namespace detail {
 
-void walkStruct(capnp::DynamicStruct::Reader s);
+// What the lists of capabilities of one message may hold in all (see checkAgainstSchema).
+struct CapListBudget {
+  uint32_t elements;  // elements of every List(Interface), null ones included
+  uint32_t entries;   // their non-null elements: at most the message's cap table
+};
 
-inline void walkList(capnp::DynamicList::Reader list) {
+void walkStruct(capnp::DynamicStruct::Reader s, CapListBudget& budget);
+
+inline void walkList(capnp::DynamicList::Reader list, CapListBudget& budget) {
   capnp::Type element = list.getSchema().getElementType();
   switch (element.which()) {
     case capnp::schema::Type::STRUCT:
-      for (capnp::DynamicValue::Reader e : list) walkStruct(e.as<capnp::DynamicStruct>());
+      for (capnp::DynamicValue::Reader e : list) walkStruct(e.as<capnp::DynamicStruct>(), budget);
       return;
     case capnp::schema::Type::LIST:
-      for (capnp::DynamicValue::Reader e : list) walkList(e.as<capnp::DynamicList>());
+      for (capnp::DynamicValue::Reader e : list) walkList(e.as<capnp::DynamicList>(), budget);
       return;
     case capnp::schema::Type::TEXT:
     case capnp::schema::Type::DATA:
       for (capnp::DynamicValue::Reader e : list) (void)e;  // reading checks the kind
       return;
-    case capnp::schema::Type::INTERFACE:
-      // Each element of an honest list names its own cap-table entry (setListCap), so no list of
-      // capabilities is longer than a message's cap table; a longer one only serves to make
-      // element-by-element reads (each re-reading the list) cost its length squared.
-      KJ_REQUIRE(list.size() <= MAX_CAPS_PER_MESSAGE,
-                 "a list of capabilities longer than a message's cap table");
+    case capnp::schema::Type::INTERFACE: {
+      // Each element of an honest list names its own cap-table entry (setListCap), so the set
+      // elements of all the message's lists are no more than its cap table; more only serve to
+      // make element-by-element reads (each re-reading the list) cost a list's length squared,
+      // as a forged list of one capability repeated would. And all the lists together are no
+      // longer than the connection's bound, so reading every element one by one costs at most
+      // that bound squared.
+      KJ_REQUIRE(list.size() <= budget.elements,
+                 "lists of capabilities longer in all than a message's cap table may be");
+      budget.elements -= list.size();
+      uint32_t set = 0;
+      for (capnp::AnyPointer::Reader e :
+           list.as<capnp::AnyList>().as<capnp::List<capnp::AnyPointer>>())
+        set += e.isNull() ? 0 : 1;
+      KJ_REQUIRE(set <= budget.entries,
+                 "more capabilities in lists than the message's cap table holds");
+      budget.entries -= set;
       return;
+    }
     default:
       return;  // primitives live in the list body; AnyPointer is not walked
   }
 }
 
-inline void walkField(capnp::DynamicStruct::Reader s, capnp::StructSchema::Field field) {
+inline void walkField(capnp::DynamicStruct::Reader s, capnp::StructSchema::Field field,
+                      CapListBudget& budget) {
   switch (field.getType().which()) {
     case capnp::schema::Type::STRUCT:  // a struct field or a group
-      walkStruct(s.get(field).as<capnp::DynamicStruct>());
+      walkStruct(s.get(field).as<capnp::DynamicStruct>(), budget);
       return;
     case capnp::schema::Type::LIST:
-      walkList(s.get(field).as<capnp::DynamicList>());
+      walkList(s.get(field).as<capnp::DynamicList>(), budget);
       return;
     case capnp::schema::Type::TEXT:
     case capnp::schema::Type::DATA:
@@ -105,22 +124,27 @@ inline void walkField(capnp::DynamicStruct::Reader s, capnp::StructSchema::Field
   }
 }
 
-inline void walkStruct(capnp::DynamicStruct::Reader s) {
-  for (capnp::StructSchema::Field field : s.getSchema().getNonUnionFields()) walkField(s, field);
+inline void walkStruct(capnp::DynamicStruct::Reader s, CapListBudget& budget) {
+  for (capnp::StructSchema::Field field : s.getSchema().getNonUnionFields())
+    walkField(s, field, budget);
   KJ_IF_MAYBE (active, s.which()) {
-    walkField(s, *active);
+    walkField(s, *active, budget);
   }
 }
 
 }  // namespace detail
 
 // Walks `content` once as a T (a generated struct type) and reports PROTOCOL_ERROR when a pointer
-// does not have the kind the schema gives it. Precondition: the message was validated
-// structurally (FrameReader), which bounds the nesting depth and the traversal.
+// does not have the kind the schema gives it, or when its lists of capabilities hold more set
+// elements than the message's cap table (`capCount` entries) or more elements in all than
+// `maxCaps` (the connection's RpcOptions::maxCapsPerMessage): only a forged message has either.
+// Precondition: the message was validated structurally (FrameReader), which bounds the nesting
+// depth and the traversal.
 template <class T>
-Status checkAgainstSchema(capnp::AnyPointer::Reader content) {
+Status checkAgainstSchema(capnp::AnyPointer::Reader content, uint32_t capCount, uint32_t maxCaps) {
+  detail::CapListBudget budget{maxCaps, capCount};
   try {
-    detail::walkStruct(content.getAs<capnp::DynamicStruct>(capnp::Schema::from<T>()));
+    detail::walkStruct(content.getAs<capnp::DynamicStruct>(capnp::Schema::from<T>()), budget);
   } catch (const kj::Exception&) {
     return Error(Errc::PROTOCOL_ERROR, "content does not match the method's schema");
   }
@@ -185,8 +209,9 @@ struct UnionTag {
 
 // Writes `cap` into capability field `pointerIndex` of `s` (replacing what was there), adding it
 // to `sink`'s cap table; a union member also gets its discriminant set. OUT_OF_MEMORY past the
-// per-message cap limit, INVALID_ARGUMENT for a reference the engine cannot pass (see
-// Request::addCap); `s` is unchanged then.
+// connection's bound on a message's capabilities (RpcOptions::maxCapsPerMessage),
+// INVALID_ARGUMENT for a reference the engine cannot pass (see Request::addCap); `s` and the cap
+// table are unchanged then.
 template <class I, class Sink>
 Status setCap(Sink& sink, capnp::AnyStruct::Builder s, uint16_t pointerIndex, CapArg<I> cap,
               std::optional<UnionTag> tag = std::nullopt) {
@@ -248,8 +273,9 @@ Result<Received<I>> getCap(const Source& source, capnp::AnyStruct::Reader s, uin
 // the struct's generated init (`s.initFoos(n)`), then writes each element with setListCap, which
 // adds the capability to `sink`'s cap table. INVALID_ARGUMENT for an element past the list's end
 // (or a list not sized yet), an element already set, a union member that is not the active one
-// or a reference the engine cannot pass; OUT_OF_MEMORY past the per-message cap limit. The list
-// and the cap table are unchanged on an error.
+// or a reference the engine cannot pass; OUT_OF_MEMORY past the connection's bound on a message's
+// capabilities (RpcOptions::maxCapsPerMessage). The list and the cap table are unchanged on an
+// error.
 template <class I, class Sink>
 Status setListCap(Sink& sink, capnp::AnyStruct::Builder s, uint16_t pointerIndex, uint32_t element,
                   CapArg<I> cap, std::optional<UnionTag> tag = std::nullopt) {
@@ -335,7 +361,8 @@ class [[nodiscard]] TypedPromise {
       if (!inner_) return error_;
       Result<Response> r = inner_->await_resume();
       if (!r) return r.error();
-      Status shape = checkAgainstSchema<R>(r->results());
+      Status shape =
+          checkAgainstSchema<R>(r->results(), r->capCount(), r->connection()->maxCapsPerMessage());
       if (!shape) return shape.error();
       return TypedResponse<R>(std::move(*r));
     }
@@ -455,7 +482,8 @@ class TypedContext {
 // Checks the params against P, then runs the server method `method` on a TypedContext.
 template <class P, class R, class S, class M>
 Promise<void> invoke(S& server, M method, CallContext& context) {
-  Status shape = checkAgainstSchema<P>(context.params());
+  Status shape = checkAgainstSchema<P>(context.params(), context.capCount(),
+                                       context.connection().maxCapsPerMessage());
   if (!shape) return readyPromise<void>(shape.error());
   return (server.*method)(TypedContext<P, R>(context));
 }

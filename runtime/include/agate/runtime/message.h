@@ -96,6 +96,11 @@ class FrameBuilder final : public capnp::MessageBuilder {
   // `frame` must be 8-byte aligned (REQUIRE) and all zero (the caller's contract; checked in
   // debug builds). An empty frame is allowed: every message then overflows.
   explicit FrameBuilder(std::span<capnp::word> frame);
+  // Resumes a message whose first `wordsUsed` words are already in `frame` (a copy of another
+  // FrameBuilder's used prefix, moved to a larger frame: frames are position-independent), and
+  // goes on building after them. The rest of the frame must be zero, as above; the prefix must
+  // be a message this process built (Cap'n Proto trusts it as it stands).
+  FrameBuilder(std::span<capnp::word> frame, size_t wordsUsed);
   ~FrameBuilder() noexcept(false) override;
 
   FrameBuilder(const FrameBuilder&) = delete;

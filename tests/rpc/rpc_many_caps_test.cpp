@@ -1,0 +1,360 @@
+// Messages with many capabilities: cap tables past the entries a Request or a call keeps inline
+// and past the room a call's frame reserves for them (the message moves to a larger buffer), in
+// params and in results, of every kind (objects of the sender, objects of the receiver passed
+// back, promises), released to the last reference; and the connection's bound on a message's
+// cap table (RpcOptions::maxCapsPerMessage) on this side's own additions.
+#include <gtest/gtest.h>
+
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "rpc_harness.h"
+#include "support/watchdog.h"
+
+namespace agate::rpc::test {
+namespace {
+
+using agate::testing::Watchdog;
+
+constexpr uint32_t MANY = 40;
+constexpr uint16_t REFLECT = 0;  // Mirror's one method
+
+// REFLECT: params {pointer 0: a list of capabilities}. Results {pointer 0: the same capabilities
+// passed back, in order; pointer 1: MANY new ones, even elements objects of the mirror's side
+// (Node 100 + i), odd ones promises settled later by settle() (Node 200 + i)}.
+class Mirror final : public ServerObject {
+ public:
+  explicit Mirror(Log& log) : log_(log) {}
+  Promise<void> dispatch(uint64_t, uint16_t method, CallContext& ctx) override {
+    if (method != REFLECT) return readyPromise<void>(Error(Errc::UNSUPPORTED, "no such method"));
+    ++calls;
+    paramCaps = ctx.capCount();
+    std::vector<ReceivedCap> got;
+    Status read = {};
+    try {
+      capnp::AnyList::Reader list =
+          ctx.params().getAs<capnp::AnyStruct>().getPointerSection()[0].getAs<capnp::AnyList>();
+      for (uint32_t i = 0; i < list.size() && read; ++i) {
+        Result<ReceivedCap> cap = ctx.capAt(list, i);
+        if (cap) {
+          got.push_back(*cap);
+        } else {
+          read = cap.error();
+        }
+      }
+    } catch (const kj::Exception&) {
+      read = Error(Errc::PROTOCOL_ERROR, "params do not decode");
+    }
+    if (!read) return readyPromise<void>(read.error());
+    return readyPromise<void>(reflect(ctx, got));
+  }
+
+  void settle() {
+    for (uint32_t i = 0; i < promises.size(); ++i)
+      promises[i].resolve(std::make_unique<Node>(200 + 2 * i + 1, log_));
+    promises.clear();
+  }
+
+  int calls = 0;
+  uint32_t paramCaps = 0;
+  uint32_t freshCount = MANY;  // new capabilities in each result
+  std::vector<CapPromise> promises;
+
+ private:
+  Status reflect(CallContext& ctx, const std::vector<ReceivedCap>& got) {
+    // Room for the content only: the cap table gets its own when it is written.
+    Result<capnp::AnyPointer::Builder> out = ctx.initResults(8 * (got.size() + freshCount) + 64);
+    AGATE_TRY(out);
+    capnp::AnyStruct::Builder results = out->initAsAnyStruct(0, 2);
+    capnp::AnyList::Builder back = results.getPointerSection()[0].initAsAnyList(
+        capnp::ElementSize::POINTER, static_cast<uint32_t>(got.size()));
+    for (uint32_t i = 0; i < got.size(); ++i) {
+      Result<uint32_t> index = got[i].local != nullptr ? ctx.addResultCap(*got[i].local)
+                                                       : ctx.addResultCap(got[i].remote);
+      AGATE_TRY(index);
+      writeCapPointer(back, i, *index);
+    }
+    capnp::AnyList::Builder fresh =
+        results.getPointerSection()[1].initAsAnyList(capnp::ElementSize::POINTER, freshCount);
+    for (uint32_t i = 0; i < freshCount; ++i) {
+      Result<uint32_t> index = Error(Errc::FAILED, "unset");
+      if (i % 2 == 0) {
+        index = ctx.addResultCap(std::make_unique<Node>(100 + i, log_));
+      } else {
+        promises.push_back(ctx.connection().newCapPromise());
+        index = ctx.addResultCap(promises.back());
+      }
+      AGATE_TRY(index);
+      writeCapPointer(fresh, i, *index);
+    }
+    return {};
+  }
+
+  Log& log_;
+};
+
+// REFLECT on `target` with `caps` (objects of ours, or references) in a list.
+template <class Cap>
+Promise<Response> reflect(RemoteCap target, const std::vector<Cap>& caps) {
+  // Room for the content only: the cap table gets its own when the call is sent.
+  Request req = target.newCall(NODE_INTERFACE_ID, REFLECT, 8 * caps.size() + 64);
+  capnp::AnyList::Builder list =
+      req.params().initAsAnyStruct(0, 1).getPointerSection()[0].initAsAnyList(
+          capnp::ElementSize::POINTER, static_cast<uint32_t>(caps.size()));
+  for (uint32_t i = 0; i < caps.size(); ++i) {
+    Result<uint32_t> index = Error(Errc::FAILED, "unset");
+    if constexpr (std::is_same_v<Cap, RemoteCap>) {
+      index = req.addCap(caps[i]);
+    } else {
+      index = req.addCap(*caps[i]);
+    }
+    AGATE_CO_TRY(index);
+    writeCapPointer(list, i, *index);
+  }
+  Result<Response> r = co_await req.send();
+  AGATE_CO_TRY(r);
+  co_return std::move(*r);
+}
+
+Promise<uint64_t> echo(RemoteCap target) {
+  Request req = target.newCall(NODE_INTERFACE_ID, ECHO, 16);
+  req.initParams<Value>().setValue(0);
+  Result<Response> r = co_await req.send();
+  AGATE_CO_TRY(r);
+  co_return r->results().getAs<Value>().getValue();
+}
+
+class RpcManyCapsTest : public ::testing::Test {
+ protected:
+  Watchdog watchdog_{"rpc_many_caps_test", std::chrono::seconds(60)};
+  EventLoop loop_;
+  Log clientLog_, serverLog_;
+  Mirror mirror_{serverLog_};
+};
+
+TEST_F(RpcManyCapsTest, FortyCapabilitiesEachWayOfEveryKindRoundTripAndAreReleased) {
+  LocalPair pair(loop_, &mirror_);
+  std::vector<std::unique_ptr<Node>> mine;
+  for (uint32_t i = 0; i < MANY; ++i) mine.push_back(std::make_unique<Node>(i, clientLog_));
+  std::vector<RemoteCap> theirs;
+  {
+    Result<Response> r = loop_.run(reflect(pair.client().bootstrap(), mine));
+    ASSERT_TRUE(r.ok()) << errcName(r.code()) << " " << (r.error().detail ? r.error().detail : "");
+    EXPECT_EQ(mirror_.paramCaps, MANY) << "the server saw the whole table (senderHosted)";
+    ASSERT_EQ(r->capCount(), 2 * MANY);
+    capnp::AnyStruct::Reader results = r->results().getAs<capnp::AnyStruct>();
+    capnp::AnyList::Reader back = results.getPointerSection()[0].getAs<capnp::AnyList>();
+    capnp::AnyList::Reader fresh = results.getPointerSection()[1].getAs<capnp::AnyList>();
+    ASSERT_EQ(back.size(), MANY);
+    for (uint32_t i = 0; i < MANY; ++i) {
+      Result<ReceivedCap> cap = r->capAt(back, i);
+      ASSERT_TRUE(cap.ok()) << i;
+      EXPECT_EQ(cap->local, mine[i].get()) << "element " << i << " came back as our own object";
+    }
+    for (uint32_t i = 0; i < MANY; ++i) {
+      Result<ReceivedCap> cap = r->capAt(fresh, i);
+      ASSERT_TRUE(cap.ok()) << i;
+      ASSERT_FALSE(cap->remote.isNull()) << i;
+      theirs.push_back(cap->remote);
+    }
+  }
+  // Calls on the promises wait until they are settled; all are answered by the right object.
+  std::vector<Promise<uint64_t>> replies;
+  for (RemoteCap& cap : theirs) replies.push_back(echo(cap));
+  mirror_.settle();
+  for (uint32_t i = 0; i < MANY; ++i) {
+    Result<uint64_t> v = loop_.run(std::move(replies[i]));
+    ASSERT_TRUE(v.ok()) << i << " " << errcName(v.code());
+    EXPECT_EQ(*v, (i % 2 == 0 ? 100u : 200u) + i);
+  }
+  replies.clear();
+
+  // The server's forty passed back to it in params (receiverHosted): it sees its own objects and
+  // returns them again.
+  {
+    Result<Response> r = loop_.run(reflect(pair.client().bootstrap(), theirs));
+    ASSERT_TRUE(r.ok()) << errcName(r.code());
+    EXPECT_EQ(mirror_.paramCaps, MANY);
+    capnp::AnyList::Reader back =
+        r->results().getAs<capnp::AnyStruct>().getPointerSection()[0].getAs<capnp::AnyList>();
+    for (uint32_t i = 0; i < MANY; ++i) {
+      Result<ReceivedCap> cap = r->capAt(back, i);
+      ASSERT_TRUE(cap.ok()) << i;
+      EXPECT_TRUE(cap->remote.sameAs(theirs[i])) << "element " << i << " is the same import";
+    }
+  }
+  mirror_.settle();
+  theirs.clear();
+  ASSERT_TRUE(
+      runUntil(loop_,
+               [&] {
+                 return pair.client().importCount() == 0 && pair.server().exportCount() == 1 &&
+                        pair.server().importCount() == 0 && pair.client().exportCount() == 1 &&
+                        pair.server().answerCount() == 0 && pair.client().questionCount() == 0;
+               }))
+      << "client imports " << pair.client().importCount() << ", server exports "
+      << pair.server().exportCount() << ", server imports " << pair.server().importCount()
+      << ", client exports " << pair.client().exportCount();
+  EXPECT_EQ(serverLog_.created, static_cast<int>(2 * MANY)) << "two calls of twenty and twenty";
+  EXPECT_EQ(serverLog_.destroyed, serverLog_.created) << "every object the server made is gone";
+  EXPECT_EQ(clientLog_.destroyed, 0) << "the client's own objects stay the client's";
+}
+
+TEST_F(RpcManyCapsTest, ACapTableLargerThanTheFramesRoomMovesItsMessageToALargerBuffer) {
+  // 200 entries take 3.2 KB, more than a call's frame reserves for a cap table: the Call and the
+  // Return move to spill buffers of the size they need when the table is written.
+  constexpr uint32_t N = 200;
+  mirror_.freshCount = 0;
+  LocalPair pair(loop_, &mirror_);
+  std::vector<std::unique_ptr<Node>> mine;
+  for (uint32_t i = 0; i < N; ++i) mine.push_back(std::make_unique<Node>(i, clientLog_));
+  for (int round = 0; round < 3; ++round) {
+    const uint64_t spilled = pair.client().stats().spilledMessages;
+    Result<Response> r = loop_.run(reflect(pair.client().bootstrap(), mine));
+    ASSERT_TRUE(r.ok()) << errcName(r.code()) << " " << (r.error().detail ? r.error().detail : "");
+    EXPECT_GT(pair.client().stats().spilledMessages, spilled) << "the Call moved";
+    EXPECT_EQ(mirror_.paramCaps, N);
+    ASSERT_EQ(r->capCount(), N);
+    capnp::AnyList::Reader back =
+        r->results().getAs<capnp::AnyStruct>().getPointerSection()[0].getAs<capnp::AnyList>();
+    for (uint32_t i = 0; i < N; ++i) {
+      Result<ReceivedCap> cap = r->capAt(back, i);
+      ASSERT_TRUE(cap.ok()) << i;
+      EXPECT_EQ(cap->local, mine[i].get()) << i;
+    }
+  }
+  ASSERT_TRUE(runUntil(loop_, [&] {
+    return pair.server().importCount() == 0 && pair.client().exportCount() == 1 &&
+           pair.server().answerCount() == 0;
+  }));
+}
+
+TEST_F(RpcManyCapsTest, ThisSidesOwnAdditionPastTheBoundIsRefusedAndTheTableIsUnchanged) {
+  RpcOptions options;
+  options.maxCapsPerMessage = MANY;
+  LocalPair pair(loop_, &mirror_, nullptr, options);
+  ASSERT_EQ(pair.client().maxCapsPerMessage(), MANY);
+  std::vector<std::unique_ptr<Node>> mine;
+  for (uint32_t i = 0; i <= MANY; ++i) mine.push_back(std::make_unique<Node>(i, clientLog_));
+  RemoteCap root = pair.client().bootstrap();
+  Request req = root.newCall(NODE_INTERFACE_ID, REFLECT, 8 * MANY + 64);
+  capnp::AnyList::Builder list =
+      req.params().initAsAnyStruct(0, 1).getPointerSection()[0].initAsAnyList(
+          capnp::ElementSize::POINTER, MANY);
+  for (uint32_t i = 0; i < MANY; ++i) {
+    Result<uint32_t> index = req.addCap(*mine[i]);
+    ASSERT_TRUE(index.ok()) << i;
+    EXPECT_EQ(*index, i);
+    writeCapPointer(list, i, *index);
+  }
+  // Past the bound, every kind of addition fails the same way.
+  Result<uint32_t> past = req.addCap(*mine[MANY]);
+  EXPECT_EQ(past.code(), Errc::OUT_OF_MEMORY);
+  EXPECT_NE(std::string(past.error().detail).find("maxCapsPerMessage"), std::string::npos);
+  EXPECT_EQ(req.addCap(root).code(), Errc::OUT_OF_MEMORY);
+  int dropped = clientLog_.destroyed;
+  EXPECT_EQ(req.addCap(std::make_unique<Node>(99, clientLog_)).code(), Errc::OUT_OF_MEMORY);
+  EXPECT_EQ(clientLog_.destroyed, dropped + 1) << "the refused object was dropped, not kept";
+  CapPromise promise = pair.client().newCapPromise();
+  EXPECT_EQ(req.addCap(promise).code(), Errc::OUT_OF_MEMORY);
+  promise.reject(Error(Errc::FAILED, "unused"));
+  // The table is as it was: the call carries exactly the first forty.
+  Result<Response> r = loop_.run([](RemotePromise p) -> Promise<Response> {
+    Result<Response> got = co_await p;
+    AGATE_CO_TRY(got);
+    co_return std::move(*got);
+  }(req.send()));
+  // The results would carry eighty: the server's own addition past its bound fails the call.
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.code(), Errc::OUT_OF_MEMORY);
+  EXPECT_EQ(mirror_.paramCaps, MANY) << "the call arrived with its forty capabilities";
+  EXPECT_TRUE(pair.client().isOpen());
+  EXPECT_TRUE(pair.server().isOpen());
+  mirror_.promises.clear();
+  ASSERT_TRUE(runUntil(loop_, [&] {
+    return pair.server().importCount() == 0 && pair.client().exportCount() == 1 &&
+           pair.server().exportCount() == 1;
+  }));
+}
+
+TEST_F(RpcManyCapsTest, APeerSendingPastThisSidesBoundIsAborted) {
+  // The client allows more than the server: its 41 capabilities are sent, and the server ends the
+  // connection (PROTOCOL_ERROR) rather than take them.
+  ChannelOptions co;
+  co.scope = ChannelScope::LOCAL;
+  std::vector<std::unique_ptr<Node>> mine;
+  for (uint32_t i = 0; i <= MANY; ++i) mine.push_back(std::make_unique<Node>(i, clientLog_));
+  auto c2s = std::move(Channel::create(co).value());
+  auto s2c = std::move(Channel::create(co).value());
+  MessageSender clientTx(c2s->attachSender().value());
+  MessageReceiver serverRx(*c2s, c2s->attachReceiver().value(), rpcReceiverOptions());
+  MessageSender serverTx(s2c->attachSender().value());
+  MessageReceiver clientRx(*s2c, s2c->attachReceiver().value(), rpcReceiverOptions());
+  RpcOptions so;
+  so.bootstrap = &mirror_;
+  so.maxCapsPerMessage = MANY;
+  RpcConnection server(serverTx, serverRx, loop_, so);
+  RpcConnection client(clientTx, clientRx, loop_, RpcOptions{});
+  Result<Response> r = loop_.run(reflect(client.bootstrap(), mine));
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(mirror_.calls, 0) << "the call never reached the object";
+  ASSERT_TRUE(runUntil(loop_, [&] { return !server.isOpen(); }));
+  EXPECT_EQ(server.failure().code, Errc::PROTOCOL_ERROR);
+  EXPECT_EQ(server.importCount(), 0u);
+}
+
+// Records how many capabilities each call's params carried.
+class Counter final : public ServerObject {
+ public:
+  Promise<void> dispatch(uint64_t, uint16_t, CallContext& ctx) override {
+    seen = ctx.capCount();
+    return readyPromise<void>(Status{});
+  }
+  uint32_t seen = 0;
+};
+
+TEST_F(RpcManyCapsTest, ATableAtTheProtocolsLimitIsBuiltSentAndTaken) {
+  // The largest bound a connection may have: the table grows through the pool's blocks to the
+  // end, and the message (a quarter MiB of cap table) goes out and is read.
+  RpcOptions options;
+  options.maxCapsPerMessage = CAPS_PER_MESSAGE_LIMIT;
+  options.maxMessageBytes = 400 * 1024;  // within the ring's largest frame
+  Counter counter;
+  LocalPair pair(loop_, &counter, nullptr, options, 1024 * 1024);
+  RemoteCap root = pair.client().bootstrap();
+  Request req = root.newCall(NODE_INTERFACE_ID, 0, 64);
+  for (uint32_t i = 0; i < CAPS_PER_MESSAGE_LIMIT; ++i) {
+    Result<uint32_t> index = req.addCap(RemoteCap());  // a null entry
+    ASSERT_TRUE(index.ok()) << i;
+  }
+  EXPECT_EQ(req.addCap(RemoteCap()).code(), Errc::OUT_OF_MEMORY);
+  Result<Response> r = loop_.run([](RemotePromise p) -> Promise<Response> {
+    Result<Response> got = co_await p;
+    AGATE_CO_TRY(got);
+    co_return std::move(*got);
+  }(req.send()));
+  ASSERT_TRUE(r.ok()) << errcName(r.code()) << " " << (r.error().detail ? r.error().detail : "");
+  EXPECT_EQ(counter.seen, CAPS_PER_MESSAGE_LIMIT);
+}
+
+TEST(RpcManyCapsDeathTest, ABoundOutsideTheProtocolsLimitIsRefusedWhenTheConnectionIsMade) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EventLoop loop;
+  ChannelOptions co;
+  co.scope = ChannelScope::LOCAL;
+  auto in = std::move(Channel::create(co).value());
+  auto out = std::move(Channel::create(co).value());
+  MessageSender tx(out->attachSender().value());
+  MessageReceiver rx(*in, in->attachReceiver().value(), rpcReceiverOptions());
+  RpcOptions none;
+  none.maxCapsPerMessage = 0;
+  EXPECT_DEATH(RpcConnection(tx, rx, loop, none), "maxCapsPerMessage 0 is outside");
+  RpcOptions huge;
+  huge.maxCapsPerMessage = CAPS_PER_MESSAGE_LIMIT + 1;
+  EXPECT_DEATH(RpcConnection(tx, rx, loop, huge), "is outside 1..16384");
+}
+
+}  // namespace
+}  // namespace agate::rpc::test
