@@ -248,7 +248,7 @@ bool KernelConnection::ringHasRoom() noexcept {
 
 Promise<void> KernelConnection::awaitSpace(bool again) {
   auto [promise, fulfiller] = newPromiseAndFulfiller<void>();
-  QueuedCall entry{std::move(fulfiller), DetachedCall::DESTROY, AnyCap{}};
+  QueuedCall entry{std::move(fulfiller), DetachedCall::DESTROY, AnyCap{}, nextTicket_++};
   if (again) {
     // Behind the calls of its batch that went back before it, ahead of everything else.
     const size_t at = std::min<size_t>(requeuedAhead_++, spaceWaiters_.size());
@@ -258,6 +258,29 @@ Promise<void> KernelConnection::awaitSpace(bool again) {
   }
   watchSpaceIfIdle();
   return std::move(promise);
+}
+
+void KernelConnection::dropWaiting(uint64_t ticket, IfDropped call) noexcept {
+  if (dead_.code != Errc::OK) return;  // the kernel reclaims it with the process
+  if (ticket != 0) {
+    // Still waiting: the entry becomes the detached call, in its place.
+    for (QueuedCall& q : spaceWaiters_) {
+      if (q.ticket != ticket || !q.waiter) continue;
+      q.waiter.reset();
+      q.detached = call.call;
+      q.cap = call.cap;
+      return;
+    }
+    // Woken and not written yet: it keeps its turn at the front, as a call that went back.
+    if (wokenToWrite_ > 0) {
+      const size_t at = std::min<size_t>(requeuedAhead_++, spaceWaiters_.size());
+      spaceWaiters_.insert(spaceWaiters_.begin() + static_cast<std::ptrdiff_t>(at),
+                           QueuedCall{std::nullopt, call.call, call.cap, 0});
+      watchSpaceIfIdle();
+      return;
+    }
+  }
+  callDetached(call.call, call.cap);
 }
 
 void KernelConnection::watchSpaceIfIdle() {
@@ -366,12 +389,14 @@ Promise<detail::Reply> KernelConnection::submit(uint32_t expect, size_t maxBytes
   if (maxBytes > submissionRing_->maxPayload())
     co_return Error(Errc::MESSAGE_TOO_LARGE, "a syscall larger than a submission frame");
   // Armed while the call waits for room: this coroutine destroyed then (its caller went) leaves
-  // `ifDropped` to go detached. Disarmed once the call is written or can never be.
+  // `ifDropped` to go detached, in the call's turn (dropWaiting). Disarmed once the call is
+  // written or can never be.
   struct DropGuard {
     KernelConnection* connection;
     std::optional<IfDropped> call;
+    uint64_t ticket = 0;  // its entry in spaceWaiters_ while it waits
     ~DropGuard() {
-      if (call) connection->callDetached(call->call, call->cap);
+      if (call) connection->dropWaiting(ticket, *call);
     }
   } guard{this, ifDropped};
   // FIFO: a new call queues behind calls already waiting for room, or woken and still to write.
@@ -380,10 +405,13 @@ Promise<detail::Reply> KernelConnection::submit(uint32_t expect, size_t maxBytes
   Result<uint32_t> index = Error(Errc::WOULD_BLOCK);
   for (;;) {
     if (!queued) {
-      index = tryWrite(expect, maxBytes, fill);
+      // A woken call writes only if none woken before it in its batch went back (the ring may
+      // have room again by now, but it would overtake them).
+      if (!woken || requeuedAhead_ == 0) index = tryWrite(expect, maxBytes, fill);
       if (woken && wokenToWrite_ > 0) --wokenToWrite_;  // 0: its batch is over already
       if (index.code() != Errc::WOULD_BLOCK) break;
     }
+    guard.ticket = nextTicket_;  // the one awaitSpace gives its entry
     Status room = co_await awaitSpace(/*again=*/woken);
     woken = true;
     if (!room || dead_.code != Errc::OK) {
@@ -417,7 +445,7 @@ void KernelConnection::callDetached(DetachedCall detached, AnyCap cap) noexcept 
   if (dead_.code != Errc::OK || !cap.valid()) return;  // the kernel reclaims it with the process
   if (!mustQueue() && tryWriteDetached(detached, cap).code() != Errc::WOULD_BLOCK)
     return;  // written (or the ring broke, and the connection with it)
-  spaceWaiters_.push_back(QueuedCall{std::nullopt, detached, cap});
+  spaceWaiters_.push_back(QueuedCall{std::nullopt, detached, cap, 0});
   watchSpaceIfIdle();
 }
 

@@ -19,6 +19,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -254,7 +255,7 @@ TEST(KernelDetachedCalls, ADestroyOrDeleteCapDroppedWhileItWaitsForRoomStillGoes
   { Promise<void> dropped = k.deleteCap(copy); }
   { Promise<void> dropped = k.destroy(region); }
   Promise<CapInfo> after = k.inspectCap(copy);
-  EXPECT_EQ(k.callsQueued(), 7u) << "the dropped calls left their turn (2) and queued detached (2)";
+  EXPECT_EQ(k.callsQueued(), 5u) << "the dropped calls stay in their turn, detached";
   stopped.release();
 
   finish(c.loop, calls);
@@ -278,6 +279,27 @@ TEST(KernelDetachedCalls, ADestroyOrDeleteCapDroppedWhileItWaitsForRoomStillGoes
     EXPECT_EQ(k.callsSubmitted(), submitted + 1 + 2) << "the call that queued, then settle's two";
   }
   EXPECT_EQ(get(k.sync().inspectCap(kept)).type, ObjectType::REGION);
+}
+
+TEST(KernelDetachedCalls, ADroppedDestroyKeepsItsTurnAheadOfLaterCallsOnTheSameCap) {
+  Watchdog dog("a dropped destroy keeps its turn", seconds(30));
+  KernelProcess kernel;
+  agate::testing::KernelClient c(kernel);
+  ASSERT_TRUE(c.conn);
+  KernelConnection& k = *c.conn;
+  const uint64_t used = get(k.sync().readBank(k.bank())).used;
+  Cap<Region> region = get(k.sync().createRegion(k.bank(), 4));
+
+  StoppedKernel stopped(kernel);
+  std::vector<Promise<CapInfo>> calls = fillRing(k, k.bank());
+  { Promise<void> dropped = k.destroy(region); }
+  k.deleteCapDetached(region);  // behind it: refused, the region being gone by then
+  stopped.release();
+  finish(c.loop, calls);
+  settle(k);
+  EXPECT_EQ(k.callsQueued(), 0u);
+  EXPECT_EQ(k.detachedCallsRefused(), 1u) << "the deleteCap, not the destroy";
+  EXPECT_EQ(get(k.sync().readBank(k.bank())).used, used) << "the region's pages came back";
 }
 
 TEST(KernelDetachedCalls, ADetachedCallNeverOvertakesACallWokenToWriteBeforeIt) {
@@ -312,6 +334,79 @@ TEST(KernelDetachedCalls, ADetachedCallNeverOvertakesACallWokenToWriteBeforeIt) 
   settle(k);
   EXPECT_EQ(k.sync().inspectCap(region).code(), Errc::INVALID_HANDLE);
   EXPECT_EQ(k.detachedCallsRefused(), 0u);
+}
+
+TEST(KernelDetachedCalls, ANewCallNeverOvertakesACallWokenToWriteBeforeIt) {
+  Watchdog dog("a new call behind a woken call", seconds(30));
+  KernelProcess kernel;
+  agate::testing::KernelClient c(kernel);
+  ASSERT_TRUE(c.conn);
+  KernelConnection& k = *c.conn;
+  Cap<Region> region = get(k.sync().createRegion(k.bank(), 1));
+
+  StoppedKernel stopped(kernel);
+  std::vector<Promise<CapInfo>> calls = fillRing(k, k.bank());
+  Promise<CapInfo> first = k.inspectCap(region);
+  const uint64_t written = k.callsSubmitted();
+  stopped.release();
+  bool wokenUnwritten = false;
+  std::optional<Promise<void>> destroyed;
+  ASSERT_TRUE(c.loop
+                  .run(until(c.loop,
+                             [&] {
+                               if (k.callsQueued() != 0) return false;
+                               wokenUnwritten = k.callsSubmitted() == written;
+                               destroyed.emplace(k.destroy(region));  // awaited, not detached
+                               return true;
+                             }))
+                  .ok());
+  ASSERT_TRUE(wokenUnwritten) << "the test needs the woken calls not to have written yet";
+  finish(c.loop, calls);
+  EXPECT_EQ(get(c.loop.run(std::move(first))).type, ObjectType::REGION)
+      << "the call woken before the destroy was written before it";
+  EXPECT_TRUE(c.loop.run(std::move(*destroyed)).ok());
+  EXPECT_EQ(k.sync().inspectCap(region).code(), Errc::INVALID_HANDLE);
+}
+
+// Calls woken together that no longer all fit (each carries a long name) go back to the queue's
+// front in their order, and the woken calls behind one that went back wait too (the kernel may
+// have made room meanwhile): every call is written in the order it was made.
+TEST(KernelDetachedCalls, WokenCallsThatFindTheRingFullAgainKeepTheirOrderAheadOfLaterOnes) {
+  Watchdog dog("woken calls that go back", seconds(30));
+  KernelProcess kernel;
+  agate::testing::KernelClient c(kernel);
+  ASSERT_TRUE(c.conn);
+  KernelConnection& k = *c.conn;
+  // Longer than a service name may be: each is refused, but only once the kernel read it.
+  const std::string longName(6000, 'n');
+  constexpr int LONG_CALLS = 24;  // 24 x ~6 KiB: more than the ring holds at once
+
+  std::vector<int> order;
+  auto track = [&order](Promise<Koid> call, int i) -> Promise<void> {
+    (void)co_await call;
+    order.push_back(i);
+    co_return {};
+  };
+  auto trackInfo = [&order](Promise<CapInfo> call, int i) -> Promise<void> {
+    (void)co_await call;
+    order.push_back(i);
+    co_return {};
+  };
+  std::vector<Promise<void>> tracked;
+  std::vector<Promise<CapInfo>> calls;
+  {
+    StoppedKernel stopped(kernel);
+    calls = fillRing(k, k.bank());
+    for (int i = 0; i < LONG_CALLS; ++i)
+      tracked.push_back(track(k.lookupService(k.registry(), longName), i));
+    tracked.push_back(trackInfo(k.inspectCap(k.bank()), LONG_CALLS));
+    EXPECT_EQ(k.callsQueued(), static_cast<size_t>(LONG_CALLS + 2));
+  }
+  finish(c.loop, calls);
+  for (Promise<void>& t : tracked) EXPECT_TRUE(c.loop.run(std::move(t)).ok());
+  ASSERT_EQ(order.size(), static_cast<size_t>(LONG_CALLS + 1));
+  for (int i = 0; i <= LONG_CALLS; ++i) EXPECT_EQ(order[static_cast<size_t>(i)], i);
+  EXPECT_EQ(k.state(), Errc::OK);
 }
 
 // create()'s kernel calls on the server's connection, in order: createNotification,

@@ -45,8 +45,9 @@
 // calls already wait for room), queue it FIFO with the waiting calls and write it when its turn
 // comes. Never lost while the connection lives; the answer is read and dropped (refusals are
 // counted). A destroy() or deleteCap() whose caller goes while it still waits for room (a
-// cancelled close) is not lost either: it stays queued as a detached call. A call woken to write
-// in its turn keeps it: no later call, detached or not, is written before it. A cancelled create:
+// cancelled close) is not lost either: it stays in its turn as a detached call. A call woken to
+// write in its turn keeps it: no later call, detached or not, is written before it, and one that
+// finds the ring full again goes back to the front of the queue. A cancelled create:
 // CreatedObjects (below) records each cap a create call returns when its completion is read, so
 // objects whose caller went mid-call are destroyed too.
 //
@@ -380,6 +381,7 @@ class KernelConnection {
     std::optional<Fulfiller<void>> waiter;
     DetachedCall detached = DetachedCall::DESTROY;
     AnyCap cap;
+    uint64_t ticket = 0;  // a waiter's, so the call can find its entry if it is dropped
   };
 
   class FlushTask final : public Task {
@@ -437,6 +439,10 @@ class KernelConnection {
   Result<uint32_t> tryWrite(uint32_t expect, size_t maxBytes, Fill fill);
   Result<uint32_t> tryWriteDetached(DetachedCall call, AnyCap cap);
   void callDetached(DetachedCall call, AnyCap cap) noexcept;
+  // A destroy or deleteCap dropped before it was written (submit's guard): its queue entry
+  // (`ticket`) becomes the detached call in place; woken and not yet written, it goes back to
+  // the front of the queue; else it is called detached.
+  void dropWaiting(uint64_t ticket, IfDropped call) noexcept;
   // Starts watchSpace unless it runs.
   void watchSpaceIfIdle();
   // Waits (FIFO) until the submission ring may have room; see watchSpace. `again`: a call woken
@@ -474,6 +480,7 @@ class KernelConnection {
   // back to the queue's front (they keep their order there).
   uint32_t wokenToWrite_ = 0;
   uint32_t requeuedAhead_ = 0;
+  uint64_t nextTicket_ = 1;
   std::deque<KernelEvent> events_;
   std::optional<Fulfiller<KernelEvent>> eventWaiter_;
   Error dead_;  // code OK while connected
