@@ -81,9 +81,7 @@ Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
   if (a.paramWaits > 0) ++stats_.callsAwaitingParamAnswers;
   if (!d.targetIsAnswer) {
     if (mustQueueOnExport(a, d.targetId)) {
-      Result<detail::SpillBuffer*> copy = copyCall(message);
-      if (!copy) return copy.error();
-      queueOnExport(a, d.targetId, *copy);
+      queueOnExport(a, d.targetId, copyCall(message, d));
       return {};
     }
     deliver(a, d.targetId, d.interfaceId, d.methodId, d.payload);
@@ -99,18 +97,14 @@ Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
       return {};
     }
     if (mustQueueOnExport(a, *exportId)) {
-      Result<detail::SpillBuffer*> copy = copyCall(message);
-      if (!copy) return copy.error();
-      queueOnExport(a, *exportId, *copy);
+      queueOnExport(a, *exportId, copyCall(message, d));
       return {};
     }
     deliver(a, *exportId, d.interfaceId, d.methodId, d.payload);
     return {};
   }
   // The promised answer has not returned: keep a private copy of the call, queued in order.
-  Result<detail::SpillBuffer*> copy = copyCall(message);
-  if (!copy) return copy.error();
-  a.queuedCall = *copy;
+  a.queuedCall = copyCall(message, d);
   a.waitingOn = &target;
   a.nextInQueue = nullptr;
   if (target.queueTail != nullptr) {
@@ -123,12 +117,20 @@ Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
   return {};
 }
 
-// A private copy of an inbound Call, for queueing it. A call read from its words only
-// (decodeCommon) is validated first: the copy is read again with Cap'n Proto's readers when it is
-// delivered. PROTOCOL_ERROR (the connection ends) for a malformed one.
-Result<detail::SpillBuffer*> RpcConnection::copyCall(IncomingMessage& message) {
-  AGATE_TRY(message.validate());
+// A private copy of an inbound Call, for queueing it: it is read again with Cap'n Proto's
+// readers when it is delivered. A call read from its words only (decodeCommon: no params, no
+// capabilities; not validated) is written afresh from the fields read, as this side writes such
+// a call (emptyCallWords), so the copy is well formed and holds nothing that was never read; any
+// other call was validated when it was read, and is copied as it came.
+detail::SpillBuffer* RpcConnection::copyCall(IncomingMessage& message, const Decoded& d) {
+  std::array<uint64_t, internal::MAX_EMPTY_CALL_WORDS> words;
   std::span<const std::byte> bytes = message.bytes();
+  if (!message.validated()) {
+    const size_t n =
+        internal::emptyCallWords(words, d.id, d.interfaceId, d.methodId, d.noPipelining,
+                                 d.targetIsAnswer, d.targetId, {d.path.data(), d.pathLength});
+    bytes = std::as_bytes(std::span<const uint64_t>(words.data(), n));
+  }
   detail::SpillBuffer* copy = takeSpill(bytes.size());
   std::memcpy(copy->words.get(), bytes.data(), bytes.size());
   copy->usedBytes = copy->dirtyBytes = bytes.size();

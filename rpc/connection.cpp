@@ -11,8 +11,9 @@ MessageReceiverOptions rpcReceiverOptions(MessageReceiverOptions base) {
   // before it waits on anything else (readLoop).
   base.deferReleases = true;
   // Call, Return, Finish and Release of the common shapes are read from the frame's words
-  // (fast_decode.h), every read checked against the frame's end; only other messages, and a call
-  // kept to be delivered later, are validated (handleMessage, copyCall).
+  // (fast_decode.h), every read checked against the frame's end; only other messages are
+  // validated (handleMessage). A common call kept to be delivered later is written afresh from
+  // the fields read (copyCall).
   base.validateOnDemand = true;
   return base;
 }

@@ -24,7 +24,7 @@
 // changes while it reads), and checks every word it reads against the frame's end, so it never
 // reads outside the frame whatever the bytes. What it does not read (pointers it does not
 // follow, fields of a later schema) is never read by anyone, so it needs no validation; a call
-// kept to be delivered later is validated before it is copied (RpcConnection::copyCall). It
+// kept to be delivered later is written afresh from the fields read (RpcConnection::copyCall). It
 // reads only, and makes no check against the connection's tables: decode's table checks (the
 // same functions) run on what it returns.
 //

@@ -377,12 +377,14 @@ std::vector<Frame> commonFrames() {
   };
 }
 
-// The word-level decoder runs on frames that passed validation (MessageReceiver). For such a
-// frame, reads it with Cap'n Proto as RpcConnection::decode does and checks that the word-level
-// decoder, if it takes the frame, read the same fields, and that the params or results are
-// empty (no content, no cap table). True when the word-level decoder took a valid frame. A frame
-// validation refuses is given to the decoder too (it must stay inside the words: ASan sees an
-// exactly sized vector), and counts as not taken.
+// The word-level decoder runs on frames nothing validated (an RPC receiver validates on demand).
+// For a frame validation accepts, reads it with Cap'n Proto as RpcConnection::decode does and
+// checks that the word-level decoder, if it takes the frame, read the same fields, and that the
+// params or results are empty (no content, no cap table). True when the word-level decoder took
+// a valid frame. A frame validation refuses is given to the decoder too (it must stay inside the
+// words: ASan sees an exactly sized vector) and counts as not taken here; what the connection
+// then does with it, served from the fields read or refused, is what rpc_fuzz (a connection fed
+// the same mutants) checks never crashes or leaks.
 bool agreesWithCapnp(const Frame& frame) {
   const std::span<const std::byte> bytes(reinterpret_cast<const std::byte*>(frame.data()),
                                          frame.size() * 8);

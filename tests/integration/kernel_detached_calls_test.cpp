@@ -292,8 +292,10 @@ TEST(KernelDetachedCalls, ADroppedDestroyKeepsItsTurnAheadOfLaterCallsOnTheSameC
 
   StoppedKernel stopped(kernel);
   std::vector<Promise<CapInfo>> calls = fillRing(k, k.bank());
-  { Promise<void> dropped = k.destroy(region); }
+  std::optional<Promise<void>> destroying;
+  destroying.emplace(k.destroy(region));
   k.deleteCapDetached(region);  // behind it: refused, the region being gone by then
+  destroying.reset();           // the destroy's caller goes after the deleteCap was queued
   stopped.release();
   finish(c.loop, calls);
   settle(k);

@@ -923,7 +923,7 @@ class RpcConnection {
   void deliver(Answer& answer, uint32_t exportId, uint64_t interfaceId, uint16_t methodId,
                capnp::AnyStruct::Reader payload);
   void deliverQueued(Answer& answer);
-  Result<detail::SpillBuffer*> copyCall(IncomingMessage& message);
+  detail::SpillBuffer* copyCall(IncomingMessage& message, const Decoded& d);
   Result<uint32_t> resolvePipeline(Answer& target, std::span<const uint16_t> path);
   Result<uint32_t> resolvePipeline(Answer& target, std::span<const uint16_t> path,
                                    FrameReader& reader);

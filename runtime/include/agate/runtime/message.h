@@ -248,7 +248,8 @@ class FrameReader {
   // and needs Cap'n Proto's readers only for the rest (MessageReceiverOptions::validateOnDemand):
   //  * take: the length checks and, with COPY_IN, the one copy out of shared memory; returns the
   //    bytes to read (the private copy, or the frame itself under IN_PLACE), NOT validated. A
-  //    caller reading them must check every read against their end and read each word once.
+  //    caller reading them must check every read against their end (under IN_PLACE they are
+  //    the frame itself: only for memory no other party writes meanwhile, as IN_PLACE itself).
   //  * validate: the validation of those bytes and the view tryDecode() would have given. Only
   //    on the bytes the last take() returned.
   // take() ends the previous view, as tryDecode() does.

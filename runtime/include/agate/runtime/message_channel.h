@@ -208,7 +208,8 @@ struct MessageReceiverOptions {
   // (so before every wait of receive() and receiveAsync()), which saves a locked instruction and
   // a cache-line transfer per message. A user that waits on anything else while the ring still
   // holds messages calls receiver().flushReleases() first, or senders may see it fuller than it
-  // is meanwhile. A frame refused as malformed is always released at once.
+  // is meanwhile. A frame refused as malformed is released at once (with
+  // validateOnDemand under IN_PLACE, when its IncomingMessage is dropped).
   bool deferReleases = false;
   // Hand each message over before validating it: IncomingMessage::bytes() holds it (the private
   // copy under COPY_IN) and IncomingMessage::validate() validates it when the holder wants Cap'n
