@@ -48,6 +48,18 @@ RpcConnection::RpcConnection(MessageSender& tx, MessageReceiver& rx, EventLoop& 
   AGATE_REQUIRE(
       options_.maxCapsPerMessage >= 1 && options_.maxCapsPerMessage <= CAPS_PER_MESSAGE_LIMIT,
       "maxCapsPerMessage %u is outside 1..%u", options_.maxCapsPerMessage, CAPS_PER_MESSAGE_LIMIT);
+  // Typed getters of a list of capabilities re-read the list for each element (and a loop reads
+  // its size each time too): every element of lists as long in all as the bound, read one by
+  // one, must fit the passes over a message its reader is given beyond the envelope's decode.
+  const uint64_t bound = options_.maxCapsPerMessage;
+  AGATE_REQUIRE(
+      2 * bound * bound <= rx.limits().traversalLimitWords * (ReadLimits::READ_PASSES - 1),
+      "maxCapsPerMessage %u: reading lists of that many capabilities element by element "
+      "costs %llu words, beyond the receiver's traversal budget (raise "
+      "ReadLimits::traversalLimitWords to at least %llu)",
+      options_.maxCapsPerMessage, static_cast<unsigned long long>(2 * bound * bound),
+      static_cast<unsigned long long>((2 * bound * bound + ReadLimits::READ_PASSES - 2) /
+                                      (ReadLimits::READ_PASSES - 1)));
   AGATE_REQUIRE(rx.limits().maxFrameBytes <= MAX_SPILL_BYTES,
                 "the receiver accepts frames of %zu bytes, above the largest spill buffer (%zu)",
                 rx.limits().maxFrameBytes, MAX_SPILL_BYTES);

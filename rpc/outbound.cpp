@@ -346,6 +346,10 @@ Status RpcConnection::roomForCapTable(detail::OutSlot& slot, const detail::CapTa
   if (bytes > roundToWords(options_.maxMessageBytes))
     return Error(Errc::MESSAGE_TOO_LARGE,
                  "message with its cap table larger than RpcOptions::maxMessageBytes");
+  // Moved out of its frame, it goes through the queue: it must fit a ring frame too.
+  if (bytes > tx_.sender().maxPayload())
+    return Error(Errc::MESSAGE_TOO_LARGE,
+                 "message with its cap table larger than a frame of the outbound ring");
   if (kind == OutKind::CALL) AGATE_TRY(admitToQueue(kind, bytes));
   // Frames are position-independent: the words written so far are the message, and a builder
   // resumed over a copy of them carries on where this one stopped.

@@ -342,6 +342,10 @@ Status Sender::watchPeer(pid_t pid) noexcept {
   return {};
 }
 
+uint64_t Sender::maxPayload() const noexcept {
+  return channel_ != nullptr ? channel_->maxPayload() : 0;
+}
+
 bool Sender::checkPeerExited() noexcept {
   if (peer_.valid() && !peerDead_ && pidfdExited(peer_)) peerDead_ = true;
   return peerDead_;

@@ -213,7 +213,8 @@ class Node final : public ServerObject {
 class LocalPair {
  public:
   LocalPair(EventLoop& loop, ServerObject* serverBootstrap, ServerObject* clientBootstrap = nullptr,
-            RpcOptions options = {}, uint64_t capacity = 64 * 1024) {
+            RpcOptions options = {}, uint64_t capacity = 64 * 1024,
+            MessageReceiverOptions receiverOptions = {}) {
     ChannelOptions co;
     co.scope = ChannelScope::LOCAL;
     co.capacityBytes = capacity;
@@ -221,10 +222,10 @@ class LocalPair {
     s2c_ = std::move(Channel::create(co).value());
     clientTx_ = std::make_unique<MessageSender>(c2s_->attachSender().value());
     serverRx_ = std::make_unique<MessageReceiver>(*c2s_, c2s_->attachReceiver().value(),
-                                                  rpcReceiverOptions());
+                                                  rpcReceiverOptions(receiverOptions));
     serverTx_ = std::make_unique<MessageSender>(s2c_->attachSender().value());
     clientRx_ = std::make_unique<MessageReceiver>(*s2c_, s2c_->attachReceiver().value(),
-                                                  rpcReceiverOptions());
+                                                  rpcReceiverOptions(receiverOptions));
     RpcOptions so = options;
     so.bootstrap = serverBootstrap;
     RpcOptions cl = options;

@@ -5,6 +5,7 @@
 // cap table (RpcOptions::maxCapsPerMessage) on this side's own additions.
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -321,8 +322,11 @@ TEST_F(RpcManyCapsTest, ATableAtTheProtocolsLimitIsBuiltSentAndTaken) {
   RpcOptions options;
   options.maxCapsPerMessage = CAPS_PER_MESSAGE_LIMIT;
   options.maxMessageBytes = 400 * 1024;  // within the ring's largest frame
+  // Lists of that many capabilities, read element by element, need a larger reading budget.
+  MessageReceiverOptions receiver;
+  receiver.limits.traversalLimitWords = 2ull * CAPS_PER_MESSAGE_LIMIT * CAPS_PER_MESSAGE_LIMIT;
   Counter counter;
-  LocalPair pair(loop_, &counter, nullptr, options, 1024 * 1024);
+  LocalPair pair(loop_, &counter, nullptr, options, 1024 * 1024, receiver);
   RemoteCap root = pair.client().bootstrap();
   Request req = root.newCall(NODE_INTERFACE_ID, 0, 64);
   for (uint32_t i = 0; i < CAPS_PER_MESSAGE_LIMIT; ++i) {
@@ -354,6 +358,61 @@ TEST(RpcManyCapsDeathTest, ABoundOutsideTheProtocolsLimitIsRefusedWhenTheConnect
   RpcOptions huge;
   huge.maxCapsPerMessage = CAPS_PER_MESSAGE_LIMIT + 1;
   EXPECT_DEATH(RpcConnection(tx, rx, loop, huge), "is outside 1..16384");
+}
+
+TEST(RpcManyCapsDeathTest, ABoundWhoseListsTheReceiversBudgetCannotReadIsRefused) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EventLoop loop;
+  ChannelOptions co;
+  co.scope = ChannelScope::LOCAL;
+  auto in = std::move(Channel::create(co).value());
+  auto out = std::move(Channel::create(co).value());
+  MessageSender tx(out->attachSender().value());
+  MessageReceiver rx(*in, in->attachReceiver().value(), rpcReceiverOptions());
+  // The default budget (64 Ki words, four passes) reads lists of 313 capabilities element by
+  // element (twice 313 squared, with the size read each time, within three passes), not 314.
+  RpcOptions largest;
+  largest.maxCapsPerMessage = 313;
+  { RpcConnection fits(tx, rx, loop, largest); }
+  RpcOptions beyond;
+  beyond.maxCapsPerMessage = 314;
+  EXPECT_DEATH(RpcConnection(tx, rx, loop, beyond), "raise ReadLimits::traversalLimitWords");
+}
+
+TEST_F(RpcManyCapsTest,
+       ACallWhoseCapTableOutgrowsTheRingsLargestFrameIsRefusedAndTheConnectionLives) {
+  // A 64 KiB ring carries frames of up to 32 KiB; maxMessageBytes allows more. A call filled
+  // close to the frame's room, then given 200 capabilities, would be moved out of its frame and
+  // could never be sent: it is refused, the connection carries on.
+  RpcOptions options;
+  options.maxMessageBytes = 64 * 1024;
+  Counter counter;
+  LocalPair pair(loop_, &counter, nullptr, options, 64 * 1024);
+  RemoteCap root = pair.client().bootstrap();
+  Request req = root.newCall(NODE_INTERFACE_ID, 0, 31000);
+  capnp::Data::Builder bulk =
+      req.params().initAsAnyStruct(0, 1).getPointerSection()[0].initAs<capnp::Data>(30000);
+  std::memset(bulk.begin(), 7, bulk.size());
+  for (uint32_t i = 0; i < 200; ++i) ASSERT_TRUE(req.addCap(RemoteCap()).ok()) << i;
+  RemotePromise sent = req.send();
+  Result<Response> r = loop_.run([](RemotePromise p) -> Promise<Response> {
+    Result<Response> got = co_await p;
+    AGATE_CO_TRY(got);
+    co_return std::move(*got);
+  }(std::move(sent)));
+  EXPECT_EQ(r.code(), Errc::MESSAGE_TOO_LARGE);
+  EXPECT_TRUE(pair.client().isOpen());
+  EXPECT_EQ(counter.seen, 0u);
+  // The next call goes.
+  Request small = root.newCall(NODE_INTERFACE_ID, 0, 64);
+  ASSERT_TRUE(small.addCap(RemoteCap()).ok());
+  Result<Response> next = loop_.run([](RemotePromise p) -> Promise<Response> {
+    Result<Response> got = co_await p;
+    AGATE_CO_TRY(got);
+    co_return std::move(*got);
+  }(small.send()));
+  ASSERT_TRUE(next.ok()) << errcName(next.code());
+  EXPECT_EQ(counter.seen, 1u);
 }
 
 }  // namespace

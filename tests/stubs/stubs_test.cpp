@@ -152,7 +152,7 @@ class AdderImpl final : public st::Adder::Server {
   }
   Promise<void> spawnMany(SpawnManyContext ctx) override {
     ++log_.calls;
-    auto results = ctx.initResults();
+    auto results = ctx.initResults(8 * ctx.params().getStarts().size() + 64);
     AGATE_CO_TRY(results);
     capnp::List<int64_t>::Reader starts = ctx.params().getStarts();
     results->initChildren(starts.size());
@@ -658,6 +658,45 @@ TEST_F(StubsTest, FortyCapabilitiesInAListOfParamsAndOfResultsGoThroughTheStubs)
   ASSERT_TRUE(runUntil(loop_, [&] { return log_.adders == 1; })) << "the children are released";
   ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().importCount() == 0; }))
       << "the listeners are released";
+}
+
+TEST_F(StubsTest, ListsAsLongAsTheLargestBoundTheDefaultBudgetReadsAreReadElementByElement) {
+  // 313: the largest maxCapsPerMessage a receiver with the default budget is given. The server's
+  // notifyAll and this test read each list element by element with the generated getters, the
+  // list's size read again each time: all of it fits the budget.
+  constexpr uint32_t N = 313;
+  rpc::RpcOptions options;
+  options.maxCapsPerMessage = N;
+  options.maxMessageBytes = 128 * 1024;
+  LocalPair pair(loop_, &root_, nullptr, options, 512 * 1024);
+  std::vector<std::unique_ptr<ListenerImpl>> listeners;
+  for (uint32_t i = 0; i < N; ++i) listeners.push_back(std::make_unique<ListenerImpl>(log_));
+  st::Adder::Client adder(pair.client().bootstrap());
+  auto r = await(loop_, adder.notifyAll(
+                            [&](auto params, auto& request) -> Status {
+                              params.setValue(1);
+                              params.initListeners(N);
+                              for (uint32_t i = 0; i < N; ++i)
+                                AGATE_TRY(setListeners(request, params, i, *listeners[i]));
+                              return {};
+                            },
+                            4096));
+  ASSERT_TRUE(r.ok()) << errcName(r.code()) << " " << (r.error().detail ? r.error().detail : "");
+  EXPECT_EQ(log_.notified, static_cast<int>(N));
+  {
+    auto spawned = await(loop_, adder.spawnMany(
+                                    [&](auto params) {
+                                      auto starts = params.initStarts(N);
+                                      for (uint32_t i = 0; i < N; ++i) starts.set(i, i);
+                                    },
+                                    4096));
+    ASSERT_TRUE(spawned.ok()) << errcName(spawned.code());
+    for (uint32_t i = 0; i < spawned->results().getChildren().size(); ++i) {
+      auto child = getChildren(*spawned, spawned->results(), i);
+      ASSERT_TRUE(child.ok()) << i << " " << errcName(child.code());
+    }
+  }
+  ASSERT_TRUE(runUntil(loop_, [&] { return log_.adders == 1; })) << "the children are released";
 }
 
 TEST_F(StubsTest, AListRepeatingOneCapabilityIsRefusedBeforeTheMethod) {

@@ -88,7 +88,8 @@ inline void walkList(capnp::DynamicList::Reader list, CapListBudget& budget) {
       // make element-by-element reads (each re-reading the list) cost a list's length squared,
       // as a forged list of one capability repeated would. And all the lists together are no
       // longer than the connection's bound, so reading every element one by one costs at most
-      // that bound squared.
+      // twice that bound squared (the list's size read each time too), which the connection
+      // makes sure fits its reader's budget (RpcConnection's constructor).
       KJ_REQUIRE(list.size() <= budget.elements,
                  "lists of capabilities longer in all than a message's cap table may be");
       budget.elements -= list.size();
