@@ -49,7 +49,7 @@ Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
       case detail::CapEntry::Kind::RECEIVER_HOSTED:
         cap.local = exports_[d.capIds[i]].object;
         ++exports_[d.capIds[i]].pins;  // the peer cannot release it under the running call
-        a.paramPins.push_back(d.capIds[i]);
+        answerPools_->pins.push(a.paramPins, d.capIds[i]);
         break;
       case detail::CapEntry::Kind::THIRD_PARTY:
         cap.remote = acceptThirdParty(d, i);
@@ -70,7 +70,7 @@ Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
         entry.pending = true;
         entry.waiter = static_cast<uint32_t>(q.paramWaiters.size());
         q.paramWaiters.emplace_back(a.id, static_cast<uint32_t>(a.paramAnswers.size()));
-        a.paramAnswers.push_back(entry);
+        answerPools_->paramAnswers.push(a.paramAnswers, entry);
         ++a.paramWaits;
         break;
       }
@@ -255,7 +255,7 @@ void RpcConnection::completeAnswer(uint32_t answerId, Status status) {
       // The exports the results name stay pinned while the answer lives (pipelined calls).
       for (uint32_t i = 0; a.results != nullptr && i < n; ++i) {
         const detail::CapEntry& e = ctx.resultCaps_[i];
-        a.resultCaps.push_back({e.kind, e.id});
+        answerPools_->results.push(a.resultCaps, {e.kind, e.id});
         if (isExported(e.kind)) ++exports_[e.id].pins;
       }
     } else {
@@ -485,6 +485,14 @@ void RpcConnection::unlinkFromTarget(Answer& a) {
   cancelLaterIfUnwanted(t);  // it may have been kept only for the calls pipelined on it
 }
 
+size_t RpcConnection::answerEntriesRetained() const noexcept {
+  size_t n = 0;
+  for (const std::unique_ptr<Answer>& a : answers_) {
+    if (a) n += a->paramPins.capacity() + a->resultCaps.capacity() + a->paramAnswers.capacity();
+  }
+  return n;
+}
+
 void RpcConnection::freeAnswer(Answer& a) {
   unlinkFromTarget(a);
   dropParamAnswers(a);
@@ -510,8 +518,8 @@ void RpcConnection::freeAnswer(Answer& a) {
   for (const Answer::ResultCap& r : results) {
     if (isExported(r.kind)) exportUnpin(r.id);
   }
-  pins.clear();
-  results.clear();
+  answerPools_->pins.retire(pins);
+  answerPools_->results.retire(results);
   a.paramPins = std::move(pins);
   a.resultCaps = std::move(results);
   a.queueHead = a.queueTail = nullptr;
@@ -565,7 +573,7 @@ void RpcConnection::resolveParamAnswer(Answer& a, uint32_t slot, std::span<const
   }
   cap.local = exports_[*exportId].object;
   ++exports_[*exportId].pins;  // the peer cannot release it under the call (freeAnswer unpins)
-  a.paramPins.push_back(*exportId);
+  answerPools_->pins.push(a.paramPins, *exportId);
 }
 
 // Call `a` ends without waiting any more (delivered, failed, freed): its pending entries leave
@@ -582,7 +590,7 @@ void RpcConnection::dropParamAnswers(Answer& a) {
     q.paramWaiters.pop_back();
     cancelLaterIfUnwanted(q);
   }
-  a.paramAnswers.clear();
+  answerPools_->paramAnswers.retire(a.paramAnswers);
   a.paramWaits = 0;
 }
 
@@ -599,7 +607,7 @@ void RpcConnection::wakeParamWaiters(Answer& answer) {
     entry.pending = false;
     resolveParamAnswer(x, entry.slot, {entry.path.data(), entry.pathLength}, answer);
     if (--x.paramWaits == 0) {
-      x.paramAnswers.clear();
+      answerPools_->paramAnswers.retire(x.paramAnswers);
       if (x.waitingOnExport != NONE) settleExport(x.waitingOnExport);
     }
   }

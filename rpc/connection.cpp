@@ -27,6 +27,7 @@ RpcConnection::RpcConnection(MessageSender& tx, MessageReceiver& rx, EventLoop& 
       rx_(rx),
       loop_(loop),
       options_(options),
+      answerPools_(std::make_unique<AnswerPools>()),
       replayReader_(rx.limits()),
       teardownTask_(*this),
       worklistTask_(*this),

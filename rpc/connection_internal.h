@@ -439,6 +439,48 @@ struct RpcConnection::Answer {
   uint32_t providedExport = internal::NONE;  // a Provide: its target
 };
 
+// The answer entries' vectors (paramPins, resultCaps, paramAnswers) keep their capacity when an
+// entry is reused, so a call of a few capabilities allocates nothing; one grown past
+// KEPT_ANSWER_ENTRIES goes to a small pool of the connection instead (SPARE_ANSWER_VECTORS of
+// each kind), which the next large call takes from. A steady state of large calls allocates
+// nothing, and a peer cannot make every one of maxAnswers entries hold a bound's worth.
+inline constexpr size_t KEPT_ANSWER_ENTRIES = 16;
+inline constexpr size_t SPARE_ANSWER_VECTORS = 8;
+
+template <class T>
+class VectorPool {
+ public:
+  VectorPool() { spares_.reserve(SPARE_ANSWER_VECTORS); }
+  // Empties `v`; past KEPT_ANSWER_ENTRIES its storage goes to the pool (or is freed when the
+  // pool is full).
+  void retire(std::vector<T>& v) noexcept {
+    v.clear();
+    if (v.capacity() <= KEPT_ANSWER_ENTRIES) return;
+    if (spares_.size() < SPARE_ANSWER_VECTORS) spares_.push_back(std::move(v));  // reserved
+    std::vector<T>().swap(v);
+  }
+  // Appends `x` to `v`, moving `v` into a pooled vector first when it is full and one is there.
+  void push(std::vector<T>& v, const T& x) {
+    if (v.size() == v.capacity() && !spares_.empty() && spares_.back().capacity() > v.size()) {
+      std::vector<T> pooled = std::move(spares_.back());
+      spares_.pop_back();
+      pooled.assign(v.begin(), v.end());
+      v.swap(pooled);
+    }
+    v.push_back(x);
+  }
+  size_t spares() const noexcept { return spares_.size(); }
+
+ private:
+  std::vector<std::vector<T>> spares_;
+};
+
+struct RpcConnection::AnswerPools {
+  VectorPool<uint32_t> pins;
+  VectorPool<Answer::ResultCap> results;
+  VectorPool<Answer::ParamAnswer> paramAnswers;
+};
+
 struct RpcConnection::Export {
   ServerObject* object = nullptr;
   std::unique_ptr<ServerObject> owned;

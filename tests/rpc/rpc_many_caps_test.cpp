@@ -232,6 +232,30 @@ TEST_F(RpcManyCapsTest, ACapTableLargerThanTheFramesRoomMovesItsMessageToALarger
   }));
 }
 
+TEST_F(RpcManyCapsTest, AnswerEntriesDoNotKeepLargeTablesBeyondASmallPool) {
+  // Sixty-four calls at once, each passing forty of the client's objects that the server returns
+  // (its answers record the forty its results name): freed, the answer entries keep no more than
+  // a few tables' worth, not one per entry.
+  constexpr uint32_t CALLS = 64;
+  mirror_.freshCount = 0;
+  LocalPair pair(loop_, &mirror_);
+  std::vector<std::unique_ptr<Node>> mine;
+  for (uint32_t i = 0; i < MANY; ++i) mine.push_back(std::make_unique<Node>(i, clientLog_));
+  for (int round = 0; round < 2; ++round) {
+    std::vector<Promise<Response>> calls;
+    for (uint32_t c = 0; c < CALLS; ++c) calls.push_back(reflect(pair.client().bootstrap(), mine));
+    for (Promise<Response>& call : calls) {
+      Result<Response> r = loop_.run(std::move(call));
+      ASSERT_TRUE(r.ok()) << errcName(r.code());
+      EXPECT_EQ(r->capCount(), MANY);
+    }
+    calls.clear();
+    ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().answerCount() == 0; }));
+    EXPECT_LE(pair.server().answerEntriesRetained(), 8 * 64 + CALLS * 16)
+        << "at most the pool's eight tables and sixteen entries per answer";
+  }
+}
+
 TEST_F(RpcManyCapsTest, ThisSidesOwnAdditionPastTheBoundIsRefusedAndTheTableIsUnchanged) {
   RpcOptions options;
   options.maxCapsPerMessage = MANY;

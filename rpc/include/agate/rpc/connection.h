@@ -740,6 +740,9 @@ class RpcConnection {
   // Live entries of each table (tests check nothing leaks).
   uint32_t questionCount() const noexcept { return questionsLive_; }
   uint32_t answerCount() const noexcept { return answersLive_; }
+  // Entries the answer table's per-call vectors keep allocated, free entries included (tests
+  // check a peer cannot make it grow to maxAnswers times the cap bound). Walks the table.
+  size_t answerEntriesRetained() const noexcept;
   uint32_t exportCount() const noexcept { return exportsLive_; }
   uint32_t importCount() const noexcept { return importsLive_; }
   // RemoteCap/Request/RemotePromise/Response handles on this connection still alive anywhere
@@ -766,6 +769,7 @@ class RpcConnection {
   friend void detail::giveTableBlock(RpcConnection&, detail::SpillBuffer*, size_t) noexcept;
   struct Question;
   struct Answer;
+  struct AnswerPools;
   struct Export;
   struct Import;
   struct Decoded;
@@ -1031,7 +1035,8 @@ class RpcConnection {
   std::optional<Fulfiller<void>> disconnected_;
   std::array<std::array<char, REMOTE_REASON_BYTES>, REMOTE_REASON_SLOTS> reasons_{};
   uint32_t nextReason_ = 0;
-  detail::CapScratch capScratch_;  // Decoded's per-entry arrays
+  detail::CapScratch capScratch_;             // Decoded's per-entry arrays
+  std::unique_ptr<AnswerPools> answerPools_;  // large vectors of answer entries, reused
   // Decodes this side's private copies (queued calls, results kept for pipelining).
   FrameReader replayReader_;
   MemberTask<&RpcConnection::teardown> teardownTask_;
