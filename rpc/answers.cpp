@@ -488,7 +488,9 @@ void RpcConnection::unlinkFromTarget(Answer& a) {
 size_t RpcConnection::answerEntriesRetained() const noexcept {
   size_t n = 0;
   for (const std::unique_ptr<Answer>& a : answers_) {
-    if (a) n += a->paramPins.capacity() + a->resultCaps.capacity() + a->paramAnswers.capacity();
+    if (!a) continue;
+    n += a->paramPins.capacity() + a->resultCaps.capacity() + a->paramAnswers.capacity() +
+         a->paramWaiters.capacity();
   }
   return n;
 }
@@ -496,8 +498,8 @@ size_t RpcConnection::answerEntriesRetained() const noexcept {
 void RpcConnection::freeAnswer(Answer& a) {
   unlinkFromTarget(a);
   dropParamAnswers(a);
-  a.paramWaiters.clear();  // only when the connection ends: the calls waiting go too
-  a.driver.reset();        // cancels a running dispatch
+  releaseIfLarge(a.paramWaiters);  // only when the connection ends: the calls waiting go too
+  a.driver.reset();                // cancels a running dispatch
   CallContext& ctx = a.context;
   if (ctx.results_.active()) abandonOut(ctx.results_);
   ctx.resultCaps_.clear();
@@ -588,6 +590,7 @@ void RpcConnection::dropParamAnswers(Answer& a) {
     q.paramWaiters[entry.waiter] = moved;
     answers_[moved.first]->paramAnswers[moved.second].waiter = entry.waiter;
     q.paramWaiters.pop_back();
+    if (q.paramWaiters.empty()) releaseIfLarge(q.paramWaiters);
     cancelLaterIfUnwanted(q);
   }
   answerPools_->paramAnswers.retire(a.paramAnswers);

@@ -52,18 +52,24 @@ RpcConnection::RpcConnection(MessageSender& tx, MessageReceiver& rx, EventLoop& 
   // Typed getters of a list of capabilities re-read the list for each element (and a loop reads
   // its size each time too): every element of lists as long in all as the bound, read one by
   // one, must fit the passes over a message its reader is given beyond the envelope's decode.
+  static_assert(ReadLimits::READ_PASSES > 1);
   const uint64_t bound = options_.maxCapsPerMessage;
-  AGATE_REQUIRE(
-      2 * bound * bound <= rx.limits().traversalLimitWords * (ReadLimits::READ_PASSES - 1),
-      "maxCapsPerMessage %u: reading lists of that many capabilities element by element "
-      "costs %llu words, beyond the receiver's traversal budget (raise "
-      "ReadLimits::traversalLimitWords to at least %llu)",
-      options_.maxCapsPerMessage, static_cast<unsigned long long>(2 * bound * bound),
-      static_cast<unsigned long long>((2 * bound * bound + ReadLimits::READ_PASSES - 2) /
-                                      (ReadLimits::READ_PASSES - 1)));
+  const uint64_t needed =
+      (2 * bound * bound + ReadLimits::READ_PASSES - 2) / (ReadLimits::READ_PASSES - 1);
+  AGATE_REQUIRE(needed <= rx.limits().traversalLimitWords,
+                "maxCapsPerMessage %u: reading lists of that many capabilities element by element "
+                "costs %llu words, beyond the receiver's traversal budget (raise "
+                "ReadLimits::traversalLimitWords to at least %llu)",
+                options_.maxCapsPerMessage, static_cast<unsigned long long>(2 * bound * bound),
+                static_cast<unsigned long long>(needed));
   AGATE_REQUIRE(rx.limits().maxFrameBytes <= MAX_SPILL_BYTES,
                 "the receiver accepts frames of %zu bytes, above the largest spill buffer (%zu)",
                 rx.limits().maxFrameBytes, MAX_SPILL_BYTES);
+  // Nothing larger than the outbound ring's largest frame can ever be written: one built in a
+  // spill buffer (where the ring has no say) would end the connection when the queue reached it.
+  // So the bound on what this side builds is the smaller of the two.
+  if (const uint64_t frame = tx.sender().maxPayload(); frame > 0)
+    options_.maxMessageBytes = std::min<size_t>(options_.maxMessageBytes, frame);
   questions_.emplace_back();  // question id 0 is never used: 0 means "no question"
   questions_[0].inUse = true;
   questionFree_ = NONE;

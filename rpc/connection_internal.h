@@ -475,6 +475,17 @@ class VectorPool {
   std::vector<std::vector<T>> spares_;
 };
 
+// Empties `v`, giving its storage back when it grew past KEPT_ANSWER_ENTRIES (for vectors that
+// only calls naming a pending answer fill: rare enough to allocate again).
+template <class T>
+void releaseIfLarge(std::vector<T>& v) noexcept {
+  if (v.capacity() > KEPT_ANSWER_ENTRIES) {
+    std::vector<T>().swap(v);
+  } else {
+    v.clear();
+  }
+}
+
 struct RpcConnection::AnswerPools {
   VectorPool<uint32_t> pins;
   VectorPool<Answer::ResultCap> results;

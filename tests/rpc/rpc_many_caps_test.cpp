@@ -119,6 +119,12 @@ Promise<Response> reflect(RemoteCap target, const std::vector<Cap>& caps) {
   co_return std::move(*r);
 }
 
+Promise<Response> responseOf(RemotePromise p) {
+  Result<Response> got = co_await p;
+  AGATE_CO_TRY(got);
+  co_return std::move(*got);
+}
+
 Promise<uint64_t> echo(RemoteCap target) {
   Request req = target.newCall(NODE_INTERFACE_ID, ECHO, 16);
   req.initParams<Value>().setValue(0);
@@ -126,6 +132,16 @@ Promise<uint64_t> echo(RemoteCap target) {
   AGATE_CO_TRY(r);
   co_return r->results().getAs<Value>().getValue();
 }
+
+// Counts the capabilities of the last call it served.
+class Counter final : public ServerObject {
+ public:
+  Promise<void> dispatch(uint64_t, uint16_t, CallContext& ctx) override {
+    seen = ctx.capCount();
+    return readyPromise<void>(Status{});
+  }
+  uint32_t seen = 0;
+};
 
 class RpcManyCapsTest : public ::testing::Test {
  protected:
@@ -232,6 +248,28 @@ TEST_F(RpcManyCapsTest, ACapTableLargerThanTheFramesRoomMovesItsMessageToALarger
   }));
 }
 
+TEST_F(RpcManyCapsTest, AMessageBuiltAwayFromTheRingIsNeverLargerThanTheRingsLargestFrame) {
+  // While a call is open in the ring, the next is built in a spill buffer: its room is bounded by
+  // the ring's largest frame (32 KiB here) however large maxMessageBytes is, so one that outgrows
+  // it is refused when sent, and the connection carries on.
+  RpcOptions options;
+  options.maxMessageBytes = 64 * 1024;
+  Counter counter;
+  LocalPair pair(loop_, &counter, nullptr, options, 64 * 1024);
+  RemoteCap root = pair.client().bootstrap();
+  Request hold = root.newCall(NODE_INTERFACE_ID, 0, 64);
+  (void)hold.params();  // its frame is open in the ring
+  Request big = root.newCall(NODE_INTERFACE_ID, 0, 40000);
+  capnp::AnyStruct::Builder content = big.params().initAsAnyStruct(0, 1);
+  content.getPointerSection()[0].initAs<capnp::Data>(35000);
+  Result<Response> refused = loop_.run(responseOf(big.send()));
+  EXPECT_EQ(refused.code(), Errc::MESSAGE_TOO_LARGE);
+  EXPECT_TRUE(pair.client().isOpen());
+  Result<Response> held = loop_.run(responseOf(hold.send()));
+  ASSERT_TRUE(held.ok()) << errcName(held.code());
+  EXPECT_TRUE(pair.client().isOpen());
+}
+
 TEST_F(RpcManyCapsTest, AnswerEntriesDoNotKeepLargeTablesBeyondASmallPool) {
   // Sixty-four calls at once, each passing forty of the client's objects that the server returns
   // (its answers record the forty its results name): freed, the answer entries keep no more than
@@ -331,14 +369,6 @@ TEST_F(RpcManyCapsTest, APeerSendingPastThisSidesBoundIsAborted) {
 }
 
 // Records how many capabilities each call's params carried.
-class Counter final : public ServerObject {
- public:
-  Promise<void> dispatch(uint64_t, uint16_t, CallContext& ctx) override {
-    seen = ctx.capCount();
-    return readyPromise<void>(Status{});
-  }
-  uint32_t seen = 0;
-};
 
 TEST_F(RpcManyCapsTest, ATableAtTheProtocolsLimitIsBuiltSentAndTaken) {
   // The largest bound a connection may have: the table grows through the pool's blocks to the

@@ -301,6 +301,32 @@ TEST_F(ReceiverAnswerTest, CancellingTheWaitingCallReleasesTheCallsBehindIt) {
   EXPECT_TRUE(server_.seen.empty()) << "USE never ran";
 }
 
+TEST_F(ReceiverAnswerTest, AnAnswerNamedByManyCancelledCallsDoesNotKeepTheirListAfterwards) {
+  constexpr int CALLS = 200;
+  LocalPair pair(loop_, &server_);
+  RemoteCap root = pair.client().bootstrap();
+  const size_t retainedBefore = pair.server().answerEntriesRetained();
+  {
+    RemotePromise child = root.newCall(NODE_INTERFACE_ID, GATED_CHILD, 16).send();
+    {
+      std::vector<RemotePromise> waiting;
+      for (int i = 0; i < CALLS; ++i) waiting.push_back(use(root, child.pipeline({0})));
+      ASSERT_TRUE(runUntil(loop_, [&] {
+        return pair.server().stats().callsReceived == static_cast<uint64_t>(CALLS) + 1;
+      }));
+      EXPECT_EQ(pair.server().answerCount(), static_cast<uint32_t>(CALLS) + 1);
+    }  // Finish for each: cancelled while they wait
+    ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().answerCount() == 1; }));
+    server_.open();
+    ASSERT_TRUE(loop_.run(done(std::move(child))).ok());
+  }
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().answerCount() == 0; }));
+  // Each call's own entry keeps its one pending entry's room; the answer they all named keeps
+  // no list of them.
+  EXPECT_LE(pair.server().answerEntriesRetained(), retainedBefore + CALLS + 16)
+      << "no answer entry keeps a list of the two hundred calls that waited on it";
+}
+
 // The client goes while calls wait: the server frees them and the answer they named.
 TEST_F(ReceiverAnswerTest, TheCallersDeathFreesTheWaitingCallsAndTheirAnswer) {
   LocalPair pair(loop_, &server_);

@@ -81,6 +81,15 @@ TEST_P(EveryScope, SecondReceiverIsRefused) {
   EXPECT_TRUE(first->tryReceive().ok());
 }
 
+TEST_P(EveryScope, ASenderKnowsTheLargestFrameUntilItDetaches) {
+  auto ch = makeChannel(GetParam());
+  Sender tx = ch->attachSender().value();
+  EXPECT_EQ(tx.maxPayload(), ch->maxPayload());
+  EXPECT_EQ(tx.maxPayload(), ch->capacity() / 2 - 8);
+  tx.detach();
+  EXPECT_EQ(tx.maxPayload(), 0u);
+}
+
 TEST_P(EveryScope, SenderDetachGivesDisconnectedAfterTheRingDrains) {
   auto ch = makeChannel(GetParam());
   Sender tx = ch->attachSender().value();

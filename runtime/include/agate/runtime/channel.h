@@ -154,9 +154,9 @@ class Sender {
   void detach() noexcept;
 
   bool attached() const noexcept { return channel_ != nullptr; }
-  // How often this endpoint parked waiting for space / woke a parked receiver.
   // The largest payload one frame can carry (Channel::maxPayload); 0 once detached.
   uint64_t maxPayload() const noexcept;
+  // How often this endpoint parked waiting for space / woke a parked receiver.
   uint64_t parkCount() const noexcept { return spaceBell_.parkCount(); }
   uint64_t wakeCount() const noexcept { return dataBell_.wakeCount(); }
   // The doorbell rung when space frees up, for an event loop that waits on its futex word itself
