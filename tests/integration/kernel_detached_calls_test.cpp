@@ -84,6 +84,22 @@ void settle(KernelConnection& k) {
   for (int i = 0; i < 2; ++i) EXPECT_TRUE(k.sync().readBank(k.bank()).ok());
 }
 
+// Runs the loop until the calls waiting for room were woken (none queued any more), then `act`
+// at once, before they run. Whether they had written nothing yet (`written`: the count of calls
+// written before they queued) at that instant.
+bool atTheWake(EventLoop& loop, KernelConnection& k, uint64_t written, std::function<void()> act) {
+  bool unwritten = false;
+  EXPECT_TRUE(loop.run(until(loop,
+                             [&] {
+                               if (k.callsQueued() != 0) return false;
+                               unwritten = k.callsSubmitted() == written;
+                               act();
+                               return true;
+                             }))
+                  .ok());
+  return unwritten;
+}
+
 TEST(KernelDetachedCalls, ADetachedCallQueuedBehindAFullRingIsWrittenInItsTurn) {
   Watchdog dog("detached calls behind a full ring", seconds(30));
   KernelProcess kernel;
@@ -304,8 +320,11 @@ TEST(KernelDetachedCalls, ADroppedDestroyKeepsItsTurnAheadOfLaterCallsOnTheSameC
   EXPECT_EQ(get(k.sync().readBank(k.bank())).used, used) << "the region's pages came back";
 }
 
-TEST(KernelDetachedCalls, ADetachedCallNeverOvertakesACallWokenToWriteBeforeIt) {
-  Watchdog dog("a detached call behind a woken call", seconds(30));
+// A destroy made the instant the calls waiting for room were woken, before they write (a
+// destructor's detached one, or an awaited one): it goes after them, so the call woken before it
+// still finds the region.
+void destroyAtTheWake(bool detached) {
+  Watchdog dog("a destroy behind a woken call", seconds(30));
   KernelProcess kernel;
   agate::testing::KernelClient c(kernel);
   ASSERT_TRUE(c.conn);
@@ -317,57 +336,31 @@ TEST(KernelDetachedCalls, ADetachedCallNeverOvertakesACallWokenToWriteBeforeIt) 
   Promise<CapInfo> first = k.inspectCap(region);
   const uint64_t written = k.callsSubmitted();
   stopped.release();
-  // The instant room came back and the waiting calls were woken, before they write: a destructor
-  // running then destroys the region.
-  bool wokenUnwritten = false;
-  ASSERT_TRUE(c.loop
-                  .run(until(c.loop,
-                             [&] {
-                               if (k.callsQueued() != 0) return false;
-                               wokenUnwritten = k.callsSubmitted() == written;
-                               k.destroyDetached(region);
-                               return true;
-                             }))
-                  .ok());
-  ASSERT_TRUE(wokenUnwritten) << "the test needs the woken calls not to have written yet";
+  std::optional<Promise<void>> destroyed;
+  ASSERT_TRUE(atTheWake(c.loop, k, written, [&] {
+    if (detached) {
+      k.destroyDetached(region);
+    } else {
+      destroyed.emplace(k.destroy(region));
+    }
+  })) << "the test needs the woken calls not to have written yet";
   finish(c.loop, calls);
   EXPECT_EQ(get(c.loop.run(std::move(first))).type, ObjectType::REGION)
       << "the call woken before the destroy was written before it";
+  if (destroyed) {
+    EXPECT_TRUE(c.loop.run(std::move(*destroyed)).ok());
+  }
   settle(k);
   EXPECT_EQ(k.sync().inspectCap(region).code(), Errc::INVALID_HANDLE);
   EXPECT_EQ(k.detachedCallsRefused(), 0u);
 }
 
-TEST(KernelDetachedCalls, ANewCallNeverOvertakesACallWokenToWriteBeforeIt) {
-  Watchdog dog("a new call behind a woken call", seconds(30));
-  KernelProcess kernel;
-  agate::testing::KernelClient c(kernel);
-  ASSERT_TRUE(c.conn);
-  KernelConnection& k = *c.conn;
-  Cap<Region> region = get(k.sync().createRegion(k.bank(), 1));
+TEST(KernelDetachedCalls, ADetachedCallNeverOvertakesACallWokenToWriteBeforeIt) {
+  destroyAtTheWake(/*detached=*/true);
+}
 
-  StoppedKernel stopped(kernel);
-  std::vector<Promise<CapInfo>> calls = fillRing(k, k.bank());
-  Promise<CapInfo> first = k.inspectCap(region);
-  const uint64_t written = k.callsSubmitted();
-  stopped.release();
-  bool wokenUnwritten = false;
-  std::optional<Promise<void>> destroyed;
-  ASSERT_TRUE(c.loop
-                  .run(until(c.loop,
-                             [&] {
-                               if (k.callsQueued() != 0) return false;
-                               wokenUnwritten = k.callsSubmitted() == written;
-                               destroyed.emplace(k.destroy(region));  // awaited, not detached
-                               return true;
-                             }))
-                  .ok());
-  ASSERT_TRUE(wokenUnwritten) << "the test needs the woken calls not to have written yet";
-  finish(c.loop, calls);
-  EXPECT_EQ(get(c.loop.run(std::move(first))).type, ObjectType::REGION)
-      << "the call woken before the destroy was written before it";
-  EXPECT_TRUE(c.loop.run(std::move(*destroyed)).ok());
-  EXPECT_EQ(k.sync().inspectCap(region).code(), Errc::INVALID_HANDLE);
+TEST(KernelDetachedCalls, ANewCallNeverOvertakesACallWokenToWriteBeforeIt) {
+  destroyAtTheWake(/*detached=*/false);
 }
 
 // Calls woken together that no longer all fit (each carries a long name) go back to the queue's

@@ -324,11 +324,7 @@ TEST_F(RpcManyCapsTest, ThisSidesOwnAdditionPastTheBoundIsRefusedAndTheTableIsUn
   EXPECT_EQ(req.addCap(promise).code(), Errc::OUT_OF_MEMORY);
   promise.reject(Error(Errc::FAILED, "unused"));
   // The table is as it was: the call carries exactly the first forty.
-  Result<Response> r = loop_.run([](RemotePromise p) -> Promise<Response> {
-    Result<Response> got = co_await p;
-    AGATE_CO_TRY(got);
-    co_return std::move(*got);
-  }(req.send()));
+  Result<Response> r = loop_.run(responseOf(req.send()));
   // The results would carry eighty: the server's own addition past its bound fails the call.
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.code(), Errc::OUT_OF_MEMORY);
@@ -388,49 +384,46 @@ TEST_F(RpcManyCapsTest, ATableAtTheProtocolsLimitIsBuiltSentAndTaken) {
     ASSERT_TRUE(index.ok()) << i;
   }
   EXPECT_EQ(req.addCap(RemoteCap()).code(), Errc::OUT_OF_MEMORY);
-  Result<Response> r = loop_.run([](RemotePromise p) -> Promise<Response> {
-    Result<Response> got = co_await p;
-    AGATE_CO_TRY(got);
-    co_return std::move(*got);
-  }(req.send()));
+  Result<Response> r = loop_.run(responseOf(req.send()));
   ASSERT_TRUE(r.ok()) << errcName(r.code()) << " " << (r.error().detail ? r.error().detail : "");
   EXPECT_EQ(counter.seen, CAPS_PER_MESSAGE_LIMIT);
 }
 
-TEST(RpcManyCapsDeathTest, ABoundOutsideTheProtocolsLimitIsRefusedWhenTheConnectionIsMade) {
-  GTEST_FLAG_SET(death_test_style, "threadsafe");
-  EventLoop loop;
+// A connection's two ends with nothing behind them, for the checks made when it is constructed.
+std::unique_ptr<Channel> localChannel() {
   ChannelOptions co;
   co.scope = ChannelScope::LOCAL;
-  auto in = std::move(Channel::create(co).value());
-  auto out = std::move(Channel::create(co).value());
-  MessageSender tx(out->attachSender().value());
-  MessageReceiver rx(*in, in->attachReceiver().value(), rpcReceiverOptions());
+  return std::move(Channel::create(co).value());
+}
+struct BareEnds {
+  EventLoop loop;
+  std::unique_ptr<Channel> in = localChannel(), out = localChannel();
+  MessageSender tx{out->attachSender().value()};
+  MessageReceiver rx{*in, in->attachReceiver().value(), rpcReceiverOptions()};
+};
+
+TEST(RpcManyCapsDeathTest, ABoundOutsideTheProtocolsLimitIsRefusedWhenTheConnectionIsMade) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  BareEnds e;
   RpcOptions none;
   none.maxCapsPerMessage = 0;
-  EXPECT_DEATH(RpcConnection(tx, rx, loop, none), "maxCapsPerMessage 0 is outside");
+  EXPECT_DEATH(RpcConnection(e.tx, e.rx, e.loop, none), "maxCapsPerMessage 0 is outside");
   RpcOptions huge;
   huge.maxCapsPerMessage = CAPS_PER_MESSAGE_LIMIT + 1;
-  EXPECT_DEATH(RpcConnection(tx, rx, loop, huge), "is outside 1..16384");
+  EXPECT_DEATH(RpcConnection(e.tx, e.rx, e.loop, huge), "is outside 1..16384");
 }
 
 TEST(RpcManyCapsDeathTest, ABoundWhoseListsTheReceiversBudgetCannotReadIsRefused) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
-  EventLoop loop;
-  ChannelOptions co;
-  co.scope = ChannelScope::LOCAL;
-  auto in = std::move(Channel::create(co).value());
-  auto out = std::move(Channel::create(co).value());
-  MessageSender tx(out->attachSender().value());
-  MessageReceiver rx(*in, in->attachReceiver().value(), rpcReceiverOptions());
+  BareEnds e;
   // The default budget (64 Ki words, four passes) reads lists of 313 capabilities element by
   // element (twice 313 squared, with the size read each time, within three passes), not 314.
   RpcOptions largest;
   largest.maxCapsPerMessage = 313;
-  { RpcConnection fits(tx, rx, loop, largest); }
+  { RpcConnection fits(e.tx, e.rx, e.loop, largest); }
   RpcOptions beyond;
   beyond.maxCapsPerMessage = 314;
-  EXPECT_DEATH(RpcConnection(tx, rx, loop, beyond), "raise ReadLimits::traversalLimitWords");
+  EXPECT_DEATH(RpcConnection(e.tx, e.rx, e.loop, beyond), "raise ReadLimits::traversalLimitWords");
 }
 
 TEST_F(RpcManyCapsTest,
@@ -449,22 +442,14 @@ TEST_F(RpcManyCapsTest,
   std::memset(bulk.begin(), 7, bulk.size());
   for (uint32_t i = 0; i < 200; ++i) ASSERT_TRUE(req.addCap(RemoteCap()).ok()) << i;
   RemotePromise sent = req.send();
-  Result<Response> r = loop_.run([](RemotePromise p) -> Promise<Response> {
-    Result<Response> got = co_await p;
-    AGATE_CO_TRY(got);
-    co_return std::move(*got);
-  }(std::move(sent)));
+  Result<Response> r = loop_.run(responseOf(std::move(sent)));
   EXPECT_EQ(r.code(), Errc::MESSAGE_TOO_LARGE);
   EXPECT_TRUE(pair.client().isOpen());
   EXPECT_EQ(counter.seen, 0u);
   // The next call goes.
   Request small = root.newCall(NODE_INTERFACE_ID, 0, 64);
   ASSERT_TRUE(small.addCap(RemoteCap()).ok());
-  Result<Response> next = loop_.run([](RemotePromise p) -> Promise<Response> {
-    Result<Response> got = co_await p;
-    AGATE_CO_TRY(got);
-    co_return std::move(*got);
-  }(small.send()));
+  Result<Response> next = loop_.run(responseOf(small.send()));
   ASSERT_TRUE(next.ok()) << errcName(next.code());
   EXPECT_EQ(counter.seen, 1u);
 }
