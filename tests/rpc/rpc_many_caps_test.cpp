@@ -270,6 +270,50 @@ TEST_F(RpcManyCapsTest, AMessageBuiltAwayFromTheRingIsNeverLargerThanTheRingsLar
   EXPECT_TRUE(pair.client().isOpen());
 }
 
+// Results of about 30 KB and two hundred new objects: with the cap table they outgrow the
+// ring's largest frame (32 KiB here).
+class Bulky final : public ServerObject {
+ public:
+  explicit Bulky(Log& log) : log_(log) {}
+  Promise<void> dispatch(uint64_t, uint16_t, CallContext& ctx) override {
+    Result<capnp::AnyPointer::Builder> out = ctx.initResults(31000);
+    if (!out) return readyPromise<void>(out.error());
+    capnp::AnyStruct::Builder results = out->initAsAnyStruct(0, 2);
+    results.getPointerSection()[0].initAs<capnp::Data>(30000);
+    capnp::AnyList::Builder list =
+        results.getPointerSection()[1].initAsAnyList(capnp::ElementSize::POINTER, 200);
+    for (uint32_t i = 0; i < 200; ++i) {
+      Result<uint32_t> index = ctx.addResultCap(std::make_unique<Node>(i, log_));
+      if (!index) return readyPromise<void>(index.error());
+      writeCapPointer(list, i, *index);
+    }
+    return readyPromise<void>(Status{});
+  }
+
+ private:
+  Log& log_;
+};
+
+TEST_F(RpcManyCapsTest,
+       ResultsWhoseCapTableOutgrowsTheRingsLargestFrameFailTheCallAndExportNothing) {
+  Bulky bulky(serverLog_);
+  RpcOptions options;
+  options.maxMessageBytes = 64 * 1024;  // more than the ring's largest frame
+  LocalPair pair(loop_, &bulky, nullptr, options, 64 * 1024);
+  const uint32_t exportsBefore = pair.server().exportCount();
+  Result<Response> r =
+      loop_.run(responseOf(pair.client().bootstrap().newCall(NODE_INTERFACE_ID, 0, 64).send()));
+  EXPECT_EQ(r.code(), Errc::MESSAGE_TOO_LARGE);
+  EXPECT_TRUE(pair.client().isOpen());
+  EXPECT_TRUE(pair.server().isOpen());
+  ASSERT_TRUE(runUntil(loop_, [&] {
+    return pair.server().answerCount() == 0 && serverLog_.destroyed == serverLog_.created;
+  })) << "the two hundred objects went with the refused results";
+  EXPECT_EQ(serverLog_.created, 200);
+  EXPECT_EQ(pair.server().exportCount(), exportsBefore) << "nothing stayed exported";
+  EXPECT_EQ(pair.client().importCount(), 0u);
+}
+
 TEST_F(RpcManyCapsTest, AnswerEntriesDoNotKeepLargeTablesBeyondASmallPool) {
   // Sixty-four calls at once, each passing forty of the client's objects that the server returns
   // (its answers record the forty its results name): freed, the answer entries keep no more than
