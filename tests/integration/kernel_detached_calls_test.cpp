@@ -203,18 +203,26 @@ struct Served {
     warm.reset();
     settle(*server);
   }
+  // What a stream that went leaves (after warmUp).
+  Observed baseline() {
+    warmUp();
+    return observe();
+  }
+  // A publisher of 64 slots to the client, its calls all answered.
+  std::unique_ptr<EventPublisher> publisher() {
+    std::unique_ptr<EventPublisher> made = get(loop.run(EventPublisher::create(*served, 64)));
+    settle(*server);
+    return made;
+  }
 };
 
 TEST(KernelDetachedCalls, APublisherDestroyedWhileTheRingIsFullStillDestroysItsObjects) {
   Watchdog dog("a publisher's destructor behind a full ring", seconds(30));
   Served s;
   ASSERT_NE(s.served, nullptr);
-  s.warmUp();
-  const Observed baseline = s.observe();
-  std::unique_ptr<EventPublisher> publisher =
-      get(s.loop.run(EventPublisher::create(*s.served, 64)));
+  const Observed baseline = s.baseline();
+  std::unique_ptr<EventPublisher> publisher = s.publisher();
   ASSERT_TRUE(publisher);
-  settle(*s.server);
   EXPECT_FALSE(s.observe() == baseline);
 
   StoppedKernel stopped(s.kernel);
@@ -233,12 +241,9 @@ TEST(KernelDetachedCalls,
   Watchdog dog("a cancelled close behind a full ring", seconds(30));
   Served s;
   ASSERT_NE(s.served, nullptr);
-  s.warmUp();
-  const Observed baseline = s.observe();
-  std::unique_ptr<EventPublisher> publisher =
-      get(s.loop.run(EventPublisher::create(*s.served, 64)));
+  const Observed baseline = s.baseline();
+  std::unique_ptr<EventPublisher> publisher = s.publisher();
   ASSERT_TRUE(publisher);
-  settle(*s.server);
 
   StoppedKernel stopped(s.kernel);
   std::vector<Promise<CapInfo>> calls = fillRing(*s.server, s.server->bank());

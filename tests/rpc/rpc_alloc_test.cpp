@@ -150,14 +150,7 @@ class Many final : public ServerObject {
 Promise<void> manyCapCalls(RemoteCap& cap, std::vector<std::unique_ptr<Node>>& objects, int n) {
   for (int c = 0; c < n; ++c) {
     Request req = cap.newCall(NODE_INTERFACE_ID, 0, 8 * objects.size() + 64);
-    capnp::AnyList::Builder list =
-        req.params().initAsAnyStruct(0, 1).getPointerSection()[0].initAsAnyList(
-            capnp::ElementSize::POINTER, static_cast<uint32_t>(objects.size()));
-    for (uint32_t i = 0; i < objects.size(); ++i) {
-      Result<uint32_t> index = req.addCap(*objects[i]);
-      AGATE_CO_TRY(index);
-      writeCapPointer(list, i, *index);
-    }
+    AGATE_CO_TRY(writeCapList(req, req.params().initAsAnyStruct(0, 1), 0, objects));
     Result<Response> r = co_await req.send();
     AGATE_CO_TRY(r);
     AGATE_ASSERT(r->capCount() == objects.size(), "call %d", c);

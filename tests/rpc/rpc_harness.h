@@ -3,7 +3,9 @@
 #pragma once
 
 #include <chrono>
+#include <iterator>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "agate/rpc/connection.h"
@@ -258,6 +260,27 @@ bool runUntil(EventLoop& loop, F done, std::chrono::milliseconds limit = 5000ms)
     (void)loop.run(loop.sleep(100us));
   }
   return true;
+}
+
+// Sets pointer `field` of `s` to a list of capabilities to `caps`, each added to `req`'s cap table
+// in order: references (RemoteCap), or this side's objects (pointers or unique_ptrs to them, which
+// stay owned by the caller). The first addCap error, with the list partly written.
+template <class Caps>
+Status writeCapList(Request& req, capnp::AnyStruct::Builder s, uint16_t field, const Caps& caps) {
+  capnp::AnyList::Builder list = s.getPointerSection()[field].initAsAnyList(
+      capnp::ElementSize::POINTER, static_cast<uint32_t>(std::size(caps)));
+  uint32_t i = 0;
+  for (const auto& cap : caps) {
+    Result<uint32_t> index = Error(Errc::FAILED, "unset");
+    if constexpr (std::is_same_v<std::decay_t<decltype(cap)>, RemoteCap>) {
+      index = req.addCap(cap);
+    } else {
+      index = req.addCap(*cap);
+    }
+    AGATE_TRY(index);
+    writeCapPointer(list, i++, *index);
+  }
+  return {};
 }
 
 }  // namespace agate::rpc::test

@@ -8,7 +8,6 @@
 #include <cstring>
 #include <memory>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include "rpc_harness.h"
@@ -101,19 +100,7 @@ template <class Cap>
 Promise<Response> reflect(RemoteCap target, const std::vector<Cap>& caps) {
   // Room for the content only: the cap table gets its own when the call is sent.
   Request req = target.newCall(NODE_INTERFACE_ID, REFLECT, 8 * caps.size() + 64);
-  capnp::AnyList::Builder list =
-      req.params().initAsAnyStruct(0, 1).getPointerSection()[0].initAsAnyList(
-          capnp::ElementSize::POINTER, static_cast<uint32_t>(caps.size()));
-  for (uint32_t i = 0; i < caps.size(); ++i) {
-    Result<uint32_t> index = Error(Errc::FAILED, "unset");
-    if constexpr (std::is_same_v<Cap, RemoteCap>) {
-      index = req.addCap(caps[i]);
-    } else {
-      index = req.addCap(*caps[i]);
-    }
-    AGATE_CO_TRY(index);
-    writeCapPointer(list, i, *index);
-  }
+  AGATE_CO_TRY(writeCapList(req, req.params().initAsAnyStruct(0, 1), 0, caps));
   Result<Response> r = co_await req.send();
   AGATE_CO_TRY(r);
   co_return std::move(*r);

@@ -512,13 +512,7 @@ Promise<uint64_t> callBackAllThrough(RemoteCap target, ServerObject& c, ServerOb
       writeCapPointer(one, 0, *index);
     }
   } else {
-    capnp::AnyList::Builder list =
-        params.getPointerSection()[0].initAsAnyList(capnp::ElementSize::POINTER, 2);
-    for (uint32_t i = 0; i < 2; ++i) {
-      Result<uint32_t> index = req.addCap(*objects[i]);
-      AGATE_CO_TRY(index);
-      writeCapPointer(list, i, *index);
-    }
+    AGATE_CO_TRY(writeCapList(req, params, 0, objects));
   }
   Result<Response> r = co_await req.send();
   AGATE_CO_TRY(r);
@@ -544,14 +538,7 @@ TEST_F(ForwardingTest, ListsOfCapabilitiesInParamsAreCarriedThroughAProxy) {
 // CALL_BACK_ALL through `target` with params {list of `objects`}.
 Promise<uint64_t> callBackListThrough(RemoteCap target, const std::vector<ServerObject*>& objects) {
   Request req = target.newCall(NODE_INTERFACE_ID, CALL_BACK_ALL, 8 * objects.size() + 64);
-  capnp::AnyList::Builder list =
-      req.params().initAsAnyStruct(0, 1).getPointerSection()[0].initAsAnyList(
-          capnp::ElementSize::POINTER, static_cast<uint32_t>(objects.size()));
-  for (uint32_t i = 0; i < objects.size(); ++i) {
-    Result<uint32_t> index = req.addCap(*objects[i]);
-    AGATE_CO_TRY(index);
-    writeCapPointer(list, i, *index);
-  }
+  AGATE_CO_TRY(writeCapList(req, req.params().initAsAnyStruct(0, 1), 0, objects));
   Result<Response> r = co_await req.send();
   AGATE_CO_TRY(r);
   co_return r->results().getAs<Value>().getValue();
