@@ -9,12 +9,13 @@
 
 #include "rpc_harness.h"
 #include "support/alloc_counter.h"
+#include "support/steady_state.h"
 #include "support/watchdog.h"
 
 namespace agate::rpc::test {
 namespace {
 
-using agate::testing::allocationCount;
+using agate::testing::expectNoAllocationsInSteadyState;
 using agate::testing::Watchdog;
 
 Promise<void> awaitedCalls(RemoteCap& cap, int n, bool noPipelining = false) {
@@ -84,9 +85,8 @@ TEST_F(RpcAllocTest, AwaitedCallAllocatesNothingInSteadyState) {
   LocalPair pair(loop_, &root_);
   RemoteCap cap = pair.client().bootstrap();
   ASSERT_TRUE(loop_.run(awaitedCalls(cap, 500)).ok());
-  const uint64_t before = allocationCount();
-  ASSERT_TRUE(loop_.run(awaitedCalls(cap, 2000)).ok());
-  EXPECT_EQ(allocationCount() - before, 0u) << "allocations per 2000 calls";
+  expectNoAllocationsInSteadyState(
+      loop_, [&] { ASSERT_TRUE(loop_.run(awaitedCalls(cap, 2000)).ok()); }, "2000 calls");
 }
 
 TEST_F(RpcAllocTest, CallsInFlightAllocateNothingInSteadyState) {
@@ -95,9 +95,8 @@ TEST_F(RpcAllocTest, CallsInFlightAllocateNothingInSteadyState) {
   std::vector<RemotePromise> slots;
   slots.reserve(32);
   ASSERT_TRUE(loop_.run(callsInFlight(cap, 50, slots)).ok());
-  const uint64_t before = allocationCount();
-  ASSERT_TRUE(loop_.run(callsInFlight(cap, 100, slots)).ok());
-  EXPECT_EQ(allocationCount() - before, 0u) << "allocations per 3200 calls";
+  expectNoAllocationsInSteadyState(
+      loop_, [&] { ASSERT_TRUE(loop_.run(callsInFlight(cap, 100, slots)).ok()); }, "3200 calls");
 }
 
 // Sent without promise pipelining: no Finish, entries freed at the Return, ids reused at once.
@@ -108,10 +107,13 @@ TEST_F(RpcAllocTest, CallsWithoutPipeliningAllocateNothingInSteadyState) {
   slots.reserve(32);
   ASSERT_TRUE(loop_.run(awaitedCalls(cap, 500, true)).ok());
   ASSERT_TRUE(loop_.run(callsInFlight(cap, 50, slots, true)).ok());
-  const uint64_t before = allocationCount();
-  ASSERT_TRUE(loop_.run(awaitedCalls(cap, 2000, true)).ok());
-  ASSERT_TRUE(loop_.run(callsInFlight(cap, 100, slots, true)).ok());
-  EXPECT_EQ(allocationCount() - before, 0u) << "allocations per 5200 calls";
+  expectNoAllocationsInSteadyState(
+      loop_,
+      [&] {
+        ASSERT_TRUE(loop_.run(awaitedCalls(cap, 2000, true)).ok());
+        ASSERT_TRUE(loop_.run(callsInFlight(cap, 100, slots, true)).ok());
+      },
+      "5200 calls");
   EXPECT_EQ(pair.client().stats().finishesSent, 0u);
 }
 
@@ -119,9 +121,9 @@ TEST_F(RpcAllocTest, PipelinedChainsOnAReleasedAndReexportedObjectAllocateNothin
   LocalPair pair(loop_, &root_);
   RemoteCap cap = pair.client().bootstrap();
   ASSERT_TRUE(loop_.run(pipelinedChains(cap, 50)).ok());
-  const uint64_t before = allocationCount();
-  ASSERT_TRUE(loop_.run(pipelinedChains(cap, 200)).ok());
-  EXPECT_EQ(allocationCount() - before, 0u) << "allocations per 200 chains of ten calls";
+  expectNoAllocationsInSteadyState(
+      loop_, [&] { ASSERT_TRUE(loop_.run(pipelinedChains(cap, 200)).ok()); },
+      "200 chains of ten calls");
 }
 
 // Answers any call with a result of `count` references to itself, after checking that the
@@ -168,10 +170,9 @@ TEST_F(RpcAllocTest, CallsWithManyCapabilitiesEachWayAllocateNothingInSteadyStat
   for (uint32_t i = 0; i < N; ++i) objects.push_back(std::make_unique<Node>(i, log_));
   RemoteCap cap = pair.client().bootstrap();
   ASSERT_TRUE(loop_.run(manyCapCalls(cap, objects, 50)).ok());
-  const uint64_t before = allocationCount();
-  ASSERT_TRUE(loop_.run(manyCapCalls(cap, objects, 200)).ok());
-  EXPECT_EQ(allocationCount() - before, 0u)
-      << "allocations per 200 calls of 100 + 100 capabilities";
+  expectNoAllocationsInSteadyState(
+      loop_, [&] { ASSERT_TRUE(loop_.run(manyCapCalls(cap, objects, 200)).ok()); },
+      "200 calls of 100 + 100 capabilities");
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 
 #include "agate/runtime/message_channel.h"
 #include "support/alloc_counter.h"
+#include "support/steady_state.h"
 #include "test_messages.capnp.h"
 
 namespace agate {
@@ -127,11 +128,13 @@ TEST_P(TypedAsyncAllocTest, HundredThousandAwaitedRoundTripsAllocateNothingInSte
   Endpoints replies(options);
   EventLoop loop(LoopOptions{.backend = GetParam().backend});
   roundTrips(loop, requests, replies, 1000);  // warm-up fills the frame arena
-  uint64_t before = testing::allocationCount();
-  int64_t sum = roundTrips(loop, requests, replies, N);
-  uint64_t after = testing::allocationCount();
-  EXPECT_EQ(sum, int64_t{N} * (N + 1) / 2);
-  EXPECT_EQ(after - before, 0u) << "heap allocations during " << N << " awaited round trips";
+  testing::expectNoAllocationsInSteadyState(
+      loop,
+      [&] {
+        int64_t sum = roundTrips(loop, requests, replies, N);
+        ASSERT_EQ(sum, int64_t{N} * (N + 1) / 2);
+      },
+      "100000 awaited round trips");
 }
 
 }  // namespace

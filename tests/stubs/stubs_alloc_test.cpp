@@ -6,6 +6,7 @@
 #include "rpc/rpc_harness.h"
 #include "stubs_test.agate.h"
 #include "support/alloc_counter.h"
+#include "support/steady_state.h"
 #include "support/watchdog.h"
 
 namespace agate::rpc::typedtest {
@@ -13,7 +14,6 @@ namespace {
 
 namespace st = agate::rpc::stubtest::stubs;
 using agate::rpc::test::LocalPair;
-using agate::testing::allocationCount;
 using agate::testing::Watchdog;
 
 class Summer final : public st::Adder::Server {
@@ -54,9 +54,8 @@ TEST(StubsAllocTest, TypedCallsAllocateNothingInSteadyState) {
   LocalPair pair(loop, &summer);
   st::Adder::Client adder(pair.client().bootstrap());
   ASSERT_TRUE(loop.run(typedCalls(adder, 100)).ok());
-  const uint64_t before = allocationCount();
-  ASSERT_TRUE(loop.run(typedCalls(adder, 300)).ok());
-  EXPECT_EQ(allocationCount() - before, 0u) << "allocations per 600 typed calls";
+  agate::testing::expectNoAllocationsInSteadyState(
+      loop, [&] { ASSERT_TRUE(loop.run(typedCalls(adder, 300)).ok()); }, "600 typed calls");
 }
 
 }  // namespace
