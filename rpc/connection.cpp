@@ -401,6 +401,11 @@ Request RpcConnection::newCall(const RemoteCap& target, uint64_t interfaceId, ui
   // connection is dead).
   if (target.kind_ == RemoteCap::Kind::IMPORT && imports_[target.id_].elsewhere)
     return imports_[target.id_].elsewhere->newCall(interfaceId, methodId, sizeHint);
+  return newCallHere(target, interfaceId, methodId, sizeHint);
+}
+
+Request RpcConnection::newCallHere(const RemoteCap& target, uint64_t interfaceId, uint16_t methodId,
+                                   size_t sizeHint) {
   Request request(this, Error{});
   // An import that was a promise goes where it resolved (or fails as it broke).
   Error broken{};
@@ -515,13 +520,11 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
   auto [promise, fulfiller] = newPromiseAndFulfiller<Response>();
   q.fulfiller.emplace(std::move(fulfiller));
   ++handles_;
-  RemotePromise sentPromise(this, qid, std::move(promise), Error{});
-  sentPromise.generation_ = q.generation;
-  sentPromise.noPipelining_ = q.noPipelining;
+  const uint64_t generation = q.generation;
   // Last: the Call is out, and the question is set up should what this sends fail the
-  // connection.
+  // connection (its promise is then already broken).
   releaseTarget(request);
-  return sentPromise;
+  return RemotePromise(this, qid, generation, request.noPipelining_, std::move(promise));
 }
 
 void RpcConnection::releaseTarget(Request& request) noexcept {

@@ -144,22 +144,13 @@ RemotePromise Request::send() {
   return p;
 }
 
-RemotePromise::RemotePromise(RemotePromise&& o) noexcept
-    : conn_(std::exchange(o.conn_, nullptr)),
-      questionId_(o.questionId_),
-      generation_(o.generation_),
-      noPipelining_(o.noPipelining_),
-      promise_(std::move(o.promise_)),
-      error_(o.error_) {}
-
-RemotePromise::~RemotePromise() {
+void RemotePromise::release() noexcept {
   // Drop the promise first: a Response still inside it releases its frame before Finish.
   { Promise<Response> dropped = std::move(promise_); }
-  if (RpcConnection* conn = std::exchange(conn_, nullptr)) {
-    // A question freed at its Return (noFinishNeeded) is no longer this promise's reference.
-    if (conn->questions_[questionId_].generation == generation_) conn->questionUnref(questionId_);
-    --conn->handles_;
-  }
+  RpcConnection* conn = std::exchange(conn_, nullptr);
+  // A question freed at its Return (noFinishNeeded) is no longer this promise's reference.
+  if (conn->questions_[questionId_].generation == generation_) conn->questionUnref(questionId_);
+  --conn->handles_;
 }
 
 RemoteCap RemotePromise::pipeline(std::span<const uint16_t> path) const {
@@ -186,12 +177,7 @@ RemoteCap RemotePromise::pipeline(std::span<const uint16_t> path) const {
   return cap;
 }
 
-Response::Response(Response&& o) noexcept
-    : conn_(std::exchange(o.conn_, nullptr)), slot_(o.slot_) {}
-
-Response::~Response() {
-  if (RpcConnection* conn = std::exchange(conn_, nullptr)) conn->releaseResponse(slot_);
-}
+void Response::release() noexcept { std::exchange(conn_, nullptr)->releaseResponse(slot_); }
 
 capnp::AnyPointer::Reader Response::results() const {
   AGATE_REQUIRE(conn_ != nullptr, "use of a moved-from Response");

@@ -364,10 +364,13 @@ using CapTable = SmallTable<CapEntry, INLINE_CAPS>;
 // Response itself stays valid, and results() gives fresh readers after a suspension.
 class Response {
  public:
-  Response(Response&& o) noexcept;
+  // Inline: a Response is moved several times on its way from the Return to its caller.
+  Response(Response&& o) noexcept : conn_(std::exchange(o.conn_, nullptr)), slot_(o.slot_) {}
   Response& operator=(Response&&) = delete;
   Response(const Response&) = delete;
-  ~Response();
+  ~Response() {
+    if (conn_ != nullptr) release();
+  }
 
   // The results struct (typed: results().getAs<T>(); a schema mismatch throws inside Cap'n
   // Proto, so read untrusted shapes with tryRead).
@@ -397,6 +400,7 @@ class Response {
  private:
   friend class RpcConnection;
   Response(RpcConnection* conn, detail::ResponseSlot* slot) noexcept : conn_(conn), slot_(slot) {}
+  void release() noexcept;
   RpcConnection* conn_;         // null once moved from
   detail::ResponseSlot* slot_;  // owned by the connection's pool; returned when dropped
 };
@@ -406,10 +410,18 @@ class Response {
 // RemoteCap) sends Finish, which cancels the call if it has not returned.
 class [[nodiscard]] RemotePromise {
  public:
-  RemotePromise(RemotePromise&& o) noexcept;
+  RemotePromise(RemotePromise&& o) noexcept
+      : conn_(std::exchange(o.conn_, nullptr)),
+        questionId_(o.questionId_),
+        generation_(o.generation_),
+        noPipelining_(o.noPipelining_),
+        promise_(std::move(o.promise_)),
+        error_(o.error_) {}
   RemotePromise& operator=(RemotePromise&&) = delete;
   RemotePromise(const RemotePromise&) = delete;
-  ~RemotePromise();
+  ~RemotePromise() {
+    if (conn_ != nullptr) release();  // a moved-from or refused one holds no question
+  }
 
   // A reference to the capability at pointer-field path `path` of the results (empty: the
   // results root is the capability). Calls on it go out at once, targeted at the promised
@@ -436,6 +448,14 @@ class [[nodiscard]] RemotePromise {
   RemotePromise(RpcConnection* conn, uint32_t questionId, Promise<Response> promise,
                 Error error) noexcept
       : conn_(conn), questionId_(questionId), promise_(std::move(promise)), error_(error) {}
+  RemotePromise(RpcConnection* conn, uint32_t questionId, uint64_t generation, bool noPipelining,
+                Promise<Response> promise) noexcept
+      : conn_(conn),
+        questionId_(questionId),
+        generation_(generation),
+        noPipelining_(noPipelining),
+        promise_(std::move(promise)) {}
+  void release() noexcept;
   RpcConnection* conn_;  // null when the call never got a question (or moved from)
   uint32_t questionId_;
   // The question's generation when sent: a question freed at its Return (noFinishNeeded) is
@@ -825,6 +845,10 @@ class RpcConnection {
   // --- client side ---
   Request newCall(const RemoteCap& target, uint64_t interfaceId, uint16_t methodId,
                   size_t sizeHint);
+  // newCall for a target this connection serves. Every path returns the one named Request, so
+  // it is built in the caller's place (a Request is a few hundred bytes: its inline cap table).
+  Request newCallHere(const RemoteCap& target, uint64_t interfaceId, uint16_t methodId,
+                      size_t sizeHint);
   RemotePromise sendRequest(Request& request);
   void releaseTarget(Request& request) noexcept;
   void questionRef(uint32_t id) noexcept;
