@@ -678,8 +678,8 @@ void RpcConnection::cancelIfUnwanted(Answer& a) {
 
 Status RpcConnection::handleRelease(uint32_t exportId, uint32_t count) {
   ++stats_.releasesReceived;
-  exports_[exportId].remoteRefs -= count;
-  maybeFreeExport(exportId);
+  Export& e = exports_[exportId];
+  if ((e.remoteRefs -= count) == 0 && e.pins == 0) maybeFreeExport(exportId);
   return {};
 }
 

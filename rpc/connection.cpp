@@ -242,9 +242,11 @@ Result<uint32_t> RpcConnection::exportObject(ServerObject* object,
 
 void RpcConnection::exportUnpin(uint32_t id) noexcept {
   if (id == NONE || id >= exports_.size() || !exports_[id].inUse) return;
-  AGATE_ASSERT(exports_[id].pins > 0, "export %u unpinned more than pinned", id);
-  --exports_[id].pins;
-  maybeFreeExport(id);
+  Export& e = exports_[id];
+  AGATE_ASSERT(e.pins > 0, "export %u unpinned more than pinned", id);
+  // Decided from the count just written: reading remoteRefs and pins back as one word would
+  // wait for this narrower store to reach the cache (a stalled store forward on every unpin).
+  if (--e.pins == 0 && e.remoteRefs == 0) maybeFreeExport(id);
 }
 
 void RpcConnection::maybeFreeExport(uint32_t id) noexcept {
