@@ -475,6 +475,12 @@ void RpcConnection::buildCall(Request& request) {
 }
 
 RemotePromise RpcConnection::sendRequest(Request& request) {
+  // The cap table is cleared however this returns, once the promise is made (each path returns
+  // a prvalue, built in the caller's place).
+  struct ClearCaps {
+    detail::CapTable& caps;
+    ~ClearCaps() { caps.clear(); }
+  } clearCaps{request.caps_};
   if (request.error_.code == Errc::OK && !isOpen()) request.error_ = failure_;
   if (request.error_.code == Errc::OK && request.unbuilt_ && request.caps_.size() > 0)
     buildCall(request);  // the cap table goes in a built message

@@ -139,9 +139,7 @@ RemotePromise Request::send() {
   }
   AGATE_REQUIRE(unbuilt_ || slot_.active() || error_.code != Errc::OK,
                 "send() of a request already sent");
-  RemotePromise p = conn_->sendRequest(*this);
-  caps_.clear();
-  return p;
+  return conn_->sendRequest(*this);  // clears the cap table as it returns
 }
 
 void RemotePromise::release() noexcept {

@@ -480,12 +480,12 @@ TEST_P(EventLoopTest, BeforeWaitTasksRunBeforeTheLoopBlocks) {
   EventLoop loop(options());
   // Only the before-wait task completes `flushed`: a loop that blocked in its wait before running
   // it would sleep until runWithin's deadline, with nothing else to wake it.
-  auto [flushed, fulfiller] = newPromiseAndFulfiller<void>();
-  FunctionTask flush([&] { fulfiller.fulfill(Status{}); });
+  PromiseAndFulfiller<void> flushed = newPromiseAndFulfiller<void>();
+  FunctionTask flush([&] { flushed.fulfiller.fulfill(Status{}); });
   auto co = [&]() -> Promise<void> {
     co_await loop.yield();
     loop.postBeforeWait(flush);
-    co_return co_await std::move(flushed);
+    co_return co_await std::move(flushed.promise);
   };
   EXPECT_TRUE(runWithin(loop, co(), 5s).ok()) << "it ran after the wait, not before";
 }

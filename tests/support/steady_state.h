@@ -17,6 +17,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <source_location>
 #include <string>
 
 #include "agate/runtime/event_loop.h"
@@ -24,9 +25,11 @@
 
 namespace agate::testing {
 
+// A failure is reported at the caller's line.
 template <class Round>
 void expectNoAllocationsInSteadyState(EventLoop& loop, Round&& round, const char* what,
-                                      int attempts = 3) {
+                                      int attempts = 3,
+                                      std::source_location at = std::source_location::current()) {
   std::string grown;
   for (int run = 1; run <= attempts; ++run) {
     const uint64_t heapBefore = allocationCount();
@@ -37,14 +40,16 @@ void expectNoAllocationsInSteadyState(EventLoop& loop, Round&& round, const char
     if (::testing::Test::HasFatalFailure()) return;
     if (heap == 0) return;
     if (heap != arena) {
-      ADD_FAILURE() << heap << " heap allocation(s) during " << what << " (run " << run
-                    << "), of which " << arena << " grew the loop's frame arena";
+      ADD_FAILURE_AT(at.file_name(), static_cast<int>(at.line()))
+          << heap << " heap allocation(s) during " << what << " (run " << run << "), of which "
+          << arena << " grew the loop's frame arena";
       return;
     }
     grown += (grown.empty() ? "" : ", ") + std::to_string(arena);
   }
-  ADD_FAILURE() << "the loop's frame arena grew in every one of " << attempts << " runs of " << what
-                << " (heap blocks per run: " << grown << "): a frame or node is kept per call";
+  ADD_FAILURE_AT(at.file_name(), static_cast<int>(at.line()))
+      << "the loop's frame arena grew in every one of " << attempts << " runs of " << what
+      << " (heap blocks per run: " << grown << "): a frame or node is kept per call";
 }
 
 }  // namespace agate::testing

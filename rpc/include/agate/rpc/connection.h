@@ -849,6 +849,7 @@ class RpcConnection {
   // it is built in the caller's place (a Request is a few hundred bytes: its inline cap table).
   Request newCallHere(const RemoteCap& target, uint64_t interfaceId, uint16_t methodId,
                       size_t sizeHint);
+  // Sends the request's Call and clears its cap table.
   RemotePromise sendRequest(Request& request);
   void releaseTarget(Request& request) noexcept;
   void questionRef(uint32_t id) noexcept;
