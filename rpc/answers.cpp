@@ -33,6 +33,10 @@ Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
   CallContext& ctx = a.context;
   ctx.conn_ = this;
   ctx.answerId_ = d.id;
+  if (d.refused.code != Errc::OK) {  // its capabilities were dropped as it was read
+    failAnswer(a, d.refused);
+    return {};
+  }
   ctx.paramCaps_.reserve(*this, d.capCount);  // past the inline entries: a pooled block
   for (uint32_t i = 0; i < d.capCount; ++i) {
     ReceivedCap& cap = ctx.paramCaps_.emplaceBack();

@@ -531,6 +531,13 @@ struct RpcConnection::Import {
 // (RpcConnection::scratchFor sets them), and decode writes entry i before anything reads it
 // (i < capCount, i < pathLength; resolveHosts sets capHosts[i] and, when it is null,
 // capHostErrors[i]).
+struct RpcConnection::DecodedCap {
+  detail::CapEntry::Kind kind = detail::CapEntry::Kind::NONE;
+  uint32_t id = 0;         // the export, import, vine or answer id the entry names
+  VatId vat = NO_VAT;      // THIRD_PARTY: the host
+  uint64_t provision = 0;  // THIRD_PARTY
+};
+
 struct RpcConnection::Decoded {
   wire::Message::Which which{};
   uint32_t id = 0;     // call: question id; return: answer id; finish; release: export id
@@ -557,6 +564,11 @@ struct RpcConnection::Decoded {
   RpcConnection** capHosts = nullptr;
   Error* capHostErrors = nullptr;
   uint32_t thirdPartyCount = 0;
+  // A cap table longer than maxCapsPerMessage (a peer whose bound is larger): the message is
+  // refused, not the connection. `refused` is why (MESSAGE_TOO_LARGE), capCount stays 0 and
+  // `caps` keeps the table, whose references are dropped at once (dropRefusedCaps). A refused
+  // call fails with it; refused results fail the question with it (returnKind EXCEPTION).
+  Error refused{};
   // provide: recipient; accept: introducer.
   VatId vat = NO_VAT;
   uint64_t provisionId = 0;

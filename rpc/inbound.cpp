@@ -88,82 +88,140 @@ Promise<void> RpcConnection::readLoop() {
 }
 
 Status RpcConnection::decodeCapTable(capnp::List<wire::CapDescriptor>::Reader caps, Decoded& d) {
-  if (caps.size() > options_.maxCapsPerMessage)
-    return Error(Errc::PROTOCOL_ERROR,
-                 "cap table longer than a message may carry (RpcOptions::maxCapsPerMessage)");
+  if (caps.size() > options_.maxCapsPerMessage) return refuseCapTable(caps, d);
   scratchFor(d, caps.size());
   d.caps = caps;
   d.capCount = caps.size();
+  DecodedCap c;
   for (uint32_t i = 0; i < d.capCount; ++i) {
-    wire::CapDescriptor::Reader c = caps[i];
-    switch (c.which()) {
-      case wire::CapDescriptor::NONE:
-        d.capKinds[i] = detail::CapEntry::Kind::NONE;
-        break;
-      case wire::CapDescriptor::SENDER_HOSTED:
-        d.capKinds[i] = detail::CapEntry::Kind::SENDER_HOSTED;
-        d.capIds[i] = c.getSenderHosted();
-        if (d.capIds[i] >= options_.maxImports)
-          return Error(Errc::PROTOCOL_ERROR, "export id beyond the import table's bound");
-        // The sender resolves a promise (Resolve) before it sends it as a plain capability.
-        if (d.capIds[i] < imports_.size() && imports_[d.capIds[i]].localRefs > 0 &&
-            imports_[d.capIds[i]].promise)
-          return Error(Errc::PROTOCOL_ERROR, "a pending promise sent again as a capability");
-        break;
-      case wire::CapDescriptor::SENDER_PROMISE:
-        d.capKinds[i] = detail::CapEntry::Kind::SENDER_PROMISE;
-        d.capIds[i] = c.getSenderPromise();
-        if (d.capIds[i] >= options_.maxImports)
-          return Error(Errc::PROTOCOL_ERROR, "export id beyond the import table's bound");
-        // An export is a promise from its first reference until its Resolve: one we hold as a
-        // plain (or resolved) import cannot turn into a promise.
-        if (d.capIds[i] < imports_.size() && imports_[d.capIds[i]].localRefs > 0 &&
-            !imports_[d.capIds[i]].promise)
-          return Error(Errc::PROTOCOL_ERROR, "a capability we hold sent again as a promise");
-        break;
-      case wire::CapDescriptor::RECEIVER_HOSTED:
-        d.capKinds[i] = detail::CapEntry::Kind::RECEIVER_HOSTED;
-        d.capIds[i] = c.getReceiverHosted();
-        if (d.capIds[i] >= exports_.size() || !exports_[d.capIds[i]].inUse)
-          return Error(Errc::PROTOCOL_ERROR, "cap table names an export that does not exist");
-        break;
-      case wire::CapDescriptor::THIRD_PARTY_HOSTED: {
-        wire::ThirdPartyCapDescriptor::Reader t = c.getThirdPartyHosted();
-        d.capKinds[i] = detail::CapEntry::Kind::THIRD_PARTY;
-        d.capIds[i] = t.getVineId();
-        d.capVats[i] = t.getVatId();
-        d.capProvisions[i] = t.getProvisionId();
-        if (d.capIds[i] >= options_.maxImports)
-          return Error(Errc::PROTOCOL_ERROR, "vine id beyond the import table's bound");
-        if (d.capVats[i] == NO_VAT || d.capVats[i] == options_.peerVat ||
-            (options_.network != nullptr && d.capVats[i] == options_.network->vatId()))
-          return Error(Errc::PROTOCOL_ERROR,
-                       "third-party capability hosted by no vat, the sender or the receiver");
-        ++d.thirdPartyCount;
-        break;
-      }
-      case wire::CapDescriptor::RECEIVER_ANSWER: {
-        if (d.which != wire::Message::CALL)
-          return Error(Errc::PROTOCOL_ERROR, "receiverAnswer outside a call's params");
-        wire::PromisedAnswer::Reader pa = c.getReceiverAnswer();
-        const uint32_t q = pa.getQuestionId();
-        if (q >= answers_.size() || !answers_[q] || answers_[q]->state == Answer::State::FREE ||
-            answers_[q]->finishReceived)
-          return Error(Errc::PROTOCOL_ERROR, "receiverAnswer names an answer that does not exist");
-        if (answers_[q]->noPipelining)
-          return Error(Errc::PROTOCOL_ERROR,
-                       "receiverAnswer names an answer sent without promise pipelining");
-        if (pa.getTransform().size() > MAX_PIPELINE_PATH)
-          return Error(Errc::PROTOCOL_ERROR, "receiverAnswer path longer than allowed");
-        d.capKinds[i] = detail::CapEntry::Kind::RECEIVER_ANSWER;
-        d.capIds[i] = q;
-        break;
-      }
-      default:
-        return Error(Errc::PROTOCOL_ERROR, "unknown cap descriptor");
+    AGATE_TRY(decodeCap(caps[i], d.which, c));
+    d.capKinds[i] = c.kind;
+    d.capIds[i] = c.id;
+    if (c.kind == detail::CapEntry::Kind::THIRD_PARTY) {
+      d.capVats[i] = c.vat;
+      d.capProvisions[i] = c.provision;
+      ++d.thirdPartyCount;
     }
   }
   return {};
+}
+
+Status RpcConnection::decodeCap(wire::CapDescriptor::Reader c, wire::Message::Which which,
+                                DecodedCap& out) const {
+  switch (c.which()) {
+    case wire::CapDescriptor::NONE:
+      out.kind = detail::CapEntry::Kind::NONE;
+      return {};
+    case wire::CapDescriptor::SENDER_HOSTED:
+      out.kind = detail::CapEntry::Kind::SENDER_HOSTED;
+      out.id = c.getSenderHosted();
+      if (out.id >= options_.maxImports)
+        return Error(Errc::PROTOCOL_ERROR, "export id beyond the import table's bound");
+      // The sender resolves a promise (Resolve) before it sends it as a plain capability.
+      if (out.id < imports_.size() && imports_[out.id].localRefs > 0 && imports_[out.id].promise)
+        return Error(Errc::PROTOCOL_ERROR, "a pending promise sent again as a capability");
+      return {};
+    case wire::CapDescriptor::SENDER_PROMISE:
+      out.kind = detail::CapEntry::Kind::SENDER_PROMISE;
+      out.id = c.getSenderPromise();
+      if (out.id >= options_.maxImports)
+        return Error(Errc::PROTOCOL_ERROR, "export id beyond the import table's bound");
+      // An export is a promise from its first reference until its Resolve: one we hold as a
+      // plain (or resolved) import cannot turn into a promise.
+      if (out.id < imports_.size() && imports_[out.id].localRefs > 0 && !imports_[out.id].promise)
+        return Error(Errc::PROTOCOL_ERROR, "a capability we hold sent again as a promise");
+      return {};
+    case wire::CapDescriptor::RECEIVER_HOSTED:
+      out.kind = detail::CapEntry::Kind::RECEIVER_HOSTED;
+      out.id = c.getReceiverHosted();
+      if (out.id >= exports_.size() || !exports_[out.id].inUse)
+        return Error(Errc::PROTOCOL_ERROR, "cap table names an export that does not exist");
+      return {};
+    case wire::CapDescriptor::THIRD_PARTY_HOSTED: {
+      wire::ThirdPartyCapDescriptor::Reader t = c.getThirdPartyHosted();
+      out.kind = detail::CapEntry::Kind::THIRD_PARTY;
+      out.id = t.getVineId();
+      out.vat = t.getVatId();
+      out.provision = t.getProvisionId();
+      if (out.id >= options_.maxImports)
+        return Error(Errc::PROTOCOL_ERROR, "vine id beyond the import table's bound");
+      if (out.vat == NO_VAT || out.vat == options_.peerVat ||
+          (options_.network != nullptr && out.vat == options_.network->vatId()))
+        return Error(Errc::PROTOCOL_ERROR,
+                     "third-party capability hosted by no vat, the sender or the receiver");
+      return {};
+    }
+    case wire::CapDescriptor::RECEIVER_ANSWER: {
+      if (which != wire::Message::CALL)
+        return Error(Errc::PROTOCOL_ERROR, "receiverAnswer outside a call's params");
+      wire::PromisedAnswer::Reader pa = c.getReceiverAnswer();
+      const uint32_t q = pa.getQuestionId();
+      if (q >= answers_.size() || !answers_[q] || answers_[q]->state == Answer::State::FREE ||
+          answers_[q]->finishReceived)
+        return Error(Errc::PROTOCOL_ERROR, "receiverAnswer names an answer that does not exist");
+      if (answers_[q]->noPipelining)
+        return Error(Errc::PROTOCOL_ERROR,
+                     "receiverAnswer names an answer sent without promise pipelining");
+      if (pa.getTransform().size() > MAX_PIPELINE_PATH)
+        return Error(Errc::PROTOCOL_ERROR, "receiverAnswer path longer than allowed");
+      out.kind = detail::CapEntry::Kind::RECEIVER_ANSWER;
+      out.id = q;
+      return {};
+    }
+    default:
+      return Error(Errc::PROTOCOL_ERROR, "unknown cap descriptor");
+  }
+}
+
+// A peer whose bound is larger than ours sent more capabilities than we take in one message. The
+// entries are checked as usual (a hostile one still ends the connection); the message is refused,
+// not the connection, and nothing is kept per entry.
+Status RpcConnection::refuseCapTable(capnp::List<wire::CapDescriptor>::Reader caps, Decoded& d) {
+  DecodedCap c;
+  for (uint32_t i = 0; i < caps.size(); ++i) AGATE_TRY(decodeCap(caps[i], d.which, c));
+  d.caps = caps;
+  d.capCount = 0;
+  d.refused = Error(Errc::MESSAGE_TOO_LARGE,
+                    "the message carries more capabilities than the receiver takes in one "
+                    "(its RpcOptions::maxCapsPerMessage)");
+  return {};
+}
+
+// The references a refused table gave are taken as a received message's are (a vine as a
+// refused handoff's), then dropped: each id's last drop sends one Release with all it counted,
+// and an import we already hold just keeps them. So the sender's objects go, one Release per
+// distinct id, and no table grows past what an accepted message could make it.
+void RpcConnection::dropRefusedCaps(const Decoded& d) {
+  // The ids were checked by refuseCapTable (each below maxImports).
+  uint32_t id = 0;
+  auto imported = [&](wire::CapDescriptor::Reader entry) {
+    switch (entry.which()) {
+      case wire::CapDescriptor::SENDER_HOSTED:
+        id = entry.getSenderHosted();
+        return true;
+      case wire::CapDescriptor::SENDER_PROMISE:
+        id = entry.getSenderPromise();
+        return true;
+      case wire::CapDescriptor::THIRD_PARTY_HOSTED:
+        id = entry.getThirdPartyHosted().getVineId();
+        return true;
+      default:
+        return false;
+    }
+  };
+  for (wire::CapDescriptor::Reader entry : d.caps) {
+    if (!imported(entry)) continue;
+    importRef(id);
+    ++imports_[id].remoteRefs;
+    if (entry.which() == wire::CapDescriptor::SENDER_HOSTED) {
+      noteImported(id, detail::CapEntry::Kind::SENDER_HOSTED);
+    } else if (entry.which() == wire::CapDescriptor::SENDER_PROMISE) {
+      noteImported(id, detail::CapEntry::Kind::SENDER_PROMISE);
+    }
+  }
+  for (wire::CapDescriptor::Reader entry : d.caps) {
+    if (imported(entry)) importUnref(id);
+  }
 }
 
 void RpcConnection::scratchFor(Decoded& d, uint32_t n) {
@@ -222,7 +280,7 @@ Status RpcConnection::checkNoFinishNeeded(const Decoded& d) const {
   if (!questions_[d.id].noPipelining)
     return Error(Errc::PROTOCOL_ERROR,
                  "return without Finish for a call sent with promise pipelining");
-  if (d.capCount > 0)
+  if (d.capCount > 0 || d.caps.size() > 0)
     return Error(Errc::PROTOCOL_ERROR, "return without Finish carrying capabilities");
   return {};
 }
@@ -333,7 +391,9 @@ Status RpcConnection::decode(wire::Message::Reader m, Decoded& d) {
           wire::Payload::Reader results = r.getResults();
           d.payload = capnp::AnyStruct::Reader(results);
           AGATE_TRY(decodeCapTable(results.getCapTable(), d));
-          return checkNoFinishNeeded(d);
+          AGATE_TRY(checkNoFinishNeeded(d));
+          if (d.refused.code != Errc::OK) d.returnKind = wire::Return::EXCEPTION;  // (Decoded)
+          return {};
         }
         case wire::Return::EXCEPTION:
           d.exception = r.getException();
@@ -433,8 +493,14 @@ Status RpcConnection::handleMessage(IncomingMessage& message) {
   // only the others pay for validation (MessageReceiverOptions::validateOnDemand).
   if (!decodeCommon(message.bytes(), d, decoded)) {
     AGATE_TRY(message.validate());
-    Status read =
-        message.tryRead<wire::Message>([&](wire::Message::Reader m) { decoded = decode(m, d); });
+    Status read = message.tryRead<wire::Message>([&](wire::Message::Reader m) {
+      decoded = decode(m, d);
+      // Read here too, inside the reader's boundary: the table is walked again.
+      if (decoded && d.refused.code != Errc::OK) {
+        ++stats_.messagesRefused;
+        dropRefusedCaps(d);
+      }
+    });
     if (!read) return read;
   }
   if (!decoded) return decoded;
@@ -537,7 +603,8 @@ Status RpcConnection::handleReturn(IncomingMessage& message, const Decoded& d) {
       break;
     }
     case wire::Return::EXCEPTION:
-      if (wanted) q.fulfiller->fulfill(remoteError(d.exception));
+      if (wanted)
+        q.fulfiller->fulfill(d.refused.code != Errc::OK ? d.refused : remoteError(d.exception));
       break;
     default:
       if (wanted) q.fulfiller->fulfill(Error(Errc::CANCELLED, "the call was cancelled"));

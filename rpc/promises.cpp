@@ -182,7 +182,7 @@ void RpcConnection::takeWatchers(const Decoded& d) {
         resolution = std::move(cap);
       }
     } else if (d.returnKind == wire::Return::EXCEPTION) {
-      resolution = remoteError(d.exception);
+      resolution = d.refused.code != Errc::OK ? d.refused : remoteError(d.exception);
     } else {
       resolution = Error(Errc::CANCELLED, "the call the capability came from was cancelled");
     }

@@ -234,9 +234,14 @@ struct Payload {
 
   capTable @1 :List(CapDescriptor);
   # The capabilities the content refers to: at most the receiving connection's bound
-  # (RpcOptions::maxCapsPerMessage, 256 by default, never above 16384); a longer table aborts
-  # the connection with PROTOCOL_ERROR. Each senderHosted entry adds one reference to that export
-  # (the receiver releases it with Release, counting each time it received the id).
+  # (RpcOptions::maxCapsPerMessage, 256 by default, never above 16384). A longer table (a sender
+  # whose bound is larger) is still checked entry by entry (a malformed entry aborts with
+  # PROTOCOL_ERROR), then refused as a message: its call is answered with an exception
+  # (errc MESSAGE_TOO_LARGE), or its results fail the caller's question with that error (the
+  # caller still sends Finish), and the receiver releases every reference the table carried, one
+  # Release per distinct id (a vine too). A Return with noFinishNeeded may not carry a table at
+  # all. Each senderHosted entry adds one reference to that export (the receiver releases it
+  # with Release, counting each time it received the id).
 }
 
 struct CapDescriptor {

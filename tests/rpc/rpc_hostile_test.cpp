@@ -7,6 +7,7 @@
 
 #include <array>
 #include <functional>
+#include <map>
 #include <optional>
 #include <span>
 
@@ -342,12 +343,96 @@ void identifyWithNullCaps(wire::Message::Builder m, uint32_t questionId, uint32_
   c.initParams().initCapTable(entries);
 }
 
-TEST_F(RpcHostileTest, CapTableLongerThanTheConnectionsBoundAborts) {
+TEST_F(RpcHostileTest, CapTableLongerThanTheConnectionsBoundRefusesTheCallNotTheConnection) {
+  // A peer whose bound is larger: its call fails MESSAGE_TOO_LARGE, the method never runs, and
+  // the connection carries on.
   const uint32_t bound = victim_->maxCapsPerMessage();
   ASSERT_EQ(bound, RpcOptions{}.maxCapsPerMessage);
-  send([&](wire::Message::Builder m) { identifyWithNullCaps(m, 1, bound + 1); }, 16 * bound + 1024);
+  send(
+      [&](wire::Message::Builder m) {
+        identifyWithNullCaps(m, 1, bound + 1);
+        m.getCall().setMethodId(RECORD);  // would log its value
+        m.getCall().getParams().getContent().initAs<Value>().setValue(7);
+      },
+      16 * bound + 1024);
+  expectFromVictim([](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::RETURN);
+    EXPECT_EQ(m.getReturn().getAnswerId(), 1u);
+    ASSERT_EQ(m.getReturn().which(), wire::Return::EXCEPTION);
+    EXPECT_EQ(m.getReturn().getException().getErrc(),
+              static_cast<uint16_t>(Errc::MESSAGE_TOO_LARGE));
+    EXPECT_NE(
+        std::string(m.getReturn().getException().getReason().cStr()).find("maxCapsPerMessage"),
+        std::string::npos);
+  });
+  EXPECT_TRUE(victim_->isOpen());
+  EXPECT_EQ(victim_->stats().messagesRefused, 1u);
+  EXPECT_EQ(victim_->importCount(), 0u);
+  EXPECT_TRUE(log_.order.empty()) << "the method never ran";
+  // The same question id is free again once Finished, and the next call is served.
+  finish(1);
+  call(2, 0, ECHO);
+  expectFromVictim([](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::RETURN);
+    EXPECT_EQ(m.getReturn().getAnswerId(), 2u);
+    EXPECT_EQ(m.getReturn().which(), wire::Return::RESULTS);
+  });
+}
+
+TEST_F(RpcHostileTest, ARefusedCapTableGivesBackEveryReferenceItCarriedOneReleasePerId) {
+  // bound + 3 entries: export 5 of the sender many times, 6 twice, promise 7 once, and a
+  // third party's capability with vine 8: the victim takes none of them and releases each id with
+  // all it counted.
+  const uint32_t bound = victim_->maxCapsPerMessage();
+  send(
+      [&](wire::Message::Builder m) {
+        identifyWithNullCaps(m, 1, bound + 3);
+        auto t = m.getCall().getParams().getCapTable();
+        for (uint32_t i = 0; i < bound - 1; ++i) t[i].setSenderHosted(5);
+        t[bound - 1].setSenderHosted(6);
+        t[bound].setSenderHosted(6);
+        t[bound + 1].setSenderPromise(7);
+        wire::ThirdPartyCapDescriptor::Builder tp = t[bound + 2].initThirdPartyHosted();
+        tp.setVatId(42);
+        tp.setProvisionId(1);
+        tp.setVineId(8);
+      },
+      24 * bound + 1024);
+  std::map<uint32_t, uint32_t> released;
+  bool returned = false;
+  while (!returned) {
+    expectFromVictim([&](wire::Message::Reader m) {
+      if (m.which() == wire::Message::RELEASE) {
+        EXPECT_EQ(released.count(m.getRelease().getId()), 0u) << "one Release per id";
+        released[m.getRelease().getId()] = m.getRelease().getReferenceCount();
+        return;
+      }
+      ASSERT_EQ(m.which(), wire::Message::RETURN);
+      EXPECT_EQ(m.getReturn().which(), wire::Return::EXCEPTION);
+      returned = true;
+    });
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+  EXPECT_EQ(released, (std::map<uint32_t, uint32_t>{{5, bound - 1}, {6, 2}, {7, 1}, {8, 1}}));
+  EXPECT_EQ(victim_->importCount(), 0u);
+  EXPECT_TRUE(victim_->isOpen());
+}
+
+TEST_F(RpcHostileTest, ARefusedCapTableWithAHostileEntryStillAborts) {
+  // Past the bound the entries are still checked: one naming an export id beyond the import
+  // table's bound ends the connection, and nothing was released for the others.
+  const uint32_t bound = victim_->maxCapsPerMessage();
+  send(
+      [&](wire::Message::Builder m) {
+        identifyWithNullCaps(m, 1, bound + 1);
+        auto t = m.getCall().getParams().getCapTable();
+        t[0].setSenderHosted(5);
+        t[bound].setSenderHosted(64);  // maxImports is 64
+      },
+      16 * bound + 1024);
   expectAborted();
   EXPECT_EQ(victim_->importCount(), 0u);
+  EXPECT_EQ(victim_->stats().releasesSent, 0u);
 }
 
 TEST_F(RpcHostileTest, CapTableAtTheConnectionsBoundIsTaken) {
@@ -556,6 +641,57 @@ TEST_F(RpcHostileTest, ReturnWithNoFinishNeededCarryingACapabilityAbortsAndImpor
   EXPECT_EQ(loop_.run(awaitCall(std::move(p))).code(), Errc::PROTOCOL_ERROR);
   expectAborted();
   EXPECT_EQ(victim_->importCount(), imports) << "nothing of the refused Return was taken";
+}
+
+TEST_F(RpcHostileTest, ReturnWithNoFinishNeededCarryingMoreCapabilitiesThanTheBoundAborts) {
+  // Past the bound the Return would be refused, not taken; with noFinishNeeded it is still a
+  // Return that carries capabilities, which the callee may not send so.
+  RemoteCap peer = victim_->bootstrap();
+  RemotePromise p = peer.newCall(NODE_INTERFACE_ID, ECHO, 0).noPipelining().send();
+  expectFromVictim([](wire::Message::Reader m) { ASSERT_EQ(m.which(), wire::Message::CALL); });
+  const uint32_t bound = victim_->maxCapsPerMessage();
+  send(
+      [&](wire::Message::Builder m) {
+        wire::Return::Builder r = m.initReturn();
+        r.setAnswerId(1);
+        r.setNoFinishNeeded(true);
+        auto t = r.initResults().initCapTable(bound + 1);
+        for (uint32_t i = 0; i <= bound; ++i) t[i].setSenderHosted(5);
+      },
+      16 * bound + 1024);
+  EXPECT_EQ(loop_.run(awaitCall(std::move(p))).code(), Errc::PROTOCOL_ERROR);
+  expectAborted();
+  EXPECT_EQ(victim_->stats().messagesRefused, 0u);
+  EXPECT_EQ(victim_->stats().releasesSent, 0u);
+}
+
+TEST_F(RpcHostileTest, ReturnCarryingMoreCapabilitiesThanTheBoundFailsTheCallAndReleasesThem) {
+  RemoteCap peer = victim_->bootstrap();
+  RemotePromise p = peer.newCall(NODE_INTERFACE_ID, ECHO, 0).send();
+  expectFromVictim([](wire::Message::Reader m) { ASSERT_EQ(m.which(), wire::Message::CALL); });
+  const uint32_t imports = victim_->importCount();
+  const uint32_t bound = victim_->maxCapsPerMessage();
+  send(
+      [&](wire::Message::Builder m) {
+        wire::Return::Builder r = m.initReturn();
+        r.setAnswerId(1);
+        auto t = r.initResults().initCapTable(bound + 1);
+        for (uint32_t i = 0; i <= bound; ++i) t[i].setSenderHosted(5);
+      },
+      16 * bound + 1024);
+  Status got = loop_.run(awaitCall(std::move(p)));
+  EXPECT_EQ(got.code(), Errc::MESSAGE_TOO_LARGE);
+  EXPECT_TRUE(victim_->isOpen());
+  EXPECT_EQ(victim_->importCount(), imports);
+  expectFromVictim([&](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::RELEASE);
+    EXPECT_EQ(m.getRelease().getId(), 5u);
+    EXPECT_EQ(m.getRelease().getReferenceCount(), bound + 1);
+  });
+  expectFromVictim([](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::FINISH);  // the dropped promise
+    EXPECT_EQ(m.getFinish().getQuestionId(), 1u);
+  });
 }
 
 TEST_F(RpcHostileTest, APlainReturnForACallWithoutPipeliningIsFinishedAsUsual) {

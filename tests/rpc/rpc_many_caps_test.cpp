@@ -2,7 +2,9 @@
 // and past the room a call's frame reserves for them (the message moves to a larger buffer), in
 // params and in results, of every kind (objects of the sender, objects of the receiver passed
 // back, promises), released to the last reference; and the connection's bound on a message's
-// cap table (RpcOptions::maxCapsPerMessage) on this side's own additions.
+// cap table (RpcOptions::maxCapsPerMessage): this side's own additions past it are refused, and a
+// message from a peer with a larger bound is refused as a message (its call fails), not as a
+// connection.
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -369,30 +371,103 @@ TEST_F(RpcManyCapsTest, ThisSidesOwnAdditionPastTheBoundIsRefusedAndTheTableIsUn
   }));
 }
 
-TEST_F(RpcManyCapsTest, APeerSendingPastThisSidesBoundIsAborted) {
-  // The client allows more than the server: its 41 capabilities are sent, and the server ends the
-  // connection (PROTOCOL_ERROR) rather than take them.
-  ChannelOptions co;
-  co.scope = ChannelScope::LOCAL;
+// A client and a server over local channels, each with its own bound on a message's cap table.
+struct TwoBounds {
+  TwoBounds(EventLoop& loop, ServerObject& bootstrap, uint32_t clientBound, uint32_t serverBound) {
+    ChannelOptions co;
+    co.scope = ChannelScope::LOCAL;
+    c2s = std::move(Channel::create(co).value());
+    s2c = std::move(Channel::create(co).value());
+    clientTx = std::make_unique<MessageSender>(c2s->attachSender().value());
+    serverRx = std::make_unique<MessageReceiver>(*c2s, c2s->attachReceiver().value(),
+                                                 rpcReceiverOptions());
+    serverTx = std::make_unique<MessageSender>(s2c->attachSender().value());
+    clientRx = std::make_unique<MessageReceiver>(*s2c, s2c->attachReceiver().value(),
+                                                 rpcReceiverOptions());
+    RpcOptions so;
+    so.bootstrap = &bootstrap;
+    so.maxCapsPerMessage = serverBound;
+    RpcOptions cl;
+    cl.maxCapsPerMessage = clientBound;
+    server = std::make_unique<RpcConnection>(*serverTx, *serverRx, loop, so);
+    client = std::make_unique<RpcConnection>(*clientTx, *clientRx, loop, cl);
+  }
+  ~TwoBounds() {
+    client.reset();
+    server.reset();
+  }
+  std::unique_ptr<Channel> c2s, s2c;
+  std::unique_ptr<MessageSender> clientTx, serverTx;
+  std::unique_ptr<MessageReceiver> serverRx, clientRx;
+  std::unique_ptr<RpcConnection> server, client;
+};
+
+TEST_F(RpcManyCapsTest, ACallPastTheServersBoundIsRefusedAndTheConnectionCarriesOn) {
+  // The client allows more than the server: its 41 capabilities are sent, the server refuses the
+  // call (MESSAGE_TOO_LARGE) without running it, gives every reference back, and serves the
+  // next call, which carries as many as it takes.
   std::vector<std::unique_ptr<Node>> mine;
   for (uint32_t i = 0; i <= MANY; ++i) mine.push_back(std::make_unique<Node>(i, clientLog_));
-  auto c2s = std::move(Channel::create(co).value());
-  auto s2c = std::move(Channel::create(co).value());
-  MessageSender clientTx(c2s->attachSender().value());
-  MessageReceiver serverRx(*c2s, c2s->attachReceiver().value(), rpcReceiverOptions());
-  MessageSender serverTx(s2c->attachSender().value());
-  MessageReceiver clientRx(*s2c, s2c->attachReceiver().value(), rpcReceiverOptions());
-  RpcOptions so;
-  so.bootstrap = &mirror_;
-  so.maxCapsPerMessage = MANY;
-  RpcConnection server(serverTx, serverRx, loop_, so);
-  RpcConnection client(clientTx, clientRx, loop_, RpcOptions{});
-  Result<Response> r = loop_.run(reflect(client.bootstrap(), mine));
+  TwoBounds pair(loop_, mirror_, RpcOptions{}.maxCapsPerMessage, MANY);
+  mirror_.freshCount = 0;  // its results pass back what it got, within its own bound
+  const uint32_t exportsBefore = pair.client->exportCount();
+  Result<Response> r = loop_.run(reflect(pair.client->bootstrap(), mine));
   ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.code(), Errc::MESSAGE_TOO_LARGE);
+  EXPECT_NE(std::string(r.error().detail).find("maxCapsPerMessage"), std::string::npos);
   EXPECT_EQ(mirror_.calls, 0) << "the call never reached the object";
-  ASSERT_TRUE(runUntil(loop_, [&] { return !server.isOpen(); }));
-  EXPECT_EQ(server.failure().code, Errc::PROTOCOL_ERROR);
-  EXPECT_EQ(server.importCount(), 0u);
+  EXPECT_TRUE(pair.server->isOpen());
+  EXPECT_TRUE(pair.client->isOpen());
+  EXPECT_EQ(pair.server->stats().messagesRefused, 1u);
+  EXPECT_EQ(pair.server->importCount(), 0u);
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.client->exportCount() == exportsBefore; }))
+      << "the server released the 41 objects it was sent";
+  EXPECT_EQ(pair.client->stats().releasesReceived, MANY + 1);
+
+  mine.pop_back();  // exactly the server's bound
+  Result<Response> served = loop_.run(reflect(pair.client->bootstrap(), mine));
+  ASSERT_TRUE(served.ok()) << errcName(served.code());
+  EXPECT_EQ(mirror_.paramCaps, MANY);
+  EXPECT_EQ(pair.server->stats().messagesRefused, 1u);
+}
+
+TEST_F(RpcManyCapsTest, ResultsPastTheClientsBoundFailTheCallAndTheConnectionCarriesOn) {
+  // The server allows more than the client: results of 20 capabilities passed back and 40 new
+  // ones (objects and promises) fail the client's call (MESSAGE_TOO_LARGE); the client gives
+  // every reference back, so the server's new objects go, and the connection serves on.
+  std::vector<std::unique_ptr<Node>> mine;
+  for (uint32_t i = 0; i < 20; ++i) mine.push_back(std::make_unique<Node>(i, clientLog_));
+  TwoBounds pair(loop_, mirror_, MANY, RpcOptions{}.maxCapsPerMessage);
+  const int serverObjectsBefore = serverLog_.destroyed;
+  RemotePromise p = [&] {
+    Request req = pair.client->bootstrap().newCall(NODE_INTERFACE_ID, REFLECT, 8 * 20 + 64);
+    EXPECT_TRUE(writeCapList(req, req.params().initAsAnyStruct(0, 1), 0, mine).ok());
+    return req.send();
+  }();
+  Result<Response> r = loop_.run(responseOf(std::move(p)));
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.code(), Errc::MESSAGE_TOO_LARGE);
+  EXPECT_EQ(mirror_.calls, 1);
+  EXPECT_EQ(pair.client->stats().messagesRefused, 1u);
+  EXPECT_TRUE(pair.client->isOpen());
+  EXPECT_TRUE(pair.server->isOpen());
+  EXPECT_EQ(pair.client->importCount(), 0u);
+  mirror_.settle();  // the promises it sent resolve: the client holds none of them
+  ASSERT_TRUE(runUntil(
+      loop_, [&] { return pair.server->exportCount() == 1 && pair.client->exportCount() == 1; }))
+      << "server exports " << pair.server->exportCount() << ", client exports "
+      << pair.client->exportCount();
+  EXPECT_EQ(serverLog_.destroyed - serverObjectsBefore, static_cast<int>(MANY))
+      << "the server's new objects went, and what its promises resolved to";
+  EXPECT_EQ(pair.client->importCount(), 0u);
+
+  // Fewer new capabilities: the results fit the client's bound and are taken.
+  mirror_.freshCount = MANY - 20;
+  Result<Response> served = loop_.run(reflect(pair.client->bootstrap(), mine));
+  ASSERT_TRUE(served.ok()) << errcName(served.code());
+  EXPECT_EQ(served->capCount(), MANY);
+  EXPECT_EQ(pair.client->stats().messagesRefused, 1u);
+  mirror_.promises.clear();  // the server connection's, dropped before it
 }
 
 // Records how many capabilities each call's params carried.

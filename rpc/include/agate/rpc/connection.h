@@ -107,7 +107,7 @@ class CapPromise;
 
 // Protocol bounds (also in rpc.capnp). A peer exceeding them is aborted with PROTOCOL_ERROR.
 // Capabilities per message: each connection's RpcOptions::maxCapsPerMessage (256 by default), at
-// most CAPS_PER_MESSAGE_LIMIT.
+// most CAPS_PER_MESSAGE_LIMIT; a message past it is refused, not the connection (RpcOptions).
 inline constexpr uint32_t CAPS_PER_MESSAGE_LIMIT = 16384;
 inline constexpr uint32_t MAX_PIPELINE_PATH = 8;
 
@@ -662,8 +662,10 @@ struct RpcOptions {
   // most 4 MiB, the largest spill buffer, which also bounds the MessageReceiver's maxFrameBytes
   // (both REQUIRE-checked when the connection is made).
   size_t maxMessageBytes = 16 * 1024;
-  // Capabilities in one message's cap table, either way: a peer sending more is aborted with
-  // PROTOCOL_ERROR, and this side's own addCap past it fails with OUT_OF_MEMORY. 1 to
+  // Capabilities in one message's cap table, either way: this side's own addCap past it fails
+  // with OUT_OF_MEMORY; a message of the peer's carrying more (its bound is larger) is refused:
+  // the call, or the question whose results they were, fails with MESSAGE_TOO_LARGE, the
+  // references are released, and the connection carries on. 1 to
   // CAPS_PER_MESSAGE_LIMIT (REQUIRE-checked when the connection is made). Tables of up to
   // detail::INLINE_CAPS entries live inside the Request or the call; larger ones in buffers of
   // the connection's pool, reused (rpc/README.md, "Capabilities in messages"). A typed list of
@@ -696,6 +698,10 @@ struct RpcStats {
   uint64_t finishesIgnored = 0;  // Finishes that crossed a noFinishNeeded Return (callee side)
   uint64_t releasesSent = 0;
   uint64_t releasesReceived = 0;
+  // Calls and Returns refused for carrying more capabilities than maxCapsPerMessage (a peer
+  // whose bound is larger): the call or the question failed MESSAGE_TOO_LARGE, the connection
+  // carried on.
+  uint64_t messagesRefused = 0;
   uint64_t pipelinedCallsQueued = 0;  // calls the callee held until their promised answer
   uint64_t spilledMessages = 0;       // messages built outside the ring (backpressure)
   uint64_t doorbellRings = 0;         // rings of the peer's doorbell: one per burst of messages
@@ -938,6 +944,14 @@ class RpcConnection {
   Status checkFinishId(uint32_t answerId) const;
   Status checkRelease(uint32_t exportId, uint32_t count) const;
   Status decodeCapTable(capnp::List<wire::CapDescriptor>::Reader caps, Decoded& d);
+  // One cap-table entry, checked (decodeCapTable's rules).
+  struct DecodedCap;
+  Status decodeCap(wire::CapDescriptor::Reader c, wire::Message::Which which,
+                   DecodedCap& out) const;
+  // A cap table longer than maxCapsPerMessage: checked entry by entry, then refused (d.refused).
+  Status refuseCapTable(capnp::List<wire::CapDescriptor>::Reader caps, Decoded& d);
+  // Takes the references a refused table gave, as if received, and drops them at once.
+  void dropRefusedCaps(const Decoded& d);
   // Points d's per-entry arrays at capScratch_, grown to `n` entries first if need be.
   void scratchFor(Decoded& d, uint32_t n);
   Status handleCall(IncomingMessage& message, const Decoded& d);
