@@ -357,6 +357,8 @@ Result<uint32_t> RpcConnection::addCapFor(detail::CapTable& table, const RemoteC
                                           bool inParams) {
   if (cap.kind_ == RemoteCap::Kind::NONE) return addEntry(table, detail::CapEntry{});
   if (cap.conn_ != nullptr && cap.conn_ != this) return addForeignCap(table, cap);
+  if (cap.kind_ == RemoteCap::Kind::PIPELINE && questions_[cap.id_].refused.code != Errc::OK)
+    return questions_[cap.id_].refused;  // its results were refused: it names nothing here
   if (cap.kind_ == RemoteCap::Kind::PIPELINE && inParams) {
     // Passed back to the peer that will answer it: receiverAnswer (schemas/rpc.capnp).
     detail::CapEntry e;
@@ -415,6 +417,9 @@ Request RpcConnection::newCallHere(const RemoteCap& target, uint64_t interfaceId
       target.kind_ == RemoteCap::Kind::IMPORT ? resolvedImport(target.id_, broken) : target.id_;
   if (target.kind_ == RemoteCap::Kind::BROKEN) {
     request.error_ = target.broken_;
+  } else if (target.kind_ == RemoteCap::Kind::PIPELINE &&
+             questions_[target.id_].refused.code != Errc::OK) {
+    request.error_ = questions_[target.id_].refused;  // its results were refused
   } else if (broken.code != Errc::OK) {
     request.error_ = broken;
   } else if (!isOpen()) {

@@ -357,6 +357,10 @@ struct RpcConnection::Question {
   bool returned = false;      // Return received (or the connection ended)
   bool finishSent = false;    // Finish sent (or never to be sent: the connection ended)
   bool noPipelining = false;  // sent with Call.noPromisePipelining
+  // Its Return carried more capabilities than this side takes (Decoded::refused): calls on
+  // capabilities pipelined on it fail here with this error from then on (the peer would serve
+  // them from the results this side refused).
+  Error refused{};
   // Bumped each time the entry is freed: a RemotePromise whose question was freed under it (at
   // a Return with noFinishNeeded) sees another generation and leaves the entry alone.
   uint64_t generation = 0;  // 64 bits: never wraps in practice

@@ -324,6 +324,7 @@ void RpcConnection::openQuestion(uint32_t id) {
   AGATE_ASSERT(!q.inUse && !q.fulfiller && !q.vine, "question %u opened while in use", id);
   q.refs = 0;
   q.returned = q.finishSent = q.noPipelining = false;
+  q.refused = Error{};
   q.inUse = true;
   ++questionsLive_;
 }

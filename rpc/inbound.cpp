@@ -88,6 +88,8 @@ Promise<void> RpcConnection::readLoop() {
 }
 
 Status RpcConnection::decodeCapTable(capnp::List<wire::CapDescriptor>::Reader caps, Decoded& d) {
+  if (caps.size() > CAPS_PER_MESSAGE_LIMIT)
+    return Error(Errc::PROTOCOL_ERROR, "cap table longer than the protocol allows");
   if (caps.size() > options_.maxCapsPerMessage) return refuseCapTable(caps, d);
   scratchFor(d, caps.size());
   d.caps = caps;
@@ -552,6 +554,7 @@ Status RpcConnection::handleReturn(IncomingMessage& message, const Decoded& d) {
   ++stats_.returnsReceived;
   Question& q = questions_[d.id];
   q.returned = true;
+  q.refused = d.refused;
   if (d.noFinishNeeded) q.finishSent = true;  // none will be: the callee freed its answer
   if (!watchers_.empty()) takeWatchers(d);    // promises passed on that wait for this question
   const bool wanted = q.fulfiller.has_value() && !q.fulfiller->isCancelled();

@@ -238,9 +238,10 @@ struct Payload {
   # whose bound is larger) is still checked entry by entry (a malformed entry aborts with
   # PROTOCOL_ERROR), then refused as a message: its call is answered with an exception
   # (errc MESSAGE_TOO_LARGE), or its results fail the caller's question with that error (the
-  # caller still sends Finish), and the receiver releases every reference the table carried, one
-  # Release per distinct id (a vine too). A Return with noFinishNeeded may not carry a table at
-  # all. Each senderHosted entry adds one reference to that export (the receiver releases it
+  # caller still sends Finish; calls it pipelines on that question fail there too), and the
+  # receiver releases every reference the table carried, one Release per distinct id (a vine
+  # too). A Return with noFinishNeeded may not carry a table at all, and no table may be longer
+  # than 16384 entries (PROTOCOL_ERROR). Each senderHosted entry adds one reference to that export (the receiver releases it
   # with Release, counting each time it received the id).
 }
 

@@ -371,10 +371,10 @@ TEST_F(RpcHostileTest, CapTableLongerThanTheConnectionsBoundRefusesTheCallNotThe
   EXPECT_TRUE(log_.order.empty()) << "the method never ran";
   // The same question id is free again once Finished, and the next call is served.
   finish(1);
-  call(2, 0, ECHO);
+  call(1, 0, ECHO);
   expectFromVictim([](wire::Message::Reader m) {
     ASSERT_EQ(m.which(), wire::Message::RETURN);
-    EXPECT_EQ(m.getReturn().getAnswerId(), 2u);
+    EXPECT_EQ(m.getReturn().getAnswerId(), 1u);
     EXPECT_EQ(m.getReturn().which(), wire::Return::RESULTS);
   });
 }
@@ -668,6 +668,7 @@ TEST_F(RpcHostileTest, ReturnWithNoFinishNeededCarryingMoreCapabilitiesThanTheBo
 TEST_F(RpcHostileTest, ReturnCarryingMoreCapabilitiesThanTheBoundFailsTheCallAndReleasesThem) {
   RemoteCap peer = victim_->bootstrap();
   RemotePromise p = peer.newCall(NODE_INTERFACE_ID, ECHO, 0).send();
+  RemoteCap piped = p.pipeline({0});  // would name a capability of the refused results
   expectFromVictim([](wire::Message::Reader m) { ASSERT_EQ(m.which(), wire::Message::CALL); });
   const uint32_t imports = victim_->importCount();
   const uint32_t bound = victim_->maxCapsPerMessage();
@@ -683,6 +684,14 @@ TEST_F(RpcHostileTest, ReturnCarryingMoreCapabilitiesThanTheBoundFailsTheCallAnd
   EXPECT_EQ(got.code(), Errc::MESSAGE_TOO_LARGE);
   EXPECT_TRUE(victim_->isOpen());
   EXPECT_EQ(victim_->importCount(), imports);
+  // What was pipelined on it fails here: the peer would serve it from the refused results.
+  EXPECT_EQ(loop_.run(awaitCall(piped.newCall(NODE_INTERFACE_ID, ECHO, 0).send())).code(),
+            Errc::MESSAGE_TOO_LARGE);
+  {
+    Request passing = peer.newCall(NODE_INTERFACE_ID, IDENTIFY, 64);
+    EXPECT_EQ(passing.addCap(piped).code(), Errc::MESSAGE_TOO_LARGE);
+  }
+  piped = RemoteCap();
   expectFromVictim([&](wire::Message::Reader m) {
     ASSERT_EQ(m.which(), wire::Message::RELEASE);
     EXPECT_EQ(m.getRelease().getId(), 5u);

@@ -495,6 +495,41 @@ TEST_F(RpcManyCapsTest, ATableAtTheProtocolsLimitIsBuiltSentAndTaken) {
   EXPECT_EQ(counter.seen, CAPS_PER_MESSAGE_LIMIT);
 }
 
+TEST_F(RpcManyCapsTest, ATablePastTheProtocolsLimitAbortsRatherThanBeingRefused) {
+  // No peer may send more than CAPS_PER_MESSAGE_LIMIT entries, whatever its bound: a table past
+  // the bound is refused as a message, one past the limit ends the connection before any entry
+  // is taken or released.
+  ChannelOptions co;
+  co.scope = ChannelScope::LOCAL;
+  co.capacityBytes = 1024 * 1024;
+  auto in = std::move(Channel::create(co).value());
+  auto out = std::move(Channel::create(co).value());
+  MessageSender attacker(in->attachSender().value());
+  MessageReceiverOptions receiver;  // a budget that reads the whole table (see above)
+  receiver.limits.traversalLimitWords = 2ull * CAPS_PER_MESSAGE_LIMIT * CAPS_PER_MESSAGE_LIMIT;
+  MessageReceiver rx(*in, in->attachReceiver().value(), rpcReceiverOptions(receiver));
+  MessageSender tx(out->attachSender().value());
+  RpcOptions options;
+  options.bootstrap = &mirror_;
+  options.maxMessageBytes = 400 * 1024;
+  RpcConnection victim(tx, rx, loop_, options);
+  Result<OutgoingMessage> m = attacker.tryStartMessage(24 * (CAPS_PER_MESSAGE_LIMIT + 1) + 1024);
+  ASSERT_TRUE(m.ok());
+  wire::Call::Builder c = m->initRoot<wire::Message>().initCall();
+  c.setQuestionId(1);
+  c.getTarget().setImportedCap(0);
+  c.setInterfaceId(NODE_INTERFACE_ID);
+  c.setMethodId(REFLECT);
+  auto t = c.initParams().initCapTable(CAPS_PER_MESSAGE_LIMIT + 1);
+  for (uint32_t i = 0; i <= CAPS_PER_MESSAGE_LIMIT; ++i) t[i].setSenderHosted(5);
+  ASSERT_TRUE(m->send().ok());
+  ASSERT_TRUE(runUntil(loop_, [&] { return !victim.isOpen(); }));
+  EXPECT_EQ(victim.failure().code, Errc::PROTOCOL_ERROR);
+  EXPECT_EQ(victim.stats().messagesRefused, 0u);
+  EXPECT_EQ(victim.stats().releasesSent, 0u);
+  EXPECT_EQ(mirror_.calls, 0);
+}
+
 // A connection's two ends with nothing behind them, for the checks made when it is constructed.
 std::unique_ptr<Channel> localChannel() {
   ChannelOptions co;
