@@ -418,6 +418,35 @@ TEST_F(RpcHostileTest, ARefusedCapTableGivesBackEveryReferenceItCarriedOneReleas
   EXPECT_TRUE(victim_->isOpen());
 }
 
+TEST_F(RpcHostileTest, ARefusedCapTableNamingTheVictimsOwnExportAndAnswerLeavesNothingBehind) {
+  // receiverHosted and receiverAnswer entries in a refused table pin no export and wait on no
+  // answer: once both questions are finished, every answer of the victim is free.
+  call(1, 0, HANG);
+  ASSERT_TRUE(runUntil(loop_, [&] { return log_.hanging == 1; }));
+  const uint32_t exports = victim_->exportCount();
+  const uint32_t bound = victim_->maxCapsPerMessage();
+  send(
+      [&](wire::Message::Builder m) {
+        identifyWithNullCaps(m, 2, bound + 1);
+        auto t = m.getCall().getParams().getCapTable();
+        t[0].setReceiverHosted(0);
+        t[1].initReceiverAnswer().setQuestionId(1);
+      },
+      16 * bound + 1024);
+  expectFromVictim([](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::RETURN);
+    EXPECT_EQ(m.getReturn().getAnswerId(), 2u);
+    EXPECT_EQ(m.getReturn().which(), wire::Return::EXCEPTION);
+  });
+  EXPECT_EQ(victim_->exportCount(), exports);
+  finish(2);
+  finish(1);  // cancels the hanging call
+  ASSERT_TRUE(runUntil(loop_, [&] { return victim_->answerCount() == 0; }));
+  EXPECT_EQ(log_.cancelled, 1);
+  EXPECT_TRUE(victim_->isOpen());
+  EXPECT_EQ(victim_->stats().releasesSent, 0u);
+}
+
 TEST_F(RpcHostileTest, ARefusedCapTableWithAHostileEntryStillAborts) {
   // Past the bound the entries are still checked: one naming an export id beyond the import
   // table's bound ends the connection, and nothing was released for the others.
