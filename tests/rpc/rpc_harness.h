@@ -216,7 +216,12 @@ class LocalPair {
  public:
   LocalPair(EventLoop& loop, ServerObject* serverBootstrap, ServerObject* clientBootstrap = nullptr,
             RpcOptions options = {}, uint64_t capacity = 64 * 1024,
-            MessageReceiverOptions receiverOptions = {}) {
+            MessageReceiverOptions receiverOptions = {})
+      : LocalPair(loop, withBootstrap(options, serverBootstrap),
+                  withBootstrap(options, clientBootstrap), capacity, receiverOptions) {}
+  // Each end with its own options, bootstrap included (two bounds on cap tables, say).
+  LocalPair(EventLoop& loop, const RpcOptions& serverOptions, const RpcOptions& clientOptions,
+            uint64_t capacity = 64 * 1024, MessageReceiverOptions receiverOptions = {}) {
     ChannelOptions co;
     co.scope = ChannelScope::LOCAL;
     co.capacityBytes = capacity;
@@ -228,12 +233,8 @@ class LocalPair {
     serverTx_ = std::make_unique<MessageSender>(s2c_->attachSender().value());
     clientRx_ = std::make_unique<MessageReceiver>(*s2c_, s2c_->attachReceiver().value(),
                                                   rpcReceiverOptions(receiverOptions));
-    RpcOptions so = options;
-    so.bootstrap = serverBootstrap;
-    RpcOptions cl = options;
-    cl.bootstrap = clientBootstrap;
-    server_ = std::make_unique<RpcConnection>(*serverTx_, *serverRx_, loop, so);
-    client_ = std::make_unique<RpcConnection>(*clientTx_, *clientRx_, loop, cl);
+    server_ = std::make_unique<RpcConnection>(*serverTx_, *serverRx_, loop, serverOptions);
+    client_ = std::make_unique<RpcConnection>(*clientTx_, *clientRx_, loop, clientOptions);
   }
   ~LocalPair() {
     client_.reset();
@@ -245,6 +246,11 @@ class LocalPair {
   void destroyClient() { client_.reset(); }
 
  private:
+  static RpcOptions withBootstrap(RpcOptions options, ServerObject* bootstrap) {
+    options.bootstrap = bootstrap;
+    return options;
+  }
+
   std::unique_ptr<Channel> c2s_, s2c_;
   std::unique_ptr<MessageSender> clientTx_, serverTx_;
   std::unique_ptr<MessageReceiver> clientRx_, serverRx_;

@@ -371,35 +371,16 @@ TEST_F(RpcManyCapsTest, ThisSidesOwnAdditionPastTheBoundIsRefusedAndTheTableIsUn
   }));
 }
 
-// A client and a server over local channels, each with its own bound on a message's cap table.
-struct TwoBounds {
-  TwoBounds(EventLoop& loop, ServerObject& bootstrap, uint32_t clientBound, uint32_t serverBound) {
-    ChannelOptions co;
-    co.scope = ChannelScope::LOCAL;
-    c2s = std::move(Channel::create(co).value());
-    s2c = std::move(Channel::create(co).value());
-    clientTx = std::make_unique<MessageSender>(c2s->attachSender().value());
-    serverRx = std::make_unique<MessageReceiver>(*c2s, c2s->attachReceiver().value(),
-                                                 rpcReceiverOptions());
-    serverTx = std::make_unique<MessageSender>(s2c->attachSender().value());
-    clientRx = std::make_unique<MessageReceiver>(*s2c, s2c->attachReceiver().value(),
-                                                 rpcReceiverOptions());
-    RpcOptions so;
-    so.bootstrap = &bootstrap;
-    so.maxCapsPerMessage = serverBound;
-    RpcOptions cl;
-    cl.maxCapsPerMessage = clientBound;
-    server = std::make_unique<RpcConnection>(*serverTx, *serverRx, loop, so);
-    client = std::make_unique<RpcConnection>(*clientTx, *clientRx, loop, cl);
+// A client and a server, each with its own bound on a message's cap table.
+struct TwoBounds : LocalPair {
+  TwoBounds(EventLoop& loop, ServerObject& bootstrap, uint32_t clientBound, uint32_t serverBound)
+      : LocalPair(loop, bounded(&bootstrap, serverBound), bounded(nullptr, clientBound)) {}
+  static RpcOptions bounded(ServerObject* bootstrap, uint32_t bound) {
+    RpcOptions o;
+    o.bootstrap = bootstrap;
+    o.maxCapsPerMessage = bound;
+    return o;
   }
-  ~TwoBounds() {
-    client.reset();
-    server.reset();
-  }
-  std::unique_ptr<Channel> c2s, s2c;
-  std::unique_ptr<MessageSender> clientTx, serverTx;
-  std::unique_ptr<MessageReceiver> serverRx, clientRx;
-  std::unique_ptr<RpcConnection> server, client;
 };
 
 TEST_F(RpcManyCapsTest, ACallPastTheServersBoundIsRefusedAndTheConnectionCarriesOn) {
@@ -410,25 +391,25 @@ TEST_F(RpcManyCapsTest, ACallPastTheServersBoundIsRefusedAndTheConnectionCarries
   for (uint32_t i = 0; i <= MANY; ++i) mine.push_back(std::make_unique<Node>(i, clientLog_));
   TwoBounds pair(loop_, mirror_, RpcOptions{}.maxCapsPerMessage, MANY);
   mirror_.freshCount = 0;  // its results pass back what it got, within its own bound
-  const uint32_t exportsBefore = pair.client->exportCount();
-  Result<Response> r = loop_.run(reflect(pair.client->bootstrap(), mine));
+  const uint32_t exportsBefore = pair.client().exportCount();
+  Result<Response> r = loop_.run(reflect(pair.client().bootstrap(), mine));
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.code(), Errc::MESSAGE_TOO_LARGE);
   EXPECT_NE(std::string(r.error().detail).find("maxCapsPerMessage"), std::string::npos);
   EXPECT_EQ(mirror_.calls, 0) << "the call never reached the object";
-  EXPECT_TRUE(pair.server->isOpen());
-  EXPECT_TRUE(pair.client->isOpen());
-  EXPECT_EQ(pair.server->stats().messagesRefused, 1u);
-  EXPECT_EQ(pair.server->importCount(), 0u);
-  ASSERT_TRUE(runUntil(loop_, [&] { return pair.client->exportCount() == exportsBefore; }))
+  EXPECT_TRUE(pair.server().isOpen());
+  EXPECT_TRUE(pair.client().isOpen());
+  EXPECT_EQ(pair.server().stats().messagesRefused, 1u);
+  EXPECT_EQ(pair.server().importCount(), 0u);
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.client().exportCount() == exportsBefore; }))
       << "the server released the 41 objects it was sent";
-  EXPECT_EQ(pair.client->stats().releasesReceived, MANY + 1);
+  EXPECT_EQ(pair.client().stats().releasesReceived, MANY + 1);
 
   mine.pop_back();  // exactly the server's bound
-  Result<Response> served = loop_.run(reflect(pair.client->bootstrap(), mine));
+  Result<Response> served = loop_.run(reflect(pair.client().bootstrap(), mine));
   ASSERT_TRUE(served.ok()) << errcName(served.code());
   EXPECT_EQ(mirror_.paramCaps, MANY);
-  EXPECT_EQ(pair.server->stats().messagesRefused, 1u);
+  EXPECT_EQ(pair.server().stats().messagesRefused, 1u);
 }
 
 TEST_F(RpcManyCapsTest, ResultsPastTheClientsBoundFailTheCallAndTheConnectionCarriesOn) {
@@ -440,7 +421,7 @@ TEST_F(RpcManyCapsTest, ResultsPastTheClientsBoundFailTheCallAndTheConnectionCar
   TwoBounds pair(loop_, mirror_, MANY, RpcOptions{}.maxCapsPerMessage);
   const int serverObjectsBefore = serverLog_.destroyed;
   RemotePromise p = [&] {
-    Request req = pair.client->bootstrap().newCall(NODE_INTERFACE_ID, REFLECT, 8 * 20 + 64);
+    Request req = pair.client().bootstrap().newCall(NODE_INTERFACE_ID, REFLECT, 8 * 20 + 64);
     EXPECT_TRUE(writeCapList(req, req.params().initAsAnyStruct(0, 1), 0, mine).ok());
     return req.send();
   }();
@@ -448,25 +429,25 @@ TEST_F(RpcManyCapsTest, ResultsPastTheClientsBoundFailTheCallAndTheConnectionCar
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.code(), Errc::MESSAGE_TOO_LARGE);
   EXPECT_EQ(mirror_.calls, 1);
-  EXPECT_EQ(pair.client->stats().messagesRefused, 1u);
-  EXPECT_TRUE(pair.client->isOpen());
-  EXPECT_TRUE(pair.server->isOpen());
-  EXPECT_EQ(pair.client->importCount(), 0u);
+  EXPECT_EQ(pair.client().stats().messagesRefused, 1u);
+  EXPECT_TRUE(pair.client().isOpen());
+  EXPECT_TRUE(pair.server().isOpen());
+  EXPECT_EQ(pair.client().importCount(), 0u);
   mirror_.settle();  // the promises it sent resolve: the client holds none of them
   ASSERT_TRUE(runUntil(
-      loop_, [&] { return pair.server->exportCount() == 1 && pair.client->exportCount() == 1; }))
-      << "server exports " << pair.server->exportCount() << ", client exports "
-      << pair.client->exportCount();
+      loop_, [&] { return pair.server().exportCount() == 1 && pair.client().exportCount() == 1; }))
+      << "server exports " << pair.server().exportCount() << ", client exports "
+      << pair.client().exportCount();
   EXPECT_EQ(serverLog_.destroyed - serverObjectsBefore, static_cast<int>(MANY))
       << "the server's new objects went, and what its promises resolved to";
-  EXPECT_EQ(pair.client->importCount(), 0u);
+  EXPECT_EQ(pair.client().importCount(), 0u);
 
   // Fewer new capabilities: the results fit the client's bound and are taken.
   mirror_.freshCount = MANY - 20;
-  Result<Response> served = loop_.run(reflect(pair.client->bootstrap(), mine));
+  Result<Response> served = loop_.run(reflect(pair.client().bootstrap(), mine));
   ASSERT_TRUE(served.ok()) << errcName(served.code());
   EXPECT_EQ(served->capCount(), MANY);
-  EXPECT_EQ(pair.client->stats().messagesRefused, 1u);
+  EXPECT_EQ(pair.client().stats().messagesRefused, 1u);
   mirror_.promises.clear();  // the server connection's, dropped before it
 }
 
