@@ -240,6 +240,14 @@ Result<uint32_t> RpcConnection::exportObject(ServerObject* object,
   return id;
 }
 
+// Why calls on `cap`, pipelined on a question of ours whose Return was refused for its cap table,
+// fail here (the peer would serve them from the results this side refused); null otherwise.
+const Error* RpcConnection::refusedResults(const RemoteCap& cap) const noexcept {
+  if (cap.kind_ != RemoteCap::Kind::PIPELINE) return nullptr;
+  const Error& refused = questions_[cap.id_].refused;
+  return refused.code != Errc::OK ? &refused : nullptr;
+}
+
 void RpcConnection::exportUnpin(uint32_t id) noexcept {
   if (id == NONE || id >= exports_.size() || !exports_[id].inUse) return;
   Export& e = exports_[id];
@@ -357,8 +365,7 @@ Result<uint32_t> RpcConnection::addCapFor(detail::CapTable& table, const RemoteC
                                           bool inParams) {
   if (cap.kind_ == RemoteCap::Kind::NONE) return addEntry(table, detail::CapEntry{});
   if (cap.conn_ != nullptr && cap.conn_ != this) return addForeignCap(table, cap);
-  if (cap.kind_ == RemoteCap::Kind::PIPELINE && questions_[cap.id_].refused.code != Errc::OK)
-    return questions_[cap.id_].refused;  // its results were refused: it names nothing here
+  if (const Error* refused = refusedResults(cap)) return *refused;  // it names nothing here
   if (cap.kind_ == RemoteCap::Kind::PIPELINE && inParams) {
     // Passed back to the peer that will answer it: receiverAnswer (schemas/rpc.capnp).
     detail::CapEntry e;
@@ -417,9 +424,8 @@ Request RpcConnection::newCallHere(const RemoteCap& target, uint64_t interfaceId
       target.kind_ == RemoteCap::Kind::IMPORT ? resolvedImport(target.id_, broken) : target.id_;
   if (target.kind_ == RemoteCap::Kind::BROKEN) {
     request.error_ = target.broken_;
-  } else if (target.kind_ == RemoteCap::Kind::PIPELINE &&
-             questions_[target.id_].refused.code != Errc::OK) {
-    request.error_ = questions_[target.id_].refused;  // its results were refused
+  } else if (const Error* refused = refusedResults(target)) {
+    request.error_ = *refused;
   } else if (broken.code != Errc::OK) {
     request.error_ = broken;
   } else if (!isOpen()) {

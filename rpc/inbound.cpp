@@ -194,35 +194,33 @@ Status RpcConnection::refuseCapTable(capnp::List<wire::CapDescriptor>::Reader ca
 // and an import we already hold just keeps them. So the sender's objects go, one Release per
 // distinct id, and no table grows past what an accepted message could make it.
 void RpcConnection::dropRefusedCaps(const Decoded& d) {
-  // The ids were checked by refuseCapTable (each below maxImports).
+  // The ids were checked by refuseCapTable (each below maxImports). NONE: not a reference.
+  using Kind = detail::CapEntry::Kind;
   uint32_t id = 0;
   auto imported = [&](wire::CapDescriptor::Reader entry) {
     switch (entry.which()) {
       case wire::CapDescriptor::SENDER_HOSTED:
         id = entry.getSenderHosted();
-        return true;
+        return Kind::SENDER_HOSTED;
       case wire::CapDescriptor::SENDER_PROMISE:
         id = entry.getSenderPromise();
-        return true;
+        return Kind::SENDER_PROMISE;
       case wire::CapDescriptor::THIRD_PARTY_HOSTED:
         id = entry.getThirdPartyHosted().getVineId();
-        return true;
+        return Kind::THIRD_PARTY;
       default:
-        return false;
+        return Kind::NONE;
     }
   };
   for (wire::CapDescriptor::Reader entry : d.caps) {
-    if (!imported(entry)) continue;
+    const Kind kind = imported(entry);
+    if (kind == Kind::NONE) continue;
     importRef(id);
     ++imports_[id].remoteRefs;
-    if (entry.which() == wire::CapDescriptor::SENDER_HOSTED) {
-      noteImported(id, detail::CapEntry::Kind::SENDER_HOSTED);
-    } else if (entry.which() == wire::CapDescriptor::SENDER_PROMISE) {
-      noteImported(id, detail::CapEntry::Kind::SENDER_PROMISE);
-    }
+    if (kind != Kind::THIRD_PARTY) noteImported(id, kind);
   }
   for (wire::CapDescriptor::Reader entry : d.caps) {
-    if (imported(entry)) importUnref(id);
+    if (imported(entry) != Kind::NONE) importUnref(id);
   }
 }
 
@@ -554,7 +552,7 @@ Status RpcConnection::handleReturn(IncomingMessage& message, const Decoded& d) {
   ++stats_.returnsReceived;
   Question& q = questions_[d.id];
   q.returned = true;
-  q.refused = d.refused;
+  if (d.refused.code != Errc::OK) q.refused = d.refused;  // openQuestion cleared it
   if (d.noFinishNeeded) q.finishSent = true;  // none will be: the callee freed its answer
   if (!watchers_.empty()) takeWatchers(d);    // promises passed on that wait for this question
   const bool wanted = q.fulfiller.has_value() && !q.fulfiller->isCancelled();

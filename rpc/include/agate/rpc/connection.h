@@ -857,6 +857,7 @@ class RpcConnection {
                       size_t sizeHint);
   // Sends the request's Call and clears its cap table.
   RemotePromise sendRequest(Request& request);
+  const Error* refusedResults(const RemoteCap& cap) const noexcept;
   void releaseTarget(Request& request) noexcept;
   void questionRef(uint32_t id) noexcept;
   void questionUnref(uint32_t id) noexcept;
