@@ -417,7 +417,7 @@ Result<uint32_t> RpcConnection::resolvePipeline(Answer& target, std::span<const 
 
 Result<uint32_t> RpcConnection::resolvePipeline(Answer& target, std::span<const uint16_t> path,
                                                 FrameReader& reader) {
-  if (target.error.code != Errc::OK) return target.error;
+  if (target.error.code() != Errc::OK) return target.error.get();
   if (target.results == nullptr)
     return Error(Errc::FAILED, "pipelined call: the results hold no capability");
   Result<MessageView> view = reader.tryDecode(target.results->bytes());

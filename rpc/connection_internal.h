@@ -5,6 +5,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <optional>
 #include <typeinfo>
@@ -32,7 +33,33 @@ inline constexpr size_t EXCEPTION_BYTES =
     64 * 8;  // a Return or Abort with an exception and its reason
 inline constexpr size_t MAX_REASON_ON_WIRE = 120;  // reason text bytes written into an Exception
 inline constexpr size_t HANDOFF_BYTES = 256;       // a Provide or an Accept
-inline constexpr size_t RESOLVE_BYTES = 64 * 8;    // a Resolve with a cap or an exception
+
+// An error kept by something that serves it again later (an answer, to the calls pipelined on
+// it; a promise, to the calls made on it): its text is copied in. An Error's detail may point
+// into another connection's ring of remote reasons (REMOTE_REASON_SLOTS), whose slots are
+// rewritten by that connection's later errors and freed with it: kept as a pointer, a later
+// Return would carry another caller's text, or read freed memory.
+class KeptError {
+ public:
+  KeptError() = default;
+  KeptError& operator=(const Error& e) noexcept {
+    code_ = e.code;
+    sysErrno_ = e.sysErrno;
+    const size_t n = e.detail != nullptr ? strnlen(e.detail, MAX_REASON_ON_WIRE) : 0;
+    if (n != 0) std::memcpy(text_.data(), e.detail, n);
+    text_[n] = '\0';
+    return *this;
+  }
+  // Points into this object: valid while it lives and keeps this error.
+  Error get() const noexcept { return Error(code_, sysErrno_, text_.data()); }
+  Errc code() const noexcept { return code_; }
+
+ private:
+  Errc code_ = Errc::OK;
+  int32_t sysErrno_ = 0;
+  std::array<char, MAX_REASON_ON_WIRE + 1> text_{};
+};
+inline constexpr size_t RESOLVE_BYTES = 64 * 8;  // a Resolve with a cap or an exception
 inline constexpr size_t DISEMBARGO_BYTES = 128;
 
 // Finish and Release are one-word structs (Finish {questionId}, Release {id, referenceCount}),
@@ -283,7 +310,7 @@ class PromiseNode final : public ServerObject {
   friend class agate::rpc::CapPromise;
   RpcConnection* conn_;  // not owned; outlives the node's handle (checked)
   State state_ = State::PENDING;
-  Error error_{};                        // BROKEN
+  internal::KeptError error_;            // BROKEN
   ServerObject* target_ = nullptr;       // RESOLVED: who gets the calls (maybe a forwarder)
   std::shared_ptr<ServerObject> owner_;  // RESOLVED: the target when the promise owns it
   // RESOLVED to an import of conn_ itself: announced as receiverHosted(importId_).
@@ -423,7 +450,7 @@ struct RpcConnection::Answer {
 
   // RETURNED: the outcome, for calls pipelined on it. A private copy of the Return when its
   // results carried capabilities, and what each cap-table entry named (pinned exports).
-  Error error{};
+  internal::KeptError error;
   detail::SpillBuffer* results = nullptr;
   struct ResultCap {
     detail::CapEntry::Kind kind{};

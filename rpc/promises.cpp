@@ -17,7 +17,7 @@ Promise<void> detail::PromiseNode::dispatch(uint64_t interfaceId, uint16_t metho
     case State::RESOLVED:
       return target_->dispatch(interfaceId, methodId, context);  // synchronously: keeps order
     case State::BROKEN:
-      return readyPromise<void>(error_);
+      return readyPromise<void>(error_.get());  // copied by the answer it fails, at once
     case State::PENDING:
       // Waiting for a call of another connection: sent on at once, pipelined (keeps order).
       if (forward_) return forward_->dispatch(interfaceId, methodId, context);
@@ -297,7 +297,7 @@ void RpcConnection::sendResolve(uint32_t exportId, detail::PromiseNode& node) {
   r.setPromiseId(exportId);
   uint32_t resolution = NONE;  // an export given a reference in this message
   if (node.state_ == detail::PromiseNode::State::BROKEN) {
-    writeException(r.initException(), node.error_);
+    writeException(r.initException(), node.error_.get());
   } else if (node.toReceiver_) {
     r.initCap().setReceiverHosted(node.importId_);
   } else {
@@ -427,7 +427,11 @@ Status RpcConnection::handleResolve(const Decoded& d) {
     RemoteCap cap = acceptThirdParty(d, 0, /*embargo=*/true);
     noteImported(d.capIds[0], detail::CapEntry::Kind::SENDER_HOSTED);  // the vine: a plain import
     if (cap.kind_ == RemoteCap::Kind::BROKEN) {
-      imports_[d.id].broken = cap.broken_;
+      // In this connection's own ring of reasons: the text may be another connection's.
+      const char* text = cap.broken_.detail != nullptr ? cap.broken_.detail : "";
+      imports_[d.id].broken = Error(
+          cap.broken_.code,
+          copyRemoteReason(capnp::Text::Reader(text, strnlen(text, REMOTE_REASON_BYTES - 1))));
     } else {
       imports_[d.id].elsewhere = std::make_unique<RemoteCap>(std::move(cap));
     }

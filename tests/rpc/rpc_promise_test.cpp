@@ -616,5 +616,77 @@ TEST_F(ForwardingTest, DownstreamDeathReleasesTheProxysImports) {
   EXPECT_EQ(toA_->client().importCount(), 1u) << "only V's own reference to A's bootstrap";
 }
 
+// --- errors that come from another connection --------------------------------------------------
+
+// Fails every call with `text`: an upstream whose errors a proxy relays.
+class Failer final : public ServerObject {
+ public:
+  Promise<void> dispatch(uint64_t, uint16_t, CallContext&) override {
+    return readyPromise<void>(Error(Errc::FAILED, text));
+  }
+  const char* text = "first upstream error";
+};
+
+Promise<std::string> failureText(RemoteCap cap) {
+  Result<Response> r = co_await cap.newCall(NODE_INTERFACE_ID, ECHO, 16).send();
+  if (r) co_return std::string("(no error)");
+  co_return std::string(r.error().detail);
+}
+
+// A fails a ring's worth of calls with another text (another caller's, which V's connection to
+// A copies into the slots of its ring of reasons), then V's connection to A goes (ASan: nothing
+// reads it afterwards).
+void churnAndDropUpstream(EventLoop& loop, Failer& a, std::unique_ptr<LocalPair>& toA) {
+  a.text = "another caller's error";
+  RemoteCap direct = toA->client().bootstrap();
+  for (size_t i = 0; i < RpcConnection::REMOTE_REASON_SLOTS; ++i)
+    ASSERT_EQ(loop.run(failureText(direct)).value(), "another caller's error");
+  direct = RemoteCap();
+  ASSERT_TRUE(runUntil(loop, [&] { return toA->client().handleCount() == 0; }));
+  toA.reset();
+}
+
+TEST_F(RpcPromiseTest, AnAnswerFailedWithAnUpstreamErrorKeepsItsOwnCopyOfTheText) {
+  Failer a;
+  auto toA = std::make_unique<LocalPair>(loop_, &a);
+  promiser_.given = toA->client().bootstrap();
+  LocalPair toC(loop_, &promiser_);
+  Result<RemoteCap> proxy = loop_.run(capFrom(toC.client().bootstrap(), GIVE));
+  ASSERT_TRUE(proxy.ok());
+  promiser_.given = RemoteCap();
+  // C calls through V's proxy and keeps a capability pipelined on the call, so V keeps the
+  // answer, failed with A's error, for the calls made on it.
+  RemotePromise failed = proxy->newCall(NODE_INTERFACE_ID, ECHO, 16).send();
+  RemoteCap pipelined = failed.pipeline({});
+  { RemotePromise drop = std::move(failed); }
+  ASSERT_TRUE(runUntil(loop_, [&] { return toC.client().stats().returnsReceived >= 2; }));
+  *proxy = RemoteCap();
+  EXPECT_EQ(loop_.run(failureText(pipelined)).value(), "first upstream error");
+  churnAndDropUpstream(loop_, a, toA);
+  EXPECT_EQ(loop_.run(failureText(pipelined)).value(), "first upstream error");
+  pipelined = RemoteCap();
+}
+
+TEST_F(RpcPromiseTest, APromiseRejectedWithAnUpstreamErrorKeepsItsOwnCopyOfTheText) {
+  Failer a;
+  auto toA = std::make_unique<LocalPair>(loop_, &a);
+  LocalPair toC(loop_, &promiser_);
+  Result<RemoteCap> promised = loop_.run(capFrom(toC.client().bootstrap(), PROMISE));
+  ASSERT_TRUE(promised.ok());
+  Status upstream = loop_.run(
+      awaitValueless(toA->client().bootstrap().newCall(NODE_INTERFACE_ID, ECHO, 16).send()));
+  ASSERT_EQ(upstream.code(), Errc::FAILED);
+  // C's call is on its way to V's promise when V rejects it with A's error, as it came, and
+  // V's connection to A goes before V reads the call (ASan: the promise reads nothing of it).
+  RemotePromise inFlight = promised->newCall(NODE_INTERFACE_ID, ECHO, 16).send();
+  promiser_.promises.at(0).reject(upstream.error());
+  toA.reset();
+  Status failed = loop_.run(awaitValueless(std::move(inFlight)));
+  ASSERT_EQ(failed.code(), Errc::FAILED);
+  EXPECT_STREQ(failed.error().detail, "first upstream error");
+  EXPECT_EQ(loop_.run(failureText(*promised)).value(), "first upstream error");
+  *promised = RemoteCap();
+}
+
 }  // namespace
 }  // namespace agate::rpc::test

@@ -635,7 +635,9 @@ class CapPromise {
   void resolve(ServerObject& object);                  // stays owned by the caller
   void resolve(std::unique_ptr<ServerObject> object);  // owned by the promise's exports
   void resolve(const RemoteCap& cap);                  // a broken cap rejects with its error
-  void reject(Error error);                            // error.detail must be static text
+  // The promise keeps its own copy of error.detail (its first 120 bytes): an error that came
+  // from any connection may be passed as it is.
+  void reject(Error error);
 
  private:
   friend class RpcConnection;
