@@ -147,3 +147,10 @@ struct CapTree {
   children @0 :List(CapTree);
   leaf @1 :Listener;
 }
+
+# A streaming method (`-> stream`): generated as an ordinary call whose results are Cap'n Proto's
+# StreamResult, from a file this schema does not import.
+interface Sink {
+  write @0 (value :Int64) -> stream;
+  total @1 () -> (sum :Int64);
+}

@@ -296,6 +296,24 @@ class TwiceImpl final : public agate::rpc::stubimport::stubs::Twice::Server {
   Log& log_;
 };
 
+// Sums what is streamed to it.
+class SinkImpl final : public st::Sink::Server {
+ public:
+  Promise<void> write(WriteContext ctx) override {
+    sum_ += ctx.params().getValue();
+    return readyPromise<void>(Status{});
+  }
+  Promise<void> total(TotalContext ctx) override {
+    auto results = ctx.initResults();
+    if (!results) return readyPromise<void>(results.error());
+    results->setSum(sum_);
+    return readyPromise<void>(Status{});
+  }
+
+ private:
+  int64_t sum_ = 0;
+};
+
 class StubsTest : public ::testing::Test {
  protected:
   Watchdog watchdog_{"stubs_test", std::chrono::seconds(50)};
@@ -339,6 +357,19 @@ TEST_F(StubsTest, TypedCallBuildsParamsInPlaceAndReadsTypedResults) {
   EXPECT_EQ(second->results().getValue(), 8);
   EXPECT_EQ(root_.value(), 8);
   EXPECT_EQ(pair.client().stats().callsSent, 2u);
+}
+
+TEST_F(StubsTest, StreamingMethodIsAnOrdinaryCallInOrder) {
+  SinkImpl sink;
+  LocalPair pair(loop_, &sink);
+  st::Sink::Client client(pair.client().bootstrap());
+  auto first = client.write([](auto p) { p.setValue(2); });
+  auto second = client.write([](auto p) { p.setValue(5); });
+  auto total = await(loop_, client.total());
+  ASSERT_TRUE(total.ok()) << errcName(total.code());
+  EXPECT_EQ(total->results().getSum(), 7);  // both writes were delivered before total
+  EXPECT_TRUE(await(loop_, std::move(first)).ok());
+  EXPECT_TRUE(await(loop_, std::move(second)).ok());
 }
 
 TEST_F(StubsTest, InheritedMethodIsCalledThroughTheDerivedAndTheBaseClient) {

@@ -307,6 +307,24 @@ class Generator {
                                         : "\"" + base + ".agate.h\"");
     }
     if (errors_.size() != errorsBefore) return false;
+    // The Cap'n Proto headers of other files whose structs are params or results here: this
+    // file's .capnp.h does not always include them (a streaming method's `-> stream` results
+    // are capnp::StreamResult, from capnp/stream.capnp, which capnpc-c++ leaves out).
+    std::set<uint64_t> structFiles;
+    for (uint64_t id : interfaces) {
+      for (schema::Method::Reader m : nodes_.at(id).getInterface().getMethods())
+        for (uint64_t s : {m.getParamStructType(), m.getResultStructType()})
+          if (file_.count(s) != 0 && file_[s] != fileId) structFiles.insert(file_[s]);
+    }
+    for (uint64_t foreign : structFiles) {
+      std::string name;
+      for (auto imp : file.getImports())
+        if (imp.getId() == foreign) name = imp.getName();
+      if (name.empty()) name = "/" + std::string(nodes_.at(foreign).getDisplayName());
+      std::string header = name[0] == '/' ? "<" + name.substr(1) + ".h>" : "\"" + name + ".h\"";
+      if (std::find(includes.begin(), includes.end(), header) == includes.end())
+        includes.push_back(header);
+    }
 
     std::string filename = file.getFilename();
     std::string stem = filename.substr(0, filename.rfind(".capnp"));
