@@ -11,8 +11,10 @@
 #include <kj/exception.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstring>
+#include <string_view>
 
 #include "agate/kernel/home.h"
 #include "agate/runtime/fd_passing.h"
@@ -49,6 +51,26 @@ Result<MappedNotification> takeNotification(detail::Reply& r, size_t first) {
   Fd wake = n.wake ? std::move(r.fds[i++]) : Fd();
   Fd ring = n.ring ? std::move(r.fds[i++]) : Fd();
   return MappedNotification::tryMap(std::move(page), n.bytes, std::move(wake), std::move(ring));
+}
+
+// The text of the last attach the kernel refused on this thread: the Error that tryAttach
+// returns points here (no connection is left to keep it), valid until the next refusal.
+thread_local std::array<char, 192> attachRefusal{};
+
+Error attachRefused(Error e, std::string_view detail) {
+  std::string_view head = e.detail != nullptr ? e.detail : "";
+  size_t n = std::min(head.size(), attachRefusal.size() - 1);
+  std::memcpy(attachRefusal.data(), head.data(), n);
+  if (!detail.empty() && n + 2 < attachRefusal.size() - 1) {
+    attachRefusal[n++] = ':';
+    attachRefusal[n++] = ' ';
+    for (char c : detail) {  // the kernel's text, printable only
+      if (n == attachRefusal.size() - 1) break;
+      attachRefusal[n++] = c >= 0x20 && c <= 0x7e ? c : '?';
+    }
+  }
+  attachRefusal[n] = '\0';
+  return Error(e.code, attachRefusal.data());
 }
 
 Error kernelError(uint16_t code) {
@@ -127,8 +149,9 @@ Result<std::unique_ptr<KernelConnection>> KernelConnection::tryAttach(
         kj::ArrayPtr<const capnp::word>(packet, received->bytes / WORD_BYTES));
     auto reply = reader.getRoot<wire::AttachReply>();
     if (reply.isError()) {
-      refused = kernelError(reply.getError().getCode());
-      c->lastErrorDetail_ = reply.getError().getDetail().cStr();
+      capnp::Text::Reader detail = reply.getError().getDetail();
+      refused = attachRefused(kernelError(reply.getError().getCode()),
+                              std::string_view(detail.begin(), detail.size()));
     } else {
       auto a = reply.getAttached();
       c->pid_ = a.getPid();

@@ -14,6 +14,7 @@
 #include "agate/client/kernel_vats.h"
 #include "agate/kernel/home.h"
 #include "agate/runtime/fd.h"
+#include "kernel.capnp.h"
 
 namespace agate::client {
 namespace {
@@ -86,6 +87,10 @@ ProgramArgs parseProgramArgs(int argc, char** argv) {
   const std::string_view argv0 = argc > 0 ? argv[0] : "agate";
   const size_t slash = argv0.rfind('/');
   out.program = std::string(slash == std::string_view::npos ? argv0 : argv0.substr(slash + 1));
+  out.attachName = out.program.substr(0, wire::MAX_NAME_BYTES);
+  for (char& c : out.attachName)
+    if (c < 0x20 || c > 0x7e) c = '_';
+  if (out.attachName.empty()) out.attachName = "agate";
   std::string home;
   for (int i = 1; i < argc; ++i) {
     const std::string_view a = argv[i];
@@ -125,14 +130,63 @@ int answerProgramArgs(const ProgramArgs& args, std::string_view usage) {
   return -1;
 }
 
+std::optional<uint64_t> parseCount(std::string_view text, uint64_t max) {
+  if (text.empty() || text.size() > 20) return std::nullopt;
+  uint64_t value = 0;
+  for (char c : text) {
+    if (c < '0' || c > '9') return std::nullopt;
+    const uint64_t digit = static_cast<uint64_t>(c - '0');
+    if (value > (max - digit) / 10) return std::nullopt;  // value * 10 + digit > max
+    value = value * 10 + digit;
+  }
+  if (value == 0) return std::nullopt;
+  return value;
+}
+
+uint64_t ProgramArgs::countAt(size_t i, uint64_t fallback) const {
+  if (i >= rest.size()) return fallback;
+  return parseCount(rest[i]).value_or(fallback);
+}
+
+std::function<std::string(const ProgramArgs&)> optionalCount(std::string name, uint64_t max) {
+  return [name = std::move(name), max](const ProgramArgs& args) -> std::string {
+    if (args.rest.size() > 1) return fmt::format("unexpected argument {}", args.rest[1]);
+    if (!args.rest.empty() && !parseCount(args.rest[0], max))
+      return fmt::format("{} must be a whole number from 1 to {}, not \"{}\"", name, max,
+                         args.rest[0]);
+    return "";
+  };
+}
+
+bool takeMode(int& argc, char** argv, std::string_view word) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view a = argv[i];
+    if (a == "--home") {
+      ++i;  // its value
+      continue;
+    }
+    if (a.starts_with("-")) continue;
+    if (a != word) return false;
+    for (int j = i; j + 1 < argc; ++j) argv[j] = argv[j + 1];
+    argv[--argc] = nullptr;
+    return true;
+  }
+  return false;
+}
+
 int runSession(int argc, char** argv,
                std::function<Promise<void>(Session&, const ProgramArgs&)> body) {
-  const ProgramArgs args = parseProgramArgs(argc, argv);
-  if (int answered = answerProgramArgs(args, "[--home DIR] [ARGUMENTS...]"); answered >= 0)
-    return answered;
+  return runSession(argc, argv, ProgramSpec{}, std::move(body));
+}
+
+int runSession(int argc, char** argv, const ProgramSpec& spec,
+               std::function<Promise<void>(Session&, const ProgramArgs&)> body) {
+  ProgramArgs args = parseProgramArgs(argc, argv);
+  if (args.mistake.empty() && !args.help && spec.check) args.mistake = spec.check(args);
+  if (int answered = answerProgramArgs(args, spec.usage); answered >= 0) return answered;
   raiseDescriptorLimit();
   EventLoop loop;
-  auto kernel = caps::KernelConnection::tryAttach(loop, args.home, args.program);
+  auto kernel = caps::KernelConnection::tryAttach(loop, args.home, args.attachName);
   if (!kernel) return reportAttach(args, kernel.error());
   Status done;
   std::string service;
@@ -142,11 +196,13 @@ int runSession(int argc, char** argv,
     service = session.lastServiceName();
   }
   if (!done) {
-    std::string hint;
-    if (!service.empty() && (done.code() == Errc::NOT_FOUND || done.code() == Errc::TIMED_OUT))
-      hint = fmt::format("no service \"{}\" is registered in {}: is its server running?", service,
-                         args.home);
-    return report(args, "session", done.error(), kernel->get(), hint);
+    if (!service.empty() && (done.code() == Errc::NOT_FOUND || done.code() == Errc::TIMED_OUT)) {
+      // The kernel's own detail would say the same again ("no service by that name").
+      return report(args, "session", done.error(), nullptr,
+                    fmt::format("no service \"{}\" is registered in {}: is its server running?",
+                                service, args.home));
+    }
+    return report(args, "session", done.error(), kernel->get());
   }
   return 0;
 }
@@ -177,7 +233,7 @@ int serveService(int argc, char** argv, std::string_view name, ClientFactory fac
   if (!signalFd.valid()) return report(args, "signalfd", Error::fromErrno(errno, "signalfd"));
 
   EventLoop loop;
-  auto kernel = caps::KernelConnection::tryAttach(loop, args.home, args.program);
+  auto kernel = caps::KernelConnection::tryAttach(loop, args.home, args.attachName);
   if (!kernel) return reportAttach(args, kernel.error());
   Status served = loop.run(
       serveUntilStopped(**kernel, std::string(name), std::move(factory), options, signalFd.get()));

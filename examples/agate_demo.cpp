@@ -283,9 +283,13 @@ int main(int argc, char** argv) {
   if (argc == 5 && std::strcmp(argv[1], "--echo") == 0) {
     return runEcho(std::atoi(argv[2]), std::atoi(argv[3]), static_cast<pid_t>(std::atoi(argv[4])));
   }
+  if (argc == 2 && (std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "-h") == 0)) {
+    fmt::print("usage: agate-demo\n");
+    return 0;
+  }
   if (argc != 1) {
     fmt::print(stderr, "usage: agate-demo\n");
-    return 2;
+    return 64;
   }
   return runDemo("/proc/self/exe");
 }

@@ -127,7 +127,7 @@ Promise<double> awaitedChain(Calculator::Client calculator, double x, int& round
 }
 
 Promise<void> session(agate::Session& s, const agate::client::ProgramArgs& args, PowFunction& pow) {
-  const int iterations = args.rest.empty() ? 2000 : std::max(1, std::atoi(args.rest[0].c_str()));
+  const int iterations = static_cast<int>(args.countAt(0, 2000));  // checked by optionalCount
   // The server may still be starting (README line 1 starts it just before this client).
   AGATE_CO_TRY(co_await s.waitForService("calculator"));
   // A bushel to "calculator", paid from this process's bank; its bootstrap object, typed.
@@ -277,7 +277,13 @@ Promise<void> session(agate::Session& s, const agate::client::ProgramArgs& args,
 
 int main(int argc, char** argv) {
   PowFunction pow;  // exported to the server by reference: outlives the session's bushels
-  return agate::run(argc, argv, [&](agate::Session& s, const agate::client::ProgramArgs& args) {
-    return session(s, args, pow);
-  });
+  const agate::client::ProgramSpec spec{
+      .usage =
+          "[--home DIR] [ITERATIONS]\n"
+          "  ITERATIONS   timed rounds of each evaluation (default 2000)",
+      .check = agate::client::optionalCount("ITERATIONS", 1'000'000'000)};
+  return agate::run(argc, argv, spec,
+                    [&](agate::Session& s, const agate::client::ProgramArgs& args) {
+                      return session(s, args, pow);
+                    });
 }

@@ -14,8 +14,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cstdlib>
-#include <cstring>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -47,7 +45,7 @@ class EchoServer final : public echo::stubs::Echo::Server {
 };
 
 Promise<void> callEcho(agate::Session& s, const agate::client::ProgramArgs& args) {
-  const int calls = args.rest.empty() ? 1000 : std::max(1, std::atoi(args.rest[0].c_str()));
+  const int calls = static_cast<int>(args.countAt(0, 1000));  // checked by optionalCount
   AGATE_CO_TRY(co_await s.waitForService("echo"));
   Result<echo::stubs::Echo::Client> echo = co_await s.open<echo::stubs::Echo>("echo");
   if (!echo) co_return echo.error();
@@ -66,8 +64,8 @@ Promise<void> callEcho(agate::Session& s, const agate::client::ProgramArgs& args
       co_return Error(Errc::FAILED, "a reply did not match its call");
   }
   std::sort(rtts.begin(), rtts.end());
-  fmt::print("agate-echo: {} typed echo calls over a bushel to \"echo\", all replies matched\n",
-             calls);
+  fmt::print("agate-echo: {} typed echo call{} over a bushel to \"echo\", all replies matched\n",
+             calls, calls == 1 ? "" : "s");
   fmt::print("  round trip: median {:.1f} us, p99 {:.1f} us\n", rtts[rtts.size() / 2] / 1e3,
              rtts[rtts.size() * 99 / 100] / 1e3);
   co_return {};
@@ -76,9 +74,13 @@ Promise<void> callEcho(agate::Session& s, const agate::client::ProgramArgs& args
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc > 1 && std::strcmp(argv[1], "serve") == 0) {
-    argv[1] = argv[0];  // the rest, as a command line of its own
-    return agate::serve<EchoServer>(argc - 1, argv + 1, "echo");
-  }
-  return agate::run(argc, argv, callEcho);
+  if (agate::client::takeMode(argc, argv, "serve"))
+    return agate::serve<EchoServer>(argc, argv, "echo");
+  const agate::client::ProgramSpec spec{
+      .usage =
+          "[--home DIR] [serve | CALLS]\n"
+          "  serve        serve \"echo\" until SIGINT or SIGTERM\n"
+          "  CALLS        echo calls to make and check (default 1000)",
+      .check = agate::client::optionalCount("CALLS", 1'000'000'000)};
+  return agate::run(argc, argv, spec, callEcho);
 }

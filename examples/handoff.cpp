@@ -14,8 +14,9 @@
 // Exit 0 only when every result is right.
 #include <fmt/core.h>
 
-#include <cstdlib>
+#include <charconv>
 #include <memory>
+#include <string_view>
 
 #include "agate/rpc/local_network.h"
 #include "handoff.agate.h"
@@ -67,8 +68,36 @@ Promise<int64_t> client(LocalNetwork& net, uint32_t times, int64_t& auditedTotal
 
 }  // namespace
 
+// TIMES from the command line (default 100), or 0 after printing the usage (`exit` says how).
+uint32_t parseTimes(int argc, char** argv, int& exit) {
+  constexpr std::string_view USAGE =
+      "usage: {} [TIMES]\n  TIMES   calls B makes on A's counter, 1 to 1000000 (default 100)\n";
+  const std::string_view arg = argc > 1 ? argv[1] : "";
+  if (arg == "--help" || arg == "-h") {
+    fmt::print(fmt::runtime(USAGE), PROGRAM);
+    exit = 0;
+    return 0;
+  }
+  if (argc == 1) return 100;
+  uint32_t times = 0;
+  auto [end, ec] = std::from_chars(arg.data(), arg.data() + arg.size(), times);
+  if (argc > 2 || ec != std::errc() || end != arg.data() + arg.size() || times == 0 ||
+      times > 1'000'000) {
+    fmt::print(
+        stderr, "{}: {}\n", PROGRAM,
+        argc > 2 ? fmt::format("unexpected argument {}", argv[2])
+                 : fmt::format("TIMES must be a whole number from 1 to 1000000, not \"{}\"", arg));
+    fmt::print(stderr, fmt::runtime(USAGE), PROGRAM);
+    exit = 64;
+    return 0;
+  }
+  return times;
+}
+
 int main(int argc, char** argv) {
-  const uint32_t times = argc > 1 ? static_cast<uint32_t>(std::max(1, std::atoi(argv[1]))) : 100;
+  int exit = 0;
+  const uint32_t times = parseTimes(argc, argv, exit);
+  if (times == 0) return exit;
   EventLoop loop;
   BankImpl bank;
   AuditorImpl auditor;
@@ -96,7 +125,8 @@ int main(int argc, char** argv) {
                total.error().detail != nullptr ? total.error().detail : "");
     return 1;
   }
-  fmt::print("{}: C passed A's counter to B; B called it {} times\n", PROGRAM, times);
+  fmt::print("{}: C passed A's counter to B; B called it {} time{}\n", PROGRAM, times,
+             times == 1 ? "" : "s");
   fmt::print("  B's last total {} (C's two adds came first), final total {}\n", audited, *total);
   fmt::print(
       "  handoff: {} Provide from C to A, {} Accept from B at A; B->A calls {}, calls "

@@ -13,7 +13,6 @@
 // went through C. The servers serve until SIGTERM (then unregister).
 #include <fmt/core.h>
 
-#include <cstdlib>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -79,11 +78,9 @@ Promise<Outcome> client(Session& s, KernelVats& vats, uint32_t times) {
 }
 
 int runClient(const agate::client::ProgramArgs& args) {
-  const uint32_t times = args.rest.size() > 1
-                             ? static_cast<uint32_t>(std::max(1, std::atoi(args.rest[1].c_str())))
-                             : 100;
+  const auto times = static_cast<uint32_t>(args.countAt(1, 100));  // checked in main
   EventLoop loop;
-  auto kernel = agate::caps::KernelConnection::tryAttach(loop, args.home, args.program);
+  auto kernel = agate::caps::KernelConnection::tryAttach(loop, args.home, args.attachName);
   if (!kernel) {
     fmt::print(stderr, "{}: attach to the kernel in {}: {}{}\n", args.program, args.home,
                agate::errcName(kernel.code()),
@@ -108,8 +105,8 @@ int runClient(const agate::client::ProgramArgs& args) {
     return 1;
   }
   const int64_t expect = 10 + static_cast<int64_t>(times);
-  fmt::print("{}: C passed A's counter to B through the kernel; B called it {} times\n",
-             args.program, times);
+  fmt::print("{}: C passed A's counter to B through the kernel; B called it {} time{}\n",
+             args.program, times, times == 1 ? "" : "s");
   fmt::print("  B's last total {} (C's two adds came first), final total {}\n", outcome->audited,
              outcome->total);
   fmt::print("  handoff: {} Provide from C to A, {} introduction of B to A, calls through C {}\n",
@@ -127,22 +124,28 @@ int runClient(const agate::client::ProgramArgs& args) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const agate::client::ProgramArgs args = agate::client::parseProgramArgs(argc, argv);
-  constexpr std::string_view USAGE = "bank|auditor|client [TIMES] [--home DIR]";
-  if (int answered = agate::client::answerProgramArgs(args, USAGE); answered >= 0) return answered;
-  const std::string mode = args.rest.empty() ? "" : args.rest[0];
-  // A server's command line without its mode word: serve() takes only --home.
-  std::vector<char*> serverArgv;
-  for (int i = 0; i < argc; ++i)
-    if (i == 0 || argv[i] != mode) serverArgv.push_back(argv[i]);
-  const int serverArgc = static_cast<int>(serverArgv.size());
   ServiceOptions serve;
   serve.handoff = true;  // a vat of its own: it can take handed-off capabilities
-  if (mode == "bank")
-    return agate::serve<BankImpl>(serverArgc, serverArgv.data(), "handoff-bank", serve);
-  if (mode == "auditor")
-    return agate::serve<AuditorImpl>(serverArgc, serverArgv.data(), "handoff-auditor", serve);
-  if (mode == "client") return runClient(args);
-  fmt::print(stderr, "usage: {} {}\n", args.program, USAGE);
-  return 64;
+  if (agate::client::takeMode(argc, argv, "bank"))
+    return agate::serve<BankImpl>(argc, argv, "handoff-bank", serve);
+  if (agate::client::takeMode(argc, argv, "auditor"))
+    return agate::serve<AuditorImpl>(argc, argv, "handoff-auditor", serve);
+  agate::client::ProgramArgs args = agate::client::parseProgramArgs(argc, argv);
+  constexpr std::string_view USAGE =
+      "[--home DIR] bank|auditor|client [TIMES]\n"
+      "  bank, auditor   serve A's bank or B's auditor until SIGINT or SIGTERM\n"
+      "  client          C: pass A's counter to B, which calls it TIMES times (default 100)";
+  if (args.mistake.empty() && !args.help) {
+    if (args.rest.empty() || args.rest[0] != "client") {
+      args.mistake =
+          args.rest.empty() ? "a mode is needed" : fmt::format("unknown mode {}", args.rest[0]);
+    } else {
+      std::vector<std::string> times(args.rest.begin() + 1, args.rest.end());
+      agate::client::ProgramArgs rest = args;
+      rest.rest = std::move(times);
+      args.mistake = agate::client::optionalCount("TIMES", 1'000'000)(rest);
+    }
+  }
+  if (int answered = agate::client::answerProgramArgs(args, USAGE); answered >= 0) return answered;
+  return runClient(args);
 }

@@ -69,9 +69,10 @@ int reader(const std::string& home, int toWriter, int fromWriter) {
 
   Result<agate::caps::CapInfo> info = c.sync().inspectCap(region);
   if (!info) return fail("reader", "inspectCap", info.code(), &c);
-  std::printf("reader (kernel pid %u): received a region cap with rights %s%s\n", me,
-              (info->rights & agate::caps::Rights::READ) != agate::caps::Rights::NONE ? "R" : "",
-              (info->rights & agate::caps::Rights::WRITE) != agate::caps::Rights::NONE ? "W" : "");
+  auto has = [&](agate::caps::Rights r) { return (info->rights & r) != agate::caps::Rights::NONE; };
+  std::printf("reader (kernel pid %u): received a region cap with rights %s%s%s\n", me,
+              has(agate::caps::Rights::READ) ? "R" : "", has(agate::caps::Rights::WRITE) ? "W" : "",
+              has(agate::caps::Rights::GRANT) ? "G" : "");
   Result<agate::caps::MappedRegion> writable = c.sync().mapRegion(region, /*writable=*/true);
   std::printf("reader: a writable mapping is refused: %s\n",
               writable ? "NO (unexpected)" : agate::errcName(writable.code()));
@@ -150,6 +151,9 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--home") == 0 && i + 1 < argc) {
       home = argv[++i];
+    } else if (std::strcmp(argv[i], "--help") == 0 || std::strcmp(argv[i], "-h") == 0) {
+      std::printf("usage: agate-kernel-demo [--home DIR]\n");
+      return 0;
     } else {
       std::fprintf(stderr, "usage: agate-kernel-demo [--home DIR]\n");
       return 64;

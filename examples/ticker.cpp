@@ -16,8 +16,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cstdlib>
-#include <cstring>
 #include <memory>
 #include <optional>
 
@@ -77,7 +75,7 @@ class TickerServer final : public ticker::stubs::Ticker::Server {
 };
 
 Promise<void> watch(agate::Session& s, const agate::client::ProgramArgs& args) {
-  const int batches = args.rest.empty() ? 20 : std::max(1, std::atoi(args.rest[0].c_str()));
+  const int batches = static_cast<int>(args.countAt(0, 20));  // checked by optionalCount
   AGATE_CO_TRY(co_await s.waitForService("ticker"));
   Result<ticker::stubs::Ticker::Client> ticker = co_await s.open<ticker::stubs::Ticker>("ticker");
   if (!ticker) co_return ticker.error();
@@ -113,9 +111,13 @@ Promise<void> watch(agate::Session& s, const agate::client::ProgramArgs& args) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc > 1 && std::strcmp(argv[1], "serve") == 0) {
-    argv[1] = argv[0];  // the rest, as a command line of its own
-    return agate::serve<TickerServer>(argc - 1, argv + 1, "ticker");
-  }
-  return agate::run(argc, argv, watch);
+  if (agate::client::takeMode(argc, argv, "serve"))
+    return agate::serve<TickerServer>(argc, argv, "ticker");
+  const agate::client::ProgramSpec spec{
+      .usage =
+          "[--home DIR] [serve | BATCHES]\n"
+          "  serve        serve \"ticker\" until SIGINT or SIGTERM\n"
+          "  BATCHES      batches of quotes to read and check (default 20)",
+      .check = agate::client::optionalCount("BATCHES", 1'000'000'000)};
+  return agate::run(argc, argv, spec, watch);
 }

@@ -334,7 +334,8 @@ class KernelQuery {
     auto conn = caps::KernelConnection::tryAttach(**loop, home, CLI_PROCESS_NAME);
     if (!conn) {
       if (conn.code() == Errc::DISCONNECTED) {
-        fail("no kernel is running (home " + home + "); start one with `agate up`");
+        fail("no kernel is running (home " + home + "); start one with `agate up --home " + home +
+             "`");
         exitCode = EXIT_NOT_RUNNING;
       } else {
         fail("cannot attach to the kernel at " + home + ": " + describe(conn.error()));

@@ -6,6 +6,8 @@
 //
 // `--help` shows each option's default. A usage error prints one "agate-kernel: ..." line and
 // exits 64 (sysexits.h EX_USAGE, as `agate` does); a failure to start or to serve exits 1.
+#include <unistd.h>
+
 #include <charconv>
 #include <cstdint>
 #include <cstdio>
@@ -78,6 +80,13 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "agate-kernel: %s: %s\n", options.home.c_str(),
                  daemon.error().describe(buf, sizeof(buf)));
     return 1;
+  }
+  if (options.readyFd < 0) {
+    // Started by hand (`agate up` passes --ready-fd and says this itself): say it is up.
+    std::fprintf(
+        stderr,
+        "agate-kernel: listening in %s (pid %d); stop with Ctrl-C or `agate down --home %s`\n",
+        options.home.c_str(), static_cast<int>(::getpid()), options.home.c_str());
   }
   agate::Status st = (*daemon)->run();
   if (!st) {

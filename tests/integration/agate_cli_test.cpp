@@ -360,6 +360,9 @@ TEST_F(AgateCliTest, UpReplacesTheStalePidfileAndSocketOfAKilledKernel) {
   Ran ps = agate({"ps"});  // a socket nobody listens on: not running
   EXPECT_EQ(ps.exitCode, EXIT_NOT_RUNNING) << ps.err;
   EXPECT_NE(ps.err.find("no kernel is running"), std::string::npos) << ps.err;
+  // The hint starts a kernel in the home asked about, not the default one.
+  EXPECT_NE(ps.err.find("start one with `agate up --home " + home_ + "`"), std::string::npos)
+      << ps.err;
 
   Ran up = agate({"up"});
   ASSERT_EQ(up.exitCode, 0) << up.out << up.err;

@@ -23,8 +23,16 @@ if [ "$status" -ne 1 ] ||
 fi
 status=0
 err=$(timeout 60 "$example" --home "$home" 2>&1 >/dev/null) || status=$?
-if [ "$status" -ne 64 ] || ! grep -qF "usage: agate-handoff-kernel bank|auditor|client" <<<"$err"; then
+if [ "$status" -ne 64 ] || ! grep -qF "agate-handoff-kernel: a mode is needed" <<<"$err" ||
+  ! grep -qF "usage: agate-handoff-kernel [--home DIR] bank|auditor|client [TIMES]" <<<"$err"; then
   echo "$test_name: without a mode it exited $status and said: $err" >&2
+  exit 1
+fi
+status=0
+err=$(timeout 60 "$example" --home "$home" client 12x 2>&1 >/dev/null) || status=$?
+if [ "$status" -ne 64 ] ||
+  ! grep -qF 'TIMES must be a whole number from 1 to 1000000, not "12x"' <<<"$err"; then
+  echo "$test_name: with a malformed TIMES it exited $status and said: $err" >&2
   exit 1
 fi
 

@@ -74,6 +74,17 @@ TEST(KernelDaemon, AttachRefusesAnEmptyOrOverlongName) {
             Errc::INVALID_ARGUMENT);
 }
 
+TEST(KernelDaemon, ARefusedAttachCarriesTheKernelsReason) {
+  KernelProcess kernel;
+  EventLoop loop;
+  auto c = KernelConnection::tryAttach(loop, kernel.home(), "caf\xc3\xa9");  // not ASCII
+  ASSERT_EQ(c.code(), Errc::INVALID_ARGUMENT);
+  EXPECT_STREQ(c.error().detail,
+               "refused by agate-kernel: a process name is 1..64 printable ASCII bytes");
+  // The kernel goes on taking attaches.
+  EXPECT_TRUE(KernelConnection::tryAttach(loop, kernel.home(), "cafe").ok());
+}
+
 TEST(KernelDaemon, BankTreeChargesEveryAncestorAndDestroyRefundsIt) {
   Watchdog dog("bank tree", seconds(30));
   KernelProcess kernel;

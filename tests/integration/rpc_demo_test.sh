@@ -51,7 +51,11 @@ expect_failure() {
 }
 
 # The command line: help, and mistakes refused before anything is attempted.
-expect_failure -s 0 "usage: agate-echo [--home DIR]" "--home DIR   the kernel's home" -- "$echo" --help
+expect_failure -s 0 "usage: agate-echo [--home DIR] [serve | CALLS]" "CALLS        echo calls" \
+  "--home DIR   the kernel's home" -- "$echo" --help
+expect_failure -s 64 'agate-echo: CALLS must be a whole number from 1 to 1000000000, not "abc"' \
+  "usage: agate-echo" -- "$echo" abc
+expect_failure -s 64 "agate-echo: unexpected argument 6" -- "$echo" 5 6
 expect_failure -s 64 "agate-echo: unknown option --colls" "usage: agate-echo" -- "$echo" --colls 5
 expect_failure -s 64 "agate-echo: --home needs a directory" -- "$echo" --home
 expect_failure -s 64 "agate-echo: unexpected argument 5 (a server takes only --home)" \
@@ -66,7 +70,7 @@ calcPid=${pids[-1]}
 start_server echo "$echo" serve
 echoPid=${pids[-1]}
 expect_failure 'serve "echo": already exists: refused by agate-kernel (name is registered)' \
-  "another process serves \"echo\" in $home" -- "$echo" serve --home "$home"
+  "another process serves \"echo\" in $home" -- "$echo" --home "$home" serve
 start_server ticker "$ticker" serve
 tickerPid=${pids[-1]}
 

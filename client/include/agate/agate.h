@@ -53,5 +53,10 @@ inline int run(int argc, char** argv,
                std::function<Promise<void>(Session&, const client::ProgramArgs&)> body) {
   return client::runSession(argc, argv, std::move(body));
 }
+// The same with the program's usage line and a check of its own arguments (client::ProgramSpec).
+inline int run(int argc, char** argv, const client::ProgramSpec& spec,
+               std::function<Promise<void>(Session&, const client::ProgramArgs&)> body) {
+  return client::runSession(argc, argv, spec, std::move(body));
+}
 
 }  // namespace agate

@@ -222,7 +222,9 @@ class SyncKernel;
 class KernelConnection {
  public:
   // Attaches this process to the kernel serving `home`. DISCONNECTED if none listens there,
-  // ATTACH_REFUSED / INVALID_ARGUMENT / PROTOCOL_ERROR as the kernel answered, TIMED_OUT,
+  // ATTACH_REFUSED / INVALID_ARGUMENT / PROTOCOL_ERROR as the kernel answered (the Error's
+  // detail then carries the kernel's reason, valid until the next refusal on this thread),
+  // TIMED_OUT,
   // OUT_OF_MEMORY (errno EMFILE) when the descriptor table cannot take the rings.
   // `completionWait`: how the pump waits for completions while calls are in flight (spin, then
   // park on the ring's doorbell); a latency-bound caller spins longer, a quiet one parks at once.

@@ -20,8 +20,10 @@
 // ("NAME: serving") so that scripts can wait for it. Returns 0 after a signal, 1 otherwise.
 #pragma once
 
+#include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -34,11 +36,18 @@ namespace agate::client {
 
 // The command line minus what run/serve consumed.
 struct ProgramArgs {
-  std::string program;            // argv[0]'s last component
+  std::string program;  // argv[0]'s last component
+  // The name the program attaches to the kernel under: `program` with every byte a kernel name
+  // may not hold (outside printable ASCII) replaced by '_', cut to 64 bytes (kernel.capnp).
+  std::string attachName;
   std::string home;               // resolved kernel home
   std::vector<std::string> rest;  // every other argument, in order
   bool help = false;              // --help or -h was given
   std::string mistake;            // what is wrong with the command line ("" when nothing)
+
+  // rest[i] as a count (parseCount), or `fallback` when there is no rest[i] or it is not one
+  // (a ProgramSpec::check such as optionalCount refuses that before the program runs).
+  uint64_t countAt(size_t i, uint64_t fallback) const;
 };
 // Takes --home DIR (or --home=DIR) and --help/-h; any other argument starting with "--" is a
 // mistake (a typo must not be taken for a positional argument), as is --home without a value.
@@ -48,8 +57,33 @@ ProgramArgs parseProgramArgs(int argc, char** argv);
 // the program should go on. `usage`: what follows the program's name, e.g. "[--home DIR] [N]".
 int answerProgramArgs(const ProgramArgs& args, std::string_view usage = "[--home DIR]");
 
+// What a client program says about the arguments run() leaves it (ProgramArgs::rest).
+struct ProgramSpec {
+  // What follows the program's name in its usage line (--help, and after a mistake).
+  std::string_view usage = "[--home DIR] [ARGUMENTS...]";
+  // Checked before anything attaches: what is wrong with the arguments ("" when nothing). The
+  // program then prints it and the usage line on stderr and returns 64.
+  std::function<std::string(const ProgramArgs&)> check;
+};
+
+// A count from the command line: all of `text` in decimal, from 1 to `max`; nullopt for
+// anything else ("", "abc", "12x", "-5", "0", or past `max`).
+std::optional<uint64_t> parseCount(std::string_view text, uint64_t max = UINT32_MAX);
+
+// A ProgramSpec::check for a program that takes at most one argument, a count named `name` in
+// the usage line (e.g. "CALLS"), from 1 to `max`.
+std::function<std::string(const ProgramArgs&)> optionalCount(std::string name,
+                                                             uint64_t max = UINT32_MAX);
+
+// Takes a mode word off the command line for a program that is client and server in one
+// binary (`prog [--home DIR] serve`): when the first argument that is neither an option nor
+// --home's value is `word`, removes it from argv (argc shrinks) and returns true.
+bool takeMode(int& argc, char** argv, std::string_view word);
+
 int runSession(int argc, char** argv, std::function<Promise<void>(Session&)> body);
 int runSession(int argc, char** argv,
+               std::function<Promise<void>(Session&, const ProgramArgs&)> body);
+int runSession(int argc, char** argv, const ProgramSpec& spec,
                std::function<Promise<void>(Session&, const ProgramArgs&)> body);
 int serveService(int argc, char** argv, std::string_view name, ClientFactory factory,
                  ServiceOptions options = {});
