@@ -72,9 +72,8 @@ class IoOpNode final : public PromiseNode<T>, public IoOp {
 
 // --- LoopCore ----------------------------------------------------------------------------------
 
-LoopCore::LoopCore(EventLoop& loop, const LoopOptions& options) noexcept
-    : loop_(loop),
-      futexPollInterval_(options.futexPollInterval),
+LoopCore::LoopCore(const LoopOptions& options) noexcept
+    : futexPollInterval_(options.futexPollInterval),
       futexBackstop_(options.futexBackstopInterval) {}
 
 LoopCore::~LoopCore() { shutdown(); }
@@ -301,7 +300,7 @@ EventLoop::EventLoop(LoopOptions options) : EventLoop(options, nullptr) {}
 EventLoop::EventLoop(LoopOptions options, Status* status) {
   AGATE_REQUIRE(tCurrentLoop == nullptr, "this thread already has an event loop");
   tCurrentLoop = this;
-  core_ = std::make_unique<detail::LoopCore>(*this, options);
+  core_ = std::make_unique<detail::LoopCore>(options);
   Status s = core_->init(options);
   if (status != nullptr) {
     *status = s;

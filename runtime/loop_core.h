@@ -106,7 +106,7 @@ Result<std::unique_ptr<IoBackend>> tryCreateEpollBackend(LoopCore& core);
 
 class LoopCore {
  public:
-  LoopCore(EventLoop& loop, const LoopOptions& options) noexcept;
+  explicit LoopCore(const LoopOptions& options) noexcept;
   ~LoopCore();
 
   static LoopCore& of(EventLoop& loop) noexcept { return *loop.core_; }
@@ -150,7 +150,6 @@ class LoopCore {
   void pollFutexes() noexcept;
   void recheckNativeFutexes(TimePoint now) noexcept;
 
-  EventLoop& loop_;
   Duration futexPollInterval_;
   Duration futexBackstop_;
   Task::RunQueue runQueue_;

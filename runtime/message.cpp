@@ -62,7 +62,7 @@ class FastWalk {
  private:
   static constexpr uint64_t KIND_MASK = 3;
   static constexpr uint64_t STRUCT = 0, LIST = 1, OTHER = 3;
-  static constexpr uint64_t CAPABILITY_LOW_WORD = 3;  // kind OTHER, the rest of the low word 0
+  static constexpr uint64_t CAPABILITY_LOW_WORD = OTHER;  // the rest of the low word 0
   // List element sizes (Cap'n Proto's ElementSize).
   static constexpr uint64_t VOID = 0, BIT = 1, BYTE = 2, EIGHT_BYTES = 5, POINTER = 6;
 

@@ -361,7 +361,8 @@ void KernelDaemon::attach(uint64_t pendingId) {
   if (abi != wire::ABI_VERSION)
     return refuse(sock.get(), Error(Errc::ATTACH_REFUSED, "unsupported ABI version"));
   if (!nameOk)
-    return refuse(sock.get(), Error(Errc::INVALID_ARGUMENT, "a process name is 1..64 printable"));
+    return refuse(sock.get(),
+                  Error(Errc::INVALID_ARGUMENT, "a process name is 1..64 printable ASCII bytes"));
 
   std::unique_ptr<Session> session;
   std::vector<Fd> fds;
@@ -559,7 +560,8 @@ void KernelDaemon::deliver(Session& s, size_t bytes, uint64_t callId, std::vecto
   if (s.outbox.empty() && tryCommit(s, data, callId, fds)) return;
   if (s.doomed) return;
   PendingCompletion pending;
-  pending.words.assign(buildScratch_.get(), buildScratch_.get() + bytes / WORD_BYTES);
+  pending.words.resize(bytes / WORD_BYTES);
+  std::memcpy(pending.words.data(), buildScratch_.get(), pending.words.size() * WORD_BYTES);
   pending.bytes = bytes;
   pending.callId = callId;
   pending.fds = std::move(fds);

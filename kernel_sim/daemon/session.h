@@ -36,7 +36,7 @@ namespace agate::kernel::daemon {
 
 // A completion built but not yet in the ring, with the descriptors that go before it.
 struct PendingCompletion {
-  std::vector<capnp::word> words;
+  std::vector<uint64_t> words;  // the message's words (a plain copy: capnp::word is not copyable)
   size_t bytes = 0;
   uint64_t callId = 0;
   std::vector<Fd> fds;

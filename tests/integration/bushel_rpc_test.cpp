@@ -119,7 +119,7 @@ class StoreImpl final : public Store::Server {
     };
     ++shared_.hanging;
     Counted counted{shared_};
-    co_await EventLoop::current()->sleep(std::chrono::hours(1));
+    (void)co_await EventLoop::current()->sleep(std::chrono::hours(1));
     co_return {};
   }
   Promise<void> misbehave(MisbehaveContext) override {

@@ -69,9 +69,11 @@ class KernelChurnTest : public ::testing::Test {
   }
   // Drops handles that no longer resolve (most of them: a few stale ones stay useful).
   void prune() {
-    for (auto& [pid, p] : procs_)
-      std::erase_if(p.handles,
+    for (auto& entry : procs_) {
+      const ProcessId pid = entry.first;
+      std::erase_if(entry.second.handles,
                     [&](Handle h) { return !k_.tryInspectCap(pid, h).ok() && pick(8) != 0; });
+    }
   }
   Rights anyRights() { return static_cast<Rights>(rng_() & static_cast<uint32_t>(Rights::ALL)); }
   std::string anyName() { return "svc" + std::to_string(pick(4)); }

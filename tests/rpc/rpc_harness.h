@@ -122,7 +122,7 @@ class Node final : public ServerObject {
     };
     ++log_.hanging;
     Guard guard{log_};
-    co_await EventLoop::current()->sleep(std::chrono::hours(1));
+    (void)co_await EventLoop::current()->sleep(std::chrono::hours(1));
     co_return {};
   }
   Promise<void> record(CallContext& ctx) {

@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -194,12 +195,12 @@ TEST_F(RpcHotPathTest, AHeldResponseIsCopiedOutOnceUnlessItsResultsAreEmpty) {
 
 // The words of a message built by Cap'n Proto's own builder.
 std::vector<uint64_t> builtWords(const std::function<void(wire::Message::Builder)>& fill) {
-  std::vector<capnp::word> frame(64, capnp::word{});
-  FrameBuilder b(std::span(frame.data(), frame.size()));
+  auto frame = std::make_unique<capnp::word[]>(64);  // value-initialised: zero
+  FrameBuilder b(std::span(frame.get(), 64));
   fill(b.initRoot<wire::Message>());
   const size_t used = b.tryFinish().value();
   std::vector<uint64_t> out(used / WORD_BYTES);
-  std::memcpy(out.data(), frame.data(), used);
+  std::memcpy(out.data(), frame.get(), used);
   return out;
 }
 

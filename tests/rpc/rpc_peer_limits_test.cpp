@@ -121,7 +121,7 @@ class SlowResults final : public ServerObject {
     Result<capnp::AnyPointer::Builder> out = ctx.initResults(4200);
     AGATE_CO_TRY(out);
     out->initAs<capnp::Data>(4000);
-    co_await EventLoop::current()->sleep(std::chrono::milliseconds(100));
+    (void)co_await EventLoop::current()->sleep(std::chrono::milliseconds(100));
     co_return {};
   }
 };

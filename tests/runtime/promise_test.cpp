@@ -124,7 +124,7 @@ struct SetOnDestroy {
 
 Promise<int> waitForever(EventLoop& loop, bool& destroyed, bool& resumed) {
   SetOnDestroy guard{&destroyed};
-  co_await loop.sleep(1h);
+  (void)co_await loop.sleep(1h);
   resumed = true;
   co_return 1;
 }
@@ -143,7 +143,7 @@ TEST(PromiseTest, DroppingAPendingCoroutineDestroysItsLocals) {
 }
 
 Promise<void> sleepThenSet(EventLoop& loop, Duration d, bool& fired) {
-  co_await loop.sleep(d);
+  (void)co_await loop.sleep(d);
   fired = true;
   co_return {};
 }

@@ -17,7 +17,6 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
-#include <source_location>
 #include <string>
 
 #include "agate/runtime/event_loop.h"
@@ -25,11 +24,12 @@
 
 namespace agate::testing {
 
-// A failure is reported at the caller's line.
+// A failure is reported at the caller's line (the builtins, not std::source_location, which
+// clang 14 with libstdc++ 12 lacks).
 template <class Round>
 void expectNoAllocationsInSteadyState(EventLoop& loop, Round&& round, const char* what,
-                                      int attempts = 3,
-                                      std::source_location at = std::source_location::current()) {
+                                      int attempts = 3, const char* file = __builtin_FILE(),
+                                      int line = __builtin_LINE()) {
   std::string grown;
   for (int run = 1; run <= attempts; ++run) {
     const uint64_t heapBefore = allocationCount();
@@ -40,16 +40,15 @@ void expectNoAllocationsInSteadyState(EventLoop& loop, Round&& round, const char
     if (::testing::Test::HasFatalFailure()) return;
     if (heap == 0) return;
     if (heap != arena) {
-      ADD_FAILURE_AT(at.file_name(), static_cast<int>(at.line()))
-          << heap << " heap allocation(s) during " << what << " (run " << run << "), of which "
-          << arena << " grew the loop's frame arena";
+      ADD_FAILURE_AT(file, line) << heap << " heap allocation(s) during " << what << " (run " << run
+                                 << "), of which " << arena << " grew the loop's frame arena";
       return;
     }
     grown += (grown.empty() ? "" : ", ") + std::to_string(arena);
   }
-  ADD_FAILURE_AT(at.file_name(), static_cast<int>(at.line()))
-      << "the loop's frame arena grew in every one of " << attempts << " runs of " << what
-      << " (heap blocks per run: " << grown << "): a frame or node is kept per call";
+  ADD_FAILURE_AT(file, line) << "the loop's frame arena grew in every one of " << attempts
+                             << " runs of " << what << " (heap blocks per run: " << grown
+                             << "): a frame or node is kept per call";
 }
 
 }  // namespace agate::testing
