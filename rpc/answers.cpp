@@ -1,5 +1,7 @@
 // RpcConnection's server side: calls delivered to exported objects, their Returns, calls
 // pipelined on answers (queued, settled in order by an iterative worklist), Finish and Release.
+#include <kj/exception.h>
+
 #include "connection_internal.h"
 
 namespace agate::rpc {
@@ -47,7 +49,7 @@ Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
         cap.remote.kind_ = RemoteCap::Kind::IMPORT;
         cap.remote.id_ = d.capIds[i];
         cap.remote.addRef();
-        ++imports_[d.capIds[i]].remoteRefs;
+        countImported(d.capIds[i]);
         noteImported(d.capIds[i], d.capKinds[i]);
         break;
       case detail::CapEntry::Kind::RECEIVER_HOSTED:
@@ -141,6 +143,21 @@ detail::SpillBuffer* RpcConnection::copyCall(IncomingMessage& message, const Dec
   return copy;
 }
 
+// A method that throws fails its call, not the connection: Cap'n Proto throws when a method
+// reads params that do not match their schema without tryReadParams (a coroutine's throw already
+// ends as its promise's PROTOCOL_ERROR, runtime/promise.h). Anything but a kj::Exception is a bug
+// of this process and is not caught.
+Promise<void> RpcConnection::dispatchCaught(ServerObject& object, uint64_t interfaceId,
+                                            uint16_t methodId, CallContext& ctx) {
+  try {
+    return object.dispatch(interfaceId, methodId, ctx);
+  } catch (const kj::Exception&) {
+    return readyPromise<void>(Error(Errc::PROTOCOL_ERROR,
+                                    "the method threw: its params could not be read as the "
+                                    "schema it read them with (use tryReadParams)"));
+  }
+}
+
 // Calls `exportId`'s dispatch with the answer's context; the Return goes out when it completes.
 void RpcConnection::deliver(Answer& a, uint32_t exportId, uint64_t interfaceId, uint16_t methodId,
                             capnp::AnyStruct::Reader payload) {
@@ -157,7 +174,7 @@ void RpcConnection::deliver(Answer& a, uint32_t exportId, uint64_t interfaceId, 
   ctx.paramsPayload_ = payload;
   ctx.paramsValid_ = true;
   ++dispatching_;
-  Promise<void> dispatch = e.object->dispatch(interfaceId, methodId, ctx);
+  Promise<void> dispatch = dispatchCaught(*e.object, interfaceId, methodId, ctx);
   --dispatching_;
   ctx.paramsValid_ = false;
   if (dispatch.isReady()) {

@@ -49,6 +49,8 @@ RpcConnection::RpcConnection(MessageSender& tx, MessageReceiver& rx, EventLoop& 
   AGATE_REQUIRE(
       options_.maxCapsPerMessage >= 1 && options_.maxCapsPerMessage <= CAPS_PER_MESSAGE_LIMIT,
       "maxCapsPerMessage %u is outside 1..%u", options_.maxCapsPerMessage, CAPS_PER_MESSAGE_LIMIT);
+  AGATE_REQUIRE(options_.releaseReferencesAt >= 2 && options_.releaseReferencesAt <= 1u << 31,
+                "releaseReferencesAt %u is outside 2..2^31", options_.releaseReferencesAt);
   // Typed getters of a list of capabilities re-read the list for each element (and a loop reads
   // its size each time too): every element of lists as long in all as the bound, read one by
   // one, must fit the passes over a message its reader is given beyond the envelope's decode.
@@ -212,7 +214,14 @@ Result<uint32_t> RpcConnection::exportObject(ServerObject* object,
   AGATE_REQUIRE(object != nullptr, "exporting a null object");
   if (!owned) {
     auto it = exportByObject_.find(object);
-    if (it != exportByObject_.end()) return it->second;
+    if (it != exportByObject_.end()) {
+      // Each reference is checked before it is counted, so no message wraps the count.
+      if (exports_[it->second].remoteRefs >= 2 * options_.releaseReferencesAt - 1)
+        return Error(Errc::OUT_OF_MEMORY,
+                     "the peer holds as many references to this object as are counted: it must "
+                     "release some first (RpcOptions::releaseReferencesAt)");
+      return it->second;
+    }
   }
   uint32_t id = exportFree_;
   if (id != NONE) {
@@ -277,6 +286,14 @@ void RpcConnection::maybeFreeExport(uint32_t id) noexcept {
 void RpcConnection::importRef(uint32_t id) noexcept {
   if (id >= imports_.size()) imports_.resize(id + 1);
   if (imports_[id].localRefs++ == 0) ++importsLive_;
+}
+
+void RpcConnection::countImported(uint32_t id) noexcept {
+  uint32_t& refs = imports_[id].remoteRefs;
+  if (++refs < options_.releaseReferencesAt) return;
+  // All but the one the local reference stands on go back now; the rest at the last unref.
+  if (isOpen()) sendRelease(id, refs - 1);
+  refs = 1;
 }
 
 void RpcConnection::importUnref(uint32_t id) noexcept {

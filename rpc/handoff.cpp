@@ -407,7 +407,7 @@ RemoteCap RpcConnection::acceptThirdParty(const Decoded& d, uint32_t index, bool
   vine.kind_ = RemoteCap::Kind::IMPORT;
   vine.id_ = d.capIds[index];
   vine.addRef();
-  ++imports_[d.capIds[index]].remoteRefs;
+  countImported(d.capIds[index]);
   RpcConnection* host = d.capHosts[index];
   if (host == nullptr || !host->isOpen()) {
     RemoteCap broken;
@@ -705,7 +705,8 @@ Status RpcConnection::decodeDisembargo(wire::Disembargo::Reader m, Decoded& d) {
           answers_[d.id]->state == Answer::State::FREE || answers_[d.id]->finishReceived ||
           !answers_[d.id]->isProvide || answers_[d.id]->disembargoed)
         return Error(Errc::PROTOCOL_ERROR, "disembargo of no live provide (or a second one)");
-      if (answers_[d.id]->providedExport != d.targetId)
+      // A refused Provide (of a promised answer) provides no export: nothing to disembargo.
+      if (answers_[d.id]->providedExport == NONE || answers_[d.id]->providedExport != d.targetId)
         return Error(Errc::PROTOCOL_ERROR, "disembargo target is not the provided export");
       d.disembargoProvide = true;
       return {};

@@ -1,5 +1,7 @@
 // RpcConnection's inbound side: the reader, decode (every check, no state change), then invoke;
 // Returns and the remote error text.
+#include <kj/exception.h>
+
 #include "connection_internal.h"
 #include "fast_decode.h"
 
@@ -52,8 +54,15 @@ Promise<void> RpcConnection::readLoop() {
       Status handled = {};
       for (;;) {
         inReader_ = true;
-        handled = handleMessage(*in);
-        if (handled) runWorklist();
+        try {
+          handled = handleMessage(*in);
+          if (handled) runWorklist();
+        } catch (const kj::Exception&) {
+          // Every input is checked before it is acted on, so this is a bug of this side: the
+          // connection ends with a clear error rather than a reader gone silent.
+          workRunning_ = false;
+          handled = Error(Errc::FAILED, "Cap'n Proto threw while a message was handled");
+        }
         inReader_ = false;
         if (handled.code() != Errc::WOULD_BLOCK || !connecting_) break;
         // A handoff names a vat this one has no connection to yet: read nothing more until it
@@ -216,7 +225,7 @@ void RpcConnection::dropRefusedCaps(const Decoded& d) {
     const Kind kind = imported(entry);
     if (kind == Kind::NONE) continue;
     importRef(id);
-    ++imports_[id].remoteRefs;
+    countImported(id);
     if (kind != Kind::THIRD_PARTY) noteImported(id, kind);
   }
   for (wire::CapDescriptor::Reader entry : d.caps) {
@@ -570,7 +579,7 @@ Status RpcConnection::handleReturn(IncomingMessage& message, const Decoded& d) {
         }
         if (!isImported(d.capKinds[i])) continue;
         importRef(d.capIds[i]);
-        ++imports_[d.capIds[i]].remoteRefs;
+        countImported(d.capIds[i]);
         noteImported(d.capIds[i], d.capKinds[i]);
       }
       detail::ResponseSlot* slot = responseFree_;

@@ -256,7 +256,13 @@ void RpcConnection::writeException(wire::Exception::Builder b, const Error& e) {
   b.setErrc(static_cast<uint16_t>(e.code));
   b.setType(typeFor(e.code));
   const char* text = e.detail != nullptr && e.detail[0] != '\0' ? e.detail : errcName(e.code);
-  b.setReason(capnp::Text::Reader(text, strnlen(text, MAX_REASON_ON_WIRE)));
+  // At most MAX_REASON_ON_WIRE bytes; a Text::Reader must end in a NUL, so a longer reason is
+  // cut in a copy (a reader over the first bytes of the original would not be terminated).
+  std::array<char, MAX_REASON_ON_WIRE + 1> cut;
+  const size_t n = strnlen(text, MAX_REASON_ON_WIRE);
+  std::memcpy(cut.data(), text, n);
+  cut[n] = '\0';
+  b.setReason(capnp::Text::Reader(cut.data(), n));
 }
 
 // Sends a message given as its words (a Finish or a Release, laid out by controlWords), with no

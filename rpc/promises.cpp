@@ -417,7 +417,7 @@ Status RpcConnection::handleResolve(const Decoded& d) {
   if (d.resolveKind == detail::CapEntry::Kind::THIRD_PARTY) {
     if (!held) {  // released meanwhile: give the vine back, the introducer reclaims
       importRef(d.capIds[0]);
-      ++imports_[d.capIds[0]].remoteRefs;
+      countImported(d.capIds[0]);
       noteImported(d.capIds[0], detail::CapEntry::Kind::SENDER_HOSTED);
       importUnref(d.capIds[0]);
       return {};
@@ -442,7 +442,7 @@ Status RpcConnection::handleResolve(const Decoded& d) {
   // them back, in order (no route changes, so no embargo).
   if (!isImported(d.resolveKind)) return {};
   importRef(d.resolveId);  // may grow imports_
-  ++imports_[d.resolveId].remoteRefs;
+  countImported(d.resolveId);
   noteImported(d.resolveId, d.resolveKind);
   if (held) {
     imports_[d.id].resolvedTo = d.resolveId;

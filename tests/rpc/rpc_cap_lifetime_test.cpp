@@ -9,6 +9,8 @@
 
 #include <functional>
 #include <optional>
+#include <string>
+#include <vector>
 
 #include "agate/rpc/cap_pointer.h"
 #include "rpc_harness.h"
@@ -396,6 +398,104 @@ TEST_F(RpcCapLifetimeRawTest, AReceiverHostedResultHeldAcrossTheConnectionsEndRe
   EXPECT_EQ(cap.code(), Errc::DISCONNECTED);
   held.reset();
   EXPECT_EQ(log_.destroyed, 1);
+}
+
+// --- reference counts that cannot wrap ---------------------------------------------------------
+
+// Every call returns the same borrowed object (one export, its count growing per Return).
+class Giver final : public ServerObject {
+ public:
+  explicit Giver(Log& log) : child_(41, log) {}
+  Promise<void> dispatch(uint64_t, uint16_t, CallContext& ctx) override {
+    Result<CapAndValue::Builder> out = ctx.initResultsAs<CapAndValue>(16);
+    if (!out) return readyPromise<void>(out.error());
+    Result<uint32_t> index = ctx.addResultCap(child_);
+    if (!index) return readyPromise<void>(index.error());
+    writeCapPointer(*out, 0, *index);
+    return readyPromise<void>(Status{});
+  }
+
+ private:
+  Node child_;
+};
+
+Promise<Response> give(RemoteCap root) {
+  Result<Response> r = co_await root.newCall(NODE_INTERFACE_ID, 0, 16).send();
+  AGATE_CO_TRY(r);
+  co_return std::move(*r);
+}
+
+RemoteCap capOf(Response& r) {
+  Result<ReceivedCap> cap = Error(Errc::FAILED, "no capability");
+  EXPECT_TRUE(r.tryRead<CapAndValue>([&](CapAndValue::Reader v) { cap = r.capAt(v, 0); }).ok());
+  return cap ? cap->remote : RemoteCap();
+}
+
+// The client keeps one reference to the object and receives it again and again: its count of
+// the peer's references goes back in Releases of all but one each time it reaches the bound.
+TEST(RpcReferenceCountTest, AnImportReceivedAgainAndAgainIsReleasedAllButOneAtTheBound) {
+  Watchdog watchdog{"rpc_cap_lifetime_test", std::chrono::seconds(60)};
+  EventLoop loop;
+  Log log;
+  Giver giver(log);
+  RpcOptions serverOptions;
+  serverOptions.bootstrap = &giver;
+  RpcOptions clientOptions;
+  clientOptions.releaseReferencesAt = 4;
+  LocalPair pair(loop, serverOptions, clientOptions);
+  RemoteCap root = pair.client().bootstrap();
+  Result<Response> first = loop.run(give(root));
+  ASSERT_TRUE(first.ok());
+  RemoteCap held = capOf(*first);
+  first = Error(Errc::FAILED, "dropped");
+  for (int i = 0; i < 10; ++i) ASSERT_TRUE(loop.run(give(root)).ok());
+  // 11 references: all but one went back at 4, 7 and 10.
+  EXPECT_EQ(pair.client().stats().releasesSent, 3u);
+  ASSERT_TRUE(runUntil(loop, [&] { return pair.server().stats().releasesReceived == 3; }));
+  EXPECT_EQ(pair.server().exportCount(), 2u) << "the object is still exported";
+  Request echo = held.newCall(NODE_INTERFACE_ID, ECHO, 16);
+  echo.initParams<Value>().setValue(1);
+  Result<uint64_t> v = loop.run([&]() -> Promise<uint64_t> {
+    Result<Response> r = co_await echo.send();
+    AGATE_CO_TRY(r);
+    co_return r->results().getAs<Value>().getValue();
+  }());
+  ASSERT_TRUE(v.ok());
+  EXPECT_EQ(*v, 42u);
+  held = RemoteCap();  // the last two go back with the last reference
+  ASSERT_TRUE(runUntil(loop, [&] { return pair.server().exportCount() == 1; }));
+  EXPECT_EQ(pair.client().stats().releasesSent, 4u);
+  EXPECT_EQ(log.destroyed, 0) << "borrowed: the connection never owned it";
+}
+
+// A client that never releases: past 2 * releaseReferencesAt - 1 references the server refuses
+// to send the object again (the call fails, the connection carries on), until it releases.
+TEST(RpcReferenceCountTest, AnObjectThePeerHoldsTooManyReferencesToIsNotSentAgain) {
+  Watchdog watchdog{"rpc_cap_lifetime_test", std::chrono::seconds(60)};
+  EventLoop loop;
+  Log log;
+  Giver giver(log);
+  RpcOptions serverOptions;
+  serverOptions.bootstrap = &giver;
+  serverOptions.releaseReferencesAt = 2;  // at most 3 references
+  LocalPair pair(loop, serverOptions, RpcOptions{});
+  RemoteCap root = pair.client().bootstrap();
+  std::vector<Response> kept;
+  for (int i = 0; i < 3; ++i) {
+    Result<Response> r = loop.run(give(root));
+    ASSERT_TRUE(r.ok()) << i;
+    kept.push_back(std::move(*r));
+  }
+  Result<Response> refused = loop.run(give(root));
+  ASSERT_EQ(refused.code(), Errc::OUT_OF_MEMORY);
+  EXPECT_NE(std::string(refused.error().detail).find("must release some first"), std::string::npos)
+      << refused.error().detail;
+  EXPECT_TRUE(pair.client().isOpen());
+  EXPECT_TRUE(pair.server().isOpen());
+  EXPECT_EQ(pair.server().exportCount(), 2u);
+  kept.clear();  // three references go back
+  ASSERT_TRUE(runUntil(loop, [&] { return pair.server().exportCount() == 1; }));
+  EXPECT_TRUE(loop.run(give(root)).ok()) << "sent again once released";
 }
 
 }  // namespace

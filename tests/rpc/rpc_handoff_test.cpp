@@ -1323,17 +1323,19 @@ TEST_F(EmbargoTest, OneEmbargoedAcceptPerProvisionAndTheirWaitIsBoundedPerRecipi
 }
 
 TEST_F(EmbargoTest, HostileDisembargoesAbortWithProtocolError) {
+  // Each case provides under a provision id of its own: the network remembers the highest it
+  // took from C, and a repeated one is refused as a replay before the case reaches its point.
   struct Case {
     const char* what;
-    std::function<void(RawVat&)> fill;
+    std::function<void(RawVat&, uint64_t provision)> fill;
   };
   auto disembargo = [](uint32_t exportId, uint32_t q) {
-    return [=](RawVat& v) { v.disembargoProvide(exportId, q); };
+    return [=](RawVat& v, uint64_t) { v.disembargoProvide(exportId, q); };
   };
   const Case cases[] = {
       {"provide of no answer", disembargo(0, 9)},
       {"provide naming a call",
-       [](RawVat& v) {
+       [](RawVat& v, uint64_t) {
          v.send([](wire::Message::Builder m) {
            wire::Call::Builder c = m.initCall();
            c.setQuestionId(1);
@@ -1344,33 +1346,51 @@ TEST_F(EmbargoTest, HostileDisembargoesAbortWithProtocolError) {
          v.disembargoProvide(0, 1);
        }},
       {"provide of another export",
-       [](RawVat& v) {
-         v.provide(1, 0, E, 5);
+       [](RawVat& v, uint64_t provision) {
+         v.provide(1, 0, E, provision);
          v.disembargoProvide(3, 1);
        }},
       {"second disembargo",
-       [](RawVat& v) {
-         v.provide(1, 0, E, 5);
+       [](RawVat& v, uint64_t provision) {
+         v.provide(1, 0, E, provision);
          v.disembargoProvide(0, 1);
          v.disembargoProvide(0, 1);
        }},
       {"provide after its finish",
-       [](RawVat& v) {
-         v.provide(1, 0, E, 5);
+       [](RawVat& v, uint64_t provision) {
+         v.provide(1, 0, E, provision);
          v.finish(1);
          v.disembargoProvide(0, 1);
        }},
       {"accept of an export that is no promise",
-       [](RawVat& v) {
+       [](RawVat& v, uint64_t) {
          v.send([](wire::Message::Builder m) {
            wire::Disembargo::Builder d = m.initDisembargo();
            d.initTarget().setImportedCap(0);
            d.initContext().setAccept();
          });
        }},
+      {"provide of a promised answer (refused), then a disembargo naming no export",
+       [](RawVat& v, uint64_t provision) {
+         v.send([](wire::Message::Builder m) {  // question 7: a live answer to name
+           wire::Call::Builder c = m.initCall();
+           c.setQuestionId(7);
+           c.getTarget().setImportedCap(0);
+           c.setInterfaceId(NODE_INTERFACE_ID);
+           c.setMethodId(HANG);
+         });
+         v.send([&](wire::Message::Builder m) {
+           wire::Provide::Builder p = m.initProvide();
+           p.setQuestionId(1);
+           p.initTarget().initPromisedAnswer().setQuestionId(7);
+           p.setRecipient(E);
+           p.setProvisionId(provision);
+         });
+         v.disembargoProvide(0xffffffffu, 1);
+       }},
       {"a promised answer target",
-       [](RawVat& v) {
-         v.provide(1, 0, E, 5);
+       [](RawVat& v, uint64_t provision) {
+         v.provide(1, 0, E, provision);
          v.send([](wire::Message::Builder m) {
            wire::Disembargo::Builder d = m.initDisembargo();
            d.initTarget().initPromisedAnswer().setQuestionId(1);
@@ -1378,7 +1398,7 @@ TEST_F(EmbargoTest, HostileDisembargoesAbortWithProtocolError) {
          });
        }},
       {"receiver loopback",
-       [](RawVat& v) {
+       [](RawVat& v, uint64_t) {
          v.send([](wire::Message::Builder m) {
            wire::Disembargo::Builder d = m.initDisembargo();
            d.initTarget().setImportedCap(0);
@@ -1386,11 +1406,14 @@ TEST_F(EmbargoTest, HostileDisembargoesAbortWithProtocolError) {
          });
        }},
   };
+  uint64_t provision = 5;
   for (const Case& c : cases) {
     SCOPED_TRACE(c.what);
     RawVat v(loop_, net_->vat(A), C, &aRoot_);
-    c.fill(v);
+    c.fill(v, ++provision);
     EXPECT_TRUE(v.abortedWithProtocolError());
+    const std::string why = v.victim().failure().detail;
+    EXPECT_EQ(why.find("a replay"), std::string::npos) << why;
     EXPECT_EQ(net_->vat(A).provisionCount(), 0u);
   }
   loop_.runUntilIdle();

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <string>
 #include <thread>
 
 #include "rpc_harness.h"
@@ -323,6 +324,58 @@ TEST_F(RpcTest, ServerErrorArrivesAsTheSameErrc) {
   Result<uint64_t> r = loop_.run(awaitValue(cap.newCall(NODE_INTERFACE_ID, 99, 16).send()));
   EXPECT_EQ(r.code(), Errc::UNSUPPORTED);
   EXPECT_STREQ(r.error().detail, "no such method");
+}
+
+// A reason longer than the wire carries (120 bytes) is cut, and the connection carries on (the
+// cut once wrote a Text that was not NUL-terminated: the reader failed and calls hung).
+class LongWinded final : public ServerObject {
+ public:
+  Promise<void> dispatch(uint64_t, uint16_t, CallContext&) override {
+    return readyPromise<void>(Error(Errc::FAILED, reason.c_str()));
+  }
+  const std::string reason = std::string(100, 'a') + std::string(100, 'b');
+};
+
+TEST_F(RpcTest, AReasonLongerThanTheWireCarriesArrivesCut) {
+  LongWinded server;
+  LocalPair pair(loop_, &server);
+  RemoteCap cap = pair.client().bootstrap();
+  for (int i = 0; i < 2; ++i) {
+    Result<uint64_t> r = loop_.run(awaitValue(cap.newCall(NODE_INTERFACE_ID, ECHO, 16).send()));
+    ASSERT_EQ(r.code(), Errc::FAILED);
+    EXPECT_EQ(std::string(r.error().detail), server.reason.substr(0, 120));
+  }
+  EXPECT_TRUE(pair.client().isOpen());
+  EXPECT_TRUE(pair.server().isOpen());
+}
+
+// A method (not a coroutine) that reads its params as a struct without tryReadParams: Cap'n
+// Proto throws when they are something else.
+class CarelessReader final : public ServerObject {
+ public:
+  Promise<void> dispatch(uint64_t, uint16_t, CallContext& ctx) override {
+    const uint64_t v = ctx.params().getAs<Value>().getValue();  // throws on a list
+    Result<Value::Builder> out = ctx.initResultsAs<Value>(16);
+    if (!out) return readyPromise<void>(out.error());
+    out->setValue(v + 1);
+    return readyPromise<void>(Status{});
+  }
+};
+
+TEST_F(RpcTest, AMethodThatThrowsReadingItsParamsFailsItsCallNotTheConnection) {
+  CarelessReader server;
+  LocalPair pair(loop_, &server);
+  RemoteCap cap = pair.client().bootstrap();
+  Request bad = cap.newCall(NODE_INTERFACE_ID, ECHO, 64);
+  bad.params().initAs<capnp::List<uint64_t>>(3);  // a list where the method reads a struct
+  Result<uint64_t> r = loop_.run(awaitValue(bad.send()));
+  ASSERT_EQ(r.code(), Errc::PROTOCOL_ERROR);
+  EXPECT_NE(std::string(r.error().detail).find("the method threw"), std::string::npos)
+      << r.error().detail;
+  EXPECT_TRUE(pair.server().isOpen());
+  Request good = cap.newCall(NODE_INTERFACE_ID, ECHO, 64);
+  good.initParams<Value>().setValue(6);
+  EXPECT_EQ(loop_.run(awaitValue(good.send())).value(), 7u) << "the connection carries on";
 }
 
 TEST_F(RpcTest, ResultsTooLargeForAFrameFailTheCallNotTheConnection) {

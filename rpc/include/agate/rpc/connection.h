@@ -673,6 +673,14 @@ struct RpcOptions {
   // the connection's pool, reused (rpc/README.md, "Capabilities in messages"). A typed list of
   // capabilities is bounded by it too (docs/typed_stubs.md).
   uint32_t maxCapsPerMessage = 256;
+  // References to one capability are counted in 32 bits on each side. Once the peer has given
+  // this side `releaseReferencesAt` references to one import, this side releases all but one
+  // of them at once, so a capability held for ever and received again and again never wraps
+  // the count. This side refuses to give the peer more than 2 * releaseReferencesAt - 1
+  // references to one of its objects (the message is not sent: OUT_OF_MEMORY) until the peer
+  // releases some, so a peer that never releases cannot wrap the count and have the object
+  // freed under its references. 2 to 2^31 (REQUIRE-checked); lower only to test.
+  uint32_t releaseReferencesAt = uint32_t{1} << 31;
   // How the inbound reader and the outbound pump wait.
   AsyncWaitPolicy wait = {};
   // Fairness among connections on one loop: after this many messages read in a row, the reader
@@ -865,6 +873,9 @@ class RpcConnection {
   void questionUnref(uint32_t id) noexcept;
   void importRef(uint32_t id) noexcept;
   void importUnref(uint32_t id) noexcept;
+  // One more reference the peer gave us to import `id`, whose local reference the caller holds
+  // (RpcOptions::releaseReferencesAt).
+  void countImported(uint32_t id) noexcept;
   Result<ReceivedCap> receivedCap(capnp::List<wire::CapDescriptor>::Reader caps, uint32_t index,
                                   std::span<const RemoteCap> handedOff);
   void releaseResponse(detail::ResponseSlot* slot) noexcept;
@@ -937,6 +948,8 @@ class RpcConnection {
 
   // --- inbound ---
   Promise<void> readLoop();
+  Promise<void> dispatchCaught(ServerObject& object, uint64_t interfaceId, uint16_t methodId,
+                               CallContext& ctx);
   Status handleMessage(IncomingMessage& message);
   Status decode(wire::Message::Reader m, Decoded& d);
   bool decodeCommon(std::span<const std::byte> frame, Decoded& d, Status& verdict);
