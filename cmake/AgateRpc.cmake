@@ -4,18 +4,23 @@
 # CAPNPC_IMPORT_DIRS and CAPNPC_FLAGS variables, but one `capnp compile` runs both capnpc-c++ and
 # capnpc-agate, so for each file.capnp it yields file.capnp.c++ (in SRCS) and file.capnp.h plus
 # file.agate.h (in HDRS), all in the output directory. The command depends on the capnpc-agate
-# target: editing the plugin regenerates every stub.
+# target (editing the plugin regenerates every stub) and on the files the schema imports.
 #
 # Targets compiling the stubs link agate::rpc, and CapnProto::capnp-rpc when the schema declares
 # interfaces (capnpc-c++'s code for interfaces references it).
+# Where Agate found Cap'n Proto (cmake/AgateDeps.cmake), kept here: a project that builds Agate
+# with add_subdirectory calls agate_generate_rpc from its own scope, which lacks those variables.
+set(AGATE_CAPNP_EXECUTABLE "${CAPNP_EXECUTABLE}" CACHE INTERNAL "capnp, for agate_generate_rpc")
+set(AGATE_CAPNPC_CXX_EXECUTABLE "${CAPNPC_CXX_EXECUTABLE}" CACHE INTERNAL "capnpc-c++")
+set(AGATE_CAPNP_INCLUDE_DIRECTORY "${CAPNP_INCLUDE_DIRECTORY}" CACHE INTERNAL "capnp's schemas")
+
 function(agate_generate_rpc SOURCES HEADERS)
   if(NOT ARGN)
     message(SEND_ERROR "agate_generate_rpc() called without any schema file.")
   endif()
-  # Set by find_package(CapnProto) (cmake/AgateDeps.cmake).
-  set(capnp_tool "${CAPNP_EXECUTABLE}")
-  set(capnpc_cxx "${CAPNPC_CXX_EXECUTABLE}")
-  set(capnp_include "${CAPNP_INCLUDE_DIRECTORY}")
+  set(capnp_tool "${AGATE_CAPNP_EXECUTABLE}")
+  set(capnpc_cxx "${AGATE_CAPNPC_CXX_EXECUTABLE}")
+  set(capnp_include "${AGATE_CAPNP_INCLUDE_DIRECTORY}")
 
   if(DEFINED CAPNPC_SRC_PREFIX)
     get_filename_component(src_prefix "${CAPNPC_SRC_PREFIX}" ABSOLUTE)
@@ -44,13 +49,39 @@ function(agate_generate_rpc SOURCES HEADERS)
     endif()
     string(REGEX REPLACE "\\.capnp$" "" stem "${relative}")
     set(base "${output_dir}/${relative}")
+    # The files it imports or embeds, found as capnp finds them (a relative name beside it, an
+    # absolute one on the import path): editing one regenerates this file's code. Editing the
+    # schema itself re-runs the configure step, which finds an import line added since.
+    set(imported)
+    get_filename_component(schema_dir "${file_path}" DIRECTORY)
+    file(STRINGS "${file_path}" import_lines REGEX "(import|embed)[ \t]+\"[^\"]+\"")
+    foreach(line IN LISTS import_lines)
+      string(REGEX MATCHALL "(import|embed)[ \t]+\"[^\"]+\"" names "${line}")
+      foreach(name IN LISTS names)
+        string(REGEX REPLACE "^(import|embed)[ \t]+\"([^\"]+)\"$" "\\2" name "${name}")
+        if(name MATCHES "^/")
+          set(search_dirs "${src_prefix}" ${CAPNPC_IMPORT_DIRS} "${capnp_include}")
+        else()
+          set(search_dirs "${schema_dir}")
+          set(name "/${name}")
+        endif()
+        foreach(directory IN LISTS search_dirs)
+          get_filename_component(directory "${directory}" ABSOLUTE)
+          if(EXISTS "${directory}${name}")
+            list(APPEND imported "${directory}${name}")
+            break()
+          endif()
+        endforeach()
+      endforeach()
+    endforeach()
+    set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS "${file_path}")
     add_custom_command(
       OUTPUT "${base}.c++" "${base}.h" "${output_dir}/${stem}.agate.h"
       COMMAND "${capnp_tool}" compile
               -o "${capnpc_cxx}:${output_dir}"
               -o "$<TARGET_FILE:capnpc-agate>:${output_dir}"
               --src-prefix "${src_prefix}" ${include_path} ${CAPNPC_FLAGS} "${file_path}"
-      DEPENDS "${schema_file}" capnpc-agate $<TARGET_FILE:capnpc-agate>
+      DEPENDS "${schema_file}" ${imported} capnpc-agate $<TARGET_FILE:capnpc-agate>
       COMMENT "Compiling Cap'n Proto schema ${schema_file} with Agate stubs"
       VERBATIM)
     list(APPEND srcs "${base}.c++")

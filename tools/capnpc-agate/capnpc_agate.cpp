@@ -37,6 +37,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -704,7 +705,21 @@ class Generator {
 
 }  // namespace
 
-int main() {
+// Run by hand: capnp compile runs the plugin with no arguments and the request on a pipe.
+constexpr const char* USAGE =
+    "capnpc-agate: a Cap'n Proto compiler plugin; it reads a CodeGeneratorRequest on stdin.\n"
+    "Run it through capnp:\n"
+    "  capnp compile -oc++ -o/path/to/capnpc-agate file.capnp   # file.capnp.h/.c++, file.agate.h\n"
+    "or, in CMake, agate_generate_rpc(SRCS HDRS file.capnp) (cmake/AgateRpc.cmake).\n"
+    "docs/typed_stubs.md describes the generated API.\n";
+
+int main(int argc, char** argv) {
+  if (argc > 1 || ::isatty(STDIN_FILENO) == 1) {
+    const bool help =
+        argc > 1 && (std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "-h") == 0);
+    std::fputs(USAGE, help ? stdout : stderr);
+    return help ? 0 : 64;
+  }
   try {
     capnp::ReaderOptions options;
     options.traversalLimitInWords = 1ull << 30;
