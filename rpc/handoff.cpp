@@ -517,20 +517,24 @@ Status RpcConnection::handleAccept(const Decoded& d) {
 
 namespace {
 
-size_t waitingOf(const detail::HandoffTable& table, const RpcConnection* conn) {
-  return static_cast<size_t>(
-      std::count_if(table.waiting.begin(), table.waiting.end(),
-                    [&](const detail::HandoffTable::Waiting& w) { return w.conn == conn; }));
+// Accepts of `conn`'s peer waiting for provisions of `introducer`.
+size_t waitingOf(const detail::HandoffTable& table, const RpcConnection* conn, VatId introducer) {
+  return static_cast<size_t>(std::count_if(
+      table.waiting.begin(), table.waiting.end(), [&](const detail::HandoffTable::Waiting& w) {
+        return w.conn == conn && w.key.introducer == introducer;
+      }));
 }
 
 }  // namespace
 
 // Parks Accept `a` in the vat's table until its Provide (or, `embargoed`, its Disembargo)
-// arrives, within this peer's bound; past it, fails the Accept. True if it waits.
+// arrives, within this peer's bound for the introducer; past it, fails the Accept. True if it
+// waits.
 bool RpcConnection::waitOnProvision(Answer& a, detail::HandoffTable& table, bool embargoed) {
-  if (waitingOf(table, this) >= VatNetwork::MAX_WAITING_ACCEPTS_PER_PEER) {
+  if (waitingOf(table, this, a.provision.introducer) >= VatNetwork::MAX_WAITING_ACCEPTS_PER_PEER) {
     failAnswer(a, Error(Errc::OUT_OF_MEMORY,
-                        "too many of this peer's accepts are waiting for their provides"));
+                        "too many of this peer's accepts are waiting for this introducer's "
+                        "provides"));
     return false;
   }
   a.waitingForProvide = true;

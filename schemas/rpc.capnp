@@ -478,7 +478,8 @@ struct Disembargo {
 # dies (A's provisions by C go, an embargoed Accept fails DISCONNECTED); B dies (A drops the
 # Accept; C's exports to B go, its Finish reclaims the provision); A dies (the Accept and B's
 # calls fail DISCONNECTED). An embargoed Accept waiting at A counts against the recipient's
-# bound on waiting Accepts (VatNetwork::MAX_WAITING_ACCEPTS_PER_PEER; more: OUT_OF_MEMORY).
+# bound on waiting Accepts for the introducer's provisions (VatNetwork::MAX_WAITING_ACCEPTS_PER_PEER;
+# more: OUT_OF_MEMORY).
 #
 # Hostile input (PROTOCOL_ERROR, checked before anything changes): a Disembargo with a loopback
 # context; `accept` for an id that is not a promise of the receiver resolved to a third party

@@ -660,13 +660,17 @@ TEST_F(HandoffTest, ForgedReplayedAndMisdirectedAcceptsGetClearErrorsAndChangeNo
   ASSERT_TRUE(loop_.run(awaitValue(std::move(third))).ok());
 }
 
-// Accepts for provisions that have not come yet wait, but only so many per recipient: a peer
-// flooding forged provision ids fills its own allowance, not the vat's, and another recipient's
-// Accept still waits for its Provide.
-TEST_F(HandoffTest, WaitingAcceptsAreBoundedPerRecipientSoOneCannotCrowdOutAnother) {
+// Accepts for provisions that have not come yet wait, but only so many per recipient and
+// introducer: a peer flooding forged provision ids fills its own allowance, not the vat's, and
+// another recipient's Accept still waits for its Provide; an introducer that hands a recipient
+// forged ids (here D's Accepts of C's provisions, as C could make D send) fills only the places
+// for C's handoffs: D's Accept of B's provision still waits.
+TEST_F(HandoffTest, WaitingAcceptsAreBoundedPerRecipientAndIntroducer) {
   openNetwork();
   RemoteCap a = boot(C, A);
   (void)loop_.run(echo(a, 0));  // C is an introducer A knows
+  RemoteCap ab = boot(B, A);
+  (void)loop_.run(echo(ab, 0));  // and so is B
   constexpr size_t LIMIT = VatNetwork::MAX_WAITING_ACCEPTS_PER_PEER;
   RawVat d(loop_, net_->vat(A), D, nullptr);
   for (uint32_t q = 1; q <= LIMIT; ++q) d.accept(q, C, 1000 + q);
@@ -676,16 +680,20 @@ TEST_F(HandoffTest, WaitingAcceptsAreBoundedPerRecipientSoOneCannotCrowdOutAnoth
   EXPECT_EQ(net_->vat(A).waitingAcceptCount(), LIMIT) << "the refused one left nothing behind";
   EXPECT_TRUE(d.victim().isOpen()) << "a refused Accept does not break the connection";
 
+  d.accept(LIMIT + 3, B, 9000);
+  ASSERT_TRUE(runUntil(loop_, [&] { return net_->vat(A).waitingAcceptCount() == LIMIT + 1; }))
+      << "another introducer's places are D's still";
+
   RawVat e(loop_, net_->vat(A), E, nullptr);
   e.accept(1, C, 6000);
-  ASSERT_TRUE(runUntil(loop_, [&] { return net_->vat(A).waitingAcceptCount() == LIMIT + 1; }));
+  ASSERT_TRUE(runUntil(loop_, [&] { return net_->vat(A).waitingAcceptCount() == LIMIT + 2; }));
 
   // D's Finish frees one of its places, which it can use again.
   d.send([](wire::Message::Builder m) { m.initFinish().setQuestionId(1); });
   EXPECT_EQ(d.nextReturn(1), Errc::CANCELLED);
-  EXPECT_EQ(net_->vat(A).waitingAcceptCount(), LIMIT);
+  EXPECT_EQ(net_->vat(A).waitingAcceptCount(), LIMIT + 1);
   d.accept(LIMIT + 2, C, 7000);
-  ASSERT_TRUE(runUntil(loop_, [&] { return net_->vat(A).waitingAcceptCount() == LIMIT + 1; }));
+  ASSERT_TRUE(runUntil(loop_, [&] { return net_->vat(A).waitingAcceptCount() == LIMIT + 2; }));
 }
 
 TEST_F(HandoffTest, TheIntroducersFinishReclaimsAProvisionEvenWithCallsPipelinedOnIt) {

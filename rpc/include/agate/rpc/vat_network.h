@@ -45,10 +45,13 @@ class HandoffTable;
 
 class VatNetwork {
  public:
-  // Accepts one recipient (one connection) may have waiting at once for their Provides (more
-  // fail OUT_OF_MEMORY): bounds what a peer can make this vat hold for provisions that never
-  // come, per peer, so that one recipient flooding forged ids cannot crowd out the others. An
-  // honest recipient's Accept waits only while its Provide is still on the introducer's ring.
+  // Accepts one recipient (one connection) may have waiting at once for the Provides of one
+  // introducer (more fail OUT_OF_MEMORY): bounds what a peer can make this vat hold for
+  // provisions that never come, per peer, so that one recipient flooding forged ids cannot crowd
+  // out the others; and per introducer, so that an introducer that hands a recipient forged
+  // provision ids (whose Accepts then wait here) uses up that recipient's places for its own
+  // handoffs only, not for everyone else's. An honest recipient's Accept waits only while its
+  // Provide is still on the introducer's ring.
   static constexpr size_t MAX_WAITING_ACCEPTS_PER_PEER = 16;
 
   VatNetwork();
