@@ -136,7 +136,7 @@ std::optional<uint64_t> parseCount(std::string_view text, uint64_t max) {
   for (char c : text) {
     if (c < '0' || c > '9') return std::nullopt;
     const uint64_t digit = static_cast<uint64_t>(c - '0');
-    if (value > (max - digit) / 10) return std::nullopt;  // value * 10 + digit > max
+    if (digit > max || value > (max - digit) / 10) return std::nullopt;  // value*10+digit > max
     value = value * 10 + digit;
   }
   if (value == 0) return std::nullopt;
@@ -165,7 +165,8 @@ bool takeMode(int& argc, char** argv, std::string_view word) {
       ++i;  // its value
       continue;
     }
-    if (a.starts_with("-")) continue;
+    // Options as parseProgramArgs takes them: "--..." and -h; "-5" is an argument.
+    if (a.starts_with("--") || a == "-h") continue;
     if (a != word) return false;
     for (int j = i; j + 1 < argc; ++j) argv[j] = argv[j + 1];
     argv[--argc] = nullptr;

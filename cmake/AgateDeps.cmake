@@ -1,9 +1,8 @@
 # Third-party dependencies, all from Debian packages (scripts/setup installs them).
+find_package(Threads REQUIRED)
 # Global, so that a project building Agate with add_subdirectory links CapnProto::capnp-rpc (the
 # generated code of its interfaces needs it) without finding Cap'n Proto again.
-set(CMAKE_FIND_PACKAGE_TARGETS_GLOBAL ON)
-find_package(Threads REQUIRED)
-find_package(CapnProto CONFIG REQUIRED)
+find_package(CapnProto CONFIG REQUIRED GLOBAL)
 find_package(Boost 1.74 REQUIRED COMPONENTS context)
 find_package(PkgConfig REQUIRED)
 pkg_check_modules(LIBURING REQUIRED IMPORTED_TARGET liburing>=2.3)

@@ -321,7 +321,9 @@ void RpcConnection::failAnswer(Answer& a, const Error& error) {
     if (error.code == Errc::CANCELLED) {
       ret.setCanceled();
     } else {
-      writeException(ret.initException(), error);
+      // This answer's own copy: `error` may point into another answer's, which the steps above
+      // may have freed.
+      writeException(ret.initException(), a.error.get());
     }
     sent = finishOut(*slot).ok();
     if (sent) ++stats_.returnsSent;
@@ -590,8 +592,11 @@ void RpcConnection::resolveParamAnswer(Answer& a, uint32_t slot, std::span<const
   FrameReader reader(rx_.limits());
   Result<uint32_t> exportId = resolvePipeline(q, path, reader);
   if (!exportId) {
+    // The text may be q's own copy, which goes with q: the method may keep the capability
+    // longer, so it gets a copy in the ring a peer's errors live in.
     cap.remote.kind_ = RemoteCap::Kind::BROKEN;
-    cap.remote.broken_ = exportId.error();
+    cap.remote.broken_ = Error(exportId.error().code, exportId.error().sysErrno,
+                               copyRemoteReason(exportId.error().detail));
     return;
   }
   cap.local = exports_[*exportId].object;

@@ -517,12 +517,20 @@ Status RpcConnection::handleAccept(const Decoded& d) {
 
 namespace {
 
-// Accepts of `conn`'s peer waiting for provisions of `introducer`.
-size_t waitingOf(const detail::HandoffTable& table, const RpcConnection* conn, VatId introducer) {
-  return static_cast<size_t>(std::count_if(
-      table.waiting.begin(), table.waiting.end(), [&](const detail::HandoffTable::Waiting& w) {
-        return w.conn == conn && w.key.introducer == introducer;
-      }));
+// Accepts of `conn`'s peer waiting here: in all, and for provisions of `introducer`.
+struct WaitingCount {
+  size_t all = 0;
+  size_t ofIntroducer = 0;
+};
+WaitingCount waitingOf(const detail::HandoffTable& table, const RpcConnection* conn,
+                       VatId introducer) {
+  WaitingCount n;
+  for (const detail::HandoffTable::Waiting& w : table.waiting) {
+    if (w.conn != conn) continue;
+    ++n.all;
+    if (w.key.introducer == introducer) ++n.ofIntroducer;
+  }
+  return n;
 }
 
 }  // namespace
@@ -531,10 +539,16 @@ size_t waitingOf(const detail::HandoffTable& table, const RpcConnection* conn, V
 // arrives, within this peer's bound for the introducer; past it, fails the Accept. True if it
 // waits.
 bool RpcConnection::waitOnProvision(Answer& a, detail::HandoffTable& table, bool embargoed) {
-  if (waitingOf(table, this, a.provision.introducer) >= VatNetwork::MAX_WAITING_ACCEPTS_PER_PEER) {
+  const WaitingCount n = waitingOf(table, this, a.provision.introducer);
+  if (n.ofIntroducer >= VatNetwork::MAX_WAITING_ACCEPTS_PER_PEER) {
     failAnswer(a, Error(Errc::OUT_OF_MEMORY,
                         "too many of this peer's accepts are waiting for this introducer's "
                         "provides"));
+    return false;
+  }
+  if (n.all >= VatNetwork::MAX_WAITING_ACCEPTS_PER_RECIPIENT) {
+    failAnswer(a, Error(Errc::OUT_OF_MEMORY,
+                        "too many of this peer's accepts are waiting for their provides"));
     return false;
   }
   a.waitingForProvide = true;

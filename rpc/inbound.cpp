@@ -544,11 +544,20 @@ Status RpcConnection::handleMessage(IncomingMessage& message) {
   }
 }
 
+const char* RpcConnection::copyRemoteReason(const char* text) {
+  if (text == nullptr) text = "";
+  return copyRemoteReason(text, strnlen(text, REMOTE_REASON_BYTES - 1));
+}
+
 const char* RpcConnection::copyRemoteReason(capnp::Text::Reader reason) {
+  return copyRemoteReason(reason.begin(), reason.size());
+}
+
+const char* RpcConnection::copyRemoteReason(const char* text, size_t size) {
   std::array<char, REMOTE_REASON_BYTES>& slot = reasons_[nextReason_];
   nextReason_ = (nextReason_ + 1) % REMOTE_REASON_SLOTS;
-  const size_t n = std::min(reason.size(), REMOTE_REASON_BYTES - 1);
-  std::memcpy(slot.data(), reason.begin(), n);
+  const size_t n = std::min(size, REMOTE_REASON_BYTES - 1);
+  std::memcpy(slot.data(), text, n);
   slot[n] = '\0';
   return slot.data();
 }

@@ -302,13 +302,15 @@ void RpcConnection::sendResolve(uint32_t exportId, detail::PromiseNode& node) {
     r.initCap().setReceiverHosted(node.importId_);
   } else {
     Result<uint32_t> id = exportObject(node.target_, nullptr, node.owner_);
-    if (!id) {
-      abandonOut(*slot);
-      return;
+    if (id) {
+      resolution = *id;
+      ++exports_[resolution].remoteRefs;
+      r.initCap().setSenderHosted(resolution);
+    } else {
+      // The peer holds as many references to the resolution as are counted (it never
+      // releases): it gets the reason rather than a promise that never settles.
+      writeException(r.initException(), id.error());
     }
-    resolution = *id;
-    ++exports_[resolution].remoteRefs;
-    r.initCap().setSenderHosted(resolution);
   }
   if (!finishOut(*slot)) {
     if (resolution != NONE) {
@@ -428,10 +430,7 @@ Status RpcConnection::handleResolve(const Decoded& d) {
     noteImported(d.capIds[0], detail::CapEntry::Kind::SENDER_HOSTED);  // the vine: a plain import
     if (cap.kind_ == RemoteCap::Kind::BROKEN) {
       // In this connection's own ring of reasons: the text may be another connection's.
-      const char* text = cap.broken_.detail != nullptr ? cap.broken_.detail : "";
-      imports_[d.id].broken = Error(
-          cap.broken_.code,
-          copyRemoteReason(capnp::Text::Reader(text, strnlen(text, REMOTE_REASON_BYTES - 1))));
+      imports_[d.id].broken = Error(cap.broken_.code, copyRemoteReason(cap.broken_.detail));
     } else {
       imports_[d.id].elsewhere = std::make_unique<RemoteCap>(std::move(cap));
     }

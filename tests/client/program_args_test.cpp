@@ -32,6 +32,12 @@ TEST(ParseCountTest, TakesAWholeDecimalNumberFromOneToTheBound) {
                           "99999999999999999999999"})
     EXPECT_FALSE(parseCount(bad).has_value()) << '"' << bad << '"';
   EXPECT_FALSE(parseCount("11", 10).has_value());
+  // Small bounds: a digit above the bound is past it too.
+  EXPECT_FALSE(parseCount("7", 5).has_value());
+  EXPECT_FALSE(parseCount("16", 5).has_value());
+  EXPECT_FALSE(parseCount("99", 8).has_value());
+  EXPECT_EQ(parseCount("5", 5), 5u);
+  EXPECT_EQ(parseCount("1", 1), 1u);
   EXPECT_FALSE(parseCount("18446744073709551616", UINT64_MAX).has_value());  // 2^64
   EXPECT_EQ(parseCount("18446744073709551615", UINT64_MAX), UINT64_MAX);
 }
@@ -57,6 +63,7 @@ TEST(TakeModeTest, LeavesTheCommandLineWhenTheFirstArgumentIsAnother) {
   // --home's value is not the mode, and the word later on is an argument, not the mode.
   for (std::vector<std::string> line : {std::vector<std::string>{"prog", "--home", "serve"},
                                         {"prog", "5", "serve"},
+                                        {"prog", "-1", "serve"},  // "-1" is an argument
                                         {"prog"},
                                         {"prog", "--help"}}) {
     Argv a(line);

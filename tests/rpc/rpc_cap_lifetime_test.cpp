@@ -402,25 +402,34 @@ TEST_F(RpcCapLifetimeRawTest, AReceiverHostedResultHeldAcrossTheConnectionsEndRe
 
 // --- reference counts that cannot wrap ---------------------------------------------------------
 
-// Every call returns the same borrowed object (one export, its count growing per Return).
+// Method 0 returns the same borrowed object every time (one export, its count growing per
+// Return); method 1 a new CapPromise (kept in `promises`) for the test to settle.
 class Giver final : public ServerObject {
  public:
   explicit Giver(Log& log) : child_(41, log) {}
-  Promise<void> dispatch(uint64_t, uint16_t, CallContext& ctx) override {
+  Promise<void> dispatch(uint64_t, uint16_t methodId, CallContext& ctx) override {
     Result<CapAndValue::Builder> out = ctx.initResultsAs<CapAndValue>(16);
     if (!out) return readyPromise<void>(out.error());
-    Result<uint32_t> index = ctx.addResultCap(child_);
+    Result<uint32_t> index = Error(Errc::UNSUPPORTED);
+    if (methodId == 1) {
+      promises.push_back(ctx.connection().newCapPromise());
+      index = ctx.addResultCap(promises.back());
+    } else {
+      index = ctx.addResultCap(child_);
+    }
     if (!index) return readyPromise<void>(index.error());
     writeCapPointer(*out, 0, *index);
     return readyPromise<void>(Status{});
   }
+  Node& child() { return child_; }
+  std::vector<CapPromise> promises;
 
  private:
   Node child_;
 };
 
-Promise<Response> give(RemoteCap root) {
-  Result<Response> r = co_await root.newCall(NODE_INTERFACE_ID, 0, 16).send();
+Promise<Response> give(RemoteCap root, uint16_t method = 0) {
+  Result<Response> r = co_await root.newCall(NODE_INTERFACE_ID, method, 16).send();
   AGATE_CO_TRY(r);
   co_return std::move(*r);
 }
@@ -431,31 +440,45 @@ RemoteCap capOf(Response& r) {
   return cap ? cap->remote : RemoteCap();
 }
 
+// A Giver served over a pair whose sides count with the given bounds
+// (RpcOptions::releaseReferencesAt).
+class RpcReferenceCountTest : public ::testing::Test {
+ protected:
+  void open(uint32_t serverBound, uint32_t clientBound) {
+    RpcOptions serverOptions;
+    serverOptions.bootstrap = &giver_;
+    serverOptions.releaseReferencesAt = serverBound;
+    RpcOptions clientOptions;
+    clientOptions.releaseReferencesAt = clientBound;
+    pair_.emplace(loop_, serverOptions, clientOptions);
+    root_ = pair_->client().bootstrap();
+  }
+  static constexpr uint32_t DEFAULT_BOUND = uint32_t{1} << 31;
+
+  Watchdog watchdog_{"rpc_cap_lifetime_test", std::chrono::seconds(60)};
+  EventLoop loop_;
+  Log log_;
+  Giver giver_{log_};
+  std::optional<LocalPair> pair_;
+  RemoteCap root_;  // dropped before the pair
+};
+
 // The client keeps one reference to the object and receives it again and again: its count of
 // the peer's references goes back in Releases of all but one each time it reaches the bound.
-TEST(RpcReferenceCountTest, AnImportReceivedAgainAndAgainIsReleasedAllButOneAtTheBound) {
-  Watchdog watchdog{"rpc_cap_lifetime_test", std::chrono::seconds(60)};
-  EventLoop loop;
-  Log log;
-  Giver giver(log);
-  RpcOptions serverOptions;
-  serverOptions.bootstrap = &giver;
-  RpcOptions clientOptions;
-  clientOptions.releaseReferencesAt = 4;
-  LocalPair pair(loop, serverOptions, clientOptions);
-  RemoteCap root = pair.client().bootstrap();
-  Result<Response> first = loop.run(give(root));
+TEST_F(RpcReferenceCountTest, AnImportReceivedAgainAndAgainIsReleasedAllButOneAtTheBound) {
+  open(DEFAULT_BOUND, 4);
+  Result<Response> first = loop_.run(give(root_));
   ASSERT_TRUE(first.ok());
   RemoteCap held = capOf(*first);
   first = Error(Errc::FAILED, "dropped");
-  for (int i = 0; i < 10; ++i) ASSERT_TRUE(loop.run(give(root)).ok());
+  for (int i = 0; i < 10; ++i) ASSERT_TRUE(loop_.run(give(root_)).ok());
   // 11 references: all but one went back at 4, 7 and 10.
-  EXPECT_EQ(pair.client().stats().releasesSent, 3u);
-  ASSERT_TRUE(runUntil(loop, [&] { return pair.server().stats().releasesReceived == 3; }));
-  EXPECT_EQ(pair.server().exportCount(), 2u) << "the object is still exported";
+  EXPECT_EQ(pair_->client().stats().releasesSent, 3u);
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair_->server().stats().releasesReceived == 3; }));
+  EXPECT_EQ(pair_->server().exportCount(), 2u) << "the object is still exported";
   Request echo = held.newCall(NODE_INTERFACE_ID, ECHO, 16);
   echo.initParams<Value>().setValue(1);
-  Result<uint64_t> v = loop.run([&]() -> Promise<uint64_t> {
+  Result<uint64_t> v = loop_.run([&]() -> Promise<uint64_t> {
     Result<Response> r = co_await echo.send();
     AGATE_CO_TRY(r);
     co_return r->results().getAs<Value>().getValue();
@@ -463,39 +486,53 @@ TEST(RpcReferenceCountTest, AnImportReceivedAgainAndAgainIsReleasedAllButOneAtTh
   ASSERT_TRUE(v.ok());
   EXPECT_EQ(*v, 42u);
   held = RemoteCap();  // the last two go back with the last reference
-  ASSERT_TRUE(runUntil(loop, [&] { return pair.server().exportCount() == 1; }));
-  EXPECT_EQ(pair.client().stats().releasesSent, 4u);
-  EXPECT_EQ(log.destroyed, 0) << "borrowed: the connection never owned it";
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair_->server().exportCount() == 1; }));
+  EXPECT_EQ(pair_->client().stats().releasesSent, 4u);
+  EXPECT_EQ(log_.destroyed, 0) << "borrowed: the connection never owned it";
 }
 
 // A client that never releases: past 2 * releaseReferencesAt - 1 references the server refuses
 // to send the object again (the call fails, the connection carries on), until it releases.
-TEST(RpcReferenceCountTest, AnObjectThePeerHoldsTooManyReferencesToIsNotSentAgain) {
-  Watchdog watchdog{"rpc_cap_lifetime_test", std::chrono::seconds(60)};
-  EventLoop loop;
-  Log log;
-  Giver giver(log);
-  RpcOptions serverOptions;
-  serverOptions.bootstrap = &giver;
-  serverOptions.releaseReferencesAt = 2;  // at most 3 references
-  LocalPair pair(loop, serverOptions, RpcOptions{});
-  RemoteCap root = pair.client().bootstrap();
+TEST_F(RpcReferenceCountTest, AnObjectThePeerHoldsTooManyReferencesToIsNotSentAgain) {
+  open(2, DEFAULT_BOUND);  // the server sends at most 3 references to one object
   std::vector<Response> kept;
   for (int i = 0; i < 3; ++i) {
-    Result<Response> r = loop.run(give(root));
+    Result<Response> r = loop_.run(give(root_));
     ASSERT_TRUE(r.ok()) << i;
     kept.push_back(std::move(*r));
   }
-  Result<Response> refused = loop.run(give(root));
+  Result<Response> refused = loop_.run(give(root_));
   ASSERT_EQ(refused.code(), Errc::OUT_OF_MEMORY);
   EXPECT_NE(std::string(refused.error().detail).find("must release some first"), std::string::npos)
       << refused.error().detail;
-  EXPECT_TRUE(pair.client().isOpen());
-  EXPECT_TRUE(pair.server().isOpen());
-  EXPECT_EQ(pair.server().exportCount(), 2u);
+  EXPECT_TRUE(pair_->client().isOpen());
+  EXPECT_TRUE(pair_->server().isOpen());
+  EXPECT_EQ(pair_->server().exportCount(), 2u);
   kept.clear();  // three references go back
-  ASSERT_TRUE(runUntil(loop, [&] { return pair.server().exportCount() == 1; }));
-  EXPECT_TRUE(loop.run(give(root)).ok()) << "sent again once released";
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair_->server().exportCount() == 1; }));
+  EXPECT_TRUE(loop_.run(give(root_)).ok()) << "sent again once released";
+}
+
+// A promise that resolves to an object the peer holds as many references to as are counted: the
+// Resolve carries the reason instead, so the peer's promise does not wait for ever.
+TEST_F(RpcReferenceCountTest, APromiseResolvedToAnObjectHeldTooOftenBreaksWithTheReason) {
+  open(2, DEFAULT_BOUND);  // the server sends at most 3 references to one object
+  std::vector<Response> kept;
+  for (int i = 0; i < 3; ++i) kept.push_back(std::move(loop_.run(give(root_)).value()));
+  Result<Response> promised = loop_.run(give(root_, 1));
+  ASSERT_TRUE(promised.ok());
+  RemoteCap promise = capOf(*promised);
+  giver_.promises.at(0).resolve(giver_.child());
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair_->client().stats().resolvesReceived == 1; }));
+  Result<Response> call = loop_.run(give(promise));
+  ASSERT_EQ(call.code(), Errc::OUT_OF_MEMORY);
+  EXPECT_NE(std::string(call.error().detail).find("must release some first"), std::string::npos)
+      << call.error().detail;
+  EXPECT_TRUE(pair_->server().isOpen());
+  promise = RemoteCap();
+  promised = Error(Errc::FAILED, "dropped");
+  kept.clear();
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair_->server().exportCount() == 1; }));
 }
 
 }  // namespace

@@ -696,6 +696,27 @@ TEST_F(HandoffTest, WaitingAcceptsAreBoundedPerRecipientAndIntroducer) {
   ASSERT_TRUE(runUntil(loop_, [&] { return net_->vat(A).waitingAcceptCount() == LIMIT + 2; }));
 }
 
+// The recipient names the introducer: its places per introducer are also bounded in all, so
+// naming every vat A knows does not multiply what it can make A hold.
+TEST_F(HandoffTest, WaitingAcceptsAreBoundedInAllPerRecipient) {
+  openNetwork();
+  constexpr VatId G = 7;
+  net_->addVat(G, nullptr);
+  const VatId introducers[] = {B, C, E, F, G};
+  for (VatId v : introducers) (void)loop_.run(echo(boot(v, A), 0));  // each known to A
+  constexpr size_t PER = VatNetwork::MAX_WAITING_ACCEPTS_PER_PEER;
+  constexpr size_t ALL = VatNetwork::MAX_WAITING_ACCEPTS_PER_RECIPIENT;
+  static_assert(ALL / PER < std::size(introducers), "an introducer with places left");
+  RawVat d(loop_, net_->vat(A), D, nullptr);
+  uint32_t q = 0;
+  for (size_t i = 0; i < ALL; ++i, ++q) d.accept(q + 1, introducers[i / PER], 1000 + q);
+  ASSERT_TRUE(runUntil(loop_, [&] { return net_->vat(A).waitingAcceptCount() == ALL; }));
+  d.accept(++q, G, 9000);  // G's places are free; D's in all are not
+  EXPECT_EQ(d.nextReturn(q), Errc::OUT_OF_MEMORY);
+  EXPECT_EQ(net_->vat(A).waitingAcceptCount(), ALL);
+  EXPECT_TRUE(d.victim().isOpen());
+}
+
 TEST_F(HandoffTest, TheIntroducersFinishReclaimsAProvisionEvenWithCallsPipelinedOnIt) {
   openNetwork();
   RawVat d(loop_, net_->vat(A), D, &aRoot_);

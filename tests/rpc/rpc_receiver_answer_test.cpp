@@ -27,6 +27,8 @@ enum GateMethod : uint16_t {
   GATED_SELF = 45,       // -> CapAndValue: this server itself, once open()
   PROMISE = 46,          // -> CapAndValue: a CapPromise the test settles (`promises`)
   SELF_NOW = 47,         // -> CapAndValue: this server itself, at once
+  KEEP = 48,             // CapParam -> (): keeps the capability in `kept`
+  FAIL_OTHER = 49,       // fails with FAILED "another caller's error"
 };
 
 // The server: hands out children only when the test opens the gate, and logs, in one sequence,
@@ -62,6 +64,17 @@ class GateServer final : public ServerObject {
         promises.push_back(ctx.connection().newCapPromise());
         return readyPromise<void>(returnCap(ctx, promises.back()));
       }
+      case KEEP: {
+        Result<ReceivedCap> cap = Error(Errc::INVALID_ARGUMENT, "no params");
+        Status read =
+            ctx.tryReadParams<CapParam>([&](CapParam::Reader p) { cap = ctx.capAt(p, 0); });
+        if (!read) return readyPromise<void>(read);
+        if (!cap) return readyPromise<void>(cap.error());
+        kept = cap->remote;
+        return readyPromise<void>(Status{});
+      }
+      case FAIL_OTHER:
+        return readyPromise<void>(Error(Errc::FAILED, "another caller's error"));
       default:
         return readyPromise<void>(Error(Errc::UNSUPPORTED, "no such method"));
     }
@@ -72,6 +85,7 @@ class GateServer final : public ServerObject {
   std::vector<uint64_t> events;
   std::vector<ServerObject*> seen;
   std::vector<CapPromise> promises;
+  RemoteCap kept;
 
  private:
   void settle(Status outcome) {
@@ -264,6 +278,36 @@ TEST_F(ReceiverAnswerTest, TheAnswersErrorArrivesAsABrokenCapability) {
   EXPECT_EQ(server_.events, std::vector<uint64_t>{1});
   EXPECT_EQ(loop_.run(done(std::move(child))).code(), Errc::FAILED);
   EXPECT_TRUE(pair.server().isOpen());
+}
+
+// A method keeps a capability that arrived broken with the answer's error: the text stays its
+// own after the answer is finished and its slot is reused by another failed call.
+TEST_F(ReceiverAnswerTest, ABrokenCapabilityKeptByAMethodKeepsItsText) {
+  LocalPair pair(loop_, &server_);
+  RemoteCap root = pair.client().bootstrap();
+  std::optional<RemotePromise> child(root.newCall(NODE_INTERFACE_ID, GATED_CHILD, 16).send());
+  Request keep = root.newCall(NODE_INTERFACE_ID, KEEP, 64);
+  Result<uint32_t> index = keep.addCap(child->pipeline({0}));
+  ASSERT_TRUE(index.ok());
+  writeCapPointer(keep.initParams<CapParam>(), 0, *index);
+  RemotePromise kept = keep.send();
+  ASSERT_TRUE(serverHolds(pair, 1, 0));
+  server_.fail();
+  ASSERT_TRUE(loop_.run(done(std::move(kept))).ok());
+  ASSERT_EQ(server_.kept.brokenError().code, Errc::FAILED);
+  EXPECT_STREQ(server_.kept.brokenError().detail, "the gate broke");
+  child.reset();  // Finish: the answer goes and its slot is free
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().answerCount() == 0; }));
+  std::vector<RemotePromise> others;  // failed answers kept for what is pipelined on them
+  std::vector<RemoteCap> pipelined;
+  for (int i = 0; i < 4; ++i) {
+    others.push_back(root.newCall(NODE_INTERFACE_ID, FAIL_OTHER, 16).send());
+    pipelined.push_back(others.back().pipeline({0}));
+  }
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().answerCount() == 4; }));
+  loop_.runUntilIdle();
+  EXPECT_STREQ(server_.kept.brokenError().detail, "the gate broke");
+  server_.kept = RemoteCap();
 }
 
 // The caller drops the first call's promise (Finish goes out before its Return): the answer runs

@@ -571,13 +571,15 @@ TEST(EventLoopBackendTest, ForcedUringThatCannotStartIsAnErrorAndLeavesNoLoopBeh
 
 TEST(EventLoopBackendTest, UringProbesNativeFutexWaitOnThisKernel) {
   EventLoop loop(LoopOptions{.backend = Backend::URING});
-  // IORING_OP_FUTEX_WAIT arrived in Linux 6.7: the probe must find it exactly from there on.
+  // IORING_OP_FUTEX_WAIT arrived in Linux 6.7: from there on the probe must find it (an older
+  // kernel may have it backported, so below 6.7 either answer is right).
   utsname u{};
   ASSERT_EQ(::uname(&u), 0);
   int major = 0, minor = 0;
   ASSERT_EQ(std::sscanf(u.release, "%d.%d", &major, &minor), 2) << u.release;
-  const bool expected = major > 6 || (major == 6 && minor >= 7);
-  EXPECT_EQ(loop.hasNativeFutexWait(), expected) << "kernel " << u.release;
+  if (major > 6 || (major == 6 && minor >= 7)) {
+    EXPECT_TRUE(loop.hasNativeFutexWait()) << "kernel " << u.release;
+  }
 }
 
 TEST(EventLoopBackendTest, SqpollLoopDoesFileIo) {

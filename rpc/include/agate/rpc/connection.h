@@ -974,7 +974,11 @@ class RpcConnection {
   Status handleReturn(IncomingMessage& message, const Decoded& d);
   Status handleFinish(uint32_t answerId);
   Status handleRelease(uint32_t exportId, uint32_t count);
+  // Copies a reason into the ring of remote reasons (REMOTE_REASON_SLOTS): the Error that
+  // carries it then lives as long as the connection, as a peer's error does.
   const char* copyRemoteReason(capnp::Text::Reader reason);
+  const char* copyRemoteReason(const char* text);  // NUL-terminated, or null
+  const char* copyRemoteReason(const char* text, size_t size);
   Error remoteError(wire::Exception::Reader e);
 
   // --- server side ---

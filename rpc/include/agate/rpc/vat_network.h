@@ -53,6 +53,8 @@ class VatNetwork {
   // handoffs only, not for everyone else's. An honest recipient's Accept waits only while its
   // Provide is still on the introducer's ring.
   static constexpr size_t MAX_WAITING_ACCEPTS_PER_PEER = 16;
+  // And in all, whatever their introducers (the recipient names the introducer).
+  static constexpr size_t MAX_WAITING_ACCEPTS_PER_RECIPIENT = 4 * MAX_WAITING_ACCEPTS_PER_PEER;
 
   VatNetwork();
   virtual ~VatNetwork();
