@@ -476,6 +476,43 @@ TEST_F(RpcHostileTest, CapTableAtTheConnectionsBoundIsTaken) {
   EXPECT_TRUE(victim_->isOpen());
 }
 
+// Within one table an id is a promise in every entry or in none (as across messages): both
+// forms abort before any import is made, in a short table (compared pairwise) and a long one
+// (sorted); the same id repeated in one form is taken.
+void mixedTable(wire::Message::Builder m, uint32_t entries) {
+  identifyWithNullCaps(m, 1, entries);
+  auto t = m.getCall().getParams().getCapTable();
+  for (uint32_t i = 0; i + 1 < entries; ++i) t[i].setSenderHosted(5 + i % 50);
+  t[entries - 1].setSenderPromise(5);
+}
+
+TEST_F(RpcHostileTest, OneIdNamedAsAPromiseAndAsAPlainCapabilityInAShortTableAborts) {
+  send([](wire::Message::Builder m) { mixedTable(m, 2); });
+  expectAborted();
+  EXPECT_EQ(victim_->importCount(), 0u);
+}
+
+TEST_F(RpcHostileTest, OneIdNamedAsAPromiseAndAsAPlainCapabilityInALongTableAborts) {
+  send([](wire::Message::Builder m) { mixedTable(m, 100); }, 16 * 100 + 1024);
+  expectAborted();
+  EXPECT_EQ(victim_->importCount(), 0u);
+}
+
+TEST_F(RpcHostileTest, OneIdRepeatedInOneFormInOneTableIsTaken) {
+  send(
+      [&](wire::Message::Builder m) {
+        identifyWithNullCaps(m, 1, 100);
+        auto t = m.getCall().getParams().getCapTable();
+        for (uint32_t i = 0; i < 100; ++i) t[i].setSenderHosted(5 + i % 50);
+      },
+      16 * 100 + 1024);
+  expectFromVictim([](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::RETURN);
+    EXPECT_EQ(m.getReturn().getAnswerId(), 1u);
+  });
+  EXPECT_TRUE(victim_->isOpen());
+}
+
 TEST_F(RpcHostileTest, SenderHostedIdBeyondTheImportBoundAborts) {
   send([](wire::Message::Builder m) {
     wire::Call::Builder c = m.initCall();

@@ -948,6 +948,7 @@ class RpcConnection {
 
   // --- inbound ---
   Promise<void> readLoop();
+  Status checkOneKindPerId(const Decoded& d);
   Promise<void> dispatchCaught(ServerObject& object, uint64_t interfaceId, uint16_t methodId,
                                CallContext& ctx);
   Status handleMessage(IncomingMessage& message);
@@ -1090,6 +1091,7 @@ class RpcConnection {
   std::vector<std::unique_ptr<detail::ResponseSlot>> responseStore_;
   detail::ResponseSlot* responseFree_ = nullptr;
   detail::ResponseSlot* heldSlot_ = nullptr;
+  std::vector<std::pair<uint32_t, bool>> kindScratch_;  // checkOneKindPerId: (id, promise)
   bool resumedCaller_ = false;  // a Return just woke its caller: the reader yields to it first
   std::optional<Fulfiller<void>> disconnected_;
   std::array<std::array<char, REMOTE_REASON_BYTES>, REMOTE_REASON_SLOTS> reasons_{};
