@@ -30,7 +30,7 @@ Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
   a.state = Answer::State::QUEUED;
   a.finishReceived = false;
   a.noPipelining = d.noPipelining;
-  a.error = Error{};
+  a.error.clear();
   ++answersLive_;
   CallContext& ctx = a.context;
   ctx.conn_ = this;
@@ -552,7 +552,7 @@ void RpcConnection::freeAnswer(Answer& a) {
   a.finishReceived = false;
   a.noPipelining = false;
   a.inWorklist = false;
-  a.error = Error{};
+  a.error.clear();
   --answersLive_;
 }
 

@@ -33,6 +33,8 @@ inline constexpr size_t EXCEPTION_BYTES =
     64 * 8;  // a Return or Abort with an exception and its reason
 inline constexpr size_t MAX_REASON_ON_WIRE = 120;  // reason text bytes written into an Exception
 inline constexpr size_t HANDOFF_BYTES = 256;       // a Provide or an Accept
+inline constexpr size_t RESOLVE_BYTES = 64 * 8;    // a Resolve with a cap or an exception
+inline constexpr size_t DISEMBARGO_BYTES = 128;
 
 // An error kept by something that serves it again later (an answer, to the calls pipelined on
 // it; a promise, to the calls made on it): its text is copied in. An Error's detail may point
@@ -50,6 +52,12 @@ class KeptError {
     text_[n] = '\0';
     return *this;
   }
+  // No error (an answer slot taken again): only what get() reads is reset.
+  void clear() noexcept {
+    code_ = Errc::OK;
+    sysErrno_ = 0;
+    text_[0] = '\0';
+  }
   // Points into this object: valid while it lives and keeps this error.
   Error get() const noexcept { return Error(code_, sysErrno_, text_.data()); }
   Errc code() const noexcept { return code_; }
@@ -59,8 +67,6 @@ class KeptError {
   int32_t sysErrno_ = 0;
   std::array<char, MAX_REASON_ON_WIRE + 1> text_{};
 };
-inline constexpr size_t RESOLVE_BYTES = 64 * 8;  // a Resolve with a cap or an exception
-inline constexpr size_t DISEMBARGO_BYTES = 128;
 
 // Finish and Release are one-word structs (Finish {questionId}, Release {id, referenceCount}),
 // so the whole message is four words, written directly rather than through a MessageBuilder

@@ -462,7 +462,7 @@ Status RpcConnection::handleProvide(const Decoded& d) {
   Answer& a = answerAt(d.id);
   a.state = Answer::State::QUEUED;
   a.finishReceived = false;
-  a.error = Error{};
+  a.error.clear();
   ++answersLive_;
   a.context.conn_ = this;
   a.context.answerId_ = d.id;
@@ -504,7 +504,7 @@ Status RpcConnection::handleAccept(const Decoded& d) {
   Answer& a = answerAt(d.id);
   a.state = Answer::State::QUEUED;
   a.finishReceived = false;
-  a.error = Error{};
+  a.error.clear();
   ++answersLive_;
   a.context.conn_ = this;
   a.context.answerId_ = d.id;

@@ -122,34 +122,32 @@ Status RpcConnection::decodeCapTable(capnp::List<wire::CapDescriptor>::Reader ca
 // either a promise or not in every entry that names it (senderPromise, against senderHosted or
 // a vine), as it must be across messages: else the entries would flip the import's kind.
 Status RpcConnection::checkOneKindPerId(const Decoded& d) {
-  auto imported = [](detail::CapEntry::Kind k) {
-    return k == detail::CapEntry::Kind::SENDER_HOSTED ||
-           k == detail::CapEntry::Kind::SENDER_PROMISE || k == detail::CapEntry::Kind::THIRD_PARTY;
-  };
+  // Every entry naming an export of the sender (isExported: an object, a promise or a vine).
   auto promise = [](detail::CapEntry::Kind k) {
     return k == detail::CapEntry::Kind::SENDER_PROMISE;
   };
+  const Error mixed(Errc::PROTOCOL_ERROR, "one id named both as a promise and not in a table");
   constexpr uint32_t PAIRWISE_UP_TO = 64;  // past it, sort (the bound allows 16384 entries)
   if (d.capCount <= PAIRWISE_UP_TO) {
     for (uint32_t i = 0; i < d.capCount; ++i) {
-      if (!imported(d.capKinds[i])) continue;
+      if (!isExported(d.capKinds[i])) continue;
       for (uint32_t j = i + 1; j < d.capCount; ++j) {
-        if (imported(d.capKinds[j]) && d.capIds[j] == d.capIds[i] &&
+        if (isExported(d.capKinds[j]) && d.capIds[j] == d.capIds[i] &&
             promise(d.capKinds[j]) != promise(d.capKinds[i]))
-          return Error(Errc::PROTOCOL_ERROR, "one id named both as a promise and not in a table");
+          return mixed;
       }
     }
     return {};
   }
   kindScratch_.clear();  // kept: sized by the largest table seen, within the bound
   for (uint32_t i = 0; i < d.capCount; ++i) {
-    if (imported(d.capKinds[i])) kindScratch_.push_back({d.capIds[i], promise(d.capKinds[i])});
+    if (isExported(d.capKinds[i])) kindScratch_.push_back({d.capIds[i], promise(d.capKinds[i])});
   }
   std::sort(kindScratch_.begin(), kindScratch_.end());
   for (size_t i = 1; i < kindScratch_.size(); ++i) {
     if (kindScratch_[i].first == kindScratch_[i - 1].first &&
         kindScratch_[i].second != kindScratch_[i - 1].second)
-      return Error(Errc::PROTOCOL_ERROR, "one id named both as a promise and not in a table");
+      return mixed;
   }
   return {};
 }
