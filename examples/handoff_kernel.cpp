@@ -16,7 +16,6 @@
 #include <memory>
 #include <string>
 #include <string_view>
-#include <vector>
 
 #include "agate/agate.h"
 #include "handoff.agate.h"
@@ -78,7 +77,7 @@ Promise<Outcome> client(Session& s, KernelVats& vats, uint32_t times) {
 }
 
 int runClient(const agate::client::ProgramArgs& args) {
-  const auto times = static_cast<uint32_t>(args.countAt(1, 100));  // checked in main
+  const auto times = static_cast<uint32_t>(args.countAt(0, 100));  // checked in main
   EventLoop loop;
   auto kernel = agate::caps::KernelConnection::tryAttach(loop, args.home, args.attachName);
   if (!kernel) {
@@ -130,20 +129,18 @@ int main(int argc, char** argv) {
     return agate::serve<BankImpl>(argc, argv, "handoff-bank", serve);
   if (agate::client::takeMode(argc, argv, "auditor"))
     return agate::serve<AuditorImpl>(argc, argv, "handoff-auditor", serve);
+  const bool client = agate::client::takeMode(argc, argv, "client");
   agate::client::ProgramArgs args = agate::client::parseProgramArgs(argc, argv);
   constexpr std::string_view USAGE =
       "[--home DIR] bank|auditor|client [TIMES]\n"
       "  bank, auditor   serve A's bank or B's auditor until SIGINT or SIGTERM\n"
       "  client          C: pass A's counter to B, which calls it TIMES times (default 100)";
   if (args.mistake.empty() && !args.help) {
-    if (args.rest.empty() || args.rest[0] != "client") {
+    if (client) {
+      args.mistake = agate::client::optionalCount("TIMES", 1'000'000)(args);
+    } else {
       args.mistake =
           args.rest.empty() ? "a mode is needed" : fmt::format("unknown mode {}", args.rest[0]);
-    } else {
-      std::vector<std::string> times(args.rest.begin() + 1, args.rest.end());
-      agate::client::ProgramArgs rest = args;
-      rest.rest = std::move(times);
-      args.mistake = agate::client::optionalCount("TIMES", 1'000'000)(rest);
     }
   }
   if (int answered = agate::client::answerProgramArgs(args, USAGE); answered >= 0) return answered;

@@ -23,10 +23,20 @@ if [ "$status" -ne 1 ] ||
   exit 1
 fi
 
+# --help answers on stdout with 0; anything else it does not know is a usage error (64).
+timeout 10 "$demo" --help | grep -qF "usage: agate-kernel-demo [--home DIR]"
+status=0
+timeout 10 "$demo" --bogus 2>/dev/null || status=$?
+if [ "$status" -ne 64 ]; then
+  echo "kernel_demo_test: an unknown option exited $status, not 64" >&2
+  exit 1
+fi
+
 timeout 30 "$agate" up --home "$home"
 out=$(timeout 60 "$demo" --home "$home")
 echo "$out"
 grep -q 'reader: the region says: "hello from kernel pid' <<<"$out"
+grep -q 'received a region cap with rights RG$' <<<"$out"  # READ|GRANT, as the writer copied it
 grep -q 'reader: a writable mapping is refused: permission denied' <<<"$out"
 grep -q 'refused: quota exceeded' <<<"$out"
 # Both demo processes are gone and detached; only the system bank's own pages remain in use.
