@@ -175,6 +175,34 @@ RemoteCap RemotePromise::pipeline(std::span<const uint16_t> path) const {
   return cap;
 }
 
+RemoteCap RemoteCap::pipelineStep(uint16_t pointerIndex) const {
+  RemoteCap cap;
+  switch (kind_) {
+    case Kind::NONE:
+      return cap;
+    case Kind::BROKEN:
+      cap.kind_ = Kind::BROKEN;
+      cap.broken_ = broken_;
+      return cap;
+    case Kind::IMPORT:
+      cap.kind_ = Kind::BROKEN;
+      cap.broken_ = Error(Errc::INVALID_ARGUMENT,
+                          "pipelineStep() on a capability, not on a path into a call's results");
+      return cap;
+    case Kind::PIPELINE:
+      break;
+  }
+  if (pathLength_ == MAX_PIPELINE_PATH) {
+    cap.kind_ = Kind::BROKEN;
+    cap.broken_ = Error(Errc::INVALID_ARGUMENT,
+                        "a pipelined path longer than MAX_PIPELINE_PATH (8) pointer steps");
+    return cap;
+  }
+  cap = *this;  // a counted reference to the same question
+  cap.path_[cap.pathLength_++] = pointerIndex;
+  return cap;
+}
+
 void Response::release() noexcept { std::exchange(conn_, nullptr)->releaseResponse(slot_); }
 
 capnp::AnyPointer::Reader Response::results() const {

@@ -47,6 +47,32 @@ interface Listener {
   notify @0 (value :Int64) -> (reply :Int64);
 }
 
+# Capabilities inside structs and groups of the results, for the pipelines of nested structs.
+interface Nest {
+  # After a loop turn: `w.deeper` holds a listener replying value * 10, `g.g.listener` one
+  # replying value * 20, `chain` is `depth` links (each the `next` of the one before), link k
+  # holding a listener replying value * (k + 1), and `pair.first` a listener replying value * 30.
+  # Fails with FAILED for a depth above 16.
+  make @0 (depth :UInt32) -> Made;
+  # How many links `chain` has (a recursive struct in params).
+  count @1 (chain :Chain) -> (links :UInt32);
+}
+
+struct Made {
+  w @0 :Wrapper;
+  g @1 :Grouped;
+  chain @2 :Chain;
+  pair :group {
+    first @3 :Listener;
+    second @4 :Chain;
+  }
+}
+
+struct Chain {
+  next @0 :Chain;
+  listener @1 :Listener;
+}
+
 struct Holder {
   union {
     nothing @0 :Void;

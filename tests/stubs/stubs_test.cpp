@@ -200,6 +200,62 @@ class ListenerImpl final : public st::Listener::Server {
   Log& log_;
 };
 
+// Replies value * factor.
+class FactorListener final : public st::Listener::Server {
+ public:
+  explicit FactorListener(int64_t factor) : factor_(factor) {}
+  Promise<void> notify(NotifyContext ctx) override {
+    auto results = ctx.initResults();
+    AGATE_CO_TRY(results);
+    results->setReply(ctx.params().getValue() * factor_);
+    co_return {};
+  }
+
+ private:
+  int64_t factor_;
+};
+
+class NestImpl final : public st::Nest::Server {
+ public:
+  // Answers after a loop turn, so calls pipelined into its results queue at the server.
+  Promise<void> make(MakeContext ctx) override {
+    const uint32_t depth = ctx.params().getDepth();
+    co_await EventLoop::current()->yield();
+    if (depth > 16) co_return Error(Errc::FAILED, "too deep");
+    auto results = ctx.initResults();
+    AGATE_CO_TRY(results);
+    AGATE_CO_TRY(setListener(ctx, results->initW().initDeeper(), factor(10)));
+    AGATE_CO_TRY(setListener(ctx, results->initG().getG(), factor(20)));
+    AGATE_CO_TRY(setFirst(ctx, results->getPair(), factor(30)));
+    if (depth > 0) {
+      auto link = results->initChain();
+      for (uint32_t k = 0;; ++k) {
+        AGATE_CO_TRY(setListener(ctx, link, factor(k + 1)));
+        if (k + 1 == depth) break;
+        link = link.initNext();
+      }
+    }
+    co_return {};
+  }
+  Promise<void> count(CountContext ctx) override {
+    uint32_t links = 0;
+    if (ctx.params().hasChain())
+      for (auto link = ctx.params().getChain();; link = link.getNext()) {
+        ++links;
+        if (!link.hasNext()) break;
+      }
+    auto results = ctx.initResults();
+    AGATE_CO_TRY(results);
+    results->setLinks(links);
+    co_return {};
+  }
+
+ private:
+  static std::unique_ptr<FactorListener> factor(int64_t f) {
+    return std::make_unique<FactorListener>(f);
+  }
+};
+
 class InnerImpl final : public st::Outer::Inner::Server {
  public:
   Promise<void> ping(PingContext ctx) override {
@@ -441,6 +497,130 @@ TEST_F(StubsTest, CallOnAPipelinedCapabilityGoesOutBeforeTheAnswerAndIsQueuedThe
   ASSERT_TRUE(spawnResult.ok());
   EXPECT_EQ(spawnResult->results().getStart(), 10);
   EXPECT_EQ(log_.adders, 2);  // the root and the child the connection owns
+}
+
+// notify(value) through a pipelined listener: the reply, or the error.
+template <class Listener>
+Result<int64_t> notifyThrough(EventLoop& loop, Listener listener, int64_t value) {
+  auto r = await(loop, listener.notify([&](auto p) { p.setValue(value); }));
+  if (!r) return r.error();
+  return r->results().getReply();
+}
+
+TEST_F(StubsTest, CallsOnCapabilitiesInsideNestedStructsAndGroupsOfResultsArePipelined) {
+  NestImpl nest;
+  LocalPair pair(loop_, &nest);
+  st::Nest::Client client(pair.client().bootstrap());
+  auto made = client.make([](auto p) { p.setDepth(3); });
+  st::Listener::Client inStruct = made.getW().getDeeper().getListener();
+  st::Listener::Client inGroup = made.getG().getG().getListener();
+  st::Listener::Client inResultsGroup = made.getPair().getFirst();
+  st::Listener::Client third = made.getChain().getNext().getNext().getListener();
+  EXPECT_TRUE(inStruct.cap().isPipelined());
+  auto a = inStruct.notify([](auto p) { p.setValue(1); });
+  auto b = inGroup.notify([](auto p) { p.setValue(1); });
+  auto c = inResultsGroup.notify([](auto p) { p.setValue(1); });
+  auto d = third.notify([](auto p) { p.setValue(1); });
+  // All five calls are on the wire before the loop ran once: no round trip between them.
+  EXPECT_EQ(pair.client().stats().callsSent, 5u);
+  EXPECT_EQ(pair.client().stats().returnsReceived, 0u);
+
+  auto ra = await(loop_, std::move(a));
+  auto rb = await(loop_, std::move(b));
+  auto rc = await(loop_, std::move(c));
+  auto rd = await(loop_, std::move(d));
+  ASSERT_TRUE(ra.ok() && rb.ok() && rc.ok() && rd.ok());
+  EXPECT_EQ(ra->results().getReply(), 10);
+  EXPECT_EQ(rb->results().getReply(), 20);
+  EXPECT_EQ(rc->results().getReply(), 30);
+  EXPECT_EQ(rd->results().getReply(), 3);  // the third link's listener
+  EXPECT_EQ(pair.server().stats().pipelinedCallsQueued, 4u);
+  ASSERT_TRUE(await(loop_, std::move(made)).ok());
+}
+
+TEST_F(StubsTest, APipelinedPathOfEightStepsIsCalledAndOneOfNineIsBrokenWithItsReason) {
+  NestImpl nest;
+  LocalPair pair(loop_, &nest);
+  st::Nest::Client client(pair.client().bootstrap());
+  auto made = client.make([](auto p) { p.setDepth(9); });
+  // chain, then next seven times: eight steps to the eighth link, whose listener is a ninth.
+  auto link = made.getChain();
+  for (int i = 0; i < 6; ++i) link = link.getNext();
+  // Eight steps: chain, six nexts, listener (the seventh link's).
+  Result<int64_t> seventh = notifyThrough(loop_, link.getListener(), 1);
+  ASSERT_TRUE(seventh.ok()) << errcName(seventh.code());
+  EXPECT_EQ(*seventh, 7);
+  // Nine steps: refused here, before anything is sent.
+  const uint64_t sentBefore = pair.client().stats().callsSent;
+  st::Listener::Client tooDeep = link.getNext().getListener();
+  EXPECT_FALSE(tooDeep.cap().isPipelined());
+  Result<int64_t> r = notifyThrough(loop_, tooDeep, 1);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.code(), Errc::INVALID_ARGUMENT);
+  EXPECT_NE(std::strstr(r.error().detail, "MAX_PIPELINE_PATH"), nullptr) << r.error().detail;
+  EXPECT_EQ(pair.client().stats().callsSent, sentBefore);
+  // The call and the paths short enough are unaffected.
+  Result<int64_t> first = notifyThrough(loop_, made.getChain().getListener(), 2);
+  ASSERT_TRUE(first.ok()) << errcName(first.code());
+  EXPECT_EQ(*first, 2);
+  ASSERT_TRUE(await(loop_, std::move(made)).ok());
+}
+
+TEST_F(StubsTest, AnErrorOfTheCallFailsCallsPipelinedIntoNestedStructs) {
+  NestImpl nest;
+  LocalPair pair(loop_, &nest);
+  st::Nest::Client client(pair.client().bootstrap());
+  auto made = client.make([](auto p) { p.setDepth(17); });
+  Result<int64_t> r = notifyThrough(loop_, made.getW().getDeeper().getListener(), 1);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.code(), Errc::FAILED);
+  EXPECT_STREQ(r.error().detail, "too deep");
+  // A struct the results do not hold (no chain at depth 0) leaves nothing to call.
+  auto shallow = client.make([](auto p) { p.setDepth(0); });
+  Result<int64_t> none = notifyThrough(loop_, shallow.getChain().getListener(), 1);
+  ASSERT_FALSE(none.ok());
+  EXPECT_EQ(none.code(), Errc::FAILED);  // the callee found no struct on the path
+  Result<int64_t> first = notifyThrough(loop_, shallow.getPair().getFirst(), 1);
+  ASSERT_TRUE(first.ok()) << errcName(first.code());
+  EXPECT_EQ(*first, 30);
+  EXPECT_TRUE(pair.client().isOpen());
+}
+
+// The typed layer's schema check of params and results follows pointers that are set: a null
+// pointer to a recursive struct type is not walked as an endless chain of defaults.
+TEST_F(StubsTest, RecursiveStructsInParamsAndResultsPassTheSchemaCheck) {
+  NestImpl nest;
+  LocalPair pair(loop_, &nest);
+  st::Nest::Client client(pair.client().bootstrap());
+  auto counted = await(loop_, client.count([](auto p) {
+    auto link = p.initChain();
+    for (int i = 0; i < 3; ++i) link = link.initNext();
+  }));
+  ASSERT_TRUE(counted.ok()) << errcName(counted.code());
+  EXPECT_EQ(counted->results().getLinks(), 4u);
+  auto none = await(loop_, client.count());
+  ASSERT_TRUE(none.ok());
+  EXPECT_EQ(none->results().getLinks(), 0u);
+  auto made = await(loop_, client.make([](auto p) { p.setDepth(5); }));
+  ASSERT_TRUE(made.ok()) << errcName(made.code());
+  EXPECT_TRUE(made->results().getChain().getNext().hasNext());
+}
+
+TEST_F(StubsTest, PipelineStepOnlyExtendsAPipelinedPath) {
+  LocalPair pair(loop_, &root_);
+  RemoteCap null;
+  EXPECT_TRUE(null.pipelineStep(0).isNull());
+  RemoteCap import = pair.client().bootstrap();  // a capability, not a path into results
+  RemoteCap stepped = import.pipelineStep(0);
+  EXPECT_EQ(stepped.brokenError().code, Errc::INVALID_ARGUMENT);
+  EXPECT_EQ(stepped.pipelineStep(1).brokenError().code, Errc::INVALID_ARGUMENT);  // kept
+  auto spawned = st::Adder::Client(import).spawn([](auto p) { p.setStart(1); });
+  RemoteCap child = spawned.untyped()->pipeline({0});
+  RemoteCap deeper = child.pipelineStep(3);
+  EXPECT_TRUE(deeper.isPipelined());
+  EXPECT_FALSE(deeper.sameAs(child));
+  EXPECT_TRUE(deeper.sameAs(spawned.untyped()->pipeline({0, 3})));
+  ASSERT_TRUE(await(loop_, std::move(spawned)).ok());
 }
 
 TEST_F(StubsTest, ServerReturnsAPromisedCapabilityAndCallsOnItWaitUntilItResolves) {

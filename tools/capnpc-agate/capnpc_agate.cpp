@@ -9,8 +9,9 @@
 // struct per interface (nested interfaces nest) holding:
 //   * INTERFACE_ID and METHOD_<NAME> ids taken from the schema (interface id, method ordinal);
 //   * per method: FooParams/FooResults (aliases of capnpc-c++'s types), FooRequest, FooPromise
-//     (awaitable, with a pipelined getter per capability field of the results), FooResponse and
-//     FooContext;
+//     (awaitable, with a pipelined getter per capability field of the results, and per struct
+//     or group field leading to one: a pipeline class nested in FooPromise per such struct
+//     type), FooResponse and FooContext;
 //   * Client: wraps an rpc::RemoteCap; foo(build), foo(), fooRequest() for every method of the
 //     interface and of those it extends, and conversions to the clients of its superclasses.
 //     A method whose results can hold no capability (no interface or AnyPointer field, list or
@@ -35,6 +36,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -511,6 +513,86 @@ class Generator {
     return fields;
   }
 
+  // Pipelining reaches a capability through struct and group fields only (a list element is no
+  // step of a pipelined path): whether struct (or group) `id` holds an interface field that way.
+  bool pipelineReaches(uint64_t id, std::set<uint64_t>& seen) {
+    if (!seen.insert(id).second) return false;  // met again inside its own search
+    auto it = nodes_.find(id);
+    if (it == nodes_.end() || !it->second.isStruct()) return false;
+    for (schema::Field::Reader field : it->second.getStruct().getFields()) {
+      if (field.isGroup()) {
+        if (pipelineReaches(field.getGroup().getTypeId(), seen)) return true;
+        continue;
+      }
+      schema::Type::Reader type = field.getSlot().getType();
+      if (type.isInterface()) return true;
+      if (type.isStruct() && pipelineReaches(type.getStruct().getTypeId(), seen)) return true;
+    }
+    return false;
+  }
+  bool pipelineReaches(uint64_t id) {
+    std::set<uint64_t> seen;
+    return pipelineReaches(id, seen);
+  }
+
+  // A struct or group field of a struct through which a capability can be pipelined.
+  struct PipelineField {
+    std::string fieldName;
+    uint64_t typeId;
+    bool isGroup;           // a group's fields lie in its parent: the path takes no step
+    uint16_t pointerIndex;  // a struct field's pointer
+  };
+  std::vector<PipelineField> pipelineFields(uint64_t structId) {
+    std::vector<PipelineField> fields;
+    for (schema::Field::Reader field : nodes_.at(structId).getStruct().getFields()) {
+      if (field.isGroup()) {
+        if (pipelineReaches(field.getGroup().getTypeId()))
+          fields.push_back({field.getName(), field.getGroup().getTypeId(), true, 0});
+        continue;
+      }
+      schema::Type::Reader type = field.getSlot().getType();
+      if (type.isStruct() && pipelineReaches(type.getStruct().getTypeId()))
+        fields.push_back({field.getName(), type.getStruct().getTypeId(), false,
+                          static_cast<uint16_t>(field.getSlot().getOffset())});
+    }
+    return fields;
+  }
+
+  // The pipeline classes a method's promise nests, one per struct or group type its results
+  // reach capabilities through, named after the type's scope with every other character than a
+  // letter or digit as an underscore, then "Pipeline" (`Outer.Inner` -> Outer_InnerPipeline;
+  // numbered if two types would share a name).
+  std::vector<std::pair<uint64_t, std::string>> pipelineClasses(uint64_t resultsId) {
+    std::vector<std::pair<uint64_t, std::string>> classes;
+    std::set<std::string> names;
+    std::vector<uint64_t> todo{resultsId};
+    std::set<uint64_t> seen{resultsId};
+    while (!todo.empty()) {
+      const uint64_t id = todo.back();
+      todo.pop_back();
+      for (const PipelineField& f : pipelineFields(id)) {
+        if (!seen.insert(f.typeId).second) continue;
+        todo.push_back(f.typeId);
+        std::string full = displayName(f.typeId);
+        std::string name = full.substr(full.rfind(':') + 1);
+        for (char& c : name)  // `.` between scopes, `$` in a method's implicit param struct
+          if (!std::isalnum(static_cast<unsigned char>(c))) c = '_';
+        const std::string base = capitalize(name) + "Pipeline";
+        name = base;
+        for (int n = 2; !names.insert(name).second; ++n) name = base + std::to_string(n);
+        classes.emplace_back(f.typeId, name);
+      }
+    }
+    return classes;
+  }
+  static const std::string& classOf(const std::vector<std::pair<uint64_t, std::string>>& classes,
+                                    uint64_t typeId) {
+    for (const auto& [id, name] : classes)
+      if (id == typeId) return name;
+    static const std::string none;
+    return none;
+  }
+
   // Phase 2: the promise, client and server classes of one interface (members declared only).
   void emitClasses(std::ostringstream& out, uint64_t id) {
     const std::string q = stubType(id);
@@ -520,13 +602,37 @@ class Generator {
       out << "class " << local_[id] << "::" << cap
           << "Promise : public ::agate::rpc::typed::TypedPromise<" << q << "::" << cap
           << "Results> {\n public:\n  using TypedPromise::TypedPromise;\n";
+      const auto classes = pipelineClasses(m.getResultStructType());
+      for (const auto& [typeId, name] : classes) out << "  class " << name << ";\n";
       for (const CapField& f : resultCapFields(m.getResultStructType())) {
         out << "  // The results' `" << f.fieldName
             << "`, pipelined: calls on it go out before the results arrive.\n"
             << "  " << stubType(f.interfaceId) << "::Client get" << capitalize(f.fieldName)
             << "() const;\n";
       }
+      for (const PipelineField& f : pipelineFields(m.getResultStructType())) {
+        out << "  // The results' `" << f.fieldName
+            << "`, pipelined: the capabilities inside it can be called before the results "
+               "arrive.\n"
+            << "  " << classOf(classes, f.typeId) << " get" << capitalize(f.fieldName)
+            << "() const;\n";
+      }
       out << "};\n\n";
+      for (const auto& [typeId, name] : classes) {
+        out << "// " << displayName(typeId) << " inside the results of " << local_[id] << "."
+            << std::string(m.getName()) << ", pipelined.\n"
+            << "class " << local_[id] << "::" << cap << "Promise::" << name << " {\n public:\n"
+            << "  explicit " << name
+            << "(::agate::rpc::RemoteCap at) noexcept : at_(std::move(at)) {}\n";
+        for (const CapField& f : resultCapFields(typeId))
+          out << "  " << stubType(f.interfaceId) << "::Client get" << capitalize(f.fieldName)
+              << "() const;\n";
+        for (const PipelineField& f : pipelineFields(typeId))
+          out << "  " << classOf(classes, f.typeId) << " get" << capitalize(f.fieldName)
+              << "() const;\n";
+        out << "\n private:\n  ::agate::rpc::RemoteCap at_;  // where the struct lies in the "
+               "results\n};\n\n";
+      }
     }
 
     std::vector<uint64_t> ancestors;
@@ -594,6 +700,34 @@ class Generator {
             << "Promise::get" << capitalize(f.fieldName) << "() const {\n"
             << "  return " << stubType(f.interfaceId) << "::Client(pipeline({" << f.pointerIndex
             << "}));\n}\n";
+      }
+      // Declarators with a trailing return type: the nested class is named in the promise's
+      // scope there.
+      const auto classes = pipelineClasses(m.getResultStructType());
+      const std::string promise = q + "::" + cap + "Promise";
+      for (const PipelineField& f : pipelineFields(m.getResultStructType())) {
+        const std::string& type = classOf(classes, f.typeId);
+        out << "inline auto " << promise << "::get" << capitalize(f.fieldName) << "() const -> "
+            << type << " {\n  return " << type << "(pipeline({";
+        if (!f.isGroup) out << f.pointerIndex;
+        out << "}));\n}\n";
+      }
+      for (const auto& [typeId, name] : classes) {
+        for (const CapField& f : resultCapFields(typeId))
+          out << "inline auto " << promise << "::" << name << "::get" << capitalize(f.fieldName)
+              << "() const -> " << stubType(f.interfaceId) << "::Client {\n  return "
+              << stubType(f.interfaceId) << "::Client(at_.pipelineStep(" << f.pointerIndex
+              << "));\n}\n";
+        for (const PipelineField& f : pipelineFields(typeId)) {
+          const std::string& type = classOf(classes, f.typeId);
+          out << "inline auto " << promise << "::" << name << "::get" << capitalize(f.fieldName)
+              << "() const -> " << type << " {\n  return " << type << "(";
+          if (f.isGroup)
+            out << "at_";
+          else
+            out << "at_.pipelineStep(" << f.pointerIndex << ")";
+          out << ");\n}\n";
+        }
       }
     }
     std::vector<uint64_t> ancestors;

@@ -178,6 +178,14 @@ class RemoteCap {
   // Two references to the same import or the same promised answer and path.
   bool sameAs(const RemoteCap& o) const noexcept;
 
+  // For a reference pipelined on a call's results (isPipelined(): the value at a pointer path of
+  // results not yet arrived), the same results one step further: pointer field `pointerIndex` of
+  // the struct at this path. The typed stubs' pipelines of nested structs step through them
+  // this way; the reference at a capability field is the one to call. Broken, with the reason,
+  // past MAX_PIPELINE_PATH steps or on a reference that is not pipelined; a null reference stays
+  // null and a broken one keeps its reason.
+  RemoteCap pipelineStep(uint16_t pointerIndex) const;
+
  private:
   friend class RpcConnection;
   friend class RemotePromise;

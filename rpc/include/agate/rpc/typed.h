@@ -111,6 +111,10 @@ inline void walkField(capnp::DynamicStruct::Reader s, capnp::StructSchema::Field
                       CapListBudget& budget) {
   switch (field.getType().which()) {
     case capnp::schema::Type::STRUCT:  // a struct field or a group
+      // A null struct pointer reads as the type's default, which holds nothing to check, and
+      // whose own struct fields (of a recursive type: Chain.next is a Chain) read as defaults
+      // again without end: it is not walked. A group is no pointer; it is always walked.
+      if (!field.getProto().isGroup() && !s.has(field)) return;
       walkStruct(s.get(field).as<capnp::DynamicStruct>(), budget);
       return;
     case capnp::schema::Type::LIST:
