@@ -263,6 +263,7 @@ MessageReceiver::~MessageReceiver() {
 
 Result<IncomingMessage> MessageReceiver::decode(Result<Frame> frame) {
   if (!frame) {
+    if (frame.code() == Errc::WOULD_BLOCK) ++emptyReads_;
     if (frame.code() == Errc::PROTOCOL_ERROR) poison_ = frame.error();
     return frame.error();
   }

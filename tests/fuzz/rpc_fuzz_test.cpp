@@ -197,6 +197,44 @@ Frame release(uint32_t id, uint32_t n) {
   });
 }
 
+// The attacker's Return to the victim's question `q` (the victim asks when CALL_BACK calls the
+// attacker's capability; its first question id is 1).
+Frame returnFor(uint32_t q, const std::function<void(rpc::wire::Return::Builder)>& fill) {
+  return build([&](rpc::wire::Message::Builder m) {
+    auto r = m.initReturn();
+    r.setAnswerId(q);
+    fill(r);
+  });
+}
+
+Frame returnValue(uint32_t q, uint64_t value) {
+  return returnFor(q, [&](rpc::wire::Return::Builder r) {
+    r.initResults().getContent().initAs<rpc::test::Value>().setValue(value);
+  });
+}
+
+// A Return whose results hold one capability, described by `describe`.
+template <class Describe>
+Frame returnWithCap(uint32_t q, Describe describe) {
+  return returnFor(q, [&](rpc::wire::Return::Builder r) {
+    auto p = r.initResults();
+    rpc::writeCapPointer(p.getContent().initAs<rpc::test::CapParam>(), 0, 0);
+    describe(p.initCapTable(1)[0]);
+  });
+}
+
+Frame returnException(uint32_t q) {
+  return returnFor(q, [](rpc::wire::Return::Builder r) {
+    auto e = r.initException();
+    e.setReason("the attacker's method failed");
+    e.setType(rpc::wire::Exception::Type::OVERLOADED);
+  });
+}
+
+Frame returnCanceled(uint32_t q) {
+  return returnFor(q, [](rpc::wire::Return::Builder r) { r.setCanceled(); });
+}
+
 std::vector<Conversation> seeds() {
   using namespace rpc::test;
   return {
@@ -243,6 +281,30 @@ std::vector<Conversation> seeds() {
       {call(1, 0, NEXT), withReceiverAnswer(2, CALL_BACK, 1), finish(2), finish(1), release(1, 1)},
       {call(1, 0, FAIL_LATER), withReceiverAnswer(2, IDENTIFY, 1), finish(2), finish(1)},
       {call(1, 0, HANG), withReceiverAnswer(2, IDENTIFY, 1), finish(2), finish(1)},
+      // Returns to the victim's own question (CALL_BACK calls the attacker's capability): plain
+      // results, results holding a capability of each kind the attacker may host, an
+      // exception, and canceled. (Refused shapes, such as noFinishNeeded on a question that
+      // allowed pipelining or a Return to a question never asked, are left to the mutations.)
+      {withCap(1, CALL_BACK, true, 3), returnValue(1, 9), finish(1)},
+      {withCap(1, CALL_BACK, true, 3),
+       returnWithCap(1, [](rpc::wire::CapDescriptor::Builder d) { d.setSenderHosted(5); }),
+       finish(1)},
+      {withCap(1, CALL_BACK, true, 3),
+       returnWithCap(1, [](rpc::wire::CapDescriptor::Builder d) { d.setSenderPromise(6); }),
+       resolve(6, Resolution::SENDER_HOSTED, 7), finish(1)},
+      {withCap(1, CALL_BACK, true, 3),
+       returnWithCap(1,
+                     [](rpc::wire::CapDescriptor::Builder d) {
+                       auto t = d.initThirdPartyHosted();
+                       t.setVatId(3);
+                       t.setProvisionId(2);
+                       t.setVineId(8);
+                     }),
+       finish(1)},
+      {withCap(1, CALL_BACK, true, 3), returnException(1), finish(1)},
+      {withCap(1, CALL_BACK, true, 3), returnCanceled(1), finish(1)},
+      {withCap(1, CALL_BACK, true, 3), returnValue(1, 9), withCap(2, CALL_BACK, true, 4),
+       returnValue(2, 10), finish(2), finish(1)},
   };
 }
 

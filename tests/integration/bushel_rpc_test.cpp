@@ -430,8 +430,7 @@ TEST_F(BushelRpcTest, KillingAClientDropsItsStateOnTheServerAndLeaksNoPages) {
       if (!held) co_return held.error();
       items.push_back(getItem(*held, held->results())->remote);
     }
-    auto hung = store->hang();
-    (void)co_await s.loop().sleep(50ms);  // the hang reaches the server
+    auto hung = store->hang();  // the parent waits until the server runs it
     const char byte = 1;
     if (::write(ready[1], &byte, 1) != 1) co_return Error(Errc::SYSTEM_ERROR, "pipe");
     (void)co_await s.loop().sleep(std::chrono::hours(1));  // until killed
@@ -443,7 +442,9 @@ TEST_F(BushelRpcTest, KillingAClientDropsItsStateOnTheServerAndLeaksNoPages) {
   runSession(kernel_.home(), [&](Session& s) -> Promise<void> {
     Result<Store::Client> store = co_await s.open<Store>("store");
     CO_CHECK(store.ok());
-    Result<StatsView> st = co_await statsOf(*store);
+    Result<StatsView> st = co_await statsWhen(s.loop(), *store, [](auto v) {
+      return v.clients == 2 && v.totalHeld == 10000 && v.hanging == 1;
+    });
     CO_CHECK(st.ok() && st->clients == 2 && st->totalHeld == 10000 && st->hanging == 1);
     Result<std::vector<caps::ProcessInfo>> procs = co_await s.kernel().listProcesses();
     CO_CHECK(procs.ok());
@@ -482,8 +483,10 @@ TEST_F(BushelRpcTest, KillingTheServerFailsEveryPendingCallDisconnectedPromptly)
   Watchdog dog("server kill -9", 60s, server);
   runSession(kernel_.home(), [&](Session& s) -> Promise<void> {
     AGATE_CO_TRY(co_await s.waitForService("store"));
+    const uint64_t usedBefore = (co_await usedOf(s.kernel(), s.bank())).value();
     Result<Store::Client> store = co_await s.open<Store>("store");
     CO_CHECK(store.ok());
+    CO_CHECK((co_await usedOf(s.kernel(), s.bank())).value() > usedBefore);  // the bushel
     auto hung1 = store->hang();
     auto hung2 = store->hang();
     auto held = store->hold([](auto p) { p.setBytes(10); });
@@ -507,6 +510,8 @@ TEST_F(BushelRpcTest, KillingTheServerFailsEveryPendingCallDisconnectedPromptly)
     CO_CHECK(s.openCount() == 0);
     Result<Store::Client> again = co_await s.open<Store>("store");
     CO_CHECK(again.code() == Errc::NOT_FOUND);
+    // The bushel this client paid for (its record and rings) comes back to its bank.
+    CO_CHECK((co_await usedOf(s.kernel(), s.bank())).value() == usedBefore);
     co_return {};
   });
   EXPECT_EQ(reap(server), 128 + SIGKILL);

@@ -480,7 +480,15 @@ TEST_F(KernelHandoffTest, APipelinedCounterPassedOnShortensToTheHostAfterAnEmbar
       auto r = co_await auditor.poke();
       co_return r.ok() && r->results().getTotal() == ++total;
     };
-    for (int i = 0; i < 10; ++i) CO_CHECK(co_await poke());
+    // A burst of pokes, so that B has calls on the counter in flight while its route changes
+    // (the promise resolves to A's counter, the Accept is embargoed, the Disembargo loops back):
+    // each poke's total is its place in the burst, so none overtook another.
+    std::vector<decltype(auditor.poke())> burst;
+    for (int i = 0; i < 10; ++i) burst.push_back(auditor.poke());
+    for (auto& p : burst) {
+      auto r = co_await p;
+      CO_CHECK(r.ok() && r->results().getTotal() == ++total);
+    }
     // The route changes: A sees B's Accept on B's own bushel.
     Result<Seen> seen = Error(Errc::NOT_FOUND);
     for (int i = 0; i < 2000; ++i) {
@@ -618,14 +626,17 @@ TEST_F(KernelHandoffTest, TheIntroducersDeathMidHandoffLeavesProviderAndRecipien
     // of the dead introducer.
     Result<Seen> work = co_await seenAt(bank, toB->server);
     CO_CHECK(work.ok() && work->accepts == 1);
+    // Settled: no call arrives for 50 ms in a row (within 5 s), and the audit stopped short.
     uint64_t calls = work->calls;
-    for (int i = 0; i < 50; ++i) {  // settled: no call arrives any more
-      (void)co_await s.loop().sleep(2ms);
+    int quiet = 0;
+    for (int i = 0; i < 500 && quiet < 5; ++i) {
+      (void)co_await s.loop().sleep(10ms);
       work = co_await seenAt(bank, toB->server);
       CO_CHECK(work.ok());
-      if (work->calls == calls) break;
+      quiet = work->calls == calls ? quiet + 1 : 0;
       calls = work->calls;
     }
+    CO_CHECK(quiet == 5);
     CO_CHECK(work->calls < 1000);
     Result<Seen> seen = Error(Errc::FAILED, "not asked");
     for (int i = 0; i < 2000; ++i) {

@@ -82,8 +82,9 @@ int reap(pid_t pid) {
   return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 
-// Child: serves a Node until the client goes away. 0 when it ended with DISCONNECTED.
-int serveUntilDisconnected(const Bushel& b, pid_t client) {
+// Child: serves a Node until the client goes away. 0 when it ended with DISCONNECTED. With
+// `inCallFd`, it first serves until a HANG call is running, then writes a byte there.
+int serveUntilDisconnected(const Bushel& b, pid_t client, int inCallFd = -1) {
   End end = openEnd(b, /*client=*/false, client);
   EventLoop loop;
   Log log;
@@ -91,6 +92,14 @@ int serveUntilDisconnected(const Bushel& b, pid_t client) {
   RpcOptions options;
   options.bootstrap = &root;
   RpcConnection conn(*end.tx, *end.rx, loop, options);
+  if (inCallFd >= 0) {
+    Status inCall = loop.run([](EventLoop& l, Log& lg, RpcConnection& c) -> Promise<void> {
+      while (lg.hanging == 0 && c.isOpen()) co_await l.sleep(std::chrono::milliseconds(1));
+      co_return {};
+    }(loop, log, conn));
+    const char one = 1;
+    if (!inCall || log.hanging == 0 || ::write(inCallFd, &one, 1) != 1) return 4;
+  }
   Status st = loop.run(conn.onDisconnect());
   return st.code() == Errc::DISCONNECTED ? 0 : 3;
 }
@@ -144,16 +153,25 @@ TEST(RpcForkTest, CallsAndAPipelinedChainCrossProcesses) {
 
 TEST(RpcForkTest, ServerKilledMidCallFailsThePendingCallDisconnected) {
   Bushel b = makeBushel();
+  int inCall[2];
+  ASSERT_EQ(::pipe(inCall), 0);
   const pid_t parent = ::getpid();
-  pid_t child = spawn([&] { return serveUntilDisconnected(b, parent); });
+  pid_t child = spawn([&] { return serveUntilDisconnected(b, parent, inCall[1]); });
   agate::testing::Watchdog watchdog("RpcForkTest.ServerKilled", std::chrono::seconds(40), child);
+  ::close(inCall[1]);
   End end = openEnd(b, /*client=*/true, child);
   EventLoop loop;
   RpcConnection conn(*end.tx, *end.rx, loop);
   RemoteCap root = conn.bootstrap();
   ASSERT_EQ(loop.run(loop.deadline(echoCall(root, 1), std::chrono::seconds(10))).value(), 1u);
   RemotePromise hanging = root.newCall(NODE_INTERFACE_ID, HANG, 16).send();
-  (void)loop.run(loop.sleep(std::chrono::milliseconds(20)));  // the server is inside the call
+  // Killed only once the server says the call is running in it.
+  Result<uint32_t> running =
+      loop.run(loop.deadline(loop.waitReady(inCall[0], POLLIN), std::chrono::seconds(10)));
+  ASSERT_TRUE(running.ok()) << errcName(running.code());
+  char byte = 0;
+  ASSERT_EQ(::read(inCall[0], &byte, 1), 1) << "the server wrote that its call runs";
+  ::close(inCall[0]);
   ASSERT_EQ(::kill(child, SIGKILL), 0);
   const auto start = std::chrono::steady_clock::now();
   Result<Response> r = loop.run(
@@ -164,6 +182,12 @@ TEST(RpcForkTest, ServerKilledMidCallFailsThePendingCallDisconnected) {
   EXPECT_LT(took, std::chrono::seconds(1)) << "peer death is seen through its pidfd, promptly";
   EXPECT_FALSE(conn.isOpen());
   EXPECT_EQ(loop.run(echoCall(root, 2)).code(), Errc::DISCONNECTED);
+  // Nothing of the dead peer's is kept on this side once the handles go.
+  { RemotePromise gone = std::move(hanging); }
+  root = RemoteCap();
+  EXPECT_EQ(conn.questionCount(), 0u);
+  EXPECT_EQ(conn.importCount(), 0u);
+  EXPECT_EQ(conn.handleCount(), 0u);
   EXPECT_EQ(reap(child), 128 + SIGKILL);
 }
 

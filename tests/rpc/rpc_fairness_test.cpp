@@ -1,10 +1,14 @@
 // RpcOptions::messagesPerTurn: a connection's reader yields to the others after its budget, so
 // connections sharing a loop are served round robin and a peer with a full ring cannot starve
 // another. Two connection pairs on one loop over LOCAL channels; calls are queued before the
-// loop runs, so the order the server handles them in is deterministic.
+// loop runs, so the order the server handles them in is deterministic. And many connections on
+// one loop are not scanned: a parked reader waits on its own doorbell, so a hundred idle
+// connections read nothing while another on their loop makes a thousand calls.
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "rpc_harness.h"
@@ -76,6 +80,68 @@ TEST(RpcFairnessTest, WithoutABudgetAReaderDrainsItsRingBeforeOthersRun) {
   const Served s = serveFloodAndQuiet(0);
   ASSERT_EQ(s.total, 405u);
   EXPECT_GE(s.lastQuiet, 400u);
+}
+
+// `idleCount` connections on one loop beside a busy one: how many times the idle ones' readers
+// found their rings empty while the busy one made 1000 calls. `idleSpin`: the idle readers'
+// spin budget (the default, 1000 empty tries, then they park); `parks`: whether to wait first
+// until every idle reader has parked.
+uint64_t idleReadsWhileAnotherIsBusy(int idleCount, uint32_t idleSpin, bool parks) {
+  EventLoop loop;
+  Log log;
+  Node root(0, log);
+  RpcOptions busyOptions;
+  busyOptions.messagesPerTurn = 16;  // as a service host sets it
+  RpcOptions idleOptions = busyOptions;
+  idleOptions.wait.spinIterations = idleSpin;
+  std::vector<std::unique_ptr<LocalPair>> idle;
+  for (int i = 0; i < idleCount; ++i)
+    idle.push_back(std::make_unique<LocalPair>(loop, idleOptions, idleOptions));
+  LocalPair busy(loop, &root, nullptr, busyOptions);
+  auto idleReads = [&] {
+    uint64_t n = 0;
+    for (auto& p : idle) n += p->serverReceiver().emptyReads() + p->clientReceiver().emptyReads();
+    return n;
+  };
+  // Every idle reader looks, spins its budget and parks: its count then stops.
+  uint64_t settled = idleReads();
+  for (int quiet = 0, i = 0; parks && quiet < 3 && i < 500; ++i) {
+    (void)loop.run(loop.sleep(std::chrono::milliseconds(5)));
+    const uint64_t now = idleReads();
+    quiet = now == settled ? quiet + 1 : 0;
+    settled = now;
+  }
+  std::vector<RemotePromise> pending;
+  RemoteCap node = busy.client().bootstrap();
+  for (int round = 0; round < 10; ++round) {
+    for (int i = 0; i < 100; ++i) {
+      Request req = node.newCall(NODE_INTERFACE_ID, ECHO, 16);
+      req.initParams<Value>().setValue(static_cast<uint64_t>(i));
+      pending.push_back(req.send());
+    }
+    EXPECT_TRUE(runUntil(loop, [&] {
+      return std::all_of(pending.begin(), pending.end(), [](auto& p) { return p.isReady(); });
+    }));
+    pending.clear();
+  }
+  EXPECT_EQ(busy.server().stats().callsReceived, 1000u);
+  EXPECT_GT(busy.serverReceiver().emptyReads(), 0u) << "the busy reader waited between rounds";
+  const uint64_t during = idleReads() - settled;
+  node = RemoteCap();
+  return during;
+}
+
+TEST(RpcFairnessTest, IdleConnectionsAreNotReadWhileAnotherOnTheirLoopIsBusy) {
+  Watchdog watchdog{"rpc_fairness_test", std::chrono::seconds(30)};
+  // The parked readers wait on their own doorbells: the busy connection's traffic wakes none.
+  EXPECT_EQ(idleReadsWhileAnotherIsBusy(100, 1000, true), 0u);
+}
+
+TEST(RpcFairnessTest, ReadersThatNeverParkReadTheirEmptyRingsAgainAndAgain) {
+  // The contrast that shows the count above can move: readers that only spin (yielding to the
+  // loop's other work between tries) read their empty rings on every turn of the busy one.
+  Watchdog watchdog{"rpc_fairness_test", std::chrono::seconds(30)};
+  EXPECT_GT(idleReadsWhileAnotherIsBusy(4, UINT32_MAX, false), 1000u);
 }
 
 }  // namespace

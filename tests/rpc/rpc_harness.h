@@ -242,6 +242,8 @@ class LocalPair {
   }
   RpcConnection& client() { return *client_; }
   RpcConnection& server() { return *server_; }
+  MessageReceiver& clientReceiver() { return *clientRx_; }
+  MessageReceiver& serverReceiver() { return *serverRx_; }
   void destroyServer() { server_.reset(); }
   void destroyClient() { client_.reset(); }
 

@@ -68,6 +68,33 @@ TEST_F(RpcTest, QuestionIdsAreReusedAfterFinishAndReturn) {
   }
 }
 
+// A dropped call's id stays taken while its Finish is out and its Return (canceled) is not
+// back: a new call sent meanwhile gets another id, and its own results, not the old Return.
+TEST_F(RpcTest, ADroppedCallsIdIsNotReusedBeforeItsReturnArrives) {
+  LocalPair pair(loop_, &root_);
+  RemoteCap cap = pair.client().bootstrap();
+  uint32_t dropped = 0;
+  {
+    RemotePromise p = cap.newCall(NODE_INTERFACE_ID, HANG, 16).send();
+    dropped = p.questionId();
+    ASSERT_TRUE(runUntil(loop_, [&] { return log_.hanging == 1; }));
+  }  // Finish goes out; the canceled Return is not read yet (the loop has not run)
+  EXPECT_EQ(pair.client().questionCount(), 1u);
+  Request next = cap.newCall(NODE_INTERFACE_ID, ECHO, 16);
+  next.initParams<Value>().setValue(5);
+  RemotePromise p = next.send();
+  EXPECT_NE(p.questionId(), dropped);
+  Result<uint64_t> v = loop_.run(awaitValue(std::move(p)));
+  ASSERT_TRUE(v.ok()) << errcName(v.code());
+  EXPECT_EQ(*v, 5u);
+  ASSERT_TRUE(runUntil(loop_, [&] {
+    return pair.client().questionCount() == 0 && pair.server().answerCount() == 0;
+  }));
+  // Both Returns came back, each to its own question.
+  EXPECT_EQ(pair.client().stats().returnsReceived, 2u);
+  EXPECT_TRUE(pair.client().isOpen());
+}
+
 Promise<uint64_t> holdOneResponseWhileAwaitingAnother(RemoteCap cap) {
   Request first = cap.newCall(NODE_INTERFACE_ID, ECHO, 16);
   first.initParams<Value>().setValue(7);

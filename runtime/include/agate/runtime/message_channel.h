@@ -242,6 +242,9 @@ class MessageReceiver {
   // The sticky error, once a frame or the ring was malformed.
   bool poisoned() const noexcept { return poison_.code != Errc::OK; }
   Receiver& receiver() noexcept { return receiver_; }
+  // How many times a receive found the ring empty (each try of a spin counts): a reader parked
+  // on its doorbell adds nothing, however busy other readers of its loop are.
+  uint64_t emptyReads() const noexcept { return emptyReads_; }
 
  private:
   friend class IncomingMessage;
@@ -258,6 +261,7 @@ class MessageReceiver {
   bool holdsFrame_ = false;        // IN_PLACE: the ring frame is still held for it
   bool deferReleases_ = false;     // MessageReceiverOptions::deferReleases
   bool validateOnDemand_ = false;  // MessageReceiverOptions::validateOnDemand
+  uint64_t emptyReads_ = 0;
 };
 
 }  // namespace agate
