@@ -37,6 +37,9 @@ RpcConnection::RpcConnection(MessageSender& tx, MessageReceiver& rx, EventLoop& 
                 "an RPC connection's MessageReceiver must be built with rpcReceiverOptions()");
   AGATE_REQUIRE(options_.maxMessageBytes >= 1024, "maxMessageBytes %zu is below 1 KiB",
                 options_.maxMessageBytes);
+  AGATE_REQUIRE(options_.maxQuestions >= 1, "maxQuestions is 0");
+  AGATE_REQUIRE(options_.replyBytesPerCall >= 8, "replyBytesPerCall %u is below one word",
+                options_.replyBytesPerCall);
   // Whatever is kept beyond its frame (a message waiting for ring space, a pipelined call queued
   // at its answer, a held Response) is copied into a spill buffer: the largest class bounds both
   // what this side builds and what it accepts.
@@ -72,6 +75,9 @@ RpcConnection::RpcConnection(MessageSender& tx, MessageReceiver& rx, EventLoop& 
   // So the bound on what this side builds is the smaller of the two.
   if (const uint64_t frame = tx.sender().maxPayload(); frame > 0)
     options_.maxMessageBytes = std::min<size_t>(options_.maxMessageBytes, frame);
+  // The ring the peer's replies land on: its capacity is the reply space the calls in flight
+  // may reserve. A detached receiver (0) leaves none: every call is refused, as it would fail.
+  replyBudget_ = rx.receiver().capacity();
   questions_.emplace_back();  // question id 0 is never used: 0 means "no question"
   questions_[0].inUse = true;
   questionFree_ = NONE;
@@ -126,6 +132,7 @@ void RpcConnection::fail(Error reason) {
   for (Question& q : questions_) {
     if (!q.inUse || q.returned) continue;
     q.returned = true;
+    returnReplySpace(q);
     q.finishSent = true;  // nothing more is sent on a dead connection
     if (q.fulfiller) {
       q.fulfiller->fulfill(reason);
@@ -518,6 +525,13 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
     releaseTarget(request);
     return RemotePromise(nullptr, 0, readyPromise<Response>(request.error_), request.error_);
   }
+  const uint32_t reserve =
+      request.replyReserve_ != 0 ? request.replyReserve_ : options_.replyBytesPerCall;
+  if (Status room = roomForQuestion(reserve); !room) {
+    abandonOut(request.slot_);
+    releaseTarget(request);
+    return RemotePromise(nullptr, 0, readyPromise<Response>(room.error()), room.error());
+  }
   const uint32_t qid = takeQuestionId();
   Status sent = {};
   if (request.unbuilt_) {
@@ -551,6 +565,8 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
   ++stats_.callsSent;
   openQuestion(qid);
   Question& q = questions_[qid];
+  q.replyReserved = reserve;
+  replyReserved_ += reserve;
   q.refs = 1;
   q.noPipelining = request.noPipelining_;
   auto [promise, fulfiller] = newPromiseAndFulfiller<Response>();
@@ -591,9 +607,32 @@ void RpcConnection::questionUnref(uint32_t id) noexcept {
   // Freed when the Return arrives.
 }
 
+// Whether a call reserving `replyBytes` may be sent now (RpcOptions::maxQuestions and
+// replyBytesPerCall): OUT_OF_MEMORY, saying which bound, when not.
+Status RpcConnection::roomForQuestion(uint32_t replyBytes) const {
+  if (questionsLive_ >= options_.maxQuestions)
+    return Error(Errc::OUT_OF_MEMORY,
+                 "RpcOptions::maxQuestions calls are in flight on this connection: await some "
+                 "before sending more");
+  if (replyBytes > replyBudget_)
+    return Error(Errc::OUT_OF_MEMORY,
+                 "the call reserves more reply space than the ring its Return arrives on holds");
+  if (replyReserved_ + replyBytes > replyBudget_)
+    return Error(Errc::OUT_OF_MEMORY,
+                 "the calls in flight reserve all the reply space of this connection (its "
+                 "inbound ring): await some before sending more");
+  return {};
+}
+
+void RpcConnection::returnReplySpace(Question& q) noexcept {
+  replyReserved_ -= q.replyReserved;
+  q.replyReserved = 0;
+}
+
 // Back to the state openQuestion expects (field by field: cheaper than assigning a fresh one).
 void RpcConnection::freeQuestion(uint32_t id) noexcept {
   Question& q = questions_[id];
+  returnReplySpace(q);  // a question freed without its Return (the connection ended)
   q.fulfiller.reset();
   q.vine.reset();
   q.refs = 0;

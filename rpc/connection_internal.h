@@ -387,9 +387,10 @@ struct RpcConnection::Question {
   uint32_t refs = 0;  // the RemotePromise and every RemoteCap pipelined on it
   uint32_t nextFree = internal::NONE;
   bool inUse = false;
-  bool returned = false;      // Return received (or the connection ended)
-  bool finishSent = false;    // Finish sent (or never to be sent: the connection ended)
-  bool noPipelining = false;  // sent with Call.noPromisePipelining
+  bool returned = false;       // Return received (or the connection ended)
+  bool finishSent = false;     // Finish sent (or never to be sent: the connection ended)
+  bool noPipelining = false;   // sent with Call.noPromisePipelining
+  uint32_t replyReserved = 0;  // reply space held until the Return (RpcOptions::replyBytesPerCall)
   // Its Return carried more capabilities than this side takes (Decoded::refused): calls on
   // capabilities pipelined on it fail here with this error from then on (the peer would serve
   // them from the results this side refused).

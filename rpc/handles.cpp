@@ -84,6 +84,7 @@ Request::Request(Request&& o) noexcept
       pathLength_(o.pathLength_),
       methodId_(o.methodId_),
       targetId_(o.targetId_),
+      replyReserve_(o.replyReserve_),
       interfaceId_(o.interfaceId_),
       sizeHint_(o.sizeHint_),
       path_(o.path_),

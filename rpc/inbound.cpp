@@ -605,6 +605,7 @@ Status RpcConnection::handleReturn(IncomingMessage& message, const Decoded& d) {
   ++stats_.returnsReceived;
   Question& q = questions_[d.id];
   q.returned = true;
+  returnReplySpace(q);
   if (d.refused.code != Errc::OK) q.refused = d.refused;  // openQuestion cleared it
   if (d.noFinishNeeded) q.finishSent = true;  // none will be: the callee freed its answer
   if (!watchers_.empty()) takeWatchers(d);    // promises passed on that wait for this question

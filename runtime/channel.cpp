@@ -405,6 +405,10 @@ bool Receiver::sendersGone() noexcept {
   return (s & ATTACH_CLOSED_BIT) != 0 || peerDead_;
 }
 
+uint64_t Receiver::capacity() const noexcept {
+  return channel_ != nullptr ? channel_->capacity() : 0;
+}
+
 Result<Frame> Receiver::tryReceive() noexcept {
   AGATE_REQUIRE(channel_ != nullptr, "tryReceive on a detached receiver");
   if (plain_) {

@@ -170,7 +170,9 @@ class HandoffTest : public ::testing::Test {
 
   void openNetwork(uint64_t ringBytes = 64 * 1024, uint32_t messagesPerTurn = 0) {
     closeNetwork();
-    net_.emplace(loop_, RpcOptions{.messagesPerTurn = messagesPerTurn}, ringBytes);
+    // Calls reserve little reply space, so that a hundred or two fit in flight on 4 KiB rings.
+    net_.emplace(loop_, RpcOptions{.replyBytesPerCall = 16, .messagesPerTurn = messagesPerTurn},
+                 ringBytes);
     net_->addVat(A, &aRoot_);
     net_->addVat(B, &recipient_);
     net_->addVat(C, nullptr);

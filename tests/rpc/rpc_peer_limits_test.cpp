@@ -13,6 +13,8 @@
 
 #include <capnp/schema.capnp.h>
 
+#include <cstring>
+#include <deque>
 #include <functional>
 
 #include "agate/rpc/typed.h"
@@ -187,6 +189,163 @@ TEST(RpcPeerLimits, OwnCallsPastTheQueueBoundAreRefusedAndTheConnectionCarriesOn
   EXPECT_NE(later.questionId(), 0u) << "accepted again once the peer read";
   EXPECT_TRUE(victim_->isOpen());
   sent.clear();
+}
+
+// Sends an ECHO call of `value`, reserving `reply` bytes of reply space (0: the default).
+RemotePromise echoCall(RemoteCap& cap, uint64_t value, uint32_t reply = 0) {
+  Request req = cap.newCall(NODE_INTERFACE_ID, ECHO, 16);
+  req.initParams<Value>().setValue(value);
+  if (reply != 0) req.reserveReply(reply);
+  return req.send();
+}
+
+// Whether every promise of `pending` completed successfully (awaited on `loop`).
+bool allSucceed(EventLoop& loop, std::vector<RemotePromise>& pending) {
+  bool ok = true;
+  for (RemotePromise& p : pending) ok = outcome(loop, p) == Errc::OK && ok;
+  pending.clear();
+  return ok;
+}
+
+TEST(RpcReplySpace, CallsPastTheReplyRingAreRefusedAtSendUntilReturnsFreeTheirSpace) {
+  Watchdog watchdog{"rpc_peer_limits_test", std::chrono::seconds(60)};
+  EventLoop loop;
+  Log log;
+  Node root(0, log);
+  LocalPair pair(loop, &root, nullptr, {}, 4096);  // 4 KiB rings: 64 calls of 64 bytes
+  RpcConnection& client = pair.client();
+  ASSERT_EQ(client.replyBytesAvailable(), 4096u);
+  RemoteCap cap = client.bootstrap();
+  std::vector<RemotePromise> pending;
+  for (uint64_t i = 0; i < 64; ++i) pending.push_back(echoCall(cap, i));
+  EXPECT_EQ(client.replyBytesReserved(), 4096u);
+  // The 65th would find no room for its Return: refused, nothing sent, nothing taken.
+  const uint64_t sent = client.stats().callsSent;
+  RemotePromise refused = echoCall(cap, 64);
+  EXPECT_EQ(refused.questionId(), 0u);
+  Result<Response> r =
+      loop.run([](RemotePromise& p) -> Promise<Response> { co_return co_await p; }(refused));
+  ASSERT_EQ(r.code(), Errc::OUT_OF_MEMORY);
+  EXPECT_NE(std::strstr(r.error().detail, "reply space"), nullptr) << r.error().detail;
+  EXPECT_EQ(client.stats().callsSent, sent);
+  EXPECT_EQ(client.questionCount(), 64u);
+  EXPECT_EQ(client.replyBytesReserved(), 4096u);
+  EXPECT_TRUE(client.isOpen());
+  // The Returns give the space back, and calls go again.
+  EXPECT_TRUE(allSucceed(loop, pending));
+  EXPECT_EQ(client.replyBytesReserved(), 0u);
+  pending.push_back(echoCall(cap, 1));
+  EXPECT_TRUE(allSucceed(loop, pending));
+  EXPECT_EQ(log.order.size(), 0u);  // ECHO records nothing; 65 calls were served
+  EXPECT_EQ(pair.server().stats().callsReceived, 65u);
+}
+
+TEST(RpcReplySpace, ACallReservesWhatItAsksForAndNeverMoreThanTheRingHolds) {
+  Watchdog watchdog{"rpc_peer_limits_test", std::chrono::seconds(60)};
+  EventLoop loop;
+  Log log;
+  Node root(0, log);
+  LocalPair pair(loop, &root, nullptr, {}, 4096);
+  RpcConnection& client = pair.client();
+  RemoteCap cap = client.bootstrap();
+  std::vector<RemotePromise> pending;
+  for (uint64_t i = 0; i < 4; ++i) pending.push_back(echoCall(cap, i, 1024));
+  EXPECT_EQ(client.replyBytesReserved(), 4096u);
+  RemotePromise fifth = echoCall(cap, 4, 1024);
+  EXPECT_EQ(outcome(loop, fifth), Errc::OUT_OF_MEMORY);
+  EXPECT_TRUE(allSucceed(loop, pending));
+  // More than the whole ring: refused even with nothing in flight.
+  RemotePromise huge = echoCall(cap, 5, 8192);
+  EXPECT_EQ(outcome(loop, huge), Errc::OUT_OF_MEMORY);
+  EXPECT_EQ(client.replyBytesReserved(), 0u);
+  EXPECT_TRUE(runUntil(loop, [&] { return client.questionCount() == 0; }));  // Finishes out
+  pending.push_back(echoCall(cap, 6, 4096));                                 // exactly the ring
+  EXPECT_TRUE(allSucceed(loop, pending));
+}
+
+TEST(RpcReplySpace, ARefusedCallGivesBackTheCapabilitiesItCarried) {
+  Watchdog watchdog{"rpc_peer_limits_test", std::chrono::seconds(60)};
+  EventLoop loop;
+  Log log;
+  Node root(0, log);
+  RpcOptions options;
+  options.maxQuestions = 1;
+  LocalPair pair(loop, &root, nullptr, options);
+  RpcConnection& client = pair.client();
+  RemoteCap cap = client.bootstrap();
+  RemotePromise hanging = cap.newCall(NODE_INTERFACE_ID, HANG, 16).send();
+  ASSERT_TRUE(runUntil(loop, [&] { return log.hanging == 1; }));
+  const uint32_t exports = client.exportCount();
+  Log mine;
+  Request req = cap.newCall(NODE_INTERFACE_ID, IDENTIFY, 16);
+  ASSERT_TRUE(req.addCap(std::make_unique<Node>(7, mine)).ok());
+  RemotePromise refused = req.send();
+  EXPECT_EQ(outcome(loop, refused), Errc::OUT_OF_MEMORY);
+  EXPECT_EQ(client.exportCount(), exports) << "the object was not exported";
+  EXPECT_EQ(mine.destroyed, 1) << "the connection did not keep it";
+  { RemotePromise dropped = std::move(hanging); }  // Finish; the Return frees the question
+  ASSERT_TRUE(runUntil(loop, [&] { return client.questionCount() == 0; }));
+  RemotePromise again = cap.newCall(NODE_INTERFACE_ID, ECHO, 16).send();
+  EXPECT_NE(again.questionId(), 0u);
+  EXPECT_EQ(outcome(loop, again), Errc::OK);
+}
+
+TEST(RpcReplySpace, MaxQuestionsKeepsAnHonestCallerWithinThePeersAnswerTable) {
+  Watchdog watchdog{"rpc_peer_limits_test", std::chrono::seconds(60)};
+  for (uint32_t maxQuestions : {8u, 9u}) {
+    SCOPED_TRACE(maxQuestions);
+    EventLoop loop;
+    Log log;
+    Node root(0, log);
+    RpcOptions server;
+    server.maxAnswers = 9;  // answer ids 0 to 8; a caller's question ids start at 1
+    RpcOptions client;
+    client.maxQuestions = maxQuestions;
+    server.bootstrap = &root;
+    LocalPair pair(loop, server, client);
+    RemoteCap cap = pair.client().bootstrap();
+    std::deque<RemotePromise> hanging;
+    for (int i = 0; i < 9; ++i) hanging.push_back(cap.newCall(NODE_INTERFACE_ID, HANG, 16).send());
+    if (maxQuestions == 8) {
+      // The ninth is refused here, and both sides carry on.
+      EXPECT_EQ(hanging.back().questionId(), 0u);
+      ASSERT_TRUE(runUntil(loop, [&] { return log.hanging == 8; }));
+      EXPECT_TRUE(pair.server().isOpen() && pair.client().isOpen());
+      hanging.pop_back();   // the refused one
+      hanging.pop_front();  // a running one: Finish, then its Return frees the question
+      ASSERT_TRUE(runUntil(loop, [&] { return pair.client().questionCount() == 7; }))
+          << pair.client().questionCount() << " questions, " << log.cancelled << " cancelled";
+      hanging.push_back(cap.newCall(NODE_INTERFACE_ID, HANG, 16).send());
+      EXPECT_NE(hanging.back().questionId(), 0u);
+      ASSERT_TRUE(runUntil(loop, [&] { return log.hanging == 8; }));
+      EXPECT_TRUE(pair.server().isOpen());
+    } else {
+      // The contrast: a caller whose bound is above the peer's answer table is aborted.
+      ASSERT_TRUE(runUntil(loop, [&] { return !pair.server().isOpen(); }));
+      EXPECT_EQ(pair.server().failure().code, Errc::PROTOCOL_ERROR);
+    }
+    hanging.clear();
+    cap = RemoteCap();
+  }
+}
+
+TEST(RpcReplySpace, ReplySpaceComesBackWhenTheConnectionEnds) {
+  Watchdog watchdog{"rpc_peer_limits_test", std::chrono::seconds(60)};
+  EventLoop loop;
+  Log log;
+  Node root(0, log);
+  LocalPair pair(loop, &root);
+  RemoteCap cap = pair.client().bootstrap();
+  std::vector<RemotePromise> hanging;
+  for (int i = 0; i < 3; ++i) hanging.push_back(cap.newCall(NODE_INTERFACE_ID, HANG, 16).send());
+  ASSERT_TRUE(runUntil(loop, [&] { return log.hanging == 3; }));
+  EXPECT_EQ(pair.client().replyBytesReserved(), 3u * 64);
+  pair.destroyServer();
+  for (RemotePromise& p : hanging) EXPECT_EQ(outcome(loop, p), Errc::DISCONNECTED);
+  EXPECT_EQ(pair.client().replyBytesReserved(), 0u);
+  hanging.clear();
+  cap = RemoteCap();
+  EXPECT_EQ(pair.client().questionCount(), 0u);
 }
 
 // Checks the params as the typed layer does (one pass over them), then reads them as a method

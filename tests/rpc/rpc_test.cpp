@@ -420,8 +420,11 @@ TEST_F(RpcTest, ResultsTooLargeForAFrameFailTheCallNotTheConnection) {
 }
 
 TEST_F(RpcTest, ABackloggedRingSpillsMessagesAndSendsThemInOrder) {
-  // A small ring: many calls in flight overflow it and queue in spill buffers.
-  LocalPair pair(loop_, &root_, nullptr, {}, 4096);
+  // A small ring: many calls in flight overflow it and queue in spill buffers (each reserving
+  // less reply space than by default, so that 200 fit the small reply ring).
+  RpcOptions options;
+  options.replyBytesPerCall = 16;
+  LocalPair pair(loop_, &root_, nullptr, options, 4096);
   RemoteCap cap = pair.client().bootstrap();
   std::vector<RemotePromise> pending;
   for (uint64_t i = 0; i < 200; ++i) {

@@ -513,6 +513,12 @@ class [[nodiscard]] Request {
     noPipelining_ = true;
     return *this;
   }
+  // Reserves `bytes` of reply space for this call rather than RpcOptions::replyBytesPerCall
+  // (rpc/README.md, "Reply space"): for results known to be large. Any time before send().
+  Request& reserveReply(uint32_t bytes) noexcept {
+    replyReserve_ = bytes;
+    return *this;
+  }
 
   // Sends the call. Errors (a dead connection, MESSAGE_TOO_LARGE, a broken target) come back as
   // an already failed RemotePromise.
@@ -536,6 +542,7 @@ class [[nodiscard]] Request {
   uint8_t pathLength_ = 0;
   uint16_t methodId_ = 0;
   uint32_t targetId_ = 0;
+  uint32_t replyReserve_ = 0;  // 0: RpcOptions::replyBytesPerCall
   uint64_t interfaceId_ = 0;
   size_t sizeHint_ = 0;
   std::array<uint16_t, MAX_PIPELINE_PATH> path_{};
@@ -663,6 +670,21 @@ struct RpcOptions {
   // hold.
   uint32_t maxAnswers = 4096;
   uint32_t maxImports = 65536;
+  // Bounds on this side's own calls (rpc/README.md, "Reply space"), so that an honest caller
+  // never runs into the peer's bounds (a peer past its maxAnswers aborts the connection) and
+  // never makes the peer queue replies it has no room for. A call past either is refused at
+  // send() with OUT_OF_MEMORY, nothing sent, and may be sent again once calls in flight return.
+  //   maxQuestions: questions open at once (a question is open from its send until both its
+  //   Return arrived and its Finish went, or the Return needed none). Question ids start at 1,
+  //   so set it below the peer's maxAnswers, which bounds the ids (the defaults agree). 1 or
+  //   more (REQUIRE-checked).
+  //   replyBytesPerCall: reply space each call reserves, from its send until its Return
+  //   arrives, in the ring this side reads (the peer's replies land there): the calls in
+  //   flight together reserve at most that ring's capacity. The default holds a Return with
+  //   small results or a short exception; Request::reserveReply() reserves more for one call.
+  //   8 or more (REQUIRE-checked).
+  uint32_t maxQuestions = 4095;
+  uint32_t replyBytesPerCall = 64;
   // How many bytes of finished messages may wait for ring space (a peer that stops reading
   // fills the ring, then this queue). Past it this side's own calls are refused with
   // OUT_OF_MEMORY, and a reply the peer's calls ask for ends the connection (OUT_OF_MEMORY):
@@ -783,6 +805,10 @@ class RpcConnection {
   uint32_t maxCapsPerMessage() const noexcept { return options_.maxCapsPerMessage; }
   // Live entries of each table (tests check nothing leaks).
   uint32_t questionCount() const noexcept { return questionsLive_; }
+  // Reply space the calls in flight reserve now, and what they may reserve in all (the
+  // capacity of the ring this side reads): RpcOptions::replyBytesPerCall.
+  uint64_t replyBytesReserved() const noexcept { return replyReserved_; }
+  uint64_t replyBytesAvailable() const noexcept { return replyBudget_; }
   uint32_t answerCount() const noexcept { return answersLive_; }
   // Entries the answer table's per-call vectors keep allocated, free entries included (tests
   // check a peer cannot make it grow to maxAnswers times the cap bound). Walks the table.
@@ -835,6 +861,8 @@ class RpcConnection {
   void giveSpill(detail::SpillBuffer* buffer) noexcept;
   Status sendWords(std::span<const uint64_t> words, OutKind kind);
   void buildCall(Request& request);
+  Status roomForQuestion(uint32_t replyBytes) const;
+  void returnReplySpace(Question& q) noexcept;
   void sendFinish(uint32_t questionId);
   void queueFinish(uint32_t questionId);
   void flushFinishes();
@@ -1047,6 +1075,8 @@ class RpcConnection {
   std::vector<Question> questions_;
   uint32_t questionFree_;
   uint32_t questionsLive_ = 0;
+  uint64_t replyReserved_ = 0;  // reply space reserved by questions not yet returned
+  uint64_t replyBudget_ = 0;    // the capacity of the ring rx_ reads
   std::vector<std::unique_ptr<Answer>> answers_;  // by the peer's question id
   uint32_t answersLive_ = 0;
   std::vector<Export> exports_;

@@ -218,6 +218,8 @@ class Receiver {
   void detach() noexcept;
 
   bool attached() const noexcept { return channel_ != nullptr; }
+  // The ring's data area in bytes (Channel::capacity); 0 once detached.
+  uint64_t capacity() const noexcept;
   // How often this endpoint actually parked on its futex / woke a parked sender.
   uint64_t parkCount() const noexcept { return dataBell_.parkCount(); }
   uint64_t wakeCount() const noexcept { return spaceBell_.wakeCount(); }
