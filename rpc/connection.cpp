@@ -38,7 +38,8 @@ RpcConnection::RpcConnection(MessageSender& tx, MessageReceiver& rx, EventLoop& 
   AGATE_REQUIRE(options_.maxMessageBytes >= 1024, "maxMessageBytes %zu is below 1 KiB",
                 options_.maxMessageBytes);
   AGATE_REQUIRE(options_.maxQuestions >= 1, "maxQuestions is 0");
-  AGATE_REQUIRE(options_.replyBytesPerCall >= 8, "replyBytesPerCall %u is below one word",
+  AGATE_REQUIRE(options_.replyBytesPerCall >= 16,
+                "replyBytesPerCall %u is below a frame header and a word",
                 options_.replyBytesPerCall);
   // Whatever is kept beyond its frame (a message waiting for ring space, a pipelined call queued
   // at its answer, a held Response) is copied into a spill buffer: the largest class bounds both
@@ -75,9 +76,11 @@ RpcConnection::RpcConnection(MessageSender& tx, MessageReceiver& rx, EventLoop& 
   // So the bound on what this side builds is the smaller of the two.
   if (const uint64_t frame = tx.sender().maxPayload(); frame > 0)
     options_.maxMessageBytes = std::min<size_t>(options_.maxMessageBytes, frame);
-  // The ring the peer's replies land on: its capacity is the reply space the calls in flight
-  // may reserve. A detached receiver (0) leaves none: every call is refused, as it would fail.
-  replyBudget_ = rx.receiver().capacity();
+  // The ring the peer's replies land on: its capacity, less the word the ring always keeps
+  // free, is the reply space the calls in flight may reserve. A detached receiver (0) leaves
+  // none: every call is refused, as it would fail.
+  if (const uint64_t ring = rx.receiver().capacity(); ring > FRAME_HEADER_BYTES)
+    replyBudget_ = ring - FRAME_HEADER_BYTES;
   questions_.emplace_back();  // question id 0 is never used: 0 means "no question"
   questions_[0].inUse = true;
   questionFree_ = NONE;
@@ -525,9 +528,15 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
     releaseTarget(request);
     return RemotePromise(nullptr, 0, readyPromise<Response>(request.error_), request.error_);
   }
-  const uint32_t reserve =
-      request.replyReserve_ != 0 ? request.replyReserve_ : options_.replyBytesPerCall;
+  // Each call is charged its reply's frame header too: what the Return takes of the ring.
+  const uint64_t reserve =
+      roundToWords(request.replyReserve_ != 0 ? request.replyReserve_ : options_.replyBytesPerCall);
+  // Finishes queued behind the current task free their questions once sent: at the bound, they
+  // go first (ahead of this Call, which then finds the peer's answers freed).
+  if (questionsLive_ >= options_.maxQuestions && queuedFinishCount_ > 0) flushFinishes();
   if (Status room = roomForQuestion(reserve); !room) {
+    request.unbuilt_ = false;  // refused for good: send() again gives this error
+    request.error_ = room.error();
     abandonOut(request.slot_);
     releaseTarget(request);
     return RemotePromise(nullptr, 0, readyPromise<Response>(room.error()), room.error());
@@ -565,7 +574,7 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
   ++stats_.callsSent;
   openQuestion(qid);
   Question& q = questions_[qid];
-  q.replyReserved = reserve;
+  q.replyReserved = static_cast<uint32_t>(reserve);  // at most the budget: below 2^31
   replyReserved_ += reserve;
   q.refs = 1;
   q.noPipelining = request.noPipelining_;
@@ -609,7 +618,7 @@ void RpcConnection::questionUnref(uint32_t id) noexcept {
 
 // Whether a call reserving `replyBytes` may be sent now (RpcOptions::maxQuestions and
 // replyBytesPerCall): OUT_OF_MEMORY, saying which bound, when not.
-Status RpcConnection::roomForQuestion(uint32_t replyBytes) const {
+Status RpcConnection::roomForQuestion(uint64_t replyBytes) const {
   if (questionsLive_ >= options_.maxQuestions)
     return Error(Errc::OUT_OF_MEMORY,
                  "RpcOptions::maxQuestions calls are in flight on this connection: await some "

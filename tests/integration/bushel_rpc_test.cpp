@@ -643,14 +643,14 @@ TEST_F(BushelRpcTest, AClientFloodingTheServerDoesNotStarveAnotherClient) {
     AGATE_CO_TRY(co_await s.waitForService("store"));
     Result<Store::Client> store = co_await s.open<Store>("store");
     if (!store) co_return store.error();
-    // Keeps 200 pings in flight (more than its 16 KiB request ring holds; as many as its reply
-    // space allows is 256), forever, each costing the server 1 ms: it refills its request ring
+    // Keeps 120 pings in flight (about as many as its 16 KiB request ring holds; its reply
+    // space allows 127), forever, each costing the server 1 ms: it refills its request ring
     // far faster than the server drains it (a ping costs the flooder well under 1 ms of CPU,
     // even unoptimized, under a sanitizer and sharing two CPUs with everyone else), so its ring
     // is never empty, and a reader without a budget would never let go of it.
     std::deque<Store::PingPromise> inFlight;
     for (;;) {
-      while (inFlight.size() < 200)
+      while (inFlight.size() < 120)
         inFlight.push_back(store->ping([](auto p) { p.setWork(1000); }));
       auto r = co_await inFlight.front();
       if (!r) co_return r.error();

@@ -94,6 +94,9 @@ uint64_t idleReadsWhileAnotherIsBusy(int idleCount, uint32_t idleSpin, bool park
   busyOptions.messagesPerTurn = 16;  // as a service host sets it
   RpcOptions idleOptions = busyOptions;
   idleOptions.wait.spinIterations = idleSpin;
+  // A parked reader looks at its ring once per park slice even unwoken (a backstop): longer
+  // than the test, so only a wake-up could make it read.
+  idleOptions.wait.parkSlice = std::chrono::hours(1);
   std::vector<std::unique_ptr<LocalPair>> idle;
   for (int i = 0; i < idleCount; ++i)
     idle.push_back(std::make_unique<LocalPair>(loop, idleOptions, idleOptions));

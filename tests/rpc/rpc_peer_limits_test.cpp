@@ -54,6 +54,9 @@ class Rig {
     RpcOptions options;
     options.bootstrap = bootstrap != nullptr ? bootstrap : &root_;
     options.maxQueuedBytes = maxQueuedBytes;
+    // The victim's own calls reserve little reply space, so that the queue bound, not the
+    // reply space, is what refuses them (its peer here never answers).
+    options.replyBytesPerCall = 16;
     victim_ = std::make_unique<RpcConnection>(*victimTx_, *victimRx_, loop_, options);
   }
   ~Rig() { victim_.reset(); }
@@ -212,32 +215,67 @@ TEST(RpcReplySpace, CallsPastTheReplyRingAreRefusedAtSendUntilReturnsFreeTheirSp
   EventLoop loop;
   Log log;
   Node root(0, log);
-  LocalPair pair(loop, &root, nullptr, {}, 4096);  // 4 KiB rings: 64 calls of 64 bytes
+  LocalPair pair(loop, &root, nullptr, {}, 4096);  // 4 KiB rings: 31 calls of 128 bytes
   RpcConnection& client = pair.client();
-  ASSERT_EQ(client.replyBytesAvailable(), 4096u);
+  ASSERT_EQ(client.replyBytesAvailable(), 4096u - 8);
+  const uint64_t fit = client.replyBytesAvailable() / 128;
+  ASSERT_EQ(fit, 31u);
   RemoteCap cap = client.bootstrap();
   std::vector<RemotePromise> pending;
-  for (uint64_t i = 0; i < 64; ++i) pending.push_back(echoCall(cap, i));
-  EXPECT_EQ(client.replyBytesReserved(), 4096u);
-  // The 65th would find no room for its Return: refused, nothing sent, nothing taken.
+  for (uint64_t i = 0; i < fit; ++i) pending.push_back(echoCall(cap, i));
+  EXPECT_EQ(client.replyBytesReserved(), fit * 128);
+  // One more would find no room for its Return: refused, nothing sent, nothing taken.
   const uint64_t sent = client.stats().callsSent;
-  RemotePromise refused = echoCall(cap, 64);
+  Request req = cap.newCall(NODE_INTERFACE_ID, ECHO, 16);
+  req.initParams<Value>().setValue(fit);
+  RemotePromise refused = req.send();
   EXPECT_EQ(refused.questionId(), 0u);
   Result<Response> r =
       loop.run([](RemotePromise& p) -> Promise<Response> { co_return co_await p; }(refused));
   ASSERT_EQ(r.code(), Errc::OUT_OF_MEMORY);
   EXPECT_NE(std::strstr(r.error().detail, "reply space"), nullptr) << r.error().detail;
   EXPECT_EQ(client.stats().callsSent, sent);
-  EXPECT_EQ(client.questionCount(), 64u);
-  EXPECT_EQ(client.replyBytesReserved(), 4096u);
+  EXPECT_EQ(client.questionCount(), fit);
+  EXPECT_EQ(client.replyBytesReserved(), fit * 128);
   EXPECT_TRUE(client.isOpen());
+  // The refused request stays refused: sending it again gives the same error, sends nothing.
+  RemotePromise again = req.send();
+  EXPECT_EQ(outcome(loop, again), Errc::OUT_OF_MEMORY);
+  EXPECT_EQ(client.stats().callsSent, sent);
   // The Returns give the space back, and calls go again.
   EXPECT_TRUE(allSucceed(loop, pending));
   EXPECT_EQ(client.replyBytesReserved(), 0u);
   pending.push_back(echoCall(cap, 1));
   EXPECT_TRUE(allSucceed(loop, pending));
-  EXPECT_EQ(log.order.size(), 0u);  // ECHO records nothing; 65 calls were served
-  EXPECT_EQ(pair.server().stats().callsReceived, 65u);
+  EXPECT_EQ(pair.server().stats().callsReceived, fit + 1);
+}
+
+// What the reservation guarantees: the replies to every call in flight fit the ring together,
+// so the callee never queues one while the caller has not read (the caller here reads only
+// once the callee's reader let go). The contrast: reserving less than an ECHO Return takes.
+TEST(RpcReplySpace, TheRepliesToEveryCallInFlightFitTheRingWithoutWaiting) {
+  Watchdog watchdog{"rpc_peer_limits_test", std::chrono::seconds(60)};
+  for (uint32_t perCall : {128u, 32u}) {
+    SCOPED_TRACE(perCall);
+    EventLoop loop;
+    Log log;
+    Node root(0, log);
+    RpcOptions options;
+    options.replyBytesPerCall = perCall;
+    options.maxQuestions = 60;  // the request ring's worth of ECHO calls
+    LocalPair pair(loop, &root, nullptr, options, 4096);
+    RemoteCap cap = pair.client().bootstrap();
+    std::vector<RemotePromise> pending;
+    const uint64_t fit =
+        std::min<uint64_t>(pair.client().replyBytesAvailable() / perCall, options.maxQuestions);
+    for (uint64_t i = 0; i < fit; ++i) pending.push_back(echoCall(cap, i));
+    EXPECT_TRUE(allSucceed(loop, pending));
+    if (perCall == 128) {
+      EXPECT_EQ(pair.server().stats().spilledMessages, 0u) << "a Return waited for room";
+    } else {
+      EXPECT_GT(pair.server().stats().spilledMessages, 0u);
+    }
+  }
 }
 
 TEST(RpcReplySpace, ACallReservesWhatItAsksForAndNeverMoreThanTheRingHolds) {
@@ -249,17 +287,17 @@ TEST(RpcReplySpace, ACallReservesWhatItAsksForAndNeverMoreThanTheRingHolds) {
   RpcConnection& client = pair.client();
   RemoteCap cap = client.bootstrap();
   std::vector<RemotePromise> pending;
-  for (uint64_t i = 0; i < 4; ++i) pending.push_back(echoCall(cap, i, 1024));
-  EXPECT_EQ(client.replyBytesReserved(), 4096u);
-  RemotePromise fifth = echoCall(cap, 4, 1024);
+  for (uint64_t i = 0; i < 4; ++i) pending.push_back(echoCall(cap, i, 1000));
+  EXPECT_EQ(client.replyBytesReserved(), 4000u);
+  RemotePromise fifth = echoCall(cap, 4, 1000);
   EXPECT_EQ(outcome(loop, fifth), Errc::OUT_OF_MEMORY);
   EXPECT_TRUE(allSucceed(loop, pending));
   // More than the whole ring: refused even with nothing in flight.
-  RemotePromise huge = echoCall(cap, 5, 8192);
+  RemotePromise huge = echoCall(cap, 5, 4096);
   EXPECT_EQ(outcome(loop, huge), Errc::OUT_OF_MEMORY);
   EXPECT_EQ(client.replyBytesReserved(), 0u);
   EXPECT_TRUE(runUntil(loop, [&] { return client.questionCount() == 0; }));  // Finishes out
-  pending.push_back(echoCall(cap, 6, 4096));                                 // exactly the ring
+  pending.push_back(echoCall(cap, 6, 4088));  // exactly the ring, less its free word
   EXPECT_TRUE(allSucceed(loop, pending));
 }
 
@@ -329,6 +367,39 @@ TEST(RpcReplySpace, MaxQuestionsKeepsAnHonestCallerWithinThePeersAnswerTable) {
   }
 }
 
+// A window of calls at the bound: each call sent as the oldest one's Response is dropped. The
+// dropped question's Finish, queued behind the current task, goes out first, so the new call
+// is not refused.
+TEST(RpcReplySpace, AWindowOfCallsAtTheQuestionBoundSendsOneAsEachReturns) {
+  Watchdog watchdog{"rpc_peer_limits_test", std::chrono::seconds(60)};
+  EventLoop loop;
+  Log log;
+  Node root(0, log);
+  RpcOptions options;
+  options.maxQuestions = 4;
+  LocalPair pair(loop, &root, nullptr, options);
+  RemoteCap cap = pair.client().bootstrap();
+  int refused = 0;
+  Status done = loop.run([&]() -> Promise<void> {
+    std::deque<RemotePromise> window;
+    for (uint64_t i = 0; i < 4; ++i) window.push_back(echoCall(cap, i));
+    for (uint64_t i = 4; i < 54; ++i) {
+      {
+        Result<Response> r = co_await window.front();
+        AGATE_CO_TRY(r);
+      }
+      window.pop_front();
+      window.push_back(echoCall(cap, i));
+      if (window.back().questionId() == 0) ++refused;
+    }
+    for (RemotePromise& p : window) AGATE_CO_TRY(co_await p);
+    co_return {};
+  }());
+  EXPECT_TRUE(done.ok()) << errcName(done.code());
+  EXPECT_EQ(refused, 0);
+  EXPECT_EQ(pair.server().stats().callsReceived, 54u);
+}
+
 TEST(RpcReplySpace, ReplySpaceComesBackWhenTheConnectionEnds) {
   Watchdog watchdog{"rpc_peer_limits_test", std::chrono::seconds(60)};
   EventLoop loop;
@@ -339,7 +410,7 @@ TEST(RpcReplySpace, ReplySpaceComesBackWhenTheConnectionEnds) {
   std::vector<RemotePromise> hanging;
   for (int i = 0; i < 3; ++i) hanging.push_back(cap.newCall(NODE_INTERFACE_ID, HANG, 16).send());
   ASSERT_TRUE(runUntil(loop, [&] { return log.hanging == 3; }));
-  EXPECT_EQ(pair.client().replyBytesReserved(), 3u * 64);
+  EXPECT_EQ(pair.client().replyBytesReserved(), 3u * 128);
   pair.destroyServer();
   for (RemotePromise& p : hanging) EXPECT_EQ(outcome(loop, p), Errc::DISCONNECTED);
   EXPECT_EQ(pair.client().replyBytesReserved(), 0u);

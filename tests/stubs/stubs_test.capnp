@@ -56,6 +56,9 @@ interface Nest {
   make @0 (depth :UInt32) -> Made;
   # How many links `chain` has (a recursive struct in params).
   count @1 (chain :Chain) -> (links :UInt32);
+  # After a loop turn, a chain `depth` links long (1 to 16) as the results themselves, link k's
+  # listener replying value * (k + 1): results whose type is reached again through a field.
+  walk @2 (depth :UInt32) -> Chain;
 }
 
 struct Made {

@@ -12,6 +12,7 @@
 #include "rpc/rpc_harness.h"
 #include "rpc_test.capnp.h"
 #include "stubs_import.agate.h"
+#include "stubs_nested_import.agate.h"
 #include "stubs_test.agate.h"
 #include "support/watchdog.h"
 
@@ -237,6 +238,20 @@ class NestImpl final : public st::Nest::Server {
     }
     co_return {};
   }
+  Promise<void> walk(WalkContext ctx) override {
+    const uint32_t depth = ctx.params().getDepth();
+    co_await EventLoop::current()->yield();
+    if (depth == 0 || depth > 16) co_return Error(Errc::FAILED, "no such chain");
+    auto results = ctx.initResults();
+    AGATE_CO_TRY(results);
+    auto link = *results;
+    for (uint32_t k = 0;; ++k) {
+      AGATE_CO_TRY(setListener(ctx, link, factor(k + 1)));
+      if (k + 1 == depth) break;
+      link = link.initNext();
+    }
+    co_return {};
+  }
   Promise<void> count(CountContext ctx) override {
     uint32_t links = 0;
     if (ctx.params().hasChain())
@@ -353,6 +368,24 @@ class TwiceImpl final : public agate::rpc::stubimport::stubs::Twice::Server {
 };
 
 // Sums what is streamed to it.
+class BoxImpl final : public agate::rpc::stubnested::stubs::Box::Server {
+ public:
+  explicit BoxImpl(Log& log) : log_(log) {}
+  Promise<void> box(BoxContext ctx) override {
+    co_await EventLoop::current()->yield();
+    auto results = ctx.initResults();
+    AGATE_CO_TRY(results);
+    auto boxed = results->initB();
+    AGATE_CO_TRY(agate::rpc::stubimport::setDirect(ctx, boxed, std::make_unique<TwiceImpl>(log_)));
+    AGATE_CO_TRY(
+        setListener(ctx, boxed.initInner().initDeeper(), std::make_unique<FactorListener>(10)));
+    co_return {};
+  }
+
+ private:
+  Log& log_;
+};
+
 class SinkImpl final : public st::Sink::Server {
  public:
   Promise<void> write(WriteContext ctx) override {
@@ -604,6 +637,41 @@ TEST_F(StubsTest, RecursiveStructsInParamsAndResultsPassTheSchemaCheck) {
   auto made = await(loop_, client.make([](auto p) { p.setDepth(5); }));
   ASSERT_TRUE(made.ok()) << errcName(made.code());
   EXPECT_TRUE(made->results().getChain().getNext().hasNext());
+}
+
+TEST_F(StubsTest, ResultsWhoseTypeIsReachedAgainThroughAFieldArePipelinedThroughIt) {
+  NestImpl nest;
+  LocalPair pair(loop_, &nest);
+  st::Nest::Client client(pair.client().bootstrap());
+  auto walked = client.walk([](auto p) { p.setDepth(4); });
+  Result<int64_t> third = notifyThrough(loop_, walked.getNext().getNext().getListener(), 1);
+  ASSERT_TRUE(third.ok()) << errcName(third.code());
+  EXPECT_EQ(*third, 3);
+  Result<int64_t> first = notifyThrough(loop_, walked.getListener(), 1);
+  ASSERT_TRUE(first.ok()) << errcName(first.code());
+  EXPECT_EQ(*first, 1);
+  ASSERT_TRUE(await(loop_, std::move(walked)).ok());
+}
+
+template <class T>
+concept HasListenerGetter = requires(T t) {
+  t.getListener();
+};
+
+TEST_F(StubsTest, PipelinesReachCapabilitiesThroughStructsOfAnotherFile) {
+  // box() returns Imp.Boxed: its `direct` (an interface of the imported file) is pipelined; the
+  // listener deeper down is of a file the schema does not import, so it has no getter.
+  BoxImpl impl(log_);
+  LocalPair pair(loop_, &impl);
+  agate::rpc::stubnested::stubs::Box::Client client(pair.client().bootstrap());
+  auto boxed = client.box();
+  static_assert(!HasListenerGetter<decltype(boxed.getB().getInner().getDeeper())>);
+  agate::rpc::stubimport::stubs::Twice::Client direct = boxed.getB().getDirect();
+  EXPECT_TRUE(direct.cap().isPipelined());
+  auto got = await(loop_, st::Counter::Client(direct).get());
+  ASSERT_TRUE(got.ok()) << errcName(got.code());
+  EXPECT_EQ(got->results().getValue(), -1);
+  ASSERT_TRUE(await(loop_, std::move(boxed)).ok());
 }
 
 TEST_F(StubsTest, PipelineStepOnlyExtendsAPipelinedPath) {

@@ -295,6 +295,19 @@ class Generator {
     }
     for (const CapField& f : capFields)
       if (file_[f.interfaceId] != fileId) foreignFiles.insert(file_[f.interfaceId]);
+    // Interfaces the pipelines of nested structs reach (their structs may be another file's):
+    // those of files imported directly are included; a getter for one of a file this one does
+    // not import is not generated (pipelineReachable).
+    pipelineFiles_ = {fileId};
+    for (uint64_t id : interfaces)
+      for (schema::Method::Reader m : nodes_.at(id).getInterface().getMethods())
+        for (const auto& [typeId, name] : pipelineClasses(m.getResultStructType()))
+          for (const CapField& f : resultCapFields(typeId)) {
+            const uint64_t home = file_[f.interfaceId];
+            for (auto imp : file.getImports())
+              if (imp.getId() == home) foreignFiles.insert(home);
+          }
+    pipelineFiles_.insert(foreignFiles.begin(), foreignFiles.end());
     std::vector<std::string> includes;
     for (uint64_t foreign : foreignFiles) {
       std::string name;
@@ -565,8 +578,9 @@ class Generator {
   std::vector<std::pair<uint64_t, std::string>> pipelineClasses(uint64_t resultsId) {
     std::vector<std::pair<uint64_t, std::string>> classes;
     std::set<std::string> names;
+    // The results type itself gets a class too when a field leads back to it.
     std::vector<uint64_t> todo{resultsId};
-    std::set<uint64_t> seen{resultsId};
+    std::set<uint64_t> seen;
     while (!todo.empty()) {
       const uint64_t id = todo.back();
       todo.pop_back();
@@ -585,6 +599,9 @@ class Generator {
     }
     return classes;
   }
+  // Whether a nested pipeline's getter may name interface `id`: its stubs are this file's or
+  // those of a file it includes.
+  bool pipelineReachable(uint64_t id) { return pipelineFiles_.count(file_[id]) != 0; }
   static const std::string& classOf(const std::vector<std::pair<uint64_t, std::string>>& classes,
                                     uint64_t typeId) {
     for (const auto& [id, name] : classes)
@@ -625,8 +642,9 @@ class Generator {
             << "  explicit " << name
             << "(::agate::rpc::RemoteCap at) noexcept : at_(std::move(at)) {}\n";
         for (const CapField& f : resultCapFields(typeId))
-          out << "  " << stubType(f.interfaceId) << "::Client get" << capitalize(f.fieldName)
-              << "() const;\n";
+          if (pipelineReachable(f.interfaceId))
+            out << "  " << stubType(f.interfaceId) << "::Client get" << capitalize(f.fieldName)
+                << "() const;\n";
         for (const PipelineField& f : pipelineFields(typeId))
           out << "  " << classOf(classes, f.typeId) << " get" << capitalize(f.fieldName)
               << "() const;\n";
@@ -714,10 +732,11 @@ class Generator {
       }
       for (const auto& [typeId, name] : classes) {
         for (const CapField& f : resultCapFields(typeId))
-          out << "inline auto " << promise << "::" << name << "::get" << capitalize(f.fieldName)
-              << "() const -> " << stubType(f.interfaceId) << "::Client {\n  return "
-              << stubType(f.interfaceId) << "::Client(at_.pipelineStep(" << f.pointerIndex
-              << "));\n}\n";
+          if (pipelineReachable(f.interfaceId))
+            out << "inline auto " << promise << "::" << name << "::get" << capitalize(f.fieldName)
+                << "() const -> " << stubType(f.interfaceId) << "::Client {\n  return "
+                << stubType(f.interfaceId) << "::Client(at_.pipelineStep(" << f.pointerIndex
+                << "));\n}\n";
         for (const PipelineField& f : pipelineFields(typeId)) {
           const std::string& type = classOf(classes, f.typeId);
           out << "inline auto " << promise << "::" << name << "::get" << capitalize(f.fieldName)
@@ -833,6 +852,7 @@ class Generator {
   std::map<uint64_t, uint64_t> parent_;     // node id -> the scope it is declared in
   std::map<uint64_t, uint64_t> file_;       // node id -> its file
   std::map<uint64_t, bool> holdsCaps_;      // struct id -> structCanHoldCaps
+  std::set<uint64_t> pipelineFiles_;        // files whose stubs the header being written can name
   std::vector<uint64_t> order_;             // named nodes in declaration order
   std::vector<std::string> errors_;
 };

@@ -513,8 +513,9 @@ class [[nodiscard]] Request {
     noPipelining_ = true;
     return *this;
   }
-  // Reserves `bytes` of reply space for this call rather than RpcOptions::replyBytesPerCall
-  // (rpc/README.md, "Reply space"): for results known to be large. Any time before send().
+  // Reserves `bytes` of reply space for this call (its Return's frame, header included) rather
+  // than RpcOptions::replyBytesPerCall (rpc/README.md, "Reply space"): for results known to be
+  // large. Any time before send().
   Request& reserveReply(uint32_t bytes) noexcept {
     replyReserve_ = bytes;
     return *this;
@@ -679,12 +680,13 @@ struct RpcOptions {
   //   so set it below the peer's maxAnswers, which bounds the ids (the defaults agree). 1 or
   //   more (REQUIRE-checked).
   //   replyBytesPerCall: reply space each call reserves, from its send until its Return
-  //   arrives, in the ring this side reads (the peer's replies land there): the calls in
-  //   flight together reserve at most that ring's capacity. The default holds a Return with
-  //   small results or a short exception; Request::reserveReply() reserves more for one call.
-  //   8 or more (REQUIRE-checked).
+  //   arrives, in the ring this side reads (the peer's replies land there), its frame header
+  //   included: the calls in flight together reserve at most that ring's capacity (less 8
+  //   bytes). The default holds a Return of small results (a few scalars, short text) or a
+  //   short exception; Request::reserveReply() reserves more for one call. 16 or more
+  //   (REQUIRE-checked).
   uint32_t maxQuestions = 4095;
-  uint32_t replyBytesPerCall = 64;
+  uint32_t replyBytesPerCall = 128;
   // How many bytes of finished messages may wait for ring space (a peer that stops reading
   // fills the ring, then this queue). Past it this side's own calls are refused with
   // OUT_OF_MEMORY, and a reply the peer's calls ask for ends the connection (OUT_OF_MEMORY):
@@ -861,7 +863,7 @@ class RpcConnection {
   void giveSpill(detail::SpillBuffer* buffer) noexcept;
   Status sendWords(std::span<const uint64_t> words, OutKind kind);
   void buildCall(Request& request);
-  Status roomForQuestion(uint32_t replyBytes) const;
+  Status roomForQuestion(uint64_t replyBytes) const;
   void returnReplySpace(Question& q) noexcept;
   void sendFinish(uint32_t questionId);
   void queueFinish(uint32_t questionId);
