@@ -674,6 +674,26 @@ TEST_F(StubsTest, PipelinesReachCapabilitiesThroughStructsOfAnotherFile) {
   ASSERT_TRUE(await(loop_, std::move(boxed)).ok());
 }
 
+TEST_F(StubsTest, ATypedRequestReservesTheReplySpaceItAsksFor) {
+  LocalPair pair(loop_, &root_);
+  st::Adder::Client adder(pair.client().bootstrap());
+  auto request = adder.addRequest().reserveReply(1000);
+  request.params().setAmount(2);
+  auto added = request.send();
+  EXPECT_EQ(pair.client().replyBytesReserved(), 1000u);
+  auto r = await(loop_, std::move(added));
+  ASSERT_TRUE(r.ok()) << errcName(r.code());
+  EXPECT_EQ(r->results().getValue(), 2);
+  EXPECT_EQ(pair.client().replyBytesReserved(), 0u);
+  // More than the ring the Return would arrive on: refused before anything is sent.
+  const uint64_t sent = pair.client().stats().callsSent;
+  auto tooLarge = adder.addRequest().reserveReply(1u << 20);
+  tooLarge.params().setAmount(1);
+  auto refused = await(loop_, tooLarge.send());
+  EXPECT_EQ(refused.code(), Errc::OUT_OF_MEMORY);
+  EXPECT_EQ(pair.client().stats().callsSent, sent);
+}
+
 TEST_F(StubsTest, PipelineStepOnlyExtendsAPipelinedPath) {
   LocalPair pair(loop_, &root_);
   RemoteCap null;

@@ -413,6 +413,16 @@ class [[nodiscard]] TypedRequest {
   }
   Result<uint32_t> addCap(const CapPromise& promise) { return request_.addCap(promise); }
   Request& untyped() noexcept { return request_; }
+  // Reply space for this call rather than RpcOptions::replyBytesPerCall (Request::reserveReply):
+  // for results known to be large.
+  TypedRequest& reserveReply(uint32_t bytes) & noexcept {
+    request_.reserveReply(bytes);
+    return *this;
+  }
+  TypedRequest&& reserveReply(uint32_t bytes) && noexcept {  // auto r = x.fooRequest().reserve...
+    request_.reserveReply(bytes);
+    return std::move(*this);
+  }
 
   PromiseT send() { return PromiseT(request_.send()); }
 
