@@ -210,11 +210,16 @@ bool allSucceed(EventLoop& loop, std::vector<RemotePromise>& pending) {
   return ok;
 }
 
-TEST(RpcReplySpace, CallsPastTheReplyRingAreRefusedAtSendUntilReturnsFreeTheirSpace) {
-  Watchdog watchdog{"rpc_peer_limits_test", std::chrono::seconds(60)};
+// One loop and one served object per test; each test makes its pair with the options it needs.
+class RpcReplySpace : public ::testing::Test {
+ protected:
+  Watchdog watchdog_{"rpc_peer_limits_test", std::chrono::seconds(60)};
   EventLoop loop;
   Log log;
-  Node root(0, log);
+  Node root{0, log};
+};
+
+TEST_F(RpcReplySpace, CallsPastTheReplyRingAreRefusedAtSendUntilReturnsFreeTheirSpace) {
   LocalPair pair(loop, &root, nullptr, {}, 4096);  // 4 KiB rings: 31 calls of 128 bytes
   RpcConnection& client = pair.client();
   ASSERT_EQ(client.replyBytesAvailable(), 4096u - 8);
@@ -253,7 +258,7 @@ TEST(RpcReplySpace, CallsPastTheReplyRingAreRefusedAtSendUntilReturnsFreeTheirSp
 // What the reservation guarantees: the replies to every call in flight fit the ring together,
 // so the callee never queues one while the caller has not read (the caller here reads only
 // once the callee's reader let go). The contrast: reserving less than an ECHO Return takes.
-TEST(RpcReplySpace, TheRepliesToEveryCallInFlightFitTheRingWithoutWaiting) {
+TEST(RpcReplySpacePerPair, TheRepliesToEveryCallInFlightFitTheRingWithoutWaiting) {
   Watchdog watchdog{"rpc_peer_limits_test", std::chrono::seconds(60)};
   for (uint32_t perCall : {128u, 32u}) {
     SCOPED_TRACE(perCall);
@@ -278,11 +283,7 @@ TEST(RpcReplySpace, TheRepliesToEveryCallInFlightFitTheRingWithoutWaiting) {
   }
 }
 
-TEST(RpcReplySpace, ACallReservesWhatItAsksForAndNeverMoreThanTheRingHolds) {
-  Watchdog watchdog{"rpc_peer_limits_test", std::chrono::seconds(60)};
-  EventLoop loop;
-  Log log;
-  Node root(0, log);
+TEST_F(RpcReplySpace, ACallReservesWhatItAsksForAndNeverMoreThanTheRingHolds) {
   LocalPair pair(loop, &root, nullptr, {}, 4096);
   RpcConnection& client = pair.client();
   RemoteCap cap = client.bootstrap();
@@ -301,11 +302,7 @@ TEST(RpcReplySpace, ACallReservesWhatItAsksForAndNeverMoreThanTheRingHolds) {
   EXPECT_TRUE(allSucceed(loop, pending));
 }
 
-TEST(RpcReplySpace, ARefusedCallGivesBackTheCapabilitiesItCarried) {
-  Watchdog watchdog{"rpc_peer_limits_test", std::chrono::seconds(60)};
-  EventLoop loop;
-  Log log;
-  Node root(0, log);
+TEST_F(RpcReplySpace, ARefusedCallGivesBackTheCapabilitiesItCarried) {
   RpcOptions options;
   options.maxQuestions = 1;
   LocalPair pair(loop, &root, nullptr, options);
@@ -328,7 +325,7 @@ TEST(RpcReplySpace, ARefusedCallGivesBackTheCapabilitiesItCarried) {
   EXPECT_EQ(outcome(loop, again), Errc::OK);
 }
 
-TEST(RpcReplySpace, MaxQuestionsKeepsAnHonestCallerWithinThePeersAnswerTable) {
+TEST(RpcReplySpacePerPair, MaxQuestionsKeepsAnHonestCallerWithinThePeersAnswerTable) {
   Watchdog watchdog{"rpc_peer_limits_test", std::chrono::seconds(60)};
   for (uint32_t maxQuestions : {8u, 9u}) {
     SCOPED_TRACE(maxQuestions);
@@ -370,11 +367,7 @@ TEST(RpcReplySpace, MaxQuestionsKeepsAnHonestCallerWithinThePeersAnswerTable) {
 // A window of calls at the bound: each call sent as the oldest one's Response is dropped. The
 // dropped question's Finish, queued behind the current task, goes out first, so the new call
 // is not refused.
-TEST(RpcReplySpace, AWindowOfCallsAtTheQuestionBoundSendsOneAsEachReturns) {
-  Watchdog watchdog{"rpc_peer_limits_test", std::chrono::seconds(60)};
-  EventLoop loop;
-  Log log;
-  Node root(0, log);
+TEST_F(RpcReplySpace, AWindowOfCallsAtTheQuestionBoundSendsOneAsEachReturns) {
   RpcOptions options;
   options.maxQuestions = 4;
   LocalPair pair(loop, &root, nullptr, options);
@@ -400,11 +393,7 @@ TEST(RpcReplySpace, AWindowOfCallsAtTheQuestionBoundSendsOneAsEachReturns) {
   EXPECT_EQ(pair.server().stats().callsReceived, 54u);
 }
 
-TEST(RpcReplySpace, ReplySpaceComesBackWhenTheConnectionEnds) {
-  Watchdog watchdog{"rpc_peer_limits_test", std::chrono::seconds(60)};
-  EventLoop loop;
-  Log log;
-  Node root(0, log);
+TEST_F(RpcReplySpace, ReplySpaceComesBackWhenTheConnectionEnds) {
   LocalPair pair(loop, &root);
   RemoteCap cap = pair.client().bootstrap();
   std::vector<RemotePromise> hanging;

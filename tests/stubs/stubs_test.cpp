@@ -228,14 +228,7 @@ class NestImpl final : public st::Nest::Server {
     AGATE_CO_TRY(setListener(ctx, results->initW().initDeeper(), factor(10)));
     AGATE_CO_TRY(setListener(ctx, results->initG().getG(), factor(20)));
     AGATE_CO_TRY(setFirst(ctx, results->getPair(), factor(30)));
-    if (depth > 0) {
-      auto link = results->initChain();
-      for (uint32_t k = 0;; ++k) {
-        AGATE_CO_TRY(setListener(ctx, link, factor(k + 1)));
-        if (k + 1 == depth) break;
-        link = link.initNext();
-      }
-    }
+    if (depth > 0) AGATE_CO_TRY(fillChain(ctx, results->initChain(), depth));
     co_return {};
   }
   Promise<void> walk(WalkContext ctx) override {
@@ -244,13 +237,7 @@ class NestImpl final : public st::Nest::Server {
     if (depth == 0 || depth > 16) co_return Error(Errc::FAILED, "no such chain");
     auto results = ctx.initResults();
     AGATE_CO_TRY(results);
-    auto link = *results;
-    for (uint32_t k = 0;; ++k) {
-      AGATE_CO_TRY(setListener(ctx, link, factor(k + 1)));
-      if (k + 1 == depth) break;
-      link = link.initNext();
-    }
-    co_return {};
+    co_return fillChain(ctx, *results, depth);
   }
   Promise<void> count(CountContext ctx) override {
     uint32_t links = 0;
@@ -268,6 +255,15 @@ class NestImpl final : public st::Nest::Server {
  private:
   static std::unique_ptr<FactorListener> factor(int64_t f) {
     return std::make_unique<FactorListener>(f);
+  }
+  // `depth` (1 or more) links from `link` on, link k's listener replying value * (k + 1).
+  template <class Context>
+  static Status fillChain(Context& ctx, agate::rpc::stubtest::Chain::Builder link, uint32_t depth) {
+    for (uint32_t k = 0;; ++k) {
+      AGATE_TRY(setListener(ctx, link, factor(k + 1)));
+      if (k + 1 == depth) return {};
+      link = link.initNext();
+    }
   }
 };
 
