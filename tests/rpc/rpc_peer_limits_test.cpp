@@ -541,6 +541,16 @@ TEST(RpcLimitsDeathTest, ALimitAboveTheLargestSpillBufferIsRefusedWhenTheConnect
   RpcOptions small;
   small.maxQueuedBytes = small.maxMessageBytes - 8;
   EXPECT_DEATH(RpcConnection(tx, rx, loop, small), "one message must fit the queue");
+  RpcOptions noQuestions;
+  noQuestions.maxQuestions = 0;
+  EXPECT_DEATH(RpcConnection(tx, rx, loop, noQuestions), "maxQuestions is 0");
+  RpcOptions tinyReply;
+  tinyReply.replyBytesPerCall = 8;
+  EXPECT_DEATH(RpcConnection(tx, rx, loop, tinyReply), "below a frame header and a word");
+  RpcOptions smallestReply;  // the least allowed is taken
+  smallestReply.replyBytesPerCall = 16;
+  RpcConnection taken(tx, rx, loop, smallestReply);
+  EXPECT_EQ(taken.replyBytesAvailable(), 64u * 1024 - 8);
 }
 
 }  // namespace
