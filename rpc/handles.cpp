@@ -155,18 +155,13 @@ void RemotePromise::release() noexcept {
 RemoteCap RemotePromise::pipeline(std::span<const uint16_t> path) const {
   AGATE_REQUIRE(path.size() <= MAX_PIPELINE_PATH, "pipeline path of %zu steps (at most %u)",
                 path.size(), MAX_PIPELINE_PATH);
+  if (conn_ == nullptr)
+    return RemoteCap::broken(error_.code != Errc::OK ? error_
+                                                     : Error(Errc::INVALID_ARGUMENT, "no call"));
+  if (noPipelining_)  // the callee was promised nothing would target its answer
+    return RemoteCap::broken(
+        Error(Errc::INVALID_ARGUMENT, "pipeline() on a call sent without promise pipelining"));
   RemoteCap cap;
-  if (conn_ == nullptr) {
-    cap.kind_ = RemoteCap::Kind::BROKEN;
-    cap.broken_ = error_.code != Errc::OK ? error_ : Error(Errc::INVALID_ARGUMENT, "no call");
-    return cap;
-  }
-  if (noPipelining_) {  // the callee was promised nothing would target its answer
-    cap.kind_ = RemoteCap::Kind::BROKEN;
-    cap.broken_ =
-        Error(Errc::INVALID_ARGUMENT, "pipeline() on a call sent without promise pipelining");
-    return cap;
-  }
   cap.conn_ = conn_;
   cap.kind_ = RemoteCap::Kind::PIPELINE;
   cap.id_ = questionId_;
@@ -177,29 +172,21 @@ RemoteCap RemotePromise::pipeline(std::span<const uint16_t> path) const {
 }
 
 RemoteCap RemoteCap::pipelineStep(uint16_t pointerIndex) const {
-  RemoteCap cap;
   switch (kind_) {
     case Kind::NONE:
-      return cap;
+      return RemoteCap();
     case Kind::BROKEN:
-      cap.kind_ = Kind::BROKEN;
-      cap.broken_ = broken_;
-      return cap;
+      return broken(broken_);
     case Kind::IMPORT:
-      cap.kind_ = Kind::BROKEN;
-      cap.broken_ = Error(Errc::INVALID_ARGUMENT,
-                          "pipelineStep() on a capability, not on a path into a call's results");
-      return cap;
+      return broken(Error(Errc::INVALID_ARGUMENT,
+                          "pipelineStep() on a capability, not on a path into a call's results"));
     case Kind::PIPELINE:
       break;
   }
-  if (pathLength_ == MAX_PIPELINE_PATH) {
-    cap.kind_ = Kind::BROKEN;
-    cap.broken_ = Error(Errc::INVALID_ARGUMENT,
-                        "a pipelined path longer than MAX_PIPELINE_PATH (8) pointer steps");
-    return cap;
-  }
-  cap = *this;  // a counted reference to the same question
+  if (pathLength_ == MAX_PIPELINE_PATH)
+    return broken(Error(Errc::INVALID_ARGUMENT,
+                        "a pipelined path longer than MAX_PIPELINE_PATH (8) pointer steps"));
+  RemoteCap cap = *this;  // a counted reference to the same question
   cap.path_[cap.pathLength_++] = pointerIndex;
   return cap;
 }

@@ -90,6 +90,14 @@ TEST_P(EveryScope, ASenderKnowsTheLargestFrameUntilItDetaches) {
   EXPECT_EQ(tx.maxPayload(), 0u);
 }
 
+TEST_P(EveryScope, AReceiverKnowsItsRingsCapacityUntilItDetaches) {
+  auto ch = makeChannel(GetParam());
+  Receiver rx = ch->attachReceiver().value();
+  EXPECT_EQ(rx.capacity(), ch->capacity());
+  rx.detach();
+  EXPECT_EQ(rx.capacity(), 0u);
+}
+
 TEST_P(EveryScope, SenderDetachGivesDisconnectedAfterTheRingDrains) {
   auto ch = makeChannel(GetParam());
   Sender tx = ch->attachSender().value();

@@ -275,6 +275,14 @@ class Generator {
 
   // --- generation ---
 
+  // The name under which `file` imports the file `id` ("" when it does not import it directly).
+  static std::string importName(schema::CodeGeneratorRequest::RequestedFile::Reader file,
+                                uint64_t id) {
+    for (auto imp : file.getImports())
+      if (imp.getId() == id) return imp.getName();
+    return "";
+  }
+
   bool generateFile(schema::CodeGeneratorRequest::RequestedFile::Reader file) {
     const uint64_t fileId = file.getId();
     const size_t errorsBefore = errors_.size();
@@ -304,15 +312,12 @@ class Generator {
         for (const auto& [typeId, name] : pipelineClasses(m.getResultStructType()))
           for (const CapField& f : resultCapFields(typeId)) {
             const uint64_t home = file_[f.interfaceId];
-            for (auto imp : file.getImports())
-              if (imp.getId() == home) foreignFiles.insert(home);
+            if (!importName(file, home).empty()) foreignFiles.insert(home);
           }
     pipelineFiles_.insert(foreignFiles.begin(), foreignFiles.end());
     std::vector<std::string> includes;
     for (uint64_t foreign : foreignFiles) {
-      std::string name;
-      for (auto imp : file.getImports())
-        if (imp.getId() == foreign) name = imp.getName();
+      const std::string name = importName(file, foreign);
       if (name.empty()) {
         errors_.push_back(std::string(file.getFilename()) + ": names interfaces of " +
                           displayName(foreign) + ", which it does not import directly");
@@ -333,9 +338,7 @@ class Generator {
           if (file_.count(s) != 0 && file_[s] != fileId) structFiles.insert(file_[s]);
     }
     for (uint64_t foreign : structFiles) {
-      std::string name;
-      for (auto imp : file.getImports())
-        if (imp.getId() == foreign) name = imp.getName();
+      std::string name = importName(file, foreign);
       if (name.empty()) name = "/" + std::string(nodes_.at(foreign).getDisplayName());
       std::string header = name[0] == '/' ? "<" + name.substr(1) + ".h>" : "\"" + name + ".h\"";
       if (std::find(includes.begin(), includes.end(), header) == includes.end())

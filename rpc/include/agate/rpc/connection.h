@@ -191,6 +191,13 @@ class RemoteCap {
   friend class RemotePromise;
   friend class CapPromise;
   enum class Kind : uint8_t { NONE, IMPORT, PIPELINE, BROKEN };
+  // A broken reference: its calls fail at once with `reason`.
+  static RemoteCap broken(Error reason) noexcept {
+    RemoteCap cap;
+    cap.kind_ = Kind::BROKEN;
+    cap.broken_ = reason;
+    return cap;
+  }
   void reset() noexcept;
   void addRef() const noexcept;
 
@@ -808,7 +815,8 @@ class RpcConnection {
   // Live entries of each table (tests check nothing leaks).
   uint32_t questionCount() const noexcept { return questionsLive_; }
   // Reply space the calls in flight reserve now, and what they may reserve in all (the
-  // capacity of the ring this side reads): RpcOptions::replyBytesPerCall.
+  // capacity of the ring this side reads, less the 8 bytes a ring keeps free):
+  // RpcOptions::replyBytesPerCall.
   uint64_t replyBytesReserved() const noexcept { return replyReserved_; }
   uint64_t replyBytesAvailable() const noexcept { return replyBudget_; }
   uint32_t answerCount() const noexcept { return answersLive_; }
