@@ -32,7 +32,8 @@ RpcConnection::RpcConnection(MessageSender& tx, MessageReceiver& rx, EventLoop& 
       teardownTask_(*this),
       worklistTask_(*this),
       finishTask_(*this),
-      ringTask_(*this) {
+      ringTask_(*this),
+      heldTask_(*this) {
   AGATE_REQUIRE(rx.limits().allowCapabilityPointers,
                 "an RPC connection's MessageReceiver must be built with rpcReceiverOptions()");
   AGATE_REQUIRE(options_.maxMessageBytes >= 1024, "maxMessageBytes %zu is below 1 KiB",
@@ -147,6 +148,7 @@ void RpcConnection::fail(Error reason) {
   for (uint32_t i = 0, n = std::exchange(queuedFinishCount_, 0); i < n; ++i) {
     freeQuestion(queuedFinishes_[i]);
   }
+  dropAllHeld();  // their calls failed above
   // Vines of Accepts that will never return: their introducers may reclaim the provisions.
   // (Dropping one may re-enter another connection; not this one's question table.)
   for (size_t i = 0; i < questions_.size(); ++i) {
@@ -534,7 +536,10 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
   // Finishes queued behind the current task free their questions once sent: at the bound, they
   // go first (ahead of this Call, which then finds the peer's answers freed).
   if (questionsLive_ >= options_.maxQuestions && queuedFinishCount_ > 0) flushFinishes();
-  if (Status room = roomForQuestion(reserve); !room) {
+  // Held when its reply space is not free, or behind calls already held (E-order).
+  const bool hold = options_.whenReplySpaceIsFull == RpcOptions::WhenReplySpaceIsFull::HOLD &&
+                    (holding() || replyReserved_ + reserve > replyBudget_);
+  if (Status room = roomForQuestion(reserve, hold); !room) {
     request.unbuilt_ = false;  // refused for good: send() again gives this error
     request.error_ = room.error();
     abandonOut(request.slot_);
@@ -543,13 +548,19 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
   }
   const uint32_t qid = takeQuestionId();
   Status sent = {};
+  detail::SpillBuffer* heldCall = nullptr;  // the Call's bytes, when held
   if (request.unbuilt_) {
     request.unbuilt_ = false;
     std::array<uint64_t, MAX_EMPTY_CALL_WORDS> words;
     const size_t n = emptyCallWords(words, qid, request.interfaceId_, request.methodId_,
                                     request.noPipelining_, request.toAnswer_, request.targetId_,
                                     std::span(request.path_.data(), request.pathLength_));
-    sent = sendWords(std::span(words.data(), n), OutKind::CALL);
+    if (!hold) {
+      sent = sendWords(std::span(words.data(), n), OutKind::CALL);
+    } else {
+      sent = admitToQueue(OutKind::CALL, n * sizeof(uint64_t));
+      if (sent) heldCall = spillWords(std::span(words.data(), n));
+    }
   } else {
     request.call_.setQuestionId(qid);
     if (request.noPipelining_) request.call_.setNoPromisePipelining(true);
@@ -562,7 +573,23 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
       written = writeCapTable(request.call_.getParams().initCapTable(request.caps_.size()),
                               request.caps_);
     }
-    sent = written ? finishOut(request.slot_) : written;
+    if (!written || !hold) {
+      sent = written ? finishOut(request.slot_) : written;
+    } else {
+      const bool fromRing = request.slot_.ring_.has_value();
+      Result<detail::SpillBuffer*> b = finishToSpill(request.slot_);
+      if (fromRing) afterRingClosed();  // what queued up behind its frame goes now
+      if (!b) {
+        sent = b.error();
+      } else if (!isOpen()) {
+        giveSpill(*b);
+        sent = failure_;
+      } else if (sent = admitToQueue(OutKind::CALL, (*b)->usedBytes); !sent) {
+        giveSpill(*b);
+      } else {
+        heldCall = *b;
+      }
+    }
   }
   if (!sent) {
     if (request.slot_.active()) abandonOut(request.slot_);
@@ -571,21 +598,135 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
     releaseTarget(request);
     return RemotePromise(nullptr, 0, readyPromise<Response>(sent.error()), sent.error());
   }
-  ++stats_.callsSent;
   openQuestion(qid);
   Question& q = questions_[qid];
-  q.replyReserved = static_cast<uint32_t>(reserve);  // at most the budget: below 2^31
-  replyReserved_ += reserve;
   q.refs = 1;
   q.noPipelining = request.noPipelining_;
   auto [promise, fulfiller] = newPromiseAndFulfiller<Response>();
   q.fulfiller.emplace(std::move(fulfiller));
   ++handles_;
   const uint64_t generation = q.generation;
-  // Last: the Call is out, and the question is set up should what this sends fail the
-  // connection (its promise is then already broken).
-  releaseTarget(request);
+  if (heldCall != nullptr) {
+    // Reserves its reply space when it goes (sendHeld); holds its target and its cap table
+    // until then.
+    holdCall(heldCall, qid, static_cast<uint32_t>(reserve), request);
+  } else {
+    ++stats_.callsSent;
+    q.replyReserved = static_cast<uint32_t>(reserve);  // at most the budget: below 2^31
+    replyReserved_ += reserve;
+    // Last: the Call is out, and the question is set up should what this sends fail the
+    // connection (its promise is then already broken).
+    releaseTarget(request);
+  }
   return RemotePromise(this, qid, generation, request.noPipelining_, std::move(promise));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client side: calls held for reply space (RpcOptions::whenReplySpaceIsFull)
+
+// Holds a Disembargo behind held calls. What it names stays referenced until it goes: the
+// import (its target), and the Provide's question (so neither a Release nor the Provide's
+// Finish overtakes it).
+void RpcConnection::holdDisembargo(detail::SpillBuffer* buffer, uint32_t exportId,
+                                   uint32_t provideQuestion) {
+  heldBytes_ += buffer->usedBytes;
+  HeldMessage& m = held_.emplace_back();
+  m.buffer = buffer;
+  importRef(exportId);
+  m.holdsTarget = true;
+  m.targetId = exportId;
+  if (provideQuestion != NONE) {
+    questionRef(provideQuestion);
+    m.provideQuestion = provideQuestion;
+  }
+}
+
+// What a held message kept referenced until it went (or was dropped): its cap table, its
+// target, a Disembargo's Provide question. Releasing them may send (a Release, a Finish).
+void RpcConnection::releaseHeld(HeldMessage& m) noexcept {
+  m.caps.clear();
+  if (std::exchange(m.holdsTarget, false)) {
+    if (m.toAnswer) {
+      questionUnref(m.targetId);
+    } else {
+      importUnref(m.targetId);
+    }
+  }
+  if (const uint32_t q = std::exchange(m.provideQuestion, NONE); q != NONE) questionUnref(q);
+}
+
+// Holds a call's finished message, taking over what its request holds until the Call is out.
+void RpcConnection::holdCall(detail::SpillBuffer* buffer, uint32_t questionId,
+                             uint32_t replyReserve, Request& request) {
+  heldBytes_ += buffer->usedBytes;
+  HeldMessage& m = held_.emplace_back(std::move(request.caps_));
+  m.buffer = buffer;
+  m.questionId = questionId;
+  m.replyReserve = replyReserve;
+  m.holdsTarget = std::exchange(request.holdsTarget_, false);
+  m.toAnswer = request.toAnswer_;
+  m.targetId = request.targetId_;
+  questions_[questionId].held = true;
+  ++heldCalls_;
+  ++stats_.callsHeld;
+}
+
+// Sends held messages in order while the call at the front finds its reply space: from
+// heldTask_, posted as Returns free space (or a held call is dropped).
+void RpcConnection::sendHeld() {
+  while (isOpen() && !held_.empty()) {
+    HeldMessage& front = held_.front();
+    if (front.questionId != 0 && replyReserved_ + front.replyReserve > replyBudget_) return;
+    std::list<HeldMessage> one;  // taken out first: releasing its references may hold more
+    one.splice(one.begin(), held_, held_.begin());
+    HeldMessage& m = one.front();
+    heldBytes_ -= m.buffer->usedBytes;
+    if (m.questionId != 0) {
+      Question& q = questions_[m.questionId];
+      q.held = false;
+      q.replyReserved = m.replyReserve;
+      replyReserved_ += m.replyReserve;
+      --heldCalls_;
+      ++stats_.callsSent;
+    }
+    enqueue(std::exchange(m.buffer, nullptr));  // at once, unless the ring is full or open
+    releaseHeld(m);  // it is out: a Release or a Finish this causes follows it
+  }
+}
+
+// A held call whose promise and pipelined references are all gone: it never goes; its question
+// is freed and what it held is released. Those behind it may go now.
+void RpcConnection::dropHeldCall(uint32_t questionId) noexcept {
+  auto it = std::find_if(held_.begin(), held_.end(),
+                         [&](const HeldMessage& m) { return m.questionId == questionId; });
+  AGATE_ASSERT(it != held_.end(), "held question %u is not held", questionId);
+  std::list<HeldMessage> one;
+  one.splice(one.begin(), held_, it);
+  HeldMessage& m = one.front();
+  heldBytes_ -= m.buffer->usedBytes;
+  giveSpill(std::exchange(m.buffer, nullptr));
+  --heldCalls_;
+  questions_[questionId].held = false;
+  questions_[questionId].finishSent = true;  // nothing to finish: the peer never saw it
+  freeQuestion(questionId);
+  ++stats_.callsCancelledHeld;
+  if (!held_.empty() && !heldTask_.isQueued()) loop_.post(heldTask_);
+  rollBackExports(m.caps);
+  releaseHeld(m);
+}
+
+// The connection ended: nothing held will go. Their questions were failed already.
+void RpcConnection::dropAllHeld() noexcept {
+  std::list<HeldMessage> held = std::move(held_);
+  held_.clear();
+  heldBytes_ = 0;
+  heldCalls_ = 0;
+  for (HeldMessage& m : held) {
+    giveSpill(std::exchange(m.buffer, nullptr));
+    if (m.questionId != 0) questions_[m.questionId].held = false;
+    rollBackExports(m.caps);
+  }
+  for (HeldMessage& m : held) releaseHeld(m);
 }
 
 void RpcConnection::releaseTarget(Request& request) noexcept {
@@ -603,6 +744,10 @@ void RpcConnection::questionUnref(uint32_t id) noexcept {
   Question& q = questions_[id];
   AGATE_ASSERT(q.inUse && q.refs > 0, "question %u released more than referenced", id);
   if (--q.refs != 0) return;
+  if (q.held) {
+    dropHeldCall(id);  // never sent: nothing to cancel at the peer
+    return;
+  }
   if (q.finishSent) {
     if (q.returned) freeQuestion(id);  // the connection ended: nothing to send
     return;
@@ -618,15 +763,17 @@ void RpcConnection::questionUnref(uint32_t id) noexcept {
 
 // Whether a call reserving `replyBytes` may be sent now (RpcOptions::maxQuestions and
 // replyBytesPerCall): OUT_OF_MEMORY, saying which bound, when not.
-Status RpcConnection::roomForQuestion(uint64_t replyBytes) const {
+// `held`: the call would be held (RpcOptions::whenReplySpaceIsFull), so the space in use now
+// does not matter.
+Status RpcConnection::roomForQuestion(uint64_t replyBytes, bool held) const {
   if (questionsLive_ >= options_.maxQuestions)
     return Error(Errc::OUT_OF_MEMORY,
-                 "RpcOptions::maxQuestions calls are in flight on this connection: await some "
-                 "before sending more");
+                 "RpcOptions::maxQuestions calls are in flight or held on this connection: "
+                 "await some before sending more");
   if (replyBytes > replyBudget_)
     return Error(Errc::OUT_OF_MEMORY,
                  "the call reserves more reply space than the ring its Return arrives on holds");
-  if (replyReserved_ + replyBytes > replyBudget_)
+  if (!held && replyReserved_ + replyBytes > replyBudget_)
     return Error(Errc::OUT_OF_MEMORY,
                  "the calls in flight reserve all the reply space of this connection (its "
                  "inbound ring): await some before sending more");
@@ -645,7 +792,7 @@ void RpcConnection::freeQuestion(uint32_t id) noexcept {
   q.fulfiller.reset();
   q.vine.reset();
   q.refs = 0;
-  q.inUse = q.returned = q.finishSent = q.noPipelining = false;
+  q.inUse = q.returned = q.finishSent = q.noPipelining = q.held = false;
   ++q.generation;
   q.nextFree = questionFree_;
   questionFree_ = id;

@@ -382,6 +382,22 @@ class HandoffTable {
 // ---------------------------------------------------------------------------------------------
 // Table entries
 
+// A message held for reply space (RpcOptions::whenReplySpaceIsFull): a call, with what the
+// Request held until its Call is out (its target, its cap table), or a Disembargo held behind
+// calls, with references to the import it names and its Provide's question.
+struct RpcConnection::HeldMessage {
+  HeldMessage() = default;
+  explicit HeldMessage(detail::CapTable&& table) noexcept : caps(std::move(table)) {}
+  detail::SpillBuffer* buffer = nullptr;  // the finished message; null once dropped
+  uint32_t questionId = 0;                // a call's question; 0 for the others
+  uint32_t replyReserve = 0;              // reserved when it goes
+  bool holdsTarget = false;               // as Request::holdsTarget_
+  bool toAnswer = false;
+  uint32_t targetId = 0;
+  uint32_t provideQuestion = internal::NONE;  // a Disembargo {provide}'s question, referenced
+  detail::CapTable caps;
+};
+
 struct RpcConnection::Question {
   std::optional<Fulfiller<Response>> fulfiller;  // until the Return (or the connection's end)
   uint32_t refs = 0;  // the RemotePromise and every RemoteCap pipelined on it
@@ -390,6 +406,7 @@ struct RpcConnection::Question {
   bool returned = false;       // Return received (or the connection ended)
   bool finishSent = false;     // Finish sent (or never to be sent: the connection ended)
   bool noPipelining = false;   // sent with Call.noPromisePipelining
+  bool held = false;           // its Call is held for reply space (RpcConnection::held_)
   uint32_t replyReserved = 0;  // reply space held until the Return (RpcOptions::replyBytesPerCall)
   // Its Return carried more capabilities than this side takes (Decoded::refused): calls on
   // capabilities pipelined on it fail here with this error from then on (the peer would serve

@@ -323,7 +323,7 @@ void RpcConnection::openQuestion(uint32_t id) {
   // A free entry: new, or reset by freeQuestion (its fulfiller and vine are gone).
   AGATE_ASSERT(!q.inUse && !q.fulfiller && !q.vine, "question %u opened while in use", id);
   q.refs = 0;
-  q.returned = q.finishSent = q.noPipelining = false;
+  q.returned = q.finishSent = q.noPipelining = q.held = false;
   q.refused = Error{};
   q.inUse = true;
   ++questionsLive_;
@@ -811,7 +811,16 @@ void RpcConnection::sendDisembargo(uint32_t exportId, uint32_t provideQuestion) 
   } else {
     m.initContext().setProvide(provideQuestion);
   }
-  if (finishOut(*slot)) ++stats_.disembargoesSent;
+  if (!holding()) {
+    if (finishOut(*slot)) ++stats_.disembargoesSent;
+    return;
+  }
+  // Behind the calls it must follow, which are held (RpcOptions::whenReplySpaceIsFull).
+  const bool fromRing = slot->ring_.has_value();
+  Result<detail::SpillBuffer*> b = finishToSpill(*slot);
+  if (b) holdDisembargo(*b, exportId, provideQuestion);
+  if (fromRing) afterRingClosed();  // what queued up behind its frame goes now
+  if (b) ++stats_.disembargoesSent;
 }
 
 }  // namespace agate::rpc

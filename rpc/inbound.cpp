@@ -314,6 +314,8 @@ Status RpcConnection::checkCallTarget(const Decoded& d) const {
 Status RpcConnection::checkReturnId(uint32_t id) const {
   if (id == 0 || id >= questions_.size() || !questions_[id].inUse || questions_[id].returned)
     return Error(Errc::PROTOCOL_ERROR, "return for a question that is not awaiting one");
+  if (questions_[id].held)
+    return Error(Errc::PROTOCOL_ERROR, "return for a call this side has not sent yet");
   return {};
 }
 
@@ -606,7 +608,8 @@ Status RpcConnection::handleReturn(IncomingMessage& message, const Decoded& d) {
   Question& q = questions_[d.id];
   q.returned = true;
   returnReplySpace(q);
-  if (d.refused.code != Errc::OK) q.refused = d.refused;  // openQuestion cleared it
+  if (!held_.empty() && !heldTask_.isQueued()) loop_.post(heldTask_);  // space for held calls
+  if (d.refused.code != Errc::OK) q.refused = d.refused;               // openQuestion cleared it
   if (d.noFinishNeeded) q.finishSent = true;  // none will be: the callee freed its answer
   if (!watchers_.empty()) takeWatchers(d);    // promises passed on that wait for this question
   const bool wanted = q.fulfiller.has_value() && !q.fulfiller->isCancelled();

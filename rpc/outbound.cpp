@@ -68,7 +68,13 @@ void RpcConnection::giveSpill(detail::SpillBuffer* b) noexcept {
 }
 
 Status RpcConnection::admitToQueue(OutKind kind, size_t bytes) {
-  if (kind == OutKind::CONTROL || queuedBytes_ + bytes <= options_.maxQueuedBytes) return {};
+  if (kind == OutKind::CONTROL || queuedBytes_ + bytes <= options_.maxQueuedBytes) {
+    if (kind != OutKind::CALL || queuedBytes_ + heldBytes_ + bytes <= options_.maxQueuedBytes)
+      return {};
+    return Error(Errc::OUT_OF_MEMORY,
+                 "RpcOptions::maxQueuedBytes of calls wait for reply space or for the peer to "
+                 "read: await some before sending more");
+  }
   if (kind == OutKind::CALL)
     return Error(Errc::OUT_OF_MEMORY,
                  "the peer is not reading: RpcOptions::maxQueuedBytes of messages wait for it");
@@ -147,20 +153,29 @@ Status RpcConnection::finishOut(detail::OutSlot& slot) {
     abandonOut(slot);
     return failure_;
   }
+  if (slot.ring_ && queueHead_ == nullptr) {
+    Status sent = slot.ring_->sendWithoutRing();
+    slot.ring_.reset();
+    ringOpen_ = false;
+    if (sent) {
+      ++stats_.messagesSent;
+      published();
+    }
+    return sent;
+  }
+  Result<detail::SpillBuffer*> b = finishToSpill(slot);
+  if (!b) return b.error();
+  enqueue(*b);
+  return {};
+}
+
+// Finishes the message of `slot` into a spill buffer, not yet queued: one built in the ring is
+// copied out (frames are position-independent) and its frame given back (the caller then sends
+// what queued up behind the frame: afterRingClosed). Used when it must go behind messages
+// queued (or held) while it was built.
+Result<detail::SpillBuffer*> RpcConnection::finishToSpill(detail::OutSlot& slot) {
   detail::SpillBuffer* b = nullptr;
   if (slot.ring_) {
-    if (queueHead_ == nullptr) {
-      Status sent = slot.ring_->sendWithoutRing();
-      slot.ring_.reset();
-      ringOpen_ = false;
-      if (sent) {
-        ++stats_.messagesSent;
-        published();
-      }
-      return sent;
-    }
-    // Messages were queued while this frame was open; they were sent first, so this one goes
-    // behind them: copy it out (frames are position-independent) and give the frame back.
     auto& frame = static_cast<FrameBuilder&>(slot.ring_->builder());
     Result<size_t> used = frame.tryFinish();
     if (!used) {
@@ -185,8 +200,7 @@ Status RpcConnection::finishOut(detail::OutSlot& slot) {
     b->builder.reset();
     b->usedBytes = b->dirtyBytes = *used;
   }
-  enqueue(b);
-  return {};
+  return b;
 }
 
 void RpcConnection::flushQueue() {
@@ -287,12 +301,16 @@ Status RpcConnection::sendWords(std::span<const uint64_t> words, OutKind kind) {
     }
   }
   AGATE_TRY(admitToQueue(kind, bytes));
-  detail::SpillBuffer* b = takeSpill(bytes);
-  std::memcpy(static_cast<void*>(b->words.get()), words.data(), bytes);
-  b->usedBytes = b->dirtyBytes = bytes;
-  ++stats_.spilledMessages;
-  enqueue(b);
+  enqueue(spillWords(words));
   return {};
+}
+
+detail::SpillBuffer* RpcConnection::spillWords(std::span<const uint64_t> words) {
+  detail::SpillBuffer* b = takeSpill(words.size_bytes());
+  std::memcpy(static_cast<void*>(b->words.get()), words.data(), words.size_bytes());
+  b->usedBytes = b->dirtyBytes = words.size_bytes();
+  ++stats_.spilledMessages;
+  return b;
 }
 
 void RpcConnection::commitOut(size_t bytes) {

@@ -219,8 +219,15 @@ class RpcReplySpace : public ::testing::Test {
   Node root{0, log};
 };
 
+// RpcOptions::whenReplySpaceIsFull REFUSE (the default, HOLD: rpc_held_calls_test).
+RpcOptions refusing() {
+  RpcOptions options;
+  options.whenReplySpaceIsFull = RpcOptions::WhenReplySpaceIsFull::REFUSE;
+  return options;
+}
+
 TEST_F(RpcReplySpace, CallsPastTheReplyRingAreRefusedAtSendUntilReturnsFreeTheirSpace) {
-  LocalPair pair(loop, &root, nullptr, {}, 4096);  // 4 KiB rings: 31 calls of 128 bytes
+  LocalPair pair(loop, &root, nullptr, refusing(), 4096);  // 4 KiB rings: 31 calls of 128 bytes
   RpcConnection& client = pair.client();
   ASSERT_EQ(client.replyBytesAvailable(), 4096u - 8);
   const uint64_t fit = client.replyBytesAvailable() / 128;
@@ -284,7 +291,7 @@ TEST(RpcReplySpacePerPair, TheRepliesToEveryCallInFlightFitTheRingWithoutWaiting
 }
 
 TEST_F(RpcReplySpace, ACallReservesWhatItAsksForAndNeverMoreThanTheRingHolds) {
-  LocalPair pair(loop, &root, nullptr, {}, 4096);
+  LocalPair pair(loop, &root, nullptr, refusing(), 4096);
   RpcConnection& client = pair.client();
   RemoteCap cap = client.bootstrap();
   std::vector<RemotePromise> pending;

@@ -81,6 +81,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
+#include <list>
 #include <memory>
 #include <new>
 #include <optional>
@@ -680,8 +681,9 @@ struct RpcOptions {
   uint32_t maxImports = 65536;
   // Bounds on this side's own calls (rpc/README.md, "Reply space"), so that an honest caller
   // never runs into the peer's bounds (a peer past its maxAnswers aborts the connection) and
-  // never makes the peer queue replies it has no room for. A call past either is refused at
-  // send() with OUT_OF_MEMORY, nothing sent, and may be sent again once calls in flight return.
+  // never makes the peer queue replies it has no room for. A call past maxQuestions is refused
+  // at send() with OUT_OF_MEMORY, nothing sent; one past the reply space is held or refused as
+  // whenReplySpaceIsFull says.
   //   maxQuestions: questions open at once (a question is open from its send until both its
   //   Return arrived and its Finish went, or the Return needed none). Question ids start at 1,
   //   so set it below the peer's maxAnswers, which bounds the ids (the defaults agree). 1 or
@@ -694,6 +696,21 @@ struct RpcOptions {
   //   (REQUIRE-checked).
   uint32_t maxQuestions = 4095;
   uint32_t replyBytesPerCall = 128;
+  // A call whose reply space is not free when it is sent:
+  //   HOLD (the default): the call is held on this side, its promise pending, and goes out
+  //   once Returns free the space. While any call is held, every later call and Disembargo of
+  //   this connection is held behind it, in order, so calls on one reference still arrive in
+  //   the order they were sent (E-order), and so do those pipelined on a held call. Held calls
+  //   count toward maxQuestions, and their bytes (with the queue's) toward maxQueuedBytes: past
+  //   either a call is refused. Dropping the promise of a held call drops it (nothing is
+  //   sent). Finishes, Releases, Returns, Resolves, Provides and Accepts are never held, so
+  //   cancelling a call in flight frees its space, and the peer's progress never waits for
+  //   this side's own calls; what a held message names stays referenced until it goes.
+  //   REFUSE: the call is refused at send() with OUT_OF_MEMORY, nothing sent, and the request
+  //   stays refused: for a caller that would rather shed load than wait.
+  // A call reserving more than the whole ring is refused either way.
+  enum class WhenReplySpaceIsFull : uint8_t { HOLD, REFUSE };
+  WhenReplySpaceIsFull whenReplySpaceIsFull = WhenReplySpaceIsFull::HOLD;
   // How many bytes of finished messages may wait for ring space (a peer that stops reading
   // fills the ring, then this queue). Past it this side's own calls are refused with
   // OUT_OF_MEMORY, and a reply the peer's calls ask for ends the connection (OUT_OF_MEMORY):
@@ -768,7 +785,10 @@ struct RpcStats {
   uint64_t callsAwaitingParamAnswers = 0;
   // Calls held behind such a call on the same export, to keep E-order (callee side).
   uint64_t callsQueuedBehind = 0;
-  uint64_t disembargoesSent = 0;  // three-party embargoes (schemas/rpc.capnp, "Embargoes")
+  // Calls this side held until Returns freed reply space (RpcOptions::whenReplySpaceIsFull).
+  uint64_t callsHeld = 0;
+  uint64_t callsCancelledHeld = 0;  // of which dropped before they went (nothing was sent)
+  uint64_t disembargoesSent = 0;    // three-party embargoes (schemas/rpc.capnp, "Embargoes")
   uint64_t disembargoesReceived = 0;
   uint64_t acceptsEmbargoed = 0;  // embargoed Accepts that waited for the introducer's Disembargo
 };
@@ -819,6 +839,10 @@ class RpcConnection {
   // RpcOptions::replyBytesPerCall.
   uint64_t replyBytesReserved() const noexcept { return replyReserved_; }
   uint64_t replyBytesAvailable() const noexcept { return replyBudget_; }
+  // Calls held for reply space (RpcOptions::whenReplySpaceIsFull), and every message held
+  // (those calls and the Disembargoes behind them).
+  uint32_t heldCallCount() const noexcept { return heldCalls_; }
+  size_t heldMessageCount() const noexcept { return held_.size(); }
   uint32_t answerCount() const noexcept { return answersLive_; }
   // Entries the answer table's per-call vectors keep allocated, free entries included (tests
   // check a peer cannot make it grow to maxAnswers times the cap bound). Walks the table.
@@ -871,8 +895,20 @@ class RpcConnection {
   void giveSpill(detail::SpillBuffer* buffer) noexcept;
   Status sendWords(std::span<const uint64_t> words, OutKind kind);
   void buildCall(Request& request);
-  Status roomForQuestion(uint64_t replyBytes) const;
+  Status roomForQuestion(uint64_t replyBytes, bool held) const;
   void returnReplySpace(Question& q) noexcept;
+  // Messages held for reply space (RpcOptions::whenReplySpaceIsFull): see held_.
+  struct HeldMessage;
+  bool holding() const noexcept { return !held_.empty(); }
+  detail::SpillBuffer* spillWords(std::span<const uint64_t> words);
+  Result<detail::SpillBuffer*> finishToSpill(detail::OutSlot& slot);
+  void holdDisembargo(detail::SpillBuffer* buffer, uint32_t exportId, uint32_t provideQuestion);
+  void holdCall(detail::SpillBuffer* buffer, uint32_t questionId, uint32_t replyReserve,
+                Request& request);
+  void releaseHeld(HeldMessage& m) noexcept;
+  void dropHeldCall(uint32_t questionId) noexcept;
+  void dropAllHeld() noexcept;
+  void sendHeld();
   void sendFinish(uint32_t questionId);
   void queueFinish(uint32_t questionId);
   void flushFinishes();
@@ -1087,6 +1123,12 @@ class RpcConnection {
   uint32_t questionsLive_ = 0;
   uint64_t replyReserved_ = 0;  // reply space reserved by questions not yet returned
   uint64_t replyBudget_ = 0;    // the capacity of the ring rx_ reads
+  // Messages held until reply space frees (RpcOptions::whenReplySpaceIsFull), in send order:
+  // calls (their questions open, Question::held), and the Disembargoes sent behind them. A
+  // list: a dropped call leaves from the middle.
+  std::list<HeldMessage> held_;
+  uint32_t heldCalls_ = 0;  // the calls among them
+  size_t heldBytes_ = 0;    // their bytes: with queuedBytes_, bounded by maxQueuedBytes
   std::vector<std::unique_ptr<Answer>> answers_;  // by the peer's question id
   uint32_t answersLive_ = 0;
   std::vector<Export> exports_;
@@ -1152,6 +1194,7 @@ class RpcConnection {
   MemberTask<&RpcConnection::runWorklist> worklistTask_;
   MemberTask<&RpcConnection::flushFinishes> finishTask_;
   MemberTask<&RpcConnection::ringPeer> ringTask_;
+  MemberTask<&RpcConnection::sendHeld> heldTask_;  // sends held messages as space frees
   std::optional<Promise<void>> reader_;  // last: started by the constructor, dropped first
 };
 

@@ -1,0 +1,341 @@
+// Calls held for reply space (RpcOptions::whenReplySpaceIsFull HOLD, the default; rpc/README.md,
+// "Reply space"): a call whose reply space is not free waits on the caller's side and goes out
+// as Returns free the space, in the order calls were sent, and everything that must not
+// overtake it (later calls, calls pipelined on it, Finishes, Releases) waits behind it. A held
+// call dropped before it went sends nothing and gives back what it carried; held calls on a
+// connection that ends fail "disconnected"; the bounds that still refuse (maxQuestions,
+// maxQueuedBytes, a reservation larger than the ring) refuse with state unchanged.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <deque>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "rpc_harness.h"
+#include "support/watchdog.h"
+
+namespace agate::rpc::test {
+namespace {
+
+using agate::testing::Watchdog;
+
+constexpr uint64_t RING = 4096;     // each direction: 4088 bytes of reply space
+constexpr uint64_t PER_CALL = 128;  // RpcOptions::replyBytesPerCall
+constexpr uint64_t FIT = 31;        // calls of PER_CALL the reply space holds
+
+// How the call ended (awaited on `loop`), and the value of an ECHO's results.
+struct Outcome {
+  Errc code = Errc::OK;
+  uint64_t value = 0;
+  std::string detail;  // the error's
+};
+Outcome outcome(EventLoop& loop, RemotePromise& p, bool echoed = false) {
+  Outcome o;
+  (void)loop.run([&]() -> Promise<void> {
+    Result<Response> r = co_await p;
+    o.code = r.code();
+    if (!r) o.detail = r.error().detail != nullptr ? r.error().detail : "";
+    if (r && echoed) o.value = r->results().getAs<Value>().getValue();
+    co_return {};
+  }());
+  return o;
+}
+
+RemotePromise record(RemoteCap& cap, uint64_t value, uint32_t reply = 0) {
+  Request req = cap.newCall(NODE_INTERFACE_ID, RECORD, 16);
+  req.initParams<Value>().setValue(value);
+  if (reply != 0) req.reserveReply(reply);
+  return req.send();
+}
+
+RemotePromise echo(RemoteCap& cap, uint64_t value) {
+  Request req = cap.newCall(NODE_INTERFACE_ID, ECHO, 16);
+  req.initParams<Value>().setValue(value);
+  return req.send();
+}
+
+class RpcHeldCalls : public ::testing::Test {
+ protected:
+  Watchdog watchdog_{"rpc_held_calls_test", std::chrono::seconds(60)};
+  EventLoop loop;
+  Log log;
+  Node root{0, log};
+
+  // Fills the client's reply space with FIT calls that hang in the server.
+  std::deque<RemotePromise> hangFit(RemoteCap& cap) {
+    std::deque<RemotePromise> hanging;
+    for (uint64_t i = 0; i < FIT; ++i)
+      hanging.push_back(cap.newCall(NODE_INTERFACE_ID, HANG, 16).send());
+    EXPECT_TRUE(runUntil(loop, [&] { return log.hanging == static_cast<int>(FIT); }));
+    return hanging;
+  }
+};
+
+TEST_F(RpcHeldCalls, CallsPastTheReplySpaceWaitAndGoInTheOrderTheyWereSent) {
+  LocalPair pair(loop, &root, nullptr, {}, RING);
+  RpcConnection& client = pair.client();
+  ASSERT_EQ(client.replyBytesAvailable() / PER_CALL, FIT);
+  RemoteCap cap = client.bootstrap();
+  constexpr uint64_t CALLS = 100;
+  std::vector<RemotePromise> pending;
+  for (uint64_t i = 0; i < CALLS; ++i) pending.push_back(record(cap, i));
+  // Every promise is pending (none refused); the calls past the space wait here.
+  for (const RemotePromise& p : pending) EXPECT_NE(p.questionId(), 0u);
+  EXPECT_EQ(client.stats().callsSent, FIT);
+  EXPECT_EQ(client.heldCallCount(), CALLS - FIT);
+  EXPECT_EQ(client.stats().callsHeld, CALLS - FIT);
+  EXPECT_EQ(client.questionCount(), CALLS);
+  EXPECT_EQ(client.replyBytesReserved(), FIT * PER_CALL);
+  for (RemotePromise& p : pending) EXPECT_EQ(outcome(loop, p).code, Errc::OK);
+  // Served in the order sent, the reservation never past the ring.
+  std::vector<uint64_t> expected(CALLS);
+  for (uint64_t i = 0; i < CALLS; ++i) expected[i] = i;
+  EXPECT_EQ(log.order, expected);
+  EXPECT_EQ(client.heldCallCount(), 0u);
+  EXPECT_EQ(client.heldMessageCount(), 0u);
+  EXPECT_EQ(client.replyBytesReserved(), 0u);
+  EXPECT_EQ(client.stats().callsSent, CALLS);
+  EXPECT_EQ(pair.server().stats().spilledMessages, 0u) << "a Return waited for room";
+  pending.clear();
+  EXPECT_TRUE(runUntil(loop, [&] { return client.questionCount() == 0; }));
+}
+
+// E-order: a call that would fit waits behind one held for lack of space.
+TEST_F(RpcHeldCalls, ACallThatFitsWaitsBehindAHeldOne) {
+  LocalPair pair(loop, &root, nullptr, {}, RING);
+  RpcConnection& client = pair.client();
+  RemoteCap cap = client.bootstrap();
+  std::vector<RemotePromise> pending;
+  pending.push_back(record(cap, 1, 3000));
+  pending.push_back(record(cap, 2, 2000));  // 3000 + 2000 > 4088: held
+  pending.push_back(record(cap, 3, 16));    // would fit: held behind it
+  EXPECT_EQ(client.heldCallCount(), 2u);
+  EXPECT_EQ(client.replyBytesReserved(), 3000u);
+  for (RemotePromise& p : pending) EXPECT_EQ(outcome(loop, p).code, Errc::OK);
+  EXPECT_EQ(log.order, (std::vector<uint64_t>{1, 2, 3}));
+}
+
+TEST_F(RpcHeldCalls, CallsPipelinedOnAHeldCallWaitBehindItAndReachItsResults) {
+  LocalPair pair(loop, &root, nullptr, {}, RING);
+  RpcConnection& client = pair.client();
+  RemoteCap cap = client.bootstrap();
+  std::deque<RemotePromise> hanging = hangFit(cap);
+  RemotePromise next = cap.newCall(NODE_INTERFACE_ID, NEXT, 0).send();  // Node(1): held
+  RemoteCap child = next.pipeline({0});
+  RemotePromise onChild = echo(child, 10);  // on the held call's promised answer: held too
+  EXPECT_EQ(client.heldCallCount(), 2u);
+  EXPECT_EQ(pair.server().stats().callsReceived, FIT);
+  hanging.pop_front();  // cancelled: its Return frees space
+  const Outcome o = outcome(loop, onChild, /*echoed=*/true);
+  EXPECT_EQ(o.code, Errc::OK);
+  EXPECT_EQ(o.value, 11u);
+  EXPECT_EQ(outcome(loop, next).code, Errc::OK);
+  EXPECT_EQ(client.heldCallCount(), 0u);
+  hanging.clear();
+}
+
+// Cancelling a call in flight is not held behind held calls: its Finish goes at once, and the
+// Return it brings frees the space the held call waits for (held behind, it would wait for ever).
+TEST_F(RpcHeldCalls, CancellingACallInFlightFreesSpaceForTheHeldOnes) {
+  LocalPair pair(loop, &root, nullptr, {}, RING);
+  RpcConnection& client = pair.client();
+  RemoteCap cap = client.bootstrap();
+  std::deque<RemotePromise> hanging = hangFit(cap);
+  RemotePromise held = record(cap, 7);
+  ASSERT_EQ(client.heldCallCount(), 1u);
+  const uint64_t finishes = client.stats().finishesSent;
+  hanging.pop_back();
+  EXPECT_EQ(client.stats().finishesSent, finishes + 1);
+  EXPECT_EQ(client.heldMessageCount(), 1u) << "the Finish was held";
+  EXPECT_EQ(outcome(loop, held).code, Errc::OK);
+  EXPECT_EQ(log.order, (std::vector<uint64_t>{7}));
+  EXPECT_EQ(log.cancelled, 1);
+  EXPECT_EQ(client.heldMessageCount(), 0u);
+  hanging.clear();
+  EXPECT_TRUE(runUntil(loop, [&] { return log.hanging == 0 && client.questionCount() == 1; }));
+}
+
+TEST_F(RpcHeldCalls, ADroppedHeldCallIsNeverSentAndGivesBackWhatItCarried) {
+  LocalPair pair(loop, &root, nullptr, {}, RING);
+  RpcConnection& client = pair.client();
+  RemoteCap cap = client.bootstrap();
+  std::deque<RemotePromise> hanging = hangFit(cap);
+  const uint32_t exports = client.exportCount();
+  const uint32_t questions = client.questionCount();
+  Log mine;
+  std::optional<RemotePromise> dropped;
+  {
+    Request req = cap.newCall(NODE_INTERFACE_ID, IDENTIFY, 16);
+    ASSERT_TRUE(req.addCap(std::make_unique<Node>(7, mine)).ok());
+    dropped.emplace(req.send());
+  }
+  RemotePromise behind = record(cap, 8);
+  EXPECT_EQ(client.heldCallCount(), 2u);
+  EXPECT_EQ(client.questionCount(), questions + 2);
+  dropped.reset();
+  EXPECT_EQ(client.heldCallCount(), 1u);
+  EXPECT_EQ(client.stats().callsCancelledHeld, 1u);
+  EXPECT_EQ(client.questionCount(), questions + 1) << "its question is free at once";
+  EXPECT_EQ(client.exportCount(), exports) << "the object it carried is not exported";
+  EXPECT_EQ(mine.destroyed, 1) << "the connection did not keep it";
+  hanging.clear();
+  EXPECT_EQ(outcome(loop, behind).code, Errc::OK);
+  EXPECT_EQ(log.order, (std::vector<uint64_t>{8}));
+  EXPECT_EQ(pair.server().stats().callsReceived, FIT + 1) << "the dropped call was sent";
+  EXPECT_TRUE(log.identified.empty());
+}
+
+// A held call dropped while nothing is in flight: those behind it go without waiting for a
+// Return that will not come.
+TEST_F(RpcHeldCalls, DroppingTheCallAtTheFrontLetsThoseBehindItGo) {
+  LocalPair pair(loop, &root, nullptr, {}, RING);
+  RpcConnection& client = pair.client();
+  RemoteCap cap = client.bootstrap();
+  RemotePromise big = record(cap, 1, 4000);
+  std::optional<RemotePromise> front(record(cap, 2, 4000));  // held: no room beside `big`
+  RemotePromise behind = record(cap, 3, 16);
+  EXPECT_EQ(outcome(loop, big).code, Errc::OK);  // its Return frees the space
+  // `front` went once `big` returned; drop a fresh held one instead, with nothing in flight.
+  EXPECT_EQ(outcome(loop, *front).code, Errc::OK);
+  EXPECT_EQ(outcome(loop, behind).code, Errc::OK);
+  RemotePromise hang = cap.newCall(NODE_INTERFACE_ID, HANG, 16).reserveReply(4000).send();
+  std::optional<RemotePromise> second(record(cap, 4, 4000));
+  RemotePromise third = record(cap, 5, 16);
+  ASSERT_EQ(client.heldCallCount(), 2u);
+  second.reset();  // `third` would fit beside `hang`: it goes now
+  EXPECT_EQ(outcome(loop, third).code, Errc::OK);
+  EXPECT_EQ(log.order, (std::vector<uint64_t>{1, 2, 3, 5}));
+  EXPECT_EQ(client.heldCallCount(), 0u);
+}
+
+TEST_F(RpcHeldCalls, HeldCallsFailDisconnectedWhenTheConnectionEndsAndNothingLeaks) {
+  LocalPair pair(loop, &root, nullptr, {}, RING);
+  RpcConnection& client = pair.client();
+  RemoteCap cap = client.bootstrap();
+  std::deque<RemotePromise> hanging = hangFit(cap);
+  Log mine;
+  std::vector<RemotePromise> held;
+  for (uint64_t i = 0; i < 5; ++i) held.push_back(record(cap, i));
+  {
+    Request req = cap.newCall(NODE_INTERFACE_ID, IDENTIFY, 16);
+    ASSERT_TRUE(req.addCap(std::make_unique<Node>(7, mine)).ok());
+    held.push_back(req.send());
+  }
+  RemotePromise next = cap.newCall(NODE_INTERFACE_ID, NEXT, 0).send();
+  RemoteCap child = next.pipeline({0});
+  held.push_back(echo(child, 1));
+  held.push_back(std::move(next));
+  ASSERT_EQ(client.heldCallCount(), 8u);
+  pair.destroyServer();
+  for (RemotePromise& p : held) EXPECT_EQ(outcome(loop, p).code, Errc::DISCONNECTED);
+  for (RemotePromise& p : hanging) EXPECT_EQ(outcome(loop, p).code, Errc::DISCONNECTED);
+  EXPECT_EQ(client.heldCallCount(), 0u);
+  EXPECT_EQ(client.heldMessageCount(), 0u);
+  EXPECT_EQ(client.replyBytesReserved(), 0u);
+  EXPECT_EQ(mine.destroyed, 1) << "the held call's object was released";
+  held.clear();
+  hanging.clear();
+  child = RemoteCap();
+  cap = RemoteCap();
+  EXPECT_EQ(client.questionCount(), 0u);
+  EXPECT_TRUE(runUntil(loop, [&] { return client.exportCount() == 0; }))  // after teardown
+      << client.exportCount();
+  EXPECT_EQ(client.handleCount(), 0u);
+}
+
+TEST_F(RpcHeldCalls, MaxQuestionsStillRefusesCallsPastItHeldOnesIncluded) {
+  RpcOptions options;
+  options.maxQuestions = FIT + 3;
+  LocalPair pair(loop, &root, nullptr, options, RING);
+  RpcConnection& client = pair.client();
+  RemoteCap cap = client.bootstrap();
+  std::vector<RemotePromise> pending;
+  for (uint64_t i = 0; i < FIT + 3; ++i) pending.push_back(record(cap, i));
+  EXPECT_EQ(client.heldCallCount(), 3u);
+  RemotePromise refused = record(cap, 99);
+  EXPECT_EQ(refused.questionId(), 0u);
+  const Outcome o = outcome(loop, refused);
+  EXPECT_EQ(o.code, Errc::OUT_OF_MEMORY);
+  EXPECT_NE(o.detail.find("maxQuestions"), std::string::npos) << o.detail;
+  EXPECT_EQ(client.heldCallCount(), 3u);
+  EXPECT_EQ(client.questionCount(), FIT + 3);
+  for (RemotePromise& p : pending) EXPECT_EQ(outcome(loop, p).code, Errc::OK);
+  EXPECT_EQ(log.order.size(), FIT + 3);
+}
+
+TEST_F(RpcHeldCalls, HeldBytesAreBoundedByMaxQueuedBytes) {
+  RpcOptions options;
+  options.maxMessageBytes = 1024;
+  options.maxQueuedBytes = 1024;
+  LocalPair pair(loop, &root, nullptr, options, RING);
+  RpcConnection& client = pair.client();
+  RemoteCap cap = client.bootstrap();
+  std::deque<RemotePromise> hanging = hangFit(cap);
+  std::vector<RemotePromise> held;
+  std::optional<RemotePromise> refused;
+  for (int i = 0; i < 1000; ++i) {
+    RemotePromise p = record(cap, static_cast<uint64_t>(i));
+    if (p.questionId() == 0) {
+      refused.emplace(std::move(p));
+      break;
+    }
+    held.push_back(std::move(p));
+  }
+  ASSERT_GT(held.size(), 0u);
+  ASSERT_TRUE(refused.has_value()) << "never refused";
+  const Outcome o = outcome(loop, *refused);
+  EXPECT_EQ(o.code, Errc::OUT_OF_MEMORY);
+  EXPECT_NE(o.detail.find("maxQueuedBytes"), std::string::npos) << o.detail;
+  EXPECT_EQ(client.heldCallCount(), held.size());
+  EXPECT_TRUE(client.isOpen());
+  hanging.clear();
+  for (RemotePromise& p : held) EXPECT_EQ(outcome(loop, p).code, Errc::OK);
+  EXPECT_EQ(log.order.size(), held.size());
+}
+
+TEST_F(RpcHeldCalls, ACallReservingMoreThanTheRingIsRefusedEvenWhenCallsAreHeld) {
+  LocalPair pair(loop, &root, nullptr, {}, RING);
+  RpcConnection& client = pair.client();
+  RemoteCap cap = client.bootstrap();
+  RemotePromise huge = record(cap, 1, RING);
+  EXPECT_EQ(huge.questionId(), 0u);
+  EXPECT_EQ(outcome(loop, huge).code, Errc::OUT_OF_MEMORY);
+  EXPECT_EQ(client.heldCallCount(), 0u);
+  EXPECT_EQ(client.questionCount(), 0u);
+}
+
+// A window of calls far wider than the reply space: every call goes, none refused, and the
+// caller never reserves more than the ring.
+TEST_F(RpcHeldCalls, AWindowWiderThanTheReplySpaceIsNeverRefused) {
+  LocalPair pair(loop, &root, nullptr, {}, RING);
+  RpcConnection& client = pair.client();
+  RemoteCap cap = client.bootstrap();
+  uint64_t mostReserved = 0;
+  Status done = loop.run([&]() -> Promise<void> {
+    std::deque<RemotePromise> window;
+    for (uint64_t i = 0; i < 200; ++i) window.push_back(echo(cap, i));
+    for (uint64_t i = 200; i < 2000; ++i) {
+      mostReserved = std::max(mostReserved, client.replyBytesReserved());
+      {
+        Result<Response> r = co_await window.front();
+        AGATE_CO_TRY(r);
+        if (r->results().getAs<Value>().getValue() != i - 200)
+          co_return Error(Errc::FAILED, "out of order");
+      }
+      window.pop_front();
+      window.push_back(echo(cap, i));
+      if (window.back().questionId() == 0) co_return Error(Errc::FAILED, "refused");
+    }
+    for (RemotePromise& p : window) AGATE_CO_TRY(co_await p);
+    co_return {};
+  }());
+  EXPECT_TRUE(done.ok()) << errcName(done.code()) << " " << (done.ok() ? "" : done.error().detail);
+  EXPECT_LE(mostReserved, client.replyBytesAvailable());
+  EXPECT_EQ(pair.server().stats().callsReceived, 2000u);
+  EXPECT_GT(client.stats().callsHeld, 0u);
+}
+
+}  // namespace
+}  // namespace agate::rpc::test
