@@ -820,7 +820,10 @@ void RpcConnection::sendDisembargo(uint32_t exportId, uint32_t provideQuestion) 
   Result<detail::SpillBuffer*> b = finishToSpill(*slot);
   if (b) holdDisembargo(*b, exportId, provideQuestion);
   if (fromRing) afterRingClosed();  // what queued up behind its frame goes now
-  if (b) ++stats_.disembargoesSent;
+  if (b) {
+    ++stats_.disembargoesSent;
+    ++stats_.disembargoesHeld;
+  }
 }
 
 }  // namespace agate::rpc

@@ -168,11 +168,15 @@ class HandoffTest : public ::testing::Test {
  protected:
   ~HandoffTest() override { closeNetwork(); }
 
-  void openNetwork(uint64_t ringBytes = 64 * 1024, uint32_t messagesPerTurn = 0) {
+  // By default calls reserve little reply space, so that a hundred or two fit in flight on
+  // 4 KiB rings (more are held: RpcOptions::whenReplySpaceIsFull).
+  void openNetwork(uint64_t ringBytes = 64 * 1024, uint32_t messagesPerTurn = 0,
+                   uint32_t replyBytesPerCall = 16) {
     closeNetwork();
-    // Calls reserve little reply space, so that a hundred or two fit in flight on 4 KiB rings.
-    net_.emplace(loop_, RpcOptions{.replyBytesPerCall = 16, .messagesPerTurn = messagesPerTurn},
-                 ringBytes);
+    net_.emplace(
+        loop_,
+        RpcOptions{.replyBytesPerCall = replyBytesPerCall, .messagesPerTurn = messagesPerTurn},
+        ringBytes);
     net_->addVat(A, &aRoot_);
     net_->addVat(B, &recipient_);
     net_->addVat(C, nullptr);
@@ -885,6 +889,37 @@ TEST_F(HandoffTest, CallsOnAPassedPipelinedCapabilityKeepEOrderWhenItsRouteShort
              conn(C, B).exportCount() == 1 && conn(C, A).questionCount() == 0;
     }));
   }
+}
+
+// The same with calls held for reply space on every connection (2 fit in flight): B's calls
+// wait at B, C's forwarded calls wait at C, and each Disembargo waits behind the held calls it
+// must follow, so A still sees the 200 calls in B's order.
+TEST_F(HandoffTest, EOrderHoldsAcrossTheHandoffWhileCallsAreHeldForReplySpace) {
+  openNetwork(4096, 0, /*replyBytesPerCall=*/2040);
+  {
+    RemoteCap a = boot(C, A);
+    RemotePromise child = a.newCall(NODE_INTERFACE_ID, NEXT_LATER, 16).send();
+    RemotePromise taken = take(boot(C, B), child.pipeline({0}), 100);
+    callWhileTheRouteChanges(loop_, recipient_, 100, 200);
+    ASSERT_TRUE(runUntil(loop_, [&] { return aLog_.order.size() == 200; })) << aLog_.order.size();
+    expectInOrder(aLog_.order, 200);
+    EXPECT_GT(conn(B, C).stats().callsHeld, 0u) << "B's calls through C were never held";
+    EXPECT_GT(conn(C, A).stats().callsHeld, 0u) << "C's forwarded calls were never held";
+    EXPECT_EQ(conn(B, C).stats().disembargoesSent, 1u);
+    EXPECT_EQ(conn(C, A).stats().disembargoesSent, 1u);
+    EXPECT_EQ(conn(A, C).stats().disembargoesReceived, 1u);
+    // B's Disembargo waited behind its held calls (sent ahead of them, it lets A deliver B's
+    // direct calls first: the order breaks in the 80s).
+    EXPECT_EQ(conn(B, C).stats().disembargoesHeld, 1u);
+    for (RemotePromise& p : recipient_.sent) ASSERT_TRUE(loop_.run(awaitValue(std::move(p))).ok());
+    recipient_.clear();
+    ASSERT_TRUE(loop_.run(awaitValue(std::move(taken))).ok());
+  }
+  ASSERT_TRUE(runUntil(loop_, [&] {
+    return net_->vat(A).provisionCount() == 0 && conn(A, B).answerCount() == 0 &&
+           conn(A, C).answerCount() == 0 && conn(B, C).heldMessageCount() == 0 &&
+           conn(C, A).heldMessageCount() == 0 && aLog_.destroyed == aLog_.created - 1;
+  }));
 }
 
 // The race the embargo exists for: C still has B's earlier calls to forward (readers take one

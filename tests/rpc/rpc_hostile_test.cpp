@@ -5,11 +5,14 @@
 // tables as they were.
 #include <gtest/gtest.h>
 
+#include <string>
+
 #include <array>
 #include <functional>
 #include <map>
 #include <optional>
 #include <span>
+#include <string>
 
 #include "rpc_harness.h"
 #include "support/watchdog.h"
@@ -289,6 +292,37 @@ TEST_F(RpcHostileTest, ReturnForAQuestionNeverAskedAborts) {
     r.initResults();
   });
   expectAborted();
+}
+
+// A call held for reply space (RpcOptions::whenReplySpaceIsFull) has its question open but was
+// never sent: a Return naming it is forged. The call sent before it is answered normally.
+TEST_F(RpcHostileTest, ReturnForACallStillHeldForReplySpaceAborts) {
+  RemoteCap cap = victim_->bootstrap();
+  RemotePromise sent = cap.newCall(NODE_INTERFACE_ID, ECHO, 16)
+                           .reserveReply(static_cast<uint32_t>(victim_->replyBytesAvailable()))
+                           .send();
+  RemotePromise held = cap.newCall(NODE_INTERFACE_ID, ECHO, 16).send();
+  ASSERT_EQ(victim_->heldCallCount(), 1u);
+  ASSERT_EQ(held.questionId(), 2u);
+  expectFromVictim([](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::CALL);
+    EXPECT_EQ(m.getCall().getQuestionId(), 1u);
+  });
+  send([](wire::Message::Builder m) {
+    wire::Return::Builder r = m.initReturn();
+    r.setAnswerId(2);
+    r.initResults();
+  });
+  ASSERT_TRUE(runUntil(loop_, [&] { return !victim_->isOpen(); }));
+  EXPECT_EQ(victim_->failure().code, Errc::PROTOCOL_ERROR);
+  EXPECT_NE(std::string(victim_->failure().detail).find("not sent yet"), std::string::npos)
+      << victim_->failure().detail;
+  EXPECT_EQ(victim_->heldCallCount(), 0u);
+  for (RemotePromise* p : {&sent, &held}) {
+    Result<Response> r =
+        loop_.run([](RemotePromise& q) -> Promise<Response> { co_return co_await q; }(*p));
+    EXPECT_EQ(r.code(), Errc::PROTOCOL_ERROR);
+  }
 }
 
 TEST_F(RpcHostileTest, ReleaseOfTheBootstrapOrOfUnheldReferencesAborts) {

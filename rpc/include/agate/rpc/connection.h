@@ -790,6 +790,7 @@ struct RpcStats {
   uint64_t callsCancelledHeld = 0;  // of which dropped before they went (nothing was sent)
   uint64_t disembargoesSent = 0;    // three-party embargoes (schemas/rpc.capnp, "Embargoes")
   uint64_t disembargoesReceived = 0;
+  uint64_t disembargoesHeld = 0;  // of those sent, held behind calls held for reply space
   uint64_t acceptsEmbargoed = 0;  // embargoed Accepts that waited for the introducer's Disembargo
 };
 
