@@ -539,7 +539,15 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
   // Held when its reply space is not free, or behind calls already held (E-order).
   const bool hold = options_.whenReplySpaceIsFull == RpcOptions::WhenReplySpaceIsFull::HOLD &&
                     (holding() || replyReserved_ + reserve > replyBudget_);
-  if (Status room = roomForQuestion(reserve, hold); !room) {
+  Status room = roomForQuestion(reserve, hold);
+  if (room && hold && request.caps_.size() > 0) {
+    // Not held: its cap table would export objects (and introduce promises) the peer could
+    // name before the Call is out, or never see at all if it is dropped.
+    room = Error(Errc::OUT_OF_MEMORY,
+                 "a call carrying capabilities is not held for reply space: await calls in "
+                 "flight before sending it");
+  }
+  if (!room) {
     request.unbuilt_ = false;  // refused for good: send() again gives this error
     request.error_ = room.error();
     abandonOut(request.slot_);
@@ -558,7 +566,7 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
     if (!hold) {
       sent = sendWords(std::span(words.data(), n), OutKind::CALL);
     } else {
-      sent = admitToQueue(OutKind::CALL, n * sizeof(uint64_t));
+      sent = admitToHold(n * sizeof(uint64_t));
       if (sent) heldCall = spillWords(std::span(words.data(), n));
     }
   } else {
@@ -584,7 +592,7 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
       } else if (!isOpen()) {
         giveSpill(*b);
         sent = failure_;
-      } else if (sent = admitToQueue(OutKind::CALL, (*b)->usedBytes); !sent) {
+      } else if (sent = admitToHold((*b)->usedBytes); !sent) {
         giveSpill(*b);
       } else {
         heldCall = *b;
@@ -629,8 +637,8 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
 // Finish overtakes it).
 void RpcConnection::holdDisembargo(detail::SpillBuffer* buffer, uint32_t exportId,
                                    uint32_t provideQuestion) {
-  heldBytes_ += buffer->usedBytes;
   HeldMessage& m = held_.emplace_back();
+  heldBytes_ += buffer->usedBytes;
   m.buffer = buffer;
   importRef(exportId);
   m.holdsTarget = true;
@@ -641,10 +649,9 @@ void RpcConnection::holdDisembargo(detail::SpillBuffer* buffer, uint32_t exportI
   }
 }
 
-// What a held message kept referenced until it went (or was dropped): its cap table, its
-// target, a Disembargo's Provide question. Releasing them may send (a Release, a Finish).
+// What a held message kept referenced until it went (or was dropped): its target, a
+// Disembargo's Provide question. Releasing them may send (a Release, a Finish).
 void RpcConnection::releaseHeld(HeldMessage& m) noexcept {
-  m.caps.clear();
   if (std::exchange(m.holdsTarget, false)) {
     if (m.toAnswer) {
       questionUnref(m.targetId);
@@ -655,11 +662,12 @@ void RpcConnection::releaseHeld(HeldMessage& m) noexcept {
   if (const uint32_t q = std::exchange(m.provideQuestion, NONE); q != NONE) questionUnref(q);
 }
 
-// Holds a call's finished message, taking over what its request holds until the Call is out.
+// Holds a call's finished message, taking over the reference to its target its request holds
+// until the Call is out.
 void RpcConnection::holdCall(detail::SpillBuffer* buffer, uint32_t questionId,
                              uint32_t replyReserve, Request& request) {
+  HeldMessage& m = held_.emplace_back();
   heldBytes_ += buffer->usedBytes;
-  HeldMessage& m = held_.emplace_back(std::move(request.caps_));
   m.buffer = buffer;
   m.questionId = questionId;
   m.replyReserve = replyReserve;
@@ -688,6 +696,8 @@ void RpcConnection::sendHeld() {
       replyReserved_ += m.replyReserve;
       --heldCalls_;
       ++stats_.callsSent;
+    } else {
+      ++stats_.disembargoesSent;
     }
     enqueue(std::exchange(m.buffer, nullptr));  // at once, unless the ring is full or open
     releaseHeld(m);  // it is out: a Release or a Finish this causes follows it
@@ -696,23 +706,39 @@ void RpcConnection::sendHeld() {
 
 // A held call whose promise and pipelined references are all gone: it never goes; its question
 // is freed and what it held is released. Those behind it may go now.
+// Held calls pipelined on one another drop one by one, in a loop (not recursively: a chain may
+// be maxQuestions long).
 void RpcConnection::dropHeldCall(uint32_t questionId) noexcept {
-  auto it = std::find_if(held_.begin(), held_.end(),
-                         [&](const HeldMessage& m) { return m.questionId == questionId; });
-  AGATE_ASSERT(it != held_.end(), "held question %u is not held", questionId);
-  std::list<HeldMessage> one;
-  one.splice(one.begin(), held_, it);
-  HeldMessage& m = one.front();
-  heldBytes_ -= m.buffer->usedBytes;
-  giveSpill(std::exchange(m.buffer, nullptr));
-  --heldCalls_;
-  questions_[questionId].held = false;
-  questions_[questionId].finishSent = true;  // nothing to finish: the peer never saw it
-  freeQuestion(questionId);
-  ++stats_.callsCancelledHeld;
-  if (!held_.empty() && !heldTask_.isQueued()) loop_.post(heldTask_);
-  rollBackExports(m.caps);
-  releaseHeld(m);
+  heldToDrop_.push_back(questionId);  // capacity kept: a drop allocates only the first time
+  if (droppingHeld_) return;
+  droppingHeld_ = true;
+  while (!heldToDrop_.empty()) {
+    const uint32_t id = heldToDrop_.back();
+    heldToDrop_.pop_back();
+    auto it = std::find_if(held_.begin(), held_.end(),
+                           [&](const HeldMessage& m) { return m.questionId == id; });
+    if (it == held_.end()) continue;  // dropped with the rest as the connection ended
+    std::list<HeldMessage> one;
+    one.splice(one.begin(), held_, it);
+    HeldMessage& m = one.front();
+    heldBytes_ -= m.buffer->usedBytes;
+    giveSpill(std::exchange(m.buffer, nullptr));
+    --heldCalls_;
+    questions_[id].held = false;
+    questions_[id].finishSent = true;  // nothing to finish: the peer never saw it
+    freeQuestion(id);
+    ++stats_.callsCancelledHeld;
+    if (!held_.empty() && !heldTask_.isQueued()) loop_.post(heldTask_);
+    releaseHeld(m);  // a call pipelined on another held one may drop that one (queued above)
+  }
+  droppingHeld_ = false;
+}
+
+Status RpcConnection::admitToHold(size_t bytes) const {
+  if (queuedBytes_ + heldBytes_ + bytes <= options_.maxQueuedBytes) return {};
+  return Error(Errc::OUT_OF_MEMORY,
+               "RpcOptions::maxQueuedBytes of calls wait for reply space or for the peer to "
+               "read: await some before sending more");
 }
 
 // The connection ended: nothing held will go. Their questions were failed already.
@@ -721,10 +747,9 @@ void RpcConnection::dropAllHeld() noexcept {
   held_.clear();
   heldBytes_ = 0;
   heldCalls_ = 0;
-  for (HeldMessage& m : held) {
+  for (HeldMessage& m : held) {  // first: releasing may drop a question that was held
     giveSpill(std::exchange(m.buffer, nullptr));
     if (m.questionId != 0) questions_[m.questionId].held = false;
-    rollBackExports(m.caps);
   }
   for (HeldMessage& m : held) releaseHeld(m);
 }

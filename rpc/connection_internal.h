@@ -382,12 +382,11 @@ class HandoffTable {
 // ---------------------------------------------------------------------------------------------
 // Table entries
 
-// A message held for reply space (RpcOptions::whenReplySpaceIsFull): a call, with what the
-// Request held until its Call is out (its target, its cap table), or a Disembargo held behind
-// calls, with references to the import it names and its Provide's question.
+// A message held for reply space (RpcOptions::whenReplySpaceIsFull): a call (never one carrying
+// capabilities), with the reference to its target the Request held until its Call is out, or a
+// Disembargo held behind calls, with references to the import it names and its Provide's
+// question.
 struct RpcConnection::HeldMessage {
-  HeldMessage() = default;
-  explicit HeldMessage(detail::CapTable&& table) noexcept : caps(std::move(table)) {}
   detail::SpillBuffer* buffer = nullptr;  // the finished message; null once dropped
   uint32_t questionId = 0;                // a call's question; 0 for the others
   uint32_t replyReserve = 0;              // reserved when it goes
@@ -395,7 +394,6 @@ struct RpcConnection::HeldMessage {
   bool toAnswer = false;
   uint32_t targetId = 0;
   uint32_t provideQuestion = internal::NONE;  // a Disembargo {provide}'s question, referenced
-  detail::CapTable caps;
 };
 
 struct RpcConnection::Question {

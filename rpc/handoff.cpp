@@ -273,8 +273,11 @@ Result<uint32_t> RpcConnection::addForeignCap(detail::CapTable& table, const Rem
   // Only a plain import: a promise import (pending, or resolved to something else) is proxied,
   // so the recipient's calls reach the host's promise export, which queues them until it
   // settles, and follow its resolution from there.
+  // Not while the host holds calls for reply space: the Provide would overtake them, and the
+  // recipient's calls could reach the object before calls made on it earlier; proxied, they
+  // follow them through this vat.
   const bool handoff = cap.kind_ == RemoteCap::Kind::IMPORT && host.isPlainImport(cap.id_) &&
-                       canHandOff(host) &&
+                       canHandOff(host) && !host.holding() &&
                        options_.network->introduce(host.options_.peerVat, options_.peerVat);
   if (!handoff) {
     auto proxy = std::make_unique<Forwarder>(cap, RemoteCap());
@@ -819,11 +822,8 @@ void RpcConnection::sendDisembargo(uint32_t exportId, uint32_t provideQuestion) 
   const bool fromRing = slot->ring_.has_value();
   Result<detail::SpillBuffer*> b = finishToSpill(*slot);
   if (b) holdDisembargo(*b, exportId, provideQuestion);
-  if (fromRing) afterRingClosed();  // what queued up behind its frame goes now
-  if (b) {
-    ++stats_.disembargoesSent;
-    ++stats_.disembargoesHeld;
-  }
+  if (fromRing) afterRingClosed();   // what queued up behind its frame goes now
+  if (b) ++stats_.disembargoesHeld;  // counted as sent when it goes (sendHeld)
 }
 
 }  // namespace agate::rpc

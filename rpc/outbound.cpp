@@ -68,13 +68,7 @@ void RpcConnection::giveSpill(detail::SpillBuffer* b) noexcept {
 }
 
 Status RpcConnection::admitToQueue(OutKind kind, size_t bytes) {
-  if (kind == OutKind::CONTROL || queuedBytes_ + bytes <= options_.maxQueuedBytes) {
-    if (kind != OutKind::CALL || queuedBytes_ + heldBytes_ + bytes <= options_.maxQueuedBytes)
-      return {};
-    return Error(Errc::OUT_OF_MEMORY,
-                 "RpcOptions::maxQueuedBytes of calls wait for reply space or for the peer to "
-                 "read: await some before sending more");
-  }
+  if (kind == OutKind::CONTROL || queuedBytes_ + bytes <= options_.maxQueuedBytes) return {};
   if (kind == OutKind::CALL)
     return Error(Errc::OUT_OF_MEMORY,
                  "the peer is not reading: RpcOptions::maxQueuedBytes of messages wait for it");

@@ -922,6 +922,29 @@ TEST_F(HandoffTest, EOrderHoldsAcrossTheHandoffWhileCallsAreHeldForReplySpace) {
   }));
 }
 
+// C passes A's object to B while C's own calls on it are held for reply space on C->A: a
+// Provide would overtake them (B's calls could then reach A first), so the capability goes to
+// B as a proxy through C, and B's calls follow C's.
+TEST_F(HandoffTest, ACapabilityPassedWhileItsHostHoldsCallsIsProxiedAndKeepsEOrder) {
+  openNetwork(4096, 0, /*replyBytesPerCall=*/2040);
+  {
+    RemoteCap a = boot(C, A);
+    std::vector<RemotePromise> mine;
+    for (uint64_t i = 0; i < 10; ++i) mine.push_back(record(a, i));
+    ASSERT_GT(conn(C, A).heldCallCount(), 0u);
+    RemotePromise taken = take(boot(C, B), a, 100);
+    ASSERT_TRUE(runUntil(loop_, [&] { return aLog_.order.size() == 110; })) << aLog_.order.size();
+    for (uint64_t i = 0; i < 10; ++i) ASSERT_EQ(aLog_.order[i], i) << "at " << i;
+    for (uint64_t i = 0; i < 100; ++i)
+      ASSERT_EQ(aLog_.order[10 + i], Recipient::FIRST_RECORD + i) << "at " << 10 + i;
+    EXPECT_EQ(conn(C, A).stats().providesSent, 0u) << "handed off while calls were held";
+    for (RemotePromise& p : mine) ASSERT_TRUE(loop_.run(awaitValue(std::move(p))).ok());
+    for (RemotePromise& p : recipient_.sent) ASSERT_TRUE(loop_.run(awaitValue(std::move(p))).ok());
+    recipient_.clear();
+    ASSERT_TRUE(loop_.run(awaitValue(std::move(taken))).ok());
+  }
+}
+
 // The race the embargo exists for: C still has B's earlier calls to forward (readers take one
 // message per turn, so A reads C's ring slowly) when B's direct calls reach A. Without the
 // embargo A would deliver B's direct calls as soon as it has the Provide and the Accept.

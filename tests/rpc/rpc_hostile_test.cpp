@@ -5,8 +5,6 @@
 // tables as they were.
 #include <gtest/gtest.h>
 
-#include <string>
-
 #include <array>
 #include <functional>
 #include <map>

@@ -705,7 +705,12 @@ struct RpcOptions {
   //   either a call is refused. Dropping the promise of a held call drops it (nothing is
   //   sent). Finishes, Releases, Returns, Resolves, Provides and Accepts are never held, so
   //   cancelling a call in flight frees its space, and the peer's progress never waits for
-  //   this side's own calls; what a held message names stays referenced until it goes.
+  //   this side's own calls; what a held message names stays referenced until it goes. A call
+  //   carrying capabilities is never held (it would export objects the peer could name before
+  //   it went): it is refused as under REFUSE. A capability of the peer's passed on to a third
+  //   vat while calls are held is proxied, not handed off. Holding has no time bound: a caller
+  //   whose calls in flight wait for a call of its own that is held (a lock's release behind
+  //   long acquires) waits for ever; reserve less, or use REFUSE.
   //   REFUSE: the call is refused at send() with OUT_OF_MEMORY, nothing sent, and the request
   //   stays refused: for a caller that would rather shed load than wait.
   // A call reserving more than the whole ring is refused either way.
@@ -909,6 +914,7 @@ class RpcConnection {
   void releaseHeld(HeldMessage& m) noexcept;
   void dropHeldCall(uint32_t questionId) noexcept;
   void dropAllHeld() noexcept;
+  Status admitToHold(size_t bytes) const;
   void sendHeld();
   void sendFinish(uint32_t questionId);
   void queueFinish(uint32_t questionId);
@@ -1128,8 +1134,10 @@ class RpcConnection {
   // calls (their questions open, Question::held), and the Disembargoes sent behind them. A
   // list: a dropped call leaves from the middle.
   std::list<HeldMessage> held_;
-  uint32_t heldCalls_ = 0;  // the calls among them
-  size_t heldBytes_ = 0;    // their bytes: with queuedBytes_, bounded by maxQueuedBytes
+  uint32_t heldCalls_ = 0;            // the calls among them
+  std::vector<uint32_t> heldToDrop_;  // dropHeldCall's worklist
+  bool droppingHeld_ = false;
+  size_t heldBytes_ = 0;  // their bytes: with queuedBytes_, bounded by maxQueuedBytes
   std::vector<std::unique_ptr<Answer>> answers_;  // by the peer's question id
   uint32_t answersLive_ = 0;
   std::vector<Export> exports_;
