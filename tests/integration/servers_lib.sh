@@ -15,7 +15,7 @@ trap cleanup EXIT
 start_server() {
   local name=$1
   shift
-  timeout 120 "$@" --home "$home" >"$home/$name.out" 2>&1 &
+  timeout -k 30 120 "$@" --home "$home" >"$home/$name.out" 2>&1 &
   pids+=($!)
   for _ in $(seq 1 500); do
     grep -q "^$name: serving" "$home/$name.out" 2>/dev/null && return 0
@@ -26,8 +26,28 @@ start_server() {
 }
 
 # stop_server PID: SIGTERM, then the exit status must be 0 (it unregistered and exited cleanly).
+# A server still running 20 s later fails the test, naming it, with its threads' stacks when gdb
+# can attach (rather than hanging until the test's timeout).
 stop_server() {
-  local pid=$1
+  local pid=$1 status=0
+  local server
+  server=$(pgrep -P "$pid" | head -n 1)
   kill -TERM "$pid"
-  wait "$pid"
+  for _ in $(seq 1 400); do
+    [ -n "$server" ] && kill -0 "$server" 2>/dev/null || break
+    sleep 0.05
+  done
+  if [ -n "$server" ] && kill -0 "$server" 2>/dev/null &&
+    ! grep -q zombie "/proc/$server/status" 2>/dev/null; then
+    echo "$test_name: $(tr '\0' ' ' <"/proc/$server/cmdline") (pid $server) did not exit" \
+      "within 20 s of SIGTERM" >&2
+    if command -v gdb >/dev/null; then
+      timeout 30 gdb -p "$server" -batch -ex "thread apply all bt" >&2 2>&1 || true
+    fi
+    kill -KILL "$server" 2>/dev/null || true
+    wait "$pid" || true
+    return 1
+  fi
+  wait "$pid" || status=$?
+  return "$status"
 }
