@@ -11,11 +11,14 @@ cleanup() {
 trap cleanup EXIT
 
 # start_server NAME COMMAND...: starts a server in the background (under `timeout`, the
-# watchdog) and waits for its "NAME: serving" line.
+# watchdog) and waits for its "NAME: serving" line. `timeout --foreground`: otherwise timeout
+# follows the SIGTERM it forwards with a SIGCONT, which can land while LeakSanitizer (ASan
+# builds) is stopping the exiting server to scan it: the SIGCONT discards the SIGSTOP its
+# tracer waits for, and the server hangs (3 runs in 20 on a loaded machine).
 start_server() {
   local name=$1
   shift
-  timeout -k 30 120 "$@" --home "$home" >"$home/$name.out" 2>&1 &
+  timeout --foreground -k 30 120 "$@" --home "$home" >"$home/$name.out" 2>&1 &
   pids+=($!)
   for _ in $(seq 1 500); do
     grep -q "^$name: serving" "$home/$name.out" 2>/dev/null && return 0
