@@ -192,6 +192,10 @@ class HandoffTest : public ::testing::Test {
     net_.reset();
   }
   RpcConnection& conn(VatId from, VatId to) { return *net_->connection(from, to).value(); }
+  // C passes B a capability pipelined on `a`'s NEXT_LATER (B calls it 100 times at once), and
+  // the test makes 100 more calls on B's reference while the route changes: A must see all 200
+  // in B's order. Returns the NEXT_LATER call and the TAKE, still to be awaited.
+  std::pair<RemotePromise, RemotePromise> passAndCallWhileTheRouteChanges(const RemoteCap& a);
   RemoteCap boot(VatId from, VatId to) { return conn(from, to).bootstrap(); }
   // A child Node of A (value 1), owned by A's connection to C.
   RemoteCap childOfA() {
@@ -846,6 +850,16 @@ void expectInOrder(const std::vector<uint64_t>& order, size_t n) {
   for (uint64_t i = 0; i < n; ++i) ASSERT_EQ(order[i], Recipient::FIRST_RECORD + i) << "at " << i;
 }
 
+std::pair<RemotePromise, RemotePromise> HandoffTest::passAndCallWhileTheRouteChanges(
+    const RemoteCap& a) {
+  RemotePromise child = a.newCall(NODE_INTERFACE_ID, NEXT_LATER, 16).send();
+  RemotePromise taken = take(boot(C, B), child.pipeline({0}), 100);
+  callWhileTheRouteChanges(loop_, recipient_, 100, 200);
+  EXPECT_TRUE(runUntil(loop_, [&] { return aLog_.order.size() == 200; })) << aLog_.order.size();
+  expectInOrder(aLog_.order, 200);
+  return {std::move(child), std::move(taken)};
+}
+
 TEST_F(HandoffTest, CallsOnAPassedPipelinedCapabilityKeepEOrderWhenItsRouteShortensToTheHost) {
   for (uint64_t ring : {uint64_t{64 * 1024}, uint64_t{4096}}) {
     SCOPED_TRACE(ring);
@@ -853,11 +867,7 @@ TEST_F(HandoffTest, CallsOnAPassedPipelinedCapabilityKeepEOrderWhenItsRouteShort
     openNetwork(ring);
     {
       RemoteCap a = boot(C, A);
-      RemotePromise child = a.newCall(NODE_INTERFACE_ID, NEXT_LATER, 16).send();
-      RemotePromise taken = take(boot(C, B), child.pipeline({0}), 100);
-      callWhileTheRouteChanges(loop_, recipient_, 100, 200);
-      ASSERT_TRUE(runUntil(loop_, [&] { return aLog_.order.size() == 200; })) << aLog_.order.size();
-      expectInOrder(aLog_.order, 200);
+      auto [child, taken] = passAndCallWhileTheRouteChanges(a);
       for (RemotePromise& p : recipient_.sent)
         ASSERT_TRUE(loop_.run(awaitValue(std::move(p))).ok());
       recipient_.sent.clear();
@@ -898,11 +908,7 @@ TEST_F(HandoffTest, EOrderHoldsAcrossTheHandoffWhileCallsAreHeldForReplySpace) {
   openNetwork(4096, 0, /*replyBytesPerCall=*/2040);
   {
     RemoteCap a = boot(C, A);
-    RemotePromise child = a.newCall(NODE_INTERFACE_ID, NEXT_LATER, 16).send();
-    RemotePromise taken = take(boot(C, B), child.pipeline({0}), 100);
-    callWhileTheRouteChanges(loop_, recipient_, 100, 200);
-    ASSERT_TRUE(runUntil(loop_, [&] { return aLog_.order.size() == 200; })) << aLog_.order.size();
-    expectInOrder(aLog_.order, 200);
+    auto [child, taken] = passAndCallWhileTheRouteChanges(a);
     EXPECT_GT(conn(B, C).stats().callsHeld, 0u) << "B's calls through C were never held";
     EXPECT_GT(conn(C, A).stats().callsHeld, 0u) << "C's forwarded calls were never held";
     EXPECT_EQ(conn(B, C).stats().disembargoesSent, 1u);
@@ -983,11 +989,7 @@ TEST_F(HandoffTest, APassedPipelinedCapabilityStaysAProxyWhenTheNetworkCannotInt
   openNetwork();
   net_->refuseIntroductions(true);
   RemoteCap a = boot(C, A);
-  RemotePromise child = a.newCall(NODE_INTERFACE_ID, NEXT_LATER, 16).send();
-  RemotePromise taken = take(boot(C, B), child.pipeline({0}), 100);
-  callWhileTheRouteChanges(loop_, recipient_, 100, 200);
-  ASSERT_TRUE(runUntil(loop_, [&] { return aLog_.order.size() == 200; })) << aLog_.order.size();
-  expectInOrder(aLog_.order, 200);
+  auto [child, taken] = passAndCallWhileTheRouteChanges(a);
   EXPECT_EQ(conn(C, B).stats().resolvesSent, 1u) << "resolved to a proxy (senderHosted)";
   EXPECT_EQ(conn(C, A).stats().providesSent, 0u);
   EXPECT_EQ(conn(B, C).stats().disembargoesSent, 0u);
