@@ -275,9 +275,11 @@ Result<uint32_t> RpcConnection::addForeignCap(detail::CapTable& table, const Rem
   // settles, and follow its resolution from there.
   // Not while the host holds calls for reply space: the Provide would overtake them, and the
   // recipient's calls could reach the object before calls made on it earlier; proxied, they
-  // follow them through this vat.
+  // follow them through this vat. Nor with maxQuestions questions open to the host: the
+  // Provide's question would pass the host's answer table, which aborts the connection.
   const bool handoff = cap.kind_ == RemoteCap::Kind::IMPORT && host.isPlainImport(cap.id_) &&
                        canHandOff(host) && !host.holding() &&
+                       host.questionsLive_ < host.options_.maxQuestions &&
                        options_.network->introduce(host.options_.peerVat, options_.peerVat);
   if (!handoff) {
     auto proxy = std::make_unique<Forwarder>(cap, RemoteCap());

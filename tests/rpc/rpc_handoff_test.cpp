@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <optional>
 
@@ -948,6 +949,34 @@ TEST_F(HandoffTest, ACapabilityPassedWhileItsHostHoldsCallsIsProxiedAndKeepsEOrd
     for (RemotePromise& p : recipient_.sent) ASSERT_TRUE(loop_.run(awaitValue(std::move(p))).ok());
     recipient_.clear();
     ASSERT_TRUE(loop_.run(awaitValue(std::move(taken))).ok());
+  }
+}
+
+// C has maxQuestions questions open to A when it passes A's object to B: a Provide would take one
+// more, past A's answer table (A would abort C), so the capability goes to B as a proxy. B's
+// calls through it are refused at C's bound while it lasts, and go once C's calls return.
+TEST_F(HandoffTest, ACapabilityPassedWithMaxQuestionsOpenToItsHostIsProxied) {
+  openNetwork();  // 64 KiB rings: 4095 calls of 16 bytes fit in flight
+  {
+    RemoteCap a = boot(C, A);
+    std::deque<RemotePromise> hanging;
+    for (int i = 0; i < 4095; ++i) hanging.push_back(a.newCall(NODE_INTERFACE_ID, HANG, 16).send());
+    ASSERT_TRUE(runUntil(loop_, [&] { return aLog_.hanging == 4095; })) << aLog_.hanging;
+    ASSERT_EQ(conn(C, A).questionCount(), 4095u);
+    ASSERT_EQ(conn(C, A).heldCallCount(), 0u);
+    RemotePromise taken = take(boot(C, B), a, 3);
+    ASSERT_TRUE(loop_.run(awaitValue(std::move(taken))).ok());
+    EXPECT_EQ(conn(C, A).stats().providesSent, 0u) << "handed off past A's answer table";
+    for (RemotePromise& p : recipient_.sent)
+      EXPECT_EQ(loop_.run(awaitValue(std::move(p))).code(), Errc::OUT_OF_MEMORY);
+    recipient_.sent.clear();
+    EXPECT_TRUE(conn(A, C).isOpen() && conn(C, A).isOpen());
+    hanging.clear();
+    ASSERT_TRUE(runUntil(loop_, [&] { return conn(C, A).questionCount() == 0; }));
+    Result<uint64_t> later = loop_.run(awaitValue(record(recipient_.held, 7)));
+    EXPECT_TRUE(later.ok()) << errcName(later.code());
+    EXPECT_EQ(aLog_.order, (std::vector<uint64_t>{7}));
+    recipient_.clear();
   }
 }
 
