@@ -584,9 +584,7 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
     if (!written || !hold) {
       sent = written ? finishOut(request.slot_) : written;
     } else {
-      const bool fromRing = request.slot_.ring_.has_value();
-      Result<detail::SpillBuffer*> b = finishToSpill(request.slot_);
-      if (fromRing) afterRingClosed();  // what queued up behind its frame goes now
+      Result<detail::SpillBuffer*> b = finishToHold(request.slot_);
       if (!b) {
         sent = b.error();
       } else if (!isOpen()) {
@@ -652,13 +650,7 @@ void RpcConnection::holdDisembargo(detail::SpillBuffer* buffer, uint32_t exportI
 // What a held message kept referenced until it went (or was dropped): its target, a
 // Disembargo's Provide question. Releasing them may send (a Release, a Finish).
 void RpcConnection::releaseHeld(HeldMessage& m) noexcept {
-  if (std::exchange(m.holdsTarget, false)) {
-    if (m.toAnswer) {
-      questionUnref(m.targetId);
-    } else {
-      importUnref(m.targetId);
-    }
-  }
+  if (std::exchange(m.holdsTarget, false)) unrefTarget(m.toAnswer, m.targetId);
   if (const uint32_t q = std::exchange(m.provideQuestion, NONE); q != NONE) questionUnref(q);
 }
 
@@ -755,11 +747,15 @@ void RpcConnection::dropAllHeld() noexcept {
 }
 
 void RpcConnection::releaseTarget(Request& request) noexcept {
-  if (!std::exchange(request.holdsTarget_, false)) return;
-  if (request.toAnswer_) {
-    questionUnref(request.targetId_);
+  if (std::exchange(request.holdsTarget_, false)) unrefTarget(request.toAnswer_, request.targetId_);
+}
+
+// Drops the reference a request (or a held message) holds on its target: its question or import.
+void RpcConnection::unrefTarget(bool toAnswer, uint32_t id) noexcept {
+  if (toAnswer) {
+    questionUnref(id);
   } else {
-    importUnref(request.targetId_);
+    importUnref(id);
   }
 }
 

@@ -821,11 +821,14 @@ void RpcConnection::sendDisembargo(uint32_t exportId, uint32_t provideQuestion) 
     return;
   }
   // Behind the calls it must follow, which are held (RpcOptions::whenReplySpaceIsFull).
-  const bool fromRing = slot->ring_.has_value();
-  Result<detail::SpillBuffer*> b = finishToSpill(*slot);
-  if (b) holdDisembargo(*b, exportId, provideQuestion);
-  if (fromRing) afterRingClosed();   // what queued up behind its frame goes now
-  if (b) ++stats_.disembargoesHeld;  // counted as sent when it goes (sendHeld)
+  Result<detail::SpillBuffer*> b = finishToHold(*slot);
+  if (!b) return;
+  if (!isOpen()) {  // failed by what went out ahead of it
+    giveSpill(*b);
+    return;
+  }
+  holdDisembargo(*b, exportId, provideQuestion);
+  ++stats_.disembargoesHeld;  // counted as sent when it goes (sendHeld)
 }
 
 }  // namespace agate::rpc

@@ -163,6 +163,15 @@ Status RpcConnection::finishOut(detail::OutSlot& slot) {
   return {};
 }
 
+// finishToSpill for a message to be held (RpcOptions::whenReplySpaceIsFull): what queued up
+// behind its ring frame, if it had one, goes now. The connection may have failed meanwhile.
+Result<detail::SpillBuffer*> RpcConnection::finishToHold(detail::OutSlot& slot) {
+  const bool fromRing = slot.ring_.has_value();
+  Result<detail::SpillBuffer*> b = finishToSpill(slot);
+  if (fromRing) afterRingClosed();
+  return b;
+}
+
 // Finishes the message of `slot` into a spill buffer, not yet queued: one built in the ring is
 // copied out (frames are position-independent) and its frame given back (the caller then sends
 // what queued up behind the frame: afterRingClosed). Used when it must go behind messages

@@ -908,6 +908,7 @@ class RpcConnection {
   bool holding() const noexcept { return !held_.empty(); }
   detail::SpillBuffer* spillWords(std::span<const uint64_t> words);
   Result<detail::SpillBuffer*> finishToSpill(detail::OutSlot& slot);
+  Result<detail::SpillBuffer*> finishToHold(detail::OutSlot& slot);
   void holdDisembargo(detail::SpillBuffer* buffer, uint32_t exportId, uint32_t provideQuestion);
   void holdCall(detail::SpillBuffer* buffer, uint32_t questionId, uint32_t replyReserve,
                 Request& request);
@@ -958,6 +959,7 @@ class RpcConnection {
   RemotePromise sendRequest(Request& request);
   const Error* refusedResults(const RemoteCap& cap) const noexcept;
   void releaseTarget(Request& request) noexcept;
+  void unrefTarget(bool toAnswer, uint32_t id) noexcept;
   void questionRef(uint32_t id) noexcept;
   void questionUnref(uint32_t id) noexcept;
   void importRef(uint32_t id) noexcept;
