@@ -8,6 +8,8 @@
 // capabilities that would be held) refuse with state unchanged.
 #include <gtest/gtest.h>
 
+#include <capnp/schema.capnp.h>
+
 #include <cstring>
 #include <deque>
 #include <optional>
@@ -375,6 +377,60 @@ TEST_F(RpcHeldCalls, HeldBytesAreBoundedByMaxQueuedBytes) {
   hanging.clear();
   for (RemotePromise& p : held) EXPECT_EQ(outcome(loop, p).code, Errc::OK);
   EXPECT_EQ(log.order.size(), held.size());
+}
+
+// The same bound for calls with no params (sent as a handful of words, never built).
+TEST_F(RpcHeldCalls, HeldBytesOfEmptyCallsAreBoundedByMaxQueuedBytes) {
+  RpcOptions options;
+  options.maxMessageBytes = 1024;
+  options.maxQueuedBytes = 1024;
+  LocalPair pair(loop, &root, nullptr, options, RING);
+  RpcConnection& client = pair.client();
+  RemoteCap cap = client.bootstrap();
+  std::deque<RemotePromise> hanging = hangFit(cap);
+  std::vector<RemotePromise> held;
+  std::optional<RemotePromise> refused;
+  for (int i = 0; i < 1000 && !refused; ++i) {
+    RemotePromise p = cap.newCall(NODE_INTERFACE_ID, ECHO, 0).send();
+    if (p.questionId() == 0) {
+      refused.emplace(std::move(p));
+    } else {
+      held.push_back(std::move(p));
+    }
+  }
+  ASSERT_TRUE(refused.has_value()) << "never refused";
+  const Outcome o = outcome(loop, *refused);
+  EXPECT_EQ(o.code, Errc::OUT_OF_MEMORY);
+  EXPECT_NE(o.detail.find("wait for reply space"), std::string::npos) << o.detail;
+  EXPECT_EQ(client.heldCallCount(), held.size());
+  EXPECT_EQ(client.questionCount(), FIT + held.size());
+  hanging.clear();
+  for (RemotePromise& p : held) EXPECT_EQ(outcome(loop, p).code, Errc::OK);
+}
+
+// A call that would be held but whose params outgrew RpcOptions::maxMessageBytes is refused
+// with MESSAGE_TOO_LARGE, nothing held.
+TEST_F(RpcHeldCalls, ACallTooLargeToSendIsRefusedRatherThanHeld) {
+  RpcOptions options;
+  options.maxMessageBytes = 1024;
+  LocalPair pair(loop, &root, nullptr, options, RING);
+  RpcConnection& client = pair.client();
+  RemoteCap cap = client.bootstrap();
+  std::deque<RemotePromise> hanging = hangFit(cap);
+  const uint32_t questions = client.questionCount();
+  Request req = cap.newCall(NODE_INTERFACE_ID, ECHO, 64);
+  req.initParams<capnp::schema::Node>().setDisplayName(std::string(3000, 'x'));
+  RemotePromise refused = req.send();
+  EXPECT_EQ(refused.questionId(), 0u);
+  EXPECT_EQ(outcome(loop, refused).code, Errc::MESSAGE_TOO_LARGE);
+  EXPECT_EQ(client.heldCallCount(), 0u);
+  EXPECT_EQ(client.heldMessageCount(), 0u);
+  EXPECT_EQ(client.questionCount(), questions);
+  RemotePromise after = record(cap, 4);  // held, and goes once space frees
+  EXPECT_EQ(client.heldCallCount(), 1u);
+  hanging.clear();
+  EXPECT_EQ(outcome(loop, after).code, Errc::OK);
+  EXPECT_EQ(log.order, (std::vector<uint64_t>{4}));
 }
 
 TEST_F(RpcHeldCalls, ACallReservingMoreThanTheRingIsRefusedEvenWhenCallsAreHeld) {
