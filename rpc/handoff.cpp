@@ -420,6 +420,13 @@ RemoteCap RpcConnection::acceptThirdParty(const Decoded& d, uint32_t index, bool
     broken.broken_ = host != nullptr ? host->failure_ : d.capHostErrors[index];
     return broken;  // the vine goes now: the introducer reclaims the provision
   }
+  // With maxQuestions questions open to the host, the Accept's question would pass the host's
+  // answer table, which aborts the connection: the vine stays the reference (the introducer
+  // forwards its calls, in order, and reclaims the provision once it is released).
+  if (host->questionsLive_ >= host->options_.maxQuestions) {
+    ++host->stats_.acceptsDeclined;
+    return vine;
+  }
   return host->sendAccept(options_.peerVat, d.capProvisions[index], std::move(vine), embargo);
 }
 

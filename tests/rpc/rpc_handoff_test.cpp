@@ -980,6 +980,68 @@ TEST_F(HandoffTest, ACapabilityPassedWithMaxQuestionsOpenToItsHostIsProxied) {
   }
 }
 
+// The recipient's side of the same bound: with maxQuestions questions open from B to A, B's
+// Accept would pass A's answer table, so B keeps C's vine as the reference: its calls go through
+// C, in order, and the provision goes once the vine is released. For a capability in a call's
+// params and for a promise resolved to A's object (the embargoed Accept).
+TEST_F(HandoffTest, ARecipientWithMaxQuestionsOpenToTheHostKeepsTheVine) {
+  for (bool resolved : {false, true}) {
+    SCOPED_TRACE(resolved ? "a promise resolved to A's capability" : "A's capability in params");
+    aLog_.order.clear();
+    aLog_.hanging = 0;
+    openNetwork();  // 64 KiB rings: 4095 calls of 16 bytes fit in flight
+    {
+      RemoteCap a = boot(C, A);
+      std::deque<RemotePromise> hanging;
+      RemoteCap bToA = boot(B, A);
+      for (int i = 0; i < 4095; ++i)
+        hanging.push_back(bToA.newCall(NODE_INTERFACE_ID, HANG, 16).send());
+      ASSERT_TRUE(runUntil(loop_, [&] { return aLog_.hanging == 4095; })) << aLog_.hanging;
+      ASSERT_EQ(conn(B, A).questionCount(), 4095u);
+      RemotePromise taken = [&] {
+        if (!resolved) return take(boot(C, B), a, 3);
+        CapPromise later = conn(C, B).newCapPromise();
+        Request r = boot(C, B).newCall(NODE_INTERFACE_ID, TAKE, 64);
+        CapAndValue::Builder p = r.initParams<CapAndValue>();
+        writeCapPointer(p, 0, r.addCap(later).value());
+        p.setValue(3);
+        RemotePromise t = r.send();
+        EXPECT_TRUE(runUntil(loop_, [&] { return conn(C, B).stats().promiseCallsQueued == 3; }));
+        later.resolve(a);
+        return t;
+      }();
+      ASSERT_TRUE(runUntil(loop_, [&] {
+        Result<RpcConnection*> toA = net_->connection(B, A);
+        return !toA.ok() || !(*toA)->isOpen() || (*toA)->stats().acceptsDeclined == 1;
+      }));
+      ASSERT_TRUE(net_->connection(B, A).ok() && conn(B, A).isOpen()) << "A dropped B";
+      ASSERT_EQ(conn(B, A).stats().acceptsDeclined, 1u);
+      for (uint64_t i = 3; i < 6; ++i)
+        recipient_.sent.push_back(record(recipient_.held, Recipient::FIRST_RECORD + i));
+      for (RemotePromise& p : recipient_.sent) {
+        Result<uint64_t> r = loop_.run(awaitValue(std::move(p)));
+        EXPECT_TRUE(r.ok()) << errcName(r.code());
+      }
+      recipient_.sent.clear();
+      ASSERT_TRUE(loop_.run(awaitValue(std::move(taken))).ok());
+      EXPECT_EQ(conn(C, A).stats().providesSent, 1u) << "C could hand off: its questions are few";
+      EXPECT_EQ(conn(B, A).stats().acceptsSent, 0u);
+      EXPECT_EQ(conn(A, B).stats().callsReceived, 4095u) << "only the hanging calls came direct";
+      EXPECT_EQ(aLog_.order.size(), 6u);
+      expectInOrder(aLog_.order, 6);
+      EXPECT_TRUE(conn(A, B).isOpen() && conn(B, A).isOpen() && conn(A, C).isOpen());
+      EXPECT_EQ(net_->vat(A).provisionCount(), 1u) << "kept while B holds the vine";
+      recipient_.clear();
+      ASSERT_TRUE(runUntil(
+          loop_,
+          [&] { return net_->vat(A).provisionCount() == 0 && conn(B, C).importCount() == 0; }))
+          << "provisions " << net_->vat(A).provisionCount();
+      hanging.clear();
+      ASSERT_TRUE(runUntil(loop_, [&] { return conn(B, A).questionCount() == 0; }));
+    }
+  }
+}
+
 // The race the embargo exists for: C still has B's earlier calls to forward (readers take one
 // message per turn, so A reads C's ring slowly) when B's direct calls reach A. Without the
 // embargo A would deliver B's direct calls as soon as it has the Provide and the Accept.

@@ -782,7 +782,10 @@ struct RpcStats {
   uint64_t acceptsSent = 0;  // handoffs this vat took over this connection
   uint64_t acceptsReceived = 0;
   uint64_t acceptsWaited = 0;  // Accepts that arrived before their Provide
-  uint64_t resolvesSent = 0;   // promise capabilities this side exported and settled
+  // Handoffs not taken for maxQuestions questions open to the host: the introducer's vine
+  // stayed the reference.
+  uint64_t acceptsDeclined = 0;
+  uint64_t resolvesSent = 0;  // promise capabilities this side exported and settled
   uint64_t resolvesReceived = 0;
   uint64_t promiseCallsQueued = 0;  // calls held by this side until their promise settled
   // Calls whose params passed back a capability pipelined on one of this side's answers
