@@ -408,6 +408,17 @@ Result<uint32_t> RpcConnection::addCapFor(detail::CapTable& table, const RemoteC
                  "call's params");
   if (cap.kind_ != RemoteCap::Kind::IMPORT)
     return Error(Errc::INVALID_ARGUMENT, "a broken capability cannot be passed");
+  if (!inParams && holding()) {
+    // While calls are held for reply space, results pass it back as a proxy: as receiverHosted
+    // the peer would call its own object at once, ahead of the calls held here; through the
+    // proxy its calls come back here and go out behind them (E-order). (Params never get here
+    // then: a call carrying capabilities is not held.)
+    detail::CapEntry e;
+    e.kind = detail::CapEntry::Kind::SENDER_HOSTED;
+    e.owned = internal::makeForwarder(cap);
+    e.object = e.owned.get();
+    return addEntry(table, std::move(e));
+  }
   // Passed back to its host: receiverHosted. The entry holds a reference to the import until
   // the message is sent (or abandoned), so the caller may drop its own at once: any Release
   // goes out behind the message that names the export.
@@ -598,6 +609,7 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
     }
   }
   if (!sent) {
+    request.error_ = sent.error();  // refused for good: send() again gives this error
     if (request.slot_.active()) abandonOut(request.slot_);
     rollBackExports(request.caps_);
     giveQuestionId(qid);
@@ -709,7 +721,14 @@ void RpcConnection::dropHeldCall(uint32_t questionId) noexcept {
     heldToDrop_.pop_back();
     auto it = std::find_if(held_.begin(), held_.end(),
                            [&](const HeldMessage& m) { return m.questionId == id; });
-    if (it == held_.end()) continue;  // dropped with the rest as the connection ended
+    if (it == held_.end()) {
+      // Dropped with the rest as the connection ended (dropAllHeld, while this drop was
+      // releasing another): its call failed, so it is freed as any question of a dead
+      // connection whose last reference goes.
+      const Question& q = questions_[id];
+      if (q.inUse && q.refs == 0 && !q.held && q.returned && q.finishSent) freeQuestion(id);
+      continue;
+    }
     std::list<HeldMessage> one;
     one.splice(one.begin(), held_, it);
     HeldMessage& m = one.front();

@@ -338,6 +338,10 @@ void RpcConnection::openQuestion(uint32_t id) {
 // Provide's question: dropping it sends Finish.
 Result<RemoteCap> RpcConnection::sendProvide(uint32_t importId, VatId recipient,
                                              uint64_t provisionId) {
+  // Past maxQuestions the Provide's question would pass the host's answer table, which aborts
+  // the connection: the caller proxies instead.
+  if (questionsLive_ >= options_.maxQuestions)
+    return Error(Errc::OUT_OF_MEMORY, "RpcOptions::maxQuestions questions are open to the host");
   Result<detail::OutSlot> slot = startOut(HANDOFF_BYTES, OutKind::CALL);
   if (!slot) return slot.error();
   const uint32_t qid = takeQuestionId();

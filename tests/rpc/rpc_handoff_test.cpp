@@ -980,6 +980,40 @@ TEST_F(HandoffTest, ACapabilityPassedWithMaxQuestionsOpenToItsHostIsProxied) {
   }
 }
 
+// The same bound for a promise resolved to the host's object: no Provide, the promise resolves
+// to a proxy, and the recipient's calls go through the introducer.
+TEST_F(HandoffTest, APromiseResolvedWithMaxQuestionsOpenToTheHostResolvesToAProxy) {
+  openNetwork();  // 64 KiB rings: 4095 calls of 16 bytes fit in flight
+  {
+    RemoteCap a = boot(C, A);
+    CapPromise later = conn(C, B).newCapPromise();
+    Request r = boot(C, B).newCall(NODE_INTERFACE_ID, TAKE, 64);
+    CapAndValue::Builder p = r.initParams<CapAndValue>();
+    writeCapPointer(p, 0, r.addCap(later).value());
+    p.setValue(3);
+    RemotePromise taken = r.send();
+    ASSERT_TRUE(runUntil(loop_, [&] { return conn(C, B).stats().promiseCallsQueued == 3; }));
+    std::deque<RemotePromise> hanging;
+    for (int i = 0; i < 4095; ++i) hanging.push_back(a.newCall(NODE_INTERFACE_ID, HANG, 16).send());
+    ASSERT_TRUE(runUntil(loop_, [&] { return aLog_.hanging == 4095; })) << aLog_.hanging;
+    later.resolve(a);
+    ASSERT_TRUE(loop_.run(awaitValue(std::move(taken))).ok());
+    EXPECT_EQ(conn(C, A).stats().providesSent, 0u) << "handed off past A's answer table";
+    EXPECT_EQ(conn(C, B).stats().resolvesSent, 1u);
+    for (RemotePromise& sent : recipient_.sent)  // forwarded by C, which is at the bound
+      EXPECT_EQ(loop_.run(awaitValue(std::move(sent))).code(), Errc::OUT_OF_MEMORY);
+    recipient_.sent.clear();
+    EXPECT_TRUE(conn(A, C).isOpen() && conn(C, A).isOpen() && conn(C, B).isOpen());
+    hanging.clear();
+    ASSERT_TRUE(runUntil(loop_, [&] { return conn(C, A).questionCount() == 0; }));
+    Result<uint64_t> after = loop_.run(awaitValue(record(recipient_.held, 7)));
+    EXPECT_TRUE(after.ok()) << errcName(after.code());
+    EXPECT_EQ(aLog_.order, (std::vector<uint64_t>{7}));
+    EXPECT_EQ(net_->pairCount(), 2u) << "B never connected to A";
+    recipient_.clear();
+  }
+}
+
 // The recipient's side of the same bound: with maxQuestions questions open from B to A, B's
 // Accept would pass A's answer table, so B keeps C's vine as the reference: its calls go through
 // C, in order, and the provision goes once the vine is released. For a capability in a call's

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "agate/rpc/local_network.h"
 #include "rpc_harness.h"
 #include "support/watchdog.h"
 
@@ -187,6 +188,52 @@ TEST_F(RpcHeldCalls, ADroppedHeldCallIsNeverSentAndReleasesItsTarget) {
   EXPECT_EQ(log.order, (std::vector<uint64_t>{8})) << "the dropped call was sent";
 }
 
+// The connection ends inside a drop: the dropped held call's Release finds the receiver gone,
+// and in the failure a promise waiting on a second held call's answer lets go of it: its
+// question is freed too (it is no longer held by then). Nothing is left.
+TEST_F(RpcHeldCalls, AHeldCallLetGoAsTheConnectionFailsInsideADropIsFreed) {
+  // Two connections of one vat on one network (to vats 1 and 2), so that a capability pipelined
+  // on a call to vat 1, passed to vat 2, waits on that call's answer.
+  LocalNetwork net(loop);
+  VatNetwork& network = net.addVat(3, nullptr);
+  LocalPair pair(loop, RpcOptions{.bootstrap = &root},
+                 RpcOptions{.network = &network, .peerVat = 1}, RING);
+  LocalPair other(loop, RpcOptions{}, RpcOptions{.network = &network, .peerVat = 2}, RING);
+  RpcConnection& client = pair.client();
+  RemoteCap cap = client.bootstrap();
+  std::optional<RemoteCap> child;  // an import: its last reference going sends Release at once
+  (void)loop.run([&]() -> Promise<void> {
+    Result<Response> r = co_await cap.newCall(NODE_INTERFACE_ID, NEXT, 0).send();
+    AGATE_CO_TRY(r);
+    Result<ReceivedCap> got = r->getCap(0);
+    AGATE_CO_TRY(got);
+    child.emplace(got->remote);
+    co_return {};
+  }());
+  ASSERT_TRUE(child.has_value());
+  std::deque<RemotePromise> hanging = hangFit(cap);
+  std::optional<RemotePromise> dropped(record(*child, 9));  // held: the child's last reference
+  child.reset();
+  std::optional<RemotePromise> watched(cap.newCall(NODE_INTERFACE_ID, NEXT, 0).send());  // held
+  // A request to vat 2 carrying the pipelined capability: a promise that waits on its answer.
+  std::optional<Request> passing(other.client().bootstrap().newCall(NODE_INTERFACE_ID, ECHO, 64));
+  ASSERT_TRUE(passing->addCap(watched->pipeline({0})).ok());
+  watched.reset();
+  ASSERT_EQ(client.heldCallCount(), 2u);
+  ASSERT_EQ(client.questionCount(), FIT + 2);
+  pair.serverReceiver().receiver().detach();  // the Release cannot be sent
+  dropped.reset();
+  EXPECT_FALSE(client.isOpen());
+  EXPECT_EQ(client.heldCallCount(), 0u);
+  EXPECT_EQ(client.heldMessageCount(), 0u);
+  for (RemotePromise& p : hanging) EXPECT_EQ(outcome(loop, p).code, Errc::DISCONNECTED);
+  hanging.clear();
+  passing.reset();
+  cap = RemoteCap();
+  EXPECT_EQ(client.questionCount(), 0u) << "a question leaked";
+  EXPECT_EQ(client.handleCount(), 0u);
+}
+
 // A held call keeps its target referenced: the Release of a reference dropped meanwhile follows
 // the Call, which reaches the object.
 TEST_F(RpcHeldCalls, AReleaseOfAHeldCallsTargetFollowsTheCall) {
@@ -206,6 +253,68 @@ TEST_F(RpcHeldCalls, AReleaseOfAHeldCallsTargetFollowsTheCall) {
   EXPECT_EQ(o.value, 11u);
   EXPECT_TRUE(runUntil(loop, [&] { return log.destroyed == 1; })) << "the child was not released";
   hanging.clear();
+}
+
+// The client's object that gives back whatever capability it was handed (`given`).
+class Giver final : public ServerObject {
+ public:
+  Promise<void> dispatch(uint64_t, uint16_t, CallContext& ctx) override {
+    Result<CapAndValue::Builder> out = ctx.initResultsAs<CapAndValue>(32);
+    if (!out) return readyPromise<void>(out.error());
+    Result<uint32_t> index = ctx.addResultCap(given);
+    if (!index) return readyPromise<void>(index.error());
+    writeCapPointer(*out, 0, *index);
+    return readyPromise<void>(Status{});
+  }
+  RemoteCap given;
+};
+
+// While calls on the server's object are held, the client returns that object to the server: as
+// a proxy, not as the server's own object (which the server would call at once, ahead of the
+// held calls). The server's call through the proxy reaches the object after them.
+TEST_F(RpcHeldCalls, AnObjectReturnedToItsHostWhileCallsOnItAreHeldGoesAsAProxy) {
+  Giver giver;
+  LocalPair pair(loop, &root, &giver, {}, RING);
+  RpcConnection& client = pair.client();
+  RemoteCap cap = client.bootstrap();
+  for (bool holding : {false, true}) {
+    SCOPED_TRACE(holding ? "calls held" : "nothing held");
+    log.order.clear();
+    std::deque<RemotePromise> hanging;
+    std::optional<RemotePromise> held;
+    if (holding) {
+      hanging = hangFit(cap);
+      held.emplace(record(cap, 1));
+      ASSERT_EQ(client.heldCallCount(), 1u);
+    }
+    giver.given = cap;
+    std::optional<ReceivedCap> got;
+    Status called = loop.run([&]() -> Promise<void> {
+      Result<Response> r =
+          co_await pair.server().bootstrap().newCall(NODE_INTERFACE_ID, NEXT, 0).send();
+      AGATE_CO_TRY(r);
+      Result<ReceivedCap> c = r->getCap(0);
+      AGATE_CO_TRY(c);
+      got.emplace(*c);
+      co_return {};
+    }());
+    ASSERT_TRUE(called.ok()) << errcName(called.code());
+    giver.given = RemoteCap();
+    if (!holding) {
+      EXPECT_EQ(got->local, &root) << "its own object, called directly";
+      continue;
+    }
+    ASSERT_EQ(got->local, nullptr) << "its own object: called ahead of the held call";
+    const size_t exports = client.exportCount();  // the giver and the proxy
+    RemotePromise through = record(got->remote, 2);
+    hanging.clear();
+    EXPECT_EQ(outcome(loop, *held).code, Errc::OK);
+    EXPECT_EQ(outcome(loop, through).code, Errc::OK);
+    EXPECT_EQ(log.order, (std::vector<uint64_t>{1, 2}));
+    got.reset();
+    EXPECT_TRUE(runUntil(loop, [&] { return client.exportCount() == exports - 1; }))
+        << "the proxy was not released";
+  }
 }
 
 // Not held: its cap table would export objects the peer could name before the Call is out.
@@ -360,9 +469,14 @@ TEST_F(RpcHeldCalls, HeldBytesAreBoundedByMaxQueuedBytes) {
   std::vector<RemotePromise> held;
   std::optional<RemotePromise> refused;
   for (int i = 0; i < 1000; ++i) {
-    RemotePromise p = record(cap, static_cast<uint64_t>(i));
+    Request req = cap.newCall(NODE_INTERFACE_ID, RECORD, 16);
+    req.initParams<Value>().setValue(static_cast<uint64_t>(i));
+    RemotePromise p = req.send();
     if (p.questionId() == 0) {
       refused.emplace(std::move(p));
+      RemotePromise again = req.send();  // refused for good: the same error, nothing held
+      EXPECT_EQ(again.questionId(), 0u);
+      EXPECT_EQ(outcome(loop, again).code, Errc::OUT_OF_MEMORY);
       break;
     }
     held.push_back(std::move(p));
@@ -423,6 +537,9 @@ TEST_F(RpcHeldCalls, ACallTooLargeToSendIsRefusedRatherThanHeld) {
   RemotePromise refused = req.send();
   EXPECT_EQ(refused.questionId(), 0u);
   EXPECT_EQ(outcome(loop, refused).code, Errc::MESSAGE_TOO_LARGE);
+  RemotePromise again = req.send();  // refused for good: the same error, nothing sent or held
+  EXPECT_EQ(again.questionId(), 0u);
+  EXPECT_EQ(outcome(loop, again).code, Errc::MESSAGE_TOO_LARGE);
   EXPECT_EQ(client.heldCallCount(), 0u);
   EXPECT_EQ(client.heldMessageCount(), 0u);
   EXPECT_EQ(client.questionCount(), questions);

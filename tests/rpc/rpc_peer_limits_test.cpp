@@ -172,7 +172,14 @@ TEST(RpcPeerLimits, OwnCallsPastTheQueueBoundAreRefusedAndTheConnectionCarriesOn
     Request req = peer.newCall(NODE_INTERFACE_ID, ECHO, 64);
     req.initParams<Value>().setValue(static_cast<uint64_t>(i));
     sent.push_back(req.noPipelining().send());
-    if (sent.back().questionId() == 0) refused = outcome(loop_, sent.back());
+    if (sent.back().questionId() != 0) continue;
+    refused = outcome(loop_, sent.back());
+    // The refused request stays refused: sending it again gives the same error, sends nothing.
+    const uint32_t questions = victim_->questionCount();
+    RemotePromise again = req.send();
+    EXPECT_EQ(again.questionId(), 0u);
+    EXPECT_EQ(outcome(loop_, again), Errc::OUT_OF_MEMORY);
+    EXPECT_EQ(victim_->questionCount(), questions);
   }
   EXPECT_EQ(refused, Errc::OUT_OF_MEMORY);
   EXPECT_TRUE(victim_->isOpen());
