@@ -81,6 +81,7 @@ Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
         break;
       }
       case detail::CapEntry::Kind::NONE:
+      case detail::CapEntry::Kind::FOREIGN:  // never decoded
         break;
     }
   }
@@ -198,6 +199,8 @@ Promise<void> RpcConnection::drive(uint32_t answerId, Promise<void> dispatch) {
 }
 
 void RpcConnection::completeAnswer(uint32_t answerId, Status status) {
+  // Handoffs decided as the Return goes (first: a Provide's failure can end this connection).
+  if (status && isOpen()) settleForeignCaps(answers_[answerId]->context.resultCaps_);
   Answer& a = *answers_[answerId];
   AGATE_ASSERT(a.state == Answer::State::RUNNING, "answer %u completed twice", answerId);
   CallContext& ctx = a.context;

@@ -532,6 +532,7 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
     detail::CapTable& caps;
     ~ClearCaps() { caps.clear(); }
   } clearCaps{request.caps_};
+  if (request.error_.code == Errc::OK && isOpen()) settleForeignCaps(request.caps_);
   if (request.error_.code == Errc::OK && !isOpen()) request.error_ = failure_;
   if (request.error_.code == Errc::OK && request.unbuilt_ && request.caps_.size() > 0)
     buildCall(request);  // the cap table goes in a built message

@@ -167,7 +167,8 @@ inline size_t capTableBytes(const detail::CapTable& caps) {
   for (uint32_t i = 0; i < caps.size(); ++i) {
     if (caps[i].kind == detail::CapEntry::Kind::RECEIVER_ANSWER)
       words += Answer::dataWordSize + Answer::pointerCount + (MAX_PIPELINE_PATH + 3) / 4;
-    if (caps[i].kind == detail::CapEntry::Kind::THIRD_PARTY)
+    if (caps[i].kind == detail::CapEntry::Kind::THIRD_PARTY ||
+        caps[i].kind == detail::CapEntry::Kind::FOREIGN)  // may become THIRD_PARTY
       words += Third::dataWordSize + Third::pointerCount;
   }
   return words * WORD_BYTES;

@@ -256,7 +256,7 @@ Result<uint32_t> RpcConnection::addReceivedFor(detail::CapTable& table, RpcConne
 
 Result<uint32_t> RpcConnection::addForeignCap(detail::CapTable& table, const RemoteCap& cap) {
   RpcConnection& host = *cap.conn_;
-  if (tableFull(table))  // checked first: a refused entry would send a Provide and a Finish
+  if (tableFull(table))  // checked first: a refused entry would have made a proxy for nothing
     return Error(Errc::OUT_OF_MEMORY,
                  "more capabilities than one message carries (RpcOptions::maxCapsPerMessage)");
   if (cap.kind_ != RemoteCap::Kind::IMPORT && cap.kind_ != RemoteCap::Kind::PIPELINE)
@@ -270,34 +270,56 @@ Result<uint32_t> RpcConnection::addForeignCap(detail::CapTable& table, const Rem
   if (canHandOff(host) && cap.kind_ == RemoteCap::Kind::PIPELINE &&
       !host.questions_[cap.id_].returned)
     return addPipelinedFor(table, cap);
-  // Only a plain import: a promise import (pending, or resolved to something else) is proxied,
-  // so the recipient's calls reach the host's promise export, which queues them until it
-  // settles, and follow its resolution from there.
-  // Not while the host holds calls for reply space: the Provide would overtake them, and the
-  // recipient's calls could reach the object before calls made on it earlier; proxied, they
-  // follow them through this vat. Nor with maxQuestions questions open to the host: the
-  // Provide's question would pass the host's answer table, which aborts the connection.
-  const bool handoff = cap.kind_ == RemoteCap::Kind::IMPORT && host.isPlainImport(cap.id_) &&
-                       canHandOff(host) && !host.holding() &&
-                       host.questionsLive_ < host.options_.maxQuestions &&
-                       options_.network->introduce(host.options_.peerVat, options_.peerVat);
-  if (!handoff) {
-    auto proxy = std::make_unique<Forwarder>(cap, RemoteCap());
+  if (cap.kind_ == RemoteCap::Kind::IMPORT && canHandOff(host)) {
+    // Handed off or proxied as the message is sent (settleForeignCaps), not now: the Provide
+    // must follow every call this vat makes on the capability before it passes it on.
+    e.kind = detail::CapEntry::Kind::FOREIGN;
+    e.held = cap;
+    return addEntry(table, std::move(e));
+  }
+  auto proxy = std::make_unique<Forwarder>(cap, RemoteCap());
+  e.kind = detail::CapEntry::Kind::SENDER_HOSTED;
+  e.object = proxy.get();
+  e.owned = std::move(proxy);
+  return addEntry(table, std::move(e));
+}
+
+// As a message carrying them is sent: each FOREIGN entry is handed off (a Provide to its host,
+// and a vine exported here) or, where it cannot be, proxied through this vat. E-order: the
+// Provide goes behind every call this vat made on the capability so far, so the recipient's
+// calls, which wait at the host for the Provide, come after them.
+void RpcConnection::settleForeignCaps(detail::CapTable& table) {
+  for (uint32_t i = 0; i < table.size(); ++i) {
+    detail::CapEntry& e = table[i];
+    if (e.kind != detail::CapEntry::Kind::FOREIGN) continue;
+    RemoteCap cap = std::move(e.held);
+    RpcConnection& host = *cap.conn_;
+    // Only a plain import: a promise import (pending, or resolved to something else) is
+    // proxied, so the recipient's calls reach the host's promise export, which queues them until
+    // it settles, and follow its resolution from there. Not while the host holds calls for
+    // reply space: the Provide would overtake them, and the recipient's calls could reach the
+    // object before calls made on it earlier; proxied, they follow them through this vat. Nor
+    // when the Provide cannot go (sendProvide: maxQuestions questions open to the host, whose
+    // answer table it would overflow).
+    if (host.isOpen() && host.isPlainImport(cap.id_) && !host.holding() &&
+        options_.network->introduce(host.options_.peerVat, options_.peerVat)) {
+      const uint64_t provisionId = options_.network->handoffs().nextProvisionId();
+      Result<RemoteCap> provision = host.sendProvide(cap.id_, options_.peerVat, provisionId);
+      if (provision) {
+        auto vine = std::make_unique<Forwarder>(std::move(cap), std::move(*provision));
+        e.kind = detail::CapEntry::Kind::THIRD_PARTY;
+        e.vat = host.options_.peerVat;
+        e.provisionId = provisionId;
+        e.object = vine.get();
+        e.owned = std::move(vine);
+        continue;
+      }
+    }
+    auto proxy = std::make_unique<Forwarder>(std::move(cap), RemoteCap());
     e.kind = detail::CapEntry::Kind::SENDER_HOSTED;
     e.object = proxy.get();
     e.owned = std::move(proxy);
-    return addEntry(table, std::move(e));
   }
-  const uint64_t provisionId = options_.network->handoffs().nextProvisionId();
-  Result<RemoteCap> provision = host.sendProvide(cap.id_, options_.peerVat, provisionId);
-  if (!provision) return provision.error();
-  auto vine = std::make_unique<Forwarder>(cap, std::move(*provision));
-  e.kind = detail::CapEntry::Kind::THIRD_PARTY;
-  e.vat = host.options_.peerVat;
-  e.provisionId = provisionId;
-  e.object = vine.get();
-  e.owned = std::move(vine);
-  return addEntry(table, std::move(e));  // fits: checked above (dropping `e` would Finish)
 }
 
 // Whether a capability of `host` can be handed off to this connection's peer (one network, and

@@ -457,6 +457,9 @@ Status RpcConnection::writeCapTable(capnp::List<wire::CapDescriptor>::Builder ou
         }
         break;
       }
+      case detail::CapEntry::Kind::FOREIGN:
+        AGATE_ASSERT(false, "cap table entry %u written before settleForeignCaps", i);
+        break;
       case detail::CapEntry::Kind::THIRD_PARTY: {
         // The vine is exported like any object of ours; the receiver holds one reference.
         Result<uint32_t> id = exportObject(e.object, std::move(e.owned));

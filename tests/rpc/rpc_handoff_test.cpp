@@ -6,6 +6,8 @@
 // capability of another connection keeps pipelining working through it.
 #include <gtest/gtest.h>
 
+#include <capnp/schema.capnp.h>
+
 #include <cstring>
 #include <deque>
 #include <functional>
@@ -228,6 +230,35 @@ class HandoffTest : public ::testing::Test {
   std::optional<LocalNetwork> net_;
 };
 
+// C's calls made after it added A's capability to the TAKE but before it sent the TAKE come
+// before the handoff too: the Provide goes as the TAKE goes, behind them, so B's Accept waits
+// for them. Readers take one message per turn, so A is still reading C's calls when B's Accept
+// and B's calls arrive.
+TEST_F(HandoffTest, CallsMadeBetweenAddingTheCapabilityAndSendingComeFirst) {
+  openNetwork(64 * 1024, /*messagesPerTurn=*/1);
+  {
+    RemoteCap a = boot(C, A);
+    ASSERT_TRUE(loop_.run(echo(a, 1)).ok());  // C and A connected
+    Request r = boot(C, B).newCall(NODE_INTERFACE_ID, TAKE, 64);
+    CapAndValue::Builder p = r.initParams<CapAndValue>();
+    writeCapPointer(p, 0, r.addCap(a).value());
+    p.setValue(100);
+    std::vector<RemotePromise> mine;
+    for (uint64_t i = 0; i < 100; ++i) mine.push_back(record(a, i));
+    RemotePromise taken = r.send();
+    ASSERT_TRUE(runUntil(loop_, [&] { return aLog_.order.size() == 200; })) << aLog_.order.size();
+    EXPECT_EQ(conn(C, A).stats().providesSent, 1u);
+    EXPECT_EQ(conn(A, B).stats().callsReceived, 100u) << "B called A directly";
+    for (uint64_t i = 0; i < 200; ++i)
+      ASSERT_EQ(aLog_.order[i], i < 100 ? i : Recipient::FIRST_RECORD + i - 100) << "at " << i;
+    for (RemotePromise& m : mine) ASSERT_TRUE(loop_.run(awaitValue(std::move(m))).ok());
+    for (RemotePromise& m : recipient_.sent) ASSERT_TRUE(loop_.run(awaitValue(std::move(m))).ok());
+    recipient_.sent.clear();
+    ASSERT_TRUE(loop_.run(awaitValue(std::move(taken))).ok());
+    recipient_.clear();
+  }
+}
+
 TEST_F(HandoffTest, CallsBeforeAndAfterAHandoffReachTheObjectInEOrder) {
   // A roomy ring, and one so small that C's calls and its Provide spill and trickle out.
   for (uint64_t ring : {uint64_t{64 * 1024}, uint64_t{4096}}) {
@@ -423,19 +454,39 @@ TEST_F(HandoffTest, AForwardedCallCarriesItsCapabilitiesOnToTheHost) {
   EXPECT_TRUE(conn(C, D).isOpen());
 }
 
-TEST_F(HandoffTest, AnUnsentCallReclaimsItsProvision) {
+// The Provide goes as the message carrying the capability goes: a call dropped unsent sends
+// none; one refused after its cap table was written (too large to send) reclaims the provision
+// it made (the vine goes, C finishes the Provide).
+TEST_F(HandoffTest, AnUnsentCallProvidesNothingAndARefusedOneReclaimsItsProvision) {
   openNetwork();
   RemoteCap child = childOfA();
   RemoteCap b = boot(C, B);
+  const size_t exports = conn(C, B).exportCount();
   {
     Request r = b.newCall(NODE_INTERFACE_ID, TAKE, 64);
     ASSERT_TRUE(r.addCap(child).ok());
-    ASSERT_TRUE(runUntil(loop_, [&] { return net_->vat(A).provisionCount() == 1; }));
-  }  // dropped unsent: the vine goes, C finishes the Provide
-  ASSERT_TRUE(runUntil(loop_, [&] {
-    return net_->vat(A).provisionCount() == 0 && conn(A, C).answerCount() == 0 &&
-           conn(C, A).questionCount() == 0;
-  }));
+    (void)loop_.run(loop_.sleep(std::chrono::milliseconds(10)));
+    EXPECT_EQ(conn(C, A).stats().providesSent, 0u);
+  }
+  {
+    Request r = b.newCall(NODE_INTERFACE_ID, TAKE, 64);
+    ASSERT_TRUE(r.addCap(child).ok());
+    r.initParams<capnp::schema::Node>().setDisplayName(std::string(20 * 1024, 'x'));
+    RemotePromise refused = r.send();
+    EXPECT_EQ(loop_.run(awaitValue(std::move(refused))).code(), Errc::MESSAGE_TOO_LARGE);
+    EXPECT_EQ(conn(C, A).stats().providesSent, 1u);
+  }
+  ASSERT_TRUE(runUntil(loop_,
+                       [&] {
+                         return net_->vat(A).provisionCount() == 0 &&
+                                conn(A, C).answerCount() == 0 && conn(C, A).questionCount() == 0 &&
+                                conn(C, B).exportCount() == exports;
+                       }))
+      << "provisions " << net_->vat(A).provisionCount() << ", A-C answers "
+      << conn(A, C).answerCount() << ", C-A questions " << conn(C, A).questionCount()
+      << ", C-B exports " << conn(C, B).exportCount();
+  EXPECT_TRUE(conn(C, B).isOpen());
+  EXPECT_EQ(conn(B, C).stats().callsReceived, 0u);
   child = RemoteCap();
   ASSERT_TRUE(runUntil(loop_, [&] { return aLog_.destroyed == 1; })) << "nothing pins the child";
 }

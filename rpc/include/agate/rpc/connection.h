@@ -228,7 +228,10 @@ struct CapEntry {
     RECEIVER_HOSTED,
     THIRD_PARTY,
     SENDER_PROMISE,
-    RECEIVER_ANSWER
+    RECEIVER_ANSWER,
+    // Not on the wire: another connection's import, in `held`, handed off (THIRD_PARTY) or
+    // proxied (SENDER_HOSTED) as the message is sent (RpcConnection::settleForeignCaps).
+    FOREIGN
   };
   Kind kind = Kind::NONE;
   uint32_t id = 0;                       // RECEIVER_HOSTED: the peer's export id
@@ -238,6 +241,7 @@ struct CapEntry {
                                          // SENDER_PROMISE: the promise (object is the same)
   VatId vat = NO_VAT;                    // THIRD_PARTY: the provider
   uint64_t provisionId = 0;              // THIRD_PARTY
+  // FOREIGN: the other connection's import, until the message is sent.
   // RECEIVER_HOSTED: the import passed back; RECEIVER_ANSWER: the pipelined capability passed
   // back (its question and path). A counted reference held until the message is sent or
   // abandoned, so that no Release (Finish) for the import (question) goes out before the
@@ -985,6 +989,7 @@ class RpcConnection {
 
   // --- three-party handoff (handoff.cpp) ---
   Result<uint32_t> addForeignCap(detail::CapTable& table, const RemoteCap& cap);
+  void settleForeignCaps(detail::CapTable& table);
   Result<RemoteCap> sendProvide(uint32_t importId, VatId recipient, uint64_t provisionId);
   RemoteCap sendAccept(VatId introducer, uint64_t provisionId, RemoteCap vine,
                        bool embargo = false);
