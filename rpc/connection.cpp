@@ -680,6 +680,7 @@ void RpcConnection::holdCall(detail::SpillBuffer* buffer, uint32_t questionId,
   m.toAnswer = request.toAnswer_;
   m.targetId = request.targetId_;
   questions_[questionId].held = true;
+  questions_[questionId].heldAt = std::prev(held_.end());
   ++heldCalls_;
   ++stats_.callsHeld;
 }
@@ -720,18 +721,16 @@ void RpcConnection::dropHeldCall(uint32_t questionId) noexcept {
   while (!heldToDrop_.empty()) {
     const uint32_t id = heldToDrop_.back();
     heldToDrop_.pop_back();
-    auto it = std::find_if(held_.begin(), held_.end(),
-                           [&](const HeldMessage& m) { return m.questionId == id; });
-    if (it == held_.end()) {
+    if (!questions_[id].held) {
       // Dropped with the rest as the connection ended (dropAllHeld, while this drop was
       // releasing another): its call failed, so it is freed as any question of a dead
       // connection whose last reference goes.
       const Question& q = questions_[id];
-      if (q.inUse && q.refs == 0 && !q.held && q.returned && q.finishSent) freeQuestion(id);
+      if (q.inUse && q.refs == 0 && q.returned && q.finishSent) freeQuestion(id);
       continue;
     }
     std::list<HeldMessage> one;
-    one.splice(one.begin(), held_, it);
+    one.splice(one.begin(), held_, questions_[id].heldAt);
     HeldMessage& m = one.front();
     heldBytes_ -= m.buffer->usedBytes;
     giveSpill(std::exchange(m.buffer, nullptr));

@@ -406,6 +406,7 @@ struct RpcConnection::Question {
   bool finishSent = false;     // Finish sent (or never to be sent: the connection ended)
   bool noPipelining = false;   // sent with Call.noPromisePipelining
   bool held = false;           // its Call is held for reply space (RpcConnection::held_)
+  std::list<HeldMessage>::iterator heldAt;  // while held: its Call in held_
   uint32_t replyReserved = 0;  // reply space held until the Return (RpcOptions::replyBytesPerCall)
   // Its Return carried more capabilities than this side takes (Decoded::refused): calls on
   // capabilities pipelined on it fail here with this error from then on (the peer would serve
