@@ -199,8 +199,9 @@ Promise<void> RpcConnection::drive(uint32_t answerId, Promise<void> dispatch) {
 }
 
 void RpcConnection::completeAnswer(uint32_t answerId, Status status) {
-  // Handoffs decided as the Return goes (first: a Provide's failure can end this connection).
-  if (status && isOpen()) settleForeignCaps(answers_[answerId]->context.resultCaps_);
+  // Handoffs and proxies decided as the Return goes (first: a Provide's failure can end this
+  // connection). On a dead connection too: its entries are then proxies, written for nothing.
+  if (status) settleForeignCaps(answers_[answerId]->context.resultCaps_, /*inReturn=*/true);
   Answer& a = *answers_[answerId];
   AGATE_ASSERT(a.state == Answer::State::RUNNING, "answer %u completed twice", answerId);
   CallContext& ctx = a.context;

@@ -408,17 +408,6 @@ Result<uint32_t> RpcConnection::addCapFor(detail::CapTable& table, const RemoteC
                  "call's params");
   if (cap.kind_ != RemoteCap::Kind::IMPORT)
     return Error(Errc::INVALID_ARGUMENT, "a broken capability cannot be passed");
-  if (!inParams && holding()) {
-    // While calls are held for reply space, results pass it back as a proxy: as receiverHosted
-    // the peer would call its own object at once, ahead of the calls held here; through the
-    // proxy its calls come back here and go out behind them (E-order). (Params never get here
-    // then: a call carrying capabilities is not held.)
-    detail::CapEntry e;
-    e.kind = detail::CapEntry::Kind::SENDER_HOSTED;
-    e.owned = internal::makeForwarder(cap);
-    e.object = e.owned.get();
-    return addEntry(table, std::move(e));
-  }
   // Passed back to its host: receiverHosted. The entry holds a reference to the import until
   // the message is sent (or abandoned), so the caller may drop its own at once: any Release
   // goes out behind the message that names the export.
@@ -532,7 +521,6 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
     detail::CapTable& caps;
     ~ClearCaps() { caps.clear(); }
   } clearCaps{request.caps_};
-  if (request.error_.code == Errc::OK && isOpen()) settleForeignCaps(request.caps_);
   if (request.error_.code == Errc::OK && !isOpen()) request.error_ = failure_;
   if (request.error_.code == Errc::OK && request.unbuilt_ && request.caps_.size() > 0)
     buildCall(request);  // the cap table goes in a built message
@@ -552,13 +540,10 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
   const bool hold = options_.whenReplySpaceIsFull == RpcOptions::WhenReplySpaceIsFull::HOLD &&
                     (holding() || replyReserved_ + reserve > replyBudget_);
   Status room = roomForQuestion(reserve, hold);
-  if (room && hold && request.caps_.size() > 0) {
-    // Not held: its cap table would export objects (and introduce promises) the peer could
-    // name before the Call is out, or never see at all if it is dropped.
-    room = Error(Errc::OUT_OF_MEMORY,
-                 "a call carrying capabilities is not held for reply space: await calls in "
-                 "flight before sending it");
-  }
+  // Held with its capabilities: its cap table is written as it goes (writeHeldCaps), so
+  // nothing is exported, introduced or handed off before the Call is out. Refused now if it
+  // could not be written then.
+  if (room && hold && request.caps_.size() > 0) room = passable(request.caps_);
   if (!room) {
     request.unbuilt_ = false;  // refused for good: send() again gives this error
     request.error_ = room.error();
@@ -585,13 +570,16 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
     request.call_.setQuestionId(qid);
     if (request.noPipelining_) request.call_.setNoPromisePipelining(true);
     Status written = {};
-    if (request.caps_.size() > ENVELOPE_CAPS) {
+    if (!hold && request.caps_.size() > ENVELOPE_CAPS) {
       written = roomForCapTable(request.slot_, request.caps_, OutKind::CALL);
       if (written) request.call_ = request.slot_.builder().getRoot<wire::Message>().getCall();
     }
-    if (written && request.caps_.size() > 0) {
-      written = writeCapTable(request.call_.getParams().initCapTable(request.caps_.size()),
-                              request.caps_);
+    if (written && !hold && request.caps_.size() > 0) {
+      settleForeignCaps(request.caps_);  // a Provide's failure may end this connection
+      written = isOpen()
+                    ? writeCapTable(request.call_.getParams().initCapTable(request.caps_.size()),
+                                    request.caps_)
+                    : Status(failure_);
     }
     if (!written || !hold) {
       sent = written ? finishOut(request.slot_) : written;
@@ -602,6 +590,10 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
       } else if (!isOpen()) {
         giveSpill(*b);
         sent = failure_;
+      } else if ((*b)->usedBytes + capTableBytes(request.caps_) >
+                 roundToWords(options_.maxMessageBytes)) {
+        giveSpill(*b);  // with the cap table written as it goes, too large to send
+        sent = Error(Errc::MESSAGE_TOO_LARGE, "message larger than RpcOptions::maxMessageBytes");
       } else if (sent = admitToHold((*b)->usedBytes); !sent) {
         giveSpill(*b);
       } else {
@@ -663,6 +655,7 @@ void RpcConnection::holdDisembargo(detail::SpillBuffer* buffer, uint32_t exportI
 // What a held message kept referenced until it went (or was dropped): its target, a
 // Disembargo's Provide question. Releasing them may send (a Release, a Finish).
 void RpcConnection::releaseHeld(HeldMessage& m) noexcept {
+  m.caps.reset();  // what it did not export goes (its references to imports, its objects)
   if (std::exchange(m.holdsTarget, false)) unrefTarget(m.toAnswer, m.targetId);
   if (const uint32_t q = std::exchange(m.provideQuestion, NONE); q != NONE) questionUnref(q);
 }
@@ -679,6 +672,7 @@ void RpcConnection::holdCall(detail::SpillBuffer* buffer, uint32_t questionId,
   m.holdsTarget = std::exchange(request.holdsTarget_, false);
   m.toAnswer = request.toAnswer_;
   m.targetId = request.targetId_;
+  if (request.caps_.size() > 0) m.caps.emplace(std::move(request.caps_));
   questions_[questionId].held = true;
   questions_[questionId].heldAt = std::prev(held_.end());
   ++heldCalls_;
@@ -695,19 +689,111 @@ void RpcConnection::sendHeld() {
     one.splice(one.begin(), held_, held_.begin());
     HeldMessage& m = one.front();
     heldBytes_ -= m.buffer->usedBytes;
-    if (m.questionId != 0) {
-      Question& q = questions_[m.questionId];
-      q.held = false;
+    const uint32_t qid = m.questionId;
+    if (qid != 0) {
+      questions_[qid].held = false;
+      --heldCalls_;
+    }
+    const bool withCaps = m.caps.has_value();
+    if (withCaps) {
+      // Referenced until the Call is out: a promise let go while its cap table is written
+      // (what writing runs may break one) sends its Finish after the Call.
+      questionRef(qid);
+      if (!writeHeldCaps(m)) {
+        questionUnref(qid);
+        continue;  // failed here, unsent
+      }
+    }
+    if (qid != 0) {
+      Question& q = questions_[qid];
       q.replyReserved = m.replyReserve;
       replyReserved_ += m.replyReserve;
-      --heldCalls_;
       ++stats_.callsSent;
     } else {
       ++stats_.disembargoesSent;
     }
     enqueue(std::exchange(m.buffer, nullptr));  // at once, unless the ring is full or open
     releaseHeld(m);  // it is out: a Release or a Finish this causes follows it
+    if (withCaps) questionUnref(qid);
   }
+}
+
+// A held call's cap table, written as it goes: handoffs decided and objects exported now. The
+// message is resumed in a buffer with room for the table (frames are position-independent). On
+// failure (an object the peer already holds as many references to as are counted), the call
+// fails here, unsent, with the calls held behind it that name its answer; false.
+bool RpcConnection::writeHeldCaps(HeldMessage& m) {
+  detail::CapTable& caps = *m.caps;
+  settleForeignCaps(caps);  // a Provide's failure may end this connection
+  Status written = isOpen() ? Status{} : Status(failure_);
+  if (written) {
+    const size_t used = m.buffer->usedBytes;
+    detail::SpillBuffer* b = takeSpill(used + capTableBytes(caps));
+    std::memcpy(static_cast<void*>(b->words.get()), m.buffer->words.get(), used);
+    const size_t frameBytes = size_t{1} << (b->sizeClass + MIN_CLASS_SHIFT);
+    b->builder.emplace(std::span<capnp::word>(b->words.get(), frameBytes / WORD_BYTES),
+                       used / WORD_BYTES);
+    wire::Payload::Builder params = b->builder->getRoot<wire::Message>().getCall().getParams();
+    written = writeCapTable(params.initCapTable(caps.size()), caps);
+    Result<size_t> finished = written ? b->builder->tryFinish() : Result<size_t>(written.error());
+    if (finished) {
+      b->builder.reset();
+      b->usedBytes = b->dirtyBytes = *finished;
+      giveSpill(std::exchange(m.buffer, b));
+      return true;
+    }
+    written = finished.error();
+    rollBackExports(caps);
+    b->dirtyBytes = frameBytes;
+    giveSpill(b);
+  }
+  giveSpill(std::exchange(m.buffer, nullptr));
+  if (isOpen()) failUnsentCall(m.questionId, written.error());
+  releaseHeld(m);
+  return false;
+}
+
+// A held call that could not be written as it went fails here, unsent, and so does every held
+// call naming its answer (its target, or a capability in its params pipelined on it), which the
+// peer could not resolve; calls made later on capabilities pipelined on it fail here too.
+void RpcConnection::failUnsentCall(uint32_t questionId, const Error& error) {
+  std::vector<uint32_t> failed{questionId};
+  auto names = [&](uint32_t id) {
+    return std::find(failed.begin(), failed.end(), id) != failed.end();
+  };
+  // Taken out first (nothing runs meanwhile), then released: releasing may drop other calls.
+  std::list<HeldMessage> dependents;
+  for (auto it = held_.begin(); it != held_.end();) {
+    HeldMessage& h = *it;
+    bool dependent = h.questionId != 0 && h.toAnswer && names(h.targetId);
+    for (uint32_t i = 0; h.caps && !dependent && i < h.caps->size(); ++i) {
+      const detail::CapEntry& e = (*h.caps)[i];
+      dependent = e.kind == detail::CapEntry::Kind::RECEIVER_ANSWER && names(e.held.id_);
+    }
+    auto next = std::next(it);
+    if (dependent) {
+      failed.push_back(h.questionId);
+      heldBytes_ -= h.buffer->usedBytes;
+      giveSpill(std::exchange(h.buffer, nullptr));
+      --heldCalls_;
+      questions_[h.questionId].held = false;
+      dependents.splice(dependents.end(), held_, it);
+    }
+    it = next;
+  }
+  for (uint32_t id : failed) {
+    Question& q = questions_[id];
+    q.returned = true;
+    q.finishSent = true;  // nothing to finish: the peer never saw it
+    q.refused = error;    // what is pipelined on it fails with this error from now on
+    if (q.fulfiller) {
+      q.fulfiller->fulfill(error);
+      q.fulfiller.reset();
+    }
+    ++stats_.callsFailedUnsent;
+  }
+  if (!held_.empty() && !heldTask_.isQueued()) loop_.post(heldTask_);
+  for (HeldMessage& h : dependents) releaseHeld(h);
 }
 
 // A held call whose promise and pipelined references are all gone: it never goes; its question

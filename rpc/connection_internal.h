@@ -395,6 +395,8 @@ struct RpcConnection::HeldMessage {
   bool toAnswer = false;
   uint32_t targetId = 0;
   uint32_t provideQuestion = internal::NONE;  // a Disembargo {provide}'s question, referenced
+  // A call's capabilities, written into its cap table as it goes (writeHeldCaps).
+  std::optional<detail::CapTable> caps;
 };
 
 struct RpcConnection::Question {
@@ -402,10 +404,10 @@ struct RpcConnection::Question {
   uint32_t refs = 0;  // the RemotePromise and every RemoteCap pipelined on it
   uint32_t nextFree = internal::NONE;
   bool inUse = false;
-  bool returned = false;       // Return received (or the connection ended)
-  bool finishSent = false;     // Finish sent (or never to be sent: the connection ended)
-  bool noPipelining = false;   // sent with Call.noPromisePipelining
-  bool held = false;           // its Call is held for reply space (RpcConnection::held_)
+  bool returned = false;      // Return received (or the connection ended)
+  bool finishSent = false;    // Finish sent (or never to be sent: the connection ended)
+  bool noPipelining = false;  // sent with Call.noPromisePipelining
+  bool held = false;          // its Call is held for reply space (RpcConnection::held_)
   std::list<HeldMessage>::iterator heldAt;  // while held: its Call in held_
   uint32_t replyReserved = 0;  // reply space held until the Return (RpcOptions::replyBytesPerCall)
   // Its Return carried more capabilities than this side takes (Decoded::refused): calls on

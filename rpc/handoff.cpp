@@ -288,9 +288,22 @@ Result<uint32_t> RpcConnection::addForeignCap(detail::CapTable& table, const Rem
 // and a vine exported here) or, where it cannot be, proxied through this vat. E-order: the
 // Provide goes behind every call this vat made on the capability so far, so the recipient's
 // calls, which wait at the host for the Provide, come after them.
-void RpcConnection::settleForeignCaps(detail::CapTable& table) {
+// In a Return (`inReturn`), the peer's own object passed back while this side holds calls for
+// reply space goes as a proxy too: as receiverHosted the peer would call its own object at once,
+// ahead of the calls held here (those made on it before the Return); through the proxy its calls
+// come back here and go out behind them. (A call's params never need it: a call is held behind
+// held ones, and goes before those held after it.)
+void RpcConnection::settleForeignCaps(detail::CapTable& table, bool inReturn) {
   for (uint32_t i = 0; i < table.size(); ++i) {
     detail::CapEntry& e = table[i];
+    if (inReturn && e.kind == detail::CapEntry::Kind::RECEIVER_HOSTED && holding()) {
+      auto proxy = std::make_unique<Forwarder>(std::move(e.held), RemoteCap());
+      e.kind = detail::CapEntry::Kind::SENDER_HOSTED;
+      e.id = 0;
+      e.object = proxy.get();
+      e.owned = std::move(proxy);
+      continue;
+    }
     if (e.kind != detail::CapEntry::Kind::FOREIGN) continue;
     RemoteCap cap = std::move(e.held);
     RpcConnection& host = *cap.conn_;
@@ -301,7 +314,8 @@ void RpcConnection::settleForeignCaps(detail::CapTable& table) {
     // object before calls made on it earlier; proxied, they follow them through this vat. Nor
     // when the Provide cannot go (sendProvide: maxQuestions questions open to the host, whose
     // answer table it would overflow).
-    if (host.isOpen() && host.isPlainImport(cap.id_) && !host.holding() &&
+    if (isOpen() && host.isOpen() && host.isPlainImport(cap.id_) && !host.holding() &&
+        host.questionsLive_ < host.options_.maxQuestions &&
         options_.network->introduce(host.options_.peerVat, options_.peerVat)) {
       const uint64_t provisionId = options_.network->handoffs().nextProvisionId();
       Result<RemoteCap> provision = host.sendProvide(cap.id_, options_.peerVat, provisionId);
@@ -809,7 +823,8 @@ Status RpcConnection::handleDisembargo(const Decoded& d) {
 // host or the Provide cannot go out (the promise is then resolved to a proxy as usual).
 bool RpcConnection::sendHandOffResolve(uint32_t exportId, detail::PromiseNode& node) {
   RpcConnection& host = *node.handOff_.conn_;
-  if (!host.isOpen() || !options_.network->introduce(host.options_.peerVat, options_.peerVat))
+  if (!host.isOpen() || host.questionsLive_ >= host.options_.maxQuestions ||
+      !options_.network->introduce(host.options_.peerVat, options_.peerVat))
     return false;
   const uint64_t provisionId = options_.network->handoffs().nextProvisionId();
   Result<RemoteCap> provision = host.sendProvide(node.handOff_.id_, options_.peerVat, provisionId);

@@ -402,6 +402,20 @@ void RpcConnection::rollBackExports(detail::CapTable& caps) noexcept {
   }
 }
 
+// Whether writeCapTable could write `caps` later (a call held with its capabilities): a pending
+// promise of another connection cannot be passed on, now or once the call goes.
+Status RpcConnection::passable(const detail::CapTable& caps) const {
+  for (uint32_t i = 0; i < caps.size(); ++i) {
+    const detail::CapEntry& e = caps[i];
+    if (e.kind != detail::CapEntry::Kind::SENDER_HOSTED || e.object == nullptr) continue;
+    const detail::PromiseNode* node = detail::PromiseNode::pendingOne(*e.object);
+    if (node != nullptr && node->conn_ != this)
+      return Error(Errc::INVALID_ARGUMENT,
+                   "a pending promise of another connection cannot be passed on");
+  }
+  return {};
+}
+
 // Writes an outbound cap table, exporting objects as needed (one more remote reference each).
 // Each SENDER_HOSTED entry's id is filled in, so a failed send can be rolled back.
 Status RpcConnection::writeCapTable(capnp::List<wire::CapDescriptor>::Builder out,

@@ -28,6 +28,7 @@ enum HandoffMethod : uint16_t {
   TAKE = 20,           // CapAndValue{cap, n}: keep the cap, send n RECORD calls on it at once
   GET_PIPELINED = 21,  // -> CapAndValue: A's NEXT_LATER child, still pipelined (not awaited)
   GET_AWAITED = 22,    // -> CapAndValue: A's NEXT child, after A returned it
+  GET_AND_CLOSE = 23,  // -> CapAndValue: toA, then closes the caller's connection and returns
 };
 
 // Vat B's object: takes a capability and calls it at once, values FIRST_RECORD + i.
@@ -72,6 +73,8 @@ class Relay final : public ServerObject {
         return readyPromise<void>(getPipelined(ctx));
       case GET_AWAITED:
         return getAwaited(ctx);
+      case GET_AND_CLOSE:
+        return readyPromise<void>(getAndClose(ctx));
       default:
         return readyPromise<void>(Error(Errc::UNSUPPORTED, "no such method"));
     }
@@ -87,6 +90,15 @@ class Relay final : public ServerObject {
     AGATE_TRY(index);
     writeCapPointer(*out, 0, *index);
     return {};
+  }
+  Status getAndClose(CallContext& ctx) {
+    Result<CapAndValue::Builder> out = ctx.initResultsAs<CapAndValue>(32);
+    AGATE_TRY(out);
+    Result<uint32_t> index = ctx.addResultCap(toA);
+    AGATE_TRY(index);
+    writeCapPointer(*out, 0, *index);
+    ctx.connection().close(Error(Errc::FAILED, "closed by the relay"));
+    return {};  // results written into a connection that is gone
   }
   Promise<void> getAwaited(CallContext& ctx) {
     Result<Response> child = co_await toA.newCall(NODE_INTERFACE_ID, NEXT, 16).send();
@@ -452,6 +464,23 @@ TEST_F(HandoffTest, AForwardedCallCarriesItsCapabilitiesOnToTheHost) {
   ASSERT_TRUE(v.ok()) << errcName(v.code());
   EXPECT_EQ(*v, 2u) << "A got C's node as a capability it does not host";
   EXPECT_TRUE(conn(C, D).isOpen());
+}
+
+// A method that adds another connection's capability to its results and then closes its own
+// connection returns into a dead connection: nothing is handed off or sent, nothing leaks.
+TEST_F(HandoffTest, ResultsCarryingAForeignCapabilityReturnedIntoAClosedConnectionSendNothing) {
+  openNetwork();
+  relay_.toA = boot(D, A);
+  RemotePromise got = boot(C, D).newCall(NODE_INTERFACE_ID, GET_AND_CLOSE, 16).send();
+  Result<uint64_t> r = loop_.run(awaitValue(std::move(got)));
+  EXPECT_NE(r.code(), Errc::OK);
+  EXPECT_EQ(conn(D, A).stats().providesSent, 0u);
+  EXPECT_EQ(net_->vat(A).provisionCount(), 0u);
+  EXPECT_TRUE(conn(D, A).isOpen());
+  ASSERT_TRUE(loop_.run(echo(relay_.toA, 1)).ok()) << "D's connection to A carries on";
+  relay_.toA = RemoteCap();
+  ASSERT_TRUE(runUntil(loop_, [&] { return conn(A, D).exportCount() <= 1; }))
+      << "A's exports to D: " << conn(A, D).exportCount();
 }
 
 // The Provide goes as the message carrying the capability goes: a call dropped unsent sends

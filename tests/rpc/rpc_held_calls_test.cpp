@@ -4,14 +4,17 @@
 // it wait behind it, a Release of its target follows it, and a Finish cancelling a call in
 // flight does not wait. A held call dropped before it went sends nothing and releases its
 // target; held calls on a connection that ends fail "disconnected"; the bounds that still
-// refuse (maxQuestions, maxQueuedBytes, a reservation larger than the ring, a call carrying
-// capabilities that would be held) refuse with state unchanged.
+// refuse (maxQuestions, maxQueuedBytes, a reservation larger than the ring) refuse with state
+// unchanged. A call carrying capabilities is held with its cap table unwritten (nothing
+// exported) and written as it goes; one that cannot be written then fails unsent, with the held
+// calls that name its answer.
 #include <gtest/gtest.h>
 
 #include <capnp/schema.capnp.h>
 
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -258,35 +261,45 @@ TEST_F(RpcHeldCalls, AReleaseOfAHeldCallsTargetFollowsTheCall) {
 // The client's object that gives back whatever capability it was handed (`given`).
 class Giver final : public ServerObject {
  public:
-  Promise<void> dispatch(uint64_t, uint16_t, CallContext& ctx) override {
-    Result<CapAndValue::Builder> out = ctx.initResultsAs<CapAndValue>(32);
-    if (!out) return readyPromise<void>(out.error());
-    Result<uint32_t> index = ctx.addResultCap(given);
-    if (!index) return readyPromise<void>(index.error());
-    writeCapPointer(*out, 0, *index);
-    return readyPromise<void>(Status{});
-  }
+  Promise<void> dispatch(uint64_t, uint16_t, CallContext& ctx) override { return give(ctx); }
   RemoteCap given;
+  std::function<void()> beforeReturn;  // runs once `given` is in the results
+
+ private:
+  Promise<void> give(CallContext& ctx) {
+    Result<CapAndValue::Builder> out = ctx.initResultsAs<CapAndValue>(32);
+    AGATE_CO_TRY(out);
+    Result<uint32_t> index = ctx.addResultCap(given);
+    AGATE_CO_TRY(index);
+    writeCapPointer(*out, 0, *index);
+    if (beforeReturn) beforeReturn();
+    co_return {};
+  }
 };
 
 // While calls on the server's object are held, the client returns that object to the server: as
 // a proxy, not as the server's own object (which the server would call at once, ahead of the
-// held calls). The server's call through the proxy reaches the object after them.
+// held calls). The server's call through the proxy reaches the object after them. What counts is
+// whether calls are held as the Return goes, not as the object was added to the results.
 TEST_F(RpcHeldCalls, AnObjectReturnedToItsHostWhileCallsOnItAreHeldGoesAsAProxy) {
   Giver giver;
   LocalPair pair(loop, &root, &giver, {}, RING);
   RpcConnection& client = pair.client();
   RemoteCap cap = client.bootstrap();
-  for (bool holding : {false, true}) {
-    SCOPED_TRACE(holding ? "calls held" : "nothing held");
+  enum class Held { NEVER, BEFORE_ADDING, AFTER_ADDING };
+  for (Held when : {Held::NEVER, Held::BEFORE_ADDING, Held::AFTER_ADDING}) {
+    SCOPED_TRACE(static_cast<int>(when));
     log.order.clear();
     std::deque<RemotePromise> hanging;
     std::optional<RemotePromise> held;
-    if (holding) {
-      hanging = hangFit(cap);
+    auto holdOne = [&] {  // fills the reply space (sent, not yet served), then one call is held
+      for (uint64_t i = 0; i < FIT; ++i)
+        hanging.push_back(cap.newCall(NODE_INTERFACE_ID, HANG, 16).send());
       held.emplace(record(cap, 1));
-      ASSERT_EQ(client.heldCallCount(), 1u);
-    }
+      EXPECT_EQ(client.heldCallCount(), 1u);
+    };
+    if (when == Held::BEFORE_ADDING) holdOne();
+    if (when == Held::AFTER_ADDING) giver.beforeReturn = holdOne;
     giver.given = cap;
     std::optional<ReceivedCap> got;
     Status called = loop.run([&]() -> Promise<void> {
@@ -300,13 +313,15 @@ TEST_F(RpcHeldCalls, AnObjectReturnedToItsHostWhileCallsOnItAreHeldGoesAsAProxy)
     }());
     ASSERT_TRUE(called.ok()) << errcName(called.code());
     giver.given = RemoteCap();
-    if (!holding) {
+    giver.beforeReturn = nullptr;
+    if (when == Held::NEVER) {
       EXPECT_EQ(got->local, &root) << "its own object, called directly";
       continue;
     }
     ASSERT_EQ(got->local, nullptr) << "its own object: called ahead of the held call";
     const size_t exports = client.exportCount();  // the giver and the proxy
     RemotePromise through = record(got->remote, 2);
+    ASSERT_TRUE(runUntil(loop, [&] { return log.hanging == static_cast<int>(FIT); }));
     hanging.clear();
     EXPECT_EQ(outcome(loop, *held).code, Errc::OK);
     EXPECT_EQ(outcome(loop, through).code, Errc::OK);
@@ -317,43 +332,185 @@ TEST_F(RpcHeldCalls, AnObjectReturnedToItsHostWhileCallsOnItAreHeldGoesAsAProxy)
   }
 }
 
-// Not held: its cap table would export objects the peer could name before the Call is out.
-TEST_F(RpcHeldCalls, ACallCarryingCapabilitiesIsRefusedRatherThanHeld) {
+// A call carrying capabilities is held like any other, its cap table written as it goes: while
+// held nothing is exported (the peer cannot name what it has not been sent); dropped, it exports
+// nothing and its objects go; sent, the server gets each as it should (ours to call back, its own
+// object as its own, forty of ours past the entries a frame reserves room for).
+TEST_F(RpcHeldCalls, ACallCarryingCapabilitiesIsHeldAndExportsThemOnlyAsItGoes) {
   LocalPair pair(loop, &root, nullptr, {}, RING);
   RpcConnection& client = pair.client();
   RemoteCap cap = client.bootstrap();
   std::deque<RemotePromise> hanging = hangFit(cap);
   const uint32_t exports = client.exportCount();
-  const uint32_t questions = client.questionCount();
   Log mine;
-  std::optional<RemotePromise> refused;
-  {
-    Request req = cap.newCall(NODE_INTERFACE_ID, IDENTIFY, 16);
-    ASSERT_TRUE(req.addCap(std::make_unique<Node>(7, mine)).ok());
-    refused.emplace(req.send());
+  auto withCap = [&](uint16_t method, auto&& add) {
+    Request req = cap.newCall(NODE_INTERFACE_ID, method, 16);
+    CapParam::Builder param = req.initParams<CapParam>();
+    Result<uint32_t> index = add(req);
+    EXPECT_TRUE(index.ok());
+    writeCapPointer(param, 0, *index);
+    return req.send();
+  };
+  RemotePromise calledBack = withCap(CALL_BACK, [&](Request& r) {
+    return r.addCap(std::make_unique<Node>(7, mine));  // ECHO(5) on it: 12, +100
+  });
+  std::optional<RemotePromise> dropped(
+      withCap(IDENTIFY, [&](Request& r) { return r.addCap(std::make_unique<Node>(9, mine)); }));
+  RemotePromise own = withCap(IDENTIFY, [&](Request& r) { return r.addCap(cap); });
+  std::vector<std::unique_ptr<Node>> nodes;
+  std::vector<ServerObject*> objects;
+  uint64_t expected = 0;
+  for (uint32_t i = 0; i < 40; ++i) {
+    nodes.push_back(std::make_unique<Node>(i, mine));
+    objects.push_back(nodes.back().get());
+    expected += 5 + i;
   }
-  EXPECT_EQ(refused->questionId(), 0u);
-  const Outcome o = outcome(loop, *refused);
-  EXPECT_EQ(o.code, Errc::OUT_OF_MEMORY);
-  EXPECT_NE(o.detail.find("carrying capabilities"), std::string::npos) << o.detail;
-  EXPECT_EQ(client.heldCallCount(), 0u);
-  EXPECT_EQ(client.questionCount(), questions);
-  EXPECT_EQ(client.exportCount(), exports) << "the object was exported";
-  EXPECT_EQ(mine.destroyed, 1) << "the connection kept it";
-  // With space free and nothing held, the same call goes.
-  hanging.pop_front();
-  ASSERT_TRUE(runUntil(loop, [&] { return client.replyBytesReserved() < FIT * PER_CALL; }));
-  Log again;
-  Request req = cap.newCall(NODE_INTERFACE_ID, IDENTIFY, 16);
-  CapParam::Builder param = req.initParams<CapParam>();
-  Result<uint32_t> index = req.addCap(std::make_unique<Node>(8, again));
-  ASSERT_TRUE(index.ok());
-  writeCapPointer(param, 0, *index);
-  RemotePromise sent = req.send();
-  const Outcome identified = outcome(loop, sent, /*echoed=*/true);
-  EXPECT_EQ(identified.code, Errc::OK) << identified.detail;
-  EXPECT_EQ(identified.value, 2u) << "the server saw it as a capability of ours";
+  Request many = cap.newCall(NODE_INTERFACE_ID, CALL_BACK_ALL, 8 * 40 + 64);
+  ASSERT_TRUE(writeCapList(many, many.params().initAsAnyStruct(0, 1), 0, objects).ok());
+  RemotePromise all = many.send();
+  EXPECT_EQ(client.heldCallCount(), 4u);
+  EXPECT_EQ(client.exportCount(), exports) << "exported before the Call went";
+  EXPECT_EQ(client.stats().callsHeld, 4u);
+  dropped.reset();
+  EXPECT_EQ(client.heldCallCount(), 3u);
+  EXPECT_EQ(mine.destroyed, 1) << "the dropped call's object was kept";
+  EXPECT_EQ(client.exportCount(), exports);
   hanging.clear();
+  const Outcome a = outcome(loop, calledBack, /*echoed=*/true);
+  EXPECT_EQ(a.code, Errc::OK) << a.detail;
+  EXPECT_EQ(a.value, 112u);
+  const Outcome b = outcome(loop, own, /*echoed=*/true);
+  EXPECT_EQ(b.code, Errc::OK) << b.detail;
+  EXPECT_EQ(b.value, 1u) << "the server did not get its own object back as its own";
+  const Outcome c = outcome(loop, all, /*echoed=*/true);
+  EXPECT_EQ(c.code, Errc::OK) << c.detail;
+  EXPECT_EQ(c.value, expected);
+  EXPECT_EQ(client.heldCallCount(), 0u);
+  {  // finished: the server lets go of their params
+    RemotePromise done[] = {std::move(calledBack), std::move(own), std::move(all)};
+  }
+  EXPECT_TRUE(runUntil(loop, [&] { return client.exportCount() == exports; }))
+      << "the server's references were not released";
+  EXPECT_EQ(mine.destroyed, 2) << "the called-back object is the connection's until released";
+  EXPECT_EQ(client.stats().callsFailedUnsent, 0u);
+}
+
+// Gives back the capability of its params (CapParam), in CapAndValue results.
+class Bouncer final : public ServerObject {
+ public:
+  Promise<void> dispatch(uint64_t, uint16_t, CallContext& ctx) override {
+    Result<ReceivedCap> cap = Error(Errc::INVALID_ARGUMENT, "no params");
+    Status read = ctx.tryReadParams<CapParam>([&](CapParam::Reader p) { cap = ctx.capAt(p, 0); });
+    if (!read) return readyPromise<void>(read.error());
+    if (!cap) return readyPromise<void>(cap.error());
+    Result<CapAndValue::Builder> out = ctx.initResultsAs<CapAndValue>(32);
+    if (!out) return readyPromise<void>(out.error());
+    Result<uint32_t> index = ctx.addResultCap(cap->remote);
+    if (!index) return readyPromise<void>(index.error());
+    writeCapPointer(*out, 0, *index);
+    return readyPromise<void>(Status{});
+  }
+};
+
+// A pending promise of another connection cannot be passed on (its calls must queue at its own
+// export): a call carrying one is refused at send(), held or not, with nothing held or sent.
+TEST_F(RpcHeldCalls, ACallCarryingAnotherConnectionsPendingPromiseIsRefusedHeldOrNot) {
+  Bouncer bouncer;
+  LocalPair pair(loop, &root, nullptr, {}, RING);
+  LocalPair other(loop, &bouncer, nullptr, {}, RING);
+  RpcConnection& client = pair.client();
+  RemoteCap cap = client.bootstrap();
+  // The promise, sent to the bouncer and received back: the client's own (pending) node.
+  CapPromise later = other.client().newCapPromise();
+  std::optional<ReceivedCap> back;
+  Status bounced = loop.run([&]() -> Promise<void> {
+    Request r = other.client().bootstrap().newCall(NODE_INTERFACE_ID, IDENTIFY, 16);
+    writeCapPointer(r.initParams<CapParam>(), 0, r.addCap(later).value());
+    Result<Response> got = co_await r.send();
+    AGATE_CO_TRY(got);
+    Result<ReceivedCap> c = got->getCap(0);
+    AGATE_CO_TRY(c);
+    back.emplace(*c);
+    co_return {};
+  }());
+  ASSERT_TRUE(bounced.ok()) << errcName(bounced.code());
+  ASSERT_NE(back->local, nullptr);
+  auto passOn = [&] {
+    Request req = cap.newCall(NODE_INTERFACE_ID, IDENTIFY, 16);
+    writeCapPointer(req.initParams<CapParam>(), 0, req.addCap(*back->local).value());
+    return req.send();
+  };
+  for (bool holding : {false, true}) {
+    SCOPED_TRACE(holding ? "held" : "not held");
+    std::deque<RemotePromise> hanging;
+    if (holding) hanging = hangFit(cap);
+    const uint32_t questions = client.questionCount();
+    const uint32_t exports = client.exportCount();
+    RemotePromise refused = passOn();
+    EXPECT_EQ(refused.questionId(), 0u);
+    const Outcome o = outcome(loop, refused);
+    EXPECT_EQ(o.code, Errc::INVALID_ARGUMENT);
+    EXPECT_NE(o.detail.find("pending promise of another connection"), std::string::npos)
+        << o.detail;
+    EXPECT_EQ(client.heldCallCount(), 0u);
+    EXPECT_EQ(client.questionCount(), questions);
+    EXPECT_EQ(client.exportCount(), exports);
+    EXPECT_TRUE(client.isOpen());
+  }
+  back.reset();
+  later.reject(Error(Errc::FAILED, "not needed"));
+}
+
+// A held call whose cap table cannot be written as it goes (the peer already holds as many
+// references to the object as this side counts: RpcOptions::releaseReferencesAt) fails here,
+// unsent, and so do the held calls naming its answer (pipelined on it, or passing a capability
+// pipelined on it): the peer never saw it. Calls behind them go; the connection carries on.
+TEST_F(RpcHeldCalls, AHeldCallWhoseCapTableCannotBeWrittenFailsUnsentWithWhatNamesItsAnswer) {
+  LocalPair pair(loop, RpcOptions{.bootstrap = &root}, RpcOptions{.releaseReferencesAt = 2}, RING);
+  RpcConnection& client = pair.client();
+  RemoteCap cap = client.bootstrap();
+  Log mine;
+  Node object(1, mine);
+  std::deque<RemotePromise> hanging;
+  for (uint64_t i = 0; i < FIT; ++i) {  // the first three hold a reference to `object` each
+    Request req = cap.newCall(NODE_INTERFACE_ID, HANG, 16);
+    if (i < 3) writeCapPointer(req.initParams<CapParam>(), 0, req.addCap(object).value());
+    hanging.push_back(req.send());
+  }
+  ASSERT_TRUE(runUntil(loop, [&] { return log.hanging == static_cast<int>(FIT); }));
+  const uint32_t questions = client.questionCount();
+  Request req = cap.newCall(NODE_INTERFACE_ID, IDENTIFY, 16);
+  writeCapPointer(req.initParams<CapParam>(), 0, req.addCap(object).value());
+  RemotePromise failing = req.send();  // held: a fourth reference is refused as it goes
+  RemotePromise onIt = echo(*std::make_unique<RemoteCap>(failing.pipeline({0})), 1);
+  Request passing = cap.newCall(NODE_INTERFACE_ID, IDENTIFY, 16);
+  writeCapPointer(passing.initParams<CapParam>(), 0, passing.addCap(failing.pipeline({0})).value());
+  RemotePromise passed = passing.send();
+  RemotePromise after = record(cap, 5);
+  ASSERT_EQ(client.heldCallCount(), 4u);
+  hanging.pop_back();  // frees the space of one call
+  for (RemotePromise* p : {&failing, &onIt, &passed}) {
+    const Outcome o = outcome(loop, *p);
+    EXPECT_EQ(o.code, Errc::OUT_OF_MEMORY);
+    EXPECT_NE(o.detail.find("releaseReferencesAt"), std::string::npos) << o.detail;
+  }
+  EXPECT_EQ(outcome(loop, after).code, Errc::OK);
+  EXPECT_EQ(log.order, (std::vector<uint64_t>{5}));
+  EXPECT_EQ(client.stats().callsFailedUnsent, 3u);
+  EXPECT_EQ(pair.server().stats().callsReceived, FIT + 1) << "a failed call was sent";
+  EXPECT_TRUE(client.isOpen());
+  EXPECT_EQ(client.heldCallCount(), 0u);
+  // A capability pipelined on the failed call fails here with its error.
+  RemotePromise later = echo(*std::make_unique<RemoteCap>(failing.pipeline({0})), 2);
+  EXPECT_EQ(outcome(loop, later).code, Errc::OUT_OF_MEMORY);
+  {
+    RemotePromise done[] = {std::move(failing), std::move(onIt), std::move(passed),
+                            std::move(after), std::move(later)};
+  }
+  EXPECT_TRUE(runUntil(loop, [&] { return client.questionCount() == questions - 1; }))
+      << "a failed call's question leaked: " << client.questionCount();
+  hanging.clear();
+  EXPECT_TRUE(runUntil(loop, [&] { return client.questionCount() == 0; }));
 }
 
 // Dropping the last of a long chain of held calls, each pipelined on the one before, drops

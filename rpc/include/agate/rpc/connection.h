@@ -710,13 +710,13 @@ struct RpcOptions {
   //   sent). Finishes, Releases, Returns, Resolves, Provides and Accepts are never held, so
   //   cancelling a call in flight frees its space, and the peer's progress never waits for
   //   this side's own calls; what a held message names stays referenced until it goes. A call
-  //   carrying capabilities is never held (it would export objects the peer could name before
-  //   it went): it is refused as under REFUSE. A capability of the peer's passed on to a third
-  //   vat while calls are held is proxied, not handed off. Holding has no time bound: a caller
-  //   whose calls in flight wait for a call of its own that is held (a lock's release behind
-  //   long acquires) waits for ever; reserve less, or use REFUSE.
-  //   REFUSE: the call is refused at send() with OUT_OF_MEMORY, nothing sent, and the request
-  //   stays refused: for a caller that would rather shed load than wait.
+  //   carrying capabilities is held too, its cap table written as it goes (nothing is exported
+  //   or handed off before). A capability of the peer's passed on to a third vat, or returned
+  //   to the peer, while calls are held is proxied, not handed off or passed back. Holding has no
+  //   time bound: a caller whose calls in flight wait for a call of its own that is held (a lock's
+  //   release behind long acquires) waits for ever; reserve less, or use REFUSE. REFUSE: the call
+  //   is refused at send() with OUT_OF_MEMORY, nothing sent, and the request stays refused: for a
+  //   caller that would rather shed load than wait.
   // A call reserving more than the whole ring is refused either way.
   enum class WhenReplySpaceIsFull : uint8_t { HOLD, REFUSE };
   WhenReplySpaceIsFull whenReplySpaceIsFull = WhenReplySpaceIsFull::HOLD;
@@ -800,7 +800,10 @@ struct RpcStats {
   // Calls this side held until Returns freed reply space (RpcOptions::whenReplySpaceIsFull).
   uint64_t callsHeld = 0;
   uint64_t callsCancelledHeld = 0;  // of which dropped before they went (nothing was sent)
-  uint64_t disembargoesSent = 0;    // three-party embargoes (schemas/rpc.capnp, "Embargoes")
+  // Of which failed here as they went (a cap table that could not be written then), with the
+  // held calls naming their answers: nothing was sent.
+  uint64_t callsFailedUnsent = 0;
+  uint64_t disembargoesSent = 0;  // three-party embargoes (schemas/rpc.capnp, "Embargoes")
   uint64_t disembargoesReceived = 0;
   uint64_t disembargoesHeld = 0;  // of those sent, held behind calls held for reply space
   uint64_t acceptsEmbargoed = 0;  // embargoed Accepts that waited for the introducer's Disembargo
@@ -920,6 +923,9 @@ class RpcConnection {
   void holdCall(detail::SpillBuffer* buffer, uint32_t questionId, uint32_t replyReserve,
                 Request& request);
   void releaseHeld(HeldMessage& m) noexcept;
+  bool writeHeldCaps(HeldMessage& m);
+  void failUnsentCall(uint32_t questionId, const Error& error);
+  Status passable(const detail::CapTable& caps) const;
   void dropHeldCall(uint32_t questionId) noexcept;
   void dropAllHeld() noexcept;
   Status admitToHold(size_t bytes) const;
@@ -989,7 +995,7 @@ class RpcConnection {
 
   // --- three-party handoff (handoff.cpp) ---
   Result<uint32_t> addForeignCap(detail::CapTable& table, const RemoteCap& cap);
-  void settleForeignCaps(detail::CapTable& table);
+  void settleForeignCaps(detail::CapTable& table, bool inReturn = false);
   Result<RemoteCap> sendProvide(uint32_t importId, VatId recipient, uint64_t provisionId);
   RemoteCap sendAccept(VatId introducer, uint64_t provisionId, RemoteCap vine,
                        bool embargo = false);
