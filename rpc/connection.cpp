@@ -522,6 +522,9 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
     ~ClearCaps() { caps.clear(); }
   } clearCaps{request.caps_};
   if (request.error_.code == Errc::OK && !isOpen()) request.error_ = failure_;
+  // Made before a question it names failed here unsent (or had its results refused).
+  if (request.error_.code == Errc::OK)
+    request.error_ = refusedName(request.toAnswer_, request.targetId_, &request.caps_);
   if (request.error_.code == Errc::OK && request.unbuilt_ && request.caps_.size() > 0)
     buildCall(request);  // the cap table goes in a built message
   if (request.error_.code != Errc::OK) {
@@ -569,6 +572,9 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
   } else {
     request.call_.setQuestionId(qid);
     if (request.noPipelining_) request.call_.setNoPromisePipelining(true);
+    // Started if they were not (capabilities and no content): capTableBytes, which sizes what is
+    // added for the cap table, does not count them.
+    if (request.caps_.size() > 0) (void)request.call_.getParams();
     Status written = {};
     if (!hold && request.caps_.size() > ENVELOPE_CAPS) {
       written = roomForCapTable(request.slot_, request.caps_, OutKind::CALL);
@@ -594,7 +600,7 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
                  roundToWords(options_.maxMessageBytes)) {
         giveSpill(*b);  // with the cap table written as it goes, too large to send
         sent = Error(Errc::MESSAGE_TOO_LARGE, "message larger than RpcOptions::maxMessageBytes");
-      } else if (sent = admitToHold((*b)->usedBytes); !sent) {
+      } else if (sent = admitToHold(heldSize((*b)->usedBytes, request.caps_)); !sent) {
         giveSpill(*b);
       } else {
         heldCall = *b;
@@ -641,7 +647,8 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
 void RpcConnection::holdDisembargo(detail::SpillBuffer* buffer, uint32_t exportId,
                                    uint32_t provideQuestion) {
   HeldMessage& m = held_.emplace_back();
-  heldBytes_ += buffer->usedBytes;
+  m.bytes = buffer->usedBytes;
+  heldBytes_ += m.bytes;
   m.buffer = buffer;
   importRef(exportId);
   m.holdsTarget = true;
@@ -665,7 +672,8 @@ void RpcConnection::releaseHeld(HeldMessage& m) noexcept {
 void RpcConnection::holdCall(detail::SpillBuffer* buffer, uint32_t questionId,
                              uint32_t replyReserve, Request& request) {
   HeldMessage& m = held_.emplace_back();
-  heldBytes_ += buffer->usedBytes;
+  m.bytes = heldSize(buffer->usedBytes, request.caps_);
+  heldBytes_ += m.bytes;
   m.buffer = buffer;
   m.questionId = questionId;
   m.replyReserve = replyReserve;
@@ -684,24 +692,35 @@ void RpcConnection::holdCall(detail::SpillBuffer* buffer, uint32_t questionId,
 void RpcConnection::sendHeld() {
   while (isOpen() && !held_.empty()) {
     HeldMessage& front = held_.front();
-    if (front.questionId != 0 && replyReserved_ + front.replyReserve > replyBudget_) return;
+    // A call naming a question that failed here unsent goes no further (nor waits for space).
+    const Error doomed = front.questionId != 0 ? refusedName(front.toAnswer, front.targetId,
+                                                             front.caps ? &*front.caps : nullptr)
+                                               : Error{};
+    const bool fails = doomed.code != Errc::OK;
+    if (!fails && front.questionId != 0 && replyReserved_ + front.replyReserve > replyBudget_)
+      return;
     std::list<HeldMessage> one;  // taken out first: releasing its references may hold more
     one.splice(one.begin(), held_, held_.begin());
     HeldMessage& m = one.front();
-    heldBytes_ -= m.buffer->usedBytes;
+    heldBytes_ -= m.bytes;
     const uint32_t qid = m.questionId;
     if (qid != 0) {
       questions_[qid].held = false;
       --heldCalls_;
+    }
+    if (fails) {
+      failUnsent(m, doomed);
+      continue;
     }
     const bool withCaps = m.caps.has_value();
     if (withCaps) {
       // Referenced until the Call is out: a promise let go while its cap table is written
       // (what writing runs may break one) sends its Finish after the Call.
       questionRef(qid);
-      if (!writeHeldCaps(m)) {
+      if (Status written = writeHeldCaps(m); !written) {
+        failUnsent(m, written.error());
         questionUnref(qid);
-        continue;  // failed here, unsent
+        continue;
       }
     }
     if (qid != 0) {
@@ -718,82 +737,79 @@ void RpcConnection::sendHeld() {
   }
 }
 
+// A call targeted at, or passing a capability pipelined on, a question whose answer this side
+// will never have from the peer (it failed here unsent), or whose results this side refused:
+// that question's error; else none. The peer never saw the first kind: naming it would be a
+// protocol error.
+Error RpcConnection::refusedName(bool toAnswer, uint32_t targetId,
+                                 const detail::CapTable* caps) const noexcept {
+  if (toAnswer && questions_[targetId].refused.code != Errc::OK)
+    return questions_[targetId].refused;
+  for (uint32_t i = 0; caps != nullptr && i < caps->size(); ++i) {
+    const detail::CapEntry& e = (*caps)[i];
+    if (e.kind != detail::CapEntry::Kind::RECEIVER_ANSWER) continue;
+    if (const Error* refused = refusedResults(e.held)) return *refused;
+  }
+  return {};
+}
+
 // A held call's cap table, written as it goes: handoffs decided and objects exported now. The
 // message is resumed in a buffer with room for the table (frames are position-independent). On
-// failure (an object the peer already holds as many references to as are counted), the call
-// fails here, unsent, with the calls held behind it that name its answer; false.
-bool RpcConnection::writeHeldCaps(HeldMessage& m) {
+// failure (an object the peer already holds as many references to as are counted) nothing is
+// exported and the message is unchanged.
+Status RpcConnection::writeHeldCaps(HeldMessage& m) {
   detail::CapTable& caps = *m.caps;
   settleForeignCaps(caps);  // a Provide's failure may end this connection
-  Status written = isOpen() ? Status{} : Status(failure_);
-  if (written) {
-    const size_t used = m.buffer->usedBytes;
-    detail::SpillBuffer* b = takeSpill(used + capTableBytes(caps));
-    std::memcpy(static_cast<void*>(b->words.get()), m.buffer->words.get(), used);
-    const size_t frameBytes = size_t{1} << (b->sizeClass + MIN_CLASS_SHIFT);
-    b->builder.emplace(std::span<capnp::word>(b->words.get(), frameBytes / WORD_BYTES),
-                       used / WORD_BYTES);
-    wire::Payload::Builder params = b->builder->getRoot<wire::Message>().getCall().getParams();
-    written = writeCapTable(params.initCapTable(caps.size()), caps);
-    Result<size_t> finished = written ? b->builder->tryFinish() : Result<size_t>(written.error());
-    if (finished) {
-      b->builder.reset();
-      b->usedBytes = b->dirtyBytes = *finished;
-      giveSpill(std::exchange(m.buffer, b));
-      return true;
-    }
-    written = finished.error();
+  if (!isOpen()) return failure_;
+  const size_t used = m.buffer->usedBytes;
+  detail::SpillBuffer* b = takeSpill(used + capTableBytes(caps));
+  std::memcpy(static_cast<void*>(b->words.get()), m.buffer->words.get(), used);
+  const size_t frameBytes = size_t{1} << (b->sizeClass + MIN_CLASS_SHIFT);
+  b->builder.emplace(std::span<capnp::word>(b->words.get(), frameBytes / WORD_BYTES),
+                     used / WORD_BYTES);
+  // The params exist (sendRequest started them), so the table is all that is added.
+  wire::Payload::Builder params = b->builder->getRoot<wire::Message>().getCall().getParams();
+  Status written = writeCapTable(params.initCapTable(caps.size()), caps);
+  Result<size_t> finished = written ? b->builder->tryFinish() : Result<size_t>(written.error());
+  if (finished && *finished > roundToWords(options_.maxMessageBytes))
+    finished = Error(Errc::MESSAGE_TOO_LARGE, "message larger than RpcOptions::maxMessageBytes");
+  if (!finished) {
     rollBackExports(caps);
     b->dirtyBytes = frameBytes;
     giveSpill(b);
+    return finished.error();
   }
-  giveSpill(std::exchange(m.buffer, nullptr));
-  if (isOpen()) failUnsentCall(m.questionId, written.error());
-  releaseHeld(m);
-  return false;
+  b->builder.reset();
+  b->usedBytes = b->dirtyBytes = *finished;
+  giveSpill(std::exchange(m.buffer, b));
+  return {};
 }
 
-// A held call that could not be written as it went fails here, unsent, and so does every held
-// call naming its answer (its target, or a capability in its params pipelined on it), which the
-// peer could not resolve; calls made later on capabilities pipelined on it fail here too.
-void RpcConnection::failUnsentCall(uint32_t questionId, const Error& error) {
-  std::vector<uint32_t> failed{questionId};
-  auto names = [&](uint32_t id) {
-    return std::find(failed.begin(), failed.end(), id) != failed.end();
-  };
-  // Taken out first (nothing runs meanwhile), then released: releasing may drop other calls.
-  std::list<HeldMessage> dependents;
-  for (auto it = held_.begin(); it != held_.end();) {
-    HeldMessage& h = *it;
-    bool dependent = h.questionId != 0 && h.toAnswer && names(h.targetId);
-    for (uint32_t i = 0; h.caps && !dependent && i < h.caps->size(); ++i) {
-      const detail::CapEntry& e = (*h.caps)[i];
-      dependent = e.kind == detail::CapEntry::Kind::RECEIVER_ANSWER && names(e.held.id_);
-    }
-    auto next = std::next(it);
-    if (dependent) {
-      failed.push_back(h.questionId);
-      heldBytes_ -= h.buffer->usedBytes;
-      giveSpill(std::exchange(h.buffer, nullptr));
-      --heldCalls_;
-      questions_[h.questionId].held = false;
-      dependents.splice(dependents.end(), held_, it);
-    }
-    it = next;
-  }
-  for (uint32_t id : failed) {
-    Question& q = questions_[id];
+// A held call that goes no further, taken out of held_: it fails here, unsent (on a connection
+// still open; a dead one failed it already). Calls naming its answer fail in turn as they reach
+// the front of held_ (sendHeld), and so do calls made later on capabilities pipelined on it;
+// promises passed on that wait for its answer break with the error.
+void RpcConnection::failUnsent(HeldMessage& m, const Error& error) {
+  giveSpill(std::exchange(m.buffer, nullptr));
+  if (isOpen() && m.questionId != 0) {
+    Question& q = questions_[m.questionId];
     q.returned = true;
     q.finishSent = true;  // nothing to finish: the peer never saw it
-    q.refused = error;    // what is pipelined on it fails with this error from now on
+    q.refused = error;    // what names it fails with this error from now on
     if (q.fulfiller) {
       q.fulfiller->fulfill(error);
       q.fulfiller.reset();
     }
     ++stats_.callsFailedUnsent;
+    std::erase_if(watchers_, [&](std::pair<uint32_t, std::weak_ptr<detail::PromiseNode>>& w) {
+      if (w.first != m.questionId) return false;
+      std::shared_ptr<detail::PromiseNode> node = w.second.lock();
+      if (node != nullptr && node->pending()) settling_.emplace_back(std::move(node), error);
+      return true;
+    });
   }
-  if (!held_.empty() && !heldTask_.isQueued()) loop_.post(heldTask_);
-  for (HeldMessage& h : dependents) releaseHeld(h);
+  releaseHeld(m);
+  if (!settling_.empty()) settleWatched();
 }
 
 // A held call whose promise and pipelined references are all gone: it never goes; its question
@@ -818,7 +834,7 @@ void RpcConnection::dropHeldCall(uint32_t questionId) noexcept {
     std::list<HeldMessage> one;
     one.splice(one.begin(), held_, questions_[id].heldAt);
     HeldMessage& m = one.front();
-    heldBytes_ -= m.buffer->usedBytes;
+    heldBytes_ -= m.bytes;
     giveSpill(std::exchange(m.buffer, nullptr));
     --heldCalls_;
     questions_[id].held = false;
@@ -829,6 +845,12 @@ void RpcConnection::dropHeldCall(uint32_t questionId) noexcept {
     releaseHeld(m);  // a call pipelined on another held one may drop that one (queued above)
   }
   droppingHeld_ = false;
+}
+
+// What a held call counts toward maxQueuedBytes: its message and, carrying capabilities, the
+// most its cap table adds as it goes.
+size_t RpcConnection::heldSize(size_t messageBytes, const detail::CapTable& caps) noexcept {
+  return messageBytes + (caps.size() > 0 ? capTableBytes(caps) : 0);
 }
 
 Status RpcConnection::admitToHold(size_t bytes) const {

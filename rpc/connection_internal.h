@@ -390,6 +390,7 @@ class HandoffTable {
 struct RpcConnection::HeldMessage {
   detail::SpillBuffer* buffer = nullptr;  // the finished message; null once dropped
   uint32_t questionId = 0;                // a call's question; 0 for the others
+  size_t bytes = 0;                       // what it counts in heldBytes_ (heldSize)
   uint32_t replyReserve = 0;              // reserved when it goes
   bool holdsTarget = false;               // as Request::holdsTarget_
   bool toAnswer = false;

@@ -488,6 +488,10 @@ TEST_F(RpcHeldCalls, AHeldCallWhoseCapTableCannotBeWrittenFailsUnsentWithWhatNam
   RemotePromise passed = passing.send();
   RemotePromise after = record(cap, 5);
   ASSERT_EQ(client.heldCallCount(), 4u);
+  // Made now, sent once it failed: refused at send() (the peer never saw what they name).
+  Request early = failing.pipeline({0}).newCall(NODE_INTERFACE_ID, ECHO, 0);
+  Request earlyPassing = cap.newCall(NODE_INTERFACE_ID, IDENTIFY, 16);  // no frame open
+  ASSERT_TRUE(earlyPassing.addCap(failing.pipeline({0})).ok());
   hanging.pop_back();  // frees the space of one call
   for (RemotePromise* p : {&failing, &onIt, &passed}) {
     const Outcome o = outcome(loop, *p);
@@ -497,6 +501,13 @@ TEST_F(RpcHeldCalls, AHeldCallWhoseCapTableCannotBeWrittenFailsUnsentWithWhatNam
   EXPECT_EQ(outcome(loop, after).code, Errc::OK);
   EXPECT_EQ(log.order, (std::vector<uint64_t>{5}));
   EXPECT_EQ(client.stats().callsFailedUnsent, 3u);
+  for (Request* r : {&early, &earlyPassing}) {
+    RemotePromise refused = r->send();
+    EXPECT_EQ(refused.questionId(), 0u);
+    const Outcome o = outcome(loop, refused);
+    EXPECT_EQ(o.code, Errc::OUT_OF_MEMORY);
+    EXPECT_NE(o.detail.find("releaseReferencesAt"), std::string::npos) << o.detail;
+  }
   EXPECT_EQ(pair.server().stats().callsReceived, FIT + 1) << "a failed call was sent";
   EXPECT_TRUE(client.isOpen());
   EXPECT_EQ(client.heldCallCount(), 0u);
@@ -511,6 +522,78 @@ TEST_F(RpcHeldCalls, AHeldCallWhoseCapTableCannotBeWrittenFailsUnsentWithWhatNam
       << "a failed call's question leaked: " << client.questionCount();
   hanging.clear();
   EXPECT_TRUE(runUntil(loop, [&] { return client.questionCount() == 0; }));
+}
+
+// A promise passed to another vat that waits on a held call's answer breaks when that call
+// fails unsent, and lets go of the question (which is then freed) rather than waiting for this
+// connection to end.
+TEST_F(RpcHeldCalls, APromiseWaitingOnACallThatFailsUnsentBreaksAndLetsItGo) {
+  LocalNetwork net(loop);
+  VatNetwork& network = net.addVat(3, nullptr);
+  LocalPair pair(loop, RpcOptions{.bootstrap = &root},
+                 RpcOptions{.releaseReferencesAt = 2, .network = &network, .peerVat = 1}, RING);
+  LocalPair other(loop, RpcOptions{}, RpcOptions{.network = &network, .peerVat = 2}, RING);
+  RpcConnection& client = pair.client();
+  RemoteCap cap = client.bootstrap();
+  Log mine;
+  Node object(1, mine);
+  std::deque<RemotePromise> hanging;
+  for (uint64_t i = 0; i < FIT; ++i) {  // the first three hold a reference to `object` each
+    Request req = cap.newCall(NODE_INTERFACE_ID, HANG, 16);
+    if (i < 3) writeCapPointer(req.initParams<CapParam>(), 0, req.addCap(object).value());
+    hanging.push_back(req.send());
+  }
+  ASSERT_TRUE(runUntil(loop, [&] { return log.hanging == static_cast<int>(FIT); }));
+  std::optional<RemotePromise> failing;
+  {
+    Request req = cap.newCall(NODE_INTERFACE_ID, IDENTIFY, 16);
+    writeCapPointer(req.initParams<CapParam>(), 0, req.addCap(object).value());
+    failing.emplace(req.send());  // held: a fourth reference is refused as it goes
+  }
+  // A request to vat 2 carrying the capability pipelined on it: a promise waiting on its answer.
+  Request passing = other.client().bootstrap().newCall(NODE_INTERFACE_ID, ECHO, 16);
+  ASSERT_TRUE(passing.addCap(failing->pipeline({0})).ok());
+  hanging.pop_back();
+  EXPECT_EQ(outcome(loop, *failing).code, Errc::OUT_OF_MEMORY);
+  failing.reset();
+  EXPECT_TRUE(runUntil(loop, [&] { return client.questionCount() == FIT - 1; }))
+      << "the promise kept the failed question: " << client.questionCount();
+  EXPECT_EQ(client.stats().callsFailedUnsent, 1u);
+  EXPECT_TRUE(client.isOpen());
+  hanging.clear();
+}
+
+// A held call carrying capabilities and no params content: what its cap table adds as it goes
+// is bounded at send() (params included), so it either fits a frame of the ring when it goes, or
+// is refused at once (MESSAGE_TOO_LARGE, nothing held), never failing later or ending the
+// connection. Sizes around the spill buffers' size classes, and one too large for a 4 KiB ring.
+TEST_F(RpcHeldCalls, HeldCallsWithCapabilitiesAndNoContentFitWhenTheyGoOrAreRefusedAtOnce) {
+  LocalPair pair(loop, &root, nullptr, {}, RING);
+  RpcConnection& client = pair.client();
+  RemoteCap cap = client.bootstrap();
+  Log mine;
+  Node object(1, mine);
+  for (uint32_t n : {1u, 3u, 11u, 27u, 59u, 100u, 122u}) {
+    SCOPED_TRACE(n);
+    std::deque<RemotePromise> hanging = hangFit(cap);
+    Request req = cap.newCall(NODE_INTERFACE_ID, ECHO, 0);
+    for (uint32_t i = 0; i < n; ++i) ASSERT_TRUE(req.addCap(object).ok());
+    RemotePromise p = req.send();
+    if (n == 122) {
+      EXPECT_EQ(p.questionId(), 0u);
+      EXPECT_EQ(outcome(loop, p).code, Errc::MESSAGE_TOO_LARGE);
+      EXPECT_EQ(client.heldCallCount(), 0u);
+    } else {
+      EXPECT_EQ(client.heldCallCount(), 1u);
+    }
+    hanging.clear();
+    if (n != 122) {
+      const Outcome o = outcome(loop, p);
+      EXPECT_EQ(o.code, Errc::OK) << o.detail;
+    }
+    EXPECT_TRUE(client.isOpen());
+    EXPECT_EQ(client.stats().callsFailedUnsent, 0u);
+  }
 }
 
 // Dropping the last of a long chain of held calls, each pipelined on the one before, drops

@@ -923,8 +923,10 @@ class RpcConnection {
   void holdCall(detail::SpillBuffer* buffer, uint32_t questionId, uint32_t replyReserve,
                 Request& request);
   void releaseHeld(HeldMessage& m) noexcept;
-  bool writeHeldCaps(HeldMessage& m);
-  void failUnsentCall(uint32_t questionId, const Error& error);
+  Status writeHeldCaps(HeldMessage& m);
+  void failUnsent(HeldMessage& m, const Error& error);
+  Error refusedName(bool toAnswer, uint32_t targetId, const detail::CapTable* caps) const noexcept;
+  static size_t heldSize(size_t messageBytes, const detail::CapTable& caps) noexcept;
   Status passable(const detail::CapTable& caps) const;
   void dropHeldCall(uint32_t questionId) noexcept;
   void dropAllHeld() noexcept;
