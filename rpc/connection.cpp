@@ -699,6 +699,13 @@ void RpcConnection::sendHeld() {
     const bool fails = doomed.code != Errc::OK;
     if (!fails && front.questionId != 0 && replyReserved_ + front.replyReserve > replyBudget_)
       return;
+    if (!fails && front.caps && !front.settled) {
+      // Handoffs decided while it is still held: a Provide's failure can run code on this
+      // connection (a promise settling), which must find it held, ahead of anything it sends.
+      front.settled = true;
+      settleForeignCaps(*front.caps);
+      continue;  // the front may have changed meanwhile, or the connection ended
+    }
     std::list<HeldMessage> one;  // taken out first: releasing its references may hold more
     one.splice(one.begin(), held_, held_.begin());
     HeldMessage& m = one.front();
@@ -753,13 +760,13 @@ Error RpcConnection::refusedName(bool toAnswer, uint32_t targetId,
   return {};
 }
 
-// A held call's cap table, written as it goes: handoffs decided and objects exported now. The
+// A held call's cap table, written as it goes: objects exported now (handoffs were decided just
+// before, while it was still held). The
 // message is resumed in a buffer with room for the table (frames are position-independent). On
 // failure (an object the peer already holds as many references to as are counted) nothing is
 // exported and the message is unchanged.
 Status RpcConnection::writeHeldCaps(HeldMessage& m) {
-  detail::CapTable& caps = *m.caps;
-  settleForeignCaps(caps);  // a Provide's failure may end this connection
+  detail::CapTable& caps = *m.caps;  // settled (sendHeld)
   if (!isOpen()) return failure_;
   const size_t used = m.buffer->usedBytes;
   detail::SpillBuffer* b = takeSpill(used + capTableBytes(caps));

@@ -398,6 +398,7 @@ struct RpcConnection::HeldMessage {
   uint32_t provideQuestion = internal::NONE;  // a Disembargo {provide}'s question, referenced
   // A call's capabilities, written into its cap table as it goes (writeHeldCaps).
   std::optional<detail::CapTable> caps;
+  bool settled = false;  // its foreign capabilities were settled (settleForeignCaps)
 };
 
 struct RpcConnection::Question {

@@ -466,6 +466,32 @@ TEST_F(HandoffTest, AForwardedCallCarriesItsCapabilitiesOnToTheHost) {
   EXPECT_TRUE(conn(C, D).isOpen());
 }
 
+// A call carrying A's capability held for reply space on C's connection to B: the Provide goes
+// when the call goes, not when it is sent, and the handoff completes.
+TEST_F(HandoffTest, AHeldCallCarryingAThirdPartysCapabilityProvidesItOnlyAsItGoes) {
+  openNetwork(4096, /*messagesPerTurn=*/0, /*replyBytesPerCall=*/2040);  // two calls in flight
+  RemoteCap a = boot(C, A);
+  ASSERT_TRUE(loop_.run(echo(a, 1)).ok());
+  RemoteCap b = boot(C, B);
+  std::vector<RemotePromise> first;  // no params: refused by B, once they arrive
+  for (int i = 0; i < 2; ++i) first.push_back(b.newCall(NODE_INTERFACE_ID, TAKE, 16).send());
+  RemotePromise taken = take(b, a, 3);
+  EXPECT_EQ(conn(C, B).heldCallCount(), 1u);
+  EXPECT_EQ(conn(C, A).stats().providesSent, 0u) << "provided while the call was held";
+  for (RemotePromise& p : first)
+    EXPECT_EQ(loop_.run(awaitValue(std::move(p))).code(), Errc::INVALID_ARGUMENT);
+  ASSERT_TRUE(loop_.run(awaitValue(std::move(taken))).ok());
+  EXPECT_EQ(conn(C, A).stats().providesSent, 1u);
+  for (RemotePromise& p : recipient_.sent) ASSERT_TRUE(loop_.run(awaitValue(std::move(p))).ok());
+  recipient_.sent.clear();
+  EXPECT_EQ(aLog_.order,
+            (std::vector<uint64_t>{Recipient::FIRST_RECORD, Recipient::FIRST_RECORD + 1,
+                                   Recipient::FIRST_RECORD + 2}));
+  EXPECT_EQ(recipient_.held.connection(), &conn(B, A)) << "B calls A directly";
+  recipient_.clear();
+  ASSERT_TRUE(runUntil(loop_, [&] { return net_->vat(A).provisionCount() == 0; }));
+}
+
 // A method that adds another connection's capability to its results and then closes its own
 // connection returns into a dead connection: nothing is handed off or sent, nothing leaks.
 TEST_F(HandoffTest, ResultsCarryingAForeignCapabilityReturnedIntoAClosedConnectionSendNothing) {
