@@ -168,8 +168,9 @@ RemotePromise record(const RemoteCap& cap, uint64_t v) {
   return r.send();
 }
 
-// A TAKE call passing `cap` to `to`, asking for `n` calls on it.
-RemotePromise take(const RemoteCap& to, const RemoteCap& cap, uint64_t n) {
+// A TAKE call passing `cap` (a RemoteCap, or a CapPromise) to `to`, asking for `n` calls on it.
+template <class Cap>
+RemotePromise take(const RemoteCap& to, const Cap& cap, uint64_t n) {
   Request r = to.newCall(NODE_INTERFACE_ID, TAKE, 64);
   CapAndValue::Builder p = r.initParams<CapAndValue>();
   Result<uint32_t> index = r.addCap(cap);
@@ -1093,11 +1094,7 @@ TEST_F(HandoffTest, APromiseResolvedWithMaxQuestionsOpenToTheHostResolvesToAProx
   {
     RemoteCap a = boot(C, A);
     CapPromise later = conn(C, B).newCapPromise();
-    Request r = boot(C, B).newCall(NODE_INTERFACE_ID, TAKE, 64);
-    CapAndValue::Builder p = r.initParams<CapAndValue>();
-    writeCapPointer(p, 0, r.addCap(later).value());
-    p.setValue(3);
-    RemotePromise taken = r.send();
+    RemotePromise taken = take(boot(C, B), later, 3);
     ASSERT_TRUE(runUntil(loop_, [&] { return conn(C, B).stats().promiseCallsQueued == 3; }));
     std::deque<RemotePromise> hanging;
     for (int i = 0; i < 4095; ++i) hanging.push_back(a.newCall(NODE_INTERFACE_ID, HANG, 16).send());
@@ -1141,11 +1138,7 @@ TEST_F(HandoffTest, ARecipientWithMaxQuestionsOpenToTheHostKeepsTheVine) {
       RemotePromise taken = [&] {
         if (!resolved) return take(boot(C, B), a, 3);
         CapPromise later = conn(C, B).newCapPromise();
-        Request r = boot(C, B).newCall(NODE_INTERFACE_ID, TAKE, 64);
-        CapAndValue::Builder p = r.initParams<CapAndValue>();
-        writeCapPointer(p, 0, r.addCap(later).value());
-        p.setValue(3);
-        RemotePromise t = r.send();
+        RemotePromise t = take(boot(C, B), later, 3);
         EXPECT_TRUE(runUntil(loop_, [&] { return conn(C, B).stats().promiseCallsQueued == 3; }));
         later.resolve(a);
         return t;
@@ -1238,11 +1231,7 @@ TEST_F(HandoffTest, CallsOnAPromiseResolvedToAnotherVatsCapabilityKeepEOrderAcro
     {
       RemoteCap a = boot(C, A);
       CapPromise later = conn(C, B).newCapPromise();
-      Request r = boot(C, B).newCall(NODE_INTERFACE_ID, TAKE, 64);
-      CapAndValue::Builder p = r.initParams<CapAndValue>();
-      writeCapPointer(p, 0, r.addCap(later).value());
-      p.setValue(100);
-      RemotePromise taken = r.send();
+      RemotePromise taken = take(boot(C, B), later, 100);
       ASSERT_TRUE(runUntil(loop_, [&] { return conn(C, B).stats().promiseCallsQueued == 100; }));
       std::optional<RemotePromise> child;
       if (pipelined) {
@@ -1276,13 +1265,7 @@ TEST_F(HandoffTest, CallsOnAPromiseResolvedToAnotherVatsCapabilityKeepEOrderAcro
 TEST_F(HandoffTest, APromiseImportPassedOnIsProxiedAndItsCallsWaitForTheResolution) {
   openNetwork();
   CapPromise later = conn(C, B).newCapPromise();
-  {
-    Request r = boot(C, B).newCall(NODE_INTERFACE_ID, TAKE, 64);
-    CapAndValue::Builder p = r.initParams<CapAndValue>();
-    writeCapPointer(p, 0, r.addCap(later).value());
-    p.setValue(0);
-    ASSERT_TRUE(loop_.run(awaitValue(r.send())).ok());
-  }
+  ASSERT_TRUE(loop_.run(awaitValue(take(boot(C, B), later, 0))).ok());
   ASSERT_FALSE(recipient_.held.isNull());
   RemotePromise passed = take(boot(B, E), recipient_.held, 3);
   ASSERT_TRUE(runUntil(loop_, [&] { return conn(C, B).stats().promiseCallsQueued == 3; }));

@@ -70,6 +70,18 @@ class RpcHeldCalls : public ::testing::Test {
   Log log;
   Node root{0, log};
 
+  // hangFit, the first three calls carrying `object`: the server holds three references to it
+  // (as many as a client with RpcOptions::releaseReferencesAt 2 gives).
+  std::deque<RemotePromise> hangFitHolding(RemoteCap& cap, ServerObject& object) {
+    std::deque<RemotePromise> hanging;
+    for (uint64_t i = 0; i < FIT; ++i) {
+      Request req = cap.newCall(NODE_INTERFACE_ID, HANG, 16);
+      if (i < 3) writeCapPointer(req.initParams<CapParam>(), 0, req.addCap(object).value());
+      hanging.push_back(req.send());
+    }
+    EXPECT_TRUE(runUntil(loop, [&] { return log.hanging == static_cast<int>(FIT); }));
+    return hanging;
+  }
   // Fills the client's reply space with FIT calls that hang in the server.
   std::deque<RemotePromise> hangFit(RemoteCap& cap) {
     std::deque<RemotePromise> hanging;
@@ -471,13 +483,7 @@ TEST_F(RpcHeldCalls, AHeldCallWhoseCapTableCannotBeWrittenFailsUnsentWithWhatNam
   RemoteCap cap = client.bootstrap();
   Log mine;
   Node object(1, mine);
-  std::deque<RemotePromise> hanging;
-  for (uint64_t i = 0; i < FIT; ++i) {  // the first three hold a reference to `object` each
-    Request req = cap.newCall(NODE_INTERFACE_ID, HANG, 16);
-    if (i < 3) writeCapPointer(req.initParams<CapParam>(), 0, req.addCap(object).value());
-    hanging.push_back(req.send());
-  }
-  ASSERT_TRUE(runUntil(loop, [&] { return log.hanging == static_cast<int>(FIT); }));
+  std::deque<RemotePromise> hanging = hangFitHolding(cap, object);
   const uint32_t questions = client.questionCount();
   Request req = cap.newCall(NODE_INTERFACE_ID, IDENTIFY, 16);
   writeCapPointer(req.initParams<CapParam>(), 0, req.addCap(object).value());
@@ -537,13 +543,7 @@ TEST_F(RpcHeldCalls, APromiseWaitingOnACallThatFailsUnsentBreaksAndLetsItGo) {
   RemoteCap cap = client.bootstrap();
   Log mine;
   Node object(1, mine);
-  std::deque<RemotePromise> hanging;
-  for (uint64_t i = 0; i < FIT; ++i) {  // the first three hold a reference to `object` each
-    Request req = cap.newCall(NODE_INTERFACE_ID, HANG, 16);
-    if (i < 3) writeCapPointer(req.initParams<CapParam>(), 0, req.addCap(object).value());
-    hanging.push_back(req.send());
-  }
-  ASSERT_TRUE(runUntil(loop, [&] { return log.hanging == static_cast<int>(FIT); }));
+  std::deque<RemotePromise> hanging = hangFitHolding(cap, object);
   std::optional<RemotePromise> failing;
   {
     Request req = cap.newCall(NODE_INTERFACE_ID, IDENTIFY, 16);
