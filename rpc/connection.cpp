@@ -702,8 +702,15 @@ void RpcConnection::sendHeld() {
     if (!fails && front.caps && !front.settled) {
       // Handoffs decided while it is still held: a Provide's failure can run code on this
       // connection (a promise settling), which must find it held, ahead of anything it sends.
+      // That code may also drop the call, or end the connection: the table is settled out of
+      // the message, and put back only if the call is still held.
       front.settled = true;
-      settleForeignCaps(*front.caps);
+      const uint32_t id = front.questionId;
+      const uint64_t generation = questions_[id].generation;
+      detail::CapTable caps(std::move(*front.caps));
+      settleForeignCaps(caps);
+      Question& q = questions_[id];
+      if (isOpen() && q.held && q.generation == generation) q.heldAt->caps.emplace(std::move(caps));
       continue;  // the front may have changed meanwhile, or the connection ended
     }
     std::list<HeldMessage> one;  // taken out first: releasing its references may hold more
