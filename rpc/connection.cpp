@@ -127,6 +127,17 @@ Promise<void> RpcConnection::onDisconnect() {
   return std::move(promise);
 }
 
+// Ends question `q` here, with no Return to come and no Finish to send: its promise fails with
+// `error`.
+void RpcConnection::rejectQuestion(Question& q, const Error& error) {
+  q.returned = true;
+  q.finishSent = true;
+  if (q.fulfiller) {
+    q.fulfiller->fulfill(error);
+    q.fulfiller.reset();
+  }
+}
+
 // Marks the connection dead and fails the callers' promises at once; destroying coroutines
 // (reader, pump, running calls) waits for teardown(), posted to the loop, because fail() may be
 // running inside one of them.
@@ -135,13 +146,8 @@ void RpcConnection::fail(Error reason) {
   failure_ = reason;
   for (Question& q : questions_) {
     if (!q.inUse || q.returned) continue;
-    q.returned = true;
     returnReplySpace(q);
-    q.finishSent = true;  // nothing more is sent on a dead connection
-    if (q.fulfiller) {
-      q.fulfiller->fulfill(reason);
-      q.fulfiller.reset();
-    }
+    rejectQuestion(q, reason);  // nothing more is sent on a dead connection
   }
   failWatchers(reason);  // promises passed on that waited for our questions break
   // Queued Finishes will not go out: their questions are free now.
@@ -775,12 +781,8 @@ Error RpcConnection::refusedName(bool toAnswer, uint32_t targetId,
 Status RpcConnection::writeHeldCaps(HeldMessage& m) {
   detail::CapTable& caps = *m.caps;  // settled (sendHeld)
   if (!isOpen()) return failure_;
-  const size_t used = m.buffer->usedBytes;
-  detail::SpillBuffer* b = takeSpill(used + capTableBytes(caps));
-  std::memcpy(static_cast<void*>(b->words.get()), m.buffer->words.get(), used);
-  const size_t frameBytes = size_t{1} << (b->sizeClass + MIN_CLASS_SHIFT);
-  b->builder.emplace(std::span<capnp::word>(b->words.get(), frameBytes / WORD_BYTES),
-                     used / WORD_BYTES);
+  const size_t bytes = roundToWords(m.buffer->usedBytes + capTableBytes(caps));
+  detail::SpillBuffer* b = resumeInSpill(m.buffer->words.get(), m.buffer->usedBytes, bytes);
   // The params exist (sendRequest started them), so the table is all that is added.
   wire::Payload::Builder params = b->builder->getRoot<wire::Message>().getCall().getParams();
   Status written = writeCapTable(params.initCapTable(caps.size()), caps);
@@ -789,7 +791,7 @@ Status RpcConnection::writeHeldCaps(HeldMessage& m) {
     finished = Error(Errc::MESSAGE_TOO_LARGE, "message larger than RpcOptions::maxMessageBytes");
   if (!finished) {
     rollBackExports(caps);
-    b->dirtyBytes = frameBytes;
+    b->dirtyBytes = bytes;
     giveSpill(b);
     return finished.error();
   }
@@ -807,13 +809,8 @@ void RpcConnection::failUnsent(HeldMessage& m, const Error& error) {
   giveSpill(std::exchange(m.buffer, nullptr));
   if (isOpen() && m.questionId != 0) {
     Question& q = questions_[m.questionId];
-    q.returned = true;
-    q.finishSent = true;  // nothing to finish: the peer never saw it
-    q.refused = error;    // what names it fails with this error from now on
-    if (q.fulfiller) {
-      q.fulfiller->fulfill(error);
-      q.fulfiller.reset();
-    }
+    rejectQuestion(q, error);  // nothing to finish: the peer never saw it
+    q.refused = error;         // what names it fails with this error from now on
     ++stats_.callsFailedUnsent;
     std::erase_if(watchers_, [&](std::pair<uint32_t, std::weak_ptr<detail::PromiseNode>>& w) {
       if (w.first != m.questionId) return false;

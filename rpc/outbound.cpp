@@ -362,6 +362,17 @@ Result<uint32_t> RpcConnection::addEntry(detail::CapTable& table, detail::CapEnt
   return table.size() - 1;
 }
 
+// A spill buffer of `bytes` (a multiple of 8) holding a copy of the `used` bytes of a message
+// and a builder resumed after them. Frames are position-independent: the words written so far
+// are the message, and the resumed builder carries on where the first one stopped.
+detail::SpillBuffer* RpcConnection::resumeInSpill(const capnp::word* words, size_t used,
+                                                  size_t bytes) {
+  detail::SpillBuffer* b = takeSpill(bytes);
+  std::memcpy(static_cast<void*>(b->words.get()), words, used);
+  b->builder.emplace(std::span<capnp::word>(b->words.get(), bytes / WORD_BYTES), used / WORD_BYTES);
+  return b;
+}
+
 Status RpcConnection::roomForCapTable(detail::OutSlot& slot, const detail::CapTable& caps,
                                       OutKind kind) {
   FrameBuilder& from =
@@ -378,11 +389,7 @@ Status RpcConnection::roomForCapTable(detail::OutSlot& slot, const detail::CapTa
     return Error(Errc::MESSAGE_TOO_LARGE,
                  "message with its cap table larger than a frame of the outbound ring");
   if (kind == OutKind::CALL) AGATE_TRY(admitToQueue(kind, bytes));
-  // Frames are position-independent: the words written so far are the message, and a builder
-  // resumed over a copy of them carries on where this one stopped.
-  detail::SpillBuffer* b = takeSpill(bytes);
-  std::memcpy(static_cast<void*>(b->words.get()), from.frame().data(), used);
-  b->builder.emplace(std::span<capnp::word>(b->words.get(), bytes / WORD_BYTES), used / WORD_BYTES);
+  detail::SpillBuffer* b = resumeInSpill(from.frame().data(), used, bytes);
   abandonOut(slot);
   slot.spill_ = b;
   if (kind != OutKind::PRIVATE_REPLY) ++stats_.spilledMessages;

@@ -63,6 +63,18 @@ RemotePromise echo(RemoteCap& cap, uint64_t value) {
   return req.send();
 }
 
+// Awaits `call` (on `loop`) and keeps the first capability of its results in `cap`.
+Status firstCapOf(EventLoop& loop, RemotePromise call, std::optional<ReceivedCap>& cap) {
+  return loop.run([&]() -> Promise<void> {
+    Result<Response> r = co_await call;
+    AGATE_CO_TRY(r);
+    Result<ReceivedCap> c = r->getCap(0);
+    AGATE_CO_TRY(c);
+    cap.emplace(*c);
+    co_return {};
+  }());
+}
+
 class RpcHeldCalls : public ::testing::Test {
  protected:
   Watchdog watchdog_{"rpc_held_calls_test", std::chrono::seconds(60)};
@@ -314,15 +326,8 @@ TEST_F(RpcHeldCalls, AnObjectReturnedToItsHostWhileCallsOnItAreHeldGoesAsAProxy)
     if (when == Held::AFTER_ADDING) giver.beforeReturn = holdOne;
     giver.given = cap;
     std::optional<ReceivedCap> got;
-    Status called = loop.run([&]() -> Promise<void> {
-      Result<Response> r =
-          co_await pair.server().bootstrap().newCall(NODE_INTERFACE_ID, NEXT, 0).send();
-      AGATE_CO_TRY(r);
-      Result<ReceivedCap> c = r->getCap(0);
-      AGATE_CO_TRY(c);
-      got.emplace(*c);
-      co_return {};
-    }());
+    Status called =
+        firstCapOf(loop, pair.server().bootstrap().newCall(NODE_INTERFACE_ID, NEXT, 0).send(), got);
     ASSERT_TRUE(called.ok()) << errcName(called.code());
     giver.given = RemoteCap();
     giver.beforeReturn = nullptr;
@@ -435,16 +440,9 @@ TEST_F(RpcHeldCalls, ACallCarryingAnotherConnectionsPendingPromiseIsRefusedHeldO
   // The promise, sent to the bouncer and received back: the client's own (pending) node.
   CapPromise later = other.client().newCapPromise();
   std::optional<ReceivedCap> back;
-  Status bounced = loop.run([&]() -> Promise<void> {
-    Request r = other.client().bootstrap().newCall(NODE_INTERFACE_ID, IDENTIFY, 16);
-    writeCapPointer(r.initParams<CapParam>(), 0, r.addCap(later).value());
-    Result<Response> got = co_await r.send();
-    AGATE_CO_TRY(got);
-    Result<ReceivedCap> c = got->getCap(0);
-    AGATE_CO_TRY(c);
-    back.emplace(*c);
-    co_return {};
-  }());
+  Request bounce = other.client().bootstrap().newCall(NODE_INTERFACE_ID, IDENTIFY, 16);
+  writeCapPointer(bounce.initParams<CapParam>(), 0, bounce.addCap(later).value());
+  Status bounced = firstCapOf(loop, bounce.send(), back);
   ASSERT_TRUE(bounced.ok()) << errcName(bounced.code());
   ASSERT_NE(back->local, nullptr);
   auto passOn = [&] {

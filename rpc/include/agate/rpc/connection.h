@@ -924,6 +924,8 @@ class RpcConnection {
                 Request& request);
   void releaseHeld(HeldMessage& m) noexcept;
   Status writeHeldCaps(HeldMessage& m);
+  void rejectQuestion(Question& q, const Error& error);
+  detail::SpillBuffer* resumeInSpill(const capnp::word* words, size_t used, size_t bytes);
   void failUnsent(HeldMessage& m, const Error& error);
   Error refusedName(bool toAnswer, uint32_t targetId, const detail::CapTable* caps) const noexcept;
   static size_t heldSize(size_t messageBytes, const detail::CapTable& caps) noexcept;
