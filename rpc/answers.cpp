@@ -283,6 +283,7 @@ void RpcConnection::completeAnswer(uint32_t answerId, Status status) {
         answerPools_->results.push(a.resultCaps, {e.kind, e.id});
         if (isExported(e.kind)) ++exports_[e.id].pins;
       }
+      if (a.releaseResultCaps) dropReleasedResults(a);  // its Finish came first
     } else {
       // Nothing went out: take back the references the cap table gave, and fail the call
       // (results too large for a frame), or stop (the connection died).
@@ -553,7 +554,7 @@ void RpcConnection::freeAnswer(Answer& a) {
   a.resultCaps = std::move(results);
   a.queueHead = a.queueTail = nullptr;
   a.state = Answer::State::FREE;
-  a.finishReceived = false;
+  a.finishReceived = a.releaseResultCaps = false;
   a.noPipelining = false;
   a.inWorklist = false;
   a.error.clear();
@@ -675,16 +676,18 @@ void RpcConnection::drainExport(uint32_t exportId) {
   exportUnpin(exportId);
 }
 
-Status RpcConnection::handleFinish(uint32_t answerId) {
+Status RpcConnection::handleFinish(uint32_t answerId, bool releaseResultCaps) {
   ++stats_.finishesReceived;
   Answer& a = *answers_[answerId];
   if (a.state == Answer::State::FREE) {
-    // Crossed the answer's noFinishNeeded Return (checkFinishId let only that one through).
+    // Crossed the answer's noFinishNeeded Return (checkFinish let only that one through).
     a.finishMayCross = false;
     ++stats_.finishesIgnored;
     return {};
   }
   a.finishReceived = true;
+  a.releaseResultCaps = releaseResultCaps;
+  if (releaseResultCaps && a.state == Answer::State::RETURNED) dropReleasedResults(a);
   cancelIfUnwanted(a);
   finishAnswerIfDone(a);
   return {};
@@ -704,6 +707,20 @@ void RpcConnection::cancelIfUnwanted(Answer& a) {
     a.context.resultCaps_.clear();
   }
   failAnswer(a, Error(Errc::CANCELLED, "the caller cancelled the call"));
+}
+
+// Answer `a` has sent its Return and has its Finish with releaseResultCaps: the caller took none
+// of the references the Return's cap table gave, so they are dropped here, one per exported
+// entry, as Releases of 1 would (checkFinish made sure the caller released none of them). The
+// answer still pins those exports: they go once it is freed, if nothing else holds them.
+void RpcConnection::dropReleasedResults(Answer& a) noexcept {
+  for (const Answer::ResultCap& r : a.resultCaps) {
+    if (!isExported(r.kind)) continue;
+    Export& e = exports_[r.id];
+    AGATE_ASSERT(e.pins > 0 && e.remoteRefs > 0, "result export %u dropped twice", r.id);
+    --e.remoteRefs;
+    ++stats_.resultRefsReleasedByFinish;
+  }
 }
 
 Status RpcConnection::handleRelease(uint32_t exportId, uint32_t count) {

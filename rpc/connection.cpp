@@ -916,7 +916,9 @@ void RpcConnection::questionUnref(uint32_t id) noexcept {
     queueFinish(id);  // freed once the Finish is out
     return;
   }
-  sendFinish(id);  // cancels the call: at once
+  // Cancels the call, at once. Nothing here can read its results any more: their references are
+  // the callee's to drop (Finish.releaseResultCaps), which spares a Release per capability.
+  q.resultsReleased = sendFinish(id, /*releaseResultCaps=*/true);
   // Freed when the Return arrives.
 }
 
@@ -951,7 +953,7 @@ void RpcConnection::freeQuestion(uint32_t id) noexcept {
   q.fulfiller.reset();
   q.vine.reset();
   q.refs = 0;
-  q.inUse = q.returned = q.finishSent = q.noPipelining = q.held = false;
+  q.inUse = q.returned = q.finishSent = q.noPipelining = q.resultsReleased = q.held = false;
   ++q.generation;
   q.nextFree = questionFree_;
   questionFree_ = id;
@@ -978,7 +980,7 @@ void RpcConnection::flushFinishes() {
   const uint32_t n = std::exchange(queuedFinishCount_, 0);
   std::copy_n(queuedFinishes_.begin(), n, ids.begin());
   for (uint32_t i = 0; i < n; ++i) {
-    sendFinish(ids[i]);  // nothing is sent on a dead connection
+    sendFinish(ids[i], /*releaseResultCaps=*/false);  // nothing is sent on a dead connection
     freeQuestion(ids[i]);
   }
 }

@@ -68,7 +68,8 @@ class KeptError {
   std::array<char, MAX_REASON_ON_WIRE + 1> text_{};
 };
 
-// Finish and Release are one-word structs (Finish {questionId}, Release {id, referenceCount}),
+// Finish and Release are one-word structs (Finish {questionId, releaseResultCaps}, Release {id,
+// referenceCount}),
 // so the whole message is four words, written directly rather than through a MessageBuilder
 // (setting one up costs more than the message): the root pointer, the Message struct (its union
 // discriminant in the first 16 bits, then its one pointer) and the body struct. The layout is
@@ -97,8 +98,9 @@ inline std::array<uint64_t, CONTROL_WORDS> controlWords(wire::Message::Which whi
 // and pointer, and the Payload with its two pointers null. Word for word what the builder writes
 // (rpc_hot_path_test).
 inline constexpr size_t EMPTY_RETURN_WORDS = 7;
-inline constexpr uint32_t NO_FINISH_NEEDED_BIT = 48;  // Return.noFinishNeeded in the data word
-inline constexpr uint32_t NO_PIPELINING_BIT = 48;     // Call.noPromisePipelining in data word 0
+inline constexpr uint32_t NO_FINISH_NEEDED_BIT = 48;     // Return.noFinishNeeded in the data word
+inline constexpr uint32_t NO_PIPELINING_BIT = 48;        // Call.noPromisePipelining in data word 0
+inline constexpr uint32_t RELEASE_RESULT_CAPS_BIT = 32;  // Finish.releaseResultCaps
 inline std::array<uint64_t, EMPTY_RETURN_WORDS> emptyReturnWords(uint32_t answerId,
                                                                  bool noFinishNeeded) {
   static_assert(wire::Return::_capnpPrivate::dataWordSize == 1 &&
@@ -409,7 +411,10 @@ struct RpcConnection::Question {
   bool returned = false;      // Return received (or the connection ended)
   bool finishSent = false;    // Finish sent (or never to be sent: the connection ended)
   bool noPipelining = false;  // sent with Call.noPromisePipelining
-  bool held = false;          // its Call is held for reply space (RpcConnection::held_)
+  // Its Finish went before the Return, with releaseResultCaps: the Return's references are the
+  // callee's to drop, none is taken here.
+  bool resultsReleased = false;
+  bool held = false;  // its Call is held for reply space (RpcConnection::held_)
   std::list<HeldMessage>::iterator heldAt;  // while held: its Call in held_
   uint32_t replyReserved = 0;  // reply space held until the Return (RpcOptions::replyBytesPerCall)
   // Its Return carried more capabilities than this side takes (Decoded::refused): calls on
@@ -430,6 +435,9 @@ struct RpcConnection::Answer {
   const uint32_t id;
   State state = State::FREE;
   bool finishReceived = false;
+  // The Finish had releaseResultCaps: the references the Return's cap table gives are dropped
+  // here once both have happened (dropReleasedResults).
+  bool releaseResultCaps = false;
   bool inWorklist = false;
   bool noPipelining = false;  // the Call had noPromisePipelining: freed at its Return
   // FREE after a Return with noFinishNeeded that no Finish preceded: one Finish may still be on
@@ -609,7 +617,8 @@ struct RpcConnection::Decoded {
   uint16_t methodId = 0;
   bool noPipelining = false;  // call: Call.noPromisePipelining
   wire::Return::Which returnKind{};
-  bool noFinishNeeded = false;  // return: Return.noFinishNeeded
+  bool noFinishNeeded = false;     // return: Return.noFinishNeeded
+  bool releaseResultCaps = false;  // finish: Finish.releaseResultCaps
   capnp::AnyStruct::Reader payload;
   capnp::List<wire::CapDescriptor>::Reader caps;
   detail::CapEntry::Kind* capKinds = nullptr;

@@ -53,7 +53,8 @@ struct CommonFrame {
   uint16_t methodId = 0;
   bool noPipelining = false;  // call: noPromisePipelining
   wire::Return::Which returnKind{};
-  bool noFinishNeeded = false;  // return
+  bool noFinishNeeded = false;     // return
+  bool releaseResultCaps = false;  // finish
 };
 
 class CommonFrameParser {
@@ -74,6 +75,7 @@ class CommonFrameParser {
         Object finish;
         if (!structAt(message.pointers, 1, 0, finish)) return false;
         f.id = static_cast<uint32_t>(word(finish.data));
+        f.releaseResultCaps = ((word(finish.data) >> 32) & 1) != 0;  // Finish.releaseResultCaps
         return true;
       }
       case wire::Message::RELEASE: {

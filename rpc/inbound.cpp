@@ -268,6 +268,19 @@ void RpcConnection::dropRefusedCaps(const Decoded& d) {
   }
 }
 
+// A Return to a question whose Finish went first with releaseResultCaps (handleReturn).
+bool RpcConnection::resultsReleased(const Decoded& d) const noexcept {
+  return d.which == wire::Message::RETURN && questions_[d.id].resultsReleased;
+}
+
+// The senderPromise entries of a table none of whose references are taken: a Resolve for each
+// may still come, and is taken as for a promise released (handleResolve).
+void RpcConnection::notePromisesOf(capnp::List<wire::CapDescriptor>::Reader caps) {
+  for (wire::CapDescriptor::Reader entry : caps) {
+    if (entry.which() == wire::CapDescriptor::SENDER_PROMISE) notePromise(entry.getSenderPromise());
+  }
+}
+
 void RpcConnection::scratchFor(Decoded& d, uint32_t n) {
   detail::CapScratch& s = capScratch_;
   if (s.kinds.size() < n) {  // grows to the largest table seen, at most the bound
@@ -331,12 +344,27 @@ Status RpcConnection::checkNoFinishNeeded(const Decoded& d) const {
   return {};
 }
 
-Status RpcConnection::checkFinishId(uint32_t id) const {
+Status RpcConnection::checkFinish(uint32_t id, bool releaseResultCaps) const {
   if (id >= answers_.size() || !answers_[id] || answers_[id]->finishReceived)
     return Error(Errc::PROTOCOL_ERROR, "finish for an answer that does not exist");
+  const Answer& a = *answers_[id];
   // A freed answer takes only the one Finish that may cross its noFinishNeeded Return.
-  if (answers_[id]->state == Answer::State::FREE && !answers_[id]->finishMayCross)
+  if (a.state == Answer::State::FREE && !a.finishMayCross)
     return Error(Errc::PROTOCOL_ERROR, "finish for an answer that does not exist");
+  if (!releaseResultCaps || a.state != Answer::State::RETURNED) return {};
+  // The Return is out: its references are dropped as this Finish is handled, so the peer must
+  // still hold them all (it released none of them with Release). Entry i needs one reference
+  // more than the entries before it naming the same export (a table is at most
+  // maxCapsPerMessage long).
+  const std::vector<Answer::ResultCap>& caps = a.resultCaps;
+  for (size_t i = 0; i < caps.size(); ++i) {
+    if (!isExported(caps[i].kind)) continue;
+    uint32_t needed = 1;
+    for (size_t j = 0; j < i; ++j) needed += isExported(caps[j].kind) && caps[j].id == caps[i].id;
+    if (exports_[caps[i].id].remoteRefs < needed)
+      return Error(Errc::PROTOCOL_ERROR,
+                   "finish releases result references the caller already released");
+  }
   return {};
 }
 
@@ -378,7 +406,8 @@ bool RpcConnection::decodeCommon(std::span<const std::byte> frame, Decoded& d, S
       verdict = checkNoFinishNeeded(d);
       return true;
     case wire::Message::FINISH:
-      verdict = checkFinishId(d.id);
+      d.releaseResultCaps = f.releaseResultCaps;
+      verdict = checkFinish(d.id, d.releaseResultCaps);
       return true;
     case wire::Message::RELEASE:
       d.count = f.count;
@@ -451,9 +480,12 @@ Status RpcConnection::decode(wire::Message::Reader m, Decoded& d) {
           return Error(Errc::PROTOCOL_ERROR, "unknown return kind");
       }
     }
-    case wire::Message::FINISH:
-      d.id = m.getFinish().getQuestionId();
-      return checkFinishId(d.id);
+    case wire::Message::FINISH: {
+      wire::Finish::Reader f = m.getFinish();
+      d.id = f.getQuestionId();
+      d.releaseResultCaps = f.getReleaseResultCaps();
+      return checkFinish(d.id, d.releaseResultCaps);
+    }
     case wire::Message::RELEASE: {
       wire::Release::Reader r = m.getRelease();
       d.id = r.getId();
@@ -544,13 +576,18 @@ Status RpcConnection::handleMessage(IncomingMessage& message) {
       // Read here too, inside the reader's boundary: the table is walked again.
       if (decoded && d.refused.code != Errc::OK) {
         ++stats_.messagesRefused;
-        dropRefusedCaps(d);
+        if (resultsReleased(d)) {
+          notePromisesOf(d.caps);  // the callee drops the references (Finish.releaseResultCaps)
+        } else {
+          dropRefusedCaps(d);
+        }
       }
     });
     if (!read) return read;
   }
   if (!decoded) return decoded;
-  if (d.thirdPartyCount > 0) AGATE_TRY(resolveHosts(d));  // WOULD_BLOCK: the reader waits
+  // WOULD_BLOCK: the reader waits. Not for results nothing here takes.
+  if (d.thirdPartyCount > 0 && !resultsReleased(d)) AGATE_TRY(resolveHosts(d));
   switch (d.which) {
     case wire::Message::CALL:
       return handleCall(message, d);
@@ -561,7 +598,7 @@ Status RpcConnection::handleMessage(IncomingMessage& message) {
     case wire::Message::ACCEPT:
       return handleAccept(d);
     case wire::Message::FINISH:
-      return handleFinish(d.id);
+      return handleFinish(d.id, d.releaseResultCaps);
     case wire::Message::RELEASE:
       return handleRelease(d.id, d.count);
     case wire::Message::RESOLVE:
@@ -615,6 +652,15 @@ Status RpcConnection::handleReturn(IncomingMessage& message, const Decoded& d) {
   const bool wanted = q.fulfiller.has_value() && !q.fulfiller->isCancelled();
   switch (d.returnKind) {
     case wire::Return::RESULTS: {
+      if (q.resultsReleased) {
+        // Our Finish, sent before this Return, released its references
+        // (Finish.releaseResultCaps): nothing is taken, no Release follows, no handoff is
+        // accepted. A promise is noted, for the Resolve that may cross that Finish.
+        for (uint32_t i = 0; i < d.capCount; ++i) {
+          if (d.capKinds[i] == detail::CapEntry::Kind::SENDER_PROMISE) notePromise(d.capIds[i]);
+        }
+        break;
+      }
       // Every senderHosted entry is one more reference the peer gave us; the Response holds one
       // local reference per entry until it is dropped. Every receiverHosted entry (one of our
       // exports, passed back) is pinned now, until the Response is dropped: the peer may

@@ -334,10 +334,13 @@ void RpcConnection::ringPeer() {
   if (tx_.sender().ringPending()) ++stats_.doorbellRings;
 }
 
-void RpcConnection::sendFinish(uint32_t questionId) {
-  const std::array<uint64_t, CONTROL_WORDS> words = controlWords(wire::Message::FINISH, questionId);
-  if (sendWords(words, OutKind::CONTROL))
-    ++stats_.finishesSent;  // on a dead connection nothing is sent
+bool RpcConnection::sendFinish(uint32_t questionId, bool releaseResultCaps) {
+  const std::array<uint64_t, CONTROL_WORDS> words = controlWords(
+      wire::Message::FINISH, questionId | uint64_t{releaseResultCaps} << RELEASE_RESULT_CAPS_BIT);
+  if (!sendWords(words, OutKind::CONTROL)) return false;  // on a dead connection nothing is sent
+  ++stats_.finishesSent;
+  if (releaseResultCaps) ++stats_.finishesReleasingResults;
+  return true;
 }
 
 void RpcConnection::sendRelease(uint32_t importId, uint32_t count) {

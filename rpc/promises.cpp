@@ -329,6 +329,15 @@ void RpcConnection::noteImported(uint32_t importId, detail::CapEntry::Kind kind)
   imports_[importId].promise = kind == detail::CapEntry::Kind::SENDER_PROMISE;
 }
 
+// A promise of the peer's that this side takes no reference to (its Return's references were
+// released by Finish): a Resolve for it is still well-formed, and handled as for a promise
+// released (nothing held: the resolution's reference goes back). An id this side holds keeps
+// what it is (the same id in another message names the same export).
+void RpcConnection::notePromise(uint32_t importId) {
+  if (importId >= imports_.size()) imports_.resize(importId + 1);
+  if (imports_[importId].localRefs == 0) imports_[importId].promise = true;
+}
+
 // Where calls on import `importId` go: its resolution (never itself resolved: a resolution is
 // a plain import, see decodeResolve), or `broken` is set.
 uint32_t RpcConnection::resolvedImport(uint32_t importId, Error& broken) const noexcept {

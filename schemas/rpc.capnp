@@ -368,6 +368,20 @@ struct Finish {
   # A second one, or one for an id never answered so, is a PROTOCOL_ERROR. The callee frees the
   # answer once it has also sent the Return and no queued call waits on it (at once, with
   # noFinishNeeded).
+
+  releaseResultCaps @1 :Bool;
+  # Set by a caller that lets go of the question before its Return arrived: nothing of the
+  # results can be read any more (no promise, no capability pipelined on them), so the caller
+  # takes none of the references the Return's cap table gives (it sends no Release for them, and
+  # accepts no handoff from it). The callee drops them itself, one per senderHosted,
+  # senderPromise and thirdPartyHosted (vine) entry, as a Release of 1 each: once it has both
+  # sent that Return and received this Finish, in either order. This saves a Release per
+  # capability for every pipelined call dropped before its Return (a chain of calls on the
+  # capabilities the previous ones return). Unset: the caller counts the Return's references as
+  # in any message and releases them with Release. Set on a Finish for an answer that has
+  # returned, it must not release more references than remain (some were already released
+  # with Release): else PROTOCOL_ERROR. A Resolve for a senderPromise of such a Return may
+  # still cross this Finish: the caller ignores it as for a promise it released.
 }
 
 struct Release {

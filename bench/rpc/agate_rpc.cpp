@@ -14,6 +14,7 @@
 //                            where a trip costs wake-ups, which pipelining is there to save
 //  null_call_one_thread_ns   an awaited empty call with client and server on one thread: what the
 //                            software costs per call, with no cache line crossing between cores
+//  chain10_one_thread_ns     chain10_pipelined_ns with client and server on one thread
 //  allocations_per_call      heap allocations per awaited call in steady state (one process)
 //  null_call_rtt_parked_64clients_ns
 //                            null_call_rtt_parked_ns over bushels a real agate-kernel opened
@@ -377,21 +378,22 @@ Status allocationsPerCall(const Scenario& scenario, const RunOptions& o, Report&
   return {};
 }
 
-// The software cost of a call: both ends on one thread, so nothing crosses between cores and
-// no one waits; each sample is one awaited null call (client and server work, two messages:
-// Call and Return, no Finish).
-Status nullOneThread(const Scenario& scenario, const RunOptions& o, Report& report) {
+// Times `op` on the root of a OneThread pair, one sample per op after a warm-up; the figure is
+// given as a ratio to `ratioTo`.
+template <class Op>
+Status oneThreadLatency(const Scenario& scenario, const RunOptions& o, Report& report,
+                        std::string_view ratioTo, Op op) {
   OneThread t;
   AGATE_TRY(t.open());
   std::vector<uint64_t> samples;
   samples.reserve(rpcSampleCapacity(o));
   auto measure = [&]() -> Promise<void> {
     const uint64_t warmEnd = nowNs() + secondsToNs(o.warmupSeconds);
-    while (nowNs() < warmEnd) AGATE_CO_TRY(co_await nullCall(t.root));
+    while (nowNs() < warmEnd) AGATE_CO_TRY(co_await op(t.root));
     const uint64_t end = nowNs() + secondsToNs(o.measureSeconds);
     while (samples.size() < samples.capacity()) {
       const uint64_t t0 = nowNs();
-      AGATE_CO_TRY(co_await nullCall(t.root));
+      AGATE_CO_TRY(co_await op(t.root));
       const uint64_t t1 = nowNs();
       samples.push_back(t1 - t0);
       if (t1 >= end) break;
@@ -400,10 +402,26 @@ Status nullOneThread(const Scenario& scenario, const RunOptions& o, Report& repo
   };
   AGATE_TRY(t.loop.run(measure()));
   const LatencySummary summary = summarize(samples);
-  if (summary.count == 0) return Error(Errc::FAILED, "no call was timed");
-  report.addLatency(scenario.name, scenario.name, scenario.unit, summary, "floor_cacheline_rtt_ns");
+  if (summary.count == 0) return Error(Errc::FAILED, "nothing was timed");
+  report.addLatency(scenario.name, scenario.name, scenario.unit, summary, ratioTo);
   report.addPlacement(scenario.name, {::sched_getcpu()});
   return {};
+}
+
+// The software cost of a call: both ends on one thread, so nothing crosses between cores and
+// no one waits; each sample is one awaited null call (client and server work, two messages:
+// Call and Return, no Finish).
+Status nullOneThread(const Scenario& scenario, const RunOptions& o, Report& report) {
+  return oneThreadLatency(scenario, o, report, "floor_cacheline_rtt_ns",
+                          [](RemoteCap& root) { return nullCall(root); });
+}
+
+// The software cost of a pipelined chain (chain10_pipelined_ns on one thread): ten Calls, ten
+// Returns each carrying a capability, ten Finishes (nine of them sent before their Returns, with
+// releaseResultCaps) and one Release.
+Status chainOneThread(const Scenario& scenario, const RunOptions& o, Report& report) {
+  return oneThreadLatency(scenario, o, report, "null_call_one_thread_ns",
+                          [](RemoteCap& root) { return chain(root, PIPELINED); });
 }
 
 // --- Many clients over kernel bushels ---
@@ -535,6 +553,9 @@ constexpr Scenario AGATE_RPC[] = {
     {"null_call_one_thread_ns", "ns",
      "empty call and its Return with both ends on one thread (COPY_IN): software cost, no transfer",
      nullOneThread},
+    {"chain10_one_thread_ns", "ns",
+     "chain10_pipelined_ns with both ends on one thread (COPY_IN): the chain's software cost",
+     chainOneThread},
     {"allocations_per_call", "allocs",
      "global operator new calls per awaited empty call in steady state (one process)",
      allocationsPerCall},

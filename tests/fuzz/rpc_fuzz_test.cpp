@@ -419,6 +419,11 @@ std::vector<Frame> commonFrames() {
         r.setCanceled();
       }),
       finish(6),
+      build([](rpc::wire::Message::Builder m) {
+        auto f = m.initFinish();
+        f.setQuestionId(7);
+        f.setReleaseResultCaps(true);
+      }),
       release(7, 8),
       // With the flags that end a call at its Return (Call.noPromisePipelining,
       // Return.noFinishNeeded).
@@ -493,6 +498,7 @@ bool agreesWithCapnp(const Frame& frame) {
       }
       case rpc::wire::Message::FINISH:
         EXPECT_EQ(m.getFinish().getQuestionId(), fast.id);
+        EXPECT_EQ(m.getFinish().getReleaseResultCaps(), fast.releaseResultCaps);
         break;
       case rpc::wire::Message::RELEASE:
         EXPECT_EQ(m.getRelease().getId(), fast.id);

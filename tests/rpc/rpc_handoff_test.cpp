@@ -386,6 +386,41 @@ TEST_F(HandoffTest, AHandoffInAReturnLetsTheCallerCallTheHostDirectly) {
   EXPECT_EQ(conn(A, C).stats().callsReceived, callsAtA + 1);
 }
 
+// A caller that dropped its promise before the Return (Finish.releaseResultCaps) takes nothing
+// of it: no connection to the host is made for a handoff in it, no Accept goes, and the
+// introducer drops the vine's reference itself, which reclaims the provision. Here a call
+// pipelined on the answer keeps it from being cancelled.
+TEST_F(HandoffTest, AHandoffInTheReturnOfACallDroppedBeforeItIsNotTakenAndIsReclaimed) {
+  openNetwork();
+  relay_.toA = boot(D, A);
+  net_->holdConnects();  // a connection from C to A would wait
+  RemotePromise echoed = [&] {
+    RemoteCap relay = boot(C, D);
+    RemotePromise got = relay.newCall(NODE_INTERFACE_ID, GET_AWAITED, 16).send();
+    Request req = got.pipeline({0}).newCall(NODE_INTERFACE_ID, ECHO, 16);
+    req.initParams<Value>().setValue(10);
+    return req.send();
+  }();  // the promise and the capability pipelined on it are gone: Finish, releasing results
+  EXPECT_EQ(conn(C, D).stats().finishesReleasingResults, 1u);
+  const uint32_t exports = conn(D, C).exportCount();              // before D exports the vine
+  Result<uint64_t> v = loop_.run(awaitValue(std::move(echoed)));  // forwarded by D to A's child
+  ASSERT_TRUE(v.ok()) << errcName(v.code());
+  EXPECT_EQ(*v, 11u);
+  ASSERT_TRUE(runUntil(loop_,
+                       [&] {
+                         return net_->vat(A).provisionCount() == 0 &&
+                                conn(D, C).answerCount() == 0 &&
+                                conn(D, C).exportCount() == exports && aLog_.destroyed == 1;
+                       }))
+      << "provisions " << net_->vat(A).provisionCount() << ", D-C answers "
+      << conn(D, C).answerCount() << ", D-C exports " << conn(D, C).exportCount();
+  EXPECT_EQ(conn(D, C).stats().providesSent + conn(D, A).stats().providesSent, 1u);
+  EXPECT_EQ(conn(D, C).stats().resultRefsReleasedByFinish, 1u);
+  EXPECT_EQ(net_->pendingConnects(), 0u) << "C reached for A for results it does not take";
+  EXPECT_EQ(conn(C, D).stats().releasesSent, 0u);
+  EXPECT_TRUE(conn(C, D).isOpen());
+}
+
 TEST_F(HandoffTest, AServerForwardingAPipelinedCapabilityKeepsPipeliningThroughIt) {
   openNetwork();
   relay_.toA = boot(D, A);

@@ -30,6 +30,7 @@ enum Method : uint16_t {
   CALL_BACK_ALL = 10,  // a struct whose pointer 0 is a list of capabilities, or of structs whose
                        // pointer 0 is one, and so on -> Value: ECHO(5) on every capability found,
                        // depth first, in order; the sum of the replies
+  TWIN = 11,           // -> a struct whose pointer 0 lists this node twice (two cap-table entries)
 };
 
 struct Log {
@@ -72,6 +73,8 @@ class Node final : public ServerObject {
         return readyPromise<void>(self(ctx));
       case CALL_BACK_ALL:
         return callBackAll(ctx);
+      case TWIN:
+        return readyPromise<void>(twin(ctx));
       default:
         return readyPromise<void>(Error(Errc::UNSUPPORTED, "no such method"));
     }
@@ -93,6 +96,18 @@ class Node final : public ServerObject {
     AGATE_TRY(index);
     writeCapPointer(*out, 0, *index);
     out->setValue(value_ + 1);
+    return {};
+  }
+  Status twin(CallContext& ctx) {
+    Result<capnp::AnyPointer::Builder> out = ctx.initResults(64);
+    AGATE_TRY(out);
+    capnp::AnyList::Builder list = out->initAsAnyStruct(0, 1).getPointerSection()[0].initAsAnyList(
+        capnp::ElementSize::POINTER, 2);
+    for (uint32_t i = 0; i < 2; ++i) {
+      Result<uint32_t> index = ctx.addResultCap(*this);
+      AGATE_TRY(index);
+      writeCapPointer(list, i, *index);
+    }
     return {};
   }
   Status self(CallContext& ctx) {

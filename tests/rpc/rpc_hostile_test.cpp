@@ -94,6 +94,28 @@ class RpcHostileTest : public ::testing::Test {
   void finish(uint32_t questionId) {
     send([&](wire::Message::Builder m) { m.initFinish().setQuestionId(questionId); });
   }
+  // A Finish with releaseResultCaps: the victim drops the references the Return gave.
+  void finishReleasing(uint32_t questionId) {
+    send([&](wire::Message::Builder m) {
+      wire::Finish::Builder f = m.initFinish();
+      f.setQuestionId(questionId);
+      f.setReleaseResultCaps(true);
+    });
+  }
+  // The next message is answer `answerId`'s Return with results; the export ids of its cap
+  // table (senderHosted entries).
+  std::vector<uint32_t> expectReturnOfExports(uint32_t answerId) {
+    std::vector<uint32_t> ids;
+    expectFromVictim([&](wire::Message::Reader m) {
+      ASSERT_EQ(m.which(), wire::Message::RETURN);
+      ASSERT_EQ(m.getReturn().getAnswerId(), answerId);
+      for (wire::CapDescriptor::Reader c : m.getReturn().getResults().getCapTable()) {
+        ASSERT_EQ(c.which(), wire::CapDescriptor::SENDER_HOSTED);
+        ids.push_back(c.getSenderHosted());
+      }
+    });
+    return ids;
+  }
 
   // The next message the victim sent, with `check` run on it.
   void expectFromVictim(const std::function<void(wire::Message::Reader)>& check) {
@@ -349,6 +371,86 @@ TEST_F(RpcHostileTest, ReleaseOfMoreReferencesThanGivenAborts) {
   });
   expectAborted();
   EXPECT_EQ(log_.destroyed, 1) << "the dead connection dropped the child";
+}
+
+// Finish.releaseResultCaps, callee side: the references a Return's cap table gave are dropped
+// by the callee once it has sent the Return and has that Finish, in either order.
+TEST_F(RpcHostileTest, AFinishReleasingResultsAfterTheReturnDropsTheReferencesItGave) {
+  const uint32_t exports = victim_->exportCount();
+  call(1, 0, NEXT);  // exports one child with one reference
+  ASSERT_EQ(expectReturnOfExports(1).size(), 1u);
+  EXPECT_EQ(victim_->exportCount(), exports + 1);
+  finishReleasing(1);
+  ASSERT_TRUE(runUntil(loop_, [&] { return log_.destroyed == 1; }));
+  EXPECT_EQ(victim_->exportCount(), exports);
+  EXPECT_EQ(victim_->answerCount(), 0u);
+  EXPECT_EQ(victim_->stats().resultRefsReleasedByFinish, 1u);
+  EXPECT_TRUE(victim_->isOpen());
+}
+
+TEST_F(RpcHostileTest, AFinishReleasingResultsBeforeTheReturnDropsThemAsTheReturnGoes) {
+  const uint32_t exports = victim_->exportCount();
+  call(1, 0, NEXT_LATER);          // returns a child after a trip through the loop
+  pipelinedCall(2, 1, ECHO, {0});  // queued on it: the Finish does not cancel it
+  finishReleasing(1);
+  ASSERT_EQ(expectReturnOfExports(1).size(), 1u);
+  expectFromVictim([](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::RETURN);
+    EXPECT_EQ(m.getReturn().getAnswerId(), 2u);
+    EXPECT_EQ(m.getReturn().getResults().getContent().getAs<Value>().getValue(), 2u);  // 1 + 1
+  });
+  // Nothing references the child once the call queued on it has returned.
+  ASSERT_TRUE(runUntil(loop_, [&] { return log_.destroyed == 1; }));
+  EXPECT_EQ(victim_->exportCount(), exports);
+  EXPECT_EQ(victim_->stats().resultRefsReleasedByFinish, 1u);
+  EXPECT_EQ(log_.cancelled, 0);
+  finish(2);
+  ASSERT_TRUE(runUntil(loop_, [&] { return victim_->answerCount() == 0; }));
+  EXPECT_TRUE(victim_->isOpen());
+}
+
+TEST_F(RpcHostileTest, AFinishReleasingResultsTheCallerAlreadyReleasedAborts) {
+  call(1, 0, NEXT);
+  const std::vector<uint32_t> child = expectReturnOfExports(1);
+  ASSERT_EQ(child.size(), 1u);
+  send([&](wire::Message::Builder m) {  // the one reference, released as if taken
+    wire::Release::Builder r = m.initRelease();
+    r.setId(child[0]);
+    r.setReferenceCount(1);
+  });
+  finishReleasing(1);
+  expectAborted();
+  EXPECT_NE(std::string(victim_->failure().detail).find("already released"), std::string::npos)
+      << victim_->failure().detail;
+  EXPECT_EQ(log_.destroyed, 1) << "the dead connection dropped the child";
+}
+
+// One export named twice in one Return is two references: releasing one of them with Release
+// leaves too few for the Finish.
+TEST_F(RpcHostileTest, AFinishReleasingAReturnThatNamedAnExportTwiceNeedsBothReferences) {
+  call(1, 0, TWIN);
+  const std::vector<uint32_t> twins = expectReturnOfExports(1);
+  ASSERT_EQ(twins.size(), 2u);
+  ASSERT_EQ(twins[0], twins[1]);
+  call(2, 0, TWIN);  // two more references to the same export: Finish 1 may take any two
+  ASSERT_EQ(expectReturnOfExports(2), twins);
+  send([&](wire::Message::Builder m) {
+    wire::Release::Builder r = m.initRelease();
+    r.setId(twins[0]);
+    r.setReferenceCount(1);
+  });
+  finishReleasing(1);  // takes two of the three left
+  call(3, 0, ECHO);
+  expectFromVictim([](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::RETURN);
+    EXPECT_EQ(m.getReturn().getAnswerId(), 3u);
+  });
+  EXPECT_TRUE(victim_->isOpen());
+  EXPECT_EQ(victim_->stats().resultRefsReleasedByFinish, 2u);
+  finishReleasing(2);  // needs two: one is left
+  expectAborted();
+  EXPECT_NE(std::string(victim_->failure().detail).find("already released"), std::string::npos)
+      << victim_->failure().detail;
 }
 
 TEST_F(RpcHostileTest, CapTableNamingAMissingExportAborts) {
@@ -799,6 +901,108 @@ TEST_F(RpcHostileTest, ReturnCarryingMoreCapabilitiesThanTheBoundFailsTheCallAnd
     ASSERT_EQ(m.which(), wire::Message::FINISH);  // the dropped promise
     EXPECT_EQ(m.getFinish().getQuestionId(), 1u);
   });
+}
+
+// Finish.releaseResultCaps, caller side: a promise dropped before its Return sends its Finish
+// at once, with releaseResultCaps; the Return that follows gives the victim no reference (no
+// Release for them, no handoff taken), and a Resolve for a promise in it, crossing the Finish,
+// is taken as for a promise released.
+class RpcHostileReleasedReturnTest : public RpcHostileTest {
+ protected:
+  // Question 1, dropped before its Return: its Call and its Finish come out.
+  void dropQuestionOne() {
+    {
+      RemoteCap peer = victim_->bootstrap();
+      RemotePromise dropped = peer.newCall(NODE_INTERFACE_ID, ECHO, 0).send();
+    }
+    expectFromVictim([](wire::Message::Reader m) { ASSERT_EQ(m.which(), wire::Message::CALL); });
+    expectFromVictim([](wire::Message::Reader m) {
+      ASSERT_EQ(m.which(), wire::Message::FINISH);
+      EXPECT_EQ(m.getFinish().getQuestionId(), 1u);
+      EXPECT_TRUE(m.getFinish().getReleaseResultCaps());
+    });
+    imports_ = victim_->importCount();
+  }
+  void returnToQuestionOne(
+      const std::function<void(capnp::List<wire::CapDescriptor>::Builder)>& fill, uint32_t caps) {
+    send(
+        [&](wire::Message::Builder m) {
+          wire::Return::Builder r = m.initReturn();
+          r.setAnswerId(1);
+          fill(r.initResults().initCapTable(caps));
+        },
+        16 * caps + 1024);
+  }
+  // The victim read everything sent so far, sent nothing for it and is still open: a call after
+  // it is answered, and that Return is the next message.
+  void expectNothingSentAndOpen() {
+    call(9, 0, ECHO);
+    expectFromVictim([](wire::Message::Reader m) {
+      ASSERT_EQ(m.which(), wire::Message::RETURN) << "sent " << static_cast<int>(m.which());
+      EXPECT_EQ(m.getReturn().getAnswerId(), 9u);
+    });
+    EXPECT_TRUE(victim_->isOpen());
+    EXPECT_EQ(victim_->importCount(), imports_);
+    EXPECT_EQ(victim_->questionCount(), 0u);
+    EXPECT_EQ(victim_->stats().releasesSent, 0u);
+  }
+  uint32_t imports_ = 0;
+};
+
+TEST_F(RpcHostileReleasedReturnTest, ItsCapabilitiesAreNotTakenAndACrossingResolveIsAccepted) {
+  dropQuestionOne();
+  returnToQuestionOne(
+      [](capnp::List<wire::CapDescriptor>::Builder t) {
+        t[0].setSenderHosted(5);
+        t[1].setSenderPromise(6);
+        t[2].setSenderHosted(5);
+      },
+      3);
+  send([](wire::Message::Builder m) {  // sent before the attacker read the Finish
+    wire::Resolve::Builder r = m.initResolve();
+    r.setPromiseId(6);
+    r.initCap().setSenderHosted(7);
+  });
+  expectFromVictim([](wire::Message::Reader m) {  // the resolution's reference, given back
+    ASSERT_EQ(m.which(), wire::Message::RELEASE);
+    EXPECT_EQ(m.getRelease().getId(), 7u);
+    EXPECT_EQ(m.getRelease().getReferenceCount(), 1u);
+  });
+  EXPECT_EQ(victim_->stats().releasesSent, 1u);
+  EXPECT_TRUE(victim_->isOpen());
+  EXPECT_EQ(victim_->importCount(), imports_);
+}
+
+TEST_F(RpcHostileReleasedReturnTest, AHandoffInItIsNotTakenNorItsVineReleased) {
+  dropQuestionOne();  // the victim has no VatNetwork: a handoff it took would fail and release
+  returnToQuestionOne(
+      [](capnp::List<wire::CapDescriptor>::Builder t) {
+        wire::ThirdPartyCapDescriptor::Builder h = t[0].initThirdPartyHosted();
+        h.setVatId(7);
+        h.setProvisionId(1);
+        h.setVineId(5);
+      },
+      1);
+  expectNothingSentAndOpen();
+}
+
+TEST_F(RpcHostileReleasedReturnTest, ATableLongerThanTheBoundIsRefusedWithoutAnyRelease) {
+  dropQuestionOne();
+  const uint32_t bound = victim_->maxCapsPerMessage();
+  returnToQuestionOne(
+      [&](capnp::List<wire::CapDescriptor>::Builder t) {
+        for (uint32_t i = 0; i < bound; ++i) t[i].setSenderHosted(5);
+        t[bound].setSenderPromise(6);
+      },
+      bound + 1);
+  send([](wire::Message::Builder m) {  // a promise of a refused table may be resolved too
+    wire::Resolve::Builder r = m.initResolve();
+    r.setPromiseId(6);
+    wire::Exception::Builder e = r.initException();
+    e.setReason("gone");
+  });
+  expectNothingSentAndOpen();
+  EXPECT_EQ(victim_->stats().messagesRefused, 1u);
 }
 
 TEST_F(RpcHostileTest, APlainReturnForACallWithoutPipeliningIsFinishedAsUsual) {

@@ -206,7 +206,8 @@ std::vector<uint64_t> builtWords(const std::function<void(wire::Message::Builder
 
 TEST_F(RpcHotPathTest, FinishAndReleaseAreWrittenWordForWordAsCapnProtosBuilderWritesThem) {
   // The client's peer is the test: it reads the Call, returns a capability (senderHosted 5),
-  // then reads the Release and the Finish the client writes directly into the ring.
+  // then reads the Release and the Finish the client writes directly into the ring; then a
+  // Finish with releaseResultCaps, for a promise dropped before its Return.
   ChannelOptions co;
   co.scope = ChannelScope::LOCAL;
   co.capacityBytes = 64 * 1024;
@@ -247,6 +248,30 @@ TEST_F(RpcHotPathTest, FinishAndReleaseAreWrittenWordForWordAsCapnProtosBuilderW
   EXPECT_EQ(nextFrame(),
             builtWords([](wire::Message::Builder m) { m.initFinish().setQuestionId(1); }));
   EXPECT_EQ(client.stats().releasesSent, 1u);
+  // A promise dropped before its Return: its Finish goes at once, with releaseResultCaps, and
+  // the Return's capability that follows is not taken (no Release for it).
+  {
+    RemoteCap cap = client.bootstrap();
+    RemotePromise dropped = cap.newCall(ANY_INTERFACE, 0, 0).send();
+    ASSERT_FALSE(nextFrame().empty());  // the Call, question 1 again (freed by its Finish)
+  }
+  EXPECT_EQ(nextFrame(), builtWords([](wire::Message::Builder m) {
+              wire::Finish::Builder f = m.initFinish();
+              f.setQuestionId(1);
+              f.setReleaseResultCaps(true);
+            }));
+  EXPECT_EQ(client.stats().finishesReleasingResults, 1u);
+  const std::vector<uint64_t> late = builtWords([](wire::Message::Builder m) {
+    wire::Return::Builder r = m.initReturn();
+    r.setAnswerId(1);
+    r.initResults().initCapTable(1)[0].setSenderHosted(5);
+  });
+  ASSERT_TRUE(peerTx.trySend(std::as_bytes(std::span(late))).ok());
+  ASSERT_TRUE(runUntil(loop_, [&] { return client.stats().returnsReceived == 2; }));
+  (void)loop_.run(loop_.sleep(1ms));  // any Release it caused would be out by now
+  EXPECT_TRUE(nextFrame().empty()) << "the released Return's capability was released again";
+  EXPECT_EQ(client.stats().releasesSent, 1u);
+  EXPECT_EQ(client.stats().finishesSent, 2u);
   EXPECT_TRUE(client.isOpen());
 }
 

@@ -183,6 +183,11 @@ TEST_F(RpcTest, PipelinedChainOfTenCompletesInOneRoundTrip) {
   EXPECT_EQ(pair.client().questionCount(), 0u);
   EXPECT_EQ(pair.client().importCount(), 0u);
   EXPECT_EQ(log_.destroyed, 10) << "every Node the chain created was released and destroyed";
+  // The nine promises were dropped before their Returns: their Finishes released the nine
+  // Nodes (Finish.releaseResultCaps), the last one the Release of the Response's import.
+  EXPECT_EQ(pair.client().stats().finishesReleasingResults, 9u);
+  EXPECT_EQ(pair.client().stats().releasesSent, 1u);
+  EXPECT_EQ(pair.server().stats().resultRefsReleasedByFinish, 9u);
 }
 
 TEST_F(RpcTest, PipelinedCallsQueueUntilTheirAnswerReturnsAndRunInOrder) {
@@ -194,6 +199,9 @@ TEST_F(RpcTest, PipelinedCallsQueueUntilTheirAnswerReturnsAndRunInOrder) {
   EXPECT_EQ(pair.server().stats().pipelinedCallsQueued, 9u);
   ASSERT_TRUE(runUntil(loop_, [&] { return pair.server().exportCount() == 1; }));
   EXPECT_EQ(log_.destroyed, 10);
+  // Here the Finishes reached the answers before they returned (their calls still running).
+  EXPECT_EQ(pair.server().stats().resultRefsReleasedByFinish, 9u);
+  EXPECT_EQ(pair.client().stats().releasesSent, 1u);
 }
 
 TEST_F(RpcTest, PipelinedCallsOnOneAnswerKeepTheirOrder) {
@@ -539,19 +547,28 @@ void twoThreads(EventLoop& loop_, bool parkAtOnce) {
         ASSERT_EQ(loop_.run(echo(root, i)).value(), i);
       }
     }
-    RemoteCap cap = root;
-    std::optional<RemotePromise> last;
-    for (int i = 0; i < 10; ++i) {
-      RemotePromise p = cap.newCall(NODE_INTERFACE_ID, NEXT, 16).send();
-      cap = p.pipeline({0});
-      if (i == 9) last.emplace(std::move(p));
-    }
-    Result<Response> r =
-        loop_.run([](RemotePromise& p) -> Promise<Response> { co_return co_await p; }(*last));
+    const RpcStats before = conn.stats();
+    auto chain = [](EventLoop& loop, RemoteCap cap) -> Promise<Response> {
+      co_await loop.yield();  // on into a turn of the loop, as a served call would be
+      std::optional<RemotePromise> last;
+      for (int i = 0; i < 10; ++i) {
+        RemotePromise p = cap.newCall(NODE_INTERFACE_ID, NEXT, 16).send();
+        cap = p.pipeline({0});
+        if (i == 9) last.emplace(std::move(p));
+      }
+      co_return co_await *last;
+    };
+    Result<Response> r = loop_.run(chain(loop_, root));
     ASSERT_TRUE(r.ok()) << errcName(r.code());
     EXPECT_EQ(r->results().getAs<CapAndValue>().getValue(), 10u);
-    // The ten calls went out in one stretch: one ring announced them all.
-    EXPECT_LT(conn.stats().doorbellRings, conn.stats().messagesSent);
+    // The ten calls and the Finishes of the nine promises dropped before their Returns went out
+    // in one turn: one ring announced them all (the last Finish, after the last Return, may take
+    // one more). Those nine released the Returns' references (Finish.releaseResultCaps): no
+    // Release follows.
+    EXPECT_EQ(conn.stats().finishesReleasingResults - before.finishesReleasingResults, 9u);
+    EXPECT_EQ(conn.stats().releasesSent, before.releasesSent);
+    EXPECT_EQ(conn.stats().messagesSent - before.messagesSent, 20u);
+    EXPECT_LE(conn.stats().doorbellRings - before.doorbellRings, 2u);
   }  // the client's connection closes; the server thread sees DISCONNECTED
   server.join();
   EXPECT_EQ(serverEnd, static_cast<int>(Errc::DISCONNECTED));

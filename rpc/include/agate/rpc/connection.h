@@ -773,6 +773,12 @@ struct RpcStats {
   uint64_t finishesIgnored = 0;  // Finishes that crossed a noFinishNeeded Return (callee side)
   uint64_t releasesSent = 0;
   uint64_t releasesReceived = 0;
+  // Finishes sent before their Return with releaseResultCaps (caller side): the Return's
+  // references are the callee's to drop, no Release follows for them.
+  uint64_t finishesReleasingResults = 0;
+  // References the callee dropped for such Finishes (one per exported cap-table entry of the
+  // Return, as Releases of 1 would have).
+  uint64_t resultRefsReleasedByFinish = 0;
   // Calls and Returns refused for carrying more capabilities than maxCapsPerMessage (a peer
   // whose bound is larger): the call or the question failed MESSAGE_TOO_LARGE, the connection
   // carried on.
@@ -934,7 +940,8 @@ class RpcConnection {
   void dropAllHeld() noexcept;
   Status admitToHold(size_t bytes) const;
   void sendHeld();
-  void sendFinish(uint32_t questionId);
+  // True when it went (or was queued to go).
+  bool sendFinish(uint32_t questionId, bool releaseResultCaps);
   void queueFinish(uint32_t questionId);
   void flushFinishes();
   // Every message is published at once but its doorbell is rung by ringTask_, once for all the
@@ -1067,7 +1074,7 @@ class RpcConnection {
   Status checkCallTarget(const Decoded& d) const;
   Status checkReturnId(uint32_t answerId) const;
   Status checkNoFinishNeeded(const Decoded& d) const;
-  Status checkFinishId(uint32_t answerId) const;
+  Status checkFinish(uint32_t answerId, bool releaseResultCaps) const;
   Status checkRelease(uint32_t exportId, uint32_t count) const;
   Status decodeCapTable(capnp::List<wire::CapDescriptor>::Reader caps, Decoded& d);
   // One cap-table entry, checked (decodeCapTable's rules).
@@ -1078,11 +1085,15 @@ class RpcConnection {
   Status refuseCapTable(capnp::List<wire::CapDescriptor>::Reader caps, Decoded& d);
   // Takes the references a refused table gave, as if received, and drops them at once.
   void dropRefusedCaps(const Decoded& d);
+  bool resultsReleased(const Decoded& d) const noexcept;
+  void notePromisesOf(capnp::List<wire::CapDescriptor>::Reader caps);
+  void notePromise(uint32_t importId);
   // Points d's per-entry arrays at capScratch_, grown to `n` entries first if need be.
   void scratchFor(Decoded& d, uint32_t n);
   Status handleCall(IncomingMessage& message, const Decoded& d);
   Status handleReturn(IncomingMessage& message, const Decoded& d);
-  Status handleFinish(uint32_t answerId);
+  Status handleFinish(uint32_t answerId, bool releaseResultCaps);
+  void dropReleasedResults(Answer& a) noexcept;
   Status handleRelease(uint32_t exportId, uint32_t count);
   // Copies a reason into the ring of remote reasons (REMOTE_REASON_SLOTS): the Error that
   // carries it then lives as long as the connection, as a peer's error does.
