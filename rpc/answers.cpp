@@ -427,27 +427,19 @@ void RpcConnection::deliverQueued(Answer& q) {
     queueOnExport(q, *exportId, copy);
     return;
   }
-  // resolvePipeline used replayReader_; decode the call again for its params.
-  view = replayReader_.tryDecode(copy->bytes());
-  call = view->getRoot<wire::Message>().getCall();
   deliver(q, *exportId, call.getInterfaceId(), call.getMethodId(),
           capnp::AnyStruct::Reader(call.getParams()));
   giveSpill(copy);  // params were readable during dispatch's synchronous part only
 }
 
 Result<uint32_t> RpcConnection::resolvePipeline(Answer& target, std::span<const uint16_t> path) {
-  return resolvePipeline(target, path, replayReader_);
-}
-
-Result<uint32_t> RpcConnection::resolvePipeline(Answer& target, std::span<const uint16_t> path,
-                                                FrameReader& reader) {
   if (target.error.code() != Errc::OK) return target.error.get();
   if (target.results == nullptr)
     return Error(Errc::FAILED, "pipelined call: the results hold no capability");
-  Result<MessageView> view = reader.tryDecode(target.results->bytes());
-  AGATE_ASSERT(view.ok(), "a private copy of our own results does not decode");
-  wire::Payload::Reader results = view->getRoot<wire::Message>().getReturn().getResults();
-  Result<uint32_t> index = capIndexAtPath(capnp::AnyStruct::Reader(results), path);
+  Result<uint32_t> index =
+      OwnResults({reinterpret_cast<const uint64_t*>(target.results->words.get()),
+                  target.results->usedBytes / WORD_BYTES})
+          .capIndexAt(path);
   if (!index) return index.error();
   if (*index >= target.resultCaps.size())
     return Error(Errc::FAILED, "pipelined call: capability index outside the results' table");
@@ -588,14 +580,12 @@ bool RpcConnection::mustQueueOnExport(const Answer& a, uint32_t exportId) const 
 // Resolves one receiverAnswer entry of call `a` against answer `q`, which has returned: into
 // the call's param slot as receiverHosted would be, our own object (pinned while the call runs),
 // or a broken capability with the answer's error (UNSUPPORTED for a capability this side does
-// not host). Reads q's results with a reader of its own: the call's params may be open in
-// replayReader_.
+// not host).
 void RpcConnection::resolveParamAnswer(Answer& a, uint32_t slot, std::span<const uint16_t> path,
                                        Answer& q) {
   ReceivedCap& cap = a.context.paramCaps_[slot];
   cap = ReceivedCap{};
-  FrameReader reader(rx_.limits());
-  Result<uint32_t> exportId = resolvePipeline(q, path, reader);
+  Result<uint32_t> exportId = resolvePipeline(q, path);
   if (!exportId) {
     // The text may be q's own copy, which goes with q: the method may keep the capability
     // longer, so it gets a copy in the ring a peer's errors live in.

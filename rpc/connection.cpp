@@ -303,7 +303,12 @@ void RpcConnection::maybeFreeExport(uint32_t id) noexcept {
 
 void RpcConnection::importRef(uint32_t id) noexcept {
   if (id >= imports_.size()) imports_.resize(id + 1);
-  if (imports_[id].localRefs++ == 0) ++importsLive_;
+  if (imports_[id].localRefs++ != 0) return;
+  ++importsLive_;
+  // Taken afresh: what the message names it as decides (noteImported). A promise flag left from
+  // before (a promise released, or one of a Return released by Finish, kept for a Resolve that
+  // could cross) is stale now: any such Resolve came before this message.
+  imports_[id].promise = false;
 }
 
 void RpcConnection::countImported(uint32_t id) noexcept {
@@ -919,7 +924,9 @@ void RpcConnection::questionUnref(uint32_t id) noexcept {
   // Cancels the call, at once. Nothing here can read its results any more: their references are
   // the callee's to drop (Finish.releaseResultCaps), which spares a Release per capability.
   q.resultsReleased = sendFinish(id, /*releaseResultCaps=*/true);
-  // Freed when the Return arrives.
+  // Freed when the Return arrives; now if the connection ended as the Finish went (no Return
+  // will come).
+  if (q.returned) freeQuestion(id);
 }
 
 // Whether a call reserving `replyBytes` may be sent now (RpcOptions::maxQuestions and

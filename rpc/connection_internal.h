@@ -256,6 +256,60 @@ inline Result<uint32_t> capIndexAtPath(capnp::AnyStruct::Reader payload,
   }
 }
 
+// capIndexAtPath over the Return this side built for an answer (Answer::results), read from its
+// words rather than through a reader made for it: the same index, or the same error. The words
+// are trusted (a finished FrameBuilder message: one segment, so no far pointer; the root a
+// Message holding a Return with results); the path is the peer's, so every step is checked
+// against the pointer counts and every word read against the end.
+class OwnResults {
+ public:
+  explicit OwnResults(std::span<const uint64_t> words) noexcept : words_(words) {}
+
+  Result<uint32_t> capIndexAt(std::span<const uint16_t> path) const noexcept {
+    Struct s;
+    // Message.return, Return.results: pointer 0 of each (their union's member, as written).
+    AGATE_ASSERT(structAt(0, s) && structAt(s.pointers, s) && structAt(s.pointers, s),
+                 "a Return this side built does not read as one");
+    uint16_t field = 0;  // Payload.content
+    for (uint16_t step : path) {
+      if (field >= s.pointerCount || !structAt(s.pointers + field, s))
+        return Error(Errc::FAILED, "pipeline path does not lead through structs");
+      field = step;
+    }
+    // As readCapPointer: a capability pointer in field `field`.
+    if (field >= s.pointerCount)
+      return Error(Errc::FAILED, "pipeline path does not end at a capability");
+    const uint64_t p = words_[s.pointers + field];
+    if (p == 0 || (p & 0xffff'ffffull) != 3)  // an "other" pointer of the capability kind
+      return Error(Errc::FAILED, "pipeline path does not end at a capability");
+    return static_cast<uint32_t>(p >> 32);
+  }
+
+ private:
+  struct Struct {
+    size_t pointers = 0;  // index of the first pointer
+    uint64_t pointerCount = 0;
+  };
+  // The struct the pointer at word `at` designates: false when it is null or not a struct
+  // pointer (a list, a capability), as AnyPointer::isStruct() reads it.
+  bool structAt(size_t at, Struct& s) const noexcept {
+    if (at >= words_.size()) return false;
+    const uint64_t p = words_[at];
+    if (p == 0 || (p & 3) != 0) return false;
+    const int64_t target =
+        static_cast<int64_t>(at) + 1 + (static_cast<int32_t>(static_cast<uint32_t>(p)) >> 2);
+    const uint64_t data = (p >> 32) & 0xffff;
+    const uint64_t pointers = p >> 48;
+    AGATE_ASSERT(target >= 0 && static_cast<uint64_t>(target) + data + pointers <= words_.size(),
+                 "a struct of our own results lies outside them");
+    s.pointers = static_cast<size_t>(target) + data;
+    s.pointerCount = pointers;
+    return true;
+  }
+
+  std::span<const uint64_t> words_;
+};
+
 // Payload.content of a payload struct; a null pointer when the struct has no pointer section
 // (an empty or older-schema payload: reads as empty content).
 inline capnp::AnyPointer::Reader contentOf(capnp::AnyStruct::Reader payload) {

@@ -344,7 +344,7 @@ Status RpcConnection::checkNoFinishNeeded(const Decoded& d) const {
   return {};
 }
 
-Status RpcConnection::checkFinish(uint32_t id, bool releaseResultCaps) const {
+Status RpcConnection::checkFinish(uint32_t id, bool releaseResultCaps) {
   if (id >= answers_.size() || !answers_[id] || answers_[id]->finishReceived)
     return Error(Errc::PROTOCOL_ERROR, "finish for an answer that does not exist");
   const Answer& a = *answers_[id];
@@ -352,18 +352,33 @@ Status RpcConnection::checkFinish(uint32_t id, bool releaseResultCaps) const {
   if (a.state == Answer::State::FREE && !a.finishMayCross)
     return Error(Errc::PROTOCOL_ERROR, "finish for an answer that does not exist");
   if (!releaseResultCaps || a.state != Answer::State::RETURNED) return {};
-  // The Return is out: its references are dropped as this Finish is handled, so the peer must
-  // still hold them all (it released none of them with Release). Entry i needs one reference
-  // more than the entries before it naming the same export (a table is at most
-  // maxCapsPerMessage long).
+  // The Return is out: its references are dropped as this Finish is handled, so each export it
+  // named must still have as many as the table named it (references are counted per export,
+  // not per message: this is the check the counts allow). Small tables pairwise, larger ones
+  // sorted (a table is at most maxCapsPerMessage long, up to 16384).
+  const Error released(Errc::PROTOCOL_ERROR,
+                       "finish releases result references the caller already released");
   const std::vector<Answer::ResultCap>& caps = a.resultCaps;
-  for (size_t i = 0; i < caps.size(); ++i) {
-    if (!isExported(caps[i].kind)) continue;
-    uint32_t needed = 1;
-    for (size_t j = 0; j < i; ++j) needed += isExported(caps[j].kind) && caps[j].id == caps[i].id;
-    if (exports_[caps[i].id].remoteRefs < needed)
-      return Error(Errc::PROTOCOL_ERROR,
-                   "finish releases result references the caller already released");
+  constexpr size_t PAIRWISE_UP_TO = 64;
+  if (caps.size() <= PAIRWISE_UP_TO) {
+    for (size_t i = 0; i < caps.size(); ++i) {
+      if (!isExported(caps[i].kind)) continue;
+      uint32_t needed = 1;  // entry i, and those before it naming the same export
+      for (size_t j = 0; j < i; ++j) needed += isExported(caps[j].kind) && caps[j].id == caps[i].id;
+      if (exports_[caps[i].id].remoteRefs < needed) return released;
+    }
+    return {};
+  }
+  kindScratch_.clear();  // kept: sized by the largest table seen, within the bound
+  for (const Answer::ResultCap& r : caps) {
+    if (isExported(r.kind)) kindScratch_.push_back({r.id, false});
+  }
+  std::sort(kindScratch_.begin(), kindScratch_.end());
+  for (size_t i = 0; i < kindScratch_.size();) {
+    size_t end = i + 1;
+    while (end < kindScratch_.size() && kindScratch_[end].first == kindScratch_[i].first) ++end;
+    if (exports_[kindScratch_[i].first].remoteRefs < end - i) return released;
+    i = end;
   }
   return {};
 }

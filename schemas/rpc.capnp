@@ -379,9 +379,12 @@ struct Finish {
   # capability for every pipelined call dropped before its Return (a chain of calls on the
   # capabilities the previous ones return). Unset: the caller counts the Return's references as
   # in any message and releases them with Release. Set on a Finish for an answer that has
-  # returned, it must not release more references than remain (some were already released
-  # with Release): else PROTOCOL_ERROR. A Resolve for a senderPromise of such a Return may
-  # still cross this Finish: the caller ignores it as for a promise it released.
+  # returned, each export the Return named must still hold at least as many references as the
+  # table named it: else PROTOCOL_ERROR (references are counted per export, not per message,
+  # so that is what the callee can check; a caller that released with Release references it
+  # never took, while it holds others to the same export, loses those others). A Resolve for a
+  # senderPromise of such a Return may still cross this Finish: the caller takes it as for a
+  # promise it released (the resolution's reference goes back).
 }
 
 struct Release {

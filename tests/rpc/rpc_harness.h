@@ -30,7 +30,8 @@ enum Method : uint16_t {
   CALL_BACK_ALL = 10,  // a struct whose pointer 0 is a list of capabilities, or of structs whose
                        // pointer 0 is one, and so on -> Value: ECHO(5) on every capability found,
                        // depth first, in order; the sum of the replies
-  TWIN = 11,           // -> a struct whose pointer 0 lists this node twice (two cap-table entries)
+  SELVES = 11,         // Value n -> a struct whose pointer 0 lists this node n times (n cap-table
+                       // entries naming one export; n at most 1000)
 };
 
 struct Log {
@@ -73,8 +74,8 @@ class Node final : public ServerObject {
         return readyPromise<void>(self(ctx));
       case CALL_BACK_ALL:
         return callBackAll(ctx);
-      case TWIN:
-        return readyPromise<void>(twin(ctx));
+      case SELVES:
+        return readyPromise<void>(selves(ctx));
       default:
         return readyPromise<void>(Error(Errc::UNSUPPORTED, "no such method"));
     }
@@ -98,12 +99,15 @@ class Node final : public ServerObject {
     out->setValue(value_ + 1);
     return {};
   }
-  Status twin(CallContext& ctx) {
-    Result<capnp::AnyPointer::Builder> out = ctx.initResults(64);
+  Status selves(CallContext& ctx) {
+    uint64_t n = 0;
+    AGATE_TRY(ctx.tryReadParams<Value>([&](Value::Reader p) { n = p.getValue(); }));
+    if (n > 1000) return Error(Errc::INVALID_ARGUMENT, "at most 1000");
+    Result<capnp::AnyPointer::Builder> out = ctx.initResults(64 + 8 * n);
     AGATE_TRY(out);
     capnp::AnyList::Builder list = out->initAsAnyStruct(0, 1).getPointerSection()[0].initAsAnyList(
-        capnp::ElementSize::POINTER, 2);
-    for (uint32_t i = 0; i < 2; ++i) {
+        capnp::ElementSize::POINTER, static_cast<uint32_t>(n));
+    for (uint32_t i = 0; i < n; ++i) {
       Result<uint32_t> index = ctx.addResultCap(*this);
       AGATE_TRY(index);
       writeCapPointer(list, i, *index);

@@ -53,14 +53,14 @@ class RpcHostileTest : public ::testing::Test {
     fill(m->initRoot<wire::Message>());
     ASSERT_TRUE(m->send().ok());
   }
-  void call(uint32_t questionId, uint32_t exportId, uint16_t method) {
+  void call(uint32_t questionId, uint32_t exportId, uint16_t method, uint64_t value = 1) {
     send([&](wire::Message::Builder m) {
       wire::Call::Builder c = m.initCall();
       c.setQuestionId(questionId);
       c.getTarget().setImportedCap(exportId);
       c.setInterfaceId(NODE_INTERFACE_ID);
       c.setMethodId(method);
-      c.initParams().getContent().initAs<Value>().setValue(1);
+      c.initParams().getContent().initAs<Value>().setValue(value);
     });
   }
   // A Call sent with noPromisePipelining, with a Value param when `value` is given.
@@ -428,11 +428,11 @@ TEST_F(RpcHostileTest, AFinishReleasingResultsTheCallerAlreadyReleasedAborts) {
 // One export named twice in one Return is two references: releasing one of them with Release
 // leaves too few for the Finish.
 TEST_F(RpcHostileTest, AFinishReleasingAReturnThatNamedAnExportTwiceNeedsBothReferences) {
-  call(1, 0, TWIN);
+  call(1, 0, SELVES, 2);
   const std::vector<uint32_t> twins = expectReturnOfExports(1);
   ASSERT_EQ(twins.size(), 2u);
   ASSERT_EQ(twins[0], twins[1]);
-  call(2, 0, TWIN);  // two more references to the same export: Finish 1 may take any two
+  call(2, 0, SELVES, 2);  // two more references to the same export: Finish 1 may take any two
   ASSERT_EQ(expectReturnOfExports(2), twins);
   send([&](wire::Message::Builder m) {
     wire::Release::Builder r = m.initRelease();
@@ -448,6 +448,29 @@ TEST_F(RpcHostileTest, AFinishReleasingAReturnThatNamedAnExportTwiceNeedsBothRef
   EXPECT_TRUE(victim_->isOpen());
   EXPECT_EQ(victim_->stats().resultRefsReleasedByFinish, 2u);
   finishReleasing(2);  // needs two: one is left
+  expectAborted();
+  EXPECT_NE(std::string(victim_->failure().detail).find("already released"), std::string::npos)
+      << victim_->failure().detail;
+}
+
+// The same with a table long enough to be counted sorted rather than pairwise.
+TEST_F(RpcHostileTest, AFinishReleasingALongReturnCountsEveryEntry) {
+  constexpr uint32_t N = 100;
+  call(1, 0, SELVES, N);
+  const std::vector<uint32_t> first = expectReturnOfExports(1);
+  ASSERT_EQ(first.size(), N);
+  finishReleasing(1);  // all N taken back: the export goes
+  call(2, 0, SELVES, N);
+  const std::vector<uint32_t> second = expectReturnOfExports(2);
+  ASSERT_EQ(second.size(), N);
+  EXPECT_TRUE(victim_->isOpen());
+  EXPECT_EQ(victim_->stats().resultRefsReleasedByFinish, N);
+  send([&](wire::Message::Builder m) {
+    wire::Release::Builder r = m.initRelease();
+    r.setId(second[0]);
+    r.setReferenceCount(1);
+  });
+  finishReleasing(2);  // needs N: N - 1 are left
   expectAborted();
   EXPECT_NE(std::string(victim_->failure().detail).find("already released"), std::string::npos)
       << victim_->failure().detail;
@@ -1003,6 +1026,21 @@ TEST_F(RpcHostileReleasedReturnTest, ATableLongerThanTheBoundIsRefusedWithoutAny
   });
   expectNothingSentAndOpen();
   EXPECT_EQ(victim_->stats().messagesRefused, 1u);
+}
+
+// The Finish of a promise dropped before its Return is the message that finds the connection
+// gone (the peer's reader detached): the question is freed all the same, with no Return to come.
+TEST_F(RpcHostileTest, AQuestionWhoseFinishFindsTheConnectionGoneIsFreed) {
+  {
+    RemoteCap peer = victim_->bootstrap();
+    RemotePromise dropped = peer.newCall(NODE_INTERFACE_ID, ECHO, 0).send();
+    expectFromVictim([](wire::Message::Reader m) { ASSERT_EQ(m.which(), wire::Message::CALL); });
+    attackerRx_.reset();  // nothing reads what the victim sends from here on
+    EXPECT_EQ(victim_->questionCount(), 1u);
+  }  // the promise goes: its Finish fails, and with it the connection
+  EXPECT_FALSE(victim_->isOpen());
+  EXPECT_EQ(victim_->failure().code, Errc::DISCONNECTED);
+  EXPECT_EQ(victim_->questionCount(), 0u);
 }
 
 TEST_F(RpcHostileTest, APlainReturnForACallWithoutPipeliningIsFinishedAsUsual) {

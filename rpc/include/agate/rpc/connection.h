@@ -1074,7 +1074,7 @@ class RpcConnection {
   Status checkCallTarget(const Decoded& d) const;
   Status checkReturnId(uint32_t answerId) const;
   Status checkNoFinishNeeded(const Decoded& d) const;
-  Status checkFinish(uint32_t answerId, bool releaseResultCaps) const;
+  Status checkFinish(uint32_t answerId, bool releaseResultCaps);
   Status checkRelease(uint32_t exportId, uint32_t count) const;
   Status decodeCapTable(capnp::List<wire::CapDescriptor>::Reader caps, Decoded& d);
   // One cap-table entry, checked (decodeCapTable's rules).
@@ -1109,8 +1109,6 @@ class RpcConnection {
   void deliverQueued(Answer& answer);
   detail::SpillBuffer* copyCall(IncomingMessage& message, const Decoded& d);
   Result<uint32_t> resolvePipeline(Answer& target, std::span<const uint16_t> path);
-  Result<uint32_t> resolvePipeline(Answer& target, std::span<const uint16_t> path,
-                                   FrameReader& reader);
   Promise<void> drive(uint32_t answerId, Promise<void> dispatch);
   void completeAnswer(uint32_t answerId, Status status);
   void failAnswer(Answer& answer, const Error& error);
@@ -1221,7 +1219,8 @@ class RpcConnection {
   std::vector<std::unique_ptr<detail::ResponseSlot>> responseStore_;
   detail::ResponseSlot* responseFree_ = nullptr;
   detail::ResponseSlot* heldSlot_ = nullptr;
-  std::vector<std::pair<uint32_t, bool>> kindScratch_;  // checkOneKindPerId: (id, promise)
+  // checkOneKindPerId: (id, promise); checkFinish: (id, unused).
+  std::vector<std::pair<uint32_t, bool>> kindScratch_;
   bool resumedCaller_ = false;  // a Return just woke its caller: the reader yields to it first
   std::optional<Fulfiller<void>> disconnected_;
   std::array<std::array<char, REMOTE_REASON_BYTES>, REMOTE_REASON_SLOTS> reasons_{};
