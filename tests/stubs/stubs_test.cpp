@@ -650,20 +650,29 @@ TEST_F(StubsTest, ResultsWhoseTypeIsReachedAgainThroughAFieldArePipelinedThrough
 }
 
 template <class T>
-concept HasListenerGetter = requires(T t) {
-  t.getListener();
+concept HasFarGetter = requires(T t) {
+  t.getFar();
 };
 
 TEST_F(StubsTest, PipelinesReachCapabilitiesThroughStructsOfAnotherFile) {
-  // box() returns Imp.Boxed: its `direct` (an interface of the imported file) is pipelined; the
-  // listener deeper down is of a file the schema does not import, so it has no getter.
+  // box() returns Imp.Boxed: its `direct` (an interface of the imported file) is pipelined, and
+  // so is the listener deeper down, an interface of a file the schema does not import, whose
+  // stubs come with the imported file's header.
   BoxImpl impl(log_);
   LocalPair pair(loop_, &impl);
   agate::rpc::stubnested::stubs::Box::Client client(pair.client().bootstrap());
   auto boxed = client.box();
-  static_assert(!HasListenerGetter<decltype(boxed.getB().getInner().getDeeper())>);
   agate::rpc::stubimport::stubs::Twice::Client direct = boxed.getB().getDirect();
   EXPECT_TRUE(direct.cap().isPipelined());
+  st::Listener::Client deep = boxed.getB().getInner().getDeeper().getListener();
+  EXPECT_TRUE(deep.cap().isPipelined());
+  // Boxed.far is pipelined, but its `far` has no getter: no header this schema's includes
+  // brings stubs_far.capnp's.
+  static_assert(HasFarGetter<decltype(boxed.getB())>);
+  static_assert(!HasFarGetter<decltype(boxed.getB().getFar())>);
+  Result<int64_t> notified = notifyThrough(loop_, deep, 3);  // sent before box() returned
+  ASSERT_TRUE(notified.ok()) << errcName(notified.code());
+  EXPECT_EQ(*notified, 30);  // the FactorListener(10) box() put there
   auto got = await(loop_, st::Counter::Client(direct).get());
   ASSERT_TRUE(got.ok()) << errcName(got.code());
   EXPECT_EQ(got->results().getValue(), -1);

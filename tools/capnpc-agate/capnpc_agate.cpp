@@ -304,9 +304,9 @@ class Generator {
     for (const CapField& f : capFields)
       if (file_[f.interfaceId] != fileId) foreignFiles.insert(file_[f.interfaceId]);
     // Interfaces the pipelines of nested structs reach (their structs may be another file's):
-    // those of files imported directly are included; a getter for one of a file this one does
-    // not import is not generated (pipelineReachable).
-    pipelineFiles_ = {fileId};
+    // those of files imported directly are included; so are, through them, the files their
+    // headers include in turn (visibleThrough). A getter for an interface of a file neither
+    // brings is not generated (pipelineReachable).
     for (uint64_t id : interfaces)
       for (schema::Method::Reader m : nodes_.at(id).getInterface().getMethods())
         for (const auto& [typeId, name] : pipelineClasses(m.getResultStructType()))
@@ -314,7 +314,7 @@ class Generator {
             const uint64_t home = file_[f.interfaceId];
             if (!importName(file, home).empty()) foreignFiles.insert(home);
           }
-    pipelineFiles_.insert(foreignFiles.begin(), foreignFiles.end());
+    pipelineFiles_ = visibleThrough(fileId, foreignFiles);
     std::vector<std::string> includes;
     for (uint64_t foreign : foreignFiles) {
       const std::string name = importName(file, foreign);
@@ -408,6 +408,50 @@ class Generator {
       }
     }
     return fields;
+  }
+
+  // The files whose stub headers the header of file `g` includes whatever it imports: those of
+  // its interfaces' ancestors and of its structs' capability fields (generateFile includes each,
+  // or fails). A subset of what it includes (not the files only its own pipelines reach):
+  // enough to know what including it brings. Fields in generic contexts, which generateFile
+  // refuses, are passed over.
+  std::set<uint64_t> headersIncludedBy(uint64_t g) {
+    std::set<uint64_t> out;
+    for (uint64_t id : order_) {
+      if (file_[id] != g) continue;
+      schema::Node::Reader node = nodes_.at(id);
+      if (node.isInterface()) {
+        std::vector<uint64_t> lineage;
+        collectAncestors(id, lineage);
+        for (uint64_t a : lineage)
+          if (file_[a] != g) out.insert(file_[a]);
+        continue;
+      }
+      if (!node.isStruct() || node.getIsGeneric()) continue;
+      for (schema::Field::Reader field : node.getStruct().getFields()) {
+        if (!field.isSlot()) continue;
+        schema::Type::Reader type = field.getSlot().getType();
+        if (type.isList()) type = type.getList().getElementType();
+        if (!type.isInterface() || isBranded(type.getInterface().getBrand())) continue;
+        const uint64_t iface = type.getInterface().getTypeId();
+        if (file_.count(iface) != 0 && file_[iface] != g) out.insert(file_[iface]);
+      }
+    }
+    return out;
+  }
+
+  // File `fileId` and every file whose stubs its header brings in: the headers it includes
+  // (`included`), and theirs in turn.
+  std::set<uint64_t> visibleThrough(uint64_t fileId, const std::set<uint64_t>& included) {
+    std::set<uint64_t> visible = {fileId};
+    std::vector<uint64_t> next(included.begin(), included.end());
+    while (!next.empty()) {
+      const uint64_t g = next.back();
+      next.pop_back();
+      if (!visible.insert(g).second) continue;
+      for (uint64_t h : headersIncludedBy(g)) next.push_back(h);
+    }
+    return visible;
   }
 
   // Interfaces of this file with their in-file superclasses first (servers derive from them).
