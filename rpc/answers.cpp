@@ -87,11 +87,12 @@ Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
   }
   if (a.paramWaits > 0) ++stats_.callsAwaitingParamAnswers;
   if (!d.targetIsAnswer) {
-    if (mustQueueOnExport(a, d.targetId)) {
-      queueOnExport(a, d.targetId, copyCall(message, d));
+    const uint32_t exportId = settledRoute(d.targetId);
+    if (mustQueueOnExport(a, exportId)) {
+      queueOnExport(a, exportId, copyCall(message, d));
       return {};
     }
-    deliver(a, d.targetId, d.interfaceId, d.methodId, d.payload);
+    deliver(a, exportId, d.interfaceId, d.methodId, d.payload);
     return {};
   }
   Answer& target = *answers_[d.targetId];
@@ -103,6 +104,7 @@ Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
       failAnswer(a, exportId.error());
       return {};
     }
+    *exportId = settledRoute(*exportId);
     if (mustQueueOnExport(a, *exportId)) {
       queueOnExport(a, *exportId, copyCall(message, d));
       return {};
@@ -423,6 +425,7 @@ void RpcConnection::deliverQueued(Answer& q) {
     failAnswer(q, exportId.error());
     return;
   }
+  *exportId = settledRoute(*exportId);
   if (mustQueueOnExport(q, *exportId)) {  // a promise, calls queued there, or params to wait for
     queueOnExport(q, *exportId, copy);
     return;
@@ -567,6 +570,25 @@ bool RpcConnection::promiseHoldsCalls(const Export& e) noexcept {
   return node->pending() && node->forward_ == nullptr;
 }
 
+// Where a call addressed to export `exportId` goes: a promise of ours that settled on an object
+// exported here too (its Resolve named that export), with no call waiting in its own queue,
+// hands its calls to that export, so they queue there, in arrival order, with the calls the
+// peer makes on the resolution once it read the Resolve. Else (pending, broken, resolved to the
+// peer's own object or to a third party, or calls still waiting on it) the export itself. A
+// call made on the promise before the peer read its Resolve that must wait (for the answers its
+// params name) then holds back the calls made on the resolution after it (E-order).
+uint32_t RpcConnection::settledRoute(uint32_t exportId) const noexcept {
+  const Export& e = exports_[exportId];
+  if (!e.promise || e.queueHead != nullptr || e.resolveAfterQueue) return exportId;
+  const auto* node = static_cast<const detail::PromiseNode*>(e.object);
+  if (node->state_ != detail::PromiseNode::State::RESOLVED || node->toReceiver_ ||
+      !node->handOff_.isNull() || node->target_ == nullptr)
+    return exportId;
+  auto found = exportByObject_.find(node->target_);
+  if (found == exportByObject_.end() || !exports_[found->second].inUse) return exportId;
+  return found->second;
+}
+
 bool RpcConnection::mustQueueOnExport(const Answer& a, uint32_t exportId) const noexcept {
   if (a.paramWaits > 0) return true;
   const Export& e = exports_[exportId];
@@ -658,10 +680,13 @@ void RpcConnection::drainExport(uint32_t exportId) {
     if (!isOpen()) break;
   }
   Export& e = exports_[exportId];
-  if (e.queueHead == nullptr && std::exchange(e.resolveAfterQueue, false) && isOpen() && e.inUse &&
-      e.remoteRefs > 0) {
+  if (e.queueHead == nullptr && std::exchange(e.resolveAfterQueue, false) && isOpen() && e.inUse) {
     auto& node = *static_cast<detail::PromiseNode*>(e.object);
-    if (!node.pending()) sendResolve(exportId, node);
+    if (e.remoteRefs == 0) {
+      e.resolvePending = false;  // the peer released it meanwhile: nothing to settle there
+    } else if (!node.pending()) {
+      sendResolve(exportId, node);
+    }
   }
   exportUnpin(exportId);
 }

@@ -622,6 +622,10 @@ struct RpcConnection::Export {
   uint32_t nextFree = internal::NONE;
   bool inUse = false;
   bool promise = false;  // `object` is a PromiseNode (sent as senderPromise)
+  // A promise the peer was told of (senderPromise) and not yet told the resolution of (the
+  // Resolve has not gone): until it goes, every message names the export as senderPromise,
+  // settled or not, else the peer would read a pending promise sent as a plain capability.
+  bool resolvePending = false;
   // The promise settled while calls still waited in its queue (for answers their params name):
   // its Resolve goes out once the queue is empty, so no call made on the resolution overtakes
   // them (drainExport).

@@ -463,7 +463,12 @@ Status RpcConnection::writeCapTable(capnp::List<wire::CapDescriptor>::Builder ou
         if (!id) return id.error();
         e.id = *id;
         ++exports_[e.id].remoteRefs;
-        out[i].setSenderHosted(e.id);
+        // A promise of ours passed back and settled since, its Resolve still to go.
+        if (exports_[e.id].resolvePending) {
+          out[i].setSenderPromise(e.id);
+        } else {
+          out[i].setSenderHosted(e.id);
+        }
         break;
       }
       case detail::CapEntry::Kind::SENDER_PROMISE: {
@@ -473,8 +478,9 @@ Status RpcConnection::writeCapTable(capnp::List<wire::CapDescriptor>::Builder ou
         if (!id) return id.error();
         e.id = *id;
         ++exports_[e.id].remoteRefs;
-        if (node->pending()) {
+        if (node->pending() || exports_[e.id].resolvePending) {
           exports_[e.id].promise = true;
+          exports_[e.id].resolvePending = true;
           out[i].setSenderPromise(e.id);
         } else {
           out[i].setSenderHosted(e.id);

@@ -285,11 +285,14 @@ void RpcConnection::settlePromise(detail::PromiseNode& node) {
     } else {
       sendResolve(id, node);
     }
+  } else if (exports_[id].inUse && !node.pending()) {
+    exports_[id].resolvePending = false;  // the peer holds none: no import of it to settle
   }
   exportUnpin(id);
 }
 
 void RpcConnection::sendResolve(uint32_t exportId, detail::PromiseNode& node) {
+  exports_[exportId].resolvePending = false;  // from this message on it is named as it is now
   if (!node.handOff_.isNull() && sendHandOffResolve(exportId, node)) return;
   Result<detail::OutSlot> slot = startOut(RESOLVE_BYTES);
   if (!slot) return;  // the connection died (its failure is recorded)

@@ -1109,6 +1109,7 @@ class RpcConnection {
   void deliverQueued(Answer& answer);
   detail::SpillBuffer* copyCall(IncomingMessage& message, const Decoded& d);
   Result<uint32_t> resolvePipeline(Answer& target, std::span<const uint16_t> path);
+  uint32_t settledRoute(uint32_t exportId) const noexcept;
   Promise<void> drive(uint32_t answerId, Promise<void> dispatch);
   void completeAnswer(uint32_t answerId, Status status);
   void failAnswer(Answer& answer, const Error& error);
