@@ -645,7 +645,15 @@ struct RpcConnection::Import {
   // After a Resolve, while we hold references: calls go to this import instead (one local
   // reference held on it; a plain import, never itself resolved), or fail with `broken`.
   uint32_t resolvedTo = internal::NONE;
-  Error broken{};
+  Error broken{};  // its text in `brokenText` (setBroken)
+  // The import's own copy of the reason: a remote reason's text lives in a ring of the
+  // connection's that later errors reuse. Allocated the first time the import breaks.
+  std::unique_ptr<internal::KeptError> brokenText;
+  void setBroken(const Error& e) {
+    if (!brokenText) brokenText = std::make_unique<internal::KeptError>();
+    *brokenText = e;
+    broken = brokenText->get();
+  }
   // After a Resolve to a third party's capability: calls go to this reference on the host's
   // connection instead (pipelined on the Accept), even once this connection is dead.
   std::unique_ptr<RemoteCap> elsewhere;

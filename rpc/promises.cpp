@@ -425,7 +425,7 @@ Status RpcConnection::handleResolve(const Decoded& d) {
   imports_[d.id].promise = false;
   const bool held = imports_[d.id].localRefs > 0;
   if (d.resolveBroken) {
-    if (held) imports_[d.id].broken = remoteError(d.exception);
+    if (held) imports_[d.id].setBroken(remoteError(d.exception));
     return {};
   }
   if (d.resolveKind == detail::CapEntry::Kind::THIRD_PARTY) {
@@ -441,8 +441,8 @@ Status RpcConnection::handleResolve(const Decoded& d) {
     RemoteCap cap = acceptThirdParty(d, 0, /*embargo=*/true);
     noteImported(d.capIds[0], detail::CapEntry::Kind::SENDER_HOSTED);  // the vine: a plain import
     if (cap.kind_ == RemoteCap::Kind::BROKEN) {
-      // In this connection's own ring of reasons: the text may be another connection's.
-      imports_[d.id].broken = Error(cap.broken_.code, copyRemoteReason(cap.broken_.detail));
+      // Copied: the text may be another connection's.
+      imports_[d.id].setBroken(cap.broken_);
     } else {
       imports_[d.id].elsewhere = std::make_unique<RemoteCap>(std::move(cap));
     }

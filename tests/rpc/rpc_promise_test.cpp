@@ -233,6 +233,27 @@ TEST_F(RpcPromiseTest, RejectedPromiseFailsQueuedAndLaterCallsWithItsError) {
   EXPECT_TRUE(log_.order.empty());
 }
 
+// The reason a broken promise import fails its calls with is its own copy: remote reasons are
+// read into a ring of the connection's that later errors reuse.
+TEST_F(RpcPromiseTest, ABrokenPromiseKeepsItsReasonWhateverErrorsFollow) {
+  LocalPair pair(loop_, &promiser_);
+  RemoteCap boot = pair.client().bootstrap();
+  Result<RemoteCap> promise = loop_.run(capFrom(boot, PROMISE));
+  ASSERT_TRUE(promise.ok());
+  promiser_.promises[0].reject(Error(Errc::PERMISSION_DENIED, "sealed"));
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.client().stats().resolvesReceived == 1; }));
+  for (int i = 0; i < 100; ++i) {  // more remote reasons than the ring holds
+    Result<Response> r = loop_.run([](RemoteCap b) -> Promise<Response> {
+      co_return co_await b.newCall(NODE_INTERFACE_ID, 99, 0).send();
+    }(boot));
+    ASSERT_EQ(r.code(), Errc::UNSUPPORTED);
+  }
+  Result<Response> r = loop_.run(
+      [](RemoteCap p) -> Promise<Response> { co_return co_await record(p, 1); }(*promise));
+  ASSERT_EQ(r.code(), Errc::PERMISSION_DENIED);
+  EXPECT_STREQ(r.error().detail, "sealed");
+}
+
 TEST_F(RpcPromiseTest, DroppingAnUnsettledPromiseBreaksItWithFailed) {
   LocalPair pair(loop_, &promiser_);
   RemoteCap boot = pair.client().bootstrap();
