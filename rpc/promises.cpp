@@ -51,6 +51,18 @@ void CapPromise::resolve(ServerObject& object) {
   // calls would loop, or reach a node that cannot take them. A resolution is never a promise.
   if (detail::PromiseNode::pendingOne(object) != nullptr)
     return reject(Error(Errc::INVALID_ARGUMENT, "a promise resolved to a pending promise"));
+  if (typeid(object) == typeid(detail::PromiseNode)) {
+    // One of ours that settled: this one settles as it did. Named on the wire as a promise of
+    // ours (its Resolve may not have gone yet, and a peer holds it as a promise, settled or
+    // not), it would resolve this one to a promise, which the protocol refuses.
+    auto& settled = static_cast<detail::PromiseNode&>(object);
+    if (settled.state_ == detail::PromiseNode::State::BROKEN) return reject(settled.error_.get());
+    node_->state_ = detail::PromiseNode::State::RESOLVED;
+    node_->owner_ = settled.owner_;
+    node_->target_ = settled.target_;
+    settle();
+    return;
+  }
   node_->state_ = detail::PromiseNode::State::RESOLVED;
   node_->target_ = &object;
   settle();

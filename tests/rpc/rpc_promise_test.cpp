@@ -18,9 +18,10 @@ namespace {
 using agate::testing::Watchdog;
 
 enum PromiserMethod : uint16_t {
-  PROMISE = 20,  // -> CapParam: a new CapPromise, kept in `promises`
-  KEEP = 21,     // CapParam -> (): keeps the capability in `kept`
-  GIVE = 22,     // -> CapParam: the capability kept by KEEP (or `given`)
+  PROMISE = 20,    // -> CapParam: a new CapPromise, kept in `promises`
+  KEEP = 21,       // CapParam -> (): keeps the capability in `kept`
+  GIVE = 22,       // -> CapParam: the capability kept by KEEP (or `given`)
+  KEEP_OURS = 23,  // CapParam -> (): keeps the object of ours passed back in `ours`
 };
 
 // A server that hands out promises the test settles, and keeps capabilities it is given.
@@ -45,6 +46,13 @@ class Promiser final : public ServerObject {
         });
         return readyPromise<void>(read);
       }
+      case KEEP_OURS: {
+        Status read = ctx.tryReadParams<CapParam>([&](CapParam::Reader p) {
+          Result<ReceivedCap> cap = ctx.capAt(p, 0);
+          if (cap) ours = cap->local;
+        });
+        return readyPromise<void>(read);
+      }
       case GIVE: {
         Result<CapParam::Builder> out = ctx.initResultsAs<CapParam>(16);
         if (!out) return readyPromise<void>(out.error());
@@ -61,6 +69,7 @@ class Promiser final : public ServerObject {
   std::vector<CapPromise> promises;
   RemoteCap kept;
   RemoteCap given;
+  ServerObject* ours = nullptr;
 };
 
 Promise<RemoteCap> capFrom(RemoteCap cap, uint16_t method) {
@@ -252,6 +261,60 @@ TEST_F(RpcPromiseTest, ABrokenPromiseKeepsItsReasonWhateverErrorsFollow) {
       [](RemoteCap p) -> Promise<Response> { co_return co_await record(p, 1); }(*promise));
   ASSERT_EQ(r.code(), Errc::PERMISSION_DENIED);
   EXPECT_STREQ(r.error().detail, "sealed");
+}
+
+// A promise resolved to another promise of ours that settled (passed back to us while pending)
+// settles as that one did: its Resolve names the resolution, not the other promise, which the
+// peer holds as a promise (it would refuse a promise resolved to a promise and end the
+// connection).
+TEST_F(RpcPromiseTest, APromiseResolvedToAnotherThatSettledResolvesToItsResolution) {
+  LocalPair pair(loop_, &promiser_);
+  RemoteCap boot = pair.client().bootstrap();
+  Result<RemoteCap> first = loop_.run(capFrom(boot, PROMISE));
+  Result<RemoteCap> second = loop_.run(capFrom(boot, PROMISE));
+  ASSERT_TRUE(first.ok() && second.ok());
+  {
+    Request k = boot.newCall(NODE_INTERFACE_ID, KEEP_OURS, 16);
+    writeCapPointer(k.initParams<CapParam>(), 0, k.addCap(*second).value());
+    ASSERT_TRUE(loop_.run(awaitValueless(k.send())).ok());
+  }
+  ASSERT_NE(promiser_.ours, nullptr);
+  promiser_.promises[1].resolve(std::make_unique<Node>(5, log_));
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.client().stats().resolvesReceived == 1; }));
+  promiser_.promises[0].resolve(*promiser_.ours);
+  ASSERT_TRUE(runUntil(loop_, [&] { return pair.client().stats().resolvesReceived == 2; }));
+  EXPECT_TRUE(pair.client().isOpen()) << pair.client().failure().detail;
+  Request req = first->newCall(NODE_INTERFACE_ID, ECHO, 16);
+  req.initParams<Value>().setValue(1);
+  Result<Response> r =
+      loop_.run([](RemotePromise p) -> Promise<Response> { co_return co_await p; }(req.send()));
+  ASSERT_TRUE(r.ok()) << errcName(r.code());
+  EXPECT_EQ(r->results().getAs<Value>().getValue(), 6u);
+  promiser_.ours = nullptr;
+}
+
+// The same with the other promise broken: this one breaks with its error.
+TEST_F(RpcPromiseTest, APromiseResolvedToAnotherThatBrokeBreaksWithItsError) {
+  LocalPair pair(loop_, &promiser_);
+  RemoteCap boot = pair.client().bootstrap();
+  Result<RemoteCap> first = loop_.run(capFrom(boot, PROMISE));
+  Result<RemoteCap> second = loop_.run(capFrom(boot, PROMISE));
+  ASSERT_TRUE(first.ok() && second.ok());
+  {
+    Request k = boot.newCall(NODE_INTERFACE_ID, KEEP_OURS, 16);
+    writeCapPointer(k.initParams<CapParam>(), 0, k.addCap(*second).value());
+    ASSERT_TRUE(loop_.run(awaitValueless(k.send())).ok());
+  }
+  ASSERT_NE(promiser_.ours, nullptr);
+  promiser_.promises[1].reject(Error(Errc::PERMISSION_DENIED, "sealed"));
+  promiser_.promises[0].resolve(*promiser_.ours);
+  Result<Response> r = loop_.run(
+      [](RemotePromise p) -> Promise<Response> { co_return co_await p; }(record(*first, 1)));
+  EXPECT_EQ(r.code(), Errc::PERMISSION_DENIED);
+  EXPECT_STREQ(r.error().detail, "sealed");
+  EXPECT_TRUE(pair.client().isOpen()) << pair.client().failure().detail;
+  EXPECT_TRUE(log_.order.empty());
+  promiser_.ours = nullptr;
 }
 
 TEST_F(RpcPromiseTest, DroppingAnUnsettledPromiseBreaksItWithFailed) {
