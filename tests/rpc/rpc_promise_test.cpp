@@ -22,6 +22,8 @@ enum PromiserMethod : uint16_t {
   KEEP = 21,       // CapParam -> (): keeps the capability in `kept`
   GIVE = 22,       // -> CapParam: the capability kept by KEEP (or `given`)
   KEEP_OURS = 23,  // CapParam -> (): keeps the object of ours passed back in `ours`
+  WAIT = 24,       // -> CapParam: a new Node(7), once the test fulfills the call's entry of `gates`
+  ECHO_CAP = 25,   // CapParam -> CapParam: the capability passed (our own object as itself)
 };
 
 // A server that hands out promises the test settles, and keeps capabilities it is given.
@@ -53,6 +55,10 @@ class Promiser final : public ServerObject {
         });
         return readyPromise<void>(read);
       }
+      case WAIT:
+        return waitForGate(ctx);
+      case ECHO_CAP:
+        return readyPromise<void>(echoCap(ctx));
       case GIVE: {
         Result<CapParam::Builder> out = ctx.initResultsAs<CapParam>(16);
         if (!out) return readyPromise<void>(out.error());
@@ -70,6 +76,33 @@ class Promiser final : public ServerObject {
   RemoteCap kept;
   RemoteCap given;
   ServerObject* ours = nullptr;
+  std::vector<Fulfiller<void>> gates;
+  Log* log = nullptr;  // for WAIT's nodes
+
+ private:
+  Promise<void> waitForGate(CallContext& ctx) {
+    auto [opened, gate] = newPromiseAndFulfiller<void>();
+    gates.push_back(std::move(gate));
+    AGATE_CO_TRY(co_await opened);
+    Result<CapParam::Builder> out = ctx.initResultsAs<CapParam>(16);
+    AGATE_CO_TRY(out);
+    Result<uint32_t> index = ctx.addResultCap(std::make_unique<Node>(7, *log));
+    AGATE_CO_TRY(index);
+    writeCapPointer(*out, 0, *index);
+    co_return {};
+  }
+  static Status echoCap(CallContext& ctx) {
+    Result<ReceivedCap> cap = Error(Errc::INVALID_ARGUMENT, "no params");
+    AGATE_TRY(ctx.tryReadParams<CapParam>([&](CapParam::Reader p) { cap = ctx.capAt(p, 0); }));
+    AGATE_TRY(cap);
+    Result<CapParam::Builder> out = ctx.initResultsAs<CapParam>(16);
+    AGATE_TRY(out);
+    Result<uint32_t> index =
+        cap->local != nullptr ? ctx.addResultCap(*cap->local) : ctx.addResultCap(cap->remote);
+    AGATE_TRY(index);
+    writeCapPointer(*out, 0, *index);
+    return {};
+  }
 };
 
 Promise<RemoteCap> capFrom(RemoteCap cap, uint16_t method) {
@@ -128,6 +161,21 @@ class RpcPromiseTest : public ::testing::Test {
     EXPECT_TRUE(loop_.run(awaitAll(calls_, outcomes)).ok());
     calls_.clear();
     return outcomes;
+  }
+
+  RpcPromiseTest() { promiser_.log = &log_; }
+  // Two promises from the promiser; the second passed back to it while pending (so it holds
+  // the promise's node as `ours`).
+  std::pair<RemoteCap, RemoteCap> twoPromisesTheSecondPassedBack(RemoteCap& boot) {
+    Result<RemoteCap> first = loop_.run(capFrom(boot, PROMISE));
+    Result<RemoteCap> second = loop_.run(capFrom(boot, PROMISE));
+    EXPECT_TRUE(first.ok() && second.ok());
+    if (!first.ok() || !second.ok()) return {};
+    Request k = boot.newCall(NODE_INTERFACE_ID, KEEP_OURS, 16);
+    writeCapPointer(k.initParams<CapParam>(), 0, k.addCap(*second).value());
+    EXPECT_TRUE(loop_.run(awaitValueless(k.send())).ok());
+    EXPECT_NE(promiser_.ours, nullptr);
+    return {*first, *second};
   }
 
   Watchdog watchdog_{"rpc_promise_test", std::chrono::seconds(60)};
@@ -270,21 +318,14 @@ TEST_F(RpcPromiseTest, ABrokenPromiseKeepsItsReasonWhateverErrorsFollow) {
 TEST_F(RpcPromiseTest, APromiseResolvedToAnotherThatSettledResolvesToItsResolution) {
   LocalPair pair(loop_, &promiser_);
   RemoteCap boot = pair.client().bootstrap();
-  Result<RemoteCap> first = loop_.run(capFrom(boot, PROMISE));
-  Result<RemoteCap> second = loop_.run(capFrom(boot, PROMISE));
-  ASSERT_TRUE(first.ok() && second.ok());
-  {
-    Request k = boot.newCall(NODE_INTERFACE_ID, KEEP_OURS, 16);
-    writeCapPointer(k.initParams<CapParam>(), 0, k.addCap(*second).value());
-    ASSERT_TRUE(loop_.run(awaitValueless(k.send())).ok());
-  }
+  auto [first, second] = twoPromisesTheSecondPassedBack(boot);
   ASSERT_NE(promiser_.ours, nullptr);
   promiser_.promises[1].resolve(std::make_unique<Node>(5, log_));
   ASSERT_TRUE(runUntil(loop_, [&] { return pair.client().stats().resolvesReceived == 1; }));
   promiser_.promises[0].resolve(*promiser_.ours);
   ASSERT_TRUE(runUntil(loop_, [&] { return pair.client().stats().resolvesReceived == 2; }));
   EXPECT_TRUE(pair.client().isOpen()) << pair.client().failure().detail;
-  Request req = first->newCall(NODE_INTERFACE_ID, ECHO, 16);
+  Request req = first.newCall(NODE_INTERFACE_ID, ECHO, 16);
   req.initParams<Value>().setValue(1);
   Result<Response> r =
       loop_.run([](RemotePromise p) -> Promise<Response> { co_return co_await p; }(req.send()));
@@ -297,24 +338,79 @@ TEST_F(RpcPromiseTest, APromiseResolvedToAnotherThatSettledResolvesToItsResoluti
 TEST_F(RpcPromiseTest, APromiseResolvedToAnotherThatBrokeBreaksWithItsError) {
   LocalPair pair(loop_, &promiser_);
   RemoteCap boot = pair.client().bootstrap();
-  Result<RemoteCap> first = loop_.run(capFrom(boot, PROMISE));
-  Result<RemoteCap> second = loop_.run(capFrom(boot, PROMISE));
-  ASSERT_TRUE(first.ok() && second.ok());
-  {
-    Request k = boot.newCall(NODE_INTERFACE_ID, KEEP_OURS, 16);
-    writeCapPointer(k.initParams<CapParam>(), 0, k.addCap(*second).value());
-    ASSERT_TRUE(loop_.run(awaitValueless(k.send())).ok());
-  }
+  auto [first, second] = twoPromisesTheSecondPassedBack(boot);
   ASSERT_NE(promiser_.ours, nullptr);
   promiser_.promises[1].reject(Error(Errc::PERMISSION_DENIED, "sealed"));
   promiser_.promises[0].resolve(*promiser_.ours);
   Result<Response> r = loop_.run(
-      [](RemotePromise p) -> Promise<Response> { co_return co_await p; }(record(*first, 1)));
+      [](RemotePromise p) -> Promise<Response> { co_return co_await p; }(record(first, 1)));
   EXPECT_EQ(r.code(), Errc::PERMISSION_DENIED);
   EXPECT_STREQ(r.error().detail, "sealed");
   EXPECT_TRUE(pair.client().isOpen()) << pair.client().failure().detail;
   EXPECT_TRUE(log_.order.empty());
   promiser_.ours = nullptr;
+}
+
+// A call queued on a promise passes the promise itself back; the resolution returns it, so the
+// Return names the promise's export before the Resolve for it has gone: as senderPromise.
+TEST_F(RpcPromiseTest, ASettledPromiseReturnedBeforeItsResolveIsStillNamedAPromise) {
+  EventLoop& loop = loop_;
+  Promiser& gate = promiser_;
+  LocalPair pair(loop, &gate);
+  RemoteCap boot = pair.client().bootstrap();
+  Result<RemoteCap> p = loop.run(capFrom(boot, PROMISE));
+  ASSERT_TRUE(p.ok());
+  Request req = p->newCall(NODE_INTERFACE_ID, ECHO_CAP, 16);
+  Result<uint32_t> index = req.addCap(*p);
+  ASSERT_TRUE(index.ok());
+  writeCapPointer(req.initParams<CapParam>(), 0, *index);
+  RemotePromise echoed = req.send();
+  ASSERT_TRUE(runUntil(loop, [&] { return pair.server().stats().promiseCallsQueued == 1; }));
+  gate.promises[0].resolve(std::make_unique<Promiser>());  // serves the queued ECHO_CAP at once
+  Status s = loop.run(awaitValueless(std::move(echoed)));
+  EXPECT_TRUE(s.ok()) << errcName(s.code()) << " " << (s.ok() ? "" : s.error().detail);
+  ASSERT_TRUE(runUntil(loop, [&] { return pair.client().stats().resolvesReceived == 1; }));
+  EXPECT_TRUE(pair.client().isOpen()) << pair.client().failure().detail;
+  EXPECT_TRUE(pair.server().isOpen()) << pair.server().failure().detail;
+  *p = RemoteCap();
+  boot = RemoteCap();
+}
+
+// A call made on a promise before the Resolve was read, waiting at the callee for the answer its
+// params name, is not overtaken by a call made on the resolution afterwards.
+TEST_F(RpcPromiseTest, ACallOnAPromiseWaitingForItsParamsIsNotOvertakenByCallsOnTheResolution) {
+  EventLoop& loop = loop_;
+  Log& log = log_;
+  Promiser& gate = promiser_;
+  LocalPair pair(loop, &gate);
+  RemoteCap boot = pair.client().bootstrap();
+  Result<RemoteCap> p = loop.run(capFrom(boot, PROMISE));
+  ASSERT_TRUE(p.ok());
+  gate.promises[0].resolve(std::make_unique<Node>(0, log));  // Resolve is on its way
+  // Before the client reads it: a slow call, then a call on p naming its answer.
+  RemotePromise slow = boot.newCall(NODE_INTERFACE_ID, WAIT, 16).send();
+  RemoteCap pipelined = slow.pipeline({0});
+  Request x = p->newCall(NODE_INTERFACE_ID, RECORD, 16);
+  ASSERT_TRUE(x.addCap(pipelined).ok());
+  x.initParams<Value>().setValue(1);
+  RemotePromise px = x.send();
+  ASSERT_TRUE(runUntil(
+      loop, [&] { return pair.client().stats().resolvesReceived == 1 && gate.gates.size() == 1; }));
+  Request y = p->newCall(NODE_INTERFACE_ID, RECORD, 16);  // to the resolution, directly
+  y.initParams<Value>().setValue(2);
+  RemotePromise py = y.send();
+  ASSERT_TRUE(runUntil(loop, [&] { return pair.server().stats().callsReceived == 4; }));
+  EXPECT_TRUE(log.order.empty()) << "the call on the resolution overtook the one before it";
+  gate.gates[0].fulfill(Status{});  // the answer x's params name returns: x, then y
+  Status sx = loop.run(awaitValueless(std::move(px)));
+  EXPECT_TRUE(sx.ok()) << errcName(sx.code());
+  Status sy = loop.run(awaitValueless(std::move(py)));
+  EXPECT_TRUE(sy.ok()) << errcName(sy.code());
+  EXPECT_EQ(log.order, (std::vector<uint64_t>{1, 2})) << "E-order on p";
+  (void)loop.run(awaitValueless(std::move(slow)));
+  pipelined = RemoteCap();
+  *p = RemoteCap();
+  boot = RemoteCap();
 }
 
 TEST_F(RpcPromiseTest, DroppingAnUnsettledPromiseBreaksItWithFailed) {
