@@ -679,6 +679,10 @@ void RpcConnection::drainExport(uint32_t exportId) {
     deliverOnExport(*q, exportId);
     if (!isOpen()) break;
   }
+  if (exports_[exportId].queueHead == nullptr &&
+      std::exchange(exports_[exportId].disembargoAfterQueue, false) && isOpen() &&
+      exports_[exportId].inUse)
+    forwardDisembargo(exportId);
   Export& e = exports_[exportId];
   if (e.queueHead == nullptr && std::exchange(e.resolveAfterQueue, false) && isOpen() && e.inUse) {
     auto& node = *static_cast<detail::PromiseNode*>(e.object);

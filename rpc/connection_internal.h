@@ -630,6 +630,9 @@ struct RpcConnection::Export {
   // its Resolve goes out once the queue is empty, so no call made on the resolution overtakes
   // them (drainExport).
   bool resolveAfterQueue = false;
+  // The recipient's Disembargo {accept} came while calls still waited in the queue: the
+  // provider's Disembargo goes once they went on (drainExport, forwardDisembargo).
+  bool disembargoAfterQueue = false;
   // Calls that must wait here, in arrival order: they reached a promise before it settled, or
   // wait for answers their params name (receiverAnswer), or arrived behind such calls.
   Answer* queueHead = nullptr;

@@ -762,7 +762,7 @@ Status RpcConnection::decodeDisembargo(wire::Disembargo::Reader m, Decoded& d) {
           !exports_[d.targetId].promise)
         return Error(Errc::PROTOCOL_ERROR, "disembargo of an id that is not a promise of ours");
       const auto* node = static_cast<const detail::PromiseNode*>(exports_[d.targetId].object);
-      if (node->provide_.isNull())
+      if (node->provide_.isNull() || exports_[d.targetId].disembargoAfterQueue)
         return Error(Errc::PROTOCOL_ERROR, "disembargo of a promise with no embargo pending");
       d.disembargoProvide = false;
       return {};
@@ -789,14 +789,15 @@ Status RpcConnection::decodeDisembargo(wire::Disembargo::Reader m, Decoded& d) {
 Status RpcConnection::handleDisembargo(const Decoded& d) {
   ++stats_.disembargoesReceived;
   if (!d.disembargoProvide) {
-    // Introducer: every call the recipient made on the promise before went out to the
-    // provider on arrival, so the provider's Disembargo goes behind them.
-    auto* node = static_cast<detail::PromiseNode*>(exports_[d.targetId].object);
-    RemoteCap provide = std::move(node->provide_);
-    RpcConnection& host = *provide.conn_;
-    if (host.isOpen() && node->handOff_.conn_ == &host)
-      host.sendDisembargo(node->handOff_.id_, provide.id_);
-    return {};  // dropping `provide` queues the Provide's Finish behind the Disembargo
+    // Introducer: the provider's Disembargo goes behind every call the recipient made on the
+    // promise before: those delivered went out to the provider on arrival; those still waiting
+    // in the promise's queue (for answers their params name) go out first (drainExport).
+    if (exports_[d.targetId].queueHead != nullptr) {
+      exports_[d.targetId].disembargoAfterQueue = true;
+      return {};
+    }
+    forwardDisembargo(d.targetId);
+    return {};
   }
   // Provider: the introducer forwarded everything; an embargoed Accept may complete.
   Answer& provide = *answers_[d.id];
@@ -852,6 +853,18 @@ bool RpcConnection::sendHandOffResolve(uint32_t exportId, detail::PromiseNode& n
   ++stats_.resolvesSent;
   return true;
 }
+
+// The recipient's Disembargo {accept} for promise export `exportId` reached the introducer and
+// every call made on the promise before it went on to the provider: the provider's Disembargo
+// {provide} follows them.
+void RpcConnection::forwardDisembargo(uint32_t exportId) {
+  auto* node = static_cast<detail::PromiseNode*>(exports_[exportId].object);
+  RemoteCap provide = std::move(node->provide_);
+  if (provide.isNull()) return;
+  RpcConnection& host = *provide.conn_;
+  if (host.isOpen() && node->handOff_.conn_ == &host)
+    host.sendDisembargo(node->handOff_.id_, provide.id_);
+}  // dropping `provide` queues the Provide's Finish behind the Disembargo
 
 // Disembargo {importedCap(exportId), accept} (provideQuestion NONE), or {.., provide}.
 void RpcConnection::sendDisembargo(uint32_t exportId, uint32_t provideQuestion) {

@@ -1258,6 +1258,39 @@ TEST_F(HandoffTest, APassedPipelinedCapabilityStaysAProxyWhenTheNetworkCannotInt
   ASSERT_TRUE(loop_.run(awaitValue(std::move(taken))).ok());
 }
 
+// B's call X on a promise of C's reaches C after C sent the Resolve (to A's capability) and must
+// wait there for the answer its params name; B's call Y, made after it read the Resolve, goes to
+// A, held there by the embargo until C's Disembargo: that must not go before X has gone on to A.
+// (The answer X waits for never comes, so Y is never delivered.)
+TEST_F(HandoffTest, TheEmbargoHoldsBackCallsBehindOneStillWaitingAtTheIntroducer) {
+  openNetwork();
+  RemoteCap child = childOfA();
+  CapPromise later = conn(C, B).newCapPromise();
+  ASSERT_TRUE(loop_.run(awaitValue(take(boot(C, B), later, 0))).ok());
+  RemoteCap held = recipient_.held;  // B's reference to the promise
+  later.resolve(child);              // the Resolve (thirdPartyHosted) goes to B
+  {
+    // Made by B before it read the Resolve: through C. Q never returns (HANG at A's child).
+    RemotePromise q = held.newCall(NODE_INTERFACE_ID, HANG, 16).send();
+    Request x = held.newCall(NODE_INTERFACE_ID, RECORD, 64);
+    ASSERT_TRUE(x.addCap(q.pipeline({0})).ok());  // waits at C for Q's answer
+    x.initParams<Value>().setValue(1);
+    RemotePromise px = x.send();
+    ASSERT_TRUE(runUntil(loop_, [&] {
+      return conn(B, C).stats().resolvesReceived == 1 &&
+             conn(C, B).stats().disembargoesReceived == 1;
+    }));
+    RemotePromise py = record(held, 2);  // to A, behind the embargo
+    (void)runUntil(
+        loop_, [] { return false; }, 50ms);
+    EXPECT_EQ(aLog_.hanging, 1);
+    EXPECT_TRUE(aLog_.order.empty()) << "a call made after X reached A before it";
+    EXPECT_EQ(conn(C, A).stats().disembargoesSent, 0u) << "the embargo lifted with X still at C";
+  }  // the calls go (Q is cancelled at A)
+  held = RemoteCap();
+  recipient_.clear();
+}
+
 TEST_F(HandoffTest, CallsOnAPromiseResolvedToAnotherVatsCapabilityKeepEOrderAcrossTheHandoff) {
   for (bool pipelined : {false, true}) {
     SCOPED_TRACE(pipelined ? "resolved to a pipelined capability" : "resolved to an import");

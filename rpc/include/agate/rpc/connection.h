@@ -1017,6 +1017,7 @@ class RpcConnection {
   Status decodeDisembargo(wire::Disembargo::Reader m, Decoded& d);
   Status handleDisembargo(const Decoded& d);
   void sendDisembargo(uint32_t exportId, uint32_t provideQuestion);
+  void forwardDisembargo(uint32_t exportId);
   Status handleProvide(const Decoded& d);
   Status handleAccept(const Decoded& d);
   void acceptOrWait(Answer& accept);
