@@ -69,12 +69,11 @@ class KeptError {
 };
 
 // Finish and Release are one-word structs (Finish {questionId, releaseResultCaps}, Release {id,
-// referenceCount}),
-// so the whole message is four words, written directly rather than through a MessageBuilder
-// (setting one up costs more than the message): the root pointer, the Message struct (its union
-// discriminant in the first 16 bits, then its one pointer) and the body struct. The layout is
-// exactly what Cap'n Proto's builder writes for the same message (rpc_hot_path_test compares
-// the bytes).
+// referenceCount}), so the whole message is four words, written directly rather than through a
+// MessageBuilder (setting one up costs more than the message): the root pointer, the Message
+// struct (its union discriminant in the first 16 bits, then its one pointer) and the body
+// struct. The layout is exactly what Cap'n Proto's builder writes for the same message
+// (rpc_hot_path_test compares the bytes).
 inline constexpr size_t CONTROL_WORDS = 4;
 inline constexpr uint64_t structPointerWord(uint32_t offsetWords, uint16_t dataWords,
                                             uint16_t pointers) {
