@@ -55,7 +55,11 @@ Promise<void> RpcConnection::readLoop() {
       for (;;) {
         inReader_ = true;
         try {
-          handled = handleMessage(*in);
+          // Answers settled outside a reader (returned from their methods' own tasks) deliver
+          // the calls queued on them before this message is read: it may be a call the peer
+          // made on what one of them returned, after their Return (E-order).
+          if (worklistTask_.isQueued()) runWorklist();
+          handled = isOpen() ? handleMessage(*in) : Status(failure_);
           if (handled) runWorklist();
         } catch (const kj::Exception&) {
           // Every input is checked before it is acted on, so this is a bug of this side: the

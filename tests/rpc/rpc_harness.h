@@ -3,6 +3,7 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <iterator>
 #include <memory>
 #include <type_traits>
@@ -41,6 +42,7 @@ struct Log {
   int created = 0;
   int destroyed = 0;
   int hanging = 0;
+  std::function<void()> onLater;  // NEXT_LATER runs it, when set, just before it returns
 };
 
 class Node final : public ServerObject {
@@ -125,6 +127,7 @@ class Node final : public ServerObject {
   }
   Promise<void> nextLater(CallContext& ctx) {
     co_await EventLoop::current()->yield();
+    if (log_.onLater) log_.onLater();
     co_return next(ctx);
   }
   Promise<void> failLater() {

@@ -409,6 +409,21 @@ TEST_F(RpcHostileTest, AFinishReleasingResultsBeforeTheReturnDropsThemAsTheRetur
   EXPECT_TRUE(victim_->isOpen());
 }
 
+// E-order across a Return that goes out later (from the method's own task, not while the reader
+// handles a message): a call the peer makes on the returned capability once it has read the
+// Return reaches the victim after the calls it pipelined on the answer before, and must not be
+// delivered ahead of them. The peer here writes that call just before the Return goes, which the
+// victim cannot tell from just after: its reader finds it before the queued calls were settled.
+TEST_F(RpcHostileTest, ADirectCallAfterALaterReturnGoesBehindTheCallsPipelinedBeforeIt) {
+  call(1, 0, NEXT_LATER);            // the child is export 1 (asserted below)
+  pipelinedCall(2, 1, RECORD, {0});  // records 1, queued until answer 1 returns
+  log_.onLater = [&] { call(3, 1, RECORD, 2); };
+  ASSERT_TRUE(runUntil(loop_, [&] { return log_.order.size() == 2; }));
+  EXPECT_EQ(log_.order, (std::vector<uint64_t>{1, 2}));
+  EXPECT_EQ(expectReturnOfExports(1), std::vector<uint32_t>{1});
+  EXPECT_TRUE(victim_->isOpen());
+}
+
 TEST_F(RpcHostileTest, AFinishReleasingResultsTheCallerAlreadyReleasedAborts) {
   call(1, 0, NEXT);
   const std::vector<uint32_t> child = expectReturnOfExports(1);
