@@ -2,15 +2,11 @@
 
 #include <cstring>
 
+#include "pointer_words.h"
+
 namespace agate::rpc {
-namespace {
 
-// A Cap'n Proto pointer word: bits 0-1 the kind (3 = OTHER), bits 2-31 zero for a capability,
-// bits 32-63 the cap-table index. Little-endian, as every Agate machine is.
-constexpr uint64_t KIND_MASK = 0xffff'ffffull;
-constexpr uint64_t CAPABILITY_KIND = 3;
-
-}  // namespace
+namespace words = internal::words;
 
 Result<uint32_t> readCapPointer(capnp::AnyStruct::Reader s, uint16_t pointerIndex) {
   const kj::ArrayPtr<const kj::byte> data = s.getDataSection();
@@ -24,9 +20,9 @@ Result<uint32_t> readCapPointer(capnp::AnyStruct::Reader s, uint16_t pointerInde
   uint64_t word = 0;
   std::memcpy(&word, data.end() + size_t{pointerIndex} * sizeof word, sizeof word);
   if (word == 0) return Error(Errc::INVALID_ARGUMENT, "capability field is null");
-  if ((word & KIND_MASK) != CAPABILITY_KIND)
+  if (!words::isCapability(word))
     return Error(Errc::WRONG_TYPE, "field holds a struct or list, not a capability");
-  return static_cast<uint32_t>(word >> 32);
+  return words::capabilityIndex(word);
 }
 
 void writeCapPointer(capnp::AnyStruct::Builder s, uint16_t pointerIndex, uint32_t capIndex) {
@@ -39,7 +35,7 @@ void writeCapPointer(capnp::AnyStruct::Builder s, uint16_t pointerIndex, uint32_
   uint64_t old = 0;
   std::memcpy(&old, at, sizeof old);
   AGATE_REQUIRE(old == 0, "capability written over a non-null pointer field %u", pointerIndex);
-  const uint64_t word = (uint64_t{capIndex} << 32) | CAPABILITY_KIND;
+  const uint64_t word = words::capabilityPointer(capIndex);
   std::memcpy(at, &word, sizeof word);
 }
 

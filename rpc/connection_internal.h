@@ -12,6 +12,7 @@
 #include <unordered_map>
 
 #include "agate/rpc/connection.h"
+#include "pointer_words.h"
 
 namespace agate::rpc {
 
@@ -75,10 +76,6 @@ class KeptError {
 // struct. The layout is exactly what Cap'n Proto's builder writes for the same message
 // (rpc_hot_path_test compares the bytes).
 inline constexpr size_t CONTROL_WORDS = 4;
-inline constexpr uint64_t structPointerWord(uint32_t offsetWords, uint16_t dataWords,
-                                            uint16_t pointers) {
-  return uint64_t{offsetWords} << 2 | uint64_t{dataWords} << 32 | uint64_t{pointers} << 48;
-}
 inline std::array<uint64_t, CONTROL_WORDS> controlWords(wire::Message::Which which, uint64_t body) {
   static_assert(wire::Message::_capnpPrivate::dataWordSize == 1 &&
                 wire::Message::_capnpPrivate::pointerCount == 1);
@@ -86,8 +83,9 @@ inline std::array<uint64_t, CONTROL_WORDS> controlWords(wire::Message::Which whi
                 wire::Finish::_capnpPrivate::pointerCount == 0);
   static_assert(wire::Release::_capnpPrivate::dataWordSize == 1 &&
                 wire::Release::_capnpPrivate::pointerCount == 0);
-  return {structPointerWord(0, 1, 1),  // word 0: the root, the Message at word 1
-          static_cast<uint64_t>(which), structPointerWord(0, 1, 0),  // word 2: the body at word 3
+  return {words::structPointer(0, 1, 1),  // word 0: the root, the Message at word 1
+          static_cast<uint64_t>(which),
+          words::structPointer(0, 1, 0),  // word 2: the body at word 3
           body};
 }
 
@@ -106,12 +104,12 @@ inline std::array<uint64_t, EMPTY_RETURN_WORDS> emptyReturnWords(uint32_t answer
                 wire::Return::_capnpPrivate::pointerCount == 1);
   static_assert(wire::Payload::_capnpPrivate::dataWordSize == 0 &&
                 wire::Payload::_capnpPrivate::pointerCount == 2);
-  return {structPointerWord(0, 1, 1),  // word 0: the root, the Message at word 1
+  return {words::structPointer(0, 1, 1),  // word 0: the root, the Message at word 1
           static_cast<uint64_t>(wire::Message::RETURN),
-          structPointerWord(0, 1, 1),  // word 2: the Return at word 3
+          words::structPointer(0, 1, 1),  // word 2: the Return at word 3
           answerId | uint64_t{wire::Return::RESULTS} << 32 |
               uint64_t{noFinishNeeded} << NO_FINISH_NEEDED_BIT,
-          structPointerWord(0, 0, 2),  // word 4: the Payload at word 5
+          words::structPointer(0, 0, 2),  // word 4: the Payload at word 5
           0,
           0};
 }
@@ -134,23 +132,22 @@ inline size_t emptyCallWords(std::array<uint64_t, MAX_EMPTY_CALL_WORDS>& w, uint
                 wire::MessageTarget::_capnpPrivate::pointerCount == 1);
   static_assert(wire::PromisedAnswer::_capnpPrivate::dataWordSize == 1 &&
                 wire::PromisedAnswer::_capnpPrivate::pointerCount == 1);
-  constexpr uint64_t LIST = 1, TWO_BYTES = 3;  // a list pointer; its element size code
-  w[0] = structPointerWord(0, 1, 1);           // the Message at word 1
+  w[0] = words::structPointer(0, 1, 1);  // the Message at word 1
   w[1] = static_cast<uint64_t>(wire::Message::CALL);
-  w[2] = structPointerWord(0, 2, 2);  // the Call at word 3
+  w[2] = words::structPointer(0, 2, 2);  // the Call at word 3
   w[3] = questionId | uint64_t{methodId} << 32 | uint64_t{noPipelining} << NO_PIPELINING_BIT;
   w[4] = interfaceId;
-  w[5] = structPointerWord(1, 1, 1);  // the MessageTarget at word 7
-  w[6] = 0;                           // params: none
+  w[5] = words::structPointer(1, 1, 1);  // the MessageTarget at word 7
+  w[6] = 0;                              // params: none
   if (!toAnswer) {
     w[7] = targetId | uint64_t{wire::MessageTarget::IMPORTED_CAP} << 32;
     w[8] = 0;
     return 9;
   }
   w[7] = uint64_t{wire::MessageTarget::PROMISED_ANSWER} << 32;
-  w[8] = structPointerWord(0, 1, 1);  // the PromisedAnswer at word 9
+  w[8] = words::structPointer(0, 1, 1);  // the PromisedAnswer at word 9
   w[9] = targetId;
-  w[10] = LIST | TWO_BYTES << 32 | uint64_t{path.size()} << 35;  // the transform at word 11
+  w[10] = words::twoByteListPointer(path.size());  // the transform at word 11
   const size_t pathWords = (path.size() + 3) / 4;
   for (size_t i = 0; i < pathWords; ++i) w[11 + i] = 0;
   for (size_t i = 0; i < path.size(); ++i) w[11 + i / 4] |= uint64_t{path[i]} << (16 * (i % 4));
@@ -279,9 +276,9 @@ class OwnResults {
     if (field >= s.pointerCount)
       return Error(Errc::FAILED, "pipeline path does not end at a capability");
     const uint64_t p = words_[s.pointers + field];
-    if (p == 0 || (p & 0xffff'ffffull) != 3)  // an "other" pointer of the capability kind
+    if (!words::isCapability(p))
       return Error(Errc::FAILED, "pipeline path does not end at a capability");
-    return static_cast<uint32_t>(p >> 32);
+    return words::capabilityIndex(p);
   }
 
  private:
@@ -294,12 +291,11 @@ class OwnResults {
   bool structAt(size_t at, Struct& s) const noexcept {
     if (at >= words_.size()) return false;
     const uint64_t p = words_[at];
-    if (p == 0 || (p & 3) != 0) return false;
-    const int64_t target =
-        static_cast<int64_t>(at) + 1 + (static_cast<int32_t>(static_cast<uint32_t>(p)) >> 2);
-    const uint64_t data = (p >> 32) & 0xffff;
-    const uint64_t pointers = p >> 48;
-    AGATE_ASSERT(target >= 0 && static_cast<uint64_t>(target) + data + pointers <= words_.size(),
+    if (!words::isStruct(p)) return false;
+    const int64_t target = words::targetOf(p, at);
+    const uint64_t data = words::structDataWords(p);
+    const uint64_t pointers = words::structPointerCount(p);
+    AGATE_ASSERT(words::inside(target, data + pointers, words_.size()),
                  "a struct of our own results lies outside them");
     s.pointers = static_cast<size_t>(target) + data;
     s.pointerCount = pointers;

@@ -38,6 +38,7 @@
 #include <span>
 
 #include "agate/rpc/connection.h"
+#include "pointer_words.h"
 
 namespace agate::rpc::internal {
 
@@ -108,15 +109,12 @@ class CommonFrameParser {
   bool structAt(size_t at, uint16_t minData, uint16_t minPointers, Object& o) const noexcept {
     if (at >= words_) return false;
     const uint64_t p = word(at);
-    if (p == 0 || (p & 3) != 0) return false;
-    const uint64_t data = (p >> 32) & 0xffff;
-    const uint64_t pointers = p >> 48;
+    if (!words::isStruct(p)) return false;
+    const uint64_t data = words::structDataWords(p);
+    const uint64_t pointers = words::structPointerCount(p);
     if (data < minData || pointers < minPointers) return false;
-    const int64_t target =
-        static_cast<int64_t>(at) + 1 + (static_cast<int32_t>(static_cast<uint32_t>(p)) >> 2);
-    if (target < 0 || static_cast<uint64_t>(target) > words_ ||
-        data + pointers > words_ - static_cast<uint64_t>(target))
-      return false;
+    const int64_t target = words::targetOf(p, at);
+    if (!words::inside(target, data + pointers, words_)) return false;
     o.data = static_cast<size_t>(target);
     o.pointers = o.data + data;
     o.pointerCount = pointers;
@@ -167,16 +165,12 @@ class CommonFrameParser {
     const uint64_t p = word(at);
     f.pathLength = 0;
     if (p == 0) return true;
-    constexpr uint64_t LIST = 1, TWO_BYTES = 3;
-    if ((p & 3) != LIST || ((p >> 32) & 7) != TWO_BYTES) return false;
-    const uint64_t count = p >> 35;
-    if (count > MAX_PIPELINE_PATH) return false;  // decode refuses it; let it say why
-    const int64_t target =
-        static_cast<int64_t>(at) + 1 + (static_cast<int32_t>(static_cast<uint32_t>(p)) >> 2);
-    const uint64_t listWords = (count + 3) / 4;
-    if (target < 0 || static_cast<uint64_t>(target) > words_ ||
-        listWords > words_ - static_cast<uint64_t>(target))
+    if (words::kind(p) != words::LIST_KIND || words::listElementSize(p) != words::TWO_BYTE_ELEMENTS)
       return false;
+    const uint64_t count = words::listCount(p);
+    if (count > MAX_PIPELINE_PATH) return false;  // decode refuses it; let it say why
+    const int64_t target = words::targetOf(p, at);
+    if (!words::inside(target, (count + 3) / 4, words_)) return false;
     for (uint64_t i = 0; i < count; ++i) {
       f.path[i] =
           static_cast<uint16_t>(word(static_cast<size_t>(target) + i / 4) >> (16 * (i % 4)));
