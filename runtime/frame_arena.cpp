@@ -17,12 +17,13 @@ FrameArena::~FrameArena() {
   }
 }
 
-int FrameArena::classOf(size_t size) noexcept {
-  if (size > MAX_BLOCK) return -1;
-  int c = 0;
-  while ((MIN_BLOCK << c) < size) ++c;
-  return c;
-}
+static_assert(FrameArena::classOf(0) == 0 && FrameArena::classOf(1) == 0 &&
+              FrameArena::classOf(FrameArena::MIN_BLOCK) == 0);
+static_assert(FrameArena::classOf(FrameArena::MIN_BLOCK + 1) == 1 &&
+              FrameArena::classOf(2 * FrameArena::MIN_BLOCK) == 1 &&
+              FrameArena::classOf(2 * FrameArena::MIN_BLOCK + 1) == 2);
+static_assert(FrameArena::classOf(FrameArena::MAX_BLOCK) == FrameArena::NUM_CLASSES - 1 &&
+              FrameArena::classOf(FrameArena::MAX_BLOCK + 1) == -1);
 
 void* FrameArena::allocate(size_t size) {
   int c = classOf(size);

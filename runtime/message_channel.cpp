@@ -93,17 +93,7 @@ Promise<T> awaitAttempt(EventLoop& loop, Doorbell* bell, int peerFd, AsyncWaitPo
                         Attempt attempt, CheckPeer checkPeer) {
   Result<T> r = attempt();
   for (uint32_t i = 0; r.code() == Errc::WOULD_BLOCK && i < policy.spinIterations; ++i) {
-    // Spin only while the loop has nothing else to do (event_loop.h): a queued Task (often the
-    // very work that will produce what we wait for, such as a deferred doorbell flush) runs
-    // first, run() returns as soon as its promise is ready, and an eager start returns to its
-    // caller, so a long spin budget never stalls the loop's thread.
-    if (loop.busyPollShouldYield()) {
-      co_await loop.yield();
-    } else if ((i + 1) % SPINS_PER_SCHED_YIELD == 0) {
-      sched_yield();  // a peer preempted onto this CPU gets to produce what we wait for
-    } else {
-      cpuRelax();
-    }
+    if (busyPollStep(loop, i)) co_await loop.yield();
     r = attempt();
   }
   if (r.code() != Errc::WOULD_BLOCK || bell == nullptr) co_return r;
@@ -124,6 +114,20 @@ Promise<T> awaitAttempt(EventLoop& loop, Doorbell* bell, int peerFd, AsyncWaitPo
 }
 
 }  // namespace
+
+bool busyPollStep(const EventLoop& loop, uint32_t step) noexcept {
+  // Spin only while the loop has nothing else to do (event_loop.h): a queued Task (often the
+  // very work that will produce what we wait for, such as a deferred doorbell flush) runs
+  // first, run() returns as soon as its promise is ready, and an eager start returns to its
+  // caller, so a long spin budget never stalls the loop's thread.
+  if (loop.busyPollShouldYield()) return true;
+  if ((step + 1) % SPINS_PER_SCHED_YIELD == 0) {
+    sched_yield();  // a peer preempted onto this CPU gets to produce what we wait for
+  } else {
+    cpuRelax();
+  }
+  return false;
+}
 
 // ---- OutgoingMessage ----
 

@@ -24,6 +24,7 @@
 #pragma once
 
 #include <array>
+#include <bit>
 #include <cstddef>
 #include <cstdint>
 
@@ -56,6 +57,12 @@ class FrameArena {
 
   // Blocks this arena obtained from the heap so far (for tests and statistics).
   uint64_t heapAllocations() const noexcept { return heapAllocations_; }
+  // The class that serves `size`: blocks of MIN_BLOCK << class bytes; -1 above MAX_BLOCK.
+  static constexpr int classOf(size_t size) noexcept {
+    if (size > MAX_BLOCK) return -1;
+    if (size <= MIN_BLOCK) return 0;
+    return static_cast<int>(std::bit_width((size - 1) / MIN_BLOCK));
+  }
   // Free blocks the arena keeps in the class that serves `size` (0 above MAX_BLOCK).
   size_t cachedBlocks(size_t size) const noexcept {
     const int c = classOf(size);
@@ -66,7 +73,6 @@ class FrameArena {
   struct FreeBlock {
     FreeBlock* next;
   };
-  static int classOf(size_t size) noexcept;
 
   std::array<FreeBlock*, NUM_CLASSES> free_{};
   std::array<size_t, NUM_CLASSES> cached_{};

@@ -75,6 +75,14 @@ struct AsyncWaitPolicy {
   Duration parkSlice = std::chrono::milliseconds(50);  // backstop re-check while parked
 };
 
+// One step of a busy poll on `loop`'s thread (`step` counts from 0), as the awaiting calls take
+// between retries: true when the caller must `co_await loop.yield()` before it retries
+// (EventLoop::busyPollShouldYield); else this paused the CPU, or every few thousand steps gave
+// up the thread (the party waited for may be queued behind it on this CPU). For a coroutine that
+// retries a non-blocking call in its own frame before it awaits the parking call (a reader
+// loop): the spin then costs no coroutine frame per wait.
+bool busyPollStep(const EventLoop& loop, uint32_t step) noexcept;
+
 class MessageSender;
 class MessageReceiver;
 
