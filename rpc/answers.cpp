@@ -489,8 +489,9 @@ void RpcConnection::unlinkFromTarget(Answer& a) {
     }
     a.nextInQueue = nullptr;
     // The calls behind it may go on now (unless the export is a promise still pending), or, the
-    // queue being empty, the settled promise's Resolve that waited for it goes out.
-    if (e.queueHead != nullptr || e.resolveAfterQueue) settleExport(id);
+    // queue being empty, what waited for it goes on: the settled promise's Resolve, or the
+    // recipient's Disembargo passed on to the provider (forwardDisembargo).
+    if (e.queueHead != nullptr || e.resolveAfterQueue || e.disembargoAfterQueue) settleExport(id);
     exportUnpin(id);
     return;
   }

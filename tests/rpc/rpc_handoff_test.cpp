@@ -386,6 +386,54 @@ TEST_F(HandoffTest, AHandoffInAReturnLetsTheCallerCallTheHostDirectly) {
   EXPECT_EQ(conn(A, C).stats().callsReceived, callsAtA + 1);
 }
 
+// REVIEW: C pipelines calls on D's answer (queued at D while D awaits A); D returns A's child,
+// handed off to C. D's queued calls then go on to A through the vine, behind the Provide on the
+// D->A ring, while C's calls made on the returned capability after the Return go to A directly,
+// pipelined on C's Accept, which A answers as soon as it has the Provide. E-order (as in
+// RpcHostileTest.ADirectCallAfterALaterReturnGoesBehindTheCallsPipelinedBeforeIt): the calls
+// pipelined on the answer come first.
+TEST_F(HandoffTest, DISABLED_DirectCallsAfterAHandoffInAReturnGoBehindTheCallsPipelinedOnIt) {
+  openNetwork(64 * 1024, /*messagesPerTurn=*/1);
+  relay_.toA = boot(D, A);
+  {
+    RemoteCap relay = boot(C, D);
+    RemotePromise got = relay.newCall(NODE_INTERFACE_ID, GET_AWAITED, 16).send();
+    std::vector<RemotePromise> sent;
+    for (uint64_t i = 0; i < 50; ++i) sent.push_back(record(got.pipeline({0}), i));
+    Result<Response> r =
+        loop_.run([](RemotePromise& p) -> Promise<Response> { co_return co_await p; }(got));
+    ASSERT_TRUE(r.ok()) << errcName(r.code());
+    RemoteCap direct = r->getCap(0).value().remote;
+    EXPECT_EQ(direct.connection(), &conn(C, A)) << "handed off";
+    for (uint64_t i = 50; i < 100; ++i) sent.push_back(record(direct, i));
+    ASSERT_TRUE(runUntil(loop_, [&] { return aLog_.order.size() == 100; })) << aLog_.order.size();
+    std::string seen;
+    for (uint64_t v : aLog_.order) seen += std::to_string(v) + " ";
+    for (uint64_t i = 0; i < 100; ++i) ASSERT_EQ(aLog_.order[i], i) << "at " << i << ": " << seen;
+    for (RemotePromise& p : sent) ASSERT_TRUE(loop_.run(awaitValue(std::move(p))).ok());
+  }
+}
+TEST_F(HandoffTest, DISABLED_DirectCallsAfterAHandoffInAReturnSixteenPerTurn) {
+  openNetwork(256 * 1024, 16);
+  relay_.toA = boot(D, A);
+  {
+    RemoteCap relay = boot(C, D);
+    RemotePromise got = relay.newCall(NODE_INTERFACE_ID, GET_AWAITED, 16).send();
+    std::vector<RemotePromise> sent;
+    for (uint64_t i = 0; i < 300; ++i) sent.push_back(record(got.pipeline({0}), i));
+    Result<Response> r =
+        loop_.run([](RemotePromise& p) -> Promise<Response> { co_return co_await p; }(got));
+    ASSERT_TRUE(r.ok()) << errcName(r.code());
+    RemoteCap direct = r->getCap(0).value().remote;
+    for (uint64_t i = 300; i < 600; ++i) sent.push_back(record(direct, i));
+    ASSERT_TRUE(runUntil(loop_, [&] { return aLog_.order.size() == 600; })) << aLog_.order.size();
+    std::string seen;
+    for (uint64_t v : aLog_.order) seen += std::to_string(v) + " ";
+    for (uint64_t i = 0; i < 600; ++i) ASSERT_EQ(aLog_.order[i], i) << "at " << i << ": " << seen;
+    for (RemotePromise& p : sent) ASSERT_TRUE(loop_.run(awaitValue(std::move(p))).ok());
+  }
+}
+
 // A caller that dropped its promise before the Return (Finish.releaseResultCaps) takes nothing
 // of it: no connection to the host is made for a handoff in it, no Accept goes, and the
 // introducer drops the vine's reference itself, which reclaims the provision. Here a call
@@ -1287,6 +1335,108 @@ TEST_F(HandoffTest, TheEmbargoHoldsBackCallsBehindOneStillWaitingAtTheIntroducer
     EXPECT_TRUE(aLog_.order.empty()) << "a call made after X reached A before it";
     EXPECT_EQ(conn(C, A).stats().disembargoesSent, 0u) << "the embargo lifted with X still at C";
   }  // the calls go (Q is cancelled at A)
+  held = RemoteCap();
+  recipient_.clear();
+}
+
+// REVIEW (provider side, no embargo): C's call X on A's child waits at A, in the child's export
+// queue on A-C, for an answer its params name (receiverAnswer; Q hangs). C then passes the child
+// to B, which calls it directly. C made X before it passed the capability on, so B's calls must
+// not reach the child before X.
+TEST_F(HandoffTest, DISABLED_AHandoffDoesNotOvertakeACallWaitingAtTheProvidersExport) {
+  openNetwork();
+  RemoteCap child = childOfA();
+  {
+    RemotePromise q = child.newCall(NODE_INTERFACE_ID, HANG, 16).send();
+    Request x = child.newCall(NODE_INTERFACE_ID, RECORD, 64);
+    ASSERT_TRUE(x.addCap(q.pipeline({0})).ok());  // waits at A for Q's answer
+    x.initParams<Value>().setValue(1);
+    RemotePromise px = x.send();
+    RemotePromise taken = take(boot(C, B), child, 3);  // B records 1000..1002 on it, directly
+    (void)runUntil(
+        loop_, [] { return false; }, 100ms);
+    EXPECT_EQ(conn(C, A).stats().providesSent, 1u);
+    EXPECT_EQ(conn(A, B).stats().acceptsReceived, 1u);
+    EXPECT_EQ(aLog_.hanging, 1);
+    EXPECT_TRUE(aLog_.order.empty())
+        << "B's calls reached the child ahead of C's earlier call X: " << aLog_.order.size();
+    recipient_.clear();
+  }
+  child = RemoteCap();
+}
+
+// REVIEW (provider side, embargo): as above, but C passes a promise it resolves to the child. B's
+// call 2, made before it read the Resolve, goes through C and queues at A behind X; C's
+// Disembargo {provide} lifts the embargo at once, and B's call 3 (same reference, made after it
+// read the Resolve) reaches the child directly, ahead of its own call 2.
+TEST_F(HandoffTest, DISABLED_TheEmbargoAtTheProviderWaitsForForwardedCallsQueuedThere) {
+  openNetwork();
+  RemoteCap child = childOfA();
+  CapPromise later = conn(C, B).newCapPromise();
+  ASSERT_TRUE(loop_.run(awaitValue(take(boot(C, B), later, 0))).ok());
+  RemoteCap held = recipient_.held;  // B's reference to the promise
+  {
+    RemotePromise q = child.newCall(NODE_INTERFACE_ID, HANG, 16).send();
+    Request x = child.newCall(NODE_INTERFACE_ID, RECORD, 64);
+    ASSERT_TRUE(x.addCap(q.pipeline({0})).ok());  // C's X waits at A for Q's answer
+    x.initParams<Value>().setValue(1);
+    RemotePromise px = x.send();
+    later.resolve(child);                // Provide to A, Resolve (thirdPartyHosted) to B
+    RemotePromise p2 = record(held, 2);  // B, before it read the Resolve: through C
+    ASSERT_TRUE(runUntil(loop_, [&] { return conn(A, C).stats().disembargoesReceived == 1; }));
+    RemotePromise p3 = record(held, 3);  // B, after: directly to A
+    (void)runUntil(
+        loop_, [] { return false; }, 100ms);
+    EXPECT_EQ(conn(A, B).stats().acceptsReceived, 1u);
+    EXPECT_EQ(aLog_.hanging, 1);
+    EXPECT_TRUE(aLog_.order.empty())
+        << "B's call 3 reached the child ahead of its call 2 (and of C's X); first: "
+        << (aLog_.order.empty() ? 0 : aLog_.order[0]);
+  }
+  held = RemoteCap();
+  recipient_.clear();
+  child = RemoteCap();
+}
+
+// REVIEW: as TheEmbargoHoldsBackCallsBehindOneStillWaitingAtTheIntroducer, but B then gives X
+// up (drops its promise: Finish, so C cancels X, still queued). The promise's queue is empty
+// now: C must pass the Disembargo on, else the embargoed Accept never completes and Y waits
+// for ever.
+// The introducer holds B's Disembargo back while a call waits in the promise's queue at C
+// (TheEmbargoHoldsBackCallsBehindOneStillWaitingAtTheIntroducer); when that call is cancelled
+// instead of delivered, the emptied queue lets the Disembargo go on to A, and B's embargoed
+// calls with it.
+TEST_F(HandoffTest, ACancelledCallWaitingAtTheIntroducerLetsTheDisembargoGoOn) {
+  openNetwork();
+  RemoteCap child = childOfA();
+  CapPromise later = conn(C, B).newCapPromise();
+  ASSERT_TRUE(loop_.run(awaitValue(take(boot(C, B), later, 0))).ok());
+  RemoteCap held = recipient_.held;
+  later.resolve(child);
+  {
+    RemotePromise q = held.newCall(NODE_INTERFACE_ID, HANG, 16).send();
+    std::optional<RemotePromise> px;
+    {
+      Request x = held.newCall(NODE_INTERFACE_ID, RECORD, 64);
+      ASSERT_TRUE(x.addCap(q.pipeline({0})).ok());  // waits at C for Q's answer
+      x.initParams<Value>().setValue(1);
+      px.emplace(x.send());
+    }
+    ASSERT_TRUE(runUntil(loop_, [&] {
+      return conn(B, C).stats().resolvesReceived == 1 &&
+             conn(C, B).stats().disembargoesReceived == 1;
+    }));
+    RemotePromise py = record(held, 2);  // to A, behind the embargo
+    (void)runUntil(
+        loop_, [] { return false; }, 50ms);
+    ASSERT_TRUE(aLog_.order.empty());
+    px.reset();  // B cancels X: C drops it from the promise's queue
+    ASSERT_TRUE(runUntil(loop_, [&] { return conn(C, B).stats().finishesReceived >= 1; }));
+    EXPECT_TRUE(runUntil(
+        loop_, [&] { return aLog_.order.size() == 1; }, 1000ms))
+        << "Y never delivered: C-A disembargoes sent " << conn(C, A).stats().disembargoesSent;
+    EXPECT_EQ(conn(C, A).stats().disembargoesSent, 1u);
+  }
   held = RemoteCap();
   recipient_.clear();
 }
