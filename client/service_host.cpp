@@ -86,8 +86,13 @@ void ServedClient::shutDown() noexcept {
   bootstrap_.reset();
 }
 
-bool ServedClient::referenced() const noexcept {
-  return link_ && link_->connection().handleCount() != 0;
+bool ServedClient::referenced() noexcept {
+  // Another connection refers to this client's connection (a capability of the client passed
+  // on: a proxy holds it), or shares an object the client's connection exported (passed on by
+  // a Forwarder, or handed off): such an object may hold a charge on this client's quota, or a
+  // reference to this client, so both stay until it goes.
+  return link_ &&
+         (link_->connection().handleCount() != 0 || link_->connection().sharedObjectsAlive());
 }
 
 void ServedClient::disconnect(Error reason) noexcept {
@@ -243,7 +248,7 @@ void ServiceHost::accept(KernelEvent& event) {
                                                options_.stateGrowthPages);
   client->bootstrap_ = factory_(*client);
   rpc::RpcOptions rpcOptions = options_.rpc;
-  rpcOptions.bootstrap = client->bootstrap_.get();  // null: the client's calls to it fail
+  rpcOptions.sharedBootstrap = client->bootstrap_;  // null: the client's calls to it fail
   rpcOptions.network = nullptr;
   rpcOptions.peerVat = rpc::NO_VAT;
   // The client's identity comes from the kernel (never from the client): the peer vat a

@@ -86,7 +86,11 @@ RpcConnection::RpcConnection(MessageSender& tx, MessageReceiver& rx, EventLoop& 
   questions_[0].inUse = true;
   questionFree_ = NONE;
   exports_.emplace_back();  // export 0: the bootstrap object, never released
-  exports_[0].object = options_.bootstrap;
+  AGATE_REQUIRE(options_.bootstrap == nullptr || options_.sharedBootstrap == nullptr,
+                "RpcOptions::bootstrap and RpcOptions::sharedBootstrap both set");
+  exports_[0].object =
+      options_.sharedBootstrap ? options_.sharedBootstrap.get() : options_.bootstrap;
+  exports_[0].shared = std::move(options_.sharedBootstrap);
   exports_[0].inUse = true;
   exportsLive_ = 1;
   exportFree_ = NONE;
@@ -218,6 +222,8 @@ void RpcConnection::teardown() {
     exports_[0].inUse = false;  // a dead connection serves nobody
     --exportsLive_;
   }
+  if (exports_[0].shared) doomedShared.push_back(std::move(exports_[0].shared));
+  exports_[0].object = nullptr;
   exportByObject_.clear();
   doomed.clear();
   doomedShared.clear();
@@ -252,6 +258,8 @@ Result<uint32_t> RpcConnection::exportObject(ServerObject* object,
   e = Export{};
   e.object = object;
   e.owned = std::move(owned);
+  // The bootstrap object exported again (a method returning itself) keeps its joint ownership.
+  if (!shared && object == exports_[0].object) shared = exports_[0].shared;
   e.shared = std::move(shared);
   e.inUse = true;
   ++exportsLive_;

@@ -247,7 +247,11 @@ Result<uint32_t> RpcConnection::addReceivedFor(detail::CapTable& table, RpcConne
   e.kind = detail::CapEntry::Kind::SENDER_HOSTED;
   e.object = cap.local;
   auto exported = origin.exportByObject_.find(cap.local);
-  if (exported != origin.exportByObject_.end()) e.shared = origin.shareExport(exported->second);
+  if (exported != origin.exportByObject_.end()) {
+    e.shared = origin.shareExport(exported->second);
+  } else if (cap.local == origin.exports_[0].object) {
+    e.shared = origin.shareExport(0);  // the bootstrap object (not indexed by object)
+  }
   return addEntry(table, std::move(e));
 }
 
@@ -663,7 +667,21 @@ void RpcConnection::takeProvision(Answer& a, RpcConnection& provider, uint32_t p
 std::shared_ptr<ServerObject> RpcConnection::shareExport(uint32_t exportId) {
   Export& e = exports_[exportId];
   if (e.owned) e.shared = std::shared_ptr<ServerObject>(std::move(e.owned));
+  if (e.shared) {
+    // Shared once or many times, it is watched until it goes (sharedObjectsAlive): pruned as the
+    // list doubles, so it stays within twice the objects alive.
+    if (sharedOut_.size() >= sharedOutPruneAt_) {
+      (void)sharedObjectsAlive();  // prunes
+      sharedOutPruneAt_ = std::max<size_t>(SHARED_OUT_PRUNE_FLOOR, 2 * sharedOut_.size());
+    }
+    sharedOut_.push_back(e.shared);
+  }
   return e.shared;  // null for an object the user owns
+}
+
+bool RpcConnection::sharedObjectsAlive() noexcept {
+  std::erase_if(sharedOut_, [](const std::weak_ptr<ServerObject>& w) { return w.expired(); });
+  return !sharedOut_.empty();
 }
 
 void RpcConnection::completeProvide(uint32_t answerId) {

@@ -216,9 +216,11 @@ class ServedClient {
   // Shuts the connection down (its calls cancelled, the objects it owns destroyed), then drops
   // the bootstrap object (it may hold references into the connection). The destructor does it.
   void shutDown() noexcept;
-  // Something outside still holds a handle on the (shut down) connection: a capability of this
-  // client that the server passed on, proxied, on another connection.
-  bool referenced() const noexcept;
+  // Something outside still holds a handle on the (shut down) connection (a capability of this
+  // client that the server passed on, proxied, on another connection), or shares an object its
+  // connection exported (the bootstrap object or one a method made, passed on to another
+  // client or handed off): the quota and this client stay until nothing does.
+  bool referenced() noexcept;
 
   caps::Koid bushel_;
   caps::ProcessId peer_;
@@ -226,7 +228,8 @@ class ServedClient {
   // object, then the quota their charges go back to. shutDown() runs first, so the objects
   // the connection owns and the bootstrap object go before the connection does.
   ClientQuota quota_;
-  std::unique_ptr<rpc::ServerObject> bootstrap_;
+  // Owned jointly with the connection, and with any connection it is passed on to.
+  std::shared_ptr<rpc::ServerObject> bootstrap_;
   KernelVats* network_ = nullptr;  // the link's connection is registered there
   std::unique_ptr<BushelLink> link_;
   std::optional<Promise<void>> watcher_;  // onDisconnect: tells the host to drop this client

@@ -676,8 +676,13 @@ class CapPromise {
 };
 
 struct RpcOptions {
-  // Export 0: the object the peer reaches with bootstrap(). Not owned; outlives the connection.
+  // Export 0: the object the peer reaches with bootstrap(). Not owned; outlives the connection,
+  // and every other connection it is passed on to (a server's own objects passed on are
+  // exported there as they are: addReceivedFor).
   ServerObject* bootstrap = nullptr;
+  // Or a bootstrap object the connection owns jointly: passed on to another connection, it is
+  // shared with it, so it lives while either refers to it (sharedObjectsAlive).
+  std::shared_ptr<ServerObject> sharedBootstrap = nullptr;
   // Bounds on ids the PEER chooses (our answer table, our import table); beyond them the peer
   // is aborted with PROTOCOL_ERROR. They bound the per-peer state a hostile peer can make us
   // hold.
@@ -874,6 +879,11 @@ class RpcConnection {
   // RemoteCap/Request/RemotePromise/Response handles on this connection still alive anywhere
   // (the destructor requires none): an owner keeps a closed connection until this is 0.
   uint64_t handleCount() const noexcept { return handles_; }
+  // Whether an object exported here that another connection now shares (passed on by a
+  // Forwarder, or handed off to a third vat) is still alive. Once this connection shut down,
+  // only the others keep such objects: whatever they need of the connection's owner (a client's
+  // quota, which their charges refund) must live until this is false. Prunes what went.
+  bool sharedObjectsAlive() noexcept;
 
   // Remote error text: Error::detail of an error that came from the peer points into this ring
   // of REMOTE_REASON_SLOTS slots of REMOTE_REASON_BYTES each, owned by the connection. It stays
@@ -1201,6 +1211,9 @@ class RpcConnection {
 
   // Answers whose queued pipelined calls can now be settled (run iteratively, not recursively).
   std::vector<uint32_t> worklist_;
+  std::vector<std::weak_ptr<ServerObject>> sharedOut_;  // shareExport's, pruned as they go
+  static constexpr size_t SHARED_OUT_PRUNE_FLOOR = 64;
+  size_t sharedOutPruneAt_ = SHARED_OUT_PRUNE_FLOOR;
   std::vector<uint32_t> exportsToDrain_;   // exports whose queued calls may go on (drainExport)
   std::vector<uint32_t> answersToCancel_;  // finished answers nothing needs any more
   uint64_t callsArrived_ = 0;              // Answer::arrival

@@ -1,0 +1,298 @@
+// What a served client's objects outlive, through a real agate-kernel and a forked server: an
+// object a client got from the server (charged to that client's quota) or the client's own
+// bootstrap object, passed on to another client, keeps working for that one after its owner
+// hangs up, and the server carries on (the owner's quota and ServedClient stay until it goes:
+// ServedClient::referenced, RpcConnection::sharedObjectsAlive). A Session gives back the rings
+// and descriptors of every bushel it closed, not only when it goes. Watchdogs: 60 s each.
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <dirent.h>
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "agate/client/main.h"
+#include "agate/client/service_host.h"
+#include "agate/client/session.h"
+#include "agate/rpc/cap_pointer.h"
+#include "kernel_fixture.h"
+#include "rpc_test.capnp.h"
+#include "session_harness.h"
+#include "support/watchdog.h"
+
+namespace agate::client {
+namespace {
+
+using namespace std::chrono_literals;
+using agate::testing::KernelProcess;
+using agate::testing::Watchdog;
+using rpc::CallContext;
+using rpc::RemoteCap;
+using rpc::ServerObject;
+using rpc::test::CapAndValue;
+using rpc::test::CapParam;
+using rpc::test::Value;
+using test::describe;
+
+constexpr uint64_t IFACE = 0x1234;
+enum : uint16_t { REGISTER = 0, GET_LISTENER = 1, MAKE = 2, PING = 3, KEEP = 4 };
+
+// A per-client object whose bytes are charged to the client that made it.
+class Thing final : public ServerObject {
+ public:
+  explicit Thing(StateCharge c) : charge_(std::move(c)) {}
+  Promise<void> dispatch(uint64_t, uint16_t, CallContext&) override {
+    return readyPromise<void>(Status{});
+  }
+
+ private:
+  StateCharge charge_;
+};
+
+class Hub;
+struct HubShared {
+  Hub* registered = nullptr;
+};
+
+// One per client (the bootstrap object): a tiny pub/sub hub. A client registers a listener; any
+// client may fetch the registered listener (a capability of another client: a proxy).
+class Hub final : public ServerObject {
+ public:
+  Hub(ServedClient& c, HubShared& s) : client_(c), shared_(s) {}
+  ~Hub() override {
+    if (shared_.registered == this) shared_.registered = nullptr;
+  }
+  Promise<void> dispatch(uint64_t, uint16_t method, CallContext& ctx) override {
+    switch (method) {
+      case REGISTER: {
+        Result<rpc::ReceivedCap> cap = Error(Errc::INVALID_ARGUMENT, "no params");
+        Status read =
+            ctx.tryReadParams<CapParam>([&](CapParam::Reader p) { cap = ctx.capAt(p, 0); });
+        if (!read) return readyPromise<void>(read.error());
+        if (!cap) return readyPromise<void>(cap.error());
+        listener_ = cap->remote;
+        shared_.registered = this;
+        return readyPromise<void>(Status{});
+      }
+      case GET_LISTENER: {
+        if (shared_.registered == nullptr)
+          return readyPromise<void>(Error(Errc::NOT_FOUND, "none"));
+        auto out = ctx.initResultsAs<CapAndValue>(32);
+        if (!out) return readyPromise<void>(out.error());
+        auto index = ctx.addResultCap(shared_.registered->listener_);
+        if (!index) return readyPromise<void>(index.error());
+        rpc::writeCapPointer(*out, 0, *index);
+        return readyPromise<void>(Status{});
+      }
+      case MAKE:
+        return make(ctx);
+      case PING: {
+        auto out = ctx.initResultsAs<Value>(16);
+        if (!out) return readyPromise<void>(out.error());
+        out->setValue(7);
+        return readyPromise<void>(Status{});
+      }
+      default:
+        return readyPromise<void>(Error(Errc::UNSUPPORTED, "no such method"));
+    }
+  }
+
+ private:
+  Promise<void> make(CallContext& ctx) {
+    Result<StateCharge> charge = co_await client_.quota().charge(100);
+    AGATE_CO_TRY(charge);
+    auto out = ctx.initResultsAs<CapAndValue>(32);
+    AGATE_CO_TRY(out);
+    auto index = ctx.addResultCap(std::make_unique<Thing>(std::move(*charge)));
+    AGATE_CO_TRY(index);
+    rpc::writeCapPointer(*out, 0, *index);
+    co_return {};
+  }
+
+  ServedClient& client_;
+  HubShared& shared_;
+  RemoteCap listener_;
+};
+
+// The client side listener: keeps every capability it is handed.
+class Listener final : public ServerObject {
+ public:
+  std::vector<RemoteCap> kept;
+  Promise<void> dispatch(uint64_t, uint16_t method, CallContext& ctx) override {
+    if (method != KEEP) return readyPromise<void>(Error(Errc::UNSUPPORTED, "no such method"));
+    Result<rpc::ReceivedCap> cap = Error(Errc::INVALID_ARGUMENT, "no params");
+    Status read = ctx.tryReadParams<CapParam>([&](CapParam::Reader p) { cap = ctx.capAt(p, 0); });
+    if (!read) return readyPromise<void>(read.error());
+    if (!cap) return readyPromise<void>(cap.error());
+    kept.push_back(cap->remote);
+    return readyPromise<void>(Status{});
+  }
+};
+
+pid_t startHub(const std::string& home) {
+  const pid_t parent = ::getpid();
+  const pid_t pid = ::fork();
+  if (pid != 0) return pid;
+  ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (::getppid() != parent) ::_exit(1);
+  ::alarm(60);
+  HubShared shared;
+  std::string homeArg = home;
+  char name[] = "hub";
+  char homeFlag[] = "--home";
+  char* argv[] = {name, homeFlag, homeArg.data(), nullptr};
+  const int rc = serveService(
+      3, argv, "hub", [&](ServedClient& c) { return std::make_unique<Hub>(c, shared); },
+      ServiceOptions{});
+  ::_exit(rc);
+}
+
+rpc::Request callOf(const RemoteCap& cap, uint16_t method) {
+  return cap.newCall(IFACE, method, 64);
+}
+
+enum class Passed { MADE_OBJECT, OWN_BOOTSTRAP };
+
+// Client A passes a capability of its own to client B's listener, through the proxy the server
+// gives A (the server's Forwarder passes A's object on to B's connection), then hangs up. The
+// object is one the server made for A and charged to A's quota (MADE_OBJECT), or A's bootstrap
+// object (OWN_BOOTSTRAP). B's reference still works after A hung up, and so does B's own
+// connection: the server did not go down with A.
+void passOnThenHangUp(Passed passed) {
+  KernelProcess kernel;
+  const pid_t server = startHub(kernel.home());
+  Watchdog dog("an object passed on outlives its client", 60s, server);
+  EventLoop loop;
+  auto ka = std::move(caps::KernelConnection::tryAttach(loop, kernel.home(), "client-a")).value();
+  auto kb = std::move(caps::KernelConnection::tryAttach(loop, kernel.home(), "client-b")).value();
+  Listener listener;
+  Status keptAfter, pingAfter;
+  {
+    Session sa(*ka), sb(*kb);
+    Status done = loop.run(loop.deadline(
+        [&]() -> Promise<void> {
+          AGATE_CO_TRY(co_await sb.waitForService("hub"));
+          Result<OpenedBushel> ob = co_await sb.openBushel("hub");
+          AGATE_CO_TRY(ob);
+          RemoteCap hubB = ob->connection->bootstrap();
+          {
+            auto req = callOf(hubB, REGISTER);
+            auto p = req.params().initAs<CapParam>();
+            auto index = req.addCap(static_cast<ServerObject&>(listener));
+            AGATE_CO_TRY(index);
+            rpc::writeCapPointer(p, 0, *index);
+            AGATE_CO_TRY(co_await req.send());
+          }
+          Result<OpenedBushel> oa = co_await sa.openBushel("hub");
+          AGATE_CO_TRY(oa);
+          {
+            RemoteCap hubA = oa->connection->bootstrap();
+            RemoteCap passedOn = hubA, proxy;
+            if (passed == Passed::MADE_OBJECT) {
+              Result<rpc::Response> made = co_await callOf(hubA, MAKE).send();
+              AGATE_CO_TRY(made);
+              passedOn = made->getCap(0)->remote;
+            }
+            Result<rpc::Response> got = co_await callOf(hubA, GET_LISTENER).send();
+            AGATE_CO_TRY(got);
+            proxy = got->getCap(0)->remote;
+            auto req = callOf(proxy, KEEP);
+            auto p = req.params().initAs<CapParam>();
+            auto index = req.addCap(passedOn);
+            AGATE_CO_TRY(index);
+            rpc::writeCapPointer(p, 0, *index);
+            AGATE_CO_TRY(co_await req.send());
+          }
+          EXPECT_EQ(listener.kept.size(), 1u);
+          AGATE_CO_TRY(co_await sa.close(oa->koid));  // A hangs up
+          (void)co_await loop.sleep(300ms);           // the server drops A meanwhile
+          Result<rpc::Response> kept = co_await callOf(listener.kept.at(0), PING).send();
+          keptAfter = kept ? Status{} : Status(kept.error());
+          Result<rpc::Response> ping = co_await callOf(hubB, PING).send();
+          pingAfter = ping ? Status{} : Status(ping.error());
+          listener.kept.clear();  // the last reference: the server drops A's object now
+          (void)co_await loop.sleep(100ms);
+          ping = co_await callOf(hubB, PING).send();
+          if (!ping) pingAfter = ping.error();
+          co_return {};
+        }(),
+        20s));
+    EXPECT_TRUE(done.ok()) << describe(done.error());
+  }
+  EXPECT_TRUE(keptAfter.ok()) << "B's call on A's object: " << describe(keptAfter.error());
+  EXPECT_TRUE(pingAfter.ok()) << "B's call after A hung up: " << describe(pingAfter.error());
+  int status = 0;
+  const pid_t r = ::waitpid(server, &status, WNOHANG);
+  EXPECT_EQ(r, 0) << "the server died: "
+                  << (WIFSIGNALED(status) ? strsignal(WTERMSIG(status)) : "exited");
+  ::kill(server, SIGKILL);
+  if (r == 0) test::reap(server);
+}
+
+TEST(ServiceHostLifetime, AnObjectChargedToAClientAndPassedOnOutlivesTheClientsHangUp) {
+  passOnThenHangUp(Passed::MADE_OBJECT);
+}
+
+TEST(ServiceHostLifetime, AClientsBootstrapObjectPassedOnOutlivesTheClientsHangUp) {
+  passOnThenHangUp(Passed::OWN_BOOTSTRAP);
+}
+
+size_t openFds() {
+  size_t n = 0;
+  DIR* d = ::opendir("/proc/self/fd");
+  while (::readdir(d) != nullptr) ++n;
+  ::closedir(d);
+  return n;
+}
+
+// A client that hangs up and opens again (a reconnect loop) gives back each closed bushel's rings
+// and descriptors once nothing refers to its connection, not only when its Session goes; and
+// close() of a recently closed bushel is still a no-op.
+TEST(ServiceHostLifetime, ASessionGivesBackTheRingsOfTheBushelsItClosed) {
+  KernelProcess kernel;
+  const pid_t server = startHub(kernel.home());
+  Watchdog dog("session leak", 60s, server);
+  EventLoop loop;
+  auto k = std::move(caps::KernelConnection::tryAttach(loop, kernel.home(), "reconnector")).value();
+  size_t before = 0, after = 0, afterSession = 0;
+  {
+    Session s(*k);
+    Status done = loop.run(loop.deadline(
+        [&]() -> Promise<void> {
+          AGATE_CO_TRY(co_await s.waitForService("hub"));
+          before = openFds();
+          for (int i = 0; i < 100; ++i) {
+            Result<OpenedBushel> o = co_await s.openBushel("hub");
+            AGATE_CO_TRY(o);
+            {
+              RemoteCap hub = o->connection->bootstrap();
+              AGATE_CO_TRY(co_await callOf(hub, PING).send());
+            }
+            AGATE_CO_TRY(co_await s.close(o->koid));
+            AGATE_CO_TRY(co_await s.close(o->koid));  // twice: a no-op
+          }
+          (void)co_await loop.sleep(100ms);
+          after = openFds();
+          co_return {};
+        }(),
+        30s));
+    EXPECT_TRUE(done.ok()) << describe(done.error());
+    EXPECT_EQ(s.openCount(), 0u);
+  }
+  afterSession = openFds();
+  // The last bushel's rings may wait for the next open or close.
+  EXPECT_LE(after, before + 2) << "closed bushels' ring descriptors are still open";
+  EXPECT_LE(afterSession, before);
+  ::kill(server, SIGKILL);
+  test::reap(server);
+}
+
+}  // namespace
+}  // namespace agate::client
