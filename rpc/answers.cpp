@@ -489,9 +489,12 @@ void RpcConnection::unlinkFromTarget(Answer& a) {
     }
     a.nextInQueue = nullptr;
     // The calls behind it may go on now (unless the export is a promise still pending), or, the
-    // queue being empty, what waited for it goes on: the settled promise's Resolve, or the
-    // recipient's Disembargo passed on to the provider (forwardDisembargo).
-    if (e.queueHead != nullptr || e.resolveAfterQueue || e.disembargoAfterQueue) settleExport(id);
+    // queue being empty, what waited for it goes on: the settled promise's Resolve, the
+    // recipient's Disembargo passed on to the provider (forwardDisembargo), or the Accepts that
+    // matched the export's provisions (releaseQueuedAccepts).
+    if (e.queueHead != nullptr || e.resolveAfterQueue || e.disembargoAfterQueue ||
+        e.acceptAfterQueue)
+      settleExport(id);
     exportUnpin(id);
     return;
   }
@@ -684,6 +687,10 @@ void RpcConnection::drainExport(uint32_t exportId) {
       std::exchange(exports_[exportId].disembargoAfterQueue, false) && isOpen() &&
       exports_[exportId].inUse)
     forwardDisembargo(exportId);
+  if (exports_[exportId].queueHead == nullptr &&
+      std::exchange(exports_[exportId].acceptAfterQueue, false) && isOpen() &&
+      exports_[exportId].inUse)
+    releaseQueuedAccepts(exportId);
   Export& e = exports_[exportId];
   if (e.queueHead == nullptr && std::exchange(e.resolveAfterQueue, false) && isOpen() && e.inUse) {
     auto& node = *static_cast<detail::PromiseNode*>(e.object);

@@ -635,6 +635,7 @@ RemotePromise RpcConnection::sendRequest(Request& request) {
     return RemotePromise(nullptr, 0, readyPromise<Response>(sent.error()), sent.error());
   }
   openQuestion(qid);
+  if (request.toAnswer_) questions_[request.targetId_].pipelinedOn = true;
   Question& q = questions_[qid];
   q.refs = 1;
   q.noPipelining = request.noPipelining_;

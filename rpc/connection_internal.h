@@ -416,6 +416,9 @@ class HandoffTable {
     // An embargoed Accept that matched its provision and waits for the introducer's
     // Disembargo (else: an Accept waiting for its Provide).
     bool embargoed = false;
+    // An Accept that matched its provision and waits for the calls queued on the provided
+    // export at the introducer's connection (Export::acceptAfterQueue).
+    bool queued = false;
   };
 
   uint64_t nextProvisionId() noexcept { return ++lastProvisionId_; }
@@ -460,6 +463,9 @@ struct RpcConnection::Question {
   bool returned = false;      // Return received (or the connection ended)
   bool finishSent = false;    // Finish sent (or never to be sent: the connection ended)
   bool noPipelining = false;  // sent with Call.noPromisePipelining
+  // Calls were sent pipelined on it: a capability its Return hands off to a third vat stays on
+  // the introducer's vine, behind them (Return handoffs take no embargo).
+  bool pipelinedOn = false;
   // Its Finish went before the Return, with releaseResultCaps: the Return's references are the
   // callee's to drop, none is taken here.
   bool resultsReleased = false;
@@ -628,6 +634,10 @@ struct RpcConnection::Export {
   // The recipient's Disembargo {accept} came while calls still waited in the queue: the
   // provider's Disembargo goes once they went on (drainExport, forwardDisembargo).
   bool disembargoAfterQueue = false;
+  // A provision of this export (a Provide from this peer) was matched by an Accept while calls
+  // of this peer still waited in the queue: the Accept completes once they went on
+  // (drainExport, acceptsBehindQueue), so the recipient's calls do not overtake them.
+  bool acceptAfterQueue = false;
   // Calls that must wait here, in arrival order: they reached a promise before it settled, or
   // wait for answers their params name (receiverAnswer), or arrived behind such calls.
   Answer* queueHead = nullptr;

@@ -368,7 +368,7 @@ void RpcConnection::openQuestion(uint32_t id) {
   // A free entry: new, or reset by freeQuestion (its fulfiller and vine are gone).
   AGATE_ASSERT(!q.inUse && !q.fulfiller && !q.vine, "question %u opened while in use", id);
   q.refs = 0;
-  q.returned = q.finishSent = q.noPipelining = q.held = false;
+  q.returned = q.finishSent = q.noPipelining = q.held = q.pipelinedOn = false;
   q.refused = Error{};
   q.inUse = true;
   ++questionsLive_;
@@ -450,7 +450,8 @@ Status RpcConnection::resolveHosts(Decoded& d) {
 
 // Takes the vine (one reference, held until the Accept returns) and sends Accept to the host.
 // The returned reference is pipelined on the Accept (or broken, with why).
-RemoteCap RpcConnection::acceptThirdParty(const Decoded& d, uint32_t index, bool embargo) {
+RemoteCap RpcConnection::acceptThirdParty(const Decoded& d, uint32_t index, bool embargo,
+                                          bool keepVine) {
   RemoteCap vine;
   vine.conn_ = this;
   vine.kind_ = RemoteCap::Kind::IMPORT;
@@ -469,6 +470,14 @@ RemoteCap RpcConnection::acceptThirdParty(const Decoded& d, uint32_t index, bool
   // forwards its calls, in order, and reclaims the provision once it is released).
   if (host->questionsLive_ >= host->options_.maxQuestions) {
     ++host->stats_.acceptsDeclined;
+    return vine;
+  }
+  // Calls pipelined on the question whose Return this is went to the introducer, which forwards
+  // them to the host on the vine: calls made directly to the host after the Return could
+  // overtake them (a Return's handoff takes no embargo). The vine stays the reference, so every
+  // call goes the same way, in order; the introducer reclaims the provision once it is released.
+  if (keepVine) {
+    ++stats_.handoffsKeptOnVine;
     return vine;
   }
   return host->sendAccept(options_.peerVat, d.capProvisions[index], std::move(vine), embargo);
@@ -538,7 +547,8 @@ Status RpcConnection::handleProvide(const Decoded& d) {
   // will (this introducer's Provides arrive in increasing order).
   std::vector<detail::HandoffTable::Waiting> ready;
   std::erase_if(table.waiting, [&](const detail::HandoffTable::Waiting& w) {
-    if (w.embargoed || w.key.introducer != options_.peerVat || w.key.provisionId > d.provisionId)
+    if (w.embargoed || w.queued || w.key.introducer != options_.peerVat ||
+        w.key.provisionId > d.provisionId)
       return false;
     ready.push_back(w);
     return true;
@@ -594,7 +604,8 @@ WaitingCount waitingOf(const detail::HandoffTable& table, const RpcConnection* c
 // Parks Accept `a` in the vat's table until its Provide (or, `embargoed`, its Disembargo)
 // arrives, within this peer's bound for the introducer; past it, fails the Accept. True if it
 // waits.
-bool RpcConnection::waitOnProvision(Answer& a, detail::HandoffTable& table, bool embargoed) {
+bool RpcConnection::waitOnProvision(Answer& a, detail::HandoffTable& table, bool embargoed,
+                                    bool queued) {
   const WaitingCount n = waitingOf(table, this, a.provision.introducer);
   if (n.ofIntroducer >= VatNetwork::MAX_WAITING_ACCEPTS_PER_PEER) {
     failAnswer(a, Error(Errc::OUT_OF_MEMORY,
@@ -608,7 +619,7 @@ bool RpcConnection::waitOnProvision(Answer& a, detail::HandoffTable& table, bool
     return false;
   }
   a.waitingForProvide = true;
-  table.waiting.push_back({a.provision, this, a.id, embargoed});
+  table.waiting.push_back({a.provision, this, a.id, embargoed, queued});
   return true;
 }
 
@@ -651,7 +662,40 @@ void RpcConnection::acceptOrWait(Answer& a) {
     if (waitOnProvision(a, table, true)) ++stats_.acceptsEmbargoed;
     return;
   }
-  takeProvision(a, *p.provider, p.answerId);
+  // Calls the introducer made on the object before it handed it off may still wait in the
+  // export's queue there (for answers their params name): the recipient's calls go behind them,
+  // so the Accept completes once they went on (releaseQueuedAccepts).
+  RpcConnection& provider = *p.provider;
+  Export& provided = provider.exports_[provider.answers_[p.answerId]->pinnedExport];
+  if (provided.queueHead != nullptr) {
+    if (waitOnProvision(a, table, false, true)) {
+      provided.acceptAfterQueue = true;
+      ++stats_.acceptsBehindQueue;
+    }
+    return;
+  }
+  takeProvision(a, provider, p.answerId);
+}
+
+// Export `exportId`'s queue drained (or the calls in it went): the Accepts that matched its
+// provisions while calls waited there go on now, in the order they came.
+void RpcConnection::releaseQueuedAccepts(uint32_t exportId) {
+  detail::HandoffTable& table = options_.network->handoffs();
+  std::vector<detail::HandoffTable::Waiting> ready;
+  std::erase_if(table.waiting, [&](const detail::HandoffTable::Waiting& w) {
+    if (!w.queued) return false;
+    auto p = table.provisions.find(w.key);
+    if (p == table.provisions.end() || p->second.provider != this ||
+        answers_[p->second.answerId]->pinnedExport != exportId)
+      return false;
+    ready.push_back(w);
+    return true;
+  });
+  for (const detail::HandoffTable::Waiting& w : ready) {
+    Answer& accept = *w.conn->answers_[w.answerId];
+    accept.waitingForProvide = false;
+    w.conn->acceptOrWait(accept);  // takes it, or waits again behind calls queued meanwhile
+  }
 }
 
 // Takes provision `provideAnswer` of `provider` (the introducer's connection) for Accept `a`:
@@ -714,10 +758,10 @@ void RpcConnection::dropProvision(Answer& a) noexcept {
   a.providing = false;
   detail::HandoffTable& table = options_.network->handoffs();
   table.provisions.erase(a.provision);
-  // An embargoed Accept that matched it will not get it now.
+  // An Accept that matched it (embargoed, or behind queued calls) will not get it now.
   std::vector<detail::HandoffTable::Waiting> orphans;
   std::erase_if(table.waiting, [&](const detail::HandoffTable::Waiting& w) {
-    if (!w.embargoed || !(w.key == a.provision)) return false;
+    if (!(w.embargoed || w.queued) || !(w.key == a.provision)) return false;
     orphans.push_back(w);
     return true;
   });
@@ -725,7 +769,8 @@ void RpcConnection::dropProvision(Answer& a) noexcept {
     Answer& accept = *w.conn->answers_[w.answerId];
     accept.waitingForProvide = false;
     w.conn->failAnswer(
-        accept, Error(Errc::NOT_FOUND, "the provision was reclaimed before its embargo ended"));
+        accept,
+        Error(Errc::NOT_FOUND, "the provision was reclaimed before the Accept could take it"));
   }
 }
 
@@ -832,7 +877,8 @@ Status RpcConnection::handleDisembargo(const Decoded& d) {
   table.waiting.erase(parked);
   Answer& accept = *w.conn->answers_[w.answerId];
   accept.waitingForProvide = false;
-  w.conn->takeProvision(accept, *this, d.id);
+  // Calls the introducer forwarded may still wait in the export's queue: behind them.
+  w.conn->acceptOrWait(accept);
   return {};
 }
 

@@ -719,7 +719,7 @@ Status RpcConnection::handleReturn(IncomingMessage& message, const Decoded& d) {
       if (d.thirdPartyCount > 0) slot->handedOff.resize(d.capCount);
       for (uint32_t i = 0; d.thirdPartyCount > 0 && i < d.capCount; ++i) {
         if (d.capKinds[i] == detail::CapEntry::Kind::THIRD_PARTY)
-          slot->handedOff[i] = acceptThirdParty(d, i);
+          slot->handedOff[i] = acceptThirdParty(d, i, /*embargo=*/false, q.pipelinedOn);
       }
       // Empty results (no content, no capability: a null call's) need nothing of the frame:
       // the Response reads as empty without it, so the reader need not wait for the caller.

@@ -818,6 +818,12 @@ struct RpcStats {
   uint64_t disembargoesReceived = 0;
   uint64_t disembargoesHeld = 0;  // of those sent, held behind calls held for reply space
   uint64_t acceptsEmbargoed = 0;  // embargoed Accepts that waited for the introducer's Disembargo
+  // Accepts that waited for the introducer's calls still queued on the provided object here
+  // (for answers their params named): made before the handoff, they go first.
+  uint64_t acceptsBehindQueue = 0;
+  // Handoffs in a Return to a question this side pipelined calls on: the introducer's vine
+  // stayed the reference, so calls made after the Return go behind the pipelined ones.
+  uint64_t handoffsKeptOnVine = 0;
 };
 
 class RpcConnection {
@@ -1021,7 +1027,8 @@ class RpcConnection {
   RemoteCap sendAccept(VatId introducer, uint64_t provisionId, RemoteCap vine,
                        bool embargo = false);
   Status resolveHosts(Decoded& d);
-  RemoteCap acceptThirdParty(const Decoded& d, uint32_t index, bool embargo = false);
+  RemoteCap acceptThirdParty(const Decoded& d, uint32_t index, bool embargo = false,
+                             bool keepVine = false);
   void takeProvision(Answer& accept, RpcConnection& provider, uint32_t provideAnswer);
   bool canHandOff(const RpcConnection& host) const noexcept;
   Status decodeDisembargo(wire::Disembargo::Reader m, Decoded& d);
@@ -1031,7 +1038,9 @@ class RpcConnection {
   Status handleProvide(const Decoded& d);
   Status handleAccept(const Decoded& d);
   void acceptOrWait(Answer& accept);
-  bool waitOnProvision(Answer& accept, detail::HandoffTable& table, bool embargoed);
+  bool waitOnProvision(Answer& accept, detail::HandoffTable& table, bool embargoed,
+                       bool queued = false);
+  void releaseQueuedAccepts(uint32_t exportId);
   void completeAccept(Answer& accept, ServerObject* object, std::shared_ptr<ServerObject> owner);
   void completeProvide(uint32_t answerId);
   void dropProvision(Answer& answer) noexcept;
