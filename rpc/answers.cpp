@@ -89,7 +89,7 @@ Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
   if (!d.targetIsAnswer) {
     const uint32_t exportId = settledRoute(d.targetId);
     if (mustQueueOnExport(a, exportId)) {
-      queueOnExport(a, exportId, copyCall(message, d));
+      if (detail::SpillBuffer* copy = copyToQueue(a, message, d)) queueOnExport(a, exportId, copy);
       return {};
     }
     deliver(a, exportId, d.interfaceId, d.methodId, d.payload);
@@ -106,14 +106,16 @@ Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
     }
     *exportId = settledRoute(*exportId);
     if (mustQueueOnExport(a, *exportId)) {
-      queueOnExport(a, *exportId, copyCall(message, d));
+      if (detail::SpillBuffer* copy = copyToQueue(a, message, d)) queueOnExport(a, *exportId, copy);
       return {};
     }
     deliver(a, *exportId, d.interfaceId, d.methodId, d.payload);
     return {};
   }
   // The promised answer has not returned: keep a private copy of the call, queued in order.
-  a.queuedCall = copyCall(message, d);
+  detail::SpillBuffer* copy = copyToQueue(a, message, d);
+  if (copy == nullptr) return {};
+  keepQueuedCall(a, copy);
   a.waitingOn = &target;
   a.nextInQueue = nullptr;
   if (target.queueTail != nullptr) {
@@ -124,6 +126,33 @@ Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
   target.queueTail = &a;
   ++stats_.pipelinedCallsQueued;
   return {};
+}
+
+// A private copy of call `a`, to keep it waiting here; null when the copies kept would pass
+// RpcOptions::maxQueuedCallBytes, and the call is then failed (OUT_OF_MEMORY).
+detail::SpillBuffer* RpcConnection::copyToQueue(Answer& a, IncomingMessage& message,
+                                                const Decoded& d) {
+  detail::SpillBuffer* copy = copyCall(message, d);
+  if (queuedCallBytes_ + copy->capacity() > options_.maxQueuedCallBytes) {
+    giveSpill(copy);
+    ++stats_.callsRefusedQueueFull;
+    failAnswer(a, Error(Errc::OUT_OF_MEMORY,
+                        "the calls waiting at the callee hold all it keeps for this connection "
+                        "(RpcOptions::maxQueuedCallBytes)"));
+    return nullptr;
+  }
+  return copy;
+}
+
+void RpcConnection::keepQueuedCall(Answer& a, detail::SpillBuffer* copy) noexcept {
+  a.queuedCall = copy;
+  queuedCallBytes_ += copy->capacity();
+}
+
+detail::SpillBuffer* RpcConnection::takeQueuedCall(Answer& a) noexcept {
+  detail::SpillBuffer* copy = std::exchange(a.queuedCall, nullptr);
+  if (copy != nullptr) queuedCallBytes_ -= copy->capacity();
+  return copy;
 }
 
 // A private copy of an inbound Call, for queueing it: it is read again with Cap'n Proto's
@@ -318,7 +347,7 @@ void RpcConnection::failAnswer(Answer& a, const Error& error) {
   dropParamAnswers(a);
   dropProvision(a);
   stopWaiting(a);
-  if (a.queuedCall != nullptr) giveSpill(std::exchange(a.queuedCall, nullptr));
+  if (a.queuedCall != nullptr) giveSpill(takeQueuedCall(a));
   Result<detail::OutSlot> slot = startOut(EXCEPTION_BYTES);
   bool sent = false;
   if (slot) {
@@ -409,7 +438,7 @@ void RpcConnection::runWorklist() {
 void RpcConnection::deliverQueued(Answer& q) {
   AGATE_ASSERT(q.state == Answer::State::QUEUED && q.queuedCall != nullptr,
                "answer %u delivered from a queue twice", q.id);
-  detail::SpillBuffer* copy = std::exchange(q.queuedCall, nullptr);
+  detail::SpillBuffer* copy = takeQueuedCall(q);
   Result<MessageView> view = replayReader_.tryDecode(copy->bytes());
   AGATE_ASSERT(view.ok(), "a private copy of a validated call no longer decodes");
   // The copy passed the same checks when it arrived; only the target is looked up again.
@@ -532,7 +561,7 @@ void RpcConnection::freeAnswer(Answer& a) {
   ctx.resultCaps_.clear();
   ctx.paramCaps_.clear();
   ctx.paramsValid_ = false;
-  if (a.queuedCall != nullptr) giveSpill(std::exchange(a.queuedCall, nullptr));
+  if (a.queuedCall != nullptr) giveSpill(takeQueuedCall(a));
   if (a.results != nullptr) giveSpill(std::exchange(a.results, nullptr));
   dropProvision(a);
   stopWaiting(a);

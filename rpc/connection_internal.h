@@ -329,6 +329,7 @@ struct SpillBuffer {
   std::span<const std::byte> bytes() const {
     return {reinterpret_cast<const std::byte*>(words.get()), usedBytes};
   }
+  size_t capacity() const noexcept { return size_t{1} << (sizeClass + internal::MIN_CLASS_SHIFT); }
 };
 
 // Where a Response's message lives: the inbound frame (in place) or a private copy.

@@ -248,7 +248,7 @@ void RpcConnection::settleAwaited(detail::PromiseNode& node, Result<RemoteCap> r
 void RpcConnection::queueOnExport(Answer& a, uint32_t exportId, detail::SpillBuffer* copy) {
   Export& e = exports_[exportId];
   ++e.pins;
-  a.queuedCall = copy;
+  keepQueuedCall(a, copy);
   a.waitingOnExport = exportId;
   a.nextInQueue = nullptr;
   if (e.queueTail == nullptr) {
@@ -271,7 +271,7 @@ void RpcConnection::queueOnExport(Answer& a, uint32_t exportId, detail::SpillBuf
 }
 
 void RpcConnection::deliverOnExport(Answer& a, uint32_t exportId) {
-  detail::SpillBuffer* copy = std::exchange(a.queuedCall, nullptr);
+  detail::SpillBuffer* copy = takeQueuedCall(a);
   // Its own reader: a delivery may run inside another call's dispatch (a promise settled there)
   // whose params replayReader_ may still be serving.
   FrameReader reader(rx_.limits());

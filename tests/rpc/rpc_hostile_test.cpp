@@ -43,6 +43,7 @@ class RpcHostileTest : public ::testing::Test {
     options.bootstrap = &root_;
     options.maxAnswers = 64;
     options.maxImports = 64;
+    options.maxQueuedCallBytes = 32 * 1024;  // four calls of 7 KB kept (8 KiB copies)
     victim_ = std::make_unique<RpcConnection>(*victimTx_, *victimRx_, loop_, options);
   }
   ~RpcHostileTest() override { victim_.reset(); }
@@ -421,6 +422,47 @@ TEST_F(RpcHostileTest, ADirectCallAfterALaterReturnGoesBehindTheCallsPipelinedBe
   ASSERT_TRUE(runUntil(loop_, [&] { return log_.order.size() == 2; }));
   EXPECT_EQ(log_.order, (std::vector<uint64_t>{1, 2}));
   EXPECT_EQ(expectReturnOfExports(1), std::vector<uint32_t>{1});
+  EXPECT_TRUE(victim_->isOpen());
+}
+
+// The copies of calls kept to be delivered later are bounded in bytes (maxQueuedCallBytes): a
+// peer pipelining large calls on an answer that has not returned gets OUT_OF_MEMORY for those
+// past the bound, each alone; the connection carries on and the calls kept are delivered, in
+// order, once the answer returns.
+TEST_F(RpcHostileTest, CallsKeptForLaterAreBoundedInBytesAndThosePastTheBoundFailAlone) {
+  call(1, 0, NEXT_LATER);  // four copies fit the fixture's bound (8 KiB each: a 7 KB call's class)
+  for (uint32_t q = 2; q < 8; ++q) {
+    send(
+        [&](wire::Message::Builder m) {
+          wire::Call::Builder c = m.initCall();
+          c.setQuestionId(q);
+          wire::PromisedAnswer::Builder pa = c.getTarget().initPromisedAnswer();
+          pa.setQuestionId(1);
+          pa.initTransform(1).set(0, 0);
+          c.setInterfaceId(NODE_INTERFACE_ID);
+          c.setMethodId(RECORD);  // records 0: the Value read from a struct with no data
+          c.initParams().getContent().initAs<CapParam>().getCap().initAs<capnp::Data>(7000);
+        },
+        8 * 1024);
+  }
+  std::map<uint32_t, Errc> failed;
+  std::vector<uint32_t> returned;
+  while (returned.size() + failed.size() < 7) {
+    expectFromVictim([&](wire::Message::Reader m) {
+      ASSERT_EQ(m.which(), wire::Message::RETURN);
+      const wire::Return::Reader r = m.getReturn();
+      if (r.which() == wire::Return::EXCEPTION) {
+        failed[r.getAnswerId()] = static_cast<Errc>(r.getException().getErrc());
+      } else {
+        returned.push_back(r.getAnswerId());
+      }
+    });
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+  EXPECT_EQ(failed, (std::map<uint32_t, Errc>{{6, Errc::OUT_OF_MEMORY}, {7, Errc::OUT_OF_MEMORY}}));
+  EXPECT_EQ(returned, (std::vector<uint32_t>{1, 2, 3, 4, 5}));
+  EXPECT_EQ(log_.order, (std::vector<uint64_t>{0, 0, 0, 0}));
+  EXPECT_EQ(victim_->stats().callsRefusedQueueFull, 2u);
   EXPECT_TRUE(victim_->isOpen());
 }
 

@@ -177,13 +177,16 @@ struct ServiceOptions {
   // capabilities of other services, which it then calls directly).
   bool handoff = false;
 
-  // Bounds the per-client tables. The wait policy stays RpcOptions' (spin briefly after a
-  // message, then park): an idle client's reader is parked and costs nothing, and spinning
-  // yields whenever other clients' work is queued.
+  // Bounds the per-client tables, and the bytes of a client's calls kept to deliver later
+  // (pipelined on an answer still running): memory the server holds for a client outside its
+  // quota, so kept small. The wait policy stays RpcOptions' (spin briefly after a message, then
+  // park): an idle client's reader is parked and costs nothing, and spinning yields whenever
+  // other clients' work is queued.
   static rpc::RpcOptions defaultRpcOptions() {
     rpc::RpcOptions o;
     o.maxAnswers = 1024;
     o.maxImports = 4096;
+    o.maxQueuedCallBytes = 256 * 1024;
     return o;
   }
 };

@@ -730,6 +730,12 @@ struct RpcOptions {
   // OUT_OF_MEMORY, and a reply the peer's calls ask for ends the connection (OUT_OF_MEMORY):
   // a peer that never reads cannot make this side hold its replies without end.
   size_t maxQueuedBytes = size_t{4} << 20;
+  // How many bytes the private copies of the peer's calls that wait here may hold (calls
+  // pipelined on an answer that has not returned, calls queued on a promise or behind a call
+  // waiting for its params). A call that would pass it fails with OUT_OF_MEMORY (the connection
+  // carries on): a peer cannot make this side keep its calls without end, as maxAnswers alone
+  // would let it (that many calls of up to maxMessageBytes each).
+  size_t maxQueuedCallBytes = size_t{1} << 20;
   // The largest message this side builds (clamped frame reservations; spill buffer size). At
   // most 4 MiB, the largest spill buffer, which also bounds the MessageReceiver's maxFrameBytes
   // (both REQUIRE-checked when the connection is made).
@@ -806,6 +812,8 @@ struct RpcStats {
   // Calls whose params passed back a capability pipelined on one of this side's answers
   // (receiverAnswer) that had not returned yet: held until it has (callee side).
   uint64_t callsAwaitingParamAnswers = 0;
+  // Calls that had to wait here and were refused (OUT_OF_MEMORY): RpcOptions::maxQueuedCallBytes.
+  uint64_t callsRefusedQueueFull = 0;
   // Calls held behind such a call on the same export, to keep E-order (callee side).
   uint64_t callsQueuedBehind = 0;
   // Calls this side held until Returns freed reply space (RpcOptions::whenReplySpaceIsFull).
@@ -1128,6 +1136,9 @@ class RpcConnection {
                capnp::AnyStruct::Reader payload);
   void deliverQueued(Answer& answer);
   detail::SpillBuffer* copyCall(IncomingMessage& message, const Decoded& d);
+  detail::SpillBuffer* copyToQueue(Answer& a, IncomingMessage& message, const Decoded& d);
+  void keepQueuedCall(Answer& a, detail::SpillBuffer* copy) noexcept;
+  detail::SpillBuffer* takeQueuedCall(Answer& a) noexcept;
   Result<uint32_t> resolvePipeline(Answer& target, std::span<const uint16_t> path);
   uint32_t settledRoute(uint32_t exportId) const noexcept;
   Promise<void> drive(uint32_t answerId, Promise<void> dispatch);
@@ -1187,7 +1198,8 @@ class RpcConnection {
   uint32_t heldCalls_ = 0;            // the calls among them
   std::vector<uint32_t> heldToDrop_;  // dropHeldCall's worklist
   bool droppingHeld_ = false;
-  size_t heldBytes_ = 0;  // their bytes: with queuedBytes_, bounded by maxQueuedBytes
+  size_t heldBytes_ = 0;        // their bytes: with queuedBytes_, bounded by maxQueuedBytes
+  size_t queuedCallBytes_ = 0;  // the peer's calls kept to deliver later: maxQueuedCallBytes
   std::vector<std::unique_ptr<Answer>> answers_;  // by the peer's question id
   uint32_t answersLive_ = 0;
   std::vector<Export> exports_;
