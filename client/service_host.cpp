@@ -118,6 +118,10 @@ ServiceHost::ServiceHost(std::unique_ptr<KernelEvents> ownEvents, KernelEvents& 
 }
 
 ServiceHost::~ServiceHost() {
+  // Destroyed without stop() (never run, or its run() dropped): the service goes from the
+  // registry all the same, so no new client opens a bushel nobody serves, and the kernel closes
+  // those opened meanwhile (their clients are told).
+  if (service_.valid() && events_.gone().code == Errc::OK) kernel_.destroyDetached(service_);
   events_.detach(*this);
   closer_.reset();  // pending closes are cancelled: the process is going, or the service is
   while (!clients_.empty()) {

@@ -294,5 +294,33 @@ TEST(ServiceHostLifetime, ASessionGivesBackTheRingsOfTheBushelsItClosed) {
   test::reap(server);
 }
 
+// A host destroyed without stop() (here: it never ran) takes its service out of the registry,
+// and a client that opened a bushel to it meanwhile is told (its call fails DISCONNECTED, not a
+// hang).
+TEST(ServiceHostLifetime, AHostDestroyedWithoutStopUnregistersItsService) {
+  KernelProcess kernel;
+  Watchdog dog("a host destroyed without stop", 60s);
+  EventLoop loop;
+  auto ks = std::move(caps::KernelConnection::tryAttach(loop, kernel.home(), "server")).value();
+  auto kc = std::move(caps::KernelConnection::tryAttach(loop, kernel.home(), "client")).value();
+  std::unique_ptr<ServiceHost> host =
+      std::move(loop.run(ServiceHost::create(*ks, "store", [](ServedClient&) {
+        return std::unique_ptr<ServerObject>();
+      }))).value();
+  Session s(*kc);
+  Result<OpenedBushel> opened = loop.run(s.openBushel("store"));
+  ASSERT_TRUE(opened.ok()) << describe(opened.error());
+  RemoteCap root = opened->connection->bootstrap();
+  host.reset();
+  Result<rpc::Response> call = loop.run(loop.deadline(
+      [](RemoteCap cap) -> Promise<rpc::Response> {
+        co_return co_await callOf(cap, PING).send();
+      }(root),
+      10s));
+  EXPECT_EQ(call.code(), Errc::DISCONNECTED) << errcName(call.code());
+  EXPECT_TRUE(agate::testing::eventually(
+      [&] { return kc->sync().lookupService(kc->registry(), "store").code() == Errc::NOT_FOUND; }));
+}
+
 }  // namespace
 }  // namespace agate::client
