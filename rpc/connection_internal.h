@@ -464,8 +464,8 @@ struct RpcConnection::Question {
   bool returned = false;      // Return received (or the connection ended)
   bool finishSent = false;    // Finish sent (or never to be sent: the connection ended)
   bool noPipelining = false;  // sent with Call.noPromisePipelining
-  // Calls were sent pipelined on it: a capability its Return hands off to a third vat stays on
-  // the introducer's vine, behind them (Return handoffs take no embargo).
+  // Calls were sent pipelined on it: a capability its Return hands off to a third vat is taken
+  // with an embargo, lifted once the introducer forwarded them (a Disembargo through the vine).
   bool pipelinedOn = false;
   // Its Finish went before the Return, with releaseResultCaps: the Return's references are the
   // callee's to drop, none is taken here.

@@ -196,6 +196,12 @@ class internal::Forwarder final : public ServerObject {
     return relay(request.noPipelining().send(), ctx);
   }
 
+  // A handoff's vine that still holds the Provide's question: the recipient's Disembargo
+  // {accept} for it is passed on to the host (forwardDisembargo), once.
+  bool holdsProvision() const noexcept { return !provision_.isNull(); }
+  RemoteCap takeProvision() noexcept { return std::move(provision_); }
+  const RemoteCap& target() const noexcept { return target_; }
+
  private:
   static Promise<void> relay(RemotePromise sent, CallContext& ctx) {
     Result<Response> response = co_await sent;
@@ -450,8 +456,7 @@ Status RpcConnection::resolveHosts(Decoded& d) {
 
 // Takes the vine (one reference, held until the Accept returns) and sends Accept to the host.
 // The returned reference is pipelined on the Accept (or broken, with why).
-RemoteCap RpcConnection::acceptThirdParty(const Decoded& d, uint32_t index, bool embargo,
-                                          bool keepVine) {
+RemoteCap RpcConnection::acceptThirdParty(const Decoded& d, uint32_t index, bool embargo) {
   RemoteCap vine;
   vine.conn_ = this;
   vine.kind_ = RemoteCap::Kind::IMPORT;
@@ -470,14 +475,6 @@ RemoteCap RpcConnection::acceptThirdParty(const Decoded& d, uint32_t index, bool
   // forwards its calls, in order, and reclaims the provision once it is released).
   if (host->questionsLive_ >= host->options_.maxQuestions) {
     ++host->stats_.acceptsDeclined;
-    return vine;
-  }
-  // Calls pipelined on the question whose Return this is went to the introducer, which forwards
-  // them to the host on the vine: calls made directly to the host after the Return could
-  // overtake them (a Return's handoff takes no embargo). The vine stays the reference, so every
-  // call goes the same way, in order; the introducer reclaims the provision once it is released.
-  if (keepVine) {
-    ++stats_.handoffsKeptOnVine;
     return vine;
   }
   return host->sendAccept(options_.peerVat, d.capProvisions[index], std::move(vine), embargo);
@@ -821,12 +818,22 @@ Status RpcConnection::decodeDisembargo(wire::Disembargo::Reader m, Decoded& d) {
   wire::Disembargo::Context::Reader context = m.getContext();
   switch (context.which()) {
     case wire::Disembargo::Context::ACCEPT: {
-      if (d.targetId >= exports_.size() || !exports_[d.targetId].inUse ||
-          !exports_[d.targetId].promise)
-        return Error(Errc::PROTOCOL_ERROR, "disembargo of an id that is not a promise of ours");
-      const auto* node = static_cast<const detail::PromiseNode*>(exports_[d.targetId].object);
-      if (node->provide_.isNull() || exports_[d.targetId].disembargoAfterQueue)
-        return Error(Errc::PROTOCOL_ERROR, "disembargo of a promise with no embargo pending");
+      // The recipient's, for a promise of ours it saw resolve to a third vat's capability, or
+      // for the vine of a handoff in a Return to a question it pipelined calls on.
+      if (d.targetId >= exports_.size() || !exports_[d.targetId].inUse)
+        return Error(Errc::PROTOCOL_ERROR, "disembargo of an id we do not export");
+      const Export& e = exports_[d.targetId];
+      bool pending = false;
+      if (e.promise) {
+        pending = !static_cast<const detail::PromiseNode*>(e.object)->provide_.isNull();
+      } else if (const auto* vine = dynamic_cast<const Forwarder*>(e.object)) {
+        pending = vine->holdsProvision();
+      } else {
+        return Error(Errc::PROTOCOL_ERROR,
+                     "disembargo of an id that is neither a promise of ours nor a vine");
+      }
+      if (!pending || e.disembargoAfterQueue)
+        return Error(Errc::PROTOCOL_ERROR, "disembargo with no embargo pending");
       d.disembargoProvide = false;
       return {};
     }
@@ -922,12 +929,21 @@ bool RpcConnection::sendHandOffResolve(uint32_t exportId, detail::PromiseNode& n
 // every call made on the promise before it went on to the provider: the provider's Disembargo
 // {provide} follows them.
 void RpcConnection::forwardDisembargo(uint32_t exportId) {
-  auto* node = static_cast<detail::PromiseNode*>(exports_[exportId].object);
-  RemoteCap provide = std::move(node->provide_);
+  const Export& e = exports_[exportId];
+  RemoteCap provide;
+  const RemoteCap* object = nullptr;  // the host's export, as this vat imports it
+  if (e.promise) {
+    auto* node = static_cast<detail::PromiseNode*>(e.object);
+    provide = std::move(node->provide_);
+    object = &node->handOff_;
+  } else {
+    auto* vine = static_cast<Forwarder*>(e.object);  // checked at decode
+    provide = vine->takeProvision();
+    object = &vine->target();
+  }
   if (provide.isNull()) return;
   RpcConnection& host = *provide.conn_;
-  if (host.isOpen() && node->handOff_.conn_ == &host)
-    host.sendDisembargo(node->handOff_.id_, provide.id_);
+  if (host.isOpen() && object->conn_ == &host) host.sendDisembargo(object->id_, provide.id_);
 }  // dropping `provide` queues the Provide's Finish behind the Disembargo
 
 // Disembargo {importedCap(exportId), accept} (provideQuestion NONE), or {.., provide}.

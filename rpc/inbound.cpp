@@ -718,8 +718,17 @@ Status RpcConnection::handleReturn(IncomingMessage& message, const Decoded& d) {
       }
       if (d.thirdPartyCount > 0) slot->handedOff.resize(d.capCount);
       for (uint32_t i = 0; d.thirdPartyCount > 0 && i < d.capCount; ++i) {
-        if (d.capKinds[i] == detail::CapEntry::Kind::THIRD_PARTY)
-          slot->handedOff[i] = acceptThirdParty(d, i, /*embargo=*/false, q.pipelinedOn);
+        if (d.capKinds[i] != detail::CapEntry::Kind::THIRD_PARTY) continue;
+        // Calls pipelined on this question reached the introducer, which forwards those on this
+        // capability to the host through the vine: calls made on it after this Return must go
+        // behind them, so the Accept is embargoed until a Disembargo sent through the vine,
+        // behind them, reaches the host.
+        slot->handedOff[i] = acceptThirdParty(d, i, /*embargo=*/q.pipelinedOn);
+        const RemoteCap& taken = slot->handedOff[i];
+        if (q.pipelinedOn && taken.conn_ != this && taken.kind_ != RemoteCap::Kind::BROKEN) {
+          sendDisembargo(d.capIds[i], NONE);
+          ++stats_.returnHandoffsEmbargoed;
+        }
       }
       // Empty results (no content, no capability: a null call's) need nothing of the frame:
       // the Response reads as empty without it, so the reader need not wait for the caller.

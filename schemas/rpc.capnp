@@ -437,8 +437,9 @@ struct Resolve {
 struct Disembargo {
   target @0 :MessageTarget;
   # accept: importedCap(p), the promise (an export of the receiver it sent as senderPromise and
-  # resolved to thirdPartyHosted, whose embargo is not lifted yet). provide: importedCap(e), the
-  # export the Provide named. Anything else is a PROTOCOL_ERROR.
+  # resolved to thirdPartyHosted, whose embargo is not lifted yet), or importedCap(v), the vine
+  # of a handoff in a Return (still holding its Provide: the first Disembargo through it).
+  # provide: importedCap(e), the export the Provide named. Anything else is a PROTOCOL_ERROR.
 
   context :union {
     senderLoopback @1 :UInt32;
@@ -452,7 +453,8 @@ struct Disembargo {
     # the Resolve is ahead of this message. The introducer forwards those calls on arrival, so by
     # now they all went out to the provider; it answers with Disembargo{provide} to the provider.
     # Sent at most once per Resolve to thirdPartyHosted, and only by a recipient that held the
-    # promise when it read the Resolve.
+    # promise when it read the Resolve. Or through a Return's vine: every call the recipient
+    # pipelined on that question is ahead of it (see "Embargoes", a handoff in a Return).
 
     provide @4 :UInt32;
     # From the introducer to the provider: the question id of the Provide (a live answer of the
@@ -486,6 +488,14 @@ struct Disembargo {
 # delivers B's calls in the order B made them. Afterwards B calls A directly: its reference no
 # longer depends on C (C may die).
 #
+# A handoff in a Return: B's question q to C returns thirdPartyHosted {A, n, vine} (C sent the
+# Provide first). Calls B pipelined on q went to C, which delivers them to the vine, which sends
+# them on to A behind the Provide. If B pipelined any, its Accept carries embargo = true and B
+# sends Disembargo {importedCap(vine), accept} to C, behind them; C (having delivered the calls
+# queued on q's answer before reading it, and once those waiting on the vine's export went on)
+# sends Disembargo {importedCap(e), provide = q'} to A. Step 4 as above. Without pipelined calls
+# the Accept is not embargoed.
+#
 # Resolved otherwise (a capability hosted by C or by B, another promise, a third party, a vat C
 # cannot introduce B to, no network), C resolves p as before (senderHosted of a forwarder, or
 # receiverHosted) or breaks it (exception); nothing is embargoed.
@@ -500,6 +510,6 @@ struct Disembargo {
 #
 # Hostile input (PROTOCOL_ERROR, checked before anything changes): a Disembargo with a loopback
 # context; `accept` for an id that is not a promise of the receiver resolved to a third party
-# with its embargo pending (a second one included); `provide` for an answer that is not a live
+# with its embargo pending, nor a vine still holding its Provide (a second one included); `provide` for an answer that is not a live
 # Provide or already got its Disembargo, or whose target is not the provided export; a Resolve
 # to thirdPartyHosted hosted by no vat, the sender or the receiver, or whose vine is a promise.

@@ -829,9 +829,10 @@ struct RpcStats {
   // Accepts that waited for the introducer's calls still queued on the provided object here
   // (for answers their params named): made before the handoff, they go first.
   uint64_t acceptsBehindQueue = 0;
-  // Handoffs in a Return to a question this side pipelined calls on: the introducer's vine
-  // stayed the reference, so calls made after the Return go behind the pipelined ones.
-  uint64_t handoffsKeptOnVine = 0;
+  // Handoffs in a Return to a question this side pipelined calls on, taken with an embargoed
+  // Accept and a Disembargo through the vine, so that calls made after the Return go behind the
+  // pipelined ones (which the introducer forwards on the vine).
+  uint64_t returnHandoffsEmbargoed = 0;
 };
 
 class RpcConnection {
@@ -1035,8 +1036,7 @@ class RpcConnection {
   RemoteCap sendAccept(VatId introducer, uint64_t provisionId, RemoteCap vine,
                        bool embargo = false);
   Status resolveHosts(Decoded& d);
-  RemoteCap acceptThirdParty(const Decoded& d, uint32_t index, bool embargo = false,
-                             bool keepVine = false);
+  RemoteCap acceptThirdParty(const Decoded& d, uint32_t index, bool embargo = false);
   void takeProvision(Answer& accept, RpcConnection& provider, uint32_t provideAnswer);
   bool canHandOff(const RpcConnection& host) const noexcept;
   Status decodeDisembargo(wire::Disembargo::Reader m, Decoded& d);
