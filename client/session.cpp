@@ -50,25 +50,6 @@ size_t Session::openCount() const noexcept {
       std::count_if(entries_.begin(), entries_.end(), [](const auto& e) { return !e->closed; }));
 }
 
-// Closed bushels whose connections nothing refers to any more give back what they held here
-// (rings unmapped, descriptors closed); the entry stays, as a record that close() finds, for the
-// newest TOMBSTONES_KEPT of them. Kept until the session went, they would pile up with every
-// reconnection.
-void Session::sweepClosed() noexcept {
-  size_t tombstones = 0;
-  for (auto it = entries_.rbegin(); it != entries_.rend(); ++it) {
-    Entry& e = **it;
-    if (!e.closed) continue;
-    if (e.link && !e.link->connection().isOpen() && e.link->connection().handleCount() == 0) {
-      if (options_.network != nullptr) options_.network->removeConnection(e.link->connection());
-      e.link->connection().shutdown(Error(Errc::DISCONNECTED, "the client closed the bushel"));
-      e.link.reset();
-    }
-    if (!e.link && ++tombstones > TOMBSTONES_KEPT) e.koid = 0;  // erased below
-  }
-  std::erase_if(entries_, [](const auto& e) { return e->closed && !e->link && e->koid == 0; });
-}
-
 void Session::closeLocally(Entry& entry, const Error& reason) noexcept {
   entry.closed = true;
   events_.releaseBushel(entry.koid);
@@ -80,7 +61,6 @@ void Session::closeLocally(Entry& entry, const Error& reason) noexcept {
 Promise<OpenedBushel> Session::openBushel(std::string name, caps::Cap<caps::SpaceBank> bank) {
   if (kernelGone_.code != Errc::OK) co_return kernelGone_;
   lastServiceName_ = name;
-  sweepClosed();
   if (!bank.valid()) bank = bank_;
   Result<caps::Cap<caps::Bushel>> cap = co_await kernel_.openBushel(kernel_.registry(), name, bank);
   if (!cap) co_return cap.error();
@@ -146,7 +126,6 @@ Promise<void> Session::close(caps::Koid koid) {
   if (e->closed) co_return {};
   closeLocally(*e, Error(Errc::DISCONNECTED, "the client closed the bushel"));
   const caps::Cap<caps::Bushel> cap = e->cap;
-  sweepClosed();  // `e` may go: nothing below uses it
   Status deleted = co_await kernel_.deleteCap(cap);
   // INVALID_HANDLE: the kernel closed it first (its event may still be on its way).
   if (!deleted && deleted.code() != Errc::INVALID_HANDLE) co_return deleted.error();

@@ -91,6 +91,7 @@ RpcConnection::RpcConnection(MessageSender& tx, MessageReceiver& rx, EventLoop& 
   exports_[0].object =
       options_.sharedBootstrap ? options_.sharedBootstrap.get() : options_.bootstrap;
   exports_[0].shared = std::move(options_.sharedBootstrap);
+  if (exports_[0].shared) sharedOut_.push_back(exports_[0].shared);  // watched, as shareExport's
   exports_[0].inUse = true;
   exportsLive_ = 1;
   exportFree_ = NONE;

@@ -580,7 +580,9 @@ Status RpcConnection::handleAccept(const Decoded& d) {
 
 namespace {
 
-// Accepts of `conn`'s peer waiting here: in all, and for provisions of `introducer`.
+// Accepts of `conn`'s peer waiting here: in all, and for provisions of `introducer`. Those that
+// matched a provision and wait behind the introducer's queued calls are not counted: the
+// provisions bound them (one Accept each), and they will go on.
 struct WaitingCount {
   size_t all = 0;
   size_t ofIntroducer = 0;
@@ -589,7 +591,7 @@ WaitingCount waitingOf(const detail::HandoffTable& table, const RpcConnection* c
                        VatId introducer) {
   WaitingCount n;
   for (const detail::HandoffTable::Waiting& w : table.waiting) {
-    if (w.conn != conn) continue;
+    if (w.conn != conn || w.queued) continue;
     ++n.all;
     if (w.key.introducer == introducer) ++n.ofIntroducer;
   }
@@ -665,6 +667,14 @@ void RpcConnection::acceptOrWait(Answer& a) {
   RpcConnection& provider = *p.provider;
   Export& provided = provider.exports_[provider.answers_[p.answerId]->pinnedExport];
   if (provided.queueHead != nullptr) {
+    // One Accept waits per provision (the others could never take it).
+    const bool taken = std::any_of(
+        table.waiting.begin(), table.waiting.end(),
+        [&](const detail::HandoffTable::Waiting& w) { return w.queued && w.key == a.provision; });
+    if (taken) {
+      failAnswer(a, Error(Errc::NOT_FOUND, "no such provision (another Accept is taking it)"));
+      return;
+    }
     if (waitOnProvision(a, table, false, true)) {
       provided.acceptAfterQueue = true;
       ++stats_.acceptsBehindQueue;
@@ -707,10 +717,12 @@ void RpcConnection::takeProvision(Answer& a, RpcConnection& provider, uint32_t p
 
 std::shared_ptr<ServerObject> RpcConnection::shareExport(uint32_t exportId) {
   Export& e = exports_[exportId];
-  if (e.owned) e.shared = std::shared_ptr<ServerObject>(std::move(e.owned));
-  if (e.shared) {
-    // Shared once or many times, it is watched until it goes (sharedObjectsAlive): pruned as the
-    // list doubles, so it stays within twice the objects alive.
+  if (e.owned) {
+    // An object this connection owned, shared from now on: watched until it goes
+    // (sharedObjectsAlive), once (`owned` is empty from here on). The list is pruned as it
+    // doubles, so it stays within twice the objects alive. Objects that came shared from another
+    // connection are that one's to watch.
+    e.shared = std::shared_ptr<ServerObject>(std::move(e.owned));
     if (sharedOut_.size() >= sharedOutPruneAt_) {
       (void)sharedObjectsAlive();  // prunes
       sharedOutPruneAt_ = std::max<size_t>(SHARED_OUT_PRUNE_FLOOR, 2 * sharedOut_.size());

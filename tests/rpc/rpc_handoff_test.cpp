@@ -1980,5 +1980,162 @@ TEST_F(EmbargoTest, HostileDisembargoesAbortWithProtocolError) {
   EXPECT_EQ(aLog_.hanging, 0);
 }
 
+// Accepts waiting behind the introducer's queued call do not count against the bound on
+// Accepts waiting for their Provide (MAX_WAITING_ACCEPTS_PER_PEER, 16): each has its provision.
+// C passes A's child to B 17 times while one of its calls waits at A; all 17 complete.
+TEST_F(HandoffTest, SeventeenHandoffsBehindOneQueuedCallAllComplete) {
+  openNetwork();
+  RemoteCap child = childOfA();
+  std::vector<RemoteCap> kept;
+  std::vector<RemotePromise> bSent;
+  {
+    RemotePromise q = child.newCall(NODE_INTERFACE_ID, HANG, 16).send();
+    Request x = child.newCall(NODE_INTERFACE_ID, RECORD, 64);
+    ASSERT_TRUE(x.addCap(q.pipeline({0})).ok());  // waits at A for Q's answer
+    x.initParams<Value>().setValue(1);
+    RemotePromise px = x.send();
+    for (int i = 0; i < 17; ++i) {
+      ASSERT_TRUE(loop_.run(awaitValue(take(boot(C, B), child, 1))).ok());
+      kept.push_back(recipient_.held);
+      for (RemotePromise& p : recipient_.sent) bSent.push_back(std::move(p));
+      recipient_.sent.clear();
+    }
+    (void)runUntil(
+        loop_, [] { return false; }, 100ms);
+    EXPECT_EQ(conn(A, B).stats().acceptsReceived, 17u);
+    EXPECT_EQ(conn(A, B).stats().acceptsBehindQueue, 17u);
+    { RemotePromise cancelled = std::move(px); }  // X cancelled: B's calls go on
+    EXPECT_TRUE(runUntil(
+        loop_, [&] { return aLog_.order.size() == 17; }, 1000ms))
+        << aLog_.order.size();
+    int failed = 0;
+    for (RemotePromise& p : bSent) {
+      Result<uint64_t> r = loop_.run(awaitValue(std::move(p)));
+      if (!r.ok()) {
+        ++failed;
+        ADD_FAILURE() << "B's call failed: " << errcName(r.code());
+      }
+    }
+    EXPECT_EQ(failed, 0);
+  }
+  kept.clear();
+  recipient_.clear();
+  child = RemoteCap();
+}
+
+// An object shared is watched once (sharedObjectsAlive), however often it is handed off.
+TEST_F(HandoffTest, AnObjectHandedOffManyTimesIsWatchedOnce) {
+  openNetwork();
+  RemoteCap child = childOfA();
+  for (int i = 0; i < 300; ++i) {
+    ASSERT_TRUE(loop_.run(awaitValue(take(boot(C, B), child, 0))).ok());
+    recipient_.clear();
+  }
+  (void)runUntil(
+      loop_, [] { return false; }, 50ms);
+  EXPECT_EQ(conn(A, B).stats().acceptsReceived, 300u);
+  EXPECT_EQ(conn(A, C).sharedObjectsWatched(), 1u);
+  child = RemoteCap();
+}
+
+// An Accept waiting behind a queued call ends when the introducer's connection to the provider
+// dies, or when the recipient's connection to the introducer dies (the vine goes and the
+// introducer reclaims the provision): B's calls fail, they do not hang.
+TEST_F(HandoffTest, AnAcceptBehindQueuedCallsEndsWhenTheIntroducerOrTheVineGoes) {
+  for (int variant = 0; variant < 2; ++variant) {
+    SCOPED_TRACE(variant == 0 ? "C-A closed" : "B-C closed");
+    aLog_.order.clear();
+    openNetwork();
+    RemoteCap child = childOfA();
+    RemotePromise q = child.newCall(NODE_INTERFACE_ID, HANG, 16).send();
+    std::optional<RemotePromise> pxo;
+    {
+      Request x = child.newCall(NODE_INTERFACE_ID, RECORD, 64);
+      ASSERT_TRUE(x.addCap(q.pipeline({0})).ok());
+      x.initParams<Value>().setValue(1);
+      pxo.emplace(x.send());
+    }
+    RemotePromise px = std::move(*pxo);
+    pxo.reset();
+    ASSERT_TRUE(loop_.run(awaitValue(take(boot(C, B), child, 2))).ok());
+    (void)runUntil(
+        loop_, [] { return false; }, 50ms);
+    ASSERT_EQ(conn(A, B).stats().acceptsBehindQueue, 1u);
+    if (variant == 0) {
+      conn(C, A).close(Error(Errc::FAILED, "test"));
+    } else {
+      conn(B, C).close(Error(Errc::FAILED, "test"));
+    }
+    for (RemotePromise& p : recipient_.sent) {
+      Result<uint64_t> r = loop_.run(loop_.deadline(awaitValue(std::move(p)), 2s));
+      EXPECT_NE(r.code(), Errc::TIMED_OUT) << "B's call hangs";
+      EXPECT_FALSE(r.ok());
+    }
+    recipient_.clear();
+    EXPECT_TRUE(runUntil(loop_, [&] { return net_->vat(A).waitingAcceptCount() == 0; }));
+    EXPECT_TRUE(aLog_.order.empty());
+    { RemotePromise a = std::move(px), b = std::move(q); }
+    child = RemoteCap();
+    closeNetwork();
+  }
+}
+
+// As AHandoffDoesNotOvertakeACallWaitingAtTheProvidersExport, with X delivered (Q returns)
+// rather than cancelled: B's calls follow it.
+TEST_F(HandoffTest, AHandoffGoesBehindACallDeliveredOnceItsParamsAnswerReturned) {
+  openNetwork(64 * 1024, 1);
+  RemoteCap child = childOfA();
+  {
+    RemotePromise q = child.newCall(NODE_INTERFACE_ID, NEXT_LATER, 16).send();
+    std::optional<RemotePromise> px;
+    {
+      Request x = child.newCall(NODE_INTERFACE_ID, RECORD, 64);
+      ASSERT_TRUE(x.addCap(q.pipeline({0})).ok());
+      x.initParams<Value>().setValue(1);
+      px.emplace(x.send());
+    }
+    RemotePromise taken = take(boot(C, B), child, 3);
+    ASSERT_TRUE(runUntil(loop_, [&] { return aLog_.order.size() == 4; })) << aLog_.order.size();
+    EXPECT_EQ(aLog_.order, (std::vector<uint64_t>{1, 1000, 1001, 1002}));
+    EXPECT_TRUE(loop_.run(awaitValue(std::move(*px))).ok());
+    EXPECT_TRUE(loop_.run(awaitValue(std::move(taken))).ok());
+    recipient_.clear();
+  }
+  child = RemoteCap();
+}
+
+// sharedObjectsAlive() watches the objects a connection owned, not those that only passed
+// through it: B relays A's child (owned by A's connection to C) to E and lets go of it, and A's
+// connection to B then reports nothing shared (a ServedClient B is not kept for C's object).
+TEST_F(HandoffTest, SharedObjectsAliveIgnoresObjectsOnlyRelayed) {
+  openNetwork();
+  RemoteCap child = childOfA();
+  ASSERT_TRUE(loop_.run(awaitValue(take(boot(C, B), child, 0))).ok());
+  RemoteCap atB = recipient_.held;
+  ASSERT_EQ(atB.connection(), &conn(B, A));
+  recipient_.clear();
+  {
+    // A plain import of the same export of A-B (SELF returns the node: the export is found by
+    // object), which B can hand off.
+    Result<Response> r = loop_.run([](RemoteCap c) -> Promise<Response> {
+      co_return co_await c.newCall(NODE_INTERFACE_ID, SELF, 16).send();
+    }(atB));
+    ASSERT_TRUE(r.ok()) << errcName(r.code());
+    atB = r->getCap(0).value().remote;
+  }
+  ASSERT_TRUE(loop_.run(awaitValue(take(boot(B, E), atB, 0))).ok());  // B hands it to E
+  ASSERT_EQ(conn(A, E).stats().acceptsReceived, 1u);
+  atB = RemoteCap();
+  (void)runUntil(
+      loop_, [] { return false; }, 50ms);
+  // B let go of every reference: A-B exports nothing but its bootstrap.
+  ASSERT_TRUE(runUntil(loop_, [&] { return conn(A, B).exportCount() == 1; }))
+      << conn(A, B).exportCount();
+  EXPECT_FALSE(conn(A, B).sharedObjectsAlive());
+  EXPECT_TRUE(conn(A, C).sharedObjectsAlive()) << "C's connection owned it, and it lives";
+  recipientE_.clear();
+  child = RemoteCap();
+}
+
 }  // namespace
 }  // namespace agate::rpc::test

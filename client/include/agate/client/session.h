@@ -116,9 +116,7 @@ class Session final : private KernelEventListener {
 
   // Hangs up bushel `koid`: closes its connection (pending calls fail DISCONNECTED) and deletes
   // its cap, so the kernel closes it and the server drops this client's state. NOT_FOUND if the
-  // session did not open it; closing twice is a no-op (for the last 64 bushels closed: one
-  // closed longer ago may answer NOT_FOUND). A closed bushel's rings and descriptors go once
-  // nothing refers to its connection (at the next open or close).
+  // session did not open it; closing twice is a no-op.
   Promise<void> close(caps::Koid koid);
 
   // Bushels opened and not yet closed (by close() or by the kernel).
@@ -141,8 +139,6 @@ class Session final : private KernelEventListener {
   void kernelGone(const Error& why) noexcept override;
   Entry* find(caps::Koid koid) noexcept;
   void closeLocally(Entry& entry, const Error& reason) noexcept;
-  void sweepClosed() noexcept;
-  static constexpr size_t TOMBSTONES_KEPT = 64;  // closed bushels close() still knows
 
   std::unique_ptr<KernelEvents> ownEvents_;  // Session(kernel) only; first: destroyed last
   KernelEvents& events_;

@@ -894,11 +894,15 @@ class RpcConnection {
   // RemoteCap/Request/RemotePromise/Response handles on this connection still alive anywhere
   // (the destructor requires none): an owner keeps a closed connection until this is 0.
   uint64_t handleCount() const noexcept { return handles_; }
-  // Whether an object exported here that another connection now shares (passed on by a
-  // Forwarder, or handed off to a third vat) is still alive. Once this connection shut down,
-  // only the others keep such objects: whatever they need of the connection's owner (a client's
-  // quota, which their charges refund) must live until this is false. Prunes what went.
+  // Whether an object this connection owned (one a method made, or the sharedBootstrap) and
+  // that it shares with another connection (passed on by a Forwarder, or handed off to a third
+  // vat) is still alive. Once this connection shut down, only the others keep such objects:
+  // whatever they need of the connection's owner (a client's quota, which their charges refund)
+  // must live until this is false. Objects it only passed on (shared by another connection) are
+  // not counted. Prunes what went.
   bool sharedObjectsAlive() noexcept;
+  // Entries of that watch list (pruned as it doubles): for tests and statistics.
+  size_t sharedObjectsWatched() const noexcept { return sharedOut_.size(); }
 
   // Remote error text: Error::detail of an error that came from the peer points into this ring
   // of REMOTE_REASON_SLOTS slots of REMOTE_REASON_BYTES each, owned by the connection. It stays
