@@ -17,6 +17,18 @@ size_t VatNetwork::waitingAcceptCount() const noexcept { return handoffs_->waiti
 
 namespace {
 
+// Takes the Accepts `pick` selects out of the vat's waiting list, in the order they came.
+template <class Pick>
+std::vector<detail::HandoffTable::Waiting> takeWaiting(detail::HandoffTable& table, Pick pick) {
+  std::vector<detail::HandoffTable::Waiting> taken;
+  std::erase_if(table.waiting, [&](const detail::HandoffTable::Waiting& w) {
+    if (!pick(w)) return false;
+    taken.push_back(w);
+    return true;
+  });
+  return taken;
+}
+
 bool holdsCapability(capnp::AnyPointer::Reader p);
 
 bool structHoldsCapability(capnp::AnyStruct::Reader s) {
@@ -542,17 +554,12 @@ Status RpcConnection::handleProvide(const Decoded& d) {
   }
   // Accepts that arrived first: the one for this provision goes on; those for lower ids never
   // will (this introducer's Provides arrive in increasing order).
-  std::vector<detail::HandoffTable::Waiting> ready;
-  std::erase_if(table.waiting, [&](const detail::HandoffTable::Waiting& w) {
-    if (w.embargoed || w.queued || w.key.introducer != options_.peerVat ||
-        w.key.provisionId > d.provisionId)
-      return false;
-    ready.push_back(w);
-    return true;
+  const auto ready = takeWaiting(table, [&](const detail::HandoffTable::Waiting& w) {
+    return !w.embargoed && !w.queued && w.key.introducer == options_.peerVat &&
+           w.key.provisionId <= d.provisionId;
   });
   for (const detail::HandoffTable::Waiting& w : ready) {
-    Answer& accept = *w.conn->answers_[w.answerId];
-    accept.waitingForProvide = false;
+    Answer& accept = unparked(*w.conn, w.answerId);
     if (w.key.provisionId == d.provisionId) {
       w.conn->acceptOrWait(accept);
     } else {
@@ -688,20 +695,15 @@ void RpcConnection::acceptOrWait(Answer& a) {
 // provisions while calls waited there go on now, in the order they came.
 void RpcConnection::releaseQueuedAccepts(uint32_t exportId) {
   detail::HandoffTable& table = options_.network->handoffs();
-  std::vector<detail::HandoffTable::Waiting> ready;
-  std::erase_if(table.waiting, [&](const detail::HandoffTable::Waiting& w) {
+  const auto ready = takeWaiting(table, [&](const detail::HandoffTable::Waiting& w) {
     if (!w.queued) return false;
     auto p = table.provisions.find(w.key);
-    if (p == table.provisions.end() || p->second.provider != this ||
-        answers_[p->second.answerId]->pinnedExport != exportId)
-      return false;
-    ready.push_back(w);
-    return true;
+    return p != table.provisions.end() && p->second.provider == this &&
+           answers_[p->second.answerId]->pinnedExport == exportId;
   });
   for (const detail::HandoffTable::Waiting& w : ready) {
-    Answer& accept = *w.conn->answers_[w.answerId];
-    accept.waitingForProvide = false;
-    w.conn->acceptOrWait(accept);  // takes it, or waits again behind calls queued meanwhile
+    w.conn->acceptOrWait(
+        unparked(*w.conn, w.answerId));  // takes it, or waits again behind calls queued meanwhile
   }
 }
 
@@ -768,19 +770,21 @@ void RpcConnection::dropProvision(Answer& a) noexcept {
   detail::HandoffTable& table = options_.network->handoffs();
   table.provisions.erase(a.provision);
   // An Accept that matched it (embargoed, or behind queued calls) will not get it now.
-  std::vector<detail::HandoffTable::Waiting> orphans;
-  std::erase_if(table.waiting, [&](const detail::HandoffTable::Waiting& w) {
-    if (!(w.embargoed || w.queued) || !(w.key == a.provision)) return false;
-    orphans.push_back(w);
-    return true;
+  const auto orphans = takeWaiting(table, [&](const detail::HandoffTable::Waiting& w) {
+    return (w.embargoed || w.queued) && w.key == a.provision;
   });
   for (const detail::HandoffTable::Waiting& w : orphans) {
-    Answer& accept = *w.conn->answers_[w.answerId];
-    accept.waitingForProvide = false;
     w.conn->failAnswer(
-        accept,
+        unparked(*w.conn, w.answerId),
         Error(Errc::NOT_FOUND, "the provision was reclaimed before the Accept could take it"));
   }
+}
+
+// The Accept a waiting entry (taken out of the list) stood for, no longer waiting.
+RpcConnection::Answer& RpcConnection::unparked(RpcConnection& conn, uint32_t answerId) noexcept {
+  Answer& accept = *conn.answers_[answerId];
+  accept.waitingForProvide = false;
+  return accept;
 }
 
 void RpcConnection::stopWaiting(Answer& a) noexcept {
@@ -801,17 +805,12 @@ void RpcConnection::leaveNetwork() {
   for (std::unique_ptr<Answer>& a : answers_) {
     if (a) stopWaiting(*a);  // ours, as a recipient: teardown frees the answers
   }
-  std::vector<detail::HandoffTable::Waiting> orphans;
-  std::erase_if(table.waiting, [&](const detail::HandoffTable::Waiting& w) {
-    if (w.key.introducer != options_.peerVat) return false;
-    orphans.push_back(w);
-    return true;
+  const auto orphans = takeWaiting(table, [&](const detail::HandoffTable::Waiting& w) {
+    return w.key.introducer == options_.peerVat;
   });
   for (const detail::HandoffTable::Waiting& w : orphans) {
-    Answer& accept = *w.conn->answers_[w.answerId];
-    accept.waitingForProvide = false;
     w.conn->failAnswer(
-        accept,
+        unparked(*w.conn, w.answerId),
         Error(Errc::DISCONNECTED, "the introducer disconnected before providing the capability"));
   }
   for (std::unique_ptr<Answer>& a : answers_) {
@@ -894,10 +893,8 @@ Status RpcConnection::handleDisembargo(const Decoded& d) {
   if (parked == table.waiting.end()) return {};  // the Accept comes later and goes through
   const detail::HandoffTable::Waiting w = *parked;
   table.waiting.erase(parked);
-  Answer& accept = *w.conn->answers_[w.answerId];
-  accept.waitingForProvide = false;
   // Calls the introducer forwarded may still wait in the export's queue: behind them.
-  w.conn->acceptOrWait(accept);
+  w.conn->acceptOrWait(unparked(*w.conn, w.answerId));
   return {};
 }
 

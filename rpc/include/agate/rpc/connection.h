@@ -1053,6 +1053,7 @@ class RpcConnection {
   bool waitOnProvision(Answer& accept, detail::HandoffTable& table, bool embargoed,
                        bool queued = false);
   void releaseQueuedAccepts(uint32_t exportId);
+  static Answer& unparked(RpcConnection& conn, uint32_t answerId) noexcept;
   void completeAccept(Answer& accept, ServerObject* object, std::shared_ptr<ServerObject> owner);
   void completeProvide(uint32_t answerId);
   void dropProvision(Answer& answer) noexcept;
