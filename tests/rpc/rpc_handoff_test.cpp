@@ -1775,6 +1775,40 @@ class EmbargoTest : public HandoffTest {
   std::optional<RawVat> d_, e_;
 };
 
+// One Accept waits per provision behind the introducer's queued calls: a second Accept for the
+// same provision gets NOT_FOUND, and the first still waits, its provision kept.
+TEST_F(EmbargoTest, ASecondAcceptForAProvisionWaitingBehindQueuedCallsGetsNotFound) {
+  d_->send([](wire::Message::Builder m) {  // question 1: hangs
+    wire::Call::Builder c = m.initCall();
+    c.setQuestionId(1);
+    c.getTarget().setImportedCap(0);
+    c.setInterfaceId(NODE_INTERFACE_ID);
+    c.setMethodId(HANG);
+  });
+  d_->send([](wire::Message::Builder m) {  // question 2: waits at export 0 for answer 1
+    wire::Call::Builder c = m.initCall();
+    c.setQuestionId(2);
+    c.getTarget().setImportedCap(0);
+    c.setInterfaceId(NODE_INTERFACE_ID);
+    c.setMethodId(RECORD);
+    wire::Payload::Builder params = c.initParams();
+    writeCapPointer(params.getContent().initAs<CapParam>(), 0, 0);
+    wire::PromisedAnswer::Builder pa = params.initCapTable(1)[0].initReceiverAnswer();
+    pa.setQuestionId(1);
+    pa.initTransform(1).set(0, 0);
+  });
+  d_->provide(3, 0, E, 5);
+  e_->accept(1, D, 5);
+  ASSERT_TRUE(runUntil(loop_, [&] { return e_->victim().stats().acceptsBehindQueue == 1; }));
+  e_->accept(2, D, 5);
+  EXPECT_EQ(e_->nextReturn(2), Errc::NOT_FOUND);
+  EXPECT_EQ(e_->victim().stats().acceptsBehindQueue, 1u);
+  EXPECT_EQ(net_->vat(A).waitingAcceptCount(), 1u);
+  EXPECT_EQ(net_->vat(A).provisionCount(), 1u);
+  EXPECT_TRUE(e_->victim().isOpen());
+  EXPECT_TRUE(aLog_.order.empty());
+}
+
 TEST_F(EmbargoTest, AnEmbargoedAcceptWaitsForTheIntroducersDisembargo) {
   d_->provide(1, 0, E, 5);
   e_->accept(1, D, 5, /*embargo=*/true);
