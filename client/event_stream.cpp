@@ -46,7 +46,7 @@ EventStream& EventStream::operator=(EventStream&& o) noexcept {
   if (this == &o) return *this;
   release();
   kernel_ = std::exchange(o.kernel_, nullptr);
-  from_ = std::exchange(o.from_, nullptr);
+  from_ = std::move(o.from_);
   cap_ = std::exchange(o.cap_, {});
   koid_ = std::exchange(o.koid_, 0);
   buffer_ = std::move(o.buffer_);
@@ -76,6 +76,7 @@ void EventStream::release() noexcept {
     kernel_->deleteCapDetached(cap_);
   }
   kernel_ = nullptr;
+  from_.reset();
   cap_ = {};
   buffer_ = caps::MappedEventBuffer();
 }
@@ -116,7 +117,7 @@ Promise<EventStream> EventStream::open(Session& session, rpc::RpcConnection& fro
 
   EventStream s;
   s.kernel_ = &kernel;
-  s.from_ = &from;
+  s.from_ = rpc::ConnectionRef(from);
   s.cap_ = cap;
   s.koid_ = info->koid;
   s.scanner_ = EventScanner(mapped->slots());

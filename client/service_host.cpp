@@ -134,6 +134,7 @@ ServiceHost::~ServiceHost() {
   // with a router of its own: the router goes next, and leaves it to the process).
   for (auto& c : retired_) {
     ServedClient* client = c.get();
+    client->connection().postWhenUnreferenced(nullptr);  // reapTask_ goes with the host
     events_.keepUntil(std::shared_ptr<ServedClient>(std::move(c)),
                       [client] { return !client->referenced(); });
   }
@@ -141,10 +142,14 @@ ServiceHost::~ServiceHost() {
 }
 
 // A dropped client goes at once, or, while another connection still refers to its connection
-// (a capability of the client this server passed on: a proxy holds it), once nothing does.
+// (a capability of the client this server passed on: a proxy holds it), once nothing does: the
+// connection posts reapTask_ when its last handle drops, and reap() sweeps. (An object of the
+// client's shared elsewhere that goes later is noticed at the host's next event.)
 void ServiceHost::retire(std::unique_ptr<ServedClient> client) noexcept {
   client->shutDown();
-  if (client->referenced()) retired_.push_back(std::move(client));
+  if (!client->referenced()) return;
+  client->connection().postWhenUnreferenced(&reapTask_);
+  retired_.push_back(std::move(client));
 }
 
 void ServiceHost::sweepRetired() noexcept {

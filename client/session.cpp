@@ -55,12 +55,39 @@ void Session::closeLocally(Entry& entry, const Error& reason) noexcept {
   events_.releaseBushel(entry.koid);
   // No introductions from a bushel that is gone (the kernel would refuse them anyway).
   if (options_.network != nullptr) options_.network->removeClientBushel(entry.cap);
+  // close() posts the connection's teardown (running calls cancelled, exports dropped); the sweep
+  // is posted after it, so it finds the connection torn down.
   if (entry.link && entry.link->connection().isOpen()) entry.link->connection().close(reason);
+  postSweep();
+}
+
+void Session::postSweep() noexcept {
+  if (!sweepTask_.isQueued()) kernel_.loop().post(sweepTask_);
+}
+
+void Session::sweep() noexcept {
+  auto unreferenced = [](const std::unique_ptr<Entry>& e) {
+    if (!e->closed) return false;
+    if (!e->link) return true;
+    rpc::RpcConnection& c = e->link->connection();
+    return c.handleCount() == 0 && !c.sharedObjectsAlive();
+  };
+  // Moved out first: a connection's destruction may drop references on another (a proxy), and
+  // nothing it does may find entries_ half erased.
+  std::vector<std::unique_ptr<Entry>> doomed;
+  for (auto& e : entries_)
+    if (unreferenced(e)) doomed.push_back(std::move(e));
+  std::erase(entries_, nullptr);
+  for (auto& e : doomed)
+    if (options_.network != nullptr && e->link)
+      options_.network->removeConnection(e->link->connection());
+  doomed.clear();
 }
 
 Promise<OpenedBushel> Session::openBushel(std::string name, caps::Cap<caps::SpaceBank> bank) {
   if (kernelGone_.code != Errc::OK) co_return kernelGone_;
   lastServiceName_ = name;
+  postSweep();  // closed bushels whose handles went since
   if (!bank.valid()) bank = bank_;
   Result<caps::Cap<caps::Bushel>> cap = co_await kernel_.openBushel(kernel_.registry(), name, bank);
   if (!cap) co_return cap.error();
@@ -89,6 +116,7 @@ Promise<OpenedBushel> Session::openBushel(std::string name, caps::Cap<caps::Spac
       entry->server = r->server;
       entry->link = std::move(*link);
       Entry& e = *entries_.emplace_back(std::move(entry));
+      e.link->connection().postWhenUnreferenced(&sweepTask_);
       if (options_.network != nullptr) {
         options_.network->addConnection(e.server, e.link->connection());
         if (joinsVat) options_.network->addClientBushel(e.server, e.cap);
@@ -97,7 +125,7 @@ Promise<OpenedBushel> Session::openBushel(std::string name, caps::Cap<caps::Spac
       // kernel connection is gone.
       if (Status claimed = events_.claimBushel(e.koid, *this); !claimed)
         closeLocally(e, claimed.error());
-      co_return OpenedBushel{e.cap, e.koid, &e.link->connection(), e.server};
+      co_return OpenedBushel{e.cap, e.koid, rpc::ConnectionRef(e.link->connection()), e.server};
     }
     failed = link.error();
   }
@@ -122,8 +150,11 @@ Promise<void> Session::waitForService(std::string name, Duration timeout, Durati
 
 Promise<void> Session::close(caps::Koid koid) {
   Entry* e = find(koid);
-  if (e == nullptr) co_return Error(Errc::NOT_FOUND, "no bushel of this session has that koid");
-  if (e->closed) co_return {};
+  if (e == nullptr) co_return Error(Errc::NOT_FOUND, "this session holds no bushel with that koid");
+  if (e->closed) {
+    postSweep();
+    co_return {};
+  }
   closeLocally(*e, Error(Errc::DISCONNECTED, "the client closed the bushel"));
   const caps::Cap<caps::Bushel> cap = e->cap;
   Status deleted = co_await kernel_.deleteCap(cap);

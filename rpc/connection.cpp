@@ -119,6 +119,10 @@ RpcConnection::~RpcConnection() {
 
 void RpcConnection::close(Error reason) { fail(reason); }
 
+void RpcConnection::postUnreferenced() noexcept {
+  if (!isOpen() && !unreferencedTask_->isQueued()) loop_.post(*unreferencedTask_);
+}
+
 void RpcConnection::shutdown(Error reason) {
   fail(reason);                       // posts the teardown
   if (dispatching_ == 0) teardown();  // else the running method and its object go after it
@@ -183,6 +187,8 @@ void RpcConnection::fail(Error reason) {
     detachPending_ = true;
   }
   if (!teardownTask_.isQueued()) loop_.post(teardownTask_);
+  // After the teardown, so that the owner finds the connection torn down.
+  if (handles_ == 0 && unreferencedTask_ != nullptr) postUnreferenced();
   if (disconnected_) {
     disconnected_->fulfill(reason);
     disconnected_.reset();
@@ -386,7 +392,7 @@ void RpcConnection::releaseResponse(detail::ResponseSlot* slot) noexcept {
     cap = RemoteCap();  // may be on another connection: Finish goes there
   }
   slot->handedOff.clear();  // keeps its capacity: the slot is pooled
-  --handles_;
+  dropHandle();
   slot->inPlace.reset();
   if (slot->copy != nullptr) giveSpill(std::exchange(slot->copy, nullptr));
   if (heldSlot_ == slot) heldSlot_ = nullptr;

@@ -50,7 +50,7 @@ void RemoteCap::reset() noexcept {
   if (kind_ == Kind::IMPORT) conn->importUnref(id_);
   if (kind_ == Kind::PIPELINE) conn->questionUnref(id_);
   kind_ = Kind::NONE;
-  --conn->handles_;
+  conn->dropHandle();
 }
 
 bool RemoteCap::sameAs(const RemoteCap& o) const noexcept {
@@ -97,7 +97,7 @@ Request::~Request() {
   if (conn_ == nullptr) return;
   if (slot_.active()) conn_->abandonOut(slot_);
   conn_->releaseTarget(*this);  // unsent: its target may go now
-  --conn_->handles_;
+  conn_->dropHandle();
 }
 
 capnp::AnyPointer::Builder Request::params() {
@@ -149,7 +149,7 @@ void RemotePromise::release() noexcept {
   RpcConnection* conn = std::exchange(conn_, nullptr);
   // A question freed at its Return (noFinishNeeded) is no longer this promise's reference.
   if (conn->questions_[questionId_].generation == generation_) conn->questionUnref(questionId_);
-  --conn->handles_;
+  conn->dropHandle();
 }
 
 RemoteCap RemotePromise::pipeline(std::span<const uint16_t> path) const {

@@ -123,7 +123,7 @@ void CapPromise::settle() {
   std::shared_ptr<detail::PromiseNode> node = std::move(node_);  // alive until settled
   RpcConnection& conn = *node->conn_;
   conn.settlePromise(*node);
-  --conn.handles_;
+  conn.dropHandle();
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@
 #include "bushel_rpc_test.agate.h"
 #include "kernel_fixture.h"
 #include "session_harness.h"
+#include "support/proc_self.h"
 #include "support/watchdog.h"
 
 namespace agate::client {
@@ -410,6 +411,60 @@ TEST_F(BushelRpcTest, ClosingABushelDropsThatClientsStateOnTheServer) {
     CO_CHECK(s.close(a->koid).isReady());  // closing twice is a no-op
     Status unknown = co_await s.close(a->koid + 1000);
     CO_CHECK(unknown.code() == Errc::NOT_FOUND);
+    co_return {};
+  });
+  ::kill(server, SIGTERM);
+  EXPECT_EQ(reap(server), 0);
+}
+
+// A closed bushel's rings (descriptors, mappings) and connection stay while anything refers to
+// them, and go once nothing does: a client that opens and closes bushels for ever holds no more.
+TEST_F(BushelRpcTest, AClosedBushelIsFreedOnceNothingRefersToItSoOpeningAndClosingLeaksNothing) {
+  const pid_t server = startServer(kernel_.home());
+  Watchdog dog("closed bushels freed", 60s, server);
+  runSession(kernel_.home(), [&](Session& s) -> Promise<void> {
+    AGATE_CO_TRY(co_await s.waitForService("store"));
+    auto cycle = [&]() -> Promise<void> {
+      Result<OpenedBushel> opened = co_await s.openBushel("store");
+      AGATE_CO_TRY(opened);
+      Store::Client store(opened->connection->bootstrap());
+      AGATE_CO_TRY(co_await store.ping());
+      co_return co_await s.close(opened->koid);
+    };
+    auto settled = [&]() -> Promise<void> {  // a few turns: the sweep is posted
+      for (int i = 0; i < 3; ++i) AGATE_CO_TRY(co_await s.loop().sleep(1ms));
+      co_return {};
+    };
+    AGATE_CO_TRY(co_await cycle());  // the first opening's one-off costs come before the count
+    AGATE_CO_TRY(co_await settled());
+    CO_CHECK(s.heldCount() == 0);
+    const int fds = agate::testing::openFdCount();
+    const int maps = agate::testing::mappingCount();
+    CO_CHECK(fds > 0 && maps > 0);
+    for (int i = 0; i < 100; ++i) AGATE_CO_TRY(co_await cycle());
+    AGATE_CO_TRY(co_await settled());
+    CO_CHECK(s.heldCount() == 0 && s.openCount() == 0);
+    CO_CHECK(agate::testing::openFdCount() == fds);
+    CO_CHECK(agate::testing::mappingCount() == maps);
+
+    // A closed bushel something still refers to is kept, safe to use (calls fail DISCONNECTED)
+    // and to drop; it goes once the last reference does.
+    Result<OpenedBushel> kept = co_await s.openBushel("store");
+    CO_CHECK(kept.ok());
+    Store::Client held(kept->connection->bootstrap());
+    AGATE_CO_TRY(co_await held.ping());
+    const caps::Koid koid = kept->koid;
+    kept = Error(Errc::CANCELLED, "dropped");  // the OpenedBushel's reference goes; `held` stays
+    AGATE_CO_TRY(co_await s.close(koid));
+    AGATE_CO_TRY(co_await settled());
+    CO_CHECK(s.heldCount() == 1 && s.openCount() == 0);
+    CO_CHECK((co_await held.ping()).code() == Errc::DISCONNECTED);
+    CO_CHECK((co_await s.close(koid)).ok());  // closing it again changes nothing
+    held = Store::Client();  // the last reference: the session frees the link by itself
+    AGATE_CO_TRY(co_await settled());
+    CO_CHECK(s.heldCount() == 0);
+    CO_CHECK(agate::testing::openFdCount() == fds);
+    CO_CHECK((co_await s.close(koid)).code() == Errc::NOT_FOUND);  // let go: no longer held
     co_return {};
   });
   ::kill(server, SIGTERM);

@@ -22,6 +22,7 @@
 
 #include <gtest/gtest.h>
 
+#include "../support/proc_self.h"
 #include "../support/watchdog.h"
 #include "agate/caps/kernel_connection.h"
 #include "agate/client/service_host.h"
@@ -46,17 +47,6 @@ constexpr int MIN_SPARE = 2;
 #else
 constexpr int MIN_SPARE = 0;
 #endif
-
-// This process's open descriptors.
-int openFds() {
-  DIR* d = ::opendir("/proc/self/fd");
-  if (d == nullptr) return -1;
-  int n = 0;
-  while (dirent* e = ::readdir(d))
-    if (e->d_name[0] != '.') ++n;
-  ::closedir(d);
-  return n - 1;  // the directory's own descriptor
-}
 
 // The highest descriptor this process has open.
 int highestFd() {
@@ -130,7 +120,7 @@ TEST(KernelFdLimit, AReplysDescriptorsDroppedForAFullTableFailOnlyThatCall) {
   auto s = c.sync();
   Cap<Region> region = get(s.createRegion(c.conn->bank(), 1));
   Cap<Notification> notification = get(s.createNotification(c.conn->bank(), /*wakeFd=*/true));
-  const int before = openFds();
+  const int before = agate::testing::openFdCount();
 
   for (int spare = MIN_SPARE; spare <= 2; ++spare) {
     SCOPED_TRACE(spare);
@@ -160,7 +150,7 @@ TEST(KernelFdLimit, AReplysDescriptorsDroppedForAFullTableFailOnlyThatCall) {
     MappedNotification n = get(s.mapNotification(notification));
     EXPECT_TRUE(n.mapped());
   }
-  EXPECT_EQ(openFds(), before) << "descriptors leaked";
+  EXPECT_EQ(agate::testing::openFdCount(), before) << "descriptors leaked";
   EXPECT_EQ(c.conn->state(), Errc::OK);
 }
 
@@ -172,7 +162,7 @@ TEST(KernelFdLimit, AnEventsDescriptorsDroppedForAFullTableComeWithTheReasonAndT
   auto server = std::move(KernelConnection::tryAttach(loop, kernel.home(), "server")).value();
   auto client = std::move(KernelConnection::tryAttach(loop, kernel.home(), "client")).value();
   (void)get(server->sync().registerService(server->registry(), "store", server->bank()));
-  const int before = openFds();
+  const int before = agate::testing::openFdCount();
 
   for (int spare : {0, 1}) {
     SCOPED_TRACE(spare);
@@ -198,7 +188,7 @@ TEST(KernelFdLimit, AnEventsDescriptorsDroppedForAFullTableComeWithTheReasonAndT
     EXPECT_TRUE(opened.request.valid());
     EXPECT_TRUE(opened.reply.valid());
   }
-  EXPECT_EQ(openFds(), before) << "descriptors leaked";
+  EXPECT_EQ(agate::testing::openFdCount(), before) << "descriptors leaked";
 }
 
 TEST(KernelFdLimit, AServiceHostClosesTheBushelWhoseRingsNeverArrivedAndServesTheNext) {
@@ -214,7 +204,7 @@ TEST(KernelFdLimit, AServiceHostClosesTheBushelWhoseRingsNeverArrivedAndServesTh
       }))).value();
   Promise<void> serving = host->run();
   Cap<SpaceBank> bank = get(client->sync().createBank(client->bank(), 100));
-  const int before = openFds();
+  const int before = agate::testing::openFdCount();
 
   {
     FullTable full(0);
@@ -245,7 +235,8 @@ TEST(KernelFdLimit, AServiceHostClosesTheBushelWhoseRingsNeverArrivedAndServesTh
   host->stop();
   EXPECT_TRUE(loop.run(std::move(serving)).ok());
   host.reset();
-  EXPECT_EQ(openFds(), before + 0) << "only the served client's rings were kept, then closed";
+  EXPECT_EQ(agate::testing::openFdCount(), before + 0)
+      << "only the served client's rings were kept, then closed";
 }
 
 TEST(KernelFdLimit, AnAttachWhoseRingsCannotBeTakenFailsAndLeavesNothingInTheKernel) {
@@ -254,7 +245,7 @@ TEST(KernelFdLimit, AnAttachWhoseRingsCannotBeTakenFailsAndLeavesNothingInTheKer
   Client observer(kernel, "observer");
   ASSERT_TRUE(observer.conn);
   const size_t processes = get(observer.sync().listProcesses()).size();
-  const int before = openFds();
+  const int before = agate::testing::openFdCount();
   {
     FullTable full(3);  // room for the socket and two of the six ring descriptors
     auto attached = KernelConnection::tryAttach(observer.loop, kernel.home(), "starved");
@@ -262,7 +253,7 @@ TEST(KernelFdLimit, AnAttachWhoseRingsCannotBeTakenFailsAndLeavesNothingInTheKer
     EXPECT_EQ(attached.error().sysErrno, EMFILE);
     EXPECT_EQ(full.freeSlots(), 3);
   }
-  EXPECT_EQ(openFds(), before);
+  EXPECT_EQ(agate::testing::openFdCount(), before);
   // The kernel saw the socket close and detached the process it had attached.
   EXPECT_TRUE(agate::testing::eventually(
       [&] { return get(observer.sync().listProcesses()).size() == processes; }));
@@ -281,7 +272,7 @@ TEST(KernelFdLimit, APacketCutShortByAFullTableIsToldApartFromAPeerSendingTooMan
   const uint64_t word = 42;
   const auto bytes = std::as_bytes(std::span(&word, 1));
   const int three[] = {STDERR_FILENO, STDERR_FILENO, STDERR_FILENO};
-  const int before = openFds();
+  const int before = agate::testing::openFdCount();
 
   for (DroppedFds mode : {DroppedFds::FAIL, DroppedFds::REPORT}) {
     ASSERT_TRUE(trySendPacket(a.get(), bytes, three).ok());
@@ -324,7 +315,7 @@ TEST(KernelFdLimit, APacketCutShortByAFullTableIsToldApartFromAPeerSendingTooMan
                             DroppedFds::REPORT);
   EXPECT_EQ(r.code(), Errc::PROTOCOL_ERROR);
   for (const Fd& fd : fds) EXPECT_FALSE(fd.valid());
-  EXPECT_EQ(openFds(), before);
+  EXPECT_EQ(agate::testing::openFdCount(), before);
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 
 #include <chrono>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -240,6 +241,69 @@ TEST(ServiceHostLifetime, AnObjectChargedToAClientAndPassedOnOutlivesTheClientsH
 
 TEST(ServiceHostLifetime, AClientsBootstrapObjectPassedOnOutlivesTheClientsHangUp) {
   passOnThenHangUp(Passed::OWN_BOOTSTRAP);
+}
+
+// Client A registers a listener; client B fetches it, so B's connection at the server holds a
+// proxy (a Forwarder with a reference on A's connection). A hangs up: the host drops A but keeps
+// its connection for the proxy (retired). Once B lets the proxy go, the host frees A's
+// connection at once, with no other event to prompt it (RpcConnection::postWhenUnreferenced).
+TEST(ServiceHostLifetime, AClientKeptForAProxyGoesAsSoonAsTheProxyDoes) {
+  KernelProcess kernel;
+  Watchdog dog("a retired client goes with its proxy", 60s);
+  EventLoop loop;
+  auto kh = std::move(caps::KernelConnection::tryAttach(loop, kernel.home(), "server")).value();
+  auto ka = std::move(caps::KernelConnection::tryAttach(loop, kernel.home(), "client-a")).value();
+  auto kb = std::move(caps::KernelConnection::tryAttach(loop, kernel.home(), "client-b")).value();
+  HubShared shared;
+  std::unique_ptr<ServiceHost> host =
+      std::move(loop.run(ServiceHost::create(*kh, "hub", [&](ServedClient& c) {
+        return std::make_unique<Hub>(c, shared);
+      }))).value();
+  std::optional<Promise<void>> serving;
+  serving.emplace(host->run());
+  Listener listener;
+  size_t retiredWithProxy = 0, retiredAfter = 1;
+  {
+    Session sa(*ka), sb(*kb);
+    Status done = loop.run(loop.deadline(
+        [&]() -> Promise<void> {
+          Result<OpenedBushel> oa = co_await sa.openBushel("hub");
+          AGATE_CO_TRY(oa);
+          {
+            RemoteCap hubA = oa->connection->bootstrap();
+            auto req = callOf(hubA, REGISTER);
+            auto p = req.params().initAs<CapParam>();
+            auto index = req.addCap(static_cast<ServerObject&>(listener));
+            AGATE_CO_TRY(index);
+            rpc::writeCapPointer(p, 0, *index);
+            AGATE_CO_TRY(co_await req.send());
+          }
+          Result<OpenedBushel> ob = co_await sb.openBushel("hub");
+          AGATE_CO_TRY(ob);
+          RemoteCap proxy;
+          {
+            Result<rpc::Response> got =
+                co_await callOf(ob->connection->bootstrap(), GET_LISTENER).send();
+            AGATE_CO_TRY(got);
+            proxy = got->getCap(0)->remote;
+          }
+          AGATE_CO_TRY(co_await sa.close(oa->koid));  // A hangs up
+          for (int i = 0; i < 2000 && host->clientCount() != 1; ++i)
+            AGATE_CO_TRY(co_await loop.sleep(1ms));
+          retiredWithProxy = host->retiredCount();
+          proxy = RemoteCap();  // B's Release reaches the server: the Forwarder goes
+          for (int i = 0; i < 2000 && host->retiredCount() != 0; ++i)
+            AGATE_CO_TRY(co_await loop.sleep(1ms));
+          retiredAfter = host->retiredCount();
+          co_return {};
+        }(),
+        20s));
+    EXPECT_TRUE(done.ok()) << describe(done.error());
+  }
+  EXPECT_EQ(retiredWithProxy, 1u) << "A's connection is kept while the proxy refers to it";
+  EXPECT_EQ(retiredAfter, 0u) << "A's connection is freed once the proxy goes";
+  host->stop();
+  EXPECT_TRUE(loop.run(std::move(*serving)).ok());
 }
 
 // A host destroyed without stop() (here: it never ran) takes its service out of the registry,

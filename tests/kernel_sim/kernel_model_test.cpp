@@ -5,7 +5,6 @@
 // result code, the same used/limit in every bank, the same caps with the same derivation
 // parents in every CSpace, the same count of pushed caps under each receive limit, the same
 // object count, and the kernel's own invariants.
-#include <dirent.h>
 
 #include <gtest/gtest.h>
 
@@ -20,6 +19,7 @@
 #include <utility>
 #include <vector>
 
+#include "../support/proc_self.h"
 #include "agate/kernel/kernel.h"
 
 namespace agate::kernel {
@@ -400,17 +400,8 @@ class KernelModelTest : public ::testing::Test {
   std::map<std::pair<std::string, Errc>, int> outcomes_;  // (call, result) -> count
 };
 
-// Descriptors this process has open: every region is a real memfd the kernel holds.
-size_t openFdCount() {
-  size_t n = 0;
-  DIR* d = ::opendir("/proc/self/fd");
-  while (::readdir(d)) ++n;
-  ::closedir(d);
-  return n;
-}
-
 TEST_F(KernelModelTest, FiftyThousandRandomCallsAgreeWithTheReferenceModel) {
-  const size_t fdsBefore = openFdCount();
+  const int fdsBefore = agate::testing::openFdCount();
   for (int i = 0; i < PROCESSES; ++i) attachOne();
   const uint64_t baseline = k_.systemBank().used();
   for (int i = 0; i < 50000; ++i) {
@@ -455,7 +446,7 @@ TEST_F(KernelModelTest, FiftyThousandRandomCallsAgreeWithTheReferenceModel) {
   EXPECT_EQ(k_.systemBank().used(), 0u);
   EXPECT_EQ(k_.objectCount(), 0u);
   EXPECT_GT(baseline, 0u);
-  EXPECT_EQ(openFdCount(), fdsBefore) << "every region's memfd was closed";
+  EXPECT_EQ(agate::testing::openFdCount(), fdsBefore) << "every region's memfd was closed";
 }
 
 }  // namespace

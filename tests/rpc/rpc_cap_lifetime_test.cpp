@@ -535,5 +535,48 @@ TEST_F(RpcReferenceCountTest, APromiseResolvedToAnObjectHeldTooOftenBreaksWithTh
   ASSERT_TRUE(runUntil(loop_, [&] { return pair_->server().exportCount() == 1; }));
 }
 
+// postWhenUnreferenced: the owner's task is posted when a closed connection has no handle left
+// (at the close itself, or when the last handle drops after it), and never while it is open.
+TEST(RpcCapLifetimeTest, TheUnreferencedTaskIsPostedOnceAClosedConnectionHasNoHandleLeft) {
+  Watchdog watchdog{"rpc_cap_lifetime_test", std::chrono::seconds(60)};
+  EventLoop loop;
+  Log log;
+  Node root(0, log);
+  int posted = 0;
+  FunctionTask task([&] { ++posted; });
+  {
+    LocalPair pair(loop, &root);
+    pair.client().postWhenUnreferenced(&task);
+    RemoteCap cap = pair.client().bootstrap();
+    ConnectionRef ref(pair.client());
+    EXPECT_EQ(pair.client().handleCount(), 2u) << "a ConnectionRef counts as a handle";
+    ConnectionRef copy = ref;
+    EXPECT_EQ(pair.client().handleCount(), 3u);
+    copy.reset();
+    cap = RemoteCap();
+    loop.runUntilIdle();
+    EXPECT_EQ(posted, 0) << "open: nothing posted";
+    ref.reset();  // the last handle, on an open connection
+    loop.runUntilIdle();
+    EXPECT_EQ(posted, 0) << "open: nothing posted";
+    cap = pair.client().bootstrap();
+    pair.client().close(Error(Errc::DISCONNECTED, "closed"));
+    loop.runUntilIdle();
+    EXPECT_EQ(posted, 0) << "closed, but a handle is left";
+    cap = RemoteCap();
+    loop.runUntilIdle();
+    EXPECT_EQ(posted, 1) << "the last handle dropped after the close";
+    pair.client().postWhenUnreferenced(nullptr);
+  }
+  {
+    LocalPair pair(loop, &root);
+    pair.client().postWhenUnreferenced(&task);
+    pair.client().close(Error(Errc::DISCONNECTED, "closed"));
+    loop.runUntilIdle();
+    EXPECT_EQ(posted, 2) << "closed with no handle";
+    pair.client().postWhenUnreferenced(nullptr);
+  }
+}
+
 }  // namespace
 }  // namespace agate::rpc::test

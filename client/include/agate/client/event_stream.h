@@ -64,9 +64,11 @@
 // Cancel-safe: dropping a pending next() loses nothing (slots are consumed only when next()
 // completes), and the next call starts over.
 //
-// Lifetimes: the KernelConnection and the RpcConnection outlive the stream (drop streams before
-// their Session). Destroying the stream unmaps the buffer and deletes its cap (one kernel call,
-// not awaited). Move-only; not moved while next() is pending.
+// Lifetimes: the KernelConnection outlives the stream. The stream holds a counted reference to
+// its RpcConnection (rpc::ConnectionRef), so the Session keeps a closed bushel's connection
+// while a stream from it is alive; drop streams before their Session. Destroying the stream unmaps
+// the buffer and deletes its cap (one kernel call, not awaited). Move-only; not moved while next()
+// is pending.
 //
 // Threading: the kernel connection's loop thread.
 #pragma once
@@ -204,7 +206,7 @@ class EventStream {
   void release() noexcept;
 
   caps::KernelConnection* kernel_ = nullptr;  // not owned; null: empty or moved from
-  rpc::RpcConnection* from_ = nullptr;        // not owned
+  rpc::ConnectionRef from_;                   // counted: the session keeps it while we do
   caps::Cap<caps::EventBuffer> cap_;
   caps::Koid koid_ = 0;
   caps::MappedEventBuffer buffer_;

@@ -272,6 +272,10 @@ class ServiceHost final : private KernelEventListener {
   uint64_t clientsRefused() const noexcept { return refused_; }
   // Bushels this host closed in the kernel (clients it disconnected, see the overview).
   uint64_t bushelsClosed() const noexcept { return closed_; }
+  // Dropped clients kept because another connection still refers to theirs (a capability of the
+  // client this server passed on: a proxy holds it), or shares an object of theirs; each goes
+  // as soon as its last handle does (or, for a shared object, at the host's next event).
+  size_t retiredCount() const noexcept { return retired_.size(); }
 
  private:
   ServiceHost(std::unique_ptr<KernelEvents> ownEvents, KernelEvents& events, std::string name,

@@ -34,8 +34,14 @@
 // off, and the receiver calls its host directly (kernel_vats.h).
 //
 // close(koid) hangs up one bushel: the connection closes and the bushel cap is deleted, so the
-// server drops this client's state; its link is kept (closed) until the session goes, so handles
-// still held stay safe to drop.
+// server drops this client's state. A closed bushel's link (its rings, their descriptors and
+// mappings, the connection) is kept while anything refers to it — a handle on its connection
+// (typed client, promise, response), the OpenedBushel's `connection`, an EventStream from it, an
+// object the connection owned that another connection still shares — so those stay safe to
+// use and drop. Once none is left the session frees it from a task of its own (never inside a
+// call): at the turn after it closed, or after its last handle dropped (a shared object that
+// goes later is noticed at the next open() or close()). A session that opens and closes bushels
+// for ever holds only the ones still referred to.
 //
 // Lifetimes: every handle (typed client, promise, response) on a session's bushels must be
 // dropped before the Session (RpcConnection's contract, checked). The KernelConnection (and a
@@ -75,8 +81,10 @@ struct SessionOptions {
 struct OpenedBushel {
   caps::Cap<caps::Bushel> cap;
   caps::Koid koid = 0;
-  rpc::RpcConnection* connection = nullptr;  // owned by the session
-  caps::ProcessId server = 0;                // the service's server, as the kernel says
+  // The bushel's connection, owned by the session; this counted reference keeps it (and the
+  // rings under it) from being freed while the OpenedBushel is kept, even after it closed.
+  rpc::ConnectionRef connection;
+  caps::ProcessId server = 0;  // the service's server, as the kernel says
 };
 
 class Session final : private KernelEventListener {
@@ -115,12 +123,15 @@ class Session final : private KernelEventListener {
                                Duration interval = std::chrono::milliseconds(5));
 
   // Hangs up bushel `koid`: closes its connection (pending calls fail DISCONNECTED) and deletes
-  // its cap, so the kernel closes it and the server drops this client's state. NOT_FOUND if the
-  // session did not open it; closing twice is a no-op.
+  // its cap, so the kernel closes it and the server drops this client's state. Closing a closed
+  // bushel the session still holds is a no-op; NOT_FOUND if it holds none with that koid (never
+  // opened, or closed and freed: see above).
   Promise<void> close(caps::Koid koid);
 
   // Bushels opened and not yet closed (by close() or by the kernel).
   size_t openCount() const noexcept;
+  // Bushels whose links the session holds: the open ones and the closed ones still referred to.
+  size_t heldCount() const noexcept { return entries_.size(); }
 
   // The service name the last openBushel/open/waitForService asked for ("" before any): lets a
   // program's error report say which service was missing.
@@ -139,6 +150,16 @@ class Session final : private KernelEventListener {
   void kernelGone(const Error& why) noexcept override;
   Entry* find(caps::Koid koid) noexcept;
   void closeLocally(Entry& entry, const Error& reason) noexcept;
+  // Frees the closed entries nothing refers to any more (see close() above); from sweepTask_
+  // only, so that no call of a connection it frees is running.
+  void sweep() noexcept;
+  void postSweep() noexcept;
+
+  struct SweepTask final : Task {
+    explicit SweepTask(Session& s) noexcept : session(s) {}
+    void run() noexcept override { session.sweep(); }
+    Session& session;
+  };
 
   std::unique_ptr<KernelEvents> ownEvents_;  // Session(kernel) only; first: destroyed last
   KernelEvents& events_;
@@ -147,7 +168,8 @@ class Session final : private KernelEventListener {
   caps::Cap<caps::SpaceBank> bank_;
   std::vector<std::unique_ptr<Entry>> entries_;
   std::string lastServiceName_;
-  Error kernelGone_{};  // set when the kernel connection died
+  Error kernelGone_{};          // set when the kernel connection died
+  SweepTask sweepTask_{*this};  // unlinks itself from the loop's queue with the session
 };
 
 }  // namespace agate::client

@@ -894,6 +894,12 @@ class RpcConnection {
   // RemoteCap/Request/RemotePromise/Response handles on this connection still alive anywhere
   // (the destructor requires none): an owner keeps a closed connection until this is 0.
   uint64_t handleCount() const noexcept { return handles_; }
+  // `task` is posted to the loop (unless already queued) whenever the connection, once closed,
+  // may have become free to destroy: when it closes with no handle left, and when its last
+  // handle drops after it closed. For an owner that frees closed connections as soon as nothing
+  // refers to them (client::Session); it checks handleCount() and sharedObjectsAlive() again
+  // when the task runs. Not owned: it outlives the connection, or is set back to null first.
+  void postWhenUnreferenced(Task* task) noexcept { unreferencedTask_ = task; }
   // Whether an object this connection owned (one a method made, or the sharedBootstrap) and
   // that it shares with another connection (passed on by a Forwarder, or handed off to a third
   // vat) is still alive. Once this connection shut down, only the others keep such objects:
@@ -920,8 +926,14 @@ class RpcConnection {
   friend class CapPromise;
   friend class detail::PromiseNode;
   friend class internal::Forwarder;
+  friend class ConnectionRef;
   friend detail::TableBlock detail::takeTableBlock(RpcConnection&, size_t);
   friend void detail::giveTableBlock(RpcConnection&, detail::SpillBuffer*, size_t) noexcept;
+  // One handle fewer; the last one on a closed connection posts unreferencedTask_.
+  void dropHandle() noexcept {
+    if (--handles_ == 0 && unreferencedTask_ != nullptr) postUnreferenced();
+  }
+  void postUnreferenced() noexcept;
   struct Question;
   struct Answer;
   struct AnswerPools;
@@ -1220,6 +1232,7 @@ class RpcConnection {
   std::vector<Import> imports_;  // by the peer's export id
   uint32_t importsLive_ = 0;
   uint64_t handles_ = 0;  // live RemoteCap/Request/RemotePromise/Response on this connection
+  Task* unreferencedTask_ = nullptr;  // postWhenUnreferenced
 
   // Outbound queue of spilled messages (FIFO) and the spill pool (free lists by size class).
   detail::SpillBuffer* queueHead_ = nullptr;
@@ -1276,6 +1289,38 @@ class RpcConnection {
   MemberTask<&RpcConnection::ringPeer> ringTask_;
   MemberTask<&RpcConnection::sendHeld> heldTask_;  // sends held messages as space frees
   std::optional<Promise<void>> reader_;  // last: started by the constructor, dropped first
+};
+
+// A counted reference to a connection, for code that keeps one past the call that gave it (a
+// client::Session's OpenedBushel, an event stream): it counts in handleCount() as a RemoteCap
+// does, so an owner that frees a closed connection once its handles are gone (client::Session,
+// client::ServiceHost) keeps this one alive, and destroying the connection while a reference
+// is left is caught (RpcConnection's destructor check). It holds no capability: the peer sees
+// nothing of it. Loop thread only, as every handle.
+class ConnectionRef {
+ public:
+  ConnectionRef() = default;
+  explicit ConnectionRef(RpcConnection& conn) noexcept : conn_(&conn) { ++conn_->handles_; }
+  ConnectionRef(const ConnectionRef& o) noexcept : conn_(o.conn_) {
+    if (conn_ != nullptr) ++conn_->handles_;
+  }
+  ConnectionRef(ConnectionRef&& o) noexcept : conn_(std::exchange(o.conn_, nullptr)) {}
+  ConnectionRef& operator=(ConnectionRef o) noexcept {
+    std::swap(conn_, o.conn_);
+    return *this;
+  }
+  ~ConnectionRef() { reset(); }
+
+  void reset() noexcept {
+    if (RpcConnection* c = std::exchange(conn_, nullptr); c != nullptr) c->dropHandle();
+  }
+  RpcConnection* get() const noexcept { return conn_; }
+  RpcConnection& operator*() const noexcept { return *conn_; }
+  RpcConnection* operator->() const noexcept { return conn_; }
+  explicit operator bool() const noexcept { return conn_ != nullptr; }
+
+ private:
+  RpcConnection* conn_ = nullptr;
 };
 
 // The MessageReceiverOptions an RPC connection's receiver needs (capability pointers allowed),
