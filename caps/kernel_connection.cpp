@@ -635,9 +635,15 @@ Status KernelConnection::complete(Reader c) {
     }
     case Which::PROCESSES:
       reply.nextCursor = c.getNextCursor();
-      for (auto p : c.getProcesses())
-        reply.processes.push_back(
-            {p.getPid(), p.getOsPid(), p.getUid(), p.getName().cStr(), p.getBank(), p.getCaps()});
+      for (auto p : c.getProcesses()) {
+        ProcessInfo& info = reply.processes.emplace_back(ProcessInfo{
+            p.getPid(), p.getOsPid(), p.getUid(), p.getName().cStr(), p.getBank(), p.getCaps()});
+        // For display only: a list longer than the schema allows is cut to its bound.
+        auto services = p.getServices();
+        const unsigned shown = std::min<unsigned>(services.size(), wire::MAX_SERVICES_LISTED);
+        for (unsigned i = 0; i < shown; ++i) info.services.emplace_back(services[i].cStr());
+        info.serviceCount = std::max<uint32_t>(p.getServiceCount(), shown);
+      }
       break;
     case Which::BANKS:
       reply.nextCursor = c.getNextCursor();

@@ -688,9 +688,11 @@ uint64_t Kernel::objectCount() const {
 Listing<ProcessSummary> Kernel::listProcesses(uint64_t fromPid, uint32_t limit) const {
   if (fromPid > UINT32_MAX) return {};
   return listFrom<ProcessSummary>(
-      processes_, static_cast<ProcessId>(fromPid), limit, [](const auto& e) {
+      processes_, static_cast<ProcessId>(fromPid), limit, [this](const auto& e) {
         const Process& p = *e.second;
-        return ProcessSummary{p.id(), p.bank().koid(), p.cspace().heldCaps()};
+        Registry::Served served = registry_->servedBy(p.id(), ProcessSummary::SERVICES_LISTED);
+        return ProcessSummary{p.id(), p.bank().koid(), p.cspace().heldCaps(),
+                              std::move(served.names), served.count};
       });
 }
 

@@ -32,10 +32,21 @@ std::vector<std::string> Registry::names() const {
   return out;
 }
 
+Registry::Served Registry::servedBy(ProcessId server, size_t limit) const {
+  Served out;
+  for (auto it = byServer_.lower_bound({server, std::string()});
+       it != byServer_.end() && it->first == server; ++it) {
+    if (out.names.size() < limit) out.names.push_back(it->second);
+    ++out.count;
+  }
+  return out;
+}
+
 Service::Service(Registry& registry, std::string name, ProcessId server)
     : KernelObject(TYPE), registry_(&registry), name_(std::move(name)), server_(server) {
   auto [it, inserted] = registry.services_.emplace(name_, this);
   AGATE_ASSERT(inserted, "service name '%s' registered twice", name_.c_str());
+  registry.byServer_.emplace(server_, name_);
 }
 
 Service::~Service() { AGATE_ASSERT(bushels_.empty(), "service destroyed with bushels linked"); }
@@ -44,7 +55,10 @@ void Service::teardown() noexcept {
   // The Kernel has detached every bushel (and queued them for teardown) before this runs.
   AGATE_ASSERT(bushels_.empty(), "service '%s' torn down with %zu bushels", name_.c_str(),
                bushels_.size());
-  if (registry_) registry_->services_.erase(name_);
+  if (registry_) {
+    registry_->services_.erase(name_);
+    registry_->byServer_.erase({server_, name_});
+  }
   registry_ = nullptr;
 }
 

@@ -298,7 +298,11 @@ struct ProcessInfo {
   name @3 :Text;
   bank @4 :UInt64;   # koid of the process bank
   caps @5 :UInt32;   # caps in its CSpace
+  services @6 :List(Text);  # the names it serves, sorted: at most maxServicesListed of them
+  serviceCount @7 :UInt32;  # how many it serves in all
 }
+
+const maxServicesListed :UInt32 = 8;  # ProcessInfo.services
 
 struct BankInfo {
   koid @0 :UInt64;

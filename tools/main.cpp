@@ -528,7 +528,8 @@ int run(int argc, char** argv) {
   downCmd->add_flag("--force", down.force, "SIGKILL it if it has not exited by the timeout");
 
   Common ps;
-  CLI::App* psCmd = app.add_subcommand("ps", "list the processes attached to the kernel");
+  CLI::App* psCmd =
+      app.add_subcommand("ps", "list the processes attached to the kernel and what each serves");
   CLI::Option* psHome = addCommon(*psCmd, ps, true);
 
   Common banks;

@@ -127,6 +127,18 @@ std::string dump(const Json& j) {
   return j.dump(2, ' ', false, Json::error_handler_t::replace) + "\n";
 }
 
+// The SERVICES cell: the names listed, and how many more the process serves.
+std::string servicesCell(const caps::ProcessInfo& p) {
+  std::string cell;
+  for (const std::string& name : p.services) {
+    if (!cell.empty()) cell += ',';
+    cell += name;
+  }
+  if (p.serviceCount > p.services.size())
+    cell += " +" + std::to_string(p.serviceCount - p.services.size());
+  return cell.empty() ? "-" : cell;
+}
+
 }  // namespace
 
 std::string rightsLetters(caps::Rights rights) {
@@ -147,10 +159,12 @@ std::vector<std::string> rightNames(caps::Rights rights) {
 }
 
 std::string processesTable(std::span<const caps::ProcessInfo> processes) {
-  Table t({"PID", "OS PID", "UID", "NAME", "BANK", "CAPS"},
-          {Table::RIGHT, Table::RIGHT, Table::RIGHT, Table::LEFT, Table::RIGHT, Table::RIGHT});
+  Table t({"PID", "OS PID", "UID", "NAME", "BANK", "CAPS", "SERVICES"},
+          {Table::RIGHT, Table::RIGHT, Table::RIGHT, Table::LEFT, Table::RIGHT, Table::RIGHT,
+           Table::LEFT});
   for (const caps::ProcessInfo& p : processes)
-    t.add({num(p.pid), std::to_string(p.osPid), num(p.uid), p.name, num(p.bank), num(p.caps)});
+    t.add({num(p.pid), std::to_string(p.osPid), num(p.uid), p.name, num(p.bank), num(p.caps),
+           servicesCell(p)});
   return t.render();
 }
 
@@ -162,7 +176,9 @@ std::string processesJson(std::span<const caps::ProcessInfo> processes) {
                     {"uid", p.uid},
                     {"name", p.name},
                     {"bank", p.bank},
-                    {"caps", p.caps}});
+                    {"caps", p.caps},
+                    {"services", p.services},
+                    {"service_count", p.serviceCount}});
   return dump(Json{{"processes", std::move(list)}});
 }
 

@@ -40,8 +40,15 @@ void setNextCursor(CallContext& ctx, const Listing<T>& listing, Key key) {
                                                                    : 0);
 }
 
+// A service name's words (with its NUL), and a process's listed services: the list's pointers
+// and their texts.
+constexpr size_t SERVICE_NAME_WORDS = (Registry::MAX_NAME_BYTES + 1 + 7) / 8;
+constexpr size_t SERVICES_WORDS = ProcessSummary::SERVICES_LISTED * (1 + SERVICE_NAME_WORDS);
+static_assert(ProcessSummary::SERVICES_LISTED == wire::MAX_SERVICES_LISTED);
+
 void answerProcesses(CallContext& ctx, uint64_t cursor, uint32_t asked) {
-  const uint32_t limit = pageLimit(ctx, asked, structWords<wire::ProcessInfo>() + NAME_WORDS);
+  const uint32_t limit =
+      pageLimit(ctx, asked, structWords<wire::ProcessInfo>() + NAME_WORDS + SERVICES_WORDS);
   const Listing<ProcessSummary> page = ctx.kernel.listProcesses(cursor, limit);
   setNextCursor(ctx, page, [](const ProcessSummary& p) { return uint64_t{p.pid}; });
   auto list = ctx.reply.initProcesses(static_cast<unsigned>(page.entries.size()));
@@ -51,6 +58,9 @@ void answerProcesses(CallContext& ctx, uint64_t cursor, uint32_t asked) {
     out.setPid(p.pid);
     out.setBank(p.bank);
     out.setCaps(p.caps);
+    out.setServiceCount(p.serviceCount);
+    auto services = out.initServices(static_cast<unsigned>(p.services.size()));
+    for (unsigned s = 0; s < p.services.size(); ++s) services.set(s, p.services[s]);
     auto it = ctx.sessions.find(p.pid);
     if (it == ctx.sessions.end()) continue;  // attached but not yet announced: no OS identity
     out.setOsPid(it->second->osPid);

@@ -619,7 +619,8 @@ constexpr uint64_t CHILD_LIMIT = 37;
 constexpr uint64_t REGION_PAGES = 3;
 
 // In the child: attach as "cli-test-client", build a child bank with a region in it and
-// `copies` READ copies of the region cap, report, and stay attached until the test closes `hold`.
+// `copies` READ copies of the region cap, register service "cli-test-service", report, and stay
+// attached until the test closes `hold`.
 [[noreturn]] void clientMain(const std::string& home, int report, int hold, int copies) {
   EventLoop loop;
   auto c = caps::KernelConnection::tryAttach(loop, home, "cli-test-client");
@@ -631,6 +632,7 @@ constexpr uint64_t REGION_PAGES = 3;
   if (!region) ::_exit(12);
   for (int i = 0; i < copies; ++i)
     if (!k.copyCap(*region, caps::Rights::READ)) ::_exit(15);
+  if (!k.registerService((*c)->registry(), "cli-test-service", (*c)->bank())) ::_exit(16);
   auto bankInfo = k.inspectCap(*bank);
   auto regionInfo = k.inspectCap(*region);
   auto credit = k.readBank(*bank);
@@ -721,6 +723,8 @@ TEST_F(AgateCliClientTest, PsListsTheAttachedClient) {
   ASSERT_EQ(table.exitCode, 0) << table.err;
   EXPECT_NE(table.out.find("cli-test-client"), std::string::npos) << table.out;
   EXPECT_NE(table.out.find("NAME"), std::string::npos) << table.out;
+  EXPECT_NE(table.out.find("SERVICES"), std::string::npos) << table.out;
+  EXPECT_NE(table.out.find("cli-test-service"), std::string::npos) << table.out;
   EXPECT_EQ(table.out.find("agate-cli"), std::string::npos)
       << "the CLI lists itself: " << table.out;
 
@@ -735,7 +739,9 @@ TEST_F(AgateCliClientTest, PsListsTheAttachedClient) {
   EXPECT_EQ(p["os_pid"], client_);
   EXPECT_EQ(p["uid"], ::getuid());
   EXPECT_EQ(p["bank"], report_.processBank);
-  EXPECT_GE(p["caps"].get<uint64_t>(), 4u);  // its bank, registry, child bank, region
+  EXPECT_GE(p["caps"].get<uint64_t>(), 5u);  // its bank, registry, child bank, region, service
+  EXPECT_EQ(p["services"], Json::parse(R"(["cli-test-service"])"));
+  EXPECT_EQ(p["service_count"], 1);
 }
 
 TEST_F(AgateCliClientTest, BanksShowsTheClientsChildBankWithItsUsedAndLimit) {

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "kernel_test_util.h"
@@ -128,6 +129,45 @@ TEST(Listing, BanksAndProcessesThatGoLeaveTheListings) {
   EXPECT_EQ(banksOf(k, 2).size(), 1u + 1);
   EXPECT_EQ(processesOf(k, 1).size(), 1u);
   expectListingsMatchSnapshot(k);
+}
+
+// A process's entry names the services it serves, sorted, the first SERVICES_LISTED of them,
+// with the count of all; a service destroyed, or its server's death, takes it out.
+TEST(Listing, ProcessesNameTheServicesTheyServeSortedAndCounted) {
+  Kernel k;
+  Proc a = attach(k), b = attach(k);
+  Handle registry = handleOf(k.tryGrantRegistry(a.pid, Rights::ALL));
+  std::vector<Handle> services;
+  for (const char* name :
+       {"kappa", "alpha", "juliet", "bravo", "india", "charlie", "hotel", "delta", "golf", "echo"})
+    services.push_back(handleOf(k.tryRegisterService(a.pid, registry, name, a.bank)));
+  auto entryOf = [&](ProcessId pid) {
+    for (const ProcessSummary& p : processesOf(k, 0))
+      if (p.pid == pid) return p;
+    ADD_FAILURE() << "no entry for process " << pid;
+    return ProcessSummary{};
+  };
+  ProcessSummary pa = entryOf(a.pid);
+  EXPECT_EQ(pa.serviceCount, 10u);
+  EXPECT_EQ(pa.services, (std::vector<std::string>{"alpha", "bravo", "charlie", "delta", "echo",
+                                                   "golf", "hotel", "india"}));
+  EXPECT_TRUE(entryOf(b.pid).services.empty());
+  EXPECT_EQ(entryOf(b.pid).serviceCount, 0u);
+
+  ASSERT_TRUE(k.tryDestroyObject(a.pid, services[1]).ok());  // "alpha" unregistered
+  pa = entryOf(a.pid);
+  EXPECT_EQ(pa.serviceCount, 9u);
+  EXPECT_EQ(pa.services.front(), "bravo");
+  EXPECT_EQ(pa.services.back(), "juliet");
+
+  // b registers a name a gave up; a's death takes all of a's away.
+  Handle registryB = handleOf(k.tryGrantRegistry(b.pid, Rights::ALL));
+  (void)handleOf(k.tryRegisterService(b.pid, registryB, "alpha", b.bank));
+  ASSERT_TRUE(k.tryKillProcess(a.pid).ok());
+  const std::vector<ProcessSummary> left = processesOf(k, 1);
+  ASSERT_EQ(left.size(), 1u);
+  EXPECT_EQ(left[0].services, std::vector<std::string>{"alpha"});
+  EXPECT_EQ(left[0].serviceCount, 1u);
 }
 
 TEST(Listing, RefusalsAndCursorsOutOfRange) {

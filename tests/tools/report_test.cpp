@@ -31,7 +31,14 @@ Json parse(const std::string& text) {
 }
 
 const std::vector<ProcessInfo> PROCESSES = {
-    {.pid = 1, .osPid = 4242, .uid = 1000, .name = "server", .bank = 10, .caps = 3},
+    {.pid = 1,
+     .osPid = 4242,
+     .uid = 1000,
+     .name = "server",
+     .bank = 10,
+     .caps = 3,
+     .services = {"calc", "store"},
+     .serviceCount = 2},
     {.pid = 12, .osPid = 77, .uid = 1000, .name = "a-long-client-name", .bank = 11, .caps = 12},
 };
 
@@ -62,9 +69,20 @@ TEST(RightsTest, NamesListOnlyTheRightsPresent) {
 TEST(ProcessesReportTest, TableAlignsColumnsUnderTheirHeaders) {
   const auto l = lines(processesTable(PROCESSES));
   ASSERT_EQ(l.size(), 3u);
-  EXPECT_EQ(l[0], "PID  OS PID   UID  NAME                BANK  CAPS");
-  EXPECT_EQ(l[1], "  1    4242  1000  server                10     3");
-  EXPECT_EQ(l[2], " 12      77  1000  a-long-client-name    11    12");
+  EXPECT_EQ(l[0], "PID  OS PID   UID  NAME                BANK  CAPS  SERVICES");
+  EXPECT_EQ(l[1], "  1    4242  1000  server                10     3  calc,store");
+  EXPECT_EQ(l[2], " 12      77  1000  a-long-client-name    11    12  -");
+}
+
+TEST(ProcessesReportTest, ServicesBeyondThoseListedAreCounted) {
+  std::vector<ProcessInfo> many = {
+      {.pid = 3, .name = "busy", .services = {"a", "b"}, .serviceCount = 12}};
+  const auto l = lines(processesTable(many));
+  ASSERT_EQ(l.size(), 2u);
+  EXPECT_TRUE(l[1].ends_with("a,b +10")) << l[1];
+  Json j = parse(processesJson(many));
+  EXPECT_EQ(j["processes"][0]["services"], Json::parse(R"(["a", "b"])"));
+  EXPECT_EQ(j["processes"][0]["service_count"], 12);
 }
 
 TEST(ProcessesReportTest, EmptyListPrintsOnlyTheHeaderAndAnEmptyJsonArray) {
@@ -76,7 +94,10 @@ TEST(ProcessesReportTest, JsonHasTheDocumentedFields) {
   Json j = parse(processesJson(PROCESSES));
   ASSERT_EQ(j["processes"].size(), 2u);
   EXPECT_EQ(j["processes"][1], Json::parse(R"({"pid": 12, "os_pid": 77, "uid": 1000,
-      "name": "a-long-client-name", "bank": 11, "caps": 12})"));
+      "name": "a-long-client-name", "bank": 11, "caps": 12, "services": [],
+      "service_count": 0})"));
+  EXPECT_EQ(j["processes"][0]["services"], Json::parse(R"(["calc", "store"])"));
+  EXPECT_EQ(j["processes"][0]["service_count"], 2);
 }
 
 TEST(ProcessesReportTest, JsonEscapesNamesAndNeverThrowsOnInvalidUtf8) {

@@ -112,6 +112,10 @@ struct ProcessInfo {
   std::string name;
   Koid bank = 0;
   uint32_t caps = 0;
+  // The services it serves, sorted by name: the first few (schemas/kernel.capnp,
+  // maxServicesListed) and how many in all.
+  std::vector<std::string> services = {};
+  uint32_t serviceCount = 0;
 };
 struct BankInfo {
   Koid koid = 0;

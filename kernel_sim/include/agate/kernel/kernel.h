@@ -139,6 +139,11 @@ struct ProcessSummary {
   ProcessId pid = 0;
   Koid bank = 0;      // the process bank
   uint32_t caps = 0;  // held in its CSpace
+  // The services it serves (registered and alive), sorted by name: the first
+  // SERVICES_LISTED of them, and how many in all.
+  std::vector<std::string> services;
+  uint32_t serviceCount = 0;
+  static constexpr size_t SERVICES_LISTED = 8;
 };
 
 struct CapSummary {

@@ -20,8 +20,10 @@
 #pragma once
 
 #include <map>
+#include <set>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "agate/kernel/object.h"
@@ -47,10 +49,18 @@ class Registry final : public KernelObject {
   Result<Service*> tryFind(std::string_view name) const noexcept;
   // Registered names, sorted (snapshots, the CLI).
   std::vector<std::string> names() const;
+  // The names process `server` serves, sorted, at most `limit` of them, and how many it serves
+  // in all (introspection: `agate ps`). O(log n + its services).
+  struct Served {
+    std::vector<std::string> names;
+    uint32_t count = 0;
+  };
+  Served servedBy(ProcessId server, size_t limit) const;
 
  private:
   friend class Service;
   std::map<std::string, Service*, std::less<>> services_;  // not owning: banks own services
+  std::set<std::pair<ProcessId, std::string>> byServer_;   // the same services, by server
 };
 
 class Service final : public KernelObject {
