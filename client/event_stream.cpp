@@ -87,6 +87,10 @@ Promise<EventStream> EventStream::open(Session& session, rpc::RpcConnection& fro
   const Cap<caps::EventBuffer> cap{handle.getHandle()};
   const caps::Koid claimedKoid = handle.getKoid();
   const uint32_t claimedSlots = handle.getSlots();
+  // Counted before the first suspension: the caller may let go of everything else on `from`
+  // (and close its bushel) while this waits for the kernel, and the Session frees a closed
+  // connection nothing refers to.
+  rpc::ConnectionRef held(from);
   if (!from.isOpen()) co_return Error(Errc::DISCONNECTED, "the stream's connection is closed");
   if (!cap.valid()) co_return Error(Errc::PROTOCOL_ERROR, "the server sent a null stream handle");
   caps::KernelConnection& kernel = session.kernel();
@@ -113,11 +117,11 @@ Promise<EventStream> EventStream::open(Session& session, rpc::RpcConnection& fro
     co_return Error(Errc::PROTOCOL_ERROR, "the stream's slot count is not the kernel's");
   if (mapped->notification() == nullptr)
     co_return Error(Errc::PROTOCOL_ERROR, "the stream's event buffer has no notification");
-  if (!from.isOpen()) co_return Error(Errc::DISCONNECTED, "the stream's connection closed");
+  if (!held->isOpen()) co_return Error(Errc::DISCONNECTED, "the stream's connection closed");
 
   EventStream s;
   s.kernel_ = &kernel;
-  s.from_ = rpc::ConnectionRef(from);
+  s.from_ = std::move(held);
   s.cap_ = cap;
   s.koid_ = info->koid;
   s.scanner_ = EventScanner(mapped->slots());

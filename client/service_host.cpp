@@ -237,6 +237,7 @@ void ServiceHost::kernelEvent(KernelEvent& event) noexcept {
   } else if (event.type == EventType::BUSHEL_CLOSED) {
     drop(event.bushel);
   }
+  if (!retired_.empty()) sweepRetired();  // one kept for a shared object that went meanwhile
 }
 
 void ServiceHost::kernelGone(const Error& why) noexcept {

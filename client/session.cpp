@@ -55,8 +55,9 @@ void Session::closeLocally(Entry& entry, const Error& reason) noexcept {
   events_.releaseBushel(entry.koid);
   // No introductions from a bushel that is gone (the kernel would refuse them anyway).
   if (options_.network != nullptr) options_.network->removeClientBushel(entry.cap);
-  // close() posts the connection's teardown (running calls cancelled, exports dropped); the sweep
-  // is posted after it, so it finds the connection torn down.
+  // close() posts the connection's teardown (running calls cancelled, exports dropped). A sweep
+  // queued before it may run first: the teardown's references still count then, and the
+  // connection waits for the sweep its teardown causes (postWhenUnreferenced).
   if (entry.link && entry.link->connection().isOpen()) entry.link->connection().close(reason);
   postSweep();
 }
@@ -72,16 +73,20 @@ void Session::sweep() noexcept {
     rpc::RpcConnection& c = e->link->connection();
     return c.handleCount() == 0 && !c.sharedObjectsAlive();
   };
-  // Moved out first: a connection's destruction may drop references on another (a proxy), and
-  // nothing it does may find entries_ half erased.
-  std::vector<std::unique_ptr<Entry>> doomed;
-  for (auto& e : entries_)
-    if (unreferenced(e)) doomed.push_back(std::move(e));
-  std::erase(entries_, nullptr);
-  for (auto& e : doomed)
-    if (options_.network != nullptr && e->link)
-      options_.network->removeConnection(e->link->connection());
-  doomed.clear();
+  // Moved out first: a connection's destruction may drop references on another (a proxy, or
+  // an object shared with it), and nothing it does may find entries_ half erased. Until none
+  // is left: what one frees may let another go.
+  for (;;) {
+    std::vector<std::unique_ptr<Entry>> doomed;
+    for (auto& e : entries_)
+      if (unreferenced(e)) doomed.push_back(std::move(e));
+    if (doomed.empty()) return;
+    std::erase(entries_, nullptr);
+    for (auto& e : doomed)
+      if (options_.network != nullptr && e->link)
+        options_.network->removeConnection(e->link->connection());
+    doomed.clear();
+  }
 }
 
 Promise<OpenedBushel> Session::openBushel(std::string name, caps::Cap<caps::SpaceBank> bank) {

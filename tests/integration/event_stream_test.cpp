@@ -649,6 +649,40 @@ TEST_P(EventStreamEndTest, ThePublishersEndEndsAPendingNextAfterTheLastBatch) {
 INSTANTIATE_TEST_SUITE_P(DropAndClose, EventStreamEndTest,
                          ::testing::Values(End::DROP, End::CLOSE));
 
+// open() counts its connection from its first line: the caller may drop the response, the
+// client and the OpenedBushel, and close the bushel, while open() waits for the kernel; the
+// session frees the connection only once open() has let go, which ends DISCONNECTED.
+TEST_F(EventStreamTest, OpenKeepsItsConnectionWhenTheBushelIsClosedWhileItWaits) {
+  const pid_t server = startServer(kernel_.home());
+  Watchdog dog("open vs close", 60s, server);
+  runSession(kernel_.home(), [&](Session& s) -> Promise<void> {
+    AGATE_CO_TRY(co_await s.waitForService("ticker"));
+    Result<OpenedBushel> opened = co_await s.openBushel("ticker");
+    CO_CHECK(opened.ok());
+    const caps::Koid koid = opened->koid;
+    rpc::RpcConnection& connection = *opened->connection;
+    std::optional<Promise<EventStream>> pending;
+    {
+      Ticker::Client ticker(opened->connection->bootstrap());
+      auto raw = co_await ticker.rawStream([](auto p) { p.setSlots(4); });
+      CO_CHECK(raw.ok());
+      // open() copies the handle before its first suspension: the response may go now.
+      pending.emplace(EventStream::open(s, connection, raw->results().getEvents()));
+    }                                            // the response and the client go
+    opened = Error(Errc::CANCELLED, "dropped");  // and the OpenedBushel's reference
+    AGATE_CO_TRY(co_await s.close(koid));        // closed while open() waits for the kernel
+    CO_CHECK(s.heldCount() == 1);                // open() still refers to it
+    Result<EventStream> stream = co_await std::move(*pending);
+    CO_CHECK(stream.code() == Errc::DISCONNECTED);
+    pending.reset();
+    for (int i = 0; i < 3; ++i) AGATE_CO_TRY(co_await s.loop().sleep(1ms));
+    CO_CHECK(s.heldCount() == 0);  // then freed
+    co_return {};
+  });
+  ::kill(server, SIGTERM);
+  EXPECT_EQ(reap(server), 0);
+}
+
 TEST_F(EventStreamTest, AnEndWithNothingPendingIsSeenByTheNextCall) {
   const pid_t server = startServer(kernel_.home());
   Watchdog dog("publisher end, not parked", 60s, server);

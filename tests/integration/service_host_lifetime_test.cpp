@@ -306,6 +306,86 @@ TEST(ServiceHostLifetime, AClientKeptForAProxyGoesAsSoonAsTheProxyDoes) {
   EXPECT_TRUE(loop.run(std::move(*serving)).ok());
 }
 
+// A promise pipelined on a call of bushel A is passed on bushel B of the same session (B's
+// export of it refers to A's question), then A is closed with nothing else left on it: the
+// session keeps A while B's export refers to it, and frees both once B is closed too. The
+// promise breaks (A closed before its answer came), and a call through it fails, touching
+// nothing freed.
+TEST(ServiceHostLifetime, AClosedBushelAnotherBushelStillRefersToIsKeptUntilThatOneGoes) {
+  KernelProcess kernel;
+  Watchdog dog("a closed bushel referred to from another", 60s);
+  EventLoop loop;
+  auto kh = std::move(caps::KernelConnection::tryAttach(loop, kernel.home(), "server")).value();
+  auto kc = std::move(caps::KernelConnection::tryAttach(loop, kernel.home(), "client")).value();
+  HubShared shared;
+  std::unique_ptr<ServiceHost> host =
+      std::move(loop.run(ServiceHost::create(*kh, "hub", [&](ServedClient& c) {
+        return std::make_unique<Hub>(c, shared);
+      }))).value();
+  std::optional<Promise<void>> serving;
+  serving.emplace(host->run());
+  size_t heldWhileReferred = 0, heldAtEnd = 99;
+  Status through, registered;
+  {
+    Session s(*kc);
+    auto settle = [&]() -> Promise<void> {
+      for (int i = 0; i < 20; ++i) AGATE_CO_TRY(co_await loop.sleep(1ms));
+      co_return {};
+    };
+    Status done = loop.run(loop.deadline(
+        [&]() -> Promise<void> {
+          Result<OpenedBushel> oa = co_await s.openBushel("hub");
+          AGATE_CO_TRY(oa);
+          Result<OpenedBushel> ob = co_await s.openBushel("hub");
+          AGATE_CO_TRY(ob);
+          const caps::Koid koidA = oa->koid, koidB = ob->koid;
+          RemoteCap hubB = ob->connection->bootstrap();
+          std::optional<rpc::RemotePromise> registering;
+          {
+            RemoteCap hubA = oa->connection->bootstrap();
+            // Nothing is registered yet, so GET_LISTENER would fail: its answer never matters.
+            rpc::RemotePromise pending = callOf(hubA, GET_LISTENER).send();
+            auto req = callOf(hubB, REGISTER);
+            auto p = req.params().initAs<CapParam>();
+            auto index = req.addCap(pending.pipeline({0}));
+            AGATE_CO_TRY(index);
+            rpc::writeCapPointer(p, 0, *index);
+            registering.emplace(req.send());
+          }
+          oa = Error(Errc::CANCELLED, "dropped");
+          AGATE_CO_TRY(co_await s.close(koidA));
+          AGATE_CO_TRY(co_await settle());
+          heldWhileReferred = s.heldCount();
+          Result<rpc::Response> r = co_await std::move(*registering);
+          registered = r ? Status{} : Status(r.error());
+          r = Error(Errc::CANCELLED, "dropped");
+          registering.reset();
+          Result<rpc::Response> got = co_await callOf(hubB, GET_LISTENER).send();
+          if (got) {
+            Result<rpc::Response> ping = co_await callOf(got->getCap(0)->remote, PING).send();
+            through = ping ? Status{} : Status(ping.error());
+          } else {
+            through = got.error();
+          }
+          got = Error(Errc::CANCELLED, "dropped");
+          hubB = RemoteCap();
+          ob = Error(Errc::CANCELLED, "dropped");
+          AGATE_CO_TRY(co_await s.close(koidB));
+          AGATE_CO_TRY(co_await settle());
+          heldAtEnd = s.heldCount();
+          co_return {};
+        }(),
+        20s));
+    EXPECT_TRUE(done.ok()) << describe(done.error());
+  }
+  EXPECT_EQ(heldWhileReferred, 2u) << "A is kept while B's export refers to it";
+  EXPECT_EQ(heldAtEnd, 0u) << "both go once B is closed too";
+  EXPECT_TRUE(registered.ok()) << describe(registered.error());
+  EXPECT_FALSE(through.ok()) << "a call through the broken promise fails";
+  host->stop();
+  EXPECT_TRUE(loop.run(std::move(*serving)).ok());
+}
+
 // A host destroyed without stop() (here: it never ran) takes its service out of the registry,
 // and a client that opened a bushel to it meanwhile is told (its call fails DISCONNECTED, not a
 // hang).

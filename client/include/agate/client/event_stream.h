@@ -160,10 +160,12 @@ class EventStream {
   template <class Client, class R>
   static Promise<EventStream> subscribe(Session& session, const Client& target,
                                         rpc::typed::TypedPromise<R> call) {
-    rpc::RpcConnection* from = target.cap().connection();
+    // Counted across the wait: the caller may let go of `target` meanwhile.
+    rpc::RpcConnection* conn = target.cap().connection();
+    rpc::ConnectionRef from = conn != nullptr ? rpc::ConnectionRef(*conn) : rpc::ConnectionRef();
     auto response = co_await call;
     if (!response) co_return response.error();
-    if (from == nullptr) co_return Error(Errc::INVALID_ARGUMENT, "subscribe on a null client");
+    if (!from) co_return Error(Errc::INVALID_ARGUMENT, "subscribe on a null client");
     co_return co_await open(session, *from, response->results().getEvents());
   }
 
