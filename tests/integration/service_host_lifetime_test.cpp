@@ -243,24 +243,43 @@ TEST(ServiceHostLifetime, AClientsBootstrapObjectPassedOnOutlivesTheClientsHangU
   passOnThenHangUp(Passed::OWN_BOOTSTRAP);
 }
 
+// A hub served in this process, on a real agate-kernel: the tests below read the host's and
+// the sessions' state between steps. attach() adds a client process's kernel connection.
+class InProcessHubTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    server_ = std::move(caps::KernelConnection::tryAttach(loop_, kernel_.home(), "server")).value();
+    host_ = std::move(loop_.run(ServiceHost::create(*server_, "hub", [&](ServedClient& c) {
+              return std::make_unique<Hub>(c, shared_);
+            }))).value();
+    serving_.emplace(host_->run());
+  }
+  void TearDown() override {
+    host_->stop();
+    EXPECT_TRUE(loop_.run(std::move(*serving_)).ok());
+  }
+  std::unique_ptr<caps::KernelConnection> attach(const char* name) {
+    return std::move(caps::KernelConnection::tryAttach(loop_, kernel_.home(), name)).value();
+  }
+
+  KernelProcess kernel_;
+  Watchdog dog_{"an in-process hub", 60s};
+  EventLoop loop_;
+  std::unique_ptr<caps::KernelConnection> server_;
+  HubShared shared_;
+  std::unique_ptr<ServiceHost> host_;
+  std::optional<Promise<void>> serving_;
+};
+
 // Client A registers a listener; client B fetches it, so B's connection at the server holds a
 // proxy (a Forwarder with a reference on A's connection). A hangs up: the host drops A but keeps
 // its connection for the proxy (retired). Once B lets the proxy go, the host frees A's
 // connection at once, with no other event to prompt it (RpcConnection::postWhenUnreferenced).
-TEST(ServiceHostLifetime, AClientKeptForAProxyGoesAsSoonAsTheProxyDoes) {
-  KernelProcess kernel;
-  Watchdog dog("a retired client goes with its proxy", 60s);
-  EventLoop loop;
-  auto kh = std::move(caps::KernelConnection::tryAttach(loop, kernel.home(), "server")).value();
-  auto ka = std::move(caps::KernelConnection::tryAttach(loop, kernel.home(), "client-a")).value();
-  auto kb = std::move(caps::KernelConnection::tryAttach(loop, kernel.home(), "client-b")).value();
-  HubShared shared;
-  std::unique_ptr<ServiceHost> host =
-      std::move(loop.run(ServiceHost::create(*kh, "hub", [&](ServedClient& c) {
-        return std::make_unique<Hub>(c, shared);
-      }))).value();
-  std::optional<Promise<void>> serving;
-  serving.emplace(host->run());
+TEST_F(InProcessHubTest, AClientKeptForAProxyGoesAsSoonAsTheProxyDoes) {
+  EventLoop& loop = loop_;
+  ServiceHost* host = host_.get();
+  auto ka = attach("client-a");
+  auto kb = attach("client-b");
   Listener listener;
   size_t retiredWithProxy = 0, retiredAfter = 1;
   {
@@ -302,8 +321,6 @@ TEST(ServiceHostLifetime, AClientKeptForAProxyGoesAsSoonAsTheProxyDoes) {
   }
   EXPECT_EQ(retiredWithProxy, 1u) << "A's connection is kept while the proxy refers to it";
   EXPECT_EQ(retiredAfter, 0u) << "A's connection is freed once the proxy goes";
-  host->stop();
-  EXPECT_TRUE(loop.run(std::move(*serving)).ok());
 }
 
 // A promise pipelined on a call of bushel A is passed on bushel B of the same session (B's
@@ -311,19 +328,9 @@ TEST(ServiceHostLifetime, AClientKeptForAProxyGoesAsSoonAsTheProxyDoes) {
 // session keeps A while B's export refers to it, and frees both once B is closed too. The
 // promise breaks (A closed before its answer came), and a call through it fails, touching
 // nothing freed.
-TEST(ServiceHostLifetime, AClosedBushelAnotherBushelStillRefersToIsKeptUntilThatOneGoes) {
-  KernelProcess kernel;
-  Watchdog dog("a closed bushel referred to from another", 60s);
-  EventLoop loop;
-  auto kh = std::move(caps::KernelConnection::tryAttach(loop, kernel.home(), "server")).value();
-  auto kc = std::move(caps::KernelConnection::tryAttach(loop, kernel.home(), "client")).value();
-  HubShared shared;
-  std::unique_ptr<ServiceHost> host =
-      std::move(loop.run(ServiceHost::create(*kh, "hub", [&](ServedClient& c) {
-        return std::make_unique<Hub>(c, shared);
-      }))).value();
-  std::optional<Promise<void>> serving;
-  serving.emplace(host->run());
+TEST_F(InProcessHubTest, AClosedBushelAnotherBushelStillRefersToIsKeptUntilThatOneGoes) {
+  EventLoop& loop = loop_;
+  auto kc = attach("client");
   size_t heldWhileReferred = 0, heldAtEnd = 99;
   Status through, registered;
   {
@@ -382,8 +389,6 @@ TEST(ServiceHostLifetime, AClosedBushelAnotherBushelStillRefersToIsKeptUntilThat
   EXPECT_EQ(heldAtEnd, 0u) << "both go once B is closed too";
   EXPECT_TRUE(registered.ok()) << describe(registered.error());
   EXPECT_FALSE(through.ok()) << "a call through the broken promise fails";
-  host->stop();
-  EXPECT_TRUE(loop.run(std::move(*serving)).ok());
 }
 
 // A host destroyed without stop() (here: it never ran) takes its service out of the registry,
