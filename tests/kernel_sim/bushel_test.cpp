@@ -1,7 +1,6 @@
 // Registry, services and bushels: names, duplicates, lookups, and every way a bushel is torn
 // down (last cap, client bank, client death, server death), with the events each side gets and
 // bank usage and the kernel's descriptors back to their baseline.
-#include <dirent.h>
 
 #include <gtest/gtest.h>
 
@@ -9,14 +8,6 @@
 
 namespace agate::kernel::test {
 namespace {
-
-size_t openFdCount() {
-  size_t n = 0;
-  DIR* d = ::opendir("/proc/self/fd");
-  while (::readdir(d)) ++n;
-  ::closedir(d);
-  return n;
-}
 
 struct World {
   Kernel k;
@@ -231,7 +222,7 @@ TEST_P(BushelTeardownTest, TellsThePeerAndReturnsPagesAndDescriptors) {
   World w;
   Handle bank = handleOf(w.k.tryCreateBank(w.client.pid, w.client.bank, 500));
   const uint64_t clientUsed = usedOf(w.k, w.client.pid, w.client.bank);
-  const size_t fdsBefore = openFdCount();
+  const size_t fdsBefore = countOpenFds();
   Opened o = open(w, bank);
   Handle copy = handleOf(w.k.tryCopyCap(w.client.pid, o.bushel, Rights::READ));
   (void)w.k.takeEvents(w.server.pid);  // BUSHEL_OPENED (its descriptors close here)
@@ -284,7 +275,7 @@ TEST_P(BushelTeardownTest, TellsThePeerAndReturnsPagesAndDescriptors) {
       EXPECT_EQ(usedOf(w.k, w.client.pid, w.client.bank), clientUsed);
     }
   }
-  EXPECT_EQ(openFdCount(), fdsBefore) << "the kernel closed both rings' descriptors";
+  EXPECT_EQ(countOpenFds(), fdsBefore) << "the kernel closed both rings' descriptors";
 }
 
 INSTANTIATE_TEST_SUITE_P(AllPaths, BushelTeardownTest,
@@ -294,13 +285,13 @@ INSTANTIATE_TEST_SUITE_P(AllPaths, BushelTeardownTest,
 
 TEST(BushelTest, EventsForADeadProcessAreDroppedWithTheirDescriptors) {
   World w;
-  const size_t fdsBefore = openFdCount();
+  const size_t fdsBefore = countOpenFds();
   (void)open(w, w.client.bank);  // BUSHEL_OPENED with two descriptors queued for the server
   ASSERT_TRUE(w.k.tryKillProcess(w.server.pid).ok());
   EXPECT_TRUE(w.k.takeEvents(w.server.pid).empty());
   EXPECT_EQ(w.k.snapshot().pendingEvents, 2u) << "the client's SERVICE_GONE and BUSHEL_CLOSED";
   (void)w.k.takeEvents(w.client.pid);
-  EXPECT_EQ(openFdCount(), fdsBefore);
+  EXPECT_EQ(countOpenFds(), fdsBefore);
 }
 
 // --- Client-paid server state (tryGrowBushelState) ---

@@ -1,11 +1,11 @@
 // Helpers shared by the kernel_sim tests.
 #pragma once
 
-#include <dirent.h>
 #include <gtest/gtest.h>
 
 #include <cstddef>
 
+#include "../support/proc_self.h"
 #include "agate/kernel/kernel.h"
 
 namespace agate::kernel::test {
@@ -37,13 +37,9 @@ inline uint64_t usedOf(const Kernel& k, ProcessId pid, Handle bank) {
 // Descriptors this process has open (the kernel's memfds, pipes and mappings' descriptors are
 // real ones in the test process).
 inline size_t countOpenFds() {
-  size_t n = 0;
-  DIR* d = ::opendir("/proc/self/fd");
-  EXPECT_NE(d, nullptr);
-  if (!d) return 0;
-  while (::readdir(d)) ++n;
-  ::closedir(d);
-  return n;
+  const int n = agate::testing::openFdCount();
+  EXPECT_GE(n, 0) << "/proc/self/fd is unreadable";
+  return n < 0 ? 0 : static_cast<size_t>(n);
 }
 
 }  // namespace agate::kernel::test

@@ -1,7 +1,6 @@
 // Region calls through the Kernel: real memfds, mapping rights, write sealing, descriptors
 // closed on destroy. The cross-process read-only guarantee is tested in
 // tests/integration/region_readonly_test.cpp.
-#include <dirent.h>
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -12,14 +11,6 @@
 
 namespace agate::kernel::test {
 namespace {
-
-size_t openFdCount() {
-  size_t n = 0;
-  DIR* d = ::opendir("/proc/self/fd");
-  while (::readdir(d)) ++n;
-  ::closedir(d);
-  return n;
-}
 
 TEST(RegionTest, RegionIsASealedMemfdOfItsPages) {
   Kernel k;
@@ -90,24 +81,24 @@ TEST(RegionTest, AWriterThatSealsTheSealsGetsReadersRefused) {
 TEST(RegionTest, DestroyAndDeathCloseTheKernelsDescriptors) {
   Kernel k;
   Proc p = attach(k, 1000);
-  const size_t before = openFdCount();
+  const size_t before = countOpenFds();
   const uint64_t used = usedOf(k, p.pid, p.bank);
   Handle r = handleOf(k.tryCreateRegion(p.pid, p.bank, 4));
   for (int i = 0; i < 5; ++i) (void)handleOf(k.tryCreateRegion(p.pid, p.bank, 2));
-  EXPECT_EQ(openFdCount(), before + 6);
+  EXPECT_EQ(countOpenFds(), before + 6);
   ASSERT_TRUE(k.tryDestroyObject(p.pid, r).ok());
-  EXPECT_EQ(openFdCount(), before + 5);
+  EXPECT_EQ(countOpenFds(), before + 5);
   ASSERT_TRUE(k.tryKillProcess(p.pid).ok());
-  EXPECT_EQ(openFdCount(), before);
+  EXPECT_EQ(countOpenFds(), before);
   (void)used;
 }
 
 TEST(RegionTest, QuotaRefusalMakesNoMemfd) {
   Kernel k;
   Proc p = attach(k, 10);
-  const size_t before = openFdCount();
+  const size_t before = countOpenFds();
   EXPECT_REFUSED_UNCHANGED(k, k.tryCreateRegion(p.pid, p.bank, 100), Errc::QUOTA_EXCEEDED);
-  EXPECT_EQ(openFdCount(), before);
+  EXPECT_EQ(countOpenFds(), before);
 }
 
 }  // namespace
