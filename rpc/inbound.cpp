@@ -89,17 +89,12 @@ Promise<void> RpcConnection::readLoop() {
         Result<RpcConnection*> made = co_await *connecting_;
         connecting_.reset();
         if (!isOpen()) co_return {};
-        if (made) {
-          // The pointer may have gone stale while this reader waited to resume: the connection
-          // may have closed meanwhile and been freed by its owner (a Session frees a closed one
-          // nothing refers to). Only one still in the network's table (an open connection
-          // leaves it as it closes) is used.
-          const auto& table = options_.network->handoffs().connections;
-          const auto live = table.find(connectingVat_);
-          if (live == table.end() || live->second != *made)
-            made = Error(Errc::DISCONNECTED, "the connection to the host vat closed as it opened");
-        }
-        connected_.emplace_back(connectingVat_, made);
+        // A failure is kept for the message's second handling. A connection is not: the
+        // pointer may have gone stale while this reader waited to resume (its owner may free a
+        // connection that closed meanwhile: a Session frees a closed one nothing refers to), so
+        // the second handling asks the network again, which answers at once for a connection
+        // it has open.
+        if (!made) connected_.emplace_back(connectingVat_, made);
       }
       connected_.clear();
       if (!handled) {

@@ -19,10 +19,9 @@
 //
 // The network owns the connections it makes (connect() returns a pointer that stays valid until
 // the network closes that connection; a connection it only registered, a Session's, may be freed
-// by its owner once closed, so a caller that resumes later checks that the connection is still
-// the vat's open one, HandoffTable::connections); it must close every connection of the vat
-// (close()) before destroying any of them, because a handoff in flight holds references on two
-// of them.
+// by its owner once closed, so a caller that resumes later asks again rather than keep the
+// pointer across the wait); it must close every connection of the vat (close()) before
+// destroying any of them, because a handoff in flight holds references on two of them.
 // `LocalNetwork` (local_network.h) is the in-process implementation over LOCAL channels.
 //
 // The base class also holds the vat's handoff state (provisions this vat keeps for others,
