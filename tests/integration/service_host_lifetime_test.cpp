@@ -157,6 +157,18 @@ rpc::Request callOf(const RemoteCap& cap, uint16_t method) {
   return cap.newCall(IFACE, method, 64);
 }
 
+// A call of `method` on `target` whose params carry one capability: a RemoteCap, or an object of
+// this side's exported with the call. Or why the capability could not be added.
+template <class Cap>
+Result<rpc::Request> callWithCap(const RemoteCap& target, uint16_t method, Cap&& cap) {
+  rpc::Request req = callOf(target, method);
+  auto p = req.params().initAs<CapParam>();
+  Result<uint32_t> index = req.addCap(std::forward<Cap>(cap));
+  if (!index) return index.error();
+  rpc::writeCapPointer(p, 0, *index);
+  return req;
+}
+
 enum class Passed { MADE_OBJECT, OWN_BOOTSTRAP };
 
 // Client A passes a capability of its own to client B's listener, through the proxy the server
@@ -182,12 +194,10 @@ void passOnThenHangUp(Passed passed) {
           AGATE_CO_TRY(ob);
           RemoteCap hubB = ob->connection->bootstrap();
           {
-            auto req = callOf(hubB, REGISTER);
-            auto p = req.params().initAs<CapParam>();
-            auto index = req.addCap(static_cast<ServerObject&>(listener));
-            AGATE_CO_TRY(index);
-            rpc::writeCapPointer(p, 0, *index);
-            AGATE_CO_TRY(co_await req.send());
+            Result<rpc::Request> req =
+                callWithCap(hubB, REGISTER, static_cast<ServerObject&>(listener));
+            AGATE_CO_TRY(req);
+            AGATE_CO_TRY(co_await req->send());
           }
           Result<OpenedBushel> oa = co_await sa.openBushel("hub");
           AGATE_CO_TRY(oa);
@@ -202,12 +212,9 @@ void passOnThenHangUp(Passed passed) {
             Result<rpc::Response> got = co_await callOf(hubA, GET_LISTENER).send();
             AGATE_CO_TRY(got);
             proxy = got->getCap(0)->remote;
-            auto req = callOf(proxy, KEEP);
-            auto p = req.params().initAs<CapParam>();
-            auto index = req.addCap(passedOn);
-            AGATE_CO_TRY(index);
-            rpc::writeCapPointer(p, 0, *index);
-            AGATE_CO_TRY(co_await req.send());
+            Result<rpc::Request> req = callWithCap(proxy, KEEP, passedOn);
+            AGATE_CO_TRY(req);
+            AGATE_CO_TRY(co_await req->send());
           }
           EXPECT_EQ(listener.kept.size(), 1u);
           AGATE_CO_TRY(co_await sa.close(oa->koid));  // A hangs up
@@ -289,13 +296,10 @@ TEST_F(InProcessHubTest, AClientKeptForAProxyGoesAsSoonAsTheProxyDoes) {
           Result<OpenedBushel> oa = co_await sa.openBushel("hub");
           AGATE_CO_TRY(oa);
           {
-            RemoteCap hubA = oa->connection->bootstrap();
-            auto req = callOf(hubA, REGISTER);
-            auto p = req.params().initAs<CapParam>();
-            auto index = req.addCap(static_cast<ServerObject&>(listener));
-            AGATE_CO_TRY(index);
-            rpc::writeCapPointer(p, 0, *index);
-            AGATE_CO_TRY(co_await req.send());
+            Result<rpc::Request> req = callWithCap(oa->connection->bootstrap(), REGISTER,
+                                                   static_cast<ServerObject&>(listener));
+            AGATE_CO_TRY(req);
+            AGATE_CO_TRY(co_await req->send());
           }
           Result<OpenedBushel> ob = co_await sb.openBushel("hub");
           AGATE_CO_TRY(ob);
@@ -352,12 +356,9 @@ TEST_F(InProcessHubTest, AClosedBushelAnotherBushelStillRefersToIsKeptUntilThatO
             RemoteCap hubA = oa->connection->bootstrap();
             // Nothing is registered yet, so GET_LISTENER would fail: its answer never matters.
             rpc::RemotePromise pending = callOf(hubA, GET_LISTENER).send();
-            auto req = callOf(hubB, REGISTER);
-            auto p = req.params().initAs<CapParam>();
-            auto index = req.addCap(pending.pipeline({0}));
-            AGATE_CO_TRY(index);
-            rpc::writeCapPointer(p, 0, *index);
-            registering.emplace(req.send());
+            Result<rpc::Request> req = callWithCap(hubB, REGISTER, pending.pipeline({0}));
+            AGATE_CO_TRY(req);
+            registering.emplace(req->send());
           }
           oa = Error(Errc::CANCELLED, "dropped");
           AGATE_CO_TRY(co_await s.close(koidA));

@@ -340,6 +340,34 @@ class CountingTask final : public Task {
   }
 };
 
+// MemberTask calls its owner's (private) member function once per post; destroyed while queued,
+// it leaves the run queue and never runs.
+class Ticker {
+  void tick() noexcept { ++ticks; }  // declared before the task that names it
+
+ public:
+  int ticks = 0;
+  MemberTask<&Ticker::tick> task{*this};
+};
+
+TEST_P(EventLoopTest, AMemberTaskCallsItsOwnersFunctionOncePerPost) {
+  EventLoop loop(options());
+  Ticker t;
+  loop.post(t.task);
+  EXPECT_TRUE(t.task.isQueued());
+  loop.runUntilIdle();
+  EXPECT_EQ(t.ticks, 1);
+  loop.post(t.task);
+  loop.runUntilIdle();
+  EXPECT_EQ(t.ticks, 2);
+  {
+    auto gone = std::make_unique<Ticker>();
+    loop.post(gone->task);
+  }  // destroyed while queued
+  loop.runUntilIdle();
+  EXPECT_EQ(t.ticks, 2);
+}
+
 TEST_P(EventLoopTest, PostsFromSeveralThreadsAllRunOnTheLoopThread) {
   EventLoop loop(options());
   constexpr int THREADS = 4;

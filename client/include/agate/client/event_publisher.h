@@ -129,15 +129,6 @@ class EventPublisher {
   uint64_t rings() const noexcept { return rings_; }
 
  private:
-  class FlushTask final : public Task {
-   public:
-    explicit FlushTask(EventPublisher& p) noexcept : publisher_(p) {}
-
-   private:
-    void run() noexcept override { publisher_.flush(); }
-    EventPublisher& publisher_;
-  };
-
   EventPublisher(caps::KernelConnection& kernel, caps::MappedEventBuffer buffer,
                  caps::Cap<caps::EventBuffer> cap, caps::Cap<caps::Notification> notification,
                  caps::Koid koid, caps::Cap<caps::EventBuffer> clientHandle, StateCharge charge,
@@ -157,7 +148,7 @@ class EventPublisher {
   uint64_t rings_ = 0;
   bool dirty_ = false;   // posts since the last ring
   bool closed_ = false;  // close() destroyed the kernel objects (the destructor does not again)
-  FlushTask flushTask_{*this};
+  MemberTask<&EventPublisher::flush> flushTask_{*this};
 };
 
 }  // namespace agate::client

@@ -285,15 +285,6 @@ class ServiceHost final : private KernelEventListener {
                                                     KernelEvents& events, std::string name,
                                                     ClientFactory factory, ServiceOptions options);
 
-  class ReapTask final : public Task {
-   public:
-    explicit ReapTask(ServiceHost& h) noexcept : host_(h) {}
-
-   private:
-    void run() noexcept override { host_.reap(); }
-    ServiceHost& host_;
-  };
-
   void kernelEvent(caps::KernelEvent& event) noexcept override;
   void kernelGone(const Error& why) noexcept override;
   void accept(caps::KernelEvent& event);
@@ -324,7 +315,7 @@ class ServiceHost final : private KernelEventListener {
   uint64_t refused_ = 0;
   uint64_t closed_ = 0;
   std::optional<Fulfiller<void>> stopped_;  // while run() runs
-  ReapTask reapTask_{*this};
+  MemberTask<&ServiceHost::reap> reapTask_{*this};
   std::deque<caps::Koid> closing_;       // bushels to close in the kernel, oldest first
   bool closerRunning_ = false;           // closeQueued() is working through closing_
   std::optional<Promise<void>> closer_;  // closeQueued(), kept so the host can cancel it

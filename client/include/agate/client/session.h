@@ -63,6 +63,7 @@
 #include "agate/rpc/connection.h"
 #include "agate/runtime/promise.h"
 #include "agate/runtime/result.h"
+#include "agate/runtime/task.h"
 
 namespace agate::client {
 
@@ -155,12 +156,6 @@ class Session final : private KernelEventListener {
   void sweep() noexcept;
   void postSweep() noexcept;
 
-  struct SweepTask final : Task {
-    explicit SweepTask(Session& s) noexcept : session(s) {}
-    void run() noexcept override { session.sweep(); }
-    Session& session;
-  };
-
   std::unique_ptr<KernelEvents> ownEvents_;  // Session(kernel) only; first: destroyed last
   KernelEvents& events_;
   caps::KernelConnection& kernel_;
@@ -168,8 +163,8 @@ class Session final : private KernelEventListener {
   caps::Cap<caps::SpaceBank> bank_;
   std::vector<std::unique_ptr<Entry>> entries_;
   std::string lastServiceName_;
-  Error kernelGone_{};          // set when the kernel connection died
-  SweepTask sweepTask_{*this};  // unlinks itself from the loop's queue with the session
+  Error kernelGone_{};                            // set when the kernel connection died
+  MemberTask<&Session::sweep> sweepTask_{*this};  // unlinks itself from the loop's queue with us
 };
 
 }  // namespace agate::client

@@ -97,6 +97,7 @@
 #include "agate/runtime/message_channel.h"
 #include "agate/runtime/promise.h"
 #include "agate/runtime/result.h"
+#include "agate/runtime/task.h"
 #include "rpc.capnp.h"
 
 namespace agate::rpc {
@@ -1177,17 +1178,6 @@ class RpcConnection {
   void teardown();
   void afterRingClosed();
   void enqueue(detail::SpillBuffer* message);
-
-  // Runs a member function of the connection from the loop (teardown, the worklist).
-  template <void (RpcConnection::*F)()>
-  class MemberTask final : public Task {
-   public:
-    explicit MemberTask(RpcConnection& c) noexcept : c_(c) {}
-
-   private:
-    void run() noexcept override { (c_.*F)(); }
-    RpcConnection& c_;
-  };
 
   MessageSender& tx_;
   MessageReceiver& rx_;

@@ -71,4 +71,31 @@ class FunctionTask final : public Task {
   F f_;
 };
 
+namespace detail {
+template <class M>
+struct MemberOwner;
+template <class C>
+struct MemberOwner<void (C::*)()> {
+  using type = C;
+};
+template <class C>
+struct MemberOwner<void (C::*)() noexcept> {
+  using type = C;
+};
+}  // namespace detail
+
+// A Task that calls member function F of its owner, kept as a member of that owner so that it
+// lives and dies with it: `MemberTask<&Owner::flush> flushTask_{*this};`, then
+// `loop.post(flushTask_)`. F may be private; it must be declared before the task member.
+template <auto F>
+class MemberTask final : public Task {
+ public:
+  using Owner = typename detail::MemberOwner<decltype(F)>::type;
+  explicit MemberTask(Owner& owner) noexcept : owner_(owner) {}
+
+ private:
+  void run() noexcept override { (owner_.*F)(); }
+  Owner& owner_;
+};
+
 }  // namespace agate
