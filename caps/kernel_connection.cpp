@@ -1,4 +1,5 @@
 #include "agate/caps/kernel_connection.h"
+#include "agate/caps/process_info.h"
 
 #include <errno.h>
 #include <poll.h>
@@ -635,15 +636,7 @@ Status KernelConnection::complete(Reader c) {
     }
     case Which::PROCESSES:
       reply.nextCursor = c.getNextCursor();
-      for (auto p : c.getProcesses()) {
-        ProcessInfo& info = reply.processes.emplace_back(ProcessInfo{
-            p.getPid(), p.getOsPid(), p.getUid(), p.getName().cStr(), p.getBank(), p.getCaps()});
-        // For display only: a list longer than the schema allows is cut to its bound.
-        auto services = p.getServices();
-        const unsigned shown = std::min<unsigned>(services.size(), wire::MAX_SERVICES_LISTED);
-        for (unsigned i = 0; i < shown; ++i) info.services.emplace_back(services[i].cStr());
-        info.serviceCount = std::max<uint32_t>(p.getServiceCount(), shown);
-      }
+      for (auto p : c.getProcesses()) reply.processes.push_back(decodeProcessInfo(p));
       break;
     case Which::BANKS:
       reply.nextCursor = c.getNextCursor();
@@ -1103,6 +1096,16 @@ Promise<KernelEvent> KernelConnection::nextEvent() {
   auto [promise, fulfiller] = newPromiseAndFulfiller<KernelEvent>();
   eventWaiter_.emplace(std::move(fulfiller));
   return std::move(promise);
+}
+
+ProcessInfo decodeProcessInfo(wire::ProcessInfo::Reader p) {
+  ProcessInfo info{p.getPid(),         p.getOsPid(), p.getUid(),
+                   p.getName().cStr(), p.getBank(),  p.getCaps()};
+  auto services = p.getServices();
+  const unsigned shown = std::min<unsigned>(services.size(), wire::MAX_SERVICES_LISTED);
+  for (unsigned i = 0; i < shown; ++i) info.services.emplace_back(services[i].cStr());
+  info.serviceCount = std::max<uint32_t>(p.getServiceCount(), shown);
+  return info;
 }
 
 }  // namespace agate::caps
