@@ -40,19 +40,31 @@ void ClientQuota::refund(uint64_t bytes) noexcept {
   used_ -= bytes;
 }
 
-Promise<StateCharge> ClientQuota::charge(uint64_t bytes) {
-  if (bytes == 0) co_return Error(Errc::INVALID_ARGUMENT, "a state charge of 0 bytes");
-  // Sizes often come from the client (count x size): one larger than a growth may be can never be
-  // paid, and refusing it first keeps used_ + bytes from wrapping.
-  if (bytes > kernel::Bushel::MAX_STATE_GROWTH * kernel::PAGE_BYTES)
-    co_return Error(Errc::INVALID_ARGUMENT, "a state charge larger than one growth may be");
-  // Loop: another charge may take what a growth granted while this one waited for the kernel.
-  while (used_ + bytes > allowanceBytes()) {
-    const uint64_t missing =
-        (used_ + bytes - allowanceBytes() + kernel::PAGE_BYTES - 1) / kernel::PAGE_BYTES;
-    const uint64_t ask = std::max(growthPages_, missing);
-    if (ask > kernel::Bushel::MAX_STATE_GROWTH)
-      co_return Error(Errc::INVALID_ARGUMENT, "a state charge larger than one growth may be");
+size_t ClientQuota::available() const noexcept { return allowanceBytes() - used_; }
+
+bool ClientQuota::take(size_t bytes) noexcept {
+  if (bytes > available()) return false;
+  used_ += bytes;
+  connection_ += bytes;
+  return true;
+}
+
+void ClientQuota::give(size_t bytes) noexcept {
+  AGATE_ASSERT(bytes <= connection_, "the connection gives back %zu bytes of %lu it took", bytes,
+               static_cast<unsigned long>(connection_));
+  connection_ -= bytes;
+  refund(bytes);
+}
+
+Promise<void> ClientQuota::grow(size_t bytes) { return makeRoom(bytes); }
+
+// Loops: another charge may take what a growth granted while this one waited for the kernel,
+// and what is missing may be more than one growth.
+Promise<void> ClientQuota::makeRoom(uint64_t bytes) {
+  while (bytes > available()) {
+    const uint64_t missing = (bytes - available() + kernel::PAGE_BYTES - 1) / kernel::PAGE_BYTES;
+    const uint64_t ask =
+        std::min<uint64_t>(std::max(growthPages_, missing), kernel::Bushel::MAX_STATE_GROWTH);
     Result<uint64_t> granted = co_await kernel_.growBushelState(service_, bushel_, ask);
     if (!granted) {
       if (granted.code() == Errc::QUOTA_EXCEEDED)
@@ -60,6 +72,20 @@ Promise<StateCharge> ClientQuota::charge(uint64_t bytes) {
       co_return granted.error();
     }
     pages_ = std::max(pages_, *granted);
+  }
+  co_return {};
+}
+
+Promise<StateCharge> ClientQuota::charge(uint64_t bytes) {
+  if (bytes == 0) co_return Error(Errc::INVALID_ARGUMENT, "a state charge of 0 bytes");
+  // Sizes often come from the client (count x size): one larger than a growth may be can never be
+  // paid, and refusing it first keeps used_ + bytes from wrapping.
+  if (bytes > kernel::Bushel::MAX_STATE_GROWTH * kernel::PAGE_BYTES)
+    co_return Error(Errc::INVALID_ARGUMENT, "a state charge larger than one growth may be");
+  // Loop: the connection may take what the growth granted while this charge waited for it.
+  while (bytes > available()) {
+    Status room = co_await makeRoom(bytes);
+    if (!room) co_return room.error();
   }
   used_ += bytes;
   co_return StateCharge(this, bytes);
@@ -261,6 +287,7 @@ void ServiceHost::accept(KernelEvent& event) {
   rpcOptions.sharedBootstrap = client->bootstrap_;  // null: the client's calls to it fail
   rpcOptions.network = nullptr;
   rpcOptions.peerVat = rpc::NO_VAT;
+  if (options_.chargeConnections) rpcOptions.budget = &client->quota();
   // The client's identity comes from the kernel (never from the client): the peer vat a
   // provider checks an Accept against. A process's bushel to its own service joins no vat.
   const bool joinsVat = options_.network != nullptr && event.peer != kernel_.pid();

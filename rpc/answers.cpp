@@ -13,8 +13,15 @@ using namespace internal;
 
 // The (free) entry for a new answer `id`: a Call, Provide or Accept naming it.
 RpcConnection::Answer& RpcConnection::answerAt(uint32_t id) {
-  if (id >= answers_.size()) answers_.resize(id + 1);
-  if (!answers_[id]) answers_[id] = std::make_unique<Answer>(id);
+  if (id >= answers_.size()) {
+    const size_t before = answers_.capacity();
+    answers_.resize(id + 1);
+    chargeGrowth(answers_, before);
+  }
+  if (!answers_[id]) {
+    answers_[id] = std::make_unique<Answer>(id);
+    charge(sizeof(Answer));
+  }
   Answer& a = *answers_[id];
   // A Finish crossing the id's last (noFinishNeeded) Return would have arrived before this
   // message: the caller reuses an id only after reading that Return.
@@ -129,10 +136,18 @@ Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
 }
 
 // A private copy of call `a`, to keep it waiting here; null when the copies kept would pass
-// RpcOptions::maxQueuedCallBytes, and the call is then failed (OUT_OF_MEMORY).
+// RpcOptions::maxQueuedCallBytes (the call is then failed: OUT_OF_MEMORY), or when a new buffer
+// for it is more than RpcOptions::budget pays for (QUOTA_EXCEEDED).
 detail::SpillBuffer* RpcConnection::copyToQueue(Answer& a, IncomingMessage& message,
                                                 const Decoded& d) {
   detail::SpillBuffer* copy = copyCall(message, d);
+  if (copy == nullptr) {
+    ++stats_.callsRefusedQuota;
+    failAnswer(a, Error(Errc::QUOTA_EXCEEDED,
+                        "the caller's quota cannot pay for keeping this call until it can be "
+                        "delivered (RpcOptions::budget)"));
+    return nullptr;
+  }
   if (queuedCallBytes_ + copy->capacity() > options_.maxQueuedCallBytes) {
     giveSpill(copy);
     ++stats_.callsRefusedQueueFull;
@@ -169,7 +184,8 @@ detail::SpillBuffer* RpcConnection::copyCall(IncomingMessage& message, const Dec
                                  d.targetIsAnswer, d.targetId, {d.path.data(), d.pathLength});
     bytes = std::as_bytes(std::span<const uint64_t>(words.data(), n));
   }
-  detail::SpillBuffer* copy = takeSpill(bytes.size());
+  detail::SpillBuffer* copy = takeSpill(bytes.size(), /*refusable=*/true);
+  if (copy == nullptr) return nullptr;
   std::memcpy(copy->words.get(), bytes.data(), bytes.size());
   copy->usedBytes = copy->dirtyBytes = bytes.size();
   return copy;

@@ -29,6 +29,7 @@ RpcConnection::RpcConnection(MessageSender& tx, MessageReceiver& rx, EventLoop& 
       options_(options),
       answerPools_(std::make_unique<AnswerPools>()),
       replayReader_(rx.limits()),
+      debtTask_(*this),
       teardownTask_(*this),
       worklistTask_(*this),
       finishTask_(*this),
@@ -114,7 +115,9 @@ RpcConnection::~RpcConnection() {
   AGATE_REQUIRE(handles_ == 0,
                 "%llu RemoteCap/Request/RemotePromise/Response handles outlive their connection",
                 static_cast<unsigned long long>(handles_));
-  // Spill buffers are owned by spillStore_; nothing else to free.
+  // Spill buffers are owned by spillStore_; nothing else to free. What the budget paid for
+  // goes back with them (what it never paid for was never taken).
+  if (options_.budget != nullptr && charged_ != 0) options_.budget->give(charged_);
 }
 
 void RpcConnection::close(Error reason) { fail(reason); }
@@ -126,6 +129,71 @@ void RpcConnection::postUnreferenced() noexcept {
 void RpcConnection::shutdown(Error reason) {
   fail(reason);                       // posts the teardown
   if (dispatching_ == 0) teardown();  // else the running method and its object go after it
+}
+
+// ---------------------------------------------------------------------------------------------
+// RpcOptions::budget: what this side allocates for the peer, charged to it
+
+void RpcConnection::charge(size_t bytes) noexcept {
+  StateBudget* budget = options_.budget;
+  if (budget == nullptr || bytes == 0) return;
+  if (debt_ == 0 && budget->take(bytes)) {
+    charged_ += bytes;
+    return;
+  }
+  // Owed: allocated already (a reply, a table entry), so asked for from a task of its own; the
+  // reader reads nothing more until it is paid.
+  debt_ += bytes;
+  if (!payingDebt_ && isOpen() && !debtTask_.isQueued()) loop_.post(debtTask_);
+}
+
+bool RpcConnection::tryCharge(size_t bytes) noexcept {
+  StateBudget* budget = options_.budget;
+  if (budget == nullptr || bytes == 0) return true;
+  if (debt_ != 0 || !budget->take(bytes)) return false;
+  charged_ += bytes;
+  return true;
+}
+
+void RpcConnection::settleDebt() noexcept {
+  if (debt_ != 0 && options_.budget->take(debt_)) charged_ += std::exchange(debt_, 0);
+}
+
+void RpcConnection::startPayingDebt() {
+  if (payingDebt_ || debt_ == 0 || !isOpen()) return;
+  payingDebt_ = true;
+  debtPayment_.emplace(payDebt());  // the last one has finished (payingDebt_ was clear)
+}
+
+Promise<void> RpcConnection::payDebt() {
+  while (debt_ != 0 && isOpen()) {
+    Status grown = co_await options_.budget->grow(debt_);
+    if (!isOpen()) break;
+    settleDebt();
+    if (!grown && debt_ != 0) {
+      endForQuota(grown.error());
+      break;
+    }
+  }
+  payingDebt_ = false;
+  co_return {};
+}
+
+// What the reader has the budget cover before it reads a message of `frameBytes`: a copy of it
+// (a call kept to deliver later; none for 0) and the table entries it may add.
+size_t RpcConnection::readHeadroom(size_t frameBytes) const noexcept {
+  constexpr size_t ENTRIES_BYTES = 1024;  // an answer, and the import and export slots it adds
+  if (frameBytes == 0) return ENTRIES_BYTES;
+  const size_t copy = size_t{1} << (sizeClassFor(frameBytes) + MIN_CLASS_SHIFT);
+  return copy + sizeof(detail::SpillBuffer) + ENTRIES_BYTES;
+}
+
+void RpcConnection::endForQuota(const Error& why) {
+  Error e(Errc::QUOTA_EXCEEDED,
+          "the peer's quota cannot pay for what this side holds for it (RpcOptions::budget)");
+  if (why.code != Errc::QUOTA_EXCEEDED) e = why;
+  sendAbort(e);  // the peer learns why
+  fail(e);
 }
 
 Promise<void> RpcConnection::onDisconnect() {
@@ -201,6 +269,9 @@ void RpcConnection::teardown() {
     connecting_.reset();
   }
   if (!inPump_) pump_.reset();
+  // Parked on the budget's growth, or finished (never running: it does not tear down).
+  debtPayment_.reset();
+  payingDebt_ = false;
   if (detachPending_ && !ringOpen_ && !pumpRunning_) {
     tx_.sender().detach();
     detachPending_ = false;
@@ -259,7 +330,9 @@ Result<uint32_t> RpcConnection::exportObject(ServerObject* object,
     exportFree_ = exports_[id].nextFree;
   } else {
     id = static_cast<uint32_t>(exports_.size());
+    const size_t before = exports_.capacity();
     exports_.emplace_back();
+    chargeGrowth(exports_, before);
   }
   Export& e = exports_[id];
   e = Export{};
@@ -317,7 +390,11 @@ void RpcConnection::maybeFreeExport(uint32_t id) noexcept {
 }
 
 void RpcConnection::importRef(uint32_t id) noexcept {
-  if (id >= imports_.size()) imports_.resize(id + 1);
+  if (id >= imports_.size()) {
+    const size_t before = imports_.capacity();
+    imports_.resize(id + 1);
+    chargeGrowth(imports_, before);
+  }
   if (imports_[id].localRefs++ != 0) return;
   ++importsLive_;
   // Taken afresh: what the message names it as decides (noteImported). A promise flag left from

@@ -65,6 +65,27 @@ Promise<void> RpcConnection::readLoop() {
         co_return {};
       }
       ++stats_.messagesReceived;
+      // RpcOptions::budget: room for what this message may add, and what is owed, before it is
+      // read (the frame stays in place meanwhile).
+      if (options_.budget != nullptr &&
+          (debt_ != 0 || options_.budget->available() < readHeadroom(in->bytes().size()))) {
+        ++stats_.budgetWaits;
+        rx_.receiver().flushReleases();
+        Status grown = co_await options_.budget->grow(debt_ + readHeadroom(in->bytes().size()));
+        if (!grown && isOpen()) {
+          // No room for a copy of it: room for what is owed and the table entries it adds is
+          // enough to read it (a call it would keep waiting then fails alone: copyToQueue).
+          grown = co_await options_.budget->grow(debt_ + readHeadroom(0));
+        }
+        if (!isOpen()) co_return {};
+        settleDebt();
+        if (!grown && debt_ != 0) {
+          endForQuota(grown.error());
+          co_return {};
+        }
+        // Not grown, nothing owed: the message is read. What it adds is taken if it fits what is
+        // left; a call it would keep waiting fails alone (copyToQueue), anything else is owed.
+      }
       Status handled = {};
       for (;;) {
         inReader_ = true;
@@ -720,6 +741,7 @@ Status RpcConnection::handleReturn(IncomingMessage& message, const Decoded& d) {
       } else {
         responseStore_.push_back(std::make_unique<detail::ResponseSlot>(rx_.limits()));
         slot = responseStore_.back().get();
+        charge(sizeof(detail::ResponseSlot));
       }
       if (d.thirdPartyCount > 0) slot->handedOff.resize(d.capCount);
       for (uint32_t i = 0; d.thirdPartyCount > 0 && i < d.capCount; ++i) {

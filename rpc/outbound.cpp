@@ -42,13 +42,19 @@ void giveTableBlock(RpcConnection& pool, SpillBuffer* buffer, size_t dirtyBytes)
 // ---------------------------------------------------------------------------------------------
 // Outbound: ring frames, spill buffers, the queue and the pump
 
-detail::SpillBuffer* RpcConnection::takeSpill(size_t bytes) {
+detail::SpillBuffer* RpcConnection::takeSpill(size_t bytes, bool refusable) {
   const uint32_t k = sizeClassFor(bytes);
   AGATE_REQUIRE(k < spillFree_.size(), "spill of %zu bytes", bytes);
   if (detail::SpillBuffer* b = spillFree_[k]) {
     spillFree_[k] = b->next;
     b->next = nullptr;
     return b;
+  }
+  const size_t cost = (size_t{1} << (k + MIN_CLASS_SHIFT)) + sizeof(detail::SpillBuffer);
+  if (refusable) {
+    if (!tryCharge(cost)) return nullptr;
+  } else {
+    charge(cost);
   }
   auto b = std::make_unique<detail::SpillBuffer>();
   const size_t words = (size_t{1} << (k + MIN_CLASS_SHIFT)) / WORD_BYTES;

@@ -13,9 +13,10 @@ interface Store {
   ping @1 (work :UInt32) -> (served :UInt64);
   # Never returns; counted in `hanging` until cancelled.
   hang @2 () -> ();
-  # The caller's quota, and the whole server's state.
+  # The caller's quota (`mine`: its objects' bytes; `connection`: its connection's), and the
+  # whole server's state.
   stats @3 () -> (clients :UInt32, mine :UInt64, allowancePages :UInt64, totalHeld :UInt64,
-                  hanging :UInt32, dropped :UInt64);
+                  hanging :UInt32, dropped :UInt64, connection :UInt64);
   # Breaks the store's rules: the server disconnects the caller (ServedClient::disconnect), which
   # closes its bushel in the kernel. Never answered.
   misbehave @4 () -> ();

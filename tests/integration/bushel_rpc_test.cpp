@@ -131,7 +131,8 @@ class StoreImpl final : public Store::Server {
     auto results = context.initResults();
     if (!results) return readyPromise<void>(results.error());
     results->setClients(shared_.clients);
-    results->setMine(client_.quota().usedBytes());
+    results->setMine(client_.quota().usedBytes() - client_.quota().connectionBytes());
+    results->setConnection(client_.quota().connectionBytes());
     results->setAllowancePages(client_.quota().allowancePages());
     results->setTotalHeld(shared_.totalHeld);
     results->setHanging(shared_.hanging);
@@ -178,14 +179,15 @@ struct StatsView {
   uint64_t totalHeld = 0;
   uint32_t hanging = 0;
   uint64_t dropped = 0;
+  uint64_t connection = 0;
 };
 
 Promise<StatsView> statsOf(const Store::Client& store) {
   auto r = co_await store.stats();
   if (!r) co_return r.error();
   auto s = r->results();
-  co_return StatsView{s.getClients(),   s.getMine(),    s.getAllowancePages(),
-                      s.getTotalHeld(), s.getHanging(), s.getDropped()};
+  co_return StatsView{s.getClients(), s.getMine(),    s.getAllowancePages(), s.getTotalHeld(),
+                      s.getHanging(), s.getDropped(), s.getConnection()};
 }
 
 // Polls stats until `done` holds (the server learns of closes and deaths asynchronously).
@@ -317,7 +319,9 @@ TEST_F(BushelRpcTest, TheBushelAndTheStateItCausesArePaidFromTheClientsBankAndCo
         items.push_back(getItem(*held, held->results())->remote);
       }
       Result<StatsView> st = co_await statsOf(store);
-      CO_CHECK(st.ok() && st->mine == 40000 && st->allowancePages >= 10);
+      // The connection's buffers and table entries are paid from the same quota.
+      CO_CHECK(st.ok() && st->mine == 40000 && st->connection > 0);
+      CO_CHECK(st->allowancePages * 4096 >= st->mine + st->connection);
       CO_CHECK((co_await usedOf(s.kernel(), *bank)).value() == rings + st->allowancePages);
     }  // the Items are released: their bytes go back to the quota (the allowance stays)
     Result<StatsView> st = co_await statsWhen(s.loop(), store, [](auto v) { return v.mine == 0; });
@@ -363,8 +367,13 @@ TEST_F(BushelRpcTest, AFloodingClientRunsIntoItsOwnQuotaWhileOtherClientsAndTheS
       }
     }
     CO_CHECK(refused.code == Errc::QUOTA_EXCEEDED);
-    CO_CHECK(hoard.size() >= 30 && hoard.size() <= 32);  // 8 pages of 1000-byte items
     CO_CHECK((co_await usedOf(s.kernel(), *tight)).value() == rings + 8);
+    // 8 pages of 1000-byte items, less what the flooder's connection holds: the hold refused
+    // did not fit in what was left.
+    Result<StatsView> mine = co_await statsOf(flooder);
+    CO_CHECK(mine.ok() && mine->mine == hoard.size() * 1000 && mine->connection > 0);
+    CO_CHECK(mine->mine + mine->connection <= 8 * 4096);
+    CO_CHECK(mine->mine + mine->connection + 1000 > 8 * 4096);
     // The flooder's connection is fine (only its hold was refused), and so is everyone else.
     CO_CHECK((co_await flooder.ping()).ok());
     auto otherHeld = co_await other.hold([](auto p) { p.setBytes(1000); });

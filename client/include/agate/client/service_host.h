@@ -120,13 +120,15 @@ class [[nodiscard]] StateCharge {
 };
 
 // The server state one client pays for: an allowance in pages, granted by the kernel from the
-// bank that paid for the bushel, and the bytes charged against it.
-class ClientQuota {
+// bank that paid for the bushel, and the bytes charged against it: by the server's objects
+// (charge(), a StateCharge each) and by the client's connection (as its rpc::StateBudget: the
+// buffers and table entries it allocates for the client, given back when it goes).
+class ClientQuota final : public rpc::StateBudget {
  public:
   ClientQuota(caps::KernelConnection& kernel, caps::Cap<caps::Service> service, caps::Koid bushel,
               uint64_t growthPages) noexcept
       : kernel_(kernel), service_(service), bushel_(bushel), growthPages_(growthPages) {}
-  ~ClientQuota();  // asserts every charge came back
+  ~ClientQuota() override;  // asserts every charge came back
   ClientQuota(const ClientQuota&) = delete;
   ClientQuota& operator=(const ClientQuota&) = delete;
 
@@ -136,21 +138,33 @@ class ClientQuota {
   // bytes; DISCONNECTED if the kernel connection died. Nothing is charged on failure.
   Promise<StateCharge> charge(uint64_t bytes);
 
-  uint64_t usedBytes() const noexcept { return used_; }
+  uint64_t usedBytes() const noexcept { return used_; }  // by objects and connection together
+  uint64_t connectionBytes() const noexcept { return connection_; }  // of which the connection's
   uint64_t allowanceBytes() const noexcept;
   uint64_t allowancePages() const noexcept { return pages_; }
   caps::KernelConnection& kernel() const noexcept { return kernel_; }
 
+  // rpc::StateBudget, for the client's connection. grow() asks the kernel as charge() does
+  // (growthPages at least, in growths of at most MAX_STATE_GROWTH pages).
+  size_t available() const noexcept override;
+  bool take(size_t bytes) noexcept override;
+  void give(size_t bytes) noexcept override;
+  Promise<void> grow(size_t bytes) override;
+
  private:
   friend class StateCharge;
   void refund(uint64_t bytes) noexcept;
+  // Grows the allowance until `bytes` more fit: at most one growth's worth (`limit` pages) per
+  // kernel call.
+  Promise<void> makeRoom(uint64_t bytes);
 
   caps::KernelConnection& kernel_;
   caps::Cap<caps::Service> service_;
   caps::Koid bushel_;
   uint64_t growthPages_;
-  uint64_t pages_ = 0;  // granted by the kernel (the bushel's statePages)
-  uint64_t used_ = 0;   // bytes charged, <= pages_ * page size
+  uint64_t pages_ = 0;       // granted by the kernel (the bushel's statePages)
+  uint64_t used_ = 0;        // bytes charged, <= pages_ * page size
+  uint64_t connection_ = 0;  // of which taken by the connection (rpc::StateBudget)
 };
 
 class ServedClient;
@@ -171,6 +185,12 @@ struct ServiceOptions {
   uint32_t messagesPerTurn = 16;
   // Pages asked of a client's bank each time its state outgrows its allowance.
   uint64_t stateGrowthPages = 4;
+  // Charge each client's connection to its quota (rpc::RpcOptions::budget): the message
+  // buffers and table entries it allocates for the client, as it allocates them. A client whose
+  // bank cannot pay has a call that would wait here refused (QUOTA_EXCEEDED), or, for anything
+  // else, is disconnected with QUOTA_EXCEEDED. Off: the bounds of `rpc` alone limit what the
+  // server holds for a client.
+  bool chargeConnections = true;
   // The vat the clients' connections belong to (three-party handoff), or none. Not owned.
   KernelVats* network = nullptr;
   // serveService only: run a KernelVats of its own as `network` (clients may hand the service

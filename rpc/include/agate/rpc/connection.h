@@ -676,6 +676,26 @@ class CapPromise {
   std::shared_ptr<detail::PromiseNode> node_;
 };
 
+// What a connection allocates on its peer's behalf is charged to the peer through one of these
+// (RpcOptions::budget): a server makes each client pay for what its connection holds for it
+// (client::ClientQuota is one: the bushel's state allowance, paid by the client's bank). Each
+// message buffer and table entry is charged when it is allocated; they are pooled, so each is
+// charged once, and the total is given back when the connection is destroyed.
+class StateBudget {
+ public:
+  virtual ~StateBudget() = default;
+  // Bytes take() can take now.
+  virtual size_t available() const noexcept = 0;
+  // Takes `bytes` if available() covers them; false, nothing taken, otherwise.
+  virtual bool take(size_t bytes) noexcept = 0;
+  // Gives back bytes take() took.
+  virtual void give(size_t bytes) noexcept = 0;
+  // Settles once available() >= `bytes`, taking nothing: with QUOTA_EXCEEDED when the peer's
+  // quota cannot pay that much, another error when the budget could not ask. Dropping the
+  // promise stops the asking.
+  virtual Promise<void> grow(size_t bytes) = 0;
+};
+
 struct RpcOptions {
   // Export 0: the object the peer reaches with bootstrap(). Not owned; outlives the connection,
   // and every other connection it is passed on to (a server's own objects passed on are
@@ -769,6 +789,16 @@ struct RpcOptions {
   // connection) and the vat id of the peer, as the network authenticated it. Both or neither.
   VatNetwork* network = nullptr;
   VatId peerVat = NO_VAT;
+  // Charges the peer for what this connection allocates on its behalf (StateBudget): message
+  // buffers (copies of its calls kept to deliver later, replies waiting for it to read, results
+  // built aside) and table entries (answers, imports, exports). Not owned; outlives the
+  // connection. Null: nothing is charged, and only the bounds above hold. Before it reads each
+  // message the reader makes the budget cover that message's copy and its table entries, and
+  // waits while the budget grows. A call that would be kept waiting here and that the budget
+  // cannot pay fails alone with QUOTA_EXCEEDED (RpcStats::callsRefusedQuota). Anything else it
+  // cannot pay ends the connection with QUOTA_EXCEEDED: a peer cannot make this side hold more
+  // for it than its quota pays for.
+  StateBudget* budget = nullptr;
 };
 
 // Message counters (tests assert protocol behaviour with them; benchmarks report them).
@@ -815,6 +845,10 @@ struct RpcStats {
   uint64_t callsAwaitingParamAnswers = 0;
   // Calls that had to wait here and were refused (OUT_OF_MEMORY): RpcOptions::maxQueuedCallBytes.
   uint64_t callsRefusedQueueFull = 0;
+  // Calls that had to wait here and that RpcOptions::budget could not pay for (QUOTA_EXCEEDED).
+  uint64_t callsRefusedQuota = 0;
+  // Times the reader waited for RpcOptions::budget to grow before it read on.
+  uint64_t budgetWaits = 0;
   // Calls held behind such a call on the same export, to keep E-order (callee side).
   uint64_t callsQueuedBehind = 0;
   // Calls this side held until Returns freed reply space (RpcOptions::whenReplySpaceIsFull).
@@ -955,7 +989,9 @@ class RpcConnection {
   void abandonOut(detail::OutSlot& slot) noexcept;
   void flushQueue();
   Promise<void> pumpWhileFull();
-  detail::SpillBuffer* takeSpill(size_t bytes);
+  // A pooled buffer of at least `bytes`. One newly allocated is charged (RpcOptions::budget):
+  // owed if the budget cannot pay now, or, `refusable`, refused (null) instead.
+  detail::SpillBuffer* takeSpill(size_t bytes, bool refusable = false);
   void giveSpill(detail::SpillBuffer* buffer) noexcept;
   Status sendWords(std::span<const uint64_t> words, OutKind kind);
   void buildCall(Request& request);
@@ -1176,6 +1212,19 @@ class RpcConnection {
 
   void fail(Error reason);
   void teardown();
+  // RpcOptions::budget. charge(): what it cannot pay now is owed. tryCharge(): false, nothing
+  // charged, when it cannot pay now.
+  void charge(size_t bytes) noexcept;
+  bool tryCharge(size_t bytes) noexcept;
+  template <class T>
+  void chargeGrowth(const std::vector<T>& table, size_t capacityBefore) noexcept {
+    if (table.capacity() > capacityBefore) charge((table.capacity() - capacityBefore) * sizeof(T));
+  }
+  void settleDebt() noexcept;
+  void startPayingDebt();
+  Promise<void> payDebt();
+  size_t readHeadroom(size_t frameBytes) const noexcept;
+  void endForQuota(const Error& why);
   void afterRingClosed();
   void enqueue(detail::SpillBuffer* message);
 
@@ -1273,6 +1322,13 @@ class RpcConnection {
   std::unique_ptr<AnswerPools> answerPools_;  // large vectors of answer entries, reused
   // Decodes this side's private copies (queued calls, results kept for pipelining).
   FrameReader replayReader_;
+  // RpcOptions::budget: bytes taken from it; bytes allocated that it has not paid for yet,
+  // asked for by payDebt() (a task of its own) or by the reader before it reads on.
+  size_t charged_ = 0;
+  size_t debt_ = 0;
+  bool payingDebt_ = false;
+  std::optional<Promise<void>> debtPayment_;
+  MemberTask<&RpcConnection::startPayingDebt> debtTask_;
   MemberTask<&RpcConnection::teardown> teardownTask_;
   MemberTask<&RpcConnection::runWorklist> worklistTask_;
   MemberTask<&RpcConnection::flushFinishes> finishTask_;

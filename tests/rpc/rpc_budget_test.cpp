@@ -1,0 +1,218 @@
+// RpcOptions::budget: what a connection allocates on its peer's behalf (message buffers, table
+// entries) is charged to the peer through a StateBudget. The reader makes room before it reads
+// each message and waits while the budget grows; a call that would be kept waiting and cannot be
+// paid fails alone with QUOTA_EXCEEDED; anything else the budget cannot pay ends the connection
+// with QUOTA_EXCEEDED; everything taken is given back when the connection goes.
+#include <gtest/gtest.h>
+
+#include <map>
+#include <optional>
+#include <vector>
+
+#include "rpc_harness.h"
+#include "rpc_raw_peer.h"
+
+namespace agate::rpc::test {
+namespace {
+
+// A budget whose allowance grows in pages up to `limit` bytes. A grow() either settles on the
+// loop's next turn or, `manual`, waits until the test releases it.
+class TestBudget final : public StateBudget {
+ public:
+  static constexpr size_t PAGE = 4096;
+
+  size_t available() const noexcept override { return allowance - used; }
+  bool take(size_t bytes) noexcept override {
+    if (bytes > available()) return false;
+    used += bytes;
+    peak = std::max(peak, used);
+    return true;
+  }
+  void give(size_t bytes) noexcept override {
+    EXPECT_LE(bytes, used) << "gave back more than was taken";
+    used -= bytes;
+  }
+  Promise<void> grow(size_t bytes) override {
+    ++grows;
+    if (manual) {
+      auto [promise, fulfiller] = newPromiseAndFulfiller<void>();
+      pending.emplace_back(bytes, std::move(fulfiller));
+      return std::move(promise);
+    }
+    return growLater(bytes);
+  }
+  // Settles the grows the test held back.
+  void release() {
+    std::vector<std::pair<size_t, Fulfiller<void>>> now = std::move(pending);
+    pending.clear();
+    for (auto& [bytes, fulfiller] : now) fulfiller.fulfill(settle(bytes));
+  }
+
+  size_t allowance = 0;
+  size_t limit = size_t{1} << 30;
+  size_t used = 0;
+  size_t peak = 0;
+  int grows = 0;
+  bool manual = false;
+  std::vector<std::pair<size_t, Fulfiller<void>>> pending;
+
+ private:
+  Status settle(size_t bytes) {
+    if (available() >= bytes) return {};
+    const size_t want = (used + bytes + PAGE - 1) / PAGE * PAGE;
+    if (want > limit) return Error(Errc::QUOTA_EXCEEDED, "the test budget's limit");
+    allowance = want;
+    return {};
+  }
+  Promise<void> growLater(size_t bytes) {
+    (void)co_await EventLoop::current()->sleep(Duration::zero());
+    co_return settle(bytes);
+  }
+};
+
+// The budget is a base constructed before the fixture's victim and destroyed after it.
+struct BudgetHolder {
+  TestBudget budget;
+};
+
+class RpcBudgetTest : protected BudgetHolder, public RawPeerTest {
+ protected:
+  RpcBudgetTest() : RawPeerTest(&budget) {}
+
+  // A 7 KB call pipelined on answer `on` (its copy is an 8 KiB buffer).
+  void largePipelinedCall(uint32_t questionId, uint32_t on) {
+    send(
+        [&](wire::Message::Builder m) {
+          wire::Call::Builder c = m.initCall();
+          c.setQuestionId(questionId);
+          wire::PromisedAnswer::Builder pa = c.getTarget().initPromisedAnswer();
+          pa.setQuestionId(on);
+          pa.initTransform(1).set(0, 0);
+          c.setInterfaceId(NODE_INTERFACE_ID);
+          c.setMethodId(RECORD);
+          c.initParams().getContent().initAs<CapParam>().getCap().initAs<capnp::Data>(7000);
+        },
+        8 * 1024);
+  }
+};
+
+TEST_F(RpcBudgetTest, WhatTheConnectionHoldsForThePeerIsChargedAndAllGivenBackWhenItGoes) {
+  // Answer 1 exports a node; answer 2 is a call pipelined on it, kept (a copy) until 1 returns.
+  auto round = [&] {
+    call(1, 0, NEXT_LATER);
+    pipelinedCall(2, 1, RECORD, {0});
+    EXPECT_EQ(expectReturnOfExports(1), std::vector<uint32_t>{1});
+    expectFromVictim([&](wire::Message::Reader m) {
+      ASSERT_EQ(m.which(), wire::Message::RETURN);
+      EXPECT_EQ(m.getReturn().getAnswerId(), 2u);
+    });
+    finish(1);
+    finish(2);
+    send([&](wire::Message::Builder m) {
+      wire::Release::Builder r = m.initRelease();
+      r.setId(1);
+      r.setReferenceCount(1);
+    });
+    ASSERT_TRUE(runUntil(loop_, [&] { return victim_->answerCount() == 0; }));
+  };
+  round();
+  EXPECT_EQ(log_.order.size(), 1u);
+  EXPECT_EQ(victim_->stats().pipelinedCallsQueued, 1u);
+  // The answers, the export and the copy were charged; the reader asked for room first.
+  EXPECT_GT(budget.used, 128u);
+  EXPECT_LE(budget.used, budget.allowance);
+  EXPECT_GE(budget.grows, 1);
+  EXPECT_GE(victim_->stats().budgetWaits, 1u);
+  // Pooled: the same ids, the same export and the copy's buffer are reused: nothing more is
+  // charged.
+  const size_t charged = budget.used;
+  round();
+  EXPECT_EQ(log_.order.size(), 2u);
+  EXPECT_EQ(victim_->stats().pipelinedCallsQueued, 2u);
+  EXPECT_EQ(budget.used, charged);
+  EXPECT_TRUE(victim_->isOpen());
+  victim_.reset();
+  EXPECT_EQ(budget.used, 0u) << "everything taken is given back when the connection goes";
+}
+
+TEST_F(RpcBudgetTest, TheReaderReadsNothingWhileTheBudgetGrows) {
+  budget.manual = true;
+  call(1, 0, ECHO, 7);
+  ASSERT_TRUE(runUntil(loop_, [&] { return !budget.pending.empty(); }));
+  (void)loop_.run(loop_.sleep(5ms));
+  EXPECT_EQ(victim_->stats().messagesReceived, 1u);
+  EXPECT_EQ(victim_->stats().callsReceived, 0u) << "the call waits for the budget";
+  budget.release();
+  expectFromVictim([&](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::RETURN);
+    EXPECT_EQ(m.getReturn().getAnswerId(), 1u);
+    EXPECT_EQ(m.getReturn().which(), wire::Return::RESULTS);
+  });
+  EXPECT_EQ(victim_->stats().callsReceived, 1u);
+  EXPECT_EQ(victim_->stats().budgetWaits, 1u);
+  EXPECT_TRUE(victim_->isOpen());
+}
+
+// Calls kept at an answer that never returns (HANG): those the budget cannot pay for fail alone
+// with QUOTA_EXCEEDED, before the connection's own bound on kept calls is reached (32 KiB in the
+// fixture: four copies); the connection carries on.
+TEST_F(RpcBudgetTest, ACallKeptForLaterThatTheBudgetCannotPayFailsAloneWithQuotaExceeded) {
+  budget.limit = 20 * 1024;  // room for one or two 8 KiB copies with the tables, not four
+  call(1, 0, HANG);
+  for (uint32_t q = 2; q <= 5; ++q) largePipelinedCall(q, 1);
+  auto settled = [&] {
+    const RpcStats& s = victim_->stats();
+    return s.pipelinedCallsQueued + s.callsRefusedQuota == 4;
+  };
+  ASSERT_TRUE(runUntil(loop_, settled));
+  // The first copies fit (at least one 8 KiB copy does), the rest are refused, each alone.
+  const uint32_t refused = static_cast<uint32_t>(victim_->stats().callsRefusedQuota);
+  EXPECT_GE(victim_->stats().pipelinedCallsQueued, 1u);
+  EXPECT_GE(refused, 1u);
+  EXPECT_EQ(victim_->stats().callsRefusedQueueFull, 0u) << "the budget ran out first";
+  std::map<uint32_t, Errc> failed;
+  while (failed.size() < refused) {
+    expectFromVictim([&](wire::Message::Reader m) {
+      ASSERT_EQ(m.which(), wire::Message::RETURN);
+      ASSERT_EQ(m.getReturn().which(), wire::Return::EXCEPTION);
+      failed[m.getReturn().getAnswerId()] =
+          static_cast<Errc>(m.getReturn().getException().getErrc());
+    });
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+  std::map<uint32_t, Errc> expected;
+  for (uint32_t q = 6 - refused; q <= 5; ++q) expected[q] = Errc::QUOTA_EXCEEDED;
+  EXPECT_EQ(failed, expected);
+  EXPECT_LE(budget.peak, budget.limit);
+  EXPECT_TRUE(victim_->isOpen());
+  // The connection carries on: a call that keeps nothing is answered.
+  call(6, 0, ECHO, 1);
+  expectFromVictim([&](wire::Message::Reader m) {
+    ASSERT_EQ(m.which(), wire::Message::RETURN);
+    EXPECT_EQ(m.getReturn().getAnswerId(), 6u);
+    EXPECT_EQ(m.getReturn().which(), wire::Return::RESULTS);
+  });
+}
+
+// A peer that calls and never reads its replies: once its ring is full the replies wait in
+// buffers charged to it, and when its budget cannot pay for more the connection ends with
+// QUOTA_EXCEEDED, long before the connection's own bound (maxQueuedBytes, 4 MiB).
+TEST_F(RpcBudgetTest, RepliesThePeerLeavesUnreadPastWhatItsBudgetPaysEndTheConnection) {
+  budget.limit = 16 * 1024;
+  uint32_t sent = 0;
+  while (victim_->isOpen() && sent < 20000) {
+    // A batch that fits the victim's ring; ids are reused once answered (no Finish needed).
+    for (int i = 0; i < 100; ++i, ++sent) callWithoutPipelining(sent % 4 + 1, 0, ECHO, sent);
+    ASSERT_TRUE(runUntil(
+        loop_, [&] { return !victim_->isOpen() || victim_->stats().messagesReceived >= sent; }));
+  }
+  ASSERT_FALSE(victim_->isOpen());
+  EXPECT_EQ(victim_->failure().code, Errc::QUOTA_EXCEEDED);
+  EXPECT_GT(victim_->stats().spilledMessages, 0u);
+  EXPECT_LE(budget.peak, budget.limit);
+  victim_.reset();
+  EXPECT_EQ(budget.used, 0u);
+}
+
+}  // namespace
+}  // namespace agate::rpc::test
