@@ -62,10 +62,27 @@ Promise<void> ClientQuota::grow(size_t bytes) { return makeRoom(bytes); }
 // and what is missing may be more than one growth.
 Promise<void> ClientQuota::makeRoom(uint64_t bytes) {
   while (bytes > available()) {
-    const uint64_t missing = (bytes - available() + kernel::PAGE_BYTES - 1) / kernel::PAGE_BYTES;
+    if (growing_) {
+      // One kernel call at a time: several asking at once would each be granted a growth.
+      auto [grown, waiter] = newPromiseAndFulfiller<void>();
+      growthWaiters_.push_back(std::move(waiter));
+      (void)co_await grown;  // CANCELLED if the quota goes: its users went first
+      continue;
+    }
+    const uint64_t missing =
+        std::min<uint64_t>((bytes - available() + kernel::PAGE_BYTES - 1) / kernel::PAGE_BYTES,
+                           kernel::Bushel::MAX_STATE_GROWTH);
     const uint64_t ask =
-        std::min<uint64_t>(std::max(growthPages_, missing), kernel::Bushel::MAX_STATE_GROWTH);
+        std::max(std::min(growthPages_, kernel::Bushel::MAX_STATE_GROWTH), missing);
+    growing_ = true;
+    struct Done {  // the call is over, or this coroutine was dropped while it waited
+      ClientQuota& quota;
+      ~Done() { quota.growthDone(); }
+    } done{*this};
     Result<uint64_t> granted = co_await kernel_.growBushelState(service_, bushel_, ask);
+    // A bank that cannot pay a whole growth may still pay what is missing.
+    if (granted.code() == Errc::QUOTA_EXCEEDED && ask > missing)
+      granted = co_await kernel_.growBushelState(service_, bushel_, missing);
     if (!granted) {
       if (granted.code() == Errc::QUOTA_EXCEEDED)
         co_return Error(Errc::QUOTA_EXCEEDED, "the client's bank cannot pay for more server state");
@@ -76,15 +93,23 @@ Promise<void> ClientQuota::makeRoom(uint64_t bytes) {
   co_return {};
 }
 
+void ClientQuota::growthDone() noexcept {
+  growing_ = false;
+  std::vector<Fulfiller<void>> waiters = std::move(growthWaiters_);
+  growthWaiters_.clear();
+  for (Fulfiller<void>& w : waiters) w.fulfill(Status{});
+}
+
 Promise<StateCharge> ClientQuota::charge(uint64_t bytes) {
   if (bytes == 0) co_return Error(Errc::INVALID_ARGUMENT, "a state charge of 0 bytes");
   // Sizes often come from the client (count x size): one larger than a growth may be can never be
   // paid, and refusing it first keeps used_ + bytes from wrapping.
   if (bytes > kernel::Bushel::MAX_STATE_GROWTH * kernel::PAGE_BYTES)
     co_return Error(Errc::INVALID_ARGUMENT, "a state charge larger than one growth may be");
-  // Loop: the connection may take what the growth granted while this charge waited for it.
-  while (bytes > available()) {
-    Status room = co_await makeRoom(bytes);
+  // Loop: the connection may take what the growth granted while this charge waited for it. The
+  // connection's floor stays free.
+  while (bytes + floorLeft() > available()) {
+    Status room = co_await makeRoom(bytes + floorLeft());
     if (!room) co_return room.error();
   }
   used_ += bytes;
@@ -280,8 +305,9 @@ void ServiceHost::accept(KernelEvent& event) {
     closeBushel(event.bushel);
     return;
   }
-  auto client = std::make_unique<ServedClient>(kernel_, service_, event.bushel, event.peer,
-                                               options_.stateGrowthPages);
+  auto client = std::make_unique<ServedClient>(
+      kernel_, service_, event.bushel, event.peer, options_.stateGrowthPages,
+      options_.chargeConnections ? options_.connectionFloorBytes : 0);
   client->bootstrap_ = factory_(*client);
   rpc::RpcOptions rpcOptions = options_.rpc;
   rpcOptions.sharedBootstrap = client->bootstrap_;  // null: the client's calls to it fail

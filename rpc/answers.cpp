@@ -12,15 +12,22 @@ using namespace internal;
 // Server side: answers
 
 // The (free) entry for a new answer `id`: a Call, Provide or Accept naming it.
-RpcConnection::Answer& RpcConnection::answerAt(uint32_t id) {
+RpcConnection::Answer& RpcConnection::answerAt(uint32_t id, bool* paid) {
+  size_t added = 0;
   if (id >= answers_.size()) {
     const size_t before = answers_.capacity();
     answers_.resize(id + 1);
-    chargeGrowth(answers_, before);
+    added += (answers_.capacity() - before) * sizeof(answers_[0]);
   }
   if (!answers_[id]) {
     answers_[id] = std::make_unique<Answer>(id);
-    charge(sizeof(Answer));
+    added += sizeof(Answer);
+  }
+  if (paid == nullptr) {
+    charge(added);
+  } else if (!tryCharge(added)) {
+    unpaid_ += added;  // the call is refused; its entry is kept until the caller finishes it
+    *paid = false;
   }
   Answer& a = *answers_[id];
   // A Finish crossing the id's last (noFinishNeeded) Return would have arrived before this
@@ -32,7 +39,8 @@ RpcConnection::Answer& RpcConnection::answerAt(uint32_t id) {
 
 Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
   ++stats_.callsReceived;
-  Answer& a = answerAt(d.id);
+  bool paid = true;
+  Answer& a = answerAt(d.id, &paid);
   a.arrival = ++callsArrived_;
   a.state = Answer::State::QUEUED;
   a.finishReceived = false;
@@ -93,6 +101,13 @@ Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
     }
   }
   if (a.paramWaits > 0) ++stats_.callsAwaitingParamAnswers;
+  if (!paid) {  // its capabilities are taken above, and go with it
+    ++stats_.callsRefusedQuota;
+    failAnswer(a, Error(Errc::QUOTA_EXCEEDED,
+                        "the caller's quota cannot pay for one more call in progress at the "
+                        "callee (RpcOptions::budget)"));
+    return {};
+  }
   if (!d.targetIsAnswer) {
     const uint32_t exportId = settledRoute(d.targetId);
     if (mustQueueOnExport(a, exportId)) {

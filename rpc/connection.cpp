@@ -157,6 +157,8 @@ bool RpcConnection::tryCharge(size_t bytes) noexcept {
 
 void RpcConnection::settleDebt() noexcept {
   if (debt_ != 0 && options_.budget->take(debt_)) charged_ += std::exchange(debt_, 0);
+  if (debt_ == 0 && unpaid_ != 0 && options_.budget->take(unpaid_))
+    charged_ += std::exchange(unpaid_, 0);
 }
 
 void RpcConnection::startPayingDebt() {
@@ -167,10 +169,12 @@ void RpcConnection::startPayingDebt() {
 
 Promise<void> RpcConnection::payDebt() {
   while (debt_ != 0 && isOpen()) {
-    Status grown = co_await options_.budget->grow(debt_);
+    const size_t owed = debt_;
+    Status grown = co_await options_.budget->grow(owed);
     if (!isOpen()) break;
     settleDebt();
-    if (!grown && debt_ != 0) {
+    // Refused for more than is owed now (the reader paid some meanwhile): ask for what is.
+    if (!grown && debt_ != 0 && debt_ >= owed) {
       endForQuota(grown.error());
       break;
     }
@@ -182,10 +186,21 @@ Promise<void> RpcConnection::payDebt() {
 // What the reader has the budget cover before it reads a message of `frameBytes`: a copy of it
 // (a call kept to deliver later; none for 0) and the table entries it may add.
 size_t RpcConnection::readHeadroom(size_t frameBytes) const noexcept {
-  constexpr size_t ENTRIES_BYTES = 1024;  // an answer, and the import and export slots it adds
+  // A new answer, and the answer, import and export slots a message adds.
+  constexpr size_t ENTRIES_BYTES = sizeof(Answer) + 512;
   if (frameBytes == 0) return ENTRIES_BYTES;
   const size_t copy = size_t{1} << (sizeClassFor(frameBytes) + MIN_CLASS_SHIFT);
   return copy + sizeof(detail::SpillBuffer) + ENTRIES_BYTES;
+}
+
+// The reader asks the budget to grow before it reads a message of `frameBytes`: something is
+// owed, or what is available is short of the message's headroom and the budget has not refused
+// since (or something was given back since it did).
+bool RpcConnection::budgetShort(size_t frameBytes) const noexcept {
+  if (debt_ != 0) return true;
+  const size_t available = options_.budget->available();
+  if (available >= readHeadroom(frameBytes)) return false;
+  return spentAt_ == NOT_SPENT || available > spentAt_;
 }
 
 void RpcConnection::endForQuota(const Error& why) {
@@ -272,6 +287,10 @@ void RpcConnection::teardown() {
   // Parked on the budget's growth, or finished (never running: it does not tear down).
   debtPayment_.reset();
   payingDebt_ = false;
+  if (!inHoldTimer_) {
+    holdTimer_.reset();
+    holdTimerRunning_ = false;
+  }
   if (detachPending_ && !ringOpen_ && !pumpRunning_) {
     tx_.sender().detach();
     detachPending_ = false;
@@ -789,6 +808,46 @@ void RpcConnection::holdCall(detail::SpillBuffer* buffer, uint32_t questionId,
   questions_[questionId].heldAt = std::prev(held_.end());
   ++heldCalls_;
   ++stats_.callsHeld;
+  if (options_.maxHoldTime != Duration::zero()) {
+    m.heldSince = std::chrono::steady_clock::now();
+    armHoldTimer();
+  }
+}
+
+void RpcConnection::armHoldTimer() {
+  if (holdTimerRunning_ || !isOpen()) return;
+  holdTimerRunning_ = true;
+  holdTimer_.emplace(expireHeld());  // the last one has finished (holdTimerRunning_ was clear)
+}
+
+// Sleeps until the oldest held call's time is up, and fails it unsent (TIMED_OUT) if it is
+// still held then; ends when nothing is held. Held calls go in order, so the front is the
+// oldest call: a Disembargo at the front goes at once (sendHeld).
+Promise<void> RpcConnection::expireHeld() {
+  while (isOpen() && heldCalls_ != 0) {
+    HeldMessage& front = held_.front();
+    const TimePoint due = front.heldSince + options_.maxHoldTime;
+    if (front.questionId == 0 || std::chrono::steady_clock::now() < due) {
+      (void)co_await loop_.sleepUntil(
+          front.questionId == 0 ? std::chrono::steady_clock::now() + options_.maxHoldTime : due);
+      continue;
+    }
+    std::list<HeldMessage> one;
+    one.splice(one.begin(), held_, held_.begin());
+    HeldMessage& m = one.front();
+    heldBytes_ -= m.bytes;
+    questions_[m.questionId].held = false;
+    --heldCalls_;
+    ++stats_.callsTimedOutHeld;
+    inHoldTimer_ = true;
+    failUnsent(m, Error(Errc::TIMED_OUT,
+                        "the call was held for reply space longer than RpcOptions::maxHoldTime"));
+    inHoldTimer_ = false;
+    // Held calls naming its answer fail as they reach the front.
+    if (!held_.empty() && !heldTask_.isQueued()) loop_.post(heldTask_);
+  }
+  holdTimerRunning_ = false;
+  co_return {};
 }
 
 // Sends held messages in order while the call at the front finds its reply space: from

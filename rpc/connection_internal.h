@@ -453,7 +453,8 @@ struct RpcConnection::HeldMessage {
   uint32_t provideQuestion = internal::NONE;  // a Disembargo {provide}'s question, referenced
   // A call's capabilities, written into its cap table as it goes (writeHeldCaps).
   std::optional<detail::CapTable> caps;
-  bool settled = false;  // its foreign capabilities were settled (settleForeignCaps)
+  bool settled = false;   // its foreign capabilities were settled (settleForeignCaps)
+  TimePoint heldSince{};  // a call's: when it was held (RpcOptions::maxHoldTime)
 };
 
 struct RpcConnection::Question {

@@ -66,15 +66,16 @@ Promise<void> RpcConnection::readLoop() {
       }
       ++stats_.messagesReceived;
       // RpcOptions::budget: room for what this message may add, and what is owed, before it is
-      // read (the frame stays in place meanwhile).
-      if (options_.budget != nullptr &&
-          (debt_ != 0 || options_.budget->available() < readHeadroom(in->bytes().size()))) {
+      // read (the frame stays in place meanwhile). Again after each wait: more may be owed by
+      // then (a reply built meanwhile).
+      while (options_.budget != nullptr && budgetShort(in->bytes().size())) {
         ++stats_.budgetWaits;
         rx_.receiver().flushReleases();
         Status grown = co_await options_.budget->grow(debt_ + readHeadroom(in->bytes().size()));
-        if (!grown && isOpen()) {
-          // No room for a copy of it: room for what is owed and the table entries it adds is
-          // enough to read it (a call it would keep waiting then fails alone: copyToQueue).
+        bool spent = !grown;
+        if (spent && isOpen()) {
+          // No room for a copy of it: room for what is owed and the entries it adds is enough
+          // to read it (a call it would keep waiting then fails alone: copyToQueue).
           grown = co_await options_.budget->grow(debt_ + readHeadroom(0));
         }
         if (!isOpen()) co_return {};
@@ -83,8 +84,11 @@ Promise<void> RpcConnection::readLoop() {
           endForQuota(grown.error());
           co_return {};
         }
-        // Not grown, nothing owed: the message is read. What it adds is taken if it fits what is
-        // left; a call it would keep waiting fails alone (copyToQueue), anything else is owed.
+        // Refused: read on with what is left, and ask again only once more is available. What
+        // the message adds is taken if it fits; a call it would keep, or a call needing a new
+        // entry, fails alone (QUOTA_EXCEEDED); anything else is owed.
+        spentAt_ = spent ? options_.budget->available() : NOT_SPENT;
+        if (spent) break;
       }
       Status handled = {};
       for (;;) {

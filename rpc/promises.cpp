@@ -349,7 +349,11 @@ void RpcConnection::noteImported(uint32_t importId, detail::CapEntry::Kind kind)
 // released (nothing held: the resolution's reference goes back). An id this side holds keeps
 // what it is (the same id in another message names the same export).
 void RpcConnection::notePromise(uint32_t importId) {
-  if (importId >= imports_.size()) imports_.resize(importId + 1);
+  if (importId >= imports_.size()) {
+    const size_t before = imports_.capacity();
+    imports_.resize(importId + 1);
+    chargeGrowth(imports_, before);
+  }
   if (imports_[importId].localRefs == 0) imports_[importId].promise = true;
 }
 

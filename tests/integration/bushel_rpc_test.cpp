@@ -131,7 +131,7 @@ class StoreImpl final : public Store::Server {
     auto results = context.initResults();
     if (!results) return readyPromise<void>(results.error());
     results->setClients(shared_.clients);
-    results->setMine(client_.quota().usedBytes() - client_.quota().connectionBytes());
+    results->setMine(client_.quota().objectBytes());
     results->setConnection(client_.quota().connectionBytes());
     results->setAllowancePages(client_.quota().allowancePages());
     results->setTotalHeld(shared_.totalHeld);
@@ -340,6 +340,9 @@ TEST_F(BushelRpcTest, TheBushelAndTheStateItCausesArePaidFromTheClientsBankAndCo
 }
 
 TEST_F(BushelRpcTest, AFloodingClientRunsIntoItsOwnQuotaWhileOtherClientsAndTheServerCarryOn) {
+  constexpr uint64_t STATE_PAGES = 16;
+  const uint64_t FLOOR = ServiceOptions{}.connectionFloorBytes;
+  ASSERT_EQ(FLOOR, 8u * 4096u);
   const pid_t server = startServer(kernel_.home());
   Watchdog dog("quota exhaustion", 60s, server);
   runSession(kernel_.home(), [&](Session& s) -> Promise<void> {
@@ -350,9 +353,10 @@ TEST_F(BushelRpcTest, AFloodingClientRunsIntoItsOwnQuotaWhileOtherClientsAndTheS
     Result<OpenedBushel> a = co_await s.openBushel("store", *tight);
     Result<OpenedBushel> b = co_await s.openBushel("store", *roomy);
     CO_CHECK(a.ok() && b.ok());
-    // The flooder's bank: what the bushel costs plus 8 pages of server state.
+    // The flooder's bank: what the bushel costs plus 16 pages of server state (8 of them the
+    // floor its objects leave to its connection).
     const uint64_t rings = (co_await usedOf(s.kernel(), *tight)).value();
-    AGATE_CO_TRY(co_await s.kernel().setBankLimit(*tight, rings + 8));
+    AGATE_CO_TRY(co_await s.kernel().setBankLimit(*tight, rings + STATE_PAGES));
     Store::Client flooder(a->connection->bootstrap());
     Store::Client other(b->connection->bootstrap());
 
@@ -367,13 +371,25 @@ TEST_F(BushelRpcTest, AFloodingClientRunsIntoItsOwnQuotaWhileOtherClientsAndTheS
       }
     }
     CO_CHECK(refused.code == Errc::QUOTA_EXCEEDED);
-    CO_CHECK((co_await usedOf(s.kernel(), *tight)).value() == rings + 8);
-    // 8 pages of 1000-byte items, less what the flooder's connection holds: the hold refused
-    // did not fit in what was left.
+    CO_CHECK((co_await usedOf(s.kernel(), *tight)).value() == rings + STATE_PAGES);
+    // 16 pages of 1000-byte items, less the floor left to the connection (or what it holds
+    // beyond it): the hold refused did not fit in what was left.
     Result<StatsView> mine = co_await statsOf(flooder);
     CO_CHECK(mine.ok() && mine->mine == hoard.size() * 1000 && mine->connection > 0);
-    CO_CHECK(mine->mine + mine->connection <= 8 * 4096);
-    CO_CHECK(mine->mine + mine->connection + 1000 > 8 * 4096);
+    const uint64_t kept = mine->mine + std::max<uint64_t>(mine->connection, FLOOR);
+    CO_CHECK(kept <= STATE_PAGES * 4096);
+    CO_CHECK(kept + 1000 > STATE_PAGES * 4096);
+    // The floor is the connection's: calls at once, more than it ever made, each a new entry,
+    // are served.
+    std::vector<Promise<void>> pings;
+    for (int i = 0; i < 16; ++i)
+      pings.push_back([](Store::Client c) -> Promise<void> {
+        auto r = co_await c.ping();
+        AGATE_CO_TRY(r);
+        co_return {};
+      }(flooder));
+    for (Promise<void>& p : pings) CO_CHECK((co_await p).ok());
+    CO_CHECK(a->connection->isOpen());
     // The flooder's connection is fine (only its hold was refused), and so is everyone else.
     CO_CHECK((co_await flooder.ping()).ok());
     auto otherHeld = co_await other.hold([](auto p) { p.setBytes(1000); });

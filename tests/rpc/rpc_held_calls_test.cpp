@@ -676,6 +676,64 @@ TEST_F(RpcHeldCalls, HeldCallsFailDisconnectedWhenTheConnectionEndsAndNothingLea
   EXPECT_EQ(client.handleCount(), 0u);
 }
 
+// RpcOptions::maxHoldTime: a call held past it fails here, unsent, with TIMED_OUT, and so do the
+// held calls that name its answer; the connection carries on, and calls held later go in order
+// once space frees.
+TEST_F(RpcHeldCalls, ACallHeldPastMaxHoldTimeFailsUnsentWithWhatNamesItsAnswer) {
+  LocalPair pair(loop, RpcOptions{.bootstrap = &root}, RpcOptions{.maxHoldTime = 50ms}, RING);
+  RpcConnection& client = pair.client();
+  RemoteCap cap = client.bootstrap();
+  std::deque<RemotePromise> hanging = hangFit(cap);
+  const auto heldAt = std::chrono::steady_clock::now();
+  RemotePromise next = cap.newCall(NODE_INTERFACE_ID, NEXT, 0).send();  // held
+  (void)loop.run(loop.sleep(20ms));
+  // Held later: it fails with `next`, as it reaches the front, not for its own time.
+  RemotePromise onIt = echo(*std::make_unique<RemoteCap>(next.pipeline({0})), 1);
+  ASSERT_EQ(client.heldCallCount(), 2u);
+  const Outcome o = outcome(loop, next);
+  EXPECT_EQ(o.code, Errc::TIMED_OUT);
+  EXPECT_NE(o.detail.find("maxHoldTime"), std::string::npos) << o.detail;
+  EXPECT_GE(std::chrono::steady_clock::now() - heldAt, 50ms) << "failed before its time";
+  EXPECT_EQ(outcome(loop, onIt).code, Errc::TIMED_OUT);
+  EXPECT_EQ(client.stats().callsTimedOutHeld, 1u);
+  EXPECT_EQ(client.stats().callsFailedUnsent, 2u);
+  EXPECT_EQ(client.heldCallCount(), 0u);
+  EXPECT_EQ(pair.server().stats().callsReceived, FIT) << "a call that timed out was sent";
+  EXPECT_TRUE(client.isOpen());
+  RemotePromise a = record(cap, 1);
+  RemotePromise b = record(cap, 2);
+  ASSERT_EQ(client.heldCallCount(), 2u);
+  hanging.pop_front();
+  hanging.pop_front();
+  EXPECT_EQ(outcome(loop, a).code, Errc::OK);
+  EXPECT_EQ(outcome(loop, b).code, Errc::OK);
+  EXPECT_EQ(log.order, (std::vector<uint64_t>{1, 2}));
+  EXPECT_EQ(client.stats().callsTimedOutHeld, 1u);
+  { RemotePromise done[] = {std::move(next), std::move(onIt), std::move(a), std::move(b)}; }
+  hanging.clear();
+  EXPECT_TRUE(runUntil(loop, [&] { return client.questionCount() == 0; }));
+}
+
+// Each held call has its own time: the one held later is still held when the first times out,
+// and times out in turn.
+TEST_F(RpcHeldCalls, EachHeldCallIsTimedFromWhenItWasHeld) {
+  LocalPair pair(loop, RpcOptions{.bootstrap = &root}, RpcOptions{.maxHoldTime = 60ms}, RING);
+  RpcConnection& client = pair.client();
+  RemoteCap cap = client.bootstrap();
+  std::deque<RemotePromise> hanging = hangFit(cap);
+  RemotePromise first = record(cap, 1);
+  (void)loop.run(loop.sleep(40ms));
+  RemotePromise second = record(cap, 2);
+  EXPECT_EQ(outcome(loop, first).code, Errc::TIMED_OUT);
+  EXPECT_EQ(client.heldCallCount(), 1u) << "the second call timed out with the first";
+  EXPECT_EQ(outcome(loop, second).code, Errc::TIMED_OUT);
+  EXPECT_EQ(client.stats().callsTimedOutHeld, 2u);
+  EXPECT_TRUE(log.order.empty());
+  { RemotePromise done[] = {std::move(first), std::move(second)}; }
+  hanging.clear();
+  EXPECT_TRUE(runUntil(loop, [&] { return client.questionCount() == 0; }));
+}
+
 TEST_F(RpcHeldCalls, MaxQuestionsStillRefusesCallsPastItHeldOnesIncluded) {
   RpcOptions options;
   options.maxQuestions = FIT + 3;

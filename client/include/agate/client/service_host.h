@@ -125,9 +125,15 @@ class [[nodiscard]] StateCharge {
 // buffers and table entries it allocates for the client, given back when it goes).
 class ClientQuota final : public rpc::StateBudget {
  public:
+  // `connectionFloor`: bytes the objects' charges leave for the connection (beyond what it has
+  // taken), so that a client whose objects took all its bank pays for still has its connection.
   ClientQuota(caps::KernelConnection& kernel, caps::Cap<caps::Service> service, caps::Koid bushel,
-              uint64_t growthPages) noexcept
-      : kernel_(kernel), service_(service), bushel_(bushel), growthPages_(growthPages) {}
+              uint64_t growthPages, uint64_t connectionFloor = 0) noexcept
+      : kernel_(kernel),
+        service_(service),
+        bushel_(bushel),
+        growthPages_(growthPages),
+        connectionFloor_(connectionFloor) {}
   ~ClientQuota() override;  // asserts every charge came back
   ClientQuota(const ClientQuota&) = delete;
   ClientQuota& operator=(const ClientQuota&) = delete;
@@ -140,12 +146,14 @@ class ClientQuota final : public rpc::StateBudget {
 
   uint64_t usedBytes() const noexcept { return used_; }  // by objects and connection together
   uint64_t connectionBytes() const noexcept { return connection_; }  // of which the connection's
+  uint64_t objectBytes() const noexcept { return used_ - connection_; }  // and the objects'
   uint64_t allowanceBytes() const noexcept;
   uint64_t allowancePages() const noexcept { return pages_; }
   caps::KernelConnection& kernel() const noexcept { return kernel_; }
 
   // rpc::StateBudget, for the client's connection. grow() asks the kernel as charge() does
-  // (growthPages at least, in growths of at most MAX_STATE_GROWTH pages).
+  // (growthPages at least, in growths of at most MAX_STATE_GROWTH pages). One kernel call at a
+  // time: a charge or a growth that needs more while one is asked waits for it, then looks again.
   size_t available() const noexcept override;
   bool take(size_t bytes) noexcept override;
   void give(size_t bytes) noexcept override;
@@ -154,9 +162,14 @@ class ClientQuota final : public rpc::StateBudget {
  private:
   friend class StateCharge;
   void refund(uint64_t bytes) noexcept;
-  // Grows the allowance until `bytes` more fit: at most one growth's worth (`limit` pages) per
+  // Grows the allowance until `bytes` more fit, asking at most MAX_STATE_GROWTH pages per
   // kernel call.
   Promise<void> makeRoom(uint64_t bytes);
+  // What an object's charge must leave free: the part of the floor the connection has not taken.
+  uint64_t floorLeft() const noexcept {
+    return connection_ < connectionFloor_ ? connectionFloor_ - connection_ : 0;
+  }
+  void growthDone() noexcept;
 
   caps::KernelConnection& kernel_;
   caps::Cap<caps::Service> service_;
@@ -165,6 +178,9 @@ class ClientQuota final : public rpc::StateBudget {
   uint64_t pages_ = 0;       // granted by the kernel (the bushel's statePages)
   uint64_t used_ = 0;        // bytes charged, <= pages_ * page size
   uint64_t connection_ = 0;  // of which taken by the connection (rpc::StateBudget)
+  uint64_t connectionFloor_;
+  bool growing_ = false;  // a kernel call is asked (makeRoom)
+  std::vector<Fulfiller<void>> growthWaiters_;
 };
 
 class ServedClient;
@@ -185,6 +201,11 @@ struct ServiceOptions {
   uint32_t messagesPerTurn = 16;
   // Pages asked of a client's bank each time its state outgrows its allowance.
   uint64_t stateGrowthPages = 4;
+  // Bytes of a client's allowance its objects' charges leave to its connection (ClientQuota):
+  // a client whose objects took all its bank pays for can still make this much of calls in
+  // progress, replies and tables (a call in progress holds about 1.3 KiB). Paid by the client's
+  // bank like the rest, once its objects need it.
+  uint64_t connectionFloorBytes = 32 * 1024;
   // Charge each client's connection to its quota (rpc::RpcOptions::budget): the message
   // buffers and table entries it allocates for the client, as it allocates them. A client whose
   // bank cannot pay has a call that would wait here refused (QUOTA_EXCEEDED), or, for anything
@@ -215,8 +236,10 @@ struct ServiceOptions {
 class ServedClient {
  public:
   ServedClient(caps::KernelConnection& kernel, caps::Cap<caps::Service> service, caps::Koid bushel,
-               caps::ProcessId peer, uint64_t growthPages) noexcept
-      : bushel_(bushel), peer_(peer), quota_(kernel, service, bushel, growthPages) {}
+               caps::ProcessId peer, uint64_t growthPages, uint64_t connectionFloor = 0) noexcept
+      : bushel_(bushel),
+        peer_(peer),
+        quota_(kernel, service, bushel, growthPages, connectionFloor) {}
   ~ServedClient();
   ServedClient(const ServedClient&) = delete;
   ServedClient& operator=(const ServedClient&) = delete;

@@ -739,13 +739,21 @@ struct RpcOptions {
   //   carrying capabilities is held too, its cap table written as it goes (nothing is exported
   //   or handed off before). A capability of the peer's passed on to a third vat, or returned
   //   to the peer, while calls are held is proxied, not handed off or passed back. Holding has no
-  //   time bound: a caller whose calls in flight wait for a call of its own that is held (a lock's
-  //   release behind long acquires) waits for ever; reserve less, or use REFUSE. REFUSE: the call
+  //   time bound unless maxHoldTime (below) sets one: a caller whose calls in flight wait for a
+  //   call of its own that is held (a lock's release behind long acquires) waits for ever;
+  //   reserve less, use REFUSE, or bound the hold. REFUSE: the call
   //   is refused at send() with OUT_OF_MEMORY, nothing sent, and the request stays refused: for a
   //   caller that would rather shed load than wait.
   // A call reserving more than the whole ring is refused either way.
   enum class WhenReplySpaceIsFull : uint8_t { HOLD, REFUSE };
   WhenReplySpaceIsFull whenReplySpaceIsFull = WhenReplySpaceIsFull::HOLD;
+  // The longest a call may be held (HOLD), or zero (the default): no bound. A call held longer
+  // fails here, unsent, with TIMED_OUT (RpcStats::callsTimedOutHeld), and so do the held calls
+  // that name its answer as they reach the front; the calls behind it keep their order and go as
+  // space frees. For a caller whose calls in flight may wait for one of its own held calls (the
+  // lock above): that call fails rather than waits for ever. Timed from when the call was held;
+  // checked against the oldest held call only (held calls go in order).
+  Duration maxHoldTime = Duration::zero();
   // How many bytes of finished messages may wait for ring space (a peer that stops reading
   // fills the ring, then this queue). Past it this side's own calls are refused with
   // OUT_OF_MEMORY, and a reply the peer's calls ask for ends the connection (OUT_OF_MEMORY):
@@ -793,11 +801,12 @@ struct RpcOptions {
   // buffers (copies of its calls kept to deliver later, replies waiting for it to read, results
   // built aside) and table entries (answers, imports, exports). Not owned; outlives the
   // connection. Null: nothing is charged, and only the bounds above hold. Before it reads each
-  // message the reader makes the budget cover that message's copy and its table entries, and
-  // waits while the budget grows. A call that would be kept waiting here and that the budget
-  // cannot pay fails alone with QUOTA_EXCEEDED (RpcStats::callsRefusedQuota). Anything else it
-  // cannot pay ends the connection with QUOTA_EXCEEDED: a peer cannot make this side hold more
-  // for it than its quota pays for.
+  // message the reader makes the budget cover that message's copy and a new answer, and waits
+  // while the budget grows. A call that would be kept waiting here, or that needs a new answer
+  // entry, and that the budget cannot pay fails alone with QUOTA_EXCEEDED
+  // (RpcStats::callsRefusedQuota; the entry is kept unpaid until the caller finishes it).
+  // Anything else it cannot pay ends the connection with QUOTA_EXCEEDED: a peer cannot make
+  // this side hold more for it than its quota pays for, beyond its answer table.
   StateBudget* budget = nullptr;
 };
 
@@ -845,7 +854,8 @@ struct RpcStats {
   uint64_t callsAwaitingParamAnswers = 0;
   // Calls that had to wait here and were refused (OUT_OF_MEMORY): RpcOptions::maxQueuedCallBytes.
   uint64_t callsRefusedQueueFull = 0;
-  // Calls that had to wait here and that RpcOptions::budget could not pay for (QUOTA_EXCEEDED).
+  // Calls refused because RpcOptions::budget could not pay for keeping them waiting here, or
+  // for a new answer entry (QUOTA_EXCEEDED).
   uint64_t callsRefusedQuota = 0;
   // Times the reader waited for RpcOptions::budget to grow before it read on.
   uint64_t budgetWaits = 0;
@@ -854,6 +864,7 @@ struct RpcStats {
   // Calls this side held until Returns freed reply space (RpcOptions::whenReplySpaceIsFull).
   uint64_t callsHeld = 0;
   uint64_t callsCancelledHeld = 0;  // of which dropped before they went (nothing was sent)
+  uint64_t callsTimedOutHeld = 0;   // of which held past RpcOptions::maxHoldTime (nothing sent)
   // Of which failed here as they went (a cap table that could not be written then), with the
   // held calls naming their answers: nothing was sent.
   uint64_t callsFailedUnsent = 0;
@@ -1018,6 +1029,9 @@ class RpcConnection {
   void dropAllHeld() noexcept;
   Status admitToHold(size_t bytes) const;
   void sendHeld();
+  // RpcOptions::maxHoldTime: fails the oldest held calls once held too long.
+  void armHoldTimer();
+  Promise<void> expireHeld();
   // True when it went (or was queued to go).
   bool sendFinish(uint32_t questionId, bool releaseResultCaps);
   void queueFinish(uint32_t questionId);
@@ -1185,7 +1199,9 @@ class RpcConnection {
   Error remoteError(wire::Exception::Reader e);
 
   // --- server side ---
-  Answer& answerAt(uint32_t id);
+  // `paid`: where to say whether RpcOptions::budget paid for a new entry (a Call's; it is then
+  // refused if not). Null: what it cannot pay is owed.
+  Answer& answerAt(uint32_t id, bool* paid = nullptr);
   void deliver(Answer& answer, uint32_t exportId, uint64_t interfaceId, uint16_t methodId,
                capnp::AnyStruct::Reader payload);
   void deliverQueued(Answer& answer);
@@ -1224,6 +1240,7 @@ class RpcConnection {
   void startPayingDebt();
   Promise<void> payDebt();
   size_t readHeadroom(size_t frameBytes) const noexcept;
+  bool budgetShort(size_t frameBytes) const noexcept;
   void endForQuota(const Error& why);
   void afterRingClosed();
   void enqueue(detail::SpillBuffer* message);
@@ -1254,7 +1271,10 @@ class RpcConnection {
   uint32_t heldCalls_ = 0;            // the calls among them
   std::vector<uint32_t> heldToDrop_;  // dropHeldCall's worklist
   bool droppingHeld_ = false;
-  size_t heldBytes_ = 0;        // their bytes: with queuedBytes_, bounded by maxQueuedBytes
+  size_t heldBytes_ = 0;  // their bytes: with queuedBytes_, bounded by maxQueuedBytes
+  std::optional<Promise<void>> holdTimer_;  // expireHeld(), while calls are held (maxHoldTime)
+  bool holdTimerRunning_ = false;
+  bool inHoldTimer_ = false;    // expireHeld() is failing a call: teardown leaves the timer be
   size_t queuedCallBytes_ = 0;  // the peer's calls kept to deliver later: maxQueuedCallBytes
   std::vector<std::unique_ptr<Answer>> answers_;  // by the peer's question id
   uint32_t answersLive_ = 0;
@@ -1326,6 +1346,14 @@ class RpcConnection {
   // asked for by payDebt() (a task of its own) or by the reader before it reads on.
   size_t charged_ = 0;
   size_t debt_ = 0;
+  // Answer entries of calls refused because the budget could not pay for them: kept (the
+  // caller finishes them), bounded by maxAnswers, paid when the budget has room; never the
+  // reason the connection ends.
+  size_t unpaid_ = 0;
+  // available() when the budget last refused to grow for a message: the reader asks again only
+  // once more is available (something given back). NOT_SPENT: it has not refused.
+  static constexpr size_t NOT_SPENT = ~size_t{0};
+  size_t spentAt_ = NOT_SPENT;
   bool payingDebt_ = false;
   std::optional<Promise<void>> debtPayment_;
   MemberTask<&RpcConnection::startPayingDebt> debtTask_;
