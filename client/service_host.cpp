@@ -28,6 +28,8 @@ void StateCharge::reset() noexcept {
 }
 
 ClientQuota::~ClientQuota() {
+  AGATE_ASSERT(!growing_, "client quota of bushel %lu destroyed while it asks the kernel",
+               static_cast<unsigned long>(bushel_));
   AGATE_ASSERT(used_ == 0, "client quota of bushel %lu destroyed with %lu bytes still charged",
                static_cast<unsigned long>(bushel_), static_cast<unsigned long>(used_));
 }
@@ -66,7 +68,8 @@ Promise<void> ClientQuota::makeRoom(uint64_t bytes) {
       // One kernel call at a time: several asking at once would each be granted a growth.
       auto [grown, waiter] = newPromiseAndFulfiller<void>();
       growthWaiters_.push_back(std::move(waiter));
-      (void)co_await grown;  // CANCELLED if the quota goes: its users went first
+      Status woken = co_await grown;
+      if (!woken) co_return woken.error();  // the quota went (its users go first: not expected)
       continue;
     }
     const uint64_t missing =

@@ -13,21 +13,34 @@ using namespace internal;
 
 // The (free) entry for a new answer `id`: a Call, Provide or Accept naming it.
 RpcConnection::Answer& RpcConnection::answerAt(uint32_t id, bool* paid) {
-  size_t added = 0;
+  size_t slots = 0;  // bytes of table slots added
   if (id >= answers_.size()) {
     const size_t before = answers_.capacity();
     answers_.resize(id + 1);
-    added += (answers_.capacity() - before) * sizeof(answers_[0]);
+    slots = (answers_.capacity() - before) * sizeof(answers_[0]);
   }
   if (!answers_[id]) {
     answers_[id] = std::make_unique<Answer>(id);
-    added += sizeof(Answer);
+    answers_[id]->unpaid = true;
+    unpaid_ += sizeof(Answer);
   }
-  if (paid == nullptr) {
-    charge(added);
-  } else if (!tryCharge(added)) {
-    unpaid_ += added;  // the call is refused; its entry is kept until the caller finishes it
-    *paid = false;
+  Answer& entry = *answers_[id];
+  if (paid == nullptr) {  // owed if it cannot be paid now
+    charge(slots);
+  } else if (!tryCharge(slots)) {
+    unpaid_ += slots;  // kept unpaid: pointers, bounded by maxAnswers
+  }
+  if (entry.unpaid) {
+    // A new entry, or one a refused call left unpaid: paid before it serves a call.
+    if (paid == nullptr) {
+      charge(sizeof(Answer));
+    } else if (!tryCharge(sizeof(Answer))) {
+      *paid = false;  // the call is refused; the entry is kept until the caller finishes it
+    }
+    if (paid == nullptr || *paid) {
+      entry.unpaid = false;
+      unpaid_ -= sizeof(Answer);
+    }
   }
   Answer& a = *answers_[id];
   // A Finish crossing the id's last (noFinishNeeded) Return would have arrived before this
@@ -52,6 +65,18 @@ Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
   ctx.answerId_ = d.id;
   if (d.refused.code != Errc::OK) {  // its capabilities were dropped as it was read
     failAnswer(a, d.refused);
+    return {};
+  }
+  if (!paid) {  // nothing of it is taken: its capabilities are released as they came
+    // (the import slots that takes are kept unpaid, bounded by maxImports: releasing must not
+    // end the connection)
+    refusingForQuota_ = true;
+    dropRefusedCaps(d);
+    refusingForQuota_ = false;
+    ++stats_.callsRefusedQuota;
+    failAnswer(a, Error(Errc::QUOTA_EXCEEDED,
+                        "the caller's quota cannot pay for one more call in progress at the "
+                        "callee (RpcOptions::budget)"));
     return {};
   }
   ctx.paramCaps_.reserve(*this, d.capCount);  // past the inline entries: a pooled block
@@ -101,13 +126,6 @@ Status RpcConnection::handleCall(IncomingMessage& message, const Decoded& d) {
     }
   }
   if (a.paramWaits > 0) ++stats_.callsAwaitingParamAnswers;
-  if (!paid) {  // its capabilities are taken above, and go with it
-    ++stats_.callsRefusedQuota;
-    failAnswer(a, Error(Errc::QUOTA_EXCEEDED,
-                        "the caller's quota cannot pay for one more call in progress at the "
-                        "callee (RpcOptions::budget)"));
-    return {};
-  }
   if (!d.targetIsAnswer) {
     const uint32_t exportId = settledRoute(d.targetId);
     if (mustQueueOnExport(a, exportId)) {

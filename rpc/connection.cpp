@@ -40,6 +40,7 @@ RpcConnection::RpcConnection(MessageSender& tx, MessageReceiver& rx, EventLoop& 
   AGATE_REQUIRE(options_.maxMessageBytes >= 1024, "maxMessageBytes %zu is below 1 KiB",
                 options_.maxMessageBytes);
   AGATE_REQUIRE(options_.maxQuestions >= 1, "maxQuestions is 0");
+  AGATE_REQUIRE(options_.maxHoldTime >= Duration::zero(), "maxHoldTime is negative");
   AGATE_REQUIRE(options_.replyBytesPerCall >= 16,
                 "replyBytesPerCall %u is below a frame header and a word",
                 options_.replyBytesPerCall);
@@ -141,6 +142,10 @@ void RpcConnection::charge(size_t bytes) noexcept {
     charged_ += bytes;
     return;
   }
+  if (refusingForQuota_) {  // releasing a refused call's capabilities: kept unpaid
+    unpaid_ += bytes;
+    return;
+  }
   // Owed: allocated already (a reply, a table entry), so asked for from a task of its own; the
   // reader reads nothing more until it is paid.
   debt_ += bytes;
@@ -157,8 +162,6 @@ bool RpcConnection::tryCharge(size_t bytes) noexcept {
 
 void RpcConnection::settleDebt() noexcept {
   if (debt_ != 0 && options_.budget->take(debt_)) charged_ += std::exchange(debt_, 0);
-  if (debt_ == 0 && unpaid_ != 0 && options_.budget->take(unpaid_))
-    charged_ += std::exchange(unpaid_, 0);
 }
 
 void RpcConnection::startPayingDebt() {
@@ -200,7 +203,16 @@ bool RpcConnection::budgetShort(size_t frameBytes) const noexcept {
   if (debt_ != 0) return true;
   const size_t available = options_.budget->available();
   if (available >= readHeadroom(frameBytes)) return false;
-  return spentAt_ == NOT_SPENT || available > spentAt_;
+  // Refused since: asked again once something was given back, or after a while (the bank may
+  // pay again: the peer freed state elsewhere), backing off while it keeps refusing.
+  return spentAt_ == NOT_SPENT || available > spentAt_ ||
+         std::chrono::steady_clock::now() >= spentUntil_;
+}
+
+void RpcConnection::budgetRefused() noexcept {
+  spentAt_ = options_.budget->available();
+  spentBackoff_ = std::clamp<Duration>(spentBackoff_ * 2, SPENT_BACKOFF_MIN, SPENT_BACKOFF_MAX);
+  spentUntil_ = std::chrono::steady_clock::now() + spentBackoff_;
 }
 
 void RpcConnection::endForQuota(const Error& why) {
@@ -821,19 +833,19 @@ void RpcConnection::armHoldTimer() {
 }
 
 // Sleeps until the oldest held call's time is up, and fails it unsent (TIMED_OUT) if it is
-// still held then; ends when nothing is held. Held calls go in order, so the front is the
-// oldest call: a Disembargo at the front goes at once (sendHeld).
+// still held then; ends when no call is held. Held calls go in order, so the first call in
+// held_ is the oldest (a Disembargo ahead of it goes as soon as it is at the front).
 Promise<void> RpcConnection::expireHeld() {
   while (isOpen() && heldCalls_ != 0) {
-    HeldMessage& front = held_.front();
-    const TimePoint due = front.heldSince + options_.maxHoldTime;
-    if (front.questionId == 0 || std::chrono::steady_clock::now() < due) {
-      (void)co_await loop_.sleepUntil(
-          front.questionId == 0 ? std::chrono::steady_clock::now() + options_.maxHoldTime : due);
+    auto first = held_.begin();
+    while (first->questionId == 0) ++first;  // a call is held: heldCalls_
+    const TimePoint due = first->heldSince + options_.maxHoldTime;
+    if (std::chrono::steady_clock::now() < due) {
+      (void)co_await loop_.sleepUntil(due);
       continue;
     }
     std::list<HeldMessage> one;
-    one.splice(one.begin(), held_, held_.begin());
+    one.splice(one.begin(), held_, first);
     HeldMessage& m = one.front();
     heldBytes_ -= m.bytes;
     questions_[m.questionId].held = false;

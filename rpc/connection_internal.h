@@ -497,6 +497,8 @@ struct RpcConnection::Answer {
   bool releaseResultCaps = false;
   bool inWorklist = false;
   bool noPipelining = false;  // the Call had noPromisePipelining: freed at its Return
+  // RpcOptions::budget could not pay for this entry: a call reusing it pays first (answerAt).
+  bool unpaid = false;
   // FREE after a Return with noFinishNeeded that no Finish preceded: one Finish may still be on
   // its way (the caller dropped its promise as the Return crossed) and is ignored. Cleared by
   // that Finish or by the next Call with this id (which the caller sends only after the Return,

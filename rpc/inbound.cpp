@@ -78,17 +78,22 @@ Promise<void> RpcConnection::readLoop() {
           // to read it (a call it would keep waiting then fails alone: copyToQueue).
           grown = co_await options_.budget->grow(debt_ + readHeadroom(0));
         }
+        if (!grown && isOpen() && debt_ != 0) grown = co_await options_.budget->grow(debt_);
         if (!isOpen()) co_return {};
         settleDebt();
         if (!grown && debt_ != 0) {
           endForQuota(grown.error());
           co_return {};
         }
-        // Refused: read on with what is left, and ask again only once more is available. What
-        // the message adds is taken if it fits; a call it would keep, or a call needing a new
-        // entry, fails alone (QUOTA_EXCEEDED); anything else is owed.
-        spentAt_ = spent ? options_.budget->available() : NOT_SPENT;
-        if (spent) break;
+        // Refused: read on with what is left, and ask again later (budgetShort). What the
+        // message adds is taken if it fits; a call it would keep, or a call needing a new entry,
+        // fails alone (QUOTA_EXCEEDED); anything else is owed.
+        if (spent) {
+          budgetRefused();
+          break;
+        }
+        spentAt_ = NOT_SPENT;
+        spentBackoff_ = Duration::zero();
       }
       Status handled = {};
       for (;;) {

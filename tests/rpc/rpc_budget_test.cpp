@@ -239,6 +239,7 @@ TEST_F(RpcBudgetTest, ASpentBudgetIsNotAskedAgainForEachMessageThatChargesNothin
   const size_t objects = budget.available() - 64;  // the objects take all but 64 bytes
   ASSERT_TRUE(budget.take(objects));
   const int before = budget.grows;
+  const auto start = std::chrono::steady_clock::now();
   for (uint32_t i = 0; i < 50; ++i) {
     callWithoutPipelining(1, 0, ECHO, i);  // id 1 again: nothing new is allocated
     expectFromVictim([&](wire::Message::Reader m) {
@@ -247,7 +248,10 @@ TEST_F(RpcBudgetTest, ASpentBudgetIsNotAskedAgainForEachMessageThatChargesNothin
     });
   }
   EXPECT_TRUE(victim_->isOpen());
-  EXPECT_LE(budget.grows - before, 2);
+  // Two asks when first refused, then two more at most per 50 ms (the first back-off) since.
+  const auto elapsed = std::chrono::steady_clock::now() - start;
+  EXPECT_LE(budget.grows - before, 2 + 2 * static_cast<int>(elapsed / 50ms));
+  EXPECT_LT(budget.grows - before, 50);
   // Once something is given back, the reader asks again (and the bank pays now).
   budget.give(100);
   budget.limit = 1 << 20;
@@ -339,6 +343,94 @@ TEST_F(RpcBudgetTest, ACallWhoseNewAnswerTheBudgetCannotPayFailsAlone) {
     EXPECT_EQ(m.getReturn().which(), wire::Return::RESULTS);
   });
   EXPECT_GT(budget.used, before) << "the entries kept unpaid were paid once there was room";
+}
+
+// An entry left unpaid by a refused call is paid before it serves another: a peer cannot have
+// its calls refused once per id, then reuse the ids for calls nobody paid for.
+TEST_F(RpcBudgetTest, AnEntryLeftUnpaidIsPaidBeforeItServesAnotherCall) {
+  call(1, 0, HANG);
+  ASSERT_TRUE(runUntil(loop_, [&] { return victim_->stats().callsReceived == 1; }));
+  budget.limit = budget.allowance;                  // it grows no more
+  const size_t objects = budget.available() - 100;  // the objects take all but 100 bytes
+  ASSERT_TRUE(budget.take(objects));
+  constexpr uint32_t N = 8;
+  for (uint32_t q = 2; q < 2 + N; ++q) callWithoutPipelining(q, 0, ECHO, q);
+  for (uint32_t i = 0; i < N; ++i) {
+    expectFromVictim([&](wire::Message::Reader m) {
+      ASSERT_EQ(m.which(), wire::Message::RETURN);
+      ASSERT_EQ(m.getReturn().which(), wire::Return::EXCEPTION);
+      EXPECT_EQ(static_cast<Errc>(m.getReturn().getException().getErrc()), Errc::QUOTA_EXCEEDED);
+    });
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+  // The same ids again (answered without Finish): refused again, nothing runs.
+  for (uint32_t q = 2; q < 2 + N; ++q) call(q, 0, HANG);
+  ASSERT_TRUE(runUntil(loop_, [&] { return victim_->stats().callsRefusedQuota == 2 * N; }));
+  EXPECT_EQ(log_.hanging, 1);
+  EXPECT_TRUE(victim_->isOpen());
+}
+
+// A refused call's capabilities are released as they came, not taken: a call carrying more
+// than the few kept inline does not leave this side owing for their table (which would end
+// the connection).
+TEST_F(RpcBudgetTest, ACallRefusedForItsEntryReleasesItsCapabilitiesAndTheConnectionCarriesOn) {
+  auto withCaps = [&](uint32_t questionId, uint16_t method, uint32_t firstId) {
+    send([&](wire::Message::Builder m) {
+      wire::Call::Builder c = m.initCall();
+      c.setQuestionId(questionId);
+      c.getTarget().setImportedCap(0);
+      c.setInterfaceId(NODE_INTERFACE_ID);
+      c.setMethodId(method);
+      wire::Payload::Builder p = c.initParams();
+      p.getContent().initAs<Value>().setValue(1);
+      auto t = p.initCapTable(6);  // past the entries kept inline
+      for (uint32_t i = 0; i < 6; ++i) t[i].setSenderHosted(firstId + i);
+    });
+  };
+  withCaps(1, HANG, 1);
+  ASSERT_TRUE(runUntil(loop_, [&] { return victim_->stats().callsReceived == 1; }));
+  budget.limit = budget.allowance;
+  const size_t objects = budget.available() - 100;
+  ASSERT_TRUE(budget.take(objects));
+  const uint64_t releases = victim_->stats().releasesSent;
+  withCaps(2, ECHO, 7);
+  ASSERT_TRUE(runUntil(
+      loop_, [&] { return victim_->stats().callsRefusedQuota == 1 || !victim_->isOpen(); }));
+  (void)loop_.run(loop_.sleep(5ms));
+  EXPECT_TRUE(victim_->isOpen()) << errcName(victim_->failure().code);
+  EXPECT_EQ(victim_->stats().callsRefusedQuota, 1u);
+  // The six references the refused call gave are given back (the first call keeps its own).
+  EXPECT_TRUE(runUntil(loop_, [&] { return victim_->stats().releasesSent == releases + 6; }))
+      << victim_->stats().releasesSent - releases;
+}
+
+// A budget that refused is asked again after a while even if nothing was given back here (the
+// peer's bank may pay again): calls are served once it does.
+TEST_F(RpcBudgetTest, ABudgetThatCanPayAgainIsAskedAgain) {
+  call(1, 0, HANG);
+  ASSERT_TRUE(runUntil(loop_, [&] { return victim_->stats().callsReceived == 1; }));
+  budget.limit = budget.allowance;
+  const size_t objects = budget.available() - 100;
+  ASSERT_TRUE(budget.take(objects));
+  call(2, 0, ECHO, 1);
+  expectFromVictim(
+      [&](wire::Message::Reader m) { ASSERT_EQ(m.getReturn().which(), wire::Return::EXCEPTION); });
+  finish(2);
+  budget.limit = size_t{1} << 20;  // the bank pays again; nothing was given back here
+  bool served = false;
+  for (uint32_t i = 0; i < 200 && !served; ++i) {
+    call(3, 0, ECHO, 1);
+    expectFromVictim([&](wire::Message::Reader m) {
+      ASSERT_EQ(m.which(), wire::Message::RETURN);
+      served = m.getReturn().which() == wire::Return::RESULTS;
+    });
+    if (::testing::Test::HasFatalFailure()) return;
+    if (!served) {
+      finish(3);
+      (void)loop_.run(loop_.sleep(5ms));
+    }
+  }
+  EXPECT_TRUE(served);
 }
 
 }  // namespace

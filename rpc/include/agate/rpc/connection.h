@@ -804,7 +804,7 @@ struct RpcOptions {
   // message the reader makes the budget cover that message's copy and a new answer, and waits
   // while the budget grows. A call that would be kept waiting here, or that needs a new answer
   // entry, and that the budget cannot pay fails alone with QUOTA_EXCEEDED
-  // (RpcStats::callsRefusedQuota; the entry is kept unpaid until the caller finishes it).
+  // (RpcStats::callsRefusedQuota; the entry is kept unpaid, paid before it serves a call).
   // Anything else it cannot pay ends the connection with QUOTA_EXCEEDED: a peer cannot make
   // this side hold more for it than its quota pays for, beyond its answer table.
   StateBudget* budget = nullptr;
@@ -1241,6 +1241,7 @@ class RpcConnection {
   Promise<void> payDebt();
   size_t readHeadroom(size_t frameBytes) const noexcept;
   bool budgetShort(size_t frameBytes) const noexcept;
+  void budgetRefused() noexcept;
   void endForQuota(const Error& why);
   void afterRingClosed();
   void enqueue(detail::SpillBuffer* message);
@@ -1346,14 +1347,20 @@ class RpcConnection {
   // asked for by payDebt() (a task of its own) or by the reader before it reads on.
   size_t charged_ = 0;
   size_t debt_ = 0;
-  // Answer entries of calls refused because the budget could not pay for them: kept (the
-  // caller finishes them), bounded by maxAnswers, paid when the budget has room; never the
-  // reason the connection ends.
+  // Answer entries (and their table slots) the budget could not pay for: kept for calls refused
+  // (the caller finishes them; an entry is paid before it serves a call), bounded by
+  // maxAnswers; never the reason the connection ends.
   size_t unpaid_ = 0;
-  // available() when the budget last refused to grow for a message: the reader asks again only
-  // once more is available (something given back). NOT_SPENT: it has not refused.
+  bool refusingForQuota_ = false;  // handleCall releases a refused call's capabilities
+  // available() when the budget last refused to grow for a message: the reader asks again once
+  // more is available (something given back) or after spentUntil_ (backing off from
+  // SPENT_BACKOFF_MIN to SPENT_BACKOFF_MAX while it keeps refusing). NOT_SPENT: not refused.
   static constexpr size_t NOT_SPENT = ~size_t{0};
+  static constexpr Duration SPENT_BACKOFF_MIN = std::chrono::milliseconds(50);
+  static constexpr Duration SPENT_BACKOFF_MAX = std::chrono::seconds(1);
   size_t spentAt_ = NOT_SPENT;
+  TimePoint spentUntil_{};
+  Duration spentBackoff_ = Duration::zero();
   bool payingDebt_ = false;
   std::optional<Promise<void>> debtPayment_;
   MemberTask<&RpcConnection::startPayingDebt> debtTask_;
