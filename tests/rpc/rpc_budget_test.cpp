@@ -77,6 +77,33 @@ class RpcBudgetTest : protected BudgetHolder, public RawPeerTest {
  protected:
   RpcBudgetTest() : RawPeerTest(&budget) {}
 
+  // Answer 1: a call that never returns (pipelined calls on it are kept).
+  void hangAnswerOne() {
+    call(1, 0, HANG);
+    ASSERT_TRUE(runUntil(loop_, [&] { return victim_->stats().callsReceived == 1; }));
+  }
+  // The budget grows no more, and the peer's objects take all it has but `left` bytes: what
+  // they took, to give back.
+  size_t spendAllBut(size_t left) {
+    budget.limit = budget.allowance;
+    const size_t objects = budget.available() - left;
+    EXPECT_TRUE(budget.take(objects));
+    return objects;
+  }
+  // The next `n` messages are Returns with exceptions: their codes by answer id.
+  std::map<uint32_t, Errc> failedReturns(size_t n) {
+    std::map<uint32_t, Errc> failed;
+    while (failed.size() < n && !::testing::Test::HasFatalFailure()) {
+      expectFromVictim([&](wire::Message::Reader m) {
+        ASSERT_EQ(m.which(), wire::Message::RETURN);
+        ASSERT_EQ(m.getReturn().which(), wire::Return::EXCEPTION);
+        failed[m.getReturn().getAnswerId()] =
+            static_cast<Errc>(m.getReturn().getException().getErrc());
+      });
+    }
+    return failed;
+  }
+
   // A 7 KB call pipelined on answer `on` (its copy is an 8 KiB buffer).
   void largePipelinedCall(uint32_t questionId, uint32_t on) {
     send(
@@ -168,16 +195,8 @@ TEST_F(RpcBudgetTest, ACallKeptForLaterThatTheBudgetCannotPayFailsAloneWithQuota
   EXPECT_GE(victim_->stats().pipelinedCallsQueued, 1u);
   EXPECT_GE(refused, 1u);
   EXPECT_EQ(victim_->stats().callsRefusedQueueFull, 0u) << "the budget ran out first";
-  std::map<uint32_t, Errc> failed;
-  while (failed.size() < refused) {
-    expectFromVictim([&](wire::Message::Reader m) {
-      ASSERT_EQ(m.which(), wire::Message::RETURN);
-      ASSERT_EQ(m.getReturn().which(), wire::Return::EXCEPTION);
-      failed[m.getReturn().getAnswerId()] =
-          static_cast<Errc>(m.getReturn().getException().getErrc());
-    });
-    if (::testing::Test::HasFatalFailure()) return;
-  }
+  const std::map<uint32_t, Errc> failed = failedReturns(refused);
+  if (::testing::Test::HasFatalFailure()) return;
   std::map<uint32_t, Errc> expected;
   for (uint32_t q = 6 - refused; q <= 5; ++q) expected[q] = Errc::QUOTA_EXCEEDED;
   EXPECT_EQ(failed, expected);
@@ -264,8 +283,8 @@ TEST_F(RpcBudgetTest, ASpentBudgetIsNotAskedAgainForEachMessageThatChargesNothin
 // What is owed while the reader waits for the budget is paid before the reader reads on, so a
 // call it must keep is not refused while the budget can still grow.
 TEST_F(RpcBudgetTest, WhatIsOwedWhileTheReaderWaitsIsPaidBeforeItReadsOn) {
-  call(1, 0, HANG);
-  ASSERT_TRUE(runUntil(loop_, [&] { return victim_->stats().callsReceived == 1; }));
+  hangAnswerOne();
+  if (::testing::Test::HasFatalFailure()) return;
   budget.manual = true;
   largePipelinedCall(2, 1);  // to be kept (an 8 KiB copy): the reader waits for room first
   ASSERT_TRUE(runUntil(loop_, [&] { return !budget.pending.empty(); }));
@@ -294,8 +313,8 @@ TEST_F(RpcBudgetTest, WhatIsOwedWhileTheReaderWaitsIsPaidBeforeItReadsOn) {
 // The reader's room covers a new answer as well as the copy: with just that much room, a call
 // on a new answer id that must be kept is kept.
 TEST_F(RpcBudgetTest, TheRoomMadeBeforeReadingCoversANewAnswerAndTheCopy) {
-  call(1, 0, HANG);
-  ASSERT_TRUE(runUntil(loop_, [&] { return victim_->stats().callsReceived == 1; }));
+  hangAnswerOne();
+  if (::testing::Test::HasFatalFailure()) return;
   budget.limit = budget.allowance;  // it grows no more
   budget.allowance = budget.limit = budget.used + 8192 + 4096;
   largePipelinedCall(2, 1);
@@ -310,23 +329,13 @@ TEST_F(RpcBudgetTest, TheRoomMadeBeforeReadingCoversANewAnswerAndTheCopy) {
 // A call needing a new answer entry the budget cannot pay for fails alone with QUOTA_EXCEEDED:
 // its entry is kept until the caller finishes it (not charged), and the connection carries on.
 TEST_F(RpcBudgetTest, ACallWhoseNewAnswerTheBudgetCannotPayFailsAlone) {
-  call(1, 0, HANG);
-  ASSERT_TRUE(runUntil(loop_, [&] { return victim_->stats().callsReceived == 1; }));
-  budget.limit = budget.allowance;                  // it grows no more
-  const size_t objects = budget.available() - 100;  // the objects take all but 100 bytes
-  ASSERT_TRUE(budget.take(objects));
+  hangAnswerOne();
+  if (::testing::Test::HasFatalFailure()) return;
+  const size_t objects = spendAllBut(100);
   largePipelinedCall(2, 1);  // a new answer id, and a copy
   call(3, 0, ECHO, 1);       // a new answer id
-  std::map<uint32_t, Errc> failed;
-  while (failed.size() < 2) {
-    expectFromVictim([&](wire::Message::Reader m) {
-      ASSERT_EQ(m.which(), wire::Message::RETURN);
-      ASSERT_EQ(m.getReturn().which(), wire::Return::EXCEPTION);
-      failed[m.getReturn().getAnswerId()] =
-          static_cast<Errc>(m.getReturn().getException().getErrc());
-    });
-    if (::testing::Test::HasFatalFailure()) return;
-  }
+  const std::map<uint32_t, Errc> failed = failedReturns(2);
+  if (::testing::Test::HasFatalFailure()) return;
   EXPECT_EQ(failed,
             (std::map<uint32_t, Errc>{{2, Errc::QUOTA_EXCEEDED}, {3, Errc::QUOTA_EXCEEDED}}));
   EXPECT_EQ(victim_->stats().callsRefusedQuota, 2u);
@@ -348,21 +357,14 @@ TEST_F(RpcBudgetTest, ACallWhoseNewAnswerTheBudgetCannotPayFailsAlone) {
 // An entry left unpaid by a refused call is paid before it serves another: a peer cannot have
 // its calls refused once per id, then reuse the ids for calls nobody paid for.
 TEST_F(RpcBudgetTest, AnEntryLeftUnpaidIsPaidBeforeItServesAnotherCall) {
-  call(1, 0, HANG);
-  ASSERT_TRUE(runUntil(loop_, [&] { return victim_->stats().callsReceived == 1; }));
-  budget.limit = budget.allowance;                  // it grows no more
-  const size_t objects = budget.available() - 100;  // the objects take all but 100 bytes
-  ASSERT_TRUE(budget.take(objects));
+  hangAnswerOne();
+  if (::testing::Test::HasFatalFailure()) return;
+  spendAllBut(100);
   constexpr uint32_t N = 8;
   for (uint32_t q = 2; q < 2 + N; ++q) callWithoutPipelining(q, 0, ECHO, q);
-  for (uint32_t i = 0; i < N; ++i) {
-    expectFromVictim([&](wire::Message::Reader m) {
-      ASSERT_EQ(m.which(), wire::Message::RETURN);
-      ASSERT_EQ(m.getReturn().which(), wire::Return::EXCEPTION);
-      EXPECT_EQ(static_cast<Errc>(m.getReturn().getException().getErrc()), Errc::QUOTA_EXCEEDED);
-    });
-    if (::testing::Test::HasFatalFailure()) return;
-  }
+  const std::map<uint32_t, Errc> failed = failedReturns(N);
+  if (::testing::Test::HasFatalFailure()) return;
+  for (const auto& [id, code] : failed) EXPECT_EQ(code, Errc::QUOTA_EXCEEDED) << id;
   // The same ids again (answered without Finish): refused again, nothing runs.
   for (uint32_t q = 2; q < 2 + N; ++q) call(q, 0, HANG);
   ASSERT_TRUE(runUntil(loop_, [&] { return victim_->stats().callsRefusedQuota == 2 * N; }));
@@ -389,9 +391,7 @@ TEST_F(RpcBudgetTest, ACallRefusedForItsEntryReleasesItsCapabilitiesAndTheConnec
   };
   withCaps(1, HANG, 1);
   ASSERT_TRUE(runUntil(loop_, [&] { return victim_->stats().callsReceived == 1; }));
-  budget.limit = budget.allowance;
-  const size_t objects = budget.available() - 100;
-  ASSERT_TRUE(budget.take(objects));
+  spendAllBut(100);
   const uint64_t releases = victim_->stats().releasesSent;
   withCaps(2, ECHO, 7);
   ASSERT_TRUE(runUntil(
@@ -407,11 +407,9 @@ TEST_F(RpcBudgetTest, ACallRefusedForItsEntryReleasesItsCapabilitiesAndTheConnec
 // A budget that refused is asked again after a while even if nothing was given back here (the
 // peer's bank may pay again): calls are served once it does.
 TEST_F(RpcBudgetTest, ABudgetThatCanPayAgainIsAskedAgain) {
-  call(1, 0, HANG);
-  ASSERT_TRUE(runUntil(loop_, [&] { return victim_->stats().callsReceived == 1; }));
-  budget.limit = budget.allowance;
-  const size_t objects = budget.available() - 100;
-  ASSERT_TRUE(budget.take(objects));
+  hangAnswerOne();
+  if (::testing::Test::HasFatalFailure()) return;
+  spendAllBut(100);
   call(2, 0, ECHO, 1);
   expectFromVictim(
       [&](wire::Message::Reader m) { ASSERT_EQ(m.getReturn().which(), wire::Return::EXCEPTION); });
