@@ -146,7 +146,8 @@ class StoreImpl final : public Store::Server {
 };
 
 // Forks the server: it registers "store" and serves until SIGTERM, dying with the test.
-pid_t startServer(const std::string& home, uint32_t messagesPerTurn = 16) {
+pid_t startServer(const std::string& home, uint32_t messagesPerTurn = 16,
+                  bool chargeConnections = true) {
   const pid_t parent = ::getpid();
   const pid_t pid = ::fork();
   if (pid != 0) return pid;
@@ -157,6 +158,7 @@ pid_t startServer(const std::string& home, uint32_t messagesPerTurn = 16) {
   ServiceOptions options;
   options.messagesPerTurn = messagesPerTurn;
   options.stateGrowthPages = 4;
+  options.chargeConnections = chargeConnections;
   std::string homeArg = home;
   char name[] = "bushel-store";
   char homeFlag[] = "--home";
@@ -333,6 +335,36 @@ TEST_F(BushelRpcTest, TheBushelAndTheStateItCausesArePaidFromTheClientsBankAndCo
     for (int i = 0; i < 500 && (co_await usedOf(s.kernel(), *bank)).value() != 0; ++i)
       (void)co_await s.loop().sleep(2ms);
     CO_CHECK((co_await usedOf(s.kernel(), *bank)).value() == 0);
+    co_return {};
+  });
+  ::kill(server, SIGTERM);
+  EXPECT_EQ(reap(server), 0);
+}
+
+// ServiceOptions::chargeConnections off: the client's connection takes nothing from its quota
+// (no floor either), and its objects are charged as before.
+TEST_F(BushelRpcTest, WithConnectionChargesOffOnlyTheObjectsArePaidFromTheClientsBank) {
+  const pid_t server = startServer(kernel_.home(), 16, /*chargeConnections=*/false);
+  Watchdog dog("connection charges off", 60s, server);
+  runSession(kernel_.home(), [&](Session& s) -> Promise<void> {
+    AGATE_CO_TRY(co_await s.waitForService("store"));
+    Result<Cap<SpaceBank>> bank = co_await s.kernel().createBank(s.bank(), 1000);
+    CO_CHECK(bank.ok());
+    Result<OpenedBushel> opened = co_await s.openBushel("store", *bank);
+    CO_CHECK(opened.ok());
+    const uint64_t rings = (co_await usedOf(s.kernel(), *bank)).value();
+    Store::Client store(opened->connection->bootstrap());
+    std::vector<Item::Client> items;
+    for (int i = 0; i < 3; ++i) {
+      auto held = co_await store.hold([](auto p) { p.setBytes(1000); });
+      CO_CHECK(held.ok());
+      items.push_back(getItem(*held, held->results())->remote);
+    }
+    Result<StatsView> st = co_await statsOf(store);
+    CO_CHECK(st.ok() && st->mine == 3000 && st->connection == 0);
+    // One growth (stateGrowthPages) pays for the three items: no floor was added to it.
+    CO_CHECK(st->allowancePages == 4);
+    CO_CHECK((co_await usedOf(s.kernel(), *bank)).value() == rings + 4);
     co_return {};
   });
   ::kill(server, SIGTERM);
