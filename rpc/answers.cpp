@@ -22,13 +22,12 @@ RpcConnection::Answer& RpcConnection::answerAt(uint32_t id, bool* paid) {
   if (!answers_[id]) {
     answers_[id] = std::make_unique<Answer>(id);
     answers_[id]->unpaid = true;
-    unpaid_ += sizeof(Answer);
   }
   Answer& entry = *answers_[id];
   if (paid == nullptr) {  // owed if it cannot be paid now
     charge(slots);
-  } else if (!tryCharge(slots)) {
-    unpaid_ += slots;  // kept unpaid: pointers, bounded by maxAnswers
+  } else {
+    (void)tryCharge(slots);  // else kept unpaid: pointers, bounded by maxAnswers
   }
   if (entry.unpaid) {
     // A new entry, or one a refused call left unpaid: paid before it serves a call.
@@ -37,10 +36,7 @@ RpcConnection::Answer& RpcConnection::answerAt(uint32_t id, bool* paid) {
     } else if (!tryCharge(sizeof(Answer))) {
       *paid = false;  // the call is refused; the entry is kept until the caller finishes it
     }
-    if (paid == nullptr || *paid) {
-      entry.unpaid = false;
-      unpaid_ -= sizeof(Answer);
-    }
+    if (paid == nullptr || *paid) entry.unpaid = false;
   }
   Answer& a = *answers_[id];
   // A Finish crossing the id's last (noFinishNeeded) Return would have arrived before this

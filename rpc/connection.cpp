@@ -142,10 +142,7 @@ void RpcConnection::charge(size_t bytes) noexcept {
     charged_ += bytes;
     return;
   }
-  if (refusingForQuota_) {  // releasing a refused call's capabilities: kept unpaid
-    unpaid_ += bytes;
-    return;
-  }
+  if (refusingForQuota_) return;  // releasing a refused call's capabilities: kept unpaid
   // Owed: allocated already (a reply, a table entry), so asked for from a task of its own; the
   // reader reads nothing more until it is paid.
   debt_ += bytes;

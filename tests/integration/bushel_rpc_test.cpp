@@ -184,6 +184,17 @@ struct StatsView {
   uint64_t connection = 0;
 };
 
+// Holds `count` items of `bytes` each from `store`, adding them to `items`.
+Promise<void> holdItems(const Store::Client& store, int count, uint32_t bytes,
+                        std::vector<Item::Client>& items) {
+  for (int i = 0; i < count; ++i) {
+    auto held = co_await store.hold([bytes](auto p) { p.setBytes(bytes); });
+    if (!held) co_return held.error();
+    items.push_back(getItem(*held, held->results())->remote);
+  }
+  co_return {};
+}
+
 Promise<StatsView> statsOf(const Store::Client& store) {
   auto r = co_await store.stats();
   if (!r) co_return r.error();
@@ -209,6 +220,22 @@ Promise<uint64_t> usedOf(KernelConnection& k, Cap<SpaceBank> bank) {
   auto credit = co_await k.readBank(bank);
   if (!credit) co_return credit.error();
   co_return credit->used;
+}
+
+// A bushel to "store" paid from a bank of its own, and what the bushel alone costs that bank.
+struct PaidBushel {
+  Cap<SpaceBank> bank;
+  OpenedBushel opened;
+  uint64_t rings = 0;
+};
+Promise<PaidBushel> openPaidBushel(Session& s) {
+  Result<Cap<SpaceBank>> bank = co_await s.kernel().createBank(s.bank(), 1000);
+  if (!bank) co_return bank.error();
+  Result<OpenedBushel> opened = co_await s.openBushel("store", *bank);
+  if (!opened) co_return opened.error();
+  Result<uint64_t> rings = co_await usedOf(s.kernel(), *bank);
+  if (!rings) co_return rings.error();
+  co_return PaidBushel{*bank, std::move(*opened), *rings};
 }
 
 class BushelRpcTest : public ::testing::Test {
@@ -306,25 +333,21 @@ TEST_F(BushelRpcTest, TheBushelAndTheStateItCausesArePaidFromTheClientsBankAndCo
   Watchdog dog("client-paid state", 60s, server);
   runSession(kernel_.home(), [&](Session& s) -> Promise<void> {
     AGATE_CO_TRY(co_await s.waitForService("store"));
-    Result<Cap<SpaceBank>> bank = co_await s.kernel().createBank(s.bank(), 1000);
-    CO_CHECK(bank.ok());
-    Result<OpenedBushel> opened = co_await s.openBushel("store", *bank);
-    CO_CHECK(opened.ok());
-    const uint64_t rings = (co_await usedOf(s.kernel(), *bank)).value();
+    Result<PaidBushel> paid = co_await openPaidBushel(s);
+    CO_CHECK(paid.ok());
+    const Cap<SpaceBank> bank = paid->bank;
+    OpenedBushel* opened = &paid->opened;
+    const uint64_t rings = paid->rings;
     CO_CHECK(rings > 2);  // the record and both rings
     Store::Client store(opened->connection->bootstrap());
     {
       std::vector<Item::Client> items;
-      for (int i = 0; i < 10; ++i) {
-        auto held = co_await store.hold([](auto p) { p.setBytes(4000); });
-        CO_CHECK(held.ok());
-        items.push_back(getItem(*held, held->results())->remote);
-      }
+      CO_CHECK((co_await holdItems(store, 10, 4000, items)).ok());
       Result<StatsView> st = co_await statsOf(store);
       // The connection's buffers and table entries are paid from the same quota.
       CO_CHECK(st.ok() && st->mine == 40000 && st->connection > 0);
       CO_CHECK(st->allowancePages * 4096 >= st->mine + st->connection);
-      CO_CHECK((co_await usedOf(s.kernel(), *bank)).value() == rings + st->allowancePages);
+      CO_CHECK((co_await usedOf(s.kernel(), bank)).value() == rings + st->allowancePages);
     }  // the Items are released: their bytes go back to the quota (the allowance stays)
     Result<StatsView> st = co_await statsWhen(s.loop(), store, [](auto v) { return v.mine == 0; });
     CO_CHECK(st.ok() && st->mine == 0 && st->totalHeld == 0);
@@ -332,9 +355,9 @@ TEST_F(BushelRpcTest, TheBushelAndTheStateItCausesArePaidFromTheClientsBankAndCo
     AGATE_CO_TRY(co_await s.close(opened->koid));
     CO_CHECK(s.openCount() == 0);
     // The kernel tears the bushel down: its rings and its state pages return to the bank.
-    for (int i = 0; i < 500 && (co_await usedOf(s.kernel(), *bank)).value() != 0; ++i)
+    for (int i = 0; i < 500 && (co_await usedOf(s.kernel(), bank)).value() != 0; ++i)
       (void)co_await s.loop().sleep(2ms);
-    CO_CHECK((co_await usedOf(s.kernel(), *bank)).value() == 0);
+    CO_CHECK((co_await usedOf(s.kernel(), bank)).value() == 0);
     co_return {};
   });
   ::kill(server, SIGTERM);
@@ -348,23 +371,16 @@ TEST_F(BushelRpcTest, WithConnectionChargesOffOnlyTheObjectsArePaidFromTheClient
   Watchdog dog("connection charges off", 60s, server);
   runSession(kernel_.home(), [&](Session& s) -> Promise<void> {
     AGATE_CO_TRY(co_await s.waitForService("store"));
-    Result<Cap<SpaceBank>> bank = co_await s.kernel().createBank(s.bank(), 1000);
-    CO_CHECK(bank.ok());
-    Result<OpenedBushel> opened = co_await s.openBushel("store", *bank);
-    CO_CHECK(opened.ok());
-    const uint64_t rings = (co_await usedOf(s.kernel(), *bank)).value();
-    Store::Client store(opened->connection->bootstrap());
+    Result<PaidBushel> paid = co_await openPaidBushel(s);
+    CO_CHECK(paid.ok());
+    Store::Client store(paid->opened.connection->bootstrap());
     std::vector<Item::Client> items;
-    for (int i = 0; i < 3; ++i) {
-      auto held = co_await store.hold([](auto p) { p.setBytes(1000); });
-      CO_CHECK(held.ok());
-      items.push_back(getItem(*held, held->results())->remote);
-    }
+    CO_CHECK((co_await holdItems(store, 3, 1000, items)).ok());
     Result<StatsView> st = co_await statsOf(store);
     CO_CHECK(st.ok() && st->mine == 3000 && st->connection == 0);
     // One growth (stateGrowthPages) pays for the three items: no floor was added to it.
     CO_CHECK(st->allowancePages == 4);
-    CO_CHECK((co_await usedOf(s.kernel(), *bank)).value() == rings + 4);
+    CO_CHECK((co_await usedOf(s.kernel(), paid->bank)).value() == paid->rings + 4);
     co_return {};
   });
   ::kill(server, SIGTERM);

@@ -1347,10 +1347,9 @@ class RpcConnection {
   // asked for by payDebt() (a task of its own) or by the reader before it reads on.
   size_t charged_ = 0;
   size_t debt_ = 0;
-  // Answer entries (and their table slots) the budget could not pay for: kept for calls refused
-  // (the caller finishes them; an entry is paid before it serves a call), bounded by
-  // maxAnswers; never the reason the connection ends.
-  size_t unpaid_ = 0;
+  // Answer entries (Answer::unpaid) and table slots the budget could not pay for are kept,
+  // uncharged, for calls refused (the caller finishes them; an entry is paid before it serves a
+  // call), bounded by maxAnswers and maxImports; never the reason the connection ends.
   bool refusingForQuota_ = false;  // handleCall releases a refused call's capabilities
   // available() when the budget last refused to grow for a message: the reader asks again once
   // more is available (something given back) or after spentUntil_ (backing off from
