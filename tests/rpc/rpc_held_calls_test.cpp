@@ -734,6 +734,16 @@ TEST_F(RpcHeldCalls, EachHeldCallIsTimedFromWhenItWasHeld) {
   EXPECT_TRUE(runUntil(loop, [&] { return client.questionCount() == 0; }));
 }
 
+TEST(RpcHeldCallsDeathTest, ANegativeMaxHoldTimeIsRefusedWhenTheConnectionIsMade) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(
+      {
+        EventLoop loop;
+        LocalPair pair(loop, RpcOptions{}, RpcOptions{.maxHoldTime = -1ms}, RING);
+      },
+      "maxHoldTime is negative");
+}
+
 TEST_F(RpcHeldCalls, MaxQuestionsStillRefusesCallsPastItHeldOnesIncluded) {
   RpcOptions options;
   options.maxQuestions = FIT + 3;
